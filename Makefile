@@ -1,0 +1,58 @@
+# Crucible: `make setup` once on a fresh Debian 12 machine, then `make test`.
+ARCH ?= x86_64
+PYTHON ?= python3
+# Scenario workers: one guest each. Two fit this 2-core machine.
+JOBS ?= 2
+ACCEL ?= auto
+
+APT_PACKAGES = qemu-system-x86 qemu-utils mmdebstrap e2fsprogs busybox-static cpio zstd \
+               openssh-client gcc libc6-dev ca-certificates
+ifeq ($(ARCH),aarch64)
+APT_PACKAGES += qemu-system-arm qemu-user-static binfmt-support arch-test
+endif
+
+.PHONY: setup setup-apt setup-pip test test-host vm-image vm-shell vm-test bench clean-image help
+
+help:
+	@echo "make setup              install host packages (apt) and Python packages (pip)"
+	@echo "make test               host tests (engine on real processes) + scenarios in guests"
+	@echo "make test-host          only the fast host tier (tests/)"
+	@echo "make vm-image ARCH=..   build (or reuse) the cached guest image"
+	@echo "make vm-shell ARCH=..   boot a guest with the engine installed and open a shell in it"
+	@echo "make vm-test ARCH=..    run the scenario corpus in guests (JOBS=$(JOBS) workers)"
+	@echo "make bench              write benchmark figures to bench/results.json"
+
+setup: setup-apt setup-pip
+
+setup-apt:
+	@missing=""; for p in $(APT_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "setup: installing$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	else echo "setup: host packages present"; fi
+
+setup-pip:
+	$(PYTHON) -m pip install -q -e '.[test]'
+
+test: test-host vm-test
+
+test-host:
+	$(PYTHON) -m pytest tests/ -q -p no:cacheprovider
+
+vm-image:
+	$(PYTHON) -m vm image --arch $(ARCH)
+
+vm-shell:
+	$(PYTHON) -m vm shell --arch $(ARCH) --accel $(ACCEL)
+
+vm-test: vm-image
+	$(PYTHON) -m pytest scenarios/ -q -n $(JOBS) --dist worksteal --arch $(ARCH) --accel $(ACCEL) \
+	  --junitxml reports/junit-$(ARCH).xml
+
+bench:
+	@mkdir -p bench
+	$(PYTHON) bench/engine_bench.py --out bench/results.json
+	$(PYTHON) -m vm bench --arch $(ARCH) --out bench/results.json
+	$(PYTHON) -m harness bench --arch $(ARCH) --out bench/results.json

@@ -1,0 +1,160 @@
+"""x86_64: user_regs_struct, syscall numbers, instructions, xstate layout."""
+
+from __future__ import annotations
+
+import ctypes
+import struct
+from typing import Dict
+
+MACHINE = "x86_64"
+PAGE = 4096
+# Top of the user address space with 4-level paging (TASK_SIZE_MAX); with
+# 5-level paging a process only gets more if it asks with a high hint.
+TASK_SIZE = 0x7FFFFFFFF000
+
+SYSCALL_INSN = b"\x0f\x05"
+# The gadget written into a page of the process being restored:
+# `syscall; int3` (int3 is a tripwire should execution ever fall through).
+GADGET = b"\x0f\x05\xcc\xcc"
+
+NT_PRSTATUS = 1
+NT_X86_XSTATE = 0x202
+
+# asm/unistd_64.h
+SYS: Dict[str, int] = {
+    "read": 0, "write": 1, "close": 3, "lseek": 8, "mmap": 9, "mprotect": 10,
+    "munmap": 11, "brk": 12, "rt_sigaction": 13, "rt_sigprocmask": 14, "mremap": 25,
+    "madvise": 28, "getitimer": 36, "setitimer": 38, "getpid": 39, "kill": 62,
+    "fcntl": 72, "fchdir": 81, "umask": 95, "ptrace": 101, "setpgid": 109,
+    "getppid": 110, "setsid": 112, "setgroups": 116, "setresuid": 117,
+    "setresgid": 119, "getpgid": 121, "getsid": 124, "sigaltstack": 131,
+    "personality": 135, "prctl": 157, "gettid": 186, "set_tid_address": 218,
+    "exit_group": 231, "set_robust_list": 273, "get_robust_list": 274,
+    "dup3": 292, "prlimit64": 302, "rseq": 334, "clone3": 435, "close_range": 436,
+}
+
+
+class Regs(ctypes.Structure):
+    """struct user_regs_struct (asm/user_64.h), the NT_PRSTATUS regset."""
+    _fields_ = [(n, ctypes.c_uint64) for n in (
+        "r15", "r14", "r13", "r12", "rbp", "rbx", "r11", "r10", "r9", "r8",
+        "rax", "rcx", "rdx", "rsi", "rdi", "orig_rax", "rip", "cs", "eflags",
+        "rsp", "ss", "fs_base", "gs_base", "ds", "es", "fs", "gs")]
+
+    def copy(self) -> "Regs":
+        r = Regs()
+        ctypes.memmove(ctypes.addressof(r), ctypes.addressof(self), ctypes.sizeof(self))
+        return r
+
+    def to_dict(self) -> dict:
+        return {n: getattr(self, n) for n, _ in self._fields_}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Regs":
+        """Raises KeyError/TypeError on a malformed record (callers turn that
+        into image-invalid)."""
+        r = cls()
+        for n, _ in cls._fields_:
+            v = d[n]
+            if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 1 << 64:
+                raise TypeError(f"register {n} is not a u64")
+            setattr(r, n, v)
+        return r
+
+
+def s64(v: int) -> int:
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+def u64(v: int) -> int:
+    return v & ((1 << 64) - 1)
+
+
+def set_syscall(regs: Regs, ip: int, nr: int, args) -> None:
+    """Point `regs` at a syscall instruction with nr/args (x86_64 ABI:
+    rax, rdi, rsi, rdx, r10, r8, r9). orig_rax = -1 so that the kernel's
+    signal-return path does not treat the stop we resume from as an
+    interrupted syscall and "restart" it over our rip/rax
+    (arch/x86/kernel/signal.c, arch_do_signal_or_restart)."""
+    regs.rip = ip
+    regs.rax = nr
+    regs.orig_rax = u64(-1)
+    a = [u64(x) for x in args] + [0] * (6 - len(args))
+    regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9 = a[:6]
+
+
+def retval(regs: Regs) -> int:
+    return s64(regs.rax)
+
+
+ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND, ERESTART_RESTARTBLOCK = 512, 513, 514, 516
+EINTR = 4
+
+
+def normalise_restart(regs: Regs) -> str:
+    """Make registers dumped inside an interrupted syscall resumable in a
+    *new* process, doing by hand what the kernel does when no signal handler
+    runs (arch_do_signal_or_restart): -ERESTARTSYS/-NOINTR/-NOHAND re-execute
+    the syscall (rip -= 2, rax = orig_rax); -ERESTART_RESTARTBLOCK would call
+    restart_syscall with a restart_block that only the dead process had, so
+    it returns -EINTR, as after a signal (callers of nanosleep & co. handle
+    EINTR). Returns what was done, for the log."""
+    if s64(regs.orig_rax) < 0:
+        return "none"
+    err = -s64(regs.rax)
+    done = "none"
+    if err in (ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND):
+        regs.rax = regs.orig_rax
+        regs.rip -= 2
+        done = "restart"
+    elif err == ERESTART_RESTARTBLOCK:
+        regs.rax = u64(-EINTR)
+        done = "eintr"
+    regs.orig_rax = u64(-1)
+    return done
+
+
+# -- xstate (the XSAVE area as PTRACE_GETREGSET NT_X86_XSTATE returns it) ----
+# Bytes 464..511 are the software-reserved area, which the kernel fills with
+# struct _fpx_sw_bytes (magic1, extended_size, xfeatures, xstate_size):
+# arch/x86/include/uapi/asm/sigcontext.h.
+FP_XSTATE_MAGIC1 = 0x46505853
+
+
+def xstate_features(buf: bytes) -> dict:
+    """{"xfeatures": XCR0 bits the layout holds, "size": its size}, from the
+    sw_reserved bytes; {} when they are absent."""
+    if len(buf) < 512:
+        return {}
+    magic, ext, xfeat, size = struct.unpack_from("<IIQI", buf, 464)
+    if magic != FP_XSTATE_MAGIC1:
+        return {}
+    return {"xfeatures": xfeat, "size": size}
+
+
+# -- clone3 trampoline ---------------------------------------------------------
+# long tramp(struct clone_args *args /* rdi */, size_t size /* rsi */)
+# Parent: returns clone3's result. Child: never returns to C or Python (its
+# libc/Python state is a stale copy, see ENGINE-NOTES): PTRACE_TRACEME, then
+# kill(getpid(), SIGSTOP) so the restorer (its parent and tracer) takes over;
+# should it ever be resumed unchanged it exit_group(127)s.
+_CHILD = bytes.fromhex(
+    "31ff" "31f6" "31d2" "4531d2"     # edi=TRACEME(0), esi, edx, r10d = 0
+    "b865000000" "0f05"               # ptrace
+    "b827000000" "0f05"               # getpid
+    "89c7" "be13000000"               # edi = pid, esi = SIGSTOP
+    "b83e000000" "0f05"               # kill
+    "bf7f000000" "b8e7000000" "0f05"  # exit_group(127)
+    "cc")
+CLONE3_TRAMPOLINE = (bytes.fromhex("b8b3010000" "0f05" "4885c0" "75") + bytes([len(_CHILD)])
+                     + _CHILD + b"\xc3")
+# Offset of a `syscall` instruction inside the trampoline: the first syscall
+# the restorer injects into the stopped child goes through it.
+TRAMPOLINE_SYSCALL_OFFSET = 5
+
+
+class CloneArgs(ctypes.Structure):
+    """struct clone_args (linux/sched.h), CLONE_ARGS_SIZE_VER2."""
+    _fields_ = [(n, ctypes.c_uint64) for n in (
+        "flags", "pidfd", "child_tid", "parent_tid", "exit_signal", "stack",
+        "stack_size", "tls", "set_tid", "set_tid_size", "cgroup")]

@@ -1,0 +1,157 @@
+"""`ckpt`: the command line. Modelled on criu's so its users feel at home.
+
+Exit codes (DESIGN.md): 0 done, 2 usage, 3 refused, 4 failed. Refusals go to
+stderr one per line; a traceback is shown only with --debug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import traceback
+from typing import List, Optional
+
+from . import __version__
+from .context import DEFAULT_GHOST_LIMIT, VALIDATION_MODES, Options
+from .errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, EngineError, Refusal, Refusals, UsageError
+
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b?)\s*$", re.I)
+
+
+def parse_size(text: str) -> int:
+    """'65536', '64k', '64M', '1GiB' -> bytes (binary multiples)."""
+    m = _SIZE.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 65536, 64M, 1G)")
+    return int(m.group(1)) << (10 * " kmgt".index(m.group(2).lower() or " "))
+
+
+def _pid(text: str) -> int:
+    try:
+        pid = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a PID: {text!r}") from None
+    if pid <= 0:
+        raise argparse.ArgumentTypeError(f"not a PID: {text!r}")
+    return pid
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):   # argparse's own usage errors: exit 2, one line
+        self.print_usage(sys.stderr)
+        sys.stderr.write(f"ckpt: error: {message}\n")
+        sys.exit(EXIT_USAGE)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="ckpt", description="Checkpoint and restore a Linux process: exactly, or not at all.")
+    p.add_argument("--version", action="version", version=f"ckpt {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="print one machine-readable JSON object on stdout")
+    common.add_argument("--debug", action="store_true", help="show tracebacks of failures")
+    files = argparse.ArgumentParser(add_help=False)
+    files.add_argument("--file-validation", choices=VALIDATION_MODES, default="digest",
+                       help="how a reopened file is shown to be the same file (default: digest)")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    d = sub.add_parser("dump", parents=[common, files], help="checkpoint a process into an image directory")
+    d.add_argument("-t", "--tree", dest="pid", type=_pid, required=True, metavar="PID")
+    d.add_argument("-D", "--images-dir", dest="dir", required=True, metavar="DIR", help="must not exist yet")
+    d.add_argument("--leave-running", action="store_true", help="let the process go on after the dump")
+    d.add_argument("--ghost-limit", type=parse_size, default=DEFAULT_GHOST_LIMIT, metavar="SIZE",
+                   help=f"largest deleted-but-open file kept in the image (default {DEFAULT_GHOST_LIMIT >> 20}M)")
+
+    r = sub.add_parser("restore", parents=[common, files], help="restore a process from an image directory")
+    r.add_argument("-D", "--images-dir", dest="dir", required=True, metavar="DIR")
+    r.add_argument("--pidfile", metavar="FILE", help="write the restored PID here")
+
+    c = sub.add_parser("check", parents=[common, files],
+                       help="dry run: every fd and piece of state with its verdict; writes nothing")
+    c.add_argument("-t", "--tree", dest="pid", type=_pid, required=True, metavar="PID")
+    c.add_argument("--ghost-limit", type=parse_size, default=DEFAULT_GHOST_LIMIT, metavar="SIZE")
+
+    s = sub.add_parser("show", parents=[common], help="a readable view of an image")
+    s.add_argument("-D", "--images-dir", dest="dir", required=True, metavar="DIR")
+    return p
+
+
+def _options(args) -> Options:
+    return Options(leave_running=getattr(args, "leave_running", False),
+                   ghost_limit=getattr(args, "ghost_limit", DEFAULT_GHOST_LIMIT),
+                   file_validation=getattr(args, "file_validation", "digest"),
+                   debug=args.debug)
+
+
+def _run(args) -> dict:
+    opts = _options(args)
+    if args.command == "dump":
+        from .dump import dump
+        return dump(args.pid, args.dir, opts)
+    if args.command == "check":
+        from .dump import check
+        return check(args.pid, opts)
+    if args.command == "restore":
+        from .restore import restore
+        return restore(args.dir, opts, args.pidfile)
+    from .show import show
+    return show(args.dir)
+
+
+def _human(command: str, res: dict) -> str:
+    if command == "dump":
+        mib = res.get("pages_bytes", 0) / (1 << 20)
+        fate = "left running" if res.get("left_running") else "killed"
+        return (f"ckpt: dumped pid {res.get('pid')} to {res.get('image')}: {mib:.1f} MiB of memory, "
+                f"{res.get('mappings', '?')} mappings, {res.get('fds', '?')} fds; frozen "
+                f"{res.get('frozen_ms', 0):.0f} ms, total {res.get('total_ms', 0):.0f} ms; process {fate}")
+    if command == "restore":
+        return f"ckpt: restored pid {res.get('pid')} in {res.get('restore_ms', 0):.0f} ms"
+    if command == "check":
+        from .show import render_check
+        return render_check(res)
+    from .show import render
+    return render(res)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        res = _run(args)
+    except (Refusal, Refusals) as e:
+        refusals = e.refusals if isinstance(e, Refusals) else [e]
+        for r in refusals:
+            sys.stderr.write(f"ckpt: refused: {r.message}\n")
+        if args.json:
+            print(json.dumps({"ok": False, "exit": e.exit_code, "error": "refused", "command": args.command,
+                              "refusals": [r.as_dict() for r in refusals]}))
+        return e.exit_code
+    except EngineError as e:
+        if args.debug:
+            traceback.print_exc()
+        kind = "error" if isinstance(e, UsageError) else "failed"
+        sys.stderr.write(f"ckpt: {kind}: {e.message}\n")
+        if args.json:
+            print(json.dumps({"ok": False, "exit": e.exit_code, "error": "usage" if kind == "error" else "failed",
+                              "command": args.command, "message": e.message, "errno": e.errno}))
+        return e.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write("ckpt: failed: interrupted\n")
+        return EXIT_FAILED
+    except Exception as e:  # a bug: still one clear line, traceback on --debug
+        if args.debug:
+            traceback.print_exc()
+        sys.stderr.write(f"ckpt: failed: internal error: {type(e).__name__}: {e} (run with --debug for the traceback)\n")
+        if args.json:
+            print(json.dumps({"ok": False, "exit": EXIT_FAILED, "error": "failed", "command": args.command,
+                              "message": f"internal error: {type(e).__name__}: {e}"}))
+        return EXIT_FAILED
+    if args.json:
+        print(json.dumps({"ok": True, "command": args.command, "result": res}, default=str))
+    else:
+        print(_human(args.command, res))
+    if args.command == "check" and not res.get("ok", True):
+        return 3
+    return EXIT_OK

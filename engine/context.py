@@ -1,0 +1,49 @@
+"""What the core hands to fd handlers (and to the file-identity helpers)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+DEFAULT_GHOST_LIMIT = 64 << 20       # bytes of data (holes do not count)
+VALIDATION_MODES = ("strict", "digest", "size", "none")
+
+
+def boot_id() -> str:
+    """Identifies this boot of this kernel: same boot id = same node, where
+    dev+inode numbers still name the same files."""
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        return f.read().strip()
+
+
+@dataclass
+class Options:
+    leave_running: bool = False
+    ghost_limit: int = DEFAULT_GHOST_LIMIT
+    file_validation: str = "digest"   # strict | digest | size | none
+    debug: bool = False
+
+
+@dataclass
+class DumpContext:
+    pid: int
+    options: Options
+    image: Any = None                 # engine.image.ImageWriter; None for `ckpt check`
+    task: Any = None                  # the frozen, seized target: task.syscall(nr, *args)
+    shared: Dict[str, Any] = field(default_factory=dict)   # state shared across fds (pipes by inode, ...)
+    all_fds: Dict[int, Any] = field(default_factory=dict)  # fd number -> FdInfo, for peer lookups
+    boot_id: str = ""
+
+    @property
+    def dry_run(self) -> bool:
+        return self.image is None
+
+
+@dataclass
+class RestoreContext:
+    options: Options
+    image: Any                        # engine.image.ImageReader (verified)
+    same_node: bool                   # the image was made in this boot of this machine
+    shared: Dict[str, Any] = field(default_factory=dict)
+    records: Optional[list] = None    # every fd record, for peer lookups
+    pid: Optional[int] = None         # the PID being restored

@@ -1,0 +1,92 @@
+"""Regular files that still have a name: reopened by path, identity-checked.
+
+A file renamed after it was opened is followed to its new name (the kernel's
+link text is the current name); a file whose name now leads elsewhere is
+refused, never silently swapped.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+from .. import files
+from ..errors import Refusal
+
+KIND = "regular"
+REASONS = ("file-missing", "file-changed", "unsupported-state")
+
+_LOCK = re.compile(r"^lock:\s*(.*)$", re.M)
+# Flags the kernel keeps only for open(): never replayed.
+_OPEN_ONLY = os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_NOCTTY | os.O_CLOEXEC
+
+
+def preflight(info, path: str) -> None:
+    """Refusals shared by every fd of a file: state on the open file that a
+    reopen would not bring back."""
+    locks = _LOCK.findall(info.fdinfo_text)
+    if locks:
+        raise Refusal("unsupported-state", f"holds a file lock ({' '.join(locks[0].split()[1:4])}); "
+                      "locks are not restored", pid=info.pid, fd=info.fd, path=path)
+    if info.flags & getattr(os, "O_ASYNC", 0o20000):
+        raise Refusal("unsupported-state", "O_ASYNC signal-driven I/O is not restored",
+                      pid=info.pid, fd=info.fd, path=path)
+
+
+def _mode_text(flags: int) -> str:
+    acc = {os.O_RDONLY: "O_RDONLY", os.O_WRONLY: "O_WRONLY", os.O_RDWR: "O_RDWR"}.get(flags & 3, "O_PATH?")
+    if flags & getattr(os, "O_PATH", 0o10000000):
+        acc = "O_PATH"
+    extra = [n for n, b in (("O_APPEND", os.O_APPEND), ("O_NONBLOCK", os.O_NONBLOCK),
+                            ("O_DIRECT", getattr(os, "O_DIRECT", 0)), ("O_SYNC", os.O_SYNC),
+                            ("O_NOATIME", getattr(os, "O_NOATIME", 0))) if b and flags & b == b]
+    return "|".join([acc] + extra)
+
+
+def classify(info, ctx) -> str:
+    preflight(info, info.link)
+    try:
+        pst = os.stat(info.link)
+    except OSError:
+        pst = None
+    if pst is None or (pst.st_dev, pst.st_ino) != (info.dev, info.ino):
+        raise Refusal("file-changed", "its path no longer names the open file",
+                      pid=info.pid, fd=info.fd, path=info.link)
+    return f"regular {info.link} at {info.pos} {_mode_text(info.flags)} size {info.size}"
+
+
+def dump(info, ctx) -> dict:
+    return {"file": files.record_identity(info.link, info.proc_path, ctx, fd=info.fd, pid=info.pid)}
+
+
+def validate(rec: dict, ctx) -> None:
+    ident = rec.get("file")
+    if not isinstance(ident, dict) or not isinstance(ident.get("path"), str):
+        raise Refusal("image-invalid", "regular-file record names no file", fd=rec.get("fd"))
+    files.check_identity(ident, ctx, fd=rec.get("fd"), pid=ctx.pid)
+
+
+def open_checked(rec: dict, ctx) -> int:
+    """Open by path and verify that what was opened is the recorded file
+    (closing the race between validate() and open())."""
+    ident = rec["file"]
+    try:
+        fd = os.open(ident["path"], (rec["flags"] & ~_OPEN_ONLY) | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise Refusal("file-missing", "no file at this path any more", pid=ctx.pid,
+                      fd=rec["fd"], path=ident["path"]) from None
+    except OSError as e:
+        raise Refusal("file-changed", f"cannot reopen it with its flags: {e.strerror}", pid=ctx.pid,
+                      fd=rec["fd"], path=ident["path"]) from None
+    try:
+        files.check_identity(ident, ctx, fd=rec["fd"], pid=ctx.pid, opened=fd)
+        if rec.get("pos"):
+            os.lseek(fd, rec["pos"], os.SEEK_SET)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def restore(rec: dict, ctx) -> int:
+    return open_checked(rec, ctx)

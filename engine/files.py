@@ -1,0 +1,427 @@
+"""File identity and ghost files, shared by regular-file fds and file-backed
+memory mappings.
+
+The trap this module exists for (linux-cr, 2010): a process holds a file
+that is later renamed, deleted or renamed-over; a naive restore reopens the
+*path* and quietly gets the wrong file. So:
+
+* a file that still has its name is recorded with its identity (dev, ino,
+  size, mtime, sha256) and, at restore, reopened by path only once the path
+  is shown to name the same file (``--file-validation``);
+* a file with no name left (nlink 0, renamed-over, memfd) is a *ghost*: its
+  data goes into the image, holes kept as holes, and it is recreated as an
+  unlinked file on the same filesystem.
+
+One file mapped and opened several times is recorded and recreated once per
+dump/restore (``ctx.shared``), so a ghost written through an fd is still the
+ghost seen through a mapping of it.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import stat
+from typing import Optional
+
+from .errors import EngineError, Refusal
+
+_CHUNK = 4 << 20
+_DELETED = " (deleted)"
+MEMFD_PREFIX = "/memfd:"
+
+
+# -- identity -----------------------------------------------------------------
+
+def sha256_fd(fd: int, size: Optional[int] = None) -> str:
+    """sha256 of a file's bytes from offset 0, read with pread so the fd's
+    offset is not moved (the fd may be shared with the target)."""
+    h = hashlib.sha256()
+    off = 0
+    while True:
+        chunk = os.pread(fd, _CHUNK, off)
+        if not chunk:
+            break
+        h.update(chunk)
+        off += len(chunk)
+        if size is not None and off >= size:
+            break
+    return h.hexdigest()
+
+
+def identity_of(st: os.stat_result) -> dict:
+    return {"dev": st.st_dev, "ino": st.st_ino, "size": st.st_size,
+            "mtime_ns": st.st_mtime_ns, "mode": st.st_mode, "uid": st.st_uid, "gid": st.st_gid}
+
+
+_FS_IOC_GETVERSION = 0x80087601   # _IOR('v', 1, long)
+
+
+def generation(fd: int) -> Optional[int]:
+    """The inode's generation number (ext4, tmpfs, xfs, btrfs...): inode
+    numbers are reused once a file is freed, dev+ino+generation are not."""
+    import fcntl
+    import struct
+    try:
+        return struct.unpack("l", fcntl.ioctl(fd, _FS_IOC_GETVERSION, b"\0" * 8))[0]
+    except OSError:
+        return None
+
+
+def _wants_digest(mode: str) -> bool:
+    return mode in ("strict", "digest")
+
+
+def record_identity(path: str, open_path: str, ctx, *, fd: Optional[int] = None,
+                    pid: Optional[int] = None) -> dict:
+    """Identity of the file open at `open_path` (a /proc/PID/fd/N or
+    map_files path), which is known by the name `path`. Refuses when `path`
+    no longer names that file. Memoised per (dev, ino) in ctx.shared."""
+    st = os.stat(open_path)
+    key = f"ident:{st.st_dev}:{st.st_ino}"
+    cached = ctx.shared.get(key)
+    if cached is not None:
+        return dict(cached)
+    try:
+        pst = os.stat(path)
+    except FileNotFoundError:
+        pst = None
+    if pst is None or (pst.st_dev, pst.st_ino) != (st.st_dev, st.st_ino):
+        # The kernel's name for the open file no longer leads to it (another
+        # mount namespace, or a race with a rename): reopening by name would
+        # give another file.
+        raise Refusal("file-changed", "its path no longer names the open file "
+                      f"(open: dev {st.st_dev} ino {st.st_ino}; path: "
+                      + ("missing" if pst is None else f"dev {pst.st_dev} ino {pst.st_ino}") + ")",
+                      pid=pid, fd=fd, path=path)
+    ident = {"path": path, **identity_of(st)}
+    rfd = os.open(open_path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        ident["generation"] = generation(rfd)
+        if _wants_digest(ctx.options.file_validation) and stat.S_ISREG(st.st_mode):
+            ident["sha256"] = sha256_fd(rfd)
+    finally:
+        os.close(rfd)
+    ctx.shared[key] = ident
+    return dict(ident)
+
+
+def _generation_of(path: str, opened: Optional[int]) -> Optional[int]:
+    if opened is not None:
+        return generation(opened)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        return generation(fd)
+    finally:
+        os.close(fd)
+
+
+def _fmt_time(ns: int) -> str:
+    import time
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ns / 1e9)) + f".{ns % 1_000_000_000:09d}"
+
+
+def check_identity(ident: dict, ctx, *, fd: Optional[int] = None, pid: Optional[int] = None,
+                   opened: Optional[int] = None) -> os.stat_result:
+    """Raise file-missing / file-changed unless ident["path"] (or the open
+    fd `opened`) is the recorded file, per --file-validation:
+
+    strict  same node: same dev+ino; any node: same size, mtime and sha256
+    digest  same node: same dev+ino; any node: same size and sha256 (a
+            touched mtime with identical content is accepted)
+    size    same node: same dev+ino; any node: same size
+    none    the path exists
+    """
+    path = ident["path"]
+    mode = ctx.options.file_validation
+    try:
+        st = os.fstat(opened) if opened is not None else os.stat(path)
+    except FileNotFoundError:
+        raise Refusal("file-missing", "no file at this path any more", pid=pid, fd=fd, path=path) from None
+    except OSError as e:
+        raise Refusal("file-missing", f"cannot reach it: {e.strerror}", pid=pid, fd=fd, path=path) from None
+
+    def changed(detail: str) -> Refusal:
+        return Refusal("file-changed", detail, pid=pid, fd=fd, path=path)
+
+    if stat.S_IFMT(st.st_mode) != stat.S_IFMT(ident["mode"]):
+        raise changed(f"file type {stat.filemode(ident['mode'])[0]} -> {stat.filemode(st.st_mode)[0]}")
+    if mode == "none":
+        return st
+    if ctx.same_node:
+        if (st.st_dev, st.st_ino) != (ident["dev"], ident["ino"]):
+            raise changed(f"another file at this path (dev {ident['dev']} ino {ident['ino']} -> "
+                          f"dev {st.st_dev} ino {st.st_ino}): renamed-over or replaced")
+        if ident.get("generation") is not None:
+            gen = _generation_of(path, opened)
+            if gen is not None and gen != ident["generation"]:
+                raise changed(f"another file at this path (inode {st.st_ino} was freed and reused: "
+                              f"generation {ident['generation']} -> {gen}): replaced")
+    if st.st_size != ident["size"]:
+        raise changed(f"size {ident['size']} -> {st.st_size}")
+    if mode == "size" or not stat.S_ISREG(st.st_mode):
+        return st
+    if mode == "strict" and st.st_mtime_ns != ident["mtime_ns"]:
+        raise changed(f"mtime {_fmt_time(ident['mtime_ns'])} -> {_fmt_time(st.st_mtime_ns)}")
+    # No shortcut on "same mtime": ext4 timestamps are taken from a coarse
+    # clock, so a same-size rewrite within a few ms of the dump keeps mtime.
+    want = ident.get("sha256")
+    if want is None:
+        raise changed("the image has no content digest for it (dumped with --file-validation "
+                      "size/none); restore with --file-validation size")
+    key = f"digest:{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+    got = ctx.shared.get(key)
+    if got is None:
+        rfd = opened if opened is not None else os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            got = sha256_fd(rfd)
+        finally:
+            if opened is None:
+                os.close(rfd)
+        ctx.shared[key] = got
+    if got != want:
+        raise changed("content differs (same size, different sha256): rewritten after the dump")
+    return st
+
+
+# -- ghosts -------------------------------------------------------------------
+
+def _extents(fd: int, size: int):
+    """Data extents of a file as (offset, length), holes skipped
+    (lseek SEEK_DATA/SEEK_HOLE; a filesystem without them reports one extent)."""
+    off = 0
+    while off < size:
+        try:
+            start = os.lseek(fd, off, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:      # only a hole from here to EOF
+                return
+            if e.errno == errno.EINVAL:     # no SEEK_DATA support: all data
+                yield (off, size - off)
+                return
+            raise
+        end = os.lseek(fd, start, os.SEEK_HOLE)
+        end = min(end, size)
+        if end > start:
+            yield (start, end - start)
+        off = end
+
+
+def ghost_key(st: os.stat_result) -> str:
+    return f"ghost:{st.st_dev}:{st.st_ino}"
+
+
+def dump_ghost(open_path: str, name: str, ctx, *, fd: Optional[int] = None,
+               pid: Optional[int] = None) -> dict:
+    """Save a nameless file's contents into the image once; return its
+    record {"ghost": id, ...}. Refuses unlinked-too-large past --ghost-limit
+    (holes do not count: a 1 GiB sparse file with 4 KiB of data is 4 KiB)."""
+    st = os.stat(open_path)
+    key = ghost_key(st)
+    done = ctx.shared.get(key)
+    if done is not None:
+        return dict(done)
+    rfd = os.open(open_path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        extents = list(_extents(rfd, st.st_size))
+        data_bytes = sum(n for _, n in extents)
+        limit = ctx.options.ghost_limit
+        if data_bytes > limit:
+            raise Refusal("unlinked-too-large",
+                          f"deleted file holds {data_bytes} bytes of data (size {st.st_size}), over the "
+                          f"ghost limit {limit}; raise it with --ghost-limit", pid=pid, fd=fd, path=name)
+        seals = None
+        memfd = name.startswith(MEMFD_PREFIX)
+        if memfd:
+            try:
+                import fcntl
+                seals = fcntl.fcntl(rfd, 1034)   # F_GET_SEALS
+            except OSError:
+                seals = 0
+        gid = f"g{st.st_dev}-{st.st_ino}"
+        rec = {"ghost": gid, "name": name, "memfd": memfd, "seals": seals,
+               **identity_of(st), "extents": extents, "data_bytes": data_bytes}
+        if ctx.image is not None:
+            h = hashlib.sha256()
+            with ctx.image.open(f"ghosts/{gid}.data") as out:
+                for off, n in extents:
+                    while n:
+                        chunk = os.pread(rfd, min(n, _CHUNK), off)
+                        if not chunk:
+                            raise EngineError(f"{name}: deleted file shrank while being saved")
+                        out.write(chunk)
+                        h.update(chunk)
+                        off += len(chunk)
+                        n -= len(chunk)
+            rec["data_sha256"] = h.hexdigest()
+    finally:
+        os.close(rfd)
+    ctx.shared[key] = rec
+    return dict(rec)
+
+
+def _memfd_name(name: str) -> str:
+    base = name[len(MEMFD_PREFIX):]
+    return base[:-len(_DELETED)] if base.endswith(_DELETED) else base
+
+
+def original_path(name: str) -> str:
+    return name[:-len(_DELETED)] if name.endswith(_DELETED) else name
+
+
+def validate_ghost(rec: dict, ctx, *, fd: Optional[int] = None, pid: Optional[int] = None) -> None:
+    for key, typ in (("ghost", str), ("size", int), ("extents", list), ("name", str)):
+        if not isinstance(rec.get(key), typ):
+            raise Refusal("image-invalid", f"ghost record lacks {key}", pid=pid, fd=fd)
+    path = f"ghosts/{rec['ghost']}.data"
+    if os.path.getsize(ctx.image.path(path)) != rec.get("data_bytes"):
+        raise Refusal("image-invalid", f"{path} does not hold the recorded data", pid=pid, fd=fd)
+    if not rec.get("memfd"):
+        parent = os.path.dirname(original_path(rec["name"])) or "/"
+        if not os.path.isdir(parent):
+            raise Refusal("file-missing", f"cannot recreate the deleted file: its directory {parent} is gone",
+                          pid=pid, fd=fd, path=rec["name"])
+
+
+def restore_ghost(rec: dict, ctx) -> int:
+    """Recreate a ghost once per restore; returns an O_RDWR fd on it, owned by
+    ctx.shared (callers reopen it with their own flags, never close it)."""
+    key = f"ghostfd:{rec['ghost']}"
+    have = ctx.shared.get(key)
+    if have is not None:
+        return have
+    if rec.get("memfd"):
+        flags = 0x0002 if rec.get("seals") else 0   # MFD_ALLOW_SEALING
+        gfd = os.memfd_create(_memfd_name(rec["name"]), flags | os.MFD_CLOEXEC)
+    else:
+        parent = os.path.dirname(original_path(rec["name"])) or "/"
+        try:
+            gfd = os.open(parent, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                raise EngineError(f"cannot recreate deleted file in {parent}: {e.strerror}", errno=e.errno)
+            # No O_TMPFILE on this filesystem: create a unique name, unlink it.
+            import tempfile
+            tfd, tpath = tempfile.mkstemp(dir=parent, prefix=".ckpt-ghost-")
+            os.unlink(tpath)
+            gfd = tfd
+    try:
+        with open(ctx.image.path(f"ghosts/{rec['ghost']}.data"), "rb", buffering=0) as src:
+            for off, n in rec["extents"]:
+                while n:
+                    chunk = src.read(min(n, _CHUNK))
+                    if not chunk:
+                        raise Refusal("image-invalid", f"ghost {rec['ghost']} data is short")
+                    os.pwrite(gfd, chunk, off)
+                    off += len(chunk)
+                    n -= len(chunk)
+        os.ftruncate(gfd, rec["size"])
+        os.fchmod(gfd, stat.S_IMODE(rec["mode"]))
+        try:
+            os.fchown(gfd, rec.get("uid", 0), rec.get("gid", 0))
+        except OSError:
+            pass
+        os.utime(f"/proc/self/fd/{gfd}", ns=(rec["mtime_ns"], rec["mtime_ns"]))
+        if rec.get("memfd") and rec.get("seals"):
+            import fcntl
+            fcntl.fcntl(gfd, 1033, rec["seals"])   # F_ADD_SEALS, after the data is in
+    except BaseException:
+        os.close(gfd)
+        raise
+    ctx.shared[key] = gfd
+    ctx.shared.setdefault("_close_after_restore", []).append(gfd)
+    return gfd
+
+
+def reopen(fd: int, flags: int) -> int:
+    """A new open file description on the file behind `fd`, with `flags`
+    (access mode, O_APPEND, ...): through /proc/self/fd, which works for
+    unlinked files too."""
+    keep = flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_CLOEXEC | os.O_NOCTTY)
+    return os.open(f"/proc/self/fd/{fd}", keep | os.O_CLOEXEC)
+
+
+def close_shared(ctx) -> None:
+    """Close the ghost fds a restore kept open (call once the new process has
+    its own fds)."""
+    for gfd in ctx.shared.pop("_close_after_restore", []):
+        try:
+            os.close(gfd)
+        except OSError:
+            pass
+
+
+# -- memory mappings (called by the core) -------------------------------------
+
+def map_dump(pid: int, vma: dict, ctx) -> dict:
+    """Record for a file-backed mapping: {"file": identity} or {"ghost": ...}."""
+    name = vma["path"]
+    open_path = vma["map_files"]
+    try:
+        st = os.stat(open_path)
+    except OSError as e:
+        raise Refusal("unsupported-mapping", f"cannot open the mapped file: {e.strerror}",
+                      pid=pid, path=name) from None
+    if not stat.S_ISREG(st.st_mode):
+        raise Refusal("unsupported-mapping", f"mapping of a non-regular file ({stat.filemode(st.st_mode)})",
+                      pid=pid, path=name)
+    if st.st_nlink == 0 or name.endswith(_DELETED):
+        if st.st_nlink > 0:
+            alias = _surviving_link(open_path, st)
+            if alias is not None:
+                return {"file": record_identity(alias, open_path, ctx, pid=pid)}
+            raise Refusal("file-missing", f"mapped file lost this name but has {st.st_nlink} other hard "
+                          "link(s), none of which could be found", pid=pid, path=name)
+        return dump_ghost(open_path, name, ctx, pid=pid)
+    return {"file": record_identity(name, open_path, ctx, pid=pid)}
+
+
+def map_validate(rec: dict, ctx) -> None:
+    if "ghost" in rec:
+        validate_ghost(rec, ctx)
+    elif isinstance(rec.get("file"), dict) and isinstance(rec["file"].get("path"), str):
+        check_identity(rec["file"], ctx, pid=ctx.pid)
+    else:
+        raise Refusal("image-invalid", "mapping record names no file")
+
+
+def map_open(rec: dict, ctx, writable: bool) -> int:
+    flags = os.O_RDWR if writable else os.O_RDONLY
+    if "ghost" in rec:
+        return reopen(restore_ghost(rec, ctx), flags)
+    ident = rec["file"]
+    try:
+        fd = os.open(ident["path"], flags | os.O_CLOEXEC)
+    except OSError as e:
+        raise Refusal("file-missing", f"cannot open: {e.strerror}", pid=ctx.pid, path=ident["path"]) from None
+    try:
+        check_identity(ident, ctx, pid=ctx.pid, opened=fd)   # the file we opened, not a racing replacement
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _surviving_link(open_path: str, st: os.stat_result) -> Optional[str]:
+    """Another name of a file whose opened name was unlinked (nlink > 0):
+    ask the kernel for a connected dentry through a file handle
+    (name_to_handle_at + open_by_handle_at), and accept it only when it leads
+    to the same dev+ino. None when no such name can be found."""
+    from . import handles
+    try:
+        path = handles.reconnect_path(open_path)
+    except OSError:
+        return None
+    if not path or path.endswith(_DELETED):
+        return None
+    try:
+        pst = os.stat(path)
+    except OSError:
+        return None
+    if (pst.st_dev, pst.st_ino) != (st.st_dev, st.st_ino):
+        return None
+    return path

@@ -1,0 +1,303 @@
+"""The image directory: written atomically, verified before it is trusted.
+
+Layout (all files 0600, directories 0700):
+    DIR/manifest.json   format version, engine version, arch, kernel release,
+                        creation time, and {name: {sha256, size}} of every file
+    DIR/<anything>      written through ImageWriter, named in the manifest
+
+A dump writes into ``DIR.partial`` and renames it to ``DIR`` only after every
+file is written, fsync'd and hashed; a crash leaves ``DIR.partial`` behind,
+never something that looks like a complete image.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import time
+from typing import BinaryIO, Dict, Optional
+
+from . import FORMAT_VERSION, __version__
+from .errors import EngineError, Refusal, UsageError
+
+MANIFEST = "manifest.json"
+_CHUNK = 8 << 20
+
+
+def _sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(_CHUNK)
+        view = memoryview(buf)
+        while True:
+            n = f.readinto(buf)
+            if not n:
+                break
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+class _HashingFile:
+    """A write-only binary file that hashes what passes through it, so a
+    large image file is never read back just to be checksummed."""
+
+    def __init__(self, raw: BinaryIO):
+        self._raw = raw
+        self._hash = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data) -> int:
+        try:
+            n = self._raw.write(data)
+        except OSError as e:
+            raise _translate_oserror(e, "cannot write image") from e
+        self._hash.update(data)
+        self.size += len(data)
+        return n
+
+    def fileno(self) -> int:
+        return self._raw.fileno()
+
+    def tell(self) -> int:
+        return self.size
+
+    def flush(self) -> None:
+        self._raw.flush()
+
+    def close(self) -> None:
+        self._raw.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._raw.closed
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _translate_oserror(e: OSError, what: str) -> EngineError:
+    import errno as _errno
+    if e.errno in (_errno.ENOSPC, _errno.EDQUOT):
+        return EngineError(f"{what}: no space left on device ({e.filename or ''})".rstrip(" ()"), errno=e.errno)
+    return EngineError(f"{what}: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""), errno=e.errno)
+
+
+class ImageWriter:
+    """Writes an image into ``DIR.partial``; ``commit()`` makes it ``DIR``.
+
+    Use as a context manager: leaving the block without ``commit()`` (an
+    exception, a refusal) removes the partial directory.
+    """
+
+    def __init__(self, directory: str):
+        self.final = os.path.abspath(directory.rstrip("/") or "/")
+        if os.path.lexists(self.final):
+            raise UsageError(f"image directory {self.final} already exists; choose a new one")
+        parent = os.path.dirname(self.final)
+        if not os.path.isdir(parent):
+            raise UsageError(f"cannot create image {self.final}: {parent} is not a directory")
+        self.partial = self.final + ".partial"
+        if os.path.lexists(self.partial):
+            # A leftover of a dump that crashed: it was never complete, so it
+            # is safe to replace, and keeping it would block every retry.
+            shutil.rmtree(self.partial, ignore_errors=True)
+        try:
+            os.mkdir(self.partial, 0o700)
+            os.chmod(self.partial, 0o700)  # umask must not loosen it
+        except OSError as e:
+            raise _translate_oserror(e, f"cannot create {self.partial}") from e
+        self._files: Dict[str, dict] = {}
+        self._open: Dict[str, _HashingFile] = {}
+        self._raw_paths: set = set()
+        self.committed = False
+
+    # -- writing ---------------------------------------------------------
+    def _check_name(self, name: str) -> str:
+        if name == MANIFEST or name.startswith("/") or ".." in name.split("/"):
+            raise ValueError(f"bad image file name {name!r}")
+        if name in self._files or name in self._open or name in self._raw_paths:
+            raise ValueError(f"image file {name!r} written twice")
+        path = os.path.join(self.partial, name)
+        d = os.path.dirname(path)
+        if d != self.partial and not os.path.isdir(d):
+            os.makedirs(d, 0o700, exist_ok=True)
+        return path
+
+    def open(self, name: str) -> _HashingFile:
+        """A new file in the image, hashed as it is written; close it when done."""
+        path = self._check_name(name)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise _translate_oserror(e, "cannot write image") from e
+        f = _HashingFile(os.fdopen(fd, "wb", buffering=0))
+        self._open[name] = f
+        return f
+
+    def raw_path(self, name: str) -> str:
+        """A path for a file the caller writes itself (e.g. a sparse ghost
+        file written with holes); it is hashed at commit time."""
+        path = self._check_name(name)
+        self._raw_paths.add(name)
+        return path
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        try:
+            with self.open(name) as f:
+                f.write(data)
+        except OSError as e:
+            raise _translate_oserror(e, "cannot write image") from e
+
+    def write_json(self, name: str, obj) -> None:
+        self.write_bytes(name, json.dumps(obj, indent=1, sort_keys=True).encode())
+
+    # -- finishing -------------------------------------------------------
+    def commit(self, meta: Optional[dict] = None) -> str:
+        """fsync everything, write the manifest, rename into place."""
+        try:
+            for name, f in list(self._open.items()):
+                if not f.closed:
+                    f.flush()
+                    os.fsync(f.fileno())
+                    f.close()
+                self._files[name] = {"sha256": f.hexdigest(), "size": f.size}
+            self._open.clear()
+            for name in sorted(self._raw_paths):
+                path = os.path.join(self.partial, name)
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    os.fchmod(fd, 0o600)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                self._files[name] = {"sha256": _sha256_file(path), "size": os.path.getsize(path)}
+            manifest = {
+                "format": FORMAT_VERSION,
+                "engine": __version__,
+                "arch": platform.machine(),
+                "kernel": platform.release(),
+                "created": time.time(),
+                "files": self._files,
+            }
+            if meta:
+                manifest["meta"] = meta
+            data = json.dumps(manifest, indent=1, sort_keys=True).encode()
+            mpath = os.path.join(self.partial, MANIFEST)
+            fd = os.open(mpath, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.write(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(self.partial, self.final)
+            dfd = os.open(os.path.dirname(self.final), os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except OSError as e:
+            raise _translate_oserror(e, "cannot write image") from e
+        self.committed = True
+        return self.final
+
+    def abort(self) -> None:
+        for f in self._open.values():
+            try:
+                f.close()
+            except OSError:
+                pass
+        self._open.clear()
+        shutil.rmtree(self.partial, ignore_errors=True)
+
+    def __enter__(self) -> "ImageWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self.committed:
+            self.abort()
+
+
+class ImageReader:
+    """An image opened for restore or show. ``verify()`` checks every file's
+    sha256 against the manifest and that nothing was added or removed."""
+
+    def __init__(self, directory: str):
+        self.dir = os.path.abspath(directory)
+        mpath = os.path.join(self.dir, MANIFEST)
+        if not os.path.isdir(self.dir):
+            raise UsageError(f"{self.dir}: no such image directory")
+        if not os.path.exists(mpath):
+            if os.path.isdir(self.dir + ".partial") or self.dir.endswith(".partial"):
+                raise Refusal("image-invalid", f"{self.dir} is an incomplete image (a dump that did not finish)")
+            raise UsageError(f"{self.dir} is not a ckpt image (no {MANIFEST})")
+        try:
+            with open(mpath, "rb") as f:
+                self.manifest = json.loads(f.read())
+            files = self.manifest["files"]
+            fmt = self.manifest["format"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise Refusal("image-invalid", f"unreadable manifest: {e}") from e
+        if fmt != FORMAT_VERSION:
+            raise Refusal("image-invalid", f"image format {fmt}, this engine reads format {FORMAT_VERSION}")
+        if not isinstance(files, dict):
+            raise Refusal("image-invalid", "manifest has no file table")
+        self.files: Dict[str, dict] = files
+        self._verified = False
+
+    @property
+    def arch(self) -> str:
+        return self.manifest.get("arch", "?")
+
+    def check_arch(self) -> None:
+        if self.arch != platform.machine():
+            raise Refusal("arch-mismatch", f"image is {self.arch}, this machine is {platform.machine()}")
+
+    def verify(self) -> None:
+        """Every file present, of the recorded size and sha256; no extras."""
+        present = set()
+        for root, dirs, names in os.walk(self.dir):
+            for n in names:
+                rel = os.path.relpath(os.path.join(root, n), self.dir)
+                if rel != MANIFEST:
+                    present.add(rel)
+        extra = present - set(self.files)
+        if extra:
+            raise Refusal("image-invalid", f"files not in the manifest: {', '.join(sorted(extra)[:5])}")
+        for name, meta in sorted(self.files.items()):
+            path = os.path.join(self.dir, name)
+            if name not in present:
+                raise Refusal("image-invalid", f"{name} is missing")
+            size = os.path.getsize(path)
+            if size != meta.get("size"):
+                raise Refusal("image-invalid", f"{name} is {size} bytes, manifest says {meta.get('size')}")
+            try:
+                digest = _sha256_file(path)
+            except OSError as e:
+                raise Refusal("image-invalid", f"cannot read {name}: {e.strerror}") from e
+            if digest != meta.get("sha256"):
+                raise Refusal("image-invalid", f"{name} does not match its sha256 (altered or damaged)")
+        self._verified = True
+
+    def path(self, name: str) -> str:
+        if name not in self.files:
+            raise Refusal("image-invalid", f"the image has no {name}")
+        return os.path.join(self.dir, name)
+
+    def read_bytes(self, name: str) -> bytes:
+        with open(self.path(name), "rb") as f:
+            return f.read()
+
+    def read_json(self, name: str):
+        try:
+            return json.loads(self.read_bytes(name))
+        except ValueError as e:
+            raise Refusal("image-invalid", f"{name}: not valid JSON: {e}") from e

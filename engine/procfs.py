@@ -1,0 +1,213 @@
+"""Pure parsers over /proc text, with an injectable procfs root.
+
+Parsers take text and return plain data; `Proc(pid, root)` reads the files.
+Tests feed the parsers canned text. OSError from /proc is translated at one
+boundary (:meth:`Proc.read`) into ``no-such-process`` when the process is
+gone.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import os
+import struct
+from typing import Dict, List, Optional
+
+from .errors import Refusal
+
+PF_KTHREAD = 0x00200000
+
+# /proc/PID/stat field numbers (proc(5)), 1-based as in the man page.
+_STAT_FIELDS = {
+    "state": 3, "ppid": 4, "pgrp": 5, "session": 6, "tty_nr": 7, "flags": 9,
+    "num_threads": 20, "start_code": 26, "end_code": 27, "start_stack": 28,
+    "exit_signal": 38, "start_data": 45, "end_data": 46, "start_brk": 47,
+    "arg_start": 48, "arg_end": 49, "env_start": 50, "env_end": 51,
+}
+
+
+def parse_stat(text: str) -> dict:
+    """/proc/PID/stat. The command name may hold spaces and ')' — split at
+    the LAST ')' (psutil does the same). Raises ValueError on garbage."""
+    lpar = text.index("(")
+    rpar = text.rindex(")")
+    out: dict = {"pid": int(text[:lpar]), "comm": text[lpar + 1:rpar]}
+    rest = text[rpar + 2:].split()
+    # rest[0] is field 3 (state)
+    for name, num in _STAT_FIELDS.items():
+        idx = num - 3
+        if idx < len(rest):
+            out[name] = rest[idx] if name == "state" else int(rest[idx])
+    return out
+
+
+def parse_status(text: str) -> Dict[str, str]:
+    """/proc/PID/status as {key: value-string}."""
+    out = {}
+    for line in text.splitlines():
+        k, sep, v = line.partition(":")
+        if sep:
+            out[k.strip()] = v.strip()
+    return out
+
+
+def parse_maps(text: str) -> List[dict]:
+    """/proc/PID/maps lines as dicts: start, end, perms, offset, dev, inode,
+    path ('' for anonymous; may end in ' (deleted)'; may contain spaces)."""
+    vmas = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        parts = line.split(None, 5)
+        rng, perms, off, dev, ino = parts[:5]
+        path = parts[5] if len(parts) > 5 else ""
+        start, end = rng.split("-")
+        vmas.append({"start": int(start, 16), "end": int(end, 16), "perms": perms,
+                     "offset": int(off, 16), "dev": dev, "inode": int(ino), "path": path})
+    return vmas
+
+
+def parse_smaps_flags(text: str) -> Dict[int, List[str]]:
+    """{vma start: VmFlags list} from /proc/PID/smaps."""
+    out: Dict[int, List[str]] = {}
+    cur: Optional[int] = None
+    for line in text.splitlines():
+        if not line:
+            continue
+        head = line.split(None, 1)[0]
+        if "-" in head and ":" not in head:
+            try:
+                cur = int(head.split("-")[0], 16)
+            except ValueError:
+                continue
+        elif head == "VmFlags:" and cur is not None:
+            out[cur] = line.split()[1:]
+    return out
+
+
+def parse_fdinfo(text: str) -> Dict[str, str]:
+    """fdinfo "key: value" lines; the first occurrence of a key wins."""
+    out: Dict[str, str] = {}
+    for line in text.splitlines():
+        k, sep, v = line.partition(":")
+        if sep and k.strip() not in out:
+            out[k.strip()] = v.strip()
+    return out
+
+
+def parse_auxv(data: bytes) -> List[int]:
+    """/proc/PID/auxv as a flat list of u64 (type, value, ..., AT_NULL, 0)."""
+    n = len(data) // 8
+    return list(struct.unpack(f"<{n}Q", data[:n * 8]))
+
+
+# pagemap(5): one u64 per page.
+PM_PRESENT = 1 << 63
+PM_SWAPPED = 1 << 62
+PM_FILE_OR_SHARED = 1 << 61
+
+
+def pagemap_runs(data: bytes, base: int, anon_only: bool, page: int = 4096) -> List[List[int]]:
+    """Runs [addr, npages] of pages worth saving from raw pagemap bytes of the
+    range starting at `base`: present or swapped; with `anon_only` (private
+    file mappings) only those not backed by the file (bit 61 clear: the
+    copy-on-written ones)."""
+    n = len(data) // 8
+    vals = struct.unpack(f"<{n}Q", data[:n * 8])
+    runs: List[List[int]] = []
+    want = PM_PRESENT | PM_SWAPPED
+    start = -1
+    for i, v in enumerate(vals):
+        ok = bool(v & want) and not (anon_only and v & PM_FILE_OR_SHARED)
+        if ok:
+            if start < 0:
+                start = i
+        elif start >= 0:
+            runs.append([base + start * page, i - start])
+            start = -1
+    if start >= 0:
+        runs.append([base + start * page, n - start])
+    return runs
+
+
+def parse_sigmask(hexstr: str) -> int:
+    return int(hexstr, 16)
+
+
+class Proc:
+    """Files of one process under a procfs root (default /proc)."""
+
+    def __init__(self, pid: int, root: str = "/proc"):
+        self.pid = pid
+        self.root = root
+        self.dir = f"{root}/{pid}"
+
+    def path(self, name: str) -> str:
+        return f"{self.dir}/{name}"
+
+    def _gone(self, e: OSError) -> Refusal:
+        return Refusal("no-such-process", f"the process went away ({e.strerror})", pid=self.pid)
+
+    def read(self, name: str) -> str:
+        """Text of /proc/PID/name. Raises Refusal(no-such-process) if gone."""
+        try:
+            with open(self.path(name), "rb") as f:
+                return f.read().decode("utf-8", "surrogateescape")
+        except (FileNotFoundError, ProcessLookupError) as e:
+            raise self._gone(e) from None
+        except OSError as e:
+            if e.errno == _errno.ESRCH:
+                raise self._gone(e) from None
+            raise
+
+    def read_bytes(self, name: str) -> bytes:
+        try:
+            with open(self.path(name), "rb") as f:
+                return f.read()
+        except (FileNotFoundError, ProcessLookupError) as e:
+            raise self._gone(e) from None
+
+    def readlink(self, name: str) -> str:
+        try:
+            return os.readlink(self.path(name))
+        except (FileNotFoundError, ProcessLookupError) as e:
+            raise self._gone(e) from None
+
+    def stat(self) -> dict:
+        return parse_stat(self.read("stat"))
+
+    def status(self) -> Dict[str, str]:
+        return parse_status(self.read("status"))
+
+    def maps(self) -> List[dict]:
+        return parse_maps(self.read("maps"))
+
+    def vmflags(self) -> Dict[int, List[str]]:
+        return parse_smaps_flags(self.read("smaps"))
+
+    def fds(self) -> List[int]:
+        try:
+            return sorted(int(n) for n in os.listdir(self.path("fd")))
+        except (FileNotFoundError, ProcessLookupError) as e:
+            raise self._gone(e) from None
+
+    def fdinfo_text(self, fd: int) -> str:
+        return self.read(f"fdinfo/{fd}")
+
+    def children(self) -> List[int]:
+        """Child PIDs: task/PID/children (CONFIG_PROC_CHILDREN) or a scan."""
+        try:
+            text = self.read(f"task/{self.pid}/children")
+            return [int(x) for x in text.split()]
+        except OSError:
+            pass
+        kids = []
+        for name in os.listdir(self.root):
+            if name.isdigit():
+                try:
+                    with open(f"{self.root}/{name}/stat") as f:
+                        if parse_stat(f.read())["ppid"] == self.pid:
+                            kids.append(int(name))
+                except (OSError, ValueError):
+                    continue
+        return kids

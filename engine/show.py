@@ -1,0 +1,96 @@
+"""`ckpt show` and the text rendering of `ckpt check`."""
+
+from __future__ import annotations
+
+import time
+
+from .errors import Refusal
+from .image import ImageReader
+
+
+def show(directory: str) -> dict:
+    """Everything an image says, as one dict (the manifest and every JSON
+    record file). Reading does not verify checksums; say so in the output."""
+    img = ImageReader(directory)
+    out = {"image": img.dir, "manifest": img.manifest, "records": {}}
+    for name in sorted(img.files):
+        if name.endswith(".json"):
+            try:
+                out["records"][name] = img.read_json(name)
+            except Refusal as e:
+                out["records"][name] = {"unreadable": e.detail}
+    return out
+
+
+def _size(n) -> str:
+    if not isinstance(n, (int, float)):
+        return str(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _table(rows, headers) -> list:
+    rows = [[str(c) for c in r] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+    return [line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows]
+
+
+def render(res: dict) -> str:
+    m = res["manifest"]
+    files = m.get("files", {})
+    total = sum(f.get("size", 0) for f in files.values())
+    lines = [f"image      {res['image']}",
+             f"format     {m.get('format')}  (engine {m.get('engine')})",
+             f"made on    {m.get('arch')} kernel {m.get('kernel')}  "
+             f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(m.get('created', 0)))}",
+             f"files      {len(files)}, {_size(total)} (checksums are verified by restore, not by show)"]
+    recs = res["records"]
+    proc = recs.get("process.json") or recs.get("core.json") or {}
+    if isinstance(proc, dict) and proc:
+        lines.append("")
+        lines.append("process")
+        for key in ("pid", "comm", "exe", "cwd", "umask", "state"):
+            if key in proc:
+                lines.append(f"  {key:<8} {proc[key]}")
+    mm = recs.get("mm.json")
+    vmas = mm.get("vmas") if isinstance(mm, dict) else mm
+    if isinstance(vmas, list) and vmas:
+        lines.append("")
+        lines.append(f"memory: {len(vmas)} mappings")
+        rows = []
+        for v in vmas:
+            if not isinstance(v, dict):
+                continue
+            start, end = v.get("start", 0), v.get("end", 0)
+            saved = v.get("pages_bytes", v.get("saved_bytes", ""))
+            rows.append([f"{start:x}-{end:x}" if isinstance(start, int) else start,
+                         v.get("perms", ""), _size(end - start) if isinstance(start, int) else "",
+                         _size(saved) if saved != "" else "", v.get("path") or v.get("name") or ""])
+        lines += ["  " + r for r in _table(rows, ["range", "perms", "size", "saved", "backing"])]
+    fds = recs.get("fds.json")
+    fdl = fds.get("fds") if isinstance(fds, dict) else fds
+    if isinstance(fdl, list) and fdl:
+        lines.append("")
+        lines.append(f"fds: {len(fdl)}")
+        rows = [[r.get("fd"), r.get("kind"), oct(r.get("flags", 0)), r.get("pos", ""),
+                 "cloexec" if r.get("cloexec") else "", r.get("link", "")] for r in fdl if isinstance(r, dict)]
+        lines += ["  " + r for r in _table(rows, ["fd", "kind", "flags", "pos", "", "link"])]
+    others = [n for n in recs if n not in ("process.json", "core.json", "mm.json", "fds.json")]
+    if others:
+        lines.append("")
+        lines.append("other records: " + ", ".join(others))
+    return "\n".join(lines)
+
+
+def render_check(res: dict) -> str:
+    rows = [[i.get("what", ""), i.get("kind", ""), i.get("verdict", ""), i.get("detail", "")]
+            for i in res.get("items", [])]
+    lines = [f"ckpt check: pid {res.get('pid')}: " + ("can be checkpointed" if res.get("ok") else "would be REFUSED")]
+    lines += _table(rows, ["what", "kind", "verdict", "detail"])
+    for r in res.get("refusals", []):
+        lines.append(f"refused: {r.get('message')}")
+    return "\n".join(lines)

@@ -1,0 +1,212 @@
+"""A seized, frozen task: registers, memory, and syscall injection.
+
+Syscalls are *injected*: the task's registers are pointed at an existing
+``syscall`` instruction (in its [vdso] for a dump, in a gadget page for a
+restore), it is resumed with PTRACE_SYSCALL to the syscall-entry stop and
+again to the exit stop, and rax is read back (ENGINE-NOTES "Dump"). Nothing
+but the registers is changed; :meth:`Task.release` puts them back.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+from typing import List, Optional
+
+from . import arch as _arch
+from . import libc, ptrace
+from .errors import EngineError, Refusal
+from .libc import SysError
+
+XSTATE_MAX = 16384
+
+
+class Task:
+    """One ptrace-stopped thread. Create with :meth:`seize` (dump) or
+    :meth:`adopt` (a restore child stopped by PTRACE_TRACEME + SIGSTOP)."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.arch = _arch.current()
+        self.syscall_ip: Optional[int] = None
+        self.scratch: Optional[int] = None      # address of writable scratch memory
+        self.deferred_signals: List[int] = []   # signals that arrived while frozen
+        self.attached = True
+        self._mem_fd: Optional[int] = None
+        self.orig_regs = self.get_regs()
+
+    # -- attaching -----------------------------------------------------------
+    @classmethod
+    def seize(cls, pid: int) -> "Task":
+        """PTRACE_SEIZE + PTRACE_INTERRUPT and wait for the interrupt stop.
+        Raises Refusal(ptraced | no-such-process | unsupported-state)."""
+        try:
+            ptrace.seize(pid, ptrace.O_TRACESYSGOOD)
+        except SysError as e:
+            if e.errno == 1:     # EPERM: someone else traces it (or we may not)
+                raise Refusal("ptraced", "PTRACE_SEIZE refused (EPERM): already traced", pid=pid) from None
+            if e.errno == 3:
+                raise Refusal("no-such-process", "exited before it could be frozen", pid=pid) from None
+            raise
+        try:
+            ptrace.interrupt(pid)
+            while True:
+                st = ptrace.wait(pid)
+                if st.exited:
+                    raise Refusal("no-such-process", "exited while being frozen", pid=pid)
+                if st.event_stop:
+                    if st.sig != signal.SIGTRAP:
+                        # A group stop (SIGSTOP/SIGTSTP...): the process is
+                        # job-control stopped; restoring it running would differ.
+                        ptrace.detach(pid, 0)
+                        raise Refusal("unsupported-state", "the process is stopped by job control "
+                                      f"(signal {st.sig}); continue it first", pid=pid)
+                    break
+                if st.signal_stop:
+                    # A signal raced with the freeze: deliver it now (it
+                    # arrived before the checkpoint); the interrupt stays
+                    # pending and stops the task right after.
+                    ptrace.cont(pid, st.sig)
+                    continue
+                ptrace.cont(pid, 0)
+        except Refusal:
+            raise
+        except BaseException:
+            try:
+                ptrace.detach(pid, 0)
+            except SysError:
+                pass
+            raise
+        return cls(pid)
+
+    @classmethod
+    def adopt(cls, pid: int) -> "Task":
+        """Take over a child stopped by PTRACE_TRACEME + kill(SIGSTOP); it is
+        killed if the tracer dies (PTRACE_O_EXITKILL)."""
+        st = ptrace.wait(pid)
+        if not (st.stopped and st.sig == signal.SIGSTOP):
+            raise EngineError(f"restore child {pid}: unexpected first stop {st!r}", pid=pid)
+        ptrace.set_options(pid, ptrace.O_TRACESYSGOOD | ptrace.O_EXITKILL)
+        return cls(pid)
+
+    # -- registers -------------------------------------------------------------
+    def get_regs(self):
+        regs = self.arch.Regs()
+        ptrace.get_regset(self.pid, self.arch.NT_PRSTATUS, regs)
+        return regs
+
+    def set_regs(self, regs) -> None:
+        ptrace.set_regset(self.pid, self.arch.NT_PRSTATUS, regs)
+
+    def get_xstate(self) -> bytes:
+        buf = (ctypes.c_char * XSTATE_MAX)()
+        n = ptrace.get_regset(self.pid, self.arch.NT_X86_XSTATE, buf)
+        return bytes(buf[:n])
+
+    def set_xstate(self, data: bytes) -> None:
+        buf = (ctypes.c_char * len(data)).from_buffer_copy(data)
+        ptrace.set_regset(self.pid, self.arch.NT_X86_XSTATE, buf, len(data))
+
+    # -- injection -------------------------------------------------------------
+    def _resume_to_syscall_stop(self) -> None:
+        while True:
+            ptrace.syscall(self.pid, 0)
+            st = ptrace.wait(self.pid)
+            if st.syscall_stop:
+                return
+            if st.exited:
+                self.attached = False
+                raise EngineError(f"pid {self.pid} died during syscall injection ({st!r})", pid=self.pid)
+            if st.signal_stop:
+                # Held back, not lost: re-sent when the task is released.
+                self.deferred_signals.append(st.sig)
+            # event stops (a late PTRACE_INTERRUPT or group stop): step on.
+
+    def syscall(self, nr: int, *args: int) -> int:
+        """Run syscall `nr` in the task; return its raw result (-errno on
+        failure). The task is left at the syscall-exit stop."""
+        if self.syscall_ip is None:
+            raise EngineError("no syscall instruction known in the target", pid=self.pid)
+        regs = self.orig_regs.copy()
+        self.arch.set_syscall(regs, self.syscall_ip, nr, args)
+        self.set_regs(regs)
+        self._resume_to_syscall_stop()   # entry
+        self._resume_to_syscall_stop()   # exit
+        return self.arch.retval(self.get_regs())
+
+    def call(self, name: str, *args: int) -> int:
+        """syscall by name; raises SysError on a negative result."""
+        r = self.syscall(self.arch.SYS[name], *args)
+        if -4096 < r < 0:
+            raise SysError(f"{name} (injected)", -r, self.pid)
+        return r
+
+    # -- memory ----------------------------------------------------------------
+    def _mem(self) -> int:
+        if self._mem_fd is None:
+            self._mem_fd = os.open(f"/proc/{self.pid}/mem", os.O_RDWR | os.O_CLOEXEC)
+        return self._mem_fd
+
+    def read_mem(self, addr: int, n: int) -> bytes:
+        """Bytes of the task's memory; /proc/PID/mem (which can force access
+        to PROT_NONE pages) when process_vm_readv cannot."""
+        buf = bytearray(n)
+        try:
+            got = libc.vm_readv(self.pid, [(libc.buffer_address(buf), n)], [(addr, n)])
+            if got == n:
+                return bytes(buf)
+        except SysError:
+            pass
+        return os.pread(self._mem(), n, addr)
+
+    def write_mem(self, addr: int, data: bytes) -> None:
+        n = len(data)
+        buf = bytearray(data)
+        try:
+            if libc.vm_writev(self.pid, [(libc.buffer_address(buf), n)], [(addr, n)]) == n:
+                return
+        except SysError:
+            pass
+        if os.pwrite(self._mem(), data, addr) != n:
+            raise EngineError(f"short write into pid {self.pid} at {addr:#x}", pid=self.pid)
+
+    # -- leaving ---------------------------------------------------------------
+    def close(self) -> None:
+        if self._mem_fd is not None:
+            os.close(self._mem_fd)
+            self._mem_fd = None
+
+    def release(self, regs=None) -> None:
+        """Put the registers back (the dumped ones, or `regs`) and detach;
+        signals held back while frozen are delivered again."""
+        self.close()
+        if not self.attached:
+            return
+        self.set_regs(regs if regs is not None else self.orig_regs)
+        first = self.deferred_signals[0] if self.deferred_signals else 0
+        ptrace.detach(self.pid, first)
+        self.attached = False
+        for sig in self.deferred_signals[1:]:
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def kill(self) -> None:
+        """SIGKILL the task and consume its exit notification (which reaps
+        it when the tracer is also its parent)."""
+        self.close()
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            self.attached = False
+            return
+        while True:
+            try:
+                st = ptrace.wait(self.pid)
+            except SysError:
+                break
+            if st.exited:
+                break
+        self.attached = False

@@ -1,0 +1,154 @@
+"""Seeded file contents: the one generator the setup step and the workload share.
+
+Runs in the guest (stdlib only, Python >= 3.9). The byte at position ``p`` of
+seed ``s`` is a pure function of ``(s, p)``, so the workload can derive what a
+file must contain from the scenario's setup alone, never from the engine's
+image: the engine cannot grade its own homework.
+
+A file's content is a list of :class:`Segment`\\ s (data runs or holes), so
+sparse files of a GiB cost nothing to describe and a region can be computed
+without materialising the file.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence, Tuple
+
+BLOCK = 4096
+
+
+def _block(seed: int, index: int) -> bytes:
+    """Block ``index`` of the stream for ``seed``.
+
+    Seeding ``random.Random`` with an int is deterministic across CPython
+    versions (init_by_array), and ``randbytes`` (3.9+) is fast enough to fill
+    tens of MiB even under TCG.
+    """
+    return random.Random((seed << 40) ^ index).randbytes(BLOCK)
+
+
+def data(seed: int, start: int, length: int) -> bytes:
+    """Bytes ``[start, start+length)`` of the seeded stream ``seed``."""
+    if length <= 0:
+        return b""
+    first, last = start // BLOCK, (start + length - 1) // BLOCK
+    blob = b"".join(_block(seed, i) for i in range(first, last + 1))
+    off = start - first * BLOCK
+    return blob[off:off + length]
+
+
+@dataclass
+class Segment:
+    """``length`` bytes: a hole (``seed is None``) or ``data(seed, origin...)``."""
+
+    length: int
+    seed: Optional[int] = None
+    origin: int = 0
+
+    def read(self, start: int, n: int) -> bytes:
+        if self.seed is None:
+            return bytes(n)
+        return data(self.seed, self.origin + start, n)
+
+
+@dataclass
+class Content:
+    """What a regular file holds, as segments in file order."""
+
+    segments: List[Segment] = field(default_factory=list)
+
+    @classmethod
+    def seeded(cls, size: int, seed: int, holes: Sequence[Tuple[int, int]] = (),
+               extents: Optional[Sequence[Tuple[int, int]]] = None) -> "Content":
+        """A file of ``size`` bytes where byte ``p`` is ``data(seed, p)``.
+
+        ``holes`` lists ``(offset, length)`` ranges left as holes; alternatively
+        ``extents`` lists the only ranges that hold data (everything else is a
+        hole). Data is position-aligned: the byte at ``p`` never depends on
+        where the holes are.
+        """
+        if extents is not None:
+            runs = sorted((o, min(o + n, size)) for o, n in extents if o < size)
+        else:
+            runs, pos = [], 0
+            for o, n in sorted(holes):
+                if o > pos:
+                    runs.append((pos, min(o, size)))
+                pos = max(pos, o + n)
+            if pos < size:
+                runs.append((pos, size))
+        segs: List[Segment] = []
+        pos = 0
+        for a, b in runs:
+            if a > pos:
+                segs.append(Segment(a - pos))
+            if b > a:
+                segs.append(Segment(b - a, seed, a))
+            pos = max(pos, b)
+        if size > pos:
+            segs.append(Segment(size - pos))
+        return cls(segs)
+
+    @property
+    def size(self) -> int:
+        return sum(s.length for s in self.segments)
+
+    @property
+    def data_bytes(self) -> int:
+        """Bytes that are not holes (what a sparse-aware copy must store)."""
+        return sum(s.length for s in self.segments if s.seed is not None)
+
+    def data_ranges(self) -> List[Tuple[int, int]]:
+        """``(start, end)`` of every data segment, merged."""
+        out: List[Tuple[int, int]] = []
+        pos = 0
+        for s in self.segments:
+            if s.seed is not None and s.length:
+                if out and out[-1][1] == pos:
+                    out[-1] = (out[-1][0], pos + s.length)
+                else:
+                    out.append((pos, pos + s.length))
+            pos += s.length
+        return out
+
+    def read(self, start: int, n: int) -> bytes:
+        """Bytes ``[start, start+n)``, clipped at the end of the file."""
+        out, pos = [], 0
+        end = min(start + n, self.size)
+        for s in self.segments:
+            a, b = max(start, pos), min(end, pos + s.length)
+            if a < b:
+                out.append(s.read(a - pos, b - a))
+            pos += s.length
+            if pos >= end:
+                break
+        return b"".join(out)
+
+    def append(self, n: int, seed: int) -> None:
+        """What ``write(O_APPEND)`` of ``data(seed, 0, n)`` does."""
+        self.segments.append(Segment(n, seed, 0))
+
+    def truncate(self, size: int) -> None:
+        """What ``ftruncate(size)`` does: cut, or extend with a hole."""
+        cur = self.size
+        if size >= cur:
+            if size > cur:
+                self.segments.append(Segment(size - cur))
+            return
+        segs, pos = [], 0
+        for s in self.segments:
+            if pos + s.length <= size:
+                segs.append(s)
+            elif pos < size:
+                segs.append(Segment(size - pos, s.seed, s.origin))
+            pos += s.length
+        self.segments = segs
+
+    def rewrite(self, seed: int) -> None:
+        """Same size, every byte rewritten from ``seed`` (holes filled)."""
+        self.segments = [Segment(self.size, seed, 0)] if self.size else []
+
+    def copy(self) -> "Content":
+        return Content([Segment(s.length, s.seed, s.origin) for s in self.segments])

@@ -1,0 +1,59 @@
+"""QEMU's command line as ``list[str]``, from per-arch pieces. Never a shell string."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from .arch import ArchSpec
+
+#: Kernel parameters. panic=-1 reboots at once on a panic and -no-reboot turns
+#: that into a QEMU exit, so a broken boot ends instead of hanging.
+#: mitigations=off: speculative-execution fences only cost time under TCG.
+BASE_APPEND = ["quiet", "panic=-1", "mitigations=off", "no_timer_check", "i8042.noaux", "i8042.nokbd"]
+
+
+@dataclass
+class LaunchSpec:
+    """Everything one QEMU invocation depends on."""
+
+    name: str
+    kernel: str
+    initrd: str
+    overlay: str
+    accel: str
+    ssh_port: int
+    qmp_socket: str
+    serial_log: str
+    memory_mb: int = 512
+    smp: int = 1
+    tb_size_mb: int = 128
+    loadvm: Optional[str] = None
+    extra_append: List[str] = field(default_factory=list)
+
+
+def kernel_append(arch: ArchSpec, extra: List[str]) -> str:
+    """The ``-append`` string: console on the arch's serial port first."""
+    return " ".join([f"console={arch.console}"] + BASE_APPEND + list(extra))
+
+
+def build_argv(arch: ArchSpec, spec: LaunchSpec) -> List[str]:
+    """The full argv for ``spec``; the device list is identical with or
+    without ``loadvm`` (a snapshot only loads into the same devices).
+
+    Raises:
+        VmError(kind="usage"): unknown accelerator.
+    """
+    argv = [arch.qemu_binary, "-name", f"crucible-{spec.name}",
+            "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]
+    argv += arch.machine_args(spec.accel, spec.tb_size_mb)
+    argv += ["-m", str(spec.memory_mb), "-smp", str(spec.smp), "-rtc", "base=utc"]
+    argv += ["-kernel", spec.kernel, "-initrd", spec.initrd,
+             "-append", kernel_append(arch, spec.extra_append)]
+    argv += arch.disk_args(spec.overlay)
+    argv += arch.net_args(spec.ssh_port)
+    argv += ["-chardev", f"file,id=serial0,path={spec.serial_log}", "-serial", "chardev:serial0"]
+    argv += ["-qmp", f"unix:{spec.qmp_socket},server=on,wait=off"]
+    if spec.loadvm:
+        argv += ["-loadvm", spec.loadvm]
+    return argv

@@ -1,0 +1,146 @@
+"""The guest image recipe: packages, the tiny init, sshd settings.
+
+Everything that decides what ends up in the image lives here, and
+:func:`recipe_hash` hashes all of it: change a line and the next
+``ensure_image`` builds a new image under a new cache key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Dict, List
+
+#: Bump when the build code changes what it produces for the same recipe.
+BUILD_VERSION = 3
+
+SUITE = "bookworm"
+
+#: ``--variant=apt`` leaves out even ``mount``: list what we use explicitly.
+PACKAGES: List[str] = [
+    "python3", "openssh-server", "criu", "iproute2", "procps", "inotify-tools",
+    "mount", "util-linux", "strace",
+]
+
+#: Free space left in the root filesystem for what scenarios write.
+HEADROOM_MB = 768
+
+#: Where the host's static busybox is installed inside the image; the tiny
+#: init and its rc run on it, so the boot path execs nothing dynamic but sshd.
+GUEST_BUSYBOX = "/usr/lib/crucible/busybox"
+
+READY_MARKER = "CRUCIBLE-READY"
+
+GUEST_IP = "10.0.2.15"
+
+#: The initramfs ``/init``: load the virtio modules the cloud kernel builds as
+#: modules, mount the root disk, hand over to the image's init. ``cinit`` is an
+#: unknown ``name=value`` kernel parameter, which the kernel passes to init as
+#: an environment variable (Documentation/admin-guide/kernel-parameters.rst).
+INITRAMFS_INIT = r"""#!/bin/busybox sh
+B=/bin/busybox
+$B mount -t devtmpfs devtmpfs /dev
+for m in @MODULES@; do
+  $B insmod /lib/modules/$m.ko || echo "crucible-initramfs: insmod $m failed"
+done
+i=0
+while [ ! -b /dev/vda ]; do
+  i=$((i+1))
+  if [ $i -gt 1000 ]; then echo "crucible-initramfs: no /dev/vda after 10 s"; $B poweroff -f; fi
+  $B usleep 10000
+done
+$B mount -t ext4 -o rw,noatime /dev/vda /newroot || { echo "crucible-initramfs: cannot mount /dev/vda"; $B poweroff -f; }
+$B mount --move /dev /newroot/dev
+echo "crucible-initramfs: switch_root to ${cinit:-/usr/lib/crucible/bin/init}"
+exec $B switch_root /newroot ${cinit:-/usr/lib/crucible/bin/init}
+echo "crucible-initramfs: switch_root failed"
+$B poweroff -f
+"""
+
+#: PID 1 is busybox init: it reaps every orphan (the engine restores processes
+#: under their old PID, and a zombie would hold that PID), and handles
+#: ``poweroff`` (SIGUSR2) by killing everything and powering off.
+INITTAB = """::sysinit:/usr/lib/crucible/rc
+::ctrlaltdel:/usr/lib/crucible/busybox poweroff
+::shutdown:/usr/lib/crucible/busybox sync
+"""
+
+#: The boot script. Runs under busybox ash built with FEATURE_SH_STANDALONE,
+#: so ``mount``, ``ip``, ``mkdir`` are busybox applets: no dynamic exec, which
+#: under TCG costs 50-100 ms each. Only sshd is a real program.
+RC = r"""#!/usr/lib/crucible/busybox sh
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+mount -t proc -o nosuid,nodev,noexec proc /proc
+mount -t sysfs -o nosuid,nodev,noexec sysfs /sys
+mkdir -p /dev/pts /dev/shm
+mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /dev/pts
+mount -t tmpfs -o nosuid,nodev,mode=1777 tmpfs /dev/shm
+mount -t tmpfs -o nosuid,nodev,mode=755 tmpfs /run
+mount -t tmpfs -o nosuid,nodev,mode=1777 tmpfs /tmp
+ln -sf /proc/self/fd /dev/fd
+ln -sf /proc/self/fd/0 /dev/stdin
+ln -sf /proc/self/fd/1 /dev/stdout
+ln -sf /proc/self/fd/2 /dev/stderr
+mkdir -p /run/sshd /run/lock
+echo crucible > /proc/sys/kernel/hostname
+ip link set lo up
+ip link set eth0 up
+ip addr add 10.0.2.15/24 dev eth0
+ip route add default via 10.0.2.2
+/usr/sbin/sshd || echo "crucible-init: sshd failed to start"
+read up idle < /proc/uptime
+echo "CRUCIBLE-READY uptime=$up"
+"""
+
+SSHD_CONFIG = """# Crucible guest: key-only root login, nothing slow at login.
+PermitRootLogin prohibit-password
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+UseDNS no
+PrintMotd no
+PrintLastLog no
+MaxSessions 64
+MaxStartups 64
+"""
+
+#: ``ckpt`` in the guest: the engine is copied to /opt/crucible at launch.
+CKPT_WRAPPER = """#!/bin/sh
+PYTHONPATH=/opt/crucible${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONPATH
+exec python3 -m engine "$@"
+"""
+
+#: Shrink the tree: no docs, man pages or translations in a test guest.
+DPKG_EXCLUDES = [
+    "path-exclude=/usr/share/man/*",
+    "path-exclude=/usr/share/doc/*",
+    "path-include=/usr/share/doc/*/copyright",
+    "path-exclude=/usr/share/locale/*",
+    "path-exclude=/usr/share/info/*",
+]
+
+
+def recipe(arch: str, kernel_package: str, modules: List[str], busybox_sha256: str) -> Dict[str, object]:
+    """Everything that determines the image, as one JSON-able dict."""
+    return {
+        "build_version": BUILD_VERSION,
+        "arch": arch,
+        "suite": SUITE,
+        "packages": sorted(PACKAGES + [kernel_package]),
+        "initramfs_modules": list(modules),
+        "initramfs_init": INITRAMFS_INIT,
+        "inittab": INITTAB,
+        "rc": RC,
+        "sshd_config": SSHD_CONFIG,
+        "ckpt_wrapper": CKPT_WRAPPER,
+        "dpkg_excludes": DPKG_EXCLUDES,
+        "headroom_mb": HEADROOM_MB,
+        "busybox_sha256": busybox_sha256,
+    }
+
+
+def recipe_hash(rec: Dict[str, object]) -> str:
+    """A short stable hash of :func:`recipe`'s result (the cache key)."""
+    blob = json.dumps(rec, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
