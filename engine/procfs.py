@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno as _errno
 import os
+import re
 import struct
 from typing import Dict, List, Optional
 
@@ -107,27 +108,43 @@ PM_SWAPPED = 1 << 62
 PM_FILE_OR_SHARED = 1 << 61
 
 
+# translate() tables over the top byte (bits 56-63) of each pagemap entry:
+# b"1" for a page to save, b"0" otherwise.
+_WANT_ANY = bytes(0x31 if b & 0xC0 else 0x30 for b in range(256))
+_WANT_ANON = bytes(0x31 if (b & 0xC0) and not (b & 0x20) else 0x30 for b in range(256))
+_RUN = re.compile(b"1+")
+
+
 def pagemap_runs(data: bytes, base: int, anon_only: bool, page: int = 4096) -> List[List[int]]:
     """Runs [addr, npages] of pages worth saving from raw pagemap bytes of the
     range starting at `base`: present or swapped; with `anon_only` (private
     file mappings) only those not backed by the file (bit 61 clear: the
-    copy-on-written ones)."""
+    copy-on-written ones). Works on the entries' top bytes with C-speed
+    slicing/translate/regex: a 1 GiB mapping has 262,144 entries."""
     n = len(data) // 8
-    vals = struct.unpack(f"<{n}Q", data[:n * 8])
-    runs: List[List[int]] = []
-    want = PM_PRESENT | PM_SWAPPED
-    start = -1
-    for i, v in enumerate(vals):
-        ok = bool(v & want) and not (anon_only and v & PM_FILE_OR_SHARED)
-        if ok:
-            if start < 0:
-                start = i
-        elif start >= 0:
-            runs.append([base + start * page, i - start])
-            start = -1
-    if start >= 0:
-        runs.append([base + start * page, n - start])
-    return runs
+    top = data[7:n * 8:8]                      # little-endian: byte 7 holds bits 56-63
+    flags = top.translate(_WANT_ANON if anon_only else _WANT_ANY)
+    return [[base + m.start() * page, m.end() - m.start()] for m in _RUN.finditer(flags)]
+
+
+RLIM_INFINITY = (1 << 64) - 1
+
+
+def parse_limits(text: str) -> List[List[int]]:
+    """/proc/PID/limits as [[soft, hard], ...] in RLIMIT_* order (the
+    kernel prints them in that order: fs/proc/base.c lnames[]). Reading
+    this file needs no CAP_SYS_RESOURCE, unlike prlimit(2) on a process of
+    another user. Raises ValueError on an unexpected layout."""
+    out = []
+    for line in text.splitlines()[1:]:
+        if not line.strip():
+            continue
+        # "Max open files            1024                 4096                 files"
+        fields = line[26:].split()
+        if len(fields) < 2:
+            raise ValueError(f"bad limits line {line!r}")
+        out.append([RLIM_INFINITY if f == "unlimited" else int(f) for f in fields[:2]])
+    return out
 
 
 def parse_sigmask(hexstr: str) -> int:

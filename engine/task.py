@@ -27,8 +27,8 @@ class Task:
     :meth:`adopt` (a restore child stopped by PTRACE_TRACEME + SIGSTOP)."""
 
     def __init__(self, pid: int):
-        self.pid = pid
         self.arch = _arch.current()
+        self.pid = pid
         self.syscall_ip: Optional[int] = None
         self.scratch: Optional[int] = None      # address of writable scratch memory
         self.deferred_signals: List[int] = []   # signals that arrived while frozen
@@ -70,6 +70,7 @@ class Task:
                     ptrace.cont(pid, st.sig)
                     continue
                 ptrace.cont(pid, 0)
+            return cls(pid)
         except Refusal:
             raise
         except BaseException:
@@ -78,7 +79,6 @@ class Task:
             except SysError:
                 pass
             raise
-        return cls(pid)
 
     @classmethod
     def adopt(cls, pid: int) -> "Task":
@@ -143,6 +143,10 @@ class Task:
         return r
 
     # -- memory ----------------------------------------------------------------
+    def mem_fd(self) -> int:
+        """An O_RDWR fd on /proc/PID/mem (writes there are forced: FOLL_FORCE)."""
+        return self._mem()
+
     def _mem(self) -> int:
         if self._mem_fd is None:
             self._mem_fd = os.open(f"/proc/{self.pid}/mem", os.O_RDWR | os.O_CLOEXEC)

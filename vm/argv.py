@@ -30,6 +30,8 @@ class LaunchSpec:
     tb_size_mb: int = 128
     loadvm: Optional[str] = None
     extra_append: List[str] = field(default_factory=list)
+    #: ``uname -r`` of the image's kernel ("" unknown): some CPU flags depend on it
+    kernel_release: str = ""
 
 
 def kernel_append(arch: ArchSpec, extra: List[str]) -> str:
@@ -46,7 +48,7 @@ def build_argv(arch: ArchSpec, spec: LaunchSpec) -> List[str]:
     """
     argv = [arch.qemu_binary, "-name", f"crucible-{spec.name}",
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]
-    argv += arch.machine_args(spec.accel, spec.tb_size_mb)
+    argv += arch.machine_args(spec.accel, spec.tb_size_mb, spec.kernel_release)
     argv += ["-m", str(spec.memory_mb), "-smp", str(spec.smp), "-rtc", "base=utc"]
     argv += ["-kernel", spec.kernel, "-initrd", spec.initrd,
              "-append", kernel_append(arch, spec.extra_append)]

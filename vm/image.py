@@ -22,11 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
+from . import buildstep
 from . import recipe as R
 from .arch import get_arch
 from .errors import HostToolsMissing, VmError
 from .initramfs import build_initramfs
 from .paths import images_dir
+from .rootfs import ensure_rootfs, is_foreign
 
 Progress = Callable[[str], None]
 
@@ -36,7 +38,10 @@ BUILD_TOOLS = {
     "mke2fs": "e2fsprogs",
     "ssh-keygen": "openssh-client",
     "qemu-img": "qemu-utils",
+    "tar": "tar",
 }
+#: extra host tools for a foreign-arch rootfs (maintainer scripts in a chroot)
+FOREIGN_BUILD_TOOLS = {"update-binfmts": "binfmt-support"}
 RUN_TOOLS = {"qemu-img": "qemu-utils"}
 HOST_BUSYBOX_CANDIDATES = ("/bin/busybox", "/usr/bin/busybox")
 
@@ -48,6 +53,8 @@ class ImagePaths:
     dir: Path
     arch: str
     recipe_hash: str
+    #: the guest-kernel axis value (``vm.recipe.KERNELS``), not a path
+    kernel_choice: str = R.DEFAULT_KERNEL
 
     @property
     def rootfs(self) -> Path:
@@ -123,6 +130,9 @@ def check_host_tools(arch: str, build: bool = True) -> None:
     spec = get_arch(arch)
     tools = dict(BUILD_TOOLS if build else RUN_TOOLS)
     tools[spec.qemu_binary] = "qemu-system-x86" if arch == "x86_64" else "qemu-system-arm"
+    if build and is_foreign(spec):
+        tools.update(FOREIGN_BUILD_TOOLS)
+        tools[f"qemu-{arch}-static"] = "qemu-user-static"
     missing = [(t, pkg) for t, pkg in tools.items() if shutil.which(t) is None]
     if build and host_busybox() is None:
         missing.append(("busybox (static)", "busybox-static"))
@@ -130,24 +140,38 @@ def check_host_tools(arch: str, build: bool = True) -> None:
         raise HostToolsMissing(missing)
 
 
-def image_recipe(arch: str) -> Dict[str, object]:
-    """The recipe dict of ``arch`` on this host (includes the busybox hash).
+def image_recipe(arch: str, kernel: str = R.DEFAULT_KERNEL) -> Dict[str, object]:
+    """The recipe dict of ``arch`` with guest kernel ``kernel`` on this host
+    (includes the busybox hash).
+
+    The static busybox runs as the guest's init, so it must be built for
+    the guest's arch: for a foreign arch it is taken out of the guest's own
+    tree (Debian's busybox-static for that arch) and needs no host hash.
 
     Raises:
-        HostToolsMissing: no static busybox on the host.
+        HostToolsMissing: no static busybox on the host (native arch).
+        VmError(kind="usage"): unknown kernel choice.
     """
     spec = get_arch(arch)
-    bb = host_busybox()
-    if bb is None:
-        raise HostToolsMissing([("busybox (static)", "busybox-static")])
-    bb_hash = hashlib.sha256(bb.read_bytes()).hexdigest()
-    return R.recipe(arch, spec.kernel_package, spec.initramfs_modules, bb_hash)
+    if is_foreign(spec):
+        bb_hash = "guest:busybox-static"
+    else:
+        bb = host_busybox()
+        if bb is None:
+            raise HostToolsMissing([("busybox (static)", "busybox-static")])
+        bb_hash = hashlib.sha256(bb.read_bytes()).hexdigest()
+    return R.recipe(arch, spec.kernel_package, spec.initramfs_modules, bb_hash,
+                    kernel=kernel, deb_arch=spec.deb_arch, foreign=is_foreign(spec))
 
 
-def image_paths(arch: str) -> ImagePaths:
-    """Where the image of ``arch`` for the current recipe is (or would be)."""
-    key = R.recipe_hash(image_recipe(arch))
-    return ImagePaths(images_dir() / f"{arch}-{key}", arch, key)
+def image_paths(arch: str, kernel: str = R.DEFAULT_KERNEL) -> ImagePaths:
+    """Where the image of ``arch``/``kernel`` for the current recipe is (or would be).
+
+    Raises:
+        VmError(kind="usage"): unknown kernel choice.
+    """
+    key = R.recipe_hash(image_recipe(arch, kernel))
+    return ImagePaths(images_dir() / f"{arch}-{kernel}-{key}", arch, key, kernel)
 
 
 def host_mirrors(suite: str = R.SUITE, sources_root: str = "/etc/apt") -> List[str]:
@@ -190,34 +214,6 @@ def host_mirrors(suite: str = R.SUITE, sources_root: str = "/etc/apt") -> List[s
     if not any(f" {suite} " in ln for ln in lines):
         lines = [f"deb http://deb.debian.org/debian {suite} main"] + lines
     return lines
-
-
-def _run(argv: List[str], log: Path, say: Progress, stage: str) -> None:
-    """Run a build step, output to the build log, a heartbeat every 15 s.
-
-    Raises:
-        VmError(kind="image"): non-zero exit, with the log's tail.
-    """
-    with open(log, "ab") as out:
-        out.write(f"\n$ {' '.join(argv)}\n".encode())
-        out.flush()
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
-        t0 = time.monotonic()
-        try:
-            while True:
-                try:
-                    rc = proc.wait(timeout=15)
-                    break
-                except subprocess.TimeoutExpired:
-                    say(f"{stage}: still running ({time.monotonic() - t0:.0f} s)")
-        except BaseException:
-            proc.kill()
-            proc.wait()
-            raise
-    if rc != 0:
-        tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
-        raise VmError(f"image build step {stage} failed (log: {log})", kind="image",
-                      command=argv, rc=rc, stderr=tail)
 
 
 def _customize(tree: Path, pubkey: str, busybox: Path) -> None:
@@ -271,40 +267,58 @@ def _tree_size_kb(tree: Path) -> int:
     return total // 1024
 
 
-def build_image(arch: str, dest: ImagePaths, say: Progress) -> None:
+def guest_busybox(tree: Path) -> Path:
+    """The static busybox inside a foreign-arch tree (Debian busybox-static).
+
+    Raises:
+        VmError(kind="image"): not there, or not a static binary.
+    """
+    for rel in ("usr/bin/busybox", "bin/busybox"):
+        cand = tree / rel
+        if cand.is_file() and not cand.is_symlink() and is_static_elf(str(cand)):
+            return cand
+    raise VmError(f"no static busybox in {tree} (the rootfs recipe installs busybox-static "
+                  "for foreign arches)", kind="image")
+
+
+def build_image(arch: str, dest: ImagePaths, say: Progress, force_rootfs: bool = False) -> None:
     """Build into a temporary directory next to ``dest`` and rename it.
+
+    The Debian tree comes from the cached rootfs tarball
+    (:func:`vm.rootfs.ensure_rootfs`, built first if missing).
 
     Raises:
         VmError(kind="image"): any step failed (the partial build is removed).
+        HostToolsMissing / VmError(kind="host-tools"): see ensure_rootfs.
     """
     spec = get_arch(arch)
-    rec = image_recipe(arch)
-    bb = host_busybox()
-    assert bb is not None  # image_recipe checked
+    kernel_choice = dest.kernel_choice
+    rec = image_recipe(arch, kernel_choice)
+    t0 = time.monotonic()
+    timings: Dict[str, float] = {}
+    rootfs = ensure_rootfs(arch, kernel_choice, say=say, force=force_rootfs)
+    timings["rootfs_stage"] = time.monotonic() - t0
     tmp = dest.dir.parent / f".build-{dest.dir.name}"
     if tmp.exists():
         shutil.rmtree(tmp)  # a build interrupted earlier; we hold the lock
     tmp.mkdir()
     log = tmp / "build.log"
-    t0 = time.monotonic()
-    timings: Dict[str, float] = {}
     try:
         say("ssh key: ed25519, per image")
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"crucible-{dest.recipe_hash}",
                         "-f", str(tmp / "id_ed25519")], check=True, stdin=subprocess.DEVNULL)
         tree = tmp / "tree"
-        mirrors = host_mirrors()
-        say(f"mmdebstrap {R.SUITE} --variant=apt ({len(rec['packages'])} packages) from {mirrors[0].split()[1]}")
+        tree.mkdir()
+        say(f"unpacking the cached rootfs {rootfs.tar.name}")
         t = time.monotonic()
-        argv = ["mmdebstrap", "--variant=apt", f"--architectures={spec.deb_arch}",
-                "--include=" + ",".join(rec["packages"]),  # type: ignore[arg-type]
-                '--aptopt=APT::Install-Recommends "false"']
-        argv += [f"--dpkgopt={d}" for d in R.DPKG_EXCLUDES]
-        argv += [R.SUITE, str(tree)] + mirrors
-        _run(argv, log, say, "mmdebstrap")
-        timings["mmdebstrap"] = time.monotonic() - t
-        say(f"mmdebstrap done ({timings['mmdebstrap']:.1f} s)")
+        # --numeric-owner: the tree's uids are the guest's, not the host's names.
+        buildstep.run_step(["tar", "-C", str(tree), "-xpf", str(rootfs.tar), "--numeric-owner"],
+                           log, say, "unpack")
+        timings["unpack"] = time.monotonic() - t
 
+        bb = guest_busybox(tree) if is_foreign(spec) else host_busybox()
+        if bb is None:
+            raise HostToolsMissing([("busybox (static)", "busybox-static")])
         say("customize: tiny init, sshd, key, ckpt wrapper")
         _customize(tree, (tmp / "id_ed25519.pub").read_text(), bb)
 
@@ -321,14 +335,18 @@ def build_image(arch: str, dest: ImagePaths, say: Progress) -> None:
         size_kb = _tree_size_kb(tree) + R.HEADROOM_MB * 1024
         say(f"mke2fs -d: ext4 of {size_kb // 1024} MiB")
         t = time.monotonic()
-        _run(["mke2fs", "-q", "-F", "-t", "ext4", "-m", "0", "-L", "crucible-root", "-d", str(tree),
-              str(tmp / "rootfs.ext4"), f"{size_kb}k"], log, say, "mke2fs")
+        buildstep.run_step(["mke2fs", "-q", "-F", "-t", "ext4", "-m", "0", "-L", "crucible-root", "-d", str(tree),
+                            str(tmp / "rootfs.ext4"), f"{size_kb}k"], log, say, "mke2fs")
         timings["mke2fs"] = time.monotonic() - t
         shutil.rmtree(tree)
         timings["total"] = time.monotonic() - t0
-        manifest = {"arch": arch, "recipe_hash": dest.recipe_hash, "kernel_release": release,
+        rinfo = rootfs.info()
+        timings["mmdebstrap"] = float(rinfo.get("mmdebstrap_seconds", 0.0))  # type: ignore[arg-type]
+        manifest = {"arch": arch, "kernel": kernel_choice, "recipe_hash": dest.recipe_hash,
+                    "rootfs_hash": rootfs.rootfs_hash, "kernel_release": release,
                     "rootfs_mb": size_kb // 1024,
                     "rootfs_allocated_mb": os.stat(tmp / "rootfs.ext4").st_blocks * 512 // 2**20,
+                    "rootfs_tar_mb": rinfo.get("tar_mb"),
                     "initrd_kb": os.path.getsize(tmp / "initrd.img") // 1024,
                     "build_seconds": {k: round(v, 1) for k, v in timings.items()},
                     "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -337,25 +355,31 @@ def build_image(arch: str, dest: ImagePaths, say: Progress) -> None:
         if dest.dir.exists():  # --force: replace the old one
             shutil.rmtree(dest.dir)
         os.rename(tmp, dest.dir)
-        say(f"image ready: {dest.dir} ({timings['total']:.1f} s)")
+        say(f"image ready: {dest.dir} ({time.monotonic() - t0:.1f} s)")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
 def ensure_image(arch: str = "x86_64", force: bool = False,
-                 progress: Optional[Progress] = None) -> ImagePaths:
-    """The image of ``arch`` for the current recipe, built if missing.
+                 progress: Optional[Progress] = None, kernel: str = R.DEFAULT_KERNEL,
+                 force_rootfs: bool = False) -> ImagePaths:
+    """The image of ``arch`` with guest kernel ``kernel`` (a key of
+    ``vm.recipe.KERNELS``: "6.1" or "backports") for the current recipe,
+    built if missing. ``force`` rebuilds the image from the cached rootfs;
+    ``force_rootfs`` redoes mmdebstrap too.
 
     Concurrent callers wait on a lock; one builds, the others reuse it.
 
     Raises:
         HostToolsMissing: a host tool needed to build is not installed.
         VmError(kind="unsupported"): arch not supported yet.
+        VmError(kind="usage"): unknown kernel choice.
         VmError(kind="image"): the build failed (log tail in the message).
     """
     get_arch(arch)
-    dest = image_paths(arch)
+    force = force or force_rootfs
+    dest = image_paths(arch, kernel)
     if dest.exists() and not force:
         return dest
     check_host_tools(arch, build=True)
@@ -364,10 +388,24 @@ def ensure_image(arch: str = "x86_64", force: bool = False,
     with open(lock_path, "w") as lock:
         if dest.exists() and not force:
             return dest
-        say(f"waiting for the build lock {lock_path}")
+        say(f"taking the build lock {lock_path}")
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         if dest.exists() and not force:
             say("another process built it meanwhile")
             return dest
-        build_image(arch, dest, say)
+        build_image(arch, dest, say, force_rootfs=force_rootfs)
+    prune_old_images(arch, kernel, keep=dest.dir)
     return dest
+
+
+def prune_old_images(arch: str, kernel: str, keep: Path, keep_count: int = 2) -> None:
+    """Delete all but the newest ``keep_count`` images of ``arch``/``kernel``
+    (``keep`` always stays): every recipe change would otherwise add ~400 MB.
+    A guest still running on a deleted image is unaffected (its QEMU holds
+    the files open; unlink(2) frees them only at close). Images named before
+    the kernel axis (``<arch>-<hash>``) are left alone: a harness started
+    earlier may still create overlays on them."""
+    others = sorted((p for p in images_dir().glob(f"{arch}-{kernel}-*") if p.is_dir() and p != keep),
+                    key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in others[max(0, keep_count - 1):]:
+        shutil.rmtree(old, ignore_errors=True)

@@ -19,3 +19,10 @@ def images_dir() -> Path:
     path = cache_dir() / "images"
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def rootfs_cache_dir() -> Path:
+    """The directory that holds cached mmdebstrap tarballs (the slow stage)."""
+    path = cache_dir() / "rootfs"
+    path.mkdir(parents=True, exist_ok=True)
+    return path

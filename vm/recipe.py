@@ -12,9 +12,25 @@ import json
 from typing import Dict, List
 
 #: Bump when the build code changes what it produces for the same recipe.
-BUILD_VERSION = 3
+BUILD_VERSION = 6
+#: Bump when the rootfs stage (mmdebstrap -> tarball) changes its output.
+ROOTFS_VERSION = 1
 
 SUITE = "bookworm"
+
+#: The guest-kernel axis: choice -> the suite its kernel package comes from.
+#: "6.1" is bookworm's own kernel; "backports" is bookworm-backports' newer
+#: one (6.12 at the time of writing) with the rest of the guest unchanged.
+DEFAULT_KERNEL = "6.1"
+KERNELS: Dict[str, str] = {"6.1": SUITE, "backports": f"{SUITE}-backports"}
+
+#: The kernel's postinst runs update-initramfs (initramfs-tools satisfies its
+#: dependency on linux-initramfs-tool). We boot our own tiny initramfs, and
+#: under qemu-user a foreign-arch mkinitramfs costs minutes: divert the tool
+#: to /bin/true before any package is installed (dpkg-divert(1) may divert a
+#: path no package owns yet). Runs after the essential set, before --include.
+ESSENTIAL_HOOK = ('chroot "$1" dpkg-divert --quiet --local --rename --add /usr/sbin/update-initramfs'
+                  ' && ln -s /bin/true "$1/usr/sbin/update-initramfs"')
 
 #: ``--variant=apt`` leaves out even ``mount``: list what we use explicitly.
 PACKAGES: List[str] = [
@@ -121,13 +137,70 @@ DPKG_EXCLUDES = [
 ]
 
 
-def recipe(arch: str, kernel_package: str, modules: List[str], busybox_sha256: str) -> Dict[str, object]:
-    """Everything that determines the image, as one JSON-able dict."""
+def kernel_suite(kernel: str) -> str:
+    """The suite the kernel choice ``kernel`` installs its package from.
+
+    Raises:
+        VmError(kind="usage"): not a known kernel choice.
+    """
+    if kernel not in KERNELS:
+        from .errors import VmError
+        raise VmError(f"unknown guest kernel {kernel!r}; known: {', '.join(KERNELS)}", kind="usage")
+    return KERNELS[kernel]
+
+
+def kernel_include(kernel_package: str, kernel: str) -> str:
+    """The ``--include`` entry for the kernel: ``pkg/suite`` when it comes
+    from another suite (apt's release selector; apt then takes the
+    dependencies that only that suite can satisfy from it too)."""
+    suite = kernel_suite(kernel)
+    return kernel_package if suite == SUITE else f"{kernel_package}/{suite}"
+
+
+#: A foreign-arch guest cannot run the host's busybox as its init: it gets
+#: its own arch's static busybox from Debian, taken out of the tree.
+FOREIGN_PACKAGES: List[str] = ["busybox-static"]
+
+
+def rootfs_recipe(arch: str, deb_arch: str, kernel_package: str,
+                  kernel: str = DEFAULT_KERNEL, foreign: bool = False) -> Dict[str, object]:
+    """What the mmdebstrap stage depends on (its own, longer-lived cache key:
+    an arm64 rootfs takes ~20 min through qemu-user, so changing the init
+    or the initramfs must not redo it).
+
+    Raises:
+        VmError(kind="usage"): unknown kernel choice.
+    """
+    suite = kernel_suite(kernel)
+    return {
+        "rootfs_version": ROOTFS_VERSION,
+        "arch": arch,
+        "deb_arch": deb_arch,
+        "suite": SUITE,
+        "extra_suites": [suite] if suite != SUITE else [],
+        "packages": sorted(PACKAGES + (FOREIGN_PACKAGES if foreign else [])
+                           + [kernel_include(kernel_package, kernel)]),
+        "dpkg_excludes": DPKG_EXCLUDES,
+        "essential_hook": ESSENTIAL_HOOK,
+    }
+
+
+def recipe(arch: str, kernel_package: str, modules: List[str], busybox_sha256: str,
+           kernel: str = DEFAULT_KERNEL, deb_arch: str = "", foreign: bool = False) -> Dict[str, object]:
+    """Everything that determines the image, as one JSON-able dict.
+
+    Raises:
+        VmError(kind="usage"): unknown kernel choice.
+    """
+    root = rootfs_recipe(arch, deb_arch or arch, kernel_package, kernel, foreign)
     return {
         "build_version": BUILD_VERSION,
         "arch": arch,
+        "kernel": kernel,
         "suite": SUITE,
-        "packages": sorted(PACKAGES + [kernel_package]),
+        "rootfs": root,
+        "rootfs_hash": recipe_hash(root),
+        "packages": root["packages"],
         "initramfs_modules": list(modules),
         "initramfs_init": INITRAMFS_INIT,
         "inittab": INITTAB,

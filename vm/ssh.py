@@ -18,6 +18,9 @@ from .errors import VmError
 
 Command = Union[str, Sequence[str]]
 
+#: After the exit status arrived, how long to wait for the channel's EOF.
+EOF_GRACE = 0.3
+
 
 @dataclass(frozen=True)
 class RunResult:
@@ -38,6 +41,13 @@ def as_shell(cmd: Command) -> str:
     if isinstance(cmd, str):
         return cmd
     return shlex.join(list(cmd))
+
+
+def _quiet_paramiko() -> None:
+    # Connecting while sshd is not up yet fails on purpose (we retry); paramiko
+    # logs each such failure with a traceback at ERROR. Our VmError says it.
+    import logging
+    logging.getLogger("paramiko.transport").setLevel(logging.CRITICAL)
 
 
 class SshLink:
@@ -63,6 +73,7 @@ class SshLink:
         """
         import paramiko  # harness-only dependency
 
+        _quiet_paramiko()
         key = paramiko.Ed25519Key.from_private_key_file(str(self.key_path))
         t0 = time.monotonic()
         last: Optional[BaseException] = None
@@ -113,6 +124,7 @@ class SshLink:
         deadline = t0 + timeout
         out: List[bytes] = []
         err: List[bytes] = []
+        status_at: Optional[float] = None
         try:
             chan = self._client.get_transport().open_session(timeout=timeout)
         except Exception as exc:  # noqa: BLE001 - paramiko raises SSHException/EOFError/socket errors
@@ -128,8 +140,16 @@ class SshLink:
                     out.append(chan.recv(65536))
                 while chan.recv_stderr_ready():
                     err.append(chan.recv_stderr(65536))
+                # Done at exit status *and* EOF: sshd may send the exit-status
+                # before the last of the output (RFC 4254 6.10 does not order
+                # them). But a background child that inherited stdout
+                # (`cmd &`) keeps the EOF away forever: after the exit status,
+                # wait EOF_GRACE at most.
                 if chan.exit_status_ready() and not chan.recv_ready() and not chan.recv_stderr_ready():
-                    break
+                    if status_at is None:
+                        status_at = time.monotonic()
+                    if chan.eof_received or time.monotonic() - status_at > EOF_GRACE:
+                        break
                 if time.monotonic() >= deadline:
                     raise VmError(f"command did not finish: {line}", kind="timeout", guest=self.guest,
                                   timeout=timeout, stdout=b"".join(out).decode(errors="replace")[-2000:],
@@ -138,7 +158,7 @@ class SshLink:
                     raise VmError(f"SSH channel closed during: {line}", kind="ssh", guest=self.guest)
                 # Wait for data or the exit status: a Channel has a fileno()
                 # that becomes readable on either (paramiko docs, Channel.fileno).
-                select.select([chan], [], [], min(0.2, max(0.0, deadline - time.monotonic())))
+                select.select([chan], [], [], min(0.05 if status_at else 0.2, max(0.0, deadline - time.monotonic())))
             rc = chan.recv_exit_status()
         except VmError:
             raise

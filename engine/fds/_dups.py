@@ -4,9 +4,10 @@ Fds made by dup(2)/dup2/F_DUPFD/fork share one ``struct file``: one offset,
 one set of status flags, one F_SETOWN owner. A restore that reopened each of
 them separately would silently split the shared offset, so they must come
 back as one open + dups. kcmp(2) KCMP_FILE says whether two fds name the
-same struct file (kernel/kcmp.c); only fds on the same (dev, ino) can, so
-the comparisons stay within small buckets (anon-inode fds all share one
-inode, so eventfd/timerfd/epoll... land in one bucket).
+same struct file, and orders them (kernel/kcmp.c); only fds on the same
+(dev, ino) can share one, so fds are bucketed by inode and each bucket is
+sorted with kcmp as the comparison (anon-inode fds all share one inode, so
+eventfd/timerfd/epoll... land in one bucket).
 
 API for the core:
 
@@ -27,9 +28,10 @@ and at restore dup3() the leader's installed fd to N in the new process
 
 from __future__ import annotations
 
+from functools import cmp_to_key
 from typing import Dict, Iterable, List
 
-from ..pidfd import same_file
+from ..pidfd import KCMP_FILE, kcmp
 
 _CACHE_KEY = "ofd-leaders"
 
@@ -39,16 +41,29 @@ def group_by_ofd(pid: int, infos: Iterable) -> List[List]:
 
     Raises EngineError when an fd vanished (the target must be frozen) and
     Refusal kernel-missing without kcmp."""
-    buckets: Dict[tuple, List[List]] = {}
-    for info in sorted(infos, key=lambda i: i.fd):
-        groups = buckets.setdefault((info.dev, info.ino), [])
-        for g in groups:
-            if same_file(pid, g[0].fd, pid, info.fd):
-                g.append(info)
-                break
-        else:
-            groups.append([info])
-    out = [g for groups in buckets.values() for g in groups]
+    buckets: Dict[tuple, List] = {}
+    for info in infos:
+        buckets.setdefault((info.dev, info.ino), []).append(info)
+    out: List[List] = []
+    for members in buckets.values():
+        if len(members) == 1:
+            out.append(members)
+            continue
+        # kcmp(KCMP_FILE) orders files (0 equal, 1 less, 2 greater, by an
+        # obfuscated but consistent pointer order): sort, then equal files
+        # are adjacent. O(n log n) even for many anon-inode fds.
+        def cmp(a, b) -> int:
+            r = kcmp(pid, pid, KCMP_FILE, a.fd, b.fd)
+            return 0 if r == 0 else (-1 if r == 1 else 1)
+        members.sort(key=cmp_to_key(cmp))
+        group = [members[0]]
+        for info in members[1:]:
+            if cmp(group[0], info) == 0:
+                group.append(info)
+            else:
+                out.append(sorted(group, key=lambda i: i.fd))
+                group = [info]
+        out.append(sorted(group, key=lambda i: i.fd))
     out.sort(key=lambda g: g[0].fd)
     return out
 

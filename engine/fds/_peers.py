@@ -33,14 +33,16 @@ def scan(exclude: Iterable[int] = (), proc: str = "/proc") -> Dict[str, List[Tup
 
 
 def holders(ctx, link: str, dev: int, ino: int, proc: str = "/proc") -> List[Tuple[int, int]]:
-    """(pid, fd) of every fd outside the target (and this engine) whose link
-    text is `link` and whose inode is (dev, ino). One /proc scan per dump,
+    """(pid, fd) of every fd outside the target whose link text is `link`
+    and whose inode is (dev, ino). The engine itself is NOT excluded: it is
+    a process outside the dump too (callers must not hold duplicates of
+    the target's fds while scanning). One /proc scan per dump,
     cached in ctx.shared: the target is frozen, and a process outside it
     that opens the file after the scan is the world moving on, as it may
     after the dump too."""
     index = ctx.shared.get(_CACHE_KEY)
     if index is None:
-        index = scan((ctx.pid, os.getpid()), proc)
+        index = scan((ctx.pid,), proc)
         ctx.shared[_CACHE_KEY] = index
     out: List[Tuple[int, int]] = []
     for pid, fd in index.get(link, ()):

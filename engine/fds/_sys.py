@@ -154,6 +154,23 @@ def open_by_handle_at(mount_fd: int, handle_type: int, handle: bytes, flags: int
     return raw_syscall("open_by_handle_at", ctypes.c_int(mount_fd), ctypes.byref(fh), ctypes.c_int(flags))
 
 
+AT_EMPTY_PATH = 0x1000
+
+
+def name_to_handle_at(dirfd: int, path: str, flags: int = 0) -> Tuple[int, bytes]:
+    """name_to_handle_at(2): (handle_type, handle bytes) of the inode at
+    path (not following a final symlink). The handle holds the inode's
+    generation on ext4/tmpfs/xfs..., so unlike (dev, ino) it tells a new
+    file that reused an inode number from the old one."""
+    from ..pidfd import raw_syscall
+    fh = FileHandle()
+    fh.handle_bytes = 128
+    mnt = ctypes.c_int()
+    raw_syscall("name_to_handle_at", ctypes.c_int(dirfd), os.fsencode(path), ctypes.byref(fh),
+                ctypes.byref(mnt), ctypes.c_int(flags))
+    return fh.handle_type, bytes(fh.f_handle[:fh.handle_bytes])
+
+
 def close_all(fds: Iterable[int]) -> None:
     for fd in fds:
         try:

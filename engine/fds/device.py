@@ -14,7 +14,7 @@ import stat
 from ..errors import Refusal
 
 KIND = "device"
-REASONS = ("device",)
+REASONS = ("device", "image-invalid")
 
 # (major, minor) of drivers/char/mem.c devices -> canonical path
 SAFE = {(1, 3): "/dev/null", (1, 5): "/dev/zero", (1, 7): "/dev/full",

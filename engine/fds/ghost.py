@@ -16,7 +16,7 @@ from ..errors import Refusal
 from . import regular
 
 KIND = "ghost"
-REASONS = ("unlinked-too-large", "file-missing", "file-changed", "unsupported-state")
+REASONS = ("unlinked-too-large", "file-missing", "file-changed", "unsupported-state", "image-invalid")
 
 
 def _alias(info):

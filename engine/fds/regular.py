@@ -14,7 +14,7 @@ from .. import files
 from ..errors import Refusal
 
 KIND = "regular"
-REASONS = ("file-missing", "file-changed", "unsupported-state")
+REASONS = ("file-missing", "file-changed", "unsupported-state", "image-invalid")
 
 _LOCK = re.compile(r"^lock:\s*(.*)$", re.M)
 # Flags the kernel keeps only for open(): never replayed.

@@ -1,0 +1,395 @@
+"""Rebuild a process from a verified image (runs in the forked restorer).
+
+The new process starts as a clone3(set_tid=[pid]) copy of the restorer that
+stopped itself (see arch CLONE3_TRAMPOLINE). Everything else is done by
+injecting syscalls into it (ENGINE-NOTES "Restore"), in this order:
+
+  gadget page (`syscall; int3`) in a hole of the dumped layout
+  rseq unregistered (else unmapping its area kills the task)
+  everything but the gadget and the vdso block unmapped
+  vdso block moved to the dumped address (mremap)
+  PR_SET_MM_MAP: mm fields, auxv, exe (EBUSY while the old exe is mapped)
+  every mapping mmap'ed (files through the fds the restorer opened), pages
+  written with process_vm_writev, madvise flags, final mprotect
+  cwd, umask, comm, personality, signals, sigaltstack, timers, tid address,
+  robust list, session; fds dup3'ed to their numbers, all others closed;
+  fd handlers' finish(); credentials; rlimits; rseq registered
+  munmap(gadget), and at its syscall-exit stop: xstate and the registers
+  PTRACE_DETACH.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import struct
+from typing import List, Tuple
+
+from . import libc, ptrace
+from .arch import current as current_arch
+from .check import MADVISE_FLAGS
+from .errors import EngineError, Refusal
+from .fds import handler as fd_handler
+from .libc import SysError
+from .task import Task
+
+PAGE = 4096
+MAP_SHARED, MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS = 0x01, 0x02, 0x10, 0x20
+MAP_GROWSDOWN, MAP_NORESERVE, MAP_FIXED_NOREPLACE = 0x100, 0x4000, 0x100000
+PROT = {"r": 1, "w": 2, "x": 4}
+MREMAP_MAYMOVE, MREMAP_FIXED = 1, 2
+PR_SET_NAME, PR_SET_MM, PR_SET_MM_MAP, PR_SET_NO_NEW_PRIVS = 15, 35, 14, 38
+PR_SET_VMA, PR_SET_VMA_ANON_NAME = 0x53564D41, 0
+RSEQ_FLAG_UNREGISTER = 1
+SS_ONSTACK, SS_DISABLE = 1, 2
+VDSO_NAMES = ("[vvar]", "[vvar_vclock]", "[vdso]")
+HANDLER_SCRATCH = 2048    # offset in the gadget page of task.scratch
+PARALLEL_MIN = 32 << 20   # bytes of pages worth splitting between two writer threads
+TEST_FAIL_ENV = "CKPT_TEST_FAIL_AT"   # honoured only when tests set it (see _maybe_fail)
+
+
+def _maybe_fail(stage: str) -> None:
+    """Test hook: simulate a failure after the process exists, to prove it
+    is killed and nothing is left behind."""
+    if os.environ.get(TEST_FAIL_ENV) == stage:
+        raise EngineError(f"failure injected at stage {stage!r} ({TEST_FAIL_ENV})")
+
+
+def prot_of(perms: str) -> int:
+    return sum(PROT[c] for c in perms[:3] if c in PROT)
+
+
+def _maps(pid: int) -> List[dict]:
+    from .procfs import parse_maps
+    with open(f"/proc/{pid}/maps") as f:
+        return parse_maps(f.read())
+
+
+def _free_gap(busy: List[Tuple[int, int]], size: int, low: int = 0x10000000) -> int:
+    """Lowest address >= low with `size` bytes clear of every busy range."""
+    addr = low
+    for s, e in sorted(busy):
+        if e <= addr:
+            continue
+        if s >= addr + size:
+            break
+        addr = (e + PAGE - 1) & ~(PAGE - 1)
+    return addr
+
+
+def clone_with_pid(pid: int, arch) -> Tuple[int, int]:
+    """clone3 with set_tid=[pid]; returns (child pid, address of a syscall
+    instruction in the child). Raises Refusal(pid-in-use | capability)."""
+    tramp = libc.exec_page(arch.CLONE3_TRAMPOLINE)
+    fn = ctypes.CFUNCTYPE(ctypes.c_long, ctypes.c_void_p, ctypes.c_size_t)(tramp)
+    tid = (ctypes.c_int * 1)(pid)
+    args = arch.CloneArgs(exit_signal=signal.SIGCHLD, set_tid=ctypes.addressof(tid), set_tid_size=1)
+    ret = fn(ctypes.addressof(args), ctypes.sizeof(args))
+    if ret < 0:
+        err = -ret
+        if err == 17:     # EEXIST
+            raise Refusal("pid-in-use", f"PID {pid} was taken before it could be restored", pid=pid)
+        if err == 1:      # EPERM
+            raise Refusal("capability", "clone3 set_tid needs CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE", pid=pid)
+        raise SysError("clone3", err, pid)
+    return ret, tramp + arch.TRAMPOLINE_SYSCALL_OFFSET
+
+
+class Builder:
+    """Rebuilds one process by syscall injection. Each stage raises
+    SysError/EngineError (or Refusal); build() kills the process then."""
+
+    def __init__(self, job, task: Task):
+        self.job = job
+        self.task = task
+        self.arch = task.arch
+        self.pid = task.pid
+        self.gadget = 0
+        self.scratch = 0
+
+    # -- helpers ---------------------------------------------------------------
+    def call(self, name: str, *args: int) -> int:
+        return self.task.call(name, *args)
+
+    def put(self, data: bytes, off: int = 0) -> int:
+        """Copy `data` into the gadget page's scratch area; returns its address."""
+        if off + len(data) > HANDLER_SCRATCH - 64:
+            raise EngineError("scratch overflow", pid=self.pid)
+        self.task.write_mem(self.scratch + off, data)
+        return self.scratch + off
+
+    # -- stages ------------------------------------------------------------------
+    def make_gadget(self) -> None:
+        busy = [(v["start"], v["end"]) for v in self.job.vmas]
+        busy += [(v["start"], v["end"]) for v in _maps(self.pid) if v["end"] <= self.arch.TASK_SIZE]
+        addr = _free_gap(busy, PAGE)
+        got = self.call("mmap", addr, PAGE, 7, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0)
+        if got != addr:
+            raise EngineError(f"gadget page landed at {got:#x}, not {addr:#x}", pid=self.pid)
+        self.task.write_mem(addr, self.arch.GADGET)
+        self.gadget = addr
+        self.scratch = addr + 64
+        # The page's upper half is the fd handlers' scratch (finish()).
+        self.task.scratch = addr + HANDLER_SCRATCH
+        self.task.syscall_ip = addr
+
+    def unregister_rseq(self) -> None:
+        # The clone inherited the restorer's rseq registration (kernel/fork.c
+        # rseq_fork); once its area is unmapped, the next return to user
+        # space would fail rseq_update_cpu_node_id() and SIGSEGV the task.
+        conf = ptrace.get_rseq(self.pid)
+        if conf["pointer"]:
+            self.call("rseq", conf["pointer"], conf["size"], RSEQ_FLAG_UNREGISTER, conf["signature"])
+
+    def clear_address_space(self) -> None:
+        keep = [(self.gadget, self.gadget + PAGE)]
+        keep += [(v["start"], v["end"]) for v in _maps(self.pid) if v["path"] in VDSO_NAMES]
+        addr = 0
+        for s, e in sorted(keep) + [(self.arch.TASK_SIZE, self.arch.TASK_SIZE)]:
+            if s > addr:
+                self.call("munmap", addr, s - addr)
+            addr = max(addr, e)
+
+    def move_vdso(self) -> None:
+        # glibc cached vdso function addresses in the dumped memory: the vdso
+        # must sit where it was. mremap of [vdso] is supported (it updates
+        # mm->context.vdso: arch/x86/entry/vdso/vma.c vdso_mremap).
+        now = [v for v in _maps(self.pid) if v["path"] in VDSO_NAMES]
+        want = [v for v in self.job.vmas if v["path"] in VDSO_NAMES]
+        if not want:
+            for v in now:
+                self.call("munmap", v["start"], v["end"] - v["start"])
+            return
+        if [(v["path"], v["end"] - v["start"]) for v in now] != [(v["path"], v["end"] - v["start"]) for v in want]:
+            raise Refusal("unsupported-mapping", "vdso layout differs from the image's", pid=self.pid)
+        if now[0]["start"] == want[0]["start"]:
+            return
+        lo, hi = now[0]["start"], now[-1]["end"]
+        wlo, whi = want[0]["start"], want[-1]["end"]
+        if lo < whi and wlo < hi:
+            # Overlapping move: park the block in a free spot first.
+            busy = [(v["start"], v["end"]) for v in self.job.vmas] + [(lo, hi), (self.gadget, self.gadget + PAGE)]
+            tmp = _free_gap(busy, hi - lo)
+            self._mremap_block(now, tmp - lo)
+            now = [v for v in _maps(self.pid) if v["path"] in VDSO_NAMES]
+            lo = now[0]["start"]
+        self._mremap_block(now, wlo - lo)
+
+    def _mremap_block(self, vmas: List[dict], delta: int) -> None:
+        for v in vmas:
+            size = v["end"] - v["start"]
+            self.call("mremap", v["start"], size, size, MREMAP_MAYMOVE | MREMAP_FIXED, v["start"] + delta)
+
+    def set_mm(self) -> None:
+        # prctl(PR_SET_MM, PR_SET_MM_MAP) (kernel/sys.c prctl_set_mm_map):
+        # code/data/brk/stack/arg/env boundaries, saved auxv and the exe
+        # file, all at once. Replacing the exe fails with EBUSY while the old
+        # one is still mapped, hence after clear_address_space().
+        core = self.job.core
+        m = core["mm"]
+        auxv = struct.pack(f"<{len(core['auxv'])}Q", *core["auxv"])
+        aux_addr = self.put(auxv, 256)
+        exe = self.job.prepared.exe_fd
+        st = struct.pack("<11QQII", m["start_code"], m["end_code"], m["start_data"], m["end_data"],
+                         m["start_brk"], m["brk"], m["start_stack"], m["arg_start"], m["arg_end"],
+                         m["env_start"], m["env_end"], aux_addr, len(auxv), exe)
+        addr = self.put(st, 0)
+        self.call("prctl", PR_SET_MM, PR_SET_MM_MAP, addr, len(st), 0)
+
+    def map_all(self) -> int:
+        """mmap every dumped mapping at its address; returns page bytes written."""
+        prep = self.job.prepared
+        from .restore import map_key
+        total = 0
+        for v in self.job.vmas:
+            kind = v["kind"]
+            if kind == "special":
+                continue
+            start, size = v["start"], v["end"] - v["start"]
+            final = prot_of(v["perms"])
+            shared = v["perms"][3] == "s"
+            flags = MAP_FIXED_NOREPLACE | (MAP_SHARED if shared else MAP_PRIVATE)
+            if "gd" in v["flags"]:
+                flags |= MAP_GROWSDOWN
+            if "nr" in v["flags"]:
+                flags |= MAP_NORESERVE
+            fd, off = -1, 0
+            # Writable first (pages go in with process_vm_writev, then the
+            # final mprotect), but only where the original was accounted
+            # (VmFlags "ac": it was writable once; mprotect keeps VM_ACCOUNT):
+            # mapping a never-writable VMA writable would add VM_ACCOUNT and
+            # let it merge with a neighbour the original was kept apart from
+            # (mm/vma.c is_mergeable_vma compares vm_flags). Those get their
+            # final protection at once, and pages through /proc/PID/mem.
+            force = False
+            prot = 3
+            if kind == "file":
+                fd = prep.map_fd[map_key(v["file"], shared and "w" in v["perms"])]
+                off = v["offset"]
+                if shared:
+                    prot = final
+            else:
+                flags |= MAP_ANONYMOUS
+            if not shared and "ac" not in v["flags"]:
+                prot, force = final, True
+            got = self.call("mmap", start, size, prot, flags, fd, off)
+            if got != start:
+                raise EngineError(f"mapping {start:#x} landed at {got:#x}", pid=self.pid)
+            if v["path"].startswith("[anon:"):
+                name = v["path"][len("[anon:"):-1].encode() + b"\0"
+                self.call("prctl", PR_SET_VMA, PR_SET_VMA_ANON_NAME, start, size, self.put(name))
+            if v["pages"]:
+                total += self._write_pages(v["pages"], force)
+            for f in v["flags"]:
+                if f in MADVISE_FLAGS:
+                    self.call("madvise", start, size, MADVISE_FLAGS[f])
+            if prot != final:
+                self.call("mprotect", start, size, final)
+        return total
+
+    def _write_pages(self, runs: list, force: bool) -> int:
+        """Pages into the new process. Large regions are split between two
+        threads: most of the cost is the kernel allocating and zeroing the
+        new pages, which then happens on two CPUs (process_vm_writev runs
+        without the GIL)."""
+        pages = self.job.pages
+        if force:
+            return pages.write_runs(self.pid, runs, self.task.mem_fd())
+        nbytes = sum(r[1] for r in runs) * PAGE
+        if nbytes < PARALLEL_MIN or len(runs) < 2:
+            return pages.write_runs(self.pid, runs)
+        half, acc = len(runs), 0
+        for i, r in enumerate(runs):
+            acc += r[1] * PAGE
+            if acc >= nbytes // 2:
+                half = i + 1
+                break
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            parts = [pool.submit(pages.write_runs, self.pid, part) for part in (runs[:half], runs[half:]) if part]
+            return sum(f.result() for f in parts)
+
+    def process_state(self) -> None:
+        core = self.job.core
+        self.call("fchdir", self.job.prepared.cwd_fd)
+        self.call("umask", core["umask"])
+        self.call("personality", core["personality"])
+        self.call("prctl", PR_SET_NAME, self.put(core["comm"].encode()[:15] + b"\0"), 0, 0, 0)
+        for sig, (handler, flags, restorer, mask) in sorted(core["sigactions"].items(), key=lambda x: int(x[0])):
+            self.call("rt_sigaction", int(sig), self.put(struct.pack("<QQQQ", handler, flags, restorer, mask)), 0, 8)
+        sp, ssflags, size = core["sigaltstack"]
+        if ssflags & SS_DISABLE:
+            sp, ssflags, size = 0, SS_DISABLE, 0
+        self.call("sigaltstack", self.put(struct.pack("<Qi4xQ", sp, ssflags & ~SS_ONSTACK, size)), 0)
+        for which, t in enumerate(core["itimers"]):
+            if any(t):
+                self.call("setitimer", which, self.put(struct.pack("<qqqq", *t)), 0)
+        self.call("set_tid_address", core["tid_address"])
+        head, length = core["robust_list"]
+        if head:
+            self.call("set_robust_list", head, length)
+        ptrace.set_sigmask(self.pid, core["sigmask"])
+        sess = core["session"]
+        if sess["sid"] == self.pid:
+            self.call("setsid")
+        elif sess["pgid"] == self.pid:
+            self.call("setpgid", 0, 0)
+        else:
+            self.call("setpgid", 0, sess["pgid"])
+
+    def install_fds(self) -> None:
+        prep = self.job.prepared
+        keep = set()
+        for rec in self.job.fdrecs:
+            flags = os.O_CLOEXEC if rec["cloexec"] else 0
+            self.call("dup3", prep.fd_of_rec[rec["fd"]], rec["fd"], flags)
+            keep.add(rec["fd"])
+        lo = 0
+        for fd in sorted(keep) + [1 << 32]:
+            if fd > lo:
+                self.call("close_range", lo, min(fd - 1, 0xFFFFFFFF), 0)
+            lo = fd + 1
+        for rec in self.job.fdrecs:
+            if "dup_of" in rec:
+                continue
+            mod = fd_handler(rec["kind"])
+            fin = getattr(mod, "finish", None)
+            if fin is not None:
+                fin(rec, self.job.ctx, self.task)
+
+    def creds(self) -> None:
+        core = self.job.core
+        if core["creds"].get("no_new_privs") == "1":
+            self.call("prctl", PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+        if core.get("_creds_plan") != "setid":
+            return
+        c = core["creds"]
+        groups = c["groups"]
+        self.call("setgroups", len(groups), self.put(struct.pack(f"<{len(groups)}I", *groups)) if groups else 0)
+        self.call("setresgid", *c["gid"][:3])
+        self.call("setresuid", *c["uid"][:3])
+
+    def limits(self) -> None:
+        for i, (cur, mx) in enumerate(self.job.core["rlimits"]):
+            if libc.get_rlimit(self.pid, i) != (cur, mx):
+                libc.set_rlimit(self.pid, i, cur, mx)
+
+    def register_rseq(self) -> None:
+        core = self.job.core
+        r = core["rseq"]
+        if r["pointer"]:
+            self.call("rseq", r["pointer"], r["size"], 0, r["signature"])
+
+    def finish(self) -> None:
+        """Unmap the gadget; at that syscall's exit stop, install the dumped
+        xstate and registers; detach."""
+        regs = self.arch.Regs.from_dict(self.job.core["regs"])
+        self.arch.normalise_restart(regs)
+        self.call("munmap", self.gadget, PAGE)
+        try:
+            self.task.set_xstate(self.job.xstate)
+        except SysError as e:
+            raise Refusal("cpu-mismatch", f"this CPU rejects the saved xstate ({e.message})", pid=self.pid) from None
+        self.task.release(regs)
+
+
+def build(job) -> int:
+    """Create and rebuild the process; returns its PID once it runs on its
+    own. On any failure the new process is killed and reaped."""
+    arch = current_arch()
+    pid = job.core["pid"]
+    child, first_ip = clone_with_pid(pid, arch)
+    task = Task.adopt(child)
+    task.syscall_ip = first_ip
+    b = Builder(job, task)
+    try:
+        _maybe_fail("clone")
+        _check_xstate(task, job.core)
+        b.make_gadget()
+        b.unregister_rseq()
+        b.clear_address_space()
+        b.move_vdso()
+        b.set_mm()
+        b.map_all()
+        _maybe_fail("mapped")
+        b.process_state()
+        b.install_fds()
+        b.limits()          # prlimit on another uid's process needs CAP_SYS_RESOURCE: before creds()
+        b.creds()
+        b.register_rseq()
+        _maybe_fail("final")
+        b.finish()
+    except BaseException:
+        task.kill()
+        raise
+    return child
+
+
+def _check_xstate(task: Task, core: dict) -> None:
+    mine = task.arch.xstate_features(task.get_xstate())
+    theirs = core.get("xstate") or {}
+    if theirs and mine and (theirs.get("xfeatures", 0) & ~mine["xfeatures"] or theirs.get("size") != mine["size"]):
+        raise Refusal("cpu-mismatch", f"saved xstate features {theirs.get('xfeatures', 0):#x} size "
+                      f"{theirs.get('size')} vs this CPU's {mine['xfeatures']:#x} size {mine['size']}",
+                      pid=task.pid)

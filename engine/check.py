@@ -1,0 +1,321 @@
+"""Pre-flight: everything about a process that decides whether it can be
+dumped, gathered with the target frozen and nothing written.
+
+`preflight()` returns a :class:`Survey`: verdict items for ``ckpt check``,
+all refusals found (a dump refuses on any), the FdInfo of every fd with its
+handler, and the mappings with their kinds. Used by both dump and check.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from . import fds as fdkinds
+from . import procfs
+from .context import DumpContext
+from .errors import Refusal, UsageError
+
+SPECIAL_MAPPINGS = ("[vdso]", "[vvar]", "[vvar_vclock]", "[vsyscall]")
+SHMEM_NAMES = ("/dev/zero (deleted)", "[anon_shmem")
+# VmFlags (proc(5), fs/proc/task_mmu.c show_smap_vma_flags) the restore
+# reproduces: from the mmap protection/flags, from madvise, or inherent.
+KNOWN_FLAGS = {"rd", "wr", "ex", "sh", "mr", "mw", "me", "ms", "gd", "ac", "nr", "sd",
+               "dc", "de", "dd", "hg", "nh", "mg", "wf", "ar"}
+MADVISE_FLAGS = {"dc": 10, "dd": 16, "hg": 14, "nh": 15, "mg": 12, "wf": 18}   # MADV_*
+FLAG_NAMES = {"lo": "mlock()ed", "lf": "mlock(MLOCK_ONFAULT)", "ht": "hugetlb", "pf": "PFN map",
+              "io": "I/O memory", "mm": "mixed map", "um": "userfaultfd (missing)",
+              "uw": "userfaultfd (wp)", "ui": "userfaultfd (minor)", "ss": "shadow stack",
+              "sl": "sealed (mseal)", "dw": "denywrite", "bt": "arm64 BTI", "mt": "arm64 MTE",
+              "gu": "guard regions"}
+NS_KINDS = ("mnt", "pid", "net", "ipc", "uts", "user", "cgroup", "time")
+
+
+@dataclass
+class Survey:
+    pid: int
+    items: List[dict] = field(default_factory=list)
+    refusals: List[Refusal] = field(default_factory=list)
+    fds: List[Any] = field(default_factory=list)          # (FdInfo, kind, module)
+    vmas: List[dict] = field(default_factory=list)        # maps entries + "kind", "flags"
+    proc: Optional[procfs.Proc] = None
+    stat: dict = field(default_factory=dict)
+    status: Dict[str, str] = field(default_factory=dict)
+
+    def ok(self, what: str, kind: str, detail: str = "") -> None:
+        self.items.append({"what": what, "kind": kind, "verdict": "ok", "detail": detail})
+
+    def refuse(self, what: str, kind: str, r: Refusal) -> None:
+        if r.pid is None:
+            r = r.with_pid(self.pid)
+        self.refusals.append(r)
+        self.items.append({"what": what, "kind": kind, "verdict": "refused", "detail": r.message})
+
+
+# -- before freezing -----------------------------------------------------------
+
+def ancestors(pid: int) -> List[int]:
+    """pid and its ancestors up to PID 1."""
+    chain = []
+    while pid > 0 and pid not in chain:
+        chain.append(pid)
+        try:
+            pid = procfs.Proc(pid).stat()["ppid"]
+        except (Refusal, OSError, ValueError):
+            break
+    return chain
+
+
+def target_checks(pid: int) -> procfs.Proc:
+    """Checks needing no freeze. Raises UsageError (no such PID) or the one
+    Refusal that makes freezing pointless (kernel thread, zombie, self,
+    ptraced)."""
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        raise UsageError(f"bad PID {pid!r}")
+    proc = procfs.Proc(pid)
+    try:
+        st = proc.stat()
+    except Refusal:
+        raise UsageError(f"no process with PID {pid}") from None
+    if st.get("flags", 0) & procfs.PF_KTHREAD or pid == 2:
+        raise Refusal("kernel-thread", f"{st['comm']} is a kernel thread", pid=pid)
+    if st["state"] in ("Z", "X"):
+        raise Refusal("zombie", f"{st['comm']} has exited and waits to be reaped", pid=pid)
+    if pid in ancestors(os.getpid()):
+        what = "itself" if pid == os.getpid() else "its own ancestor"
+        raise Refusal("self", f"ckpt would have to freeze {what}", pid=pid)
+    tracer = int(proc.status().get("TracerPid", "0") or 0)
+    if tracer:
+        raise Refusal("ptraced", f"traced by pid {tracer}", pid=pid)
+    return proc
+
+
+# -- with the target frozen ----------------------------------------------------
+
+def _check_process(s: Survey) -> None:
+    st, status, proc, pid = s.stat, s.status, s.proc, s.pid
+    nthreads = int(status.get("Threads", "1"))
+    if nthreads != 1:
+        s.refuse("threads", "process", Refusal("threads", f"{nthreads} threads"))
+    else:
+        s.ok("threads", "process", "single-threaded")
+    kids = proc.children()
+    if kids:
+        s.refuse("children", "process", Refusal("process-tree", f"children {kids[:8]}"))
+    else:
+        s.ok("children", "process", "none")
+    for key, label in (("SigPnd", "thread"), ("ShdPnd", "process")):
+        if procfs.parse_sigmask(status.get(key, "0")):
+            s.refuse("pending signals", "signals", Refusal(
+                "unsupported-state", f"signals pending for the {label} ({key} {status[key]}); "
+                "their siginfo cannot be re-queued faithfully yet"))
+            break
+    else:
+        s.ok("pending signals", "signals", "none")
+    try:
+        timers = proc.read("timers").strip()
+    except (OSError, Refusal):
+        timers = ""
+    if timers:
+        s.refuse("posix timers", "timers", Refusal("unsupported-state", "POSIX timers (timer_create) are not saved yet"))
+    if st.get("tty_nr", 0):
+        s.refuse("controlling terminal", "session", Refusal(
+            "unsupported-state", f"has a controlling terminal (tty_nr {st['tty_nr']}); start it with setsid"))
+    else:
+        s.ok("session", "session", f"sid {st['session']} pgid {st['pgrp']}, no controlling terminal")
+    # Namespaces: a restore recreates the process in the restorer's ones.
+    differ = []
+    for ns in NS_KINDS:
+        try:
+            mine = os.readlink(f"/proc/self/ns/{ns}")
+            theirs = proc.readlink(f"ns/{ns}")
+        except OSError:
+            continue
+        if mine != theirs:
+            differ.append(ns)
+    if differ:
+        s.refuse("namespaces", "process", Refusal("unsupported-state", f"in other namespaces than ckpt: {', '.join(differ)}"))
+    root = os.stat(proc.path("root"))
+    myroot = os.stat("/")
+    if (root.st_dev, root.st_ino) != (myroot.st_dev, myroot.st_ino):
+        s.refuse("root", "fs", Refusal("unsupported-state", "chrooted (root directory differs from ckpt's)"))
+    cwd = proc.readlink("cwd")
+    if cwd.endswith(" (deleted)"):
+        s.refuse("cwd", "fs", Refusal("unsupported-state", "its working directory was deleted", path=cwd))
+    else:
+        s.ok("cwd", "fs", cwd)
+    if st.get("exit_signal", 17) != 17:
+        # clone(2) with another termination signal: a restore made with
+        # clone3(exit_signal=SIGCHLD) would notify its parent differently.
+        s.refuse("exit signal", "process", Refusal("unsupported-state", f"exit signal {st['exit_signal']}, not SIGCHLD"))
+    if status.get("Seccomp", "0") != "0":
+        s.refuse("seccomp", "credentials", Refusal("unsupported-state", "seccomp filters are not saved"))
+    _check_creds(s)
+
+
+def creds_of(status: Dict[str, str]) -> dict:
+    def ids(key: str) -> List[int]:
+        return [int(x) for x in status.get(key, "").split()]
+    return {"uid": ids("Uid"), "gid": ids("Gid"), "groups": ids("Groups"),
+            "caps": {k: status.get(k, "") for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")},
+            "no_new_privs": status.get("NoNewPrivs", "0")}
+
+
+def creds_plan(creds: dict, mine: dict) -> str:
+    """How a restore gets the target's credentials from the restorer's:
+    "same" (nothing to do), "setid" (setgroups/setresgid/setresuid drop to
+    an unprivileged user, which clears the capabilities as the target's are
+    clear) or raises Refusal(unsupported-state)."""
+    if creds.get("no_new_privs") != mine.get("no_new_privs") and creds.get("no_new_privs") != "1":
+        raise Refusal("unsupported-state", "ckpt runs with no_new_privs set, the target did not: "
+                      "it cannot be cleared")
+    if creds["uid"] == mine["uid"] and creds["gid"] == mine["gid"] and creds["caps"] == mine["caps"]:
+        return "same"
+    caps = creds["caps"]
+    zero = "0" * 16
+    if (all(u != 0 for u in creds["uid"]) and len(set(creds["uid"])) == 1 and len(set(creds["gid"])) == 1
+            and caps["CapInh"] == caps["CapPrm"] == caps["CapEff"] == caps["CapAmb"] == zero
+            and caps["CapBnd"] == mine["caps"]["CapBnd"]):
+        return "setid"
+    raise Refusal("unsupported-state", f"credentials not restorable yet: uid {creds['uid']} gid {creds['gid']} "
+                  f"caps {caps}")
+
+
+def _check_creds(s: Survey) -> None:
+    creds = creds_of(s.status)
+    mine = creds_of(procfs.parse_status(open("/proc/self/status").read()))
+    try:
+        plan = creds_plan(creds, mine)
+        s.ok("credentials", "credentials", f"uid {creds['uid'][0]} gid {creds['gid'][0]} ({plan})")
+    except Refusal as r:
+        s.refuse("credentials", "credentials", r)
+
+
+def classify_vma(vma: dict) -> str:
+    """anon | shmem | file | special, or raises Refusal(unsupported-mapping)."""
+    path = vma["path"]
+    shared = vma["perms"][3] == "s"
+    if path in SPECIAL_MAPPINGS:
+        return "special"
+    if path.startswith("/SYSV"):
+        raise Refusal("unsupported-mapping", "System V shared memory segment", path=path)
+    if vma["inode"] == 0 and (path == "" or path in ("[heap]", "[stack]") or path.startswith("[anon:")):
+        if shared:
+            raise Refusal("unsupported-mapping", "shared mapping without an inode", path=path)
+        return "anon"
+    if path.startswith(SHMEM_NAMES):
+        if not shared:
+            raise Refusal("unsupported-mapping", "private mapping of shared anonymous memory", path=path)
+        return "shmem"
+    if path.startswith("[") or path.startswith("/[") or not path.startswith("/"):
+        raise Refusal("unsupported-mapping", f"kernel-provided mapping {path}", path=path)
+    return "file"
+
+
+def _check_vmas(s: Survey) -> None:
+    flags = s.proc.vmflags()
+    shmem_inodes: Dict[int, int] = {}
+    for vma in s.proc.maps():
+        vma["flags"] = flags.get(vma["start"], [])
+        what = f"mapping {vma['start']:x}-{vma['end']:x} {vma['perms']} {vma['path']}".rstrip()
+        try:
+            kind = classify_vma(vma)
+            bad = [f for f in vma["flags"] if f not in KNOWN_FLAGS]
+            if bad and kind != "special":
+                raise Refusal("unsupported-mapping", "VmFlags " + ", ".join(
+                    FLAG_NAMES.get(f, f) for f in bad), path=vma["path"] or None)
+            if kind == "shmem":
+                if vma["inode"] in shmem_inodes:
+                    raise Refusal("unsupported-mapping", "shared anonymous memory mapped more than once "
+                                  "(or split by mprotect)", path=vma["path"])
+                shmem_inodes[vma["inode"]] = vma["start"]
+        except Refusal as r:
+            s.refuse(what, "mapping", r)
+            continue
+        vma["kind"] = kind
+        vma["map_files"] = s.proc.path(f"map_files/{vma['start']:x}-{vma['end']:x}")
+        s.vmas.append(vma)
+        s.ok(what, "mapping", kind)
+
+
+def fd_info(proc: procfs.Proc, fd: int) -> fdkinds.FdInfo:
+    """FdInfo for one fd of a frozen process. Raises Refusal(no-such-process)."""
+    link = proc.readlink(f"fd/{fd}")
+    try:
+        st = os.stat(proc.path(f"fd/{fd}"))
+    except FileNotFoundError:
+        raise Refusal("no-such-process", f"fd {fd} vanished", pid=proc.pid) from None
+    text = proc.fdinfo_text(fd)
+    info = procfs.parse_fdinfo(text)
+    return fdkinds.FdInfo(pid=proc.pid, fd=fd, link=link, mode=st.st_mode, dev=st.st_dev, ino=st.st_ino,
+                          nlink=st.st_nlink, size=st.st_size, rdev=st.st_rdev,
+                          pos=int(info.get("pos", "0")), flags=int(info.get("flags", "0"), 8),
+                          mnt_id=int(info.get("mnt_id", "0")), fdinfo=info, fdinfo_text=text, stat=st)
+
+
+def _check_fds(s: Survey, ctx: DumpContext) -> None:
+    infos = [fd_info(s.proc, fd) for fd in s.proc.fds()]
+    ctx.all_fds = {i.fd: i for i in infos}
+    for info in infos:
+        what = f"fd {info.fd} {info.link}"
+        try:
+            kind, mod = fdkinds.handler_for(info)
+            desc = mod.classify(info, ctx)
+        except Refusal as r:
+            s.refuse(what, fdkinds.classify_kind(info), r)
+            continue
+        s.fds.append((info, kind, mod))
+        s.ok(what, kind, desc or kind)
+
+
+def preflight(pid: int, ctx: DumpContext, proc: procfs.Proc) -> Survey:
+    """Everything about the frozen process that can be judged without
+    injecting syscalls. Refusals are collected, not raised."""
+    s = Survey(pid=pid, proc=proc)
+    s.stat = proc.stat()
+    s.status = proc.status()
+    _check_process(s)
+    _check_vmas(s)
+    _check_fds(s, ctx)
+    return s
+
+
+def features() -> List[str]:
+    """Kernel features and capabilities the engine needs that are missing
+    here (empty when all are present)."""
+    missing = []
+    if kernel_version(os.uname().release) < MIN_KERNEL:
+        missing.append(f"kernel >= {MIN_KERNEL[0]}.{MIN_KERNEL[1]} (this is {os.uname().release})")
+    status = procfs.parse_status(open("/proc/self/status").read())
+    eff = int(status.get("CapEff", "0"), 16)
+    if not (eff >> 21) & 1 and not (eff >> 40) & 1:
+        missing.append("capability CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE")
+    if not (eff >> 19) & 1:
+        missing.append("capability CAP_SYS_PTRACE")
+    if not os.path.exists("/proc/self/pagemap"):
+        missing.append("kernel /proc/PID/pagemap (CONFIG_PROC_PAGE_MONITOR)")
+    if not os.path.exists("/proc/self/map_files"):
+        missing.append("kernel /proc/PID/map_files (CONFIG_CHECKPOINT_RESTORE)")
+    return missing
+
+
+MIN_KERNEL = (5, 13)   # PTRACE_GET_RSEQ_CONFIGURATION; clone3 set_tid is 5.5
+
+
+def kernel_version(release: str) -> tuple:
+    nums = []
+    for part in release.split("-")[0].split(".")[:2]:
+        digits = "".join(c for c in part if c.isdigit())
+        nums.append(int(digits or 0))
+    return tuple(nums)
+
+
+def require_features() -> None:
+    """Raise Refusal(capability | kernel-missing) naming what is missing."""
+    missing = features()
+    caps = [m for m in missing if m.startswith("capability")]
+    if caps:
+        raise Refusal("capability", "; ".join(caps))
+    if missing:
+        raise Refusal("kernel-missing", "; ".join(missing))

@@ -1,0 +1,327 @@
+"""`ckpt dump` and `ckpt check`: freeze, pre-flight, save, release.
+
+Order (DESIGN.md invariants): freeze with PTRACE_SEIZE + INTERRUPT; survey
+every piece of state and every fd, collecting ALL refusals; on any refusal,
+put the registers back and detach (the target carries on as before, the
+partial image is removed); otherwise write the image into DIR.partial,
+commit it (rename to DIR), and only then kill the target (or let it go with
+--leave-running).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import time
+from typing import List
+
+from . import files, libc, procfs
+from .arch import current as current_arch
+from .check import Survey, preflight, require_features, target_checks
+from .context import DumpContext, Options, boot_id
+from .errors import Refusal, Refusals
+from .fds._dups import leader_map
+from .image import ImageWriter
+from .memory import PAGE, PageDumper
+from .task import Task
+
+SCRATCH = 512
+PR_GET_TID_ADDRESS = 40
+SIGNALS = [s for s in range(1, 65) if s not in (9, 19)]   # all but SIGKILL, SIGSTOP
+MM_FIELDS = ("start_code", "end_code", "start_data", "end_data", "start_brk",
+             "start_stack", "arg_start", "arg_end", "env_start", "env_end")
+
+
+# -- injected state ------------------------------------------------------------
+
+def _syscall_in_vdso(task: Task, vmas: List[dict]) -> int:
+    """Address of a `syscall` instruction in the target's [vdso]: injection
+    jumps there, so nothing is written into the target's code."""
+    for v in vmas:
+        if v["path"] == "[vdso]":
+            code = task.read_mem(v["start"], v["end"] - v["start"])
+            i = code.find(task.arch.SYSCALL_INSN)
+            if i >= 0:
+                return v["start"] + i
+    raise Refusal("unsupported-state", "no [vdso] with a syscall instruction to inject through", pid=task.pid)
+
+
+def _scratch(task: Task, vmas: List[dict]) -> int:
+    """Scratch memory for injected syscalls' out-parameters: below the
+    target's stack pointer past the 128-byte red zone (x86_64 ABI 3.2.2),
+    inside its stack mapping; saved before use and put back after."""
+    rsp = task.orig_regs.rsp
+    addr = (rsp - 128 - SCRATCH) & ~15
+    for v in vmas:
+        if v["start"] <= rsp < v["end"] and addr >= v["start"] and "w" in v["perms"]:
+            return addr
+    for v in vmas:   # an odd stack pointer: any private writable anonymous mapping
+        if v.get("kind") == "anon" and v["perms"].startswith("rw") and v["end"] - v["start"] >= SCRATCH:
+            return v["start"]
+    raise Refusal("unsupported-state", "no writable memory for syscall injection", pid=task.pid)
+
+
+def injected_state(task: Task, vmas: List[dict]) -> dict:
+    """State only the process itself can report (no /proc file for it)."""
+    if task.syscall_ip is None:
+        task.syscall_ip = _syscall_in_vdso(task, vmas)
+    scr = _scratch(task, vmas)
+    saved = task.read_mem(scr, SCRATCH)
+    out: dict = {}
+    try:
+        out["brk"] = task.call("brk", 0)
+        acts = {}
+        for sig in SIGNALS:
+            task.call("rt_sigaction", sig, 0, scr, 8)
+            handler, flags, restorer, mask = struct.unpack("<QQQQ", task.read_mem(scr, 32))
+            acts[str(sig)] = [handler, flags, restorer, mask]
+        out["sigactions"] = acts
+        task.call("sigaltstack", 0, scr)
+        # stack_t: void *ss_sp; int ss_flags; (4 bytes padding) size_t ss_size
+        sp, flags, size = struct.unpack("<Qi4xQ", task.read_mem(scr, 24))
+        out["sigaltstack"] = [sp, flags, size]
+        task.call("prctl", PR_GET_TID_ADDRESS, scr, 0, 0, 0)
+        out["tid_address"] = struct.unpack("<Q", task.read_mem(scr, 8))[0]
+        timers = []
+        for which in (0, 1, 2):   # ITIMER_REAL, VIRTUAL, PROF
+            task.call("getitimer", which, scr)
+            timers.append(list(struct.unpack("<qqqq", task.read_mem(scr, 32))))
+        out["itimers"] = timers
+    finally:
+        task.write_mem(scr, saved)
+    return out
+
+
+def robust_list(pid: int) -> List[int]:
+    head = libc.ctypes.c_uint64()
+    size = libc.ctypes.c_uint64()
+    a = current_arch()
+    libc.syscall(a.SYS["get_robust_list"], pid, libc.ctypes.addressof(head), libc.ctypes.addressof(size),
+                 name="get_robust_list", pid=pid)
+    return [head.value, size.value]
+
+
+def process_state(task: Task, s: Survey) -> dict:
+    proc = s.proc
+    st = s.stat
+    status = s.status
+    pid = task.pid
+    mm = {k: st[k] for k in MM_FIELDS}
+    cwd_path = proc.readlink("cwd")
+    cst = os.stat(proc.path("cwd"))
+    state = {
+        "pid": pid,
+        "comm": proc.read("comm").rstrip("\n"),
+        "regs": task.orig_regs.to_dict(),
+        "sigmask": task_sigmask(task),
+        "rseq": _rseq(task),
+        "mm": mm,
+        "auxv": procfs.parse_auxv(proc.read_bytes("auxv")),
+        "robust_list": robust_list(pid),
+        "rlimits": procfs.parse_limits(proc.read("limits"))[:len(libc.RLIMIT_NAMES)],
+        "umask": int(status.get("Umask", "0022"), 8),
+        "personality": int(proc.read("personality").strip(), 16),
+        "cwd": {"path": cwd_path, "dev": cst.st_dev, "ino": cst.st_ino},
+        "session": {"sid": st["session"], "pgid": st["pgrp"]},
+        "exit_signal": st.get("exit_signal", 17),
+        "creds": {"uid": [int(x) for x in status["Uid"].split()], "gid": [int(x) for x in status["Gid"].split()],
+                  "groups": [int(x) for x in status.get("Groups", "").split()],
+                  "caps": {k: status.get(k, "") for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")},
+                  "no_new_privs": status.get("NoNewPrivs", "0")},
+    }
+    state.update(injected_state(task, s.vmas))
+    state["mm"]["brk"] = state["brk"]
+    return state
+
+
+def task_sigmask(task: Task) -> int:
+    from . import ptrace
+    return ptrace.get_sigmask(task.pid)
+
+
+def _rseq(task: Task) -> dict:
+    from . import ptrace
+    try:
+        return ptrace.get_rseq(task.pid)
+    except libc.SysError as e:
+        if e.errno == 5:   # EIO: kernel < 5.13 has no GET_RSEQ_CONFIGURATION
+            raise Refusal("kernel-missing", "PTRACE_GET_RSEQ_CONFIGURATION (Linux 5.13)", pid=task.pid) from None
+        raise
+
+
+# -- mappings ------------------------------------------------------------------
+
+def exe_vma(proc: procfs.Proc) -> dict:
+    path = proc.readlink("exe")
+    st = os.stat(proc.path("exe"))
+    return {"start": 0, "end": 0, "offset": 0, "perms": "r--p", "path": path,
+            "dev": f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}", "inode": st.st_ino,
+            "map_files": proc.path("exe")}
+
+
+def map_records(s: Survey, ctx: DumpContext) -> dict:
+    """files.map_dump for every file mapping and the exe, refusals collected
+    into the survey. Returns {vma start (or "exe"): record}."""
+    recs: dict = {}
+    for v in s.vmas:
+        if v["kind"] != "file":
+            continue
+        try:
+            recs[v["start"]] = files.map_dump(s.pid, v, ctx)
+        except Refusal as r:
+            s.refuse(f"mapping {v['start']:x}-{v['end']:x} {v['path']}", "mapping", r)
+    try:
+        recs["exe"] = files.map_dump(s.pid, exe_vma(s.proc), ctx)
+        s.ok("exe", "file", s.proc.readlink("exe"))
+    except Refusal as r:
+        s.refuse("exe", "file", r)
+    return recs
+
+
+def dump_memory(pid: int, s: Survey, recs: dict, dumper: PageDumper) -> List[dict]:
+    out = []
+    pm = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        for v in s.vmas:
+            kind = v["kind"]
+            rec = {k: v[k] for k in ("start", "end", "perms", "offset", "dev", "inode", "path", "flags")}
+            rec["kind"] = kind
+            rec["pages"] = []
+            npages = (v["end"] - v["start"]) // PAGE
+            force_mem = "r" not in v["perms"]
+            private = v["perms"][3] == "p"
+            if kind == "file":
+                rec["file"] = recs[v["start"]]
+            if kind == "shmem":
+                runs = [[v["start"], npages]]
+            elif kind == "anon" or (kind == "file" and private):
+                raw = os.pread(pm, npages * 8, v["start"] // PAGE * 8)
+                runs = procfs.pagemap_runs(raw, v["start"], anon_only=(kind == "file"), page=PAGE)
+            else:
+                runs = []
+            if runs:
+                rec["pages"] = dumper.add(runs, force_mem=force_mem)
+            rec["pages_bytes"] = sum(r[1] for r in rec["pages"]) * PAGE
+            out.append(rec)
+    finally:
+        os.close(pm)
+    return out
+
+
+def dump_fds(s: Survey, ctx: DumpContext) -> List[dict]:
+    infos = [info for info, _, _ in s.fds]
+    leaders = leader_map(s.pid, infos) if infos else {}
+    out = []
+    for info, kind, mod in s.fds:
+        common = {"fd": info.fd, "kind": kind, "flags": info.flags, "pos": info.pos,
+                  "cloexec": info.cloexec, "link": info.link}
+        lead = leaders.get(info.fd, info.fd)
+        if lead != info.fd:
+            rec = {"dup_of": lead}
+        else:
+            rec = mod.dump(info, ctx)
+        rec.update(common)
+        out.append(rec)
+    return out
+
+
+# -- entry points --------------------------------------------------------------
+
+def _survey_frozen(pid: int, task: Task, ctx: DumpContext, proc: procfs.Proc):
+    try:
+        # Before the fd handlers' classify(), which may inject syscalls.
+        task.syscall_ip = _syscall_in_vdso(task, proc.maps())
+    except Refusal:
+        pass    # refused again, with the other findings, by injected_state()
+    s = preflight(pid, ctx, proc)
+    state = None
+    try:
+        state = process_state(task, s)
+        s.ok("registers", "cpu", f"rip {state['regs']['rip']:#x}")
+        s.ok("signals", "signals", f"mask {state['sigmask']:#x}, {sum(1 for a in state['sigactions'].values() if a[0])} handlers")
+        s.ok("rseq", "process", "registered" if state["rseq"]["pointer"] else "none")
+        s.ok("sigaltstack", "signals", "disabled" if state["sigaltstack"][1] & 2 else
+             f"{state['sigaltstack'][2]} bytes at {state['sigaltstack'][0]:#x}")
+        armed = [w for w, t in zip(("real", "virtual", "prof"), state["itimers"]) if any(t)]
+        s.ok("interval timers", "timers", ", ".join(armed) or "none armed")
+        s.ok("mm fields", "memory", f"brk {state['brk']:#x} (start {state['mm']['start_brk']:#x}), "
+             f"{len(state['auxv']) // 2} auxv entries")
+        s.ok("rlimits", "process", f"{len(state['rlimits'])} limits")
+        s.ok("umask/comm/personality", "process",
+             f"umask {state['umask']:03o}, comm {state['comm']!r}, personality {state['personality']:#x}")
+        s.ok("tid address / robust list", "process",
+             f"{state['tid_address']:#x} / {state['robust_list'][0]:#x}")
+    except Refusal as r:
+        s.refuse("process state", "process", r)
+    recs = map_records(s, ctx)
+    return s, state, recs
+
+
+def dump(pid: int, directory: str, options: Options) -> dict:
+    """Checkpoint `pid` into `directory`. Returns {pid, image, pages_bytes,
+    mappings, fds, frozen_ms, total_ms, left_running}. Raises Refusal /
+    Refusals (target resumed untouched, no image left), UsageError (bad
+    pid/dir), EngineError."""
+    t0 = time.monotonic()
+    require_features()
+    arch = current_arch()
+    proc = target_checks(pid)
+    with ImageWriter(directory) as img:
+        ctx = DumpContext(pid=pid, options=options, image=img, boot_id=boot_id())
+        task = Task.seize(pid)
+        ctx.task = task
+        t_frozen = time.monotonic()
+        dumper = PageDumper(pid, img)
+        try:
+            s, state, recs = _survey_frozen(pid, task, ctx, proc)
+            if s.refusals:
+                raise s.refusals[0] if len(s.refusals) == 1 else Refusals(s.refusals)
+            state["xstate"] = arch.xstate_features(task.get_xstate())
+            img.write_bytes("xstate.bin", task.get_xstate())
+            state["exe"] = recs["exe"]
+            fdrecs = dump_fds(s, ctx)
+            vmas = dump_memory(pid, s, recs, dumper)
+            dumper.run()
+            img.write_json("core.json", state)
+            img.write_json("mm.json", {"vmas": vmas, "page_files": dumper.nfiles})
+            img.write_json("fds.json", fdrecs)
+            meta = {"pid": pid, "comm": state["comm"], "boot_id": ctx.boot_id, "pages_bytes": dumper.total}
+            if options.leave_running:
+                # Everything is read: let it go before the fsyncs of commit.
+                task.release()
+                t1 = time.monotonic()
+                img.commit(meta)
+            else:
+                # Kill only once the image is safely in place.
+                img.commit(meta)
+                task.kill()
+                t1 = time.monotonic()
+        except BaseException:
+            dumper.close()
+            if task.attached:
+                try:
+                    task.release()
+                except libc.SysError:
+                    pass
+            raise
+    return {"pid": pid, "image": img.final, "pages_bytes": dumper.total, "mappings": len(vmas),
+            "fds": len(fdrecs), "frozen_ms": round((t1 - t_frozen) * 1000, 2),
+            "total_ms": round((time.monotonic() - t0) * 1000, 2), "left_running": bool(options.leave_running)}
+
+
+def check(pid: int, options: Options) -> dict:
+    """Dry run: every fd and every piece of state with its verdict. Writes
+    nothing; the target is left running exactly as before."""
+    require_features()
+    current_arch()
+    proc = target_checks(pid)
+    ctx = DumpContext(pid=pid, options=options, image=None, boot_id=boot_id())
+    task = Task.seize(pid)
+    ctx.task = task
+    try:
+        s, _, _ = _survey_frozen(pid, task, ctx, proc)
+    finally:
+        task.release()
+    return {"pid": pid, "ok": not s.refusals, "items": s.items,
+            "refusals": [r.as_dict() for r in s.refusals]}
+

@@ -1,0 +1,134 @@
+"""TCP listeners (IPv4 and IPv6) held only by the process, with nothing
+waiting to be accepted.
+
+At dump: inet_diag (engine.netdiag) gives the accept queue length and the
+backlog (a listener's idiag_rqueue / idiag_wqueue: sk_ack_backlog /
+sk_max_ack_backlog, net/ipv4/inet_diag.c) - a listener with connections
+waiting is refused (their clients would be dropped), and so is one with
+half-open connections (request sockets, shown in /proc/net/tcp* as
+SYN_RECV with the listener's local port). Options are read and compared
+with a fresh socket's (_sockopts).
+
+At restore: socket, options (before bind: SO_REUSEADDR, SO_REUSEPORT,
+IPV6_V6ONLY, TCP_FASTOPEN ...), bind to the same address and port, listen
+with the same backlog (read back through inet_diag), options read back.
+A port taken meanwhile is refused ("address in use"): restore() runs
+before the new process exists, so nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import os
+import socket as _socket
+
+from .. import netdiag, netinfo
+from ..errors import Refusal
+from . import _sockopts, _sys
+from ._sockbase import check_options, dup_of, fresh_options, inode_of, option_refusal, options, outside_holders
+from ._util import failed, refuse, refuse_rec
+
+_SYN_RECV = 3      # request sockets show in /proc/net/tcp as TCP_SYN_RECV (get_openreq4)
+
+
+def _v(family: int) -> str:
+    return "6" if family == _socket.AF_INET6 else ""
+
+
+def _addr_text(family: int, addr) -> str:
+    return netinfo.endpoint_text((addr[0], addr[1]))
+
+
+def listener_classify(info, ctx, q: dict) -> dict:
+    """The dump record of a TCP listener; raises the `socket` refusal."""
+    ino = inode_of(info.link)
+    key = f"tcp-listen:{ino}"
+    if key in ctx.shared:
+        return ctx.shared[key]
+    fam = q["family"]
+    addr = q["name"]
+    head = f"tcp{_v(fam)} listening {_addr_text(fam, addr)}"
+    out = outside_holders(info, ctx, ino)
+    if out:
+        raise refuse(info, "socket", f"{head}: also held by pid {out[0][0]} (fd {out[0][1]})")
+    try:
+        queues = netdiag.tcp_listener(fam, ino)
+    except OSError as e:
+        raise refuse(info, "socket", f"{head}: inet_diag cannot report its backlog ({e.strerror})") from e
+    if queues is None:
+        raise refuse(info, "socket", f"{head}: not found by inet_diag; its backlog cannot be known")
+    waiting, backlog = queues
+    if waiting:
+        raise refuse(info, "socket", f"{head}: {waiting} connection(s) waiting in the accept queue")
+    half = [r for r in netinfo.parse_inet(netinfo.read_table(info.pid, "tcp" + _v(fam))).values()
+            if r["state"] == _SYN_RECV and r["local"][1] == addr[1]]
+    if half:
+        raise refuse(info, "socket", f"{head}: {len(half)} half-open connection(s) (SYN_RECV)")
+    fresh = fresh_options(ctx, fam, _socket.SOCK_STREAM, _socket.IPPROTO_TCP)
+    with dup_of(info) as mine:
+        opts = options(info, ctx, fam, _socket.SOCK_STREAM, _socket.IPPROTO_TCP, mine)
+    try:
+        setnames = check_options(info, opts, fresh)
+    except Refusal as e:
+        raise refuse(info, "socket", f"{head}: {e.detail}") from None
+    rec = {"sock": "tcp-listen", "family": fam, "addr": list(addr), "backlog": backlog,
+           "inode": ino, "opts": opts, "set": setnames}
+    ctx.shared[key] = rec
+    return rec
+
+
+def listener_text(rec: dict) -> str:
+    return (f"tcp{_v(rec['family'])} listening {_addr_text(rec['family'], rec['addr'])}, "
+            f"backlog {rec['backlog']}" + (f", options {', '.join(rec['set'])}" if rec["set"] else ""))
+
+
+def listener_validate(rec: dict, ctx) -> None:
+    """Raises image-invalid for a malformed record. (Whether the port is
+    free is learnt by binding, in restore: a test here would race anyway.)"""
+    fam = rec.get("family")
+    addr = rec.get("addr")
+    if fam not in (_socket.AF_INET, _socket.AF_INET6) or not isinstance(addr, list) or \
+            len(addr) != (4 if fam == _socket.AF_INET6 else 2) or not isinstance(rec.get("backlog"), int):
+        raise refuse_rec(rec, ctx, "image-invalid", "tcp listener record malformed")
+
+
+def listener_restore(rec: dict, ctx) -> int:
+    """A listening TCP socket on the recorded address, backlog and options.
+    Raises the `socket` refusal (address in use / not available here,
+    backlog or option that reads back differently) or EngineError."""
+    fam = rec["family"]
+    addr = tuple(rec["addr"])
+    text = f"tcp{_v(fam)} listener {_addr_text(fam, addr)}"
+    s = _socket.socket(fam, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC, _socket.IPPROTO_TCP)
+    try:
+        _sockopts.apply(s, rec["opts"], rec["set"])
+        try:
+            s.bind(addr)
+        except OSError as e:
+            if e.errno in (_errno.EADDRINUSE, _errno.EADDRNOTAVAIL):
+                why = "address in use" if e.errno == _errno.EADDRINUSE else "address not available here"
+                raise refuse_rec(rec, ctx, "socket", f"{text}: {why}") from None
+            raise
+        s.listen(rec["backlog"])
+        got = netdiag.tcp_listener(fam, os.fstat(s.fileno()).st_ino)
+        if got is None or got[1] != rec["backlog"]:
+            raise refuse_rec(rec, ctx, "socket", f"{text}: backlog {rec['backlog']} becomes "
+                             f"{got[1] if got else '?'} here (net.core.somaxconn?)")
+        _sockopts.apply_late(s, rec["opts"], rec["set"])
+        _sockopts.verify(s, fam, True, rec["opts"])
+        fd = s.detach()
+    except _sockopts.OptionError as e:
+        s.close()
+        raise option_refusal(rec, ctx, e) from None
+    except OSError as e:
+        s.close()
+        raise failed(rec, ctx, f"recreating {text}", e) from e
+    except BaseException:
+        s.close()
+        raise
+    try:
+        _sys.set_status_flags(fd, rec.get("flags", 0))
+    except OSError as e:
+        os.close(fd)
+        raise failed(rec, ctx, "setting status flags", e) from e
+    return fd

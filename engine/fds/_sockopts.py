@@ -1,0 +1,257 @@
+"""Socket options: read them all, reproduce the known ones, refuse the rest.
+
+Every option of :data:`TABLE` that applies to a socket's family/protocol is
+read raw (getsockopt into a buffer of the option's size) from a pidfd_getfd
+duplicate - getsockopt changes nothing. The values are compared with those
+of a fresh socket of the same family/type/protocol made by the engine: an
+option that differs is "set" by the process. A set option marked ``copy``
+is reproduced at restore with setsockopt of the same bytes; one marked
+``refuse`` makes the socket refused by name (a BPF filter, a bound device,
+an upper-layer protocol: state the engine cannot carry).
+
+At restore, after the socket is rebuilt, EVERY recorded option is read back
+and compared: any difference (a sysctl default that differs on this node, a
+value the kernel rounds, such as TCP_DEFER_ACCEPT) is a refusal, before the
+new process exists. Nothing is "probably the same".
+
+Special cases (socket(7)): SO_RCVBUF/SO_SNDBUF report twice the value
+given to setsockopt, so they are reproduced with SO_RCVBUFFORCE /
+SO_SNDBUFFORCE (CAP_NET_ADMIN; ignores net.core.rmem_max) of half the
+value; setting a buffer size also sets its lock bit (SOCK_*BUF_LOCK), so
+SO_BUF_LOCK (5.16+) is put back after them. Options that are not settable
+before the data is queued (SO_PASSCRED, SO_PEEK_OFF) are applied by the
+caller after the refill: see :data:`LATE`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno as _errno
+import os
+import socket as _socket
+from typing import Dict, List, Optional, Tuple
+
+SOL_SOCKET = _socket.SOL_SOCKET
+IP, IPV6, TCP = _socket.IPPROTO_IP, _socket.IPPROTO_IPV6, _socket.IPPROTO_TCP
+
+# (name, level, optname, size, applies to, policy)
+# applies to: "all", "inet" (v4 and v6), "ip4", "ip6", "tcp"
+# Numbers: include/uapi/asm-generic/socket.h, include/uapi/linux/tcp.h,
+# include/uapi/linux/in.h, include/uapi/linux/in6.h (x86_64 and aarch64
+# share the asm-generic socket numbers).
+TABLE: List[Tuple[str, int, int, int, str, str]] = [
+    ("SO_DEBUG", SOL_SOCKET, 1, 4, "all", "copy"),
+    ("SO_REUSEADDR", SOL_SOCKET, 2, 4, "all", "copy"),
+    ("SO_DONTROUTE", SOL_SOCKET, 5, 4, "all", "copy"),
+    ("SO_BROADCAST", SOL_SOCKET, 6, 4, "all", "copy"),
+    ("SO_SNDBUF", SOL_SOCKET, 7, 4, "all", "buf"),
+    ("SO_RCVBUF", SOL_SOCKET, 8, 4, "all", "buf"),
+    ("SO_KEEPALIVE", SOL_SOCKET, 9, 4, "all", "copy"),
+    ("SO_OOBINLINE", SOL_SOCKET, 10, 4, "all", "copy"),
+    ("SO_NO_CHECK", SOL_SOCKET, 11, 4, "all", "copy"),
+    ("SO_PRIORITY", SOL_SOCKET, 12, 4, "all", "copy"),
+    ("SO_LINGER", SOL_SOCKET, 13, 8, "all", "copy"),
+    ("SO_REUSEPORT", SOL_SOCKET, 15, 4, "all", "copy"),
+    ("SO_PASSCRED", SOL_SOCKET, 16, 4, "all", "late"),
+    ("SO_RCVLOWAT", SOL_SOCKET, 18, 4, "all", "copy"),
+    ("SO_RCVTIMEO", SOL_SOCKET, 20, 16, "all", "copy"),
+    ("SO_SNDTIMEO", SOL_SOCKET, 21, 16, "all", "copy"),
+    ("SO_BINDTODEVICE", SOL_SOCKET, 25, 16, "all", "refuse"),
+    ("SO_GET_FILTER", SOL_SOCKET, 26, 4, "all", "refuse"),   # read by _filter_len()
+    ("SO_TIMESTAMP", SOL_SOCKET, 29, 4, "all", "copy"),
+    ("SO_PASSSEC", SOL_SOCKET, 34, 4, "all", "refuse"),
+    ("SO_TIMESTAMPNS", SOL_SOCKET, 35, 4, "all", "copy"),
+    ("SO_MARK", SOL_SOCKET, 36, 4, "all", "copy"),
+    ("SO_TIMESTAMPING", SOL_SOCKET, 37, 4, "all", "copy"),
+    ("SO_RXQ_OVFL", SOL_SOCKET, 40, 4, "all", "copy"),
+    ("SO_WIFI_STATUS", SOL_SOCKET, 41, 4, "all", "copy"),
+    ("SO_PEEK_OFF", SOL_SOCKET, 42, 4, "all", "late"),
+    ("SO_NOFCS", SOL_SOCKET, 43, 4, "all", "copy"),
+    ("SO_LOCK_FILTER", SOL_SOCKET, 44, 4, "all", "refuse"),
+    ("SO_SELECT_ERR_QUEUE", SOL_SOCKET, 45, 4, "all", "copy"),
+    ("SO_BUSY_POLL", SOL_SOCKET, 46, 4, "all", "copy"),
+    ("SO_ZEROCOPY", SOL_SOCKET, 60, 4, "all", "copy"),
+    ("SO_PREFER_BUSY_POLL", SOL_SOCKET, 69, 4, "all", "copy"),
+    ("SO_BUSY_POLL_BUDGET", SOL_SOCKET, 70, 4, "all", "copy"),
+    ("SO_BUF_LOCK", SOL_SOCKET, 72, 4, "all", "buflock"),
+    ("SO_RESERVE_MEM", SOL_SOCKET, 73, 4, "all", "refuse"),
+    ("SO_TXREHASH", SOL_SOCKET, 74, 4, "all", "copy"),
+    ("SO_RCVMARK", SOL_SOCKET, 75, 4, "all", "copy"),
+    ("SO_PASSPIDFD", SOL_SOCKET, 76, 4, "all", "refuse"),
+    ("IP_TOS", IP, 1, 4, "ip4", "copy"),
+    ("IP_TTL", IP, 2, 4, "ip4", "copy"),
+    ("IP_MTU_DISCOVER", IP, 10, 4, "ip4", "copy"),
+    ("IP_RECVERR", IP, 11, 4, "ip4", "copy"),
+    ("IP_FREEBIND", IP, 15, 4, "ip4", "copy"),
+    ("IP_TRANSPARENT", IP, 19, 4, "ip4", "copy"),
+    ("IP_MINTTL", IP, 21, 4, "ip4", "copy"),
+    ("IP_BIND_ADDRESS_NO_PORT", IP, 24, 4, "ip4", "copy"),
+    ("IPV6_UNICAST_HOPS", IPV6, 16, 4, "ip6", "copy"),
+    ("IPV6_MTU_DISCOVER", IPV6, 23, 4, "ip6", "copy"),
+    ("IPV6_RECVERR", IPV6, 25, 4, "ip6", "copy"),
+    ("IPV6_V6ONLY", IPV6, 26, 4, "ip6", "copy"),
+    ("IPV6_TCLASS", IPV6, 67, 4, "ip6", "copy"),
+    ("IPV6_MINHOPCOUNT", IPV6, 73, 4, "ip6", "copy"),
+    ("IPV6_TRANSPARENT", IPV6, 75, 4, "ip6", "copy"),
+    ("IPV6_FREEBIND", IPV6, 78, 4, "ip6", "copy"),
+    ("TCP_NODELAY", TCP, 1, 4, "tcp", "copy"),
+    ("TCP_MAXSEG", TCP, 2, 4, "tcp", "copy"),
+    ("TCP_CORK", TCP, 3, 4, "tcp", "copy"),
+    ("TCP_KEEPIDLE", TCP, 4, 4, "tcp", "copy"),
+    ("TCP_KEEPINTVL", TCP, 5, 4, "tcp", "copy"),
+    ("TCP_KEEPCNT", TCP, 6, 4, "tcp", "copy"),
+    ("TCP_SYNCNT", TCP, 7, 4, "tcp", "copy"),
+    ("TCP_LINGER2", TCP, 8, 4, "tcp", "copy"),
+    ("TCP_DEFER_ACCEPT", TCP, 9, 4, "tcp", "copy"),
+    ("TCP_WINDOW_CLAMP", TCP, 10, 4, "tcp", "copy"),
+    ("TCP_CONGESTION", TCP, 13, 16, "tcp", "copy"),
+    ("TCP_USER_TIMEOUT", TCP, 18, 4, "tcp", "copy"),
+    ("TCP_FASTOPEN", TCP, 23, 4, "tcp", "copy"),
+    ("TCP_NOTSENT_LOWAT", TCP, 25, 4, "tcp", "copy"),
+    ("TCP_SAVE_SYN", TCP, 27, 4, "tcp", "copy"),
+    ("TCP_FASTOPEN_CONNECT", TCP, 30, 4, "tcp", "copy"),
+    ("TCP_ULP", TCP, 31, 16, "tcp", "refuse"),
+    ("TCP_FASTOPEN_NO_COOKIE", TCP, 34, 4, "tcp", "copy"),
+    ("TCP_TX_DELAY", TCP, 37, 4, "tcp", "copy"),
+]
+
+_libc = ctypes.CDLL(None, use_errno=True)
+SO_SNDBUFFORCE = 32
+SO_RCVBUFFORCE = 33
+_FORCE = {"SO_SNDBUF": SO_SNDBUFFORCE, "SO_RCVBUF": SO_RCVBUFFORCE}
+_BY_NAME = {row[0]: row for row in TABLE}
+LATE = ("SO_PASSCRED", "SO_PEEK_OFF")     # applied by the caller after refilling queues
+
+
+class OptionError(Exception):
+    """An option cannot be reproduced; `name` and a one-line `why`."""
+
+    def __init__(self, name: str, why: str):
+        super().__init__(f"{name}: {why}")
+        self.name = name
+        self.why = why
+
+
+def _applies(where: str, family: int, proto_tcp: bool) -> bool:
+    if where == "all":
+        return True
+    if where == "ip4":
+        return family == _socket.AF_INET
+    if where == "ip6":
+        return family == _socket.AF_INET6
+    if where == "tcp":
+        return proto_tcp
+    return False
+
+
+def rows_for(family: int, proto_tcp: bool) -> List[Tuple[str, int, int, int, str, str]]:
+    return [r for r in TABLE if _applies(r[4], family, proto_tcp)]
+
+
+def read_all(sock: _socket.socket, family: int, proto_tcp: bool) -> Dict[str, Optional[str]]:
+    """name -> raw value (hex) of every applicable option; None where this
+    kernel does not know the option (ENOPROTOOPT/EINVAL/EOPNOTSUPP).
+
+    Raises OSError for any other getsockopt failure."""
+    out: Dict[str, Optional[str]] = {}
+    for name, level, opt, size, _, _ in rows_for(family, proto_tcp):
+        try:
+            if name == "SO_GET_FILTER":
+                out[name] = _filter_len(sock.fileno()).to_bytes(4, "little", signed=True).hex()
+                continue
+            out[name] = sock.getsockopt(level, opt, size).hex()
+        except OSError as e:
+            if e.errno in (_errno.ENOPROTOOPT, _errno.EINVAL, _errno.EOPNOTSUPP):
+                out[name] = None
+            else:
+                raise
+    return out
+
+
+def _filter_len(fd: int) -> int:
+    """Number of classic BPF instructions attached (SO_ATTACH_FILTER), -1 for
+    an eBPF program (SO_ATTACH_BPF), 0 for none. Asked with optlen 0, the
+    only safe way: with a buffer, sk_get_filter (net/core/filter.c) copies
+    len*8 bytes of program into it, whatever the buffer's real size."""
+    optlen = ctypes.c_uint(0)
+    if _libc.getsockopt(fd, SOL_SOCKET, 26, None, ctypes.byref(optlen)) != 0:
+        e = ctypes.get_errno()
+        if e == _errno.EACCES:          # an eBPF program: it has no classic form
+            return -1
+        raise OSError(e, os.strerror(e))
+    return optlen.value
+
+
+def as_int(hexval: Optional[str]) -> int:
+    return int.from_bytes(bytes.fromhex(hexval or "00000000")[:4], "little", signed=True)
+
+
+def describe_value(name: str, hexval: Optional[str]) -> str:
+    if hexval is None:
+        return "unknown to this kernel"
+    raw = bytes.fromhex(hexval)
+    if _BY_NAME[name][3] == 4:
+        return str(as_int(hexval))
+    if name in ("TCP_CONGESTION", "TCP_ULP", "SO_BINDTODEVICE"):
+        return repr(raw.rstrip(b"\0").decode(errors="replace"))
+    return "0x" + hexval
+
+
+def differing(values: Dict[str, Optional[str]], fresh: Dict[str, Optional[str]]) -> List[str]:
+    """Names whose value differs from a fresh socket's."""
+    return [n for n, v in values.items() if v != fresh.get(n)]
+
+
+def refused(values: Dict[str, Optional[str]], fresh: Dict[str, Optional[str]]) -> List[str]:
+    """'NAME=value' for every set option the engine will not reproduce."""
+    return [f"{n}={describe_value(n, values[n])}" for n in differing(values, fresh)
+            if _BY_NAME[n][5] == "refuse"]
+
+
+def apply(sock: _socket.socket, values: Dict[str, Optional[str]], names: List[str]) -> None:
+    """setsockopt the options `names` (early ones: neither LATE nor the lock
+    bits, which :func:`apply_late` puts back) to their recorded values.
+
+    Raises OptionError when the kernel rejects one."""
+    for name in names:
+        _, level, opt, _, _, policy = _BY_NAME[name]
+        if name in LATE or policy == "buflock":
+            continue
+        raw = bytes.fromhex(values[name] or "")
+        try:
+            if policy == "buf":
+                # socket(7): the kernel doubles the value; FORCE skips rmem_max.
+                sock.setsockopt(SOL_SOCKET, _FORCE[name], as_int(values[name]) // 2)
+            else:
+                sock.setsockopt(level, opt, raw)
+        except OSError as e:
+            raise OptionError(name, f"setsockopt to {describe_value(name, values[name])}: {e.strerror}") from e
+
+
+def set_buffer(sock: _socket.socket, name: str, value: int) -> None:
+    """Make SO_SNDBUF / SO_RCVBUF read back `value` (raises OSError)."""
+    sock.setsockopt(SOL_SOCKET, _FORCE[name], value // 2)
+
+
+def apply_late(sock: _socket.socket, values: Dict[str, Optional[str]], names: List[str]) -> None:
+    """The LATE options and SO_BUF_LOCK, after queues are refilled and
+    buffer sizes are final. Raises OptionError."""
+    for name in names:
+        if name not in LATE and _BY_NAME[name][5] != "buflock":
+            continue
+        _, level, opt, _, _, _ = _BY_NAME[name]
+        try:
+            sock.setsockopt(level, opt, bytes.fromhex(values[name] or ""))
+        except OSError as e:
+            raise OptionError(name, f"setsockopt to {describe_value(name, values[name])}: {e.strerror}") from e
+
+
+def verify(sock: _socket.socket, family: int, proto_tcp: bool, values: Dict[str, Optional[str]]) -> None:
+    """Every recorded option reads back the same on the rebuilt socket.
+
+    Raises OptionError naming the first one that does not."""
+    now = read_all(sock, family, proto_tcp)
+    for name, want in values.items():
+        if now.get(name) != want:
+            raise OptionError(name, f"was {describe_value(name, want)}, would be "
+                              f"{describe_value(name, now.get(name))} here")

@@ -1,0 +1,214 @@
+"""Unix stream/seqpacket listeners, path-bound (absolute or relative) or
+abstract, held only by the process, with an empty accept queue.
+
+At dump: sock_diag UNIX_DIAG_RQLEN gives the pending connections (rqueue)
+and the backlog (wqueue = sk_max_ack_backlog, net/unix/diag.c
+sk_diag_show_rqlen); pending connections are refused (they belong to
+clients that would be lost). A path-bound listener's file must still be
+the bound inode (UNIX_DIAG_VFS), found through the path (relative names
+through the process's cwd).
+
+At restore: a stale socket file left at the path (nobody unlinks it when
+the old process dies) is removed only if it is a socket file no live
+socket is bound to; anything else at the path is refused and left alone.
+bind, the file's mode and owner put back, listen() with the backlog, read
+back via sock_diag.
+"""
+
+from __future__ import annotations
+
+import os
+import socket as _socket
+import stat
+from typing import Optional
+
+from .. import netdiag
+from ..errors import Refusal
+from . import _sockopts, _sys
+from ._sockbase import (UNIX_TYPES as TYPES, check_options, dup_of, fresh_options, inode_of, option_refusal,
+                        options, outside_holders, same_root, unix_diag as _diag)
+from ._util import failed, refuse, refuse_rec
+
+
+def _name_text(name: Optional[bytes]) -> str:
+    if not name:
+        return "(unnamed)"
+    if name[:1] == b"\0":
+        return "@" + name[1:].decode(errors="replace")
+    return name.split(b"\0", 1)[0].decode(errors="replace")
+
+
+def listener_classify(info, ctx, q: dict) -> dict:
+    """The dump record of a unix listener; raises the `socket` refusal."""
+    ino = inode_of(info.link)
+    key = f"unix-listen:{ino}"
+    if key in ctx.shared:
+        return ctx.shared[key]
+    typ = q["type"]
+    tname = TYPES[typ]
+    d = _diag(info, ino)
+    name = d["name"] or b""
+    text = _name_text(name)
+    head = f"unix {tname} listening {text}"
+    out = outside_holders(info, ctx, ino)
+    if out:
+        raise refuse(info, "socket", f"{head}: also held by pid {out[0][0]} (fd {out[0][1]})")
+    if d["rqueue"] or d["icons"]:
+        raise refuse(info, "socket", f"{head}: {max(d['rqueue'] or 0, len(d['icons']))} pending "
+                     "connection(s) in the accept queue")
+    if d["shutdown"]:
+        raise refuse(info, "socket", f"{head}: shut down ({d['shutdown']})")
+    if not name:
+        raise refuse(info, "socket", f"{head}: no address")
+    rec: dict = {"sock": "unix-listen", "type": typ, "inode": ino, "backlog": d["wqueue"],
+                 "name": name.hex(), "abstract": name[:1] == b"\0", "file": None}
+    if not rec["abstract"]:
+        path = name.split(b"\0", 1)[0]
+        if not same_root(info.pid):
+            raise refuse(info, "socket", f"{head}: the process has another root directory")
+        base = None
+        if not path.startswith(b"/"):
+            # Bound by a relative name: it resolved against the cwd of the
+            # moment. If the process's cwd still leads to the bound inode,
+            # that cwd is the base; the restore binds the same relative
+            # name from there (getsockname keeps showing it).
+            try:
+                base = os.readlink(f"/proc/{info.pid}/cwd")
+            except OSError:
+                base = None
+            if not base or not base.startswith("/"):
+                raise refuse(info, "socket", f"{head}: bound to a relative path and the working "
+                             "directory is unknown")
+            path = os.path.join(os.fsencode(base), path)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            st = None
+        if st is None or not stat.S_ISSOCK(st.st_mode) or d["vfs"] != (st.st_dev, st.st_ino):
+            why = "the socket file was removed or replaced since bind" if base is None else \
+                "bound to a relative path that the working directory no longer leads to"
+            raise refuse(info, "socket", f"{head}: {why}")
+        rec["file"] = {"path": os.fsdecode(path), "base": base, "mode": stat.S_IMODE(st.st_mode),
+                       "uid": st.st_uid, "gid": st.st_gid}
+    fresh = fresh_options(ctx, _socket.AF_UNIX, typ, 0)
+    with dup_of(info) as mine:
+        rec["opts"] = options(info, ctx, _socket.AF_UNIX, typ, 0, mine)
+    try:
+        rec["set"] = check_options(info, rec["opts"], fresh)
+    except Refusal as e:
+        raise refuse(info, "socket", f"{head}: {e.detail}") from None
+    ctx.shared[key] = rec
+    return rec
+
+
+def listener_text(rec: dict) -> str:
+    return f"unix {TYPES[rec['type']]} listening {_name_text(bytes.fromhex(rec['name']))}, backlog {rec['backlog']}"
+
+
+def _in_use(name: bytes, path: Optional[str]) -> bool:
+    """Whether a live socket owns this address (bound to the file at
+    `path`, or to this abstract name)."""
+    if path is not None:
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return False
+        return bool(netdiag.unix_bound_to(st.st_dev, st.st_ino))
+    return any(s["name"] == name for s in netdiag.unix_sockets())
+
+
+def listener_validate(rec: dict, ctx) -> None:
+    """Raises socket (address in use, path occupied by a non-socket, no
+    directory) or image-invalid."""
+    if rec.get("type") not in (_socket.SOCK_STREAM, _socket.SOCK_SEQPACKET) or not rec.get("name"):
+        raise refuse_rec(rec, ctx, "image-invalid", "unix listener record malformed")
+    name = bytes.fromhex(rec["name"])
+    path = rec["file"]["path"] if rec.get("file") else None
+    text = _name_text(name)
+    if path is not None:
+        if not os.path.isdir(os.path.dirname(path) or "/"):
+            raise refuse_rec(rec, ctx, "socket", f"unix listener {text}: its directory is gone")
+        try:
+            st = os.lstat(path)
+            if not stat.S_ISSOCK(st.st_mode):
+                raise refuse_rec(rec, ctx, "socket", f"unix listener {text}: the path is now a "
+                                 f"{stat.filemode(st.st_mode)[0]!r} file, not a socket; not removed")
+        except FileNotFoundError:
+            pass
+    try:
+        busy = _in_use(name, path)
+    except OSError as e:
+        raise refuse_rec(rec, ctx, "socket", f"unix listener {text}: cannot check the address ({e.strerror})") from e
+    if busy:
+        raise refuse_rec(rec, ctx, "socket", f"unix listener {text}: address in use")
+
+
+def _bind(s: _socket.socket, name: bytes, f: Optional[dict]) -> None:
+    """bind to the recorded name; a relative one from its base directory
+    (chdir and back: the restorer is single-threaded here). Raises OSError."""
+    if f is None:
+        s.bind(name)                                  # abstract: the exact bytes
+        return
+    rel = name.split(b"\0", 1)[0]
+    if not f.get("base"):
+        s.bind(rel)
+        return
+    here = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.chdir(f["base"])
+        try:
+            s.bind(rel)
+        finally:
+            os.fchdir(here)
+    finally:
+        os.close(here)
+
+
+def listener_restore(rec: dict, ctx) -> int:
+    """A listening socket at the recorded address and backlog. Raises the
+    `socket` refusal (address in use, backlog or options differ) or
+    EngineError."""
+    listener_validate(rec, ctx)        # again: the world may have moved since the pre-flight
+    name = bytes.fromhex(rec["name"])
+    text = _name_text(name)
+    path = rec["file"]["path"] if rec.get("file") else None
+    s = _socket.socket(_socket.AF_UNIX, rec["type"] | _socket.SOCK_CLOEXEC)
+    try:
+        _sockopts.apply(s, rec["opts"], rec["set"])
+        if path is not None and os.path.lexists(path):
+            # A stale socket file (checked just above: a socket nobody is
+            # bound to). bind(2) would fail EADDRINUSE on it.
+            os.unlink(path)
+        try:
+            _bind(s, name, rec.get("file"))
+        except OSError as e:
+            if e.errno == 98:      # EADDRINUSE
+                raise refuse_rec(rec, ctx, "socket", f"unix listener {text}: address in use") from None
+            raise
+        if path is not None:
+            f = rec["file"]
+            os.chown(path, f["uid"], f["gid"], follow_symlinks=False)
+            os.chmod(path, f["mode"])
+        s.listen(rec["backlog"])
+        got = netdiag.unix_socket(os.fstat(s.fileno()).st_ino)["wqueue"]
+        if got != rec["backlog"]:
+            raise refuse_rec(rec, ctx, "socket", f"unix listener {text}: backlog {rec['backlog']} "
+                             f"becomes {got} here (net.core.somaxconn?)")
+        _sockopts.apply_late(s, rec["opts"], rec["set"])
+        _sockopts.verify(s, _socket.AF_UNIX, False, rec["opts"])
+        fd = s.detach()
+    except _sockopts.OptionError as e:
+        s.close()
+        raise option_refusal(rec, ctx, e) from None
+    except OSError as e:
+        s.close()
+        raise failed(rec, ctx, f"recreating unix listener {text}", e) from e
+    except BaseException:
+        s.close()
+        raise
+    try:
+        _sys.set_status_flags(fd, rec.get("flags", 0))
+    except OSError as e:
+        os.close(fd)
+        raise failed(rec, ctx, "setting status flags", e) from e
+    return fd

@@ -1,0 +1,256 @@
+"""Unix socketpairs held entirely by the process: queued data both ways,
+shutdown state, options.
+
+At dump (per end): the peer comes from sock_diag (UNIX_DIAG_PEER) and must
+be held by the process and by nobody else; the end's receive queue is
+peeked (see _sockpeek: never consumed, SO_PEEK_OFF put back); options are
+read and compared with a fresh socket's (_sockopts).
+
+At restore: socketpair() with the same type, options, then each queue is
+refilled by sending its messages from the other end (with the sender's
+buffer temporarily large enough: queued bytes are charged to the sender,
+net/unix/af_unix.c), then SO_PASSCRED / SO_PEEK_OFF / SO_BUF_LOCK, then
+shutdown(2) as recorded (for stream/seqpacket, unix_shutdown mirrors the
+bits onto the peer, so the state is reproduced from the end's own bits);
+then everything is read back and compared (options, shutdown bits, queue
+lengths): any difference is a refusal, raised before the new process
+exists.
+
+Known limit: the queued messages come back sent by the restorer; their
+hidden sender credentials (visible only if the process turns SO_PASSCRED
+on later) are not kept. With SO_PASSCRED on at dump and data queued, the
+pair is refused. A stream queue is refilled in fewer, larger buffers than
+the original writes may have made, so the sender's charge (SIOCOUTQ, and
+how much more it may write before blocking) can differ slightly; datagram
+charges are identical.
+"""
+
+from __future__ import annotations
+
+import os
+import socket as _socket
+from typing import Dict, List, Optional, Tuple
+
+from .. import netdiag, pidfd
+from ..errors import EngineError
+from . import _sockopts, _sockpeek, _sys
+from ._dups import is_follower
+from ._sockbase import (UNIX_TYPES as TYPES, check_options, dup_of, fresh_options, held_here, inode_of,
+                        option_refusal, options, outside_holders, unix_diag as _diag)
+from ._util import failed, refuse, refuse_rec
+
+_BUFS = ("SO_SNDBUF", "SO_RCVBUF")
+
+
+# -- dump ---------------------------------------------------------------
+
+def pair_classify(info, ctx, q: dict) -> dict:
+    """The dump record of one socketpair end (cached per inode); raises the
+    `socket` refusal naming why it cannot be restored."""
+    ino = inode_of(info.link)
+    key = f"unix-pair:{ino}"
+    if key in ctx.shared:
+        return ctx.shared[key]
+    typ = q["type"]
+    tname = TYPES[typ]
+    d = _diag(info, ino)
+    peer = d["peer"]
+    if not peer:
+        raise refuse(info, "socket", f"unix {tname} connected (socketpair) whose peer is closed")
+    out = outside_holders(info, ctx, ino)
+    if out:
+        raise refuse(info, "socket", f"unix {tname} socketpair end also held by pid {out[0][0]} (fd {out[0][1]})")
+    mine_peer = held_here(ctx, peer)
+    outp = outside_holders(info, ctx, peer)
+    if outp:
+        raise refuse(info, "socket", f"unix {tname} socketpair: peer held by pid {outp[0][0]} (fd {outp[0][1]})")
+    if not mine_peer:
+        raise refuse(info, "socket", f"unix {tname} socketpair: peer (socket inode {peer}) is held by no "
+                     "process (in flight in an SCM_RIGHTS message?)")
+    pd = _diag(info, peer)
+    if d["name"] or pd["name"]:
+        raise refuse(info, "socket", f"unix {tname} socketpair with a bound end")
+    fresh = fresh_options(ctx, _socket.AF_UNIX, typ, 0)
+    with dup_of(info) as mine, pidfd.target_fd(info.pid, mine_peer[0]) as theirs:
+        opts = options(info, ctx, _socket.AF_UNIX, typ, 0, mine)
+        peer_opts = options(info, ctx, _socket.AF_UNIX, typ, 0, theirs)
+        setnames = check_options(info, opts, fresh)
+        charge = _sockpeek.outq(theirs)
+        queued = _sys.fionread(mine)
+        msgs: List[bytes] = []
+        if charge or queued:
+            if d["shutdown"] & netdiag.RCV_SHUTDOWN and typ != _socket.SOCK_STREAM:
+                raise refuse(info, "socket", f"unix {tname} socketpair end shut down for reading "
+                             "with messages queued")
+            try:
+                msgs = _sockpeek.peek_all(mine, typ, _sockpeek.max_messages(charge))
+                if typ == _socket.SOCK_STREAM:
+                    got = sum(len(m) for m in msgs)
+                    if got != queued:
+                        raise _sockpeek.Unreadable(f"peeked {got} bytes of {queued} queued")
+                else:
+                    _sockpeek.check_messages(typ, msgs, charge)
+            except _sockpeek.Unreadable as e:
+                raise refuse(info, "socket", f"unix {tname} socketpair: {e}") from None
+            except OSError as e:
+                raise EngineError(f"peeking pid {info.pid} fd {info.fd}: {e.strerror}", pid=info.pid,
+                                  errno=e.errno) from e
+        if typ != _socket.SOCK_STREAM and _sockopts.as_int(opts.get("SO_PEEK_OFF")) >= 0 and \
+                any(not m for m in msgs):
+            # The process peeks at offsets itself: which empty datagrams it
+            # already saw (skb->peeked) decides what its next peek returns,
+            # and fresh messages at restore would all be unseen.
+            raise refuse(info, "socket", f"unix {tname} socketpair: empty datagrams queued while the "
+                         "process uses SO_PEEK_OFF")
+        if msgs and (_sockopts.as_int(opts.get("SO_PASSCRED")) or _sockopts.as_int(peer_opts.get("SO_PASSCRED"))):
+            raise refuse(info, "socket", f"unix {tname} socketpair with SO_PASSCRED and queued data: the "
+                         "senders' credentials cannot be reproduced")
+    total = sum(len(m) for m in msgs)
+    rec = {"sock": "unix-pair", "type": typ, "inode": ino, "peer": peer, "opts": opts, "set": setnames,
+           "shutdown": d["shutdown"], "lengths": [len(m) for m in msgs], "fionread": queued,
+           "data_len": total, "_data": b"".join(msgs)}
+    ctx.shared[key] = rec
+    return rec
+
+
+def pair_text(rec: dict) -> str:
+    n = len(rec["lengths"])
+    what = f"{rec['data_len']} bytes queued" if rec["type"] == _socket.SOCK_STREAM else \
+        f"{n} messages ({rec['data_len']} bytes) queued"
+    sh = f", shutdown {rec['shutdown']}" if rec["shutdown"] else ""
+    return f"unix {TYPES[rec['type']]} socketpair end (peer inode {rec['peer']}), {what}{sh}"
+
+
+def pair_dump(info, ctx, q: dict) -> dict:
+    rec = dict(pair_classify(info, ctx, q))
+    data = rec.pop("_data")
+    rec["data"] = None
+    if data:
+        rec["data"] = f"fds/sock-{rec['inode']}"
+        ctx.image.write_bytes(rec["data"], data)
+    if rec["type"] == _socket.SOCK_STREAM:
+        rec["lengths"] = [rec["data_len"]] if rec["data_len"] else []
+    return rec
+
+
+# -- restore --------------------------------------------------------------
+
+def _peer_rec(rec: dict, ctx) -> Optional[dict]:
+    for r in ctx.records or []:
+        if r.get("sock") == "unix-pair" and r.get("inode") == rec["peer"] and not is_follower(r):
+            return r
+    return None
+
+
+def pair_validate(rec: dict, ctx) -> None:
+    """Raises image-invalid (peer record or data missing) or socket."""
+    if rec.get("type") not in TYPES:
+        raise refuse_rec(rec, ctx, "image-invalid", f"unix socket type {rec.get('type')!r}")
+    peer = _peer_rec(rec, ctx)
+    if peer is None or peer.get("peer") != rec["inode"] or peer.get("type") != rec["type"]:
+        raise refuse_rec(rec, ctx, "image-invalid", f"the record of the peer socket {rec['peer']} is missing")
+    if sum(rec["lengths"]) != rec["data_len"]:
+        raise refuse_rec(rec, ctx, "image-invalid", "socket queue lengths do not add up")
+    if rec.get("data"):
+        ctx.image.path(rec["data"])
+
+
+def _messages(rec: dict, ctx) -> List[bytes]:
+    if not rec.get("data"):
+        return []
+    data = ctx.image.read_bytes(rec["data"])
+    if len(data) != rec["data_len"]:
+        raise refuse_rec(rec, ctx, "image-invalid", f"{rec['data']} holds {len(data)} bytes, not {rec['data_len']}")
+    out, off = [], 0
+    for n in rec["lengths"]:
+        out.append(data[off:off + n])
+        off += n
+    return out
+
+
+def _buf(sock: _socket.socket, name: str) -> int:
+    return sock.getsockopt(_socket.SOL_SOCKET, 7 if name == "SO_SNDBUF" else 8)
+
+
+def _build_pair(a_rec: dict, b_rec: dict, ctx) -> Tuple[_socket.socket, _socket.socket]:
+    typ = a_rec["type"]
+    a, b = _socket.socketpair(_socket.AF_UNIX, typ | _socket.SOCK_CLOEXEC)
+    try:
+        ends = ((a, a_rec), (b, b_rec))
+        for s, r in ends:
+            _sockopts.apply(s, r["opts"], r["set"])
+        late_extra = set()
+        for (recv, rrec), (send, srec) in ((ends[0], ends[1]), (ends[1], ends[0])):
+            msgs = _messages(rrec, ctx)
+            if not msgs:
+                continue
+            # The queued bytes are charged to the sender (its sk_wmem_alloc
+            # against sk_sndbuf, net/unix/af_unix.c): make room for them,
+            # put the recorded size back afterwards.
+            need = 2 * rrec["data_len"] + 2048 * (len(msgs) + 1) + (1 << 17)
+            if _buf(send, "SO_SNDBUF") < need:
+                _sockopts.set_buffer(send, "SO_SNDBUF", need)
+                late_extra.add((id(send), "SO_SNDBUF"))
+            _sockpeek.fill(send, typ, msgs)
+        for s, r in ends:
+            for name in _BUFS:
+                if (id(s), name) in late_extra:
+                    _sockopts.set_buffer(s, name, _sockopts.as_int(r["opts"][name]))
+            names = list(r["set"]) + (["SO_BUF_LOCK"] if any(k[0] == id(s) for k in late_extra)
+                                      and r["opts"].get("SO_BUF_LOCK") is not None else [])
+            _sockopts.apply_late(s, r["opts"], names)
+        for s, r in ends:
+            if r["shutdown"] & netdiag.RCV_SHUTDOWN and r["shutdown"] & netdiag.SEND_SHUTDOWN:
+                s.shutdown(_socket.SHUT_RDWR)
+            elif r["shutdown"] & netdiag.RCV_SHUTDOWN:
+                s.shutdown(_socket.SHUT_RD)
+            elif r["shutdown"] & netdiag.SEND_SHUTDOWN:
+                s.shutdown(_socket.SHUT_WR)
+        for s, r in ends:
+            _check_end(s, r, ctx)
+    except BaseException:
+        a.close()
+        b.close()
+        raise
+    return a, b
+
+
+def _check_end(s: _socket.socket, r: dict, ctx) -> None:
+    """The rebuilt end reads back as dumped; raises the `socket` refusal."""
+    try:
+        _sockopts.verify(s, _socket.AF_UNIX, False, r["opts"])
+    except _sockopts.OptionError as e:
+        raise option_refusal(r, ctx, e) from None
+    d = netdiag.unix_socket(os.fstat(s.fileno()).st_ino)
+    if d["shutdown"] != r["shutdown"]:
+        raise refuse_rec(r, ctx, "socket", f"shutdown state {d['shutdown']} after restore, was {r['shutdown']}")
+    if _sys.fionread(s.fileno()) != r["fionread"]:
+        raise refuse_rec(r, ctx, "socket", f"{_sys.fionread(s.fileno())} bytes readable after the refill, "
+                         f"was {r['fionread']}")
+
+
+def pair_restore(rec: dict, ctx) -> int:
+    """This end of the rebuilt socketpair (both are built on the first call).
+    Raises Refusal (socket, image-invalid) or EngineError."""
+    key = f"unix-pair:{min(rec['inode'], rec['peer'])}"
+    st: Dict[int, _socket.socket] = ctx.shared.get(key)
+    if st is None:
+        peer = _peer_rec(rec, ctx)
+        try:
+            a, b = _build_pair(rec, peer, ctx)
+        except _sockopts.OptionError as e:
+            raise option_refusal(rec, ctx, e) from None
+        except OSError as e:
+            raise failed(rec, ctx, "rebuilding the socketpair", e) from e
+        st = {rec["inode"]: a, rec["peer"]: b}
+        ctx.shared[key] = st
+    s = st.pop(rec["inode"])
+    fd = s.detach()
+    try:
+        _sys.set_status_flags(fd, rec.get("flags", 0))
+    except OSError as e:
+        os.close(fd)
+        raise failed(rec, ctx, "setting status flags", e) from e
+    return fd
+
+

@@ -1,0 +1,203 @@
+"""Named fifos: reopened by path, same end and status flags, with the bytes
+that were buffered put back.
+
+A fifo's buffer lives in memory, attached to the inode while anyone has it
+open (fs/pipe.c: fifo_open / put_pipe_info). So:
+
+* nobody outside the dumped process holds it: the buffered bytes belong to
+  the process alone; they are copied with tee(2) at dump (not consumed) and
+  written back at restore before any end is handed out;
+* another process holds it too and the buffer is EMPTY: restorable, the
+  fifo is simply reopened by path (the peer keeps the same fifo);
+* another process holds it and the buffer is NOT empty: the bytes belong to
+  both (the peer's open keeps them alive in the kernel after the dump,
+  and they could be read by either side), so neither putting them back
+  (duplicated) nor not (lost) is exact: ``pipe-peer-outside``.
+
+At restore the fifo must exist at the path as a fifo (``fifo-missing``); a
+recreated fifo (new inode) is equivalent, since no data lives on disk. If
+it already holds bytes written by someone else and we have bytes to put
+back, the order of the two cannot be reproduced: ``pipe-peer-outside``.
+
+Opening an end alone blocks until a partner opens (fifo(7)); the restorer
+first opens the fifo O_RDWR|O_NONBLOCK as a "keeper" (reader and writer at
+once, never blocks on Linux), fills it, opens each end O_NONBLOCK, sets the
+real status flags with F_SETFL, then closes the keeper.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from typing import List
+
+from .. import pidfd
+from ..errors import EngineError
+from . import _dups, _peers, _pipebuf, _sys
+from ._dups import is_follower
+from ._util import check_async, end_of, failed, open_accmode, refuse, refuse_rec
+
+KIND = "fifo"
+REASONS = ("fifo-missing", "pipe-peer-outside", "unsupported-fd", "capability", "unsupported-state", "image-invalid")
+
+_DELETED = " (deleted)"
+
+
+def _ends(info, ctx) -> List:
+    if not ctx.all_fds:
+        return [info]
+    lead = _dups.leaders(ctx)
+    return sorted((i for i in ctx.all_fds.values()
+                   if (i.dev, i.ino) == (info.dev, info.ino) and lead.get(i.fd, i.fd) == i.fd),
+                  key=lambda i: i.fd)
+
+
+def _state(info, ctx) -> dict:
+    key = f"fifo-state:{info.dev}:{info.ino}"
+    st = ctx.shared.get(key)
+    if st is None:
+        outside = _peers.holders(ctx, info.link, info.dev, info.ino)
+        with pidfd.target_fd(info.pid, info.fd) as dup:
+            st = {"queued": _sys.fionread(dup), "size": _pipebuf.pipe_size(dup), "outside": outside}
+        ctx.shared[key] = st
+    return st
+
+
+def classify(info, ctx) -> str:
+    """Raises fifo-missing (unlinked or replaced at its path),
+    pipe-peer-outside (bytes shared with another process), unsupported-fd
+    (O_ASYNC: unsupported-state; packet-mode data); EngineError on system errors."""
+    path = info.link
+    if path.endswith(_DELETED):
+        raise refuse(info, "fifo-missing", "the fifo was unlinked while open; it cannot be reopened by path")
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise refuse(info, "fifo-missing", f"cannot stat {path}: {e.strerror}") from e
+    if (st.st_dev, st.st_ino) != (info.dev, info.ino):
+        raise refuse(info, "fifo-missing", f"{path} now names another file (inode {st.st_ino}, was {info.ino})")
+    check_async(info)
+    if info.flags & os.O_DIRECT:
+        raise refuse(info, "unsupported-fd", "packet-mode (O_DIRECT) fifo")
+    s = _state(info, ctx)
+    if s["queued"] and s["outside"]:
+        raise refuse(info, "pipe-peer-outside",
+                     f"fifo holds {s['queued']} unread bytes and is also open in "
+                     f"{_peers.describe(s['outside'])}: the bytes belong to both")
+    also = f"; also open in {_peers.describe(s['outside'])}" if s["outside"] else ""
+    return f"fifo {path} {end_of(info.flags)} end, {s['queued']} bytes buffered, buffer {s['size']}{also}"
+
+
+def dump(info, ctx) -> dict:
+    """The record; buffered bytes go to fds/fifo-DEV-INO once per fifo."""
+    s = _state(info, ctx)
+    key = f"fifo-data:{info.dev}:{info.ino}"
+    if key not in ctx.shared:
+        name = None
+        if s["queued"]:
+            data = _read_buffer(info, ctx, s["queued"])
+            name = f"fds/fifo-{info.dev}-{info.ino}"
+            ctx.image.write_bytes(name, data)
+        ctx.shared[key] = name
+    return {"path": info.link, "fifo": f"{info.dev}:{info.ino}", "dev": info.dev, "ino": info.ino,
+            "end": end_of(info.flags), "size": s["size"], "data": ctx.shared[key],
+            "data_len": s["queued"]}
+
+
+def _read_buffer(info, ctx, count: int) -> bytes:
+    tmpl = refuse(info, "unsupported-fd", "")
+    readers = [e for e in _ends(info, ctx) if end_of(e.flags) != "w"]
+    if readers:
+        with pidfd.target_fd(info.pid, readers[0].fd) as dup:
+            return _pipebuf.peek(dup, count, tmpl)
+    # Only write ends here (and nobody outside, or classify refused): a
+    # short-lived reader of ours, opened non-blocking, is seen by no one.
+    try:
+        rfd = os.open(info.proc_path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise EngineError(f"cannot open a reader on {info.link}: {e.strerror}", pid=info.pid, errno=e.errno) from e
+    try:
+        return _pipebuf.peek(rfd, count, tmpl)
+    finally:
+        os.close(rfd)
+
+
+def validate(rec: dict, ctx) -> None:
+    """Raises fifo-missing (no fifo at the path), capability (buffer size)."""
+    path = rec["path"]
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise refuse_rec(rec, ctx, "fifo-missing", f"{path}: {e.strerror}") from e
+    if not stat.S_ISFIFO(st.st_mode):
+        raise refuse_rec(rec, ctx, "fifo-missing", f"{path} is no longer a fifo ({stat.filemode(st.st_mode)})")
+    why = _pipebuf.check_size(rec["size"])
+    if why:
+        raise refuse_rec(rec, ctx, "capability", why)
+    if rec.get("data"):
+        ctx.image.path(rec["data"])
+
+
+def _siblings(rec: dict, ctx) -> List[dict]:
+    return [r for r in (ctx.records or [rec])
+            if r.get("kind", KIND) == KIND and r.get("fifo") == rec["fifo"] and not is_follower(r)]
+
+
+def _keeper(rec: dict, ctx) -> dict:
+    key = f"fifo:{rec['fifo']}"
+    st = ctx.shared.get(key)
+    if st is not None:
+        return st
+    path = rec["path"]
+    try:
+        keeper = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise refuse_rec(rec, ctx, "fifo-missing", f"{path}: {e.strerror}") from e
+    try:
+        kst = os.fstat(keeper)
+        if not stat.S_ISFIFO(kst.st_mode):
+            raise refuse_rec(rec, ctx, "fifo-missing", f"{path} is no longer a fifo")
+        data = ctx.image.read_bytes(rec["data"]) if rec.get("data") else b""
+        present = _sys.fionread(keeper)
+        if data and present:
+            raise refuse_rec(rec, ctx, "pipe-peer-outside",
+                             f"{path} already holds {present} bytes written by another process; "
+                             f"the {len(data)} saved bytes cannot be put before them")
+        _pipebuf.fill(keeper, rec["size"], data)
+    except OSError as e:
+        os.close(keeper)
+        raise failed(rec, ctx, f"refilling fifo {path}", e) from e
+    except BaseException:
+        os.close(keeper)
+        raise
+    st = {"keeper": keeper, "dev": kst.st_dev, "ino": kst.st_ino, "left": len(_siblings(rec, ctx))}
+    ctx.shared[key] = st
+    return st
+
+
+def restore(rec: dict, ctx) -> int:
+    """An fd on the fifo at rec["path"], same end and status flags.
+    Raises fifo-missing / pipe-peer-outside refusals, EngineError."""
+    st = _keeper(rec, ctx)
+    path = rec["path"]
+    try:
+        # O_NONBLOCK: the keeper is a reader and a writer, but be sure the
+        # open can never block the restorer (fifo(7), open(2) ENXIO rule).
+        fd = os.open(path, open_accmode(rec["end"]) | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise failed(rec, ctx, f"reopening fifo {path}", e) from e
+    try:
+        fst = os.fstat(fd)
+        if (fst.st_dev, fst.st_ino) != (st["dev"], st["ino"]):
+            raise refuse_rec(rec, ctx, "fifo-missing", f"{path} was replaced during the restore")
+        _sys.set_status_flags(fd, rec.get("flags", 0))
+    except OSError as e:
+        os.close(fd)
+        raise failed(rec, ctx, f"setting flags on fifo {path}", e) from e
+    except BaseException:
+        os.close(fd)
+        raise
+    st["left"] -= 1
+    if st["left"] <= 0:
+        os.close(st["keeper"])
+    return fd

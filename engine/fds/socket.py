@@ -1,0 +1,205 @@
+"""Sockets: the safe subset is restored exactly, everything else is refused
+with `socket`, the detail naming family, type and state ("unix stream
+listening /run/x.sock", "unix stream connected (socketpair)",
+"tcp established 127.0.0.1:5000->127.0.0.1:41234", "tcp listening
+0.0.0.0:8080", "udp 127.0.0.1:5353", "netlink route", "packet").
+
+Restored (one module each):
+
+- unix socketpairs (stream, dgram, seqpacket) with both ends held by the
+  process only, queued data both ways, shutdown state and options
+  (_unixpair);
+- unix stream/seqpacket listeners, path-bound or abstract, with an empty
+  accept queue (_unixlisten);
+- TCP listeners, IPv4 and IPv6, with an empty accept queue
+  (_inetsock).
+
+Family/type/protocol/listening come from getsockopt (SO_DOMAIN, SO_TYPE,
+SO_PROTOCOL, SO_ACCEPTCONN) and getsockname/getpeername on a pidfd_getfd
+duplicate (all read-only); TCP/UDP states and netlink/packet details from
+the target's /proc/PID/net tables, matched by socket inode; peers,
+shutdown bits, accept queues and backlogs from sock_diag (engine.netdiag).
+A restore record carries ``rec["sock"]``, the sub-kind.
+"""
+
+from __future__ import annotations
+
+import os
+import socket as _socket
+
+from .. import netinfo, pidfd
+from ..errors import Refusal
+from . import _inetsock, _sys, _unixlisten, _unixpair
+from ._sockbase import UNIX_TYPES, is_tcp, same_netns
+from ._util import check_async, refuse, refuse_rec
+
+KIND = "socket"
+REASONS = ("socket", "unsupported-state", "image-invalid")
+
+_TYPES = {_socket.SOCK_STREAM: "stream", _socket.SOCK_DGRAM: "dgram", _socket.SOCK_SEQPACKET: "seqpacket",
+          _socket.SOCK_RAW: "raw"}
+
+
+def _unix_name(name) -> str:
+    if isinstance(name, bytes):
+        name = name.decode(errors="replace")
+    if not name:
+        return ""
+    return "@" + name[1:] if name.startswith("\0") else name
+
+
+def _ask(info) -> dict:
+    with pidfd.target_fd(info.pid, info.fd) as dup:
+        s = _socket.socket(fileno=os.dup(dup))
+        try:
+            out = {"family": s.family, "type": s.type, "proto": s.proto,
+                   "listening": bool(s.getsockopt(_socket.SOL_SOCKET, _socket.SO_ACCEPTCONN)),
+                   "queued": None}
+            try:
+                out["name"] = s.getsockname()
+            except OSError:
+                out["name"] = None
+            try:
+                out["peer"] = s.getpeername()
+            except OSError:
+                out["peer"] = None
+            try:
+                out["queued"] = _sys.fionread(dup)
+            except OSError:
+                pass
+        finally:
+            s.close()
+    return out
+
+
+def _table(info, names) -> dict:
+    for name in names:
+        row = netinfo.parse_inet(netinfo.read_table(info.pid, name)).get(info.ino)
+        if row is not None:
+            return row
+    return {}
+
+
+def describe(info) -> str:
+    """One line naming family, type and state of the socket at info."""
+    q = _ask(info)
+    fam, typ = q["family"], _TYPES.get(q["type"], f"type {int(q['type'])}")
+    queued = f", {q['queued']} bytes queued" if q["queued"] else ""
+    if fam == _socket.AF_UNIX:
+        name, peer = _unix_name(q["name"]), _unix_name(q["peer"]) if q["peer"] is not None else None
+        if q["listening"]:
+            return f"unix {typ} listening {name or '(unnamed)'}"
+        if peer is not None:
+            if not name and not peer:
+                return f"unix {typ} connected (socketpair){queued}"
+            return f"unix {typ} connected {name or '(unnamed)'}->{peer or '(unnamed)'}{queued}"
+        return f"unix {typ} {'bound ' + name if name else 'unconnected'}{queued}"
+    if fam in (_socket.AF_INET, _socket.AF_INET6):
+        v6 = "6" if fam == _socket.AF_INET6 else ""
+        if q["type"] == _socket.SOCK_STREAM and q["proto"] in (0, _socket.IPPROTO_TCP):
+            row = _table(info, ("tcp" + v6,))
+            state = netinfo.TCP_STATES.get(row.get("state"), "unconnected" if not row else f"state {row.get('state')}")
+            local = netinfo.endpoint_text(row["local"]) if row else ""
+            if q["listening"] or state == "listening":
+                return f"tcp{v6} listening {local}"
+            remote = netinfo.endpoint_text(row["remote"]) if row else ""
+            return f"tcp{v6} {state} {local}->{remote}{queued}" if row else f"tcp{v6} {state}"
+        if q["type"] == _socket.SOCK_DGRAM and q["proto"] in (0, _socket.IPPROTO_UDP):
+            row = _table(info, ("udp" + v6,))
+            if not row:
+                return f"udp{v6} unbound"
+            peer = "->" + netinfo.endpoint_text(row["remote"]) if row["remote"][1] else ""
+            return f"udp{v6} {netinfo.endpoint_text(row['local'])}{peer}{queued}"
+        return f"inet{v6} {typ} protocol {q['proto']}"
+    if fam == getattr(_socket, "AF_NETLINK", 16):
+        return f"netlink {netinfo.NETLINK_PROTOCOLS.get(q['proto'], q['proto'])}"
+    if fam == getattr(_socket, "AF_PACKET", 17):
+        return f"packet {typ}"
+    return f"family {int(fam)} {typ}"
+
+
+def _describe_safely(info) -> str:
+    try:
+        return describe(info)
+    except OSError as e:
+        # The refusal stands; only its detail is poorer.
+        return f"socket inode {info.ino} (details unavailable: {e.strerror})"
+
+
+def _subkind(info):
+    """(sub-kind, facts) of a socket the engine can restore, or raises the
+    `socket` refusal describing it. Raises EngineError when the fd cannot
+    be inspected."""
+    try:
+        q = _ask(info)
+    except OSError as e:
+        raise refuse(info, "socket", _describe_safely(info)) from e
+    fam, typ = q["family"], q["type"]
+    kind = None
+    if fam == _socket.AF_UNIX and typ in UNIX_TYPES:
+        if q["listening"]:
+            kind = "unix-listen" if typ != _socket.SOCK_DGRAM else None
+        elif q["peer"] is not None and not _unix_name(q["name"]) and not _unix_name(q["peer"]):
+            kind = "unix-pair"
+    elif is_tcp(fam, typ, q["proto"]) and q["listening"]:
+        kind = "tcp-listen"
+    if kind is None:
+        raise refuse(info, "socket", _describe_safely(info))
+    if not same_netns(info.pid):
+        raise refuse(info, "socket", f"{_describe_safely(info)}: in another network namespace")
+    check_async(info)
+    return kind, q
+
+
+_CLASSIFY = {"unix-pair": (_unixpair.pair_classify, _unixpair.pair_text),
+             "unix-listen": (_unixlisten.listener_classify, _unixlisten.listener_text),
+             "tcp-listen": (_inetsock.listener_classify, _inetsock.listener_text)}
+_RESTORE = {"unix-pair": (_unixpair.pair_validate, _unixpair.pair_restore),
+            "unix-listen": (_unixlisten.listener_validate, _unixlisten.listener_restore),
+            "tcp-listen": (_inetsock.listener_validate, _inetsock.listener_restore)}
+
+
+def classify(info, ctx) -> str:
+    """A one-line description of a restorable socket; raises the `socket`
+    refusal (family, type, state and why) for every other one,
+    unsupported-state for O_ASYNC, EngineError when it cannot be inspected."""
+    kind, q = _subkind(info)
+    check, text = _CLASSIFY[kind]
+    return text(check(info, ctx, q))
+
+
+def dump(info, ctx) -> dict:
+    """The restore record (queued bytes go to fds/sock-INODE). Raises as
+    classify."""
+    kind, q = _subkind(info)
+    if kind == "unix-pair":
+        return _unixpair.pair_dump(info, ctx, q)
+    rec = dict(_CLASSIFY[kind][0](info, ctx, q))
+    return rec
+
+
+def _sub(rec: dict, ctx):
+    pair = _RESTORE.get(rec.get("sock"))
+    if pair is None:
+        raise refuse_rec(rec, ctx, "socket", f"socket record of kind {rec.get('sock')!r} cannot be restored")
+    return pair
+
+
+def validate(rec: dict, ctx) -> None:
+    """Restore pre-flight: raises socket (address in use, ...) or image-invalid."""
+    try:
+        _sub(rec, ctx)[0](rec, ctx)
+    except (KeyError, TypeError, ValueError) as e:
+        raise refuse_rec(rec, ctx, "image-invalid", f"socket record malformed: {e!r}") from None
+
+
+def restore(rec: dict, ctx) -> int:
+    """The rebuilt socket's fd in the restorer. Raises Refusal (socket:
+    address in use, a value that reads back differently) before the new
+    process exists, or EngineError."""
+    try:
+        return _sub(rec, ctx)[1](rec, ctx)
+    except Refusal:
+        raise
+    except (KeyError, TypeError, ValueError) as e:
+        raise refuse_rec(rec, ctx, "image-invalid", f"socket record malformed: {e!r}") from None

@@ -1,0 +1,240 @@
+"""Memory pages: collected with pagemap + process_vm_readv into a reused
+buffer and streamed into the image; written back with process_vm_writev
+straight from the image file mapped into the restorer.
+
+Image layout: pages-NNN.img files of at most CHUNK bytes each; every run of
+pages is recorded as [addr, npages, file index, offset in that file] (a run
+never spans two files). Splitting into files lets the restore verify the
+sha256 of several files in parallel (hashlib releases the GIL).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+from typing import List, Optional, Sequence, Tuple
+
+from . import libc
+from .errors import EngineError, Refusal
+from .libc import SysError
+
+PAGE = 4096
+BUF = 16 << 20            # one reused read buffer (ENGINE-NOTES: reuse buffers)
+CHUNK = 64 << 20          # bytes per pages file (files are hashed in parallel)
+IOV_BATCH = 512           # remote iovecs per process_vm_readv (< IOV_MAX)
+
+
+def page_file_name(i: int) -> str:
+    return f"pages-{i:03d}.img"
+
+
+class PageDumper:
+    """Streams pages of one frozen process into the image.
+
+    `add()` plans: it assigns every run of pages its place in a pages file
+    and returns the records at once; `run()` then fills the files, several
+    at a time in threads (process_vm_readv, file writes and hashlib all
+    release the GIL), each thread with its own reused buffer."""
+
+    def __init__(self, pid: int, image, threads: int = 2):
+        self.pid = pid
+        self.image = image
+        self.threads = max(1, threads)
+        self.plan: List[List[Tuple[int, int, bool]]] = []   # per file: (addr, nbytes, force_mem)
+        self.file_off = CHUNK
+        self.total = 0
+
+    def add(self, runs: Sequence[Sequence[int]], force_mem: bool = False) -> List[List[int]]:
+        """Plan saving `runs` ([addr, npages]); returns the image records
+        [addr, npages, file, offset] (valid once run() succeeded).
+        `force_mem`: read through /proc/PID/mem (PROT_NONE or unreadable)."""
+        records: List[List[int]] = []
+        for addr, npages in runs:
+            n = npages * PAGE
+            while n:
+                if self.file_off >= CHUNK:
+                    self.plan.append([])
+                    self.file_off = 0
+                k = min(n, BUF, CHUNK - self.file_off)
+                self.plan[-1].append((addr, k, force_mem))
+                records.append([addr, k // PAGE, len(self.plan) - 1, self.file_off])
+                self.file_off += k
+                self.total += k
+                addr += k
+                n -= k
+        return records
+
+    def run(self) -> None:
+        """Read and write every planned file. Raises EngineError/OSError."""
+        if not self.plan:
+            return
+        files = [self.image.open(page_file_name(i)) for i in range(len(self.plan))]
+        try:
+            if self.threads == 1 or len(self.plan) == 1:
+                w = _Worker(self.pid)
+                try:
+                    for i, pieces in enumerate(self.plan):
+                        w.fill(files[i], pieces)
+                finally:
+                    w.close()
+                return
+            import threading
+            local = threading.local()
+            workers: List[_Worker] = []
+
+            def job(i: int) -> None:
+                w = getattr(local, "w", None)
+                if w is None:
+                    w = local.w = _Worker(self.pid)
+                    workers.append(w)
+                w.fill(files[i], self.plan[i])
+
+            from concurrent.futures import ThreadPoolExecutor
+            try:
+                with ThreadPoolExecutor(max_workers=self.threads) as pool:
+                    for f in [pool.submit(job, i) for i in range(len(self.plan))]:
+                        f.result()
+            finally:
+                for w in workers:
+                    w.close()
+        finally:
+            for f in files:
+                f.close()
+
+    def close(self) -> None:
+        pass
+
+    @property
+    def nfiles(self) -> int:
+        return len(self.plan)
+
+
+class _Worker:
+    """One reused buffer; fills one pages file from its planned pieces."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.buf = bytearray(BUF)
+        self.buf_addr = libc.buffer_address(self.buf)
+        self.view = memoryview(self.buf)
+        self._mem_fd: Optional[int] = None
+
+    def fill(self, out, pieces: List[Tuple[int, int, bool]]) -> None:
+        i = 0
+        while i < len(pieces):
+            batch: List[Tuple[int, int]] = []
+            used = 0
+            force = pieces[i][2]
+            while (i < len(pieces) and len(batch) < IOV_BATCH and used + pieces[i][1] <= BUF
+                   and pieces[i][2] == force):
+                batch.append(pieces[i][:2])
+                used += pieces[i][1]
+                i += 1
+            self._read(batch, used, force)
+            out.write(self.view[:used])
+
+    def _mem(self) -> int:
+        if self._mem_fd is None:
+            self._mem_fd = os.open(f"/proc/{self.pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+        return self._mem_fd
+
+    def _read(self, batch: List[Tuple[int, int]], used: int, force_mem: bool) -> None:
+        got = 0
+        if not force_mem:
+            try:
+                got = libc.vm_readv(self.pid, [(self.buf_addr, used)], batch)
+            except SysError:
+                got = 0
+        if got == used:
+            return
+        # Short read: the kernel stopped at a page it would not read
+        # (PROT_NONE, or a page that vanished). /proc/PID/mem uses FOLL_FORCE.
+        pos = 0
+        fd = self._mem()
+        for addr, n in batch:
+            if pos + n <= got:
+                pos += n
+                continue
+            skip = max(0, got - pos)
+            k = os.preadv(fd, [self.view[pos + skip:pos + n]], addr + skip)
+            if k != n - skip:
+                raise EngineError(f"cannot read {n - skip} bytes of pid {self.pid} memory at "
+                                  f"{addr + skip:#x} (got {k})", pid=self.pid)
+            pos += n
+
+    def close(self) -> None:
+        if self._mem_fd is not None:
+            os.close(self._mem_fd)
+            self._mem_fd = None
+
+
+class PageSource:
+    """The pages files of an image, mapped into the restorer (copy-on-write
+    private mappings: from_buffer needs a writable buffer; nothing is ever
+    written, so nothing is copied)."""
+
+    def __init__(self, paths: Sequence[str]):
+        self.maps: List[mmap.mmap] = []
+        self.addrs: List[int] = []
+        self.sizes: List[int] = []
+        self._anchors: list = []
+        for p in paths:
+            size = os.path.getsize(p)
+            self.sizes.append(size)
+            if size == 0:
+                self.maps.append(None)
+                self.addrs.append(0)
+                continue
+            with open(p, "rb") as f:
+                m = mmap.mmap(f.fileno(), size, flags=mmap.MAP_PRIVATE,
+                              prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            anchor = (ctypes.c_char * size).from_buffer(m)
+            self._anchors.append(anchor)
+            self.maps.append(m)
+            self.addrs.append(ctypes.addressof(anchor))
+
+    def check_runs(self, runs: Sequence[Sequence[int]]) -> None:
+        """Every run lies inside its file. Raises Refusal(image-invalid)."""
+        for r in runs:
+            if (not isinstance(r, list) or len(r) != 4
+                    or not all(isinstance(x, int) and x >= 0 for x in r)):
+                raise Refusal("image-invalid", f"bad page run {r!r}")
+            addr, npages, fi, off = r
+            if fi >= len(self.sizes) or off + npages * PAGE > self.sizes[fi] or addr % PAGE:
+                raise Refusal("image-invalid", f"page run {addr:#x}+{npages} points outside the pages files")
+
+    def write_runs(self, pid: int, runs: Sequence[Sequence[int]], mem_fd: Optional[int] = None) -> int:
+        """Write runs into process `pid` (process_vm_writev, batched);
+        returns bytes written. Raises EngineError on a short write."""
+        total = 0
+        if mem_fd is not None:
+            # Non-writable private mappings: /proc/PID/mem writes with
+            # FOLL_FORCE, copy-on-writing the page as a debugger's would.
+            for addr, n, fi, off in runs:
+                mv = memoryview(self.maps[fi])[off:off + n * PAGE]
+                try:
+                    k = os.pwritev(mem_fd, [mv], addr)
+                finally:
+                    mv.release()
+                if k != n * PAGE:
+                    raise EngineError(f"short write into pid {pid} memory at {addr:#x}", pid=pid)
+                total += k
+            return total
+        for i in range(0, len(runs), IOV_BATCH):
+            batch = runs[i:i + IOV_BATCH]
+            local = [(self.addrs[fi] + off, n * PAGE) for _, n, fi, off in batch]
+            remote = [(addr, n * PAGE) for addr, n, _, _ in batch]
+            want = sum(n for _, n in local)
+            got = libc.vm_writev(pid, local, remote)
+            if got != want:
+                raise EngineError(f"short process_vm_writev into pid {pid}: {got} of {want} bytes", pid=pid)
+            total += got
+        return total
+
+    def close(self) -> None:
+        self._anchors.clear()
+        for m in self.maps:
+            if m is not None:
+                m.close()
+        self.maps.clear()

@@ -1,0 +1,454 @@
+"""`ckpt restore`: validate everything, then rebuild the process.
+
+1. Pre-flight, before any process exists: the manifest's sha256 of every
+   file (in parallel threads), the JSON structure, the arch/kernel/vdso, the
+   PID is free, every fd (handler ``validate``) and mapped file
+   (``files.map_validate``), cwd, credentials, rlimits, session.
+2. The fds and mapped files are opened in this process (handler
+   ``restore``, ``files.map_open``) and moved above every fd number the new
+   process will use.
+3. A forked *restorer* creates the process with clone3(set_tid=[pid]) (a
+   few bytes of machine code: the child only makes raw syscalls), traces it,
+   and rebuilds it by syscall injection (see :mod:`engine.build`).
+   The restorer then exits, so the process is reparented to init or the
+   nearest subreaper; any failure kills the new process (PTRACE_O_EXITKILL
+   also covers a crash of the restorer).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import platform
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from typing import Dict, List, Optional
+
+from . import files, libc, procfs
+from .arch import current as current_arch
+from .build import build
+from .check import SPECIAL_MAPPINGS, creds_of, creds_plan, require_features
+from .context import Options, RestoreContext, boot_id
+from .errors import EngineError, Refusal, Refusals
+from .fds import handler as fd_handler
+from .image import MANIFEST, ImageReader, _sha256_file
+from .memory import PageSource, page_file_name
+
+CAP_SYS_RESOURCE = 24
+
+
+def _bad(what: str) -> Refusal:
+    return Refusal("image-invalid", what)
+
+
+def _need(d, key, typ, where: str):
+    if not isinstance(d, dict) or key not in d:
+        raise _bad(f"{where}: missing {key}")
+    v = d[key]
+    if typ is int and (not isinstance(v, int) or isinstance(v, bool)):
+        raise _bad(f"{where}: {key} is not an integer")
+    if typ is not int and not isinstance(v, typ):
+        raise _bad(f"{where}: {key} is not a {typ.__name__}")
+    return v
+
+
+# -- image verification ----------------------------------------------------------
+
+def verify_image(reader: ImageReader, threads: int = 2) -> None:
+    """ImageReader.verify(), with the sha256 of the files computed in
+    parallel threads (hashlib releases the GIL). Raises Refusal(image-invalid)."""
+    present = set()
+    for root, _, names in os.walk(reader.dir):
+        for n in names:
+            rel = os.path.relpath(os.path.join(root, n), reader.dir)
+            if rel != MANIFEST:
+                present.add(rel)
+    for name, meta in reader.files.items():
+        if not isinstance(meta, dict) or not isinstance(meta.get("sha256"), str):
+            raise _bad(f"manifest entry for {name} is malformed")
+    extra = present - set(reader.files)
+    if extra:
+        raise _bad(f"files not in the manifest: {', '.join(sorted(extra)[:5])}")
+    for name, meta in reader.files.items():
+        if name not in present:
+            raise _bad(f"{name} is missing")
+        size = os.path.getsize(os.path.join(reader.dir, name))
+        if size != meta.get("size"):
+            raise _bad(f"{name} is {size} bytes, manifest says {meta.get('size')}")
+
+    def digest(name: str) -> str:
+        try:
+            return _sha256_file(os.path.join(reader.dir, name))
+        except OSError as e:
+            raise _bad(f"cannot read {name}: {e.strerror}") from None
+
+    names = sorted(reader.files, key=lambda n: -reader.files[n]["size"])
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        for name, got in zip(names, pool.map(digest, names)):
+            if got != reader.files[name]["sha256"]:
+                raise _bad(f"{name} does not match its sha256 (altered or damaged)")
+    reader._verified = True
+
+
+# -- structure of the records ------------------------------------------------------
+
+def check_core(core) -> None:
+    """Types of everything build.py reads from core.json."""
+    w = "core.json"
+    for k in ("pid", "sigmask", "umask", "personality", "brk", "tid_address"):
+        _need(core, k, int, w)
+    for k in ("comm",):
+        _need(core, k, str, w)
+    for k in ("regs", "mm", "rseq", "cwd", "session", "creds", "sigactions", "exe", "xstate"):
+        _need(core, k, dict, w)
+    for k in ("auxv", "robust_list", "rlimits", "sigaltstack", "itimers"):
+        _need(core, k, list, w)
+    arch = current_arch()
+    try:
+        arch.Regs.from_dict(core["regs"])
+    except (KeyError, TypeError) as e:
+        raise _bad(f"{w}: registers: {e}") from None
+    for k in ("start_code", "end_code", "start_data", "end_data", "start_brk", "brk", "start_stack",
+              "arg_start", "arg_end", "env_start", "env_end"):
+        _need(core["mm"], k, int, f"{w} mm")
+    for k in ("pointer", "size", "signature", "flags"):
+        _need(core["rseq"], k, int, f"{w} rseq")
+    _need(core["cwd"], "path", str, f"{w} cwd")
+    for k in ("sid", "pgid"):
+        _need(core["session"], k, int, f"{w} session")
+    ints = lambda xs, n=None: all(isinstance(x, int) and not isinstance(x, bool) for x in xs) and (n is None or len(xs) == n)
+    if not ints(core["auxv"]) or not ints(core["robust_list"], 2) or not ints(core["sigaltstack"], 3):
+        raise _bad(f"{w}: auxv / robust_list / sigaltstack malformed")
+    if len(core["rlimits"]) != len(libc.RLIMIT_NAMES) or not all(isinstance(r, list) and ints(r, 2) for r in core["rlimits"]):
+        raise _bad(f"{w}: rlimits malformed")
+    if len(core["itimers"]) != 3 or not all(isinstance(t, list) and ints(t, 4) for t in core["itimers"]):
+        raise _bad(f"{w}: itimers malformed")
+    for sig, act in core["sigactions"].items():
+        if not sig.isdigit() or not 1 <= int(sig) <= 64 or not isinstance(act, list) or not ints(act, 4):
+            raise _bad(f"{w}: sigaction {sig} malformed")
+    if core["pid"] <= 0:
+        raise _bad(f"{w}: pid {core['pid']}")
+
+
+def check_mm(mm, npage_files: int) -> List[dict]:
+    vmas = _need(mm, "vmas", list, "mm.json")
+    last = 0
+    for v in vmas:
+        for k in ("start", "end", "offset", "inode"):
+            _need(v, k, int, "mm.json vma")
+        for k in ("perms", "path", "kind", "dev"):
+            _need(v, k, str, "mm.json vma")
+        _need(v, "flags", list, "mm.json vma")
+        _need(v, "pages", list, "mm.json vma")
+        if v["start"] % 4096 or v["end"] % 4096 or v["end"] <= v["start"] or v["start"] < last:
+            raise _bad(f"mm.json: mapping {v['start']:#x}-{v['end']:#x} out of order or unaligned")
+        if len(v["perms"]) != 4 or v["kind"] not in ("anon", "shmem", "file", "special"):
+            raise _bad(f"mm.json: mapping {v['start']:#x} has kind {v['kind']!r} perms {v['perms']!r}")
+        if v["kind"] == "file":
+            _need(v, "file", dict, "mm.json vma")
+        for run in v["pages"]:
+            if (not isinstance(run, list) or len(run) != 4 or not all(isinstance(x, int) for x in run)
+                    or run[0] < v["start"] or run[0] + run[1] * 4096 > v["end"] or run[2] >= npage_files):
+                raise _bad(f"mm.json: page run {run!r} outside mapping {v['start']:#x}-{v['end']:#x}")
+        last = v["end"]
+    return vmas
+
+
+def check_fd_records(recs) -> None:
+    if not isinstance(recs, list):
+        raise _bad("fds.json is not a list")
+    seen = set()
+    for r in recs:
+        fd = _need(r, "fd", int, "fds.json")
+        _need(r, "kind", str, "fds.json")
+        _need(r, "cloexec", bool, "fds.json")
+        if fd < 0 or fd in seen:
+            raise _bad(f"fds.json: fd {fd} repeated or negative")
+        seen.add(fd)
+    for r in recs:
+        if "dup_of" in r and r["dup_of"] not in seen:
+            raise _bad(f"fds.json: fd {r['fd']} is a dup of missing fd {r['dup_of']}")
+
+
+# -- pre-flight --------------------------------------------------------------------
+
+def _special_block(vmas: List[dict]) -> List[tuple]:
+    return [(v["path"], v["end"] - v["start"]) for v in vmas
+            if v["path"] in SPECIAL_MAPPINGS and v["path"] != "[vsyscall]"]
+
+
+def preflight(reader: ImageReader, core: dict, vmas: List[dict], fdrecs: List[dict],
+              ctx: RestoreContext) -> None:
+    """Everything that can be refused before a process exists; raises
+    Refusal / Refusals with all that was found."""
+    pid = core["pid"]
+    refusals: List[Refusal] = []
+
+    def add(r: Refusal) -> None:
+        refusals.append(r if r.pid is not None else r.with_pid(pid))
+
+    if not _pid_free(pid):
+        add(Refusal("pid-in-use", f"PID {pid} is held by {_comm(pid)}"))
+    mine = _special_block(procfs.parse_maps(open("/proc/self/maps").read()))
+    theirs = _special_block(vmas)
+    if theirs and (theirs != mine or reader.manifest.get("kernel") != platform.release()):
+        add(Refusal("unsupported-mapping", f"the vdso of kernel {reader.manifest.get('kernel')} "
+                    f"({theirs}) cannot be provided by kernel {platform.release()} ({mine})"))
+    try:
+        plan = creds_plan(core["creds"], creds_of(procfs.parse_status(open("/proc/self/status").read())))
+        core["_creds_plan"] = plan
+    except (Refusal, KeyError, TypeError) as e:
+        add(e if isinstance(e, Refusal) else _bad(f"credentials record: {e}"))
+    eff = int(procfs.parse_status(open("/proc/self/status").read()).get("CapEff", "0"), 16)
+    if not (eff >> CAP_SYS_RESOURCE) & 1:
+        for i, (cur, mx) in enumerate(core["rlimits"]):
+            mycur, mymax = libc.get_rlimit(0, i)
+            if mx > mymax:
+                add(Refusal("capability", f"RLIMIT_{libc.RLIMIT_NAMES[i]} hard limit {mx} is above ckpt's "
+                            f"{mymax}; raising it needs CAP_SYS_RESOURCE"))
+    cwd = core["cwd"]
+    try:
+        st = os.stat(cwd["path"])
+        if ctx.same_node and (st.st_dev, st.st_ino) != (cwd.get("dev"), cwd.get("ino")):
+            add(Refusal("file-changed", "working directory replaced", path=cwd["path"]))
+    except OSError as e:
+        add(Refusal("file-missing", f"working directory: {e.strerror}", path=cwd["path"]))
+    sess = core["session"]
+    my_sid = os.getsid(0)
+    if sess["sid"] != pid and sess["sid"] != my_sid:
+        add(Refusal("unsupported-state", f"was in session {sess['sid']} (not its own, not ckpt's {my_sid}); "
+                    "start it with setsid to make it restorable anywhere"))
+    elif sess["sid"] != pid and sess["pgid"] != pid:
+        try:
+            if os.getsid(sess["pgid"]) != my_sid:
+                raise OSError
+        except OSError:
+            add(Refusal("unsupported-state", f"its process group {sess['pgid']} no longer exists in this session"))
+    for rec in fdrecs:
+        if "dup_of" in rec:
+            continue
+        mod = fd_handler(rec["kind"])
+        if mod is None:
+            add(Refusal("unsupported-fd", f"no handler for kind {rec['kind']} here", fd=rec["fd"]))
+            continue
+        try:
+            mod.validate(rec, ctx)
+        except Refusal as r:
+            add(r)
+    seen = set()
+    for v in vmas:
+        if v["kind"] != "file":
+            continue
+        key = json.dumps(v["file"], sort_keys=True)
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            files.map_validate(v["file"], ctx)
+        except Refusal as r:
+            add(r)
+    try:
+        files.map_validate(core["exe"], ctx)
+    except Refusal as r:
+        add(r)
+    if refusals:
+        raise refusals[0] if len(refusals) == 1 else Refusals(refusals)
+
+
+ZOMBIE_WAIT = 3.0   # seconds
+
+
+def _pid_free(pid: int) -> bool:
+    """True when no task holds `pid`. A zombie (the dumped process, killed,
+    not yet reaped by its parent - PID 1 can be slow) is given ZOMBIE_WAIT
+    seconds to go away."""
+    deadline = time.monotonic() + ZOMBIE_WAIT
+    while True:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                state = procfs.parse_stat(f.read())["state"]
+        except (OSError, ValueError):
+            return not os.path.exists(f"/proc/{pid}")
+        if state not in ("Z", "X") or time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+
+
+def _comm(pid: int) -> str:
+    try:
+        st = procfs.Proc(pid).stat()
+        if st["state"] in ("Z", "X"):
+            return f"a zombie ({st['comm']}) its parent {st['ppid']} has not reaped"
+        return st["comm"]
+    except (Refusal, OSError, ValueError):
+        return "another process"
+
+
+# -- opening in the restorer ---------------------------------------------------------
+
+class Prepared:
+    """fds opened in the restorer for the new process: fd records, mapped
+    files, the exe and the cwd, all moved to numbers above `base`."""
+
+    def __init__(self) -> None:
+        self.fd_of_rec: Dict[int, int] = {}      # target fd number -> restorer fd
+        self.map_fd: Dict[str, int] = {}         # file record key + mode -> restorer fd
+        self.exe_fd = -1
+        self.cwd_fd = -1
+        self._owned: List[int] = []
+
+    def keep(self, fd: int, base: int) -> int:
+        new = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, base)
+        self._owned.append(new)
+        return new
+
+    def close(self) -> None:
+        for fd in self._owned:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._owned.clear()
+
+
+def map_key(rec: dict, writable: bool) -> str:
+    return json.dumps(rec, sort_keys=True) + ("/rw" if writable else "/ro")
+
+
+def prepare(core: dict, vmas: List[dict], fdrecs: List[dict], ctx: RestoreContext) -> Prepared:
+    """Open everything the new process needs, in this process."""
+    p = Prepared()
+    highest = max([r["fd"] for r in fdrecs] + [int(n) for n in os.listdir("/proc/self/fd")] + [2])
+    base = highest + 64
+    try:
+        for rec in fdrecs:
+            if "dup_of" in rec:
+                continue
+            mod = fd_handler(rec["kind"])
+            rfd = mod.restore(rec, ctx)
+            p.fd_of_rec[rec["fd"]] = p.keep(rfd, base)
+            if rfd not in ctx.shared.get("_close_after_restore", []):
+                os.close(rfd)
+        for rec in fdrecs:
+            if "dup_of" in rec:
+                p.fd_of_rec[rec["fd"]] = p.fd_of_rec[rec["dup_of"]]
+        for v in vmas:
+            if v["kind"] != "file":
+                continue
+            writable = v["perms"][3] == "s" and "w" in v["perms"]
+            key = map_key(v["file"], writable)
+            if key not in p.map_fd:
+                fd = files.map_open(v["file"], ctx, writable)
+                p.map_fd[key] = p.keep(fd, base)
+                os.close(fd)
+        fd = files.map_open(core["exe"], ctx, False)
+        p.exe_fd = p.keep(fd, base)
+        os.close(fd)
+        fd = os.open(core["cwd"]["path"], os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        p.cwd_fd = p.keep(fd, base)
+        os.close(fd)
+    except BaseException:
+        p.close()
+        raise
+    return p
+
+
+# -- the restorer process ------------------------------------------------------------
+
+def _run_restorer(job) -> dict:
+    """Fork the restorer, which creates and rebuilds the process, reports on
+    a pipe and exits. Returns its report; raises what it raised."""
+    r, w = os.pipe()
+    child = os.fork()
+    if child == 0:
+        os.close(r)
+        code = 0
+        try:
+            out = {"ok": True, "pid": build(job)}
+        except Refusal as e:
+            out = {"ok": False, "type": "refusal", **e.as_dict()}
+            code = 3
+        except EngineError as e:
+            out = {"ok": False, "type": "error", "message": e.message, "errno": e.errno}
+            code = 4
+        except BaseException as e:   # noqa: BLE001 - reported to the parent, never swallowed
+            out = {"ok": False, "type": "error", "message": f"restorer crashed: {e!r}\n{traceback.format_exc()}",
+                   "errno": None}
+            code = 4
+        try:
+            os.write(w, json.dumps(out).encode())
+        finally:
+            os._exit(code)
+    os.close(w)
+    chunks = []
+    while True:
+        b = os.read(r, 65536)
+        if not b:
+            break
+        chunks.append(b)
+    os.close(r)
+    os.waitpid(child, 0)
+    try:
+        out = json.loads(b"".join(chunks) or b"{}")
+    except ValueError:
+        out = {}
+    if out.get("ok"):
+        return out
+    if out.get("type") == "refusal":
+        raise Refusal(out["reason"], out.get("detail", ""), pid=out.get("pid"), fd=out.get("fd"),
+                      path=out.get("path"))
+    raise EngineError(out.get("message") or "the restorer died without a report", errno=out.get("errno"))
+
+
+class Job:
+    """Everything the restorer needs."""
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+def restore(directory: str, options: Options, pidfile: Optional[str] = None) -> dict:
+    """Restore the process imaged in `directory`. Returns {pid, restore_ms}.
+    Raises Refusal / Refusals before any process exists; a failure after the
+    process exists kills it (EngineError); the image is never modified."""
+    t0 = time.monotonic()
+    require_features()
+    reader = ImageReader(directory)
+    reader.check_arch()
+    verify_image(reader)
+    core = reader.read_json("core.json")
+    mm = reader.read_json("mm.json")
+    fdrecs = reader.read_json("fds.json")
+    check_core(core)
+    npf = _need(mm, "page_files", int, "mm.json")
+    vmas = check_mm(mm, npf)
+    check_fd_records(fdrecs)
+    xstate = reader.read_bytes("xstate.bin")
+    meta = reader.manifest.get("meta") or {}
+    same_node = isinstance(meta, dict) and meta.get("boot_id") == boot_id()
+    pid = core["pid"]
+    ctx = RestoreContext(options=options, image=reader, same_node=same_node, records=fdrecs, pid=pid)
+    preflight(reader, core, vmas, fdrecs, ctx)
+    pages = PageSource([reader.path(page_file_name(i)) for i in range(npf)])
+    prepared = None
+    try:
+        for v in vmas:
+            pages.check_runs(v["pages"])
+        prepared = prepare(core, vmas, fdrecs, ctx)
+        job = Job(core=core, vmas=vmas, fdrecs=fdrecs, xstate=xstate, pages=pages,
+                  prepared=prepared, ctx=ctx)
+        out = _run_restorer(job)
+    finally:
+        if prepared is not None:
+            prepared.close()
+        files.close_shared(ctx)
+        pages.close()
+    if pidfile:
+        tmp = pidfile + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(f"{out['pid']}\n")
+        os.rename(tmp, pidfile)
+    return {"pid": out["pid"], "restore_ms": round((time.monotonic() - t0) * 1000, 2)}
+

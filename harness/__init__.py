@@ -1,0 +1,8 @@
+"""Crucible's scenario harness: YAML scenarios run against an engine in QEMU
+guests (or on this host), judged restored / refused / corrupted / crashed / hung.
+
+Host side: schema (validation), runner (one scenario), engines (ckpt, criu
+adapters), targets (guest / local), report (table + JSON), bench.
+Guest side (stdlib only, copied into guests): seeded, world, sysapi, fdcore,
+fd_files, fd_ipc, fd_events, fdkinds, workload.
+"""

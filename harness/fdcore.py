@@ -1,0 +1,125 @@
+"""What every fd kind of the workload shares: the records, the check
+helpers, and the flag tables.
+
+Runs in the guest (stdlib only, Python >= 3.9). A kind's opener returns
+:class:`Opened` fds at temporary numbers (the workload moves them to the
+numbers the scenario gives); its checker returns check dicts
+``{fd, what, expected, got, ok}`` built with :func:`check` /
+:func:`bytes_check`. Checkers never block: a restored fd that is empty
+when it must hold data is a failed check, not a hung workload.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+MODES = {"r": os.O_RDONLY, "w": os.O_WRONLY, "rw": os.O_RDWR,
+         "a": os.O_WRONLY | os.O_APPEND, "a+": os.O_RDWR | os.O_APPEND}
+
+
+OPEN_FLAGS = {"O_APPEND": os.O_APPEND, "O_NONBLOCK": os.O_NONBLOCK, "O_SYNC": os.O_SYNC,
+              "O_DSYNC": os.O_DSYNC, "O_NOATIME": os.O_NOATIME}
+
+
+FD_FLAGS = {"NONBLOCK": os.O_NONBLOCK, "CLOEXEC": os.O_CLOEXEC}   # *_NONBLOCK / *_CLOEXEC
+
+
+EPOLL_EVENTS = {"EPOLLIN": select.EPOLLIN, "EPOLLOUT": select.EPOLLOUT,
+                "EPOLLPRI": select.EPOLLPRI, "EPOLLET": select.EPOLLET,
+                "EPOLLRDHUP": select.EPOLLRDHUP}
+
+
+SAMPLE = 4096
+
+
+FULL_COMPARE_MAX = 1 << 20
+
+
+MARKER = b"crucible-marker\n"
+
+
+@dataclass
+class Opened:
+    """One fd made by an opener: where it is now and where it must go."""
+
+    tmp: int
+    target: int
+    role: str = "fd"
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Ctx:
+    workdir: str
+    model: Any                      # world.Model: after setup at open time, after before_dump at check time
+    entries: List[dict] = field(default_factory=list)  # the scenario's fd entries
+    recs: List[dict] = field(default_factory=list)     # what was opened, as in the ready file
+    helpers: List[int] = field(default_factory=list)   # PIDs of outside peers
+    sigio: List[int] = field(default_factory=lambda: [0])
+
+    def fd_of(self, entry: dict) -> int:
+        """The (first) fd number opened for ``entry``."""
+        idx = self.entries.index(entry)
+        return next(r["fd"] for r in self.recs if r["entry"] == idx)
+
+
+def check(fd: Optional[int], what: str, expected: Any, got: Any) -> Dict[str, Any]:
+    return {"fd": fd, "what": what, "expected": expected, "got": got, "ok": expected == got}
+
+
+def flag_bits(names, table: Dict[str, int]) -> int:
+    """OR of ``names``; ``IN_NONBLOCK`` / ``EFD_CLOEXEC``... match ``NONBLOCK`` / ``CLOEXEC``."""
+    bits = 0
+    for n in names or ():
+        bits |= table[n if n in table else n.split("_", 1)[1]]
+    return bits
+
+
+def drain(fd: int, limit: int = 1 << 22) -> bytes:
+    """Everything readable now, without blocking even on a blocking fd
+    (poll(2) with a zero timeout before each read)."""
+    out = b""
+    p = select.poll()
+    p.register(fd, select.POLLIN)
+    while len(out) < limit and p.poll(0):
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    return out
+
+
+def wait_readable(fd: int, seconds: float) -> bool:
+    p = select.poll()
+    p.register(fd, select.POLLIN)
+    return bool(p.poll(int(seconds * 1000)))
+
+
+def describe_diff(expected: bytes, got: bytes, base: int = 0) -> str:
+    """Where two byte strings first differ, for a person to read."""
+    if expected == got:
+        return "same"
+    n = next((i for i, (a, b) in enumerate(zip(expected, got)) if a != b), min(len(expected), len(got)))
+    return (f"{len(got)} bytes vs {len(expected)} expected; first difference at offset "
+            f"{base + n}: got {got[n:n + 8].hex() or 'EOF'} expected {expected[n:n + 8].hex() or 'EOF'}")
+
+
+def bytes_check(fd: Optional[int], what: str, expected: bytes, got: bytes, base: int = 0) -> Dict[str, Any]:
+    ok = expected == got
+    return {"fd": fd, "what": what, "ok": ok,
+            "expected": f"{len(expected)} seeded bytes", "got": "same" if ok else describe_diff(expected, got, base)}
+
+
+def fdinfo(fd: int) -> Dict[str, str]:
+    out: Dict[str, str] = {}
+    with open(f"/proc/self/fdinfo/{fd}") as f:
+        for line in f:
+            k, _, v = line.partition(":")
+            out.setdefault(k.strip(), v.strip())
+    return out

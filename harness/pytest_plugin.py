@@ -1,0 +1,309 @@
+"""The pytest plugin: every ``scenarios/**/*.yaml`` is a test, run in a guest.
+
+One item per scenario file (per engine when ``--engine`` is given twice),
+validated at collection (``file:line`` errors, nothing runs), tags as
+markers, one guest per xdist worker booted once and reverted to a golden
+snapshot between scenarios, a summary table and ``reports/scenarios.json``
+at the end. See harness/ and DESIGN.md "The harness".
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import pytest
+
+from harness import engines, runner, schema
+from harness import report as report_mod
+from harness.errors import HarnessError
+from harness.targets import REPO, GuestTarget, LocalTarget, Target
+
+REPORTS_DIR = Path(os.environ.get("CRUCIBLE_REPORTS", str(REPO / "reports")))
+
+
+def pytest_addoption(parser):
+    g = parser.getgroup("crucible", "Crucible scenario harness")
+    g.addoption("--arch", default=os.environ.get("ARCH", "x86_64"), help="guest architecture (default x86_64)")
+    g.addoption("--engine", action="append", choices=sorted(engines.ENGINES), default=None,
+                help="engine to run scenarios against; give twice to compare (default ckpt)")
+    g.addoption("--accel", default="auto", help="QEMU accelerator: auto | kvm | tcg")
+    g.addoption("--kernel", default=None,
+                help="guest kernel (a key of vm.recipe.KERNELS, e.g. 6.1 or backports; default: the vm's)")
+    g.addoption("--keep-guest", action="store_true", help="leave the guest up after a failure, print how to SSH in")
+    g.addoption("--guest-timeout-scale", type=float, default=1.0, help="multiply every step timeout (slow TCG)")
+    g.addoption("--target", choices=("guest", "local"), default="guest",
+                help="run scenarios in QEMU guests (default) or on this host (development)")
+
+
+def pytest_configure(config):
+    for tag, text in schema.TAGS.items():
+        config.addinivalue_line("markers", f"{tag}: scenario tag: {text}")
+    config.addinivalue_line("markers", "scenario: a YAML scenario (scenarios/**/*.yaml)")
+    config.addinivalue_line("markers", "guest: needs a real QEMU guest (boots one)")
+    for e in engines.ENGINES:
+        config.addinivalue_line("markers", f"engine_{e}: scenario run against {e}")
+    config._crucible = Crucible(config)
+
+
+def scenarios_root(path: Path) -> Optional[Path]:
+    """The nearest ancestor directory named ``scenarios`` (None: not a scenario)."""
+    for parent in path.resolve().parents:
+        if parent.name == "scenarios":
+            return parent
+    return None
+
+
+def pytest_collect_file(parent, file_path: Path):
+    if file_path.suffix == ".yaml" and scenarios_root(file_path) is not None:
+        return ScenarioFile.from_parent(parent, path=file_path)
+    return None
+
+
+class ScenarioFile(pytest.File):
+    def collect(self):
+        try:
+            sc = schema.load(str(self.path))
+        except schema.SchemaError as e:
+            e.path = os.path.relpath(str(self.path))
+            raise self.CollectError(str(e)) from None
+        names = self.config.getoption("engine") or ["ckpt"]
+        for name in dict.fromkeys(names):
+            item = ScenarioItem.from_parent(self, name=self.path.stem + (f"[{name}]" if len(set(names)) > 1 else ""),
+                                            scenario=sc, engine_name=name)
+            item.add_marker("scenario")
+            if self.config.getoption("target") == "guest":
+                item.add_marker("guest")
+            item.add_marker(f"engine_{name}")
+            for tag in sc.get("tags", []):
+                item.add_marker(tag)
+            yield item
+
+
+class ScenarioFailure(Exception):
+    """A scenario whose outcome does not meet its ``expect``."""
+
+    def __init__(self, res: runner.Result, note: str):
+        self.res, self.note = res, note
+        super().__init__(note)
+
+
+class ScenarioItem(pytest.Item):
+    def __init__(self, *, scenario: dict, engine_name: str, **kw):
+        super().__init__(**kw)
+        self.scenario = scenario
+        self.engine_name = engine_name
+
+    @property
+    def sid(self) -> str:
+        rel = self.path.resolve().relative_to(scenarios_root(self.path)).with_suffix("")
+        return re.sub(r"[^A-Za-z0-9_.-]", "_", "-".join(rel.parts)) + "-" + self.engine_name
+
+    def runtest(self):
+        crucible: Crucible = self.config._crucible
+        engine = engines.make(self.engine_name)
+        row = {"scenario": self.nodeid.split("::")[0], "engine": self.engine_name,
+               "expected": runner.expected_text(self.scenario["expect"]), "name": self.scenario["name"]}
+        if self.scenario.get("restore_on") == "other" and not crucible.can_migrate:
+            pytest.skip("restore_on: other needs a second guest; --target local has only this host")
+        t0 = time.monotonic()
+        try:
+            target = crucible.primary()
+            res = runner.run_scenario(self.scenario, self.sid, engine, target,
+                                      other=crucible.other if crucible.can_migrate else None,
+                                      scale=self.config.getoption("guest_timeout_scale"))
+        except HarnessError as e:
+            row.update(outcome="error", got=f"harness error at {e.step}", passed=False, note=e.message,
+                       duration=round(time.monotonic() - t0, 2))
+            self.user_properties.append(("crucible", row))
+            crucible.failed = True
+            raise
+        verdict = runner.judge(self.scenario["expect"], res, strict=engine.strict)
+        row.update(outcome=res.outcome, got=runner.outcome_text(res), passed=verdict.passed, note=verdict.note,
+                   duration=round(time.monotonic() - t0, 2), timings=res.timings, detail=res.detail,
+                   failed_checks=res.failed_checks()[:20], refusals=res.refusals)
+        self.user_properties.append(("crucible", row))
+        if not verdict.passed:
+            crucible.failed = True
+            raise ScenarioFailure(res, verdict.note)
+
+    def repr_failure(self, excinfo, style=None):
+        e = excinfo.value
+        if isinstance(e, ScenarioFailure):
+            return self._failure_text(e.res, e.note)
+        if isinstance(e, HarnessError):
+            return f"harness error in scenario {self.scenario['name']!r} ({self.path.name}) at step {e.step}:\n{e}"
+        return super().repr_failure(excinfo, style=style)
+
+    def _failure_text(self, res: runner.Result, note: str) -> str:
+        out = [f"scenario: {self.scenario['name']} ({self.nodeid.split('::')[0]})  engine: {self.engine_name}",
+               f"expected: {runner.expected_text(self.scenario['expect'])}",
+               f"outcome:  {runner.outcome_text(res)} (decided at step {res.step})",
+               f"why:      {note}"]
+        if res.detail:
+            out += ["--- detail ---", res.detail.strip()]
+        if res.engine_stderr.strip():
+            out += ["--- engine stderr ---", res.engine_stderr.strip()[-4000:]]
+        if res.verdict is not None:
+            failed = res.failed_checks()
+            out.append(f"--- workload verdict: ok={res.verdict.get('ok')}, {len(failed)} of "
+                       f"{len(res.verdict.get('checks', []))} checks failed ---")
+            out += [f"fd {c.get('fd')}: {c.get('what')}: expected {c.get('expected')!r}, got {c.get('got')!r}"
+                    for c in failed[:30]]
+            if res.verdict.get("error"):
+                out.append(res.verdict["error"])
+        if res.diagnostics.strip():
+            out += ["--- guest serial console (tail) ---", res.diagnostics.strip()]
+        hint = self.config._crucible.ssh_hint()
+        if hint:
+            out.append(hint)
+        return "\n".join(out)
+
+    def reportinfo(self):
+        return self.path, 0, f"scenario: {self.scenario['name']} [{self.engine_name}]"
+
+
+class Crucible:
+    """Per-process state: the targets of this (xdist worker) process and,
+    on the controller, the rows of the summary."""
+
+    def __init__(self, config):
+        self.config = config
+        self.rows: List[Dict] = []
+        self.failed = False
+        self.local = config.getoption("target") == "local"
+        self.can_migrate = not self.local
+        self._primary: Optional[Target] = None
+        self._other: Optional[Target] = None
+        self._guests: list = []
+        self._dirty: Dict[int, bool] = {}
+        wi = getattr(config, "workerinput", None)
+        self.worker = wi["workerid"] if wi else "gw0"
+        self.is_worker = wi is not None
+
+    # -- targets -------------------------------------------------------------------
+    def primary(self) -> Target:
+        if self._primary is None:
+            self._primary = LocalTarget() if self.local else self._boot("a")
+        self._primary = self._fresh(self._primary, "a")
+        return self._primary
+
+    def other(self) -> Target:
+        """The second guest (``restore_on: other``): booted on first use, not
+        cloned from the first one's snapshot, so it has its own boot id."""
+        if self._other is None:
+            self._other = self._boot("b")
+        self._other = self._fresh(self._other, "b")
+        return self._other
+
+    def _fresh(self, t: Target, suffix: str) -> Target:
+        """Revert a used guest to its golden snapshot before the next scenario;
+        a guest that died or cannot revert is replaced by a new one."""
+        if self._dirty.get(id(t)):
+            try:
+                if isinstance(t, GuestTarget) and not t.guest.alive():
+                    raise HarnessError(f"guest {t.name} is not alive")
+                t.reset()
+            except Exception as e:
+                print(f"\ncrucible: guest {t.name} could not be reset ({e}); booting a new one")
+                self._drop(t)
+                t = self._boot(suffix)
+        self._dirty[id(t)] = True
+        return t
+
+    def _drop(self, t: Target) -> None:
+        if isinstance(t, GuestTarget) and t.guest in self._guests:
+            self._guests.remove(t.guest)
+            try:
+                t.guest.shutdown(hard=True)
+            except Exception as e:  # it is being replaced anyway; say why it would not stop
+                print(f"crucible: shutting down guest {t.name} failed: {e}")
+
+    def _boot(self, suffix: str) -> GuestTarget:
+        try:
+            from vm import Guest, ensure_image
+        except ImportError as e:
+            raise HarnessError(f"the guest package (vm) is not available: {e}; use --target local for host runs",
+                               step="boot") from None
+        opt = self.config.getoption
+        img = ensure_image(opt("arch"), **({"kernel": opt("kernel")} if opt("kernel") else {}))
+        guest = Guest(arch=opt("arch"), accel=opt("accel"), name=f"{self.worker}{suffix}",
+                      log_dir=str(REPORTS_DIR / "guests"), image=img, memory_mb=512,
+                      engine_dir=str(REPO / "engine"))
+        guest.__enter__()
+        self._guests.append(guest)
+        accel = str(getattr(guest, "accel", "tcg"))
+        t = GuestTarget(guest, time_scale=1.0 if accel == "kvm" else 2.0)
+        t.install()      # the engine came in with engine_dir at launch
+        guest.snapshot("golden")
+        return t
+
+    def ssh_hint(self) -> str:
+        if not self.config.getoption("keep_guest") or not self._guests:
+            return ""
+        return "guests kept up; ssh in with:\n" + "\n".join(
+            "  " + (" ".join(g.ssh_command()) if isinstance(g.ssh_command(), list) else str(g.ssh_command()))
+            for g in self._guests)
+
+    def close(self) -> None:
+        if self.config.getoption("keep_guest") and self.failed and self._guests:
+            # QEMU dies with this process (the vm package sets PR_SET_PDEATHSIG),
+            # so "keeping" a guest means waiting here while a person looks.
+            print("\n" + self.ssh_hint())
+            if not self.is_worker and sys.stdin is not None and sys.__stdin__.isatty():
+                capman = self.config.pluginmanager.getplugin("capturemanager")
+                if capman is not None:
+                    capman.suspend_global_capture(in_=True)
+                input("crucible: press Enter to shut the guests down ")
+            else:
+                print("crucible: the guests stop when pytest exits; run without -n from a terminal to keep them")
+        for g in self._guests:
+            try:
+                g.__exit__(None, None, None)
+            except Exception as e:  # report, keep shutting down the others
+                print(f"crucible: shutting down guest {getattr(g, 'name', '?')} failed: {e}")
+        self._guests.clear()
+        if isinstance(self._primary, LocalTarget):
+            self._primary.close()
+
+
+def pytest_runtest_logreport(report):
+    """Collect each scenario's row on the controller (xdist ships a worker's
+    user_properties with its reports; a worker process collects nothing)."""
+    cfg = _CONFIG.get("config")
+    if cfg is None or getattr(cfg, "workerinput", None) is not None:
+        return
+    for key, value in getattr(report, "user_properties", []):
+        if key == "crucible" and report.when == "call":
+            cfg._crucible.rows.append(value)
+
+
+_CONFIG: Dict[str, object] = {}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionstart(session):
+    _CONFIG["config"] = session.config
+
+
+def pytest_sessionfinish(session, exitstatus):
+    c = getattr(session.config, "_crucible", None)
+    if c is not None:
+        c.close()
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    c: Crucible = config._crucible
+    if c.is_worker or not c.rows:
+        return
+    terminalreporter.section("crucible scenarios")
+    terminalreporter.write_line(report_mod.table(c.rows))
+    path = report_mod.write_json(c.rows, str(REPORTS_DIR), {
+        "engines": config.getoption("engine") or ["ckpt"], "arch": config.getoption("arch"),
+        "kernel": config.getoption("kernel"),
+        "target": config.getoption("target")})
+    terminalreporter.write_line(f"written: {os.path.relpath(path)} (and reports/scenarios.json)")

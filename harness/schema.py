@@ -1,0 +1,405 @@
+"""The scenario schema, validated at collection with ``file:line`` errors.
+
+A scenario is YAML; it is *composed* (PyYAML node graph, every node carrying
+its start mark) and walked against the schema below, so an unknown key, a
+wrong type, a missing ``expect`` or a reason code the engine does not define
+is reported as ``path/to/file.yaml:LINE: key: what is wrong`` before anything
+runs. :func:`load` returns the scenario as plain JSON-able data with sizes
+turned into ints and defaults filled in.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
+
+import yaml
+
+try:
+    from engine.reasons import REASONS as ENGINE_REASONS
+except ImportError:  # pragma: no cover - the engine package is part of the repo
+    ENGINE_REASONS = {}
+
+# Tags become pytest markers; the vocabulary is closed so `--strict-markers` works.
+TAGS: Dict[str, str] = {
+    "files": "regular files", "offsets": "file offsets and flags", "append": "O_APPEND",
+    "cloexec": "close-on-exec", "many-fds": "many fds", "large": "large files",
+    "rename": "renamed files", "unlink": "deleted (unlinked) files", "ghost": "ghost files kept in the image",
+    "sparse": "sparse files", "hardlink": "hard links", "changed": "files changed between dump and restore",
+    "mmap": "memory mappings of files", "memfd": "memfd", "dir": "directory fds", "device": "device fds",
+    "fifo": "named fifos", "pipe": "anonymous pipes", "inotify": "inotify", "dnotify": "dnotify",
+    "fanotify": "fanotify", "socket": "sockets", "eventfd": "eventfd", "timerfd": "timerfd",
+    "signalfd": "signalfd", "epoll": "epoll", "migrate": "restore on another guest",
+    "refusal": "the expected outcome is a refusal",
+}
+OPEN_FLAGS = ("O_APPEND", "O_NONBLOCK", "O_SYNC", "O_DSYNC", "O_NOATIME")
+IN_MASKS = ("IN_ACCESS", "IN_MODIFY", "IN_ATTRIB", "IN_CLOSE_WRITE", "IN_CLOSE_NOWRITE", "IN_OPEN",
+            "IN_MOVED_FROM", "IN_MOVED_TO", "IN_CREATE", "IN_DELETE", "IN_DELETE_SELF", "IN_MOVE_SELF",
+            "IN_ONLYDIR", "IN_DONT_FOLLOW", "IN_EXCL_UNLINK", "IN_ONESHOT")
+SIGNALS = ("SIGUSR2", "SIGHUP", "SIGINT", "SIGTERM", "SIGALRM", "SIGCHLD", "SIGWINCH", "SIGRTMIN")
+STEP_NAMES = ("setup", "ready", "dump", "between", "restore", "verify")
+MAX_FD = 499          # the workload builds fds above 500 and moves them down
+
+
+@dataclass
+class SchemaError(Exception):
+    """One problem in one scenario file, located to the line."""
+
+    path: str
+    line: int
+    key: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line}: {self.key}: {self.message}"
+
+
+class _Ctx:
+    def __init__(self, path: str, loader: yaml.SafeLoader):
+        self.path = path
+        self.loader = loader
+
+    def fail(self, node: yaml.Node, key: str, message: str) -> SchemaError:
+        return SchemaError(self.path, node.start_mark.line + 1, key, message)
+
+    def scalar(self, node: yaml.Node, key: str) -> Any:
+        if not isinstance(node, yaml.ScalarNode):
+            raise self.fail(node, key, f"expected a scalar, got a {_kind(node)}")
+        return self.loader.construct_object(node)
+
+
+def _kind(node: yaml.Node) -> str:
+    return {yaml.MappingNode: "mapping", yaml.SequenceNode: "list"}.get(type(node), "scalar")
+
+
+Check = Callable[[_Ctx, yaml.Node, str], Any]
+
+
+# -- value types --------------------------------------------------------------------
+
+def Str() -> Check:
+    def chk(c, n, k):
+        v = c.scalar(n, k)
+        if not isinstance(v, str):
+            raise c.fail(n, k, f"expected a string, got {v!r}")
+        return v
+    return chk
+
+
+def Bool() -> Check:
+    def chk(c, n, k):
+        v = c.scalar(n, k)
+        if not isinstance(v, bool):
+            raise c.fail(n, k, f"expected true or false, got {v!r}")
+        return v
+    return chk
+
+
+def Int(lo: Optional[int] = None, hi: Optional[int] = None) -> Check:
+    def chk(c, n, k):
+        v = c.scalar(n, k)
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise c.fail(n, k, f"expected an integer, got {v!r}")
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            raise c.fail(n, k, f"{v} is out of range [{lo}, {hi}]")
+        return v
+    return chk
+
+
+def Num() -> Check:
+    def chk(c, n, k):
+        v = c.scalar(n, k)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+            raise c.fail(n, k, f"expected a positive number, got {v!r}")
+        return v
+    return chk
+
+
+_SIZE = re.compile(r"^(\d+)\s*([KMG]?)(i?B)?$", re.I)
+
+
+def parse_size(text: Any) -> Optional[int]:
+    """``4096``, ``"64K"``, ``"1MiB"``, ``"1G"`` -> bytes (None if not a size)."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        return text if text >= 0 else None
+    m = _SIZE.match(str(text).strip())
+    if not m:
+        return None
+    return int(m.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30}[m.group(2).upper()]
+
+
+def Size() -> Check:
+    def chk(c, n, k):
+        v = parse_size(c.scalar(n, k))
+        if v is None:
+            raise c.fail(n, k, f"expected a size (bytes, or 64K / 1M / 1G), got {n.value!r}")
+        return v
+    return chk
+
+
+def Enum(values: Iterable[str], what: str = "one of") -> Check:
+    allowed = tuple(values)
+
+    def chk(c, n, k):
+        v = c.scalar(n, k)
+        if v not in allowed:
+            raise c.fail(n, k, f"{v!r} is not {what} {', '.join(map(str, allowed))}")
+        return v
+    return chk
+
+
+def Reason() -> Check:
+    def chk(c, n, k):
+        v = c.scalar(n, k)
+        if v not in ENGINE_REASONS:
+            raise c.fail(n, k, f"{v!r} is not a reason code the engine defines (engine/reasons.py)")
+        return v
+    return chk
+
+
+def Path() -> Check:
+    def chk(c, n, k):
+        v = Str()(c, n, k)
+        norm = os.path.normpath(v)
+        if os.path.isabs(norm) or norm == ".." or norm.startswith("../") or norm == ".":
+            raise c.fail(n, k, f"{v!r}: paths are relative to the scenario's work dir and stay inside it")
+        return v
+    return chk
+
+
+def List_(item: Check) -> Check:
+    def chk(c, n, k):
+        if not isinstance(n, yaml.SequenceNode):
+            raise c.fail(n, k, f"expected a list, got a {_kind(n)}")
+        return [item(c, x, f"{k}[{i}]") for i, x in enumerate(n.value)]
+    return chk
+
+
+def Pair() -> Check:
+    def chk(c, n, k):
+        v = List_(Size())(c, n, k)
+        if len(v) != 2:
+            raise c.fail(n, k, "expected [offset, length]")
+        return v
+    return chk
+
+
+def Map(fields: Dict[str, Check], required: Sequence[str] = (), defaults: Optional[dict] = None) -> Check:
+    def chk(c, n, k):
+        if not isinstance(n, yaml.MappingNode):
+            raise c.fail(n, k, f"expected a mapping, got a {_kind(n)}")
+        out = dict(defaults or {})
+        seen = set()
+        for kn, vn in n.value:
+            key = c.scalar(kn, k)
+            where = f"{k}.{key}" if k else str(key)
+            if key in seen:
+                raise c.fail(kn, where, "duplicate key")
+            seen.add(key)
+            if key not in fields:
+                raise c.fail(kn, where, f"unknown key (allowed: {', '.join(fields)})")
+            out[key] = fields[key](c, vn, where)
+        for r in required:
+            if r not in seen:
+                raise c.fail(n, f"{k}.{r}" if k else r, "missing required key")
+        return out
+    return chk
+
+
+def OneKey(choices: Dict[str, Check], what: str) -> Check:
+    """A mapping with exactly one key out of ``choices`` (a step: ``{rename: {...}}``)."""
+    def chk(c, n, k):
+        if not isinstance(n, yaml.MappingNode) or len(n.value) != 1:
+            raise c.fail(n, k, f"expected a mapping with exactly one {what} ({', '.join(choices)})")
+        kn, vn = n.value[0]
+        name = c.scalar(kn, k)
+        if name not in choices:
+            raise c.fail(kn, f"{k}.{name}", f"unknown {what} (allowed: {', '.join(choices)})")
+        return {name: choices[name](c, vn, f"{k}.{name}")}
+    return chk
+
+
+def Discriminated(kinds: Dict[str, Dict[str, Check]], common: Dict[str, Check],
+                  required: Dict[str, Sequence[str]]) -> Check:
+    """A mapping whose kind is given by which one of ``kinds``' keys it holds."""
+    def chk(c, n, k):
+        if not isinstance(n, yaml.MappingNode):
+            raise c.fail(n, k, f"expected a mapping, got a {_kind(n)}")
+        keys = [c.scalar(kn, k) for kn, _ in n.value]
+        present = [x for x in keys if x in kinds]
+        if len(present) != 1:
+            raise c.fail(n, k, f"an fd entry names exactly one kind ({', '.join(kinds)}); found {present or 'none'}")
+        kind = present[0]
+        return Map({**common, **kinds[kind]}, required=required.get(kind, ("fd",)))(c, n, k)
+    return chk
+
+
+# -- the scenario ---------------------------------------------------------------------
+
+def _steps() -> Check:
+    P, S = Path(), Size()
+    path = {"path": P}
+    return OneKey({
+        "file": Map({"path": P, "bytes": S, "seed": Int(0), "holes": List_(Pair()), "extents": List_(Pair()),
+                     "mode": Int(0, 0o7777)}, required=("path", "bytes")),
+        "dir": Map(path, required=("path",)),
+        "fifo": Map({"path": P, "mode": Int(0, 0o7777)}, required=("path",)),
+        "hardlink": Map({"from": P, "to": P}, required=("from", "to")),
+        "symlink": Map({"path": P, "target": Str()}, required=("path", "target")),
+        "rename": Map({"from": P, "to": P}, required=("from", "to")),
+        "rename-over": Map({"from": P, "to": P}, required=("from", "to")),
+        "unlink": Map(path, required=("path",)),
+        "rmdir": Map(path, required=("path",)),
+        "remove-fifo": Map(path, required=("path",)),
+        "rewrite-same-size": Map({"path": P, "seed": Int(0)}, required=("path", "seed")),
+        "append": Map({"path": P, "bytes": S, "seed": Int(0)}, required=("path", "bytes", "seed")),
+        "truncate": Map({"path": P, "size": S}, required=("path", "size")),
+        "touch": Map({"path": P, "seconds": Int()}, required=("path",)),
+        "chmod": Map({"path": P, "mode": Int(0, 0o7777)}, required=("path", "mode")),
+        "write-into-fifo": Map({"path": P, "bytes": S, "seed": Int(0)}, required=("path", "bytes", "seed")),
+    }, "step")
+
+
+def _fd_entry() -> Check:
+    fdnum = Int(3, MAX_FD)
+    data = Map({"bytes": Size(), "seed": Int(0)}, required=("bytes",))
+    fdflags = lambda prefix: List_(Enum((f"{prefix}_NONBLOCK", f"{prefix}_CLOEXEC")))  # noqa: E731
+    return Discriminated({
+        "open": {"open": Path(), "mode": Enum(("r", "w", "rw", "a", "a+")), "flags": List_(Enum(OPEN_FLAGS)),
+                 "seek": Size(), "count": Int(1, 400), "seek_step": Size()},
+        "memfd": {"memfd": Str(), "bytes": Size(), "seed": Int(0), "seek": Size()},
+        "dir": {"dir": Path()},
+        "device": {"device": Enum(("/dev/null", "/dev/zero", "/dev/urandom", "/dev/full")),
+                   "mode": Enum(("r", "w", "rw"))},
+        "fifo": {"fifo": Path(), "end": Enum(("r", "w", "rw")), "nonblock": Bool(), "data": data},
+        "pipe": {"pipe": Map({"read": fdnum, "write": fdnum}), "data": data},
+        "inotify": {"inotify": Map({"flags": fdflags("IN"), "pending": List_(Enum(IN_MASKS + ("IN_IGNORED",))),
+                                    "watches": List_(Map(
+            {"path": Path(), "mask": List_(Enum(IN_MASKS)), "remove": Bool()}, required=("path", "mask")))})},
+        "dnotify": {"dnotify": Path(), "mask": List_(Enum(("DN_ACCESS", "DN_MODIFY", "DN_CREATE", "DN_DELETE",
+                                                          "DN_RENAME", "DN_ATTRIB")))},
+        "fanotify": {"fanotify": Map({"mark": Path(), "mask": List_(Enum(("FAN_ACCESS", "FAN_MODIFY", "FAN_OPEN",
+                                                                          "FAN_CLOSE_WRITE", "FAN_CLOSE_NOWRITE")))},
+                                     required=("mark",))},
+        "eventfd": {"eventfd": Map({"initval": Int(0, 2**32 - 1), "add": Int(0, 2**62),
+                                    "flags": List_(Enum(("EFD_SEMAPHORE", "EFD_NONBLOCK", "EFD_CLOEXEC")))})},
+        "timerfd": {"timerfd": Map({"clock": Enum(("monotonic", "realtime", "boottime")), "value_ms": Int(1),
+                                    "interval_ms": Int(0), "flags": fdflags("TFD")}, required=("value_ms",))},
+        "signalfd": {"signalfd": Map({"signals": List_(Enum(SIGNALS, "a signal the workload allows:")),
+                                      "flags": fdflags("SFD")}, required=("signals",))},
+        "epoll": {"epoll": Map({"targets": List_(Map({"fd": fdnum, "events": List_(Enum(
+            ("EPOLLIN", "EPOLLOUT", "EPOLLPRI", "EPOLLET", "EPOLLRDHUP")))}, required=("fd",)))},
+            required=("targets",))},
+        "socket": {"socket": Enum(("unix-pair", "unix-listen", "tcp-listen", "tcp-established", "udp")),
+                   "peer_fd": fdnum, "path": Path(), "data": data},
+    }, common={"fd": fdnum, "cloexec": Bool()},
+        required={"pipe": ("pipe",)})
+
+
+def _mmap() -> Check:
+    return Map({"file": Path(), "anon": Bool(), "offset": Size(), "length": Size(), "prot": Enum(("r", "rw")),
+                "shared": Bool(), "seed": Int(0),
+                "dirty": Map({"offset": Size(), "bytes": Size(), "seed": Int(0)}, required=("bytes",))},
+               required=("length",))
+
+
+def _expect() -> Check:
+    refused = Map({"refused": Map({"reason": Reason(), "fd": Int(0, MAX_FD), "at": Enum(("dump", "restore"))},
+                                  required=("reason",))}, required=("refused",))
+
+    def chk(c, n, k):
+        if isinstance(n, yaml.ScalarNode):
+            return {"restored": True} if Enum(("restored",))(c, n, k) else None
+        return refused(c, n, k)
+    return chk
+
+
+SCENARIO = Map({
+    "name": Str(), "description": Str(), "tags": List_(Enum(TAGS, "a known tag:")),
+    "setup": List_(_steps()),
+    "workload": Map({"fds": List_(_fd_entry()), "mmaps": List_(_mmap())}),
+    "before_dump": List_(_steps()),
+    "dump": Map({"leave_running": Bool(), "ghost_limit": Size(),
+                 "file_validation": Enum(("strict", "digest", "size", "none"))}),
+    "between": List_(_steps()),
+    "restore_on": Enum(("same", "other")),
+    "timeouts": Map({s: Num() for s in STEP_NAMES}),
+    "expect": _expect(),
+}, required=("name", "workload", "expect"), defaults={"restore_on": "same", "tags": []})
+
+
+# -- cross-field rules ----------------------------------------------------------------
+
+def fd_numbers(entry: dict) -> List[int]:
+    """Every fd number an entry occupies."""
+    if "pipe" in entry:
+        return [entry["pipe"][r] for r in ("read", "write") if r in entry["pipe"]]
+    nums = [entry["fd"] + i for i in range(entry.get("count", 1))]
+    if "peer_fd" in entry:
+        nums.append(entry["peer_fd"])
+    return nums
+
+
+def _cross_checks(c: _Ctx, root: yaml.MappingNode, data: dict) -> None:
+    def node_of(*keys) -> yaml.Node:
+        n = root
+        for key in keys:
+            if isinstance(n, yaml.MappingNode):
+                n = next((v for kn, v in n.value if kn.value == key), n)
+            elif isinstance(n, yaml.SequenceNode) and isinstance(key, int) and key < len(n.value):
+                n = n.value[key]
+        return n
+
+    seen: Dict[int, int] = {}
+    fds = data["workload"].get("fds", [])
+    for i, e in enumerate(fds):
+        where = f"workload.fds[{i}]"
+        n = node_of("workload", "fds", i)
+        for num in fd_numbers(e):
+            if num > MAX_FD:
+                raise c.fail(n, where, f"fd {num} is above {MAX_FD}")
+            if num in seen:
+                raise c.fail(n, where, f"fd {num} is already used by workload.fds[{seen[num]}]")
+            seen[num] = i
+        sock = e.get("socket")
+        if sock in ("unix-pair", "tcp-established") and "peer_fd" not in e:
+            raise c.fail(n, where + ".peer_fd", f"a {sock} socket needs peer_fd")
+        if sock == "unix-listen" and "path" not in e:
+            raise c.fail(n, where + ".path", "a unix-listen socket needs a path")
+        if "pipe" in e and not e["pipe"]:
+            raise c.fail(n, where + ".pipe", "name at least one end (read / write)")
+    for i, e in enumerate(fds):
+        for t in e.get("epoll", {}).get("targets", []):
+            if t["fd"] not in seen:
+                raise c.fail(node_of("workload", "fds", i), f"workload.fds[{i}].epoll",
+                             f"target fd {t['fd']} is not opened by the workload")
+    for i, m in enumerate(data["workload"].get("mmaps", [])):
+        if ("file" in m) == bool(m.get("anon")):
+            raise c.fail(node_of("workload", "mmaps", i), f"workload.mmaps[{i}]", "give either file or anon: true")
+    ref = data["expect"].get("refused")
+    if ref and "fd" in ref and ref["fd"] not in seen:
+        raise c.fail(node_of("expect"), "expect.refused.fd", f"fd {ref['fd']} is not opened by the workload")
+
+
+def load(path: str, text: Optional[str] = None) -> dict:
+    """Read and validate one scenario; raises SchemaError (file:line: key: why)."""
+    if text is None:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    loader = yaml.SafeLoader(text)
+    try:
+        try:
+            root = loader.get_single_node()
+        except yaml.MarkedYAMLError as e:
+            mark = e.problem_mark or e.context_mark
+            raise SchemaError(path, (mark.line + 1) if mark else 0, "yaml", str(e.problem or e)) from None
+        if root is None:
+            raise SchemaError(path, 1, "scenario", "empty file")
+        c = _Ctx(path, loader)
+        data = SCENARIO(c, root, "")
+        _cross_checks(c, root, data)
+        return data
+    finally:
+        loader.dispose()

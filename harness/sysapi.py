@@ -1,0 +1,157 @@
+"""Thin ctypes bindings the workload needs and the stdlib lacks (Python 3.9).
+
+Runs in the guest (stdlib only). Each wrapper raises OSError(errno) like the
+os module does, so callers handle failures one way.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import struct
+from typing import Iterable, Tuple
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+# <sys/inotify.h>
+IN_FLAGS = {
+    "IN_ACCESS": 0x1, "IN_MODIFY": 0x2, "IN_ATTRIB": 0x4, "IN_CLOSE_WRITE": 0x8,
+    "IN_CLOSE_NOWRITE": 0x10, "IN_OPEN": 0x20, "IN_MOVED_FROM": 0x40,
+    "IN_MOVED_TO": 0x80, "IN_CREATE": 0x100, "IN_DELETE": 0x200,
+    "IN_DELETE_SELF": 0x400, "IN_MOVE_SELF": 0x800, "IN_ONLYDIR": 0x01000000,
+    "IN_DONT_FOLLOW": 0x02000000, "IN_EXCL_UNLINK": 0x04000000,
+    "IN_ONESHOT": 0x80000000,
+}
+IN_MASK_ADD = 0x20000000
+IN_IGNORED = 0x8000
+# <fcntl.h> dnotify (fcntl(2) F_NOTIFY); F_NOTIFY = F_LINUX_SPECIFIC_BASE + 2
+F_NOTIFY = 1026
+DN_FLAGS = {"DN_ACCESS": 0x1, "DN_MODIFY": 0x2, "DN_CREATE": 0x4, "DN_DELETE": 0x8,
+            "DN_RENAME": 0x10, "DN_ATTRIB": 0x20, "DN_MULTISHOT": 0x80000000}
+# <sys/fanotify.h>
+FAN_FLAGS = {"FAN_ACCESS": 0x1, "FAN_MODIFY": 0x2, "FAN_CLOSE_WRITE": 0x8,
+             "FAN_CLOSE_NOWRITE": 0x10, "FAN_OPEN": 0x20}
+FAN_CLASS_NOTIF = 0x0
+FAN_NONBLOCK = 0x2
+FAN_MARK_ADD = 0x1
+AT_FDCWD = -100
+# eventfd / timerfd / signalfd flags share O_NONBLOCK / O_CLOEXEC values
+EFD_SEMAPHORE = 1
+CLOCKS = {"realtime": 0, "monotonic": 1, "boottime": 7}
+
+
+def _check(ret: int) -> int:
+    if ret < 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+    return ret
+
+
+def inotify_init1(flags: int) -> int:
+    return _check(_libc.inotify_init1(flags))
+
+
+def inotify_add_watch(fd: int, path: str, mask: int) -> int:
+    return _check(_libc.inotify_add_watch(fd, os.fsencode(path), ctypes.c_uint32(mask)))
+
+
+def inotify_rm_watch(fd: int, wd: int) -> None:
+    _check(_libc.inotify_rm_watch(fd, wd))
+
+
+def parse_inotify_events(buf: bytes) -> list:
+    """``[(wd, mask, cookie, name)]`` from a read(2) of an inotify fd (inotify(7))."""
+    out, off = [], 0
+    while off + 16 <= len(buf):
+        wd, mask, cookie, n = struct.unpack_from("iIII", buf, off)
+        name = buf[off + 16:off + 16 + n].rstrip(b"\0").decode(errors="replace")
+        out.append((wd, mask, cookie, name))
+        off += 16 + n
+    return out
+
+
+def eventfd(initval: int, flags: int) -> int:
+    return _check(_libc.eventfd(ctypes.c_uint(initval), flags))
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+class _Itimerspec(ctypes.Structure):
+    _fields_ = [("it_interval", _Timespec), ("it_value", _Timespec)]
+
+
+def _ts(ms: int) -> _Timespec:
+    return _Timespec(ms // 1000, (ms % 1000) * 1000000)
+
+
+def timerfd_create(clock: int, flags: int) -> int:
+    return _check(_libc.timerfd_create(clock, flags))
+
+
+def timerfd_settime(fd: int, value_ms: int, interval_ms: int) -> None:
+    spec = _Itimerspec(_ts(interval_ms), _ts(value_ms))
+    _check(_libc.timerfd_settime(fd, 0, ctypes.byref(spec), None))
+
+
+def timerfd_gettime(fd: int) -> Tuple[float, float]:
+    """``(remaining_s, interval_s)`` of a timerfd (timerfd_gettime(2))."""
+    cur = _Itimerspec()
+    _check(_libc.timerfd_gettime(fd, ctypes.byref(cur)))
+    v, i = cur.it_value, cur.it_interval
+    return v.tv_sec + v.tv_nsec / 1e9, i.tv_sec + i.tv_nsec / 1e9
+
+
+def _sigset(signals: Iterable[int]):
+    """A glibc sigset_t (1024 bits) with ``signals`` set."""
+    words = (ctypes.c_ulong * 16)()
+    for s in signals:
+        words[(s - 1) // 64] |= 1 << ((s - 1) % 64)
+    return words
+
+
+def signalfd(signals: Iterable[int], flags: int) -> int:
+    return _check(_libc.signalfd(-1, ctypes.byref(_sigset(signals)), flags))
+
+
+def fanotify_init(flags: int, event_f_flags: int) -> int:
+    return _check(_libc.fanotify_init(ctypes.c_uint(flags), ctypes.c_uint(event_f_flags)))
+
+
+def fanotify_mark(fd: int, flags: int, mask: int, path: str) -> None:
+    _libc.fanotify_mark.argtypes = [ctypes.c_int, ctypes.c_uint, ctypes.c_uint64,
+                                    ctypes.c_int, ctypes.c_char_p]
+    _check(_libc.fanotify_mark(fd, flags, mask, AT_FDCWD, os.fsencode(path)))
+
+
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_int, ctypes.c_long]
+MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def mmap(length: int, prot: int, flags: int, fd: int, offset: int) -> int:
+    """Raw mmap(2): Python's mmap module dup()s the fd, which would add an fd
+    the scenario did not ask for."""
+    addr = _libc.mmap(None, length, prot, flags, fd, offset)
+    if addr is None or addr == MAP_FAILED:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+    return addr
+
+
+def peek(addr: int, length: int) -> bytes:
+    return ctypes.string_at(addr, length)
+
+
+def poke(addr: int, data: bytes) -> None:
+    ctypes.memmove(addr, data, len(data))
+
+
+def names_to_mask(names: Iterable[str], table: dict) -> int:
+    mask = 0
+    for n in names:
+        mask |= table[n]
+    return mask

@@ -1,0 +1,231 @@
+"""Where a scenario's commands run: a QEMU guest, or this host.
+
+Both targets run argv lists (never a shell string), move bytes, and know
+where the work dirs, the guest-side scripts and the engine live. A command
+that outlives its timeout raises :class:`StepTimeout` (the outcome ``hung``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+from .errors import HarnessError, StepTimeout
+
+REPO = Path(__file__).resolve().parent.parent
+# The stdlib-only files the guest runs (the workload and the world steps).
+GUEST_FILES = ("seeded.py", "sysapi.py", "world.py", "fdcore.py", "fd_files.py", "fd_ipc.py", "fd_events.py",
+               "fdkinds.py", "workload.py")
+PR_SET_CHILD_SUBREAPER = 36   # prctl(2)
+
+
+@dataclass
+class RunResult:
+    rc: int
+    stdout: str
+    stderr: str
+    duration: float
+
+
+class Target:
+    """The interface the runner uses (see LocalTarget / GuestTarget)."""
+
+    name = "target"
+    base = "/srv/crucible"                 # scenario dirs live under here
+    scripts = "/opt/crucible/harness"      # GUEST_FILES live here
+    python = "python3"
+    time_scale = 1.0                       # multiplies every step timeout
+    can_migrate = False
+
+    def run(self, argv: Sequence[str], timeout: float, step: str = "") -> RunResult:
+        raise NotImplementedError
+
+    def put_bytes(self, data: bytes, path: str) -> None:
+        raise NotImplementedError
+
+    def get_bytes(self, path: str) -> bytes:
+        raise NotImplementedError
+
+    def ckpt_argv(self) -> List[str]:
+        raise NotImplementedError
+
+    def script(self, name: str) -> List[str]:
+        return [self.python, f"{self.scripts}/{name}"]
+
+    def reset(self) -> None:
+        """Back to a clean state before a scenario."""
+
+    def settle(self, pids: Sequence[int]) -> None:
+        """Let dead PIDs become free (reap them where this target must)."""
+
+    def cleanup(self, pids: Sequence[int]) -> None:
+        """Kill (by PID, workloads only) and reap what a scenario left."""
+
+    def diagnostics(self) -> str:
+        """Text for a failure report (a guest's serial console tail)."""
+        return ""
+
+
+class LocalTarget(Target):
+    """Runs the steps on this host: subprocesses, the repo's engine through
+    ``python3 -m engine``, work dirs under a temporary directory.
+
+    The host's PID 1 reaps orphans slowly (ENGINE-NOTES.md), and a same-PID
+    restore needs the dumped PID free; so this process becomes a child
+    subreaper (prctl(2) PR_SET_CHILD_SUBREAPER): detached workloads and
+    restored processes re-parent to it, and :meth:`settle` reaps them.
+    """
+
+    name = "local"
+
+    def __init__(self, base: Optional[str] = None, time_scale: float = 1.0):
+        self._tmp = None if base else tempfile.mkdtemp(prefix="crucible-local-")
+        self.base = base or self._tmp
+        self.scripts = str(REPO / "harness")
+        self.python = sys.executable
+        self.time_scale = time_scale
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+            raise HarnessError(f"prctl(PR_SET_CHILD_SUBREAPER): errno {ctypes.get_errno()}")
+        self.env = dict(os.environ, PYTHONPATH=str(REPO))
+
+    def run(self, argv: Sequence[str], timeout: float, step: str = "") -> RunResult:
+        t0 = time.monotonic()
+        try:
+            # close_fds: the host's shells leak pipes (fd 200+) that a target
+            # would inherit and the engine would rightly refuse.
+            p = subprocess.run([str(a) for a in argv], stdin=subprocess.DEVNULL, capture_output=True,
+                               timeout=timeout, close_fds=True, env=self.env, text=True)
+        except subprocess.TimeoutExpired as e:
+            self.settle(())
+            raise StepTimeout(argv, timeout, step=step, detail=_text(e.stderr)) from None
+        finally:
+            self._reap_zombies()
+        return RunResult(p.returncode, p.stdout, p.stderr, time.monotonic() - t0)
+
+    def put_bytes(self, data: bytes, path: str) -> None:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(data)
+
+    def get_bytes(self, path: str) -> bytes:
+        with open(path, "rb") as f:
+            return f.read()
+
+    def ckpt_argv(self) -> List[str]:
+        return [self.python, "-m", "engine"]
+
+    def settle(self, pids: Sequence[int]) -> None:
+        deadline = time.monotonic() + 3
+        while True:
+            self._reap_zombies()
+            if not any(_alive(p) for p in pids) or time.monotonic() > deadline:
+                return
+            time.sleep(0.01)
+
+    def cleanup(self, pids: Sequence[int]) -> None:
+        from . import workload
+        workload.kill_workloads(list(pids))
+        self.settle(pids)
+
+    def close(self) -> None:
+        if self._tmp:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+
+    @staticmethod
+    def _reap_zombies() -> None:
+        """waitpid each *zombie* child: live ones are left alone, and so are
+        children a subprocess.Popen still owns (none outlive run())."""
+        me = os.getpid()
+        try:
+            tids = os.listdir(f"/proc/{me}/task")
+        except OSError:
+            return
+        for tid in tids:
+            try:
+                with open(f"/proc/{me}/task/{tid}/children") as f:
+                    kids = [int(x) for x in f.read().split()]
+            except OSError:
+                continue
+            for pid in kids:
+                if _state(pid) == "Z":
+                    try:
+                        os.waitpid(pid, os.WNOHANG)
+                    except ChildProcessError:
+                        pass
+
+
+def _state(pid: int) -> Optional[str]:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    return _state(pid) not in (None, "Z")
+
+
+def _text(b) -> str:
+    if b is None:
+        return ""
+    return b.decode(errors="replace") if isinstance(b, bytes) else b
+
+
+class GuestTarget(Target):
+    """Runs the steps in a :class:`vm.Guest` over SSH (the engine installed as
+    ``ckpt``, the guest files under /opt/crucible/harness)."""
+
+    name = "guest"
+    can_migrate = True
+
+    def __init__(self, guest, time_scale: float = 1.0):
+        self.guest = guest
+        self.name = getattr(guest, "name", "guest")
+        self.time_scale = time_scale
+        self.python = "/usr/bin/python3"
+
+    def install(self) -> None:
+        """Copy the harness's guest files in (the engine is the vm's job)."""
+        self.guest.run(["mkdir", "-p", self.scripts, self.base], timeout=60 * self.time_scale, check=True)
+        for name in GUEST_FILES:
+            self.guest.put(str(REPO / "harness" / name), f"{self.scripts}/{name}")
+
+    def run(self, argv: Sequence[str], timeout: float, step: str = "") -> RunResult:
+        from vm import VmError
+        t0 = time.monotonic()
+        try:
+            r = self.guest.run([str(a) for a in argv], timeout=timeout)
+        except VmError as e:
+            if getattr(e, "kind", "") == "timeout":
+                raise StepTimeout(argv, timeout, step=step, detail=self.diagnostics()) from None
+            raise HarnessError(f"guest {self.name}: {e.message if hasattr(e, 'message') else e}", step=step,
+                               detail=self.diagnostics()) from None
+        return RunResult(r.rc, _text(r.stdout), _text(r.stderr), time.monotonic() - t0)
+
+    def put_bytes(self, data: bytes, path: str) -> None:
+        self.guest.put_bytes(data, path)
+
+    def get_bytes(self, path: str) -> bytes:
+        return self.guest.get_bytes(path)
+
+    def ckpt_argv(self) -> List[str]:
+        return ["ckpt"]
+
+    def reset(self) -> None:
+        self.guest.revert("golden")
+
+    def diagnostics(self) -> str:
+        try:
+            return self.guest.serial_tail(lines=40)
+        except Exception as e:  # a dead guest still deserves a report
+            return f"(serial tail unavailable: {e})"

@@ -1,0 +1,392 @@
+"""The workload: a process that holds the fds a scenario describes, and
+afterwards checks every one of them from its own side.
+
+Runs in the guest (stdlib only, Python >= 3.9), as a script::
+
+    python3 workload.py spawn SPEC [--setup] [--before-dump]
+                                       # start `run` detached, wait for ready, print it
+    python3 workload.py run SPEC       # the workload itself (what gets dumped)
+    python3 workload.py signal PID VERDICT SECONDS   # SIGUSR1, wait for the verdict
+    python3 workload.py pidstate PID   # does PID run, and what is it
+    python3 workload.py kill PID...    # SIGKILL workloads (and only workloads)
+
+``run`` opens every fd at the number the scenario gives, writes a *ready*
+file (what it observed of itself: flags, offsets, wds, ports...) and sleeps in
+``sigwaitinfo`` (checkpointable: a plain interruptible syscall). On SIGUSR1 —
+in the restored process, or in the original after a refused dump — it
+re-reads the spec and the ready file *from disk* (not from its memory, which
+the engine restored), derives what each fd must show from the seeded model of
+the scenario, checks, and writes a JSON verdict ``{ok, checks: [...]}``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import stat
+import sys
+import time
+import traceback
+from typing import Any, Dict, List
+
+try:
+    from . import fdkinds, seeded, sysapi, world
+except ImportError:  # pragma: no cover - in the guest, run as a script
+    import fdkinds  # type: ignore[no-redef]
+    import seeded  # type: ignore[no-redef]
+    import sysapi  # type: ignore[no-redef]
+    import world  # type: ignore[no-redef]
+
+TMP_FD_BASE = 500       # fds are built above this, then moved to their numbers (< 500)
+MARK = world.MARK
+PROT = {"r": 1, "rw": 3}          # PROT_READ, PROT_READ|PROT_WRITE
+MAP_SHARED, MAP_PRIVATE, MAP_ANONYMOUS = 0x01, 0x02, 0x20
+
+
+def write_json(path: str, obj: Any) -> None:
+    """Atomic: a reader sees the whole file or none (rename(2))."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, default=str)
+    os.rename(tmp, path)
+
+
+def own_fds() -> List[int]:
+    """This process's open fds, without the one listdir used to read them."""
+    out = []
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            os.fstat(int(name))
+            out.append(int(name))
+        except OSError:
+            pass
+    return sorted(out)
+
+
+def observe(fd: int) -> Dict[str, Any]:
+    """What a process can see of one of its fds without touching its data."""
+    st = os.fstat(fd)
+    try:
+        pos = os.lseek(fd, 0, os.SEEK_CUR)
+    except OSError:
+        pos = None       # ESPIPE: pipes, sockets, most anon inodes
+    return {"fmt": stat.S_IFMT(st.st_mode), "flags": fcntl.fcntl(fd, fcntl.F_GETFL),
+            "cloexec": bool(fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC),
+            "pos": pos, "link": os.readlink(f"/proc/self/fd/{fd}")}
+
+
+def setup_model(spec: dict, phases=("setup",)) -> world.Model:
+    model = world.Model()
+    for phase in phases:
+        for step in spec.get(phase) or []:
+            model.apply(step)
+    return model
+
+
+# -- run -------------------------------------------------------------------------
+
+def open_all(spec: dict, ctx: fdkinds.Ctx) -> List[dict]:
+    """Open every fd entry and move it to its number; epolls last, because an
+    epoll registration is keyed by the target's fd number."""
+    entries = ctx.entries
+    order = sorted(range(len(entries)), key=lambda i: fdkinds.kind_of(entries[i]) == "epoll")
+    recs = []
+    for idx in order:
+        e = entries[idx]
+        opener = fdkinds.KINDS[fdkinds.kind_of(e)][0]
+        made = opener(e, ctx)
+        # lift them all first: a temporary fd may sit on another one's number
+        for o in made:
+            high = fcntl.fcntl(o.tmp, fcntl.F_DUPFD, TMP_FD_BASE)
+            os.close(o.tmp)
+            o.tmp = high
+        for o in made:
+            high = o.tmp
+            # dup2 with inheritable=False is dup3(O_CLOEXEC): the scenario decides
+            os.dup2(high, o.target, inheritable=not e.get("cloexec", False))
+            os.close(high)
+            if fdkinds.kind_of(e) in fdkinds.FINISH:
+                fdkinds.FINISH[fdkinds.kind_of(e)](e, o.target)
+            recs.append({"fd": o.target, "kind": fdkinds.kind_of(e), "entry": idx, "role": o.role,
+                         "extra": o.extra})
+    return recs
+
+
+def map_all(spec: dict, model: world.Model) -> List[dict]:
+    out = []
+    for m in spec.get("mmaps") or []:
+        length = int(m["length"])
+        if "anon" in m:
+            addr = sysapi.mmap(length, PROT["rw"], MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
+            sysapi.poke(addr, seeded.data(int(m.get("seed", 0)), 0, length))
+            out.append({"addr": addr, "length": length})
+            continue
+        shared = bool(m.get("shared"))
+        prot = PROT[m.get("prot", "r")]
+        flags = os.O_RDWR if shared and prot == 3 else os.O_RDONLY
+        fd = os.open(m["file"], flags)
+        try:
+            addr = sysapi.mmap(length, prot, MAP_SHARED if shared else MAP_PRIVATE, fd, int(m.get("offset", 0)))
+        finally:
+            os.close(fd)     # the mapping keeps the file; no fd the scenario did not ask for
+        if m.get("dirty"):
+            d = m["dirty"]
+            sysapi.poke(addr + int(d.get("offset", 0)), seeded.data(int(d.get("seed", 0)), 0, int(d["bytes"])))
+        out.append({"addr": addr, "length": length, "ino": model.lookup(m["file"])})
+    return out
+
+
+def record_extras(recs: List[dict]) -> None:
+    """Facts a kind needs later that only the kernel knows now (wd numbers,
+    ports, readiness): observed by the process itself, saved in the ready file."""
+    for r in recs:
+        fd = r["fd"]
+        if r["kind"] == "inotify":
+            r["extra"]["fdinfo"] = fdkinds.inotify_fdinfo(fd)
+        elif r["kind"] == "epoll":
+            r["extra"]["targets"] = fdkinds.epoll_fdinfo(fd)
+            r["extra"]["ready"] = fdkinds.epoll_ready(fd)
+        elif r["kind"] == "socket" and r["role"] == "sock":
+            r["extra"]["sockname"] = fdkinds.sockname_of(fd)
+
+
+def run(spec_path: str) -> int:
+    with open(spec_path) as f:
+        spec = json.load(f)
+    # SIGUSR1 stays blocked and is taken by sigwaitinfo: no lost wake-up, and
+    # the process sleeps in one plain syscall while it is dumped.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+    sigio = [0]
+
+    def on_sigio(_sig, _frame):  # dnotify delivers SIGIO, whose default action kills
+        sigio[0] += 1
+    signal.signal(signal.SIGIO, on_sigio)
+    helpers: List[int] = []     # outside peers, reported even when opening fails (so they get killed)
+    try:
+        os.chdir(spec["workdir"])
+        ctx = fdkinds.Ctx(spec["workdir"], setup_model(spec), entries=spec.get("fds") or [], sigio=sigio,
+                          helpers=helpers)
+        recs = open_all(spec, ctx)
+        for r in recs:
+            r["obs"] = observe(r["fd"])
+        record_extras(recs)
+        maps = map_all(spec, ctx.model)
+        ready = {"pid": os.getpid(), "recs": recs, "fds": own_fds(), "mmaps": maps,
+                 "helpers": ctx.helpers, "cwd": os.getcwd()}
+    except Exception:
+        write_json(spec["ready"], {"pid": os.getpid(), "helpers": helpers, "error": traceback.format_exc()})
+        return 1
+    write_json(spec["ready"], ready)
+    signal.sigwaitinfo({signal.SIGUSR1})
+    try:
+        verdict = verify(spec_path, sigio)
+    except Exception:
+        verdict = {"ok": False, "error": traceback.format_exc(), "checks": []}
+    write_json(spec["verdict"], verdict)
+    return 0
+
+
+# -- verify -------------------------------------------------------------------------
+
+def common_checks(rec: dict) -> List[dict]:
+    fd, obs = rec["fd"], rec["obs"]
+    now = observe(fd)
+    out = [fdkinds.check(fd, "kind (S_IFMT)", obs["fmt"], now["fmt"]),
+           fdkinds.check(fd, "flags (F_GETFL)", oct(obs["flags"]), oct(now["flags"])),
+           fdkinds.check(fd, "close-on-exec", obs["cloexec"], now["cloexec"])]
+    if rec["kind"] != "open" or not (obs["flags"] & os.O_APPEND):
+        out.append(fdkinds.check(fd, "offset", obs["pos"], now["pos"]))
+    else:   # an O_APPEND fd's offset is only meaningful after a write; it must still be a number
+        out.append(fdkinds.check(fd, "offset", True, now["pos"] is not None))
+    link = obs["link"]
+    if link.startswith(("anon_inode:", "pipe:", "socket:")):
+        out.append(fdkinds.check(fd, "object type", link.split("[")[0], now["link"].split("[")[0]))
+    return out
+
+
+def mmap_checks(spec: dict, ready: dict, model: world.Model) -> List[dict]:
+    out = []
+    maps = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split(None, 5)
+            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+            maps.append((lo, hi, parts[1], parts[5].strip() if len(parts) > 5 else ""))
+    for m, rec in zip(spec.get("mmaps") or [], ready["mmaps"]):
+        addr, length = rec["addr"], rec["length"]
+        what = f"mmap {m.get('file', 'anon')} at {addr:#x}"
+        hit = next((x for x in maps if x[0] <= addr and addr + length <= x[1]), None)
+        if hit is None:
+            out.append(fdkinds.check(None, what + ": mapped", True, False))
+            continue
+        perms = ("rw" if m.get("prot", "r") == "rw" or "anon" in m else "r-") + ("s" if m.get("shared") else "p")
+        out.append(fdkinds.check(None, what + ": permissions", perms, hit[2][:2] + hit[2][3]))
+        if "anon" in m:
+            expected = seeded.data(int(m.get("seed", 0)), 0, length)
+        else:
+            expected = bytearray(model.content(rec["ino"]).read(int(m.get("offset", 0)), length))
+            if m.get("dirty"):
+                d = m["dirty"]
+                o = int(d.get("offset", 0))
+                expected[o:o + int(d["bytes"])] = seeded.data(int(d.get("seed", 0)), 0, int(d["bytes"]))
+            out.append(fdkinds.check(None, what + ": file deleted", model.nlink(rec["ino"]) == 0,
+                                     hit[3].endswith(" (deleted)")))
+        out.append(fdkinds.bytes_check(None, what + ": contents", bytes(expected), sysapi.peek(addr, length)))
+    return out
+
+
+def verify(spec_path: str, sigio: List[int]) -> dict:
+    """Check every fd against the scenario and the ready file; never raises
+    for a failed check (it becomes ``ok: false`` with what differed)."""
+    with open(spec_path) as f:
+        spec = json.load(f)
+    with open(spec["ready"]) as f:
+        ready = json.load(f)
+    model = setup_model(spec, ("setup", "before_dump"))
+    entries = spec.get("fds") or []
+    ctx = fdkinds.Ctx(spec["workdir"], model, entries=entries, recs=ready["recs"],
+                      helpers=ready["helpers"], sigio=sigio)
+    checks = [fdkinds.check(None, "pid", ready["pid"], os.getpid()),
+              fdkinds.check(None, "cwd", ready["cwd"], os.getcwd()),
+              fdkinds.check(None, "open fds", ready["fds"], own_fds())]
+    broken = set()
+    for rec in ready["recs"]:
+        try:
+            checks += common_checks(rec)
+        except OSError as e:
+            checks.append(fdkinds.check(rec["fd"], "fd exists", True, f"{e.strerror} (errno {e.errno})"))
+            broken.add(rec["entry"])
+    order = sorted(range(len(entries)), key=lambda i: fdkinds.kind_of(entries[i]) != "epoll")
+    for phase in ("inspect", "consume", "mutate"):
+        for idx in order:
+            if idx in broken:
+                continue
+            e = entries[idx]
+            checker = fdkinds.KINDS[fdkinds.kind_of(e)][1]
+            recs = [r for r in ready["recs"] if r["entry"] == idx]
+            try:
+                checks += checker(e, recs, ctx, phase)
+            except Exception as exc:  # a check that blows up is a failed check, with why
+                checks.append({"fd": recs[0]["fd"] if recs else None, "what": f"{phase} {fdkinds.kind_of(e)}",
+                               "expected": "no error", "got": f"{type(exc).__name__}: {exc}", "ok": False})
+    try:
+        checks += mmap_checks(spec, ready, model)
+    except Exception as exc:
+        checks.append({"fd": None, "what": "mmaps", "expected": "no error", "got": repr(exc), "ok": False})
+    return {"ok": all(c["ok"] for c in checks), "pid": os.getpid(), "checks": checks}
+
+
+# -- the harness's helpers ------------------------------------------------------
+
+def spawn(spec_path: str, phases: List[str] = ()) -> int:
+    """Start ``run`` in a new session with stdio on /dev/null and no other fds,
+    wait for its ready file, print it (JSON) and return; the workload lives on
+    (re-parented to init, or to the harness when it is a subreaper).
+
+    ``phases`` may hold ``setup`` (world steps before the start) and
+    ``before_dump`` (after ready): one command instead of three, which
+    matters under TCG where every python3 start costs about a second.
+    """
+    with open(spec_path) as f:
+        spec = json.load(f)
+    for p in (spec["ready"], spec["verdict"]):
+        if os.path.exists(p):
+            os.unlink(p)
+    if "setup" in phases:
+        try:
+            world.apply_phase(spec, "setup")
+        except world.WorldError as e:
+            print(json.dumps({"error": f"setup step failed: {e}", "step": "setup"}))
+            return 1
+    child = os.fork()
+    if child == 0:  # pragma: no cover - child
+        try:
+            os.setsid()
+            null = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(null, fd)
+            os.closerange(3, 65536)
+            os.execv(sys.executable, [sys.executable, os.path.abspath(__file__), "run", spec_path, MARK])
+        finally:
+            os._exit(127)
+    deadline = time.monotonic() + float(spec.get("ready_timeout", 30))
+    while time.monotonic() < deadline:
+        if os.path.exists(spec["ready"]):
+            with open(spec["ready"]) as f:
+                ready = json.load(f)
+            if "error" not in ready and "before_dump" in phases:
+                try:
+                    world.apply_phase(spec, "before_dump")
+                except world.WorldError as e:
+                    ready = dict(ready, error=f"before_dump step failed: {e}", step="before_dump")
+            print(json.dumps(ready))
+            return 1 if "error" in ready else 0
+        pid, status = os.waitpid(child, os.WNOHANG)
+        if pid:
+            print(json.dumps({"pid": child, "error": f"workload exited before ready (status {status:#x})"}))
+            return 1
+        time.sleep(0.02)
+    print(json.dumps({"pid": child, "error": "workload not ready in time"}))
+    return 1
+
+
+pidstate = world.pidstate
+
+
+def send_and_wait(pid: int, verdict_path: str, seconds: float) -> dict:
+    """SIGUSR1 to ``pid`` and wait for its verdict; reports whether it lives."""
+    try:
+        os.kill(pid, signal.SIGUSR1)
+    except ProcessLookupError:
+        return {"signalled": False, "verdict": None, **pidstate(pid)}
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if os.path.exists(verdict_path):
+            with open(verdict_path) as f:
+                return {"signalled": True, "verdict": json.load(f), **pidstate(pid)}
+        if not pidstate(pid)["exists"]:
+            break
+        time.sleep(0.02)
+    # one last look: the verdict may have landed just as the process exited
+    if os.path.exists(verdict_path):
+        with open(verdict_path) as f:
+            return {"signalled": True, "verdict": json.load(f), **pidstate(pid)}
+    return {"signalled": True, "verdict": None, **pidstate(pid)}
+
+
+def kill_workloads(pids: List[int]) -> List[int]:
+    """SIGKILL each PID that is a workload (its cmdline has the mark); never anything else."""
+    killed = []
+    for pid in pids:
+        if pidstate(pid)["workload"]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            except ProcessLookupError:
+                pass
+    return killed
+
+
+def main(argv: List[str]) -> int:
+    cmd = argv[0] if argv else ""
+    if cmd == "spawn" and len(argv) >= 2:
+        return spawn(argv[1], [a.lstrip("-").replace("-", "_") for a in argv[2:]])
+    if cmd == "run" and len(argv) >= 2:
+        return run(argv[1])
+    if cmd == "signal" and len(argv) == 4:
+        print(json.dumps(send_and_wait(int(argv[1]), argv[2], float(argv[3]))))
+        return 0
+    if cmd == "pidstate" and len(argv) == 2:
+        print(json.dumps(pidstate(int(argv[1]))))
+        return 0
+    if cmd == "kill":
+        print(json.dumps(kill_workloads([int(p) for p in argv[1:]])))
+        return 0
+    print(__doc__, file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

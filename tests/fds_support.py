@@ -1,0 +1,235 @@
+"""Test support for the fd-kind handlers: real target processes, FdInfo
+built from /proc the way the core does, and a miniature of the core's fd
+dump/restore loop (classify -> dump -> image commit -> validate -> restore
+-> dup3 to the same fd number -> finish) run in the test process itself.
+
+Restored fds are installed in THIS process at the dumped fd numbers, so the
+targets put their fds at high numbers (>= 500) that pytest never uses.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Dict, Iterable, List, Optional
+
+from engine.context import DumpContext, Options, RestoreContext
+from engine.fds import FdInfo, handler_for, _dups
+from engine.image import ImageReader, ImageWriter
+
+HIGH = 500
+
+_TARGET = r'''
+import json, os, signal, sys, time, ctypes, fcntl, select, struct
+libc = ctypes.CDLL(None, use_errno=True)
+READY, REPORT = sys.argv[1], sys.argv[2]
+report = {}
+def _check(*_):
+    try:
+        exec(compile(CHECK, "check", "exec"), globals())
+    except BaseException as e:
+        report["error"] = repr(e)
+    with open(REPORT + ".tmp", "w") as f:
+        json.dump(report, f)
+    os.rename(REPORT + ".tmp", REPORT)
+CHECK = %r
+exec(compile(%r, "setup", "exec"), globals())
+signal.signal(signal.SIGUSR1, _check)
+with open(READY + ".tmp", "w") as f:      # rename: "ready" appears only once it is closed
+    f.write("ready")
+os.rename(READY + ".tmp", READY)
+while True:
+    signal.pause()
+'''
+
+
+class Target:
+    """A real process running `setup` (Python source), then waiting; on
+    ``check()`` (SIGUSR1) it runs `check` and returns its ``report`` dict.
+    Killed and reaped on exit, also on failure."""
+
+    def __init__(self, tmp_path, setup: str, check: str = "", pass_fds: Iterable[int] = ()):
+        self.dir = str(tmp_path)
+        self.ready = os.path.join(self.dir, f"ready-{id(self)}")
+        self.report = os.path.join(self.dir, f"report-{id(self)}")
+        src = _TARGET % (check, setup)
+        self.proc = subprocess.Popen([sys.executable, "-c", src, self.ready, self.report],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, close_fds=True, pass_fds=tuple(pass_fds))
+        self.pid = self.proc.pid
+
+    def __enter__(self) -> "Target":
+        try:
+            deadline = time.monotonic() + 20
+            while not os.path.exists(self.ready):
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"target died: {self.proc.stderr.read().decode()}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError("target never became ready")
+                time.sleep(0.01)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def check(self, timeout: float = 10) -> dict:
+        if os.path.exists(self.report):
+            os.unlink(self.report)
+        os.kill(self.pid, signal.SIGUSR1)
+        deadline = time.monotonic() + timeout
+        while not os.path.exists(self.report):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("target did not report")
+            time.sleep(0.01)
+        with open(self.report) as f:
+            return json.load(f)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        if self.proc.stderr:
+            self.proc.stderr.close()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def fd_info(pid: int, fd: int) -> FdInfo:
+    """What the core gathers for one fd of a (frozen) process."""
+    link = os.readlink(f"/proc/{pid}/fd/{fd}")
+    st = os.stat(f"/proc/{pid}/fd/{fd}")
+    with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+        text = f.read()
+    kv: Dict[str, str] = {}
+    for line in text.splitlines():
+        if ":" in line:
+            k, v = line.split(":", 1)
+            kv.setdefault(k.strip(), v.strip())
+    return FdInfo(pid=pid, fd=fd, link=link, mode=st.st_mode, dev=st.st_dev, ino=st.st_ino,
+                  nlink=st.st_nlink, size=st.st_size, rdev=st.st_rdev, pos=int(kv["pos"]),
+                  flags=int(kv["flags"], 8), mnt_id=int(kv["mnt_id"]), fdinfo=kv,
+                  fdinfo_text=text, stat=st)
+
+
+def all_fds(pid: int) -> Dict[int, FdInfo]:
+    return {int(n): fd_info(pid, int(n)) for n in os.listdir(f"/proc/{pid}/fd")}
+
+
+def dump_ctx(pid: int, image=None) -> DumpContext:
+    return DumpContext(pid=pid, options=Options(), image=image, all_fds=all_fds(pid))
+
+
+def classify(pid: int, fd: int) -> str:
+    """classify() of one fd, as ``ckpt check`` would."""
+    ctx = dump_ctx(pid)
+    kind, mod = handler_for(ctx.all_fds[fd])
+    return mod.classify(ctx.all_fds[fd], ctx)
+
+
+def dump(pid: int, fds: List[int], image_dir: str) -> str:
+    """Dump the given fds of `pid` into a committed image; dup'ed fds become
+    {"dup_of": leader} records, as the core is asked to do."""
+    with ImageWriter(image_dir) as img:
+        ctx = dump_ctx(pid, img)
+        lead = _dups.leaders(ctx)
+        infos = [ctx.all_fds[fd] for fd in sorted(fds)]
+        missing = {lead[i.fd] for i in infos} - set(fds)
+        assert not missing, f"dump the leaders too (the core dumps every fd): {missing}"
+        mods = {}
+        for info in infos:                      # pre-flight first
+            if lead[info.fd] == info.fd:
+                mods[info.fd] = handler_for(info)
+                mods[info.fd][1].classify(info, ctx)
+        records = []
+        for info in infos:
+            common = {"fd": info.fd, "flags": info.flags, "pos": info.pos,
+                      "cloexec": info.cloexec, "link": info.link}
+            if lead[info.fd] != info.fd:
+                rec = {"dup_of": lead[info.fd]}
+                common["kind"] = records[[r["fd"] for r in records].index(lead[info.fd])]["kind"]
+            else:
+                kind, mod = mods[info.fd]
+                rec = mod.dump(info, ctx)
+                common["kind"] = kind
+            rec.update(common)
+            records.append(rec)
+        img.write_json("fds.json", records)
+        return img.commit()
+
+
+class LocalTask:
+    """The restored "new process" is this test process: syscalls run here."""
+
+    def __init__(self):
+        self._buf = ctypes.create_string_buffer(4096)
+        self.scratch = ctypes.addressof(self._buf)
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        self._libc.syscall.restype = ctypes.c_long
+
+    def syscall(self, nr: int, *args) -> int:
+        ret = self._libc.syscall(ctypes.c_long(nr), *[ctypes.c_long(a) for a in args])
+        return -ctypes.get_errno() if ret == -1 else ret
+
+    def write_mem(self, addr: int, data: bytes) -> None:
+        ctypes.memmove(addr, data, len(data))
+
+    def read_mem(self, addr: int, n: int) -> bytes:
+        return ctypes.string_at(addr, n)
+
+
+class Restored:
+    """fds restored into this process at their dumped numbers; closes them."""
+
+    def __init__(self, fds: List[int]):
+        self.fds = fds
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for fd in self.fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def restore(image_dir: str, pid: Optional[int] = None, same_node: bool = True) -> Restored:
+    """validate every record, then restore each into this process at its
+    fd number (dup3 like the core), followers dup'ed, then finish()."""
+    img = ImageReader(image_dir)
+    img.verify()
+    records = img.read_json("fds.json")
+    ctx = RestoreContext(options=Options(), image=img, same_node=same_node, records=records, pid=pid)
+    from engine.fds import handler
+    for rec in records:
+        assert rec["fd"] >= HIGH, "tests must use high fd numbers"
+        if rec.get("dup_of") is None:
+            handler(rec["kind"]).validate(rec, ctx)
+    installed: List[int] = []
+    done = Restored(installed)
+    try:
+        for rec in records:
+            if rec.get("dup_of") is not None:
+                src = rec["dup_of"]
+            else:
+                src = handler(rec["kind"]).restore(rec, ctx)
+            os.dup2(src, rec["fd"], inheritable=not rec["cloexec"])
+            installed.append(rec["fd"])
+            if rec.get("dup_of") is None:
+                os.close(src)
+        task = LocalTask()
+        for rec in records:
+            fin = getattr(handler(rec["kind"]), "finish", None)
+            if rec.get("dup_of") is None and fin is not None:
+                fin(rec, ctx, task)
+    except BaseException:
+        done.__exit__()
+        raise
+    return done

@@ -1,0 +1,297 @@
+"""Listening sockets held only by the process (TCP on 127.0.0.1 / ::1, unix
+path-bound and abstract) with nothing waiting in the accept queue: rebuilt
+with the same address, backlog, options and flags; otherwise refused with
+`socket` and the reason."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+import stat
+import uuid
+
+import pytest
+
+from engine import netdiag
+from engine.errors import Refusal
+
+from fds_support import Target, classify, dump, restore
+
+
+def refusal(pid, fd) -> str:
+    with pytest.raises(Refusal) as ei:
+        classify(pid, fd)
+    assert ei.value.reason == "socket" and ei.value.fd == fd and ei.value.pid == pid
+    return ei.value.detail
+
+
+def sock(fd: int) -> socket.socket:
+    return socket.socket(fileno=os.dup(fd))
+
+
+TCP4 = """
+import socket
+l = socket.socket()
+l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+l.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 5)
+l.bind(("127.0.0.1", 0)); l.listen(17)
+os.dup2(l.fileno(), 500); os.dup2(l.fileno(), 501); l.close()
+fcntl.fcntl(500, fcntl.F_SETFL, os.O_NONBLOCK)
+"""
+
+
+def test_tcp4_listener_restored_with_port_backlog_options_and_flags(tmp_path):
+    with Target(tmp_path, TCP4, "report['port'] = socket.socket(fileno=os.dup(500)).getsockname()[1]") as t:
+        port = t.check()["port"]
+        desc = classify(t.pid, 500)
+        assert desc.startswith(f"tcp listening 127.0.0.1:{port}, backlog 17")
+        assert "SO_REUSEADDR" in desc and "TCP_NODELAY" in desc and "TCP_DEFER_ACCEPT" in desc
+        img = dump(t.pid, [500, 501], str(tmp_path / "img"))
+    with restore(img):
+        s = sock(500)
+        try:
+            assert s.getsockname() == ("127.0.0.1", port)
+            assert netdiag.tcp_listener(socket.AF_INET, os.fstat(500).st_ino) == (0, 17)
+            assert s.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR) == 1
+            assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+            assert fcntl.fcntl(501, fcntl.F_GETFL) & os.O_NONBLOCK          # shared file
+            with pytest.raises(BlockingIOError):
+                s.accept()
+            c = socket.create_connection(("127.0.0.1", port))
+            try:
+                c.send(b"hello")   # TCP_DEFER_ACCEPT: accept() wakes once data came
+                s.setblocking(True)
+                s.settimeout(10)
+                conn, peer = s.accept()
+                assert peer == c.getsockname()
+                assert conn.recv(10) == b"hello"
+                conn.close()
+            finally:
+                c.close()
+        finally:
+            s.close()
+
+
+def test_tcp6_listener_restored_v6only(tmp_path):
+    setup = """
+import socket
+l = socket.socket(socket.AF_INET6)
+l.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+l.bind(("::1", 0)); l.listen(3)
+os.dup2(l.fileno(), 500); l.close()
+"""
+    with Target(tmp_path, setup, "report['port'] = socket.socket(fileno=os.dup(500)).getsockname()[1]") as t:
+        port = t.check()["port"]
+        assert classify(t.pid, 500).startswith(f"tcp6 listening [::1]:{port}, backlog 3")
+        img = dump(t.pid, [500], str(tmp_path / "img"))
+    with restore(img):
+        s = sock(500)
+        try:
+            assert s.getsockname()[:2] == ("::1", port)
+            assert s.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 1
+            assert netdiag.tcp_listener(socket.AF_INET6, os.fstat(500).st_ino) == (0, 3)
+            c = socket.create_connection(("::1", port))
+            s.settimeout(10)
+            conn, _ = s.accept()
+            conn.close()
+            c.close()
+        finally:
+            s.close()
+
+
+def test_tcp_listener_with_pending_connection_refused(tmp_path):
+    setup = """
+import socket
+l = socket.socket(); l.bind(("127.0.0.1", 0)); l.listen(4)
+c = socket.create_connection(l.getsockname())
+os.dup2(l.fileno(), 500)
+"""
+    check = """
+import socket
+s = socket.socket(fileno=os.dup(500)); s.settimeout(5)
+conn, _ = s.accept(); report["accepted"] = True
+"""
+    with Target(tmp_path, setup, check) as t:
+        detail = refusal(t.pid, 500)
+        assert detail.endswith(": 1 connection(s) waiting in the accept queue")
+        assert t.check() == {"accepted": True}          # the refused dump lost nothing
+
+
+def test_tcp_port_taken_at_restore_refused_before_anything_exists(tmp_path):
+    with Target(tmp_path, TCP4, "report['port'] = socket.socket(fileno=os.dup(500)).getsockname()[1]") as t:
+        port = t.check()["port"]
+        img = dump(t.pid, [500, 501], str(tmp_path / "img"))
+    squatter = socket.socket()
+    try:
+        squatter.bind(("127.0.0.1", port))
+        squatter.listen(1)
+        before = sorted(os.listdir("/proc/self/fd"))
+        with pytest.raises(Refusal) as ei:
+            restore(img)
+        assert ei.value.reason == "socket"
+        assert ei.value.detail == f"tcp listener 127.0.0.1:{port}: address in use"
+        assert sorted(os.listdir("/proc/self/fd")) == before        # nothing left open
+    finally:
+        squatter.close()
+
+
+def test_unix_path_listener_restored_over_its_stale_socket_file(tmp_path):
+    path = str(tmp_path / "srv.sock")
+    setup = f"""
+import socket
+l = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+l.bind({path!r}); os.chmod({path!r}, 0o640); l.listen(9)
+os.dup2(l.fileno(), 500); l.close()
+"""
+    with Target(tmp_path, setup) as t:
+        assert classify(t.pid, 500) == f"unix seqpacket listening {path}, backlog 9"
+        img = dump(t.pid, [500], str(tmp_path / "img"))
+    old = os.lstat(path)                  # the dead listener's file stays behind
+    assert stat.S_ISSOCK(old.st_mode)
+    with restore(img):
+        st = os.lstat(path)
+        assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o640
+        s = sock(500)
+        try:
+            assert s.type == socket.SOCK_SEQPACKET and s.getsockname() == path
+            assert netdiag.unix_socket(os.fstat(500).st_ino)["wqueue"] == 9
+            assert netdiag.unix_bound_to(st.st_dev, st.st_ino)[0]["inode"] == os.fstat(500).st_ino
+            c = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            c.connect(path)
+            conn, _ = s.accept()
+            c.send(b"msg")
+            assert conn.recv(10) == b"msg"
+            conn.close()
+            c.close()
+        finally:
+            s.close()
+
+
+def test_unix_abstract_listener_restored(tmp_path):
+    name = "\0crucible-test-" + uuid.uuid4().hex
+    setup = f"""
+import socket
+l = socket.socket(socket.AF_UNIX)
+l.bind({name!r}); l.listen(2)
+os.dup2(l.fileno(), 500); l.close()
+"""
+    with Target(tmp_path, setup) as t:
+        assert classify(t.pid, 500) == f"unix stream listening @{name[1:]}, backlog 2"
+        img = dump(t.pid, [500], str(tmp_path / "img"))
+    with restore(img):
+        s = sock(500)
+        try:
+            assert s.getsockname() == name.encode()
+            c = socket.socket(socket.AF_UNIX)
+            c.connect(name)
+            conn, _ = s.accept()
+            conn.close()
+            c.close()
+        finally:
+            s.close()
+
+
+def test_unix_listener_path_now_regular_file_refused_and_kept(tmp_path):
+    path = str(tmp_path / "srv.sock")
+    setup = f"""
+import socket
+l = socket.socket(socket.AF_UNIX); l.bind({path!r}); l.listen(1)
+os.dup2(l.fileno(), 500); l.close()
+"""
+    with Target(tmp_path, setup) as t:
+        img = dump(t.pid, [500], str(tmp_path / "img"))
+    os.unlink(path)
+    with open(path, "w") as f:
+        f.write("someone's data")
+    with pytest.raises(Refusal) as ei:
+        restore(img)
+    assert ei.value.reason == "socket" and "not a socket; not removed" in ei.value.detail
+    with open(path) as f:
+        assert f.read() == "someone's data"
+
+
+def test_unix_listener_address_still_in_use_refused(tmp_path):
+    path = str(tmp_path / "srv.sock")
+    name = "\0crucible-test-" + uuid.uuid4().hex
+    setup = f"""
+import socket
+l = socket.socket(socket.AF_UNIX); l.bind({path!r}); l.listen(1)
+m = socket.socket(socket.AF_UNIX); m.bind({name!r}); m.listen(1)
+os.dup2(l.fileno(), 500); os.dup2(m.fileno(), 501); l.close(); m.close()
+"""
+    with Target(tmp_path, setup) as t:
+        img = dump(t.pid, [500, 501], str(tmp_path / "img"))
+        # The original still runs (a --leave-running dump): both addresses taken.
+        with pytest.raises(Exception) as ei:
+            restore(img)
+        assert isinstance(ei.value, Refusal) and ei.value.detail.endswith("address in use")
+        assert os.path.exists(path)
+
+
+def test_unix_listener_with_pending_connection_or_unlinked_file_refused(tmp_path):
+    path = str(tmp_path / "a.sock")
+    gone = str(tmp_path / "gone.sock")
+    setup = f"""
+import socket
+l = socket.socket(socket.AF_UNIX); l.bind({path!r}); l.listen(1)
+c = socket.socket(socket.AF_UNIX); c.connect({path!r})
+g = socket.socket(socket.AF_UNIX); g.bind({gone!r}); g.listen(1); os.unlink({gone!r})
+os.dup2(l.fileno(), 500); os.dup2(g.fileno(), 501)
+"""
+    with Target(tmp_path, setup) as t:
+        assert refusal(t.pid, 500) == f"unix stream listening {path}: 1 pending connection(s) in the accept queue"
+        assert refusal(t.pid, 501) == f"unix stream listening {gone}: the socket file was removed or replaced since bind"
+
+
+def test_listener_shared_with_another_process_refused(tmp_path):
+    setup = """
+import socket
+l = socket.socket(); l.bind(("127.0.0.1", 0)); l.listen(1)
+os.dup2(l.fileno(), 500)
+"""
+    from engine.pidfd import target_fd
+    with Target(tmp_path, setup) as t:
+        with target_fd(t.pid, 500) as dup:      # this test process now holds it too
+            assert refusal(t.pid, 500).endswith(f"also held by pid {os.getpid()} (fd {dup})")
+
+
+def test_unix_listener_bound_by_relative_name_restored_with_that_name(tmp_path):
+    sub = tmp_path / "run"
+    sub.mkdir()
+    setup = f"""
+import socket
+os.chdir({str(tmp_path)!r})
+l = socket.socket(socket.AF_UNIX); l.bind("run/rel.sock"); l.listen(5)
+os.dup2(l.fileno(), 500); l.close()
+"""
+    with Target(tmp_path, setup) as t:
+        assert classify(t.pid, 500) == "unix stream listening run/rel.sock, backlog 5"
+        img = dump(t.pid, [500], str(tmp_path / "img"))
+    cwd = os.getcwd()
+    with restore(img):
+        assert os.getcwd() == cwd                      # the restorer went back
+        s = sock(500)
+        try:
+            assert s.getsockname() == "run/rel.sock"   # the name as the process bound it
+            c = socket.socket(socket.AF_UNIX)
+            c.connect(str(sub / "rel.sock"))
+            conn, _ = s.accept()
+            conn.close()
+            c.close()
+        finally:
+            s.close()
+
+
+def test_unix_listener_relative_name_no_longer_reachable_refused(tmp_path):
+    (tmp_path / "elsewhere").mkdir()
+    setup = f"""
+import socket
+os.chdir({str(tmp_path)!r})
+l = socket.socket(socket.AF_UNIX); l.bind("rel.sock"); l.listen(5)
+os.dup2(l.fileno(), 500); l.close()
+os.chdir("elsewhere")
+"""
+    with Target(tmp_path, setup) as t:
+        assert refusal(t.pid, 500).endswith("bound to a relative path that the working directory no longer leads to")

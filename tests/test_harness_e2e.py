@@ -1,0 +1,105 @@
+"""The fast tier: whole scenarios through LocalTarget with the real engine
+(`python3 -m engine`), real processes, on this host. Each test asserts the
+outcome *and* that nothing was left running."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from harness import engines, runner, schema, workload
+from harness.targets import LocalTarget
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def target():
+    t = LocalTarget()
+    yield t
+    t.close()
+
+
+def run(target, name_or_text: str, sid: str) -> runner.Result:
+    if name_or_text.endswith(".yaml"):
+        sc = schema.load(str(REPO / "scenarios" / name_or_text))
+    else:
+        sc = schema.load(sid + ".yaml", textwrap.dedent(name_or_text))
+    r = runner.Run(sc, sid, engines.Ckpt(), target)
+    res = r.execute()
+    leftovers = [p for p in r.pids if workload.pidstate(p)["exists"]]
+    assert not leftovers, f"processes left behind: {leftovers}"
+    return res
+
+
+def test_restored_with_same_pid_and_every_check(target):
+    res = run(target, "files/offsets.yaml", "e2e-offsets")
+    assert res.outcome == "restored", res.detail
+    assert res.verdict["ok"] and res.verdict["pid"] == res.pid
+    assert runner.judge({"restored": True}, res).passed
+
+
+def test_refused_at_restore_leaves_no_process_and_image_intact(target):
+    res = run(target, "changed/rewrite-same-size.yaml", "e2e-rewrite")
+    assert (res.outcome, res.at) == ("refused", "restore"), res.detail
+    assert [r["reason"] for r in res.refusals] == ["file-changed"] and res.refusals[0]["fd"] == 3
+
+
+def test_refused_at_dump_leaves_the_original_working(target):
+    res = run(target, "pipe/peer-outside.yaml", "e2e-peer")
+    assert (res.outcome, res.at) == ("refused", "dump"), res.detail
+    # the original answered its own check after the refusal
+    assert res.verdict["ok"] and res.verdict["pid"] == res.pid
+
+
+CONTROL = """\
+name: control scenario
+setup:
+  - file: {path: data, bytes: 8192, seed: 1}
+workload:
+  fds:
+    - {fd: 3, open: data, mode: r, seek: 100}
+expect: restored
+"""
+
+# The real restore, then 16 bytes of the file overwritten in place (same inode,
+# same size): a stand-in for an engine that reopened the wrong content.
+_TAMPER = (
+    "import os, subprocess, sys\n"
+    "r = subprocess.run([sys.executable, '-m', 'engine', 'restore', '-D', sys.argv[1], '--pidfile', sys.argv[2],"
+    " '--json'], capture_output=True, text=True, close_fds=True)\n"
+    "sys.stdout.write(r.stdout); sys.stderr.write(r.stderr)\n"
+    "fd = os.open(sys.argv[3], os.O_WRONLY); os.pwrite(fd, b'X' * 16, 200); os.close(fd)\n"
+    "sys.exit(r.returncode)\n")
+
+
+class TamperingCkpt(engines.Ckpt):
+    name = "ckpt-tampered"
+
+    def restore_argv(self, t, img, pidfile):
+        data = img.rsplit("/", 1)[0] + "/w/data"
+        return [t.python, "-c", _TAMPER, img, pidfile, data]
+
+
+def test_silent_corruption_is_caught_and_names_the_fd(target):
+    """A restore that 'succeeds' while the process's file no longer holds what
+    it held: only the workload can tell, and the harness must say where."""
+    sc = schema.load("control.yaml", CONTROL)
+    r = runner.Run(sc, "e2e-corrupt", TamperingCkpt(), target)
+    res = r.execute()
+    assert not [p for p in r.pids if workload.pidstate(p)["exists"]]
+    assert res.outcome == "corrupted", (res.outcome, res.detail, res.engine_stderr)
+    bad = res.failed_checks()
+    assert bad and {c["fd"] for c in bad} == {3}
+    assert {"content", "read at offset"} <= {c["what"] for c in bad}
+    for strict in (True, False):       # corruption fails for every engine
+        j = runner.judge({"restored": True}, res, strict=strict)
+        assert not j.passed and "fd 3" in j.note
+
+
+def test_a_step_past_its_timeout_is_hung(target):
+    text = CONTROL.replace("expect: restored", "timeouts: {dump: 0.01}\nexpect: restored")
+    res = run(target, text, "e2e-hung")
+    assert (res.outcome, res.step) == ("hung", "dump")

@@ -1,0 +1,108 @@
+"""Judging outcomes, reading the engine's answers, and the summary table/JSON."""
+
+from __future__ import annotations
+
+import json
+
+from harness import engines, report, runner
+from harness.targets import RunResult
+
+RESTORED = {"restored": True}
+REFUSED = {"refused": {"reason": "file-changed", "fd": 3, "at": "restore"}}
+
+
+def result(outcome, **kw) -> runner.Result:
+    return runner.Result(scenario="s", engine="ckpt", outcome=outcome, **kw)
+
+
+def test_judge_restored():
+    assert runner.judge(RESTORED, result("restored")).passed
+    j = runner.judge(RESTORED, result("refused", at="dump", refusals=[{"reason": "socket"}]))
+    assert not j.passed and "expected restored, got refused socket at dump" in j.note
+
+
+def test_judge_refusal_needs_the_reason_fd_and_stage():
+    ok = result("refused", at="restore", refusals=[{"reason": "file-changed", "fd": 3, "message": "m"}])
+    assert runner.judge(REFUSED, ok).passed
+    wrong_fd = result("refused", at="restore", refusals=[{"reason": "file-changed", "fd": 4, "message": "m"}])
+    assert not runner.judge(REFUSED, wrong_fd).passed
+    wrong_stage = result("refused", at="dump", refusals=[{"reason": "file-changed", "fd": 3, "message": "m"}])
+    assert not runner.judge(REFUSED, wrong_stage).passed
+    assert not runner.judge(REFUSED, result("restored")).passed
+
+
+def test_corruption_fails_even_for_a_lenient_engine_and_names_the_fd():
+    checks = [{"fd": 3, "what": "read at offset", "expected": "x", "got": "y", "ok": False}]
+    res = result("corrupted", verdict={"ok": False, "checks": checks})
+    for strict in (True, False):
+        j = runner.judge(RESTORED, res, strict=strict)
+        assert not j.passed and "fd 3: read at offset" in j.note
+
+
+def test_lenient_engine_differences_are_noted_not_failed():
+    j = runner.judge(RESTORED, result("refused", at="dump", refusals=[{"reason": "criu", "message": "no"}]),
+                     strict=False)
+    assert j.passed and j.note
+    assert runner.judge(RESTORED, result("crashed", step="dump", detail="boom"), strict=False).passed
+    assert not runner.judge(RESTORED, result("hung", step="dump")).passed
+
+
+def test_parse_ckpt_contract():
+    ok = engines.parse_ckpt(RunResult(0, json.dumps({"ok": True, "command": "restore", "result": {"pid": 42}}), "", 0))
+    assert ok.status == "ok" and ok.pid == 42 and not ok.contract
+    ref = engines.parse_ckpt(RunResult(3, json.dumps({"ok": False, "exit": 3, "error": "refused", "refusals": [
+        {"reason": "fifo-missing", "fd": 3, "message": "pid 1 fd 3 (/f): fifo-missing"}]}), "", 0))
+    assert ref.status == "refused" and ref.refusals[0]["fd"] == 3 and not ref.contract
+    lines = engines.parse_ckpt(RunResult(3, "", "ckpt: refused: pid 1234 fd 3 (/data/a): file-changed: size 4096 -> 8192\n", 0))
+    assert [r["reason"] for r in lines.refusals] == ["file-changed"]
+    bogus = engines.parse_ckpt(RunResult(3, json.dumps({"refusals": [{"reason": "made-up"}]}), "", 0))
+    assert bogus.contract == ["undefined reason code 'made-up'"]
+    tb = engines.parse_ckpt(RunResult(1, "", "Traceback (most recent call last):\n  ...\n", 0))
+    assert tb.status == "failed" and len(tb.contract) == 2
+    assert engines.parse_ckpt(RunResult(4, json.dumps({"ok": False, "message": "no"}), "", 0)).contract == []
+
+
+def test_ckpt_argv():
+    class T:
+        def ckpt_argv(self):
+            return ["ckpt"]
+    argv = engines.Ckpt().dump_argv(T(), 12, "/img", {"ghost_limit": 1 << 20, "file_validation": "digest"})
+    assert argv == ["ckpt", "dump", "-t", "12", "-D", "/img", "--json", "--ghost-limit", "1048576",
+                    "--file-validation", "digest"]
+    assert engines.Criu().restore_argv(T(), "/img", "/p")[:4] == ["criu", "restore", "-D", "/img"]
+
+
+ROWS = [
+    {"scenario": "scenarios/a.yaml", "engine": "ckpt", "expected": "restored", "outcome": "restored",
+     "got": "restored", "passed": True, "note": ""},
+    {"scenario": "scenarios/a.yaml", "engine": "criu", "expected": "restored", "outcome": "refused",
+     "got": "refused criu at dump", "passed": True, "note": "expected restored"},
+    {"scenario": "scenarios/b.yaml", "engine": "ckpt", "expected": "refused socket", "outcome": "corrupted",
+     "got": "corrupted", "passed": False, "note": "fd 3"},
+]
+
+
+def test_table_has_one_row_per_scenario_and_a_column_per_engine():
+    lines = report.table(ROWS).splitlines()
+    assert lines[0].split() == ["scenario", "expected", "ckpt", "criu"]
+    a = next(ln for ln in lines if ln.startswith("scenarios/a.yaml"))
+    assert "refused criu at dump (differs)" in a
+    b = next(ln for ln in lines if ln.startswith("scenarios/b.yaml"))
+    assert "corrupted FAIL" in b and b.rstrip().endswith("-")
+    assert "ckpt: corrupted 1, failed 1, passed 1, restored 1" in lines
+
+
+def test_json_report_merges_rows(tmp_path):
+    path = report.write_json(ROWS, str(tmp_path), {"engines": ["ckpt", "criu"]})
+    doc = json.loads(open(path).read())
+    assert doc == json.loads((tmp_path / "scenarios.json").read_text())
+    assert set(doc["scenarios"]["scenarios/a.yaml"]["engines"]) == {"ckpt", "criu"}
+    assert doc["totals"]["criu"] == {"refused": 1, "passed": 1}
+
+
+def test_bench_merge_replaces_only_its_key(tmp_path):
+    from harness import bench
+    out = tmp_path / "results.json"
+    out.write_text(json.dumps({"vm": {"boot_s": 3}, "scenarios": {"old": True}}))
+    bench.merge_into(out, "scenarios", {"reset_s": {"median": 0.6}})
+    assert json.loads(out.read_text()) == {"vm": {"boot_s": 3}, "scenarios": {"reset_s": {"median": 0.6}}}

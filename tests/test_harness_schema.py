@@ -1,0 +1,168 @@
+"""The scenario schema: file:line errors at collection, and the plugin's
+collection behaviour (one item per file, tags as markers) through pytester."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from harness import schema
+
+pytest_plugins = ["pytester"]
+REPO = Path(__file__).resolve().parent.parent
+
+GOOD = """\
+name: a good one
+tags: [files, rename]
+setup:
+  - file: {path: data, bytes: 64K, seed: 1}
+workload:
+  fds:
+    - {fd: 3, open: data, mode: r, seek: 4096}
+between:
+  - rename: {from: data, to: other}
+expect:
+  refused: {reason: file-missing, fd: 3}
+"""
+
+
+def load(text: str) -> dict:
+    return schema.load("s.yaml", textwrap.dedent(text))
+
+
+def error(text: str) -> schema.SchemaError:
+    with pytest.raises(schema.SchemaError) as ei:
+        load(text)
+    return ei.value
+
+
+def test_good_scenario_loads_with_sizes_and_defaults():
+    sc = load(GOOD)
+    assert sc["setup"][0]["file"]["bytes"] == 65536
+    assert sc["restore_on"] == "same"
+    assert sc["expect"] == {"refused": {"reason": "file-missing", "fd": 3}}
+    assert load(GOOD.replace("expect:\n  refused: {reason: file-missing, fd: 3}\n", "expect: restored\n"))[
+        "expect"] == {"restored": True}
+
+
+def test_unknown_key_names_line_and_key():
+    e = error(GOOD.replace("    - {fd: 3, open: data, mode: r, seek: 4096}",
+                           "    - {fd: 3, open: data, mode: r, sek: 4096}"))
+    assert (e.line, e.key) == (7, "workload.fds[0].sek")
+    assert "unknown key" in str(e) and str(e).startswith("s.yaml:7: ")
+
+
+def test_wrong_type_names_line():
+    e = error(GOOD.replace("bytes: 64K", "bytes: lots"))
+    assert (e.line, e.key) == (4, "setup[0].file.bytes")
+
+
+def test_missing_expect():
+    e = error(GOOD.split("expect:")[0])
+    assert e.key == "expect" and "missing required key" in e.message
+
+
+def test_undefined_reason_code():
+    e = error(GOOD.replace("file-missing", "file-vanished"))
+    assert (e.line, e.key) == (11, "expect.refused.reason")
+    assert "engine" in e.message
+
+
+def test_every_reason_in_the_corpus_is_an_engine_reason():
+    from engine.reasons import REASONS
+    assert set(schema.ENGINE_REASONS) == set(REASONS)
+
+
+@pytest.mark.parametrize("old,new,key", [
+    ("- rename: {from: data, to: other}", "- move: {from: data, to: other}", "between[0].move"),
+    ("path: data, bytes", "path: /etc/data, bytes", "setup[0].file.path"),
+    ("{fd: 3, open: data", "{fd: 2, open: data", "workload.fds[0].fd"),
+    ("tags: [files, rename]", "tags: [files, bogus]", "tags[1]"),
+    ("mode: r,", "mode: x,", "workload.fds[0].mode"),
+])
+def test_more_errors(old, new, key):
+    assert error(GOOD.replace(old, new)).key == key
+
+
+def test_duplicate_fd_numbers_are_refused():
+    e = error(GOOD.replace("    - {fd: 3, open: data, mode: r, seek: 4096}",
+                           "    - {fd: 3, open: data, mode: r}\n    - {pipe: {read: 4, write: 3}}"))
+    assert e.key == "workload.fds[1]" and "already used" in e.message and e.line == 8
+
+
+def test_fd_entry_needs_exactly_one_kind():
+    e = error(GOOD.replace("{fd: 3, open: data, mode: r, seek: 4096}", "{fd: 3, open: data, fifo: data}"))
+    assert "exactly one kind" in e.message
+
+
+def test_yaml_syntax_error_has_a_line():
+    e = error(GOOD.replace("name: a good one", "name: [unclosed"))
+    assert e.key == "yaml" and e.line >= 1
+
+
+def test_parse_size():
+    assert schema.parse_size("1G") == 1 << 30 and schema.parse_size("64KiB") == 65536
+    assert schema.parse_size(10) == 10 and schema.parse_size("ten") is None
+
+
+def test_corpus_is_valid_and_large_enough():
+    files = sorted((REPO / "scenarios").rglob("*.yaml"))
+    assert len(files) >= 40
+    loaded = [schema.load(str(f)) for f in files]
+    assert sum(1 for s in loaded if s["restore_on"] == "other") >= 3
+    cats = {f.parent.name for f in files}
+    assert {"files", "rename", "unlink", "fifo", "pipe", "inotify", "socket", "migrate"} <= cats
+
+
+# -- the plugin, through pytester ----------------------------------------------------
+
+@pytest.fixture
+def scen(pytester, monkeypatch, tmp_path):
+    monkeypatch.setenv("PYTHONPATH", str(REPO))       # the subprocess imports harness/ and engine/
+    monkeypatch.setenv("CRUCIBLE_REPORTS", str(tmp_path / "reports"))
+    pytester.makeconftest('pytest_plugins = ["harness.pytest_plugin"]')
+    (pytester.path / "scenarios" / "cat").mkdir(parents=True)
+    return pytester
+
+
+def test_plugin_collects_one_item_per_file_with_markers(scen):
+    (scen.path / "scenarios/cat/one.yaml").write_text(GOOD)
+    (scen.path / "scenarios/cat/two.yaml").write_text(GOOD.replace("tags: [files, rename]", "tags: [pipe]"))
+    r = scen.runpytest_subprocess("--collect-only", "-q", "--strict-markers", "-m", "rename")
+    r.stdout.fnmatch_lines(["scenarios/cat/one.yaml::one", "*1/2 tests collected (1 deselected)*"])
+
+
+def test_plugin_two_engines_make_two_items(scen):
+    (scen.path / "scenarios/cat/one.yaml").write_text(GOOD)
+    r = scen.runpytest_subprocess("--collect-only", "-q", "--engine", "ckpt", "--engine", "criu")
+    r.stdout.fnmatch_lines(["scenarios/cat/one.yaml::one?ckpt?", "scenarios/cat/one.yaml::one?criu?"])
+
+
+def test_plugin_collection_error_runs_nothing(scen):
+    (scen.path / "scenarios/cat/good.yaml").write_text(GOOD)
+    (scen.path / "scenarios/cat/bad.yaml").write_text(GOOD.replace("seek: 4096}", "seek: 4096, colour: red}"))
+    r = scen.runpytest_subprocess("--target", "local")
+    r.stdout.fnmatch_lines(["*scenarios/cat/bad.yaml:7: workload.fds?0?.colour: unknown key*",
+                            "*Interrupted: 1 error during collection*"])
+    assert r.ret == pytest.ExitCode.INTERRUPTED
+    r.stdout.no_fnmatch_line("*passed*")
+
+
+def test_plugin_runs_locally_with_junitxml_xdist_and_a_merged_report(scen, tmp_path):
+    """Two real scenarios through the real engine on this host, two xdist
+    workers: junit XML names them, the controller's table and JSON hold both."""
+    ok = GOOD.replace("expect:\n  refused: {reason: file-missing, fd: 3}\n", "expect: restored\n").replace(
+        "between:\n  - rename: {from: data, to: other}\n", "")
+    (scen.path / "scenarios/cat/one.yaml").write_text(ok)
+    (scen.path / "scenarios/cat/two.yaml").write_text(GOOD)
+    r = scen.runpytest_subprocess("--target", "local", "-n", "2", "--dist", "worksteal", "--junitxml=j.xml", "-p",
+                                  "no:cacheprovider")
+    r.assert_outcomes(passed=2)
+    r.stdout.fnmatch_lines(["*crucible scenarios*", "scenarios/cat/one.yaml*restored*restored*",
+                            "scenarios/cat/two.yaml*refused file-missing fd 3*refused file-missing at restore*"])
+    import json
+    doc = json.loads((tmp_path / "reports" / "scenarios.json").read_text())
+    assert set(doc["scenarios"]) == {"scenarios/cat/one.yaml", "scenarios/cat/two.yaml"}
+    assert 'name="one"' in (scen.path / "j.xml").read_text()
