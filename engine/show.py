@@ -39,6 +39,19 @@ def _table(rows, headers) -> list:
     return [line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows]
 
 
+def _plain(key: str, value) -> str:
+    """A record field as a person reads it: a path rather than its identity dict."""
+    if isinstance(value, dict):
+        inner = value.get("file", value.get("ghost", value))
+        if isinstance(inner, dict):
+            path = inner.get("path") or inner.get("name")
+            if path:
+                return str(path) + (" (deleted, kept in the image)" if "ghost" in value else "")
+    if key == "umask" and isinstance(value, int):
+        return f"{value:03o}"
+    return str(value)
+
+
 def render(res: dict) -> str:
     m = res["manifest"]
     files = m.get("files", {})
@@ -55,7 +68,7 @@ def render(res: dict) -> str:
         lines.append("process")
         for key in ("pid", "comm", "exe", "cwd", "umask", "state"):
             if key in proc:
-                lines.append(f"  {key:<8} {proc[key]}")
+                lines.append(f"  {key:<8} {_plain(key, proc[key])}")
     mm = recs.get("mm.json")
     vmas = mm.get("vmas") if isinstance(mm, dict) else mm
     if isinstance(vmas, list) and vmas:
@@ -87,8 +100,18 @@ def render(res: dict) -> str:
 
 
 def render_check(res: dict) -> str:
+    items = res.get("items", [])
+    # Mappings that pass are summed up in one line: a CPython process has a
+    # hundred of them, and a person reads the check for what fails.
+    ok_maps = [i for i in items if i.get("kind") == "mapping" and i.get("verdict") == "ok"]
     rows = [[i.get("what", ""), i.get("kind", ""), i.get("verdict", ""), i.get("detail", "")]
-            for i in res.get("items", [])]
+            for i in items if i not in ok_maps]
+    if ok_maps:
+        by = {}
+        for i in ok_maps:
+            by[i.get("detail", "")] = by.get(i.get("detail", ""), 0) + 1
+        rows.insert(0, [f"{len(ok_maps)} mappings", "mapping", "ok",
+                        ", ".join(f"{n} {k}" for k, n in sorted(by.items()))])
     lines = [f"ckpt check: pid {res.get('pid')}: " + ("can be checkpointed" if res.get("ok") else "would be REFUSED")]
     lines += _table(rows, ["what", "kind", "verdict", "detail"])
     for r in res.get("refusals", []):

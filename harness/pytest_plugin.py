@@ -97,6 +97,7 @@ class ScenarioItem(pytest.Item):
         super().__init__(**kw)
         self.scenario = scenario
         self.engine_name = engine_name
+        self.expect = scenario["expect"]      # replaced by the one in force for the target's kernel
 
     @property
     def sid(self) -> str:
@@ -122,7 +123,11 @@ class ScenarioItem(pytest.Item):
             self.user_properties.append(("crucible", row))
             crucible.failed = True
             raise
-        verdict = runner.judge(self.scenario["expect"], res, strict=engine.strict)
+        expect = schema.effective_expect(self.scenario, target.kernel)
+        row["expected"] = runner.expected_text(expect)
+        row["kernel"] = target.kernel
+        self.expect = expect
+        verdict = runner.judge(expect, res, strict=engine.strict)
         row.update(outcome=res.outcome, got=runner.outcome_text(res), passed=verdict.passed, note=verdict.note,
                    duration=round(time.monotonic() - t0, 2), timings=res.timings, detail=res.detail,
                    failed_checks=res.failed_checks()[:20], refusals=res.refusals)
@@ -141,7 +146,7 @@ class ScenarioItem(pytest.Item):
 
     def _failure_text(self, res: runner.Result, note: str) -> str:
         out = [f"scenario: {self.scenario['name']} ({self.nodeid.split('::')[0]})  engine: {self.engine_name}",
-               f"expected: {runner.expected_text(self.scenario['expect'])}",
+               f"expected: {runner.expected_text(self.expect)}",
                f"outcome:  {runner.outcome_text(res)} (decided at step {res.step})",
                f"why:      {note}"]
         if res.detail:
@@ -224,11 +229,23 @@ class Crucible:
                 print(f"crucible: shutting down guest {t.name} failed: {e}")
 
     def _boot(self, suffix: str) -> GuestTarget:
+        """Boot a guest, install the harness's files, take the golden snapshot.
+
+        Raises HarnessError (step ``boot``) when the guest package is missing
+        or the guest cannot be built, booted or reached (the VmError's text).
+        """
         try:
-            from vm import Guest, ensure_image
+            from vm import VmError
         except ImportError as e:
             raise HarnessError(f"the guest package (vm) is not available: {e}; use --target local for host runs",
                                step="boot") from None
+        try:
+            return self._boot_guest(suffix)
+        except VmError as e:
+            raise HarnessError(f"guest {self.worker}{suffix} could not be started", step="boot", detail=str(e)) from None
+
+    def _boot_guest(self, suffix: str) -> GuestTarget:
+        from vm import Guest, ensure_image
         opt = self.config.getoption
         img = ensure_image(opt("arch"), **({"kernel": opt("kernel")} if opt("kernel") else {}))
         guest = Guest(arch=opt("arch"), accel=opt("accel"), name=f"{self.worker}{suffix}",

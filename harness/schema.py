@@ -159,6 +159,15 @@ def Reason() -> Check:
     return chk
 
 
+def KernelVersion() -> Check:
+    def chk(c, n, k):
+        v = str(c.scalar(n, k))
+        if not re.match(r"^\d+\.\d+(\.\d+)?$", v):
+            raise c.fail(n, k, f"expected a kernel version like 6.6, got {v!r}")
+        return v
+    return chk
+
+
 def Path() -> Check:
     def chk(c, n, k):
         v = Str()(c, n, k)
@@ -327,7 +336,25 @@ SCENARIO = Map({
     "restore_on": Enum(("same", "other")),
     "timeouts": Map({s: Num() for s in STEP_NAMES}),
     "expect": _expect(),
+    # What the only exact answer is on guest kernels older than `below`,
+    # where the kernel does not expose the state (say `why`).
+    "older_kernels": Map({"below": KernelVersion(), "expect": _expect(), "why": Str()},
+                         required=("below", "expect", "why")),
 }, required=("name", "workload", "expect"), defaults={"restore_on": "same", "tags": []})
+
+
+def kernel_tuple(release: str) -> tuple:
+    """``"6.1.0-28-amd64"`` -> ``(6, 1, 0)``; ``"6.6"`` -> ``(6, 6)``."""
+    nums = re.match(r"^(\d+(?:\.\d+)*)", release.strip())
+    return tuple(int(x) for x in nums.group(1).split(".")) if nums else ()
+
+
+def effective_expect(sc: dict, kernel_release: str) -> dict:
+    """The scenario's ``expect``, or ``older_kernels.expect`` on an older kernel."""
+    old = sc.get("older_kernels")
+    if old and kernel_release and kernel_tuple(kernel_release) < kernel_tuple(old["below"]):
+        return old["expect"]
+    return sc["expect"]
 
 
 # -- cross-field rules ----------------------------------------------------------------
@@ -378,9 +405,11 @@ def _cross_checks(c: _Ctx, root: yaml.MappingNode, data: dict) -> None:
     for i, m in enumerate(data["workload"].get("mmaps", [])):
         if ("file" in m) == bool(m.get("anon")):
             raise c.fail(node_of("workload", "mmaps", i), f"workload.mmaps[{i}]", "give either file or anon: true")
-    ref = data["expect"].get("refused")
-    if ref and "fd" in ref and ref["fd"] not in seen:
-        raise c.fail(node_of("expect"), "expect.refused.fd", f"fd {ref['fd']} is not opened by the workload")
+    for key in ("expect", "older_kernels"):
+        exp = data.get(key, {}) if key == "expect" else data.get(key, {}).get("expect", {})
+        ref = exp.get("refused")
+        if ref and "fd" in ref and ref["fd"] not in seen:
+            raise c.fail(node_of(key), f"{key}.refused.fd", f"fd {ref['fd']} is not opened by the workload")
 
 
 def load(path: str, text: Optional[str] = None) -> dict:

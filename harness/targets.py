@@ -57,6 +57,8 @@ class Target:
     def ckpt_argv(self) -> List[str]:
         raise NotImplementedError
 
+    kernel = ""                            # uname -r of the kernel the scenarios run on
+
     def script(self, name: str) -> List[str]:
         return [self.python, f"{self.scripts}/{name}"]
 
@@ -96,6 +98,7 @@ class LocalTarget(Target):
         if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
             raise HarnessError(f"prctl(PR_SET_CHILD_SUBREAPER): errno {ctypes.get_errno()}")
         self.env = dict(os.environ, PYTHONPATH=str(REPO))
+        self.kernel = os.uname().release
 
     def run(self, argv: Sequence[str], timeout: float, step: str = "") -> RunResult:
         t0 = time.monotonic()
@@ -199,6 +202,7 @@ class GuestTarget(Target):
         self.guest.run(["mkdir", "-p", self.scripts, self.base], timeout=60 * self.time_scale, check=True)
         for name in GUEST_FILES:
             self.guest.put(str(REPO / "harness" / name), f"{self.scripts}/{name}")
+        self.kernel = self.guest.run(["uname", "-r"], timeout=60 * self.time_scale, check=True).stdout.strip()
 
     def run(self, argv: Sequence[str], timeout: float, step: str = "") -> RunResult:
         from vm import VmError

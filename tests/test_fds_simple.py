@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import struct
 import time
@@ -110,15 +111,31 @@ def test_timerfd_one_unread_oneshot_expiry_restored(tmp_path):
         assert struct.unpack("Q", os.read(500, 8))[0] == 1
 
 
-def test_timerfd_periodic_with_unread_ticks_refused(tmp_path):
+def test_timerfd_periodic_with_unread_ticks_keeps_them(tmp_path):
+    # 1 ms period, never read: the count grows while the target is frozen;
+    # what was counted at the dump comes back (TFD_IOC_SET_TICKS) and the
+    # timer goes on ticking.
     setup = TFD.format(clock=1, isec=0, vsec=0, vns=1000, flags=0).replace("its(ts(0, 0)", "its(ts(0, 1000000)")
     setup += "\ntime.sleep(0.05)"
-    with Target(tmp_path, setup, "report['ok'] = struct.unpack('Q', os.read(500, 8))[0] > 1") as t:
-        with pytest.raises(Refusal) as ei:
-            classify(t.pid, 500)
-        assert ei.value.reason == "unsupported-fd"
-        assert "unread expirations" in ei.value.detail and "timerfd with" in ei.value.detail
-        assert t.check()["ok"] is True          # the refused target still works
+    with Target(tmp_path, setup) as t:
+        img = dump(t.pid, [500], str(tmp_path / "img"))
+    rec = [r for r in json.load(open(os.path.join(img, "fds.json"))) if r["fd"] == 500][0]
+    assert rec["ticks"] >= 2 and rec["interval_ns"] == 1000000
+    with restore(img):
+        assert _sys.timerfd_gettime(500)[1] == 1000000
+        assert struct.unpack("Q", os.read(500, 8))[0] >= rec["ticks"]
+
+
+def test_timerfd_long_period_fired_once(tmp_path):
+    # Fired once, next expiry 30 s away: exactly one unread tick, still armed.
+    setup = TFD.format(clock=1, isec=0, vsec=0, vns=1000, flags=0).replace("its(ts(0, 0)", "its(ts(30, 0)")
+    setup += "\ntime.sleep(0.05)"
+    with Target(tmp_path, setup) as t:
+        img = dump(t.pid, [500], str(tmp_path / "img"))
+    with restore(img):
+        remaining, interval = _sys.timerfd_gettime(500)
+        assert interval == 30 * 10**9 and 25 * 10**9 < remaining <= 30 * 10**9
+        assert struct.unpack("Q", os.read(500, 8))[0] == 1
 
 
 def test_timerfd_cancel_on_set_refused(tmp_path):

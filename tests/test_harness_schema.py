@@ -166,3 +166,18 @@ def test_plugin_runs_locally_with_junitxml_xdist_and_a_merged_report(scen, tmp_p
     doc = json.loads((tmp_path / "reports" / "scenarios.json").read_text())
     assert set(doc["scenarios"]) == {"scenarios/cat/one.yaml", "scenarios/cat/two.yaml"}
     assert 'name="one"' in (scen.path / "j.xml").read_text()
+
+
+def test_older_kernels_expectation_applies_below_the_version():
+    sc = load(GOOD + textwrap.dedent("""\
+        older_kernels:
+          below: "6.6"
+          why: the kernel does not show it
+          expect: restored
+        """))
+    assert schema.effective_expect(sc, "6.1.0-28-amd64") == {"restored": True}
+    assert schema.effective_expect(sc, "6.6.0") == sc["expect"]
+    assert schema.effective_expect(sc, "6.18.1") == sc["expect"]
+    e = error(GOOD + "older_kernels: {below: six, expect: restored, why: x}\n")
+    assert e.key == "older_kernels.below"
+    assert error(GOOD + "older_kernels: {below: '6.6', expect: restored}\n").key == "older_kernels.why"
