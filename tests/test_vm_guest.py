@@ -23,12 +23,22 @@ ENGINE_DIR = Path(__file__).resolve().parent.parent / "engine"
 
 
 def qemu_children() -> list:
-    """QEMU processes started by this test process (zombies included)."""
+    """Live QEMU processes below this test process. A dead QEMU can show up
+    here as a zombie when this process is a child subreaper (the scenario
+    harness's LocalTarget makes the pytest process one): it is reaped, not
+    counted — it is not running."""
     out = []
     for p in psutil.Process().children(recursive=True):
         try:
-            if "qemu-system" in p.name():
-                out.append(p)
+            if "qemu-system" not in p.name():
+                continue
+            if p.status() == psutil.STATUS_ZOMBIE:
+                try:
+                    os.waitpid(p.pid, os.WNOHANG)
+                except ChildProcessError:
+                    pass
+                continue
+            out.append(p)
         except psutil.NoSuchProcess:
             pass
     return out
