@@ -58,12 +58,13 @@ vm-shell:
 
 # --kernel is passed only off the default until the harness has that option.
 vm-test: vm-image
-	$(PYTHON) -m pytest scenarios/ -q -n $(JOBS) --dist worksteal --arch $(ARCH) --accel $(ACCEL) \
-	  $(if $(filter-out 6.1,$(KERNEL)),--kernel $(KERNEL)) --engine $(ENGINE) \
+	$(PYTHON) -m pytest scenarios/ -q -p no:benchmark -n $(JOBS) --dist worksteal --arch $(ARCH) --accel $(ACCEL) \
+	  --kernel $(KERNEL) --engine $(ENGINE) \
 	  --junitxml reports/junit-$(ARCH)-$(KERNEL)-$(ENGINE).xml
 
 bench:
 	@mkdir -p bench
 	$(PYTHON) bench/engine_bench.py --out bench/results.json
-	$(PYTHON) -m vm bench --arch $(ARCH) --out bench/results.json
-	$(PYTHON) -m harness bench --arch $(ARCH) --out bench/results.json
+	$(PYTHON) -m vm bench --arch $(ARCH) --kernel $(KERNEL) --out bench/results.json
+	$(PYTHON) -m harness bench --arch $(ARCH) --kernel $(KERNEL) --out bench/results.json
+	$(PYTHON) bench/table.py bench/results.json

@@ -70,10 +70,10 @@ def test_pagemap_runs():
     assert procfs.pagemap_runs(raw, 0x1000, anon_only=True) == [[0x1000, 2], [0x4000, 1], [0x6000, 1]]
 
 
-def test_other_arch_is_named_not_guessed():
-    with pytest.raises(EngineError) as e:
-        for_machine("aarch64")
-    assert "aarch64" in e.value.message
+def test_other_arch_is_refused_by_name_not_guessed():
+    with pytest.raises(Refusal) as e:
+        for_machine("riscv64")
+    assert e.value.reason == "unsupported-arch" and "riscv64" in e.value.message
 
 
 def test_restart_normalisation():

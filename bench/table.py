@@ -1,0 +1,64 @@
+"""Print bench/results.json as one summary table (`make bench` ends with it).
+
+Each benchmark merges its own key into the file (engine, vm, scenarios);
+this only reads them, so a partial file prints what it has.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def _fmt(v, unit=""):
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        v = f"{v:.3g}" if v < 10 else f"{v:.0f}"
+    return f"{v}{unit}"
+
+
+def rows(res: dict):
+    for c in (res.get("engine") or {}).get("cases", []):
+        what = f"engine {c.get('touched_mib', 0)} MiB on {c.get('image_on')}"
+        if not c.get("touched_mib"):
+            what = f"engine small C process on {c.get('image_on')}"
+        yield (what, "dump", _fmt(c.get("dump_mib_s"), " MiB/s"), _fmt(c.get("dump_s", 0) * 1000, " ms"))
+        yield (what, "restore", _fmt(c.get("restore_mib_s"), " MiB/s"), _fmt(c.get("restore_s", 0) * 1000, " ms"))
+        yield (what, "frozen", "", _fmt(c.get("frozen_ms"), " ms"))
+    vm = res.get("vm") or {}
+    for arch, v in sorted(vm.items()):
+        if not isinstance(v, dict):
+            continue
+        yield (f"guest {arch}", "boot to first command (cold)", "", _fmt(v.get("boot_to_first_command_cold_s"), " s"))
+        yield (f"guest {arch}", "golden snapshot to first command", "", _fmt(v.get("golden_to_first_command_s"), " s"))
+        yield (f"guest {arch}", "reset (loadvm + reconnect)", "", _fmt(v.get("reset_s"), " s"))
+        yield (f"guest {arch}", "command latency", "", _fmt(v.get("command_latency_s"), " s"))
+    sc = res.get("scenarios") or {}
+    corpus = sc.get("corpus") or {}
+    if corpus:
+        yield ("scenarios", f"corpus, {corpus.get('workers')} workers", _fmt(corpus.get("scenarios_per_minute"), " /min"),
+               _fmt(corpus.get("wall_s"), " s"))
+    if sc.get("reset_s"):
+        yield ("scenarios", "reset between scenarios (median)", "", _fmt(sc["reset_s"].get("median"), " s"))
+
+
+def main(argv) -> int:
+    path = argv[1] if len(argv) > 1 else "bench/results.json"
+    try:
+        with open(path) as f:
+            res = json.load(f)
+    except (OSError, ValueError) as e:
+        print(f"bench/table.py: cannot read {path}: {e}", file=sys.stderr)
+        return 2
+    table = [("what", "measure", "rate", "time")] + list(rows(res))
+    widths = [max(len(str(r[i])) for r in table) for i in range(4)]
+    for n, r in enumerate(table):
+        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+        if n == 0:
+            print("  ".join("-" * w for w in widths))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
