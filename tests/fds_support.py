@@ -233,3 +233,34 @@ def restore(image_dir: str, pid: Optional[int] = None, same_node: bool = True) -
         done.__exit__()
         raise
     return done
+
+
+def read_available(fd: int, chunk: int = 1 << 16) -> bytes:
+    """Every byte readable on `fd` now: read in `chunk`-sized reads until
+    EOF or, on a non-blocking fd, EAGAIN."""
+    out = []
+    while True:
+        try:
+            b = os.read(fd, chunk)
+        except BlockingIOError:
+            break
+        if not b:
+            break
+        out.append(b)
+    return b"".join(out)
+
+
+def dump_restore(procs, p, image_dir: str) -> None:
+    """Dump the running workload `p` (a Popen started through the `procs`
+    fixture) into `image_dir`, reap it, restore it from there at the same
+    pid and hand the restored process to `procs` to kill and reap."""
+    # Late imports: the fd unit tests that use this module need neither.
+    from engine.context import Options
+    from engine.dump import dump
+    from engine.restore import restore
+    res = dump(p.pid, image_dir, Options())
+    assert not res["left_running"]
+    p.wait()
+    out = restore(image_dir, Options())
+    assert out["pid"] == p.pid
+    procs.adopt(p.pid)

@@ -12,8 +12,8 @@ import pytest
 from engine.context import Options
 from engine.dump import dump
 from engine.errors import Refusal, Refusals
-from engine.restore import restore
 from engine_core_support import procs, python_exe, wait_for  # noqa: F401
+from fds_support import dump_restore
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fds_e2e_worker.py")
 
@@ -37,15 +37,6 @@ def verdict(pid, tmp_path):
     return json.loads(v.read_text())
 
 
-def dump_restore(procs, p, tmp_path):
-    res = dump(p.pid, str(tmp_path / "img"), Options())
-    assert not res["left_running"]
-    p.wait()
-    out = restore(str(tmp_path / "img"), Options())
-    assert out["pid"] == p.pid
-    procs.adopt(p.pid)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("kinds", [
     ["pipe", "fifo", "eventfd", "timerfd", "signalfd", "directory"],
@@ -54,7 +45,7 @@ def dump_restore(procs, p, tmp_path):
 ], ids=["pipes-counters-dirs", "inotify", "epoll"])
 def test_fds_restored_and_verified_by_the_process(procs, tmp_path, kinds):
     p = start(procs, tmp_path, kinds)
-    dump_restore(procs, p, tmp_path)
+    dump_restore(procs, p, str(tmp_path / "img"))
     got = verdict(p.pid, tmp_path)
     assert got == {k: True for k in kinds}
 

@@ -11,7 +11,7 @@ from engine.errors import Refusal
 from engine.fds import _sys
 from engine.pidfd import same_file
 
-from fds_support import Target, classify, dump, restore
+from fds_support import Target, classify, dump, read_available, restore
 
 PAYLOAD = bytes(range(256)) * 800          # 204800 bytes: more than the default 64 KiB buffer
 
@@ -38,19 +38,6 @@ report["data"] = b"".join(chunks).hex()
 """
 
 
-def read_all(fd: int) -> bytes:
-    out = []
-    while True:
-        try:
-            b = os.read(fd, 1 << 16)
-        except BlockingIOError:
-            break
-        if not b:
-            break
-        out.append(b)
-    return b"".join(out)
-
-
 def test_pipe_both_ends_restored_with_data_size_and_flags(tmp_path):
     with Target(tmp_path, BOTH_ENDS, READ_ALL) as t:
         desc = classify(t.pid, 500)
@@ -63,7 +50,7 @@ def test_pipe_both_ends_restored_with_data_size_and_flags(tmp_path):
         assert fcntl.fcntl(500, fcntl.F_GETFL) & os.O_NONBLOCK
         assert not fcntl.fcntl(501, fcntl.F_GETFL) & os.O_NONBLOCK
         assert not fcntl.fcntl(500, fcntl.F_GETFD) & fcntl.FD_CLOEXEC   # dup2 made it inheritable
-        assert read_all(500) == PAYLOAD
+        assert read_available(500) == PAYLOAD
         os.write(501, b"more")
         assert os.read(500, 10) == b"more"
         # No stray write end survives in the restorer: closing the only

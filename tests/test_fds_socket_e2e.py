@@ -18,6 +18,7 @@ from engine.dump import dump
 from engine.errors import Refusal, Refusals
 from engine.restore import restore
 from engine_core_support import procs, python_exe, wait_for  # noqa: F401
+from fds_support import dump_restore
 
 WORKER = r'''
 import json, os, signal, socket, sys, time
@@ -149,12 +150,7 @@ def verdict_with_clients(pid, tmp_path, port, abstract):
 @pytest.mark.slow
 def test_sockets_restored_and_verified_by_the_process(procs, tmp_path):
     p, port, abstract = start(procs, tmp_path)
-    res = dump(p.pid, str(tmp_path / "img"), Options())
-    assert not res["left_running"]
-    p.wait()
-    out = restore(str(tmp_path / "img"), Options())
-    assert out["pid"] == p.pid
-    procs.adopt(p.pid)
+    dump_restore(procs, p, str(tmp_path / "img"))
     # A restored process dumps and restores again (its queues are the
     # restorer's fresh messages, nothing hidden from peeking).
     dump(p.pid, str(tmp_path / "img2"), Options())

@@ -15,26 +15,13 @@ from engine import netdiag
 from engine.errors import Refusal
 from engine.pidfd import same_file
 
-from fds_support import Target, classify, dump, restore
+from fds_support import Target, classify, dump, read_available, restore
 
 SO_PEEK_OFF = 42
 STREAM_AB = b"A->B " * 3000                     # 15000 bytes, queued at b (fd 501)
 STREAM_BA = [b"B->A hello", b" second"]         # queued at a (fd 500)
 DGRAM_AB = [b"first", b"", b"x" * 100000, b"2", b"", bytes(range(256))]
 DGRAM_BA = [b"back", b"z" * 7000]
-
-
-def read_nonblocking(fd: int) -> bytes:
-    out = []
-    while True:
-        try:
-            b = os.read(fd, 1 << 20)
-        except BlockingIOError:
-            break
-        if not b:
-            break
-        out.append(b)
-    return b"".join(out)
 
 
 def recv_messages(fd: int) -> list:
@@ -113,9 +100,9 @@ def test_stream_pair_restored_with_both_queues_dups_flags_and_options(tmp_path):
             assert b.getsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, 16) == \
                 __import__("struct").pack("ll", 3, 500000)
             assert a.getsockopt(socket.SOL_SOCKET, SO_PEEK_OFF) == -1
-            assert read_nonblocking(501) == STREAM_AB
+            assert read_available(501, 1 << 20) == STREAM_AB
             a.setblocking(False)
-            assert read_nonblocking(500) == b"".join(STREAM_BA)
+            assert read_available(500, 1 << 20) == b"".join(STREAM_BA)
             b.send(b"new")
             assert a.recv(10) == b"new"
         finally:

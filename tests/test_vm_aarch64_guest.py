@@ -12,38 +12,15 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import psutil
 import pytest
 
+from vm_support import no_qemu_left_behind  # noqa: F401
 from vm import Guest, ensure_image
 from vm.image import image_paths
 
 pytestmark = pytest.mark.guest
 
 ENGINE_DIR = Path(__file__).resolve().parent.parent / "engine"
-
-
-def qemu_children() -> list:
-    """QEMU processes started by this test process (zombies included)."""
-    out = []
-    for p in psutil.Process().children(recursive=True):
-        try:
-            if "qemu-system" in p.name():
-                out.append(p)
-        except psutil.NoSuchProcess:
-            pass
-    return out
-
-
-@pytest.fixture(scope="module", autouse=True)
-def no_qemu_left_behind():
-    before = {p.pid for p in qemu_children()}
-    yield
-    left = [p for p in qemu_children() if p.pid not in before]
-    for p in left:  # clean up anyway, then fail loudly
-        p.kill()
-        p.wait(5)
-    assert not left, f"QEMU processes left behind: {[p.pid for p in left]}"
 
 
 def cached_aarch64_image(kernel: str):

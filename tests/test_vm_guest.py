@@ -15,6 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from vm_support import no_qemu_left_behind  # noqa: F401
 from vm import Guest, VmError, ensure_image
 
 pytestmark = pytest.mark.guest
@@ -22,43 +23,10 @@ pytestmark = pytest.mark.guest
 ENGINE_DIR = Path(__file__).resolve().parent.parent / "engine"
 
 
-def qemu_children() -> list:
-    """Live QEMU processes below this test process. A dead QEMU can show up
-    here as a zombie when this process is a child subreaper (the scenario
-    harness's LocalTarget makes the pytest process one): it is reaped, not
-    counted — it is not running."""
-    out = []
-    for p in psutil.Process().children(recursive=True):
-        try:
-            if "qemu-system" not in p.name():
-                continue
-            if p.status() == psutil.STATUS_ZOMBIE:
-                try:
-                    os.waitpid(p.pid, os.WNOHANG)
-                except ChildProcessError:
-                    pass
-                continue
-            out.append(p)
-        except psutil.NoSuchProcess:
-            pass
-    return out
-
-
 @pytest.fixture(scope="session")
 def vm_image():
     """The shared guest image (built once, then reused from the cache)."""
     return ensure_image("x86_64")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def no_qemu_left_behind():
-    before = {p.pid for p in qemu_children()}
-    yield
-    left = [p for p in qemu_children() if p.pid not in before]
-    for p in left:  # clean up anyway, then fail loudly
-        p.kill()
-        p.wait(5)
-    assert not left, f"QEMU processes left behind: {[p.pid for p in left]}"
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable, Optional, Tuple
 
 from .errors import VmError
-from .paths import cache_dir
+from .paths import cache_dir, read_json_object, replace_text
 
 #: Under KVM the guest is ready in well under a second; 12 s is plenty and
 #: bounds the cost of a hanging KVM.
@@ -64,28 +64,17 @@ def probe_cache_path() -> Path:
 
 def load_cached(path: Path, key: str) -> Optional[dict]:
     """The cached verdict for ``key``, or None (missing/corrupt file)."""
-    try:
-        table = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    entry = table.get(hashlib.sha256(key.encode()).hexdigest()[:16])
+    entry = read_json_object(path).get(hashlib.sha256(key.encode()).hexdigest()[:16])
     return entry if isinstance(entry, dict) and entry.get("accel") in ("kvm", "tcg") else None
 
 
 def store_cached(path: Path, key: str, accel: str, detail: str) -> None:
     """Record a verdict (atomic replace, other hosts' entries kept)."""
-    try:
-        table = json.loads(path.read_text())
-        if not isinstance(table, dict):
-            table = {}
-    except (OSError, ValueError):
-        table = {}
+    table = read_json_object(path)
     table[hashlib.sha256(key.encode()).hexdigest()[:16]] = {
         "host": key, "accel": accel, "detail": detail,
         "probed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(table, indent=1))
-    os.replace(tmp, path)
+    replace_text(path, json.dumps(table, indent=1))
 
 
 def decide(requested: str, *, kvm_present: bool, key: str, cache_path: Path,

@@ -30,12 +30,21 @@ class ArchSpec:
         raise NotImplementedError
 
     def disk_args(self, overlay: str) -> List[str]:
-        """The root disk: virtio-blk (an NVMe root cannot be snapshotted)."""
-        raise NotImplementedError
+        """The root disk: virtio-blk (an NVMe root cannot be snapshotted).
+
+        Every arch we run has a PCI(e) host bridge (x86_64 ``pc``, aarch64
+        ``virt``), so the same virtio-pci devices serve all of them and keep
+        the snapshot device list alike."""
+        # cache=unsafe: the overlay is thrown away with the guest; savevm
+        # flushes explicitly, so snapshots stay consistent.
+        return ["-drive", f"file={overlay},if=none,id=root,format=qcow2,cache=unsafe,discard=unmap",
+                "-device", "virtio-blk-pci,drive=root"]
 
     def net_args(self, ssh_port: int) -> List[str]:
         """User networking with SSH forwarded from 127.0.0.1 only."""
-        raise NotImplementedError
+        # romfile= : no iPXE option ROM to load, we boot with -kernel.
+        return ["-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{ssh_port}-:22",
+                "-device", "virtio-net-pci,netdev=net0,romfile="]
 
     def kvm_possible(self) -> bool:
         """Whether KVM can run this arch on this host at all (same arch)."""
@@ -84,17 +93,6 @@ class X86_64(ArchSpec):
             return ["-machine", "pc", "-accel", f"tcg,tb-size={tb_size_mb}", "-cpu", cpu]
         raise VmError(f"unknown accelerator {accel!r} (want kvm or tcg)", kind="usage")
 
-    def disk_args(self, overlay: str) -> List[str]:
-        # cache=unsafe: the overlay is thrown away with the guest; savevm
-        # flushes explicitly, so snapshots stay consistent.
-        return ["-drive", f"file={overlay},if=none,id=root,format=qcow2,cache=unsafe,discard=unmap",
-                "-device", "virtio-blk-pci,drive=root"]
-
-    def net_args(self, ssh_port: int) -> List[str]:
-        # romfile= : no iPXE option ROM to load, we boot with -kernel.
-        return ["-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{ssh_port}-:22",
-                "-device", "virtio-net-pci,netdev=net0,romfile="]
-
 
 class Aarch64(ArchSpec):
     """arm64 on ``qemu-system-aarch64 -M virt`` (TCG only on an x86_64 host).
@@ -126,16 +124,6 @@ class Aarch64(ArchSpec):
             return ["-machine", "virt", "-accel", f"tcg,tb-size={tb_size_mb}",
                     "-cpu", "max,pauth-impdef=on"]
         raise VmError(f"unknown accelerator {accel!r} (want kvm or tcg)", kind="usage")
-
-    def disk_args(self, overlay: str) -> List[str]:
-        # The virt machine has a PCIe host bridge: the same virtio-pci
-        # devices as x86_64 keep the snapshot device list alike.
-        return ["-drive", f"file={overlay},if=none,id=root,format=qcow2,cache=unsafe,discard=unmap",
-                "-device", "virtio-blk-pci,drive=root"]
-
-    def net_args(self, ssh_port: int) -> List[str]:
-        return ["-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{ssh_port}-:22",
-                "-device", "virtio-net-pci,netdev=net0,romfile="]
 
 
 ARCHES: Dict[str, Type[ArchSpec]] = {"x86_64": X86_64, "aarch64": Aarch64}

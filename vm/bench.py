@@ -9,7 +9,6 @@ benchmarks, and the other arches' entries are kept as they are.
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import tempfile
 import time
@@ -18,6 +17,7 @@ from typing import Any, Dict, List, Optional
 
 from .guest import Guest
 from .image import ensure_image
+from .paths import read_json_object, replace_text
 from .recipe import DEFAULT_KERNEL
 
 #: name -> (target seconds, description)
@@ -38,17 +38,10 @@ def _median(xs: List[float]) -> float:
 
 def merge_results(path: Path, key: str, value: Dict[str, Any]) -> None:
     """Replace ``key`` in the JSON object at ``path`` (created if missing), atomically."""
-    try:
-        data = json.loads(path.read_text())
-        if not isinstance(data, dict):
-            data = {}
-    except (OSError, ValueError):
-        data = {}
+    data = read_json_object(path)
     data[key] = value
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    replace_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def bench_key(arch: str, kernel: str = DEFAULT_KERNEL) -> str:

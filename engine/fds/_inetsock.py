@@ -24,9 +24,9 @@ import socket as _socket
 
 from .. import netdiag, netinfo
 from ..errors import Refusal
-from . import _sockopts, _sys
-from ._sockbase import check_options, dup_of, fresh_options, inode_of, option_refusal, options, outside_holders
-from ._util import failed, refuse, refuse_rec
+from . import _sockopts
+from ._sockbase import building, check_options, dup_of, fresh_options, inode_of, options, outside_holders
+from ._util import refuse, refuse_rec, with_status_flags
 
 _SYN_RECV = 3      # request sockets show in /proc/net/tcp as TCP_SYN_RECV (get_openreq4)
 
@@ -100,7 +100,7 @@ def listener_restore(rec: dict, ctx) -> int:
     addr = tuple(rec["addr"])
     text = f"tcp{_v(fam)} listener {_addr_text(fam, addr)}"
     s = _socket.socket(fam, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC, _socket.IPPROTO_TCP)
-    try:
+    with building(s, rec, ctx, f"recreating {text}"):
         _sockopts.apply(s, rec["opts"], rec["set"])
         try:
             s.bind(addr)
@@ -117,18 +117,4 @@ def listener_restore(rec: dict, ctx) -> int:
         _sockopts.apply_late(s, rec["opts"], rec["set"])
         _sockopts.verify(s, fam, True, rec["opts"])
         fd = s.detach()
-    except _sockopts.OptionError as e:
-        s.close()
-        raise option_refusal(rec, ctx, e) from None
-    except OSError as e:
-        s.close()
-        raise failed(rec, ctx, f"recreating {text}", e) from e
-    except BaseException:
-        s.close()
-        raise
-    try:
-        _sys.set_status_flags(fd, rec.get("flags", 0))
-    except OSError as e:
-        os.close(fd)
-        raise failed(rec, ctx, "setting status flags", e) from e
-    return fd
+    return with_status_flags(rec, ctx, fd)

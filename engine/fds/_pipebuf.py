@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import fcntl
 import os
+from typing import Callable, List, Optional
 
+from .. import pidfd
 from ..errors import EngineError, Refusal
 from . import _sys
+from ._util import end_of, refuse
 
 
 def pipe_max_size() -> int:
@@ -97,3 +100,42 @@ def check_size(size: int) -> str:
     if size > limit and not _sys.has_capability(_sys.CAP_SYS_RESOURCE):
         return f"pipe buffer of {size} bytes is above pipe-max-size {limit} (needs CAP_SYS_RESOURCE)"
     return ""
+
+
+def copy_buffer(info, ends: List, count: int) -> bytes:
+    """The first `count` bytes buffered in the pipe or fifo of `info` (an
+    FdInfo), left in place; `ends` are the process's fds on it. Raises as
+    peek(); EngineError when no reader can be opened."""
+    tmpl = refuse(info, "unsupported-fd", "")
+    readers = [e for e in ends if end_of(e.flags) != "w"]
+    if readers:
+        with pidfd.target_fd(info.pid, readers[0].fd) as dup:
+            return peek(dup, count, tmpl)
+    # Only write ends are left: tee needs a readable file, so open a new
+    # read end through /proc/PID/fd/N (fs/proc/base.c proc_fd_link +
+    # fifo_open on the pipe inode), non-blocking. It is closed right after;
+    # no reader existed to notice it (and for a fifo nobody outside holds
+    # it with bytes queued, or classify refused).
+    try:
+        rfd = os.open(info.proc_path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise EngineError(f"cannot open a reader on {info.link} of pid {info.pid}: {e.strerror}",
+                          pid=info.pid, errno=e.errno) from e
+    try:
+        return peek(rfd, count, tmpl)
+    finally:
+        os.close(rfd)
+
+
+def save_once(info, ctx, key: str, name: str, count: int, ends: Callable[[], List]) -> Optional[str]:
+    """The image file (`name`) holding the `count` bytes buffered in the
+    pipe or fifo of `info`, written once per pipe (`key` in ctx.shared), or
+    None when nothing is buffered. `ends()` lists the process's fds on it.
+    Raises as copy_buffer()."""
+    if key not in ctx.shared:
+        saved = None
+        if count:
+            ctx.image.write_bytes(name, copy_buffer(info, ends(), count))
+            saved = name
+        ctx.shared[key] = saved
+    return ctx.shared[key]

@@ -9,14 +9,15 @@ when the target's fd cannot be inspected.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket as _socket
-from typing import Dict, List, Optional
+from typing import Dict, Iterator, List, Optional
 
 from .. import netdiag, pidfd
 from ..errors import Refusal
 from . import _peers, _sockopts
-from ._util import refuse, refuse_rec
+from ._util import failed, refuse, refuse_rec
 
 KIND_KEY = "sock"          # restore records carry rec["sock"]: the sub-kind
 UNIX_TYPES = {_socket.SOCK_STREAM: "stream", _socket.SOCK_DGRAM: "dgram", _socket.SOCK_SEQPACKET: "seqpacket"}
@@ -93,6 +94,25 @@ def check_options(info, values: dict, fresh: dict) -> List[str]:
 
 def option_refusal(rec: dict, ctx, e: _sockopts.OptionError) -> Refusal:
     return refuse_rec(rec, ctx, "socket", f"option {e.name} cannot be reproduced: {e.why}")
+
+
+@contextlib.contextmanager
+def building(s: _socket.socket, rec: dict, ctx, what: str) -> Iterator[None]:
+    """``with building(s, rec, ctx, "recreating X"):`` closes the socket `s`
+    being rebuilt if the block fails. Raises the `socket` refusal for an
+    option that does not read back, EngineError (naming `what`) for other
+    system errors; anything else propagates as it is."""
+    try:
+        yield
+    except _sockopts.OptionError as e:
+        s.close()
+        raise option_refusal(rec, ctx, e) from None
+    except OSError as e:
+        s.close()
+        raise failed(rec, ctx, what, e) from e
+    except BaseException:
+        s.close()
+        raise
 
 
 def dup_of(info):

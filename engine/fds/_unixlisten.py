@@ -24,10 +24,10 @@ from typing import Optional
 
 from .. import netdiag
 from ..errors import Refusal
-from . import _sockopts, _sys
-from ._sockbase import (UNIX_TYPES as TYPES, check_options, dup_of, fresh_options, inode_of, option_refusal,
-                        options, outside_holders, same_root, unix_diag as _diag)
-from ._util import failed, refuse, refuse_rec
+from . import _sockopts
+from ._sockbase import (UNIX_TYPES as TYPES, building, check_options, dup_of, fresh_options, inode_of, options,
+                        outside_holders, same_root, unix_diag as _diag)
+from ._util import refuse, refuse_rec, with_status_flags
 
 
 def _name_text(name: Optional[bytes]) -> str:
@@ -173,7 +173,7 @@ def listener_restore(rec: dict, ctx) -> int:
     text = _name_text(name)
     path = rec["file"]["path"] if rec.get("file") else None
     s = _socket.socket(_socket.AF_UNIX, rec["type"] | _socket.SOCK_CLOEXEC)
-    try:
+    with building(s, rec, ctx, f"recreating unix listener {text}"):
         _sockopts.apply(s, rec["opts"], rec["set"])
         if path is not None and os.path.lexists(path):
             # A stale socket file (checked just above: a socket nobody is
@@ -197,18 +197,4 @@ def listener_restore(rec: dict, ctx) -> int:
         _sockopts.apply_late(s, rec["opts"], rec["set"])
         _sockopts.verify(s, _socket.AF_UNIX, False, rec["opts"])
         fd = s.detach()
-    except _sockopts.OptionError as e:
-        s.close()
-        raise option_refusal(rec, ctx, e) from None
-    except OSError as e:
-        s.close()
-        raise failed(rec, ctx, f"recreating unix listener {text}", e) from e
-    except BaseException:
-        s.close()
-        raise
-    try:
-        _sys.set_status_flags(fd, rec.get("flags", 0))
-    except OSError as e:
-        os.close(fd)
-        raise failed(rec, ctx, "setting status flags", e) from e
-    return fd
+    return with_status_flags(rec, ctx, fd)

@@ -37,7 +37,7 @@ from . import _sockopts, _sockpeek, _sys
 from ._dups import is_follower
 from ._sockbase import (UNIX_TYPES as TYPES, check_options, dup_of, fresh_options, held_here, inode_of,
                         option_refusal, options, outside_holders, unix_diag as _diag)
-from ._util import failed, refuse, refuse_rec
+from ._util import failed, refuse, refuse_rec, with_status_flags
 
 _BUFS = ("SO_SNDBUF", "SO_RCVBUF")
 
@@ -245,12 +245,6 @@ def pair_restore(rec: dict, ctx) -> int:
         st = {rec["inode"]: a, rec["peer"]: b}
         ctx.shared[key] = st
     s = st.pop(rec["inode"])
-    fd = s.detach()
-    try:
-        _sys.set_status_flags(fd, rec.get("flags", 0))
-    except OSError as e:
-        os.close(fd)
-        raise failed(rec, ctx, "setting status flags", e) from e
-    return fd
+    return with_status_flags(rec, ctx, s.detach())
 
 

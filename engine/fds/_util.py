@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from typing import Iterator
 
 from ..errors import EngineError, Refusal
 
@@ -21,6 +23,31 @@ def failed(rec: dict, ctx, what: str, e: OSError) -> EngineError:
     """A system error while restoring one record."""
     return EngineError(f"fd {rec.get('fd')} ({rec.get('link')}): {what}: {e.strerror or e}",
                        pid=getattr(ctx, "pid", None), errno=e.errno)
+
+
+@contextlib.contextmanager
+def closed_on_error(fd: int) -> Iterator[int]:
+    """``with closed_on_error(fd):`` closes `fd` if the block raises
+    anything (the fd is handed out only when it is fully set up); the
+    exception propagates unchanged."""
+    try:
+        yield fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def with_status_flags(rec: dict, ctx, fd: int) -> int:
+    """`fd` with the record's F_GETFL status flags set, handed back; on
+    failure `fd` is closed (the caller no longer owns it) and EngineError
+    is raised."""
+    from . import _sys
+    try:
+        _sys.set_status_flags(fd, rec.get("flags", 0))
+    except OSError as e:
+        os.close(fd)
+        raise failed(rec, ctx, "setting status flags", e) from e
+    return fd
 
 
 def end_of(flags: int) -> str:

@@ -11,7 +11,7 @@ import os
 import struct
 
 from . import _sys
-from ._util import check_async, failed, refuse
+from ._util import check_async, closed_on_error, failed, refuse
 
 KIND = "eventfd"
 REASONS = ("unsupported-fd", "unsupported-state")
@@ -51,15 +51,12 @@ def restore(rec: dict, ctx) -> int:
     flags = os.O_CLOEXEC | (_sys.EFD_SEMAPHORE if rec["semaphore"] else 0)
     try:
         fd = _sys.eventfd(0, flags)
-        try:
+        with closed_on_error(fd):
             # eventfd()'s initval is an unsigned int; a write adds the full
             # 64-bit value (fs/eventfd.c: eventfd_write).
             if rec["count"]:
                 os.write(fd, struct.pack("Q", min(rec["count"], _MAX)))
             _sys.set_status_flags(fd, rec.get("flags", 0))
-        except BaseException:
-            os.close(fd)
-            raise
     except OSError as e:
         raise failed(rec, ctx, "recreating the eventfd", e) from e
     return fd

@@ -32,10 +32,9 @@ import stat
 from typing import List
 
 from .. import pidfd
-from ..errors import EngineError
 from . import _dups, _peers, _pipebuf, _sys
 from ._dups import is_follower
-from ._util import check_async, end_of, failed, open_accmode, refuse, refuse_rec
+from ._util import check_async, closed_on_error, end_of, failed, open_accmode, refuse, refuse_rec
 
 KIND = "fifo"
 REASONS = ("fifo-missing", "pipe-peer-outside", "unsupported-fd", "capability", "unsupported-state", "image-invalid")
@@ -91,35 +90,11 @@ def classify(info, ctx) -> str:
 def dump(info, ctx) -> dict:
     """The record; buffered bytes go to fds/fifo-DEV-INO once per fifo."""
     s = _state(info, ctx)
-    key = f"fifo-data:{info.dev}:{info.ino}"
-    if key not in ctx.shared:
-        name = None
-        if s["queued"]:
-            data = _read_buffer(info, ctx, s["queued"])
-            name = f"fds/fifo-{info.dev}-{info.ino}"
-            ctx.image.write_bytes(name, data)
-        ctx.shared[key] = name
+    data = _pipebuf.save_once(info, ctx, f"fifo-data:{info.dev}:{info.ino}", f"fds/fifo-{info.dev}-{info.ino}",
+                              s["queued"], lambda: _ends(info, ctx))
     return {"path": info.link, "fifo": f"{info.dev}:{info.ino}", "dev": info.dev, "ino": info.ino,
-            "end": end_of(info.flags), "size": s["size"], "data": ctx.shared[key],
+            "end": end_of(info.flags), "size": s["size"], "data": data,
             "data_len": s["queued"]}
-
-
-def _read_buffer(info, ctx, count: int) -> bytes:
-    tmpl = refuse(info, "unsupported-fd", "")
-    readers = [e for e in _ends(info, ctx) if end_of(e.flags) != "w"]
-    if readers:
-        with pidfd.target_fd(info.pid, readers[0].fd) as dup:
-            return _pipebuf.peek(dup, count, tmpl)
-    # Only write ends here (and nobody outside, or classify refused): a
-    # short-lived reader of ours, opened non-blocking, is seen by no one.
-    try:
-        rfd = os.open(info.proc_path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as e:
-        raise EngineError(f"cannot open a reader on {info.link}: {e.strerror}", pid=info.pid, errno=e.errno) from e
-    try:
-        return _pipebuf.peek(rfd, count, tmpl)
-    finally:
-        os.close(rfd)
 
 
 def validate(rec: dict, ctx) -> None:
@@ -154,22 +129,19 @@ def _keeper(rec: dict, ctx) -> dict:
     except OSError as e:
         raise refuse_rec(rec, ctx, "fifo-missing", f"{path}: {e.strerror}") from e
     try:
-        kst = os.fstat(keeper)
-        if not stat.S_ISFIFO(kst.st_mode):
-            raise refuse_rec(rec, ctx, "fifo-missing", f"{path} is no longer a fifo")
-        data = ctx.image.read_bytes(rec["data"]) if rec.get("data") else b""
-        present = _sys.fionread(keeper)
-        if data and present:
-            raise refuse_rec(rec, ctx, "pipe-peer-outside",
-                             f"{path} already holds {present} bytes written by another process; "
-                             f"the {len(data)} saved bytes cannot be put before them")
-        _pipebuf.fill(keeper, rec["size"], data)
+        with closed_on_error(keeper):
+            kst = os.fstat(keeper)
+            if not stat.S_ISFIFO(kst.st_mode):
+                raise refuse_rec(rec, ctx, "fifo-missing", f"{path} is no longer a fifo")
+            data = ctx.image.read_bytes(rec["data"]) if rec.get("data") else b""
+            present = _sys.fionread(keeper)
+            if data and present:
+                raise refuse_rec(rec, ctx, "pipe-peer-outside",
+                                 f"{path} already holds {present} bytes written by another process; "
+                                 f"the {len(data)} saved bytes cannot be put before them")
+            _pipebuf.fill(keeper, rec["size"], data)
     except OSError as e:
-        os.close(keeper)
         raise failed(rec, ctx, f"refilling fifo {path}", e) from e
-    except BaseException:
-        os.close(keeper)
-        raise
     st = {"keeper": keeper, "dev": kst.st_dev, "ino": kst.st_ino, "left": len(_siblings(rec, ctx))}
     ctx.shared[key] = st
     return st
@@ -187,16 +159,13 @@ def restore(rec: dict, ctx) -> int:
     except OSError as e:
         raise failed(rec, ctx, f"reopening fifo {path}", e) from e
     try:
-        fst = os.fstat(fd)
-        if (fst.st_dev, fst.st_ino) != (st["dev"], st["ino"]):
-            raise refuse_rec(rec, ctx, "fifo-missing", f"{path} was replaced during the restore")
-        _sys.set_status_flags(fd, rec.get("flags", 0))
+        with closed_on_error(fd):
+            fst = os.fstat(fd)
+            if (fst.st_dev, fst.st_ino) != (st["dev"], st["ino"]):
+                raise refuse_rec(rec, ctx, "fifo-missing", f"{path} was replaced during the restore")
+            _sys.set_status_flags(fd, rec.get("flags", 0))
     except OSError as e:
-        os.close(fd)
         raise failed(rec, ctx, f"setting flags on fifo {path}", e) from e
-    except BaseException:
-        os.close(fd)
-        raise
     st["left"] -= 1
     if st["left"] <= 0:
         os.close(st["keeper"])

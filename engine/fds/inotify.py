@@ -33,7 +33,7 @@ from typing import Dict, List
 from .. import pidfd
 from ..errors import EngineError
 from . import _sys
-from ._util import check_async, failed, refuse, refuse_rec
+from ._util import check_async, closed_on_error, failed, refuse, refuse_rec
 
 KIND = "inotify"
 REASONS = ("inotify-pending", "inotify-unresolvable", "capability", "unsupported-fd", "unsupported-state")
@@ -191,18 +191,15 @@ def restore(rec: dict, ctx) -> int:
     except OSError as e:
         raise failed(rec, ctx, "inotify_init1", e) from e
     try:
-        burned = set()
-        for w in rec["watches"]:
-            _check_path(rec, ctx, w)
-            _add(rec, ctx, fd, w, burned)
-        _drain(rec, ctx, fd, burned)
-        _sys.set_status_flags(fd, rec.get("flags", 0))
+        with closed_on_error(fd):
+            burned = set()
+            for w in rec["watches"]:
+                _check_path(rec, ctx, w)
+                _add(rec, ctx, fd, w, burned)
+            _drain(rec, ctx, fd, burned)
+            _sys.set_status_flags(fd, rec.get("flags", 0))
     except OSError as e:
-        os.close(fd)
         raise failed(rec, ctx, "re-adding inotify watches", e) from e
-    except BaseException:
-        os.close(fd)
-        raise
     return fd
 
 

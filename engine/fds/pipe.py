@@ -18,7 +18,6 @@ import os
 from typing import List
 
 from .. import pidfd
-from ..errors import EngineError
 from . import _dups, _peers, _pipebuf, _sys
 from ._util import check_async, end_of, failed, open_accmode, refuse, refuse_rec
 from ._dups import is_follower
@@ -87,38 +86,11 @@ def dump(info, ctx) -> dict:
     pipe. Raises Refusal/EngineError as classify."""
     ino = _inode(info)
     st = _state(info, ctx)
-    key = f"pipe-data:{ino}"
-    if key not in ctx.shared:
-        name = None
-        if st["queued"]:
-            data = _read_buffer(info, ctx, st["queued"])
-            name = f"fds/pipe-{ino}"
-            ctx.image.write_bytes(name, data)
-        ctx.shared[key] = name
+    data = _pipebuf.save_once(info, ctx, f"pipe-data:{ino}", f"fds/pipe-{ino}", st["queued"],
+                              lambda: _same_pipe(info, ctx))
     return {"pipe": ino, "end": end_of(info.flags), "size": st["size"],
-            "data": ctx.shared[key], "data_len": st["queued"],
+            "data": data, "data_len": st["queued"],
             "packet": bool(info.flags & os.O_DIRECT)}
-
-
-def _read_buffer(info, ctx, count: int) -> bytes:
-    tmpl = refuse(info, "unsupported-fd", "")
-    readers = [e for e in _same_pipe(info, ctx) if end_of(e.flags) != "w"]
-    if readers:
-        with pidfd.target_fd(info.pid, readers[0].fd) as dup:
-            return _pipebuf.peek(dup, count, tmpl)
-    # Only write ends are left: tee needs a readable file, so open a new
-    # read end through /proc/PID/fd/N (fs/proc/base.c proc_fd_link +
-    # fifo_open on the pipe inode). It is closed right after; no reader
-    # existed to notice it.
-    try:
-        rfd = os.open(info.proc_path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as e:
-        raise EngineError(f"cannot open a reader on {info.link} of pid {info.pid}: {e.strerror}",
-                          pid=info.pid, errno=e.errno) from e
-    try:
-        return _pipebuf.peek(rfd, count, tmpl)
-    finally:
-        os.close(rfd)
 
 
 def _siblings(rec: dict, ctx) -> List[dict]:

@@ -10,7 +10,7 @@ import os
 import signal
 
 from . import _sys
-from ._util import check_async, failed, refuse
+from ._util import check_async, closed_on_error, failed, refuse
 
 KIND = "signalfd"
 REASONS = ("unsupported-fd", "unsupported-state")
@@ -52,11 +52,8 @@ def restore(rec: dict, ctx) -> int:
     """A new signalfd with the same mask and flags. Raises EngineError."""
     try:
         fd = _sys.signalfd(rec["sigmask"], os.O_CLOEXEC)
-        try:
+        with closed_on_error(fd):
             _sys.set_status_flags(fd, rec.get("flags", 0))
-        except BaseException:
-            os.close(fd)
-            raise
     except OSError as e:
         raise failed(rec, ctx, "recreating the signalfd", e) from e
     return fd

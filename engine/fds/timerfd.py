@@ -29,7 +29,7 @@ import struct
 
 from .. import pidfd
 from . import _sys
-from ._util import check_async, failed, refuse, refuse_rec
+from ._util import check_async, closed_on_error, failed, refuse, refuse_rec
 
 KIND = "timerfd"
 REASONS = ("unsupported-fd", "unsupported-state", "image-invalid")
@@ -142,12 +142,9 @@ def restore(rec: dict, ctx) -> int:
     clock = rec["clockid"]
     try:
         fd = _sys.timerfd_create(clock, os.O_CLOEXEC)
-        try:
+        with closed_on_error(fd):
             _arm(fd, rec)
             _sys.set_status_flags(fd, rec.get("flags", 0))
-        except BaseException:
-            os.close(fd)
-            raise
     except OSError as e:
         raise failed(rec, ctx, f"recreating the timerfd on {CLOCKS.get(clock)}", e) from e
     return fd
