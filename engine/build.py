@@ -349,8 +349,8 @@ class Builder:
         self.call("munmap", self.gadget, PAGE)
         try:
             self.task.set_xstate(self.job.xstate)
-        except SysError as e:
-            raise Refusal("cpu-mismatch", f"this CPU rejects the saved xstate ({e.message})", pid=self.pid) from None
+        except (SysError, ValueError) as e:
+            raise Refusal("cpu-mismatch", f"this CPU rejects the saved xstate ({getattr(e, 'message', e)})", pid=self.pid) from None
         self.task.release(regs)
 
 
@@ -387,9 +387,8 @@ def build(job) -> int:
 
 
 def _check_xstate(task: Task, core: dict) -> None:
-    mine = task.arch.xstate_features(task.get_xstate())
-    theirs = core.get("xstate") or {}
-    if theirs and mine and (theirs.get("xfeatures", 0) & ~mine["xfeatures"] or theirs.get("size") != mine["size"]):
-        raise Refusal("cpu-mismatch", f"saved xstate features {theirs.get('xfeatures', 0):#x} size "
-                      f"{theirs.get('size')} vs this CPU's {mine['xfeatures']:#x} size {mine['size']}",
-                      pid=task.pid)
+    # What "fits" is per machine (arch xstate_mismatch): XSAVE features and
+    # size on x86_64; regset sizes and SVE/SME vector-length settings on aarch64.
+    why = task.arch.xstate_mismatch(task.arch.xstate_features(task.get_xstate()), core.get("xstate") or {})
+    if why:
+        raise Refusal("cpu-mismatch", why, pid=task.pid)

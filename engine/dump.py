@@ -40,7 +40,7 @@ def _syscall_in_vdso(task: Task, vmas: List[dict]) -> int:
     for v in vmas:
         if v["path"] == "[vdso]":
             code = task.read_mem(v["start"], v["end"] - v["start"])
-            i = code.find(task.arch.SYSCALL_INSN)
+            i = task.arch.find_syscall(code)
             if i >= 0:
                 return v["start"] + i
     raise Refusal("unsupported-state", "no [vdso] with a syscall instruction to inject through", pid=task.pid)
@@ -48,10 +48,11 @@ def _syscall_in_vdso(task: Task, vmas: List[dict]) -> int:
 
 def _scratch(task: Task, vmas: List[dict]) -> int:
     """Scratch memory for injected syscalls' out-parameters: below the
-    target's stack pointer past the 128-byte red zone (x86_64 ABI 3.2.2),
-    inside its stack mapping; saved before use and put back after."""
-    rsp = task.orig_regs.rsp
-    addr = (rsp - 128 - SCRATCH) & ~15
+    target's stack pointer past the red zone (arch RED_ZONE: 128 bytes on
+    x86_64, ABI 3.2.2), inside its stack mapping; saved before use and put
+    back after."""
+    rsp = task.arch.stack_pointer(task.orig_regs)
+    addr = (rsp - task.arch.RED_ZONE - SCRATCH) & ~15
     for v in vmas:
         if v["start"] <= rsp < v["end"] and addr >= v["start"] and "w" in v["perms"]:
             return addr
@@ -237,7 +238,7 @@ def _survey_frozen(pid: int, task: Task, ctx: DumpContext, proc: procfs.Proc):
     state = None
     try:
         state = process_state(task, s)
-        s.ok("registers", "cpu", f"rip {state['regs']['rip']:#x}")
+        s.ok("registers", "cpu", task.arch.describe_cpu_state(task.orig_regs, task.get_xstate()))
         s.ok("signals", "signals", f"mask {state['sigmask']:#x}, {sum(1 for a in state['sigactions'].values() if a[0])} handlers")
         s.ok("rseq", "process", "registered" if state["rseq"]["pointer"] else "none")
         s.ok("sigaltstack", "signals", "disabled" if state["sigaltstack"][1] & 2 else

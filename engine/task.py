@@ -3,13 +3,12 @@
 Syscalls are *injected*: the task's registers are pointed at an existing
 ``syscall`` instruction (in its [vdso] for a dump, in a gadget page for a
 restore), it is resumed with PTRACE_SYSCALL to the syscall-entry stop and
-again to the exit stop, and rax is read back (ENGINE-NOTES "Dump"). Nothing
+again to the exit stop, and the result register is read back (ENGINE-NOTES "Dump"). Nothing
 but the registers is changed; :meth:`Task.release` puts them back.
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 from typing import List, Optional
@@ -18,9 +17,6 @@ from . import arch as _arch
 from . import libc, ptrace
 from .errors import EngineError, Refusal
 from .libc import SysError
-
-XSTATE_MAX = 16384
-
 
 class Task:
     """One ptrace-stopped thread. Create with :meth:`seize` (dump) or
@@ -35,6 +31,10 @@ class Task:
         self.attached = True
         self._mem_fd: Optional[int] = None
         self.orig_regs = self.get_regs()
+        # What release() puts back by default. Normally the registers as
+        # read; an arch's after_seize() hook may adjust it (aarch64: the
+        # syscall a restart must re-execute, see arch/aarch64.py).
+        self.resume_regs = self.orig_regs
 
     # -- attaching -----------------------------------------------------------
     @classmethod
@@ -70,7 +70,11 @@ class Task:
                     ptrace.cont(pid, st.sig)
                     continue
                 ptrace.cont(pid, 0)
-            return cls(pid)
+            task = cls(pid)
+            hook = getattr(task.arch, "after_seize", None)
+            if hook is not None:
+                hook(task)
+            return task
         except Refusal:
             raise
         except BaseException:
@@ -90,23 +94,26 @@ class Task:
         ptrace.set_options(pid, ptrace.O_TRACESYSGOOD | ptrace.O_EXITKILL)
         return cls(pid)
 
-    # -- registers -------------------------------------------------------------
+    # -- registers ---------------------------------------------------------------
+    # Layout and extra register sets are per machine (engine/arch): x86_64
+    # has NT_PRSTATUS + NT_X86_XSTATE; aarch64 has NT_PRSTATUS + the syscall
+    # number (NT_ARM_SYSTEM_CALL) and a blob of FP/SIMD, TLS, PAC... regsets.
     def get_regs(self):
-        regs = self.arch.Regs()
-        ptrace.get_regset(self.pid, self.arch.NT_PRSTATUS, regs)
-        return regs
+        """Raises SysError."""
+        return self.arch.get_regs(self.pid)
 
     def set_regs(self, regs) -> None:
-        ptrace.set_regset(self.pid, self.arch.NT_PRSTATUS, regs)
+        """Raises SysError."""
+        self.arch.set_regs(self.pid, regs)
 
     def get_xstate(self) -> bytes:
-        buf = (ctypes.c_char * XSTATE_MAX)()
-        n = ptrace.get_regset(self.pid, self.arch.NT_X86_XSTATE, buf)
-        return bytes(buf[:n])
+        """The extended register state as the image stores it. Raises SysError."""
+        return self.arch.get_xstate(self.pid, self)
 
     def set_xstate(self, data: bytes) -> None:
-        buf = (ctypes.c_char * len(data)).from_buffer_copy(data)
-        ptrace.set_regset(self.pid, self.arch.NT_X86_XSTATE, buf, len(data))
+        """Raises SysError when the kernel rejects it (another CPU), Refusal
+        for state this machine's module cannot restore exactly."""
+        self.arch.set_xstate(self.pid, data)
 
     # -- injection -------------------------------------------------------------
     def _resume_to_syscall_stop(self) -> None:
@@ -187,7 +194,10 @@ class Task:
         self.close()
         if not self.attached:
             return
-        self.set_regs(regs if regs is not None else self.orig_regs)
+        self.set_regs(regs if regs is not None else self.resume_regs)
+        hook = getattr(self.arch, "before_release", None)
+        if hook is not None:
+            hook(self)      # aarch64: live SVE state captured at seize
         first = self.deferred_signals[0] if self.deferred_signals else 0
         ptrace.detach(self.pid, first)
         self.attached = False

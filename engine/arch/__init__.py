@@ -1,7 +1,7 @@
 """Per-machine facts (register layout, syscall numbers, code snippets).
 
-Only x86_64 exists so far. Any other machine is an explicit error naming
-it, never a silent fallback to x86_64's numbers.
+A machine without a module is refused (`unsupported-arch`, exit 3) naming
+it: never a silent fallback to another machine's numbers.
 """
 
 from __future__ import annotations
@@ -9,21 +9,24 @@ from __future__ import annotations
 import platform
 from types import ModuleType
 
-from ..errors import EngineError
+from ..errors import Refusal
 
-SUPPORTED = ("x86_64",)
+SUPPORTED = ("x86_64", "aarch64")
 
 
 def current() -> ModuleType:
-    """The module for this machine. Raises EngineError on an unsupported one."""
+    """The module for this machine. Raises the unsupported-arch Refusal."""
     return for_machine(platform.machine())
 
 
 def for_machine(machine: str) -> ModuleType:
     """The module for `machine` (as platform.machine() names it).
-    Raises EngineError for machines the engine has no table for."""
+    Raises the unsupported-arch Refusal for machines it has no table for."""
     if machine == "x86_64":
         from . import x86_64
         return x86_64
-    raise EngineError(f"architecture {machine!r} is not supported by this engine "
-                      f"(supported: {', '.join(SUPPORTED)})")
+    if machine in ("aarch64", "arm64"):
+        from . import aarch64
+        return aarch64
+    raise Refusal("unsupported-arch", f"this engine has no support for {machine} yet "
+                  f"(supported: {', '.join(SUPPORTED)})")

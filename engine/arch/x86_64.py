@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import struct
-from typing import Dict
+from typing import Dict, Optional
 
 MACHINE = "x86_64"
 PAGE = 4096
@@ -158,3 +158,65 @@ class CloneArgs(ctypes.Structure):
     _fields_ = [(n, ctypes.c_uint64) for n in (
         "flags", "pidfd", "child_tid", "parent_tid", "exit_signal", "stack",
         "stack_size", "tls", "set_tid", "set_tid_size", "cgroup")]
+
+
+# -- the per-arch interface the rest of the engine calls ---------------------
+# (aarch64.py has the same functions; engine/task.py, dump.py and build.py
+# only go through these.)
+RED_ZONE = 128    # x86_64 ABI 3.2.2
+XSTATE_MAX = 16384
+
+
+def get_regs(pid: int) -> Regs:
+    """NT_PRSTATUS (fs_base/gs_base included). Raises SysError."""
+    from .. import ptrace
+    regs = Regs()
+    ptrace.get_regset(pid, NT_PRSTATUS, regs)
+    return regs
+
+
+def set_regs(pid: int, regs: Regs) -> None:
+    from .. import ptrace
+    ptrace.set_regset(pid, NT_PRSTATUS, regs)
+
+
+def stack_pointer(regs: Regs) -> int:
+    return regs.rsp
+
+
+def pc(regs: Regs) -> int:
+    return regs.rip
+
+
+def find_syscall(code: bytes) -> int:
+    """Offset of a `syscall` instruction in `code`, -1 if none."""
+    return code.find(SYSCALL_INSN)
+
+
+def get_xstate(pid: int, task=None) -> bytes:
+    """The XSAVE area (NT_X86_XSTATE), as long as the kernel returns it."""
+    from .. import ptrace
+    buf = (ctypes.c_char * XSTATE_MAX)()
+    n = ptrace.get_regset(pid, NT_X86_XSTATE, buf)
+    return bytes(buf[:n])
+
+
+def set_xstate(pid: int, data: bytes) -> None:
+    """Raises SysError when the kernel rejects the area (another CPU)."""
+    from .. import ptrace
+    buf = (ctypes.c_char * len(data)).from_buffer_copy(data)
+    ptrace.set_regset(pid, NT_X86_XSTATE, buf, len(data))
+
+
+def describe_cpu_state(regs: Regs, blob: bytes) -> str:
+    """One line for `ckpt check` (nothing in x86_64 state is refused)."""
+    f = xstate_features(blob)
+    return f"rip {regs.rip:#x}" + (f", xstate {f['xfeatures']:#x} ({f['size']} bytes)" if f else "")
+
+
+def xstate_mismatch(mine: dict, theirs: dict) -> Optional[str]:
+    """Why a saved xstate cannot go into a process on this CPU, or None."""
+    if theirs and mine and (theirs.get("xfeatures", 0) & ~mine["xfeatures"] or theirs.get("size") != mine["size"]):
+        return (f"saved xstate features {theirs.get('xfeatures', 0):#x} size "
+                f"{theirs.get('size')} vs this CPU's {mine['xfeatures']:#x} size {mine['size']}")
+    return None
