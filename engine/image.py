@@ -56,6 +56,15 @@ def _sha256_file(path: str) -> str:
     return h.hexdigest()
 
 
+def _fsync_path(path: str) -> None:
+    """fsync a file or directory by path (any fd on the inode flushes it)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class _HashingFile:
     """A write-only binary file that hashes what passes through it, so a
     large image file is never read back just to be checksummed."""
@@ -185,6 +194,11 @@ class ImageWriter:
                     f.flush()
                     os.fsync(f.fileno())
                     f.close()
+                else:
+                    # Closed by its writer: its data may still be only in the
+                    # page cache, and the rename below must not publish an
+                    # image whose pages a crash could lose.
+                    _fsync_path(os.path.join(self.partial, name))
                 self._files[name] = {"sha256": f.hexdigest(), "size": f.size}
             self._open.clear()
             for name in sorted(self._raw_paths):
@@ -214,6 +228,10 @@ class ImageWriter:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+            for root, dirs, _ in os.walk(self.partial):
+                for d in dirs:
+                    _fsync_path(os.path.join(root, d))
+            _fsync_path(self.partial)
             os.rename(self.partial, self.final)
             dfd = os.open(os.path.dirname(self.final), os.O_RDONLY)
             try:

@@ -100,3 +100,27 @@ def test_full_disk_is_one_clear_error(tiny_fs):
                 for _ in range(100):
                     f.write(b"x" * 65536)
     assert os.listdir(tiny_fs) == []
+
+
+def test_commit_flushes_every_file_and_dir_before_publishing(tmp_path, monkeypatch):
+    # Files its writer already closed too: the rename must not publish pages
+    # that only live in the page cache.
+    import engine.image as image
+    synced = set()
+    real = os.fsync
+
+    def recording_fsync(fd):
+        synced.add(os.fstat(fd).st_ino)
+        return real(fd)
+
+    monkeypatch.setattr(image.os, "fsync", recording_fsync)
+    d = tmp_path / "img"
+    with ImageWriter(str(d)) as w:
+        with w.open("pages-000.img") as f:       # closed by its writer
+            f.write(b"\x02" * 8192)
+        w.write_json("fds/fifo.json", {})
+        w.commit()
+    for root, dirs, files in os.walk(d):
+        for n in dirs + files:
+            assert os.stat(os.path.join(root, n)).st_ino in synced, n
+    assert os.stat(d).st_ino in synced
