@@ -34,13 +34,15 @@ def rows(res: dict):
         yield (f"guest {arch}", "golden snapshot to first command", "", _fmt(v.get("golden_to_first_command_s"), " s"))
         yield (f"guest {arch}", "reset (loadvm + reconnect)", "", _fmt(v.get("reset_s"), " s"))
         yield (f"guest {arch}", "command latency", "", _fmt(v.get("command_latency_s"), " s"))
-    sc = res.get("scenarios") or {}
-    corpus = sc.get("corpus") or {}
-    if corpus:
-        yield ("scenarios", f"corpus, {corpus.get('workers')} workers", _fmt(corpus.get("scenarios_per_minute"), " /min"),
-               _fmt(corpus.get("wall_s"), " s"))
-    if sc.get("reset_s"):
-        yield ("scenarios", "reset between scenarios (median)", "", _fmt(sc["reset_s"].get("median"), " s"))
+    for cell, sc in sorted((res.get("scenarios") or {}).items()):
+        if not isinstance(sc, dict):
+            continue
+        corpus = sc.get("corpus") or {}
+        if corpus:
+            yield (f"scenarios {cell}", f"corpus, {corpus.get('workers')} workers",
+                   _fmt(corpus.get("scenarios_per_minute"), " /min"), _fmt(corpus.get("wall_s"), " s"))
+        if sc.get("reset_s"):
+            yield (f"scenarios {cell}", "reset between scenarios (median)", "", _fmt(sc["reset_s"].get("median"), " s"))
 
 
 def main(argv) -> int:

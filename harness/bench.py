@@ -1,5 +1,5 @@
 """``python3 -m harness bench``: reset time and corpus throughput, merged
-into bench/results.json under the key ``scenarios`` (other keys untouched).
+into bench/results.json under ``scenarios`` / <arch> (other keys untouched).
 
 Measured: one guest's boot to ready, ``revert("golden")`` (the reset between
 scenarios) over several rounds, and the whole corpus with ``pytest -n N
@@ -67,15 +67,20 @@ def measure_corpus(workers: int, extra: List[str]) -> Dict:
             "summary": (p.stdout.strip().splitlines() or [""])[-1]}
 
 
-def merge_into(path: Path, key: str, value: Dict) -> None:
-    """Replace ``key`` in the JSON file at ``path``, keeping everything else."""
+def merge_into(path: Path, key: str, cell: str, value: Dict) -> None:
+    """Replace ``doc[key][cell]`` in the JSON file at ``path`` (one entry per
+    arch/kernel, next to each other), keeping everything else."""
     doc = {}
     if path.exists():
         try:
             doc = json.loads(path.read_text())
         except ValueError:
             doc = {}
-    doc[key] = value
+    section = doc.get(key)
+    if not isinstance(section, dict) or "corpus" in section or "reset_s" in section:
+        section = {}          # absent, or the older single-arch layout
+    section[cell] = value
+    doc[key] = section
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
@@ -97,6 +102,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not args.skip_corpus:
         extra = ["--arch", args.arch, "--accel", args.accel] + (["--kernel", args.kernel] if args.kernel else [])
         result["corpus"] = measure_corpus(args.workers, extra)
-    merge_into(Path(args.out), "scenarios", result)
+    result["arch"] = args.arch
+    result["kernel"] = args.kernel or "6.1"
+    cell = args.arch if result["kernel"] == "6.1" else f"{args.arch}+{result['kernel']}"
+    merge_into(Path(args.out), "scenarios", cell, result)
     print(json.dumps(result, indent=2))
     return 0

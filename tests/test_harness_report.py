@@ -100,9 +100,20 @@ def test_json_report_merges_rows(tmp_path):
     assert doc["totals"]["criu"] == {"refused": 1, "passed": 1}
 
 
-def test_bench_merge_replaces_only_its_key(tmp_path):
+def test_bench_merge_replaces_only_its_cell(tmp_path):
     from harness import bench
     out = tmp_path / "results.json"
-    out.write_text(json.dumps({"vm": {"boot_s": 3}, "scenarios": {"old": True}}))
-    bench.merge_into(out, "scenarios", {"reset_s": {"median": 0.6}})
-    assert json.loads(out.read_text()) == {"vm": {"boot_s": 3}, "scenarios": {"reset_s": {"median": 0.6}}}
+    out.write_text(json.dumps({"vm": {"boot_s": 3}, "scenarios": {"aarch64": {"reset_s": {"median": 0.9}},
+                                                                  "x86_64": {"old": True}}}))
+    bench.merge_into(out, "scenarios", "x86_64", {"reset_s": {"median": 0.6}})
+    assert json.loads(out.read_text()) == {"vm": {"boot_s": 3},
+                                           "scenarios": {"aarch64": {"reset_s": {"median": 0.9}},
+                                                         "x86_64": {"reset_s": {"median": 0.6}}}}
+
+
+def test_bench_merge_drops_the_older_single_arch_layout(tmp_path):
+    from harness import bench
+    out = tmp_path / "results.json"
+    out.write_text(json.dumps({"scenarios": {"corpus": {"wall_s": 400}, "reset_s": {"median": 0.6}}}))
+    bench.merge_into(out, "scenarios", "x86_64", {"reset_s": {"median": 0.5}})
+    assert json.loads(out.read_text()) == {"scenarios": {"x86_64": {"reset_s": {"median": 0.5}}}}
