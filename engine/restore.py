@@ -23,7 +23,6 @@ import os
 import platform
 import time
 import traceback
-from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional
 
 from . import files, libc, procfs
@@ -33,7 +32,7 @@ from .check import SPECIAL_MAPPINGS, creds_of, creds_plan, require_features
 from .context import Options, RestoreContext, boot_id
 from .errors import EngineError, Refusal, Refusals
 from .fds import handler as fd_handler
-from .image import MANIFEST, ImageReader, _sha256_file
+from .image import ImageReader
 from .memory import PageSource, page_file_name
 
 CAP_SYS_RESOURCE = 24
@@ -52,44 +51,6 @@ def _need(d, key, typ, where: str):
     if typ is not int and not isinstance(v, typ):
         raise _bad(f"{where}: {key} is not a {typ.__name__}")
     return v
-
-
-# -- image verification ----------------------------------------------------------
-
-def verify_image(reader: ImageReader, threads: int = 2) -> None:
-    """ImageReader.verify(), with the sha256 of the files computed in
-    parallel threads (hashlib releases the GIL). Raises Refusal(image-invalid)."""
-    present = set()
-    for root, _, names in os.walk(reader.dir):
-        for n in names:
-            rel = os.path.relpath(os.path.join(root, n), reader.dir)
-            if rel != MANIFEST:
-                present.add(rel)
-    for name, meta in reader.files.items():
-        if not isinstance(meta, dict) or not isinstance(meta.get("sha256"), str):
-            raise _bad(f"manifest entry for {name} is malformed")
-    extra = present - set(reader.files)
-    if extra:
-        raise _bad(f"files not in the manifest: {', '.join(sorted(extra)[:5])}")
-    for name, meta in reader.files.items():
-        if name not in present:
-            raise _bad(f"{name} is missing")
-        size = os.path.getsize(os.path.join(reader.dir, name))
-        if size != meta.get("size"):
-            raise _bad(f"{name} is {size} bytes, manifest says {meta.get('size')}")
-
-    def digest(name: str) -> str:
-        try:
-            return _sha256_file(os.path.join(reader.dir, name))
-        except OSError as e:
-            raise _bad(f"cannot read {name}: {e.strerror}") from None
-
-    names = sorted(reader.files, key=lambda n: -reader.files[n]["size"])
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        for name, got in zip(names, pool.map(digest, names)):
-            if got != reader.files[name]["sha256"]:
-                raise _bad(f"{name} does not match its sha256 (altered or damaged)")
-    reader._verified = True
 
 
 # -- structure of the records ------------------------------------------------------
@@ -417,7 +378,7 @@ def restore(directory: str, options: Options, pidfile: Optional[str] = None) -> 
     require_features()
     reader = ImageReader(directory)
     reader.check_arch()
-    verify_image(reader)
+    reader.verify(threads=2)   # before any process exists
     core = reader.read_json("core.json")
     mm = reader.read_json("mm.json")
     fdrecs = reader.read_json("fds.json")
