@@ -64,6 +64,12 @@ def pytest_collect_file(parent, file_path: Path):
     return None
 
 
+def scenario_deadline(sc: dict, scale: float) -> float:
+    """Seconds after which a scenario item is stopped as hung."""
+    steps = {**runner.DEFAULT_TIMEOUTS, **(sc.get("timeouts") or {})}
+    return round(2 * (sum(steps.values()) + 300) * max(1.0, float(scale or 1)))
+
+
 class ScenarioFile(pytest.File):
     def collect(self):
         try:
@@ -79,6 +85,9 @@ class ScenarioFile(pytest.File):
             if self.config.getoption("target") == "guest":
                 item.add_marker("guest")
             item.add_marker(f"engine_{name}")
+            # The last line of defence against a hang the step timeouts miss
+            # (pytest-timeout): every step at its limit, a guest boot, twice over.
+            item.add_marker(pytest.mark.timeout(scenario_deadline(sc, self.config.getoption("guest_timeout_scale"))))
             for tag in sc.get("tags", []):
                 item.add_marker(tag)
             yield item

@@ -8,17 +8,21 @@ returns a :class:`Result`; :func:`judge` says whether it meets ``expect``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
 from . import engines as engines_mod
+from . import statediff
 from .errors import HarnessError, StepTimeout
 from .targets import RunResult, Target
 
 OUTCOMES = ("restored", "refused", "corrupted", "crashed", "hung")
 # seconds, before the target's and the user's scale factors
+# what a check may do to the world while the original is still to be restored
+PHASES_READ_ONLY = ["inspect", "consume"]
 DEFAULT_TIMEOUTS = {"setup": 60, "ready": 30, "dump": 120, "between": 60, "restore": 120, "verify": 30}
 
 
@@ -35,12 +39,13 @@ class Result:
     detail: str = ""
     engine_stderr: str = ""
     verdict: Optional[Dict] = None
+    outside: List[Dict] = field(default_factory=list)   # the harness's own checks, from outside the process
     pid: Optional[int] = None
     timings: Dict[str, float] = field(default_factory=dict)
     diagnostics: str = ""
 
     def failed_checks(self) -> List[Dict]:
-        return [c for c in (self.verdict or {}).get("checks", []) if not c.get("ok")]
+        return [c for c in (self.verdict or {}).get("checks", []) + self.outside if not c.get("ok")]
 
     def to_json(self) -> Dict[str, Any]:
         d = asdict(self)
@@ -59,12 +64,15 @@ def expected_text(expect: dict) -> str:
     if expect.get("restored"):
         return "restored"
     r = expect["refused"]
-    return "refused " + r["reason"] + (f" fd {r['fd']}" if "fd" in r else "") + (f" at {r['at']}" if "at" in r else "")
+    fd = r.get("fd")
+    fd = ",".join(map(str, fd)) if isinstance(fd, list) else fd
+    return "refused " + r["reason"] + (f" fd {fd}" if fd is not None else "") + f" at {r['at']}"
 
 
 def outcome_text(res: Result) -> str:
     if res.outcome == "refused":
-        reasons = sorted({r.get("reason", "?") for r in res.refusals})
+        reasons = sorted({r.get("reason", "?") + (f" fd {r['fd']}" if r.get("fd") is not None else "")
+                          for r in res.refusals})
         return f"refused {','.join(reasons)}" + (f" at {res.at}" if res.at else "")
     return res.outcome
 
@@ -83,9 +91,15 @@ def judge(expect: dict, res: Result, strict: bool = True) -> Judgement:
     if res.outcome != "refused":
         return Judgement(not strict, f"expected a refusal ({want['reason']}), but the engine restored it "
                                      "and the workload verified every fd")
-    hit = [r for r in res.refusals if r.get("reason") == want["reason"]
-           and ("fd" not in want or r.get("fd") == want["fd"])]
-    if not hit or ("at" in want and want["at"] != res.at):
+    # Only the expected refusal satisfies it: same reason, same fd (none for a
+    # process- or mapping-level one), same phase, and no other refusal besides.
+    fds = want.get("fd")
+    fds = set(fds) if isinstance(fds, list) else {fds}
+
+    def matches(r: Dict) -> bool:
+        return r.get("reason") == want["reason"] and r.get("fd") in fds
+    if not res.refusals or not all(matches(r) for r in res.refusals) or want.get("at") != res.at \
+            or fds - {r.get("fd") for r in res.refusals}:
         return Judgement(not strict, f"expected {expected_text(expect)}, got {outcome_text(res)}: "
                          + "; ".join(r.get("message", "") for r in res.refusals))
     return Judgement(True, "")
@@ -110,6 +124,9 @@ class Run:
         self.res = Result(scenario=sid, engine=engine.name)
         self.pids: List[int] = []
         self.used: List[Target] = [target]
+        self.ready: Dict[str, Any] = {}
+        self.ready_bytes = b""
+        self.before: Dict[str, str] = {}
 
     # -- plumbing ---------------------------------------------------------------
     def timeout(self, step: str, t: Target) -> float:
@@ -129,6 +146,7 @@ class Run:
                 "verdict": p["verdict"], "setup": self.sc.get("setup") or [],
                 "before_dump": self.sc.get("before_dump") or [], "between": self.sc.get("between") or [],
                 "fds": wl.get("fds") or [], "mmaps": wl.get("mmaps") or [],
+                "witness": not (self.sc.get("dump") or {}).get("leave_running"),
                 "ready_timeout": self.timeout("ready", t)}
 
     def cmd(self, t: Target, argv: List[str], step: str, timeout_step: Optional[str] = None) -> RunResult:
@@ -162,18 +180,36 @@ class Run:
         self.need(self.cmd(t, ["mkdir", "-p", p["ctldir"]], "setup"), "setup", "make work dir")
         t.put_bytes(json.dumps(self.spec(t), indent=1).encode(), p["spec"])
 
-    def workload(self, t: Target, pid: int, step: str) -> dict:
-        """SIGUSR1 to ``pid`` and collect its verdict (and whether it lives)."""
+    def workload(self, t: Target, pid: int, step: str, phases: Optional[List[str]] = None) -> dict:
+        """Snapshot ``pid`` from outside, then SIGUSR1 it and collect its
+        verdict (and whether it lives). ``phases``: which checks it runs."""
         p = self.paths(t)
-        r = self.need(self.cmd(t, t.script("workload.py") + ["signal", str(pid), p["verdict"],
-                                                             str(self.timeout("verify", t))],
-                               step, "verify"), step, "signal the workload")
+        argv = t.script("workload.py") + ["signal", str(pid), p["verdict"], str(self.timeout("verify", t)),
+                                          "--snap", json.dumps(self.ready.get("proof") or {})]
+        if phases:
+            argv += ["--phases", ",".join(phases)]
+        r = self.need(self.cmd(t, argv, step, "verify"), step, "signal the workload")
+        return json.loads(r.stdout)
+
+    def snapshot(self, t: Target, pid: int, step: str) -> Dict[str, str]:
+        r = self.need(self.cmd(t, t.script("workload.py") + ["snap", str(pid), json.dumps(self.ready.get("proof") or {})],
+                               step, "verify"), step, "snapshot the workload")
         return json.loads(r.stdout)
 
     def pidstate(self, t: Target, pid: int, step: str) -> dict:
         r = self.need(self.cmd(t, t.script("workload.py") + ["pidstate", str(pid)], step, "verify"),
                       step, "pid state")
         return json.loads(r.stdout)
+
+    def witness(self, t: Target) -> Optional[int]:
+        """The counter the original stored at its last tick before the freeze."""
+        name = (self.ready.get("proof") or {}).get("witness")
+        if not name:
+            return None
+        try:
+            return int.from_bytes(t.get_bytes(f"{self.paths(t)['ctldir']}/{name}")[:8], "little")
+        except Exception:
+            return None
 
     # -- the scenario -------------------------------------------------------------
     def execute(self) -> Result:
@@ -205,8 +241,13 @@ class Run:
         if r.rc != 0 or "error" in ready:
             raise HarnessError("the workload did not start", step=ready.get("step", "ready"),
                                detail=ready.get("error") or r.stderr[-3000:])
+        # The harness keeps its own copy: a process that rewrites ready.json
+        # (a fresh start does) cannot move the goalposts.
+        self.ready = ready
+        self.ready_bytes = t.get_bytes(p["ready"])
         pid = int(ready["pid"])
         res.pid = pid
+        self.before = self.snapshot(t, pid, "dump")
 
         opts = sc.get("dump") or {}
         if not self.engine.creates_dir:
@@ -221,20 +262,35 @@ class Run:
         if d.status == "refused":
             return self._refused_at_dump(t, pid, d)
         if opts.get("leave_running"):
-            return self._verify(t, pid, "verify", "leave-running: the original checked itself after the dump")
+            # The original must go on exactly as before (it checks itself without
+            # the phase that writes to the world), and the image must restore.
+            self._verify(t, pid, "verify-original", PHASES_READ_ONLY)
+            if res.outcome != "restored":
+                res.detail = "after a --leave-running dump the original: " + res.detail
+                return None
+            self.need(self.cmd(t, ["rm", "-f", p["verdict"]], "verify-original", "verify"), "verify-original",
+                      "reset verdict")
+            lower = int(self.before.get("proof.counter") or 0)
+        else:
+            lower = None
         t.settle([pid])
         migrate = sc.get("restore_on") == "other"
         if migrate:
             st = self.pidstate(t, pid, "dump")
+            if lower is None:
+                lower = self.witness(t)
             rt = self._migrate(t)
             w = self.world(rt, "between", digest=self.paths(rt)["img"])
         else:
             rt = t
             w = self.world(rt, "between", digest=self.paths(rt)["img"], pid=pid)
             st = w["pid"]
+            if lower is None:
+                lower = self.witness(t)
         if st["exists"]:
             self.pids.append(pid)
-            return self._crashed("dump", f"the original (pid {pid}) still runs after a dump without --leave-running")
+            return self._crashed("dump", f"the original (pid {pid}) still runs after the dump "
+                                         + ("and its check" if opts.get("leave_running") else "without --leave-running"))
         rp = self.paths(rt)
         digest = w.get("digest")
         res.step = "restore"
@@ -247,28 +303,84 @@ class Run:
             return self._crashed("restore", f"exit {rr.rc}: {rr.message}")
         if rr.status == "refused":
             return self._refused_at_restore(rt, pid, rr, digest)
-        new_pid = rr.pid or _pidfile(rt, rp["pidfile"]) or pid
-        self.pids.append(new_pid)
-        self._verify(rt, new_pid, "verify", "")
+        self.pids.append(pid)
+        # Proof of continuation, part 1: the dumped PID, whatever the engine says.
+        for what, got in (("the engine reported", rr.pid), ("the pidfile holds", _pidfile(rt, rp["pidfile"]))):
+            if got is not None and got != pid:
+                self.pids.append(got)
+                self.res.outside.append({"fd": None, "what": f"proof: pid ({what})", "expected": pid, "got": got,
+                                         "ok": False})
+        rt.put_bytes(self.ready_bytes, rp["ready"])
+        self._verify(rt, pid, "verify", None, lower=lower, migrate=migrate)
 
     def _crashed(self, step: str, detail: str) -> None:
         self.res.outcome, self.res.step, self.res.detail = "crashed", step, detail
 
-    def _verify(self, t: Target, pid: int, step: str, note: str) -> None:
+    def _verify(self, t: Target, pid: int, step: str, phases: Optional[List[str]], note: str = "",
+                lower: Optional[int] = None, migrate: bool = False) -> None:
+        """Have ``pid`` check itself, after the harness's own look from outside:
+        the state diff against the snapshot before the dump, and the proof
+        that it is the dumped process (its secret, its counter)."""
         res = self.res
         res.step = step
-        w = self.workload(t, pid, step)
+        w = self.workload(t, pid, step, phases)
+        snap = w.get("snap") or {}
         res.verdict = w.get("verdict")
-        if res.verdict is None:
+        if not snap:
+            res.outside.append({"fd": None, "what": "proof: the process exists", "expected": f"pid {pid}",
+                                "got": f"no such process (state {w.get('state')})", "ok": False})
+        else:
+            res.outside += self._proof_checks(snap, lower)
+            res.outside += statediff.as_checks(
+                statediff.diff(self.before, snap, {"migrate"} if migrate else set()), "state")
+        if res.verdict is not None:
+            res.outside += self._verdict_proof(res.verdict, snap)
+        bad_outside = [c for c in res.outside if not c.get("ok")]
+        if any(c["what"].startswith("proof:") for c in bad_outside):
+            # the engine said it restored the process, and it is not that process
+            res.outcome = "corrupted"
+            res.detail = "not the dumped process: " + _checks_text(bad_outside)
+        elif res.verdict is None:
             if w.get("exists"):
                 res.outcome, res.detail = "hung", f"pid {pid} runs but wrote no verdict in time"
             else:
                 res.outcome, res.detail = "crashed", f"pid {pid} died before writing its verdict (state {w.get('state')})"
-        elif res.verdict.get("ok"):
+            if bad_outside:
+                res.detail += "\n" + _checks_text(bad_outside)
+        elif res.verdict.get("ok") and not bad_outside:
             res.outcome, res.detail = "restored", note
         else:
             res.outcome = "corrupted"
             res.detail = (res.verdict.get("error") or "") + _checks_text(res.failed_checks())
+
+    def _proof_checks(self, snap: Dict[str, str], lower: Optional[int]) -> List[Dict]:
+        pub = self.ready.get("proof") or {}
+        secret = snap.get("proof.secret") or ""
+        try:
+            got = hashlib.sha256(bytes.fromhex(secret)).hexdigest()
+        except ValueError:
+            got = f"unreadable ({secret})"
+        out = [{"fd": None, "what": "proof: the in-memory secret (sha256, read from outside)",
+                "expected": pub.get("secret_sha256"), "got": got, "ok": got == pub.get("secret_sha256")}]
+        counter = snap.get("proof.counter") or ""
+        if lower is not None:
+            ok = counter.isdigit() and int(counter) >= lower
+            out.append({"fd": None, "what": "proof: the tick counter continues from its value at the dump",
+                        "expected": f">= {lower}", "got": counter, "ok": ok})
+        return out
+
+    @staticmethod
+    def _verdict_proof(verdict: Dict, snap: Dict[str, str]) -> List[Dict]:
+        """The process presents the same secret it holds in memory, and its counter
+        has not gone back since the harness looked."""
+        pr = verdict.get("proof") or {}
+        out = [{"fd": None, "what": "proof: the secret the process presents", "expected": snap.get("proof.secret"),
+                "got": pr.get("secret"), "ok": bool(snap) and pr.get("secret") == snap.get("proof.secret")}]
+        c = snap.get("proof.counter") or ""
+        if c.isdigit():
+            out.append({"fd": None, "what": "proof: the counter the process presents", "expected": f">= {c}",
+                        "got": pr.get("counter"), "ok": isinstance(pr.get("counter"), int) and pr["counter"] >= int(c)})
+        return out
 
     def _refused_at_dump(self, t: Target, pid: int, d: engines_mod.EngineResult) -> None:
         """A refused dump must leave the original undisturbed and write no image."""
@@ -279,7 +391,7 @@ class Run:
             left = self.cmd(t, ["ls", "-d", p["img"], p["img"] + ".partial"], "dump")
             if left.stdout.strip():
                 return self._crashed("dump", f"a refused dump left files behind: {left.stdout.strip()}")
-        self._verify(t, pid, "verify-original", "")
+        self._verify(t, pid, "verify-original", None, lower=int(self.before.get("proof.counter") or 0))
         if res.outcome == "restored":           # the original passed its own check
             res.outcome = "refused"
         elif res.outcome == "corrupted":
@@ -313,10 +425,12 @@ class Run:
         self.need(self.cmd(src, ["tar", "-C", sp["root"], "-cf", tar, "img"], "migrate", "between"),
                   "migrate", "pack the image")
         blob = src.get_bytes(tar)
-        ready = src.get_bytes(sp["ready"])
         self.prepare(dst)
         dst.put_bytes(blob, f"{dp['root']}/img.tar")
-        dst.put_bytes(ready, dp["ready"])
+        dst.put_bytes(self.ready_bytes, dp["ready"])
+        name = (self.ready.get("proof") or {}).get("witness")
+        if name:    # the witness is a mapped file: the same bytes must be there
+            dst.put_bytes(src.get_bytes(f"{sp['ctldir']}/{name}"), f"{dp['ctldir']}/{name}")
         self.need(self.cmd(dst, ["tar", "-C", dp["root"], "-xpf", f"{dp['root']}/img.tar"], "migrate", "between"),
                   "migrate", "unpack the image")
         self.world(dst, "setup")

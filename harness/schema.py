@@ -168,6 +168,17 @@ def KernelVersion() -> Check:
     return chk
 
 
+def FdOrFds() -> Check:
+    def chk(c, n, k):
+        if isinstance(n, yaml.SequenceNode):
+            v = List_(Int(0, MAX_FD))(c, n, k)
+            if len(v) < 2 or len(set(v)) != len(v):
+                raise c.fail(n, k, "a list of fds names two or more different fds")
+            return v
+        return Int(0, MAX_FD)(c, n, k)
+    return chk
+
+
 def Path() -> Check:
     def chk(c, n, k):
         v = Str()(c, n, k)
@@ -315,8 +326,11 @@ def _mmap() -> Check:
 
 
 def _expect() -> Check:
-    refused = Map({"refused": Map({"reason": Reason(), "fd": Int(0, MAX_FD), "at": Enum(("dump", "restore"))},
-                                  required=("reason",))}, required=("refused",))
+    # An expected refusal names its phase and its fd (or fds, for one reason
+    # on several); without fd it is one that concerns no fd (a mapping, the
+    # process). Only exactly that refusal satisfies it (runner.judge).
+    refused = Map({"refused": Map({"reason": Reason(), "fd": FdOrFds(), "at": Enum(("dump", "restore"))},
+                                  required=("reason", "at"))}, required=("refused",))
 
     def chk(c, n, k):
         if isinstance(n, yaml.ScalarNode):
@@ -408,8 +422,9 @@ def _cross_checks(c: _Ctx, root: yaml.MappingNode, data: dict) -> None:
     for key in ("expect", "older_kernels"):
         exp = data.get(key, {}) if key == "expect" else data.get(key, {}).get("expect", {})
         ref = exp.get("refused")
-        if ref and "fd" in ref and ref["fd"] not in seen:
-            raise c.fail(node_of(key), f"{key}.refused.fd", f"fd {ref['fd']} is not opened by the workload")
+        for fd in (ref.get("fd") if isinstance(ref.get("fd"), list) else [ref.get("fd")]) if ref else []:
+            if fd is not None and fd not in seen:
+                raise c.fail(node_of(key), f"{key}.refused.fd", f"fd {fd} is not opened by the workload")
 
 
 def load(path: str, text: Optional[str] = None) -> dict:

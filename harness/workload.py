@@ -6,22 +6,29 @@ Runs in the guest (stdlib only, Python >= 3.9), as a script::
     python3 workload.py spawn SPEC [--setup] [--before-dump]
                                        # start `run` detached, wait for ready, print it
     python3 workload.py run SPEC       # the workload itself (what gets dumped)
-    python3 workload.py signal PID VERDICT SECONDS   # SIGUSR1, wait for the verdict
+    python3 workload.py signal PID VERDICT SECONDS [--snap PROOF] [--phases P,..]
+                                       # (snapshot from outside,) SIGUSR1, wait for the verdict
+    python3 workload.py snap PID PROOF # everything /proc shows of PID, and its proof (JSON)
     python3 workload.py pidstate PID   # does PID run, and what is it
     python3 workload.py kill PID...    # SIGKILL workloads (and only workloads)
 
 ``run`` opens every fd at the number the scenario gives, writes a *ready*
-file (what it observed of itself: flags, offsets, wds, ports...) and sleeps in
-``sigwaitinfo`` (checkpointable: a plain interruptible syscall). On SIGUSR1 —
-in the restored process, or in the original after a refused dump — it
+file (what it observed of itself: flags, offsets, wds, ports... and its
+proof of continuation, see :class:`Proof`) and sleeps in ``sigtimedwait``,
+waking every tick to advance its counter. On SIGUSR1 — in the restored
+process, or in the original after a refused or --leave-running dump — it
 re-reads the spec and the ready file *from disk* (not from its memory, which
-the engine restored), derives what each fd must show from the seeded model of
-the scenario, checks, and writes a JSON verdict ``{ok, checks: [...]}``.
+the engine restored; the harness puts its own copy of the ready file back
+first), derives what each fd must show from the seeded model of the
+scenario, runs the check phases the request names, and writes a JSON
+verdict ``{ok, checks: [...], proof}``.
 """
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
+import hashlib
 import json
 import os
 import signal
@@ -29,12 +36,13 @@ import stat
 import sys
 import time
 import traceback
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional, Tuple
 
 try:
-    from . import fdkinds, seeded, sysapi, world
+    from . import fdkinds, procstate, seeded, sysapi, world
 except ImportError:  # pragma: no cover - in the guest, run as a script
     import fdkinds  # type: ignore[no-redef]
+    import procstate  # type: ignore[no-redef]
     import seeded  # type: ignore[no-redef]
     import sysapi  # type: ignore[no-redef]
     import world  # type: ignore[no-redef]
@@ -43,6 +51,9 @@ TMP_FD_BASE = 500       # fds are built above this, then moved to their numbers 
 MARK = world.MARK
 PROT = {"r": 1, "rw": 3}          # PROT_READ, PROT_READ|PROT_WRITE
 MAP_SHARED, MAP_PRIVATE, MAP_ANONYMOUS = 0x01, 0x02, 0x20
+PHASES = ("inspect", "consume", "mutate")     # of a check (fdkinds)
+WITNESS = "witness"       # in the control dir: the counter, mapped shared (Proof)
+REQUEST = "request.json"  # in the control dir: which phases the next check runs
 
 
 def write_json(path: str, obj: Any) -> None:
@@ -152,10 +163,65 @@ def record_extras(recs: List[dict]) -> None:
             r["extra"]["sockname"] = fdkinds.sockname_of(fd)
 
 
+class Proof:
+    """Proof of continuation: a secret that exists only in this process's
+    memory (its hash goes in the ready file) and a counter that advances
+    every tick while the process runs.
+
+    Each tick also stores the counter in a *witness*: a file in the control
+    dir mapped shared, so the value at the instant of the freeze outlives the
+    process without an fd or a syscall. After a restore the counter must
+    continue from the witness; a fresh start (new secret) or an image older
+    than the dump (smaller counter) cannot pass. The harness reads both
+    straight out of memory (procstate.proof); the workload also presents
+    them in its verdict.
+    """
+
+    TICK = 0.05          # seconds
+
+    def __init__(self, ctldir: str, witness: bool):
+        self.secret = ctypes.create_string_buffer(os.urandom(32), 32)
+        self.counter = ctypes.c_uint64(0)
+        self.witness = 0
+        if not witness:
+            # --leave-running: the original goes on ticking after the dump, so a
+            # witness file would no longer match the image's copy of it
+            return
+        path = os.path.join(ctldir, WITNESS)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.ftruncate(fd, 4096)
+            self.witness = sysapi.mmap(4096, PROT["rw"], MAP_SHARED, fd, 0)
+        finally:
+            os.close(fd)     # the mapping keeps the file; no extra fd in the dumped table
+
+    def tick(self) -> None:
+        self.counter.value += 1
+        if self.witness:
+            ctypes.c_uint64.from_address(self.witness).value = self.counter.value
+
+    def public(self) -> dict:
+        return {"secret_sha256": hashlib.sha256(self.secret.raw).hexdigest(),
+                "secret_addr": ctypes.addressof(self.secret), "secret_len": 32,
+                "counter_addr": ctypes.addressof(self.counter), "witness": WITNESS if self.witness else None}
+
+    def present(self) -> dict:
+        return {"secret": self.secret.raw.hex(), "counter": self.counter.value}
+
+
+def read_witness(path: str) -> Optional[int]:
+    """The counter the workload stored last (8 bytes, little-endian)."""
+    try:
+        with open(path, "rb") as f:
+            return int.from_bytes(f.read(8), "little")
+    except OSError:
+        return None
+
+
 def run(spec_path: str) -> int:
     with open(spec_path) as f:
         spec = json.load(f)
-    # SIGUSR1 stays blocked and is taken by sigwaitinfo: no lost wake-up, and
+    # SIGUSR1 stays blocked and is taken by sigtimedwait: no lost wake-up, and
     # the process sleeps in one plain syscall while it is dumped.
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
     sigio = [0]
@@ -165,6 +231,7 @@ def run(spec_path: str) -> int:
     signal.signal(signal.SIGIO, on_sigio)
     helpers: List[int] = []     # outside peers, reported even when opening fails (so they get killed)
     try:
+        proof = Proof(spec["ctldir"], spec.get("witness", True))
         os.chdir(spec["workdir"])
         ctx = fdkinds.Ctx(spec["workdir"], setup_model(spec), entries=spec.get("fds") or [], sigio=sigio,
                           helpers=helpers)
@@ -174,16 +241,29 @@ def run(spec_path: str) -> int:
         record_extras(recs)
         maps = map_all(spec, ctx.model)
         ready = {"pid": os.getpid(), "recs": recs, "fds": own_fds(), "mmaps": maps,
-                 "helpers": ctx.helpers, "cwd": os.getcwd()}
+                 "helpers": ctx.helpers, "cwd": os.getcwd(), "proof": proof.public()}
     except Exception:
         write_json(spec["ready"], {"pid": os.getpid(), "helpers": helpers, "error": traceback.format_exc()})
         return 1
     write_json(spec["ready"], ready)
-    signal.sigwaitinfo({signal.SIGUSR1})
+    while True:
+        got = signal.sigtimedwait({signal.SIGUSR1}, Proof.TICK)
+        # CPython returns an empty siginfo (signo 0), not None, when the wait
+        # was interrupted (EINTR: a ptrace freeze) after its deadline passed
+        if got is not None and got.si_signo == signal.SIGUSR1:
+            break
+        proof.tick()
     try:
-        verdict = verify(spec_path, sigio)
+        with open(os.path.join(spec["ctldir"], REQUEST)) as f:
+            phases = tuple(json.load(f).get("phases") or PHASES)
+    except (OSError, ValueError):
+        phases = PHASES
+    try:
+        verdict = verify(spec_path, sigio, phases)
     except Exception:
         verdict = {"ok": False, "error": traceback.format_exc(), "checks": []}
+    verdict["proof"] = proof.present()
+    verdict["phases"] = list(phases)
     write_json(spec["verdict"], verdict)
     return 0
 
@@ -237,7 +317,7 @@ def mmap_checks(spec: dict, ready: dict, model: world.Model) -> List[dict]:
     return out
 
 
-def verify(spec_path: str, sigio: List[int]) -> dict:
+def verify(spec_path: str, sigio: List[int], phases: Tuple[str, ...] = ()) -> dict:
     """Check every fd against the scenario and the ready file; never raises
     for a failed check (it becomes ``ok: false`` with what differed)."""
     with open(spec_path) as f:
@@ -259,7 +339,7 @@ def verify(spec_path: str, sigio: List[int]) -> dict:
             checks.append(fdkinds.check(rec["fd"], "fd exists", True, f"{e.strerror} (errno {e.errno})"))
             broken.add(rec["entry"])
     order = sorted(range(len(entries)), key=lambda i: fdkinds.kind_of(entries[i]) != "epoll")
-    for phase in ("inspect", "consume", "mutate"):
+    for phase in phases or PHASES:
         for idx in order:
             if idx in broken:
                 continue
@@ -335,25 +415,33 @@ def spawn(spec_path: str, phases: List[str] = ()) -> int:
 pidstate = world.pidstate
 
 
-def send_and_wait(pid: int, verdict_path: str, seconds: float) -> dict:
-    """SIGUSR1 to ``pid`` and wait for its verdict; reports whether it lives."""
+def send_and_wait(pid: int, verdict_path: str, seconds: float, snap: Optional[dict] = None,
+                  phases: Optional[List[str]] = None) -> dict:
+    """SIGUSR1 to ``pid`` and wait for its verdict; reports whether it lives.
+    With ``snap`` (the published proof addresses), first take the harness's
+    snapshot of the process from outside, before it runs its checks."""
+    out: Dict[str, Any] = {}
+    if snap is not None:
+        out["snap"] = procstate.snapshot(pid, snap)
+    request = os.path.join(os.path.dirname(verdict_path), REQUEST)
+    write_json(request, {"phases": list(phases or PHASES)})
     try:
         os.kill(pid, signal.SIGUSR1)
     except ProcessLookupError:
-        return {"signalled": False, "verdict": None, **pidstate(pid)}
+        return {**out, "signalled": False, "verdict": None, **pidstate(pid)}
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if os.path.exists(verdict_path):
             with open(verdict_path) as f:
-                return {"signalled": True, "verdict": json.load(f), **pidstate(pid)}
+                return {**out, "signalled": True, "verdict": json.load(f), **pidstate(pid)}
         if not pidstate(pid)["exists"]:
             break
         time.sleep(0.02)
     # one last look: the verdict may have landed just as the process exited
     if os.path.exists(verdict_path):
         with open(verdict_path) as f:
-            return {"signalled": True, "verdict": json.load(f), **pidstate(pid)}
-    return {"signalled": True, "verdict": None, **pidstate(pid)}
+            return {**out, "signalled": True, "verdict": json.load(f), **pidstate(pid)}
+    return {**out, "signalled": True, "verdict": None, **pidstate(pid)}
 
 
 def kill_workloads(pids: List[int]) -> List[int]:
@@ -375,8 +463,14 @@ def main(argv: List[str]) -> int:
         return spawn(argv[1], [a.lstrip("-").replace("-", "_") for a in argv[2:]])
     if cmd == "run" and len(argv) >= 2:
         return run(argv[1])
-    if cmd == "signal" and len(argv) == 4:
-        print(json.dumps(send_and_wait(int(argv[1]), argv[2], float(argv[3]))))
+    if cmd == "signal" and len(argv) >= 4:
+        opts = dict(zip(argv[4::2], argv[5::2]))
+        snap = json.loads(opts["--snap"]) if "--snap" in opts else None
+        phases = opts["--phases"].split(",") if "--phases" in opts else None
+        print(json.dumps(send_and_wait(int(argv[1]), argv[2], float(argv[3]), snap, phases)))
+        return 0
+    if cmd == "snap" and len(argv) == 3:
+        print(json.dumps(procstate.snapshot(int(argv[1]), json.loads(argv[2]))))
         return 0
     if cmd == "pidstate" and len(argv) == 2:
         print(json.dumps(pidstate(int(argv[1]))))

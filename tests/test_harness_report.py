@@ -31,6 +31,29 @@ def test_judge_refusal_needs_the_reason_fd_and_stage():
     assert not runner.judge(REFUSED, result("restored")).passed
 
 
+def test_judge_only_the_expected_refusal_satisfies_it():
+    """A matching refusal next to another one (of another fd, or another
+    reason) is not the refusal the scenario expects."""
+    both = result("refused", at="restore", refusals=[{"reason": "file-changed", "fd": 3, "message": "m"},
+                                                    {"reason": "file-changed", "fd": 4, "message": "m"}])
+    assert not runner.judge(REFUSED, both).passed
+    other = result("refused", at="restore", refusals=[{"reason": "file-changed", "fd": 3, "message": "m"},
+                                                     {"reason": "socket", "fd": 3, "message": "m"}])
+    assert not runner.judge(REFUSED, other).passed
+    two = {"refused": {"reason": "file-changed", "fd": [3, 4], "at": "restore"}}
+    assert runner.judge(two, both).passed
+    assert not runner.judge(two, result("refused", at="restore", refusals=both.refusals[:1])).passed
+    nofd = {"refused": {"reason": "file-changed", "at": "restore"}}
+    assert not runner.judge(nofd, both).passed
+    assert runner.judge(nofd, result("refused", at="restore", refusals=[{"reason": "file-changed"}])).passed
+
+
+def test_outside_checks_count_as_failed_checks():
+    res = result("restored", verdict={"ok": True, "checks": [{"ok": True}]},
+                 outside=[{"fd": None, "what": "state: status.SigBlk", "expected": "0", "got": "1", "ok": False}])
+    assert [c["what"] for c in res.failed_checks()] == ["state: status.SigBlk"]
+
+
 def test_corruption_fails_even_for_a_lenient_engine_and_names_the_fd():
     checks = [{"fd": 3, "what": "read at offset", "expected": "x", "got": "y", "ok": False}]
     res = result("corrupted", verdict={"ok": False, "checks": checks})

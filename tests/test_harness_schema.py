@@ -24,7 +24,7 @@ workload:
 between:
   - rename: {from: data, to: other}
 expect:
-  refused: {reason: file-missing, fd: 3}
+  refused: {reason: file-missing, fd: 3, at: restore}
 """
 
 
@@ -42,8 +42,8 @@ def test_good_scenario_loads_with_sizes_and_defaults():
     sc = load(GOOD)
     assert sc["setup"][0]["file"]["bytes"] == 65536
     assert sc["restore_on"] == "same"
-    assert sc["expect"] == {"refused": {"reason": "file-missing", "fd": 3}}
-    assert load(GOOD.replace("expect:\n  refused: {reason: file-missing, fd: 3}\n", "expect: restored\n"))[
+    assert sc["expect"] == {"refused": {"reason": "file-missing", "fd": 3, "at": "restore"}}
+    assert load(GOOD.replace("expect:\n  refused: {reason: file-missing, fd: 3, at: restore}\n", "expect: restored\n"))[
         "expect"] == {"restored": True}
 
 
@@ -153,7 +153,7 @@ def test_plugin_collection_error_runs_nothing(scen):
 def test_plugin_runs_locally_with_junitxml_xdist_and_a_merged_report(scen, tmp_path):
     """Two real scenarios through the real engine on this host, two xdist
     workers: junit XML names them, the controller's table and JSON hold both."""
-    ok = GOOD.replace("expect:\n  refused: {reason: file-missing, fd: 3}\n", "expect: restored\n").replace(
+    ok = GOOD.replace("expect:\n  refused: {reason: file-missing, fd: 3, at: restore}\n", "expect: restored\n").replace(
         "between:\n  - rename: {from: data, to: other}\n", "")
     (scen.path / "scenarios/cat/one.yaml").write_text(ok)
     (scen.path / "scenarios/cat/two.yaml").write_text(GOOD)
@@ -161,7 +161,7 @@ def test_plugin_runs_locally_with_junitxml_xdist_and_a_merged_report(scen, tmp_p
                                   "no:cacheprovider")
     r.assert_outcomes(passed=2)
     r.stdout.fnmatch_lines(["*crucible scenarios*", "scenarios/cat/one.yaml*restored*restored*",
-                            "scenarios/cat/two.yaml*refused file-missing fd 3*refused file-missing at restore*"])
+                            "scenarios/cat/two.yaml*refused file-missing fd 3 at restore*refused file-missing fd 3 at restore*"])
     import json
     doc = json.loads((tmp_path / "reports" / "scenarios.json").read_text())
     assert set(doc["scenarios"]) == {"scenarios/cat/one.yaml", "scenarios/cat/two.yaml"}

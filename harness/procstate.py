@@ -1,0 +1,171 @@
+"""Everything /proc shows about a process, taken from outside it.
+
+Runs in the guest (stdlib only, Python >= 3.9). The harness takes one
+snapshot of the workload right before the dump and one right after the
+restore (before the workload is asked to check itself), and diffs them on
+the host (harness/statediff.py). Nothing here comes from the engine or from
+files the workload wrote: it is what the kernel says about the process.
+
+A snapshot is a flat ``{field: value}`` dict of strings, so a diff can name
+the exact field (``status.SigBlk``, ``fd.5.fdinfo.pos``, ``maps.7``...).
+
+It also reads the workload's *proof of continuation* straight out of its
+memory (/proc/PID/mem): the in-memory secret and the tick counter, at the
+addresses the workload published when it started.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Dict, Optional
+
+# status lines that are usage counters or per-boot facts, not process state
+_STATUS_SKIP = {"State", "VmPeak", "VmSize", "VmLck", "VmPin", "VmHWM", "VmRSS", "RssAnon", "RssFile",
+                "RssShmem", "VmData", "VmStk", "VmExe", "VmLib", "VmPTE", "VmSwap", "HugetlbPages",
+                "voluntary_ctxt_switches", "nonvoluntary_ctxt_switches", "SigQ", "Threads", "CoreDumping",
+                "THP_enabled", "untag_mask", "Kthread"}
+# /proc/PID/stat fields (1-based after pid and comm, as proc(5) numbers them) that are state
+_STAT_FIELDS = {"pgrp": 5, "session": 6, "tty_nr": 7, "priority": 18, "nice": 19, "rt_priority": 40,
+                "policy": 41, "exit_signal": 38}
+# "tfd:        5 events: 19 data: 5 ..." (epoll), "inotify wd:1 ino:..." (inotify)
+_ITEM = re.compile(r"^(tfd|inotify wd|fanotify ino):\s*(\S+)\s+(.*)$")
+_ANON_NUM = re.compile(r"^(pipe|socket|anon_inode|net|mnt|pid|user|uts|ipc|cgroup|time):\[?(\d+)\]?$")
+
+
+def _read(path: str, binary: bool = False) -> Optional[str]:
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except (FileNotFoundError, ProcessLookupError, PermissionError, OSError):
+        return None
+    return data.hex() if binary else data.decode(errors="replace")
+
+
+def _link(path: str) -> Optional[str]:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return None
+
+
+def read_mem(pid: int, addr: int, length: int) -> Optional[bytes]:
+    """Bytes out of another process's memory, or None if they cannot be read."""
+    try:
+        with open(f"/proc/{pid}/mem", "rb", buffering=0) as f:
+            f.seek(addr)
+            return f.read(length)
+    except (OSError, ValueError, OverflowError):
+        return None
+
+
+def proof(pid: int, pub: Optional[dict]) -> Dict[str, Optional[str]]:
+    """The secret (hex) and the counter, read from outside at the published addresses."""
+    if not pub:
+        return {}
+    secret = read_mem(pid, int(pub["secret_addr"]), int(pub["secret_len"]))
+    counter = read_mem(pid, int(pub["counter_addr"]), 8)
+    return {"secret": secret.hex() if secret else None,
+            "counter": str(int.from_bytes(counter, "little")) if counter and len(counter) == 8 else None}
+
+
+def snapshot(pid: int, pub: Optional[dict] = None) -> Dict[str, str]:
+    """One flat dict of everything /proc/PID says; ``{}`` if PID is gone."""
+    base = f"/proc/{pid}"
+    stat = _read(f"{base}/stat")
+    if stat is None:
+        return {}
+    out: Dict[str, str] = {}
+    fields = stat.rsplit(")", 1)[1].split()     # after the last ')': comm may hold spaces
+    for name, num in _STAT_FIELDS.items():
+        if num - 3 < len(fields):
+            out[f"stat.{name}"] = fields[num - 3]
+    out["stat.state"] = "stopped" if fields[0] in "tT" else ("zombie" if fields[0] in "ZX" else "running")
+    for line in (_read(f"{base}/status") or "").splitlines():
+        key, _, val = line.partition(":")
+        if key and key not in _STATUS_SKIP:
+            out[f"status.{key}"] = " ".join(val.split())
+    for name in ("limits", "personality", "timerslack_ns", "oom_score_adj", "timers", "cgroup", "cmdline",
+                 "environ", "comm", "loginuid", "sessionid", "setgroups", "uid_map", "gid_map",
+                 "mountinfo", "sched_autogroup"):
+        text = _read(f"{base}/{name}")
+        if text is None:
+            continue
+        if name == "limits":
+            for line in text.splitlines()[1:]:
+                out[f"limits.{line[:26].strip()}"] = " ".join(line[26:].split())
+        elif name in ("cmdline", "environ"):
+            out[name] = text.replace("\0", " ").strip()
+        elif name == "timers":
+            out[name] = " | ".join(" ".join(ln.split()) for ln in text.splitlines())
+        else:
+            out[name] = " ".join(text.split())
+    auxv = _read(f"{base}/auxv", binary=True)
+    if auxv is not None:
+        out["auxv"] = auxv
+    for name in ("cwd", "root", "exe"):
+        out[name] = _link(f"{base}/{name}") or "?"
+    try:
+        for ns in sorted(os.listdir(f"{base}/ns")):
+            out[f"ns.{ns}"] = _link(f"{base}/ns/{ns}") or "?"
+    except OSError:
+        pass
+    try:
+        out["tids"] = " ".join(sorted(os.listdir(f"{base}/task"), key=int))
+    except OSError:
+        pass
+    for i, line in enumerate((_read(f"{base}/maps") or "").splitlines()):
+        # range perms offset dev inode path: each its own field, so a diff names which
+        parts = line.split(None, 5)
+        key = f"maps.{parts[0]}"
+        out[key + ".perms"] = parts[1]
+        out[key + ".offset"] = parts[2]
+        out[key + ".dev"] = parts[3]
+        out[key + ".inode"] = parts[4]
+        out[key + ".path"] = parts[5].strip() if len(parts) > 5 else ""
+    out.update(_fds(base))
+    for k, v in proof(pid, pub).items():
+        out[f"proof.{k}"] = v if v is not None else "unreadable"
+    return out
+
+
+def _fds(base: str) -> Dict[str, str]:
+    out: Dict[str, str] = {}
+    try:
+        fds = sorted(int(x) for x in os.listdir(f"{base}/fd"))
+    except OSError:
+        return out
+    for fd in fds:
+        link = _link(f"{base}/fd/{fd}")
+        if link is None:
+            continue
+        out[f"fd.{fd}.link"] = link
+        info = _read(f"{base}/fdinfo/{fd}") or ""
+        counts: Dict[str, int] = {}
+        for line in info.splitlines():
+            key, _, val = line.partition(":")
+            key = key.strip()
+            if not key:
+                continue
+            val = " ".join(val.split())
+            item = _ITEM.match(line)
+            if item:
+                # one line per epoll target / inotify watch / fanotify mark, in the
+                # kernel's internal order: key each by what names it
+                kind, name, rest = item.group(1), item.group(2), item.group(3)
+                fields = dict(f.split(":", 1) for f in rest.split() if ":" in f)
+                for k, v in fields.items():
+                    out[f"fd.{fd}.fdinfo.{kind}.{name}.{k}"] = v
+                continue
+            # other repeated keys get an index
+            n = counts.get(key, 0)
+            counts[key] = n + 1
+            out[f"fd.{fd}.fdinfo.{key}" + (f".{n}" if n else "")] = val
+    return out
+
+
+def anon_object(link: str) -> Optional[str]:
+    """``pipe:[123]`` -> ``pipe``: the kind of a kernel-internal object whose
+    number is handed out at creation (so a restore gets a new one)."""
+    m = _ANON_NUM.match(link)
+    return m.group(1) if m else None

@@ -1,0 +1,122 @@
+"""The observable-state diff: what /proc showed of the workload right before
+the dump against what it shows right after the restore.
+
+Every field of a snapshot (harness/procstate.py) must be equal, unless a row
+of :data:`EXPECTED` says why it may differ. The table is the whole list of
+allowed differences, one reason each; anything else is reported as
+corruption naming the field. A refused dump and a ``--leave-running`` dump
+are held to the same standard: the original must look exactly as before.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+try:
+    from .procstate import anon_object
+except ImportError:  # pragma: no cover - in the guest, run as a script
+    from procstate import anon_object  # type: ignore[no-redef]
+
+
+@dataclass(frozen=True)
+class Allowed:
+    """Fields matching ``pattern`` may differ (only when ``when`` holds, if
+    given: ``migrate`` = restored on another guest); ``normalise`` maps a
+    value to the part that must still be equal (None: ignore the field)."""
+
+    pattern: str
+    why: str
+    normalise: Optional[Callable[[str], Optional[str]]] = None
+    when: Optional[str] = None          # a condition of the run (e.g. "migrate")
+    only_if: Optional[Callable[[str, Dict[str, str]], bool]] = None   # (field, before snapshot)
+
+
+def _anon(v: str) -> Optional[str]:
+    kind = anon_object(v)
+    return f"{kind}:[*]" if kind else v
+
+
+def _no_autogroup_id(v: str) -> str:
+    return re.sub(r"^/autogroup-\d+", "/autogroup-*", v)
+
+
+# Kept short on purpose: every row weakens the judge somewhere.
+EXPECTED: List[Allowed] = [
+    Allowed(r"^proof\.counter$", "the tick counter advances while the process runs; the harness checks it "
+                                 "separately (it must continue from the value it had at the dump)", lambda v: None),
+    Allowed(r"^fd\.\d+\.link$", "pipes, sockets and anon inodes get new inode numbers when they are created "
+                                "again; the object kind must stay", _anon),
+    Allowed(r"^fd\.\d+\.fdinfo\.ino$", "inode numbers of kernel-internal objects (pipes, sockets, anon inodes) "
+                                       "and of deleted files recreated from the image are assigned at creation; "
+                                       "files with a name keep theirs", lambda v: None,
+            only_if=lambda f, snap: _recreated(snap.get(f.rsplit(".", 2)[0] + ".link", ""))),
+    Allowed(r"^fd\.\d+\.fdinfo\.mnt_id$", "mount ids are per boot; the restored fd is on the same mount "
+                                          "(path checked through the link)", lambda v: None, "migrate"),
+    Allowed(r"^fd\.\d+\.fdinfo\.(inotify wd|fanotify ino)\.[^.]+\.(ino|sdev|fhandle-bytes|fhandle-type|f_handle)$",
+            "watches name inodes and devices, which are per filesystem instance", lambda v: None, "migrate"),
+    Allowed(r"^fd\.\d+\.fdinfo\.tfd\.\d+\.(ino|sdev)$", "an epoll target's inode: its own fd's identity is "
+            "compared under fd.N (files keep theirs; pipes, sockets and anon inodes get new ones)", lambda v: None),
+    Allowed(r"^status\.FDSize$", "the fd table's capacity (grows in powers of two, never shrinks) is an "
+            "allocation detail no program can observe but through /proc; every fd is compared one by one",
+            lambda v: None),
+    Allowed(r"^fd\.\d+\.fdinfo\.(it_value|ticks)$", "a timerfd's remaining time runs down while the process is "
+                                                    "frozen and while it is an image; the workload checks it against "
+                                                    "its own observation with a stated tolerance", lambda v: None),
+    Allowed(r"^maps\..*\.inode$", "files on another guest are other inodes (identity is checked by content)",
+            lambda v: None, "migrate"),
+    Allowed(r"^maps\..*\.inode$", "shared anonymous memory, memfds and deleted files are new objects after "
+                                  "a restore", lambda v: None,
+            only_if=lambda f, snap: _recreated(snap.get(f.rsplit(".", 1)[0] + ".path", ""))),
+    Allowed(r"^sched_autogroup$", "the autogroup id is a per-session counter; its nice value must stay",
+            _no_autogroup_id),
+    Allowed(r"^status\.PPid$", "a restored process is reparented to init or the nearest subreaper "
+                               "(README: not carried over)", lambda v: None),
+    Allowed(r"^mountinfo$", "mount ids are per boot", lambda v: None, "migrate"),
+    Allowed(r"^ns\.", "namespace inode numbers of a new boot", lambda v: None, "migrate"),
+    Allowed(r"^status\.(Cpus|Mems)_allowed(_list)?$", "another guest may have another CPU set",
+            lambda v: None, "migrate"),
+]
+
+
+def _recreated(name: str) -> bool:
+    """Does this fd link / mapping name an object a restore must create anew?"""
+    return (anon_object(name) is not None or name.endswith(" (deleted)") or name.startswith("/memfd:")
+            or name.startswith("anon_inode:"))
+
+
+def _rule(field: str, conds: set, before: Dict[str, str]) -> Optional[Allowed]:
+    for a in EXPECTED:
+        if (a.when is None or a.when in conds) and re.search(a.pattern, field) \
+                and (a.only_if is None or a.only_if(field, before)):
+            return a
+    return None
+
+
+def diff(before: Dict[str, str], after: Dict[str, str], conds: set = frozenset()) -> List[Dict[str, str]]:
+    """The differences that no row of EXPECTED allows, as ``{field, before, after}``."""
+    out = []
+    for field in sorted(set(before) | set(after), key=_order):
+        b, a = before.get(field), after.get(field)
+        if b == a:
+            continue
+        rule = _rule(field, conds, before) if b is not None and a is not None else None
+        if rule is not None:
+            if rule.normalise is None:
+                continue
+            if rule.normalise(b) == rule.normalise(a):
+                continue
+        out.append({"field": field, "before": "(absent)" if b is None else b,
+                    "after": "(absent)" if a is None else a})
+    return out
+
+
+def _order(field: str):
+    return [int(p) if p.isdigit() else p for p in field.split(".")]
+
+
+def as_checks(diffs: List[Dict[str, str]], label: str) -> List[Dict]:
+    """Differences as workload-style failed checks (so reports show them alike)."""
+    return [{"fd": None, "what": f"{label}: {d['field']}", "expected": d["before"], "got": d["after"], "ok": False}
+            for d in diffs]

@@ -1,0 +1,52 @@
+"""The observable-state diff: what may differ is declared, everything else is named."""
+
+from harness import statediff
+from harness.procstate import snapshot
+
+
+def test_equal_snapshots_have_no_difference():
+    s = {"status.SigBlk": "0000000000000200", "fd.3.link": "/w/data", "fd.3.fdinfo.pos": "10"}
+    assert statediff.diff(s, dict(s)) == []
+
+
+def test_an_undeclared_difference_is_named_with_both_values():
+    before = {"status.SigBlk": "0000000000000200", "limits.Max open files": "1024 1024 files"}
+    after = {"status.SigBlk": "0000000000000000", "limits.Max open files": "1024 1024 files"}
+    assert statediff.diff(before, after) == [
+        {"field": "status.SigBlk", "before": "0000000000000200", "after": "0000000000000000"}]
+
+
+def test_a_field_that_appears_or_vanishes_is_a_difference():
+    d = statediff.diff({"fd.3.link": "/w/a"}, {"fd.3.link": "/w/a", "fd.4.link": "/w/b"})
+    assert d == [{"field": "fd.4.link", "before": "(absent)", "after": "/w/b"}]
+
+
+def test_new_inode_numbers_of_kernel_objects_are_expected_but_not_a_change_of_kind():
+    assert statediff.diff({"fd.3.link": "pipe:[100]"}, {"fd.3.link": "pipe:[200]"}) == []
+    assert statediff.diff({"fd.3.link": "pipe:[100]"}, {"fd.3.link": "socket:[200]"})
+    assert statediff.diff({"fd.3.link": "anon_inode:[eventfd]"}, {"fd.3.link": "anon_inode:[timerfd]"})
+    # a file that still has a name keeps its inode; a recreated ghost or a pipe does not
+    assert statediff.diff({"fd.3.link": "/w/a", "fd.3.fdinfo.ino": "12"},
+                          {"fd.3.link": "/w/a", "fd.3.fdinfo.ino": "13"})
+    assert statediff.diff({"fd.3.link": "/w/a (deleted)", "fd.3.fdinfo.ino": "12"},
+                          {"fd.3.link": "/w/a (deleted)", "fd.3.fdinfo.ino": "13"}) == []
+
+
+def test_conditional_rows_apply_only_under_their_condition():
+    before, after = {"fd.3.fdinfo.mnt_id": "20"}, {"fd.3.fdinfo.mnt_id": "21"}
+    assert statediff.diff(before, after)
+    assert statediff.diff(before, after, {"migrate"}) == []
+
+
+def test_every_row_gives_a_reason():
+    for row in statediff.EXPECTED:
+        assert len(row.why) > 20, row.pattern
+
+
+def test_a_live_snapshot_holds_the_fields_the_diff_relies_on():
+    s = snapshot(__import__("os").getpid())
+    for key in ("status.SigBlk", "status.SigCgt", "status.Umask", "limits.Max open files", "personality",
+                "timerslack_ns", "oom_score_adj", "stat.nice", "stat.policy", "cwd", "exe", "comm", "auxv",
+                "status.Cpus_allowed_list", "status.NoNewPrivs", "status.Seccomp", "tids"):
+        assert key in s, key
+    assert any(k.startswith("maps.") for k in s) and any(k.startswith("fd.") for k in s)
