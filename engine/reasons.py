@@ -20,6 +20,7 @@ REASONS = {
     "unsupported-mapping": "a memory mapping of a kind the engine cannot restore (named in the detail)",
     "unsupported-state": "process state the engine cannot save faithfully (named in the detail)",
     "unsupported-arch": "the engine has no support for this CPU architecture yet",
+    "sched": "the saved scheduling policy, priority or CPU affinity cannot be applied here (named in the detail)",
     # files
     "file-missing": "a file the process had open (or mapped) no longer exists at its path",
     "file-changed": "a file the process had open (or mapped) is not the same file any more",
