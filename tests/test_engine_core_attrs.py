@@ -267,3 +267,38 @@ def test_syscall_numbers_match_the_kernel_headers(arch, header):
         nums = dict(re.findall(r"#define __NR(?:3264)?_(\w+)\s+(\d+)\b", f.read()))
     for name, nr in table.items():
         assert name in nums and int(nums[name]) == nr, (arch, name, nr, nums.get(name))
+
+
+def test_filters_that_kill_injected_calls_do_not_kill_the_dump_or_restore(procs, attrs_bin, tmp_path):
+    """getitimer, sigaltstack, rseq and munmap are injected by the dump or
+    the restore after the filters are in: PTRACE_O_SUSPEND_SECCOMP keeps
+    them from the filter, which acts again once the process runs."""
+    out = str(tmp_path / "out.txt")
+    p = start(procs, attrs_bin, out, "seccomp", "seccompkill", "timers")
+    before, _ = report(p.pid, out)
+    filters_before = _filters(p.pid)
+    assert len(filters_before["filters"]) == 5
+    n = len(fires(out))
+    wait_for(lambda: len(fires(out)) > n, what="timer A firing")
+    dump_restore(p, str(tmp_path / "img"), procs)
+    assert report(p.pid, out)[0] == before
+    assert _filters(p.pid) == filters_before
+
+
+def test_strict_mode_restored(procs, attrs_bin, tmp_path):
+    out = str(tmp_path / "out.txt")
+    p = start(procs, attrs_bin, out, "strict")
+    with open(f"/proc/{p.pid}/status") as f:
+        assert re.search(r"Seccomp:\s+1\n", f.read())
+    os.kill(p.pid, signal.SIGUSR1)
+    wait_for(lambda: _lines(out, "strict alive"), what="the strict target's line")
+    dump_restore(p, str(tmp_path / "img"), procs)
+    with open(f"/proc/{p.pid}/status") as f:
+        assert re.search(r"Seccomp:\s+1\n", f.read())
+    os.kill(p.pid, signal.SIGUSR1)
+    wait_for(lambda: len(_lines(out, "strict alive")) == 2, what="a line from the restored strict target")
+    # A forbidden call still kills it: strict mode acts.
+    os.kill(p.pid, signal.SIGUSR2)
+    wpid, status = os.waitpid(p.pid, 0)       # reparented to us, the subreaper
+    procs.pids.remove(p.pid)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL

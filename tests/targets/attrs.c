@@ -130,6 +130,33 @@ static void report(void) {
     if (write(out, buf, n) != n) die("write");
 }
 
+/* Strict mode allows read, write, exit and rt_sigreturn only: block in
+ * read() on a self-pipe; SIGUSR1 asks for a line, SIGUSR2 for a forbidden
+ * call (the kernel must then kill the process with SIGKILL). */
+static int selfpipe[2];
+static void poke_r(int s) { (void)s; if (write(selfpipe[1], "r", 1)) {} }
+static void poke_g(int s) { (void)s; if (write(selfpipe[1], "g", 1)) {} }
+
+static void strict_loop(void) {
+    if (pipe(selfpipe)) die("pipe");
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_flags = SA_RESTART;
+    sa.sa_handler = poke_r;
+    sigaction(SIGUSR1, &sa, NULL);
+    sa.sa_handler = poke_g;
+    sigaction(SIGUSR2, &sa, NULL);
+    if (write(out, "ready\n", 6) != 6) die("write");
+    if (prctl(PR_SET_SECCOMP, SECCOMP_MODE_STRICT, 0, 0, 0)) die("PR_SET_SECCOMP");
+    for (int n = 1;; n++) {
+        char c;
+        if (read(selfpipe[0], &c, 1) != 1) continue;
+        if (c == 'g') syscall(SYS_getppid);
+        char line[] = "strict alive\n";
+        if (write(out, line, sizeof line - 1)) {}
+    }
+}
+
 int main(int argc, char **argv) {
     out = open(argv[1], O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
     if (out < 0) die("open");
@@ -196,6 +223,15 @@ int main(int argc, char **argv) {
             do clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t1);
             while ((t1.tv_sec - t0.tv_sec) * 1000000000L + t1.tv_nsec - t0.tv_nsec < 30000000L);
             sigprocmask(SIG_UNBLOCK, &m, NULL);
+        } else if (!strcmp(w, "seccompkill")) {
+            /* Calls ckpt injects to read or rebuild the process: without
+             * PTRACE_O_SUSPEND_SECCOMP they would kill it. */
+            filter(SYS_getitimer, SECCOMP_RET_KILL_PROCESS, 0);
+            filter(SYS_sigaltstack, SECCOMP_RET_KILL_PROCESS, 0);
+            filter(SYS_rseq, SECCOMP_RET_KILL_PROCESS, 0);
+            filter(SYS_munmap, SECCOMP_RET_KILL_PROCESS, 0);
+        } else if (!strcmp(w, "strict")) {
+            strict_loop();
         } else if (!strcmp(w, "seccomp")) {
             filter(SYS_getppid, SECCOMP_RET_ERRNO | EPERM, 0);
         } else if (!strcmp(w, "seccomp2")) {
