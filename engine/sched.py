@@ -44,7 +44,7 @@ FIELDS = ("size", "policy", "flags", "nice", "priority", "runtime", "deadline", 
 PR_SET_TIMERSLACK = 29
 RT_POLICIES = (SCHED_FIFO, SCHED_RR, SCHED_DEADLINE)
 NICE_POLICIES = (SCHED_NORMAL, SCHED_BATCH)   # sched_setattr sets sched_nice only for these
-CAP_SYS_RESOURCE = 24
+CAP_SYS_NICE, CAP_SYS_RESOURCE = 23, 24
 
 
 def get_attr(pid: int) -> dict:
@@ -156,6 +156,12 @@ def validate(rec: dict) -> List[Refusal]:
     if bad:
         out.append(Refusal("sched", f"CPU affinity {cpu_list(rec['affinity'])}: CPUs {cpu_list(bad)} are not "
                            f"available here (allowed {cpu_list(allowed_cpus())})"))
+    if not (_my_caps() >> CAP_SYS_NICE) & 1:
+        # Without it the restorer could only make the clone's scheduling
+        # weaker, never RT or nicer than its own.
+        mynice = os.getpriority(os.PRIO_PROCESS, 0)
+        if rec["attr"]["policy"] in RT_POLICIES or rec["nice"] < mynice:
+            out.append(Refusal("capability", f"{describe(rec)}: setting it needs CAP_SYS_NICE"))
     mine = _read_int("/proc/self/oom_score_adj")
     if rec["oom_score_adj"] < mine and not (_my_caps() >> CAP_SYS_RESOURCE) & 1:
         out.append(Refusal("capability", f"oom_score_adj {rec['oom_score_adj']} is below ckpt's {mine}; "
@@ -191,7 +197,8 @@ def apply(pid: int, rec: dict) -> None:
                 runtime = 0
             set_attr(pid, dict(want, flags=want["flags"] | uclamp, runtime=runtime))
         except libc.SysError as e:
-            raise Refusal("sched", f"sched_setattr {describe({**rec})}: {e.message}", pid=pid) from None
+            code = "capability" if e.errno == 1 else "sched"
+            raise Refusal(code, f"sched_setattr {describe(rec)}: {e.message}", pid=pid) from None
         got = get_attr(pid)
         if got != want or os.getpriority(os.PRIO_PROCESS, pid) != rec["nice"]:
             raise Refusal("sched", f"sched_setattr gave {got}, not {want}", pid=pid)

@@ -250,10 +250,16 @@ def test_timers_of_unknown_clocks_or_other_targets_are_refused():
     assert posixtimers.validate([{"id": 3}, {"id": 1}]) == []
 
 
-def test_cpu_lists():
+def test_cpu_lists(monkeypatch):
     assert sched.cpu_list([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
     assert sched.parse_cpu_list("0-2,5,7-8\n") == [0, 1, 2, 5, 7, 8]
-    assert sched.validate({"affinity": [0, 4096], "oom_score_adj": 1000})[0].reason == "sched"
+    rec = {"attr": {"policy": 1, "flags": 0, "priority": 3}, "nice": 5, "affinity": [0, 4096],
+           "oom_score_adj": 1000, "timerslack_ns": 0}
+    assert [r.reason for r in sched.validate(rec)] == ["sched"]
+    monkeypatch.setattr(sched, "_my_caps", lambda: 0)     # no CAP_SYS_NICE, no CAP_SYS_RESOURCE
+    rs = sched.validate(dict(rec, oom_score_adj=-1000))
+    assert [r.reason for r in rs] == ["sched", "capability", "capability"]
+    assert "CAP_SYS_NICE" in rs[1].message and "CAP_SYS_RESOURCE" in rs[2].message
 
 
 @pytest.mark.parametrize("arch, header", [("x86_64", "/usr/include/x86_64-linux-gnu/asm/unistd_64.h"),
