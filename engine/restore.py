@@ -175,7 +175,8 @@ def preflight(reader: ImageReader, core: dict, vmas: List[dict], fdrecs: List[di
             if mx > mymax:
                 add(Refusal("capability", f"RLIMIT_{libc.RLIMIT_NAMES[i]} hard limit {mx} is above ckpt's "
                             f"{mymax}; raising it needs CAP_SYS_RESOURCE"))
-    for r in sched.validate(core["sched"]) + posixtimers.validate(core["posix_timers"]):
+    for r in sched.validate(core["sched"]) + posixtimers.validate(core["posix_timers"]) + \
+            seccomp.validate(core["seccomp"]):
         add(r)
     cwd = core["cwd"]
     try:

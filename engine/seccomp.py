@@ -17,7 +17,10 @@ unfiltered; PTRACE_DETACH ends the suspension, so the first instruction the
 program runs is filtered exactly as before.
 
 Refused: a filter that can return SECCOMP_RET_USER_NOTIF (its listener, a
-supervisor's fd, cannot be carried over).
+supervisor's fd, cannot be carried over). Install flags the kernel does
+not keep: TSYNC/TSYNC_ESRCH (one thread: nothing to sync), NEW_LISTENER and
+WAIT_KILLABLE_RECV (only with USER_NOTIF), SPEC_ALLOW (see README Known
+limits).
 """
 
 from __future__ import annotations
@@ -96,6 +99,25 @@ def dump(pid: int, mode: int) -> dict:
     elif mode not in (0, 1):
         raise Refusal("unsupported-state", f"seccomp mode {mode}", pid=pid)
     return {"mode": mode, "filters": filters}
+
+
+def validate(rec: dict) -> List[Refusal]:
+    """Before the process exists: can the restorer suspend the filters it
+    installs (PTRACE_O_SUSPEND_SECCOMP: CAP_SYS_ADMIN, ckpt itself not
+    under seccomp)?"""
+    if not rec or rec["mode"] == 0:
+        return []
+    with open("/proc/self/status") as f:
+        status = dict(line.split(":", 1) for line in f if ":" in line)
+    why = []
+    if not (int(status.get("CapEff", "0").strip(), 16) >> 21) & 1:
+        why.append("CAP_SYS_ADMIN")
+    if status.get("Seccomp", "0").strip() != "0":
+        why.append("ckpt itself outside seccomp")
+    if why:
+        return [Refusal("capability", f"restoring seccomp ({describe(rec)}) needs PTRACE_O_SUSPEND_SECCOMP: "
+                        + ", ".join(why))]
+    return []
 
 
 def describe(rec: dict) -> str:

@@ -173,6 +173,11 @@ def test_seccomp_filters_reinstalled_in_order_with_flags(procs, attrs_bin, tmp_p
         assert re.search(r"Seccomp_filters:\s+2\n", f.read())
 
 
+def test_seccomp_restore_needs_suspend_rights():
+    assert seccomp_mod.validate({"mode": 0, "filters": []}) == []
+    assert seccomp_mod.validate({"mode": 1, "filters": []}) == []     # ckpt runs as root, unfiltered here
+
+
 def _filters(pid: int) -> dict:
     from engine.task import Task
     t = Task.seize(pid)
