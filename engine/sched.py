@@ -80,11 +80,15 @@ def dump(pid: int) -> dict:
     if attr["policy"] not in RT_POLICIES:
         # Writing 0 sets the slack to the task's default; put it back at once
         # (the target is frozen: nothing of it runs in between).
-        _write_int(slack_path, 0)
         try:
-            default = _read_int(slack_path)
-        finally:
-            _write_int(slack_path, slack)
+            _write_int(slack_path, 0)
+        except OSError:
+            pass        # not allowed (no CAP_SYS_NICE): the default stays unknown, ckpt's
+        else:
+            try:
+                default = _read_int(slack_path)
+            finally:
+                _write_int(slack_path, slack)
     # sched_getattr reports sched_nice 0 for RT tasks; their nice (what
     # getpriority shows, and what a return to SCHED_OTHER brings back) is kept.
     return {"attr": attr, "nice": os.getpriority(os.PRIO_PROCESS, pid), "affinity": sorted(os.sched_getaffinity(pid)),
