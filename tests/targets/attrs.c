@@ -112,10 +112,10 @@ static void report(void) {
     int ppid_errno = ppid < 0 ? errno : 0;
     n += snprintf(buf + n, sizeof buf - n,
                   "report nice=%d policy=%u flags=%lu prio=%u cpus=%lx oom=%s slack=%ld slackdef=%ld pers=%#x "
-                  "nnp=%d seccomp=%d getppid_errno=%d",
+                  "nnp=%d seccomp=%d getppid_errno=%d restore_ids=%d",
                   nice, a.policy, (unsigned long)a.flags, a.priority, mask, oom, slack, slackdef,
                   personality(0xffffffff), prctl(PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0), prctl(PR_GET_SECCOMP, 0, 0, 0, 0),
-                  ppid_errno);
+                  ppid_errno, prctl(77 /* PR_TIMER_CREATE_RESTORE_IDS */, 2 /* _GET */, 0, 0, 0));
     for (int i = 0; i < ntimers; i++) {
         struct itimerspec its;
         errno = 0;
