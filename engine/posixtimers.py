@@ -9,7 +9,7 @@ injected for the rest.
 Restore: the timers are created in the new process in ascending ID order,
 before its credentials are dropped (alarm clocks need CAP_WAKE_ALARM then),
 with the IDs the program holds in its memory:
-* kernels with PR_TIMER_CREATE_RESTORE_IDS (6.15+) take the wanted ID from
+* kernels with PR_TIMER_CREATE_RESTORE_IDS (new in 2025; 6.18 has it) take the wanted ID from
   the timer_t timer_create is handed (EBUSY if taken);
 * older kernels hand out IDs sequentially from 0 in a new process
   (signal_struct.posix_timer_id / next_posix_timer_id), so missing IDs are
@@ -158,7 +158,7 @@ def validate(timers: List[dict]) -> List[Refusal]:
         return []
     except libc.SysError:
         return [Refusal("kernel-missing", f"POSIX timer IDs up to {max(t['id'] for t in timers)}: without "
-                        f"PR_TIMER_CREATE_RESTORE_IDS (Linux 6.15) that takes over {MAX_FILLERS} placeholder timers")]
+                        f"PR_TIMER_CREATE_RESTORE_IDS (a 2025 kernel) that takes over {MAX_FILLERS} placeholder timers")]
 
 
 def _sys(name: str) -> int:
@@ -179,7 +179,7 @@ def create(b, timers: List[dict]) -> None:
     exact = restore_ids_supported(task)
     if not exact and _fillers_needed(timers) > MAX_FILLERS:
         raise Refusal("kernel-missing", f"POSIX timer IDs up to {max(t['id'] for t in timers)} need "
-                      "PR_TIMER_CREATE_RESTORE_IDS (Linux 6.15) or too many placeholder timers", pid=pid)
+                      "PR_TIMER_CREATE_RESTORE_IDS (a 2025 kernel) or too many placeholder timers", pid=pid)
     if exact:
         b.call("prctl", PR_TIMER_CREATE_RESTORE_IDS, RESTORE_IDS_ON, 0, 0, 0)
     try:

@@ -114,7 +114,7 @@ def test_sched_idle_and_realtime_keep_their_nice(procs, attrs_bin, tmp_path, wor
 @pytest.mark.parametrize("kernel", ["restore-ids", "placeholders"])
 def test_posix_timers_same_ids_and_keep_firing(procs, attrs_bin, tmp_path, monkeypatch, kernel):
     """With PR_TIMER_CREATE_RESTORE_IDS (this kernel), and as on a kernel
-    without it (< 6.15: placeholder timers fill the gap at ID 1). The
+    without it (6.1, 6.12: placeholder timers fill the gap at ID 1). The
     report includes PR_TIMER_CREATE_RESTORE_IDS_GET: the mode is off again."""
     if kernel == "placeholders":
         monkeypatch.setattr(posixtimers, "restore_ids_supported", lambda task: False)
