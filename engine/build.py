@@ -13,7 +13,9 @@ injecting syscalls into it (ENGINE-NOTES "Restore"), in this order:
   written with process_vm_writev, madvise flags, final mprotect
   cwd, umask, comm, personality, signals, sigaltstack, timers, tid address,
   robust list, session; fds dup3'ed to their numbers, all others closed;
-  fd handlers' finish(); credentials; rlimits; rseq registered
+  fd handlers' finish(); rlimits; POSIX timers created; seccomp installed
+  (suspended for the tracer); credentials; rseq registered; scheduling,
+  affinity, oom_score_adj, timer slack; POSIX timers armed (signals blocked)
   munmap(gadget), and at its syscall-exit stop: xstate and the registers
   PTRACE_DETACH.
 """
@@ -26,7 +28,7 @@ import signal
 import struct
 from typing import List, Tuple
 
-from . import libc, ptrace
+from . import libc, posixtimers, ptrace, sched, seccomp
 from .arch import current as current_arch
 from .check import MADVISE_FLAGS
 from .errors import EngineError, Refusal
@@ -347,6 +349,9 @@ class Builder:
         regs = self.arch.Regs.from_dict(self.job.core["regs"])
         self.arch.normalise_restart(regs)
         self.call("munmap", self.gadget, PAGE)
+        # Blocked since posixtimers.arm(): a timer that fired meanwhile is
+        # pending with its own siginfo, delivered once the process runs.
+        ptrace.set_sigmask(self.pid, self.job.core["sigmask"])
         try:
             self.task.set_xstate(self.job.xstate)
         except (SysError, ValueError) as e:
@@ -359,6 +364,7 @@ def build(job) -> int:
     own. On any failure the new process is killed and reaped."""
     arch = current_arch()
     pid = job.core["pid"]
+    sched.before_clone(job.core["sched"])   # the child's default timer slack
     child, first_ip = clone_with_pid(pid, arch)
     task = Task.adopt(child)
     task.syscall_ip = first_ip
@@ -376,8 +382,12 @@ def build(job) -> int:
         b.process_state()
         b.install_fds()
         b.limits()          # prlimit on another uid's process needs CAP_SYS_RESOURCE: before creds()
+        posixtimers.create(b, job.core["posix_timers"])   # alarm clocks need CAP_WAKE_ALARM: before creds()
+        seccomp.install(b, job.core["seccomp"])   # needs CAP_SYS_ADMIN or no_new_privs: before creds()
         b.creds()
         b.register_rseq()
+        sched.apply(pid, job.core["sched"])
+        posixtimers.arm(b, job.core["posix_timers"])   # last: see posixtimers
         _maybe_fail("final")
         b.finish()
     except BaseException:

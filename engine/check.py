@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from . import fds as fdkinds
-from . import procfs
+from . import posixtimers, procfs
 from .context import DumpContext
 from .errors import Refusal, UsageError
 
@@ -113,12 +113,8 @@ def _check_process(s: Survey) -> None:
             break
     else:
         s.ok("pending signals", "signals", "none")
-    try:
-        timers = proc.read("timers").strip()
-    except (OSError, Refusal):
-        timers = ""
-    if timers:
-        s.refuse("posix timers", "timers", Refusal("unsupported-state", "POSIX timers (timer_create) are not saved yet"))
+    for r in posixtimers.check(pid, posixtimers.read(pid)):
+        s.refuse("posix timers", "timers", r)
     if st.get("tty_nr", 0):
         s.refuse("controlling terminal", "session", Refusal(
             "unsupported-state", f"has a controlling terminal (tty_nr {st['tty_nr']}); start it with setsid"))
@@ -149,8 +145,6 @@ def _check_process(s: Survey) -> None:
         # clone(2) with another termination signal: a restore made with
         # clone3(exit_signal=SIGCHLD) would notify its parent differently.
         s.refuse("exit signal", "process", Refusal("unsupported-state", f"exit signal {st['exit_signal']}, not SIGCHLD"))
-    if status.get("Seccomp", "0") != "0":
-        s.refuse("seccomp", "credentials", Refusal("unsupported-state", "seccomp filters are not saved"))
     _check_creds(s)
 
 

@@ -15,7 +15,7 @@ import struct
 import time
 from typing import List
 
-from . import files, libc, procfs
+from . import files, libc, posixtimers, procfs, sched, seccomp
 from .arch import current as current_arch
 from .check import Survey, preflight, require_features, target_checks
 from .context import DumpContext, Options, boot_id
@@ -88,6 +88,7 @@ def injected_state(task: Task, vmas: List[dict]) -> dict:
             task.call("getitimer", which, scr)
             timers.append(list(struct.unpack("<qqqq", task.read_mem(scr, 32))))
         out["itimers"] = timers
+        out["posix_timers"] = posixtimers.dump(task, scr)
     finally:
         task.write_mem(scr, saved)
     return out
@@ -130,6 +131,8 @@ def process_state(task: Task, s: Survey) -> dict:
                   "caps": {k: status.get(k, "") for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")},
                   "no_new_privs": status.get("NoNewPrivs", "0")},
     }
+    state["sched"] = sched.dump(pid)
+    state["seccomp"] = seccomp.dump(pid, seccomp.mode_of(status))
     state.update(injected_state(task, s.vmas))
     state["mm"]["brk"] = state["brk"]
     return state
@@ -234,7 +237,16 @@ def _survey_frozen(pid: int, task: Task, ctx: DumpContext, proc: procfs.Proc):
         task.syscall_ip = _syscall_in_vdso(task, proc.maps())
     except Refusal:
         pass    # refused again, with the other findings, by injected_state()
+    suspend = None
+    if seccomp.mode_of(proc.status()):
+        try:
+            seccomp.suspend(task)       # before anything is injected
+        except Refusal as r:
+            suspend = r
     s = preflight(pid, ctx, proc)
+    if suspend is not None:
+        s.refuse("seccomp", "credentials", suspend)
+        return s, None, {}
     state = None
     try:
         state = process_state(task, s)
@@ -252,6 +264,9 @@ def _survey_frozen(pid: int, task: Task, ctx: DumpContext, proc: procfs.Proc):
              f"umask {state['umask']:03o}, comm {state['comm']!r}, personality {state['personality']:#x}")
         s.ok("tid address / robust list", "process",
              f"{state['tid_address']:#x} / {state['robust_list'][0]:#x}")
+        s.ok("scheduling", "process", sched.describe(state["sched"]))
+        s.ok("posix timers", "timers", posixtimers.describe(state["posix_timers"]))
+        s.ok("seccomp", "credentials", seccomp.describe(state["seccomp"]))
     except Refusal as r:
         s.refuse("process state", "process", r)
     recs = map_records(s, ctx)

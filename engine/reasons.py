@@ -13,28 +13,42 @@ REASONS = {
     "self": "ckpt will not checkpoint itself or its own ancestors",
     "pid-in-use": "restore needs the dumped PID and another process holds it",
     "kernel-missing": "the running kernel lacks a feature the engine needs (named in the detail)",
-    "capability": "ckpt lacks a capability it needs (named in the detail)",
+    "capability": ("ckpt lacks a capability it needs (named in the detail): e.g. a pipe buffer above "
+                  "pipe-max-size without CAP_SYS_RESOURCE, open_by_handle_at without CAP_DAC_READ_SEARCH"),
     "arch-mismatch": "the image was made on another CPU architecture",
     "cpu-mismatch": "the image's saved FPU/xstate layout does not fit this CPU",
     "image-invalid": "the image is damaged, tampered with, incomplete or of another format version",
     "unsupported-mapping": "a memory mapping of a kind the engine cannot restore (named in the detail)",
-    "unsupported-state": "process state the engine cannot save faithfully (named in the detail)",
-    "unsupported-arch": "the engine has no support for this CPU architecture yet",
+    "unsupported-state": ("process state the engine cannot save faithfully (named in the detail): file locks, "
+                  "O_ASYNC signal-driven I/O, ..."),
+    "unsupported-arch": "the engine has no support for this CPU architecture yet (named in the detail)",
+    "sched": ("the saved scheduling policy, priority or CPU affinity cannot be applied here (named in "
+                  "the detail): e.g. a CPU the process was bound to is not available on this machine"),
     # files
     "file-missing": "a file the process had open (or mapped) no longer exists at its path",
     "file-changed": "a file the process had open (or mapped) is not the same file any more",
-    "unlinked-too-large": "a deleted-but-open file is larger than --ghost-limit",
+    "unlinked-too-large": "a deleted-but-open file holds more data than --ghost-limit",
     "device": "a character or block device other than the known-safe ones",
     # pipes and fifos
-    "fifo-missing": "the named fifo no longer exists at its path",
-    "pipe-peer-outside": "the other end of a pipe is held by a process outside the dump",
+    "fifo-missing": ("the named fifo was unlinked before the dump, or at restore its path is gone or is no "
+                  "longer a fifo"),
+    "pipe-peer-outside": ("another process holds the pipe (inode, its pid/fd and which end in the detail); or a "
+                  "shared fifo has unread bytes that belong to both sides; or at restore the fifo already "
+                  "holds someone else's bytes"),
     # notification
-    "inotify-unresolvable": "an inotify watch's inode cannot be found again by path",
-    "inotify-pending": "an inotify instance has unread events; restoring would drop them",
-    "dnotify": "a directory fd carries a dnotify (F_NOTIFY) registration",
+    "inotify-unresolvable": ("no path names a watched inode (at dump), or at restore the path is gone, is another "
+                  "inode, or is a reused inode number"),
+    "inotify-pending": "an inotify instance has unread events (byte count in the detail); restoring would drop them",
+    "dnotify": ("a directory fd carries a dnotify (F_NOTIFY) registration, seen as an F_GETOWN owner on "
+                  "it (see Known limits)"),
     "fanotify": "fanotify instances are not supported",
     # sockets
     "socket": "a socket the engine cannot restore exactly (family, type and state in the detail)",
     # everything else
-    "unsupported-fd": "an fd of a kind with no handler (deny by default)",
+    "unsupported-fd": ("an fd of a kind with no handler (deny by default: pidfd, io_uring, perf, bpf, "
+                  "userfaultfd...), or a sub-case of a handled kind that cannot be exact: a timerfd with "
+                  "CANCEL_ON_SET, or with unread expirations on a kernel without TFD_IOC_SET_TICKS, an "
+                  "epoll target that was closed or reused, a fired one-shot or a ready edge-triggered "
+                  "target, an eventfd on a kernel whose fdinfo lacks eventfd-semaphore, packet-mode pipes "
+                  "with data, a directory position on another machine"),
 }

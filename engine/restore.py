@@ -25,7 +25,7 @@ import time
 import traceback
 from typing import Dict, List, Optional
 
-from . import files, libc, procfs
+from . import files, libc, posixtimers, procfs, sched, seccomp
 from .arch import current as current_arch
 from .build import build
 from .check import SPECIAL_MAPPINGS, creds_of, creds_plan, require_features
@@ -91,6 +91,12 @@ def check_core(core) -> None:
             raise _bad(f"{w}: sigaction {sig} malformed")
     if core["pid"] <= 0:
         raise _bad(f"{w}: pid {core['pid']}")
+    if not sched.check_record(core.get("sched")):
+        raise _bad(f"{w}: sched malformed")
+    if not posixtimers.check_records(core.get("posix_timers")):
+        raise _bad(f"{w}: posix_timers malformed")
+    if not seccomp.check_record(core.get("seccomp")):
+        raise _bad(f"{w}: seccomp malformed")
 
 
 def check_mm(mm, npage_files: int) -> List[dict]:
@@ -169,6 +175,9 @@ def preflight(reader: ImageReader, core: dict, vmas: List[dict], fdrecs: List[di
             if mx > mymax:
                 add(Refusal("capability", f"RLIMIT_{libc.RLIMIT_NAMES[i]} hard limit {mx} is above ckpt's "
                             f"{mymax}; raising it needs CAP_SYS_RESOURCE"))
+    for r in sched.validate(core["sched"]) + posixtimers.validate(core["posix_timers"]) + \
+            seccomp.validate(core["seccomp"]):
+        add(r)
     cwd = core["cwd"]
     try:
         st = os.stat(cwd["path"])

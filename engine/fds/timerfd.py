@@ -62,8 +62,10 @@ def _times(info):
 
 
 def classify(info, ctx) -> str:
-    """Raises unsupported-fd (unread expirations, CANCEL_ON_SET, unknown
-    clock, O_ASYNC: unsupported-state); EngineError when the duplicate cannot be made."""
+    """Raises unsupported-fd (CANCEL_ON_SET, unknown clock; O_ASYNC:
+    unsupported-state); EngineError when the duplicate cannot be made.
+    Unread expirations are restored (see the module docstring); a kernel
+    that cannot put them back is found at restore, in validate()."""
     check_async(info)
     st = _fdinfo(info)
     remaining, interval = _times(info)
@@ -71,7 +73,7 @@ def classify(info, ctx) -> str:
     state = "disarmed" if remaining == 0 else f"remaining {remaining / 1e9:.3f}s"
     return (f"timerfd {CLOCKS[st['clockid']]} {state} interval {interval / 1e9:.3f}s"
             f"{' ABSTIME' if st['settime'] & _sys.TFD_TIMER_ABSTIME else ''}"
-            f"{', 1 unread expiration' if st['ticks'] else ''}")
+            f"{', %d unread expiration(s)' % st['ticks'] if st['ticks'] else ''}")
 
 
 def _fresh_fdinfo(info) -> dict:

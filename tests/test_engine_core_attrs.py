@@ -1,0 +1,321 @@
+"""Process attributes carried over by a dump and restore, each proven from
+inside the restored process (tests/targets/attrs.c reports what it sees):
+scheduling policy, flags, nice and RT priority, CPU affinity,
+oom_score_adj, timer slack and its default, personality, no_new_privs,
+POSIX timers (same IDs, clocks, notification, signal values; they keep
+firing) and seccomp filters (still acting, in their order, with their
+flags). And the refusals where a program could tell the difference."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import re
+import signal
+import subprocess
+
+import pytest
+
+from engine import posixtimers, sched
+from engine import seccomp as seccomp_mod
+from engine.context import Options
+from engine.dump import dump
+from engine.errors import Refusal, Refusals
+from engine.restore import restore
+from engine_core_support import TARGETS, procs, wait_for  # noqa: F401
+
+PR_SET_TIMERSLACK, PR_GET_TIMERSLACK = 29, 30
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+@pytest.fixture(scope="module")
+def attrs_bin(tmp_path_factory) -> str:
+    exe = str(tmp_path_factory.mktemp("attrs-bin") / "attrs")
+    subprocess.run(["gcc", "-O2", "-Wall", "-o", exe, os.path.join(TARGETS, "attrs.c")], check=True,
+                   capture_output=True)
+    return exe
+
+
+def _lines(out: str, prefix: str):
+    try:
+        with open(out) as f:
+            return [line.rstrip("\n") for line in f if line.startswith(prefix)]
+    except FileNotFoundError:
+        return []
+
+
+def start(procs, exe, out, *words, default_slack=77777) -> subprocess.Popen:
+    # A child's default timer slack is its parent's slack at fork.
+    mine = _libc.prctl(PR_GET_TIMERSLACK, 0, 0, 0, 0)
+    _libc.prctl(PR_SET_TIMERSLACK, default_slack, 0, 0, 0)
+    err = out + ".err"
+    try:
+        with open(err, "w") as ef:
+            p = subprocess.Popen([exe, out, *words], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                 stderr=ef, close_fds=True, start_new_session=True)
+    finally:
+        _libc.prctl(PR_SET_TIMERSLACK, mine, 0, 0, 0)
+    procs.popens.append(p)
+    wait_for(lambda: _lines(out, "ready") or p.poll() is not None, what="the attrs target to start")
+    assert p.poll() is None, open(err).read()
+    return p
+
+
+def report(pid: int, out: str):
+    """(static part, dynamic fields) of a fresh report from the process."""
+    n = len(_lines(out, "report"))
+    os.kill(pid, signal.SIGUSR1)
+    line = wait_for(lambda: (lambda r: r[n] if len(r) > n else None)(_lines(out, "report")), what="a report")
+    static, dyn = line.split(" | dyn ")
+    return static, dict(kv.split("=") for kv in dyn.split())
+
+
+def fires(out: str):
+    return [dict(kv.split("=") for kv in line.split()[2:]) | {"n": int(line.split()[1])}
+            for line in _lines(out, "fire ")]
+
+
+def dump_restore(p: subprocess.Popen, image: str, procs) -> None:
+    dump(p.pid, image, Options())
+    p.wait()
+    restore(image, Options())
+    procs.adopt(p.pid)
+
+
+def test_sched_nice_affinity_oom_slack_personality_nnp(procs, attrs_bin, tmp_path):
+    out = str(tmp_path / "out.txt")
+    p = start(procs, attrs_bin, out, "nice5", "batch", "cpu0", "oom321", "slack", "pers", "nnp")
+    before, _ = report(p.pid, out)
+    # What the process set (so the comparison below proves something).
+    for want in ("nice=5", "policy=3", "flags=1", "cpus=1 ", "oom=321", "slack=123456", "slackdef=77777",
+                 "pers=0x440000", "nnp=1"):
+        assert want in before, (want, before)
+    dump_restore(p, str(tmp_path / "img"), procs)
+    after, _ = report(p.pid, out)
+    assert after == before
+    # ckpt's own values were not changed by the restore
+    assert os.sched_getaffinity(0) != {0} or os.cpu_count() == 1
+    assert _libc.prctl(PR_GET_TIMERSLACK, 0, 0, 0, 0) != 77777
+
+
+@pytest.mark.parametrize("words, expect", [(("idle", "nice5"), "policy=5"),
+                                           (("nice5", "fifo"), "policy=1 flags=0 prio=3")])
+def test_sched_idle_and_realtime_keep_their_nice(procs, attrs_bin, tmp_path, words, expect):
+    out = str(tmp_path / "out.txt")
+    p = start(procs, attrs_bin, out, *words)
+    before, _ = report(p.pid, out)
+    assert expect in before and "nice=5" in before, before
+    dump_restore(p, str(tmp_path / "img"), procs)
+    after, _ = report(p.pid, out)
+    assert after == before
+
+
+@pytest.mark.parametrize("kernel", ["restore-ids", "placeholders"])
+def test_posix_timers_same_ids_and_keep_firing(procs, attrs_bin, tmp_path, monkeypatch, kernel):
+    """With PR_TIMER_CREATE_RESTORE_IDS (this kernel), and as on a kernel
+    without it (6.1, 6.12: placeholder timers fill the gap at ID 1). The
+    report includes PR_TIMER_CREATE_RESTORE_IDS_GET: the mode is off again."""
+    if kernel == "placeholders":
+        monkeypatch.setattr(posixtimers, "restore_ids_supported", lambda task: False)
+    out = str(tmp_path / "out.txt")
+    p = start(procs, attrs_bin, out, "timers")
+    before, _ = report(p.pid, out)
+    with open(f"/proc/{p.pid}/timers") as f:
+        proc_before = f.read()
+    # IDs 0, 2, 3, 4 exist, 1 was deleted (a gap); 2 is stopped, 3 is SIGEV_NONE
+    assert [t["id"] for t in posixtimers.parse(proc_before)] == [0, 2, 3, 4]
+    assert "t0=ok:0.500000000:armed" in before and "t2=ok:0.000000000:disarmed" in before
+    assert "t3=ok:7.000000000:armed" in before and "t1=Invalid argument" in before
+    n = len(fires(out))
+    # Dump right after an expiry: the next is ~500 ms away, the freeze is short.
+    wait_for(lambda: len(fires(out)) > n, what="timer A firing")
+    n_dumped = fires(out)[-1]["n"]
+    dump_restore(p, str(tmp_path / "img"), procs)
+    with open(f"/proc/{p.pid}/timers") as f:
+        assert f.read() == proc_before
+    after, _ = report(p.pid, out)
+    assert after == before
+    # It keeps firing: same timer ID, same signal value, si_code SI_TIMER.
+    wait_for(lambda: fires(out)[-1]["n"] >= n_dumped + 2, timeout=5, what="two more expiries after restore")
+    for f in fires(out):
+        assert (f["id"], f["val"], f["code"]) == ("0", "0xabc", "-2"), f
+    # The SIGEV_NONE timer kept its remaining time (less than 1000 s, armed).
+    dyn_spec = _timer_spec(p.pid, 3)
+    assert dyn_spec[0] == 7 and 0 < dyn_spec[2] <= 1000000 // 1000
+
+
+def _timer_spec(pid: int, tid: int):
+    from engine.task import Task
+    from engine.dump import _scratch, _syscall_in_vdso
+    from engine import procfs
+    t = Task.seize(pid)
+    try:
+        vmas = procfs.Proc(pid).maps()
+        t.syscall_ip = _syscall_in_vdso(t, vmas)
+        scr = _scratch(t, vmas)
+        saved = t.read_mem(scr, 32)
+        t.call("timer_gettime", tid, scr)
+        spec = list(posixtimers.ITIMERSPEC.unpack(t.read_mem(scr, 32)))
+        t.write_mem(scr, saved)
+        return spec
+    finally:
+        t.release()
+
+
+def test_seccomp_filters_reinstalled_in_order_with_flags(procs, attrs_bin, tmp_path):
+    out = str(tmp_path / "out.txt")
+    p = start(procs, attrs_bin, out, "seccomp", "seccomp2")
+    before, _ = report(p.pid, out)
+    # The newer filter (EACCES, 13) wins over the older (EPERM): order shows.
+    assert "seccomp=2" in before and "getppid_errno=13" in before and "nnp=0" in before
+    filters_before = _filters(p.pid)
+    assert len(filters_before["filters"]) == 2 and filters_before["filters"][1]["flags"] == 2
+    dump_restore(p, str(tmp_path / "img"), procs)
+    after, _ = report(p.pid, out)
+    assert after == before
+    assert _filters(p.pid) == filters_before
+    with open(f"/proc/{p.pid}/status") as f:
+        assert re.search(r"Seccomp_filters:\s+2\n", f.read())
+
+
+def test_seccomp_restore_needs_suspend_rights():
+    assert seccomp_mod.validate({"mode": 0, "filters": []}) == []
+    assert seccomp_mod.validate({"mode": 1, "filters": []}) == []     # ckpt runs as root, unfiltered here
+
+
+def _filters(pid: int) -> dict:
+    from engine.task import Task
+    t = Task.seize(pid)
+    try:
+        return seccomp_mod.dump(pid, 2)
+    finally:
+        t.release()
+
+
+def test_everything_at_once_and_twice(procs, attrs_bin, tmp_path):
+    """All of it in one process, dumped and restored twice (a restored
+    process carries the attributes into its next image)."""
+    out = str(tmp_path / "out.txt")
+    p = start(procs, attrs_bin, out, "nice5", "batch", "cpu0", "oom321", "slack", "pers", "nnp", "timers",
+              "seccomp", "seccomp2")
+    before, _ = report(p.pid, out)
+    assert "getppid_errno=13" in before and "nnp=1" in before
+    n = len(fires(out))
+    wait_for(lambda: len(fires(out)) > n, what="timer A firing")
+    dump_restore(p, str(tmp_path / "img1"), procs)
+    assert report(p.pid, out)[0] == before
+    pid = p.pid
+    n = len(fires(out))
+    wait_for(lambda: len(fires(out)) > n, what="timer A firing after the first restore")
+    dump(pid, str(tmp_path / "img2"), Options())
+    procs.reap(pid)
+    procs.pids.remove(pid)
+    restore(str(tmp_path / "img2"), Options())
+    procs.adopt(pid)
+    assert report(pid, out)[0] == before
+    n = fires(out)[-1]["n"]
+    wait_for(lambda: fires(out)[-1]["n"] >= n + 2, timeout=5, what="expiries after the second restore")
+    with open(tmp_path / "img2" / "core.json") as f:
+        core = json.load(f)
+    assert [t["id"] for t in core["posix_timers"]] == [0, 2, 3, 4]
+
+
+def test_affinity_this_machine_cannot_honour_is_refused(procs, attrs_bin, tmp_path, monkeypatch):
+    out = str(tmp_path / "out.txt")
+    p = start(procs, attrs_bin, out, "cpu0")
+    dump(p.pid, str(tmp_path / "img"), Options())
+    p.wait()
+    monkeypatch.setattr(sched, "allowed_cpus", lambda: [1, 2, 3])   # "another machine" without CPU 0
+    with pytest.raises((Refusal, Refusals)) as e:
+        restore(str(tmp_path / "img"), Options())
+    rs = e.value.refusals if isinstance(e.value, Refusals) else [e.value]
+    assert [r.reason for r in rs] == ["sched"] and "CPUs 0 are not available" in rs[0].message
+    assert not os.path.exists(f"/proc/{p.pid}")     # refused before any process existed
+
+
+def test_nonzero_timer_overrun_is_refused_and_target_unharmed(procs, attrs_bin, tmp_path):
+    out = str(tmp_path / "out.txt")
+    p = start(procs, attrs_bin, out, "overrun")
+    static, _ = report(p.pid, out)
+    assert re.search(r"t0=ok:0\.001000000:armed:ovr[1-9]", static), static
+    with pytest.raises(Refusal) as e:
+        dump(p.pid, str(tmp_path / "img"), Options())
+    assert e.value.reason == "unsupported-state" and "overrun count of" in e.value.message
+    assert report(p.pid, out)[0] == static
+    assert not os.path.exists(tmp_path / "img")
+
+
+def test_timers_of_unknown_clocks_or_other_targets_are_refused():
+    text = ("ID: 0\nsignal: 14/0000000000000000\nnotify: signal/pid.42\nClockID: -46\n"
+            "ID: 1\nsignal: 14/0000000000000abc\nnotify: signal/tid.43\nClockID: 1\n"
+            "ID: 2\nsignal: 35/00000000000000ff\nnotify: none/pid.42\nClockID: 7\n")
+    ts = posixtimers.parse(text)
+    assert [(t["id"], t["clock"], t["notify"], t["tid"], t["value"]) for t in ts] == [
+        (0, -46, "signal", False, 0), (1, 1, "signal", True, 0xabc), (2, 7, "none", False, 0xff)]
+    rs = posixtimers.check(42, ts)
+    assert [r.reason for r in rs] == ["unsupported-state", "unsupported-state"]
+    assert "timer 0: clock -46" in rs[0].message and "timer 1: notifies signal to tid 43" in rs[1].message
+    ts[2]["spec"] = [0, 0, 5, 0]
+    assert posixtimers.sigevent(ts[2], 42) == bytes.fromhex("ff00000000000000" "23000000" "01000000") + bytes(48)
+    assert posixtimers.validate([{"id": 3}, {"id": 1}]) == []
+
+
+def test_cpu_lists(monkeypatch):
+    assert sched.cpu_list([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
+    assert sched.parse_cpu_list("0-2,5,7-8\n") == [0, 1, 2, 5, 7, 8]
+    rec = {"attr": {"policy": 1, "flags": 0, "priority": 3}, "nice": 5, "affinity": [0, 4096],
+           "oom_score_adj": 1000, "timerslack_ns": 0}
+    assert [r.reason for r in sched.validate(rec)] == ["sched"]
+    monkeypatch.setattr(sched, "_my_caps", lambda: 0)     # no CAP_SYS_NICE, no CAP_SYS_RESOURCE
+    rs = sched.validate(dict(rec, oom_score_adj=-1000))
+    assert [r.reason for r in rs] == ["sched", "capability", "capability"]
+    assert "CAP_SYS_NICE" in rs[1].message and "CAP_SYS_RESOURCE" in rs[2].message
+
+
+@pytest.mark.parametrize("arch, header", [("x86_64", "/usr/include/x86_64-linux-gnu/asm/unistd_64.h"),
+                                          ("aarch64", "/usr/include/asm-generic/unistd.h")])
+def test_syscall_numbers_match_the_kernel_headers(arch, header):
+    import importlib
+    if not os.path.exists(header):
+        pytest.skip(f"no {header}")
+    table = importlib.import_module(f"engine.arch.{arch}").SYS
+    with open(header) as f:
+        nums = dict(re.findall(r"#define __NR(?:3264)?_(\w+)\s+(\d+)\b", f.read()))
+    for name, nr in table.items():
+        assert name in nums and int(nums[name]) == nr, (arch, name, nr, nums.get(name))
+
+
+def test_filters_that_kill_injected_calls_do_not_kill_the_dump_or_restore(procs, attrs_bin, tmp_path):
+    """getitimer, sigaltstack, rseq and munmap are injected by the dump or
+    the restore after the filters are in: PTRACE_O_SUSPEND_SECCOMP keeps
+    them from the filter, which acts again once the process runs."""
+    out = str(tmp_path / "out.txt")
+    p = start(procs, attrs_bin, out, "seccomp", "seccompkill", "timers")
+    before, _ = report(p.pid, out)
+    filters_before = _filters(p.pid)
+    assert len(filters_before["filters"]) == 5
+    n = len(fires(out))
+    wait_for(lambda: len(fires(out)) > n, what="timer A firing")
+    dump_restore(p, str(tmp_path / "img"), procs)
+    assert report(p.pid, out)[0] == before
+    assert _filters(p.pid) == filters_before
+
+
+def test_strict_mode_restored(procs, attrs_bin, tmp_path):
+    out = str(tmp_path / "out.txt")
+    p = start(procs, attrs_bin, out, "strict")
+    with open(f"/proc/{p.pid}/status") as f:
+        assert re.search(r"Seccomp:\s+1\n", f.read())
+    os.kill(p.pid, signal.SIGUSR1)
+    wait_for(lambda: _lines(out, "strict alive"), what="the strict target's line")
+    dump_restore(p, str(tmp_path / "img"), procs)
+    with open(f"/proc/{p.pid}/status") as f:
+        assert re.search(r"Seccomp:\s+1\n", f.read())
+    os.kill(p.pid, signal.SIGUSR1)
+    wait_for(lambda: len(_lines(out, "strict alive")) == 2, what="a line from the restored strict target")
+    # A forbidden call still kills it: strict mode acts.
+    os.kill(p.pid, signal.SIGUSR2)
+    wpid, status = os.waitpid(p.pid, 0)       # reparented to us, the subreaper
+    procs.pids.remove(p.pid)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
