@@ -420,7 +420,11 @@ def map_open(rec: dict, ctx, writable: bool) -> int:
     if "ghost" in rec:
         # O_NOATIME: mmap() touches atime (file_accessed), and the ghost's
         # atime was already put back
-        return reopen(restore_ghost(rec, ctx), flags | os.O_NOATIME)
+        gfd = restore_ghost(rec, ctx)
+        try:
+            return reopen(gfd, flags | os.O_NOATIME)
+        except PermissionError:     # neither the owner nor CAP_FOWNER
+            return reopen(gfd, flags)
     ident = rec["file"]
     try:
         fd = os.open(ident["path"], flags | os.O_CLOEXEC)

@@ -301,7 +301,7 @@ def _outside_view(pid: int) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kinds", [["file", "map"], ["dev"], ["fifo"], ["dir"], ["cwd"],
-                                   ["file", "map", "dev", "fifo", "dir", "cwd"]],
+                                   ["file", "map", "dev", "fifo", "dir", "cwd", "cwdfd"]],
                          ids=["file-map", "dev", "fifo", "dir", "cwd", "all"])
 def test_ghosts_through_the_core(procs, tmp_path, kinds):
     work = tmp_path / "w"
@@ -319,6 +319,8 @@ def test_ghosts_through_the_core(procs, tmp_path, kinds):
     dump_restore(procs, p, str(tmp_path / "img"))
     assert _outside_view(p.pid) == before
     assert listing(work) == names, "a recreated name was left behind"
+    if "cwdfd" in kinds:     # the cwd and fd 15 are one recreated directory, as they were one before
+        assert os.path.samestat(os.stat(f"/proc/{p.pid}/cwd"), os.stat(f"/proc/{p.pid}/fd/15"))
     os.kill(p.pid, signal.SIGUSR1)
     wait_for(lambda: (work / "verdict.json").exists(), what="the target's verdict")
     assert json.loads((work / "verdict.json").read_text()) == {k: True for k in kinds}

@@ -20,7 +20,7 @@ from .. import unlinked
 from ..errors import EngineError, Refusal
 
 KIND = "device"
-REASONS = ("device", "image-invalid")
+REASONS = ("device", "file-missing", "image-invalid")
 
 # (major, minor) of drivers/char/mem.c devices -> canonical path
 SAFE = {(1, 3): "/dev/null", (1, 5): "/dev/zero", (1, 7): "/dev/full",

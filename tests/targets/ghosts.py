@@ -7,6 +7,7 @@ usage: ghosts.py DIR KIND[,KIND...]
   fifo  fds 12 (read) and 13 (write): a deleted fifo with bytes buffered
   dir   fd 14: a removed directory, mode 03751
   cwd   the working directory is a removed directory, mode 01750
+  cwdfd with cwd: fd 15 is open on that same removed directory
 Writes DIR/ready. On SIGUSR1 it checks what it can see from inside and
 writes DIR/verdict.json: {kind: true or what was wrong}.
 """
@@ -99,6 +100,9 @@ if "cwd" in kinds:
     os.chmod(p, 0o1750)
     os.chdir(p)
     os.utime(p, ns=TIMES)
+    if "cwdfd" in kinds:
+        os.dup2(os.open(".", os.O_RDONLY | os.O_DIRECTORY), 15)
+        checks["cwdfd"] = lambda: os.path.samestat(os.fstat(15), os.stat("."))
     os.rmdir(p)
 
     def cwd_ok():
