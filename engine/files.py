@@ -225,7 +225,7 @@ def dump_ghost(open_path: str, name: str, ctx, *, fd: Optional[int] = None,
     key = ghost_key(st)
     done = ctx.shared.get(key)
     if done is not None:
-        return dict(done)
+        return {**done, "name": name}   # one inode, but each fd or mapping shows its own name
     try:    # O_NOATIME: reading it must not change the atime it is saved with
         rfd = os.open(open_path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOATIME)
     except PermissionError:
@@ -289,6 +289,11 @@ def validate_ghost(rec: dict, ctx, *, fd: Optional[int] = None, pid: Optional[in
         if not os.path.isdir(parent):
             raise Refusal("file-missing", f"cannot recreate the deleted file: its directory {parent} is gone",
                           pid=pid, fd=fd, path=rec["name"])
+        # Every name the ghost is known by (hard links, all unlinked) is
+        # made before any is removed: an inode with nlink 0 cannot be linked.
+        names = ctx.shared.setdefault(f"ghostnames:{rec['ghost']}", [])
+        if rec["name"] not in names:
+            names.append(rec["name"])
 
 
 _MFD_ALLOW_SEALING, _MFD_NOEXEC_SEAL, _MFD_EXEC = 0x2, 0x8, 0x10
@@ -326,18 +331,24 @@ def _memfd_for(rec: dict) -> int:
 
 
 def restore_ghost(rec: dict, ctx) -> int:
-    """Recreate a ghost once per restore; returns an O_RDWR fd on it, owned by
-    ctx.shared (callers reopen it with their own flags, never close it)."""
+    """Recreate a ghost once per restore; returns an fd on it that reads
+    rec["name"], owned by ctx.shared (callers reopen it with their own
+    flags, never close it)."""
     key = f"ghostfd:{rec['ghost']}"
     have = ctx.shared.get(key)
     if have is not None:
-        return have
+        return ctx.shared.get(f"{key}:{rec['name']}", have)
+    aliases = {}
     if rec.get("memfd"):
         gfd = _memfd_for(rec)
     else:
-        # Created under its old name and unlinked again, so the fd reads
+        # Created under its old name(s) and unlinked again, so the fd reads
         # "<path> (deleted)" as before (O_TMPFILE would read "/dir/#ino").
-        gfd = unlinked.create_file(original_path(rec["name"]))
+        names = [rec["name"]] + [n for n in ctx.shared.get(f"ghostnames:{rec['ghost']}", ()) if n != rec["name"]]
+        made = unlinked.create_file([original_path(n) for n in names])
+        gfd = made.pop(original_path(rec["name"]))
+        aliases = {n: made[original_path(n)] for n in names[1:]}
+        ctx.shared.setdefault("_close_after_restore", []).extend(aliases.values())
     try:
         with open(ctx.image.path(f"ghosts/{rec['ghost']}.data"), "rb", buffering=0) as src:
             for off, n in rec["extents"]:
@@ -359,6 +370,8 @@ def restore_ghost(rec: dict, ctx) -> int:
         os.close(gfd)
         raise
     ctx.shared[key] = gfd
+    for n, afd in aliases.items():
+        ctx.shared[f"{key}:{n}"] = afd
     ctx.shared.setdefault("_close_after_restore", []).append(gfd)
     return gfd
 

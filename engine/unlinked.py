@@ -20,6 +20,11 @@ moved onto the original name and removed again (:func:`bury`):
   non-directory), ours is removed at ``path`` and the other renamed back
   with RENAME_NOREPLACE: the path is missing for that moment.
 
+An inode that was known by several names (hard links, all unlinked; each
+fd shows the name it was opened by) gets each name as a hard link of the
+first temporary one before any is buried: an inode with nlink 0 cannot be
+linked again.
+
 No file of the user's is ever replaced or lost: each step is one atomic
 rename, a failure puts the other file back. CRIU links a ghost under its
 original name when it is free and otherwise opens "<path>.cr_link" (its
@@ -38,7 +43,7 @@ import errno
 import os
 import secrets
 import stat
-from typing import Callable, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 from .errors import EngineError
 
@@ -149,53 +154,81 @@ def bury(tmp: str, path: str, fd: int, is_dir: bool) -> None:
     _remove(path, is_dir)
 
 
-def create(path: str, make: Callable[[str], int], is_dir: bool = False) -> int:
-    """Recreate an unlinked node that was known as `path`: ``make(tmp)``
-    creates it at a temporary name in the same directory and returns an fd
-    opened on it; the node is then buried (see module doc). Returns that fd,
-    whose /proc link now reads "<path> (deleted)". Raises EngineError."""
-    parent = parent_of(path)
-    tmp = os.path.join(parent, f".ckpt-ghost-{os.getpid()}-{secrets.token_hex(6)}")
+def _tmp_in(path: str) -> str:
+    return os.path.join(parent_of(path), f".ckpt-ghost-{os.getpid()}-{secrets.token_hex(6)}")
+
+
+def create_many(paths: List[str], make: Callable[[str], int], is_dir: bool = False) -> Dict[str, int]:
+    """Recreate an unlinked node that was known by each of `paths` (one
+    path, or several hard links that were all unlinked: each fd shows the
+    name it was opened by). ``make(tmp)`` creates the node at a temporary
+    name next to ``paths[0]`` and returns an fd opened on it; the other
+    names are hard links to it, opened O_PATH. Every name is then buried
+    (see module doc). Returns {path: fd}, the first one make()'s; each reads
+    "<path> (deleted)". Raises EngineError."""
+    made: Dict[str, Tuple[str, int]] = {}
+    first = paths[0]
     try:
-        fd = make(tmp)
-    except OSError as e:
-        raise EngineError(f"cannot recreate deleted {path} in {parent}: {e.strerror}", errno=e.errno) from e
-    try:
-        bury(tmp, path, fd, is_dir)
-    except BaseException as e:
+        tmp = _tmp_in(first)
         try:
-            if os.path.lexists(tmp) and _same(tmp, os.fstat(fd)):
-                _remove(tmp, is_dir)
-        finally:
-            os.close(fd)
-        if isinstance(e, OSError):
-            raise EngineError(f"cannot give the recreated deleted file its name {path}: {e.strerror}",
+            made[first] = (tmp, make(tmp))
+        except OSError as e:
+            raise EngineError(f"cannot recreate deleted {first} in {parent_of(first)}: {e.strerror}",
                               errno=e.errno) from e
+        for path in paths[1:]:
+            alias = _tmp_in(path)
+            try:
+                os.link(tmp, alias)
+                made[path] = (alias, os.open(alias, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC))
+            except OSError as e:
+                raise EngineError(f"cannot recreate {path}, another name of deleted {first}: {e.strerror}",
+                                  errno=e.errno) from e
+        for path, (tmp_name, fd) in made.items():
+            try:
+                bury(tmp_name, path, fd, is_dir)
+            except OSError as e:
+                raise EngineError(f"cannot give the recreated deleted file its name {path}: {e.strerror}",
+                                  errno=e.errno) from e
+    except BaseException:
+        for tmp_name, fd in made.values():
+            try:
+                if os.path.lexists(tmp_name) and _same(tmp_name, os.fstat(fd)):
+                    _remove(tmp_name, is_dir)
+            finally:
+                os.close(fd)
         raise
-    return fd
+    return {path: fd for path, (_, fd) in made.items()}
 
 
-def create_file(path: str) -> int:
-    """An empty regular file, unlinked, named `path`; O_RDWR."""
-    return create(path, lambda tmp: os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                                             | os.O_CLOEXEC, 0o600))
+def create(path: str, make: Callable[[str], int], is_dir: bool = False) -> int:
+    """create_many() with one name; returns make()'s fd."""
+    return create_many([path], make, is_dir)[path]
 
 
-def create_fifo(path: str) -> int:
-    """A fifo, unlinked, named `path`; opened O_RDWR|O_NONBLOCK (never
-    blocks on Linux: it is its own reader and writer)."""
+def create_file(paths: List[str]) -> Dict[str, int]:
+    """An empty regular file, unlinked, named each of `paths`; the first
+    fd O_RDWR, the others O_PATH."""
+    return create_many(paths, lambda tmp: os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                                                   | os.O_CLOEXEC, 0o600))
+
+
+def create_fifo(paths: List[str]) -> Dict[str, int]:
+    """A fifo, unlinked, named each of `paths`; the first fd opened
+    O_RDWR|O_NONBLOCK (never blocks on Linux: it is its own reader and
+    writer), the others O_PATH."""
     def make(tmp: str) -> int:
         os.mkfifo(tmp, 0o600)
         return os.open(tmp, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
-    return create(path, make)
+    return create_many(paths, make)
 
 
-def create_device(path: str, mode: int, rdev: int) -> int:
-    """A device node, unlinked, named `path`; an O_PATH fd (no driver open)."""
+def create_device(paths: List[str], mode: int, rdev: int) -> Dict[str, int]:
+    """A device node, unlinked, named each of `paths`; O_PATH fds (no
+    driver open)."""
     def make(tmp: str) -> int:
         os.mknod(tmp, stat.S_IFMT(mode) | 0o600, rdev)
         return os.open(tmp, os.O_PATH | os.O_CLOEXEC | os.O_NOFOLLOW)
-    return create(path, make)
+    return create_many(paths, make)
 
 
 def create_dir(path: str) -> int:

@@ -223,6 +223,40 @@ os.link({p!r}, {other!r}); os.unlink({p!r})
         assert "recreated" in classify(t.pid, 500)
 
 
+# -- one inode under two names, both unlinked ---------------------------------------
+
+@pytest.mark.parametrize("kind", ["file", "fifo", "dev"])
+def test_two_unlinked_names_of_one_inode_both_come_back(tmp_path, kind):
+    """Each fd shows the name it was opened by; they stay one inode."""
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    make = {"file": f"open({a!r}, 'w').write('shared')",
+            "fifo": f"os.mkfifo({a!r})",
+            "dev": f"os.mknod({a!r}, 0o20606, os.makedev(1, 3))"}[kind]
+    setup = f"""
+{make}
+os.link({a!r}, {b!r})
+for fd, name in ((500, {a!r}), (501, {b!r})):
+    tmp = os.open(name, os.O_RDWR | os.O_NONBLOCK); os.dup2(tmp, fd); os.close(tmp)
+os.unlink({a!r}); os.unlink({b!r})
+"""
+    with Target(tmp_path, setup) as t:
+        before = [of_fd(t.pid, fd) for fd in (500, 501)]
+        assert [x[0] for x in before] == [a + DELETED, b + DELETED]
+        img = dump(t.pid, [500, 501], str(tmp_path / "img"))
+    names = listing(tmp_path)
+    with restore(img):
+        after = [of_fd(os.getpid(), fd) for fd in (500, 501)]
+        assert after == before
+        assert os.fstat(500).st_ino == os.fstat(501).st_ino
+        assert listing(tmp_path) == names
+        if kind == "file":
+            os.pwrite(500, b"SH", 0)
+            assert os.pread(501, 6, 0) == b"SHared"
+        elif kind == "fifo":
+            os.write(500, b"through a")
+            assert os.read(501, 100) == b"through a"
+
+
 # -- directories ----------------------------------------------------------------------
 
 DIR_SETUP = """

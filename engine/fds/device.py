@@ -95,21 +95,24 @@ def validate(rec: dict, ctx) -> None:
 
 
 def _ghost_node(rec: dict, ctx) -> int:
-    """The recreated node (an O_PATH fd), once per restore."""
+    """The recreated node (an O_PATH fd reading rec's own name), once per
+    restore: one inode under every name its fds had (hard links, all unlinked)."""
     g = rec["ghost"]
     key = f"ghostnode:{g['id']}"
-    fd = ctx.shared.get(key)
-    if fd is None:
-        fd = unlinked.create_device(g["path"], g["mode"], os.makedev(*_target(rec)))
+    fds = ctx.shared.get(key)
+    if fds is None:
+        paths = [g["path"]] + sorted({r["ghost"]["path"] for r in (ctx.records or [])
+                                      if r.get("kind") == KIND and isinstance(r.get("ghost"), dict)
+                                      and r["ghost"].get("id") == g["id"]} - {g["path"]})
+        fds = unlinked.create_device(paths, g["mode"], os.makedev(*_target(rec)))
+        ctx.shared.setdefault("_close_after_restore", []).extend(fds.values())
         try:
-            unlinked.apply_attrs(fd, g)
+            unlinked.apply_attrs(fds[g["path"]], g)
         except OSError as e:
-            os.close(fd)
             raise EngineError(f"cannot set the attributes of device node {g['path']}: {e.strerror}",
                               errno=e.errno) from e
-        ctx.shared[key] = fd
-        ctx.shared.setdefault("_close_after_restore", []).append(fd)
-    return fd
+        ctx.shared[key] = fds
+    return fds[g["path"]]
 
 
 def restore(rec: dict, ctx) -> int:

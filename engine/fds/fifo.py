@@ -165,8 +165,14 @@ def _keeper(rec: dict, ctx) -> dict:
     if st is not None:
         return st
     path = rec["path"]
+    names = {}
     if rec.get("ghost"):
-        keeper = unlinked.create_fifo(path)
+        # one inode; each end shows the name it was opened by (hard links, all unlinked)
+        paths = [path] + sorted({r["path"] for r in _siblings(rec, ctx)} - {path})
+        names = unlinked.create_fifo(paths)
+        keeper = names[path]
+        # the other names' O_PATH fds: closed after the restore, error or not
+        ctx.shared.setdefault("_close_after_restore", []).extend(fd for p, fd in names.items() if p != path)
     else:
         try:
             keeper = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -188,7 +194,8 @@ def _keeper(rec: dict, ctx) -> dict:
                 unlinked.apply_attrs(keeper, rec["ghost"])   # after the writes, which touch mtime
     except OSError as e:
         raise failed(rec, ctx, f"refilling fifo {path}", e) from e
-    st = {"keeper": keeper, "dev": kst.st_dev, "ino": kst.st_ino, "left": len(_siblings(rec, ctx))}
+    st = {"keeper": keeper, "dev": kst.st_dev, "ino": kst.st_ino, "left": len(_siblings(rec, ctx)),
+          "names": names}
     ctx.shared[key] = st
     return st
 
@@ -199,7 +206,7 @@ def restore(rec: dict, ctx) -> int:
     st = _keeper(rec, ctx)
     path = rec["path"]
     # An unlinked fifo is reached through the keeper (same dentry, same name).
-    where = f"/proc/self/fd/{st['keeper']}" if rec.get("ghost") else path
+    where = f"/proc/self/fd/{st['names'][path]}" if rec.get("ghost") else path
     try:
         # O_NONBLOCK: the keeper is a reader and a writer, but be sure the
         # open can never block the restorer (fifo(7), open(2) ENXIO rule).
