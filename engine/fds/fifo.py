@@ -119,13 +119,14 @@ def _classify_ghost(info, ctx) -> str:
 def dump(info, ctx) -> dict:
     """The record; buffered bytes go to fds/fifo-DEV-INO once per fifo."""
     s = _state(info, ctx)
+    attrs = unlinked.attrs_of(os.stat(info.proc_path))    # before the bytes are copied out
     data = _pipebuf.save_once(info, ctx, f"fifo-data:{info.dev}:{info.ino}", f"fds/fifo-{info.dev}-{info.ino}",
                               s["queued"], lambda: _ends(info, ctx))
     rec = {"path": info.link, "fifo": f"{info.dev}:{info.ino}", "dev": info.dev, "ino": info.ino,
            "end": end_of(info.flags), "size": s["size"], "data": data,
            "data_len": s["queued"]}
     if info.link.endswith(_DELETED):
-        rec["ghost"] = unlinked.attrs_of(os.stat(info.proc_path))
+        rec["ghost"] = attrs
         rec["path"] = unlinked.original_path(info.link)
     return rec
 
