@@ -17,6 +17,8 @@ import stat
 
 import pytest
 
+from engine.context import Options
+from engine.dump import check
 from engine.errors import Refusal
 from engine.fds import _sys
 from engine_core_support import TARGETS, procs, python_exe, wait_for  # noqa: F401
@@ -100,23 +102,26 @@ os.rename({p!r} + ".new", {p!r})
     assert os.stat(p).st_ino == ino and open(p).read() == "replacement"
 
 
-def test_memfd_keeps_name_mode_owner_and_seals(tmp_path):
+@pytest.mark.parametrize("flags,mode", [(0x2, 0o2750), (0x8, 0o640)], ids=["sealing", "noexec-seal"])
+def test_memfd_keeps_name_mode_owner_and_seals(tmp_path, flags, mode):
+    """0x8 is MFD_NOEXEC_SEAL (6.3+): mode 0666 and F_SEAL_EXEC from birth."""
     setup = """
-fd = os.memfd_create("crucible:ghost", os.MFD_ALLOW_SEALING)
+fd = os.memfd_create("crucible:ghost", %d)
 os.write(fd, b"sealed")
 os.fchown(fd, 1234, 2345)
-os.fchmod(fd, 0o2750)
+os.fchmod(fd, %d)
 os.utime(fd, ns=%r)
 fcntl.fcntl(fd, 1033, 0x0002 | 0x0004 | 0x0008)      # F_ADD_SEALS: SHRINK | GROW | WRITE
 os.dup2(fd, 500); os.close(fd)
-""" % (TIMES,)
+""" % (flags, mode, TIMES)
     with Target(tmp_path, setup) as t:
         before = of_fd(t.pid, 500)
         assert before[0] == "/memfd:crucible:ghost (deleted)"
         img = dump(t.pid, [500], str(tmp_path / "img"))
     with restore(img):
         assert of_fd(os.getpid(), 500) == before
-        assert fcntl.fcntl(500, 1034) == 0x0002 | 0x0004 | 0x0008
+        want = 0x0002 | 0x0004 | 0x0008 | (0x20 if flags == 0x8 else 0)
+        assert fcntl.fcntl(500, 1034) == want
         assert os.pread(500, 10, 0) == b"sealed"
 
 
@@ -350,6 +355,9 @@ def test_ghosts_through_the_core(procs, tmp_path, kinds):
     if "cwd" in kinds:
         assert before["cwd"] == str(work / "ghost-cwd") + DELETED
     names = listing(work)
+    r = check(p.pid, Options())          # the dry run agrees, and leaves nothing behind
+    assert r["ok"] and r["refusals"] == [], r["refusals"]
+    assert _outside_view(p.pid) == before and listing(work) == names
     dump_restore(procs, p, str(tmp_path / "img"))
     assert _outside_view(p.pid) == before
     assert listing(work) == names, "a recreated name was left behind"
