@@ -158,6 +158,14 @@ def _tmp_in(path: str) -> str:
     return os.path.join(parent_of(path), f".ckpt-ghost-{os.getpid()}-{secrets.token_hex(6)}")
 
 
+def _drop_name(tmp: str, is_dir: bool) -> None:
+    """Remove a temporary name of ours (a random name: nobody else's)."""
+    try:
+        _remove(tmp, is_dir)
+    except OSError:
+        pass
+
+
 def create_many(paths: List[str], make: Callable[[str], int], is_dir: bool = False) -> Dict[str, int]:
     """Recreate an unlinked node that was known by each of `paths` (one
     path, or several hard links that were all unlinked: each fd shows the
@@ -173,6 +181,7 @@ def create_many(paths: List[str], make: Callable[[str], int], is_dir: bool = Fal
         try:
             made[first] = (tmp, make(tmp))
         except OSError as e:
+            _drop_name(tmp, is_dir)     # made but not opened
             raise EngineError(f"cannot recreate deleted {first} in {parent_of(first)}: {e.strerror}",
                               errno=e.errno) from e
         for path in paths[1:]:
@@ -181,6 +190,7 @@ def create_many(paths: List[str], make: Callable[[str], int], is_dir: bool = Fal
                 os.link(tmp, alias)
                 made[path] = (alias, os.open(alias, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC))
             except OSError as e:
+                _drop_name(alias, is_dir)
                 raise EngineError(f"cannot recreate {path}, another name of deleted {first}: {e.strerror}",
                                   errno=e.errno) from e
         for path, (tmp_name, fd) in made.items():

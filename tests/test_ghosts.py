@@ -366,3 +366,23 @@ def test_ghosts_through_the_core(procs, tmp_path, kinds):
     os.kill(p.pid, signal.SIGUSR1)
     wait_for(lambda: (work / "verdict.json").exists(), what="the target's verdict")
     assert json.loads((work / "verdict.json").read_text()) == {k: True for k in kinds}
+
+
+# -- the name dance itself ------------------------------------------------------------
+
+def test_failed_swap_puts_the_other_file_back(tmp_path, monkeypatch):
+    """If putting the occupant back over ours fails, the occupant still ends
+    where it was, and no temporary name is left."""
+    from engine import unlinked
+    from engine.errors import EngineError
+    p = tmp_path / "taken"
+    p.write_text("theirs")
+    ino = p.stat().st_ino
+
+    def broken_rename(a, b):
+        raise OSError(5, "injected", a)
+    monkeypatch.setattr(unlinked.os, "rename", broken_rename)
+    with pytest.raises(EngineError, match="injected"):
+        unlinked.create_file([str(p)])
+    assert p.stat().st_ino == ino and p.read_text() == "theirs"
+    assert listing(tmp_path) == ["taken"]
