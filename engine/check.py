@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from . import fds as fdkinds
-from . import posixtimers, procfs
+from . import posixtimers, procfs, unlinked
 from .context import DumpContext
 from .errors import Refusal, UsageError
 
@@ -137,7 +137,9 @@ def _check_process(s: Survey) -> None:
     if (root.st_dev, root.st_ino) != (myroot.st_dev, myroot.st_ino):
         s.refuse("root", "fs", Refusal("unsupported-state", "chrooted (root directory differs from ckpt's)"))
     cwd = proc.readlink("cwd")
-    if cwd.endswith(" (deleted)"):
+    if unlinked.is_unlinked(cwd, os.stat(proc.path("cwd"))):
+        s.ok("cwd", "fs", f"{cwd}: removed, recreated and removed again at restore")
+    elif cwd.endswith(" (deleted)"):
         s.refuse("cwd", "fs", Refusal("unsupported-state", "its working directory was deleted", path=cwd))
     else:
         s.ok("cwd", "fs", cwd)

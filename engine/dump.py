@@ -15,7 +15,7 @@ import struct
 import time
 from typing import List
 
-from . import files, libc, posixtimers, procfs, sched, seccomp
+from . import files, libc, posixtimers, procfs, sched, seccomp, unlinked
 from .arch import current as current_arch
 from .check import Survey, preflight, require_features, target_checks
 from .context import DumpContext, Options, boot_id
@@ -123,7 +123,7 @@ def process_state(task: Task, s: Survey) -> dict:
         "rlimits": procfs.parse_limits(proc.read("limits"))[:len(libc.RLIMIT_NAMES)],
         "umask": int(status.get("Umask", "0022"), 8),
         "personality": int(proc.read("personality").strip(), 16),
-        "cwd": {"path": cwd_path, "dev": cst.st_dev, "ino": cst.st_ino},
+        "cwd": _cwd_record(cwd_path, cst),
         "session": {"sid": st["session"], "pgid": st["pgrp"]},
         "exit_signal": st.get("exit_signal", 17),
         "creds": {"uid": [int(x) for x in status["Uid"].split()], "gid": [int(x) for x in status["Gid"].split()],
@@ -136,6 +136,14 @@ def process_state(task: Task, s: Survey) -> dict:
     state.update(injected_state(task, s.vmas))
     state["mm"]["brk"] = state["brk"]
     return state
+
+
+def _cwd_record(path: str, st: os.stat_result) -> dict:
+    """A removed working directory is recreated at restore (engine.unlinked)."""
+    rec = {"path": path, "dev": st.st_dev, "ino": st.st_ino}
+    if unlinked.is_unlinked(path, st):
+        rec["removed"] = unlinked.dir_record(path, st)
+    return rec
 
 
 def task_sigmask(task: Task) -> int:

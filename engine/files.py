@@ -25,6 +25,7 @@ import os
 import stat
 from typing import Optional
 
+from . import unlinked
 from .errors import EngineError, Refusal
 
 _CHUNK = 4 << 20
@@ -224,8 +225,11 @@ def dump_ghost(open_path: str, name: str, ctx, *, fd: Optional[int] = None,
     key = ghost_key(st)
     done = ctx.shared.get(key)
     if done is not None:
-        return dict(done)
-    rfd = os.open(open_path, os.O_RDONLY | os.O_CLOEXEC)
+        return {**done, "name": name}   # one inode, but each fd or mapping shows its own name
+    try:    # O_NOATIME: reading it must not change the atime it is saved with
+        rfd = os.open(open_path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOATIME)
+    except PermissionError:
+        rfd = os.open(open_path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         extents = list(_extents(rfd, st.st_size))
         data_bytes = sum(n for _, n in extents)
@@ -244,7 +248,7 @@ def dump_ghost(open_path: str, name: str, ctx, *, fd: Optional[int] = None,
                 seals = 0
         gid = f"g{st.st_dev}-{st.st_ino}"
         rec = {"ghost": gid, "name": name, "memfd": memfd, "seals": seals,
-               **identity_of(st), "extents": extents, "data_bytes": data_bytes}
+               **identity_of(st), "atime_ns": st.st_atime_ns, "extents": extents, "data_bytes": data_bytes}
         if ctx.image is not None:
             h = hashlib.sha256()
             with ctx.image.open(f"ghosts/{gid}.data") as out:
@@ -285,30 +289,66 @@ def validate_ghost(rec: dict, ctx, *, fd: Optional[int] = None, pid: Optional[in
         if not os.path.isdir(parent):
             raise Refusal("file-missing", f"cannot recreate the deleted file: its directory {parent} is gone",
                           pid=pid, fd=fd, path=rec["name"])
+        # Every name the ghost is known by (hard links, all unlinked) is
+        # made before any is removed: an inode with nlink 0 cannot be linked.
+        names = ctx.shared.setdefault(f"ghostnames:{rec['ghost']}", [])
+        if rec["name"] not in names:
+            names.append(rec["name"])
+
+
+_MFD_ALLOW_SEALING, _MFD_NOEXEC_SEAL, _MFD_EXEC = 0x2, 0x8, 0x10
+_F_SEAL_EXEC = 0x20
+
+
+def _have_seals(fd: int) -> int:
+    import fcntl
+    try:
+        return fcntl.fcntl(fd, 1034)   # F_GET_SEALS
+    except OSError:
+        return 0
+
+
+def _memfd_for(rec: dict) -> int:
+    """A memfd with the recorded name, made so that the recorded mode and
+    seals can be put on it: MFD_EXEC when the mode has x bits (vm.memfd_noexec
+    may default to no-exec), MFD_NOEXEC_SEAL when F_SEAL_EXEC is recorded
+    (it comes with mode 0666: the x bits are already off)."""
+    seals = rec.get("seals") or 0
+    flags = _MFD_ALLOW_SEALING if seals else 0
+    if seals & _F_SEAL_EXEC:
+        extra = _MFD_NOEXEC_SEAL
+    elif stat.S_IMODE(rec["mode"]) & 0o111:
+        extra = _MFD_EXEC
+    else:
+        extra = 0
+    name = _memfd_name(rec["name"])
+    try:
+        return os.memfd_create(name, flags | extra | os.MFD_CLOEXEC)
+    except OSError as e:
+        if e.errno != errno.EINVAL or not extra:
+            raise
+    return os.memfd_create(name, flags | os.MFD_CLOEXEC)   # a kernel before 6.3: no such flags
 
 
 def restore_ghost(rec: dict, ctx) -> int:
-    """Recreate a ghost once per restore; returns an O_RDWR fd on it, owned by
-    ctx.shared (callers reopen it with their own flags, never close it)."""
+    """Recreate a ghost once per restore; returns an fd on it that reads
+    rec["name"], owned by ctx.shared (callers reopen it with their own
+    flags, never close it)."""
     key = f"ghostfd:{rec['ghost']}"
     have = ctx.shared.get(key)
     if have is not None:
-        return have
+        return ctx.shared.get(f"{key}:{rec['name']}", have)
+    aliases = {}
     if rec.get("memfd"):
-        flags = 0x0002 if rec.get("seals") else 0   # MFD_ALLOW_SEALING
-        gfd = os.memfd_create(_memfd_name(rec["name"]), flags | os.MFD_CLOEXEC)
+        gfd = _memfd_for(rec)
     else:
-        parent = os.path.dirname(original_path(rec["name"])) or "/"
-        try:
-            gfd = os.open(parent, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
-        except OSError as e:
-            if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
-                raise EngineError(f"cannot recreate deleted file in {parent}: {e.strerror}", errno=e.errno)
-            # No O_TMPFILE on this filesystem: create a unique name, unlink it.
-            import tempfile
-            tfd, tpath = tempfile.mkstemp(dir=parent, prefix=".ckpt-ghost-")
-            os.unlink(tpath)
-            gfd = tfd
+        # Created under its old name(s) and unlinked again, so the fd reads
+        # "<path> (deleted)" as before (O_TMPFILE would read "/dir/#ino").
+        names = [rec["name"]] + [n for n in ctx.shared.get(f"ghostnames:{rec['ghost']}", ()) if n != rec["name"]]
+        made = unlinked.create_file([original_path(n) for n in names])
+        gfd = made.pop(original_path(rec["name"]))
+        aliases = {n: made[original_path(n)] for n in names[1:]}
+        ctx.shared.setdefault("_close_after_restore", []).extend(aliases.values())
     try:
         with open(ctx.image.path(f"ghosts/{rec['ghost']}.data"), "rb", buffering=0) as src:
             for off, n in rec["extents"]:
@@ -320,19 +360,18 @@ def restore_ghost(rec: dict, ctx) -> int:
                     off += len(chunk)
                     n -= len(chunk)
         os.ftruncate(gfd, rec["size"])
-        os.fchmod(gfd, stat.S_IMODE(rec["mode"]))
-        try:
-            os.fchown(gfd, rec.get("uid", 0), rec.get("gid", 0))
-        except OSError:
-            pass
-        os.utime(f"/proc/self/fd/{gfd}", ns=(rec["mtime_ns"], rec["mtime_ns"]))
+        # After the data (writes and chown clear set-user/group-ID): owner,
+        # all 12 mode bits, times; seals last (F_SEAL_EXEC freezes the x bits).
+        unlinked.apply_attrs(gfd, rec)
         if rec.get("memfd") and rec.get("seals"):
             import fcntl
-            fcntl.fcntl(gfd, 1033, rec["seals"])   # F_ADD_SEALS, after the data is in
+            fcntl.fcntl(gfd, 1033, rec["seals"] & ~_have_seals(gfd))   # F_ADD_SEALS
     except BaseException:
         os.close(gfd)
         raise
     ctx.shared[key] = gfd
+    for n, afd in aliases.items():
+        ctx.shared[f"{key}:{n}"] = afd
     ctx.shared.setdefault("_close_after_restore", []).append(gfd)
     return gfd
 
@@ -392,7 +431,13 @@ def map_validate(rec: dict, ctx) -> None:
 def map_open(rec: dict, ctx, writable: bool) -> int:
     flags = os.O_RDWR if writable else os.O_RDONLY
     if "ghost" in rec:
-        return reopen(restore_ghost(rec, ctx), flags)
+        # O_NOATIME: mmap() touches atime (file_accessed), and the ghost's
+        # atime was already put back
+        gfd = restore_ghost(rec, ctx)
+        try:
+            return reopen(gfd, flags | os.O_NOATIME)
+        except PermissionError:     # neither the owner nor CAP_FOWNER
+            return reopen(gfd, flags)
     ident = rec["file"]
     try:
         fd = os.open(ident["path"], flags | os.O_CLOEXEC)

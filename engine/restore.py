@@ -25,7 +25,7 @@ import time
 import traceback
 from typing import Dict, List, Optional
 
-from . import files, libc, posixtimers, procfs, sched, seccomp
+from . import files, libc, posixtimers, procfs, sched, seccomp, unlinked
 from .arch import current as current_arch
 from .build import build
 from .check import SPECIAL_MAPPINGS, creds_of, creds_plan, require_features
@@ -179,12 +179,17 @@ def preflight(reader: ImageReader, core: dict, vmas: List[dict], fdrecs: List[di
             seccomp.validate(core["seccomp"]):
         add(r)
     cwd = core["cwd"]
-    try:
-        st = os.stat(cwd["path"])
-        if ctx.same_node and (st.st_dev, st.st_ino) != (cwd.get("dev"), cwd.get("ino")):
-            add(Refusal("file-changed", "working directory replaced", path=cwd["path"]))
-    except OSError as e:
-        add(Refusal("file-missing", f"working directory: {e.strerror}", path=cwd["path"]))
+    if isinstance(cwd.get("removed"), dict):
+        why = unlinked.missing_parent(cwd["removed"]["path"])
+        if why:
+            add(Refusal("file-missing", f"cannot recreate the removed working directory: {why}", path=cwd["path"]))
+    else:
+        try:
+            st = os.stat(cwd["path"])
+            if ctx.same_node and (st.st_dev, st.st_ino) != (cwd.get("dev"), cwd.get("ino")):
+                add(Refusal("file-changed", "working directory replaced", path=cwd["path"]))
+        except OSError as e:
+            add(Refusal("file-missing", f"working directory: {e.strerror}", path=cwd["path"]))
     sess = core["session"]
     my_sid = os.getsid(0)
     if sess["sid"] != pid and sess["sid"] != my_sid:
@@ -316,9 +321,13 @@ def prepare(core: dict, vmas: List[dict], fdrecs: List[dict], ctx: RestoreContex
         fd = files.map_open(core["exe"], ctx, False)
         p.exe_fd = p.keep(fd, base)
         os.close(fd)
-        fd = os.open(core["cwd"]["path"], os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        p.cwd_fd = p.keep(fd, base)
-        os.close(fd)
+        if isinstance(core["cwd"].get("removed"), dict):
+            # shared with an fd on the same removed directory; closed by files.close_shared
+            p.cwd_fd = p.keep(unlinked.restore_dir(core["cwd"]["removed"], ctx), base)
+        else:
+            fd = os.open(core["cwd"]["path"], os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            p.cwd_fd = p.keep(fd, base)
+            os.close(fd)
     except BaseException:
         p.close()
         raise

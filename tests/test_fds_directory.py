@@ -113,13 +113,12 @@ def test_directory_plain_has_no_owner(tmp_path):
         assert classify(t.pid, 500).startswith("directory ")
 
 
-def test_directory_removed_refused(tmp_path):
+def test_directory_removed_is_recreated(tmp_path):
+    """Once refused as file-missing; now recreated (tests/test_ghosts.py)."""
     d = make_dir(tmp_path, 0)
     with Target(tmp_path, f"fd = os.open({d!r}, os.O_RDONLY); os.dup2(fd, 500); os.close(fd)") as t:
         os.rmdir(d)
-        with pytest.raises(Refusal) as ei:
-            classify(t.pid, 500)
-        assert ei.value.reason == "file-missing"
+        assert classify(t.pid, 500).startswith(f"removed directory {d} (deleted)")
 
 
 def test_directory_recreated_with_reused_inode_refused(tmp_path):

@@ -178,8 +178,7 @@ def test_deleted_file_is_kept_and_recreated_unlinked(tmp_path, data, fds):
     fds.append(new)
     st = os.fstat(new)
     assert st.st_nlink == 0 and stat.S_IMODE(st.st_mode) == 0o640 and st.st_size == 16384
-    assert os.readlink(f"/proc/self/fd/{new}") == str(data) + " (deleted)" or \
-        os.readlink(f"/proc/self/fd/{new}").startswith(str(tmp_path))
+    assert os.readlink(f"/proc/self/fd/{new}") == str(data) + " (deleted)"
     assert os.lseek(new, 0, os.SEEK_CUR) == 1000
     assert os.pread(new, 16384, 0) == bytes(range(256)) * 64
     assert fcntl.fcntl(new, fcntl.F_GETFL) & 3 == os.O_RDWR

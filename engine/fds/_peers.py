@@ -56,6 +56,18 @@ def holders(ctx, link: str, dev: int, ino: int, proc: str = "/proc") -> List[Tup
     return out
 
 
+def holders_unlinked(ctx, dev: int, ino: int, proc: str = "/proc") -> List[Tuple[int, int]]:
+    """holders() of an unlinked inode under any name: each opener sees the
+    name it opened it by, plus " (deleted)" (another hard link, since
+    removed, shows another text)."""
+    holders(ctx, "", dev, ino, proc)          # fills the cached index
+    out: List[Tuple[int, int]] = []
+    for link in ctx.shared[_CACHE_KEY]:
+        if link.endswith(" (deleted)"):
+            out.extend(holders(ctx, link, dev, ino, proc))
+    return sorted(set(out))
+
+
 def describe(found: List[Tuple[int, int]], limit: int = 3) -> str:
     """'pid 12 fd 4, pid 40 fd 1' (at most `limit`, then '…and N more')."""
     parts = [f"pid {p} fd {f}" for p, f in found[:limit]]

@@ -14,6 +14,10 @@ Identity: on the same node the path must name the same (dev, ino), else
 is a filesystem cookie (ext4 htree hash, tmpfs index), meaningful only
 for the same directory inode: a non-zero position is restored with lseek
 on the same node and refused on another.
+
+A directory removed while open (nlink 0) is recreated empty, with its mode,
+owner and times, under its old name and removed again (engine.unlinked;
+shared with a removed cwd on the same directory).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import fcntl
 import os
 import stat
 
-from .. import pidfd
+from .. import pidfd, unlinked
 from . import _sys
 from ._util import check_async, failed, refuse, refuse_rec
 
@@ -44,7 +48,8 @@ def classify(info, ctx) -> str:
     """Raises dnotify, file-missing (directory removed), file-changed (the
     path names another inode), unsupported-fd (O_ASYNC: unsupported-state)."""
     path = info.link
-    if path.endswith(_DELETED) or info.nlink == 0:
+    removed = unlinked.is_unlinked(path, info.stat or os.stat(info.proc_path))
+    if not removed and (path.endswith(_DELETED) or info.nlink == 0):
         raise refuse(info, "file-missing", "the directory was removed while open")
     owner, sig = _owner(info)
     if owner:
@@ -52,6 +57,8 @@ def classify(info, ctx) -> str:
                      f"directory fd has an F_GETOWN owner ({owner}, F_GETSIG {sig}): "
                      f"fcntl(F_NOTIFY) sets one; dnotify registrations cannot be restored")
     check_async(info)
+    if removed:
+        return f"removed directory {path} at {info.pos}: recreated and removed again at restore"
     try:
         st = os.stat(path)
     except OSError as e:
@@ -72,6 +79,9 @@ def _handle(fd: int):
 
 
 def dump(info, ctx) -> dict:
+    st = os.stat(info.proc_path)
+    if unlinked.is_unlinked(info.link, st):
+        return {"path": info.link, "removed": unlinked.dir_record(info.link, st)}
     with pidfd.target_fd(info.pid, info.fd) as dup:
         handle = _handle(dup)
     return {"path": info.link, "dev": info.dev, "ino": info.ino, "mode": stat.S_IMODE(info.mode),
@@ -80,6 +90,11 @@ def dump(info, ctx) -> dict:
 
 def validate(rec: dict, ctx) -> None:
     """Raises file-missing, file-changed, unsupported-fd (see module doc)."""
+    if rec.get("removed"):
+        why = unlinked.missing_parent(rec["removed"]["path"])
+        if why:
+            raise refuse_rec(rec, ctx, "file-missing", f"cannot recreate the removed directory: {why}")
+        return
     _check(rec, ctx, rec["path"])
 
 
@@ -108,12 +123,15 @@ def restore(rec: dict, ctx) -> int:
     EngineError."""
     path = rec["path"]
     flags = (rec.get("flags", 0) & ~_DROP) | os.O_DIRECTORY | os.O_CLOEXEC
+    if rec.get("removed"):     # through the recreated one's /proc link: same "(deleted)" name
+        path = f"/proc/self/fd/{unlinked.restore_dir(rec['removed'], ctx)}"
     try:
         fd = os.open(path, flags)
     except OSError as e:
         raise refuse_rec(rec, ctx, "file-missing", f"{path}: {e.strerror}") from e
     try:
-        _check(rec, ctx, path, fd)
+        if not rec.get("removed"):
+            _check(rec, ctx, path, fd)
         if rec.get("pos"):
             os.lseek(fd, rec["pos"], os.SEEK_SET)
     except OSError as e:

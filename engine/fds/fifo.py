@@ -19,6 +19,16 @@ recreated fifo (new inode) is equivalent, since no data lives on disk. If
 it already holds bytes written by someone else and we have bytes to put
 back, the order of the two cannot be reproduced: ``pipe-peer-outside``.
 
+A fifo unlinked before the dump (no name left, nlink 0) is a *ghost fifo*:
+nobody can open it again but through /proc/PID/fd, so when no other process
+holds it the process owns it entirely. It is recreated under its old name
+and unlinked again (engine.unlinked: the fds read "<path> (deleted)"), with
+its mode, owner and times, its bytes put back, and every end opened through
+the keeper's /proc/self/fd link. Refused: another process holds it (the
+restored one would get another fifo: ``pipe-peer-outside``), or it lost the
+name it was opened by but another hard link is left (``fifo-missing``:
+opening that link would need the old inode).
+
 Opening an end alone blocks until a partner opens (fifo(7)); the restorer
 first opens the fifo O_RDWR|O_NONBLOCK as a "keeper" (reader and writer at
 once, never blocks on Linux), fills it, opens each end O_NONBLOCK, sets the
@@ -31,7 +41,7 @@ import os
 import stat
 from typing import List
 
-from .. import pidfd
+from .. import pidfd, unlinked
 from . import _dups, _peers, _pipebuf, _sys
 from ._dups import is_follower
 from ._util import check_async, closed_on_error, end_of, failed, open_accmode, refuse, refuse_rec
@@ -55,7 +65,10 @@ def _state(info, ctx) -> dict:
     key = f"fifo-state:{info.dev}:{info.ino}"
     st = ctx.shared.get(key)
     if st is None:
-        outside = _peers.holders(ctx, info.link, info.dev, info.ino)
+        if info.link.endswith(_DELETED):
+            outside = _peers.holders_unlinked(ctx, info.dev, info.ino)
+        else:
+            outside = _peers.holders(ctx, info.link, info.dev, info.ino)
         with pidfd.target_fd(info.pid, info.fd) as dup:
             st = {"queued": _sys.fionread(dup), "size": _pipebuf.pipe_size(dup), "outside": outside}
         ctx.shared[key] = st
@@ -68,7 +81,7 @@ def classify(info, ctx) -> str:
     (O_ASYNC: unsupported-state; packet-mode data); EngineError on system errors."""
     path = info.link
     if path.endswith(_DELETED):
-        raise refuse(info, "fifo-missing", "the fifo was unlinked while open; it cannot be reopened by path")
+        return _classify_ghost(info, ctx)
     try:
         st = os.stat(path)
     except OSError as e:
@@ -87,19 +100,48 @@ def classify(info, ctx) -> str:
     return f"fifo {path} {end_of(info.flags)} end, {s['queued']} bytes buffered, buffer {s['size']}{also}"
 
 
+def _classify_ghost(info, ctx) -> str:
+    if info.nlink:
+        raise refuse(info, "fifo-missing", f"the name it was opened by is gone and {info.nlink} other hard "
+                     "link(s) name it; a recreated fifo would not be the one they open")
+    check_async(info)
+    if info.flags & os.O_DIRECT:
+        raise refuse(info, "unsupported-fd", "packet-mode (O_DIRECT) fifo")
+    s = _state(info, ctx)
+    if s["outside"]:
+        raise refuse(info, "pipe-peer-outside",
+                     f"unlinked fifo is also open in {_peers.describe(s['outside'])}: a recreated fifo "
+                     "would not be theirs")
+    return (f"unlinked fifo {unlinked.original_path(info.link)} {end_of(info.flags)} end, "
+            f"{s['queued']} bytes buffered, buffer {s['size']}: recreated and unlinked again at restore")
+
+
 def dump(info, ctx) -> dict:
     """The record; buffered bytes go to fds/fifo-DEV-INO once per fifo."""
     s = _state(info, ctx)
+    attrs = unlinked.attrs_of(os.stat(info.proc_path))    # before the bytes are copied out
     data = _pipebuf.save_once(info, ctx, f"fifo-data:{info.dev}:{info.ino}", f"fds/fifo-{info.dev}-{info.ino}",
                               s["queued"], lambda: _ends(info, ctx))
-    return {"path": info.link, "fifo": f"{info.dev}:{info.ino}", "dev": info.dev, "ino": info.ino,
-            "end": end_of(info.flags), "size": s["size"], "data": data,
-            "data_len": s["queued"]}
+    rec = {"path": info.link, "fifo": f"{info.dev}:{info.ino}", "dev": info.dev, "ino": info.ino,
+           "end": end_of(info.flags), "size": s["size"], "data": data,
+           "data_len": s["queued"]}
+    if info.link.endswith(_DELETED):
+        rec["ghost"] = attrs
+        rec["path"] = unlinked.original_path(info.link)
+    return rec
 
 
 def validate(rec: dict, ctx) -> None:
     """Raises fifo-missing (no fifo at the path), capability (buffer size)."""
     path = rec["path"]
+    if rec.get("ghost"):
+        why = unlinked.missing_parent(path)
+        if why:
+            raise refuse_rec(rec, ctx, "fifo-missing", f"cannot recreate the unlinked fifo {path}: {why}")
+        why = _pipebuf.check_size(rec["size"])
+        if why:
+            raise refuse_rec(rec, ctx, "capability", why)
+        return
     try:
         st = os.stat(path)
     except OSError as e:
@@ -124,10 +166,19 @@ def _keeper(rec: dict, ctx) -> dict:
     if st is not None:
         return st
     path = rec["path"]
-    try:
-        keeper = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as e:
-        raise refuse_rec(rec, ctx, "fifo-missing", f"{path}: {e.strerror}") from e
+    names = {}
+    if rec.get("ghost"):
+        # one inode; each end shows the name it was opened by (hard links, all unlinked)
+        paths = [path] + sorted({r["path"] for r in _siblings(rec, ctx)} - {path})
+        names = unlinked.create_fifo(paths)
+        keeper = names[path]
+        # the other names' O_PATH fds: closed after the restore, error or not
+        ctx.shared.setdefault("_close_after_restore", []).extend(fd for p, fd in names.items() if p != path)
+    else:
+        try:
+            keeper = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as e:
+            raise refuse_rec(rec, ctx, "fifo-missing", f"{path}: {e.strerror}") from e
     try:
         with closed_on_error(keeper):
             kst = os.fstat(keeper)
@@ -140,9 +191,12 @@ def _keeper(rec: dict, ctx) -> dict:
                                  f"{path} already holds {present} bytes written by another process; "
                                  f"the {len(data)} saved bytes cannot be put before them")
             _pipebuf.fill(keeper, rec["size"], data)
+            if rec.get("ghost"):
+                unlinked.apply_attrs(keeper, rec["ghost"])   # after the writes, which touch mtime
     except OSError as e:
         raise failed(rec, ctx, f"refilling fifo {path}", e) from e
-    st = {"keeper": keeper, "dev": kst.st_dev, "ino": kst.st_ino, "left": len(_siblings(rec, ctx))}
+    st = {"keeper": keeper, "dev": kst.st_dev, "ino": kst.st_ino, "left": len(_siblings(rec, ctx)),
+          "names": names}
     ctx.shared[key] = st
     return st
 
@@ -152,10 +206,12 @@ def restore(rec: dict, ctx) -> int:
     Raises fifo-missing / pipe-peer-outside refusals, EngineError."""
     st = _keeper(rec, ctx)
     path = rec["path"]
+    # An unlinked fifo is reached through the keeper (same dentry, same name).
+    where = f"/proc/self/fd/{st['names'][path]}" if rec.get("ghost") else path
     try:
         # O_NONBLOCK: the keeper is a reader and a writer, but be sure the
         # open can never block the restorer (fifo(7), open(2) ENXIO rule).
-        fd = os.open(path, open_accmode(rec["end"]) | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = os.open(where, open_accmode(rec["end"]) | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:
         raise failed(rec, ctx, f"reopening fifo {path}", e) from e
     try:
