@@ -25,16 +25,18 @@ REASONS = {
     "sched": ("the saved scheduling policy, priority or CPU affinity cannot be applied here (named in "
                   "the detail): e.g. a CPU the process was bound to is not available on this machine"),
     # files
-    "file-missing": "a file the process had open (or mapped) no longer exists at its path",
+    "file-missing": ("a file the process had open (or mapped) no longer exists at its path; or the directory a "
+                     "deleted file, device node, removed directory or cwd is to be recreated in is gone"),
     "file-changed": "a file the process had open (or mapped) is not the same file any more",
     "unlinked-too-large": "a deleted-but-open file holds more data than --ghost-limit",
     "device": "a character or block device other than the known-safe ones",
     # pipes and fifos
-    "fifo-missing": ("the named fifo was unlinked before the dump, or at restore its path is gone or is no "
-                  "longer a fifo"),
+    "fifo-missing": ("at restore a named fifo's path is gone or is no longer a fifo (removed *after* the dump), "
+                     "or the directory of an unlinked fifo is gone; at dump, a fifo lost the name it was opened "
+                     "by but another hard link still names it"),
     "pipe-peer-outside": ("another process holds the pipe (inode, its pid/fd and which end in the detail); or a "
-                  "shared fifo has unread bytes that belong to both sides; or at restore the fifo already "
-                  "holds someone else's bytes"),
+                  "shared fifo has unread bytes that belong to both sides; or an unlinked fifo is held by another "
+                  "process too; or at restore the fifo already holds someone else's bytes"),
     # notification
     "inotify-unresolvable": ("no path names a watched inode (at dump), or at restore the path is gone, is another "
                   "inode, or is a reused inode number"),
