@@ -25,6 +25,7 @@ import os
 import stat
 from typing import Optional
 
+from . import fstype
 from .errors import EngineError, Refusal
 
 _CHUNK = 4 << 20
@@ -273,6 +274,31 @@ def original_path(name: str) -> str:
     return name[:-len(_DELETED)] if name.endswith(_DELETED) else name
 
 
+def check_recreatable(name: str, st: os.stat_result, *, fd: Optional[int] = None,
+                      pid: Optional[int] = None) -> None:
+    """Dump-time pre-flight for a deleted file (not a memfd): restore
+    recreates it unlinked in its old directory (so on the same filesystem),
+    which must therefore exist and be writable: not on a read-only mount,
+    not closed to ckpt by its permissions. Checked here, while refusing leaves the target unharmed,
+    rather than found out at restore, after the target was killed."""
+    parent = os.path.dirname(original_path(name)) or "/"
+
+    def refuse(detail: str) -> Refusal:
+        return Refusal("unlinked-unrestorable", f"deleted file cannot be recreated: {detail}",
+                       pid=pid, fd=fd, path=name)
+
+    try:
+        pst = os.stat(parent)
+    except OSError as e:
+        raise refuse(f"its directory {parent}: {e.strerror}") from None
+    if not stat.S_ISDIR(pst.st_mode):
+        raise refuse(f"{parent} is not a directory")
+    if os.statvfs(parent).f_flag & os.ST_RDONLY:
+        raise refuse(f"{parent} is on a read-only mount")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise refuse(f"no write permission in {parent}")
+
+
 def validate_ghost(rec: dict, ctx, *, fd: Optional[int] = None, pid: Optional[int] = None) -> None:
     for key, typ in (("ghost", str), ("size", int), ("extents", list), ("name", str)):
         if not isinstance(rec.get(key), typ):
@@ -337,11 +363,17 @@ def restore_ghost(rec: dict, ctx) -> int:
     return gfd
 
 
+# Flags only open() looks at, never replayed on a reopen. O_TMPFILE
+# (__O_TMPFILE | O_DIRECTORY) stays in f_flags of a file made with it; on a
+# reopen it would ask for a new temporary file in a directory.
+OPEN_ONLY = os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_CLOEXEC | os.O_NOCTTY | getattr(os, "O_TMPFILE", 0o20200000)
+
+
 def reopen(fd: int, flags: int) -> int:
     """A new open file description on the file behind `fd`, with `flags`
     (access mode, O_APPEND, ...): through /proc/self/fd, which works for
     unlinked files too."""
-    keep = flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_CLOEXEC | os.O_NOCTTY)
+    keep = flags & ~OPEN_ONLY
     return os.open(f"/proc/self/fd/{fd}", keep | os.O_CLOEXEC)
 
 
@@ -366,6 +398,12 @@ def map_dump(pid: int, vma: dict, ctx) -> dict:
     except OSError as e:
         raise Refusal("unsupported-mapping", f"cannot open the mapped file: {e.strerror}",
                       pid=pid, path=name) from None
+    fs = fstype.magic(open_path)
+    if fstype.pseudo(fs):
+        raise Refusal("pseudo-file", f"mapping of a file on the {fstype.name(fs)} pseudo filesystem: "
+                      "kernel state, not stored bytes", pid=pid, path=name)
+    if fstype.handle(fs):
+        raise Refusal("unsupported-mapping", f"mapping of a {fstype.name(fs)} object", pid=pid, path=name)
     if not stat.S_ISREG(st.st_mode):
         raise Refusal("unsupported-mapping", f"mapping of a non-regular file ({stat.filemode(st.st_mode)})",
                       pid=pid, path=name)
@@ -376,6 +414,8 @@ def map_dump(pid: int, vma: dict, ctx) -> dict:
                 return {"file": record_identity(alias, open_path, ctx, pid=pid)}
             raise Refusal("file-missing", f"mapped file lost this name but has {st.st_nlink} other hard "
                           "link(s), none of which could be found", pid=pid, path=name)
+        if not name.startswith(MEMFD_PREFIX):
+            check_recreatable(name, st, pid=pid)
         return dump_ghost(open_path, name, ctx, pid=pid)
     return {"file": record_identity(name, open_path, ctx, pid=pid)}
 

@@ -25,6 +25,8 @@ REASONS = {
     "file-changed": "a file the process had open (or mapped) is not the same file any more",
     "unlinked-too-large": "a deleted-but-open file is larger than --ghost-limit",
     "device": "a character or block device other than the known-safe ones",
+    "pseudo-file": "an open (or mapped) file on a kernel pseudo filesystem (proc, sysfs, nsfs, cgroup, ...)",
+    "unlinked-unrestorable": "a deleted-but-open file could not be recreated where it lived",
     # pipes and fifos
     "fifo-missing": "the named fifo no longer exists at its path",
     "pipe-peer-outside": "the other end of a pipe is held by a process outside the dump",
