@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from . import fds as fdkinds
-from . import procfs
+from . import fstype, procfs
 from .context import DumpContext
 from .errors import Refusal, UsageError
 
@@ -213,6 +213,18 @@ def classify_vma(vma: dict) -> str:
     return "file"
 
 
+def _check_mapped_fs(map_files: str, path: str) -> None:
+    """A mapped file is judged by its filesystem before anything else: a
+    mapping of a pseudo filesystem's file (sysfs binary attributes, ...)
+    shows kernel memory, not stored bytes (engine/fstype.py)."""
+    fs = fstype.magic(map_files)
+    if fstype.pseudo(fs):
+        raise Refusal("pseudo-file", f"mapping of a file on the {fstype.name(fs)} pseudo filesystem: "
+                      "kernel state, not stored bytes", path=path)
+    if fstype.handle(fs):
+        raise Refusal("unsupported-mapping", f"mapping of a {fstype.name(fs)} object", path=path)
+
+
 def _check_vmas(s: Survey) -> None:
     flags = s.proc.vmflags()
     shmem_inodes: Dict[int, int] = {}
@@ -221,6 +233,8 @@ def _check_vmas(s: Survey) -> None:
         what = f"mapping {vma['start']:x}-{vma['end']:x} {vma['perms']} {vma['path']}".rstrip()
         try:
             kind = classify_vma(vma)
+            if kind == "file":
+                _check_mapped_fs(s.proc.path(f"map_files/{vma['start']:x}-{vma['end']:x}"), vma["path"])
             bad = [f for f in vma["flags"] if f not in KNOWN_FLAGS]
             if bad and kind != "special":
                 raise Refusal("unsupported-mapping", "VmFlags " + ", ".join(
