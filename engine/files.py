@@ -121,6 +121,17 @@ def _generation_of(path: str, opened: Optional[int]) -> Optional[int]:
         os.close(fd)
 
 
+def _readable(opened: int) -> int:
+    """`opened` itself when it can be read, else a read-only reopen of the
+    very same inode through /proc/self/fd (an O_WRONLY or O_PATH fd): never
+    a new lookup of the path."""
+    import fcntl
+    fl = fcntl.fcntl(opened, fcntl.F_GETFL)
+    if fl & getattr(os, "O_PATH", 0o10000000) or fl & os.O_ACCMODE == os.O_WRONLY:
+        return os.open(f"/proc/self/fd/{opened}", os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    return opened
+
+
 def _fmt_time(ns: int) -> str:
     import time
     return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ns / 1e9)) + f".{ns % 1_000_000_000:09d}"
@@ -136,6 +147,16 @@ def check_identity(ident: dict, ctx, *, fd: Optional[int] = None, pid: Optional[
             touched mtime with identical content is accepted)
     size    same node: same dev+ino; any node: same size
     none    the path exists
+
+    Two stages. Without `opened` (the restore pre-flight) everything but the
+    content is checked: type, dev+ino+generation, size, mtime. With `opened`
+    (the fd restore will hand to the process) everything is checked again
+    on what was opened, and the content is hashed from that fd, every time:
+    a check of the path followed by an open of the path is a race (a
+    same-size rewrite in the same mtime tick, a rename-over), so the digest
+    is only ever taken from the opened file, once per open. Nothing is
+    cached: a cache keyed on (dev, ino, size, mtime) cannot see a same-size
+    rewrite within one coarse mtime tick.
     """
     path = ident["path"]
     mode = ctx.options.file_validation
@@ -153,40 +174,40 @@ def check_identity(ident: dict, ctx, *, fd: Optional[int] = None, pid: Optional[
         raise changed(f"file type {stat.filemode(ident['mode'])[0]} -> {stat.filemode(st.st_mode)[0]}")
     if mode == "none":
         return st
-    if ctx.same_node:
-        if (st.st_dev, st.st_ino) != (ident["dev"], ident["ino"]):
-            raise changed(f"another file at this path (dev {ident['dev']} ino {ident['ino']} -> "
-                          f"dev {st.st_dev} ino {st.st_ino}): renamed-over or replaced")
-        if ident.get("generation") is not None:
-            gen = _generation_of(path, opened)
-            if gen is not None and gen != ident["generation"]:
-                raise changed(f"another file at this path (inode {st.st_ino} was freed and reused: "
-                              f"generation {ident['generation']} -> {gen}): replaced")
-    if st.st_size != ident["size"]:
-        raise changed(f"size {ident['size']} -> {st.st_size}")
-    if mode == "size" or not stat.S_ISREG(st.st_mode):
+    rfd = _readable(opened) if opened is not None else None
+    try:
+        if ctx.same_node:
+            if (st.st_dev, st.st_ino) != (ident["dev"], ident["ino"]):
+                raise changed(f"another file at this path (dev {ident['dev']} ino {ident['ino']} -> "
+                              f"dev {st.st_dev} ino {st.st_ino}): renamed-over or replaced")
+            if ident.get("generation") is not None:
+                gen = _generation_of(path, rfd)
+                if gen is not None and gen != ident["generation"]:
+                    raise changed(f"another file at this path (inode {st.st_ino} was freed and reused: "
+                                  f"generation {ident['generation']} -> {gen}): replaced")
+        if st.st_size != ident["size"]:
+            raise changed(f"size {ident['size']} -> {st.st_size}")
+        if mode == "size" or not stat.S_ISREG(st.st_mode):
+            return st
+        if mode == "strict" and st.st_mtime_ns != ident["mtime_ns"]:
+            raise changed(f"mtime {_fmt_time(ident['mtime_ns'])} -> {_fmt_time(st.st_mtime_ns)}")
+        want = ident.get("sha256")
+        if want is None:
+            raise changed("the image has no content digest for it (dumped with --file-validation "
+                          "size/none); restore with --file-validation size")
+        if rfd is None:
+            return st        # the content is checked on the opened file
+        # No shortcut on "same mtime": ext4 timestamps are taken from a
+        # coarse clock, so a same-size rewrite within a few ms keeps mtime.
+        if sha256_fd(rfd) != want:
+            raise changed("content differs (same size, different sha256): rewritten after the dump")
+        if os.fstat(rfd).st_size != ident["size"]:
+            raise changed(f"size changed while it was being checked ({ident['size']} -> "
+                          f"{os.fstat(rfd).st_size})")
         return st
-    if mode == "strict" and st.st_mtime_ns != ident["mtime_ns"]:
-        raise changed(f"mtime {_fmt_time(ident['mtime_ns'])} -> {_fmt_time(st.st_mtime_ns)}")
-    # No shortcut on "same mtime": ext4 timestamps are taken from a coarse
-    # clock, so a same-size rewrite within a few ms of the dump keeps mtime.
-    want = ident.get("sha256")
-    if want is None:
-        raise changed("the image has no content digest for it (dumped with --file-validation "
-                      "size/none); restore with --file-validation size")
-    key = f"digest:{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
-    got = ctx.shared.get(key)
-    if got is None:
-        rfd = opened if opened is not None else os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            got = sha256_fd(rfd)
-        finally:
-            if opened is None:
-                os.close(rfd)
-        ctx.shared[key] = got
-    if got != want:
-        raise changed("content differs (same size, different sha256): rewritten after the dump")
-    return st
+    finally:
+        if rfd is not None and rfd != opened:
+            os.close(rfd)
 
 
 # -- ghosts -------------------------------------------------------------------
