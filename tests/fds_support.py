@@ -200,13 +200,15 @@ class Restored:
                 pass
 
 
-def restore(image_dir: str, pid: Optional[int] = None, same_node: bool = True) -> Restored:
+def restore(image_dir: str, pid: Optional[int] = None, same_node: bool = True,
+            options: Optional[Options] = None) -> Restored:
     """validate every record, then restore each into this process at its
     fd number (dup3 like the core), followers dup'ed, then finish()."""
     img = ImageReader(image_dir)
     img.verify()
     records = img.read_json("fds.json")
-    ctx = RestoreContext(options=Options(), image=img, same_node=same_node, records=records, pid=pid)
+    ctx = RestoreContext(options=options or Options(), image=img, same_node=same_node, records=records,
+                         pid=pid)
     from engine.fds import handler
     for rec in records:
         assert rec["fd"] >= HIGH, "tests must use high fd numbers"
