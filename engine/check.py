@@ -154,6 +154,51 @@ def _check_process(s: Survey) -> None:
     _check_creds(s)
 
 
+CAP_SYS_RESOURCE = 24
+
+
+def _check_restore_env(s: Survey) -> None:
+    """What `ckpt restore` run here, as this ckpt is, would refuse on an
+    unchanged machine; refused now, while the target is unharmed (a dump
+    restore refuses loses the process):
+
+    * a hard rlimit above ckpt's own: raising it needs CAP_SYS_RESOURCE;
+    * a session that is neither the target's own nor ckpt's: the restored
+      process could join neither."""
+    eff = int(procfs.parse_status(open("/proc/self/status").read()).get("CapEff", "0"), 16)
+    if not (eff >> CAP_SYS_RESOURCE) & 1:
+        from . import libc
+        try:
+            theirs = procfs.parse_limits(s.proc.read("limits"))[:len(libc.RLIMIT_NAMES)]
+        except (OSError, ValueError, Refusal):
+            theirs = []
+        for i, (_, mx) in enumerate(theirs):
+            mymax = libc.get_rlimit(0, i)[1]
+            if mx > mymax:
+                s.refuse(f"rlimit {libc.RLIMIT_NAMES[i]}", "process", Refusal(
+                    "capability", f"RLIMIT_{libc.RLIMIT_NAMES[i]} hard limit {mx} is above ckpt's {mymax}; "
+                    "restoring it needs CAP_SYS_RESOURCE (run ckpt with limits at least as high)"))
+    sid, pgid = s.stat.get("session"), s.stat.get("pgrp")
+    if sid is None or sid == s.pid:
+        return
+    if sid != os.getsid(0):
+        s.refuse("session", "session", Refusal(
+            "unsupported-state", f"in session {sid}, neither its own nor ckpt's ({os.getsid(0)}): a restore "
+            "could not put it back there; start it with setsid, or run ckpt from its session"))
+    elif pgid != s.pid:
+        # restore joins the group through its leader (setpgid needs a live
+        # group in the session): a group whose leader has exited would be
+        # gone once the target is.
+        try:
+            ok = os.getsid(pgid) == sid
+        except OSError:
+            ok = False
+        if not ok:
+            s.refuse("session", "session", Refusal(
+                "unsupported-state", f"its process group {pgid} has no leader in session {sid}: it would not "
+                "exist for the restore; start it with setsid"))
+
+
 def creds_of(status: Dict[str, str]) -> dict:
     def ids(key: str) -> List[int]:
         return [int(x) for x in status.get(key, "").split()]
@@ -290,6 +335,7 @@ def preflight(pid: int, ctx: DumpContext, proc: procfs.Proc) -> Survey:
     s.stat = proc.stat()
     s.status = proc.status()
     _check_process(s)
+    _check_restore_env(s)
     _check_vmas(s)
     _check_fds(s, ctx)
     return s
