@@ -102,3 +102,29 @@ def test_hard_rlimit_above_ckpts_is_refused_at_dump(procs, tmp_path):
     assert out.returncode == 3, out.stderr
     assert "capability" in out.stderr and "RLIMIT_NOFILE" in out.stderr
     assert p.poll() is None and not (tmp_path / "img").exists()
+
+
+def test_unforeseen_system_error_at_restore_is_a_clean_engine_error(procs, tmp_path, monkeypatch):
+    """Every restore failure is a refusal or an EngineError (exit 4 with
+    errno), never a Python exception: before, a raw OSError from opening a
+    file (NotADirectoryError: '/proc/self/fd/3') escaped as an internal error."""
+    from engine import restore as engine_restore
+    from engine.errors import EngineError
+    from engine.fds import regular
+    p = procs.start([python_exe(), "-c", "import os\nfd = os.open('/etc/hostname', os.O_RDONLY)\n" + SLEEPER,
+                     _ready(tmp_path)])
+    wait_for(lambda: os.path.exists(_ready(tmp_path)), what="the sleeper")
+    dump(p.pid, str(tmp_path / "img"), Options())
+    p.wait()
+
+    def crash(rec, ctx):
+        raise NotADirectoryError(20, "Not a directory", "/proc/self/fd/3")
+    monkeypatch.setattr(regular, "restore", crash)
+    try:
+        with pytest.raises(EngineError) as e:
+            engine_restore.restore(str(tmp_path / "img"), Options())
+    finally:
+        if alive(p.pid):
+            procs.adopt(p.pid)
+    assert not isinstance(e.value, OSError) and e.value.errno == 20
+    assert "/proc/self/fd/3" in str(e.value) and not alive(p.pid)
