@@ -219,3 +219,19 @@ def test_o_tmpfile_in_a_directory_made_read_only_restores(tmp_path):
             assert os.lseek(500, 0, os.SEEK_CUR) == 7
     finally:
         os.chmod(d, 0o700)
+
+
+@pytest.mark.slow
+def test_mapped_deleted_file_whose_directory_is_gone_is_refused_at_dump(procs, tmp_path):
+    """The same pre-flight for a deleted file held only by a mapping."""
+    d = tmp_path / "gone"
+    d.mkdir()
+    (d / "lib").write_bytes(b"m" * 8192)
+    e = _refused(procs, tmp_path, f"fd = os.open({str(d / 'lib')!r}, os.O_RDONLY)\n"
+                                  "libc = ctypes.CDLL(None); libc.mmap.restype = ctypes.c_void_p\n"
+                                  "libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, "
+                                  "ctypes.c_int, ctypes.c_int, ctypes.c_long]\n"
+                                  "assert libc.mmap(None, 8192, 1, 2, fd, 0) not in (None, 2**64 - 1)\n"
+                                  f"os.close(fd); os.unlink({str(d / 'lib')!r}); os.rmdir({str(d)!r})")
+    got = getattr(e, "refusals", [e])
+    assert [r.reason for r in got] == ["unlinked-unrestorable"] and got[0].fd is None
