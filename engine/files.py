@@ -295,13 +295,13 @@ def original_path(name: str) -> str:
     return name[:-len(_DELETED)] if name.endswith(_DELETED) else name
 
 
-def check_recreatable(name: str, st: os.stat_result, *, fd: Optional[int] = None,
-                      pid: Optional[int] = None) -> None:
+def check_recreatable(name: str, *, fd: Optional[int] = None, pid: Optional[int] = None) -> None:
     """Dump-time pre-flight for a deleted file (not a memfd): restore
-    recreates it unlinked in its old directory (so on the same filesystem),
-    which must therefore exist and be writable: not on a read-only mount,
-    not closed to ckpt by its permissions. Checked here, while refusing leaves the target unharmed,
-    rather than found out at restore, after the target was killed."""
+    recreates it unlinked in its old directory (so on the same filesystem
+    and mount, as fstat and /proc/PID/fd show them), which must therefore
+    exist and be writable: not on a read-only mount, not closed to ckpt by
+    its permissions. Checked here, while a refusal leaves the target
+    unharmed, rather than found out at restore, after it was killed."""
     parent = os.path.dirname(original_path(name)) or "/"
 
     def refuse(detail: str) -> Refusal:
@@ -436,7 +436,7 @@ def map_dump(pid: int, vma: dict, ctx) -> dict:
             raise Refusal("file-missing", f"mapped file lost this name but has {st.st_nlink} other hard "
                           "link(s), none of which could be found", pid=pid, path=name)
         if not name.startswith(MEMFD_PREFIX):
-            check_recreatable(name, st, pid=pid)
+            check_recreatable(name, pid=pid)
         return dump_ghost(open_path, name, ctx, pid=pid)
     return {"file": record_identity(name, open_path, ctx, pid=pid)}
 
