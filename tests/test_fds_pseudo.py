@@ -235,3 +235,21 @@ def test_mapped_deleted_file_whose_directory_is_gone_is_refused_at_dump(procs, t
                                   f"os.close(fd); os.unlink({str(d / 'lib')!r}); os.rmdir({str(d)!r})")
     got = getattr(e, "refusals", [e])
     assert [r.reason for r in got] == ["unlinked-unrestorable"] and got[0].fd is None
+
+
+def test_o_tmpfile_later_linked_reopens_by_its_name(tmp_path):
+    """An O_TMPFILE file given a name with linkat is a regular file whose fd
+    flags still hold the O_TMPFILE bits. Before: restore replayed them on
+    open(path) (ENOTDIR) and refused an unchanged file."""
+    d = tmp_path / "d"
+    d.mkdir()
+    name = str(d / "named")
+    setup = (f"fd = os.open({str(d)!r}, os.O_TMPFILE | os.O_RDWR, 0o600); os.write(fd, b'now named')\n"
+             f"assert libc.linkat(-100, f'/proc/self/fd/{{fd}}'.encode(), -100, {name!r}.encode(), 0x400) == 0\n"
+             "os.dup2(fd, 500); os.close(fd)")            # AT_FDCWD, AT_SYMLINK_FOLLOW
+    with Target(tmp_path, setup) as t:
+        assert classify(t.pid, 500).startswith(f"regular {name} (reached through a surviving hard link)")
+        img = dump(t.pid, [500], str(tmp_path / "img"))
+    with restore(img):
+        assert os.fstat(500).st_ino == os.stat(name).st_ino
+        assert os.pread(500, 100, 0) == b"now named" and os.lseek(500, 0, os.SEEK_CUR) == 9
