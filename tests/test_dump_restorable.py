@@ -128,3 +128,27 @@ def test_unforeseen_system_error_at_restore_is_a_clean_engine_error(procs, tmp_p
             procs.adopt(p.pid)
     assert not isinstance(e.value, OSError) and e.value.errno == 20
     assert "/proc/self/fd/3" in str(e.value) and not alive(p.pid)
+
+
+@pytest.mark.parametrize("kind", ["pipe", "fifo"])
+def test_pipe_buffer_above_pipe_max_size_is_refused_at_dump(procs, tmp_path, monkeypatch, kind):
+    """A pipe buffer larger than pipe-max-size cannot be remade without
+    CAP_SYS_RESOURCE: restore refused it (capability) after the dump had
+    killed the target. pipe-max-size is simulated below the pipe's 64 KiB
+    (lowering the real sysctl would disturb the whole machine)."""
+    if _has_cap_sys_resource():
+        pytest.skip("ckpt has CAP_SYS_RESOURCE here")
+    from engine.fds import _pipebuf
+    if kind == "fifo":
+        os.mkfifo(tmp_path / "fifo")
+        setup = "r = os.open('fifo', os.O_RDONLY | os.O_NONBLOCK); w = os.open('fifo', os.O_WRONLY)\n"
+    else:
+        setup = "r, w = os.pipe()\n"
+    p = procs.start([python_exe(), "-c", "import os\n" + setup + SLEEPER, _ready(tmp_path)], cwd=str(tmp_path))
+    wait_for(lambda: os.path.exists(_ready(tmp_path)), what="the target")
+    monkeypatch.setattr(_pipebuf, "pipe_max_size", lambda: 4096)
+    with pytest.raises((Refusal, Refusals)) as e:
+        dump(p.pid, str(tmp_path / "img"), Options())
+    got = _refusals(e.value)
+    assert {r.reason for r in got} == {"capability"} and "pipe-max-size" in got[0].message
+    assert p.poll() is None and not (tmp_path / "img").exists()
