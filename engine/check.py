@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from . import fds as fdkinds
-from . import posixtimers, procfs, unlinked
+from . import fstype, posixtimers, procfs, unlinked
 from .context import DumpContext
 from .errors import Refusal, UsageError
 
@@ -150,6 +150,51 @@ def _check_process(s: Survey) -> None:
     _check_creds(s)
 
 
+CAP_SYS_RESOURCE = 24
+
+
+def _check_restore_env(s: Survey) -> None:
+    """What `ckpt restore` run here, as this ckpt is, would refuse on an
+    unchanged machine; refused now, while the target is unharmed (a dump
+    restore refuses loses the process):
+
+    * a hard rlimit above ckpt's own: raising it needs CAP_SYS_RESOURCE;
+    * a session that is neither the target's own nor ckpt's: the restored
+      process could join neither."""
+    eff = int(procfs.parse_status(open("/proc/self/status").read()).get("CapEff", "0"), 16)
+    if not (eff >> CAP_SYS_RESOURCE) & 1:
+        from . import libc
+        try:
+            theirs = procfs.parse_limits(s.proc.read("limits"))[:len(libc.RLIMIT_NAMES)]
+        except (OSError, ValueError, Refusal):
+            theirs = []
+        for i, (_, mx) in enumerate(theirs):
+            mymax = libc.get_rlimit(0, i)[1]
+            if mx > mymax:
+                s.refuse(f"rlimit {libc.RLIMIT_NAMES[i]}", "process", Refusal(
+                    "capability", f"RLIMIT_{libc.RLIMIT_NAMES[i]} hard limit {mx} is above ckpt's {mymax}; "
+                    "restoring it needs CAP_SYS_RESOURCE (run ckpt with limits at least as high)"))
+    sid, pgid = s.stat.get("session"), s.stat.get("pgrp")
+    if sid is None or sid == s.pid:
+        return
+    if sid != os.getsid(0):
+        s.refuse("session", "session", Refusal(
+            "unsupported-state", f"in session {sid}, neither its own nor ckpt's ({os.getsid(0)}): a restore "
+            "could not put it back there; start it with setsid, or run ckpt from its session"))
+    elif pgid != s.pid:
+        # restore joins the group through its leader (setpgid needs a live
+        # group in the session): a group whose leader has exited would be
+        # gone once the target is.
+        try:
+            ok = os.getsid(pgid) == sid
+        except OSError:
+            ok = False
+        if not ok:
+            s.refuse("session", "session", Refusal(
+                "unsupported-state", f"its process group {pgid} has no leader in session {sid}: it would not "
+                "exist for the restore; start it with setsid"))
+
+
 def creds_of(status: Dict[str, str]) -> dict:
     def ids(key: str) -> List[int]:
         return [int(x) for x in status.get(key, "").split()]
@@ -209,6 +254,18 @@ def classify_vma(vma: dict) -> str:
     return "file"
 
 
+def _check_mapped_fs(map_files: str, path: str) -> None:
+    """A mapped file is judged by its filesystem before anything else: a
+    mapping of a pseudo filesystem's file (sysfs binary attributes, ...)
+    shows kernel memory, not stored bytes (engine/fstype.py)."""
+    fs = fstype.magic(map_files)
+    if fstype.pseudo(fs):
+        raise Refusal("pseudo-file", f"mapping of a file on the {fstype.name(fs)} pseudo filesystem: "
+                      "kernel state, not stored bytes", path=path)
+    if fstype.handle(fs):
+        raise Refusal("unsupported-mapping", f"mapping of a {fstype.name(fs)} object", path=path)
+
+
 def _check_vmas(s: Survey) -> None:
     flags = s.proc.vmflags()
     shmem_inodes: Dict[int, int] = {}
@@ -217,6 +274,8 @@ def _check_vmas(s: Survey) -> None:
         what = f"mapping {vma['start']:x}-{vma['end']:x} {vma['perms']} {vma['path']}".rstrip()
         try:
             kind = classify_vma(vma)
+            if kind == "file":
+                _check_mapped_fs(s.proc.path(f"map_files/{vma['start']:x}-{vma['end']:x}"), vma["path"])
             bad = [f for f in vma["flags"] if f not in KNOWN_FLAGS]
             if bad and kind != "special":
                 raise Refusal("unsupported-mapping", "VmFlags " + ", ".join(
@@ -272,6 +331,7 @@ def preflight(pid: int, ctx: DumpContext, proc: procfs.Proc) -> Survey:
     s.stat = proc.stat()
     s.status = proc.status()
     _check_process(s)
+    _check_restore_env(s)
     _check_vmas(s)
     _check_fds(s, ctx)
     return s

@@ -25,7 +25,7 @@ import os
 import stat
 from typing import Optional
 
-from . import unlinked
+from . import fstype, unlinked
 from .errors import EngineError, Refusal
 
 _CHUNK = 4 << 20
@@ -121,6 +121,17 @@ def _generation_of(path: str, opened: Optional[int]) -> Optional[int]:
         os.close(fd)
 
 
+def _readable(opened: int) -> int:
+    """`opened` itself when it can be read, else a read-only reopen of the
+    very same inode through /proc/self/fd (an O_WRONLY or O_PATH fd): never
+    a new lookup of the path."""
+    import fcntl
+    fl = fcntl.fcntl(opened, fcntl.F_GETFL)
+    if fl & getattr(os, "O_PATH", 0o10000000) or fl & os.O_ACCMODE == os.O_WRONLY:
+        return os.open(f"/proc/self/fd/{opened}", os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    return opened
+
+
 def _fmt_time(ns: int) -> str:
     import time
     return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ns / 1e9)) + f".{ns % 1_000_000_000:09d}"
@@ -136,6 +147,16 @@ def check_identity(ident: dict, ctx, *, fd: Optional[int] = None, pid: Optional[
             touched mtime with identical content is accepted)
     size    same node: same dev+ino; any node: same size
     none    the path exists
+
+    Two stages. Without `opened` (the restore pre-flight) everything but the
+    content is checked: type, dev+ino+generation, size, mtime. With `opened`
+    (the fd restore will hand to the process) everything is checked again
+    on what was opened, and the content is hashed from that fd, every time:
+    a check of the path followed by an open of the path is a race (a
+    same-size rewrite in the same mtime tick, a rename-over), so the digest
+    is only ever taken from the opened file, once per open. Nothing is
+    cached: a cache keyed on (dev, ino, size, mtime) cannot see a same-size
+    rewrite within one coarse mtime tick.
     """
     path = ident["path"]
     mode = ctx.options.file_validation
@@ -153,40 +174,40 @@ def check_identity(ident: dict, ctx, *, fd: Optional[int] = None, pid: Optional[
         raise changed(f"file type {stat.filemode(ident['mode'])[0]} -> {stat.filemode(st.st_mode)[0]}")
     if mode == "none":
         return st
-    if ctx.same_node:
-        if (st.st_dev, st.st_ino) != (ident["dev"], ident["ino"]):
-            raise changed(f"another file at this path (dev {ident['dev']} ino {ident['ino']} -> "
-                          f"dev {st.st_dev} ino {st.st_ino}): renamed-over or replaced")
-        if ident.get("generation") is not None:
-            gen = _generation_of(path, opened)
-            if gen is not None and gen != ident["generation"]:
-                raise changed(f"another file at this path (inode {st.st_ino} was freed and reused: "
-                              f"generation {ident['generation']} -> {gen}): replaced")
-    if st.st_size != ident["size"]:
-        raise changed(f"size {ident['size']} -> {st.st_size}")
-    if mode == "size" or not stat.S_ISREG(st.st_mode):
+    rfd = _readable(opened) if opened is not None else None
+    try:
+        if ctx.same_node:
+            if (st.st_dev, st.st_ino) != (ident["dev"], ident["ino"]):
+                raise changed(f"another file at this path (dev {ident['dev']} ino {ident['ino']} -> "
+                              f"dev {st.st_dev} ino {st.st_ino}): renamed-over or replaced")
+            if ident.get("generation") is not None:
+                gen = _generation_of(path, rfd)
+                if gen is not None and gen != ident["generation"]:
+                    raise changed(f"another file at this path (inode {st.st_ino} was freed and reused: "
+                                  f"generation {ident['generation']} -> {gen}): replaced")
+        if st.st_size != ident["size"]:
+            raise changed(f"size {ident['size']} -> {st.st_size}")
+        if mode == "size" or not stat.S_ISREG(st.st_mode):
+            return st
+        if mode == "strict" and st.st_mtime_ns != ident["mtime_ns"]:
+            raise changed(f"mtime {_fmt_time(ident['mtime_ns'])} -> {_fmt_time(st.st_mtime_ns)}")
+        want = ident.get("sha256")
+        if want is None:
+            raise changed("the image has no content digest for it (dumped with --file-validation "
+                          "size/none); restore with --file-validation size")
+        if rfd is None:
+            return st        # the content is checked on the opened file
+        # No shortcut on "same mtime": ext4 timestamps are taken from a
+        # coarse clock, so a same-size rewrite within a few ms keeps mtime.
+        if sha256_fd(rfd) != want:
+            raise changed("content differs (same size, different sha256): rewritten after the dump")
+        if os.fstat(rfd).st_size != ident["size"]:
+            raise changed(f"size changed while it was being checked ({ident['size']} -> "
+                          f"{os.fstat(rfd).st_size})")
         return st
-    if mode == "strict" and st.st_mtime_ns != ident["mtime_ns"]:
-        raise changed(f"mtime {_fmt_time(ident['mtime_ns'])} -> {_fmt_time(st.st_mtime_ns)}")
-    # No shortcut on "same mtime": ext4 timestamps are taken from a coarse
-    # clock, so a same-size rewrite within a few ms of the dump keeps mtime.
-    want = ident.get("sha256")
-    if want is None:
-        raise changed("the image has no content digest for it (dumped with --file-validation "
-                      "size/none); restore with --file-validation size")
-    key = f"digest:{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
-    got = ctx.shared.get(key)
-    if got is None:
-        rfd = opened if opened is not None else os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            got = sha256_fd(rfd)
-        finally:
-            if opened is None:
-                os.close(rfd)
-        ctx.shared[key] = got
-    if got != want:
-        raise changed("content differs (same size, different sha256): rewritten after the dump")
-    return st
+    finally:
+        if rfd is not None and rfd != opened:
+            os.close(rfd)
 
 
 # -- ghosts -------------------------------------------------------------------
@@ -275,6 +296,31 @@ def _memfd_name(name: str) -> str:
 
 def original_path(name: str) -> str:
     return name[:-len(_DELETED)] if name.endswith(_DELETED) else name
+
+
+def check_recreatable(name: str, *, fd: Optional[int] = None, pid: Optional[int] = None) -> None:
+    """Dump-time pre-flight for a deleted file (not a memfd): restore
+    recreates it unlinked in its old directory (so on the same filesystem
+    and mount, as fstat and /proc/PID/fd show them), which must therefore
+    exist and be writable: not on a read-only mount, not closed to ckpt by
+    its permissions. Checked here, while a refusal leaves the target
+    unharmed, rather than found out at restore, after it was killed."""
+    parent = os.path.dirname(original_path(name)) or "/"
+
+    def refuse(detail: str) -> Refusal:
+        return Refusal("unlinked-unrestorable", f"deleted file cannot be recreated: {detail}",
+                       pid=pid, fd=fd, path=name)
+
+    try:
+        pst = os.stat(parent)
+    except OSError as e:
+        raise refuse(f"its directory {parent}: {e.strerror}") from None
+    if not stat.S_ISDIR(pst.st_mode):
+        raise refuse(f"{parent} is not a directory")
+    if os.statvfs(parent).f_flag & os.ST_RDONLY:
+        raise refuse(f"{parent} is on a read-only mount")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise refuse(f"no write permission in {parent}")
 
 
 def validate_ghost(rec: dict, ctx, *, fd: Optional[int] = None, pid: Optional[int] = None) -> None:
@@ -376,11 +422,17 @@ def restore_ghost(rec: dict, ctx) -> int:
     return gfd
 
 
+# Flags only open() looks at, never replayed on a reopen. O_TMPFILE
+# (__O_TMPFILE | O_DIRECTORY) stays in f_flags of a file made with it; on a
+# reopen it would ask for a new temporary file in a directory.
+OPEN_ONLY = os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_CLOEXEC | os.O_NOCTTY | getattr(os, "O_TMPFILE", 0o20200000)
+
+
 def reopen(fd: int, flags: int) -> int:
     """A new open file description on the file behind `fd`, with `flags`
     (access mode, O_APPEND, ...): through /proc/self/fd, which works for
     unlinked files too."""
-    keep = flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_CLOEXEC | os.O_NOCTTY)
+    keep = flags & ~OPEN_ONLY
     return os.open(f"/proc/self/fd/{fd}", keep | os.O_CLOEXEC)
 
 
@@ -405,6 +457,12 @@ def map_dump(pid: int, vma: dict, ctx) -> dict:
     except OSError as e:
         raise Refusal("unsupported-mapping", f"cannot open the mapped file: {e.strerror}",
                       pid=pid, path=name) from None
+    fs = fstype.magic(open_path)
+    if fstype.pseudo(fs):
+        raise Refusal("pseudo-file", f"mapping of a file on the {fstype.name(fs)} pseudo filesystem: "
+                      "kernel state, not stored bytes", pid=pid, path=name)
+    if fstype.handle(fs):
+        raise Refusal("unsupported-mapping", f"mapping of a {fstype.name(fs)} object", pid=pid, path=name)
     if not stat.S_ISREG(st.st_mode):
         raise Refusal("unsupported-mapping", f"mapping of a non-regular file ({stat.filemode(st.st_mode)})",
                       pid=pid, path=name)
@@ -415,6 +473,8 @@ def map_dump(pid: int, vma: dict, ctx) -> dict:
                 return {"file": record_identity(alias, open_path, ctx, pid=pid)}
             raise Refusal("file-missing", f"mapped file lost this name but has {st.st_nlink} other hard "
                           "link(s), none of which could be found", pid=pid, path=name)
+        if not name.startswith(MEMFD_PREFIX):
+            check_recreatable(name, pid=pid)
         return dump_ghost(open_path, name, ctx, pid=pid)
     return {"file": record_identity(name, open_path, ctx, pid=pid)}
 

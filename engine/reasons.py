@@ -30,6 +30,8 @@ REASONS = {
     "file-changed": "a file the process had open (or mapped) is not the same file any more",
     "unlinked-too-large": "a deleted-but-open file holds more data than --ghost-limit",
     "device": "a character or block device other than the known-safe ones",
+    "pseudo-file": "an open (or mapped) file on a kernel pseudo filesystem (proc, sysfs, nsfs, cgroup, ...)",
+    "unlinked-unrestorable": "a deleted-but-open file could not be recreated where it lived",
     # pipes and fifos
     "fifo-missing": ("at restore a named fifo's path is gone or is no longer a fifo (removed *after* the dump), "
                      "or the directory of an unlinked fifo is gone; at dump, a fifo lost the name it was opened "

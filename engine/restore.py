@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -381,6 +382,18 @@ def _run_restorer(job) -> dict:
     raise EngineError(out.get("message") or "the restorer died without a report", errno=out.get("errno"))
 
 
+@contextlib.contextmanager
+def _system_errors_as_engine_errors(what: str):
+    """A system call that fails where no handler expected it is a clean
+    EngineError (exit 4, errno kept), never a Python traceback: the handlers
+    turn the failures they foresee into refusals, this catches the rest."""
+    try:
+        yield
+    except OSError as e:
+        raise EngineError(f"{what}: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""),
+                          errno=e.errno) from e
+
+
 class Job:
     """Everything the restorer needs."""
 
@@ -409,13 +422,15 @@ def restore(directory: str, options: Options, pidfile: Optional[str] = None) -> 
     same_node = isinstance(meta, dict) and meta.get("boot_id") == boot_id()
     pid = core["pid"]
     ctx = RestoreContext(options=options, image=reader, same_node=same_node, records=fdrecs, pid=pid)
-    preflight(reader, core, vmas, fdrecs, ctx)
+    with _system_errors_as_engine_errors("restore pre-flight"):
+        preflight(reader, core, vmas, fdrecs, ctx)
     pages = PageSource([reader.path(page_file_name(i)) for i in range(npf)])
     prepared = None
     try:
         for v in vmas:
             pages.check_runs(v["pages"])
-        prepared = prepare(core, vmas, fdrecs, ctx)
+        with _system_errors_as_engine_errors("opening the process's files"):
+            prepared = prepare(core, vmas, fdrecs, ctx)
         job = Job(core=core, vmas=vmas, fdrecs=fdrecs, xstate=xstate, pages=pages,
                   prepared=prepared, ctx=ctx)
         out = _run_restorer(job)

@@ -238,7 +238,13 @@ def counter_bin(tmp_path_factory) -> str:
 
 
 @pytest.fixture
-def procs():
+def procs(monkeypatch):
+    """Processes started or restored by the test, killed and reaped at the
+    end. Also: every dump made during the test that kills its target has
+    its restore rehearsed on the unchanged machine (tests/restorable.py)."""
+    import engine.dump
+    from restorable import WatchedWriter
+    monkeypatch.setattr(engine.dump, "ImageWriter", WatchedWriter)
     become_subreaper()
     p = Procs()
     try:

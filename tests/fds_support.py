@@ -98,6 +98,14 @@ class Target:
 
     def __exit__(self, *exc) -> None:
         self.close()
+        if exc[0] is None:
+            # The target is gone: each image dumped from it, unless the test
+            # restored it itself, must restore on this unchanged machine.
+            for img in _DUMPED.pop(self.pid, []):
+                if img not in _RESTORED:
+                    from restorable import rehearse_fds
+                    rehearse_fds(img, self.pid)
+        _DUMPED.pop(self.pid, None)
 
 
 def fd_info(pid: int, fd: int) -> FdInfo:
@@ -132,6 +140,10 @@ def classify(pid: int, fd: int) -> str:
     return mod.classify(ctx.all_fds[fd], ctx)
 
 
+_DUMPED: Dict[int, List[str]] = {}     # target pid -> images dump() made of it
+_RESTORED: set = set()                  # images restore() was called on
+
+
 def dump(pid: int, fds: List[int], image_dir: str) -> str:
     """Dump the given fds of `pid` into a committed image; dup'ed fds become
     {"dup_of": leader} records, as the core is asked to do."""
@@ -160,7 +172,9 @@ def dump(pid: int, fds: List[int], image_dir: str) -> str:
             rec.update(common)
             records.append(rec)
         img.write_json("fds.json", records)
-        return img.commit()
+        final = img.commit()
+    _DUMPED.setdefault(pid, []).append(final)
+    return final
 
 
 class LocalTask:
@@ -200,13 +214,16 @@ class Restored:
                 pass
 
 
-def restore(image_dir: str, pid: Optional[int] = None, same_node: bool = True) -> Restored:
+def restore(image_dir: str, pid: Optional[int] = None, same_node: bool = True,
+            options: Optional[Options] = None) -> Restored:
     """validate every record, then restore each into this process at its
     fd number (dup3 like the core), followers dup'ed, then finish()."""
+    _RESTORED.add(os.path.abspath(image_dir))
     img = ImageReader(image_dir)
     img.verify()
     records = img.read_json("fds.json")
-    ctx = RestoreContext(options=Options(), image=img, same_node=same_node, records=records, pid=pid)
+    ctx = RestoreContext(options=options or Options(), image=img, same_node=same_node, records=records,
+                         pid=pid)
     from engine.fds import handler
     for rec in records:
         assert rec["fd"] >= HIGH, "tests must use high fd numbers"
@@ -229,6 +246,8 @@ def restore(image_dir: str, pid: Optional[int] = None, same_node: bool = True) -
             fin = getattr(handler(rec["kind"]), "finish", None)
             if rec.get("dup_of") is None and fin is not None:
                 fin(rec, ctx, task)
+        from engine import files
+        files.close_shared(ctx)             # the ghosts' own fds: each fd has its reopen
     except BaseException:
         done.__exit__()
         raise

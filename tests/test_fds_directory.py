@@ -81,8 +81,46 @@ def test_directory_replaced_refused_on_same_node(tmp_path):
     with pytest.raises(Refusal) as ei:
         restore(img)
     assert ei.value.reason == "file-changed"
-    with restore(img, same_node=False):                  # another node: any directory there
+    (tmp_path / "d" / "f000").write_text("other content")   # same names and types
+    with restore(img, same_node=False):                  # another node: recognised by its listing
         assert os.readlink("/proc/self/fd/500") == d
+
+
+@pytest.mark.parametrize("change", ["added", "removed", "renamed", "file-became-dir", "chmod", "chown"])
+def test_directory_on_another_node_is_checked_by_mode_owner_and_listing(tmp_path, change):
+    """Another node (the image's boot id is not ours): inode numbers say
+    nothing, so the directory must have the same permission bits, owner,
+    group and sorted (name, type) listing; the copy here is another inode."""
+    d = make_dir(tmp_path, 3)
+    with Target(tmp_path, f"fd = os.open({d!r}, os.O_RDONLY); os.dup2(fd, 500); os.close(fd)") as t:
+        img = dump(t.pid, [500], str(tmp_path / "img"))
+    os.rename(d, d + ".orig")
+    os.mkdir(d, 0o755)
+    os.chmod(d, os.stat(d + ".orig").st_mode & 0o7777)
+    for name in sorted(os.listdir(d + ".orig")):
+        (tmp_path / "d" / name).write_text("copied")
+    with restore(img, same_node=False):                  # the same listing on "another machine"
+        assert os.fstat(500).st_ino == os.stat(d).st_ino != os.stat(d + ".orig").st_ino
+    if change == "added":
+        (tmp_path / "d" / "new").write_text("x")
+    elif change == "removed":
+        os.unlink(tmp_path / "d" / "f001")
+    elif change == "renamed":
+        os.rename(tmp_path / "d" / "f001", tmp_path / "d" / "g001")
+    elif change == "file-became-dir":
+        os.unlink(tmp_path / "d" / "f001")
+        os.mkdir(tmp_path / "d" / "f001")
+    elif change == "chmod":
+        os.chmod(d, 0o700)
+    else:
+        os.chown(d, 1234, 1234)
+    with pytest.raises(Refusal) as ei:
+        restore(img, same_node=False)
+    assert ei.value.reason == "file-changed"
+    assert ("mode/uid/gid" if change in ("chmod", "chown") else "entries differ") in ei.value.detail
+    from engine.context import Options
+    with restore(img, same_node=False, options=Options(file_validation="none")):   # only "a directory"
+        pass
 
 
 def test_directory_dnotify_refused_and_target_unharmed(tmp_path):

@@ -40,6 +40,7 @@ import stat
 from dataclasses import dataclass, field
 from typing import Dict, Optional
 
+from .. import fstype
 from ..errors import Refusal
 
 # kind name -> module name in this package, or None: refused by name.
@@ -59,6 +60,7 @@ KINDS: Dict[str, Optional[str]] = {
     "timerfd": "timerfd",
     "signalfd": "signalfd",
     "epoll": "epoll",
+    "pseudo": "pseudo",
     "unsupported": None,
 }
 
@@ -91,6 +93,7 @@ class FdInfo:
     fdinfo: Dict[str, str] = field(default_factory=dict)   # every "key: value" line, first wins
     fdinfo_text: str = ""          # the raw text, for kinds with repeated lines (inotify, epoll)
     stat: Optional[os.stat_result] = None
+    fs_magic: Optional[int] = -1   # statfs f_type of the open file; -1: not read yet, None: unreadable
 
     @property
     def proc_path(self) -> str:
@@ -102,9 +105,32 @@ class FdInfo:
         return bool(self.flags & os.O_CLOEXEC)
 
 
+def fs_magic(info: FdInfo) -> Optional[int]:
+    """statfs f_type of the file the fd has open (read once, through the
+    /proc/PID/fd magic link)."""
+    if info.fs_magic == -1:
+        info.fs_magic = fstype.magic(info.proc_path)
+    return info.fs_magic
+
+
 def classify_kind(info: FdInfo) -> str:
-    """The one classifier: every fd gets exactly one kind name of KINDS."""
+    """The one classifier: every fd gets exactly one kind name of KINDS.
+
+    Files and directories are judged by their filesystem before their mode:
+    a kernel pseudo filesystem (proc, sysfs, nsfs, cgroup, mqueue, ...) is
+    "pseudo", a handle filesystem (pidfs, anon inodes) with no known anon
+    kind is "unsupported", and only a link that is an absolute path reaches
+    the regular/ghost/directory handlers (deny by default)."""
     m = info.mode
+    kind = _ANON.get(info.link)
+    if kind:
+        return kind
+    if stat.S_ISREG(m) or stat.S_ISDIR(m) or stat.S_IFMT(m) == 0:
+        fs = fs_magic(info)
+        if fstype.pseudo(fs):
+            return "pseudo"
+        if fstype.handle(fs) or not info.link.startswith("/"):
+            return "unsupported"
     if stat.S_ISREG(m):
         if info.nlink == 0 or info.link.endswith(" (deleted)"):
             return "ghost"
@@ -117,9 +143,6 @@ def classify_kind(info: FdInfo) -> str:
         return "pipe" if info.link.startswith("pipe:[") else "fifo"
     if stat.S_ISSOCK(m):
         return "socket"
-    kind = _ANON.get(info.link)
-    if kind:
-        return kind
     return "unsupported"
 
 
@@ -128,9 +151,11 @@ def describe_mode(mode: int) -> str:
 
 
 def unsupported(info: FdInfo, kind: str) -> Refusal:
+    fs = info.fs_magic if info.fs_magic != -1 else None
+    on = f", filesystem {fstype.name(fs)}" if fs is not None else ""
     return Refusal("unsupported-fd",
-                   f"no handler for this kind of fd: kind {kind}, mode {describe_mode(info.mode)}, link {info.link}",
-                   pid=info.pid, fd=info.fd, path=info.link)
+                   f"no handler for this kind of fd: kind {kind}, mode {describe_mode(info.mode)}, "
+                   f"link {info.link}{on}", pid=info.pid, fd=info.fd, path=info.link)
 
 
 def handler(kind: str):

@@ -92,6 +92,9 @@ def classify(info, ctx) -> str:
     if info.flags & os.O_DIRECT:
         raise refuse(info, "unsupported-fd", "packet-mode (O_DIRECT) fifo")
     s = _state(info, ctx)
+    why = _pipebuf.check_size(s["size"])      # what validate() would refuse at restore, refused now
+    if why:
+        raise refuse(info, "capability", why)
     if s["queued"] and s["outside"]:
         raise refuse(info, "pipe-peer-outside",
                      f"fifo holds {s['queued']} unread bytes and is also open in "

@@ -16,7 +16,8 @@ from ..errors import Refusal
 from . import regular
 
 KIND = "ghost"
-REASONS = ("unlinked-too-large", "file-missing", "file-changed", "unsupported-state", "image-invalid")
+REASONS = ("unlinked-too-large", "unlinked-unrestorable", "file-missing", "file-changed", "unsupported-state",
+           "image-invalid")
 
 
 def _alias(info):
@@ -40,6 +41,8 @@ def classify(info, ctx) -> str:
             raise Refusal("file-missing", f"the name it was opened by is gone and its {info.nlink} other "
                           "hard link(s) could not be found", pid=info.pid, fd=info.fd, path=info.link)
         return f"regular {alias} (reached through a surviving hard link) at {info.pos}"
+    if not memfd:
+        files.check_recreatable(info.link, fd=info.fd, pid=info.pid)
     data = _data_bytes(info)
     if data > ctx.options.ghost_limit:
         raise Refusal("unlinked-too-large", f"deleted file holds {data} bytes of data (size {info.size}), "

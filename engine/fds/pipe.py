@@ -72,6 +72,9 @@ def classify(info, ctx) -> str:
         raise refuse(info, "pipe-peer-outside", f"pipe inode {ino} is also held by {who}{more}")
     check_async(info)
     st = _state(info, ctx)
+    why = _pipebuf.check_size(st["size"])     # what validate() would refuse at restore, refused now
+    if why:
+        raise refuse(info, "capability", why)
     ends = _same_pipe(info, ctx)
     if st["queued"] and any(e.flags & os.O_DIRECT for e in ends):
         raise refuse(info, "unsupported-fd",

@@ -18,7 +18,7 @@ REASONS = ("file-missing", "file-changed", "unsupported-state", "image-invalid")
 
 _LOCK = re.compile(r"^lock:\s*(.*)$", re.M)
 # Flags the kernel keeps only for open(): never replayed.
-_OPEN_ONLY = os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_NOCTTY | os.O_CLOEXEC
+_OPEN_ONLY = files.OPEN_ONLY
 
 
 def preflight(info, path: str) -> None:

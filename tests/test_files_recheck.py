@@ -1,0 +1,142 @@
+"""The re-check at reopen is real (issue 10 item 7): the content digest is
+taken from the file restore opened, never from a cache keyed on (dev, ino,
+size, mtime), so a same-size rewrite that keeps mtime_ns exactly is refused
+`file-changed` under the default `digest` validation, also when it lands
+between the restore's pre-check and its open."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+from engine import files
+from engine.context import Options
+from engine.dump import dump as engine_dump
+from engine.errors import Refusal
+from engine.fds import regular
+from engine import restore as engine_restore
+from engine_core_support import alive, procs, python_exe, wait_for  # noqa: F401
+
+import fds_support
+from fds_support import Target, dump, restore
+
+
+def rewrite_keeping_mtime(path, offset: int = 100) -> None:
+    """Change one byte in place; size and mtime_ns exactly as before."""
+    st = os.stat(path)
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        old = f.read(1)
+        f.seek(offset)
+        f.write(bytes([old[0] ^ 0xff]))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    now = os.stat(path)
+    assert (now.st_size, now.st_mtime_ns, now.st_ino) == (st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+@pytest.fixture
+def data(tmp_path):
+    p = tmp_path / "data"
+    p.write_bytes(bytes(range(256)) * 64)
+    return p
+
+
+FLAGS = {"rdonly": "os.O_RDONLY", "wronly-append": "os.O_WRONLY | os.O_APPEND", "rdwr": "os.O_RDWR"}
+
+
+@pytest.mark.parametrize("how", sorted(FLAGS))
+def test_same_size_rewrite_keeping_mtime_is_refused(tmp_path, data, how):
+    setup = f"fd = os.open({str(data)!r}, {FLAGS[how]}); os.dup2(fd, 500); os.close(fd)"
+    with Target(tmp_path, setup) as t:
+        img = dump(t.pid, [500], str(tmp_path / "img"))
+    rewrite_keeping_mtime(data)
+    with pytest.raises(Refusal) as e:
+        restore(img)
+    assert e.value.reason == "file-changed" and "content differs" in e.value.detail
+
+
+@pytest.mark.parametrize("how", sorted(FLAGS))
+def test_rewrite_between_check_and_open_is_caught(tmp_path, data, how, monkeypatch):
+    """validate() (the pre-check) passes on the unchanged file; the rewrite
+    lands right after it, before restore() opens the file."""
+    setup = f"fd = os.open({str(data)!r}, {FLAGS[how]}); os.dup2(fd, 500); os.close(fd)"
+    with Target(tmp_path, setup) as t:
+        img = dump(t.pid, [500], str(tmp_path / "img"))
+    checked = []
+    real_validate = regular.validate
+
+    def validate_then_race(rec, ctx):
+        real_validate(rec, ctx)
+        checked.append(rec["fd"])
+        rewrite_keeping_mtime(data)
+    monkeypatch.setattr(regular, "validate", validate_then_race)
+    with pytest.raises(Refusal) as e:
+        restore(img)
+    assert checked == [500]
+    assert e.value.reason == "file-changed" and "content differs" in e.value.detail
+
+
+def test_each_open_is_hashed_once(tmp_path, data, monkeypatch):
+    """Speed: one digest per restored open file description, none in the
+    pre-check."""
+    setup = f"fd = os.open({str(data)!r}, os.O_RDONLY); os.dup2(fd, 500); os.close(fd)"
+    with Target(tmp_path, setup) as t:
+        img = dump(t.pid, [500], str(tmp_path / "img"))
+    calls = []
+    real = files.sha256_fd
+    monkeypatch.setattr(files, "sha256_fd", lambda fd, size=None: calls.append(fd) or real(fd, size))
+    with restore(img):
+        assert os.pread(500, 4, 0) == bytes(range(4))
+    assert len(calls) == 1
+
+
+# -- the whole restore: the race between its pre-flight and its opens -------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("what", ["fd", "mapping"])
+def test_engine_restore_catches_a_rewrite_after_its_preflight(procs, tmp_path, data, what, monkeypatch):
+    if what == "fd":
+        setup = f"fd = os.open({str(data)!r}, os.O_RDONLY)"
+    else:   # mapped, its fd closed: only the mapping holds the file
+        setup = (f"fd = os.open({str(data)!r}, os.O_RDONLY)\n"
+                 "libc = ctypes.CDLL(None); libc.mmap.restype = ctypes.c_void_p\n"
+                 "libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, "
+                 "ctypes.c_int, ctypes.c_long]\n"
+                 "assert libc.mmap(None, 16384, 1, 2, fd, 0) not in (None, 2**64 - 1)\n"
+                 "os.close(fd)")
+    src = (f"import os, time, ctypes\n{setup}\n"
+           "open('ready.tmp', 'w').close(); os.rename('ready.tmp', 'ready')\n"
+           "while True: time.sleep(0.05)\n")
+    p = subprocess.Popen([python_exe(), "-c", src], cwd=str(tmp_path), stdin=subprocess.DEVNULL,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True,
+                         start_new_session=True)
+    procs.popens.append(p)
+    wait_for(lambda: (tmp_path / "ready").exists() or p.poll() is not None, what="the target")
+    image = str(tmp_path / "img")
+    engine_dump(p.pid, image, Options())
+    p.wait()
+    original = data.read_bytes()
+    st = data.stat()
+    real_preflight = engine_restore.preflight
+
+    def preflight_then_race(*a, **kw):
+        real_preflight(*a, **kw)
+        rewrite_keeping_mtime(data)
+    monkeypatch.setattr(engine_restore, "preflight", preflight_then_race)
+    try:
+        with pytest.raises(Refusal) as e:
+            engine_restore.restore(image, Options())
+    finally:
+        if alive(p.pid):            # restored after all (the bug): ours to kill and reap
+            procs.adopt(p.pid)
+    assert e.value.reason == "file-changed" and e.value.path == str(data)
+    assert not alive(p.pid)
+    # The same image on the unchanged world restores.
+    monkeypatch.setattr(engine_restore, "preflight", real_preflight)
+    data.write_bytes(original)
+    os.utime(data, ns=(st.st_atime_ns, st.st_mtime_ns))
+    out = engine_restore.restore(image, Options())
+    procs.adopt(out["pid"])
+    assert out["pid"] == p.pid and alive(p.pid)
