@@ -30,8 +30,14 @@ REASONS = {
     "file-changed": "a file the process had open (or mapped) is not the same file any more",
     "unlinked-too-large": "a deleted-but-open file holds more data than --ghost-limit",
     "device": "a character or block device other than the known-safe ones",
-    "pseudo-file": "an open (or mapped) file on a kernel pseudo filesystem (proc, sysfs, nsfs, cgroup, ...)",
-    "unlinked-unrestorable": "a deleted-but-open file could not be recreated where it lived",
+    "pseudo-file": ("an fd or mapping of a file or directory on a kernel pseudo filesystem, judged by the fd's "
+                    "filesystem (statfs magic), not its mode: proc, sysfs, nsfs (net:[…]), cgroup/cgroup2, debugfs, "
+                    "tracefs, securityfs, bpf, configfs, pstore, efivarfs, fusectl, hugetlbfs, mqueue, autofs, ... "
+                    "(filesystem and path in the detail). Their contents are kernel state made at open; a reopen "
+                    "gives another object"),
+    "unlinked-unrestorable": ("a deleted-but-open file that restore could not recreate where it lived, refused at "
+                              "dump (restore recreates it in its old directory, on the same filesystem): that "
+                              "directory is gone or is on a read-only mount"),
     # pipes and fifos
     "fifo-missing": ("at restore a named fifo's path is gone or is no longer a fifo (removed *after* the dump), "
                      "or the directory of an unlinked fifo is gone; at dump, a fifo lost the name it was opened "
