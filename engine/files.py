@@ -82,8 +82,6 @@ def record_identity(path: str, open_path: str, ctx, *, fd: Optional[int] = None,
     st = os.stat(open_path)
     key = f"ident:{st.st_dev}:{st.st_ino}"
     cached = ctx.shared.get(key)
-    if cached is not None:
-        return dict(cached)
     try:
         pst = os.stat(path)
     except FileNotFoundError:
@@ -96,6 +94,10 @@ def record_identity(path: str, open_path: str, ctx, *, fd: Optional[int] = None,
                       f"(open: dev {st.st_dev} ino {st.st_ino}; path: "
                       + ("missing" if pst is None else f"dev {pst.st_dev} ino {pst.st_ino}") + ")",
                       pid=pid, fd=fd, path=path)
+    if cached is not None:
+        # one inode, maybe under several names (hard links): each fd keeps the
+        # name it was opened by; only the costly parts are shared
+        return dict(cached, path=path)
     ident = {"path": path, **identity_of(st)}
     rfd = os.open(open_path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     try:

@@ -4,15 +4,17 @@ The contents go into the image (holes stay holes) and the file is recreated
 unlinked on the same filesystem (O_TMPFILE in its old directory), or as a
 memfd with the same name and seals. A file that lost the name it was opened
 by but still has another hard link is not a ghost: it is reopened through
-the surviving link once that link is shown to be the same inode.
+the surviving link once that link is shown to be the same inode, then given
+back the name it was opened by, unlinked again (engine/unlinked.py), so that
+/proc shows "<lost name> (deleted)" as before.
 """
 
 from __future__ import annotations
 
 import os
 
-from .. import files
-from ..errors import Refusal
+from .. import files, unlinked
+from ..errors import EngineError, Refusal
 from . import regular
 
 KIND = "ghost"
@@ -40,6 +42,7 @@ def classify(info, ctx) -> str:
         if alias is None:
             raise Refusal("file-missing", f"the name it was opened by is gone and its {info.nlink} other "
                           "hard link(s) could not be found", pid=info.pid, fd=info.fd, path=info.link)
+        files.check_recreatable(info.link, fd=info.fd, pid=info.pid)
         return f"regular {alias} (reached through a surviving hard link) at {info.pos}"
     if not memfd:
         files.check_recreatable(info.link, fd=info.fd, pid=info.pid)
@@ -59,12 +62,17 @@ def dump(info, ctx) -> dict:
         if alias is None:
             raise Refusal("file-missing", "the surviving hard link vanished during the dump",
                           pid=info.pid, fd=info.fd, path=info.link)
-        return {"file": files.record_identity(alias, info.proc_path, ctx, fd=info.fd, pid=info.pid)}
+        return {"file": files.record_identity(alias, info.proc_path, ctx, fd=info.fd, pid=info.pid),
+                "lost_name": unlinked.original_path(info.link)}
     return {"ghost": files.dump_ghost(info.proc_path, info.link, ctx, fd=info.fd, pid=info.pid)}
 
 
 def validate(rec: dict, ctx) -> None:
     if "file" in rec:
+        why = unlinked.missing_parent(rec["lost_name"]) if isinstance(rec.get("lost_name"), str) else None
+        if why:
+            raise Refusal("file-missing", f"cannot give it back the name it was opened by: {why}",
+                          fd=rec.get("fd"), pid=ctx.pid, path=rec["lost_name"])
         return regular.validate(rec, ctx)
     if not isinstance(rec.get("ghost"), dict):
         raise Refusal("image-invalid", "ghost record holds no file", fd=rec.get("fd"))
@@ -73,9 +81,42 @@ def validate(rec: dict, ctx) -> None:
 
 def restore(rec: dict, ctx) -> int:
     if "file" in rec:
-        return regular.open_checked(rec, ctx)
+        fd = regular.open_checked(rec, ctx)
+        if not isinstance(rec.get("lost_name"), str):
+            return fd
+        try:
+            return _under_lost_name(fd, rec)
+        finally:
+            os.close(fd)
     gfd = files.restore_ghost(rec["ghost"], ctx)
     fd = files.reopen(gfd, rec["flags"])
     if rec.get("pos"):
         os.lseek(fd, rec["pos"], os.SEEK_SET)
     return fd
+
+
+def _under_lost_name(fd: int, rec: dict) -> int:
+    """A new open of the file behind `fd` (reached through a surviving
+    link) whose dentry is the name it was opened by, unlinked again."""
+    name = rec["lost_name"]
+    tmp = unlinked._tmp_in(name)
+    try:
+        os.link(rec["file"]["path"], tmp, follow_symlinks=False)
+        nfd = os.open(tmp, (rec["flags"] & ~files.OPEN_ONLY) | os.O_CLOEXEC)   # O_NOFOLLOW would show in F_GETFL
+    except OSError as e:
+        unlinked._drop_name(tmp, False)
+        raise EngineError(f"cannot give {rec['file']['path']} back its lost name {name}: {e.strerror}",
+                          errno=e.errno) from e
+    try:
+        was, now = os.fstat(fd), os.fstat(nfd)
+        if (was.st_dev, was.st_ino) != (now.st_dev, now.st_ino):
+            raise Refusal("file-changed", f"{rec['file']['path']} changed while it was being relinked",
+                          fd=rec.get("fd"), path=name)
+        unlinked.bury(tmp, name, nfd, False)
+        if rec.get("pos"):
+            os.lseek(nfd, rec["pos"], os.SEEK_SET)
+    except BaseException:
+        unlinked._drop_name(tmp, False)
+        os.close(nfd)
+        raise
+    return nfd
