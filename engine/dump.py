@@ -15,7 +15,7 @@ import struct
 import time
 from typing import List
 
-from . import files, libc, procfs
+from . import files, libc, procfs, signals
 from .arch import current as current_arch
 from .check import Survey, preflight, require_features, target_checks
 from .context import DumpContext, Options, boot_id
@@ -113,7 +113,7 @@ def process_state(task: Task, s: Survey) -> dict:
     state = {
         "pid": pid,
         "comm": proc.read("comm").rstrip("\n"),
-        "regs": task.orig_regs.to_dict(),
+        "regs": task.image_regs.to_dict(),
         "sigmask": task_sigmask(task),
         "rseq": _rseq(task),
         "mm": mm,
@@ -136,8 +136,10 @@ def process_state(task: Task, s: Survey) -> dict:
 
 
 def task_sigmask(task: Task) -> int:
+    """The process's own mask (every signal is blocked while it is frozen,
+    engine/signals.py)."""
     from . import ptrace
-    return ptrace.get_sigmask(task.pid)
+    return task.sigmask if task.sigmask is not None else ptrace.get_sigmask(task.pid)
 
 
 def _rseq(task: Task) -> dict:
@@ -254,8 +256,35 @@ def _survey_frozen(pid: int, task: Task, ctx: DumpContext, proc: procfs.Proc):
              f"{state['tid_address']:#x} / {state['robust_list'][0]:#x}")
     except Refusal as r:
         s.refuse("process state", "process", r)
+    _survey_signals_and_restart(s, task)
     recs = map_records(s, ctx)
     return s, state, recs
+
+
+def _survey_signals_and_restart(s: Survey, task: Task) -> None:
+    if task.restart_problem:
+        s.refuse("interrupted syscall", "process", Refusal("unsupported-state", task.restart_problem))
+    try:
+        sigs = signals.collect(task)
+    except (libc.SysError, OSError) as e:
+        s.refuse("pending signals", "signals", Refusal("unsupported-state", f"pending signals unreadable: {e}"))
+        return
+    why = signals.problem(sigs)
+    if why:
+        s.refuse("pending signals", "signals", Refusal("unsupported-state", why))
+    else:
+        s.ok("pending signals", "signals", signals.describe(sigs))
+
+
+def pending_signals(task: Task) -> dict:
+    """The pending signals as late as possible before the image is
+    committed (what arrives after that dies with the original, as for any
+    process that is killed). Raises Refusal, SysError."""
+    sigs = signals.collect(task)
+    why = signals.problem(sigs)
+    if why:
+        raise Refusal("unsupported-state", why, pid=task.pid)
+    return sigs
 
 
 def dump(pid: int, directory: str, options: Options) -> dict:
@@ -283,6 +312,7 @@ def dump(pid: int, directory: str, options: Options) -> dict:
             fdrecs = dump_fds(s, ctx)
             vmas = dump_memory(pid, s, recs, dumper)
             dumper.run()
+            state["signals"] = pending_signals(task)
             img.write_json("core.json", state)
             img.write_json("mm.json", {"vmas": vmas, "page_files": dumper.nfiles})
             img.write_json("fds.json", fdrecs)

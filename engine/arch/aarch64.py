@@ -79,7 +79,11 @@ SYS: Dict[str, int] = {
     "prctl": 167, "getpid": 172, "getppid": 173, "gettid": 178, "brk": 214,
     "munmap": 215, "mremap": 216, "mmap": 222, "mprotect": 226, "madvise": 233,
     "prlimit64": 261, "rseq": 293, "clone3": 435, "close_range": 436,
+    # interrupted-call recovery and pending signals (engine/restart.py, engine/signals.py)
+    "futex": 98, "nanosleep": 101, "clock_nanosleep": 115, "restart_syscall": 128,
+    "rt_sigqueueinfo": 138, "rt_tgsigqueueinfo": 240,
 }
+NR_RESTART_SYSCALL = 128
 
 NO_SYSCALL = -1
 REG_NAMES = tuple(f"x{i}" for i in range(31)) + ("sp", "pc", "pstate")
@@ -219,6 +223,31 @@ def normalise_restart(regs: Regs) -> str:
     return done
 
 
+def syscall_site(regs: Regs) -> dict:
+    """The call registers rewound onto an `svc` will re-execute, as
+    /proc/PID/syscall showed it while the task slept in it (pc after the
+    svc; x0 is orig_x0 again after the kernel's rewind)."""
+    return {"nr": regs.x8, "args": [regs.raw.regs[i] for i in range(6)], "sp": regs.raw.sp,
+            "pc": regs.raw.pc + 4}
+
+
+def image_regs(task) -> Regs:
+    """The registers to save in an image. Rewound onto an `svc` with x8 =
+    __NR_restart_syscall (the task was already sleeping in a restarted
+    call), they would run restart_syscall in the new process, which has no
+    restart_block and returns -EINTR: x8 gets the original call back (see
+    engine/restart.py; the arguments are still in x0..x5). Raises
+    ValueError when it cannot be known."""
+    from .. import restart
+    regs = task.orig_regs.copy()
+    if getattr(task, "at_svc", False) and regs.x8 == NR_RESTART_SYSCALL:
+        name = restart.original_call(getattr(task, "pre_freeze", None), syscall_site(regs), NR_RESTART_SYSCALL)
+        if name not in SYS:
+            raise ValueError(f"{name} is not an arm64 syscall")
+        regs.set("x8", SYS[name])
+    return regs
+
+
 def after_seize(task) -> None:
     """Make releasing the ORIGINAL process (ckpt check, dump
     --leave-running, a refused dump) exact for -ERESTART_RESTARTBLOCK.
@@ -246,6 +275,7 @@ def after_seize(task) -> None:
             return
     except (OSError, SysError):
         return
+    task.at_svc = True
     task._resume_to_syscall_stop()      # entry of the svc at pc
     entry = get_regs(task.pid)
     if entry.raw.pc != regs.raw.pc + 4:
