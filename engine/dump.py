@@ -256,12 +256,12 @@ def _survey_frozen(pid: int, task: Task, ctx: DumpContext, proc: procfs.Proc):
              f"{state['tid_address']:#x} / {state['robust_list'][0]:#x}")
     except Refusal as r:
         s.refuse("process state", "process", r)
-    _survey_signals_and_restart(s, task)
+    _survey_signals_and_restart(s, task, state)
     recs = map_records(s, ctx)
     return s, state, recs
 
 
-def _survey_signals_and_restart(s: Survey, task: Task) -> None:
+def _survey_signals_and_restart(s: Survey, task: Task, state) -> None:
     if task.restart_problem:
         s.refuse("interrupted syscall", "process", Refusal("unsupported-state", task.restart_problem))
     try:
@@ -269,19 +269,33 @@ def _survey_signals_and_restart(s: Survey, task: Task) -> None:
     except (libc.SysError, OSError) as e:
         s.refuse("pending signals", "signals", Refusal("unsupported-state", f"pending signals unreadable: {e}"))
         return
-    why = signals.problem(sigs)
+    why = signals.problem(sigs) or _handler_problem(task, state, sigs)
     if why:
         s.refuse("pending signals", "signals", Refusal("unsupported-state", why))
     else:
         s.ok("pending signals", "signals", signals.describe(sigs))
 
 
-def pending_signals(task: Task) -> dict:
+def _handler_problem(task: Task, state, sigs: dict):
+    """aarch64 only: registers already rewound onto an interrupted call
+    (arch rewound_call) no longer say whether a handler must make it fail
+    with EINTR; x86_64 leaves that choice to the kernel at restore."""
+    rewound = getattr(task.arch, "rewound_call", None)
+    if state is None or rewound is None or not rewound(task):
+        return None
+    hit = signals.handled_on_resume(sigs, state["sigmask"], state["sigactions"])
+    if hit:
+        return (f"signal {hit[0]} with a handler is pending while the process is in an interrupted "
+                "system call: whether the call must then fail with EINTR is lost on this architecture")
+    return None
+
+
+def pending_signals(task: Task, state: dict) -> dict:
     """The pending signals as late as possible before the image is
     committed (what arrives after that dies with the original, as for any
     process that is killed). Raises Refusal, SysError."""
     sigs = signals.collect(task)
-    why = signals.problem(sigs)
+    why = signals.problem(sigs) or _handler_problem(task, state, sigs)
     if why:
         raise Refusal("unsupported-state", why, pid=task.pid)
     return sigs
@@ -312,7 +326,7 @@ def dump(pid: int, directory: str, options: Options) -> dict:
             fdrecs = dump_fds(s, ctx)
             vmas = dump_memory(pid, s, recs, dumper)
             dumper.run()
-            state["signals"] = pending_signals(task)
+            state["signals"] = pending_signals(task, state)
             img.write_json("core.json", state)
             img.write_json("mm.json", {"vmas": vmas, "page_files": dumper.nfiles})
             img.write_json("fds.json", fdrecs)

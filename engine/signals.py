@@ -136,6 +136,20 @@ def problem(sigs: dict) -> Optional[str]:
     return None
 
 
+def handled_on_resume(sigs: dict, mask: int, sigactions: dict) -> List[int]:
+    """Pending signals whose handler runs as soon as the process resumes:
+    not blocked by `mask`, with a handler that is a function (not SIG_DFL
+    or SIG_IGN)."""
+    out = []
+    for q in QUEUES:
+        for s in sigs[q]:
+            n = s["signo"]
+            act = sigactions.get(str(n)) or [0]
+            if not mask >> (n - 1) & 1 and act[0] not in (0, 1) and n not in out:
+                out.append(n)
+    return out
+
+
 def describe(sigs: dict) -> str:
     parts = []
     for q in QUEUES:

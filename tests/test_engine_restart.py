@@ -166,3 +166,26 @@ def test_unknown_restart_is_refused_and_target_unharmed(procs, blocker_bin, tmp_
     assert not r["ok"] and any(i["what"] == "interrupted syscall" for i in r["items"])
     got = done_line(out, timeout=10)
     assert (got["ret"], got["errno"]) == (0, 0) and 2 * MS <= got["elapsed_ms"] < 3 * MS, got
+
+
+def test_restart_snapshot_parsing_and_rules():
+    stack = ("[<0>] poll_schedule_timeout.constprop.0+0x37/0x90\n[<0>] do_sys_poll+0x400/0x590\n"
+             "[<0>] do_restart_poll+0x43/0x90\n[<0>] do_syscall_64+0x71/0x280\n")
+    snap = restart.parse_snapshot("219 0x7ffd0 0x1 0xffffffffffffffff 0x0 0x0 0x0 0x7ff00 0x401002".split(), stack)
+    assert snap["frames"][2] == "do_restart_poll" and snap["args"][:2] == [0x7FFD0, 1]
+    site = {k: snap[k] for k in ("args", "sp", "pc")}
+    assert restart.original_call(snap, site, 219) == "poll"
+    assert restart.parse_snapshot(["running"], "") is None
+    assert restart.parse_snapshot("-1 0x7ff00 0x401002".split(), "") is None
+    with pytest.raises(ValueError):
+        restart.original_call(dict(snap, nr=7), site, 219)           # was not in restart_syscall
+    with pytest.raises(ValueError):
+        restart.original_call(snap, dict(site, sp=0x7fe00), 219)     # moved since
+    def hr(args):      # a hrtimer nanosleep restart: nothing but the entry on the stack
+        return dict(snap, args=args, frames=["do_syscall_64", "entry_SYSCALL_64_after_hwframe"])
+    for args, call in (([1, 0, 0x7FF10, 0, 0, 0], "clock_nanosleep"), ([0x7FF10, 0, 0, 0, 0, 0], "nanosleep")):
+        assert restart.original_call(hr(args), dict(site, args=args), 219) == call
+    with pytest.raises(ValueError):
+        restart.original_call(hr([100] + [0] * 5), dict(site, args=[100] + [0] * 5), 219)
+    with pytest.raises(ValueError):
+        restart.original_call(dict(snap, frames=[]), site, 219)      # stack unreadable

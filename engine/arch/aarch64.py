@@ -231,6 +231,15 @@ def syscall_site(regs: Regs) -> dict:
             "pc": regs.raw.pc + 4}
 
 
+def rewound_call(task) -> bool:
+    """True when the registers were rewound onto an `svc` (an interrupted
+    call re-executes when the process resumes). The kernel rewinds before
+    the stop (do_signal) and keeps the -ERESTARTxxx code only in a local
+    variable, so a new process cannot tell a handler's EINTR from a
+    restart: pending handled signals are refused then (engine/dump.py)."""
+    return bool(getattr(task, "at_svc", False))
+
+
 def image_regs(task) -> Regs:
     """The registers to save in an image. Rewound onto an `svc` with x8 =
     __NR_restart_syscall (the task was already sleeping in a restarted

@@ -32,7 +32,7 @@ SYS: Dict[str, int] = {
     "exit_group": 231, "set_robust_list": 273, "get_robust_list": 274,
     "dup3": 292, "prlimit64": 302, "rseq": 334, "clone3": 435, "close_range": 436,
     # interrupted-call recovery and pending signals (engine/restart.py, engine/signals.py)
-    "poll": 7, "nanosleep": 35, "futex": 202, "restart_syscall": 219, "clock_nanosleep": 230,
+    "nanosleep": 35, "futex": 202, "restart_syscall": 219, "clock_nanosleep": 230,
     "rt_sigqueueinfo": 129, "rt_tgsigqueueinfo": 297,
 }
 
@@ -93,6 +93,9 @@ def retval(regs: Regs) -> int:
 ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND, ERESTART_RESTARTBLOCK = 512, 513, 514, 516
 EINTR = 4
 NR_RESTART_SYSCALL = 219
+# Calls restart_syscall(2) may be restarting (engine/restart.py); poll is
+# x86_64-only, never injected, so it is not in SYS.
+RESTARTED = dict(SYS, poll=7)
 # Calls that fail with -EINTR when a freeze interrupts them, handler or not
 # (signal(7) "Interruption of system calls ... by stop signals": a ptrace
 # interrupt wakes them like one): epoll_wait, epoll_pwait, epoll_pwait2,
@@ -117,7 +120,7 @@ def image_regs(task) -> Regs:
     regs = task.orig_regs.copy()
     if s64(regs.orig_rax) == NR_RESTART_SYSCALL and -s64(regs.rax) == ERESTART_RESTARTBLOCK:
         name = restart.original_call(getattr(task, "pre_freeze", None), syscall_site(regs), NR_RESTART_SYSCALL)
-        regs.orig_rax = SYS[name]
+        regs.orig_rax = RESTARTED[name]
     return regs
 
 
