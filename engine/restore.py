@@ -71,7 +71,7 @@ def check_core(core) -> None:
         arch.normalise_restart(arch.Regs.from_dict(core["regs"]))
     except (KeyError, TypeError, ValueError) as e:
         raise _bad(f"{w}: registers: {e}") from None
-    signals.check_record(core.get("signals", {}))
+    signals.check_record(_need(core, "signals", dict, w))
     for k in ("start_code", "end_code", "start_data", "end_data", "start_brk", "brk", "start_stack",
               "arg_start", "arg_end", "env_start", "env_end"):
         _need(core["mm"], k, int, f"{w} mm")
