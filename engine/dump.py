@@ -326,10 +326,13 @@ def dump(pid: int, directory: str, options: Options) -> dict:
             fdrecs = dump_fds(s, ctx)
             vmas = dump_memory(pid, s, recs, dumper)
             dumper.run()
-            state["signals"] = pending_signals(task, state)
-            img.write_json("core.json", state)
             img.write_json("mm.json", {"vmas": vmas, "page_files": dumper.nfiles})
             img.write_json("fds.json", fdrecs)
+            # Pending signals last, once the bulk of the image is on disk: a
+            # signal that arrives after this read dies with the original.
+            img.sync_files()
+            state["signals"] = pending_signals(task, state)
+            img.write_json("core.json", state)
             meta = {"pid": pid, "comm": state["comm"], "boot_id": ctx.boot_id, "pages_bytes": dumper.total}
             if options.leave_running:
                 # Everything is read: let it go before the fsyncs of commit.
