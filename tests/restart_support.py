@@ -39,8 +39,9 @@ def lines(path: str) -> List[str]:
         return []
 
 
-def start_blocker(procs, exe: str, out: str, mode: str, ms: int = 1000, nr: Optional[int] = None):
-    p = procs.start([exe, out, mode, str(ms)], cwd=os.path.dirname(out))
+def start_blocker(procs, exe: str, out: str, mode: str, ms: int = 1000, nr: Optional[int] = None,
+                  sa_restart: bool = False):
+    p = procs.start([exe, out, mode, str(ms)] + (["restart"] if sa_restart else []), cwd=os.path.dirname(out))
     wait_for(lambda: "ready" in lines(out), what=f"blocker {mode} ready")
     if nr is not None:
         wait_for(lambda: syscall_nr(p.pid) == nr, what=f"blocker {mode} blocked in syscall {nr}")

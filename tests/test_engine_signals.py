@@ -127,6 +127,26 @@ def test_signal_sent_during_the_freeze_is_delivered(procs, blocker_bin, tmp_path
     wait_for(lambda: len(sig_lines(out)) == 2, what="a later signal")
 
 
+def test_signal_during_freeze_with_sa_restart_restarts_the_read(procs, blocker_bin, tmp_path, monkeypatch):
+    """Same, with SA_RESTART: after the handler the read() goes on waiting
+    (-ERESTARTSYS restarts under an SA_RESTART handler) and returns the
+    bytes written afterwards."""
+    out = str(tmp_path / "out.txt")
+    p = start_blocker(procs, blocker_bin, out, "sigs", nr=NR["read"], sa_restart=True)
+    _send_while_frozen(monkeypatch, p.pid, 98, "injected_state")
+    dump(p.pid, str(tmp_path / "img"), Options())
+    p.wait()
+    restore(str(tmp_path / "img"), Options())
+    procs.adopt(p.pid)
+    wait_for(lambda: sig_lines(out), what="the handler")
+    assert sig_lines(out) == [(USR2, SI_QUEUE, os.getpid(), os.getuid(), 98)]
+    time.sleep(0.2)
+    assert not any(x.startswith("read ") for x in lines(out)), ("read() must still be waiting", lines(out))
+    write_pipe(p.pid, b"go")
+    wait_for(lambda: "unblocked" in lines(out), what="read() to return the data")
+    assert "read ret=2 errno=0" in lines(out)
+
+
 def test_pending_signals_units():
     def si(sig, code, value=0):
         return signals.decode(struct.pack("<iiiiiIq", sig, 0, code, 0, 10, 0, value).ljust(128, b"\0"))

@@ -1,6 +1,6 @@
 /* Test target for interrupted syscalls and pending signals.
  *
- * usage: blocker OUT MODE [MS]
+ * usage: blocker OUT MODE [MS [restart]]
  * fds: 3 = OUT (append), 4/5 = a pipe (read/write end; a test writes into
  * it through /proc/PID/fd/5), 6 = an epoll instance watching fd 4.
  * Every line goes to OUT with one write(2), so a line is never torn.
@@ -16,7 +16,7 @@
  *
  * Mode "sigs": SIGUSR1, SIGRTMIN+1 and SIGRTMIN+2 are blocked; every
  * signal handler (SA_SIGINFO, sa_mask full so handlers run one at a time in
- * delivery order, no SA_RESTART) writes
+ * delivery order; SA_RESTART only when argv[4] is "restart") writes
  *   "sig SIGNO code=C pid=P uid=U value=V"
  * It then blocks in read() on the pipe, writes "read ret=R errno=E", unblocks
  * everything (the pending signals' handlers run), writes "unblocked" and
@@ -69,7 +69,7 @@ int main(int argc, char **argv) {
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
     sa.sa_sigaction = on_sig;
-    sa.sa_flags = SA_SIGINFO;
+    sa.sa_flags = SA_SIGINFO | (argc > 4 && !strcmp(argv[4], "restart") ? SA_RESTART : 0);
     sigfillset(&sa.sa_mask);
     int hs[] = {SIGUSR1, SIGUSR2, SIGRTMIN + 1, SIGRTMIN + 2};
     for (unsigned i = 0; i < sizeof hs / sizeof hs[0]; i++) sigaction(hs[i], &sa, NULL);
