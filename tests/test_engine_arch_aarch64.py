@@ -299,3 +299,25 @@ def test_x86_64_image_regs_give_restart_syscall_its_original_call():
     snap["frames"] = ["do_syscall_64", "entry_SYSCALL_64_after_hwframe"]     # hrtimer restart, rdi a pointer
     assert x86_64.image_regs(_FakeTask(r, False, snap)).orig_rax == x86_64.SYS["nanosleep"]
     assert not hasattr(x86_64, "rewound_call"), "x86_64 leaves the EINTR-or-restart choice to the kernel"
+
+
+def test_image_regs_rewind_a_call_the_freeze_made_fail_with_eintr():
+    # epoll_pwait(epfd=5, events, 1, -1, NULL, 8) returned -EINTR: pc after the svc, x0 overwritten.
+    r = a64.Regs()
+    for i, v in enumerate((a64.u64(-4), 0xFFFFB000, 1, a64.u64(-1), 0, 8)):
+        r.set(f"x{i}", v)
+    r.set("x8", 22)
+    r.set("sp", 0xFFFFC000)
+    r.set("pc", 0x400104)
+    snap = {"nr": 22, "args": [5, 0xFFFFB000, 1, a64.u64(-1), 0, 8], "sp": 0xFFFFC000, "pc": 0x400104,
+            "frames": ["ep_poll", "do_epoll_pwait", "invoke_syscall"]}
+    t = _FakeTask(r, False, snap)
+    t.after_svc = True
+    got = a64.image_regs(t)
+    assert (got.x0, got.pc, got.x8) == (5, 0x400100, 22) and a64.rewound_call(t)
+    # Not seen sleeping there before the freeze (or another call): the EINTR stays.
+    for other in (None, dict(snap, args=[5, 0xFFFFB000, 2, a64.u64(-1), 0, 8]), dict(snap, pc=0x400204)):
+        t = _FakeTask(r, False, other)
+        t.after_svc = True
+        got = a64.image_regs(t)
+        assert (a64.s64(got.x0), got.pc) == (-4, 0x400104) and not a64.rewound_call(t)

@@ -84,6 +84,10 @@ SYS: Dict[str, int] = {
     "rt_sigqueueinfo": 138, "rt_tgsigqueueinfo": 240,
 }
 NR_RESTART_SYSCALL = 128
+EINTR = 4
+# Calls a freeze makes fail with -EINTR, handler or not (see x86_64.py):
+# epoll_pwait, epoll_pwait2, rt_sigtimedwait, semop, semtimedop.
+FREEZE_EINTR = (22, 441, 137, 193, 192)
 
 NO_SYSCALL = -1
 REG_NAMES = tuple(f"x{i}" for i in range(31)) + ("sp", "pc", "pstate")
@@ -254,6 +258,17 @@ def image_regs(task) -> Regs:
         if name not in SYS:
             raise ValueError(f"{name} is not an arm64 syscall")
         regs.set("x8", SYS[name])
+    elif getattr(task, "after_svc", False) and regs.x8 in FREEZE_EINTR and s64(regs.x0) == -EINTR:
+        # Failed with -EINTR, x0 (the first argument) overwritten: it is in
+        # the pre-freeze /proc/PID/syscall when the task was seen sleeping
+        # at this very svc with the same other arguments. Then rewind onto
+        # the svc like the kernel does for a restart; else leave the EINTR.
+        snap = getattr(task, "pre_freeze", None)
+        if (snap and snap["nr"] == regs.x8 and snap["sp"] == regs.raw.sp and snap["pc"] == regs.raw.pc
+                and snap["args"][1:] == [regs.raw.regs[i] for i in range(1, 6)]):
+            regs.set("x0", snap["args"][0])
+            regs.set("pc", regs.raw.pc - 4)
+            task.at_svc = True      # a rewound call now (rewound_call)
     return regs
 
 
@@ -281,6 +296,9 @@ def after_seize(task) -> None:
     regs = task.orig_regs
     try:
         if task.read_mem(regs.raw.pc, 4) != SYSCALL_INSN:
+            # Right after an svc: a call that returned (a freeze-EINTR
+            # candidate for image_regs).
+            task.after_svc = regs.raw.pc >= 4 and task.read_mem(regs.raw.pc - 4, 4) == SYSCALL_INSN
             return
     except (OSError, SysError):
         return
