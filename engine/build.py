@@ -28,7 +28,7 @@ import signal
 import struct
 from typing import List, Tuple
 
-from . import libc, posixtimers, ptrace, sched, seccomp
+from . import libc, posixtimers, ptrace, sched, seccomp, signals
 from .arch import current as current_arch
 from .check import MADVISE_FLAGS
 from .errors import EngineError, Refusal
@@ -356,7 +356,37 @@ class Builder:
             self.task.set_xstate(self.job.xstate)
         except (SysError, ValueError) as e:
             raise Refusal("cpu-mismatch", f"this CPU rejects the saved xstate ({getattr(e, 'message', e)})", pid=self.pid) from None
+        # The dumped mask only now (pending_signals() blocked everything):
+        # what it leaves unblocked is delivered as the process resumes.
+        ptrace.set_sigmask(self.pid, self.job.core["sigmask"])
         self.task.release(regs)
+
+    def pending_signals(self) -> None:
+        """Queue the image's pending signals from inside the task (exact
+        siginfo, engine/signals.py), with every signal blocked until finish()."""
+        core = self.job.core
+        signals.requeue(self.task, self.put, core.get("signals") or {})
+        interval, value = core["itimers"][0][:2], core["itimers"][0][2:]
+        ignored = core["sigactions"].get("14", [0])[0] == 1 and not core["sigmask"] >> 13 & 1
+        if any(interval) and not any(value) and not ignored:
+            # (An ignored SIGALRM was dropped and its timer is dead for good.)
+            self._expired_itimer(interval)
+
+    def _expired_itimer(self, interval) -> None:
+        """A periodic ITIMER_REAL that expired while the process was frozen
+        with SIGALRM blocked: the kernel rearms it only when its SIGALRM is
+        dequeued (posixtimer_rearm_itimer), so it was dumped as value 0,
+        interval I, SIGALRM pending - and setitimer with value 0 disarms.
+        Arm it for 1 us instead and let it expire now, with every signal
+        still blocked: the same state (its SIGALRM merges with the pending
+        one, or is the pending one)."""
+        ptrace.set_sigmask(self.pid, signals.ALL_BLOCKED)
+        self.call("setitimer", 0, self.put(struct.pack("<qqqq", interval[0], interval[1], 0, 1)), 0)
+        for _ in range(1000):
+            self.call("getitimer", 0, self.scratch + 512)
+            if not any(struct.unpack("<qq", self.task.read_mem(self.scratch + 512 + 16, 16))):
+                return
+        raise EngineError("the expired interval timer did not expire again", pid=self.pid)
 
 
 def build(job) -> int:
@@ -386,6 +416,7 @@ def build(job) -> int:
         seccomp.install(b, job.core["seccomp"])   # needs CAP_SYS_ADMIN or no_new_privs: before creds()
         b.creds()
         b.register_rseq()
+        b.pending_signals()     # before anything (seccomp) could forbid rt_tgsigqueueinfo
         sched.apply(pid, job.core["sched"])
         posixtimers.arm(b, job.core["posix_timers"])   # last: see posixtimers
         _maybe_fail("final")

@@ -105,14 +105,8 @@ def _check_process(s: Survey) -> None:
         s.refuse("children", "process", Refusal("process-tree", f"children {kids[:8]}"))
     else:
         s.ok("children", "process", "none")
-    for key, label in (("SigPnd", "thread"), ("ShdPnd", "process")):
-        if procfs.parse_sigmask(status.get(key, "0")):
-            s.refuse("pending signals", "signals", Refusal(
-                "unsupported-state", f"signals pending for the {label} ({key} {status[key]}); "
-                "their siginfo cannot be re-queued faithfully yet"))
-            break
-    else:
-        s.ok("pending signals", "signals", "none")
+    # Pending signals are saved (engine/signals.py): judged with the task
+    # frozen, in dump._survey_signals_and_restart.
     for r in posixtimers.check(pid, posixtimers.read(pid)):
         s.refuse("posix timers", "timers", r)
     if st.get("tty_nr", 0):

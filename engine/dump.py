@@ -15,7 +15,7 @@ import struct
 import time
 from typing import List
 
-from . import files, libc, posixtimers, procfs, sched, seccomp, unlinked
+from . import files, libc, posixtimers, procfs, sched, seccomp, signals, unlinked
 from .arch import current as current_arch
 from .check import Survey, preflight, require_features, target_checks
 from .context import DumpContext, Options, boot_id
@@ -114,7 +114,7 @@ def process_state(task: Task, s: Survey) -> dict:
     state = {
         "pid": pid,
         "comm": proc.read("comm").rstrip("\n"),
-        "regs": task.orig_regs.to_dict(),
+        "regs": task.image_regs.to_dict(),
         "sigmask": task_sigmask(task),
         "rseq": _rseq(task),
         "mm": mm,
@@ -147,8 +147,10 @@ def _cwd_record(path: str, st: os.stat_result) -> dict:
 
 
 def task_sigmask(task: Task) -> int:
+    """The process's own mask (every signal is blocked while it is frozen,
+    engine/signals.py)."""
     from . import ptrace
-    return ptrace.get_sigmask(task.pid)
+    return task.sigmask if task.sigmask is not None else ptrace.get_sigmask(task.pid)
 
 
 def _rseq(task: Task) -> dict:
@@ -277,8 +279,49 @@ def _survey_frozen(pid: int, task: Task, ctx: DumpContext, proc: procfs.Proc):
         s.ok("seccomp", "credentials", seccomp.describe(state["seccomp"]))
     except Refusal as r:
         s.refuse("process state", "process", r)
+    _survey_signals_and_restart(s, task, state)
     recs = map_records(s, ctx)
     return s, state, recs
+
+
+def _survey_signals_and_restart(s: Survey, task: Task, state) -> None:
+    if task.restart_problem:
+        s.refuse("interrupted syscall", "process", Refusal("unsupported-state", task.restart_problem))
+    try:
+        sigs = signals.collect(task)
+    except (libc.SysError, OSError) as e:
+        s.refuse("pending signals", "signals", Refusal("unsupported-state", f"pending signals unreadable: {e}"))
+        return
+    why = signals.problem(sigs) or _handler_problem(task, state, sigs)
+    if why:
+        s.refuse("pending signals", "signals", Refusal("unsupported-state", why))
+    else:
+        s.ok("pending signals", "signals", signals.describe(sigs))
+
+
+def _handler_problem(task: Task, state, sigs: dict):
+    """aarch64 only: registers already rewound onto an interrupted call
+    (arch rewound_call) no longer say whether a handler must make it fail
+    with EINTR; x86_64 leaves that choice to the kernel at restore."""
+    rewound = getattr(task.arch, "rewound_call", None)
+    if state is None or rewound is None or not rewound(task):
+        return None
+    hit = signals.handled_on_resume(sigs, state["sigmask"], state["sigactions"])
+    if hit:
+        return (f"signal {hit[0]} with a handler is pending while the process is in an interrupted "
+                "system call: whether the call must then fail with EINTR is lost on this architecture")
+    return None
+
+
+def pending_signals(task: Task, state: dict) -> dict:
+    """The pending signals as late as possible before the image is
+    committed (what arrives after that dies with the original, as for any
+    process that is killed). Raises Refusal, SysError."""
+    sigs = signals.collect(task)
+    why = signals.problem(sigs) or _handler_problem(task, state, sigs)
+    if why:
+        raise Refusal("unsupported-state", why, pid=task.pid)
+    return sigs
 
 
 def dump(pid: int, directory: str, options: Options) -> dict:
@@ -306,9 +349,13 @@ def dump(pid: int, directory: str, options: Options) -> dict:
             fdrecs = dump_fds(s, ctx)
             vmas = dump_memory(pid, s, recs, dumper)
             dumper.run()
-            img.write_json("core.json", state)
             img.write_json("mm.json", {"vmas": vmas, "page_files": dumper.nfiles})
             img.write_json("fds.json", fdrecs)
+            # Pending signals last, once the bulk of the image is on disk: a
+            # signal that arrives after this read dies with the original.
+            img.sync_files()
+            state["signals"] = pending_signals(task, state)
+            img.write_json("core.json", state)
             meta = {"pid": pid, "comm": state["comm"], "boot_id": ctx.boot_id, "pages_bytes": dumper.total}
             if options.leave_running:
                 # Everything is read: let it go before the fsyncs of commit.

@@ -186,8 +186,11 @@ class ImageWriter:
         self.write_bytes(name, json.dumps(obj, indent=1, sort_keys=True).encode())
 
     # -- finishing -------------------------------------------------------
-    def commit(self, meta: Optional[dict] = None) -> str:
-        """fsync everything, write the manifest, rename into place."""
+    def sync_files(self) -> None:
+        """fsync and hash every file written so far, so that commit() has
+        only what is written after (the dump reads the pending signals after
+        this, to keep the window in which a signal can still arrive short).
+        Raises EngineError."""
         try:
             for name, f in list(self._open.items()):
                 if not f.closed:
@@ -210,6 +213,14 @@ class ImageWriter:
                 finally:
                     os.close(fd)
                 self._files[name] = {"sha256": _sha256_file(path), "size": os.path.getsize(path)}
+            self._raw_paths.clear()
+        except OSError as e:
+            raise _translate_oserror(e, "cannot write image") from e
+
+    def commit(self, meta: Optional[dict] = None) -> str:
+        """fsync everything, write the manifest, rename into place."""
+        self.sync_files()
+        try:
             manifest = {
                 "format": FORMAT_VERSION,
                 "engine": __version__,

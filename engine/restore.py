@@ -26,7 +26,7 @@ import time
 import traceback
 from typing import Dict, List, Optional
 
-from . import files, libc, posixtimers, procfs, sched, seccomp, unlinked
+from . import files, libc, posixtimers, procfs, sched, seccomp, signals, unlinked
 from .arch import current as current_arch
 from .build import build
 from .check import SPECIAL_MAPPINGS, creds_of, creds_plan, require_features
@@ -69,9 +69,10 @@ def check_core(core) -> None:
         _need(core, k, list, w)
     arch = current_arch()
     try:
-        arch.Regs.from_dict(core["regs"])
-    except (KeyError, TypeError) as e:
+        arch.normalise_restart(arch.Regs.from_dict(core["regs"]))
+    except (KeyError, TypeError, ValueError) as e:
         raise _bad(f"{w}: registers: {e}") from None
+    signals.check_record(_need(core, "signals", dict, w))
     for k in ("start_code", "end_code", "start_data", "end_data", "start_brk", "brk", "start_stack",
               "arg_start", "arg_end", "env_start", "env_end"):
         _need(core["mm"], k, int, f"{w} mm")

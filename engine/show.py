@@ -69,6 +69,13 @@ def render(res: dict) -> str:
         for key in ("pid", "comm", "exe", "cwd", "umask", "state"):
             if key in proc:
                 lines.append(f"  {key:<8} {_plain(key, proc[key])}")
+        sigs = proc.get("signals")
+        if isinstance(sigs, dict) and any(sigs.get(q) for q in ("thread", "shared")):
+            from .signals import describe
+            try:
+                lines.append(f"  {'pending':<8} {describe(sigs)}")
+            except (KeyError, TypeError):
+                lines.append(f"  {'pending':<8} (malformed record)")
     mm = recs.get("mm.json")
     vmas = mm.get("vmas") if isinstance(mm, dict) else mm
     if isinstance(vmas, list) and vmas:

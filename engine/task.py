@@ -14,7 +14,7 @@ import signal
 from typing import List, Optional
 
 from . import arch as _arch
-from . import libc, ptrace
+from . import libc, ptrace, restart, signals
 from .errors import EngineError, Refusal
 from .libc import SysError
 
@@ -28,6 +28,10 @@ class Task:
         self.syscall_ip: Optional[int] = None
         self.scratch: Optional[int] = None      # address of writable scratch memory
         self.deferred_signals: List[int] = []   # signals that arrived while frozen
+        self.deferred_info: List[bytes] = []    # their siginfo (engine/signals.py)
+        self.sigmask: Optional[int] = None      # the process's own mask while all are blocked
+        self.pre_freeze: Optional[dict] = None  # /proc/PID/syscall+stack before (engine/restart.py)
+        self.restart_problem: Optional[str] = None
         self.attached = True
         self._mem_fd: Optional[int] = None
         self.orig_regs = self.get_regs()
@@ -35,12 +39,19 @@ class Task:
         # read; an arch's after_seize() hook may adjust it (aarch64: the
         # syscall a restart must re-execute, see arch/aarch64.py).
         self.resume_regs = self.orig_regs
+        # What an image saves (x86_64/aarch64 image_regs: a restart_syscall
+        # given back its original call).
+        self.image_regs = self.orig_regs
 
     # -- attaching -----------------------------------------------------------
     @classmethod
     def seize(cls, pid: int) -> "Task":
         """PTRACE_SEIZE + PTRACE_INTERRUPT and wait for the interrupt stop.
         Raises Refusal(ptraced | no-such-process | unsupported-state)."""
+        # Before the freeze: at the ptrace stop the kernel stack no longer
+        # shows which call a restart_syscall(2) restarts.
+        pre = restart.snapshot(pid)
+        task = None
         try:
             ptrace.seize(pid, ptrace.O_TRACESYSGOOD)
         except SysError as e:
@@ -71,14 +82,23 @@ class Task:
                     continue
                 ptrace.cont(pid, 0)
             task = cls(pid)
+            task.pre_freeze = pre
+            signals.block_all(task)
             hook = getattr(task.arch, "after_seize", None)
             if hook is not None:
                 hook(task)
+            try:
+                task.image_regs = task.arch.image_regs(task)
+            except (ValueError, KeyError) as e:
+                task.image_regs = task.orig_regs
+                task.restart_problem = f"stopped inside restart_syscall(2), which cannot be resumed in a new process: {e}"
             return task
         except Refusal:
             raise
         except BaseException:
             try:
+                if task is not None:
+                    signals.unblock(task)
                 ptrace.detach(pid, 0)
             except SysError:
                 pass
@@ -126,8 +146,14 @@ class Task:
                 self.attached = False
                 raise EngineError(f"pid {self.pid} died during syscall injection ({st!r})", pid=self.pid)
             if st.signal_stop:
-                # Held back, not lost: re-sent when the task is released.
+                # Only SIGSTOP/SIGKILL (all else is blocked, engine/signals.py).
+                # Held back, not lost: re-sent when the task is released,
+                # and saved as pending in an image.
                 self.deferred_signals.append(st.sig)
+                try:
+                    self.deferred_info.append(signals.siginfo_at_stop(self.pid))
+                except SysError:
+                    pass
             # event stops (a late PTRACE_INTERRUPT or group stop): step on.
 
     def syscall(self, nr: int, *args: int) -> int:
@@ -198,6 +224,7 @@ class Task:
         hook = getattr(self.arch, "before_release", None)
         if hook is not None:
             hook(self)      # aarch64: live SVE state captured at seize
+        signals.unblock(self)
         first = self.deferred_signals[0] if self.deferred_signals else 0
         ptrace.detach(self.pid, first)
         self.attached = False

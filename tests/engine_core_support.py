@@ -276,7 +276,9 @@ def ptrace_facts(pid: int) -> dict:
     from engine.task import Task
     t = Task.seize(pid)
     try:
-        return {"rseq": ptrace.get_rseq(pid), "sigmask": ptrace.get_sigmask(pid)}
+        # While frozen every signal is blocked (engine/signals.py); the
+        # process's own mask is what the freeze saved.
+        return {"rseq": ptrace.get_rseq(pid), "sigmask": t.sigmask}
     finally:
         t.release()
 

@@ -228,3 +228,98 @@ def test_x86_64_interface_keeps_its_behaviour():
     mine = {"xfeatures": 0x7, "size": 832}
     assert x86_64.xstate_mismatch(mine, {"xfeatures": 0x7, "size": 832}) is None
     assert x86_64.xstate_mismatch(mine, {"xfeatures": 0xE7, "size": 2432})
+
+
+# -- interrupted calls: restart_syscall recovery, pending handlers ---------------
+
+class _FakeTask:
+    def __init__(self, regs, at_svc, pre):
+        self.orig_regs, self.at_svc, self.pre_freeze = regs, at_svc, pre
+
+
+def _in_restart(x8=a64.NR_RESTART_SYSCALL):
+    r = a64.Regs()
+    for i, v in enumerate((0xFFFFFFFA, 0, 0xFFFFC000, 0)):
+        r.set(f"x{i}", v)
+    r.set("x8", x8)
+    r.set("sp", 0xFFFFC000)
+    r.set("pc", 0x400100)       # on the svc (rewound by the kernel)
+    return r
+
+
+def _snap(regs, frames):
+    return {"nr": a64.NR_RESTART_SYSCALL, "args": [regs.raw.regs[i] for i in range(6)], "sp": regs.raw.sp,
+            "pc": regs.raw.pc + 4, "frames": frames}
+
+
+@pytest.mark.parametrize("frames,call", [
+    (["do_cpu_nanosleep", "posix_cpu_nsleep_restart", "invoke_syscall", "el0_svc_common", "el0_svc"],
+     "clock_nanosleep"),
+    (["futex_do_wait", "futex_wait", "futex_wait_restart", "invoke_syscall", "el0_svc"], "futex"),
+    (["invoke_syscall", "el0_svc_common", "do_el0_svc", "el0_svc"], "clock_nanosleep"),   # x0 = clock id
+])
+def test_image_regs_give_restart_syscall_its_original_call(frames, call):
+    r = _in_restart()
+    if call == "clock_nanosleep" and "posix" not in frames[1]:
+        r.set("x0", 1)          # CLOCK_MONOTONIC: a hrtimer nanosleep restart
+    got = a64.image_regs(_FakeTask(r, True, _snap(r, frames)))
+    assert got.x8 == a64.SYS[call] and got.x0 == r.x0 and got.pc == r.pc
+    assert r.x8 == a64.NR_RESTART_SYSCALL, "the seized registers are not modified"
+
+
+def test_image_regs_refuse_what_cannot_be_known():
+    r = _in_restart()
+    with pytest.raises(ValueError):                     # not seen before the freeze
+        a64.image_regs(_FakeTask(r, True, None))
+    moved = _snap(r, ["futex_wait_restart"])
+    moved["pc"] += 8
+    with pytest.raises(ValueError):                     # another call site
+        a64.image_regs(_FakeTask(r, True, moved))
+    with pytest.raises(ValueError):                     # poll has no arm64 syscall
+        a64.image_regs(_FakeTask(r, True, _snap(r, ["do_sys_poll", "do_restart_poll"])))
+    with pytest.raises(ValueError):                     # unknown kernel function
+        a64.image_regs(_FakeTask(r, True, _snap(r, ["mystery_restart", "el0_svc"])))
+
+
+def test_image_regs_leave_other_registers_alone():
+    r = _in_restart()
+    assert a64.image_regs(_FakeTask(r, False, None)).x8 == 128     # x8 just a register: not at an svc
+    r2 = _in_restart(x8=a64.SYS["clock_nanosleep"])
+    assert a64.image_regs(_FakeTask(r2, True, None)).x8 == a64.SYS["clock_nanosleep"]
+    assert a64.rewound_call(_FakeTask(r, True, None)) and not a64.rewound_call(_FakeTask(r, False, None))
+
+
+def test_x86_64_image_regs_give_restart_syscall_its_original_call():
+    r = x86_64.Regs()
+    r.orig_rax, r.rax, r.rip, r.rsp = 219, x86_64.u64(-516), 0x401002, 0x7FFF0000
+    r.rdi, r.rsi, r.rdx = 0x7FFF1000, 1, x86_64.u64(-1)
+    snap = {"nr": 219, "args": [r.rdi, r.rsi, r.rdx, 0, 0, 0], "sp": r.rsp, "pc": r.rip,
+            "frames": ["poll_schedule_timeout.constprop.0", "do_sys_poll", "do_restart_poll", "do_syscall_64"]}
+    got = x86_64.image_regs(_FakeTask(r, False, snap))
+    assert got.orig_rax == x86_64.RESTARTED["poll"] == 7 and x86_64.normalise_restart(got) == "restart-original"
+    assert x86_64.s64(got.rax) == -514 and got.rip == 0x401002
+    snap["frames"] = ["do_syscall_64", "entry_SYSCALL_64_after_hwframe"]     # hrtimer restart, rdi a pointer
+    assert x86_64.image_regs(_FakeTask(r, False, snap)).orig_rax == x86_64.SYS["nanosleep"]
+    assert not hasattr(x86_64, "rewound_call"), "x86_64 leaves the EINTR-or-restart choice to the kernel"
+
+
+def test_image_regs_rewind_a_call_the_freeze_made_fail_with_eintr():
+    # epoll_pwait(epfd=5, events, 1, -1, NULL, 8) returned -EINTR: pc after the svc, x0 overwritten.
+    r = a64.Regs()
+    for i, v in enumerate((a64.u64(-4), 0xFFFFB000, 1, a64.u64(-1), 0, 8)):
+        r.set(f"x{i}", v)
+    r.set("x8", 22)
+    r.set("sp", 0xFFFFC000)
+    r.set("pc", 0x400104)
+    snap = {"nr": 22, "args": [5, 0xFFFFB000, 1, a64.u64(-1), 0, 8], "sp": 0xFFFFC000, "pc": 0x400104,
+            "frames": ["ep_poll", "do_epoll_pwait", "invoke_syscall"]}
+    t = _FakeTask(r, False, snap)
+    t.after_svc = True
+    got = a64.image_regs(t)
+    assert (got.x0, got.pc, got.x8) == (5, 0x400100, 22) and a64.rewound_call(t)
+    # Not seen sleeping there before the freeze (or another call): the EINTR stays.
+    for other in (None, dict(snap, args=[5, 0xFFFFB000, 2, a64.u64(-1), 0, 8]), dict(snap, pc=0x400204)):
+        t = _FakeTask(r, False, other)
+        t.after_svc = True
+        got = a64.image_regs(t)
+        assert (a64.s64(got.x0), got.pc) == (-4, 0x400104) and not a64.rewound_call(t)

@@ -141,6 +141,9 @@ TAMPER = {
     "extra-file": lambda img: open(os.path.join(img, "extra"), "w").write("x"),
     "core-without-regs": lambda img: _edit_json(img, "core.json", lambda c: c.pop("regs")),
     "core-regs-wrong-type": lambda img: _edit_json(img, "core.json", lambda c: c["regs"].update(rip="x")),
+    "core-without-signals": lambda img: _edit_json(img, "core.json", lambda c: c.pop("signals")),
+    "core-signal-no-siginfo": lambda img: _edit_json(
+        img, "core.json", lambda c: c["signals"].update(thread=[{"raw": "0a000000"}])),
     "mm-run-outside-file": lambda img: _edit_json(
         img, "mm.json", lambda m: [v for v in m["vmas"] if v["pages"]][0]["pages"][0].__setitem__(3, 1 << 40)),
     "fds-not-a-list": lambda img: _edit_json(img, "fds.json", lambda f: None) or _write_json(img, "fds.json", {}),

@@ -77,13 +77,28 @@ def test_other_arch_is_refused_by_name_not_guessed():
 
 
 def test_restart_normalisation():
+    """Interrupted calls are left for the kernel to restart (or EINTR under a
+    handler) at PTRACE_DETACH; a restart block becomes the original call."""
     r = x86_64.Regs()
-    r.orig_rax, r.rax, r.rip = 35, x86_64.u64(-514), 0x1002
-    assert x86_64.normalise_restart(r) == "restart"
-    assert (r.rax, r.rip, x86_64.s64(r.orig_rax)) == (35, 0x1000, -1)
+    # -ERESTARTNOHAND (pause): left as is, orig_rax kept for the kernel's fix-up
+    r.orig_rax, r.rax, r.rip = 34, x86_64.u64(-514), 0x1002
+    assert x86_64.normalise_restart(r) == "kernel-restart"
+    assert (x86_64.s64(r.rax), r.rip, r.orig_rax) == (-514, 0x1002, 34)
+    # -ERESTART_RESTARTBLOCK (clock_nanosleep): the original call, re-executed
+    # with -ERESTARTNOHAND semantics, never -EINTR
     r.orig_rax, r.rax, r.rip = 230, x86_64.u64(-516), 0x2002
-    assert x86_64.normalise_restart(r) == "eintr"
-    assert (x86_64.s64(r.rax), r.rip) == (-4, 0x2002)
+    assert x86_64.normalise_restart(r) == "restart-original"
+    assert (x86_64.s64(r.rax), r.rip, r.orig_rax) == (-514, 0x2002, 230)
+    # restart_syscall itself cannot be re-executed: image_regs() recovers it first
+    r.orig_rax, r.rax = 219, x86_64.u64(-516)
+    with pytest.raises(ValueError):
+        x86_64.normalise_restart(r)
+    # epoll_wait failing with -EINTR because of the freeze: restarted
+    r.orig_rax, r.rax = 232, x86_64.u64(-4)
+    assert x86_64.normalise_restart(r) == "restart-after-freeze" and x86_64.s64(r.rax) == -514
+    # read() that really failed with -EINTR, or finished: left alone
+    r.orig_rax, r.rax = 0, x86_64.u64(-4)
+    assert x86_64.normalise_restart(r) == "none" and x86_64.s64(r.rax) == -4
     r.orig_rax, r.rax = x86_64.u64(-1), 7
     assert x86_64.normalise_restart(r) == "none" and r.rax == 7
 

@@ -82,7 +82,15 @@ SYS: Dict[str, int] = {
     "timer_create": 107, "timer_gettime": 108, "timer_getoverrun": 109, "timer_settime": 110,
     "timer_delete": 111, "sched_setaffinity": 122, "sched_getaffinity": 123,
     "sched_setattr": 274, "sched_getattr": 275, "seccomp": 277,
+    # interrupted-call recovery and pending signals (engine/restart.py, engine/signals.py)
+    "futex": 98, "nanosleep": 101, "clock_nanosleep": 115, "restart_syscall": 128,
+    "rt_sigqueueinfo": 138, "rt_tgsigqueueinfo": 240,
 }
+NR_RESTART_SYSCALL = 128
+EINTR = 4
+# Calls a freeze makes fail with -EINTR, handler or not (see x86_64.py):
+# epoll_pwait, epoll_pwait2, rt_sigtimedwait, semop, semtimedop.
+FREEZE_EINTR = (22, 441, 137, 193, 192)
 
 NO_SYSCALL = -1
 REG_NAMES = tuple(f"x{i}" for i in range(31)) + ("sp", "pc", "pstate")
@@ -222,6 +230,51 @@ def normalise_restart(regs: Regs) -> str:
     return done
 
 
+def syscall_site(regs: Regs) -> dict:
+    """The call registers rewound onto an `svc` will re-execute, as
+    /proc/PID/syscall showed it while the task slept in it (pc after the
+    svc; x0 is orig_x0 again after the kernel's rewind)."""
+    return {"nr": regs.x8, "args": [regs.raw.regs[i] for i in range(6)], "sp": regs.raw.sp,
+            "pc": regs.raw.pc + 4}
+
+
+def rewound_call(task) -> bool:
+    """True when the registers were rewound onto an `svc` (an interrupted
+    call re-executes when the process resumes). The kernel rewinds before
+    the stop (do_signal) and keeps the -ERESTARTxxx code only in a local
+    variable, so a new process cannot tell a handler's EINTR from a
+    restart: pending handled signals are refused then (engine/dump.py)."""
+    return bool(getattr(task, "at_svc", False))
+
+
+def image_regs(task) -> Regs:
+    """The registers to save in an image. Rewound onto an `svc` with x8 =
+    __NR_restart_syscall (the task was already sleeping in a restarted
+    call), they would run restart_syscall in the new process, which has no
+    restart_block and returns -EINTR: x8 gets the original call back (see
+    engine/restart.py; the arguments are still in x0..x5). Raises
+    ValueError when it cannot be known."""
+    from .. import restart
+    regs = task.orig_regs.copy()
+    if getattr(task, "at_svc", False) and regs.x8 == NR_RESTART_SYSCALL:
+        name = restart.original_call(getattr(task, "pre_freeze", None), syscall_site(regs), NR_RESTART_SYSCALL)
+        if name not in SYS:
+            raise ValueError(f"{name} is not an arm64 syscall")
+        regs.set("x8", SYS[name])
+    elif getattr(task, "after_svc", False) and regs.x8 in FREEZE_EINTR and s64(regs.x0) == -EINTR:
+        # Failed with -EINTR, x0 (the first argument) overwritten: it is in
+        # the pre-freeze /proc/PID/syscall when the task was seen sleeping
+        # at this very svc with the same other arguments. Then rewind onto
+        # the svc like the kernel does for a restart; else leave the EINTR.
+        snap = getattr(task, "pre_freeze", None)
+        if (snap and snap["nr"] == regs.x8 and snap["sp"] == regs.raw.sp and snap["pc"] == regs.raw.pc
+                and snap["args"][1:] == [regs.raw.regs[i] for i in range(1, 6)]):
+            regs.set("x0", snap["args"][0])
+            regs.set("pc", regs.raw.pc - 4)
+            task.at_svc = True      # a rewound call now (rewound_call)
+    return regs
+
+
 def after_seize(task) -> None:
     """Make releasing the ORIGINAL process (ckpt check, dump
     --leave-running, a refused dump) exact for -ERESTART_RESTARTBLOCK.
@@ -246,9 +299,13 @@ def after_seize(task) -> None:
     regs = task.orig_regs
     try:
         if task.read_mem(regs.raw.pc, 4) != SYSCALL_INSN:
+            # Right after an svc: a call that returned (a freeze-EINTR
+            # candidate for image_regs).
+            task.after_svc = regs.raw.pc >= 4 and task.read_mem(regs.raw.pc - 4, 4) == SYSCALL_INSN
             return
     except (OSError, SysError):
         return
+    task.at_svc = True
     task._resume_to_syscall_stop()      # entry of the svc at pc
     entry = get_regs(task.pid)
     if entry.raw.pc != regs.raw.pc + 4:

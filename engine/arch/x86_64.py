@@ -34,6 +34,9 @@ SYS: Dict[str, int] = {
     "timer_create": 222, "timer_settime": 223, "timer_gettime": 224, "timer_getoverrun": 225,
     "timer_delete": 226, "sched_setaffinity": 203, "sched_getaffinity": 204,
     "sched_setattr": 314, "sched_getattr": 315, "seccomp": 317,
+    # interrupted-call recovery and pending signals (engine/restart.py, engine/signals.py)
+    "nanosleep": 35, "futex": 202, "restart_syscall": 219, "clock_nanosleep": 230,
+    "rt_sigqueueinfo": 129, "rt_tgsigqueueinfo": 297,
 }
 
 
@@ -92,29 +95,90 @@ def retval(regs: Regs) -> int:
 
 ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND, ERESTART_RESTARTBLOCK = 512, 513, 514, 516
 EINTR = 4
+NR_RESTART_SYSCALL = 219
+# Calls restart_syscall(2) may be restarting (engine/restart.py); poll is
+# x86_64-only, never injected, so it is not in SYS.
+RESTARTED = dict(SYS, poll=7)
+# Calls that fail with -EINTR when a freeze interrupts them, handler or not
+# (signal(7) "Interruption of system calls ... by stop signals": a ptrace
+# interrupt wakes them like one): epoll_wait, epoll_pwait, epoll_pwait2,
+# rt_sigtimedwait, semop, semtimedop. A real signal with a handler that
+# interrupted them is still pending at the stop (get_signal takes the
+# ptrace trap first), so it is in the image and runs at restore.
+FREEZE_EINTR = (232, 281, 441, 128, 65, 220)
+
+
+def syscall_site(regs: Regs) -> dict:
+    """The call the registers are in, as /proc/PID/syscall shows it."""
+    return {"nr": s64(regs.orig_rax), "args": [regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9],
+            "sp": regs.rsp, "pc": regs.rip}
+
+
+def image_regs(task) -> Regs:
+    """The registers to save in an image. A task stopped inside
+    restart_syscall(2) (orig_rax 219, -ERESTART_RESTARTBLOCK) gets the
+    number of the call being restarted back in orig_rax (see
+    engine/restart.py); raises ValueError when it cannot be known."""
+    from .. import restart
+    regs = task.orig_regs.copy()
+    if s64(regs.orig_rax) == NR_RESTART_SYSCALL and -s64(regs.rax) == ERESTART_RESTARTBLOCK:
+        name = restart.original_call(getattr(task, "pre_freeze", None), syscall_site(regs), NR_RESTART_SYSCALL)
+        regs.orig_rax = RESTARTED[name]
+    return regs
+
+
+def after_seize(task) -> None:
+    """Releasing the ORIGINAL process (check, --leave-running, a refused
+    dump): a call that failed with -EINTR only because of the freeze
+    (FREEZE_EINTR) is re-executed instead, as normalise_restart does for a
+    restored one. Everything else goes back as it was: the kernel finishes
+    its own restart (restart_block included) when the task is detached."""
+    regs = task.orig_regs
+    if s64(regs.orig_rax) in FREEZE_EINTR and s64(regs.rax) == -EINTR:
+        r = regs.copy()
+        r.rax = u64(-ERESTARTNOHAND)
+        task.resume_regs = r
 
 
 def normalise_restart(regs: Regs) -> str:
-    """Make registers dumped inside an interrupted syscall resumable in a
-    *new* process, doing by hand what the kernel does when no signal handler
-    runs (arch_do_signal_or_restart): -ERESTARTSYS/-NOINTR/-NOHAND re-execute
-    the syscall (rip -= 2, rax = orig_rax); -ERESTART_RESTARTBLOCK would call
-    restart_syscall with a restart_block that only the dead process had, so
-    it returns -EINTR, as after a signal (callers of nanosleep & co. handle
-    EINTR). Returns what was done, for the log."""
-    if s64(regs.orig_rax) < 0:
+    """Make registers dumped inside an interrupted syscall resume it in a
+    *new* process exactly as the kernel would have in the old one.
+
+    They are left as "returning from syscall orig_rax with -ERESTARTxxx":
+    PTRACE_DETACH wakes the task with TIF_SIGPENDING set (ptrace_signal_
+    wake_up), so on its way to user space arch_do_signal_or_restart makes
+    the kernel's own choice - re-execute the call (rip -= 2, rax = orig_rax)
+    when no handler runs; when a pending signal's handler runs (one that
+    arrived during the freeze, restored with the image), -EINTR for
+    -ERESTARTNOHAND, and for -ERESTARTSYS unless SA_RESTART.
+
+    -ERESTART_RESTARTBLOCK would become restart_syscall(2), whose
+    restart_block only the dead process had (the new one would get -EINTR),
+    so it is turned into -ERESTARTNOHAND, which has the same handler
+    semantics and re-executes the ORIGINAL call with its arguments (still in
+    rdi..r9): an absolute sleep ends at the same instant, a relative timeout
+    (nanosleep, poll, futex) starts again in full - longer, never shorter,
+    as these calls promise. The -EINTR a freeze causes in FREEZE_EINTR calls
+    is turned into -ERESTARTNOHAND as well. A task stopped in
+    restart_syscall itself was given its original call by image_regs();
+    raises ValueError if one still is. Returns what was done."""
+    nr = s64(regs.orig_rax)
+    if nr < 0:
         return "none"
     err = -s64(regs.rax)
-    done = "none"
+    if err == ERESTART_RESTARTBLOCK:
+        if nr == NR_RESTART_SYSCALL:
+            raise ValueError("registers inside restart_syscall: the restarted call is unknown")
+        regs.rax = u64(-ERESTARTNOHAND)
+        return "restart-original"
     if err in (ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND):
-        regs.rax = regs.orig_rax
-        regs.rip -= 2
-        done = "restart"
-    elif err == ERESTART_RESTARTBLOCK:
-        regs.rax = u64(-EINTR)
-        done = "eintr"
+        return "kernel-restart"
+    if err == EINTR and nr in FREEZE_EINTR:
+        regs.rax = u64(-ERESTARTNOHAND)
+        return "restart-after-freeze"
+    # A finished call: nothing for the kernel to fix up.
     regs.orig_rax = u64(-1)
-    return done
+    return "none"
 
 
 # -- xstate (the XSAVE area as PTRACE_GETREGSET NT_X86_XSTATE returns it) ----

@@ -1,0 +1,205 @@
+"""Pending signals: kept pending through the freeze, saved with their
+siginfo, queued again in the restored process.
+
+While a task is frozen, signals sent to it are queued (a traced task
+queues even ones it ignores); the first injected syscall would dequeue
+every unblocked one into a signal-delivery stop, where the tracer can only
+drop it or deliver it (running the handler in the middle of the dump). So
+right after the freeze every signal is blocked (PTRACE_SETSIGMASK ~0; the
+process's own mask is kept in ``task.sigmask``; PTRACE_GETSIGMASK already
+answers with the saved mask inside pselect/ppoll/sigsuspend), and only
+SIGKILL and SIGSTOP can still be dequeued (SIGSTOP is held back and sent
+again, engine/task.py). Before the task is let go its mask is put back: an
+original that carries on (check, --leave-running, a refused dump) then
+receives every signal that arrived meanwhile from the kernel's own queues,
+with its own siginfo.
+
+The image holds both queues as PTRACE_PEEKSIGINFO returns them (the
+per-thread one, and the process-wide one with PTRACE_PEEKSIGINFO_SHARED),
+each siginfo as its 128 raw bytes, oldest first. A restore queues them
+again from inside the new task, with rt_tgsigqueueinfo (per-thread) and
+rt_sigqueueinfo (process-wide) injected into it: the kernel refuses a
+siginfo with si_code >= 0 or SI_TKILL from another process (it would
+impersonate kill()/the kernel), but a task may queue any siginfo to
+itself, so si_code, si_pid, si_uid and si_value come back exact. They are
+queued with everything blocked; the dumped mask is set at the last stop,
+and whatever it leaves unblocked is delivered when the process resumes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import struct
+from typing import List, Optional
+
+from . import procfs, ptrace
+from .errors import Refusal
+
+PEEKSIGINFO = 0x4209
+PEEKSIGINFO_SHARED = 1
+GETSIGINFO = 0x4202
+SIGINFO_SIZE = 128
+ALL_BLOCKED = (1 << 64) - 1
+SIGKILL = 9
+SI_TIMER = -2
+QUEUES = ("thread", "shared")
+
+
+class PeekArgs(ctypes.Structure):
+    """struct ptrace_peeksiginfo_args (linux/ptrace.h)."""
+    _fields_ = [("off", ctypes.c_uint64), ("flags", ctypes.c_uint32), ("nr", ctypes.c_int32)]
+
+
+def peek(pid: int, shared: bool) -> List[bytes]:
+    """Every siginfo queued for the thread (or the process), oldest first.
+    Raises SysError."""
+    out: List[bytes] = []
+    batch = 32
+    buf = (ctypes.c_char * (SIGINFO_SIZE * batch))()
+    while True:
+        args = PeekArgs(len(out), PEEKSIGINFO_SHARED if shared else 0, batch)
+        n = ptrace.request(PEEKSIGINFO, pid, ctypes.addressof(args), ctypes.addressof(buf))
+        if n <= 0:
+            return out
+        raw = bytes(buf[:n * SIGINFO_SIZE])
+        out.extend(raw[i * SIGINFO_SIZE:(i + 1) * SIGINFO_SIZE] for i in range(n))
+
+
+def siginfo_at_stop(pid: int) -> bytes:
+    """PTRACE_GETSIGINFO at a signal-delivery stop. Raises SysError."""
+    buf = (ctypes.c_char * SIGINFO_SIZE)()
+    ptrace.request(GETSIGINFO, pid, None, ctypes.addressof(buf))
+    return bytes(buf)
+
+
+def decode(raw: bytes) -> dict:
+    """The fields a reader cares about (the union read as kill/rt/sigqueue:
+    si_pid, si_uid, si_value); `raw` (hex) is what a restore queues."""
+    signo, errno_, code = struct.unpack_from("<iii", raw, 0)
+    pid, uid = struct.unpack_from("<iI", raw, 16)
+    value, = struct.unpack_from("<Q", raw, 24)
+    return {"signo": signo, "code": code, "errno": errno_, "pid": pid, "uid": uid, "value": value,
+            "raw": raw.hex()}
+
+
+# -- the frozen task -----------------------------------------------------------
+
+def block_all(task) -> None:
+    """Keep every signal pending while the task is frozen (see module doc).
+    Raises SysError."""
+    task.sigmask = ptrace.get_sigmask(task.pid)
+    ptrace.set_sigmask(task.pid, ALL_BLOCKED)
+
+
+def unblock(task) -> None:
+    """Put the process's own mask back (before it is let go)."""
+    if getattr(task, "sigmask", None) is not None:
+        ptrace.set_sigmask(task.pid, task.sigmask)
+
+
+def collect(task) -> dict:
+    """{"thread": [...], "shared": [...]} of decoded siginfos: both queues,
+    plus any signal held back at a delivery stop (SIGSTOP) as a per-thread
+    one. SIGKILL is left out (the task is dying). Raises SysError/OSError."""
+    # The pending sets first, the queues second: a signal in a set with no
+    # queue entry (sent while the queue was full: the kernel keeps the bit
+    # and drops the siginfo) is delivered with a zeroed SI_USER siginfo
+    # (collect_signal), so that is what it is saved as. Read in this order,
+    # a signal arriving in between is in the queue, not synthesised.
+    with open(f"/proc/{task.pid}/status") as f:
+        status = procfs.parse_status(f.read())
+    sets = {"thread": procfs.parse_sigmask(status.get("SigPnd", "0")),
+            "shared": procfs.parse_sigmask(status.get("ShdPnd", "0"))}
+    out = {"thread": [decode(r) for r in peek(task.pid, False)],
+           "shared": [decode(r) for r in peek(task.pid, True)]}
+    for q in QUEUES:
+        have = {s["signo"] for s in out[q]}
+        for sig in range(1, 65):
+            if sets[q] >> (sig - 1) & 1 and sig not in have:
+                out[q].append(decode(struct.pack("<iii", sig, 0, 0).ljust(SIGINFO_SIZE, b"\0")))
+    for raw in getattr(task, "deferred_info", []):
+        out["thread"].append(decode(raw))
+    for q in QUEUES:
+        out[q] = [s for s in out[q] if s["signo"] != SIGKILL]
+    return out
+
+
+def problem(sigs: dict) -> Optional[str]:
+    """Why these pending signals cannot be restored exactly, or None."""
+    for q in QUEUES:
+        for s in sigs[q]:
+            if s["code"] == SI_TIMER:
+                # Queued again it would be a plain signal: the restored
+                # timer would queue a second one instead of counting an
+                # overrun, and timer_getoverrun() would differ.
+                return f"signal {s['signo']} of a POSIX timer is pending"
+    return None
+
+
+def handled_on_resume(sigs: dict, mask: int, sigactions: dict) -> List[int]:
+    """Pending signals whose handler runs as soon as the process resumes:
+    not blocked by `mask`, with a handler that is a function (not SIG_DFL
+    or SIG_IGN)."""
+    out = []
+    for q in QUEUES:
+        for s in sigs[q]:
+            n = s["signo"]
+            act = sigactions.get(str(n)) or [0]
+            if not mask >> (n - 1) & 1 and act[0] not in (0, 1) and n not in out:
+                out.append(n)
+    return out
+
+
+def describe(sigs: dict) -> str:
+    parts = []
+    for q in QUEUES:
+        for s in sigs[q]:
+            parts.append(f"{s['signo']}({q}, code {s['code']}, from pid {s['pid']})")
+    return ", ".join(parts) or "none"
+
+
+# -- the image -----------------------------------------------------------------
+
+def check_record(rec) -> None:
+    """Raises Refusal(image-invalid) for a malformed "signals" record."""
+    def bad(what: str) -> Refusal:
+        return Refusal("image-invalid", f"core.json signals: {what}")
+    if not isinstance(rec, dict):
+        raise bad("not an object")
+    for q in QUEUES:
+        items = rec.get(q, [])
+        if not isinstance(items, list):
+            raise bad(f"{q} is not a list")
+        for s in items:
+            raw = s.get("raw") if isinstance(s, dict) else None
+            try:
+                data = bytes.fromhex(raw) if isinstance(raw, str) else b""
+            except ValueError:
+                data = b""
+            if len(data) != SIGINFO_SIZE:
+                raise bad(f"{q} entry without a {SIGINFO_SIZE}-byte siginfo")
+            signo = struct.unpack_from("<i", data)[0]
+            if not 1 <= signo <= 64 or signo == SIGKILL:
+                raise bad(f"{q} entry for signal {signo}")
+
+
+def requeue(task, put, rec: dict) -> int:
+    """Queue the image's pending signals in the restored task (all blocked
+    meanwhile; the caller sets the final mask at the last stop). `put`
+    copies bytes into the task and returns their address. Returns how many
+    were queued. Raises SysError/EngineError."""
+    if not rec:
+        return 0
+    ptrace.set_sigmask(task.pid, ALL_BLOCKED)
+    n = 0
+    for q in QUEUES:
+        for s in rec.get(q, []):
+            raw = bytes.fromhex(s["raw"])
+            signo = struct.unpack_from("<i", raw)[0]
+            addr = put(raw)
+            if q == "shared":
+                task.call("rt_sigqueueinfo", task.pid, signo, addr)
+            else:
+                task.call("rt_tgsigqueueinfo", task.pid, task.pid, signo, addr)
+            n += 1
+    return n
