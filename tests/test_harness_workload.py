@@ -170,7 +170,7 @@ def test_untouched_workload_verifies_every_fd(make_workload):
     assert v["ok"], failed(v)
     assert len(v["checks"]) > 100
     whats = {c["what"] for c in v["checks"]}
-    assert {"fifo buffered bytes, in order, nothing more", "eventfd-count", "epoll targets (tfd, events)",
+    assert {"fifo buffered bytes, in order, nothing more", "eventfd-count", "epoll registrations (tfd, events, data)",
             "SIGIO on a create in the directory", "signal read from signalfd"} <= whats
 
 
