@@ -231,12 +231,11 @@ def libc_address(name: str) -> int:
     return ctypes.cast(getattr(_libc, name), ctypes.c_void_p).value
 
 
-class _Sigval(ctypes.Union):
-    _fields_ = [("sival_int", ctypes.c_int), ("sival_ptr", ctypes.c_void_p)]
-
-
 def sigqueue(pid: int, sig: int, value: int) -> None:
-    _check(_libc.sigqueue(pid, sig, _Sigval(sival_ptr=value)))
+    # union sigval is 8 bytes of INTEGER class: passed like a pointer (and
+    # ctypes passes unions by value unreliably), so pass it as one
+    _libc.sigqueue.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+    _check(_libc.sigqueue(pid, sig, value))
 
 
 def sigtimedwait_now(signals: Iterable[int]) -> Tuple[int, int, int]:

@@ -256,6 +256,24 @@ def test_untouched_ghost_passes_every_attribute_check(live):
     assert "own offset: unmoved when fd 3 seeks" in {c["what"] for c in v["checks"] if c["fd"] == 4}
 
 
+@pytest.mark.parametrize("steps, name", [
+    ([{"unlink": {"path": "data"}}], "data"),
+    ([{"file": {"path": "new", "bytes": 5}}, {"rename-over": {"from": "new", "to": "data"}}], "data"),
+    ([{"dir": {"path": "d"}}, {"rename": {"from": "data", "to": "d/moved"}}, {"hardlink": {"from": "d/moved", "to": "x"}},
+      {"unlink": {"path": "d/moved"}}, {"unlink": {"path": "x"}}], "d/moved"),
+])
+def test_ghost_name_follows_the_dentry_as_the_kernel_does(live, steps, name):
+    """The model's dentry names agree with /proc (renames move the name; the
+    fd keeps the dentry it was opened through, not another link's)."""
+    w, g = live(fds=[{"fd": 3, "open": "data", "mode": "r"}], setup=GHOST_SETUP[:1], before_dump=steps)
+    g.close()
+    world.apply_phase(w.spec, "before_dump")
+    v = w.verdict()
+    assert v["ok"], failed(v)
+    got = next(c for c in v["checks"] if c["what"] == "ghost: name in /proc/self/fd")
+    assert got["got"] == os.path.join(w.spec["workdir"], name) + " (deleted)"
+
+
 @pytest.mark.parametrize("what", ["ghost mode", "ghost gid", "ghost mtime_ns"])
 def test_ghost_attribute_disturbances_fail(live, what):
     w, g = live(fds=[{"fd": 3, "open": "data", "mode": "r"}], setup=GHOST_SETUP,
