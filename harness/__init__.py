@@ -3,6 +3,6 @@ guests (or on this host), judged restored / refused / corrupted / crashed / hung
 
 Host side: schema (validation), runner (one scenario), engines (ckpt, criu
 adapters), targets (guest / local), report (table + JSON), bench.
-Guest side (stdlib only, copied into guests): seeded, world, sysapi, fdcore,
-fd_files, fd_ipc, fd_events, fdkinds, workload.
+Guest side (stdlib only, copied into guests): seeded, world, sysapi, workload,
+and the kinds package (one module per fd kind, plus process-wide state).
 """

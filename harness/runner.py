@@ -145,7 +145,7 @@ class Run:
         return {"id": self.sid, "workdir": p["workdir"], "ctldir": p["ctldir"], "ready": p["ready"],
                 "verdict": p["verdict"], "setup": self.sc.get("setup") or [],
                 "before_dump": self.sc.get("before_dump") or [], "between": self.sc.get("between") or [],
-                "fds": wl.get("fds") or [], "mmaps": wl.get("mmaps") or [],
+                "fds": wl.get("fds") or [], "mmaps": wl.get("mmaps") or [], "process": wl.get("process") or {},
                 "witness": not (self.sc.get("dump") or {}).get("leave_running"),
                 "ready_timeout": self.timeout("ready", t)}
 

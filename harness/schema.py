@@ -17,6 +17,8 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 import yaml
 
+from . import kinds
+
 try:
     from engine.reasons import REASONS as ENGINE_REASONS
 except ImportError:  # pragma: no cover - the engine package is part of the repo
@@ -32,13 +34,9 @@ TAGS: Dict[str, str] = {
     "fifo": "named fifos", "pipe": "anonymous pipes", "inotify": "inotify", "dnotify": "dnotify",
     "fanotify": "fanotify", "socket": "sockets", "eventfd": "eventfd", "timerfd": "timerfd",
     "signalfd": "signalfd", "epoll": "epoll", "migrate": "restore on another guest",
-    "refusal": "the expected outcome is a refusal",
+    "refusal": "the expected outcome is a refusal", "dup": "fds sharing one open file description",
+    "process": "process-wide state: umask, rlimits, signals, itimers",
 }
-OPEN_FLAGS = ("O_APPEND", "O_NONBLOCK", "O_SYNC", "O_DSYNC", "O_NOATIME")
-IN_MASKS = ("IN_ACCESS", "IN_MODIFY", "IN_ATTRIB", "IN_CLOSE_WRITE", "IN_CLOSE_NOWRITE", "IN_OPEN",
-            "IN_MOVED_FROM", "IN_MOVED_TO", "IN_CREATE", "IN_DELETE", "IN_DELETE_SELF", "IN_MOVE_SELF",
-            "IN_ONLYDIR", "IN_DONT_FOLLOW", "IN_EXCL_UNLINK", "IN_ONESHOT")
-SIGNALS = ("SIGUSR2", "SIGHUP", "SIGINT", "SIGTERM", "SIGALRM", "SIGCHLD", "SIGWINCH", "SIGRTMIN")
 STEP_NAMES = ("setup", "ready", "dump", "between", "restore", "verify")
 MAX_FD = 499          # the workload builds fds above 500 and moves them down
 
@@ -206,6 +204,38 @@ def Pair() -> Check:
     return chk
 
 
+def FdNum() -> Check:
+    return Int(3, MAX_FD)
+
+
+def Data() -> Check:
+    """Seeded bytes: ``{bytes, seed}``."""
+    return Map({"bytes": Size(), "seed": Int(0)}, required=("bytes",))
+
+
+def FdFlags(prefix: str) -> Check:
+    """``[IN_NONBLOCK, IN_CLOEXEC]`` style creation flags."""
+    return List_(Enum((f"{prefix}_NONBLOCK", f"{prefix}_CLOEXEC")))
+
+
+def Limits() -> Check:
+    """``[soft, hard]``: sizes or ``unlimited`` (-1)."""
+    def one(c, n, k):
+        v = c.scalar(n, k)
+        if v == "unlimited":
+            return -1
+        return Size()(c, n, k)
+
+    def chk(c, n, k):
+        v = List_(one)(c, n, k)
+        if len(v) != 2:
+            raise c.fail(n, k, "expected [soft, hard]")
+        if v[1] != -1 and (v[0] == -1 or v[0] > v[1]):
+            raise c.fail(n, k, "the soft limit is above the hard one")
+        return v
+    return chk
+
+
 def Map(fields: Dict[str, Check], required: Sequence[str] = (), defaults: Optional[dict] = None) -> Check:
     def chk(c, n, k):
         if not isinstance(n, yaml.MappingNode):
@@ -278,44 +308,23 @@ def _steps() -> Check:
         "truncate": Map({"path": P, "size": S}, required=("path", "size")),
         "touch": Map({"path": P, "seconds": Int()}, required=("path",)),
         "chmod": Map({"path": P, "mode": Int(0, 0o7777)}, required=("path", "mode")),
+        "chown": Map({"path": P, "uid": Int(0, 2**32 - 2), "gid": Int(0, 2**32 - 2)}, required=("path", "uid", "gid")),
+        "utime": Map({"path": P, "mtime": Int(0)}, required=("path", "mtime")),
         "write-into-fifo": Map({"path": P, "bytes": S, "seed": Int(0)}, required=("path", "bytes", "seed")),
     }, "step")
 
 
 def _fd_entry() -> Check:
-    fdnum = Int(3, MAX_FD)
-    data = Map({"bytes": Size(), "seed": Int(0)}, required=("bytes",))
-    fdflags = lambda prefix: List_(Enum((f"{prefix}_NONBLOCK", f"{prefix}_CLOEXEC")))  # noqa: E731
-    return Discriminated({
-        "open": {"open": Path(), "mode": Enum(("r", "w", "rw", "a", "a+")), "flags": List_(Enum(OPEN_FLAGS)),
-                 "seek": Size(), "count": Int(1, 400), "seek_step": Size()},
-        "memfd": {"memfd": Str(), "bytes": Size(), "seed": Int(0), "seek": Size()},
-        "dir": {"dir": Path()},
-        "device": {"device": Enum(("/dev/null", "/dev/zero", "/dev/urandom", "/dev/full")),
-                   "mode": Enum(("r", "w", "rw"))},
-        "fifo": {"fifo": Path(), "end": Enum(("r", "w", "rw")), "nonblock": Bool(), "data": data},
-        "pipe": {"pipe": Map({"read": fdnum, "write": fdnum}), "data": data},
-        "inotify": {"inotify": Map({"flags": fdflags("IN"), "pending": List_(Enum(IN_MASKS + ("IN_IGNORED",))),
-                                    "watches": List_(Map(
-            {"path": Path(), "mask": List_(Enum(IN_MASKS)), "remove": Bool()}, required=("path", "mask")))})},
-        "dnotify": {"dnotify": Path(), "mask": List_(Enum(("DN_ACCESS", "DN_MODIFY", "DN_CREATE", "DN_DELETE",
-                                                          "DN_RENAME", "DN_ATTRIB")))},
-        "fanotify": {"fanotify": Map({"mark": Path(), "mask": List_(Enum(("FAN_ACCESS", "FAN_MODIFY", "FAN_OPEN",
-                                                                          "FAN_CLOSE_WRITE", "FAN_CLOSE_NOWRITE")))},
-                                     required=("mark",))},
-        "eventfd": {"eventfd": Map({"initval": Int(0, 2**32 - 1), "add": Int(0, 2**62),
-                                    "flags": List_(Enum(("EFD_SEMAPHORE", "EFD_NONBLOCK", "EFD_CLOEXEC")))})},
-        "timerfd": {"timerfd": Map({"clock": Enum(("monotonic", "realtime", "boottime")), "value_ms": Int(1),
-                                    "interval_ms": Int(0), "flags": fdflags("TFD")}, required=("value_ms",))},
-        "signalfd": {"signalfd": Map({"signals": List_(Enum(SIGNALS, "a signal the workload allows:")),
-                                      "flags": fdflags("SFD")}, required=("signals",))},
-        "epoll": {"epoll": Map({"targets": List_(Map({"fd": fdnum, "events": List_(Enum(
-            ("EPOLLIN", "EPOLLOUT", "EPOLLPRI", "EPOLLET", "EPOLLRDHUP")))}, required=("fd",)))},
-            required=("targets",))},
-        "socket": {"socket": Enum(("unix-pair", "unix-listen", "tcp-listen", "tcp-established", "udp")),
-                   "peer_fd": fdnum, "path": Path(), "data": data},
-    }, common={"fd": fdnum, "cloexec": Bool()},
-        required={"pipe": ("pipe",)})
+    """Built from the kind registry (harness/kinds): each kind declares its
+    own fields; every entry may set ``fd`` and ``cloexec``."""
+    return Discriminated({k: m.fields(_this()) for k, m in kinds.KINDS.items()},
+                         common={"fd": FdNum(), "cloexec": Bool()},
+                         required={k: getattr(m, "REQUIRED", ("fd",)) for k, m in kinds.KINDS.items()})
+
+
+def _this():
+    import sys
+    return sys.modules[__name__]
 
 
 def _mmap() -> Check:
@@ -342,7 +351,8 @@ def _expect() -> Check:
 SCENARIO = Map({
     "name": Str(), "description": Str(), "tags": List_(Enum(TAGS, "a known tag:")),
     "setup": List_(_steps()),
-    "workload": Map({"fds": List_(_fd_entry()), "mmaps": List_(_mmap())}),
+    "workload": Map({"fds": List_(_fd_entry()), "mmaps": List_(_mmap()),
+                     "process": Map(kinds.PROCESS.fields(_this()))}),
     "before_dump": List_(_steps()),
     "dump": Map({"leave_running": Bool(), "ghost_limit": Size(),
                  "file_validation": Enum(("strict", "digest", "size", "none"))}),
@@ -375,12 +385,7 @@ def effective_expect(sc: dict, kernel_release: str) -> dict:
 
 def fd_numbers(entry: dict) -> List[int]:
     """Every fd number an entry occupies."""
-    if "pipe" in entry:
-        return [entry["pipe"][r] for r in ("read", "write") if r in entry["pipe"]]
-    nums = [entry["fd"] + i for i in range(entry.get("count", 1))]
-    if "peer_fd" in entry:
-        nums.append(entry["peer_fd"])
-    return nums
+    return kinds.fd_numbers(entry)
 
 
 def _cross_checks(c: _Ctx, root: yaml.MappingNode, data: dict) -> None:
@@ -404,18 +409,14 @@ def _cross_checks(c: _Ctx, root: yaml.MappingNode, data: dict) -> None:
             if num in seen:
                 raise c.fail(n, where, f"fd {num} is already used by workload.fds[{seen[num]}]")
             seen[num] = i
-        sock = e.get("socket")
-        if sock in ("unix-pair", "tcp-established") and "peer_fd" not in e:
-            raise c.fail(n, where + ".peer_fd", f"a {sock} socket needs peer_fd")
-        if sock == "unix-listen" and "path" not in e:
-            raise c.fail(n, where + ".path", "a unix-listen socket needs a path")
-        if "pipe" in e and not e["pipe"]:
-            raise c.fail(n, where + ".pipe", "name at least one end (read / write)")
+    by_fd = {num: fds[i] for num, i in seen.items()}
     for i, e in enumerate(fds):
-        for t in e.get("epoll", {}).get("targets", []):
-            if t["fd"] not in seen:
-                raise c.fail(node_of("workload", "fds", i), f"workload.fds[{i}].epoll",
-                             f"target fd {t['fd']} is not opened by the workload")
+        validate = getattr(kinds.module_of(e), "validate", None)
+        for key, message in (validate(e, by_fd) if validate else []):
+            raise c.fail(node_of("workload", "fds", i), f"workload.fds[{i}].{key}", message)
+    proc = data["workload"].get("process")
+    for key, message in (kinds.PROCESS.validate(proc) if proc else []):
+        raise c.fail(node_of("workload", "process"), f"workload.process.{key}", message)
     for i, m in enumerate(data["workload"].get("mmaps", [])):
         if ("file" in m) == bool(m.get("anon")):
             raise c.fail(node_of("workload", "mmaps", i), f"workload.mmaps[{i}]", "give either file or anon: true")

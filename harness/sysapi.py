@@ -155,3 +155,103 @@ def names_to_mask(names: Iterable[str], table: dict) -> int:
     for n in names:
         mask |= table[n]
     return mask
+
+
+# -- epoll with explicit data (select.epoll only ever stores the fd number) ---------------
+
+EPOLL_CTL_ADD = 1
+# struct epoll_event is packed on x86 only (<sys/epoll.h> __EPOLL_PACKED)
+_EPOLL_PACKED = os.uname().machine in ("x86_64", "i386", "i686")
+
+
+class _EpollEvent(ctypes.Structure):
+    if _EPOLL_PACKED:
+        _pack_ = 1
+    _fields_ = [("events", ctypes.c_uint32), ("data", ctypes.c_uint64)]
+
+
+def epoll_ctl_add(epfd: int, fd: int, events: int, data: int) -> None:
+    ev = _EpollEvent(events, data)
+    _check(_libc.epoll_ctl(epfd, EPOLL_CTL_ADD, fd, ctypes.byref(ev)))
+
+
+def epoll_wait_now(epfd: int, max_events: int = 64) -> list:
+    """``[(data, events)]`` ready now (timeout 0)."""
+    evs = (_EpollEvent * max_events)()
+    n = _check(_libc.epoll_wait(epfd, evs, max_events, 0))
+    return [(evs[i].data, evs[i].events) for i in range(n)]
+
+
+# -- memfd seals (fcntl(2)) --------------------------------------------------------------
+
+MFD_ALLOW_SEALING = 0x2
+F_ADD_SEALS, F_GET_SEALS = 1033, 1034
+SEALS = {"F_SEAL_SEAL": 0x1, "F_SEAL_SHRINK": 0x2, "F_SEAL_GROW": 0x4, "F_SEAL_WRITE": 0x8,
+         "F_SEAL_FUTURE_WRITE": 0x10}
+
+
+# -- signals: sigaction with flags and mask, sigqueue, sigtimedwait with the value ----------
+
+SA_FLAGS = {"SA_NOCLDSTOP": 0x1, "SA_NOCLDWAIT": 0x2, "SA_SIGINFO": 0x4, "SA_ONSTACK": 0x08000000,
+            "SA_RESTART": 0x10000000, "SA_NODEFER": 0x40000000, "SA_RESETHAND": 0x80000000}
+SA_RESTORER = 0x04000000
+
+
+class _Sigaction(ctypes.Structure):
+    """glibc's struct sigaction (handler, 1024-bit mask, flags, restorer)."""
+    _fields_ = [("handler", ctypes.c_void_p), ("mask", ctypes.c_ulong * 16), ("flags", ctypes.c_int),
+                ("restorer", ctypes.c_void_p)]
+
+
+def sigset_bits(signals: Iterable[int]) -> int:
+    """Bit ``s - 1`` per signal (the kernel's sigset_t, as /proc/PID/status shows it)."""
+    bits = 0
+    for s in signals:
+        bits |= 1 << (s - 1)
+    return bits
+
+
+def sigaction_set(sig: int, handler: int, flags: int, mask: Iterable[int]) -> None:
+    act = _Sigaction()
+    act.handler = handler
+    act.mask = _sigset(mask)
+    act.flags = flags
+    _check(_libc.sigaction(sig, ctypes.byref(act), None))
+
+
+def sigaction_get(sig: int) -> dict:
+    """``{handler, flags, mask}`` of ``sig`` now; the mask as 64 bits (signals 1..64)."""
+    old = _Sigaction()
+    _check(_libc.sigaction(sig, None, ctypes.byref(old)))
+    return {"handler": old.handler or 0, "flags": old.flags & 0xffffffff, "mask": old.mask[0]}
+
+
+def libc_address(name: str) -> int:
+    """The address of a libc function (a handler that stays put across a restore)."""
+    return ctypes.cast(getattr(_libc, name), ctypes.c_void_p).value
+
+
+def sigqueue(pid: int, sig: int, value: int) -> None:
+    # union sigval is 8 bytes of INTEGER class: passed like a pointer (and
+    # ctypes passes unions by value unreliably), so pass it as one
+    _libc.sigqueue.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+    _check(_libc.sigqueue(pid, sig, value))
+
+
+def sigtimedwait_now(signals: Iterable[int]) -> Tuple[int, int, int]:
+    """Take one pending signal out of ``signals`` without waiting:
+    ``(signo, si_code, si_value)``, or ``(0, 0, 0)`` if none is pending.
+    siginfo_t (asm-generic/siginfo.h): signo, errno, code, then (64-bit) the
+    union at offset 16: _rt {pid, uid, sigval} puts sigval at 24."""
+    info = (ctypes.c_char * 128)()
+    zero = _Timespec(0, 0)
+    ret = _libc.sigtimedwait(ctypes.byref(_sigset(signals)), info, ctypes.byref(zero))
+    if ret < 0:
+        e = ctypes.get_errno()
+        if e == 11:       # EAGAIN: nothing pending
+            return 0, 0, 0
+        raise OSError(e, os.strerror(e))
+    raw = bytes(info)
+    signo, _errno, code = struct.unpack_from("iii", raw, 0)
+    (value,) = struct.unpack_from("Q", raw, 24 if ctypes.sizeof(ctypes.c_void_p) == 8 else 20)
+    return signo, code, value

@@ -21,9 +21,19 @@ from typing import List, Optional, Sequence
 from .errors import HarnessError, StepTimeout
 
 REPO = Path(__file__).resolve().parent.parent
-# The stdlib-only files the guest runs (the workload and the world steps).
-GUEST_FILES = ("seeded.py", "sysapi.py", "world.py", "procstate.py", "fdcore.py", "fd_files.py", "fd_ipc.py", "fd_events.py",
-               "fdkinds.py", "workload.py")
+# The stdlib-only files the guest runs (the workload and the world steps),
+# and the packages it imports (copied as directories next to them).
+GUEST_FILES = ("seeded.py", "sysapi.py", "world.py", "procstate.py", "workload.py")
+GUEST_PACKAGES = ("kinds",)
+
+
+def guest_files() -> List[str]:
+    """Every file install copies, relative to harness/ (and to the guest's
+    scripts dir: the same layout, flat files plus package directories)."""
+    out = list(GUEST_FILES)
+    for pkg in GUEST_PACKAGES:
+        out += sorted(f"{pkg}/{p.name}" for p in (REPO / "harness" / pkg).glob("*.py"))
+    return out
 PR_SET_CHILD_SUBREAPER = 36   # prctl(2)
 
 
@@ -199,8 +209,9 @@ class GuestTarget(Target):
 
     def install(self) -> None:
         """Copy the harness's guest files in (the engine is the vm's job)."""
-        self.guest.run(["mkdir", "-p", self.scripts, self.base], timeout=60 * self.time_scale, check=True)
-        for name in GUEST_FILES:
+        self.guest.run(["mkdir", "-p", self.scripts, self.base] + [f"{self.scripts}/{p}" for p in GUEST_PACKAGES],
+                       timeout=60 * self.time_scale, check=True)
+        for name in guest_files():
             self.guest.put(str(REPO / "harness" / name), f"{self.scripts}/{name}")
         self.kernel = self.guest.run(["uname", "-r"], timeout=60 * self.time_scale, check=True).stdout.strip()
 

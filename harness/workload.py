@@ -39,9 +39,9 @@ import traceback
 from typing import Any, Dict, List, Optional, Tuple
 
 try:
-    from . import fdkinds, procstate, seeded, sysapi, world
+    from . import kinds, procstate, seeded, sysapi, world
 except ImportError:  # pragma: no cover - in the guest, run as a script
-    import fdkinds  # type: ignore[no-redef]
+    import kinds  # type: ignore[no-redef]
     import procstate  # type: ignore[no-redef]
     import seeded  # type: ignore[no-redef]
     import sysapi  # type: ignore[no-redef]
@@ -98,16 +98,17 @@ def setup_model(spec: dict, phases=("setup",)) -> world.Model:
 
 # -- run -------------------------------------------------------------------------
 
-def open_all(spec: dict, ctx: fdkinds.Ctx) -> List[dict]:
-    """Open every fd entry and move it to its number; epolls last, because an
-    epoll registration is keyed by the target's fd number."""
+def open_all(spec: dict, ctx: kinds.Ctx) -> List[dict]:
+    """Open every fd entry and move it to its number, in each kind's
+    OPEN_ORDER (an epoll registration is keyed by the target's fd number, a
+    dup needs its original at its number)."""
     entries = ctx.entries
-    order = sorted(range(len(entries)), key=lambda i: fdkinds.kind_of(entries[i]) == "epoll")
+    order = sorted(range(len(entries)), key=lambda i: kinds.open_order(entries[i]))
     recs = []
     for idx in order:
         e = entries[idx]
-        opener = fdkinds.KINDS[fdkinds.kind_of(e)][0]
-        made = opener(e, ctx)
+        kind = kinds.module_of(e)
+        made = kind.opener(e, ctx)
         # lift them all first: a temporary fd may sit on another one's number
         for o in made:
             high = fcntl.fcntl(o.tmp, fcntl.F_DUPFD, TMP_FD_BASE)
@@ -118,9 +119,9 @@ def open_all(spec: dict, ctx: fdkinds.Ctx) -> List[dict]:
             # dup2 with inheritable=False is dup3(O_CLOEXEC): the scenario decides
             os.dup2(high, o.target, inheritable=not e.get("cloexec", False))
             os.close(high)
-            if fdkinds.kind_of(e) in fdkinds.FINISH:
-                fdkinds.FINISH[fdkinds.kind_of(e)](e, o.target)
-            recs.append({"fd": o.target, "kind": fdkinds.kind_of(e), "entry": idx, "role": o.role,
+            if hasattr(kind, "finish"):
+                kind.finish(e, o.target)
+            recs.append({"fd": o.target, "kind": kind.KIND, "entry": idx, "role": o.role,
                          "extra": o.extra})
     return recs
 
@@ -153,14 +154,9 @@ def record_extras(recs: List[dict]) -> None:
     """Facts a kind needs later that only the kernel knows now (wd numbers,
     ports, readiness): observed by the process itself, saved in the ready file."""
     for r in recs:
-        fd = r["fd"]
-        if r["kind"] == "inotify":
-            r["extra"]["fdinfo"] = fdkinds.inotify_fdinfo(fd)
-        elif r["kind"] == "epoll":
-            r["extra"]["targets"] = fdkinds.epoll_fdinfo(fd)
-            r["extra"]["ready"] = fdkinds.epoll_ready(fd)
-        elif r["kind"] == "socket" and r["role"] == "sock":
-            r["extra"]["sockname"] = fdkinds.sockname_of(fd)
+        extras = getattr(kinds.KINDS[r["kind"]], "extras", None)
+        if extras:
+            extras(r)
 
 
 class Proof:
@@ -233,15 +229,18 @@ def run(spec_path: str) -> int:
     try:
         proof = Proof(spec["ctldir"], spec.get("witness", True))
         os.chdir(spec["workdir"])
-        ctx = fdkinds.Ctx(spec["workdir"], setup_model(spec), entries=spec.get("fds") or [], sigio=sigio,
-                          helpers=helpers)
+        ctx = kinds.Ctx(spec["workdir"], setup_model(spec), entries=spec.get("fds") or [], sigio=sigio,
+                        helpers=helpers)
         recs = open_all(spec, ctx)
         for r in recs:
             r["obs"] = observe(r["fd"])
         record_extras(recs)
         maps = map_all(spec, ctx.model)
+        proc = spec.get("process") or {}
+        kinds.PROCESS.apply(proc)      # after the fds: a low RLIMIT_NOFILE must not stop them
         ready = {"pid": os.getpid(), "recs": recs, "fds": own_fds(), "mmaps": maps,
-                 "helpers": ctx.helpers, "cwd": os.getcwd(), "proof": proof.public()}
+                 "helpers": ctx.helpers, "cwd": os.getcwd(), "process": kinds.PROCESS.observe(proc),
+                 "proof": proof.public()}
     except Exception:
         write_json(spec["ready"], {"pid": os.getpid(), "helpers": helpers, "error": traceback.format_exc()})
         return 1
@@ -273,16 +272,20 @@ def run(spec_path: str) -> int:
 def common_checks(rec: dict) -> List[dict]:
     fd, obs = rec["fd"], rec["obs"]
     now = observe(fd)
-    out = [fdkinds.check(fd, "kind (S_IFMT)", obs["fmt"], now["fmt"]),
-           fdkinds.check(fd, "flags (F_GETFL)", oct(obs["flags"]), oct(now["flags"])),
-           fdkinds.check(fd, "close-on-exec", obs["cloexec"], now["cloexec"])]
-    if rec["kind"] != "open" or not (obs["flags"] & os.O_APPEND):
-        out.append(fdkinds.check(fd, "offset", obs["pos"], now["pos"]))
-    else:   # an O_APPEND fd's offset is only meaningful after a write; it must still be a number
-        out.append(fdkinds.check(fd, "offset", True, now["pos"] is not None))
+    # the offset exactly, O_APPEND or not: O_APPEND moves it to the end at
+    # each write, but until then it stays where the process left it
+    out = [kinds.check(fd, "kind (S_IFMT)", obs["fmt"], now["fmt"]),
+           kinds.check(fd, "flags (F_GETFL)", oct(obs["flags"]), oct(now["flags"])),
+           kinds.check(fd, "close-on-exec", obs["cloexec"], now["cloexec"]),
+           kinds.check(fd, "offset", obs["pos"], now["pos"])]
     link = obs["link"]
-    if link.startswith(("anon_inode:", "pipe:", "socket:")):
-        out.append(fdkinds.check(fd, "object type", link.split("[")[0], now["link"].split("[")[0]))
+    if link.startswith("anon_inode:"):
+        # the whole type (anon_inode:[eventfd] is not anon_inode:[timerfd]);
+        # anon inodes carry no inode number in the name
+        out.append(kinds.check(fd, "object type", link, now["link"]))
+    elif link.startswith(("pipe:", "socket:")):
+        # pipe:[INODE] / socket:[INODE]: inode numbers are new after a restore
+        out.append(kinds.check(fd, "object type", link.split("[")[0], now["link"].split("[")[0]))
     return out
 
 
@@ -299,10 +302,10 @@ def mmap_checks(spec: dict, ready: dict, model: world.Model) -> List[dict]:
         what = f"mmap {m.get('file', 'anon')} at {addr:#x}"
         hit = next((x for x in maps if x[0] <= addr and addr + length <= x[1]), None)
         if hit is None:
-            out.append(fdkinds.check(None, what + ": mapped", True, False))
+            out.append(kinds.check(None, what + ": mapped", True, False))
             continue
         perms = ("rw" if m.get("prot", "r") == "rw" or "anon" in m else "r-") + ("s" if m.get("shared") else "p")
-        out.append(fdkinds.check(None, what + ": permissions", perms, hit[2][:2] + hit[2][3]))
+        out.append(kinds.check(None, what + ": permissions", perms, hit[2][:2] + hit[2][3]))
         if "anon" in m:
             expected = seeded.data(int(m.get("seed", 0)), 0, length)
         else:
@@ -311,9 +314,9 @@ def mmap_checks(spec: dict, ready: dict, model: world.Model) -> List[dict]:
                 d = m["dirty"]
                 o = int(d.get("offset", 0))
                 expected[o:o + int(d["bytes"])] = seeded.data(int(d.get("seed", 0)), 0, int(d["bytes"]))
-            out.append(fdkinds.check(None, what + ": file deleted", model.nlink(rec["ino"]) == 0,
+            out.append(kinds.check(None, what + ": file deleted", model.nlink(rec["ino"]) == 0,
                                      hit[3].endswith(" (deleted)")))
-        out.append(fdkinds.bytes_check(None, what + ": contents", bytes(expected), sysapi.peek(addr, length)))
+        out.append(kinds.bytes_check(None, what + ": contents", bytes(expected), sysapi.peek(addr, length)))
     return out
 
 
@@ -326,30 +329,35 @@ def verify(spec_path: str, sigio: List[int], phases: Tuple[str, ...] = ()) -> di
         ready = json.load(f)
     model = setup_model(spec, ("setup", "before_dump"))
     entries = spec.get("fds") or []
-    ctx = fdkinds.Ctx(spec["workdir"], model, entries=entries, recs=ready["recs"],
-                      helpers=ready["helpers"], sigio=sigio)
-    checks = [fdkinds.check(None, "pid", ready["pid"], os.getpid()),
-              fdkinds.check(None, "cwd", ready["cwd"], os.getcwd()),
-              fdkinds.check(None, "open fds", ready["fds"], own_fds())]
+    ctx = kinds.Ctx(spec["workdir"], model, entries=entries, recs=ready["recs"],
+                    helpers=ready["helpers"], sigio=sigio)
+    checks = [kinds.check(None, "pid", ready["pid"], os.getpid()),
+              kinds.check(None, "cwd", ready["cwd"], os.getcwd()),
+              kinds.check(None, "open fds", ready["fds"], own_fds())]
     broken = set()
     for rec in ready["recs"]:
         try:
             checks += common_checks(rec)
         except OSError as e:
-            checks.append(fdkinds.check(rec["fd"], "fd exists", True, f"{e.strerror} (errno {e.errno})"))
+            checks.append(kinds.check(rec["fd"], "fd exists", True, f"{e.strerror} (errno {e.errno})"))
             broken.add(rec["entry"])
-    order = sorted(range(len(entries)), key=lambda i: fdkinds.kind_of(entries[i]) != "epoll")
+    order = sorted(range(len(entries)), key=lambda i: kinds.check_order(entries[i]))
+    proc = spec.get("process") or {}
     for phase in phases or PHASES:
+        try:
+            checks += kinds.PROCESS.checker(proc, ready.get("process") or {}, phase)
+        except Exception as exc:
+            checks.append({"fd": None, "what": f"{phase} process", "expected": "no error",
+                           "got": f"{type(exc).__name__}: {exc}", "ok": False})
         for idx in order:
             if idx in broken:
                 continue
             e = entries[idx]
-            checker = fdkinds.KINDS[fdkinds.kind_of(e)][1]
             recs = [r for r in ready["recs"] if r["entry"] == idx]
             try:
-                checks += checker(e, recs, ctx, phase)
+                checks += kinds.module_of(e).checker(e, recs, ctx, phase)
             except Exception as exc:  # a check that blows up is a failed check, with why
-                checks.append({"fd": recs[0]["fd"] if recs else None, "what": f"{phase} {fdkinds.kind_of(e)}",
+                checks.append({"fd": recs[0]["fd"] if recs else None, "what": f"{phase} {kinds.kind_of(e)}",
                                "expected": "no error", "got": f"{type(exc).__name__}: {exc}", "ok": False})
     try:
         checks += mmap_checks(spec, ready, model)

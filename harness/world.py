@@ -29,7 +29,7 @@ except ImportError:  # pragma: no cover - exercised in the guest
 
 OPS = ("file", "dir", "fifo", "hardlink", "symlink", "rename", "rename-over",
        "unlink", "rewrite-same-size", "append", "truncate", "touch", "chmod",
-       "remove-fifo", "write-into-fifo", "rmdir")
+       "remove-fifo", "write-into-fifo", "rmdir", "chown", "utime")
 
 
 class WorldError(Exception):
@@ -147,6 +147,11 @@ def apply_op(step: Dict[str, Any], workdir: str) -> None:
             os.utime(p("path"), ns=(st.st_atime_ns, st.st_mtime_ns + delta))
         elif name == "chmod":
             os.chmod(p("path"), int(a["mode"]))
+        elif name == "chown":
+            os.chown(p("path"), int(a["uid"]), int(a["gid"]))
+        elif name == "utime":
+            ns = int(a["mtime"]) * 10**9
+            os.utime(p("path"), ns=(ns, ns))
         elif name == "write-into-fifo":
             # O_RDWR on a fifo never blocks (Linux fifo(7)); the bytes stay in
             # the pipe buffer only while some other fd keeps the fifo open.
@@ -189,10 +194,23 @@ def digest_tree(root: str) -> Dict[str, str]:
 
 # -- the model ------------------------------------------------------------------
 
+ATTRS = ("mode", "uid", "gid", "mtime_ns")
+
+
 @dataclass
 class Node:
     kind: str                                  # file | dir | fifo | symlink
     content: Optional[seeded.Content] = None   # files only
+    # What steps did to the inode's attributes: how often each changed, and
+    # its value where a step set it exactly (None: changed, value unknown,
+    # e.g. mtime after an append). A checker that saw the attribute itself
+    # before the steps uses its own observation while the count is unchanged.
+    changes: Dict[str, int] = field(default_factory=lambda: dict.fromkeys(ATTRS, 0))
+    known: Dict[str, Optional[int]] = field(default_factory=lambda: dict.fromkeys(ATTRS))
+
+    def set_attr(self, attr: str, value: Optional[int]) -> None:
+        self.changes[attr] += 1
+        self.known[attr] = value
 
 
 @dataclass
@@ -202,12 +220,37 @@ class Model:
     paths: Dict[str, int] = field(default_factory=dict)
     nodes: Dict[int, Node] = field(default_factory=dict)
     fifo_writes: Dict[str, List[tuple]] = field(default_factory=dict)  # path -> [(seed, bytes)]
+    # Names as the kernel's dentries carry them: an fd keeps the dentry it was
+    # opened through, which follows renames and, once unlinked, is shown by
+    # /proc/PID/fd as "<its last path> (deleted)".
+    dentries: Dict[str, int] = field(default_factory=dict)      # path -> dentry id
+    dentry_names: Dict[int, str] = field(default_factory=dict)  # dentry id -> its path now
+    dead: set = field(default_factory=set)                      # unlinked dentry ids
 
     def _new(self, path: str, node: Node) -> int:
         ino = len(self.nodes) + 1
         self.nodes[ino] = node
         self.paths[rel(path)] = ino
+        self._link(path)
         return ino
+
+    def _link(self, path: str) -> None:
+        d = len(self.dentry_names) + 1
+        self.dentries[rel(path)] = d
+        self.dentry_names[d] = rel(path)
+
+    def _drop(self, path: str) -> None:
+        d = self.dentries.pop(rel(path), None)
+        if d is not None:
+            self.dead.add(d)
+
+    def dentry(self, path: str) -> Optional[int]:
+        """The dentry id of ``path`` now (what an fd opened through it keeps)."""
+        return self.dentries.get(rel(path))
+
+    def dentry_name(self, d: int) -> tuple:
+        """``(path now, unlinked?)`` of dentry ``d``."""
+        return self.dentry_names[d], d in self.dead
 
     def lookup(self, path: str) -> Optional[int]:
         """The model inode at ``path``, or None (does not follow symlinks)."""
@@ -246,22 +289,46 @@ class Model:
             self._new(a["path"], Node("symlink"))
         elif name == "hardlink":
             self.paths[rel(a["to"])] = need("from")
+            self._link(a["to"])
         elif name in ("rename", "rename-over"):
             self.paths[rel(a["to"])] = self.paths.pop(rel(a["from"]), None) or need("from")
+            self._drop(a["to"])
+            d = self.dentries.pop(rel(a["from"]), None)
+            if d is not None:
+                self.dentries[rel(a["to"])] = d
+                self.dentry_names[d] = rel(a["to"])
         elif name in ("unlink", "remove-fifo", "rmdir"):
             need("path")
             del self.paths[rel(a["path"])]
+            self._drop(a["path"])
         elif name == "rewrite-same-size":
             self.content(need("path")).rewrite(int(a["seed"]))
+            self.nodes[need("path")].set_attr("mtime_ns", None)
         elif name == "append":
             self.content(need("path")).append(int(a["bytes"]), int(a["seed"]))
+            self.nodes[need("path")].set_attr("mtime_ns", None)
         elif name == "truncate":
             self.content(need("path")).truncate(int(a["size"]))
+            self.nodes[need("path")].set_attr("mtime_ns", None)
         elif name == "write-into-fifo":
             need("path")
             self.fifo_writes.setdefault(rel(a["path"]), []).append((int(a["seed"]), int(a["bytes"])))
-        elif name in ("touch", "chmod"):
-            need("path")
+        elif name == "touch":
+            self.nodes[need("path")].set_attr("mtime_ns", None)
+        elif name == "chmod":
+            self.nodes[need("path")].set_attr("mode", int(a["mode"]))
+        elif name == "chown":
+            node = self.nodes[need("path")]
+            node.set_attr("uid", int(a["uid"]))
+            node.set_attr("gid", int(a["gid"]))
+            # chown(2) clears set-user-ID, and set-group-ID when group-exec
+            # is set, on a non-directory, even for root (since Linux 2.2.13)
+            mode = node.known["mode"]
+            if node.kind != "dir" and (mode is None or mode & 0o6000):
+                kill = 0o4000 | (0o2000 if mode is not None and mode & 0o2010 == 0o2010 else 0)
+                node.set_attr("mode", None if mode is None else mode & ~kill)
+        elif name == "utime":
+            self.nodes[need("path")].set_attr("mtime_ns", int(a["mtime"]) * 10**9)
         else:
             raise WorldError(name, "unknown op")
 

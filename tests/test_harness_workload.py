@@ -113,13 +113,13 @@ RICH_SETUP = [{"file": {"path": "data", "bytes": 65536, "seed": 1}}, {"fifo": {"
 class Workload:
     """One workload started through `workload.py spawn`, killed and reaped at the end."""
 
-    def __init__(self, tmp_path, fds, setup=RICH_SETUP, mmaps=(), before_dump=()):
+    def __init__(self, tmp_path, fds, setup=RICH_SETUP, mmaps=(), before_dump=(), process=None):
         self.t = LocalTarget(base=str(tmp_path))
         root = tmp_path
         self.spec = {"id": "t", "workdir": str(root / "w"), "ctldir": str(root / "c"),
                      "ready": str(root / "c/ready.json"), "verdict": str(root / "c/verdict.json"),
                      "setup": list(setup), "before_dump": list(before_dump), "between": [],
-                     "fds": fds, "mmaps": list(mmaps), "ready_timeout": 20}
+                     "fds": fds, "mmaps": list(mmaps), "process": process or {}, "ready_timeout": 20}
         os.makedirs(root / "c")
         self.spec_path = str(root / "c/spec.json")
         with open(self.spec_path, "w") as f:
@@ -170,7 +170,7 @@ def test_untouched_workload_verifies_every_fd(make_workload):
     assert v["ok"], failed(v)
     assert len(v["checks"]) > 100
     whats = {c["what"] for c in v["checks"]}
-    assert {"fifo buffered bytes, in order, nothing more", "eventfd-count", "epoll targets (tfd, events)",
+    assert {"fifo buffered bytes, in order, nothing more", "eventfd-count", "epoll registrations (tfd, events, data)",
             "SIGIO on a create in the directory", "signal read from signalfd"} <= whats
 
 

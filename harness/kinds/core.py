@@ -1,5 +1,6 @@
 """What every fd kind of the workload shares: the records, the check
-helpers, and the flag tables.
+helpers, and the flag tables (the kind modules import only this, seeded and
+sysapi).
 
 Runs in the guest (stdlib only, Python >= 3.9). A kind's opener returns
 :class:`Opened` fds at temporary numbers (the workload moves them to the
@@ -15,6 +16,11 @@ import os
 import select
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
+
+try:
+    from .. import seeded
+except ImportError:  # pragma: no cover - in the guest, ``kinds`` is a top-level package
+    import seeded  # type: ignore[no-redef]
 
 MODES = {"r": os.O_RDONLY, "w": os.O_WRONLY, "rw": os.O_RDWR,
          "a": os.O_WRONLY | os.O_APPEND, "a+": os.O_RDWR | os.O_APPEND}
@@ -65,9 +71,26 @@ class Ctx:
         idx = self.entries.index(entry)
         return next(r["fd"] for r in self.recs if r["entry"] == idx)
 
+    def rec_of_fd(self, fd: int) -> Optional[dict]:
+        """The record of the fd the workload holds at number ``fd``."""
+        return next((r for r in self.recs if r["fd"] == fd), None)
+
 
 def check(fd: Optional[int], what: str, expected: Any, got: Any) -> Dict[str, Any]:
     return {"fd": fd, "what": what, "expected": expected, "got": got, "ok": expected == got}
+
+
+def within(fd: Optional[int], what: str, lo: float, hi: float, got: Any) -> Dict[str, Any]:
+    """A check that ``lo <= got <= hi`` (for values that move with time)."""
+    ok = isinstance(got, (int, float)) and lo <= got <= hi
+    return {"fd": fd, "what": what, "expected": f"in [{lo:g}, {hi:g}]", "got": got, "ok": ok}
+
+
+def seeded_bytes(spec: Optional[dict]) -> bytes:
+    """The bytes a ``data: {bytes, seed}`` field stands for (b"" for none)."""
+    if not spec:
+        return b""
+    return seeded.data(int(spec.get("seed", 0)), 0, int(spec["bytes"]))
 
 
 def flag_bits(names, table: Dict[str, int]) -> int:

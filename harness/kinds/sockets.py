@@ -1,0 +1,147 @@
+"""``socket``: unix-pair, unix-listen, tcp-listen, tcp-established, udp.
+
+Queued bytes are seeded in BOTH directions of a connected pair (``data``
+waits on ``fd``, ``peer_data`` on ``peer_fd``); the checker drains both
+ends' queues without blocking and compares each, then proves the ends are
+still connected by a marker each way. Listening sockets must accept, a
+datagram socket keeps its datagram and its source.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any, List
+
+from .core import MARKER, Ctx, Opened, bytes_check, check, drain, seeded_bytes, wait_readable
+
+KIND = "socket"
+TAGS = ("socket",)
+SOCKETS = ("unix-pair", "unix-listen", "tcp-listen", "tcp-established", "udp")
+PAIRS = ("unix-pair", "tcp-established")
+
+
+def fields(s) -> dict:
+    return {"socket": s.Enum(SOCKETS), "peer_fd": s.FdNum(), "path": s.Path(), "data": s.Data(),
+            "peer_data": s.Data()}
+
+
+def fd_numbers(e: dict) -> List[int]:
+    return [e["fd"]] + ([e["peer_fd"]] if "peer_fd" in e else [])
+
+
+def validate(e: dict, fds: dict) -> List[tuple]:
+    sock = e["socket"]
+    if sock in PAIRS and "peer_fd" not in e:
+        return [("peer_fd", f"a {sock} socket needs peer_fd")]
+    if sock not in PAIRS and "peer_data" in e:
+        return [("peer_data", f"a {sock} socket has no peer")]
+    if sock == "unix-listen" and "path" not in e:
+        return [("path", "a unix-listen socket needs a path")]
+    return []
+
+
+def opener(e: dict, ctx: Ctx) -> List[Opened]:
+    kind = e["socket"]
+    payload = seeded_bytes(e.get("data"))
+    back = seeded_bytes(e.get("peer_data"))
+    if kind == "unix-pair":
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        b.sendall(payload)
+        a.sendall(back)
+        return [Opened(a.detach(), int(e["fd"]), "sock"), Opened(b.detach(), int(e["peer_fd"]), "peer")]
+    if kind == "unix-listen":
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.bind(e["path"])
+        s.listen(8)
+        return [Opened(s.detach(), int(e["fd"]), "sock")]
+    if kind == "tcp-listen":
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.bind(("127.0.0.1", 0))
+        s.listen(8)
+        return [Opened(s.detach(), int(e["fd"]), "sock")]
+    if kind == "tcp-established":
+        lst = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        lst.bind(("127.0.0.1", 0))
+        lst.listen(1)
+        c = socket.create_connection(lst.getsockname())
+        srv, _ = lst.accept()
+        lst.close()
+        srv.sendall(payload)
+        c.sendall(back)
+        return [Opened(c.detach(), int(e["fd"]), "sock"), Opened(srv.detach(), int(e["peer_fd"]), "peer")]
+    if kind == "udp":
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind(("127.0.0.1", 0))
+        tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        tx.bind(("127.0.0.1", 0))
+        tx.sendto(payload, s.getsockname())
+        sender = list(tx.getsockname())
+        tx.close()
+        return [Opened(s.detach(), int(e["fd"]), "sock", {"sender": sender})]
+    raise ValueError(f"unknown socket kind {kind}")
+
+
+def extras(rec: dict) -> None:
+    if rec["role"] == "sock":
+        rec["extra"]["sockname"] = sockname_of(rec["fd"])
+
+
+def _sock(fd: int) -> socket.socket:
+    """A socket object on a dup of ``fd`` (closing it leaves ``fd`` alone)."""
+    return socket.socket(fileno=os.dup(fd))
+
+
+def _marker(to: int, frm: int, what: str) -> dict:
+    os.write(frm, MARKER)
+    return check(to, what, MARKER.decode(), drain(to).decode(errors="replace") if wait_readable(to, 2) else "")
+
+
+def checker(e: dict, recs: List[dict], ctx: Ctx, phase: str) -> List[dict]:
+    kind = e["socket"]
+    by_role = {r["role"]: r for r in recs}
+    fd = by_role["sock"]["fd"]
+    peer = by_role["peer"]["fd"] if "peer" in by_role else None
+    s = _sock(fd)
+    out = []
+    try:
+        if phase == "inspect":
+            out.append(check(fd, "local address", by_role["sock"]["extra"].get("sockname"), _name(s.getsockname())))
+        elif phase == "consume" and kind in PAIRS:
+            out.append(bytes_check(fd, "queued stream bytes", seeded_bytes(e.get("data")), drain(fd)))
+            out.append(bytes_check(peer, "queued stream bytes (peer end)", seeded_bytes(e.get("peer_data")),
+                                   drain(peer)))
+        elif phase == "consume" and kind == "udp":
+            got = s.recvfrom(65536, socket.MSG_DONTWAIT) if wait_readable(fd, 0) else (b"", None)
+            out.append(bytes_check(fd, "queued datagram", seeded_bytes(e.get("data")), got[0]))
+            out.append(check(fd, "datagram source", by_role["sock"]["extra"]["sender"], _name(got[1])))
+        elif phase == "mutate" and kind in PAIRS:
+            out.append(_marker(fd, peer, "peer's write arrives"))
+            out.append(_marker(peer, fd, "write arrives at the peer"))
+        elif phase == "mutate" and kind in ("unix-listen", "tcp-listen"):
+            c = socket.socket(s.family, socket.SOCK_STREAM)
+            try:
+                c.settimeout(2)
+                c.connect(s.getsockname())
+                ok = wait_readable(fd, 2)
+                if ok:
+                    conn, _ = s.accept()
+                    conn.close()
+                out.append(check(fd, "accepts a connection", True, ok))
+            finally:
+                c.close()
+    finally:
+        s.close()
+    return out
+
+
+def _name(addr: Any) -> Any:
+    return list(addr) if isinstance(addr, tuple) else addr
+
+
+def sockname_of(fd: int) -> Any:
+    s = _sock(fd)
+    try:
+        return _name(s.getsockname())
+    finally:
+        s.close()
