@@ -345,7 +345,7 @@ def validate_ghost(rec: dict, ctx, *, fd: Optional[int] = None, pid: Optional[in
 
 
 _MFD_ALLOW_SEALING, _MFD_NOEXEC_SEAL, _MFD_EXEC = 0x2, 0x8, 0x10
-_F_SEAL_EXEC = 0x20
+_F_SEAL_SEAL, _F_SEAL_EXEC = 0x1, 0x20
 
 
 def _have_seals(fd: int) -> int:
@@ -362,7 +362,9 @@ def _memfd_for(rec: dict) -> int:
     may default to no-exec), MFD_NOEXEC_SEAL when F_SEAL_EXEC is recorded
     (it comes with mode 0666: the x bits are already off)."""
     seals = rec.get("seals") or 0
-    flags = _MFD_ALLOW_SEALING if seals else 0
+    # F_GET_SEALS is exactly F_SEAL_SEAL on a memfd made without
+    # MFD_ALLOW_SEALING; anything else (0 included) was made sealable
+    flags = 0 if seals == _F_SEAL_SEAL else _MFD_ALLOW_SEALING
     if seals & _F_SEAL_EXEC:
         extra = _MFD_NOEXEC_SEAL
     elif stat.S_IMODE(rec["mode"]) & 0o111:
@@ -411,9 +413,10 @@ def restore_ghost(rec: dict, ctx) -> int:
         # After the data (writes and chown clear set-user/group-ID): owner,
         # all 12 mode bits, times; seals last (F_SEAL_EXEC freezes the x bits).
         unlinked.apply_attrs(gfd, rec)
-        if rec.get("memfd") and rec.get("seals"):
+        missing = (rec.get("seals") or 0) & ~_have_seals(gfd) if rec.get("memfd") else 0
+        if missing:     # F_ADD_SEALS of nothing is EPERM on an unsealable memfd
             import fcntl
-            fcntl.fcntl(gfd, 1033, rec["seals"] & ~_have_seals(gfd))   # F_ADD_SEALS
+            fcntl.fcntl(gfd, 1033, missing)   # F_ADD_SEALS
     except BaseException:
         os.close(gfd)
         raise

@@ -58,6 +58,8 @@ EXPECTED: List[Allowed] = [
             "watches name inodes and devices, which are per filesystem instance", lambda v: None, "migrate"),
     Allowed(r"^fd\.\d+\.fdinfo\.tfd\.\d+\.(ino|sdev)$", "an epoll target's inode: its own fd's identity is "
             "compared under fd.N (files keep theirs; pipes, sockets and anon inodes get new ones)", lambda v: None),
+    Allowed(r"^fd\.\d+\.fdinfo\.eventfd-id$", "an eventfd's id is handed out when it is created; its count "
+            "and flags are compared", lambda v: None),
     Allowed(r"^status\.FDSize$", "the fd table's capacity (grows in powers of two, never shrinks) is an "
             "allocation detail no program can observe but through /proc; every fd is compared one by one",
             lambda v: None),

@@ -205,15 +205,6 @@ class Proof:
         return {"secret": self.secret.raw.hex(), "counter": self.counter.value}
 
 
-def read_witness(path: str) -> Optional[int]:
-    """The counter the workload stored last (8 bytes, little-endian)."""
-    try:
-        with open(path, "rb") as f:
-            return int.from_bytes(f.read(8), "little")
-    except OSError:
-        return None
-
-
 def run(spec_path: str) -> int:
     with open(spec_path) as f:
         spec = json.load(f)
