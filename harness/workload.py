@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import ctypes
 import fcntl
+import gc
 import hashlib
 import json
 import os
@@ -190,11 +191,12 @@ class Proof:
             self.witness = sysapi.mmap(4096, PROT["rw"], MAP_SHARED, fd, 0)
         finally:
             os.close(fd)     # the mapping keeps the file; no extra fd in the dumped table
+        self.witness_word = ctypes.c_uint64.from_address(self.witness)
 
     def tick(self) -> None:
         self.counter.value += 1
         if self.witness:
-            ctypes.c_uint64.from_address(self.witness).value = self.counter.value
+            self.witness_word.value = self.counter.value
 
     def public(self) -> dict:
         return {"secret_sha256": hashlib.sha256(self.secret.raw).hexdigest(),
@@ -236,13 +238,19 @@ def run(spec_path: str) -> int:
         write_json(spec["ready"], {"pid": os.getpid(), "helpers": helpers, "error": traceback.format_exc()})
         return 1
     write_json(spec["ready"], ready)
+    # The harness snapshots /proc while this loop runs: keep it from changing
+    # the memory map (no collector runs, no arena comes or goes).
+    gc.collect()
+    gc.disable()
+    wait_for = {signal.SIGUSR1}
     while True:
-        got = signal.sigtimedwait({signal.SIGUSR1}, Proof.TICK)
+        got = signal.sigtimedwait(wait_for, Proof.TICK)
         # CPython returns an empty siginfo (signo 0), not None, when the wait
         # was interrupted (EINTR: a ptrace freeze) after its deadline passed
         if got is not None and got.si_signo == signal.SIGUSR1:
             break
         proof.tick()
+    gc.enable()
     try:
         with open(os.path.join(spec["ctldir"], REQUEST)) as f:
             phases = tuple(json.load(f).get("phases") or PHASES)
