@@ -42,8 +42,9 @@ setup-pip:
 
 test: test-host vm-test
 
+# Two workers: the engine tests mostly wait on their targets.
 test-host: lint-workflows
-	$(PYTHON) -m pytest tests/ -q -p no:cacheprovider
+	$(PYTHON) -m pytest tests/ -q -p no:cacheprovider -p no:benchmark -n $(JOBS)
 
 # actionlint over the CI workflows (binary from the `test` extra).
 lint-workflows:
