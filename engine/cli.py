@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("survey", parents=[common, files],
                        help="the check verdict of every process on the machine, and what stops the refused ones")
-    v.add_argument("--pid", type=_pid, metavar="PID", help="only the tree under PID (PID and its descendants)")
+    v.add_argument("--pid", type=_pid, action="append", metavar="PID",
+                   help="only the tree under PID (PID and its descendants); may be repeated")
     v.add_argument("--comm", metavar="NAME", help="only processes whose comm is NAME (or matches the pattern)")
     v.add_argument("--html", metavar="FILE", help="also write a self-contained HTML page with the histogram")
     v.add_argument("--timeout", type=float, default=20.0, metavar="SECONDS",

@@ -75,22 +75,24 @@ def all_pids(root: str = "/proc") -> List[int]:
     return sorted(int(n) for n in os.listdir(root) if n.isdigit())
 
 
-def select(pid: Optional[int] = None, comm: Optional[str] = None, root: str = "/proc") -> Dict[int, dict]:
-    """pid -> stat of the processes to survey: all, the tree under `pid`
-    (pid and its descendants), or those whose comm matches `comm` (exact
-    name or shell pattern)."""
+def select(pid=None, comm: Optional[str] = None, root: str = "/proc") -> Dict[int, dict]:
+    """pid -> stat of the processes to survey: all, the trees under `pid`
+    (a PID or a list of PIDs: each with its descendants), and/or those
+    whose comm matches `comm` (exact name or shell pattern)."""
     stats = {}
     for p in all_pids(root):
         st = _stat(p, root)
         if st is not None:
             stats[p] = st
     if pid is not None:
-        if pid not in stats:
-            raise UsageError(f"no process with PID {pid}")
+        roots = [pid] if isinstance(pid, int) else list(pid)
+        for r in roots:
+            if r not in stats:
+                raise UsageError(f"no process with PID {r}")
         kids: Dict[int, List[int]] = {}
         for p, st in stats.items():
             kids.setdefault(st["ppid"], []).append(p)
-        keep, todo = set(), [pid]
+        keep, todo = set(), list(roots)
         while todo:
             p = todo.pop()
             if p not in keep:
@@ -459,7 +461,7 @@ def aggregate(records: List[dict]) -> dict:
             "facets": {dim: sort(vals) for dim, vals in sorted(facets.items())}}
 
 
-def survey(pid: Optional[int] = None, comm: Optional[str] = None, options: Optional[Options] = None,
+def survey(pid=None, comm: Optional[str] = None, options: Optional[Options] = None,
            timeout: float = DEFAULT_TIMEOUT, check: Optional[Callable[[int], dict]] = None,
            progress: Optional[Callable[[int, int], None]] = None) -> dict:
     """Survey the machine (or a tree / a comm). Returns {host, kernel, arch,
