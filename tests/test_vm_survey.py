@@ -98,3 +98,25 @@ def test_vm_cli_has_survey_subcommand(monkeypatch, tmp_path):
     assert rc == 0
     assert seen == {"out": tmp_path, "arch": "aarch64", "kernel": "backports", "accel": "tcg",
                     "engine": REPO / "engine", "settle": 2.0}
+
+
+def test_nightly_surveys_each_arch_kernel_and_keeps_the_reports():
+    import yaml
+    wf = yaml.safe_load((REPO / ".github" / "workflows" / "nightly.yml").read_text())
+    steps = wf["jobs"]["corpus"]["steps"]
+    names = [s.get("name", "") for s in steps]
+    i = next(n for n, s in enumerate(steps) if "-m vm survey" in s.get("run", ""))
+    step = steps[i]
+    assert '--arch "${{ matrix.arch }}"' in step["run"] and '--kernel "${{ matrix.kernel }}"' in step["run"]
+    assert "--out reports" in step["run"]
+    assert "matrix.engine == 'ckpt'" in step["if"] and "always()" in step["if"]
+    assert i > names.index("make vm-test")              # after the corpus: it must not slow its cells
+    up = next(s for s in steps if str(s.get("uses", "")).startswith("actions/upload-artifact@")
+              and s["with"]["name"].startswith("survey-"))
+    assert "reports/survey-*.json" in up["with"]["path"] and "reports/survey-*.html" in up["with"]["path"]
+    outcome = next(s for s in steps if str(s.get("uses", "")).startswith("actions/upload-artifact@")
+                   and s["with"]["name"].startswith("outcome-"))
+    assert "!reports/survey-*" in outcome["with"]["path"]   # the outcome merge reads only its own files
+    # the command line the step runs is one vm/cli.py accepts
+    args = cli.parser().parse_args(["survey", "--arch", "x86_64", "--kernel", "6.1", "--out", "reports"])
+    assert args.func is cli.cmd_survey
