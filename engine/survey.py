@@ -340,8 +340,12 @@ def inspect(pid: int, st: dict, check: Callable[[int], dict], timeout: float = D
     if err is not None:
         what, e = err
         if what == "refusal":
-            if e.reason == "no-such-process" or gone:
+            if gone:
                 return dict(rec, status=EXITED, note="exited during survey")
+            if e.reason == "no-such-process":
+                # Alive, but something vanished under the check (an fd
+                # closed by another thread): no verdict for it.
+                return dict(rec, status=ERROR, note=f"changed while checked: {e.detail}")
             if e.reason in NOT_INSPECTABLE:
                 return dict(rec, status=UNINSPECTABLE, note=e.reason, detail=e.detail)
             # A refusal before the pre-flight (e.g. stopped by job control).

@@ -527,3 +527,42 @@ def test_html_page_is_self_contained_with_chart_and_counts():
     assert "4 (2 alone)" in text and "threads" in text
     for label, n in (("restorable", 1), ("refused", 6)):
         assert f"{label}" in text and str(n) in text
+
+
+def test_check_overrunning_its_deadline_is_cut_off_and_released(procs, counter_bin, world):
+    """A check that hangs with the target frozen: stopped by the deadline,
+    the target released by the check's own cleanup and running again."""
+    from engine.task import Task
+    p = procs.start([counter_bin, world["out"], world["in"], "4", "sleep"], cwd=str(world["dir"]))
+    wait_for(lambda: count_lines(world["out"]) >= 1, timeout=10)
+    frozen = []
+
+    def hanging_check(pid):
+        t = Task.seize(pid)
+        try:
+            frozen.append(status(pid)["State"])
+            time.sleep(10)
+        finally:
+            t.release()
+
+    t0 = time.monotonic()
+    rec = sv.inspect(p.pid, sv.select(pid=p.pid)[p.pid], hanging_check, timeout=0.5)
+    assert time.monotonic() - t0 < 5
+    assert frozen and frozen[0].startswith("t")
+    assert rec["status"] == sv.TIMEOUT and "0.5 s" in rec["note"]
+    assert status(p.pid)["TracerPid"] == "0"
+    n = count_lines(world["out"])
+    wait_for(lambda: count_lines(world["out"]) > n, timeout=5, what="counter runs again")
+
+
+def test_select_tree_and_comm(procs, churn_bin, tmp_path):
+    churn, _ = start_churn(procs, churn_bin, tmp_path, child_us=200000)
+    wait_for(lambda: len(descendants(churn.pid)) >= 2, timeout=5, what="churn children")
+    tree = sv.select(pid=churn.pid)
+    assert churn.pid in tree and os.getpid() not in tree
+    assert all(st["comm"] == "churn" for st in tree.values())
+    assert len(tree) >= 2 and all(st["ppid"] == churn.pid for p, st in tree.items() if p != churn.pid)
+    byname = sv.select(comm="chur?")
+    assert set(tree) & set(byname) and all(st["comm"] == "churn" for st in byname.values())
+    with pytest.raises(sv.UsageError):
+        sv.select(pid=[churn.pid, 999999999])
