@@ -262,26 +262,37 @@ def _tracer_of(pid: int) -> int:
         return 0
 
 
-def _safety_net(pid: int) -> bool:
-    """Detach `pid` if it is still traced by us (a check interrupted inside
-    its own cleanup). True when something had to be done."""
+def _safety_net(pid: int, wait_s: float = 2.0) -> Optional[str]:
+    """Detach `pid` if it is still traced by us (a check cut off inside its
+    own cleanup, or a seize whose interrupt stop never came: a task in an
+    uninterruptible wait). None when nothing had to be done, else what was
+    done. Bounded: a task that does not reach a ptrace-stop within `wait_s`
+    stays seized (never stopped by us) until this process exits, when the
+    kernel detaches it (exit_ptrace)."""
     if _tracer_of(pid) != os.getpid():
-        return False
+        return None
     from . import ptrace
     try:
         ptrace.interrupt(pid)
     except Exception:
         pass
-    try:
-        ptrace.detach(pid, 0)
-    except Exception:
-        # Not in a ptrace-stop yet: wait for the interrupt stop, then detach.
+    end = time.monotonic() + wait_s
+    while True:
         try:
-            ptrace.wait(pid)
             ptrace.detach(pid, 0)
+            return "detached by the survey's safety net"
         except Exception:
             pass
-    return True
+        if time.monotonic() > end or _tracer_of(pid) != os.getpid():
+            break
+        try:
+            ptrace.wait_nohang(pid)
+        except Exception:
+            pass
+        time.sleep(0.01)
+    if _tracer_of(pid) == os.getpid():
+        return "still seized (not in a ptrace-stop); released when ckpt survey exits"
+    return "detached by the survey's safety net"
 
 
 def _same_process(pid: int, st: dict) -> bool:
@@ -334,8 +345,9 @@ def inspect(pid: int, st: dict, check: Callable[[int], dict], timeout: float = D
         if use_alarm and old is not None:
             signal.signal(signal.SIGALRM, old)
     rec["check_ms"] = round((time.monotonic() - t0) * 1000, 2)
-    if _safety_net(pid):
-        rec["released_by_safety_net"] = True
+    net = _safety_net(pid)
+    if net:
+        rec["safety_net"] = net
     gone = not _same_process(pid, st)
     if err is not None:
         what, e = err

@@ -9,7 +9,6 @@ and reaps children continuously and counts SIGUSR1). Every wait is bounded.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import signal
@@ -71,7 +70,10 @@ def state_of(pid: int) -> dict:
             fds[fd] = os.readlink(f"/proc/{pid}/fd/{fd}")
         except OSError:
             pass
-    return {"State": st["State"], "TracerPid": st["TracerPid"], "SigPnd": st["SigPnd"],
+    # R/S/D are the same life (the counter computes, then sleeps); what a
+    # survey must not change is stopped (T), traced (t) or not.
+    run = st["State"][0]
+    return {"State": run if run in "TtZX" else "live", "TracerPid": st["TracerPid"], "SigPnd": st["SigPnd"],
             "ShdPnd": st["ShdPnd"], "SigBlk": st["SigBlk"], "fds": fds}
 
 
@@ -231,6 +233,8 @@ def test_exit_before_and_after_check_is_reported(procs, counter_bin, world):
     def die_after(pid):
         out = real(pid)
         os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: not os.path.exists(f"/proc/{pid}") or
+                 open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] in "ZX", timeout=5)
         return out
 
     for check in (die_first, die_after):
@@ -307,13 +311,15 @@ def test_survey_leaves_processes_untouched_under_fork_exit_churn(procs, counter_
         assert "process-tree: children" in {x["cause"]["label"] for x in record(res, churn.pid)["refusals"]}
         assert not [r for r in res["records"] if r["status"] in (sv.ERROR, sv.TIMEOUT)], res["records"]
     statuses = {r["status"] for res in results for r in res["records"]}
-    assert statuses <= {sv.RESTORABLE, sv.REFUSED, sv.EXITED}
+    assert statuses <= {sv.RESTORABLE, sv.REFUSED, sv.EXITED, sv.UNINSPECTABLE}
+    # A child caught between its exit and its reaping is a zombie.
+    assert {r["note"] for res in results for r in res["records"] if r["status"] == sv.UNINSPECTABLE} <= {"zombie"}
     # After: nothing traced, nothing stopped, same fds, signals delivered.
     assert state_of(quiet.pid) == before_quiet
     wait_for(lambda: status(churn.pid)["SigPnd"] == before_churn["SigPnd"] and
              status(churn.pid)["ShdPnd"] == before_churn["ShdPnd"], timeout=5, what="churn's pending signals drain")
     after = state_of(churn.pid)
-    assert after["TracerPid"] == "0" and after["State"][0] in "SR"
+    assert after["TracerPid"] == "0" and after["State"] == "live"
     assert after["fds"] == before_churn["fds"]
     for p in [quiet.pid, churn.pid] + descendants(churn.pid):
         try:
@@ -566,3 +572,20 @@ def test_select_tree_and_comm(procs, churn_bin, tmp_path):
     assert set(tree) & set(byname) and all(st["comm"] == "churn" for st in byname.values())
     with pytest.raises(sv.UsageError):
         sv.select(pid=[churn.pid, 999999999])
+
+
+def test_safety_net_detaches_a_target_a_check_left_frozen(procs, counter_bin, world):
+    from engine.task import Task
+    p = procs.start([counter_bin, world["out"], world["in"], "4", "sleep"], cwd=str(world["dir"]))
+    wait_for(lambda: count_lines(world["out"]) >= 1, timeout=10)
+
+    def leaky_check(pid):
+        Task.seize(pid)            # never released
+        return {"pid": pid, "ok": True, "items": [], "refusals": []}
+
+    rec = sv.inspect(p.pid, sv.select(pid=p.pid)[p.pid], leaky_check, timeout=5)
+    assert rec["safety_net"] == "detached by the survey's safety net"
+    assert rec["status"] == sv.RESTORABLE
+    assert status(p.pid)["TracerPid"] == "0"
+    n = count_lines(world["out"])
+    wait_for(lambda: count_lines(world["out"]) > n, timeout=5, what="counter runs again")
