@@ -14,8 +14,10 @@ Read-only and safe on a busy machine: a process that exits (or whose PID is
 reused) during the survey is reported as such, a process the engine cannot
 inspect (kernel thread, zombie, ckpt itself or an ancestor, already traced)
 is listed apart and is not counted as a refusal, a check that hangs is cut
-off by a deadline (the target is released by check's own cleanup), and a
-safety net detaches any process still traced by us after its check.
+off by a deadline (only where check's own cleanup restores the target, see
+_safe_to_interrupt), SIGTERM/SIGHUP/SIGINT stop the survey between two
+processes, and a safety net detaches any process still traced by us after
+its check.
 
 Pure functions (`cause_of`, `aggregate`, `render_table`) take plain dicts so
 the ranking can be tested with canned verdicts.
@@ -53,9 +55,10 @@ DEFAULT_TIMEOUT = 20.0
 
 
 class CheckTimeout(BaseException):
-    """Raised from SIGALRM inside a check that overran its deadline. A
-    BaseException so the engine's `except Exception` paths do not swallow it;
-    Task.seize and check() release the target on any BaseException."""
+    """Raised from SIGALRM inside a check that overran its deadline, only
+    where that is safe (_safe_to_interrupt). A BaseException so the engine's
+    `except Exception` paths do not swallow it; Task.seize and check()
+    release the target on any BaseException."""
 
 
 # -- listing -------------------------------------------------------------------
@@ -334,13 +337,16 @@ def inspect(pid: int, st: dict, check: Callable[[int], dict], timeout: float = D
             if use_alarm:
                 signal.setitimer(signal.ITIMER_REAL, 0)
     except CheckTimeout:
-        err = ("timeout", f"check did not finish within {timeout:g} s")
+        if res is None:     # (the alarm may ring just after check returned)
+            err = ("timeout", f"check did not finish within {timeout:g} s")
     except Refusal as r:
         err = ("refusal", r)
     except UsageError as e:
         err = ("gone", e.message)
     except (EngineError, OSError) as e:
         err = ("error", getattr(e, "message", None) or str(e))
+    except Exception as e:  # a bug of the engine on an odd process: listed, the survey goes on
+        err = ("error", f"internal error: {type(e).__name__}: {e}")
     finally:
         if use_alarm and old is not None:
             signal.signal(signal.SIGALRM, old)
@@ -405,16 +411,41 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
+# Task methods an exception must not interrupt: between an injected
+# syscall's entry and exit stops a release would run a syscall with the
+# target's own registers; inside release() the target would stay traced.
+_UNSAFE = frozenset({"syscall", "_resume_to_syscall_stop", "call", "release", "set_regs", "set_xstate",
+                     "write_mem", "kill"})
+
+
+def _safe_to_interrupt(frame) -> bool:
+    """Whether a CheckTimeout may be raised at `frame`: anywhere in a check
+    (its finally releases the target) except inside the Task methods
+    above. The one place a check is known to hang, Task.seize waiting for
+    a task in an uninterruptible sleep to reach its interrupt stop, is safe:
+    seize detaches with the registers untouched."""
+    f = frame
+    while f is not None:
+        if f.f_code.co_name in _UNSAFE and f.f_code.co_filename.endswith("task.py"):
+            return False
+        f = f.f_back
+    return True
+
+
 def _on_alarm(signum, frame):
-    raise CheckTimeout()
+    if _safe_to_interrupt(frame):
+        raise CheckTimeout()
+    # Mid-check past the freeze: let it finish, look again soon.
+    signal.setitimer(signal.ITIMER_REAL, 0.5)
 
 
-class _Stop(BaseException):
-    pass
+_stop_signal: List[int] = []
 
 
 def _on_term(signum, frame):
-    raise _Stop(signum)
+    # Deferred to between two processes: an exception raised inside a
+    # check could interrupt a syscall injection (see _safe_to_interrupt).
+    _stop_signal.append(signum)
 
 
 # -- the whole machine ---------------------------------------------------------
@@ -491,21 +522,23 @@ def survey(pid=None, comm: Optional[str] = None, options: Optional[Options] = No
     targets = select(pid, comm)
     records = []
     olds = {}
+    del _stop_signal[:]
     if _main_thread():
-        for sig in (signal.SIGTERM, signal.SIGHUP):
+        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
             olds[sig] = signal.signal(sig, _on_term)
     interrupted = None
     try:
         for n, (p, st) in enumerate(sorted(targets.items())):
+            if _stop_signal:
+                break
             if progress:
                 progress(n, len(targets))
             records.append(inspect(p, st, check, timeout))
-    except (_Stop, KeyboardInterrupt) as e:
-        # check()'s own finally has released the target already.
-        interrupted = f"interrupted by signal {e.args[0]}" if isinstance(e, _Stop) else "interrupted"
     finally:
         for sig, h in olds.items():
             signal.signal(sig, h)
+    if _stop_signal:
+        interrupted = f"interrupted by signal {_stop_signal[0]} ({signal.Signals(_stop_signal[0]).name})"
     # Processes born while we surveyed: not inspected, only counted.
     try:
         born = [p for p in all_pids() if p not in targets and (pid is None and comm is None)]

@@ -24,8 +24,8 @@ import pytest
 from engine import survey as sv
 from engine.survey_html import render_html
 
-from engine_core_support import (TARGETS, Procs, become_subreaper, compile_counter, count_lines,  # noqa: F401
-                                 counter_bin, procs, wait_for, world)
+from engine_core_support import (TARGETS, Procs, become_subreaper, check_counter, compile_counter,  # noqa: F401
+                                 count_lines, counter_bin, procs, wait_for, world)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="ptrace of other processes needs root")
 
@@ -589,3 +589,42 @@ def test_safety_net_detaches_a_target_a_check_left_frozen(procs, counter_bin, wo
     assert status(p.pid)["TracerPid"] == "0"
     n = count_lines(world["out"])
     wait_for(lambda: count_lines(world["out"]) > n, timeout=5, what="counter runs again")
+
+
+def test_a_check_that_crashes_is_listed_and_the_survey_goes_on(procs, counter_bin, world, tmp_path):
+    a = procs.start([counter_bin, world["out"], world["in"], "4", "sleep"], cwd=str(world["dir"]))
+    b = procs.start([counter_bin, str(tmp_path / "b.out"), world["in"], "4", "sleep"], cwd=str(world["dir"]))
+    wait_for(lambda: count_lines(world["out"]) >= 1 and count_lines(str(tmp_path / "b.out")) >= 1, timeout=10)
+    from engine.context import Options
+    real = sv._checker(Options())
+
+    def buggy(pid):
+        if pid == a.pid:
+            raise KeyError("engine bug")
+        return real(pid)
+
+    res = sv.survey(pid=[a.pid, b.pid], check=buggy, timeout=10)
+    assert record(res, a.pid)["status"] == sv.ERROR and "KeyError" in record(res, a.pid)["note"]
+    assert record(res, b.pid)["status"] == sv.RESTORABLE
+    assert "check failed 1" in sv.render_table(res)
+
+
+def test_deadline_never_lands_inside_a_syscall_injection(procs, counter_bin, world):
+    """Deadlines so short they ring all over real checks (seize, pre-flight,
+    injected syscalls, release): the alarm only cuts a check where its
+    cleanup restores the target, so the counter's every output line stays
+    right (no gap, right input byte, right memory) and it keeps counting."""
+    from engine.context import Options
+    p = procs.start([counter_bin, world["out"], world["in"], "4", "sleep"], cwd=str(world["dir"]))
+    wait_for(lambda: count_lines(world["out"]) >= 2, timeout=10)
+    real = sv._checker(Options())
+    seen = {}
+    for i in range(40):
+        st = sv.select(pid=p.pid)[p.pid]
+        rec = sv.inspect(p.pid, st, real, timeout=0.0005 + 0.0005 * (i % 20))
+        seen[rec["status"]] = seen.get(rec["status"], 0) + 1
+        assert status(p.pid)["TracerPid"] == "0" and "safety_net" not in rec, rec
+    assert seen.get(sv.TIMEOUT, 0) > 0, seen          # the deadline did ring mid-check
+    n = check_counter(world["out"], world["in_data"])["last"]
+    wait_for(lambda: count_lines(world["out"]) > n + 2, timeout=5, what="counter keeps counting")
+    check_counter(world["out"], world["in_data"])
