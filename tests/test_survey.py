@@ -217,6 +217,10 @@ def test_not_inspectable_are_listed_not_counted(procs, counter_bin, world, tmp_p
         assert "zombie" in sv.render_table(res)
     finally:
         z.wait(timeout=5)
+        # The tracer first: a traced victim's exit is reported to its tracer
+        # before its parent can reap it.
+        tracer.kill()
+        tracer.wait(timeout=5)
 
 
 def test_exit_before_and_after_check_is_reported(procs, counter_bin, world):
