@@ -15,7 +15,7 @@ reused) during the survey is reported as such, a process the engine cannot
 inspect (kernel thread, zombie, ckpt itself or an ancestor, already traced)
 is listed apart and is not counted as a refusal, a check that hangs is cut
 off by a deadline (only where check's own cleanup restores the target, see
-_safe_to_interrupt), SIGTERM/SIGHUP/SIGINT stop the survey between two
+_on_alarm), SIGTERM/SIGHUP/SIGINT stop the survey between two
 processes, and a safety net detaches any process still traced by us after
 its check.
 
@@ -56,7 +56,7 @@ DEFAULT_TIMEOUT = 20.0
 
 class CheckTimeout(BaseException):
     """Raised from SIGALRM inside a check that overran its deadline, only
-    where that is safe (_safe_to_interrupt). A BaseException so the engine's
+    where that is safe (see _on_alarm). A BaseException so the engine's
     `except Exception` paths do not swallow it; Task.seize and check()
     release the target on any BaseException."""
 
@@ -172,7 +172,8 @@ def cause_of(item: dict, refusal: dict, fdfacts: Optional[dict] = None) -> dict:
         fstype = (fdfacts or {}).get("fstype") or ""
         facets["fd kind"] = kind
         if kind == "socket":
-            value = "socket " + socket_state(detail)
+            # The `socket` reason already says socket.
+            value = socket_state(detail) if reason == "socket" else "socket " + socket_state(detail)
             facets["socket"] = socket_state(detail).split(": ")[0]
         elif kind == "device":
             value = f"device {_device_name(link)}"
@@ -329,6 +330,7 @@ def inspect(pid: int, st: dict, check: Callable[[int], dict], timeout: float = D
     use_alarm = timeout and timeout > 0 and _main_thread()
     try:
         if use_alarm:
+            _deadline[:] = [timeout, time.monotonic()]
             old = signal.signal(signal.SIGALRM, _on_alarm)
             signal.setitimer(signal.ITIMER_REAL, timeout)
         try:
@@ -336,9 +338,14 @@ def inspect(pid: int, st: dict, check: Callable[[int], dict], timeout: float = D
         finally:
             if use_alarm:
                 signal.setitimer(signal.ITIMER_REAL, 0)
-    except CheckTimeout:
+    except CheckTimeout as e:
         if res is None:     # (the alarm may ring just after check returned)
-            err = ("timeout", f"check did not finish within {timeout:g} s")
+            # "freeze": the target never reached its interrupt stop; it may
+            # stop a moment later, seized but untouched: the safety net
+            # below detaches it.
+            rec["cut_at"] = e.args[0] if e.args else "check"
+            err = ("timeout", f"check did not finish within {timeout:g} s"
+                   + (" (the process did not stop)" if rec["cut_at"] == "freeze" else ""))
     except Refusal as r:
         err = ("refusal", r)
     except UsageError as e:
@@ -411,32 +418,55 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-# Task methods an exception must not interrupt: between an injected
-# syscall's entry and exit stops a release would run a syscall with the
-# target's own registers; inside release() the target would stay traced.
+# Where a CheckTimeout may be raised. An exception inside a check is only
+# harmless where the check's own cleanup then restores the target:
+# - inside Task.seize's wait for the interrupt stop (the place a check is
+#   known to hang: a task in an uninterruptible sleep never stops); seize
+#   detaches, registers untouched. Always allowed.
+# - never inside these Task methods: between an injected syscall's entry
+#   and exit stops a release would run a syscall with the target's own
+#   registers; inside release() the target would stay traced;
+# - never directly in dump.check/dump, Task.seize or the ptrace wrappers:
+#   there an exception can fall between the seize and the try whose
+#   finally releases (the target would stay seized).
+# Elsewhere (reading /proc, sock_diag ...) only once the check has overrun
+# FALLBACK times its deadline: a hang that is not the freeze's.
 _UNSAFE = frozenset({"syscall", "_resume_to_syscall_stop", "call", "release", "set_regs", "set_xstate",
                      "write_mem", "kill"})
+FALLBACK = 3.0
+_deadline: List[float] = []     # [timeout, start] of the check in flight
+
+
+def _where(frame) -> Tuple[str, str]:
+    return os.path.basename(frame.f_code.co_filename), frame.f_code.co_name
+
+
+def _in_seize_wait(frame) -> bool:
+    return (frame is not None and _where(frame) == ("ptrace.py", "wait") and frame.f_back is not None
+            and _where(frame.f_back) == ("task.py", "seize"))
 
 
 def _safe_to_interrupt(frame) -> bool:
-    """Whether a CheckTimeout may be raised at `frame`: anywhere in a check
-    (its finally releases the target) except inside the Task methods
-    above. The one place a check is known to hang, Task.seize waiting for
-    a task in an uninterruptible sleep to reach its interrupt stop, is safe:
-    seize detaches with the registers untouched."""
+    if frame is None:
+        return False
+    if _where(frame) in (("dump.py", "check"), ("dump.py", "dump"), ("task.py", "seize")) or \
+            _where(frame)[0] == "ptrace.py":
+        return False
     f = frame
     while f is not None:
-        if f.f_code.co_name in _UNSAFE and f.f_code.co_filename.endswith("task.py"):
+        if _where(f)[0] == "task.py" and f.f_code.co_name in _UNSAFE:
             return False
         f = f.f_back
     return True
 
 
 def _on_alarm(signum, frame):
-    if _safe_to_interrupt(frame):
-        raise CheckTimeout()
-    # Mid-check past the freeze: let it finish, look again soon.
-    signal.setitimer(signal.ITIMER_REAL, 0.5)
+    if _in_seize_wait(frame):
+        raise CheckTimeout("freeze")
+    if _deadline and time.monotonic() - _deadline[1] >= FALLBACK * _deadline[0] and _safe_to_interrupt(frame):
+        raise CheckTimeout("check")
+    # Not here: let the check go on, look again soon.
+    signal.setitimer(signal.ITIMER_REAL, min(0.5, max(_deadline[0] if _deadline else 0.5, 0.001)))
 
 
 _stop_signal: List[int] = []
@@ -444,7 +474,7 @@ _stop_signal: List[int] = []
 
 def _on_term(signum, frame):
     # Deferred to between two processes: an exception raised inside a
-    # check could interrupt a syscall injection (see _safe_to_interrupt).
+    # check could interrupt a syscall injection (see _on_alarm).
     _stop_signal.append(signum)
 
 

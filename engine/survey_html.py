@@ -30,7 +30,7 @@ def bar_chart(causes: List[dict], width: int = 900, bar: int = 18) -> str:
         return '<svg xmlns="http://www.w3.org/2000/svg" class="chart" width="10" height="10"></svg>'
     label_w = 420
     top = max(c["processes"] for c in causes) or 1
-    scale = (width - label_w - 60) / top
+    scale = (width - label_w - 110) / top   # room for "N (M alone)"
     h = len(causes) * (bar + 6) + 30
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" width="{width}" height="{h}" '
            f'viewBox="0 0 {width} {h}" role="img" aria-label="processes blocked per cause">']

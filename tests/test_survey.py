@@ -431,7 +431,7 @@ def test_ranking_blocks_alone_cumulative():
         ("threads", 4, 2, 3),                           # fixes 2, 3 alone
         ("pipe-peer-outside: pipe fd", 2, 1, 4),        # 5 (two pipe fds, one cause)
         ("process-tree: children", 2, 0, 6),            # then 4 and 7
-        ("socket: socket tcp established", 1, 0, 7),    # then 6
+        ("socket: tcp established", 1, 0, 7),    # then 6
     ]
     assert s["by_reason"]["threads"] == {"processes": 4, "refusals": 4}
     assert s["by_reason"]["pipe-peer-outside"] == {"processes": 2, "refusals": 3}
@@ -559,7 +559,7 @@ def test_check_overrunning_its_deadline_is_cut_off_and_released(procs, counter_b
     rec = sv.inspect(p.pid, sv.select(pid=p.pid)[p.pid], hanging_check, timeout=0.5)
     assert time.monotonic() - t0 < 5
     assert frozen and frozen[0].startswith("t")
-    assert rec["status"] == sv.TIMEOUT and "0.5 s" in rec["note"]
+    assert rec["status"] == sv.TIMEOUT and "0.5 s" in rec["note"] and rec["cut_at"] == "check"
     assert status(p.pid)["TracerPid"] == "0"
     n = count_lines(world["out"])
     wait_for(lambda: count_lines(world["out"]) > n, timeout=5, what="counter runs again")
@@ -623,12 +623,17 @@ def test_deadline_never_lands_inside_a_syscall_injection(procs, counter_bin, wor
     wait_for(lambda: count_lines(world["out"]) >= 2, timeout=10)
     real = sv._checker(Options())
     seen = {}
-    for i in range(40):
+    for i in range(80):
         st = sv.select(pid=p.pid)[p.pid]
         rec = sv.inspect(p.pid, st, real, timeout=0.0005 + 0.0005 * (i % 20))
         seen[rec["status"]] = seen.get(rec["status"], 0) + 1
-        assert status(p.pid)["TracerPid"] == "0" and "safety_net" not in rec, rec
+        # The safety net only ever steps in after a cut in the freeze wait
+        # (a target that stops just after seize gave up on it, untouched):
+        # no check was cut where its cleanup could not restore the target.
+        assert status(p.pid)["TracerPid"] == "0", rec
+        assert "safety_net" not in rec or rec.get("cut_at") == "freeze", rec
+        assert rec["status"] != sv.ERROR, rec         # e.g. a release that found the target running
     assert seen.get(sv.TIMEOUT, 0) > 0, seen          # the deadline did ring mid-check
     n = check_counter(world["out"], world["in_data"])["last"]
-    wait_for(lambda: count_lines(world["out"]) > n + 2, timeout=5, what="counter keeps counting")
+    wait_for(lambda: count_lines(world["out"]) > n + 2, timeout=5, what=f"counter keeps counting {seen}")
     check_counter(world["out"], world["in_data"])
