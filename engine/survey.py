@@ -50,7 +50,7 @@ NOT_INSPECTABLE = ("kernel-thread", "zombie", "self", "ptraced")
 PROCESS_KINDS = ("process", "signals", "timers", "session", "credentials", "fs", "cpu", "memory")
 # fd kinds that live on a filesystem worth naming (sockets, pipes and anon
 # inodes sit on internal ones: sockfs, pipefs, anon_inodefs).
-FS_KINDS = ("regular", "ghost", "directory", "device", "fifo")
+FS_KINDS = ("regular", "ghost", "directory", "device", "fifo", "pseudo")
 DEFAULT_TIMEOUT = 20.0
 
 
