@@ -29,8 +29,9 @@ REPORTS_DIR = Path(os.environ.get("CRUCIBLE_REPORTS", str(REPO / "reports")))
 def pytest_addoption(parser):
     g = parser.getgroup("crucible", "Crucible scenario harness")
     g.addoption("--arch", default=os.environ.get("ARCH", "x86_64"), help="guest architecture (default x86_64)")
-    g.addoption("--engine", action="append", choices=sorted(engines.ENGINES), default=None,
-                help="engine to run scenarios against; give twice to compare (default ckpt)")
+    g.addoption("--engine", action="append", type=_engine_option, default=None,
+                help="engine to run scenarios against; give twice to compare (default ckpt); "
+                     "mutant:NAME is ckpt with one thing broken (harness/mutants.py), mutant:all every mutant")
     g.addoption("--accel", default="auto", help="QEMU accelerator: auto | kvm | tcg")
     g.addoption("--kernel", default=None,
                 help="guest kernel (a key of vm.recipe.KERNELS, e.g. 6.1 or backports; default: the vm's)")
@@ -47,7 +48,30 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "guest: needs a real QEMU guest (boots one)")
     for e in engines.ENGINES:
         config.addinivalue_line("markers", f"engine_{e}: scenario run against {e}")
+    config.addinivalue_line("markers", "engine_mutant: scenario run against a mutant engine (mutant:NAME)")
     config._crucible = Crucible(config)
+
+
+def _engine_option(text: str) -> str:
+    """--engine's value: ckpt, criu, mutant:NAME or mutant:all."""
+    if text == engines.MUTANT_PREFIX + "all":
+        return text
+    try:
+        engines.make(text)
+    except KeyError as e:
+        raise ValueError(str(e)) from None
+    return text
+
+
+def engine_names(config) -> List[str]:
+    """The --engine values, mutant:all expanded, each once, in order."""
+    out: List[str] = []
+    for name in config.getoption("engine") or ["ckpt"]:
+        if name == engines.MUTANT_PREFIX + "all":
+            out += [engines.MUTANT_PREFIX + m for m in engines.mutant_names()]
+        else:
+            out.append(name)
+    return list(dict.fromkeys(out))
 
 
 def scenarios_root(path: Path) -> Optional[Path]:
@@ -71,14 +95,14 @@ class ScenarioFile(pytest.File):
         except schema.SchemaError as e:
             e.path = os.path.relpath(str(self.path))
             raise self.CollectError(str(e)) from None
-        names = self.config.getoption("engine") or ["ckpt"]
-        for name in dict.fromkeys(names):
-            item = ScenarioItem.from_parent(self, name=self.path.stem + (f"[{name}]" if len(set(names)) > 1 else ""),
+        names = engine_names(self.config)
+        for name in names:
+            item = ScenarioItem.from_parent(self, name=self.path.stem + (f"[{name}]" if len(names) > 1 else ""),
                                             scenario=sc, engine_name=name)
             item.add_marker("scenario")
             if self.config.getoption("target") == "guest":
                 item.add_marker("guest")
-            item.add_marker(f"engine_{name}")
+            item.add_marker("engine_mutant" if name.startswith(engines.MUTANT_PREFIX) else f"engine_{name}")
             for tag in sc.get("tags", []):
                 item.add_marker(tag)
             yield item
@@ -102,7 +126,7 @@ class ScenarioItem(pytest.Item):
     @property
     def sid(self) -> str:
         rel = self.path.resolve().relative_to(scenarios_root(self.path)).with_suffix("")
-        return re.sub(r"[^A-Za-z0-9_.-]", "_", "-".join(rel.parts)) + "-" + self.engine_name
+        return re.sub(r"[^A-Za-z0-9_.-]", "_", "-".join(rel.parts) + "-" + self.engine_name)
 
     def runtest(self):
         crucible: Crucible = self.config._crucible
@@ -130,7 +154,9 @@ class ScenarioItem(pytest.Item):
         verdict = runner.judge(expect, res, strict=engine.strict)
         row.update(outcome=res.outcome, got=runner.outcome_text(res), passed=verdict.passed, note=verdict.note,
                    duration=round(time.monotonic() - t0, 2), timings=res.timings, detail=res.detail,
-                   failed_checks=res.failed_checks()[:20], refusals=res.refusals)
+                   failed_checks=res.failed_checks()[:20], refusals=res.refusals,
+                   engine_notes=[ln.strip() for ln in res.engine_stderr.splitlines()
+                                 if ln.startswith("mutant ")])
         self.user_properties.append(("crucible", row))
         if not verdict.passed:
             crucible.failed = True
@@ -320,7 +346,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     terminalreporter.section("crucible scenarios")
     terminalreporter.write_line(report_mod.table(c.rows))
     path = report_mod.write_json(c.rows, str(REPORTS_DIR), {
-        "engines": config.getoption("engine") or ["ckpt"], "arch": config.getoption("arch"),
+        "engines": engine_names(config), "arch": config.getoption("arch"),
         "kernel": config.getoption("kernel"),
         "target": config.getoption("target")})
     terminalreporter.write_line(f"written: {os.path.relpath(path)} (and reports/scenarios.json)")

@@ -23,7 +23,7 @@ from .errors import HarnessError, StepTimeout
 REPO = Path(__file__).resolve().parent.parent
 # The stdlib-only files the guest runs (the workload and the world steps).
 GUEST_FILES = ("seeded.py", "sysapi.py", "world.py", "fdcore.py", "fd_files.py", "fd_ipc.py", "fd_events.py",
-               "fdkinds.py", "workload.py")
+               "fdkinds.py", "workload.py", "mutants.py")
 PR_SET_CHILD_SUBREAPER = 36   # prctl(2)
 
 
