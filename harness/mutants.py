@@ -172,8 +172,9 @@ def _page_files(img: Image) -> Dict[int, str]:
 
 
 def m_zero_page(img: Image) -> str:
-    """The last non-zero page of the largest private anonymous mapping
-    (not [stack]): a lost or misplaced page write."""
+    """The middle one of the non-zero pages of the largest private anonymous
+    mapping (not [stack]): a lost or misplaced page write. (The middle: the
+    edges of a merged mapping are often someone else's, e.g. the TLS.)"""
     mm = img.json("mm.json")
     files = _page_files(img)
     cands = [v for v in mm["vmas"] if v["kind"] == "anon" and v["perms"].endswith("p")
@@ -181,13 +182,15 @@ def m_zero_page(img: Image) -> str:
     cands.sort(key=lambda v: (-sum(run[1] for run in v["pages"]), v["start"]))
     zero = bytes(PAGE)
     for v in cands:
-        for addr, n, fi, off in reversed(v["pages"]):
+        nonzero = []
+        for addr, n, fi, off in v["pages"]:
             data = img.read(files[fi])
-            for k in reversed(range(n)):
-                page = data[off + k * PAGE: off + (k + 1) * PAGE]
-                if page != zero:
-                    img.pwrite(files[fi], zero, off + k * PAGE)
-                    return f"page {addr + k * PAGE:#x} of mapping {v['start']:#x}-{v['end']:#x} zeroed"
+            nonzero += [(addr + k * PAGE, fi, off + k * PAGE) for k in range(n)
+                        if data[off + k * PAGE: off + (k + 1) * PAGE] != zero]
+        if nonzero:
+            addr, fi, off = nonzero[len(nonzero) // 2]
+            img.pwrite(files[fi], zero, off)
+            return f"page {addr:#x} of mapping {v['start']:#x}-{v['end']:#x} zeroed"
     raise NoTarget("no non-zero anonymous page")
 
 
@@ -232,8 +235,12 @@ def m_drop_unix_message(img: Image) -> str:
     data = img.read(r["data"])
     img.write(r["data"], data[:len(data) - n])
     r["data_len"] -= n
-    if isinstance(r.get("fionread"), int):
-        r["fionread"] = max(0, r["fionread"] - n)
+    # FIONREAD (re-checked by the engine after the refill): all queued bytes
+    # on a stream socket, the first message's length on the others.
+    if r.get("type") == 1:
+        r["fionread"] = r["data_len"]
+    elif not r["lengths"]:
+        r["fionread"] = 0
     img.put_json("fds.json")
     return f"unix socket fd {r['fd']}: last queued message ({n} bytes) dropped"
 
@@ -273,7 +280,7 @@ def m_split_shared(img: Image) -> str:
                "no two fds sharing one open file")
     lead = by_fd[f["dup_of"]]
     copy = json.loads(json.dumps(lead))
-    copy.update(fd=f["fd"], cloexec=f["cloexec"])
+    copy.update({k: f[k] for k in ("fd", "cloexec", "flags", "pos", "link") if k in f})
     fds[fds.index(f)] = copy
     img.put_json("fds.json")
     return f"fd {f['fd']} (shared with fd {lead['fd']}) restored as a separate open file"
@@ -577,6 +584,35 @@ BEHAVIOURS: Dict[str, Tuple[str, Optional[Callable], Optional[Callable]]] = {
     "older-image": ("restores an image taken 0.5 s before the dump", _older_dump, None),
     "lose-pending-signal": ("pending signals are neither refused nor saved", _no_pending_refusal, None),
     "reopen-replaced-file": ("the file-identity re-check is off at restore", None, _no_identity_check),
+}
+
+
+# What in the judge catches each mutant (shown for survivors in the table).
+CAUGHT_BY: Dict[str, str] = {
+    "restart": "the dumped PID checked from outside; an in-memory secret; a counter that continues",
+    "restart-same-pid": "an in-memory secret and a counter that continues (the PID matches)",
+    "older-image": "a counter that advances while running, compared with its value at the dump",
+    "lose-pending-signal": "a scenario with a pending signal (dump expected to refuse, or the signal delivered)",
+    "reopen-replaced-file": "a scenario replacing a file with a same-size one (expects file-changed)",
+    "drop-offset": "the per-fd offset check on a file fd with a non-zero offset",
+    "drop-append": "the O_APPEND flag / append-at-end check",
+    "zero-page": "seeded memory compared page by page (or the process crashing)",
+    "lose-timerfd-ticks": "timerfd expirations read and counted exactly",
+    "swap-epoll-data": "epoll data compared per registration",
+    "drop-pipe-byte": "pipe/fifo queues drained and compared byte for byte",
+    "ghost-mode-0644": "a ghost file with a mode other than 0644, its mode checked",
+    "lose-sigmask": "the signal mask compared (the workload's blocked SIGUSR1 kills it)",
+    "reset-rlimits": "a scenario that changes an rlimit, rlimits compared",
+    "change-umask": "umask compared (/proc status diff or a umask scenario)",
+    "split-shared-fds": "two fds sharing one open file: move one, read the other's offset",
+    "lose-cloexec": "close-on-exec compared per fd",
+    "lose-nonblock": "O_NONBLOCK compared per fd (status flags)",
+    "drop-unix-message": "both ends' unix socket queues drained and compared",
+    "shift-inotify-wd": "inotify wds compared (fdinfo) or events carrying the old wd",
+    "drop-eventfd-count": "the eventfd count read and compared",
+    "lose-sigaction": "every signal action compared",
+    "change-mprotect": "the /proc maps diff (perms of every mapping)",
+    "lose-cwd": "the cwd compared",
 }
 
 
