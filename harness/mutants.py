@@ -172,13 +172,15 @@ def _page_files(img: Image) -> Dict[int, str]:
 
 
 def m_zero_page(img: Image) -> str:
-    """The middle one of the non-zero pages of the largest private anonymous
-    mapping (not [stack]): a lost or misplaced page write. (The middle: the
-    edges of a merged mapping are often someone else's, e.g. the TLS.)"""
+    """The middle one of the non-zero pages of the largest unnamed private
+    anonymous mapping (an mmap'd region: not [heap] or [stack], which the
+    allocator and the call chain own): a lost or misplaced page write. (The
+    middle: the edges of a merged mapping are often someone else's, e.g.
+    the TLS.)"""
     mm = img.json("mm.json")
     files = _page_files(img)
     cands = [v for v in mm["vmas"] if v["kind"] == "anon" and v["perms"].endswith("p")
-             and v["path"] != "[stack]" and v["pages"]]
+             and not v["path"] and v["pages"]]
     cands.sort(key=lambda v: (-sum(run[1] for run in v["pages"]), v["start"]))
     zero = bytes(PAGE)
     for v in cands:
