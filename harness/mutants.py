@@ -533,9 +533,29 @@ def _older_dump(name: str, argv: List[str]) -> int:
     return rc
 
 
+def _drop_saved_pending(img_dir: str) -> Optional[str]:
+    """An engine that saves pending signals (a core.json key naming
+    "pending", a list, or a dict of lists): drop one of them. None when
+    the image holds none."""
+    img = Image(img_dir)
+    core = img.json("core.json")
+    for key in sorted(k for k in core if "pend" in k.lower()):
+        v = core[key]
+        lists = [(key, v)] if isinstance(v, list) else \
+            [(f"{key}.{k}", x) for k, x in sorted(v.items()) if isinstance(x, list)] if isinstance(v, dict) else []
+        for where, lst in lists:
+            if lst:
+                lst.pop(0)
+                img.put_json("core.json")
+                img.seal()
+                return f"one of the saved pending signals ({where}) dropped"
+    return None
+
+
 def _no_pending_refusal(name: str, argv: List[str]) -> int:
-    """Dump a process with pending signals as if it had none: the engine
-    saves no pending signals, so they are lost (its refusal is skipped)."""
+    """Lose a pending signal. Today's engine refuses pending signals and
+    saves none: the mutant skips that refusal, so they are lost. An engine
+    that saves them (core.json "pending..."): one is dropped from the image."""
     from engine import check
     orig = check._check_process
     hit = []
@@ -552,7 +572,11 @@ def _no_pending_refusal(name: str, argv: List[str]) -> int:
             s.status = st
     check._check_process = patched
     rc = _ckpt(argv)
-    if hit:
+    img = _opt(argv, "-D", "--images-dir")
+    dropped = _drop_saved_pending(img) if rc == 0 else None
+    if dropped:
+        say(name, f"applied: {dropped}")
+    elif hit and rc == 0:
         say(name, f"applied: pending signals {hit[0]} not refused, not saved")
     else:
         say(name, "no target in image (no pending signals)")

@@ -411,3 +411,22 @@ def test_table_kills_survivors_and_not_applicable(tmp_path):
         scen["scenarios/a.yaml"]["engines"][f"mutant:{n}"] = _row(False, applied(n), "corrupted")
     report.write_text(json.dumps({"scenarios": scen, "target": "local"}))
     assert mutant_table.main([str(report), "--out", str(tmp_path)]) == 0
+
+
+def test_lose_pending_signal_drops_one_saved_by_an_engine_that_saves_them(tmp_path):
+    """Once the engine saves pending signals (a core.json "pending..." key),
+    the mutant drops one of them from the image, re-sealed."""
+    img = tmp_path / "img"
+    img.mkdir()
+    core = {"pid": 1, "pending": {"process": [{"signo": 10}], "thread": [{"signo": 12}, {"signo": 34}]}}
+    (img / "core.json").write_text(json.dumps(core))
+    data = (img / "core.json").read_bytes()
+    (img / "manifest.json").write_text(json.dumps({"format": 0, "files": {"core.json": {
+        "sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}}}))
+    assert mutants._drop_saved_pending(str(img)) == "one of the saved pending signals (pending.process) dropped"
+    got = json.loads((img / "core.json").read_text())
+    assert got["pending"] == {"process": [], "thread": [{"signo": 12}, {"signo": 34}]}
+    man = json.loads((img / "manifest.json").read_text())
+    assert man["files"]["core.json"]["sha256"] == hashlib.sha256((img / "core.json").read_bytes()).hexdigest()
+    (img / "core.json").write_text(json.dumps({"pid": 1, "pending": []}))
+    assert mutants._drop_saved_pending(str(img)) is None
