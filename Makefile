@@ -11,6 +11,8 @@ ENGINE ?= ckpt
 # Where `make mutants` runs the corpus: local (this host, default: 24 x 64 runs
 # are too many for TCG guests) or guest.
 MUTANT_TARGET ?= local
+# Which mutants: all, or a list of names (harness/mutants.py --list).
+MUTANTS ?= all
 MUTANT_RUN = reports/mutants-run
 
 APT_PACKAGES = qemu-system-x86 qemu-utils mmdebstrap e2fsprogs busybox-static cpio zstd \
@@ -76,7 +78,7 @@ mutants:
 	@rm -rf $(MUTANT_RUN) && mkdir -p $(MUTANT_RUN)
 	@echo "mutants: corpus x (ckpt + $$($(PYTHON) harness/mutants.py --list | wc -l) mutants) on $(MUTANT_TARGET); log in $(MUTANT_RUN)/pytest.log"
 	-CRUCIBLE_REPORTS=$(MUTANT_RUN) $(PYTHON) -m pytest scenarios/ -q -p no:cacheprovider -p no:benchmark --tb=no \
-	  -n $(JOBS) --dist worksteal --target $(MUTANT_TARGET) --engine ckpt --engine mutant:all \
+	  -n $(JOBS) --dist worksteal --target $(MUTANT_TARGET) --engine ckpt $(foreach m,$(MUTANTS),--engine mutant:$(m)) \
 	  $(if $(filter guest,$(MUTANT_TARGET)),--arch $(ARCH) --accel $(ACCEL) --kernel $(KERNEL)) \
 	  > $(MUTANT_RUN)/pytest.log 2>&1
 	@tail -n 3 $(MUTANT_RUN)/pytest.log

@@ -33,6 +33,23 @@ from harness import mutants  # noqa: E402
 PREFIX = "mutant:"
 
 
+def merge_reports(paths: List[str]) -> dict:
+    """One report from several runs: each scenario's engines united."""
+    out: dict = {"scenarios": {}}
+    for p in paths:
+        try:
+            with open(p) as f:
+                r = json.load(f)
+        except (OSError, ValueError) as e:
+            raise type(e)(f"{p}: {e}") from None
+        for k in ("target", "kernel", "arch"):
+            out.setdefault(k, r.get(k))
+        for s, m in (r.get("scenarios") or {}).items():
+            entry = out["scenarios"].setdefault(s, {"expected": m.get("expected"), "engines": {}})
+            entry["engines"].update(m.get("engines") or {})
+    return out
+
+
 def build(report: dict) -> dict:
     scen = report.get("scenarios") or {}
     ckpt_ok = {s for s, m in scen.items() if (m["engines"].get("ckpt") or {}).get("passed")}
@@ -119,14 +136,15 @@ def text(doc: dict) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("report", help="scenarios.json of a run with --engine ckpt --engine mutant:all")
+    ap.add_argument("report", nargs="+",
+                    help="scenarios.json of a run with --engine ckpt --engine mutant:all (or of several runs, "
+                         "e.g. one per group of mutants: their rows are merged)")
     ap.add_argument("--out", default="reports", help="directory for mutants.json and mutants.md")
     a = ap.parse_args(argv)
     try:
-        with open(a.report) as f:
-            report = json.load(f)
+        report = merge_reports(a.report)
     except (OSError, ValueError) as e:
-        print(f"mutant_table: cannot read {a.report}: {e}", file=sys.stderr)
+        print(f"mutant_table: cannot read {e}", file=sys.stderr)
         return 2
     doc = build(report)
     os.makedirs(a.out, exist_ok=True)
