@@ -587,17 +587,19 @@ def _no_identity_check(name: str, argv: List[str]) -> int:
     """Restore with the file-identity re-check off: a replaced file of the
     same size is reopened as if it were the dumped one."""
     img = _opt(argv, "-D", "--images-dir")
+    n = m = 0
     try:
         with open(os.path.join(img, "fds.json")) as f:
-            recs = json.load(f)
-        n = sum(1 for r in recs if isinstance(r.get("file"), dict))
-    except (OSError, ValueError):
-        n = 0
+            n = sum(1 for r in json.load(f) if isinstance(r.get("file"), dict))
+        with open(os.path.join(img, "mm.json")) as f:     # mapped files are re-checked too
+            m = len({v["file"].get("path") for v in json.load(f)["vmas"] if isinstance(v.get("file"), dict)})
+    except (OSError, ValueError, KeyError, AttributeError):
+        pass
     argv = [a for i, a in enumerate(argv) if a != "--file-validation" and (i == 0 or argv[i - 1] != "--file-validation")]
-    if n:
-        say(name, f"applied: restore with --file-validation none ({n} reopened file fds)")
+    if n or m:
+        say(name, f"applied: restore with --file-validation none ({n} reopened file fds, {m} mapped files)")
     else:
-        say(name, "no target in image (no reopened file fd)")
+        say(name, "no target in image (no reopened or mapped file)")
     return _ckpt(argv + ["--file-validation", "none"])
 
 
