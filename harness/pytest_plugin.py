@@ -9,6 +9,7 @@ at the end. See harness/ and DESIGN.md "The harness".
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -323,6 +324,18 @@ def pytest_runtest_logreport(report):
     for key, value in getattr(report, "user_properties", []):
         if key == "crucible" and report.when == "call":
             cfg._crucible.rows.append(value)
+            _append_row(value)
+
+
+def _append_row(row: Dict) -> None:
+    """Each row also goes to reports/rows.jsonl as it comes: a long run
+    (make mutants) that dies before its summary keeps what it found."""
+    try:
+        os.makedirs(REPORTS_DIR, exist_ok=True)
+        with open(REPORTS_DIR / "rows.jsonl", "a") as f:
+            f.write(json.dumps(row, default=str) + "\n")
+    except OSError as e:   # the summary at the end is the report; this is a spare
+        print(f"crucible: cannot append to {REPORTS_DIR / 'rows.jsonl'}: {e}")
 
 
 _CONFIG: Dict[str, object] = {}
@@ -331,6 +344,11 @@ _CONFIG: Dict[str, object] = {}
 @pytest.hookimpl(tryfirst=True)
 def pytest_sessionstart(session):
     _CONFIG["config"] = session.config
+    if getattr(session.config, "workerinput", None) is None:
+        try:
+            os.unlink(REPORTS_DIR / "rows.jsonl")
+        except OSError:
+            pass
 
 
 def pytest_sessionfinish(session, exitstatus):

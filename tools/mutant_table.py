@@ -39,7 +39,11 @@ def merge_reports(paths: List[str]) -> dict:
     for p in paths:
         try:
             with open(p) as f:
-                r = json.load(f)
+                if p.endswith(".jsonl"):     # rows as they came (a run cut short)
+                    from harness import report as report_mod
+                    r = {"scenarios": report_mod.merge([json.loads(ln) for ln in f if ln.strip()])}
+                else:
+                    r = json.load(f)
         except (OSError, ValueError) as e:
             raise type(e)(f"{p}: {e}") from None
         for k in ("target", "kernel", "arch"):
