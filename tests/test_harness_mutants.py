@@ -392,6 +392,8 @@ def test_table_kills_survivors_and_not_applicable(tmp_path):
             "ckpt": _row(False, [], "crashed"),                      # ckpt fails it: proves nothing
             f"mutant:{survived}": _row(False, applied(survived), "crashed")}},
     }
+    scen["scenarios/c.yaml"] = {"expected": "restored", "engines": {          # an image edit cannot fail a dump
+        "ckpt": _row(True, []), f"mutant:{killed}": _row(False, applied(killed), "crashed at dump")}}
     for n in names[2:]:
         scen["scenarios/a.yaml"]["engines"][f"mutant:{n}"] = _row(False, [f"mutant {n}: no target in image (x)"],
                                                                   "hung")
@@ -401,6 +403,8 @@ def test_table_kills_survivors_and_not_applicable(tmp_path):
     doc = json.loads((tmp_path / "mutants.json").read_text())
     assert rc == 1
     assert doc["mutants"][killed]["status"] == "killed"
+    assert [k["scenario"] for k in doc["mutants"][killed]["killed_by"]] == ["scenarios/a.yaml"]
+    assert doc["mutants"][killed]["suspect"][0]["suspect"] == "failed at the dump, before the mutant's break acts"
     assert doc["mutants"][survived]["status"] == "survived"
     assert doc["mutants"][survived]["suspect"][0]["suspect"] == "ckpt fails this scenario too"
     assert doc["mutants"][names[2]]["status"] == "not applicable"

@@ -13,7 +13,8 @@ applied its break there, and ckpt passed that scenario in the same run (a
 scenario ckpt fails proves nothing about a mutant). A mutant never killed
 is a *survivor*: "survived" when it applied somewhere, "not applicable" when
 no scenario had what it breaks. A failed row where the mutant did not apply
-is listed as suspect (flaky), never as a kill.
+is listed as suspect (flaky), never as a kill; so is a failure at the dump
+step of a mutant whose break only acts at restore.
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ sys.path.insert(0, os.path.dirname(HERE))
 from harness import mutants  # noqa: E402
 
 PREFIX = "mutant:"
+# Mutants whose break acts only at restore (image edits made after a
+# successful dump, a restore-time check switched off): a row that failed at
+# the dump step failed for another reason (a flaky host), not because of them.
+RESTORE_ONLY = set(mutants.EDITS) | {"reopen-replaced-file"}
 
 
 def merge_reports(paths: List[str]) -> dict:
@@ -81,10 +86,13 @@ def build(report: dict) -> dict:
                     row["survived_in"].append(s)
                 continue
             kill = {"scenario": s, "got": r.get("got", r.get("outcome")), "why": (r.get("note") or "")[:300]}
-            if applied and (s in ckpt_ok or not ckpt_ran):
+            before = " at dump" in kill["got"] and name in RESTORE_ONLY
+            if applied and not before and (s in ckpt_ok or not ckpt_ran):
                 row["killed_by"].append(kill)
             else:
-                kill["suspect"] = "mutant did not apply here" if not applied else "ckpt fails this scenario too"
+                kill["suspect"] = ("mutant did not apply here" if not applied else
+                                   "failed at the dump, before the mutant's break acts" if before else
+                                   "ckpt fails this scenario too")
                 row["suspect"].append(kill)
         row["status"] = ("killed" if row["killed_by"] else "not run" if not row["ran"]
                          else "error" if row["errors"] and not row["applied_in"]
