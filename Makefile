@@ -82,7 +82,9 @@ mutants:
 	  $(if $(filter guest,$(MUTANT_TARGET)),--arch $(ARCH) --accel $(ACCEL) --kernel $(KERNEL)) \
 	  > $(MUTANT_RUN)/pytest.log 2>&1
 	@tail -n 3 $(MUTANT_RUN)/pytest.log
-	$(PYTHON) tools/mutant_table.py $(MUTANT_RUN)/scenarios.json --out reports
+	@# the rows as they came when the run died before its summary
+	$(PYTHON) tools/mutant_table.py $$(test -f $(MUTANT_RUN)/scenarios.json && echo $(MUTANT_RUN)/scenarios.json \
+	  || echo $(MUTANT_RUN)/rows.jsonl) --out reports
 
 bench:
 	@mkdir -p bench
