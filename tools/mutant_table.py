@@ -87,11 +87,15 @@ def build(report: dict) -> dict:
                 continue
             kill = {"scenario": s, "got": r.get("got", r.get("outcome")), "why": (r.get("note") or "")[:300]}
             before = " at dump" in kill["got"] and name in RESTORE_ONLY
-            if applied and not before and (s in ckpt_ok or not ckpt_ran):
+            # another process took the dumped PID before the restore: a busy
+            # host, whatever the image says
+            taken = "pid-in-use" in kill["got"] and name in RESTORE_ONLY
+            if applied and not before and not taken and (s in ckpt_ok or not ckpt_ran):
                 row["killed_by"].append(kill)
             else:
                 kill["suspect"] = ("mutant did not apply here" if not applied else
                                    "failed at the dump, before the mutant's break acts" if before else
+                                   "the dumped PID was taken by another process (a busy host)" if taken else
                                    "ckpt fails this scenario too")
                 row["suspect"].append(kill)
         row["status"] = ("killed" if row["killed_by"] else "not run" if not row["ran"]
