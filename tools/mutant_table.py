@@ -86,7 +86,7 @@ def build(report: dict) -> dict:
                     row["survived_in"].append(s)
                 continue
             kill = {"scenario": s, "got": r.get("got", r.get("outcome")), "why": (r.get("note") or "")[:300]}
-            before = " at dump" in kill["got"] and name in RESTORE_ONLY
+            before = (" at dump" in kill["got"] or kill["why"].startswith("crashed at dump")) and name in RESTORE_ONLY
             # another process took the dumped PID before the restore: a busy
             # host, whatever the image says
             taken = "pid-in-use" in kill["got"] and name in RESTORE_ONLY
