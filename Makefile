@@ -8,6 +8,12 @@ ACCEL ?= auto
 KERNEL ?= 6.1
 # Engine the scenarios run against (matrix axis): ckpt or criu.
 ENGINE ?= ckpt
+# Where `make mutants` runs the corpus: local (this host, default: 24 x 64 runs
+# are too many for TCG guests) or guest.
+MUTANT_TARGET ?= local
+# Which mutants: all, or a list of names (harness/mutants.py --list).
+MUTANTS ?= all
+MUTANT_RUN = reports/mutants-run
 
 APT_PACKAGES = qemu-system-x86 qemu-utils mmdebstrap e2fsprogs busybox-static cpio zstd \
                openssh-client gcc libc6-dev ca-certificates
@@ -15,7 +21,7 @@ ifeq ($(ARCH),aarch64)
 APT_PACKAGES += qemu-system-arm qemu-user-static binfmt-support arch-test
 endif
 
-.PHONY: setup setup-apt setup-pip test test-host lint-workflows vm-image vm-shell vm-test bench clean-image help
+.PHONY: setup setup-apt setup-pip test test-host lint-workflows vm-image vm-shell vm-test mutants bench clean-image help
 
 help:
 	@echo "make setup              install host packages (apt) and Python packages (pip)"
@@ -24,6 +30,8 @@ help:
 	@echo "make vm-image ARCH=..   build (or reuse) the cached guest image"
 	@echo "make vm-shell ARCH=..   boot a guest with the engine installed and open a shell in it"
 	@echo "make vm-test ARCH=..    run the scenario corpus in guests (JOBS=$(JOBS) workers)"
+	@echo "make mutants            the corpus against ckpt and every mutant engine: which scenario kills which"
+	@echo "                        (MUTANT_TARGET=local|guest; table in reports/mutants.md, .json)"
 	@echo "make bench              write benchmark figures to bench/results.json"
 
 setup: setup-apt setup-pip
@@ -62,6 +70,22 @@ vm-test: vm-image
 	$(PYTHON) -m pytest scenarios/ -q -p no:benchmark -n $(JOBS) --dist worksteal --arch $(ARCH) --accel $(ACCEL) \
 	  --kernel $(KERNEL) --engine $(ENGINE) \
 	  --junitxml reports/junit-$(ARCH)-$(KERNEL)-$(ENGINE).xml
+
+# One pytest run: ckpt (the control: a scenario ckpt fails kills nothing) and
+# every mutant engine (harness/mutants.py). pytest fails because mutants fail
+# scenarios - that is the point; the table decides: it exits non-zero naming
+# every mutant no scenario killed. The pytest log goes to $(MUTANT_RUN)/.
+mutants:
+	@rm -rf $(MUTANT_RUN) && mkdir -p $(MUTANT_RUN)
+	@echo "mutants: corpus x (ckpt + $$($(PYTHON) harness/mutants.py --list | wc -l) mutants) on $(MUTANT_TARGET); log in $(MUTANT_RUN)/pytest.log"
+	-CRUCIBLE_REPORTS=$(MUTANT_RUN) $(PYTHON) -m pytest scenarios/ -q -p no:cacheprovider -p no:benchmark --tb=no \
+	  -n $(JOBS) --dist worksteal --target $(MUTANT_TARGET) --engine ckpt $(foreach m,$(MUTANTS),--engine mutant:$(m)) \
+	  $(if $(filter guest,$(MUTANT_TARGET)),--arch $(ARCH) --accel $(ACCEL) --kernel $(KERNEL)) \
+	  > $(MUTANT_RUN)/pytest.log 2>&1
+	@tail -n 3 $(MUTANT_RUN)/pytest.log
+	@# the rows as they came when the run died before its summary
+	$(PYTHON) tools/mutant_table.py $$(test -f $(MUTANT_RUN)/scenarios.json && echo $(MUTANT_RUN)/scenarios.json \
+	  || echo $(MUTANT_RUN)/rows.jsonl) --out reports
 
 bench:
 	@mkdir -p bench

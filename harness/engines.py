@@ -141,11 +141,49 @@ class Criu(Engine):
                             message=msg, stderr=r.stderr + ("\n" + "\n".join(errors) if errors else ""))
 
 
+class Mutant(Ckpt):
+    """ckpt with exactly one thing broken (harness/mutants.py, run on the
+    target as a script next to the engine): a test fixture for the judge,
+    which must fail it in at least one scenario. Same CLI contract as ckpt;
+    it says on stderr what it broke ("mutant NAME: applied: ...") or that
+    the image had nothing to break ("mutant NAME: no target in image")."""
+
+    def __init__(self, mutant: str):
+        self.mutant = mutant
+        self.name = f"mutant:{mutant}"
+
+    def _argv(self, t: Target, ckpt_argv: List[str]) -> List[str]:
+        return t.script("mutants.py") + [self.mutant] + ckpt_argv[len(t.ckpt_argv()):]
+
+    def dump_argv(self, t: Target, pid: int, img: str, opts: dict) -> List[str]:
+        return self._argv(t, super().dump_argv(t, pid, img, opts))
+
+    def restore_argv(self, t: Target, img: str, pidfile: str) -> List[str]:
+        return self._argv(t, super().restore_argv(t, img, pidfile))
+
+
 ENGINES = {"ckpt": Ckpt, "criu": Criu}
+MUTANT_PREFIX = "mutant:"
+
+
+def mutant_names() -> List[str]:
+    from . import mutants
+    return mutants.names()
+
+
+def known() -> List[str]:
+    """Every engine name --engine accepts."""
+    return list(ENGINES) + [MUTANT_PREFIX + n for n in mutant_names()]
 
 
 def make(name: str) -> Engine:
-    """An adapter by name; raises KeyError naming the known ones."""
+    """An adapter by name (``mutant:NAME`` for a mutant); raises KeyError
+    naming the known ones."""
+    if name.startswith(MUTANT_PREFIX):
+        m = name[len(MUTANT_PREFIX):]
+        if m not in mutant_names():
+            raise KeyError(f"unknown mutant {m!r} (known: {', '.join(mutant_names())})")
+        return Mutant(m)
     if name not in ENGINES:
-        raise KeyError(f"unknown engine {name!r} (known: {', '.join(ENGINES)})")
+        raise KeyError(f"unknown engine {name!r} (known: {', '.join(ENGINES)}, mutant:NAME)")
     return ENGINES[name]()

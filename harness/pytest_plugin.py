@@ -9,6 +9,7 @@ at the end. See harness/ and DESIGN.md "The harness".
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -29,8 +30,9 @@ REPORTS_DIR = Path(os.environ.get("CRUCIBLE_REPORTS", str(REPO / "reports")))
 def pytest_addoption(parser):
     g = parser.getgroup("crucible", "Crucible scenario harness")
     g.addoption("--arch", default=os.environ.get("ARCH", "x86_64"), help="guest architecture (default x86_64)")
-    g.addoption("--engine", action="append", choices=sorted(engines.ENGINES), default=None,
-                help="engine to run scenarios against; give twice to compare (default ckpt)")
+    g.addoption("--engine", action="append", type=_engine_option, default=None,
+                help="engine to run scenarios against; give twice to compare (default ckpt); "
+                     "mutant:NAME is ckpt with one thing broken (harness/mutants.py), mutant:all every mutant")
     g.addoption("--accel", default="auto", help="QEMU accelerator: auto | kvm | tcg")
     g.addoption("--kernel", default=None,
                 help="guest kernel (a key of vm.recipe.KERNELS, e.g. 6.1 or backports; default: the vm's)")
@@ -47,7 +49,30 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "guest: needs a real QEMU guest (boots one)")
     for e in engines.ENGINES:
         config.addinivalue_line("markers", f"engine_{e}: scenario run against {e}")
+    config.addinivalue_line("markers", "engine_mutant: scenario run against a mutant engine (mutant:NAME)")
     config._crucible = Crucible(config)
+
+
+def _engine_option(text: str) -> str:
+    """--engine's value: ckpt, criu, mutant:NAME or mutant:all."""
+    if text == engines.MUTANT_PREFIX + "all":
+        return text
+    try:
+        engines.make(text)
+    except KeyError as e:
+        raise ValueError(str(e)) from None
+    return text
+
+
+def engine_names(config) -> List[str]:
+    """The --engine values, mutant:all expanded, each once, in order."""
+    out: List[str] = []
+    for name in config.getoption("engine") or ["ckpt"]:
+        if name == engines.MUTANT_PREFIX + "all":
+            out += [engines.MUTANT_PREFIX + m for m in engines.mutant_names()]
+        else:
+            out.append(name)
+    return list(dict.fromkeys(out))
 
 
 def scenarios_root(path: Path) -> Optional[Path]:
@@ -77,14 +102,14 @@ class ScenarioFile(pytest.File):
         except schema.SchemaError as e:
             e.path = os.path.relpath(str(self.path))
             raise self.CollectError(str(e)) from None
-        names = self.config.getoption("engine") or ["ckpt"]
-        for name in dict.fromkeys(names):
-            item = ScenarioItem.from_parent(self, name=self.path.stem + (f"[{name}]" if len(set(names)) > 1 else ""),
+        names = engine_names(self.config)
+        for name in names:
+            item = ScenarioItem.from_parent(self, name=self.path.stem + (f"[{name}]" if len(names) > 1 else ""),
                                             scenario=sc, engine_name=name)
             item.add_marker("scenario")
             if self.config.getoption("target") == "guest":
                 item.add_marker("guest")
-            item.add_marker(f"engine_{name}")
+            item.add_marker("engine_mutant" if name.startswith(engines.MUTANT_PREFIX) else f"engine_{name}")
             # The last line of defence against a hang the step timeouts miss
             # (pytest-timeout): every step at its limit, a guest boot, twice over.
             item.add_marker(pytest.mark.timeout(scenario_deadline(sc, self.config.getoption("guest_timeout_scale"))))
@@ -111,7 +136,7 @@ class ScenarioItem(pytest.Item):
     @property
     def sid(self) -> str:
         rel = self.path.resolve().relative_to(scenarios_root(self.path)).with_suffix("")
-        return re.sub(r"[^A-Za-z0-9_.-]", "_", "-".join(rel.parts)) + "-" + self.engine_name
+        return re.sub(r"[^A-Za-z0-9_.-]", "_", "-".join(rel.parts) + "-" + self.engine_name)
 
     def runtest(self):
         crucible: Crucible = self.config._crucible
@@ -139,7 +164,9 @@ class ScenarioItem(pytest.Item):
         verdict = runner.judge(expect, res, strict=engine.strict)
         row.update(outcome=res.outcome, got=runner.outcome_text(res), passed=verdict.passed, note=verdict.note,
                    duration=round(time.monotonic() - t0, 2), timings=res.timings, detail=res.detail,
-                   failed_checks=res.failed_checks()[:20], refusals=res.refusals)
+                   failed_checks=res.failed_checks()[:20], refusals=res.refusals,
+                   engine_notes=[ln.strip() for ln in res.engine_stderr.splitlines()
+                                 if ln.startswith("mutant ")])
         self.user_properties.append(("crucible", row))
         if not verdict.passed:
             crucible.failed = True
@@ -306,6 +333,18 @@ def pytest_runtest_logreport(report):
     for key, value in getattr(report, "user_properties", []):
         if key == "crucible" and report.when == "call":
             cfg._crucible.rows.append(value)
+            _append_row(value)
+
+
+def _append_row(row: Dict) -> None:
+    """Each row also goes to reports/rows.jsonl as it comes: a long run
+    (make mutants) that dies before its summary keeps what it found."""
+    try:
+        os.makedirs(REPORTS_DIR, exist_ok=True)
+        with open(REPORTS_DIR / "rows.jsonl", "a") as f:
+            f.write(json.dumps(row, default=str) + "\n")
+    except OSError as e:   # the summary at the end is the report; this is a spare
+        print(f"crucible: cannot append to {REPORTS_DIR / 'rows.jsonl'}: {e}")
 
 
 _CONFIG: Dict[str, object] = {}
@@ -314,6 +353,11 @@ _CONFIG: Dict[str, object] = {}
 @pytest.hookimpl(tryfirst=True)
 def pytest_sessionstart(session):
     _CONFIG["config"] = session.config
+    if getattr(session.config, "workerinput", None) is None:
+        try:
+            os.unlink(REPORTS_DIR / "rows.jsonl")
+        except OSError:
+            pass
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -329,7 +373,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     terminalreporter.section("crucible scenarios")
     terminalreporter.write_line(report_mod.table(c.rows))
     path = report_mod.write_json(c.rows, str(REPORTS_DIR), {
-        "engines": config.getoption("engine") or ["ckpt"], "arch": config.getoption("arch"),
+        "engines": engine_names(config), "arch": config.getoption("arch"),
         "kernel": config.getoption("kernel"),
         "target": config.getoption("target")})
     terminalreporter.write_line(f"written: {os.path.relpath(path)} (and reports/scenarios.json)")

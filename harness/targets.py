@@ -23,7 +23,7 @@ from .errors import HarnessError, StepTimeout
 REPO = Path(__file__).resolve().parent.parent
 # The stdlib-only files the guest runs (the workload and the world steps),
 # and the packages it imports (copied as directories next to them).
-GUEST_FILES = ("seeded.py", "sysapi.py", "world.py", "procstate.py", "workload.py")
+GUEST_FILES = ("seeded.py", "sysapi.py", "world.py", "procstate.py", "workload.py", "mutants.py")
 GUEST_PACKAGES = ("kinds",)
 
 

@@ -1,0 +1,690 @@
+"""Mutant engines: ``ckpt`` with exactly one thing broken, to prove the judge.
+
+A mutant runs the real engine (``engine.cli.main``) and breaks one thing,
+either by editing the image between a real ``ckpt dump`` and a real
+``ckpt restore`` (re-sealing manifest.json, so the image still verifies),
+or, where the break is behaviour rather than data, by wrapping the engine
+(a restart instead of a restore, an older image, a refusal not made, a
+check not done). The scenario corpus must *kill* every mutant: some
+scenario's judge must fail it (an outcome other than the expected one).
+
+    mutants.py NAME dump    -t PID -D DIR --json [...]   (ckpt's arguments)
+    mutants.py NAME restore -D DIR --pidfile F --json [...]
+    mutants.py --list
+
+It speaks ckpt's CLI contract (its exit codes and --json come from ckpt)
+and says on stderr, one line, what it did, so the mutant table can tell
+"not applicable" from "survived":
+
+    mutant NAME: applied: <what was broken>
+    mutant NAME: no target in image (<what is missing>)    -> behaves as ckpt
+    mutant NAME: error: <why the mutation itself failed>   -> exit 4
+
+Stdlib only: it runs in guests as /opt/crucible/harness/mutants.py, next to
+/opt/crucible/engine (and locally from the repo, where harness/ sits next
+to engine/).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+from typing import Callable, Dict, List, Optional, Tuple
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:     # /opt/crucible in a guest, the repo locally
+    sys.path.insert(0, _ROOT)
+
+MANIFEST = "manifest.json"
+PAGE = 4096
+O_APPEND = 0o2000
+O_NONBLOCK = 0o4000
+SIDE = ".mutant"             # sidecar files live next to the image dir, never inside it
+
+
+class NoTarget(Exception):
+    """The image has nothing this mutant breaks: it behaves exactly as ckpt."""
+
+
+class MutantError(Exception):
+    """The mutation itself failed (a bug of the mutant, not a kill)."""
+
+
+def say(name: str, text: str) -> None:
+    sys.stderr.write(f"mutant {name}: {text}\n")
+    sys.stderr.flush()
+
+
+# -- the image: read, edit, re-seal ----------------------------------------------------
+
+class Image:
+    """An image directory opened for editing; ``seal()`` rewrites the
+    manifest's sha256/size of every file that changed."""
+
+    def __init__(self, path: str):
+        self.dir = path
+        with open(os.path.join(path, MANIFEST)) as f:
+            self.manifest = json.load(f)
+        self._json: Dict[str, object] = {}
+        self.changed: set = set()
+
+    def json(self, name: str):
+        if name not in self._json:
+            with open(os.path.join(self.dir, name)) as f:
+                self._json[name] = json.load(f)
+        return self._json[name]
+
+    def put_json(self, name: str) -> None:
+        # The engine writes JSON with indent=1, sort_keys=True: keep that.
+        self.write(name, json.dumps(self._json[name], indent=1, sort_keys=True).encode())
+
+    def read(self, name: str) -> bytes:
+        with open(os.path.join(self.dir, name), "rb") as f:
+            return f.read()
+
+    def write(self, name: str, data: bytes) -> None:
+        if name not in self.manifest["files"]:
+            raise MutantError(f"{name} is not in the image")
+        path = os.path.join(self.dir, name)
+        os.chmod(path, 0o600)
+        with open(path, "wb") as f:
+            f.write(data)
+        self.changed.add(name)
+
+    def pwrite(self, name: str, data: bytes, off: int) -> None:
+        fd = os.open(os.path.join(self.dir, name), os.O_WRONLY)
+        try:
+            os.pwrite(fd, data, off)
+        finally:
+            os.close(fd)
+        self.changed.add(name)
+
+    def seal(self) -> None:
+        for name in sorted(self.changed):
+            path = os.path.join(self.dir, name)
+            h = hashlib.sha256()
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+            self.manifest["files"][name] = {"sha256": h.hexdigest(), "size": os.path.getsize(path)}
+        tmp = os.path.join(self.dir, MANIFEST + ".tmp")
+        with open(tmp, "w") as f:
+            f.write(json.dumps(self.manifest, indent=1, sort_keys=True))
+        os.replace(tmp, os.path.join(self.dir, MANIFEST))
+
+
+def _leaders(fds: List[dict]) -> List[dict]:
+    return [r for r in fds if r.get("dup_of") is None or r.get("dup_of") == r.get("fd")]
+
+
+def _first(recs, pred, what: str) -> dict:
+    for r in sorted(recs, key=lambda r: r.get("fd", 0)):
+        if pred(r):
+            return r
+    raise NoTarget(what)
+
+
+# -- image edits (each returns what it broke; raises NoTarget) -------------------------
+
+def m_drop_offset(img: Image) -> str:
+    fds = img.json("fds.json")
+    r = _first(_leaders(fds), lambda r: r["kind"] in ("regular", "ghost") and r.get("pos"),
+               "no file fd with a non-zero offset")
+    old, r["pos"] = r["pos"], 0
+    img.put_json("fds.json")
+    return f"fd {r['fd']} offset {old} -> 0"
+
+
+def m_drop_append(img: Image) -> str:
+    fds = img.json("fds.json")
+    r = _first(_leaders(fds), lambda r: r["kind"] in ("regular", "ghost") and r.get("flags", 0) & O_APPEND,
+               "no O_APPEND file fd")
+    r["flags"] &= ~O_APPEND
+    img.put_json("fds.json")
+    return f"fd {r['fd']} loses O_APPEND"
+
+
+def m_lose_nonblock(img: Image) -> str:
+    fds = img.json("fds.json")
+    r = _first(_leaders(fds), lambda r: r.get("flags", 0) & O_NONBLOCK, "no O_NONBLOCK fd")
+    r["flags"] &= ~O_NONBLOCK
+    img.put_json("fds.json")
+    return f"fd {r['fd']} ({r['kind']}) loses O_NONBLOCK"
+
+
+def m_lose_cloexec(img: Image) -> str:
+    fds = img.json("fds.json")
+    r = _first(fds, lambda r: r.get("cloexec") is True, "no close-on-exec fd")
+    r["cloexec"] = False
+    img.put_json("fds.json")
+    return f"fd {r['fd']} ({r['kind']}) loses close-on-exec"
+
+
+def _page_files(img: Image) -> Dict[int, str]:
+    from engine.memory import page_file_name
+    return {i: page_file_name(i) for i in range(img.json("mm.json")["page_files"])}
+
+
+def m_zero_page(img: Image) -> str:
+    """The middle one of the non-zero pages of the largest unnamed private
+    anonymous mapping (an mmap'd region: not [heap] or [stack], which the
+    allocator and the call chain own): a lost or misplaced page write. (The
+    middle: the edges of a merged mapping are often someone else's, e.g.
+    the TLS.)"""
+    mm = img.json("mm.json")
+    files = _page_files(img)
+    cands = [v for v in mm["vmas"] if v["kind"] == "anon" and v["perms"].endswith("p")
+             and not v["path"] and v["pages"]]
+    cands.sort(key=lambda v: (-sum(run[1] for run in v["pages"]), v["start"]))
+    zero = bytes(PAGE)
+    for v in cands:
+        nonzero = []
+        for addr, n, fi, off in v["pages"]:
+            data = img.read(files[fi])
+            nonzero += [(addr + k * PAGE, fi, off + k * PAGE) for k in range(n)
+                        if data[off + k * PAGE: off + (k + 1) * PAGE] != zero]
+        if nonzero:
+            addr, fi, off = nonzero[len(nonzero) // 2]
+            img.pwrite(files[fi], zero, off)
+            return f"page {addr:#x} of mapping {v['start']:#x}-{v['end']:#x} zeroed"
+    raise NoTarget("no non-zero anonymous page")
+
+
+def m_lose_timerfd_ticks(img: Image) -> str:
+    fds = img.json("fds.json")
+    r = _first(_leaders(fds), lambda r: r["kind"] == "timerfd" and r.get("ticks"), "no timerfd with expirations")
+    old, r["ticks"] = r["ticks"], 0
+    img.put_json("fds.json")
+    return f"timerfd fd {r['fd']} ticks {old} -> 0"
+
+
+def m_swap_epoll_data(img: Image) -> str:
+    fds = img.json("fds.json")
+
+    def two(r):
+        return r["kind"] == "epoll" and len({t["data"] for t in r.get("targets", [])}) >= 2
+    r = _first(_leaders(fds), two, "no epoll with two registrations of different data")
+    ts = sorted(r["targets"], key=lambda t: t["tfd"])
+    a = ts[0]
+    b = next(t for t in ts[1:] if t["data"] != a["data"])
+    a["data"], b["data"] = b["data"], a["data"]
+    img.put_json("fds.json")
+    return f"epoll fd {r['fd']}: data of tfd {a['tfd']} and tfd {b['tfd']} swapped"
+
+
+def m_drop_pipe_byte(img: Image) -> str:
+    fds = img.json("fds.json")
+    r = _first(_leaders(fds), lambda r: r["kind"] in ("pipe", "fifo") and r.get("data") and r.get("data_len"),
+               "no pipe or fifo with queued bytes")
+    data = img.read(r["data"])
+    img.write(r["data"], data[:-1])
+    r["data_len"] -= 1
+    img.put_json("fds.json")
+    return f"{r['kind']} fd {r['fd']}: last of {len(data)} queued bytes dropped"
+
+
+def m_drop_unix_message(img: Image) -> str:
+    fds = img.json("fds.json")
+    r = _first(_leaders(fds), lambda r: r.get("sock") == "unix-pair" and r.get("lengths") and r.get("data"),
+               "no unix socket with queued data")
+    n = r["lengths"].pop()
+    data = img.read(r["data"])
+    img.write(r["data"], data[:len(data) - n])
+    r["data_len"] -= n
+    # FIONREAD (re-checked by the engine after the refill): all queued bytes
+    # on a stream socket, the first message's length on the others.
+    if r.get("type") == 1:
+        r["fionread"] = r["data_len"]
+    elif not r["lengths"]:
+        r["fionread"] = 0
+    img.put_json("fds.json")
+    return f"unix socket fd {r['fd']}: last queued message ({n} bytes) dropped"
+
+
+def m_drop_eventfd_count(img: Image) -> str:
+    fds = img.json("fds.json")
+    r = _first(_leaders(fds), lambda r: r["kind"] == "eventfd" and r.get("count"), "no eventfd with a count")
+    old, r["count"] = r["count"], 0
+    img.put_json("fds.json")
+    return f"eventfd fd {r['fd']} count {old} -> 0"
+
+
+def m_shift_inotify_wd(img: Image) -> str:
+    fds = img.json("fds.json")
+    r = _first(_leaders(fds), lambda r: r["kind"] == "inotify" and r.get("watches"), "no inotify watch")
+    w = max(r["watches"], key=lambda w: w["wd"])
+    w["wd"] += 1        # the highest: no two watches share a wd
+    img.put_json("fds.json")
+    return f"inotify fd {r['fd']}: watch {w['path']} wd {w['wd'] - 1} -> {w['wd']}"
+
+
+def m_ghost_mode(img: Image) -> str:
+    fds = img.json("fds.json")
+    r = _first(_leaders(fds), lambda r: r["kind"] == "ghost" and isinstance(r.get("ghost"), dict)
+               and r["ghost"].get("mode", 0) & 0o7777 != 0o644, "no ghost file with a mode other than 0644")
+    g = r["ghost"]
+    old, g["mode"] = g["mode"], (g["mode"] & ~0o7777) | 0o644
+    img.put_json("fds.json")
+    return f"ghost of fd {r['fd']}: mode {old & 0o7777:04o} -> 0644"
+
+
+def m_split_shared(img: Image) -> str:
+    fds = img.json("fds.json")
+    by_fd = {r["fd"]: r for r in fds}
+    f = _first(fds, lambda r: r.get("dup_of") not in (None, r.get("fd"))
+               and by_fd.get(r["dup_of"], {}).get("kind") in ("regular", "ghost", "directory"),
+               "no two fds sharing one open file")
+    lead = by_fd[f["dup_of"]]
+    copy = json.loads(json.dumps(lead))
+    copy.update({k: f[k] for k in ("fd", "cloexec", "flags", "pos", "link") if k in f})
+    fds[fds.index(f)] = copy
+    img.put_json("fds.json")
+    return f"fd {f['fd']} (shared with fd {lead['fd']}) restored as a separate open file"
+
+
+def m_lose_sigmask(img: Image) -> str:
+    core = img.json("core.json")
+    if not core["sigmask"]:
+        raise NoTarget("no blocked signals")
+    old, core["sigmask"] = core["sigmask"], 0
+    img.put_json("core.json")
+    return f"signal mask {old:#x} -> 0"
+
+
+def m_lose_sigaction(img: Image) -> str:
+    core = img.json("core.json")
+    sigs = sorted((int(s) for s, a in core["sigactions"].items() if a[0]), key=int)
+    if not sigs:
+        raise NoTarget("no signal with a non-default action")
+    s = sigs[0]
+    old = core["sigactions"][str(s)][0]
+    core["sigactions"][str(s)] = [0, 0, 0, 0]
+    img.put_json("core.json")
+    return f"signal {s} action {'SIG_IGN' if old == 1 else hex(old)} -> SIG_DFL"
+
+
+def m_reset_rlimits(img: Image) -> str:
+    import resource
+    from engine import libc
+    core = img.json("core.json")
+    mine = [list(resource.getrlimit(i)) for i in range(len(libc.RLIMIT_NAMES))]
+    # RLIM_INFINITY: getrlimit says -1, /proc/PID/limits (the image) says 2**64-1
+    mine = [[(x & (2 ** 64 - 1)) for x in lim] for lim in mine]
+    diff = [libc.RLIMIT_NAMES[i] for i, (a, b) in enumerate(zip(core["rlimits"], mine)) if a != b]
+    if not diff:
+        raise NoTarget("every rlimit is already the default")
+    core["rlimits"] = mine
+    img.put_json("core.json")
+    return "rlimits reset to the restorer's: " + ", ".join(diff)
+
+
+def m_change_umask(img: Image) -> str:
+    core = img.json("core.json")
+    old = core["umask"]
+    core["umask"] = 0o077 if old != 0o077 else 0o022
+    img.put_json("core.json")
+    return f"umask {old:03o} -> {core['umask']:03o}"
+
+
+def m_lose_cwd(img: Image) -> str:
+    core = img.json("core.json")
+    if core["cwd"]["path"] == "/":
+        raise NoTarget("cwd is already /")
+    st = os.stat("/")
+    old = core["cwd"]["path"]
+    core["cwd"] = {"path": "/", "dev": st.st_dev, "ino": st.st_ino}
+    img.put_json("core.json")
+    return f"cwd {old} -> /"
+
+
+def m_change_mprotect(img: Image) -> str:
+    """A read-only private file mapping comes back writable: nothing the
+    process does notices, only its maps show it."""
+    mm = img.json("mm.json")
+    for v in mm["vmas"]:
+        if v["kind"] == "file" and v["perms"] == "r--p":
+            v["perms"] = "rw-p"
+            img.put_json("mm.json")
+            return f"mapping {v['start']:#x}-{v['end']:#x} {v['path']} r--p -> rw-p"
+    raise NoTarget("no read-only private file mapping")
+
+
+EDITS: Dict[str, Tuple[Callable[[Image], str], str]] = {
+    "drop-offset": (m_drop_offset, "one file fd's offset restored as 0"),
+    "drop-append": (m_drop_append, "one file fd loses O_APPEND"),
+    "zero-page": (m_zero_page, "one page of anonymous memory restored as zeros"),
+    "lose-timerfd-ticks": (m_lose_timerfd_ticks, "a timerfd's unread expirations are lost"),
+    "swap-epoll-data": (m_swap_epoll_data, "two epoll registrations' data swapped"),
+    "drop-pipe-byte": (m_drop_pipe_byte, "one queued pipe/fifo byte dropped"),
+    "ghost-mode-0644": (m_ghost_mode, "a deleted-but-open file restored with mode 0644"),
+    "lose-sigmask": (m_lose_sigmask, "the blocked-signal mask is lost"),
+    "reset-rlimits": (m_reset_rlimits, "rlimits reset to the defaults"),
+    "change-umask": (m_change_umask, "the umask changes"),
+    "split-shared-fds": (m_split_shared, "two fds sharing one open file become two open files"),
+    "lose-cloexec": (m_lose_cloexec, "one fd loses close-on-exec"),
+    "lose-nonblock": (m_lose_nonblock, "one fd loses O_NONBLOCK"),
+    "drop-unix-message": (m_drop_unix_message, "one queued unix-socket message dropped"),
+    "shift-inotify-wd": (m_shift_inotify_wd, "an inotify watch comes back under another wd"),
+    "drop-eventfd-count": (m_drop_eventfd_count, "an eventfd's count is lost"),
+    "lose-sigaction": (m_lose_sigaction, "one signal's action reset to SIG_DFL"),
+    "change-mprotect": (m_change_mprotect, "a read-only mapping comes back writable"),
+    "lose-cwd": (m_lose_cwd, "the working directory becomes /"),
+}
+
+
+def apply_edit(name: str, img_dir: str) -> str:
+    """Apply mutant `name`'s image edit to `img_dir` and re-seal it. Returns
+    what it broke; raises NoTarget (image untouched)."""
+    img = Image(img_dir)
+    what = EDITS[name][0](img)
+    img.seal()
+    return what
+
+
+# -- behaviour mutants -----------------------------------------------------------------
+
+def _opt(argv: List[str], *names: str) -> Optional[str]:
+    for i, a in enumerate(argv):
+        if a in names and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def _ckpt(argv: List[str]) -> int:
+    from engine import cli
+    sys.stdout.flush()
+    return cli.main(argv)
+
+
+def _proc_facts(pid: int) -> dict:
+    """What a fresh start needs and how to tell it reached the dumped state."""
+    def read(n):
+        with open(f"/proc/{pid}/{n}", "rb") as f:
+            return f.read()
+    status = dict(ln.split(":", 1) for ln in read("status").decode().splitlines() if ":" in ln)
+    return {"argv": [a.decode(errors="surrogateescape") for a in read("cmdline").split(b"\0")[:-1]],
+            "env": [e.decode(errors="surrogateescape") for e in read("environ").split(b"\0")[:-1]],
+            "cwd": os.readlink(f"/proc/{pid}/cwd"), "exe": os.readlink(f"/proc/{pid}/exe"),
+            "sigblk": status.get("SigBlk", "").strip(),
+            "syscall": read("syscall").split()[0].decode() if read("syscall").split() else ""}
+
+
+def _exec_fresh(facts: dict) -> None:
+    """In a new child: a new session, stdio on /dev/null, no other fds, the
+    dumped argv/env/cwd; never returns."""
+    try:
+        os.setsid()
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        os.closerange(3, 65536)
+        os.chdir(facts["cwd"])
+        env = dict(e.split("=", 1) for e in facts["env"] if "=" in e)
+        os.execve(facts["exe"], facts["argv"], env)
+    finally:
+        os._exit(127)
+
+
+def _clone_same_pid(pid: int) -> int:
+    """fork(2) under a chosen PID: clone3 with set_tid (the engine's struct
+    clone_args). 0 in the child, like fork."""
+    from engine.arch import current
+    arch = current()
+    libc = ctypes.CDLL(None, use_errno=True)
+    tid = (ctypes.c_int * 1)(pid)
+    args = arch.CloneArgs(exit_signal=signal.SIGCHLD, set_tid=ctypes.addressof(tid), set_tid_size=1)
+    libc.syscall.restype = ctypes.c_long
+    ret = libc.syscall(ctypes.c_long(435), ctypes.byref(args), ctypes.c_size_t(ctypes.sizeof(args)))  # clone3
+    if ret < 0:
+        raise MutantError(f"clone3(set_tid={pid}): errno {ctypes.get_errno()}")
+    return ret
+
+
+def _wait_free(pid: int, seconds: float = 5.0) -> None:
+    end = time.monotonic() + seconds
+    while os.path.exists(f"/proc/{pid}") and time.monotonic() < end:
+        time.sleep(0.01)
+
+
+def _wait_same_point(pid: int, facts: dict, seconds: float = 20.0) -> None:
+    """Until the fresh process blocks the same signals and sleeps in the same
+    syscall as the dumped one (a faithful faker hides its start-up)."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        try:
+            now = _proc_facts(pid)
+        except (OSError, ValueError):
+            time.sleep(0.02)
+            continue
+        if now["sigblk"] == facts["sigblk"] and now["syscall"] == facts["syscall"]:
+            return
+        time.sleep(0.02)
+
+
+def _fake_restore(name: str, argv: List[str], same_pid: bool) -> int:
+    img = _opt(argv, "-D", "--images-dir")
+    pidfile = _opt(argv, "--pidfile")
+    with open(img + SIDE + ".json") as f:
+        facts = json.load(f)
+    t0 = time.monotonic()
+    if same_pid:
+        _wait_free(facts["pid"])
+        child = _clone_same_pid(facts["pid"])
+    else:
+        child = os.fork()
+    if child == 0:
+        _exec_fresh(facts)
+    _wait_same_point(child, facts)
+    say(name, f"applied: started {facts['argv'][:3]} afresh as pid {child} (dumped pid {facts['pid']})")
+    if pidfile:
+        with open(pidfile + ".tmp", "w") as f:
+            f.write(f"{child}\n")
+        os.rename(pidfile + ".tmp", pidfile)
+    print(json.dumps({"ok": True, "command": "restore",
+                      "result": {"pid": child, "restore_ms": round((time.monotonic() - t0) * 1000, 2)}}))
+    return 0
+
+
+def _restart_dump(name: str, argv: List[str]) -> int:
+    pid = int(_opt(argv, "-t", "--tree"))
+    img = _opt(argv, "-D", "--images-dir")
+    facts = dict(_proc_facts(pid), pid=pid)
+    rc = _ckpt(argv)
+    if rc == 0:
+        with open(img + SIDE + ".json", "w") as f:
+            json.dump(facts, f)
+    return rc
+
+
+def _older_dump(name: str, argv: List[str]) -> int:
+    """An image taken ~0.5 s before the real one (the process ran meanwhile)
+    is the one left at DIR."""
+    img = _opt(argv, "-D", "--images-dir")
+    older = img + SIDE + "-older"
+    shutil.rmtree(older, ignore_errors=True)
+    first = list(argv)
+    first[first.index(img)] = older
+    if "--leave-running" not in first:
+        first.append("--leave-running")
+    import io
+    import contextlib
+    with contextlib.redirect_stdout(io.StringIO()):
+        rc = _ckpt(first)
+    if rc != 0:
+        shutil.rmtree(older, ignore_errors=True)
+        say(name, "no target in image (the first, earlier dump did not succeed)")
+        return _ckpt(argv)
+    time.sleep(0.5)
+    rc = _ckpt(argv)
+    if rc == 0:
+        newer = img + SIDE + "-newer"
+        shutil.rmtree(newer, ignore_errors=True)
+        os.rename(img, newer)
+        os.rename(older, img)
+        say(name, "applied: DIR holds an image taken 0.5 s before the dump")
+    else:
+        shutil.rmtree(older, ignore_errors=True)
+    return rc
+
+
+def _drop_saved_pending(img_dir: str) -> Optional[str]:
+    """An engine that saves pending signals (a core.json key naming
+    "pending", a list, or a dict of lists): drop one of them. None when
+    the image holds none."""
+    img = Image(img_dir)
+    core = img.json("core.json")
+    for key in sorted(k for k in core if "pend" in k.lower()):
+        v = core[key]
+        lists = [(key, v)] if isinstance(v, list) else \
+            [(f"{key}.{k}", x) for k, x in sorted(v.items()) if isinstance(x, list)] if isinstance(v, dict) else []
+        for where, lst in lists:
+            if lst:
+                lst.pop(0)
+                img.put_json("core.json")
+                img.seal()
+                return f"one of the saved pending signals ({where}) dropped"
+    return None
+
+
+def _no_pending_refusal(name: str, argv: List[str]) -> int:
+    """Lose a pending signal. Today's engine refuses pending signals and
+    saves none: the mutant skips that refusal, so they are lost. An engine
+    that saves them (core.json "pending..."): one is dropped from the image."""
+    from engine import check
+    orig = check._check_process
+    hit = []
+
+    def patched(s):
+        st = s.status
+        pend = {k: st.get(k) for k in ("SigPnd", "ShdPnd") if int(st.get(k, "0") or "0", 16)}
+        if pend:
+            hit.append(pend)
+            s.status = dict(st, **{k: "0000000000000000" for k in pend})
+        try:
+            return orig(s)
+        finally:
+            s.status = st
+    check._check_process = patched
+    rc = _ckpt(argv)
+    img = _opt(argv, "-D", "--images-dir")
+    dropped = _drop_saved_pending(img) if rc == 0 else None
+    if dropped:
+        say(name, f"applied: {dropped}")
+    elif hit and rc == 0:
+        say(name, f"applied: pending signals {hit[0]} not refused, not saved")
+    else:
+        say(name, "no target in image (no pending signals)")
+    return rc
+
+
+def _no_identity_check(name: str, argv: List[str]) -> int:
+    """Restore with the file-identity re-check off: a replaced file of the
+    same size is reopened as if it were the dumped one."""
+    img = _opt(argv, "-D", "--images-dir")
+    n = m = 0
+    try:
+        with open(os.path.join(img, "fds.json")) as f:
+            n = sum(1 for r in json.load(f) if isinstance(r.get("file"), dict))
+        with open(os.path.join(img, "mm.json")) as f:     # mapped files are re-checked too
+            m = len({v["file"].get("path") for v in json.load(f)["vmas"] if isinstance(v.get("file"), dict)})
+    except (OSError, ValueError, KeyError, AttributeError):
+        pass
+    argv = [a for i, a in enumerate(argv) if a != "--file-validation" and (i == 0 or argv[i - 1] != "--file-validation")]
+    if n or m:
+        say(name, f"applied: restore with --file-validation none ({n} reopened file fds, {m} mapped files)")
+    else:
+        say(name, "no target in image (no reopened or mapped file)")
+    return _ckpt(argv + ["--file-validation", "none"])
+
+
+# name: (what it breaks, dump(name, argv) or None, restore(name, argv) or None)
+BEHAVIOURS: Dict[str, Tuple[str, Optional[Callable], Optional[Callable]]] = {
+    "restart": ("dump kills the process; restore starts it afresh (new PID, same argv/cwd/env)",
+                _restart_dump, lambda n, a: _fake_restore(n, a, same_pid=False)),
+    "restart-same-pid": ("dump kills the process; restore starts it afresh under the same PID (clone3 set_tid)",
+                         _restart_dump, lambda n, a: _fake_restore(n, a, same_pid=True)),
+    "older-image": ("restores an image taken 0.5 s before the dump", _older_dump, None),
+    "lose-pending-signal": ("pending signals are neither refused nor saved", _no_pending_refusal, None),
+    "reopen-replaced-file": ("the file-identity re-check is off at restore", None, _no_identity_check),
+}
+
+
+# What in the judge catches each mutant (shown for survivors in the table).
+CAUGHT_BY: Dict[str, str] = {
+    "restart": "the dumped PID checked from outside; an in-memory secret; a counter that continues",
+    "restart-same-pid": "an in-memory secret and a counter that continues (the PID matches)",
+    "older-image": "a counter that advances while running, compared with its value at the dump",
+    "lose-pending-signal": "a scenario with a pending signal (dump expected to refuse, or the signal delivered)",
+    "reopen-replaced-file": "a scenario replacing a file with a same-size one (expects file-changed)",
+    "drop-offset": "the per-fd offset check on a file fd with a non-zero offset",
+    "drop-append": "the O_APPEND flag / append-at-end check",
+    "zero-page": "seeded memory compared page by page (or the process crashing)",
+    "lose-timerfd-ticks": "timerfd expirations read and counted exactly",
+    "swap-epoll-data": "epoll data compared per registration",
+    "drop-pipe-byte": "pipe/fifo queues drained and compared byte for byte",
+    "ghost-mode-0644": "a ghost file with a mode other than 0644, its mode checked",
+    "lose-sigmask": "the signal mask compared (the workload's blocked SIGUSR1 kills it)",
+    "reset-rlimits": "a scenario that changes an rlimit, rlimits compared",
+    "change-umask": "umask compared (/proc status diff or a umask scenario)",
+    "split-shared-fds": "two fds sharing one open file: move one, read the other's offset",
+    "lose-cloexec": "close-on-exec compared per fd",
+    "lose-nonblock": "O_NONBLOCK compared per fd (status flags)",
+    "drop-unix-message": "both ends' unix socket queues drained and compared",
+    "shift-inotify-wd": "inotify wds compared (fdinfo) or events carrying the old wd",
+    "drop-eventfd-count": "the eventfd count read and compared",
+    "lose-sigaction": "every signal action compared",
+    "change-mprotect": "the /proc maps diff (perms of every mapping)",
+    "lose-cwd": "the cwd compared",
+}
+
+
+def names() -> List[str]:
+    return sorted(list(BEHAVIOURS) + list(EDITS))
+
+
+def describe(name: str) -> str:
+    return BEHAVIOURS[name][0] if name in BEHAVIOURS else EDITS[name][1]
+
+
+def run(name: str, argv: List[str]) -> int:
+    if name not in BEHAVIOURS and name not in EDITS:
+        sys.stderr.write(f"mutants: unknown mutant {name!r} (known: {', '.join(names())})\n")
+        return 2
+    cmd = argv[0] if argv else ""
+    try:
+        if name in BEHAVIOURS:
+            _, on_dump, on_restore = BEHAVIOURS[name]
+            hook = on_dump if cmd == "dump" else on_restore if cmd == "restore" else None
+            return hook(name, argv) if hook else _ckpt(argv)
+        rc = _ckpt(argv)
+        if cmd == "dump" and rc == 0:
+            img = _opt(argv, "-D", "--images-dir")
+            try:
+                say(name, "applied: " + apply_edit(name, img))
+            except NoTarget as e:
+                say(name, f"no target in image ({e})")
+        return rc
+    except (MutantError, OSError, ValueError, KeyError) as e:
+        say(name, f"error: {type(e).__name__}: {e}")
+        return 4
+
+
+def main(argv: List[str]) -> int:
+    if argv[:1] == ["--list"]:
+        for n in names():
+            print(f"{n:22} {describe(n)}")
+        return 0
+    if len(argv) < 2:
+        sys.stderr.write("usage: mutants.py NAME dump|restore CKPT-ARGS... | mutants.py --list\n")
+        return 2
+    return run(argv[0], argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,436 @@
+"""Every mutant engine (harness/mutants.py) breaks what it claims, and only that.
+
+One real process (tests/targets/mutant_sink.c) holding one of everything a
+mutant breaks is dumped once with the real engine. Each image-editing mutant
+is applied to a copy of that image; the copy must still verify, and the
+process restored from it must differ from the process restored from the
+unedited image in exactly the one fact the mutant names (facts read from
+/proc and from the fds' queues, by this test, not by the engine).
+The behaviour mutants (restart, restart-same-pid, older-image,
+lose-pending-signal, reopen-replaced-file) are run through their CLI
+against real processes. The table tool is checked on a synthetic report.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from engine import pidfd
+from engine.fds._dups import leader_map
+from engine.image import ImageReader
+from harness import engines, mutants
+from harness.targets import REPO, LocalTarget
+
+from engine_core_support import Procs, alive, become_subreaper, procs, wait_for  # noqa: F401 (fixture)
+from fds_support import all_fds
+
+SINK_SRC = os.path.join(os.path.dirname(__file__), "targets", "mutant_sink.c")
+MUTANTS_PY = str(REPO / "harness" / "mutants.py")
+ENV = dict(os.environ, PYTHONPATH=str(REPO))
+
+
+def run(argv, timeout=60):
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, close_fds=True,
+                          stdin=subprocess.DEVNULL, env=ENV, cwd=str(REPO))
+
+
+def ckpt(*args):
+    return run([sys.executable, "-m", "engine", *args])
+
+
+def mutant(name, *args):
+    return run([sys.executable, MUTANTS_PY, name, *args])
+
+
+@pytest.fixture(scope="module")
+def sink_bin(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("mutant-sink") / "mutant_sink")
+    subprocess.run(["gcc", "-O2", "-Wall", "-o", out, SINK_SRC], check=True, capture_output=True)
+    return out
+
+
+class Sink:
+    def __init__(self, procs: Procs, exe: str, base: str, mode: str = "sink"):
+        self.dir = os.path.join(base, "w")
+        os.makedirs(self.dir, exist_ok=True)
+        self.ready = os.path.join(base, "ready")
+        self.proc = procs.start([exe, self.ready, self.dir, mode])
+        wait_for(lambda: os.path.exists(self.ready), what="the sink's ready file")
+        self.pid, self.secret_addr, self.counter_addr, self.mem_addr = self.read_ready()
+
+    def read_ready(self):
+        with open(self.ready) as f:
+            pid, a, b, m = f.read().split()
+        return int(pid), int(a, 16), int(b, 16), int(m, 16)
+
+
+def peek(pid: int, addr: int) -> int:
+    with open(f"/proc/{pid}/mem", "rb") as f:
+        f.seek(addr)
+        return int.from_bytes(f.read(8), "little")
+
+
+# -- what the test reads of a process -----------------------------------------------------
+
+def _queue(pid: int, fd: int, flags: int):
+    """Everything queued on a pipe read end or a socket (read out: the process
+    is killed after its facts are taken)."""
+    link = os.readlink(f"/proc/{pid}/fd/{fd}")
+    if link.startswith("pipe:") and flags & 3 == os.O_RDONLY:
+        r = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDONLY | os.O_NONBLOCK)
+        out = []
+        try:
+            while True:
+                out.append(os.read(r, 1 << 16))
+        except BlockingIOError:
+            pass
+        finally:
+            os.close(r)
+        return b"".join(out).hex()
+    if link.startswith("socket:"):
+        import socket
+        with pidfd.target_fd(pid, fd) as s_fd:
+            s = socket.socket(fileno=os.dup(s_fd))
+            msgs = []
+            try:
+                while True:
+                    m = s.recv(1 << 16, socket.MSG_DONTWAIT)
+                    if not m:
+                        break
+                    msgs.append(m.hex())
+            except BlockingIOError:
+                pass
+            finally:
+                s.close()
+        return msgs
+    return None
+
+
+def facts(pid: int, mem_addr: int) -> dict:
+    def read(n):
+        with open(f"/proc/{pid}/{n}") as f:
+            return f.read()
+    status = dict(ln.split(":", 1) for ln in read("status").splitlines() if ":" in ln)
+    out = {"status " + k: status[k].strip() for k in ("SigBlk", "SigIgn", "SigCgt", "SigPnd", "ShdPnd", "Umask")}
+    out["limits"] = read("limits")
+    out["cwd"] = os.readlink(f"/proc/{pid}/cwd")
+    maps = [ln.split() for ln in read("maps").splitlines()]
+    out["maps"] = [(m[0], m[1], m[5] if len(m) > 5 else "") for m in maps]
+    # The sink's patterned MiB (not all anonymous memory: the kernel updates
+    # the rseq area in the TLS whenever the process changes CPU).
+    with open(f"/proc/{pid}/mem", "rb") as mem:
+        mem.seek(mem_addr)
+        out["memory"] = [hashlib.sha256(mem.read(4096)).hexdigest()[:16] for _ in range(256)]
+    infos = all_fds(pid)
+    leaders = leader_map(pid, infos.values())
+    out["shared"] = sorted((fd, lead) for fd, lead in leaders.items() if fd != lead)
+    for fd in sorted(infos):
+        # new objects: inode numbers of pipes and ghosts, eventfd ids; epoll
+        # lists its targets in the order of their struct file addresses
+        text = re.sub(r"\[\d+\]|#\d+ \(deleted\)", "*", os.readlink(f"/proc/{pid}/fd/{fd}"))
+        out[f"fd {fd} link"] = text
+        for ln in read(f"fdinfo/{fd}").splitlines():     # one fact per fdinfo key
+            key, _, val = ln.partition(":")
+            if key not in ("ino", "eventfd-id"):
+                out.setdefault(f"fd {fd} {key}", []).append(re.sub(r" ino:[0-9a-f]+", "", val.strip()))
+        for k in [k for k in out if k.startswith(f"fd {fd} ")]:
+            if isinstance(out[k], list):
+                out[k].sort()
+        out[f"fd {fd} mode"] = oct(os.stat(f"/proc/{pid}/fd/{fd}").st_mode)
+    for fd in sorted(infos):        # last: reading empties the queues
+        q = _queue(pid, fd, infos[fd].flags)
+        if q is not None:
+            out[f"fd {fd} queue"] = q
+    return out
+
+
+def restore_and_read(procs: Procs, img: str, tmp: str, mem_addr: int) -> dict:
+    pf = os.path.join(tmp, f"pid-{time.monotonic_ns()}")
+    r = ckpt("restore", "-D", img, "--pidfile", pf, "--json")
+    assert r.returncode == 0, r.stderr
+    pid = json.loads(r.stdout)["result"]["pid"]
+    procs.adopt(pid)
+    try:
+        time.sleep(0.05)
+        return facts(pid, mem_addr)
+    finally:
+        procs.kill(pid)
+
+
+# What each image edit must change in the restored process (the sink's fds:
+# 3 log O_APPEND at 100, 4 data O_CLOEXEC at 1234, 5 = dup of 4, 6/7 a
+# non-blocking pipe with 10 bytes, 8 timerfd, 9 eventfd, 10 epoll, 11/12 a
+# unix datagram pair, 13 a ghost of mode 0600, 14 inotify).
+EXPECTED = {
+    "drop-offset": {"fd 3 pos"},
+    "drop-append": {"fd 3 flags"},
+    "lose-cloexec": {"fd 4 flags"},
+    "lose-nonblock": {"fd 6 flags"},
+    "zero-page": {"memory"},
+    "lose-timerfd-ticks": {"fd 8 ticks"},
+    "swap-epoll-data": {"fd 10 tfd"},
+    "drop-pipe-byte": {"fd 6 queue"},
+    "drop-unix-message": {"fd 12 queue"},
+    "drop-eventfd-count": {"fd 9 eventfd-count"},
+    "shift-inotify-wd": {"fd 14 inotify wd"},
+    "ghost-mode-0644": {"fd 13 mode"},
+    "split-shared-fds": {"shared"},
+    "lose-sigmask": {"status SigBlk"},
+    "lose-sigaction": {"status SigCgt"},
+    "reset-rlimits": {"limits"},
+    "change-umask": {"status Umask"},
+    "lose-cwd": {"cwd"},
+    "change-mprotect": {"maps"},
+}
+
+
+def test_every_mutant_is_listed_and_tested():
+    assert len(mutants.names()) >= 22
+    assert set(EXPECTED) == set(mutants.EDITS)
+    assert set(mutants.CAUGHT_BY) == set(mutants.names())
+    for name in mutants.names():
+        e = engines.make(f"mutant:{name}")
+        assert e.name == f"mutant:{name}" and e.strict
+    with pytest.raises(KeyError):
+        engines.make("mutant:no-such")
+
+
+def test_mutant_adapter_argv_wraps_ckpts():
+    t = LocalTarget(base="/tmp/unused")
+    e = engines.make("mutant:drop-offset")
+    d = e.dump_argv(t, 42, "/x/img", {"leave_running": True})
+    assert d == t.script("mutants.py") + ["drop-offset", "dump", "-t", "42", "-D", "/x/img", "--json",
+                                          "--leave-running"]
+    assert e.restore_argv(t, "/x/img", "/x/pf")[-6:] == ["restore", "-D", "/x/img", "--pidfile", "/x/pf", "--json"]
+
+
+@pytest.fixture(scope="module")
+def sink_image(sink_bin, tmp_path_factory):
+    """The sink dumped by the real engine, and the facts of the process
+    restored from the unedited image (the baseline)."""
+    become_subreaper()
+    base = str(tmp_path_factory.mktemp("sink-image"))
+    procs = Procs()
+    try:
+        s = Sink(procs, sink_bin, base)
+        img = os.path.join(base, "img")
+        r = ckpt("dump", "-t", str(s.pid), "-D", img, "--json")
+        assert r.returncode == 0, r.stderr
+        procs.reap(s.pid)
+        base_facts = restore_and_read(procs, img, base, s.mem_addr)
+        yield {"img": img, "facts": base_facts, "base": base, "sink": s}
+    finally:
+        procs.cleanup()
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_image_mutant_breaks_exactly_one_thing(name, sink_image, procs, tmp_path):
+    img = str(tmp_path / "img")
+    shutil.copytree(sink_image["img"], img)
+    what = mutants.apply_edit(name, img)
+    ImageReader(img).verify()               # re-sealed: the engine trusts it
+    got = restore_and_read(procs, img, str(tmp_path), sink_image["sink"].mem_addr)
+    want = sink_image["facts"]
+    differ = {k for k in set(got) | set(want) if got.get(k) != want.get(k)}
+    assert differ == EXPECTED[name], f"{name} ({what}) changed {sorted(differ)}"
+
+
+def test_image_mutants_leave_images_without_a_target_alone(procs, tmp_path):
+    """A process with only stdio, no signals set, default limits: the
+    fd/signal mutants have nothing to break; they say so and edit nothing."""
+    procs_dir = tmp_path / "w"
+    procs_dir.mkdir()
+    p = procs.start(["sleep", "100"], cwd=str(procs_dir))
+    img = str(tmp_path / "img")
+    r = ckpt("dump", "-t", str(p.pid), "-D", img, "--json")
+    assert r.returncode == 0, r.stderr
+    none = ["drop-offset", "drop-append", "lose-cloexec", "lose-nonblock", "lose-timerfd-ticks",
+            "swap-epoll-data", "drop-pipe-byte", "drop-unix-message", "drop-eventfd-count",
+            "shift-inotify-wd", "ghost-mode-0644", "split-shared-fds", "lose-sigmask", "reset-rlimits"]
+    before = {n: open(os.path.join(img, n), "rb").read() for n in os.listdir(img) if n.endswith(".json")}
+    for name in none:
+        with pytest.raises(mutants.NoTarget):
+            mutants.apply_edit(name, img)
+    after = {n: open(os.path.join(img, n), "rb").read() for n in os.listdir(img) if n.endswith(".json")}
+    assert before == after
+    # through the CLI: the line the table reads, and ckpt's own result
+    img2 = str(tmp_path / "img2")
+    p2 = procs.start(["sleep", "100"], cwd=str(procs_dir))
+    r = mutant("drop-eventfd-count", "dump", "-t", str(p2.pid), "-D", img2, "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["ok"] is True
+    assert "mutant drop-eventfd-count: no target in image (no eventfd with a count)" in r.stderr
+
+
+# -- behaviour mutants --------------------------------------------------------------------
+
+def _fake_restore(name, procs, sink_bin, tmp_path):
+    s = Sink(procs, sink_bin, str(tmp_path))
+    secret = peek(s.pid, s.secret_addr)
+    img = str(tmp_path / "img")
+    r = mutant(name, "dump", "-t", str(s.pid), "-D", img, "--json")
+    assert r.returncode == 0, r.stderr
+    procs.reap(s.pid)
+    os.unlink(s.ready)
+    pf = str(tmp_path / "pf")
+    r = mutant(name, "restore", "-D", img, "--pidfile", pf, "--json")
+    assert r.returncode == 0, r.stderr
+    assert f"mutant {name}: applied: started" in r.stderr
+    new = json.loads(r.stdout)["result"]["pid"]
+    procs.adopt(new)
+    assert int(open(pf).read()) == new and alive(new)
+    pid2, secret_addr2, _, _ = s.read_ready()        # written again: a fresh start
+    assert pid2 == new
+    assert peek(new, secret_addr2) != secret      # the in-memory secret is gone
+    return s.pid, new
+
+
+def test_restart_starts_the_program_afresh(procs, sink_bin, tmp_path):
+    old, new = _fake_restore("restart", procs, sink_bin, tmp_path)
+    assert new != old
+
+
+def test_restart_same_pid_starts_it_afresh_under_the_dumped_pid(procs, sink_bin, tmp_path):
+    old, new = _fake_restore("restart-same-pid", procs, sink_bin, tmp_path)
+    assert new == old
+
+
+def test_older_image_restores_an_earlier_state(procs, sink_bin, tmp_path):
+    s = Sink(procs, sink_bin, str(tmp_path), mode="count")
+    img = str(tmp_path / "img")
+    r = mutant("older-image", "dump", "-t", str(s.pid), "-D", img, "--json")
+    assert r.returncode == 0, r.stderr
+    assert "mutant older-image: applied" in r.stderr
+    procs.reap(s.pid)
+
+    def counter_after_restore(d):
+        rr = ckpt("restore", "-D", d, "--json")
+        assert rr.returncode == 0, rr.stderr
+        pid = json.loads(rr.stdout)["result"]["pid"]
+        procs.adopt(pid)
+        c = peek(pid, s.counter_addr)
+        procs.kill(pid)
+        return c
+    older = counter_after_restore(img)
+    newer = counter_after_restore(img + mutants.SIDE + "-newer")   # what ckpt would have restored
+    assert newer - older >= 20, (older, newer)     # 0.5 s at one step per ~10 ms
+
+
+def test_lose_pending_signal_dumps_what_ckpt_refuses_and_loses_it(procs, sink_bin, tmp_path):
+    s = Sink(procs, sink_bin, str(tmp_path), mode="pend")
+    usr1 = 1 << (signal.SIGUSR1 - 1)
+    pend = lambda pid: int(facts_status(pid, "SigPnd"), 16) | int(facts_status(pid, "ShdPnd"), 16)  # noqa: E731
+    assert pend(s.pid) & usr1
+    r = ckpt("dump", "-t", str(s.pid), "-D", str(tmp_path / "refused"), "--json")
+    assert r.returncode == 3 and "pending" in r.stderr
+    img = str(tmp_path / "img")
+    r = mutant("lose-pending-signal", "dump", "-t", str(s.pid), "-D", img, "--json")
+    assert r.returncode == 0, r.stderr
+    assert "mutant lose-pending-signal: applied" in r.stderr
+    procs.reap(s.pid)
+    rr = ckpt("restore", "-D", img, "--json")
+    assert rr.returncode == 0, rr.stderr
+    pid = json.loads(rr.stdout)["result"]["pid"]
+    procs.adopt(pid)
+    assert pid == s.pid and not pend(pid) & usr1
+    assert int(facts_status(pid, "SigBlk"), 16) & usr1     # still blocked: only the pending signal is lost
+
+
+def facts_status(pid, key):
+    with open(f"/proc/{pid}/status") as f:
+        return [ln.split(":", 1)[1].strip() for ln in f if ln.startswith(key + ":")][0]
+
+
+def test_reopen_replaced_file_restores_what_ckpt_refuses(procs, sink_bin, tmp_path):
+    s = Sink(procs, sink_bin, str(tmp_path))
+    img = str(tmp_path / "img")
+    r = ckpt("dump", "-t", str(s.pid), "-D", img, "--json")
+    assert r.returncode == 0, r.stderr
+    procs.reap(s.pid)
+    data = os.path.join(s.dir, "log")        # (data is watched by inotify, which re-checks it too)
+    with open(data + ".new", "wb") as f:          # same size, other bytes, another inode
+        f.write(b"b" * os.path.getsize(data))
+    os.rename(data + ".new", data)
+    r = ckpt("restore", "-D", img, "--json")
+    assert r.returncode == 3 and "file-changed" in r.stderr
+    r = mutant("reopen-replaced-file", "restore", "-D", img, "--json")
+    assert r.returncode == 0, r.stderr
+    assert "mutant reopen-replaced-file: applied" in r.stderr
+    pid = json.loads(r.stdout)["result"]["pid"]
+    procs.adopt(pid)
+    assert os.stat(f"/proc/{pid}/fd/3").st_ino == os.stat(data).st_ino
+
+
+# -- the table ------------------------------------------------------------------------------
+
+def _row(passed, notes, got="restored"):
+    return {"passed": passed, "engine_notes": notes, "got": got, "outcome": got, "note": ""}
+
+
+def test_table_kills_survivors_and_not_applicable(tmp_path):
+    sys.path.insert(0, str(REPO / "tools"))
+    import mutant_table
+    names = mutants.names()
+    killed, survived = names[0], names[1]
+    applied = lambda n: [f"mutant {n}: applied: x"]  # noqa: E731
+    scen = {
+        "scenarios/a.yaml": {"expected": "restored", "engines": {
+            "ckpt": _row(True, []),
+            f"mutant:{killed}": _row(False, applied(killed), "corrupted"),
+            f"mutant:{survived}": _row(True, applied(survived))}},
+        "scenarios/b.yaml": {"expected": "restored", "engines": {
+            "ckpt": _row(False, [], "crashed"),                      # ckpt fails it: proves nothing
+            f"mutant:{survived}": _row(False, applied(survived), "crashed")}},
+    }
+    scen["scenarios/c.yaml"] = {"expected": "restored", "engines": {          # an image edit cannot fail a dump
+        "ckpt": _row(True, []), f"mutant:{killed}": _row(False, applied(killed), "crashed at dump")}}
+    for n in names[2:]:
+        scen["scenarios/a.yaml"]["engines"][f"mutant:{n}"] = _row(False, [f"mutant {n}: no target in image (x)"],
+                                                                  "hung")
+    report = tmp_path / "scenarios.json"
+    report.write_text(json.dumps({"scenarios": scen, "target": "local"}))
+    rc = mutant_table.main([str(report), "--out", str(tmp_path)])
+    doc = json.loads((tmp_path / "mutants.json").read_text())
+    assert rc == 1
+    assert doc["mutants"][killed]["status"] == "killed"
+    assert [k["scenario"] for k in doc["mutants"][killed]["killed_by"]] == ["scenarios/a.yaml"]
+    assert doc["mutants"][killed]["suspect"][0]["suspect"] == "failed at the dump, before the mutant's break acts"
+    assert doc["mutants"][survived]["status"] == "survived"
+    assert doc["mutants"][survived]["suspect"][0]["suspect"] == "ckpt fails this scenario too"
+    assert doc["mutants"][names[2]]["status"] == "not applicable"
+    assert doc["mutants"][names[2]]["suspect"][0]["suspect"] == "mutant did not apply here"
+    assert set(doc["survivors"]) == set(names) - {killed}
+    assert "| " + killed + " |" in (tmp_path / "mutants.md").read_text()
+    for n in names:                                  # everyone killed: exit 0
+        scen["scenarios/a.yaml"]["engines"][f"mutant:{n}"] = _row(False, applied(n), "corrupted")
+    report.write_text(json.dumps({"scenarios": scen, "target": "local"}))
+    assert mutant_table.main([str(report), "--out", str(tmp_path)]) == 0
+
+
+def test_lose_pending_signal_drops_one_saved_by_an_engine_that_saves_them(tmp_path):
+    """Once the engine saves pending signals (a core.json "pending..." key),
+    the mutant drops one of them from the image, re-sealed."""
+    img = tmp_path / "img"
+    img.mkdir()
+    core = {"pid": 1, "pending": {"process": [{"signo": 10}], "thread": [{"signo": 12}, {"signo": 34}]}}
+    (img / "core.json").write_text(json.dumps(core))
+    data = (img / "core.json").read_bytes()
+    (img / "manifest.json").write_text(json.dumps({"format": 0, "files": {"core.json": {
+        "sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}}}))
+    assert mutants._drop_saved_pending(str(img)) == "one of the saved pending signals (pending.process) dropped"
+    got = json.loads((img / "core.json").read_text())
+    assert got["pending"] == {"process": [], "thread": [{"signo": 12}, {"signo": 34}]}
+    man = json.loads((img / "manifest.json").read_text())
+    assert man["files"]["core.json"]["sha256"] == hashlib.sha256((img / "core.json").read_bytes()).hexdigest()
+    (img / "core.json").write_text(json.dumps({"pid": 1, "pending": []}))
+    assert mutants._drop_saved_pending(str(img)) is None
