@@ -539,7 +539,8 @@ def _drop_saved_pending(img_dir: str) -> Optional[str]:
     the image holds none."""
     img = Image(img_dir)
     core = img.json("core.json")
-    for key in sorted(k for k in core if "pend" in k.lower()):
+    # engine/signals.py keeps them as core.json "signals": {"thread": [...], "shared": [...]}
+    for key in sorted(k for k in core if "pend" in k.lower() or k == "signals"):
         v = core[key]
         lists = [(key, v)] if isinstance(v, list) else \
             [(f"{key}.{k}", x) for k, x in sorted(v.items()) if isinstance(x, list)] if isinstance(v, dict) else []
