@@ -12,7 +12,10 @@ Restored (one module each):
 - unix stream/seqpacket listeners, path-bound or abstract, with an empty
   accept queue (_unixlisten);
 - TCP listeners, IPv4 and IPv6, with an empty accept queue
-  (_inetsock).
+  (_inetsock);
+- UDP sockets, IPv4 and IPv6, bound or connected, with options, multicast
+  memberships and the receive queue with each datagram's addresses
+  (_udp, _mcast).
 
 Family/type/protocol/listening come from getsockopt (SO_DOMAIN, SO_TYPE,
 SO_PROTOCOL, SO_ACCEPTCONN) and getsockname/getpeername on a pidfd_getfd
@@ -29,8 +32,8 @@ import socket as _socket
 
 from .. import netinfo, pidfd
 from ..errors import Refusal
-from . import _inetsock, _sys, _unixlisten, _unixpair
-from ._sockbase import UNIX_TYPES, is_tcp, same_netns
+from . import _inetsock, _sys, _udp, _unixlisten, _unixpair
+from ._sockbase import UNIX_TYPES, is_tcp, is_udp, same_netns
 from ._util import check_async, refuse, refuse_rec
 
 KIND = "socket"
@@ -143,6 +146,8 @@ def _subkind(info):
             kind = "unix-pair"
     elif is_tcp(fam, typ, q["proto"]) and q["listening"]:
         kind = "tcp-listen"
+    elif is_udp(fam, typ, q["proto"]):
+        kind = "udp"
     if kind is None:
         raise refuse(info, "socket", _describe_safely(info))
     if not same_netns(info.pid):
@@ -153,10 +158,12 @@ def _subkind(info):
 
 _CLASSIFY = {"unix-pair": (_unixpair.pair_classify, _unixpair.pair_text),
              "unix-listen": (_unixlisten.listener_classify, _unixlisten.listener_text),
-             "tcp-listen": (_inetsock.listener_classify, _inetsock.listener_text)}
+             "tcp-listen": (_inetsock.listener_classify, _inetsock.listener_text),
+             "udp": (_udp.classify, _udp.text)}
 _RESTORE = {"unix-pair": (_unixpair.pair_validate, _unixpair.pair_restore),
             "unix-listen": (_unixlisten.listener_validate, _unixlisten.listener_restore),
-            "tcp-listen": (_inetsock.listener_validate, _inetsock.listener_restore)}
+            "tcp-listen": (_inetsock.listener_validate, _inetsock.listener_restore),
+            "udp": (_udp.validate, _udp.restore)}
 
 
 def classify(info, ctx) -> str:
@@ -174,6 +181,8 @@ def dump(info, ctx) -> dict:
     kind, q = _subkind(info)
     if kind == "unix-pair":
         return _unixpair.pair_dump(info, ctx, q)
+    if kind == "udp":
+        return _udp.dump(info, ctx, q)
     rec = dict(_CLASSIFY[kind][0](info, ctx, q))
     return rec
 
