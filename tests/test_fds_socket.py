@@ -65,7 +65,7 @@ CHECK_PORTS = report_ports
         # UDP sockets are restored now (tests/test_fds_socket_udp.py)
         assert classify(t.pid, 503) == f"udp 127.0.0.1:{up}"
         assert classify(t.pid, 504).startswith(f"udp6 [::1]:{u6p}->[::1]:9")
-        assert refusal(t.pid, 505) == "netlink route"
+        assert classify(t.pid, 505) == "netlink route raw port 0"      # restored: test_fds_socket_netlink.py
 
 
 def test_netinfo_parsers_on_canned_text():

@@ -34,9 +34,10 @@ from typing import Dict, List, Optional, Tuple
 SOL_SOCKET = _socket.SOL_SOCKET
 IP, IPV6, TCP = _socket.IPPROTO_IP, _socket.IPPROTO_IPV6, _socket.IPPROTO_TCP
 UDP = _socket.IPPROTO_UDP
+SOL_NETLINK = 270
 
 # (name, level, optname, size, applies to, policy)
-# applies to: "all", "inet" (v4 and v6), "ip4", "ip6", "tcp", "udp"
+# applies to: "all", "inet" (v4 and v6), "ip4", "ip6", "tcp", "udp", "netlink"
 # Numbers: include/uapi/asm-generic/socket.h, include/uapi/linux/tcp.h,
 # include/uapi/linux/in.h, include/uapi/linux/in6.h (x86_64 and aarch64
 # share the asm-generic socket numbers).
@@ -123,6 +124,13 @@ TABLE: List[Tuple[str, int, int, int, str, str]] = [
     ("IPV6_RECVORIGDSTADDR", IPV6, 74, 4, "ip6", "copy"),
     ("IPV6_UNICAST_IF", IPV6, 76, 4, "ip6", "copy"),
     ("IPV6_RECVFRAGSIZE", IPV6, 77, 4, "ip6", "copy"),
+    ("NETLINK_PKTINFO", SOL_NETLINK, 3, 4, "netlink", "copy"),
+    ("NETLINK_BROADCAST_ERROR", SOL_NETLINK, 4, 4, "netlink", "copy"),
+    ("NETLINK_NO_ENOBUFS", SOL_NETLINK, 5, 4, "netlink", "copy"),
+    ("NETLINK_LISTEN_ALL_NSID", SOL_NETLINK, 8, 4, "netlink", "refuse"),
+    ("NETLINK_CAP_ACK", SOL_NETLINK, 10, 4, "netlink", "copy"),
+    ("NETLINK_EXT_ACK", SOL_NETLINK, 11, 4, "netlink", "copy"),
+    ("NETLINK_GET_STRICT_CHK", SOL_NETLINK, 12, 4, "netlink", "copy"),
     ("UDP_CORK", UDP, 1, 4, "udp", "copy"),
     ("UDP_ENCAP", UDP, 100, 4, "udp", "refuse"),
     ("UDP_NO_CHECK6_TX", UDP, 101, 4, "udp", "copy"),
@@ -178,6 +186,8 @@ def _applies(where: str, family: int, proto_tcp: bool) -> bool:
         return proto_tcp is True
     if where == "udp":
         return proto_tcp == "udp"      # callers pass "udp" for UDP sockets
+    if where == "netlink":
+        return family == getattr(_socket, "AF_NETLINK", 16)
     return False
 
 

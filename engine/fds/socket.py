@@ -15,7 +15,10 @@ Restored (one module each):
   (_inetsock);
 - UDP sockets, IPv4 and IPv6, bound or connected, with options, multicast
   memberships and the receive queue with each datagram's addresses
-  (_udp, _mcast).
+  (_udp, _mcast);
+- NETLINK_ROUTE sockets with nothing queued: port id, groups, destination,
+  options (_netlink). Packet and raw sockets and other netlink protocols
+  stay refused by name.
 
 Family/type/protocol/listening come from getsockopt (SO_DOMAIN, SO_TYPE,
 SO_PROTOCOL, SO_ACCEPTCONN) and getsockname/getpeername on a pidfd_getfd
@@ -32,7 +35,7 @@ import socket as _socket
 
 from .. import netinfo, pidfd
 from ..errors import Refusal
-from . import _inetsock, _sys, _udp, _unixlisten, _unixpair
+from . import _inetsock, _netlink, _sys, _udp, _unixlisten, _unixpair
 from ._sockbase import UNIX_TYPES, is_tcp, is_udp, same_netns
 from ._util import check_async, refuse, refuse_rec
 
@@ -148,6 +151,8 @@ def _subkind(info):
         kind = "tcp-listen"
     elif is_udp(fam, typ, q["proto"]):
         kind = "udp"
+    elif fam == _netlink.AF_NETLINK:
+        kind = "netlink"          # its classify refuses every protocol but NETLINK_ROUTE
     if kind is None:
         raise refuse(info, "socket", _describe_safely(info))
     if not same_netns(info.pid):
@@ -159,11 +164,13 @@ def _subkind(info):
 _CLASSIFY = {"unix-pair": (_unixpair.pair_classify, _unixpair.pair_text),
              "unix-listen": (_unixlisten.listener_classify, _unixlisten.listener_text),
              "tcp-listen": (_inetsock.listener_classify, _inetsock.listener_text),
-             "udp": (_udp.classify, _udp.text)}
+             "udp": (_udp.classify, _udp.text),
+             "netlink": (_netlink.classify, _netlink.text)}
 _RESTORE = {"unix-pair": (_unixpair.pair_validate, _unixpair.pair_restore),
             "unix-listen": (_unixlisten.listener_validate, _unixlisten.listener_restore),
             "tcp-listen": (_inetsock.listener_validate, _inetsock.listener_restore),
-            "udp": (_udp.validate, _udp.restore)}
+            "udp": (_udp.validate, _udp.restore),
+            "netlink": (_netlink.validate, _netlink.restore)}
 
 
 def classify(info, ctx) -> str:
