@@ -13,10 +13,13 @@ process is gone), the locked open file is not shared with a process
 outside the dump (flock/OFD locks belong to the open file: the other
 process would keep the lock), and it is not a lease.
 
-At restore: flock and OFD locks belong to the open file, so the restorer
-takes them on the fd it opened (they travel with it into the new
-process); POSIX locks belong to the process, so they are taken by the
-new process itself: fcntl(F_SETLK) injected in finish(). Before anything
+At restore: OFD locks belong to the open file, so the restorer takes them
+on the fd it opened (they travel with it into the new process); POSIX
+locks belong to the process, so they are taken by the new process itself
+(fcntl(F_SETLK) injected in finish()), and so are flocks: they belong to
+the open file, but /proc/locks and fdinfo show the pid that took them.
+Known limit: a flock taken by another process (a parent before fork)
+shows the restored process's pid afterwards. Before anything
 is created, validate() asks the kernel whether each range is free
 (F_OFD_GETLK on a scratch open; a non-blocking flock on one) and refuses
 naming the holder.
@@ -199,13 +202,12 @@ def validate(rec: dict, ctx, path: str) -> None:
 
 
 def take_on_file(rec: dict, ctx, fd: int) -> None:
-    """Take the recorded flock and OFD locks on `fd` (the restorer's open:
-    they belong to the open file). Raises `file-lock` (taken meanwhile)."""
+    """Take the recorded OFD locks on `fd` (the restorer's open: they belong
+    to the open file and show no pid). Raises `file-lock` (taken
+    meanwhile)."""
     for lk in _check_list(rec, ctx):
         try:
-            if lk["kind"] == "FLOCK":
-                fcntl.flock(fd, (fcntl.LOCK_EX if lk["rw"] == "WRITE" else fcntl.LOCK_SH) | fcntl.LOCK_NB)
-            elif lk["kind"] == "OFDLCK":
+            if lk["kind"] == "OFDLCK":
                 fcntl.fcntl(fd, F_OFD_SETLK, _flock_struct(_RW[lk["rw"]], lk["start"], lk["end"]))
         except OSError as e:
             if e.errno in (_errno.EAGAIN, _errno.EACCES, _errno.EWOULDBLOCK):
@@ -214,20 +216,24 @@ def take_on_file(rec: dict, ctx, fd: int) -> None:
 
 
 def finish(rec: dict, ctx, task) -> None:
-    """fcntl(F_SETLK) each recorded POSIX lock in the new process (POSIX
-    locks belong to the process that takes them). Raises `file-lock` or
-    EngineError."""
-    posix = [lk for lk in _check_list(rec, ctx) if lk["kind"] == "POSIX"]
-    if not posix:
+    """Take each recorded POSIX lock (fcntl F_SETLK: they belong to the
+    process that takes them) and flock (flock(2): it belongs to the open
+    file, but /proc/locks shows the pid that took it) in the new process.
+    Raises `file-lock` or EngineError."""
+    mine = [lk for lk in _check_list(rec, ctx) if lk["kind"] in ("POSIX", "FLOCK")]
+    if not mine:
         return
     if getattr(task, "scratch", None) is None:
         raise EngineError(f"fd {rec['fd']}: no scratch memory in the new process for struct flock", pid=ctx.pid)
-    nr = pidfd.syscall_nr("fcntl")
-    for lk in posix:
-        task.write_mem(task.scratch, _flock_struct(_RW[lk["rw"]], lk["start"], lk["end"]))
-        ret = task.syscall(nr, rec["fd"], F_SETLK, task.scratch)
+    for lk in mine:
+        if lk["kind"] == "FLOCK":
+            op = (fcntl.LOCK_EX if lk["rw"] == "WRITE" else fcntl.LOCK_SH) | fcntl.LOCK_NB
+            ret = task.syscall(pidfd.syscall_nr("flock"), rec["fd"], op)
+        else:
+            task.write_mem(task.scratch, _flock_struct(_RW[lk["rw"]], lk["start"], lk["end"]))
+            ret = task.syscall(pidfd.syscall_nr("fcntl"), rec["fd"], F_SETLK, task.scratch)
         if ret in (-_errno.EAGAIN, -_errno.EACCES):
             raise _rec_refuse(rec, ctx, f"{text(lk)}: taken by another process meanwhile")
         if ret < 0:
-            raise EngineError(f"fcntl(F_SETLK) of {text(lk)} on fd {rec['fd']} in the new process: "
+            raise EngineError(f"taking {text(lk)} on fd {rec['fd']} in the new process: "
                               f"{os.strerror(-ret)}", pid=ctx.pid, errno=-ret)
