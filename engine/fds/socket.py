@@ -11,6 +11,8 @@ Restored (one module each):
   (_unixpair);
 - unix stream/seqpacket listeners, path-bound or abstract, with an empty
   accept queue (_unixlisten);
+- unix datagram sockets bound to a path (also a ghost: unlinked since) or
+  an abstract name, unconnected, with an empty queue (_unixdgram);
 - TCP listeners, IPv4 and IPv6, with an empty accept queue
   (_inetsock);
 - UDP sockets, IPv4 and IPv6, bound or connected, with options, multicast
@@ -35,7 +37,7 @@ import socket as _socket
 
 from .. import netinfo, pidfd
 from ..errors import Refusal
-from . import _inetsock, _netlink, _sys, _udp, _unixlisten, _unixpair
+from . import _inetsock, _netlink, _sys, _udp, _unixdgram, _unixlisten, _unixpair
 from ._sockbase import UNIX_TYPES, is_tcp, is_udp, same_netns
 from ._util import check_async, refuse, refuse_rec
 
@@ -147,6 +149,8 @@ def _subkind(info):
             kind = "unix-listen" if typ != _socket.SOCK_DGRAM else None
         elif q["peer"] is not None and not _unix_name(q["name"]) and not _unix_name(q["peer"]):
             kind = "unix-pair"
+        elif typ == _socket.SOCK_DGRAM and q["peer"] is None and _unix_name(q["name"]):
+            kind = "unix-dgram"
     elif is_tcp(fam, typ, q["proto"]) and q["listening"]:
         kind = "tcp-listen"
     elif is_udp(fam, typ, q["proto"]):
@@ -165,12 +169,14 @@ _CLASSIFY = {"unix-pair": (_unixpair.pair_classify, _unixpair.pair_text),
              "unix-listen": (_unixlisten.listener_classify, _unixlisten.listener_text),
              "tcp-listen": (_inetsock.listener_classify, _inetsock.listener_text),
              "udp": (_udp.classify, _udp.text),
-             "netlink": (_netlink.classify, _netlink.text)}
+             "netlink": (_netlink.classify, _netlink.text),
+             "unix-dgram": (_unixdgram.classify, _unixdgram.text)}
 _RESTORE = {"unix-pair": (_unixpair.pair_validate, _unixpair.pair_restore),
             "unix-listen": (_unixlisten.listener_validate, _unixlisten.listener_restore),
             "tcp-listen": (_inetsock.listener_validate, _inetsock.listener_restore),
             "udp": (_udp.validate, _udp.restore),
-            "netlink": (_netlink.validate, _netlink.restore)}
+            "netlink": (_netlink.validate, _netlink.restore),
+            "unix-dgram": (_unixdgram.validate, _unixdgram.restore)}
 
 
 def classify(info, ctx) -> str:
