@@ -11,6 +11,8 @@ Restored (one module each):
   (_unixpair);
 - unix stream/seqpacket listeners, path-bound or abstract, with an empty
   accept queue (_unixlisten);
+- connections waiting in such a listener's accept queue, whose connecting
+  ends the process holds (_unixpending);
 - unix datagram sockets bound to a path (also a ghost: unlinked since) or
   an abstract name, unconnected, with an empty queue (_unixdgram);
 - TCP listeners, IPv4 and IPv6, with an empty accept queue
@@ -37,7 +39,7 @@ import socket as _socket
 
 from .. import netinfo, pidfd
 from ..errors import Refusal
-from . import _inetsock, _netlink, _sys, _udp, _unixdgram, _unixlisten, _unixpair
+from . import _inetsock, _netlink, _sys, _udp, _unixdgram, _unixlisten, _unixpair, _unixpending
 from ._sockbase import UNIX_TYPES, is_tcp, is_udp, same_netns
 from ._util import check_async, refuse, refuse_rec
 
@@ -134,6 +136,18 @@ def _describe_safely(info) -> str:
         return f"socket inode {info.ino} (details unavailable: {e.strerror})"
 
 
+def _waiting(info) -> bool:
+    """Whether the unix socket at `info` waits in a listener's accept
+    queue (listeners name their waiting connecting ends: UNIX_DIAG_ICONS)."""
+    from .. import netdiag
+    from ._sockbase import inode_of
+    try:
+        ino = inode_of(info.link)
+        return any(ino in s["icons"] for s in netdiag.unix_sockets() if s["icons"])
+    except OSError:
+        return False
+
+
 def _subkind(info):
     """(sub-kind, facts) of a socket the engine can restore, or raises the
     `socket` refusal describing it. Raises EngineError when the fd cannot
@@ -151,6 +165,9 @@ def _subkind(info):
             kind = "unix-pair"
         elif typ == _socket.SOCK_DGRAM and q["peer"] is None and _unix_name(q["name"]):
             kind = "unix-dgram"
+        elif typ != _socket.SOCK_DGRAM and q["peer"] is not None and _unix_name(q["peer"]) and \
+                not _unix_name(q["name"]) and _waiting(info):
+            kind = "unix-pending"
     elif is_tcp(fam, typ, q["proto"]) and q["listening"]:
         kind = "tcp-listen"
     elif is_udp(fam, typ, q["proto"]):
@@ -170,13 +187,15 @@ _CLASSIFY = {"unix-pair": (_unixpair.pair_classify, _unixpair.pair_text),
              "tcp-listen": (_inetsock.listener_classify, _inetsock.listener_text),
              "udp": (_udp.classify, _udp.text),
              "netlink": (_netlink.classify, _netlink.text),
-             "unix-dgram": (_unixdgram.classify, _unixdgram.text)}
+             "unix-dgram": (_unixdgram.classify, _unixdgram.text),
+             "unix-pending": (_unixpending.client_classify, _unixpending.client_text)}
 _RESTORE = {"unix-pair": (_unixpair.pair_validate, _unixpair.pair_restore),
             "unix-listen": (_unixlisten.listener_validate, _unixlisten.listener_restore),
             "tcp-listen": (_inetsock.listener_validate, _inetsock.listener_restore),
             "udp": (_udp.validate, _udp.restore),
             "netlink": (_netlink.validate, _netlink.restore),
-            "unix-dgram": (_unixdgram.validate, _unixdgram.restore)}
+            "unix-dgram": (_unixdgram.validate, _unixdgram.restore),
+            "unix-pending": (_unixpending.client_validate, _unixpending.client_restore)}
 
 
 def classify(info, ctx) -> str:
