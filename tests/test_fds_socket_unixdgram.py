@@ -85,3 +85,25 @@ os.dup2(g.fileno(), 500); g.close()
         with pytest.raises(Refusal) as ei:
             restore(img)
         assert ei.value.reason == "socket" and "its path names a file now" in ei.value.detail
+
+
+def test_relative_name_restored_from_the_working_directory(tmp_path):
+    setup = f"""
+import socket
+os.chdir({str(tmp_path)!r})
+a = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM); a.bind("rel.sock")
+os.dup2(a.fileno(), 500); a.close()
+"""
+    with Target(tmp_path, setup) as t:
+        assert classify(t.pid, 500) == "unix dgram bound rel.sock"
+        img = dump(t.pid, [500], str(tmp_path / "img"))
+        t.close()
+        with restore(img):
+            a = sock(500)
+            try:
+                assert a.getsockname() == "rel.sock"
+                with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as c:
+                    c.sendto(b"x", str(tmp_path / "rel.sock"))
+                assert a.recv(10, socket.MSG_DONTWAIT) == b"x"
+            finally:
+                a.close()

@@ -77,8 +77,19 @@ def classify(info, ctx, q: dict) -> dict:
                  "file": None, "ghost": False}
     if not rec["abstract"]:
         path = name.split(b"\0", 1)[0]
+        base = None
         if not path.startswith(b"/"):
-            raise refuse(info, "socket", f"{head}: bound to a relative path")
+            # Bound by a relative name: it resolved against the cwd of that
+            # moment; the process's cwd now is taken as that base (checked:
+            # it must lead to the bound inode, unless a ghost).
+            try:
+                base = os.readlink(f"/proc/{info.pid}/cwd")
+            except OSError:
+                base = None
+            if not base or not base.startswith("/"):
+                raise refuse(info, "socket", f"{head}: bound to a relative path and the working directory "
+                             "is unknown")
+            path = os.path.join(os.fsencode(base), path)
         if not same_root(info.pid):
             raise refuse(info, "socket", f"{head}: the process has another root directory")
         try:
@@ -86,7 +97,7 @@ def classify(info, ctx, q: dict) -> dict:
         except OSError:
             st = None
         if st is not None and stat.S_ISSOCK(st.st_mode) and d["vfs"] == (st.st_dev, st.st_ino):
-            rec["file"] = {"path": os.fsdecode(path), "base": None, "mode": stat.S_IMODE(st.st_mode),
+            rec["file"] = {"path": os.fsdecode(path), "base": base, "mode": stat.S_IMODE(st.st_mode),
                            "uid": st.st_uid, "gid": st.st_gid}
         else:
             # Unlinked since bind: a ghost. Its file's mode cannot be read any
@@ -96,7 +107,7 @@ def classify(info, ctx, q: dict) -> dict:
             if not os.path.isdir(os.path.dirname(path) or b"/"):
                 raise refuse(info, "socket", f"{head}: unlinked since bind, and its directory is gone")
             rec["ghost"] = True
-            rec["file"] = {"path": os.fsdecode(path), "base": None}
+            rec["file"] = {"path": os.fsdecode(path), "base": base}
     fresh = fresh_options(ctx, _socket.AF_UNIX, _socket.SOCK_DGRAM, 0)
     try:
         rec["set"] = check_options(info, opts, fresh)
