@@ -59,13 +59,16 @@ def parse_inet(text: str) -> Dict[int, dict]:
 
 
 def parse_netlink(text: str) -> Dict[int, dict]:
-    """inode -> {protocol, portid, groups} from /proc/net/netlink."""
+    """inode -> {protocol, portid, groups, rmem, wmem, dump} from
+    /proc/net/netlink (rmem: bytes queued to read; dump: a dump in
+    progress)."""
     out: Dict[int, dict] = {}
     for line in text.splitlines()[1:]:
         f = line.split()
         if len(f) < 10:
             continue
-        out[int(f[9])] = {"protocol": int(f[1]), "portid": int(f[2]), "groups": int(f[3], 16)}
+        out[int(f[9])] = {"protocol": int(f[1]), "portid": int(f[2]), "groups": int(f[3], 16),
+                          "rmem": int(f[4]), "wmem": int(f[5]), "dump": int(f[6])}
     return out
 
 

@@ -34,9 +34,11 @@ from .errors import EngineError, Refusal
 # include/uapi/asm-generic/unistd.h).
 _SYSCALLS = {
     "x86_64": {"pidfd_open": 434, "pidfd_getfd": 438, "kcmp": 312,
-               "open_by_handle_at": 304, "name_to_handle_at": 303, "epoll_ctl": 233},
+               "open_by_handle_at": 304, "name_to_handle_at": 303, "epoll_ctl": 233,
+               "fcntl": 72, "flock": 73},
     "aarch64": {"pidfd_open": 434, "pidfd_getfd": 438, "kcmp": 272,
-                "open_by_handle_at": 265, "name_to_handle_at": 264, "epoll_ctl": 21},
+                "open_by_handle_at": 265, "name_to_handle_at": 264, "epoll_ctl": 21,
+                "fcntl": 25, "flock": 32},
 }
 
 KCMP_FILE = 0

@@ -19,7 +19,7 @@ REASONS = {
     "cpu-mismatch": "the image's saved FPU/xstate layout does not fit this CPU",
     "image-invalid": "the image is damaged, tampered with, incomplete or of another format version",
     "unsupported-mapping": "a memory mapping of a kind the engine cannot restore (named in the detail)",
-    "unsupported-state": ("process state the engine cannot save faithfully (named in the detail): file locks, "
+    "unsupported-state": ("process state the engine cannot save faithfully (named in the detail): "
                   "O_ASYNC signal-driven I/O, ..."),
     "unsupported-arch": "the engine has no support for this CPU architecture yet (named in the detail)",
     "sched": ("the saved scheduling policy, priority or CPU affinity cannot be applied here (named in "
@@ -54,6 +54,11 @@ REASONS = {
     "fanotify": "fanotify instances are not supported",
     # sockets
     "socket": "a socket the engine cannot restore exactly (family, type and state in the detail)",
+    "file-lock": ("a file lock that cannot be restored exactly: another process holds a lock on the file or "
+                  "waits for one (its pid in the detail), the locked open file is shared with a process "
+                  "outside the dump, the process itself waits for a lock, a lease, or a lock on a file "
+                  "other than a regular file that keeps its name; at restore, the range is taken by "
+                  "someone else now"),
     # everything else
     "unsupported-fd": ("an fd of a kind with no handler (deny by default: pidfd, io_uring, perf, bpf, "
                   "userfaultfd...), or a sub-case of a handled kind that cannot be exact: a timerfd with "

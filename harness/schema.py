@@ -32,7 +32,7 @@ TAGS: Dict[str, str] = {
     "sparse": "sparse files", "hardlink": "hard links", "changed": "files changed between dump and restore",
     "mmap": "memory mappings of files", "memfd": "memfd", "dir": "directory fds", "device": "device fds",
     "fifo": "named fifos", "pipe": "anonymous pipes", "inotify": "inotify", "dnotify": "dnotify",
-    "fanotify": "fanotify", "socket": "sockets", "eventfd": "eventfd", "timerfd": "timerfd",
+    "fanotify": "fanotify", "socket": "sockets", "locks": "file locks", "eventfd": "eventfd", "timerfd": "timerfd",
     "signalfd": "signalfd", "epoll": "epoll", "migrate": "restore on another guest",
     "refusal": "the expected outcome is a refusal", "dup": "fds sharing one open file description",
     "process": "process-wide state: umask, rlimits, signals, itimers",

@@ -255,10 +255,15 @@ def test_dev_null_reopens_and_terminals_are_refused(tmp_path, fds):
     assert ei.value.reason == "device" and "136:" in ei.value.detail
 
 
-def test_file_lock_is_refused_by_name(tmp_path, data, fds):
-    fd = os.open(data, os.O_RDWR)
+def test_file_lock_on_a_deleted_file_is_refused_by_name(tmp_path, fds):
+    # Locks are restored on regular files that keep their name
+    # (tests/test_fds_locks.py); on a ghost they are refused, never dropped.
+    path = tmp_path / "locked"
+    path.write_bytes(b"x" * 10)
+    fd = os.open(path, os.O_RDWR)
     fds.append(fd)
     fcntl.flock(fd, fcntl.LOCK_EX)
+    path.unlink()
     with pytest.raises(Refusal) as ei:
         _classify(fd)
-    assert ei.value.reason == "unsupported-state" and "lock" in ei.value.detail
+    assert ei.value.reason == "file-lock" and "lock" in ei.value.detail

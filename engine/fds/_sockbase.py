@@ -33,6 +33,19 @@ def is_tcp(family: int, typ: int, proto: int) -> bool:
         proto in (0, _socket.IPPROTO_TCP)
 
 
+def is_udp(family: int, typ: int, proto: int) -> bool:
+    return family in (_socket.AF_INET, _socket.AF_INET6) and typ == _socket.SOCK_DGRAM and \
+        proto in (0, _socket.IPPROTO_UDP)
+
+
+def proto_key(family: int, typ: int, proto: int):
+    """What _sockopts calls `proto_tcp`: True for TCP, "udp" for UDP
+    (their protocol-level options), False otherwise."""
+    if is_tcp(family, typ, proto):
+        return True
+    return "udp" if is_udp(family, typ, proto) else False
+
+
 def same_netns(pid: int) -> bool:
     """Whether the target shares this process's network namespace: the only
     one sock_diag and a restore's socket() can speak for."""
@@ -68,7 +81,7 @@ def options(info, ctx, family: int, typ: int, proto: int, dup: int) -> Dict[str,
     """Every known option of the target's socket (read on `dup`)."""
     s = _socket.socket(fileno=os.dup(dup))
     try:
-        return _sockopts.read_all(s, family, is_tcp(family, typ, proto))
+        return _sockopts.read_all(s, family, proto_key(family, typ, proto))
     finally:
         s.close()
 
@@ -79,7 +92,7 @@ def fresh_options(ctx, family: int, typ: int, proto: int) -> Dict[str, Optional[
     key = f"sock-fresh:{family}:{typ}:{proto}"
     if key not in ctx.shared:
         with _socket.socket(family, typ | _socket.SOCK_CLOEXEC, proto) as s:
-            ctx.shared[key] = _sockopts.read_all(s, family, is_tcp(family, typ, proto))
+            ctx.shared[key] = _sockopts.read_all(s, family, proto_key(family, typ, proto))
     return ctx.shared[key]
 
 

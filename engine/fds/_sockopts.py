@@ -33,9 +33,11 @@ from typing import Dict, List, Optional, Tuple
 
 SOL_SOCKET = _socket.SOL_SOCKET
 IP, IPV6, TCP = _socket.IPPROTO_IP, _socket.IPPROTO_IPV6, _socket.IPPROTO_TCP
+UDP = _socket.IPPROTO_UDP
+SOL_NETLINK = 270
 
 # (name, level, optname, size, applies to, policy)
-# applies to: "all", "inet" (v4 and v6), "ip4", "ip6", "tcp"
+# applies to: "all", "inet" (v4 and v6), "ip4", "ip6", "tcp", "udp", "netlink"
 # Numbers: include/uapi/asm-generic/socket.h, include/uapi/linux/tcp.h,
 # include/uapi/linux/in.h, include/uapi/linux/in6.h (x86_64 and aarch64
 # share the asm-generic socket numbers).
@@ -86,6 +88,21 @@ TABLE: List[Tuple[str, int, int, int, str, str]] = [
     ("IP_TRANSPARENT", IP, 19, 4, "ip4", "copy"),
     ("IP_MINTTL", IP, 21, 4, "ip4", "copy"),
     ("IP_BIND_ADDRESS_NO_PORT", IP, 24, 4, "ip4", "copy"),
+    ("IP_RECVOPTS", IP, 6, 4, "ip4", "copy"),
+    ("IP_RETOPTS", IP, 7, 4, "ip4", "copy"),
+    ("IP_PKTINFO", IP, 8, 4, "ip4", "copy"),
+    ("IP_RECVTTL", IP, 12, 4, "ip4", "copy"),
+    ("IP_RECVTOS", IP, 13, 4, "ip4", "copy"),
+    ("IP_PASSSEC", IP, 18, 4, "ip4", "refuse"),
+    ("IP_RECVORIGDSTADDR", IP, 20, 4, "ip4", "copy"),
+    ("IP_CHECKSUM", IP, 23, 4, "ip4", "copy"),
+    ("IP_RECVFRAGSIZE", IP, 25, 4, "ip4", "copy"),
+    ("IP_RECVERR_RFC4884", IP, 26, 4, "ip4", "copy"),
+    ("IP_MULTICAST_IF", IP, 32, 4, "ip4", "copy"),
+    ("IP_MULTICAST_TTL", IP, 33, 4, "ip4", "copy"),
+    ("IP_MULTICAST_LOOP", IP, 34, 4, "ip4", "copy"),
+    ("IP_MULTICAST_ALL", IP, 49, 4, "ip4", "copy"),
+    ("IP_UNICAST_IF", IP, 50, 4, "ip4", "copy"),
     ("IPV6_UNICAST_HOPS", IPV6, 16, 4, "ip6", "copy"),
     ("IPV6_MTU_DISCOVER", IPV6, 23, 4, "ip6", "copy"),
     ("IPV6_RECVERR", IPV6, 25, 4, "ip6", "copy"),
@@ -94,6 +111,32 @@ TABLE: List[Tuple[str, int, int, int, str, str]] = [
     ("IPV6_MINHOPCOUNT", IPV6, 73, 4, "ip6", "copy"),
     ("IPV6_TRANSPARENT", IPV6, 75, 4, "ip6", "copy"),
     ("IPV6_FREEBIND", IPV6, 78, 4, "ip6", "copy"),
+    ("IPV6_MULTICAST_IF", IPV6, 17, 4, "ip6", "copy"),
+    ("IPV6_MULTICAST_HOPS", IPV6, 18, 4, "ip6", "copy"),
+    ("IPV6_MULTICAST_LOOP", IPV6, 19, 4, "ip6", "copy"),
+    ("IPV6_MULTICAST_ALL", IPV6, 29, 4, "ip6", "copy"),
+    ("IPV6_RECVPKTINFO", IPV6, 49, 4, "ip6", "copy"),
+    ("IPV6_RECVHOPLIMIT", IPV6, 51, 4, "ip6", "copy"),
+    ("IPV6_RECVPATHMTU", IPV6, 60, 4, "ip6", "copy"),
+    ("IPV6_DONTFRAG", IPV6, 62, 4, "ip6", "copy"),
+    ("IPV6_RECVTCLASS", IPV6, 66, 4, "ip6", "copy"),
+    ("IPV6_AUTOFLOWLABEL", IPV6, 70, 4, "ip6", "copy"),
+    ("IPV6_RECVORIGDSTADDR", IPV6, 74, 4, "ip6", "copy"),
+    ("IPV6_UNICAST_IF", IPV6, 76, 4, "ip6", "copy"),
+    ("IPV6_RECVFRAGSIZE", IPV6, 77, 4, "ip6", "copy"),
+    ("NETLINK_PKTINFO", SOL_NETLINK, 3, 4, "netlink", "copy"),
+    ("NETLINK_BROADCAST_ERROR", SOL_NETLINK, 4, 4, "netlink", "copy"),
+    ("NETLINK_NO_ENOBUFS", SOL_NETLINK, 5, 4, "netlink", "copy"),
+    ("NETLINK_LISTEN_ALL_NSID", SOL_NETLINK, 8, 4, "netlink", "refuse"),
+    ("NETLINK_CAP_ACK", SOL_NETLINK, 10, 4, "netlink", "copy"),
+    ("NETLINK_EXT_ACK", SOL_NETLINK, 11, 4, "netlink", "copy"),
+    ("NETLINK_GET_STRICT_CHK", SOL_NETLINK, 12, 4, "netlink", "copy"),
+    ("UDP_CORK", UDP, 1, 4, "udp", "copy"),
+    ("UDP_ENCAP", UDP, 100, 4, "udp", "refuse"),
+    ("UDP_NO_CHECK6_TX", UDP, 101, 4, "udp", "copy"),
+    ("UDP_NO_CHECK6_RX", UDP, 102, 4, "udp", "copy"),
+    ("UDP_SEGMENT", UDP, 103, 4, "udp", "copy"),
+    ("UDP_GRO", UDP, 104, 4, "udp", "copy"),
     ("TCP_NODELAY", TCP, 1, 4, "tcp", "copy"),
     ("TCP_MAXSEG", TCP, 2, 4, "tcp", "copy"),
     ("TCP_CORK", TCP, 3, 4, "tcp", "copy"),
@@ -140,7 +183,11 @@ def _applies(where: str, family: int, proto_tcp: bool) -> bool:
     if where == "ip6":
         return family == _socket.AF_INET6
     if where == "tcp":
-        return proto_tcp
+        return proto_tcp is True
+    if where == "udp":
+        return proto_tcp == "udp"      # callers pass "udp" for UDP sockets
+    if where == "netlink":
+        return family == getattr(_socket, "AF_NETLINK", 16)
     return False
 
 

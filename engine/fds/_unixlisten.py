@@ -1,10 +1,12 @@
 """Unix stream/seqpacket listeners, path-bound (absolute or relative) or
-abstract, held only by the process, with an empty accept queue.
+abstract, held only by the process; connections waiting in the accept
+queue are restored waiting when the process holds their connecting ends
+(_unixpending).
 
 At dump: sock_diag UNIX_DIAG_RQLEN gives the pending connections (rqueue)
 and the backlog (wqueue = sk_max_ack_backlog, net/unix/diag.c
-sk_diag_show_rqlen); pending connections are refused (they belong to
-clients that would be lost). A path-bound listener's file must still be
+sk_diag_show_rqlen); pending connections from outside the dump are
+refused (they belong to clients that would be lost). A path-bound listener's file must still be
 the bound inode (UNIX_DIAG_VFS), found through the path (relative names
 through the process's cwd).
 
@@ -24,7 +26,7 @@ from typing import Optional
 
 from .. import netdiag
 from ..errors import Refusal
-from . import _sockopts
+from . import _sockopts, _unixpending
 from ._sockbase import (UNIX_TYPES as TYPES, building, check_options, dup_of, fresh_options, inode_of, options,
                         outside_holders, same_root, unix_diag as _diag)
 from ._util import refuse, refuse_rec, with_status_flags
@@ -53,15 +55,16 @@ def listener_classify(info, ctx, q: dict) -> dict:
     out = outside_holders(info, ctx, ino)
     if out:
         raise refuse(info, "socket", f"{head}: also held by pid {out[0][0]} (fd {out[0][1]})")
-    if d["rqueue"] or d["icons"]:
+    if (d["rqueue"] or 0) != len(d["icons"]):
         raise refuse(info, "socket", f"{head}: {max(d['rqueue'] or 0, len(d['icons']))} pending "
-                     "connection(s) in the accept queue")
+                     "connection(s) in the accept queue, not all of them listed by sock_diag")
     if d["shutdown"]:
         raise refuse(info, "socket", f"{head}: shut down ({d['shutdown']})")
     if not name:
         raise refuse(info, "socket", f"{head}: no address")
+    waiting = _unixpending.pending(info, ctx, d, head) if d["icons"] else []
     rec: dict = {"sock": "unix-listen", "type": typ, "inode": ino, "backlog": d["wqueue"],
-                 "name": name.hex(), "abstract": name[:1] == b"\0", "file": None}
+                 "name": name.hex(), "abstract": name[:1] == b"\0", "file": None, "pending": waiting}
     if not rec["abstract"]:
         path = name.split(b"\0", 1)[0]
         if not same_root(info.pid):
@@ -102,7 +105,9 @@ def listener_classify(info, ctx, q: dict) -> dict:
 
 
 def listener_text(rec: dict) -> str:
-    return f"unix {TYPES[rec['type']]} listening {_name_text(bytes.fromhex(rec['name']))}, backlog {rec['backlog']}"
+    n = len(rec.get("pending") or [])
+    return (f"unix {TYPES[rec['type']]} listening {_name_text(bytes.fromhex(rec['name']))}, backlog {rec['backlog']}"
+            + (f", {n} connection(s) waiting" if n else ""))
 
 
 def _in_use(name: bytes, path: Optional[str]) -> bool:
@@ -165,9 +170,12 @@ def _bind(s: _socket.socket, name: bytes, f: Optional[dict]) -> None:
 
 
 def listener_restore(rec: dict, ctx) -> int:
-    """A listening socket at the recorded address and backlog. Raises the
-    `socket` refusal (address in use, backlog or options differ) or
-    EngineError."""
+    """A listening socket at the recorded address and backlog, with its
+    waiting connections (_unixpending). Raises the `socket` refusal
+    (address in use, backlog or options differ) or EngineError."""
+    built = ctx.shared.get(_unixpending.build_key(rec["inode"]))
+    if built is not None and "listener_fd" in built:
+        return built.pop("listener_fd")       # built for a connecting end's record already
     listener_validate(rec, ctx)        # again: the world may have moved since the pre-flight
     name = bytes.fromhex(rec["name"])
     text = _name_text(name)
@@ -196,5 +204,6 @@ def listener_restore(rec: dict, ctx) -> int:
                              f"becomes {got} here (net.core.somaxconn?)")
         _sockopts.apply_late(s, rec["opts"], rec["set"])
         _sockopts.verify(s, _socket.AF_UNIX, False, rec["opts"])
+        ctx.shared[_unixpending.build_key(rec["inode"])] = {"clients": _unixpending.connect_all(s, rec, ctx)}
         fd = s.detach()
     return with_status_flags(rec, ctx, fd)

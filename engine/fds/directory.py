@@ -39,7 +39,7 @@ from . import _sys
 from ._util import check_async, failed, refuse, refuse_rec
 
 KIND = "directory"
-REASONS = ("dnotify", "file-missing", "file-changed", "unsupported-fd", "unsupported-state")
+REASONS = ("dnotify", "file-missing", "file-changed", "unsupported-fd", "unsupported-state", "file-lock")
 
 _DELETED = " (deleted)"
 _DROP = os.O_CLOEXEC | os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_NOCTTY | _sys.O_ASYNC
@@ -65,6 +65,11 @@ def classify(info, ctx) -> str:
                      f"directory fd has an F_GETOWN owner ({owner}, F_GETSIG {sig}): "
                      f"fcntl(F_NOTIFY) sets one; dnotify registrations cannot be restored")
     check_async(info)
+    if "\nlock:" in "\n" + info.fdinfo_text:
+        # flock(2) on a directory (a lock directory): not carried yet, and
+        # never silently dropped.
+        raise refuse(info, "file-lock", "a file lock is held through this directory fd; locks are restored "
+                     "on regular files only")
     if removed:
         return f"removed directory {path} at {info.pos}: recreated and removed again at restore"
     try:

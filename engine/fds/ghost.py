@@ -18,7 +18,7 @@ from ..errors import EngineError, Refusal
 from . import regular
 
 KIND = "ghost"
-REASONS = ("unlinked-too-large", "unlinked-unrestorable", "file-missing", "file-changed", "unsupported-state",
+REASONS = ("file-lock", "unlinked-too-large", "unlinked-unrestorable", "file-missing", "file-changed", "unsupported-state",
            "image-invalid")
 
 

@@ -12,22 +12,25 @@ import re
 
 from .. import files
 from ..errors import Refusal
+from . import _locks
 
 KIND = "regular"
-REASONS = ("file-missing", "file-changed", "unsupported-state", "image-invalid")
+REASONS = ("file-missing", "file-changed", "unsupported-state", "image-invalid", "file-lock")
 
 _LOCK = re.compile(r"^lock:\s*(.*)$", re.M)
 # Flags the kernel keeps only for open(): never replayed.
 _OPEN_ONLY = files.OPEN_ONLY
 
 
-def preflight(info, path: str) -> None:
+def preflight(info, path: str, locks_ok: bool = False) -> None:
     """Refusals shared by every fd of a file: state on the open file that a
-    reopen would not bring back."""
+    reopen would not bring back. File locks are restored on regular files
+    that keep their name (`locks_ok`, engine/fds/_locks.py) only."""
     locks = _LOCK.findall(info.fdinfo_text)
-    if locks:
-        raise Refusal("unsupported-state", f"holds a file lock ({' '.join(locks[0].split()[1:4])}); "
-                      "locks are not restored", pid=info.pid, fd=info.fd, path=path)
+    if locks and not locks_ok:
+        raise Refusal("file-lock", f"holds a file lock ({' '.join(locks[0].split()[1:4])}) on a file of this "
+                      "kind; locks are restored on regular files that keep their name only",
+                      pid=info.pid, fd=info.fd, path=path)
     if info.flags & getattr(os, "O_ASYNC", 0o20000):
         raise Refusal("unsupported-state", "O_ASYNC signal-driven I/O is not restored",
                       pid=info.pid, fd=info.fd, path=path)
@@ -44,7 +47,8 @@ def _mode_text(flags: int) -> str:
 
 
 def classify(info, ctx) -> str:
-    preflight(info, info.link)
+    locks = _locks.record(info, ctx)
+    preflight(info, info.link, locks_ok=True)
     try:
         pst = os.stat(info.link)
     except OSError:
@@ -52,11 +56,16 @@ def classify(info, ctx) -> str:
     if pst is None or (pst.st_dev, pst.st_ino) != (info.dev, info.ino):
         raise Refusal("file-changed", "its path no longer names the open file",
                       pid=info.pid, fd=info.fd, path=info.link)
-    return f"regular {info.link} at {info.pos} {_mode_text(info.flags)} size {info.size}"
+    held = f", locks {', '.join(_locks.text(lk) for lk in locks)}" if locks else ""
+    return f"regular {info.link} at {info.pos} {_mode_text(info.flags)} size {info.size}{held}"
 
 
 def dump(info, ctx) -> dict:
-    return {"file": files.record_identity(info.link, info.proc_path, ctx, fd=info.fd, pid=info.pid)}
+    rec = {"file": files.record_identity(info.link, info.proc_path, ctx, fd=info.fd, pid=info.pid)}
+    locks = _locks.record(info, ctx)
+    if locks:
+        rec["locks"] = locks
+    return rec
 
 
 def validate(rec: dict, ctx) -> None:
@@ -64,6 +73,7 @@ def validate(rec: dict, ctx) -> None:
     if not isinstance(ident, dict) or not isinstance(ident.get("path"), str):
         raise Refusal("image-invalid", "regular-file record names no file", fd=rec.get("fd"))
     files.check_identity(ident, ctx, fd=rec.get("fd"), pid=ctx.pid)
+    _locks.validate(rec, ctx, ident["path"])
 
 
 def open_checked(rec: dict, ctx) -> int:
@@ -89,4 +99,16 @@ def open_checked(rec: dict, ctx) -> int:
 
 
 def restore(rec: dict, ctx) -> int:
-    return open_checked(rec, ctx)
+    fd = open_checked(rec, ctx)
+    if rec.get("locks"):
+        try:
+            _locks.take_on_file(rec, ctx, fd)
+        except BaseException:
+            os.close(fd)
+            raise
+    return fd
+
+
+def finish(rec: dict, ctx, task) -> None:
+    """POSIX locks are the new process's own: taken there (_locks)."""
+    _locks.finish(rec, ctx, task)

@@ -11,8 +11,18 @@ Restored (one module each):
   (_unixpair);
 - unix stream/seqpacket listeners, path-bound or abstract, with an empty
   accept queue (_unixlisten);
+- connections waiting in such a listener's accept queue, whose connecting
+  ends the process holds (_unixpending);
+- unix datagram sockets bound to a path (also a ghost: unlinked since) or
+  an abstract name, unconnected, with an empty queue (_unixdgram);
 - TCP listeners, IPv4 and IPv6, with an empty accept queue
-  (_inetsock).
+  (_inetsock);
+- UDP sockets, IPv4 and IPv6, bound or connected, with options, multicast
+  memberships and the receive queue with each datagram's addresses
+  (_udp, _mcast);
+- NETLINK_ROUTE sockets with nothing queued: port id, groups, destination,
+  options (_netlink). Packet and raw sockets and other netlink protocols
+  stay refused by name.
 
 Family/type/protocol/listening come from getsockopt (SO_DOMAIN, SO_TYPE,
 SO_PROTOCOL, SO_ACCEPTCONN) and getsockname/getpeername on a pidfd_getfd
@@ -29,8 +39,8 @@ import socket as _socket
 
 from .. import netinfo, pidfd
 from ..errors import Refusal
-from . import _inetsock, _sys, _unixlisten, _unixpair
-from ._sockbase import UNIX_TYPES, is_tcp, same_netns
+from . import _inetsock, _netlink, _sys, _udp, _unixdgram, _unixlisten, _unixpair, _unixpending
+from ._sockbase import UNIX_TYPES, is_tcp, is_udp, same_netns
 from ._util import check_async, refuse, refuse_rec
 
 KIND = "socket"
@@ -126,6 +136,18 @@ def _describe_safely(info) -> str:
         return f"socket inode {info.ino} (details unavailable: {e.strerror})"
 
 
+def _waiting(info) -> bool:
+    """Whether the unix socket at `info` waits in a listener's accept
+    queue (listeners name their waiting connecting ends: UNIX_DIAG_ICONS)."""
+    from .. import netdiag
+    from ._sockbase import inode_of
+    try:
+        ino = inode_of(info.link)
+        return any(ino in s["icons"] for s in netdiag.unix_sockets() if s["icons"])
+    except OSError:
+        return False
+
+
 def _subkind(info):
     """(sub-kind, facts) of a socket the engine can restore, or raises the
     `socket` refusal describing it. Raises EngineError when the fd cannot
@@ -141,8 +163,17 @@ def _subkind(info):
             kind = "unix-listen" if typ != _socket.SOCK_DGRAM else None
         elif q["peer"] is not None and not _unix_name(q["name"]) and not _unix_name(q["peer"]):
             kind = "unix-pair"
+        elif typ == _socket.SOCK_DGRAM and q["peer"] is None and _unix_name(q["name"]):
+            kind = "unix-dgram"
+        elif typ != _socket.SOCK_DGRAM and q["peer"] is not None and _unix_name(q["peer"]) and \
+                not _unix_name(q["name"]) and _waiting(info):
+            kind = "unix-pending"
     elif is_tcp(fam, typ, q["proto"]) and q["listening"]:
         kind = "tcp-listen"
+    elif is_udp(fam, typ, q["proto"]):
+        kind = "udp"
+    elif fam == _netlink.AF_NETLINK:
+        kind = "netlink"          # its classify refuses every protocol but NETLINK_ROUTE
     if kind is None:
         raise refuse(info, "socket", _describe_safely(info))
     if not same_netns(info.pid):
@@ -153,10 +184,18 @@ def _subkind(info):
 
 _CLASSIFY = {"unix-pair": (_unixpair.pair_classify, _unixpair.pair_text),
              "unix-listen": (_unixlisten.listener_classify, _unixlisten.listener_text),
-             "tcp-listen": (_inetsock.listener_classify, _inetsock.listener_text)}
+             "tcp-listen": (_inetsock.listener_classify, _inetsock.listener_text),
+             "udp": (_udp.classify, _udp.text),
+             "netlink": (_netlink.classify, _netlink.text),
+             "unix-dgram": (_unixdgram.classify, _unixdgram.text),
+             "unix-pending": (_unixpending.client_classify, _unixpending.client_text)}
 _RESTORE = {"unix-pair": (_unixpair.pair_validate, _unixpair.pair_restore),
             "unix-listen": (_unixlisten.listener_validate, _unixlisten.listener_restore),
-            "tcp-listen": (_inetsock.listener_validate, _inetsock.listener_restore)}
+            "tcp-listen": (_inetsock.listener_validate, _inetsock.listener_restore),
+            "udp": (_udp.validate, _udp.restore),
+            "netlink": (_netlink.validate, _netlink.restore),
+            "unix-dgram": (_unixdgram.validate, _unixdgram.restore),
+            "unix-pending": (_unixpending.client_validate, _unixpending.client_restore)}
 
 
 def classify(info, ctx) -> str:
@@ -174,6 +213,8 @@ def dump(info, ctx) -> dict:
     kind, q = _subkind(info)
     if kind == "unix-pair":
         return _unixpair.pair_dump(info, ctx, q)
+    if kind == "udp":
+        return _udp.dump(info, ctx, q)
     rec = dict(_CLASSIFY[kind][0](info, ctx, q))
     return rec
 

@@ -1,29 +1,38 @@
-"""``socket``: unix-pair, unix-listen, tcp-listen, tcp-established, udp.
+"""``socket``: unix-pair, unix-listen, unix-pending, unix-dgram, tcp-listen,
+tcp-established, udp, udp6, netlink-route, packet.
 
 Queued bytes are seeded in BOTH directions of a connected pair (``data``
 waits on ``fd``, ``peer_data`` on ``peer_fd``); the checker drains both
 ends' queues without blocking and compares each, then proves the ends are
 still connected by a marker each way. Listening sockets must accept, a
-datagram socket keeps its datagram and its source.
+datagram socket keeps its datagram and its source (``sender: outside``: the
+sending socket stays bound in a process outside the dump, so the datagram
+cannot be re-sent from its source at restore). A unix-pending listener has one connection waiting in its accept queue
+(its connecting end at ``peer_fd``, or ``sender: outside``). A netlink-route socket keeps
+its port id and answers a request on it (``data``: a reply is left queued
+before the dump). A packet socket is refused by name.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import struct
 from typing import Any, List
 
 from .core import MARKER, Ctx, Opened, bytes_check, check, drain, seeded_bytes, wait_readable
 
 KIND = "socket"
 TAGS = ("socket",)
-SOCKETS = ("unix-pair", "unix-listen", "tcp-listen", "tcp-established", "udp")
+SOCKETS = ("unix-pair", "unix-listen", "unix-pending", "unix-dgram", "tcp-listen", "tcp-established", "udp", "udp6",
+           "netlink-route", "packet")
+_NETLINK_ROUTE, _RTM_GETLINK, _NLM_F_REQUEST = 0, 18, 1
 PAIRS = ("unix-pair", "tcp-established")
 
 
 def fields(s) -> dict:
     return {"socket": s.Enum(SOCKETS), "peer_fd": s.FdNum(), "path": s.Path(), "data": s.Data(),
-            "peer_data": s.Data()}
+            "peer_data": s.Data(), "sender": s.Enum(("inside", "outside"))}
 
 
 def fd_numbers(e: dict) -> List[int]:
@@ -34,10 +43,14 @@ def validate(e: dict, fds: dict) -> List[tuple]:
     sock = e["socket"]
     if sock in PAIRS and "peer_fd" not in e:
         return [("peer_fd", f"a {sock} socket needs peer_fd")]
+    if sock == "unix-pending" and ("peer_fd" in e) == (e.get("sender") == "outside"):
+        return [("peer_fd", "a unix-pending listener needs peer_fd (its connecting end), or sender: outside")]
     if sock not in PAIRS and "peer_data" in e:
         return [("peer_data", f"a {sock} socket has no peer")]
-    if sock == "unix-listen" and "path" not in e:
-        return [("path", "a unix-listen socket needs a path")]
+    if sock in ("unix-listen", "unix-pending", "unix-dgram") and "path" not in e:
+        return [("path", f"a {sock} socket needs a path")]
+    if "sender" in e and sock not in ("udp", "udp6", "unix-pending"):
+        return [("sender", "only udp and unix-pending sockets have a sender")]
     return []
 
 
@@ -55,6 +68,24 @@ def opener(e: dict, ctx: Ctx) -> List[Opened]:
         s.bind(e["path"])
         s.listen(8)
         return [Opened(s.detach(), int(e["fd"]), "sock")]
+    if kind == "unix-dgram":
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        s.bind(e["path"])
+        return [Opened(s.detach(), int(e["fd"]), "sock")]
+    if kind == "unix-pending":
+        # a listener with one connection waiting in its accept queue; the
+        # connecting end is peer_fd, or held by a process outside the dump
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.bind(e["path"])
+        s.listen(8)
+        c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        c.connect(e["path"])
+        if e.get("sender") == "outside":
+            from .pipe import _spawn_holder
+            ctx.helpers.append(_spawn_holder(c.fileno()))
+            c.close()
+            return [Opened(s.detach(), int(e["fd"]), "sock")]
+        return [Opened(s.detach(), int(e["fd"]), "sock"), Opened(c.detach(), int(e["peer_fd"]), "peer")]
     if kind == "tcp-listen":
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         s.bind(("127.0.0.1", 0))
@@ -70,16 +101,35 @@ def opener(e: dict, ctx: Ctx) -> List[Opened]:
         srv.sendall(payload)
         c.sendall(back)
         return [Opened(c.detach(), int(e["fd"]), "sock"), Opened(srv.detach(), int(e["peer_fd"]), "peer")]
-    if kind == "udp":
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        s.bind(("127.0.0.1", 0))
-        tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        tx.bind(("127.0.0.1", 0))
+    if kind in ("udp", "udp6"):
+        fam, lo = (socket.AF_INET6, "::1") if kind == "udp6" else (socket.AF_INET, "127.0.0.1")
+        s = socket.socket(fam, socket.SOCK_DGRAM)
+        s.bind((lo, 0))
+        tx = socket.socket(fam, socket.SOCK_DGRAM)
+        tx.bind((lo, 0))
         tx.sendto(payload, s.getsockname())
-        sender = list(tx.getsockname())
+        sender = list(tx.getsockname())[:2]
+        if e.get("sender") == "outside":
+            from .pipe import _spawn_holder
+            ctx.helpers.append(_spawn_holder(tx.fileno()))
         tx.close()
         return [Opened(s.detach(), int(e["fd"]), "sock", {"sender": sender})]
+    if kind == "netlink-route":
+        s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_ROUTE)
+        s.bind((0, 0))
+        if e.get("data"):
+            s.send(_getlink(1))
+        return [Opened(s.detach(), int(e["fd"]), "sock")]
+    if kind == "packet":
+        s = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, 0)
+        return [Opened(s.detach(), int(e["fd"]), "sock")]
     raise ValueError(f"unknown socket kind {kind}")
+
+
+def _getlink(seq: int) -> bytes:
+    """An RTM_GETLINK request for the loopback device (one reply, no dump)."""
+    body = struct.pack("=BBHiII", 0, 0, 0, 1, 0, 0)
+    return struct.pack("=IHHII", 16 + len(body), _RTM_GETLINK, _NLM_F_REQUEST, seq, 0) + body
 
 
 def extras(rec: dict) -> None:
@@ -111,13 +161,42 @@ def checker(e: dict, recs: List[dict], ctx: Ctx, phase: str) -> List[dict]:
             out.append(bytes_check(fd, "queued stream bytes", seeded_bytes(e.get("data")), drain(fd)))
             out.append(bytes_check(peer, "queued stream bytes (peer end)", seeded_bytes(e.get("peer_data")),
                                    drain(peer)))
-        elif phase == "consume" and kind == "udp":
+        elif phase == "consume" and kind in ("udp", "udp6"):
             got = s.recvfrom(65536, socket.MSG_DONTWAIT) if wait_readable(fd, 0) else (b"", None)
             out.append(bytes_check(fd, "queued datagram", seeded_bytes(e.get("data")), got[0]))
-            out.append(check(fd, "datagram source", by_role["sock"]["extra"]["sender"], _name(got[1])))
+            out.append(check(fd, "datagram source", by_role["sock"]["extra"]["sender"],
+                             _name(got[1])[:2] if got[1] else None))
+            out.append(check(fd, "nothing else queued", False, wait_readable(fd, 0)))
+        elif phase == "consume" and kind == "netlink-route" and e.get("data"):
+            ok = wait_readable(fd, 2)
+            reply = s.recv(65536, socket.MSG_DONTWAIT) if ok else b""
+            out.append(check(fd, "the queued reply", 1, struct.unpack_from("=I", reply, 8)[0] if reply else None))
+        elif phase == "mutate" and kind == "netlink-route":
+            s.send(_getlink(4242))
+            ok = wait_readable(fd, 2)
+            reply = s.recv(65536, socket.MSG_DONTWAIT) if ok else b""
+            seq_port = list(struct.unpack_from("=II", reply, 8)) if len(reply) >= 16 else None
+            out.append(check(fd, "a request is answered on the same port id",
+                             [4242, by_role["sock"]["extra"]["sockname"][0]], seq_port))
         elif phase == "mutate" and kind in PAIRS:
             out.append(_marker(fd, peer, "peer's write arrives"))
             out.append(_marker(peer, fd, "write arrives at the peer"))
+        elif phase == "mutate" and kind == "unix-dgram":
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as tx:
+                tx.sendto(MARKER, s.getsockname())
+            ok = wait_readable(fd, 2)
+            got = s.recv(len(MARKER) + 10, socket.MSG_DONTWAIT).decode(errors="replace") if ok else ""
+            out.append(check(fd, "a datagram sent to its name arrives", MARKER.decode(), got))
+        elif phase == "mutate" and kind == "unix-pending" and peer is not None:
+            os.write(peer, MARKER)
+            ok = wait_readable(fd, 2)
+            got = ""
+            if ok:
+                conn, _ = s.accept()
+                conn.settimeout(2)
+                got = conn.recv(len(MARKER)).decode(errors="replace")
+                conn.close()
+            out.append(check(fd, "the waiting connection is accepted and carries the marker", MARKER.decode(), got))
         elif phase == "mutate" and kind in ("unix-listen", "tcp-listen"):
             c = socket.socket(s.family, socket.SOCK_STREAM)
             try:
@@ -136,7 +215,9 @@ def checker(e: dict, recs: List[dict], ctx: Ctx, phase: str) -> List[dict]:
 
 
 def _name(addr: Any) -> Any:
-    return list(addr) if isinstance(addr, tuple) else addr
+    if isinstance(addr, tuple):
+        return [a.hex() if isinstance(a, bytes) else a for a in addr]     # AF_PACKET: the hardware address
+    return addr
 
 
 def sockname_of(fd: int) -> Any:

@@ -1,0 +1,184 @@
+"""Unix datagram sockets bound to a name (a path, also one unlinked since
+bind - a ghost socket - or an abstract name), not connected, held by the
+process only, with an empty receive queue.
+
+At dump: sock_diag gives the name, the bound file's inode (UNIX_DIAG_VFS)
+and the shutdown bits; the queue must be empty: a peek with peeking at an
+offset turned off always returns the head of the queue, even a zero-length
+datagram already peeked (net/core/datagram.c __skb_try_recv_from_queue), so
+"nothing to peek" is exact. A path-bound socket whose path no longer leads
+to its inode was unlinked (or replaced) since: a ghost, recorded as such.
+
+At restore: socket, options, bind to the same name (a stale socket file
+left at the path is removed first, as for listeners); a ghost is bound to
+its path - whose directory must exist and where nothing may be now - and
+the file unlinked again, so getsockname names it and no path leads to it;
+the file's mode and owner are put back; everything read back.
+
+Refused (`socket`): messages queued (each datagram's sender is a socket
+whose address and charge cannot be reproduced exactly: a message hidden
+from peeking could not even be counted), connected sockets, shutdown.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import os
+import socket as _socket
+import stat
+from typing import Optional
+
+from .. import netdiag
+from ..errors import Refusal
+from . import _sockopts
+from ._sockbase import (building, check_options, dup_of, fresh_options, inode_of, options, outside_holders,
+                        same_root, unix_diag as _diag)
+from ._unixlisten import _bind, _in_use, _name_text
+from ._util import refuse, refuse_rec, with_status_flags
+
+
+def _queue_empty(fd: int) -> bool:
+    s = _socket.socket(fileno=os.dup(fd))
+    try:
+        prev = s.getsockopt(_socket.SOL_SOCKET, 42)          # SO_PEEK_OFF
+        try:
+            s.setsockopt(_socket.SOL_SOCKET, 42, -1)
+            s.recv(1, _socket.MSG_PEEK | _socket.MSG_DONTWAIT)
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            s.setsockopt(_socket.SOL_SOCKET, 42, prev)
+    finally:
+        s.close()
+
+
+def classify(info, ctx, q: dict) -> dict:
+    """The dump record of a bound unix datagram socket; raises `socket`."""
+    ino = inode_of(info.link)
+    key = f"unix-dgram:{ino}"
+    if key in ctx.shared:
+        return ctx.shared[key]
+    d = _diag(info, ino)
+    name = d["name"] or b""
+    text = _name_text(name)
+    head = f"unix dgram bound {text}"
+    out = outside_holders(info, ctx, ino)
+    if out:
+        raise refuse(info, "socket", f"{head}: also held by pid {out[0][0]} (fd {out[0][1]})")
+    if d["shutdown"]:
+        raise refuse(info, "socket", f"{head}: shut down ({d['shutdown']})")
+    with dup_of(info) as mine:
+        if not _queue_empty(mine):
+            raise refuse(info, "socket", f"{head}: messages queued (their senders' addresses and charges "
+                         "cannot be reproduced exactly)")
+        opts = options(info, ctx, _socket.AF_UNIX, _socket.SOCK_DGRAM, 0, mine)
+    rec: dict = {"sock": "unix-dgram", "inode": ino, "name": name.hex(), "abstract": name[:1] == b"\0",
+                 "file": None, "ghost": False}
+    if not rec["abstract"]:
+        path = name.split(b"\0", 1)[0]
+        base = None
+        if not path.startswith(b"/"):
+            # Bound by a relative name: it resolved against the cwd of that
+            # moment; the process's cwd now is taken as that base (checked:
+            # it must lead to the bound inode, unless a ghost).
+            try:
+                base = os.readlink(f"/proc/{info.pid}/cwd")
+            except OSError:
+                base = None
+            if not base or not base.startswith("/"):
+                raise refuse(info, "socket", f"{head}: bound to a relative path and the working directory "
+                             "is unknown")
+            path = os.path.join(os.fsencode(base), path)
+        if not same_root(info.pid):
+            raise refuse(info, "socket", f"{head}: the process has another root directory")
+        try:
+            st = os.lstat(path)
+        except OSError:
+            st = None
+        if st is not None and stat.S_ISSOCK(st.st_mode) and d["vfs"] == (st.st_dev, st.st_ino):
+            rec["file"] = {"path": os.fsdecode(path), "base": base, "mode": stat.S_IMODE(st.st_mode),
+                           "uid": st.st_uid, "gid": st.st_gid}
+        else:
+            # Unlinked since bind: a ghost. Its file's mode cannot be read any
+            # more (nothing leads to the inode); it was made with the umask.
+            if st is not None:
+                raise refuse(info, "socket", f"{head}: unlinked since bind and the path now names another file")
+            if not os.path.isdir(os.path.dirname(path) or b"/"):
+                raise refuse(info, "socket", f"{head}: unlinked since bind, and its directory is gone")
+            rec["ghost"] = True
+            rec["file"] = {"path": os.fsdecode(path), "base": base}
+    fresh = fresh_options(ctx, _socket.AF_UNIX, _socket.SOCK_DGRAM, 0)
+    try:
+        rec["set"] = check_options(info, opts, fresh)
+    except Refusal as e:
+        raise refuse(info, "socket", f"{head}: {e.detail}") from None
+    rec["opts"] = opts
+    ctx.shared[key] = rec
+    return rec
+
+
+def text(rec: dict) -> str:
+    s = f"unix dgram bound {_name_text(bytes.fromhex(rec['name']))}"
+    return s + (" (unlinked since: a ghost socket)" if rec["ghost"] else "")
+
+
+def validate(rec: dict, ctx) -> None:
+    """Raises socket (name in use, path taken, directory gone) or image-invalid."""
+    if not rec.get("name") or not isinstance(rec.get("set"), list):
+        raise refuse_rec(rec, ctx, "image-invalid", "unix dgram record malformed")
+    name = bytes.fromhex(rec["name"])
+    what = text(rec)
+    path = rec["file"]["path"] if rec.get("file") else None
+    if path is not None:
+        if not os.path.isdir(os.path.dirname(path) or "/"):
+            raise refuse_rec(rec, ctx, "socket", f"{what}: its directory is gone")
+        try:
+            st = os.lstat(path)
+            if rec["ghost"]:
+                raise refuse_rec(rec, ctx, "socket", f"{what}: its path names a file now; the ghost cannot be "
+                                 "bound there")
+            if not stat.S_ISSOCK(st.st_mode):
+                raise refuse_rec(rec, ctx, "socket", f"{what}: the path is now a {stat.filemode(st.st_mode)[0]!r} "
+                                 "file, not a socket; not removed")
+        except FileNotFoundError:
+            pass
+    try:
+        busy = _in_use(name, path)
+    except OSError as e:
+        raise refuse_rec(rec, ctx, "socket", f"{what}: cannot check the address ({e.strerror})") from e
+    if busy:
+        raise refuse_rec(rec, ctx, "socket", f"{what}: address in use")
+
+
+def restore(rec: dict, ctx) -> int:
+    """The rebuilt bound datagram socket; raises `socket` or EngineError."""
+    validate(rec, ctx)
+    name = bytes.fromhex(rec["name"])
+    what = text(rec)
+    f: Optional[dict] = rec.get("file")
+    path = f["path"] if f else None
+    s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM | _socket.SOCK_CLOEXEC)
+    with building(s, rec, ctx, f"recreating {what}"):
+        _sockopts.apply(s, rec["opts"], rec["set"])
+        if path is not None and not rec["ghost"] and os.path.lexists(path):
+            os.unlink(path)              # a stale socket file nobody is bound to (checked above)
+        try:
+            _bind(s, name, f)
+        except OSError as e:
+            if e.errno == _errno.EADDRINUSE:
+                raise refuse_rec(rec, ctx, "socket", f"{what}: address in use") from None
+            raise
+        if path is not None:
+            if rec["ghost"]:
+                os.unlink(path)
+            else:
+                os.chown(path, f["uid"], f["gid"], follow_symlinks=False)
+                os.chmod(path, f["mode"])
+        _sockopts.apply_late(s, rec["opts"], rec["set"])
+        _sockopts.verify(s, _socket.AF_UNIX, False, rec["opts"])
+        d = netdiag.unix_socket(os.fstat(s.fileno()).st_ino)
+        if (d["name"] or b"") != name:
+            raise refuse_rec(rec, ctx, "socket", f"{what}: bound as {_name_text(d['name'])} here")
+        fd = s.detach()
+    return with_status_flags(rec, ctx, fd)

@@ -1,0 +1,182 @@
+"""``lock``: a file opened by name (read-write) holding a file lock:
+``{fd: 3, lock: flock|posix|ofd, path: data, mode: read|write, start, len}``
+(``len`` 0: to the end of the file; flock locks the whole file).
+``outside: lock`` makes a process outside the dump hold another lock on
+the same file (a shared lock on a range that does not conflict), ``outside:
+wait`` one that waits for this lock: both are refusals (``file-lock``).
+
+The checker (inspect) reads the lock back from /proc/self/fdinfo and asks
+a fresh child process whether the range is taken, and by whom: a POSIX
+lock must be this process's own (F_GETLK names its pid), flock and OFD
+locks must block the child's conflicting attempt.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import struct
+import time
+from typing import List
+
+from .core import Ctx, Opened, check
+
+KIND = "lock"
+TAGS = ("locks",)
+REQUIRED = ("fd", "lock", "path")
+F_OFD_GETLK, F_OFD_SETLK = 36, 37
+
+
+def fields(s) -> dict:
+    return {"lock": s.Enum(("flock", "posix", "ofd")), "path": s.Path(), "mode": s.Enum(("read", "write")),
+            "start": s.Int(0), "len": s.Int(0), "outside": s.Enum(("lock", "wait"))}
+
+
+def validate(e: dict, fds: dict) -> List[tuple]:
+    if e["lock"] == "flock" and ("start" in e or "len" in e):
+        return [("start", "flock locks the whole file: no start/len")]
+    if e.get("outside") == "wait" and (e["lock"] == "posix" or e.get("mode", "write") != "write"):
+        return [("outside", "a waiter needs a flock or OFD write lock to wait for")]
+    return []
+
+
+def _struct(typ: int, start: int, length: int) -> bytes:
+    return struct.pack("=hh4xqqi4x", typ, os.SEEK_SET, start, length, 0)
+
+
+def _rw(e: dict) -> int:
+    return fcntl.F_WRLCK if e.get("mode", "write") == "write" else fcntl.F_RDLCK
+
+
+def _take(fd: int, e: dict, wait: bool = False) -> None:
+    kind = e["lock"]
+    start, length = int(e.get("start", 0)), int(e.get("len", 0))
+    if kind == "flock":
+        op = fcntl.LOCK_EX if e.get("mode", "write") == "write" else fcntl.LOCK_SH
+        fcntl.flock(fd, op if wait else op | fcntl.LOCK_NB)
+    elif kind == "posix":
+        fcntl.fcntl(fd, fcntl.F_SETLKW if wait else fcntl.F_SETLK, _struct(_rw(e), start, length))
+    else:
+        fcntl.fcntl(fd, 38 if wait else F_OFD_SETLK, _struct(_rw(e), start, length))   # F_OFD_SETLKW
+
+
+def _outsider(path: str, e: dict) -> int:
+    """A process outside the workload's tree (double fork) holding a lock on
+    `path` that does not conflict, or waiting for this one."""
+    r, w = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - child
+        try:
+            grandchild = os.fork()
+            if grandchild == 0:
+                os.setsid()
+                fd = os.open(path, os.O_RDWR)
+                signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+                if e.get("outside") == "lock":
+                    if e["lock"] == "flock":
+                        fcntl.flock(fd, fcntl.LOCK_SH)        # the entry's flock must be shared too
+                    else:
+                        # a read lock beyond the entry's range: no conflict
+                        far = int(e.get("start", 0)) + max(int(e.get("len", 0)), 1) + (1 << 20)
+                        fcntl.fcntl(fd, fcntl.F_SETLK, _struct(fcntl.F_RDLCK, far, 1))
+                    os.write(w, b"ready\n")
+                    while True:
+                        signal.pause()
+                os.write(w, b"ready\n")
+                _take(fd, e, wait=True)                   # blocks: the workload holds it
+                while True:
+                    signal.pause()
+            os.write(w, f"pid {grandchild}\n".encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    got = b""
+    deadline = time.monotonic() + 10
+    # two lines, in either order: "pid N" (the child) and "ready" (the holder)
+    while got.count(b"\n") < 2 and time.monotonic() < deadline:
+        chunk = os.read(r, 64)
+        if not chunk:
+            break
+        got += chunk
+    os.close(r)
+    os.waitpid(child, 0)
+    pid = int(next(x for x in got.decode().splitlines() if x.startswith("pid "))[4:])
+    if e.get("outside") == "wait":
+        # wait until the kernel lists the waiter, so the dump sees it
+        while time.monotonic() < deadline:
+            with open("/proc/locks") as f:
+                if " -> " in f.read():
+                    break
+            time.sleep(0.01)
+    return pid
+
+
+def opener(e: dict, ctx: Ctx) -> List[Opened]:
+    path = os.path.join(ctx.workdir, e["path"])
+    fd = os.open(path, os.O_RDWR)
+    if e["lock"] != "posix":
+        _take(fd, e)           # flock and OFD locks belong to the open file: they move with it
+    if e.get("outside"):
+        ctx.helpers.append(_outsider(path, e))
+    return [Opened(fd, int(e["fd"]), "lock")]
+
+
+def finish(e: dict, fd: int) -> None:
+    # A POSIX lock is taken once the fd is at its number: closing the
+    # temporary fd would drop it (they die with any close of the file).
+    if e["lock"] == "posix":
+        _take(fd, e)
+
+
+def extras(rec: dict) -> None:
+    rec["extra"]["locks"] = _lines(rec["fd"])
+
+
+def _lines(fd: int) -> List[str]:
+    with open(f"/proc/self/fdinfo/{fd}") as f:
+        return [" ".join(x.split()[2:5] + x.split()[7:]) for x in f.read().splitlines() if x.startswith("lock:")]
+
+
+def _probe(path: str, e: dict) -> str:
+    """From a fresh child: 'free', 'blocked', or 'pid N' (F_GETLK's holder)."""
+    r, w = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - child
+        try:
+            fd = os.open(path, os.O_RDWR)
+            start, length = int(e.get("start", 0)), int(e.get("len", 0))
+            if e["lock"] == "posix":
+                got = fcntl.fcntl(fd, fcntl.F_GETLK, _struct(fcntl.F_WRLCK, start, length))
+                typ, = struct.unpack_from("=h", got)
+                pid, = struct.unpack_from("=i", got, 24)
+                ans = "free" if typ == fcntl.F_UNLCK else f"pid {pid}"
+            else:
+                try:
+                    if e["lock"] == "flock":
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    else:
+                        fcntl.fcntl(fd, F_OFD_SETLK, _struct(fcntl.F_WRLCK, start, length))
+                    ans = "free"
+                except OSError:
+                    ans = "blocked"
+            os.write(w, ans.encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    ans = os.read(r, 64).decode()
+    os.close(r)
+    os.waitpid(child, 0)
+    return ans
+
+
+def checker(e: dict, recs: List[dict], ctx: Ctx, phase: str) -> List[dict]:
+    rec = recs[0]
+    fd = rec["fd"]
+    out = []
+    if phase == "inspect":
+        out.append(check(fd, "the lock, as fdinfo shows it", rec["extra"].get("locks"), _lines(fd)))
+        want = f"pid {os.getpid()}" if e["lock"] == "posix" else "blocked"
+        out.append(check(fd, "another process finds the range taken", want,
+                         _probe(os.path.join(ctx.workdir, e["path"]), e)))
+    return out

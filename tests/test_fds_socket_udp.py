@@ -1,0 +1,214 @@
+"""UDP sockets (IPv4/IPv6) held only by the process: rebuilt with their
+address, peer, options, multicast memberships and receive queue (each
+datagram's payload, boundaries, source and destination); otherwise refused
+with `socket` naming why."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+
+import pytest
+
+from engine.errors import Refusal
+
+from fds_support import Target, classify, dump, restore
+
+
+def sock(fd: int) -> socket.socket:
+    return socket.socket(fileno=os.dup(fd))
+
+
+def drain(fd: int, n: int = 50):
+    s = sock(fd)
+    out = []
+    try:
+        while True:
+            try:
+                data, src = s.recvfrom(1 << 17, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return out
+            out.append((data, src[:2]))
+            if len(out) > n:
+                return out
+    finally:
+        s.close()
+
+
+UDP4 = """
+import socket
+r = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+r.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+r.setsockopt(socket.IPPROTO_IP, 8, 1)              # IP_PKTINFO: ancillary data per datagram
+r.bind(("0.0.0.0", 0))
+port = r.getsockname()[1]
+a = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); a.bind(("127.0.0.1", 0))
+b = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); b.bind(("127.0.0.2", 0))
+a.sendto(b"first", ("127.0.0.1", port))
+b.sendto(b"", ("127.0.0.1", port))                  # an empty datagram keeps its place
+b.sendto(b"x" * 3000, ("127.0.0.3", port))
+r.sendto(b"to myself", ("127.0.0.1", port))
+r.recvfrom(10, socket.MSG_PEEK)                     # the process peeked the head
+report_srcs = [list(a.getsockname()), list(b.getsockname()), ["127.0.0.1", port]]
+a.close(); b.close()
+os.dup2(r.fileno(), 500); r.close()
+fcntl.fcntl(500, fcntl.F_SETFL, os.O_NONBLOCK)
+"""
+
+
+def test_udp4_queue_restored_with_sources_destinations_and_boundaries(tmp_path):
+    with Target(tmp_path, UDP4, "report['srcs'] = report_srcs; report['port'] = port") as t:
+        info = t.check()
+        port = info["port"]
+        srcs = [tuple(s) for s in info["srcs"]]
+        # One look only: see the test below for a second one.
+        img = dump(t.pid, [500], str(tmp_path / "img"))
+    with restore(img):
+        s = sock(500)
+        try:
+            assert s.getsockname() == ("0.0.0.0", port)
+            assert s.getsockopt(socket.IPPROTO_IP, 8) == 1
+            # destinations: IP_PKTINFO shows the address each was sent to
+            got = []
+            for _ in range(4):
+                data, anc, _, src = s.recvmsg(1 << 16, 256, socket.MSG_DONTWAIT)
+                dst = socket.inet_ntoa(anc[0][2][8:12]) if anc else None
+                got.append((data, src, dst))
+            assert got == [(b"first", srcs[0], "127.0.0.1"), (b"", srcs[1], "127.0.0.1"),
+                           (b"x" * 3000, srcs[1], "127.0.0.3"), (b"to myself", srcs[2], "127.0.0.1")]
+            with pytest.raises(BlockingIOError):
+                s.recv(10, socket.MSG_DONTWAIT)
+        finally:
+            s.close()
+
+
+def test_udp_second_look_at_a_queue_with_an_empty_datagram_refused(tmp_path):
+    # Peeking an empty datagram marks it (skb->peeked), and a marked empty
+    # datagram past the head is invisible to every later peek at an offset:
+    # the accounting check turns that into a refusal, never a lost datagram.
+    with Target(tmp_path, UDP4, "report['n'] = len([socket.socket(fileno=os.dup(500)).recvfrom(5000) for _ in range(4)])") as t:
+        desc = classify(t.pid, 500)
+        assert ", 4 datagrams (3014 bytes) queued" in desc and "SO_REUSEADDR" in desc and "IP_PKTINFO" in desc
+        with pytest.raises(Refusal) as ei:
+            classify(t.pid, 500)
+        assert ei.value.reason == "socket" and "do not account for the queue" in ei.value.detail
+        assert t.check() == {"n": 4}                      # nothing consumed
+
+
+def test_udp6_connected_with_queue_from_a_foreign_address(tmp_path):
+    # The queued reply came "from" 2001:db8::53 (a foreign address, as from
+    # an upstream server); the socket is connected to it afterwards.
+    setup = """
+import socket
+r = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+r.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+r.bind(("::1", 0)); port = r.getsockname()[1]
+t = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+t.setsockopt(socket.IPPROTO_IPV6, 75, 1); t.setsockopt(socket.IPPROTO_IPV6, 78, 1)
+t.bind(("2001:db8::53", 53)); t.sendto(b"answer", ("::1", port)); t.close()
+r.connect(("2001:db8::53", 53))
+os.dup2(r.fileno(), 500); r.close()
+"""
+    with Target(tmp_path, setup, "report['port'] = port") as t:
+        port = t.check()["port"]
+        desc = classify(t.pid, 500)
+        assert desc.startswith(f"udp6 [::1]:{port}->[2001:db8::53]:53, 1 datagrams (6 bytes) queued"), desc
+        img = dump(t.pid, [500], str(tmp_path / "img"))
+    with restore(img):
+        s = sock(500)
+        try:
+            assert s.getsockname()[:2] == ("::1", port)
+            assert s.getpeername()[:2] == ("2001:db8::53", 53)
+            assert s.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 1
+            assert drain(500) == [(b"answer", ("2001:db8::53", 53))]
+        finally:
+            s.close()
+
+
+def test_udp4_multicast_membership_restored(tmp_path):
+    setup = """
+import socket, struct
+r = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+r.bind(("0.0.0.0", 0))
+r.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP,
+             struct.pack("=4s4si", socket.inet_aton("239.1.2.3"), b"\\0" * 4, 1))
+r.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 1)
+r.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 3)
+os.dup2(r.fileno(), 500); r.close()
+"""
+    with Target(tmp_path, setup, "report['port'] = socket.socket(fileno=os.dup(500)).getsockname()[1]") as t:
+        port = t.check()["port"]
+        desc = classify(t.pid, 500)
+        assert "multicast 239.1.2.3@if1" in desc and "IP_MULTICAST_TTL" in desc, desc
+        img = dump(t.pid, [500], str(tmp_path / "img"))
+    with restore(img):
+        s = sock(500)
+        try:
+            assert s.getsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL) == 3
+            assert s.getsockname()[1] == port
+            # the membership is the socket's own: leaving it works once,
+            # and a second leave finds none
+            mreq = struct.pack("=4s4si", socket.inet_aton("239.1.2.3"), b"\0" * 4, 1)
+            s.setsockopt(socket.IPPROTO_IP, socket.IP_DROP_MEMBERSHIP, mreq)
+            with pytest.raises(OSError):
+                s.setsockopt(socket.IPPROTO_IP, socket.IP_DROP_MEMBERSHIP, mreq)
+        finally:
+            s.close()
+
+
+def test_udp_shared_with_another_process_refused(tmp_path):
+    setup = """
+import socket
+r = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); r.bind(("127.0.0.1", 0))
+os.dup2(r.fileno(), 500)
+"""
+    import engine.pidfd as pidfd
+    with Target(tmp_path, setup) as t:
+        with pidfd.target_fd(t.pid, 500) as d:
+            held = os.dup(d)
+        try:
+            with pytest.raises(Refusal) as ei:
+                classify(t.pid, 500)
+            assert ei.value.reason == "socket" and f"also held by pid {os.getpid()}" in ei.value.detail
+        finally:
+            os.close(held)
+
+
+def test_udp_timestamps_with_queue_refused_and_queue_kept(tmp_path):
+    setup = """
+import socket
+r = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); r.bind(("127.0.0.1", 0))
+r.setsockopt(socket.SOL_SOCKET, 29, 1)   # SO_TIMESTAMP
+r.sendto(b"stamped", r.getsockname())
+os.dup2(r.fileno(), 500); r.close()
+"""
+    with Target(tmp_path, setup, "report['got'] = socket.socket(fileno=500).recv(100, socket.MSG_DONTWAIT).decode()") as t:
+        with pytest.raises(Refusal) as ei:
+            classify(t.pid, 500)
+        assert ei.value.reason == "socket" and "receive timestamps" in ei.value.detail
+        assert t.check() == {"got": "stamped"}        # the refused look lost nothing
+
+
+def test_udp_source_port_taken_at_restore_refused(tmp_path):
+    # The sender still holds its port at restore: the datagram cannot be
+    # re-sent from it.
+    holder = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    holder.bind(("127.0.0.1", 0))
+    try:
+        setup = f"""
+import socket
+r = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); r.bind(("127.0.0.1", 0))
+port = r.getsockname()[1]
+os.dup2(r.fileno(), 500); r.close()
+"""
+        with Target(tmp_path, setup, "report['port'] = port") as t:
+            port = t.check()["port"]
+            holder.sendto(b"q", ("127.0.0.1", port))
+            img = dump(t.pid, [500], str(tmp_path / "img"))
+            t.close()
+            with pytest.raises(Refusal) as ei:
+                restore(img)
+        assert ei.value.reason == "socket" and f"127.0.0.1:{holder.getsockname()[1]}" in ei.value.detail
+    finally:
+        holder.close()
