@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from typing import Dict, Optional
 
 # status lines that are usage counters or per-boot facts, not process state
@@ -67,6 +68,30 @@ def proof(pid: int, pub: Optional[dict]) -> Dict[str, Optional[str]]:
     counter = read_mem(pid, int(pub["counter_addr"]), 8)
     return {"secret": secret.hex() if secret else None,
             "counter": str(int.from_bytes(counter, "little")) if counter and len(counter) == 8 else None}
+
+
+def _syscall(pid: int) -> Optional[str]:
+    text = _read(f"/proc/{pid}/syscall")
+    return text.strip() if text else None
+
+
+def quiet_snapshot(pid: int, pub: Optional[dict] = None, seconds: float = 3.0) -> Dict[str, str]:
+    """A snapshot taken while the process sleeps in one and the same system
+    call from before to after (/proc/PID/syscall unchanged): some state
+    exists only outside the sleep (sigtimedwait unblocks the signals it
+    waits for while it waits), so a snapshot that straddles a wake-up would
+    mix two moments. Falls back to a plain snapshot if the process never
+    holds still that long."""
+    deadline = time.monotonic() + seconds
+    while True:
+        before = (_syscall(pid), proof(pid, pub).get("counter"))
+        snap = snapshot(pid, pub)
+        after = (_syscall(pid), proof(pid, pub).get("counter"))
+        # same call, and (for a workload) not one tick in between
+        if not snap or (before[0] and before == after and not before[0].startswith("running")) \
+                or time.monotonic() > deadline:
+            return snap
+        time.sleep(0.005)
 
 
 def snapshot(pid: int, pub: Optional[dict] = None) -> Dict[str, str]:

@@ -98,8 +98,50 @@ def _rule(field: str, conds: set, before: Dict[str, str]) -> Optional[Allowed]:
     return None
 
 
+def merge_anonymous(snap: Dict[str, str]) -> Dict[str, str]:
+    """The snapshot with runs of adjacent anonymous mappings of equal
+    permissions as one mapping. Why: the kernel merges such neighbours when
+    it can (a restore maps them afresh, so it can), and keeps them apart when
+    their history differs (anon_vma); a program sees the same memory either
+    way. Mappings with a name, a file or other permissions stay as they are."""
+    maps = []
+    for key in snap:
+        if key.startswith("maps.") and key.endswith(".perms"):
+            rng = key[len("maps."):-len(".perms")]
+            lo, hi = (int(x, 16) for x in rng.split("-"))
+            maps.append((lo, hi, rng))
+    if not maps:
+        return snap
+    out = {k: v for k, v in snap.items() if not k.startswith("maps.")}
+    run = None          # [lo, hi, first rng] of the current anonymous run
+    for lo, hi, rng in sorted(maps):
+        f = {a: snap.get(f"maps.{rng}.{a}") for a in ("perms", "offset", "dev", "inode", "path")}
+        anon = f["path"] == "" and f["inode"] == "0"
+        if anon and run and run[1] == lo and run[3] == f["perms"]:
+            run[1] = hi
+            continue
+        if run:
+            _put_map(out, snap, run)
+        run = [lo, hi, rng, f["perms"]] if anon else None
+        if not anon:
+            _put_map(out, snap, [lo, hi, rng, f["perms"]])
+    if run:
+        _put_map(out, snap, run)
+    return out
+
+
+def _put_map(out: Dict[str, str], snap: Dict[str, str], run: list) -> None:
+    lo, hi, rng = run[0], run[1], run[2]
+    width = len(rng.split("-")[0])
+    key = f"maps.{lo:0{width}x}-{hi:0{width}x}"
+    for a in ("perms", "offset", "dev", "inode", "path"):
+        out[f"{key}.{a}"] = snap.get(f"maps.{rng}.{a}", "")
+
+
 def diff(before: Dict[str, str], after: Dict[str, str], conds: set = frozenset()) -> List[Dict[str, str]]:
-    """The differences that no row of EXPECTED allows, as ``{field, before, after}``."""
+    """The differences that no row of EXPECTED allows, as ``{field, before, after}``
+    (adjacent anonymous mappings compared as one: merge_anonymous)."""
+    before, after = merge_anonymous(before), merge_anonymous(after)
     out = []
     for field in sorted(set(before) | set(after), key=_order):
         b, a = before.get(field), after.get(field)

@@ -429,7 +429,7 @@ def send_and_wait(pid: int, verdict_path: str, seconds: float, snap: Optional[di
     snapshot of the process from outside, before it runs its checks."""
     out: Dict[str, Any] = {}
     if snap is not None:
-        out["snap"] = procstate.snapshot(pid, snap)
+        out["snap"] = procstate.quiet_snapshot(pid, snap)
     request = os.path.join(os.path.dirname(verdict_path), REQUEST)
     write_json(request, {"phases": list(phases or PHASES)})
     try:
@@ -494,7 +494,7 @@ def main(argv: List[str]) -> int:
         print(json.dumps(send_and_wait(int(argv[1]), argv[2], float(argv[3]), snap, phases)))
         return 0
     if cmd == "snap" and len(argv) == 3:
-        print(json.dumps(procstate.snapshot(int(argv[1]), json.loads(argv[2]))))
+        print(json.dumps(procstate.quiet_snapshot(int(argv[1]), json.loads(argv[2]))))
         return 0
     if cmd == "pidstate" and len(argv) == 2:
         print(json.dumps(pidstate(int(argv[1]))))

@@ -50,3 +50,25 @@ def test_a_live_snapshot_holds_the_fields_the_diff_relies_on():
                 "status.Cpus_allowed_list", "status.NoNewPrivs", "status.Seccomp", "tids"):
         assert key in s, key
     assert any(k.startswith("maps.") for k in s) and any(k.startswith("fd.") for k in s)
+
+
+def _maps(*rows):
+    out = {}
+    for rng, perms, path in rows:
+        out.update({f"maps.{rng}.perms": perms, f"maps.{rng}.offset": "00000000", f"maps.{rng}.dev": "00:00",
+                    f"maps.{rng}.inode": "0" if not path.startswith("/") else "12", f"maps.{rng}.path": path})
+    return out
+
+
+def test_adjacent_anonymous_mappings_compare_as_one():
+    apart = _maps(("7f0000000000-7f0000001000", "rw-p", ""), ("7f0000001000-7f0000003000", "rw-p", ""))
+    merged = _maps(("7f0000000000-7f0000003000", "rw-p", ""))
+    assert statediff.diff(apart, merged) == []
+    # but not with other permissions, a gap, a name, or a missing piece
+    assert statediff.diff(_maps(("7f0000000000-7f0000001000", "rw-p", ""),
+                                ("7f0000001000-7f0000003000", "r--p", "")), merged)
+    assert statediff.diff(_maps(("7f0000000000-7f0000001000", "rw-p", ""),
+                                ("7f0000002000-7f0000003000", "rw-p", "")), merged)
+    assert statediff.diff(_maps(("7f0000000000-7f0000001000", "rw-p", "[heap]"),
+                                ("7f0000001000-7f0000003000", "rw-p", "")), merged)
+    assert statediff.diff(_maps(("7f0000000000-7f0000001000", "rw-p", "")), merged)
