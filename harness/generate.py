@@ -307,7 +307,7 @@ def complete(sc: dict) -> dict:
             sc["older_kernels"] = {"below": min(olds), "why": "rules: " + ", ".join(
                 s.source for s in STATIC.values() if s.old_kernels),
                 "expect": "restored" if old_expect.get("restored") else old_expect}
-    tags = set(sc.get("tags") or []) - {"refusal"}
+    tags = set()                  # derived afresh: a shrunk case has no tag of a dropped fd
     for e in sc["workload"].get("fds") or []:
         tags.update(getattr(kinds.module_of(e), "TAGS", ()))
     if "refused" in expect:
@@ -336,6 +336,8 @@ def to_yaml(sc: dict, header: str = "") -> str:
     order = ("name", "description", "tags", "setup", "workload", "before_dump", "dump", "between",
              "restore_on", "timeouts", "expect", "older_kernels")
     out = {k: sc[k] for k in order if k in sc and sc[k] not in (None, [], {})}
+    if "workload" in out:
+        out["workload"] = {k: v for k, v in out["workload"].items() if v not in (None, [], {})}
     if out.get("restore_on") == "same":
         del out["restore_on"]
     if isinstance(out.get("expect"), dict) and out["expect"].get("restored"):

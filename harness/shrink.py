@@ -36,6 +36,7 @@ class Shrunk:
     note: str
     runs: int = 0
     steps: List[str] = field(default_factory=list)     # what each kept change was
+    reproduced: Optional[bool] = None                  # the minimal case failed again when re-run
 
 
 def _drop_fd(sc: dict, i: int) -> dict:
@@ -169,7 +170,12 @@ def shrink(sc: dict, signature: str, run: Runner, budget: int = 40, note: str = 
                 progress = True
                 break
             if best.runs >= budget or (stop and time.monotonic() > stop):
-                return best
+                progress = False
+                break
+    # once more: a failure that does not come back is flaky, and said so
+    best.runs += 1
+    failed, sig, why = run(best.scenario, best.runs)
+    best.reproduced = failed and sig == signature
     return best
 
 
@@ -185,6 +191,9 @@ def write_found(directory: str, case_id: str, seed: int, original: dict, shrunk:
         f"# failure: {shrunk.signature}",
         f"#   {note}",
         f"# shrunk in {shrunk.runs} runs: " + ("; ".join(shrunk.steps) or "nothing smaller fails"),
+        "# reproduced: " + {True: "yes, the minimal case failed again when re-run",
+                            False: "NO - it passed when re-run: a flaky failure",
+                            None: "not re-run"}[shrunk.reproduced],
         "# The expectation is derived from the rules (generate.RULES); commit this file as a",
         "# regression under scenarios/ once the engine passes it.",
         ""])

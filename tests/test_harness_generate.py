@@ -220,7 +220,7 @@ def test_shrink_finds_the_minimal_case():
     assert not out.scenario.get("between") and not out.scenario.get("before_dump")
     assert out.scenario["setup"] == [{"fifo": {"path": fds[0]["fifo"]}}]
     assert out.scenario["expect"] == {"restored": True}        # derived again for the smaller case
-    assert out.runs == len(runs) <= 200 and out.steps
+    assert out.runs == len(runs) <= 200 and out.steps and out.reproduced is True
     schema.load("x.yaml", generate.to_yaml(out.scenario))
 
 
@@ -241,7 +241,15 @@ def test_shrink_respects_its_budget():
     calls = []
     out = shrink.shrink(_big_failing_case(), "corrupted", lambda c, k: (calls.append(k), (False, "restored", ""))[1],
                         budget=5)
-    assert len(calls) == 5 == out.runs and not out.steps
+    assert len(calls) == 6 == out.runs and not out.steps      # the budget, and the re-run of the minimal case
+    assert out.reproduced is False
+
+
+def test_a_failure_that_does_not_come_back_is_marked_flaky(tmp_path):
+    sc = _big_failing_case()
+    out = shrink.shrink(sc, "corrupted", lambda c, k: (False, "restored", ""), budget=3)
+    text = open(shrink.write_found(str(tmp_path), "gen-s11-0001", 11, sc, out)).read()
+    assert "reproduced: NO" in text and "flaky" in text
 
 
 def test_write_found(tmp_path):
@@ -251,6 +259,7 @@ def test_write_found(tmp_path):
     text = open(path).read()
     assert path.endswith("found/gen-s11-0042.yaml")
     assert "seed 11, case gen-s11-0042" in text and "failure: corrupted" in text and "fifo data lost" in text
+    assert "reproduced: yes" in text
     assert text.splitlines()[0].startswith("#")
     loaded = schema.load(path)
     assert loaded["workload"] == out.scenario["workload"] and loaded["name"].startswith("found gen-s11-0042")
