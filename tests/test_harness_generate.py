@@ -238,11 +238,22 @@ def test_shrink_keeps_the_failure_signature():
 
 
 def test_shrink_respects_its_budget():
+    sc = _big_failing_case()
+    calls = []
+
+    def run(c, k):          # only the original fails: nothing smaller is kept
+        calls.append(k)
+        bad = generate.to_yaml(c) == generate.to_yaml(sc)
+        return bad, "corrupted" if bad else "restored", ""
+    out = shrink.shrink(sc, "corrupted", run, budget=5)
+    assert len(calls) == 5 == out.runs and not out.steps and out.reproduced is True
+
+
+def test_a_flaky_failure_is_not_shrunk():
     calls = []
     out = shrink.shrink(_big_failing_case(), "corrupted", lambda c, k: (calls.append(k), (False, "restored", ""))[1],
-                        budget=5)
-    assert len(calls) == 6 == out.runs and not out.steps      # the budget, and the re-run of the minimal case
-    assert out.reproduced is False
+                        budget=30)
+    assert calls == [1] and out.reproduced is False and not out.steps
 
 
 def test_a_failure_that_does_not_come_back_is_marked_flaky(tmp_path):
