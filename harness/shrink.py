@@ -183,6 +183,12 @@ def shrink(sc: dict, signature: str, run: Runner, budget: int = 40, note: str = 
     return best
 
 
+def _index(case_id: str) -> int:
+    """``gen-s7-0012`` -> 12 (0 for another name)."""
+    tail = case_id.rsplit("-", 1)[-1]
+    return int(tail) if tail.isdigit() else 0
+
+
 def write_found(directory: str, case_id: str, seed: int, original: dict, shrunk: Shrunk) -> str:
     """``<directory>/<case_id>.yaml``: the minimal case, its header saying
     where it came from and how it failed."""
@@ -190,7 +196,7 @@ def write_found(directory: str, case_id: str, seed: int, original: dict, shrunk:
     note = " ".join(shrunk.note.split())[:400]
     header = "\n".join([
         f"# Found by the scenario generator (harness/generate.py): seed {seed}, case {case_id}",
-        f"#   pytest scenarios/ --generate N --seed {seed}   (N > the case's index)",
+        f"#   rerun the original: pytest scenarios/ --generate {_index(case_id) + 1} --seed {seed} -k {case_id}",
         f"# original case: {original.get('name', case_id)}",
         f"# failure: {shrunk.signature}",
         f"#   {note}",

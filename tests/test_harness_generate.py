@@ -271,6 +271,7 @@ def test_write_found(tmp_path):
     assert path.endswith("found/gen-s11-0042.yaml")
     assert "seed 11, case gen-s11-0042" in text and "failure: corrupted" in text and "fifo data lost" in text
     assert "reproduced: yes" in text
+    assert "--generate 43 --seed 11 -k gen-s11-0042" in text
     assert text.splitlines()[0].startswith("#")
     loaded = schema.load(path)
     assert loaded["workload"] == out.scenario["workload"] and loaded["name"].startswith("found gen-s11-0042")
