@@ -14,6 +14,9 @@ MUTANT_TARGET ?= local
 # Which mutants: all, or a list of names (harness/mutants.py --list).
 MUTANTS ?= all
 MUTANT_RUN = reports/mutants-run
+# Generated scenarios (make vm-generate): how many, from which seed.
+GENERATE ?= 300
+SEED ?= 1
 
 APT_PACKAGES = qemu-system-x86 qemu-utils mmdebstrap e2fsprogs busybox-static cpio zstd \
                openssh-client gcc libc6-dev ca-certificates
@@ -21,7 +24,8 @@ ifeq ($(ARCH),aarch64)
 APT_PACKAGES += qemu-system-arm qemu-user-static binfmt-support arch-test
 endif
 
-.PHONY: setup setup-apt setup-pip test test-host lint-workflows vm-image vm-shell vm-test mutants bench clean-image help
+.PHONY: setup setup-apt setup-pip test test-host test-aarch64-guest lint-workflows vm-image vm-shell vm-test \
+        vm-generate mutants bench clean-image help
 
 help:
 	@echo "make setup              install host packages (apt) and Python packages (pip)"
@@ -32,6 +36,8 @@ help:
 	@echo "make vm-test ARCH=..    run the scenario corpus in guests (JOBS=$(JOBS) workers)"
 	@echo "make mutants            the corpus against ckpt and every mutant engine: which scenario kills which"
 	@echo "                        (MUTANT_TARGET=local|guest; table in reports/mutants.md, .json)"
+	@echo "make vm-generate        run GENERATE=$(GENERATE) generated scenarios from SEED=$(SEED) in guests"
+	@echo "make test-aarch64-guest the aarch64 guest tests of tests/ (needs make vm-image ARCH=aarch64)"
 	@echo "make bench              write benchmark figures to bench/results.json"
 
 setup: setup-apt setup-pip
@@ -86,6 +92,19 @@ mutants:
 	@# the rows as they came when the run died before its summary
 	$(PYTHON) tools/mutant_table.py $$(test -f $(MUTANT_RUN)/scenarios.json && echo $(MUTANT_RUN)/scenarios.json \
 	  || echo $(MUTANT_RUN)/rows.jsonl) --out reports
+# Generated scenarios (harness/generate.py): their own report directory, so
+# they do not replace the corpus's reports/scenarios.json; failing cases are
+# shrunk to reports/generated/found/.
+vm-generate: vm-image
+	CRUCIBLE_REPORTS=reports/generated $(PYTHON) -m pytest scenarios/ -q -p no:benchmark -n $(JOBS) --dist worksteal \
+	  --arch $(ARCH) --accel $(ACCEL) --kernel $(KERNEL) --engine $(ENGINE) \
+	  --generate $(GENERATE) --seed $(SEED) --found-dir reports/generated/found \
+	  --junitxml reports/generated/junit-generated-$(ARCH)-$(KERNEL)-$(ENGINE).xml
+
+# The aarch64 guest tests among tests/; they skip without the cached aarch64
+# image, which CRUCIBLE_REQUIRE_AARCH64 turns into a failure (CI builds it).
+test-aarch64-guest:
+	CRUCIBLE_REQUIRE_AARCH64=1 $(PYTHON) -m pytest tests/ -m aarch64 -q -p no:cacheprovider -p no:benchmark
 
 bench:
 	@mkdir -p bench

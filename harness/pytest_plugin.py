@@ -40,6 +40,13 @@ def pytest_addoption(parser):
     g.addoption("--guest-timeout-scale", type=float, default=1.0, help="multiply every step timeout (slow TCG)")
     g.addoption("--target", choices=("guest", "local"), default="guest",
                 help="run scenarios in QEMU guests (default) or on this host (development)")
+    g.addoption("--generate", type=int, default=0, metavar="N",
+                help="run N generated scenarios (harness/generate.py) instead of the YAML files")
+    g.addoption("--seed", type=int, default=1, help="seed of --generate (the same seed gives the same cases)")
+    g.addoption("--shrink-budget", type=int, default=30, metavar="RUNS",
+                help="runs spent shrinking a failing generated case (0: do not shrink)")
+    g.addoption("--found-dir", default=str(REPO / "scenarios" / "found"),
+                help="where shrunk failing generated cases are written (default scenarios/found)")
 
 
 def pytest_configure(config):
@@ -106,16 +113,20 @@ class ScenarioFile(pytest.File):
         for name in names:
             item = ScenarioItem.from_parent(self, name=self.path.stem + (f"[{name}]" if len(names) > 1 else ""),
                                             scenario=sc, engine_name=name)
-            item.add_marker("scenario")
-            if self.config.getoption("target") == "guest":
-                item.add_marker("guest")
-            item.add_marker("engine_mutant" if name.startswith(engines.MUTANT_PREFIX) else f"engine_{name}")
-            # The last line of defence against a hang the step timeouts miss
-            # (pytest-timeout): every step at its limit, a guest boot, twice over.
-            item.add_marker(pytest.mark.timeout(scenario_deadline(sc, self.config.getoption("guest_timeout_scale"))))
-            for tag in sc.get("tags", []):
-                item.add_marker(tag)
+            _mark(item, sc, name, self.config)
             yield item
+
+
+def _mark(item: pytest.Item, sc: dict, engine_name: str, config, factor: float = 1.0) -> None:
+    item.add_marker("scenario")
+    if config.getoption("target") == "guest":
+        item.add_marker("guest")
+    item.add_marker("engine_mutant" if engine_name.startswith(engines.MUTANT_PREFIX) else f"engine_{engine_name}")
+    # The last line of defence against a hang the step timeouts miss
+    # (pytest-timeout): every step at its limit, a guest boot, twice over.
+    item.add_marker(pytest.mark.timeout(factor * scenario_deadline(sc, config.getoption("guest_timeout_scale"))))
+    for tag in sc.get("tags", []):
+        item.add_marker(tag)
 
 
 class ScenarioFailure(Exception):
@@ -138,10 +149,15 @@ class ScenarioItem(pytest.Item):
         rel = self.path.resolve().relative_to(scenarios_root(self.path)).with_suffix("")
         return re.sub(r"[^A-Za-z0-9_.-]", "_", "-".join(rel.parts) + "-" + self.engine_name)
 
+    @property
+    def scenario_key(self) -> str:
+        """The scenario's name in the reports (its file)."""
+        return self.nodeid.split("::")[0]
+
     def runtest(self):
         crucible: Crucible = self.config._crucible
         engine = engines.make(self.engine_name)
-        row = {"scenario": self.nodeid.split("::")[0], "engine": self.engine_name,
+        row = {"scenario": self.scenario_key, "engine": self.engine_name,
                "expected": runner.expected_text(self.scenario["expect"]), "name": self.scenario["name"]}
         if self.scenario.get("restore_on") == "other" and not crucible.can_migrate:
             pytest.skip("restore_on: other needs a second guest; --target local has only this host")
@@ -171,6 +187,16 @@ class ScenarioItem(pytest.Item):
         if not verdict.passed:
             crucible.failed = True
             raise ScenarioFailure(res, verdict.note)
+
+    def run_candidate(self, sc: dict, sid: str):
+        """Run ``sc`` as this item would and judge it: (Result, Judgement).
+        For the shrinker (GeneratedItem)."""
+        crucible: Crucible = self.config._crucible
+        engine = engines.make(self.engine_name)
+        target = crucible.primary()
+        res = runner.run_scenario(sc, sid, engine, target, other=crucible.other if crucible.can_migrate else None,
+                                  scale=self.config.getoption("guest_timeout_scale"))
+        return res, runner.judge(schema.effective_expect(sc, target.kernel), res, strict=engine.strict)
 
     def repr_failure(self, excinfo, style=None):
         e = excinfo.value
@@ -206,6 +232,89 @@ class ScenarioItem(pytest.Item):
 
     def reportinfo(self):
         return self.path, 0, f"scenario: {self.scenario['name']} [{self.engine_name}]"
+
+
+def failure_signature(res: runner.Result) -> str:
+    """What kind of failure a result is, the same for the smaller cases the
+    shrinker tries: the outcome, and for a refusal its reasons and phase
+    (not its fds: dropping fds renumbers nothing but changes the list)."""
+    if res.outcome == "refused":
+        return f"refused {','.join(sorted({r.get('reason', '?') for r in res.refusals}))} at {res.at}"
+    return res.outcome
+
+
+class GeneratedItem(ScenarioItem):
+    """A generated scenario (--generate); a failure is shrunk and the minimal
+    case written to --found-dir."""
+
+    def __init__(self, *, case_id: str, seed: int, **kw):
+        super().__init__(**kw)
+        self.case_id, self.seed = case_id, seed
+
+    @property
+    def sid(self) -> str:
+        return f"{self.case_id}-{self.engine_name}"
+
+    @property
+    def scenario_key(self) -> str:
+        return f"generated/{self.case_id}"
+
+    def runtest(self):
+        try:
+            super().runtest()
+        except ScenarioFailure as e:
+            found = self._shrink(e.res, e.note)
+            if found:
+                e.note += f"\nshrunk to {found}"
+                for key, row in self.user_properties:
+                    if key == "crucible":
+                        row["found"] = found
+            raise
+
+    def _shrink(self, res: runner.Result, note: str) -> Optional[str]:
+        from harness import shrink
+        budget = self.config.getoption("shrink_budget")
+        if budget <= 0:
+            return None
+
+        def attempt(sc: dict, k: int):
+            try:
+                r, verdict = self.run_candidate(sc, f"{self.sid}-shrink{k}")
+            except HarnessError as e:
+                return False, "harness error", e.message
+            return not verdict.passed, failure_signature(r), verdict.note
+        shrunk = shrink.shrink(self.scenario, failure_signature(res), attempt, budget=budget, note=note,
+                               seconds=scenario_deadline(self.scenario, self.config.getoption("guest_timeout_scale")))
+        path = shrink.write_found(self.config.getoption("found_dir"), self.case_id, self.seed, self.scenario, shrunk)
+        return os.path.relpath(path)
+
+    def reportinfo(self):
+        return self.path, 0, f"generated scenario {self.case_id}: {self.scenario['name']} [{self.engine_name}]"
+
+
+class GeneratedCases(pytest.Collector):
+    """The --generate cases (harness/generate.py), one item per case and engine."""
+
+    def collect(self):
+        from harness import generate
+        cfg = self.config
+        names = cfg.getoption("engine") or ["ckpt"]
+        seed = cfg.getoption("seed")
+        migrate = cfg.getoption("target") == "guest"
+        for cid, sc in generate.generate(cfg.getoption("generate"), seed, migrate=migrate):
+            for name in dict.fromkeys(names):
+                item = GeneratedItem.from_parent(self, name=cid + (f"[{name}]" if len(set(names)) > 1 else ""),
+                                                 scenario=sc, engine_name=name, case_id=cid, seed=seed)
+                _mark(item, sc, name, cfg, factor=2.0)   # room for the shrinking runs
+                yield item
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """With --generate N the generated cases replace the YAML files (the same
+    list on every xdist worker: generation is deterministic)."""
+    if config.getoption("generate") > 0:
+        gen = GeneratedCases.from_parent(session, name="generated", path=REPO / "scenarios")
+        items[:] = list(gen.collect())
 
 
 class Crucible:
@@ -375,5 +484,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     path = report_mod.write_json(c.rows, str(REPORTS_DIR), {
         "engines": engine_names(config), "arch": config.getoption("arch"),
         "kernel": config.getoption("kernel"),
-        "target": config.getoption("target")})
+        "target": config.getoption("target"),
+        **({"generate": config.getoption("generate"), "seed": config.getoption("seed")}
+           if config.getoption("generate") > 0 else {})})
     terminalreporter.write_line(f"written: {os.path.relpath(path)} (and reports/scenarios.json)")
+    if config.getoption("generate") > 0:
+        terminalreporter.section("generated scenarios")
+        terminalreporter.write_line(report_mod.generated_summary(c.rows, config.getoption("seed")))

@@ -69,3 +69,23 @@ def write_json(rows: List[Dict], directory: str, meta: Dict) -> str:
             json.dump(doc, f, indent=1, sort_keys=True, default=str)
         os.replace(tmp, p)
     return path
+
+
+def generated_summary(rows: List[Dict], seed: int) -> str:
+    """A --generate run in a few lines: per engine the cases, their outcomes,
+    how many met the derived expectation, and the shrunk findings."""
+    out = []
+    for engine in sorted({r["engine"] for r in rows}, key=lambda e: (e != "ckpt", e)):
+        mine = [r for r in rows if r["engine"] == engine]
+        outcomes: Dict[str, int] = {}
+        for r in mine:
+            outcomes[r["outcome"]] = outcomes.get(r["outcome"], 0) + 1
+        passed = sum(1 for r in mine if r["passed"])
+        out.append(f"{engine}: seed {seed}, {len(mine)} cases; outcomes: "
+                   + ", ".join(f"{k} {v}" for k, v in sorted(outcomes.items()))
+                   + f"; met the derived expectation: {passed}, failed: {len(mine) - passed}")
+        for r in mine:
+            if not r["passed"]:
+                out.append(f"  {r['scenario']}: expected {r['expected']}, got {r['got']}"
+                           + (f" -> shrunk: {r['found']}" if r.get("found") else ""))
+    return "\n".join(out)

@@ -9,6 +9,7 @@ of its test; the guest is shut down (and checked gone) whatever happens.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -79,15 +80,23 @@ def _qemu_children() -> list:
     return out
 
 
+def _missing(why: str) -> None:
+    """Skip for want of the aarch64 image or QEMU; where CI built them
+    (CRUCIBLE_REQUIRE_AARCH64, make test-aarch64-guest) that is a failure."""
+    if os.environ.get("CRUCIBLE_REQUIRE_AARCH64"):
+        pytest.fail(f"CRUCIBLE_REQUIRE_AARCH64 is set but: {why}")
+    pytest.skip(why)
+
+
 @pytest.fixture(scope="module")
 def guest(tmp_path_factory):
     if shutil.which("qemu-system-aarch64") is None:
-        pytest.skip("qemu-system-aarch64 not installed (make setup ARCH=aarch64)")
+        _missing("qemu-system-aarch64 not installed (make setup ARCH=aarch64)")
     from vm import Guest
     from vm.image import image_paths
     img = image_paths("aarch64", "6.1")
     if not img.exists():
-        pytest.skip(f"aarch64 image not cached ({img.dir}); build it with: make vm-image ARCH=aarch64")
+        _missing(f"aarch64 image not cached ({img.dir}); build it with: make vm-image ARCH=aarch64")
     before = {p.pid for p in _qemu_children()}
     with Guest(arch="aarch64", accel="tcg", name="t-eng-a64", image=img, engine_dir=ENGINE_DIR,
                log_dir=tmp_path_factory.mktemp("guest-eng-a64")) as g:

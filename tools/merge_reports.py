@@ -77,7 +77,11 @@ def records_from_harness(doc: Dict[str, object], cell: Dict[str, str], source: s
             out.append({"scenario": scenario, "engine": engine, "arch": arch, "kernel": kernel,
                         "outcome": res.get("outcome", "?"),
                         "expected": res.get("expected", entry.get("expected")),
-                        "passed": res.get("passed"), "source": source})
+                        "passed": res.get("passed"), "source": source,
+                        # what the HTML page shows behind a failure (tools/report_html.py)
+                        **{k: res[k] for k in ("got", "note", "found") if res.get(k)},
+                        **({"detail": str(res["detail"])[:4000]} if res.get("detail") else {}),
+                        **({"failed_checks": res["failed_checks"][:20]} if res.get("failed_checks") else {})})
     return out
 
 
@@ -192,6 +196,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--summary", help="append the Markdown table to this file ($GITHUB_STEP_SUMMARY)")
     ap.add_argument("--json", dest="json_out", help="write the merged records here")
     ap.add_argument("--strict", action="store_true", help="exit 1 when any cell did not pass")
+    ap.add_argument("--markdown", help="also write the Markdown table to this file")
+    ap.add_argument("--html", help="also write the matrix as a self-contained HTML page (tools/report_html.py)")
     args = ap.parse_args(argv)
     records, problems = load(args.inputs)
     text = markdown(records, problems)
@@ -199,6 +205,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.summary:
         with open(args.summary, "a") as f:
             f.write(text)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(text)
+    if args.html:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import report_html
+        report_html.write(args.html, records, problems)
     if args.json_out:
         cells, rows, table = matrix(records)
         doc = {"cells": [dict(zip(("arch", "kernel", "engine"), c)) for c in cells],

@@ -6,7 +6,7 @@ then proves the ends are still one fifo by sending a marker through."""
 from __future__ import annotations
 
 import os
-from typing import List, Optional
+from typing import List
 
 from .core import MARKER, Ctx, Opened, bytes_check, check, drain
 
@@ -23,12 +23,13 @@ def fields(s) -> dict:
     return {"fifo": s.Path(), "end": s.Enum(("r", "w", "rw")), "nonblock": s.Bool(), "data": s.Data()}
 
 
-def fifo_expected(path: str, ctx: Ctx, own: Optional[dict]) -> bytes:
-    """What a fifo's buffer must hold: the workload's own data, then what
-    before_dump steps wrote into it."""
+def fifo_expected(path: str, ctx: Ctx, own: List[dict]) -> bytes:
+    """What a fifo's buffer must hold: the data of each of the workload's
+    entries on it (in the order they were opened, which is list order: one
+    kind, one OPEN_ORDER), then what before_dump steps wrote into it."""
     out = b""
-    if own:
-        out += seeded.data(int(own.get("seed", 0)), 0, int(own["bytes"]))
+    for d in own:
+        out += seeded.data(int(d.get("seed", 0)), 0, int(d["bytes"]))
     for seed, n in ctx.model.fifo_data(path):
         out += seeded.data(seed, 0, n)
     return out
@@ -58,8 +59,10 @@ def checker(e: dict, recs: List[dict], ctx: Ctx, phase: str) -> List[dict]:
     fd = recs[0]["fd"]
     end = e.get("end", "r")
     group = _fifo_group(e, ctx.entries)
-    data_entry = next((x for x in group.values() if x.get("data")), None)
-    expected = fifo_expected(e["fifo"], ctx, data_entry.get("data") if data_entry else None)
+    # every end's data went into the one buffer (found by the generator:
+    # gen-s2026-0006, data on both the read and the write end)
+    expected = fifo_expected(e["fifo"], ctx, [x["data"] for x in ctx.entries
+                                              if x.get("fifo") == e["fifo"] and x.get("data")])
     reader = group.get("r") or group.get("rw")
     out = []
     if phase == "consume" and reader is e:
