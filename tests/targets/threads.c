@@ -9,6 +9,11 @@
  * checks its own state and reports "ok NAME" or "FAIL NAME why".
  * The sleeper writes "tick N" lines (no gaps, no repeats: the proof of
  * continuation); main writes "main N" lines likewise.
+ * argv[3] (optional): "unshare" - the lock thread has its own fs
+ * (unshare(CLONE_FS): refused); "spawn" - a spawner thread creates a
+ * short-lived thread every iteration ("spawn N" lines), so threads are
+ * created while the freeze runs; "setuid" - the cond thread switches its own
+ * uid (raw setresuid: per thread; refused).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -22,6 +27,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sched.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -37,6 +43,7 @@ static _Atomic int fw;                 /* futex word */
 static int p_read[2], p_poll[2];
 static _Atomic int stop;
 static pthread_t sleeper;
+static const char *mode = "";
 
 static void say(const char *fmt, ...) {
     char buf[256];
@@ -62,6 +69,8 @@ static void setup(struct me *me) {
     snprintf(comm, sizeof comm, "t-%s", me->name);
     pthread_setname_np(pthread_self(), comm);
     say("tid %s %d\n", me->name, me->tid);
+    if (!strcmp(mode, "unshare") && me->idx == 1 && unshare(CLONE_FS)) say("FAIL unshare\n");
+    if (!strcmp(mode, "setuid") && me->idx == 2 && syscall(SYS_setresuid, 0, 0, 1234)) say("FAIL setresuid\n");
 }
 
 static void verify(struct me *me, const char *extra) {
@@ -150,6 +159,29 @@ static void *t_read(void *a) {
     return NULL;
 }
 
+static _Atomic long spawned;
+
+static void *t_short(void *a) {
+    (void)a;
+    atomic_fetch_add(&spawned, 1);
+    return NULL;
+}
+
+static void *t_spawner(void *a) {
+    (void)a;
+    long n = 0;
+    while (!atomic_load(&stop)) {
+        pthread_t t;
+        pthread_attr_t at;
+        pthread_attr_init(&at);
+        pthread_attr_setdetachstate(&at, PTHREAD_CREATE_DETACHED);
+        if (pthread_create(&t, &at, t_short, NULL) == 0) n++;
+        pthread_attr_destroy(&at);
+        if (n % 100 == 0) say("spawn %ld\n", n / 100);
+    }
+    return NULL;
+}
+
 static void *t_busy(void *a) {
     struct me *me = a; setup(me);
     unsigned long n = 0, sum = 0, bad = 0;
@@ -165,6 +197,7 @@ int main(int argc, char **argv) {
     if (argc < 3) return 2;
     out = open(argv[1], O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
     gofile = argv[2];
+    if (argc > 3) mode = argv[3];
     if (out < 0 || pipe(p_read) || pipe(p_poll)) return 3;
     pthread_mutex_lock(&m);
     static struct me mes[] = { {"lock", 1}, {"cond", 2}, {"sleep", 3}, {"join", 4}, {"futex", 5},
@@ -175,6 +208,8 @@ int main(int argc, char **argv) {
         if (pthread_create(&th[i], NULL, fns[i], &mes[i])) return 4;
         if (i == 2) sleeper = th[i];
     }
+    pthread_t sp;
+    if (!strcmp(mode, "spawn") && pthread_create(&sp, NULL, t_spawner, NULL)) return 6;
     struct me main_me = { "main", 0 };
     setup(&main_me);
     say("ready\n");
@@ -193,6 +228,7 @@ int main(int argc, char **argv) {
     atomic_store(&stop, 1);
     for (int i = 0; i < 8; i++)
         if (i != 2) pthread_join(th[i], NULL);
+    if (!strcmp(mode, "spawn")) pthread_join(sp, NULL);
     verify(&main_me, "");
     say("done\n");
     return 0;
