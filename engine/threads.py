@@ -43,6 +43,7 @@ import os
 import signal
 import struct
 import threading
+import time
 from typing import List, Optional
 
 from . import libc, ptrace, sched, signals
@@ -101,25 +102,69 @@ def freeze(pid: int) -> List[Task]:
         raise Refusal("threads", f"threads kept being created faster than they could be frozen "
                       f"({MAX_ROUNDS} passes over /proc/{pid}/task)", pid=pid)
     except BaseException:
-        release(list(tasks.values()))
+        try:
+            _stragglers(pid, tasks)
+        finally:
+            release(list(tasks.values()))
         raise
 
 
+def _gone(pid: int, tid: int) -> bool:
+    """The thread has exited (or is past the point of no return)."""
+    try:
+        with open(f"/proc/{pid}/task/{tid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (OSError, IndexError):
+        return True
+
+
 def _freeze_thread(pid: int, tid: int) -> Optional[Task]:
+    """The frozen thread, or None when it exited meanwhile."""
+    me = threading.get_native_id()
     try:
         return Task.seize(tid, FREEZE_OPTIONS, tgid=pid)
     except Refusal as r:
         if r.reason == "no-such-process":
             return None      # exited before it could be frozen: not part of the process any more
-        if r.reason == "ptraced" and _tracer(tid) == threading.get_native_id():
-            # Created by a thread we had seized (PTRACE_O_TRACECLONE).
-            try:
-                return Task.seize(tid, FREEZE_OPTIONS, auto_attached=True, tgid=pid)
-            except Refusal as r2:
-                if r2.reason == "no-such-process":
-                    return None
-                raise
+        if r.reason == "ptraced" and _tracer(tid) == me:
+            return _adopt_clone(pid, tid)
+        if r.reason == "ptraced" and _gone(pid, tid):
+            return None      # PTRACE_SEIZE answers EPERM for a task that is exiting (exit_state set)
         raise Refusal(r.reason, f"thread {tid}: {r.detail}", pid=pid) from None
+    except SysError as e:
+        if e.errno == 3 and _gone(pid, tid):     # ESRCH: exited between the seize and the interrupt
+            for _ in range(100):                  # a traced zombie thread waits for its tracer
+                st = ptrace.wait_nohang(tid)
+                if st is None or st.exited:
+                    break
+                time.sleep(0.001)
+            return None
+        raise
+
+
+def _adopt_clone(pid: int, tid: int) -> Optional[Task]:
+    """A thread created by one we had seized (PTRACE_O_TRACECLONE): ours
+    already, in its first stop or about to be."""
+    try:
+        return Task.seize(tid, FREEZE_OPTIONS, auto_attached=True, tgid=pid)
+    except Refusal as r:
+        if r.reason == "no-such-process":
+            return None
+        raise
+
+
+def _stragglers(pid: int, tasks: dict) -> None:
+    """On the way out of a refused freeze: threads the kernel attached to us
+    (TRACECLONE) that the scan had not reached yet, so they are let go too."""
+    me = threading.get_native_id()
+    for tid in tids(pid):
+        if tid not in tasks and _tracer(tid) == me:
+            try:
+                t = _adopt_clone(pid, tid)
+            except (Refusal, SysError):
+                continue
+            if t is not None:
+                tasks[tid] = t
 
 
 def release(tasks: List[Task]) -> None:
