@@ -132,6 +132,10 @@ def test_dump_restore_dump_restore(procs, threads_bin, tmp_path):
     _dump_restore(procs, p.pid, tmp_path / "img2")
     _go(go, out)
     _check_run(out, tids)
+    from engine.show import render, show
+    text = render(show(str(tmp_path / "img2")))
+    assert f"threads  {len(tids)}: leader {p.pid}" in text
+    assert all(f"tid {t}  't-{n}'" in text for n, t in tids.items() if n != "main")
 
 
 def test_check_on_threaded_process(procs, threads_bin, tmp_path):
@@ -274,5 +278,35 @@ def test_each_thread_keeps_its_own_pending_signals(procs, threads_bin, tmp_path)
     finally:
         t.release()
     assert [(s["signo"], s["code"], s["value"], s["pid"]) for s in map(signals.decode, q)] == [(sig, -1, 4242, os.getpid())]
+    _go(go, out)
+    _check_run(out, tids)
+
+
+def test_malformed_thread_records_are_image_invalid(procs, threads_bin, tmp_path):
+    import copy
+    import json
+    from engine.restore import check_core
+    p, out, go, tids = _start(procs, threads_bin, tmp_path)
+    dump(p.pid, str(tmp_path / "img"), Options(leave_running=True))
+    core = json.loads((tmp_path / "img" / "core.json").read_text())
+    check_core(copy.deepcopy(core))
+    assert len(core["threads"]) == len(tids) - 1
+    for t in core["threads"]:
+        assert (tmp_path / "img" / f"xstate-{t['tid']}.bin").exists()
+    breaks = [lambda c: c.__setitem__("threads", {}),
+              lambda c: c["threads"][0].__setitem__("tid", c["threads"][1]["tid"]),
+              lambda c: c["threads"][0].__setitem__("tid", -5),
+              lambda c: c["threads"][0].pop("regs"),
+              lambda c: c["threads"][0]["regs"].__setitem__("rip", "x"),
+              lambda c: c["threads"][0].__setitem__("robust_list", [1]),
+              lambda c: c["threads"][0]["signals"].__setitem__("thread", [{"raw": "00"}]),
+              lambda c: c["threads"][0]["sched"].pop("affinity"),
+              lambda c: c["seccomp"].update(mode=1)]
+    for i, brk in enumerate(breaks):
+        c = copy.deepcopy(core)
+        brk(c)
+        with pytest.raises(Refusal) as e:
+            check_core(c)
+        assert e.value.reason == "image-invalid", i
     _go(go, out)
     _check_run(out, tids)
