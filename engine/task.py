@@ -80,10 +80,16 @@ class Task:
                         raise Refusal("unsupported-state", "the process is stopped by job control "
                                       f"(signal {st.sig}); continue it first", pid=pid)
                     break
+                # Any other ptrace stop consumes the pending interrupt
+                # (kernel/signal.c ptrace_stop: "any trap clears pending
+                # STOP trap"), so it is asked for again before the task goes
+                # on: else a thread creating threads in a loop would stop
+                # at each PTRACE_EVENT_CLONE and never at the interrupt.
+                ptrace.interrupt(pid)
                 if st.signal_stop:
                     # A signal raced with the freeze: deliver it now (it
-                    # arrived before the checkpoint); the interrupt stays
-                    # pending and stops the task right after.
+                    # arrived before the checkpoint); the interrupt stops
+                    # the task right after.
                     ptrace.cont(pid, st.sig)
                     continue
                 ptrace.cont(pid, 0)
