@@ -187,7 +187,7 @@ static void *t_busy(void *a) {
     unsigned long n = 0, sum = 0, bad = 0;
     while (!atomic_load(&stop)) {
         n++; sum += n;
-        if (sum != n * (n + 1) / 2) bad++;
+        if (sum != (n % 2 ? n * ((n + 1) / 2) : (n / 2) * (n + 1))) bad++;   /* exact mod 2^64 */
     }
     verify(me, bad ? "BADSUM" : "");
     return NULL;
