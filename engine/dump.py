@@ -349,8 +349,8 @@ def dump(pid: int, directory: str, options: Options) -> dict:
                 raise s.refusals[0] if len(s.refusals) == 1 else Refusals(s.refusals)
             state["xstate"] = arch.xstate_features(task.get_xstate())
             img.write_bytes("xstate.bin", task.get_xstate())
-            for t in ctx.threads:
-                img.write_bytes(threads.xstate_name(t.pid), t.get_xstate())
+            if ctx.threads:
+                img.write_bytes(threads.XSTATE_FILE, threads.pack_xstate(ctx.threads, state["threads"]))
             state["exe"] = recs["exe"]
             fdrecs = dump_fds(s, ctx)
             vmas = dump_memory(pid, s, recs, dumper)

@@ -427,7 +427,7 @@ def restore(directory: str, options: Options, pidfile: Optional[str] = None) -> 
     vmas = check_mm(mm, npf)
     check_fd_records(fdrecs)
     xstate = reader.read_bytes("xstate.bin")
-    thread_xstate = {r["tid"]: reader.read_bytes(threads.xstate_name(r["tid"])) for r in core.get("threads", [])}
+    thread_xstate = threads.unpack_xstate(reader, core.get("threads", []))
     meta = reader.manifest.get("meta") or {}
     same_node = isinstance(meta, dict) and meta.get("boot_id") == boot_id()
     pid = core["pid"]

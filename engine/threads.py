@@ -12,7 +12,7 @@ thread let go.
 
 Saved per thread (the leader's are the process record in core.json, the
 others are core.json "threads"): TID, registers (fs_base/gs_base: TLS),
-xstate (xstate-TID.bin), signal mask, its own pending-signal queue,
+xstate (threads-xstate.bin: one file, not one fsync per thread), signal mask, its own pending-signal queue,
 interrupted call (same restart logic as the leader: engine/restart.py),
 rseq, robust list, clear_child_tid (injected PR_GET_TID_ADDRESS),
 sigaltstack, comm, and scheduling attributes (sched_*, affinity, nice and
@@ -311,8 +311,36 @@ def pending(task: Task, rec: dict, state: Optional[dict]) -> dict:
     return {"thread": sigs["thread"], "shared": []}
 
 
-def xstate_name(tid: int) -> str:
-    return f"xstate-{tid}.bin"
+XSTATE_FILE = "threads-xstate.bin"
+
+
+def pack_xstate(tasks: List[Task], recs: List[dict]) -> bytes:
+    """Every thread's xstate blob end to end, in record order; each record
+    gets its blob's size."""
+    blobs = []
+    for t, rec in zip(tasks, recs):
+        blob = t.get_xstate()
+        rec["xstate_size"] = len(blob)
+        blobs.append(blob)
+    return b"".join(blobs)
+
+
+def unpack_xstate(reader, recs: List[dict]) -> dict:
+    """{tid: xstate blob}. Raises Refusal(image-invalid) when the sizes do
+    not add up to the file."""
+    if not recs:
+        return {}
+    data = reader.read_bytes(XSTATE_FILE)
+    out, off = {}, 0
+    for r in recs:
+        n = r.get("xstate_size")
+        if not isinstance(n, int) or isinstance(n, bool) or n <= 0 or off + n > len(data):
+            raise Refusal("image-invalid", f"{XSTATE_FILE}: thread {r.get('tid')} size {n!r}")
+        out[r["tid"]] = data[off:off + n]
+        off += n
+    if off != len(data):
+        raise Refusal("image-invalid", f"{XSTATE_FILE}: {len(data) - off} bytes beyond the last thread's")
+    return out
 
 
 # -- restore -------------------------------------------------------------------

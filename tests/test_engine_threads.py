@@ -303,8 +303,7 @@ def test_malformed_thread_records_are_image_invalid(procs, threads_bin, tmp_path
     core = json.loads((tmp_path / "img" / "core.json").read_text())
     check_core(copy.deepcopy(core))
     assert len(core["threads"]) == len(tids) - 1
-    for t in core["threads"]:
-        assert (tmp_path / "img" / f"xstate-{t['tid']}.bin").exists()
+    assert (tmp_path / "img" / "threads-xstate.bin").stat().st_size == sum(t["xstate_size"] for t in core["threads"])
     breaks = [lambda c: c.__setitem__("threads", {}),
               lambda c: c["threads"][0].__setitem__("tid", c["threads"][1]["tid"]),
               lambda c: c["threads"][0].__setitem__("tid", -5),
@@ -320,5 +319,17 @@ def test_malformed_thread_records_are_image_invalid(procs, threads_bin, tmp_path
         with pytest.raises(Refusal) as e:
             check_core(c)
         assert e.value.reason == "image-invalid", i
+    from engine import threads
+    from engine.image import ImageReader
+    reader = ImageReader(str(tmp_path / "img"))
+    assert set(threads.unpack_xstate(reader, core["threads"])) == {t["tid"] for t in core["threads"]}
+    for brk in (lambda c: c["threads"][0].__setitem__("xstate_size", 0),
+                lambda c: c["threads"][-1].__setitem__("xstate_size", c["threads"][-1]["xstate_size"] - 8),
+                lambda c: c["threads"][-1].__setitem__("xstate_size", c["threads"][-1]["xstate_size"] + 8)):
+        c = copy.deepcopy(core)
+        brk(c)
+        with pytest.raises(Refusal) as e:
+            threads.unpack_xstate(reader, c["threads"])
+        assert e.value.reason == "image-invalid"
     _go(go, out)
     _check_run(out, tids)
