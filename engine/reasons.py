@@ -9,7 +9,7 @@ REASONS = {
     "zombie": "the target is a zombie: it has exited and only waits to be reaped",
     "ptraced": "the target is already traced by another process (a debugger, strace, another ckpt)",
     "threads": ("a thread the engine cannot restore exactly (thread and detail name it): one with other "
-                "credentials, no_new_privs or namespaces than the leader, or that does not share the fd table, "
+                "credentials, no_new_privs, personality or namespaces than the leader, or that does not share the fd table, "
                 "fs (cwd/umask/root), signal handlers or SysV semaphore undo list with it; seccomp in a "
                 "multi-threaded process; threads created faster than they can be frozen"),
     "process-tree": "the target has children; process trees are not supported yet",

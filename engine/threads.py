@@ -19,7 +19,7 @@ sigaltstack, comm, and scheduling attributes (sched_*, affinity, nice and
 timer slack are per thread in Linux; engine/sched.py is applied per TID).
 
 Refused (`threads`), because a restore would make them the same: a thread
-with other credentials, no_new_privs or namespaces than the leader, one
+with other credentials, no_new_privs, personality or namespaces than the leader, one
 that does not share the fd table, fs (cwd/umask/root), signal handlers or
 SysV semaphore undo list with it (kcmp), and seccomp in a multi-threaded
 process (filters are per thread and inherited at clone: not rebuilt here).
@@ -227,6 +227,13 @@ def sameness_problems(pid: int, tid: int) -> List[str]:
                 out.append(f"its own {what}")
         except SysError as e:
             out.append(f"kcmp {what}: {e.message}")
+    try:
+        with open(f"/proc/{pid}/task/{tid}/personality") as f, open(f"/proc/{pid}/task/{pid}/personality") as g:
+            mine_p, lead_p = f.read().strip(), g.read().strip()
+        if mine_p != lead_p:
+            out.append(f"personality {mine_p} (leader: {lead_p})")
+    except OSError:
+        pass
     for ns in NS_KINDS:
         try:
             if os.readlink(f"/proc/{pid}/task/{tid}/ns/{ns}") != os.readlink(f"/proc/{pid}/task/{pid}/ns/{ns}"):

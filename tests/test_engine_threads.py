@@ -152,7 +152,7 @@ def test_check_on_threaded_process(procs, threads_bin, tmp_path):
     _check_run(out, tids)
 
 
-@pytest.mark.parametrize("mode,what", [("unshare", "fs"), ("setuid", "Uid")])
+@pytest.mark.parametrize("mode,what", [("unshare", "fs"), ("setuid", "Uid"), ("personality", "personality")])
 def test_refused_thread_leaves_every_thread_running(procs, threads_bin, tmp_path, mode, what):
     p, out, go, tids = _start(procs, threads_bin, tmp_path, mode)
     image = tmp_path / "img"

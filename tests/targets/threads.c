@@ -13,7 +13,8 @@
  * (unshare(CLONE_FS): refused); "spawn" - a spawner thread creates a
  * short-lived thread every iteration ("spawn N" lines), so threads are
  * created while the freeze runs; "setuid" - the cond thread switches its own
- * uid (raw setresuid: per thread; refused).
+ * uid (raw setresuid: per thread; refused); "personality" - the poll
+ * thread sets its own personality (refused).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -71,6 +72,8 @@ static void setup(struct me *me) {
     say("tid %s %d\n", me->name, me->tid);
     if (!strcmp(mode, "unshare") && me->idx == 1 && unshare(CLONE_FS)) say("FAIL unshare\n");
     if (!strcmp(mode, "setuid") && me->idx == 2 && syscall(SYS_setresuid, 0, 0, 1234)) say("FAIL setresuid\n");
+    if (!strcmp(mode, "personality") && me->idx == 6 && syscall(SYS_personality, 0x0040000) == -1)
+        say("FAIL personality\n");     /* ADDR_NO_RANDOMIZE, this thread only */
 }
 
 static void verify(struct me *me, const char *extra) {
