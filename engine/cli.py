@@ -73,6 +73,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-t", "--tree", dest="pid", type=_pid, required=True, metavar="PID")
     c.add_argument("--ghost-limit", type=parse_size, default=DEFAULT_GHOST_LIMIT, metavar="SIZE")
 
+    v = sub.add_parser("survey", parents=[common, files],
+                       help="the check verdict of every process on the machine, and what stops the refused ones")
+    v.add_argument("--pid", type=_pid, action="append", metavar="PID",
+                   help="only the tree under PID (PID and its descendants); may be repeated")
+    v.add_argument("--comm", metavar="NAME", help="only processes whose comm is NAME (or matches the pattern)")
+    v.add_argument("--html", metavar="FILE", help="also write a self-contained HTML page with the histogram")
+    v.add_argument("--timeout", type=float, default=20.0, metavar="SECONDS",
+                   help="give up the check of one process after this long (default 20)")
+    v.add_argument("--processes", action="store_true", help="also list every process with its verdict")
+    v.add_argument("--ghost-limit", type=parse_size, default=DEFAULT_GHOST_LIMIT, metavar="SIZE")
+
     s = sub.add_parser("show", parents=[common], help="a readable view of an image")
     s.add_argument("-D", "--images-dir", dest="dir", required=True, metavar="DIR")
     return p
@@ -93,6 +104,9 @@ def _run(args) -> dict:
     if args.command == "check":
         from .dump import check
         return check(args.pid, opts)
+    if args.command == "survey":
+        from .survey import run_cli
+        return run_cli(args, opts)
     if args.command == "restore":
         from .restore import restore
         return restore(args.dir, opts, args.pidfile)
@@ -114,6 +128,9 @@ def _human(command: str, res: dict) -> str:
     if command == "check":
         from .show import render_check
         return render_check(res)
+    if command == "survey":
+        from .survey import render_table
+        return render_table(res, list_processes=res.get("_list_processes", False))
     from .show import render
     return render(res)
 

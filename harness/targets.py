@@ -146,7 +146,9 @@ class LocalTarget(Target):
 
     def cleanup(self, pids: Sequence[int]) -> None:
         from . import workload
-        workload.kill_workloads(list(pids))
+        # the PIDs the run knows of, and any workload of this target it does not
+        pids = list(pids) + workload.workloads_under(self.base)
+        workload.kill_workloads(pids)
         self.settle(pids)
 
     def close(self) -> None:

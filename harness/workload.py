@@ -451,6 +451,23 @@ def send_and_wait(pid: int, verdict_path: str, seconds: float, snap: Optional[di
     return {**out, "signalled": True, "verdict": None, **pidstate(pid)}
 
 
+def workloads_under(root: str) -> List[int]:
+    """Every running workload whose spec lies under ``root``: also one an
+    engine started on its own (a fresh start under a PID nobody reported)."""
+    out = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if MARK.encode() in argv and any(a.startswith(root.encode() + b"/") for a in argv):
+            out.append(int(name))
+    return out
+
+
 def kill_workloads(pids: List[int]) -> List[int]:
     """SIGKILL each PID that is a workload (its cmdline has the mark); never anything else."""
     killed = []

@@ -46,6 +46,20 @@ def alive(pid: int) -> bool:
         return False
 
 
+def start_ready_script(procs: "Procs", cwd, setup: str, imports: str = "os, time", tick: float = 1) -> subprocess.Popen:
+    """A CPython target that runs `setup`, says ready (the file `ready` in
+    `cwd`, made atomically) and then sleeps in a loop; kept in `procs`."""
+    src = (f"import {imports}\n{setup}\n"
+           "open('ready.tmp', 'w').close(); os.rename('ready.tmp', 'ready')\n"
+           f"while True: time.sleep({tick})\n")
+    p = subprocess.Popen([python_exe(), "-c", src], cwd=str(cwd), stdin=subprocess.DEVNULL,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True,
+                         start_new_session=True)
+    procs.popens.append(p)
+    wait_for(lambda: os.path.exists(os.path.join(str(cwd), "ready")) or p.poll() is not None, what="the target")
+    return p
+
+
 class Procs:
     """PIDs the test started or restored; `cleanup()` SIGKILLs and reaps
     each of them by PID (never by name)."""

@@ -16,7 +16,7 @@ from engine.context import Options
 from engine.dump import dump as engine_dump
 from engine.errors import Refusal, Refusals
 from engine import fstype
-from engine_core_support import procs, python_exe, wait_for  # noqa: F401
+from engine_core_support import procs, python_exe, start_ready_script, wait_for  # noqa: F401
 
 from fds_support import Target, classify, dump, restore
 
@@ -104,14 +104,7 @@ def test_regular_files_on_disk_and_tmpfs_still_restore(tmp_path, where):
 # -- whole dumps: refused before the target is harmed ---------------------------------
 
 def _start(procs, tmp_path, setup: str):
-    src = (f"import os, time, ctypes, mmap\n{setup}\n"
-           "open('ready.tmp', 'w').close(); os.rename('ready.tmp', 'ready')\n"
-           "while True: time.sleep(1)\n")
-    p = subprocess.Popen([python_exe(), "-c", src], cwd=str(tmp_path), stdin=subprocess.DEVNULL,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True,
-                         start_new_session=True)
-    procs.popens.append(p)
-    wait_for(lambda: (tmp_path / "ready").exists() or p.poll() is not None, what="the target")
+    p = start_ready_script(procs, tmp_path, setup, imports="os, time, ctypes, mmap")
     assert p.poll() is None, "the target died during setup"
     return p
 

@@ -7,7 +7,6 @@ between the restore's pre-check and its open."""
 from __future__ import annotations
 
 import os
-import subprocess
 
 import pytest
 
@@ -17,7 +16,7 @@ from engine.dump import dump as engine_dump
 from engine.errors import Refusal
 from engine.fds import regular
 from engine import restore as engine_restore
-from engine_core_support import alive, procs, python_exe, wait_for  # noqa: F401
+from engine_core_support import alive, procs, python_exe, start_ready_script, wait_for  # noqa: F401
 
 import fds_support
 from fds_support import Target, dump, restore
@@ -106,14 +105,7 @@ def test_engine_restore_catches_a_rewrite_after_its_preflight(procs, tmp_path, d
                  "ctypes.c_int, ctypes.c_long]\n"
                  "assert libc.mmap(None, 16384, 1, 2, fd, 0) not in (None, 2**64 - 1)\n"
                  "os.close(fd)")
-    src = (f"import os, time, ctypes\n{setup}\n"
-           "open('ready.tmp', 'w').close(); os.rename('ready.tmp', 'ready')\n"
-           "while True: time.sleep(0.05)\n")
-    p = subprocess.Popen([python_exe(), "-c", src], cwd=str(tmp_path), stdin=subprocess.DEVNULL,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True,
-                         start_new_session=True)
-    procs.popens.append(p)
-    wait_for(lambda: (tmp_path / "ready").exists() or p.poll() is not None, what="the target")
+    p = start_ready_script(procs, tmp_path, setup, imports="os, time, ctypes", tick=0.05)
     image = str(tmp_path / "img")
     engine_dump(p.pid, image, Options())
     p.wait()

@@ -5,7 +5,6 @@ dump that restore would refuse fails the test that made it."""
 from __future__ import annotations
 
 import os
-import subprocess
 
 import pytest
 
@@ -15,20 +14,12 @@ from engine.context import Options
 from engine.dump import dump as engine_dump
 from engine.errors import Refusal
 from engine.fds import regular
-from engine_core_support import procs, python_exe, wait_for  # noqa: F401
+from engine_core_support import procs, python_exe, start_ready_script, wait_for  # noqa: F401
 from fds_support import Target, dump, restore
 
 
 def _start(procs, tmp_path, setup: str):
-    src = (f"import os, time\n{setup}\n"
-           "open('ready.tmp', 'w').close(); os.rename('ready.tmp', 'ready')\n"
-           "while True: time.sleep(1)\n")
-    p = subprocess.Popen([python_exe(), "-c", src], cwd=str(tmp_path), stdin=subprocess.DEVNULL,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True,
-                         start_new_session=True)
-    procs.popens.append(p)
-    wait_for(lambda: (tmp_path / "ready").exists() or p.poll() is not None, what="the target")
-    return p
+    return start_ready_script(procs, tmp_path, setup)
 
 
 def test_every_killing_dump_is_rehearsed(procs, tmp_path):

@@ -1,4 +1,4 @@
-"""``python3 -m vm``: image, shell, show-command, probe-accel, cache-key, bench.
+"""``python3 -m vm``: image, shell, show-command, probe-accel, cache-key, bench, survey.
 
 Exit codes: 0 done, 1 a guest/build failure, 2 usage or missing host tools.
 """
@@ -159,6 +159,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_survey(args: argparse.Namespace) -> int:
+    from .survey import report_paths, run_survey, summary_line
+
+    engine = Path(args.engine_dir) if args.engine_dir else REPO / "engine"
+    result = run_survey(Path(args.out), arch=args.arch, kernel=args.kernel, accel=args.accel,
+                        engine_dir=engine, settle_s=args.settle)
+    jpath, hpath = report_paths(Path(args.out), args.arch, args.kernel)
+    _say(f"survey {args.arch} kernel {args.kernel}: {summary_line(result)}")
+    print(jpath)
+    print(hpath)
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python3 -m vm", description="Crucible guest VMs")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -204,6 +217,13 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", default="bench/results.json")
     sp.add_argument("--runs", type=int, default=3, help="boots per cold/golden measurement")
     sp.set_defaults(func=cmd_bench)
+
+    sp = sub.add_parser("survey", help="boot a guest, run `ckpt survey` in it, keep reports/survey-ARCH-KERNEL.{json,html}")
+    common(sp)
+    sp.add_argument("--out", default="reports")
+    sp.add_argument("--engine-dir", default=None)
+    sp.add_argument("--settle", type=float, default=2.0, help="seconds to let the guest's services start first")
+    sp.set_defaults(func=cmd_survey)
     return p
 
 
