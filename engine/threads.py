@@ -280,11 +280,13 @@ def survey(s, leader: Task, others: List[Task], state: Optional[dict]) -> List[d
     for t in others:
         what = f"thread {t.pid}"
         probs = sameness_problems(pid, t.pid)
+        # Refusals under the names the leader's use ("threads", "interrupted
+        # syscall", "pending signals"): stable labels for `ckpt survey`.
         if probs:
-            s.refuse(what, "process", Refusal("threads", f"thread {t.pid} differs from the leader: " + "; ".join(probs)))
+            s.refuse("threads", "process", Refusal("threads", f"thread {t.pid} differs from the leader: " + "; ".join(probs)))
             continue
         if t.restart_problem:
-            s.refuse(what, "process", Refusal("unsupported-state", f"thread {t.pid}: {t.restart_problem}"))
+            s.refuse("interrupted syscall", "process", Refusal("unsupported-state", f"thread {t.pid}: {t.restart_problem}"))
             continue
         try:
             rec = thread_state(t, leader, s.vmas)
@@ -297,10 +299,10 @@ def survey(s, leader: Task, others: List[Task], state: Optional[dict]) -> List[d
         try:
             sigs = pending(t, rec, state)
         except Refusal as r:
-            s.refuse(what, "signals", Refusal(r.reason, f"thread {t.pid}: {r.detail}"))
+            s.refuse("pending signals", "signals", Refusal(r.reason, f"thread {t.pid}: {r.detail}"))
             continue
         except (SysError, OSError) as e:
-            s.refuse(what, "signals", Refusal("unsupported-state", f"thread {t.pid}: pending signals unreadable: {e}"))
+            s.refuse("pending signals", "signals", Refusal("unsupported-state", f"thread {t.pid}: pending signals unreadable: {e}"))
             continue
         s.ok(what, "process", f"comm {rec['comm']!r}, mask {rec['sigmask']:#x}, fs_base "
              f"{rec['regs'].get('fs_base', rec['regs'].get('tpidr', 0)):#x}, tid address {rec['tid_address']:#x}, "
