@@ -12,7 +12,8 @@ injecting syscalls into it (ENGINE-NOTES "Restore"), in this order:
   every mapping mmap'ed (files through the fds the restorer opened), pages
   written with process_vm_writev, madvise flags, final mprotect
   cwd, umask, comm, personality, signals, sigaltstack, timers, tid address,
-  robust list, session; fds dup3'ed to their numbers, all others closed;
+  robust list, session; the other threads cloned with their TIDs and their
+  own state (engine/threads.py); fds dup3'ed to their numbers, all others closed;
   fd handlers' finish(); rlimits; POSIX timers created; seccomp installed
   (suspended for the tracer); credentials; rseq registered; scheduling,
   affinity, oom_score_adj, timer slack; POSIX timers armed (signals blocked)
@@ -28,7 +29,7 @@ import signal
 import struct
 from typing import List, Tuple
 
-from . import libc, posixtimers, ptrace, sched, seccomp, signals
+from . import libc, posixtimers, ptrace, sched, seccomp, signals, threads
 from .arch import current as current_arch
 from .check import MADVISE_FLAGS
 from .errors import EngineError, Refusal
@@ -109,6 +110,7 @@ class Builder:
         self.pid = task.pid
         self.gadget = 0
         self.scratch = 0
+        self.threads: List["Builder"] = []   # the other threads' builders (engine/threads.py)
 
     # -- helpers ---------------------------------------------------------------
     def call(self, name: str, *args: int) -> int:
@@ -359,6 +361,7 @@ class Builder:
         # The dumped mask only now (pending_signals() blocked everything):
         # what it leaves unblocked is delivered as the process resumes.
         ptrace.set_sigmask(self.pid, self.job.core["sigmask"])
+        threads.finish(self)    # the other threads go first, the leader right after
         self.task.release(regs)
 
     def pending_signals(self) -> None:
@@ -410,19 +413,23 @@ def build(job) -> int:
         b.map_all()
         _maybe_fail("mapped")
         b.process_state()
+        threads.create(b)   # before creds(): clone3 set_tid needs CAP_CHECKPOINT_RESTORE
+        _maybe_fail("threads")
         b.install_fds()
         b.limits()          # prlimit on another uid's process needs CAP_SYS_RESOURCE: before creds()
         posixtimers.create(b, job.core["posix_timers"])   # alarm clocks need CAP_WAKE_ALARM: before creds()
         seccomp.install(b, job.core["seccomp"])   # needs CAP_SYS_ADMIN or no_new_privs: before creds()
         b.creds()
+        threads.creds(b)
         b.register_rseq()
         b.pending_signals()     # before anything (seccomp) could forbid rt_tgsigqueueinfo
         sched.apply(pid, job.core["sched"])
+        threads.late_state(b)
         posixtimers.arm(b, job.core["posix_timers"])   # last: see posixtimers
         _maybe_fail("final")
         b.finish()
     except BaseException:
-        task.kill()
+        threads.kill([task] + [tb.task for tb in b.threads])
         raise
     return child
 

@@ -95,11 +95,7 @@ def target_checks(pid: int) -> procfs.Proc:
 
 def _check_process(s: Survey) -> None:
     st, status, proc, pid = s.stat, s.status, s.proc, s.pid
-    nthreads = int(status.get("Threads", "1"))
-    if nthreads != 1:
-        s.refuse("threads", "process", Refusal("threads", f"{nthreads} threads"))
-    else:
-        s.ok("threads", "process", "single-threaded")
+    # Threads are frozen and judged one by one (engine/threads.py survey).
     kids = proc.children()
     if kids:
         s.refuse("children", "process", Refusal("process-tree", f"children {kids[:8]}"))

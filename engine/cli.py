@@ -118,7 +118,9 @@ def _human(command: str, res: dict) -> str:
     if command == "dump":
         mib = res.get("pages_bytes", 0) / (1 << 20)
         fate = "left running" if res.get("left_running") else "killed"
-        return (f"ckpt: dumped pid {res.get('pid')} to {res.get('image')}: {mib:.1f} MiB of memory, "
+        nthreads = res.get("threads", 1)
+        who = f"pid {res.get('pid')}" + (f" ({nthreads} threads)" if nthreads > 1 else "")
+        return (f"ckpt: dumped {who} to {res.get('image')}: {mib:.1f} MiB of memory, "
                 f"{res.get('mappings', '?')} mappings, {res.get('fds', '?')} fds; frozen "
                 f"{res.get('frozen_ms', 0):.0f} ms, total {res.get('total_ms', 0):.0f} ms; process {fate}")
     if command == "restore":

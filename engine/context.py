@@ -30,6 +30,7 @@ class DumpContext:
     options: Options
     image: Any = None                 # engine.image.ImageWriter; None for `ckpt check`
     task: Any = None                  # the frozen, seized target: task.syscall(nr, *args)
+    threads: Any = ()                 # the other frozen threads (engine/threads.py)
     shared: Dict[str, Any] = field(default_factory=dict)   # state shared across fds (pipes by inode, ...)
     all_fds: Dict[int, Any] = field(default_factory=dict)  # fd number -> FdInfo, for peer lookups
     boot_id: str = ""

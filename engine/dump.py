@@ -15,7 +15,7 @@ import struct
 import time
 from typing import List
 
-from . import files, libc, posixtimers, procfs, sched, seccomp, signals, unlinked
+from . import files, libc, posixtimers, procfs, sched, seccomp, signals, threads, unlinked
 from .arch import current as current_arch
 from .check import Survey, preflight, require_features, target_checks
 from .context import DumpContext, Options, boot_id
@@ -280,6 +280,9 @@ def _survey_frozen(pid: int, task: Task, ctx: DumpContext, proc: procfs.Proc):
     except Refusal as r:
         s.refuse("process state", "process", r)
     _survey_signals_and_restart(s, task, state)
+    trecs = threads.survey(s, task, ctx.threads, state)
+    if state is not None:
+        state["threads"] = trecs
     recs = map_records(s, ctx)
     return s, state, recs
 
@@ -335,8 +338,9 @@ def dump(pid: int, directory: str, options: Options) -> dict:
     proc = target_checks(pid)
     with ImageWriter(directory) as img:
         ctx = DumpContext(pid=pid, options=options, image=img, boot_id=boot_id())
-        task = Task.seize(pid)
-        ctx.task = task
+        tasks = threads.freeze(pid)
+        task = tasks[0]
+        ctx.task, ctx.threads = task, tasks[1:]
         t_frozen = time.monotonic()
         dumper = PageDumper(pid, img)
         try:
@@ -345,6 +349,8 @@ def dump(pid: int, directory: str, options: Options) -> dict:
                 raise s.refusals[0] if len(s.refusals) == 1 else Refusals(s.refusals)
             state["xstate"] = arch.xstate_features(task.get_xstate())
             img.write_bytes("xstate.bin", task.get_xstate())
+            if ctx.threads:
+                img.write_bytes(threads.XSTATE_FILE, threads.pack_xstate(ctx.threads, state["threads"]))
             state["exe"] = recs["exe"]
             fdrecs = dump_fds(s, ctx)
             vmas = dump_memory(pid, s, recs, dumper)
@@ -355,27 +361,26 @@ def dump(pid: int, directory: str, options: Options) -> dict:
             # signal that arrives after this read dies with the original.
             img.sync_files()
             state["signals"] = pending_signals(task, state)
+            for t, rec in zip(ctx.threads, state["threads"]):
+                rec["signals"] = threads.pending(t, rec, state)
             img.write_json("core.json", state)
             meta = {"pid": pid, "comm": state["comm"], "boot_id": ctx.boot_id, "pages_bytes": dumper.total}
             if options.leave_running:
                 # Everything is read: let it go before the fsyncs of commit.
-                task.release()
+                threads.release(tasks)
                 t1 = time.monotonic()
                 img.commit(meta)
             else:
                 # Kill only once the image is safely in place.
                 img.commit(meta)
-                task.kill()
+                threads.kill(tasks)
                 t1 = time.monotonic()
         except BaseException:
             dumper.close()
-            if task.attached:
-                try:
-                    task.release()
-                except libc.SysError:
-                    pass
+            threads.release(tasks)
             raise
     return {"pid": pid, "image": img.final, "pages_bytes": dumper.total, "mappings": len(vmas),
+            "threads": len(tasks),
             "fds": len(fdrecs), "frozen_ms": round((t1 - t_frozen) * 1000, 2),
             "total_ms": round((time.monotonic() - t0) * 1000, 2), "left_running": bool(options.leave_running)}
 
@@ -387,12 +392,13 @@ def check(pid: int, options: Options) -> dict:
     current_arch()
     proc = target_checks(pid)
     ctx = DumpContext(pid=pid, options=options, image=None, boot_id=boot_id())
-    task = Task.seize(pid)
-    ctx.task = task
+    tasks = threads.freeze(pid)
+    task = tasks[0]
+    ctx.task, ctx.threads = task, tasks[1:]
     try:
         s, _, _ = _survey_frozen(pid, task, ctx, proc)
     finally:
-        task.release()
+        threads.release(tasks)
     return {"pid": pid, "ok": not s.refusals, "items": s.items,
             "refusals": [r.as_dict() for r in s.refusals]}
 

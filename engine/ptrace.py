@@ -29,8 +29,10 @@ SETSIGMASK = 0x420B
 GET_RSEQ_CONFIGURATION = 0x420F
 
 O_TRACESYSGOOD = 0x1
+O_TRACECLONE = 0x8
 O_EXITKILL = 0x100000
 EVENT_STOP = 128
+EVENT_CLONE = 3
 
 _ptrace = libc.ptrace
 _ptrace.restype = ctypes.c_long

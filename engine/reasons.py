@@ -8,7 +8,10 @@ REASONS = {
     "kernel-thread": "the PID is a kernel thread, which has no user state to save",
     "zombie": "the target is a zombie: it has exited and only waits to be reaped",
     "ptraced": "the target is already traced by another process (a debugger, strace, another ckpt)",
-    "threads": "the target has more than one thread; multi-threaded processes are not supported yet",
+    "threads": ("a thread the engine cannot restore exactly (thread and detail name it): one with other "
+                "credentials, no_new_privs, personality or namespaces than the leader, or that does not share the fd table, "
+                "fs (cwd/umask/root), signal handlers or SysV semaphore undo list with it; seccomp in a "
+                "multi-threaded process; threads created faster than they can be frozen"),
     "process-tree": "the target has children; process trees are not supported yet",
     "self": "ckpt will not checkpoint itself or its own ancestors",
     "pid-in-use": "restore needs the dumped PID and another process holds it",

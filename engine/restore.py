@@ -26,7 +26,7 @@ import time
 import traceback
 from typing import Dict, List, Optional
 
-from . import files, libc, posixtimers, procfs, sched, seccomp, signals, unlinked
+from . import files, libc, posixtimers, procfs, sched, seccomp, signals, threads, unlinked
 from .arch import current as current_arch
 from .build import build
 from .check import SPECIAL_MAPPINGS, creds_of, creds_plan, require_features
@@ -99,6 +99,11 @@ def check_core(core) -> None:
         raise _bad(f"{w}: posix_timers malformed")
     if not seccomp.check_record(core.get("seccomp")):
         raise _bad(f"{w}: seccomp malformed")
+    why = threads.check_records(core.get("threads", []))
+    if why:
+        raise _bad(f"{w}: {why}")
+    if core.get("threads") and core["seccomp"]["mode"]:
+        raise _bad(f"{w}: seccomp in a multi-threaded process (refused at dump)")
 
 
 def check_mm(mm, npage_files: int) -> List[dict]:
@@ -160,6 +165,9 @@ def preflight(reader: ImageReader, core: dict, vmas: List[dict], fdrecs: List[di
 
     if not _pid_free(pid):
         add(Refusal("pid-in-use", f"PID {pid} is held by {_comm(pid)}"))
+    for rec in core.get("threads", []):
+        if not _pid_free(rec["tid"]):
+            add(Refusal("pid-in-use", f"TID {rec['tid']} (a thread) is held by {_comm(rec['tid'])}"))
     mine = _special_block(procfs.parse_maps(open("/proc/self/maps").read()))
     theirs = _special_block(vmas)
     if theirs and (theirs != mine or reader.manifest.get("kernel") != platform.release()):
@@ -419,6 +427,7 @@ def restore(directory: str, options: Options, pidfile: Optional[str] = None) -> 
     vmas = check_mm(mm, npf)
     check_fd_records(fdrecs)
     xstate = reader.read_bytes("xstate.bin")
+    thread_xstate = threads.unpack_xstate(reader, core.get("threads", []))
     meta = reader.manifest.get("meta") or {}
     same_node = isinstance(meta, dict) and meta.get("boot_id") == boot_id()
     pid = core["pid"]
@@ -432,7 +441,7 @@ def restore(directory: str, options: Options, pidfile: Optional[str] = None) -> 
             pages.check_runs(v["pages"])
         with _system_errors_as_engine_errors("opening the process's files"):
             prepared = prepare(core, vmas, fdrecs, ctx)
-        job = Job(core=core, vmas=vmas, fdrecs=fdrecs, xstate=xstate, pages=pages,
+        job = Job(core=core, vmas=vmas, fdrecs=fdrecs, xstate=xstate, thread_xstate=thread_xstate, pages=pages,
                   prepared=prepared, ctx=ctx)
         out = _run_restorer(job)
     finally:

@@ -76,6 +76,12 @@ def render(res: dict) -> str:
                 lines.append(f"  {'pending':<8} {describe(sigs)}")
             except (KeyError, TypeError):
                 lines.append(f"  {'pending':<8} (malformed record)")
+        ths = proc.get("threads")
+        if isinstance(ths, list) and ths:
+            lines.append(f"  {'threads':<8} {len(ths) + 1}: leader {proc.get('pid')}")
+            for t in ths:
+                if isinstance(t, dict):
+                    lines.append(f"    tid {t.get('tid')}  {t.get('comm')!r}")
     mm = recs.get("mm.json")
     vmas = mm.get("vmas") if isinstance(mm, dict) else mm
     if isinstance(vmas, list) and vmas:

@@ -197,9 +197,12 @@ def requeue(task, put, rec: dict) -> int:
             raw = bytes.fromhex(s["raw"])
             signo = struct.unpack_from("<i", raw)[0]
             addr = put(raw)
+            # A task may queue any siginfo to itself only: each thread's own
+            # queue is refilled from inside that thread (tgid, its tid).
+            tgid = getattr(task, "tgid", task.pid)
             if q == "shared":
-                task.call("rt_sigqueueinfo", task.pid, signo, addr)
+                task.call("rt_sigqueueinfo", tgid, signo, addr)
             else:
-                task.call("rt_tgsigqueueinfo", task.pid, task.pid, signo, addr)
+                task.call("rt_tgsigqueueinfo", tgid, task.pid, signo, addr)
             n += 1
     return n

@@ -25,6 +25,7 @@ class Task:
     def __init__(self, pid: int):
         self.arch = _arch.current()
         self.pid = pid
+        self.tgid = pid     # the process a thread belongs to (engine/threads.py)
         self.syscall_ip: Optional[int] = None
         self.scratch: Optional[int] = None      # address of writable scratch memory
         self.deferred_signals: List[int] = []   # signals that arrived while frozen
@@ -45,23 +46,28 @@ class Task:
 
     # -- attaching -----------------------------------------------------------
     @classmethod
-    def seize(cls, pid: int) -> "Task":
+    def seize(cls, pid: int, options: int = ptrace.O_TRACESYSGOOD, auto_attached: bool = False,
+              tgid: Optional[int] = None) -> "Task":
         """PTRACE_SEIZE + PTRACE_INTERRUPT and wait for the interrupt stop.
-        Raises Refusal(ptraced | no-such-process | unsupported-state)."""
+        `auto_attached`: a thread already ours (PTRACE_O_TRACECLONE on the
+        thread that created it, engine/threads.py): only its first stop is
+        waited for. Raises Refusal(ptraced | no-such-process | unsupported-state)."""
         # Before the freeze: at the ptrace stop the kernel stack no longer
         # shows which call a restart_syscall(2) restarts.
         pre = restart.snapshot(pid)
         task = None
+        if not auto_attached:
+            try:
+                ptrace.seize(pid, options)
+            except SysError as e:
+                if e.errno == 1:     # EPERM: someone else traces it (or we may not)
+                    raise Refusal("ptraced", "PTRACE_SEIZE refused (EPERM): already traced", pid=pid) from None
+                if e.errno == 3:
+                    raise Refusal("no-such-process", "exited before it could be frozen", pid=pid) from None
+                raise
         try:
-            ptrace.seize(pid, ptrace.O_TRACESYSGOOD)
-        except SysError as e:
-            if e.errno == 1:     # EPERM: someone else traces it (or we may not)
-                raise Refusal("ptraced", "PTRACE_SEIZE refused (EPERM): already traced", pid=pid) from None
-            if e.errno == 3:
-                raise Refusal("no-such-process", "exited before it could be frozen", pid=pid) from None
-            raise
-        try:
-            ptrace.interrupt(pid)
+            if not auto_attached:
+                ptrace.interrupt(pid)
             while True:
                 st = ptrace.wait(pid)
                 if st.exited:
@@ -74,14 +80,22 @@ class Task:
                         raise Refusal("unsupported-state", "the process is stopped by job control "
                                       f"(signal {st.sig}); continue it first", pid=pid)
                     break
+                # Any other ptrace stop consumes the pending interrupt
+                # (kernel/signal.c ptrace_stop: "any trap clears pending
+                # STOP trap"), so it is asked for again before the task goes
+                # on: else a thread creating threads in a loop would stop
+                # at each PTRACE_EVENT_CLONE and never at the interrupt.
+                ptrace.interrupt(pid)
                 if st.signal_stop:
                     # A signal raced with the freeze: deliver it now (it
-                    # arrived before the checkpoint); the interrupt stays
-                    # pending and stops the task right after.
+                    # arrived before the checkpoint); the interrupt stops
+                    # the task right after.
                     ptrace.cont(pid, st.sig)
                     continue
                 ptrace.cont(pid, 0)
             task = cls(pid)
+            if tgid is not None:
+                task.tgid = tgid
             task.pre_freeze = pre
             signals.block_all(task)
             hook = getattr(task.arch, "after_seize", None)

@@ -94,6 +94,36 @@ def quiet_snapshot(pid: int, pub: Optional[dict] = None, seconds: float = 3.0) -
         time.sleep(0.005)
 
 
+# Per-thread state a restore must give each thread back (the process-wide
+# rest is in the leader's status): thread.TID.<field>
+_THREAD_STATUS = ("Name", "TracerPid", "SigBlk", "SigPnd", "Cpus_allowed_list", "NoNewPrivs", "Seccomp",
+                  "Uid", "Gid", "CapEff")
+
+
+def _threads(base: str) -> Dict[str, str]:
+    out: Dict[str, str] = {}
+    try:
+        tids = os.listdir(f"{base}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        tb = f"{base}/task/{tid}"
+        st = _read(f"{tb}/stat")
+        if st is None:
+            continue
+        state = st.rsplit(")", 1)[1].split()[0]
+        out[f"thread.{tid}.state"] = "stopped" if state in "tT" else ("zombie" if state in "ZX" else "running")
+        for line in (_read(f"{tb}/status") or "").splitlines():
+            key, _, val = line.partition(":")
+            if key in _THREAD_STATUS:
+                out[f"thread.{tid}.{key}"] = " ".join(val.split())
+        for name in ("personality", "timerslack_ns"):
+            text = _read(f"{tb}/{name}")
+            if text is not None:
+                out[f"thread.{tid}.{name}"] = text.strip()
+    return out
+
+
 def snapshot(pid: int, pub: Optional[dict] = None) -> Dict[str, str]:
     """One flat dict of everything /proc/PID says; ``{}`` if PID is gone."""
     base = f"/proc/{pid}"
@@ -139,6 +169,7 @@ def snapshot(pid: int, pub: Optional[dict] = None) -> Dict[str, str]:
         out["tids"] = " ".join(sorted(os.listdir(f"{base}/task"), key=int))
     except OSError:
         pass
+    out.update(_threads(base))
     for i, line in enumerate((_read(f"{base}/maps") or "").splitlines()):
         # range perms offset dev inode path: each its own field, so a diff names which
         parts = line.split(None, 5)

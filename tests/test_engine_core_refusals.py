@@ -33,7 +33,8 @@ def _still_fine(world, n_before=None):
     check_counter(world["out"], world["in_data"])
 
 
-@pytest.mark.parametrize("mode,reason", [("thread", "threads"), ("child", "process-tree"),
+# A refused thread: tests/test_engine_threads.py.
+@pytest.mark.parametrize("mode,reason", [("child", "process-tree"),
                                          ("sysv", "unsupported-mapping")])
 def test_refused_dump_leaves_target_running(procs, counter_bin, world, tmp_path, mode, reason):
     p = start_counter(procs, counter_bin, world, mode=mode)
@@ -221,13 +222,13 @@ def test_changed_mapped_executable_refused(procs, counter_bin, world, tmp_path):
 
 def test_check_reports_every_refusal_and_writes_nothing(procs, counter_bin, world, tmp_path):
     from engine.dump import check
-    p = start_counter(procs, counter_bin, world, mode="thread")
+    p = start_counter(procs, counter_bin, world, mode="sysv")
     before = sorted(os.listdir(tmp_path))
     r = check(p.pid, Options())
     assert r["ok"] is False
-    assert {x["reason"] for x in r["refusals"]} == {"threads"}
+    assert {x["reason"] for x in r["refusals"]} == {"unsupported-mapping"}
     refused = [i for i in r["items"] if i["verdict"] == "refused"]
-    assert [i["what"] for i in refused] == ["threads"]
+    assert len(refused) == 1 and refused[0]["kind"] == "mapping"
     assert any(i["what"].startswith("fd 3 ") and i["verdict"] == "ok" for i in r["items"])
     assert sorted(os.listdir(tmp_path)) == before
     _still_fine(world)

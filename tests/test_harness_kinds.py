@@ -382,3 +382,36 @@ def test_dup_checker_tells_shared_from_separate(tmp_path):
     finally:
         for fd in (a, shared, separate):
             os.close(fd)
+
+
+_THREADS_BREAK = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from harness.kinds import process
+p = {"threads": [{"blocked_in": h} for h in ("sleep", "read", "lock", "cond", "join")]}
+process.apply(p)
+seen = json.loads(json.dumps(process.observe(p)))
+exec(sys.argv[2])
+bad = [c["what"] for ph in ("inspect", "consume", "mutate") for c in process.checker(p, seen, ph) if not c["ok"]]
+print(json.dumps(bad))
+"""
+
+
+@pytest.mark.parametrize("disturb, whats", [
+    ("pass", set()),
+    # a thread that came back with another TID (a new thread in its place)
+    ("seen['threads'][2]['tid'] += 100000",
+     {"threads: every recorded TID is a thread of this process",
+      "thread 2 (lock): native id (gettid) is the recorded TID"}),
+    # a thread whose stack is not its own any more
+    ("seen['threads'][3]['value'] = '0' * 16", {"thread 3 (cond): the value in its own frame"}),
+    # a read that returned early (EINTR-like: the pipe got its byte from elsewhere)
+    ("import os; os.write(process._THREADS[1].wfd, b'x'); process._THREADS[1].thread.join(5)",
+     {"thread 1 (read): still blocked", "thread 1 (read): its call returned",
+      "threads: every recorded TID is a thread of this process"}),
+])
+def test_thread_checks_fail_on_exactly_what_changed(disturb, whats):
+    r = subprocess.run([sys.executable, "-c", _THREADS_BREAK, str(REPO), disturb],
+                       capture_output=True, text=True, timeout=60, close_fds=True)
+    assert r.returncode == 0, r.stderr
+    assert set(json.loads(r.stdout)) == whats

@@ -72,3 +72,36 @@ def test_adjacent_anonymous_mappings_compare_as_one():
     assert statediff.diff(_maps(("7f0000000000-7f0000001000", "rw-p", "[heap]"),
                                 ("7f0000001000-7f0000003000", "rw-p", "")), merged)
     assert statediff.diff(_maps(("7f0000000000-7f0000001000", "rw-p", "")), merged)
+
+
+def test_each_thread_is_in_the_snapshot_and_a_changed_thread_is_named(tmp_path):
+    """thread.TID.*: a thread's own mask, state and tracer are compared, so
+    a thread restored with another mask (or left stopped) is corruption."""
+    import os
+    import subprocess
+    import sys
+    import time
+    code = ("import signal, threading, time\n"
+            "def f():\n"
+            "    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})\n"
+            "    time.sleep(60)\n"
+            "threading.Thread(target=f, daemon=True).start()\n"
+            "time.sleep(60)\n")
+    p = subprocess.Popen([sys.executable, "-c", code], close_fds=True)
+    try:
+        deadline = time.monotonic() + 10
+        while len(os.listdir(f"/proc/{p.pid}/task")) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.1)
+        snap = snapshot(p.pid)
+        tids = snap["tids"].split()
+        assert len(tids) == 2
+        other = [t for t in tids if t != str(p.pid)][0]
+        assert int(snap[f"thread.{other}.SigBlk"], 16) & (1 << 11)           # SIGUSR2 in that thread only
+        assert not int(snap[f"thread.{p.pid}.SigBlk"], 16) & (1 << 11)
+        assert snap[f"thread.{other}.state"] == "running" and snap[f"thread.{other}.TracerPid"] == "0"
+        after = dict(snap, **{f"thread.{other}.SigBlk": "0000000000000000", f"thread.{other}.state": "stopped"})
+        assert {d["field"] for d in statediff.diff(snap, after)} == {f"thread.{other}.SigBlk", f"thread.{other}.state"}
+    finally:
+        p.kill()
+        p.wait()

@@ -131,10 +131,24 @@ def record(res: dict, pid: int) -> dict:
 
 # -- verdicts of real processes -------------------------------------------------
 
+UNSHARED_THREAD = (
+    "import ctypes, sys, threading, time\n"
+    "def own_fs():\n"
+    "    ctypes.CDLL(None).unshare(0x200)   # CLONE_FS\n"
+    "    open(sys.argv[1], 'w').close()\n"
+    "    time.sleep(60)\n"
+    "threading.Thread(target=own_fs, daemon=True).start()\n"
+    "time.sleep(60)\n")
+
+
 def test_restorable_and_refused_real_processes(procs, counter_bin, world, tmp_path):
     ok = procs.start([counter_bin, world["out"], world["in"], "4", "sleep"], cwd=str(world["dir"]))
-    thr = procs.start([counter_bin, str(tmp_path / "t.out"), world["in"], "4", "thread"], cwd=str(world["dir"]))
+    # Threads are restored (engine/threads.py): a second thread is fine...
+    thr_ok = procs.start([counter_bin, str(tmp_path / "t.out"), world["in"], "4", "thread"], cwd=str(world["dir"]))
+    # ...but not one with its own fs (unshare(CLONE_FS)): refused as threads.
+    thr = procs.start([sys.executable, "-c", UNSHARED_THREAD, str(tmp_path / "thr.ready")], cwd=str(tmp_path))
     wait_for(lambda: count_lines(world["out"]) >= 2 and count_lines(str(tmp_path / "t.out")) >= 2, timeout=10)
+    wait_for(lambda: os.path.exists(tmp_path / "thr.ready"), timeout=10)
     # One with a pipe to us: refused pipe-peer-outside, and with threads.
     r, w = os.pipe()
     try:
@@ -146,10 +160,11 @@ def test_restorable_and_refused_real_processes(procs, counter_bin, world, tmp_pa
         os.close(r)
     try:
         wait_for(lambda: count_lines(str(tmp_path / "p.out")) >= 1, timeout=10)
-        res = run_survey(pid=[ok.pid, thr.pid, piped.pid])
+        res = run_survey(pid=[ok.pid, thr_ok.pid, thr.pid, piped.pid])
     finally:
         os.close(w)
     assert record(res, ok.pid)["status"] == sv.RESTORABLE, record(res, ok.pid)
+    assert record(res, thr_ok.pid)["status"] == sv.RESTORABLE, record(res, thr_ok.pid)
     t = record(res, thr.pid)
     assert t["status"] == sv.REFUSED and [x["reason"] for x in t["refusals"]] == ["threads"]
     assert t["refusals"][0]["cause"]["label"] == "threads"
@@ -158,7 +173,7 @@ def test_restorable_and_refused_real_processes(procs, counter_bin, world, tmp_pa
     causes = {x["cause"]["label"] for x in p["refusals"]}
     assert causes == {"pipe-peer-outside: pipe fd"}, p["refusals"]
     s = res["summary"]
-    assert s["counts"] == {sv.RESTORABLE: 1, sv.REFUSED: 2}
+    assert s["counts"] == {sv.RESTORABLE: 2, sv.REFUSED: 2}
     top = {c["label"]: c for c in s["causes"]}
     assert top["threads"]["processes"] == 1 and top["threads"]["alone"] == 1
     assert s["facets"]["fd kind"]["pipe"]["processes"] == 1
@@ -171,7 +186,12 @@ def test_all_refusals_reported_with_fd_filesystem_and_socket_causes(procs, count
         "import os, socket, sys, time, threading\n"
         "srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); srv.bind(('127.0.0.1', 0))\n"
         "f = open('/proc/self/status')\n"
-        "threading.Thread(target=time.sleep, args=(60,), daemon=True).start()\n"
+        "import ctypes\n"
+        "def own_fs():\n"
+        "    ctypes.CDLL(None).unshare(0x200)   # CLONE_FS: a thread the engine refuses\n"
+        "    time.sleep(60)\n"
+        "threading.Thread(target=own_fs, daemon=True).start()\n"
+        "time.sleep(0.2)\n"
         "open(sys.argv[1], 'w').close()\n"
         "time.sleep(60)\n")
     ready = str(tmp_path / "ready")

@@ -85,6 +85,7 @@ SYS: Dict[str, int] = {
     # interrupted-call recovery and pending signals (engine/restart.py, engine/signals.py)
     "futex": 98, "nanosleep": 101, "clock_nanosleep": 115, "restart_syscall": 128,
     "rt_sigqueueinfo": 138, "rt_tgsigqueueinfo": 240,
+    "kcmp": 272,   # engine/threads.py: what threads share
 }
 NR_RESTART_SYSCALL = 128
 EINTR = 4

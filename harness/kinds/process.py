@@ -2,7 +2,13 @@
 (after the fds, so a low RLIMIT_NOFILE cannot stop the workload building
 them) and checks after the restore: umask, rlimits, signal actions, the
 signal mask, pending signals (with their sigqueue values) and interval
-timers.
+timers; and ``threads``: Python threads the workload starts, each blocked
+in one call (sleep: a time.sleep loop that counts; read: os.read on a pipe
+the process holds both ends of; lock: a Lock the main thread holds; cond:
+Condition.wait; join: joining a private sleeper thread). After the restore
+each thread proves it is the same thread: it runs on with its native id
+(gettid) equal to the recorded TID, and a random value it keeps in its own
+frame (its stack) and the count it kept are the ones recorded.
 
 Expected values come from the scenario, and where the kernel adjusts a
 value (the SA_RESTORER libc adds, an itimer's remaining time) from what the
@@ -21,6 +27,7 @@ from __future__ import annotations
 import os
 import resource
 import signal
+import threading
 import time
 from typing import Dict, List
 
@@ -40,6 +47,8 @@ RLIMITS = ("RLIMIT_NOFILE", "RLIMIT_CORE", "RLIMIT_STACK", "RLIMIT_FSIZE", "RLIM
 ITIMERS = {"real": signal.ITIMER_REAL, "virtual": signal.ITIMER_VIRTUAL, "prof": signal.ITIMER_PROF}
 HANDLERS = ("default", "ignore", "libc")
 LATE_S, EARLY_S = 0.05, 2.0
+BLOCKED_IN = ("sleep", "read", "lock", "cond", "join")
+THREAD_WAKE_S = 10.0
 
 
 def fields(s) -> dict:
@@ -54,6 +63,8 @@ def fields(s) -> dict:
         "pending": s.List_(s.Map({"signal": sig, "value": s.Int(0, 2**31 - 1)}, required=("signal",))),
         "itimers": s.Map({k: s.Map({"value_ms": s.Int(1), "interval_ms": s.Int(0)}, required=("value_ms",))
                           for k in ITIMERS}),
+        "threads": s.List_(s.Map({"blocked_in": s.Enum(BLOCKED_IN, "a call a thread can block in:")},
+                                 required=("blocked_in",))),
     }
 
 
@@ -102,6 +113,124 @@ def apply(p: dict) -> None:
             os.kill(os.getpid(), signum(x["signal"]))
     for name, t in (p.get("itimers") or {}).items():
         signal.setitimer(ITIMERS[name], int(t["value_ms"]) / 1000, int(t.get("interval_ms", 0)) / 1000)
+    # Last: the threads inherit the mask set above.
+    for i, t in enumerate(p.get("threads") or []):
+        _THREADS.append(Blocked(i, t["blocked_in"]))
+    for b in _THREADS:
+        b.started.wait(THREAD_WAKE_S)
+
+
+# -- threads -------------------------------------------------------------------------
+
+_THREADS: List["Blocked"] = []
+
+
+class Blocked:
+    """One scenario thread, blocked in its call until wake(). Its proof
+    value lives in its own frame; it reports (its TID, the value, what its
+    call returned, its count) only once woken."""
+
+    def __init__(self, index: int, how: str):
+        self.index, self.how = index, how
+        self.started = threading.Event()
+        self.stop = threading.Event()
+        self.count = 0          # sleep: ticks so far (read by the main thread)
+        self.tid = 0
+        self.value = ""
+        self.report: Dict[str, object] = {}
+        if how == "read":
+            self.rfd, self.wfd = os.pipe()
+        if how in ("lock", "cond"):
+            self.lock = threading.Lock() if how == "lock" else threading.Condition()
+            self.lock.acquire()     # held by the main thread until wake()
+            self.flag = False
+        if how == "join":
+            self.sleeper = threading.Thread(target=self._sleeper, name=f"thr{index}-joined", daemon=True)
+            self.sleeper.start()
+        self.thread = threading.Thread(target=self._run, name=f"thr{index}-{how}", daemon=True)
+        self.thread.start()
+
+    def _sleeper(self) -> None:
+        while not self.stop.is_set():
+            time.sleep(0.05)
+
+    def _run(self) -> None:
+        mine = os.urandom(8).hex()       # on this thread's stack only (a frame local)
+        self.tid, self.value = threading.get_native_id(), mine
+        self.started.set()
+        got: object = None
+        try:
+            if self.how == "sleep":
+                while not self.stop.is_set():
+                    time.sleep(0.05)
+                    self.count += 1
+                got = "stopped"
+            elif self.how == "read":
+                got = os.read(self.rfd, 16).decode()
+            elif self.how == "lock":
+                self.lock.acquire()
+                self.lock.release()
+                got = "acquired"
+            elif self.how == "cond":
+                with self.lock:
+                    while not self.flag:
+                        self.lock.wait()
+                got = "notified"
+            elif self.how == "join":
+                self.sleeper.join()
+                got = "joined"
+        except Exception as e:   # reported, then judged
+            got = f"{type(e).__name__}: {e}"
+        self.report = {"tid": threading.get_native_id(), "value": mine, "got": got, "count": self.count}
+
+    def expected(self) -> str:
+        return {"sleep": "stopped", "read": "wake", "lock": "acquired", "cond": "notified",
+                "join": "joined"}[self.how]
+
+    def wake(self) -> None:
+        if self.how == "read":
+            os.write(self.wfd, b"wake")
+        elif self.how == "lock":
+            self.lock.release()
+        elif self.how == "cond":
+            self.flag = True
+            self.lock.notify()
+            self.lock.release()
+        else:
+            self.stop.set()
+
+
+def _thread_checks(p: dict, seen: dict, phase: str) -> List[dict]:
+    out = []
+    recs = seen.get("threads") or []
+    if phase == "inspect":
+        try:
+            now = sorted(int(t) for t in os.listdir("/proc/self/task"))
+        except OSError:
+            now = []
+        out.append(check(None, "threads: every recorded TID is a thread of this process",
+                         sorted(r["tid"] for r in recs), sorted(r["tid"] for r in recs if r["tid"] in now)))
+        for b, r in zip(_THREADS, recs):
+            out.append(check(None, f"thread {b.index} ({b.how}): still blocked", True, b.thread.is_alive()))
+            if b.how == "sleep":
+                # it went on sleeping and counting: at least one tick after the restore
+                c0 = b.count
+                deadline = time.monotonic() + 2.0
+                while b.count == c0 and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                out.append(check(None, f"thread {b.index} (sleep): counts on", True, b.count > c0 >= r["count"]))
+    elif phase == "mutate":
+        for b in _THREADS:
+            b.wake()
+        for b, r in zip(_THREADS, recs):
+            b.thread.join(THREAD_WAKE_S)
+            rep = b.report
+            what = f"thread {b.index} ({b.how})"
+            out.append(check(None, f"{what}: woke and finished", True, not b.thread.is_alive() and bool(rep)))
+            out.append(check(None, f"{what}: native id (gettid) is the recorded TID", r["tid"], rep.get("tid")))
+            out.append(check(None, f"{what}: the value in its own frame", r["value"], rep.get("value")))
+            out.append(check(None, f"{what}: its call returned", b.expected(), rep.get("got")))
+    return out
 
 
 def status() -> Dict[str, str]:
@@ -118,6 +247,7 @@ def observe(p: dict) -> dict:
     return {"sigactions": {n: sysapi.sigaction_get(signum(n)) for n in (p.get("sigactions") or {})},
             "blocked": status()["SigBlk"],
             "itimers": {n: list(signal.getitimer(ITIMERS[n])) for n in (p.get("itimers") or {})},
+            "threads": [{"how": b.how, "tid": b.tid, "value": b.value, "count": b.count} for b in _THREADS],
             "at": time.time()}
 
 
@@ -138,7 +268,7 @@ def expected_pending(p: dict) -> List[list]:
 
 def checker(p: dict, seen: dict, phase: str) -> List[dict]:
     """Verify after the restore (``seen``: :func:`observe` before the dump)."""
-    out = []
+    out = _thread_checks(p, seen, phase) if p.get("threads") else []
     if phase == "inspect":
         st = status()
         if "umask" in p:

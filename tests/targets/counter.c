@@ -15,7 +15,7 @@
  *   pause   one step per SIGUSR1, waiting in pause() (-ERESTARTNOHAND)
  *   pipe    one step per SIGUSR1, blocked in read() on a self-pipe whose
  *           write end the handler writes to (-ERESTARTSYS)
- *   thread  a second thread exists (refused: threads)
+ *   thread  a second thread exists (restored: engine/threads.py)
  *   child   a child process exists (refused: process-tree)
  *   sysv    a System V shared memory segment is attached (refused)
  *   altstack  a sigaltstack is set up and SIGUSR1 runs on it

@@ -1,0 +1,471 @@
+"""Multi-threaded processes: freeze every thread, save each one's own
+state, create each again with its TID, all-or-nothing.
+
+Freeze. Every TID in /proc/PID/task is seized (PTRACE_SEIZE with
+PTRACE_O_TRACECLONE) and interrupted, and the list is read again until a
+pass finds no new TID: a stopped thread cannot create another, and a
+thread created by one that was seized but not yet stopped is attached to
+us by the kernel (TRACECLONE) and only its first stop is waited for. A
+thread that exits meanwhile is simply gone. Threads created faster than
+they can be frozen for MAX_ROUNDS passes are refused (`threads`), every
+thread let go.
+
+Saved per thread (the leader's are the process record in core.json, the
+others are core.json "threads"): TID, registers (fs_base/gs_base: TLS),
+xstate (threads-xstate.bin: one file, not one fsync per thread), signal mask, its own pending-signal queue,
+interrupted call (same restart logic as the leader: engine/restart.py),
+rseq, robust list, clear_child_tid (injected PR_GET_TID_ADDRESS),
+sigaltstack, comm, and scheduling attributes (sched_*, affinity, nice and
+timer slack are per thread in Linux; engine/sched.py is applied per TID).
+
+Refused (`threads`), because a restore would make them the same: a thread
+with other credentials, no_new_privs, personality or namespaces than the leader, one
+that does not share the fd table, fs (cwd/umask/root), signal handlers or
+SysV semaphore undo list with it (kcmp), and seccomp in a multi-threaded
+process (filters are per thread and inherited at clone: not rebuilt here).
+
+Restore (Builder stage, after the mm and the process-wide state, before
+credentials are dropped: clone3 set_tid needs CAP_CHECKPOINT_RESTORE in
+the caller): the leader gets PTRACE_O_TRACECLONE and makes an injected
+clone3(CLONE_VM|FS|FILES|SIGHAND|THREAD|SYSVSEM, set_tid=[TID]). The new
+thread returns at the gadget's syscall exit, but it is ours before it runs
+one instruction: auto-attached, it starts in a SIGSTOP stop (the leader was
+attached with PTRACE_TRACEME), from which the restorer injects its own
+state into it through the same gadget. Each thread's registers go back at
+the very end, right before the leader's (Builder.finish). A failure kills
+the whole thread group and waits for every thread.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import struct
+import threading
+import time
+from typing import List, Optional
+
+from . import libc, ptrace, sched, signals
+from .errors import Refusal
+from .libc import SysError
+from .task import Task
+
+MAX_ROUNDS = 64
+FREEZE_OPTIONS = ptrace.O_TRACESYSGOOD | ptrace.O_TRACECLONE
+KCMP = {"fd table (CLONE_FILES)": 2, "fs: cwd, root, umask (CLONE_FS)": 3,
+        "signal handlers (CLONE_SIGHAND)": 4, "SysV semaphore undo list (CLONE_SYSVSEM)": 6}
+CLONE_VM, CLONE_FS, CLONE_FILES, CLONE_SIGHAND = 0x100, 0x200, 0x400, 0x800
+CLONE_THREAD, CLONE_SYSVSEM = 0x10000, 0x40000
+THREAD_FLAGS = CLONE_VM | CLONE_FS | CLONE_FILES | CLONE_SIGHAND | CLONE_THREAD | CLONE_SYSVSEM
+PR_GET_TID_ADDRESS = 40
+PR_SET_TIMERSLACK = 29
+SAME_STATUS = ("Uid", "Gid", "Groups", "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb",
+               "NoNewPrivs", "Seccomp")
+NS_KINDS = ("net", "uts", "ipc", "mnt", "user", "cgroup", "time")
+
+
+def tids(pid: int) -> List[int]:
+    try:
+        return sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
+    except FileNotFoundError:
+        return []
+
+
+def _tracer(tid: int) -> int:
+    try:
+        with open(f"/proc/{tid}/status") as f:
+            for line in f:
+                if line.startswith("TracerPid:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+# -- freeze --------------------------------------------------------------------
+
+def freeze(pid: int) -> List[Task]:
+    """Seize and stop every thread of `pid`: [leader, other threads by TID].
+    Raises Refusal (every thread already seized is let go)."""
+    leader = Task.seize(pid, FREEZE_OPTIONS)
+    tasks = {pid: leader}
+    try:
+        for _ in range(MAX_ROUNDS):
+            new = [t for t in tids(pid) if t not in tasks]
+            if not new:
+                return [leader] + [tasks[t] for t in sorted(tasks) if t != pid]
+            for tid in new:
+                t = _freeze_thread(pid, tid)
+                if t is not None:
+                    tasks[tid] = t
+        raise Refusal("threads", f"threads kept being created faster than they could be frozen "
+                      f"({MAX_ROUNDS} passes over /proc/{pid}/task)", pid=pid)
+    except BaseException:
+        try:
+            _stragglers(pid, tasks)
+        finally:
+            release(list(tasks.values()))
+        raise
+
+
+def _gone(pid: int, tid: int) -> bool:
+    """The thread has exited (or is past the point of no return)."""
+    try:
+        with open(f"/proc/{pid}/task/{tid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (OSError, IndexError):
+        return True
+
+
+def _freeze_thread(pid: int, tid: int) -> Optional[Task]:
+    """The frozen thread, or None when it exited meanwhile."""
+    me = threading.get_native_id()
+    try:
+        return Task.seize(tid, FREEZE_OPTIONS, tgid=pid)
+    except Refusal as r:
+        if r.reason == "no-such-process":
+            return None      # exited before it could be frozen: not part of the process any more
+        if r.reason == "ptraced" and _tracer(tid) == me:
+            return _adopt_clone(pid, tid)
+        if r.reason == "ptraced" and _gone(pid, tid):
+            return None      # PTRACE_SEIZE answers EPERM for a task that is exiting (exit_state set)
+        raise Refusal(r.reason, f"thread {tid}: {r.detail}", pid=pid) from None
+    except SysError as e:
+        if e.errno == 3 and _gone(pid, tid):     # ESRCH: exited between the seize and the interrupt
+            for _ in range(100):                  # a traced zombie thread waits for its tracer
+                st = ptrace.wait_nohang(tid)
+                if st is None or st.exited:
+                    break
+                time.sleep(0.001)
+            return None
+        raise
+
+
+def _adopt_clone(pid: int, tid: int) -> Optional[Task]:
+    """A thread created by one we had seized (PTRACE_O_TRACECLONE): ours
+    already, in its first stop or about to be."""
+    try:
+        return Task.seize(tid, FREEZE_OPTIONS, auto_attached=True, tgid=pid)
+    except Refusal as r:
+        if r.reason == "no-such-process":
+            return None
+        raise
+
+
+def _stragglers(pid: int, tasks: dict) -> None:
+    """On the way out of a refused freeze: threads the kernel attached to us
+    (TRACECLONE) that the scan had not reached yet, so they are let go too."""
+    me = threading.get_native_id()
+    for tid in tids(pid):
+        if tid not in tasks and _tracer(tid) == me:
+            try:
+                t = _adopt_clone(pid, tid)
+            except (Refusal, SysError):
+                continue
+            if t is not None:
+                tasks[tid] = t
+
+
+def release(tasks: List[Task]) -> None:
+    """Let every thread go (registers back, mask back, detach); best effort."""
+    for t in reversed(tasks):
+        if t.attached:
+            try:
+                t.release()
+            except SysError:
+                pass
+
+
+def kill(tasks: List[Task]) -> None:
+    """SIGKILL the process and wait for every traced thread (a traced
+    thread stays a zombie until its tracer waits for it, and the leader's
+    own exit is reported only after all the others)."""
+    if not tasks:
+        return
+    try:
+        os.kill(tasks[0].tgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    for t in tasks[1:]:
+        t.close()
+        while t.attached:
+            try:
+                st = ptrace.wait(t.pid)
+            except SysError:
+                break
+            if st.exited:
+                break
+        t.attached = False
+    tasks[0].kill()
+
+
+# -- survey and dump -----------------------------------------------------------
+
+def _status(pid: int, tid: int) -> dict:
+    from .procfs import parse_status
+    with open(f"/proc/{pid}/task/{tid}/status") as f:
+        return parse_status(f.read())
+
+
+def kcmp(pid1: int, pid2: int, kind: int) -> int:
+    from .arch import current
+    return libc.syscall(current().SYS["kcmp"], pid1, pid2, kind, 0, 0, name="kcmp", pid=pid2)
+
+
+def sameness_problems(pid: int, tid: int) -> List[str]:
+    """What thread `tid` does not share with the leader, though a restore
+    would make it shared."""
+    out = []
+    mine, lead = _status(pid, tid), _status(pid, pid)
+    for k in SAME_STATUS:
+        if mine.get(k, "") != lead.get(k, ""):
+            out.append(f"{k} {mine.get(k, '')!r} (leader: {lead.get(k, '')!r})")
+    for what, kind in KCMP.items():
+        try:
+            if kcmp(pid, tid, kind) != 0:
+                out.append(f"its own {what}")
+        except SysError as e:
+            out.append(f"kcmp {what}: {e.message}")
+    try:
+        with open(f"/proc/{pid}/task/{tid}/personality") as f, open(f"/proc/{pid}/task/{pid}/personality") as g:
+            mine_p, lead_p = f.read().strip(), g.read().strip()
+        if mine_p != lead_p:
+            out.append(f"personality {mine_p} (leader: {lead_p})")
+    except OSError:
+        pass
+    for ns in NS_KINDS:
+        try:
+            if os.readlink(f"/proc/{pid}/task/{tid}/ns/{ns}") != os.readlink(f"/proc/{pid}/task/{pid}/ns/{ns}"):
+                out.append(f"its own {ns} namespace")
+        except OSError:
+            continue
+    return out
+
+
+def thread_state(task: Task, leader: Task, vmas: List[dict]) -> dict:
+    """One non-leader thread's record (its xstate is written separately)."""
+    from .dump import SCRATCH, _rseq, _scratch, robust_list, task_sigmask
+    tid, pid = task.pid, task.tgid
+    task.syscall_ip = leader.syscall_ip
+    with open(f"/proc/{pid}/task/{tid}/comm") as f:
+        comm = f.read().rstrip("\n")
+    rec = {"tid": tid, "comm": comm, "regs": task.image_regs.to_dict(), "sigmask": task_sigmask(task),
+           "rseq": _rseq(task), "robust_list": robust_list(tid), "sched": sched.dump(tid)}
+    scr = _scratch(task, vmas)
+    saved = task.read_mem(scr, SCRATCH)
+    try:
+        task.call("sigaltstack", 0, scr)
+        sp, flags, size = struct.unpack("<Qi4xQ", task.read_mem(scr, 24))
+        rec["sigaltstack"] = [sp, flags, size]
+        task.call("prctl", PR_GET_TID_ADDRESS, scr, 0, 0, 0)
+        rec["tid_address"] = struct.unpack("<Q", task.read_mem(scr, 8))[0]
+    finally:
+        task.write_mem(scr, saved)
+    return rec
+
+
+def survey(s, leader: Task, others: List[Task], state: Optional[dict]) -> List[dict]:
+    """Check and read every non-leader thread into the survey `s`; returns
+    their records (empty when one was refused)."""
+    pid = leader.pid
+    if not others:
+        s.ok("threads", "process", "single-threaded")
+        return []
+    s.ok("threads", "process", f"{len(others) + 1} threads: {pid} " + " ".join(str(t.pid) for t in others))
+    if int(s.status.get("Seccomp", "0") or 0):
+        s.refuse("threads", "process", Refusal(
+            "threads", "seccomp in a multi-threaded process (filters are per thread) is not restored"))
+    recs = []
+    for t in others:
+        what = f"thread {t.pid}"
+        probs = sameness_problems(pid, t.pid)
+        # Refusals under the names the leader's use ("threads", "interrupted
+        # syscall", "pending signals"): stable labels for `ckpt survey`.
+        if probs:
+            s.refuse("threads", "process", Refusal("threads", f"thread {t.pid} differs from the leader: " + "; ".join(probs)))
+            continue
+        if t.restart_problem:
+            s.refuse("interrupted syscall", "process", Refusal("unsupported-state", f"thread {t.pid}: {t.restart_problem}"))
+            continue
+        try:
+            rec = thread_state(t, leader, s.vmas)
+        except Refusal as r:
+            s.refuse(what, "process", Refusal(r.reason, f"thread {t.pid}: {r.detail}"))
+            continue
+        except (SysError, OSError) as e:
+            s.refuse(what, "process", Refusal("unsupported-state", f"thread {t.pid} unreadable: {e}"))
+            continue
+        try:
+            sigs = pending(t, rec, state)
+        except Refusal as r:
+            s.refuse("pending signals", "signals", Refusal(r.reason, f"thread {t.pid}: {r.detail}"))
+            continue
+        except (SysError, OSError) as e:
+            s.refuse("pending signals", "signals", Refusal("unsupported-state", f"thread {t.pid}: pending signals unreadable: {e}"))
+            continue
+        s.ok(what, "process", f"comm {rec['comm']!r}, mask {rec['sigmask']:#x}, fs_base "
+             f"{rec['regs'].get('fs_base', rec['regs'].get('tpidr', 0)):#x}, tid address {rec['tid_address']:#x}, "
+             f"pending {signals.describe(sigs)}")
+        recs.append(rec)
+    return recs
+
+
+def pending(task: Task, rec: dict, state: Optional[dict]) -> dict:
+    """The thread's own pending queue (the shared one is the leader's
+    record). Raises Refusal, SysError."""
+    from .dump import pending_signals
+    view = {"sigmask": rec["sigmask"], "sigactions": (state or {}).get("sigactions", {})}
+    sigs = pending_signals(task, view)
+    return {"thread": sigs["thread"], "shared": []}
+
+
+XSTATE_FILE = "threads-xstate.bin"
+
+
+def pack_xstate(tasks: List[Task], recs: List[dict]) -> bytes:
+    """Every thread's xstate blob end to end, in record order; each record
+    gets its blob's size."""
+    blobs = []
+    for t, rec in zip(tasks, recs):
+        blob = t.get_xstate()
+        rec["xstate_size"] = len(blob)
+        blobs.append(blob)
+    return b"".join(blobs)
+
+
+def unpack_xstate(reader, recs: List[dict]) -> dict:
+    """{tid: xstate blob}. Raises Refusal(image-invalid) when the sizes do
+    not add up to the file."""
+    if not recs:
+        return {}
+    data = reader.read_bytes(XSTATE_FILE)
+    out, off = {}, 0
+    for r in recs:
+        n = r.get("xstate_size")
+        if not isinstance(n, int) or isinstance(n, bool) or n <= 0 or off + n > len(data):
+            raise Refusal("image-invalid", f"{XSTATE_FILE}: thread {r.get('tid')} size {n!r}")
+        out[r["tid"]] = data[off:off + n]
+        off += n
+    if off != len(data):
+        raise Refusal("image-invalid", f"{XSTATE_FILE}: {len(data) - off} bytes beyond the last thread's")
+    return out
+
+
+# -- restore -------------------------------------------------------------------
+
+def check_records(recs) -> Optional[str]:
+    """Why core.json "threads" is malformed, or None."""
+    if not isinstance(recs, list):
+        return "threads is not a list"
+    ints = lambda xs, n: isinstance(xs, list) and len(xs) == n and all(
+        isinstance(x, int) and not isinstance(x, bool) for x in xs)
+    from .arch import current
+    seen = set()
+    for r in recs:
+        try:
+            if not isinstance(r["tid"], int) or r["tid"] <= 0 or r["tid"] in seen:
+                return f"thread TID {r.get('tid')!r}"
+            seen.add(r["tid"])
+            if not isinstance(r["comm"], str) or not isinstance(r["sigmask"], int) \
+                    or not isinstance(r["tid_address"], int):
+                return f"thread {r['tid']}: comm/sigmask/tid_address"
+            if not ints(r["robust_list"], 2) or not ints(r["sigaltstack"], 3):
+                return f"thread {r['tid']}: robust_list/sigaltstack"
+            if not all(isinstance(r["rseq"][k], int) for k in ("pointer", "size", "signature", "flags")):
+                return f"thread {r['tid']}: rseq"
+            if not sched.check_record(r["sched"]):
+                return f"thread {r['tid']}: sched"
+            signals.check_record(r["signals"])
+            current().normalise_restart(current().Regs.from_dict(r["regs"]))
+        except Refusal as e:
+            return f"thread {r.get('tid')}: {e.detail}"
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            return f"thread {r.get('tid') if isinstance(r, dict) else r!r}: {e}"
+    return None
+
+
+def create(b) -> None:
+    """Builder stage: clone every saved thread with its TID into the
+    process being rebuilt and give it its own state. The thread Builders
+    are kept in b.threads (killed with the process on any failure)."""
+    from .build import Builder
+    recs = b.job.core.get("threads") or []
+    if not recs:
+        return
+    # The new thread must be ours before it runs: TRACECLONE on the leader.
+    ptrace.set_options(b.pid, ptrace.O_TRACESYSGOOD | ptrace.O_EXITKILL | ptrace.O_TRACECLONE)
+    for rec in recs:
+        default = rec["sched"].get("default_timerslack_ns")
+        if default:
+            # The clone's default slack is the creator's current one (kernel/fork.c).
+            b.call("prctl", PR_SET_TIMERSLACK, default, 0, 0, 0)
+        args = b.arch.CloneArgs(flags=THREAD_FLAGS, exit_signal=0, set_tid=b.put(struct.pack("<i", rec["tid"]), 256),
+                                set_tid_size=1)
+        addr = b.put(ctypes.string_at(ctypes.addressof(args), ctypes.sizeof(args)), 0)
+        r = b.task.syscall(b.arch.SYS["clone3"], addr, ctypes.sizeof(args))
+        if r == -17:
+            raise Refusal("pid-in-use", f"TID {rec['tid']} was taken before its thread could be restored", pid=b.pid)
+        if -4096 < r < 0:
+            raise SysError("clone3 (injected, CLONE_THREAD)", -r, b.pid)
+        if r != rec["tid"]:
+            raise Refusal("pid-in-use", f"thread came back as TID {r}, not {rec['tid']}", pid=b.pid)
+        t = Task.adopt(r)
+        t.tgid = b.pid
+        t.syscall_ip = b.gadget
+        t.scratch = b.task.scratch
+        tb = Builder(b.job, t)
+        tb.gadget, tb.scratch, tb.rec = b.gadget, b.scratch, rec
+        b.threads.append(tb)
+        _own_state(tb, rec)
+    ptrace.set_options(b.pid, ptrace.O_TRACESYSGOOD | ptrace.O_EXITKILL)
+
+
+def _own_state(tb, rec: dict) -> None:
+    from .build import PR_SET_NAME, SS_DISABLE, SS_ONSTACK
+    tb.call("prctl", PR_SET_NAME, tb.put(rec["comm"].encode()[:15] + b"\0"), 0, 0, 0)
+    sp, ssflags, size = rec["sigaltstack"]
+    if ssflags & SS_DISABLE:
+        sp, ssflags, size = 0, SS_DISABLE, 0
+    tb.call("sigaltstack", tb.put(struct.pack("<Qi4xQ", sp, ssflags & ~SS_ONSTACK, size)), 0)
+    tb.call("set_tid_address", rec["tid_address"])
+    head, length = rec["robust_list"]
+    if head:
+        tb.call("set_robust_list", head, length)
+    # Everything blocked until finish(): a signal dequeued at an injection
+    # stop could only be dropped or delivered mid-restore.
+    ptrace.set_sigmask(tb.pid, signals.ALL_BLOCKED)
+
+
+def creds(b) -> None:
+    """Credentials are per thread in the kernel (glibc's setxid broadcast
+    is user space): each thread drops them itself."""
+    for tb in b.threads:
+        tb.creds()
+
+
+def late_state(b) -> None:
+    """rseq, own pending signals, scheduling: the leader's stages, per thread."""
+    for tb in b.threads:
+        r = tb.rec["rseq"]
+        if r["pointer"]:
+            tb.call("rseq", r["pointer"], r["size"], 0, r["signature"])
+        signals.requeue(tb.task, tb.put, {"thread": tb.rec["signals"].get("thread", [])})
+        sched.apply(tb.pid, tb.rec["sched"])
+
+
+def finish(b) -> None:
+    """Each thread's xstate, mask and registers, then let it go (called
+    once the gadget is unmapped, right before the leader is released)."""
+    for tb in b.threads:
+        regs = b.arch.Regs.from_dict(tb.rec["regs"])
+        b.arch.normalise_restart(regs)
+        try:
+            tb.task.set_xstate(b.job.thread_xstate[tb.pid])
+        except (SysError, ValueError) as e:
+            raise Refusal("cpu-mismatch", f"thread {tb.pid}: this CPU rejects the saved xstate "
+                          f"({getattr(e, 'message', e)})", pid=b.pid) from None
+        ptrace.set_sigmask(tb.pid, tb.rec["sigmask"])
+        tb.final_regs = regs
+    for tb in b.threads:
+        tb.task.release(tb.final_regs)
