@@ -33,7 +33,7 @@ from ..errors import Refusal
 from . import _sockopts
 from ._sockbase import (building, check_options, dup_of, fresh_options, inode_of, options, outside_holders,
                         same_root, unix_diag as _diag)
-from ._unixlisten import _bind, _in_use, _name_text
+from ._unixlisten import _bind, _in_use, _name_text, absolute_bound_path
 from ._util import refuse, refuse_rec, with_status_flags
 
 
@@ -77,19 +77,7 @@ def classify(info, ctx, q: dict) -> dict:
                  "file": None, "ghost": False}
     if not rec["abstract"]:
         path = name.split(b"\0", 1)[0]
-        base = None
-        if not path.startswith(b"/"):
-            # Bound by a relative name: it resolved against the cwd of that
-            # moment; the process's cwd now is taken as that base (checked:
-            # it must lead to the bound inode, unless a ghost).
-            try:
-                base = os.readlink(f"/proc/{info.pid}/cwd")
-            except OSError:
-                base = None
-            if not base or not base.startswith("/"):
-                raise refuse(info, "socket", f"{head}: bound to a relative path and the working directory "
-                             "is unknown")
-            path = os.path.join(os.fsencode(base), path)
+        path, base = absolute_bound_path(info, path, head)   # (checked below: leads to the bound inode, unless a ghost)
         if not same_root(info.pid):
             raise refuse(info, "socket", f"{head}: the process has another root directory")
         try:

@@ -69,20 +69,7 @@ def listener_classify(info, ctx, q: dict) -> dict:
         path = name.split(b"\0", 1)[0]
         if not same_root(info.pid):
             raise refuse(info, "socket", f"{head}: the process has another root directory")
-        base = None
-        if not path.startswith(b"/"):
-            # Bound by a relative name: it resolved against the cwd of the
-            # moment. If the process's cwd still leads to the bound inode,
-            # that cwd is the base; the restore binds the same relative
-            # name from there (getsockname keeps showing it).
-            try:
-                base = os.readlink(f"/proc/{info.pid}/cwd")
-            except OSError:
-                base = None
-            if not base or not base.startswith("/"):
-                raise refuse(info, "socket", f"{head}: bound to a relative path and the working "
-                             "directory is unknown")
-            path = os.path.join(os.fsencode(base), path)
+        path, base = absolute_bound_path(info, path, head)
         try:
             st = os.lstat(path)
         except OSError:
@@ -207,3 +194,20 @@ def listener_restore(rec: dict, ctx) -> int:
         ctx.shared[_unixpending.build_key(rec["inode"])] = {"clients": _unixpending.connect_all(s, rec, ctx)}
         fd = s.detach()
     return with_status_flags(rec, ctx, fd)
+
+
+def absolute_bound_path(info, path: bytes, head: str):
+    """(absolute path, base) of a socket bound by `path`. Bound by a relative
+    name, it resolved against the cwd of that moment: the process's cwd now
+    is taken as that base (the callers check it still leads to the bound
+    inode) and the restore binds the same relative name from there
+    (getsockname keeps showing it). `base` is None for an absolute name."""
+    if path.startswith(b"/"):
+        return path, None
+    try:
+        base = os.readlink(f"/proc/{info.pid}/cwd")
+    except OSError:
+        base = None
+    if not base or not base.startswith("/"):
+        raise refuse(info, "socket", f"{head}: bound to a relative path and the working directory is unknown")
+    return os.path.join(os.fsencode(base), path), base
