@@ -98,12 +98,14 @@ def _rule(field: str, conds: set, before: Dict[str, str]) -> Optional[Allowed]:
     return None
 
 
-def merge_anonymous(snap: Dict[str, str]) -> Dict[str, str]:
-    """The snapshot with runs of adjacent anonymous mappings of equal
-    permissions as one mapping. Why: the kernel merges such neighbours when
-    it can (a restore maps them afresh, so it can), and keeps them apart when
-    their history differs (anon_vma); a program sees the same memory either
-    way. Mappings with a name, a file or other permissions stay as they are."""
+def merge_neighbours(snap: Dict[str, str]) -> Dict[str, str]:
+    """The snapshot with each run of adjacent mappings the kernel could
+    merge (same permissions; anonymous, or the same file at contiguous
+    offsets) as one mapping. Why: the kernel merges such neighbours when it
+    can (a restore maps them afresh, so it can), and keeps them apart when
+    their history differs (anon_vma, an mprotect since undone); a program
+    sees the same memory either way. Named, special or differently
+    permitted mappings stay as they are."""
     maps = []
     for key in snap:
         if key.startswith("maps.") and key.endswith(".perms"):
@@ -113,18 +115,22 @@ def merge_anonymous(snap: Dict[str, str]) -> Dict[str, str]:
     if not maps:
         return snap
     out = {k: v for k, v in snap.items() if not k.startswith("maps.")}
-    run = None          # [lo, hi, first rng] of the current anonymous run
+    run = None          # [lo, hi, first rng, perms, file identity or None, next file offset]
     for lo, hi, rng in sorted(maps):
         f = {a: snap.get(f"maps.{rng}.{a}") for a in ("perms", "offset", "dev", "inode", "path")}
         anon = f["path"] == "" and f["inode"] == "0"
-        if anon and run and run[1] == lo and run[3] == f["perms"]:
+        filed = f["path"].startswith("/") and f["inode"] != "0"
+        # what may merge with what: anonymous with anonymous, a file with itself
+        ident = ("anon",) if anon else (f["dev"], f["inode"], f["path"]) if filed else None
+        off = int(f["offset"] or "0", 16)
+        if run and ident is not None and run[1] == lo and run[3] == f["perms"] and run[4] == ident \
+                and (anon or run[5] == off):
             run[1] = hi
+            run[5] = off + (hi - lo)
             continue
         if run:
             _put_map(out, snap, run)
-        run = [lo, hi, rng, f["perms"]] if anon else None
-        if not anon:
-            _put_map(out, snap, [lo, hi, rng, f["perms"]])
+        run = [lo, hi, rng, f["perms"], ident, off + (hi - lo)]
     if run:
         _put_map(out, snap, run)
     return out
@@ -140,8 +146,8 @@ def _put_map(out: Dict[str, str], snap: Dict[str, str], run: list) -> None:
 
 def diff(before: Dict[str, str], after: Dict[str, str], conds: set = frozenset()) -> List[Dict[str, str]]:
     """The differences that no row of EXPECTED allows, as ``{field, before, after}``
-    (adjacent anonymous mappings compared as one: merge_anonymous)."""
-    before, after = merge_anonymous(before), merge_anonymous(after)
+    (adjacent anonymous mappings compared as one: merge_neighbours)."""
+    before, after = merge_neighbours(before), merge_neighbours(after)
     out = []
     for field in sorted(set(before) | set(after), key=_order):
         b, a = before.get(field), after.get(field)

@@ -105,3 +105,19 @@ def test_each_thread_is_in_the_snapshot_and_a_changed_thread_is_named(tmp_path):
     finally:
         p.kill()
         p.wait()
+
+
+def test_adjacent_pieces_of_one_file_at_contiguous_offsets_compare_as_one():
+    def m(rng, off, path="/lib/x.so", perms="r--p"):
+        return {f"maps.{rng}.perms": perms, f"maps.{rng}.offset": off, f"maps.{rng}.dev": "fe:00",
+                f"maps.{rng}.inode": "42", f"maps.{rng}.path": path}
+    apart = {**m("7f0000000000-7f0000001000", "00021000"), **m("7f0000001000-7f0000002000", "00022000")}
+    merged = m("7f0000000000-7f0000002000", "00021000")
+    assert statediff.diff(apart, merged) == []
+    # not at a gap in the file, nor two files, nor a named mapping next to anonymous memory
+    assert statediff.diff({**m("7f0000000000-7f0000001000", "00021000"),
+                           **m("7f0000001000-7f0000002000", "00030000")}, merged)
+    assert statediff.diff({**m("7f0000000000-7f0000001000", "00021000"),
+                           **m("7f0000001000-7f0000002000", "00022000", path="/lib/y.so")}, merged)
+    heap = _maps(("7f0000000000-7f0000001000", "rw-p", "[heap]"), ("7f0000001000-7f0000002000", "rw-p", ""))
+    assert statediff.diff(heap, _maps(("7f0000000000-7f0000002000", "rw-p", "[heap]")))
