@@ -332,7 +332,8 @@ class Run:
         else:
             res.outside += self._proof_checks(snap, lower)
             res.outside += statediff.as_checks(
-                statediff.diff(self.before, snap, {"migrate"} if migrate else set()), "state")
+                statediff.diff(self.before, snap, ({"migrate"} if migrate else set()) | {f"engine:{self.engine.name}"}),
+                "state")
         if res.verdict is not None:
             res.outside += self._verdict_proof(res.verdict, snap)
         bad_outside = [c for c in res.outside if not c.get("ok")]
