@@ -44,7 +44,7 @@ def opener(e: dict, ctx: Ctx) -> List[Opened]:
     os.lseek(fd, int(e.get("seek", 0)), os.SEEK_SET)
     if sealing and e["seals"]:
         fcntl.fcntl(fd, sysapi.F_ADD_SEALS, expected_seals(e))
-    return [Opened(fd, int(e["fd"]), "memfd")]
+    return [Opened(fd, int(e["fd"]), "memfd", {"mode": oct(os.fstat(fd).st_mode & 0o7777)})]
 
 
 def checker(e: dict, recs: List[dict], ctx: Ctx, phase: str) -> List[dict]:
@@ -52,6 +52,7 @@ def checker(e: dict, recs: List[dict], ctx: Ctx, phase: str) -> List[dict]:
     c = seeded.Content.seeded(int(e["bytes"]), int(e.get("seed", 0)))
     if phase == "inspect":
         return [check(fd, "link", f"/memfd:{e['memfd']} (deleted)", os.readlink(f"/proc/self/fd/{fd}")),
+                check(fd, "mode", recs[0]["extra"].get("mode"), oct(os.fstat(fd).st_mode & 0o7777)),
                 check(fd, "seals (F_GET_SEALS)", hex(expected_seals(e)), hex(fcntl.fcntl(fd, sysapi.F_GET_SEALS))),
                 bytes_check(fd, "content", c.read(0, c.size), os.pread(fd, c.size + 1, 0))]
     if phase == "consume":
