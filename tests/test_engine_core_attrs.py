@@ -239,9 +239,11 @@ def test_nonzero_timer_overrun_is_refused_and_target_unharmed(procs, attrs_bin, 
     p = start(procs, attrs_bin, out, "overrun")
     static, _ = report(p.pid, out)
     assert re.search(r"t0=ok:0\.001000000:armed:ovr[1-9]", static), static
-    with pytest.raises(Refusal) as e:
+    # the timer's own signal may be pending too (refused beside it): one or several refusals
+    with pytest.raises((Refusal, Refusals)) as e:
         dump(p.pid, str(tmp_path / "img"), Options())
-    assert e.value.reason == "unsupported-state" and "overrun count of" in e.value.message
+    refusals = getattr(e.value, "refusals", [e.value])
+    assert any(r.reason == "unsupported-state" and "overrun count of" in r.message for r in refusals), refusals
     assert report(p.pid, out)[0] == static
     assert not os.path.exists(tmp_path / "img")
 
