@@ -244,7 +244,10 @@ def test_nonzero_timer_overrun_is_refused_and_target_unharmed(procs, attrs_bin, 
         dump(p.pid, str(tmp_path / "img"), Options())
     refusals = getattr(e.value, "refusals", [e.value])
     assert any(r.reason == "unsupported-state" and "overrun count of" in r.message for r in refusals), refusals
-    assert report(p.pid, out)[0] == static
+    # unharmed: the same report, but for the overrun of the latest expiry, which
+    # changes on its own with each delivery of the (1 ms, always late) timer
+    same = lambda text: re.sub(r"ovr\d+", "ovr*", text)  # noqa: E731
+    assert same(report(p.pid, out)[0]) == same(static)
     assert not os.path.exists(tmp_path / "img")
 
 
