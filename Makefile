@@ -116,6 +116,6 @@ test-aarch64-guest:
 bench:
 	@mkdir -p bench
 	$(PYTHON) bench/engine_bench.py --out bench/results.json
-	$(PYTHON) -m vm bench --arch $(ARCH) --kernel $(KERNEL) --out bench/results.json
+	$(PYTHON) -m vm bench --arch $(ARCH) --kernel $(KERNEL) --distro $(DISTRO) --out bench/results.json
 	$(PYTHON) -m harness bench --arch $(ARCH) --kernel $(KERNEL) --out bench/results.json
 	$(PYTHON) bench/table.py bench/results.json

@@ -158,7 +158,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_bench
 
     run_bench(Path(args.out), arch=args.arch, accel=args.accel, runs=args.runs,
-              engine_dir=REPO / "engine", kernel=args.kernel)
+              engine_dir=REPO / "engine", kernel=args.kernel, distro=args.distro)
     return 0
 
 
@@ -167,9 +167,9 @@ def cmd_survey(args: argparse.Namespace) -> int:
 
     engine = Path(args.engine_dir) if args.engine_dir else REPO / "engine"
     result = run_survey(Path(args.out), arch=args.arch, kernel=args.kernel, accel=args.accel,
-                        engine_dir=engine, settle_s=args.settle)
-    jpath, hpath = report_paths(Path(args.out), args.arch, args.kernel)
-    _say(f"survey {args.arch} kernel {args.kernel}: {summary_line(result)}")
+                        engine_dir=engine, settle_s=args.settle, distro=args.distro)
+    jpath, hpath = report_paths(Path(args.out), args.arch, args.kernel, args.distro)
+    _say(f"survey {args.arch} {args.distro} kernel {args.kernel}: {summary_line(result)}")
     print(jpath)
     print(hpath)
     return 0
