@@ -15,7 +15,7 @@ import struct
 import time
 from typing import List
 
-from . import files, libc, posixtimers, procfs, sched, seccomp, signals, threads, unlinked
+from . import files, libc, posixtimers, procfs, sched, seccomp, signals, threads, tree, unlinked
 from .arch import current as current_arch
 from .check import Survey, preflight, require_features, target_checks
 from .context import DumpContext, Options, boot_id
@@ -336,6 +336,8 @@ def dump(pid: int, directory: str, options: Options) -> dict:
     require_features()
     arch = current_arch()
     proc = target_checks(pid)
+    if tree.has_children(pid):
+        return tree.dump(pid, directory, options)
     with ImageWriter(directory) as img:
         ctx = DumpContext(pid=pid, options=options, image=img, boot_id=boot_id())
         tasks = threads.freeze(pid)
@@ -391,6 +393,8 @@ def check(pid: int, options: Options) -> dict:
     require_features()
     current_arch()
     proc = target_checks(pid)
+    if tree.has_children(pid):
+        return tree.check(pid, options)
     ctx = DumpContext(pid=pid, options=options, image=None, boot_id=boot_id())
     tasks = threads.freeze(pid)
     task = tasks[0]
