@@ -101,7 +101,9 @@ def _check_process(s: Survey, ctx: Optional[DumpContext] = None) -> None:
     if kids and all(k in tree for k in kids):
         s.ok("children", "process", f"{len(kids)} in the tree: " + " ".join(map(str, kids[:8])))
     elif kids:
-        s.refuse("children", "process", Refusal("process-tree", f"children {kids[:8]}"))
+        # Only when judged alone (ckpt survey): `ckpt check -t` and dump take the tree.
+        s.refuse("children", "process", Refusal("process-tree", f"children {kids[:8]} (judged alone; "
+                                                "`ckpt check -t PID` judges the tree)"))
     else:
         s.ok("children", "process", "none")
     # Pending signals are saved (engine/signals.py): judged with the task

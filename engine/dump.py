@@ -387,13 +387,15 @@ def dump(pid: int, directory: str, options: Options) -> dict:
             "total_ms": round((time.monotonic() - t0) * 1000, 2), "left_running": bool(options.leave_running)}
 
 
-def check(pid: int, options: Options) -> dict:
+def check(pid: int, options: Options, tree_ok: bool = True) -> dict:
     """Dry run: every fd and every piece of state with its verdict. Writes
-    nothing; the target is left running exactly as before."""
+    nothing; the target is left running exactly as before. With children,
+    the whole tree (engine/tree.py) unless `tree_ok` is False (ckpt survey:
+    one process frozen at a time; the children are then `process-tree`)."""
     require_features()
     current_arch()
     proc = target_checks(pid)
-    if tree.has_children(pid):
+    if tree_ok and tree.has_children(pid):
         return tree.check(pid, options)
     ctx = DumpContext(pid=pid, options=options, image=None, boot_id=boot_id())
     tasks = threads.freeze(pid)

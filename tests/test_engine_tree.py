@@ -24,7 +24,8 @@ from engine.context import Options
 from engine.dump import check, dump
 from engine.errors import EngineError, Refusal, Refusals
 from engine.restore import restore
-from engine_core_support import TARGETS, procs, python_exe, wait_for  # noqa: F401
+from engine_core_support import (TARGETS, check_counter, count_lines, counter_bin, procs, python_exe,  # noqa: F401
+                                 start_counter, wait_for, world)
 
 FAMILY = os.path.join(TARGETS, "family.py")
 
@@ -160,6 +161,22 @@ def test_shell_loop_running_a_command_each_tick(procs, session_killer, tmp_path)
     assert _status_field(p.pid, "TracerPid") == "0"
 
 
+def test_counter_with_a_child(procs, session_killer, counter_bin, world, tmp_path):  # noqa: F811
+    """The C counter (its proof: consecutive steps, the input byte of each,
+    the xor of its 4 MiB of memory) with a child sharing its open files:
+    once refused as process-tree, now a tree of two."""
+    p = start_counter(procs, counter_bin, world, mode="child")
+    session_killer.append(p.pid)
+    kid = _descendants(p.pid)
+    assert len(kid) == 1
+    res, _ = _dump_restore(p.pid, tmp_path / "img", procs)
+    assert res["members"] == 2
+    assert _stat(kid[0])["ppid"] == p.pid and _stat(kid[0])["state"] == "S"
+    n = count_lines(world["out"])
+    wait_for(lambda: count_lines(world["out"]) >= n + 10, what="the counter to carry on")
+    check_counter(world["out"], world["in_data"])
+
+
 PRODUCER = ("import sys, time\n"
             "for i in range(1, 1501):\n"
             "    sys.stdout.write(f'{i}\\n'); sys.stdout.flush(); time.sleep(0.002)\n")
@@ -220,6 +237,7 @@ def test_family(procs, session_killer, tmp_path):  # noqa: F811
     got = json.loads((tmp_path / "result").read_text())
     assert got["token"] == info["token"] and got["pid"] == p.pid and got["sid"]
     assert got["groups"] == [True, True, True]
+    assert got["sigchld"][0] == got["sigchld"][1], "a SIGCHLD made by the restore reached the parent"
     assert got["status"] == {"A": ["exit", 7], "C": ["signal", 15], "B": ["exit", 3], "D": ["exit", 4],
                              "E": ["exit", 5], "F": ["exit", 6]}
     assert got["shm"] == "child", "the shared page is not one object"

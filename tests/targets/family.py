@@ -11,8 +11,9 @@ family: the parent P (its own session) holds in memory a random token,
        copy of the buffer (P changed its own after the fork), exits 6 (66
        if its copy is wrong)
     B, D: on "go", check their parent and group, exit 3 / 4 (33/44 if not)
-  Every child waits for "go" in a sleep loop. Once the zombies exist P writes
-  "ready" with the token and the PIDs, then waits for "go": it checks its
+  P counts the SIGCHLDs its handler sees. Every child waits for "go2" in a
+  sleep loop. Once the zombies exist P writes "ready" with the token and
+  the PIDs, then waits for "go", notes its SIGCHLD count, makes "go2", checks its
   groups, reaps every child in order, writes "p2" through its fd, reads the
   shared page, and writes "result" (JSON).
 clonefiles: P and a child made by clone(CLONE_FILES) (a shared fd table).
@@ -34,8 +35,8 @@ import time
 mode = sys.argv[1]
 
 
-def wait_go():
-    while not os.path.exists("go"):
+def wait_go(name="go2"):
+    while not os.path.exists(name):
         time.sleep(0.02)
 
 
@@ -59,6 +60,8 @@ def family():
     fd = os.open("shared.txt", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     os.write(fd, b"p1")
     kids = {}
+    chld = []
+    signal.signal(signal.SIGCHLD, lambda *a: chld.append(1))
 
     def child(name, body):
         pid = os.fork()
@@ -112,9 +115,15 @@ def family():
     for z in ("A", "C"):
         while open(f"/proc/{kids[z]}/stat").read().rsplit(")", 1)[1].split()[0] != "Z":
             time.sleep(0.01)
+    time.sleep(0.1)
+    n_chld = len(chld)
     ready({"token": token, "kids": kids})
-    wait_go()
-    res = {"token": token, "pid": os.getpid(), "sid": os.getsid(0) == me,
+    wait_go("go")
+    # Before any child is let go ("go2"): a SIGCHLD made by the restore
+    # itself would show here.
+    n_after = len(chld)
+    open("go2", "w").close()
+    res = {"token": token, "sigchld": [n_chld, n_after], "pid": os.getpid(), "sid": os.getsid(0) == me,
            "groups": [os.getpgid(kids["B"]) == kids["B"], os.getpgid(kids["D"]) == kids["B"],
                       os.getpgid(kids["E"]) == me]}
     status = {}
