@@ -84,17 +84,13 @@ def session_killer(procs):  # noqa: F811
     """Kill every process of the sessions the test registers, by PID."""
     sids = []
     yield sids
-    for sid in sids:
-        for pid in _session(sid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        for pid in _session(sid):
-            try:
-                os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                pass
+    pids = [pid for sid in sids for pid in _session(sid)]
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    wait_for(lambda: _gone(pids), what="the test's processes reaped")
 
 
 def _start(procs, argv, cwd):  # noqa: F811
@@ -326,6 +322,7 @@ def test_refused_boundaries(procs, session_killer, tmp_path, mode, reason, detai
     p = _start(procs, [python_exe(), FAMILY, mode], tmp_path)
     session_killer.append(p.pid)
     info = _ready(tmp_path, p)
+    session_killer.extend(info["kids"].values())    # badsession: A's own session
     try:
         res = check(p.pid, Options())
         refs = res["refusals"]
