@@ -17,6 +17,9 @@ Restored (one module each):
   an abstract name, unconnected, with an empty queue (_unixdgram);
 - TCP listeners, IPv4 and IPv6, with an empty accept queue
   (_inetsock);
+- established TCP connections through TCP_REPAIR, both ends held by the
+  process, or the peer outside behind a network lock (_tcpconn,
+  engine.netlock);
 - UDP sockets, IPv4 and IPv6, bound or connected, with options, multicast
   memberships and the receive queue with each datagram's addresses
   (_udp, _mcast);
