@@ -19,7 +19,7 @@ from . import files, libc, posixtimers, procfs, sched, seccomp, signals, threads
 from .arch import current as current_arch
 from .check import Survey, preflight, require_features, target_checks
 from .context import DumpContext, Options, boot_id
-from .errors import Refusal, Refusals
+from .errors import EngineError, Refusal, Refusals
 from .fds._dups import leader_map
 from .image import ImageWriter
 from .memory import PAGE, PageDumper
@@ -336,6 +336,23 @@ def pending_signals(task: Task, state: dict) -> dict:
     return sigs
 
 
+def _on_release(ctx: DumpContext, killed: bool) -> None:
+    """Run what fd handlers left to undo once the target is killed or let
+    go (ctx.shared["_on_release"]: callables taking `killed`), each once,
+    last registered first: e.g. a TCP socket held in repair mode, and the
+    network lock around it (kept when the original is killed). Raises
+    EngineError, after running them all, when a let-go target could not be
+    put back as it was."""
+    first = None
+    for hook in reversed(ctx.shared.pop("_on_release", [])):
+        try:
+            hook(killed)
+        except OSError as e:
+            first = first or e
+    if first is not None and not killed:
+        raise EngineError(f"putting the target's sockets back after the dump: {first}", errno=first.errno)
+
+
 def dump(pid: int, directory: str, options: Options) -> dict:
     """Checkpoint `pid` into `directory`. Returns {pid, image, pages_bytes,
     mappings, fds, frozen_ms, total_ms, left_running}. Raises Refusal /
@@ -378,6 +395,7 @@ def dump(pid: int, directory: str, options: Options) -> dict:
             meta = {"pid": pid, "comm": state["comm"], "boot_id": ctx.boot_id, "pages_bytes": dumper.total}
             if options.leave_running:
                 # Everything is read: let it go before the fsyncs of commit.
+                _on_release(ctx, killed=False)
                 threads.release(tasks)
                 t1 = time.monotonic()
                 img.commit(meta)
@@ -385,10 +403,14 @@ def dump(pid: int, directory: str, options: Options) -> dict:
                 # Kill only once the image is safely in place.
                 img.commit(meta)
                 threads.kill(tasks)
+                _on_release(ctx, killed=True)
                 t1 = time.monotonic()
         except BaseException:
             dumper.close()
-            threads.release(tasks)
+            try:
+                _on_release(ctx, killed=False)
+            finally:
+                threads.release(tasks)
             raise
     return {"pid": pid, "image": img.final, "pages_bytes": dumper.total, "mappings": len(vmas),
             "threads": len(tasks),

@@ -65,6 +65,9 @@ REASONS = {
     "fanotify": "fanotify instances are not supported",
     # sockets
     "socket": "a socket the engine cannot restore exactly (family, type and state in the detail)",
+    "tcp-lock": ("a TCP connection whose peer is outside the dump cannot be held still while it is an image: no n"
+                 "etwork lock here (libnftables missing, nftables refusing the rule; named in the detail). Withou"
+                 "t the lock the peer would be answered with a RST or its data lost"),
     "file-lock": ("a file lock that cannot be restored exactly: another process holds a lock on the file or "
                   "waits for one (its pid in the detail), the locked open file is shared with a process "
                   "outside the dump, the process itself waits for a lock, a lease, or a lock on a file "

@@ -457,6 +457,10 @@ def restore(directory: str, options: Options, pidfile: Optional[str] = None) -> 
         job = Job(core=core, vmas=vmas, fdrecs=fdrecs, xstate=xstate, thread_xstate=thread_xstate, pages=pages,
                   prepared=prepared, ctx=ctx)
         out = _run_restorer(job)
+        # The process is back: what handlers hold until then (a TCP
+        # connection's network lock) can go.
+        for hook in ctx.shared.pop("_after_restore", []):
+            hook()
     finally:
         if prepared is not None:
             prepared.close()
