@@ -148,6 +148,9 @@ def test_shell_loop_running_a_command_each_tick(procs, session_killer, tmp_path)
     tree = json.loads((tmp_path / "img" / "tree.json").read_text())
     child = tree["members"][1]
     assert child["comm"] == "sleep" and child["ppid"] == p.pid
+    from engine.show import render, show
+    text = render(show(str(tmp_path / "img")))
+    assert f"process tree: {res['members']} processes" in text and f"{child['pid']} sleep" in text, text
     n = len(f.read_text().split())
     wait_for(lambda: len(f.read_text().split()) >= n + 5, what="ticks after the restore")
     nums = [int(x) for x in f.read_text().split()]
