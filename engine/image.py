@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 import shutil
 import threading
 import time
@@ -224,8 +223,8 @@ class ImageWriter:
             manifest = {
                 "format": FORMAT_VERSION,
                 "engine": __version__,
-                "arch": platform.machine(),
-                "kernel": platform.release(),
+                "arch": os.uname().machine,
+                "kernel": os.uname().release,
                 "created": time.time(),
                 "files": self._files,
             }
@@ -303,8 +302,8 @@ class ImageReader:
         return self.manifest.get("arch", "?")
 
     def check_arch(self) -> None:
-        if self.arch != platform.machine():
-            raise Refusal("arch-mismatch", f"image is {self.arch}, this machine is {platform.machine()}")
+        if self.arch != os.uname().machine:
+            raise Refusal("arch-mismatch", f"image is {self.arch}, this machine is {os.uname().machine}")
 
     def verify(self, threads: int = 2) -> None:
         """Every file present, of the recorded size and sha256; no extras.
