@@ -120,4 +120,6 @@ bench:
 	$(PYTHON) bench/engine_bench.py --out bench/results.json
 	$(PYTHON) -m vm bench --arch $(ARCH) --kernel $(KERNEL) --distro $(DISTRO) --out bench/results.json
 	$(PYTHON) -m harness bench --arch $(ARCH) --kernel $(KERNEL) --out bench/results.json
+	@# ckpt against the guest's criu (bookworm 3.17, trixie 4.1) in one guest; on this host too when its criu works
+	$(PYTHON) -m harness compare --arch $(ARCH) --kernel $(KERNEL) --distro $(DISTRO) --host --out bench/results.json
 	$(PYTHON) bench/table.py bench/results.json

@@ -134,7 +134,8 @@ def _human(command: str, res: dict) -> str:
                    f"zombies, {nthreads} threads)")
         return (f"ckpt: dumped {who} to {res.get('image')}: {mib:.1f} MiB of memory, "
                 f"{res.get('mappings', '?')} mappings, {res.get('fds', '?')} fds; frozen "
-                f"{res.get('frozen_ms', 0):.0f} ms, total {res.get('total_ms', 0):.0f} ms; process {fate}")
+                f"{res.get('frozen_ms', 0):.0f} ms, durable after {res.get('durable_ms', res.get('total_ms', 0)):.0f} ms, "
+                f"total {res.get('total_ms', 0):.0f} ms; process {fate}")
     if command == "restore":
         tree = f" and its tree ({res['members']} processes)" if res.get("members") else ""
         return f"ckpt: restored pid {res.get('pid')}{tree} in {res.get('restore_ms', 0):.0f} ms"

@@ -250,6 +250,7 @@ def _pid_free(pid: int) -> bool:
     not yet reaped by its parent - PID 1 can be slow) is given ZOMBIE_WAIT
     seconds to go away."""
     deadline = time.monotonic() + ZOMBIE_WAIT
+    nap = 0.001     # short at first: a reaper usually acts within a few ms
     while True:
         try:
             with open(f"/proc/{pid}/stat") as f:
@@ -258,7 +259,8 @@ def _pid_free(pid: int) -> bool:
             return not os.path.exists(f"/proc/{pid}")
         if state not in ("Z", "X") or time.monotonic() > deadline:
             return False
-        time.sleep(0.02)
+        time.sleep(nap)
+        nap = min(nap * 2, 0.02)
 
 
 def _comm(pid: int) -> str:

@@ -88,10 +88,17 @@ def on_host(sizes: str, rounds: int) -> Optional[Dict]:
 
 
 def cell_name(arch: str, distro: Optional[str], kernel: Optional[str]) -> str:
+    """'guest x86_64', 'guest x86_64 trixie', '... kernel backports' (the
+    kernel only when it is not the distro's own)."""
+    try:
+        from vm.recipe import DEFAULT_KERNELS
+        own = DEFAULT_KERNELS.get(distro or "bookworm")
+    except ImportError:
+        own = None
     name = f"guest {arch}"
     if distro and distro != "bookworm":
         name += f" {distro}"
-    if kernel:
+    if kernel and kernel != own:
         name += f" kernel {kernel}"
     return name
 
