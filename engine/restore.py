@@ -26,7 +26,7 @@ import time
 import traceback
 from typing import Dict, List, Optional
 
-from . import faults, files, libc, posixtimers, procfs, sched, seccomp, signals, threads, unlinked
+from . import faults, files, guard, libc, posixtimers, procfs, sched, seccomp, signals, threads, unlinked
 from .arch import current as current_arch
 from .build import build
 from .check import SPECIAL_MAPPINGS, creds_of, creds_plan, require_features
@@ -355,12 +355,14 @@ def _run_restorer(job) -> dict:
     """Fork the restorer, which creates and rebuilds the process, reports on
     a pipe and exits. Returns its report; raises what it raised."""
     faults.point("restore.fork")
+    parent = os.getpid()
     r, w = os.pipe()
     child = os.fork()
     if child == 0:
         os.close(r)
         code = 0
         try:
+            guard.become_worker(parent)     # stops (killing the new process) if ckpt dies
             out = {"ok": True, "pid": build(job)}
         except Refusal as e:
             out = {"ok": False, "type": "refusal", **e.as_dict()}
