@@ -156,7 +156,7 @@ def run(fn: Callable, *args):
     result = None
     for kind, obj in _messages(data):
         if kind == "frozen":
-            masks = obj
+            masks.update(obj)
         elif kind in ("ok", "raise"):
             result = (kind, obj)
     if result is None:
