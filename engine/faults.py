@@ -7,6 +7,9 @@ hit) or ``dump.fd.pipe:3`` (its third). The id is the name, plus ``.detail``
 when one is given (an fd kind, a mapping kind, a syscall name, an image file
 name with its digits dropped). Unset, a point costs one global lookup.
 
+``CKPT_FAULT_WAIT=ID:PATH`` holds the step at ID (creating PATH.reached)
+until PATH exists, for tests that need two runs to overlap there.
+
 ``CKPT_FAULT_TRACE=FILE`` appends every point reached, one id per line,
 with the engine file and line of the call: tests learn from a real run which
 points exist (a family such as one point per fd kind expands to what the run
@@ -31,6 +34,7 @@ from .errors import EngineError
 
 ENV = "CKPT_FAULT"
 TRACE_ENV = "CKPT_FAULT_TRACE"
+WAIT_ENV = "CKPT_FAULT_WAIT"      # ID:PATH - at ID, create PATH.reached and wait for PATH (race tests)
 
 
 class FaultInjected(EngineError):
@@ -48,10 +52,12 @@ def _parse(spec: str) -> Tuple[str, int]:
 
 _TARGET: Optional[Tuple[str, int]] = _parse(os.environ[ENV]) if os.environ.get(ENV) else None
 _TRACE: Optional[str] = os.environ.get(TRACE_ENV) or None
+_WAIT: Optional[Tuple[str, str]] = tuple(os.environ[WAIT_ENV].split(":", 1)) \
+    if ":" in os.environ.get(WAIT_ENV, "") else None      # type: ignore[assignment]
 _ABORT: Optional[str] = None
 _hits: Dict[str, int] = {}
 # Read by point() on every call: False keeps a point to one global lookup.
-_ACTIVE = bool(_TARGET or _TRACE)
+_ACTIVE = bool(_TARGET or _TRACE or _WAIT)
 _DIGITS = re.compile(r"\d+")
 
 
@@ -94,10 +100,24 @@ def _hit(name: str, detail) -> None:
             os.write(fd, f"{fid} {site}\n".encode())
         finally:
             os.close(fd)
+    if _WAIT is not None and _WAIT[0] == fid:
+        _wait_for(_WAIT[1])
     if _TARGET is not None and _TARGET[0] == fid:
         n = _hits[fid] = _hits.get(fid, 0) + 1
         if n == _TARGET[1]:
             raise FaultInjected(f"fault injected at {fid} ({ENV})")
+
+
+def _wait_for(path: str, timeout: float = 60.0) -> None:
+    """Hold this step until a test says go (a file appears): two ckpt can
+    then be made to overlap exactly where a test wants them to."""
+    import time
+    open(path + ".reached", "w").close()
+    end = time.monotonic() + timeout
+    while not os.path.exists(path) and time.monotonic() < end:
+        if _ABORT is not None:
+            raise Aborted(f"stopped: {_ABORT}")
+        time.sleep(0.01)
 
 
 def request_abort(why: str) -> None:
