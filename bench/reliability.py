@@ -123,7 +123,8 @@ def kill_dumps(n: int, work: str, rng: random.Random, target: str = "ckpt") -> d
     os.makedirs(work, exist_ok=True)
     span = 1.1 * statistics.median(time_dump(work) for _ in range(2))
     out = {"kills": 0, "aborted_target_intact": 0, "completed_image_ok": 0, "failures": [],
-           "delay_max_s": round(span, 3), "killed": target}
+           "delay_max_s": round(span, 3),
+           "killed": "SIGKILL of ckpt" if target == "ckpt" else "SIGKILL of the dump's tracer (ckpt's worker)"}
     t = None
     for i in range(n):
         d = os.path.join(work, f"k{i}")
@@ -181,6 +182,42 @@ def kill_dumps(n: int, work: str, rng: random.Random, target: str = "ckpt") -> d
     return out
 
 
+def interrupt_runs(n: int, work: str, rng: random.Random, command: str = "check") -> dict:
+    """SIGINT (a ^C) to `ckpt check` or `ckpt dump --leave-running` at n
+    random instants: the target carries on intact every time."""
+    os.makedirs(work, exist_ok=True)
+    t = fs.Target(os.path.join(work, "t"))
+    t0 = time.monotonic()
+    r = fs.ckpt([command, "-t", str(t.pid)] + (["-D", os.path.join(work, "timing"), "--leave-running"]
+                                               if command == "dump" else []))
+    span = 1.1 * (time.monotonic() - t0)
+    if r.returncode not in (0, 3):
+        raise SystemExit(f"reliability: a plain {command} fails: {r.stderr}")
+    out = {"kills": 0, "target_intact": 0, "failures": [], "delay_max_s": round(span, 3),
+           "killed": f"SIGINT to ckpt {command}"}
+    for i in range(n):
+        delay = rng.uniform(0, span)
+        img = os.path.join(work, f"img{i}")
+        p = fs.ckpt_popen([command, "-t", str(t.pid)] + (["-D", img, "--leave-running"] if command == "dump" else []))
+        time.sleep(delay)
+        victims = _worker_of(p.pid)
+        p.send_signal(signal.SIGINT)
+        out["kills"] += 1
+        problems = [] if _wait_ckpt_gone(p, victims) else ["ckpt's worker went on"]
+        problems += t.intact()
+        if command == "dump" and not os.path.exists(os.path.join(img, "manifest.json")):
+            problems += fs.no_image(img)
+        if problems:
+            out["failures"].append({"run": i, "delay_s": round(delay, 4), "problems": problems})
+            t.kill()
+            t = fs.Target(os.path.join(work, f"t{i}"))
+        else:
+            out["target_intact"] += 1
+        shutil.rmtree(img, ignore_errors=True)
+    t.kill()
+    return out
+
+
 def kill_restores(n: int, work: str, rng: random.Random) -> dict:
     im = fs.make_image(os.path.join(work, "rimg"))
     img = im["img"]
@@ -196,7 +233,7 @@ def kill_restores(n: int, work: str, rng: random.Random) -> dict:
         fs.kill_reap(pids[0])
     span = 1.1 * statistics.median(times)
     out = {"kills": 0, "aborted_no_process": 0, "completed_process_ok": 0, "failures": [],
-           "delay_max_s": round(span, 3), "killed": "ckpt"}
+           "delay_max_s": round(span, 3), "killed": "SIGKILL of ckpt"}
     for i in range(n):
         delay = rng.uniform(0, span)
         p = fs.ckpt_popen(["restore", "-D", img])
@@ -256,7 +293,7 @@ def render_kills(name: str, k: dict) -> str:
     good = k["kills"] - len(k["failures"])
     parts = [f"{k2.replace('_', ' ')} {v}" for k2, v in k.items()
              if k2 not in ("kills", "failures", "delay_max_s", "killed")]
-    lines = [f"{name}: {good}/{k['kills']} safe ({', '.join(parts)}; SIGKILL of {k['killed']} "
+    lines = [f"{name}: {good}/{k['kills']} safe ({', '.join(parts)}; {k['killed']} "
              f"at 0-{k['delay_max_s']:.2f} s)"]
     for f in k["failures"][:10]:
         lines.append(f"  run {f['run']} at {f['delay_s']} s: {'; '.join(f['problems'])[:400]}")
@@ -269,6 +306,7 @@ def main(argv=None) -> int:
     ap.add_argument("--kills", type=int, default=200)
     ap.add_argument("--worker-kills", type=int, default=0,
                     help="also SIGKILL the dump's tracer itself this many times (the residual, reported)")
+    ap.add_argument("--interrupts", type=int, default=50, help="SIGINTs to ckpt check and to ckpt dump")
     ap.add_argument("--no-points", action="store_true")
     ap.add_argument("--seed", type=int, default=1)
     args = ap.parse_args(argv)
@@ -292,6 +330,12 @@ def main(argv=None) -> int:
             print(render_kills("kill ckpt restore", kr))
             res["kill_dump"], res["kill_restore"] = kd, kr
             bad += len(kd["failures"]) + len(kr["failures"])
+        if args.interrupts:
+            for cmd in ("check", "dump"):
+                ki = interrupt_runs(args.interrupts, os.path.join(work, f"ki-{cmd}"), rng, cmd)
+                print(render_kills(f"^C ckpt {cmd}", ki))
+                res[f"interrupt_{cmd}"] = ki
+                bad += len(ki["failures"])
         if args.worker_kills:
             kw = kill_dumps(args.worker_kills, os.path.join(work, "kw"), rng, target="worker")
             print(render_kills("kill the dump's tracer (worker) itself", kw))

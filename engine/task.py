@@ -14,7 +14,7 @@ import signal
 from typing import List, Optional
 
 from . import arch as _arch
-from . import faults, libc, ptrace, restart, signals
+from . import faults, guard, libc, ptrace, restart, signals
 from .errors import EngineError, Refusal
 from .libc import SysError
 
@@ -181,15 +181,21 @@ class Task:
         faults.point(self.fault_name, nr)
         regs = self.orig_regs.copy()
         self.arch.set_syscall(regs, self.syscall_ip, nr, args)
-        self.set_regs(regs)
-        self._resume_to_syscall_stop()   # entry
-        self._resume_to_syscall_stop()   # exit
-        ret = self.arch.retval(self.get_regs())
-        if self.fault_name == "dump.syscall":
-            # Its own registers back at once: between two injections the
-            # target is then always safe to let go, even by a tracer that
-            # dies (the kernel detaches it as it is).
-            self.set_regs(self.resume_regs)
+        # No ^C (KeyboardInterrupt) between here and the registers put back:
+        # raised while the task runs, it would leave nothing to unwind with.
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, guard.HELD)
+        try:
+            self.set_regs(regs)
+            self._resume_to_syscall_stop()   # entry
+            self._resume_to_syscall_stop()   # exit
+            ret = self.arch.retval(self.get_regs())
+            if self.fault_name == "dump.syscall":
+                # Its own registers back at once: between two injections the
+                # target is then always safe to let go, even by a tracer that
+                # dies (the kernel detaches it as it is).
+                self.set_regs(self.resume_regs)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
         return ret
 
     def call(self, name: str, *args: int) -> int:

@@ -44,3 +44,10 @@ def test_kill_ckpt_during_restores(rel, tmp_path):
     assert out["kills"] == KILLS
     assert out["failures"] == [], rel.render_kills("kill ckpt restore", out)
     assert out["aborted_no_process"] > 0
+
+
+@pytest.mark.parametrize("command", ["check", "dump"])
+def test_ctrl_c_at_any_instant(rel, tmp_path, command):
+    out = rel.interrupt_runs(10, str(tmp_path), random.Random(19), command)
+    print(rel.render_kills(f"^C ckpt {command}", out))
+    assert out["failures"] == [], rel.render_kills(f"^C ckpt {command}", out)
