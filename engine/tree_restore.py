@@ -147,6 +147,9 @@ def restore_tree(reader, options, pidfile: Optional[str], t0: float) -> dict:
                                            and v["tree_shared"][0] in pids and v["kind"] == "shmem"):
                 raise _bad(f"member {m['pid']} mapping {v['start']:#x}: tree_shared")
     every = [r for _, _, _, _, fdrecs, _, _ in loaded for r in fdrecs if "dup_of" not in r and "ofd_of" not in r]
+    for _, img, _, _, fdrecs, _, _ in loaded:
+        for r in fdrecs:
+            r["_image"] = img     # where its data files are, for a peer restoring both ends (socketpairs)
     for m, img, core, vmas, fdrecs, npf, ctx in loaded:
         ctx.tree_records = every
         try:

@@ -148,6 +148,9 @@ def test_shell_loop_running_a_command_each_tick(procs, session_killer, tmp_path)
     tree = json.loads((tmp_path / "img" / "tree.json").read_text())
     child = tree["members"][1]
     assert child["comm"] == "sleep" and child["ppid"] == p.pid
+    from engine.show import render, show
+    text = render(show(str(tmp_path / "img")))
+    assert f"process tree: {res['members']} processes" in text and f"{child['pid']} sleep" in text, text
     n = len(f.read_text().split())
     wait_for(lambda: len(f.read_text().split()) >= n + 5, what="ticks after the restore")
     nums = [int(x) for x in f.read_text().split()]
@@ -239,6 +242,22 @@ def test_family(procs, session_killer, tmp_path):  # noqa: F811
     assert got["shm"] == "child", "the shared page is not one object"
     assert got["private"] is True
     assert (tmp_path / "shared.txt").read_bytes() == b"p1cp2", "the open file description was split"
+
+
+def test_socketpairs_between_members(procs, session_killer, tmp_path):  # noqa: F811
+    """A stream and a datagram socketpair whose ends parent and child hold,
+    bytes queued both ways: one pair each, every byte and message once."""
+    p = _start(procs, [python_exe(), FAMILY, "sockpair"], tmp_path)
+    session_killer.append(p.pid)
+    info = _ready(tmp_path, p)
+    res, _ = _dump_restore(p.pid, tmp_path / "img", procs)
+    assert res["members"] == 2
+    assert _stat(info["kids"]["C"])["ppid"] == p.pid
+    (tmp_path / "go").write_text("")
+    wait_for(lambda: (tmp_path / "result").exists(), timeout=20, what="the result")
+    got = json.loads((tmp_path / "result").read_text())
+    assert got == {"token": info["token"], "first": "to-parent", "dgrams": ["d1", "d2"],
+                   "reply": "child-got:to-child|p1"}, got
 
 
 def test_thread_pool_under_a_shell(procs, session_killer, tmp_path):  # noqa: F811

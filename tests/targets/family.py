@@ -200,5 +200,53 @@ def outside():
     sleep_forever()
 
 
-{"family": family, "clonefiles": clonefiles, "traceme": traceme, "badsession": badsession,
+def sockpair():
+    """P and C hold the two ends of a stream and a datagram socketpair,
+    each end with bytes queued for it; on "go" each reads what is queued
+    for it, C answers, and P writes "result"."""
+    import socket
+    sa, sb = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    da, db = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    token = os.urandom(8).hex()
+    pid = os.fork()
+    if pid == 0:
+        sa.close()
+        da.close()
+        sb.sendall(b"to-parent")
+        db.send(b"d1")
+        db.send(b"d2")
+        wait_go("go")
+        got = sb.recv(100) + b"|" + db.recv(100)
+        sb.sendall(b"child-got:" + got)
+        os._exit(0)
+    sb.close()
+    db.close()
+    sa.sendall(b"to-child")
+    da.send(b"p1")
+    while True:
+        import fcntl, struct, termios
+        q = struct.unpack("i", fcntl.ioctl(sa.fileno(), termios.FIONREAD, b"\0" * 4))[0]
+        if q == len(b"to-parent"):
+            break
+        time.sleep(0.01)
+    time.sleep(0.1)
+    ready({"token": token, "kids": {"C": pid}})
+    wait_go("go")
+    first = sa.recv(9)
+    d = [da.recv(100), da.recv(100)]
+    reply = b""
+    while not reply.endswith(b"p1"):
+        chunk = sa.recv(100)
+        if not chunk:
+            break
+        reply += chunk
+    os.waitpid(pid, 0)
+    with open("result.tmp", "w") as f:
+        json.dump({"token": token, "first": first.decode(), "dgrams": [x.decode() for x in d],
+                   "reply": reply.decode()}, f)
+    os.rename("result.tmp", "result")
+    sleep_forever()
+
+
+{"sockpair": sockpair, "family": family, "clonefiles": clonefiles, "traceme": traceme, "badsession": badsession,
  "outside": outside}[mode]()
