@@ -218,7 +218,9 @@ def interrupt_runs(n: int, work: str, rng: random.Random, command: str = "check"
     return out
 
 
-def kill_restores(n: int, work: str, rng: random.Random) -> dict:
+def kill_restores(n: int, work: str, rng: random.Random, target: str = "ckpt") -> dict:
+    """SIGKILL `target` ("ckpt", or "restorer": the process that builds
+    the new one and traces it) at n random instants of restores."""
     im = fs.make_image(os.path.join(work, "rimg"))
     img = im["img"]
     pids = fs.image_pids(img)
@@ -233,21 +235,33 @@ def kill_restores(n: int, work: str, rng: random.Random) -> dict:
         fs.kill_reap(pids[0])
     span = 1.1 * statistics.median(times)
     out = {"kills": 0, "aborted_no_process": 0, "completed_process_ok": 0, "failures": [],
-           "delay_max_s": round(span, 3), "killed": "SIGKILL of ckpt"}
+           "delay_max_s": round(span, 3),
+           "killed": "SIGKILL of ckpt" if target == "ckpt" else "SIGKILL of the restorer (ckpt's child, the tracer)"}
     for i in range(n):
         delay = rng.uniform(0, span)
         p = fs.ckpt_popen(["restore", "-D", img])
-        end = time.monotonic() + delay
         victims = []
+        if target != "ckpt":
+            # The restorer lives only while it builds: the delay counts from its fork.
+            fs.wait_for(lambda: _worker_of(p.pid) or p.poll() is not None, 30, "the restorer")
+            delay = rng.uniform(0, span / 3)
+        end = time.monotonic() + delay
         while time.monotonic() < end and p.poll() is None:
             victims = _worker_of(p.pid) or victims
             time.sleep(0.002)
         victims = _worker_of(p.pid) or victims
-        p.kill()
+        if target == "ckpt":
+            p.kill()
+        else:
+            for v in victims:
+                try:
+                    os.kill(v, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
         out["kills"] += 1
         problems = []
         p.wait()
-        if p.returncode not in (0, -signal.SIGKILL):
+        if p.returncode not in (0, -signal.SIGKILL) and target == "ckpt":
             problems.append(f"ckpt failed by itself ({p.returncode}): {p.stderr.read()[-300:]}")
         if not _wait_ckpt_gone(p, victims):
             problems.append("the restorer went on")
@@ -304,8 +318,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "reliability.json"))
     ap.add_argument("--kills", type=int, default=200)
-    ap.add_argument("--worker-kills", type=int, default=0,
-                    help="also SIGKILL the dump's tracer itself this many times (the residual, reported)")
+    ap.add_argument("--worker-kills", type=int, default=50,
+                    help="also SIGKILL the tracers themselves (dump worker, restorer) this many times; "
+                         "a dump worker killed mid-injection is the known residual, reported, not failed")
     ap.add_argument("--interrupts", type=int, default=50, help="SIGINTs to ckpt check and to ckpt dump")
     ap.add_argument("--no-points", action="store_true")
     ap.add_argument("--seed", type=int, default=1)
@@ -338,8 +353,11 @@ def main(argv=None) -> int:
                 bad += len(ki["failures"])
         if args.worker_kills:
             kw = kill_dumps(args.worker_kills, os.path.join(work, "kw"), rng, target="worker")
-            print(render_kills("kill the dump's tracer (worker) itself", kw))
-            res["kill_dump_worker"] = kw
+            print(render_kills("kill the dump's tracer itself", kw))
+            kr = kill_restores(args.worker_kills, os.path.join(work, "krw"), rng, target="restorer")
+            print(render_kills("kill the restorer itself", kr))
+            res["kill_dump_worker"], res["kill_restore_restorer"] = kw, kr
+            bad += len(kr["failures"])
     finally:
         shutil.rmtree(work, ignore_errors=True)
     res["reliability_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
