@@ -16,7 +16,6 @@ import errno
 import hashlib
 import json
 import os
-import shutil
 import threading
 import time
 from typing import BinaryIO, Dict, Optional
@@ -171,6 +170,7 @@ class ImageWriter:
         if os.path.lexists(self.partial):
             # A leftover of a dump that crashed: it was never complete, so it
             # is safe to replace, and keeping it would block every retry.
+            import shutil   # only on this path: shutil pulls in bz2/lzma (C modules) at import
             shutil.rmtree(self.partial, ignore_errors=True)
         try:
             os.mkdir(self.partial, 0o700)
@@ -315,6 +315,7 @@ class ImageWriter:
             except OSError:
                 pass
         self._open.clear()
+        import shutil
         shutil.rmtree(self.partial, ignore_errors=True)
 
     def __enter__(self) -> "ImageWriter":

@@ -38,7 +38,7 @@ def _static_memhog(out: Path) -> Path:
 
 
 def in_guest(arch: str, accel: str, kernel: Optional[str], distro: Optional[str], sizes: str,
-             rounds: int, timeout: float) -> Dict:
+             rounds: int, timeout: float, engine_dir: Optional[str] = None) -> Dict:
     from vm import Guest, ensure_image
     kw = {}
     if kernel:
@@ -49,7 +49,7 @@ def in_guest(arch: str, accel: str, kernel: Optional[str], distro: Optional[str]
     with tempfile.TemporaryDirectory(prefix="crucible-compare-") as tmp:
         exe = _static_memhog(Path(tmp))
         with Guest(arch=arch, accel=accel, name="bench-compare", log_dir=str(REPO / "reports" / "guests"),
-                   image=img, memory_mb=1024, engine_dir=str(REPO / "engine"),
+                   image=img, memory_mb=1024, engine_dir=engine_dir or str(REPO / "engine"),
                    **({"distro": distro} if distro else {})) as g:
             g.put(str(exe), "/root/memhog")
             g.put(str(SCRIPT), "/root/compare.py")
@@ -115,15 +115,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--timeout", type=float, default=3600)
     ap.add_argument("--host", action="store_true", help="also compare on this host when its criu works")
     ap.add_argument("--no-guest", action="store_true")
+    ap.add_argument("--engine-dir", help="another engine package to measure (e.g. an older commit's, for before/after)")
+    ap.add_argument("--cell", help="the name of the result entry (default: from arch, distro, kernel)")
     args = ap.parse_args(argv)
     # bytecode for the host runs (the guest compiles its own at install)
     subprocess.run([sys.executable, "-m", "compileall", "-q", str(REPO / "engine")], stdout=subprocess.DEVNULL,
                    close_fds=True)
     if not args.no_guest:
         t0 = time.monotonic()
-        doc = in_guest(args.arch, args.accel, args.kernel, args.distro, args.sizes, args.rounds, args.timeout)
+        doc = in_guest(args.arch, args.accel, args.kernel, args.distro, args.sizes, args.rounds, args.timeout,
+                       args.engine_dir)
         doc["bench_wall_s"] = round(time.monotonic() - t0, 1)
-        merge_into(Path(args.out), "compare", cell_name(args.arch, args.distro, args.kernel), doc)
+        merge_into(Path(args.out), "compare", args.cell or cell_name(args.arch, args.distro, args.kernel), doc)
         print(json.dumps(doc["rows"], indent=1))
     if args.host:
         doc = on_host(args.sizes, args.rounds)
