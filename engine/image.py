@@ -64,6 +64,7 @@ def _fsync_path(path: str) -> None:
         os.close(fd)
 
 
+PARALLEL_MIN = 4 << 20       # verify: files smaller than this are hashed without threads
 WRITEBACK_STEP = 8 << 20     # start the writeback of every this many bytes written
 
 _SFR = None
@@ -394,12 +395,24 @@ class ImageReader:
             except OSError as e:
                 raise bad(f"cannot read {name}: {e.strerror}") from None
 
-        from concurrent.futures import ThreadPoolExecutor
         names = sorted(self.files, key=lambda n: -self.files[n]["size"])
-        with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-            for name, got in zip(names, pool.map(digest, names)):
+        # A second file of at least PARALLEL_MIN bytes is worth a thread;
+        # a small image is hashed here (concurrent.futures alone imports
+        # logging: more than hashing a small process's pages).
+        pool = None
+        if threads <= 1 or len(names) < 2 or self.files[names[1]]["size"] < PARALLEL_MIN:
+            digests = map(digest, names)
+        else:
+            from concurrent.futures import ThreadPoolExecutor
+            pool = ThreadPoolExecutor(max_workers=threads)
+            digests = pool.map(digest, names)
+        try:
+            for name, got in zip(names, digests):
                 if got != self.files[name]["sha256"]:
                     raise bad(f"{name} does not match its sha256 (altered or damaged)")
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
         self._verified = True
 
     def path(self, name: str) -> str:
