@@ -231,3 +231,94 @@ while True:
     assert [(r.reason, r.fd) for r in refusals] == [("socket", 500)]
     assert " close-wait 127.0.0.1:" in refusals[0].detail
     assert "only established connections" in refusals[0].detail
+
+
+WAITING = r'''
+import json, os, signal, socket, sys, time
+OUT, MODE = sys.argv[1], sys.argv[2]
+l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.bind(("127.0.0.1", 0)); l.listen(4)
+c = socket.create_connection(l.getsockname())
+c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+if MODE == "data":
+    c.send(b"hello")
+if MODE == "two":
+    c2 = socket.create_connection(l.getsockname()); os.dup2(c2.fileno(), 502); c2.close()
+cname = c.getsockname()
+os.dup2(l.fileno(), 500); os.dup2(c.fileno(), 501); l.close(); c.close()
+
+def verify(*_):
+    l = socket.socket(fileno=os.dup(500)); c = socket.socket(fileno=os.dup(501))
+    l.settimeout(5); c.settimeout(5)
+    a, peer = l.accept()
+    a.settimeout(5)
+    if MODE == "data":
+        assert a.recv(5) == b"hello"
+    c.sendall(b"ping"); a.sendall(b"pong")
+    out = {"peer": list(peer) == list(cname), "ping": a.recv(4) == b"ping", "pong": c.recv(4) == b"pong",
+           "nodelay": c.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1,
+           "reuse": l.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR) == 1}
+    with open(OUT + ".tmp", "w") as f:
+        json.dump(out, f)
+    os.rename(OUT + ".tmp", OUT)
+
+signal.signal(signal.SIGUSR1, verify)
+open("ready.tmp", "w").close(); os.rename("ready.tmp", "ready")
+while True:
+    signal.pause()
+'''
+
+
+def _waiting_worker(procs, tmp_path, mode):
+    script = tmp_path / "waiting.py"
+    script.write_text(WAITING)
+    p = procs.start([python_exe(), str(script), str(tmp_path / "verdict.json"), mode], cwd=str(tmp_path))
+    wait_for(lambda: (tmp_path / "ready").exists() or p.poll() is not None, what="the worker")
+    assert p.poll() is None
+    return p
+
+
+def test_listener_with_a_waiting_connection_from_its_own_client_restored_waiting(procs, tmp_path):
+    p = _waiting_worker(procs, tmp_path, "empty")
+    dump_restore(procs, p, str(tmp_path / "img"))
+    recs = {r["fd"]: r for r in json.loads((tmp_path / "img" / "fds.json").read_text())}
+    assert len(recs[500]["waiting"]) == 1 and recs[501]["peer"] == "accept"
+    assert _verdict(p, tmp_path) == {"peer": True, "ping": True, "pong": True, "nodelay": True, "reuse": True}
+
+
+@pytest.mark.parametrize("mode, detail", [
+    ("data", "waits in the accept queue with 5 bytes its client sent: they cannot be read without accepting it"),
+    ("two", "2 connections waiting in the accept queue: their accept order cannot be read"),
+])
+def test_listener_with_waiting_connections_that_cannot_be_made_again_is_refused(procs, tmp_path, mode, detail):
+    p = _waiting_worker(procs, tmp_path, mode)
+    time.sleep(0.1)
+    with pytest.raises((Refusal, Refusals)) as ei:
+        dump(p.pid, str(tmp_path / "img"), Options())
+    refusals = getattr(ei.value, "refusals", [ei.value])
+    assert [(r.reason, r.fd) for r in refusals] == [("socket", 500)]
+    assert detail in refusals[0].detail
+    assert not (tmp_path / "img").exists()
+    v = _verdict(p, tmp_path)                          # untouched: the connection is still there to accept
+    assert v["peer"] and v["ping"] and v["pong"]
+
+
+def test_listener_whose_waiting_client_is_outside_is_refused(procs, tmp_path):
+    script = tmp_path / "l.py"
+    script.write_text(r'''
+import os, socket, time
+l = socket.socket(); l.bind(("127.0.0.1", 0)); l.listen(4)
+open("port.tmp", "w").write(str(l.getsockname()[1])); os.rename("port.tmp", "port")
+os.dup2(l.fileno(), 500); l.close()
+while True:
+    time.sleep(1)
+''')
+    p = procs.start([python_exe(), str(script)], cwd=str(tmp_path))
+    wait_for(lambda: (tmp_path / "port").exists(), what="the listener")
+    with socket.create_connection(("127.0.0.1", int((tmp_path / "port").read_text()))):
+        time.sleep(0.1)
+        with pytest.raises((Refusal, Refusals)) as ei:
+            dump(p.pid, str(tmp_path / "img"), Options())
+    refusals = getattr(ei.value, "refusals", [ei.value])
+    assert [(r.reason, r.fd) for r in refusals] == [("socket", 500)]
+    assert "its client is outside the dump" in refusals[0].detail
