@@ -1,10 +1,12 @@
 """TCP listeners (IPv4 and IPv6) held only by the process, with nothing
-waiting to be accepted.
+waiting to be accepted, or one connection from a client the process holds
+that has sent nothing (see waiting_connections).
 
 At dump: inet_diag (engine.netdiag) gives the accept queue length and the
 backlog (a listener's idiag_rqueue / idiag_wqueue: sk_ack_backlog /
 sk_max_ack_backlog, net/ipv4/inet_diag.c) - a listener with connections
-waiting is refused (their clients would be dropped), and so is one with
+waiting is refused (their clients would be dropped) unless the one
+waiting connection can be made again by its client, and so is one with
 half-open connections (request sockets, shown in /proc/net/tcp* as
 SYN_RECV with the listener's local port). Options are read and compared
 with a fresh socket's (_sockopts).
