@@ -38,8 +38,9 @@ def stream(seed, start, n):
 PAIR = STREAM + r'''
 import json, os, signal, socket, sys, time
 OUT = sys.argv[1]
-l = socket.socket(); l.bind(("127.0.0.1", 0)); l.listen(1)
-c = socket.create_connection(l.getsockname()); a, _ = l.accept(); l.close()
+FAM, LO = (socket.AF_INET6, "::1") if sys.argv[2] == "6" else (socket.AF_INET, "127.0.0.1")
+l = socket.socket(FAM); l.bind((LO, 0)); l.listen(1)
+c = socket.create_connection(l.getsockname()[:2]); a, _ = l.accept(); l.close()
 c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 c.setblocking(False)
 sent = 0
@@ -127,10 +128,10 @@ run(c, b"peer", b"srv", int(sys.argv[1]), "peer.json", 0.01)
 '''
 
 
-def _pair_worker(procs, tmp_path):
+def _pair_worker(procs, tmp_path, v="4"):
     script = tmp_path / "pair.py"
     script.write_text(PAIR)
-    p = procs.start([python_exe(), str(script), str(tmp_path / "verdict.json")], cwd=str(tmp_path))
+    p = procs.start([python_exe(), str(script), str(tmp_path / "verdict.json"), v], cwd=str(tmp_path))
     wait_for(lambda: (tmp_path / "ready").exists() or p.poll() is not None, what="the pair worker")
     assert p.poll() is None
     return p
@@ -142,9 +143,14 @@ def _verdict(p, tmp_path):
     return json.loads((tmp_path / "verdict.json").read_text())
 
 
-def test_loopback_pair_restored_with_both_queues(procs, tmp_path):
-    p = _pair_worker(procs, tmp_path)
+@pytest.mark.parametrize("v", ["4", "6"])
+def test_loopback_pair_restored_with_both_queues(procs, tmp_path, v):
+    p = _pair_worker(procs, tmp_path, v)
     dump_restore(procs, p, str(tmp_path / "img"))
+    recs = [r for r in json.loads((tmp_path / "img" / "fds.json").read_text()) if r.get("sock") == "tcp-conn"]
+    assert sorted(r["peer"] for r in recs) == ["dump", "dump"]
+    # Both queues of the sender were caught: sent-unacknowledged and unsent bytes.
+    assert any(r["repair"]["outq_len"] > 0 for r in recs) and any(r["repair"]["inq_len"] > 0 for r in recs)
     v = _verdict(p, tmp_path)
     assert v["sent"] > 100000
     assert v == {"sent": v["sent"], "c2a": True, "a2c": True, "after": True, "nodelay": True}
@@ -196,6 +202,20 @@ def test_outside_peer_keeps_streaming_across_the_checkpoint(procs, tmp_path):
     assert res["fds"] >= 1
 
 
+@pytest.mark.skipif(netlock.available() is not None, reason=f"no network lock here: {netlock.available()}")
+def test_outside_peer_leave_running_releases_the_lock_and_repair_mode(procs, tmp_path):
+    n = 200_000
+    srv, peer = _start_server_and_peer(procs, tmp_path, n)
+    time.sleep(0.3)
+    dump(srv.pid, str(tmp_path / "img"), Options(leave_running=True))
+    rec = [r for r in json.loads((tmp_path / "img" / "fds.json").read_text()) if r.get("sock") == "tcp-conn"]
+    assert not netlock.locked(rec[0]["lock"])
+    assert peer.wait(timeout=120) == 0, peer.stderr.read().decode()
+    wait_for((tmp_path / "server.json").exists, timeout=60, what="the server's verdict")
+    assert json.loads((tmp_path / "server.json").read_text()) == {"ok": True, "sent": n, "got": n, "err": None}
+    assert json.loads((tmp_path / "peer.json").read_text()) == {"ok": True, "sent": n, "got": n, "err": None}
+
+
 def test_outside_peer_without_network_lock_is_refused(procs, tmp_path, monkeypatch):
     srv, peer = _start_server_and_peer(procs, tmp_path, 100_000)
     monkeypatch.setattr(netlock, "available", lambda: "libnftables.so.1 is not installed (test)")
@@ -215,7 +235,7 @@ def test_close_wait_connection_is_refused_naming_its_state(procs, tmp_path):
     script.write_text(r'''
 import os, socket, time
 l = socket.socket(); l.bind(("127.0.0.1", 0)); l.listen(1)
-c = socket.create_connection(l.getsockname()); a, _ = l.accept(); l.close()
+c = socket.create_connection(l.getsockname()[:2]); a, _ = l.accept(); l.close()
 a.close()                                   # c gets the FIN: CLOSE_WAIT
 os.dup2(c.fileno(), 500); c.close()
 open("ready.tmp", "w").close(); os.rename("ready.tmp", "ready")

@@ -71,11 +71,13 @@ TCPI_OPT_TIMESTAMPS, TCPI_OPT_SACK, TCPI_OPT_WSCALE, TCPI_OPT_ECN = 1, 2, 4, 8
 TCPI_OPT_ECN_SEEN, TCPI_OPT_USEC_TS = 16, 64
 ESTABLISHED = 1
 # Options the kernel itself moves on a live connection (buffer autotuning,
-# the window clamp, the current MSS; an accepted socket's IP_MULTICAST_TTL
-# holds the TTL of the SYN: tcp_v4_syn_recv_sock, and cannot be set on a
-# stream socket): not "set by the process"; carried by the repair state or
-# put back as they were without locking them (IP_MULTICAST_TTL: not at all).
-_KERNEL_MOVED = ("SO_SNDBUF", "SO_RCVBUF", "TCP_WINDOW_CLAMP", "TCP_MAXSEG", "IP_MULTICAST_TTL")
+# the window clamp, the current MSS; an accepted socket's multicast TTL /
+# hop limit and interface hold the SYN's TTL and incoming interface:
+# tcp_v4_syn_recv_sock, tcp_v6_syn_recv_sock, and cannot be set on a stream
+# socket): not "set by the process"; carried by the repair state or put
+# back as they were without locking them (the multicast ones: not at all).
+_KERNEL_MOVED = ("SO_SNDBUF", "SO_RCVBUF", "TCP_WINDOW_CLAMP", "TCP_MAXSEG", "IP_MULTICAST_TTL",
+                 "IPV6_MULTICAST_HOPS", "IPV6_MULTICAST_IF")
 SOCK_SNDBUF_LOCK, SOCK_RCVBUF_LOCK = 1, 2
 _STABLE_TRIES = 20
 
@@ -417,6 +419,37 @@ def _send_all(s: _socket.socket, data: bytes) -> None:
         off += n
 
 
+def _bind_addr(rec: dict) -> tuple:
+    """Where to bind: the recorded local address, but for an IPv6 socket
+    that was not IPV6_V6ONLY the wildcard with the recorded port, since
+    binding a specific IPv6 address sets IPV6_V6ONLY (__inet6_bind), which
+    cannot be cleared once bound; connect then picks the same source
+    address (checked by _check_local)."""
+    local = tuple(rec["local"])
+    if rec["family"] == _socket.AF_INET6 and rec["opts"].get("IPV6_V6ONLY") == "00000000" and \
+            not local[0].startswith("::ffff:"):
+        return ("::", local[1])
+    return local
+
+
+def _bind(s: _socket.socket, rec: dict, ctx) -> None:
+    try:
+        s.bind(_bind_addr(rec))
+    except OSError as e:
+        if e.errno in (_errno.EADDRINUSE, _errno.EADDRNOTAVAIL):
+            why = "address in use" if e.errno == _errno.EADDRINUSE else "address not available here"
+            raise refuse_rec(rec, ctx, "socket", f"tcp connection {_ep_text(rec['local'])}->"
+                             f"{_ep_text(rec['remote'])}: {why}") from None
+        raise
+
+
+def _check_local(s: _socket.socket, rec: dict, ctx) -> None:
+    got = list(s.getsockname()[:2])
+    if got != rec["local"]:
+        raise refuse_rec(rec, ctx, "socket", f"tcp connection {_ep_text(rec['local'])}->"
+                         f"{_ep_text(rec['remote'])}: its source address would be {_ep_text(got)} here")
+
+
 def _build(rec: dict, ctx) -> tuple:
     """A socket in repair mode with everything but its unsent bytes;
     returns (socket, unsent bytes)."""
@@ -430,19 +463,13 @@ def _build(rec: dict, ctx) -> tuple:
     with building(s, rec, ctx, what):
         _setint(s, TCP_REPAIR, TCP_REPAIR_ON)
         _sockopts.apply(s, rec["opts"], rec["set"])
-        try:
-            s.bind(tuple(rec["local"]))
-        except OSError as e:
-            if e.errno in (_errno.EADDRINUSE, _errno.EADDRNOTAVAIL):
-                why = "address in use" if e.errno == _errno.EADDRINUSE else "address not available here"
-                raise refuse_rec(rec, ctx, "socket", f"tcp connection {_ep_text(rec['local'])}->"
-                                 f"{_ep_text(rec['remote'])}: {why}") from None
-            raise
+        _bind(s, rec, ctx)
         _setint(s, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE)
         s.setsockopt(SOL_TCP, TCP_QUEUE_SEQ, struct.pack("I", (r["inq_seq"] - r["inq_len"]) & 0xFFFFFFFF))
         _setint(s, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)
         s.setsockopt(SOL_TCP, TCP_QUEUE_SEQ, struct.pack("I", (r["outq_seq"] - r["outq_len"]) & 0xFFFFFFFF))
         s.connect(tuple(rec["remote"]))
+        _check_local(s, rec, ctx)
         opts = []
         if r["opt_mask"] & TCPI_OPT_SACK:
             opts.append((TCPOPT_SACK_PERM, 0))
@@ -560,16 +587,11 @@ def _reconnect(rec: dict, ctx) -> int:
     s = _socket.socket(fam, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC, _socket.IPPROTO_TCP)
     with building(s, rec, ctx, f"reconnecting {what}"):
         _sockopts.apply(s, rec["opts"], rec["set"])
-        try:
-            s.bind(tuple(rec["local"]))
-        except OSError as e:
-            if e.errno in (_errno.EADDRINUSE, _errno.EADDRNOTAVAIL):
-                why = "address in use" if e.errno == _errno.EADDRINUSE else "address not available here"
-                raise refuse_rec(rec, ctx, "socket", f"{what}: {why}") from None
-            raise
+        _bind(s, rec, ctx)
         s.settimeout(10)
         s.connect(tuple(rec["remote"]))
         s.settimeout(None)
+        _check_local(s, rec, ctx)
         _put_back_moved(s, rec)
         _sockopts.apply_late(s, rec["opts"], rec["set"])
         _sockopts.verify(s, fam, True, rec["opts"])
