@@ -13,6 +13,9 @@ connecting end at ``peer_fd``, or ``sender: outside``). A netlink-route
 socket keeps its port id and answers a request on it (``data``: a reply is left queued
 before the dump). A packet socket is refused by name.
 
+A tcp-half-closed connection is a tcp-established one whose peer end
+has shut down writing (``fd`` in CLOSE_WAIT, ``peer_fd`` in FIN_WAIT2).
+
 A tcp-established connection with ``sender: outside`` has its other end in
 a process outside the dump (an echo peer) that keeps it open throughout:
 ``data`` is what the peer sent before the dump (it waits in the
@@ -36,9 +39,9 @@ from .core import MARKER, Ctx, Opened, bytes_check, check, drain, seeded_bytes, 
 KIND = "socket"
 TAGS = ("socket",)
 SOCKETS = ("unix-pair", "unix-listen", "unix-pending", "unix-dgram", "tcp-listen", "tcp-pending", "tcp-established",
-           "udp", "udp6", "netlink-route", "packet")
+           "tcp-half-closed", "udp", "udp6", "netlink-route", "packet")
 _NETLINK_ROUTE, _RTM_GETLINK, _NLM_F_REQUEST = 0, 18, 1
-PAIRS = ("unix-pair", "tcp-established")
+PAIRS = ("unix-pair", "tcp-established", "tcp-half-closed")
 
 
 def fields(s) -> dict:
@@ -121,7 +124,7 @@ def opener(e: dict, ctx: Ctx) -> List[Opened]:
             c.close()
             return [Opened(s.detach(), int(e["fd"]), "sock")]
         return [Opened(s.detach(), int(e["fd"]), "sock"), Opened(c.detach(), int(e["peer_fd"]), "peer")]
-    if kind == "tcp-established":
+    if kind in ("tcp-established", "tcp-half-closed"):
         lst = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         lst.bind(("127.0.0.1", 0))
         lst.listen(1)
@@ -130,6 +133,9 @@ def opener(e: dict, ctx: Ctx) -> List[Opened]:
         lst.close()
         srv.sendall(payload)
         c.sendall(back)
+        if kind == "tcp-half-closed":
+            srv.shutdown(socket.SHUT_WR)     # fd: CLOSE_WAIT, peer_fd: FIN_WAIT2
+            wait_readable(c.fileno(), 2)
         if _outside_tcp(e):
             ctx.helpers.append(_spawn_echo_peer(srv.fileno()))
             srv.close()
@@ -299,6 +305,8 @@ def checker(e: dict, recs: List[dict], ctx: Ctx, phase: str) -> List[dict]:
             seq_port = list(struct.unpack_from("=II", reply, 8)) if len(reply) >= 16 else None
             out.append(check(fd, "a request is answered on the same port id",
                              [4242, by_role["sock"]["extra"]["sockname"][0]], seq_port))
+        elif phase == "mutate" and kind == "tcp-half-closed":
+            out.append(_marker(peer, fd, "write arrives at the peer (the peer's side is shut down)"))
         elif phase == "mutate" and kind in PAIRS:
             out.append(_marker(fd, peer, "peer's write arrives"))
             out.append(_marker(peer, fd, "write arrives at the peer"))
