@@ -15,7 +15,7 @@ import struct
 import time
 from typing import List
 
-from . import files, libc, posixtimers, procfs, sched, seccomp, signals, threads, unlinked
+from . import files, libc, posixtimers, procfs, sched, seccomp, signals, threads, tree, unlinked
 from .arch import current as current_arch
 from .check import Survey, preflight, require_features, target_checks
 from .context import DumpContext, Options, boot_id
@@ -362,6 +362,8 @@ def dump(pid: int, directory: str, options: Options) -> dict:
     require_features()
     arch = current_arch()
     proc = target_checks(pid)
+    if tree.has_children(pid):
+        return tree.dump(pid, directory, options)
     with ImageWriter(directory) as img:
         ctx = DumpContext(pid=pid, options=options, image=img, boot_id=boot_id())
         tasks = threads.freeze(pid)
@@ -416,12 +418,16 @@ def dump(pid: int, directory: str, options: Options) -> dict:
             "total_ms": round((time.monotonic() - t0) * 1000, 2), "left_running": bool(options.leave_running)}
 
 
-def check(pid: int, options: Options) -> dict:
+def check(pid: int, options: Options, tree_ok: bool = True) -> dict:
     """Dry run: every fd and every piece of state with its verdict. Writes
-    nothing; the target is left running exactly as before."""
+    nothing; the target is left running exactly as before. With children,
+    the whole tree (engine/tree.py) unless `tree_ok` is False (ckpt survey:
+    one process frozen at a time; the children are then `process-tree`)."""
     require_features()
     current_arch()
     proc = target_checks(pid)
+    if tree_ok and tree.has_children(pid):
+        return tree.check(pid, options)
     ctx = DumpContext(pid=pid, options=options, image=None, boot_id=boot_id())
     tasks = threads.freeze(pid)
     task = tasks[0]
