@@ -189,6 +189,10 @@ def restore_tree(reader, options, pidfile: Optional[str], t0: float) -> dict:
             jobs[m["pid"]] = single.Job(core=core, vmas=vmas, fdrecs=fdrecs, xstate=xstate,
                                         thread_xstate=thread_xstate, pages=pages, prepared=p, ctx=ctx)
         out = single._run_restorer(TreeJob(members, jobs), build_tree)
+        # The tree is back: what handlers hold until then (a TCP
+        # connection's network lock) can go.
+        for hook in shared.pop("_after_restore", []):
+            hook()
     finally:
         for p in prepared.values():
             p.close()

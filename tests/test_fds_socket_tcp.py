@@ -76,6 +76,13 @@ def verify(*_):
     os.rename(OUT + ".tmp", OUT)
 
 signal.signal(signal.SIGUSR1, verify)
+if sys.argv[3:] == ["tree"]:
+    parent = os.getpid()
+    if os.fork() == 0:                     # a child: the dump is a process tree's
+        os.closerange(500, 502)
+        while os.getppid() == parent:
+            time.sleep(0.1)
+        os._exit(0)
 open("ready.tmp", "w").write(str(sent)); os.rename("ready.tmp", "ready")
 while True:
     signal.pause()
@@ -128,10 +135,11 @@ run(c, b"peer", b"srv", int(sys.argv[1]), "peer.json", 0.01)
 '''
 
 
-def _pair_worker(procs, tmp_path, v="4"):
+def _pair_worker(procs, tmp_path, v="4", tree=False):
     script = tmp_path / "pair.py"
     script.write_text(PAIR)
-    p = procs.start([python_exe(), str(script), str(tmp_path / "verdict.json"), v], cwd=str(tmp_path))
+    p = procs.start([python_exe(), str(script), str(tmp_path / "verdict.json"), v] + (["tree"] if tree else []),
+                    cwd=str(tmp_path))
     wait_for(lambda: (tmp_path / "ready").exists() or p.poll() is not None, what="the pair worker")
     assert p.poll() is None
     return p
@@ -141,6 +149,13 @@ def _verdict(p, tmp_path):
     os.kill(p.pid, signal.SIGUSR1)
     wait_for((tmp_path / "verdict.json").exists, timeout=60, what="the worker's verdict")
     return json.loads((tmp_path / "verdict.json").read_text())
+
+
+def test_loopback_pair_in_a_process_tree_restored(procs, tmp_path):
+    p = _pair_worker(procs, tmp_path, tree=True)
+    dump_restore(procs, p, str(tmp_path / "img"))
+    v = _verdict(p, tmp_path)
+    assert v == {"sent": v["sent"], "c2a": True, "a2c": True, "after": True, "nodelay": True}
 
 
 @pytest.mark.parametrize("v", ["4", "6"])
@@ -156,10 +171,11 @@ def test_loopback_pair_restored_with_both_queues(procs, tmp_path, v):
     assert v == {"sent": v["sent"], "c2a": True, "a2c": True, "after": True, "nodelay": True}
 
 
-def test_loopback_pair_leave_running_changes_nothing(procs, tmp_path):
-    p = _pair_worker(procs, tmp_path)
+@pytest.mark.parametrize("tree", [False, True])
+def test_loopback_pair_leave_running_changes_nothing(procs, tmp_path, tree):
+    p = _pair_worker(procs, tmp_path, tree=tree)
     res = dump(p.pid, str(tmp_path / "img"), Options(leave_running=True))
-    assert res["left_running"]
+    assert res["left_running"] and res.get("members", 1) == (2 if tree else 1)
     v = _verdict(p, tmp_path)
     assert v == {"sent": v["sent"], "c2a": True, "a2c": True, "after": True, "nodelay": True}
 
