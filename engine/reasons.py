@@ -27,6 +27,10 @@ REASONS = {
     "unsupported-arch": "the engine has no support for this CPU architecture yet (named in the detail)",
     "sched": ("the saved scheduling policy, priority or CPU affinity cannot be applied here (named in "
                   "the detail): e.g. a CPU the process was bound to is not available on this machine"),
+    "image-unsafe": ("the image could have been changed by someone other than the caller, so it is not trusted: "
+                     "the image directory or a file in it is not the caller's or is writable by others, a "
+                     "directory above it is writable by others and not sticky, or it holds a symlink or a "
+                     "special file"),
     # files
     "file-missing": ("a file the process had open (or mapped) no longer exists at its path; or the directory a "
                      "deleted file, device node, removed directory or cwd is to be recreated in is gone"),
