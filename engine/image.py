@@ -325,6 +325,13 @@ class ImageReader:
         if self.arch != platform.machine():
             raise Refusal("arch-mismatch", f"image is {self.arch}, this machine is {platform.machine()}")
 
+    def check_tree(self) -> Dict[str, os.stat_result]:
+        """Every entry of the image a regular file or directory of the
+        caller's, writable by no one else, none a symlink; {name: lstat}.
+        Raises Refusal(image-unsafe)."""
+        from . import imagecheck
+        return imagecheck.scan(self.fd, self.dir)
+
     def verify(self, threads: int = 2) -> None:
         """Every file present, of the recorded size and sha256; no extras;
         each read once into memory and kept. The files are read and hashed
@@ -335,7 +342,7 @@ class ImageReader:
         def bad(what: str) -> Refusal:
             return Refusal("image-invalid", what)
 
-        present = imagecheck.scan(self.fd, self.dir)
+        present = self.check_tree()
         present.pop(MANIFEST, None)
         extra = set(present) - set(self.files)
         if extra:

@@ -276,7 +276,9 @@ def read_file(dfd: int, name: str, root: str, *, want_size: Optional[int] = None
             raise invalid(f"{name} is {size} bytes, manifest says {want_size}")
         if limit is not None and size > limit:
             raise invalid(f"{name} is {size} bytes, more than {limit}")
-        buf = mmap.mmap(-1, size) if size >= BIG else bytearray(size)
+        # MAP_POPULATE: the pages are faulted in by one call, not one fault each during the read
+        buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | getattr(mmap, "MAP_POPULATE", 0x8000)) \
+            if size >= BIG else bytearray(size)
         try:
             view = memoryview(buf)
             got = 0
@@ -420,6 +422,12 @@ def _check_strings_and_paths(rec, where: str) -> None:
                     raise invalid(f"{w}.{k}.{f}: {v[f]!r} is not a non-negative integer")
 
 
+def _is_file_ghost(g) -> bool:
+    """A deleted file kept with its data (files.dump_ghost), not a removed
+    directory or device node (unlinked.py: no data, a "path")."""
+    return isinstance(g, dict) and ("extents" in g or "data_bytes" in g or "name" in g)
+
+
 def _check_ghost(g: dict, reader, where: str) -> None:
     """A deleted file's record: size and extents within bounds, the extents
     adding up to the data file the image holds."""
@@ -473,6 +481,71 @@ def _check_creds(creds: dict) -> None:
             raise Refusal("capability", "the image's process had capabilities; only root restores those")
 
 
+I63 = (1 << 63) - 1
+# The numbers and words of each fd kind's record, with the range the kernel
+# gives them: a handler that clamps or defaults an out-of-range value (an
+# eventfd count of 2**64 written as 2**64-2, an end "x" opened read-write)
+# would restore something else than was dumped, silently. A field named
+# here must be present; its handler reads it.
+_U = lambda hi: ("int", 0, hi)
+KIND_FIELDS = {
+    "eventfd": {"count": _U(U64 - 1), "semaphore": ("bool",)},
+    "signalfd": {"sigmask": _U(U64)},
+    "timerfd": {"ticks": _U(U64), "interval_ns": _U(I63), "remaining_ns": _U(I63), "abstime": ("bool",),
+                "clockid": _U(63)},
+    "pipe": {"size": ("int", 1, 1 << 31), "data_len": _U(1 << 31), "end": ("word", "r", "w", "rw")},
+    "fifo": {"size": ("int", 1, 1 << 31), "end": ("word", "r", "w", "rw")},
+    "epoll": {"targets": ("list",)},
+    "inotify": {"watches": ("list",)},
+}
+
+
+def _field_ok(v, spec) -> bool:
+    if spec[0] == "int":
+        return _int(v) and spec[1] <= v <= spec[2]
+    if spec[0] == "bool":
+        return isinstance(v, bool)
+    if spec[0] == "word":
+        return isinstance(v, str) and v in spec[1:]
+    return isinstance(v, list)
+
+
+def _check_kind_fields(r: dict, fds: set) -> None:
+    where = f"fds.json: fd {r['fd']} ({r['kind']})"
+    for k, spec in KIND_FIELDS.get(r["kind"], {}).items():
+        if k not in r or not _field_ok(r[k], spec):
+            raise invalid(f"{where}: {k} {r.get(k)!r}")
+    if r["kind"] == "pipe" and r["data_len"] > r["size"]:
+        raise invalid(f"{where}: {r['data_len']} bytes queued in a {r['size']}-byte pipe")
+    if r["kind"] == "epoll":
+        seen = set()
+        for t in r["targets"]:
+            if (not isinstance(t, dict) or not _int(t.get("tfd")) or t["tfd"] not in fds
+                    or not _field_ok(t.get("events"), _U(U32)) or not _field_ok(t.get("data"), _U(U64))):
+                raise invalid(f"{where}: target {t!r}")
+            key = (t["tfd"], json_key(t))
+            if key in seen:
+                raise invalid(f"{where}: target {t!r} twice")
+            seen.add(key)
+    if r["kind"] == "inotify":
+        wds = set()
+        for w in r["watches"]:
+            if (not isinstance(w, dict) or not _field_ok(w.get("wd"), ("int", 1, (1 << 31) - 1)) or w["wd"] in wds
+                    or not _field_ok(w.get("mask"), _U(U32)) or not isinstance(w.get("path"), str)):
+                raise invalid(f"{where}: watch {w!r}")
+            wds.add(w["wd"])
+    lengths = r.get("lengths")
+    if lengths is not None:
+        if (not isinstance(lengths, list) or not all(_int(n) and 0 <= n <= (1 << 31) for n in lengths)
+                or not _int(r.get("data_len")) or sum(lengths) != r["data_len"]):
+            raise invalid(f"{where}: queued message lengths {lengths!r} (data_len {r.get('data_len')!r})")
+
+
+def json_key(obj) -> str:
+    import json
+    return json.dumps(obj, sort_keys=True)
+
+
 def check_records(reader, core: dict, vmas: List[dict], fdrecs: List[dict]) -> None:
     """Every field restore uses, in its range, before any process exists
     (after restore.check_core/check_mm/check_fd_records, which check the
@@ -516,9 +589,12 @@ def check_records(reader, core: dict, vmas: List[dict], fdrecs: List[dict]) -> N
         for run in v["pages"]:
             if run[1] <= 0 or run[2] < 0 or run[3] < 0 or run[3] % 4096:
                 raise invalid(f"mm.json: page run {run!r}")
-        if isinstance(v.get("file"), dict) and isinstance(v["file"].get("ghost"), dict):
+        if isinstance(v.get("file"), dict) and _is_file_ghost(v["file"].get("ghost")):
             _check_ghost(v["file"]["ghost"], reader, "mm.json")
+    fds = {r["fd"] for r in fdrecs}
     for r in fdrecs:
+        if "dup_of" not in r:
+            _check_kind_fields(r, fds)
         if not 0 <= r["fd"] < min(nr_open, 1 << 31):
             raise invalid(f"fds.json: fd {r['fd']} outside 0..{nr_open - 1}")
         for k in ("flags", "pos"):
@@ -526,7 +602,7 @@ def check_records(reader, core: dict, vmas: List[dict], fdrecs: List[dict]) -> N
                 raise invalid(f"fds.json: fd {r['fd']} {k} {r[k]!r}")
         if "dup_of" in r and (not _int(r["dup_of"]) or r["dup_of"] == r["fd"]):
             raise invalid(f"fds.json: fd {r['fd']} dup_of {r['dup_of']!r}")
-        if isinstance(r.get("ghost"), dict):
+        if _is_file_ghost(r.get("ghost")):
             _check_ghost(r["ghost"], reader, f"fds.json fd {r['fd']}")
         data = r.get("data")
         if data is not None:
@@ -535,7 +611,17 @@ def check_records(reader, core: dict, vmas: List[dict], fdrecs: List[dict]) -> N
             if _int(r.get("data_len")) and r["data_len"] != reader.files[data]["size"]:
                 raise invalid(f"fds.json: fd {r['fd']} data_len {r['data_len']} but {data} holds "
                               f"{reader.files[data]['size']} bytes")
+    # A dup shares its leader's open file: only its number and close-on-exec
+    # are its own; restore takes the rest from the leader, so a dup that says
+    # otherwise is not a dup the dump made.
     dups = {r["fd"]: r for r in fdrecs if "dup_of" in r}
+    leaders = {r["fd"]: r for r in fdrecs if "dup_of" not in r}
     for r in dups.values():
         if r["dup_of"] in dups:
             raise invalid(f"fds.json: fd {r['fd']} is a dup of a dup ({r['dup_of']})")
+        lead = leaders[r["dup_of"]]
+        for k in ("kind", "link", "pos"):
+            if k in r and r[k] != lead.get(k):
+                raise invalid(f"fds.json: fd {r['fd']}, a dup of fd {lead['fd']}, has another {k} ({r[k]!r})")
+        if "flags" in r and r["flags"] & ~os.O_CLOEXEC != lead.get("flags", 0) & ~os.O_CLOEXEC:
+            raise invalid(f"fds.json: fd {r['fd']}, a dup of fd {lead['fd']}, has other status flags")

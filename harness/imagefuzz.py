@@ -20,7 +20,11 @@ breaks it one way and runs `python3 -m engine restore` on the copy:
              others and not sticky
   semantic   a record edited to an invalid value (paths with NUL or "..",
              fd numbers, sizes, address ranges, counts, credentials, ...)
-             and the manifest re-hashed so every checksum passes
+             and the manifest re-hashed so every checksum passes. Only
+             values that break a rule of the kernel or of the image format:
+             a forgery consistent with itself (two datagrams instead of one,
+             another offset) looks like a real image - that is what the
+             owner and permission checks are for
 
 A case passes when ckpt exits 3 (refused) with the expected kind of reason,
 the test-only hook (CKPT_TEST_PROCESS_MARK) never fired, no process was
@@ -541,19 +545,27 @@ def _edits() -> List[Tuple[str, Callable]]:
         r = _fd(R["fds"], rng, lambda r: r["kind"] in ("eventfd", "timerfd", "epoll", "inotify", "socket", "pipe"))
         k = r["kind"]
         if k == "eventfd":
-            r["count"] = rng.choice([-1, 1 << 64, "5"])
+            f, v = "count", rng.choice([-1, 1 << 64, (1 << 64) - 1, "5", None])
         elif k == "timerfd":
-            r[rng.choice(["clockid", "ticks", "interval_ns"])] = rng.choice([-1, 99, "x"])
+            f, v = rng.choice(["clockid", "ticks", "interval_ns", "remaining_ns", "abstime"]), \
+                rng.choice([-1, 99, "x", 1 << 64, None])
         elif k == "epoll":
-            r["targets"] = rng.choice([[{"data": 1, "events": 25, "tfd": 77}], [{"tfd": -1}], "x", [None]])
+            f, v = "targets", rng.choice([[{"data": 1, "events": 25, "tfd": 77}], [{"tfd": -1}], "x", [None],
+                                          [{"data": -1, "events": 25, "tfd": 9}],
+                                          [{"data": 1, "events": 1 << 33, "tfd": 9}]])
         elif k == "inotify":
             w = r["watches"][0]
-            w[rng.choice(["path", "wd", "mask"])] = rng.choice(["/tmp/../x", -1, "x", None])
+            f = rng.choice(["path", "wd", "mask"])
+            v = rng.choice(["/tmp/../x", -1, "x", None, 0, 1 << 33])
+            w[f] = v
+            return f"fds inotify watch {f} = {v!r}"
         elif k == "socket":
-            r["lengths"] = rng.choice([[100], [-1], "x", [5, 7, 1]])
+            f, v = "lengths", rng.choice([[100], [-1], "x", [5, 7, 1], [1 << 40]])
         else:
-            r[rng.choice(["size", "end", "pipe"])] = rng.choice([-1, "x", 1 << 40, None])
-        return f"fds {k} field edit"
+            f = rng.choice(["size", "end", "data_len"])
+            v = rng.choice([-1, "x", 1 << 40, None, "rwx", 0, 1 << 20])
+        r[f] = v
+        return f"fds {k} {f} = {v!r}"
 
     @edit("manifest-name")
     def _(R, rng):
@@ -586,10 +598,65 @@ def _edits() -> List[Tuple[str, Callable]]:
             m["meta"] = rng.choice(["x", [1]])
         return f"manifest field edit {w}"
 
+    @edit("core-misc")
+    def _(R, rng):
+        c = R["core"]
+        w = rng.randrange(8)
+        if w == 0:
+            c["session"][rng.choice(["sid", "pgid"])] = rng.choice([-1, 0, "1", 1 << 40])
+        elif w == 1:
+            c["rseq"][rng.choice(["pointer", "size", "signature", "flags"])] = rng.choice([-1, "0", 1 << 64])
+        elif w == 2:
+            c["sched"]["affinity"] = rng.choice([[], [-1], [99999], "0"])
+        elif w == 3:
+            c["seccomp"] = rng.choice([{"mode": 5, "filters": []}, {"mode": 2, "filters": "x"}, {"mode": -1}])
+        elif w == 4:
+            c["posix_timers"] = rng.choice(["x", [None], [{"id": -1}]])
+        elif w == 5:
+            c["signals"] = rng.choice([{"thread": "x", "shared": []}, {"thread": [{"signo": 99}], "shared": []}])
+        elif w == 6:
+            c["auxv"] = rng.choice([[1, 2, 3], [-1, 0], ["x"]])
+        else:
+            c["sigaltstack"] = rng.choice([[0, 2], [-1, 0, 0], [0, 0, 1 << 64]])
+        return f"core misc edit {w}"
+
     return E
 
 
 EDITS = _edits()
+
+
+def m_content(img, outside, rng):
+    """A data file or a record replaced by something else of the right kind
+    of wrong, re-hashed into the manifest."""
+    w = rng.randrange(7)
+    names = _files(img, manifest=False)
+    if w == 0:
+        name, data = "xstate.bin", rng.choice([b"", b"\0" * 100, bytes(rng.randrange(256) for _ in range(64))])
+    elif w == 1:
+        name = rng.choice([n for n in names if n.startswith("pages-")])
+        data = open(os.path.join(img, name), "rb").read()[: rng.choice([0, 4096, 8192])]
+    elif w == 2:
+        gs = [n for n in names if n.startswith("ghosts/")]
+        if not gs:
+            return None
+        name, data = rng.choice(gs), b"x"
+    elif w == 3:
+        fs = [n for n in names if n.startswith("fds/")]
+        if not fs:
+            return None
+        name = rng.choice(fs)
+        data = open(os.path.join(img, name), "rb").read() + b"more"
+    elif w == 4:
+        name, data = rng.choice(list(RECORDS.values())), rng.choice([b"[]", b'"x"', b"null", b"1", b"{}"])
+    elif w == 5:
+        name, data = rng.choice(list(RECORDS.values())), b"[" * 100000 + b"]" * 100000
+    else:
+        name, data = rng.choice(list(RECORDS.values())), b'{"pid": "\xff\xfe"}'
+    with open(os.path.join(img, name), "wb") as f:
+        f.write(data)
+    reseal(img, json.load(open(os.path.join(img, MANIFEST))), [name])
+    return f"content of {name} replaced ({len(data)} bytes), re-hashed"
 RECORDS = {"core": "core.json", "mm": "mm.json", "fds": "fds.json"}
 
 
@@ -610,6 +677,8 @@ def reseal(img: str, manifest: dict, changed: List[str]) -> None:
 def m_semantic(img, outside, rng):
     R = {k: json.load(open(os.path.join(img, v))) for k, v in RECORDS.items()}
     R["manifest"] = json.load(open(os.path.join(img, MANIFEST)))
+    if rng.random() < 0.15:
+        return m_content(img, outside, rng)
     for _ in range(8):
         name, f = rng.choice(EDITS)
         desc = f(R, rng)
@@ -695,6 +764,14 @@ def run_case(seed: dict, base: str, seed_n: int, index: int, kind: Optional[str]
     except subprocess.TimeoutExpired as e:
         rc, out, err = None, e.stdout or "", (e.stderr or "") if isinstance(e.stderr, str) else ""
     ms = round((time.monotonic() - t0) * 1000, 1)
+    try:   # `ckpt show` reads the same image: it may show it or refuse it, never crash
+        sh = subprocess.run([sys.executable, "-m", "engine", "show", "-D", img, "--json"], capture_output=True,
+                            text=True, close_fds=True, timeout=timeout, env=env, stdin=subprocess.DEVNULL,
+                            cwd=os.path.join(case, "cwd"))
+        show = {0: "shown", 2: "usage", 3: "refused"}.get(sh.returncode, f"exit {sh.returncode}")
+        err += "\n" + sh.stderr if ("Traceback" in sh.stderr or "internal error" in sh.stderr) else ""
+    except subprocess.TimeoutExpired:
+        show = "hung"
     created = os.path.exists(mark)
     reasons: List[str] = []
     try:
@@ -725,9 +802,9 @@ def run_case(seed: dict, base: str, seed_n: int, index: int, kind: Optional[str]
     traceback = "Traceback" in err or "internal error" in err
     want = EXPECT[kind]
     right = outcome == "refused" and bool(reasons) and (want is None or all(x in want for x in reasons))
-    ok = right and not created and not leftover and not traceback and not written
+    ok = right and not created and not leftover and not traceback and not written and show != "hung"
     return {"index": index, "kind": kind, "mutation": desc, "outcome": outcome, "reasons": reasons,
-            "created": created, "leftover": sorted(set(leftover)), "traceback": traceback, "written": written,
+            "show": show, "created": created, "leftover": sorted(set(leftover)), "traceback": traceback, "written": written,
             "ok": ok, "ms": ms, "stderr": err.strip()[-400:]}
 
 
