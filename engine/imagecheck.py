@@ -546,6 +546,45 @@ def json_key(obj) -> str:
     return json.dumps(obj, sort_keys=True)
 
 
+SS_ONSTACK, SS_DISABLE, SS_AUTODISARM = 1, 2, 1 << 31
+MINSIGSTKSZ = 2048
+ROBUST_LIST_HEAD = 24            # sizeof(struct robust_list_head) on 64-bit
+RSEQ_MIN, RSEQ_ALIGN = 32, 32
+
+
+def _task_size() -> int:
+    """The top of user address space: 47 bits on x86_64 (56 with 5-level
+    paging), at most 52 on aarch64."""
+    if os.uname().machine == "x86_64":
+        try:
+            with open("/proc/cpuinfo") as f:
+                la57 = any(line.startswith("flags") and " la57" in line for line in f)
+        except OSError:
+            la57 = True
+        return (1 << 56) if la57 else (1 << 47) - 4096
+    return 1 << 52
+
+
+def _check_task_words(t: dict, where: str) -> None:
+    """sigaltstack, robust list, rseq and the tid address of a task (the
+    leader or a thread), as the kernel accepts them."""
+    sp, flags, size = t["sigaltstack"]
+    flags = flags & U32 if -(1 << 31) <= flags <= U32 else -1    # read as a C int: SS_AUTODISARM is negative
+    if not (0 <= sp <= U64 and 0 <= size <= U64) or flags < 0 \
+            or flags & ~(SS_ONSTACK | SS_DISABLE | SS_AUTODISARM) \
+            or (not flags & SS_DISABLE and size < MINSIGSTKSZ):
+        raise invalid(f"{where}: sigaltstack {t['sigaltstack']}")
+    head, length = t["robust_list"]
+    if not 0 <= head <= U64 or (head and length != ROBUST_LIST_HEAD):
+        raise invalid(f"{where}: robust list {t['robust_list']}")
+    r = t["rseq"]
+    if r["pointer"] and (r["pointer"] % RSEQ_ALIGN or not RSEQ_MIN <= r["size"] <= 4096 or r["flags"]
+                         or not 0 <= r["signature"] <= U32 or not 0 < r["pointer"] <= U64):
+        raise invalid(f"{where}: rseq {r}")
+    if not 0 <= t["tid_address"] <= U64:
+        raise invalid(f"{where}: tid_address")
+
+
 def check_records(reader, core: dict, vmas: List[dict], fdrecs: List[dict]) -> None:
     """Every field restore uses, in its range, before any process exists
     (after restore.check_core/check_mm/check_fd_records, which check the
@@ -571,16 +610,28 @@ def check_records(reader, core: dict, vmas: List[dict], fdrecs: List[dict]) -> N
     for t in core["itimers"]:
         if any(x < 0 for x in t) or t[1] >= 1_000_000 or t[3] >= 1_000_000:
             raise invalid(f"core.json: itimer {t}")
-    if any(not 0 <= x <= U64 for x in core["auxv"] + core["robust_list"] + core["sigaltstack"]):
-        raise invalid("core.json: auxv / robust_list / sigaltstack out of range")
+    # What the kernel would refuse while the new process is built (after it
+    # exists): refused here instead, before.
     for sig, act in core["sigactions"].items():
-        if any(not 0 <= x <= U64 for x in act):
-            raise invalid(f"core.json: sigaction {sig} out of range")
-    for k, v in core["mm"].items():
-        if _int(v) and not 0 <= v <= U64:
-            raise invalid(f"core.json mm.{k} out of range")
+        if int(sig) in (9, 19) or any(not 0 <= x <= U64 for x in act):
+            raise invalid(f"core.json: sigaction {sig} {act} (SIGKILL and SIGSTOP have none)")
+    top = _task_size()
+    _check_task_words(core, "core.json")
+    for t in core.get("threads", []):
+        _check_task_words(t, f"core.json thread {t['tid']}")
+    m = core["mm"]
+    low = _sysctl("/proc/sys/vm/mmap_min_addr", 4096)
+    for k, v in m.items():
+        if _int(v) and not low <= v < top:
+            raise invalid(f"core.json mm.{k} {v:#x} outside the address space")
+    for a, b in (("start_code", "end_code"), ("start_data", "end_data"), ("start_brk", "brk"),
+                 ("arg_start", "arg_end"), ("env_start", "env_end")):
+        if m[a] > m[b] or (a == "start_code" and m[a] == m[b]):
+            raise invalid(f"core.json mm: {a} {m[a]:#x} above {b} {m[b]:#x}")
+    aux = core["auxv"]
+    if len(aux) % 2 or len(aux) > 2 * 64 or aux[-2:] != [0, 0] or any(not 0 <= x <= U64 for x in aux):
+        raise invalid("core.json: auxv is not a terminated list of (type, value) pairs")
     _check_creds(core["creds"])
-    top = 1 << 57 if os.uname().machine == "x86_64" else 1 << 52
     for v in vmas:
         if v["path"] == "[vsyscall]":
             continue
