@@ -428,6 +428,14 @@ def _is_file_ghost(g) -> bool:
     return isinstance(g, dict) and ("extents" in g or "data_bytes" in g or "name" in g)
 
 
+def _size_in(reader, name: str) -> Optional[int]:
+    """Size of an image file as the (verified) reader holds it, or None."""
+    try:
+        return reader.size(name)
+    except Refusal:
+        return None
+
+
 def _check_ghost(g: dict, reader, where: str) -> None:
     """A deleted file's record: size and extents within bounds, the extents
     adding up to the data file the image holds."""
@@ -449,7 +457,7 @@ def _check_ghost(g: dict, reader, where: str) -> None:
     if total != g["data_bytes"]:
         raise invalid(f"{where}: ghost extents hold {total} bytes, the record says {g['data_bytes']}")
     name = f"ghosts/{g['ghost']}.data"
-    if name not in reader.files or reader.files[name]["size"] != total:
+    if _size_in(reader, name) != total:
         raise invalid(f"{where}: {name} does not hold the ghost's {total} bytes")
 
 
@@ -657,11 +665,11 @@ def check_records(reader, core: dict, vmas: List[dict], fdrecs: List[dict]) -> N
             _check_ghost(r["ghost"], reader, f"fds.json fd {r['fd']}")
         data = r.get("data")
         if data is not None:
-            if not isinstance(data, str) or data not in reader.files:
+            size = _size_in(reader, data) if isinstance(data, str) and valid_name(data) else None
+            if size is None:
                 raise invalid(f"fds.json: fd {r['fd']} data {data!r} is not a file of the image")
-            if _int(r.get("data_len")) and r["data_len"] != reader.files[data]["size"]:
-                raise invalid(f"fds.json: fd {r['fd']} data_len {r['data_len']} but {data} holds "
-                              f"{reader.files[data]['size']} bytes")
+            if _int(r.get("data_len")) and r["data_len"] != size:
+                raise invalid(f"fds.json: fd {r['fd']} data_len {r['data_len']} but {data} holds {size} bytes")
     # A dup shares its leader's open file: only its number and close-on-exec
     # are its own; restore takes the rest from the leader, so a dup that says
     # otherwise is not a dup the dump made.
