@@ -371,13 +371,18 @@ def sub(img, prefix: str):
 def _survey(members: List[Member], options, img, boot) -> List[Refusal]:
     from .context import DumpContext
     from .dump import _survey_frozen
+    from .fds import _peers
     pids = frozenset(m.pid for m in members)
     root = members[0].pid
+    scan: dict = {}
     for m in members:
         if m.zombie:
             continue
         ctx = DumpContext(pid=m.pid, options=options, image=sub(img, m.dir), boot_id=boot,
                           tree_root=root, tree_pids=pids)
+        # One /proc/*/fd scan for the whole tree (made on first use, the
+        # members excluded), not one per member.
+        ctx.shared = _LazyShared(scan, _peers._CACHE_KEY)
         ctx.task, ctx.threads = m.tasks[0], m.tasks[1:]
         m.ctx = ctx
         m.survey, m.state, m.recs = _survey_frozen(m.pid, m.tasks[0], ctx, procfs.Proc(m.pid))
@@ -389,6 +394,34 @@ def _survey(members: List[Member], options, img, boot) -> List[Refusal]:
         else:
             m.survey.refuse(what, "process", r)
     return [r for m in members if m.survey is not None for r in m.survey.refusals]
+
+
+class _LazyShared(dict):
+    """A member's ctx.shared whose entry `key` lives in `common` (one
+    dict for the whole tree)."""
+
+    def __init__(self, common: dict, key: str):
+        super().__init__()
+        self._common, self._key = common, key
+
+    def get(self, k, default=None):
+        if k == self._key:
+            return self._common.get(k, default)
+        return super().get(k, default)
+
+    def __setitem__(self, k, v):
+        if k == self._key:
+            self._common[k] = v
+        else:
+            super().__setitem__(k, v)
+
+    def __getitem__(self, k):
+        if k == self._key:
+            return self._common[k]
+        return super().__getitem__(k)
+
+    def __contains__(self, k):
+        return k in self._common if k == self._key else super().__contains__(k)
 
 
 def _label(m: Member, items: List[dict]) -> List[dict]:
