@@ -147,24 +147,42 @@ def _freeze_member(pid: int, ppid: int) -> Optional[Member]:
         return None       # exited and reaped meanwhile
     if st["state"] in ("Z", "X"):
         return Member(pid, ppid, st)
-    try:
-        tasks = threads.freeze(pid, TREE_OPTIONS)
-    except Refusal as r:
-        if r.reason == "ptraced" and threads._tracer(pid) == os.getpid():
-            # Forked by a member after its seize (PTRACE_O_TRACEFORK): ours already.
-            tasks = threads.freeze(pid, TREE_OPTIONS, auto_attached=True)
-        elif r.reason == "no-such-process":
+    deadline = time.monotonic() + 1.0
+    while True:
+        try:
+            tasks = threads.freeze(pid, TREE_OPTIONS)
+            break
+        except Refusal as r:
+            if r.reason != "ptraced" or threads._tracer(pid) != 0 or time.monotonic() > deadline:
+                return _freeze_refused(pid, ppid, st, r)
+            # EPERM with no tracer: PTRACE_SEIZE refuses a task that is
+            # exiting. It is about to be a zombie (or gone): look again.
+            time.sleep(0.002)
             try:
                 st = stat_of(pid)
             except (OSError, ValueError):
                 return None
-            return Member(pid, ppid, st) if st["state"] in ("Z", "X") else None
-        elif r.reason == "ptraced":
-            raise Refusal("ptraced", f"member {pid} ({st['comm']}, child of {ppid}) is traced by pid "
-                          f"{threads._tracer(pid)}", pid=pid) from None
-        else:
-            raise
+            if st["state"] in ("Z", "X"):
+                return Member(pid, ppid, st)
     return Member(pid, ppid, st, tasks)
+
+
+def _freeze_refused(pid: int, ppid: int, st: dict, r: Refusal) -> Optional[Member]:
+    """A member whose freeze was refused: ours already, exited, or traced
+    by someone else (refused, naming the tracer)."""
+    if r.reason == "ptraced" and threads._tracer(pid) == os.getpid():
+        # Forked by a member after its seize (PTRACE_O_TRACEFORK): ours already.
+        return Member(pid, ppid, st, threads.freeze(pid, TREE_OPTIONS, auto_attached=True))
+    if r.reason == "no-such-process":
+        try:
+            st = stat_of(pid)
+        except (OSError, ValueError):
+            return None
+        return Member(pid, ppid, st) if st["state"] in ("Z", "X") else None
+    if r.reason == "ptraced":
+        raise Refusal("ptraced", f"member {pid} ({st['comm']}, child of {ppid}) is traced by pid "
+                      f"{threads._tracer(pid)}", pid=pid) from None
+    raise r
 
 
 def _stragglers(members: List[Member], known: dict) -> None:
