@@ -223,7 +223,7 @@ def test_family(procs, session_killer, tmp_path):  # noqa: F811
     assert res["ok"], res["refusals"]
     assert {m["pid"] for m in res["members"]} == set(pids)
     res, _ = _dump_restore(p.pid, tmp_path / "img", procs)
-    assert res["members"] == 7 and res["zombies"] == 2
+    assert res["members"] == 8 and res["zombies"] == 2
     for pid in pids:
         now = _stat(pid)
         assert (now["ppid"], now["pgid"], now["sid"]) == (before[pid]["ppid"], before[pid]["pgid"],
@@ -238,7 +238,7 @@ def test_family(procs, session_killer, tmp_path):  # noqa: F811
     assert got["groups"] == [True, True, True]
     assert got["sigchld"][0] == got["sigchld"][1], "a SIGCHLD made by the restore reached the parent"
     assert got["status"] == {"A": ["exit", 7], "C": ["signal", 15], "B": ["exit", 3], "D": ["exit", 4],
-                             "E": ["exit", 5], "F": ["exit", 6]}
+                             "E": ["exit", 5], "F": ["exit", 6], "G": ["exit", 8]}
     assert got["shm"] == "child", "the shared page is not one object"
     assert got["private"] is True
     assert (tmp_path / "shared.txt").read_bytes() == b"p1cp2", "the open file description was split"
