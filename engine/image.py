@@ -21,7 +21,7 @@ import threading
 import time
 from typing import BinaryIO, Dict, Optional
 
-from . import FORMAT_VERSION, __version__
+from . import FORMAT_VERSION, __version__, faults
 from .errors import EngineError, Refusal, UsageError
 
 MANIFEST = "manifest.json"
@@ -147,6 +147,7 @@ class ImageWriter:
 
     # -- writing ---------------------------------------------------------
     def _check_name(self, name: str) -> str:
+        faults.point("image.write", name)
         if name == MANIFEST or name.startswith("/") or ".." in name.split("/"):
             raise ValueError(f"bad image file name {name!r}")
         if name in self._files or name in self._open or name in self._raw_paths:
@@ -192,6 +193,7 @@ class ImageWriter:
         this, to keep the window in which a signal can still arrive short).
         Raises EngineError."""
         try:
+            faults.point("image.fsync")
             for name, f in list(self._open.items()):
                 if not f.closed:
                     f.flush()
@@ -232,6 +234,7 @@ class ImageWriter:
             if meta:
                 manifest["meta"] = meta
             data = json.dumps(manifest, indent=1, sort_keys=True).encode()
+            faults.point("image.manifest")
             mpath = os.path.join(self.partial, MANIFEST)
             fd = os.open(mpath, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
@@ -239,18 +242,32 @@ class ImageWriter:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+            faults.point("image.fsync_dirs")
             for root, dirs, _ in os.walk(self.partial):
                 for d in dirs:
                     _fsync_path(os.path.join(root, d))
             _fsync_path(self.partial)
+            faults.point("image.rename")
             os.rename(self.partial, self.final)
+        except OSError as e:
+            raise _translate_oserror(e, "cannot write image") from e
+        try:
+            faults.point("image.fsync_parent")
             dfd = os.open(os.path.dirname(self.final), os.O_RDONLY)
             try:
                 os.fsync(dfd)
             finally:
                 os.close(dfd)
-        except OSError as e:
-            raise _translate_oserror(e, "cannot write image") from e
+        except BaseException as e:
+            # The rename may not survive a crash, and the caller is told the
+            # dump failed: a complete-looking image must not stay behind.
+            try:
+                os.rename(self.final, self.partial)
+            except OSError:
+                pass
+            if isinstance(e, OSError):
+                raise _translate_oserror(e, "cannot write image") from e
+            raise
         self.committed = True
         return self.final
 

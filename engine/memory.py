@@ -15,7 +15,7 @@ import mmap
 import os
 from typing import List, Optional, Sequence, Tuple
 
-from . import libc
+from . import faults, libc
 from .errors import EngineError, Refusal
 from .libc import SysError
 
@@ -127,6 +127,7 @@ class _Worker:
         self._mem_fd: Optional[int] = None
 
     def fill(self, out, pieces: List[Tuple[int, int, bool]]) -> None:
+        faults.point("dump.pages")
         i = 0
         while i < len(pieces):
             batch: List[Tuple[int, int]] = []
@@ -215,6 +216,7 @@ class PageSource:
     def write_runs(self, pid: int, runs: Sequence[Sequence[int]], mem_fd: Optional[int] = None) -> int:
         """Write runs into process `pid` (process_vm_writev, batched);
         returns bytes written. Raises EngineError on a short write."""
+        faults.point("restore.pages")
         total = 0
         if mem_fd is not None:
             # Non-writable private mappings: /proc/PID/mem writes with

@@ -26,7 +26,7 @@ import time
 import traceback
 from typing import Dict, List, Optional
 
-from . import files, libc, posixtimers, procfs, sched, seccomp, signals, threads, unlinked
+from . import faults, files, guard, libc, posixtimers, procfs, sched, seccomp, signals, threads, unlinked
 from .arch import current as current_arch
 from .build import build
 from .check import SPECIAL_MAPPINGS, creds_of, creds_plan, require_features
@@ -221,6 +221,7 @@ def preflight(reader: ImageReader, core: dict, vmas: List[dict], fdrecs: List[di
             add(Refusal("unsupported-fd", f"no handler for kind {rec['kind']} here", fd=rec["fd"]))
             continue
         try:
+            faults.point("restore.validate", rec["kind"])
             mod.validate(rec, ctx)
         except Refusal as r:
             add(r)
@@ -233,6 +234,7 @@ def preflight(reader: ImageReader, core: dict, vmas: List[dict], fdrecs: List[di
             continue
         seen.add(key)
         try:
+            faults.point("restore.map_validate")
             files.map_validate(v["file"], ctx)
         except Refusal as r:
             add(r)
@@ -321,6 +323,7 @@ def prepare(core: dict, vmas: List[dict], fdrecs: List[dict], ctx: RestoreContex
             if "dup_of" in rec:
                 continue
             mod = fd_handler(rec["kind"])
+            faults.point("restore.fd", rec["kind"])
             rfd = mod.restore(rec, ctx)
             p.fd_of_rec[rec["fd"]] = p.keep(rfd, base)
             if rfd not in ctx.shared.get("_close_after_restore", []):
@@ -334,9 +337,11 @@ def prepare(core: dict, vmas: List[dict], fdrecs: List[dict], ctx: RestoreContex
             writable = v["perms"][3] == "s" and "w" in v["perms"]
             key = map_key(v["file"], writable)
             if key not in p.map_fd:
+                faults.point("restore.map_open")
                 fd = files.map_open(v["file"], ctx, writable)
                 p.map_fd[key] = p.keep(fd, base)
                 os.close(fd)
+        faults.point("restore.exe_open")
         fd = files.map_open(core["exe"], ctx, False)
         p.exe_fd = p.keep(fd, base)
         os.close(fd)
@@ -359,12 +364,15 @@ def _run_restorer(job, builder=None) -> dict:
     """Fork the restorer, which creates and rebuilds the process (`builder`,
     default build.build; engine/tree_restore.py for a tree), reports on a
     pipe and exits. Returns its report; raises what it raised."""
+    faults.point("restore.fork")
+    parent = os.getpid()
     r, w = os.pipe()
     child = os.fork()
     if child == 0:
         os.close(r)
         code = 0
         try:
+            guard.become_worker(parent)     # stops (killing the new process) if ckpt dies
             out = {"ok": True, "pid": (builder or build)(job)}
         except Refusal as e:
             out = {"ok": False, "type": "refusal", **e.as_dict()}
@@ -429,6 +437,7 @@ def restore(directory: str, options: Options, pidfile: Optional[str] = None) -> 
     reader = ImageReader(directory)
     reader.check_arch()
     reader.verify(threads=2)   # before any process exists
+    faults.point("restore.verified")
     if "tree.json" in reader.files:
         from .tree_restore import restore_tree
         return restore_tree(reader, options, pidfile, t0)
@@ -447,6 +456,7 @@ def restore(directory: str, options: Options, pidfile: Optional[str] = None) -> 
     ctx = RestoreContext(options=options, image=reader, same_node=same_node, records=fdrecs, pid=pid)
     with _system_errors_as_engine_errors("restore pre-flight"):
         preflight(reader, core, vmas, fdrecs, ctx)
+    faults.point("restore.preflighted")
     pages = PageSource([reader.path(page_file_name(i)) for i in range(npf)])
     prepared = None
     try:
