@@ -99,8 +99,9 @@ def _options(args) -> Options:
 def _run(args) -> dict:
     opts = _options(args)
     if args.command == "dump":
+        from . import guard
         from .dump import dump
-        return dump(args.pid, args.dir, opts)
+        return guard.run(dump, args.pid, args.dir, opts)   # the tracer is a worker ckpt guards
     if args.command == "check":
         from .dump import check
         return check(args.pid, opts)
