@@ -35,6 +35,10 @@ REASONS = {
                      "without being threads of one process (both pids in the detail)"),
     "memory-peer-outside": ("shared anonymous memory of the dumped tree is also mapped by a process outside it "
                             "(its pid in the detail): the restored copy would no longer be shared with it"),
+    "image-unsafe": ("the image could have been changed by someone other than the caller, so it is not trusted: "
+                     "the image directory or a file in it is not the caller's or is writable by others, a "
+                     "directory above it is writable by others and not sticky, or it holds a symlink or a "
+                     "special file"),
     # files
     "file-missing": ("a file the process had open (or mapped) no longer exists at its path; or the directory a "
                      "deleted file, device node, removed directory or cwd is to be recreated in is gone"),

@@ -223,7 +223,7 @@ def test_family(procs, session_killer, tmp_path):  # noqa: F811
     assert res["ok"], res["refusals"]
     assert {m["pid"] for m in res["members"]} == set(pids)
     res, _ = _dump_restore(p.pid, tmp_path / "img", procs)
-    assert res["members"] == 7 and res["zombies"] == 2
+    assert res["members"] == 8 and res["zombies"] == 2
     for pid in pids:
         now = _stat(pid)
         assert (now["ppid"], now["pgid"], now["sid"]) == (before[pid]["ppid"], before[pid]["pgid"],
@@ -238,7 +238,7 @@ def test_family(procs, session_killer, tmp_path):  # noqa: F811
     assert got["groups"] == [True, True, True]
     assert got["sigchld"][0] == got["sigchld"][1], "a SIGCHLD made by the restore reached the parent"
     assert got["status"] == {"A": ["exit", 7], "C": ["signal", 15], "B": ["exit", 3], "D": ["exit", 4],
-                             "E": ["exit", 5], "F": ["exit", 6]}
+                             "E": ["exit", 5], "F": ["exit", 6], "G": ["exit", 8]}
     assert got["shm"] == "child", "the shared page is not one object"
     assert got["private"] is True
     assert (tmp_path / "shared.txt").read_bytes() == b"p1cp2", "the open file description was split"
@@ -359,3 +359,42 @@ def test_refused_boundaries(procs, session_killer, tmp_path, mode, reason, detai
         _untouched(members)
     else:
         _untouched([p.pid])
+
+
+# -- a tree that never holds still ----------------------------------------------------
+
+def test_forking_tree_frozen_consistently(procs, session_killer, tmp_path):  # noqa: F811
+    """tests/targets/churn.c forks a short-lived child every few ms and
+    reaps them: `ckpt check -t` again and again leaves nothing traced or
+    stopped (a child forked mid-freeze is caught and let go too), and a
+    dump of it restores, zombies and all, and it goes on forking and
+    reaping (its counters advance)."""
+    import struct
+    exe = str(tmp_path / "churn")
+    subprocess.run(["gcc", "-O2", "-Wall", "-o", exe, os.path.join(TARGETS, "churn.c")], check=True,
+                   capture_output=True, timeout=60)
+    state = tmp_path / "churn.state"
+    p = _start(procs, [exe, str(state), "3000"], tmp_path)
+    session_killer.append(p.pid)
+
+    def counters():
+        return struct.unpack("<4Q", state.read_bytes()[:32])
+    wait_for(lambda: state.exists() and state.stat().st_size >= 32 and counters()[2] > 5, what="churn")
+    for _ in range(8):
+        try:
+            res = check(p.pid, Options())
+            assert len(res["members"]) >= 1
+        except (Refusal, Refusals) as e:
+            rs = e.refusals if isinstance(e, Refusals) else [e]
+            assert all(r.reason in ("process-tree", "no-such-process") for r in rs), rs
+        for pid in [p.pid] + _descendants(p.pid):
+            try:
+                assert _status_field(pid, "TracerPid") == "0", pid
+                assert _stat(pid)["state"] not in ("t", "T"), pid
+            except FileNotFoundError:
+                pass     # a child that exited meanwhile
+    c0 = counters()
+    wait_for(lambda: counters()[2] > c0[2] + 5, what="churn carrying on after the checks")
+    res, _ = _dump_restore(p.pid, tmp_path / "img", procs)
+    c1 = counters()
+    wait_for(lambda: counters()[1] > c1[1] + 5 and counters()[2] > c1[2] + 5, what="churn forking after the restore")

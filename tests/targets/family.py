@@ -11,6 +11,7 @@ family: the parent P (its own session) holds in memory a random token,
        copy of the buffer (P changed its own after the fork), exits 6 (66
        if its copy is wrong)
     B, D: on "go", check their parent and group, exit 3 / 4 (33/44 if not)
+    G  leads its own session (setsid), exits 8 (88 if not)
   P counts the SIGCHLDs its handler sees. Every child waits for "go2" in a
   sleep loop. Once the zombies exist P writes "ready" with the token and
   the PIDs, then waits for "go", notes its SIGCHLD count, makes "go2", checks its
@@ -106,9 +107,17 @@ def family():
         shm[0:5] = b"child"
         return 6 if private == bytearray(b"F" * 4096) else 66
 
+    def g():
+        os.setsid()
+        wait_go()
+        return 8 if os.getsid(0) == os.getpid() and os.getppid() == me else 88
+
     child("D", d)
     child("E", e)
     child("F", f)
+    child("G", g)
+    while os.getsid(kids["G"]) != kids["G"]:
+        time.sleep(0.01)
     private[:] = b"Q" * 4096
     while os.getpgid(kids["D"]) != kids["B"]:
         time.sleep(0.01)
@@ -127,7 +136,7 @@ def family():
            "groups": [os.getpgid(kids["B"]) == kids["B"], os.getpgid(kids["D"]) == kids["B"],
                       os.getpgid(kids["E"]) == me]}
     status = {}
-    for name in ("A", "C", "B", "D", "E", "F"):
+    for name in ("A", "C", "B", "D", "E", "F", "G"):
         pid, st = os.waitpid(kids[name], 0)
         status[name] = ("exit", os.WEXITSTATUS(st)) if os.WIFEXITED(st) else ("signal", os.WTERMSIG(st))
     res["status"] = status
