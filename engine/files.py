@@ -472,7 +472,11 @@ def map_dump(pid: int, vma: dict, ctx) -> dict:
     except OSError as e:
         raise Refusal("unsupported-mapping", f"cannot open the mapped file: {e.strerror}",
                       pid=pid, path=name) from None
-    fs = fstype.magic(open_path)
+    # One statfs per device, not per mapping (a device is one superblock;
+    # a process maps each library 4-5 times)
+    fs = ctx.shared.get(f"fsmagic:{st.st_dev}", -1)
+    if fs == -1:
+        fs = ctx.shared[f"fsmagic:{st.st_dev}"] = fstype.magic(open_path)
     if fstype.pseudo(fs):
         raise Refusal("pseudo-file", f"mapping of a file on the {fstype.name(fs)} pseudo filesystem: "
                       "kernel state, not stored bytes", pid=pid, path=name)
