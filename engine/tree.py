@@ -116,6 +116,7 @@ def has_children(pid: int) -> bool:
 def freeze(root: int) -> List[Member]:
     """Every member frozen (or recorded as a zombie), parents before their
     children. Raises Refusal; then no member is left stopped."""
+    _no_vfork(root)
     first = Member(root, stat_of(root)["ppid"], stat_of(root), threads.freeze(root, TREE_OPTIONS))
     first.is_root = True
     members = [first]
@@ -147,6 +148,7 @@ def _freeze_member(pid: int, ppid: int) -> Optional[Member]:
         return None       # exited and reaped meanwhile
     if st["state"] in ("Z", "X"):
         return Member(pid, ppid, st)
+    _no_vfork(pid)
     deadline = time.monotonic() + 1.0
     while True:
         try:
@@ -165,6 +167,21 @@ def _freeze_member(pid: int, ppid: int) -> Optional[Member]:
             if st["state"] in ("Z", "X"):
                 return Member(pid, ppid, st)
     return Member(pid, ppid, st, tasks)
+
+
+def _no_vfork(pid: int) -> None:
+    """Refuse, before freezing `pid`, a child sharing its memory (CLONE_VM):
+    a vfork child that has not exec'd yet holds its parent in an
+    uninterruptible wait that no ptrace stop can end, so the freeze would
+    wait for it; a restore would split the memory anyway."""
+    for c in children_of(pid):
+        try:
+            same = kcmp(pid, c, KCMP_SHARED["memory (CLONE_VM, or a vfork child)"], 0, 0) == 0
+        except Exception:    # noqa: BLE001 - gone meanwhile, or no kcmp (refused elsewhere)
+            continue
+        if same:
+            raise Refusal("tree-sharing", f"pid {c} shares its memory with its parent {pid} (CLONE_VM, or a "
+                          "vfork child that has not exec'd): a restore would make two", pid=pid)
 
 
 def _freeze_refused(pid: int, ppid: int, st: dict, r: Refusal) -> Optional[Member]:

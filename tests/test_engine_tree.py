@@ -361,6 +361,24 @@ def test_refused_boundaries(procs, session_killer, tmp_path, mode, reason, detai
         _untouched([p.pid])
 
 
+def test_refused_vfork_child_without_waiting_for_it(procs, session_killer, tmp_path):  # noqa: F811
+    """A parent held in vfork() by a child that does not exec: no ptrace
+    stop can end that wait, so the freeze would hang until the child execs;
+    it is refused at once (tree-sharing: they share memory)."""
+    exe = str(tmp_path / "vforker")
+    subprocess.run(["gcc", "-O2", "-Wall", "-o", exe, os.path.join(TARGETS, "vforker.c")], check=True,
+                   capture_output=True, timeout=60)
+    p = _start(procs, [exe, str(tmp_path / "ready")], tmp_path)
+    session_killer.append(p.pid)
+    wait_for(lambda: (tmp_path / "ready").exists(), what="the vfork child")
+    t0 = time.monotonic()
+    with pytest.raises(Refusal) as e:
+        check(p.pid, Options())
+    assert e.value.reason == "tree-sharing" and "vfork" in e.value.detail
+    assert time.monotonic() - t0 < 10, "the freeze waited for the vfork child"
+    _untouched([p.pid])
+
+
 # -- a tree that never holds still ----------------------------------------------------
 
 def test_forking_tree_frozen_consistently(procs, session_killer, tmp_path):  # noqa: F811
