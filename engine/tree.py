@@ -284,19 +284,42 @@ def _shmem_key(v: dict):
     return (v["dev"], v["inode"])
 
 
+def _recreated(v: dict) -> bool:
+    """A shared mapping a restore makes anew: shared anonymous memory, or a
+    memfd / deleted file (a ghost) mapped MAP_SHARED."""
+    if v.get("kind") == "shmem":
+        return True
+    return v.get("kind") == "file" and v["perms"][3] == "s" and (
+        v["path"].endswith(" (deleted)") or v["path"].startswith("/memfd:"))
+
+
 def _shmem_outside(members: List[Member]) -> List[tuple]:
-    """Shared anonymous memory of the tree also mapped by another process."""
+    """Shared memory the restore recreates (shared anonymous memory, a
+    shared mapping of a memfd or deleted file) also mapped or held open by
+    a process outside the tree: it would go on with the old object."""
     ours = {}
     for m in members:
         if m.survey is None:
             continue
         for v in m.survey.vmas:
-            if v.get("kind") == "shmem":
+            if _recreated(v):
                 ours.setdefault(_shmem_key(v), (m, v))
     if not ours:
         return []
+    by_path = {v["path"]: key for key, (_, v) in ours.items()}
     pids = {m.pid for m in members}
     out, seen = [], set()
+
+    def found(key, name: str, how: str) -> None:
+        if key in seen:
+            return
+        seen.add(key)
+        m, mine = ours[key]
+        what = "shared memory" if mine.get("kind") == "shmem" else "shared mapping of"
+        out.append((m, f"mapping {mine['start']:x}-{mine['end']:x}", Refusal(
+            "memory-peer-outside", f"{what} {mine['path']} (inode {mine['inode']}) is also {how} by pid {name} "
+            "outside the tree", path=mine["path"])))
+
     for name in os.listdir("/proc"):
         if not name.isdigit() or int(name) in pids or int(name) == os.getpid():
             continue
@@ -307,12 +330,23 @@ def _shmem_outside(members: List[Member]) -> List[tuple]:
             continue
         for v in vmas:
             key = _shmem_key(v)
-            if key in ours and v["path"].startswith(SHMEM_NAMES) and key not in seen:
-                seen.add(key)
-                m, mine = ours[key]
-                out.append((m, f"mapping {mine['start']:x}-{mine['end']:x}", Refusal(
-                    "memory-peer-outside", f"shared memory {v['path']} (inode {v['inode']}) is also mapped by "
-                    f"pid {name} outside the tree", path=v["path"])))
+            if key in ours and (ours[key][1].get("kind") != "shmem" or v["path"].startswith(SHMEM_NAMES)):
+                found(key, name, "mapped")
+        try:
+            fds = os.listdir(f"/proc/{name}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                link = os.readlink(f"/proc/{name}/fd/{fd}")
+                key = by_path.get(link)
+                if key is None:
+                    continue
+                st = os.stat(f"/proc/{name}/fd/{fd}")
+            except OSError:
+                continue
+            if (f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}", st.st_ino) == key:
+                found(key, name, "held open")
     return out
 
 

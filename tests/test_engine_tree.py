@@ -240,6 +240,7 @@ def test_family(procs, session_killer, tmp_path):  # noqa: F811
     assert got["status"] == {"A": ["exit", 7], "C": ["signal", 15], "B": ["exit", 3], "D": ["exit", 4],
                              "E": ["exit", 5], "F": ["exit", 6], "G": ["exit", 8]}
     assert got["shm"] == "child", "the shared page is not one object"
+    assert got["memfd"] == "child", "the memfd mapping is not one object"
     assert got["private"] is True
     assert (tmp_path / "shared.txt").read_bytes() == b"p1cp2", "the open file description was split"
 
@@ -335,7 +336,8 @@ def test_refused_pipe_peer_outside(procs, session_killer, tmp_path):  # noqa: F8
     ("clonefiles", "tree-sharing", "fd table"),
     ("traceme", "ptraced", "traced by pid"),
     ("badsession", "process-tree", "session"),
-    ("outside", "memory-peer-outside", "outside the tree"),
+    ("outside", "memory-peer-outside", "mapped by"),
+    ("memfd-outside", "memory-peer-outside", "held open by"),
 ])
 def test_refused_boundaries(procs, session_killer, tmp_path, mode, reason, detail):  # noqa: F811
     p = _start(procs, [python_exe(), FAMILY, mode], tmp_path)
@@ -348,7 +350,7 @@ def test_refused_boundaries(procs, session_killer, tmp_path, mode, reason, detai
     except (Refusal, Refusals) as e:
         refs = [r.as_dict() for r in (e.refusals if isinstance(e, Refusals) else [e])]
     assert any(x["reason"] == reason and detail in x["detail"] for x in refs), refs
-    if mode == "outside":
+    if mode in ("outside", "memfd-outside"):
         assert any(str(info["outside"]) in x["detail"] for x in refs), refs
         procs.adopt(info["outside"])
     with pytest.raises((Refusal, Refusals)):
