@@ -427,6 +427,12 @@ class Sub:
     def read_json(self, name):
         return self._img.read_json(self.prefix + name)
 
+    def data(self, name):
+        return self._img.data(self.prefix + name)
+
+    def size(self, name):
+        return self._img.size(self.prefix + name)
+
     def __getattr__(self, name):
         return getattr(self._img, name)
 
@@ -518,6 +524,22 @@ def check(pid: int, options) -> dict:
             "members": [m.record() for m in members]}
 
 
+def _on_release(members: List[Member], killed: bool) -> None:
+    """engine.dump._on_release for every member (a TCP socket held in repair
+    mode, its network lock). Raises EngineError as that does."""
+    from .dump import _on_release as one
+    first = None
+    for m in members:
+        if getattr(m, "ctx", None) is None:
+            continue
+        try:
+            one(m.ctx, killed)
+        except Exception as e:     # noqa: BLE001 - every member's hooks run; the first failure is raised
+            first = first or e
+    if first is not None:
+        raise first
+
+
 def dump(pid: int, directory: str, options) -> dict:
     """engine.dump.dump of the tree rooted at `pid` (dump.dump calls this
     when the target has children)."""
@@ -569,17 +591,22 @@ def dump(pid: int, directory: str, options) -> dict:
             meta = {"pid": pid, "comm": members[0].state["comm"], "boot_id": members[0].ctx.boot_id,
                     "pages_bytes": total, "members": len(members)}
             if options.leave_running:
+                _on_release(members, killed=False)
                 release(members)
                 t1 = time.monotonic()
                 img.commit(meta)
             else:
                 img.commit(meta)
                 kill(members)
+                _on_release(members, killed=True)
                 t1 = time.monotonic()
         except BaseException:
             for d in dumpers:
                 d.close()
-            release(members)
+            try:
+                _on_release(members, killed=False)
+            finally:
+                release(members)
             raise
     return {"pid": pid, "image": img.final, "pages_bytes": total, "mappings": nvmas,
             "threads": sum(len(m.tasks) for m in live), "members": len(members),
