@@ -105,10 +105,7 @@ def _check_process(s: Survey) -> None:
     # frozen, in dump._survey_signals_and_restart.
     for r in posixtimers.check(pid, posixtimers.read(pid)):
         s.refuse("posix timers", "timers", r)
-    if st.get("tty_nr", 0):
-        s.refuse("controlling terminal", "session", Refusal(
-            "unsupported-state", f"has a controlling terminal (tty_nr {st['tty_nr']}); start it with setsid"))
-    else:
+    if not st.get("tty_nr", 0):
         s.ok("session", "session", f"sid {st['session']} pgid {st['pgrp']}, no controlling terminal")
     # Namespaces: a restore recreates the process in the restorer's ones.
     differ = []
@@ -324,7 +321,48 @@ def preflight(pid: int, ctx: DumpContext, proc: procfs.Proc) -> Survey:
     _check_restore_env(s)
     _check_vmas(s)
     _check_fds(s, ctx)
+    _check_ctty(s, ctx)
     return s
+
+
+def _check_ctty(s: Survey, ctx: DumpContext) -> None:
+    """A controlling terminal is restorable when it is a pty: the pair the
+    session leader holds itself (engine/fds/tty.py sets it again), or, with
+    --shell-job, the terminal of ckpt's own session (the restored process
+    joins that session, and so its terminal)."""
+    st = s.stat
+    nr = st.get("tty_nr", 0)
+    if not nr:
+        return
+    from .fds import tty
+    idx = tty.ctty_index(s.pid)
+    sid = st.get("session")
+    if idx is None:
+        s.refuse("controlling terminal", "session", Refusal(
+            "unsupported-state", f"has a controlling terminal that is not a pseudo-terminal (tty_nr {nr}); "
+            "start it with setsid"))
+        return
+    ends = tty._ends(ctx).get(idx) or {"master": [], "slave": []}
+    if sid == s.pid:
+        if ends["master"] and ends["slave"]:
+            s.ok("controlling terminal", "session", f"/dev/pts/{idx}, a pair the process holds")
+        elif ends["slave"]:
+            s.refuse("controlling terminal", "session", Refusal(
+                "tty-outside", f"session leader whose controlling terminal /dev/pts/{idx} has its master "
+                "outside the dump: another terminal cannot be made its controlling terminal"))
+        else:
+            s.refuse("controlling terminal", "session", Refusal(
+                "tty", f"controlling terminal /dev/pts/{idx} is held by no fd of the process"))
+    elif sid == os.getsid(0):
+        if getattr(ctx.options, "shell_job", False):
+            s.ok("controlling terminal", "session", f"/dev/pts/{idx}, ckpt's own session's (--shell-job)")
+        else:
+            s.refuse("controlling terminal", "session", Refusal(
+                "tty-outside", f"runs on /dev/pts/{idx}, the terminal of ckpt's session: dump with --shell-job "
+                "and restore with --tty"))
+    else:
+        s.refuse("controlling terminal", "session", Refusal(
+            "tty", f"controlling terminal /dev/pts/{idx} of session {sid}, neither its own nor ckpt's"))
 
 
 def features() -> List[str]:
