@@ -175,3 +175,84 @@ def test_check_names_the_pair(procs, tmp_path):
     text = json.dumps(res)
     assert f"pty master of pty {index}, controlling terminal" in text
     assert p.poll() is None
+
+
+OUTSIDE_WORKER = r'''
+import json, os, signal, sys, termios, time
+DIR = sys.argv[1]
+attrs = termios.tcgetattr(0)
+attrs[3] &= ~termios.ECHO
+attrs[6][termios.VINTR] = 5
+termios.tcsetattr(0, termios.TCSANOW, attrs)
+truth = termios.tcgetattr(0)
+
+def verify(*_):
+    out = {}
+    try:
+        with open(os.path.join(DIR, "tty-path")) as f:
+            want = f.read()
+        out["ttyname"] = os.ttyname(0) == want and os.ttyname(1) == want
+        out["attrs"] = termios.tcgetattr(0) == truth
+        out["same_file"] = os.path.sameopenfile(0, 1) and os.path.sameopenfile(1, 2)
+        os.write(1, b"hello from the restored process")
+    except Exception as e:
+        out["error"] = repr(e)
+    with open(os.path.join(DIR, "verdict.tmp"), "w") as f:
+        json.dump(out, f)
+    os.rename(os.path.join(DIR, "verdict.tmp"), os.path.join(DIR, "verdict.json"))
+
+signal.signal(signal.SIGUSR1, verify)
+open(os.path.join(DIR, "ready"), "w").close()
+while True:
+    time.sleep(0.05)
+'''
+
+
+def _new_pty():
+    import fcntl
+    import struct
+    m = os.open("/dev/ptmx", os.O_RDWR | os.O_NOCTTY)
+    fcntl.ioctl(m, 0x40045431, struct.pack("i", 0))
+    index = struct.unpack("i", fcntl.ioctl(m, 0x80045430, b"\0" * 4))[0]
+    return m, f"/dev/pts/{index}"
+
+
+def test_terminal_outside_needs_shell_job_and_tty(procs, tmp_path):
+    import subprocess
+    m1, path1 = _new_pty()
+    m2, path2 = _new_pty()
+    try:
+        script = tmp_path / "worker.py"
+        script.write_text(OUTSIDE_WORKER)
+        s1 = os.open(path1, os.O_RDWR | os.O_NOCTTY)
+        p = subprocess.Popen([python_exe(), str(script), str(tmp_path)], stdin=s1, stdout=s1, stderr=s1,
+                             close_fds=True, start_new_session=True)
+        procs.popens.append(p)
+        os.close(s1)
+        wait_for(lambda: (tmp_path / "ready").exists() or p.poll() is not None, what="the worker")
+        with pytest.raises((Refusal, Refusals)) as ei:
+            dump(p.pid, str(tmp_path / "img0"), Options())
+        refusals = getattr(ei.value, "refusals", [ei.value])
+        assert [(r.reason, r.fd) for r in refusals] == [("tty-outside", 0), ("tty-outside", 1), ("tty-outside", 2)]
+        assert "--shell-job" in refusals[0].detail
+        assert p.poll() is None and not os.path.exists(tmp_path / "img0")
+        dump(p.pid, str(tmp_path / "img"), Options(shell_job=True))
+        p.wait()
+        with pytest.raises(Refusal) as ei:
+            restore(str(tmp_path / "img"), Options())
+        assert ei.value.reason == "tty-outside" and "--tty" in ei.value.detail
+        with pytest.raises(Refusal) as ei:
+            restore(str(tmp_path / "img"), Options(tty=str(tmp_path / "worker.py")))
+        assert ei.value.reason == "tty-outside" and "not a terminal" in ei.value.detail
+        assert not os.path.exists(f"/proc/{p.pid}")
+        (tmp_path / "tty-path").write_text(path2)
+        out = restore(str(tmp_path / "img"), Options(tty=path2))
+        procs.adopt(out["pid"])
+        assert verdict(p.pid, tmp_path) == {"ttyname": True, "attrs": True, "same_file": True}
+        got = b""
+        while not got.endswith(b"process"):
+            got += os.read(m2, 100)
+        assert got == b"hello from the restored process"
+    finally:
+        os.close(m1)
+        os.close(m2)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import os
 import stat
+import time
 from typing import Dict, List, Optional
 
 from .. import pidfd
@@ -45,6 +46,7 @@ from ._util import failed, refuse, refuse_rec, with_status_flags
 KIND = "tty"
 REASONS = ("tty", "tty-queued", "tty-outside", "image-invalid")
 MAX_INDEX_TRIES = 1024      # ptys held open at once to reach a high index
+INDEX_WAIT = 2.0            # seconds for a just-closed pair's index to be free again
 PROC_STAT_TTY, PROC_STAT_TPGID = 7, 8
 
 
@@ -291,9 +293,20 @@ def validate(rec: dict, ctx) -> None:
     for name in ("out", "in"):
         if m.get(name):
             ctx.image.path(m[name])
-    if os.path.exists(f"/dev/pts/{rec['index']}"):
+    if _taken(rec["index"]):
         raise refuse_rec(rec, ctx, "tty", f"pty index {rec['index']} is taken (/dev/pts/{rec['index']} exists): "
                          "the restored pair would get another index, which the process may have recorded")
+
+
+def _taken(index: int) -> bool:
+    """/dev/pts/N exists (for a moment after the dumped process died, its
+    own node may linger: wait a little)."""
+    deadline = time.monotonic() + INDEX_WAIT
+    while os.path.exists(f"/dev/pts/{index}"):
+        if time.monotonic() > deadline:
+            return True
+        time.sleep(0.01)
+    return False
 
 
 def _outside_tty(rec: dict, ctx) -> str:
@@ -356,21 +369,28 @@ def _open_index(index: int, ctx, mrec: dict) -> int:
     """A new master with pty index `index`: devpts allocates the lowest
     free index (ida_alloc_max in devpts_new_index), so the lower ones are
     held open until it comes. Raises the `tty` refusal."""
-    held: List[int] = []
-    try:
-        for _ in range(min(index + 1, MAX_INDEX_TRIES)):
-            fd = os.open("/dev/ptmx", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
-            got = _tty.ioc_int(fd, _tty.TIOCGPTN)
-            if got == index:
-                return fd
-            held.append(fd)
-            if got > index:
-                break
-        raise refuse_rec(mrec, ctx, "tty", f"pty index {index} is taken (or beyond {MAX_INDEX_TRIES} free "
-                         "ones below it): the pair would get another index")
-    finally:
-        for fd in held:
-            os.close(fd)
+    # The dumped pair's index is given back by a work item after its last
+    # close (release_one_tty -> pty_cleanup -> devpts_kill_index), a little
+    # after its /dev/pts node went (pty_close): while the node is gone, wait.
+    deadline = time.monotonic() + INDEX_WAIT
+    while True:
+        held: List[int] = []
+        try:
+            for _ in range(min(index + 1, MAX_INDEX_TRIES)):
+                fd = os.open("/dev/ptmx", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+                got = _tty.ioc_int(fd, _tty.TIOCGPTN)
+                if got == index:
+                    return fd
+                held.append(fd)
+                if got > index:
+                    break
+        finally:
+            for fd in held:
+                os.close(fd)
+        if os.path.exists(f"/dev/pts/{index}") or time.monotonic() > deadline or index >= MAX_INDEX_TRIES:
+            raise refuse_rec(mrec, ctx, "tty", f"pty index {index} is taken (or beyond {MAX_INDEX_TRIES} free "
+                             "ones below it): the pair would get another index")
+        time.sleep(0.01)
 
 
 def _build(m: dict, ctx) -> Dict[int, int]:
