@@ -57,6 +57,9 @@ REASONS = {
     "fanotify": "fanotify instances are not supported",
     # sockets
     "socket": "a socket the engine cannot restore exactly (family, type and state in the detail)",
+    "peer-pid-in-use": ("a unix socket's peer credentials (SO_PEERCRED) name a pid that a live process other "
+                        "than the target holds (at dump) or that is taken (at restore): the socket could not "
+                        "report that pid"),
     "file-lock": ("a file lock that cannot be restored exactly: another process holds a lock on the file or "
                   "waits for one (its pid in the detail), the locked open file is shared with a process "
                   "outside the dump, the process itself waits for a lock, a lease, or a lock on a file "
