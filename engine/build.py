@@ -39,6 +39,7 @@ from .task import Task
 
 PAGE = 4096
 MAP_SHARED, MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS = 0x01, 0x02, 0x10, 0x20
+MAP_DROPPABLE = 0x08     # a mapping type like MAP_PRIVATE (Linux 6.11, uapi mman-common.h)
 MAP_GROWSDOWN, MAP_NORESERVE, MAP_FIXED_NOREPLACE = 0x100, 0x4000, 0x100000
 PROT = {"r": 1, "w": 2, "x": 4}
 MREMAP_MAYMOVE, MREMAP_FIXED = 1, 2
@@ -214,6 +215,8 @@ class Builder:
             final = prot_of(v["perms"])
             shared = v["perms"][3] == "s"
             flags = MAP_FIXED_NOREPLACE | (MAP_SHARED if shared else MAP_PRIVATE)
+            if "dp" in v["flags"]:
+                flags = MAP_FIXED_NOREPLACE | MAP_DROPPABLE   # implies nr, dd, wf (mm/mmap.c do_mmap)
             if "gd" in v["flags"]:
                 flags |= MAP_GROWSDOWN
             if "nr" in v["flags"]:

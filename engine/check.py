@@ -22,7 +22,11 @@ SHMEM_NAMES = ("/dev/zero (deleted)", "[anon_shmem")
 # VmFlags (proc(5), fs/proc/task_mmu.c show_smap_vma_flags) the restore
 # reproduces: from the mmap protection/flags, from madvise, or inherent.
 KNOWN_FLAGS = {"rd", "wr", "ex", "sh", "mr", "mw", "me", "ms", "gd", "ac", "nr", "sd",
-               "dc", "de", "dd", "hg", "nh", "mg", "wf", "ar"}
+               "dc", "de", "dd", "hg", "nh", "mg", "wf", "ar", "dp"}
+# "dp": VM_DROPPABLE (Linux 6.11, mmap MAP_DROPPABLE): glibc >= 2.41 keeps
+# its vDSO getrandom state in such a mapping, so every process of a Debian 13
+# guest has one. Recreated with MAP_DROPPABLE, its pages not copied (see
+# dump.dump_memory).
 MADVISE_FLAGS = {"dc": 10, "dd": 16, "hg": 14, "nh": 15, "mg": 12, "wf": 18}   # MADV_*
 FLAG_NAMES = {"lo": "mlock()ed", "lf": "mlock(MLOCK_ONFAULT)", "ht": "hugetlb", "pf": "PFN map",
               "io": "I/O memory", "mm": "mixed map", "um": "userfaultfd (missing)",

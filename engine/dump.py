@@ -208,6 +208,15 @@ def dump_memory(pid: int, s: Survey, recs: dict, dumper: PageDumper) -> List[dic
                 rec["file"] = recs[v["start"]]
             if kind == "shmem":
                 runs = [[v["start"], npages]]
+            elif "dp" in v["flags"]:
+                # A droppable mapping's pages may vanish (read as zeros) at
+                # any moment, and its users must cope: glibc's vDSO
+                # getrandom state reseeds from a zeroed page. It is the
+                # one memory whose copy would be wrong: two processes (the
+                # original goes on after a dump with --leave-running, or is
+                # restored twice) would draw the same random bytes. The
+                # kernel wipes it on fork (VM_WIPEONFORK) for that reason.
+                runs = []
             elif kind == "anon" or (kind == "file" and private):
                 raw = os.pread(pm, npages * 8, v["start"] // PAGE * 8)
                 runs = procfs.pagemap_runs(raw, v["start"], anon_only=(kind == "file"), page=PAGE)
