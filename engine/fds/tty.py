@@ -47,7 +47,7 @@ KIND = "tty"
 REASONS = ("tty", "tty-queued", "tty-outside", "image-invalid")
 MAX_INDEX_TRIES = 1024      # ptys held open at once to reach a high index
 INDEX_WAIT = 2.0            # seconds for a just-closed pair's index to be free again
-PROC_STAT_TTY, PROC_STAT_TPGID = 7, 8
+O_LARGEFILE = 0o100000      # what open(2) adds on 64-bit (force_o_largefile); same on x86_64 and aarch64
 
 
 def is_pty(info) -> bool:
@@ -393,6 +393,16 @@ def _open_index(index: int, ctx, mrec: dict) -> int:
         time.sleep(0.01)
 
 
+def _peer(mfd: int, flags: int) -> int:
+    """The slave opened from the master (TIOCGPTPEER, 4.13+). Its flags go
+    to the file as given (dentry_open: no O_LARGEFILE forced, O_CLOEXEC
+    kept in f_flags, unlike open(2)), so they are given as open(2) leaves
+    them, and close-on-exec is set on the fd afterwards."""
+    fd = _tty.ioc_call(mfd, _tty.TIOCGPTPEER, flags | os.O_NOCTTY | O_LARGEFILE)
+    os.set_inheritable(fd, False)
+    return fd
+
+
 def _build(m: dict, ctx) -> Dict[int, int]:
     """Master and slaves of one pair: target fd number -> restorer fd."""
     index = m["index"]
@@ -410,9 +420,8 @@ def _build(m: dict, ctx) -> Dict[int, int]:
         if m["packet"]:
             _tty.set_int(mfd, _tty.TIOCPKT, 1)
         for r in _slave_recs(index, ctx):
-            flags = r["flags"] & (os.O_ACCMODE | os.O_NONBLOCK | os.O_APPEND)
-            out[r["fd"]] = _tty.ioc_call(mfd, _tty.TIOCGPTPEER, flags | os.O_NOCTTY | os.O_CLOEXEC)
-        sfd = _tty.ioc_call(mfd, _tty.TIOCGPTPEER, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+            out[r["fd"]] = _peer(mfd, r["flags"] & (os.O_ACCMODE | os.O_NONBLOCK | os.O_APPEND))
+        sfd = _peer(mfd, os.O_RDWR)
         try:
             outq = ctx.image.read_bytes(m["out"]) if m.get("out") else b""
             inq = ctx.image.read_bytes(m["in"]) if m.get("in") else b""
