@@ -70,8 +70,9 @@ REASONS = {
             "by a process outside the dump, a master whose slave the process does not hold, a line discipline "
             "other than N_TTY, the controlling terminal of another session or held by no fd, a foreground "
             "group not the process's own; at restore, its pty index is taken"),
-    "tty-queued": ("bytes queued on a pseudo-terminal that cannot be carried exactly: complete lines waiting in "
-                   "canonical mode, a packet-mode status byte, flow-control characters in packet mode with IXON"),
+    "tty-queued": ("bytes queued on a pseudo-terminal that cannot be carried exactly: in canonical mode with VEOF "
+                   "disabled or a literal-next (VLNEXT) pending, the line being typed cannot be seen; a packet-mode "
+                   "status byte; flow-control characters in packet mode with IXON"),
     "tty-outside": ("the process runs on a terminal whose master is outside the dump (a shell's terminal): dump "
                     "needs --shell-job and restore --tty PATH; or a session leader on such a terminal, or a --tty "
                     "that is not a terminal or not ckpt's controlling terminal where the process needs it so"),

@@ -46,10 +46,20 @@ if MODE == "pkt":
     fcntl.ioctl(m, TIOCPKT, struct.pack("i", 1))
 IN = b"typed\r\nbytes \x03\x7f and more\n" * 50        # for the slave's reader
 OUT = b"printed\nline\n" * 40                          # for the master's reader (ONLCR: \n -> \r\n)
-os.write(m, IN if MODE != "canon" else b"one line\npartial")
+CANON_IN = b"one line\n" + b"\x16\x7fquoted erase\n" + b"\x04" + b"partial \x16\x04 line"   # ^V quotes, ^D ends
+os.write(m, IN if MODE != "canon" else CANON_IN)
 os.write(s, OUT)
 time.sleep(0.2)
 truth = {"index": index, "attrs": termios.tcgetattr(s), "pgrp": os.getpgrp()}
+if MODE == "canon":
+    # the echo (ECHO, ECHOCTL) waits in front of the output: read it now, keep it queued by writing it back
+    n = ioc_int(m, termios.FIONREAD)
+    first = os.read(m, n)
+    truth["echo"] = first[:len(first) - len(OUT.replace(b"\n", b"\r\n"))]
+    attrs2 = termios.tcgetattr(s); attrs2[1] &= ~termios.OPOST; termios.tcsetattr(s, termios.TCSANOW, attrs2)
+    os.write(s, first)
+    termios.tcsetattr(s, termios.TCSANOW, truth["attrs"])
+    time.sleep(0.1)
 
 def fionread(fd):
     return ioc_int(fd, termios.FIONREAD)
@@ -71,6 +81,18 @@ def verify(*_):
         out["node"] = os.stat(f"/dev/pts/{index}").st_mode & 0o777 == 0o620
         out["ctty"] = os.tcgetpgrp(s) == os.getpgrp() and os.open("/dev/tty", os.O_RDWR) >= 0
         want_out = OUT.replace(b"\n", b"\r\n")
+        if MODE == "canon":
+            out["queued"] = fionread(s) == len(b"one line\n\x7fquoted erase\n")
+            out["out_bytes"] = drain(m, fionread(m)) == truth["echo"] + want_out
+            lines = [os.read(s, 100), os.read(s, 100), os.read(s, 100)]
+            os.write(m, b"\n")
+            lines.append(os.read(s, 100))
+            out["in_bytes"] = lines == [b"one line\n", b"\x7fquoted erase\n", b"", b"partial \x04 line\n"] or \
+                repr(lines)
+            out["after"] = drain(m, fionread(m)) == b"\r\n"       # the echo of the newline
+            os.write(s, b"after\n"); os.write(m, b"x\n"); time.sleep(0.1)
+            out["after"] = out["after"] and drain(m, 7) == b"after\r\n" and drain(s, 2) == b"x\n"
+            raise StopIteration
         out["queued"] = (fionread(m), fionread(s)) == (len(want_out), len(IN))
         out["out_bytes"] = drain(m, len(want_out)) == want_out
         out["in_bytes"] = drain(s, len(IN)) == IN.replace(b"\r", b"\n")     # ICRNL on input
@@ -78,6 +100,8 @@ def verify(*_):
         os.write(m, b"x")
         time.sleep(0.1)
         out["after"] = drain(m, 7) == b"after\r\n" and drain(s, 1) == b"x"
+    except StopIteration:
+        pass
     except Exception as e:
         out["error"] = repr(e)
     with open(os.path.join(DIR, "verdict.tmp"), "w") as f:
@@ -128,16 +152,15 @@ def test_pty_dump_with_leave_running_puts_every_byte_back(procs, tmp_path):
     assert verdict(p.pid, tmp_path) == ALL_TRUE
 
 
-def test_complete_lines_in_canonical_mode_are_refused_and_kept(procs, tmp_path):
+@pytest.mark.parametrize("leave_running", [False, True])
+def test_canonical_lines_and_the_line_being_typed_are_restored(procs, tmp_path, leave_running):
     p, index = start(procs, tmp_path, "canon")
-    with pytest.raises((Refusal, Refusals)) as ei:
-        dump(p.pid, str(tmp_path / "img"), Options())
-    refusals = getattr(ei.value, "refusals", [ei.value])
-    assert {(r.reason, r.fd) for r in refusals} >= {("tty-queued", 600)}
-    assert all(r.reason == "tty-queued" for r in refusals)
-    assert "complete lines" in refusals[0].detail
-    assert not os.path.exists(tmp_path / "img")
-    assert p.poll() is None
+    if leave_running:
+        dump(p.pid, str(tmp_path / "img"), Options(leave_running=True))
+    else:
+        dump_restore(procs, p, str(tmp_path / "img"))
+    assert verdict(p.pid, tmp_path) == {k: True for k in ("index", "attrs", "winsize", "packet", "node", "ctty",
+                                                          "queued", "out_bytes", "in_bytes", "after")}
 
 
 def test_pty_index_taken_at_restore_is_refused(procs, tmp_path):
@@ -195,6 +218,8 @@ def verify(*_):
         out["attrs"] = termios.tcgetattr(0) == truth
         out["same_file"] = os.path.sameopenfile(0, 1) and os.path.sameopenfile(1, 2)
         os.write(1, b"hello from the restored process")
+    except StopIteration:
+        pass
     except Exception as e:
         out["error"] = repr(e)
     with open(os.path.join(DIR, "verdict.tmp"), "w") as f:

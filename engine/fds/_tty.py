@@ -38,7 +38,7 @@ from typing import Optional, Tuple
 # include/uapi/asm-generic/ioctls.h (x86_64 and aarch64 alike)
 TCGETS2, TCSETS2 = 0x802C542A, 0x402C542B
 TIOCEXCL, TIOCSCTTY, TIOCGPGRP, TIOCSPGRP = 0x540C, 0x540E, 0x540F, 0x5410
-TIOCGWINSZ, TIOCSWINSZ, FIONREAD, TIOCPKT = 0x5413, 0x5414, 0x541B, 0x5420
+TIOCGWINSZ, TIOCSWINSZ, FIONREAD, TIOCPKT, TIOCSTI = 0x5413, 0x5414, 0x541B, 0x5420, 0x5412
 TIOCGSID, TIOCGPTN, TIOCSPTLCK = 0x5429, 0x80045430, 0x40045431
 TIOCGPKT, TIOCGPTLCK, TIOCGEXCL, TIOCGPTPEER = 0x80045438, 0x80045439, 0x80045440, 0x5441
 
@@ -204,15 +204,133 @@ def flow_chars(termios_now: bytes) -> bytes:
     return bytes([cc[VSTART], cc[VSTOP]])
 
 
+def sti(slave: int, data: bytes) -> None:
+    """Bytes into the slave's input, processed at once (TIOCSTI calls the
+    line discipline's receive_buf directly; a write on the master goes
+    through the flip buffer's work queue, which runs later). Needs
+    CAP_SYS_ADMIN (or the tty as controlling terminal)."""
+    for b in data:
+        fcntl.ioctl(slave, TIOCSTI, bytes([b]))
+
+
+def settle(slave: int) -> None:
+    """Let bytes the master wrote before reach the slave's line discipline
+    (poll on a slave with nothing to read flushes the flip buffer work,
+    n_tty_poll), so what is injected next lands behind them."""
+    for _ in range(3):
+        poll_bits(slave)
+        time.sleep(0.005)
+
+
 def inject_input(master: int, slave: int, data: bytes, termios_now: bytes, packet: bool) -> int:
-    """`data` back into the slave's read queue, written on the master with
+    """`data` back into the slave's read queue (non-canonical mode), with
     input processing off for the moment; returns slave FIONREAD afterwards."""
     if not data:
         return ioc_int(slave, FIONREAD)
-    before = ioc_int(slave, FIONREAD)
     set_termios(master, raw_input_termios(termios_now, packet))
     try:
-        write_all(master, data)
-        return wait_queued(slave, before + len(data))
+        sti(slave, data)
+        return ioc_int(slave, FIONREAD)
+    finally:
+        set_termios(master, termios_now)
+
+
+class Unexact(Exception):
+    """The queue cannot be carried exactly (the message says why)."""
+
+
+# c_cc indexes (asm-generic/termbits.h)
+VINTR, VQUIT, VERASE, VKILL, VEOF, VTIME, VMIN, VSWTC = range(8)
+VSUSP, VEOL, VREPRINT, VDISCARD, VWERASE, VLNEXT, VEOL2 = 10, 11, 12, 13, 14, 15, 16
+
+
+def _probe_termios(termios_now: bytes, packet: bool) -> bytes:
+    """For injecting into a canonical-mode line discipline: no echo, no
+    signals, no flow control (but in packet mode, see raw_input_termios),
+    no input translations, IEXTEN on (VLNEXT quotes special characters);
+    ICANON as it is (flipping it re-splits the buffer)."""
+    f = fields(termios_now)
+    iflag = f["iflag"] & ~(IGNBRK | BRKINT | PARMRK | ISTRIP | INLCR | IGNCR | ICRNL | IUCLC | IXANY
+                           | (0 if packet else IXON))
+    return with_flags(termios_now, iflag=iflag, lflag=(f["lflag"] & ~(ECHO | ECHONL | ISIG)) | IEXTEN)
+
+
+def take_canonical(master: int, slave: int, termios_now: bytes, packet: bool):
+    """Every line waiting for a canonical-mode reader and the line being
+    typed: ([line, ...], partial). The partial line is made readable by
+    ending it with VEOF (stored as a line end, returned by no read:
+    n_tty canon_copy_from_read_buf), so the last read returns it. Lines
+    keep their terminator (newline, VEOL, VEOL2; none: VEOF). The slave's
+    queue is empty afterwards: put_canonical puts it back. Raises Unexact
+    before anything changed, or after putting back what it moved."""
+    cc = fields(termios_now)["cc"]
+    if not cc[VEOF]:
+        raise Unexact("canonical mode with VEOF disabled: a line being typed cannot be made readable")
+    settle(slave)
+    set_termios(master, _probe_termios(termios_now, packet))
+    try:
+        sti(slave, bytes([cc[VEOF]]))
+        if not poll_bits(slave) & select.POLLIN:
+            # VEOF went in as a plain character: a VLNEXT (^V) was pending.
+            # Take it out again (VERASE) and quote the next one again.
+            if not cc[VERASE] or not cc[VLNEXT]:
+                raise OSError(0, "a pending VLNEXT took VEOF literally and cannot be undone")
+            sti(slave, bytes([cc[VERASE], cc[VLNEXT]]))
+            raise Unexact("a literal-next (VLNEXT) is pending on the line being typed")
+        reads = []
+        while poll_bits(slave) & select.POLLIN:
+            reads.append(os.read(slave, 1 << 16))
+        return reads[:-1], reads[-1]
+    finally:
+        set_termios(master, termios_now)
+
+
+def _specials(termios_now: bytes, packet: bool) -> set:
+    f = fields(termios_now)
+    cc = f["cc"]
+    out = {10}
+    for i in (VERASE, VKILL, VEOF, VEOL, VEOL2, VWERASE, VREPRINT, VLNEXT):
+        if cc[i]:
+            out.add(cc[i])
+    if packet and f["iflag"] & IXON:
+        out.update(c for c in (cc[VSTART], cc[VSTOP]) if c)
+    return out
+
+
+def line_end(line: bytes, termios_now: bytes) -> bool:
+    """Whether a line read in canonical mode carries its terminator."""
+    cc = fields(termios_now)["cc"]
+    return bool(line) and line[-1] in {10} | {c for c in (cc[VEOL], cc[VEOL2]) if c}
+
+
+def put_canonical(master: int, slave: int, termios_now: bytes, lines, partial: bytes, packet: bool) -> int:
+    """Lines and the partial line back into a canonical-mode slave, each
+    special character quoted with VLNEXT, each line ended as it was (a
+    line without terminator by VEOF). Returns slave FIONREAD (complete
+    lines only). Raises Unexact when a special character cannot be quoted."""
+    cc = fields(termios_now)["cc"]
+    special = _specials(termios_now, packet)
+
+    def quoted(data: bytes) -> bytes:
+        out = bytearray()
+        for b in data:
+            if b in special:
+                if not cc[VLNEXT]:
+                    raise Unexact(f"character {b:#x} is special and VLNEXT is disabled")
+                out.append(cc[VLNEXT])
+            out.append(b)
+        return bytes(out)
+
+    stream = bytearray()
+    for line in lines:
+        if line_end(line, termios_now):
+            stream += quoted(line[:-1]) + line[-1:]
+        else:
+            stream += quoted(line) + bytes([cc[VEOF]])
+    stream += quoted(partial)
+    set_termios(master, _probe_termios(termios_now, packet))
+    try:
+        sti(slave, bytes(stream))
+        return ioc_int(slave, FIONREAD)
     finally:
         set_termios(master, termios_now)

@@ -24,9 +24,10 @@ Refused as `tty`: a pair end also held by another process, a master
 whose slave the process does not hold, a line discipline other than
 N_TTY, a pair that is the controlling terminal of another session or
 whose foreground group is not the process's own, an index taken at
-restore. Refused as `tty-queued`: complete lines queued in canonical mode
-(a partial line cannot be seen, see Known limits), a pending packet-mode
-status, flow-control characters queued in packet mode with IXON.
+restore. Refused as `tty-queued`: canonical mode with VEOF disabled or a
+literal-next pending (the line being typed cannot be made readable, see
+_tty.take_canonical), a pending packet-mode status, flow-control
+characters queued in packet mode with IXON.
 """
 
 from __future__ import annotations
@@ -143,7 +144,10 @@ def _pair(info, ctx) -> dict:
 
 
 def _survey_pair(info, ctx, index: int) -> dict:
-    ends = _ends(ctx)[index]
+    ends = _ends(ctx).get(index)
+    if ends is None:        # a caller that gave no fd table: the fd alone
+        side = "master" if _tty.is_master(info.rdev) else "slave"
+        ends = _ends(ctx)[index] = {"master": [], "slave": [], side: [info]}
     name = f"/dev/pts/{index}"
     outside_m = _outside_masters(ctx, index)
     slave_st = os.stat(ends["slave"][0].proc_path) if ends["slave"] else None
@@ -177,9 +181,9 @@ def _survey_pair(info, ctx, index: int) -> dict:
         if packet and _tty.poll_bits(mfd) & 2:        # POLLPRI: a packet status waits (n_tty_poll)
             raise refuse(info, "tty-queued", f"pty {index}: a packet-mode status byte waits to be read on the "
                          "master; reading it would consume it")
-        if rec["in_len"] and _tty.canonical(termios):
-            raise refuse(info, "tty-queued", f"pty {index}: {rec['in_len']} bytes of complete lines wait for the "
-                         "slave's reader in canonical mode; they cannot be put back with their line ends exactly")
+        if _tty.canonical(termios) and not f["cc"][_tty.VEOF]:
+            raise refuse(info, "tty-queued", f"pty {index}: canonical mode with VEOF disabled: a line being typed "
+                         "could not be seen (it is made readable by ending it with VEOF)")
     node = os.stat(name) if os.path.exists(name) else slave_st
     rec["node"] = {"mode": stat.S_IMODE(node.st_mode), "uid": node.st_uid, "gid": node.st_gid}
     if sid is not None:
@@ -231,36 +235,52 @@ def dump(info, ctx) -> dict:
 def _queues(info, ctx, pair: dict) -> dict:
     """Both queues drained, written to the image and put back into the
     original at once (it is frozen: nothing else reads them), then counted
-    again: a difference is an error, the dump fails and says so."""
+    again: a difference is an error, the dump fails and says so. In
+    canonical mode the slave's queue is always taken (a line being typed
+    does not show in FIONREAD: _tty.take_canonical)."""
     out: dict = {"out": None, "in": None}
-    if not (pair["out_len"] or pair["in_len"]):
+    termios = bytes.fromhex(pair["termios"])
+    canon = _tty.canonical(termios)
+    if not (pair["out_len"] or pair["in_len"] or canon):
         return out
     ends = _ends(ctx)[pair["index"]]
     m, s = ends["master"][0], ends["slave"][0]
-    termios = bytes.fromhex(pair["termios"])
+    packet = bool(pair["packet"])
+    lines, partial, inq = [], b"", b""
     with pidfd.target_fd(m.pid, m.fd) as mfd, pidfd.target_fd(s.pid, s.fd) as sfd:
         try:
-            outq = _tty.read_queue(mfd, bool(pair["packet"]))
-            inq = _tty.read_queue(sfd) if pair["in_len"] else b""
-            if pair["packet"] and _tty.fields(termios)["iflag"] & _tty.IXON and \
-                    any(c in inq for c in _tty.flow_chars(termios)):
-                back_in = _tty.inject_input(mfd, sfd, inq, termios, True) if inq else 0
-                back_out = _tty.inject_output(mfd, sfd, outq, termios)
-                raise refuse(info, "tty-queued", f"pty {pair['index']}: flow-control characters queued for the "
-                             "slave in packet mode with IXON")
+            outq = _tty.read_queue(mfd, packet)
             back_out = _tty.inject_output(mfd, sfd, outq, termios)
-            back_in = _tty.inject_input(mfd, sfd, inq, termios, bool(pair["packet"]))
+            if canon:
+                lines, partial = _tty.take_canonical(mfd, sfd, termios, packet)
+                back_in = _tty.put_canonical(mfd, sfd, termios, lines, partial, packet)
+                want_in = sum(len(x) for x in lines)
+            else:
+                inq = _tty.read_queue(sfd) if pair["in_len"] else b""
+                if packet and _tty.fields(termios)["iflag"] & _tty.IXON and \
+                        any(c in inq for c in _tty.flow_chars(termios)):
+                    _tty.inject_input(mfd, sfd, inq, termios, True)
+                    raise refuse(info, "tty-queued", f"pty {pair['index']}: flow-control characters queued for "
+                                 "the slave in packet mode with IXON")
+                back_in = _tty.inject_input(mfd, sfd, inq, termios, packet)
+                want_in = len(inq)
+        except _tty.Unexact as e:
+            raise refuse(info, "tty-queued", f"pty {pair['index']}: {e}") from None
         except OSError as e:
             raise EngineError(f"pty {pair['index']}: moving its queued bytes: {e.strerror or e}",
                               pid=info.pid, errno=e.errno or None) from e
-    if back_out != len(outq) or back_in != len(inq):
+    if back_out != len(outq) or back_in != want_in:
         raise EngineError(f"pty {pair['index']}: queues hold {back_out}/{back_in} bytes after being put back, "
-                          f"{len(outq)}/{len(inq)} were read", pid=info.pid)
+                          f"{len(outq)}/{want_in} were read", pid=info.pid)
     for name, data in (("out", outq), ("in", inq)):
         if data:
             out[name] = f"fds/tty-{pair['index']}-{name}"
             ctx.image.write_bytes(out[name], data)
         out[f"{name}_len"] = len(data)
+    if canon:
+        out["in_lines"] = [x.hex() for x in lines]
+        out["in_partial"] = partial.hex()
+        out["in_len"] = want_in
     return out
 
 
@@ -426,7 +446,14 @@ def _build(m: dict, ctx) -> Dict[int, int]:
             outq = ctx.image.read_bytes(m["out"]) if m.get("out") else b""
             inq = ctx.image.read_bytes(m["in"]) if m.get("in") else b""
             got_out = _tty.inject_output(mfd, sfd, outq, termios)
-            got_in = _tty.inject_input(mfd, sfd, inq, termios, bool(m["packet"]))
+            if _tty.canonical(termios):
+                try:
+                    got_in = _tty.put_canonical(mfd, sfd, termios, [bytes.fromhex(x) for x in m.get("in_lines", [])],
+                                                bytes.fromhex(m.get("in_partial", "")), bool(m["packet"]))
+                except _tty.Unexact as e:
+                    raise refuse_rec(m, ctx, "tty-queued", f"pty {index}: {e}") from None
+            else:
+                got_in = _tty.inject_input(mfd, sfd, inq, termios, bool(m["packet"]))
             if got_out != m.get("out_len", 0) or got_in != m.get("in_len", 0):
                 raise refuse_rec(m, ctx, "tty-queued", f"pty {index}: {got_out}/{got_in} bytes queued after the "
                                  f"refill, {m.get('out_len', 0)}/{m.get('in_len', 0)} dumped")

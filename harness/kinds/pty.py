@@ -4,7 +4,10 @@ without O_NOCTTY, so it becomes the (setsid) workload's controlling
 terminal. The slave is put in raw mode (non-canonical, no echo, no
 translations) unless ``canonical: true``; ``packet: true`` turns on packet
 mode; ``input`` bytes wait for the slave's reader (written on the master),
-``output`` bytes for the master's (written on the slave); in canonical
+``output`` bytes for the master's (written on the slave);
+``pending_status: true`` leaves a packet-mode status byte unread (a
+flush); ``slave_outside: true`` lets a process outside the dump hold the
+slave too; in canonical
 mode the input is one text line (``partial_line: true``: not ended yet,
 which user space cannot see: scenarios-found); ``winsize:
 [rows, cols]``. ``pty: outside``: only the slave (at ``fd``), its master
@@ -33,7 +36,8 @@ TIOCGPTN, TIOCSPTLCK, TIOCPKT, TIOCGPKT = 0x80045430, 0x40045431, 0x5420, 0x8004
 
 def fields(s) -> dict:
     return {"pty": s.Enum(("pair", "outside")), "slave_fd": s.FdNum(), "ctty": s.Bool(), "canonical": s.Bool(),
-            "packet": s.Bool(), "partial_line": s.Bool(), "input": s.Data(), "output": s.Data(), "winsize": s.List_(s.Int(0, 65535))}
+            "packet": s.Bool(), "partial_line": s.Bool(),
+            "pending_status": s.Bool(), "slave_outside": s.Bool(), "input": s.Data(), "output": s.Data(), "winsize": s.List_(s.Int(0, 65535))}
 
 
 def fd_numbers(e: dict) -> List[int]:
@@ -45,6 +49,8 @@ def validate(e: dict, fds: dict) -> List[tuple]:
         return [("slave_fd", "a pty pair needs slave_fd")]
     if e["pty"] == "outside" and any(k in e for k in ("slave_fd", "packet", "input", "output", "ctty")):
         return [("pty", "an outside pty has only its slave, at fd")]
+    if e.get("pending_status") and not e.get("packet"):
+        return [("pending_status", "only a packet-mode master has a status byte")]
     if e.get("partial_line") and not e.get("canonical"):
         return [("partial_line", "only a canonical-mode pty has lines")]
     if e.get("canonical") and "output" in e:
@@ -87,6 +93,11 @@ def opener(e: dict, ctx: Ctx) -> List[Opened]:
         ctx.helpers.append(_spawn_holder(m))
         os.close(m)
         return [Opened(s, int(e["fd"]), "slave", extra)]
+    if e.get("pending_status"):
+        termios.tcflush(s, termios.TCIOFLUSH)       # the master reads a TIOCPKT_FLUSH* status byte next
+    if e.get("slave_outside"):
+        from .pipe import _spawn_holder
+        ctx.helpers.append(_spawn_holder(s))
     _write(m, _input(e))
     _write(s, seeded_bytes(e.get("output")))
     return [Opened(m, int(e["fd"]), "master", extra), Opened(s, int(e["slave_fd"]), "slave", extra)]
