@@ -144,7 +144,7 @@ def _check_process(s: Survey) -> None:
 CAP_SYS_RESOURCE = 24
 
 
-def _check_restore_env(s: Survey) -> None:
+def _check_restore_env(s: Survey, shell_job: bool = False) -> None:
     """What `ckpt restore` run here, as this ckpt is, would refuse on an
     unchanged machine; refused now, while the target is unharmed (a dump
     restore refuses loses the process):
@@ -167,6 +167,10 @@ def _check_restore_env(s: Survey) -> None:
                     "restoring it needs CAP_SYS_RESOURCE (run ckpt with limits at least as high)"))
     sid, pgid = s.stat.get("session"), s.stat.get("pgrp")
     if sid is None or sid == s.pid:
+        return
+    if shell_job and pgid == s.pid:
+        # a job of some shell: `ckpt restore --tty` puts it in the session of
+        # the shell that runs the restore (engine/fds/tty.py), as criu does
         return
     if sid != os.getsid(0):
         s.refuse("session", "session", Refusal(
@@ -322,7 +326,7 @@ def preflight(pid: int, ctx: DumpContext, proc: procfs.Proc) -> Survey:
     s.stat = proc.stat()
     s.status = proc.status()
     _check_process(s)
-    _check_restore_env(s)
+    _check_restore_env(s, getattr(ctx.options, "shell_job", False))
     _check_vmas(s)
     _check_fds(s, ctx)
     _check_ctty(s, ctx)
@@ -357,16 +361,13 @@ def _check_ctty(s: Survey, ctx: DumpContext) -> None:
         else:
             s.refuse("controlling terminal", "session", Refusal(
                 "tty", f"controlling terminal /dev/pts/{idx} is held by no fd of the process"))
-    elif sid == os.getsid(0):
-        if getattr(ctx.options, "shell_job", False):
-            s.ok("controlling terminal", "session", f"/dev/pts/{idx}, ckpt's own session's (--shell-job)")
-        else:
-            s.refuse("controlling terminal", "session", Refusal(
-                "tty-outside", f"runs on /dev/pts/{idx}, the terminal of ckpt's session: dump with --shell-job "
-                "and restore with --tty"))
+    elif getattr(ctx.options, "shell_job", False):
+        s.ok("controlling terminal", "session", f"/dev/pts/{idx}, the terminal of its shell's session "
+             "(--shell-job: restored in the restoring shell's session, on its terminal)")
     else:
         s.refuse("controlling terminal", "session", Refusal(
-            "tty", f"controlling terminal /dev/pts/{idx} of session {sid}, neither its own nor ckpt's"))
+            "tty-outside", f"runs on /dev/pts/{idx}, the terminal of session {sid} (a shell's): dump with "
+            "--shell-job and restore with --tty"))
 
 
 def features() -> List[str]:

@@ -48,6 +48,7 @@ IN = b"typed\r\nbytes \x03\x7f and more\n" * 50        # for the slave's reader
 OUT = b"printed\nline\n" * 40                          # for the master's reader (ONLCR: \n -> \r\n)
 CANON_IN = b"one line\n" + b"\x16\x7fquoted erase\n" + b"\x04" + b"partial \x16\x04 line"   # ^V quotes, ^D ends
 os.write(m, IN if MODE != "canon" else CANON_IN)
+time.sleep(0.2)          # the echo (canonical mode) is made as the input is processed: before OUT
 os.write(s, OUT)
 time.sleep(0.2)
 truth = {"index": index, "attrs": termios.tcgetattr(s), "pgrp": os.getpgrp()}
@@ -83,7 +84,8 @@ def verify(*_):
         want_out = OUT.replace(b"\n", b"\r\n")
         if MODE == "canon":
             out["queued"] = fionread(s) == len(b"one line\n\x7fquoted erase\n")
-            out["out_bytes"] = drain(m, fionread(m)) == truth["echo"] + want_out
+            got = drain(m, fionread(m))
+            out["out_bytes"] = got == truth["echo"] + want_out or repr((got, truth["echo"]))
             lines = [os.read(s, 100), os.read(s, 100), os.read(s, 100)]
             os.write(m, b"\n")
             lines.append(os.read(s, 100))

@@ -249,6 +249,7 @@ def _queues(info, ctx, pair: dict) -> dict:
     lines, partial, inq = [], b"", b""
     with pidfd.target_fd(m.pid, m.fd) as mfd, pidfd.target_fd(s.pid, s.fd) as sfd:
         try:
+            _tty.settle(sfd)      # input the master wrote is processed (and echoed) before the output is taken
             outq = _tty.read_queue(mfd, packet)
             back_out = _tty.inject_output(mfd, sfd, outq, termios)
             if canon:
