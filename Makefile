@@ -25,13 +25,13 @@ GENERATE ?= 300
 SEED ?= 1
 
 APT_PACKAGES = qemu-system-x86 qemu-utils mmdebstrap e2fsprogs busybox-static cpio zstd \
-               openssh-client gcc libc6-dev ca-certificates
+               openssh-client gcc libc6-dev ca-certificates libnftables1
 ifeq ($(ARCH),aarch64)
 APT_PACKAGES += qemu-system-arm qemu-user-static binfmt-support arch-test
 endif
 
 .PHONY: setup setup-apt setup-pip test test-host test-aarch64-guest lint-workflows vm-image vm-shell vm-test \
-        vm-generate mutants bench clean-image help
+        vm-generate mutants bench reliability clean-image help
 
 help:
 	@echo "make setup              install host packages (apt) and Python packages (pip)"
@@ -46,6 +46,8 @@ help:
 	@echo "make vm-generate        run GENERATE=$(GENERATE) generated scenarios from SEED=$(SEED) in guests"
 	@echo "make test-aarch64-guest the aarch64 guest tests of tests/ (needs make vm-image ARCH=aarch64)"
 	@echo "make bench              write benchmark figures to bench/results.json"
+	@echo "make reliability        fault points + ckpt killed at random instants + FUZZ_CASES=$(FUZZ_CASES) mutated"
+	@echo "                        images from FUZZ_SEED=$(FUZZ_SEED) -> bench/reliability.json"
 
 setup: setup-apt setup-pip
 
@@ -112,6 +114,17 @@ vm-generate: vm-image
 # image, which CRUCIBLE_REQUIRE_AARCH64 turns into a failure (CI builds it).
 test-aarch64-guest:
 	CRUCIBLE_REQUIRE_AARCH64=1 $(PYTHON) -m pytest tests/ -m aarch64 -q -p no:cacheprovider -p no:benchmark
+
+# Fault points, ckpt killed at random instants (and, from other tools, fuzzed
+# images): figures printed and merged into bench/reliability.json. One line per tool.
+RELIABILITY_KILLS ?= 200
+# Mutated images against ckpt restore (harness/imagefuzz.py): how many, from which seed.
+FUZZ_CASES ?= 500
+FUZZ_SEED ?= 1
+reliability:
+	@mkdir -p bench
+	$(PYTHON) bench/reliability.py --out bench/reliability.json --kills $(RELIABILITY_KILLS)
+	$(PYTHON) bench/fuzz_images.py --out bench/reliability.json --cases $(FUZZ_CASES) --seed $(FUZZ_SEED)
 
 bench:
 	@mkdir -p bench

@@ -97,12 +97,17 @@ def target_checks(pid: int) -> procfs.Proc:
 
 # -- with the target frozen ----------------------------------------------------
 
-def _check_process(s: Survey) -> None:
+def _check_process(s: Survey, ctx: Optional[DumpContext] = None) -> None:
     st, status, proc, pid = s.stat, s.status, s.proc, s.pid
     # Threads are frozen and judged one by one (engine/threads.py survey).
     kids = proc.children()
-    if kids:
-        s.refuse("children", "process", Refusal("process-tree", f"children {kids[:8]}"))
+    tree = ctx.tree_pids if ctx is not None and ctx.tree_root is not None else frozenset()
+    if kids and all(k in tree for k in kids):
+        s.ok("children", "process", f"{len(kids)} in the tree: " + " ".join(map(str, kids[:8])))
+    elif kids:
+        # Only when judged alone (ckpt survey): `ckpt check -t` and dump take the tree.
+        s.refuse("children", "process", Refusal("process-tree", f"children {kids[:8]} (judged alone; "
+                                                "`ckpt check -t PID` judges the tree)"))
     else:
         s.ok("children", "process", "none")
     # Pending signals are saved (engine/signals.py): judged with the task
@@ -144,7 +149,7 @@ def _check_process(s: Survey) -> None:
 CAP_SYS_RESOURCE = 24
 
 
-def _check_restore_env(s: Survey, shell_job: bool = False) -> None:
+def _check_restore_env(s: Survey, tree_member: bool = False, shell_job: bool = False) -> None:
     """What `ckpt restore` run here, as this ckpt is, would refuse on an
     unchanged machine; refused now, while the target is unharmed (a dump
     restore refuses loses the process):
@@ -166,8 +171,8 @@ def _check_restore_env(s: Survey, shell_job: bool = False) -> None:
                     "capability", f"RLIMIT_{libc.RLIMIT_NAMES[i]} hard limit {mx} is above ckpt's {mymax}; "
                     "restoring it needs CAP_SYS_RESOURCE (run ckpt with limits at least as high)"))
     sid, pgid = s.stat.get("session"), s.stat.get("pgrp")
-    if sid is None or sid == s.pid:
-        return
+    if sid is None or sid == s.pid or tree_member:
+        return      # a tree member's session and group: engine/tree.py
     if shell_job and pgid == s.pid:
         # a job of some shell: `ckpt restore --tty` puts it in the session of
         # the shell that runs the restore (engine/fds/tty.py), as criu does
@@ -325,8 +330,8 @@ def preflight(pid: int, ctx: DumpContext, proc: procfs.Proc) -> Survey:
     s = Survey(pid=pid, proc=proc)
     s.stat = proc.stat()
     s.status = proc.status()
-    _check_process(s)
-    _check_restore_env(s, getattr(ctx.options, "shell_job", False))
+    _check_process(s, ctx)
+    _check_restore_env(s, ctx.tree_root not in (None, pid), getattr(ctx.options, "shell_job", False))
     _check_vmas(s)
     _check_fds(s, ctx)
     _check_ctty(s, ctx)

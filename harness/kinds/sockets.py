@@ -1,5 +1,5 @@
 """``socket``: unix-pair, unix-listen, unix-pending, unix-dgram, tcp-listen,
-tcp-established, udp, udp6, netlink-route, packet.
+tcp-pending, tcp-established, udp, udp6, netlink-route, packet.
 
 Queued bytes are seeded in BOTH directions of a connected pair (``data``
 waits on ``fd``, ``peer_data`` on ``peer_fd``); the checker drains both
@@ -7,29 +7,43 @@ ends' queues without blocking and compares each, then proves the ends are
 still connected by a marker each way. Listening sockets must accept, a
 datagram socket keeps its datagram and its source (``sender: outside``: the
 sending socket stays bound in a process outside the dump, so the datagram
-cannot be re-sent from its source at restore). A unix-pending listener has one connection waiting in its accept queue
-(its connecting end at ``peer_fd``, or ``sender: outside``). Unix sockets report
-SO_PEERCRED as made (``creator: exited-child``: a unix-pair made by a child
-under other credentials that has exited). A netlink-route socket keeps
-its port id and answers a request on it (``data``: a reply is left queued
+cannot be re-sent from its source at restore). A unix-pending or
+tcp-pending listener has one connection waiting in its accept queue (its
+connecting end at ``peer_fd``, or ``sender: outside``). Unix sockets report SO_PEERCRED as
+made (``creator: exited-child``: a unix-pair made by a child under other
+credentials that has exited; ``outside``: by a live process outside the
+dump). A netlink-route socket keeps its port id and answers a request on it (``data``: a reply is left queued
 before the dump). A packet socket is refused by name.
+
+A tcp-half-closed connection is a tcp-established one whose peer end
+has shut down writing (``fd`` in CLOSE_WAIT, ``peer_fd`` in FIN_WAIT2).
+
+A tcp-established connection with ``sender: outside`` has its other end in
+a process outside the dump (an echo peer) that keeps it open throughout:
+``data`` is what the peer sent before the dump (it waits in the
+workload's receive queue), ``peer_data`` what the workload sent the peer
+before the dump; after the restore the workload sends the marker, and the
+peer answers with every byte it received, once and in order (peer_data +
+marker): nothing lost, duplicated or reset on either side.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import struct
+import time
 from typing import Any, List
 
 from .core import MARKER, Ctx, Opened, bytes_check, check, drain, seeded_bytes, wait_readable
 
 KIND = "socket"
 TAGS = ("socket",)
-SOCKETS = ("unix-pair", "unix-listen", "unix-pending", "unix-dgram", "tcp-listen", "tcp-established", "udp", "udp6",
-           "netlink-route", "packet")
+SOCKETS = ("unix-pair", "unix-listen", "unix-pending", "unix-dgram", "tcp-listen", "tcp-pending", "tcp-established",
+           "tcp-half-closed", "udp", "udp6", "netlink-route", "packet")
 _NETLINK_ROUTE, _RTM_GETLINK, _NLM_F_REQUEST = 0, 18, 1
-PAIRS = ("unix-pair", "tcp-established")
+PAIRS = ("unix-pair", "tcp-established", "tcp-half-closed")
 
 
 def fields(s) -> dict:
@@ -42,20 +56,26 @@ def fd_numbers(e: dict) -> List[int]:
     return [e["fd"]] + ([e["peer_fd"]] if "peer_fd" in e else [])
 
 
+def _outside_tcp(e: dict) -> bool:
+    return e["socket"] == "tcp-established" and e.get("sender") == "outside"
+
+
 def validate(e: dict, fds: dict) -> List[tuple]:
     sock = e["socket"]
-    if sock in PAIRS and "peer_fd" not in e:
+    if _outside_tcp(e) and "peer_fd" in e:
+        return [("peer_fd", "a tcp-established socket with sender: outside has its peer outside the dump")]
+    if sock in PAIRS and "peer_fd" not in e and not _outside_tcp(e):
         return [("peer_fd", f"a {sock} socket needs peer_fd")]
-    if sock == "unix-pending" and ("peer_fd" in e) == (e.get("sender") == "outside"):
-        return [("peer_fd", "a unix-pending listener needs peer_fd (its connecting end), or sender: outside")]
+    if sock in ("unix-pending", "tcp-pending") and ("peer_fd" in e) == (e.get("sender") == "outside"):
+        return [("peer_fd", f"a {sock} listener needs peer_fd (its connecting end), or sender: outside")]
     if sock not in PAIRS and "peer_data" in e:
         return [("peer_data", f"a {sock} socket has no peer")]
     if sock in ("unix-listen", "unix-pending", "unix-dgram") and "path" not in e:
         return [("path", f"a {sock} socket needs a path")]
     if e.get("creator", "self") != "self" and sock != "unix-pair":
         return [("creator", "only a unix-pair is made by another process")]
-    if "sender" in e and sock not in ("udp", "udp6", "unix-pending"):
-        return [("sender", "only udp and unix-pending sockets have a sender")]
+    if "sender" in e and sock not in ("udp", "udp6", "unix-pending", "tcp-pending", "tcp-established"):
+        return [("sender", "only udp, unix-pending, tcp-pending and tcp-established sockets have a sender")]
     return []
 
 
@@ -104,7 +124,20 @@ def opener(e: dict, ctx: Ctx) -> List[Opened]:
         s.bind(("127.0.0.1", 0))
         s.listen(8)
         return [Opened(s.detach(), int(e["fd"]), "sock")]
-    if kind == "tcp-established":
+    if kind == "tcp-pending":
+        # a listener with one connection waiting in its accept queue; the
+        # connecting end is peer_fd, or held by a process outside the dump
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.bind(("127.0.0.1", 0))
+        s.listen(8)
+        c = socket.create_connection(s.getsockname())
+        if e.get("sender") == "outside":
+            from .pipe import _spawn_holder
+            ctx.helpers.append(_spawn_holder(c.fileno()))
+            c.close()
+            return [Opened(s.detach(), int(e["fd"]), "sock")]
+        return [Opened(s.detach(), int(e["fd"]), "sock"), Opened(c.detach(), int(e["peer_fd"]), "peer")]
+    if kind in ("tcp-established", "tcp-half-closed"):
         lst = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         lst.bind(("127.0.0.1", 0))
         lst.listen(1)
@@ -113,6 +146,13 @@ def opener(e: dict, ctx: Ctx) -> List[Opened]:
         lst.close()
         srv.sendall(payload)
         c.sendall(back)
+        if kind == "tcp-half-closed":
+            srv.shutdown(socket.SHUT_WR)     # fd: CLOSE_WAIT, peer_fd: FIN_WAIT2
+            wait_readable(c.fileno(), 2)
+        if _outside_tcp(e):
+            ctx.helpers.append(_spawn_echo_peer(srv.fileno()))
+            srv.close()
+            return [Opened(c.detach(), int(e["fd"]), "sock")]
         return [Opened(c.detach(), int(e["fd"]), "sock"), Opened(srv.detach(), int(e["peer_fd"]), "peer")]
     if kind in ("udp", "udp6"):
         fam, lo = (socket.AF_INET6, "::1") if kind == "udp6" else (socket.AF_INET, "127.0.0.1")
@@ -206,6 +246,84 @@ def _pair_from_outside(ctx: Ctx):
             [int(msg), os.geteuid(), os.getegid(), sorted(os.getgroups())])
 
 
+TICK, ANSWER = b".", b"|"
+
+
+def _spawn_echo_peer(keep: int) -> int:
+    """A process outside the workload's tree (double fork, re-parented to
+    init) holding the connection ``keep``: it sends a tick every 20 ms (so
+    packets arrive while the workload is an image: without a network lock
+    they would meet a closed socket and be answered with a RST) and reads
+    everything; once what it read ends with the marker it stops ticking and
+    sends ANSWER + all it read. A reset or an EOF ends it. Its PID."""
+    r, w = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - child
+        try:
+            grandchild = os.fork()
+            if grandchild == 0:
+                os.setsid()
+                os.closerange(3, keep)
+                os.closerange(keep + 1, 1024)
+                got = b""
+                try:
+                    while True:
+                        if wait_readable(keep, 0.02):
+                            b = os.read(keep, 65536)
+                            if not b:
+                                break
+                            got += b
+                            if got.endswith(MARKER):
+                                os.write(keep, ANSWER + got)
+                                break
+                        else:
+                            os.write(keep, TICK)
+                except OSError:
+                    pass
+                while True:
+                    signal.pause()
+            os.write(w, str(grandchild).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    pid = int(os.read(r, 32))
+    os.close(r)
+    os.waitpid(child, 0)
+    return pid
+
+
+def _read_exactly(fd: int, n: int, seconds: float) -> bytes:
+    """Up to n bytes arriving within `seconds` (the peer retransmits on its
+    own timer after a checkpoint)."""
+    deadline = time.monotonic() + seconds
+    out = b""
+    while len(out) < n and time.monotonic() < deadline:
+        if wait_readable(fd, max(0.0, deadline - time.monotonic())):
+            try:
+                chunk = os.read(fd, n - len(out))
+            except BlockingIOError:
+                continue
+            except OSError:
+                break
+            if not chunk:
+                break
+            out += chunk
+    return out
+
+
+def _answer(fd: int, n: int, seconds: float) -> bytes:
+    """The echo peer's answer (n bytes after ANSWER), its ticks skipped;
+    anything else before ANSWER is returned as it is (a wrong byte)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        b = _read_exactly(fd, 1, deadline - time.monotonic())
+        if b == ANSWER:
+            return _read_exactly(fd, n, max(0.0, deadline - time.monotonic()))
+        if b != TICK:
+            return b
+    return b""
+
+
 def _getlink(seq: int) -> bytes:
     """An RTM_GETLINK request for the loopback device (one reply, no dump)."""
     body = struct.pack("=BBHiII", 0, 0, 0, 1, 0, 0)
@@ -241,6 +359,15 @@ def checker(e: dict, recs: List[dict], ctx: Ctx, phase: str) -> List[dict]:
                 if "peercred" in r["extra"]:
                     out.append(check(r["fd"], "SO_PEERCRED pid, uid, gid, groups", r["extra"]["peercred"],
                                      peer_cred(r["fd"])))
+        elif phase == "consume" and _outside_tcp(e):
+            want = seeded_bytes(e.get("data"))
+            out.append(bytes_check(fd, "queued stream bytes from the outside peer", want,
+                                   _read_exactly(fd, len(want), 10)))
+        elif phase == "mutate" and _outside_tcp(e):
+            want = seeded_bytes(e.get("peer_data")) + MARKER
+            os.write(fd, MARKER)
+            out.append(bytes_check(fd, "the outside peer got every byte once, in order (its echo)", want,
+                                   _answer(fd, len(want), 60)))
         elif phase == "consume" and kind in PAIRS:
             out.append(bytes_check(fd, "queued stream bytes", seeded_bytes(e.get("data")), drain(fd)))
             out.append(bytes_check(peer, "queued stream bytes (peer end)", seeded_bytes(e.get("peer_data")),
@@ -262,6 +389,8 @@ def checker(e: dict, recs: List[dict], ctx: Ctx, phase: str) -> List[dict]:
             seq_port = list(struct.unpack_from("=II", reply, 8)) if len(reply) >= 16 else None
             out.append(check(fd, "a request is answered on the same port id",
                              [4242, by_role["sock"]["extra"]["sockname"][0]], seq_port))
+        elif phase == "mutate" and kind == "tcp-half-closed":
+            out.append(_marker(peer, fd, "write arrives at the peer (the peer's side is shut down)"))
         elif phase == "mutate" and kind in PAIRS:
             out.append(_marker(fd, peer, "peer's write arrives"))
             out.append(_marker(peer, fd, "write arrives at the peer"))
@@ -271,7 +400,7 @@ def checker(e: dict, recs: List[dict], ctx: Ctx, phase: str) -> List[dict]:
             ok = wait_readable(fd, 2)
             got = s.recv(len(MARKER) + 10, socket.MSG_DONTWAIT).decode(errors="replace") if ok else ""
             out.append(check(fd, "a datagram sent to its name arrives", MARKER.decode(), got))
-        elif phase == "mutate" and kind == "unix-pending" and peer is not None:
+        elif phase == "mutate" and kind in ("unix-pending", "tcp-pending") and peer is not None:
             os.write(peer, MARKER)
             ok = wait_readable(fd, 2)
             got = ""
