@@ -120,7 +120,6 @@ class Static:
 
 STATIC: Dict[str, Static] = {s.variant: s for s in (
     Static("pipe-one-end", "pipe-peer-outside", "dump", source="pipe/peer-outside"),
-    Static("socket-tcp-established", "socket", "dump", fds="all", source="socket/tcp-established"),
     Static("dnotify", "dnotify", "dump", source="notify/dnotify"),
     Static("fanotify", "fanotify", "dump", source="notify/fanotify"),
     Static("eventfd", "restored", old_kernels=("6.6", "unsupported-fd", "dump"), source="anon/eventfd"),

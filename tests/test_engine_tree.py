@@ -240,6 +240,7 @@ def test_family(procs, session_killer, tmp_path):  # noqa: F811
     assert got["status"] == {"A": ["exit", 7], "C": ["signal", 15], "B": ["exit", 3], "D": ["exit", 4],
                              "E": ["exit", 5], "F": ["exit", 6], "G": ["exit", 8]}
     assert got["shm"] == "child", "the shared page is not one object"
+    assert got["memfd"] == "child", "the memfd mapping is not one object"
     assert got["private"] is True
     assert (tmp_path / "shared.txt").read_bytes() == b"p1cp2", "the open file description was split"
 
@@ -335,7 +336,8 @@ def test_refused_pipe_peer_outside(procs, session_killer, tmp_path):  # noqa: F8
     ("clonefiles", "tree-sharing", "fd table"),
     ("traceme", "ptraced", "traced by pid"),
     ("badsession", "process-tree", "session"),
-    ("outside", "memory-peer-outside", "outside the tree"),
+    ("outside", "memory-peer-outside", "mapped by"),
+    ("memfd-outside", "memory-peer-outside", "held open by"),
 ])
 def test_refused_boundaries(procs, session_killer, tmp_path, mode, reason, detail):  # noqa: F811
     p = _start(procs, [python_exe(), FAMILY, mode], tmp_path)
@@ -348,7 +350,7 @@ def test_refused_boundaries(procs, session_killer, tmp_path, mode, reason, detai
     except (Refusal, Refusals) as e:
         refs = [r.as_dict() for r in (e.refusals if isinstance(e, Refusals) else [e])]
     assert any(x["reason"] == reason and detail in x["detail"] for x in refs), refs
-    if mode == "outside":
+    if mode in ("outside", "memfd-outside"):
         assert any(str(info["outside"]) in x["detail"] for x in refs), refs
         procs.adopt(info["outside"])
     with pytest.raises((Refusal, Refusals)):
@@ -359,6 +361,24 @@ def test_refused_boundaries(procs, session_killer, tmp_path, mode, reason, detai
         _untouched(members)
     else:
         _untouched([p.pid])
+
+
+def test_refused_vfork_child_without_waiting_for_it(procs, session_killer, tmp_path):  # noqa: F811
+    """A parent held in vfork() by a child that does not exec: no ptrace
+    stop can end that wait, so the freeze would hang until the child execs;
+    it is refused at once (tree-sharing: they share memory)."""
+    exe = str(tmp_path / "vforker")
+    subprocess.run(["gcc", "-O2", "-Wall", "-o", exe, os.path.join(TARGETS, "vforker.c")], check=True,
+                   capture_output=True, timeout=60)
+    p = _start(procs, [exe, str(tmp_path / "ready")], tmp_path)
+    session_killer.append(p.pid)
+    wait_for(lambda: (tmp_path / "ready").exists(), what="the vfork child")
+    t0 = time.monotonic()
+    with pytest.raises(Refusal) as e:
+        check(p.pid, Options())
+    assert e.value.reason == "tree-sharing" and "vfork" in e.value.detail
+    assert time.monotonic() - t0 < 10, "the freeze waited for the vfork child"
+    _untouched([p.pid])
 
 
 # -- a tree that never holds still ----------------------------------------------------
@@ -391,8 +411,8 @@ def test_forking_tree_frozen_consistently(procs, session_killer, tmp_path):  # n
             try:
                 assert _status_field(pid, "TracerPid") == "0", pid
                 assert _stat(pid)["state"] not in ("t", "T"), pid
-            except FileNotFoundError:
-                pass     # a child that exited meanwhile
+            except OSError:
+                pass     # a child that exited meanwhile (ENOENT, or ESRCH mid-read)
     c0 = counters()
     wait_for(lambda: counters()[2] > c0[2] + 5, what="churn carrying on after the checks")
     res, _ = _dump_restore(p.pid, tmp_path / "img", procs)
