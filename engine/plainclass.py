@@ -72,3 +72,12 @@ def dataclass(cls):
     cls.__hash__ = None         # as dataclass(eq=True): mutable records are unhashable
     cls.__dataclass_names__ = names
     return cls
+
+
+def replace(obj, **changes):
+    """A copy of `obj` with `changes` (as dataclasses.replace)."""
+    names = obj.__class__.__dataclass_names__
+    unknown = set(changes) - set(names)
+    if unknown:
+        raise TypeError(f"{obj.__class__.__name__} has no fields {sorted(unknown)}")
+    return obj.__class__(**{n: changes.get(n, getattr(obj, n)) for n in names})
