@@ -29,7 +29,7 @@ import signal
 import struct
 from typing import List, Tuple
 
-from . import libc, posixtimers, ptrace, sched, seccomp, signals, threads
+from . import faults, libc, posixtimers, ptrace, sched, seccomp, signals, threads
 from .arch import current as current_arch
 from .check import MADVISE_FLAGS
 from .errors import EngineError, Refusal
@@ -112,6 +112,7 @@ class Builder:
         self.gadget = 0
         self.scratch = 0
         self.threads: List["Builder"] = []   # the other threads' builders (engine/threads.py)
+        self.session_done = False
 
     # -- helpers ---------------------------------------------------------------
     def call(self, name: str, *args: int) -> int:
@@ -211,6 +212,7 @@ class Builder:
             kind = v["kind"]
             if kind == "special":
                 continue
+            faults.point("restore.map", kind)
             start, size = v["start"], v["end"] - v["start"]
             final = prot_of(v["perms"])
             shared = v["perms"][3] == "s"
@@ -240,6 +242,12 @@ class Builder:
                 flags |= MAP_ANONYMOUS
             if not shared and "ac" not in v["flags"]:
                 prot, force = final, True
+            if v.get("tree_shared"):
+                # Memory shared with another member of a process tree, built
+                # before this one: the same object (engine/tree_restore.py).
+                from .tree_restore import map_shared
+                total += map_shared(self, v, flags & ~MAP_ANONYMOUS)
+                continue
             got = self.call("mmap", start, size, prot, flags, fd, off)
             if got != start:
                 raise EngineError(f"mapping {start:#x} landed at {got:#x}", pid=self.pid)
@@ -297,6 +305,8 @@ class Builder:
         if head:
             self.call("set_robust_list", head, length)
         ptrace.set_sigmask(self.pid, core["sigmask"])
+        if self.session_done:
+            return      # a tree member: set when it was created (engine/tree_restore.py)
         sess = core["session"]
         if sess["sid"] == self.pid:
             self.call("setsid")
@@ -318,11 +328,12 @@ class Builder:
                 self.call("close_range", lo, min(fd - 1, 0xFFFFFFFF), 0)
             lo = fd + 1
         for rec in self.job.fdrecs:
-            if "dup_of" in rec:
+            if "dup_of" in rec or "ofd_of" in rec:
                 continue
             mod = fd_handler(rec["kind"])
             fin = getattr(mod, "finish", None)
             if fin is not None:
+                faults.point("restore.fd_finish", rec["kind"])
                 fin(rec, self.job.ctx, self.task)
 
     def creds(self) -> None:
@@ -364,7 +375,9 @@ class Builder:
         # The dumped mask only now (pending_signals() blocked everything):
         # what it leaves unblocked is delivered as the process resumes.
         ptrace.set_sigmask(self.pid, self.job.core["sigmask"])
+        faults.point("restore.phase", "registers")
         threads.finish(self)    # the other threads go first, the leader right after
+        faults.point("restore.phase", "release")
         self.task.release(regs)
 
     def pending_signals(self) -> None:
@@ -406,35 +419,60 @@ def build(job) -> int:
     task.syscall_ip = first_ip
     b = Builder(job, task)
     try:
+        faults.point("restore.phase", "created")
         _maybe_fail("clone")
         _check_xstate(task, job.core)
+        faults.point("restore.phase", "gadget")
         b.make_gadget()
         b.unregister_rseq()
+        faults.point("restore.phase", "unmap")
         b.clear_address_space()
-        b.move_vdso()
-        b.set_mm()
-        b.map_all()
-        _maybe_fail("mapped")
-        b.process_state()
-        threads.create(b)   # before creds(): clone3 set_tid needs CAP_CHECKPOINT_RESTORE
-        _maybe_fail("threads")
-        b.install_fds()
-        b.limits()          # prlimit on another uid's process needs CAP_SYS_RESOURCE: before creds()
-        posixtimers.create(b, job.core["posix_timers"])   # alarm clocks need CAP_WAKE_ALARM: before creds()
-        seccomp.install(b, job.core["seccomp"])   # needs CAP_SYS_ADMIN or no_new_privs: before creds()
-        b.creds()
-        threads.creds(b)
-        b.register_rseq()
-        b.pending_signals()     # before anything (seccomp) could forbid rt_tgsigqueueinfo
-        sched.apply(pid, job.core["sched"])
-        threads.late_state(b)
-        posixtimers.arm(b, job.core["posix_timers"])   # last: see posixtimers
+        rebuild(b)
         _maybe_fail("final")
+        faults.point("restore.phase", "finish")
         b.finish()
     except BaseException:
         threads.kill([task] + [tb.task for tb in b.threads])
         raise
     return child
+
+
+def rebuild(b: Builder) -> None:
+    """Every stage after the address space is cleared, up to (not
+    including) finish(): shared by build() and the members of a process
+    tree (engine/tree_restore.py)."""
+    job, pid = b.job, b.pid
+    faults.point("restore.phase", "vdso")
+    b.move_vdso()
+    faults.point("restore.phase", "mm")
+    b.set_mm()
+    b.map_all()
+    _maybe_fail("mapped")
+    faults.point("restore.phase", "process_state")
+    b.process_state()
+    faults.point("restore.phase", "threads")
+    threads.create(b)   # before creds(): clone3 set_tid needs CAP_CHECKPOINT_RESTORE
+    _maybe_fail("threads")
+    faults.point("restore.phase", "fds")
+    b.install_fds()
+    faults.point("restore.phase", "limits")
+    b.limits()          # prlimit on another uid's process needs CAP_SYS_RESOURCE: before creds()
+    faults.point("restore.phase", "posix_timers")
+    posixtimers.create(b, job.core["posix_timers"])   # alarm clocks need CAP_WAKE_ALARM: before creds()
+    faults.point("restore.phase", "seccomp")
+    seccomp.install(b, job.core["seccomp"])   # needs CAP_SYS_ADMIN or no_new_privs: before creds()
+    faults.point("restore.phase", "creds")
+    b.creds()
+    threads.creds(b)
+    faults.point("restore.phase", "rseq")
+    b.register_rseq()
+    faults.point("restore.phase", "signals")
+    b.pending_signals()     # before anything (seccomp) could forbid rt_tgsigqueueinfo
+    faults.point("restore.phase", "sched")
+    sched.apply(pid, job.core["sched"])
+    threads.late_state(b)
+    faults.point("restore.phase", "arm_timers")
+    posixtimers.arm(b, job.core["posix_timers"])   # last: see posixtimers
 
 
 def _check_xstate(task: Task, core: dict) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from .plainclass import dataclass, field
 from typing import Any, Dict, Optional
 
 DEFAULT_GHOST_LIMIT = 64 << 20       # bytes of data (holes do not count)
@@ -22,6 +22,8 @@ class Options:
     ghost_limit: int = DEFAULT_GHOST_LIMIT
     file_validation: str = "digest"   # strict | digest | size | none
     debug: bool = False
+    shell_job: bool = False           # dump: a pty slave whose master is outside is saved (engine/fds/tty.py)
+    tty: str = ""                     # restore: the terminal such fds are reopened on ("inherit": stdin's)
 
 
 @dataclass
@@ -34,6 +36,8 @@ class DumpContext:
     shared: Dict[str, Any] = field(default_factory=dict)   # state shared across fds (pipes by inode, ...)
     all_fds: Dict[int, Any] = field(default_factory=dict)  # fd number -> FdInfo, for peer lookups
     boot_id: str = ""
+    tree_root: Optional[int] = None   # dumping a process tree (engine/tree.py): its root
+    tree_pids: frozenset = frozenset()   # every member of that tree (not "outside" for peer scans)
 
     @property
     def dry_run(self) -> bool:
@@ -48,3 +52,4 @@ class RestoreContext:
     shared: Dict[str, Any] = field(default_factory=dict)
     records: Optional[list] = None    # every fd record, for peer lookups
     pid: Optional[int] = None         # the PID being restored
+    tree_records: Optional[list] = None   # every member's fd records (engine/tree_restore.py)

@@ -21,12 +21,10 @@ import contextlib
 import fcntl
 import json
 import os
-import platform
 import time
-import traceback
 from typing import Dict, List, Optional
 
-from . import files, libc, posixtimers, procfs, sched, seccomp, signals, threads, unlinked
+from . import faults, files, guard, imagecheck, libc, posixtimers, procfs, sched, seccomp, signals, threads, unlinked
 from .arch import current as current_arch
 from .build import build
 from .check import SPECIAL_MAPPINGS, creds_of, creds_plan, require_features
@@ -154,7 +152,7 @@ def _special_block(vmas: List[dict]) -> List[tuple]:
 
 
 def preflight(reader: ImageReader, core: dict, vmas: List[dict], fdrecs: List[dict],
-              ctx: RestoreContext) -> None:
+              ctx: RestoreContext, tree_member: bool = False) -> None:
     """Everything that can be refused before a process exists; raises
     Refusal / Refusals with all that was found."""
     pid = core["pid"]
@@ -170,9 +168,9 @@ def preflight(reader: ImageReader, core: dict, vmas: List[dict], fdrecs: List[di
             add(Refusal("pid-in-use", f"TID {rec['tid']} (a thread) is held by {_comm(rec['tid'])}"))
     mine = _special_block(procfs.parse_maps(open("/proc/self/maps").read()))
     theirs = _special_block(vmas)
-    if theirs and (theirs != mine or reader.manifest.get("kernel") != platform.release()):
+    if theirs and (theirs != mine or reader.manifest.get("kernel") != os.uname().release):
         add(Refusal("unsupported-mapping", f"the vdso of kernel {reader.manifest.get('kernel')} "
-                    f"({theirs}) cannot be provided by kernel {platform.release()} ({mine})"))
+                    f"({theirs}) cannot be provided by kernel {os.uname().release} ({mine})"))
     try:
         plan = creds_plan(core["creds"], creds_of(procfs.parse_status(open("/proc/self/status").read())))
         core["_creds_plan"] = plan
@@ -202,7 +200,11 @@ def preflight(reader: ImageReader, core: dict, vmas: List[dict], fdrecs: List[di
             add(Refusal("file-missing", f"working directory: {e.strerror}", path=cwd["path"]))
     sess = core["session"]
     my_sid = os.getsid(0)
-    if sess["sid"] != pid and sess["sid"] != my_sid:
+    if tree_member:
+        pass    # judged with the whole tree (engine/tree_restore.py)
+    elif ctx.options.tty and sess["sid"] != pid and sess["pgid"] == pid:
+        pass    # a shell job restored with --tty: it joins ckpt's session (build.py setpgid(0, 0))
+    elif sess["sid"] != pid and sess["sid"] != my_sid:
         add(Refusal("unsupported-state", f"was in session {sess['sid']} (not its own, not ckpt's {my_sid}); "
                     "start it with setsid to make it restorable anywhere"))
     elif sess["sid"] != pid and sess["pgid"] != pid:
@@ -212,13 +214,14 @@ def preflight(reader: ImageReader, core: dict, vmas: List[dict], fdrecs: List[di
         except OSError:
             add(Refusal("unsupported-state", f"its process group {sess['pgid']} no longer exists in this session"))
     for rec in fdrecs:
-        if "dup_of" in rec:
+        if "dup_of" in rec or "ofd_of" in rec:
             continue
         mod = fd_handler(rec["kind"])
         if mod is None:
             add(Refusal("unsupported-fd", f"no handler for kind {rec['kind']} here", fd=rec["fd"]))
             continue
         try:
+            faults.point("restore.validate", rec["kind"])
             mod.validate(rec, ctx)
         except Refusal as r:
             add(r)
@@ -231,6 +234,7 @@ def preflight(reader: ImageReader, core: dict, vmas: List[dict], fdrecs: List[di
             continue
         seen.add(key)
         try:
+            faults.point("restore.map_validate")
             files.map_validate(v["file"], ctx)
         except Refusal as r:
             add(r)
@@ -250,6 +254,7 @@ def _pid_free(pid: int) -> bool:
     not yet reaped by its parent - PID 1 can be slow) is given ZOMBIE_WAIT
     seconds to go away."""
     deadline = time.monotonic() + ZOMBIE_WAIT
+    nap = 0.001     # short at first: a reaper usually acts within a few ms
     while True:
         try:
             with open(f"/proc/{pid}/stat") as f:
@@ -258,7 +263,8 @@ def _pid_free(pid: int) -> bool:
             return not os.path.exists(f"/proc/{pid}")
         if state not in ("Z", "X") or time.monotonic() > deadline:
             return False
-        time.sleep(0.02)
+        time.sleep(nap)
+        nap = min(nap * 2, 0.02)
 
 
 def _comm(pid: int) -> str:
@@ -302,16 +308,24 @@ def map_key(rec: dict, writable: bool) -> str:
     return json.dumps(rec, sort_keys=True) + ("/rw" if writable else "/ro")
 
 
-def prepare(core: dict, vmas: List[dict], fdrecs: List[dict], ctx: RestoreContext) -> Prepared:
-    """Open everything the new process needs, in this process."""
+def prepare(core: dict, vmas: List[dict], fdrecs: List[dict], ctx: RestoreContext,
+            min_base: int = 0, shared_ofd=None) -> Prepared:
+    """Open everything the new process needs, in this process. In a tree
+    (engine/tree_restore.py): fds above `min_base` (every member's highest
+    fd), and an "ofd_of" record takes `shared_ofd(rec)`, another member's
+    already opened file."""
     p = Prepared()
     highest = max([r["fd"] for r in fdrecs] + [int(n) for n in os.listdir("/proc/self/fd")] + [2])
-    base = highest + 64
+    base = max(highest + 64, min_base)
     try:
         for rec in fdrecs:
+            if "ofd_of" in rec:
+                p.fd_of_rec[rec["fd"]] = shared_ofd(rec)
+                continue
             if "dup_of" in rec:
                 continue
             mod = fd_handler(rec["kind"])
+            faults.point("restore.fd", rec["kind"])
             rfd = mod.restore(rec, ctx)
             p.fd_of_rec[rec["fd"]] = p.keep(rfd, base)
             if rfd not in ctx.shared.get("_close_after_restore", []):
@@ -325,9 +339,11 @@ def prepare(core: dict, vmas: List[dict], fdrecs: List[dict], ctx: RestoreContex
             writable = v["perms"][3] == "s" and "w" in v["perms"]
             key = map_key(v["file"], writable)
             if key not in p.map_fd:
+                faults.point("restore.map_open")
                 fd = files.map_open(v["file"], ctx, writable)
                 p.map_fd[key] = p.keep(fd, base)
                 os.close(fd)
+        faults.point("restore.exe_open")
         fd = files.map_open(core["exe"], ctx, False)
         p.exe_fd = p.keep(fd, base)
         os.close(fd)
@@ -346,16 +362,20 @@ def prepare(core: dict, vmas: List[dict], fdrecs: List[dict], ctx: RestoreContex
 
 # -- the restorer process ------------------------------------------------------------
 
-def _run_restorer(job) -> dict:
-    """Fork the restorer, which creates and rebuilds the process, reports on
-    a pipe and exits. Returns its report; raises what it raised."""
+def _run_restorer(job, builder=None) -> dict:
+    """Fork the restorer, which creates and rebuilds the process (`builder`,
+    default build.build; engine/tree_restore.py for a tree), reports on a
+    pipe and exits. Returns its report; raises what it raised."""
+    faults.point("restore.fork")
+    parent = os.getpid()
     r, w = os.pipe()
     child = os.fork()
     if child == 0:
         os.close(r)
         code = 0
         try:
-            out = {"ok": True, "pid": build(job)}
+            guard.become_worker(parent)     # stops (killing the new process) if ckpt dies
+            out = {"ok": True, "pid": (builder or build)(job)}
         except Refusal as e:
             out = {"ok": False, "type": "refusal", **e.as_dict()}
             code = 3
@@ -363,6 +383,7 @@ def _run_restorer(job) -> dict:
             out = {"ok": False, "type": "error", "message": e.message, "errno": e.errno}
             code = 4
         except BaseException as e:   # noqa: BLE001 - reported to the parent, never swallowed
+            import traceback
             out = {"ok": False, "type": "error", "message": f"restorer crashed: {e!r}\n{traceback.format_exc()}",
                    "errno": None}
             code = 4
@@ -417,8 +438,25 @@ def restore(directory: str, options: Options, pidfile: Optional[str] = None) -> 
     t0 = time.monotonic()
     require_features()
     reader = ImageReader(directory)
+    try:
+        out = _restore(reader, options, t0)
+    finally:
+        reader.close()
+    if pidfile:
+        write_pidfile(pidfile, out["pid"])
+    res = {"pid": out["pid"], "restore_ms": round((time.monotonic() - t0) * 1000, 2)}
+    if "members" in out:
+        res["members"] = out["members"]
+    return res
+
+
+def _restore(reader: ImageReader, options: Options, t0: float) -> dict:
     reader.check_arch()
-    reader.verify(threads=2)   # before any process exists
+    reader.verify(threads=2)   # before any process exists; every file read once, kept in memory
+    faults.point("restore.verified")
+    if "tree.json" in reader.files:
+        from .tree_restore import restore_tree
+        return restore_tree(reader, options, None, t0)
     core = reader.read_json("core.json")
     mm = reader.read_json("mm.json")
     fdrecs = reader.read_json("fds.json")
@@ -426,33 +464,52 @@ def restore(directory: str, options: Options, pidfile: Optional[str] = None) -> 
     npf = _need(mm, "page_files", int, "mm.json")
     vmas = check_mm(mm, npf)
     check_fd_records(fdrecs)
+    imagecheck.check_records(reader, core, vmas, fdrecs)
     xstate = reader.read_bytes("xstate.bin")
     thread_xstate = threads.unpack_xstate(reader, core.get("threads", []))
     meta = reader.manifest.get("meta") or {}
     same_node = isinstance(meta, dict) and meta.get("boot_id") == boot_id()
     pid = core["pid"]
     ctx = RestoreContext(options=options, image=reader, same_node=same_node, records=fdrecs, pid=pid)
-    with _system_errors_as_engine_errors("restore pre-flight"):
+    with _system_errors_as_engine_errors("restore pre-flight"), imagecheck.malformed_as_invalid("pre-flight"):
         preflight(reader, core, vmas, fdrecs, ctx)
-    pages = PageSource([reader.path(page_file_name(i)) for i in range(npf)])
+    faults.point("restore.preflighted")
+    pages = PageSource([reader.data(page_file_name(i)) for i in range(npf)])
     prepared = None
     try:
         for v in vmas:
             pages.check_runs(v["pages"])
-        with _system_errors_as_engine_errors("opening the process's files"):
+        with _system_errors_as_engine_errors("opening the process's files"), \
+                imagecheck.malformed_as_invalid("opening the process's files"):
             prepared = prepare(core, vmas, fdrecs, ctx)
         job = Job(core=core, vmas=vmas, fdrecs=fdrecs, xstate=xstate, thread_xstate=thread_xstate, pages=pages,
                   prepared=prepared, ctx=ctx)
+        imagecheck.process_creation_hook()
         out = _run_restorer(job)
+        # The process is back: what handlers hold until then (a TCP
+        # connection's network lock) can go.
+        for hook in ctx.shared.pop("_after_restore", []):
+            hook()
+        return out
     finally:
         if prepared is not None:
             prepared.close()
         files.close_shared(ctx)
         pages.close()
-    if pidfile:
-        tmp = pidfile + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(f"{out['pid']}\n")
-        os.rename(tmp, pidfile)
-    return {"pid": out["pid"], "restore_ms": round((time.monotonic() - t0) * 1000, 2)}
 
+
+def write_pidfile(pidfile: str, pid: int) -> None:
+    """The restored PID into `pidfile`, never through a symlink: a fresh
+    temporary name made with O_EXCL|O_NOFOLLOW next to it, renamed over it
+    (rename replaces a symlink, it does not follow it)."""
+    tmp = f"{pidfile}.{os.getpid()}.tmp"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        try:
+            os.write(fd, f"{pid}\n".encode())
+        finally:
+            os.close(fd)
+        os.rename(tmp, pidfile)
+    except OSError as e:
+        raise EngineError(f"restored pid {pid}, but cannot write the pidfile {pidfile}: {e.strerror}",
+                          errno=e.errno) from e

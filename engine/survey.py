@@ -177,6 +177,8 @@ def cause_of(item: dict, refusal: dict, fdfacts: Optional[dict] = None) -> dict:
             facets["socket"] = socket_state(detail).split(": ")[0]
         elif kind == "device":
             value = f"device {_device_name(link)}"
+        elif kind == "tty":
+            value = "pty master" if link.endswith("ptmx") else "pty slave"
         elif kind == "unsupported":
             value = "fd " + normalize(link)
             facets["fd kind"] = "unsupported " + normalize(link)
@@ -306,7 +308,9 @@ def _same_process(pid: int, st: dict) -> bool:
 
 def _checker(options: Options) -> Callable[[int], dict]:
     from .dump import check
-    return lambda pid: check(pid, options)
+    # One process at a time (never two frozen at once): a process with
+    # children is judged alone, its children counted as `process-tree`.
+    return lambda pid: check(pid, options, tree_ok=False)
 
 
 def inspect(pid: int, st: dict, check: Callable[[int], dict], timeout: float = DEFAULT_TIMEOUT) -> dict:

@@ -46,7 +46,7 @@ import threading
 import time
 from typing import List, Optional
 
-from . import libc, ptrace, sched, signals
+from . import faults, libc, ptrace, sched, signals
 from .errors import Refusal
 from .libc import SysError
 from .task import Task
@@ -85,18 +85,21 @@ def _tracer(tid: int) -> int:
 
 # -- freeze --------------------------------------------------------------------
 
-def freeze(pid: int) -> List[Task]:
+def freeze(pid: int, options: int = FREEZE_OPTIONS, auto_attached: bool = False) -> List[Task]:
     """Seize and stop every thread of `pid`: [leader, other threads by TID].
-    Raises Refusal (every thread already seized is let go)."""
-    leader = Task.seize(pid, FREEZE_OPTIONS)
+    `options`/`auto_attached`: engine/tree.py (PTRACE_O_TRACEFORK, a child
+    the kernel attached to us). Raises Refusal (every thread already seized
+    is let go)."""
+    leader = Task.seize(pid, options, auto_attached=auto_attached)
     tasks = {pid: leader}
     try:
         for _ in range(MAX_ROUNDS):
+            faults.point("dump.freeze")
             new = [t for t in tids(pid) if t not in tasks]
             if not new:
                 return [leader] + [tasks[t] for t in sorted(tasks) if t != pid]
             for tid in new:
-                t = _freeze_thread(pid, tid)
+                t = _freeze_thread(pid, tid, options)
                 if t is not None:
                     tasks[tid] = t
         raise Refusal("threads", f"threads kept being created faster than they could be frozen "
@@ -118,16 +121,16 @@ def _gone(pid: int, tid: int) -> bool:
         return True
 
 
-def _freeze_thread(pid: int, tid: int) -> Optional[Task]:
+def _freeze_thread(pid: int, tid: int, options: int = FREEZE_OPTIONS) -> Optional[Task]:
     """The frozen thread, or None when it exited meanwhile."""
     me = threading.get_native_id()
     try:
-        return Task.seize(tid, FREEZE_OPTIONS, tgid=pid)
+        return Task.seize(tid, options, tgid=pid)
     except Refusal as r:
         if r.reason == "no-such-process":
             return None      # exited before it could be frozen: not part of the process any more
         if r.reason == "ptraced" and _tracer(tid) == me:
-            return _adopt_clone(pid, tid)
+            return _adopt_clone(pid, tid, options)
         if r.reason == "ptraced" and _gone(pid, tid):
             return None      # PTRACE_SEIZE answers EPERM for a task that is exiting (exit_state set)
         raise Refusal(r.reason, f"thread {tid}: {r.detail}", pid=pid) from None
@@ -142,11 +145,11 @@ def _freeze_thread(pid: int, tid: int) -> Optional[Task]:
         raise
 
 
-def _adopt_clone(pid: int, tid: int) -> Optional[Task]:
+def _adopt_clone(pid: int, tid: int, options: int = FREEZE_OPTIONS) -> Optional[Task]:
     """A thread created by one we had seized (PTRACE_O_TRACECLONE): ours
     already, in its first stop or about to be."""
     try:
-        return Task.seize(tid, FREEZE_OPTIONS, auto_attached=True, tgid=pid)
+        return Task.seize(tid, options, auto_attached=True, tgid=pid)
     except Refusal as r:
         if r.reason == "no-such-process":
             return None
@@ -183,19 +186,26 @@ def kill(tasks: List[Task]) -> None:
     own exit is reported only after all the others)."""
     if not tasks:
         return
+    tgid = tasks[0].tgid
+    # Every thread, not only those with a Task: one the kernel attached to
+    # us (a restore's clone3, TRACECLONE) before it got its Task is a traced
+    # zombie until we wait for it, and the leader's exit waits for it.
+    others = (set(tids(tgid)) | {t.pid for t in tasks[1:]}) - {tgid}
     try:
-        os.kill(tasks[0].tgid, signal.SIGKILL)
+        os.kill(tgid, signal.SIGKILL)
     except ProcessLookupError:
         pass
     for t in tasks[1:]:
         t.close()
-        while t.attached:
+    for tid in sorted(others):
+        while True:
             try:
-                st = ptrace.wait(t.pid)
+                st = ptrace.wait(tid)
             except SysError:
-                break
+                break       # not traced by us, or already waited for
             if st.exited:
                 break
+    for t in tasks[1:]:
         t.attached = False
     tasks[0].kill()
 
@@ -247,6 +257,7 @@ def thread_state(task: Task, leader: Task, vmas: List[dict]) -> dict:
     """One non-leader thread's record (its xstate is written separately)."""
     from .dump import SCRATCH, _rseq, _scratch, robust_list, task_sigmask
     tid, pid = task.pid, task.tgid
+    faults.point("dump.thread")
     task.syscall_ip = leader.syscall_ip
     with open(f"/proc/{pid}/task/{tid}/comm") as f:
         comm = f.read().rstrip("\n")
@@ -411,6 +422,7 @@ def create(b) -> None:
         if r != rec["tid"]:
             raise Refusal("pid-in-use", f"thread came back as TID {r}, not {rec['tid']}", pid=b.pid)
         t = Task.adopt(r)
+        faults.point("restore.thread")
         t.tgid = b.pid
         t.syscall_ip = b.gadget
         t.scratch = b.task.scratch

@@ -1,0 +1,656 @@
+"""Process trees: `ckpt dump/check -t PID` of PID and every descendant.
+
+Freeze. The root is frozen like a single process (engine/threads.py: every
+thread seized and interrupted), with PTRACE_O_TRACEFORK/VFORK/CLONE, so a
+child forked by a member between its seize and its stop is attached to us
+by the kernel. Then /proc/M/task/*/children of every frozen member is read
+and every new child frozen (or recorded, when it is a zombie), pass after
+pass, until a pass finds no new process: a stopped member cannot fork, so
+the tree is then complete. Processes forked faster than they can be frozen
+for MAX_ROUNDS passes are refused (`process-tree`), and on any refusal every
+member (also one the kernel attached to us that no pass reached yet) is let
+go.
+
+Survey. Every live member is surveyed as a single process would be
+(dump._survey_frozen, with the other members not counting as "outside" for
+pipe/file peers), then the tree as a whole (`tree_problems`):
+  * what a restore would split: two members sharing an fd table, fs,
+    signal handlers or memory (CLONE_FILES/FS/SIGHAND/VM without
+    CLONE_THREAD, or a vfork child) -> `tree-sharing`, naming both;
+  * sessions and process groups a restore cannot rebuild: a member's
+    session must be its own (setsid) or its parent's (inherited), its group
+    its own, one led by a member of the same session, or the root's group
+    from outside -> `process-tree`;
+  * shared anonymous memory also mapped outside the tree ->
+    `memory-peer-outside`, naming the outside pid;
+  * a zombie killed by a signal that dumped core -> `process-tree`.
+
+Image. The root's files are where a single process's are (core.json,
+mm.json, fds.json, pages...); every other member's under tree/PID/; and
+tree.json lists the members parents first: pid, ppid, dir, sid, pgid,
+comm, and a zombie's wait status. An open file description held by several
+members is dumped once, by the first member holding it; the others' fds
+say {"ofd_of": [pid, fd]}. Shared anonymous memory is dumped once; the
+other members' mappings say {"tree_shared": [pid, start, end]}.
+Restore: engine/tree_restore.py.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Dict, List, Optional
+
+from . import procfs, ptrace, threads
+from .check import SHMEM_NAMES
+from .errors import Refusal, Refusals
+from .libc import SysError
+from .pidfd import KCMP_FILE, kcmp
+
+O_TRACEFORK, O_TRACEVFORK = 0x2, 0x4
+TREE_OPTIONS = threads.FREEZE_OPTIONS | O_TRACEFORK | O_TRACEVFORK
+MAX_ROUNDS = 64
+TREE_FILE = "tree.json"
+# kcmp types (linux/kcmp.h) a restore of separate processes could not share
+KCMP_SHARED = {"memory (CLONE_VM, or a vfork child)": 1, "fd table (CLONE_FILES)": 2,
+               "fs: cwd, root, umask (CLONE_FS)": 3, "signal handlers (CLONE_SIGHAND)": 4}
+
+
+class Member:
+    """One process of the tree: frozen (tasks) or a zombie (status)."""
+
+    def __init__(self, pid: int, ppid: int, stat: dict, tasks: Optional[list] = None):
+        self.pid, self.ppid, self.stat, self.tasks = pid, ppid, stat, tasks
+        self.zombie = tasks is None
+        self.status = stat.get("exit_code", 0)
+        self.survey = None
+        self.state = None
+        self.recs = None
+        self.ctx = None
+
+    @property
+    def dir(self) -> str:
+        return "" if self.is_root else f"tree/{self.pid}/"
+
+    is_root = False
+
+    def record(self) -> dict:
+        rec = {"pid": self.pid, "ppid": self.ppid, "dir": self.dir, "sid": self.stat["session"],
+               "pgid": self.stat["pgrp"], "comm": self.stat["comm"],
+               "exit_signal": self.stat.get("exit_signal", 17)}
+        if self.zombie:
+            rec["zombie"] = {"status": self.status}
+        return rec
+
+
+def stat_of(pid: int) -> dict:
+    """/proc/PID/stat with exit_code (field 52: a zombie's wait status)."""
+    with open(f"/proc/{pid}/stat") as f:
+        text = f.read()
+    st = procfs.parse_stat(text)
+    rest = text[text.rindex(")") + 2:].split()
+    st["exit_code"] = int(rest[52 - 3]) if len(rest) > 52 - 3 else 0
+    return st
+
+
+def children_of(pid: int) -> List[int]:
+    """Children of every thread of `pid` (a child's parent is the thread
+    that forked it)."""
+    out: List[int] = []
+    for tid in threads.tids(pid):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out.extend(int(x) for x in f.read().split())
+        except OSError:
+            continue
+    return sorted(set(out))
+
+
+def has_children(pid: int) -> bool:
+    return bool(children_of(pid))
+
+
+# -- freeze ----------------------------------------------------------------------
+
+def freeze(root: int) -> List[Member]:
+    """Every member frozen (or recorded as a zombie), parents before their
+    children. Raises Refusal; then no member is left stopped."""
+    _no_vfork(root)
+    first = Member(root, stat_of(root)["ppid"], stat_of(root), threads.freeze(root, TREE_OPTIONS))
+    first.is_root = True
+    members = [first]
+    known: Dict[int, Member] = {root: first}
+    try:
+        for _ in range(MAX_ROUNDS):
+            new = [(c, m.pid) for m in members if not m.zombie for c in children_of(m.pid) if c not in known]
+            if not new:
+                return members
+            for child, parent in new:
+                if child in known:
+                    continue
+                m = _freeze_member(child, parent)
+                if m is not None:
+                    members.append(m)
+                    known[child] = m
+        raise Refusal("process-tree", f"processes kept being forked faster than they could be frozen "
+                      f"({MAX_ROUNDS} passes over the tree)", pid=root)
+    except BaseException:
+        _stragglers(members, known)
+        release(members)
+        raise
+
+
+def _freeze_member(pid: int, ppid: int) -> Optional[Member]:
+    try:
+        st = stat_of(pid)
+    except (OSError, ValueError):
+        return None       # exited and reaped meanwhile
+    if st["state"] in ("Z", "X"):
+        return Member(pid, ppid, st)
+    _no_vfork(pid)
+    deadline = time.monotonic() + 1.0
+    while True:
+        try:
+            tasks = threads.freeze(pid, TREE_OPTIONS)
+            break
+        except Refusal as r:
+            if r.reason != "ptraced" or threads._tracer(pid) != 0 or time.monotonic() > deadline:
+                return _freeze_refused(pid, ppid, st, r)
+            # EPERM with no tracer: PTRACE_SEIZE refuses a task that is
+            # exiting. It is about to be a zombie (or gone): look again.
+            time.sleep(0.002)
+            try:
+                st = stat_of(pid)
+            except (OSError, ValueError):
+                return None
+            if st["state"] in ("Z", "X"):
+                return Member(pid, ppid, st)
+    return Member(pid, ppid, st, tasks)
+
+
+def _no_vfork(pid: int) -> None:
+    """Refuse, before freezing `pid`, a child sharing its memory (CLONE_VM):
+    a vfork child that has not exec'd yet holds its parent in an
+    uninterruptible wait that no ptrace stop can end, so the freeze would
+    wait for it; a restore would split the memory anyway."""
+    for c in children_of(pid):
+        try:
+            same = kcmp(pid, c, KCMP_SHARED["memory (CLONE_VM, or a vfork child)"], 0, 0) == 0
+        except Exception:    # noqa: BLE001 - gone meanwhile, or no kcmp (refused elsewhere)
+            continue
+        if same:
+            raise Refusal("tree-sharing", f"pid {c} shares its memory with its parent {pid} (CLONE_VM, or a "
+                          "vfork child that has not exec'd): a restore would make two", pid=pid)
+
+
+def _freeze_refused(pid: int, ppid: int, st: dict, r: Refusal) -> Optional[Member]:
+    """A member whose freeze was refused: ours already, exited, or traced
+    by someone else (refused, naming the tracer)."""
+    if r.reason == "ptraced" and threads._tracer(pid) == os.getpid():
+        # Forked by a member after its seize (PTRACE_O_TRACEFORK): ours already.
+        return Member(pid, ppid, st, threads.freeze(pid, TREE_OPTIONS, auto_attached=True))
+    if r.reason == "no-such-process":
+        try:
+            st = stat_of(pid)
+        except (OSError, ValueError):
+            return None
+        return Member(pid, ppid, st) if st["state"] in ("Z", "X") else None
+    if r.reason == "ptraced":
+        raise Refusal("ptraced", f"member {pid} ({st['comm']}, child of {ppid}) is traced by pid "
+                      f"{threads._tracer(pid)}", pid=pid) from None
+    raise r
+
+
+def _stragglers(members: List[Member], known: dict) -> None:
+    """Children the kernel attached to us (TRACEFORK) that no pass reached:
+    let go with the rest."""
+    me = os.getpid()
+    for m in list(members):
+        if m.zombie:
+            continue
+        for c in children_of(m.pid):
+            if c in known or threads._tracer(c) != me:
+                continue
+            try:
+                members.append(Member(c, m.pid, stat_of(c), threads.freeze(c, TREE_OPTIONS, auto_attached=True)))
+            except (Refusal, SysError, OSError, ValueError):
+                continue
+
+
+def release(members: List[Member]) -> None:
+    for m in reversed(members):
+        if m.tasks:
+            threads.release(m.tasks)
+
+
+def kill(members: List[Member]) -> None:
+    """SIGKILL every member (all at once, so none sees another die), then
+    consume each one's exit."""
+    for m in members:
+        if m.tasks:
+            try:
+                os.kill(m.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    for m in reversed(members):
+        if m.tasks:
+            threads.kill(m.tasks)
+
+
+# -- the tree as a whole ---------------------------------------------------------
+
+def tree_problems(members: List[Member]) -> List[tuple]:
+    """[(member, what, Refusal)] of what only the whole tree shows."""
+    out = []
+    by_pid = {m.pid: m for m in members}
+    root = members[0]
+    for m in members[1:]:
+        parent = by_pid[m.ppid]
+        sid, pgid = m.stat["session"], m.stat["pgrp"]
+        if sid != m.pid and sid != parent.stat["session"]:
+            out.append((m, "session", Refusal("process-tree", f"in session {sid}, its parent {parent.pid} in "
+                        f"{parent.stat['session']}: a restore can only give it its own session or its parent's")))
+        lead = by_pid.get(pgid)
+        if pgid == m.pid:
+            pass
+        elif lead is not None and lead.stat["pgrp"] == pgid and lead.stat["session"] == sid:
+            pass
+        elif pgid == root.stat["pgrp"] and pgid not in by_pid and sid == root.stat["session"]:
+            pass     # the root's group, outside the tree: joined at restore like the root's
+        else:
+            out.append((m, "process group", Refusal("process-tree", f"its process group {pgid} has no leader in the "
+                        "tree (nor is it the root's): it could not be rebuilt")))
+        if m.zombie:
+            if m.status & 0x80:
+                out.append((m, "zombie", Refusal("process-tree", f"zombie {m.pid} was killed by signal "
+                            f"{m.status & 0x7f} and dumped core: its exit status cannot be made again")))
+            continue
+        if parent.zombie:
+            continue
+        for what, kind in KCMP_SHARED.items():
+            try:
+                same = kcmp(parent.pid, m.pid, kind, 0, 0) == 0
+            except Exception:     # noqa: BLE001 - no kcmp: the freeze-time checks already refused
+                same = False
+            if same:
+                out.append((m, "sharing", Refusal("tree-sharing", f"pid {m.pid} shares its {what} with its parent "
+                            f"{parent.pid}: a restore would make two")))
+    out.extend(_shmem_outside(members))
+    return out
+
+
+def _shmem_key(v: dict):
+    return (v["dev"], v["inode"])
+
+
+def _recreated(v: dict) -> bool:
+    """A shared mapping a restore makes anew: shared anonymous memory, or a
+    memfd / deleted file (a ghost) mapped MAP_SHARED."""
+    if v.get("kind") == "shmem":
+        return True
+    return v.get("kind") == "file" and v["perms"][3] == "s" and (
+        v["path"].endswith(" (deleted)") or v["path"].startswith("/memfd:"))
+
+
+def _shmem_outside(members: List[Member]) -> List[tuple]:
+    """Shared memory the restore recreates (shared anonymous memory, a
+    shared mapping of a memfd or deleted file) also mapped or held open by
+    a process outside the tree: it would go on with the old object."""
+    ours = {}
+    for m in members:
+        if m.survey is None:
+            continue
+        for v in m.survey.vmas:
+            if _recreated(v):
+                ours.setdefault(_shmem_key(v), (m, v))
+    if not ours:
+        return []
+    by_path = {v["path"]: key for key, (_, v) in ours.items()}
+    pids = {m.pid for m in members}
+    out, seen = [], set()
+
+    def found(key, name: str, how: str) -> None:
+        if key in seen:
+            return
+        seen.add(key)
+        m, mine = ours[key]
+        what = "shared memory" if mine.get("kind") == "shmem" else "shared mapping of"
+        out.append((m, f"mapping {mine['start']:x}-{mine['end']:x}", Refusal(
+            "memory-peer-outside", f"{what} {mine['path']} (inode {mine['inode']}) is also {how} by pid {name} "
+            "outside the tree", path=mine["path"])))
+
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) in pids or int(name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{name}/maps") as f:
+                vmas = procfs.parse_maps(f.read())
+        except OSError:
+            continue
+        for v in vmas:
+            key = _shmem_key(v)
+            if key in ours and (ours[key][1].get("kind") != "shmem" or v["path"].startswith(SHMEM_NAMES)):
+                found(key, name, "mapped")
+        try:
+            fds = os.listdir(f"/proc/{name}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                link = os.readlink(f"/proc/{name}/fd/{fd}")
+                key = by_path.get(link)
+                if key is None:
+                    continue
+                st = os.stat(f"/proc/{name}/fd/{fd}")
+            except OSError:
+                continue
+            if (f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}", st.st_ino) == key:
+                found(key, name, "held open")
+    return out
+
+
+def shared_ofds(members: List[Member]) -> Dict[int, Dict[int, list]]:
+    """{member pid: {fd: [owner pid, owner fd]}} for each fd sharing an
+    open file description with an earlier member's (kcmp KCMP_FILE; only
+    fds on the same inode can)."""
+    out: Dict[int, Dict[int, list]] = {}
+    seen: Dict[tuple, List[tuple]] = {}      # (dev, ino) -> [(pid, fd)] of earlier members' files
+    for m in members:
+        if m.survey is None:
+            continue
+        mine: Dict[int, list] = {}
+        for info, _, _ in m.survey.fds:
+            key = (info.dev, info.ino)
+            for opid, ofd in seen.get(key, ()):
+                if kcmp(opid, m.pid, KCMP_FILE, ofd, info.fd) == 0:
+                    mine[info.fd] = [opid, ofd]
+                    break
+        for info, _, _ in m.survey.fds:
+            if info.fd not in mine:
+                seen.setdefault((info.dev, info.ino), []).append((m.pid, info.fd))
+        out[m.pid] = mine
+    return out
+
+
+def shared_memory(members: List[Member]) -> Dict[int, Dict[int, list]]:
+    """{member pid: {vma start: [owner pid, start, end]}} for shared
+    anonymous memory an earlier member maps too. Raises Refusal when the
+    two mappings differ in size (a part of the object: not rebuilt)."""
+    owners: Dict[tuple, tuple] = {}
+    out: Dict[int, Dict[int, list]] = {}
+    for m in members:
+        if m.survey is None:
+            continue
+        mine = {}
+        for v in m.survey.vmas:
+            if v.get("kind") != "shmem":
+                continue
+            key = _shmem_key(v)
+            if key in owners:
+                opid, ostart, oend = owners[key]
+                if oend - ostart != v["end"] - v["start"] or v["offset"]:
+                    raise Refusal("unsupported-mapping", f"shared memory {v['path']} mapped {oend - ostart} bytes by "
+                                  f"pid {opid} and {v['end'] - v['start']} here", pid=m.pid)
+                mine[v["start"]] = [opid, ostart, oend]
+            else:
+                owners[key] = (m.pid, v["start"], v["end"])
+        out[m.pid] = mine
+    return out
+
+
+class Sub:
+    """An image seen from a member's directory (tree/PID/): the names the
+    single-process code writes and reads, prefixed."""
+
+    def __init__(self, img, prefix: str):
+        self._img, self.prefix = img, prefix
+
+    def open(self, name):
+        return self._img.open(self.prefix + name)
+
+    def raw_path(self, name):
+        return self._img.raw_path(self.prefix + name)
+
+    def write_bytes(self, name, data):
+        return self._img.write_bytes(self.prefix + name, data)
+
+    def write_json(self, name, obj):
+        return self._img.write_json(self.prefix + name, obj)
+
+    def path(self, name):
+        return self._img.path(self.prefix + name)
+
+    def read_bytes(self, name):
+        return self._img.read_bytes(self.prefix + name)
+
+    def read_json(self, name):
+        return self._img.read_json(self.prefix + name)
+
+    def data(self, name):
+        return self._img.data(self.prefix + name)
+
+    def size(self, name):
+        return self._img.size(self.prefix + name)
+
+    def __getattr__(self, name):
+        return getattr(self._img, name)
+
+
+def sub(img, prefix: str):
+    return img if not prefix or img is None else Sub(img, prefix)
+
+
+# -- entry points ----------------------------------------------------------------
+
+def _survey(members: List[Member], options, img, boot) -> List[Refusal]:
+    from .context import DumpContext
+    from .dump import _survey_frozen
+    from .fds import _peers
+    pids = frozenset(m.pid for m in members)
+    root = members[0].pid
+    scan: dict = {}
+    for m in members:
+        if m.zombie:
+            continue
+        ctx = DumpContext(pid=m.pid, options=options, image=sub(img, m.dir), boot_id=boot,
+                          tree_root=root, tree_pids=pids)
+        # One /proc/*/fd scan for the whole tree (made on first use, the
+        # members excluded), not one per member.
+        ctx.shared = _LazyShared(scan, _peers._CACHE_KEY)
+        ctx.task, ctx.threads = m.tasks[0], m.tasks[1:]
+        m.ctx = ctx
+        m.survey, m.state, m.recs = _survey_frozen(m.pid, m.tasks[0], ctx, procfs.Proc(m.pid))
+    for m, what, r in tree_problems(members):
+        if m.survey is None:      # a zombie: its parent's survey carries it
+            r = r.with_pid(m.pid) if r.pid is None else r
+            parent = next(p for p in members if p.pid == m.ppid)
+            parent.survey.refuse(f"child {m.pid} {what}", "process", r)
+        else:
+            m.survey.refuse(what, "process", r)
+    return [r for m in members if m.survey is not None for r in m.survey.refusals]
+
+
+class _LazyShared(dict):
+    """A member's ctx.shared whose entry `key` lives in `common` (one
+    dict for the whole tree)."""
+
+    def __init__(self, common: dict, key: str):
+        super().__init__()
+        self._common, self._key = common, key
+
+    def get(self, k, default=None):
+        if k == self._key:
+            return self._common.get(k, default)
+        return super().get(k, default)
+
+    def __setitem__(self, k, v):
+        if k == self._key:
+            self._common[k] = v
+        else:
+            super().__setitem__(k, v)
+
+    def __getitem__(self, k):
+        if k == self._key:
+            return self._common[k]
+        return super().__getitem__(k)
+
+    def __contains__(self, k):
+        return k in self._common if k == self._key else super().__contains__(k)
+
+
+def _label(m: Member, items: List[dict]) -> List[dict]:
+    if m.is_root:
+        return items
+    return [dict(i, what=f"pid {m.pid}: {i['what']}") for i in items]
+
+
+def check(pid: int, options) -> dict:
+    """`ckpt check -t PID` of a tree: every member's verdicts."""
+    from .context import boot_id
+    members = freeze(pid)
+    try:
+        refusals = _survey(members, options, None, boot_id())
+    finally:
+        release(members)
+    items: List[dict] = []
+    for m in members:
+        if m.zombie:
+            items.append({"what": f"pid {m.pid}", "kind": "process", "verdict": "ok",
+                          "detail": f"zombie ({m.stat['comm']}), wait status {m.status:#x}, child of {m.ppid}"})
+        else:
+            items.extend(_label(m, m.survey.items))
+    return {"pid": pid, "ok": not refusals, "items": items, "refusals": [r.as_dict() for r in refusals],
+            "members": [m.record() for m in members]}
+
+
+def _on_release(members: List[Member], killed: bool) -> None:
+    """engine.dump._on_release for every member (a TCP socket held in repair
+    mode, its network lock). Raises EngineError as that does."""
+    from .dump import _on_release as one
+    first = None
+    for m in members:
+        if getattr(m, "ctx", None) is None:
+            continue
+        try:
+            one(m.ctx, killed)
+        except Exception as e:     # noqa: BLE001 - every member's hooks run; the first failure is raised
+            first = first or e
+    if first is not None:
+        raise first
+
+
+def dump(pid: int, directory: str, options) -> dict:
+    """engine.dump.dump of the tree rooted at `pid` (dump.dump calls this
+    when the target has children)."""
+    from . import dump as single
+    from .arch import current as current_arch
+    from .context import boot_id
+    from .image import ImageWriter
+    from .memory import PageDumper
+    t0 = time.monotonic()
+    arch = current_arch()
+    with ImageWriter(directory) as img:
+        members = freeze(pid)
+        t_frozen = time.monotonic()
+        dumpers = []
+        try:
+            refusals = _survey(members, options, img, boot_id())
+            if refusals:
+                raise refusals[0] if len(refusals) == 1 else Refusals(refusals)
+            ofds = shared_ofds(members)
+            shm = shared_memory(members)
+            live = [m for m in members if not m.zombie]
+            total = nfds = nvmas = 0
+            for m in live:
+                task, ctx, state, s = m.tasks[0], m.ctx, m.state, m.survey
+                simg = sub(img, m.dir)
+                dumper = PageDumper(m.pid, simg)
+                dumpers.append(dumper)
+                state["xstate"] = arch.xstate_features(task.get_xstate())
+                simg.write_bytes("xstate.bin", task.get_xstate())
+                if ctx.threads:
+                    simg.write_bytes(threads.XSTATE_FILE, threads.pack_xstate(ctx.threads, state["threads"]))
+                state["exe"] = m.recs["exe"]
+                fdrecs = _dump_fds(s, ctx, ofds.get(m.pid, {}))
+                vmas = _dump_memory(m, dumper, shm.get(m.pid, {}))
+                dumper.run()
+                simg.write_json("mm.json", {"vmas": vmas, "page_files": dumper.nfiles})
+                simg.write_json("fds.json", fdrecs)
+                total += dumper.total
+                nfds += len(fdrecs)
+                nvmas += len(vmas)
+            img.sync_files()
+            for m in live:
+                task, state = m.tasks[0], m.state
+                state["signals"] = single.pending_signals(task, state)
+                for t, rec in zip(m.ctx.threads, state["threads"]):
+                    rec["signals"] = threads.pending(t, rec, state)
+                sub(img, m.dir).write_json("core.json", state)
+            img.write_json(TREE_FILE, {"root": pid, "members": [m.record() for m in members]})
+            meta = {"pid": pid, "comm": members[0].state["comm"], "boot_id": members[0].ctx.boot_id,
+                    "pages_bytes": total, "members": len(members)}
+            if options.leave_running:
+                _on_release(members, killed=False)
+                release(members)
+                t1 = time.monotonic()
+                img.commit(meta)
+            else:
+                img.commit(meta)
+                kill(members)
+                _on_release(members, killed=True)
+                t1 = time.monotonic()
+        except BaseException:
+            for d in dumpers:
+                d.close()
+            try:
+                _on_release(members, killed=False)
+            finally:
+                release(members)
+            raise
+    return {"pid": pid, "image": img.final, "pages_bytes": total, "mappings": nvmas,
+            "threads": sum(len(m.tasks) for m in live), "members": len(members),
+            "zombies": sum(1 for m in members if m.zombie),
+            "fds": nfds, "frozen_ms": round((t1 - t_frozen) * 1000, 2),
+            "total_ms": round((time.monotonic() - t0) * 1000, 2), "left_running": bool(options.leave_running)}
+
+
+def _dump_fds(s, ctx, shared: Dict[int, list]) -> List[dict]:
+    """dump.dump_fds, but an open file description an earlier member holds
+    is that member's: {"ofd_of": [pid, fd]} (its dups here too)."""
+    from .fds._dups import leader_map
+    infos = [info for info, _, _ in s.fds]
+    leaders = leader_map(s.pid, infos) if infos else {}
+    out = []
+    for info, kind, mod in s.fds:
+        common = {"fd": info.fd, "kind": kind, "flags": info.flags, "pos": info.pos,
+                  "cloexec": info.cloexec, "link": info.link}
+        lead = leaders.get(info.fd, info.fd)
+        if lead in shared:
+            rec = {"ofd_of": shared[lead]}
+        elif lead != info.fd:
+            rec = {"dup_of": lead}
+        else:
+            rec = mod.dump(info, ctx)
+        rec.update(common)
+        out.append(rec)
+    return out
+
+
+def _dump_memory(m: Member, dumper, shared: Dict[int, list]) -> List[dict]:
+    """dump.dump_memory; shared memory an earlier member holds is dumped
+    there only."""
+    from .dump import dump_memory
+    s = m.survey
+    if shared:
+        class _View:
+            pass
+        view = _View()
+        view.vmas = [dict(v, kind="tree-shared") if v["start"] in shared else v for v in s.vmas]
+        s = view
+    vmas = dump_memory(m.pid, s, m.recs, dumper)
+    for v in vmas:
+        if v["start"] in shared:
+            v["kind"] = "shmem"
+            v["tree_shared"] = shared[v["start"]]
+    return vmas
