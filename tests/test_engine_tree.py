@@ -258,7 +258,7 @@ def test_socketpairs_between_members(procs, session_killer, tmp_path):  # noqa: 
     wait_for(lambda: (tmp_path / "result").exists(), timeout=20, what="the result")
     got = json.loads((tmp_path / "result").read_text())
     assert got == {"token": info["token"], "first": "to-parent", "dgrams": ["d1", "d2"],
-                   "reply": "child-got:to-child|p1|queued"}, got
+                   "reply": f"child-got:to-child|p1|queued|{p.pid}"}, got   # SO_PEERCRED: the pair's maker
 
 
 def test_thread_pool_under_a_shell(procs, session_killer, tmp_path):  # noqa: F811
