@@ -1,13 +1,15 @@
 """CPython target for the fault-point and kill tests: one fd of every kind
 a dump saves, a second thread, a secret and a counter held only in memory.
 
-usage: faultee.py DIR
+usage: faultee.py DIR [--child]
 Writes DIR/secret.sha (sha256 of a random secret it keeps in memory) and
 DIR/ready. On SIGUSR1 it checks, without consuming anything, that every fd
 is still what it made (kind, offset, buffered bytes, counts, masks, lock,
 the epoll registration, the dup sharing the offset), that the secret still
 hashes the same and that the thread is still counting, and writes
 DIR/verdict.json: {"ok", "errors", "counter", "thread_counter", "secret"}.
+With --child it is a process tree: a child forked first writes to a pipe as
+it counts, and the check also wants the child alive and writing.
 The counter and the thread's counter only ever go up by one per step, so a
 restore from an older image or a fresh start shows as a counter going back.
 """
@@ -28,6 +30,22 @@ import time
 
 d = sys.argv[1]
 libc = ctypes.CDLL(None, use_errno=True)
+child = 0
+if "--child" in sys.argv[2:]:
+    # A process tree (engine/tree.py): a child forked before anything else,
+    # counting in its own memory; the parent's check sees it alive and going on.
+    rd, wr = os.pipe()
+    child = os.fork()
+    if child == 0:
+        os.close(rd)
+        n = 0
+        while True:
+            n += 1
+            if n % 20 == 0:
+                os.write(wr, b".")
+            time.sleep(0.005)
+    os.close(wr)
+    os.set_blocking(rd, False)
 secret = bytearray(os.urandom(32))
 state = {"counter": 0, "thread": 0}
 fds = {}
@@ -108,6 +126,13 @@ def check():
     expect(dict(ep.poll(0)).get(fds["pipe_r"], 0) & select.EPOLLIN, "epoll sees the pipe")
     expect(signal.pthread_sigmask(signal.SIG_BLOCK, []) == {signal.SIGUSR2}, "signal mask")
     expect(worker.is_alive(), "thread alive")
+    if child:
+        time.sleep(0.15)
+        try:
+            expect(len(os.read(rd, 4096)) > 0, "the child goes on")
+        except BlockingIOError:
+            errors.append("the child is silent")
+        expect(os.waitpid(child, os.WNOHANG) == (0, 0), "the child is alive")
     return errors
 
 
