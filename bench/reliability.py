@@ -170,6 +170,9 @@ def kill_dumps(n: int, work: str, rng: random.Random, target: str = "ckpt") -> d
                 out["completed_image_ok"] += 1
         else:
             problems = fs.no_image(img) + t.intact()
+            if problems and not fs.alive(t.pid):
+                problems.append(f"(target exit {t.popen.poll()}; ckpt exit {p.returncode}: "
+                                f"{p.stderr.read().strip()[-200:]})")
             if problems:
                 out["failures"].append({"run": i, "delay_s": round(delay, 4), "problems": problems})
                 t.kill()
