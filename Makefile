@@ -46,7 +46,8 @@ help:
 	@echo "make vm-generate        run GENERATE=$(GENERATE) generated scenarios from SEED=$(SEED) in guests"
 	@echo "make test-aarch64-guest the aarch64 guest tests of tests/ (needs make vm-image ARCH=aarch64)"
 	@echo "make bench              write benchmark figures to bench/results.json"
-	@echo "make reliability        fault points + ckpt killed at random instants -> bench/reliability.json"
+	@echo "make reliability        fault points + ckpt killed at random instants + FUZZ_CASES=$(FUZZ_CASES) mutated"
+	@echo "                        images from FUZZ_SEED=$(FUZZ_SEED) -> bench/reliability.json"
 
 setup: setup-apt setup-pip
 
@@ -117,9 +118,13 @@ test-aarch64-guest:
 # Fault points, ckpt killed at random instants (and, from other tools, fuzzed
 # images): figures printed and merged into bench/reliability.json. One line per tool.
 RELIABILITY_KILLS ?= 200
+# Mutated images against ckpt restore (harness/imagefuzz.py): how many, from which seed.
+FUZZ_CASES ?= 500
+FUZZ_SEED ?= 1
 reliability:
 	@mkdir -p bench
 	$(PYTHON) bench/reliability.py --out bench/reliability.json --kills $(RELIABILITY_KILLS)
+	$(PYTHON) bench/fuzz_images.py --out bench/reliability.json --cases $(FUZZ_CASES) --seed $(FUZZ_SEED)
 
 bench:
 	@mkdir -p bench

@@ -330,7 +330,7 @@ def validate_ghost(rec: dict, ctx, *, fd: Optional[int] = None, pid: Optional[in
         if not isinstance(rec.get(key), typ):
             raise Refusal("image-invalid", f"ghost record lacks {key}", pid=pid, fd=fd)
     path = f"ghosts/{rec['ghost']}.data"
-    if os.path.getsize(ctx.image.path(path)) != rec.get("data_bytes"):
+    if ctx.image.size(path) != rec.get("data_bytes"):
         raise Refusal("image-invalid", f"{path} does not hold the recorded data", pid=pid, fd=fd)
     if not rec.get("memfd"):
         parent = os.path.dirname(original_path(rec["name"])) or "/"
@@ -400,15 +400,20 @@ def restore_ghost(rec: dict, ctx) -> int:
         aliases = {n: made[original_path(n)] for n in names[1:]}
         ctx.shared.setdefault("_close_after_restore", []).extend(aliases.values())
     try:
-        with open(ctx.image.path(f"ghosts/{rec['ghost']}.data"), "rb", buffering=0) as src:
+        # the verified bytes (imagecheck.py: never the file reopened by path)
+        data = memoryview(ctx.image.data(f"ghosts/{rec['ghost']}.data"))
+        try:
+            pos = 0
             for off, n in rec["extents"]:
+                if pos + n > len(data):
+                    raise Refusal("image-invalid", f"ghost {rec['ghost']} data is short")
                 while n:
-                    chunk = src.read(min(n, _CHUNK))
-                    if not chunk:
-                        raise Refusal("image-invalid", f"ghost {rec['ghost']} data is short")
-                    os.pwrite(gfd, chunk, off)
-                    off += len(chunk)
-                    n -= len(chunk)
+                    k = os.pwrite(gfd, data[pos:pos + min(n, _CHUNK)], off)
+                    pos += k
+                    off += k
+                    n -= k
+        finally:
+            data.release()
         os.ftruncate(gfd, rec["size"])
         # After the data (writes and chown clear set-user/group-ID): owner,
         # all 12 mode bits, times; seals last (F_SEAL_EXEC freezes the x bits).

@@ -289,31 +289,50 @@ class ImageWriter:
 
 
 class ImageReader:
-    """An image opened for restore or show. ``verify()`` checks every file's
-    sha256 against the manifest and that nothing was added or removed."""
+    """An image opened for restore or show, checked as engine/imagecheck.py
+    says (owner, permissions, no symlinks; `image-unsafe`). ``verify()``
+    reads every file once through its fd, checks its sha256 against the
+    manifest and that nothing was added or removed, and keeps the bytes:
+    ``read_bytes``/``data`` then give exactly what was verified."""
 
     def __init__(self, directory: str):
+        from . import imagecheck
         self.dir = os.path.abspath(directory)
-        mpath = os.path.join(self.dir, MANIFEST)
         if not os.path.isdir(self.dir):
             raise UsageError(f"{self.dir}: no such image directory")
-        if not os.path.exists(mpath):
+        self.fd, self.dir = imagecheck.open_image_dir(self.dir)
+        self._data: Dict[str, object] = {}
+        self._verified = False
+        try:
+            self._load_manifest(imagecheck)
+        except BaseException:
+            self.close()
+            raise
+
+    def _load_manifest(self, imagecheck) -> None:
+        try:
+            st = os.stat(MANIFEST, dir_fd=self.fd, follow_symlinks=False)
+        except FileNotFoundError:
             if os.path.isdir(self.dir + ".partial") or self.dir.endswith(".partial"):
                 raise Refusal("image-invalid", f"{self.dir} is an incomplete image (a dump that did not finish)")
-            raise UsageError(f"{self.dir} is not a ckpt image (no {MANIFEST})")
+            if os.listdir(self.fd):
+                raise Refusal("image-invalid", f"{self.dir} has no {MANIFEST}: damaged, or not a ckpt image") \
+                    from None
+            raise UsageError(f"{self.dir} is not a ckpt image (no {MANIFEST})") from None
+        raw = imagecheck.read_file(self.fd, MANIFEST, self.dir, expect=st, limit=imagecheck.MAX_MANIFEST)
         try:
-            with open(mpath, "rb") as f:
-                self.manifest = json.loads(f.read())
+            self.manifest = json.loads(bytes(raw))
             files = self.manifest["files"]
             fmt = self.manifest["format"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, RecursionError) as e:
             raise Refusal("image-invalid", f"unreadable manifest: {e}") from e
         if fmt != FORMAT_VERSION:
             raise Refusal("image-invalid", f"image format {fmt}, this engine reads format {FORMAT_VERSION}")
-        if not isinstance(files, dict):
-            raise Refusal("image-invalid", "manifest has no file table")
+        imagecheck.check_manifest_files(files)
+        for key, typ in (("arch", str), ("kernel", str), ("meta", dict)):
+            if key in self.manifest and not isinstance(self.manifest[key], typ):
+                raise Refusal("image-invalid", f"manifest {key} is not a {typ.__name__}")
         self.files: Dict[str, dict] = files
-        self._verified = False
 
     @property
     def arch(self) -> str:
@@ -323,58 +342,103 @@ class ImageReader:
         if self.arch != platform.machine():
             raise Refusal("arch-mismatch", f"image is {self.arch}, this machine is {platform.machine()}")
 
+    def check_tree(self) -> Dict[str, os.stat_result]:
+        """Every entry of the image a regular file or directory of the
+        caller's, writable by no one else, none a symlink; {name: lstat}.
+        Raises Refusal(image-unsafe)."""
+        from . import imagecheck
+        return imagecheck.scan(self.fd, self.dir)
+
     def verify(self, threads: int = 2) -> None:
-        """Every file present, of the recorded size and sha256; no extras.
-        The digests are computed in `threads` threads (hashlib releases the
-        GIL), largest files first. Raises Refusal(image-invalid)."""
+        """Every file present, of the recorded size and sha256; no extras;
+        each read once into memory and kept. The files are read and hashed
+        in `threads` threads (reads and hashlib release the GIL), largest
+        first. Raises Refusal(image-invalid, image-unsafe)."""
+        from . import imagecheck
+
         def bad(what: str) -> Refusal:
             return Refusal("image-invalid", what)
 
-        present = set()
-        for root, _, names in os.walk(self.dir):
-            for n in names:
-                rel = os.path.relpath(os.path.join(root, n), self.dir)
-                if rel != MANIFEST:
-                    present.add(rel)
-        for name, meta in self.files.items():
-            if not isinstance(meta, dict) or not isinstance(meta.get("sha256"), str) \
-                    or not isinstance(meta.get("size"), int):
-                raise bad(f"manifest entry for {name} is malformed")
-        extra = present - set(self.files)
+        present = self.check_tree()
+        present.pop(MANIFEST, None)
+        extra = set(present) - set(self.files)
         if extra:
             raise bad(f"files not in the manifest: {', '.join(sorted(extra)[:5])}")
         for name, meta in sorted(self.files.items()):
             if name not in present:
                 raise bad(f"{name} is missing")
-            size = os.path.getsize(os.path.join(self.dir, name))
-            if size != meta["size"]:
-                raise bad(f"{name} is {size} bytes, manifest says {meta['size']}")
+            if present[name].st_size != meta["size"]:
+                raise bad(f"{name} is {present[name].st_size} bytes, manifest says {meta['size']}")
 
-        def digest(name: str) -> str:
-            try:
-                return _sha256_file(os.path.join(self.dir, name))
-            except OSError as e:
-                raise bad(f"cannot read {name}: {e.strerror}") from None
+        def load(name: str):
+            buf = imagecheck.read_file(self.fd, name, self.dir, want_size=self.files[name]["size"],
+                                       expect=present[name])
+            h = hashlib.sha256()
+            with memoryview(buf) as v:
+                for off in range(0, len(v), _CHUNK):
+                    h.update(v[off:off + _CHUNK])   # hashlib releases the GIL for large buffers
+            return name, buf, h.hexdigest()
 
         from concurrent.futures import ThreadPoolExecutor
         names = sorted(self.files, key=lambda n: -self.files[n]["size"])
+        failed = None
         with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-            for name, got in zip(names, pool.map(digest, names)):
-                if got != self.files[name]["sha256"]:
-                    raise bad(f"{name} does not match its sha256 (altered or damaged)")
+            futures = [pool.submit(load, n) for n in names]
+            for f in futures:
+                try:
+                    name, buf, got = f.result()
+                except Refusal as e:
+                    failed = failed or e
+                    continue
+                self._data[name] = buf
+                if got != self.files[name]["sha256"] and failed is None:
+                    failed = bad(f"{name} does not match its sha256 (altered or damaged)")
+        if failed is not None:
+            self.close()
+            raise failed
         self._verified = True
 
     def path(self, name: str) -> str:
+        """The name of an image file, for messages and for "is it there":
+        never to be opened (the bytes are ``read_bytes`` / ``data``)."""
         if name not in self.files:
             raise Refusal("image-invalid", f"the image has no {name}")
         return os.path.join(self.dir, name)
 
+    def data(self, name: str):
+        """The verified contents of `name`: bytes, or an mmap for a big file
+        (a buffer: len(), slicing, memoryview). Before verify() (ckpt show),
+        read once through the same safe open, unverified."""
+        self.path(name)
+        buf = self._data.get(name)
+        if buf is None:
+            from . import imagecheck
+            buf = self._data[name] = imagecheck.read_file(self.fd, name, self.dir,
+                                                          want_size=self.files[name]["size"])
+        return buf
+
+    def size(self, name: str) -> int:
+        return len(self.data(name))
+
     def read_bytes(self, name: str) -> bytes:
-        with open(self.path(name), "rb") as f:
-            return f.read()
+        buf = self.data(name)
+        return buf if isinstance(buf, bytes) else bytes(buf)
 
     def read_json(self, name: str):
         try:
             return json.loads(self.read_bytes(name))
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:
             raise Refusal("image-invalid", f"{name}: not valid JSON: {e}") from e
+
+    def close(self) -> None:
+        """Release the kept bytes and the directory fd."""
+        for buf in self._data.values():
+            if hasattr(buf, "close"):
+                try:
+                    buf.close()
+                except BufferError:   # still exported (a PageSource not closed): freed with it
+                    pass
+        self._data.clear()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

@@ -33,8 +33,13 @@ REASONS = {
     "tree-sharing": ("two processes of the tree share what a restore would make two of: memory (CLONE_VM, a "
                      "vfork child), the fd table (CLONE_FILES), fs (CLONE_FS) or signal handlers (CLONE_SIGHAND) "
                      "without being threads of one process (both pids in the detail)"),
-    "memory-peer-outside": ("shared anonymous memory of the dumped tree is also mapped by a process outside it "
-                            "(its pid in the detail): the restored copy would no longer be shared with it"),
+    "memory-peer-outside": ("shared memory of the dumped tree that a restore makes anew (MAP_SHARED anonymous "
+                            "memory, a shared mapping of a memfd or deleted file) is also mapped or held open by a "
+                            "process outside it (its pid in the detail): it would go on with the old object"),
+    "image-unsafe": ("the image could have been changed by someone other than the caller, so it is not trusted: "
+                     "the image directory or a file in it is not the caller's or is writable by others, a "
+                     "directory above it is writable by others and not sticky, or it holds a symlink or a "
+                     "special file"),
     # files
     "file-missing": ("a file the process had open (or mapped) no longer exists at its path; or the directory a "
                      "deleted file, device node, removed directory or cwd is to be recreated in is gone"),

@@ -26,7 +26,7 @@ import time
 import traceback
 from typing import Dict, List, Optional
 
-from . import faults, files, guard, libc, posixtimers, procfs, sched, seccomp, signals, threads, unlinked
+from . import faults, files, guard, imagecheck, libc, posixtimers, procfs, sched, seccomp, signals, threads, unlinked
 from .arch import current as current_arch
 from .build import build
 from .check import SPECIAL_MAPPINGS, creds_of, creds_plan, require_features
@@ -435,12 +435,25 @@ def restore(directory: str, options: Options, pidfile: Optional[str] = None) -> 
     t0 = time.monotonic()
     require_features()
     reader = ImageReader(directory)
+    try:
+        out = _restore(reader, options, t0)
+    finally:
+        reader.close()
+    if pidfile:
+        write_pidfile(pidfile, out["pid"])
+    res = {"pid": out["pid"], "restore_ms": round((time.monotonic() - t0) * 1000, 2)}
+    if "members" in out:
+        res["members"] = out["members"]
+    return res
+
+
+def _restore(reader: ImageReader, options: Options, t0: float) -> dict:
     reader.check_arch()
-    reader.verify(threads=2)   # before any process exists
+    reader.verify(threads=2)   # before any process exists; every file read once, kept in memory
     faults.point("restore.verified")
     if "tree.json" in reader.files:
         from .tree_restore import restore_tree
-        return restore_tree(reader, options, pidfile, t0)
+        return restore_tree(reader, options, None, t0)
     core = reader.read_json("core.json")
     mm = reader.read_json("mm.json")
     fdrecs = reader.read_json("fds.json")
@@ -448,38 +461,52 @@ def restore(directory: str, options: Options, pidfile: Optional[str] = None) -> 
     npf = _need(mm, "page_files", int, "mm.json")
     vmas = check_mm(mm, npf)
     check_fd_records(fdrecs)
+    imagecheck.check_records(reader, core, vmas, fdrecs)
     xstate = reader.read_bytes("xstate.bin")
     thread_xstate = threads.unpack_xstate(reader, core.get("threads", []))
     meta = reader.manifest.get("meta") or {}
     same_node = isinstance(meta, dict) and meta.get("boot_id") == boot_id()
     pid = core["pid"]
     ctx = RestoreContext(options=options, image=reader, same_node=same_node, records=fdrecs, pid=pid)
-    with _system_errors_as_engine_errors("restore pre-flight"):
+    with _system_errors_as_engine_errors("restore pre-flight"), imagecheck.malformed_as_invalid("pre-flight"):
         preflight(reader, core, vmas, fdrecs, ctx)
     faults.point("restore.preflighted")
-    pages = PageSource([reader.path(page_file_name(i)) for i in range(npf)])
+    pages = PageSource([reader.data(page_file_name(i)) for i in range(npf)])
     prepared = None
     try:
         for v in vmas:
             pages.check_runs(v["pages"])
-        with _system_errors_as_engine_errors("opening the process's files"):
+        with _system_errors_as_engine_errors("opening the process's files"), \
+                imagecheck.malformed_as_invalid("opening the process's files"):
             prepared = prepare(core, vmas, fdrecs, ctx)
         job = Job(core=core, vmas=vmas, fdrecs=fdrecs, xstate=xstate, thread_xstate=thread_xstate, pages=pages,
                   prepared=prepared, ctx=ctx)
+        imagecheck.process_creation_hook()
         out = _run_restorer(job)
         # The process is back: what handlers hold until then (a TCP
         # connection's network lock) can go.
         for hook in ctx.shared.pop("_after_restore", []):
             hook()
+        return out
     finally:
         if prepared is not None:
             prepared.close()
         files.close_shared(ctx)
         pages.close()
-    if pidfile:
-        tmp = pidfile + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(f"{out['pid']}\n")
-        os.rename(tmp, pidfile)
-    return {"pid": out["pid"], "restore_ms": round((time.monotonic() - t0) * 1000, 2)}
 
+
+def write_pidfile(pidfile: str, pid: int) -> None:
+    """The restored PID into `pidfile`, never through a symlink: a fresh
+    temporary name made with O_EXCL|O_NOFOLLOW next to it, renamed over it
+    (rename replaces a symlink, it does not follow it)."""
+    tmp = f"{pidfile}.{os.getpid()}.tmp"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        try:
+            os.write(fd, f"{pid}\n".encode())
+        finally:
+            os.close(fd)
+        os.rename(tmp, pidfile)
+    except OSError as e:
+        raise EngineError(f"restored pid {pid}, but cannot write the pidfile {pidfile}: {e.strerror}",
+                          errno=e.errno) from e

@@ -45,7 +45,7 @@ import struct
 import time
 from typing import Dict, List, Optional
 
-from . import faults, files, ptrace, sched, signals, threads
+from . import faults, files, imagecheck, ptrace, sched, signals, threads
 from .arch import current as current_arch
 from .errors import EngineError, Refusal, Refusals
 from .libc import SysError
@@ -132,6 +132,7 @@ def restore_tree(reader, options, pidfile: Optional[str], t0: float) -> dict:
         npf = single._need(mm, "page_files", int, "mm.json")
         vmas = single.check_mm(mm, npf)
         single.check_fd_records(fdrecs)
+        imagecheck.check_records(img, core, vmas, fdrecs)
         ctx = RestoreContext(options=options, image=img, same_node=same_node, records=fdrecs, pid=m["pid"],
                              shared=shared)
         loaded.append((m, img, core, vmas, fdrecs, npf, ctx))
@@ -153,7 +154,8 @@ def restore_tree(reader, options, pidfile: Optional[str], t0: float) -> dict:
     for m, img, core, vmas, fdrecs, npf, ctx in loaded:
         ctx.tree_records = every
         try:
-            with single._system_errors_as_engine_errors("restore pre-flight"):
+            with single._system_errors_as_engine_errors("restore pre-flight"), \
+                    imagecheck.malformed_as_invalid("pre-flight"):
                 single.preflight(img, core, vmas, fdrecs, ctx, tree_member=m is not members[0])
         except Refusal as r:
             refusals.append(r)
@@ -172,7 +174,7 @@ def restore_tree(reader, options, pidfile: Optional[str], t0: float) -> dict:
             faults.point("restore.tree.prepare")
             xstate = img.read_bytes("xstate.bin")
             thread_xstate = threads.unpack_xstate(img, core.get("threads", []))
-            pages = PageSource([img.path(page_file_name(i)) for i in range(npf)])
+            pages = PageSource([img.data(page_file_name(i)) for i in range(npf)])
             sources.append(pages)
             for v in vmas:
                 pages.check_runs(v["pages"])
@@ -183,14 +185,20 @@ def restore_tree(reader, options, pidfile: Optional[str], t0: float) -> dict:
                     return _prepared[opid].fd_of_rec[ofd]
                 except KeyError:
                     raise _bad(f"fd {rec['fd']}: ofd_of {opid}/{ofd} not restored before it") from None
-            with single._system_errors_as_engine_errors("opening the process's files"):
+            with single._system_errors_as_engine_errors("opening the process's files"), \
+                    imagecheck.malformed_as_invalid("opening the process's files"):
                 p = single.prepare(core, vmas, fdrecs, ctx, min_base=base, shared_ofd=theirs)
             prepared[m["pid"]] = p
             base = 0
             jobs[m["pid"]] = single.Job(core=core, vmas=vmas, fdrecs=fdrecs, xstate=xstate,
                                         thread_xstate=thread_xstate, pages=pages, prepared=p, ctx=ctx)
         faults.point("restore.tree.prepared")
+        imagecheck.process_creation_hook()
         out = single._run_restorer(TreeJob(members, jobs), build_tree)
+        # The tree is back: what handlers hold until then (a TCP
+        # connection's network lock) can go.
+        for hook in shared.pop("_after_restore", []):
+            hook()
     finally:
         for p in prepared.values():
             p.close()
@@ -198,10 +206,7 @@ def restore_tree(reader, options, pidfile: Optional[str], t0: float) -> dict:
         for s in sources:
             s.close()
     if pidfile:
-        tmp = pidfile + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(f"{out['pid']}\n")
-        os.rename(tmp, pidfile)
+        single.write_pidfile(pidfile, out["pid"])
     return {"pid": out["pid"], "members": len(members), "restore_ms": round((time.monotonic() - t0) * 1000, 2)}
 
 

@@ -1,5 +1,5 @@
 """``socket``: unix-pair, unix-listen, unix-pending, unix-dgram, tcp-listen,
-tcp-established, udp, udp6, netlink-route, packet.
+tcp-pending, tcp-established, udp, udp6, netlink-route, packet.
 
 Queued bytes are seeded in BOTH directions of a connected pair (``data``
 waits on ``fd``, ``peer_data`` on ``peer_fd``); the checker drains both
@@ -7,10 +7,14 @@ ends' queues without blocking and compares each, then proves the ends are
 still connected by a marker each way. Listening sockets must accept, a
 datagram socket keeps its datagram and its source (``sender: outside``: the
 sending socket stays bound in a process outside the dump, so the datagram
-cannot be re-sent from its source at restore). A unix-pending listener has one connection waiting in its accept queue
-(its connecting end at ``peer_fd``, or ``sender: outside``). A netlink-route socket keeps
-its port id and answers a request on it (``data``: a reply is left queued
+cannot be re-sent from its source at restore). A unix-pending or
+tcp-pending listener has one connection waiting in its accept queue (its
+connecting end at ``peer_fd``, or ``sender: outside``). A netlink-route
+socket keeps its port id and answers a request on it (``data``: a reply is left queued
 before the dump). A packet socket is refused by name.
+
+A tcp-half-closed connection is a tcp-established one whose peer end
+has shut down writing (``fd`` in CLOSE_WAIT, ``peer_fd`` in FIN_WAIT2).
 
 A tcp-established connection with ``sender: outside`` has its other end in
 a process outside the dump (an echo peer) that keeps it open throughout:
@@ -34,10 +38,10 @@ from .core import MARKER, Ctx, Opened, bytes_check, check, drain, seeded_bytes, 
 
 KIND = "socket"
 TAGS = ("socket",)
-SOCKETS = ("unix-pair", "unix-listen", "unix-pending", "unix-dgram", "tcp-listen", "tcp-established", "udp", "udp6",
-           "netlink-route", "packet")
+SOCKETS = ("unix-pair", "unix-listen", "unix-pending", "unix-dgram", "tcp-listen", "tcp-pending", "tcp-established",
+           "tcp-half-closed", "udp", "udp6", "netlink-route", "packet")
 _NETLINK_ROUTE, _RTM_GETLINK, _NLM_F_REQUEST = 0, 18, 1
-PAIRS = ("unix-pair", "tcp-established")
+PAIRS = ("unix-pair", "tcp-established", "tcp-half-closed")
 
 
 def fields(s) -> dict:
@@ -59,14 +63,14 @@ def validate(e: dict, fds: dict) -> List[tuple]:
         return [("peer_fd", "a tcp-established socket with sender: outside has its peer outside the dump")]
     if sock in PAIRS and "peer_fd" not in e and not _outside_tcp(e):
         return [("peer_fd", f"a {sock} socket needs peer_fd")]
-    if sock == "unix-pending" and ("peer_fd" in e) == (e.get("sender") == "outside"):
-        return [("peer_fd", "a unix-pending listener needs peer_fd (its connecting end), or sender: outside")]
+    if sock in ("unix-pending", "tcp-pending") and ("peer_fd" in e) == (e.get("sender") == "outside"):
+        return [("peer_fd", f"a {sock} listener needs peer_fd (its connecting end), or sender: outside")]
     if sock not in PAIRS and "peer_data" in e:
         return [("peer_data", f"a {sock} socket has no peer")]
     if sock in ("unix-listen", "unix-pending", "unix-dgram") and "path" not in e:
         return [("path", f"a {sock} socket needs a path")]
-    if "sender" in e and sock not in ("udp", "udp6", "unix-pending", "tcp-established"):
-        return [("sender", "only udp, unix-pending and tcp-established sockets have a sender")]
+    if "sender" in e and sock not in ("udp", "udp6", "unix-pending", "tcp-pending", "tcp-established"):
+        return [("sender", "only udp, unix-pending, tcp-pending and tcp-established sockets have a sender")]
     return []
 
 
@@ -107,7 +111,20 @@ def opener(e: dict, ctx: Ctx) -> List[Opened]:
         s.bind(("127.0.0.1", 0))
         s.listen(8)
         return [Opened(s.detach(), int(e["fd"]), "sock")]
-    if kind == "tcp-established":
+    if kind == "tcp-pending":
+        # a listener with one connection waiting in its accept queue; the
+        # connecting end is peer_fd, or held by a process outside the dump
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.bind(("127.0.0.1", 0))
+        s.listen(8)
+        c = socket.create_connection(s.getsockname())
+        if e.get("sender") == "outside":
+            from .pipe import _spawn_holder
+            ctx.helpers.append(_spawn_holder(c.fileno()))
+            c.close()
+            return [Opened(s.detach(), int(e["fd"]), "sock")]
+        return [Opened(s.detach(), int(e["fd"]), "sock"), Opened(c.detach(), int(e["peer_fd"]), "peer")]
+    if kind in ("tcp-established", "tcp-half-closed"):
         lst = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         lst.bind(("127.0.0.1", 0))
         lst.listen(1)
@@ -116,6 +133,9 @@ def opener(e: dict, ctx: Ctx) -> List[Opened]:
         lst.close()
         srv.sendall(payload)
         c.sendall(back)
+        if kind == "tcp-half-closed":
+            srv.shutdown(socket.SHUT_WR)     # fd: CLOSE_WAIT, peer_fd: FIN_WAIT2
+            wait_readable(c.fileno(), 2)
         if _outside_tcp(e):
             ctx.helpers.append(_spawn_echo_peer(srv.fileno()))
             srv.close()
@@ -285,6 +305,8 @@ def checker(e: dict, recs: List[dict], ctx: Ctx, phase: str) -> List[dict]:
             seq_port = list(struct.unpack_from("=II", reply, 8)) if len(reply) >= 16 else None
             out.append(check(fd, "a request is answered on the same port id",
                              [4242, by_role["sock"]["extra"]["sockname"][0]], seq_port))
+        elif phase == "mutate" and kind == "tcp-half-closed":
+            out.append(_marker(peer, fd, "write arrives at the peer (the peer's side is shut down)"))
         elif phase == "mutate" and kind in PAIRS:
             out.append(_marker(fd, peer, "peer's write arrives"))
             out.append(_marker(peer, fd, "write arrives at the peer"))
@@ -294,7 +316,7 @@ def checker(e: dict, recs: List[dict], ctx: Ctx, phase: str) -> List[dict]:
             ok = wait_readable(fd, 2)
             got = s.recv(len(MARKER) + 10, socket.MSG_DONTWAIT).decode(errors="replace") if ok else ""
             out.append(check(fd, "a datagram sent to its name arrives", MARKER.decode(), got))
-        elif phase == "mutate" and kind == "unix-pending" and peer is not None:
+        elif phase == "mutate" and kind in ("unix-pending", "tcp-pending") and peer is not None:
             os.write(peer, MARKER)
             ok = wait_readable(fd, 2)
             got = ""
