@@ -41,7 +41,7 @@ if "--child" in sys.argv[2:]:
         n = 0
         while True:
             n += 1
-            if n % 20 == 0:
+            if n % 4 == 0:
                 os.write(wr, b".")
             time.sleep(0.005)
     os.close(wr)
@@ -127,11 +127,14 @@ def check():
     expect(signal.pthread_sigmask(signal.SIG_BLOCK, []) == {signal.SIGUSR2}, "signal mask")
     expect(worker.is_alive(), "thread alive")
     if child:
-        time.sleep(0.15)
-        try:
-            expect(len(os.read(rd, 4096)) > 0, "the child goes on")
-        except BlockingIOError:
-            errors.append("the child is silent")
+        got = 0
+        end = time.monotonic() + 3
+        while not got and time.monotonic() < end:
+            try:
+                got = len(os.read(rd, 65536))
+            except BlockingIOError:
+                time.sleep(0.01)
+        expect(got > 0, "the child goes on")
         expect(os.waitpid(child, os.WNOHANG) == (0, 0), "the child is alive")
     return errors
 
