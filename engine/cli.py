@@ -61,16 +61,21 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("-t", "--tree", dest="pid", type=_pid, required=True, metavar="PID")
     d.add_argument("-D", "--images-dir", dest="dir", required=True, metavar="DIR", help="must not exist yet")
     d.add_argument("--leave-running", action="store_true", help="let the process go on after the dump")
+    d.add_argument("--shell-job", action="store_true",
+                   help="save a process on a terminal whose master is outside the dump (restore with --tty)")
     d.add_argument("--ghost-limit", type=parse_size, default=DEFAULT_GHOST_LIMIT, metavar="SIZE",
                    help=f"largest deleted-but-open file kept in the image (default {DEFAULT_GHOST_LIMIT >> 20}M)")
 
     r = sub.add_parser("restore", parents=[common, files], help="restore a process from an image directory")
     r.add_argument("-D", "--images-dir", dest="dir", required=True, metavar="DIR")
     r.add_argument("--pidfile", metavar="FILE", help="write the restored PID here")
+    r.add_argument("--tty", metavar="PATH", default="",
+                   help="the terminal to reopen a --shell-job process's terminal fds on ('inherit': ckpt's stdin)")
 
     c = sub.add_parser("check", parents=[common, files],
                        help="dry run: every fd and piece of state with its verdict; writes nothing")
     c.add_argument("-t", "--tree", dest="pid", type=_pid, required=True, metavar="PID")
+    c.add_argument("--shell-job", action="store_true", help="as for dump")
     c.add_argument("--ghost-limit", type=parse_size, default=DEFAULT_GHOST_LIMIT, metavar="SIZE")
 
     v = sub.add_parser("survey", parents=[common, files],
@@ -93,7 +98,8 @@ def _options(args) -> Options:
     return Options(leave_running=getattr(args, "leave_running", False),
                    ghost_limit=getattr(args, "ghost_limit", DEFAULT_GHOST_LIMIT),
                    file_validation=getattr(args, "file_validation", "digest"),
-                   debug=args.debug)
+                   debug=args.debug, shell_job=getattr(args, "shell_job", False),
+                   tty=getattr(args, "tty", "") or "")
 
 
 def _run(args) -> dict:

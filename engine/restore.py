@@ -204,6 +204,8 @@ def preflight(reader: ImageReader, core: dict, vmas: List[dict], fdrecs: List[di
     my_sid = os.getsid(0)
     if tree_member:
         pass    # judged with the whole tree (engine/tree_restore.py)
+    elif ctx.options.tty and sess["sid"] != pid and sess["pgid"] == pid:
+        pass    # a shell job restored with --tty: it joins ckpt's session (build.py setpgid(0, 0))
     elif sess["sid"] != pid and sess["sid"] != my_sid:
         add(Refusal("unsupported-state", f"was in session {sess['sid']} (not its own, not ckpt's {my_sid}); "
                     "start it with setsid to make it restorable anywhere"))
