@@ -63,9 +63,12 @@ def wait_for(pred, timeout: float = 15.0, what: str = "condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def start_target(d: str, child: bool = False) -> subprocess.Popen:
+VARIANT_ARGS = {"": [], "tree": ["--child"], "pty": ["--pty"]}
+
+
+def start_target(d: str, variant: str = "") -> subprocess.Popen:
     os.makedirs(d, exist_ok=True)
-    p = subprocess.Popen([PYTHON, FAULTEE, d] + (["--child"] if child else []), cwd=d, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+    p = subprocess.Popen([PYTHON, FAULTEE, d] + VARIANT_ARGS[variant], cwd=d, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL, close_fds=True, start_new_session=True)
     wait_for(lambda: os.path.exists(os.path.join(d, "ready")) or p.poll() is not None, what="the target")
     if p.poll() is not None:
@@ -153,11 +156,11 @@ def kill_reap(p) -> None:
 class Target:
     """A running faultee with what it showed before anything was done to it."""
 
-    def __init__(self, d: str, child: bool = False):
+    def __init__(self, d: str, variant: str = ""):
         self.dir = d
-        self.popen = start_target(d, child)
+        self.popen = start_target(d, variant)
         self.pid = self.popen.pid
-        self.child = _children(self.pid)[0] if child else None
+        self.child = _children(self.pid)[0] if variant == "tree" else None
         with open(os.path.join(d, "secret.sha")) as f:
             self.secret = f.read().strip()
         self.first = verdict(d, self.pid)
@@ -271,10 +274,10 @@ def _injected(r: subprocess.CompletedProcess, fid: str) -> List[str]:
     return [f"fault not injected (exit {r.returncode}): {r.stderr.strip()[-300:]}"]
 
 
-def make_image(d: str, trace: Optional[str] = None, child: bool = False) -> dict:
-    """A faultee (a tree of two with `child`) dumped (and so killed) into
-    d/img: {img, dir, counter}."""
-    t = Target(os.path.join(d, "t"), child)
+def make_image(d: str, trace: Optional[str] = None, variant: str = "") -> dict:
+    """A faultee (VARIANT_ARGS: a tree of two, a pty pair) dumped (and so
+    killed) into d/img: {img, dir, counter}."""
+    t = Target(os.path.join(d, "t"), variant)
     img = os.path.join(d, "img")
     env = {"CKPT_FAULT_TRACE": trace} if trace else {}
     r = ckpt(["dump", "-t", str(t.pid), "-D", img], env=env)
@@ -293,10 +296,11 @@ def reference(d: str) -> dict:
     passes), every call site reached ("sites"), and images to restore again."""
     from engine.faults import read_trace
     out: dict = {"sites": set()}
-    for kind, child in (("", False), ("tree_", True)):
-        sd = os.path.join(d, kind or "single")
+    for variant in VARIANTS:
+        kind = variant + "_" if variant else ""
+        sd = os.path.join(d, variant or "single")
         os.makedirs(sd, exist_ok=True)
-        im = make_image(sd, os.path.join(sd, "dump.trace"), child)
+        im = make_image(sd, os.path.join(sd, "dump.trace"), variant)
         r = ckpt(["restore", "-D", im["img"]], env={"CKPT_FAULT_TRACE": os.path.join(sd, "restore.trace")})
         if r.returncode != 0:
             raise AssertionError(f"reference restore failed: {r.stderr}")
@@ -311,9 +315,9 @@ def reference(d: str) -> dict:
     return out
 
 
-def dump_point(fid: str, d: str, child: bool = False) -> List[str]:
-    """Dump a fresh faultee (tree) with the fault at `fid`; what went wrong."""
-    t = Target(os.path.join(d, "t"), child)
+def dump_point(fid: str, d: str, variant: str = "") -> List[str]:
+    """Dump a fresh faultee (variant) with the fault at `fid`; what went wrong."""
+    t = Target(os.path.join(d, "t"), variant)
     img = os.path.join(d, "img")
     try:
         r = ckpt(["dump", "-t", str(t.pid), "-D", img], env={"CKPT_FAULT": fid})
@@ -341,34 +345,54 @@ def restore_point(fid: str, im: dict) -> List[str]:
     return problems + restore_ok(img, im["dir"], im["counter"])
 
 
+VARIANTS = ("", "tree", "pty")
+
+
+def _pty_taken(img: str) -> bool:
+    """A pty index of the image is held by someone else (devpts hands out
+    the lowest free one, so other ptys opened meanwhile may take it)."""
+    try:
+        with open(os.path.join(img, "fds.json")) as f:
+            recs = json.load(f)
+    except OSError:
+        return False
+    for r in recs:
+        idx = r.get("index") if isinstance(r, dict) and r.get("kind") == "tty" else None
+        if isinstance(idx, int) and os.path.exists(f"/dev/pts/{idx}"):
+            return True
+    return False
+
+
 def run_points(ref: dict, workdir: str, lanes: int = 2) -> List[dict]:
     """Every point of the reference traces, dump ones on fresh targets and
-    restore ones on `lanes` images; rows {point, phase, site, problems}."""
+    restore ones on `lanes` images (a variant's own points on its own
+    image); rows {point, phase, site, problems}."""
     from concurrent.futures import ThreadPoolExecutor
     rows: List[dict] = []
-    dumps = [(fid, False) for fid in ref["dump"]] + [(fid, True) for fid in ref["tree_dump"]]
-    # Restore lanes: one image each (one PID each); the tree's points on the tree image.
+    dumps = [(fid, v) for v in VARIANTS for fid in ref[(v + "_" if v else "") + "dump"]]
     singles = list(ref["restore"])
     images = [ref["image"]] + [make_image(os.path.join(workdir, f"lane{i}")) for i in range(1, lanes)]
-    work = [[(fid, images[k], False) for fid in singles[k::lanes]] for k in range(lanes)]
-    work[-1] += [(fid, ref["tree_image"], True) for fid in ref["tree_restore"]]
+    work = [[(fid, images[k], "") for fid in singles[k::lanes]] for k in range(lanes)]
+    for i, v in enumerate(VARIANTS[1:]):
+        work[-1 - i % lanes] += [(fid, ref[v + "_image"], v) for fid in ref[v + "_restore"]]
+
+    def key(v, phase):
+        return (v + "_" if v else "") + phase
 
     def one_dump(i_item):
-        i, (fid, child) = i_item
-        return {"point": fid, "phase": "tree dump" if child else "dump",
-                "site": ref["tree_dump" if child else "dump"][fid],
-                "problems": dump_point(fid, os.path.join(workdir, f"d{i}"), child)}
+        i, (fid, v) = i_item
+        return {"point": fid, "phase": f"{v} dump".strip(), "site": ref[key(v, "dump")][fid],
+                "problems": dump_point(fid, os.path.join(workdir, f"d{i}"), v)}
 
     def lane(items):
         out = []
-        for n, (fid, im, tree) in enumerate(items):
-            if any(alive(p) for p in image_pids(im["img"])):
+        for n, (fid, im, v) in enumerate(items):
+            if any(alive(p) for p in image_pids(im["img"])) or _pty_taken(im["img"]):
                 # pid_max is small here: another process took one of the
-                # image's PIDs meanwhile. A new image, new PIDs.
-                im = make_image(os.path.join(workdir, f"re{id(items)}-{n}"), child=tree)
-                items[n:] = [(f, im, t) for f, _, t in items[n:]]
-            out.append({"point": fid, "phase": "tree restore" if tree else "restore",
-                        "site": ref["tree_restore" if tree else "restore"][fid],
+                # image's PIDs (or pty index) meanwhile. A new image.
+                im = make_image(os.path.join(workdir, f"re{id(items)}-{n}"), variant=v)
+                items[n:] = [(f, im if vv == v else i2, vv) for f, i2, vv in items[n:]]
+            out.append({"point": fid, "phase": f"{v} restore".strip(), "site": ref[key(v, "restore")][fid],
                         "problems": restore_point(fid, im)})
         return out
 

@@ -1,13 +1,14 @@
 """CPython target for the fault-point and kill tests: one fd of every kind
 a dump saves, a second thread, a secret and a counter held only in memory.
 
-usage: faultee.py DIR [--child]
+usage: faultee.py DIR [--child] [--pty]
 Writes DIR/secret.sha (sha256 of a random secret it keeps in memory) and
 DIR/ready. On SIGUSR1 it checks, without consuming anything, that every fd
 is still what it made (kind, offset, buffered bytes, counts, masks, lock,
 the epoll registration, the dup sharing the offset), that the secret still
 hashes the same and that the thread is still counting, and writes
 DIR/verdict.json: {"ok", "errors", "counter", "thread_counter", "secret"}.
+With --pty it also holds a pty pair (master and slave).
 With --child it is a process tree: a child forked first writes to a pipe as
 it counts, and the check also wants the child alive and writing.
 The counter and the thread's counter only ever go up by one per step, so a
@@ -79,6 +80,10 @@ fds["signalfd"] = libc.signalfd(-1, ctypes.byref(mask), 0)
 ep = select.epoll()
 ep.register(fds["pipe_r"], select.EPOLLIN)
 fds["epoll"] = ep.fileno()
+if "--pty" in sys.argv[2:]:
+    import termios as _t
+    fds["pty_master"], fds["pty_slave"] = os.openpty()
+    PTY = (os.ttyname(fds["pty_slave"]), _t.tcgetattr(fds["pty_slave"]))
 assert all(v >= 0 for v in fds.values()), fds
 
 with open(os.path.join(d, "secret.sha"), "w") as f:
@@ -126,6 +131,9 @@ def check():
     expect(dict(ep.poll(0)).get(fds["pipe_r"], 0) & select.EPOLLIN, "epoll sees the pipe")
     expect(signal.pthread_sigmask(signal.SIG_BLOCK, []) == {signal.SIGUSR2}, "signal mask")
     expect(worker.is_alive(), "thread alive")
+    if "pty_slave" in fds:
+        expect(os.isatty(fds["pty_slave"]) and os.ttyname(fds["pty_slave"]) == PTY[0], "pty slave")
+        expect(termios.tcgetattr(fds["pty_slave"]) == PTY[1], "pty termios")
     if child:
         got = 0
         end = time.monotonic() + 3
