@@ -392,8 +392,18 @@ def run_points(ref: dict, workdir: str, lanes: int = 2) -> List[dict]:
                 # image's PIDs (or pty index) meanwhile. A new image.
                 im = make_image(os.path.join(workdir, f"re{id(items)}-{n}"), variant=v)
                 items[n:] = [(f, im if vv == v else i2, vv) for f, i2, vv in items[n:]]
+            problems = restore_point(fid, im)
+            for attempt in range(3):
+                if not (problems and _pty_taken(im["img"]) and "is taken (/dev/pts/" in " ".join(problems)):
+                    break
+                # Another process's pty took the image's index between the
+                # faulted restore and the one after (our ends are closed by
+                # then): the machine's doing, not the engine's. Again, anew.
+                im = make_image(os.path.join(workdir, f"pty{id(items)}-{n}-{attempt}"), variant=v)
+                items[n:] = [(f, im if vv == v else i2, vv) for f, i2, vv in items[n:]]
+                problems = restore_point(fid, im)
             out.append({"point": fid, "phase": f"{v} restore".strip(), "site": ref[key(v, "restore")][fid],
-                        "problems": restore_point(fid, im)})
+                        "problems": problems})
         return out
 
     with ThreadPoolExecutor(max_workers=lanes) as pool:
