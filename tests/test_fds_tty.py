@@ -283,3 +283,90 @@ def test_terminal_outside_needs_shell_job_and_tty(procs, tmp_path):
     finally:
         os.close(m1)
         os.close(m2)
+
+
+SHELL1 = r'''
+import os, sys, time
+# a shell on pty 1: session leader, pty 1 its controlling terminal; its job: the worker
+path, worker, out = sys.argv[1], sys.argv[2], sys.argv[3]
+fd = os.open(path, os.O_RDWR)                    # no O_NOCTTY: our controlling terminal
+for n in (0, 1, 2):
+    os.dup2(fd, n)
+os.closerange(3, 1024)
+go_r, go_w = os.pipe()
+child = os.fork()
+if child == 0:
+    os.close(go_w)
+    os.read(go_r, 1)                             # once it is the foreground job (tcsetattr needs it)
+    os.close(go_r)
+    os.execv(sys.executable, [sys.executable, worker, out])
+os.setpgid(child, child)                         # a job: its own group, the shell's session
+os.tcsetpgrp(0, child)                           # in the foreground, as a shell runs it
+os.write(go_w, b"x")
+with open(os.path.join(out, "job-pid"), "w") as f:
+    f.write(str(child))
+os.waitpid(child, 0)                             # reaps it once dumped
+time.sleep(600)
+'''
+
+SHELL2 = r'''
+import os, subprocess, sys, time
+# another shell, on pty 2, that runs `ckpt restore --tty inherit` and stays
+path, repo, img, out = sys.argv[1:5]
+fd = os.open(path, os.O_RDWR)
+for n in (0, 1, 2):
+    os.dup2(fd, n)
+os.closerange(3, 1024)
+r = subprocess.run([sys.executable, "-m", "engine", "restore", "-D", img, "--tty", "inherit"], cwd=repo,
+                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+with open(os.path.join(out, "restore-rc"), "w") as f:
+    f.write(f"{r.returncode} {r.stdout.decode(errors='replace')}")
+time.sleep(600)
+'''
+
+
+def test_shell_job_moves_to_the_restoring_shells_session_and_terminal(procs, tmp_path):
+    """criu --shell-job: a job of one shell (its own group in the shell's
+    session, the shell's terminal its controlling one) is dumped from
+    elsewhere with --shell-job and restored by another shell with --tty
+    inherit: it joins that shell's session and terminal, with its termios."""
+    import subprocess
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    m1, path1 = _new_pty()
+    m2, path2 = _new_pty()
+    shells = []
+    try:
+        (tmp_path / "worker.py").write_text(OUTSIDE_WORKER)
+        (tmp_path / "shell1.py").write_text(SHELL1)
+        (tmp_path / "shell2.py").write_text(SHELL2)
+        s1 = subprocess.Popen([python_exe(), str(tmp_path / "shell1.py"), path1, str(tmp_path / "worker.py"),
+                               str(tmp_path)], close_fds=True, start_new_session=True)
+        shells.append(s1)
+        wait_for(lambda: (tmp_path / "ready").exists(), what="the job")
+        job = int((tmp_path / "job-pid").read_text())
+        assert os.getsid(job) == s1.pid and os.getpgid(job) == job
+        with pytest.raises((Refusal, Refusals)) as ei:
+            dump(job, str(tmp_path / "img0"), Options())
+        reasons = {r.reason for r in getattr(ei.value, "refusals", [ei.value])}
+        assert reasons == {"tty-outside", "unsupported-state"}, reasons     # its terminal; its session
+        dump(job, str(tmp_path / "img"), Options(shell_job=True))
+        wait_for(lambda: not os.path.exists(f"/proc/{job}"), what="the dumped job to be reaped")
+        s2 = subprocess.Popen([python_exe(), str(tmp_path / "shell2.py"), path2, repo, str(tmp_path / "img"),
+                               str(tmp_path)], close_fds=True, start_new_session=True)
+        shells.append(s2)
+        wait_for(lambda: (tmp_path / "restore-rc").exists(), timeout=60, what="the restore")
+        assert (tmp_path / "restore-rc").read_text().startswith("0 "), (tmp_path / "restore-rc").read_text()
+        procs.adopt(job)
+        (tmp_path / "tty-path").write_text(path2)
+        assert verdict(job, tmp_path) == {"ttyname": True, "attrs": True, "same_file": True}
+        with open(f"/proc/{job}/stat") as f:
+            rest = f.read().rsplit(")", 1)[1].split()
+        dev = os.stat(path2).st_rdev
+        assert (int(rest[3]), int(rest[2])) == (s2.pid, job)          # session: the restoring shell's; own group
+        assert int(rest[4]) == (os.major(dev) << 8) | os.minor(dev)   # controlling terminal: pty 2
+    finally:
+        for s in shells:
+            s.kill()
+            s.wait()
+        os.close(m1)
+        os.close(m2)
