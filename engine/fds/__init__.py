@@ -37,7 +37,7 @@ from __future__ import annotations
 import importlib
 import os
 import stat
-from dataclasses import dataclass, field
+from ..plainclass import dataclass, field
 from typing import Dict, Optional
 
 from .. import fstype
