@@ -9,7 +9,7 @@ handler, and the mappings with their kinds. Used by both dump and check.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from .plainclass import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from . import fds as fdkinds

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from .plainclass import dataclass, field
 from typing import Any, Dict, Optional
 
 DEFAULT_GHOST_LIMIT = 64 << 20       # bytes of data (holes do not count)

@@ -21,9 +21,7 @@ import contextlib
 import fcntl
 import json
 import os
-import platform
 import time
-import traceback
 from typing import Dict, List, Optional
 
 from . import faults, files, guard, imagecheck, libc, posixtimers, procfs, sched, seccomp, signals, threads, unlinked
@@ -37,6 +35,7 @@ from .image import ImageReader
 from .memory import PageSource, page_file_name
 
 CAP_SYS_RESOURCE = 24
+PR_SET_CHILD_SUBREAPER = 36
 
 
 def _bad(what: str) -> Refusal:
@@ -170,9 +169,9 @@ def preflight(reader: ImageReader, core: dict, vmas: List[dict], fdrecs: List[di
             add(Refusal("pid-in-use", f"TID {rec['tid']} (a thread) is held by {_comm(rec['tid'])}"))
     mine = _special_block(procfs.parse_maps(open("/proc/self/maps").read()))
     theirs = _special_block(vmas)
-    if theirs and (theirs != mine or reader.manifest.get("kernel") != platform.release()):
+    if theirs and (theirs != mine or reader.manifest.get("kernel") != os.uname().release):
         add(Refusal("unsupported-mapping", f"the vdso of kernel {reader.manifest.get('kernel')} "
-                    f"({theirs}) cannot be provided by kernel {platform.release()} ({mine})"))
+                    f"({theirs}) cannot be provided by kernel {os.uname().release} ({mine})"))
     try:
         plan = creds_plan(core["creds"], creds_of(procfs.parse_status(open("/proc/self/status").read())))
         core["_creds_plan"] = plan
@@ -256,6 +255,7 @@ def _pid_free(pid: int) -> bool:
     not yet reaped by its parent - PID 1 can be slow) is given ZOMBIE_WAIT
     seconds to go away."""
     deadline = time.monotonic() + ZOMBIE_WAIT
+    nap = 0.001     # short at first: a reaper usually acts within a few ms
     while True:
         try:
             with open(f"/proc/{pid}/stat") as f:
@@ -264,7 +264,8 @@ def _pid_free(pid: int) -> bool:
             return not os.path.exists(f"/proc/{pid}")
         if state not in ("Z", "X") or time.monotonic() > deadline:
             return False
-        time.sleep(0.02)
+        time.sleep(nap)
+        nap = min(nap * 2, 0.02)
 
 
 def _comm(pid: int) -> str:
@@ -383,6 +384,7 @@ def _run_restorer(job, builder=None) -> dict:
             out = {"ok": False, "type": "error", "message": e.message, "errno": e.errno}
             code = 4
         except BaseException as e:   # noqa: BLE001 - reported to the parent, never swallowed
+            import traceback
             out = {"ok": False, "type": "error", "message": f"restorer crashed: {e!r}\n{traceback.format_exc()}",
                    "errno": None}
             code = 4
@@ -484,7 +486,10 @@ def _restore(reader: ImageReader, options: Options, t0: float) -> dict:
         job = Job(core=core, vmas=vmas, fdrecs=fdrecs, xstate=xstate, thread_xstate=thread_xstate, pages=pages,
                   prepared=prepared, ctx=ctx)
         imagecheck.process_creation_hook()
+        foreground = _foreground_job(fdrecs, options)
         out = _run_restorer(job)
+        if foreground:
+            out["foreground"] = foreground
         # The process is back: what handlers hold until then (a TCP
         # connection's network lock) can go.
         for hook in ctx.shared.pop("_after_restore", []):
@@ -495,6 +500,20 @@ def _restore(reader: ImageReader, options: Options, t0: float) -> dict:
             prepared.close()
         files.close_shared(ctx)
         pages.close()
+
+
+def _foreground_job(fdrecs: List[dict], options: Options) -> Optional[str]:
+    """A shell job that was its terminal's foreground group, restored with
+    --tty: ckpt becomes the child subreaper first, so the process is its
+    child once the restorer exits (its group is not orphaned: job control
+    works), and the --tty terminal is returned (engine/fds/tty.py)."""
+    if not options.tty or not any(r.get("kind") == "tty" and r.get("outside") and r.get("fg_own") for r in fdrecs):
+        return None
+    import ctypes
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise EngineError("prctl(PR_SET_CHILD_SUBREAPER)", errno=ctypes.get_errno())
+    from .fds.tty import tty_path
+    return tty_path(options.tty)
 
 
 def write_pidfile(pidfile: str, pid: int) -> None:
