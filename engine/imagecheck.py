@@ -652,7 +652,7 @@ def check_records(reader, core: dict, vmas: List[dict], fdrecs: List[dict]) -> N
             _check_ghost(v["file"]["ghost"], reader, "mm.json")
     fds = {r["fd"] for r in fdrecs}
     for r in fdrecs:
-        if "dup_of" not in r:
+        if "dup_of" not in r and "ofd_of" not in r:    # those take their open file from another record
             _check_kind_fields(r, fds)
         if not 0 <= r["fd"] < min(nr_open, 1 << 31):
             raise invalid(f"fds.json: fd {r['fd']} outside 0..{nr_open - 1}")
@@ -675,12 +675,55 @@ def check_records(reader, core: dict, vmas: List[dict], fdrecs: List[dict]) -> N
     # otherwise is not a dup the dump made.
     dups = {r["fd"]: r for r in fdrecs if "dup_of" in r}
     leaders = {r["fd"]: r for r in fdrecs if "dup_of" not in r}
+    for r in fdrecs:
+        if "dup_of" in r or "ofd_of" in r:
+            extra = set(r) ^ (SHARER_KEYS | {"dup_of" if "dup_of" in r else "ofd_of"})
+            if extra:
+                raise invalid(f"fds.json: fd {r['fd']} shares another record's open file, and has or lacks "
+                              f"{', '.join(sorted(extra))}")
     for r in dups.values():
         if r["dup_of"] in dups:
             raise invalid(f"fds.json: fd {r['fd']} is a dup of a dup ({r['dup_of']})")
-        lead = leaders[r["dup_of"]]
-        for k in ("kind", "link", "pos"):
-            if k in r and r[k] != lead.get(k):
-                raise invalid(f"fds.json: fd {r['fd']}, a dup of fd {lead['fd']}, has another {k} ({r[k]!r})")
-        if "flags" in r and r["flags"] & ~os.O_CLOEXEC != lead.get("flags", 0) & ~os.O_CLOEXEC:
-            raise invalid(f"fds.json: fd {r['fd']}, a dup of fd {lead['fd']}, has other status flags")
+        _same_open_file(r, leaders[r["dup_of"]], "fds.json")
+
+
+# A record that shares another's open file (a dup, or in a tree an fd
+# another member opened: "ofd_of") is these keys, as dump writes it; restore
+# takes everything else from the other record, so a field it carries besides
+# would be ignored.
+SHARER_KEYS = {"fd", "kind", "flags", "pos", "cloexec", "link"}
+
+
+def _same_open_file(r: dict, lead: dict, where: str) -> None:
+    """A record sharing `lead`'s open file agrees with it but for its fd
+    number and close-on-exec."""
+    for k in ("kind", "link", "pos"):
+        if r.get(k) != lead.get(k):
+            raise invalid(f"{where}: fd {r['fd']} shares the open file of fd {lead['fd']} but has another "
+                          f"{k} ({r.get(k)!r})")
+    if not _int(r.get("flags")) or r["flags"] & ~os.O_CLOEXEC != (lead.get("flags") or 0) & ~os.O_CLOEXEC:
+        raise invalid(f"{where}: fd {r['fd']} shares the open file of fd {lead['fd']} but has other status flags")
+
+
+def check_tree(reader, members: List[dict], fdrecs_of: Dict[int, List[dict]]) -> None:
+    """A tree image (engine/tree.py): a zombie member has no records, a live
+    one its own; an fd shared with another member ("ofd_of") agrees with
+    the record it names. Raises Refusal(image-invalid)."""
+    for m in members:
+        files = [n for n in reader.files if m["dir"] and n.startswith(m["dir"])]
+        if "zombie" in m and files:
+            raise invalid(f"tree.json: member {m['pid']} is a zombie but its records are in the image")
+        if "zombie" not in m and m["dir"] + "core.json" not in reader.files:
+            raise invalid(f"tree.json: member {m['pid']} has no records")
+    for pid, recs in fdrecs_of.items():
+        for r in recs:
+            if "ofd_of" not in r:
+                continue
+            opid, ofd = r["ofd_of"]
+            theirs = {x["fd"]: x for x in fdrecs_of.get(opid, [])}
+            lead = theirs.get(ofd)
+            if lead is not None and "dup_of" in lead:
+                lead = theirs.get(lead["dup_of"])
+            if lead is None or "ofd_of" in lead:
+                raise invalid(f"tree member {pid} fd {r['fd']}: ofd_of {r['ofd_of']} names no open file")
+            _same_open_file(r, lead, f"tree member {pid}")
