@@ -640,6 +640,9 @@ def check_records(reader, core: dict, vmas: List[dict], fdrecs: List[dict]) -> N
     if len(aux) % 2 or len(aux) > 2 * 64 or aux[-2:] != [0, 0] or any(not 0 <= x <= U64 for x in aux):
         raise invalid("core.json: auxv is not a terminated list of (type, value) pairs")
     _check_creds(core["creds"])
+    sess = core["session"]
+    if not all(0 < sess[k] < pid_max for k in ("sid", "pgid")) or (sess["sid"] == core["pid"] != sess["pgid"]):
+        raise invalid(f"core.json: session {sess} (a session leader leads its own group)")
     for v in vmas:
         if v["path"] == "[vsyscall]":
             continue
@@ -703,6 +706,32 @@ def _same_open_file(r: dict, lead: dict, where: str) -> None:
                           f"{k} ({r.get(k)!r})")
     if not _int(r.get("flags")) or r["flags"] & ~os.O_CLOEXEC != (lead.get("flags") or 0) & ~os.O_CLOEXEC:
         raise invalid(f"{where}: fd {r['fd']} shares the open file of fd {lead['fd']} but has other status flags")
+
+
+def used_files(core: dict, vmas: List[dict], fdrecs: List[dict], npage_files: int, prefix: str = "") -> set:
+    """The image files one process's records use (its prefix in a tree)."""
+    from .memory import page_file_name
+    used = {"core.json", "mm.json", "fds.json", "xstate.bin"} | {page_file_name(i) for i in range(npage_files)}
+    if core.get("threads"):
+        from .threads import XSTATE_FILE
+        used.add(XSTATE_FILE)
+    for r in fdrecs:
+        if isinstance(r.get("data"), str):
+            used.add(r["data"])
+    ghosts = [r.get("ghost") for r in fdrecs] + [v["file"].get("ghost") for v in vmas if isinstance(v.get("file"), dict)]
+    if isinstance(core.get("exe"), dict):
+        ghosts.append(core["exe"].get("ghost"))
+    used |= {f"ghosts/{g['ghost']}.data" for g in ghosts if _is_file_ghost(g) and isinstance(g.get("ghost"), str)}
+    return {prefix + n for n in used}
+
+
+def check_all_used(reader, used: set) -> None:
+    """Every file of the image is one the records use: a data file nothing
+    refers to means the records are not the ones that were dumped with it
+    (fds.json emptied to "[]" leaves the pipes' queued bytes behind)."""
+    unused = sorted(set(reader.files) - used)
+    if unused:
+        raise invalid(f"files no record uses: {', '.join(unused[:5])}")
 
 
 def check_tree(reader, members: List[dict], fdrecs_of: Dict[int, List[dict]]) -> None:

@@ -462,6 +462,7 @@ def _restore(reader: ImageReader, options: Options, t0: float) -> dict:
     vmas = check_mm(mm, npf)
     check_fd_records(fdrecs)
     imagecheck.check_records(reader, core, vmas, fdrecs)
+    imagecheck.check_all_used(reader, imagecheck.used_files(core, vmas, fdrecs, npf))
     xstate = reader.read_bytes("xstate.bin")
     thread_xstate = threads.unpack_xstate(reader, core.get("threads", []))
     meta = reader.manifest.get("meta") or {}
