@@ -708,6 +708,24 @@ def _same_open_file(r: dict, lead: dict, where: str) -> None:
         raise invalid(f"{where}: fd {r['fd']} shares the open file of fd {lead['fd']} but has other status flags")
 
 
+XSAVE_HEADER = 512          # the legacy FXSAVE area, then the 64-byte XSAVE header
+
+
+def check_xstate(core: dict, blob: bytes, where: str = "xstate.bin") -> None:
+    """The saved FPU/xstate blob: the size the dump recorded, and on x86_64
+    an XSAVE header the kernel takes (standard format: XCOMP_BV 0, the
+    reserved bytes 0), else PTRACE_SETREGSET would fail in the new process."""
+    want = core["xstate"].get("bytes")
+    if want is not None and (not _int(want) or len(blob) != want):
+        raise invalid(f"{where} is {len(blob)} bytes, the dump saved {want!r}")
+    if os.uname().machine == "x86_64":
+        if len(blob) < XSAVE_HEADER + 64:
+            raise invalid(f"{where}: {len(blob)} bytes, shorter than an XSAVE area")
+        xcomp = int.from_bytes(blob[XSAVE_HEADER + 8:XSAVE_HEADER + 16], "little")
+        if xcomp or any(blob[XSAVE_HEADER + 16:XSAVE_HEADER + 64]):
+            raise invalid(f"{where}: not a standard-format XSAVE header")
+
+
 def used_files(core: dict, vmas: List[dict], fdrecs: List[dict], npage_files: int, prefix: str = "") -> set:
     """The image files one process's records use (its prefix in a tree)."""
     from .memory import page_file_name

@@ -181,6 +181,7 @@ def restore_tree(reader, options, pidfile: Optional[str], t0: float) -> dict:
     try:
         for m, img, core, vmas, fdrecs, npf, ctx in loaded:
             xstate = img.read_bytes("xstate.bin")
+            imagecheck.check_xstate(core, xstate, m["dir"] + "xstate.bin")
             thread_xstate = threads.unpack_xstate(img, core.get("threads", []))
             pages = PageSource([img.data(page_file_name(i)) for i in range(npf)])
             sources.append(pages)
