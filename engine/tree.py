@@ -116,6 +116,7 @@ def has_children(pid: int) -> bool:
 def freeze(root: int) -> List[Member]:
     """Every member frozen (or recorded as a zombie), parents before their
     children. Raises Refusal; then no member is left stopped."""
+    _no_vfork(root)
     first = Member(root, stat_of(root)["ppid"], stat_of(root), threads.freeze(root, TREE_OPTIONS))
     first.is_root = True
     members = [first]
@@ -147,6 +148,7 @@ def _freeze_member(pid: int, ppid: int) -> Optional[Member]:
         return None       # exited and reaped meanwhile
     if st["state"] in ("Z", "X"):
         return Member(pid, ppid, st)
+    _no_vfork(pid)
     deadline = time.monotonic() + 1.0
     while True:
         try:
@@ -165,6 +167,21 @@ def _freeze_member(pid: int, ppid: int) -> Optional[Member]:
             if st["state"] in ("Z", "X"):
                 return Member(pid, ppid, st)
     return Member(pid, ppid, st, tasks)
+
+
+def _no_vfork(pid: int) -> None:
+    """Refuse, before freezing `pid`, a child sharing its memory (CLONE_VM):
+    a vfork child that has not exec'd yet holds its parent in an
+    uninterruptible wait that no ptrace stop can end, so the freeze would
+    wait for it; a restore would split the memory anyway."""
+    for c in children_of(pid):
+        try:
+            same = kcmp(pid, c, KCMP_SHARED["memory (CLONE_VM, or a vfork child)"], 0, 0) == 0
+        except Exception:    # noqa: BLE001 - gone meanwhile, or no kcmp (refused elsewhere)
+            continue
+        if same:
+            raise Refusal("tree-sharing", f"pid {c} shares its memory with its parent {pid} (CLONE_VM, or a "
+                          "vfork child that has not exec'd): a restore would make two", pid=pid)
 
 
 def _freeze_refused(pid: int, ppid: int, st: dict, r: Refusal) -> Optional[Member]:
@@ -267,19 +284,42 @@ def _shmem_key(v: dict):
     return (v["dev"], v["inode"])
 
 
+def _recreated(v: dict) -> bool:
+    """A shared mapping a restore makes anew: shared anonymous memory, or a
+    memfd / deleted file (a ghost) mapped MAP_SHARED."""
+    if v.get("kind") == "shmem":
+        return True
+    return v.get("kind") == "file" and v["perms"][3] == "s" and (
+        v["path"].endswith(" (deleted)") or v["path"].startswith("/memfd:"))
+
+
 def _shmem_outside(members: List[Member]) -> List[tuple]:
-    """Shared anonymous memory of the tree also mapped by another process."""
+    """Shared memory the restore recreates (shared anonymous memory, a
+    shared mapping of a memfd or deleted file) also mapped or held open by
+    a process outside the tree: it would go on with the old object."""
     ours = {}
     for m in members:
         if m.survey is None:
             continue
         for v in m.survey.vmas:
-            if v.get("kind") == "shmem":
+            if _recreated(v):
                 ours.setdefault(_shmem_key(v), (m, v))
     if not ours:
         return []
+    by_path = {v["path"]: key for key, (_, v) in ours.items()}
     pids = {m.pid for m in members}
     out, seen = [], set()
+
+    def found(key, name: str, how: str) -> None:
+        if key in seen:
+            return
+        seen.add(key)
+        m, mine = ours[key]
+        what = "shared memory" if mine.get("kind") == "shmem" else "shared mapping of"
+        out.append((m, f"mapping {mine['start']:x}-{mine['end']:x}", Refusal(
+            "memory-peer-outside", f"{what} {mine['path']} (inode {mine['inode']}) is also {how} by pid {name} "
+            "outside the tree", path=mine["path"])))
+
     for name in os.listdir("/proc"):
         if not name.isdigit() or int(name) in pids or int(name) == os.getpid():
             continue
@@ -290,12 +330,23 @@ def _shmem_outside(members: List[Member]) -> List[tuple]:
             continue
         for v in vmas:
             key = _shmem_key(v)
-            if key in ours and v["path"].startswith(SHMEM_NAMES) and key not in seen:
-                seen.add(key)
-                m, mine = ours[key]
-                out.append((m, f"mapping {mine['start']:x}-{mine['end']:x}", Refusal(
-                    "memory-peer-outside", f"shared memory {v['path']} (inode {v['inode']}) is also mapped by "
-                    f"pid {name} outside the tree", path=v["path"])))
+            if key in ours and (ours[key][1].get("kind") != "shmem" or v["path"].startswith(SHMEM_NAMES)):
+                found(key, name, "mapped")
+        try:
+            fds = os.listdir(f"/proc/{name}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                link = os.readlink(f"/proc/{name}/fd/{fd}")
+                key = by_path.get(link)
+                if key is None:
+                    continue
+                st = os.stat(f"/proc/{name}/fd/{fd}")
+            except OSError:
+                continue
+            if (f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}", st.st_ino) == key:
+                found(key, name, "held open")
     return out
 
 
@@ -473,6 +524,22 @@ def check(pid: int, options) -> dict:
             "members": [m.record() for m in members]}
 
 
+def _on_release(members: List[Member], killed: bool) -> None:
+    """engine.dump._on_release for every member (a TCP socket held in repair
+    mode, its network lock). Raises EngineError as that does."""
+    from .dump import _on_release as one
+    first = None
+    for m in members:
+        if getattr(m, "ctx", None) is None:
+            continue
+        try:
+            one(m.ctx, killed)
+        except Exception as e:     # noqa: BLE001 - every member's hooks run; the first failure is raised
+            first = first or e
+    if first is not None:
+        raise first
+
+
 def dump(pid: int, directory: str, options) -> dict:
     """engine.dump.dump of the tree rooted at `pid` (dump.dump calls this
     when the target has children)."""
@@ -526,17 +593,22 @@ def dump(pid: int, directory: str, options) -> dict:
             meta = {"pid": pid, "comm": members[0].state["comm"], "boot_id": members[0].ctx.boot_id,
                     "pages_bytes": total, "members": len(members)}
             if options.leave_running:
+                _on_release(members, killed=False)
                 release(members)
                 t1 = time.monotonic()
                 img.commit(meta)
             else:
                 img.commit(meta)
                 kill(members)
+                _on_release(members, killed=True)
                 t1 = time.monotonic()
         except BaseException:
             for d in dumpers:
                 d.close()
-            release(members)
+            try:
+                _on_release(members, killed=False)
+            finally:
+                release(members)
             raise
     return {"pid": pid, "image": img.final, "pages_bytes": total, "mappings": nvmas,
             "threads": sum(len(m.tasks) for m in live), "members": len(members),

@@ -203,6 +203,10 @@ def restore_tree(reader, options, pidfile: Optional[str], t0: float) -> dict:
                                         thread_xstate=thread_xstate, pages=pages, prepared=p, ctx=ctx)
         imagecheck.process_creation_hook()
         out = single._run_restorer(TreeJob(members, jobs), build_tree)
+        # The tree is back: what handlers hold until then (a TCP
+        # connection's network lock) can go.
+        for hook in shared.pop("_after_restore", []):
+            hook()
     finally:
         for p in prepared.values():
             p.close()

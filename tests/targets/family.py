@@ -57,6 +57,11 @@ def family():
     me = os.getpid()
     shm = mmap.mmap(-1, 4096, mmap.MAP_SHARED)
     shm[0:5] = b"start"
+    mfd = os.memfd_create("family")
+    os.ftruncate(mfd, 4096)
+    mshm = mmap.mmap(mfd, 4096, mmap.MAP_SHARED)
+    os.close(mfd)
+    mshm[0:5] = b"start"
     private = bytearray(b"F" * 4096)
     fd = os.open("shared.txt", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     os.write(fd, b"p1")
@@ -105,6 +110,7 @@ def family():
     def f():
         wait_go()
         shm[0:5] = b"child"
+        mshm[0:5] = b"child"
         return 6 if private == bytearray(b"F" * 4096) else 66
 
     def g():
@@ -142,6 +148,7 @@ def family():
     res["status"] = status
     os.write(fd, b"p2")
     res["shm"] = shm[0:5].decode(errors="replace")
+    res["memfd"] = mshm[0:5].decode(errors="replace")
     res["private"] = private == bytearray(b"Q" * 4096)
     with open("result.tmp", "w") as f:
         json.dump(res, f)
@@ -186,13 +193,20 @@ def badsession():
     sleep_forever()
 
 
-def outside():
-    shm = mmap.mmap(-1, 4096, mmap.MAP_SHARED)
+def outside(memfd=False):
+    if memfd:
+        fd = os.memfd_create("outside")
+        os.ftruncate(fd, 4096)
+        shm = mmap.mmap(fd, 4096, mmap.MAP_SHARED)   # the outside grandchild keeps fd open, unmapped
+    else:
+        shm = mmap.mmap(-1, 4096, mmap.MAP_SHARED)
     shm[0:2] = b"hi"
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
         if os.fork() == 0:
+            if memfd:
+                shm.close()     # held open, not mapped
             os.close(r)
             os.write(w, str(os.getpid()).encode())
             os.close(w)
@@ -201,6 +215,8 @@ def outside():
     os.close(w)
     os.waitpid(pid, 0)
     grand = int(os.read(r, 64))
+    if memfd:
+        os.close(fd)
     os.close(r)
     other = os.fork()
     if other == 0:
@@ -217,6 +233,8 @@ def sockpair():
     sa, sb = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     da, db = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     token = os.urandom(8).hex()
+    pr, pw = os.pipe()              # both ends held by both (shared open files), bytes queued
+    os.write(pw, b"queued")
     pid = os.fork()
     if pid == 0:
         sa.close()
@@ -225,7 +243,9 @@ def sockpair():
         db.send(b"d1")
         db.send(b"d2")
         wait_go("go")
-        got = sb.recv(100) + b"|" + db.recv(100)
+        import struct
+        cred = struct.unpack("iII", sb.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
+        got = sb.recv(100) + b"|" + db.recv(100) + b"|" + os.read(pr, 100) + b"|" + str(cred).encode()
         sb.sendall(b"child-got:" + got)
         os._exit(0)
     sb.close()
@@ -244,7 +264,7 @@ def sockpair():
     first = sa.recv(9)
     d = [da.recv(100), da.recv(100)]
     reply = b""
-    while not reply.endswith(b"p1"):
+    while not reply.endswith(str(os.getpid()).encode()):
         chunk = sa.recv(100)
         if not chunk:
             break
@@ -258,4 +278,4 @@ def sockpair():
 
 
 {"sockpair": sockpair, "family": family, "clonefiles": clonefiles, "traceme": traceme, "badsession": badsession,
- "outside": outside}[mode]()
+ "outside": outside, "memfd-outside": lambda: outside(memfd=True)}[mode]()
