@@ -422,6 +422,18 @@ def _check_strings_and_paths(rec, where: str) -> None:
                     raise invalid(f"{w}.{k}.{f}: {v[f]!r} is not a non-negative integer")
 
 
+def ghost_of(rec):
+    """The deleted-file record in an fd record ({"ghost": {...}}), a
+    mapping's or the exe's file record (the ghost record itself: {"ghost":
+    id, "extents": ...}, or {"file": identity}), or None."""
+    if not isinstance(rec, dict):
+        return None
+    g = rec.get("ghost")
+    if isinstance(g, dict):
+        return g if _is_file_ghost(g) else None
+    return rec if isinstance(g, str) and _is_file_ghost(rec) else None
+
+
 def _is_file_ghost(g) -> bool:
     """A deleted file kept with its data (files.dump_ghost), not a removed
     directory or device node (unlinked.py: no data, a "path")."""
@@ -651,8 +663,8 @@ def check_records(reader, core: dict, vmas: List[dict], fdrecs: List[dict]) -> N
         for run in v["pages"]:
             if run[1] <= 0 or run[2] < 0 or run[3] < 0 or run[3] % 4096:
                 raise invalid(f"mm.json: page run {run!r}")
-        if isinstance(v.get("file"), dict) and _is_file_ghost(v["file"].get("ghost")):
-            _check_ghost(v["file"]["ghost"], reader, "mm.json")
+        if ghost_of(v.get("file")) is not None:
+            _check_ghost(ghost_of(v["file"]), reader, "mm.json")
     fds = {r["fd"] for r in fdrecs}
     for r in fdrecs:
         if "dup_of" not in r and "ofd_of" not in r:   # ofd_of: another tree member's open file (engine/tree.py)
@@ -664,8 +676,8 @@ def check_records(reader, core: dict, vmas: List[dict], fdrecs: List[dict]) -> N
                 raise invalid(f"fds.json: fd {r['fd']} {k} {r[k]!r}")
         if "dup_of" in r and (not _int(r["dup_of"]) or r["dup_of"] == r["fd"]):
             raise invalid(f"fds.json: fd {r['fd']} dup_of {r['dup_of']!r}")
-        if _is_file_ghost(r.get("ghost")):
-            _check_ghost(r["ghost"], reader, f"fds.json fd {r['fd']}")
+        if ghost_of(r) is not None:
+            _check_ghost(ghost_of(r), reader, f"fds.json fd {r['fd']}")
         data = r.get("data")
         if data is not None:
             size = _size_in(reader, data) if isinstance(data, str) and valid_name(data) else None
@@ -736,11 +748,17 @@ def used_files(core: dict, vmas: List[dict], fdrecs: List[dict], npage_files: in
     for r in fdrecs:
         if isinstance(r.get("data"), str):
             used.add(r["data"])
-    ghosts = [r.get("ghost") for r in fdrecs] + [v["file"].get("ghost") for v in vmas if isinstance(v.get("file"), dict)]
-    if isinstance(core.get("exe"), dict):
-        ghosts.append(core["exe"].get("ghost"))
-    used |= {f"ghosts/{g['ghost']}.data" for g in ghosts if _is_file_ghost(g) and isinstance(g.get("ghost"), str)}
+    ghosts = [ghost_of(r) for r in fdrecs] + [ghost_of(v.get("file")) for v in vmas] + [ghost_of(core.get("exe"))]
+    used |= {f"ghosts/{g['ghost']}.data" for g in ghosts if g is not None and isinstance(g.get("ghost"), str)}
     return {prefix + n for n in used}
+
+
+def tree_used_files(members: List[tuple]) -> set:
+    """used_files of every member of a tree, [(dir, core, vmas, fdrecs, npage_files)]."""
+    used = set()
+    for d, core, vmas, fdrecs, npf in members:
+        used |= used_files(core, vmas, fdrecs, npf, d)
+    return used
 
 
 def check_all_used(reader, used: set) -> None:
