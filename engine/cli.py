@@ -198,4 +198,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(_human(args.command, res))
     if args.command == "check" and not res.get("ok", True):
         return 3
+    if args.command == "restore" and res.get("foreground"):
+        # a shell job that was in the foreground: ckpt stays its parent and
+        # the foreground job until it exits or stops (engine/fds/tty.py)
+        from .fds.tty import wait_foreground
+        sys.stdout.flush()
+        wait_foreground(res["pid"], res["foreground"])
     return EXIT_OK
