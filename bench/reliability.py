@@ -93,10 +93,12 @@ def _reap_children() -> None:
             return
 
 
-def _wait_ckpt_gone(p, victims) -> bool:
+def _wait_ckpt_gone(p, victims, spare=()) -> bool:
+    """ckpt, its worker or restorer and any ckpt process reparented to us
+    are gone (`spare`: PIDs judged otherwise, the restored process's)."""
     p.wait()
     ok = True
-    for v in set(victims) | set(_stray_engines()):
+    for v in (set(victims) | set(_stray_engines())) - set(spare):
         try:
             fs.wait_for(lambda: not fs.alive(v), 20, f"ckpt's worker {v} to finish")
         except AssertionError:
@@ -251,15 +253,19 @@ def kill_restores(n: int, work: str, rng: random.Random, target: str = "ckpt") -
         delay = rng.uniform(0, span)
         p = fs.ckpt_popen(["restore", "-D", img])
         victims = []
+        # ckpt's children but the ones with the image's PIDs (a helper
+        # forked with the PID for SO_PEERCRED, engine/fds/_peercred.py).
+        def restorers():
+            return [c for c in _worker_of(p.pid) if c not in pids]
         if target != "ckpt":
             # The restorer lives only while it builds: the delay counts from its fork.
-            fs.wait_for(lambda: _worker_of(p.pid) or p.poll() is not None, 30, "the restorer")
+            fs.wait_for(lambda: restorers() or p.poll() is not None, 30, "the restorer")
             delay = rng.uniform(0, span / 3)
         end = time.monotonic() + delay
         while time.monotonic() < end and p.poll() is None:
-            victims = _worker_of(p.pid) or victims
+            victims = restorers() or victims
             time.sleep(0.002)
-        victims = _worker_of(p.pid) or victims
+        victims = restorers() or victims
         if target == "ckpt":
             p.kill()
         else:
@@ -273,7 +279,7 @@ def kill_restores(n: int, work: str, rng: random.Random, target: str = "ckpt") -
         p.wait()
         if p.returncode not in (0, -signal.SIGKILL) and target == "ckpt":
             problems.append(f"ckpt failed by itself ({p.returncode}): {p.stderr.read()[-300:]}")
-        if not _wait_ckpt_gone(p, victims):
+        if not _wait_ckpt_gone(p, victims, spare=pids):
             problems.append("the restorer went on")
         if fs.alive(pids[0]):
             try:

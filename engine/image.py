@@ -351,6 +351,10 @@ class ImageReader:
             raise
 
     def _load_manifest(self, imagecheck) -> None:
+        if self.dir.endswith(".partial"):
+            # Even with its manifest written: a dump that died before the
+            # commit rename did not finish (its target carries on).
+            raise Refusal("image-invalid", f"{self.dir} is an incomplete image (a dump that did not finish)")
         try:
             st = os.stat(MANIFEST, dir_fd=self.fd, follow_symlinks=False)
         except FileNotFoundError:

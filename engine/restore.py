@@ -369,6 +369,7 @@ def _run_restorer(job, builder=None) -> dict:
     pipe and exits. Returns its report; raises what it raised."""
     faults.point("restore.fork")
     parent = os.getpid()
+    born = time.monotonic()
     r, w = os.pipe()
     child = os.fork()
     if child == 0:
@@ -405,12 +406,37 @@ def _run_restorer(job, builder=None) -> dict:
         out = json.loads(b"".join(chunks) or b"{}")
     except ValueError:
         out = {}
+    if not out:
+        _kill_unadopted(job, born)
     if out.get("ok"):
         return out
     if out.get("type") == "refusal":
         raise Refusal(out["reason"], out.get("detail", ""), pid=out.get("pid"), fd=out.get("fd"),
                       path=out.get("path"))
     raise EngineError(out.get("message") or "the restorer died without a report", errno=out.get("errno"))
+
+
+def _kill_unadopted(job, born: float) -> None:
+    """The restorer died without a report (SIGKILLed): a new process it had
+    cloned but not yet given PTRACE_O_EXITKILL (between clone3 and its first
+    stop) outlives it, stopped, with the image's PID. Kill it: a process
+    with that PID born since the restorer's fork is that clone."""
+    pids = [job.core["pid"]] if hasattr(job, "core") else [m["pid"] for m in getattr(job, "members", [])[:1]]
+    boot_ticks = os.sysconf("SC_CLK_TCK")
+    with open("/proc/uptime") as f:
+        uptime = float(f.read().split()[0])
+    since = uptime - (time.monotonic() - born) - 0.05
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[19]) / boot_ticks >= since and fields[0] in ("t", "T"):
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
 
 
 @contextlib.contextmanager

@@ -216,8 +216,10 @@ def no_image(img: str) -> List[str]:
     out = []
     if os.path.lexists(img):
         out.append(f"{img} exists after a failed dump")
-    if os.path.exists(os.path.join(img + ".partial", "manifest.json")):
-        out.append(f"{img}.partial has a manifest")
+    if os.path.isdir(img + ".partial"):
+        r = ckpt(["restore", "-D", img + ".partial"])
+        if r.returncode != 3 or "incomplete image" not in r.stderr:
+            out.append(f"{img}.partial is not refused as incomplete: {r.returncode} {r.stderr.strip()[-200:]}")
     return out
 
 
