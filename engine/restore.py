@@ -395,13 +395,31 @@ def _run_restorer(job, builder=None) -> dict:
             os._exit(code)
     os.close(w)
     chunks = []
+    # Until EOF or the restorer's exit: a clone it made but had not yet
+    # given PTRACE_O_EXITKILL outlives a SIGKILLed restorer, stopped, and
+    # holds the write end (it is a copy of the restorer).
+    import select
+    status = None
     while True:
-        b = os.read(r, 65536)
-        if not b:
+        ready, _, _ = select.select([r], [], [], 0.05)
+        if ready:
+            b = os.read(r, 65536)
+            if not b:
+                break
+            chunks.append(b)
+            continue
+        got, st = os.waitpid(child, os.WNOHANG)
+        if got:
+            status = st
+            os.set_blocking(r, False)
+            try:
+                chunks.append(os.read(r, 1 << 20))
+            except BlockingIOError:
+                pass
             break
-        chunks.append(b)
     os.close(r)
-    os.waitpid(child, 0)
+    if status is None:
+        os.waitpid(child, 0)
     try:
         out = json.loads(b"".join(chunks) or b"{}")
     except ValueError:
