@@ -358,3 +358,40 @@ while True:
     refusals = getattr(ei.value, "refusals", [ei.value])
     assert [(r.reason, r.fd) for r in refusals] == [("socket", 500)]
     assert "its client is outside the dump" in refusals[0].detail
+
+
+SHUTRD = r'''
+import json, os, signal, socket, sys, time
+OUT = sys.argv[1]
+l = socket.socket(); l.bind(("127.0.0.1", 0)); l.listen(1)
+c = socket.create_connection(l.getsockname()); a, _ = l.accept(); l.close()
+c.sendall(b"queued")
+time.sleep(0.05)
+a.shutdown(socket.SHUT_RD)            # still established; reads give the queue, then EOF
+os.dup2(c.fileno(), 500); os.dup2(a.fileno(), 501); c.close(); a.close()
+
+def verify(*_):
+    c = socket.socket(fileno=os.dup(500)); a = socket.socket(fileno=os.dup(501))
+    a.settimeout(5); c.settimeout(5)
+    got = [a.recv(100), a.recv(100)]
+    a.sendall(b"still")
+    out = {"reads": [g.decode() for g in got], "write": c.recv(5).decode()}
+    with open(OUT + ".tmp", "w") as f:
+        json.dump(out, f)
+    os.rename(OUT + ".tmp", OUT)
+
+signal.signal(signal.SIGUSR1, verify)
+open("ready.tmp", "w").close(); os.rename("ready.tmp", "ready")
+while True:
+    signal.pause()
+'''
+
+
+def test_shutdown_for_reading_is_restored(procs, tmp_path):
+    (tmp_path / "shutrd.py").write_text(SHUTRD)
+    p = procs.start([python_exe(), str(tmp_path / "shutrd.py"), str(tmp_path / "verdict.json")], cwd=str(tmp_path))
+    wait_for(lambda: (tmp_path / "ready").exists() or p.poll() is not None, what="the worker")
+    dump_restore(procs, p, str(tmp_path / "img"))
+    recs = {r["fd"]: r for r in json.loads((tmp_path / "img" / "fds.json").read_text())}
+    assert (recs[500]["shut_rd"], recs[501]["shut_rd"]) == (False, True)
+    assert _verdict(p, tmp_path) == {"reads": ["queued", ""], "write": "still"}

@@ -79,6 +79,7 @@ ESTABLISHED = 1
 _KERNEL_MOVED = ("SO_SNDBUF", "SO_RCVBUF", "TCP_WINDOW_CLAMP", "TCP_MAXSEG", "IP_MULTICAST_TTL",
                  "IPV6_MULTICAST_HOPS", "IPV6_MULTICAST_IF")
 SOCK_SNDBUF_LOCK, SOCK_RCVBUF_LOCK = 1, 2
+RCV_SHUTDOWN = 1
 _STABLE_TRIES = 20
 
 
@@ -173,6 +174,9 @@ def classify(info, ctx, q: dict) -> dict:
             urgent = _ioctl_int(mine, SIOCATMARK)
         finally:
             s.close()
+    shut = _shutdown_of(info, fam, ino, head)
+    if shut & ~RCV_SHUTDOWN:
+        raise refuse(info, "socket", f"{head}: shut down for writing")
     tcpi_options = ti[5]
     if tcpi_options & (TCPI_OPT_ECN | TCPI_OPT_ECN_SEEN):
         raise refuse(info, "socket", f"{head}: ECN was negotiated; TCP_REPAIR_OPTIONS cannot restore it")
@@ -202,9 +206,23 @@ def classify(info, ctx, q: dict) -> dict:
                          f"be held still meanwhile: {why}")
     rec = {"sock": "tcp-conn", "family": fam, "inode": ino, "local": _ep(row["local"]),
            "remote": _ep(row["remote"]), "peer": where, "peer_inode": peer_ino if where == "dump" else None,
-           "opts": compare, "set": setnames, "moved": moved, "listener": listener}
+           "opts": compare, "set": setnames, "moved": moved, "listener": listener,
+           "shut_rd": bool(shut & RCV_SHUTDOWN)}
     ctx.shared[key] = rec
     return rec
+
+
+def _shutdown_of(info, fam: int, ino: int, head: str) -> int:
+    """sk_shutdown of the socket (inet_diag): a shutdown(SHUT_RD) leaves an
+    established connection established, but reads return EOF."""
+    from .. import netdiag
+    try:
+        for r in netdiag.tcp_sockets(fam, 1 << ESTABLISHED):
+            if r["inode"] == ino:
+                return r["shutdown"]
+    except OSError as e:
+        raise refuse(info, "socket", f"{head}: inet_diag cannot report its shutdown state ({e.strerror})") from e
+    raise refuse(info, "socket", f"{head}: not found by inet_diag; its shutdown state cannot be known")
 
 
 def _waiting_for(info, ctx, fam: int, row: dict, head: str) -> int:
@@ -237,6 +255,8 @@ def text(rec: dict) -> str:
     r = rec.get("repair")
     if r:
         s += f", {r['inq_len']} bytes to read, {r['outq_len']} to send"
+    if rec.get("shut_rd"):
+        s += ", shut down for reading"
     if rec["set"]:
         s += ", options " + ", ".join(rec["set"])
     return s
@@ -500,6 +520,8 @@ def _check_built(s: _socket.socket, rec: dict, ctx) -> None:
     r = rec["repair"]
     what = f"checking tcp connection {_ep_text(rec['local'])}->{_ep_text(rec['remote'])}"
     with building(s, rec, ctx, what):
+        if rec.get("shut_rd"):
+            s.shutdown(_socket.SHUT_RD)
         _put_back_moved(s, rec)
         _sockopts.apply_late(s, rec["opts"], rec["set"])
         _sockopts.verify(s, rec["family"], True, {n: v for n, v in rec["opts"].items() if n != "SO_REUSEADDR"})
@@ -592,6 +614,8 @@ def _reconnect(rec: dict, ctx) -> int:
         s.connect(tuple(rec["remote"]))
         s.settimeout(None)
         _check_local(s, rec, ctx)
+        if rec.get("shut_rd"):
+            s.shutdown(_socket.SHUT_RD)
         _put_back_moved(s, rec)
         _sockopts.apply_late(s, rec["opts"], rec["set"])
         _sockopts.verify(s, fam, True, rec["opts"])
