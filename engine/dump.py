@@ -357,7 +357,7 @@ def _on_release(ctx: DumpContext, killed: bool) -> None:
 
 def dump(pid: int, directory: str, options: Options) -> dict:
     """Checkpoint `pid` into `directory`. Returns {pid, image, pages_bytes,
-    mappings, fds, frozen_ms, total_ms, left_running}. Raises Refusal /
+    mappings, fds, frozen_ms, durable_ms, total_ms, left_running}. Raises Refusal /
     Refusals (target resumed untouched, no image left), UsageError (bad
     pid/dir), EngineError."""
     t0 = time.monotonic()
@@ -390,8 +390,11 @@ def dump(pid: int, directory: str, options: Options) -> dict:
             img.write_json("mm.json", {"vmas": vmas, "page_files": dumper.nfiles})
             img.write_json("fds.json", fdrecs)
             # Pending signals last, once the bulk of the image is on disk: a
-            # signal that arrives after this read dies with the original.
-            img.sync_files()
+            # signal that arrives after this read dies with the original. A
+            # process left running keeps its signals itself: it does not
+            # wait for the disk (its frozen time must not pay for fsync).
+            if not options.leave_running:
+                img.sync_files()
             faults.point("dump.signals")
             state["signals"] = pending_signals(task, state)
             for t, rec in zip(ctx.threads, state["threads"]):
@@ -405,9 +408,11 @@ def dump(pid: int, directory: str, options: Options) -> dict:
                 threads.release(tasks)
                 t1 = time.monotonic()
                 img.commit(meta)
+                t_durable = time.monotonic()
             else:
                 # Kill only once the image is safely in place.
                 img.commit(meta)
+                t_durable = time.monotonic()
                 threads.kill(tasks)
                 _on_release(ctx, killed=True)
                 t1 = time.monotonic()
@@ -421,6 +426,8 @@ def dump(pid: int, directory: str, options: Options) -> dict:
     return {"pid": pid, "image": img.final, "pages_bytes": dumper.total, "mappings": len(vmas),
             "threads": len(tasks),
             "fds": len(fdrecs), "frozen_ms": round((t1 - t_frozen) * 1000, 2),
+            # from the start until the committed image is on stable storage
+            "durable_ms": round((t_durable - t0) * 1000, 2),
             "total_ms": round((time.monotonic() - t0) * 1000, 2), "left_running": bool(options.leave_running)}
 
 

@@ -652,7 +652,7 @@ def check_records(reader, core: dict, vmas: List[dict], fdrecs: List[dict]) -> N
             _check_ghost(v["file"]["ghost"], reader, "mm.json")
     fds = {r["fd"] for r in fdrecs}
     for r in fdrecs:
-        if "dup_of" not in r:
+        if "dup_of" not in r and "ofd_of" not in r:   # ofd_of: another tree member's open file (engine/tree.py)
             _check_kind_fields(r, fds)
         if not 0 <= r["fd"] < min(nr_open, 1 << 31):
             raise invalid(f"fds.json: fd {r['fd']} outside 0..{nr_open - 1}")

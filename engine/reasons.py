@@ -73,11 +73,25 @@ REASONS = {
     "tcp-lock": ("a TCP connection whose peer is outside the dump cannot be held still while it is an image: no n"
                  "etwork lock here (libnftables missing, nftables refusing the rule; named in the detail). Withou"
                  "t the lock the peer would be answered with a RST or its data lost"),
+    "peer-pid-in-use": ("a unix socket's peer credentials (SO_PEERCRED) name a pid that a live process other "
+                        "than the target holds (at dump) or that is taken (at restore): the socket could not "
+                        "report that pid"),
     "file-lock": ("a file lock that cannot be restored exactly: another process holds a lock on the file or "
                   "waits for one (its pid in the detail), the locked open file is shared with a process "
                   "outside the dump, the process itself waits for a lock, a lease, or a lock on a file "
                   "other than a regular file that keeps its name; at restore, the range is taken by "
                   "someone else now"),
+    # terminals
+    "tty": ("a pseudo-terminal that cannot be restored exactly (index and why in the detail): an end also held "
+            "by a process outside the dump, a master whose slave the process does not hold, a line discipline "
+            "other than N_TTY, the controlling terminal of another session or held by no fd, a foreground "
+            "group not the process's own; at restore, its pty index is taken"),
+    "tty-queued": ("bytes queued on a pseudo-terminal that cannot be carried exactly: in canonical mode with VEOF "
+                   "disabled or a literal-next (VLNEXT) pending, the line being typed cannot be seen; a packet-mode "
+                   "status byte; flow-control characters in packet mode with IXON"),
+    "tty-outside": ("the process runs on a terminal whose master is outside the dump (a shell's terminal): dump "
+                    "needs --shell-job and restore --tty PATH; or a session leader on such a terminal, or a --tty "
+                    "that is not a terminal or not ckpt's controlling terminal where the process needs it so"),
     # everything else
     "unsupported-fd": ("an fd of a kind with no handler (deny by default: pidfd, io_uring, perf, bpf, "
                   "userfaultfd...), or a sub-case of a handled kind that cannot be exact: a timerfd with "

@@ -21,9 +21,7 @@ import contextlib
 import fcntl
 import json
 import os
-import platform
 import time
-import traceback
 from typing import Dict, List, Optional
 
 from . import faults, files, guard, imagecheck, libc, posixtimers, procfs, sched, seccomp, signals, threads, unlinked
@@ -170,9 +168,9 @@ def preflight(reader: ImageReader, core: dict, vmas: List[dict], fdrecs: List[di
             add(Refusal("pid-in-use", f"TID {rec['tid']} (a thread) is held by {_comm(rec['tid'])}"))
     mine = _special_block(procfs.parse_maps(open("/proc/self/maps").read()))
     theirs = _special_block(vmas)
-    if theirs and (theirs != mine or reader.manifest.get("kernel") != platform.release()):
+    if theirs and (theirs != mine or reader.manifest.get("kernel") != os.uname().release):
         add(Refusal("unsupported-mapping", f"the vdso of kernel {reader.manifest.get('kernel')} "
-                    f"({theirs}) cannot be provided by kernel {platform.release()} ({mine})"))
+                    f"({theirs}) cannot be provided by kernel {os.uname().release} ({mine})"))
     try:
         plan = creds_plan(core["creds"], creds_of(procfs.parse_status(open("/proc/self/status").read())))
         core["_creds_plan"] = plan
@@ -204,6 +202,8 @@ def preflight(reader: ImageReader, core: dict, vmas: List[dict], fdrecs: List[di
     my_sid = os.getsid(0)
     if tree_member:
         pass    # judged with the whole tree (engine/tree_restore.py)
+    elif ctx.options.tty and sess["sid"] != pid and sess["pgid"] == pid:
+        pass    # a shell job restored with --tty: it joins ckpt's session (build.py setpgid(0, 0))
     elif sess["sid"] != pid and sess["sid"] != my_sid:
         add(Refusal("unsupported-state", f"was in session {sess['sid']} (not its own, not ckpt's {my_sid}); "
                     "start it with setsid to make it restorable anywhere"))
@@ -254,6 +254,7 @@ def _pid_free(pid: int) -> bool:
     not yet reaped by its parent - PID 1 can be slow) is given ZOMBIE_WAIT
     seconds to go away."""
     deadline = time.monotonic() + ZOMBIE_WAIT
+    nap = 0.001     # short at first: a reaper usually acts within a few ms
     while True:
         try:
             with open(f"/proc/{pid}/stat") as f:
@@ -262,7 +263,8 @@ def _pid_free(pid: int) -> bool:
             return not os.path.exists(f"/proc/{pid}")
         if state not in ("Z", "X") or time.monotonic() > deadline:
             return False
-        time.sleep(0.02)
+        time.sleep(nap)
+        nap = min(nap * 2, 0.02)
 
 
 def _comm(pid: int) -> str:
@@ -381,6 +383,7 @@ def _run_restorer(job, builder=None) -> dict:
             out = {"ok": False, "type": "error", "message": e.message, "errno": e.errno}
             code = 4
         except BaseException as e:   # noqa: BLE001 - reported to the parent, never swallowed
+            import traceback
             out = {"ok": False, "type": "error", "message": f"restorer crashed: {e!r}\n{traceback.format_exc()}",
                    "errno": None}
             code = 4

@@ -157,9 +157,13 @@ def m_flip(img, outside, rng):
         return None
     lo, hi = _files_span(bytes(data)) if name == MANIFEST else (0, len(data))
     flips = []
+    done = set()
     for _ in range(rng.choice((1, 1, 2, 8))):
         i = rng.randrange(lo, hi)
         x = 1 << rng.randrange(8)
+        if (i, x) in done:
+            continue        # the same bit twice would undo the flip: no mutation at all
+        done.add((i, x))
         data[i] ^= x
         flips.append(f"{i}^{x:#x}")
     with open(p, "wb") as f:

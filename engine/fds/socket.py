@@ -48,7 +48,7 @@ from ._sockbase import UNIX_TYPES, is_tcp, is_udp, same_netns
 from ._util import check_async, refuse, refuse_rec
 
 KIND = "socket"
-REASONS = ("socket", "tcp-lock", "unsupported-state", "image-invalid")
+REASONS = ("socket", "tcp-lock", "peer-pid-in-use", "unsupported-state", "image-invalid")
 
 _TYPES = {_socket.SOCK_STREAM: "stream", _socket.SOCK_DGRAM: "dgram", _socket.SOCK_SEQPACKET: "seqpacket",
           _socket.SOCK_RAW: "raw"}

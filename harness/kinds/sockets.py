@@ -9,8 +9,10 @@ datagram socket keeps its datagram and its source (``sender: outside``: the
 sending socket stays bound in a process outside the dump, so the datagram
 cannot be re-sent from its source at restore). A unix-pending or
 tcp-pending listener has one connection waiting in its accept queue (its
-connecting end at ``peer_fd``, or ``sender: outside``). A netlink-route
-socket keeps its port id and answers a request on it (``data``: a reply is left queued
+connecting end at ``peer_fd``, or ``sender: outside``). Unix sockets report SO_PEERCRED as
+made (``creator: exited-child``: a unix-pair made by a child under other
+credentials that has exited; ``outside``: by a live process outside the
+dump). A netlink-route socket keeps its port id and answers a request on it (``data``: a reply is left queued
 before the dump). A packet socket is refused by name.
 
 A tcp-half-closed connection is a tcp-established one whose peer end
@@ -46,7 +48,8 @@ PAIRS = ("unix-pair", "tcp-established", "tcp-half-closed")
 
 def fields(s) -> dict:
     return {"socket": s.Enum(SOCKETS), "peer_fd": s.FdNum(), "path": s.Path(), "data": s.Data(),
-            "peer_data": s.Data(), "sender": s.Enum(("inside", "outside"))}
+            "peer_data": s.Data(), "sender": s.Enum(("inside", "outside")),
+            "creator": s.Enum(("self", "exited-child", "outside"))}
 
 
 def fd_numbers(e: dict) -> List[int]:
@@ -69,6 +72,8 @@ def validate(e: dict, fds: dict) -> List[tuple]:
         return [("peer_data", f"a {sock} socket has no peer")]
     if sock in ("unix-listen", "unix-pending", "unix-dgram") and "path" not in e:
         return [("path", f"a {sock} socket needs a path")]
+    if e.get("creator", "self") != "self" and sock != "unix-pair":
+        return [("creator", "only a unix-pair is made by another process")]
     if "sender" in e and sock not in ("udp", "udp6", "unix-pending", "tcp-pending", "tcp-established"):
         return [("sender", "only udp, unix-pending, tcp-pending and tcp-established sockets have a sender")]
     return []
@@ -78,16 +83,23 @@ def opener(e: dict, ctx: Ctx) -> List[Opened]:
     kind = e["socket"]
     payload = seeded_bytes(e.get("data"))
     back = seeded_bytes(e.get("peer_data"))
+    me = {"peercred": _own_cred()}
     if kind == "unix-pair":
-        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        if e.get("creator") == "exited-child":
+            a, b, cred = _pair_from_exited_child()
+        elif e.get("creator") == "outside":
+            a, b, cred = _pair_from_outside(ctx)
+        else:
+            (a, b), cred = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM), _own_cred()
         b.sendall(payload)
         a.sendall(back)
-        return [Opened(a.detach(), int(e["fd"]), "sock"), Opened(b.detach(), int(e["peer_fd"]), "peer")]
+        return [Opened(a.detach(), int(e["fd"]), "sock", {"peercred": cred}),
+                Opened(b.detach(), int(e["peer_fd"]), "peer", {"peercred": cred})]
     if kind == "unix-listen":
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.bind(e["path"])
         s.listen(8)
-        return [Opened(s.detach(), int(e["fd"]), "sock")]
+        return [Opened(s.detach(), int(e["fd"]), "sock", me)]
     if kind == "unix-dgram":
         s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         s.bind(e["path"])
@@ -104,8 +116,9 @@ def opener(e: dict, ctx: Ctx) -> List[Opened]:
             from .pipe import _spawn_holder
             ctx.helpers.append(_spawn_holder(c.fileno()))
             c.close()
-            return [Opened(s.detach(), int(e["fd"]), "sock")]
-        return [Opened(s.detach(), int(e["fd"]), "sock"), Opened(c.detach(), int(e["peer_fd"]), "peer")]
+            return [Opened(s.detach(), int(e["fd"]), "sock", me)]
+        # the connecting end reports the listener's credentials (copy_peercred)
+        return [Opened(s.detach(), int(e["fd"]), "sock", me), Opened(c.detach(), int(e["peer_fd"]), "peer", me)]
     if kind == "tcp-listen":
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         s.bind(("127.0.0.1", 0))
@@ -164,6 +177,73 @@ def opener(e: dict, ctx: Ctx) -> List[Opened]:
         s = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, 0)
         return [Opened(s.detach(), int(e["fd"]), "sock")]
     raise ValueError(f"unknown socket kind {kind}")
+
+
+CHILD_UID, CHILD_GID, CHILD_GROUPS = 1234, 4321, [4, 24]
+
+
+def _own_cred() -> list:
+    """What SO_PEERCRED reports for a socket this process made: its pid, euid, egid, groups."""
+    return [os.getpid(), os.geteuid(), os.getegid(), sorted(os.getgroups())]
+
+
+def peer_cred(fd: int) -> list:
+    s = _sock(fd)
+    try:
+        pid, uid, gid = struct.unpack("iII", s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+        raw = s.getsockopt(socket.SOL_SOCKET, 59, 1024)           # SO_PEERGROUPS
+        return [pid, uid, gid, sorted(struct.unpack(f"{len(raw) // 4}I", raw))]
+    finally:
+        s.close()
+
+
+def _pair_from_exited_child():
+    """A socketpair made by a child under other credentials, handed back
+    (SCM_RIGHTS); the child has exited (and been reaped) when this returns."""
+    chan, far = socket.socketpair()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - child
+        try:
+            os.setgroups(CHILD_GROUPS)
+            os.setresgid(CHILD_GID, CHILD_GID, CHILD_GID)
+            os.setresuid(CHILD_UID, CHILD_UID, CHILD_UID)
+            c, d = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            socket.send_fds(far, [b"x"], [c.fileno(), d.fileno()])
+        finally:
+            os._exit(0)
+    far.close()
+    _, fds, _, _ = socket.recv_fds(chan, 10, 2)
+    chan.close()
+    os.waitpid(child, 0)
+    return (socket.socket(fileno=fds[0]), socket.socket(fileno=fds[1]),
+            [child, CHILD_UID, CHILD_GID, sorted(CHILD_GROUPS)])
+
+
+def _pair_from_outside(ctx: Ctx):
+    """A socketpair made by a process that stays alive outside the dump (a
+    double fork, as pipe._spawn_holder), handed back."""
+    import signal
+    chan, far = socket.socketpair()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - child
+        try:
+            if os.fork() == 0:
+                os.setsid()
+                c, d = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+                socket.send_fds(far, [str(os.getpid()).encode()], [c.fileno(), d.fileno()])
+                os.closerange(3, 1024)
+                signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+                while True:
+                    signal.pause()
+        finally:
+            os._exit(0)
+    far.close()
+    msg, fds, _, _ = socket.recv_fds(chan, 32, 2)
+    chan.close()
+    os.waitpid(child, 0)
+    ctx.helpers.append(int(msg))
+    return (socket.socket(fileno=fds[0]), socket.socket(fileno=fds[1]),
+            [int(msg), os.geteuid(), os.getegid(), sorted(os.getgroups())])
 
 
 TICK, ANSWER = b".", b"|"
@@ -275,6 +355,10 @@ def checker(e: dict, recs: List[dict], ctx: Ctx, phase: str) -> List[dict]:
     try:
         if phase == "inspect":
             out.append(check(fd, "local address", by_role["sock"]["extra"].get("sockname"), _name(s.getsockname())))
+            for r in recs:
+                if "peercred" in r["extra"]:
+                    out.append(check(r["fd"], "SO_PEERCRED pid, uid, gid, groups", r["extra"]["peercred"],
+                                     peer_cred(r["fd"])))
         elif phase == "consume" and _outside_tcp(e):
             want = seeded_bytes(e.get("data"))
             out.append(bytes_check(fd, "queued stream bytes from the outside peer", want,
@@ -323,12 +407,16 @@ def checker(e: dict, recs: List[dict], ctx: Ctx, phase: str) -> List[dict]:
             os.write(peer, MARKER)
             ok = wait_readable(fd, 2)
             got = ""
+            cred = None
             if ok:
                 conn, _ = s.accept()
                 conn.settimeout(2)
                 got = conn.recv(len(MARKER)).decode(errors="replace")
+                cred = peer_cred(conn.fileno())
                 conn.close()
             out.append(check(fd, "the waiting connection is accepted and carries the marker", MARKER.decode(), got))
+            out.append(check(fd, "the accepted connection's SO_PEERCRED (the connecting process)",
+                             by_role["sock"]["extra"]["peercred"], cred))
         elif phase == "mutate" and kind in ("unix-listen", "tcp-listen"):
             c = socket.socket(s.family, socket.SOCK_STREAM)
             try:
