@@ -52,8 +52,12 @@ O_LARGEFILE = 0o100000      # what open(2) adds on 64-bit (force_o_largefile); s
 
 
 def is_pty(info) -> bool:
-    """The classifier's test: a pty master or slave character device."""
+    """A pty master or slave character device (not /dev/tty)."""
     return stat.S_ISCHR(info.mode) and (_tty.is_master(info.rdev) or _tty.slave_index(info.rdev) is not None)
+
+
+def _is_devtty(info) -> bool:
+    return (os.major(info.rdev), os.minor(info.rdev)) == _tty.DEVTTY_RDEV
 
 
 def _stat_fields(pid: int) -> dict:
@@ -199,7 +203,25 @@ def _survey_pair(info, ctx, index: int) -> dict:
     return rec
 
 
+def _devtty(info, ctx) -> str:
+    """/dev/tty opened by the process: its controlling terminal under
+    another name. Restored (reopened by that name in ckpt, which must then
+    share the terminal: restore --tty) when that terminal's master is
+    outside (a shell job); refused otherwise."""
+    index = ctty_index(info.pid)
+    if index is None:
+        raise refuse(info, "tty", "/dev/tty of a process with no pseudo-terminal as controlling terminal")
+    if index in _ends(ctx) and _ends(ctx)[index]["master"]:
+        raise refuse(info, "tty", f"/dev/tty naming pty {index}, whose master the process holds: not restored yet")
+    if not getattr(ctx.options, "shell_job", False):
+        raise refuse(info, "tty-outside", f"/dev/tty, naming /dev/pts/{index} whose master is outside the dump: "
+                     "dump with --shell-job and restore with --tty PATH")
+    return f"/dev/tty (its controlling terminal /dev/pts/{index}: reopened as ckpt's, which restore --tty must be)"
+
+
 def classify(info, ctx) -> str:
+    if _is_devtty(info):
+        return _devtty(info, ctx)
     index = _index(info)
     pair = _pair(info, ctx)
     if pair["outside"]:
@@ -216,6 +238,12 @@ def classify(info, ctx) -> str:
 
 def dump(info, ctx) -> dict:
     classify(info, ctx)
+    if _is_devtty(info):
+        with pidfd.target_fd(info.pid, info.fd) as dup:
+            termios = _tty.get_termios(dup)
+        st = _stat_fields(info.pid)
+        return {"tty": "devtty", "index": ctty_index(info.pid), "outside": True, "ctty": True,
+                "termios": termios.hex(), "fg_own": st["tpgid"] == st["pgrp"]}
     pair = _pair(info, ctx)
     index = pair["index"]
     if pair["outside"]:
@@ -301,8 +329,11 @@ def _slave_recs(index: int, ctx) -> List[dict]:
 
 
 def validate(rec: dict, ctx) -> None:
-    if rec.get("tty") not in ("master", "slave") or not isinstance(rec.get("index"), int):
+    if rec.get("tty") not in ("master", "slave", "devtty") or not isinstance(rec.get("index"), int):
         raise refuse_rec(rec, ctx, "image-invalid", "tty record malformed")
+    if rec["tty"] == "devtty":
+        _outside_tty(rec, ctx)
+        return
     if rec.get("outside"):
         if rec["tty"] != "slave" or not isinstance(rec.get("termios"), str):
             raise refuse_rec(rec, ctx, "image-invalid", "outside tty record malformed")
@@ -337,7 +368,7 @@ def _outside_tty(rec: dict, ctx) -> str:
     if not want:
         raise refuse_rec(rec, ctx, "tty-outside", f"the process ran on /dev/pts/{rec['index']}, whose master was "
                          "outside the dump: restore with --tty PATH (or --tty inherit)")
-    path = _inherit_path() if want == "inherit" else want
+    path = tty_path(want)
     try:
         st = os.stat(path)
     except OSError as e:
@@ -351,6 +382,38 @@ def _outside_tty(rec: dict, ctx) -> str:
             raise refuse_rec(rec, ctx, "tty-outside", f"it was the process's controlling terminal, and {path} is "
                              "not ckpt's (the restored process shares ckpt's session and its terminal)")
     return path
+
+
+def tty_path(option: str) -> str:
+    """The terminal restore --tty names."""
+    return _inherit_path() if option == "inherit" else option
+
+
+def wait_foreground(pid: int, path: str) -> None:
+    """ckpt restore of a foreground shell job: wait, as its parent, until
+    it exits or stops, then take the terminal back for ckpt's group (the
+    shell that ran ckpt takes it from there)."""
+    import signal as _signal
+    while True:
+        try:
+            _, status = os.waitpid(pid, os.WUNTRACED)
+        except ChildProcessError:
+            break
+        except InterruptedError:
+            continue
+        if os.WIFEXITED(status) or os.WIFSIGNALED(status) or os.WIFSTOPPED(status):
+            break
+    old = _signal.pthread_sigmask(_signal.SIG_BLOCK, {_signal.SIGTTOU})
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+        try:
+            os.tcsetpgrp(fd, os.getpgrp())
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+    finally:
+        _signal.pthread_sigmask(_signal.SIG_SETMASK, old)
 
 
 def _inherit_path() -> str:
@@ -375,6 +438,8 @@ def restore(rec: dict, ctx) -> int:
 
 def _restore_outside(rec: dict, ctx) -> int:
     path = _outside_tty(rec, ctx)
+    if rec["tty"] == "devtty":
+        path = "/dev/tty"         # ckpt's controlling terminal, checked to be the --tty one
     fd = os.open(path, (rec["flags"] & (os.O_ACCMODE | os.O_NONBLOCK | os.O_APPEND)) | os.O_NOCTTY | os.O_CLOEXEC)
     try:
         if not ctx.shared.get("tty:outside-termios"):
@@ -477,7 +542,18 @@ def _build(m: dict, ctx) -> Dict[int, int]:
 def finish(rec: dict, ctx, task) -> None:
     """The controlling terminal, from inside the restored session leader:
     TIOCSCTTY on its slave fd, then the foreground process group."""
-    if rec.get("tty") != "slave" or rec.get("outside") or not rec.get("ctty"):
+    if rec.get("outside"):
+        if rec.get("fg_own") and not ctx.shared.get("tty:foreground-set"):
+            # it was its terminal's foreground job: so it is on the new one
+            # (the restorer is in ckpt's group, the foreground one, so may)
+            fd = os.open(tty_path(ctx.options.tty), os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+            try:
+                os.tcsetpgrp(fd, task.pid)
+            finally:
+                os.close(fd)
+            ctx.shared["tty:foreground-set"] = True
+        return
+    if rec.get("tty") != "slave" or not rec.get("ctty"):
         return
     m = _master_rec(rec, ctx)
     task.call("ioctl", rec["fd"], _tty.TIOCSCTTY, 0)
