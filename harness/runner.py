@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
 from . import engines as engines_mod
-from . import statediff
-from .errors import HarnessError, StepTimeout
+from . import chaos, statediff
+from .errors import GuestLost, HarnessError, StepTimeout
 from .targets import RunResult, Target
 
 OUTCOMES = ("restored", "refused", "corrupted", "crashed", "hung")
@@ -214,10 +214,22 @@ class Run:
     # -- the scenario -------------------------------------------------------------
     def execute(self) -> Result:
         res = self.res
+        chaos.scenario_begins()
         try:
             self._execute()
         except StepTimeout as e:
             res.outcome, res.step, res.detail = "hung", e.step or "", e.message
+        except GuestLost as e:
+            res.outcome, res.step, res.detail = ("hung" if e.hung else "crashed"), e.step or res.step, e.message
+        except HarnessError as e:
+            # A step that failed because the guest broke under it (out of
+            # disk, its channel gone) is the guest's crash, not the scenario's
+            # error: report it so, and the worker gets a fresh guest.
+            why = [w for w in (getattr(x, "health", lambda: "")() for x in self.used) if w]
+            if not why:
+                raise
+            res.outcome, res.step = "crashed", e.step or res.step
+            res.detail = f"{why[0]}; the step failed: {e.message}"
         finally:
             for tgt in self.used:
                 try:
