@@ -53,6 +53,7 @@ def before_step(target: Any, step: str) -> None:
         if guest._ssh is not None:  # noqa: SLF001
             guest._ssh.close()  # noqa: SLF001
     elif kind == "diskfull":
-        # one big file, then whatever the last blocks hold; ENOSPC ends both
-        target.run(["sh", "-c", "fallocate -l $(( $(stat -f -c '%a*%S' /) )) /fill; "
+        # one big file over every free block (root may use the reserved ones
+        # too), then whatever is left; ENOSPC ends both
+        target.run(["sh", "-c", "fallocate -l $(( $(stat -f -c '%f*%S' /) - 1048576 )) /fill; "
                     "dd if=/dev/zero of=/fill2 bs=64k 2>/dev/null; sync; true"], timeout=120, step="chaos")

@@ -351,7 +351,7 @@ class GuestTarget(Target):
         if not self.guest.alive():
             return f"guest {self.name}: QEMU exited"
         try:
-            r = self.run(["stat", "-f", "-c", "%a %S", "/"], timeout=20 * self.time_scale, step="health")
+            r = self.run(["stat", "-f", "-c", "%f %S", "/"], timeout=20 * self.time_scale, step="health")
             avail, bsize = (int(x) for x in r.stdout.split())
         except (HarnessError, ValueError) as e:
             return f"guest {self.name}: no answer to a health check: {e}"
