@@ -4,8 +4,14 @@ PYTHON ?= python3
 # Scenario workers: one guest each. Two fit this 2-core machine.
 JOBS ?= 2
 ACCEL ?= auto
-# Guest kernel (matrix axis): 6.1 (bookworm) or backports (bookworm-backports).
-KERNEL ?= 6.1
+# Guest distro (matrix axis): bookworm (Debian 12) or trixie (Debian 13:
+# kernel 6.12, python3.13, criu 4.1).
+DISTRO ?= bookworm
+# Guest kernel (matrix axis), one of the distro's: bookworm 6.1 (its own) or
+# backports (bookworm-backports); trixie 6.12 (its own). Default: the distro's own.
+KERNEL ?= $(if $(filter trixie,$(DISTRO)),6.12,6.1)
+# A run's name in report files: bookworm's as before the distro axis.
+CELL = $(ARCH)-$(if $(filter-out bookworm,$(DISTRO)),$(DISTRO)-)$(KERNEL)-$(ENGINE)
 # Engine the scenarios run against (matrix axis): ckpt or criu.
 ENGINE ?= ckpt
 # Where `make mutants` runs the corpus: local (this host, default: 24 x 64 runs
@@ -19,7 +25,7 @@ GENERATE ?= 300
 SEED ?= 1
 
 APT_PACKAGES = qemu-system-x86 qemu-utils mmdebstrap e2fsprogs busybox-static cpio zstd \
-               openssh-client gcc libc6-dev ca-certificates
+               openssh-client gcc libc6-dev ca-certificates libnftables1
 ifeq ($(ARCH),aarch64)
 APT_PACKAGES += qemu-system-arm qemu-user-static binfmt-support arch-test
 endif
@@ -33,7 +39,8 @@ help:
 	@echo "make test-host          only the fast host tier (tests/)"
 	@echo "make vm-image ARCH=..   build (or reuse) the cached guest image"
 	@echo "make vm-shell ARCH=..   boot a guest with the engine installed and open a shell in it"
-	@echo "make vm-test ARCH=..    run the scenario corpus in guests (JOBS=$(JOBS) workers)"
+	@echo "make vm-test ARCH=..    run the scenario corpus in guests (JOBS=$(JOBS) workers;"
+	@echo "                        DISTRO=bookworm|trixie, KERNEL=.., ENGINE=ckpt|criu)"
 	@echo "make mutants            the corpus against ckpt and every mutant engine: which scenario kills which"
 	@echo "                        (MUTANT_TARGET=local|guest; table in reports/mutants.md, .json)"
 	@echo "make vm-generate        run GENERATE=$(GENERATE) generated scenarios from SEED=$(SEED) in guests"
@@ -66,16 +73,16 @@ lint-workflows:
 	actionlint -no-color .github/workflows/*.yml
 
 vm-image:
-	$(PYTHON) -m vm image --arch $(ARCH) --kernel $(KERNEL)
+	$(PYTHON) -m vm image --arch $(ARCH) --kernel $(KERNEL) --distro $(DISTRO)
 
 vm-shell:
-	$(PYTHON) -m vm shell --arch $(ARCH) --kernel $(KERNEL) --accel $(ACCEL)
+	$(PYTHON) -m vm shell --arch $(ARCH) --kernel $(KERNEL) --distro $(DISTRO) --accel $(ACCEL)
 
 # --kernel is passed only off the default until the harness has that option.
 vm-test: vm-image
 	$(PYTHON) -m pytest scenarios/ -q -p no:benchmark -n $(JOBS) --dist worksteal --arch $(ARCH) --accel $(ACCEL) \
-	  --kernel $(KERNEL) --engine $(ENGINE) \
-	  --junitxml reports/junit-$(ARCH)-$(KERNEL)-$(ENGINE).xml
+	  --kernel $(KERNEL) --distro $(DISTRO) --engine $(ENGINE) \
+	  --junitxml reports/junit-$(CELL).xml
 
 # One pytest run: ckpt (the control: a scenario ckpt fails kills nothing) and
 # every mutant engine (harness/mutants.py). pytest fails because mutants fail
@@ -86,7 +93,7 @@ mutants:
 	@echo "mutants: corpus x (ckpt + $$($(PYTHON) harness/mutants.py --list | wc -l) mutants) on $(MUTANT_TARGET); log in $(MUTANT_RUN)/pytest.log"
 	-CRUCIBLE_REPORTS=$(MUTANT_RUN) $(PYTHON) -m pytest scenarios/ -q -p no:cacheprovider -p no:benchmark --tb=no \
 	  -n $(JOBS) --dist worksteal --target $(MUTANT_TARGET) --engine ckpt $(foreach m,$(MUTANTS),--engine mutant:$(m)) \
-	  $(if $(filter guest,$(MUTANT_TARGET)),--arch $(ARCH) --accel $(ACCEL) --kernel $(KERNEL)) \
+	  $(if $(filter guest,$(MUTANT_TARGET)),--arch $(ARCH) --accel $(ACCEL) --kernel $(KERNEL) --distro $(DISTRO)) \
 	  > $(MUTANT_RUN)/pytest.log 2>&1
 	@tail -n 3 $(MUTANT_RUN)/pytest.log
 	@# the rows as they came when the run died before its summary
@@ -97,9 +104,9 @@ mutants:
 # shrunk to reports/generated/found/.
 vm-generate: vm-image
 	CRUCIBLE_REPORTS=reports/generated $(PYTHON) -m pytest scenarios/ -q -p no:benchmark -n $(JOBS) --dist worksteal \
-	  --arch $(ARCH) --accel $(ACCEL) --kernel $(KERNEL) --engine $(ENGINE) \
+	  --arch $(ARCH) --accel $(ACCEL) --kernel $(KERNEL) --distro $(DISTRO) --engine $(ENGINE) \
 	  --generate $(GENERATE) --seed $(SEED) --found-dir reports/generated/found \
-	  --junitxml reports/generated/junit-generated-$(ARCH)-$(KERNEL)-$(ENGINE).xml
+	  --junitxml reports/generated/junit-generated-$(CELL).xml
 
 # The aarch64 guest tests among tests/; they skip without the cached aarch64
 # image, which CRUCIBLE_REQUIRE_AARCH64 turns into a failure (CI builds it).
@@ -109,6 +116,6 @@ test-aarch64-guest:
 bench:
 	@mkdir -p bench
 	$(PYTHON) bench/engine_bench.py --out bench/results.json
-	$(PYTHON) -m vm bench --arch $(ARCH) --kernel $(KERNEL) --out bench/results.json
+	$(PYTHON) -m vm bench --arch $(ARCH) --kernel $(KERNEL) --distro $(DISTRO) --out bench/results.json
 	$(PYTHON) -m harness bench --arch $(ARCH) --kernel $(KERNEL) --out bench/results.json
 	$(PYTHON) bench/table.py bench/results.json

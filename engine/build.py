@@ -39,6 +39,7 @@ from .task import Task
 
 PAGE = 4096
 MAP_SHARED, MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS = 0x01, 0x02, 0x10, 0x20
+MAP_DROPPABLE = 0x08     # a mapping type like MAP_PRIVATE (Linux 6.11, uapi mman-common.h)
 MAP_GROWSDOWN, MAP_NORESERVE, MAP_FIXED_NOREPLACE = 0x100, 0x4000, 0x100000
 PROT = {"r": 1, "w": 2, "x": 4}
 MREMAP_MAYMOVE, MREMAP_FIXED = 1, 2
@@ -111,6 +112,7 @@ class Builder:
         self.gadget = 0
         self.scratch = 0
         self.threads: List["Builder"] = []   # the other threads' builders (engine/threads.py)
+        self.session_done = False
 
     # -- helpers ---------------------------------------------------------------
     def call(self, name: str, *args: int) -> int:
@@ -214,6 +216,8 @@ class Builder:
             final = prot_of(v["perms"])
             shared = v["perms"][3] == "s"
             flags = MAP_FIXED_NOREPLACE | (MAP_SHARED if shared else MAP_PRIVATE)
+            if "dp" in v["flags"]:
+                flags = MAP_FIXED_NOREPLACE | MAP_DROPPABLE   # implies nr, dd, wf (mm/mmap.c do_mmap)
             if "gd" in v["flags"]:
                 flags |= MAP_GROWSDOWN
             if "nr" in v["flags"]:
@@ -237,6 +241,12 @@ class Builder:
                 flags |= MAP_ANONYMOUS
             if not shared and "ac" not in v["flags"]:
                 prot, force = final, True
+            if v.get("tree_shared"):
+                # Memory shared with another member of a process tree, built
+                # before this one: the same object (engine/tree_restore.py).
+                from .tree_restore import map_shared
+                total += map_shared(self, v, flags & ~MAP_ANONYMOUS)
+                continue
             got = self.call("mmap", start, size, prot, flags, fd, off)
             if got != start:
                 raise EngineError(f"mapping {start:#x} landed at {got:#x}", pid=self.pid)
@@ -294,6 +304,8 @@ class Builder:
         if head:
             self.call("set_robust_list", head, length)
         ptrace.set_sigmask(self.pid, core["sigmask"])
+        if self.session_done:
+            return      # a tree member: set when it was created (engine/tree_restore.py)
         sess = core["session"]
         if sess["sid"] == self.pid:
             self.call("setsid")
@@ -315,7 +327,7 @@ class Builder:
                 self.call("close_range", lo, min(fd - 1, 0xFFFFFFFF), 0)
             lo = fd + 1
         for rec in self.job.fdrecs:
-            if "dup_of" in rec:
+            if "dup_of" in rec or "ofd_of" in rec:
                 continue
             mod = fd_handler(rec["kind"])
             fin = getattr(mod, "finish", None)
@@ -408,30 +420,38 @@ def build(job) -> int:
         b.make_gadget()
         b.unregister_rseq()
         b.clear_address_space()
-        b.move_vdso()
-        b.set_mm()
-        b.map_all()
-        _maybe_fail("mapped")
-        b.process_state()
-        threads.create(b)   # before creds(): clone3 set_tid needs CAP_CHECKPOINT_RESTORE
-        _maybe_fail("threads")
-        b.install_fds()
-        b.limits()          # prlimit on another uid's process needs CAP_SYS_RESOURCE: before creds()
-        posixtimers.create(b, job.core["posix_timers"])   # alarm clocks need CAP_WAKE_ALARM: before creds()
-        seccomp.install(b, job.core["seccomp"])   # needs CAP_SYS_ADMIN or no_new_privs: before creds()
-        b.creds()
-        threads.creds(b)
-        b.register_rseq()
-        b.pending_signals()     # before anything (seccomp) could forbid rt_tgsigqueueinfo
-        sched.apply(pid, job.core["sched"])
-        threads.late_state(b)
-        posixtimers.arm(b, job.core["posix_timers"])   # last: see posixtimers
+        rebuild(b)
         _maybe_fail("final")
         b.finish()
     except BaseException:
         threads.kill([task] + [tb.task for tb in b.threads])
         raise
     return child
+
+
+def rebuild(b: Builder) -> None:
+    """Every stage after the address space is cleared, up to (not
+    including) finish(): shared by build() and the members of a process
+    tree (engine/tree_restore.py)."""
+    job, pid = b.job, b.pid
+    b.move_vdso()
+    b.set_mm()
+    b.map_all()
+    _maybe_fail("mapped")
+    b.process_state()
+    threads.create(b)   # before creds(): clone3 set_tid needs CAP_CHECKPOINT_RESTORE
+    _maybe_fail("threads")
+    b.install_fds()
+    b.limits()          # prlimit on another uid's process needs CAP_SYS_RESOURCE: before creds()
+    posixtimers.create(b, job.core["posix_timers"])   # alarm clocks need CAP_WAKE_ALARM: before creds()
+    seccomp.install(b, job.core["seccomp"])   # needs CAP_SYS_ADMIN or no_new_privs: before creds()
+    b.creds()
+    threads.creds(b)
+    b.register_rseq()
+    b.pending_signals()     # before anything (seccomp) could forbid rt_tgsigqueueinfo
+    sched.apply(pid, job.core["sched"])
+    threads.late_state(b)
+    posixtimers.arm(b, job.core["posix_timers"])   # last: see posixtimers
 
 
 def _check_xstate(task: Task, core: dict) -> None:

@@ -22,7 +22,11 @@ SHMEM_NAMES = ("/dev/zero (deleted)", "[anon_shmem")
 # VmFlags (proc(5), fs/proc/task_mmu.c show_smap_vma_flags) the restore
 # reproduces: from the mmap protection/flags, from madvise, or inherent.
 KNOWN_FLAGS = {"rd", "wr", "ex", "sh", "mr", "mw", "me", "ms", "gd", "ac", "nr", "sd",
-               "dc", "de", "dd", "hg", "nh", "mg", "wf", "ar"}
+               "dc", "de", "dd", "hg", "nh", "mg", "wf", "ar", "dp"}
+# "dp": VM_DROPPABLE (Linux 6.11, mmap MAP_DROPPABLE): glibc >= 2.41 keeps
+# its vDSO getrandom state in such a mapping, so every process of a Debian 13
+# guest has one. Recreated with MAP_DROPPABLE, its pages not copied (see
+# dump.dump_memory).
 MADVISE_FLAGS = {"dc": 10, "dd": 16, "hg": 14, "nh": 15, "mg": 12, "wf": 18}   # MADV_*
 FLAG_NAMES = {"lo": "mlock()ed", "lf": "mlock(MLOCK_ONFAULT)", "ht": "hugetlb", "pf": "PFN map",
               "io": "I/O memory", "mm": "mixed map", "um": "userfaultfd (missing)",
@@ -93,12 +97,17 @@ def target_checks(pid: int) -> procfs.Proc:
 
 # -- with the target frozen ----------------------------------------------------
 
-def _check_process(s: Survey) -> None:
+def _check_process(s: Survey, ctx: Optional[DumpContext] = None) -> None:
     st, status, proc, pid = s.stat, s.status, s.proc, s.pid
     # Threads are frozen and judged one by one (engine/threads.py survey).
     kids = proc.children()
-    if kids:
-        s.refuse("children", "process", Refusal("process-tree", f"children {kids[:8]}"))
+    tree = ctx.tree_pids if ctx is not None and ctx.tree_root is not None else frozenset()
+    if kids and all(k in tree for k in kids):
+        s.ok("children", "process", f"{len(kids)} in the tree: " + " ".join(map(str, kids[:8])))
+    elif kids:
+        # Only when judged alone (ckpt survey): `ckpt check -t` and dump take the tree.
+        s.refuse("children", "process", Refusal("process-tree", f"children {kids[:8]} (judged alone; "
+                                                "`ckpt check -t PID` judges the tree)"))
     else:
         s.ok("children", "process", "none")
     # Pending signals are saved (engine/signals.py): judged with the task
@@ -143,7 +152,7 @@ def _check_process(s: Survey) -> None:
 CAP_SYS_RESOURCE = 24
 
 
-def _check_restore_env(s: Survey) -> None:
+def _check_restore_env(s: Survey, tree_member: bool = False) -> None:
     """What `ckpt restore` run here, as this ckpt is, would refuse on an
     unchanged machine; refused now, while the target is unharmed (a dump
     restore refuses loses the process):
@@ -165,8 +174,8 @@ def _check_restore_env(s: Survey) -> None:
                     "capability", f"RLIMIT_{libc.RLIMIT_NAMES[i]} hard limit {mx} is above ckpt's {mymax}; "
                     "restoring it needs CAP_SYS_RESOURCE (run ckpt with limits at least as high)"))
     sid, pgid = s.stat.get("session"), s.stat.get("pgrp")
-    if sid is None or sid == s.pid:
-        return
+    if sid is None or sid == s.pid or tree_member:
+        return      # a tree member's session and group: engine/tree.py
     if sid != os.getsid(0):
         s.refuse("session", "session", Refusal(
             "unsupported-state", f"in session {sid}, neither its own nor ckpt's ({os.getsid(0)}): a restore "
@@ -320,8 +329,8 @@ def preflight(pid: int, ctx: DumpContext, proc: procfs.Proc) -> Survey:
     s = Survey(pid=pid, proc=proc)
     s.stat = proc.stat()
     s.status = proc.status()
-    _check_process(s)
-    _check_restore_env(s)
+    _check_process(s, ctx)
+    _check_restore_env(s, ctx.tree_root not in (None, pid))
     _check_vmas(s)
     _check_fds(s, ctx)
     return s

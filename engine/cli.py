@@ -120,11 +120,15 @@ def _human(command: str, res: dict) -> str:
         fate = "left running" if res.get("left_running") else "killed"
         nthreads = res.get("threads", 1)
         who = f"pid {res.get('pid')}" + (f" ({nthreads} threads)" if nthreads > 1 else "")
+        if res.get("members"):
+            who = (f"the tree of pid {res.get('pid')} ({res['members']} processes, {res.get('zombies', 0)} "
+                   f"zombies, {nthreads} threads)")
         return (f"ckpt: dumped {who} to {res.get('image')}: {mib:.1f} MiB of memory, "
                 f"{res.get('mappings', '?')} mappings, {res.get('fds', '?')} fds; frozen "
                 f"{res.get('frozen_ms', 0):.0f} ms, total {res.get('total_ms', 0):.0f} ms; process {fate}")
     if command == "restore":
-        return f"ckpt: restored pid {res.get('pid')} in {res.get('restore_ms', 0):.0f} ms"
+        tree = f" and its tree ({res['members']} processes)" if res.get("members") else ""
+        return f"ckpt: restored pid {res.get('pid')}{tree} in {res.get('restore_ms', 0):.0f} ms"
     if command == "check":
         from .show import render_check
         return render_check(res)

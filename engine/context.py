@@ -34,6 +34,8 @@ class DumpContext:
     shared: Dict[str, Any] = field(default_factory=dict)   # state shared across fds (pipes by inode, ...)
     all_fds: Dict[int, Any] = field(default_factory=dict)  # fd number -> FdInfo, for peer lookups
     boot_id: str = ""
+    tree_root: Optional[int] = None   # dumping a process tree (engine/tree.py): its root
+    tree_pids: frozenset = frozenset()   # every member of that tree (not "outside" for peer scans)
 
     @property
     def dry_run(self) -> bool:
@@ -48,3 +50,4 @@ class RestoreContext:
     shared: Dict[str, Any] = field(default_factory=dict)
     records: Optional[list] = None    # every fd record, for peer lookups
     pid: Optional[int] = None         # the PID being restored
+    tree_records: Optional[list] = None   # every member's fd records (engine/tree_restore.py)

@@ -15,11 +15,11 @@ import struct
 import time
 from typing import List
 
-from . import files, libc, posixtimers, procfs, sched, seccomp, signals, threads, unlinked
+from . import files, libc, posixtimers, procfs, sched, seccomp, signals, threads, tree, unlinked
 from .arch import current as current_arch
 from .check import Survey, preflight, require_features, target_checks
 from .context import DumpContext, Options, boot_id
-from .errors import Refusal, Refusals
+from .errors import EngineError, Refusal, Refusals
 from .fds._dups import leader_map
 from .image import ImageWriter
 from .memory import PAGE, PageDumper
@@ -208,6 +208,15 @@ def dump_memory(pid: int, s: Survey, recs: dict, dumper: PageDumper) -> List[dic
                 rec["file"] = recs[v["start"]]
             if kind == "shmem":
                 runs = [[v["start"], npages]]
+            elif "dp" in v["flags"]:
+                # A droppable mapping's pages may vanish (read as zeros) at
+                # any moment, and its users must cope: glibc's vDSO
+                # getrandom state reseeds from a zeroed page. It is the
+                # one memory whose copy would be wrong: two processes (the
+                # original goes on after a dump with --leave-running, or is
+                # restored twice) would draw the same random bytes. The
+                # kernel wipes it on fork (VM_WIPEONFORK) for that reason.
+                runs = []
             elif kind == "anon" or (kind == "file" and private):
                 raw = os.pread(pm, npages * 8, v["start"] // PAGE * 8)
                 runs = procfs.pagemap_runs(raw, v["start"], anon_only=(kind == "file"), page=PAGE)
@@ -327,6 +336,23 @@ def pending_signals(task: Task, state: dict) -> dict:
     return sigs
 
 
+def _on_release(ctx: DumpContext, killed: bool) -> None:
+    """Run what fd handlers left to undo once the target is killed or let
+    go (ctx.shared["_on_release"]: callables taking `killed`), each once,
+    last registered first: e.g. a TCP socket held in repair mode, and the
+    network lock around it (kept when the original is killed). Raises
+    EngineError, after running them all, when a let-go target could not be
+    put back as it was."""
+    first = None
+    for hook in reversed(ctx.shared.pop("_on_release", [])):
+        try:
+            hook(killed)
+        except OSError as e:
+            first = first or e
+    if first is not None and not killed:
+        raise EngineError(f"putting the target's sockets back after the dump: {first}", errno=first.errno)
+
+
 def dump(pid: int, directory: str, options: Options) -> dict:
     """Checkpoint `pid` into `directory`. Returns {pid, image, pages_bytes,
     mappings, fds, frozen_ms, total_ms, left_running}. Raises Refusal /
@@ -336,6 +362,8 @@ def dump(pid: int, directory: str, options: Options) -> dict:
     require_features()
     arch = current_arch()
     proc = target_checks(pid)
+    if tree.has_children(pid):
+        return tree.dump(pid, directory, options)
     with ImageWriter(directory) as img:
         ctx = DumpContext(pid=pid, options=options, image=img, boot_id=boot_id())
         tasks = threads.freeze(pid)
@@ -367,6 +395,7 @@ def dump(pid: int, directory: str, options: Options) -> dict:
             meta = {"pid": pid, "comm": state["comm"], "boot_id": ctx.boot_id, "pages_bytes": dumper.total}
             if options.leave_running:
                 # Everything is read: let it go before the fsyncs of commit.
+                _on_release(ctx, killed=False)
                 threads.release(tasks)
                 t1 = time.monotonic()
                 img.commit(meta)
@@ -374,10 +403,14 @@ def dump(pid: int, directory: str, options: Options) -> dict:
                 # Kill only once the image is safely in place.
                 img.commit(meta)
                 threads.kill(tasks)
+                _on_release(ctx, killed=True)
                 t1 = time.monotonic()
         except BaseException:
             dumper.close()
-            threads.release(tasks)
+            try:
+                _on_release(ctx, killed=False)
+            finally:
+                threads.release(tasks)
             raise
     return {"pid": pid, "image": img.final, "pages_bytes": dumper.total, "mappings": len(vmas),
             "threads": len(tasks),
@@ -385,12 +418,16 @@ def dump(pid: int, directory: str, options: Options) -> dict:
             "total_ms": round((time.monotonic() - t0) * 1000, 2), "left_running": bool(options.leave_running)}
 
 
-def check(pid: int, options: Options) -> dict:
+def check(pid: int, options: Options, tree_ok: bool = True) -> dict:
     """Dry run: every fd and every piece of state with its verdict. Writes
-    nothing; the target is left running exactly as before."""
+    nothing; the target is left running exactly as before. With children,
+    the whole tree (engine/tree.py) unless `tree_ok` is False (ckpt survey:
+    one process frozen at a time; the children are then `process-tree`)."""
     require_features()
     current_arch()
     proc = target_checks(pid)
+    if tree_ok and tree.has_children(pid):
+        return tree.check(pid, options)
     ctx = DumpContext(pid=pid, options=options, image=None, boot_id=boot_id())
     tasks = threads.freeze(pid)
     task = tasks[0]

@@ -12,7 +12,10 @@ REASONS = {
                 "credentials, no_new_privs, personality or namespaces than the leader, or that does not share the fd table, "
                 "fs (cwd/umask/root), signal handlers or SysV semaphore undo list with it; seccomp in a "
                 "multi-threaded process; threads created faster than they can be frozen"),
-    "process-tree": "the target has children; process trees are not supported yet",
+    "process-tree": ("a process tree (the target and its descendants, dumped together) that cannot be rebuilt "
+                     "as it is: a member in a session that is neither its own nor its parent's, a process group "
+                     "with no leader in the tree (nor the root's), a zombie that dumped core, processes forked "
+                     "faster than they can be frozen"),
     "self": "ckpt will not checkpoint itself or its own ancestors",
     "pid-in-use": "restore needs the dumped PID and another process holds it",
     "kernel-missing": "the running kernel lacks a feature the engine needs (named in the detail)",
@@ -27,6 +30,11 @@ REASONS = {
     "unsupported-arch": "the engine has no support for this CPU architecture yet (named in the detail)",
     "sched": ("the saved scheduling policy, priority or CPU affinity cannot be applied here (named in "
                   "the detail): e.g. a CPU the process was bound to is not available on this machine"),
+    "tree-sharing": ("two processes of the tree share what a restore would make two of: memory (CLONE_VM, a "
+                     "vfork child), the fd table (CLONE_FILES), fs (CLONE_FS) or signal handlers (CLONE_SIGHAND) "
+                     "without being threads of one process (both pids in the detail)"),
+    "memory-peer-outside": ("shared anonymous memory of the dumped tree is also mapped by a process outside it "
+                            "(its pid in the detail): the restored copy would no longer be shared with it"),
     # files
     "file-missing": ("a file the process had open (or mapped) no longer exists at its path; or the directory a "
                      "deleted file, device node, removed directory or cwd is to be recreated in is gone"),
@@ -57,6 +65,9 @@ REASONS = {
     "fanotify": "fanotify instances are not supported",
     # sockets
     "socket": "a socket the engine cannot restore exactly (family, type and state in the detail)",
+    "tcp-lock": ("a TCP connection whose peer is outside the dump cannot be held still while it is an image: no n"
+                 "etwork lock here (libnftables missing, nftables refusing the rule; named in the detail). Withou"
+                 "t the lock the peer would be answered with a RST or its data lost"),
     "file-lock": ("a file lock that cannot be restored exactly: another process holds a lock on the file or "
                   "waits for one (its pid in the detail), the locked open file is shared with a process "
                   "outside the dump, the process itself waits for a lock, a lease, or a lock on a file "

@@ -154,7 +154,7 @@ def _special_block(vmas: List[dict]) -> List[tuple]:
 
 
 def preflight(reader: ImageReader, core: dict, vmas: List[dict], fdrecs: List[dict],
-              ctx: RestoreContext) -> None:
+              ctx: RestoreContext, tree_member: bool = False) -> None:
     """Everything that can be refused before a process exists; raises
     Refusal / Refusals with all that was found."""
     pid = core["pid"]
@@ -202,7 +202,9 @@ def preflight(reader: ImageReader, core: dict, vmas: List[dict], fdrecs: List[di
             add(Refusal("file-missing", f"working directory: {e.strerror}", path=cwd["path"]))
     sess = core["session"]
     my_sid = os.getsid(0)
-    if sess["sid"] != pid and sess["sid"] != my_sid:
+    if tree_member:
+        pass    # judged with the whole tree (engine/tree_restore.py)
+    elif sess["sid"] != pid and sess["sid"] != my_sid:
         add(Refusal("unsupported-state", f"was in session {sess['sid']} (not its own, not ckpt's {my_sid}); "
                     "start it with setsid to make it restorable anywhere"))
     elif sess["sid"] != pid and sess["pgid"] != pid:
@@ -212,7 +214,7 @@ def preflight(reader: ImageReader, core: dict, vmas: List[dict], fdrecs: List[di
         except OSError:
             add(Refusal("unsupported-state", f"its process group {sess['pgid']} no longer exists in this session"))
     for rec in fdrecs:
-        if "dup_of" in rec:
+        if "dup_of" in rec or "ofd_of" in rec:
             continue
         mod = fd_handler(rec["kind"])
         if mod is None:
@@ -302,13 +304,20 @@ def map_key(rec: dict, writable: bool) -> str:
     return json.dumps(rec, sort_keys=True) + ("/rw" if writable else "/ro")
 
 
-def prepare(core: dict, vmas: List[dict], fdrecs: List[dict], ctx: RestoreContext) -> Prepared:
-    """Open everything the new process needs, in this process."""
+def prepare(core: dict, vmas: List[dict], fdrecs: List[dict], ctx: RestoreContext,
+            min_base: int = 0, shared_ofd=None) -> Prepared:
+    """Open everything the new process needs, in this process. In a tree
+    (engine/tree_restore.py): fds above `min_base` (every member's highest
+    fd), and an "ofd_of" record takes `shared_ofd(rec)`, another member's
+    already opened file."""
     p = Prepared()
     highest = max([r["fd"] for r in fdrecs] + [int(n) for n in os.listdir("/proc/self/fd")] + [2])
-    base = highest + 64
+    base = max(highest + 64, min_base)
     try:
         for rec in fdrecs:
+            if "ofd_of" in rec:
+                p.fd_of_rec[rec["fd"]] = shared_ofd(rec)
+                continue
             if "dup_of" in rec:
                 continue
             mod = fd_handler(rec["kind"])
@@ -346,16 +355,17 @@ def prepare(core: dict, vmas: List[dict], fdrecs: List[dict], ctx: RestoreContex
 
 # -- the restorer process ------------------------------------------------------------
 
-def _run_restorer(job) -> dict:
-    """Fork the restorer, which creates and rebuilds the process, reports on
-    a pipe and exits. Returns its report; raises what it raised."""
+def _run_restorer(job, builder=None) -> dict:
+    """Fork the restorer, which creates and rebuilds the process (`builder`,
+    default build.build; engine/tree_restore.py for a tree), reports on a
+    pipe and exits. Returns its report; raises what it raised."""
     r, w = os.pipe()
     child = os.fork()
     if child == 0:
         os.close(r)
         code = 0
         try:
-            out = {"ok": True, "pid": build(job)}
+            out = {"ok": True, "pid": (builder or build)(job)}
         except Refusal as e:
             out = {"ok": False, "type": "refusal", **e.as_dict()}
             code = 3
@@ -419,6 +429,9 @@ def restore(directory: str, options: Options, pidfile: Optional[str] = None) -> 
     reader = ImageReader(directory)
     reader.check_arch()
     reader.verify(threads=2)   # before any process exists
+    if "tree.json" in reader.files:
+        from .tree_restore import restore_tree
+        return restore_tree(reader, options, pidfile, t0)
     core = reader.read_json("core.json")
     mm = reader.read_json("mm.json")
     fdrecs = reader.read_json("fds.json")
@@ -444,6 +457,10 @@ def restore(directory: str, options: Options, pidfile: Optional[str] = None) -> 
         job = Job(core=core, vmas=vmas, fdrecs=fdrecs, xstate=xstate, thread_xstate=thread_xstate, pages=pages,
                   prepared=prepared, ctx=ctx)
         out = _run_restorer(job)
+        # The process is back: what handlers hold until then (a TCP
+        # connection's network lock) can go.
+        for hook in ctx.shared.pop("_after_restore", []):
+            hook()
     finally:
         if prepared is not None:
             prepared.close()

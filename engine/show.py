@@ -105,11 +105,45 @@ def render(res: dict) -> str:
         rows = [[r.get("fd"), r.get("kind"), oct(r.get("flags", 0)), r.get("pos", ""),
                  "cloexec" if r.get("cloexec") else "", r.get("link", "")] for r in fdl if isinstance(r, dict)]
         lines += ["  " + r for r in _table(rows, ["fd", "kind", "flags", "pos", "", "link"])]
-    others = [n for n in recs if n not in ("process.json", "core.json", "mm.json", "fds.json")]
+    tree = recs.get("tree.json")
+    if isinstance(tree, dict) and isinstance(tree.get("members"), list):
+        lines.append("")
+        lines += _tree_lines(tree["members"], recs)
+    others = [n for n in recs if n not in ("process.json", "core.json", "mm.json", "fds.json", "tree.json")
+              and not n.startswith("tree/")]
     if others:
         lines.append("")
         lines.append("other records: " + ", ".join(others))
     return "\n".join(lines)
+
+
+def _tree_lines(members: list, recs: dict) -> list:
+    """The process tree (engine/tree.py): one line per member, indented
+    under its parent, with its group, session, and what it holds."""
+    kids: dict = {}
+    for m in members:
+        if isinstance(m, dict):
+            kids.setdefault(m.get("ppid"), []).append(m)
+    lines = [f"process tree: {len(members)} processes"]
+
+    def walk(m: dict, depth: int) -> None:
+        d = m.get("dir") or ""
+        fds = recs.get(f"{d}fds.json")
+        core = recs.get(f"{d}core.json") or {}
+        if "zombie" in m:
+            st = (m.get("zombie") or {}).get("status", 0)
+            what = f"zombie, exit {st >> 8}" if isinstance(st, int) and not st & 0x7f else f"zombie, signal {st}"
+        else:
+            nth = len(core.get("threads") or []) + 1 if isinstance(core, dict) else 1
+            shared = sum(1 for r in fds or [] if isinstance(r, dict) and "ofd_of" in r)
+            what = f"{len(fds or [])} fds ({shared} shared with an earlier member)" + \
+                (f", {nth} threads" if nth > 1 else "")
+        lines.append(f"  {'  ' * depth}{m.get('pid')} {m.get('comm')!s:<15} pgid {m.get('pgid')} sid {m.get('sid')}: {what}")
+        for c in kids.get(m.get("pid"), []):
+            walk(c, depth + 1)
+    if members and isinstance(members[0], dict):
+        walk(members[0], 0)
+    return lines
 
 
 def render_check(res: dict) -> str:

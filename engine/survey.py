@@ -306,7 +306,9 @@ def _same_process(pid: int, st: dict) -> bool:
 
 def _checker(options: Options) -> Callable[[int], dict]:
     from .dump import check
-    return lambda pid: check(pid, options)
+    # One process at a time (never two frozen at once): a process with
+    # children is judged alone, its children counted as `process-tree`.
+    return lambda pid: check(pid, options, tree_ok=False)
 
 
 def inspect(pid: int, st: dict, check: Callable[[int], dict], timeout: float = DEFAULT_TIMEOUT) -> dict:

@@ -85,10 +85,12 @@ def _tracer(tid: int) -> int:
 
 # -- freeze --------------------------------------------------------------------
 
-def freeze(pid: int) -> List[Task]:
+def freeze(pid: int, options: int = FREEZE_OPTIONS, auto_attached: bool = False) -> List[Task]:
     """Seize and stop every thread of `pid`: [leader, other threads by TID].
-    Raises Refusal (every thread already seized is let go)."""
-    leader = Task.seize(pid, FREEZE_OPTIONS)
+    `options`/`auto_attached`: engine/tree.py (PTRACE_O_TRACEFORK, a child
+    the kernel attached to us). Raises Refusal (every thread already seized
+    is let go)."""
+    leader = Task.seize(pid, options, auto_attached=auto_attached)
     tasks = {pid: leader}
     try:
         for _ in range(MAX_ROUNDS):
@@ -96,7 +98,7 @@ def freeze(pid: int) -> List[Task]:
             if not new:
                 return [leader] + [tasks[t] for t in sorted(tasks) if t != pid]
             for tid in new:
-                t = _freeze_thread(pid, tid)
+                t = _freeze_thread(pid, tid, options)
                 if t is not None:
                     tasks[tid] = t
         raise Refusal("threads", f"threads kept being created faster than they could be frozen "
@@ -118,16 +120,16 @@ def _gone(pid: int, tid: int) -> bool:
         return True
 
 
-def _freeze_thread(pid: int, tid: int) -> Optional[Task]:
+def _freeze_thread(pid: int, tid: int, options: int = FREEZE_OPTIONS) -> Optional[Task]:
     """The frozen thread, or None when it exited meanwhile."""
     me = threading.get_native_id()
     try:
-        return Task.seize(tid, FREEZE_OPTIONS, tgid=pid)
+        return Task.seize(tid, options, tgid=pid)
     except Refusal as r:
         if r.reason == "no-such-process":
             return None      # exited before it could be frozen: not part of the process any more
         if r.reason == "ptraced" and _tracer(tid) == me:
-            return _adopt_clone(pid, tid)
+            return _adopt_clone(pid, tid, options)
         if r.reason == "ptraced" and _gone(pid, tid):
             return None      # PTRACE_SEIZE answers EPERM for a task that is exiting (exit_state set)
         raise Refusal(r.reason, f"thread {tid}: {r.detail}", pid=pid) from None
@@ -142,11 +144,11 @@ def _freeze_thread(pid: int, tid: int) -> Optional[Task]:
         raise
 
 
-def _adopt_clone(pid: int, tid: int) -> Optional[Task]:
+def _adopt_clone(pid: int, tid: int, options: int = FREEZE_OPTIONS) -> Optional[Task]:
     """A thread created by one we had seized (PTRACE_O_TRACECLONE): ours
     already, in its first stop or about to be."""
     try:
-        return Task.seize(tid, FREEZE_OPTIONS, auto_attached=True, tgid=pid)
+        return Task.seize(tid, options, auto_attached=True, tgid=pid)
     except Refusal as r:
         if r.reason == "no-such-process":
             return None

@@ -110,6 +110,9 @@ def parse_ckpt(r: RunResult) -> EngineResult:
     return out
 
 
+_CRIU_TCP = ["--tcp-established", "--network-lock", "nftables"]
+
+
 class Criu(Engine):
     name = "criu"
     strict = False
@@ -117,13 +120,16 @@ class Criu(Engine):
 
     def dump_argv(self, t: Target, pid: int, img: str, opts: dict) -> List[str]:
         # The workload is detached (setsid, stdio on /dev/null): no --shell-job.
-        argv = ["criu", "dump", "-t", str(pid), "-D", img, "-o", "dump.log", "-v4"]
+        # --tcp-established: criu refuses connected TCP without it; its network
+        # lock through nftables (libnftables is a criu dependency; the guest
+        # has no iptables binary, criu's default).
+        argv = ["criu", "dump", "-t", str(pid), "-D", img, "-o", "dump.log", "-v4"] + _CRIU_TCP
         if opts.get("leave_running"):
             argv.append("--leave-running")
         return argv
 
     def restore_argv(self, t: Target, img: str, pidfile: str) -> List[str]:
-        return ["criu", "restore", "-D", img, "-d", "--pidfile", pidfile, "-o", "restore.log", "-v4"]
+        return ["criu", "restore", "-D", img, "-d", "--pidfile", pidfile, "-o", "restore.log", "-v4"] + _CRIU_TCP
 
     def parse(self, r: RunResult, t: Target, img: str) -> EngineResult:
         if r.rc == 0:

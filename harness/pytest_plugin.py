@@ -34,8 +34,11 @@ def pytest_addoption(parser):
                 help="engine to run scenarios against; give twice to compare (default ckpt); "
                      "mutant:NAME is ckpt with one thing broken (harness/mutants.py), mutant:all every mutant")
     g.addoption("--accel", default="auto", help="QEMU accelerator: auto | kvm | tcg")
+    g.addoption("--distro", default=None,
+                help="guest distro (a key of vm.recipe.DISTROS: bookworm or trixie; default bookworm)")
     g.addoption("--kernel", default=None,
-                help="guest kernel (a key of vm.recipe.KERNELS, e.g. 6.1 or backports; default: the vm's)")
+                help="guest kernel (one of the distro's in vm.recipe.DISTROS, e.g. 6.1 or backports for "
+                     "bookworm, 6.12 for trixie; default: the distro's own)")
     g.addoption("--keep-guest", action="store_true", help="leave the guest up after a failure, print how to SSH in")
     g.addoption("--guest-timeout-scale", type=float, default=1.0, help="multiply every step timeout (slow TCG)")
     g.addoption("--target", choices=("guest", "local"), default="guest",
@@ -158,7 +161,8 @@ class ScenarioItem(pytest.Item):
         crucible: Crucible = self.config._crucible
         engine = engines.make(self.engine_name)
         row = {"scenario": self.scenario_key, "engine": self.engine_name,
-               "expected": runner.expected_text(self.scenario["expect"]), "name": self.scenario["name"]}
+               "expected": runner.expected_text(self.scenario["expect"]), "name": self.scenario["name"],
+               "distro": crucible.distro}
         if self.scenario.get("restore_on") == "other" and not crucible.can_migrate:
             pytest.skip("restore_on: other needs a second guest; --target local has only this host")
         t0 = time.monotonic()
@@ -329,6 +333,17 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)   # 1 = PR_SET_PDEATHSIG
 
 
+def host_distro(os_release: str = "/etc/os-release") -> str:
+    """This host's Debian codename (``VERSION_CODENAME``), "" when unknown."""
+    try:
+        for line in Path(os_release).read_text().splitlines():
+            if line.startswith("VERSION_CODENAME="):
+                return line.split("=", 1)[1].strip().strip('"')
+    except OSError:
+        pass
+    return ""
+
+
 class Crucible:
     """Per-process state: the targets of this (xdist worker) process and,
     on the controller, the rows of the summary."""
@@ -348,6 +363,9 @@ class Crucible:
         self.is_worker = wi is not None
         if self.is_worker:
             _die_with_parent()
+        #: the distro axis value of the reports: the guests' (the option), or
+        #: this host's release on --target local
+        self.distro = host_distro() if self.local else (config.getoption("distro") or "bookworm")
 
     # -- targets -------------------------------------------------------------------
     def primary(self) -> Target:
@@ -406,7 +424,7 @@ class Crucible:
     def _boot_guest(self, suffix: str) -> GuestTarget:
         from vm import Guest, ensure_image
         opt = self.config.getoption
-        img = ensure_image(opt("arch"), **({"kernel": opt("kernel")} if opt("kernel") else {}))
+        img = ensure_image(opt("arch"), kernel=opt("kernel") or None, distro=opt("distro") or "bookworm")
         guest = Guest(arch=opt("arch"), accel=opt("accel"), name=f"{self.worker}{suffix}",
                       log_dir=str(REPORTS_DIR / "guests"), image=img, memory_mb=512,
                       engine_dir=str(REPO / "engine"))
@@ -500,7 +518,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     terminalreporter.write_line(report_mod.table(c.rows))
     path = report_mod.write_json(c.rows, str(REPORTS_DIR), {
         "engines": engine_names(config), "arch": config.getoption("arch"),
-        "kernel": config.getoption("kernel"),
+        "kernel": config.getoption("kernel"), "distro": c.distro,
         "target": config.getoption("target"),
         **({"generate": config.getoption("generate"), "seed": config.getoption("seed")}
            if config.getoption("generate") > 0 else {})})

@@ -34,8 +34,8 @@ def _still_fine(world, n_before=None):
 
 
 # A refused thread: tests/test_engine_threads.py.
-@pytest.mark.parametrize("mode,reason", [("child", "process-tree"),
-                                         ("sysv", "unsupported-mapping")])
+# A process with a child: a tree now (tests/test_engine_tree.py).
+@pytest.mark.parametrize("mode,reason", [("sysv", "unsupported-mapping")])
 def test_refused_dump_leaves_target_running(procs, counter_bin, world, tmp_path, mode, reason):
     p = start_counter(procs, counter_bin, world, mode=mode)
     if mode == "child":

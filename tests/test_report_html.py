@@ -93,7 +93,8 @@ def test_page_is_the_matrix_with_coloured_cells_and_details(tmp_path):
     records, problems = M.load(sorted(str(p) for p in _outcomes(tmp_path / "o").iterdir()))
     page = Page()
     page.feed(H.render(records, problems))
-    assert page.heads == ["scenario", "expected", "aarch64/6.1/ckpt", "x86_64/6.1/ckpt", "x86_64/6.1/criu"]
+    assert page.heads == ["scenario", "expected", "aarch64/bookworm 6.1/ckpt", "x86_64/bookworm 6.1/ckpt",
+                          "x86_64/bookworm 6.1/criu"]
     rows = {r[0]["text"]: r for r in page.rows}
     assert set(rows) == {"scenarios/files/x.yaml", "scenarios/pipe/empty.yaml"}
     empty, x = rows["scenarios/pipe/empty.yaml"], rows["scenarios/files/x.yaml"]

@@ -62,9 +62,10 @@ def test_survey_guest_writes_json_and_html_reports(tmp_path):
     assert g.commands == [["ckpt", "survey", "--json", "--html", GUEST_HTML]]
     jpath, hpath = report_paths(out, "x86_64", "6.1")
     assert jpath.name == "survey-x86_64-6.1.json" and hpath.name == "survey-x86_64-6.1.html"
+    assert report_paths(out, "x86_64", "6.12", "trixie")[0].name == "survey-x86_64-trixie-6.12.json"
     saved = json.loads(jpath.read_text())
     assert saved == res
-    assert saved["guest"] == {"arch": "x86_64", "kernel": "6.1", "kernel_release": os.uname().release,
+    assert saved["guest"] == {"arch": "x86_64", "distro": "bookworm", "kernel": "6.1", "kernel_release": os.uname().release,
                               "accel": "none"}
     assert [r["pid"] for r in saved["records"]] == [target.pid]
     assert saved["summary"]["counts"] == {"restorable": 1}
@@ -88,8 +89,9 @@ def test_survey_guest_raises_on_a_failed_survey(tmp_path):
 def test_vm_cli_has_survey_subcommand(monkeypatch, tmp_path):
     seen = {}
 
-    def fake_run_survey(out_dir, arch, kernel, accel, engine_dir, settle_s):
-        seen.update(out=out_dir, arch=arch, kernel=kernel, accel=accel, engine=engine_dir, settle=settle_s)
+    def fake_run_survey(out_dir, arch, kernel, accel, engine_dir, settle_s, distro):
+        seen.update(out=out_dir, arch=arch, kernel=kernel, accel=accel, engine=engine_dir, settle=settle_s,
+                    distro=distro)
         return {"summary": {"counts": {"refused": 3}, "causes": [{"label": "threads", "processes": 3}]}}
 
     import vm.survey
@@ -97,7 +99,9 @@ def test_vm_cli_has_survey_subcommand(monkeypatch, tmp_path):
     rc = cli.main(["survey", "--arch", "aarch64", "--kernel", "backports", "--out", str(tmp_path), "--accel", "tcg"])
     assert rc == 0
     assert seen == {"out": tmp_path, "arch": "aarch64", "kernel": "backports", "accel": "tcg",
-                    "engine": REPO / "engine", "settle": 2.0}
+                    "engine": REPO / "engine", "settle": 2.0, "distro": "bookworm"}
+    rc = cli.main(["survey", "--arch", "aarch64", "--distro", "trixie", "--out", str(tmp_path)])
+    assert rc == 0 and (seen["distro"], seen["kernel"]) == ("trixie", "6.12")
 
 
 def test_nightly_surveys_each_arch_kernel_and_keeps_the_reports():

@@ -19,7 +19,7 @@ sys.path.insert(0, str(REPO / "tools"))
 import merge_reports as M  # noqa: E402
 
 
-def harness_doc(arch: str, engines: dict, kernel: str = None) -> dict:
+def harness_doc(arch: str, engines: dict, kernel: str = None, distro: str = None) -> dict:
     """A report shaped like harness/report.py's: {path: {expected, engines: {e: row}}}."""
     scen = {}
     for engine, rows in engines.items():
@@ -32,16 +32,22 @@ def harness_doc(arch: str, engines: dict, kernel: str = None) -> dict:
            "target": "guest", "totals": {}, "scenarios": scen}
     if kernel:
         doc["kernel"] = kernel
+    if distro:
+        doc["distro"] = distro
     return doc
 
 
-def job_dir(root: Path, arch: str, kernel: str, engine: str, doc: dict, label: bool = True) -> Path:
-    d = root / f"outcome-{arch}-{kernel}-{engine}"
+def job_dir(root: Path, arch: str, kernel: str, engine: str, doc: dict, label: bool = True,
+            distro: str = None) -> Path:
+    """One cell's artifact; its cell.json has a distro only when given (the
+    workflow's before the distro axis had none)."""
+    d = root / f"outcome-{arch}-{distro + '-' if distro else ''}{kernel}-{engine}"
     d.mkdir(parents=True)
     (d / "scenarios.json").write_text(json.dumps(doc))
     (d / f"junit-{arch}-{kernel}-{engine}.xml").write_text("<testsuites/>")
     if label:
-        (d / "cell.json").write_text(json.dumps({"arch": arch, "kernel": kernel, "engine": engine}))
+        (d / "cell.json").write_text(json.dumps({"arch": arch, "kernel": kernel, "engine": engine,
+                                                 **({"distro": distro} if distro else {})}))
     return d
 
 
@@ -63,15 +69,17 @@ def test_harness_reports_become_one_row_per_scenario_one_column_per_cell(outcome
     records, problems = M.load(sorted(str(p) for p in outcomes.iterdir()))
     assert problems == []
     cells, rows, table = M.matrix(records)
-    assert cells == [("aarch64", "6.1", "ckpt"), ("x86_64", "6.1", "ckpt"), ("x86_64", "backports", "criu")]
+    assert cells == [("aarch64", "bookworm", "6.1", "ckpt"), ("x86_64", "bookworm", "6.1", "ckpt"),
+                     ("x86_64", "bookworm", "backports", "criu")]
     assert rows == ["scenarios/files/renamed-over.yaml", "scenarios/pipe/empty.yaml"]
     # the kernel comes from cell.json: the harness report has none
-    assert table[("scenarios/files/renamed-over.yaml", ("x86_64", "backports", "criu"))]["outcome"] == "corrupted"
+    assert table[("scenarios/files/renamed-over.yaml", ("x86_64", "bookworm", "backports", "criu"))][
+        "outcome"] == "corrupted"
     md = M.markdown(records, problems)
     lines = md.splitlines()
     header = next(ln for ln in lines if ln.startswith("| scenario"))
     assert header.count("|") == 2 + len(cells) + 1
-    assert "x86_64<br>backports<br>criu" in header
+    assert "x86_64<br>bookworm backports<br>criu" in header
     row = next(ln for ln in lines if "renamed-over" in ln)
     assert row.endswith("| ✅ refused | ❌ corrupted |") and "| — |" in row  # no aarch64 result: a dash
     total = next(ln for ln in lines if ln.startswith("| **total**"))
@@ -85,8 +93,27 @@ def test_kernel_in_the_report_wins_and_default_is_6_1(tmp_path: Path):
             label=False)
     (root / "plain.json").write_text(json.dumps(harness_doc("x86_64", {"ckpt": {"s.yaml": ("restored", "hung", False)}})))
     records, problems = M.load([str(root / "outcome-x86_64-backports-ckpt"), str(root / "plain.json")])
-    assert problems == [] and {M.cell_of(r) for r in records} == {("x86_64", "backports", "ckpt"),
-                                                                   ("x86_64", "6.1", "ckpt")}
+    assert problems == [] and {M.cell_of(r) for r in records} == {("x86_64", "bookworm", "backports", "ckpt"),
+                                                                   ("x86_64", "bookworm", "6.1", "ckpt")}
+
+
+def test_distro_is_an_axis_of_its_own(outcomes: Path):
+    """A trixie cell is a column of its own beside bookworm's, from the
+    report's own ``distro`` or from cell.json; the same scenario's outcomes
+    on both distros stay apart."""
+    job_dir(outcomes, "x86_64", "6.12", "criu", harness_doc("x86_64", {"criu": {
+        "scenarios/pipe/empty.yaml": ("restored", "corrupted", False)}}), distro="trixie")
+    job_dir(outcomes, "x86_64", "6.12", "ckpt", harness_doc("x86_64", {"ckpt": {
+        "scenarios/pipe/empty.yaml": ("restored", "restored", True)}}, kernel="6.12", distro="trixie"),
+        label=False)
+    records, problems = M.load(sorted(str(p) for p in outcomes.iterdir()))
+    assert problems == []
+    cells, rows, table = M.matrix(records)
+    assert ("x86_64", "trixie", "6.12", "criu") in cells and ("x86_64", "trixie", "6.12", "ckpt") in cells
+    assert len(cells) == 5
+    assert table[("scenarios/pipe/empty.yaml", ("x86_64", "trixie", "6.12", "criu"))]["outcome"] == "corrupted"
+    assert table[("scenarios/pipe/empty.yaml", ("x86_64", "bookworm", "backports", "criu"))]["outcome"] == "restored"
+    assert "x86_64<br>trixie 6.12<br>criu" in M.markdown(records, problems)
 
 
 def test_plain_record_list_and_pass_rules(tmp_path: Path):
@@ -142,5 +169,20 @@ def test_report_written_by_the_harness_writer_merges(tmp_path: Path):
     records, problems = M.load([str(d)])
     assert problems == []
     assert {(M.cell_of(r), r["outcome"], M.passed(r)) for r in records} == {
-        (("aarch64", "6.1", "ckpt"), "restored", True), (("aarch64", "6.1", "criu"), "crashed", False)}
+        (("aarch64", "bookworm", "6.1", "ckpt"), "restored", True),
+        (("aarch64", "bookworm", "6.1", "criu"), "crashed", False)}
     assert all(r["outcome"] in M.OUTCOMES for r in records)
+
+
+def test_distro_written_by_the_harness_lands_in_the_cell(tmp_path: Path):
+    """The harness writes its run's distro into the report (pytest --distro);
+    the merge puts the rows in that distro's column without any cell.json."""
+    from harness import report as harness_report
+
+    rows = [{"scenario": "scenarios/pipe/empty.yaml", "engine": "ckpt", "expected": "restored",
+             "outcome": "restored", "got": "restored", "passed": True, "note": "", "duration": 1.0}]
+    d = tmp_path / "outcome-x86_64-trixie-6.12-ckpt"
+    harness_report.write_json(rows, str(d), {"engines": ["ckpt"], "arch": "x86_64", "kernel": "6.12",
+                                             "distro": "trixie", "target": "guest"})
+    records, problems = M.load([str(d)])
+    assert problems == [] and [M.cell_of(r) for r in records] == [("x86_64", "trixie", "6.12", "ckpt")]

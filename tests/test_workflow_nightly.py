@@ -51,13 +51,36 @@ def test_scheduled_and_manually_triggerable(wf):
     assert "workflow_dispatch" in on
 
 
-def test_matrix_is_arch_by_kernel_by_engine(wf):
+def cells(matrix: Dict) -> List[Dict]:
+    """The jobs GitHub makes of ``matrix``: the product of its axes, then
+    each ``include`` entry merged into every combination whose values it
+    does not overwrite, or added as a job of its own (GitHub's rule)."""
+    import itertools
+
+    axes = {k: v for k, v in matrix.items() if k not in ("include", "exclude")}
+    jobs = [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
+    for exc in matrix.get("exclude", []):
+        jobs = [j for j in jobs if any(j.get(k) != v for k, v in exc.items())]
+    for inc in matrix.get("include", []):
+        fits = [j for j in jobs if all(j.get(k, v) == v for k, v in inc.items() if k in axes)]
+        if fits:
+            for j in fits:
+                j.update(inc)
+        else:
+            jobs.append(dict(inc))
+    return jobs
+
+
+def test_matrix_is_arch_by_distro_by_kernel_by_engine(wf):
     from harness.engines import ENGINES
 
     m = wf["jobs"]["corpus"]["strategy"]["matrix"]
-    assert set(m["arch"]) == {"x86_64", "aarch64"}
-    assert set(m["kernel"]) == set(R.KERNELS)  # every kernel choice the image builder knows
-    assert set(m["engine"]) == {"ckpt", "criu"} <= set(ENGINES)
+    got = {(c["arch"], c["distro"], str(c["kernel"]), c["engine"]) for c in cells(m)}
+    # every arch x every (distro, kernel) the image builder knows x both engines, each once
+    want = {(a, d, k, e) for a in ("x86_64", "aarch64") for d, ks in R.DISTROS.items() for k in ks
+            for e in ("ckpt", "criu")}
+    assert got == want and len(cells(m)) == len(want)
+    assert {"ckpt", "criu"} <= set(ENGINES)
     assert wf["jobs"]["corpus"]["strategy"]["fail-fast"] is False  # one red cell must not hide the rest
 
 
@@ -69,11 +92,12 @@ def test_each_cell_runs_the_readme_commands_on_a_fresh_runner(wf):
     vm_test = re.search(r"make vm-test (.*?)(?:\n\S|\Z)", text.replace("\\\n", " "), re.S)
     assert vm_test, text
     args = vm_test.group(1)
-    for var, axis in (("ARCH", "arch"), ("KERNEL", "kernel"), ("ENGINE", "engine")):
+    for var, axis in (("ARCH", "arch"), ("DISTRO", "distro"), ("KERNEL", "kernel"), ("ENGINE", "engine")):
         assert f'{var}="${{{{ matrix.{axis} }}}}"' in args, args
     # the per-cell local command is documented (vm/README-vm.md, "Nightly matrix")
     doc = (REPO / "vm" / "README-vm.md").read_text()
     assert "make vm-test ARCH=aarch64 KERNEL=backports ENGINE=criu" in doc
+    assert "make vm-test DISTRO=trixie ENGINE=criu" in doc
 
 
 @pytest.mark.parametrize("arch,kernel,engine", [("aarch64", "backports", "criu"), ("x86_64", "6.1", "ckpt")])
@@ -99,7 +123,7 @@ def test_artifacts_junit_json_and_serial_logs_of_failures(wf):
     serial = next(v for k, v in paths.items() if k.startswith("serial-"))
     assert "reports/guests" in serial[0] and "failure()" in serial[1]
     for name in paths:  # unique per cell, or the uploads of two cells collide
-        assert "${{ matrix.arch }}-${{ matrix.kernel }}-${{ matrix.engine }}" in name
+        assert "${{ matrix.arch }}-${{ matrix.distro }}-${{ matrix.kernel }}-${{ matrix.engine }}" in name
     assert "cell.json" in run_text(job)
 
 
@@ -109,6 +133,8 @@ def test_guest_rootfs_cached_on_its_recipe_hash(wf):
     assert cache["with"]["path"].endswith("/rootfs")
     assert "steps.key.outputs.rootfs" in cache["with"]["key"]
     assert "-m vm cache-key --arch" in run_text(job) and "--kernel" in run_text(job)
+    assert '--distro "${{ matrix.distro }}"' in run_text(job)
+    assert '"distro": "%s"' in run_text(job)   # cell.json names the distro for the merge
     assert wf["env"]["CRUCIBLE_CACHE"] in cache["with"]["path"].replace("${{ env.CRUCIBLE_CACHE }}",
                                                                        wf["env"]["CRUCIBLE_CACHE"])
 

@@ -44,7 +44,8 @@ def test_aarch64_guest_tests_run_after_the_aarch64_image_is_built():
     assert names.index("make vm-image") < names.index(step["name"])
     # the tests use the 6.1 image: that cell builds it; once per arch, not per engine
     cond = step["if"]
-    assert "matrix.arch == 'aarch64'" in cond and "matrix.kernel == '6.1'" in cond and "matrix.engine == 'ckpt'" in cond
+    assert "matrix.arch == 'aarch64'" in cond and "matrix.distro == 'bookworm'" in cond
+    assert "matrix.kernel == '6.1'" in cond and "matrix.engine == 'ckpt'" in cond
     assert "make test-aarch64-guest" in step["run"]
     cmd = _make_n("test-aarch64-guest")
     assert "CRUCIBLE_REQUIRE_AARCH64=1" in cmd and "-m aarch64" in cmd and "pytest tests/" in cmd

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Merge per-job scenario outcome reports into one outcome matrix.
 
-The nightly workflow runs one job per matrix cell (arch x guest kernel x
-engine); each uploads its ``reports/`` directory. This script reads them all
+The nightly workflow runs one job per matrix cell (arch x guest distro x
+guest kernel x engine); each uploads its ``reports/`` directory. This script reads them all
 and writes one Markdown table, a row per scenario and a column per cell, to
 stdout and optionally to ``$GITHUB_STEP_SUMMARY`` (``--summary``), plus the
 merged records as JSON (``--json``).
@@ -11,12 +11,14 @@ Inputs, each a file or a directory (a directory is searched for
 ``scenarios.json``, and ``cell.json`` labels it):
 
 * the harness report (``reports/scenarios.json``):
-  ``{"arch": ..., "kernel"?: ..., "scenarios": {path: {"expected": ...,
-  "engines": {engine: {"outcome": ..., "passed": bool, ...}}}}}``. A report
-  without ``kernel`` takes it from ``cell.json`` beside it
-  (``{"arch", "kernel", "engine"}``, written by the workflow), else "6.1";
-* a plain list of records ``[{"scenario", "engine", "arch", "kernel",
-  "outcome", "expected"?, "passed"?}]``.
+  ``{"arch": ..., "distro"?: ..., "kernel"?: ..., "scenarios": {path:
+  {"expected": ..., "engines": {engine: {"outcome": ..., "passed": bool,
+  ...}}}}}``. A report without ``distro``/``kernel`` takes them from
+  ``cell.json`` beside it (``{"arch", "distro", "kernel", "engine"}``,
+  written by the workflow), else "bookworm"/"6.1" (reports from before the
+  distro axis);
+* a plain list of records ``[{"scenario", "engine", "arch", "distro"?,
+  "kernel"?, "outcome", "expected"?, "passed"?}]``.
 
 Stdlib only (runs on the runner's own python3). Exit 0; 1 with ``--strict``
 when any cell failed; 2 when no input could be read.
@@ -32,11 +34,13 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple
 
 DEFAULT_KERNEL = "6.1"
+DEFAULT_DISTRO = "bookworm"
 #: The closed outcome set of DESIGN.md; anything else is shown as-is.
 OUTCOMES = ("restored", "refused", "corrupted", "crashed", "hung")
 
 Record = Dict[str, object]
-Cell = Tuple[str, str, str]  # (arch, kernel, engine)
+Cell = Tuple[str, str, str, str]  # (arch, distro, kernel, engine)
+CELL_KEYS = ("arch", "distro", "kernel", "engine")
 
 
 class ReportError(Exception):
@@ -66,6 +70,7 @@ def records_from_harness(doc: Dict[str, object], cell: Dict[str, str], source: s
         raise ReportError(source, "no 'scenarios' object (not a harness report)")
     arch = str(doc.get("arch") or cell.get("arch") or "?")
     kernel = str(doc.get("kernel") or cell.get("kernel") or DEFAULT_KERNEL)
+    distro = str(doc.get("distro") or cell.get("distro") or DEFAULT_DISTRO)
     out: List[Record] = []
     for scenario, entry in sorted(scenarios.items()):
         if not isinstance(entry, dict):
@@ -74,8 +79,8 @@ def records_from_harness(doc: Dict[str, object], cell: Dict[str, str], source: s
         for engine, res in sorted(engines.items()):  # type: ignore[union-attr]
             if not isinstance(res, dict):
                 continue
-            out.append({"scenario": scenario, "engine": engine, "arch": arch, "kernel": kernel,
-                        "outcome": res.get("outcome", "?"),
+            out.append({"scenario": scenario, "engine": engine, "arch": arch, "distro": distro,
+                        "kernel": kernel, "outcome": res.get("outcome", "?"),
                         "expected": res.get("expected", entry.get("expected")),
                         "passed": res.get("passed"), "source": source,
                         # what the HTML page shows behind a failure (tools/report_html.py)
@@ -97,6 +102,7 @@ def records_from_list(doc: List[object], source: str) -> List[Record]:
             raise ReportError(source, f"record {i} needs scenario, engine, arch, outcome")
         r = dict(rec)
         r.setdefault("kernel", DEFAULT_KERNEL)
+        r.setdefault("distro", DEFAULT_DISTRO)
         r["source"] = source
         out.append(r)
     return out
@@ -146,7 +152,7 @@ def passed(rec: Record) -> bool:
 
 
 def cell_of(rec: Record) -> Cell:
-    return (str(rec["arch"]), str(rec["kernel"]), str(rec["engine"]))
+    return (str(rec["arch"]), str(rec.get("distro") or DEFAULT_DISTRO), str(rec["kernel"]), str(rec["engine"]))
 
 
 def matrix(records: List[Record]) -> Tuple[List[Cell], List[str], Dict[Tuple[str, Cell], Record]]:
@@ -166,7 +172,7 @@ def markdown(records: List[Record], problems: Optional[List[str]] = None) -> str
     if not records:
         lines.append("No outcome reports were found.")
     else:
-        lines.append("| scenario | expected | " + " | ".join(f"{a}<br>{k}<br>{e}" for a, k, e in cells) + " |")
+        lines.append("| scenario | expected | " + " | ".join(f"{a}<br>{d} {k}<br>{e}" for a, d, k, e in cells) + " |")
         lines.append("|---|---|" + "---|" * len(cells))
         for scen in rows:
             expected = next((str(table[(scen, c)].get("expected") or "")
@@ -214,7 +220,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         report_html.write(args.html, records, problems)
     if args.json_out:
         cells, rows, table = matrix(records)
-        doc = {"cells": [dict(zip(("arch", "kernel", "engine"), c)) for c in cells],
+        doc = {"cells": [dict(zip(CELL_KEYS, c)) for c in cells],
                "records": records, "problems": problems}
         tmp = f"{args.json_out}.tmp{os.getpid()}"
         with open(tmp, "w") as f:

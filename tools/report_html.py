@@ -2,7 +2,7 @@
 """The outcome matrix as one self-contained HTML page.
 
 The same matrix as tools/merge_reports.py's Markdown (a row per scenario, a
-column per cell: arch x kernel/distro x engine), for people: inline CSS
+column per cell: arch x distro x kernel x engine), for people: inline CSS
 only (no script, no external file: it opens from an artifact zip), a
 coloured cell per outcome, and each failure's detail (what was expected,
 what happened, the harness's note and the failed checks) one click away in
@@ -92,7 +92,9 @@ def _td(rec: Optional[M.Record]) -> str:
 
 
 def _label(cell: Sequence[str]) -> str:
-    return "<br>".join(html.escape(str(x)) for x in cell)
+    """``arch<br>distro kernel<br>engine`` (the Markdown table's header)."""
+    arch, distro, kernel, engine = cell
+    return "<br>".join(html.escape(str(x)) for x in (arch, f"{distro} {kernel}", engine))
 
 
 def render(records: List[M.Record], problems: Optional[List[str]] = None,

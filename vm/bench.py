@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional
 from .guest import Guest
 from .image import ensure_image
 from .paths import read_json_object, replace_text
-from .recipe import DEFAULT_KERNEL
+from .recipe import DEFAULT_DISTRO, DEFAULT_KERNEL, DEFAULT_KERNELS
 
 #: name -> (target seconds, description)
 TARGETS = {
@@ -44,9 +44,12 @@ def merge_results(path: Path, key: str, value: Dict[str, Any]) -> None:
     replace_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def bench_key(arch: str, kernel: str = DEFAULT_KERNEL) -> str:
-    """The entry under "vm" for ``arch``/``kernel``: the arch alone for the
-    default kernel, ``arch+kernel`` otherwise."""
+def bench_key(arch: str, kernel: str = DEFAULT_KERNEL, distro: str = DEFAULT_DISTRO) -> str:
+    """The entry under "vm" for ``arch``/``distro``/``kernel``: the arch
+    alone for bookworm's default kernel, ``arch+kernel`` for another
+    bookworm kernel, ``arch+distro`` for another distro's own kernel."""
+    if distro != DEFAULT_DISTRO:
+        return f"{arch}+{distro}" if kernel == DEFAULT_KERNELS[distro] else f"{arch}+{distro}+{kernel}"
     return arch if kernel == DEFAULT_KERNEL else f"{arch}+{kernel}"
 
 
@@ -81,13 +84,13 @@ def _rss_mb(pid: Optional[int]) -> Optional[float]:
 
 def run_bench(out: Path, arch: str = "x86_64", accel: str = "auto", runs: int = 3,
               engine_dir: Optional[Path] = None, latency_n: int = 20,
-              kernel: str = DEFAULT_KERNEL) -> Dict[str, Any]:
+              kernel: str = DEFAULT_KERNEL, distro: str = DEFAULT_DISTRO) -> Dict[str, Any]:
     """Measure, merge into ``out`` under "vm"/<arch>, print a table; returns the dict.
 
     Raises:
         VmError: any guest failure (nothing is written then).
     """
-    img = ensure_image(arch, kernel=kernel)
+    img = ensure_image(arch, kernel=kernel, distro=distro)
     cold_ready: List[float] = []
     cold_first: List[float] = []
     golden_first: List[float] = []
@@ -123,6 +126,7 @@ def run_bench(out: Path, arch: str = "x86_64", accel: str = "auto", runs: int = 
     res.update({
         "arch": arch,
         "kernel": kernel,
+        "distro": distro,
         "accel": used_accel,
         "runs": runs,
         "boot_to_ready_cold_s": _median(cold_ready),
@@ -140,7 +144,7 @@ def run_bench(out: Path, arch: str = "x86_64", accel: str = "auto", runs: int = 
                   "initrd_kb": info["initrd_kb"], "build_seconds": info.get("build_seconds")},
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     })
-    entry = bench_key(arch, kernel)
+    entry = bench_key(arch, kernel, distro)
     merge_vm_entry(out, entry, res)
     print_table(res)
     print(f"(merged into {out} under \"vm\" / \"{entry}\")")

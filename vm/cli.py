@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from .errors import VmError
-from .recipe import DEFAULT_KERNEL, KERNELS
+from .recipe import DEFAULT_DISTRO, DEFAULT_KERNELS, DISTROS, axis_name, kernel_suite
 
 REPO = Path(__file__).resolve().parent.parent
 USAGE_KINDS = ("usage", "host-tools", "unsupported")
@@ -28,9 +28,10 @@ def _say(msg: str) -> None:
 def cmd_image(args: argparse.Namespace) -> int:
     from .image import ensure_image
 
-    img = ensure_image(args.arch, force=args.force, kernel=args.kernel, force_rootfs=args.force_rootfs)
+    img = ensure_image(args.arch, force=args.force, kernel=args.kernel, force_rootfs=args.force_rootfs,
+                       distro=args.distro)
     info = img.info()
-    _say(f"{args.arch} kernel {info['kernel_release']} ({args.kernel}), rootfs {info['rootfs_mb']} MiB "
+    _say(f"{args.arch} {args.distro} kernel {info['kernel_release']} ({args.kernel}), rootfs {info['rootfs_mb']} MiB "
          f"({info['rootfs_allocated_mb']} MiB allocated), initrd {info['initrd_kb']} KiB")
     print(img.dir)
     return 0
@@ -44,7 +45,7 @@ def cmd_show_command(args: argparse.Namespace) -> int:
     from .image import image_paths
 
     spec = get_arch(args.arch)
-    img = image_paths(args.arch, args.kernel)
+    img = image_paths(args.arch, args.kernel, args.distro)
     accel = args.accel
     if accel == "auto" and not spec.kvm_possible():
         accel = "tcg"
@@ -54,7 +55,8 @@ def cmd_show_command(args: argparse.Namespace) -> int:
         accel = hit["accel"] if hit else "tcg"
         _say(f"accel auto -> {accel} ({'cached probe' if hit else 'not probed yet; run probe-accel'})")
     if not img.exists():
-        _say(f"image not built yet: {img.dir} (python3 -m vm image --arch {args.arch} --kernel {args.kernel})")
+        _say(f"image not built yet: {img.dir} (python3 -m vm image --arch {args.arch} "
+             f"--distro {args.distro} --kernel {args.kernel})")
     tmp = f"/tmp/crucible-{args.name}"
     _say(f"overlay: qemu-img create -f qcow2 -F raw -b {img.rootfs} {tmp}/overlay.qcow2")
     argv = build_argv(spec, LaunchSpec(
@@ -70,7 +72,7 @@ def cmd_probe_accel(args: argparse.Namespace) -> int:
     from .accel import choose_accel
     from .image import ensure_image
 
-    choice = choose_accel("auto", args.arch, ensure_image(args.arch, kernel=args.kernel), refresh=args.refresh)
+    choice = choose_accel("auto", args.arch, ensure_image(args.arch, kernel=args.kernel, distro=args.distro), refresh=args.refresh)
     print(f"{choice.accel}\t{choice.reason}")
     return 0
 
@@ -116,7 +118,7 @@ def cmd_shell(args: argparse.Namespace) -> int:
     from .guest import Guest
     from .image import ensure_image
 
-    img = ensure_image(args.arch, kernel=args.kernel)
+    img = ensure_image(args.arch, kernel=args.kernel, distro=args.distro)
     engine = Path(args.engine_dir) if args.engine_dir else REPO / "engine"
     g = Guest(arch=args.arch, accel=args.accel, name="shell", image=img, kernel=args.kernel, memory_mb=args.memory,
               engine_dir=engine if engine.is_dir() else None, log_dir=args.log_dir)
@@ -138,16 +140,17 @@ def cmd_shell(args: argparse.Namespace) -> int:
 
 
 def cmd_cache_key(args: argparse.Namespace) -> int:
-    """Print the cache keys of ``--arch``/``--kernel`` (CI caches on them)."""
+    """Print the cache keys of ``--arch``/``--distro``/``--kernel`` (CI
+    caches on them): the names of the cache entries, bookworm's without
+    the distro as before the distro axis."""
     from .image import image_paths
     from .rootfs import rootfs_paths
 
-    root = rootfs_paths(args.arch, args.kernel)
+    prefix = axis_name(args.arch, args.kernel, args.distro)
     if args.what == "rootfs":
-        print(f"{args.arch}-{args.kernel}-{root.rootfs_hash}")
+        print(f"{prefix}-{rootfs_paths(args.arch, args.kernel, args.distro).rootfs_hash}")
     else:
-        img = image_paths(args.arch, args.kernel)
-        print(f"{args.arch}-{args.kernel}-{img.recipe_hash}")
+        print(f"{prefix}-{image_paths(args.arch, args.kernel, args.distro).recipe_hash}")
     return 0
 
 
@@ -155,7 +158,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_bench
 
     run_bench(Path(args.out), arch=args.arch, accel=args.accel, runs=args.runs,
-              engine_dir=REPO / "engine", kernel=args.kernel)
+              engine_dir=REPO / "engine", kernel=args.kernel, distro=args.distro)
     return 0
 
 
@@ -164,9 +167,9 @@ def cmd_survey(args: argparse.Namespace) -> int:
 
     engine = Path(args.engine_dir) if args.engine_dir else REPO / "engine"
     result = run_survey(Path(args.out), arch=args.arch, kernel=args.kernel, accel=args.accel,
-                        engine_dir=engine, settle_s=args.settle)
-    jpath, hpath = report_paths(Path(args.out), args.arch, args.kernel)
-    _say(f"survey {args.arch} kernel {args.kernel}: {summary_line(result)}")
+                        engine_dir=engine, settle_s=args.settle, distro=args.distro)
+    jpath, hpath = report_paths(Path(args.out), args.arch, args.kernel, args.distro)
+    _say(f"survey {args.arch} {args.distro} kernel {args.kernel}: {summary_line(result)}")
     print(jpath)
     print(hpath)
     return 0
@@ -178,8 +181,12 @@ def parser() -> argparse.ArgumentParser:
 
     def common(sp: argparse.ArgumentParser, accel: bool = True) -> None:
         sp.add_argument("--arch", default=os.environ.get("ARCH", "x86_64"))
-        sp.add_argument("--kernel", default=os.environ.get("KERNEL") or DEFAULT_KERNEL,
-                        help=f"guest kernel: {' | '.join(KERNELS)} (default {DEFAULT_KERNEL}; env KERNEL)")
+        sp.add_argument("--distro", default=os.environ.get("DISTRO") or DEFAULT_DISTRO,
+                        help=f"guest distro: {' | '.join(DISTROS)} (default {DEFAULT_DISTRO}; env DISTRO)")
+        sp.add_argument("--kernel", default=os.environ.get("KERNEL") or None,
+                        help="guest kernel: " + "; ".join(f"{d}: {' | '.join(k)}" for d, k in DISTROS.items())
+                        + " (default: the distro's own, " + ", ".join(f"{d} {k}" for d, k in DEFAULT_KERNELS.items())
+                        + "; env KERNEL)")
         if accel:
             sp.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto")
 
@@ -230,6 +237,9 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     args = parser().parse_args(argv)
     try:
+        if hasattr(args, "distro"):
+            args.kernel = args.kernel or DEFAULT_KERNELS.get(args.distro, "")
+            kernel_suite(args.kernel, args.distro)  # VmError(kind="usage") before any work
         return int(args.func(args))
     except VmError as exc:
         print(f"vm: error: {exc}", file=sys.stderr)

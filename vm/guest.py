@@ -113,17 +113,22 @@ class Guest:
                  ready_timeout: float = 60.0, ssh_timeout: float = 60.0,
                  from_snapshot: Optional[Tuple[PathLike, str]] = None,
                  extra_append: Optional[List[str]] = None, wait_ssh: bool = True,
-                 tb_size_mb: int = 128, kernel: Optional[str] = None):
-        """``kernel`` picks the guest-kernel axis value ("6.1", "backports";
-        see ``vm.recipe.KERNELS``) of the image built when ``image`` is None;
-        with an ``image`` it defaults to (and must match) the image's."""
+                 tb_size_mb: int = 128, kernel: Optional[str] = None, distro: Optional[str] = None):
+        """``distro`` ("bookworm", "trixie"; see ``vm.recipe.DISTROS``) and
+        ``kernel`` (one of the distro's kernel choices, e.g. "6.1",
+        "backports"; default the distro's own) pick the image built when
+        ``image`` is None; with an ``image`` they default to (and must
+        match) the image's."""
+        if distro is None:
+            distro = image.distro if image is not None else R.DEFAULT_DISTRO
         if kernel is None:
-            kernel = image.kernel_choice if image is not None else R.DEFAULT_KERNEL
-        if image is not None and image.kernel_choice != kernel:
-            raise VmError(f"Guest(kernel={kernel!r}) but the image given is for kernel "
-                          f"{image.kernel_choice!r}", kind="usage", guest=name)
-        R.kernel_suite(kernel)  # VmError(kind="usage") for an unknown choice, before any boot
+            kernel = image.kernel_choice if image is not None else R.default_kernel(distro)
+        if image is not None and (image.kernel_choice, image.distro) != (kernel, distro):
+            raise VmError(f"Guest(distro={distro!r}, kernel={kernel!r}) but the image given is for "
+                          f"{image.distro!r} kernel {image.kernel_choice!r}", kind="usage", guest=name)
+        R.kernel_suite(kernel, distro)  # VmError(kind="usage") for an unknown choice, before any boot
         self.kernel = kernel
+        self.distro = distro
         self.arch = arch
         self.accel_requested = accel
         self.accel: Optional[str] = None
@@ -175,7 +180,7 @@ class Guest:
         t0 = time.monotonic()
         spec_arch = get_arch(self.arch)
         if self.image is None:
-            self.image = ensure_image(self.arch, kernel=self.kernel)
+            self.image = ensure_image(self.arch, kernel=self.kernel, distro=self.distro)
         if self.accel is None:
             self.accel, self.accel_reason = self._resolve_accel()
         sweep_stale_dirs()

@@ -53,8 +53,10 @@ class ImagePaths:
     dir: Path
     arch: str
     recipe_hash: str
-    #: the guest-kernel axis value (``vm.recipe.KERNELS``), not a path
+    #: the guest-kernel axis value (a key of ``vm.recipe.DISTROS[distro]``), not a path
     kernel_choice: str = R.DEFAULT_KERNEL
+    #: the guest-distro axis value (a key of ``vm.recipe.DISTROS``)
+    distro: str = R.DEFAULT_DISTRO
 
     @property
     def rootfs(self) -> Path:
@@ -140,9 +142,10 @@ def check_host_tools(arch: str, build: bool = True) -> None:
         raise HostToolsMissing(missing)
 
 
-def image_recipe(arch: str, kernel: str = R.DEFAULT_KERNEL) -> Dict[str, object]:
-    """The recipe dict of ``arch`` with guest kernel ``kernel`` on this host
-    (includes the busybox hash).
+def image_recipe(arch: str, kernel: str = R.DEFAULT_KERNEL,
+                 distro: str = R.DEFAULT_DISTRO) -> Dict[str, object]:
+    """The recipe dict of ``arch`` with guest distro ``distro`` and kernel
+    ``kernel`` on this host (includes the busybox hash).
 
     The static busybox runs as the guest's init, so it must be built for
     the guest's arch: for a foreign arch it is taken out of the guest's own
@@ -150,7 +153,7 @@ def image_recipe(arch: str, kernel: str = R.DEFAULT_KERNEL) -> Dict[str, object]
 
     Raises:
         HostToolsMissing: no static busybox on the host (native arch).
-        VmError(kind="usage"): unknown kernel choice.
+        VmError(kind="usage"): unknown distro or kernel choice.
     """
     spec = get_arch(arch)
     if is_foreign(spec):
@@ -161,25 +164,32 @@ def image_recipe(arch: str, kernel: str = R.DEFAULT_KERNEL) -> Dict[str, object]
             raise HostToolsMissing([("busybox (static)", "busybox-static")])
         bb_hash = hashlib.sha256(bb.read_bytes()).hexdigest()
     return R.recipe(arch, spec.kernel_package, spec.initramfs_modules, bb_hash,
-                    kernel=kernel, deb_arch=spec.deb_arch, foreign=is_foreign(spec))
+                    kernel=kernel, deb_arch=spec.deb_arch, foreign=is_foreign(spec), distro=distro)
 
 
-def image_paths(arch: str, kernel: str = R.DEFAULT_KERNEL) -> ImagePaths:
-    """Where the image of ``arch``/``kernel`` for the current recipe is (or would be).
+def image_paths(arch: str, kernel: Optional[str] = None, distro: str = R.DEFAULT_DISTRO) -> ImagePaths:
+    """Where the image of ``arch``/``distro``/``kernel`` (default: the
+    distro's own kernel) for the current recipe is (or would be):
+    ``<arch>[-<distro>]-<kernel>-<hash>`` (:func:`vm.recipe.axis_name`).
 
     Raises:
-        VmError(kind="usage"): unknown kernel choice.
+        VmError(kind="usage"): unknown distro or kernel choice.
     """
-    key = R.recipe_hash(image_recipe(arch, kernel))
-    return ImagePaths(images_dir() / f"{arch}-{kernel}-{key}", arch, key, kernel)
+    kernel = kernel or R.default_kernel(distro)
+    key = R.recipe_hash(image_recipe(arch, kernel, distro))
+    return ImagePaths(images_dir() / f"{R.axis_name(arch, kernel, distro)}-{key}", arch, key, kernel, distro)
 
 
 def host_mirrors(suite: str = R.SUITE, sources_root: str = "/etc/apt") -> List[str]:
     """Debian ``deb`` lines for ``suite`` from the host's apt sources.
 
     The host's mirror is the one known to work here; both the one-line
-    format and deb822 ``.sources`` files are read. Falls back to
-    deb.debian.org when the host lists none for that suite.
+    format and deb822 ``.sources`` files are read. A suite the host does not
+    list (a bookworm host building a trixie guest) takes the host's lines of
+    its own release with the codename swapped (``bookworm-security`` on the
+    security mirror -> ``trixie-security``; not backports, whose packages
+    belong to their release). Falls back to deb.debian.org when the host
+    lists no Debian release at all.
     """
     entries: List[tuple] = []  # (uri, suite, components)
     root = Path(sources_root)
@@ -207,10 +217,16 @@ def host_mirrors(suite: str = R.SUITE, sources_root: str = "/etc/apt") -> List[s
                 line = re.sub(r"\[[^\]]*\]", "", line.split("#", 1)[0]).split()
                 if len(line) >= 3 and line[0] == "deb":
                     entries.append((line[1], line[2], " ".join(line[3:]) or "main"))
-    lines = []
-    for uri, s, comps in entries:
-        if s == suite or s.startswith(suite + "-") or s.startswith(suite + "/"):
-            lines.append(f"deb {uri} {s} main")
+    def of(release: str) -> List[tuple]:
+        return [(uri, s) for uri, s, _ in entries
+                if s == release or s.startswith(release + "-") or s.startswith(release + "/")]
+
+    found = of(suite)
+    if not any(s == suite for _, s in found):
+        host_release = next((s for _, s in of(R.SUITE) if s == R.SUITE), "")
+        found += [(uri, suite + s[len(host_release):]) for uri, s in of(host_release)
+                  if host_release and not s.endswith("-backports")]
+    lines = [f"deb {uri} {s} main" for uri, s in found]
     if not any(f" {suite} " in ln for ln in lines):
         lines = [f"deb http://deb.debian.org/debian {suite} main"] + lines
     return lines
@@ -293,10 +309,10 @@ def build_image(arch: str, dest: ImagePaths, say: Progress, force_rootfs: bool =
     """
     spec = get_arch(arch)
     kernel_choice = dest.kernel_choice
-    rec = image_recipe(arch, kernel_choice)
+    rec = image_recipe(arch, kernel_choice, dest.distro)
     t0 = time.monotonic()
     timings: Dict[str, float] = {}
-    rootfs = ensure_rootfs(arch, kernel_choice, say=say, force=force_rootfs)
+    rootfs = ensure_rootfs(arch, kernel_choice, say=say, force=force_rootfs, distro=dest.distro)
     timings["rootfs_stage"] = time.monotonic() - t0
     tmp = dest.dir.parent / f".build-{dest.dir.name}"
     if tmp.exists():
@@ -342,7 +358,7 @@ def build_image(arch: str, dest: ImagePaths, say: Progress, force_rootfs: bool =
         timings["total"] = time.monotonic() - t0
         rinfo = rootfs.info()
         timings["mmdebstrap"] = float(rinfo.get("mmdebstrap_seconds", 0.0))  # type: ignore[arg-type]
-        manifest = {"arch": arch, "kernel": kernel_choice, "recipe_hash": dest.recipe_hash,
+        manifest = {"arch": arch, "kernel": kernel_choice, "distro": dest.distro, "recipe_hash": dest.recipe_hash,
                     "rootfs_hash": rootfs.rootfs_hash, "kernel_release": release,
                     "rootfs_mb": size_kb // 1024,
                     "rootfs_allocated_mb": os.stat(tmp / "rootfs.ext4").st_blocks * 512 // 2**20,
@@ -362,11 +378,13 @@ def build_image(arch: str, dest: ImagePaths, say: Progress, force_rootfs: bool =
 
 
 def ensure_image(arch: str = "x86_64", force: bool = False,
-                 progress: Optional[Progress] = None, kernel: str = R.DEFAULT_KERNEL,
-                 force_rootfs: bool = False) -> ImagePaths:
-    """The image of ``arch`` with guest kernel ``kernel`` (a key of
-    ``vm.recipe.KERNELS``: "6.1" or "backports") for the current recipe,
-    built if missing. ``force`` rebuilds the image from the cached rootfs;
+                 progress: Optional[Progress] = None, kernel: Optional[str] = None,
+                 force_rootfs: bool = False, distro: str = R.DEFAULT_DISTRO) -> ImagePaths:
+    """The image of ``arch`` with guest distro ``distro`` (a key of
+    ``vm.recipe.DISTROS``: "bookworm" or "trixie") and kernel ``kernel`` (a
+    key of ``DISTROS[distro]``: "6.1" or "backports" for bookworm, "6.12"
+    for trixie; None: the distro's own) for the current recipe, built if
+    missing. ``force`` rebuilds the image from the cached rootfs;
     ``force_rootfs`` redoes mmdebstrap too.
 
     Concurrent callers wait on a lock; one builds, the others reuse it.
@@ -374,12 +392,12 @@ def ensure_image(arch: str = "x86_64", force: bool = False,
     Raises:
         HostToolsMissing: a host tool needed to build is not installed.
         VmError(kind="unsupported"): arch not supported yet.
-        VmError(kind="usage"): unknown kernel choice.
+        VmError(kind="usage"): unknown distro or kernel choice.
         VmError(kind="image"): the build failed (log tail in the message).
     """
     get_arch(arch)
     force = force or force_rootfs
-    dest = image_paths(arch, kernel)
+    dest = image_paths(arch, kernel, distro)
     if dest.exists() and not force:
         return dest
     check_host_tools(arch, build=True)
@@ -394,18 +412,19 @@ def ensure_image(arch: str = "x86_64", force: bool = False,
             say("another process built it meanwhile")
             return dest
         build_image(arch, dest, say, force_rootfs=force_rootfs)
-    prune_old_images(arch, kernel, keep=dest.dir)
+    prune_old_images(arch, dest.kernel_choice, keep=dest.dir, distro=distro)
     return dest
 
 
-def prune_old_images(arch: str, kernel: str, keep: Path, keep_count: int = 2) -> None:
-    """Delete all but the newest ``keep_count`` images of ``arch``/``kernel``
+def prune_old_images(arch: str, kernel: str, keep: Path, keep_count: int = 2,
+                     distro: str = R.DEFAULT_DISTRO) -> None:
+    """Delete all but the newest ``keep_count`` images of ``arch``/``distro``/``kernel``
     (``keep`` always stays): every recipe change would otherwise add ~400 MB.
     A guest still running on a deleted image is unaffected (its QEMU holds
     the files open; unlink(2) frees them only at close). Images named before
     the kernel axis (``<arch>-<hash>``) are left alone: a harness started
     earlier may still create overlays on them."""
-    others = sorted((p for p in images_dir().glob(f"{arch}-{kernel}-*") if p.is_dir() and p != keep),
+    others = sorted((p for p in images_dir().glob(f"{R.axis_name(arch, kernel, distro)}-*") if p.is_dir() and p != keep),
                     key=lambda p: p.stat().st_mtime, reverse=True)
     for old in others[max(0, keep_count - 1):]:
         shutil.rmtree(old, ignore_errors=True)

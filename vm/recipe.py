@@ -18,11 +18,50 @@ ROOTFS_VERSION = 1
 
 SUITE = "bookworm"
 
-#: The guest-kernel axis: choice -> the suite its kernel package comes from.
-#: "6.1" is bookworm's own kernel; "backports" is bookworm-backports' newer
-#: one (6.12 at the time of writing) with the rest of the guest unchanged.
-DEFAULT_KERNEL = "6.1"
-KERNELS: Dict[str, str] = {"6.1": SUITE, "backports": f"{SUITE}-backports"}
+#: The guest-distro axis: Debian release -> its guest-kernel axis (choice ->
+#: the suite its kernel package comes from). bookworm: "6.1" is its own
+#: kernel, "backports" bookworm-backports' newer one (6.12 at the time of
+#: writing) with the rest of the guest unchanged. trixie (Debian 13) brings
+#: its own 6.12, python3.13 and criu 4.1: what people run today.
+DEFAULT_DISTRO = SUITE
+DISTROS: Dict[str, Dict[str, str]] = {
+    "bookworm": {"6.1": "bookworm", "backports": "bookworm-backports"},
+    "trixie": {"6.12": "trixie"},
+}
+#: Each distro's kernel when none is named (its own release's).
+DEFAULT_KERNELS: Dict[str, str] = {"bookworm": "6.1", "trixie": "6.12"}
+DEFAULT_KERNEL = DEFAULT_KERNELS[DEFAULT_DISTRO]
+#: bookworm's kernel axis (the one before the distro axis existed).
+KERNELS: Dict[str, str] = DISTROS[DEFAULT_DISTRO]
+
+
+def check_distro(distro: str) -> str:
+    """``distro`` itself when it is a known guest distro.
+
+    Raises:
+        VmError(kind="usage"): not a key of :data:`DISTROS`.
+    """
+    if distro not in DISTROS:
+        from .errors import VmError
+        raise VmError(f"unknown guest distro {distro!r}; known: {', '.join(DISTROS)}", kind="usage")
+    return distro
+
+
+def default_kernel(distro: str = DEFAULT_DISTRO) -> str:
+    """The kernel choice of ``distro`` when none is given.
+
+    Raises:
+        VmError(kind="usage"): unknown distro.
+    """
+    return DEFAULT_KERNELS[check_distro(distro)]
+
+
+def axis_name(arch: str, kernel: str, distro: str = DEFAULT_DISTRO) -> str:
+    """``<arch>[-<distro>]-<kernel>``: the prefix of cache entries (images,
+    rootfs tarballs) and report cells. bookworm, the distro that came
+    first, keeps its old names, so its cached images stay valid."""
+    return f"{arch}-{kernel}" if distro == DEFAULT_DISTRO else f"{arch}-{distro}-{kernel}"
+
 
 #: The kernel's postinst runs update-initramfs (initramfs-tools satisfies its
 #: dependency on linux-initramfs-tool). We boot our own tiny initramfs, and
@@ -137,24 +176,26 @@ DPKG_EXCLUDES = [
 ]
 
 
-def kernel_suite(kernel: str) -> str:
-    """The suite the kernel choice ``kernel`` installs its package from.
+def kernel_suite(kernel: str, distro: str = DEFAULT_DISTRO) -> str:
+    """The suite the kernel choice ``kernel`` of ``distro`` installs its package from.
 
     Raises:
-        VmError(kind="usage"): not a known kernel choice.
+        VmError(kind="usage"): unknown distro, or not one of its kernel choices.
     """
-    if kernel not in KERNELS:
+    kernels = DISTROS[check_distro(distro)]
+    if kernel not in kernels:
         from .errors import VmError
-        raise VmError(f"unknown guest kernel {kernel!r}; known: {', '.join(KERNELS)}", kind="usage")
-    return KERNELS[kernel]
+        raise VmError(f"unknown guest kernel {kernel!r} for {distro}; known: {', '.join(kernels)}",
+                      kind="usage")
+    return kernels[kernel]
 
 
-def kernel_include(kernel_package: str, kernel: str) -> str:
+def kernel_include(kernel_package: str, kernel: str, distro: str = DEFAULT_DISTRO) -> str:
     """The ``--include`` entry for the kernel: ``pkg/suite`` when it comes
     from another suite (apt's release selector; apt then takes the
     dependencies that only that suite can satisfy from it too)."""
-    suite = kernel_suite(kernel)
-    return kernel_package if suite == SUITE else f"{kernel_package}/{suite}"
+    suite = kernel_suite(kernel, distro)
+    return kernel_package if suite == distro else f"{kernel_package}/{suite}"
 
 
 #: A foreign-arch guest cannot run the host's busybox as its init: it gets
@@ -163,41 +204,45 @@ FOREIGN_PACKAGES: List[str] = ["busybox-static"]
 
 
 def rootfs_recipe(arch: str, deb_arch: str, kernel_package: str,
-                  kernel: str = DEFAULT_KERNEL, foreign: bool = False) -> Dict[str, object]:
+                  kernel: str = DEFAULT_KERNEL, foreign: bool = False,
+                  distro: str = DEFAULT_DISTRO) -> Dict[str, object]:
     """What the mmdebstrap stage depends on (its own, longer-lived cache key:
     an arm64 rootfs takes ~20 min through qemu-user, so changing the init
-    or the initramfs must not redo it).
+    or the initramfs must not redo it). The distro is the ``suite`` (no key
+    of its own: bookworm's dict, and so its hash, is what it was before the
+    distro axis).
 
     Raises:
-        VmError(kind="usage"): unknown kernel choice.
+        VmError(kind="usage"): unknown distro or kernel choice.
     """
-    suite = kernel_suite(kernel)
+    suite = kernel_suite(kernel, distro)
     return {
         "rootfs_version": ROOTFS_VERSION,
         "arch": arch,
         "deb_arch": deb_arch,
-        "suite": SUITE,
-        "extra_suites": [suite] if suite != SUITE else [],
+        "suite": distro,
+        "extra_suites": [suite] if suite != distro else [],
         "packages": sorted(PACKAGES + (FOREIGN_PACKAGES if foreign else [])
-                           + [kernel_include(kernel_package, kernel)]),
+                           + [kernel_include(kernel_package, kernel, distro)]),
         "dpkg_excludes": DPKG_EXCLUDES,
         "essential_hook": ESSENTIAL_HOOK,
     }
 
 
 def recipe(arch: str, kernel_package: str, modules: List[str], busybox_sha256: str,
-           kernel: str = DEFAULT_KERNEL, deb_arch: str = "", foreign: bool = False) -> Dict[str, object]:
+           kernel: str = DEFAULT_KERNEL, deb_arch: str = "", foreign: bool = False,
+           distro: str = DEFAULT_DISTRO) -> Dict[str, object]:
     """Everything that determines the image, as one JSON-able dict.
 
     Raises:
-        VmError(kind="usage"): unknown kernel choice.
+        VmError(kind="usage"): unknown distro or kernel choice.
     """
-    root = rootfs_recipe(arch, deb_arch or arch, kernel_package, kernel, foreign)
+    root = rootfs_recipe(arch, deb_arch or arch, kernel_package, kernel, foreign, distro)
     return {
         "build_version": BUILD_VERSION,
         "arch": arch,
         "kernel": kernel,
-        "suite": SUITE,
+        "suite": distro,
         "rootfs": root,
         "rootfs_hash": recipe_hash(root),
         "packages": root["packages"],

@@ -1,6 +1,6 @@
 """The slow stage of an image: the Debian tree from mmdebstrap, as a tarball.
 
-Cached on its own (``<cache>/rootfs/<arch>-<kernel>-<hash>.tar``) under the
+Cached on its own (``<cache>/rootfs/<arch>[-<distro>]-<kernel>-<hash>.tar``) under the
 hash of :func:`vm.recipe.rootfs_recipe`, so that changing the tiny init, the
 initramfs or the ssh settings rebuilds the image in seconds from the cached
 tree instead of redoing the install. That matters for foreign arches: an
@@ -58,20 +58,20 @@ class RootfsTarball:
         return json.loads(self.info_file.read_text())
 
 
-def rootfs_recipe_for(arch: str, kernel: str) -> Dict[str, object]:
-    """The rootfs recipe of ``arch`` with kernel choice ``kernel``.
+def rootfs_recipe_for(arch: str, kernel: str, distro: str = R.DEFAULT_DISTRO) -> Dict[str, object]:
+    """The rootfs recipe of ``arch`` with distro ``distro`` and kernel choice ``kernel``.
 
     Raises:
-        VmError(kind="usage"|"unsupported"): unknown arch or kernel choice.
+        VmError(kind="usage"|"unsupported"): unknown arch, distro or kernel choice.
     """
     spec = get_arch(arch)
-    return R.rootfs_recipe(arch, spec.deb_arch, spec.kernel_package, kernel, is_foreign(spec))
+    return R.rootfs_recipe(arch, spec.deb_arch, spec.kernel_package, kernel, is_foreign(spec), distro)
 
 
-def rootfs_paths(arch: str, kernel: str) -> RootfsTarball:
-    """Where the tarball for ``arch``/``kernel`` is (or would be)."""
-    key = R.recipe_hash(rootfs_recipe_for(arch, kernel))
-    return RootfsTarball(rootfs_cache_dir() / f"{arch}-{kernel}-{key}.tar", key)
+def rootfs_paths(arch: str, kernel: str, distro: str = R.DEFAULT_DISTRO) -> RootfsTarball:
+    """Where the tarball for ``arch``/``distro``/``kernel`` is (or would be)."""
+    key = R.recipe_hash(rootfs_recipe_for(arch, kernel, distro))
+    return RootfsTarball(rootfs_cache_dir() / f"{R.axis_name(arch, kernel, distro)}-{key}.tar", key)
 
 
 def is_foreign(spec: ArchSpec, host_machine: Optional[str] = None) -> bool:
@@ -122,13 +122,13 @@ def ensure_foreign_exec(spec: ArchSpec, say: Progress) -> None:
                       f"(rc {res.returncode}: {res.stderr.strip()})", kind="host-tools")
 
 
-def mirror_lines(extra_suites: List[str]) -> List[str]:
-    """The host's Debian mirrors for bookworm, plus ``extra_suites`` (e.g.
-    bookworm-backports) on the host's main Debian mirror."""
+def mirror_lines(extra_suites: List[str], suite: str = R.SUITE) -> List[str]:
+    """The host's Debian mirrors for ``suite`` (the guest's release), plus
+    ``extra_suites`` (e.g. bookworm-backports) on the host's main Debian mirror."""
     from .image import host_mirrors  # image imports us; import late
 
-    lines = host_mirrors()
-    main_uri = next(ln.split()[1] for ln in lines if ln.split()[2] == R.SUITE)
+    lines = host_mirrors(suite)
+    main_uri = next(ln.split()[1] for ln in lines if ln.split()[2] == suite)
     for suite in extra_suites:
         if not any(ln.split()[2] == suite for ln in lines):
             lines.append(f"deb {main_uri} {suite} main")
@@ -147,8 +147,8 @@ def mmdebstrap_argv(rec: Dict[str, object], out: Path, mirrors: List[str]) -> Li
 
 
 def ensure_rootfs(arch: str, kernel: str = R.DEFAULT_KERNEL, say: Optional[Progress] = None,
-                  force: bool = False) -> RootfsTarball:
-    """The cached tarball of ``arch``/``kernel``, built if missing.
+                  force: bool = False, distro: str = R.DEFAULT_DISTRO) -> RootfsTarball:
+    """The cached tarball of ``arch``/``distro``/``kernel``, built if missing.
 
     Built in ``.build-<name>/`` and renamed into place under a lock; a failed
     build leaves only ``<name>.failed.log``.
@@ -160,8 +160,8 @@ def ensure_rootfs(arch: str, kernel: str = R.DEFAULT_KERNEL, say: Optional[Progr
     """
     say = say or (lambda msg: None)
     spec = get_arch(arch)
-    rec = rootfs_recipe_for(arch, kernel)
-    dest = rootfs_paths(arch, kernel)
+    rec = rootfs_recipe_for(arch, kernel, distro)
+    dest = rootfs_paths(arch, kernel, distro)
     if dest.exists() and not force:
         return dest
     lock_path = dest.tar.parent / f".lock-{dest.tar.stem}"
@@ -178,7 +178,7 @@ def ensure_rootfs(arch: str, kernel: str = R.DEFAULT_KERNEL, say: Optional[Progr
         log = tmp / "mmdebstrap.log"
         t0 = time.monotonic()
         try:
-            mirrors = mirror_lines(list(rec["extra_suites"]))  # type: ignore[call-overload]
+            mirrors = mirror_lines(list(rec["extra_suites"]), distro)  # type: ignore[call-overload]
             foreign = " through qemu-user (slow: ~20 min for arm64 here)" if is_foreign(spec) else ""
             say(f"rootfs: mmdebstrap {rec['suite']} {rec['deb_arch']} kernel {kernel}{foreign}; "
                 f"log: {log}")
@@ -191,7 +191,7 @@ def ensure_rootfs(arch: str, kernel: str = R.DEFAULT_KERNEL, say: Optional[Progr
             argv += mmdebstrap_argv(rec, tmp / "rootfs.tar", mirrors)
             buildstep.run_step(argv, log, say, "mmdebstrap", env={"TMPDIR": str(tmp)})
             seconds = round(time.monotonic() - t0, 1)
-            info = {"arch": arch, "kernel": kernel, "rootfs_hash": dest.rootfs_hash,
+            info = {"arch": arch, "kernel": kernel, "distro": distro, "rootfs_hash": dest.rootfs_hash,
                     "mmdebstrap_seconds": seconds, "tar_mb": (tmp / "rootfs.tar").stat().st_size // 2**20,
                     "recipe": rec, "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
             (tmp / "rootfs.json").write_text(json.dumps(info, indent=1, sort_keys=True))
@@ -206,13 +206,15 @@ def ensure_rootfs(arch: str, kernel: str = R.DEFAULT_KERNEL, say: Optional[Progr
             raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    prune_old_rootfs(arch, kernel, keep=dest.tar)
+    prune_old_rootfs(arch, kernel, keep=dest.tar, distro=distro)
     return dest
 
 
-def prune_old_rootfs(arch: str, kernel: str, keep: Path, keep_count: int = 2) -> None:
-    """Keep the newest ``keep_count`` tarballs of ``arch``/``kernel``."""
-    others = sorted((p for p in rootfs_cache_dir().glob(f"{arch}-{kernel}-*.tar") if p != keep),
+def prune_old_rootfs(arch: str, kernel: str, keep: Path, keep_count: int = 2,
+                     distro: str = R.DEFAULT_DISTRO) -> None:
+    """Keep the newest ``keep_count`` tarballs of ``arch``/``distro``/``kernel``."""
+    others = sorted((p for p in rootfs_cache_dir().glob(f"{R.axis_name(arch, kernel, distro)}-*.tar")
+                     if p != keep),
                     key=lambda p: p.stat().st_mtime, reverse=True)
     for old in others[max(0, keep_count - 1):]:
         for suffix in (".tar", ".json", ".log"):

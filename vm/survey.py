@@ -15,19 +15,20 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
+from . import recipe as R
 from .errors import VmError
 from .paths import replace_text
 
 GUEST_HTML = "/tmp/ckpt-survey.html"
 
 
-def report_paths(out_dir: Path, arch: str, kernel: str) -> Tuple[Path, Path]:
-    stem = f"survey-{arch}-{kernel}"
+def report_paths(out_dir: Path, arch: str, kernel: str, distro: str = R.DEFAULT_DISTRO) -> Tuple[Path, Path]:
+    stem = f"survey-{R.axis_name(arch, kernel, distro)}"
     return Path(out_dir) / f"{stem}.json", Path(out_dir) / f"{stem}.html"
 
 
 def survey_guest(guest: Any, out_dir: Path, arch: str, kernel: str, settle_s: float = 2.0,
-                 timeout: float = 900) -> Dict[str, Any]:
+                 timeout: float = 900, distro: str = R.DEFAULT_DISTRO) -> Dict[str, Any]:
     """Run ``ckpt survey --json --html`` in the running ``guest`` (anything
     with ``run(cmd, timeout)`` and ``get_bytes(path)``, as vm.guest.Guest)
     after ``settle_s`` seconds for its services to start; write both
@@ -48,9 +49,9 @@ def survey_guest(guest: Any, out_dir: Path, arch: str, kernel: str, settle_s: fl
     if res.rc != 0 or not doc.get("ok"):
         raise VmError("ckpt survey failed in the guest", kind="command", guest=getattr(guest, "name", None),
                       rc=res.rc, stdout=res.stdout[-4000:], stderr=res.stderr[-4000:])
-    result["guest"] = {"arch": arch, "kernel": kernel, "kernel_release": result.get("kernel"),
+    result["guest"] = {"arch": arch, "distro": distro, "kernel": kernel, "kernel_release": result.get("kernel"),
                        "accel": getattr(guest, "accel", None)}
-    jpath, hpath = report_paths(out_dir, arch, kernel)
+    jpath, hpath = report_paths(out_dir, arch, kernel, distro)
     jpath.parent.mkdir(parents=True, exist_ok=True)
     replace_text(jpath, json.dumps(result, indent=1, sort_keys=True) + "\n")
     replace_text(hpath, guest.get_bytes(GUEST_HTML).decode(errors="replace"))
@@ -58,15 +59,15 @@ def survey_guest(guest: Any, out_dir: Path, arch: str, kernel: str, settle_s: fl
 
 
 def run_survey(out_dir: Path, arch: str, kernel: str, accel: str = "auto", engine_dir: Optional[Path] = None,
-               settle_s: float = 2.0) -> Dict[str, Any]:
-    """Boot a guest of ``arch``/``kernel`` with the engine installed and
-    survey it (see :func:`survey_guest`)."""
+               settle_s: float = 2.0, distro: str = R.DEFAULT_DISTRO) -> Dict[str, Any]:
+    """Boot a guest of ``arch``/``distro``/``kernel`` with the engine
+    installed and survey it (see :func:`survey_guest`)."""
     from .guest import Guest
     from .image import ensure_image
 
-    img = ensure_image(arch, kernel=kernel)
-    with Guest(arch=arch, accel=accel, name="survey", image=img, kernel=kernel, engine_dir=engine_dir) as g:
-        return survey_guest(g, out_dir, arch, kernel, settle_s=settle_s)
+    img = ensure_image(arch, kernel=kernel, distro=distro)
+    with Guest(arch=arch, accel=accel, name="survey", image=img, engine_dir=engine_dir) as g:
+        return survey_guest(g, out_dir, arch, kernel, settle_s=settle_s, distro=distro)
 
 
 def summary_line(result: Dict[str, Any], top: int = 3) -> str:

@@ -42,7 +42,7 @@ def holders(ctx, link: str, dev: int, ino: int, proc: str = "/proc") -> List[Tup
     after the dump too."""
     index = ctx.shared.get(_CACHE_KEY)
     if index is None:
-        index = scan((ctx.pid,), proc)
+        index = scan({ctx.pid} | set(getattr(ctx, "tree_pids", ()) or ()), proc)
         ctx.shared[_CACHE_KEY] = index
     out: List[Tuple[int, int]] = []
     for pid, fd in index.get(link, ()):

@@ -61,6 +61,9 @@ def pair_classify(info, ctx, q: dict) -> dict:
     if out:
         raise refuse(info, "socket", f"unix {tname} socketpair end also held by pid {out[0][0]} (fd {out[0][1]})")
     mine_peer = held_here(ctx, peer)
+    peer_pid = info.pid
+    if not mine_peer:
+        peer_pid, mine_peer = _in_tree(ctx, peer)
     outp = outside_holders(info, ctx, peer)
     if outp:
         raise refuse(info, "socket", f"unix {tname} socketpair: peer held by pid {outp[0][0]} (fd {outp[0][1]})")
@@ -71,7 +74,7 @@ def pair_classify(info, ctx, q: dict) -> dict:
     if d["name"] or pd["name"]:
         raise refuse(info, "socket", f"unix {tname} socketpair with a bound end")
     fresh = fresh_options(ctx, _socket.AF_UNIX, typ, 0)
-    with dup_of(info) as mine, pidfd.target_fd(info.pid, mine_peer[0]) as theirs:
+    with dup_of(info) as mine, pidfd.target_fd(peer_pid, mine_peer[0]) as theirs:
         opts = options(info, ctx, _socket.AF_UNIX, typ, 0, mine)
         peer_opts = options(info, ctx, _socket.AF_UNIX, typ, 0, theirs)
         setnames = check_options(info, opts, fresh)
@@ -113,6 +116,23 @@ def pair_classify(info, ctx, q: dict) -> dict:
     return rec
 
 
+def _in_tree(ctx, inode: int) -> Tuple[int, List[int]]:
+    """(pid, fds) of another member of the dumped process tree holding
+    socket `inode` (engine/tree.py), or (0, [])."""
+    link = f"socket:[{inode}]"
+    for pid in sorted(getattr(ctx, "tree_pids", ()) or ()):
+        if pid == ctx.pid:
+            continue
+        try:
+            fds = sorted(int(n) for n in os.listdir(f"/proc/{pid}/fd")
+                         if os.readlink(f"/proc/{pid}/fd/{n}") == link)
+        except OSError:
+            continue
+        if fds:
+            return pid, fds
+    return 0, []
+
+
 def pair_text(rec: dict) -> str:
     n = len(rec["lengths"])
     what = f"{rec['data_len']} bytes queued" if rec["type"] == _socket.SOCK_STREAM else \
@@ -136,7 +156,8 @@ def pair_dump(info, ctx, q: dict) -> dict:
 # -- restore --------------------------------------------------------------
 
 def _peer_rec(rec: dict, ctx) -> Optional[dict]:
-    for r in ctx.records or []:
+    # In a process tree the peer may be another member's (engine/tree_restore.py).
+    for r in getattr(ctx, "tree_records", None) or ctx.records or []:
         if r.get("sock") == "unix-pair" and r.get("inode") == rec["peer"] and not is_follower(r):
             return r
     return None
@@ -158,7 +179,8 @@ def pair_validate(rec: dict, ctx) -> None:
 def _messages(rec: dict, ctx) -> List[bytes]:
     if not rec.get("data"):
         return []
-    data = ctx.image.read_bytes(rec["data"])
+    # Another member's end: its data is in that member's image directory.
+    data = (rec.get("_image") or ctx.image).read_bytes(rec["data"])
     if len(data) != rec["data_len"]:
         raise refuse_rec(rec, ctx, "image-invalid", f"{rec['data']} holds {len(data)} bytes, not {rec['data_len']}")
     out, off = [], 0

@@ -97,7 +97,8 @@ def dump(info, ctx) -> dict:
 
 
 def _siblings(rec: dict, ctx) -> List[dict]:
-    return [r for r in (ctx.records or [rec])
+    # In a process tree, the ends held by every member (engine/tree_restore.py).
+    return [r for r in (getattr(ctx, "tree_records", None) or ctx.records or [rec])
             if r.get("kind", KIND) == KIND and r.get("pipe") == rec["pipe"] and not is_follower(r)]
 
 

@@ -17,6 +17,9 @@ Restored (one module each):
   an abstract name, unconnected, with an empty queue (_unixdgram);
 - TCP listeners, IPv4 and IPv6, with an empty accept queue
   (_inetsock);
+- established TCP connections through TCP_REPAIR, both ends held by the
+  process, or the peer outside behind a network lock (_tcpconn,
+  engine.netlock);
 - UDP sockets, IPv4 and IPv6, bound or connected, with options, multicast
   memberships and the receive queue with each datagram's addresses
   (_udp, _mcast);
@@ -39,12 +42,12 @@ import socket as _socket
 
 from .. import netinfo, pidfd
 from ..errors import Refusal
-from . import _inetsock, _netlink, _sys, _udp, _unixdgram, _unixlisten, _unixpair, _unixpending
+from . import _inetsock, _netlink, _tcpconn, _sys, _udp, _unixdgram, _unixlisten, _unixpair, _unixpending
 from ._sockbase import UNIX_TYPES, is_tcp, is_udp, same_netns
 from ._util import check_async, refuse, refuse_rec
 
 KIND = "socket"
-REASONS = ("socket", "unsupported-state", "image-invalid")
+REASONS = ("socket", "tcp-lock", "unsupported-state", "image-invalid")
 
 _TYPES = {_socket.SOCK_STREAM: "stream", _socket.SOCK_DGRAM: "dgram", _socket.SOCK_SEQPACKET: "seqpacket",
           _socket.SOCK_RAW: "raw"}
@@ -170,6 +173,8 @@ def _subkind(info):
             kind = "unix-pending"
     elif is_tcp(fam, typ, q["proto"]) and q["listening"]:
         kind = "tcp-listen"
+    elif is_tcp(fam, typ, q["proto"]) and q["peer"] is not None:
+        kind = "tcp-conn"         # its classify refuses every state but established
     elif is_udp(fam, typ, q["proto"]):
         kind = "udp"
     elif fam == _netlink.AF_NETLINK:
@@ -185,6 +190,7 @@ def _subkind(info):
 _CLASSIFY = {"unix-pair": (_unixpair.pair_classify, _unixpair.pair_text),
              "unix-listen": (_unixlisten.listener_classify, _unixlisten.listener_text),
              "tcp-listen": (_inetsock.listener_classify, _inetsock.listener_text),
+             "tcp-conn": (_tcpconn.classify, _tcpconn.text),
              "udp": (_udp.classify, _udp.text),
              "netlink": (_netlink.classify, _netlink.text),
              "unix-dgram": (_unixdgram.classify, _unixdgram.text),
@@ -192,6 +198,7 @@ _CLASSIFY = {"unix-pair": (_unixpair.pair_classify, _unixpair.pair_text),
 _RESTORE = {"unix-pair": (_unixpair.pair_validate, _unixpair.pair_restore),
             "unix-listen": (_unixlisten.listener_validate, _unixlisten.listener_restore),
             "tcp-listen": (_inetsock.listener_validate, _inetsock.listener_restore),
+            "tcp-conn": (_tcpconn.validate, _tcpconn.restore),
             "udp": (_udp.validate, _udp.restore),
             "netlink": (_netlink.validate, _netlink.restore),
             "unix-dgram": (_unixdgram.validate, _unixdgram.restore),
@@ -215,6 +222,8 @@ def dump(info, ctx) -> dict:
         return _unixpair.pair_dump(info, ctx, q)
     if kind == "udp":
         return _udp.dump(info, ctx, q)
+    if kind == "tcp-conn":
+        return _tcpconn.dump(info, ctx, q)
     rec = dict(_CLASSIFY[kind][0](info, ctx, q))
     return rec
 
@@ -244,3 +253,10 @@ def restore(rec: dict, ctx) -> int:
         raise
     except (KeyError, TypeError, ValueError) as e:
         raise refuse_rec(rec, ctx, "image-invalid", f"socket record malformed: {e!r}") from None
+
+
+def finish(rec: dict, ctx, task) -> None:
+    """After every fd is installed: an established TCP connection leaves
+    repair mode (engine/fds/_tcpconn.py). Raises EngineError."""
+    if rec.get("sock") == "tcp-conn":
+        _tcpconn.finish(rec, ctx, task)

@@ -11,13 +11,23 @@ cannot be re-sent from its source at restore). A unix-pending listener has one c
 (its connecting end at ``peer_fd``, or ``sender: outside``). A netlink-route socket keeps
 its port id and answers a request on it (``data``: a reply is left queued
 before the dump). A packet socket is refused by name.
+
+A tcp-established connection with ``sender: outside`` has its other end in
+a process outside the dump (an echo peer) that keeps it open throughout:
+``data`` is what the peer sent before the dump (it waits in the
+workload's receive queue), ``peer_data`` what the workload sent the peer
+before the dump; after the restore the workload sends the marker, and the
+peer answers with every byte it received, once and in order (peer_data +
+marker): nothing lost, duplicated or reset on either side.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import struct
+import time
 from typing import Any, List
 
 from .core import MARKER, Ctx, Opened, bytes_check, check, drain, seeded_bytes, wait_readable
@@ -39,9 +49,15 @@ def fd_numbers(e: dict) -> List[int]:
     return [e["fd"]] + ([e["peer_fd"]] if "peer_fd" in e else [])
 
 
+def _outside_tcp(e: dict) -> bool:
+    return e["socket"] == "tcp-established" and e.get("sender") == "outside"
+
+
 def validate(e: dict, fds: dict) -> List[tuple]:
     sock = e["socket"]
-    if sock in PAIRS and "peer_fd" not in e:
+    if _outside_tcp(e) and "peer_fd" in e:
+        return [("peer_fd", "a tcp-established socket with sender: outside has its peer outside the dump")]
+    if sock in PAIRS and "peer_fd" not in e and not _outside_tcp(e):
         return [("peer_fd", f"a {sock} socket needs peer_fd")]
     if sock == "unix-pending" and ("peer_fd" in e) == (e.get("sender") == "outside"):
         return [("peer_fd", "a unix-pending listener needs peer_fd (its connecting end), or sender: outside")]
@@ -49,8 +65,8 @@ def validate(e: dict, fds: dict) -> List[tuple]:
         return [("peer_data", f"a {sock} socket has no peer")]
     if sock in ("unix-listen", "unix-pending", "unix-dgram") and "path" not in e:
         return [("path", f"a {sock} socket needs a path")]
-    if "sender" in e and sock not in ("udp", "udp6", "unix-pending"):
-        return [("sender", "only udp and unix-pending sockets have a sender")]
+    if "sender" in e and sock not in ("udp", "udp6", "unix-pending", "tcp-established"):
+        return [("sender", "only udp, unix-pending and tcp-established sockets have a sender")]
     return []
 
 
@@ -100,6 +116,10 @@ def opener(e: dict, ctx: Ctx) -> List[Opened]:
         lst.close()
         srv.sendall(payload)
         c.sendall(back)
+        if _outside_tcp(e):
+            ctx.helpers.append(_spawn_echo_peer(srv.fileno()))
+            srv.close()
+            return [Opened(c.detach(), int(e["fd"]), "sock")]
         return [Opened(c.detach(), int(e["fd"]), "sock"), Opened(srv.detach(), int(e["peer_fd"]), "peer")]
     if kind in ("udp", "udp6"):
         fam, lo = (socket.AF_INET6, "::1") if kind == "udp6" else (socket.AF_INET, "127.0.0.1")
@@ -124,6 +144,84 @@ def opener(e: dict, ctx: Ctx) -> List[Opened]:
         s = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, 0)
         return [Opened(s.detach(), int(e["fd"]), "sock")]
     raise ValueError(f"unknown socket kind {kind}")
+
+
+TICK, ANSWER = b".", b"|"
+
+
+def _spawn_echo_peer(keep: int) -> int:
+    """A process outside the workload's tree (double fork, re-parented to
+    init) holding the connection ``keep``: it sends a tick every 20 ms (so
+    packets arrive while the workload is an image: without a network lock
+    they would meet a closed socket and be answered with a RST) and reads
+    everything; once what it read ends with the marker it stops ticking and
+    sends ANSWER + all it read. A reset or an EOF ends it. Its PID."""
+    r, w = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - child
+        try:
+            grandchild = os.fork()
+            if grandchild == 0:
+                os.setsid()
+                os.closerange(3, keep)
+                os.closerange(keep + 1, 1024)
+                got = b""
+                try:
+                    while True:
+                        if wait_readable(keep, 0.02):
+                            b = os.read(keep, 65536)
+                            if not b:
+                                break
+                            got += b
+                            if got.endswith(MARKER):
+                                os.write(keep, ANSWER + got)
+                                break
+                        else:
+                            os.write(keep, TICK)
+                except OSError:
+                    pass
+                while True:
+                    signal.pause()
+            os.write(w, str(grandchild).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    pid = int(os.read(r, 32))
+    os.close(r)
+    os.waitpid(child, 0)
+    return pid
+
+
+def _read_exactly(fd: int, n: int, seconds: float) -> bytes:
+    """Up to n bytes arriving within `seconds` (the peer retransmits on its
+    own timer after a checkpoint)."""
+    deadline = time.monotonic() + seconds
+    out = b""
+    while len(out) < n and time.monotonic() < deadline:
+        if wait_readable(fd, max(0.0, deadline - time.monotonic())):
+            try:
+                chunk = os.read(fd, n - len(out))
+            except BlockingIOError:
+                continue
+            except OSError:
+                break
+            if not chunk:
+                break
+            out += chunk
+    return out
+
+
+def _answer(fd: int, n: int, seconds: float) -> bytes:
+    """The echo peer's answer (n bytes after ANSWER), its ticks skipped;
+    anything else before ANSWER is returned as it is (a wrong byte)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        b = _read_exactly(fd, 1, deadline - time.monotonic())
+        if b == ANSWER:
+            return _read_exactly(fd, n, max(0.0, deadline - time.monotonic()))
+        if b != TICK:
+            return b
+    return b""
 
 
 def _getlink(seq: int) -> bytes:
@@ -157,6 +255,15 @@ def checker(e: dict, recs: List[dict], ctx: Ctx, phase: str) -> List[dict]:
     try:
         if phase == "inspect":
             out.append(check(fd, "local address", by_role["sock"]["extra"].get("sockname"), _name(s.getsockname())))
+        elif phase == "consume" and _outside_tcp(e):
+            want = seeded_bytes(e.get("data"))
+            out.append(bytes_check(fd, "queued stream bytes from the outside peer", want,
+                                   _read_exactly(fd, len(want), 10)))
+        elif phase == "mutate" and _outside_tcp(e):
+            want = seeded_bytes(e.get("peer_data")) + MARKER
+            os.write(fd, MARKER)
+            out.append(bytes_check(fd, "the outside peer got every byte once, in order (its echo)", want,
+                                   _answer(fd, len(want), 60)))
         elif phase == "consume" and kind in PAIRS:
             out.append(bytes_check(fd, "queued stream bytes", seeded_bytes(e.get("data")), drain(fd)))
             out.append(bytes_check(peer, "queued stream bytes (peer end)", seeded_bytes(e.get("peer_data")),

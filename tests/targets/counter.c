@@ -16,7 +16,7 @@
  *   pipe    one step per SIGUSR1, blocked in read() on a self-pipe whose
  *           write end the handler writes to (-ERESTARTSYS)
  *   thread  a second thread exists (restored: engine/threads.py)
- *   child   a child process exists (refused: process-tree)
+ *   child   a child process exists (a process tree: tests/test_engine_tree.py)
  *   sysv    a System V shared memory segment is attached (refused)
  *   altstack  a sigaltstack is set up and SIGUSR1 runs on it
  *   itimer  ITIMER_REAL fires SIGALRM every 20 ms; SIGUSR1 lines add "alrm=K"

@@ -1,0 +1,533 @@
+"""Established TCP connections (IPv4 and IPv6), through TCP_REPAIR.
+
+At dump the socket (a pidfd_getfd duplicate: the same socket) is put in
+repair mode (TCP_REPAIR, CAP_NET_ADMIN). In repair mode the kernel lets the
+queues be read without consuming them (recv with MSG_PEEK per
+TCP_REPAIR_QUEUE: the receive queue from copied_seq, the send queue from
+snd_una), hands out the sequence numbers (TCP_QUEUE_SEQ: rcv_nxt,
+write_seq), the window (TCP_REPAIR_WINDOW) and the timestamp clock
+(TCP_TIMESTAMP), and closing it sends nothing: tcp_close() of a socket in
+repair disconnects without FIN or RST (net/ipv4/tcp.c). The original is
+killed in repair mode. Like CRIU's soccr (soccr/soccr.c), which this
+follows.
+
+Who the peer is decides what else is needed:
+
+- the peer socket is held by the target too (a loopback pair): both ends
+  are put in repair and read together; the read is repeated until both
+  ends' sequence numbers are unchanged over it (the kernel may still be
+  delivering or acknowledging in flight), so the pair is one consistent
+  snapshot. Nothing outside sees either end, no lock is needed.
+- the peer is another process or machine: the connection is locked first
+  (engine.netlock: its packets dropped both ways), so nothing the peer
+  sends is acknowledged and lost, and nothing reaches a closed socket to
+  be answered with a RST. The restore removes the lock once the process is
+  back; the peer's retransmission carries on. Without nftables such a
+  connection is refused (`tcp-lock`).
+
+At restore: a socket in repair mode (which also lets bind reuse a port the
+listener that accepted it holds: SK_FORCE_REUSE) is bound to the same local
+address, given its sequence numbers (TCP_QUEUE_SEQ on each queue, before
+connect), "connected" without a handshake, given its options
+(TCP_REPAIR_OPTIONS: MSS, window scale, SACK, timestamps), timestamp
+offset, queues (the receive queue and the sent-but-unacknowledged part of
+the send queue written in repair mode, the unsent part sent after leaving
+it) and window, then leaves repair mode. Both ends of a pair are built
+before either leaves repair mode (a window probe to a missing socket would
+be answered with a RST).
+
+Refused (`socket`, state named): every state but ESTABLISHED (SYN_SENT,
+FIN_WAIT*, CLOSE_WAIT, CLOSING, LAST_ACK, TIME_WAIT: half-closed
+connections carry a FIN in a queue this engine does not rebuild), urgent
+data, ECN or microsecond timestamps negotiated, SO_PEEK_OFF set, a peer
+waiting in the accept queue of a listener, a socket another process holds.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import fcntl
+import os
+import socket as _socket
+import struct
+import time
+from typing import Dict, List, Optional
+
+from .. import netinfo, netlock
+from ..errors import EngineError, Refusal
+from . import _sockopts
+from ._sockbase import building, check_options, dup_of, fresh_options, held_here, inode_of, outside_holders
+from ._util import failed, refuse, refuse_rec, with_status_flags
+
+SOL_TCP = _socket.IPPROTO_TCP
+TCP_INFO = 11
+TCP_REPAIR, TCP_REPAIR_QUEUE, TCP_QUEUE_SEQ, TCP_REPAIR_OPTIONS = 19, 20, 21, 22
+TCP_TIMESTAMP, TCP_REPAIR_WINDOW = 24, 29
+TCP_REPAIR_ON, TCP_REPAIR_OFF, TCP_REPAIR_OFF_NO_WP = 1, 0, -1
+TCP_NO_QUEUE, TCP_RECV_QUEUE, TCP_SEND_QUEUE = 0, 1, 2
+SIOCINQ, SIOCOUTQ, SIOCOUTQNSD, SIOCATMARK = 0x541B, 0x5411, 0x894B, 0x8905
+TCPOPT_MAXSEG, TCPOPT_WINDOW, TCPOPT_SACK_PERM, TCPOPT_TIMESTAMP = 2, 3, 4, 8
+TCPI_OPT_TIMESTAMPS, TCPI_OPT_SACK, TCPI_OPT_WSCALE, TCPI_OPT_ECN = 1, 2, 4, 8
+TCPI_OPT_ECN_SEEN, TCPI_OPT_USEC_TS = 16, 64
+ESTABLISHED = 1
+# Options the kernel itself moves on a live connection (buffer autotuning,
+# the window clamp, the current MSS; an accepted socket's IP_MULTICAST_TTL
+# holds the TTL of the SYN: tcp_v4_syn_recv_sock, and cannot be set on a
+# stream socket): not "set by the process"; carried by the repair state or
+# put back as they were without locking them (IP_MULTICAST_TTL: not at all).
+_KERNEL_MOVED = ("SO_SNDBUF", "SO_RCVBUF", "TCP_WINDOW_CLAMP", "TCP_MAXSEG", "IP_MULTICAST_TTL")
+SOCK_SNDBUF_LOCK, SOCK_RCVBUF_LOCK = 1, 2
+_STABLE_TRIES = 20
+
+
+def _v(family: int) -> str:
+    return "6" if family == _socket.AF_INET6 else ""
+
+
+def _ep(addr) -> list:
+    return [addr[0], addr[1]]
+
+
+def _ep_text(addr) -> str:
+    return netinfo.endpoint_text((addr[0], addr[1]))
+
+
+def _ioctl_int(fd: int, req: int) -> int:
+    return struct.unpack("i", fcntl.ioctl(fd, req, b"\0\0\0\0"))[0]
+
+
+def _getint(s: _socket.socket, opt: int) -> int:
+    return struct.unpack("i", s.getsockopt(SOL_TCP, opt, 4))[0]
+
+
+def _setint(s: _socket.socket, opt: int, val: int) -> None:
+    s.setsockopt(SOL_TCP, opt, struct.pack("i", val))
+
+
+# -- who is the peer --------------------------------------------------------
+
+def _row(pid: int, family: int, ino: int) -> dict:
+    return netinfo.parse_inet(netinfo.read_table(pid, "tcp" + _v(family))).get(ino) or {}
+
+
+def _rows(pid: int, family: int) -> List[dict]:
+    """Every row of /proc/PID/net/tcp[6] (unaccepted children have inode 0,
+    so they cannot be keyed by inode)."""
+    out = []
+    for line in netinfo.read_table(pid, "tcp" + _v(family)).splitlines()[1:]:
+        one = netinfo.parse_inet("header\n" + line) if line.strip() else {}
+        for ino, r in one.items():
+            out.append(dict(r, inode=ino))
+    return out
+
+
+def peer_of(info, ctx, family: int, row: dict):
+    """("dump", inode) when the target holds the other end, ("accept", 0)
+    when it waits unaccepted in a listener's queue, ("outside", inode or 0)
+    otherwise (another process; 0: not on this machine)."""
+    for r in _rows(info.pid, family):
+        if r["local"] == row["remote"] and r["remote"] == row["local"] and r["state"] != 10:
+            if r["inode"] == 0:
+                return "accept", 0
+            return ("dump" if held_here(ctx, r["inode"]) else "outside"), r["inode"]
+    return "outside", 0
+
+
+# -- dump ----------------------------------------------------------------------
+
+def head_text(family: int, row: dict) -> str:
+    state = netinfo.TCP_STATES.get(row.get("state"), f"state {row.get('state')}")
+    return f"tcp{_v(family)} {state} {_ep_text(row['local'])}->{_ep_text(row['remote'])}"
+
+
+def classify(info, ctx, q: dict) -> dict:
+    """The facts of an established connection that need no repair mode
+    (state, peer, options); raises the `socket` or `tcp-lock` refusal."""
+    ino = inode_of(info.link)
+    key = f"tcp-conn:{ino}"
+    if key in ctx.shared:
+        return ctx.shared[key]
+    fam = q["family"]
+    row = _row(info.pid, fam, ino)
+    if not row:
+        raise refuse(info, "socket", f"tcp{_v(fam)} socket inode {ino}: not in /proc/net/tcp{_v(fam)}")
+    head = head_text(fam, row)
+    if row["state"] != ESTABLISHED:
+        raise refuse(info, "socket", f"{head}: only established connections are restored (a half-closed "
+                     "or opening connection carries state this engine does not rebuild)")
+    out = outside_holders(info, ctx, ino)
+    if out:
+        raise refuse(info, "socket", f"{head}: also held by pid {out[0][0]} (fd {out[0][1]})")
+    where, peer_ino = peer_of(info, ctx, fam, row)
+    if where == "accept":
+        raise refuse(info, "socket", f"{head}: its peer waits unaccepted in a listener's accept queue")
+    fresh = fresh_options(ctx, fam, _socket.SOCK_STREAM, _socket.IPPROTO_TCP)
+    with dup_of(info) as mine:
+        opts = options_of(mine, fam)
+        s = _socket.socket(fileno=os.dup(mine))
+        try:
+            ti = s.getsockopt(SOL_TCP, TCP_INFO, 8)
+            urgent = _ioctl_int(mine, SIOCATMARK)
+        finally:
+            s.close()
+    tcpi_options = ti[5]
+    if tcpi_options & (TCPI_OPT_ECN | TCPI_OPT_ECN_SEEN):
+        raise refuse(info, "socket", f"{head}: ECN was negotiated; TCP_REPAIR_OPTIONS cannot restore it")
+    if tcpi_options & TCPI_OPT_USEC_TS:
+        raise refuse(info, "socket", f"{head}: microsecond TCP timestamps cannot be restored")
+    if urgent:
+        raise refuse(info, "socket", f"{head}: urgent (out-of-band) data is pending")
+    if _sockopts.as_int(opts.get("SO_PEEK_OFF")) >= 0:
+        raise refuse(info, "socket", f"{head}: the process peeks at an offset (SO_PEEK_OFF)")
+    moved = {n: opts[n] for n in _KERNEL_MOVED if n in opts}
+    compare = {n: v for n, v in opts.items() if n not in _KERNEL_MOVED}
+    try:
+        setnames = check_options(info, compare, fresh)
+    except Refusal as e:
+        raise refuse(info, "socket", f"{head}: {e.detail}") from None
+    if where == "outside":
+        why = netlock.available()
+        if why:
+            raise refuse(info, "tcp-lock", f"{head}: its peer is outside the dump and the connection cannot "
+                         f"be held still meanwhile: {why}")
+    rec = {"sock": "tcp-conn", "family": fam, "inode": ino, "local": _ep(row["local"]),
+           "remote": _ep(row["remote"]), "peer": where, "peer_inode": peer_ino if where == "dump" else None,
+           "opts": compare, "set": setnames, "moved": moved}
+    ctx.shared[key] = rec
+    return rec
+
+
+def options_of(dup: int, family: int) -> Dict[str, Optional[str]]:
+    s = _socket.socket(fileno=os.dup(dup))
+    try:
+        return _sockopts.read_all(s, family, True)
+    finally:
+        s.close()
+
+
+def text(rec: dict) -> str:
+    s = f"tcp{_v(rec['family'])} established {_ep_text(rec['local'])}->{_ep_text(rec['remote'])}"
+    s += {"dump": ", peer in the dump", "outside": ", peer outside (network lock)"}.get(rec["peer"], "")
+    r = rec.get("repair")
+    if r:
+        s += f", {r['inq_len']} bytes to read, {r['outq_len']} to send"
+    if rec["set"]:
+        s += ", options " + ", ".join(rec["set"])
+    return s
+
+
+class _Repair:
+    """A duplicate of the target's socket held in repair mode from the
+    read until the dump ends: killed in repair, the original sends nothing;
+    let go (`--leave-running`, a failed dump), it leaves repair mode with
+    SO_REUSEADDR as it was (leaving repair clears sk_reuse)."""
+
+    def __init__(self, dup: int, reuse: bytes):
+        self.sock = _socket.socket(fileno=dup)
+        self.reuse = reuse
+        _setint(self.sock, TCP_REPAIR, TCP_REPAIR_ON)
+
+    def release(self, killed: bool) -> None:
+        try:
+            if not killed:
+                _setint(self.sock, TCP_REPAIR_QUEUE, TCP_NO_QUEUE)
+                _setint(self.sock, TCP_REPAIR, TCP_REPAIR_OFF_NO_WP)
+                self.sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, self.reuse)
+        finally:
+            self.sock.close()
+
+
+def _queue(s: _socket.socket, which: int, length: int) -> tuple:
+    _setint(s, TCP_REPAIR_QUEUE, which)
+    seq = struct.unpack("I", s.getsockopt(SOL_TCP, TCP_QUEUE_SEQ, 4))[0]
+    data = b""
+    if length:
+        # One byte more than expected: a longer queue is caught, not truncated.
+        data = s.recv(length + 1, _socket.MSG_PEEK | _socket.MSG_DONTWAIT)
+    return seq, data
+
+
+def _seqs(s: _socket.socket) -> tuple:
+    out = []
+    for q in (TCP_RECV_QUEUE, TCP_SEND_QUEUE):
+        _setint(s, TCP_REPAIR_QUEUE, q)
+        out.append(struct.unpack("I", s.getsockopt(SOL_TCP, TCP_QUEUE_SEQ, 4))[0])
+    fd = s.fileno()
+    out += [_ioctl_int(fd, SIOCINQ), _ioctl_int(fd, SIOCOUTQ), _ioctl_int(fd, SIOCOUTQNSD)]
+    out.append(s.getsockopt(SOL_TCP, TCP_REPAIR_WINDOW, 20))
+    _setint(s, TCP_REPAIR_QUEUE, TCP_NO_QUEUE)
+    return tuple(out)
+
+
+def read_repair(s: _socket.socket) -> tuple:
+    """(facts, receive queue bytes, send queue bytes) of a socket in repair
+    mode. Raises OSError, ValueError (a queue shorter or longer than its
+    counter)."""
+    fd = s.fileno()
+    ti = s.getsockopt(SOL_TCP, TCP_INFO, 8)
+    if ti[0] != ESTABLISHED:
+        raise ValueError(f"its state became {netinfo.TCP_STATES.get(ti[0], ti[0])}")
+    inq, outq, unsq = _ioctl_int(fd, SIOCINQ), _ioctl_int(fd, SIOCOUTQ), _ioctl_int(fd, SIOCOUTQNSD)
+    r = {"opt_mask": ti[5], "snd_wscale": ti[6] & 0xF, "rcv_wscale": ti[6] >> 4,
+         "mss": _getint(s, _socket.TCP_MAXSEG), "inq_len": inq, "outq_len": outq, "unsq_len": unsq,
+         "timestamp": None}
+    if ti[5] & TCPI_OPT_TIMESTAMPS:
+        r["timestamp"] = struct.unpack("I", s.getsockopt(SOL_TCP, TCP_TIMESTAMP, 4))[0]
+    w = struct.unpack("5I", s.getsockopt(SOL_TCP, TCP_REPAIR_WINDOW, 20))
+    r["window"] = dict(zip(("snd_wl1", "snd_wnd", "max_window", "rcv_wnd", "rcv_wup"), w))
+    r["inq_seq"], rq = _queue(s, TCP_RECV_QUEUE, inq)
+    r["outq_seq"], sq = _queue(s, TCP_SEND_QUEUE, outq)
+    _setint(s, TCP_REPAIR_QUEUE, TCP_NO_QUEUE)
+    if len(rq) != inq or len(sq) != outq:
+        raise ValueError(f"its queues read {len(rq)}/{len(sq)} bytes, counted {inq}/{outq}")
+    return r, rq, sq
+
+
+def _on_release(ctx):
+    hooks = ctx.shared.setdefault("_on_release", [])
+    return hooks
+
+
+def dump(info, ctx, q: dict) -> dict:
+    """The restore record, after the repair-mode read (for a pair: of both
+    ends at once). Raises the `socket` / `tcp-lock` refusal or EngineError."""
+    rec = dict(classify(info, ctx, q))
+    done = ctx.shared.get(f"tcp-conn-dumped:{rec['inode']}")
+    if done is not None:
+        return done
+    ends = [(info, rec)]
+    if rec["peer"] == "dump":
+        pinfo = next(i for i in ctx.all_fds.values() if i.link == f"socket:[{rec['peer_inode']}]")
+        prec = dict(classify(pinfo, ctx, q))
+        ends.append((pinfo, prec))
+    elif rec["peer"] == "outside":
+        try:
+            name = netlock.lock(tuple(rec["local"]), tuple(rec["remote"]))
+        except netlock.LockError as e:
+            raise refuse(info, "tcp-lock", f"{head_text(rec['family'], _fake_row(rec))}: {e}") from None
+        rec["lock"] = name
+        _on_release(ctx).append(lambda killed, n=name: None if killed else netlock.unlock(n))
+    socks = []
+    for i, r in ends:
+        with dup_of(i) as d:
+            dup = os.dup(d)
+        reuse = _socket.socket(fileno=os.dup(dup))
+        try:
+            ra = reuse.getsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 4)
+        finally:
+            reuse.close()
+        try:
+            rp = _Repair(dup, ra)
+        except OSError as e:
+            os.close(dup)
+            raise EngineError(f"pid {i.pid} fd {i.fd}: TCP_REPAIR: {e.strerror}", pid=i.pid, errno=e.errno) from e
+        _on_release(ctx).append(rp.release)
+        socks.append(rp.sock)
+    # Read until the sequence numbers of every end stand still over a read.
+    for attempt in range(_STABLE_TRIES):
+        before = [_seqs(s) for s in socks]
+        try:
+            got = [read_repair(s) for s in socks]
+        except (ValueError, OSError) as e:
+            raise refuse(info, "socket", f"{head_text(rec['family'], _fake_row(rec))}: "
+                         f"the repair-mode read failed: {e}") from None
+        if [_seqs(s) for s in socks] == before:
+            break
+        time.sleep(0.005 * (attempt + 1))
+    else:
+        raise refuse(info, "socket", f"{head_text(rec['family'], _fake_row(rec))}: its state kept moving "
+                     "while being read")
+    for (i, r), (facts, rq, sq) in zip(ends, got):
+        r["repair"] = facts
+        r["data"] = f"fds/tcp-{r['inode']}"
+        ctx.image.write_bytes(r["data"], rq + sq)
+        ctx.shared[f"tcp-conn-dumped:{r['inode']}"] = r
+    return rec
+
+
+def _fake_row(rec: dict) -> dict:
+    return {"state": ESTABLISHED, "local": rec["local"], "remote": rec["remote"]}
+
+
+# -- restore --------------------------------------------------------------------
+
+def validate(rec: dict, ctx) -> None:
+    """Raises image-invalid for a malformed record."""
+    r = rec.get("repair")
+    fam = rec.get("family")
+    ok = fam in (_socket.AF_INET, _socket.AF_INET6) and isinstance(r, dict) and \
+        rec.get("peer") in ("dump", "outside") and isinstance(rec.get("local"), list) and \
+        isinstance(rec.get("remote"), list) and isinstance(rec.get("data"), str)
+    if ok:
+        need = r["inq_len"] + r["outq_len"]
+        ok = len(ctx.image.read_bytes(rec["data"])) == need and 0 <= r["unsq_len"] <= r["outq_len"]
+    if not ok:
+        raise refuse_rec(rec, ctx, "image-invalid", "tcp connection record malformed")
+    if rec["peer"] == "dump" and not any(x.get("sock") == "tcp-conn" and x.get("inode") == rec.get("peer_inode")
+                                         for x in ctx.records or []):
+        raise refuse_rec(rec, ctx, "image-invalid", "tcp connection: its peer's record is missing")
+
+
+def _send_all(s: _socket.socket, data: bytes) -> None:
+    off, chunk = 0, len(data)
+    while off < len(data):
+        try:
+            n = s.send(data[off:off + chunk])
+        except OSError as e:
+            # Repair-mode writes are one linear buffer: the kernel may refuse a
+            # big one (ENOMEM); smaller pieces do (as soccr does).
+            if e.errno in (_errno.ENOMEM, _errno.EAGAIN, _errno.ENOBUFS) and chunk > 1024:
+                chunk //= 2
+                continue
+            raise
+        off += n
+
+
+def _build(rec: dict, ctx) -> tuple:
+    """A socket in repair mode with everything but its unsent bytes;
+    returns (socket, unsent bytes)."""
+    fam = rec["family"]
+    r = rec["repair"]
+    data = ctx.image.read_bytes(rec["data"])
+    rq, sq = data[:r["inq_len"]], data[r["inq_len"]:]
+    sent, unsent = sq[:r["outq_len"] - r["unsq_len"]], sq[r["outq_len"] - r["unsq_len"]:]
+    s = _socket.socket(fam, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC, _socket.IPPROTO_TCP)
+    what = f"rebuilding tcp connection {_ep_text(rec['local'])}->{_ep_text(rec['remote'])}"
+    with building(s, rec, ctx, what):
+        _setint(s, TCP_REPAIR, TCP_REPAIR_ON)
+        _sockopts.apply(s, rec["opts"], rec["set"])
+        try:
+            s.bind(tuple(rec["local"]))
+        except OSError as e:
+            if e.errno in (_errno.EADDRINUSE, _errno.EADDRNOTAVAIL):
+                why = "address in use" if e.errno == _errno.EADDRINUSE else "address not available here"
+                raise refuse_rec(rec, ctx, "socket", f"tcp connection {_ep_text(rec['local'])}->"
+                                 f"{_ep_text(rec['remote'])}: {why}") from None
+            raise
+        _setint(s, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE)
+        s.setsockopt(SOL_TCP, TCP_QUEUE_SEQ, struct.pack("I", (r["inq_seq"] - r["inq_len"]) & 0xFFFFFFFF))
+        _setint(s, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)
+        s.setsockopt(SOL_TCP, TCP_QUEUE_SEQ, struct.pack("I", (r["outq_seq"] - r["outq_len"]) & 0xFFFFFFFF))
+        s.connect(tuple(rec["remote"]))
+        opts = []
+        if r["opt_mask"] & TCPI_OPT_SACK:
+            opts.append((TCPOPT_SACK_PERM, 0))
+        if r["opt_mask"] & TCPI_OPT_WSCALE:
+            opts.append((TCPOPT_WINDOW, r["snd_wscale"] + (r["rcv_wscale"] << 16)))
+        if r["opt_mask"] & TCPI_OPT_TIMESTAMPS:
+            opts.append((TCPOPT_TIMESTAMP, 0))
+        opts.append((TCPOPT_MAXSEG, r["mss"]))
+        s.setsockopt(SOL_TCP, TCP_REPAIR_OPTIONS, b"".join(struct.pack("II", c, v) for c, v in opts))
+        if r["timestamp"] is not None:
+            s.setsockopt(SOL_TCP, TCP_TIMESTAMP, struct.pack("I", r["timestamp"]))
+        if rq:
+            _setint(s, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE)
+            _send_all(s, rq)
+        if sent:
+            _setint(s, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)
+            _send_all(s, sent)
+        _setint(s, TCP_REPAIR_QUEUE, TCP_NO_QUEUE)
+        w = r["window"]
+        s.setsockopt(SOL_TCP, TCP_REPAIR_WINDOW, struct.pack("5I", w["snd_wl1"], w["snd_wnd"], w["max_window"],
+                                                             w["rcv_wnd"], w["rcv_wup"]))
+    return s, unsent
+
+
+def _check_built(s: _socket.socket, rec: dict, ctx) -> None:
+    """Options and queues read back as recorded (still in repair mode, where
+    SO_REUSEADDR reads as forced: compared once repair mode is left)."""
+    r = rec["repair"]
+    what = f"checking tcp connection {_ep_text(rec['local'])}->{_ep_text(rec['remote'])}"
+    with building(s, rec, ctx, what):
+        _put_back_moved(s, rec)
+        _sockopts.apply_late(s, rec["opts"], rec["set"])
+        _sockopts.verify(s, rec["family"], True, {n: v for n, v in rec["opts"].items() if n != "SO_REUSEADDR"})
+        ti = s.getsockopt(SOL_TCP, TCP_INFO, 8)
+        inq = _ioctl_int(s.fileno(), SIOCINQ)
+        outq = _ioctl_int(s.fileno(), SIOCOUTQ)
+    if ti[0] != ESTABLISHED or inq != r["inq_len"] or outq != r["outq_len"] - r["unsq_len"]:
+        s.close()
+        raise refuse_rec(rec, ctx, "socket", f"tcp connection {_ep_text(rec['local'])}->"
+                         f"{_ep_text(rec['remote'])}: reads back as state {ti[0]}, {inq} bytes to read "
+                         f"(was {r['inq_len']}), {outq} sent and unacknowledged "
+                         f"(was {r['outq_len'] - r['unsq_len']})")
+
+
+def _put_back_moved(s: _socket.socket, rec: dict) -> None:
+    """Buffer sizes as they were, locked only if the process locked them
+    (SO_BUF_LOCK as recorded); the window clamp as it was."""
+    moved = rec.get("moved") or {}
+    for name in ("SO_SNDBUF", "SO_RCVBUF"):
+        if moved.get(name):
+            _sockopts.set_buffer(s, name, _sockopts.as_int(moved[name]))
+    lock = rec["opts"].get("SO_BUF_LOCK")
+    if lock is not None:
+        s.setsockopt(_socket.SOL_SOCKET, 72, bytes.fromhex(lock))
+    if moved.get("TCP_WINDOW_CLAMP"):
+        _setint(s, 10, _sockopts.as_int(moved["TCP_WINDOW_CLAMP"]))
+
+
+def restore(rec: dict, ctx) -> int:
+    """The rebuilt connection's fd, still in repair mode (a pair is built on
+    its first end's call): it leaves repair mode in finish(), once the new
+    process holds it, so a restore that fails before closes it silently.
+    Raises Refusal (socket) or EngineError."""
+    key = f"tcp-conn-built:{rec['inode']}"
+    s = ctx.shared.pop(key, None)
+    if s is None:
+        try:
+            ends = [rec]
+            if rec["peer"] == "dump":
+                ends.append(next(x for x in ctx.records if x.get("sock") == "tcp-conn"
+                                 and x.get("inode") == rec["peer_inode"]))
+            built = []
+            try:
+                for e in ends:
+                    sk, unsent = _build(e, ctx)
+                    built.append((e, sk))
+                    _check_built(sk, e, ctx)
+                    ctx.shared[f"tcp-conn-unsent:{e['inode']}"] = unsent
+            except BaseException:
+                for _, sk in built:
+                    sk.close()
+                raise
+        except _sockopts.OptionError as e:
+            raise refuse_rec(rec, ctx, "socket", f"option {e.name} cannot be reproduced: {e.why}") from None
+        except OSError as e:
+            raise failed(rec, ctx, "rebuilding a tcp connection", e) from e
+        for e, sk in built[1:]:
+            ctx.shared[f"tcp-conn-built:{e['inode']}"] = sk
+        s = built[0][1]
+    # The restorer's own handle on the socket, for finish(); the engine's
+    # copy is closed once the process is back.
+    live = os.dup(s.fileno())
+    ctx.shared[f"tcp-conn-live:{rec['inode']}"] = live
+    ctx.shared.setdefault("_close_after_restore", []).append(live)
+    if rec.get("lock"):
+        ctx.shared.setdefault("_after_restore", []).append(lambda n=rec["lock"]: netlock.unlock(n))
+    return with_status_flags(rec, ctx, s.detach())
+
+
+def finish(rec: dict, ctx, task) -> None:
+    """In the restorer, the new process holding the socket and not running
+    yet: leave repair mode (a window probe tells the peer where we are),
+    send what was never sent, SO_REUSEADDR as recorded (leaving repair mode
+    cleared it). Raises EngineError."""
+    fd = ctx.shared.get(f"tcp-conn-live:{rec['inode']}")
+    if fd is None:
+        return
+    s = _socket.socket(fileno=os.dup(fd))
+    try:
+        _setint(s, TCP_REPAIR, TCP_REPAIR_OFF)
+        unsent = ctx.shared.get(f"tcp-conn-unsent:{rec['inode']}") or b""
+        if unsent:
+            s.setblocking(False)
+            _send_all(s, unsent)
+        if "SO_REUSEADDR" in rec["set"]:
+            _sockopts.apply(s, rec["opts"], ["SO_REUSEADDR"])
+        if s.getsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 4).hex() != rec["opts"].get("SO_REUSEADDR"):
+            raise OSError(_errno.EINVAL, "SO_REUSEADDR does not read back")
+    except OSError as e:
+        raise failed(rec, ctx, "leaving tcp repair mode", e) from e
+    finally:
+        s.close()

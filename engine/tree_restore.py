@@ -1,0 +1,397 @@
+"""Restore of a process tree (image made by engine/tree.py): all or nothing.
+
+In ckpt, before any process exists: tree.json checked (parents first, each
+member's parent an earlier member), every member's records checked and
+pre-flighted as a single process's (engine/restore.py; one RestoreContext
+each, but one `shared` dict and one list of every member's fd records, so a
+pipe whose ends different members hold is made once), every PID free (the
+zombies' too). Then every member's fds are opened in ckpt above every fd
+number any member uses; an fd sharing an open file description with an
+earlier member's ({"ofd_of"}) takes that member's already opened file, so
+the file is opened once and both get it.
+
+In the forked restorer (build_tree), three phases:
+  1. create: the root is cloned with its PID (build.clone_with_pid); its
+     address space is emptied but for one gadget page at an address free in
+     every member's layout and the vdso. Each member then forks its children,
+     in tree order, by an injected clone3(set_tid=[PID]) (PTRACE_O_TRACEFORK:
+     each child is ours, stopped, before it runs one instruction), after the
+     timer slack the child's default comes from. Sessions and groups in the
+     right order: a session leader calls setsid() before it forks (its
+     children inherit the session), a group leader setpgid(0, 0); once every
+     member exists the others join their group (setpgid(0, PGID): the leader
+     exists by then). Every new process has every signal blocked.
+  2. zombies: a zombie member, created like the others, is untraced with its
+     registers on `exit_group(code)` (or, for one killed by a signal, its
+     action reset and `kill(self, sig)`) and left to die unreaped: its
+     parent's wait() collects the dumped status. The SIGCHLD that death sent
+     the (stopped, all-blocked) parent is taken back with an injected
+     rt_sigtimedwait, so the parent's pending signals are the image's.
+  3. rebuild each live member, parents first (build.rebuild: the single
+     process stages); memory shared with an earlier member is mapped from
+     /proc/OWNER/map_files (the same object). Then every member's registers
+     go back and it is let go, children first.
+Any failure kills every member created (PTRACE_O_EXITKILL also covers a
+crash of the restorer); the restorer then exits, so the root is reparented
+to init, the others stay its descendants.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import struct
+import time
+from typing import Dict, List, Optional
+
+from . import files, ptrace, sched, signals, threads
+from .arch import current as current_arch
+from .errors import EngineError, Refusal, Refusals
+from .libc import SysError
+from .task import Task
+from .tree import TREE_FILE, O_TRACEFORK, Sub
+
+PAGE = 4096
+PR_SET_TIMERSLACK = 29
+SIGCHLD = 17
+ZOMBIE_WAIT = 5.0
+SYS_EXTRA = {"x86_64": {"rt_sigtimedwait": 128, "openat": 257}, "aarch64": {"rt_sigtimedwait": 137, "openat": 56}}
+AT_FDCWD = -100
+
+
+def _bad(what: str) -> Refusal:
+    return Refusal("image-invalid", f"{TREE_FILE}: {what}")
+
+
+def _nr(arch, name: str) -> int:
+    return arch.SYS.get(name) or SYS_EXTRA[arch.MACHINE][name]
+
+
+def check_tree(tree) -> List[dict]:
+    """The member records, parents first. Raises Refusal(image-invalid)."""
+    if not isinstance(tree, dict) or not isinstance(tree.get("members"), list) or not tree["members"]:
+        raise _bad("no members")
+    seen = set()
+    for i, m in enumerate(tree["members"]):
+        if not isinstance(m, dict):
+            raise _bad(f"member {i} malformed")
+        for k in ("pid", "ppid", "sid", "pgid", "exit_signal"):
+            if not isinstance(m.get(k), int) or isinstance(m.get(k), bool) or (k != "ppid" and m[k] <= 0):
+                raise _bad(f"member {i}: {k}")
+        pid = m["pid"]
+        if pid in seen:
+            raise _bad(f"pid {pid} twice")
+        if i == 0:
+            if m.get("dir") != "" or m["pid"] != tree.get("root") or "zombie" in m:
+                raise _bad("the first member is not the live root")
+        else:
+            if m["ppid"] not in seen or m.get("dir") != f"tree/{pid}/":
+                raise _bad(f"member {pid}: parent {m['ppid']} not before it, or dir {m.get('dir')!r}")
+        if "zombie" in m:
+            z = m["zombie"]
+            if not isinstance(z, dict) or not isinstance(z.get("status"), int) or not 0 <= z["status"] <= 0xffff:
+                raise _bad(f"zombie {pid}: status")
+        seen.add(pid)
+    for m in tree["members"]:
+        if "zombie" in m and any(c["ppid"] == m["pid"] for c in tree["members"]):
+            raise _bad(f"zombie {m['pid']} has children")
+    return tree["members"]
+
+
+class TreeJob:
+    def __init__(self, members: List[dict], jobs: Dict[int, object]):
+        self.members = members
+        self.jobs = jobs
+
+
+def restore_tree(reader, options, pidfile: Optional[str], t0: float) -> dict:
+    """restore.restore of an image with tree.json."""
+    from . import restore as single
+    from .context import RestoreContext, boot_id
+    from .memory import PageSource, page_file_name
+    members = check_tree(reader.read_json(TREE_FILE))
+    meta = reader.manifest.get("meta") or {}
+    same_node = isinstance(meta, dict) and meta.get("boot_id") == boot_id()
+    shared: dict = {}
+    loaded = []
+    refusals: List[Refusal] = []
+    for m in members:
+        if "zombie" in m:
+            if not single._pid_free(m["pid"]):
+                refusals.append(Refusal("pid-in-use", f"PID {m['pid']} (a zombie of the tree) is held by "
+                                        f"{single._comm(m['pid'])}", pid=m["pid"]))
+            continue
+        img = Sub(reader, m["dir"]) if m["dir"] else reader
+        core = img.read_json("core.json")
+        mm = img.read_json("mm.json")
+        fdrecs = img.read_json("fds.json")
+        single.check_core(core)
+        if core["pid"] != m["pid"]:
+            raise _bad(f"member {m['pid']} holds the core of {core['pid']}")
+        npf = single._need(mm, "page_files", int, "mm.json")
+        vmas = single.check_mm(mm, npf)
+        single.check_fd_records(fdrecs)
+        ctx = RestoreContext(options=options, image=img, same_node=same_node, records=fdrecs, pid=m["pid"],
+                             shared=shared)
+        loaded.append((m, img, core, vmas, fdrecs, npf, ctx))
+    pids = {m["pid"] for m in members}
+    for m, img, core, vmas, fdrecs, npf, ctx in loaded:
+        for r in fdrecs:
+            if "ofd_of" in r:
+                o = r["ofd_of"]
+                if not (isinstance(o, list) and len(o) == 2 and o[0] in pids and o[0] != m["pid"]):
+                    raise _bad(f"member {m['pid']} fd {r['fd']}: ofd_of {o!r}")
+        for v in vmas:
+            if "tree_shared" in v and not (isinstance(v["tree_shared"], list) and len(v["tree_shared"]) == 3
+                                           and v["tree_shared"][0] in pids and v["kind"] == "shmem"):
+                raise _bad(f"member {m['pid']} mapping {v['start']:#x}: tree_shared")
+    every = [r for _, _, _, _, fdrecs, _, _ in loaded for r in fdrecs if "dup_of" not in r and "ofd_of" not in r]
+    for _, img, _, _, fdrecs, _, _ in loaded:
+        for r in fdrecs:
+            r["_image"] = img     # where its data files are, for a peer restoring both ends (socketpairs)
+    for m, img, core, vmas, fdrecs, npf, ctx in loaded:
+        ctx.tree_records = every
+        try:
+            with single._system_errors_as_engine_errors("restore pre-flight"):
+                single.preflight(img, core, vmas, fdrecs, ctx, tree_member=m is not members[0])
+        except Refusal as r:
+            refusals.append(r)
+        except Refusals as rs:
+            refusals.extend(rs.refusals)
+    if refusals:
+        raise refusals[0] if len(refusals) == 1 else Refusals(refusals)
+    base = max([r["fd"] for *_, fdrecs, _, _ in loaded for r in fdrecs] +
+               [int(n) for n in os.listdir("/proc/self/fd")] + [2]) + 64
+    prepared: Dict[int, object] = {}
+    sources = []
+    jobs: Dict[int, object] = {}
+    ctx0 = loaded[0][-1]
+    try:
+        for m, img, core, vmas, fdrecs, npf, ctx in loaded:
+            xstate = img.read_bytes("xstate.bin")
+            thread_xstate = threads.unpack_xstate(img, core.get("threads", []))
+            pages = PageSource([img.path(page_file_name(i)) for i in range(npf)])
+            sources.append(pages)
+            for v in vmas:
+                pages.check_runs(v["pages"])
+
+            def theirs(rec, _prepared=prepared):
+                opid, ofd = rec["ofd_of"]
+                try:
+                    return _prepared[opid].fd_of_rec[ofd]
+                except KeyError:
+                    raise _bad(f"fd {rec['fd']}: ofd_of {opid}/{ofd} not restored before it") from None
+            with single._system_errors_as_engine_errors("opening the process's files"):
+                p = single.prepare(core, vmas, fdrecs, ctx, min_base=base, shared_ofd=theirs)
+            prepared[m["pid"]] = p
+            base = 0
+            jobs[m["pid"]] = single.Job(core=core, vmas=vmas, fdrecs=fdrecs, xstate=xstate,
+                                        thread_xstate=thread_xstate, pages=pages, prepared=p, ctx=ctx)
+        out = single._run_restorer(TreeJob(members, jobs), build_tree)
+    finally:
+        for p in prepared.values():
+            p.close()
+        files.close_shared(ctx0)
+        for s in sources:
+            s.close()
+    if pidfile:
+        tmp = pidfile + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(f"{out['pid']}\n")
+        os.rename(tmp, pidfile)
+    return {"pid": out["pid"], "members": len(members), "restore_ms": round((time.monotonic() - t0) * 1000, 2)}
+
+
+# -- in the restorer ---------------------------------------------------------------
+
+def _gadget(b, all_vmas: List[dict]) -> None:
+    """Builder.make_gadget, at an address free in every member's layout
+    (the children inherit it through fork)."""
+    from .build import MAP_ANONYMOUS, MAP_FIXED_NOREPLACE, MAP_PRIVATE, HANDLER_SCRATCH, _free_gap, _maps
+    busy = [(v["start"], v["end"]) for v in all_vmas]
+    busy += [(v["start"], v["end"]) for v in _maps(b.pid) if v["end"] <= b.arch.TASK_SIZE]
+    addr = _free_gap(busy, PAGE)
+    got = b.call("mmap", addr, PAGE, 7, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0)
+    if got != addr:
+        raise EngineError(f"gadget page landed at {got:#x}, not {addr:#x}", pid=b.pid)
+    b.task.write_mem(addr, b.arch.GADGET)
+    b.gadget, b.scratch = addr, addr + 64
+    b.task.scratch = addr + HANDLER_SCRATCH
+    b.task.syscall_ip = addr
+
+
+def _own_group(b, m: dict, tree_pids: set) -> None:
+    """Phase 1 for member m: its own session or group, or the root's
+    group from outside (a group led by another member: phase 1b)."""
+    if m["sid"] == m["pid"]:
+        b.call("setsid")
+    elif m["pgid"] == m["pid"]:
+        b.call("setpgid", 0, 0)
+    elif m["pgid"] not in tree_pids:
+        b.call("setpgid", 0, m["pgid"])
+    b.session_done = True
+
+
+def _fork(parent, m: dict, job) -> object:
+    """Member m forked by its parent's builder, with its PID; ours and
+    stopped before it runs."""
+    from .build import Builder
+    arch = parent.arch
+    if job is not None:
+        default = job.core["sched"].get("default_timerslack_ns")
+        if default:
+            # A child's default slack is its parent's current one (kernel/fork.c).
+            parent.call("prctl", PR_SET_TIMERSLACK, default, 0, 0, 0)
+    args = arch.CloneArgs(flags=0, exit_signal=m["exit_signal"], set_tid=parent.put(struct.pack("<i", m["pid"]), 256),
+                          set_tid_size=1)
+    addr = parent.put(ctypes.string_at(ctypes.addressof(args), ctypes.sizeof(args)), 0)
+    r = parent.task.syscall(arch.SYS["clone3"], addr, ctypes.sizeof(args))
+    if r == -17:
+        raise Refusal("pid-in-use", f"PID {m['pid']} was taken before it could be restored", pid=m["pid"])
+    if -4096 < r < 0:
+        raise SysError("clone3 (injected, a child of the tree)", -r, parent.pid)
+    if r != m["pid"]:
+        raise Refusal("pid-in-use", f"child came back as PID {r}, not {m['pid']}", pid=m["pid"])
+    t = Task.adopt(r)
+    t.syscall_ip = parent.gadget
+    t.scratch = parent.task.scratch
+    ptrace.set_options(r, ptrace.O_TRACESYSGOOD | ptrace.O_EXITKILL | O_TRACEFORK)
+    b = Builder(job, t)
+    b.gadget, b.scratch = parent.gadget, parent.scratch
+    return b
+
+
+def _die(b, status: int) -> None:
+    """Let zombie-to-be b go on `exit_group(code)` or `kill(self, sig)`."""
+    arch = b.arch
+    sig = status & 0x7f
+    if sig:
+        b.call("rt_sigaction", sig, b.put(struct.pack("<QQQQ", 0, 0, 0, 0)), 0, 8)
+        b.call("prlimit64", 0, 4, b.put(struct.pack("<QQ", 0, 0), 64), 0)     # RLIMIT_CORE 0: no core
+        ptrace.set_sigmask(b.pid, signals.ALL_BLOCKED & ~(1 << (sig - 1)))
+        nr, args = arch.SYS["kill"], (b.pid, sig)
+    else:
+        nr, args = arch.SYS["exit_group"], ((status >> 8) & 0xff,)
+    regs = b.task.get_regs()
+    arch.set_syscall(regs, b.gadget, nr, args)
+    b.task.set_regs(regs)
+    b.task.close()
+    ptrace.detach(b.pid, 0)
+    b.task.attached = False
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "?"
+
+
+def _take_sigchld(b) -> None:
+    """The SIGCHLD the zombies' deaths sent b, dequeued (rt_sigtimedwait
+    with a zero timeout, retried until it came)."""
+    nr = _nr(b.arch, "rt_sigtimedwait")
+    deadline = time.monotonic() + ZOMBIE_WAIT
+    while True:
+        r = b.task.syscall(nr, b.put(struct.pack("<Q", 1 << (SIGCHLD - 1)), 0), 0,
+                           b.put(struct.pack("<qq", 0, 0), 16), 8)
+        if r == SIGCHLD:
+            return
+        if time.monotonic() > deadline:
+            raise EngineError(f"the SIGCHLD of a restored zombie never reached {b.pid} ({r})", pid=b.pid)
+        time.sleep(0.002)
+
+
+def map_shared(b, v: dict, flags: int) -> int:
+    """Build stage hook (Builder.map_all): map the shared memory an earlier
+    member of the tree holds, through its /proc/PID/map_files entry: the
+    same object, one write seen by both."""
+    from .build import prot_of, MADVISE_FLAGS
+    opid, ostart, oend = v["tree_shared"]
+    path = f"/proc/{opid}/map_files/{ostart:x}-{oend:x}".encode() + b"\0"
+    fd = b.task.syscall(_nr(b.arch, "openat"), AT_FDCWD & 0xFFFFFFFFFFFFFFFF, b.put(path, 512),
+                        os.O_RDWR | os.O_CLOEXEC, 0)
+    if -4096 < fd < 0:
+        raise SysError(f"open {path[:-1].decode()} (injected)", -fd, b.pid)
+    try:
+        start, size = v["start"], v["end"] - v["start"]
+        got = b.call("mmap", start, size, prot_of(v["perms"]), flags, fd, 0)
+        if got != start:
+            raise EngineError(f"shared mapping {start:#x} landed at {got:#x}", pid=b.pid)
+        for f in v["flags"]:
+            if f in MADVISE_FLAGS:
+                b.call("madvise", start, size, MADVISE_FLAGS[f])
+    finally:
+        b.call("close", fd)
+    return 0
+
+
+def build_tree(tj: TreeJob) -> int:
+    """Runs in the restorer: create, zombies, rebuild, release (see the
+    module docstring). Returns the root's PID."""
+    from .build import Builder, _check_xstate, clone_with_pid, rebuild
+    arch = current_arch()
+    members = tj.members
+    root = members[0]
+    tree_pids = {m["pid"] for m in members}
+    all_vmas = [v for j in tj.jobs.values() for v in j.vmas]
+    builders: Dict[int, object] = {}
+    order: List[object] = []
+    try:
+        rjob = tj.jobs[root["pid"]]
+        sched.before_clone(rjob.core["sched"])
+        child, ip = clone_with_pid(root["pid"], arch)
+        task = Task.adopt(child)
+        task.syscall_ip = ip
+        b = Builder(rjob, task)
+        builders[child] = b
+        order.append(b)
+        _check_xstate(task, rjob.core)
+        _gadget(b, all_vmas)
+        b.unregister_rseq()
+        b.clear_address_space()
+        ptrace.set_sigmask(child, signals.ALL_BLOCKED)
+        ptrace.set_options(child, ptrace.O_TRACESYSGOOD | ptrace.O_EXITKILL | O_TRACEFORK)
+        _own_group(b, root, tree_pids)
+        # 1. create, parents first
+        for m in members[1:]:
+            job = tj.jobs.get(m["pid"])
+            mb = _fork(builders[m["ppid"]], m, job)
+            builders[m["pid"]] = mb
+            order.append(mb)
+            if job is not None:
+                _check_xstate(mb.task, job.core)
+            _own_group(mb, m, tree_pids)
+        for m in members:
+            if m["pgid"] != m["pid"] and m["pgid"] in tree_pids and m["sid"] != m["pid"]:
+                builders[m["pid"]].call("setpgid", 0, m["pgid"])
+        for mb in order:
+            ptrace.set_options(mb.pid, ptrace.O_TRACESYSGOOD | ptrace.O_EXITKILL)
+        # 2. zombies
+        zombies = [m for m in members if "zombie" in m]
+        for m in zombies:
+            _die(builders[m["pid"]], m["zombie"]["status"])
+        deadline = time.monotonic() + ZOMBIE_WAIT
+        for m in zombies:
+            while _state(m["pid"]) != "Z":
+                if time.monotonic() > deadline:
+                    raise EngineError(f"zombie {m['pid']} did not die", pid=m["pid"])
+                time.sleep(0.002)
+        for ppid in sorted({m["ppid"] for m in zombies}):
+            _take_sigchld(builders[ppid])
+        # 3. rebuild, parents first; then let go, children first
+        live = [b for b in order if b.job is not None]
+        for mb in live:
+            rebuild(mb)
+        for mb in reversed(live):
+            mb.finish()
+    except BaseException:
+        for mb in reversed(order):
+            try:
+                threads.kill([mb.task] + [tb.task for tb in mb.threads])
+            except (SysError, OSError):
+                pass
+        raise
+    return root["pid"]

@@ -1,0 +1,361 @@
+"""Process trees (engine/tree.py, engine/tree_restore.py): a target and all
+its descendants dumped with one consistent freeze and restored with the
+same PIDs, parent links, sessions and groups, zombies, and the open files
+and memory they share, shared.
+
+Targets: a shell loop running a command each tick, a shell pipeline
+producer | filter | consumer checkpointed mid-stream, a Python family
+(tests/targets/family.py: zombies, groups, a shared open file, shared and
+private memory, a parent reaping its children), a Python thread pool under
+a shell; and one target per refusal boundary.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from engine.context import Options
+from engine.dump import check, dump
+from engine.errors import EngineError, Refusal, Refusals
+from engine.restore import restore
+from engine_core_support import (TARGETS, check_counter, count_lines, counter_bin, procs, python_exe,  # noqa: F401
+                                 start_counter, wait_for, world)
+
+FAMILY = os.path.join(TARGETS, "family.py")
+
+
+def _stat(pid: int) -> dict:
+    with open(f"/proc/{pid}/stat") as f:
+        text = f.read()
+    rest = text.rsplit(")", 1)[1].split()
+    return {"state": rest[0], "ppid": int(rest[1]), "pgid": int(rest[2]), "sid": int(rest[3])}
+
+
+def _status_field(pid: int, key: str) -> str:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return line.split(":", 1)[1].strip()
+    return ""
+
+
+def _session(sid: int) -> list:
+    out = []
+    for n in os.listdir("/proc"):
+        if n.isdigit():
+            try:
+                if _stat(int(n))["sid"] == sid:
+                    out.append(int(n))
+            except (OSError, IndexError, ValueError):
+                continue
+    return sorted(out)
+
+
+def _descendants(pid: int) -> list:
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        for tid in os.listdir(f"/proc/{p}/task") if os.path.exists(f"/proc/{p}/task") else ():
+            try:
+                with open(f"/proc/{p}/task/{tid}/children") as f:
+                    kids = [int(x) for x in f.read().split()]
+            except OSError:
+                continue
+            out.extend(kids)
+            todo.extend(kids)
+    return sorted(set(out))
+
+
+def _untouched(pids) -> None:
+    """After a refusal: every member running on, untraced, not stopped."""
+    for pid in pids:
+        assert _status_field(pid, "TracerPid") in ("0", ""), f"pid {pid} still traced"
+        assert _stat(pid)["state"] not in ("t", "T"), f"pid {pid} left stopped"
+
+
+@pytest.fixture
+def session_killer(procs):  # noqa: F811
+    """Kill every process of the sessions the test registers, by PID."""
+    sids = []
+    yield sids
+    pids = [pid for sid in sids for pid in _session(sid)]
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    wait_for(lambda: _gone(pids), what="the test's processes reaped")
+
+
+def _start(procs, argv, cwd):  # noqa: F811
+    p = procs.start(argv, cwd=str(cwd))
+    return p
+
+
+def _ready(cwd, p):
+    wait_for(lambda: os.path.exists(os.path.join(str(cwd), "ready")) or p.poll() is not None, what="the target")
+    assert p.poll() is None
+    with open(os.path.join(str(cwd), "ready")) as f:
+        return json.load(f)
+
+
+def _gone(pids) -> bool:
+    """Every pid gone; the killed members were reparented to this test (a
+    subreaper): reap them."""
+    for x in pids:
+        try:
+            os.waitpid(x, os.WNOHANG)
+        except ChildProcessError:
+            pass
+    return not any(os.path.exists(f"/proc/{x}") for x in pids)
+
+
+def _wait_killed(pid, img, procs):  # noqa: F811
+    procs.popens[:] = [p for p in procs.popens if p.pid != pid or p.wait() is not None]
+    pids = [m["pid"] for m in json.loads((img / "tree.json").read_text())["members"]]
+    wait_for(lambda: _gone(pids), what="the dumped tree gone")
+    return pids
+
+
+def _dump_restore(pid, img, procs):  # noqa: F811
+    res = dump(pid, str(img), Options())
+    _wait_killed(pid, img, procs)
+    out = restore(str(img), Options())
+    procs.adopt(pid)
+    assert out["pid"] == pid
+    return res, out
+
+
+# -- what works -------------------------------------------------------------------------
+
+def test_shell_loop_running_a_command_each_tick(procs, session_killer, tmp_path):  # noqa: F811
+    """sh forks `sleep` every tick: the counter in the shell's memory goes
+    on from where it was (a fresh start would begin again at 1), the
+    child sleeping at the dump is restored as the shell's child and reaped."""
+    p = _start(procs, ["/bin/sh", "-c", "i=0; while :; do i=$((i+1)); echo $i >>f; sleep 0.1; done"], tmp_path)
+    session_killer.append(p.pid)
+    f = tmp_path / "f"
+    wait_for(lambda: f.exists() and len(f.read_text().split()) >= 5, what="ticks")
+    wait_for(lambda: _descendants(p.pid), what="a sleep child")
+    res, _ = _dump_restore(p.pid, tmp_path / "img", procs)
+    assert res["members"] >= 2
+    tree = json.loads((tmp_path / "img" / "tree.json").read_text())
+    child = tree["members"][1]
+    assert child["comm"] == "sleep" and child["ppid"] == p.pid
+    from engine.show import render, show
+    text = render(show(str(tmp_path / "img")))
+    assert f"process tree: {res['members']} processes" in text and f"{child['pid']} sleep" in text, text
+    n = len(f.read_text().split())
+    wait_for(lambda: len(f.read_text().split()) >= n + 5, what="ticks after the restore")
+    nums = [int(x) for x in f.read_text().split()]
+    assert nums == list(range(1, len(nums) + 1)), nums
+    st = _stat(p.pid)
+    assert (st["sid"], st["pgid"]) == (p.pid, p.pid)
+    assert _status_field(p.pid, "TracerPid") == "0"
+
+
+def test_counter_with_a_child(procs, session_killer, counter_bin, world, tmp_path):  # noqa: F811
+    """The C counter (its proof: consecutive steps, the input byte of each,
+    the xor of its 4 MiB of memory) with a child sharing its open files:
+    once refused as process-tree, now a tree of two."""
+    p = start_counter(procs, counter_bin, world, mode="child")
+    session_killer.append(p.pid)
+    kid = _descendants(p.pid)
+    assert len(kid) == 1
+    res, _ = _dump_restore(p.pid, tmp_path / "img", procs)
+    assert res["members"] == 2
+    assert _stat(kid[0])["ppid"] == p.pid and _stat(kid[0])["state"] == "S"
+    n = count_lines(world["out"])
+    wait_for(lambda: count_lines(world["out"]) >= n + 10, what="the counter to carry on")
+    check_counter(world["out"], world["in_data"])
+
+
+PRODUCER = ("import sys, time\n"
+            "for i in range(1, 1501):\n"
+            "    sys.stdout.write(f'{i}\\n'); sys.stdout.flush(); time.sleep(0.002)\n")
+CONSUMER = ("import sys\n"
+            "with open(sys.argv[1], 'a') as out:\n"
+            "    for line in sys.stdin:\n"
+            "        out.write(line); out.flush()\n")
+
+
+def test_pipeline_mid_stream(procs, session_killer, tmp_path):  # noqa: F811
+    """producer | cat | consumer, dumped mid-stream: both pipes (ends held
+    by different members) and their queued bytes come back once; the
+    output is complete, in order, with no duplicates."""
+    (tmp_path / "prod.py").write_text(PRODUCER)
+    (tmp_path / "cons.py").write_text(CONSUMER)
+    py = python_exe()
+    p = _start(procs, ["/bin/sh", "-c", f"{py} prod.py | cat | {py} cons.py out; echo done >>status"], tmp_path)
+    session_killer.append(p.pid)
+    out = tmp_path / "out"
+    wait_for(lambda: out.exists() and len(out.read_text().split()) >= 200, what="the stream")
+    res, _ = _dump_restore(p.pid, tmp_path / "img", procs)
+    assert res["members"] == 4
+    recs = []
+    tree = json.loads((tmp_path / "img" / "tree.json").read_text())
+    for m in tree["members"]:
+        recs += json.loads((tmp_path / "img" / m["dir"] / "fds.json").read_text()) if m["dir"] else \
+            json.loads((tmp_path / "img" / "fds.json").read_text())
+    assert sum(1 for r in recs if r.get("kind") == "pipe") >= 4, "pipe ends held by different members"
+    wait_for(lambda: (tmp_path / "status").exists(), timeout=60, what="the pipeline to finish")
+    nums = [int(x) for x in out.read_text().split()]
+    assert nums == list(range(1, 1501)), (len(nums), nums[:5], nums[-5:])
+
+
+def test_family(procs, session_killer, tmp_path):  # noqa: F811
+    """Zombies with their exit status, groups and sessions, a shared open
+    file (one offset), shared anonymous memory (one object), private
+    copy-on-write memory (each its own), and a parent that reaps them all."""
+    p = _start(procs, [python_exe(), FAMILY, "family"], tmp_path)
+    session_killer.append(p.pid)
+    info = _ready(tmp_path, p)
+    kids = info["kids"]
+    pids = [p.pid] + list(kids.values())
+    before = {pid: _stat(pid) for pid in pids}
+    res = check(p.pid, Options())
+    assert res["ok"], res["refusals"]
+    assert {m["pid"] for m in res["members"]} == set(pids)
+    res, _ = _dump_restore(p.pid, tmp_path / "img", procs)
+    assert res["members"] == 7 and res["zombies"] == 2
+    for pid in pids:
+        now = _stat(pid)
+        assert (now["ppid"], now["pgid"], now["sid"]) == (before[pid]["ppid"], before[pid]["pgid"],
+                                                         before[pid]["sid"]) or pid == p.pid, (pid, now)
+        assert (now["state"] == "Z") == (pid in (kids["A"], kids["C"])), (pid, now)
+        assert _status_field(pid, "TracerPid") in ("0", "")
+    assert (_stat(p.pid)["pgid"], _stat(p.pid)["sid"]) == (p.pid, p.pid)
+    (tmp_path / "go").write_text("")
+    wait_for(lambda: (tmp_path / "result").exists(), timeout=20, what="the result")
+    got = json.loads((tmp_path / "result").read_text())
+    assert got["token"] == info["token"] and got["pid"] == p.pid and got["sid"]
+    assert got["groups"] == [True, True, True]
+    assert got["sigchld"][0] == got["sigchld"][1], "a SIGCHLD made by the restore reached the parent"
+    assert got["status"] == {"A": ["exit", 7], "C": ["signal", 15], "B": ["exit", 3], "D": ["exit", 4],
+                             "E": ["exit", 5], "F": ["exit", 6]}
+    assert got["shm"] == "child", "the shared page is not one object"
+    assert got["private"] is True
+    assert (tmp_path / "shared.txt").read_bytes() == b"p1cp2", "the open file description was split"
+
+
+def test_socketpairs_between_members(procs, session_killer, tmp_path):  # noqa: F811
+    """A stream and a datagram socketpair whose ends parent and child hold,
+    bytes queued both ways: one pair each, every byte and message once."""
+    p = _start(procs, [python_exe(), FAMILY, "sockpair"], tmp_path)
+    session_killer.append(p.pid)
+    info = _ready(tmp_path, p)
+    res, _ = _dump_restore(p.pid, tmp_path / "img", procs)
+    assert res["members"] == 2
+    assert _stat(info["kids"]["C"])["ppid"] == p.pid
+    (tmp_path / "go").write_text("")
+    wait_for(lambda: (tmp_path / "result").exists(), timeout=20, what="the result")
+    got = json.loads((tmp_path / "result").read_text())
+    assert got == {"token": info["token"], "first": "to-parent", "dgrams": ["d1", "d2"],
+                   "reply": "child-got:to-child|p1"}, got
+
+
+def test_thread_pool_under_a_shell(procs, session_killer, tmp_path):  # noqa: F811
+    """A multi-threaded member (a Python ThreadPoolExecutor) in a tree."""
+    pool = os.path.join(TARGETS, "pool.py")
+    p = _start(procs, ["/bin/sh", "-c", f"{python_exe()} {pool} out; echo $? >status"], tmp_path)
+    session_killer.append(p.pid)
+    out = tmp_path / "out"
+    wait_for(lambda: out.exists() and len(out.read_text().splitlines()) >= 20, what="pool results")
+    res, _ = _dump_restore(p.pid, tmp_path / "img", procs)
+    assert res["members"] == 2 and res["threads"] >= 6
+    n = len(out.read_text().splitlines())
+    wait_for(lambda: len(out.read_text().splitlines()) >= n + 20, timeout=20, what="results after the restore")
+    lines = [ln.split() for ln in out.read_text().splitlines()]
+    nums = [int(ln[0]) for ln in lines if ln and ln[0].isdigit()]
+    assert nums == list(range(1, len(nums) + 1))
+    assert not [ln for ln in lines if "BAD" in " ".join(ln)]
+
+
+def test_failure_leaves_no_member(procs, session_killer, tmp_path, monkeypatch):  # noqa: F811
+    """A failure after the tree exists kills every member created."""
+    p = _start(procs, [python_exe(), FAMILY, "family"], tmp_path)
+    session_killer.append(p.pid)
+    info = _ready(tmp_path, p)
+    pids = [p.pid] + list(info["kids"].values())
+    dump(p.pid, str(tmp_path / "img"), Options())
+    _wait_killed(p.pid, tmp_path / "img", procs)
+    monkeypatch.setenv("CKPT_TEST_FAIL_AT", "threads")
+    with pytest.raises(EngineError):
+        restore(str(tmp_path / "img"), Options())
+    wait_for(lambda: _gone(pids), what="every member gone")
+    monkeypatch.delenv("CKPT_TEST_FAIL_AT")
+    restore(str(tmp_path / "img"), Options())    # and the image still restores
+    procs.adopt(p.pid)
+    assert _stat(p.pid)["state"] != "Z"
+
+
+# -- refusal boundaries ---------------------------------------------------------------
+
+def _refused(pid):
+    with pytest.raises((Refusal, Refusals)) as e:
+        check(pid, Options())
+    rs = e.value.refusals if isinstance(e.value, Refusals) else [e.value]
+    return rs
+
+
+def _check_refusals(pid) -> list:
+    res = check(pid, Options())
+    assert not res["ok"]
+    return res["refusals"]
+
+
+def test_refused_pipe_peer_outside(procs, session_killer, tmp_path):  # noqa: F811
+    """The test holds the write end of the tree's pipe: pipe-peer-outside
+    naming this process; every member goes on untouched."""
+    r, w = os.pipe()
+    try:
+        p = subprocess.Popen(["/bin/sh", "-c", "cat | cat >/dev/null"], stdin=r, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, close_fds=True, start_new_session=True, cwd=str(tmp_path))
+        procs.popens.append(p)
+        session_killer.append(p.pid)
+        wait_for(lambda: len(_descendants(p.pid)) == 2, what="the pipeline")
+        refs = _check_refusals(p.pid)
+        assert any(x["reason"] == "pipe-peer-outside" and f"pid {os.getpid()}" in x["detail"] for x in refs), refs
+        with pytest.raises((Refusal, Refusals)):
+            dump(p.pid, str(tmp_path / "img"), Options())
+        assert not (tmp_path / "img").exists()
+        _untouched([p.pid] + _descendants(p.pid))
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+@pytest.mark.parametrize("mode,reason,detail", [
+    ("clonefiles", "tree-sharing", "fd table"),
+    ("traceme", "ptraced", "traced by pid"),
+    ("badsession", "process-tree", "session"),
+    ("outside", "memory-peer-outside", "outside the tree"),
+])
+def test_refused_boundaries(procs, session_killer, tmp_path, mode, reason, detail):  # noqa: F811
+    p = _start(procs, [python_exe(), FAMILY, mode], tmp_path)
+    session_killer.append(p.pid)
+    info = _ready(tmp_path, p)
+    session_killer.extend(info["kids"].values())    # badsession: A's own session
+    try:
+        res = check(p.pid, Options())
+        refs = res["refusals"]
+    except (Refusal, Refusals) as e:
+        refs = [r.as_dict() for r in (e.refusals if isinstance(e, Refusals) else [e])]
+    assert any(x["reason"] == reason and detail in x["detail"] for x in refs), refs
+    if mode == "outside":
+        assert any(str(info["outside"]) in x["detail"] for x in refs), refs
+        procs.adopt(info["outside"])
+    with pytest.raises((Refusal, Refusals)):
+        dump(p.pid, str(tmp_path / "img"), Options())
+    assert not (tmp_path / "img").exists() and not (tmp_path / "img.partial").exists()
+    members = [p.pid] + _descendants(p.pid)
+    if mode != "traceme":
+        _untouched(members)
+    else:
+        _untouched([p.pid])

@@ -1,0 +1,233 @@
+"""Established TCP connections through engine.dump.dump + engine.restore.restore
+(TCP_REPAIR): a loopback pair held by the target, and a connection to a peer
+process that keeps its end open and streams both ways across the checkpoint.
+Every byte is checked against a stream both sides derive from a seed (never
+from the image); a RST, a lost or a duplicated byte fails the test."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+
+from engine import netlock
+from engine.context import Options
+from engine.dump import dump
+from engine.errors import Refusal, Refusals
+from engine.restore import restore
+from engine_core_support import procs, python_exe, wait_for  # noqa: F401
+from fds_support import dump_restore
+
+STREAM = r'''
+import hashlib
+def stream(seed, start, n):
+    """Bytes [start, start+n) of the seeded stream."""
+    out = bytearray()
+    blk = start // 32
+    while len(out) < (start % 32) + n:
+        out += hashlib.sha256(b"%s:%d" % (seed, blk)).digest()
+        blk += 1
+    return bytes(out[start % 32:start % 32 + n])
+'''
+
+PAIR = STREAM + r'''
+import json, os, signal, socket, sys, time
+OUT = sys.argv[1]
+l = socket.socket(); l.bind(("127.0.0.1", 0)); l.listen(1)
+c = socket.create_connection(l.getsockname()); a, _ = l.accept(); l.close()
+c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+c.setblocking(False)
+sent = 0
+while True:                           # fill a's receive queue and c's send queue
+    try:
+        sent += c.send(stream(b"c2a", sent, 65536))
+    except BlockingIOError:
+        break
+a.send(stream(b"a2c", 0, 1000))       # unread by c
+os.dup2(c.fileno(), 500); os.dup2(a.fileno(), 501); c.close(); a.close()
+
+def verify(*_):
+    c = socket.socket(fileno=os.dup(500)); a = socket.socket(fileno=os.dup(501))
+    c.setblocking(True); a.settimeout(20); c.settimeout(20)
+    got = bytearray()
+    while len(got) < sent:
+        b = a.recv(1 << 20)
+        if not b:
+            break
+        got += b
+    back = bytearray()
+    while len(back) < 1000:
+        b = c.recv(1000 - len(back))
+        if not b:
+            break
+        back += b
+    c.sendall(b"after"); a.sendall(b"reply")
+    out = {"sent": sent, "c2a": bytes(got) == stream(b"c2a", 0, sent), "a2c": bytes(back) == stream(b"a2c", 0, 1000),
+           "after": a.recv(5) == b"after" and c.recv(5) == b"reply",
+           "nodelay": c.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1}
+    with open(OUT + ".tmp", "w") as f:
+        json.dump(out, f)
+    os.rename(OUT + ".tmp", OUT)
+
+signal.signal(signal.SIGUSR1, verify)
+open("ready.tmp", "w").write(str(sent)); os.rename("ready.tmp", "ready")
+while True:
+    signal.pause()
+'''
+
+# Both ends stream N bytes at a steady pace and check what they receive.
+ENDPOINT = STREAM + r'''
+import json, os, select, socket, sys, time
+def run(conn, me, other, n, out, pace):
+    conn.setblocking(False)
+    sent = got = 0
+    ok, err = True, None
+    deadline = time.monotonic() + 120
+    try:
+        while (sent < n or got < n) and time.monotonic() < deadline:
+            r, w, _ = select.select([conn], [conn] if sent < n else [], [], 0.5)
+            if r:
+                b = conn.recv(65536)
+                if not b:
+                    err = "eof"
+                    break
+                ok = ok and b == stream(other, got, len(b))
+                got += len(b)
+            if w:
+                sent += conn.send(stream(me, sent, min(2048, n - sent)))
+                time.sleep(pace)
+    except OSError as e:
+        err = repr(e)
+    with open(out + ".tmp", "w") as f:
+        json.dump({"ok": ok, "sent": sent, "got": got, "err": err}, f)
+    os.rename(out + ".tmp", out)
+'''
+
+SERVER = ENDPOINT + r'''
+l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.bind(("127.0.0.1", 0)); l.listen(1)
+open("port.tmp", "w").write(str(l.getsockname()[1])); os.rename("port.tmp", "port")
+conn, _ = l.accept(); l.close()
+conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+os.dup2(conn.fileno(), 7); conn.close(); conn = socket.socket(fileno=7)
+open("ready.tmp", "w").close(); os.rename("ready.tmp", "ready")
+run(conn, b"srv", b"peer", int(sys.argv[1]), "server.json", 0.01)
+while True:
+    time.sleep(1)
+'''
+
+PEER = ENDPOINT + r'''
+c = socket.create_connection(("127.0.0.1", int(sys.argv[2])))
+run(c, b"peer", b"srv", int(sys.argv[1]), "peer.json", 0.01)
+'''
+
+
+def _pair_worker(procs, tmp_path):
+    script = tmp_path / "pair.py"
+    script.write_text(PAIR)
+    p = procs.start([python_exe(), str(script), str(tmp_path / "verdict.json")], cwd=str(tmp_path))
+    wait_for(lambda: (tmp_path / "ready").exists() or p.poll() is not None, what="the pair worker")
+    assert p.poll() is None
+    return p
+
+
+def _verdict(p, tmp_path):
+    os.kill(p.pid, signal.SIGUSR1)
+    wait_for((tmp_path / "verdict.json").exists, timeout=60, what="the worker's verdict")
+    return json.loads((tmp_path / "verdict.json").read_text())
+
+
+def test_loopback_pair_restored_with_both_queues(procs, tmp_path):
+    p = _pair_worker(procs, tmp_path)
+    dump_restore(procs, p, str(tmp_path / "img"))
+    v = _verdict(p, tmp_path)
+    assert v["sent"] > 100000
+    assert v == {"sent": v["sent"], "c2a": True, "a2c": True, "after": True, "nodelay": True}
+
+
+def test_loopback_pair_leave_running_changes_nothing(procs, tmp_path):
+    p = _pair_worker(procs, tmp_path)
+    res = dump(p.pid, str(tmp_path / "img"), Options(leave_running=True))
+    assert res["left_running"]
+    v = _verdict(p, tmp_path)
+    assert v == {"sent": v["sent"], "c2a": True, "a2c": True, "after": True, "nodelay": True}
+
+
+def _start_server_and_peer(procs, tmp_path, n):
+    (tmp_path / "server.py").write_text(SERVER)
+    (tmp_path / "peer.py").write_text(PEER)
+    srv = procs.start([python_exe(), str(tmp_path / "server.py"), str(n)], cwd=str(tmp_path))
+    wait_for(lambda: (tmp_path / "port").exists() or srv.poll() is not None, what="the server's port")
+    port = (tmp_path / "port").read_text()
+    peer = subprocess.Popen([python_exe(), str(tmp_path / "peer.py"), str(n), port], cwd=str(tmp_path),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            close_fds=True)
+    procs.popens.append(peer)
+    wait_for(lambda: (tmp_path / "ready").exists() or srv.poll() is not None, what="the server's connection")
+    return srv, peer
+
+
+@pytest.mark.skipif(netlock.available() is not None, reason=f"no network lock here: {netlock.available()}")
+def test_outside_peer_keeps_streaming_across_the_checkpoint(procs, tmp_path):
+    n = 400_000
+    srv, peer = _start_server_and_peer(procs, tmp_path, n)
+    time.sleep(0.5)                                  # mid-stream, both ways
+    res = dump(srv.pid, str(tmp_path / "img"), Options())
+    srv.wait()
+    rec = [r for r in json.loads((tmp_path / "img" / "fds.json").read_text()) if r.get("sock") == "tcp-conn"]
+    assert [r["peer"] for r in rec] == ["outside"]
+    assert netlock.locked(rec[0]["lock"])            # the peer is held off while the server is an image
+    time.sleep(1.0)                                  # the peer keeps sending into the lock meanwhile
+    assert peer.poll() is None, "the peer lost its connection while the server was an image"
+    out = restore(str(tmp_path / "img"), Options())
+    procs.adopt(out["pid"])
+    assert not netlock.locked(rec[0]["lock"])
+    assert peer.wait(timeout=120) == 0, peer.stderr.read().decode()
+    wait_for((tmp_path / "server.json").exists, timeout=60, what="the server's verdict")
+    s = json.loads((tmp_path / "server.json").read_text())
+    pe = json.loads((tmp_path / "peer.json").read_text())
+    assert pe == {"ok": True, "sent": n, "got": n, "err": None}
+    assert s == {"ok": True, "sent": n, "got": n, "err": None}
+    assert res["fds"] >= 1
+
+
+def test_outside_peer_without_network_lock_is_refused(procs, tmp_path, monkeypatch):
+    srv, peer = _start_server_and_peer(procs, tmp_path, 100_000)
+    monkeypatch.setattr(netlock, "available", lambda: "libnftables.so.1 is not installed (test)")
+    with pytest.raises((Refusal, Refusals)) as ei:
+        dump(srv.pid, str(tmp_path / "img"), Options())
+    refusals = getattr(ei.value, "refusals", [ei.value])
+    assert [(r.reason, r.fd) for r in refusals] == [("tcp-lock", 7)]
+    assert "peer is outside the dump" in refusals[0].detail
+    assert not (tmp_path / "img").exists()
+    assert peer.wait(timeout=120) == 0                # the target carried on, untouched
+    wait_for((tmp_path / "server.json").exists, timeout=60, what="the server's verdict")
+    assert json.loads((tmp_path / "server.json").read_text())["ok"] is True
+
+
+def test_close_wait_connection_is_refused_naming_its_state(procs, tmp_path):
+    script = tmp_path / "cw.py"
+    script.write_text(r'''
+import os, socket, time
+l = socket.socket(); l.bind(("127.0.0.1", 0)); l.listen(1)
+c = socket.create_connection(l.getsockname()); a, _ = l.accept(); l.close()
+a.close()                                   # c gets the FIN: CLOSE_WAIT
+os.dup2(c.fileno(), 500); c.close()
+open("ready.tmp", "w").close(); os.rename("ready.tmp", "ready")
+while True:
+    time.sleep(1)
+''')
+    p = procs.start([python_exe(), str(script)], cwd=str(tmp_path))
+    wait_for(lambda: (tmp_path / "ready").exists(), what="the worker")
+    time.sleep(0.2)
+    with pytest.raises((Refusal, Refusals)) as ei:
+        dump(p.pid, str(tmp_path / "img"), Options())
+    refusals = getattr(ei.value, "refusals", [ei.value])
+    assert [(r.reason, r.fd) for r in refusals] == [("socket", 500)]
+    assert " close-wait 127.0.0.1:" in refusals[0].detail
+    assert "only established connections" in refusals[0].detail
