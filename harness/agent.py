@@ -4,6 +4,7 @@ snapshot and so present, idle and warm, in every reverted guest.
 Runs in the guest (stdlib only, Python >= 3.9) as a script::
 
     python3 agent.py PORT_NAME     # serve requests on the virtio-serial port
+    python3 agent.py --stdin       # serve them on fd 0 (a socket; the host tests)
 
 Why: under TCG every step cost an SSH exec (~0.15 s) and, for the harness's
 own steps, a python3 start that imports and compiles its modules (~0.5-1 s);
@@ -197,8 +198,9 @@ def handle(req: Dict[str, Any]) -> Dict[str, Any]:
     return {"error": f"unknown op {op!r}"}
 
 
-def serve(dev: str) -> None:
-    fd = os.open(dev, os.O_RDWR)
+def serve(fd: int, eof_ends: bool = False) -> None:
+    """Answer requests read from ``fd`` (the port; a socket in the tests,
+    whose EOF ends the agent: a port's only means the host is not there)."""
     buf = b""
     while True:
         try:
@@ -208,6 +210,8 @@ def serve(dev: str) -> None:
                 continue
             raise
         if not chunk:           # the host end is not connected: wait for it
+            if eof_ends:
+                return
             time.sleep(0.05)
             continue
         buf += chunk
@@ -232,10 +236,10 @@ def main(argv: List[str]) -> int:
     if len(argv) != 1:
         print(__doc__, file=sys.stderr)
         return 2
-    dev = find_port(argv[0])
+    fd = 0 if argv[0] == "--stdin" else os.open(find_port(argv[0]), os.O_RDWR)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     preload()
-    serve(dev)
+    serve(fd, eof_ends=fd == 0)
     return 0
 
 
