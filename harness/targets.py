@@ -320,7 +320,7 @@ class GuestTarget(Target):
         if self.lost and not self.guest.alive():
             raise HarnessError(f"guest {self.name} is gone: {self.lost}")
         # a QEMU that does not answer QMP (SIGSTOPped, wedged) cannot revert
-        self.guest.status(timeout=5)
+        self.guest.status(timeout=10)
         if self.agent is None:
             self.guest.revert("golden")
         else:
@@ -350,12 +350,13 @@ class GuestTarget(Target):
             return self.lost
         if not self.guest.alive():
             return f"guest {self.name}: QEMU exited"
+        # a write, not statfs: ext4 counts blocks free that no one may use
+        probe = "head -c 65536 /dev/zero > /.crucible-health; r=$?; rm -f /.crucible-health; exit $r"
         try:
-            r = self.run(["stat", "-f", "-c", "%f %S", "/"], timeout=20 * self.time_scale, step="health")
-            avail, bsize = (int(x) for x in r.stdout.split())
-        except (HarnessError, ValueError) as e:
+            r = self.run(["sh", "-c", probe], timeout=20 * self.time_scale, step="health")
+        except HarnessError as e:
             return f"guest {self.name}: no answer to a health check: {e}"
-        if avail * bsize < (4 << 20):
-            self.lost = f"guest {self.name}: its root filesystem is full ({avail * bsize} bytes free)"
+        if r.rc != 0 and "No space" in r.stderr:
+            self.lost = f"guest {self.name}: its root filesystem is full ({r.stderr.strip()})"
             return self.lost
         return ""

@@ -35,7 +35,7 @@ PLAN = [
     ("scenarios/files/cloexec.yaml", "stop@verify", "hung"),
     ("scenarios/files/flags.yaml", "sigstop@verify", "hung"),
     ("scenarios/pipe/both-ends-with-data.yaml", "kill@dump", "crashed"),
-    ("scenarios/anon/eventfd.yaml", "-", "restored"),     # the run goes on, on a fresh guest
+    ("scenarios/files/large.yaml", "-", "restored"),      # the run goes on, on a fresh guest
 ]
 
 
@@ -61,10 +61,11 @@ def _is_qemu(p: psutil.Process) -> bool:
 
 
 def _pytest_argv(scenarios: List[str], *extra: str) -> List[str]:
-    # scale 0.2: a frozen guest is "hung" after its step's timeout (verify:
-    # 30 s x 0.2 x 2 under TCG) plus the agent's grace, not after minutes
+    # scale 0.5: a frozen guest is "hung" after its step's timeout (verify:
+    # 30 s x 0.5 x 2 under TCG) plus the agent's grace, not after minutes;
+    # the healthy steps still have room on a loaded host
     return [sys.executable, "-m", "pytest", *scenarios, "-q", "-p", "no:cacheprovider", "-p", "no:benchmark",
-            "--guest-timeout-scale", "0.2", *extra]
+            "--guest-timeout-scale", "0.5", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +84,7 @@ def chaos_run(tmp_path_factory):
     if proc.poll() is None:
         proc.kill()
     out = proc.communicate()[0]
+    (reports / "pytest.out").write_text(out)
     rows: Dict[str, dict] = {}
     for line in (reports / "rows.jsonl").read_text().splitlines() if (reports / "rows.jsonl").exists() else []:
         row = json.loads(line)
