@@ -31,7 +31,7 @@ APT_PACKAGES += qemu-system-arm qemu-user-static binfmt-support arch-test
 endif
 
 .PHONY: setup setup-apt setup-pip test test-host test-aarch64-guest lint-workflows vm-image vm-shell vm-test \
-        vm-generate mutants bench clean-image help
+        vm-generate mutants bench reliability clean-image help
 
 help:
 	@echo "make setup              install host packages (apt) and Python packages (pip)"
@@ -46,6 +46,8 @@ help:
 	@echo "make vm-generate        run GENERATE=$(GENERATE) generated scenarios from SEED=$(SEED) in guests"
 	@echo "make test-aarch64-guest the aarch64 guest tests of tests/ (needs make vm-image ARCH=aarch64)"
 	@echo "make bench              write benchmark figures to bench/results.json"
+	@echo "make reliability        fault points + ckpt killed at random instants + FUZZ_CASES=$(FUZZ_CASES) mutated"
+	@echo "                        images from FUZZ_SEED=$(FUZZ_SEED) -> bench/reliability.json"
 
 setup: setup-apt setup-pip
 
@@ -60,6 +62,8 @@ setup-apt:
 
 setup-pip:
 	$(PYTHON) -m pip install -q -e '.[test]'
+	@# the engine's bytecode, so that no ckpt run compiles it (~35 ms each)
+	$(PYTHON) -m compileall -q engine >/dev/null
 
 test: test-host vm-test
 
@@ -113,9 +117,22 @@ vm-generate: vm-image
 test-aarch64-guest:
 	CRUCIBLE_REQUIRE_AARCH64=1 $(PYTHON) -m pytest tests/ -m aarch64 -q -p no:cacheprovider -p no:benchmark
 
+# Fault points, ckpt killed at random instants (and, from other tools, fuzzed
+# images): figures printed and merged into bench/reliability.json. One line per tool.
+RELIABILITY_KILLS ?= 200
+# Mutated images against ckpt restore (harness/imagefuzz.py): how many, from which seed.
+FUZZ_CASES ?= 500
+FUZZ_SEED ?= 1
+reliability:
+	@mkdir -p bench
+	$(PYTHON) bench/reliability.py --out bench/reliability.json --kills $(RELIABILITY_KILLS)
+	$(PYTHON) bench/fuzz_images.py --out bench/reliability.json --cases $(FUZZ_CASES) --seed $(FUZZ_SEED)
+
 bench:
 	@mkdir -p bench
 	$(PYTHON) bench/engine_bench.py --out bench/results.json
 	$(PYTHON) -m vm bench --arch $(ARCH) --kernel $(KERNEL) --distro $(DISTRO) --out bench/results.json
 	$(PYTHON) -m harness bench --arch $(ARCH) --kernel $(KERNEL) --out bench/results.json
+	@# ckpt against the guest's criu (bookworm 3.17, trixie 4.1) in one guest; on this host too when its criu works
+	$(PYTHON) -m harness compare --arch $(ARCH) --kernel $(KERNEL) --distro $(DISTRO) --host --out bench/results.json
 	$(PYTHON) bench/table.py bench/results.json

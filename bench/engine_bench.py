@@ -128,7 +128,7 @@ def one_case(exe: str, mib: int, where: str, work: str) -> dict:
         pages = d["pages_bytes"]
         return {"touched_mib": mib, "image_on": where, "pages_mib": round(pages / MIB, 1),
                 "dump_s": round(t_dump, 4), "dump_cpu_s": round(c_dump, 4),
-                "restore_cpu_s": round(c_restore, 4), "frozen_ms": d["frozen_ms"], "restore_s": round(t_restore, 4),
+                "restore_cpu_s": round(c_restore, 4), "frozen_ms": d["frozen_ms"], "durable_ms": d.get("durable_ms"), "restore_s": round(t_restore, 4),
                 "dump_mib_s": round(pages / MIB / t_dump, 1), "restore_mib_s": round(pages / MIB / t_restore, 1),
                 "restored_state": state, "memory_samples_ok": sampled}
     finally:
@@ -147,6 +147,7 @@ def main() -> int:
     ap.add_argument("--out", default=RESULTS, help="results file (merged into, key 'engine')")
     args = ap.parse_args()
     _subreaper()
+    # (in-process: no bytecode effect on these figures; bench/compare.py runs the CLI)
     work = tempfile.mkdtemp(prefix="ckpt-bench-bin-")
     try:
         exe = os.path.join(work, "memhog")

@@ -26,6 +26,8 @@ def rows(res: dict):
         yield (what, "dump", _fmt(c.get("dump_mib_s"), " MiB/s"), _fmt(c.get("dump_s", 0) * 1000, " ms"))
         yield (what, "restore", _fmt(c.get("restore_mib_s"), " MiB/s"), _fmt(c.get("restore_s", 0) * 1000, " ms"))
         yield (what, "frozen", "", _fmt(c.get("frozen_ms"), " ms"))
+        if c.get("durable_ms") is not None:
+            yield (what, "dump durable (image fsync'd)", "", _fmt(c.get("durable_ms"), " ms"))
     vm = res.get("vm") or {}
     for arch, v in sorted(vm.items()):
         if not isinstance(v, dict):
@@ -45,6 +47,34 @@ def rows(res: dict):
             yield (f"scenarios {cell}", "reset between scenarios (median)", "", _fmt(sc["reset_s"].get("median"), " s"))
 
 
+def _ms(s):
+    return "-" if s is None else f"{s * 1000:.0f} ms"
+
+
+def compare_rows(res: dict):
+    """ckpt against criu (bench/compare.py), one line per case and step:
+    both medians and the speed ratio (criu time / ckpt time: > 1 is ckpt
+    faster; issue 15 asks for >= 1.5 on every row)."""
+    for cell, doc in sorted((res.get("compare") or {}).items()):
+        if not isinstance(doc, dict):
+            continue
+        criu = (doc.get("criu_version") or "?").replace("Version: ", "criu ")
+        for r in doc.get("rows", []):
+            what = f"{cell} ({criu}): {r.get('touched_mib')} MiB on {r.get('image_on')}"
+            for step in ("dump", "restore"):
+                ratio = r.get(f"{step}_speed_ckpt_over_criu")
+                yield (what, step, _ms(r.get(f"ckpt_{step}_s")), _ms(r.get(f"criu_{step}_s")),
+                       "-" if ratio is None else f"{ratio:.2f}x")
+
+
+def _print(table) -> None:
+    widths = [max(len(str(r[i])) for r in table) for i in range(len(table[0]))]
+    for n, r in enumerate(table):
+        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+        if n == 0:
+            print("  ".join("-" * w for w in widths))
+
+
 def main(argv) -> int:
     path = argv[1] if len(argv) > 1 else "bench/results.json"
     try:
@@ -53,12 +83,12 @@ def main(argv) -> int:
     except (OSError, ValueError) as e:
         print(f"bench/table.py: cannot read {path}: {e}", file=sys.stderr)
         return 2
-    table = [("what", "measure", "rate", "time")] + list(rows(res))
-    widths = [max(len(str(r[i])) for r in table) for i in range(4)]
-    for n, r in enumerate(table):
-        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
-        if n == 0:
-            print("  ".join("-" * w for w in widths))
+    _print([("what", "measure", "rate", "time")] + list(rows(res)))
+    cmp = list(compare_rows(res))
+    if cmp:
+        print("\nckpt against criu, same processes, same machine, one run (wall time incl. start-up; "
+              "speed = criu time / ckpt time; ckpt's dump includes fsync, criu's does not)")
+        _print([("case", "step", "ckpt", "criu", "speed")] + cmp)
     return 0
 
 

@@ -29,7 +29,7 @@ import signal
 import struct
 from typing import List, Tuple
 
-from . import libc, posixtimers, ptrace, sched, seccomp, signals, threads
+from . import faults, libc, posixtimers, ptrace, sched, seccomp, signals, threads
 from .arch import current as current_arch
 from .check import MADVISE_FLAGS
 from .errors import EngineError, Refusal
@@ -212,6 +212,7 @@ class Builder:
             kind = v["kind"]
             if kind == "special":
                 continue
+            faults.point("restore.map", kind)
             start, size = v["start"], v["end"] - v["start"]
             final = prot_of(v["perms"])
             shared = v["perms"][3] == "s"
@@ -332,6 +333,7 @@ class Builder:
             mod = fd_handler(rec["kind"])
             fin = getattr(mod, "finish", None)
             if fin is not None:
+                faults.point("restore.fd_finish", rec["kind"])
                 fin(rec, self.job.ctx, self.task)
 
     def creds(self) -> None:
@@ -373,7 +375,9 @@ class Builder:
         # The dumped mask only now (pending_signals() blocked everything):
         # what it leaves unblocked is delivered as the process resumes.
         ptrace.set_sigmask(self.pid, self.job.core["sigmask"])
+        faults.point("restore.phase", "registers")
         threads.finish(self)    # the other threads go first, the leader right after
+        faults.point("restore.phase", "release")
         self.task.release(regs)
 
     def pending_signals(self) -> None:
@@ -415,13 +419,17 @@ def build(job) -> int:
     task.syscall_ip = first_ip
     b = Builder(job, task)
     try:
+        faults.point("restore.phase", "created")
         _maybe_fail("clone")
         _check_xstate(task, job.core)
+        faults.point("restore.phase", "gadget")
         b.make_gadget()
         b.unregister_rseq()
+        faults.point("restore.phase", "unmap")
         b.clear_address_space()
         rebuild(b)
         _maybe_fail("final")
+        faults.point("restore.phase", "finish")
         b.finish()
     except BaseException:
         threads.kill([task] + [tb.task for tb in b.threads])
@@ -434,23 +442,36 @@ def rebuild(b: Builder) -> None:
     including) finish(): shared by build() and the members of a process
     tree (engine/tree_restore.py)."""
     job, pid = b.job, b.pid
+    faults.point("restore.phase", "vdso")
     b.move_vdso()
+    faults.point("restore.phase", "mm")
     b.set_mm()
     b.map_all()
     _maybe_fail("mapped")
+    faults.point("restore.phase", "process_state")
     b.process_state()
+    faults.point("restore.phase", "threads")
     threads.create(b)   # before creds(): clone3 set_tid needs CAP_CHECKPOINT_RESTORE
     _maybe_fail("threads")
+    faults.point("restore.phase", "fds")
     b.install_fds()
+    faults.point("restore.phase", "limits")
     b.limits()          # prlimit on another uid's process needs CAP_SYS_RESOURCE: before creds()
+    faults.point("restore.phase", "posix_timers")
     posixtimers.create(b, job.core["posix_timers"])   # alarm clocks need CAP_WAKE_ALARM: before creds()
+    faults.point("restore.phase", "seccomp")
     seccomp.install(b, job.core["seccomp"])   # needs CAP_SYS_ADMIN or no_new_privs: before creds()
+    faults.point("restore.phase", "creds")
     b.creds()
     threads.creds(b)
+    faults.point("restore.phase", "rseq")
     b.register_rseq()
+    faults.point("restore.phase", "signals")
     b.pending_signals()     # before anything (seccomp) could forbid rt_tgsigqueueinfo
+    faults.point("restore.phase", "sched")
     sched.apply(pid, job.core["sched"])
     threads.late_state(b)
+    faults.point("restore.phase", "arm_timers")
     posixtimers.arm(b, job.core["posix_timers"])   # last: see posixtimers
 
 

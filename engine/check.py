@@ -9,7 +9,7 @@ handler, and the mappings with their kinds. Used by both dump and check.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from .plainclass import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from . import fds as fdkinds
@@ -114,10 +114,7 @@ def _check_process(s: Survey, ctx: Optional[DumpContext] = None) -> None:
     # frozen, in dump._survey_signals_and_restart.
     for r in posixtimers.check(pid, posixtimers.read(pid)):
         s.refuse("posix timers", "timers", r)
-    if st.get("tty_nr", 0):
-        s.refuse("controlling terminal", "session", Refusal(
-            "unsupported-state", f"has a controlling terminal (tty_nr {st['tty_nr']}); start it with setsid"))
-    else:
+    if not st.get("tty_nr", 0):
         s.ok("session", "session", f"sid {st['session']} pgid {st['pgrp']}, no controlling terminal")
     # Namespaces: a restore recreates the process in the restorer's ones.
     differ = []
@@ -152,7 +149,7 @@ def _check_process(s: Survey, ctx: Optional[DumpContext] = None) -> None:
 CAP_SYS_RESOURCE = 24
 
 
-def _check_restore_env(s: Survey, tree_member: bool = False) -> None:
+def _check_restore_env(s: Survey, tree_member: bool = False, shell_job: bool = False) -> None:
     """What `ckpt restore` run here, as this ckpt is, would refuse on an
     unchanged machine; refused now, while the target is unharmed (a dump
     restore refuses loses the process):
@@ -176,6 +173,10 @@ def _check_restore_env(s: Survey, tree_member: bool = False) -> None:
     sid, pgid = s.stat.get("session"), s.stat.get("pgrp")
     if sid is None or sid == s.pid or tree_member:
         return      # a tree member's session and group: engine/tree.py
+    if shell_job and pgid == s.pid:
+        # a job of some shell: `ckpt restore --tty` puts it in the session of
+        # the shell that runs the restore (engine/fds/tty.py), as criu does
+        return
     if sid != os.getsid(0):
         s.refuse("session", "session", Refusal(
             "unsupported-state", f"in session {sid}, neither its own nor ckpt's ({os.getsid(0)}): a restore "
@@ -330,10 +331,48 @@ def preflight(pid: int, ctx: DumpContext, proc: procfs.Proc) -> Survey:
     s.stat = proc.stat()
     s.status = proc.status()
     _check_process(s, ctx)
-    _check_restore_env(s, ctx.tree_root not in (None, pid))
+    _check_restore_env(s, ctx.tree_root not in (None, pid), getattr(ctx.options, "shell_job", False))
     _check_vmas(s)
     _check_fds(s, ctx)
+    _check_ctty(s, ctx)
     return s
+
+
+def _check_ctty(s: Survey, ctx: DumpContext) -> None:
+    """A controlling terminal is restorable when it is a pty: the pair the
+    session leader holds itself (engine/fds/tty.py sets it again), or, with
+    --shell-job, the terminal of ckpt's own session (the restored process
+    joins that session, and so its terminal)."""
+    st = s.stat
+    nr = st.get("tty_nr", 0)
+    if not nr:
+        return
+    from .fds import tty
+    idx = tty.ctty_index(s.pid)
+    sid = st.get("session")
+    if idx is None:
+        s.refuse("controlling terminal", "session", Refusal(
+            "unsupported-state", f"has a controlling terminal that is not a pseudo-terminal (tty_nr {nr}); "
+            "start it with setsid"))
+        return
+    ends = tty._ends(ctx).get(idx) or {"master": [], "slave": []}
+    if sid == s.pid:
+        if ends["master"] and ends["slave"]:
+            s.ok("controlling terminal", "session", f"/dev/pts/{idx}, a pair the process holds")
+        elif ends["slave"]:
+            s.refuse("controlling terminal", "session", Refusal(
+                "tty-outside", f"session leader whose controlling terminal /dev/pts/{idx} has its master "
+                "outside the dump: another terminal cannot be made its controlling terminal"))
+        else:
+            s.refuse("controlling terminal", "session", Refusal(
+                "tty", f"controlling terminal /dev/pts/{idx} is held by no fd of the process"))
+    elif getattr(ctx.options, "shell_job", False):
+        s.ok("controlling terminal", "session", f"/dev/pts/{idx}, the terminal of its shell's session "
+             "(--shell-job: restored in the restoring shell's session, on its terminal)")
+    else:
+        s.refuse("controlling terminal", "session", Refusal(
+            "tty-outside", f"runs on /dev/pts/{idx}, the terminal of session {sid} (a shell's): dump with "
+            "--shell-job and restore with --tty"))
 
 
 def features() -> List[str]:

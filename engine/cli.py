@@ -10,7 +10,6 @@ import argparse
 import json
 import re
 import sys
-import traceback
 from typing import List, Optional
 
 from . import __version__
@@ -45,7 +44,12 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(EXIT_USAGE)
 
 
-def build_parser() -> argparse.ArgumentParser:
+COMMANDS = ("dump", "restore", "check", "survey", "show")
+
+
+def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
+    """The parser; with `only`, just that command's subparser (a run parses
+    one command: building all five costs every run ~5 ms)."""
     p = _Parser(prog="ckpt", description="Checkpoint and restore a Linux process: exactly, or not at all.")
     p.add_argument("--version", action="version", version=f"ckpt {__version__}")
     common = argparse.ArgumentParser(add_help=False)
@@ -57,35 +61,45 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
-    d = sub.add_parser("dump", parents=[common, files], help="checkpoint a process into an image directory")
-    d.add_argument("-t", "--tree", dest="pid", type=_pid, required=True, metavar="PID")
-    d.add_argument("-D", "--images-dir", dest="dir", required=True, metavar="DIR", help="must not exist yet")
-    d.add_argument("--leave-running", action="store_true", help="let the process go on after the dump")
-    d.add_argument("--ghost-limit", type=parse_size, default=DEFAULT_GHOST_LIMIT, metavar="SIZE",
-                   help=f"largest deleted-but-open file kept in the image (default {DEFAULT_GHOST_LIMIT >> 20}M)")
+    if only in (None, "dump"):
+        d = sub.add_parser("dump", parents=[common, files], help="checkpoint a process into an image directory")
+        d.add_argument("-t", "--tree", dest="pid", type=_pid, required=True, metavar="PID")
+        d.add_argument("-D", "--images-dir", dest="dir", required=True, metavar="DIR", help="must not exist yet")
+        d.add_argument("--leave-running", action="store_true", help="let the process go on after the dump")
+        d.add_argument("--shell-job", action="store_true",
+                       help="save a process on a terminal whose master is outside the dump (restore with --tty)")
+        d.add_argument("--ghost-limit", type=parse_size, default=DEFAULT_GHOST_LIMIT, metavar="SIZE",
+                       help=f"largest deleted-but-open file kept in the image (default {DEFAULT_GHOST_LIMIT >> 20}M)")
 
-    r = sub.add_parser("restore", parents=[common, files], help="restore a process from an image directory")
-    r.add_argument("-D", "--images-dir", dest="dir", required=True, metavar="DIR")
-    r.add_argument("--pidfile", metavar="FILE", help="write the restored PID here")
+    if only in (None, "restore"):
+        r = sub.add_parser("restore", parents=[common, files], help="restore a process from an image directory")
+        r.add_argument("-D", "--images-dir", dest="dir", required=True, metavar="DIR")
+        r.add_argument("--pidfile", metavar="FILE", help="write the restored PID here")
+        r.add_argument("--tty", metavar="PATH", default="",
+                       help="the terminal to reopen a --shell-job process's terminal fds on ('inherit': ckpt's stdin)")
 
-    c = sub.add_parser("check", parents=[common, files],
-                       help="dry run: every fd and piece of state with its verdict; writes nothing")
-    c.add_argument("-t", "--tree", dest="pid", type=_pid, required=True, metavar="PID")
-    c.add_argument("--ghost-limit", type=parse_size, default=DEFAULT_GHOST_LIMIT, metavar="SIZE")
+    if only in (None, "check"):
+        c = sub.add_parser("check", parents=[common, files],
+                           help="dry run: every fd and piece of state with its verdict; writes nothing")
+        c.add_argument("-t", "--tree", dest="pid", type=_pid, required=True, metavar="PID")
+        c.add_argument("--shell-job", action="store_true", help="as for dump")
+        c.add_argument("--ghost-limit", type=parse_size, default=DEFAULT_GHOST_LIMIT, metavar="SIZE")
 
-    v = sub.add_parser("survey", parents=[common, files],
-                       help="the check verdict of every process on the machine, and what stops the refused ones")
-    v.add_argument("--pid", type=_pid, action="append", metavar="PID",
-                   help="only the tree under PID (PID and its descendants); may be repeated")
-    v.add_argument("--comm", metavar="NAME", help="only processes whose comm is NAME (or matches the pattern)")
-    v.add_argument("--html", metavar="FILE", help="also write a self-contained HTML page with the histogram")
-    v.add_argument("--timeout", type=float, default=20.0, metavar="SECONDS",
-                   help="give up the check of one process after this long (default 20)")
-    v.add_argument("--processes", action="store_true", help="also list every process with its verdict")
-    v.add_argument("--ghost-limit", type=parse_size, default=DEFAULT_GHOST_LIMIT, metavar="SIZE")
+    if only in (None, "survey"):
+        v = sub.add_parser("survey", parents=[common, files],
+                           help="the check verdict of every process on the machine, and what stops the refused ones")
+        v.add_argument("--pid", type=_pid, action="append", metavar="PID",
+                       help="only the tree under PID (PID and its descendants); may be repeated")
+        v.add_argument("--comm", metavar="NAME", help="only processes whose comm is NAME (or matches the pattern)")
+        v.add_argument("--html", metavar="FILE", help="also write a self-contained HTML page with the histogram")
+        v.add_argument("--timeout", type=float, default=20.0, metavar="SECONDS",
+                       help="give up the check of one process after this long (default 20)")
+        v.add_argument("--processes", action="store_true", help="also list every process with its verdict")
+        v.add_argument("--ghost-limit", type=parse_size, default=DEFAULT_GHOST_LIMIT, metavar="SIZE")
 
-    s = sub.add_parser("show", parents=[common], help="a readable view of an image")
-    s.add_argument("-D", "--images-dir", dest="dir", required=True, metavar="DIR")
+    if only in (None, "show"):
+        s = sub.add_parser("show", parents=[common], help="a readable view of an image")
+        s.add_argument("-D", "--images-dir", dest="dir", required=True, metavar="DIR")
     return p
 
 
@@ -93,14 +107,16 @@ def _options(args) -> Options:
     return Options(leave_running=getattr(args, "leave_running", False),
                    ghost_limit=getattr(args, "ghost_limit", DEFAULT_GHOST_LIMIT),
                    file_validation=getattr(args, "file_validation", "digest"),
-                   debug=args.debug)
+                   debug=args.debug, shell_job=getattr(args, "shell_job", False),
+                   tty=getattr(args, "tty", "") or "")
 
 
 def _run(args) -> dict:
     opts = _options(args)
     if args.command == "dump":
+        from . import guard
         from .dump import dump
-        return dump(args.pid, args.dir, opts)
+        return guard.run(dump, args.pid, args.dir, opts)   # the tracer is a worker ckpt guards
     if args.command == "check":
         from .dump import check
         return check(args.pid, opts)
@@ -125,7 +141,8 @@ def _human(command: str, res: dict) -> str:
                    f"zombies, {nthreads} threads)")
         return (f"ckpt: dumped {who} to {res.get('image')}: {mib:.1f} MiB of memory, "
                 f"{res.get('mappings', '?')} mappings, {res.get('fds', '?')} fds; frozen "
-                f"{res.get('frozen_ms', 0):.0f} ms, total {res.get('total_ms', 0):.0f} ms; process {fate}")
+                f"{res.get('frozen_ms', 0):.0f} ms, durable after {res.get('durable_ms', res.get('total_ms', 0)):.0f} ms, "
+                f"total {res.get('total_ms', 0):.0f} ms; process {fate}")
     if command == "restore":
         tree = f" and its tree ({res['members']} processes)" if res.get("members") else ""
         return f"ckpt: restored pid {res.get('pid')}{tree} in {res.get('restore_ms', 0):.0f} ms"
@@ -140,7 +157,9 @@ def _human(command: str, res: dict) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    if argv is None:
+        argv = sys.argv[1:]
+    args = build_parser(argv[0] if argv and argv[0] in COMMANDS else None).parse_args(argv)
     try:
         res = _run(args)
     except (Refusal, Refusals) as e:
@@ -153,6 +172,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return e.exit_code
     except EngineError as e:
         if args.debug:
+            import traceback     # only here: its import costs every run ~2 ms
             traceback.print_exc()
         kind = "error" if isinstance(e, UsageError) else "failed"
         sys.stderr.write(f"ckpt: {kind}: {e.message}\n")
@@ -165,6 +185,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return EXIT_FAILED
     except Exception as e:  # a bug: still one clear line, traceback on --debug
         if args.debug:
+            import traceback     # only here: its import costs every run ~2 ms
             traceback.print_exc()
         sys.stderr.write(f"ckpt: failed: internal error: {type(e).__name__}: {e} (run with --debug for the traceback)\n")
         if args.json:
@@ -177,4 +198,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(_human(args.command, res))
     if args.command == "check" and not res.get("ok", True):
         return 3
+    if args.command == "restore" and res.get("foreground"):
+        # a shell job that was in the foreground: ckpt stays its parent and
+        # the foreground job until it exits or stops (engine/fds/tty.py)
+        from .fds.tty import wait_foreground
+        sys.stdout.flush()
+        wait_foreground(res["pid"], res["foreground"])
     return EXIT_OK

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from .plainclass import dataclass, field
 from typing import Any, Dict, Optional
 
 DEFAULT_GHOST_LIMIT = 64 << 20       # bytes of data (holes do not count)
@@ -22,6 +22,8 @@ class Options:
     ghost_limit: int = DEFAULT_GHOST_LIMIT
     file_validation: str = "digest"   # strict | digest | size | none
     debug: bool = False
+    shell_job: bool = False           # dump: a pty slave whose master is outside is saved (engine/fds/tty.py)
+    tty: str = ""                     # restore: the terminal such fds are reopened on ("inherit": stdin's)
 
 
 @dataclass

@@ -15,7 +15,7 @@ import struct
 import time
 from typing import List
 
-from . import files, libc, posixtimers, procfs, sched, seccomp, signals, threads, tree, unlinked
+from . import faults, files, libc, posixtimers, procfs, sched, seccomp, signals, threads, tree, unlinked
 from .arch import current as current_arch
 from .check import Survey, preflight, require_features, target_checks
 from .context import DumpContext, Options, boot_id
@@ -225,6 +225,7 @@ def dump_memory(pid: int, s: Survey, recs: dict, dumper: PageDumper) -> List[dic
             if runs:
                 rec["pages"] = dumper.add(runs, force_mem=force_mem)
             rec["pages_bytes"] = sum(r[1] for r in rec["pages"]) * PAGE
+            faults.point("dump.memory", kind)
             out.append(rec)
     finally:
         os.close(pm)
@@ -242,6 +243,7 @@ def dump_fds(s: Survey, ctx: DumpContext) -> List[dict]:
         if lead != info.fd:
             rec = {"dup_of": lead}
         else:
+            faults.point("dump.fd", kind)
             rec = mod.dump(info, ctx)
         rec.update(common)
         out.append(rec)
@@ -355,7 +357,7 @@ def _on_release(ctx: DumpContext, killed: bool) -> None:
 
 def dump(pid: int, directory: str, options: Options) -> dict:
     """Checkpoint `pid` into `directory`. Returns {pid, image, pages_bytes,
-    mappings, fds, frozen_ms, total_ms, left_running}. Raises Refusal /
+    mappings, fds, frozen_ms, durable_ms, total_ms, left_running}. Raises Refusal /
     Refusals (target resumed untouched, no image left), UsageError (bad
     pid/dir), EngineError."""
     t0 = time.monotonic()
@@ -372,9 +374,11 @@ def dump(pid: int, directory: str, options: Options) -> dict:
         t_frozen = time.monotonic()
         dumper = PageDumper(pid, img)
         try:
+            faults.point("dump.frozen")
             s, state, recs = _survey_frozen(pid, task, ctx, proc)
             if s.refusals:
                 raise s.refusals[0] if len(s.refusals) == 1 else Refusals(s.refusals)
+            faults.point("dump.surveyed")
             state["xstate"] = arch.xstate_features(task.get_xstate())
             img.write_bytes("xstate.bin", task.get_xstate())
             if ctx.threads:
@@ -386,22 +390,29 @@ def dump(pid: int, directory: str, options: Options) -> dict:
             img.write_json("mm.json", {"vmas": vmas, "page_files": dumper.nfiles})
             img.write_json("fds.json", fdrecs)
             # Pending signals last, once the bulk of the image is on disk: a
-            # signal that arrives after this read dies with the original.
-            img.sync_files()
+            # signal that arrives after this read dies with the original. A
+            # process left running keeps its signals itself: it does not
+            # wait for the disk (its frozen time must not pay for fsync).
+            if not options.leave_running:
+                img.sync_files()
+            faults.point("dump.signals")
             state["signals"] = pending_signals(task, state)
             for t, rec in zip(ctx.threads, state["threads"]):
                 rec["signals"] = threads.pending(t, rec, state)
             img.write_json("core.json", state)
             meta = {"pid": pid, "comm": state["comm"], "boot_id": ctx.boot_id, "pages_bytes": dumper.total}
+            faults.point("dump.release")
             if options.leave_running:
                 # Everything is read: let it go before the fsyncs of commit.
                 _on_release(ctx, killed=False)
                 threads.release(tasks)
                 t1 = time.monotonic()
                 img.commit(meta)
+                t_durable = time.monotonic()
             else:
                 # Kill only once the image is safely in place.
                 img.commit(meta)
+                t_durable = time.monotonic()
                 threads.kill(tasks)
                 _on_release(ctx, killed=True)
                 t1 = time.monotonic()
@@ -415,6 +426,8 @@ def dump(pid: int, directory: str, options: Options) -> dict:
     return {"pid": pid, "image": img.final, "pages_bytes": dumper.total, "mappings": len(vmas),
             "threads": len(tasks),
             "fds": len(fdrecs), "frozen_ms": round((t1 - t_frozen) * 1000, 2),
+            # from the start until the committed image is on stable storage
+            "durable_ms": round((t_durable - t0) * 1000, 2),
             "total_ms": round((time.monotonic() - t0) * 1000, 2), "left_running": bool(options.leave_running)}
 
 

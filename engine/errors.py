@@ -28,6 +28,18 @@ class EngineError(Exception):
     def as_dict(self) -> dict:
         return {"error": "failed", "message": self.message, "pid": self.pid, "errno": self.errno}
 
+    def __reduce__(self):
+        # Pickled whole (engine/guard.py hands a worker's exception to
+        # ckpt): the subclasses' __init__ take other arguments than args.
+        return (_rebuild, (type(self), self.args, self.__dict__))
+
+
+def _rebuild(cls, args, state):
+    e = cls.__new__(cls)
+    Exception.__init__(e, *args)
+    e.__dict__.update(state)
+    return e
+
 
 class UsageError(EngineError):
     """Bad command-line input: a missing PID, a DIR that exists, ... (exit 2)."""

@@ -25,7 +25,7 @@ import os
 import stat
 from typing import Optional
 
-from . import fstype, unlinked
+from . import digestcache, fstype, unlinked
 from .errors import EngineError, Refusal
 
 _CHUNK = 4 << 20
@@ -103,7 +103,7 @@ def record_identity(path: str, open_path: str, ctx, *, fd: Optional[int] = None,
     try:
         ident["generation"] = generation(rfd)
         if _wants_digest(ctx.options.file_validation) and stat.S_ISREG(st.st_mode):
-            ident["sha256"] = sha256_fd(rfd)
+            ident["sha256"] = digestcache.digest(rfd, ident["generation"], sha256_fd)
     finally:
         os.close(rfd)
     ctx.shared[key] = ident
@@ -156,9 +156,12 @@ def check_identity(ident: dict, ctx, *, fd: Optional[int] = None, pid: Optional[
     on what was opened, and the content is hashed from that fd, every time:
     a check of the path followed by an open of the path is a race (a
     same-size rewrite in the same mtime tick, a rename-over), so the digest
-    is only ever taken from the opened file, once per open. Nothing is
-    cached: a cache keyed on (dev, ino, size, mtime) cannot see a same-size
-    rewrite within one coarse mtime tick.
+    is only ever taken from the opened file, once per open - or, for the
+    very same inode version as fstat shows it on that fd, remembered from an
+    earlier run (engine/digestcache.py: keyed on dev, ino, generation, size,
+    mtime and ctime, and only for files whose ctime had settled before they
+    were hashed - a key of (dev, ino, size, mtime) alone could not see a
+    same-size rewrite within one coarse clock tick).
     """
     path = ident["path"]
     mode = ctx.options.file_validation
@@ -201,7 +204,9 @@ def check_identity(ident: dict, ctx, *, fd: Optional[int] = None, pid: Optional[
             return st        # the content is checked on the opened file
         # No shortcut on "same mtime": ext4 timestamps are taken from a
         # coarse clock, so a same-size rewrite within a few ms keeps mtime.
-        if sha256_fd(rfd) != want:
+        # The digest cache is keyed on ctime too, and only holds files
+        # whose ctime had settled before they were hashed (digestcache.py).
+        if digestcache.digest(rfd, generation(rfd), sha256_fd) != want:
             raise changed("content differs (same size, different sha256): rewritten after the dump")
         if os.fstat(rfd).st_size != ident["size"]:
             raise changed(f"size changed while it was being checked ({ident['size']} -> "
@@ -330,7 +335,7 @@ def validate_ghost(rec: dict, ctx, *, fd: Optional[int] = None, pid: Optional[in
         if not isinstance(rec.get(key), typ):
             raise Refusal("image-invalid", f"ghost record lacks {key}", pid=pid, fd=fd)
     path = f"ghosts/{rec['ghost']}.data"
-    if os.path.getsize(ctx.image.path(path)) != rec.get("data_bytes"):
+    if ctx.image.size(path) != rec.get("data_bytes"):
         raise Refusal("image-invalid", f"{path} does not hold the recorded data", pid=pid, fd=fd)
     if not rec.get("memfd"):
         parent = os.path.dirname(original_path(rec["name"])) or "/"
@@ -400,15 +405,20 @@ def restore_ghost(rec: dict, ctx) -> int:
         aliases = {n: made[original_path(n)] for n in names[1:]}
         ctx.shared.setdefault("_close_after_restore", []).extend(aliases.values())
     try:
-        with open(ctx.image.path(f"ghosts/{rec['ghost']}.data"), "rb", buffering=0) as src:
+        # the verified bytes (imagecheck.py: never the file reopened by path)
+        data = memoryview(ctx.image.data(f"ghosts/{rec['ghost']}.data"))
+        try:
+            pos = 0
             for off, n in rec["extents"]:
+                if pos + n > len(data):
+                    raise Refusal("image-invalid", f"ghost {rec['ghost']} data is short")
                 while n:
-                    chunk = src.read(min(n, _CHUNK))
-                    if not chunk:
-                        raise Refusal("image-invalid", f"ghost {rec['ghost']} data is short")
-                    os.pwrite(gfd, chunk, off)
-                    off += len(chunk)
-                    n -= len(chunk)
+                    k = os.pwrite(gfd, data[pos:pos + min(n, _CHUNK)], off)
+                    pos += k
+                    off += k
+                    n -= k
+        finally:
+            data.release()
         os.ftruncate(gfd, rec["size"])
         # After the data (writes and chown clear set-user/group-ID): owner,
         # all 12 mode bits, times; seals last (F_SEAL_EXEC freezes the x bits).
@@ -462,7 +472,11 @@ def map_dump(pid: int, vma: dict, ctx) -> dict:
     except OSError as e:
         raise Refusal("unsupported-mapping", f"cannot open the mapped file: {e.strerror}",
                       pid=pid, path=name) from None
-    fs = fstype.magic(open_path)
+    # One statfs per device, not per mapping (a device is one superblock;
+    # a process maps each library 4-5 times)
+    fs = ctx.shared.get(f"fsmagic:{st.st_dev}", -1)
+    if fs == -1:
+        fs = ctx.shared[f"fsmagic:{st.st_dev}"] = fstype.magic(open_path)
     if fstype.pseudo(fs):
         raise Refusal("pseudo-file", f"mapping of a file on the {fstype.name(fs)} pseudo filesystem: "
                       "kernel state, not stored bytes", pid=pid, path=name)

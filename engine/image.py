@@ -12,16 +12,15 @@ never something that looks like a complete image.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
-import platform
-import shutil
 import threading
 import time
 from typing import BinaryIO, Dict, Optional
 
-from . import FORMAT_VERSION, __version__
+from . import FORMAT_VERSION, __version__, faults
 from .errors import EngineError, Refusal, UsageError
 
 MANIFEST = "manifest.json"
@@ -65,6 +64,30 @@ def _fsync_path(path: str) -> None:
         os.close(fd)
 
 
+PARALLEL_MIN = 4 << 20       # verify: files smaller than this are hashed without threads
+WRITEBACK_STEP = 8 << 20     # start the writeback of every this many bytes written
+
+_SFR = None
+
+
+def _sync_file_range(fd: int, off: int, n: int):
+    """sync_file_range(fd, off, n, SYNC_FILE_RANGE_WRITE); False when the
+    kernel or file system does not have it. Raises OSError (EIO...)."""
+    global _SFR
+    if _SFR is None:
+        import ctypes
+        from .libc import libc
+        _SFR = libc.sync_file_range
+        _SFR.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    if _SFR(fd, off, n, 2) == 0:        # SYNC_FILE_RANGE_WRITE
+        return True
+    import ctypes
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ESPIPE, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err))
+
+
 class _HashingFile:
     """A write-only binary file that hashes what passes through it, so a
     large image file is never read back just to be checksummed."""
@@ -73,15 +96,29 @@ class _HashingFile:
         self._raw = raw
         self._hash = hashlib.sha256()
         self.size = 0
+        self._queued = 0        # bytes [0, _queued) already handed to writeback
 
     def write(self, data) -> int:
         try:
             n = self._raw.write(data)
+            if self.size + len(data) - self._queued >= WRITEBACK_STEP:
+                self._start_writeback(self.size + len(data))
         except OSError as e:
             raise _translate_oserror(e, "cannot write image") from e
         self._hash.update(data)
         self.size += len(data)
         return n
+
+    def _start_writeback(self, end: int) -> None:
+        """Start writing [_queued, end) to the disk now, without waiting
+        (sync_file_range SYNC_FILE_RANGE_WRITE): the fsync at commit then
+        has little left to do, so the durable image costs the frozen
+        process less. A no-op on tmpfs; where unsupported, fsync does it all."""
+        self._raw.flush()
+        if _sync_file_range(self._raw.fileno(), self._queued, end - self._queued) is False:
+            self._queued = float("inf")     # not supported here: stop asking
+            return
+        self._queued = end
 
     def fileno(self) -> int:
         return self._raw.fileno()
@@ -134,6 +171,7 @@ class ImageWriter:
         if os.path.lexists(self.partial):
             # A leftover of a dump that crashed: it was never complete, so it
             # is safe to replace, and keeping it would block every retry.
+            import shutil   # only on this path: shutil pulls in bz2/lzma (C modules) at import
             shutil.rmtree(self.partial, ignore_errors=True)
         try:
             os.mkdir(self.partial, 0o700)
@@ -147,6 +185,7 @@ class ImageWriter:
 
     # -- writing ---------------------------------------------------------
     def _check_name(self, name: str) -> str:
+        faults.point("image.write", name)
         if name == MANIFEST or name.startswith("/") or ".." in name.split("/"):
             raise ValueError(f"bad image file name {name!r}")
         if name in self._files or name in self._open or name in self._raw_paths:
@@ -183,7 +222,9 @@ class ImageWriter:
             raise _translate_oserror(e, "cannot write image") from e
 
     def write_json(self, name: str, obj) -> None:
-        self.write_bytes(name, json.dumps(obj, indent=1, sort_keys=True).encode())
+        # Compact: with an indent, json falls back to its pure-Python encoder
+        # (~5x slower: milliseconds of a small dump). `ckpt show` is for reading.
+        self.write_bytes(name, json.dumps(obj, sort_keys=True, separators=(",", ":")).encode())
 
     # -- finishing -------------------------------------------------------
     def sync_files(self) -> None:
@@ -192,6 +233,7 @@ class ImageWriter:
         this, to keep the window in which a signal can still arrive short).
         Raises EngineError."""
         try:
+            faults.point("image.fsync")
             for name, f in list(self._open.items()):
                 if not f.closed:
                     f.flush()
@@ -224,14 +266,15 @@ class ImageWriter:
             manifest = {
                 "format": FORMAT_VERSION,
                 "engine": __version__,
-                "arch": platform.machine(),
-                "kernel": platform.release(),
+                "arch": os.uname().machine,
+                "kernel": os.uname().release,
                 "created": time.time(),
                 "files": self._files,
             }
             if meta:
                 manifest["meta"] = meta
             data = json.dumps(manifest, indent=1, sort_keys=True).encode()
+            faults.point("image.manifest")
             mpath = os.path.join(self.partial, MANIFEST)
             fd = os.open(mpath, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
@@ -239,18 +282,32 @@ class ImageWriter:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+            faults.point("image.fsync_dirs")
             for root, dirs, _ in os.walk(self.partial):
                 for d in dirs:
                     _fsync_path(os.path.join(root, d))
             _fsync_path(self.partial)
+            faults.point("image.rename")
             os.rename(self.partial, self.final)
+        except OSError as e:
+            raise _translate_oserror(e, "cannot write image") from e
+        try:
+            faults.point("image.fsync_parent")
             dfd = os.open(os.path.dirname(self.final), os.O_RDONLY)
             try:
                 os.fsync(dfd)
             finally:
                 os.close(dfd)
-        except OSError as e:
-            raise _translate_oserror(e, "cannot write image") from e
+        except BaseException as e:
+            # The rename may not survive a crash, and the caller is told the
+            # dump failed: a complete-looking image must not stay behind.
+            try:
+                os.rename(self.final, self.partial)
+            except OSError:
+                pass
+            if isinstance(e, OSError):
+                raise _translate_oserror(e, "cannot write image") from e
+            raise
         self.committed = True
         return self.final
 
@@ -261,6 +318,7 @@ class ImageWriter:
             except OSError:
                 pass
         self._open.clear()
+        import shutil
         shutil.rmtree(self.partial, ignore_errors=True)
 
     def __enter__(self) -> "ImageWriter":
@@ -272,92 +330,168 @@ class ImageWriter:
 
 
 class ImageReader:
-    """An image opened for restore or show. ``verify()`` checks every file's
-    sha256 against the manifest and that nothing was added or removed."""
+    """An image opened for restore or show, checked as engine/imagecheck.py
+    says (owner, permissions, no symlinks; `image-unsafe`). ``verify()``
+    reads every file once through its fd, checks its sha256 against the
+    manifest and that nothing was added or removed, and keeps the bytes:
+    ``read_bytes``/``data`` then give exactly what was verified."""
 
     def __init__(self, directory: str):
+        from . import imagecheck
         self.dir = os.path.abspath(directory)
-        mpath = os.path.join(self.dir, MANIFEST)
         if not os.path.isdir(self.dir):
             raise UsageError(f"{self.dir}: no such image directory")
-        if not os.path.exists(mpath):
+        self.fd, self.dir = imagecheck.open_image_dir(self.dir)
+        self._data: Dict[str, object] = {}
+        self._verified = False
+        try:
+            self._load_manifest(imagecheck)
+        except BaseException:
+            self.close()
+            raise
+
+    def _load_manifest(self, imagecheck) -> None:
+        try:
+            st = os.stat(MANIFEST, dir_fd=self.fd, follow_symlinks=False)
+        except FileNotFoundError:
             if os.path.isdir(self.dir + ".partial") or self.dir.endswith(".partial"):
                 raise Refusal("image-invalid", f"{self.dir} is an incomplete image (a dump that did not finish)")
-            raise UsageError(f"{self.dir} is not a ckpt image (no {MANIFEST})")
+            if os.listdir(self.fd):
+                raise Refusal("image-invalid", f"{self.dir} has no {MANIFEST}: damaged, or not a ckpt image") \
+                    from None
+            raise UsageError(f"{self.dir} is not a ckpt image (no {MANIFEST})") from None
+        raw = imagecheck.read_file(self.fd, MANIFEST, self.dir, expect=st, limit=imagecheck.MAX_MANIFEST)
         try:
-            with open(mpath, "rb") as f:
-                self.manifest = json.loads(f.read())
+            self.manifest = json.loads(bytes(raw))
             files = self.manifest["files"]
             fmt = self.manifest["format"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, RecursionError) as e:
             raise Refusal("image-invalid", f"unreadable manifest: {e}") from e
         if fmt != FORMAT_VERSION:
             raise Refusal("image-invalid", f"image format {fmt}, this engine reads format {FORMAT_VERSION}")
-        if not isinstance(files, dict):
-            raise Refusal("image-invalid", "manifest has no file table")
+        imagecheck.check_manifest_files(files)
+        for key, typ in (("arch", str), ("kernel", str), ("meta", dict)):
+            if key in self.manifest and not isinstance(self.manifest[key], typ):
+                raise Refusal("image-invalid", f"manifest {key} is not a {typ.__name__}")
         self.files: Dict[str, dict] = files
-        self._verified = False
 
     @property
     def arch(self) -> str:
         return self.manifest.get("arch", "?")
 
     def check_arch(self) -> None:
-        if self.arch != platform.machine():
-            raise Refusal("arch-mismatch", f"image is {self.arch}, this machine is {platform.machine()}")
+        if self.arch != os.uname().machine:
+            raise Refusal("arch-mismatch", f"image is {self.arch}, this machine is {os.uname().machine}")
+
+    def check_tree(self) -> Dict[str, os.stat_result]:
+        """Every entry of the image a regular file or directory of the
+        caller's, writable by no one else, none a symlink; {name: lstat}.
+        Raises Refusal(image-unsafe)."""
+        from . import imagecheck
+        return imagecheck.scan(self.fd, self.dir)
 
     def verify(self, threads: int = 2) -> None:
-        """Every file present, of the recorded size and sha256; no extras.
-        The digests are computed in `threads` threads (hashlib releases the
-        GIL), largest files first. Raises Refusal(image-invalid)."""
+        """Every file present, of the recorded size and sha256; no extras;
+        each read once into memory and kept. The files are read and hashed
+        in `threads` threads (reads and hashlib release the GIL), largest
+        first. Raises Refusal(image-invalid, image-unsafe)."""
+        from . import imagecheck
+
         def bad(what: str) -> Refusal:
             return Refusal("image-invalid", what)
 
-        present = set()
-        for root, _, names in os.walk(self.dir):
-            for n in names:
-                rel = os.path.relpath(os.path.join(root, n), self.dir)
-                if rel != MANIFEST:
-                    present.add(rel)
-        for name, meta in self.files.items():
-            if not isinstance(meta, dict) or not isinstance(meta.get("sha256"), str) \
-                    or not isinstance(meta.get("size"), int):
-                raise bad(f"manifest entry for {name} is malformed")
-        extra = present - set(self.files)
+        present = self.check_tree()
+        present.pop(MANIFEST, None)
+        extra = set(present) - set(self.files)
         if extra:
             raise bad(f"files not in the manifest: {', '.join(sorted(extra)[:5])}")
         for name, meta in sorted(self.files.items()):
             if name not in present:
                 raise bad(f"{name} is missing")
-            size = os.path.getsize(os.path.join(self.dir, name))
-            if size != meta["size"]:
-                raise bad(f"{name} is {size} bytes, manifest says {meta['size']}")
+            if present[name].st_size != meta["size"]:
+                raise bad(f"{name} is {present[name].st_size} bytes, manifest says {meta['size']}")
 
-        def digest(name: str) -> str:
-            try:
-                return _sha256_file(os.path.join(self.dir, name))
-            except OSError as e:
-                raise bad(f"cannot read {name}: {e.strerror}") from None
+        def load(name: str):
+            buf = imagecheck.read_file(self.fd, name, self.dir, want_size=self.files[name]["size"],
+                                       expect=present[name])
+            h = hashlib.sha256()
+            with memoryview(buf) as v:
+                for off in range(0, len(v), _CHUNK):
+                    h.update(v[off:off + _CHUNK])   # hashlib releases the GIL for large buffers
+            return name, buf, h.hexdigest()
 
-        from concurrent.futures import ThreadPoolExecutor
         names = sorted(self.files, key=lambda n: -self.files[n]["size"])
-        with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-            for name, got in zip(names, pool.map(digest, names)):
-                if got != self.files[name]["sha256"]:
-                    raise bad(f"{name} does not match its sha256 (altered or damaged)")
+        failed = None
+
+        def guarded(name: str):
+            try:
+                return load(name)
+            except Refusal as e:
+                return e
+
+        # A second file of at least PARALLEL_MIN bytes is worth a thread;
+        # a small image is read here (concurrent.futures alone imports
+        # logging: more than hashing a small process's pages).
+        if threads <= 1 or len(names) < 2 or self.files[names[1]]["size"] < PARALLEL_MIN:
+            results = [guarded(n) for n in names]
+        else:
+            from concurrent.futures import ThreadPoolExecutor
+            with ThreadPoolExecutor(max_workers=threads) as pool:
+                results = list(pool.map(guarded, names))
+        for res in results:
+            if isinstance(res, Refusal):
+                failed = failed or res
+                continue
+            name, buf, got = res
+            self._data[name] = buf
+            if got != self.files[name]["sha256"] and failed is None:
+                failed = bad(f"{name} does not match its sha256 (altered or damaged)")
+        if failed is not None:
+            self.close()
+            raise failed
         self._verified = True
 
     def path(self, name: str) -> str:
+        """The name of an image file, for messages and for "is it there":
+        never to be opened (the bytes are ``read_bytes`` / ``data``)."""
         if name not in self.files:
             raise Refusal("image-invalid", f"the image has no {name}")
         return os.path.join(self.dir, name)
 
+    def data(self, name: str):
+        """The verified contents of `name`: bytes, or an mmap for a big file
+        (a buffer: len(), slicing, memoryview). Before verify() (ckpt show),
+        read once through the same safe open, unverified."""
+        self.path(name)
+        buf = self._data.get(name)
+        if buf is None:
+            from . import imagecheck
+            buf = self._data[name] = imagecheck.read_file(self.fd, name, self.dir,
+                                                          want_size=self.files[name]["size"])
+        return buf
+
+    def size(self, name: str) -> int:
+        return len(self.data(name))
+
     def read_bytes(self, name: str) -> bytes:
-        with open(self.path(name), "rb") as f:
-            return f.read()
+        buf = self.data(name)
+        return buf if isinstance(buf, bytes) else bytes(buf)
 
     def read_json(self, name: str):
         try:
             return json.loads(self.read_bytes(name))
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:
             raise Refusal("image-invalid", f"{name}: not valid JSON: {e}") from e
+
+    def close(self) -> None:
+        """Release the kept bytes and the directory fd."""
+        for buf in self._data.values():
+            if hasattr(buf, "close"):
+                try:
+                    buf.close()
+                except BufferError:   # still exported (a PageSource not closed): freed with it
+                    pass
+        self._data.clear()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

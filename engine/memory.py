@@ -15,7 +15,7 @@ import mmap
 import os
 from typing import List, Optional, Sequence, Tuple
 
-from . import libc
+from . import faults, libc
 from .errors import EngineError, Refusal
 from .libc import SysError
 
@@ -127,6 +127,7 @@ class _Worker:
         self._mem_fd: Optional[int] = None
 
     def fill(self, out, pieces: List[Tuple[int, int, bool]]) -> None:
+        faults.point("dump.pages")
         i = 0
         while i < len(pieces):
             batch: List[Tuple[int, int]] = []
@@ -178,28 +179,27 @@ class _Worker:
 
 
 class PageSource:
-    """The pages files of an image, mapped into the restorer (copy-on-write
-    private mappings: from_buffer needs a writable buffer; nothing is ever
-    written, so nothing is copied)."""
+    """The pages files of an image, as the image reader verified them: the
+    very bytes whose sha256 was checked (ImageReader.data), never the file
+    opened again by path (imagecheck.py: read once)."""
 
-    def __init__(self, paths: Sequence[str]):
-        self.maps: List[mmap.mmap] = []
+    def __init__(self, buffers: Sequence):
+        self.maps: List = []
         self.addrs: List[int] = []
         self.sizes: List[int] = []
         self._anchors: list = []
-        for p in paths:
-            size = os.path.getsize(p)
+        for buf in buffers:
+            size = len(buf)
             self.sizes.append(size)
             if size == 0:
                 self.maps.append(None)
                 self.addrs.append(0)
                 continue
-            with open(p, "rb") as f:
-                m = mmap.mmap(f.fileno(), size, flags=mmap.MAP_PRIVATE,
-                              prot=mmap.PROT_READ | mmap.PROT_WRITE)
-            anchor = (ctypes.c_char * size).from_buffer(m)
+            if not isinstance(buf, (mmap.mmap, bytearray)):
+                buf = bytearray(buf)     # a small file kept as bytes: from_buffer needs a writable buffer
+            anchor = (ctypes.c_char * size).from_buffer(buf)
             self._anchors.append(anchor)
-            self.maps.append(m)
+            self.maps.append(buf)
             self.addrs.append(ctypes.addressof(anchor))
 
     def check_runs(self, runs: Sequence[Sequence[int]]) -> None:
@@ -215,6 +215,7 @@ class PageSource:
     def write_runs(self, pid: int, runs: Sequence[Sequence[int]], mem_fd: Optional[int] = None) -> int:
         """Write runs into process `pid` (process_vm_writev, batched);
         returns bytes written. Raises EngineError on a short write."""
+        faults.point("restore.pages")
         total = 0
         if mem_fd is not None:
             # Non-writable private mappings: /proc/PID/mem writes with
@@ -241,8 +242,6 @@ class PageSource:
         return total
 
     def close(self) -> None:
+        """Drop the exports; the buffers belong to the image reader."""
         self._anchors.clear()
-        for m in self.maps:
-            if m is not None:
-                m.close()
         self.maps.clear()

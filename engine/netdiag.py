@@ -157,3 +157,23 @@ def tcp_listener(family: int, inode: int) -> Optional[Tuple[int, int]]:
         if ino == inode and state == TCP_LISTEN:
             found = (rq, wq)       # keep reading: the dump must be drained
     return found
+
+
+def tcp_sockets(family: int, states: int) -> List[dict]:
+    """Every TCP socket of `family` in one of `states` (a bit mask, 1 << state):
+    {state, local, remote, rqueue, wqueue, inode}; endpoints are (address,
+    port). A connection still waiting in a listener's accept queue is an
+    established socket with no inode yet (no file holds it).
+
+    Raises OSError on a netlink failure."""
+    req = struct.pack("=BBBBI", family, socket.IPPROTO_TCP, 0, 0, states) + bytes(48)
+    alen = 16 if family == socket.AF_INET6 else 4
+    out = []
+    for body in _query(req, dump=True):
+        sport, dport = struct.unpack_from("!HH", body, 4)
+        src = socket.inet_ntop(family, body[8:8 + alen])
+        dst = socket.inet_ntop(family, body[24:24 + alen])
+        _, rq, wq, _, ino = struct.unpack_from("=IIIII", body, 52)
+        out.append({"state": body[1], "local": (src, sport), "remote": (dst, dport), "rqueue": rq,
+                    "wqueue": wq, "inode": ino})
+    return out

@@ -22,7 +22,6 @@ from __future__ import annotations
 import ctypes
 import errno as _errno
 import os
-import platform
 from contextlib import contextmanager
 from typing import Iterator, Optional
 
@@ -53,9 +52,9 @@ def syscall_nr(name: str) -> int:
 
     Raises Refusal ``arch-mismatch`` on an architecture the engine has no
     table for."""
-    table = _SYSCALLS.get(platform.machine())
+    table = _SYSCALLS.get(os.uname().machine)
     if table is None:
-        raise Refusal("arch-mismatch", f"no syscall table for {platform.machine()}")
+        raise Refusal("arch-mismatch", f"no syscall table for {os.uname().machine}")
     return table[name]
 
 

@@ -33,8 +33,13 @@ REASONS = {
     "tree-sharing": ("two processes of the tree share what a restore would make two of: memory (CLONE_VM, a "
                      "vfork child), the fd table (CLONE_FILES), fs (CLONE_FS) or signal handlers (CLONE_SIGHAND) "
                      "without being threads of one process (both pids in the detail)"),
-    "memory-peer-outside": ("shared anonymous memory of the dumped tree is also mapped by a process outside it "
-                            "(its pid in the detail): the restored copy would no longer be shared with it"),
+    "memory-peer-outside": ("shared memory of the dumped tree that a restore makes anew (MAP_SHARED anonymous "
+                            "memory, a shared mapping of a memfd or deleted file) is also mapped or held open by a "
+                            "process outside it (its pid in the detail): it would go on with the old object"),
+    "image-unsafe": ("the image could have been changed by someone other than the caller, so it is not trusted: "
+                     "the image directory or a file in it is not the caller's or is writable by others, a "
+                     "directory above it is writable by others and not sticky, or it holds a symlink or a "
+                     "special file"),
     # files
     "file-missing": ("a file the process had open (or mapped) no longer exists at its path; or the directory a "
                      "deleted file, device node, removed directory or cwd is to be recreated in is gone"),
@@ -68,11 +73,25 @@ REASONS = {
     "tcp-lock": ("a TCP connection whose peer is outside the dump cannot be held still while it is an image: no n"
                  "etwork lock here (libnftables missing, nftables refusing the rule; named in the detail). Withou"
                  "t the lock the peer would be answered with a RST or its data lost"),
+    "peer-pid-in-use": ("a unix socket's peer credentials (SO_PEERCRED) name a pid that a live process other "
+                        "than the target holds (at dump) or that is taken (at restore): the socket could not "
+                        "report that pid"),
     "file-lock": ("a file lock that cannot be restored exactly: another process holds a lock on the file or "
                   "waits for one (its pid in the detail), the locked open file is shared with a process "
                   "outside the dump, the process itself waits for a lock, a lease, or a lock on a file "
                   "other than a regular file that keeps its name; at restore, the range is taken by "
                   "someone else now"),
+    # terminals
+    "tty": ("a pseudo-terminal that cannot be restored exactly (index and why in the detail): an end also held "
+            "by a process outside the dump, a master whose slave the process does not hold, a line discipline "
+            "other than N_TTY, the controlling terminal of another session or held by no fd, a foreground "
+            "group not the process's own; at restore, its pty index is taken"),
+    "tty-queued": ("bytes queued on a pseudo-terminal that cannot be carried exactly: in canonical mode with VEOF "
+                   "disabled or a literal-next (VLNEXT) pending, the line being typed cannot be seen; a packet-mode "
+                   "status byte; flow-control characters in packet mode with IXON"),
+    "tty-outside": ("the process runs on a terminal whose master is outside the dump (a shell's terminal): dump "
+                    "needs --shell-job and restore --tty PATH; or a session leader on such a terminal, or a --tty "
+                    "that is not a terminal or not ckpt's controlling terminal where the process needs it so"),
     # everything else
     "unsupported-fd": ("an fd of a kind with no handler (deny by default: pidfd, io_uring, perf, bpf, "
                   "userfaultfd...), or a sub-case of a handled kind that cannot be exact: a timerfd with "

@@ -21,12 +21,10 @@ import contextlib
 import fcntl
 import json
 import os
-import platform
 import time
-import traceback
 from typing import Dict, List, Optional
 
-from . import files, libc, posixtimers, procfs, sched, seccomp, signals, threads, unlinked
+from . import faults, files, guard, imagecheck, libc, posixtimers, procfs, sched, seccomp, signals, threads, unlinked
 from .arch import current as current_arch
 from .build import build
 from .check import SPECIAL_MAPPINGS, creds_of, creds_plan, require_features
@@ -37,6 +35,7 @@ from .image import ImageReader
 from .memory import PageSource, page_file_name
 
 CAP_SYS_RESOURCE = 24
+PR_SET_CHILD_SUBREAPER = 36
 
 
 def _bad(what: str) -> Refusal:
@@ -170,9 +169,9 @@ def preflight(reader: ImageReader, core: dict, vmas: List[dict], fdrecs: List[di
             add(Refusal("pid-in-use", f"TID {rec['tid']} (a thread) is held by {_comm(rec['tid'])}"))
     mine = _special_block(procfs.parse_maps(open("/proc/self/maps").read()))
     theirs = _special_block(vmas)
-    if theirs and (theirs != mine or reader.manifest.get("kernel") != platform.release()):
+    if theirs and (theirs != mine or reader.manifest.get("kernel") != os.uname().release):
         add(Refusal("unsupported-mapping", f"the vdso of kernel {reader.manifest.get('kernel')} "
-                    f"({theirs}) cannot be provided by kernel {platform.release()} ({mine})"))
+                    f"({theirs}) cannot be provided by kernel {os.uname().release} ({mine})"))
     try:
         plan = creds_plan(core["creds"], creds_of(procfs.parse_status(open("/proc/self/status").read())))
         core["_creds_plan"] = plan
@@ -204,6 +203,8 @@ def preflight(reader: ImageReader, core: dict, vmas: List[dict], fdrecs: List[di
     my_sid = os.getsid(0)
     if tree_member:
         pass    # judged with the whole tree (engine/tree_restore.py)
+    elif ctx.options.tty and sess["sid"] != pid and sess["pgid"] == pid:
+        pass    # a shell job restored with --tty: it joins ckpt's session (build.py setpgid(0, 0))
     elif sess["sid"] != pid and sess["sid"] != my_sid:
         add(Refusal("unsupported-state", f"was in session {sess['sid']} (not its own, not ckpt's {my_sid}); "
                     "start it with setsid to make it restorable anywhere"))
@@ -221,6 +222,7 @@ def preflight(reader: ImageReader, core: dict, vmas: List[dict], fdrecs: List[di
             add(Refusal("unsupported-fd", f"no handler for kind {rec['kind']} here", fd=rec["fd"]))
             continue
         try:
+            faults.point("restore.validate", rec["kind"])
             mod.validate(rec, ctx)
         except Refusal as r:
             add(r)
@@ -233,6 +235,7 @@ def preflight(reader: ImageReader, core: dict, vmas: List[dict], fdrecs: List[di
             continue
         seen.add(key)
         try:
+            faults.point("restore.map_validate")
             files.map_validate(v["file"], ctx)
         except Refusal as r:
             add(r)
@@ -252,6 +255,7 @@ def _pid_free(pid: int) -> bool:
     not yet reaped by its parent - PID 1 can be slow) is given ZOMBIE_WAIT
     seconds to go away."""
     deadline = time.monotonic() + ZOMBIE_WAIT
+    nap = 0.001     # short at first: a reaper usually acts within a few ms
     while True:
         try:
             with open(f"/proc/{pid}/stat") as f:
@@ -260,7 +264,8 @@ def _pid_free(pid: int) -> bool:
             return not os.path.exists(f"/proc/{pid}")
         if state not in ("Z", "X") or time.monotonic() > deadline:
             return False
-        time.sleep(0.02)
+        time.sleep(nap)
+        nap = min(nap * 2, 0.02)
 
 
 def _comm(pid: int) -> str:
@@ -321,6 +326,7 @@ def prepare(core: dict, vmas: List[dict], fdrecs: List[dict], ctx: RestoreContex
             if "dup_of" in rec:
                 continue
             mod = fd_handler(rec["kind"])
+            faults.point("restore.fd", rec["kind"])
             rfd = mod.restore(rec, ctx)
             p.fd_of_rec[rec["fd"]] = p.keep(rfd, base)
             if rfd not in ctx.shared.get("_close_after_restore", []):
@@ -334,9 +340,11 @@ def prepare(core: dict, vmas: List[dict], fdrecs: List[dict], ctx: RestoreContex
             writable = v["perms"][3] == "s" and "w" in v["perms"]
             key = map_key(v["file"], writable)
             if key not in p.map_fd:
+                faults.point("restore.map_open")
                 fd = files.map_open(v["file"], ctx, writable)
                 p.map_fd[key] = p.keep(fd, base)
                 os.close(fd)
+        faults.point("restore.exe_open")
         fd = files.map_open(core["exe"], ctx, False)
         p.exe_fd = p.keep(fd, base)
         os.close(fd)
@@ -359,12 +367,15 @@ def _run_restorer(job, builder=None) -> dict:
     """Fork the restorer, which creates and rebuilds the process (`builder`,
     default build.build; engine/tree_restore.py for a tree), reports on a
     pipe and exits. Returns its report; raises what it raised."""
+    faults.point("restore.fork")
+    parent = os.getpid()
     r, w = os.pipe()
     child = os.fork()
     if child == 0:
         os.close(r)
         code = 0
         try:
+            guard.become_worker(parent)     # stops (killing the new process) if ckpt dies
             out = {"ok": True, "pid": (builder or build)(job)}
         except Refusal as e:
             out = {"ok": False, "type": "refusal", **e.as_dict()}
@@ -373,6 +384,7 @@ def _run_restorer(job, builder=None) -> dict:
             out = {"ok": False, "type": "error", "message": e.message, "errno": e.errno}
             code = 4
         except BaseException as e:   # noqa: BLE001 - reported to the parent, never swallowed
+            import traceback
             out = {"ok": False, "type": "error", "message": f"restorer crashed: {e!r}\n{traceback.format_exc()}",
                    "errno": None}
             code = 4
@@ -427,11 +439,25 @@ def restore(directory: str, options: Options, pidfile: Optional[str] = None) -> 
     t0 = time.monotonic()
     require_features()
     reader = ImageReader(directory)
+    try:
+        out = _restore(reader, options, t0)
+    finally:
+        reader.close()
+    if pidfile:
+        write_pidfile(pidfile, out["pid"])
+    res = {"pid": out["pid"], "restore_ms": round((time.monotonic() - t0) * 1000, 2)}
+    if "members" in out:
+        res["members"] = out["members"]
+    return res
+
+
+def _restore(reader: ImageReader, options: Options, t0: float) -> dict:
     reader.check_arch()
-    reader.verify(threads=2)   # before any process exists
+    reader.verify(threads=2)   # before any process exists; every file read once, kept in memory
+    faults.point("restore.verified")
     if "tree.json" in reader.files:
         from .tree_restore import restore_tree
-        return restore_tree(reader, options, pidfile, t0)
+        return restore_tree(reader, options, None, t0)
     core = reader.read_json("core.json")
     mm = reader.read_json("mm.json")
     fdrecs = reader.read_json("fds.json")
@@ -439,37 +465,69 @@ def restore(directory: str, options: Options, pidfile: Optional[str] = None) -> 
     npf = _need(mm, "page_files", int, "mm.json")
     vmas = check_mm(mm, npf)
     check_fd_records(fdrecs)
+    imagecheck.check_records(reader, core, vmas, fdrecs)
     xstate = reader.read_bytes("xstate.bin")
     thread_xstate = threads.unpack_xstate(reader, core.get("threads", []))
     meta = reader.manifest.get("meta") or {}
     same_node = isinstance(meta, dict) and meta.get("boot_id") == boot_id()
     pid = core["pid"]
     ctx = RestoreContext(options=options, image=reader, same_node=same_node, records=fdrecs, pid=pid)
-    with _system_errors_as_engine_errors("restore pre-flight"):
+    with _system_errors_as_engine_errors("restore pre-flight"), imagecheck.malformed_as_invalid("pre-flight"):
         preflight(reader, core, vmas, fdrecs, ctx)
-    pages = PageSource([reader.path(page_file_name(i)) for i in range(npf)])
+    faults.point("restore.preflighted")
+    pages = PageSource([reader.data(page_file_name(i)) for i in range(npf)])
     prepared = None
     try:
         for v in vmas:
             pages.check_runs(v["pages"])
-        with _system_errors_as_engine_errors("opening the process's files"):
+        with _system_errors_as_engine_errors("opening the process's files"), \
+                imagecheck.malformed_as_invalid("opening the process's files"):
             prepared = prepare(core, vmas, fdrecs, ctx)
         job = Job(core=core, vmas=vmas, fdrecs=fdrecs, xstate=xstate, thread_xstate=thread_xstate, pages=pages,
                   prepared=prepared, ctx=ctx)
+        imagecheck.process_creation_hook()
+        foreground = _foreground_job(fdrecs, options)
         out = _run_restorer(job)
+        if foreground:
+            out["foreground"] = foreground
         # The process is back: what handlers hold until then (a TCP
         # connection's network lock) can go.
         for hook in ctx.shared.pop("_after_restore", []):
             hook()
+        return out
     finally:
         if prepared is not None:
             prepared.close()
         files.close_shared(ctx)
         pages.close()
-    if pidfile:
-        tmp = pidfile + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(f"{out['pid']}\n")
-        os.rename(tmp, pidfile)
-    return {"pid": out["pid"], "restore_ms": round((time.monotonic() - t0) * 1000, 2)}
 
+
+def _foreground_job(fdrecs: List[dict], options: Options) -> Optional[str]:
+    """A shell job that was its terminal's foreground group, restored with
+    --tty: ckpt becomes the child subreaper first, so the process is its
+    child once the restorer exits (its group is not orphaned: job control
+    works), and the --tty terminal is returned (engine/fds/tty.py)."""
+    if not options.tty or not any(r.get("kind") == "tty" and r.get("outside") and r.get("fg_own") for r in fdrecs):
+        return None
+    import ctypes
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise EngineError("prctl(PR_SET_CHILD_SUBREAPER)", errno=ctypes.get_errno())
+    from .fds.tty import tty_path
+    return tty_path(options.tty)
+
+
+def write_pidfile(pidfile: str, pid: int) -> None:
+    """The restored PID into `pidfile`, never through a symlink: a fresh
+    temporary name made with O_EXCL|O_NOFOLLOW next to it, renamed over it
+    (rename replaces a symlink, it does not follow it)."""
+    tmp = f"{pidfile}.{os.getpid()}.tmp"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        try:
+            os.write(fd, f"{pid}\n".encode())
+        finally:
+            os.close(fd)
+        os.rename(tmp, pidfile)
+    except OSError as e:
+        raise EngineError(f"restored pid {pid}, but cannot write the pidfile {pidfile}: {e.strerror}",
+                          errno=e.errno) from e

@@ -32,7 +32,7 @@ import ctypes
 import struct
 from typing import List, Optional
 
-from . import procfs, ptrace
+from . import guard, procfs, ptrace
 from .errors import Refusal
 
 PEEKSIGINFO = 0x4209
@@ -88,6 +88,7 @@ def block_all(task) -> None:
     """Keep every signal pending while the task is frozen (see module doc).
     Raises SysError."""
     task.sigmask = ptrace.get_sigmask(task.pid)
+    guard.frozen({task.pid: task.sigmask})     # what a guardian puts back if we die
     ptrace.set_sigmask(task.pid, ALL_BLOCKED)
 
 

@@ -177,6 +177,8 @@ def cause_of(item: dict, refusal: dict, fdfacts: Optional[dict] = None) -> dict:
             facets["socket"] = socket_state(detail).split(": ")[0]
         elif kind == "device":
             value = f"device {_device_name(link)}"
+        elif kind == "tty":
+            value = "pty master" if link.endswith("ptmx") else "pty slave"
         elif kind == "unsupported":
             value = "fd " + normalize(link)
             facets["fd kind"] = "unsupported " + normalize(link)

@@ -14,7 +14,7 @@ import signal
 from typing import List, Optional
 
 from . import arch as _arch
-from . import libc, ptrace, restart, signals
+from . import faults, guard, libc, ptrace, restart, signals
 from .errors import EngineError, Refusal
 from .libc import SysError
 
@@ -35,6 +35,7 @@ class Task:
         self.restart_problem: Optional[str] = None
         self.attached = True
         self._mem_fd: Optional[int] = None
+        self.fault_name = "dump.syscall"       # "restore.syscall" once adopted (engine/faults.py)
         self.orig_regs = self.get_regs()
         # What release() puts back by default. Normally the registers as
         # read; an arch's after_seize() hook may adjust it (aarch64: the
@@ -126,7 +127,9 @@ class Task:
         if not (st.stopped and st.sig == signal.SIGSTOP):
             raise EngineError(f"restore child {pid}: unexpected first stop {st!r}", pid=pid)
         ptrace.set_options(pid, ptrace.O_TRACESYSGOOD | ptrace.O_EXITKILL)
-        return cls(pid)
+        task = cls(pid)
+        task.fault_name = "restore.syscall"
+        return task
 
     # -- registers ---------------------------------------------------------------
     # Layout and extra register sets are per machine (engine/arch): x86_64
@@ -175,12 +178,25 @@ class Task:
         failure). The task is left at the syscall-exit stop."""
         if self.syscall_ip is None:
             raise EngineError("no syscall instruction known in the target", pid=self.pid)
+        faults.point(self.fault_name, nr)
         regs = self.orig_regs.copy()
         self.arch.set_syscall(regs, self.syscall_ip, nr, args)
-        self.set_regs(regs)
-        self._resume_to_syscall_stop()   # entry
-        self._resume_to_syscall_stop()   # exit
-        return self.arch.retval(self.get_regs())
+        # No ^C (KeyboardInterrupt) between here and the registers put back:
+        # raised while the task runs, it would leave nothing to unwind with.
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, guard.HELD)
+        try:
+            self.set_regs(regs)
+            self._resume_to_syscall_stop()   # entry
+            self._resume_to_syscall_stop()   # exit
+            ret = self.arch.retval(self.get_regs())
+            if self.fault_name == "dump.syscall":
+                # Its own registers back at once: between two injections the
+                # target is then always safe to let go, even by a tracer that
+                # dies (the kernel detaches it as it is).
+                self.set_regs(self.resume_regs)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        return ret
 
     def call(self, name: str, *args: int) -> int:
         """syscall by name; raises SysError on a negative result."""

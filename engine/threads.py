@@ -46,7 +46,7 @@ import threading
 import time
 from typing import List, Optional
 
-from . import libc, ptrace, sched, signals
+from . import faults, libc, ptrace, sched, signals
 from .errors import Refusal
 from .libc import SysError
 from .task import Task
@@ -94,6 +94,7 @@ def freeze(pid: int, options: int = FREEZE_OPTIONS, auto_attached: bool = False)
     tasks = {pid: leader}
     try:
         for _ in range(MAX_ROUNDS):
+            faults.point("dump.freeze")
             new = [t for t in tids(pid) if t not in tasks]
             if not new:
                 return [leader] + [tasks[t] for t in sorted(tasks) if t != pid]
@@ -185,19 +186,26 @@ def kill(tasks: List[Task]) -> None:
     own exit is reported only after all the others)."""
     if not tasks:
         return
+    tgid = tasks[0].tgid
+    # Every thread, not only those with a Task: one the kernel attached to
+    # us (a restore's clone3, TRACECLONE) before it got its Task is a traced
+    # zombie until we wait for it, and the leader's exit waits for it.
+    others = (set(tids(tgid)) | {t.pid for t in tasks[1:]}) - {tgid}
     try:
-        os.kill(tasks[0].tgid, signal.SIGKILL)
+        os.kill(tgid, signal.SIGKILL)
     except ProcessLookupError:
         pass
     for t in tasks[1:]:
         t.close()
-        while t.attached:
+    for tid in sorted(others):
+        while True:
             try:
-                st = ptrace.wait(t.pid)
+                st = ptrace.wait(tid)
             except SysError:
-                break
+                break       # not traced by us, or already waited for
             if st.exited:
                 break
+    for t in tasks[1:]:
         t.attached = False
     tasks[0].kill()
 
@@ -249,6 +257,7 @@ def thread_state(task: Task, leader: Task, vmas: List[dict]) -> dict:
     """One non-leader thread's record (its xstate is written separately)."""
     from .dump import SCRATCH, _rseq, _scratch, robust_list, task_sigmask
     tid, pid = task.pid, task.tgid
+    faults.point("dump.thread")
     task.syscall_ip = leader.syscall_ip
     with open(f"/proc/{pid}/task/{tid}/comm") as f:
         comm = f.read().rstrip("\n")
@@ -413,6 +422,7 @@ def create(b) -> None:
         if r != rec["tid"]:
             raise Refusal("pid-in-use", f"thread came back as TID {r}, not {rec['tid']}", pid=b.pid)
         t = Task.adopt(r)
+        faults.point("restore.thread")
         t.tgid = b.pid
         t.syscall_ip = b.gadget
         t.scratch = b.task.scratch

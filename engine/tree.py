@@ -42,7 +42,7 @@ import signal
 import time
 from typing import Dict, List, Optional
 
-from . import procfs, ptrace, threads
+from . import faults, procfs, ptrace, threads
 from .check import SHMEM_NAMES
 from .errors import Refusal, Refusals
 from .libc import SysError
@@ -116,12 +116,14 @@ def has_children(pid: int) -> bool:
 def freeze(root: int) -> List[Member]:
     """Every member frozen (or recorded as a zombie), parents before their
     children. Raises Refusal; then no member is left stopped."""
+    _no_vfork(root)
     first = Member(root, stat_of(root)["ppid"], stat_of(root), threads.freeze(root, TREE_OPTIONS))
     first.is_root = True
     members = [first]
     known: Dict[int, Member] = {root: first}
     try:
         for _ in range(MAX_ROUNDS):
+            faults.point("dump.tree.freeze")
             new = [(c, m.pid) for m in members if not m.zombie for c in children_of(m.pid) if c not in known]
             if not new:
                 return members
@@ -147,24 +149,58 @@ def _freeze_member(pid: int, ppid: int) -> Optional[Member]:
         return None       # exited and reaped meanwhile
     if st["state"] in ("Z", "X"):
         return Member(pid, ppid, st)
-    try:
-        tasks = threads.freeze(pid, TREE_OPTIONS)
-    except Refusal as r:
-        if r.reason == "ptraced" and threads._tracer(pid) == os.getpid():
-            # Forked by a member after its seize (PTRACE_O_TRACEFORK): ours already.
-            tasks = threads.freeze(pid, TREE_OPTIONS, auto_attached=True)
-        elif r.reason == "no-such-process":
+    _no_vfork(pid)
+    deadline = time.monotonic() + 1.0
+    while True:
+        try:
+            tasks = threads.freeze(pid, TREE_OPTIONS)
+            break
+        except Refusal as r:
+            if r.reason != "ptraced" or threads._tracer(pid) != 0 or time.monotonic() > deadline:
+                return _freeze_refused(pid, ppid, st, r)
+            # EPERM with no tracer: PTRACE_SEIZE refuses a task that is
+            # exiting. It is about to be a zombie (or gone): look again.
+            time.sleep(0.002)
             try:
                 st = stat_of(pid)
             except (OSError, ValueError):
                 return None
-            return Member(pid, ppid, st) if st["state"] in ("Z", "X") else None
-        elif r.reason == "ptraced":
-            raise Refusal("ptraced", f"member {pid} ({st['comm']}, child of {ppid}) is traced by pid "
-                          f"{threads._tracer(pid)}", pid=pid) from None
-        else:
-            raise
+            if st["state"] in ("Z", "X"):
+                return Member(pid, ppid, st)
     return Member(pid, ppid, st, tasks)
+
+
+def _no_vfork(pid: int) -> None:
+    """Refuse, before freezing `pid`, a child sharing its memory (CLONE_VM):
+    a vfork child that has not exec'd yet holds its parent in an
+    uninterruptible wait that no ptrace stop can end, so the freeze would
+    wait for it; a restore would split the memory anyway."""
+    for c in children_of(pid):
+        try:
+            same = kcmp(pid, c, KCMP_SHARED["memory (CLONE_VM, or a vfork child)"], 0, 0) == 0
+        except Exception:    # noqa: BLE001 - gone meanwhile, or no kcmp (refused elsewhere)
+            continue
+        if same:
+            raise Refusal("tree-sharing", f"pid {c} shares its memory with its parent {pid} (CLONE_VM, or a "
+                          "vfork child that has not exec'd): a restore would make two", pid=pid)
+
+
+def _freeze_refused(pid: int, ppid: int, st: dict, r: Refusal) -> Optional[Member]:
+    """A member whose freeze was refused: ours already, exited, or traced
+    by someone else (refused, naming the tracer)."""
+    if r.reason == "ptraced" and threads._tracer(pid) == os.getpid():
+        # Forked by a member after its seize (PTRACE_O_TRACEFORK): ours already.
+        return Member(pid, ppid, st, threads.freeze(pid, TREE_OPTIONS, auto_attached=True))
+    if r.reason == "no-such-process":
+        try:
+            st = stat_of(pid)
+        except (OSError, ValueError):
+            return None
+        return Member(pid, ppid, st) if st["state"] in ("Z", "X") else None
+    if r.reason == "ptraced":
+        raise Refusal("ptraced", f"member {pid} ({st['comm']}, child of {ppid}) is traced by pid "
+                      f"{threads._tracer(pid)}", pid=pid) from None
+    raise r
 
 
 def _stragglers(members: List[Member], known: dict) -> None:
@@ -249,19 +285,42 @@ def _shmem_key(v: dict):
     return (v["dev"], v["inode"])
 
 
+def _recreated(v: dict) -> bool:
+    """A shared mapping a restore makes anew: shared anonymous memory, or a
+    memfd / deleted file (a ghost) mapped MAP_SHARED."""
+    if v.get("kind") == "shmem":
+        return True
+    return v.get("kind") == "file" and v["perms"][3] == "s" and (
+        v["path"].endswith(" (deleted)") or v["path"].startswith("/memfd:"))
+
+
 def _shmem_outside(members: List[Member]) -> List[tuple]:
-    """Shared anonymous memory of the tree also mapped by another process."""
+    """Shared memory the restore recreates (shared anonymous memory, a
+    shared mapping of a memfd or deleted file) also mapped or held open by
+    a process outside the tree: it would go on with the old object."""
     ours = {}
     for m in members:
         if m.survey is None:
             continue
         for v in m.survey.vmas:
-            if v.get("kind") == "shmem":
+            if _recreated(v):
                 ours.setdefault(_shmem_key(v), (m, v))
     if not ours:
         return []
+    by_path = {v["path"]: key for key, (_, v) in ours.items()}
     pids = {m.pid for m in members}
     out, seen = [], set()
+
+    def found(key, name: str, how: str) -> None:
+        if key in seen:
+            return
+        seen.add(key)
+        m, mine = ours[key]
+        what = "shared memory" if mine.get("kind") == "shmem" else "shared mapping of"
+        out.append((m, f"mapping {mine['start']:x}-{mine['end']:x}", Refusal(
+            "memory-peer-outside", f"{what} {mine['path']} (inode {mine['inode']}) is also {how} by pid {name} "
+            "outside the tree", path=mine["path"])))
+
     for name in os.listdir("/proc"):
         if not name.isdigit() or int(name) in pids or int(name) == os.getpid():
             continue
@@ -272,12 +331,23 @@ def _shmem_outside(members: List[Member]) -> List[tuple]:
             continue
         for v in vmas:
             key = _shmem_key(v)
-            if key in ours and v["path"].startswith(SHMEM_NAMES) and key not in seen:
-                seen.add(key)
-                m, mine = ours[key]
-                out.append((m, f"mapping {mine['start']:x}-{mine['end']:x}", Refusal(
-                    "memory-peer-outside", f"shared memory {v['path']} (inode {v['inode']}) is also mapped by "
-                    f"pid {name} outside the tree", path=v["path"])))
+            if key in ours and (ours[key][1].get("kind") != "shmem" or v["path"].startswith(SHMEM_NAMES)):
+                found(key, name, "mapped")
+        try:
+            fds = os.listdir(f"/proc/{name}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                link = os.readlink(f"/proc/{name}/fd/{fd}")
+                key = by_path.get(link)
+                if key is None:
+                    continue
+                st = os.stat(f"/proc/{name}/fd/{fd}")
+            except OSError:
+                continue
+            if (f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}", st.st_ino) == key:
+                found(key, name, "held open")
     return out
 
 
@@ -358,6 +428,12 @@ class Sub:
     def read_json(self, name):
         return self._img.read_json(self.prefix + name)
 
+    def data(self, name):
+        return self._img.data(self.prefix + name)
+
+    def size(self, name):
+        return self._img.size(self.prefix + name)
+
     def __getattr__(self, name):
         return getattr(self._img, name)
 
@@ -371,13 +447,18 @@ def sub(img, prefix: str):
 def _survey(members: List[Member], options, img, boot) -> List[Refusal]:
     from .context import DumpContext
     from .dump import _survey_frozen
+    from .fds import _peers
     pids = frozenset(m.pid for m in members)
     root = members[0].pid
+    scan: dict = {}
     for m in members:
         if m.zombie:
             continue
         ctx = DumpContext(pid=m.pid, options=options, image=sub(img, m.dir), boot_id=boot,
                           tree_root=root, tree_pids=pids)
+        # One /proc/*/fd scan for the whole tree (made on first use, the
+        # members excluded), not one per member.
+        ctx.shared = _LazyShared(scan, _peers._CACHE_KEY)
         ctx.task, ctx.threads = m.tasks[0], m.tasks[1:]
         m.ctx = ctx
         m.survey, m.state, m.recs = _survey_frozen(m.pid, m.tasks[0], ctx, procfs.Proc(m.pid))
@@ -389,6 +470,34 @@ def _survey(members: List[Member], options, img, boot) -> List[Refusal]:
         else:
             m.survey.refuse(what, "process", r)
     return [r for m in members if m.survey is not None for r in m.survey.refusals]
+
+
+class _LazyShared(dict):
+    """A member's ctx.shared whose entry `key` lives in `common` (one
+    dict for the whole tree)."""
+
+    def __init__(self, common: dict, key: str):
+        super().__init__()
+        self._common, self._key = common, key
+
+    def get(self, k, default=None):
+        if k == self._key:
+            return self._common.get(k, default)
+        return super().get(k, default)
+
+    def __setitem__(self, k, v):
+        if k == self._key:
+            self._common[k] = v
+        else:
+            super().__setitem__(k, v)
+
+    def __getitem__(self, k):
+        if k == self._key:
+            return self._common[k]
+        return super().__getitem__(k)
+
+    def __contains__(self, k):
+        return k in self._common if k == self._key else super().__contains__(k)
 
 
 def _label(m: Member, items: List[dict]) -> List[dict]:
@@ -416,6 +525,22 @@ def check(pid: int, options) -> dict:
             "members": [m.record() for m in members]}
 
 
+def _on_release(members: List[Member], killed: bool) -> None:
+    """engine.dump._on_release for every member (a TCP socket held in repair
+    mode, its network lock). Raises EngineError as that does."""
+    from .dump import _on_release as one
+    first = None
+    for m in members:
+        if getattr(m, "ctx", None) is None:
+            continue
+        try:
+            one(m.ctx, killed)
+        except Exception as e:     # noqa: BLE001 - every member's hooks run; the first failure is raised
+            first = first or e
+    if first is not None:
+        raise first
+
+
 def dump(pid: int, directory: str, options) -> dict:
     """engine.dump.dump of the tree rooted at `pid` (dump.dump calls this
     when the target has children)."""
@@ -439,6 +564,7 @@ def dump(pid: int, directory: str, options) -> dict:
             live = [m for m in members if not m.zombie]
             total = nfds = nvmas = 0
             for m in live:
+                faults.point("dump.tree.member")
                 task, ctx, state, s = m.tasks[0], m.ctx, m.state, m.survey
                 simg = sub(img, m.dir)
                 dumper = PageDumper(m.pid, simg)
@@ -467,17 +593,22 @@ def dump(pid: int, directory: str, options) -> dict:
             meta = {"pid": pid, "comm": members[0].state["comm"], "boot_id": members[0].ctx.boot_id,
                     "pages_bytes": total, "members": len(members)}
             if options.leave_running:
+                _on_release(members, killed=False)
                 release(members)
                 t1 = time.monotonic()
                 img.commit(meta)
             else:
                 img.commit(meta)
                 kill(members)
+                _on_release(members, killed=True)
                 t1 = time.monotonic()
         except BaseException:
             for d in dumpers:
                 d.close()
-            release(members)
+            try:
+                _on_release(members, killed=False)
+            finally:
+                release(members)
             raise
     return {"pid": pid, "image": img.final, "pages_bytes": total, "mappings": nvmas,
             "threads": sum(len(m.tasks) for m in live), "members": len(members),
@@ -502,6 +633,7 @@ def _dump_fds(s, ctx, shared: Dict[int, list]) -> List[dict]:
         elif lead != info.fd:
             rec = {"dup_of": lead}
         else:
+            faults.point("dump.tree.fd", kind)
             rec = mod.dump(info, ctx)
         rec.update(common)
         out.append(rec)

@@ -41,7 +41,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import secrets
 import stat
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -155,7 +154,7 @@ def bury(tmp: str, path: str, fd: int, is_dir: bool) -> None:
 
 
 def _tmp_in(path: str) -> str:
-    return os.path.join(parent_of(path), f".ckpt-ghost-{os.getpid()}-{secrets.token_hex(6)}")
+    return os.path.join(parent_of(path), f".ckpt-ghost-{os.getpid()}-{os.urandom(6).hex()}")
 
 
 def _drop_name(tmp: str, is_dir: bool) -> None:

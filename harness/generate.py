@@ -120,10 +120,12 @@ class Static:
 
 STATIC: Dict[str, Static] = {s.variant: s for s in (
     Static("pipe-one-end", "pipe-peer-outside", "dump", source="pipe/peer-outside"),
-    Static("socket-tcp-established", "socket", "dump", fds="all", source="socket/tcp-established"),
     Static("dnotify", "dnotify", "dump", source="notify/dnotify"),
     Static("fanotify", "fanotify", "dump", source="notify/fanotify"),
     Static("eventfd", "restored", old_kernels=("6.6", "unsupported-fd", "dump"), source="anon/eventfd"),
+    Static("socket-unix-pair-made-outside", "peer-pid-in-use", "dump", fds="all",
+           source="socket/unix-pair-peercred-outside"),
+    Static("pty-outside", "tty-outside", "dump", source="tty/master-outside"),
 )}
 
 
@@ -206,8 +208,9 @@ def holders_of(sc: dict) -> Dict[str, List[Tuple[str, dict]]]:
 # UNDECIDED_FIELDS, is not derived: the case is not generated or judged).
 DECIDED = {"open", "memfd", "dir", "device", "fifo", "pipe", "pipe-one-end", "inotify", "dnotify", "fanotify",
            "eventfd", "timerfd", "signalfd", "epoll", "dup", "socket-unix-pair", "socket-unix-listen",
-           "socket-tcp-listen", "socket-tcp-established", "socket-udp"}
-UNDECIDED_FIELDS = {"sender", "outside"}
+           "socket-tcp-listen", "socket-tcp-established", "socket-udp", "socket-unix-pair-made-outside",
+           "pty-pair", "pty-outside"}
+UNDECIDED_FIELDS = {"sender", "outside", "pending_status", "slave_outside"}
 
 
 def variant_of(e: dict) -> str:
@@ -215,7 +218,9 @@ def variant_of(e: dict) -> str:
     if k == "pipe":
         return "pipe" if len(e["pipe"]) == 2 else "pipe-one-end"
     if k == "socket":
-        return f"socket-{e['socket']}"
+        return f"socket-{e['socket']}" + ("-made-outside" if e.get("creator") == "outside" else "")
+    if k == "pty":
+        return f"pty-{e['pty']}"
     return k
 
 

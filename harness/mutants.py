@@ -247,6 +247,21 @@ def m_drop_unix_message(img: Image) -> str:
     return f"unix socket fd {r['fd']}: last queued message ({n} bytes) dropped"
 
 
+def m_drop_tcp_byte(img: Image) -> str:
+    """The last byte of an established TCP connection's receive queue is
+    dropped, the sequence numbers kept consistent (the peer never resends
+    it): the stream silently loses one byte."""
+    fds = img.json("fds.json")
+    r = _first(_leaders(fds), lambda r: r.get("sock") == "tcp-conn" and (r.get("repair") or {}).get("inq_len"),
+               "no tcp connection with bytes to read")
+    n = r["repair"]["inq_len"]
+    data = img.read(r["data"])
+    img.write(r["data"], data[:n - 1] + data[n:])
+    r["repair"]["inq_len"] = n - 1
+    img.put_json("fds.json")
+    return f"tcp connection fd {r['fd']}: the last of {n} bytes to read dropped"
+
+
 def m_drop_eventfd_count(img: Image) -> str:
     fds = img.json("fds.json")
     r = _first(_leaders(fds), lambda r: r["kind"] == "eventfd" and r.get("count"), "no eventfd with a count")
@@ -370,6 +385,7 @@ EDITS: Dict[str, Tuple[Callable[[Image], str], str]] = {
     "lose-cloexec": (m_lose_cloexec, "one fd loses close-on-exec"),
     "lose-nonblock": (m_lose_nonblock, "one fd loses O_NONBLOCK"),
     "drop-unix-message": (m_drop_unix_message, "one queued unix-socket message dropped"),
+    "drop-tcp-byte": (m_drop_tcp_byte, "one byte of a TCP connection's receive queue dropped"),
     "shift-inotify-wd": (m_shift_inotify_wd, "an inotify watch comes back under another wd"),
     "drop-eventfd-count": (m_drop_eventfd_count, "an eventfd's count is lost"),
     "lose-sigaction": (m_lose_sigaction, "one signal's action reset to SIG_DFL"),
@@ -637,6 +653,7 @@ CAUGHT_BY: Dict[str, str] = {
     "lose-cloexec": "close-on-exec compared per fd",
     "lose-nonblock": "O_NONBLOCK compared per fd (status flags)",
     "drop-unix-message": "both ends' unix socket queues drained and compared",
+    "drop-tcp-byte": "both ends' TCP queues drained and compared byte for byte (socket/tcp-established)",
     "shift-inotify-wd": "inotify wds compared (fdinfo) or events carrying the old wd",
     "drop-eventfd-count": "the eventfd count read and compared",
     "lose-sigaction": "every signal action compared",

@@ -127,6 +127,9 @@ class Run:
         self.ready: Dict[str, Any] = {}
         self.ready_bytes = b""
         self.before: Dict[str, str] = {}
+        #: the PID's state on the restore target before the restore when
+        #: something else (not a workload) held it there (restore_on: other)
+        self.taken: Optional[Dict[str, Any]] = None
 
     # -- plumbing ---------------------------------------------------------------
     def timeout(self, step: str, t: Target) -> float:
@@ -299,7 +302,11 @@ class Run:
             if lower is None:
                 lower = self.witness(t)
             rt = self._migrate(t)
-            w = self.world(rt, "between", digest=self.paths(rt)["img"])
+            # whether the PID is free there: another guest's kernel threads
+            # and services took PIDs of their own (a Debian 13 guest's
+            # kworkers reach the 290s a workload gets on Debian 12)
+            w = self.world(rt, "between", digest=self.paths(rt)["img"], pid=pid)
+            self.taken = w["pid"] if w["pid"]["exists"] and not w["pid"]["workload"] else None
         else:
             rt = t
             w = self.world(rt, "between", digest=self.paths(rt)["img"], pid=pid)
@@ -423,7 +430,11 @@ class Run:
         res.at, res.refusals = "restore", rr.refusals
         t.settle([pid])
         st = self.pidstate(t, pid, "restore")
-        if st["exists"]:
+        if st["exists"] and self.taken is not None and not st["workload"]:
+            # not left by the restore: it held the PID before the restore began
+            res.detail = (f"pid {pid} was taken on the restore target before the restore "
+                          f"(state {self.taken['state']}, not a workload)")
+        elif st["exists"]:
             self.pids.append(pid)
             return self._crashed("restore", f"a refused restore left pid {pid} running (state {st['state']})")
         if self.engine.creates_dir:

@@ -37,6 +37,8 @@ TAGS: Dict[str, str] = {
     "refusal": "the expected outcome is a refusal", "dup": "fds sharing one open file description",
     "process": "process-wide state: umask, rlimits, signals, itimers",
     "threads": "multi-threaded processes (workload.process.threads)",
+    "tree": "process trees: a workload with children (workload.process.children)",
+    "tty": "pseudo-terminals (pty pairs, controlling terminals)",
 }
 STEP_NAMES = ("setup", "ready", "dump", "between", "restore", "verify")
 MAX_FD = 499          # the workload builds fds above 500 and moves them down

@@ -43,6 +43,20 @@ def _only_forgiven(e: BaseException) -> bool:
     return all(isinstance(r, Refusal) and r.reason in FORGIVEN for r in got)
 
 
+_SPARE = []
+
+
+def _spare_tty() -> str:
+    """/dev/pts/N of a pty this test process keeps open (one per process)."""
+    if not _SPARE:
+        import fcntl
+        import struct
+        m = os.open("/dev/ptmx", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+        fcntl.ioctl(m, 0x40045431, struct.pack("i", 0))          # TIOCSPTLCK 0
+        _SPARE.append((m, "/dev/pts/%d" % struct.unpack("i", fcntl.ioctl(m, 0x80045430, bytes(4)))[0]))
+    return _SPARE[0][1]
+
+
 def rehearse_image(image_dir: str, options: Options = None) -> None:
     """Restore a full-process image up to creating the process (see the
     module doc). Raises NotRestorable."""
@@ -59,6 +73,15 @@ def rehearse_image(image_dir: str, options: Options = None) -> None:
         vmas = R.check_mm(mm, mm["page_files"])
         R.check_fd_records(fdrecs)
         meta = reader.manifest.get("meta") or {}
+        if any(r.get("kind") == "tty" and r.get("outside") for r in fdrecs) and not options.tty:
+            # a --shell-job image: restored with --tty, here a fresh pty's slave
+            from engine.plainclass import replace    # Options is a plainclass, not a dataclass
+            options = replace(options, tty=_spare_tty())
+            for r in fdrecs:
+                if r.get("kind") == "tty" and r.get("outside"):
+                    # its terminal must be the restoring shell's controlling one, which
+                    # this test process is not: the rehearsal checks the rest
+                    r["ctty"] = False
         ctx = RestoreContext(options=options, image=reader, same_node=meta.get("boot_id") == boot_id(),
                              records=fdrecs, pid=core["pid"])
         real_pid_free = R._pid_free

@@ -223,7 +223,7 @@ def test_family(procs, session_killer, tmp_path):  # noqa: F811
     assert res["ok"], res["refusals"]
     assert {m["pid"] for m in res["members"]} == set(pids)
     res, _ = _dump_restore(p.pid, tmp_path / "img", procs)
-    assert res["members"] == 7 and res["zombies"] == 2
+    assert res["members"] == 8 and res["zombies"] == 2
     for pid in pids:
         now = _stat(pid)
         assert (now["ppid"], now["pgid"], now["sid"]) == (before[pid]["ppid"], before[pid]["pgid"],
@@ -238,8 +238,9 @@ def test_family(procs, session_killer, tmp_path):  # noqa: F811
     assert got["groups"] == [True, True, True]
     assert got["sigchld"][0] == got["sigchld"][1], "a SIGCHLD made by the restore reached the parent"
     assert got["status"] == {"A": ["exit", 7], "C": ["signal", 15], "B": ["exit", 3], "D": ["exit", 4],
-                             "E": ["exit", 5], "F": ["exit", 6]}
+                             "E": ["exit", 5], "F": ["exit", 6], "G": ["exit", 8]}
     assert got["shm"] == "child", "the shared page is not one object"
+    assert got["memfd"] == "child", "the memfd mapping is not one object"
     assert got["private"] is True
     assert (tmp_path / "shared.txt").read_bytes() == b"p1cp2", "the open file description was split"
 
@@ -257,7 +258,7 @@ def test_socketpairs_between_members(procs, session_killer, tmp_path):  # noqa: 
     wait_for(lambda: (tmp_path / "result").exists(), timeout=20, what="the result")
     got = json.loads((tmp_path / "result").read_text())
     assert got == {"token": info["token"], "first": "to-parent", "dgrams": ["d1", "d2"],
-                   "reply": "child-got:to-child|p1"}, got
+                   "reply": f"child-got:to-child|p1|queued|{p.pid}"}, got   # SO_PEERCRED: the pair's maker
 
 
 def test_thread_pool_under_a_shell(procs, session_killer, tmp_path):  # noqa: F811
@@ -335,7 +336,8 @@ def test_refused_pipe_peer_outside(procs, session_killer, tmp_path):  # noqa: F8
     ("clonefiles", "tree-sharing", "fd table"),
     ("traceme", "ptraced", "traced by pid"),
     ("badsession", "process-tree", "session"),
-    ("outside", "memory-peer-outside", "outside the tree"),
+    ("outside", "memory-peer-outside", "mapped by"),
+    ("memfd-outside", "memory-peer-outside", "held open by"),
 ])
 def test_refused_boundaries(procs, session_killer, tmp_path, mode, reason, detail):  # noqa: F811
     p = _start(procs, [python_exe(), FAMILY, mode], tmp_path)
@@ -348,7 +350,7 @@ def test_refused_boundaries(procs, session_killer, tmp_path, mode, reason, detai
     except (Refusal, Refusals) as e:
         refs = [r.as_dict() for r in (e.refusals if isinstance(e, Refusals) else [e])]
     assert any(x["reason"] == reason and detail in x["detail"] for x in refs), refs
-    if mode == "outside":
+    if mode in ("outside", "memfd-outside"):
         assert any(str(info["outside"]) in x["detail"] for x in refs), refs
         procs.adopt(info["outside"])
     with pytest.raises((Refusal, Refusals)):
@@ -359,3 +361,81 @@ def test_refused_boundaries(procs, session_killer, tmp_path, mode, reason, detai
         _untouched(members)
     else:
         _untouched([p.pid])
+
+
+def test_refused_vfork_child_without_waiting_for_it(procs, session_killer, tmp_path):  # noqa: F811
+    """A parent held in vfork() by a child that does not exec: no ptrace
+    stop can end that wait, so the freeze would hang until the child execs;
+    it is refused at once (tree-sharing: they share memory)."""
+    exe = str(tmp_path / "vforker")
+    subprocess.run(["gcc", "-O2", "-Wall", "-o", exe, os.path.join(TARGETS, "vforker.c")], check=True,
+                   capture_output=True, timeout=60)
+    p = _start(procs, [exe, str(tmp_path / "ready")], tmp_path)
+    session_killer.append(p.pid)
+    wait_for(lambda: (tmp_path / "ready").exists(), what="the vfork child")
+    t0 = time.monotonic()
+    with pytest.raises(Refusal) as e:
+        check(p.pid, Options())
+    assert e.value.reason == "tree-sharing" and "vfork" in e.value.detail
+    assert time.monotonic() - t0 < 10, "the freeze waited for the vfork child"
+    _untouched([p.pid])
+
+
+# -- a tree that never holds still ----------------------------------------------------
+
+def test_forking_tree_frozen_consistently(procs, session_killer, tmp_path):  # noqa: F811
+    """tests/targets/churn.c forks a short-lived child every few ms and
+    reaps them: `ckpt check -t` again and again leaves nothing traced or
+    stopped (a child forked mid-freeze is caught and let go too), and a
+    dump of it restores, zombies and all, and it goes on forking and
+    reaping (its counters advance)."""
+    import struct
+    exe = str(tmp_path / "churn")
+    subprocess.run(["gcc", "-O2", "-Wall", "-o", exe, os.path.join(TARGETS, "churn.c")], check=True,
+                   capture_output=True, timeout=60)
+    state = tmp_path / "churn.state"
+    p = _start(procs, [exe, str(state), "3000"], tmp_path)
+    session_killer.append(p.pid)
+
+    def counters():
+        return struct.unpack("<4Q", state.read_bytes()[:32])
+    wait_for(lambda: state.exists() and state.stat().st_size >= 32 and counters()[2] > 5, what="churn")
+    for _ in range(8):
+        try:
+            res = check(p.pid, Options())
+            assert len(res["members"]) >= 1
+        except (Refusal, Refusals) as e:
+            rs = e.refusals if isinstance(e, Refusals) else [e]
+            assert all(r.reason in ("process-tree", "no-such-process") for r in rs), rs
+        for pid in [p.pid] + _descendants(p.pid):
+            try:
+                assert _status_field(pid, "TracerPid") == "0", pid
+                assert _stat(pid)["state"] not in ("t", "T"), pid
+            except OSError:
+                pass     # a child that exited meanwhile (ENOENT, or ESRCH mid-read)
+    c0 = counters()
+    wait_for(lambda: counters()[2] > c0[2] + 5, what="churn carrying on after the checks")
+    res, _ = _dump_restore(p.pid, tmp_path / "img", procs)
+    c1 = counters()
+    wait_for(lambda: counters()[1] > c1[1] + 5 and counters()[2] > c1[2] + 5, what="churn forking after the restore")
+
+
+def test_leave_running_then_restore_refused_while_members_live(procs, session_killer, tmp_path):  # noqa: F811
+    """--leave-running lets every member go on (untraced, running); a
+    restore while they still hold their PIDs is refused pid-in-use for
+    each member, before any process is made."""
+    p = _start(procs, [python_exe(), FAMILY, "family"], tmp_path)
+    session_killer.append(p.pid)
+    info = _ready(tmp_path, p)
+    pids = [p.pid] + list(info["kids"].values())
+    res = dump(p.pid, str(tmp_path / "img"), Options(leave_running=True))
+    assert res["left_running"] and res["members"] == len(pids)
+    _untouched(pids)
+    with pytest.raises(Refusals) as e:
+        restore(str(tmp_path / "img"), Options())
+    assert {r.reason for r in e.value.refusals} == {"pid-in-use"}
+    assert {r.pid for r in e.value.refusals} == set(pids)
+    (tmp_path / "go").write_text("")
+    wait_for(lambda: (tmp_path / "result").exists(), timeout=20, what="the original's result")
+    got = json.loads((tmp_path / "result").read_text())
+    assert got["token"] == info["token"] and got["status"]["A"] == ["exit", 7]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import fcntl
 import os
 import socket
+import time
 import stat
 import uuid
 
@@ -106,16 +107,21 @@ def test_tcp_listener_with_pending_connection_refused(tmp_path):
 import socket
 l = socket.socket(); l.bind(("127.0.0.1", 0)); l.listen(4)
 c = socket.create_connection(l.getsockname())
+c.send(b"x")
 os.dup2(l.fileno(), 500)
 """
     check = """
 import socket
 s = socket.socket(fileno=os.dup(500)); s.settimeout(5)
-conn, _ = s.accept(); report["accepted"] = True
+conn, _ = s.accept(); report["accepted"] = conn.recv(1) == b"x"
 """
     with Target(tmp_path, setup, check) as t:
+        time.sleep(0.1)
         detail = refusal(t.pid, 500)
-        assert detail.endswith(": 1 connection(s) waiting in the accept queue")
+        # Its client is the target's own (it could be reconnected), but the
+        # byte it sent cannot be read without accepting the connection.
+        assert detail.endswith("waits in the accept queue with 1 bytes its client sent: they cannot be read "
+                               "without accepting it")
         assert t.check() == {"accepted": True}          # the refused dump lost nothing
 
 

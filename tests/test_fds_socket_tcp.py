@@ -38,8 +38,9 @@ def stream(seed, start, n):
 PAIR = STREAM + r'''
 import json, os, signal, socket, sys, time
 OUT = sys.argv[1]
-l = socket.socket(); l.bind(("127.0.0.1", 0)); l.listen(1)
-c = socket.create_connection(l.getsockname()); a, _ = l.accept(); l.close()
+FAM, LO = (socket.AF_INET6, "::1") if sys.argv[2] == "6" else (socket.AF_INET, "127.0.0.1")
+l = socket.socket(FAM); l.bind((LO, 0)); l.listen(1)
+c = socket.create_connection(l.getsockname()[:2]); a, _ = l.accept(); l.close()
 c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 c.setblocking(False)
 sent = 0
@@ -75,6 +76,13 @@ def verify(*_):
     os.rename(OUT + ".tmp", OUT)
 
 signal.signal(signal.SIGUSR1, verify)
+if sys.argv[3:] == ["tree"]:
+    parent = os.getpid()
+    if os.fork() == 0:                     # a child: the dump is a process tree's
+        os.closerange(500, 502)
+        while os.getppid() == parent:
+            time.sleep(0.1)
+        os._exit(0)
 open("ready.tmp", "w").write(str(sent)); os.rename("ready.tmp", "ready")
 while True:
     signal.pause()
@@ -127,10 +135,11 @@ run(c, b"peer", b"srv", int(sys.argv[1]), "peer.json", 0.01)
 '''
 
 
-def _pair_worker(procs, tmp_path):
+def _pair_worker(procs, tmp_path, v="4", tree=False):
     script = tmp_path / "pair.py"
     script.write_text(PAIR)
-    p = procs.start([python_exe(), str(script), str(tmp_path / "verdict.json")], cwd=str(tmp_path))
+    p = procs.start([python_exe(), str(script), str(tmp_path / "verdict.json"), v] + (["tree"] if tree else []),
+                    cwd=str(tmp_path))
     wait_for(lambda: (tmp_path / "ready").exists() or p.poll() is not None, what="the pair worker")
     assert p.poll() is None
     return p
@@ -142,18 +151,31 @@ def _verdict(p, tmp_path):
     return json.loads((tmp_path / "verdict.json").read_text())
 
 
-def test_loopback_pair_restored_with_both_queues(procs, tmp_path):
-    p = _pair_worker(procs, tmp_path)
+def test_loopback_pair_in_a_process_tree_restored(procs, tmp_path):
+    p = _pair_worker(procs, tmp_path, tree=True)
     dump_restore(procs, p, str(tmp_path / "img"))
+    v = _verdict(p, tmp_path)
+    assert v == {"sent": v["sent"], "c2a": True, "a2c": True, "after": True, "nodelay": True}
+
+
+@pytest.mark.parametrize("v", ["4", "6"])
+def test_loopback_pair_restored_with_both_queues(procs, tmp_path, v):
+    p = _pair_worker(procs, tmp_path, v)
+    dump_restore(procs, p, str(tmp_path / "img"))
+    recs = [r for r in json.loads((tmp_path / "img" / "fds.json").read_text()) if r.get("sock") == "tcp-conn"]
+    assert sorted(r["peer"] for r in recs) == ["dump", "dump"]
+    # Both queues of the sender were caught: sent-unacknowledged and unsent bytes.
+    assert any(r["repair"]["outq_len"] > 0 for r in recs) and any(r["repair"]["inq_len"] > 0 for r in recs)
     v = _verdict(p, tmp_path)
     assert v["sent"] > 100000
     assert v == {"sent": v["sent"], "c2a": True, "a2c": True, "after": True, "nodelay": True}
 
 
-def test_loopback_pair_leave_running_changes_nothing(procs, tmp_path):
-    p = _pair_worker(procs, tmp_path)
+@pytest.mark.parametrize("tree", [False, True])
+def test_loopback_pair_leave_running_changes_nothing(procs, tmp_path, tree):
+    p = _pair_worker(procs, tmp_path, tree=tree)
     res = dump(p.pid, str(tmp_path / "img"), Options(leave_running=True))
-    assert res["left_running"]
+    assert res["left_running"] and res.get("members", 1) == (2 if tree else 1)
     v = _verdict(p, tmp_path)
     assert v == {"sent": v["sent"], "c2a": True, "a2c": True, "after": True, "nodelay": True}
 
@@ -196,6 +218,20 @@ def test_outside_peer_keeps_streaming_across_the_checkpoint(procs, tmp_path):
     assert res["fds"] >= 1
 
 
+@pytest.mark.skipif(netlock.available() is not None, reason=f"no network lock here: {netlock.available()}")
+def test_outside_peer_leave_running_releases_the_lock_and_repair_mode(procs, tmp_path):
+    n = 200_000
+    srv, peer = _start_server_and_peer(procs, tmp_path, n)
+    time.sleep(0.3)
+    dump(srv.pid, str(tmp_path / "img"), Options(leave_running=True))
+    rec = [r for r in json.loads((tmp_path / "img" / "fds.json").read_text()) if r.get("sock") == "tcp-conn"]
+    assert not netlock.locked(rec[0]["lock"])
+    assert peer.wait(timeout=120) == 0, peer.stderr.read().decode()
+    wait_for((tmp_path / "server.json").exists, timeout=60, what="the server's verdict")
+    assert json.loads((tmp_path / "server.json").read_text()) == {"ok": True, "sent": n, "got": n, "err": None}
+    assert json.loads((tmp_path / "peer.json").read_text()) == {"ok": True, "sent": n, "got": n, "err": None}
+
+
 def test_outside_peer_without_network_lock_is_refused(procs, tmp_path, monkeypatch):
     srv, peer = _start_server_and_peer(procs, tmp_path, 100_000)
     monkeypatch.setattr(netlock, "available", lambda: "libnftables.so.1 is not installed (test)")
@@ -215,7 +251,7 @@ def test_close_wait_connection_is_refused_naming_its_state(procs, tmp_path):
     script.write_text(r'''
 import os, socket, time
 l = socket.socket(); l.bind(("127.0.0.1", 0)); l.listen(1)
-c = socket.create_connection(l.getsockname()); a, _ = l.accept(); l.close()
+c = socket.create_connection(l.getsockname()[:2]); a, _ = l.accept(); l.close()
 a.close()                                   # c gets the FIN: CLOSE_WAIT
 os.dup2(c.fileno(), 500); c.close()
 open("ready.tmp", "w").close(); os.rename("ready.tmp", "ready")
@@ -231,3 +267,94 @@ while True:
     assert [(r.reason, r.fd) for r in refusals] == [("socket", 500)]
     assert " close-wait 127.0.0.1:" in refusals[0].detail
     assert "only established connections" in refusals[0].detail
+
+
+WAITING = r'''
+import json, os, signal, socket, sys, time
+OUT, MODE = sys.argv[1], sys.argv[2]
+l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.bind(("127.0.0.1", 0)); l.listen(4)
+c = socket.create_connection(l.getsockname())
+c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+if MODE == "data":
+    c.send(b"hello")
+if MODE == "two":
+    c2 = socket.create_connection(l.getsockname()); os.dup2(c2.fileno(), 502); c2.close()
+cname = c.getsockname()
+os.dup2(l.fileno(), 500); os.dup2(c.fileno(), 501); l.close(); c.close()
+
+def verify(*_):
+    l = socket.socket(fileno=os.dup(500)); c = socket.socket(fileno=os.dup(501))
+    l.settimeout(5); c.settimeout(5)
+    a, peer = l.accept()
+    a.settimeout(5)
+    if MODE == "data":
+        assert a.recv(5) == b"hello"
+    c.sendall(b"ping"); a.sendall(b"pong")
+    out = {"peer": list(peer) == list(cname), "ping": a.recv(4) == b"ping", "pong": c.recv(4) == b"pong",
+           "nodelay": c.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1,
+           "reuse": l.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR) == 1}
+    with open(OUT + ".tmp", "w") as f:
+        json.dump(out, f)
+    os.rename(OUT + ".tmp", OUT)
+
+signal.signal(signal.SIGUSR1, verify)
+open("ready.tmp", "w").close(); os.rename("ready.tmp", "ready")
+while True:
+    signal.pause()
+'''
+
+
+def _waiting_worker(procs, tmp_path, mode):
+    script = tmp_path / "waiting.py"
+    script.write_text(WAITING)
+    p = procs.start([python_exe(), str(script), str(tmp_path / "verdict.json"), mode], cwd=str(tmp_path))
+    wait_for(lambda: (tmp_path / "ready").exists() or p.poll() is not None, what="the worker")
+    assert p.poll() is None
+    return p
+
+
+def test_listener_with_a_waiting_connection_from_its_own_client_restored_waiting(procs, tmp_path):
+    p = _waiting_worker(procs, tmp_path, "empty")
+    dump_restore(procs, p, str(tmp_path / "img"))
+    recs = {r["fd"]: r for r in json.loads((tmp_path / "img" / "fds.json").read_text())}
+    assert len(recs[500]["waiting"]) == 1 and recs[501]["peer"] == "accept"
+    assert _verdict(p, tmp_path) == {"peer": True, "ping": True, "pong": True, "nodelay": True, "reuse": True}
+
+
+@pytest.mark.parametrize("mode, detail", [
+    ("data", "waits in the accept queue with 5 bytes its client sent: they cannot be read without accepting it"),
+    ("two", "2 connections waiting in the accept queue: their accept order cannot be read"),
+])
+def test_listener_with_waiting_connections_that_cannot_be_made_again_is_refused(procs, tmp_path, mode, detail):
+    p = _waiting_worker(procs, tmp_path, mode)
+    time.sleep(0.1)
+    with pytest.raises((Refusal, Refusals)) as ei:
+        dump(p.pid, str(tmp_path / "img"), Options())
+    refusals = getattr(ei.value, "refusals", [ei.value])
+    assert [(r.reason, r.fd) for r in refusals] == [("socket", 500)]
+    assert detail in refusals[0].detail
+    assert not (tmp_path / "img").exists()
+    v = _verdict(p, tmp_path)                          # untouched: the connection is still there to accept
+    assert v["peer"] and v["ping"] and v["pong"]
+
+
+def test_listener_whose_waiting_client_is_outside_is_refused(procs, tmp_path):
+    script = tmp_path / "l.py"
+    script.write_text(r'''
+import os, socket, time
+l = socket.socket(); l.bind(("127.0.0.1", 0)); l.listen(4)
+open("port.tmp", "w").write(str(l.getsockname()[1])); os.rename("port.tmp", "port")
+os.dup2(l.fileno(), 500); l.close()
+while True:
+    time.sleep(1)
+''')
+    p = procs.start([python_exe(), str(script)], cwd=str(tmp_path))
+    wait_for(lambda: (tmp_path / "port").exists(), what="the listener")
+    with socket.create_connection(("127.0.0.1", int((tmp_path / "port").read_text()))):
+        time.sleep(0.1)
+        with pytest.raises((Refusal, Refusals)) as ei:
+            dump(p.pid, str(tmp_path / "img"), Options())
+    refusals = getattr(ei.value, "refusals", [ei.value])
+    assert [(r.reason, r.fd) for r in refusals] == [("socket", 500)]
+    assert "its client is outside the dump" in refusals[0].detail

@@ -250,9 +250,24 @@ def test_dev_null_reopens_and_terminals_are_refused(tmp_path, fds):
     assert os.fstat(new).st_rdev == os.stat("/dev/null").st_rdev
     master, slave = os.openpty()
     fds += [master, slave]
+    # a pty slave is the tty kind's (engine/fds/tty.py, tests/test_fds_tty.py):
+    # alone, its master is outside the dump
     with pytest.raises(Refusal) as ei:
         _classify(slave)
-    assert ei.value.reason == "device" and "136:" in ei.value.detail
+    assert ei.value.reason == "tty-outside" and "--shell-job" in ei.value.detail
+    # any other terminal is a device
+    other = None
+    for path in ("/dev/tty0", "/dev/ttyS0", "/dev/console"):
+        try:
+            other = os.open(path, os.O_RDONLY | os.O_NOCTTY | os.O_NONBLOCK)
+            break
+        except OSError:
+            continue
+    if other is not None:
+        fds.append(other)
+        with pytest.raises(Refusal) as ei:
+            _classify(other)
+        assert ei.value.reason == "device"
 
 
 def test_file_lock_on_a_deleted_file_is_refused_by_name(tmp_path, fds):

@@ -171,7 +171,8 @@ def restore_and_read(procs: Procs, img: str, tmp: str, mem_addr: int) -> dict:
 # What each image edit must change in the restored process (the sink's fds:
 # 3 log O_APPEND at 100, 4 data O_CLOEXEC at 1234, 5 = dup of 4, 6/7 a
 # non-blocking pipe with 10 bytes, 8 timerfd, 9 eventfd, 10 epoll, 11/12 a
-# unix datagram pair, 13 a ghost of mode 0600, 14 inotify).
+# unix datagram pair, 13 a ghost of mode 0600, 14 inotify, 16/17 a TCP
+# connection with 1000 bytes to read at 17).
 EXPECTED = {
     "drop-offset": {"fd 3 pos"},
     "drop-append": {"fd 3 flags"},
@@ -182,6 +183,7 @@ EXPECTED = {
     "swap-epoll-data": {"fd 10 tfd"},
     "drop-pipe-byte": {"fd 6 queue"},
     "drop-unix-message": {"fd 12 queue"},
+    "drop-tcp-byte": {"fd 17 queue"},
     "drop-eventfd-count": {"fd 9 eventfd-count"},
     "shift-inotify-wd": {"fd 14 inotify wd"},
     "ghost-mode-0644": {"fd 13 mode"},
@@ -256,7 +258,7 @@ def test_image_mutants_leave_images_without_a_target_alone(procs, tmp_path):
     r = ckpt("dump", "-t", str(p.pid), "-D", img, "--json")
     assert r.returncode == 0, r.stderr
     none = ["drop-offset", "drop-append", "lose-cloexec", "lose-nonblock", "lose-timerfd-ticks",
-            "swap-epoll-data", "drop-pipe-byte", "drop-unix-message", "drop-eventfd-count",
+            "swap-epoll-data", "drop-pipe-byte", "drop-unix-message", "drop-tcp-byte", "drop-eventfd-count",
             "shift-inotify-wd", "ghost-mode-0644", "split-shared-fds", "lose-sigmask", "reset-rlimits"]
     before = {n: open(os.path.join(img, n), "rb").read() for n in os.listdir(img) if n.endswith(".json")}
     for name in none:

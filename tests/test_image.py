@@ -124,3 +124,185 @@ def test_commit_flushes_every_file_and_dir_before_publishing(tmp_path, monkeypat
         for n in dirs + files:
             assert os.stat(os.path.join(root, n)).st_ino in synced, n
     assert os.stat(d).st_ino in synced
+
+
+# -- trusted like a binary: who can write it, no symlinks, read once (engine/imagecheck.py) ----
+
+def _unsafe(d, match=None):
+    with pytest.raises(Refusal) as ei:
+        ImageReader(str(d)).verify()
+    assert ei.value.reason == "image-unsafe", ei.value
+    if match:
+        assert match in ei.value.message
+    return ei.value
+
+
+@pytest.mark.parametrize("what", ["file", "manifest", "subdir", "dangling", "extra"])
+def test_a_symlink_inside_the_image_is_never_followed(tmp_path, what):
+    # Each symlink leads to an identical copy outside: followed, every checksum would pass.
+    import shutil
+    with ImageWriter(str(tmp_path / "img")) as w:
+        w.write_json("a.json", {"x": 1})
+        w.write_bytes("fds/pipe-1", b"queued")
+        w.commit()
+    d, out = tmp_path / "img", tmp_path / "outside"
+    out.mkdir()
+    if what == "subdir":
+        shutil.copytree(d / "fds", out / "fds")
+        shutil.rmtree(d / "fds")
+        (d / "fds").symlink_to(out / "fds")
+    elif what == "extra":
+        (out / "secret").write_text("secret")
+        (d / "b.json").symlink_to(out / "secret")
+    else:
+        name = {"file": "a.json", "manifest": MANIFEST, "dangling": "a.json"}[what]
+        shutil.copy2(d / name, out / name)
+        (d / name).unlink()
+        (d / name).symlink_to(out / ("nowhere" if what == "dangling" else name))
+    _unsafe(d, "symlink")
+
+
+def test_a_fifo_or_device_in_the_image_is_refused_without_reading_it(tmp_path):
+    d = _write(tmp_path)
+    (d / "pages.img").unlink()
+    os.mkfifo(d / "pages.img", 0o600)      # opened blocking, this would hang the restore
+    _unsafe(d, "not a regular file")
+    (d / "pages.img").unlink()
+    os.mknod(d / "pages.img", 0o600 | stat.S_IFCHR, os.makedev(1, 5))   # /dev/zero
+    _unsafe(d, "not a regular file")
+
+
+@pytest.mark.parametrize("how", ["file-g+w", "file-o+w", "dir-o+w", "subdir-o+w", "file-owner", "dir-owner"])
+def test_an_image_others_could_change_is_refused(tmp_path, how):
+    with ImageWriter(str(tmp_path / "img")) as w:
+        w.write_json("a.json", {"x": 1})
+        w.write_bytes("ghosts/g.data", b"x")
+        w.commit()
+    d = tmp_path / "img"
+    {"file-g+w": lambda: os.chmod(d / "a.json", 0o620), "file-o+w": lambda: os.chmod(d / "a.json", 0o602),
+     "dir-o+w": lambda: os.chmod(d, 0o703), "subdir-o+w": lambda: os.chmod(d / "ghosts", 0o777),
+     "file-owner": lambda: os.chown(d / "a.json", 65534, 65534),
+     "dir-owner": lambda: os.chown(d, 65534, 65534)}[how]()
+    _unsafe(d)
+
+
+def test_a_parent_writable_by_others_needs_the_sticky_bit(tmp_path):
+    holder = tmp_path / "holder"
+    holder.mkdir()
+    d = _write(holder)
+    os.chmod(holder, 0o777)                 # anyone could rename the image away and put another there
+    _unsafe(d, "not sticky")
+    os.chmod(holder, 0o1777)                # /tmp-like: others cannot touch what is ours
+    ImageReader(str(d)).verify()
+    sub = holder / "by-nobody"              # ...but below a sticky dir, a directory of someone else is theirs
+    sub.mkdir()
+    d2 = _write(sub)
+    os.chown(sub, 65534, 65534)
+    _unsafe(d2, "belongs to")
+
+
+def test_the_path_given_may_be_a_symlink_but_not_a_component_swapped_later(tmp_path):
+    d = _write(tmp_path)
+    (tmp_path / "link").symlink_to(d)
+    r = ImageReader(str(tmp_path / "link"))
+    assert r.dir == str(d)
+    r.verify()
+
+
+def test_restore_uses_exactly_the_bytes_it_verified(tmp_path, monkeypatch):
+    # After verify(), no image file is opened again: the file changed on
+    # disk (and every open forbidden) changes nothing restore reads.
+    d = _write(tmp_path)
+    r = ImageReader(str(d))
+    r.verify()
+    (d / "pages.img").write_bytes(b"\x07" * 10000)
+    (d / "a.json").write_text('{"x": 2}')
+
+    def no_open(*a, **k):
+        raise AssertionError(f"opened after verify: {a}")
+
+    monkeypatch.setattr(os, "open", no_open)
+    monkeypatch.setattr("builtins.open", no_open)
+    assert bytes(r.data("pages.img")) == b"\x01" * 10000
+    assert r.read_json("a.json") == {"x": 1}
+
+
+@pytest.mark.parametrize("name", ["../escape", "/etc/passwd", "a/../../x", "./a.json", "a\0b", "a//b", ""])
+def test_manifest_names_stay_inside_the_image(tmp_path, name):
+    d = _write(tmp_path)
+    (tmp_path / "escape").write_text("{}")
+    man = json.loads((d / MANIFEST).read_text())
+    man["files"][name] = {"sha256": "0" * 64, "size": 2}
+    (d / MANIFEST).write_text(json.dumps(man))
+    with pytest.raises(Refusal) as ei:
+        ImageReader(str(d))
+    assert ei.value.reason == "image-invalid" and "not a plain relative name" in ei.value.message
+
+
+def test_a_missing_manifest_beside_image_files_is_a_damaged_image(tmp_path):
+    d = _write(tmp_path)
+    (d / MANIFEST).unlink()
+    with pytest.raises(Refusal) as ei:
+        ImageReader(str(d))
+    assert ei.value.reason == "image-invalid"
+
+
+def test_openat2_fallback_walk_does_not_follow_either(tmp_path, monkeypatch):
+    import engine.imagecheck as ic
+    with ImageWriter(str(tmp_path / "img")) as w:
+        w.write_bytes("fds/pipe-1", b"queued")
+        w.commit()
+    d = tmp_path / "img"
+    dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        monkeypatch.setattr(ic, "_openat2_works", False)
+        os.close(ic.open_beneath(dfd, "fds/pipe-1"))
+        os.rename(d / "fds", d / "real")
+        (d / "fds").symlink_to("real")
+        for works in (False, None):          # the component walk, then openat2
+            monkeypatch.setattr(ic, "_openat2_works", works)
+            with pytest.raises(OSError):
+                ic.open_beneath(dfd, "fds/pipe-1")
+    finally:
+        os.close(dfd)
+
+
+def test_pidfile_is_never_written_through_a_symlink(tmp_path):
+    from engine.restore import write_pidfile
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    pf = tmp_path / "pidfile"
+    pf.symlink_to(victim)
+    write_pidfile(str(pf), 4242)
+    assert victim.read_text() == "precious\n"
+    assert not pf.is_symlink() and pf.read_text() == "4242\n"
+    assert sorted(os.listdir(tmp_path)) == ["pidfile", "victim"]
+
+
+def _creds(uid, caps="0000000000000000"):
+    return {"uid": [uid] * 4, "gid": [uid] * 4, "groups": [], "no_new_privs": "0",
+            "caps": {c: caps for c in ("CapInh", "CapPrm", "CapEff", "CapAmb")} | {"CapBnd": "000001ffffffffff"}}
+
+
+def test_an_unprivileged_caller_restores_only_its_own_uid(monkeypatch):
+    from engine.imagecheck import _check_creds
+    _check_creds(_creds(0, "000001ffffffffff"))          # root restores root when the image says so
+    _check_creds(_creds(1000))                           # and anyone else
+    for k in ("geteuid", "getuid", "getgid"):
+        monkeypatch.setattr(os, k, lambda: 1000)
+    monkeypatch.setattr(os, "getgroups", lambda: [1000])
+    _check_creds(_creds(1000))
+    for bad in (_creds(0), _creds(1001), _creds(1000, "0000000000000400")):
+        with pytest.raises(Refusal) as ei:
+            _check_creds(bad)
+        assert ei.value.reason == "capability"
+    with pytest.raises(Refusal) as ei:
+        _check_creds(dict(_creds(1000), uid=[1000, 1000, -1, 1000]))
+    assert ei.value.reason == "image-invalid"
+
+
+def test_show_refuses_an_unsafe_image(tmp_path):
+    from engine.cli import main
+    d = _write(tmp_path)
+    os.chmod(d / "a.json", 0o666)
+    assert main(["show", "-D", str(d)]) == 3

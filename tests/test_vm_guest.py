@@ -75,6 +75,8 @@ def test_engine_is_installed_and_reinstall_replaces_it(guest: Guest, tmp_path: P
     res = guest.run(["sh", "-c", "PYTHONPATH=/opt/crucible python3 -c 'import engine; print(engine.__file__)'"],
                     timeout=60)
     assert res.stdout.strip() == "/opt/crucible/engine/__init__.py", res.stderr
+    # No ckpt run compiles the engine: its bytecode came with the install.
+    assert guest.run("ls /opt/crucible/engine/__pycache__ | grep -c '^dump\\.'", timeout=30).stdout.strip() == "1"
     assert guest.run("test -x /usr/local/bin/ckpt && grep -c 'python3 -m engine' /usr/local/bin/ckpt",
                      timeout=30).stdout.strip() == "1"
     fake = tmp_path / "engine"
@@ -82,7 +84,8 @@ def test_engine_is_installed_and_reinstall_replaces_it(guest: Guest, tmp_path: P
     (fake / "__init__.py").write_text("MARK = 42\n")
     guest.install_engine(fake)
     try:
-        assert guest.run("ls /opt/crucible/engine", timeout=30).stdout.split() == ["__init__.py"]
+        # (__pycache__: install_engine compiles the bytecode before any snapshot)
+        assert guest.run("ls /opt/crucible/engine", timeout=30).stdout.split() == ["__init__.py", "__pycache__"]
         assert guest.run("cd /opt/crucible && python3 -c 'import engine; print(engine.MARK)'",
                          timeout=60).stdout == "42\n"
     finally:

@@ -6,7 +6,7 @@ it: never a silent fallback to another machine's numbers.
 
 from __future__ import annotations
 
-import platform
+import os
 from types import ModuleType
 
 from ..errors import Refusal
@@ -16,11 +16,11 @@ SUPPORTED = ("x86_64", "aarch64")
 
 def current() -> ModuleType:
     """The module for this machine. Raises the unsupported-arch Refusal."""
-    return for_machine(platform.machine())
+    return for_machine(os.uname().machine)
 
 
 def for_machine(machine: str) -> ModuleType:
-    """The module for `machine` (as platform.machine() names it).
+    """The module for `machine` (as os.uname().machine names it).
     Raises the unsupported-arch Refusal for machines it has no table for."""
     if machine == "x86_64":
         from . import x86_64

@@ -37,7 +37,7 @@ from __future__ import annotations
 import importlib
 import os
 import stat
-from dataclasses import dataclass, field
+from ..plainclass import dataclass, field
 from typing import Dict, Optional
 
 from .. import fstype
@@ -61,6 +61,7 @@ KINDS: Dict[str, Optional[str]] = {
     "signalfd": "signalfd",
     "epoll": "epoll",
     "pseudo": "pseudo",
+    "tty": "tty",
     "unsupported": None,
 }
 
@@ -137,6 +138,8 @@ def classify_kind(info: FdInfo) -> str:
         return "regular"
     if stat.S_ISDIR(m):
         return "directory"
+    if stat.S_ISCHR(m) and _pty(info.rdev):
+        return "tty"
     if stat.S_ISCHR(m) or stat.S_ISBLK(m):
         return "device"
     if stat.S_ISFIFO(m):
@@ -144,6 +147,13 @@ def classify_kind(info: FdInfo) -> str:
     if stat.S_ISSOCK(m):
         return "socket"
     return "unsupported"
+
+
+def _pty(rdev: int) -> bool:
+    """A pty master (/dev/ptmx, 5:2) or slave (/dev/pts/N, majors 136-143),
+    or /dev/tty (5:0: the controlling terminal, whatever it is)."""
+    major = os.major(rdev)
+    return (major, os.minor(rdev)) in ((5, 2), (5, 0)) or 136 <= major < 144
 
 
 def describe_mode(mode: int) -> str:

@@ -1,10 +1,12 @@
 """TCP listeners (IPv4 and IPv6) held only by the process, with nothing
-waiting to be accepted.
+waiting to be accepted, or one connection from a client the process holds
+that has sent nothing (see waiting_connections).
 
 At dump: inet_diag (engine.netdiag) gives the accept queue length and the
 backlog (a listener's idiag_rqueue / idiag_wqueue: sk_ack_backlog /
 sk_max_ack_backlog, net/ipv4/inet_diag.c) - a listener with connections
-waiting is refused (their clients would be dropped), and so is one with
+waiting is refused (their clients would be dropped) unless the one
+waiting connection can be made again by its client, and so is one with
 half-open connections (request sockets, shown in /proc/net/tcp* as
 SYN_RECV with the listener's local port). Options are read and compared
 with a fresh socket's (_sockopts).
@@ -58,8 +60,7 @@ def listener_classify(info, ctx, q: dict) -> dict:
     if queues is None:
         raise refuse(info, "socket", f"{head}: not found by inet_diag; its backlog cannot be known")
     waiting, backlog = queues
-    if waiting:
-        raise refuse(info, "socket", f"{head}: {waiting} connection(s) waiting in the accept queue")
+    pending = waiting_connections(info, ctx, fam, addr, waiting, head) if waiting else []
     half = [r for r in netinfo.parse_inet(netinfo.read_table(info.pid, "tcp" + _v(fam))).values()
             if r["state"] == _SYN_RECV and r["local"][1] == addr[1]]
     if half:
@@ -72,14 +73,54 @@ def listener_classify(info, ctx, q: dict) -> dict:
     except Refusal as e:
         raise refuse(info, "socket", f"{head}: {e.detail}") from None
     rec = {"sock": "tcp-listen", "family": fam, "addr": list(addr), "backlog": backlog,
-           "inode": ino, "opts": opts, "set": setnames}
+           "inode": ino, "opts": opts, "set": setnames, "waiting": pending}
     ctx.shared[key] = rec
     return rec
 
 
+def _serves(listen_addr, local) -> bool:
+    """Whether a connection to `local` was accepted by a listener bound to
+    `listen_addr` (same port; same address, or the listener's is a wildcard)."""
+    if listen_addr[1] != local[1]:
+        return False
+    return listen_addr[0] in ("0.0.0.0", "::") or listen_addr[0] == local[0]
+
+
+def waiting_connections(info, ctx, fam: int, addr, waiting: int, head: str) -> list:
+    """The connection waiting in the listener's accept queue, when it can be
+    made again at restore by its client reconnecting: the client is held by
+    the target, and neither end has sent anything (the bytes a waiting
+    connection holds cannot be read without accepting it, which the dump may
+    not do). Returns [{client, client_inode}]; raises the `socket` refusal."""
+    from ._sockbase import held_here
+    try:
+        est = netdiag.tcp_sockets(fam, 1 << 1)
+    except OSError as e:
+        raise refuse(info, "socket", f"{head}: inet_diag cannot list its waiting connections ({e.strerror})") from e
+    kids = [k for k in est if k["inode"] == 0 and _serves(addr, k["local"])]
+    if len(kids) != waiting:
+        raise refuse(info, "socket", f"{head}: {waiting} connection(s) waiting in the accept queue, "
+                     f"{len(kids)} found (another listener on the port?)")
+    if waiting > 1:
+        raise refuse(info, "socket", f"{head}: {waiting} connections waiting in the accept queue: "
+                     "their accept order cannot be read")
+    kid = kids[0]
+    what = f"{head}: a connection from {_addr_text(fam, kid['remote'])} waits in the accept queue"
+    client = [k for k in est if k["local"] == kid["remote"] and k["remote"] == kid["local"]]
+    if not client or not held_here(ctx, client[0]["inode"]):
+        raise refuse(info, "socket", f"{what}; its client is outside the dump (a new handshake would "
+                     "not be its connection)")
+    if kid["rqueue"] or kid["wqueue"]:
+        raise refuse(info, "socket", f"{what} with {kid['rqueue']} bytes its client sent: they cannot be "
+                     "read without accepting it")
+    return [{"client": list(kid["remote"]), "client_inode": client[0]["inode"], "local": list(kid["local"])}]
+
+
 def listener_text(rec: dict) -> str:
+    waiting = rec.get("waiting") or []
     return (f"tcp{_v(rec['family'])} listening {_addr_text(rec['family'], rec['addr'])}, "
-            f"backlog {rec['backlog']}" + (f", options {', '.join(rec['set'])}" if rec["set"] else ""))
+            f"backlog {rec['backlog']}" + (f", options {', '.join(rec['set'])}" if rec["set"] else "") +
+            (f", {len(waiting)} connection waiting (its client in the dump)" if waiting else ""))
 
 
 def listener_validate(rec: dict, ctx) -> None:
@@ -92,10 +133,7 @@ def listener_validate(rec: dict, ctx) -> None:
         raise refuse_rec(rec, ctx, "image-invalid", "tcp listener record malformed")
 
 
-def listener_restore(rec: dict, ctx) -> int:
-    """A listening TCP socket on the recorded address, backlog and options.
-    Raises the `socket` refusal (address in use / not available here,
-    backlog or option that reads back differently) or EngineError."""
+def _build(rec: dict, ctx) -> int:
     fam = rec["family"]
     addr = tuple(rec["addr"])
     text = f"tcp{_v(fam)} listener {_addr_text(fam, addr)}"
@@ -116,5 +154,26 @@ def listener_restore(rec: dict, ctx) -> int:
                              f"{got[1] if got else '?'} here (net.core.somaxconn?)")
         _sockopts.apply_late(s, rec["opts"], rec["set"])
         _sockopts.verify(s, fam, True, rec["opts"])
-        fd = s.detach()
+        ctx.shared[f"tcp-listen-ino:{rec['inode']}"] = os.fstat(s.fileno()).st_ino
+        return s.detach()
+
+
+def ensure_listener(rec: dict, ctx) -> int:
+    """The rebuilt listener's inode, building it now (kept for its own
+    restore() call) if its fd comes later: a waiting connection's client
+    connects to it first."""
+    key = f"tcp-listen-ino:{rec['inode']}"
+    if key not in ctx.shared:
+        ctx.shared[f"tcp-listen-built:{rec['inode']}"] = _build(rec, ctx)
+    return ctx.shared[key]
+
+
+def listener_restore(rec: dict, ctx) -> int:
+    """A listening TCP socket on the recorded address, backlog and options
+    (its waiting connection is made by its client's restore, _tcpconn).
+    Raises the `socket` refusal (address in use / not available here,
+    backlog or option that reads back differently) or EngineError."""
+    fd = ctx.shared.pop(f"tcp-listen-built:{rec['inode']}", None)
+    if fd is None:
+        fd = _build(rec, ctx)
     return with_status_flags(rec, ctx, fd)

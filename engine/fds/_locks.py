@@ -101,6 +101,27 @@ def _system_locks(ctx) -> List[dict]:
     return ctx.shared[key]
 
 
+def _may_wait_for_lock(ctx) -> bool:
+    """Whether a thread of the frozen process may be queued for a lock:
+    only a task stopped inside fcntl(2) or flock(2) can be (a blocked
+    F_SETLKW/F_OFD_SETLKW/LOCK_EX waits in the call, which the freeze
+    interrupts with orig_rax/x8 still naming it). Why ask: the first read of
+    /proc/locks in a while costs an RCU grace period (~10-15 ms: the kernel
+    takes file_rwsem for writing), most of a small process's dump."""
+    tasks = [t for t in [getattr(ctx, "task", None)] + list(getattr(ctx, "threads", None) or []) if t is not None]
+    if not tasks:
+        return True         # not frozen by us (survey of another kind): ask the kernel
+    calls = {pidfd.syscall_nr("fcntl"), pidfd.syscall_nr("flock")}
+    for t in tasks:
+        try:
+            nr = t.arch.syscall_site(t.orig_regs)["nr"]
+        except Exception:   # noqa: BLE001 - unknown state: assume it may wait
+            return True
+        if nr in calls:
+            return True
+    return False
+
+
 def record(info, ctx) -> List[dict]:
     """The locks to restore for the open file at `info` (a leader fd);
     raises the `file-lock` refusal."""
@@ -114,6 +135,8 @@ def record(info, ctx) -> List[dict]:
     # number (the fdinfo lines say which: an overlay file's locks sit on
     # the real inode); the fd's own stat is the fallback.
     inode = (mine[0]["dev"], mine[0]["ino"]) if mine else (info.dev, info.ino)
+    if not mine and not _may_wait_for_lock(ctx):
+        return []           # no locks here, and no thread sits in a lock call
     system = [lk for lk in _system_locks(ctx) if (lk["dev"], lk["ino"]) == inode]
     for lk in system:
         if lk["waiting"] and lk["pid"] == info.pid:

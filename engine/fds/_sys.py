@@ -133,8 +133,7 @@ def epoll_event_bytes(events: int, data: int) -> bytes:
     """struct epoll_event as the kernel reads it: packed (12 bytes) on x86_64
     (include/uapi/linux/eventpoll.h: EPOLL_PACKED), naturally aligned (16)
     elsewhere."""
-    import platform
-    if platform.machine() == "x86_64":
+    if os.uname().machine == "x86_64":
         return struct.pack("=IQ", events, data)
     return struct.pack("IxxxxQ", events, data)
 

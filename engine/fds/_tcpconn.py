@@ -71,11 +71,13 @@ TCPI_OPT_TIMESTAMPS, TCPI_OPT_SACK, TCPI_OPT_WSCALE, TCPI_OPT_ECN = 1, 2, 4, 8
 TCPI_OPT_ECN_SEEN, TCPI_OPT_USEC_TS = 16, 64
 ESTABLISHED = 1
 # Options the kernel itself moves on a live connection (buffer autotuning,
-# the window clamp, the current MSS; an accepted socket's IP_MULTICAST_TTL
-# holds the TTL of the SYN: tcp_v4_syn_recv_sock, and cannot be set on a
-# stream socket): not "set by the process"; carried by the repair state or
-# put back as they were without locking them (IP_MULTICAST_TTL: not at all).
-_KERNEL_MOVED = ("SO_SNDBUF", "SO_RCVBUF", "TCP_WINDOW_CLAMP", "TCP_MAXSEG", "IP_MULTICAST_TTL")
+# the window clamp, the current MSS; an accepted socket's multicast TTL /
+# hop limit and interface hold the SYN's TTL and incoming interface:
+# tcp_v4_syn_recv_sock, tcp_v6_syn_recv_sock, and cannot be set on a stream
+# socket): not "set by the process"; carried by the repair state or put
+# back as they were without locking them (the multicast ones: not at all).
+_KERNEL_MOVED = ("SO_SNDBUF", "SO_RCVBUF", "TCP_WINDOW_CLAMP", "TCP_MAXSEG", "IP_MULTICAST_TTL",
+                 "IPV6_MULTICAST_HOPS", "IPV6_MULTICAST_IF")
 SOCK_SNDBUF_LOCK, SOCK_RCVBUF_LOCK = 1, 2
 _STABLE_TRIES = 20
 
@@ -159,8 +161,9 @@ def classify(info, ctx, q: dict) -> dict:
     if out:
         raise refuse(info, "socket", f"{head}: also held by pid {out[0][0]} (fd {out[0][1]})")
     where, peer_ino = peer_of(info, ctx, fam, row)
+    listener = None
     if where == "accept":
-        raise refuse(info, "socket", f"{head}: its peer waits unaccepted in a listener's accept queue")
+        listener = _waiting_for(info, ctx, fam, row, head)
     fresh = fresh_options(ctx, fam, _socket.SOCK_STREAM, _socket.IPPROTO_TCP)
     with dup_of(info) as mine:
         opts = options_of(mine, fam)
@@ -177,7 +180,8 @@ def classify(info, ctx, q: dict) -> dict:
         raise refuse(info, "socket", f"{head}: microsecond TCP timestamps cannot be restored")
     if urgent:
         raise refuse(info, "socket", f"{head}: urgent (out-of-band) data is pending")
-    if _sockopts.as_int(opts.get("SO_PEEK_OFF")) >= 0:
+    # None: a kernel whose TCP has no SO_PEEK_OFF (before 6.10), so never set.
+    if opts.get("SO_PEEK_OFF") is not None and _sockopts.as_int(opts["SO_PEEK_OFF"]) >= 0:
         raise refuse(info, "socket", f"{head}: the process peeks at an offset (SO_PEEK_OFF)")
     moved = {n: opts[n] for n in _KERNEL_MOVED if n in opts}
     compare = {n: v for n, v in opts.items() if n not in _KERNEL_MOVED}
@@ -185,6 +189,12 @@ def classify(info, ctx, q: dict) -> dict:
         setnames = check_options(info, compare, fresh)
     except Refusal as e:
         raise refuse(info, "socket", f"{head}: {e.detail}") from None
+    if where == "accept":
+        with dup_of(info) as mine:
+            inq, outq = _ioctl_int(mine, SIOCINQ), _ioctl_int(mine, SIOCOUTQ)
+        if inq or outq:
+            raise refuse(info, "socket", f"{head}: waits to be accepted with {inq} bytes to read and {outq} "
+                         "to send")
     if where == "outside":
         why = netlock.available()
         if why:
@@ -192,9 +202,24 @@ def classify(info, ctx, q: dict) -> dict:
                          f"be held still meanwhile: {why}")
     rec = {"sock": "tcp-conn", "family": fam, "inode": ino, "local": _ep(row["local"]),
            "remote": _ep(row["remote"]), "peer": where, "peer_inode": peer_ino if where == "dump" else None,
-           "opts": compare, "set": setnames, "moved": moved}
+           "opts": compare, "set": setnames, "moved": moved, "listener": listener}
     ctx.shared[key] = rec
     return rec
+
+
+def _waiting_for(info, ctx, fam: int, row: dict, head: str) -> int:
+    """The inode of the listener (held by the target) in whose accept queue
+    this client's connection waits; raises the `socket` refusal otherwise.
+    The listener's own classify decides whether the connection can be made
+    again (one waiting, nothing sent: engine/fds/_inetsock.py)."""
+    from ._inetsock import _serves
+    for r in _rows(info.pid, fam):
+        if r["state"] == 10 and _serves(r["local"], row["remote"]):
+            if not held_here(ctx, r["inode"]):
+                raise refuse(info, "socket", f"{head}: its peer waits unaccepted in the accept queue of a "
+                             "listener outside the dump")
+            return r["inode"]
+    raise refuse(info, "socket", f"{head}: its peer waits unaccepted in a listener's accept queue")
 
 
 def options_of(dup: int, family: int) -> Dict[str, Optional[str]]:
@@ -207,7 +232,8 @@ def options_of(dup: int, family: int) -> Dict[str, Optional[str]]:
 
 def text(rec: dict) -> str:
     s = f"tcp{_v(rec['family'])} established {_ep_text(rec['local'])}->{_ep_text(rec['remote'])}"
-    s += {"dump": ", peer in the dump", "outside": ", peer outside (network lock)"}.get(rec["peer"], "")
+    s += {"dump": ", peer in the dump", "outside": ", peer outside (network lock)",
+          "accept": ", waiting to be accepted by a listener in the dump"}.get(rec["peer"], "")
     r = rec.get("repair")
     if r:
         s += f", {r['inq_len']} bytes to read, {r['outq_len']} to send"
@@ -295,6 +321,10 @@ def dump(info, ctx, q: dict) -> dict:
     done = ctx.shared.get(f"tcp-conn-dumped:{rec['inode']}")
     if done is not None:
         return done
+    if rec["peer"] == "accept":
+        # Made again at restore by connecting to the rebuilt listener: both
+        # ends are empty, no sequence number of theirs is visible.
+        return rec
     ends = [(info, rec)]
     if rec["peer"] == "dump":
         pinfo = next(i for i in ctx.all_fds.values() if i.link == f"socket:[{rec['peer_inode']}]")
@@ -353,6 +383,12 @@ def _fake_row(rec: dict) -> dict:
 
 def validate(rec: dict, ctx) -> None:
     """Raises image-invalid for a malformed record."""
+    if rec.get("peer") == "accept":
+        if not any(x.get("sock") == "tcp-listen" and x.get("inode") == rec.get("listener") and
+                   any(w.get("client_inode") == rec.get("inode") for w in x.get("waiting") or [])
+                   for x in ctx.records or []):
+            raise refuse_rec(rec, ctx, "image-invalid", "tcp connection: the listener it waits in is missing")
+        return
     r = rec.get("repair")
     fam = rec.get("family")
     ok = fam in (_socket.AF_INET, _socket.AF_INET6) and isinstance(r, dict) and \
@@ -383,6 +419,37 @@ def _send_all(s: _socket.socket, data: bytes) -> None:
         off += n
 
 
+def _bind_addr(rec: dict) -> tuple:
+    """Where to bind: the recorded local address, but for an IPv6 socket
+    that was not IPV6_V6ONLY the wildcard with the recorded port, since
+    binding a specific IPv6 address sets IPV6_V6ONLY (__inet6_bind), which
+    cannot be cleared once bound; connect then picks the same source
+    address (checked by _check_local)."""
+    local = tuple(rec["local"])
+    if rec["family"] == _socket.AF_INET6 and rec["opts"].get("IPV6_V6ONLY") == "00000000" and \
+            not local[0].startswith("::ffff:"):
+        return ("::", local[1])
+    return local
+
+
+def _bind(s: _socket.socket, rec: dict, ctx) -> None:
+    try:
+        s.bind(_bind_addr(rec))
+    except OSError as e:
+        if e.errno in (_errno.EADDRINUSE, _errno.EADDRNOTAVAIL):
+            why = "address in use" if e.errno == _errno.EADDRINUSE else "address not available here"
+            raise refuse_rec(rec, ctx, "socket", f"tcp connection {_ep_text(rec['local'])}->"
+                             f"{_ep_text(rec['remote'])}: {why}") from None
+        raise
+
+
+def _check_local(s: _socket.socket, rec: dict, ctx) -> None:
+    got = list(s.getsockname()[:2])
+    if got != rec["local"]:
+        raise refuse_rec(rec, ctx, "socket", f"tcp connection {_ep_text(rec['local'])}->"
+                         f"{_ep_text(rec['remote'])}: its source address would be {_ep_text(got)} here")
+
+
 def _build(rec: dict, ctx) -> tuple:
     """A socket in repair mode with everything but its unsent bytes;
     returns (socket, unsent bytes)."""
@@ -396,19 +463,13 @@ def _build(rec: dict, ctx) -> tuple:
     with building(s, rec, ctx, what):
         _setint(s, TCP_REPAIR, TCP_REPAIR_ON)
         _sockopts.apply(s, rec["opts"], rec["set"])
-        try:
-            s.bind(tuple(rec["local"]))
-        except OSError as e:
-            if e.errno in (_errno.EADDRINUSE, _errno.EADDRNOTAVAIL):
-                why = "address in use" if e.errno == _errno.EADDRINUSE else "address not available here"
-                raise refuse_rec(rec, ctx, "socket", f"tcp connection {_ep_text(rec['local'])}->"
-                                 f"{_ep_text(rec['remote'])}: {why}") from None
-            raise
+        _bind(s, rec, ctx)
         _setint(s, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE)
         s.setsockopt(SOL_TCP, TCP_QUEUE_SEQ, struct.pack("I", (r["inq_seq"] - r["inq_len"]) & 0xFFFFFFFF))
         _setint(s, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)
         s.setsockopt(SOL_TCP, TCP_QUEUE_SEQ, struct.pack("I", (r["outq_seq"] - r["outq_len"]) & 0xFFFFFFFF))
         s.connect(tuple(rec["remote"]))
+        _check_local(s, rec, ctx)
         opts = []
         if r["opt_mask"] & TCPI_OPT_SACK:
             opts.append((TCPOPT_SACK_PERM, 0))
@@ -472,6 +533,8 @@ def restore(rec: dict, ctx) -> int:
     its first end's call): it leaves repair mode in finish(), once the new
     process holds it, so a restore that fails before closes it silently.
     Raises Refusal (socket) or EngineError."""
+    if rec["peer"] == "accept":
+        return _reconnect(rec, ctx)
     key = f"tcp-conn-built:{rec['inode']}"
     s = ctx.shared.pop(key, None)
     if s is None:
@@ -506,6 +569,40 @@ def restore(rec: dict, ctx) -> int:
     if rec.get("lock"):
         ctx.shared.setdefault("_after_restore", []).append(lambda n=rec["lock"]: netlock.unlock(n))
     return with_status_flags(rec, ctx, s.detach())
+
+
+def _reconnect(rec: dict, ctx) -> int:
+    """A client whose connection waits in the accept queue of a listener in
+    the dump: connected again, from the same address and port, to the
+    rebuilt listener, where it waits once more. Raises Refusal or
+    EngineError."""
+    from . import _inetsock
+    lrec = next((x for x in ctx.records if x.get("sock") == "tcp-listen" and x.get("inode") == rec["listener"]),
+                None)
+    if lrec is None:
+        raise refuse_rec(rec, ctx, "image-invalid", "tcp connection: the listener it waits in is missing")
+    lino = _inetsock.ensure_listener(lrec, ctx)
+    fam = rec["family"]
+    what = f"tcp connection {_ep_text(rec['local'])}->{_ep_text(rec['remote'])}"
+    s = _socket.socket(fam, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC, _socket.IPPROTO_TCP)
+    with building(s, rec, ctx, f"reconnecting {what}"):
+        _sockopts.apply(s, rec["opts"], rec["set"])
+        _bind(s, rec, ctx)
+        s.settimeout(10)
+        s.connect(tuple(rec["remote"]))
+        s.settimeout(None)
+        _check_local(s, rec, ctx)
+        _put_back_moved(s, rec)
+        _sockopts.apply_late(s, rec["opts"], rec["set"])
+        _sockopts.verify(s, fam, True, rec["opts"])
+        from .. import netdiag
+        got = netdiag.tcp_listener(lrec["family"], lino)
+        want = len(lrec.get("waiting") or [])
+        if got is None or got[0] != want:
+            raise refuse_rec(rec, ctx, "socket", f"{what}: the rebuilt listener has {got[0] if got else '?'} "
+                             f"connection(s) waiting, not {want}")
+        fd = s.detach()
+    return with_status_flags(rec, ctx, fd)
 
 
 def finish(rec: dict, ctx, task) -> None:

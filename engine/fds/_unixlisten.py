@@ -13,8 +13,9 @@ through the process's cwd).
 At restore: a stale socket file left at the path (nobody unlinks it when
 the old process dies) is removed only if it is a socket file no live
 socket is bound to; anything else at the path is refused and left alone.
-bind, the file's mode and owner put back, listen() with the backlog, read
-back via sock_diag.
+bind, the file's mode and owner put back, listen() with the backlog (made
+by a helper with the pid and credentials of the original's listen() caller,
+which SO_PEERCRED reports: _peercred), read back via sock_diag.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Optional
 
 from .. import netdiag
 from ..errors import Refusal
-from . import _sockopts, _unixpending
+from . import _peercred, _sockopts, _unixpending
 from ._sockbase import (UNIX_TYPES as TYPES, building, check_options, dup_of, fresh_options, inode_of, options,
                         outside_holders, same_root, unix_diag as _diag)
 from ._util import refuse, refuse_rec, with_status_flags
@@ -83,6 +84,10 @@ def listener_classify(info, ctx, q: dict) -> dict:
     fresh = fresh_options(ctx, _socket.AF_UNIX, typ, 0)
     with dup_of(info) as mine:
         rec["opts"] = options(info, ctx, _socket.AF_UNIX, typ, 0, mine)
+        rec["cred"] = _peercred.read(mine)        # the caller of listen() (_peercred)
+    why = _peercred.dump_problem(rec["cred"], info.pid, getattr(ctx, "tree_pids", ()) or ())
+    if why:
+        raise refuse(info, "peer-pid-in-use", f"{head}: {why}")
     try:
         rec["set"] = check_options(info, rec["opts"], fresh)
     except Refusal as e:
@@ -133,6 +138,10 @@ def listener_validate(rec: dict, ctx) -> None:
         raise refuse_rec(rec, ctx, "socket", f"unix listener {text}: cannot check the address ({e.strerror})") from e
     if busy:
         raise refuse_rec(rec, ctx, "socket", f"unix listener {text}: address in use")
+    for cred in [rec.get("cred")] + [p.get("connector") for p in rec.get("pending") or []]:
+        why = _peercred.restore_problem(cred) if cred else None
+        if why:
+            raise refuse_rec(rec, ctx, "peer-pid-in-use", f"unix listener {text}: {why}")
 
 
 def _bind(s: _socket.socket, name: bytes, f: Optional[dict]) -> None:
@@ -184,13 +193,20 @@ def listener_restore(rec: dict, ctx) -> int:
             f = rec["file"]
             os.chown(path, f["uid"], f["gid"], follow_symlinks=False)
             os.chmod(path, f["mode"])
-        s.listen(rec["backlog"])
+        cred = rec.get("cred")
+        if cred and cred["pid"] > 0:
+            _peercred.run_as(cred, lambda: [s.listen(rec["backlog"])] and [])
+        else:
+            s.listen(rec["backlog"])
         got = netdiag.unix_socket(os.fstat(s.fileno()).st_ino)["wqueue"]
         if got != rec["backlog"]:
             raise refuse_rec(rec, ctx, "socket", f"unix listener {text}: backlog {rec['backlog']} "
                              f"becomes {got} here (net.core.somaxconn?)")
         _sockopts.apply_late(s, rec["opts"], rec["set"])
         _sockopts.verify(s, _socket.AF_UNIX, False, rec["opts"])
+        why = _peercred.check(cred, _peercred.read(s.fileno())) if cred else None
+        if why:
+            raise refuse_rec(rec, ctx, "socket", f"unix listener {text}: {why}")
         ctx.shared[_unixpending.build_key(rec["inode"])] = {"clients": _unixpending.connect_all(s, rec, ctx)}
         fd = s.detach()
     return with_status_flags(rec, ctx, fd)

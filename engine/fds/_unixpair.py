@@ -16,6 +16,9 @@ then everything is read back and compared (options, shutdown bits, queue
 lengths): any difference is a refusal, raised before the new process
 exists.
 
+SO_PEERCRED: the pair is made by a helper with the pid and credentials
+its creator had (_peercred), also when that process has exited.
+
 Known limit: the queued messages come back sent by the restorer; their
 hidden sender credentials (visible only if the process turns SO_PASSCRED
 on later) are not kept. With SO_PASSCRED on at dump and data queued, the
@@ -33,7 +36,7 @@ from typing import Dict, List, Optional, Tuple
 
 from .. import netdiag, pidfd
 from ..errors import EngineError
-from . import _sockopts, _sockpeek, _sys
+from . import _peercred, _sockopts, _sockpeek, _sys
 from ._dups import is_follower
 from ._sockbase import (UNIX_TYPES as TYPES, check_options, dup_of, fresh_options, held_here, inode_of,
                         option_refusal, options, outside_holders, unix_diag as _diag)
@@ -77,6 +80,13 @@ def pair_classify(info, ctx, q: dict) -> dict:
     with dup_of(info) as mine, pidfd.target_fd(peer_pid, mine_peer[0]) as theirs:
         opts = options(info, ctx, _socket.AF_UNIX, typ, 0, mine)
         peer_opts = options(info, ctx, _socket.AF_UNIX, typ, 0, theirs)
+        cred, peer_cred = _peercred.read(mine), _peercred.read(theirs)
+        if cred != peer_cred:
+            raise refuse(info, "socket", f"unix {tname} socketpair whose ends report different peer credentials "
+                         f"({_peercred.text(cred)}; {_peercred.text(peer_cred)})")
+        why = _peercred.dump_problem(cred, info.pid, getattr(ctx, "tree_pids", ()) or ())
+        if why:
+            raise refuse(info, "peer-pid-in-use", f"unix {tname} socketpair: {why}")
         setnames = check_options(info, opts, fresh)
         charge = _sockpeek.outq(theirs)
         queued = _sys.fionread(mine)
@@ -109,7 +119,7 @@ def pair_classify(info, ctx, q: dict) -> dict:
             raise refuse(info, "socket", f"unix {tname} socketpair with SO_PASSCRED and queued data: the "
                          "senders' credentials cannot be reproduced")
     total = sum(len(m) for m in msgs)
-    rec = {"sock": "unix-pair", "type": typ, "inode": ino, "peer": peer, "opts": opts, "set": setnames,
+    rec = {"sock": "unix-pair", "type": typ, "inode": ino, "peer": peer, "opts": opts, "set": setnames, "cred": cred,
            "shutdown": d["shutdown"], "lengths": [len(m) for m in msgs], "fionread": queued,
            "data_len": total, "_data": b"".join(msgs)}
     ctx.shared[key] = rec
@@ -174,6 +184,9 @@ def pair_validate(rec: dict, ctx) -> None:
         raise refuse_rec(rec, ctx, "image-invalid", "socket queue lengths do not add up")
     if rec.get("data"):
         ctx.image.path(rec["data"])
+    why = _peercred.restore_problem(rec["cred"]) if rec.get("cred") else None
+    if why:
+        raise refuse_rec(rec, ctx, "peer-pid-in-use", f"unix socketpair: {why}")
 
 
 def _messages(rec: dict, ctx) -> List[bytes]:
@@ -196,7 +209,14 @@ def _buf(sock: _socket.socket, name: str) -> int:
 
 def _build_pair(a_rec: dict, b_rec: dict, ctx) -> Tuple[_socket.socket, _socket.socket]:
     typ = a_rec["type"]
-    a, b = _socket.socketpair(_socket.AF_UNIX, typ | _socket.SOCK_CLOEXEC)
+    cred = a_rec.get("cred")
+    if cred and cred["pid"] > 0:
+        # made by a helper with the creator's pid and credentials (_peercred)
+        fa, fb = _peercred.run_as(cred, lambda: [s.detach() for s in _socket.socketpair(
+            _socket.AF_UNIX, typ | _socket.SOCK_CLOEXEC)])
+        a, b = _socket.socket(fileno=fa), _socket.socket(fileno=fb)
+    else:
+        a, b = _socket.socketpair(_socket.AF_UNIX, typ | _socket.SOCK_CLOEXEC)
     try:
         ends = ((a, a_rec), (b, b_rec))
         for s, r in ends:
@@ -243,6 +263,10 @@ def _check_end(s: _socket.socket, r: dict, ctx) -> None:
         _sockopts.verify(s, _socket.AF_UNIX, False, r["opts"])
     except _sockopts.OptionError as e:
         raise option_refusal(r, ctx, e) from None
+    if r.get("cred"):
+        why = _peercred.check(r["cred"], _peercred.read(s.fileno()))
+        if why:
+            raise refuse_rec(r, ctx, "socket", f"unix socketpair: {why}")
     d = netdiag.unix_socket(os.fstat(s.fileno()).st_ino)
     if d["shutdown"] != r["shutdown"]:
         raise refuse_rec(r, ctx, "socket", f"shutdown state {d['shutdown']} after restore, was {r['shutdown']}")

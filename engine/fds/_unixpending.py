@@ -26,7 +26,7 @@ from typing import Dict, List
 
 from .. import netdiag
 from ..errors import Refusal
-from . import _sockopts, _sys
+from . import _peercred, _sockopts, _sys
 from ._sockbase import (check_options, fresh_options, held_here, inode_of, option_refusal, options,
                         outside_holders, unix_diag as _diag)
 from ._util import failed, refuse, refuse_rec, with_status_flags
@@ -70,8 +70,18 @@ def pending(info, ctx, d: dict, head: str) -> List[dict]:
             setnames = check_options(info, opts, fresh)
         except Refusal as err:
             raise refuse(info, "socket", f"{head}: a pending connection's {err.detail}") from None
-        out.append({"client": client, "opts": opts, "set": setnames})
+        out.append({"client": client, "opts": opts, "set": setnames, "connector": _connector(info.pid)})
     return out
+
+
+def _connector(pid: int) -> dict:
+    """Who connect()ed: the server end will report it (SO_PEERCRED) once
+    accepted, but nothing shows it before; taken to be the process that
+    holds the connecting end, with its credentials now (Known limits)."""
+    from .. import procfs
+    st = procfs.parse_status(open(f"/proc/{pid}/status").read())
+    ids = lambda k: [int(x) for x in st.get(k, "").split()]
+    return {"pid": pid, "uid": ids("Uid")[1], "gid": ids("Gid")[1], "groups": sorted(ids("Groups"))}
 
 
 def client_classify(info, ctx, q: dict) -> dict:
@@ -121,7 +131,12 @@ def connect_all(listener: _socket.socket, lrec: dict, ctx) -> Dict[int, _socket.
             out[p["client"]] = c
             _sockopts.apply(c, p["opts"], p["set"])
             c.setblocking(False)
-            c.connect(addr)
+            who = p.get("connector")
+            if who:
+                # the server end records the connect() caller (_peercred)
+                _peercred.run_as(who, lambda: [c.connect(addr)] and [])
+            else:
+                c.connect(addr)
             c.setblocking(True)
             _sockopts.apply_late(c, p["opts"], p["set"])
             _sockopts.verify(c, _socket.AF_UNIX, False, p["opts"])

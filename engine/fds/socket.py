@@ -15,8 +15,9 @@ Restored (one module each):
   ends the process holds (_unixpending);
 - unix datagram sockets bound to a path (also a ghost: unlinked since) or
   an abstract name, unconnected, with an empty queue (_unixdgram);
-- TCP listeners, IPv4 and IPv6, with an empty accept queue
-  (_inetsock);
+- TCP listeners, IPv4 and IPv6, with an empty accept queue or one
+  connection waiting from a client the process holds, nothing sent
+  (_inetsock; the client reconnects at restore: _tcpconn);
 - established TCP connections through TCP_REPAIR, both ends held by the
   process, or the peer outside behind a network lock (_tcpconn,
   engine.netlock);
@@ -47,7 +48,7 @@ from ._sockbase import UNIX_TYPES, is_tcp, is_udp, same_netns
 from ._util import check_async, refuse, refuse_rec
 
 KIND = "socket"
-REASONS = ("socket", "tcp-lock", "unsupported-state", "image-invalid")
+REASONS = ("socket", "tcp-lock", "peer-pid-in-use", "unsupported-state", "image-invalid")
 
 _TYPES = {_socket.SOCK_STREAM: "stream", _socket.SOCK_DGRAM: "dgram", _socket.SOCK_SEQPACKET: "seqpacket",
           _socket.SOCK_RAW: "raw"}

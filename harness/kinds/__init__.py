@@ -38,11 +38,11 @@ from __future__ import annotations
 from typing import Dict, List
 
 from . import (device, directory, dnotify, dup, epoll, eventfd, fanotify, fifo, inotify, locks, memfd, openfile,
-               pipe, process, signalfd, sockets, timerfd)
+               pipe, process, signalfd, sockets, terminal, timerfd)
 from .core import Ctx, Opened, bytes_check, check  # noqa: F401 - the workload's API
 
 MODULES = (openfile, memfd, directory, device, fifo, pipe, sockets, inotify, dnotify, fanotify, eventfd,
-           timerfd, signalfd, epoll, dup, locks)
+           timerfd, signalfd, epoll, dup, locks, terminal)
 KINDS: Dict[str, object] = {m.KIND: m for m in MODULES}
 PROCESS = process
 

@@ -9,6 +9,10 @@ Condition.wait; join: joining a private sleeper thread). After the restore
 each thread proves it is the same thread: it runs on with its native id
 (gettid) equal to the recorded TID, and a random value it keeps in its own
 frame (its stack) and the count it kept are the ones recorded.
+``children``: processes the workload forks (a process tree, engine/tree.py),
+see :class:`Child`; each is judged after the restore: same pid, parent,
+group and session, the value in its own memory, its call's return, and
+the exit status its parent's waitpid() collects (a zombie's too).
 
 Expected values come from the scenario, and where the kernel adjusts a
 value (the SA_RESTORER libc adds, an itimer's remaining time) from what the
@@ -49,6 +53,8 @@ HANDLERS = ("default", "ignore", "libc")
 LATE_S, EARLY_S = 0.05, 2.0
 BLOCKED_IN = ("sleep", "read", "lock", "cond", "join")
 THREAD_WAKE_S = 10.0
+CHILD_IN = ("sleep", "read", "zombie")
+CHILD_GROUPS = ("parent", "own")
 
 
 def fields(s) -> dict:
@@ -65,6 +71,9 @@ def fields(s) -> dict:
                           for k in ITIMERS}),
         "threads": s.List_(s.Map({"blocked_in": s.Enum(BLOCKED_IN, "a call a thread can block in:")},
                                  required=("blocked_in",))),
+        "children": s.List_(s.Map({"blocked_in": s.Enum(CHILD_IN, "what a child does:"),
+                                   "exit": s.Int(0, 255), "group": s.Enum(CHILD_GROUPS)},
+                                  required=("blocked_in",))),
     }
 
 
@@ -113,6 +122,11 @@ def apply(p: dict) -> None:
             os.kill(os.getpid(), signum(x["signal"]))
     for name, t in (p.get("itimers") or {}).items():
         signal.setitimer(ITIMERS[name], int(t["value_ms"]) / 1000, int(t.get("interval_ms", 0)) / 1000)
+    # Children before the threads (a fork copies only the calling thread).
+    for i, c in enumerate(p.get("children") or []):
+        _CHILDREN.append(Child(i, c))
+    for ch in _CHILDREN:
+        ch.settle()
     # Last: the threads inherit the mask set above.
     for i, t in enumerate(p.get("threads") or []):
         _THREADS.append(Blocked(i, t["blocked_in"]))
@@ -200,6 +214,130 @@ class Blocked:
             self.stop.set()
 
 
+# -- children (a process tree) -------------------------------------------------------
+
+_CHILDREN: List["Child"] = []
+
+
+def _stat(pid: int) -> dict:
+    with open(f"/proc/{pid}/stat") as f:
+        rest = f.read().rsplit(")", 1)[1].split()
+    return {"state": rest[0], "ppid": int(rest[1]), "pgid": int(rest[2]), "sid": int(rest[3])}
+
+
+class Child:
+    """One scenario child, forked after the fds (it inherits them: one
+    open file description each, shared with the parent). It says hello on
+    its report pipe (its pid, group, and a random value it keeps only in its
+    memory), then: `sleep` ticks in a select() on its wake pipe, `read`
+    blocks in read() on it, `zombie` exits at once and is not reaped. Woken
+    after the restore, it reports again (pid, parent, the value, its ticks)
+    and exits with `exit`; the parent's waitpid() must see that status."""
+
+    def __init__(self, index: int, spec: dict):
+        self.index, self.how = index, spec["blocked_in"]
+        self.code = int(spec.get("exit", 10 + index))
+        self.own_group = spec.get("group") == "own"
+        wake_r, self.wake_w = os.pipe()
+        self.rep_r, rep_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            code = 99
+            try:
+                os.close(self.wake_w)
+                os.close(self.rep_r)
+                code = self._child(wake_r, rep_w)
+            finally:
+                os._exit(code)
+        os.close(wake_r)
+        os.close(rep_w)
+        self.pid = pid
+        self.hello: Dict[str, object] = {}
+
+    def _child(self, wake: int, rep: int) -> int:
+        import json
+        import select
+        if self.own_group:
+            os.setpgid(0, 0)
+        mine = os.urandom(8).hex()      # in this process's memory only
+        os.write(rep, (json.dumps({"pid": os.getpid(), "pgid": os.getpgid(0), "value": mine}) + "\n").encode())
+        if self.how == "zombie":
+            return self.code
+        ticks = 0
+        if self.how == "sleep":
+            while not select.select([wake], [], [], 0.05)[0]:
+                ticks += 1
+        got = os.read(wake, 16).decode()
+        os.write(rep, (json.dumps({"pid": os.getpid(), "ppid": os.getppid(), "value": mine, "ticks": ticks,
+                                   "got": got}) + "\n").encode())
+        return self.code
+
+    def _line(self, seconds: float) -> dict:
+        import json
+        import select
+        buf = b""
+        deadline = time.monotonic() + seconds
+        while not buf.endswith(b"\n"):
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.rep_r], [], [], left)[0]:
+                return {"error": f"no report within {seconds} s ({buf!r})"}
+            chunk = os.read(self.rep_r, 4096)
+            if not chunk:
+                return {"error": f"report pipe closed ({buf!r})"}
+            buf += chunk
+        return json.loads(buf)
+
+    def settle(self) -> None:
+        """The hello, and for a zombie its death (it stays unreaped)."""
+        self.hello = self._line(THREAD_WAKE_S)
+        if self.how == "zombie":
+            deadline = time.monotonic() + THREAD_WAKE_S
+            while _stat(self.pid)["state"] != "Z" and time.monotonic() < deadline:
+                time.sleep(0.01)
+        else:
+            time.sleep(0.1)     # in its call
+
+
+def _child_checks(p: dict, seen: dict, phase: str) -> List[dict]:
+    out = []
+    recs = seen.get("children") or []
+    me = os.getpid()
+    if phase == "inspect":
+        for ch, r in zip(_CHILDREN, recs):
+            what = f"child {ch.index} ({ch.how})"
+            try:
+                st = _stat(r["pid"])
+            except OSError as e:
+                out.append(check(None, f"{what}: exists", r["pid"], f"{e.strerror}"))
+                continue
+            out.append(check(None, f"{what}: its parent is this process", me, st["ppid"]))
+            out.append(check(None, f"{what}: process group", r["pgid"], st["pgid"]))
+            out.append(check(None, f"{what}: session", os.getsid(0), st["sid"]))
+            out.append(check(None, f"{what}: a zombie" if ch.how == "zombie" else f"{what}: alive",
+                             ch.how == "zombie", st["state"] == "Z"))
+    elif phase == "mutate":
+        for ch in _CHILDREN:
+            if ch.how != "zombie":
+                os.write(ch.wake_w, b"wake")
+        for ch, r in zip(_CHILDREN, recs):
+            what = f"child {ch.index} ({ch.how})"
+            if ch.how != "zombie":
+                rep = ch._line(THREAD_WAKE_S)
+                out.append(check(None, f"{what}: getpid() is the recorded pid", r["pid"], rep.get("pid")))
+                out.append(check(None, f"{what}: getppid() is this process", me, rep.get("ppid")))
+                out.append(check(None, f"{what}: the value in its memory", r["value"], rep.get("value")))
+                out.append(check(None, f"{what}: its call returned", "wake", rep.get("got")))
+                if ch.how == "sleep":
+                    out.append(check(None, f"{what}: it ticked", True, int(rep.get("ticks") or 0) > 0))
+            try:
+                _, status = os.waitpid(r["pid"], 0)
+                got = os.WEXITSTATUS(status) if os.WIFEXITED(status) else f"signal {os.WTERMSIG(status)}"
+            except ChildProcessError as e:
+                got = f"waitpid: {e.strerror}"
+            out.append(check(None, f"{what}: waitpid() status", ch.code, got))
+    return out
+
+
 def _thread_checks(p: dict, seen: dict, phase: str) -> List[dict]:
     out = []
     recs = seen.get("threads") or []
@@ -248,6 +386,7 @@ def observe(p: dict) -> dict:
             "blocked": status()["SigBlk"],
             "itimers": {n: list(signal.getitimer(ITIMERS[n])) for n in (p.get("itimers") or {})},
             "threads": [{"how": b.how, "tid": b.tid, "value": b.value, "count": b.count} for b in _THREADS],
+            "children": [dict(c.hello, how=c.how) for c in _CHILDREN],
             "at": time.time()}
 
 
@@ -269,6 +408,8 @@ def expected_pending(p: dict) -> List[list]:
 def checker(p: dict, seen: dict, phase: str) -> List[dict]:
     """Verify after the restore (``seen``: :func:`observe` before the dump)."""
     out = _thread_checks(p, seen, phase) if p.get("threads") else []
+    if p.get("children"):
+        out += _child_checks(p, seen, phase)
     if phase == "inspect":
         st = status()
         if "umask" in p:

@@ -1,5 +1,5 @@
 """``socket``: unix-pair, unix-listen, unix-pending, unix-dgram, tcp-listen,
-tcp-established, udp, udp6, netlink-route, packet.
+tcp-pending, tcp-established, udp, udp6, netlink-route, packet.
 
 Queued bytes are seeded in BOTH directions of a connected pair (``data``
 waits on ``fd``, ``peer_data`` on ``peer_fd``); the checker drains both
@@ -7,10 +7,16 @@ ends' queues without blocking and compares each, then proves the ends are
 still connected by a marker each way. Listening sockets must accept, a
 datagram socket keeps its datagram and its source (``sender: outside``: the
 sending socket stays bound in a process outside the dump, so the datagram
-cannot be re-sent from its source at restore). A unix-pending listener has one connection waiting in its accept queue
-(its connecting end at ``peer_fd``, or ``sender: outside``). A netlink-route socket keeps
-its port id and answers a request on it (``data``: a reply is left queued
+cannot be re-sent from its source at restore). A unix-pending or
+tcp-pending listener has one connection waiting in its accept queue (its
+connecting end at ``peer_fd``, or ``sender: outside``). Unix sockets report SO_PEERCRED as
+made (``creator: exited-child``: a unix-pair made by a child under other
+credentials that has exited; ``outside``: by a live process outside the
+dump). A netlink-route socket keeps its port id and answers a request on it (``data``: a reply is left queued
 before the dump). A packet socket is refused by name.
+
+A tcp-half-closed connection is a tcp-established one whose peer end
+has shut down writing (``fd`` in CLOSE_WAIT, ``peer_fd`` in FIN_WAIT2).
 
 A tcp-established connection with ``sender: outside`` has its other end in
 a process outside the dump (an echo peer) that keeps it open throughout:
@@ -34,15 +40,16 @@ from .core import MARKER, Ctx, Opened, bytes_check, check, drain, seeded_bytes, 
 
 KIND = "socket"
 TAGS = ("socket",)
-SOCKETS = ("unix-pair", "unix-listen", "unix-pending", "unix-dgram", "tcp-listen", "tcp-established", "udp", "udp6",
-           "netlink-route", "packet")
+SOCKETS = ("unix-pair", "unix-listen", "unix-pending", "unix-dgram", "tcp-listen", "tcp-pending", "tcp-established",
+           "tcp-half-closed", "udp", "udp6", "netlink-route", "packet")
 _NETLINK_ROUTE, _RTM_GETLINK, _NLM_F_REQUEST = 0, 18, 1
-PAIRS = ("unix-pair", "tcp-established")
+PAIRS = ("unix-pair", "tcp-established", "tcp-half-closed")
 
 
 def fields(s) -> dict:
     return {"socket": s.Enum(SOCKETS), "peer_fd": s.FdNum(), "path": s.Path(), "data": s.Data(),
-            "peer_data": s.Data(), "sender": s.Enum(("inside", "outside"))}
+            "peer_data": s.Data(), "sender": s.Enum(("inside", "outside")),
+            "creator": s.Enum(("self", "exited-child", "outside"))}
 
 
 def fd_numbers(e: dict) -> List[int]:
@@ -59,14 +66,16 @@ def validate(e: dict, fds: dict) -> List[tuple]:
         return [("peer_fd", "a tcp-established socket with sender: outside has its peer outside the dump")]
     if sock in PAIRS and "peer_fd" not in e and not _outside_tcp(e):
         return [("peer_fd", f"a {sock} socket needs peer_fd")]
-    if sock == "unix-pending" and ("peer_fd" in e) == (e.get("sender") == "outside"):
-        return [("peer_fd", "a unix-pending listener needs peer_fd (its connecting end), or sender: outside")]
+    if sock in ("unix-pending", "tcp-pending") and ("peer_fd" in e) == (e.get("sender") == "outside"):
+        return [("peer_fd", f"a {sock} listener needs peer_fd (its connecting end), or sender: outside")]
     if sock not in PAIRS and "peer_data" in e:
         return [("peer_data", f"a {sock} socket has no peer")]
     if sock in ("unix-listen", "unix-pending", "unix-dgram") and "path" not in e:
         return [("path", f"a {sock} socket needs a path")]
-    if "sender" in e and sock not in ("udp", "udp6", "unix-pending", "tcp-established"):
-        return [("sender", "only udp, unix-pending and tcp-established sockets have a sender")]
+    if e.get("creator", "self") != "self" and sock != "unix-pair":
+        return [("creator", "only a unix-pair is made by another process")]
+    if "sender" in e and sock not in ("udp", "udp6", "unix-pending", "tcp-pending", "tcp-established"):
+        return [("sender", "only udp, unix-pending, tcp-pending and tcp-established sockets have a sender")]
     return []
 
 
@@ -74,16 +83,23 @@ def opener(e: dict, ctx: Ctx) -> List[Opened]:
     kind = e["socket"]
     payload = seeded_bytes(e.get("data"))
     back = seeded_bytes(e.get("peer_data"))
+    me = {"peercred": _own_cred()}
     if kind == "unix-pair":
-        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        if e.get("creator") == "exited-child":
+            a, b, cred = _pair_from_exited_child()
+        elif e.get("creator") == "outside":
+            a, b, cred = _pair_from_outside(ctx)
+        else:
+            (a, b), cred = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM), _own_cred()
         b.sendall(payload)
         a.sendall(back)
-        return [Opened(a.detach(), int(e["fd"]), "sock"), Opened(b.detach(), int(e["peer_fd"]), "peer")]
+        return [Opened(a.detach(), int(e["fd"]), "sock", {"peercred": cred}),
+                Opened(b.detach(), int(e["peer_fd"]), "peer", {"peercred": cred})]
     if kind == "unix-listen":
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.bind(e["path"])
         s.listen(8)
-        return [Opened(s.detach(), int(e["fd"]), "sock")]
+        return [Opened(s.detach(), int(e["fd"]), "sock", me)]
     if kind == "unix-dgram":
         s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         s.bind(e["path"])
@@ -100,14 +116,28 @@ def opener(e: dict, ctx: Ctx) -> List[Opened]:
             from .pipe import _spawn_holder
             ctx.helpers.append(_spawn_holder(c.fileno()))
             c.close()
-            return [Opened(s.detach(), int(e["fd"]), "sock")]
-        return [Opened(s.detach(), int(e["fd"]), "sock"), Opened(c.detach(), int(e["peer_fd"]), "peer")]
+            return [Opened(s.detach(), int(e["fd"]), "sock", me)]
+        # the connecting end reports the listener's credentials (copy_peercred)
+        return [Opened(s.detach(), int(e["fd"]), "sock", me), Opened(c.detach(), int(e["peer_fd"]), "peer", me)]
     if kind == "tcp-listen":
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         s.bind(("127.0.0.1", 0))
         s.listen(8)
         return [Opened(s.detach(), int(e["fd"]), "sock")]
-    if kind == "tcp-established":
+    if kind == "tcp-pending":
+        # a listener with one connection waiting in its accept queue; the
+        # connecting end is peer_fd, or held by a process outside the dump
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.bind(("127.0.0.1", 0))
+        s.listen(8)
+        c = socket.create_connection(s.getsockname())
+        if e.get("sender") == "outside":
+            from .pipe import _spawn_holder
+            ctx.helpers.append(_spawn_holder(c.fileno()))
+            c.close()
+            return [Opened(s.detach(), int(e["fd"]), "sock")]
+        return [Opened(s.detach(), int(e["fd"]), "sock"), Opened(c.detach(), int(e["peer_fd"]), "peer")]
+    if kind in ("tcp-established", "tcp-half-closed"):
         lst = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         lst.bind(("127.0.0.1", 0))
         lst.listen(1)
@@ -116,6 +146,9 @@ def opener(e: dict, ctx: Ctx) -> List[Opened]:
         lst.close()
         srv.sendall(payload)
         c.sendall(back)
+        if kind == "tcp-half-closed":
+            srv.shutdown(socket.SHUT_WR)     # fd: CLOSE_WAIT, peer_fd: FIN_WAIT2
+            wait_readable(c.fileno(), 2)
         if _outside_tcp(e):
             ctx.helpers.append(_spawn_echo_peer(srv.fileno()))
             srv.close()
@@ -144,6 +177,73 @@ def opener(e: dict, ctx: Ctx) -> List[Opened]:
         s = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, 0)
         return [Opened(s.detach(), int(e["fd"]), "sock")]
     raise ValueError(f"unknown socket kind {kind}")
+
+
+CHILD_UID, CHILD_GID, CHILD_GROUPS = 1234, 4321, [4, 24]
+
+
+def _own_cred() -> list:
+    """What SO_PEERCRED reports for a socket this process made: its pid, euid, egid, groups."""
+    return [os.getpid(), os.geteuid(), os.getegid(), sorted(os.getgroups())]
+
+
+def peer_cred(fd: int) -> list:
+    s = _sock(fd)
+    try:
+        pid, uid, gid = struct.unpack("iII", s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+        raw = s.getsockopt(socket.SOL_SOCKET, 59, 1024)           # SO_PEERGROUPS
+        return [pid, uid, gid, sorted(struct.unpack(f"{len(raw) // 4}I", raw))]
+    finally:
+        s.close()
+
+
+def _pair_from_exited_child():
+    """A socketpair made by a child under other credentials, handed back
+    (SCM_RIGHTS); the child has exited (and been reaped) when this returns."""
+    chan, far = socket.socketpair()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - child
+        try:
+            os.setgroups(CHILD_GROUPS)
+            os.setresgid(CHILD_GID, CHILD_GID, CHILD_GID)
+            os.setresuid(CHILD_UID, CHILD_UID, CHILD_UID)
+            c, d = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            socket.send_fds(far, [b"x"], [c.fileno(), d.fileno()])
+        finally:
+            os._exit(0)
+    far.close()
+    _, fds, _, _ = socket.recv_fds(chan, 10, 2)
+    chan.close()
+    os.waitpid(child, 0)
+    return (socket.socket(fileno=fds[0]), socket.socket(fileno=fds[1]),
+            [child, CHILD_UID, CHILD_GID, sorted(CHILD_GROUPS)])
+
+
+def _pair_from_outside(ctx: Ctx):
+    """A socketpair made by a process that stays alive outside the dump (a
+    double fork, as pipe._spawn_holder), handed back."""
+    import signal
+    chan, far = socket.socketpair()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - child
+        try:
+            if os.fork() == 0:
+                os.setsid()
+                c, d = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+                socket.send_fds(far, [str(os.getpid()).encode()], [c.fileno(), d.fileno()])
+                os.closerange(3, 1024)
+                signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+                while True:
+                    signal.pause()
+        finally:
+            os._exit(0)
+    far.close()
+    msg, fds, _, _ = socket.recv_fds(chan, 32, 2)
+    chan.close()
+    os.waitpid(child, 0)
+    ctx.helpers.append(int(msg))
+    return (socket.socket(fileno=fds[0]), socket.socket(fileno=fds[1]),
+            [int(msg), os.geteuid(), os.getegid(), sorted(os.getgroups())])
 
 
 TICK, ANSWER = b".", b"|"
@@ -255,6 +355,10 @@ def checker(e: dict, recs: List[dict], ctx: Ctx, phase: str) -> List[dict]:
     try:
         if phase == "inspect":
             out.append(check(fd, "local address", by_role["sock"]["extra"].get("sockname"), _name(s.getsockname())))
+            for r in recs:
+                if "peercred" in r["extra"]:
+                    out.append(check(r["fd"], "SO_PEERCRED pid, uid, gid, groups", r["extra"]["peercred"],
+                                     peer_cred(r["fd"])))
         elif phase == "consume" and _outside_tcp(e):
             want = seeded_bytes(e.get("data"))
             out.append(bytes_check(fd, "queued stream bytes from the outside peer", want,
@@ -285,6 +389,8 @@ def checker(e: dict, recs: List[dict], ctx: Ctx, phase: str) -> List[dict]:
             seq_port = list(struct.unpack_from("=II", reply, 8)) if len(reply) >= 16 else None
             out.append(check(fd, "a request is answered on the same port id",
                              [4242, by_role["sock"]["extra"]["sockname"][0]], seq_port))
+        elif phase == "mutate" and kind == "tcp-half-closed":
+            out.append(_marker(peer, fd, "write arrives at the peer (the peer's side is shut down)"))
         elif phase == "mutate" and kind in PAIRS:
             out.append(_marker(fd, peer, "peer's write arrives"))
             out.append(_marker(peer, fd, "write arrives at the peer"))
@@ -294,16 +400,20 @@ def checker(e: dict, recs: List[dict], ctx: Ctx, phase: str) -> List[dict]:
             ok = wait_readable(fd, 2)
             got = s.recv(len(MARKER) + 10, socket.MSG_DONTWAIT).decode(errors="replace") if ok else ""
             out.append(check(fd, "a datagram sent to its name arrives", MARKER.decode(), got))
-        elif phase == "mutate" and kind == "unix-pending" and peer is not None:
+        elif phase == "mutate" and kind in ("unix-pending", "tcp-pending") and peer is not None:
             os.write(peer, MARKER)
             ok = wait_readable(fd, 2)
             got = ""
+            cred = None
             if ok:
                 conn, _ = s.accept()
                 conn.settimeout(2)
                 got = conn.recv(len(MARKER)).decode(errors="replace")
+                cred = peer_cred(conn.fileno())
                 conn.close()
             out.append(check(fd, "the waiting connection is accepted and carries the marker", MARKER.decode(), got))
+            out.append(check(fd, "the accepted connection's SO_PEERCRED (the connecting process)",
+                             by_role["sock"]["extra"]["peercred"], cred))
         elif phase == "mutate" and kind in ("unix-listen", "tcp-listen"):
             c = socket.socket(s.family, socket.SOCK_STREAM)
             try:

@@ -11,6 +11,7 @@ family: the parent P (its own session) holds in memory a random token,
        copy of the buffer (P changed its own after the fork), exits 6 (66
        if its copy is wrong)
     B, D: on "go", check their parent and group, exit 3 / 4 (33/44 if not)
+    G  leads its own session (setsid), exits 8 (88 if not)
   P counts the SIGCHLDs its handler sees. Every child waits for "go2" in a
   sleep loop. Once the zombies exist P writes "ready" with the token and
   the PIDs, then waits for "go", notes its SIGCHLD count, makes "go2", checks its
@@ -56,6 +57,11 @@ def family():
     me = os.getpid()
     shm = mmap.mmap(-1, 4096, mmap.MAP_SHARED)
     shm[0:5] = b"start"
+    mfd = os.memfd_create("family")
+    os.ftruncate(mfd, 4096)
+    mshm = mmap.mmap(mfd, 4096, mmap.MAP_SHARED)
+    os.close(mfd)
+    mshm[0:5] = b"start"
     private = bytearray(b"F" * 4096)
     fd = os.open("shared.txt", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     os.write(fd, b"p1")
@@ -104,11 +110,20 @@ def family():
     def f():
         wait_go()
         shm[0:5] = b"child"
+        mshm[0:5] = b"child"
         return 6 if private == bytearray(b"F" * 4096) else 66
+
+    def g():
+        os.setsid()
+        wait_go()
+        return 8 if os.getsid(0) == os.getpid() and os.getppid() == me else 88
 
     child("D", d)
     child("E", e)
     child("F", f)
+    child("G", g)
+    while os.getsid(kids["G"]) != kids["G"]:
+        time.sleep(0.01)
     private[:] = b"Q" * 4096
     while os.getpgid(kids["D"]) != kids["B"]:
         time.sleep(0.01)
@@ -127,12 +142,13 @@ def family():
            "groups": [os.getpgid(kids["B"]) == kids["B"], os.getpgid(kids["D"]) == kids["B"],
                       os.getpgid(kids["E"]) == me]}
     status = {}
-    for name in ("A", "C", "B", "D", "E", "F"):
+    for name in ("A", "C", "B", "D", "E", "F", "G"):
         pid, st = os.waitpid(kids[name], 0)
         status[name] = ("exit", os.WEXITSTATUS(st)) if os.WIFEXITED(st) else ("signal", os.WTERMSIG(st))
     res["status"] = status
     os.write(fd, b"p2")
     res["shm"] = shm[0:5].decode(errors="replace")
+    res["memfd"] = mshm[0:5].decode(errors="replace")
     res["private"] = private == bytearray(b"Q" * 4096)
     with open("result.tmp", "w") as f:
         json.dump(res, f)
@@ -177,13 +193,20 @@ def badsession():
     sleep_forever()
 
 
-def outside():
-    shm = mmap.mmap(-1, 4096, mmap.MAP_SHARED)
+def outside(memfd=False):
+    if memfd:
+        fd = os.memfd_create("outside")
+        os.ftruncate(fd, 4096)
+        shm = mmap.mmap(fd, 4096, mmap.MAP_SHARED)   # the outside grandchild keeps fd open, unmapped
+    else:
+        shm = mmap.mmap(-1, 4096, mmap.MAP_SHARED)
     shm[0:2] = b"hi"
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
         if os.fork() == 0:
+            if memfd:
+                shm.close()     # held open, not mapped
             os.close(r)
             os.write(w, str(os.getpid()).encode())
             os.close(w)
@@ -192,6 +215,8 @@ def outside():
     os.close(w)
     os.waitpid(pid, 0)
     grand = int(os.read(r, 64))
+    if memfd:
+        os.close(fd)
     os.close(r)
     other = os.fork()
     if other == 0:
@@ -208,6 +233,8 @@ def sockpair():
     sa, sb = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     da, db = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     token = os.urandom(8).hex()
+    pr, pw = os.pipe()              # both ends held by both (shared open files), bytes queued
+    os.write(pw, b"queued")
     pid = os.fork()
     if pid == 0:
         sa.close()
@@ -216,7 +243,9 @@ def sockpair():
         db.send(b"d1")
         db.send(b"d2")
         wait_go("go")
-        got = sb.recv(100) + b"|" + db.recv(100)
+        import struct
+        cred = struct.unpack("iII", sb.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
+        got = sb.recv(100) + b"|" + db.recv(100) + b"|" + os.read(pr, 100) + b"|" + str(cred).encode()
         sb.sendall(b"child-got:" + got)
         os._exit(0)
     sb.close()
@@ -235,7 +264,7 @@ def sockpair():
     first = sa.recv(9)
     d = [da.recv(100), da.recv(100)]
     reply = b""
-    while not reply.endswith(b"p1"):
+    while not reply.endswith(str(os.getpid()).encode()):
         chunk = sa.recv(100)
         if not chunk:
             break
@@ -249,4 +278,4 @@ def sockpair():
 
 
 {"sockpair": sockpair, "family": family, "clonefiles": clonefiles, "traceme": traceme, "badsession": badsession,
- "outside": outside}[mode]()
+ "outside": outside, "memfd-outside": lambda: outside(memfd=True)}[mode]()

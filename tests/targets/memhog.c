@@ -2,6 +2,7 @@
  * non-zero data, writes READY (a path) once done, then idles.
  * usage: memhog MIB READY */
 #include <fcntl.h>
+#include <stdio.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <sys/mman.h>
@@ -18,7 +19,11 @@ int main(int argc, char **argv) {
         for (size_t i = 0; i < bytes / 8; i++) mem[i] = i * 0x9E3779B97F4A7C15ull;
     }
     int fd = open(argv[2], O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-    if (fd < 0 || write(fd, "ready\n", 6) != 6) return 4;
+    /* "ready ADDR": where the region is (a small one merges with its
+     * neighbours in /proc/PID/maps, so size alone does not find it) */
+    char line[64];
+    int n = snprintf(line, sizeof line, "ready %p\n", (void *)mem);
+    if (fd < 0 || write(fd, line, n) != n) return 4;
     close(fd);
     for (;;) {
         struct timespec ts = {0, 50 * 1000 * 1000};

@@ -9,7 +9,8 @@
  * fired one-shot timerfd, an eventfd with count 5, an epoll watching the
  * pipe (data 0x1111) and the eventfd (data 0x2222), a unix datagram pair
  * with two queued messages, an inotify instance watching DIR and "data", a
- * deleted file of mode 0600, and 1 MiB of patterned anonymous memory.
+ * deleted file of mode 0600, a loopback TCP connection with 1000 bytes to
+ * read at its accepted end, and 1 MiB of patterned anonymous memory.
  * A random secret and a counter live only in memory; READY gets
  * "pid secret-address counter-address memory-address" once all is set up.
  *
@@ -32,6 +33,7 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/timerfd.h>
+#include <netinet/in.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -96,6 +98,18 @@ int main(int argc, char **argv) {
     int in = inotify_init1(0);
     if (in < 0 || inotify_add_watch(in, ".", IN_CREATE) < 0 || inotify_add_watch(in, "data", IN_MODIFY) < 0)
         die("inotify");
+
+    /* a loopback TCP connection, 1000 bytes waiting at its accepted end:
+     * fds 16 (client) and 17 (accepted; the listener's 15 is closed) */
+    struct sockaddr_in sin = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t slen = sizeof sin;
+    int lst = socket(AF_INET, SOCK_STREAM, 0);
+    if (lst < 0 || bind(lst, (struct sockaddr *)&sin, sizeof sin) || listen(lst, 1) ||
+        getsockname(lst, (struct sockaddr *)&sin, &slen)) die("listen");
+    int cli = socket(AF_INET, SOCK_STREAM, 0);
+    if (cli < 0 || connect(cli, (struct sockaddr *)&sin, sizeof sin)) die("connect");
+    int acc = accept(lst, NULL, NULL);
+    if (acc < 0 || close(lst) || write(cli, buf, 1000) != 1000) die("tcp");
 
     usleep(20000);   /* the timerfd has fired */
     if (!strcmp(mode, "pend")) raise(SIGUSR1);

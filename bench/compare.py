@@ -1,0 +1,221 @@
+#!/usr/bin/env python3
+"""ckpt against criu on the same processes, in one run, on this machine.
+
+Runs where both tools are (a guest: harness/compare_bench.py copies it in;
+the host, when criu is installed there). Standard library only: a guest's
+own python3 runs it.
+
+For every case (touched MiB x where the image goes) and round, one memhog
+(tests/targets/memhog.c) is started for each tool and dumped (the tool
+kills it), then restored; the tools alternate which goes first. Times are
+the wall time of the tool's command, its own start-up included (ckpt is a
+Python program: interpreter start and imports are part of its cost, as
+criu's exec is of criu's). After each restore the process must be running
+and 64 sampled words of its memory must hold what memhog wrote, else the
+run fails - a fast wrong restore must not look like a win.
+
+Not the same work: ckpt fsyncs every image file before it commits (a
+crash never leaves a torn image), criu does not; the row says so.
+
+usage: compare.py --memhog PATH [--sizes 1,64] [--dirs /dev/shm,/var/tmp]
+                  [--rounds 3] [--ckpt "ckpt"] [--criu "criu"] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import random
+import resource
+import shlex
+import shutil
+import signal
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+
+MIB = 1 << 20
+
+
+def _subreaper() -> None:
+    # The restored processes are orphaned when the restorer exits (criu -d,
+    # ckpt): be their reaper, so each is reaped here and not by PID 1 late.
+    ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)
+
+
+def _cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def _start(memhog: str, mib: int, work: str) -> subprocess.Popen:
+    ready = os.path.join(work, "ready")
+    if os.path.exists(ready):
+        os.unlink(ready)
+    p = subprocess.Popen([memhog, str(mib), ready], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, close_fds=True, start_new_session=True)
+    end = time.monotonic() + 300
+    line = ""
+    while not line.endswith("\n"):       # created, then written: wait for the whole line
+        if p.poll() is not None or time.monotonic() > end:
+            raise RuntimeError(f"memhog {mib} MiB did not get ready")
+        time.sleep(0.005)
+        try:
+            with open(ready) as f:
+                line = f.read()
+        except FileNotFoundError:
+            pass
+    p.region = int(line.split()[1], 16) if mib else 0      # memhog writes "ready ADDR"
+    return p
+
+
+def _sample(pid: int, mib: int, start: int) -> None:
+    """64 random words of the memhog region at `start` (word i = i * golden ratio)."""
+    with open(f"/proc/{pid}/stat") as f:
+        state = f.read().rsplit(")", 1)[1].split()[0]
+    if state not in "RSD":
+        raise RuntimeError(f"restored pid {pid} is in state {state}")
+    if not mib:
+        return
+    fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY)
+    try:
+        for _ in range(64):
+            i = random.randrange(1, mib * MIB // 8)
+            (v,) = struct.unpack("<Q", os.pread(fd, 8, start + i * 8))
+            if v != (i * 0x9E3779B97F4A7C15) & ((1 << 64) - 1):
+                raise RuntimeError(f"restored pid {pid}: memory differs at word {i}")
+    finally:
+        os.close(fd)
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    end = time.monotonic() + 30
+    while time.monotonic() < end:
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0]:
+                return
+        except ChildProcessError:
+            return
+        time.sleep(0.002)
+
+
+def _timed(argv, what: str):
+    c0, t0 = _cpu(), time.monotonic()
+    r = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, close_fds=True)
+    wall, cpu = time.monotonic() - t0, _cpu() - c0
+    if r.returncode != 0:
+        raise RuntimeError(f"{what} failed ({r.returncode}): {' '.join(argv)}\n{r.stderr[-2000:]}")
+    return wall, cpu
+
+
+def one(tool: str, cmd, memhog: str, mib: int, where: str, work: str) -> dict:
+    """Dump and restore one fresh memhog with `tool`; wall/CPU seconds."""
+    p = _start(memhog, mib, work)
+    img = tempfile.mkdtemp(prefix=f"cmp-{tool}-", dir=where)
+    pidfile = os.path.join(work, f"{tool}.pid")
+    restored = None
+    try:
+        if os.path.exists(pidfile):
+            os.unlink(pidfile)
+        os.sync()
+        if tool == "ckpt":
+            os.rmdir(img)           # ckpt makes the directory itself (it must not exist)
+            d = _timed(cmd + ["dump", "-t", str(p.pid), "-D", img], "ckpt dump")
+        else:
+            d = _timed(cmd + ["dump", "-t", str(p.pid), "-D", img, "-o", "dump.log"], "criu dump")
+        p.wait(timeout=60)          # both kill the dumped process
+        if tool == "ckpt":
+            r = _timed(cmd + ["restore", "-D", img, "--pidfile", pidfile], "ckpt restore")
+        else:
+            r = _timed(cmd + ["restore", "-D", img, "-d", "--pidfile", pidfile, "-o", "restore.log"],
+                       "criu restore")
+        with open(pidfile) as f:
+            restored = int(f.read().split()[0])
+        _sample(restored, mib, p.region)
+        return {"dump_s": d[0], "dump_cpu_s": d[1], "restore_s": r[0], "restore_cpu_s": r[1]}
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        if restored:
+            _kill(restored)
+        shutil.rmtree(img, ignore_errors=True)
+
+
+def run(memhog: str, sizes, dirs, rounds: int, cmds: dict) -> list:
+    rows = []
+    work = tempfile.mkdtemp(prefix="cmp-work-")
+    try:
+        for mib in sizes:
+            for where in dirs:
+                got = {t: [] for t in cmds}
+                for i in range(rounds):
+                    order = list(cmds) if i % 2 == 0 else list(reversed(list(cmds)))
+                    for tool in order:
+                        got[tool].append(one(tool, cmds[tool], memhog, mib, where, work))
+                row = {"touched_mib": mib, "image_on": where, "rounds": rounds}
+                for tool, runs in got.items():
+                    for k in ("dump_s", "restore_s", "dump_cpu_s", "restore_cpu_s"):
+                        row[f"{tool}_{k}"] = round(statistics.median(r[k] for r in runs), 4)
+                    row[f"{tool}_samples"] = {k: [round(r[k], 4) for r in runs] for k in ("dump_s", "restore_s")}
+                if "criu" in cmds:
+                    # speed ratio as issue 15 writes it: criu time / ckpt time (> 1: ckpt faster)
+                    for k in ("dump", "restore"):
+                        row[f"{k}_speed_ckpt_over_criu"] = round(row[f"criu_{k}_s"] / row[f"ckpt_{k}_s"], 2)
+                rows.append(row)
+                print(json.dumps(row), file=sys.stderr, flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return rows
+
+
+def _version(cmd) -> str:
+    try:
+        r = subprocess.run(cmd + ["--version"], capture_output=True, text=True, timeout=30, close_fds=True)
+        return " ".join((r.stdout or r.stderr).split())
+    except OSError as e:
+        return f"unavailable: {e}"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--memhog", required=True)
+    ap.add_argument("--sizes", default="1,64", help="touched MiB per case, comma-separated")
+    ap.add_argument("--dirs", default="/dev/shm,/var/tmp", help="where the images go (tmpfs, disk)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--ckpt", default="ckpt", help="the ckpt command (split like a shell would)")
+    ap.add_argument("--criu", default="criu", help="the criu command; empty: ckpt only")
+    ap.add_argument("--out", help="write the JSON here (default: stdout)")
+    args = ap.parse_args(argv)
+    _subreaper()
+    cmds = {"ckpt": shlex.split(args.ckpt)}
+    if args.criu:
+        cmds["criu"] = shlex.split(args.criu)
+    doc = {"measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "kernel": os.uname().release,
+           "cpus": os.cpu_count(), "criu_version": _version(cmds["criu"]) if "criu" in cmds else None,
+           "python": sys.version.split()[0],
+           "note": "wall time of each command incl. its start-up; median of rounds, tools alternating; "
+                   "ckpt fsyncs its image before commit, criu does not",
+           "rows": run(args.memhog, [int(x) for x in args.sizes.split(",")], args.dirs.split(","),
+                       args.rounds, cmds)}
+    doc["loadavg_after"] = os.getloadavg()
+    text = json.dumps(doc, indent=1, sort_keys=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    else:
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

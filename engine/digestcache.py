@@ -1,0 +1,122 @@
+"""sha256 of unchanged files remembered across ckpt runs (mapped libraries:
+every dump and every restore of every process hashes libc again).
+
+A cached digest is used only for the very same version of the very same
+inode: the key is (dev, ino, generation, size, mtime, ctime) of the file
+as fstat shows it on the fd about to be used. ctime cannot be set from
+user space and changes on every write, truncate, utime and rename of the
+inode - except that it comes from a coarse clock, so a rewrite within the
+same tick as the previous change keeps it. Hence the rule that makes the
+key sufficient: a digest is stored only when the file's ctime was more
+than SETTLED_NS older than the moment its hashing started. Any change
+after that moment gets a ctime of at least that moment (the clock would
+have to be set back by more than SETTLED_NS), so it no longer matches.
+
+Only on local file systems whose ctime and generation mean that (ext4,
+xfs, btrfs, tmpfs); never over overlayfs, FUSE or network file systems.
+The cache file is root's, mode 0600, in a directory writable by root
+only; one that is not is ignored, never trusted. It is only a cache:
+losing it (or a write race between two ckpt runs: the last rename wins)
+costs a re-hash, never a wrong answer.
+
+CKPT_DIGEST_CACHE: another file, or "off".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import time
+from typing import Callable, Dict, Optional
+
+DEFAULT_PATH = "/var/cache/ckpt/digests.json"
+SETTLED_NS = 2_000_000_000          # ctime this much older than the hash start: no same-tick rewrite
+MAX_ENTRIES = 4096
+# statfs f_type of the file systems whose ctime/generation are trusted here
+TRUSTED_FS = {0xEF53: "ext4", 0x58465342: "xfs", 0x9123683E: "btrfs", 0x01021994: "tmpfs"}
+
+_cache: Optional[Dict[str, dict]] = None
+
+
+def _path() -> Optional[str]:
+    p = os.environ.get("CKPT_DIGEST_CACHE", DEFAULT_PATH)
+    return None if p in ("", "off") else p
+
+
+def _load() -> Dict[str, dict]:
+    global _cache
+    if _cache is None:
+        _cache = {}
+        path = _path()
+        if path:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except OSError:
+                return _cache
+            try:
+                st = os.fstat(fd)
+                dst = os.stat(os.path.dirname(path), follow_symlinks=False)
+                if (stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o077
+                        and dst.st_uid == os.geteuid() and not dst.st_mode & 0o022 and st.st_size < (4 << 20)):
+                    data = json.loads(os.read(fd, st.st_size + 1))
+                    if isinstance(data, dict):
+                        _cache = {k: v for k, v in data.items()
+                                  if isinstance(v, dict) and isinstance(v.get("sha256"), str)}
+            except (OSError, ValueError):
+                pass
+            finally:
+                os.close(fd)
+    return _cache
+
+
+def _save(cache: Dict[str, dict]) -> None:
+    path = _path()
+    if not path:
+        return
+    try:
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        if len(cache) > MAX_ENTRIES:
+            for k in sorted(cache, key=lambda k: cache[k].get("at", 0))[:len(cache) - MAX_ENTRIES]:
+                del cache[k]
+        tmp = f"{path}.{os.getpid()}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, json.dumps(cache, separators=(",", ":")).encode())
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
+    except OSError:
+        try:
+            os.unlink(tmp)
+        except (OSError, UnboundLocalError):
+            pass
+
+
+def _fs_trusted(fd: int) -> bool:
+    from .fstype import magic
+    return magic(f"/proc/self/fd/{fd}") in TRUSTED_FS    # statfs follows the fd to its superblock
+
+
+def key(st: os.stat_result, generation: Optional[int]) -> str:
+    return f"{st.st_dev}:{st.st_ino}:{generation}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+
+
+def digest(fd: int, generation: Optional[int], compute: Callable[[int], str]) -> str:
+    """sha256 hex of the regular file open at `fd` (`generation`: its
+    FS_IOC_GETVERSION, None when unknown): remembered, or `compute(fd)`."""
+    st = os.fstat(fd)
+    if generation is None or not stat.S_ISREG(st.st_mode) or _path() is None or not _fs_trusted(fd):
+        return compute(fd)
+    k = key(st, generation)
+    cache = _load()
+    hit = cache.get(k)
+    if hit is not None:
+        return hit["sha256"]
+    started = time.time_ns()
+    value = compute(fd)
+    after = os.fstat(fd)
+    if (started - st.st_ctime_ns > SETTLED_NS and key(after, generation) == k):
+        cache[k] = {"sha256": value, "at": started}
+        _save(cache)
+    return value

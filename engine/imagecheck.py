@@ -1,0 +1,686 @@
+"""Images are trusted like binaries, so they are checked the way an installer
+checks what it installs, before one byte of them is believed.
+
+* Who could have changed it. The image directory and everything in it
+  belong to the caller (the effective uid) and are writable by no one else;
+  every directory above it belongs to root or the caller and is writable by
+  no one else, unless it is sticky (/tmp, /var/tmp): there others may add
+  names but cannot rename or remove ours, so the next component only has to
+  be ours or root's. Otherwise `image-unsafe`.
+* No indirection. The path the user gave is resolved once (their symlinks
+  are their choice); from "/" down every component is then opened with
+  O_NOFOLLOW, and nothing inside the image is ever followed through a
+  symlink: files are opened with openat2(RESOLVE_BENEATH |
+  RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS) under the image's directory
+  fd, or component by component with O_NOFOLLOW where openat2 is missing.
+  Only regular files and directories may be in an image (a fifo would hang
+  the reader, a device would be read as data).
+* Read once. Each file is read through that one fd into memory, hashed
+  there, and those bytes are what restore uses; no file is opened again by
+  path after its digest was checked (a writer racing the restore can change
+  the file, not what is restored from it).
+
+The semantic checks of the records (paths, fd numbers, sizes, address
+ranges, credentials) are in :func:`check_records`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import os
+import re
+import stat
+from typing import Dict, Iterator, List, Optional, Tuple
+
+from .errors import Refusal, UsageError
+
+# Bounds on what an image can make the reader do before its digests are
+# checked: a manifest is a few KiB, an image a few hundred files.
+MAX_MANIFEST = 16 << 20
+MAX_FILES = 100_000
+MAX_DEPTH = 8
+MAX_NAME = 1024
+BIG = 64 << 10          # files at least this large are read into anonymous mmaps (page-aligned, releasable)
+_CHUNK = 8 << 20
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def unsafe(detail: str, path: Optional[str] = None) -> Refusal:
+    return Refusal("image-unsafe", detail, path=path)
+
+
+def invalid(detail: str) -> Refusal:
+    return Refusal("image-invalid", detail)
+
+
+# -- who may write ---------------------------------------------------------------
+
+def _who(uid: int) -> str:
+    try:
+        import pwd
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except (KeyError, ImportError):
+        return f"uid {uid}"
+
+
+def _check_ancestor(path: str, st: os.stat_result, me: int) -> None:
+    if st.st_uid not in (0, me):
+        raise unsafe(f"{path} belongs to {_who(st.st_uid)}, who could replace the image", path=path)
+    if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+        raise unsafe(f"{path} is writable by {'others' if st.st_mode & 0o002 else 'its group'} "
+                     f"(mode {stat.S_IMODE(st.st_mode):04o}) and not sticky: anyone there could replace the image",
+                     path=path)
+
+
+def _check_own(path: str, st: os.stat_result, me: int, what: str) -> None:
+    if st.st_uid != me:
+        raise unsafe(f"{what} {path} belongs to {_who(st.st_uid)}, not to the caller {_who(me)}", path=path)
+    if st.st_mode & 0o022:
+        raise unsafe(f"{what} {path} is writable by {'others' if st.st_mode & 0o002 else 'its group'} "
+                     f"(mode {stat.S_IMODE(st.st_mode):04o})", path=path)
+
+
+def open_image_dir(directory: str) -> Tuple[int, str]:
+    """(fd, resolved path) of the image directory, opened O_RDONLY from "/"
+    down with O_NOFOLLOW at every component, each checked as above.
+    Raises UsageError (no such directory), Refusal(image-unsafe)."""
+    if "\0" in directory:
+        raise UsageError("the image directory name holds a NUL byte")
+    real = os.path.realpath(directory)
+    me = os.geteuid()
+    parts = [p for p in real.split("/") if p]
+    fd = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if parts:
+            _check_ancestor("/", st, me)
+        here = ""
+        for i, comp in enumerate(parts):
+            last = i == len(parts) - 1
+            here += "/" + comp
+            flags = (os.O_RDONLY if last else os.O_PATH) | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+            try:
+                nfd = os.open(comp, flags, dir_fd=fd)
+            except OSError as e:
+                if e.errno == errno.ENOENT:
+                    raise UsageError(f"{real}: no such image directory") from None
+                if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                    if last:
+                        raise UsageError(f"{real}: no such image directory (not a directory)") from None
+                    # realpath resolved it a moment ago: it was swapped for a symlink since
+                    raise unsafe(f"{here} changed while it was opened (now a symlink or not a directory)",
+                                 path=here) from None
+                raise UsageError(f"{here}: {e.strerror}") from None
+            os.close(fd)
+            fd = nfd
+            parent_sticky = bool(st.st_mode & stat.S_ISVTX) and bool(st.st_mode & 0o022)
+            st = os.fstat(fd)
+            if last:
+                _check_own(here, st, me, "the image directory")
+            else:
+                _check_ancestor(here, st, me)
+                if parent_sticky and st.st_uid not in (0, me):
+                    raise unsafe(f"{here} belongs to {_who(st.st_uid)}", path=here)
+        if not parts:
+            os.close(fd)
+            fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            _check_own("/", os.fstat(fd), me, "the image directory")
+        return fd, real
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def scan(dfd: int, root: str) -> Dict[str, os.stat_result]:
+    """{relative name: lstat} of every regular file under the image
+    directory fd. Refuses symlinks, special files, and directories that
+    are not the caller's alone."""
+    me = os.geteuid()
+    out: Dict[str, os.stat_result] = {}
+
+    def walk(fd: int, prefix: str, depth: int) -> None:
+        for name in sorted(os.listdir(fd)):
+            rel = prefix + name
+            shown = f"{root}/{rel}"
+            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            if stat.S_ISLNK(st.st_mode):
+                raise unsafe(f"the image holds a symlink, {rel}; an image is never read through one", path=shown)
+            if stat.S_ISDIR(st.st_mode):
+                if depth >= MAX_DEPTH:
+                    raise invalid(f"directories nested too deep at {rel}")
+                _check_own(shown, st, me, "the image's directory")
+                try:
+                    sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+                except OSError as e:
+                    raise unsafe(f"{rel} changed while the image was read: {e.strerror}", path=shown) from None
+                try:
+                    if (os.fstat(sub).st_dev, os.fstat(sub).st_ino) != (st.st_dev, st.st_ino):
+                        raise unsafe(f"{rel} changed while the image was read", path=shown)
+                    walk(sub, rel + "/", depth + 1)
+                finally:
+                    os.close(sub)
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                raise unsafe(f"the image holds {rel}, which is not a regular file "
+                             f"(mode {st.st_mode:o})", path=shown)
+            _check_own(shown, st, me, "the image file")
+            out[rel] = st
+            if len(out) > MAX_FILES:
+                raise invalid(f"more than {MAX_FILES} files")
+
+    walk(dfd, "", 0)
+    return out
+
+
+# -- opening without following ---------------------------------------------------
+
+_SYS_OPENAT2 = 437          # the same number on every architecture (asm-generic)
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
+RESOLVE_BENEATH = 0x08
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+_openat2_works: Optional[bool] = None
+
+
+def _openat2(dfd: int, name: str, flags: int) -> int:
+    from .libc import libc
+    how = _OpenHow(flags, 0, RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS)
+    ctypes.set_errno(0)
+    r = libc.syscall(ctypes.c_long(_SYS_OPENAT2), ctypes.c_int(dfd), ctypes.c_char_p(os.fsencode(name)),
+                     ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how)))
+    if r < 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e), name)
+    return r
+
+
+def _walk_open(dfd: int, name: str, flags: int) -> int:
+    """openat component by component, O_NOFOLLOW at each (no openat2)."""
+    parts = name.split("/")
+    fd = dfd
+    try:
+        for comp in parts[:-1]:
+            nfd = os.open(comp, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            if fd != dfd:
+                os.close(fd)
+            fd = nfd
+        return os.open(parts[-1], flags | os.O_NOFOLLOW, dir_fd=fd)
+    finally:
+        if fd != dfd:
+            os.close(fd)
+
+
+def open_beneath(dfd: int, name: str) -> int:
+    """A read-only fd on `name` under the directory fd `dfd`, never through
+    a symlink and never outside it. O_NONBLOCK: a fifo put there does not
+    hang the reader (it is refused by its fstat). Raises OSError (ELOOP,
+    EXDEV for a symlink or an escape)."""
+    global _openat2_works
+    if not valid_name(name):
+        raise OSError(errno.EINVAL, "bad image file name", name)
+    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
+    if _openat2_works is not False:
+        try:
+            fd = _openat2(dfd, name, flags)
+            _openat2_works = True
+            return fd
+        except OSError as e:
+            if e.errno not in (errno.ENOSYS, errno.E2BIG, errno.EPERM) or _openat2_works:
+                raise
+            _openat2_works = False   # old kernel, or a seccomp filter that says no
+    return _walk_open(dfd, name, flags)
+
+
+def valid_name(name) -> bool:
+    """A file name as ImageWriter makes them: relative, no empty, "." or
+    ".." component, no NUL, bounded."""
+    if not isinstance(name, str) or not name or len(name) > MAX_NAME or "\0" in name or "\\" in name:
+        return False
+    parts = name.split("/")
+    return len(parts) <= MAX_DEPTH and all(p not in ("", ".", "..") and len(p.encode()) <= 255 for p in parts)
+
+
+def read_file(dfd: int, name: str, root: str, *, want_size: Optional[int] = None,
+              expect: Optional[os.stat_result] = None, limit: Optional[int] = None):
+    """The bytes of image file `name`, read once through an fd opened with
+    open_beneath and checked like the scan checked it (the same inode,
+    a regular file of the caller's, not writable by others). Small files
+    come back as bytes, big ones in an anonymous mmap. Raises Refusal."""
+    shown = f"{root}/{name}"
+    try:
+        fd = open_beneath(dfd, name)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.EXDEV):
+            raise unsafe(f"{name} is reached through a symlink; an image is never read through one",
+                         path=shown) from None
+        if e.errno == errno.ENOENT:
+            raise invalid(f"{name} is missing") from None
+        raise invalid(f"cannot open {name}: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise unsafe(f"{name} is not a regular file", path=shown)
+        _check_own(shown, st, os.geteuid(), "the image file")
+        if expect is not None and (st.st_dev, st.st_ino) != (expect.st_dev, expect.st_ino):
+            raise unsafe(f"{name} was replaced while the image was read", path=shown)
+        size = st.st_size
+        if want_size is not None and size != want_size:
+            raise invalid(f"{name} is {size} bytes, manifest says {want_size}")
+        if limit is not None and size > limit:
+            raise invalid(f"{name} is {size} bytes, more than {limit}")
+        # MAP_POPULATE: the pages are faulted in by one call, not one fault each during the read
+        buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | getattr(mmap, "MAP_POPULATE", 0x8000)) \
+            if size >= BIG else bytearray(size)
+        try:
+            view = memoryview(buf)
+            got = 0
+            while got < size:
+                n = os.preadv(fd, [view[got:got + min(_CHUNK, size - got)]], got)
+                if n <= 0:
+                    raise invalid(f"{name} became shorter while it was read")
+                got += n
+            if os.pread(fd, 1, size):
+                raise invalid(f"{name} grew while it was read")
+            view.release()
+        except BaseException:
+            view.release()
+            if isinstance(buf, mmap.mmap):
+                buf.close()
+            raise
+        return buf if isinstance(buf, mmap.mmap) else bytes(buf)
+    except OSError as e:
+        raise invalid(f"cannot read {name}: {e.strerror}") from None
+    finally:
+        os.close(fd)
+
+
+def check_manifest_files(files) -> None:
+    """The file table: valid names, {sha256: 64 hex, size: int >= 0}."""
+    if not isinstance(files, dict):
+        raise invalid("manifest has no file table")
+    if len(files) > MAX_FILES:
+        raise invalid(f"manifest lists more than {MAX_FILES} files")
+    for name, meta in files.items():
+        if not valid_name(name) or name == "manifest.json":
+            raise invalid(f"manifest names a file {name!r}: not a plain relative name inside the image")
+        if (not isinstance(meta, dict) or not isinstance(meta.get("sha256"), str)
+                or not _SHA256.match(meta["sha256"]) or not isinstance(meta.get("size"), int)
+                or isinstance(meta.get("size"), bool) or meta["size"] < 0):
+            raise invalid(f"manifest entry for {name} is malformed")
+
+
+# -- while restoring -------------------------------------------------------------
+
+PROCESS_MARK_ENV = "CKPT_TEST_PROCESS_MARK"
+
+
+def process_creation_hook() -> None:
+    """Test-only: with CKPT_TEST_PROCESS_MARK=FILE, append a line to FILE
+    just before restore creates its first process (the restorer fork), so a
+    test can prove an image was refused before any process existed."""
+    path = os.environ.get(PROCESS_MARK_ENV)
+    if not path:
+        return
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, f"{os.getpid()}\n".encode())
+    finally:
+        os.close(fd)
+
+
+class malformed_as_invalid:
+    """A record that makes a validator or an opener trip over its own shape
+    (a missing key, a string where a number belongs, a list too short) is a
+    malformed record: Refusal(image-invalid), never an internal error. The
+    engine's own records pass these checks (the round-trip tests), so only
+    a damaged or edited image gets here."""
+
+    def __init__(self, what: str):
+        self.what = what
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, typ, e, tb):
+        if typ is not None and issubclass(typ, (KeyError, TypeError, ValueError, IndexError, AttributeError,
+                                                OverflowError, RecursionError)):
+            raise invalid(f"{self.what}: a malformed record ({typ.__name__}: {e})") from e
+        return False
+
+
+# -- what the records say ----------------------------------------------------------
+
+U32 = (1 << 32) - 1
+U64 = (1 << 64) - 1
+INF = U64                      # RLIM_INFINITY as the image records it
+
+
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _sysctl(path: str, default: int) -> int:
+    try:
+        with open(path) as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return default
+
+
+def _abs_path_ok(p: str) -> bool:
+    """A path as the kernel names files (d_path): absolute, no empty, "."
+    or ".." component. Whatever the image says is recreated or reopened
+    there, so a ".." could aim it anywhere."""
+    return p.startswith("/") and (p == "/" or all(c not in ("", ".", "..") for c in p[1:].split("/")))
+
+
+def _walk(obj, where: str, depth: int = 0) -> Iterator[Tuple[str, object, object]]:
+    """(where, key, value) of every item of a record, nested."""
+    if depth > 32:
+        raise invalid(f"{where}: nested too deep")
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield where, k, v
+            yield from _walk(v, f"{where}.{k}", depth + 1)
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield where, i, v
+            yield from _walk(v, f"{where}[{i}]", depth + 1)
+
+
+def _check_strings_and_paths(rec, where: str) -> None:
+    """No string anywhere holds a NUL (the engine stores binary names in
+    hex); every file path (a "path" key, a file identity, a ghost's name)
+    is absolute and has no "..", "." or empty component."""
+    for w, k, v in _walk(rec, where):
+        if isinstance(v, str) and "\0" in v:
+            raise invalid(f"{w}.{k}: a string with a NUL byte")
+        if isinstance(k, str) and "\0" in k:
+            raise invalid(f"{w}: a key with a NUL byte")
+        if k == "path" and isinstance(v, str) and v.startswith("/") and not _abs_path_ok(v):
+            raise invalid(f"{w}.path {v!r}: not a plain absolute path")
+        if isinstance(v, dict) and "ghost" in v and "name" in v and not v.get("memfd"):
+            name = v["name"]
+            if not isinstance(name, str):
+                raise invalid(f"{w}.{k}: ghost name is not a string")
+            from .files import original_path
+            if not _abs_path_ok(original_path(name)):
+                raise invalid(f"{w}.{k}: deleted file's path {name!r} is not a plain absolute path")
+        if isinstance(v, dict) and ("dev" in v and "ino" in v and "path" in v):
+            if not isinstance(v["path"], str) or not _abs_path_ok(v["path"]):
+                raise invalid(f"{w}.{k}: file path {v['path']!r} is not a plain absolute path")
+            for f in ("dev", "ino", "size", "mode", "uid", "gid"):
+                if f in v and (not _int(v[f]) or v[f] < 0):
+                    raise invalid(f"{w}.{k}.{f}: {v[f]!r} is not a non-negative integer")
+
+
+def _is_file_ghost(g) -> bool:
+    """A deleted file kept with its data (files.dump_ghost), not a removed
+    directory or device node (unlinked.py: no data, a "path")."""
+    return isinstance(g, dict) and ("extents" in g or "data_bytes" in g or "name" in g)
+
+
+def _size_in(reader, name: str) -> Optional[int]:
+    """Size of an image file as the (verified) reader holds it, or None."""
+    try:
+        return reader.size(name)
+    except Refusal:
+        return None
+
+
+def _check_ghost(g: dict, reader, where: str) -> None:
+    """A deleted file's record: size and extents within bounds, the extents
+    adding up to the data file the image holds."""
+    for f in ("size", "data_bytes", "mode"):
+        if not _int(g.get(f)) or g[f] < 0 or g[f] > (1 << 62):
+            raise invalid(f"{where}: ghost {f} {g.get(f)!r}")
+    if not isinstance(g.get("ghost"), str) or not valid_name(f"ghosts/{g['ghost']}.data"):
+        raise invalid(f"{where}: ghost id {g.get('ghost')!r}")
+    ext = g.get("extents")
+    if not isinstance(ext, list):
+        raise invalid(f"{where}: ghost extents")
+    total, last = 0, 0
+    for e in ext:
+        if (not isinstance(e, list) or len(e) != 2 or not all(_int(x) and x >= 0 for x in e) or e[1] == 0
+                or e[0] < last or e[0] + e[1] > g["size"]):
+            raise invalid(f"{where}: ghost extent {e!r} (size {g['size']})")
+        last = e[0] + e[1]
+        total += e[1]
+    if total != g["data_bytes"]:
+        raise invalid(f"{where}: ghost extents hold {total} bytes, the record says {g['data_bytes']}")
+    name = f"ghosts/{g['ghost']}.data"
+    if _size_in(reader, name) != total:
+        raise invalid(f"{where}: {name} does not hold the ghost's {total} bytes")
+
+
+def _check_creds(creds: dict) -> None:
+    """Well-formed ids; and the rule of who may restore whom: root may
+    restore any credentials the image records (uid 0 only when the image
+    says uid 0); anyone else only their own uid and gid, never more."""
+    for k in ("uid", "gid"):
+        ids = creds.get(k)
+        if not isinstance(ids, list) or len(ids) != 4 or not all(_int(x) and 0 <= x < U32 for x in ids):
+            raise invalid(f"core.json creds {k} {ids!r}")
+    groups = creds.get("groups", [])
+    if not isinstance(groups, list) or not all(_int(x) and 0 <= x < U32 for x in groups) or len(groups) > 65536:
+        raise invalid("core.json creds groups")
+    caps = creds.get("caps")
+    if not isinstance(caps, dict) or not all(isinstance(caps.get(c), str) and re.match(r"^[0-9a-f]{16}$", caps[c])
+                                             for c in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")):
+        raise invalid("core.json creds caps")
+    if creds.get("no_new_privs") not in ("0", "1"):
+        raise invalid("core.json creds no_new_privs")
+    me = os.geteuid()
+    if me != 0:
+        uid, gid = os.getuid(), os.getgid()
+        if any(u != uid for u in creds["uid"]) or any(g != gid for g in creds["gid"]) \
+                or not set(groups) <= set(os.getgroups()) | {gid}:
+            raise Refusal("capability", f"the image is of uid {creds['uid']} gid {creds['gid']}: "
+                          f"ckpt run by uid {uid} restores only processes of its own uid and gid")
+        if any(caps[c] != "0" * 16 for c in ("CapInh", "CapPrm", "CapEff", "CapAmb")):
+            raise Refusal("capability", "the image's process had capabilities; only root restores those")
+
+
+I63 = (1 << 63) - 1
+# The numbers and words of each fd kind's record, with the range the kernel
+# gives them: a handler that clamps or defaults an out-of-range value (an
+# eventfd count of 2**64 written as 2**64-2, an end "x" opened read-write)
+# would restore something else than was dumped, silently. A field named
+# here must be present; its handler reads it.
+_U = lambda hi: ("int", 0, hi)
+KIND_FIELDS = {
+    "eventfd": {"count": _U(U64 - 1), "semaphore": ("bool",)},
+    "signalfd": {"sigmask": _U(U64)},
+    "timerfd": {"ticks": _U(U64), "interval_ns": _U(I63), "remaining_ns": _U(I63), "abstime": ("bool",),
+                "clockid": _U(63)},
+    "pipe": {"size": ("int", 1, 1 << 31), "data_len": _U(1 << 31), "end": ("word", "r", "w", "rw")},
+    "fifo": {"size": ("int", 1, 1 << 31), "end": ("word", "r", "w", "rw")},
+    "epoll": {"targets": ("list",)},
+    "inotify": {"watches": ("list",)},
+}
+
+
+def _field_ok(v, spec) -> bool:
+    if spec[0] == "int":
+        return _int(v) and spec[1] <= v <= spec[2]
+    if spec[0] == "bool":
+        return isinstance(v, bool)
+    if spec[0] == "word":
+        return isinstance(v, str) and v in spec[1:]
+    return isinstance(v, list)
+
+
+def _check_kind_fields(r: dict, fds: set) -> None:
+    where = f"fds.json: fd {r['fd']} ({r['kind']})"
+    for k, spec in KIND_FIELDS.get(r["kind"], {}).items():
+        if k not in r or not _field_ok(r[k], spec):
+            raise invalid(f"{where}: {k} {r.get(k)!r}")
+    if r["kind"] == "pipe" and r["data_len"] > r["size"]:
+        raise invalid(f"{where}: {r['data_len']} bytes queued in a {r['size']}-byte pipe")
+    if r["kind"] == "epoll":
+        seen = set()
+        for t in r["targets"]:
+            if (not isinstance(t, dict) or not _int(t.get("tfd")) or t["tfd"] not in fds
+                    or not _field_ok(t.get("events"), _U(U32)) or not _field_ok(t.get("data"), _U(U64))):
+                raise invalid(f"{where}: target {t!r}")
+            key = (t["tfd"], json_key(t))
+            if key in seen:
+                raise invalid(f"{where}: target {t!r} twice")
+            seen.add(key)
+    if r["kind"] == "inotify":
+        wds = set()
+        for w in r["watches"]:
+            if (not isinstance(w, dict) or not _field_ok(w.get("wd"), ("int", 1, (1 << 31) - 1)) or w["wd"] in wds
+                    or not _field_ok(w.get("mask"), _U(U32)) or not isinstance(w.get("path"), str)):
+                raise invalid(f"{where}: watch {w!r}")
+            wds.add(w["wd"])
+    lengths = r.get("lengths")
+    if lengths is not None:
+        if (not isinstance(lengths, list) or not all(_int(n) and 0 <= n <= (1 << 31) for n in lengths)
+                or not _int(r.get("data_len")) or sum(lengths) != r["data_len"]):
+            raise invalid(f"{where}: queued message lengths {lengths!r} (data_len {r.get('data_len')!r})")
+
+
+def json_key(obj) -> str:
+    import json
+    return json.dumps(obj, sort_keys=True)
+
+
+SS_ONSTACK, SS_DISABLE, SS_AUTODISARM = 1, 2, 1 << 31
+MINSIGSTKSZ = 2048
+ROBUST_LIST_HEAD = 24            # sizeof(struct robust_list_head) on 64-bit
+RSEQ_MIN, RSEQ_ALIGN = 32, 32
+
+
+def _task_size() -> int:
+    """The top of user address space: 47 bits on x86_64 (56 with 5-level
+    paging), at most 52 on aarch64."""
+    if os.uname().machine == "x86_64":
+        try:
+            with open("/proc/cpuinfo") as f:
+                la57 = any(line.startswith("flags") and " la57" in line for line in f)
+        except OSError:
+            la57 = True
+        return (1 << 56) if la57 else (1 << 47) - 4096
+    return 1 << 52
+
+
+def _check_task_words(t: dict, where: str) -> None:
+    """sigaltstack, robust list, rseq and the tid address of a task (the
+    leader or a thread), as the kernel accepts them."""
+    sp, flags, size = t["sigaltstack"]
+    flags = flags & U32 if -(1 << 31) <= flags <= U32 else -1    # read as a C int: SS_AUTODISARM is negative
+    if not (0 <= sp <= U64 and 0 <= size <= U64) or flags < 0 \
+            or flags & ~(SS_ONSTACK | SS_DISABLE | SS_AUTODISARM) \
+            or (not flags & SS_DISABLE and size < MINSIGSTKSZ):
+        raise invalid(f"{where}: sigaltstack {t['sigaltstack']}")
+    head, length = t["robust_list"]
+    if not 0 <= head <= U64 or (head and length != ROBUST_LIST_HEAD):
+        raise invalid(f"{where}: robust list {t['robust_list']}")
+    r = t["rseq"]
+    if r["pointer"] and (r["pointer"] % RSEQ_ALIGN or not RSEQ_MIN <= r["size"] <= 4096 or r["flags"]
+                         or not 0 <= r["signature"] <= U32 or not 0 < r["pointer"] <= U64):
+        raise invalid(f"{where}: rseq {r}")
+    if not 0 <= t["tid_address"] <= U64:
+        raise invalid(f"{where}: tid_address")
+
+
+def check_records(reader, core: dict, vmas: List[dict], fdrecs: List[dict]) -> None:
+    """Every field restore uses, in its range, before any process exists
+    (after restore.check_core/check_mm/check_fd_records, which check the
+    types). Raises Refusal(image-invalid), or Refusal(capability) for
+    credentials this caller may not give."""
+    pid_max = _sysctl("/proc/sys/kernel/pid_max", 1 << 22)
+    nr_open = _sysctl("/proc/sys/fs/nr_open", 1 << 20)
+    for tid in [core["pid"]] + [t.get("tid") for t in core.get("threads", []) if isinstance(t, dict)]:
+        if not _int(tid) or not 0 < tid < pid_max:
+            raise invalid(f"core.json: PID/TID {tid!r} outside 1..{pid_max - 1}")
+    for rec, where in ((core, "core.json"), (vmas, "mm.json"), (fdrecs, "fds.json")):
+        _check_strings_and_paths(rec, where)
+    if not 0 <= core["umask"] <= 0o777:
+        raise invalid(f"core.json: umask {core['umask']:o}")
+    if not 0 <= core["sigmask"] <= U64 or not 0 <= core["personality"] <= U32:
+        raise invalid("core.json: sigmask or personality out of range")
+    comm = core["comm"]
+    if len(comm.encode()) > 15 or "\0" in comm:
+        raise invalid(f"core.json: comm {comm!r} longer than the kernel's 15 bytes")
+    for i, (cur, mx) in enumerate(core["rlimits"]):
+        if not (0 <= cur <= U64 and 0 <= mx <= U64) or cur > mx:
+            raise invalid(f"core.json: rlimit {i} soft {cur} above hard {mx}")
+    for t in core["itimers"]:
+        if any(x < 0 for x in t) or t[1] >= 1_000_000 or t[3] >= 1_000_000:
+            raise invalid(f"core.json: itimer {t}")
+    # What the kernel would refuse while the new process is built (after it
+    # exists): refused here instead, before.
+    for sig, act in core["sigactions"].items():
+        if int(sig) in (9, 19) or any(not 0 <= x <= U64 for x in act):
+            raise invalid(f"core.json: sigaction {sig} {act} (SIGKILL and SIGSTOP have none)")
+    top = _task_size()
+    _check_task_words(core, "core.json")
+    for t in core.get("threads", []):
+        _check_task_words(t, f"core.json thread {t['tid']}")
+    m = core["mm"]
+    low = _sysctl("/proc/sys/vm/mmap_min_addr", 4096)
+    for k, v in m.items():
+        if _int(v) and not low <= v < top:
+            raise invalid(f"core.json mm.{k} {v:#x} outside the address space")
+    for a, b in (("start_code", "end_code"), ("start_data", "end_data"), ("start_brk", "brk"),
+                 ("arg_start", "arg_end"), ("env_start", "env_end")):
+        if m[a] > m[b] or (a == "start_code" and m[a] == m[b]):
+            raise invalid(f"core.json mm: {a} {m[a]:#x} above {b} {m[b]:#x}")
+    aux = core["auxv"]
+    if len(aux) % 2 or len(aux) > 2 * 64 or aux[-2:] != [0, 0] or any(not 0 <= x <= U64 for x in aux):
+        raise invalid("core.json: auxv is not a terminated list of (type, value) pairs")
+    _check_creds(core["creds"])
+    for v in vmas:
+        if v["path"] == "[vsyscall]":
+            continue
+        if v["end"] > top or v["offset"] < 0 or v["offset"] % 4096 or v["offset"] > (1 << 62):
+            raise invalid(f"mm.json: mapping {v['start']:#x}-{v['end']:#x} offset {v['offset']:#x} out of range")
+        for run in v["pages"]:
+            if run[1] <= 0 or run[2] < 0 or run[3] < 0 or run[3] % 4096:
+                raise invalid(f"mm.json: page run {run!r}")
+        if isinstance(v.get("file"), dict) and _is_file_ghost(v["file"].get("ghost")):
+            _check_ghost(v["file"]["ghost"], reader, "mm.json")
+    fds = {r["fd"] for r in fdrecs}
+    for r in fdrecs:
+        if "dup_of" not in r and "ofd_of" not in r:   # ofd_of: another tree member's open file (engine/tree.py)
+            _check_kind_fields(r, fds)
+        if not 0 <= r["fd"] < min(nr_open, 1 << 31):
+            raise invalid(f"fds.json: fd {r['fd']} outside 0..{nr_open - 1}")
+        for k in ("flags", "pos"):
+            if k in r and (not _int(r[k]) or not 0 <= r[k] < (1 << 63)):
+                raise invalid(f"fds.json: fd {r['fd']} {k} {r[k]!r}")
+        if "dup_of" in r and (not _int(r["dup_of"]) or r["dup_of"] == r["fd"]):
+            raise invalid(f"fds.json: fd {r['fd']} dup_of {r['dup_of']!r}")
+        if _is_file_ghost(r.get("ghost")):
+            _check_ghost(r["ghost"], reader, f"fds.json fd {r['fd']}")
+        data = r.get("data")
+        if data is not None:
+            size = _size_in(reader, data) if isinstance(data, str) and valid_name(data) else None
+            if size is None:
+                raise invalid(f"fds.json: fd {r['fd']} data {data!r} is not a file of the image")
+            if _int(r.get("data_len")) and r["data_len"] != size:
+                raise invalid(f"fds.json: fd {r['fd']} data_len {r['data_len']} but {data} holds {size} bytes")
+    # A dup shares its leader's open file: only its number and close-on-exec
+    # are its own; restore takes the rest from the leader, so a dup that says
+    # otherwise is not a dup the dump made.
+    dups = {r["fd"]: r for r in fdrecs if "dup_of" in r}
+    leaders = {r["fd"]: r for r in fdrecs if "dup_of" not in r}
+    for r in dups.values():
+        if r["dup_of"] in dups:
+            raise invalid(f"fds.json: fd {r['fd']} is a dup of a dup ({r['dup_of']})")
+        lead = leaders[r["dup_of"]]
+        for k in ("kind", "link", "pos"):
+            if k in r and r[k] != lead.get(k):
+                raise invalid(f"fds.json: fd {r['fd']}, a dup of fd {lead['fd']}, has another {k} ({r[k]!r})")
+        if "flags" in r and r["flags"] & ~os.O_CLOEXEC != lead.get("flags", 0) & ~os.O_CLOEXEC:
+            raise invalid(f"fds.json: fd {r['fd']}, a dup of fd {lead['fd']}, has other status flags")

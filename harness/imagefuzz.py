@@ -1,0 +1,856 @@
+"""Mutated images against `ckpt restore`: every one must be refused before
+any process exists, without a traceback, writing nothing outside the paths
+it was given (issue 13, engine/imagecheck.py).
+
+One real process (tests/targets/mutant_sink.c: files, a pipe and a unix
+datagram pair with queued data, a deleted file, timerfd, eventfd, epoll,
+inotify, 1 MiB of memory) is dumped once. Each case copies that image,
+breaks it one way and runs `python3 -m engine restore` on the copy:
+
+  flip       bits of a file flipped (the manifest only in its file table)
+  truncate   a file cut short
+  missing    a file or a directory of the image removed
+  extra      a file the manifest does not name added
+  symlink    a file, a directory or the manifest replaced by a symlink to an
+             identical copy outside the image (checksums would pass if
+             followed), or a symlink added
+  special    a file replaced by a fifo or a device node, or one added
+  perms      a file or directory of the image writable by others or owned by
+             someone else; the directory holding the image writable by
+             others and not sticky
+  semantic   a record edited to an invalid value (paths with NUL or "..",
+             fd numbers, sizes, address ranges, counts, credentials, ...)
+             and the manifest re-hashed so every checksum passes. Only
+             values that break a rule of the kernel or of the image format:
+             a forgery consistent with itself (two datagrams instead of one,
+             another offset) looks like a real image - that is what the
+             owner and permission checks are for
+
+A case passes when ckpt exits 3 (refused) with the expected kind of reason,
+the test-only hook (CKPT_TEST_PROCESS_MARK) never fired, no process was
+created (none left, none reparented to the runner, which is a subreaper),
+stderr holds no traceback, and nothing changed outside: the image copy as
+mutated, the cwd/TMPDIR/HOME ckpt ran with (fresh and empty), the pidfile's
+directory, the files outside the image the mutations planted, and the
+sink's own directory. Cases depend only on (seed, index).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import os
+import random
+import shutil
+import stat
+import subprocess
+import sys
+import time
+from typing import Callable, Dict, List, Optional, Tuple
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SINK_SRC = os.path.join(REPO, "tests", "targets", "mutant_sink.c")
+MANIFEST = "manifest.json"
+KINDS = ("flip", "truncate", "missing", "extra", "symlink", "special", "perms", "semantic")
+EXPECT = {"flip": {"image-invalid"}, "truncate": {"image-invalid"}, "missing": {"image-invalid"},
+          "extra": {"image-invalid"}, "symlink": {"image-unsafe"}, "special": {"image-unsafe"},
+          "perms": {"image-unsafe"}, "semantic": None,   # None: any refusal reason
+          "none": set()}                                 # the control: no refusal is right
+NOBODY = 65534
+
+
+def _subreaper() -> None:
+    ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)   # PR_SET_CHILD_SUBREAPER
+
+
+def _engine_env(extra: Optional[dict] = None) -> dict:
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": REPO, "LANG": "C.UTF-8"}
+    env.update(extra or {})
+    return env
+
+
+def seed_image(work: str) -> dict:
+    """Compile and start the sink, dump it with the real engine (it is
+    killed and reaped). Returns {"img", "pid", "w"}."""
+    os.makedirs(work, exist_ok=True)
+    _subreaper()
+    exe = os.path.join(work, "mutant_sink")
+    subprocess.run(["gcc", "-O2", "-Wall", "-o", exe, SINK_SRC], check=True, capture_output=True)
+    w, ready = os.path.join(work, "w"), os.path.join(work, "ready")
+    os.makedirs(w, exist_ok=True)
+    p = subprocess.Popen([exe, ready, w, "sink"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, close_fds=True, start_new_session=True)
+    try:
+        end = time.monotonic() + 20
+        while not os.path.exists(ready):
+            if p.poll() is not None or time.monotonic() > end:
+                raise RuntimeError("the sink did not start")
+            time.sleep(0.01)
+        img = os.path.join(work, "img")
+        r = subprocess.run([sys.executable, "-m", "engine", "dump", "-t", str(p.pid), "-D", img],
+                           capture_output=True, text=True, close_fds=True, timeout=120, env=_engine_env(),
+                           stdin=subprocess.DEVNULL, cwd=REPO)
+        if r.returncode != 0:
+            raise RuntimeError(f"dump failed: {r.stderr}")
+        p.wait(timeout=20)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    return {"img": img, "pid": p.pid, "w": w}
+
+
+# -- what is compared before and after ---------------------------------------------
+
+def tree(path: str) -> Dict[str, tuple]:
+    """{relative path: (type, mode, uid, size, sha256 or link target)} of a tree, not following symlinks."""
+    out: Dict[str, tuple] = {}
+    if not os.path.lexists(path):
+        return out
+    for root, dirs, names in os.walk(path):
+        for n in sorted(dirs + names):
+            p = os.path.join(root, n)
+            st = os.lstat(p)
+            rel = os.path.relpath(p, path)
+            if stat.S_ISREG(st.st_mode):
+                with open(p, "rb") as f:
+                    what = hashlib.sha256(f.read()).hexdigest()
+            elif stat.S_ISLNK(st.st_mode):
+                what = os.readlink(p)
+            else:
+                what = ""
+            out[rel] = (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), st.st_uid, st.st_size
+                        if not stat.S_ISDIR(st.st_mode) else 0, what)
+    return out
+
+
+# -- mutations: each returns a description, or None when it does not apply ------------
+
+def _files(img: str, manifest: bool = True) -> List[str]:
+    out = []
+    for root, _, names in os.walk(img):
+        for n in names:
+            rel = os.path.relpath(os.path.join(root, n), img)
+            if manifest or rel != MANIFEST:
+                out.append(rel)
+    return sorted(out)
+
+
+def _files_span(data: bytes) -> Tuple[int, int]:
+    """Byte range of the manifest's "files" table (its other fields - creation
+    time, engine version - are not what restores the process)."""
+    start = data.index(b'"files"')
+    depth, i = 0, data.index(b"{", start)
+    for j in range(i, len(data)):
+        depth += {ord("{"): 1, ord("}"): -1}.get(data[j], 0)
+        if depth == 0:
+            return start, j + 1
+    return start, len(data)
+
+
+def m_flip(img, outside, rng):
+    name = rng.choice(_files(img))
+    p = os.path.join(img, name)
+    data = bytearray(open(p, "rb").read())
+    if not data:
+        return None
+    lo, hi = _files_span(bytes(data)) if name == MANIFEST else (0, len(data))
+    flips = []
+    done = set()
+    for _ in range(rng.choice((1, 1, 2, 8))):
+        i = rng.randrange(lo, hi)
+        x = 1 << rng.randrange(8)
+        if (i, x) in done:
+            continue        # the same bit twice would undo the flip: no mutation at all
+        done.add((i, x))
+        data[i] ^= x
+        flips.append(f"{i}^{x:#x}")
+    with open(p, "wb") as f:
+        f.write(data)
+    return f"flip {name} {','.join(flips)}"
+
+
+def m_truncate(img, outside, rng):
+    cands = [n for n in _files(img) if os.path.getsize(os.path.join(img, n)) > 0]
+    name = rng.choice(cands)
+    p = os.path.join(img, name)
+    n = rng.randrange(os.path.getsize(p))
+    os.truncate(p, n)
+    return f"truncate {name} to {n}"
+
+
+def m_missing(img, outside, rng):
+    dirs = sorted(d for d in os.listdir(img) if os.path.isdir(os.path.join(img, d)))
+    if dirs and rng.random() < 0.15:
+        d = rng.choice(dirs)
+        shutil.rmtree(os.path.join(img, d))
+        return f"remove directory {d}/"
+    name = rng.choice(_files(img))
+    os.unlink(os.path.join(img, name))
+    return f"remove {name}"
+
+
+def m_extra(img, outside, rng):
+    dirs = [""] + sorted(d + "/" for d in os.listdir(img) if os.path.isdir(os.path.join(img, d)))
+    where = rng.choice(dirs + ["newdir/"])
+    name = where + rng.choice(["evil.json", "pages-999.img", "core.json.bak", ".hidden", "x"])
+    p = os.path.join(img, name)
+    if os.path.lexists(p):
+        return None
+    os.makedirs(os.path.dirname(p), mode=0o700, exist_ok=True)
+    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    os.write(fd, bytes(rng.randrange(256) for _ in range(rng.randrange(0, 64))))
+    os.close(fd)
+    return f"extra file {name}"
+
+
+def _copy_out(img, outside, rel) -> str:
+    src = os.path.join(img, rel)
+    dst = os.path.join(outside, rel.replace("/", "_") + ".copy")
+    if os.path.isdir(src):
+        shutil.copytree(src, dst)
+    else:
+        shutil.copy2(src, dst)
+    return dst
+
+
+def m_symlink(img, outside, rng):
+    v = rng.randrange(5)
+    if v == 0 or v == 1:       # a file (v 1: the manifest) -> identical copy outside
+        name = MANIFEST if v == 1 else rng.choice(_files(img, manifest=False))
+        dst = _copy_out(img, outside, name)
+        os.unlink(os.path.join(img, name))
+        os.symlink(dst if rng.random() < 0.5 else os.path.relpath(dst, os.path.dirname(os.path.join(img, name))),
+                   os.path.join(img, name))
+        return f"symlink {name} -> identical copy outside"
+    if v == 2:                 # a directory -> identical copy outside
+        dirs = sorted(d for d in os.listdir(img) if os.path.isdir(os.path.join(img, d)))
+        if not dirs:
+            return None
+        d = rng.choice(dirs)
+        dst = _copy_out(img, outside, d)
+        shutil.rmtree(os.path.join(img, d))
+        os.symlink(dst, os.path.join(img, d))
+        return f"symlink directory {d}/ -> identical copy outside"
+    if v == 3:                 # an extra symlink to a secret outside
+        secret = os.path.join(outside, "secret")
+        with open(secret, "w") as f:
+            f.write("not for the image\n")
+        os.symlink(secret, os.path.join(img, "pages-001.img"))
+        return "extra symlink pages-001.img -> a file outside"
+    name = rng.choice(_files(img, manifest=False))   # a dangling symlink in place of a file
+    os.unlink(os.path.join(img, name))
+    os.symlink(os.path.join(outside, "nowhere"), os.path.join(img, name))
+    return f"dangling symlink {name}"
+
+
+def m_special(img, outside, rng):
+    v = rng.randrange(3)
+    name = rng.choice(_files(img, manifest=v != 2))
+    p = os.path.join(img, name)
+    if v == 2:
+        p = os.path.join(img, "extra-fifo")
+        os.mkfifo(p, 0o600)
+        return "extra fifo"
+    os.unlink(p)
+    if v == 0:
+        os.mkfifo(p, 0o600)
+        return f"fifo in place of {name}"
+    os.mknod(p, 0o600 | stat.S_IFCHR, os.makedev(1, 5))    # /dev/zero: reads forever
+    return f"char device (1,5) in place of {name}"
+
+
+def m_perms(img, outside, rng):
+    v = rng.randrange(6)
+    if v == 0:
+        name = rng.choice(_files(img))
+        bits = rng.choice((0o020, 0o002, 0o022))
+        os.chmod(os.path.join(img, name), 0o600 | bits)
+        return f"chmod {name} +{bits:03o}"
+    if v == 1:
+        os.chmod(img, 0o700 | rng.choice((0o020, 0o002, 0o1777 & ~0o700)))
+        return "image directory writable by others"
+    if v == 2:
+        dirs = sorted(d for d in os.listdir(img) if os.path.isdir(os.path.join(img, d)))
+        if not dirs:
+            return None
+        d = rng.choice(dirs)
+        os.chmod(os.path.join(img, d), 0o777)
+        return f"chmod {d}/ 0777"
+    if v == 3:
+        name = rng.choice(_files(img))
+        os.chown(os.path.join(img, name), NOBODY, NOBODY)
+        return f"chown {name} to nobody"
+    if v == 4:
+        os.chown(img, NOBODY, NOBODY)
+        return "chown the image directory to nobody"
+    os.chmod(os.path.dirname(img), 0o777)       # the parent: writable by all, not sticky
+    return "the directory holding the image is 0777 (not sticky)"
+
+
+# -- semantic edits ---------------------------------------------------------------------
+
+def _fd(recs, rng, pred=lambda r: True):
+    cands = [r for r in recs if pred(r)]
+    return rng.choice(cands) if cands else None
+
+
+def _ghost(recs):
+    for r in recs:
+        if isinstance(r.get("ghost"), dict):
+            return r["ghost"]
+    return None
+
+
+BAD_PATHS = ["relative/path", "/tmp/../etc/passwd", "/tmp/a\0b", "", "/tmp/./x", "/a//b", "../../../etc/shadow"]
+
+
+def _edits() -> List[Tuple[str, Callable]]:
+    """(name, edit(records, rng) -> description or None). `records` maps
+    core/mm/fds/manifest to the loaded JSON, edited in place."""
+    E: List[Tuple[str, Callable]] = []
+
+    def edit(name):
+        def deco(f):
+            E.append((name, f))
+            return f
+        return deco
+
+    @edit("pid")
+    def _(R, rng):
+        v = rng.choice([0, -1, 1 << 31, (1 << 22) + 7, "1234", True, 1.5, None])
+        R["core"]["pid"] = v
+        return f"core pid = {v!r}"
+
+    @edit("umask")
+    def _(R, rng):
+        v = rng.choice([0o1000, -1, 1 << 40, "022"])
+        R["core"]["umask"] = v
+        return f"core umask = {v!r}"
+
+    @edit("comm")
+    def _(R, rng):
+        v = rng.choice(["x" * 40, "a\0b", 7])
+        R["core"]["comm"] = v
+        return f"core comm = {v!r}"
+
+    @edit("cwd-path")
+    def _(R, rng):
+        v = rng.choice(BAD_PATHS)
+        R["core"]["cwd"]["path"] = v
+        return f"core cwd.path = {v!r}"
+
+    @edit("exe-path")
+    def _(R, rng):
+        v = rng.choice(BAD_PATHS)
+        R["core"]["exe"]["file"]["path"] = v
+        return f"core exe path = {v!r}"
+
+    @edit("creds")
+    def _(R, rng):
+        c = R["core"]["creds"]
+        k = rng.choice(["uid", "gid", "groups", "caps", "no_new_privs"])
+        v = {"uid": [[-1, 0, 0, 0], [0, 0, 0], [1 << 32, 0, 0, 0], ["0", 0, 0, 0]],
+             "gid": [[0, 0, 0, -5], None, [0.0, 0, 0, 0]],
+             "groups": [[-1], "0", [1 << 40]],
+             "caps": [dict(c["caps"], CapEff="zz"), [], dict(c["caps"], CapPrm=None)],
+             "no_new_privs": ["2", 1, None]}[k]
+        c[k] = rng.choice(v)
+        return f"core creds.{k} = {c[k]!r}"
+
+    @edit("rlimits")
+    def _(R, rng):
+        i = rng.randrange(len(R["core"]["rlimits"]))
+        v = rng.choice([[10, 5], [-1, 5], [0, -1], [1 << 65, 1 << 65], [1]])
+        R["core"]["rlimits"][i] = v
+        return f"core rlimit {i} = {v}"
+
+    @edit("itimers")
+    def _(R, rng):
+        i = rng.randrange(3)
+        v = rng.choice([[0, 0, 1, 2_000_000], [0, -1, 0, 0], [0, 2_000_000, 0, 0], [-5, 0, 0, 0]])
+        R["core"]["itimers"][i] = v
+        return f"core itimer {i} = {v}"
+
+    @edit("sigaction")
+    def _(R, rng):
+        k = rng.choice(["0", "65", "abc", "-1", "9"])
+        v = rng.choice([[0, 0, 0, 0], [0, 0], [-1, 0, 0, 0], [1 << 64, 0, 0, 0]])
+        R["core"]["sigactions"][k] = v
+        return f"core sigaction {k} = {v}"
+
+    @edit("sigmask")
+    def _(R, rng):
+        v = rng.choice([-1, 1 << 64, "0"])
+        R["core"]["sigmask"] = v
+        return f"core sigmask = {v!r}"
+
+    @edit("regs")
+    def _(R, rng):
+        regs = R["core"]["regs"]
+        k = rng.choice(sorted(regs))
+        if rng.random() < 0.4:
+            del regs[k]
+            return f"core regs: {k} removed"
+        regs[k] = rng.choice([-1, 1 << 64, "0", None])
+        return f"core regs.{k} = {regs[k]!r}"
+
+    @edit("threads")
+    def _(R, rng):
+        v = rng.choice(["x", [{"tid": R["core"]["pid"]}], [{"tid": 0}], [None]])
+        R["core"]["threads"] = v
+        return f"core threads = {v!r}"
+
+    @edit("core-key")
+    def _(R, rng):
+        k = rng.choice(["pid", "sigmask", "umask", "personality", "brk", "tid_address", "comm", "regs", "mm",
+                        "rseq", "cwd", "session", "creds", "sigactions", "exe", "xstate", "auxv",
+                        "robust_list", "rlimits", "sigaltstack", "itimers", "signals", "sched", "seccomp",
+                        "posix_timers"])
+        del R["core"][k]
+        return f"core {k} removed"
+
+    @edit("core-type")
+    def _(R, rng):
+        k = rng.choice(sorted(R["core"]))
+        old = R["core"][k]
+        new = rng.choice([v for v in ("s", 1, [1], {"a": 1}, None, True) if type(v) is not type(old)])
+        if k in ("exit_signal",) or (old in ([], {}) and new in ([], {})):
+            return None
+        R["core"][k] = new
+        return f"core {k} = {new!r} (was a {type(old).__name__})"
+
+    @edit("mm-range")
+    def _(R, rng):
+        vmas = R["mm"]["vmas"]
+        i = rng.randrange(len(vmas) - 1)
+        v = vmas[i]
+        w = rng.randrange(6)
+        if w == 0:
+            v["start"], v["end"] = v["end"], v["start"]
+        elif w == 1:
+            v["start"] += 1
+        elif w == 2:
+            v["end"] = 1 << 60
+        elif w == 3 and i > 0:
+            v["start"] = vmas[i - 1]["start"]
+        elif w == 4:
+            v["offset"] = rng.choice([-4096, 5, 1 << 63])
+        else:
+            v["end"] = v["start"]
+        return f"mm vma {i} range edit {w}"
+
+    @edit("mm-run")
+    def _(R, rng):
+        cands = [v for v in R["mm"]["vmas"] if v["pages"]]
+        v = rng.choice(cands)
+        run = v["pages"][rng.randrange(len(v["pages"]))]
+        w = rng.randrange(6)
+        if w == 0:
+            run[0] = v["end"]
+        elif w == 1:
+            run[1] = rng.choice([0, -1, 1 << 40])
+        elif w == 2:
+            run[2] = rng.choice([1, 7, -1])
+        elif w == 3:
+            run[3] = rng.choice([1 << 40, -4096, 100])
+        elif w == 4:
+            run[1] += 1
+        else:
+            run[:] = run[:3]
+        return f"mm page run edit {w}: {run}"
+
+    @edit("mm-count")
+    def _(R, rng):
+        v = rng.choice([0, 2, -1, "1"])
+        if v == 0 and not any(x["pages"] for x in R["mm"]["vmas"]):
+            return None
+        R["mm"]["page_files"] = v
+        return f"mm page_files = {v!r}"
+
+    @edit("mm-kind")
+    def _(R, rng):
+        v = rng.choice(R["mm"]["vmas"])
+        w = rng.randrange(4)
+        if w == 0:
+            v["kind"] = "evil"
+        elif w == 1:
+            v["perms"] = "rw"
+        elif w == 2:
+            fv = [x for x in R["mm"]["vmas"] if x["kind"] == "file"]
+            v = rng.choice(fv)
+            v["file"]["file"]["path"] = rng.choice(BAD_PATHS)
+        else:
+            v["kind"] = "file"
+            v["file"] = None
+        return f"mm vma edit {w}"
+
+    @edit("fd-number")
+    def _(R, rng):
+        r = _fd(R["fds"], rng)
+        v = rng.choice([-1, 1 << 31, (1 << 20) + 1, "3", None, R["fds"][0]["fd"] if r is not R["fds"][0] else -2])
+        r["fd"] = v
+        return f"fds fd {r.get('kind')} = {v!r}"
+
+    @edit("fd-dup")
+    def _(R, rng):
+        r = _fd(R["fds"], rng, lambda r: "dup_of" in r) or _fd(R["fds"], rng)
+        v = rng.choice([r["fd"], 999, -1, "4"])
+        r["dup_of"] = v
+        return f"fds fd {r['fd']} dup_of = {v!r}"
+
+    @edit("fd-fields")
+    def _(R, rng):
+        r = _fd(R["fds"], rng)
+        k = rng.choice(["flags", "pos", "cloexec", "kind"])
+        v = {"flags": [-1, 1 << 70, "2"], "pos": [-1, 1 << 64], "cloexec": ["yes", 1],
+             "kind": ["evil", 3]}[k]
+        r[k] = rng.choice(v)
+        return f"fds fd {r['fd']} {k} = {r[k]!r}"
+
+    @edit("fd-file-path")
+    def _(R, rng):
+        r = _fd(R["fds"], rng, lambda r: isinstance(r.get("file"), dict))
+        if r is None:
+            return None
+        v = rng.choice(BAD_PATHS)
+        r["file"]["path"] = v
+        return f"fds fd {r['fd']} file path = {v!r}"
+
+    @edit("fd-data")
+    def _(R, rng):
+        r = _fd(R["fds"], rng, lambda r: isinstance(r.get("data"), str))
+        if r is None:
+            return None
+        v = rng.choice(["../../etc/passwd", "/etc/passwd", "fds/nothing", "core.json", "manifest.json", 5,
+                        "fds/../core.json"])
+        if rng.random() < 0.3:
+            r["data_len"] = r.get("data_len", 0) + 1
+            return f"fds fd {r['fd']} data_len + 1"
+        r["data"] = v
+        return f"fds fd {r['fd']} data = {v!r}"
+
+    @edit("ghost")
+    def _(R, rng):
+        g = _ghost(R["fds"])
+        if g is None:
+            return None
+        k = rng.choice(["name", "extents", "size", "data_bytes", "ghost", "mode"])
+        v = {"name": ["relative (deleted)", "/tmp/../etc/x (deleted)", "/tmp/a\0b (deleted)", 5],
+             "extents": [[[0, 1 << 40]], [[-1, 300]], [[0, 100], [50, 100]], "x", [[0, 0]]],
+             "size": [-1, 10, "300"], "data_bytes": [301, -300], "ghost": ["../../x", "a/b", 1],
+             "mode": [-1, "0600"]}[k]
+        g[k] = rng.choice(v)
+        return f"ghost {k} = {g[k]!r}"
+
+    @edit("fd-kind-field")
+    def _(R, rng):
+        r = _fd(R["fds"], rng, lambda r: r["kind"] in ("eventfd", "timerfd", "epoll", "inotify", "socket", "pipe"))
+        k = r["kind"]
+        if k == "eventfd":
+            f, v = "count", rng.choice([-1, 1 << 64, (1 << 64) - 1, "5", None])
+        elif k == "timerfd":
+            f, v = rng.choice(["clockid", "ticks", "interval_ns", "remaining_ns", "abstime"]), \
+                rng.choice([-1, 99, "x", 1 << 64, None])
+        elif k == "epoll":
+            f, v = "targets", rng.choice([[{"data": 1, "events": 25, "tfd": 77}], [{"tfd": -1}], "x", [None],
+                                          [{"data": -1, "events": 25, "tfd": 9}],
+                                          [{"data": 1, "events": 1 << 33, "tfd": 9}]])
+        elif k == "inotify":
+            w = r["watches"][0]
+            f = rng.choice(["path", "wd", "mask"])
+            v = rng.choice(["/tmp/../x", -1, "x", None, 0, 1 << 33])
+            w[f] = v
+            return f"fds inotify watch {f} = {v!r}"
+        elif k == "socket":
+            f, v = "lengths", rng.choice([[100], [-1], "x", [5, 7, 1], [1 << 40]])
+        else:
+            f = rng.choice(["size", "end", "data_len"])
+            v = rng.choice([-1, "x", 1 << 40, None, "rwx", 0, 1 << 20])
+        r[f] = v
+        return f"fds {k} {f} = {v!r}"
+
+    @edit("manifest-name")
+    def _(R, rng):
+        files = R["manifest"]["files"]
+        name = rng.choice(sorted(files))
+        meta = files.pop(name)
+        v = rng.choice(["../" + os.path.basename(name), "/etc/passwd", name + "\0", "./" + name, name + "/",
+                        "fds/../" + os.path.basename(name), "a" * 5000])
+        files[v] = meta
+        return f"manifest renames {name} to {v[:40]!r}"
+
+    @edit("manifest-field")
+    def _(R, rng):
+        m = R["manifest"]
+        w = rng.randrange(7)
+        name = rng.choice(sorted(m["files"]))
+        if w == 0:
+            m["files"][name]["size"] = rng.choice([-1, True, "10", 1 << 70])
+        elif w == 1:
+            m["files"][name]["sha256"] = m["files"][name]["sha256"].upper()
+        elif w == 2:
+            m["format"] = rng.choice([0, 999, "1", None])
+        elif w == 3:
+            m["arch"] = rng.choice(["aarch64", "", 5])
+        elif w == 4:
+            m["files"] = rng.choice([[], "x", None])
+        elif w == 5:
+            m["kernel"] = "0.0.0-other"
+        else:
+            m["meta"] = rng.choice(["x", [1]])
+        return f"manifest field edit {w}"
+
+    @edit("core-misc")
+    def _(R, rng):
+        c = R["core"]
+        w = rng.randrange(8)
+        if w == 0:
+            c["session"][rng.choice(["sid", "pgid"])] = rng.choice([-1, 0, "1", 1 << 40])
+        elif w == 1:
+            c["rseq"][rng.choice(["pointer", "size", "signature", "flags"])] = rng.choice([-1, "0", 1 << 64])
+        elif w == 2:
+            c["sched"]["affinity"] = rng.choice([[], [-1], [99999], "0"])
+        elif w == 3:
+            c["seccomp"] = rng.choice([{"mode": 5, "filters": []}, {"mode": 2, "filters": "x"}, {"mode": -1}])
+        elif w == 4:
+            c["posix_timers"] = rng.choice(["x", [None], [{"id": -1}]])
+        elif w == 5:
+            c["signals"] = rng.choice([{"thread": "x", "shared": []}, {"thread": [{"signo": 99}], "shared": []}])
+        elif w == 6:
+            c["auxv"] = rng.choice([[1, 2, 3], [-1, 0], ["x"]])
+        else:
+            c["sigaltstack"] = rng.choice([[0, 2], [-1, 0, 0], [0, 0, 1 << 64]])
+        return f"core misc edit {w}"
+
+    return E
+
+
+EDITS = _edits()
+
+
+def m_content(img, outside, rng):
+    """A data file or a record replaced by something else of the right kind
+    of wrong, re-hashed into the manifest."""
+    w = rng.randrange(7)
+    names = _files(img, manifest=False)
+    if w == 0:
+        name, data = "xstate.bin", rng.choice([b"", b"\0" * 100, bytes(rng.randrange(256) for _ in range(64))])
+    elif w == 1:
+        name = rng.choice([n for n in names if n.startswith("pages-")])
+        data = open(os.path.join(img, name), "rb").read()[: rng.choice([0, 4096, 8192])]
+    elif w == 2:
+        gs = [n for n in names if n.startswith("ghosts/")]
+        if not gs:
+            return None
+        name, data = rng.choice(gs), b"x"
+    elif w == 3:
+        fs = [n for n in names if n.startswith("fds/")]
+        if not fs:
+            return None
+        name = rng.choice(fs)
+        data = open(os.path.join(img, name), "rb").read() + b"more"
+    elif w == 4:
+        name, data = rng.choice(list(RECORDS.values())), rng.choice([b"[]", b'"x"', b"null", b"1", b"{}"])
+    elif w == 5:
+        name, data = rng.choice(list(RECORDS.values())), b"[" * 100000 + b"]" * 100000
+    else:
+        name, data = rng.choice(list(RECORDS.values())), b'{"pid": "\xff\xfe"}'
+    with open(os.path.join(img, name), "wb") as f:
+        f.write(data)
+    reseal(img, json.load(open(os.path.join(img, MANIFEST))), [name])
+    return f"content of {name} replaced ({len(data)} bytes), re-hashed"
+RECORDS = {"core": "core.json", "mm": "mm.json", "fds": "fds.json"}
+
+
+def reseal(img: str, manifest: dict, changed: List[str]) -> None:
+    """Re-hash `changed` files into the manifest, write it (so every checksum
+    passes: only the semantic checks stand between the edit and a process)."""
+    for name in changed:
+        p = os.path.join(img, name)
+        with open(p, "rb") as f:
+            data = f.read()
+        if isinstance(manifest.get("files"), dict) and name in manifest["files"] \
+                and isinstance(manifest["files"][name], dict):
+            manifest["files"][name].update(sha256=hashlib.sha256(data).hexdigest(), size=len(data))
+    with open(os.path.join(img, MANIFEST), "w") as f:
+        f.write(json.dumps(manifest, indent=1, sort_keys=True))
+
+
+def m_semantic(img, outside, rng):
+    R = {k: json.load(open(os.path.join(img, v))) for k, v in RECORDS.items()}
+    R["manifest"] = json.load(open(os.path.join(img, MANIFEST)))
+    if rng.random() < 0.15:
+        return m_content(img, outside, rng)
+    for _ in range(8):
+        name, f = rng.choice(EDITS)
+        desc = f(R, rng)
+        if desc:
+            break
+    else:
+        return None
+    for k, v in RECORDS.items():
+        with open(os.path.join(img, v), "w") as fh:
+            fh.write(json.dumps(R[k], indent=1, sort_keys=True))
+    reseal(img, R["manifest"], list(RECORDS.values()))
+    return f"{name}: {desc}"
+
+
+def m_none(img, outside, rng):
+    return "none (the control: this image must restore)"
+
+
+MUTATORS = {"none": m_none, "flip": m_flip, "truncate": m_truncate, "missing": m_missing, "extra": m_extra,
+            "symlink": m_symlink, "special": m_special, "perms": m_perms, "semantic": m_semantic}
+WEIGHTS = {"flip": 3, "truncate": 2, "missing": 2, "extra": 2, "symlink": 2, "special": 1, "perms": 2,
+           "semantic": 8}
+
+
+# -- one case -------------------------------------------------------------------------------
+
+def _reap_children() -> List[int]:
+    out = []
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return out
+        if not pid:
+            return out
+        out.append(pid)
+
+
+def _children() -> List[int]:
+    pids = []
+    for tid in os.listdir(f"/proc/{os.getpid()}/task"):
+        try:
+            with open(f"/proc/{os.getpid()}/task/{tid}/children") as f:
+                pids += [int(x) for x in f.read().split()]
+        except OSError:
+            pass
+    return pids
+
+
+def run_case(seed: dict, base: str, seed_n: int, index: int, kind: Optional[str] = None,
+             timeout: float = 60) -> dict:
+    """Mutate a copy of the seed image (deterministic in seed_n, index) and
+    run ckpt restore on it. Returns the row."""
+    rng = random.Random(seed_n * 1_000_003 + index)
+    kinds = sorted(WEIGHTS)
+    # the first cases take every kind in turn, so that even a short run tries each
+    kind = kind or (KINDS[index] if index < len(KINDS) else rng.choices(kinds, weights=[WEIGHTS[k] for k in kinds])[0])
+    case = os.path.join(base, f"case-{index:04d}")
+    holder = os.path.join(case, "holder")       # the directory holding the image
+    img = os.path.join(holder, "img")
+    outside = os.path.join(case, "outside")
+    for d in ("cwd", "tmp", "home", "out", "outside"):
+        os.makedirs(os.path.join(case, d))
+    os.makedirs(holder, 0o755)
+    shutil.copytree(seed["img"], img, symlinks=True)
+    desc = None
+    for _ in range(10):
+        desc = MUTATORS[kind](img, outside, rng)
+        if desc:
+            break
+        shutil.rmtree(img)
+        shutil.copytree(seed["img"], img, symlinks=True)
+    before = {"holder": tree(holder), "outside": tree(outside), "w": tree(seed["w"])}
+    mark = os.path.join(case, "mark")
+    pidfile = os.path.join(case, "out", "pidfile")
+    env = _engine_env({"TMPDIR": os.path.join(case, "tmp"), "HOME": os.path.join(case, "home"),
+                       "CKPT_TEST_PROCESS_MARK": mark})
+    t0 = time.monotonic()
+    try:
+        r = subprocess.run([sys.executable, "-m", "engine", "restore", "-D", img, "--pidfile", pidfile, "--json"],
+                           capture_output=True, text=True, close_fds=True, timeout=timeout, env=env,
+                           stdin=subprocess.DEVNULL, cwd=os.path.join(case, "cwd"))
+        rc, out, err = r.returncode, r.stdout, r.stderr
+    except subprocess.TimeoutExpired as e:
+        rc, out, err = None, e.stdout or "", (e.stderr or "") if isinstance(e.stderr, str) else ""
+    ms = round((time.monotonic() - t0) * 1000, 1)
+    try:   # `ckpt show` reads the same image: it may show it or refuse it, never crash
+        sh = subprocess.run([sys.executable, "-m", "engine", "show", "-D", img, "--json"], capture_output=True,
+                            text=True, close_fds=True, timeout=timeout, env=env, stdin=subprocess.DEVNULL,
+                            cwd=os.path.join(case, "cwd"))
+        show = {0: "shown", 2: "usage", 3: "refused"}.get(sh.returncode, f"exit {sh.returncode}")
+        err += "\n" + sh.stderr if ("Traceback" in sh.stderr or "internal error" in sh.stderr) else ""
+    except subprocess.TimeoutExpired:
+        show = "hung"
+    created = os.path.exists(mark)
+    reasons: List[str] = []
+    try:
+        res = json.loads(out.strip().splitlines()[-1]) if out.strip() else {}
+        reasons = [x.get("reason") for x in res.get("refusals", [])]
+    except (ValueError, AttributeError):
+        res = {}
+    # a process that was created anyway: kill it (the seed's PID), reap what came back to us
+    leftover = []
+    if os.path.exists(f"/proc/{seed['pid']}"):
+        leftover.append(seed["pid"])
+        try:
+            os.kill(seed["pid"], 9)
+        except ProcessLookupError:
+            pass
+        time.sleep(0.05)
+    leftover += _children()
+    for pid in _children():
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass
+    leftover += _reap_children()
+    after = {"holder": tree(holder), "outside": tree(outside), "w": tree(seed["w"])}
+    written = sorted(f"{d}/{n}" for d in ("cwd", "tmp", "home", "out") for n in os.listdir(os.path.join(case, d)))
+    written += [f"{k}: changed" for k in before if before[k] != after[k]]
+    outcome = {0: "restored", 2: "usage", 3: "refused", 4: "failed", None: "hung"}.get(rc, f"exit {rc}")
+    traceback = "Traceback" in err or "internal error" in err
+    want = EXPECT[kind]
+    right = outcome == "refused" and bool(reasons) and (want is None or all(x in want for x in reasons))
+    ok = right and not created and not leftover and not traceback and not written and show != "hung"
+    return {"index": index, "kind": kind, "mutation": desc, "outcome": outcome, "reasons": reasons,
+            "show": show, "created": created, "leftover": sorted(set(leftover)), "traceback": traceback, "written": written,
+            "ok": ok, "ms": ms, "stderr": err.strip()[-400:]}
+
+
+def cleanup_case(base: str, index: int) -> None:
+    case = os.path.join(base, f"case-{index:04d}")
+    if os.path.isdir(case):
+        os.chmod(case, 0o700)
+        shutil.rmtree(case, ignore_errors=True)
+
+
+def summarize(rows: List[dict], seed_n: int) -> dict:
+    by_kind: Dict[str, Dict[str, int]] = {}
+    reasons: Dict[str, int] = {}
+    for r in rows:
+        k = by_kind.setdefault(r["kind"], {"cases": 0, "refused": 0, "failed": 0})
+        k["cases"] += 1
+        k["refused" if r["ok"] else "failed"] += 1
+        for x in r["reasons"]:
+            reasons[x] = reasons.get(x, 0) + 1
+    return {"seed": seed_n, "cases": len(rows), "refused_ok": sum(r["ok"] for r in rows),
+            "failures": sum(not r["ok"] for r in rows),
+            "processes_created": sum(r["created"] or bool(r["leftover"]) for r in rows),
+            "tracebacks": sum(r["traceback"] for r in rows),
+            "files_written_outside": sum(bool(r["written"]) for r in rows),
+            "outcomes": {o: sum(r["outcome"] == o for r in rows) for o in sorted({r["outcome"] for r in rows})},
+            "by_kind": by_kind, "reasons": reasons,
+            "ms_median": sorted(r["ms"] for r in rows)[len(rows) // 2] if rows else 0,
+            "failed_cases": [{k: r[k] for k in ("index", "kind", "mutation", "outcome", "reasons", "stderr")}
+                             for r in rows if not r["ok"]][:50]}
+
+
+def run(n: int, seed_n: int, base: str, keep: bool = False, progress=None) -> Tuple[dict, List[dict]]:
+    """`n` cases from seed `seed_n` under `base` (made fresh). Returns (summary, rows)."""
+    os.makedirs(base, exist_ok=True)
+    seed = seed_image(os.path.join(base, "seed"))
+    rows = []
+    for i in range(n):
+        row = run_case(seed, base, seed_n, i)
+        rows.append(row)
+        if progress:
+            progress(row)
+        if not keep:
+            cleanup_case(base, i)
+    return summarize(rows, seed_n), rows
