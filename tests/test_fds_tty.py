@@ -210,10 +210,21 @@ attrs[3] &= ~termios.ECHO
 attrs[6][termios.VINTR] = 5
 termios.tcsetattr(0, termios.TCSANOW, attrs)
 truth = termios.tcgetattr(0)
+try:
+    os.dup2(os.open("/dev/tty", os.O_RDWR), 7)     # the controlling terminal by its other name (if any)
+    devtty = True
+except OSError:
+    devtty = False
 
 def verify(*_):
     out = {}
     try:
+        if devtty:
+            # the same terminal as fd 0: a termios change there shows here
+            a = termios.tcgetattr(0); a[6][termios.VINTR] = 9; termios.tcsetattr(0, termios.TCSANOW, a)
+            out["devtty"] = os.readlink("/proc/self/fd/7") == "/dev/tty" and \
+                termios.tcgetattr(7)[6][termios.VINTR] in (9, b"\x09")
+            termios.tcsetattr(0, termios.TCSANOW, truth)
         with open(os.path.join(DIR, "tty-path")) as f:
             want = f.read()
         out["ttyname"] = os.ttyname(0) == want and os.ttyname(1) == want
@@ -360,7 +371,7 @@ def test_shell_job_moves_to_the_restoring_shells_session_and_terminal(procs, tmp
         assert not (tmp_path / "restore-rc").exists(), (tmp_path / "restore-rc").read_text()
         procs.adopt(job)
         (tmp_path / "tty-path").write_text(path2)
-        assert verdict(job, tmp_path) == {"ttyname": True, "attrs": True, "same_file": True}
+        assert verdict(job, tmp_path) == {"ttyname": True, "attrs": True, "same_file": True, "devtty": True}
         with open(f"/proc/{job}/stat") as f:
             rest = f.read().rsplit(")", 1)[1].split()
         dev = os.stat(path2).st_rdev
