@@ -35,8 +35,10 @@ os.dup2(m, 600); os.dup2(s, 601); os.dup2(s, 602); os.close(m); os.close(s)
 m, s = 600, 601
 os.chmod(f"/dev/pts/{index}", 0o620)
 attrs = termios.tcgetattr(s)
-if MODE != "canon":
+if MODE not in ("canon", "noeof"):
     attrs[3] &= ~(termios.ICANON | termios.ECHO)     # non-canonical, no echo
+if MODE == "noeof":
+    attrs[6][termios.VEOF] = 0                       # _POSIX_VDISABLE
 attrs[1] |= termios.ONLCR
 attrs[6][termios.VMIN] = 1
 attrs[6][termios.VINTR] = 7
@@ -484,3 +486,25 @@ def _gone(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
     except OSError:
         return True
+
+
+def test_canonical_mode_without_veof_is_refused_and_unharmed(procs, tmp_path):
+    """The line being typed is made readable with VEOF; with VEOF disabled
+    it cannot be seen: refused (`tty-queued`), nothing moved."""
+    import fcntl
+    import struct
+    p, index = start(procs, tmp_path, "noeof")
+    before = {}
+    for fd in (600, 601):
+        with open(f"/proc/{p.pid}/fdinfo/{fd}") as f:
+            before[fd] = f.read()
+    with pytest.raises((Refusal, Refusals)) as ei:
+        dump(p.pid, str(tmp_path / "img"), Options())
+    refusals = getattr(ei.value, "refusals", [ei.value])
+    assert {(r.reason, r.fd) for r in refusals} == {("tty-queued", 600), ("tty-queued", 601), ("tty-queued", 602)}
+    assert "VEOF disabled" in refusals[0].detail
+    assert p.poll() is None and not os.path.exists(tmp_path / "img")
+    from engine.pidfd import target_fd
+    with target_fd(p.pid, 601) as s:
+        queued = struct.unpack("i", fcntl.ioctl(s, 0x541B, b"\0" * 4))[0]
+    assert queued > 0                 # its lines still wait for the reader: nothing was taken

@@ -45,7 +45,7 @@ from ._peers import holders
 from ._util import failed, refuse, refuse_rec, with_status_flags
 
 KIND = "tty"
-REASONS = ("tty", "tty-queued", "tty-outside", "image-invalid")
+REASONS = ("tty", "tty-queued", "tty-outside", "capability", "image-invalid")
 MAX_INDEX_TRIES = 1024      # ptys held open at once to reach a high index
 INDEX_WAIT = 2.0            # seconds for a just-closed pair's index to be free again
 O_LARGEFILE = 0o100000      # what open(2) adds on 64-bit (force_o_largefile); same on x86_64 and aarch64
@@ -185,6 +185,9 @@ def _survey_pair(info, ctx, index: int) -> dict:
         if packet and _tty.poll_bits(mfd) & 2:        # POLLPRI: a packet status waits (n_tty_poll)
             raise refuse(info, "tty-queued", f"pty {index}: a packet-mode status byte waits to be read on the "
                          "master; reading it would consume it")
+        if (_tty.canonical(termios) or rec["in_len"]) and not _tty.may_sti():
+            raise refuse(info, "capability", f"pty {index}: putting its input queue back needs TIOCSTI, which "
+                         "needs CAP_SYS_ADMIN")
         if _tty.canonical(termios) and not f["cc"][_tty.VEOF]:
             raise refuse(info, "tty-queued", f"pty {index}: canonical mode with VEOF disabled: a line being typed "
                          "could not be seen (it is made readable by ending it with VEOF)")
