@@ -508,3 +508,44 @@ def test_canonical_mode_without_veof_is_refused_and_unharmed(procs, tmp_path):
     with target_fd(p.pid, 601) as s:
         queued = struct.unpack("i", fcntl.ioctl(s, 0x541B, b"\0" * 4))[0]
     assert queued > 0                 # its lines still wait for the reader: nothing was taken
+
+
+SPLIT = r'''
+import os, fcntl, struct, time, sys
+m = os.open("/dev/ptmx", os.O_RDWR | os.O_NOCTTY)
+fcntl.ioctl(m, 0x40045431, struct.pack("i", 0))
+idx = struct.unpack("i", fcntl.ioctl(m, 0x80045430, b"\0" * 4))[0]
+child = os.fork()
+if child == 0:
+    os.close(m)
+    os.setsid()
+    s = os.open(f"/dev/pts/{idx}", os.O_RDWR)       # its controlling terminal
+    os.dup2(s, 0); os.dup2(s, 1)
+    while True:
+        time.sleep(1)
+with open(sys.argv[1] + ".tmp", "w") as f:
+    f.write(str(child))
+os.rename(sys.argv[1] + ".tmp", sys.argv[1])
+while True:
+    time.sleep(1)
+'''
+
+
+def test_pair_split_between_tree_members_is_refused_by_name(procs, tmp_path):
+    """A driver and the program it runs on a pty (master in the parent,
+    slave the child's controlling terminal): not restored yet, refused as
+    `tty` naming the other member, the tree unharmed."""
+    import time
+    (tmp_path / "split.py").write_text(SPLIT)
+    p = procs.start([python_exe(), str(tmp_path / "split.py"), str(tmp_path / "child")])
+    wait_for(lambda: (tmp_path / "child").exists(), what="the driver")
+    child = int((tmp_path / "child").read_text())
+    procs.adopt(child)
+    time.sleep(0.2)
+    with pytest.raises((Refusal, Refusals)) as ei:
+        dump(p.pid, str(tmp_path / "img"), Options())
+    refusals = getattr(ei.value, "refusals", [ei.value])
+    assert {r.reason for r in refusals} == {"tty"}, [r.message for r in refusals]
+    assert any(r.pid == p.pid and f"held by pid {child}" in r.detail for r in refusals)
+    assert any(r.pid == child and r.fd is None and "controlling terminal" in r.detail for r in refusals)
+    assert p.poll() is None and os.path.exists(f"/proc/{child}") and not os.path.exists(tmp_path / "img")
