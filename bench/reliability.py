@@ -170,6 +170,9 @@ def kill_dumps(n: int, work: str, rng: random.Random, target: str = "ckpt") -> d
                 out["completed_image_ok"] += 1
         else:
             problems = fs.no_image(img) + t.intact()
+            if problems and not fs.alive(t.pid):
+                problems.append(f"(target exit {t.popen.poll()}; ckpt exit {p.returncode}: "
+                                f"{p.stderr.read().strip()[-200:]})")
             if problems:
                 out["failures"].append({"run": i, "delay_s": round(delay, 4), "problems": problems})
                 t.kill()
@@ -238,6 +241,12 @@ def kill_restores(n: int, work: str, rng: random.Random, target: str = "ckpt") -
            "delay_max_s": round(span, 3),
            "killed": "SIGKILL of ckpt" if target == "ckpt" else "SIGKILL of the restorer (ckpt's child, the tracer)"}
     for i in range(n):
+        if any(fs.alive(x) for x in pids):
+            # pid_max is small here: another process took one of the image's
+            # PIDs meanwhile. A new image, new PIDs.
+            im = fs.make_image(os.path.join(work, f"rimg{i}"))
+            img, pids = im["img"], fs.image_pids(im["img"])
+            before = fs.tree_hash(img)
         delay = rng.uniform(0, span)
         p = fs.ckpt_popen(["restore", "-D", img])
         victims = []
