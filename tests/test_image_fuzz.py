@@ -26,33 +26,37 @@ def seed(tmp_path_factory):
     if os.geteuid() != 0:
         pytest.skip("restores as root")
     base = str(tmp_path_factory.mktemp("fuzz"))
-    return base, imagefuzz.seed_image(os.path.join(base, "seed"))
+    return base, {w: imagefuzz.seed_image(os.path.join(base, f"seed-{w}"), w) for w in imagefuzz.SEEDS}
 
 
-def test_the_judge_sees_a_restore_of_the_unmutated_image(seed):
-    base, s = seed
+@pytest.mark.parametrize("which", imagefuzz.SEEDS)
+def test_the_judge_sees_a_restore_of_the_unmutated_image(seed, which):
+    base, seeds = seed
+    s = seeds[which]
     row = imagefuzz.run_case(s, base, SEED, 9999, kind="none")
     imagefuzz.cleanup_case(base, 9999)
     assert row["outcome"] == "restored", row
-    assert row["created"] and s["pid"] in row["leftover"] and "out/pidfile" in row["written"]
+    assert row["created"] and s["pids"][0] in row["leftover"] and "out/pidfile" in row["written"]
     assert not row["ok"]
 
 
 def test_mutated_images_are_all_refused_before_any_process(seed):
-    base, s = seed
+    base, seeds = seed
     rows = []
     for i in range(CASES):
-        rows.append(imagefuzz.run_case(s, base, SEED, i))
+        rows.append(imagefuzz.run_case(seeds[imagefuzz.seed_for(i)], base, SEED, i))
         imagefuzz.cleanup_case(base, i)
     summary = imagefuzz.summarize(rows, SEED)
     assert summary["failures"] == 0, summary["failed_cases"]
     assert summary["tracebacks"] == 0 and summary["processes_created"] == 0
     assert summary["files_written_outside"] == 0
     assert set(summary["by_kind"]) == set(imagefuzz.KINDS)          # every kind of damage was tried
+    assert all(summary["by_seed_image"].values())                   # on both images
 
 
 def test_cases_depend_only_on_seed_and_index(seed, tmp_path):
-    base, s = seed
-    a = imagefuzz.run_case(s, str(tmp_path / "a"), SEED, 7)
-    b = imagefuzz.run_case(s, str(tmp_path / "b"), SEED, 7)
+    base, seeds = seed
+    s = seeds[imagefuzz.seed_for(8)]
+    a = imagefuzz.run_case(s, str(tmp_path / "a"), SEED, 8)
+    b = imagefuzz.run_case(s, str(tmp_path / "b"), SEED, 8)
     assert (a["kind"], a["mutation"], a["reasons"]) == (b["kind"], b["mutation"], b["reasons"])
