@@ -743,7 +743,8 @@ def _tree_edit(T: dict, rng) -> str:
     zs = [x for x in ms if "zombie" in x]
     if not zs:
         return ""
-    zs[0]["ppid"] = rng.choice([x["pid"] for x in ms if x is not zs[0]])
+    # itself, or no member (another live member would be a consistent forgery: nothing else records parentage)
+    zs[0]["ppid"] = rng.choice([zs[0]["pid"], 4000002])
     return f"the zombie's parent = {zs[0]['ppid']}"
 
 

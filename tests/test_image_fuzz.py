@@ -93,6 +93,16 @@ def _tree_live_as_zombie(img, outside, rng):
     return "a live member said to be a zombie"
 
 
+def _tree_root_pgid(img, outside, rng):
+    p = os.path.join(img, "tree.json")
+    T = json.load(open(p))
+    T["members"][0]["pgid"] += 7
+    with open(p, "w") as f:
+        json.dump(T, f)
+    imagefuzz.reseal(img, json.load(open(os.path.join(img, imagefuzz.MANIFEST))), ["tree.json"])
+    return "tree.json gives the root another group than its core.json"
+
+
 def _tree_ofd_extra(img, outside, rng):
     name = _tree_member(img)["dir"] + "fds.json"
     return imagefuzz.edit_records(
@@ -119,6 +129,7 @@ CLASSES = {
     # records that do not account for the image's files
     "fds-emptied": ("sink", imagefuzz.edit_records(lambda R, _: R.update({"fds.json": []})), "no record uses"),
     "tree-live-zombie": ("tree", _tree_live_as_zombie, "is a zombie but its records"),
+    "tree-root-pgid": ("tree", _tree_root_pgid, "its core.json says"),
 }
 
 
