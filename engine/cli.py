@@ -118,8 +118,9 @@ def _run(args) -> dict:
         from .dump import dump
         return guard.run(dump, args.pid, args.dir, opts)   # the tracer is a worker ckpt guards
     if args.command == "check":
+        from . import guard
         from .dump import check
-        return check(args.pid, opts)
+        return guard.run(check, args.pid, opts)   # killed mid-freeze, it must not leave the target masked
     if args.command == "survey":
         from .survey import run_cli
         return run_cli(args, opts)

@@ -466,8 +466,12 @@ def _restore(reader: ImageReader, options: Options, t0: float) -> dict:
     vmas = check_mm(mm, npf)
     check_fd_records(fdrecs)
     imagecheck.check_records(reader, core, vmas, fdrecs)
+    imagecheck.check_all_used(reader, imagecheck.used_files(core, vmas, fdrecs, npf))
     xstate = reader.read_bytes("xstate.bin")
+    imagecheck.check_xstate(core, xstate)
     thread_xstate = threads.unpack_xstate(reader, core.get("threads", []))
+    for tid, blob in thread_xstate.items():
+        imagecheck.check_xstate({"xstate": {}}, blob, f"{threads.XSTATE_FILE} thread {tid}")
     meta = reader.manifest.get("meta") or {}
     same_node = isinstance(meta, dict) and meta.get("boot_id") == boot_id()
     pid = core["pid"]

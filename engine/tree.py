@@ -569,8 +569,10 @@ def dump(pid: int, directory: str, options) -> dict:
                 simg = sub(img, m.dir)
                 dumper = PageDumper(m.pid, simg)
                 dumpers.append(dumper)
-                state["xstate"] = arch.xstate_features(task.get_xstate())
-                simg.write_bytes("xstate.bin", task.get_xstate())
+                xstate = task.get_xstate()
+                # its size too: restore checks xstate.bin against it before any process exists
+                state["xstate"] = dict(arch.xstate_features(xstate), bytes=len(xstate))
+                simg.write_bytes("xstate.bin", xstate)
                 if ctx.threads:
                     simg.write_bytes(threads.XSTATE_FILE, threads.pack_xstate(ctx.threads, state["threads"]))
                 state["exe"] = m.recs["exe"]

@@ -143,6 +143,16 @@ def restore_tree(reader, options, pidfile: Optional[str], t0: float) -> dict:
                 o = r["ofd_of"]
                 if not (isinstance(o, list) and len(o) == 2 and o[0] in pids and o[0] != m["pid"]):
                     raise _bad(f"member {m['pid']} fd {r['fd']}: ofd_of {o!r}")
+    imagecheck.check_tree(reader, members, {m["pid"]: fdrecs for m, _, _, _, fdrecs, _, _ in loaded},
+                          {m["pid"]: core for m, _, core, _, _, _, _ in loaded})
+    imagecheck.check_all_used(reader, {TREE_FILE} | imagecheck.tree_used_files(
+        [(m["dir"], core, vmas, fdrecs, npf) for m, _, core, vmas, fdrecs, npf, _ in loaded]))
+    for m, img, core, vmas, fdrecs, npf, ctx in loaded:
+        for r in fdrecs:
+            if "ofd_of" in r:
+                o = r["ofd_of"]
+                if not (isinstance(o, list) and len(o) == 2 and o[0] in pids and o[0] != m["pid"]):
+                    raise _bad(f"member {m['pid']} fd {r['fd']}: ofd_of {o!r}")
         for v in vmas:
             if "tree_shared" in v and not (isinstance(v["tree_shared"], list) and len(v["tree_shared"]) == 3
                                            and v["tree_shared"][0] in pids and v["kind"] == "shmem"):
@@ -173,6 +183,7 @@ def restore_tree(reader, options, pidfile: Optional[str], t0: float) -> dict:
         for m, img, core, vmas, fdrecs, npf, ctx in loaded:
             faults.point("restore.tree.prepare")
             xstate = img.read_bytes("xstate.bin")
+            imagecheck.check_xstate(core, xstate, m["dir"] + "xstate.bin")
             thread_xstate = threads.unpack_xstate(img, core.get("threads", []))
             pages = PageSource([img.data(page_file_name(i)) for i in range(npf)])
             sources.append(pages)
