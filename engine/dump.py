@@ -379,8 +379,10 @@ def dump(pid: int, directory: str, options: Options) -> dict:
             if s.refusals:
                 raise s.refusals[0] if len(s.refusals) == 1 else Refusals(s.refusals)
             faults.point("dump.surveyed")
-            state["xstate"] = arch.xstate_features(task.get_xstate())
-            img.write_bytes("xstate.bin", task.get_xstate())
+            xstate = task.get_xstate()
+            # its size too: restore checks xstate.bin against it before any process exists
+            state["xstate"] = dict(arch.xstate_features(xstate), bytes=len(xstate))
+            img.write_bytes("xstate.bin", xstate)
             if ctx.threads:
                 img.write_bytes(threads.XSTATE_FILE, threads.pack_xstate(ctx.threads, state["threads"]))
             state["exe"] = recs["exe"]

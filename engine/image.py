@@ -450,6 +450,10 @@ class ImageReader:
             self.close()
             raise failed
         self._verified = True
+        # Every file is in memory now: the directory is not needed any more
+        # (and a caller that forgets close() leaks no fd).
+        os.close(self.fd)
+        self.fd = -1
 
     def path(self, name: str) -> str:
         """The name of an image file, for messages and for "is it there":

@@ -35,6 +35,7 @@ from .image import ImageReader
 from .memory import PageSource, page_file_name
 
 CAP_SYS_RESOURCE = 24
+PR_SET_CHILD_SUBREAPER = 36
 
 
 def _bad(what: str) -> Refusal:
@@ -465,8 +466,12 @@ def _restore(reader: ImageReader, options: Options, t0: float) -> dict:
     vmas = check_mm(mm, npf)
     check_fd_records(fdrecs)
     imagecheck.check_records(reader, core, vmas, fdrecs)
+    imagecheck.check_all_used(reader, imagecheck.used_files(core, vmas, fdrecs, npf))
     xstate = reader.read_bytes("xstate.bin")
+    imagecheck.check_xstate(core, xstate)
     thread_xstate = threads.unpack_xstate(reader, core.get("threads", []))
+    for tid, blob in thread_xstate.items():
+        imagecheck.check_xstate({"xstate": {}}, blob, f"{threads.XSTATE_FILE} thread {tid}")
     meta = reader.manifest.get("meta") or {}
     same_node = isinstance(meta, dict) and meta.get("boot_id") == boot_id()
     pid = core["pid"]
@@ -485,7 +490,10 @@ def _restore(reader: ImageReader, options: Options, t0: float) -> dict:
         job = Job(core=core, vmas=vmas, fdrecs=fdrecs, xstate=xstate, thread_xstate=thread_xstate, pages=pages,
                   prepared=prepared, ctx=ctx)
         imagecheck.process_creation_hook()
+        foreground = _foreground_job(fdrecs, options)
         out = _run_restorer(job)
+        if foreground:
+            out["foreground"] = foreground
         # The process is back: what handlers hold until then (a TCP
         # connection's network lock) can go.
         for hook in ctx.shared.pop("_after_restore", []):
@@ -496,6 +504,20 @@ def _restore(reader: ImageReader, options: Options, t0: float) -> dict:
             prepared.close()
         files.close_shared(ctx)
         pages.close()
+
+
+def _foreground_job(fdrecs: List[dict], options: Options) -> Optional[str]:
+    """A shell job that was its terminal's foreground group, restored with
+    --tty: ckpt becomes the child subreaper first, so the process is its
+    child once the restorer exits (its group is not orphaned: job control
+    works), and the --tty terminal is returned (engine/fds/tty.py)."""
+    if not options.tty or not any(r.get("kind") == "tty" and r.get("outside") and r.get("fg_own") for r in fdrecs):
+        return None
+    import ctypes
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise EngineError("prctl(PR_SET_CHILD_SUBREAPER)", errno=ctypes.get_errno())
+    from .fds.tty import tty_path
+    return tty_path(options.tty)
 
 
 def write_pidfile(pidfile: str, pid: int) -> None:

@@ -224,7 +224,9 @@ def m_drop_pipe_byte(img: Image) -> str:
                "no pipe or fifo with queued bytes")
     data = img.read(r["data"])
     img.write(r["data"], data[:-1])
-    r["data_len"] -= 1
+    for other in fds:     # every end of that pipe names the same queue (ckpt checks they agree)
+        if other.get("data") == r["data"]:
+            other["data_len"] -= 1
     img.put_json("fds.json")
     return f"{r['kind']} fd {r['fd']}: last of {len(data)} queued bytes dropped"
 

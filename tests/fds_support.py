@@ -225,10 +225,14 @@ def restore(image_dir: str, pid: Optional[int] = None, same_node: bool = True,
     ctx = RestoreContext(options=options or Options(), image=img, same_node=same_node, records=records,
                          pid=pid)
     from engine.fds import handler
-    for rec in records:
-        assert rec["fd"] >= HIGH, "tests must use high fd numbers"
-        if rec.get("dup_of") is None:
-            handler(rec["kind"]).validate(rec, ctx)
+    try:
+        for rec in records:
+            assert rec["fd"] >= HIGH, "tests must use high fd numbers"
+            if rec.get("dup_of") is None:
+                handler(rec["kind"]).validate(rec, ctx)
+    except BaseException:
+        img.close()
+        raise
     installed: List[int] = []
     done = Restored(installed)
     try:
@@ -251,6 +255,8 @@ def restore(image_dir: str, pid: Optional[int] = None, same_node: bool = True,
     except BaseException:
         done.__exit__()
         raise
+    finally:
+        img.close()                         # the image directory's fd (engine/image.py)
     return done
 
 

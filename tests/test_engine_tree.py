@@ -258,7 +258,7 @@ def test_socketpairs_between_members(procs, session_killer, tmp_path):  # noqa: 
     wait_for(lambda: (tmp_path / "result").exists(), timeout=20, what="the result")
     got = json.loads((tmp_path / "result").read_text())
     assert got == {"token": info["token"], "first": "to-parent", "dgrams": ["d1", "d2"],
-                   "reply": "child-got:to-child|p1"}, got
+                   "reply": f"child-got:to-child|p1|queued|{p.pid}"}, got   # SO_PEERCRED: the pair's maker
 
 
 def test_thread_pool_under_a_shell(procs, session_killer, tmp_path):  # noqa: F811
@@ -418,3 +418,24 @@ def test_forking_tree_frozen_consistently(procs, session_killer, tmp_path):  # n
     res, _ = _dump_restore(p.pid, tmp_path / "img", procs)
     c1 = counters()
     wait_for(lambda: counters()[1] > c1[1] + 5 and counters()[2] > c1[2] + 5, what="churn forking after the restore")
+
+
+def test_leave_running_then_restore_refused_while_members_live(procs, session_killer, tmp_path):  # noqa: F811
+    """--leave-running lets every member go on (untraced, running); a
+    restore while they still hold their PIDs is refused pid-in-use for
+    each member, before any process is made."""
+    p = _start(procs, [python_exe(), FAMILY, "family"], tmp_path)
+    session_killer.append(p.pid)
+    info = _ready(tmp_path, p)
+    pids = [p.pid] + list(info["kids"].values())
+    res = dump(p.pid, str(tmp_path / "img"), Options(leave_running=True))
+    assert res["left_running"] and res["members"] == len(pids)
+    _untouched(pids)
+    with pytest.raises(Refusals) as e:
+        restore(str(tmp_path / "img"), Options())
+    assert {r.reason for r in e.value.refusals} == {"pid-in-use"}
+    assert {r.pid for r in e.value.refusals} == set(pids)
+    (tmp_path / "go").write_text("")
+    wait_for(lambda: (tmp_path / "result").exists(), timeout=20, what="the original's result")
+    got = json.loads((tmp_path / "result").read_text())
+    assert got["token"] == info["token"] and got["status"]["A"] == ["exit", 7]

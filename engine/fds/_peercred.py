@@ -66,13 +66,15 @@ def _alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
-def dump_problem(cred: dict, target: int) -> Optional[str]:
+def dump_problem(cred: dict, target: int, inside=()) -> Optional[str]:
     """Why a restore could not reproduce `cred` (checked at dump, target
-    frozen): its pid is a live process other than the target."""
+    frozen): its pid is a live process other than the target (or, `inside`,
+    than the members of the dumped process tree: restored with their pids,
+    so theirs are free when the helper takes them)."""
     pid = cred["pid"]
     if cred.get("groups") is None:
         return "its peer's supplementary groups cannot be read (more than 256?)"
-    if pid <= 0 or pid == target:
+    if pid <= 0 or pid == target or pid in inside:
         return None
     try:
         with open(f"/proc/{target}/task/{pid}/stat"):

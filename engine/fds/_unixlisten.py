@@ -85,7 +85,7 @@ def listener_classify(info, ctx, q: dict) -> dict:
     with dup_of(info) as mine:
         rec["opts"] = options(info, ctx, _socket.AF_UNIX, typ, 0, mine)
         rec["cred"] = _peercred.read(mine)        # the caller of listen() (_peercred)
-    why = _peercred.dump_problem(rec["cred"], info.pid)
+    why = _peercred.dump_problem(rec["cred"], info.pid, getattr(ctx, "tree_pids", ()) or ())
     if why:
         raise refuse(info, "peer-pid-in-use", f"{head}: {why}")
     try:

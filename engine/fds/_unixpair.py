@@ -84,7 +84,7 @@ def pair_classify(info, ctx, q: dict) -> dict:
         if cred != peer_cred:
             raise refuse(info, "socket", f"unix {tname} socketpair whose ends report different peer credentials "
                          f"({_peercred.text(cred)}; {_peercred.text(peer_cred)})")
-        why = _peercred.dump_problem(cred, info.pid)
+        why = _peercred.dump_problem(cred, info.pid, getattr(ctx, "tree_pids", ()) or ())
         if why:
             raise refuse(info, "peer-pid-in-use", f"unix {tname} socketpair: {why}")
         setnames = check_options(info, opts, fresh)

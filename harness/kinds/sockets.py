@@ -372,6 +372,9 @@ def checker(e: dict, recs: List[dict], ctx: Ctx, phase: str) -> List[dict]:
             out.append(bytes_check(fd, "queued stream bytes", seeded_bytes(e.get("data")), drain(fd)))
             out.append(bytes_check(peer, "queued stream bytes (peer end)", seeded_bytes(e.get("peer_data")),
                                    drain(peer)))
+            if kind == "tcp-half-closed":
+                eof = wait_readable(fd, 2) and os.read(fd, 1) == b""
+                out.append(check(fd, "the peer's FIN: end of stream after the data", True, eof))
         elif phase == "consume" and kind in ("udp", "udp6"):
             got = s.recvfrom(65536, socket.MSG_DONTWAIT) if wait_readable(fd, 0) else (b"", None)
             out.append(bytes_check(fd, "queued datagram", seeded_bytes(e.get("data")), got[0]))

@@ -233,6 +233,8 @@ def sockpair():
     sa, sb = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     da, db = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     token = os.urandom(8).hex()
+    pr, pw = os.pipe()              # both ends held by both (shared open files), bytes queued
+    os.write(pw, b"queued")
     pid = os.fork()
     if pid == 0:
         sa.close()
@@ -241,7 +243,9 @@ def sockpair():
         db.send(b"d1")
         db.send(b"d2")
         wait_go("go")
-        got = sb.recv(100) + b"|" + db.recv(100)
+        import struct
+        cred = struct.unpack("iII", sb.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
+        got = sb.recv(100) + b"|" + db.recv(100) + b"|" + os.read(pr, 100) + b"|" + str(cred).encode()
         sb.sendall(b"child-got:" + got)
         os._exit(0)
     sb.close()
@@ -260,7 +264,7 @@ def sockpair():
     first = sa.recv(9)
     d = [da.recv(100), da.recv(100)]
     reply = b""
-    while not reply.endswith(b"p1"):
+    while not reply.endswith(str(os.getpid()).encode()):
         chunk = sa.recv(100)
         if not chunk:
             break
