@@ -748,6 +748,8 @@ def used_files(core: dict, vmas: List[dict], fdrecs: List[dict], npage_files: in
     for r in fdrecs:
         if isinstance(r.get("data"), str):
             used.add(r["data"])
+        if r.get("kind") == "tty":      # a pty master's queues (engine/fds/tty.py)
+            used.update(r[k] for k in ("out", "in") if isinstance(r.get(k), str))
     ghosts = [ghost_of(r) for r in fdrecs] + [ghost_of(v.get("file")) for v in vmas] + [ghost_of(core.get("exe"))]
     used |= {f"ghosts/{g['ghost']}.data" for g in ghosts if g is not None and isinstance(g.get("ghost"), str)}
     return {prefix + n for n in used}
@@ -770,10 +772,27 @@ def check_all_used(reader, used: set) -> None:
         raise invalid(f"files no record uses: {', '.join(unused[:5])}")
 
 
-def check_tree(reader, members: List[dict], fdrecs_of: Dict[int, List[dict]]) -> None:
+def check_tree(reader, members: List[dict], fdrecs_of: Dict[int, List[dict]],
+               cores_of: Optional[Dict[int, dict]] = None) -> None:
     """A tree image (engine/tree.py): a zombie member has no records, a live
-    one its own; an fd shared with another member ("ofd_of") agrees with
-    the record it names. Raises Refusal(image-invalid)."""
+    one its own, whose session and group are the ones tree.json gives it; a
+    zombie is in its parent's session (or its own) and in a group of the
+    tree or its parent's; an fd shared with another member ("ofd_of") agrees
+    with the record it names. Raises Refusal(image-invalid)."""
+    by_pid = {m["pid"]: m for m in members}
+    pids = set(by_pid)
+    for m in members:
+        if not 0 < m["exit_signal"] <= 64:
+            raise invalid(f"tree.json: member {m['pid']} exit signal {m['exit_signal']}")
+        core = (cores_of or {}).get(m["pid"])
+        if core is not None and (core["session"]["sid"], core["session"]["pgid"]) != (m["sid"], m["pgid"]):
+            raise invalid(f"tree.json: member {m['pid']} in session {m['sid']} group {m['pgid']}, its core.json "
+                          f"says {core['session']}")
+        parent = by_pid.get(m["ppid"])
+        if "zombie" in m and parent is not None and (
+                m["sid"] not in (parent["sid"], m["pid"]) or m["pgid"] not in pids | {parent["pgid"]}):
+            raise invalid(f"tree.json: zombie {m['pid']} in session {m['sid']} group {m['pgid']}: not its "
+                          "parent's nor its own")
     for m in members:
         files = [n for n in reader.files if m["dir"] and n.startswith(m["dir"])]
         if "zombie" in m and files:
