@@ -61,7 +61,11 @@ def _descendants(pid: int) -> list:
     out, todo = [], [pid]
     while todo:
         p = todo.pop()
-        for tid in os.listdir(f"/proc/{p}/task") if os.path.exists(f"/proc/{p}/task") else ():
+        try:
+            tids = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue        # exited meanwhile
+        for tid in tids:
             try:
                 with open(f"/proc/{p}/task/{tid}/children") as f:
                     kids = [int(x) for x in f.read().split()]
