@@ -748,6 +748,8 @@ def used_files(core: dict, vmas: List[dict], fdrecs: List[dict], npage_files: in
     for r in fdrecs:
         if isinstance(r.get("data"), str):
             used.add(r["data"])
+        if r.get("kind") == "tty":      # a pty master's queues (engine/fds/tty.py)
+            used.update(r[k] for k in ("out", "in") if isinstance(r.get(k), str))
     ghosts = [ghost_of(r) for r in fdrecs] + [ghost_of(v.get("file")) for v in vmas] + [ghost_of(core.get("exe"))]
     used |= {f"ghosts/{g['ghost']}.data" for g in ghosts if g is not None and isinstance(g.get("ghost"), str)}
     return {prefix + n for n in used}
