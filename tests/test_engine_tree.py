@@ -88,7 +88,8 @@ def session_killer(procs):  # noqa: F811
     """Kill every process of the sessions the test registers, by PID."""
     sids = []
     yield sids
-    pids = [pid for sid in sids for pid in _session(sid)]
+    # the sessions, and every descendant (a child leading a session of its own too)
+    pids = sorted({pid for sid in sids for pid in _session(sid) + _descendants(sid)})
     for pid in pids:
         try:
             os.kill(pid, signal.SIGKILL)
