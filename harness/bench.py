@@ -71,13 +71,20 @@ def measure_per_scenario(extra: List[str], agent: bool, sample: Optional[List[st
     argv = [sys.executable, "-m", "pytest", *(sample or SAMPLE), "-q", "-p", "no:cacheprovider",
             "-p", "no:benchmark"] + extra
     p = subprocess.run(argv, cwd=str(REPO), env=env, capture_output=True, text=True, close_fds=True)
+    return dict(summarize_rows(rows, agent), pytest_exit=p.returncode)
+
+
+def summarize_rows(rows: Path, agent: bool) -> Dict:
+    """The per-scenario figures of one run's rows.jsonl: median wall time per
+    scenario (its reset included; the first row, which boots, left out) and
+    the median of each step, ``engine`` being the engine's own processes."""
     got = [json.loads(x) for x in rows.read_text().splitlines()] if rows.exists() else []
     durs = [r["duration"] for r in got[1:] if isinstance(r.get("duration"), (int, float))]
     steps: Dict[str, List[float]] = {}
     for r in got[1:]:
         for k, v in (r.get("timings") or {}).items():
             steps.setdefault(k, []).append(v)
-    return {"agent": agent, "scenarios": len(got), "pytest_exit": p.returncode,
+    return {"agent": agent, "scenarios": len(got),
             "median_s": round(statistics.median(durs), 2) if durs else None,
             "max_s": round(max(durs), 2) if durs else None,
             "step_median_s": {k: round(statistics.median(v), 3) for k, v in sorted(steps.items())},
