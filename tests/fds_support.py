@@ -222,6 +222,10 @@ def restore(image_dir: str, pid: Optional[int] = None, same_node: bool = True,
     img = ImageReader(image_dir)
     img.verify()
     records = img.read_json("fds.json")
+    # What a real restore checks of these records before any process exists.
+    from engine import imagecheck, restore as core_restore
+    core_restore.check_fd_records(records)
+    imagecheck.check_fd_records(img, records)
     ctx = RestoreContext(options=options or Options(), image=img, same_node=same_node, records=records,
                          pid=pid)
     from engine.fds import handler
