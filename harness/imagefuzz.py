@@ -888,22 +888,23 @@ def run_case(seed: dict, base: str, seed_n: int, index: int, kind: Optional[str]
         reasons = [x.get("reason") for x in res.get("refusals", [])]
     except (ValueError, AttributeError):
         res = {}
-    # a process that was created anyway: kill it (the seed's PID), reap what came back to us
-    leftover = []
-    for pid in seed["pids"]:
-        if os.path.exists(f"/proc/{pid}"):
-            leftover.append(pid)
+    # A process created anyway was reparented to this runner (a subreaper)
+    # when the restorer exited: our children are exactly those (ckpt itself
+    # was reaped by subprocess). Never a PID from /proc alone: PIDs are
+    # reused by other processes on the machine.
+    leftover: List[int] = []
+    for _ in range(50):
+        kids = _children()
+        if not kids:
+            break
+        leftover += kids
+        for pid in kids:
             try:
                 os.kill(pid, 9)
             except ProcessLookupError:
                 pass
-            time.sleep(0.05)
-    leftover += _children()
-    for pid in _children():
-        try:
-            os.kill(pid, 9)
-        except ProcessLookupError:
-            pass
+        time.sleep(0.05)
+        _reap_children()
     leftover += _reap_children()
     after = {"holder": tree(holder), "outside": tree(outside), "w": tree(seed["w"])}
     written = sorted(f"{d}/{n}" for d in ("cwd", "tmp", "home", "out") for n in os.listdir(os.path.join(case, d)))

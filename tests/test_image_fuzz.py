@@ -19,7 +19,7 @@ import pytest
 from harness import imagefuzz
 
 SEED = 13
-CASES = int(os.environ.get("CKPT_FUZZ_CASES", "100"))
+CASES = int(os.environ.get("CKPT_FUZZ_CASES", "60"))     # the tool runs 500 (make reliability)
 
 
 @pytest.fixture(scope="module")
