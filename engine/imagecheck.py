@@ -407,7 +407,9 @@ def _check_strings_and_paths(rec, where: str) -> None:
             raise invalid(f"{w}: a key with a NUL byte")
         if k == "path" and isinstance(v, str) and v.startswith("/") and not _abs_path_ok(v):
             raise invalid(f"{w}.path {v!r}: not a plain absolute path")
-        if isinstance(v, dict) and "ghost" in v and "name" in v and not v.get("memfd"):
+        # A deleted file's record has a ghost id (a string); other records
+        # (a unix socket's) use "ghost" as a flag beside a hex "name".
+        if isinstance(v, dict) and isinstance(v.get("ghost"), str) and "name" in v and not v.get("memfd"):
             name = v["name"]
             if not isinstance(name, str):
                 raise invalid(f"{w}.{k}: ghost name is not a string")
@@ -611,11 +613,10 @@ def check_records(reader, core: dict, vmas: List[dict], fdrecs: List[dict]) -> N
     types). Raises Refusal(image-invalid), or Refusal(capability) for
     credentials this caller may not give."""
     pid_max = _sysctl("/proc/sys/kernel/pid_max", 1 << 22)
-    nr_open = _sysctl("/proc/sys/fs/nr_open", 1 << 20)
     for tid in [core["pid"]] + [t.get("tid") for t in core.get("threads", []) if isinstance(t, dict)]:
         if not _int(tid) or not 0 < tid < pid_max:
             raise invalid(f"core.json: PID/TID {tid!r} outside 1..{pid_max - 1}")
-    for rec, where in ((core, "core.json"), (vmas, "mm.json"), (fdrecs, "fds.json")):
+    for rec, where in ((core, "core.json"), (vmas, "mm.json")):
         _check_strings_and_paths(rec, where)
     if not 0 <= core["umask"] <= 0o777:
         raise invalid(f"core.json: umask {core['umask']:o}")
@@ -665,6 +666,15 @@ def check_records(reader, core: dict, vmas: List[dict], fdrecs: List[dict]) -> N
                 raise invalid(f"mm.json: page run {run!r}")
         if ghost_of(v.get("file")) is not None:
             _check_ghost(ghost_of(v["file"]), reader, "mm.json")
+    check_fd_records(reader, fdrecs)
+
+
+def check_fd_records(reader, fdrecs: List[dict]) -> None:
+    """The fd records' fields in range and their names and paths plain
+    (check_records' part for fds.json; the fd-level host tests restore
+    through it too, so a record shape it mistakes shows there first)."""
+    _check_strings_and_paths(fdrecs, "fds.json")
+    nr_open = _sysctl("/proc/sys/fs/nr_open", 1 << 20)
     fds = {r["fd"] for r in fdrecs}
     for r in fdrecs:
         if "dup_of" not in r and "ofd_of" not in r:   # ofd_of: another tree member's open file (engine/tree.py)
@@ -748,6 +758,8 @@ def used_files(core: dict, vmas: List[dict], fdrecs: List[dict], npage_files: in
     for r in fdrecs:
         if isinstance(r.get("data"), str):
             used.add(r["data"])
+        if r.get("kind") == "tty":      # a pty master's queues (engine/fds/tty.py)
+            used.update(r[k] for k in ("out", "in") if isinstance(r.get(k), str))
     ghosts = [ghost_of(r) for r in fdrecs] + [ghost_of(v.get("file")) for v in vmas] + [ghost_of(core.get("exe"))]
     used |= {f"ghosts/{g['ghost']}.data" for g in ghosts if g is not None and isinstance(g.get("ghost"), str)}
     return {prefix + n for n in used}
@@ -770,10 +782,27 @@ def check_all_used(reader, used: set) -> None:
         raise invalid(f"files no record uses: {', '.join(unused[:5])}")
 
 
-def check_tree(reader, members: List[dict], fdrecs_of: Dict[int, List[dict]]) -> None:
+def check_tree(reader, members: List[dict], fdrecs_of: Dict[int, List[dict]],
+               cores_of: Optional[Dict[int, dict]] = None) -> None:
     """A tree image (engine/tree.py): a zombie member has no records, a live
-    one its own; an fd shared with another member ("ofd_of") agrees with
-    the record it names. Raises Refusal(image-invalid)."""
+    one its own, whose session and group are the ones tree.json gives it; a
+    zombie is in its parent's session (or its own) and in a group of the
+    tree or its parent's; an fd shared with another member ("ofd_of") agrees
+    with the record it names. Raises Refusal(image-invalid)."""
+    by_pid = {m["pid"]: m for m in members}
+    pids = set(by_pid)
+    for m in members:
+        if not 0 < m["exit_signal"] <= 64:
+            raise invalid(f"tree.json: member {m['pid']} exit signal {m['exit_signal']}")
+        core = (cores_of or {}).get(m["pid"])
+        if core is not None and (core["session"]["sid"], core["session"]["pgid"]) != (m["sid"], m["pgid"]):
+            raise invalid(f"tree.json: member {m['pid']} in session {m['sid']} group {m['pgid']}, its core.json "
+                          f"says {core['session']}")
+        parent = by_pid.get(m["ppid"])
+        if "zombie" in m and parent is not None and (
+                m["sid"] not in (parent["sid"], m["pid"]) or m["pgid"] not in pids | {parent["pgid"]}):
+            raise invalid(f"tree.json: zombie {m['pid']} in session {m['sid']} group {m['pgid']}: not its "
+                          "parent's nor its own")
     for m in members:
         files = [n for n in reader.files if m["dir"] and n.startswith(m["dir"])]
         if "zombie" in m and files:

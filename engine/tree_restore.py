@@ -143,7 +143,8 @@ def restore_tree(reader, options, pidfile: Optional[str], t0: float) -> dict:
                 o = r["ofd_of"]
                 if not (isinstance(o, list) and len(o) == 2 and o[0] in pids and o[0] != m["pid"]):
                     raise _bad(f"member {m['pid']} fd {r['fd']}: ofd_of {o!r}")
-    imagecheck.check_tree(reader, members, {m["pid"]: fdrecs for m, _, _, _, fdrecs, _, _ in loaded})
+    imagecheck.check_tree(reader, members, {m["pid"]: fdrecs for m, _, _, _, fdrecs, _, _ in loaded},
+                          {m["pid"]: core for m, _, core, _, _, _, _ in loaded})
     imagecheck.check_all_used(reader, {TREE_FILE} | imagecheck.tree_used_files(
         [(m["dir"], core, vmas, fdrecs, npf) for m, _, core, vmas, fdrecs, npf, _ in loaded]))
     for m, img, core, vmas, fdrecs, npf, ctx in loaded:

@@ -743,7 +743,8 @@ def _tree_edit(T: dict, rng) -> str:
     zs = [x for x in ms if "zombie" in x]
     if not zs:
         return ""
-    zs[0]["ppid"] = rng.choice([x["pid"] for x in ms if x is not zs[0]])
+    # itself, or no member (another live member would be a consistent forgery: nothing else records parentage)
+    zs[0]["ppid"] = rng.choice([zs[0]["pid"], 4000002])
     return f"the zombie's parent = {zs[0]['ppid']}"
 
 
@@ -784,6 +785,22 @@ def m_semantic(img, outside, rng):
     return f"{prefix}{name}: {desc}"
 
 
+def edit_records(fn: Callable, files=("core.json", "mm.json", "fds.json")):
+    """A mutator that applies fn({name: record}, img) to the image's JSON
+    records (a tree's too: names relative to the image) and re-hashes them:
+    for regression tests of one class of semantic edit."""
+    def mutate(img, outside, rng):
+        names = list(files)
+        R = {n: json.load(open(os.path.join(img, n))) for n in names}
+        desc = fn(R, img)
+        for n in names:
+            with open(os.path.join(img, n), "w") as fh:
+                fh.write(json.dumps(R[n], indent=1, sort_keys=True))
+        reseal(img, json.load(open(os.path.join(img, MANIFEST))), names)
+        return desc or "records edited"
+    return mutate
+
+
 def m_none(img, outside, rng):
     return "none (the control: this image must restore)"
 
@@ -820,7 +837,7 @@ def _children() -> List[int]:
 
 
 def run_case(seed: dict, base: str, seed_n: int, index: int, kind: Optional[str] = None,
-             timeout: float = 60) -> dict:
+             timeout: float = 60, mutator: Optional[Callable] = None) -> dict:
     """Mutate a copy of the seed image (deterministic in seed_n, index) and
     run ckpt restore on it. Returns the row."""
     rng = random.Random(seed_n * 1_000_003 + index)
@@ -837,7 +854,7 @@ def run_case(seed: dict, base: str, seed_n: int, index: int, kind: Optional[str]
     shutil.copytree(seed["img"], img, symlinks=True)
     desc = None
     for _ in range(10):
-        desc = MUTATORS[kind](img, outside, rng)
+        desc = (mutator or MUTATORS[kind])(img, outside, rng)
         if desc:
             break
         shutil.rmtree(img)
@@ -871,22 +888,23 @@ def run_case(seed: dict, base: str, seed_n: int, index: int, kind: Optional[str]
         reasons = [x.get("reason") for x in res.get("refusals", [])]
     except (ValueError, AttributeError):
         res = {}
-    # a process that was created anyway: kill it (the seed's PID), reap what came back to us
-    leftover = []
-    for pid in seed["pids"]:
-        if os.path.exists(f"/proc/{pid}"):
-            leftover.append(pid)
+    # A process created anyway was reparented to this runner (a subreaper)
+    # when the restorer exited: our children are exactly those (ckpt itself
+    # was reaped by subprocess). Never a PID from /proc alone: PIDs are
+    # reused by other processes on the machine.
+    leftover: List[int] = []
+    for _ in range(50):
+        kids = _children()
+        if not kids:
+            break
+        leftover += kids
+        for pid in kids:
             try:
                 os.kill(pid, 9)
             except ProcessLookupError:
                 pass
-            time.sleep(0.05)
-    leftover += _children()
-    for pid in _children():
-        try:
-            os.kill(pid, 9)
-        except ProcessLookupError:
-            pass
+        time.sleep(0.05)
+        _reap_children()
     leftover += _reap_children()
     after = {"holder": tree(holder), "outside": tree(outside), "w": tree(seed["w"])}
     written = sorted(f"{d}/{n}" for d in ("cwd", "tmp", "home", "out") for n in os.listdir(os.path.join(case, d)))

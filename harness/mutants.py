@@ -579,14 +579,14 @@ def _no_pending_refusal(name: str, argv: List[str]) -> int:
     orig = check._check_process
     hit = []
 
-    def patched(s):
+    def patched(s, *args, **kw):   # the engine's signature may grow (tree context)
         st = s.status
         pend = {k: st.get(k) for k in ("SigPnd", "ShdPnd") if int(st.get(k, "0") or "0", 16)}
         if pend:
             hit.append(pend)
             s.status = dict(st, **{k: "0000000000000000" for k in pend})
         try:
-            return orig(s)
+            return orig(s, *args, **kw)
         finally:
             s.status = st
     check._check_process = patched

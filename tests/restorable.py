@@ -82,6 +82,8 @@ def rehearse_image(image_dir: str, options: Options = None) -> None:
                     # its terminal must be the restoring shell's controlling one, which
                     # this test process is not: the rehearsal checks the rest
                     r["ctty"] = False
+                    if r.get("tty") == "devtty":
+                        r["tty"] = "slave"      # /dev/tty: ckpt's terminal, which the test process lacks
         ctx = RestoreContext(options=options, image=reader, same_node=meta.get("boot_id") == boot_id(),
                              records=fdrecs, pid=core["pid"])
         real_pid_free = R._pid_free

@@ -35,8 +35,10 @@ os.dup2(m, 600); os.dup2(s, 601); os.dup2(s, 602); os.close(m); os.close(s)
 m, s = 600, 601
 os.chmod(f"/dev/pts/{index}", 0o620)
 attrs = termios.tcgetattr(s)
-if MODE != "canon":
+if MODE not in ("canon", "noeof"):
     attrs[3] &= ~(termios.ICANON | termios.ECHO)     # non-canonical, no echo
+if MODE == "noeof":
+    attrs[6][termios.VEOF] = 0                       # _POSIX_VDISABLE
 attrs[1] |= termios.ONLCR
 attrs[6][termios.VMIN] = 1
 attrs[6][termios.VINTR] = 7
@@ -210,10 +212,21 @@ attrs[3] &= ~termios.ECHO
 attrs[6][termios.VINTR] = 5
 termios.tcsetattr(0, termios.TCSANOW, attrs)
 truth = termios.tcgetattr(0)
+try:
+    os.dup2(os.open("/dev/tty", os.O_RDWR), 7)     # the controlling terminal by its other name (if any)
+    devtty = True
+except OSError:
+    devtty = False
 
 def verify(*_):
     out = {}
     try:
+        if devtty:
+            # the same terminal as fd 0: a termios change there shows here
+            a = termios.tcgetattr(0); a[6][termios.VINTR] = 9; termios.tcsetattr(0, termios.TCSANOW, a)
+            out["devtty"] = os.readlink("/proc/self/fd/7") == "/dev/tty" and \
+                termios.tcgetattr(7)[6][termios.VINTR] in (9, b"\x09")
+            termios.tcsetattr(0, termios.TCSANOW, truth)
         with open(os.path.join(DIR, "tty-path")) as f:
             want = f.read()
         out["ttyname"] = os.ttyname(0) == want and os.ttyname(1) == want
@@ -360,7 +373,7 @@ def test_shell_job_moves_to_the_restoring_shells_session_and_terminal(procs, tmp
         assert not (tmp_path / "restore-rc").exists(), (tmp_path / "restore-rc").read_text()
         procs.adopt(job)
         (tmp_path / "tty-path").write_text(path2)
-        assert verdict(job, tmp_path) == {"ttyname": True, "attrs": True, "same_file": True}
+        assert verdict(job, tmp_path) == {"ttyname": True, "attrs": True, "same_file": True, "devtty": True}
         with open(f"/proc/{job}/stat") as f:
             rest = f.read().rsplit(")", 1)[1].split()
         dev = os.stat(path2).st_rdev
@@ -473,3 +486,66 @@ def _gone(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
     except OSError:
         return True
+
+
+def test_canonical_mode_without_veof_is_refused_and_unharmed(procs, tmp_path):
+    """The line being typed is made readable with VEOF; with VEOF disabled
+    it cannot be seen: refused (`tty-queued`), nothing moved."""
+    import fcntl
+    import struct
+    p, index = start(procs, tmp_path, "noeof")
+    before = {}
+    for fd in (600, 601):
+        with open(f"/proc/{p.pid}/fdinfo/{fd}") as f:
+            before[fd] = f.read()
+    with pytest.raises((Refusal, Refusals)) as ei:
+        dump(p.pid, str(tmp_path / "img"), Options())
+    refusals = getattr(ei.value, "refusals", [ei.value])
+    assert {(r.reason, r.fd) for r in refusals} == {("tty-queued", 600), ("tty-queued", 601), ("tty-queued", 602)}
+    assert "VEOF disabled" in refusals[0].detail
+    assert p.poll() is None and not os.path.exists(tmp_path / "img")
+    from engine.pidfd import target_fd
+    with target_fd(p.pid, 601) as s:
+        queued = struct.unpack("i", fcntl.ioctl(s, 0x541B, b"\0" * 4))[0]
+    assert queued > 0                 # its lines still wait for the reader: nothing was taken
+
+
+SPLIT = r'''
+import os, fcntl, struct, time, sys
+m = os.open("/dev/ptmx", os.O_RDWR | os.O_NOCTTY)
+fcntl.ioctl(m, 0x40045431, struct.pack("i", 0))
+idx = struct.unpack("i", fcntl.ioctl(m, 0x80045430, b"\0" * 4))[0]
+child = os.fork()
+if child == 0:
+    os.close(m)
+    os.setsid()
+    s = os.open(f"/dev/pts/{idx}", os.O_RDWR)       # its controlling terminal
+    os.dup2(s, 0); os.dup2(s, 1)
+    while True:
+        time.sleep(1)
+with open(sys.argv[1] + ".tmp", "w") as f:
+    f.write(str(child))
+os.rename(sys.argv[1] + ".tmp", sys.argv[1])
+while True:
+    time.sleep(1)
+'''
+
+
+def test_pair_split_between_tree_members_is_refused_by_name(procs, tmp_path):
+    """A driver and the program it runs on a pty (master in the parent,
+    slave the child's controlling terminal): not restored yet, refused as
+    `tty` naming the other member, the tree unharmed."""
+    import time
+    (tmp_path / "split.py").write_text(SPLIT)
+    p = procs.start([python_exe(), str(tmp_path / "split.py"), str(tmp_path / "child")])
+    wait_for(lambda: (tmp_path / "child").exists(), what="the driver")
+    child = int((tmp_path / "child").read_text())
+    procs.adopt(child)
+    time.sleep(0.2)
+    with pytest.raises((Refusal, Refusals)) as ei:
+        dump(p.pid, str(tmp_path / "img"), Options())
+    refusals = getattr(ei.value, "refusals", [ei.value])
+    assert {r.reason for r in refusals} == {"tty"}, [r.message for r in refusals]
+    assert any(r.pid == p.pid and f"held by pid {child}" in r.detail for r in refusals)
+    assert any(r.pid == child and r.fd is None and "controlling terminal" in r.detail for r in refusals)
+    assert p.poll() is None and os.path.exists(f"/proc/{child}") and not os.path.exists(tmp_path / "img")

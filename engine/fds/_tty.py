@@ -214,6 +214,19 @@ def sti(slave: int, data: bytes) -> None:
         fcntl.ioctl(slave, TIOCSTI, bytes([b]))
 
 
+def may_sti() -> bool:
+    """Whether this process may TIOCSTI into a terminal that is not its
+    controlling one: CAP_SYS_ADMIN (drivers/tty/tty_io.c tiocsti)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> 21 & 1)
+    except OSError:
+        pass
+    return False
+
+
 def settle(slave: int) -> None:
     """Let bytes the master wrote before reach the slave's line discipline
     (poll on a slave with nothing to read flushes the flip buffer work,

@@ -45,7 +45,7 @@ from ._peers import holders
 from ._util import failed, refuse, refuse_rec, with_status_flags
 
 KIND = "tty"
-REASONS = ("tty", "tty-queued", "tty-outside", "image-invalid")
+REASONS = ("tty", "tty-queued", "tty-outside", "capability", "image-invalid")
 MAX_INDEX_TRIES = 1024      # ptys held open at once to reach a high index
 INDEX_WAIT = 2.0            # seconds for a just-closed pair's index to be free again
 O_LARGEFILE = 0o100000      # what open(2) adds on 64-bit (force_o_largefile); same on x86_64 and aarch64
@@ -120,6 +120,39 @@ def _outside_masters(ctx, index: int) -> List[tuple]:
     return out
 
 
+def _tree_fds(ctx, own: int):
+    """(pid, fd, link) of the other members of a dumped tree."""
+    for pid in sorted(set(getattr(ctx, "tree_pids", ()) or ()) - {own}):
+        try:
+            names = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for n in names:
+            try:
+                yield pid, int(n), os.readlink(f"/proc/{pid}/fd/{n}")
+            except OSError:
+                continue
+
+
+def _tree_master(ctx, index: int):
+    for pid, fd, link in _tree_fds(ctx, ctx.pid):
+        if link in ("/dev/ptmx", "/dev/pts/ptmx"):
+            try:
+                with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                    if any(l.startswith("tty-index:") and int(l.split()[1]) == index for l in f):
+                        return pid, fd
+            except (OSError, ValueError):
+                continue
+    return None
+
+
+def _tree_slave(ctx, index: int, own: int):
+    for pid, fd, link in _tree_fds(ctx, own):
+        if link == f"/dev/pts/{index}":
+            return pid, fd
+    return None
+
+
 def _ptmx_id(link: str):
     try:
         st = os.stat(link)
@@ -157,6 +190,10 @@ def _survey_pair(info, ctx, index: int) -> dict:
     slave_st = os.stat(ends["slave"][0].proc_path) if ends["slave"] else None
     outside_s = holders(ctx, name, slave_st.st_dev, slave_st.st_ino) if slave_st else []
     if not ends["master"]:
+        member = _tree_master(ctx, index)
+        if member:
+            raise refuse(info, "tty", f"pty {index}: its master is held by pid {member[0]} (fd {member[1]}) of "
+                         "the dumped tree: a pair split between processes is not restored yet")
         how = f"held by pid {outside_m[0][0]} (fd {outside_m[0][1]})" if outside_m else "held by no process here"
         return {"index": index, "outside": True, "master_where": how}
     if outside_m:
@@ -165,6 +202,10 @@ def _survey_pair(info, ctx, index: int) -> dict:
     if outside_s:
         raise refuse(info, "tty", f"pty {index}: its slave {name} is also held by pid {outside_s[0][0]} "
                      f"(fd {outside_s[0][1]}), a process outside the dump")
+    member = _tree_slave(ctx, index, info.pid)
+    if member:
+        raise refuse(info, "tty", f"pty {index}: its slave is held by pid {member[0]} (fd {member[1]}) of the "
+                     "dumped tree: a pair split between processes is not restored yet")
     if not ends["slave"]:
         raise refuse(info, "tty", f"pty {index}: the process holds the master but not the slave {name} "
                      "(whether the slave was ever opened, and its input queue, cannot be read without opening it)")
@@ -185,6 +226,9 @@ def _survey_pair(info, ctx, index: int) -> dict:
         if packet and _tty.poll_bits(mfd) & 2:        # POLLPRI: a packet status waits (n_tty_poll)
             raise refuse(info, "tty-queued", f"pty {index}: a packet-mode status byte waits to be read on the "
                          "master; reading it would consume it")
+        if (_tty.canonical(termios) or rec["in_len"]) and not _tty.may_sti():
+            raise refuse(info, "capability", f"pty {index}: putting its input queue back needs TIOCSTI, which "
+                         "needs CAP_SYS_ADMIN")
         if _tty.canonical(termios) and not f["cc"][_tty.VEOF]:
             raise refuse(info, "tty-queued", f"pty {index}: canonical mode with VEOF disabled: a line being typed "
                          "could not be seen (it is made readable by ending it with VEOF)")
