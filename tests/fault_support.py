@@ -263,6 +263,25 @@ def kill_all(pids: List[int]) -> None:
     for pid in pids:
         if alive(pid):
             kill_reap(pid)
+    reap_zombies(pids)
+
+
+def reap_zombies(pids: List[int], timeout: float = 2.0) -> None:
+    """Reap those of `pids` that died as our children (this process is a
+    subreaper: a tree member orphaned when its parent was killed comes to
+    us, as it would to PID 1)."""
+    end = time.monotonic() + timeout
+    for pid in pids:
+        while time.monotonic() < end:
+            try:
+                got, _ = os.waitpid(pid, os.WNOHANG | 0x40000000)
+            except ChildProcessError:
+                break
+            if got:
+                break
+            if alive(pid):
+                break
+            time.sleep(0.01)
 
 
 # -- fault points ------------------------------------------------------------------
@@ -336,12 +355,14 @@ def restore_point(fid: str, im: dict) -> List[str]:
     img = im["img"]
     before = tree_hash(img)
     pids = image_pids(img)
+    reap_zombies(pids)
     r = ckpt(["restore", "-D", img], env={"CKPT_FAULT": fid})
     problems = _injected(r, fid)
     left = [p for p in pids if alive(p)]
     if left:
         problems.append(f"process left behind: {left}")
         kill_all(pids)
+    reap_zombies(pids)
     if tree_hash(img) != before:
         problems.append("the image changed")
     return problems + restore_ok(img, im["dir"], im["counter"])
