@@ -40,7 +40,11 @@ def main() -> int:
         if args.verbose or not row["ok"]:
             flag = "ok  " if row["ok"] else "FAIL"
             print(f"{flag} {row['index']:4d} {row['kind']:<9} {row['outcome']:<8} {','.join(row['reasons']):<28} "
-                  f"{row['mutation']}" + ("" if row["ok"] else f"\n       {row['stderr'][-300:]}"), flush=True)
+                  f"{row['mutation']}" + ("" if row["ok"] else
+                                          f"\n       created={row['created']} leftover={row['leftover']} "
+                                          f"written={row['written']} show={row['show']} "
+                                          f"traceback={row['traceback']}\n       {row['stderr'][-300:]}"),
+                  flush=True)
 
     try:
         summary, _ = imagefuzz.run(args.cases, args.seed, base, keep=bool(args.keep), progress=progress)

@@ -93,10 +93,12 @@ def _reap_children() -> None:
             return
 
 
-def _wait_ckpt_gone(p, victims) -> bool:
+def _wait_ckpt_gone(p, victims, spare=()) -> bool:
+    """ckpt, its worker or restorer and any ckpt process reparented to us
+    are gone (`spare`: PIDs judged otherwise, the restored process's)."""
     p.wait()
     ok = True
-    for v in set(victims) | set(_stray_engines()):
+    for v in (set(victims) | set(_stray_engines())) - set(spare):
         try:
             fs.wait_for(lambda: not fs.alive(v), 20, f"ckpt's worker {v} to finish")
         except AssertionError:
@@ -170,6 +172,9 @@ def kill_dumps(n: int, work: str, rng: random.Random, target: str = "ckpt") -> d
                 out["completed_image_ok"] += 1
         else:
             problems = fs.no_image(img) + t.intact()
+            if problems and not fs.alive(t.pid):
+                problems.append(f"(target exit {t.popen.poll()}; ckpt exit {p.returncode}: "
+                                f"{p.stderr.read().strip()[-200:]})")
             if problems:
                 out["failures"].append({"run": i, "delay_s": round(delay, 4), "problems": problems})
                 t.kill()
@@ -182,9 +187,10 @@ def kill_dumps(n: int, work: str, rng: random.Random, target: str = "ckpt") -> d
     return out
 
 
-def interrupt_runs(n: int, work: str, rng: random.Random, command: str = "check") -> dict:
-    """SIGINT (a ^C) to `ckpt check` or `ckpt dump --leave-running` at n
-    random instants: the target carries on intact every time."""
+def interrupt_runs(n: int, work: str, rng: random.Random, command: str = "check",
+                   sig: int = signal.SIGINT) -> dict:
+    """SIGINT (a ^C; or `sig`) to `ckpt check` or `ckpt dump --leave-running`
+    at n random instants: the target carries on intact every time."""
     os.makedirs(work, exist_ok=True)
     t = fs.Target(os.path.join(work, "t"))
     t0 = time.monotonic()
@@ -194,14 +200,14 @@ def interrupt_runs(n: int, work: str, rng: random.Random, command: str = "check"
     if r.returncode not in (0, 3):
         raise SystemExit(f"reliability: a plain {command} fails: {r.stderr}")
     out = {"kills": 0, "target_intact": 0, "failures": [], "delay_max_s": round(span, 3),
-           "killed": f"SIGINT to ckpt {command}"}
+           "killed": f"{signal.Signals(sig).name} to ckpt {command}"}
     for i in range(n):
         delay = rng.uniform(0, span)
         img = os.path.join(work, f"img{i}")
         p = fs.ckpt_popen([command, "-t", str(t.pid)] + (["-D", img, "--leave-running"] if command == "dump" else []))
         time.sleep(delay)
         victims = _worker_of(p.pid)
-        p.send_signal(signal.SIGINT)
+        p.send_signal(sig)
         out["kills"] += 1
         problems = [] if _wait_ckpt_gone(p, victims) else ["ckpt's worker went on"]
         problems += t.intact()
@@ -238,18 +244,28 @@ def kill_restores(n: int, work: str, rng: random.Random, target: str = "ckpt") -
            "delay_max_s": round(span, 3),
            "killed": "SIGKILL of ckpt" if target == "ckpt" else "SIGKILL of the restorer (ckpt's child, the tracer)"}
     for i in range(n):
+        if any(fs.alive(x) for x in pids):
+            # pid_max is small here: another process took one of the image's
+            # PIDs meanwhile. A new image, new PIDs.
+            im = fs.make_image(os.path.join(work, f"rimg{i}"))
+            img, pids = im["img"], fs.image_pids(im["img"])
+            before = fs.tree_hash(img)
         delay = rng.uniform(0, span)
         p = fs.ckpt_popen(["restore", "-D", img])
         victims = []
+        # ckpt's children but the ones with the image's PIDs (a helper
+        # forked with the PID for SO_PEERCRED, engine/fds/_peercred.py).
+        def restorers():
+            return [c for c in _worker_of(p.pid) if c not in pids]
         if target != "ckpt":
             # The restorer lives only while it builds: the delay counts from its fork.
-            fs.wait_for(lambda: _worker_of(p.pid) or p.poll() is not None, 30, "the restorer")
+            fs.wait_for(lambda: restorers() or p.poll() is not None, 30, "the restorer")
             delay = rng.uniform(0, span / 3)
         end = time.monotonic() + delay
         while time.monotonic() < end and p.poll() is None:
-            victims = _worker_of(p.pid) or victims
+            victims = restorers() or victims
             time.sleep(0.002)
-        victims = _worker_of(p.pid) or victims
+        victims = restorers() or victims
         if target == "ckpt":
             p.kill()
         else:
@@ -263,7 +279,7 @@ def kill_restores(n: int, work: str, rng: random.Random, target: str = "ckpt") -
         p.wait()
         if p.returncode not in (0, -signal.SIGKILL) and target == "ckpt":
             problems.append(f"ckpt failed by itself ({p.returncode}): {p.stderr.read()[-300:]}")
-        if not _wait_ckpt_gone(p, victims):
+        if not _wait_ckpt_gone(p, victims, spare=pids):
             problems.append("the restorer went on")
         if fs.alive(pids[0]):
             try:
@@ -351,6 +367,10 @@ def main(argv=None) -> int:
                 print(render_kills(f"^C ckpt {cmd}", ki))
                 res[f"interrupt_{cmd}"] = ki
                 bad += len(ki["failures"])
+            kc = interrupt_runs(args.interrupts, os.path.join(work, "kc"), rng, "check", signal.SIGKILL)
+            print(render_kills("kill ckpt check", kc))
+            res["kill_check"] = kc
+            bad += len(kc["failures"])
         if args.worker_kills:
             kw = kill_dumps(args.worker_kills, os.path.join(work, "kw"), rng, target="worker")
             print(render_kills("kill the dump's tracer itself", kw))

@@ -45,6 +45,14 @@ def rows(res: dict):
                    _fmt(corpus.get("scenarios_per_minute"), " /min"), _fmt(corpus.get("wall_s"), " s"))
         if sc.get("reset_s"):
             yield (f"scenarios {cell}", "reset between scenarios (median)", "", _fmt(sc["reset_s"].get("median"), " s"))
+        if (sc.get("reset_agent_s") or {}).get("median") is not None:
+            yield (f"scenarios {cell}", "reset, steps through the agent (median)", "",
+                   _fmt(sc["reset_agent_s"]["median"], " s"))
+        for mode, ps in sorted((sc.get("per_scenario") or {}).items()):
+            if isinstance(ps, dict) and ps.get("median_s") is not None:
+                yield (f"scenarios {cell}", f"one scenario, steps over {mode} (median; engine "
+                       f"{_fmt((ps.get('step_median_s') or {}).get('engine'), ' s')}, load {ps.get('load_avg_1m')})",
+                       "", _fmt(ps["median_s"], " s"))
 
 
 def _ms(s):

@@ -359,6 +359,10 @@ def _check_ctty(s: Survey, ctx: DumpContext) -> None:
     if sid == s.pid:
         if ends["master"] and ends["slave"]:
             s.ok("controlling terminal", "session", f"/dev/pts/{idx}, a pair the process holds")
+        elif ends["slave"] and tty._tree_master(ctx, idx):
+            s.refuse("controlling terminal", "session", Refusal(
+                "tty", f"controlling terminal /dev/pts/{idx}, whose master another process of the dumped tree "
+                "holds: a pair split between processes is not restored yet"))
         elif ends["slave"]:
             s.refuse("controlling terminal", "session", Refusal(
                 "tty-outside", f"session leader whose controlling terminal /dev/pts/{idx} has its master "

@@ -118,8 +118,9 @@ def _run(args) -> dict:
         from .dump import dump
         return guard.run(dump, args.pid, args.dir, opts)   # the tracer is a worker ckpt guards
     if args.command == "check":
+        from . import guard
         from .dump import check
-        return check(args.pid, opts)
+        return guard.run(check, args.pid, opts)   # killed mid-freeze, it must not leave the target masked
     if args.command == "survey":
         from .survey import run_cli
         return run_cli(args, opts)
@@ -198,4 +199,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(_human(args.command, res))
     if args.command == "check" and not res.get("ok", True):
         return 3
+    if args.command == "restore" and res.get("foreground"):
+        # a shell job that was in the foreground: ckpt stays its parent and
+        # the foreground job until it exits or stops (engine/fds/tty.py)
+        from .fds.tty import wait_foreground
+        sys.stdout.flush()
+        wait_foreground(res["pid"], res["foreground"])
     return EXIT_OK

@@ -356,6 +356,22 @@ def _on_release(ctx: DumpContext, killed: bool) -> None:
 
 
 def dump(pid: int, directory: str, options: Options) -> dict:
+    """Checkpoint `pid` (and, when it has children, its tree: engine/tree.py)
+    into `directory`; see _dump_one. A child forked while a single process
+    was being frozen makes it a tree: it is dumped again as one."""
+    try:
+        return _dump_one(pid, directory, options)
+    except (Refusal, Refusals) as e:
+        if _became_tree(pid, e.refusals if isinstance(e, Refusals) else [e]):
+            return tree.dump(pid, directory, options)
+        raise
+
+
+def _became_tree(pid: int, refusals) -> bool:
+    return bool(refusals) and all(r.reason == "process-tree" for r in refusals) and tree.has_children(pid)
+
+
+def _dump_one(pid: int, directory: str, options: Options) -> dict:
     """Checkpoint `pid` into `directory`. Returns {pid, image, pages_bytes,
     mappings, fds, frozen_ms, durable_ms, total_ms, left_running}. Raises Refusal /
     Refusals (target resumed untouched, no image left), UsageError (bad
@@ -379,8 +395,10 @@ def dump(pid: int, directory: str, options: Options) -> dict:
             if s.refusals:
                 raise s.refusals[0] if len(s.refusals) == 1 else Refusals(s.refusals)
             faults.point("dump.surveyed")
-            state["xstate"] = arch.xstate_features(task.get_xstate())
-            img.write_bytes("xstate.bin", task.get_xstate())
+            xstate = task.get_xstate()
+            # its size too: restore checks xstate.bin against it before any process exists
+            state["xstate"] = dict(arch.xstate_features(xstate), bytes=len(xstate))
+            img.write_bytes("xstate.bin", xstate)
             if ctx.threads:
                 img.write_bytes(threads.XSTATE_FILE, threads.pack_xstate(ctx.threads, state["threads"]))
             state["exe"] = recs["exe"]
@@ -441,6 +459,13 @@ def check(pid: int, options: Options, tree_ok: bool = True) -> dict:
     proc = target_checks(pid)
     if tree_ok and tree.has_children(pid):
         return tree.check(pid, options)
+    res = _check_one(pid, proc, options)
+    if tree_ok and not res["ok"] and _became_tree(pid, [Refusal(r["reason"]) for r in res["refusals"]]):
+        return tree.check(pid, options)     # a child was forked during the freeze
+    return res
+
+
+def _check_one(pid: int, proc, options: Options) -> dict:
     ctx = DumpContext(pid=pid, options=options, image=None, boot_id=boot_id())
     tasks = threads.freeze(pid)
     task = tasks[0]

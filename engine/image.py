@@ -351,6 +351,10 @@ class ImageReader:
             raise
 
     def _load_manifest(self, imagecheck) -> None:
+        if self.dir.endswith(".partial"):
+            # Even with its manifest written: a dump that died before the
+            # commit rename did not finish (its target carries on).
+            raise Refusal("image-invalid", f"{self.dir} is an incomplete image (a dump that did not finish)")
         try:
             st = os.stat(MANIFEST, dir_fd=self.fd, follow_symlinks=False)
         except FileNotFoundError:
@@ -450,6 +454,10 @@ class ImageReader:
             self.close()
             raise failed
         self._verified = True
+        # Every file is in memory now: the directory is not needed any more
+        # (and a caller that forgets close() leaks no fd).
+        os.close(self.fd)
+        self.fd = -1
 
     def path(self, name: str) -> str:
         """The name of an image file, for messages and for "is it there":

@@ -407,7 +407,9 @@ def _check_strings_and_paths(rec, where: str) -> None:
             raise invalid(f"{w}: a key with a NUL byte")
         if k == "path" and isinstance(v, str) and v.startswith("/") and not _abs_path_ok(v):
             raise invalid(f"{w}.path {v!r}: not a plain absolute path")
-        if isinstance(v, dict) and "ghost" in v and "name" in v and not v.get("memfd"):
+        # A deleted file's record has a ghost id (a string); other records
+        # (a unix socket's) use "ghost" as a flag beside a hex "name".
+        if isinstance(v, dict) and isinstance(v.get("ghost"), str) and "name" in v and not v.get("memfd"):
             name = v["name"]
             if not isinstance(name, str):
                 raise invalid(f"{w}.{k}: ghost name is not a string")
@@ -420,6 +422,18 @@ def _check_strings_and_paths(rec, where: str) -> None:
             for f in ("dev", "ino", "size", "mode", "uid", "gid"):
                 if f in v and (not _int(v[f]) or v[f] < 0):
                     raise invalid(f"{w}.{k}.{f}: {v[f]!r} is not a non-negative integer")
+
+
+def ghost_of(rec):
+    """The deleted-file record in an fd record ({"ghost": {...}}), a
+    mapping's or the exe's file record (the ghost record itself: {"ghost":
+    id, "extents": ...}, or {"file": identity}), or None."""
+    if not isinstance(rec, dict):
+        return None
+    g = rec.get("ghost")
+    if isinstance(g, dict):
+        return g if _is_file_ghost(g) else None
+    return rec if isinstance(g, str) and _is_file_ghost(rec) else None
 
 
 def _is_file_ghost(g) -> bool:
@@ -599,11 +613,10 @@ def check_records(reader, core: dict, vmas: List[dict], fdrecs: List[dict]) -> N
     types). Raises Refusal(image-invalid), or Refusal(capability) for
     credentials this caller may not give."""
     pid_max = _sysctl("/proc/sys/kernel/pid_max", 1 << 22)
-    nr_open = _sysctl("/proc/sys/fs/nr_open", 1 << 20)
     for tid in [core["pid"]] + [t.get("tid") for t in core.get("threads", []) if isinstance(t, dict)]:
         if not _int(tid) or not 0 < tid < pid_max:
             raise invalid(f"core.json: PID/TID {tid!r} outside 1..{pid_max - 1}")
-    for rec, where in ((core, "core.json"), (vmas, "mm.json"), (fdrecs, "fds.json")):
+    for rec, where in ((core, "core.json"), (vmas, "mm.json")):
         _check_strings_and_paths(rec, where)
     if not 0 <= core["umask"] <= 0o777:
         raise invalid(f"core.json: umask {core['umask']:o}")
@@ -640,6 +653,9 @@ def check_records(reader, core: dict, vmas: List[dict], fdrecs: List[dict]) -> N
     if len(aux) % 2 or len(aux) > 2 * 64 or aux[-2:] != [0, 0] or any(not 0 <= x <= U64 for x in aux):
         raise invalid("core.json: auxv is not a terminated list of (type, value) pairs")
     _check_creds(core["creds"])
+    sess = core["session"]
+    if not all(0 < sess[k] < pid_max for k in ("sid", "pgid")) or (sess["sid"] == core["pid"] != sess["pgid"]):
+        raise invalid(f"core.json: session {sess} (a session leader leads its own group)")
     for v in vmas:
         if v["path"] == "[vsyscall]":
             continue
@@ -648,8 +664,17 @@ def check_records(reader, core: dict, vmas: List[dict], fdrecs: List[dict]) -> N
         for run in v["pages"]:
             if run[1] <= 0 or run[2] < 0 or run[3] < 0 or run[3] % 4096:
                 raise invalid(f"mm.json: page run {run!r}")
-        if isinstance(v.get("file"), dict) and _is_file_ghost(v["file"].get("ghost")):
-            _check_ghost(v["file"]["ghost"], reader, "mm.json")
+        if ghost_of(v.get("file")) is not None:
+            _check_ghost(ghost_of(v["file"]), reader, "mm.json")
+    check_fd_records(reader, fdrecs)
+
+
+def check_fd_records(reader, fdrecs: List[dict]) -> None:
+    """The fd records' fields in range and their names and paths plain
+    (check_records' part for fds.json; the fd-level host tests restore
+    through it too, so a record shape it mistakes shows there first)."""
+    _check_strings_and_paths(fdrecs, "fds.json")
+    nr_open = _sysctl("/proc/sys/fs/nr_open", 1 << 20)
     fds = {r["fd"] for r in fdrecs}
     for r in fdrecs:
         if "dup_of" not in r and "ofd_of" not in r:   # ofd_of: another tree member's open file (engine/tree.py)
@@ -661,8 +686,8 @@ def check_records(reader, core: dict, vmas: List[dict], fdrecs: List[dict]) -> N
                 raise invalid(f"fds.json: fd {r['fd']} {k} {r[k]!r}")
         if "dup_of" in r and (not _int(r["dup_of"]) or r["dup_of"] == r["fd"]):
             raise invalid(f"fds.json: fd {r['fd']} dup_of {r['dup_of']!r}")
-        if _is_file_ghost(r.get("ghost")):
-            _check_ghost(r["ghost"], reader, f"fds.json fd {r['fd']}")
+        if ghost_of(r) is not None:
+            _check_ghost(ghost_of(r), reader, f"fds.json fd {r['fd']}")
         data = r.get("data")
         if data is not None:
             size = _size_in(reader, data) if isinstance(data, str) and valid_name(data) else None
@@ -675,12 +700,124 @@ def check_records(reader, core: dict, vmas: List[dict], fdrecs: List[dict]) -> N
     # otherwise is not a dup the dump made.
     dups = {r["fd"]: r for r in fdrecs if "dup_of" in r}
     leaders = {r["fd"]: r for r in fdrecs if "dup_of" not in r}
+    for r in fdrecs:
+        if "dup_of" in r or "ofd_of" in r:
+            extra = set(r) ^ (SHARER_KEYS | {"dup_of" if "dup_of" in r else "ofd_of"})
+            if extra:
+                raise invalid(f"fds.json: fd {r['fd']} shares another record's open file, and has or lacks "
+                              f"{', '.join(sorted(extra))}")
     for r in dups.values():
         if r["dup_of"] in dups:
             raise invalid(f"fds.json: fd {r['fd']} is a dup of a dup ({r['dup_of']})")
-        lead = leaders[r["dup_of"]]
-        for k in ("kind", "link", "pos"):
-            if k in r and r[k] != lead.get(k):
-                raise invalid(f"fds.json: fd {r['fd']}, a dup of fd {lead['fd']}, has another {k} ({r[k]!r})")
-        if "flags" in r and r["flags"] & ~os.O_CLOEXEC != lead.get("flags", 0) & ~os.O_CLOEXEC:
-            raise invalid(f"fds.json: fd {r['fd']}, a dup of fd {lead['fd']}, has other status flags")
+        _same_open_file(r, leaders[r["dup_of"]], "fds.json")
+
+
+# A record that shares another's open file (a dup, or in a tree an fd
+# another member opened: "ofd_of") is these keys, as dump writes it; restore
+# takes everything else from the other record, so a field it carries besides
+# would be ignored.
+SHARER_KEYS = {"fd", "kind", "flags", "pos", "cloexec", "link"}
+
+
+def _same_open_file(r: dict, lead: dict, where: str) -> None:
+    """A record sharing `lead`'s open file agrees with it but for its fd
+    number and close-on-exec."""
+    for k in ("kind", "link", "pos"):
+        if r.get(k) != lead.get(k):
+            raise invalid(f"{where}: fd {r['fd']} shares the open file of fd {lead['fd']} but has another "
+                          f"{k} ({r.get(k)!r})")
+    if not _int(r.get("flags")) or r["flags"] & ~os.O_CLOEXEC != (lead.get("flags") or 0) & ~os.O_CLOEXEC:
+        raise invalid(f"{where}: fd {r['fd']} shares the open file of fd {lead['fd']} but has other status flags")
+
+
+XSAVE_HEADER = 512          # the legacy FXSAVE area, then the 64-byte XSAVE header
+
+
+def check_xstate(core: dict, blob: bytes, where: str = "xstate.bin") -> None:
+    """The saved FPU/xstate blob: the size the dump recorded, and on x86_64
+    an XSAVE header the kernel takes (standard format: XCOMP_BV 0, the
+    reserved bytes 0), else PTRACE_SETREGSET would fail in the new process."""
+    want = core["xstate"].get("bytes")
+    if want is not None and (not _int(want) or len(blob) != want):
+        raise invalid(f"{where} is {len(blob)} bytes, the dump saved {want!r}")
+    if os.uname().machine == "x86_64":
+        if len(blob) < XSAVE_HEADER + 64:
+            raise invalid(f"{where}: {len(blob)} bytes, shorter than an XSAVE area")
+        xcomp = int.from_bytes(blob[XSAVE_HEADER + 8:XSAVE_HEADER + 16], "little")
+        if xcomp or any(blob[XSAVE_HEADER + 16:XSAVE_HEADER + 64]):
+            raise invalid(f"{where}: not a standard-format XSAVE header")
+
+
+def used_files(core: dict, vmas: List[dict], fdrecs: List[dict], npage_files: int, prefix: str = "") -> set:
+    """The image files one process's records use (its prefix in a tree)."""
+    from .memory import page_file_name
+    used = {"core.json", "mm.json", "fds.json", "xstate.bin"} | {page_file_name(i) for i in range(npage_files)}
+    if core.get("threads"):
+        from .threads import XSTATE_FILE
+        used.add(XSTATE_FILE)
+    for r in fdrecs:
+        if isinstance(r.get("data"), str):
+            used.add(r["data"])
+        if r.get("kind") == "tty":      # a pty master's queues (engine/fds/tty.py)
+            used.update(r[k] for k in ("out", "in") if isinstance(r.get(k), str))
+    ghosts = [ghost_of(r) for r in fdrecs] + [ghost_of(v.get("file")) for v in vmas] + [ghost_of(core.get("exe"))]
+    used |= {f"ghosts/{g['ghost']}.data" for g in ghosts if g is not None and isinstance(g.get("ghost"), str)}
+    return {prefix + n for n in used}
+
+
+def tree_used_files(members: List[tuple]) -> set:
+    """used_files of every member of a tree, [(dir, core, vmas, fdrecs, npage_files)]."""
+    used = set()
+    for d, core, vmas, fdrecs, npf in members:
+        used |= used_files(core, vmas, fdrecs, npf, d)
+    return used
+
+
+def check_all_used(reader, used: set) -> None:
+    """Every file of the image is one the records use: a data file nothing
+    refers to means the records are not the ones that were dumped with it
+    (fds.json emptied to "[]" leaves the pipes' queued bytes behind)."""
+    unused = sorted(set(reader.files) - used)
+    if unused:
+        raise invalid(f"files no record uses: {', '.join(unused[:5])}")
+
+
+def check_tree(reader, members: List[dict], fdrecs_of: Dict[int, List[dict]],
+               cores_of: Optional[Dict[int, dict]] = None) -> None:
+    """A tree image (engine/tree.py): a zombie member has no records, a live
+    one its own, whose session and group are the ones tree.json gives it; a
+    zombie is in its parent's session (or its own) and in a group of the
+    tree or its parent's; an fd shared with another member ("ofd_of") agrees
+    with the record it names. Raises Refusal(image-invalid)."""
+    by_pid = {m["pid"]: m for m in members}
+    pids = set(by_pid)
+    for m in members:
+        if not 0 < m["exit_signal"] <= 64:
+            raise invalid(f"tree.json: member {m['pid']} exit signal {m['exit_signal']}")
+        core = (cores_of or {}).get(m["pid"])
+        if core is not None and (core["session"]["sid"], core["session"]["pgid"]) != (m["sid"], m["pgid"]):
+            raise invalid(f"tree.json: member {m['pid']} in session {m['sid']} group {m['pgid']}, its core.json "
+                          f"says {core['session']}")
+        parent = by_pid.get(m["ppid"])
+        if "zombie" in m and parent is not None and (
+                m["sid"] not in (parent["sid"], m["pid"]) or m["pgid"] not in pids | {parent["pgid"]}):
+            raise invalid(f"tree.json: zombie {m['pid']} in session {m['sid']} group {m['pgid']}: not its "
+                          "parent's nor its own")
+    for m in members:
+        files = [n for n in reader.files if m["dir"] and n.startswith(m["dir"])]
+        if "zombie" in m and files:
+            raise invalid(f"tree.json: member {m['pid']} is a zombie but its records are in the image")
+        if "zombie" not in m and m["dir"] + "core.json" not in reader.files:
+            raise invalid(f"tree.json: member {m['pid']} has no records")
+    for pid, recs in fdrecs_of.items():
+        for r in recs:
+            if "ofd_of" not in r:
+                continue
+            opid, ofd = r["ofd_of"]
+            theirs = {x["fd"]: x for x in fdrecs_of.get(opid, [])}
+            lead = theirs.get(ofd)
+            if lead is not None and "dup_of" in lead:
+                lead = theirs.get(lead["dup_of"])
+            if lead is None or "ofd_of" in lead:
+                raise invalid(f"tree member {pid} fd {r['fd']}: ofd_of {r['ofd_of']} names no open file")
+            _same_open_file(r, lead, f"tree member {pid}")

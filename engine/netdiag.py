@@ -44,6 +44,7 @@ NOCOOKIE = 0xFFFFFFFF       # INET_DIAG_NOCOOKIE: an exact lookup by inode, no c
 RCV_SHUTDOWN = 1
 SEND_SHUTDOWN = 2
 TCP_LISTEN = 10
+INET_DIAG_SHUTDOWN = 8      # include/uapi/linux/inet_diag.h: u8 sk_shutdown, always sent
 
 
 def _kdev_to_dev(kdev: int) -> int:
@@ -161,8 +162,9 @@ def tcp_listener(family: int, inode: int) -> Optional[Tuple[int, int]]:
 
 def tcp_sockets(family: int, states: int) -> List[dict]:
     """Every TCP socket of `family` in one of `states` (a bit mask, 1 << state):
-    {state, local, remote, rqueue, wqueue, inode}; endpoints are (address,
-    port). A connection still waiting in a listener's accept queue is an
+    {state, local, remote, rqueue, wqueue, inode, shutdown}; endpoints are
+    (address, port); shutdown: sk_shutdown (INET_DIAG_SHUTDOWN: RCV_SHUTDOWN
+    1, SEND_SHUTDOWN 2). A connection still waiting in a listener's accept queue is an
     established socket with no inode yet (no file holds it).
 
     Raises OSError on a netlink failure."""
@@ -174,6 +176,7 @@ def tcp_sockets(family: int, states: int) -> List[dict]:
         src = socket.inet_ntop(family, body[8:8 + alen])
         dst = socket.inet_ntop(family, body[24:24 + alen])
         _, rq, wq, _, ino = struct.unpack_from("=IIIII", body, 52)
+        shut = _attrs(body, 72).get(INET_DIAG_SHUTDOWN, b"\0")
         out.append({"state": body[1], "local": (src, sport), "remote": (dst, dport), "rqueue": rq,
-                    "wqueue": wq, "inode": ino})
+                    "wqueue": wq, "inode": ino, "shutdown": shut[0] if shut else 0})
     return out

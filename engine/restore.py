@@ -35,6 +35,7 @@ from .image import ImageReader
 from .memory import PageSource, page_file_name
 
 CAP_SYS_RESOURCE = 24
+PR_SET_CHILD_SUBREAPER = 36
 
 
 def _bad(what: str) -> Refusal:
@@ -368,6 +369,7 @@ def _run_restorer(job, builder=None) -> dict:
     pipe and exits. Returns its report; raises what it raised."""
     faults.point("restore.fork")
     parent = os.getpid()
+    born = time.monotonic()
     r, w = os.pipe()
     child = os.fork()
     if child == 0:
@@ -393,23 +395,66 @@ def _run_restorer(job, builder=None) -> dict:
             os._exit(code)
     os.close(w)
     chunks = []
+    # Until EOF or the restorer's exit: a clone it made but had not yet
+    # given PTRACE_O_EXITKILL outlives a SIGKILLed restorer, stopped, and
+    # holds the write end (it is a copy of the restorer).
+    import select
+    status = None
     while True:
-        b = os.read(r, 65536)
-        if not b:
+        ready, _, _ = select.select([r], [], [], 0.05)
+        if ready:
+            b = os.read(r, 65536)
+            if not b:
+                break
+            chunks.append(b)
+            continue
+        got, st = os.waitpid(child, os.WNOHANG)
+        if got:
+            status = st
+            os.set_blocking(r, False)
+            try:
+                chunks.append(os.read(r, 1 << 20))
+            except BlockingIOError:
+                pass
             break
-        chunks.append(b)
     os.close(r)
-    os.waitpid(child, 0)
+    if status is None:
+        os.waitpid(child, 0)
     try:
         out = json.loads(b"".join(chunks) or b"{}")
     except ValueError:
         out = {}
+    if not out:
+        _kill_unadopted(job, born)
     if out.get("ok"):
         return out
     if out.get("type") == "refusal":
         raise Refusal(out["reason"], out.get("detail", ""), pid=out.get("pid"), fd=out.get("fd"),
                       path=out.get("path"))
     raise EngineError(out.get("message") or "the restorer died without a report", errno=out.get("errno"))
+
+
+def _kill_unadopted(job, born: float) -> None:
+    """The restorer died without a report (SIGKILLed): a new process it had
+    cloned but not yet given PTRACE_O_EXITKILL (between clone3 and its first
+    stop) outlives it, stopped, with the image's PID. Kill it: a process
+    with that PID born since the restorer's fork is that clone."""
+    pids = [job.core["pid"]] if hasattr(job, "core") else [m["pid"] for m in getattr(job, "members", [])[:1]]
+    boot_ticks = os.sysconf("SC_CLK_TCK")
+    with open("/proc/uptime") as f:
+        uptime = float(f.read().split()[0])
+    since = uptime - (time.monotonic() - born) - 0.05
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[19]) / boot_ticks >= since and fields[0] in ("t", "T"):
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
 
 
 @contextlib.contextmanager
@@ -465,8 +510,12 @@ def _restore(reader: ImageReader, options: Options, t0: float) -> dict:
     vmas = check_mm(mm, npf)
     check_fd_records(fdrecs)
     imagecheck.check_records(reader, core, vmas, fdrecs)
+    imagecheck.check_all_used(reader, imagecheck.used_files(core, vmas, fdrecs, npf))
     xstate = reader.read_bytes("xstate.bin")
+    imagecheck.check_xstate(core, xstate)
     thread_xstate = threads.unpack_xstate(reader, core.get("threads", []))
+    for tid, blob in thread_xstate.items():
+        imagecheck.check_xstate({"xstate": {}}, blob, f"{threads.XSTATE_FILE} thread {tid}")
     meta = reader.manifest.get("meta") or {}
     same_node = isinstance(meta, dict) and meta.get("boot_id") == boot_id()
     pid = core["pid"]
@@ -485,7 +534,10 @@ def _restore(reader: ImageReader, options: Options, t0: float) -> dict:
         job = Job(core=core, vmas=vmas, fdrecs=fdrecs, xstate=xstate, thread_xstate=thread_xstate, pages=pages,
                   prepared=prepared, ctx=ctx)
         imagecheck.process_creation_hook()
+        foreground = _foreground_job(fdrecs, options)
         out = _run_restorer(job)
+        if foreground:
+            out["foreground"] = foreground
         # The process is back: what handlers hold until then (a TCP
         # connection's network lock) can go.
         for hook in ctx.shared.pop("_after_restore", []):
@@ -496,6 +548,20 @@ def _restore(reader: ImageReader, options: Options, t0: float) -> dict:
             prepared.close()
         files.close_shared(ctx)
         pages.close()
+
+
+def _foreground_job(fdrecs: List[dict], options: Options) -> Optional[str]:
+    """A shell job that was its terminal's foreground group, restored with
+    --tty: ckpt becomes the child subreaper first, so the process is its
+    child once the restorer exits (its group is not orphaned: job control
+    works), and the --tty terminal is returned (engine/fds/tty.py)."""
+    if not options.tty or not any(r.get("kind") == "tty" and r.get("outside") and r.get("fg_own") for r in fdrecs):
+        return None
+    import ctypes
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise EngineError("prctl(PR_SET_CHILD_SUBREAPER)", errno=ctypes.get_errno())
+    from .fds.tty import tty_path
+    return tty_path(options.tty)
 
 
 def write_pidfile(pidfile: str, pid: int) -> None:

@@ -12,14 +12,19 @@ def show(directory: str) -> dict:
     """Everything an image says, as one dict (the manifest and every JSON
     record file). Reading does not verify checksums; say so in the output."""
     img = ImageReader(directory)
-    img.check_tree()     # not verified, but never read through a symlink or from a file others can write
-    out = {"image": img.dir, "manifest": img.manifest, "records": {}}
-    for name in sorted(img.files):
-        if name.endswith(".json"):
-            try:
-                out["records"][name] = img.read_json(name)
-            except Refusal as e:
-                out["records"][name] = {"unreadable": e.detail}
+    try:
+        img.check_tree()     # not verified, but never read through a symlink or from a file others can write
+        out = {"image": img.dir, "manifest": img.manifest, "records": {}}
+        for name in sorted(img.files):
+            if name.endswith(".json"):
+                try:
+                    out["records"][name] = img.read_json(name)
+                except Refusal as e:
+                    if e.reason == "image-unsafe":
+                        raise
+                    out["records"][name] = {"unreadable": e.detail}
+    finally:
+        img.close()
     return out
 
 

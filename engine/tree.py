@@ -42,7 +42,7 @@ import signal
 import time
 from typing import Dict, List, Optional
 
-from . import procfs, ptrace, threads
+from . import faults, procfs, ptrace, threads
 from .check import SHMEM_NAMES
 from .errors import Refusal, Refusals
 from .libc import SysError
@@ -123,6 +123,7 @@ def freeze(root: int) -> List[Member]:
     known: Dict[int, Member] = {root: first}
     try:
         for _ in range(MAX_ROUNDS):
+            faults.point("dump.tree.freeze")
             new = [(c, m.pid) for m in members if not m.zombie for c in children_of(m.pid) if c not in known]
             if not new:
                 return members
@@ -563,12 +564,15 @@ def dump(pid: int, directory: str, options) -> dict:
             live = [m for m in members if not m.zombie]
             total = nfds = nvmas = 0
             for m in live:
+                faults.point("dump.tree.member")
                 task, ctx, state, s = m.tasks[0], m.ctx, m.state, m.survey
                 simg = sub(img, m.dir)
                 dumper = PageDumper(m.pid, simg)
                 dumpers.append(dumper)
-                state["xstate"] = arch.xstate_features(task.get_xstate())
-                simg.write_bytes("xstate.bin", task.get_xstate())
+                xstate = task.get_xstate()
+                # its size too: restore checks xstate.bin against it before any process exists
+                state["xstate"] = dict(arch.xstate_features(xstate), bytes=len(xstate))
+                simg.write_bytes("xstate.bin", xstate)
                 if ctx.threads:
                     simg.write_bytes(threads.XSTATE_FILE, threads.pack_xstate(ctx.threads, state["threads"]))
                 state["exe"] = m.recs["exe"]
@@ -631,6 +635,7 @@ def _dump_fds(s, ctx, shared: Dict[int, list]) -> List[dict]:
         elif lead != info.fd:
             rec = {"dup_of": lead}
         else:
+            faults.point("dump.tree.fd", kind)
             rec = mod.dump(info, ctx)
         rec.update(common)
         out.append(rec)

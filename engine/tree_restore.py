@@ -45,7 +45,7 @@ import struct
 import time
 from typing import Dict, List, Optional
 
-from . import files, imagecheck, ptrace, sched, signals, threads
+from . import faults, files, imagecheck, ptrace, sched, signals, threads
 from .arch import current as current_arch
 from .errors import EngineError, Refusal, Refusals
 from .libc import SysError
@@ -143,6 +143,16 @@ def restore_tree(reader, options, pidfile: Optional[str], t0: float) -> dict:
                 o = r["ofd_of"]
                 if not (isinstance(o, list) and len(o) == 2 and o[0] in pids and o[0] != m["pid"]):
                     raise _bad(f"member {m['pid']} fd {r['fd']}: ofd_of {o!r}")
+    imagecheck.check_tree(reader, members, {m["pid"]: fdrecs for m, _, _, _, fdrecs, _, _ in loaded},
+                          {m["pid"]: core for m, _, core, _, _, _, _ in loaded})
+    imagecheck.check_all_used(reader, {TREE_FILE} | imagecheck.tree_used_files(
+        [(m["dir"], core, vmas, fdrecs, npf) for m, _, core, vmas, fdrecs, npf, _ in loaded]))
+    for m, img, core, vmas, fdrecs, npf, ctx in loaded:
+        for r in fdrecs:
+            if "ofd_of" in r:
+                o = r["ofd_of"]
+                if not (isinstance(o, list) and len(o) == 2 and o[0] in pids and o[0] != m["pid"]):
+                    raise _bad(f"member {m['pid']} fd {r['fd']}: ofd_of {o!r}")
         for v in vmas:
             if "tree_shared" in v and not (isinstance(v["tree_shared"], list) and len(v["tree_shared"]) == 3
                                            and v["tree_shared"][0] in pids and v["kind"] == "shmem"):
@@ -171,7 +181,9 @@ def restore_tree(reader, options, pidfile: Optional[str], t0: float) -> dict:
     ctx0 = loaded[0][-1]
     try:
         for m, img, core, vmas, fdrecs, npf, ctx in loaded:
+            faults.point("restore.tree.prepare")
             xstate = img.read_bytes("xstate.bin")
+            imagecheck.check_xstate(core, xstate, m["dir"] + "xstate.bin")
             thread_xstate = threads.unpack_xstate(img, core.get("threads", []))
             pages = PageSource([img.data(page_file_name(i)) for i in range(npf)])
             sources.append(pages)
@@ -191,6 +203,7 @@ def restore_tree(reader, options, pidfile: Optional[str], t0: float) -> dict:
             base = 0
             jobs[m["pid"]] = single.Job(core=core, vmas=vmas, fdrecs=fdrecs, xstate=xstate,
                                         thread_xstate=thread_xstate, pages=pages, prepared=p, ctx=ctx)
+        faults.point("restore.tree.prepared")
         imagecheck.process_creation_hook()
         out = single._run_restorer(TreeJob(members, jobs), build_tree)
         # The tree is back: what handlers hold until then (a TCP
@@ -344,6 +357,7 @@ def build_tree(tj: TreeJob) -> int:
     all_vmas = [v for j in tj.jobs.values() for v in j.vmas]
     builders: Dict[int, object] = {}
     order: List[object] = []
+    _become_subreaper()
     try:
         rjob = tj.jobs[root["pid"]]
         sched.before_clone(rjob.core["sched"])
@@ -353,6 +367,7 @@ def build_tree(tj: TreeJob) -> int:
         b = Builder(rjob, task)
         builders[child] = b
         order.append(b)
+        faults.point("restore.tree.created")
         _check_xstate(task, rjob.core)
         _gadget(b, all_vmas)
         b.unregister_rseq()
@@ -366,6 +381,7 @@ def build_tree(tj: TreeJob) -> int:
             mb = _fork(builders[m["ppid"]], m, job)
             builders[m["pid"]] = mb
             order.append(mb)
+            faults.point("restore.tree.fork")
             if job is not None:
                 _check_xstate(mb.task, job.core)
             _own_group(mb, m, tree_pids)
@@ -375,6 +391,7 @@ def build_tree(tj: TreeJob) -> int:
         for mb in order:
             ptrace.set_options(mb.pid, ptrace.O_TRACESYSGOOD | ptrace.O_EXITKILL)
         # 2. zombies
+        faults.point("restore.tree.zombies")
         zombies = [m for m in members if "zombie" in m]
         for m in zombies:
             _die(builders[m["pid"]], m["zombie"]["status"])
@@ -389,8 +406,10 @@ def build_tree(tj: TreeJob) -> int:
         # 3. rebuild, parents first; then let go, children first
         live = [b for b in order if b.job is not None]
         for mb in live:
+            faults.point("restore.tree.rebuild")
             rebuild(mb)
         for mb in reversed(live):
+            faults.point("restore.tree.release")
             mb.finish()
     except BaseException:
         for mb in reversed(order):
@@ -398,5 +417,34 @@ def build_tree(tj: TreeJob) -> int:
                 threads.kill([mb.task] + [tb.task for tb in mb.threads])
             except (SysError, OSError):
                 pass
+        _reap_orphans(tree_pids)
         raise
     return root["pid"]
+
+
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def _become_subreaper() -> None:
+    """A member killed while its (killed) parent still stood is a zombie
+    only that parent could reap; as the restorer is their subreaper, such
+    orphans come back to it (_reap_orphans), and a failed restore leaves
+    no zombie holding a PID of the tree."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def _reap_orphans(pids, timeout: float = 2.0) -> None:
+    left = set(pids)
+    deadline = time.monotonic() + timeout
+    while left and time.monotonic() < deadline:
+        for pid in sorted(left):
+            try:
+                got, _ = os.waitpid(pid, os.WNOHANG | 0x40000000)    # __WALL
+            except ChildProcessError:
+                if not os.path.exists(f"/proc/{pid}"):
+                    left.discard(pid)
+                continue
+            if got:
+                left.discard(pid)
+        if left:
+            time.sleep(0.005)

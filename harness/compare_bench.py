@@ -50,6 +50,7 @@ def in_guest(arch: str, accel: str, kernel: Optional[str], distro: Optional[str]
         exe = _static_memhog(Path(tmp))
         with Guest(arch=arch, accel=accel, name="bench-compare", log_dir=str(REPO / "reports" / "guests"),
                    image=img, memory_mb=1024, engine_dir=engine_dir or str(REPO / "engine"),
+                   ready_timeout=300, ssh_timeout=300,       # TCG on a loaded host boots slowly
                    **({"distro": distro} if distro else {})) as g:
             g.put(str(exe), "/root/memhog")
             g.put(str(SCRIPT), "/root/compare.py")

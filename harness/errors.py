@@ -27,3 +27,13 @@ class StepTimeout(HarnessError):
         self.argv = list(argv)
         self.timeout = timeout
         super().__init__(f"timed out after {timeout:g} s: {' '.join(map(str, argv))}", step=step, detail=detail)
+
+
+class GuestLost(HarnessError):
+    """The guest under a scenario died, stopped answering, lost its channel
+    or ran out of disk (the scenario outcome is ``crashed``, or ``hung`` for
+    ``hung``; the worker gets a fresh guest)."""
+
+    def __init__(self, message: str, *, step: Optional[str] = None, detail: str = "", hung: bool = False):
+        self.hung = hung
+        super().__init__(message, step=step, detail=detail)

@@ -4,8 +4,11 @@ it was given (issue 13, engine/imagecheck.py).
 
 One real process (tests/targets/mutant_sink.c: files, a pipe and a unix
 datagram pair with queued data, a deleted file, timerfd, eventfd, epoll,
-inotify, 1 MiB of memory) is dumped once. Each case copies that image,
-breaks it one way and runs `python3 -m engine restore` on the copy:
+inotify, 1 MiB of memory) and one small process tree (tests/targets/
+fuzz_tree.c: a zombie, a file and a pipe its members share) are dumped
+once; every third case takes the tree. Each case copies its image, breaks
+it one way and runs `python3 -m engine restore` (and `ckpt show`) on the
+copy:
 
   flip       bits of a file flipped (the manifest only in its file table)
   truncate   a file cut short
@@ -20,7 +23,8 @@ breaks it one way and runs `python3 -m engine restore` on the copy:
              others and not sticky
   semantic   a record edited to an invalid value (paths with NUL or "..",
              fd numbers, sizes, address ranges, counts, credentials, ...)
-             and the manifest re-hashed so every checksum passes. Only
+             and the manifest re-hashed so every checksum passes (for the
+             tree: tree.json or one member's records). Only
              values that break a rule of the kernel or of the image format:
              a forgery consistent with itself (two datagrams instead of one,
              another offset) looks like a real image - that is what the
@@ -70,23 +74,38 @@ def _engine_env(extra: Optional[dict] = None) -> dict:
     return env
 
 
-def seed_image(work: str) -> dict:
-    """Compile and start the sink, dump it with the real engine (it is
-    killed and reaped). Returns {"img", "pid", "w"}."""
+TREE_SRC = os.path.join(REPO, "tests", "targets", "fuzz_tree.c")
+SEEDS = ("sink", "tree")
+
+
+def seed_for(index: int) -> str:
+    """Which seed image case `index` mutates: every third case the tree."""
+    return "tree" if index % 3 == 2 else "sink"
+
+
+def seed_image(work: str, which: str = "sink") -> dict:
+    """Compile and start the target (the sink, or a small process tree with
+    a zombie and open files its members share), dump it with the real
+    engine (it is killed and reaped). Returns {"img", "pids", "w", "which"}."""
     os.makedirs(work, exist_ok=True)
     _subreaper()
-    exe = os.path.join(work, "mutant_sink")
-    subprocess.run(["gcc", "-O2", "-Wall", "-o", exe, SINK_SRC], check=True, capture_output=True)
+    src = SINK_SRC if which == "sink" else TREE_SRC
+    exe = os.path.join(work, os.path.basename(src)[:-2])
+    subprocess.run(["gcc", "-O2", "-Wall", "-o", exe, src], check=True, capture_output=True)
     w, ready = os.path.join(work, "w"), os.path.join(work, "ready")
     os.makedirs(w, exist_ok=True)
-    p = subprocess.Popen([exe, ready, w, "sink"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+    argv = [exe, ready, w] + (["sink"] if which == "sink" else [])
+    p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL, close_fds=True, start_new_session=True)
     try:
         end = time.monotonic() + 20
         while not os.path.exists(ready):
             if p.poll() is not None or time.monotonic() > end:
-                raise RuntimeError("the sink did not start")
+                raise RuntimeError(f"the {which} target did not start")
             time.sleep(0.01)
+        with open(ready) as f:
+            words = f.read().split()
+        pids = [p.pid] if which == "sink" else [int(x) for x in words]
         img = os.path.join(work, "img")
         r = subprocess.run([sys.executable, "-m", "engine", "dump", "-t", str(p.pid), "-D", img],
                            capture_output=True, text=True, close_fds=True, timeout=120, env=_engine_env(),
@@ -94,11 +113,15 @@ def seed_image(work: str) -> dict:
         if r.returncode != 0:
             raise RuntimeError(f"dump failed: {r.stderr}")
         p.wait(timeout=20)
+        end = time.monotonic() + 20     # its children were reparented to us (a subreaper)
+        while any(os.path.exists(f"/proc/{x}") for x in pids) and time.monotonic() < end:
+            _reap_children()
+            time.sleep(0.02)
     finally:
         if p.poll() is None:
             p.kill()
             p.wait()
-    return {"img": img, "pid": p.pid, "w": w}
+    return {"img": img, "pids": pids, "w": w, "which": which}
 
 
 # -- what is compared before and after ---------------------------------------------
@@ -630,11 +653,11 @@ def _edits() -> List[Tuple[str, Callable]]:
 EDITS = _edits()
 
 
-def m_content(img, outside, rng):
+def m_content(img, outside, rng, prefix=""):
     """A data file or a record replaced by something else of the right kind
     of wrong, re-hashed into the manifest."""
     w = rng.randrange(7)
-    names = _files(img, manifest=False)
+    names = [n[len(prefix):] for n in _files(img, manifest=False) if n.startswith(prefix)]
     if w == 0:
         name, data = "xstate.bin", rng.choice([b"", b"\0" * 100, bytes(rng.randrange(256) for _ in range(64))])
     elif w == 1:
@@ -657,6 +680,7 @@ def m_content(img, outside, rng):
         name, data = rng.choice(list(RECORDS.values())), b"[" * 100000 + b"]" * 100000
     else:
         name, data = rng.choice(list(RECORDS.values())), b'{"pid": "\xff\xfe"}'
+    name = prefix + name
     with open(os.path.join(img, name), "wb") as f:
         f.write(data)
     reseal(img, json.load(open(os.path.join(img, MANIFEST))), [name])
@@ -678,23 +702,103 @@ def reseal(img: str, manifest: dict, changed: List[str]) -> None:
         f.write(json.dumps(manifest, indent=1, sort_keys=True))
 
 
+def _tree_edit(T: dict, rng) -> str:
+    """tree.json edited to something no dump makes ("" when it does not apply)."""
+    ms = T["members"]
+    m = rng.choice(ms)
+    others = [x for x in ms if x is not m]
+    w = rng.randrange(10)
+    if w == 0:
+        k = rng.choice(["pid", "ppid", "sid", "pgid"])
+        m[k] = rng.choice([0, -1, 1 << 31, "1", None, m["pid"] if k == "ppid" else 99999])
+        return f"member {ms.index(m)} {k} = {m[k]!r}"
+    if w == 1:
+        m["dir"] = rng.choice(["../", "/tmp/", "tree/../", "tree/99999/", f"tree/{others[0]['pid']}/", "", None])
+        return f"member {ms.index(m)} dir = {m['dir']!r}"
+    if w == 2:
+        T["root"] = rng.choice([0, others[0]["pid"], "x"])
+        return f"root = {T['root']!r}"
+    if w == 3:
+        zs = [x for x in ms if "zombie" in x] or [m]
+        zs[0]["zombie"] = rng.choice([{"status": -1}, {"status": 1 << 16}, {"status": "7"}, "x", {}])
+        return f"zombie = {zs[0]['zombie']!r}"
+    if w == 4:
+        ms.reverse()
+        return "members in reverse order (children before their parent)"
+    if w == 5:
+        m["exit_signal"] = rng.choice([0, -1, 65, 99, "17"])
+        return f"member {ms.index(m)} exit_signal = {m['exit_signal']!r}"
+    if w == 6:
+        ms.append(dict(rng.choice(ms[1:]), pid=4000001))
+        return "a member whose records do not exist"
+    if w == 7:
+        T["members"] = rng.choice([[], "x", None, [None]])
+        return f"members = {T['members']!r}"
+    if w == 8:
+        live = [x for x in ms[1:] if "zombie" not in x]
+        if not live:
+            return ""
+        live[0]["zombie"] = {"status": 0}
+        return "a live member said to be a zombie"
+    zs = [x for x in ms if "zombie" in x]
+    if not zs:
+        return ""
+    # itself, or no member (another live member would be a consistent forgery: nothing else records parentage)
+    zs[0]["ppid"] = rng.choice([zs[0]["pid"], 4000002])
+    return f"the zombie's parent = {zs[0]['ppid']}"
+
+
 def m_semantic(img, outside, rng):
-    R = {k: json.load(open(os.path.join(img, v))) for k, v in RECORDS.items()}
-    R["manifest"] = json.load(open(os.path.join(img, MANIFEST)))
+    tree = os.path.join(img, "tree.json")
+    if os.path.exists(tree) and rng.random() < 0.35:
+        T = json.load(open(tree))
+        desc = _tree_edit(T, rng)
+        if not desc:
+            return None
+        with open(tree, "w") as fh:
+            fh.write(json.dumps(T, indent=1, sort_keys=True))
+        reseal(img, json.load(open(os.path.join(img, MANIFEST))), ["tree.json"])
+        return f"tree.json: {desc}"
+    prefix = ""
+    if os.path.exists(tree):     # the records of one live member of the tree
+        T = json.load(open(tree))
+        prefix = rng.choice([m["dir"] for m in T["members"] if "zombie" not in m])
     if rng.random() < 0.15:
-        return m_content(img, outside, rng)
+        return m_content(img, outside, rng, prefix)
+    recs = {k: prefix + v for k, v in RECORDS.items()}
+    R = {k: json.load(open(os.path.join(img, v))) for k, v in recs.items()}
+    R["manifest"] = json.load(open(os.path.join(img, MANIFEST)))
     for _ in range(8):
         name, f = rng.choice(EDITS)
-        desc = f(R, rng)
+        try:
+            desc = f(R, rng)
+        except (IndexError, KeyError, TypeError, ValueError, AttributeError):
+            desc = None     # the edit does not fit this member's records
         if desc:
             break
     else:
         return None
-    for k, v in RECORDS.items():
+    for k, v in recs.items():
         with open(os.path.join(img, v), "w") as fh:
             fh.write(json.dumps(R[k], indent=1, sort_keys=True))
-    reseal(img, R["manifest"], list(RECORDS.values()))
-    return f"{name}: {desc}"
+    reseal(img, R["manifest"], list(recs.values()))
+    return f"{prefix}{name}: {desc}"
+
+
+def edit_records(fn: Callable, files=("core.json", "mm.json", "fds.json")):
+    """A mutator that applies fn({name: record}, img) to the image's JSON
+    records (a tree's too: names relative to the image) and re-hashes them:
+    for regression tests of one class of semantic edit."""
+    def mutate(img, outside, rng):
+        names = list(files)
+        R = {n: json.load(open(os.path.join(img, n))) for n in names}
+        desc = fn(R, img)
+        for n in names:
+            with open(os.path.join(img, n), "w") as fh:
+                fh.write(json.dumps(R[n], indent=1, sort_keys=True))
+        reseal(img, json.load(open(os.path.join(img, MANIFEST))), names)
+        return desc or "records edited"
+    return mutate
 
 
 def m_none(img, outside, rng):
@@ -733,7 +837,7 @@ def _children() -> List[int]:
 
 
 def run_case(seed: dict, base: str, seed_n: int, index: int, kind: Optional[str] = None,
-             timeout: float = 60) -> dict:
+             timeout: float = 60, mutator: Optional[Callable] = None) -> dict:
     """Mutate a copy of the seed image (deterministic in seed_n, index) and
     run ckpt restore on it. Returns the row."""
     rng = random.Random(seed_n * 1_000_003 + index)
@@ -750,7 +854,7 @@ def run_case(seed: dict, base: str, seed_n: int, index: int, kind: Optional[str]
     shutil.copytree(seed["img"], img, symlinks=True)
     desc = None
     for _ in range(10):
-        desc = MUTATORS[kind](img, outside, rng)
+        desc = (mutator or MUTATORS[kind])(img, outside, rng)
         if desc:
             break
         shutil.rmtree(img)
@@ -784,21 +888,23 @@ def run_case(seed: dict, base: str, seed_n: int, index: int, kind: Optional[str]
         reasons = [x.get("reason") for x in res.get("refusals", [])]
     except (ValueError, AttributeError):
         res = {}
-    # a process that was created anyway: kill it (the seed's PID), reap what came back to us
-    leftover = []
-    if os.path.exists(f"/proc/{seed['pid']}"):
-        leftover.append(seed["pid"])
-        try:
-            os.kill(seed["pid"], 9)
-        except ProcessLookupError:
-            pass
+    # A process created anyway was reparented to this runner (a subreaper)
+    # when the restorer exited: our children are exactly those (ckpt itself
+    # was reaped by subprocess). Never a PID from /proc alone: PIDs are
+    # reused by other processes on the machine.
+    leftover: List[int] = []
+    for _ in range(50):
+        kids = _children()
+        if not kids:
+            break
+        leftover += kids
+        for pid in kids:
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
         time.sleep(0.05)
-    leftover += _children()
-    for pid in _children():
-        try:
-            os.kill(pid, 9)
-        except ProcessLookupError:
-            pass
+        _reap_children()
     leftover += _reap_children()
     after = {"holder": tree(holder), "outside": tree(outside), "w": tree(seed["w"])}
     written = sorted(f"{d}/{n}" for d in ("cwd", "tmp", "home", "out") for n in os.listdir(os.path.join(case, d)))
@@ -808,7 +914,7 @@ def run_case(seed: dict, base: str, seed_n: int, index: int, kind: Optional[str]
     want = EXPECT[kind]
     right = outcome == "refused" and bool(reasons) and (want is None or all(x in want for x in reasons))
     ok = right and not created and not leftover and not traceback and not written and show != "hung"
-    return {"index": index, "kind": kind, "mutation": desc, "outcome": outcome, "reasons": reasons,
+    return {"index": index, "seed": seed["which"], "kind": kind, "mutation": desc, "outcome": outcome, "reasons": reasons,
             "show": show, "created": created, "leftover": sorted(set(leftover)), "traceback": traceback, "written": written,
             "ok": ok, "ms": ms, "stderr": err.strip()[-400:]}
 
@@ -822,6 +928,7 @@ def cleanup_case(base: str, index: int) -> None:
 
 def summarize(rows: List[dict], seed_n: int) -> dict:
     by_kind: Dict[str, Dict[str, int]] = {}
+    by_seed = {w: sum(r["seed"] == w for r in rows) for w in SEEDS}
     reasons: Dict[str, int] = {}
     for r in rows:
         k = by_kind.setdefault(r["kind"], {"cases": 0, "refused": 0, "failed": 0})
@@ -835,19 +942,19 @@ def summarize(rows: List[dict], seed_n: int) -> dict:
             "tracebacks": sum(r["traceback"] for r in rows),
             "files_written_outside": sum(bool(r["written"]) for r in rows),
             "outcomes": {o: sum(r["outcome"] == o for r in rows) for o in sorted({r["outcome"] for r in rows})},
-            "by_kind": by_kind, "reasons": reasons,
+            "by_kind": by_kind, "by_seed_image": by_seed, "reasons": reasons,
             "ms_median": sorted(r["ms"] for r in rows)[len(rows) // 2] if rows else 0,
-            "failed_cases": [{k: r[k] for k in ("index", "kind", "mutation", "outcome", "reasons", "stderr")}
+            "failed_cases": [{k: r[k] for k in ("index", "seed", "kind", "mutation", "outcome", "reasons", "stderr")}
                              for r in rows if not r["ok"]][:50]}
 
 
 def run(n: int, seed_n: int, base: str, keep: bool = False, progress=None) -> Tuple[dict, List[dict]]:
     """`n` cases from seed `seed_n` under `base` (made fresh). Returns (summary, rows)."""
     os.makedirs(base, exist_ok=True)
-    seed = seed_image(os.path.join(base, "seed"))
+    seeds = {w: seed_image(os.path.join(base, f"seed-{w}"), w) for w in SEEDS}
     rows = []
     for i in range(n):
-        row = run_case(seed, base, seed_n, i)
+        row = run_case(seeds[seed_for(i)], base, seed_n, i)
         rows.append(row)
         if progress:
             progress(row)

@@ -224,7 +224,9 @@ def m_drop_pipe_byte(img: Image) -> str:
                "no pipe or fifo with queued bytes")
     data = img.read(r["data"])
     img.write(r["data"], data[:-1])
-    r["data_len"] -= 1
+    for other in fds:     # every end of that pipe names the same queue (ckpt checks they agree)
+        if other.get("data") == r["data"]:
+            other["data_len"] -= 1
     img.put_json("fds.json")
     return f"{r['kind']} fd {r['fd']}: last of {len(data)} queued bytes dropped"
 
@@ -577,14 +579,14 @@ def _no_pending_refusal(name: str, argv: List[str]) -> int:
     orig = check._check_process
     hit = []
 
-    def patched(s):
+    def patched(s, *args, **kw):   # the engine's signature may grow (tree context)
         st = s.status
         pend = {k: st.get(k) for k in ("SigPnd", "ShdPnd") if int(st.get(k, "0") or "0", 16)}
         if pend:
             hit.append(pend)
             s.status = dict(st, **{k: "0000000000000000" for k in pend})
         try:
-            return orig(s)
+            return orig(s, *args, **kw)
         finally:
             s.status = st
     check._check_process = patched

@@ -187,6 +187,8 @@ class ScenarioItem(pytest.Item):
                    failed_checks=res.failed_checks()[:20], refusals=res.refusals,
                    engine_notes=[ln.strip() for ln in res.engine_stderr.splitlines()
                                  if ln.startswith("mutant ")])
+        if res.outcome in ("crashed", "hung") and res.diagnostics:
+            row["diagnostics"] = res.diagnostics[-4000:]     # the guest's serial tail
         self.user_properties.append(("crucible", row))
         if not verdict.passed:
             crucible.failed = True
@@ -321,6 +323,16 @@ def pytest_collection_modifyitems(session, config, items):
         items[:] = list(gen.collect())
 
 
+def _die_with_parent() -> None:
+    """An xdist worker dies with the pytest that started it (prctl(2)
+    PR_SET_PDEATHSIG): a SIGKILLed controller cannot tell its workers to stop,
+    and a worker busy in a scenario would keep its guests up until the
+    scenario ended. Its QEMUs die with it (vm.guest sets the same on them)."""
+    import ctypes
+    import signal
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)   # 1 = PR_SET_PDEATHSIG
+
+
 def host_distro(os_release: str = "/etc/os-release") -> str:
     """This host's Debian codename (``VERSION_CODENAME``), "" when unknown."""
     try:
@@ -349,6 +361,8 @@ class Crucible:
         wi = getattr(config, "workerinput", None)
         self.worker = wi["workerid"] if wi else "gw0"
         self.is_worker = wi is not None
+        if self.is_worker:
+            _die_with_parent()
         #: the distro axis value of the reports: the guests' (the option), or
         #: this host's release on --target local
         self.distro = host_distro() if self.local else (config.getoption("distro") or "bookworm")
@@ -419,6 +433,9 @@ class Crucible:
         accel = str(getattr(guest, "accel", "tcg"))
         t = GuestTarget(guest, time_scale=1.0 if accel == "kvm" else 2.0)
         t.install()      # the engine came in with engine_dir at launch
+        t.start_agent()  # resident in the snapshot: every revert brings it back
+        if t.agent_note:
+            print(f"\ncrucible: guest {t.name}: steps go over SSH: {t.agent_note}")
         guest.snapshot("golden")
         return t
 

@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
 from . import engines as engines_mod
-from . import statediff
-from .errors import HarnessError, StepTimeout
+from . import chaos, statediff
+from .errors import GuestLost, HarnessError, StepTimeout
 from .targets import RunResult, Target
 
 OUTCOMES = ("restored", "refused", "corrupted", "crashed", "hung")
@@ -159,6 +159,13 @@ class Run:
         finally:
             self.res.timings[step] = round(self.res.timings.get(step, 0) + time.monotonic() - t0, 3)
 
+    def _engine_cmd(self, t: Target, argv: List[str], step: str) -> RunResult:
+        """An engine invocation; its own time is kept apart (``engine``): the
+        part of a scenario's time no harness can save."""
+        r = self.cmd(t, argv, step)
+        self.res.timings["engine"] = round(self.res.timings.get("engine", 0) + r.duration, 3)
+        return r
+
     def need(self, r: RunResult, step: str, what: str) -> RunResult:
         if r.rc != 0:
             raise HarnessError(f"{what} failed (exit {r.rc})", step=step, detail=(r.stderr or r.stdout)[-3000:])
@@ -217,10 +224,22 @@ class Run:
     # -- the scenario -------------------------------------------------------------
     def execute(self) -> Result:
         res = self.res
+        chaos.scenario_begins()
         try:
             self._execute()
         except StepTimeout as e:
             res.outcome, res.step, res.detail = "hung", e.step or "", e.message
+        except GuestLost as e:
+            res.outcome, res.step, res.detail = ("hung" if e.hung else "crashed"), e.step or res.step, e.message
+        except HarnessError as e:
+            # A step that failed because the guest broke under it (out of
+            # disk, its channel gone) is the guest's crash, not the scenario's
+            # error: report it so, and the worker gets a fresh guest.
+            why = [w for w in (getattr(x, "health", lambda: "")() for x in self.used) if w]
+            if not why:
+                raise
+            res.outcome, res.step = "crashed", e.step or res.step
+            res.detail = f"{why[0]}; the step failed: {e.message}"
         finally:
             for tgt in self.used:
                 try:
@@ -256,7 +275,7 @@ class Run:
         if not self.engine.creates_dir:
             self.need(self.cmd(t, ["mkdir", "-p", p["img"]], "dump"), "dump", "make image dir")
         res.step = "dump"
-        d = self.engine.parse(self.cmd(t, self.engine.dump_argv(t, pid, p["img"], opts), "dump"), t, p["img"])
+        d = self.engine.parse(self._engine_cmd(t, self.engine.dump_argv(t, pid, p["img"], opts), "dump"), t, p["img"])
         res.engine_stderr = d.stderr
         if d.contract:
             return self._crashed("dump", "broke the CLI contract: " + "; ".join(d.contract))
@@ -301,7 +320,7 @@ class Run:
         rp = self.paths(rt)
         digest = w.get("digest")
         res.step = "restore"
-        rr = self.engine.parse(self.cmd(rt, self.engine.restore_argv(rt, rp["img"], rp["pidfile"]), "restore"),
+        rr = self.engine.parse(self._engine_cmd(rt, self.engine.restore_argv(rt, rp["img"], rp["pidfile"]), "restore"),
                                rt, rp["img"])
         res.engine_stderr = (res.engine_stderr + "\n" + rr.stderr).strip()
         if rr.contract:

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from .errors import HarnessError, StepTimeout
+from . import chaos
+from .errors import GuestLost, HarnessError, StepTimeout
 
 REPO = Path(__file__).resolve().parent.parent
 # The stdlib-only files the guest runs (the workload and the world steps),
@@ -197,8 +198,10 @@ def _text(b) -> str:
 
 
 class GuestTarget(Target):
-    """Runs the steps in a :class:`vm.Guest` over SSH (the engine installed as
-    ``ckpt``, the guest files under /opt/crucible/harness)."""
+    """Runs the steps in a :class:`vm.Guest`: through the resident agent
+    (harness/agent.py, over a virtio-serial port) once :meth:`start_agent`
+    ran, over SSH before that or when the agent cannot start (the engine
+    installed as ``ckpt``, the guest files under /opt/crucible/harness)."""
 
     name = "guest"
     can_migrate = True
@@ -208,41 +211,152 @@ class GuestTarget(Target):
         self.name = getattr(guest, "name", "guest")
         self.time_scale = time_scale
         self.python = "/usr/bin/python3"
+        self.agent = None                   # an AgentLink once start_agent() ran
+        self.agent_note = ""                # why there is none
+        self.lost = ""                      # why this guest must be replaced ("" = fine)
 
     def install(self) -> None:
         """Copy the harness's guest files in (the engine is the vm's job)."""
         self.guest.run(["mkdir", "-p", self.scripts, self.base] + [f"{self.scripts}/{p}" for p in GUEST_PACKAGES],
                        timeout=60 * self.time_scale, check=True)
-        for name in guest_files():
+        for name in guest_files() + ["agent.py"]:
             self.guest.put(str(REPO / "harness" / name), f"{self.scripts}/{name}")
         self.kernel = self.guest.run(["uname", "-r"], timeout=60 * self.time_scale, check=True).stdout.strip()
 
+    def start_agent(self) -> None:
+        """Start the agent and warm it (before the golden snapshot, so every
+        revert brings it back idle, its caches full). On failure the steps
+        keep going over SSH and :attr:`agent_note` says why."""
+        from .agent_client import AgentError, AgentLink, env_ok, start_line
+        path = getattr(self.guest, "agent_socket", None)
+        if not env_ok() or not path:
+            self.agent_note = "agent off (CRUCIBLE_AGENT=0)" if path else "the guest has no agent port"
+            return
+        r = self.guest.run(start_line(self.python, self.scripts), timeout=300 * self.time_scale)
+        if r.rc != 0:
+            self.agent_note = f"agent did not start (exit {r.rc}): {(r.stderr or r.stdout)[-500:]}"
+            return
+        link = AgentLink(path, self.guest.alive, self.name)
+        try:
+            link.connect(time.monotonic() + 30)
+            deadline = time.monotonic() + 60 * self.time_scale
+            while True:     # its first replies may come before the port is open
+                try:
+                    link.ping(timeout=2, grace=0)
+                    break
+                except AgentError as e:
+                    if e.kind != "timeout" or time.monotonic() > deadline:
+                        raise
+            # Warm what every scenario runs: the fork of a script, an engine start.
+            link.run(self.script("workload.py") + ["pidstate", "1"], 120 * self.time_scale, script=True)
+            link.run(self.ckpt_argv() + ["--help"], 120 * self.time_scale)
+        except AgentError as e:
+            link.close()
+            self.agent_note = f"agent did not answer: {e.message}"
+            return
+        self.agent = link
+
+    def _lost(self, message: str, step: str, hung: bool = False) -> GuestLost:
+        self.lost = message
+        return GuestLost(message, step=step, detail=self.diagnostics(), hung=hung)
+
     def run(self, argv: Sequence[str], timeout: float, step: str = "") -> RunResult:
         from vm import VmError
+        chaos.before_step(self, step)
         t0 = time.monotonic()
+        argv = [str(a) for a in argv]
+        if self.agent is not None:
+            from .agent_client import AgentError
+            script = len(argv) >= 2 and argv[0] == self.python and argv[1].startswith(self.scripts + "/")
+            try:
+                rep = self.agent.run(argv, timeout, script=script)
+            except AgentError as e:
+                if e.kind == "agent":
+                    raise HarnessError(e.message, step=step) from None
+                raise self._lost(e.message, step, hung=e.kind == "timeout") from None
+            if rep.get("timeout"):
+                raise StepTimeout(argv, timeout, step=step, detail=_text(rep["stderr"])[-2000:])
+            return RunResult(rep["rc"], _text(rep["stdout"]), _text(rep["stderr"]), time.monotonic() - t0)
         try:
-            r = self.guest.run([str(a) for a in argv], timeout=timeout)
+            r = self.guest.run(argv, timeout=timeout)
         except VmError as e:
             if getattr(e, "kind", "") == "timeout":
                 raise StepTimeout(argv, timeout, step=step, detail=self.diagnostics()) from None
+            if getattr(e, "kind", "") in ("died", "ssh"):
+                raise self._lost(f"guest {self.name}: {getattr(e, 'message', e)}", step) from None
             raise HarnessError(f"guest {self.name}: {e.message if hasattr(e, 'message') else e}", step=step,
                                detail=self.diagnostics()) from None
         return RunResult(r.rc, _text(r.stdout), _text(r.stderr), time.monotonic() - t0)
 
     def put_bytes(self, data: bytes, path: str) -> None:
+        if self.agent is not None:
+            from .agent_client import AgentError
+            try:
+                return self.agent.put(data, path, timeout=120 * self.time_scale)
+            except AgentError as e:
+                if e.kind == "agent":
+                    raise HarnessError(f"cannot write {path} in the guest: {e.message}") from None
+                raise self._lost(e.message, "", hung=e.kind == "timeout") from None
         self.guest.put_bytes(data, path)
 
     def get_bytes(self, path: str) -> bytes:
+        if self.agent is not None:
+            from .agent_client import AgentError
+            try:
+                return self.agent.get(path, timeout=120 * self.time_scale)
+            except AgentError as e:
+                if e.kind == "agent":
+                    raise HarnessError(f"cannot read {path} in the guest: {e.message}") from None
+                raise self._lost(e.message, "", hung=e.kind == "timeout") from None
         return self.guest.get_bytes(path)
 
     def ckpt_argv(self) -> List[str]:
         return ["ckpt"]
 
     def reset(self) -> None:
-        self.guest.revert("golden")
+        """Revert to the golden snapshot. With the agent: no SSH reconnect,
+        the agent sets the clock and must answer at once, or the guest is
+        replaced (a stopped or wedged QEMU, a channel that will not come back)."""
+        if self.lost and not self.guest.alive():
+            raise HarnessError(f"guest {self.name} is gone: {self.lost}")
+        # a QEMU that does not answer QMP (SIGSTOPped, wedged) cannot revert
+        self.guest.status(timeout=10)
+        if self.agent is None:
+            self.guest.revert("golden")
+        else:
+            from .agent_client import AgentError
+            self.guest.revert("golden", reconnect=False)
+            try:
+                if not self.agent.connected:          # the channel was dropped: the chardev takes a new one
+                    self.agent.connect(time.monotonic() + 10)
+                self.agent.drain()
+                self.agent.set_clock(timeout=10 * self.time_scale)
+            except AgentError as e:
+                raise HarnessError(f"guest {self.name}: the agent did not come back after the revert: {e.message}") \
+                    from None
+        self.lost = ""
 
     def diagnostics(self) -> str:
         try:
             return self.guest.serial_tail(lines=40)
         except Exception as e:  # a dead guest still deserves a report
             return f"(serial tail unavailable: {e})"
+
+    def health(self) -> str:
+        """Why this guest cannot carry a scenario now ("" = it can): QEMU
+        gone or stopped, or the root filesystem full. Asked after a step
+        failed, to tell a broken guest from a broken scenario."""
+        if self.lost:
+            return self.lost
+        if not self.guest.alive():
+            return f"guest {self.name}: QEMU exited"
+        # a write, not statfs: ext4 counts blocks free that no one may use
+        probe = "head -c 65536 /dev/zero > /.crucible-health; r=$?; rm -f /.crucible-health; exit $r"
+        try:
+            r = self.run(["sh", "-c", probe], timeout=20 * self.time_scale, step="health")
+        except HarnessError as e:
+            return f"guest {self.name}: no answer to a health check: {e}"
+        if r.rc != 0 and "No space" in r.stderr:
+            self.lost = f"guest {self.name}: its root filesystem is full ({r.stderr.strip()})"
+            return self.lost
+        return ""

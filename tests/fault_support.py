@@ -63,9 +63,12 @@ def wait_for(pred, timeout: float = 15.0, what: str = "condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def start_target(d: str) -> subprocess.Popen:
+VARIANT_ARGS = {"": [], "tree": ["--child"], "pty": ["--pty"]}
+
+
+def start_target(d: str, variant: str = "") -> subprocess.Popen:
     os.makedirs(d, exist_ok=True)
-    p = subprocess.Popen([PYTHON, FAULTEE, d], cwd=d, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+    p = subprocess.Popen([PYTHON, FAULTEE, d] + VARIANT_ARGS[variant], cwd=d, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL, close_fds=True, start_new_session=True)
     wait_for(lambda: os.path.exists(os.path.join(d, "ready")) or p.poll() is not None, what="the target")
     if p.poll() is not None:
@@ -153,15 +156,17 @@ def kill_reap(p) -> None:
 class Target:
     """A running faultee with what it showed before anything was done to it."""
 
-    def __init__(self, d: str):
+    def __init__(self, d: str, variant: str = ""):
         self.dir = d
-        self.popen = start_target(d)
+        self.popen = start_target(d, variant)
         self.pid = self.popen.pid
+        self.child = _children(self.pid)[0] if variant == "tree" else None
         with open(os.path.join(d, "secret.sha")) as f:
             self.secret = f.read().strip()
         self.first = verdict(d, self.pid)
         assert self.first["ok"], self.first
         self.before = facts(self.pid)
+        self.child_before = facts(self.child) if self.child else None
 
     def intact(self) -> List[str]:
         """What is wrong with the target now, [] when it carries on as before."""
@@ -176,6 +181,13 @@ class Target:
         for k in ("status", "threads", "fds", "cwd"):
             if now[k] != self.before[k]:
                 problems.append(f"{k} differs: {self.before[k]} -> {now[k]}")
+        if self.child:
+            if not alive(self.child):
+                return problems + ["the child is gone"]
+            cnow = facts(self.child)
+            for k in ("status", "threads", "fds", "cwd"):
+                if cnow[k] != self.child_before[k]:
+                    problems.append(f"child's {k} differs: {self.child_before[k]} -> {cnow[k]}")
         try:
             v = verdict(self.dir, self.pid)
         except AssertionError as e:
@@ -193,21 +205,37 @@ class Target:
         kill_reap(self.popen)
 
 
+def _children(pid: int) -> List[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(x) for x in f.read().split()]
+
+
 def no_image(img: str) -> List[str]:
     """A failed dump leaves no image that looks complete (nothing at DIR,
     and DIR.partial, if any, has no manifest)."""
     out = []
     if os.path.lexists(img):
         out.append(f"{img} exists after a failed dump")
-    if os.path.exists(os.path.join(img + ".partial", "manifest.json")):
-        out.append(f"{img}.partial has a manifest")
+    if os.path.isdir(img + ".partial"):
+        r = ckpt(["restore", "-D", img + ".partial"])
+        if r.returncode != 3 or "incomplete image" not in r.stderr:
+            out.append(f"{img}.partial is not refused as incomplete: {r.returncode} {r.stderr.strip()[-200:]}")
     return out
 
 
 def image_pids(img: str) -> List[int]:
+    """Every PID and TID the image restores (the root's first)."""
     with open(os.path.join(img, "core.json")) as f:
         core = json.load(f)
-    return [core["pid"]] + [t["tid"] for t in core.get("threads", [])]
+    out = [core["pid"]] + [t["tid"] for t in core.get("threads", [])]
+    tree = os.path.join(img, "tree.json")
+    if os.path.exists(tree):
+        with open(tree) as f:
+            members = json.load(f)
+        for m in members if isinstance(members, list) else members.get("members", []):
+            if m["pid"] not in out:
+                out.append(m["pid"])
+    return out
 
 
 def restore_ok(img: str, d: str, last_counter: int) -> List[str]:
@@ -216,9 +244,9 @@ def restore_ok(img: str, d: str, last_counter: int) -> List[str]:
     r = ckpt(["restore", "-D", img])
     if r.returncode != 0:
         return [f"restore afterwards failed ({r.returncode}): {r.stderr.strip()}"]
-    pid = image_pids(img)[0]
+    pids = image_pids(img)
     try:
-        v = verdict(d, pid)
+        v = verdict(d, pids[0])
         out = []
         if not v["ok"]:
             out.append(f"restored process's own check: {v['errors']}")
@@ -226,7 +254,34 @@ def restore_ok(img: str, d: str, last_counter: int) -> List[str]:
             out.append(f"restored counter {v['counter']} is behind the dumped {last_counter}")
         return out
     finally:
-        kill_reap(pid)
+        kill_all(pids)
+
+
+def kill_all(pids: List[int]) -> None:
+    """SIGKILL and reap every process of a restored image (root first: a
+    tree's other members are then ours to reap, we are the subreaper)."""
+    for pid in pids:
+        if alive(pid):
+            kill_reap(pid)
+    reap_zombies(pids)
+
+
+def reap_zombies(pids: List[int], timeout: float = 2.0) -> None:
+    """Reap those of `pids` that died as our children (this process is a
+    subreaper: a tree member orphaned when its parent was killed comes to
+    us, as it would to PID 1)."""
+    end = time.monotonic() + timeout
+    for pid in pids:
+        while time.monotonic() < end:
+            try:
+                got, _ = os.waitpid(pid, os.WNOHANG | 0x40000000)
+            except ChildProcessError:
+                break
+            if got:
+                break
+            if alive(pid):
+                break
+            time.sleep(0.01)
 
 
 # -- fault points ------------------------------------------------------------------
@@ -240,41 +295,58 @@ def _injected(r: subprocess.CompletedProcess, fid: str) -> List[str]:
     return [f"fault not injected (exit {r.returncode}): {r.stderr.strip()[-300:]}"]
 
 
-def make_image(d: str, trace: Optional[str] = None) -> dict:
-    """A faultee dumped (and so killed) into d/img: {img, dir, counter}."""
-    t = Target(os.path.join(d, "t"))
+def make_image(d: str, trace: Optional[str] = None, variant: str = "") -> dict:
+    """A faultee (VARIANT_ARGS: a tree of two, a pty pair) dumped (and so
+    killed) into d/img: {img, dir, counter}."""
+    t = Target(os.path.join(d, "t"), variant)
     img = os.path.join(d, "img")
     env = {"CKPT_FAULT_TRACE": trace} if trace else {}
     r = ckpt(["dump", "-t", str(t.pid), "-D", img], env=env)
     t.popen.wait()
+    if t.child:
+        kill_reap(t.child)      # reparented to us once its parent died
     if r.returncode != 0:
         raise AssertionError(f"reference dump failed: {r.stderr}")
     return {"img": img, "dir": t.dir, "counter": t.first["counter"]}
 
 
 def reference(d: str) -> dict:
-    """One traced dump and one traced restore of a faultee: the fault ids
-    they pass, with their call sites, and an image to restore again."""
+    """A traced dump and restore of a faultee, and of a faultee tree: the
+    fault ids they pass, with their call sites ("dump", "restore": the
+    single process's; "tree_dump", "tree_restore": what only the tree
+    passes), every call site reached ("sites"), and images to restore again."""
     from engine.faults import read_trace
-    os.makedirs(d, exist_ok=True)
-    im = make_image(d, os.path.join(d, "dump.trace"))
-    r = ckpt(["restore", "-D", im["img"]], env={"CKPT_FAULT_TRACE": os.path.join(d, "restore.trace")})
-    if r.returncode != 0:
-        raise AssertionError(f"reference restore failed: {r.stderr}")
-    kill_reap(image_pids(im["img"])[0])
-    return {"dump": read_trace(os.path.join(d, "dump.trace")),
-            "restore": read_trace(os.path.join(d, "restore.trace")), "image": im}
+    out: dict = {"sites": set()}
+    for variant in VARIANTS:
+        kind = variant + "_" if variant else ""
+        sd = os.path.join(d, variant or "single")
+        os.makedirs(sd, exist_ok=True)
+        im = make_image(sd, os.path.join(sd, "dump.trace"), variant)
+        r = ckpt(["restore", "-D", im["img"]], env={"CKPT_FAULT_TRACE": os.path.join(sd, "restore.trace")})
+        if r.returncode != 0:
+            raise AssertionError(f"reference restore failed: {r.stderr}")
+        kill_all(image_pids(im["img"]))
+        out[kind + "image"] = im
+        for phase in ("dump", "restore"):
+            path = os.path.join(sd, f"{phase}.trace")
+            ids = read_trace(path)
+            with open(path) as f:
+                out["sites"] |= {line.split()[1] for line in f if " " in line.strip()}
+            out[kind + phase] = {k: v for k, v in ids.items() if not kind or k not in out[phase]}
+    return out
 
 
-def dump_point(fid: str, d: str) -> List[str]:
-    """Dump a fresh faultee with the fault at `fid`; what went wrong."""
-    t = Target(os.path.join(d, "t"))
+def dump_point(fid: str, d: str, variant: str = "") -> List[str]:
+    """Dump a fresh faultee (variant) with the fault at `fid`; what went wrong."""
+    t = Target(os.path.join(d, "t"), variant)
     img = os.path.join(d, "img")
     try:
         r = ckpt(["dump", "-t", str(t.pid), "-D", img], env={"CKPT_FAULT": fid})
         return _injected(r, fid) + no_image(img) + t.intact()
     finally:
         t.kill()
+        if t.child:
+            kill_reap(t.child)
 
 
 def restore_point(fid: str, im: dict) -> List[str]:
@@ -283,41 +355,83 @@ def restore_point(fid: str, im: dict) -> List[str]:
     img = im["img"]
     before = tree_hash(img)
     pids = image_pids(img)
+    reap_zombies(pids)
     r = ckpt(["restore", "-D", img], env={"CKPT_FAULT": fid})
     problems = _injected(r, fid)
     left = [p for p in pids if alive(p)]
     if left:
         problems.append(f"process left behind: {left}")
-        kill_reap(pids[0])
+        kill_all(pids)
+    reap_zombies(pids)
     if tree_hash(img) != before:
         problems.append("the image changed")
     return problems + restore_ok(img, im["dir"], im["counter"])
 
 
+VARIANTS = ("", "tree", "pty")
+
+
+def _pty_taken(img: str) -> bool:
+    """A pty index of the image is held by someone else (devpts hands out
+    the lowest free one, so other ptys opened meanwhile may take it)."""
+    try:
+        with open(os.path.join(img, "fds.json")) as f:
+            recs = json.load(f)
+    except OSError:
+        return False
+    for r in recs:
+        idx = r.get("index") if isinstance(r, dict) and r.get("kind") == "tty" else None
+        if isinstance(idx, int) and os.path.exists(f"/dev/pts/{idx}"):
+            return True
+    return False
+
+
 def run_points(ref: dict, workdir: str, lanes: int = 2) -> List[dict]:
     """Every point of the reference traces, dump ones on fresh targets and
-    restore ones on `lanes` images; rows {point, phase, site, problems}."""
+    restore ones on `lanes` images (a variant's own points on its own
+    image); rows {point, phase, site, problems}."""
     from concurrent.futures import ThreadPoolExecutor
     rows: List[dict] = []
-    dump_ids = list(ref["dump"])
-    restore_ids = list(ref["restore"])
+    dumps = [(fid, v) for v in VARIANTS for fid in ref[(v + "_" if v else "") + "dump"]]
+    singles = list(ref["restore"])
     images = [ref["image"]] + [make_image(os.path.join(workdir, f"lane{i}")) for i in range(1, lanes)]
+    work = [[(fid, images[k], "") for fid in singles[k::lanes]] for k in range(lanes)]
+    for i, v in enumerate(VARIANTS[1:]):
+        work[-1 - i % lanes] += [(fid, ref[v + "_image"], v) for fid in ref[v + "_restore"]]
 
-    def one_dump(i_fid):
-        i, fid = i_fid
-        return {"point": fid, "phase": "dump", "site": ref["dump"][fid],
-                "problems": dump_point(fid, os.path.join(workdir, f"d{i}"))}
+    def key(v, phase):
+        return (v + "_" if v else "") + phase
 
-    def lane(k):
+    def one_dump(i_item):
+        i, (fid, v) = i_item
+        return {"point": fid, "phase": f"{v} dump".strip(), "site": ref[key(v, "dump")][fid],
+                "problems": dump_point(fid, os.path.join(workdir, f"d{i}"), v)}
+
+    def lane(items):
         out = []
-        for fid in restore_ids[k::lanes]:
-            out.append({"point": fid, "phase": "restore", "site": ref["restore"][fid],
-                        "problems": restore_point(fid, images[k])})
+        for n, (fid, im, v) in enumerate(items):
+            if any(alive(p) for p in image_pids(im["img"])) or _pty_taken(im["img"]):
+                # pid_max is small here: another process took one of the
+                # image's PIDs (or pty index) meanwhile. A new image.
+                im = make_image(os.path.join(workdir, f"re{id(items)}-{n}"), variant=v)
+                items[n:] = [(f, im if vv == v else i2, vv) for f, i2, vv in items[n:]]
+            problems = restore_point(fid, im)
+            for attempt in range(3):
+                if not (problems and _pty_taken(im["img"]) and "is taken (/dev/pts/" in " ".join(problems)):
+                    break
+                # Another process's pty took the image's index between the
+                # faulted restore and the one after (our ends are closed by
+                # then): the machine's doing, not the engine's. Again, anew.
+                im = make_image(os.path.join(workdir, f"pty{id(items)}-{n}-{attempt}"), variant=v)
+                items[n:] = [(f, im if vv == v else i2, vv) for f, i2, vv in items[n:]]
+                problems = restore_point(fid, im)
+            out.append({"point": fid, "phase": f"{v} restore".strip(), "site": ref[key(v, "restore")][fid],
+                        "problems": problems})
         return out
 
     with ThreadPoolExecutor(max_workers=lanes) as pool:
-        rows += list(pool.map(one_dump, enumerate(dump_ids)))
-        for part in pool.map(lane, range(lanes)):
+        rows += list(pool.map(one_dump, enumerate(dumps)))
+        for part in pool.map(lane, work):
             rows += part
     return rows
 

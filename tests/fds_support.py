@@ -222,13 +222,21 @@ def restore(image_dir: str, pid: Optional[int] = None, same_node: bool = True,
     img = ImageReader(image_dir)
     img.verify()
     records = img.read_json("fds.json")
+    # What a real restore checks of these records before any process exists.
+    from engine import imagecheck, restore as core_restore
+    core_restore.check_fd_records(records)
+    imagecheck.check_fd_records(img, records)
     ctx = RestoreContext(options=options or Options(), image=img, same_node=same_node, records=records,
                          pid=pid)
     from engine.fds import handler
-    for rec in records:
-        assert rec["fd"] >= HIGH, "tests must use high fd numbers"
-        if rec.get("dup_of") is None:
-            handler(rec["kind"]).validate(rec, ctx)
+    try:
+        for rec in records:
+            assert rec["fd"] >= HIGH, "tests must use high fd numbers"
+            if rec.get("dup_of") is None:
+                handler(rec["kind"]).validate(rec, ctx)
+    except BaseException:
+        img.close()
+        raise
     installed: List[int] = []
     done = Restored(installed)
     try:
@@ -251,6 +259,8 @@ def restore(image_dir: str, pid: Optional[int] = None, same_node: bool = True,
     except BaseException:
         done.__exit__()
         raise
+    finally:
+        img.close()                         # the image directory's fd (engine/image.py)
     return done
 
 

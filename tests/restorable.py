@@ -77,6 +77,13 @@ def rehearse_image(image_dir: str, options: Options = None) -> None:
             # a --shell-job image: restored with --tty, here a fresh pty's slave
             from engine.plainclass import replace    # Options is a plainclass, not a dataclass
             options = replace(options, tty=_spare_tty())
+            for r in fdrecs:
+                if r.get("kind") == "tty" and r.get("outside"):
+                    # its terminal must be the restoring shell's controlling one, which
+                    # this test process is not: the rehearsal checks the rest
+                    r["ctty"] = False
+                    if r.get("tty") == "devtty":
+                        r["tty"] = "slave"      # /dev/tty: ckpt's terminal, which the test process lacks
         ctx = RestoreContext(options=options, image=reader, same_node=meta.get("boot_id") == boot_id(),
                              records=fdrecs, pid=core["pid"])
         real_pid_free = R._pid_free

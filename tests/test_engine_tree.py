@@ -61,7 +61,11 @@ def _descendants(pid: int) -> list:
     out, todo = [], [pid]
     while todo:
         p = todo.pop()
-        for tid in os.listdir(f"/proc/{p}/task") if os.path.exists(f"/proc/{p}/task") else ():
+        try:
+            tids = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue        # exited meanwhile
+        for tid in tids:
             try:
                 with open(f"/proc/{p}/task/{tid}/children") as f:
                     kids = [int(x) for x in f.read().split()]
@@ -84,7 +88,8 @@ def session_killer(procs):  # noqa: F811
     """Kill every process of the sessions the test registers, by PID."""
     sids = []
     yield sids
-    pids = [pid for sid in sids for pid in _session(sid)]
+    # the sessions, and every descendant (a child leading a session of its own too)
+    pids = sorted({pid for sid in sids for pid in _session(sid) + _descendants(sid)})
     for pid in pids:
         try:
             os.kill(pid, signal.SIGKILL)
@@ -403,7 +408,8 @@ def test_forking_tree_frozen_consistently(procs, session_killer, tmp_path):  # n
     for _ in range(8):
         try:
             res = check(p.pid, Options())
-            assert len(res["members"]) >= 1
+            # no child at that instant: judged alone; a child forked meanwhile: judged as a tree
+            assert res["ok"] or {r["reason"] for r in res["refusals"]} <= {"process-tree"}, res["refusals"]
         except (Refusal, Refusals) as e:
             rs = e.refusals if isinstance(e, Refusals) else [e]
             assert all(r.reason in ("process-tree", "no-such-process") for r in rs), rs

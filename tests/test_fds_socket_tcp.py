@@ -266,7 +266,7 @@ while True:
     refusals = getattr(ei.value, "refusals", [ei.value])
     assert [(r.reason, r.fd) for r in refusals] == [("socket", 500)]
     assert " close-wait 127.0.0.1:" in refusals[0].detail
-    assert "only established connections" in refusals[0].detail
+    assert "a half-closed connection is restored only with both ends held by the process" in refusals[0].detail
 
 
 WAITING = r'''
@@ -358,3 +358,96 @@ while True:
     refusals = getattr(ei.value, "refusals", [ei.value])
     assert [(r.reason, r.fd) for r in refusals] == [("socket", 500)]
     assert "its client is outside the dump" in refusals[0].detail
+
+
+SHUTRD = r'''
+import json, os, signal, socket, sys, time
+OUT = sys.argv[1]
+l = socket.socket(); l.bind(("127.0.0.1", 0)); l.listen(1)
+c = socket.create_connection(l.getsockname()); a, _ = l.accept(); l.close()
+c.sendall(b"queued")
+time.sleep(0.05)
+a.shutdown(socket.SHUT_RD)            # still established; reads give the queue, then EOF
+os.dup2(c.fileno(), 500); os.dup2(a.fileno(), 501); c.close(); a.close()
+
+def verify(*_):
+    c = socket.socket(fileno=os.dup(500)); a = socket.socket(fileno=os.dup(501))
+    a.settimeout(5); c.settimeout(5)
+    got = [a.recv(100), a.recv(100)]
+    a.sendall(b"still")
+    out = {"reads": [g.decode() for g in got], "write": c.recv(5).decode()}
+    with open(OUT + ".tmp", "w") as f:
+        json.dump(out, f)
+    os.rename(OUT + ".tmp", OUT)
+
+signal.signal(signal.SIGUSR1, verify)
+open("ready.tmp", "w").close(); os.rename("ready.tmp", "ready")
+while True:
+    signal.pause()
+'''
+
+
+def test_shutdown_for_reading_is_restored(procs, tmp_path):
+    (tmp_path / "shutrd.py").write_text(SHUTRD)
+    p = procs.start([python_exe(), str(tmp_path / "shutrd.py"), str(tmp_path / "verdict.json")], cwd=str(tmp_path))
+    wait_for(lambda: (tmp_path / "ready").exists() or p.poll() is not None, what="the worker")
+    dump_restore(procs, p, str(tmp_path / "img"))
+    recs = {r["fd"]: r for r in json.loads((tmp_path / "img" / "fds.json").read_text())}
+    assert (recs[500]["shut_rd"], recs[501]["shut_rd"]) == (False, True)
+    assert _verdict(p, tmp_path) == {"reads": ["queued", ""], "write": "still"}
+
+
+HALF = STREAM + r"""
+import json, os, signal, socket, sys, time
+OUT = sys.argv[1]
+l = socket.socket(); l.bind(("127.0.0.1", 0)); l.listen(1)
+c = socket.create_connection(l.getsockname()); a, _ = l.accept(); l.close()
+a.sendall(stream(b"a2c", 0, 3000))
+c.sendall(stream(b"c2a", 0, 2000))
+a.shutdown(socket.SHUT_WR)          # a: FIN_WAIT2, c: CLOSE_WAIT (the FIN after a's 3000 bytes)
+time.sleep(0.1)
+os.dup2(c.fileno(), 500); os.dup2(a.fileno(), 501); c.close(); a.close()
+
+def states():
+    out = {}
+    for line in open("/proc/net/tcp").read().splitlines()[1:]:
+        f = line.split()
+        out[int(f[9])] = int(f[3], 16)
+    return [out.get(os.fstat(fd).st_ino) for fd in (500, 501)]
+
+def verify(*_):
+    c = socket.socket(fileno=os.dup(500)); a = socket.socket(fileno=os.dup(501))
+    c.settimeout(5); a.settimeout(5)
+    st = states()
+    got = bytearray()
+    while True:
+        b = c.recv(65536)
+        if not b:
+            break
+        got += b
+    back = bytearray()
+    while len(back) < 2000:
+        back += a.recv(2000 - len(back))
+    c.sendall(b"late")                   # the close-wait end can still write
+    out = {"states": st, "a2c": bytes(got) == stream(b"a2c", 0, 3000), "c2a": bytes(back) == stream(b"c2a", 0, 2000),
+           "late": a.recv(4).decode()}
+    with open(OUT + ".tmp", "w") as f:
+        json.dump(out, f)
+    os.rename(OUT + ".tmp", OUT)
+
+signal.signal(signal.SIGUSR1, verify)
+open("ready.tmp", "w").close(); os.rename("ready.tmp", "ready")
+while True:
+    signal.pause()
+"""
+
+
+def test_half_closed_pair_restored_with_its_fin(procs, tmp_path):
+    (tmp_path / "half.py").write_text(HALF)
+    p = procs.start([python_exe(), str(tmp_path / "half.py"), str(tmp_path / "verdict.json")], cwd=str(tmp_path))
+    wait_for(lambda: (tmp_path / "ready").exists() or p.poll() is not None, what="the worker")
+    dump_restore(procs, p, str(tmp_path / "img"))
+    recs = {r["fd"]: r for r in json.loads((tmp_path / "img" / "fds.json").read_text())}
+    assert (recs[500]["state"], recs[501]["state"]) == (8, 5)
+    # close-wait, fin-wait2 as they were; c reads a's bytes then EOF
+    assert _verdict(p, tmp_path) == {"states": [8, 5], "a2c": True, "c2a": True, "late": "late"}

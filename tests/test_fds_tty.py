@@ -35,8 +35,10 @@ os.dup2(m, 600); os.dup2(s, 601); os.dup2(s, 602); os.close(m); os.close(s)
 m, s = 600, 601
 os.chmod(f"/dev/pts/{index}", 0o620)
 attrs = termios.tcgetattr(s)
-if MODE != "canon":
+if MODE not in ("canon", "noeof"):
     attrs[3] &= ~(termios.ICANON | termios.ECHO)     # non-canonical, no echo
+if MODE == "noeof":
+    attrs[6][termios.VEOF] = 0                       # _POSIX_VDISABLE
 attrs[1] |= termios.ONLCR
 attrs[6][termios.VMIN] = 1
 attrs[6][termios.VINTR] = 7
@@ -210,10 +212,21 @@ attrs[3] &= ~termios.ECHO
 attrs[6][termios.VINTR] = 5
 termios.tcsetattr(0, termios.TCSANOW, attrs)
 truth = termios.tcgetattr(0)
+try:
+    os.dup2(os.open("/dev/tty", os.O_RDWR), 7)     # the controlling terminal by its other name (if any)
+    devtty = True
+except OSError:
+    devtty = False
 
 def verify(*_):
     out = {}
     try:
+        if devtty:
+            # the same terminal as fd 0: a termios change there shows here
+            a = termios.tcgetattr(0); a[6][termios.VINTR] = 9; termios.tcsetattr(0, termios.TCSANOW, a)
+            out["devtty"] = os.readlink("/proc/self/fd/7") == "/dev/tty" and \
+                termios.tcgetattr(7)[6][termios.VINTR] in (9, b"\x09")
+            termios.tcsetattr(0, termios.TCSANOW, truth)
         with open(os.path.join(DIR, "tty-path")) as f:
             want = f.read()
         out["ttyname"] = os.ttyname(0) == want and os.ttyname(1) == want
@@ -283,3 +296,256 @@ def test_terminal_outside_needs_shell_job_and_tty(procs, tmp_path):
     finally:
         os.close(m1)
         os.close(m2)
+
+
+SHELL1 = r'''
+import os, sys, time
+# a shell on pty 1: session leader, pty 1 its controlling terminal; its job: the worker
+path, worker, out = sys.argv[1], sys.argv[2], sys.argv[3]
+fd = os.open(path, os.O_RDWR)                    # no O_NOCTTY: our controlling terminal
+for n in (0, 1, 2):
+    os.dup2(fd, n)
+os.closerange(3, 1024)
+go_r, go_w = os.pipe()
+child = os.fork()
+if child == 0:
+    os.close(go_w)
+    os.read(go_r, 1)                             # once it is the foreground job (tcsetattr needs it)
+    os.close(go_r)
+    os.execv(sys.executable, [sys.executable, worker, out])
+os.setpgid(child, child)                         # a job: its own group, the shell's session
+os.tcsetpgrp(0, child)                           # in the foreground, as a shell runs it
+os.write(go_w, b"x")
+with open(os.path.join(out, "job-pid"), "w") as f:
+    f.write(str(child))
+os.waitpid(child, 0)                             # reaps it once dumped
+time.sleep(600)
+'''
+
+SHELL2 = r'''
+import os, subprocess, sys, time
+# another shell, on pty 2, that runs `ckpt restore --tty inherit` and stays
+path, repo, img, out = sys.argv[1:5]
+fd = os.open(path, os.O_RDWR)
+for n in (0, 1, 2):
+    os.dup2(fd, n)
+os.closerange(3, 1024)
+r = subprocess.run([sys.executable, "-m", "engine", "restore", "-D", img, "--tty", "inherit"], cwd=repo,
+                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+with open(os.path.join(out, "restore-rc"), "w") as f:
+    f.write(f"{r.returncode} {r.stdout.decode(errors='replace')}")
+time.sleep(600)
+'''
+
+
+def test_shell_job_moves_to_the_restoring_shells_session_and_terminal(procs, tmp_path):
+    """criu --shell-job: a job of one shell (its own group in the shell's
+    session, the shell's terminal its controlling one) is dumped from
+    elsewhere with --shell-job and restored by another shell with --tty
+    inherit: it joins that shell's session and terminal, with its termios."""
+    import subprocess
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    m1, path1 = _new_pty()
+    m2, path2 = _new_pty()
+    shells = []
+    try:
+        (tmp_path / "worker.py").write_text(OUTSIDE_WORKER)
+        (tmp_path / "shell1.py").write_text(SHELL1)
+        (tmp_path / "shell2.py").write_text(SHELL2)
+        s1 = subprocess.Popen([python_exe(), str(tmp_path / "shell1.py"), path1, str(tmp_path / "worker.py"),
+                               str(tmp_path)], close_fds=True, start_new_session=True)
+        shells.append(s1)
+        wait_for(lambda: (tmp_path / "ready").exists(), what="the job")
+        job = int((tmp_path / "job-pid").read_text())
+        assert os.getsid(job) == s1.pid and os.getpgid(job) == job
+        with pytest.raises((Refusal, Refusals)) as ei:
+            dump(job, str(tmp_path / "img0"), Options())
+        reasons = {r.reason for r in getattr(ei.value, "refusals", [ei.value])}
+        assert reasons == {"tty-outside", "unsupported-state"}, reasons     # its terminal; its session
+        dump(job, str(tmp_path / "img"), Options(shell_job=True))
+        wait_for(lambda: not os.path.exists(f"/proc/{job}"), what="the dumped job to be reaped")
+        s2 = subprocess.Popen([python_exe(), str(tmp_path / "shell2.py"), path2, repo, str(tmp_path / "img"),
+                               str(tmp_path)], close_fds=True, start_new_session=True)
+        shells.append(s2)
+        # a foreground job: ckpt restore stays its parent until it exits
+        wait_for(lambda: _in_session(job, s2.pid) or (tmp_path / "restore-rc").exists(), timeout=60,
+                 what="the restore")
+        assert not (tmp_path / "restore-rc").exists(), (tmp_path / "restore-rc").read_text()
+        procs.adopt(job)
+        (tmp_path / "tty-path").write_text(path2)
+        assert verdict(job, tmp_path) == {"ttyname": True, "attrs": True, "same_file": True, "devtty": True}
+        with open(f"/proc/{job}/stat") as f:
+            rest = f.read().rsplit(")", 1)[1].split()
+        dev = os.stat(path2).st_rdev
+        assert (int(rest[3]), int(rest[2])) == (s2.pid, job)          # session: the restoring shell's; own group
+        assert int(rest[4]) == (os.major(dev) << 8) | os.minor(dev)   # controlling terminal: pty 2
+        assert int(rest[5]) == job                                     # the foreground job there, as it was
+        assert _parent(job) != 1                                       # ckpt restore is its parent
+        os.kill(job, 9)
+        wait_for(lambda: (tmp_path / "restore-rc").exists(), timeout=30, what="ckpt restore to return")
+        assert (tmp_path / "restore-rc").read_text().startswith("0 ckpt: restored pid")
+    finally:
+        for s in shells:
+            s.kill()
+            s.wait()
+        os.close(m1)
+        os.close(m2)
+
+
+JOB_SHELL = SHELL1.replace(
+    'path, worker, out = sys.argv[1], sys.argv[2], sys.argv[3]', 'path, out, argv = sys.argv[1], sys.argv[2], sys.argv[3:]'
+).replace('os.execv(sys.executable, [sys.executable, worker, out])', 'os.execv(argv[0], argv)')
+
+def _in_session(pid: int, sid: int) -> bool:
+    try:
+        return os.getsid(pid) == sid
+    except OSError:
+        return False
+
+
+def _parent(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+def _read_until(fd: int, want: bytes, seconds: float) -> bytes:
+    import select
+    import time
+    end = time.monotonic() + seconds
+    got = b""
+    while want not in got and time.monotonic() < end:
+        if select.select([fd], [], [], 0.2)[0]:
+            try:
+                got += os.read(fd, 65536)
+            except OSError:
+                break
+    return got
+
+
+def test_less_on_one_terminal_is_restored_onto_another_and_obeys_its_keys(procs, tmp_path):
+    """A real program through a pty: less(1), a job of a shell on pty 1,
+    dumped with --shell-job, restored by a shell on pty 2 (--tty inherit)
+    that puts it in the foreground: keys typed on pty 2 drive it (G: the
+    end of the file, q: quit)."""
+    import fcntl
+    import shutil
+    import subprocess
+    import time
+    less = shutil.which("less")
+    if not less:
+        pytest.skip("less is not installed")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    (tmp_path / "text").write_text("".join(f"line {i} of the text\n" for i in range(1, 201)))
+    m1, path1 = _new_pty()
+    m2, path2 = _new_pty()
+    for m in (m1, m2):
+        fcntl.ioctl(m, 0x5414, struct_pack_winsize(24, 80))
+    shells = []
+    try:
+        (tmp_path / "shell1.py").write_text(JOB_SHELL)
+        (tmp_path / "shell2.py").write_text(SHELL2)
+        env = dict(os.environ, TERM="vt100", LESS="", LESSHISTFILE="-")
+        s1 = subprocess.Popen([python_exe(), str(tmp_path / "shell1.py"), path1, str(tmp_path), less,
+                               str(tmp_path / "text")], close_fds=True, start_new_session=True, env=env)
+        shells.append(s1)
+        assert b"line 1 of the text" in _read_until(m1, b"line 23 of the text", 20), "less did not draw"
+        job = int((tmp_path / "job-pid").read_text())
+        time.sleep(0.3)                                    # less waits for a key
+        dump(job, str(tmp_path / "img"), Options(shell_job=True))
+        wait_for(lambda: not os.path.exists(f"/proc/{job}"), what="the dumped job to be reaped")
+        s2 = subprocess.Popen([python_exe(), str(tmp_path / "shell2.py"), path2, repo, str(tmp_path / "img"),
+                               str(tmp_path)], close_fds=True, start_new_session=True)
+        shells.append(s2)
+        wait_for(lambda: _in_session(job, s2.pid) or (tmp_path / "restore-rc").exists(), timeout=60,
+                 what="the restore")
+        procs.adopt(job)
+        time.sleep(0.5)
+        os.write(m2, b"G")
+        out = _read_until(m2, b"line 200 of the text", 20)
+        assert b"line 200 of the text" in out, out[-500:]
+        os.write(m2, b"q")
+        # less quits; ckpt restore, its parent and foreground job meanwhile, returns
+        wait_for(lambda: (tmp_path / "restore-rc").exists(), timeout=20, what="less to quit")
+        assert (tmp_path / "restore-rc").read_text().startswith(f"0 ckpt: restored pid {job}")
+    finally:
+        for s in shells:
+            s.kill()
+            s.wait()
+        os.close(m1)
+        os.close(m2)
+
+
+def struct_pack_winsize(rows: int, cols: int) -> bytes:
+    import struct
+    return struct.pack("HHHH", rows, cols, 0, 0)
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except OSError:
+        return True
+
+
+def test_canonical_mode_without_veof_is_refused_and_unharmed(procs, tmp_path):
+    """The line being typed is made readable with VEOF; with VEOF disabled
+    it cannot be seen: refused (`tty-queued`), nothing moved."""
+    import fcntl
+    import struct
+    p, index = start(procs, tmp_path, "noeof")
+    before = {}
+    for fd in (600, 601):
+        with open(f"/proc/{p.pid}/fdinfo/{fd}") as f:
+            before[fd] = f.read()
+    with pytest.raises((Refusal, Refusals)) as ei:
+        dump(p.pid, str(tmp_path / "img"), Options())
+    refusals = getattr(ei.value, "refusals", [ei.value])
+    assert {(r.reason, r.fd) for r in refusals} == {("tty-queued", 600), ("tty-queued", 601), ("tty-queued", 602)}
+    assert "VEOF disabled" in refusals[0].detail
+    assert p.poll() is None and not os.path.exists(tmp_path / "img")
+    from engine.pidfd import target_fd
+    with target_fd(p.pid, 601) as s:
+        queued = struct.unpack("i", fcntl.ioctl(s, 0x541B, b"\0" * 4))[0]
+    assert queued > 0                 # its lines still wait for the reader: nothing was taken
+
+
+SPLIT = r'''
+import os, fcntl, struct, time, sys
+m = os.open("/dev/ptmx", os.O_RDWR | os.O_NOCTTY)
+fcntl.ioctl(m, 0x40045431, struct.pack("i", 0))
+idx = struct.unpack("i", fcntl.ioctl(m, 0x80045430, b"\0" * 4))[0]
+child = os.fork()
+if child == 0:
+    os.close(m)
+    os.setsid()
+    s = os.open(f"/dev/pts/{idx}", os.O_RDWR)       # its controlling terminal
+    os.dup2(s, 0); os.dup2(s, 1)
+    while True:
+        time.sleep(1)
+with open(sys.argv[1] + ".tmp", "w") as f:
+    f.write(str(child))
+os.rename(sys.argv[1] + ".tmp", sys.argv[1])
+while True:
+    time.sleep(1)
+'''
+
+
+def test_pair_split_between_tree_members_is_refused_by_name(procs, tmp_path):
+    """A driver and the program it runs on a pty (master in the parent,
+    slave the child's controlling terminal): not restored yet, refused as
+    `tty` naming the other member, the tree unharmed."""
+    import time
+    (tmp_path / "split.py").write_text(SPLIT)
+    p = procs.start([python_exe(), str(tmp_path / "split.py"), str(tmp_path / "child")])
+    wait_for(lambda: (tmp_path / "child").exists(), what="the driver")
+    child = int((tmp_path / "child").read_text())
+    procs.adopt(child)
+    time.sleep(0.2)
+    with pytest.raises((Refusal, Refusals)) as ei:
+        dump(p.pid, str(tmp_path / "img"), Options())
+    refusals = getattr(ei.value, "refusals", [ei.value])
+    assert {r.reason for r in refusals} == {"tty"}, [r.message for r in refusals]
+    assert any(r.pid == p.pid and f"held by pid {child}" in r.detail for r in refusals)
+    assert any(r.pid == child and r.fd is None and "controlling terminal" in r.detail for r in refusals)
+    assert p.poll() is None and os.path.exists(f"/proc/{child}") and not os.path.exists(tmp_path / "img")

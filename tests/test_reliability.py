@@ -51,3 +51,10 @@ def test_ctrl_c_at_any_instant(rel, tmp_path, command):
     out = rel.interrupt_runs(10, str(tmp_path), random.Random(19), command)
     print(rel.render_kills(f"^C ckpt {command}", out))
     assert out["failures"] == [], rel.render_kills(f"^C ckpt {command}", out)
+
+
+def test_kill_ckpt_check(rel, tmp_path):
+    import signal
+    out = rel.interrupt_runs(10, str(tmp_path), random.Random(23), "check", signal.SIGKILL)
+    print(rel.render_kills("kill ckpt check", out))
+    assert out["failures"] == [], rel.render_kills("kill ckpt check", out)

@@ -186,6 +186,7 @@ def test_all_refusals_reported_with_fd_filesystem_and_socket_causes(procs, count
         "import os, socket, sys, time, threading\n"
         "srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM); srv.bind(('127.0.0.1', 0)); srv.listen()\n"
         "cli = socket.create_connection(srv.getsockname()); conn, _ = srv.accept()\n"
+        "cli.send(b'!', socket.MSG_OOB)   # urgent data: an established socket the engine refuses\n"
         "f = open('/proc/self/status')\n"
         "import ctypes\n"
         "def own_fs():\n"

@@ -10,6 +10,9 @@ from .arch import ArchSpec
 #: Kernel parameters. panic=-1 reboots at once on a panic and -no-reboot turns
 #: that into a QEMU exit, so a broken boot ends instead of hanging.
 #: mitigations=off: speculative-execution fences only cost time under TCG.
+#: The virtio-serial port name of the harness's in-guest agent (harness/agent.py).
+AGENT_PORT = "org.crucible.agent"
+
 BASE_APPEND = ["quiet", "panic=-1", "mitigations=off", "no_timer_check", "i8042.noaux", "i8042.nokbd"]
 
 
@@ -32,6 +35,9 @@ class LaunchSpec:
     extra_append: List[str] = field(default_factory=list)
     #: ``uname -r`` of the image's kernel ("" unknown): some CPU flags depend on it
     kernel_release: str = ""
+    #: host end (a unix socket QEMU listens on) of the virtio-serial port
+    #: ``org.crucible.agent`` the harness's in-guest agent talks over; None: no port
+    agent_socket: Optional[str] = None
 
 
 def kernel_append(arch: ArchSpec, extra: List[str]) -> str:
@@ -56,6 +62,12 @@ def build_argv(arch: ArchSpec, spec: LaunchSpec) -> List[str]:
     argv += arch.net_args(spec.ssh_port)
     argv += ["-chardev", f"file,id=serial0,path={spec.serial_log}", "-serial", "chardev:serial0"]
     argv += ["-qmp", f"unix:{spec.qmp_socket},server=on,wait=off"]
+    if spec.agent_socket:
+        # A chardev is host state, not guest state: the connection to it
+        # survives a loadvm (an SSH connection does not).
+        argv += ["-device", "virtio-serial-pci,id=vser0",
+                 "-chardev", f"socket,id=agent0,path={spec.agent_socket},server=on,wait=off",
+                 "-device", f"virtserialport,bus=vser0.0,chardev=agent0,name={AGENT_PORT}"]
     if spec.loadvm:
         argv += ["-loadvm", spec.loadvm]
     return argv

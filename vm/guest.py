@@ -255,7 +255,8 @@ class Guest:
                               qmp_socket=str(self._tmp / "qmp.sock"), serial_log=str(self.serial_log),
                               memory_mb=self.memory_mb, smp=self.smp, tb_size_mb=self.tb_size_mb,
                               loadvm=self.from_snapshot[1] if self.from_snapshot else None,
-                              extra_append=self.extra_append, kernel_release=self._kernel_release())
+                              extra_append=self.extra_append, kernel_release=self._kernel_release(),
+                              agent_socket=str(self._tmp / "agent.sock"))
             self.argv = build_argv(arch_spec, spec)
             self._qemu_log_file = open(self.qemu_log, "wb")  # type: ignore[arg-type]
             # New session: a Ctrl-C meant for `vm shell`'s ssh must not reach
@@ -522,8 +523,30 @@ class Guest:
             raise VmError(f"savevm {name} failed: {out.strip()}", kind="qmp", guest=self.name)
         return time.monotonic() - t0
 
-    def revert(self, name: str) -> float:
+    def status(self, timeout: float = 5) -> str:
+        """QMP ``query-status``'s status ("running", "paused", ...).
+
+        Raises:
+            VmError(kind="qmp"): QEMU did not answer within ``timeout`` s
+                (stopped by a signal, wedged) or is gone.
+        """
+        self._require_running()
+        assert self._qmp is not None
+        return str(self._qmp.command("query-status", timeout=timeout).get("status"))
+
+    @property
+    def agent_socket(self) -> Optional[str]:
+        """The host end of the agent's virtio-serial port (None: not running)."""
+        return str(self._tmp / "agent.sock") if self._tmp is not None and self.alive() else None
+
+    def pid(self) -> Optional[int]:
+        """QEMU's PID while it runs (for chaos tests that stop or kill it)."""
+        return self._proc.pid if self.alive() else None  # type: ignore[union-attr]
+
+    def revert(self, name: str, reconnect: bool = True) -> float:
         """``loadvm name``, reconnect SSH, set the clock; returns seconds.
+        ``reconnect=False``: neither (the caller reaches the guest another
+        way — the harness's agent — and sets the clock itself).
 
         Raises:
             VmError(kind="qmp"): no such snapshot or QEMU refused.
@@ -541,8 +564,13 @@ class Guest:
             if self._qmp.command("query-status").get("status") != "running":
                 self._qmp.command("cont")
             raise VmError(f"loadvm {name} failed: {out.strip()}", kind="qmp", guest=self.name)
-        self._link()
-        self.sync_clock()
+        # loadvm keeps a stopped VM stopped (a `stop` before it, a chaos test):
+        # a reverted guest runs.
+        if self._qmp.command("query-status").get("status") != "running":
+            self._qmp.command("cont")
+        if reconnect:
+            self._link()
+            self.sync_clock()
         return time.monotonic() - t0
 
     def export_overlay(self, dest: PathLike) -> None:

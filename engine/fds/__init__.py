@@ -150,9 +150,10 @@ def classify_kind(info: FdInfo) -> str:
 
 
 def _pty(rdev: int) -> bool:
-    """A pty master (/dev/ptmx, 5:2) or slave (/dev/pts/N, majors 136-143)."""
+    """A pty master (/dev/ptmx, 5:2) or slave (/dev/pts/N, majors 136-143),
+    or /dev/tty (5:0: the controlling terminal, whatever it is)."""
     major = os.major(rdev)
-    return (major, os.minor(rdev)) == (5, 2) or 136 <= major < 144
+    return (major, os.minor(rdev)) in ((5, 2), (5, 0)) or 136 <= major < 144
 
 
 def describe_mode(mode: int) -> str:

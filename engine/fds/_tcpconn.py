@@ -36,11 +36,18 @@ it) and window, then leaves repair mode. Both ends of a pair are built
 before either leaves repair mode (a window probe to a missing socket would
 be answered with a RST).
 
-Refused (`socket`, state named): every state but ESTABLISHED (SYN_SENT,
-FIN_WAIT*, CLOSE_WAIT, CLOSING, LAST_ACK, TIME_WAIT: half-closed
-connections carry a FIN in a queue this engine does not rebuild), urgent
-data, ECN or microsecond timestamps negotiated, SO_PEEK_OFF set, a peer
-waiting in the accept queue of a listener, a socket another process holds.
+A half-closed pair held by the process (one end shut down writing and
+its FIN acknowledged: FIN_WAIT2; the other end got it: CLOSE_WAIT) is
+rebuilt established as it was before the FIN, and once both ends are out
+of repair mode the first one shuts down writing again: the FIN crosses
+loopback and both settle in their states (CRIU forges the FIN with a raw
+packet instead; with both ends here a real one does).
+
+Refused (`socket`, state named): every other state (SYN_SENT, FIN_WAIT1,
+CLOSING, LAST_ACK, a half-closed connection whose other end is not the
+process's: the FIN in its queue is not rebuilt), urgent data, ECN or
+microsecond timestamps negotiated, SO_PEEK_OFF set, several connections or
+bytes waiting in a listener's accept queue, a socket another process holds.
 """
 
 from __future__ import annotations
@@ -69,7 +76,11 @@ SIOCINQ, SIOCOUTQ, SIOCOUTQNSD, SIOCATMARK = 0x541B, 0x5411, 0x894B, 0x8905
 TCPOPT_MAXSEG, TCPOPT_WINDOW, TCPOPT_SACK_PERM, TCPOPT_TIMESTAMP = 2, 3, 4, 8
 TCPI_OPT_TIMESTAMPS, TCPI_OPT_SACK, TCPI_OPT_WSCALE, TCPI_OPT_ECN = 1, 2, 4, 8
 TCPI_OPT_ECN_SEEN, TCPI_OPT_USEC_TS = 16, 64
-ESTABLISHED = 1
+ESTABLISHED, FIN_WAIT2, CLOSE_WAIT = 1, 5, 8
+# A half-closed pair held by the process: one end shut down writing, its FIN
+# acknowledged (FIN_WAIT2), the other end got it (CLOSE_WAIT).
+HALF = {FIN_WAIT2: CLOSE_WAIT, CLOSE_WAIT: FIN_WAIT2}
+SEND_SHUTDOWN = 2
 # Options the kernel itself moves on a live connection (buffer autotuning,
 # the window clamp, the current MSS; an accepted socket's multicast TTL /
 # hop limit and interface hold the SYN's TTL and incoming interface:
@@ -79,6 +90,7 @@ ESTABLISHED = 1
 _KERNEL_MOVED = ("SO_SNDBUF", "SO_RCVBUF", "TCP_WINDOW_CLAMP", "TCP_MAXSEG", "IP_MULTICAST_TTL",
                  "IPV6_MULTICAST_HOPS", "IPV6_MULTICAST_IF")
 SOCK_SNDBUF_LOCK, SOCK_RCVBUF_LOCK = 1, 2
+RCV_SHUTDOWN = 1
 _STABLE_TRIES = 20
 
 
@@ -130,7 +142,9 @@ def peer_of(info, ctx, family: int, row: dict):
     for r in _rows(info.pid, family):
         if r["local"] == row["remote"] and r["remote"] == row["local"] and r["state"] != 10:
             if r["inode"] == 0:
-                return "accept", 0
+                # No file: waiting in an accept queue (established), or an
+                # orphan its process closed (closing states).
+                return ("accept" if r["state"] == ESTABLISHED else "outside"), 0
             return ("dump" if held_here(ctx, r["inode"]) else "outside"), r["inode"]
     return "outside", 0
 
@@ -154,13 +168,17 @@ def classify(info, ctx, q: dict) -> dict:
     if not row:
         raise refuse(info, "socket", f"tcp{_v(fam)} socket inode {ino}: not in /proc/net/tcp{_v(fam)}")
     head = head_text(fam, row)
-    if row["state"] != ESTABLISHED:
+    state = row["state"]
+    if state != ESTABLISHED and state not in HALF:
         raise refuse(info, "socket", f"{head}: only established connections are restored (a half-closed "
                      "or opening connection carries state this engine does not rebuild)")
     out = outside_holders(info, ctx, ino)
     if out:
         raise refuse(info, "socket", f"{head}: also held by pid {out[0][0]} (fd {out[0][1]})")
     where, peer_ino = peer_of(info, ctx, fam, row)
+    if state in HALF and (where != "dump" or _row(info.pid, fam, peer_ino).get("state") != HALF[state]):
+        raise refuse(info, "socket", f"{head}: a half-closed connection is restored only with both ends "
+                     "held by the process, one in fin-wait2 (its FIN acknowledged), the other in close-wait")
     listener = None
     if where == "accept":
         listener = _waiting_for(info, ctx, fam, row, head)
@@ -173,6 +191,9 @@ def classify(info, ctx, q: dict) -> dict:
             urgent = _ioctl_int(mine, SIOCATMARK)
         finally:
             s.close()
+    shut = _shutdown_of(info, fam, ino, head, state)
+    if shut & SEND_SHUTDOWN and state != FIN_WAIT2:
+        raise refuse(info, "socket", f"{head}: shut down for writing")
     tcpi_options = ti[5]
     if tcpi_options & (TCPI_OPT_ECN | TCPI_OPT_ECN_SEEN):
         raise refuse(info, "socket", f"{head}: ECN was negotiated; TCP_REPAIR_OPTIONS cannot restore it")
@@ -202,9 +223,25 @@ def classify(info, ctx, q: dict) -> dict:
                          f"be held still meanwhile: {why}")
     rec = {"sock": "tcp-conn", "family": fam, "inode": ino, "local": _ep(row["local"]),
            "remote": _ep(row["remote"]), "peer": where, "peer_inode": peer_ino if where == "dump" else None,
-           "opts": compare, "set": setnames, "moved": moved, "listener": listener}
+           "opts": compare, "set": setnames, "moved": moved, "listener": listener,
+           "state": state,
+           # In close-wait, reads end at the FIN, which the restore sends again.
+           "shut_rd": bool(shut & RCV_SHUTDOWN) and state != CLOSE_WAIT}
     ctx.shared[key] = rec
     return rec
+
+
+def _shutdown_of(info, fam: int, ino: int, head: str, state: int) -> int:
+    """sk_shutdown of the socket (inet_diag): a shutdown(SHUT_RD) leaves an
+    established connection established, but reads return EOF."""
+    from .. import netdiag
+    try:
+        for r in netdiag.tcp_sockets(fam, 1 << state):
+            if r["inode"] == ino:
+                return r["shutdown"]
+    except OSError as e:
+        raise refuse(info, "socket", f"{head}: inet_diag cannot report its shutdown state ({e.strerror})") from e
+    raise refuse(info, "socket", f"{head}: not found by inet_diag; its shutdown state cannot be known")
 
 
 def _waiting_for(info, ctx, fam: int, row: dict, head: str) -> int:
@@ -231,12 +268,15 @@ def options_of(dup: int, family: int) -> Dict[str, Optional[str]]:
 
 
 def text(rec: dict) -> str:
-    s = f"tcp{_v(rec['family'])} established {_ep_text(rec['local'])}->{_ep_text(rec['remote'])}"
+    state = netinfo.TCP_STATES.get(rec.get("state", ESTABLISHED), "established")
+    s = f"tcp{_v(rec['family'])} {state} {_ep_text(rec['local'])}->{_ep_text(rec['remote'])}"
     s += {"dump": ", peer in the dump", "outside": ", peer outside (network lock)",
           "accept": ", waiting to be accepted by a listener in the dump"}.get(rec["peer"], "")
     r = rec.get("repair")
     if r:
         s += f", {r['inq_len']} bytes to read, {r['outq_len']} to send"
+    if rec.get("shut_rd"):
+        s += ", shut down for reading"
     if rec["set"]:
         s += ", options " + ", ".join(rec["set"])
     return s
@@ -285,13 +325,13 @@ def _seqs(s: _socket.socket) -> tuple:
     return tuple(out)
 
 
-def read_repair(s: _socket.socket) -> tuple:
+def read_repair(s: _socket.socket, state: int = ESTABLISHED) -> tuple:
     """(facts, receive queue bytes, send queue bytes) of a socket in repair
     mode. Raises OSError, ValueError (a queue shorter or longer than its
     counter)."""
     fd = s.fileno()
     ti = s.getsockopt(SOL_TCP, TCP_INFO, 8)
-    if ti[0] != ESTABLISHED:
+    if ti[0] != state:
         raise ValueError(f"its state became {netinfo.TCP_STATES.get(ti[0], ti[0])}")
     inq, outq, unsq = _ioctl_int(fd, SIOCINQ), _ioctl_int(fd, SIOCOUTQ), _ioctl_int(fd, SIOCOUTQNSD)
     r = {"opt_mask": ti[5], "snd_wscale": ti[6] & 0xF, "rcv_wscale": ti[6] >> 4,
@@ -357,7 +397,7 @@ def dump(info, ctx, q: dict) -> dict:
     for attempt in range(_STABLE_TRIES):
         before = [_seqs(s) for s in socks]
         try:
-            got = [read_repair(s) for s in socks]
+            got = [read_repair(s, r.get("state", ESTABLISHED)) for s, (_, r) in zip(socks, ends)]
         except (ValueError, OSError) as e:
             raise refuse(info, "socket", f"{head_text(rec['family'], _fake_row(rec))}: "
                          f"the repair-mode read failed: {e}") from None
@@ -368,6 +408,9 @@ def dump(info, ctx, q: dict) -> dict:
         raise refuse(info, "socket", f"{head_text(rec['family'], _fake_row(rec))}: its state kept moving "
                      "while being read")
     for (i, r), (facts, rq, sq) in zip(ends, got):
+        if r.get("state") == FIN_WAIT2 and facts["outq_len"]:
+            raise refuse(i, "socket", f"{head_text(r['family'], _fake_row(r))}: {facts['outq_len']} bytes "
+                         "(or its FIN) not acknowledged yet")
         r["repair"] = facts
         r["data"] = f"fds/tcp-{r['inode']}"
         ctx.image.write_bytes(r["data"], rq + sq)
@@ -376,7 +419,7 @@ def dump(info, ctx, q: dict) -> dict:
 
 
 def _fake_row(rec: dict) -> dict:
-    return {"state": ESTABLISHED, "local": rec["local"], "remote": rec["remote"]}
+    return {"state": rec.get("state", ESTABLISHED), "local": rec["local"], "remote": rec["remote"]}
 
 
 # -- restore --------------------------------------------------------------------
@@ -464,10 +507,15 @@ def _build(rec: dict, ctx) -> tuple:
         _setint(s, TCP_REPAIR, TCP_REPAIR_ON)
         _sockopts.apply(s, rec["opts"], rec["set"])
         _bind(s, rec, ctx)
+        # A FIN takes a sequence number: the half-closed pair is rebuilt
+        # established, before the FIN, and the FIN sent again (finish()).
+        fin_in = 1 if rec.get("state") == CLOSE_WAIT else 0
+        fin_out = 1 if rec.get("state") == FIN_WAIT2 else 0
         _setint(s, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE)
-        s.setsockopt(SOL_TCP, TCP_QUEUE_SEQ, struct.pack("I", (r["inq_seq"] - r["inq_len"]) & 0xFFFFFFFF))
+        s.setsockopt(SOL_TCP, TCP_QUEUE_SEQ, struct.pack("I", (r["inq_seq"] - fin_in - r["inq_len"]) & 0xFFFFFFFF))
         _setint(s, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)
-        s.setsockopt(SOL_TCP, TCP_QUEUE_SEQ, struct.pack("I", (r["outq_seq"] - r["outq_len"]) & 0xFFFFFFFF))
+        s.setsockopt(SOL_TCP, TCP_QUEUE_SEQ, struct.pack("I", (r["outq_seq"] - fin_out - r["outq_len"]) &
+                                                          0xFFFFFFFF))
         s.connect(tuple(rec["remote"]))
         _check_local(s, rec, ctx)
         opts = []
@@ -488,7 +536,11 @@ def _build(rec: dict, ctx) -> tuple:
             _setint(s, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)
             _send_all(s, sent)
         _setint(s, TCP_REPAIR_QUEUE, TCP_NO_QUEUE)
-        w = r["window"]
+        w = dict(r["window"])
+        if fin_in and w["rcv_wup"] == r["inq_seq"]:
+            # The last window update was sent past the FIN (soccr does the same).
+            w["rcv_wup"] = (w["rcv_wup"] - 1) & 0xFFFFFFFF
+            w["rcv_wnd"] += 1
         s.setsockopt(SOL_TCP, TCP_REPAIR_WINDOW, struct.pack("5I", w["snd_wl1"], w["snd_wnd"], w["max_window"],
                                                              w["rcv_wnd"], w["rcv_wup"]))
     return s, unsent
@@ -500,6 +552,8 @@ def _check_built(s: _socket.socket, rec: dict, ctx) -> None:
     r = rec["repair"]
     what = f"checking tcp connection {_ep_text(rec['local'])}->{_ep_text(rec['remote'])}"
     with building(s, rec, ctx, what):
+        if rec.get("shut_rd"):
+            s.shutdown(_socket.SHUT_RD)
         _put_back_moved(s, rec)
         _sockopts.apply_late(s, rec["opts"], rec["set"])
         _sockopts.verify(s, rec["family"], True, {n: v for n, v in rec["opts"].items() if n != "SO_REUSEADDR"})
@@ -592,6 +646,8 @@ def _reconnect(rec: dict, ctx) -> int:
         s.connect(tuple(rec["remote"]))
         s.settimeout(None)
         _check_local(s, rec, ctx)
+        if rec.get("shut_rd"):
+            s.shutdown(_socket.SHUT_RD)
         _put_back_moved(s, rec)
         _sockopts.apply_late(s, rec["opts"], rec["set"])
         _sockopts.verify(s, fam, True, rec["opts"])
@@ -603,6 +659,33 @@ def _reconnect(rec: dict, ctx) -> int:
                              f"connection(s) waiting, not {want}")
         fd = s.detach()
     return with_status_flags(rec, ctx, fd)
+
+
+def _half_close(rec: dict, ctx) -> None:
+    """Once both ends of a half-closed pair are out of repair mode, the one
+    that had shut down writing does so again: its FIN goes to the other
+    end over loopback, and both settle in their recorded states."""
+    pair = ctx.shared.setdefault(f"tcp-half:{min(rec['inode'], rec['peer_inode'])}", [])
+    pair.append(rec)
+    if len(pair) < 2:
+        return
+    socks = [(r, _socket.socket(fileno=os.dup(ctx.shared[f"tcp-conn-live:{r['inode']}"]))) for r in pair]
+    try:
+        for r, sk in socks:
+            if r["state"] == FIN_WAIT2:
+                sk.shutdown(_socket.SHUT_WR)
+        deadline = time.monotonic() + 5
+        while True:
+            now = [sk.getsockopt(SOL_TCP, TCP_INFO, 1)[0] for _, sk in socks]
+            if now == [r["state"] for r, _ in socks]:
+                return
+            if time.monotonic() > deadline:
+                raise OSError(_errno.ETIMEDOUT, f"the half-closed pair reached states {now}, not "
+                              f"{[r['state'] for r, _ in socks]}")
+            time.sleep(0.002)
+    finally:
+        for _, sk in socks:
+            sk.close()
 
 
 def finish(rec: dict, ctx, task) -> None:
@@ -624,6 +707,8 @@ def finish(rec: dict, ctx, task) -> None:
             _sockopts.apply(s, rec["opts"], ["SO_REUSEADDR"])
         if s.getsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 4).hex() != rec["opts"].get("SO_REUSEADDR"):
             raise OSError(_errno.EINVAL, "SO_REUSEADDR does not read back")
+        if rec.get("state") in HALF:
+            _half_close(rec, ctx)
     except OSError as e:
         raise failed(rec, ctx, "leaving tcp repair mode", e) from e
     finally:

@@ -43,6 +43,7 @@ TIOCGSID, TIOCGPTN, TIOCSPTLCK = 0x5429, 0x80045430, 0x40045431
 TIOCGPKT, TIOCGPTLCK, TIOCGEXCL, TIOCGPTPEER = 0x80045438, 0x80045439, 0x80045440, 0x5441
 
 PTMX_RDEV = (5, 2)
+DEVTTY_RDEV = (5, 0)
 PTS_MAJORS = range(136, 144)          # UNIX98_PTY_SLAVE_MAJOR .. + UNIX98_PTY_MAJOR_COUNT
 
 # termios bits (include/uapi/asm-generic/termbits.h)
@@ -211,6 +212,19 @@ def sti(slave: int, data: bytes) -> None:
     CAP_SYS_ADMIN (or the tty as controlling terminal)."""
     for b in data:
         fcntl.ioctl(slave, TIOCSTI, bytes([b]))
+
+
+def may_sti() -> bool:
+    """Whether this process may TIOCSTI into a terminal that is not its
+    controlling one: CAP_SYS_ADMIN (drivers/tty/tty_io.c tiocsti)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> 21 & 1)
+    except OSError:
+        pass
+    return False
 
 
 def settle(slave: int) -> None:

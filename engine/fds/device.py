@@ -2,6 +2,7 @@
 
 Only the memory devices whose behaviour does not depend on anything saved
 (/dev/null, /dev/zero, /dev/full, /dev/random, /dev/urandom) are restored;
+pseudo-terminals and /dev/tty are the tty kind's (tty.py); other
 terminals, block devices and every other device are refused as `device`,
 because reopening them would not bring back what the process was talking to.
 

@@ -45,15 +45,19 @@ from ._peers import holders
 from ._util import failed, refuse, refuse_rec, with_status_flags
 
 KIND = "tty"
-REASONS = ("tty", "tty-queued", "tty-outside", "image-invalid")
+REASONS = ("tty", "tty-queued", "tty-outside", "capability", "image-invalid")
 MAX_INDEX_TRIES = 1024      # ptys held open at once to reach a high index
 INDEX_WAIT = 2.0            # seconds for a just-closed pair's index to be free again
 O_LARGEFILE = 0o100000      # what open(2) adds on 64-bit (force_o_largefile); same on x86_64 and aarch64
 
 
 def is_pty(info) -> bool:
-    """The classifier's test: a pty master or slave character device."""
+    """A pty master or slave character device (not /dev/tty)."""
     return stat.S_ISCHR(info.mode) and (_tty.is_master(info.rdev) or _tty.slave_index(info.rdev) is not None)
+
+
+def _is_devtty(info) -> bool:
+    return (os.major(info.rdev), os.minor(info.rdev)) == _tty.DEVTTY_RDEV
 
 
 def _stat_fields(pid: int) -> dict:
@@ -116,6 +120,39 @@ def _outside_masters(ctx, index: int) -> List[tuple]:
     return out
 
 
+def _tree_fds(ctx, own: int):
+    """(pid, fd, link) of the other members of a dumped tree."""
+    for pid in sorted(set(getattr(ctx, "tree_pids", ()) or ()) - {own}):
+        try:
+            names = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for n in names:
+            try:
+                yield pid, int(n), os.readlink(f"/proc/{pid}/fd/{n}")
+            except OSError:
+                continue
+
+
+def _tree_master(ctx, index: int):
+    for pid, fd, link in _tree_fds(ctx, ctx.pid):
+        if link in ("/dev/ptmx", "/dev/pts/ptmx"):
+            try:
+                with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                    if any(l.startswith("tty-index:") and int(l.split()[1]) == index for l in f):
+                        return pid, fd
+            except (OSError, ValueError):
+                continue
+    return None
+
+
+def _tree_slave(ctx, index: int, own: int):
+    for pid, fd, link in _tree_fds(ctx, own):
+        if link == f"/dev/pts/{index}":
+            return pid, fd
+    return None
+
+
 def _ptmx_id(link: str):
     try:
         st = os.stat(link)
@@ -153,6 +190,10 @@ def _survey_pair(info, ctx, index: int) -> dict:
     slave_st = os.stat(ends["slave"][0].proc_path) if ends["slave"] else None
     outside_s = holders(ctx, name, slave_st.st_dev, slave_st.st_ino) if slave_st else []
     if not ends["master"]:
+        member = _tree_master(ctx, index)
+        if member:
+            raise refuse(info, "tty", f"pty {index}: its master is held by pid {member[0]} (fd {member[1]}) of "
+                         "the dumped tree: a pair split between processes is not restored yet")
         how = f"held by pid {outside_m[0][0]} (fd {outside_m[0][1]})" if outside_m else "held by no process here"
         return {"index": index, "outside": True, "master_where": how}
     if outside_m:
@@ -161,6 +202,10 @@ def _survey_pair(info, ctx, index: int) -> dict:
     if outside_s:
         raise refuse(info, "tty", f"pty {index}: its slave {name} is also held by pid {outside_s[0][0]} "
                      f"(fd {outside_s[0][1]}), a process outside the dump")
+    member = _tree_slave(ctx, index, info.pid)
+    if member:
+        raise refuse(info, "tty", f"pty {index}: its slave is held by pid {member[0]} (fd {member[1]}) of the "
+                     "dumped tree: a pair split between processes is not restored yet")
     if not ends["slave"]:
         raise refuse(info, "tty", f"pty {index}: the process holds the master but not the slave {name} "
                      "(whether the slave was ever opened, and its input queue, cannot be read without opening it)")
@@ -181,6 +226,9 @@ def _survey_pair(info, ctx, index: int) -> dict:
         if packet and _tty.poll_bits(mfd) & 2:        # POLLPRI: a packet status waits (n_tty_poll)
             raise refuse(info, "tty-queued", f"pty {index}: a packet-mode status byte waits to be read on the "
                          "master; reading it would consume it")
+        if (_tty.canonical(termios) or rec["in_len"]) and not _tty.may_sti():
+            raise refuse(info, "capability", f"pty {index}: putting its input queue back needs TIOCSTI, which "
+                         "needs CAP_SYS_ADMIN")
         if _tty.canonical(termios) and not f["cc"][_tty.VEOF]:
             raise refuse(info, "tty-queued", f"pty {index}: canonical mode with VEOF disabled: a line being typed "
                          "could not be seen (it is made readable by ending it with VEOF)")
@@ -199,7 +247,25 @@ def _survey_pair(info, ctx, index: int) -> dict:
     return rec
 
 
+def _devtty(info, ctx) -> str:
+    """/dev/tty opened by the process: its controlling terminal under
+    another name. Restored (reopened by that name in ckpt, which must then
+    share the terminal: restore --tty) when that terminal's master is
+    outside (a shell job); refused otherwise."""
+    index = ctty_index(info.pid)
+    if index is None:
+        raise refuse(info, "tty", "/dev/tty of a process with no pseudo-terminal as controlling terminal")
+    if index in _ends(ctx) and _ends(ctx)[index]["master"]:
+        raise refuse(info, "tty", f"/dev/tty naming pty {index}, whose master the process holds: not restored yet")
+    if not getattr(ctx.options, "shell_job", False):
+        raise refuse(info, "tty-outside", f"/dev/tty, naming /dev/pts/{index} whose master is outside the dump: "
+                     "dump with --shell-job and restore with --tty PATH")
+    return f"/dev/tty (its controlling terminal /dev/pts/{index}: reopened as ckpt's, which restore --tty must be)"
+
+
 def classify(info, ctx) -> str:
+    if _is_devtty(info):
+        return _devtty(info, ctx)
     index = _index(info)
     pair = _pair(info, ctx)
     if pair["outside"]:
@@ -216,6 +282,12 @@ def classify(info, ctx) -> str:
 
 def dump(info, ctx) -> dict:
     classify(info, ctx)
+    if _is_devtty(info):
+        with pidfd.target_fd(info.pid, info.fd) as dup:
+            termios = _tty.get_termios(dup)
+        st = _stat_fields(info.pid)
+        return {"tty": "devtty", "index": ctty_index(info.pid), "outside": True, "ctty": True,
+                "termios": termios.hex(), "fg_own": st["tpgid"] == st["pgrp"]}
     pair = _pair(info, ctx)
     index = pair["index"]
     if pair["outside"]:
@@ -301,8 +373,11 @@ def _slave_recs(index: int, ctx) -> List[dict]:
 
 
 def validate(rec: dict, ctx) -> None:
-    if rec.get("tty") not in ("master", "slave") or not isinstance(rec.get("index"), int):
+    if rec.get("tty") not in ("master", "slave", "devtty") or not isinstance(rec.get("index"), int):
         raise refuse_rec(rec, ctx, "image-invalid", "tty record malformed")
+    if rec["tty"] == "devtty":
+        _outside_tty(rec, ctx)
+        return
     if rec.get("outside"):
         if rec["tty"] != "slave" or not isinstance(rec.get("termios"), str):
             raise refuse_rec(rec, ctx, "image-invalid", "outside tty record malformed")
@@ -337,7 +412,7 @@ def _outside_tty(rec: dict, ctx) -> str:
     if not want:
         raise refuse_rec(rec, ctx, "tty-outside", f"the process ran on /dev/pts/{rec['index']}, whose master was "
                          "outside the dump: restore with --tty PATH (or --tty inherit)")
-    path = _inherit_path() if want == "inherit" else want
+    path = tty_path(want)
     try:
         st = os.stat(path)
     except OSError as e:
@@ -351,6 +426,38 @@ def _outside_tty(rec: dict, ctx) -> str:
             raise refuse_rec(rec, ctx, "tty-outside", f"it was the process's controlling terminal, and {path} is "
                              "not ckpt's (the restored process shares ckpt's session and its terminal)")
     return path
+
+
+def tty_path(option: str) -> str:
+    """The terminal restore --tty names."""
+    return _inherit_path() if option == "inherit" else option
+
+
+def wait_foreground(pid: int, path: str) -> None:
+    """ckpt restore of a foreground shell job: wait, as its parent, until
+    it exits or stops, then take the terminal back for ckpt's group (the
+    shell that ran ckpt takes it from there)."""
+    import signal as _signal
+    while True:
+        try:
+            _, status = os.waitpid(pid, os.WUNTRACED)
+        except ChildProcessError:
+            break
+        except InterruptedError:
+            continue
+        if os.WIFEXITED(status) or os.WIFSIGNALED(status) or os.WIFSTOPPED(status):
+            break
+    old = _signal.pthread_sigmask(_signal.SIG_BLOCK, {_signal.SIGTTOU})
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+        try:
+            os.tcsetpgrp(fd, os.getpgrp())
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+    finally:
+        _signal.pthread_sigmask(_signal.SIG_SETMASK, old)
 
 
 def _inherit_path() -> str:
@@ -375,6 +482,8 @@ def restore(rec: dict, ctx) -> int:
 
 def _restore_outside(rec: dict, ctx) -> int:
     path = _outside_tty(rec, ctx)
+    if rec["tty"] == "devtty":
+        path = "/dev/tty"         # ckpt's controlling terminal, checked to be the --tty one
     fd = os.open(path, (rec["flags"] & (os.O_ACCMODE | os.O_NONBLOCK | os.O_APPEND)) | os.O_NOCTTY | os.O_CLOEXEC)
     try:
         if not ctx.shared.get("tty:outside-termios"):
@@ -477,7 +586,18 @@ def _build(m: dict, ctx) -> Dict[int, int]:
 def finish(rec: dict, ctx, task) -> None:
     """The controlling terminal, from inside the restored session leader:
     TIOCSCTTY on its slave fd, then the foreground process group."""
-    if rec.get("tty") != "slave" or rec.get("outside") or not rec.get("ctty"):
+    if rec.get("outside"):
+        if rec.get("fg_own") and not ctx.shared.get("tty:foreground-set"):
+            # it was its terminal's foreground job: so it is on the new one
+            # (the restorer is in ckpt's group, the foreground one, so may)
+            fd = os.open(tty_path(ctx.options.tty), os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+            try:
+                os.tcsetpgrp(fd, task.pid)
+            finally:
+                os.close(fd)
+            ctx.shared["tty:foreground-set"] = True
+        return
+    if rec.get("tty") != "slave" or not rec.get("ctty"):
         return
     m = _master_rec(rec, ctx)
     task.call("ioctl", rec["fd"], _tty.TIOCSCTTY, 0)

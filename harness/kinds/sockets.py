@@ -16,7 +16,8 @@ dump). A netlink-route socket keeps its port id and answers a request on it (``d
 before the dump). A packet socket is refused by name.
 
 A tcp-half-closed connection is a tcp-established one whose peer end
-has shut down writing (``fd`` in CLOSE_WAIT, ``peer_fd`` in FIN_WAIT2).
+has shut down writing (``fd`` in CLOSE_WAIT, ``peer_fd`` in FIN_WAIT2, or
+``sender: outside``: that end held by a process outside the dump).
 
 A tcp-established connection with ``sender: outside`` has its other end in
 a process outside the dump (an echo peer) that keeps it open throughout:
@@ -60,11 +61,15 @@ def _outside_tcp(e: dict) -> bool:
     return e["socket"] == "tcp-established" and e.get("sender") == "outside"
 
 
+def _outside_half(e: dict) -> bool:
+    return e["socket"] == "tcp-half-closed" and e.get("sender") == "outside"
+
+
 def validate(e: dict, fds: dict) -> List[tuple]:
     sock = e["socket"]
-    if _outside_tcp(e) and "peer_fd" in e:
-        return [("peer_fd", "a tcp-established socket with sender: outside has its peer outside the dump")]
-    if sock in PAIRS and "peer_fd" not in e and not _outside_tcp(e):
+    if (_outside_tcp(e) or _outside_half(e)) and "peer_fd" in e:
+        return [("peer_fd", f"a {sock} socket with sender: outside has its peer outside the dump")]
+    if sock in PAIRS and "peer_fd" not in e and not (_outside_tcp(e) or _outside_half(e)):
         return [("peer_fd", f"a {sock} socket needs peer_fd")]
     if sock in ("unix-pending", "tcp-pending") and ("peer_fd" in e) == (e.get("sender") == "outside"):
         return [("peer_fd", f"a {sock} listener needs peer_fd (its connecting end), or sender: outside")]
@@ -74,8 +79,9 @@ def validate(e: dict, fds: dict) -> List[tuple]:
         return [("path", f"a {sock} socket needs a path")]
     if e.get("creator", "self") != "self" and sock != "unix-pair":
         return [("creator", "only a unix-pair is made by another process")]
-    if "sender" in e and sock not in ("udp", "udp6", "unix-pending", "tcp-pending", "tcp-established"):
-        return [("sender", "only udp, unix-pending, tcp-pending and tcp-established sockets have a sender")]
+    if "sender" in e and sock not in ("udp", "udp6", "unix-pending", "tcp-pending", "tcp-established",
+                                      "tcp-half-closed"):
+        return [("sender", "only udp, unix-pending, tcp-pending and tcp-* sockets have a sender")]
     return []
 
 
@@ -149,6 +155,11 @@ def opener(e: dict, ctx: Ctx) -> List[Opened]:
         if kind == "tcp-half-closed":
             srv.shutdown(socket.SHUT_WR)     # fd: CLOSE_WAIT, peer_fd: FIN_WAIT2
             wait_readable(c.fileno(), 2)
+            if _outside_half(e):
+                from .pipe import _spawn_holder
+                ctx.helpers.append(_spawn_holder(srv.fileno()))
+                srv.close()
+                return [Opened(c.detach(), int(e["fd"]), "sock")]
         if _outside_tcp(e):
             ctx.helpers.append(_spawn_echo_peer(srv.fileno()))
             srv.close()
@@ -359,6 +370,12 @@ def checker(e: dict, recs: List[dict], ctx: Ctx, phase: str) -> List[dict]:
                 if "peercred" in r["extra"]:
                     out.append(check(r["fd"], "SO_PEERCRED pid, uid, gid, groups", r["extra"]["peercred"],
                                      peer_cred(r["fd"])))
+        elif phase == "consume" and _outside_half(e):
+            out.append(bytes_check(fd, "queued stream bytes", seeded_bytes(e.get("data")), drain(fd)))
+            eof = wait_readable(fd, 2) and os.read(fd, 1) == b""
+            out.append(check(fd, "the peer's FIN: end of stream after the data", True, eof))
+        elif phase == "mutate" and _outside_half(e):
+            pass                              # the holder reads nothing: no marker to prove
         elif phase == "consume" and _outside_tcp(e):
             want = seeded_bytes(e.get("data"))
             out.append(bytes_check(fd, "queued stream bytes from the outside peer", want,
@@ -372,6 +389,9 @@ def checker(e: dict, recs: List[dict], ctx: Ctx, phase: str) -> List[dict]:
             out.append(bytes_check(fd, "queued stream bytes", seeded_bytes(e.get("data")), drain(fd)))
             out.append(bytes_check(peer, "queued stream bytes (peer end)", seeded_bytes(e.get("peer_data")),
                                    drain(peer)))
+            if kind == "tcp-half-closed":
+                eof = wait_readable(fd, 2) and os.read(fd, 1) == b""
+                out.append(check(fd, "the peer's FIN: end of stream after the data", True, eof))
         elif phase == "consume" and kind in ("udp", "udp6"):
             got = s.recvfrom(65536, socket.MSG_DONTWAIT) if wait_readable(fd, 0) else (b"", None)
             out.append(bytes_check(fd, "queued datagram", seeded_bytes(e.get("data")), got[0]))
@@ -409,11 +429,14 @@ def checker(e: dict, recs: List[dict], ctx: Ctx, phase: str) -> List[dict]:
                 conn, _ = s.accept()
                 conn.settimeout(2)
                 got = conn.recv(len(MARKER)).decode(errors="replace")
-                cred = peer_cred(conn.fileno())
+                # SO_PEERCRED is a unix socket's (a TCP socket has none:
+                # ENODATA on newer kernels, pid 0 on older ones)
+                cred = peer_cred(conn.fileno()) if kind == "unix-pending" else None
                 conn.close()
             out.append(check(fd, "the waiting connection is accepted and carries the marker", MARKER.decode(), got))
-            out.append(check(fd, "the accepted connection's SO_PEERCRED (the connecting process)",
-                             by_role["sock"]["extra"]["peercred"], cred))
+            if kind == "unix-pending":
+                out.append(check(fd, "the accepted connection's SO_PEERCRED (the connecting process)",
+                                 by_role["sock"]["extra"]["peercred"], cred))
         elif phase == "mutate" and kind in ("unix-listen", "tcp-listen"):
             c = socket.socket(s.family, socket.SOCK_STREAM)
             try:

@@ -1,13 +1,16 @@
 """CPython target for the fault-point and kill tests: one fd of every kind
 a dump saves, a second thread, a secret and a counter held only in memory.
 
-usage: faultee.py DIR
+usage: faultee.py DIR [--child] [--pty]
 Writes DIR/secret.sha (sha256 of a random secret it keeps in memory) and
 DIR/ready. On SIGUSR1 it checks, without consuming anything, that every fd
 is still what it made (kind, offset, buffered bytes, counts, masks, lock,
 the epoll registration, the dup sharing the offset), that the secret still
 hashes the same and that the thread is still counting, and writes
 DIR/verdict.json: {"ok", "errors", "counter", "thread_counter", "secret"}.
+With --pty it also holds a pty pair (master and slave).
+With --child it is a process tree: a child forked first writes to a pipe as
+it counts, and the check also wants the child alive and writing.
 The counter and the thread's counter only ever go up by one per step, so a
 restore from an older image or a fresh start shows as a counter going back.
 """
@@ -28,6 +31,22 @@ import time
 
 d = sys.argv[1]
 libc = ctypes.CDLL(None, use_errno=True)
+child = 0
+if "--child" in sys.argv[2:]:
+    # A process tree (engine/tree.py): a child forked before anything else,
+    # counting in its own memory; the parent's check sees it alive and going on.
+    rd, wr = os.pipe()
+    child = os.fork()
+    if child == 0:
+        os.close(rd)
+        n = 0
+        while True:
+            n += 1
+            if n % 4 == 0:
+                os.write(wr, b".")
+            time.sleep(0.005)
+    os.close(wr)
+    os.set_blocking(rd, False)
 secret = bytearray(os.urandom(32))
 state = {"counter": 0, "thread": 0}
 fds = {}
@@ -61,6 +80,10 @@ fds["signalfd"] = libc.signalfd(-1, ctypes.byref(mask), 0)
 ep = select.epoll()
 ep.register(fds["pipe_r"], select.EPOLLIN)
 fds["epoll"] = ep.fileno()
+if "--pty" in sys.argv[2:]:
+    import termios as _t
+    fds["pty_master"], fds["pty_slave"] = os.openpty()
+    PTY = (os.ttyname(fds["pty_slave"]), _t.tcgetattr(fds["pty_slave"]))
 assert all(v >= 0 for v in fds.values()), fds
 
 with open(os.path.join(d, "secret.sha"), "w") as f:
@@ -108,6 +131,19 @@ def check():
     expect(dict(ep.poll(0)).get(fds["pipe_r"], 0) & select.EPOLLIN, "epoll sees the pipe")
     expect(signal.pthread_sigmask(signal.SIG_BLOCK, []) == {signal.SIGUSR2}, "signal mask")
     expect(worker.is_alive(), "thread alive")
+    if "pty_slave" in fds:
+        expect(os.isatty(fds["pty_slave"]) and os.ttyname(fds["pty_slave"]) == PTY[0], "pty slave")
+        expect(termios.tcgetattr(fds["pty_slave"]) == PTY[1], "pty termios")
+    if child:
+        got = 0
+        end = time.monotonic() + 3
+        while not got and time.monotonic() < end:
+            try:
+                got = len(os.read(rd, 65536))
+            except BlockingIOError:
+                time.sleep(0.01)
+        expect(got > 0, "the child goes on")
+        expect(os.waitpid(child, os.WNOHANG) == (0, 0), "the child is alive")
     return errors
 
 

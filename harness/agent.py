@@ -1,0 +1,247 @@
+"""The resident agent: one process per guest, started before the golden
+snapshot and so present, idle and warm, in every reverted guest.
+
+Runs in the guest (stdlib only, Python >= 3.9) as a script::
+
+    python3 agent.py PORT_NAME     # serve requests on the virtio-serial port
+    python3 agent.py --stdin       # serve them on fd 0 (a socket; the host tests)
+
+Why: under TCG every step cost an SSH exec (~0.15 s) and, for the harness's
+own steps, a python3 start that imports and compiles its modules (~0.5-1 s);
+and every revert dropped the SSH connection, whose key exchange (~1 s) had
+to run again. A virtio-serial port is a QEMU chardev, host state that a
+loadvm does not touch, so the host's connection to it outlives every revert,
+and the agent behind it comes back from the snapshot already waiting.
+
+Protocol: one JSON object a line each way. A request is ``{"id": N, "op":
+..., ...}``, its reply ``{"id": N, ...}`` (``"error"`` on failure). Ids are
+the host's: after a revert the agent may be answered a request the
+pre-revert guest never finished, and the host drops replies it did not ask
+for. Ops:
+
+* ``ping`` -> ``{"pid"}``
+* ``run`` ``argv, timeout[, stdin_b64]`` -> ``{"rc", "stdout_b64", "stderr_b64",
+  "timeout"}``: fork/exec in a new session (as sshd runs a command), stdin
+  the given bytes or /dev/null; on timeout the session is SIGKILLed.
+* ``script`` the same, for ``[python3, <scripts>/X.py, args...]``: the child
+  is a fork of the agent that calls X's main with the modules the agent
+  imported at start (no new interpreter, nothing recompiled).
+* ``put`` ``path, data_b64[, mode]`` / ``get`` ``path`` -> ``{"data_b64"}``
+* ``clock`` ``t``: set CLOCK_REALTIME (a loadvm rewinds it).
+"""
+
+from __future__ import annotations
+
+import base64
+import errno
+import importlib
+import json
+import os
+import select
+import signal
+import sys
+import time
+import traceback
+from typing import Any, Dict, List, Optional
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+#: the guest scripts a ``script`` request may name, and their entry points
+SCRIPTS = {"workload.py": "main", "world.py": "_main", "mutants.py": "main"}
+OUTPUT_LIMIT = 64 << 20
+
+
+def find_port(name: str) -> str:
+    """The /dev node of the virtio-serial port called ``name`` (no udev in
+    the guest to make /dev/virtio-ports/NAME: sysfs has the names)."""
+    base = "/sys/class/virtio-ports"
+    for _ in range(100):
+        try:
+            for vp in os.listdir(base):
+                with open(f"{base}/{vp}/name") as f:
+                    if f.read().strip() == name:
+                        return f"/dev/{vp}"
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise SystemExit(f"agent: no virtio-serial port named {name}")
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def preload() -> None:
+    """Import the guest scripts once, here, so each forked step has them."""
+    sys.path.insert(0, HERE)
+    for name in SCRIPTS:
+        try:
+            importlib.import_module(name[:-3])
+        except Exception:  # a missing optional script: its requests fail alone
+            traceback.print_exc()
+
+
+def child_exec(argv: List[str], script: bool) -> None:  # pragma: no cover - runs in the child
+    try:
+        os.setsid()
+        if script:
+            name = os.path.basename(argv[1])
+            mod = sys.modules[name[:-3]]
+            sys.argv = [argv[1]] + argv[2:]
+            # the parent's buffered streams must not be flushed twice
+            sys.stdout = os.fdopen(1, "w", closefd=False)
+            sys.stderr = os.fdopen(2, "w", closefd=False)
+            try:
+                rc = getattr(mod, SCRIPTS[name])(argv[2:])
+            except SystemExit as e:
+                rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            except BaseException:
+                traceback.print_exc()
+                rc = 1
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(rc or 0)
+        os.execvp(argv[0], argv)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        os._exit(127)
+
+
+def run(argv: List[str], timeout: float, stdin: bytes, script: bool) -> Dict[str, Any]:
+    """Fork, feed stdin, collect stdout/stderr until the child exits and its
+    pipes close (or, past the exit, 0.3 s: a detached grandchild may hold
+    them, as the SSH channel's EOF_GRACE allows)."""
+    pipes = [os.pipe() for _ in range(3)]
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        os.dup2(pipes[0][0], 0)
+        os.dup2(pipes[1][1], 1)
+        os.dup2(pipes[2][1], 2)
+        os.closerange(3, 65536)
+        child_exec(argv, script)
+    for fd in (pipes[0][0], pipes[1][1], pipes[2][1]):
+        os.close(fd)
+    w = pipes[0][1]
+    out, err = [], []
+    open_fds = {pipes[1][0]: out, pipes[2][0]: err}
+    deadline = time.monotonic() + timeout
+    status: Optional[int] = None
+    exited_at = None
+    timed_out = False
+    pending = stdin
+    try:
+        while True:
+            if status is None:
+                got, st = os.waitpid(pid, os.WNOHANG)
+                if got:
+                    status, exited_at = st, time.monotonic()
+            now = time.monotonic()
+            if status is not None and (not open_fds or now - exited_at > 0.3):
+                break
+            if now >= deadline and status is None:
+                timed_out = True
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+                _, status = os.waitpid(pid, 0)
+                break
+            wl = [w] if w is not None and pending else []
+            if w is not None and not pending:
+                os.close(w)
+                w = None
+            r, wr, _ = select.select(list(open_fds), wl, [], 0.02 if status is not None or not open_fds else 0.05)
+            for fd in r:
+                chunk = os.read(fd, 65536)
+                if chunk and sum(map(len, open_fds[fd])) < OUTPUT_LIMIT:
+                    open_fds[fd].append(chunk)
+                elif not chunk:
+                    os.close(fd)
+                    del open_fds[fd]
+            if wr:
+                try:
+                    n = os.write(w, pending[:65536])
+                    pending = pending[n:]
+                except BrokenPipeError:
+                    pending = b""
+    finally:
+        for fd in list(open_fds) + ([w] if w is not None else []):
+            os.close(fd)
+    rc = -1 if status is None else (os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
+    return {"rc": rc, "stdout_b64": _b64(b"".join(out)), "stderr_b64": _b64(b"".join(err)), "timeout": timed_out}
+
+
+def handle(req: Dict[str, Any]) -> Dict[str, Any]:
+    op = req.get("op")
+    if op == "ping":
+        return {"pid": os.getpid()}
+    if op in ("run", "script"):
+        argv = [str(a) for a in req["argv"]]
+        stdin = base64.b64decode(req.get("stdin_b64") or "")
+        script = op == "script" and len(argv) >= 2 and os.path.basename(argv[1]) in SCRIPTS \
+            and os.path.basename(argv[1])[:-3] in sys.modules
+        return run(argv, float(req.get("timeout", 60)), stdin, script)
+    if op == "put":
+        path = req["path"]
+        os.makedirs(os.path.dirname(path) or "/", exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(base64.b64decode(req["data_b64"]))
+        if req.get("mode") is not None:
+            os.chmod(path, int(req["mode"]) & 0o7777)
+        return {}
+    if op == "get":
+        with open(req["path"], "rb") as f:
+            return {"data_b64": _b64(f.read())}
+    if op == "clock":
+        time.clock_settime(time.CLOCK_REALTIME, float(req["t"]))
+        return {}
+    return {"error": f"unknown op {op!r}"}
+
+
+def serve(fd: int, eof_ends: bool = False) -> None:
+    """Answer requests read from ``fd`` (the port; a socket in the tests,
+    whose EOF ends the agent: a port's only means the host is not there)."""
+    buf = b""
+    while True:
+        try:
+            chunk = os.read(fd, 1 << 20)
+        except OSError as e:
+            if e.errno in (errno.EINTR, errno.EAGAIN):
+                continue
+            raise
+        if not chunk:           # the host end is not connected: wait for it
+            if eof_ends:
+                return
+            time.sleep(0.05)
+            continue
+        buf += chunk
+        while b"\n" in buf:
+            line, buf = buf.split(b"\n", 1)
+            try:
+                req = json.loads(line)
+            except ValueError:
+                continue        # the tail of a line cut by a revert
+            try:
+                rep = handle(req)
+            except Exception as e:
+                rep = {"error": f"{type(e).__name__}: {e}"}
+            rep["id"] = req.get("id")
+            data = (json.dumps(rep) + "\n").encode()
+            while data:
+                n = os.write(fd, data)
+                data = data[n:]
+
+
+def main(argv: List[str]) -> int:
+    if len(argv) != 1:
+        print(__doc__, file=sys.stderr)
+        return 2
+    fd = 0 if argv[0] == "--stdin" else os.open(find_port(argv[0]), os.O_RDWR)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    preload()
+    serve(fd, eof_ends=fd == 0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,181 @@
+"""The host's end of the resident agent (harness/agent.py): JSON lines over
+the unix socket QEMU gives the guest's virtio-serial port.
+
+One :class:`AgentLink` per guest, connected once before the golden snapshot
+and kept across every revert (the chardev is host state). A request that
+gets no reply in its time (plus a grace for a loaded host) is a hung guest
+or agent; a closed socket or a dead QEMU is a crashed one: both raise
+:class:`AgentError` with that ``kind`` and the caller decides (the runner:
+outcome ``hung``/``crashed``, a fresh guest next).
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import json
+import os
+import select
+import socket
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+from vm.argv import AGENT_PORT
+
+#: Seconds a reply may come after the request's own timeout (the agent kills
+#: the command at ``timeout`` and answers; a loaded TCG guest needs slack).
+def grace_for(timeout: float) -> float:
+    return 5.0 + 0.25 * timeout
+
+_IDS = itertools.count(1)
+
+
+class AgentError(Exception):
+    """``kind``: ``timeout`` (no reply in time), ``died`` (QEMU is gone),
+    ``broken`` (the socket closed or failed), ``agent`` (it answered an error)."""
+
+    def __init__(self, kind: str, message: str):
+        self.kind = kind
+        self.message = message
+        super().__init__(message)
+
+
+class AgentLink:
+    """JSON-lines requests to one guest's agent."""
+
+    def __init__(self, path: str, alive: Callable[[], bool], guest: str = "guest"):
+        self.path = path
+        self.alive = alive
+        self.guest = guest
+        self._sock: Optional[socket.socket] = None
+        self._buf = b""
+
+    def connect(self, deadline: float) -> None:
+        last: Optional[BaseException] = None
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise AgentError("died", f"guest {self.guest}: QEMU exited")
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                s.connect(self.path)
+                self._sock = s
+                return
+            except OSError as e:
+                last = e
+                s.close()
+            time.sleep(0.05)
+        raise AgentError("broken", f"guest {self.guest}: agent socket {self.path}: {last}")
+
+    def close(self) -> None:
+        if self._sock is not None:
+            try:
+                self._sock.close()
+            except OSError:
+                pass
+            self._sock = None
+
+    @property
+    def connected(self) -> bool:
+        return self._sock is not None
+
+    def request(self, op: str, timeout: float, grace: Optional[float] = None, **args: Any) -> Dict[str, Any]:
+        """Send one request, wait ``timeout + grace`` for its reply.
+
+        Raises:
+            AgentError: see the class; ``agent`` when the agent reports an error.
+        """
+        if self._sock is None:
+            raise AgentError("broken", f"guest {self.guest}: agent not connected")
+        rid = next(_IDS)
+        line = (json.dumps({"id": rid, "op": op, "timeout": timeout, **args}) + "\n").encode()
+        try:
+            self._sock.sendall(line)
+        except OSError as e:
+            self.close()
+            raise AgentError("broken" if self.alive() else "died", f"guest {self.guest}: agent send: {e}") from None
+        grace = grace_for(timeout) if grace is None else grace
+        deadline = time.monotonic() + timeout + grace
+        while True:
+            while b"\n" in self._buf:
+                raw, self._buf = self._buf.split(b"\n", 1)
+                try:
+                    rep = json.loads(raw)
+                except ValueError:
+                    continue          # a line cut by a revert
+                if rep.get("id") != rid:
+                    continue          # a reply to a request from before a revert
+                if "error" in rep:
+                    raise AgentError("agent", f"guest {self.guest}: agent: {rep['error']}")
+                return rep
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AgentError("timeout", f"guest {self.guest}: no agent reply to {op} in {timeout + grace:g} s")
+            if not self.alive():
+                self.close()
+                raise AgentError("died", f"guest {self.guest}: QEMU exited during {op}")
+            r, _, _ = select.select([self._sock], [], [], min(0.2, left))
+            if r:
+                try:
+                    chunk = self._sock.recv(1 << 20)
+                except OSError as e:
+                    chunk, err = b"", e
+                else:
+                    err = None
+                if not chunk:
+                    self.close()
+                    kind = "broken" if self.alive() else "died"
+                    raise AgentError(kind, f"guest {self.guest}: agent socket closed during {op}"
+                                     + (f" ({err})" if err else ""))
+                self._buf += chunk
+
+    def drain(self) -> None:
+        """Forget bytes already received (replies nobody will ask for)."""
+        self._buf = b""
+        if self._sock is None:
+            return
+        while select.select([self._sock], [], [], 0)[0]:
+            try:
+                if not self._sock.recv(1 << 20):
+                    return
+            except OSError:
+                return
+
+    # -- the ops ------------------------------------------------------------------
+    def run(self, argv: Sequence[str], timeout: float, stdin: Optional[bytes] = None,
+            script: bool = False) -> Dict[str, Any]:
+        rep = self.request("script" if script else "run", timeout, argv=[str(a) for a in argv],
+                           **({"stdin_b64": base64.b64encode(stdin).decode()} if stdin else {}))
+        rep["stdout"] = base64.b64decode(rep.pop("stdout_b64", ""))
+        rep["stderr"] = base64.b64decode(rep.pop("stderr_b64", ""))
+        return rep
+
+    def put(self, data: bytes, path: str, mode: Optional[int] = None, timeout: float = 120) -> None:
+        self.request("put", timeout, path=path, data_b64=base64.b64encode(data).decode(),
+                     **({"mode": mode} if mode is not None else {}))
+
+    def get(self, path: str, timeout: float = 120) -> bytes:
+        return base64.b64decode(self.request("get", timeout, path=path)["data_b64"])
+
+    def ping(self, timeout: float = 10, grace: Optional[float] = None) -> int:
+        return int(self.request("ping", timeout, grace=grace)["pid"])
+
+    def set_clock(self, timeout: float = 10) -> None:
+        self.request("clock", timeout, t=time.time())
+
+
+AGENT_LOG = "/var/log/crucible-agent.log"
+
+
+def start_line(python: str, scripts: str) -> str:
+    """The guest shell line (for SSH) that loads virtio_console where it is a
+    module, byte-compiles the engine and the guest scripts (a pyc written
+    before the golden snapshot is one no scenario compiles again) and starts
+    the agent detached, its stdio off the SSH channel."""
+    return (f"(test -d /sys/class/virtio-ports || modprobe virtio_console) && "
+            f"{python} -m compileall -q /opt/crucible >/dev/null && "
+            f"setsid -f {python} {scripts}/agent.py {AGENT_PORT} </dev/null >/dev/null 2>>{AGENT_LOG}")
+
+
+def env_ok() -> bool:
+    """CRUCIBLE_AGENT=0 turns the agent off (every step over SSH, as before)."""
+    return os.environ.get("CRUCIBLE_AGENT", "1") != "0"

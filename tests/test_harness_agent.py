@@ -1,0 +1,106 @@
+"""The resident agent (harness/agent.py) and its host end
+(harness/agent_client.py), on this host: the agent serves a socket instead
+of a virtio-serial port. Host tier, fast."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from harness.agent_client import AgentError, AgentLink
+
+REPO = Path(__file__).resolve().parent.parent
+AGENT = REPO / "harness" / "agent.py"
+
+
+@pytest.fixture
+def agent(tmp_path):
+    """An AgentLink to an agent running as a subprocess on the accepted end."""
+    path = str(tmp_path / "agent.sock")
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen(1)
+    proc_box = {}
+    link = AgentLink(path, alive=lambda: proc_box["p"].poll() is None if "p" in proc_box else True, guest="host")
+    link.connect(time.monotonic() + 5)
+    conn, _ = srv.accept()
+    proc_box["p"] = subprocess.Popen([sys.executable, str(AGENT), "--stdin"], stdin=conn, stdout=subprocess.DEVNULL,
+                                     close_fds=True)
+    conn.close()
+    srv.close()
+    yield link, proc_box["p"]
+    link.close()
+    proc_box["p"].kill()
+    proc_box["p"].wait()
+
+
+def test_run_put_get_and_ping(agent, tmp_path):
+    link, proc = agent
+    assert link.ping(timeout=10) == proc.pid
+    r = link.run(["sh", "-c", "cat; echo err >&2; exit 3"], timeout=10, stdin=b"in\n")
+    assert (r["rc"], r["stdout"], r["stderr"], r["timeout"]) == (3, b"in\n", b"err\n", False)
+    link.put(b"\x00\xffdata", str(tmp_path / "d" / "f"), mode=0o640)
+    assert (tmp_path / "d" / "f").read_bytes() == b"\x00\xffdata"
+    assert (tmp_path / "d" / "f").stat().st_mode & 0o777 == 0o640
+    assert link.get(str(tmp_path / "d" / "f")) == b"\x00\xffdata"
+    with pytest.raises(AgentError) as e:
+        link.get(str(tmp_path / "missing"))
+    assert e.value.kind == "agent"
+
+
+def test_a_script_runs_in_a_fork_of_the_agent_with_the_scripts_output(agent, tmp_path):
+    """workload.py / world.py as the agent runs them (a fork that calls
+    their main): the same output as python3 running the script."""
+    link, proc = agent
+    tree = tmp_path / "tree"
+    (tree / "sub").mkdir(parents=True)
+    (tree / "sub" / "f").write_bytes(b"x" * 5000)
+    r = link.run([sys.executable, str(REPO / "harness" / "workload.py"), "pidstate", str(proc.pid)], timeout=30,
+                 script=True)
+    assert r["rc"] == 0 and b'"exists": true' in r["stdout"], r
+    child = link.run([sys.executable, str(REPO / "harness" / "world.py"), "digest", str(tree)], timeout=30,
+                     script=True)
+    assert child["rc"] == 0, child
+    # the same script exec'd by a new interpreter agrees
+    ref = subprocess.run([sys.executable, str(REPO / "harness" / "world.py"), "digest", str(tree)],
+                         capture_output=True, close_fds=True)
+    assert child["stdout"] == ref.stdout and b"sub/f" in ref.stdout
+
+
+def test_a_command_past_its_timeout_is_killed_with_its_session(agent, tmp_path):
+    link, _ = agent
+    mark = tmp_path / "grandchild.pid"
+    t0 = time.monotonic()
+    r = link.run(["sh", "-c", f"sleep 60 & echo $! > {mark}; wait"], timeout=1)
+    assert r["timeout"] and time.monotonic() - t0 < 10
+    pid = int(mark.read_text())
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and os.path.exists(f"/proc/{pid}") and \
+            open(f"/proc/{pid}/stat").read().split(")")[1].split()[0] != "Z":
+        time.sleep(0.05)
+    state = open(f"/proc/{pid}/stat").read().split(")")[1].split()[0] if os.path.exists(f"/proc/{pid}") else "gone"
+    assert state in ("Z", "gone")
+
+
+def test_no_reply_is_a_timeout_and_a_closed_agent_is_broken(agent):
+    link, proc = agent
+    proc.send_signal(19)                     # SIGSTOP: it cannot answer
+    try:
+        with pytest.raises(AgentError) as e:
+            link.request("ping", timeout=0.2, grace=0.3)
+        assert e.value.kind == "timeout"
+    finally:
+        proc.send_signal(18)                 # SIGCONT
+    # the late reply to the timed-out ping is dropped: the next request gets its own
+    assert link.ping(timeout=10) == proc.pid
+    proc.kill()
+    proc.wait()
+    with pytest.raises(AgentError) as e:
+        link.ping(timeout=5)
+    assert e.value.kind in ("broken", "died")
