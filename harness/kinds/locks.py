@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import fcntl
 import os
-import signal
 import struct
 import time
 from typing import List
 
+from . import outside
 from .core import Ctx, Opened, check
 
 KIND = "lock"
@@ -62,48 +62,25 @@ def _take(fd: int, e: dict, wait: bool = False) -> None:
 
 
 def _outsider(path: str, e: dict) -> int:
-    """A process outside the workload's tree (double fork) holding a lock on
-    `path` that does not conflict, or waiting for this one."""
-    r, w = os.pipe()
-    child = os.fork()
-    if child == 0:  # pragma: no cover - child
-        try:
-            grandchild = os.fork()
-            if grandchild == 0:
-                os.setsid()
-                fd = os.open(path, os.O_RDWR)
-                signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
-                if e.get("outside") == "lock":
-                    if e["lock"] == "flock":
-                        fcntl.flock(fd, fcntl.LOCK_SH)        # the entry's flock must be shared too
-                    else:
-                        # a read lock beyond the entry's range: no conflict
-                        far = int(e.get("start", 0)) + max(int(e.get("len", 0)), 1) + (1 << 20)
-                        fcntl.fcntl(fd, fcntl.F_SETLK, _struct(fcntl.F_RDLCK, far, 1))
-                    os.write(w, b"ready\n")
-                    while True:
-                        signal.pause()
-                os.write(w, b"ready\n")
-                _take(fd, e, wait=True)                   # blocks: the workload holds it
-                while True:
-                    signal.pause()
-            os.write(w, f"pid {grandchild}\n".encode())
-        finally:
-            os._exit(0)
-    os.close(w)
-    got = b""
-    deadline = time.monotonic() + 10
-    # two lines, in either order: "pid N" (the child) and "ready" (the holder)
-    while got.count(b"\n") < 2 and time.monotonic() < deadline:
-        chunk = os.read(r, 64)
-        if not chunk:
-            break
-        got += chunk
-    os.close(r)
-    os.waitpid(child, 0)
-    pid = int(next(x for x in got.decode().splitlines() if x.startswith("pid "))[4:])
+    """A process outside the workload's tree holding a lock on `path` that
+    does not conflict, or waiting for this one."""
+    def lock(ready):
+        fd = os.open(path, os.O_RDWR)
+        if e.get("outside") == "lock":
+            if e["lock"] == "flock":
+                fcntl.flock(fd, fcntl.LOCK_SH)        # the entry's flock must be shared too
+            else:
+                # a read lock beyond the entry's range: no conflict
+                far = int(e.get("start", 0)) + max(int(e.get("len", 0)), 1) + (1 << 20)
+                fcntl.fcntl(fd, fcntl.F_SETLK, _struct(fcntl.F_RDLCK, far, 1))
+            ready()
+            return
+        ready()
+        _take(fd, e, wait=True)                   # blocks: the workload holds it
+    pid = outside.spawn(lock)
     if e.get("outside") == "wait":
         # wait until the kernel lists the waiter, so the dump sees it
+        deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             with open("/proc/locks") as f:
                 if " -> " in f.read():

@@ -6,9 +6,9 @@ sends a marker through."""
 from __future__ import annotations
 
 import os
-import signal
 from typing import List
 
+from . import outside
 from .core import MARKER, Ctx, Opened, bytes_check, check, drain, seeded_bytes
 
 KIND = "pipe"
@@ -30,32 +30,10 @@ def validate(e: dict, fds: dict) -> List[tuple]:
 
 
 def _spawn_holder(keep: int) -> int:
-    """A process outside the workload's tree holding ``keep`` (double fork:
-    the holder is re-parented to init, so the workload has no children)."""
-    r, w = os.pipe()
-    child = os.fork()
-    if child == 0:  # pragma: no cover - child
-        try:
-            grandchild = os.fork()
-            if grandchild == 0:
-                os.setsid()
-                for fd in range(3, 1024):
-                    if fd != keep:
-                        try:
-                            os.close(fd)
-                        except OSError:
-                            pass
-                signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
-                while True:
-                    signal.pause()
-            os.write(w, str(grandchild).encode())
-        finally:
-            os._exit(0)
-    os.close(w)
-    pid = int(os.read(r, 32))
-    os.close(r)
-    os.waitpid(child, 0)
-    return pid
+    """A process outside the workload's tree holding ``keep`` and nothing else."""
+    def hold(ready):
+        ready()
+    return outside.spawn(hold, keep=keep)
 
 
 def opener(e: dict, ctx: Ctx) -> List[Opened]:

@@ -31,12 +31,12 @@ marker): nothing lost, duplicated or reset on either side.
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import struct
 import time
 from typing import Any, List
 
+from . import outside
 from .core import MARKER, Ctx, Opened, bytes_check, check, drain, seeded_bytes, wait_readable
 
 KIND = "socket"
@@ -261,46 +261,26 @@ TICK, ANSWER = b".", b"|"
 
 
 def _spawn_echo_peer(keep: int) -> int:
-    """A process outside the workload's tree (double fork, re-parented to
-    init) holding the connection ``keep``: it sends a tick every 20 ms (so
+    """A process outside the workload's tree holding the connection ``keep``: it sends a tick every 20 ms (so
     packets arrive while the workload is an image: without a network lock
     they would meet a closed socket and be answered with a RST) and reads
     everything; once what it read ends with the marker it stops ticking and
     sends ANSWER + all it read. A reset or an EOF ends it. Its PID."""
-    r, w = os.pipe()
-    child = os.fork()
-    if child == 0:  # pragma: no cover - child
-        try:
-            grandchild = os.fork()
-            if grandchild == 0:
-                os.setsid()
-                os.closerange(3, keep)
-                os.closerange(keep + 1, 1024)
-                got = b""
-                try:
-                    while True:
-                        if wait_readable(keep, 0.02):
-                            b = os.read(keep, 65536)
-                            if not b:
-                                break
-                            got += b
-                            if got.endswith(MARKER):
-                                os.write(keep, ANSWER + got)
-                                break
-                        else:
-                            os.write(keep, TICK)
-                except OSError:
-                    pass
-                while True:
-                    signal.pause()
-            os.write(w, str(grandchild).encode())
-        finally:
-            os._exit(0)
-    os.close(w)
-    pid = int(os.read(r, 32))
-    os.close(r)
-    os.waitpid(child, 0)
-    return pid
+    def echo(ready):
+        ready()
+        got = b""
+        while True:
+            if wait_readable(keep, 0.02):
+                b = os.read(keep, 65536)
+                if not b:
+                    return
+                got += b
+                if got.endswith(MARKER):
+                    os.write(keep, ANSWER + got)
+                    return
+            else:
+                os.write(keep, TICK)
+    return outside.spawn(echo, keep=keep)
 
 
 def _read_exactly(fd: int, n: int, seconds: float) -> bytes:
