@@ -34,15 +34,27 @@ import sys
 import time
 
 mode = sys.argv[1]
+# Members lead sessions of their own, so a test run killed before its
+# clean-up (SIGKILL of pytest, a helper's timeout) would leave them for
+# good: every member gives up waiting after a test's longest life.
+# (CLOCK_MONOTONIC goes on across a restore on the same machine.)
+GIVE_UP = time.monotonic() + 900
+
+
+def _outlived():
+    if time.monotonic() > GIVE_UP:
+        os._exit(97)
 
 
 def wait_go(name="go2"):
     while not os.path.exists(name):
+        _outlived()
         time.sleep(0.02)
 
 
 def sleep_forever():
     while True:
+        _outlived()
         time.sleep(1)
 
 
