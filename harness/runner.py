@@ -25,6 +25,10 @@ OUTCOMES = ("restored", "refused", "corrupted", "crashed", "hung")
 PHASES_READ_ONLY = ["inspect", "consume"]
 DEFAULT_TIMEOUTS = {"setup": 60, "ready": 30, "dump": 120, "between": 60, "restore": 120, "verify": 30}
 
+#: where a workload to be restored on another guest starts its PIDs (above any
+#: kernel thread a young guest makes; below the smallest pid_max, 32768)
+MIGRATE_PID_FLOOR = 16384
+
 
 @dataclass
 class Result:
@@ -254,6 +258,13 @@ class Run:
         t, res, sc = self.t, self.res, self.sc
         p = self.paths(t)
         self.prepare(t)
+        if sc.get("restore_on") == "other" and t.can_migrate:
+            # The restore guest must have the dumped PIDs free. Both guests
+            # start from one snapshot, so their PID counters are alike, and
+            # the restore guest's kernel threads (kworkers come and go) take
+            # the next low PIDs: start this workload far above them.
+            self.need(self.cmd(t, ["sh", "-c", f"echo {MIGRATE_PID_FLOOR} > /proc/sys/kernel/ns_last_pid"],
+                               "ready", "setup"), "ready", "move the PID counter")
         # setup steps, the workload's start and the before_dump steps: one command
         r = self.cmd(t, t.script("workload.py") + ["spawn", p["spec"], "--setup", "--before-dump"], "ready", "setup")
         ready = _json_or_none(r.stdout) or {}
