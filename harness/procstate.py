@@ -75,13 +75,15 @@ def _syscall(pid: int) -> Optional[str]:
     return text.strip() if text else None
 
 
-def quiet_snapshot(pid: int, pub: Optional[dict] = None, seconds: float = 3.0) -> Dict[str, str]:
+def quiet_snapshot(pid: int, pub: Optional[dict] = None, seconds: float = 15.0) -> Dict[str, str]:
     """A snapshot taken while the process sleeps in one and the same system
     call from before to after (/proc/PID/syscall unchanged): some state
     exists only outside the sleep (sigtimedwait unblocks the signals it
     waits for while it waits), so a snapshot that straddles a wake-up would
     mix two moments. Falls back to a plain snapshot if the process never
-    holds still that long."""
+    holds still that long (15 s: under TCG on a busy host one snapshot can
+    take a second, and 3 s let a mixed one through: SigBlk without the
+    waited-for SIGUSR1 judged a refused dump's original corrupted)."""
     deadline = time.monotonic() + seconds
     while True:
         before = (_syscall(pid), proof(pid, pub).get("counter"))
