@@ -47,6 +47,8 @@ class Result:
     pid: Optional[int] = None
     timings: Dict[str, float] = field(default_factory=dict)
     diagnostics: str = ""
+    #: how each engine command started: "warm" / "exec[: why]" (a guest's agent), "" elsewhere
+    engine_start: List[str] = field(default_factory=list)
 
     def failed_checks(self) -> List[Dict]:
         return [c for c in (self.verdict or {}).get("checks", []) + self.outside if not c.get("ok")]
@@ -168,6 +170,7 @@ class Run:
         part of a scenario's time no harness can save."""
         r = self.cmd(t, argv, step)
         self.res.timings["engine"] = round(self.res.timings.get("engine", 0) + r.duration, 3)
+        self.res.engine_start.append(r.start)
         return r
 
     def need(self, r: RunResult, step: str, what: str) -> RunResult:
