@@ -14,9 +14,11 @@ go.
 Survey. Every live member is surveyed as a single process would be
 (dump._survey_frozen, with the other members not counting as "outside" for
 pipe/file peers), then the tree as a whole (`tree_problems`):
-  * what a restore would split: two members sharing an fd table, fs,
-    signal handlers or memory (CLONE_FILES/FS/SIGHAND/VM without
-    CLONE_THREAD, or a vfork child) -> `tree-sharing`, naming both;
+  * what members share without being threads (kcmp over every live
+    member, shared_kernel_objects): an fd table or fs its parent holds
+    too is recorded (Member.share), and restored shared; memory or signal
+    handlers (CLONE_VM/SIGHAND, a vfork child), or a table or fs that did
+    not pass from parent to child -> `tree-sharing`, naming the pids;
   * sessions and process groups a restore cannot rebuild: a member's
     session must be its own (setsid) or its parent's (inherited), its group
     its own, one led by a member of the same session, or the root's group
@@ -28,7 +30,10 @@ pipe/file peers), then the tree as a whole (`tree_problems`):
 Image. The root's files are where a single process's are (core.json,
 mm.json, fds.json, pages...); every other member's under tree/PID/; and
 tree.json lists the members parents first: pid, ppid, dir, sid, pgid,
-comm, and a zombie's wait status. An open file description held by several
+comm, a zombie's wait status, and "share": ["files", "fs"] (what it
+shares with its parent; a member sharing its parent's fd table has an
+empty fds.json: the table is dumped by its top member). An open file
+description held by several
 members is dumped once, by the first member holding it; the others' fds
 say {"ofd_of": [pid, fd]}. Shared anonymous memory is dumped once; the
 other members' mappings say {"tree_shared": [pid, start, end]}.

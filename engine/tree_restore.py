@@ -14,7 +14,8 @@ In the forked restorer (build_tree), three phases:
   1. create: the root is cloned with its PID (build.clone_with_pid); its
      address space is emptied but for one gadget page at an address free in
      every member's layout and the vdso. Each member then forks its children,
-     in tree order, by an injected clone3(set_tid=[PID]) (PTRACE_O_TRACEFORK:
+     in tree order, by an injected clone3(set_tid=[PID]), with CLONE_FILES /
+     CLONE_FS when it shares its parent's fd table / fs (PTRACE_O_TRACEFORK:
      each child is ours, stopped, before it runs one instruction), after the
      timer slack the child's default comes from. Sessions and groups in the
      right order: a session leader calls setsid() before it forks (its
@@ -27,10 +28,16 @@ In the forked restorer (build_tree), three phases:
      parent's wait() collects the dumped status. The SIGCHLD that death sent
      the (stopped, all-blocked) parent is taken back with an injected
      rt_sigtimedwait, so the parent's pending signals are the image's.
-  3. rebuild each live member, parents first (build.rebuild: the single
-     process stages); memory shared with an earlier member is mapped from
-     /proc/OWNER/map_files (the same object). Then every member's registers
-     go back and it is let go, children first.
+  3. rebuild each live member, parents first, by the single process
+     stages: every member's memory and state (build.rebuild_early), then
+     every member's fds and the rest (build.rebuild_late), so a table
+     shared with CLONE_FILES still holds the files opened for each member
+     (exe, mappings, cwd) until all have used them; its top member installs
+     the dumped fds and closes the rest, the others leave it alone, and a
+     member sharing fs leaves cwd and umask to its top member too. Memory
+     shared with an earlier member is mapped from /proc/OWNER/map_files
+     (the same object). Then every member's registers go back and it is
+     let go, children first.
 Any failure kills every member created (PTRACE_O_EXITKILL also covers a
 crash of the restorer); the restorer then exits, so the root is reparented
 to init, the others stay its descendants.

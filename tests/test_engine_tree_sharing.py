@@ -81,6 +81,9 @@ def test_shared_fd_tables_and_fs_restored_shared(procs, session_killer, sharer, 
     assert {m["pid"]: m.get("share") for m in tree["members"]} == shares
     for k in ("A", "G"):     # the shared table is dumped once, by P
         assert json.loads((img / f"tree/{kids[k]}/fds.json").read_text()) == []
+    from engine.show import render, show
+    text = render(show(str(img)))
+    assert f"{kids['G']} sharer" in text and "its parent's fd table, its parent's fs" in text, text
     _wait_killed(p.pid, img, procs)
     out = restore(str(img), Options())
     procs.adopt(p.pid)
