@@ -42,6 +42,9 @@ REASONS = {
                      "the image directory or a file in it is not the caller's or is writable by others, a "
                      "directory above it is writable by others and not sticky, or it holds a symlink or a "
                      "special file"),
+    "sharing-peer-outside": ("a process of the dump shares its memory (CLONE_VM, a vfork child), fd table (CLONE_FILES) or "
+                             "fs (CLONE_FS) with a process outside it without being its thread (its pid in the detail): "
+                             "the restored one would have its own"),
     # files
     "file-missing": ("a file the process had open (or mapped) no longer exists at its path; or the directory a "
                      "deleted file, device node, removed directory or cwd is to be recreated in is gone"),
