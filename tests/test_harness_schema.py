@@ -181,3 +181,22 @@ def test_older_kernels_expectation_applies_below_the_version():
     e = error(GOOD + "older_kernels: {below: six, expect: restored, why: x}\n")
     assert e.key == "older_kernels.below"
     assert error(GOOD + "older_kernels: {below: '6.6', expect: restored}\n").key == "older_kernels.why"
+
+
+CHILDREN = GOOD.replace("    - {fd: 3, open: data, mode: r, seek: 4096}\n",
+                        "    - {fd: 3, open: data, mode: r, seek: 4096}\n  process:\n    children:\n      - CHILD\n")
+
+
+@pytest.mark.parametrize("child,key,why", [
+    ("{blocked_in: sleep, share: [files, fs]}", None, None),
+    ("{blocked_in: sleep, share: [vm]}", "workload.process.children[0].share[0]", "what a child can share"),
+    ("{blocked_in: read, share: [fs, fs]}", "workload.process.children[0].share", "at most once"),
+    ("{blocked_in: zombie, share: [files]}", "workload.process.children[0].share", "a zombie holds no"),
+])
+def test_child_share(child, key, why):
+    text = CHILDREN.replace("CHILD", child)
+    if key is None:
+        assert load(text)["workload"]["process"]["children"][0]["share"] == ["files", "fs"]
+        return
+    e = error(text)
+    assert e.key == key and why in e.message, (e.key, e.message)
