@@ -14,6 +14,7 @@ import pytest
 
 from engine.errors import Refusal
 
+from engine_core_support import procs  # noqa: F401
 from fds_support import Target, classify, dump, restore
 
 # Reads the queue at fd 501 in `step`-byte reads (stream: shows at which
@@ -227,3 +228,62 @@ import time; time.sleep(0.2)
         r = refusal(t.pid, 501)
         assert r.reason == "peer-pid-in-use", r.detail
         assert "queued message 5 of 5: SCM_CREDENTIALS: its peer credentials name pid" in r.detail, r.detail
+
+
+# -- the whole process, through engine.dump / engine.restore ------------------
+
+E2E_WORKER = r'''
+import json, os, signal, socket, struct, sys, time
+DIR = sys.argv[1]
+a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+b.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+m = os.memfd_create("in-flight"); os.write(m, b"held by nobody"); os.lseek(m, 5, 0)
+e = os.eventfd(41)
+a.sendmsg([b"two files"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("ii", m, e))])
+os.close(m); os.close(e)
+child = os.fork()
+if child == 0:
+    os.setgid(777); os.setuid(777); a.send(b"from uid 777"); os._exit(0)
+os.waitpid(child, 0)
+os.dup2(a.fileno(), 500); os.dup2(b.fileno(), 501); a.close(); b.close()
+EXPECT = [["two files", ["/memfd:in-flight (deleted)", 5, "held by nobody"], ["anon_inode:[eventfd]", 41], [os.getpid(), 0, 0]],
+          ["from uid 777", None, None, [child, 777, 777]]]
+import array
+def verify(*_):
+    s = socket.socket(fileno=os.dup(501)); got = []
+    for _ in range(2):
+        msg, anc, _, _ = s.recvmsg(100, 256, socket.MSG_DONTWAIT)
+        fds, cred = array.array("i"), None
+        for lvl, typ, data in anc:
+            if typ == socket.SCM_RIGHTS: fds.frombytes(data)
+            else: cred = list(struct.unpack("iII", data))
+        one = [msg.decode(), None, None, cred]
+        if fds:
+            one[1] = [os.readlink(f"/proc/self/fd/{fds[0]}"), os.lseek(fds[0], 0, 1), os.pread(fds[0], 100, 0).decode()]
+            one[2] = [os.readlink(f"/proc/self/fd/{fds[1]}"), struct.unpack("Q", os.read(fds[1], 8))[0]]
+        got.append(one)
+    with open(os.path.join(DIR, "verdict.tmp"), "w") as f:
+        json.dump({"ok": got == EXPECT, "got": got, "expect": EXPECT}, f)
+    os.rename(os.path.join(DIR, "verdict.tmp"), os.path.join(DIR, "verdict.json"))
+signal.signal(signal.SIGUSR1, verify)
+open(os.path.join(DIR, "ready"), "w").close()
+while True:
+    time.sleep(0.05)
+'''
+
+
+def test_files_and_credentials_in_flight_through_the_core(procs, tmp_path):
+    import json
+    import signal
+    from engine_core_support import python_exe, wait_for
+    from fds_support import dump_restore
+    script = tmp_path / "worker.py"
+    script.write_text(E2E_WORKER)
+    p = procs.start([python_exe(), str(script), str(tmp_path)], cwd=str(tmp_path))
+    wait_for(lambda: (tmp_path / "ready").exists() or p.poll() is not None, what="the worker")
+    assert p.poll() is None
+    dump_restore(procs, p, str(tmp_path / "img"))
+    os.kill(p.pid, signal.SIGUSR1)
+    wait_for((tmp_path / "verdict.json").exists, timeout=30, what="the verdict")
+    v = json.loads((tmp_path / "verdict.json").read_text())
+    assert v["ok"], v

@@ -19,10 +19,15 @@ exists.
 SO_PEERCRED: the pair is made by a helper with the pid and credentials
 its creator had (_peercred), also when that process has exited.
 
-Known limit: the queued messages come back sent by the restorer; their
-hidden sender credentials (visible only if the process turns SO_PASSCRED
-on later) are not kept. With SO_PASSCRED on at dump and data queued, the
-pair is refused. A stream queue is refilled in fewer, larger buffers than
+Ancillary data queued (files in flight in SCM_RIGHTS, SCM_CREDENTIALS
+with SO_PASSCRED on at the receiving end): _inflight, recorded per message
+in rec["anc"] beside rec["lengths"] (a stream's lengths then split where
+a write with fds begins and ends), refilled in the same messages and
+peeked again after the refill.
+
+Known limit: with SO_PASSCRED off, the queued messages come back sent by
+the restorer; their hidden sender credentials (visible only if the
+process turns SO_PASSCRED on later) are not kept. A stream queue is refilled in fewer, larger buffers than
 the original writes may have made, so the sender's charge (SIOCOUTQ, and
 how much more it may write before blocking) can differ slightly; datagram
 charges are identical.
