@@ -181,3 +181,14 @@ def test_older_kernels_expectation_applies_below_the_version():
     e = error(GOOD + "older_kernels: {below: six, expect: restored, why: x}\n")
     assert e.key == "older_kernels.below"
     assert error(GOOD + "older_kernels: {below: '6.6', expect: restored}\n").key == "older_kernels.why"
+
+
+@pytest.mark.parametrize("entry,key,words", [
+    ("{fd: 3, socket: unix-pair, peer_fd: 4, carry: [file, fifo]}", "workload.fds[0].carry[1]", "one of"),
+    ("{fd: 3, socket: tcp-listen, carry: [file]}", "workload.fds[0].carry", "only a unix-pair"),
+    ("{fd: 3, socket: udp, passcred: true}", "workload.fds[0].passcred", "only a unix-pair"),
+    ("{fd: 3, socket: unix-pair, peer_fd: 4, passcred: yes please}", "workload.fds[0].passcred", ""),
+])
+def test_files_and_credentials_in_flight_are_a_unix_pairs(entry, key, words):
+    e = error(GOOD.replace("{fd: 3, open: data, mode: r, seek: 4096}", entry))
+    assert e.key == key and words in e.message, (e.key, e.message)
