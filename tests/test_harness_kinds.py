@@ -456,3 +456,24 @@ def test_a_file_in_flight_replaced_is_caught(live):
     g.close()
     assert bad_whats(failed_verdict(w), 3) == {"files in flight: name, status flags, offset, contents",
                                               "SCM_CREDENTIALS of the queued writes (the exited child's, then ours)"}
+
+
+LEASE_SETUP = [{"file": {"path": "db", "bytes": 100, "seed": 3}}]
+
+
+def test_untouched_lease_passes(live):
+    w, g = live(fds=[{"fd": 3, "lock": "lease", "path": "db", "mode": "read"}], setup=LEASE_SETUP)
+    g.close()
+    v = w.verdict()
+    assert v["ok"], failed(v)
+    assert "the lease turns away an open that would break it" in {c["what"] for c in v["checks"]}
+
+
+def test_a_lost_lease_is_caught(live):
+    w, g = live(fds=[{"fd": 3, "lock": "lease", "path": "db", "mode": "write"}], setup=LEASE_SETUP)
+    fcntl.fcntl(g(3), 1024, fcntl.F_UNLCK)          # the lease is gone, the open file stays
+    g.close()
+    # (removing a lease also clears the O_ASYNC that setting it turned on)
+    assert bad_whats(failed_verdict(w), 3) == {"the lease, as fdinfo shows it", "flags (F_GETFL)",
+                                              "F_GETLEASE, owner (F_GETOWN), F_GETSIG",
+                                              "the lease turns away an open that would break it"}

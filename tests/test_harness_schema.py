@@ -192,3 +192,12 @@ def test_older_kernels_expectation_applies_below_the_version():
 def test_files_and_credentials_in_flight_are_a_unix_pairs(entry, key, words):
     e = error(GOOD.replace("{fd: 3, open: data, mode: r, seek: 4096}", entry))
     assert e.key == key and words in e.message, (e.key, e.message)
+
+
+@pytest.mark.parametrize("entry,key", [
+    ("{fd: 3, lock: lease, path: data, start: 5}", "workload.fds[0].start"),
+    ("{fd: 3, lock: lease, path: data, mode: write, outside: lock}", "workload.fds[0].outside"),
+    ("{fd: 3, lock: flock, path: data, outside: break}", "workload.fds[0].outside"),
+])
+def test_lease_entries_checked(entry, key):
+    assert error(GOOD.replace("{fd: 3, open: data, mode: r, seek: 4096}", entry)).key == key
