@@ -30,9 +30,11 @@ REASONS = {
     "unsupported-arch": "the engine has no support for this CPU architecture yet (named in the detail)",
     "sched": ("the saved scheduling policy, priority or CPU affinity cannot be applied here (named in "
                   "the detail): e.g. a CPU the process was bound to is not available on this machine"),
-    "tree-sharing": ("two processes of the tree share what a restore would make two of: memory (CLONE_VM, a "
-                     "vfork child), the fd table (CLONE_FILES), fs (CLONE_FS) or signal handlers (CLONE_SIGHAND) "
-                     "without being threads of one process (both pids in the detail)"),
+    "tree-sharing": ("two processes of the tree share what a restore could not make shared again: memory (CLONE_VM, a "
+                     "vfork child) or signal handlers (CLONE_SIGHAND, which the kernel allows only with CLONE_VM) "
+                     "without being threads of one process, or an fd table (CLONE_FILES) or fs (CLONE_FS) that did "
+                     "not pass from parent to child (siblings whose parent left it, a grandchild past a parent that "
+                     "left it) (the pids in the detail)"),
     "memory-peer-outside": ("shared memory of the dumped tree that a restore makes anew (MAP_SHARED anonymous "
                             "memory, a shared mapping of a memfd or deleted file) is also mapped or held open by a "
                             "process outside it (its pid in the detail): it would go on with the old object"),
@@ -40,6 +42,9 @@ REASONS = {
                      "the image directory or a file in it is not the caller's or is writable by others, a "
                      "directory above it is writable by others and not sticky, or it holds a symlink or a "
                      "special file"),
+    "sharing-peer-outside": ("a process of the dump shares its memory (CLONE_VM, a vfork child), fd table (CLONE_FILES) or "
+                             "fs (CLONE_FS) with a process outside it without being its thread (its pid in the detail): "
+                             "the restored one would have its own"),
     # files
     "file-missing": ("a file the process had open (or mapped) no longer exists at its path; or the directory a "
                      "deleted file, device node, removed directory or cwd is to be recreated in is gone"),

@@ -14,9 +14,11 @@ go.
 Survey. Every live member is surveyed as a single process would be
 (dump._survey_frozen, with the other members not counting as "outside" for
 pipe/file peers), then the tree as a whole (`tree_problems`):
-  * what a restore would split: two members sharing an fd table, fs,
-    signal handlers or memory (CLONE_FILES/FS/SIGHAND/VM without
-    CLONE_THREAD, or a vfork child) -> `tree-sharing`, naming both;
+  * what members share without being threads (kcmp over every live
+    member, shared_kernel_objects): an fd table or fs its parent holds
+    too is recorded (Member.share), and restored shared; memory or signal
+    handlers (CLONE_VM/SIGHAND, a vfork child), or a table or fs that did
+    not pass from parent to child -> `tree-sharing`, naming the pids;
   * sessions and process groups a restore cannot rebuild: a member's
     session must be its own (setsid) or its parent's (inherited), its group
     its own, one led by a member of the same session, or the root's group
@@ -28,7 +30,10 @@ pipe/file peers), then the tree as a whole (`tree_problems`):
 Image. The root's files are where a single process's are (core.json,
 mm.json, fds.json, pages...); every other member's under tree/PID/; and
 tree.json lists the members parents first: pid, ppid, dir, sid, pgid,
-comm, and a zombie's wait status. An open file description held by several
+comm, a zombie's wait status, and "share": ["files", "fs"] (what it
+shares with its parent; a member sharing its parent's fd table has an
+empty fds.json: the table is dumped by its top member). An open file
+description held by several
 members is dumped once, by the first member holding it; the others' fds
 say {"ofd_of": [pid, fd]}. Shared anonymous memory is dumped once; the
 other members' mappings say {"tree_shared": [pid, start, end]}.
@@ -42,9 +47,9 @@ import signal
 import time
 from typing import Dict, List, Optional
 
-from . import faults, procfs, ptrace, threads
+from . import faults, procfs, ptrace, sharing, threads
 from .check import SHMEM_NAMES
-from .errors import Refusal, Refusals
+from .errors import EngineError, Refusal, Refusals
 from .libc import SysError
 from .pidfd import KCMP_FILE, kcmp
 
@@ -55,6 +60,10 @@ TREE_FILE = "tree.json"
 # kcmp types (linux/kcmp.h) a restore of separate processes could not share
 KCMP_SHARED = {"memory (CLONE_VM, or a vfork child)": 1, "fd table (CLONE_FILES)": 2,
                "fs: cwd, root, umask (CLONE_FS)": 3, "signal handlers (CLONE_SIGHAND)": 4}
+KCMP_FILES, KCMP_FS, KCMP_SIGHAND = sharing.KCMP_FILES, sharing.KCMP_FS, sharing.KCMP_SIGHAND
+# What a restore rebuilds shared (tree.json "share": created by its parent
+# with CLONE_FILES / CLONE_FS), by kcmp type.
+SHAREABLE = {KCMP_FILES: "files", KCMP_FS: "fs"}
 
 
 class Member:
@@ -65,6 +74,7 @@ class Member:
         self.zombie = tasks is None
         self.status = stat.get("exit_code", 0)
         self.survey = None
+        self.share: List[str] = []     # what it shares with its parent (SHAREABLE): tree.json "share"
         self.state = None
         self.recs = None
         self.ctx = None
@@ -81,6 +91,8 @@ class Member:
                "exit_signal": self.stat.get("exit_signal", 17)}
         if self.zombie:
             rec["zombie"] = {"status": self.status}
+        if self.share:
+            rec["share"] = list(self.share)
         return rec
 
 
@@ -267,18 +279,82 @@ def tree_problems(members: List[Member]) -> List[tuple]:
                 out.append((m, "zombie", Refusal("process-tree", f"zombie {m.pid} was killed by signal "
                             f"{m.status & 0x7f} and dumped core: its exit status cannot be made again")))
             continue
-        if parent.zombie:
-            continue
-        for what, kind in KCMP_SHARED.items():
-            try:
-                same = kcmp(parent.pid, m.pid, kind, 0, 0) == 0
-            except Exception:     # noqa: BLE001 - no kcmp: the freeze-time checks already refused
-                same = False
-            if same:
-                out.append((m, "sharing", Refusal("tree-sharing", f"pid {m.pid} shares its {what} with its parent "
-                            f"{parent.pid}: a restore would make two")))
+    out.extend(shared_kernel_objects(members))
     out.extend(_shmem_outside(members))
     return out
+
+
+def shared_kernel_objects(members: List[Member]) -> List[tuple]:
+    """Memory, fd tables, fs (cwd, root, umask) and signal handlers that
+    live members share without being threads of one process (kcmp(2) of
+    every live member; a zombie holds none of them any more). Sets each
+    member's `share`; returns [(member, what, Refusal)] for what a restore
+    could not make shared again.
+
+    A restore makes a member share its parent's fd table or fs by creating
+    it with CLONE_FILES / CLONE_FS (engine/tree_restore.py): the kernel
+    hands a table to a new child only (kernel/fork.c copy_files, copy_fs),
+    so a group is rebuilt when it is a connected part of the tree - one top
+    member, every other one sharing with its parent. Siblings sharing a
+    table their parent no longer holds (it called unshare(), or exec'd), a
+    grandchild sharing with its grandparent past a parent that left, are
+    refused. Memory (CLONE_VM) between processes is refused too, and so are
+    signal handlers: clone() refuses CLONE_SIGHAND without CLONE_VM
+    (copy_process: "Shared signal handlers imply shared VM"), unshare()
+    refuses to split the memory of a process whose handlers are shared
+    (check_unshare_flags), and execve gives the caller handlers of its own
+    (de_thread/unshare_sighand): two processes sharing handlers always
+    share memory."""
+    live = [m for m in members if not m.zombie]
+    for m in live:
+        m.share = []
+    by_pid = {m.pid: m for m in members}
+    out = []
+    try:
+        out += _outside_sharers(live)
+        for kind, what in sharing.WHAT.items():
+            for pids in sharing.groups([m.pid for m in live], kind):
+                if len(pids) > 1:
+                    out += _shared(kind, what, [by_pid[p] for p in pids])
+    except Refusal as r:      # no kcmp (CONFIG_KCMP): nothing shows what they share
+        return [(live[0], "sharing", r)]
+    except EngineError as e:  # a frozen member cannot go away: refuse rather than guess
+        return [(live[0], "sharing", Refusal("tree-sharing", f"kcmp of the members: {e.message}"))]
+    for m in live:
+        m.share.sort()
+    return out
+
+
+def _shared(kind: int, what: str, g: List[Member]) -> List[tuple]:
+    """One object of type `kind` several members hold: recorded when a
+    restore can share it again (each holder but the top one shares it with
+    its parent), else refused."""
+    pids = ", ".join(str(m.pid) for m in g)
+    if kind not in SHAREABLE:
+        why = ("signal handlers are shared between processes only with their memory (clone() refuses "
+               "CLONE_SIGHAND without CLONE_VM)" if kind == KCMP_SIGHAND else "a restore would make two")
+        return [(g[1], "sharing", Refusal("tree-sharing", f"pids {pids} share their {what} without being threads "
+                 f"of one process: {why}"))]
+    inside = {m.pid for m in g}
+    tops = [m for m in g if m.ppid not in inside]
+    for m in g:
+        if m.ppid in inside:
+            m.share.append(SHAREABLE[kind])
+    out = []
+    for m in tops[1:]:
+        out.append((m, "sharing", Refusal("tree-sharing", f"pid {m.pid} shares its {what} with pid {tops[0].pid}, "
+                    f"but its parent {m.ppid} holds another: clone() hands a table to a new child only, so a "
+                    "restore could not make it shared again")))
+    return out
+
+
+def _outside_sharers(live: List[Member]) -> List[tuple]:
+    """Memory, an fd table or fs a member shares with a process outside the
+    tree: the restored member would have its own."""
+    by_pid = {m.pid: m for m in live}
+    return [(by_pid[pid], "sharing", Refusal("sharing-peer-outside", f"pid {pid} shares its {sharing.WHAT[kind]} "
+             f"with pid {other} ({sharing.comm(other)}) outside the tree: a restore would give it its own", pid=pid))
+            for pid, kind, other in sharing.outside(list(by_pid))]
 
 
 def _shmem_key(v: dict):
@@ -358,7 +434,7 @@ def shared_ofds(members: List[Member]) -> Dict[int, Dict[int, list]]:
     out: Dict[int, Dict[int, list]] = {}
     seen: Dict[tuple, List[tuple]] = {}      # (dev, ino) -> [(pid, fd)] of earlier members' files
     for m in members:
-        if m.survey is None:
+        if m.survey is None or "files" in m.share:    # its fds are its parent's (one table, dumped there)
             continue
         mine: Dict[int, list] = {}
         for info, _, _ in m.survey.fds:
@@ -576,7 +652,9 @@ def dump(pid: int, directory: str, options) -> dict:
                 if ctx.threads:
                     simg.write_bytes(threads.XSTATE_FILE, threads.pack_xstate(ctx.threads, state["threads"]))
                 state["exe"] = m.recs["exe"]
-                fdrecs = _dump_fds(s, ctx, ofds.get(m.pid, {}))
+                # A member sharing its parent's fd table has no fds of its
+                # own: the table is dumped once, by the group's top member.
+                fdrecs = [] if "files" in m.share else _dump_fds(s, ctx, ofds.get(m.pid, {}))
                 vmas = _dump_memory(m, dumper, shm.get(m.pid, {}))
                 dumper.run()
                 simg.write_json("mm.json", {"vmas": vmas, "page_files": dumper.nfiles})

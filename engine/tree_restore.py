@@ -14,7 +14,8 @@ In the forked restorer (build_tree), three phases:
   1. create: the root is cloned with its PID (build.clone_with_pid); its
      address space is emptied but for one gadget page at an address free in
      every member's layout and the vdso. Each member then forks its children,
-     in tree order, by an injected clone3(set_tid=[PID]) (PTRACE_O_TRACEFORK:
+     in tree order, by an injected clone3(set_tid=[PID]), with CLONE_FILES /
+     CLONE_FS when it shares its parent's fd table / fs (PTRACE_O_TRACEFORK:
      each child is ours, stopped, before it runs one instruction), after the
      timer slack the child's default comes from. Sessions and groups in the
      right order: a session leader calls setsid() before it forks (its
@@ -27,10 +28,16 @@ In the forked restorer (build_tree), three phases:
      parent's wait() collects the dumped status. The SIGCHLD that death sent
      the (stopped, all-blocked) parent is taken back with an injected
      rt_sigtimedwait, so the parent's pending signals are the image's.
-  3. rebuild each live member, parents first (build.rebuild: the single
-     process stages); memory shared with an earlier member is mapped from
-     /proc/OWNER/map_files (the same object). Then every member's registers
-     go back and it is let go, children first.
+  3. rebuild each live member, parents first, by the single process
+     stages: every member's memory and state (build.rebuild_early), then
+     every member's fds and the rest (build.rebuild_late), so a table
+     shared with CLONE_FILES still holds the files opened for each member
+     (exe, mappings, cwd) until all have used them; its top member installs
+     the dumped fds and closes the rest, the others leave it alone, and a
+     member sharing fs leaves cwd and umask to its top member too. Memory
+     shared with an earlier member is mapped from /proc/OWNER/map_files
+     (the same object). Then every member's registers go back and it is
+     let go, children first.
 Any failure kills every member created (PTRACE_O_EXITKILL also covers a
 crash of the restorer); the restorer then exits, so the root is reparented
 to init, the others stay its descendants.
@@ -50,7 +57,7 @@ from .arch import current as current_arch
 from .errors import EngineError, Refusal, Refusals
 from .libc import SysError
 from .task import Task
-from .tree import TREE_FILE, O_TRACEFORK, Sub
+from .tree import SHAREABLE, TREE_FILE, O_TRACEFORK, Sub
 
 PAGE = 4096
 PR_SET_TIMERSLACK = 29
@@ -92,11 +99,22 @@ def check_tree(tree) -> List[dict]:
             z = m["zombie"]
             if not isinstance(z, dict) or not isinstance(z.get("status"), int) or not 0 <= z["status"] <= 0xffff:
                 raise _bad(f"zombie {pid}: status")
+        if "share" in m:
+            # What it shares with its parent (engine/tree.py SHAREABLE): a
+            # live member of the tree, under a live parent.
+            sh = m["share"]
+            if i == 0 or "zombie" in m or not isinstance(sh, list) or not sh or sorted(set(sh)) != sh \
+                    or not set(sh) <= set(SHAREABLE.values()):
+                raise _bad(f"member {pid}: share {sh!r}")
         seen.add(pid)
     for m in tree["members"]:
         if "zombie" in m and any(c["ppid"] == m["pid"] for c in tree["members"]):
             raise _bad(f"zombie {m['pid']} has children")
     return tree["members"]
+
+
+CLONE_FLAG = {"files": threads.CLONE_FILES, "fs": threads.CLONE_FS}
+
 
 
 class TreeJob:
@@ -261,8 +279,11 @@ def _fork(parent, m: dict, job) -> object:
         if default:
             # A child's default slack is its parent's current one (kernel/fork.c).
             parent.call("prctl", PR_SET_TIMERSLACK, default, 0, 0, 0)
-    args = arch.CloneArgs(flags=0, exit_signal=m["exit_signal"], set_tid=parent.put(struct.pack("<i", m["pid"]), 256),
-                          set_tid_size=1)
+    # Its parent's fd table / fs, shared (tree.json "share"): the one way
+    # a process gets another's (kernel/fork.c copy_files, copy_fs).
+    flags = sum(CLONE_FLAG[w] for w in m.get("share", ()))
+    args = arch.CloneArgs(flags=flags, exit_signal=m["exit_signal"],
+                          set_tid=parent.put(struct.pack("<i", m["pid"]), 256), set_tid_size=1)
     addr = parent.put(ctypes.string_at(ctypes.addressof(args), ctypes.sizeof(args)), 0)
     r = parent.task.syscall(arch.SYS["clone3"], addr, ctypes.sizeof(args))
     if r == -17:
@@ -277,6 +298,7 @@ def _fork(parent, m: dict, job) -> object:
     ptrace.set_options(r, ptrace.O_TRACESYSGOOD | ptrace.O_EXITKILL | O_TRACEFORK)
     b = Builder(job, t)
     b.gadget, b.scratch = parent.gadget, parent.scratch
+    b.files_shared, b.fs_shared = "files" in m.get("share", ()), "fs" in m.get("share", ())
     return b
 
 
@@ -349,7 +371,7 @@ def map_shared(b, v: dict, flags: int) -> int:
 def build_tree(tj: TreeJob) -> int:
     """Runs in the restorer: create, zombies, rebuild, release (see the
     module docstring). Returns the root's PID."""
-    from .build import Builder, _check_xstate, clone_with_pid, rebuild
+    from .build import Builder, _check_xstate, clone_with_pid, rebuild_early, rebuild_late
     arch = current_arch()
     members = tj.members
     root = members[0]
@@ -403,11 +425,17 @@ def build_tree(tj: TreeJob) -> int:
                 time.sleep(0.002)
         for ppid in sorted({m["ppid"] for m in zombies}):
             _take_sigchld(builders[ppid])
-        # 3. rebuild, parents first; then let go, children first
+        # 3. rebuild, parents first: every member's memory and state, then
+        # every member's fds (a table shared with CLONE_FILES holds the files
+        # opened for each of its members until the last one has used them:
+        # its top member installs the dumped fds and closes the rest);
+        # then let go, children first
         live = [b for b in order if b.job is not None]
         for mb in live:
             faults.point("restore.tree.rebuild")
-            rebuild(mb)
+            rebuild_early(mb)
+        for mb in live:
+            rebuild_late(mb)
         for mb in reversed(live):
             faults.point("restore.tree.release")
             mb.finish()

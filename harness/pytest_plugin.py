@@ -165,6 +165,11 @@ class ScenarioItem(pytest.Item):
                "distro": crucible.distro}
         if self.scenario.get("restore_on") == "other" and not crucible.can_migrate:
             pytest.skip("restore_on: other needs a second guest; --target local has only this host")
+        if "program" in self.scenario["workload"] and not crucible.can_migrate:
+            from .programrun import missing_here
+            why = missing_here(self.scenario, os.environ.get("CRUCIBLE_PROGRAMS_DIR", ""))
+            if why:
+                pytest.skip(why)
         t0 = time.monotonic()
         try:
             target = crucible.primary()

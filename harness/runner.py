@@ -497,4 +497,7 @@ def _pidfile(t: Target, path: str) -> Optional[int]:
 def run_scenario(sc: dict, sid: str, engine: engines_mod.Engine, target: Target,
                  other: Optional[Callable[[], Target]] = None, scale: float = 1.0) -> Result:
     """Run one scenario; raises HarnessError when the harness itself cannot."""
+    if "program" in (sc.get("workload") or {}):
+        from .programrun import ProgramRun
+        return ProgramRun(sc, sid, engine, target, other, scale).execute()
     return Run(sc, sid, engine, target, other, scale).execute()

@@ -24,7 +24,7 @@ from .errors import GuestLost, HarnessError, StepTimeout
 REPO = Path(__file__).resolve().parent.parent
 # The stdlib-only files the guest runs (the workload and the world steps),
 # and the packages it imports (copied as directories next to them).
-GUEST_FILES = ("seeded.py", "sysapi.py", "world.py", "procstate.py", "workload.py", "mutants.py")
+GUEST_FILES = ("seeded.py", "sysapi.py", "world.py", "procstate.py", "workload.py", "mutants.py", "program.py")
 GUEST_PACKAGES = ("kinds",)
 
 
@@ -51,6 +51,8 @@ class Target:
 
     name = "target"
     base = "/srv/crucible"                 # scenario dirs live under here
+    #: where the image's own programs are (vm/recipe.py PROGRAMS_DIR): ``{programs}``
+    programs_dir = "/usr/lib/crucible/programs"
     scripts = "/opt/crucible/harness"      # GUEST_FILES live here
     python = "python3"
     time_scale = 1.0                       # multiplies every step timeout
@@ -109,6 +111,8 @@ class LocalTarget(Target):
         if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
             raise HarnessError(f"prctl(PR_SET_CHILD_SUBREAPER): errno {ctypes.get_errno()}")
         self.env = dict(os.environ, PYTHONPATH=str(REPO))
+        # vm/programs/*.c built for this host (tests/test_programs_local.py)
+        self.programs_dir = os.environ.get("CRUCIBLE_PROGRAMS_DIR", "")
         self.kernel = os.uname().release
 
     def run(self, argv: Sequence[str], timeout: float, step: str = "") -> RunResult:
@@ -150,6 +154,8 @@ class LocalTarget(Target):
         # the PIDs the run knows of, and any workload of this target it does not
         pids = list(pids) + workload.workloads_under(self.base)
         workload.kill_workloads(pids)
+        from . import program
+        pids += program.kill_programs(self.base)    # a program and its tree (by their environment)
         self.settle(pids)
 
     def close(self) -> None:

@@ -477,3 +477,37 @@ def test_a_lost_lease_is_caught(live):
     assert bad_whats(failed_verdict(w), 3) == {"the lease, as fdinfo shows it", "flags (F_GETFL)",
                                               "F_GETLEASE, owner (F_GETOWN), F_GETSIG",
                                               "the lease turns away an open that would break it"}
+
+
+_CHILDREN_BREAK = r"""
+import ctypes, json, os, sys
+sys.path.insert(0, sys.argv[1])
+from harness.kinds import process
+p = json.loads(sys.argv[2])
+process.apply(p)
+seen = json.loads(json.dumps(process.observe(p)))
+exec(sys.argv[3])
+bad = [c["what"] for ph in ("inspect", "consume", "mutate") for c in process.checker(p, seen, ph) if not c["ok"]]
+print(json.dumps(bad))
+"""
+SHARING = {"children": [{"blocked_in": "sleep", "share": ["files"]}, {"blocked_in": "read", "share": ["fs"]},
+                        {"blocked_in": "sleep", "share": ["files", "fs"]}, {"blocked_in": "read"}]}
+
+
+@pytest.mark.parametrize("disturb, whats", [
+    ("pass", set()),
+    # a child that was given a table of its own (its memfd is not here)
+    ("process._CHILDREN[3].share = ['files']",
+     {"child 3 (read): shares this process's files (kcmp)", "child 3 (read): the memfd it opened is open here"}),
+    # a child sharing what it should not
+    ("process._CHILDREN[0].share = []", {"child 0 (sleep): shares this process's files (kcmp)"}),
+    # this process left the fs it shared with child 1 and child 2 (their umask is not its own)
+    ("ctypes.CDLL(None).unshare(0x200)",
+     {"child 1 (read): shares this process's fs (kcmp)", "child 1 (read): the umask it set is this process's",
+      "child 2 (sleep): shares this process's fs (kcmp)", "child 2 (sleep): the umask it set is this process's"}),
+])
+def test_child_sharing_checks_fail_on_exactly_what_changed(disturb, whats):
+    r = subprocess.run([sys.executable, "-c", _CHILDREN_BREAK, str(REPO), json.dumps(SHARING), disturb],
+                       capture_output=True, text=True, timeout=60, close_fds=True)
+    assert r.returncode == 0, r.stderr
+    assert set(json.loads(r.stdout)) == whats
