@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -415,6 +416,67 @@ def test_thread_checks_fail_on_exactly_what_changed(disturb, whats):
                        capture_output=True, text=True, timeout=60, close_fds=True)
     assert r.returncode == 0, r.stderr
     assert set(json.loads(r.stdout)) == whats
+
+
+IN_FLIGHT = {"fd": 3, "socket": "unix-pair", "peer_fd": 4, "data": {"bytes": 40}, "carry": ["file", "memfd", "eventfd"],
+             "passcred": True}
+
+
+def test_untouched_files_and_credentials_in_flight_pass(live):
+    w, g = live(fds=[dict(IN_FLIGHT)])
+    g.close()
+    v = w.verdict()
+    assert v["ok"], failed(v)
+    got = {c["what"]: c["got"] for c in v["checks"] if c["fd"] == 3}
+    assert [t[0].split("/")[-1] for t in got["files in flight: name, status flags, offset, contents"]] == \
+        ["carried-0", "memfd:carried-1 (deleted)", "anon_inode:[eventfd]"]
+
+
+def test_a_file_in_flight_replaced_is_caught(live):
+    # the message with the files is read, and one with other files of the
+    # same kinds (another offset, counter) put back in its place
+    w, g = live(fds=[dict(IN_FLIGHT, carry=["memfd", "eventfd"])])
+    s = socket.socket(fileno=os.dup(g(3)))
+    data = b""
+    while True:
+        try:
+            data += s.recv(1 << 20, socket.MSG_DONTWAIT)   # stops where the sender's credentials change
+        except BlockingIOError:
+            break
+    m = os.memfd_create("carried-0")
+    os.write(m, b"a memfd in flight 0")
+    e = os.eventfd(7)
+    p = socket.socket(fileno=os.dup(g(4)))
+    p.send(data[:-len(b"|carried")])
+    p.sendmsg([b"|carried"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("ii", m, e))])
+    for x in (s, p):
+        x.close()
+    os.close(m)
+    os.close(e)
+    g.close()
+    assert bad_whats(failed_verdict(w), 3) == {"files in flight: name, status flags, offset, contents",
+                                              "SCM_CREDENTIALS of the queued writes (the exited child's, then ours)"}
+
+
+LEASE_SETUP = [{"file": {"path": "db", "bytes": 100, "seed": 3}}]
+
+
+def test_untouched_lease_passes(live):
+    w, g = live(fds=[{"fd": 3, "lock": "lease", "path": "db", "mode": "read"}], setup=LEASE_SETUP)
+    g.close()
+    v = w.verdict()
+    assert v["ok"], failed(v)
+    assert "the lease turns away an open that would break it" in {c["what"] for c in v["checks"]}
+
+
+def test_a_lost_lease_is_caught(live):
+    w, g = live(fds=[{"fd": 3, "lock": "lease", "path": "db", "mode": "write"}], setup=LEASE_SETUP)
+    fcntl.fcntl(g(3), 1024, fcntl.F_UNLCK)          # the lease is gone, the open file stays
+    g.close()
+    # (removing a lease also clears the O_ASYNC that setting it turned on)
+    assert bad_whats(failed_verdict(w), 3) == {"the lease, as fdinfo shows it", "flags (F_GETFL)",
+                                              "F_GETLEASE, owner (F_GETOWN), F_GETSIG",
+                                              "the lease turns away an open that would break it"}
 
 
 _CHILDREN_BREAK = r"""
