@@ -71,11 +71,13 @@ def injected_state(task: Task, vmas: List[dict]) -> dict:
     out: dict = {}
     try:
         out["brk"] = task.call("brk", 0)
-        acts = {}
-        for sig in SIGNALS:
-            task.call("rt_sigaction", sig, 0, scr, 8)
-            handler, flags, restorer, mask = struct.unpack("<QQQQ", task.read_mem(scr, 32))
-            acts[str(sig)] = [handler, flags, restorer, mask]
+        acts = getattr(task, "prefetched_sigactions", None)
+        if acts is None:
+            acts = {}
+            for sig in SIGNALS:
+                task.call("rt_sigaction", sig, 0, scr, 8)
+                handler, flags, restorer, mask = struct.unpack("<QQQQ", task.read_mem(scr, 32))
+                acts[str(sig)] = [handler, flags, restorer, mask]
         out["sigactions"] = acts
         task.call("sigaltstack", 0, scr)
         # stack_t: void *ss_sp; int ss_flags; (4 bytes padding) size_t ss_size
@@ -92,6 +94,57 @@ def injected_state(task: Task, vmas: List[dict]) -> dict:
     finally:
         task.write_mem(scr, saved)
     return out
+
+
+def prefetch_sigactions(tasks: List[Task]) -> None:
+    """Read the sigactions of several frozen processes (a tree's members)
+    side by side (task.syscall_each: one round trip per signal for all of
+    them, not one per member), for injected_state() to take. Every one of
+    the 62 is read: a SIG_DFL action keeps the flags, mask and restorer it
+    was set with, which the process can read back and which act for SIGCHLD
+    (SA_NOCLDSTOP, SA_NOCLDWAIT) - /proc's SigCgt/SigIgn do not show them.
+    Members under seccomp filters (suspended later, by _survey_frozen) or
+    without a vdso syscall or scratch memory are left to injected_state(),
+    as is everything when a read fails (it fails there again, in context)."""
+    from .task import syscall_each
+    ready = []
+    for task in tasks:
+        try:
+            proc = procfs.Proc(task.pid)
+            if seccomp.mode_of(proc.status()):
+                continue
+            vmas = proc.maps()
+            if task.syscall_ip is None:
+                task.syscall_ip = _syscall_in_vdso(task, vmas)
+            scr = _scratch(task, vmas)
+            ready.append((task, scr, task.read_mem(scr, SCRATCH)))
+        except (Refusal, OSError, libc.SysError):
+            continue
+    if len(ready) < 2:
+        return      # nothing to overlap
+    acts: dict = {t.pid: {} for t, _, _ in ready}
+    try:
+        for sig in SIGNALS:
+            res = syscall_each([(t, t.arch.SYS["rt_sigaction"], (sig, 0, scr, 8)) for t, scr, _ in ready])
+            if any(r != 0 for r in res):
+                return
+            for (t, scr, _), r in zip(ready, res):
+                acts[t.pid][str(sig)] = list(struct.unpack("<QQQQ", t.read_mem(scr, 32)))
+    except (EngineError, libc.SysError, OSError):
+        return
+    finally:
+        # Their stack memory back, every member's even if one fails (that
+        # failure is raised: a target must never go on with it changed).
+        failed = None
+        for t, scr, saved in ready:
+            try:
+                t.write_mem(scr, saved)
+            except (EngineError, libc.SysError, OSError) as e:
+                failed = failed or e
+        if failed is not None:
+            raise failed
+    for t, _, _ in ready:
+        t.prefetched_sigactions = acts[t.pid]
 
 
 def robust_list(pid: int) -> List[int]:
