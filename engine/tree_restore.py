@@ -200,7 +200,6 @@ def restore_tree(reader, options, pidfile: Optional[str], t0: float) -> dict:
                     imagecheck.malformed_as_invalid("opening the process's files"):
                 p = single.prepare(core, vmas, fdrecs, ctx, min_base=base, shared_ofd=theirs)
             prepared[m["pid"]] = p
-            base = 0
             jobs[m["pid"]] = single.Job(core=core, vmas=vmas, fdrecs=fdrecs, xstate=xstate,
                                         thread_xstate=thread_xstate, pages=pages, prepared=p, ctx=ctx)
         faults.point("restore.tree.prepared")
