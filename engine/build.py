@@ -116,6 +116,10 @@ class Builder:
         # the restorer: signals.own_actions() read just before the clone).
         self.inherited_actions: Optional[dict] = None
         self.session_done = False
+        # A tree member created with CLONE_FILES / CLONE_FS (engine/tree_restore.py):
+        # its fd table / cwd and umask are its parent's, restored once, there.
+        self.files_shared = False
+        self.fs_shared = False
 
     # -- helpers ---------------------------------------------------------------
     def call(self, name: str, *args: int) -> int:
@@ -290,8 +294,9 @@ class Builder:
 
     def process_state(self) -> None:
         core = self.job.core
-        self.call("fchdir", self.job.prepared.cwd_fd)
-        self.call("umask", core["umask"])
+        if not self.fs_shared:
+            self.call("fchdir", self.job.prepared.cwd_fd)
+            self.call("umask", core["umask"])
         self.call("personality", core["personality"])
         self.call("prctl", PR_SET_NAME, self.put(core["comm"].encode()[:15] + b"\0"), 0, 0, 0)
         self.set_sigactions(core["sigactions"])
@@ -334,6 +339,8 @@ class Builder:
                 have[sig] = list(act)
 
     def install_fds(self) -> None:
+        if self.files_shared:
+            return      # the table is its parent's, installed by the first member holding it
         prep = self.job.prepared
         keep = set()
         for rec in self.job.fdrecs:
@@ -460,8 +467,16 @@ def build(job) -> int:
 def rebuild(b: Builder) -> None:
     """Every stage after the address space is cleared, up to (not
     including) finish(): shared by build() and the members of a process
-    tree (engine/tree_restore.py)."""
-    job, pid = b.job, b.pid
+    tree (engine/tree_restore.py, which runs rebuild_early of every member
+    before any member's rebuild_late)."""
+    rebuild_early(b)
+    rebuild_late(b)
+
+
+def rebuild_early(b: Builder) -> None:
+    """The stages that use the files the restorer opened for the process
+    (exe, mappings, cwd: in its fd table above every dumped fd), up to its
+    threads."""
     faults.point("restore.phase", "vdso")
     b.move_vdso()
     faults.point("restore.phase", "mm")
@@ -473,6 +488,13 @@ def rebuild(b: Builder) -> None:
     faults.point("restore.phase", "threads")
     threads.create(b)   # before creds(): clone3 set_tid needs CAP_CHECKPOINT_RESTORE
     _maybe_fail("threads")
+
+
+def rebuild_late(b: Builder) -> None:
+    """From the fds on: install_fds closes every fd the dump did not
+    record, the restorer's opened files too (in a tree, those of every
+    member sharing the table)."""
+    job, pid = b.job, b.pid
     faults.point("restore.phase", "fds")
     b.install_fds()
     faults.point("restore.phase", "limits")

@@ -142,7 +142,10 @@ def _tree_lines(members: list, recs: dict) -> list:
         else:
             nth = len(core.get("threads") or []) + 1 if isinstance(core, dict) else 1
             shared = sum(1 for r in fds or [] if isinstance(r, dict) and "ofd_of" in r)
-            what = f"{len(fds or [])} fds ({shared} shared with an earlier member)" + \
+            share = m.get("share") if isinstance(m.get("share"), list) else []
+            what = ("its parent's fd table" if "files" in share else
+                    f"{len(fds or [])} fds ({shared} shared with an earlier member)") + \
+                (", its parent's fs (cwd, umask)" if "fs" in share else "") + \
                 (f", {nth} threads" if nth > 1 else "")
         lines.append(f"  {'  ' * depth}{m.get('pid')} {m.get('comm')!s:<15} pgid {m.get('pgid')} sid {m.get('sid')}: {what}")
         for c in kids.get(m.get("pid"), []):

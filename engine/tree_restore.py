@@ -14,7 +14,9 @@ In the forked restorer (build_tree), three phases:
   1. create: the root is cloned with its PID (build.clone_with_pid); its
      address space is emptied but for one gadget page at an address free in
      every member's layout and the vdso. Each member then forks its children,
-     in tree order, by an injected clone3(set_tid=[PID]) (PTRACE_O_TRACEFORK:
+     in tree order, by an injected clone3(set_tid=[PID]), with CLONE_FILES /
+     CLONE_FS when it takes its parent's fd table / fs ("share"; a member
+     that "leave"s them unshare()s after its last child; PTRACE_O_TRACEFORK:
      each child is ours, stopped, before it runs one instruction), after the
      timer slack the child's default comes from. Sessions and groups in the
      right order: a session leader calls setsid() before it forks (its
@@ -27,10 +29,16 @@ In the forked restorer (build_tree), three phases:
      parent's wait() collects the dumped status. The SIGCHLD that death sent
      the (stopped, all-blocked) parent is taken back with an injected
      rt_sigtimedwait, so the parent's pending signals are the image's.
-  3. rebuild each live member, parents first (build.rebuild: the single
-     process stages); memory shared with an earlier member is mapped from
-     /proc/OWNER/map_files (the same object). Then every member's registers
-     go back and it is let go, children first.
+  3. rebuild each live member, parents first, by the single process
+     stages: every member's memory and state (build.rebuild_early), then
+     every member's fds and the rest (build.rebuild_late), so a table
+     shared with CLONE_FILES still holds the files opened for each member
+     (exe, mappings, cwd) until all have used them; its first holder
+     installs the dumped fds and closes the rest, the others leave it
+     alone, and the first holder of an fs sets its cwd and umask. Memory
+     shared with an earlier member is mapped from /proc/OWNER/map_files
+     (the same object). Then every member's registers go back and it is
+     let go, children first.
 Any failure kills every member created (PTRACE_O_EXITKILL also covers a
 crash of the restorer); the restorer then exits, so the root is reparented
 to init, the others stay its descendants.
@@ -45,7 +53,7 @@ import struct
 import time
 from typing import Dict, List, Optional
 
-from . import faults, files, imagecheck, ptrace, sched, signals, threads
+from . import faults, files, imagecheck, ptrace, sched, sharing, signals, threads
 from .arch import current as current_arch
 from .errors import EngineError, Refusal, Refusals
 from .libc import SysError
@@ -56,7 +64,8 @@ PAGE = 4096
 PR_SET_TIMERSLACK = 29
 SIGCHLD = 17
 ZOMBIE_WAIT = 5.0
-SYS_EXTRA = {"x86_64": {"rt_sigtimedwait": 128, "openat": 257}, "aarch64": {"rt_sigtimedwait": 137, "openat": 56}}
+SYS_EXTRA = {"x86_64": {"rt_sigtimedwait": 128, "openat": 257, "unshare": 272},
+             "aarch64": {"rt_sigtimedwait": 137, "openat": 56, "unshare": 97}}
 AT_FDCWD = -100
 
 
@@ -92,11 +101,29 @@ def check_tree(tree) -> List[dict]:
             z = m["zombie"]
             if not isinstance(z, dict) or not isinstance(z.get("status"), int) or not 0 <= z["status"] <= 0xffff:
                 raise _bad(f"zombie {pid}: status")
+        for key in ("share", "leave"):
+            # The table / fs its parent hands it, the one it leaves once it
+            # made its children (engine/sharing.py plan): a live member; the
+            # root has no parent in the tree to share with.
+            if key not in m:
+                continue
+            sh = m[key]
+            if (i == 0 and key == "share") or "zombie" in m or not isinstance(sh, list) or not sh \
+                    or not all(x in sharing.KINDS for x in sh) or sorted(set(sh)) != sh:
+                raise _bad(f"member {pid}: {key} {sh!r}")
         seen.add(pid)
     for m in tree["members"]:
         if "zombie" in m and any(c["ppid"] == m["pid"] for c in tree["members"]):
             raise _bad(f"zombie {m['pid']} has children")
+        for k in m.get("leave", ()):
+            # one holds a table to hand it on: to a child taking it
+            if not any(c["ppid"] == m["pid"] and k in c.get("share", ()) for c in tree["members"]):
+                raise _bad(f"member {m['pid']} leaves a {k} table no child of it takes")
     return tree["members"]
+
+
+CLONE_FLAG = {"files": threads.CLONE_FILES, "fs": threads.CLONE_FS}
+
 
 
 class TreeJob:
@@ -260,8 +287,11 @@ def _fork(parent, m: dict, job) -> object:
         if default:
             # A child's default slack is its parent's current one (kernel/fork.c).
             parent.call("prctl", PR_SET_TIMERSLACK, default, 0, 0, 0)
-    args = arch.CloneArgs(flags=0, exit_signal=m["exit_signal"], set_tid=parent.put(struct.pack("<i", m["pid"]), 256),
-                          set_tid_size=1)
+    # Its parent's fd table / fs, shared (tree.json "share"): the one way
+    # a process gets another's (kernel/fork.c copy_files, copy_fs).
+    flags = sum(CLONE_FLAG[w] for w in m.get("share", ()))
+    args = arch.CloneArgs(flags=flags, exit_signal=m["exit_signal"],
+                          set_tid=parent.put(struct.pack("<i", m["pid"]), 256), set_tid_size=1)
     addr = parent.put(ctypes.string_at(ctypes.addressof(args), ctypes.sizeof(args)), 0)
     r = parent.task.syscall(arch.SYS["clone3"], addr, ctypes.sizeof(args))
     if r == -17:
@@ -279,6 +309,17 @@ def _fork(parent, m: dict, job) -> object:
     if parent.inherited_actions is not None:    # fork copies the parent's table as it is now
         b.inherited_actions = {k: list(v) for k, v in parent.inherited_actions.items()}
     return b
+
+
+def _leave(b, m: dict) -> None:
+    """Member m made its last child: the tables it held to hand on to them
+    it leaves, for fresh copies of its own (kernel/fork.c unshare_fd,
+    unshare_fs)."""
+    flags = sum(CLONE_FLAG[w] for w in m.get("leave", ()))
+    if flags:
+        r = b.task.syscall(_nr(b.arch, "unshare"), flags)
+        if -4096 < r < 0:
+            raise SysError("unshare (injected)", -r, b.pid)
 
 
 def _die(b, status: int) -> None:
@@ -352,7 +393,7 @@ def map_shared(b, v: dict, flags: int) -> int:
 def build_tree(tj: TreeJob) -> int:
     """Runs in the restorer: create, zombies, rebuild, release (see the
     module docstring). Returns the root's PID."""
-    from .build import Builder, _check_xstate, clone_with_pid, rebuild
+    from .build import Builder, _check_xstate, clone_with_pid, rebuild_early, rebuild_late
     arch = current_arch()
     members = tj.members
     root = members[0]
@@ -380,6 +421,11 @@ def build_tree(tj: TreeJob) -> int:
         ptrace.set_sigmask(child, signals.ALL_BLOCKED)
         ptrace.set_options(child, ptrace.O_TRACESYSGOOD | ptrace.O_EXITKILL | O_TRACEFORK)
         _own_group(b, root, tree_pids)
+        # Who installs each fd table and fs: its first holder (engine/sharing.py).
+        owners = {k: sharing.owners(members, k) for k in sharing.KINDS}
+        last_child = {m["ppid"]: m["pid"] for m in members[1:]}
+        if root["pid"] not in last_child:
+            _leave(b, root)
         # 1. create, parents first
         for m in members[1:]:
             job = tj.jobs.get(m["pid"])
@@ -390,11 +436,17 @@ def build_tree(tj: TreeJob) -> int:
             if job is not None:
                 _check_xstate(mb.task, job.core)
             _own_group(mb, m, tree_pids)
+            if last_child.get(m["ppid"]) == m["pid"]:
+                _leave(builders[m["ppid"]], next(x for x in members if x["pid"] == m["ppid"]))
+            if m["pid"] not in last_child:
+                _leave(mb, m)
         for m in members:
             if m["pgid"] != m["pid"] and m["pgid"] in tree_pids and m["sid"] != m["pid"]:
                 builders[m["pid"]].call("setpgid", 0, m["pgid"])
         for mb in order:
             ptrace.set_options(mb.pid, ptrace.O_TRACESYSGOOD | ptrace.O_EXITKILL)
+            mb.files_shared = owners["files"].get(mb.pid, mb.pid) != mb.pid
+            mb.fs_shared = owners["fs"].get(mb.pid, mb.pid) != mb.pid
         # 2. zombies
         faults.point("restore.tree.zombies")
         zombies = [m for m in members if "zombie" in m]
@@ -408,11 +460,17 @@ def build_tree(tj: TreeJob) -> int:
                 time.sleep(0.002)
         for ppid in sorted({m["ppid"] for m in zombies}):
             _take_sigchld(builders[ppid])
-        # 3. rebuild, parents first; then let go, children first
+        # 3. rebuild, parents first: every member's memory and state, then
+        # every member's fds (a table shared with CLONE_FILES holds the files
+        # opened for each of its members until the last one has used them:
+        # its top member installs the dumped fds and closes the rest);
+        # then let go, children first
         live = [b for b in order if b.job is not None]
         for mb in live:
             faults.point("restore.tree.rebuild")
-            rebuild(mb)
+            rebuild_early(mb)
+        for mb in live:
+            rebuild_late(mb)
         for mb in reversed(live):
             faults.point("restore.tree.release")
             mb.finish()

@@ -39,6 +39,7 @@ TAGS: Dict[str, str] = {
     "threads": "multi-threaded processes (workload.process.threads)",
     "tree": "process trees: a workload with children (workload.process.children)",
     "tty": "pseudo-terminals (pty pairs, controlling terminals)",
+    "program": "a real, unmodified program as the workload (workload.program)",
 }
 STEP_NAMES = ("setup", "ready", "dump", "between", "restore", "verify")
 MAX_FD = 499          # the workload builds fds above 500 and moves them down
@@ -337,6 +338,118 @@ def _mmap() -> Check:
                required=("length",))
 
 
+# -- the program workload (harness/program.py) -------------------------------------------
+
+#: What every program step may name as ``{var}`` besides its own captures.
+PROGRAM_VARS = ("token", "work", "ctl", "programs")
+
+
+def Regex() -> Check:
+    """A Python regex; ``{var}`` references are checked by :func:`_program`."""
+    def chk(c, n, k):
+        v = Str()(c, n, k)
+        try:
+            re.compile(re.sub(r"\{([A-Za-z_]\w*)\}", "x", v))
+        except re.error as e:
+            raise c.fail(n, k, f"not a valid regular expression: {e}")
+        return v
+    return chk
+
+
+def Exclusive(fields: Dict[str, Check], one_of: Sequence[str], required: Sequence[str] = ()) -> Check:
+    """A mapping that holds exactly one of ``one_of``."""
+    inner = Map(fields, required=required)
+
+    def chk(c, n, k):
+        v = inner(c, n, k)
+        present = [x for x in one_of if x in v]
+        if len(present) != 1:
+            raise c.fail(n, k, f"give exactly one of {', '.join(one_of)}")
+        return v
+    return chk
+
+
+def StrMap() -> Check:
+    def chk(c, n, k):
+        if not isinstance(n, yaml.MappingNode):
+            raise c.fail(n, k, f"expected a mapping, got a {_kind(n)}")
+        return {str(c.scalar(kn, k)): str(Str()(c, vn, f"{k}.{c.scalar(kn, k)}")) for kn, vn in n.value}
+    return chk
+
+
+def _program_steps() -> Check:
+    t = Num()
+    return List_(OneKey({
+        "sleep": Num(),
+        "write": Map({"path": Path(), "data": Str(), "append": Bool()}, required=("path", "data")),
+        "exec": Exclusive({"argv": List_(Str()), "sh": Str(), "stdin": Str(), "expect": Regex(), "rc": Int(0, 255),
+                           "timeout": t}, ("argv", "sh")),
+        "wait": Exclusive({"output": Regex(), "lines": List_(Regex()), "since": Enum(("dump",)), "timeout": t},
+                          ("output", "lines")),
+        "sequence": Map({"name": Str(), "output": Regex(), "start": Int(0), "advance": Int(1), "timeout": t},
+                        required=("name", "output")),
+        "connect": Map({"name": Str(), "tcp": Int(1, 65535), "host": Str(), "timeout": t}, required=("name", "tcp")),
+        "send": Map({"conn": Str(), "data": Str(), "expect": Regex(), "timeout": t}, required=("conn",)),
+    }, "program step"))
+
+
+def _program() -> Check:
+    return Exclusive({
+        "run": List_(Str()), "sh": Str(), "env": StrMap(), "fifos": List_(Path()),
+        "ready": Map({"output": Regex(), "file": Path(), "tcp": Int(1, 65535), "settle": Num()}),
+        "stable": Bool(), "before": _program_steps(), "after": _program_steps(),
+    }, ("run", "sh"))
+
+
+def _program_checks(c: _Ctx, node_of, prog: dict) -> None:
+    """Every ``{var}`` a step names is defined by then (built in, or a named
+    group an earlier pattern captures); a ``send`` names a connection made
+    earlier; a ``sequence`` after the restore continues one from before."""
+    known = set(PROGRAM_VARS)
+    conns: set = set()
+    seqs: set = set()
+
+    def refs(text: str) -> List[str]:
+        return re.findall(r"\{([A-Za-z_]\w*)\}", text)
+
+    def need(text: str, where: tuple, key: str) -> None:
+        for name in refs(text):
+            if name not in known:
+                raise c.fail(node_of("workload", "program", *where), key,
+                             f"{{{name}}} is not defined here (known: {', '.join(sorted(known))})")
+
+    for key in ("run", "sh"):
+        for text in ([prog[key]] if isinstance(prog.get(key), str) else prog.get(key) or []):
+            need(text, (key,), f"workload.program.{key}")
+    if "ready" in prog and "output" in prog["ready"]:
+        need(prog["ready"]["output"], ("ready",), "workload.program.ready.output")
+    for phase in ("before", "after"):
+        for i, step in enumerate(prog.get(phase) or []):
+            (name, a), = step.items()
+            where, key = (phase, i), f"workload.program.{phase}[{i}].{name}"
+            texts = [a] if isinstance(a, str) else [v for v in a.values() if isinstance(v, str)] + \
+                [x for v in a.values() if isinstance(v, list) for x in v if isinstance(x, str)] \
+                if isinstance(a, dict) else []
+            for text in texts:
+                need(text, where, key)
+            if name == "connect":
+                conns.add(a["name"])
+            if name == "send" and a["conn"] not in conns:
+                raise c.fail(node_of("workload", "program", *where), key,
+                             f"no connection named {a['conn']!r} is made before (connect)")
+            if name == "sequence":
+                if "(?P<n>" not in a["output"]:
+                    raise c.fail(node_of("workload", "program", *where), key,
+                                 "the pattern must capture the number as (?P<n>...)")
+                if phase == "after" and a["name"] not in seqs:
+                    raise c.fail(node_of("workload", "program", *where), key,
+                                 f"sequence {a['name']!r} after the restore continues one checked before the dump")
+                seqs.add(a["name"])
+            for text in texts:
+                known.update(re.compile(re.sub(r"\{([A-Za-z_]\w*)\}", "x", text)).groupindex
+                             if name in ("wait", "exec", "send") else ())
+
+
 def _expect() -> Check:
     # An expected refusal names its phase and its fd (or fds, for one reason
     # on several); without fd it is one that concerns no fd (a mapping, the
@@ -355,7 +468,9 @@ SCENARIO = Map({
     "name": Str(), "description": Str(), "tags": List_(Enum(TAGS, "a known tag:")),
     "setup": List_(_steps()),
     "workload": Map({"fds": List_(_fd_entry()), "mmaps": List_(_mmap()),
-                     "process": Map(kinds.PROCESS.fields(_this()))}),
+                     "process": Map(kinds.PROCESS.fields(_this())),
+                     # a real program instead of the Python workload (harness/program.py)
+                     "program": _program()}),
     "before_dump": List_(_steps()),
     "dump": Map({"leave_running": Bool(), "ghost_limit": Size(),
                  "file_validation": Enum(("strict", "digest", "size", "none"))}),
@@ -401,6 +516,18 @@ def _cross_checks(c: _Ctx, root: yaml.MappingNode, data: dict) -> None:
                 n = n.value[key]
         return n
 
+    prog = data["workload"].get("program")
+    if prog is not None:
+        others = [k for k in ("fds", "mmaps", "process") if k in data["workload"]]
+        if others:
+            raise c.fail(node_of("workload", others[0]), f"workload.{others[0]}",
+                         "a program workload holds what the program opens (no fds, mmaps or process here)")
+        if (data.get("dump") or {}).get("leave_running"):
+            raise c.fail(node_of("dump"), "dump.leave_running", "not with a program workload")
+        if data.get("restore_on") == "other":
+            raise c.fail(node_of("restore_on"), "restore_on", "a program workload is restored on the same guest")
+        _program_checks(c, node_of, prog)
+        return
     seen: Dict[int, int] = {}
     fds = data["workload"].get("fds", [])
     for i, e in enumerate(fds):

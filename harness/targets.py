@@ -24,7 +24,7 @@ from .errors import GuestLost, HarnessError, StepTimeout
 REPO = Path(__file__).resolve().parent.parent
 # The stdlib-only files the guest runs (the workload and the world steps),
 # and the packages it imports (copied as directories next to them).
-GUEST_FILES = ("seeded.py", "sysapi.py", "world.py", "procstate.py", "workload.py", "mutants.py")
+GUEST_FILES = ("seeded.py", "sysapi.py", "world.py", "procstate.py", "workload.py", "mutants.py", "program.py")
 GUEST_PACKAGES = ("kinds",)
 
 
@@ -44,6 +44,9 @@ class RunResult:
     stdout: str
     stderr: str
     duration: float
+    #: a ckpt command: "warm" (forked from the agent's warm engine, harness/zygote.py),
+    #: "exec", or "exec: <why not warm>"; "" for any other command
+    start: str = ""
 
 
 class Target:
@@ -51,6 +54,8 @@ class Target:
 
     name = "target"
     base = "/srv/crucible"                 # scenario dirs live under here
+    #: where the image's own programs are (vm/recipe.py PROGRAMS_DIR): ``{programs}``
+    programs_dir = "/usr/lib/crucible/programs"
     scripts = "/opt/crucible/harness"      # GUEST_FILES live here
     python = "python3"
     time_scale = 1.0                       # multiplies every step timeout
@@ -109,6 +114,8 @@ class LocalTarget(Target):
         if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
             raise HarnessError(f"prctl(PR_SET_CHILD_SUBREAPER): errno {ctypes.get_errno()}")
         self.env = dict(os.environ, PYTHONPATH=str(REPO))
+        # vm/programs/*.c built for this host (tests/test_programs_local.py)
+        self.programs_dir = os.environ.get("CRUCIBLE_PROGRAMS_DIR", "")
         self.kernel = os.uname().release
 
     def run(self, argv: Sequence[str], timeout: float, step: str = "") -> RunResult:
@@ -150,6 +157,8 @@ class LocalTarget(Target):
         # the PIDs the run knows of, and any workload of this target it does not
         pids = list(pids) + workload.workloads_under(self.base)
         workload.kill_workloads(pids)
+        from . import program
+        pids += program.kill_programs(self.base)    # a program and its tree (by their environment)
         self.settle(pids)
 
     def close(self) -> None:
@@ -213,13 +222,15 @@ class GuestTarget(Target):
         self.python = "/usr/bin/python3"
         self.agent = None                   # an AgentLink once start_agent() ran
         self.agent_note = ""                # why there is none
+        self.warm = False                   # ckpt commands go to the agent's warm engine
+        self.warm_note = ""                 # why they do not
         self.lost = ""                      # why this guest must be replaced ("" = fine)
 
     def install(self) -> None:
         """Copy the harness's guest files in (the engine is the vm's job)."""
         self.guest.run(["mkdir", "-p", self.scripts, self.base] + [f"{self.scripts}/{p}" for p in GUEST_PACKAGES],
                        timeout=60 * self.time_scale, check=True)
-        for name in guest_files() + ["agent.py"]:
+        for name in guest_files() + ["agent.py", "zygote.py"]:
             self.guest.put(str(REPO / "harness" / name), f"{self.scripts}/{name}")
         self.kernel = self.guest.run(["uname", "-r"], timeout=60 * self.time_scale, check=True).stdout.strip()
 
@@ -227,7 +238,7 @@ class GuestTarget(Target):
         """Start the agent and warm it (before the golden snapshot, so every
         revert brings it back idle, its caches full). On failure the steps
         keep going over SSH and :attr:`agent_note` says why."""
-        from .agent_client import AgentError, AgentLink, env_ok, start_line
+        from .agent_client import AgentError, AgentLink, env_ok, start_line, warm_ok
         path = getattr(self.guest, "agent_socket", None)
         if not env_ok() or not path:
             self.agent_note = "agent off (CRUCIBLE_AGENT=0)" if path else "the guest has no agent port"
@@ -250,11 +261,18 @@ class GuestTarget(Target):
             # Warm what every scenario runs: the fork of a script, an engine start.
             link.run(self.script("workload.py") + ["pidstate", "1"], 120 * self.time_scale, script=True)
             link.run(self.ckpt_argv() + ["--help"], 120 * self.time_scale)
+            self.warm_note = "off (CRUCIBLE_WARM_CKPT=0)" if not warm_ok() else link.zygote_note()
+            if not self.warm_note:
+                # the warm path once before the snapshot, so a broken one shows here, not per scenario
+                r = link.run(self.ckpt_argv() + ["--version"], 120 * self.time_scale, warm=True)
+                if not r.get("warm") or r["rc"] != 0:
+                    self.warm_note = f"the warm engine failed: {r.get('cold_why') or r['stderr'][-300:]!r}"
         except AgentError as e:
             link.close()
             self.agent_note = f"agent did not answer: {e.message}"
             return
         self.agent = link
+        self.warm = not self.warm_note
 
     def _lost(self, message: str, step: str, hung: bool = False) -> GuestLost:
         self.lost = message
@@ -268,15 +286,20 @@ class GuestTarget(Target):
         if self.agent is not None:
             from .agent_client import AgentError
             script = len(argv) >= 2 and argv[0] == self.python and argv[1].startswith(self.scripts + "/")
+            ckpt = argv[:1] == self.ckpt_argv()
             try:
-                rep = self.agent.run(argv, timeout, script=script)
+                rep = self.agent.run(argv, timeout, script=script, warm=ckpt and self.warm)
             except AgentError as e:
                 if e.kind == "agent":
                     raise HarnessError(e.message, step=step) from None
                 raise self._lost(e.message, step, hung=e.kind == "timeout") from None
             if rep.get("timeout"):
                 raise StepTimeout(argv, timeout, step=step, detail=_text(rep["stderr"])[-2000:])
-            return RunResult(rep["rc"], _text(rep["stdout"]), _text(rep["stderr"]), time.monotonic() - t0)
+            start = ""
+            if ckpt:
+                start = "warm" if rep.get("warm") else \
+                    "exec" + (f": {rep.get('cold_why') or self.warm_note}" if self.warm_note or rep.get("cold_why") else "")
+            return RunResult(rep["rc"], _text(rep["stdout"]), _text(rep["stderr"]), time.monotonic() - t0, start)
         try:
             r = self.guest.run(argv, timeout=timeout)
         except VmError as e:

@@ -21,6 +21,8 @@ import sys
 import time
 from typing import Dict, List, Optional
 
+from engine_core_support import alive, wait_for  # noqa: F401  (re-exported)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 FAULTEE = os.path.join(HERE, "targets", "faultee.py")
@@ -53,16 +55,6 @@ def ckpt_popen(args: List[str], env: Optional[Dict[str, str]] = None) -> subproc
                             start_new_session=True)
 
 
-def wait_for(pred, timeout: float = 15.0, what: str = "condition"):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 VARIANT_ARGS = {"": [], "tree": ["--child"], "pty": ["--pty"]}
 
 
@@ -70,18 +62,10 @@ def start_target(d: str, variant: str = "") -> subprocess.Popen:
     os.makedirs(d, exist_ok=True)
     p = subprocess.Popen([PYTHON, FAULTEE, d] + VARIANT_ARGS[variant], cwd=d, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL, close_fds=True, start_new_session=True)
-    wait_for(lambda: os.path.exists(os.path.join(d, "ready")) or p.poll() is not None, what="the target")
+    wait_for(lambda: os.path.exists(os.path.join(d, "ready")) or p.poll() is not None, 15, what="the target")
     if p.poll() is not None:
         raise AssertionError(f"target exited with {p.returncode}")
     return p
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except OSError:
-        return False
 
 
 def verdict(d: str, pid: int, timeout: float = 10.0) -> dict:

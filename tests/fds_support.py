@@ -293,3 +293,35 @@ def dump_restore(procs, p, image_dir: str) -> None:
     out = restore(image_dir, Options())
     assert out["pid"] == p.pid
     procs.adopt(p.pid)
+
+
+# -- worker scripts that judge themselves ------------------------------------------
+# A worker sets up its fds, writes `ready` (JSON: what the test needs to
+# know) and, on SIGUSR1, writes its own verdict to `verdict.json`.
+
+def start_worker(procs, tmp_path, argv: List[str], src: Optional[str] = None, what: str = "the worker",
+                 ready_json: bool = True):
+    """Start a worker (`src` written to worker.py and run with `argv`, or
+    `argv` as it is) in `tmp_path`; wait until it is ready and return
+    (the Popen, what it wrote to `ready`: parsed as JSON if `ready_json`)."""
+    from engine_core_support import python_exe, wait_for
+    if src is not None:
+        (tmp_path / "worker.py").write_text(src)
+        argv = [python_exe(), str(tmp_path / "worker.py")] + list(argv)
+    p = procs.start(list(argv), cwd=str(tmp_path))
+    ready = tmp_path / "ready"
+    wait_for(lambda: ready.exists() or p.poll() is not None, what=what)
+    assert p.poll() is None, f"{what} exited with {p.returncode} during setup"
+    text = ready.read_text()
+    return p, (json.loads(text) if ready_json and text else text)
+
+
+def ask_verdict(pid: int, tmp_path, timeout: float = 30) -> dict:
+    """SIGUSR1 the worker and return the verdict it writes."""
+    from engine_core_support import wait_for
+    v = tmp_path / "verdict.json"
+    if v.exists():
+        v.unlink()
+    os.kill(pid, signal.SIGUSR1)
+    wait_for(v.exists, timeout=timeout, what=f"the verdict of pid {pid}")
+    return json.loads(v.read_text())

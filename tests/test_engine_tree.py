@@ -364,7 +364,6 @@ def test_refused_pipe_peer_outside(procs, session_killer, tmp_path):  # noqa: F8
 
 
 @pytest.mark.parametrize("mode,reason,detail", [
-    ("clonefiles", "tree-sharing", "fd table"),
     ("traceme", "ptraced", "traced by pid"),
     ("badsession", "process-tree", "session"),
     ("outside", "memory-peer-outside", "mapped by"),
@@ -392,6 +391,18 @@ def test_refused_boundaries(procs, session_killer, tmp_path, mode, reason, detai
         _untouched(members)
     else:
         _untouched([p.pid])
+
+
+def test_clonefiles_child_restored_sharing_the_table(procs, session_killer, tmp_path):  # noqa: F811
+    """Once refused (tree-sharing): a child made by clone(CLONE_FILES) comes
+    back holding its parent's fd table (more in test_engine_tree_sharing.py)."""
+    from engine.pidfd import kcmp
+    p = _start(procs, [python_exe(), FAMILY, "clonefiles"], tmp_path)
+    session_killer.append(p.pid)
+    kid = _ready(tmp_path, p)["kids"]["X"]
+    _dump_restore(p.pid, tmp_path / "img", procs)
+    assert _stat(kid)["ppid"] == p.pid
+    assert kcmp(p.pid, kid, 2, 0, 0) == 0, "the fd table was split"
 
 
 def test_refused_vfork_child_without_waiting_for_it(procs, session_killer, tmp_path):  # noqa: F811

@@ -3,9 +3,7 @@ restored workload checks its own fds against its own ground truth."""
 
 from __future__ import annotations
 
-import json
 import os
-import signal
 
 import pytest
 
@@ -13,7 +11,7 @@ from engine.context import Options
 from engine.dump import dump
 from engine.errors import Refusal, Refusals
 from engine_core_support import procs, python_exe, wait_for  # noqa: F401
-from fds_support import dump_restore
+from fds_support import ask_verdict, dump_restore, start_worker
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fds_e2e_worker.py")
 
@@ -22,19 +20,12 @@ def start(procs, tmp_path, kinds):
     os.mkfifo(tmp_path / "fifo")
     (tmp_path / "watched").mkdir()
     (tmp_path / "listing").mkdir()
-    p = procs.start([python_exe(), WORKER, str(tmp_path), ",".join(kinds)], cwd=str(tmp_path))
-    wait_for(lambda: (tmp_path / "ready").exists() or p.poll() is not None, what="the fd worker")
-    assert p.poll() is None, "the worker died during setup"
-    return p
+    return start_worker(procs, tmp_path, [python_exe(), WORKER, str(tmp_path), ",".join(kinds)],
+                        what="the fd worker", ready_json=False)[0]
 
 
 def verdict(pid, tmp_path):
-    v = tmp_path / "verdict.json"
-    if v.exists():
-        v.unlink()
-    os.kill(pid, signal.SIGUSR1)
-    wait_for(v.exists, what="the worker's verdict")
-    return json.loads(v.read_text())
+    return ask_verdict(pid, tmp_path, timeout=10)
 
 
 @pytest.mark.slow

@@ -17,8 +17,8 @@ from engine.context import Options
 from engine.dump import dump
 from engine.errors import Refusal, Refusals
 from engine.restore import restore
-from engine_core_support import procs, python_exe, wait_for  # noqa: F401
-from fds_support import dump_restore
+from engine_core_support import procs, wait_for  # noqa: F401
+from fds_support import dump_restore, start_worker
 
 WORKER = r'''
 import json, os, signal, socket, sys, time
@@ -103,14 +103,9 @@ ALL_TRUE = {k: True for k in ("stream", "dgram", "tcp", "unix", "abstract")}
 
 
 def start(procs, tmp_path, pending=False):
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER)
     abstract = "\0crucible-e2e-" + uuid.uuid4().hex
-    p = procs.start([python_exe(), str(script), str(tmp_path), abstract[1:], "pending" if pending else "-"],
-                    cwd=str(tmp_path))
-    wait_for(lambda: (tmp_path / "ready").exists() or p.poll() is not None, what="the socket worker")
-    assert p.poll() is None, "the worker died during setup"
-    info = json.loads((tmp_path / "ready").read_text())
+    p, info = start_worker(procs, tmp_path, [str(tmp_path), abstract[1:], "pending" if pending else "-"], WORKER,
+                           "the socket worker")
     return p, info["port"], abstract
 
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
-import struct
 
 import pytest
 
@@ -19,8 +17,8 @@ from engine.context import Options
 from engine.dump import dump
 from engine.errors import Refusal, Refusals
 from engine.restore import restore
-from engine_core_support import procs, python_exe, wait_for  # noqa: F401
-from fds_support import dump_restore
+from engine_core_support import procs  # noqa: F401
+from fds_support import ask_verdict, dump_restore, start_worker
 
 WORKER = r'''
 import json, os, signal, socket, struct, sys, time
@@ -99,20 +97,11 @@ ALL_TRUE = {k: True for k in ("500", "501", "502", "503", "504", "505", "accepte
 
 
 def start(procs, tmp_path, mode="-"):
-    (tmp_path / "worker.py").write_text(WORKER)
-    p = procs.start([python_exe(), str(tmp_path / "worker.py"), str(tmp_path), mode], cwd=str(tmp_path))
-    wait_for(lambda: (tmp_path / "ready").exists() or p.poll() is not None, what="the peercred worker")
-    assert p.poll() is None, "the worker died during setup"
-    return p, json.loads((tmp_path / "ready").read_text())["child"]
+    p, ready = start_worker(procs, tmp_path, [str(tmp_path), mode], WORKER, "the peercred worker")
+    return p, ready["child"]
 
 
-def verdict(pid, tmp_path):
-    v = tmp_path / "verdict.json"
-    if v.exists():
-        v.unlink()
-    os.kill(pid, signal.SIGUSR1)
-    wait_for(v.exists, timeout=30, what="the worker's verdict")
-    return json.loads(v.read_text())
+verdict = ask_verdict
 
 
 def test_peer_credentials_restored_exactly_also_of_an_exited_peer(procs, tmp_path):

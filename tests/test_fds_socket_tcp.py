@@ -7,8 +7,6 @@ from the image); a RST, a lost or a duplicated byte fails the test."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import socket
 import subprocess
 import time
@@ -21,7 +19,7 @@ from engine.dump import dump
 from engine.errors import Refusal, Refusals
 from engine.restore import restore
 from engine_core_support import procs, python_exe, wait_for  # noqa: F401
-from fds_support import dump_restore
+from fds_support import ask_verdict, dump_restore, start_worker
 
 STREAM = r'''
 import hashlib
@@ -35,9 +33,24 @@ def stream(seed, start, n):
     return bytes(out[start % 32:start % 32 + n])
 '''
 
-PAIR = STREAM + r'''
+# Every worker's tail: on SIGUSR1 it writes check()'s verdict to argv[1]
+# (atomically, so the test never reads half a file), says ready, waits.
+SERVE = r'''
+import json, os, signal, sys
+def serve(check):
+    def on_usr1(*_):
+        out = check()
+        with open(sys.argv[1] + ".tmp", "w") as f:
+            json.dump(out, f)
+        os.rename(sys.argv[1] + ".tmp", sys.argv[1])
+    signal.signal(signal.SIGUSR1, on_usr1)
+    open("ready.tmp", "w").close(); os.rename("ready.tmp", "ready")
+    while True:
+        signal.pause()
+'''
+
+PAIR = STREAM + SERVE + r'''
 import json, os, signal, socket, sys, time
-OUT = sys.argv[1]
 FAM, LO = (socket.AF_INET6, "::1") if sys.argv[2] == "6" else (socket.AF_INET, "127.0.0.1")
 l = socket.socket(FAM); l.bind((LO, 0)); l.listen(1)
 c = socket.create_connection(l.getsockname()[:2]); a, _ = l.accept(); l.close()
@@ -52,7 +65,7 @@ while True:                           # fill a's receive queue and c's send queu
 a.send(stream(b"a2c", 0, 1000))       # unread by c
 os.dup2(c.fileno(), 500); os.dup2(a.fileno(), 501); c.close(); a.close()
 
-def verify(*_):
+def check():
     c = socket.socket(fileno=os.dup(500)); a = socket.socket(fileno=os.dup(501))
     c.setblocking(True); a.settimeout(20); c.settimeout(20)
     got = bytearray()
@@ -71,11 +84,8 @@ def verify(*_):
     out = {"sent": sent, "c2a": bytes(got) == stream(b"c2a", 0, sent), "a2c": bytes(back) == stream(b"a2c", 0, 1000),
            "after": a.recv(5) == b"after" and c.recv(5) == b"reply",
            "nodelay": c.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1}
-    with open(OUT + ".tmp", "w") as f:
-        json.dump(out, f)
-    os.rename(OUT + ".tmp", OUT)
+    return out
 
-signal.signal(signal.SIGUSR1, verify)
 if sys.argv[3:] == ["tree"]:
     parent = os.getpid()
     if os.fork() == 0:                     # a child: the dump is a process tree's
@@ -83,9 +93,7 @@ if sys.argv[3:] == ["tree"]:
         while os.getppid() == parent:
             time.sleep(0.1)
         os._exit(0)
-open("ready.tmp", "w").write(str(sent)); os.rename("ready.tmp", "ready")
-while True:
-    signal.pause()
+serve(check)
 '''
 
 # Both ends stream N bytes at a steady pace and check what they receive.
@@ -135,20 +143,17 @@ run(c, b"peer", b"srv", int(sys.argv[1]), "peer.json", 0.01)
 '''
 
 
+def _worker(procs, tmp_path, src, *args):
+    """Start a SERVE worker script with argv [verdict path, *args]."""
+    return start_worker(procs, tmp_path, [str(tmp_path / "verdict.json")] + list(args), src)[0]
+
+
 def _pair_worker(procs, tmp_path, v="4", tree=False):
-    script = tmp_path / "pair.py"
-    script.write_text(PAIR)
-    p = procs.start([python_exe(), str(script), str(tmp_path / "verdict.json"), v] + (["tree"] if tree else []),
-                    cwd=str(tmp_path))
-    wait_for(lambda: (tmp_path / "ready").exists() or p.poll() is not None, what="the pair worker")
-    assert p.poll() is None
-    return p
+    return _worker(procs, tmp_path, PAIR, v, *(["tree"] if tree else []))
 
 
 def _verdict(p, tmp_path):
-    os.kill(p.pid, signal.SIGUSR1)
-    wait_for((tmp_path / "verdict.json").exists, timeout=60, what="the worker's verdict")
-    return json.loads((tmp_path / "verdict.json").read_text())
+    return ask_verdict(p.pid, tmp_path, timeout=60)
 
 
 def test_loopback_pair_in_a_process_tree_restored(procs, tmp_path):
@@ -269,9 +274,9 @@ while True:
     assert "a half-closed connection is restored only with both ends held by the process" in refusals[0].detail
 
 
-WAITING = r'''
+WAITING = SERVE + r'''
 import json, os, signal, socket, sys, time
-OUT, MODE = sys.argv[1], sys.argv[2]
+MODE = sys.argv[2]
 l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 l.bind(("127.0.0.1", 0)); l.listen(4)
 c = socket.create_connection(l.getsockname())
@@ -283,7 +288,7 @@ if MODE == "two":
 cname = c.getsockname()
 os.dup2(l.fileno(), 500); os.dup2(c.fileno(), 501); l.close(); c.close()
 
-def verify(*_):
+def check():
     l = socket.socket(fileno=os.dup(500)); c = socket.socket(fileno=os.dup(501))
     l.settimeout(5); c.settimeout(5)
     a, peer = l.accept()
@@ -294,28 +299,14 @@ def verify(*_):
     out = {"peer": list(peer) == list(cname), "ping": a.recv(4) == b"ping", "pong": c.recv(4) == b"pong",
            "nodelay": c.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1,
            "reuse": l.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR) == 1}
-    with open(OUT + ".tmp", "w") as f:
-        json.dump(out, f)
-    os.rename(OUT + ".tmp", OUT)
+    return out
 
-signal.signal(signal.SIGUSR1, verify)
-open("ready.tmp", "w").close(); os.rename("ready.tmp", "ready")
-while True:
-    signal.pause()
+serve(check)
 '''
 
 
-def _waiting_worker(procs, tmp_path, mode):
-    script = tmp_path / "waiting.py"
-    script.write_text(WAITING)
-    p = procs.start([python_exe(), str(script), str(tmp_path / "verdict.json"), mode], cwd=str(tmp_path))
-    wait_for(lambda: (tmp_path / "ready").exists() or p.poll() is not None, what="the worker")
-    assert p.poll() is None
-    return p
-
-
 def test_listener_with_a_waiting_connection_from_its_own_client_restored_waiting(procs, tmp_path):
-    p = _waiting_worker(procs, tmp_path, "empty")
+    p = _worker(procs, tmp_path, WAITING, "empty")
     dump_restore(procs, p, str(tmp_path / "img"))
     recs = {r["fd"]: r for r in json.loads((tmp_path / "img" / "fds.json").read_text())}
     assert len(recs[500]["waiting"]) == 1 and recs[501]["peer"] == "accept"
@@ -327,7 +318,7 @@ def test_listener_with_a_waiting_connection_from_its_own_client_restored_waiting
     ("two", "2 connections waiting in the accept queue: their accept order cannot be read"),
 ])
 def test_listener_with_waiting_connections_that_cannot_be_made_again_is_refused(procs, tmp_path, mode, detail):
-    p = _waiting_worker(procs, tmp_path, mode)
+    p = _worker(procs, tmp_path, WAITING, mode)
     time.sleep(0.1)
     with pytest.raises((Refusal, Refusals)) as ei:
         dump(p.pid, str(tmp_path / "img"), Options())
@@ -360,9 +351,8 @@ while True:
     assert "its client is outside the dump" in refusals[0].detail
 
 
-SHUTRD = r'''
+SHUTRD = SERVE + r'''
 import json, os, signal, socket, sys, time
-OUT = sys.argv[1]
 l = socket.socket(); l.bind(("127.0.0.1", 0)); l.listen(1)
 c = socket.create_connection(l.getsockname()); a, _ = l.accept(); l.close()
 c.sendall(b"queued")
@@ -370,36 +360,28 @@ time.sleep(0.05)
 a.shutdown(socket.SHUT_RD)            # still established; reads give the queue, then EOF
 os.dup2(c.fileno(), 500); os.dup2(a.fileno(), 501); c.close(); a.close()
 
-def verify(*_):
+def check():
     c = socket.socket(fileno=os.dup(500)); a = socket.socket(fileno=os.dup(501))
     a.settimeout(5); c.settimeout(5)
     got = [a.recv(100), a.recv(100)]
     a.sendall(b"still")
     out = {"reads": [g.decode() for g in got], "write": c.recv(5).decode()}
-    with open(OUT + ".tmp", "w") as f:
-        json.dump(out, f)
-    os.rename(OUT + ".tmp", OUT)
+    return out
 
-signal.signal(signal.SIGUSR1, verify)
-open("ready.tmp", "w").close(); os.rename("ready.tmp", "ready")
-while True:
-    signal.pause()
+serve(check)
 '''
 
 
 def test_shutdown_for_reading_is_restored(procs, tmp_path):
-    (tmp_path / "shutrd.py").write_text(SHUTRD)
-    p = procs.start([python_exe(), str(tmp_path / "shutrd.py"), str(tmp_path / "verdict.json")], cwd=str(tmp_path))
-    wait_for(lambda: (tmp_path / "ready").exists() or p.poll() is not None, what="the worker")
+    p = _worker(procs, tmp_path, SHUTRD)
     dump_restore(procs, p, str(tmp_path / "img"))
     recs = {r["fd"]: r for r in json.loads((tmp_path / "img" / "fds.json").read_text())}
     assert (recs[500]["shut_rd"], recs[501]["shut_rd"]) == (False, True)
     assert _verdict(p, tmp_path) == {"reads": ["queued", ""], "write": "still"}
 
 
-HALF = STREAM + r"""
+HALF = STREAM + SERVE + r"""
 import json, os, signal, socket, sys, time
-OUT = sys.argv[1]
 l = socket.socket(); l.bind(("127.0.0.1", 0)); l.listen(1)
 c = socket.create_connection(l.getsockname()); a, _ = l.accept(); l.close()
 a.sendall(stream(b"a2c", 0, 3000))
@@ -415,7 +397,7 @@ def states():
         out[int(f[9])] = int(f[3], 16)
     return [out.get(os.fstat(fd).st_ino) for fd in (500, 501)]
 
-def verify(*_):
+def check():
     c = socket.socket(fileno=os.dup(500)); a = socket.socket(fileno=os.dup(501))
     c.settimeout(5); a.settimeout(5)
     st = states()
@@ -431,21 +413,14 @@ def verify(*_):
     c.sendall(b"late")                   # the close-wait end can still write
     out = {"states": st, "a2c": bytes(got) == stream(b"a2c", 0, 3000), "c2a": bytes(back) == stream(b"c2a", 0, 2000),
            "late": a.recv(4).decode()}
-    with open(OUT + ".tmp", "w") as f:
-        json.dump(out, f)
-    os.rename(OUT + ".tmp", OUT)
+    return out
 
-signal.signal(signal.SIGUSR1, verify)
-open("ready.tmp", "w").close(); os.rename("ready.tmp", "ready")
-while True:
-    signal.pause()
+serve(check)
 """
 
 
 def test_half_closed_pair_restored_with_its_fin(procs, tmp_path):
-    (tmp_path / "half.py").write_text(HALF)
-    p = procs.start([python_exe(), str(tmp_path / "half.py"), str(tmp_path / "verdict.json")], cwd=str(tmp_path))
-    wait_for(lambda: (tmp_path / "ready").exists() or p.poll() is not None, what="the worker")
+    p = _worker(procs, tmp_path, HALF)
     dump_restore(procs, p, str(tmp_path / "img"))
     recs = {r["fd"]: r for r in json.loads((tmp_path / "img" / "fds.json").read_text())}
     assert (recs[500]["state"], recs[501]["state"]) == (8, 5)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 
 import pytest
 
@@ -19,7 +18,7 @@ from engine.dump import check, dump
 from engine.errors import Refusal, Refusals
 from engine.restore import restore
 from engine_core_support import procs, python_exe, wait_for  # noqa: F401
-from fds_support import dump_restore
+from fds_support import ask_verdict, dump_restore, start_worker
 
 WORKER = r'''
 import fcntl, json, os, signal, struct, sys, termios, time
@@ -125,21 +124,11 @@ ALL_TRUE = {k: True for k in ("index", "attrs", "winsize", "packet", "node", "ct
 
 
 def start(procs, tmp_path, mode="raw"):
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER)
-    p = procs.start([python_exe(), str(script), str(tmp_path), mode], cwd=str(tmp_path))
-    wait_for(lambda: (tmp_path / "ready").exists() or p.poll() is not None, what="the tty worker")
-    assert p.poll() is None, "the worker died during setup"
-    return p, json.loads((tmp_path / "ready").read_text())["index"]
+    p, ready = start_worker(procs, tmp_path, [str(tmp_path), mode], WORKER, "the tty worker")
+    return p, ready["index"]
 
 
-def verdict(pid, tmp_path):
-    v = tmp_path / "verdict.json"
-    if v.exists():
-        v.unlink()
-    os.kill(pid, signal.SIGUSR1)
-    wait_for(v.exists, timeout=30, what="the worker's verdict")
-    return json.loads(v.read_text())
+verdict = ask_verdict
 
 
 @pytest.mark.parametrize("mode", ["raw", "pkt"])

@@ -181,3 +181,118 @@ def test_older_kernels_expectation_applies_below_the_version():
     e = error(GOOD + "older_kernels: {below: six, expect: restored, why: x}\n")
     assert e.key == "older_kernels.below"
     assert error(GOOD + "older_kernels: {below: '6.6', expect: restored}\n").key == "older_kernels.why"
+
+
+@pytest.mark.parametrize("entry,key,words", [
+    ("{fd: 3, socket: unix-pair, peer_fd: 4, carry: [file, fifo]}", "workload.fds[0].carry[1]", "one of"),
+    ("{fd: 3, socket: tcp-listen, carry: [file]}", "workload.fds[0].carry", "only a unix-pair"),
+    ("{fd: 3, socket: udp, passcred: true}", "workload.fds[0].passcred", "only a unix-pair"),
+    ("{fd: 3, socket: unix-pair, peer_fd: 4, passcred: yes please}", "workload.fds[0].passcred", ""),
+])
+def test_files_and_credentials_in_flight_are_a_unix_pairs(entry, key, words):
+    e = error(GOOD.replace("{fd: 3, open: data, mode: r, seek: 4096}", entry))
+    assert e.key == key and words in e.message, (e.key, e.message)
+
+
+@pytest.mark.parametrize("entry,key", [
+    ("{fd: 3, lock: lease, path: data, start: 5}", "workload.fds[0].start"),
+    ("{fd: 3, lock: lease, path: data, mode: write, outside: lock}", "workload.fds[0].outside"),
+    ("{fd: 3, lock: flock, path: data, outside: break}", "workload.fds[0].outside"),
+])
+def test_lease_entries_checked(entry, key):
+    assert error(GOOD.replace("{fd: 3, open: data, mode: r, seek: 4096}", entry)).key == key
+
+
+# -- the program workload (harness/program.py) ------------------------------------------
+
+PROGRAM = """\
+name: a program
+tags: [program]
+workload:
+  program:
+    run: ["{programs}/cthreads", ctl]
+    fifos: [ctl]
+    ready: {output: '^ready', settle: 0.5}
+    before:
+      - wait: {output: '^start main tid=(?P<tid>\\\\d+)$'}
+      - connect: {name: c, tcp: 6379}
+      - send: {conn: c, data: "SET k {token}\\r\\n", expect: '^\\\\+OK'}
+      - sequence: {name: ticks, output: '^tick (?P<n>\\\\d+)$', advance: 3}
+    after:
+      - sequence: {name: ticks, output: '^tick (?P<n>\\\\d+)$'}
+      - write: {path: ctl, data: "go\\n"}
+      - wait: {lines: ['^woke main tid={tid}$', '^x{2,3}$'], since: dump}
+      - exec: {argv: [redis-cli, GET, k], expect: '^{token}$'}
+expect: restored
+"""
+
+
+def test_program_scenario_loads():
+    sc = load(PROGRAM)
+    prog = sc["workload"]["program"]
+    assert prog["run"] == ["{programs}/cthreads", "ctl"] and prog["ready"]["settle"] == 0.5
+    assert [next(iter(s)) for s in prog["after"]] == ["sequence", "write", "wait", "exec"]
+
+
+@pytest.mark.parametrize("old,new,line,key,words", [
+    # an undefined {var}: neither built in nor captured by an earlier step
+    ("'^woke main tid={tid}$'", "'^woke main tid={tdi}$'", 16, "workload.program.after[2].wait", "{tdi} is not defined"),
+    # a capture is only known after the step that makes it
+    ("run: [\"{programs}/cthreads\", ctl]", "run: [\"{programs}/cthreads\", \"{tid}\"]", 5, "workload.program.run",
+     "{tid} is not defined"),
+    ("send: {conn: c,", "send: {conn: d,", 11, "workload.program.before[2].send", "no connection named 'd'"),
+    ("output: '^tick (?P<n>\\\\d+)$', advance: 3}", "output: '^tick (\\\\d+)$', advance: 3}", 12,
+     "workload.program.before[3].sequence", "(?P<n>"),
+    ("      - sequence: {name: ticks, output: '^tick (?P<n>\\\\d+)$'}",
+     "      - sequence: {name: tocks, output: '^tick (?P<n>\\\\d+)$'}", 14, "workload.program.after[0].sequence",
+     "continues one checked before"),
+    ("ready: {output: '^ready', settle: 0.5}", "ready: {output: '^(ready', settle: 0.5}", 7,
+     "workload.program.ready.output", "not a valid regular expression"),
+    ("      - write: {path: ctl, data: \"go\\n\"}", "      - write: {path: /etc/passwd, data: \"go\\n\"}", 15,
+     "workload.program.after[1].write.path", "relative to the scenario"),
+    ("      - write: {path: ctl", "      - poke: {path: ctl", 15, "workload.program.after[1].poke", "unknown program step"),
+    ("    run: [\"{programs}/cthreads\", ctl]\n", "    run: [\"{programs}/cthreads\", ctl]\n    sh: 'x'\n", 5,
+     "workload.program", "exactly one of run, sh"),
+    ("exec: {argv: [redis-cli, GET, k],", "exec: {argv: [redis-cli, GET, k], rc: many,", 17,
+     "workload.program.after[3].exec.rc", "expected an integer"),
+])
+def test_program_mistakes_name_file_line_and_key(old, new, line, key, words):
+    assert old in PROGRAM, old
+    e = error(PROGRAM.replace(old, new))
+    assert (e.line, e.key) == (line, key), str(e)
+    assert words in e.message and str(e).startswith(f"s.yaml:{line}: ")
+
+
+def test_program_excludes_python_workload_parts_and_migration():
+    e = error(PROGRAM.replace("workload:\n", "workload:\n  fds: []\n"))
+    assert e.key == "workload.fds" and "no fds, mmaps or process" in e.message
+    e = error(PROGRAM + "restore_on: other\n")
+    assert e.key == "restore_on" and e.line == 19
+    e = error(PROGRAM + "dump: {leave_running: true}\n")
+    assert e.key == "dump.leave_running"
+
+
+def test_every_program_scenario_loads():
+    files = sorted((REPO / "scenarios" / "programs").glob("*.yaml"))
+    assert files
+    for f in files:
+        assert "program" in schema.load(str(f))["workload"], f
+
+
+CHILDREN = GOOD.replace("    - {fd: 3, open: data, mode: r, seek: 4096}\n",
+                        "    - {fd: 3, open: data, mode: r, seek: 4096}\n  process:\n    children:\n      - CHILD\n")
+
+
+@pytest.mark.parametrize("child,key,why", [
+    ("{blocked_in: sleep, share: [files, fs]}", None, None),
+    ("{blocked_in: sleep, share: [vm]}", "workload.process.children[0].share[0]", "what a child can share"),
+    ("{blocked_in: read, share: [fs, fs]}", "workload.process.children[0].share", "at most once"),
+    ("{blocked_in: zombie, share: [files]}", "workload.process.children[0].share", "a zombie holds no"),
+])
+def test_child_share(child, key, why):
+    text = CHILDREN.replace("CHILD", child)
+    if key is None:
+        assert load(text)["workload"]["process"]["children"][0]["share"] == ["files", "fs"]
+        return
+    e = error(text)
+    assert e.key == key and why in e.message, (e.key, e.message)

@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 #: The rootfs recipe's keys before the distro axis: bookworm's dict (and so
 #: its hash, the cache key of every image built so far) keeps exactly these.
-ROOTFS_KEYS = {"rootfs_version", "arch", "deb_arch", "suite", "extra_suites", "packages",
+ROOTFS_KEYS = {"rootfs_version", "arch", "deb_arch", "suite", "extra_suites", "packages", "programs", "programs_build",
                "dpkg_excludes", "essential_hook"}
 
 
@@ -186,3 +186,26 @@ def test_pytest_option_and_host_distro(tmp_path: Path):
     res = subprocess.run([sys.executable, "-m", "pytest", "--help", "-p", "no:cacheprovider"], cwd=REPO,
                          capture_output=True, text=True, timeout=120)
     assert "--distro" in res.stdout
+
+
+def test_programs_compile_inside_the_tree_and_their_source_is_in_the_key(monkeypatch, tmp_path):
+    import hashlib
+
+    from vm.rootfs import mmdebstrap_argv, rootfs_recipe_for
+
+    rec = rootfs_recipe_for("x86_64", "6.1")
+    src = R.program_source("cthreads")
+    assert rec["programs"] == {"cthreads": hashlib.sha256(src.read_bytes()).hexdigest()}
+    assert "gcc" in rec["packages"] and "libc6-dev" in rec["packages"]
+    # the compiler goes again in the same hook: no toolchain in the image
+    assert "apt-get purge -y -q --autoremove gcc libc6-dev" in rec["programs_build"]
+    assert f"-o {R.PROGRAMS_DIR}/cthreads {R.PROGRAMS_SRC}/cthreads.c" in rec["programs_build"]
+    argv = mmdebstrap_argv(rec, Path("/x/r.tar"), ["deb http://m.example/debian bookworm main"])
+    hooks = [a for a in argv if a.startswith("--customize-hook=")]
+    assert str(src) in hooks[0] and hooks[1].startswith('--customize-hook=chroot "$1" sh -c ')
+    assert argv.index(hooks[-1]) < argv.index("bookworm")
+    # an edit of the source is a new rootfs
+    copy = tmp_path / "cthreads.c"
+    copy.write_bytes(src.read_bytes() + b"\n/* edited */\n")
+    monkeypatch.setattr(R, "program_source", lambda name: copy)
+    assert R.recipe_hash(rootfs_recipe_for("x86_64", "6.1")) != R.recipe_hash(rec)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 from typing import Dict, List
 
 #: Bump when the build code changes what it produces for the same recipe.
@@ -75,7 +76,28 @@ ESSENTIAL_HOOK = ('chroot "$1" dpkg-divert --quiet --local --rename --add /usr/s
 PACKAGES: List[str] = [
     "python3", "openssh-server", "criu", "iproute2", "procps", "inotify-tools",
     "mount", "util-linux", "strace",
+] + [
+    # Real, unmodified programs the scenarios of scenarios/programs/ check
+    # point (issues 11 and 12); each name is the same in bookworm and trixie.
+    "redis-server",     # a key-value server with background threads
+    "socat",            # a TCP relay
+    "dnsmasq-base",     # a DNS forwarder over UDP (the binary, no service)
+    "sqlite3",          # a database CLI holding its lock in a transaction
+    "less", "vim-tiny",  # a pager and an editor driven through a pty
+    "nginx",            # a pre-forking server: master + workers on one socket
+    "xz-utils",         # xz -T2: a threaded compressor
 ]
+
+#: Programs of our own (vm/programs/NAME.c), compiled inside the target
+#: rootfs by its own gcc (so foreign-arch images get native binaries, through
+#: qemu-user like everything else there) and installed in PROGRAMS_DIR; the
+#: compiler is purged again in the same hook, so it costs no image space.
+PROGRAMS_DIR = "/usr/lib/crucible/programs"
+PROGRAMS: List[str] = ["cthreads"]
+#: What compiling needs: in --include (apt resolves it with the rest), purged after.
+PROGRAM_BUILD_PACKAGES: List[str] = ["gcc", "libc6-dev"]
+#: Where the sources wait inside the tree while the hook compiles them.
+PROGRAMS_SRC = "/usr/src/crucible-programs"
 
 #: Free space left in the root filesystem for what scenarios write.
 HEADROOM_MB = 768
@@ -210,6 +232,28 @@ def kernel_include(kernel_package: str, kernel: str, distro: str = DEFAULT_DISTR
 FOREIGN_PACKAGES: List[str] = ["busybox-static"]
 
 
+def program_source(name: str) -> Path:
+    """The C source of one of :data:`PROGRAMS` in the repository."""
+    return Path(__file__).resolve().parent / "programs" / f"{name}.c"
+
+
+def programs_recipe() -> Dict[str, str]:
+    """Each program's name -> sha256 of its source: an edit rebuilds the rootfs."""
+    return {n: hashlib.sha256(program_source(n).read_bytes()).hexdigest() for n in PROGRAMS}
+
+
+def programs_build_script() -> str:
+    """The shell script the customize hook runs *inside* the tree (chroot):
+    compile every program, then purge the compiler and what only it needed."""
+    cc = "\n".join(f"gcc -O2 -Wall -pthread -o {PROGRAMS_DIR}/{n} {PROGRAMS_SRC}/{n}.c" for n in PROGRAMS)
+    return ("set -e\n"
+            f"mkdir -p {PROGRAMS_DIR}\n"
+            f"{cc}\n"
+            "export DEBIAN_FRONTEND=noninteractive\n"
+            f"apt-get purge -y -q --autoremove {' '.join(PROGRAM_BUILD_PACKAGES)}\n"
+            f"rm -rf {PROGRAMS_SRC}\n")
+
+
 def rootfs_recipe(arch: str, deb_arch: str, kernel_package: str,
                   kernel: str = DEFAULT_KERNEL, foreign: bool = False,
                   distro: str = DEFAULT_DISTRO) -> Dict[str, object]:
@@ -229,8 +273,10 @@ def rootfs_recipe(arch: str, deb_arch: str, kernel_package: str,
         "deb_arch": deb_arch,
         "suite": distro,
         "extra_suites": [suite] if suite != distro else [],
-        "packages": sorted(PACKAGES + (FOREIGN_PACKAGES if foreign else [])
+        "packages": sorted(PACKAGES + (FOREIGN_PACKAGES if foreign else []) + PROGRAM_BUILD_PACKAGES
                            + [kernel_include(kernel_package, kernel, distro)]),
+        "programs": programs_recipe(),
+        "programs_build": programs_build_script(),
         "dpkg_excludes": DPKG_EXCLUDES,
         "essential_hook": ESSENTIAL_HOOK,
     }

@@ -18,6 +18,7 @@ import fcntl
 import json
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import time
@@ -142,6 +143,13 @@ def mmdebstrap_argv(rec: Dict[str, object], out: Path, mirrors: List[str]) -> Li
             '--aptopt=APT::Install-Recommends "false"',
             f"--essential-hook={rec['essential_hook']}"]
     argv += [f"--dpkgopt={d}" for d in rec["dpkg_excludes"]]  # type: ignore[union-attr]
+    programs = sorted(rec.get("programs") or {})  # type: ignore[call-overload]
+    if programs:
+        # Plain hooks run on the host with the tree at "$1"; the chroot one
+        # compiles with the tree's own gcc (see recipe.programs_build_script).
+        srcs = " ".join(shlex.quote(str(R.program_source(n))) for n in programs)
+        argv += [f'--customize-hook=mkdir -p "$1{R.PROGRAMS_SRC}" && cp {srcs} "$1{R.PROGRAMS_SRC}/"',
+                 f'--customize-hook=chroot "$1" sh -c {shlex.quote(str(rec["programs_build"]))}']
     argv += [str(rec["suite"]), str(out)] + mirrors
     return argv
 
