@@ -48,11 +48,27 @@ def rows(res: dict):
         if (sc.get("reset_agent_s") or {}).get("median") is not None:
             yield (f"scenarios {cell}", "reset, steps through the agent (median)", "",
                    _fmt(sc["reset_agent_s"]["median"], " s"))
+        if corpus.get("median_s") is not None:
+            yield (f"scenarios {cell}", f"corpus: one scenario (median; engine "
+                   f"{_fmt((corpus.get('step_median_s') or {}).get('engine'), ' s')}, max "
+                   f"{_fmt(corpus.get('max_s'), ' s')}, ckpt {_starts(corpus)})", "", _fmt(corpus["median_s"], " s"))
+        named = {"ssh": "steps over SSH, ckpt exec'd", "agent_exec": "steps through the agent, ckpt exec'd",
+                 "agent_warm": "steps through the agent, ckpt warm", "agent": "steps through the agent"}
         for mode, ps in sorted((sc.get("per_scenario") or {}).items()):
             if isinstance(ps, dict) and ps.get("median_s") is not None:
-                yield (f"scenarios {cell}", f"one scenario, steps over {mode} (median; engine "
+                yield (f"scenarios {cell}", f"one scenario, {named.get(mode, mode)} (median; engine "
                        f"{_fmt((ps.get('step_median_s') or {}).get('engine'), ' s')}, load {ps.get('load_avg_1m')})",
                        "", _fmt(ps["median_s"], " s"))
+        mig = sc.get("migrate") or {}
+        if mig.get("median_s") is not None:
+            yield (f"scenarios {cell}", f"restore on another guest (median; image across "
+                   f"{_fmt((mig.get('step_median_s') or {}).get('migrate'), ' s')}, other guest's reset "
+                   f"{_fmt((mig.get('step_median_s') or {}).get('other_guest'), ' s')})", "", _fmt(mig["median_s"], " s"))
+
+
+def _starts(d: dict) -> str:
+    st = d.get("engine_start") or {}
+    return ", ".join(f"{k} {v}" for k, v in sorted(st.items())) or "-"
 
 
 def _ms(s):

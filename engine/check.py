@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional
 from . import fds as fdkinds
 from . import fstype, posixtimers, procfs, unlinked
 from .context import DumpContext
-from .errors import Refusal, UsageError
+from .errors import EngineError, Refusal, UsageError
 
 SPECIAL_MAPPINGS = ("[vdso]", "[vvar]", "[vvar_vclock]", "[vsyscall]")
 SHMEM_NAMES = ("/dev/zero (deleted)", "[anon_shmem")
@@ -139,11 +139,32 @@ def _check_process(s: Survey, ctx: Optional[DumpContext] = None) -> None:
         s.refuse("cwd", "fs", Refusal("unsupported-state", "its working directory was deleted", path=cwd))
     else:
         s.ok("cwd", "fs", cwd)
+    if ctx is None or ctx.tree_root is None:
+        _check_outside_sharing(s)       # a tree's members: engine/tree.py, all at once
     if st.get("exit_signal", 17) != 17:
         # clone(2) with another termination signal: a restore made with
         # clone3(exit_signal=SIGCHLD) would notify its parent differently.
         s.refuse("exit signal", "process", Refusal("unsupported-state", f"exit signal {st['exit_signal']}, not SIGCHLD"))
     _check_creds(s)
+
+
+
+def _check_outside_sharing(s: Survey) -> None:
+    """Memory, the fd table or fs shared with another process (CLONE_VM,
+    CLONE_FILES, CLONE_FS without CLONE_THREAD; engine/sharing.py): the
+    restored process would have its own."""
+    from . import sharing
+    try:
+        found = sharing.outside([s.pid])
+    except EngineError as e:       # Refusal kernel-missing too
+        s.refuse("sharing", "process", e if isinstance(e, Refusal) else
+                 Refusal("sharing-peer-outside", f"kcmp: {e.message}"))
+        return
+    for _, kind, other in found:
+        s.refuse("sharing", "process", Refusal("sharing-peer-outside", f"shares its {sharing.WHAT[kind]} with pid "
+                                              f"{other} ({sharing.comm(other)}): a restore would give it its own"))
+    if not found:
+        s.ok("sharing", "process", "memory, fd table and fs its own")
 
 
 CAP_SYS_RESOURCE = 24

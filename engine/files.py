@@ -75,10 +75,13 @@ def _wants_digest(mode: str) -> bool:
 
 
 def record_identity(path: str, open_path: str, ctx, *, fd: Optional[int] = None,
-                    pid: Optional[int] = None) -> dict:
+                    pid: Optional[int] = None, opened: Optional[int] = None) -> dict:
     """Identity of the file open at `open_path` (a /proc/PID/fd/N or
     map_files path), which is known by the name `path`. Refuses when `path`
-    no longer names that file. Memoised per (dev, ino) in ctx.shared."""
+    no longer names that file. Memoised per (dev, ino) in ctx.shared.
+    `opened`: read through this fd (a duplicate of the target's: pread
+    leaves its offset alone) instead of opening the file again - an open
+    would break a lease on it."""
     st = os.stat(open_path)
     key = f"ident:{st.st_dev}:{st.st_ino}"
     cached = ctx.shared.get(key)
@@ -99,13 +102,19 @@ def record_identity(path: str, open_path: str, ctx, *, fd: Optional[int] = None,
         # name it was opened by; only the costly parts are shared
         return dict(cached, path=path)
     ident = {"path": path, **identity_of(st)}
-    rfd = os.open(open_path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    rfd = os.open(open_path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK) if opened is None else opened
     try:
         ident["generation"] = generation(rfd)
         if _wants_digest(ctx.options.file_validation) and stat.S_ISREG(st.st_mode):
+            import fcntl
+            if fcntl.fcntl(rfd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_WRONLY:
+                raise Refusal("file-lock", "a lease on a write-only open file: its bytes cannot be read for the "
+                              f"--file-validation {ctx.options.file_validation} digest without opening the file "
+                              "again, which breaks the lease (use --file-validation size)", pid=pid, fd=fd, path=path)
             ident["sha256"] = digestcache.digest(rfd, ident["generation"], sha256_fd)
     finally:
-        os.close(rfd)
+        if opened is None:
+            os.close(rfd)
     ctx.shared[key] = ident
     return dict(ident)
 

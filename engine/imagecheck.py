@@ -669,6 +669,18 @@ def check_records(reader, core: dict, vmas: List[dict], fdrecs: List[dict]) -> N
     check_fd_records(reader, fdrecs)
 
 
+def in_flight(r) -> list:
+    """The records of the files in flight in a socket record's queued
+    messages (engine/fds/_inflight.py: "anc", one entry per message)."""
+    anc = r.get("anc") if isinstance(r, dict) else None
+    if anc is None:
+        return []
+    if not isinstance(anc, list) or not all(a is None or (isinstance(a, dict) and isinstance(a.get("fds", []), list))
+                                            for a in anc):
+        raise invalid(f"fds.json: fd {r.get('fd')}: ancillary records {anc!r:.80}")
+    return [n for a in anc if a for n in a.get("fds", [])]
+
+
 def check_fd_records(reader, fdrecs: List[dict]) -> None:
     """The fd records' fields in range and their names and paths plain
     (check_records' part for fds.json; the fd-level host tests restore
@@ -679,6 +691,15 @@ def check_fd_records(reader, fdrecs: List[dict]) -> None:
     for r in fdrecs:
         if "dup_of" not in r and "ofd_of" not in r:   # ofd_of: another tree member's open file (engine/tree.py)
             _check_kind_fields(r, fds)
+        for n in in_flight(r):
+            if not isinstance(n, dict) or not isinstance(n.get("kind"), str):
+                raise invalid(f"fds.json: fd {r['fd']}: a file in flight {n!r}")
+            _check_kind_fields(dict(n, fd=r["fd"]), fds)
+            for k in ("flags", "pos"):
+                if not _int(n.get(k)) or not 0 <= n[k] < (1 << 63):
+                    raise invalid(f"fds.json: fd {r['fd']}: a file in flight with {k} {n.get(k)!r}")
+            if ghost_of(n) is not None:
+                _check_ghost(ghost_of(n), reader, f"fds.json fd {r['fd']} (in flight)")
         if not 0 <= r["fd"] < min(nr_open, 1 << 31):
             raise invalid(f"fds.json: fd {r['fd']} outside 0..{nr_open - 1}")
         for k in ("flags", "pos"):
@@ -761,6 +782,7 @@ def used_files(core: dict, vmas: List[dict], fdrecs: List[dict], npage_files: in
         if r.get("kind") == "tty":      # a pty master's queues (engine/fds/tty.py)
             used.update(r[k] for k in ("out", "in") if isinstance(r.get(k), str))
     ghosts = [ghost_of(r) for r in fdrecs] + [ghost_of(v.get("file")) for v in vmas] + [ghost_of(core.get("exe"))]
+    ghosts += [ghost_of(n) for r in fdrecs for n in in_flight(r)]
     used |= {f"ghosts/{g['ghost']}.data" for g in ghosts if g is not None and isinstance(g.get("ghost"), str)}
     return {prefix + n for n in used}
 

@@ -42,6 +42,9 @@ REASONS = {
                      "the image directory or a file in it is not the caller's or is writable by others, a "
                      "directory above it is writable by others and not sticky, or it holds a symlink or a "
                      "special file"),
+    "sharing-peer-outside": ("a process of the dump shares its memory (CLONE_VM, a vfork child), fd table (CLONE_FILES) or "
+                             "fs (CLONE_FS) with a process outside it without being its thread (its pid in the detail): "
+                             "the restored one would have its own"),
     # files
     "file-missing": ("a file the process had open (or mapped) no longer exists at its path; or the directory a "
                      "deleted file, device node, removed directory or cwd is to be recreated in is gone"),
@@ -75,14 +78,16 @@ REASONS = {
     "tcp-lock": ("a TCP connection whose peer is outside the dump cannot be held still while it is an image: no n"
                  "etwork lock here (libnftables missing, nftables refusing the rule; named in the detail). Withou"
                  "t the lock the peer would be answered with a RST or its data lost"),
-    "peer-pid-in-use": ("a unix socket's peer credentials (SO_PEERCRED) name a pid that a live process other "
-                        "than the target holds (at dump) or that is taken (at restore): the socket could not "
-                        "report that pid"),
+    "peer-pid-in-use": ("a unix socket's peer credentials (SO_PEERCRED), or the sender credentials of a "
+                        "message queued in it (SCM_CREDENTIALS), name a pid that a live process other than the "
+                        "target holds (at dump) or that is taken (at restore): the socket could not report "
+                        "that pid"),
     "file-lock": ("a file lock that cannot be restored exactly: another process holds a lock on the file or "
                   "waits for one (its pid in the detail), the locked open file is shared with a process "
-                  "outside the dump, the process itself waits for a lock, a lease, or a lock on a file "
-                  "other than a regular file that keeps its name; at restore, the range is taken by "
-                  "someone else now"),
+                  "outside the dump, the process itself waits for a lock, a lease being broken or whose "
+                  "break signals go to another process, or a lock on a file other than a regular file that "
+                  "keeps its name; at restore, the range is taken by someone else now, or the lease cannot "
+                  "be placed"),
     # terminals
     "tty": ("a pseudo-terminal that cannot be restored exactly (index and why in the detail): an end also held "
             "by a process outside the dump, a master whose slave the process does not hold, a line discipline "

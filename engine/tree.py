@@ -47,7 +47,7 @@ import signal
 import time
 from typing import Dict, List, Optional
 
-from . import faults, procfs, ptrace, threads
+from . import faults, procfs, ptrace, sharing, threads
 from .check import SHMEM_NAMES
 from .errors import EngineError, Refusal, Refusals
 from .libc import SysError
@@ -60,7 +60,7 @@ TREE_FILE = "tree.json"
 # kcmp types (linux/kcmp.h) a restore of separate processes could not share
 KCMP_SHARED = {"memory (CLONE_VM, or a vfork child)": 1, "fd table (CLONE_FILES)": 2,
                "fs: cwd, root, umask (CLONE_FS)": 3, "signal handlers (CLONE_SIGHAND)": 4}
-KCMP_VM, KCMP_FILES, KCMP_FS, KCMP_SIGHAND = 1, 2, 3, 4
+KCMP_FILES, KCMP_FS, KCMP_SIGHAND = sharing.KCMP_FILES, sharing.KCMP_FS, sharing.KCMP_SIGHAND
 # What a restore rebuilds shared (tree.json "share": created by its parent
 # with CLONE_FILES / CLONE_FS), by kcmp type.
 SHAREABLE = {KCMP_FILES: "files", KCMP_FS: "fs"}
@@ -284,27 +284,6 @@ def tree_problems(members: List[Member]) -> List[tuple]:
     return out
 
 
-def _kcmp_groups(live: List[Member], kind: int) -> List[List[Member]]:
-    """The members that hold one kernel object of kcmp type `kind`, for
-    each object more than one holds, in tree order. kcmp orders the
-    objects (0 equal, 1 less, 2 greater, kernel/kcmp.c kcmp_ptr), so a sort
-    finds them in n log n calls, not one per pair."""
-    import functools
-
-    def cmp(a: Member, b: Member) -> int:
-        r = kcmp(a.pid, b.pid, kind, 0, 0)
-        return 0 if r == 0 else -1 if r == 1 else 1
-    ranked = sorted(live, key=functools.cmp_to_key(cmp))
-    groups: List[List[Member]] = []
-    for m in ranked:
-        if groups and cmp(groups[-1][0], m) == 0:
-            groups[-1].append(m)
-        else:
-            groups.append([m])
-    order = {m.pid: i for i, m in enumerate(live)}
-    return [sorted(g, key=lambda m: order[m.pid]) for g in groups if len(g) > 1]
-
-
 def shared_kernel_objects(members: List[Member]) -> List[tuple]:
     """Memory, fd tables, fs (cwd, root, umask) and signal handlers that
     live members share without being threads of one process (kcmp(2) of
@@ -329,39 +308,53 @@ def shared_kernel_objects(members: List[Member]) -> List[tuple]:
     live = [m for m in members if not m.zombie]
     for m in live:
         m.share = []
-    if len(live) < 2:
-        return []
     by_pid = {m.pid: m for m in members}
     out = []
-    for what, kind in KCMP_SHARED.items():
-        try:
-            groups = _kcmp_groups(live, kind)
-        except Refusal as r:      # no kcmp (CONFIG_KCMP): nothing shows what they share
-            return [(live[0], "sharing", r)]
-        except EngineError as e:  # a frozen member cannot go away: refuse rather than guess
-            return [(live[0], "sharing", Refusal("tree-sharing", f"kcmp of the members' {what}: {e.message}"))]
-        for g in groups:
-            pids = ", ".join(str(m.pid) for m in g)
-            if kind not in SHAREABLE:
-                why = ("signal handlers are shared between processes only with their memory (clone() refuses "
-                       "CLONE_SIGHAND without CLONE_VM)" if kind == KCMP_SIGHAND else "a restore would make two")
-                out.append((g[1], "sharing", Refusal("tree-sharing", f"pids {pids} share their {what} without "
-                            f"being threads of one process: {why}")))
-                continue
-            inside = {m.pid for m in g}
-            tops = [m for m in g if m.ppid not in inside]
-            for m in g:
-                if m.ppid in inside:
-                    m.share.append(SHAREABLE[kind])
-            for m in tops[1:]:
-                parent = by_pid.get(m.ppid)
-                how = "is a zombie" if parent is not None and parent.zombie else "holds another"
-                out.append((m, "sharing", Refusal("tree-sharing", f"pid {m.pid} shares its {what} with pid "
-                            f"{tops[0].pid}, but its parent {m.ppid} {how}: clone() hands a table to a new child "
-                            "only, so a restore could not make it shared again")))
+    try:
+        out += _outside_sharers(live)
+        for kind, what in sharing.WHAT.items():
+            for pids in sharing.groups([m.pid for m in live], kind):
+                if len(pids) > 1:
+                    out += _shared(kind, what, [by_pid[p] for p in pids])
+    except Refusal as r:      # no kcmp (CONFIG_KCMP): nothing shows what they share
+        return [(live[0], "sharing", r)]
+    except EngineError as e:  # a frozen member cannot go away: refuse rather than guess
+        return [(live[0], "sharing", Refusal("tree-sharing", f"kcmp of the members: {e.message}"))]
     for m in live:
         m.share.sort()
     return out
+
+
+def _shared(kind: int, what: str, g: List[Member]) -> List[tuple]:
+    """One object of type `kind` several members hold: recorded when a
+    restore can share it again (each holder but the top one shares it with
+    its parent), else refused."""
+    pids = ", ".join(str(m.pid) for m in g)
+    if kind not in SHAREABLE:
+        why = ("signal handlers are shared between processes only with their memory (clone() refuses "
+               "CLONE_SIGHAND without CLONE_VM)" if kind == KCMP_SIGHAND else "a restore would make two")
+        return [(g[1], "sharing", Refusal("tree-sharing", f"pids {pids} share their {what} without being threads "
+                 f"of one process: {why}"))]
+    inside = {m.pid for m in g}
+    tops = [m for m in g if m.ppid not in inside]
+    for m in g:
+        if m.ppid in inside:
+            m.share.append(SHAREABLE[kind])
+    out = []
+    for m in tops[1:]:
+        out.append((m, "sharing", Refusal("tree-sharing", f"pid {m.pid} shares its {what} with pid {tops[0].pid}, "
+                    f"but its parent {m.ppid} holds another: clone() hands a table to a new child only, so a "
+                    "restore could not make it shared again")))
+    return out
+
+
+def _outside_sharers(live: List[Member]) -> List[tuple]:
+    """Memory, an fd table or fs a member shares with a process outside the
+    tree: the restored member would have its own."""
+    by_pid = {m.pid: m for m in live}
+    return [(by_pid[pid], "sharing", Refusal("sharing-peer-outside", f"pid {pid} shares its {sharing.WHAT[kind]} "
+             f"with pid {other} ({sharing.comm(other)}) outside the tree: a restore would give it its own", pid=pid))
+            for pid, kind, other in sharing.outside(list(by_pid))]
 
 
 def _shmem_key(v: dict):

@@ -103,8 +103,8 @@ def check_tree(tree) -> List[dict]:
             # What it shares with its parent (engine/tree.py SHAREABLE): a
             # live member of the tree, under a live parent.
             sh = m["share"]
-            if i == 0 or "zombie" in m or not isinstance(sh, list) or not sh or sorted(set(sh)) != sh \
-                    or not set(sh) <= set(SHAREABLE.values()):
+            if i == 0 or "zombie" in m or not isinstance(sh, list) or not sh \
+                    or not all(x in SHAREABLE.values() for x in sh) or sorted(set(sh)) != sh:
                 raise _bad(f"member {pid}: share {sh!r}")
         seen.add(pid)
     for m in tree["members"]:

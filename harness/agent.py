@@ -19,10 +19,14 @@ the host's: after a revert the agent may be answered a request the
 pre-revert guest never finished, and the host drops replies it did not ask
 for. Ops:
 
-* ``ping`` -> ``{"pid"}``
-* ``run`` ``argv, timeout[, stdin_b64]`` -> ``{"rc", "stdout_b64", "stderr_b64",
-  "timeout"}``: fork/exec in a new session (as sshd runs a command), stdin
-  the given bytes or /dev/null; on timeout the session is SIGKILLed.
+* ``ping`` -> ``{"pid", "zygote"}`` (why the warm engine is off, "" = on)
+* ``run`` ``argv, timeout[, stdin_b64, env, cwd, warm]`` -> ``{"rc", "stdout_b64",
+  "stderr_b64", "timeout", "warm"[, "cold_why"]}``: fork/exec in a new session
+  (as sshd runs a command), stdin the given bytes or /dev/null, the agent's
+  environment and cwd unless given; on timeout the session is SIGKILLed.
+  With ``warm`` a ``ckpt`` command runs in a fork of the agent's warm engine
+  (harness/zygote.py) when that is exact, else it is exec'd and ``cold_why``
+  says why.
 * ``script`` the same, for ``[python3, <scripts>/X.py, args...]``: the child
   is a fork of the agent that calls X's main with the modules the agent
   imported at start (no new interpreter, nothing recompiled).
@@ -48,6 +52,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 #: the guest scripts a ``script`` request may name, and their entry points
 SCRIPTS = {"workload.py": "main", "world.py": "_main", "mutants.py": "main"}
 OUTPUT_LIMIT = 64 << 20
+#: the warm engine (loaded by preload; its note says why it is off)
+ZYGOTE = None
 
 
 def find_port(name: str) -> str:
@@ -71,7 +77,20 @@ def _b64(data: bytes) -> str:
 
 
 def preload() -> None:
-    """Import the guest scripts once, here, so each forked step has them."""
+    """Import the guest scripts once, here, so each forked step has them,
+    and the engine for warm ``ckpt`` commands."""
+    global ZYGOTE
+    # the interpreter's own sys.path (what a new python3 has after its
+    # script dir or cwd, and its PYTHONPATH)
+    pp = [p for p in os.environ.get("PYTHONPATH", "").split(":") if p]
+    base = [p for p in sys.path[1:] if p not in pp]
+    try:
+        import zygote
+        ZYGOTE = zygote.Zygote(os.environ.get("CRUCIBLE_ZYGOTE_COMMAND", "ckpt"),
+                               os.environ.get("CRUCIBLE_ZYGOTE_ROOT") or None)
+        ZYGOTE.load(base)
+    except Exception:  # no warm engine: every ckpt is exec'd
+        traceback.print_exc()
     sys.path.insert(0, HERE)
     for name in SCRIPTS:
         try:
@@ -80,9 +99,14 @@ def preload() -> None:
             traceback.print_exc()
 
 
-def child_exec(argv: List[str], script: bool) -> None:  # pragma: no cover - runs in the child
+def child_exec(argv: List[str], script: bool, warm: bool = False, env: Optional[Dict[str, str]] = None,
+               cwd: Optional[str] = None) -> None:  # pragma: no cover - runs in the child
     try:
         os.setsid()
+        if cwd:
+            os.chdir(cwd)
+        if warm:
+            ZYGOTE.child(argv, dict(os.environ) if env is None else env)
         if script:
             name = os.path.basename(argv[1])
             mod = sys.modules[name[:-3]]
@@ -100,6 +124,8 @@ def child_exec(argv: List[str], script: bool) -> None:  # pragma: no cover - run
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(rc or 0)
+        if env is not None:
+            os.execvpe(argv[0], argv, env)
         os.execvp(argv[0], argv)
     except BaseException:
         traceback.print_exc()
@@ -107,10 +133,12 @@ def child_exec(argv: List[str], script: bool) -> None:  # pragma: no cover - run
         os._exit(127)
 
 
-def run(argv: List[str], timeout: float, stdin: bytes, script: bool) -> Dict[str, Any]:
+def run(argv: List[str], timeout: float, stdin: bytes, script: bool, warm: bool = False,
+        env: Optional[Dict[str, str]] = None, cwd: Optional[str] = None) -> Dict[str, Any]:
     """Fork, feed stdin, collect stdout/stderr until the child exits and its
     pipes close (or, past the exit, 0.3 s: a detached grandchild may hold
-    them, as the SSH channel's EOF_GRACE allows)."""
+    them, as the SSH channel's EOF_GRACE allows). The child's exit wakes
+    the loop (a pidfd), not a poll: a short command costs no 20-50 ms wait."""
     pipes = [os.pipe() for _ in range(3)]
     pid = os.fork()
     if pid == 0:  # pragma: no cover - child
@@ -118,10 +146,14 @@ def run(argv: List[str], timeout: float, stdin: bytes, script: bool) -> Dict[str
         os.dup2(pipes[1][1], 1)
         os.dup2(pipes[2][1], 2)
         os.closerange(3, 65536)
-        child_exec(argv, script)
+        child_exec(argv, script, warm, env, cwd)
     for fd in (pipes[0][0], pipes[1][1], pipes[2][1]):
         os.close(fd)
     w = pipes[0][1]
+    try:
+        pidfd: Optional[int] = os.pidfd_open(pid)
+    except (AttributeError, OSError):      # Python < 3.9 or kernel < 5.3: poll
+        pidfd = None
     out, err = [], []
     open_fds = {pipes[1][0]: out, pipes[2][0]: err}
     deadline = time.monotonic() + timeout
@@ -150,8 +182,17 @@ def run(argv: List[str], timeout: float, stdin: bytes, script: bool) -> Dict[str
             if w is not None and not pending:
                 os.close(w)
                 w = None
-            r, wr, _ = select.select(list(open_fds), wl, [], 0.02 if status is not None or not open_fds else 0.05)
+            rl = list(open_fds)
+            if status is None:
+                if pidfd is not None:
+                    rl.append(pidfd)
+                wait = deadline - now if pidfd is not None else 0.05
+            else:
+                wait = exited_at + 0.3 - now
+            r, wr, _ = select.select(rl, wl, [], max(0.0, wait))
             for fd in r:
+                if fd == pidfd:
+                    continue            # it exited: the waitpid above reaps it
                 chunk = os.read(fd, 65536)
                 if chunk and sum(map(len, open_fds[fd])) < OUTPUT_LIMIT:
                     open_fds[fd].append(chunk)
@@ -165,22 +206,35 @@ def run(argv: List[str], timeout: float, stdin: bytes, script: bool) -> Dict[str
                 except BrokenPipeError:
                     pending = b""
     finally:
-        for fd in list(open_fds) + ([w] if w is not None else []):
+        for fd in list(open_fds) + ([w] if w is not None else []) + ([pidfd] if pidfd is not None else []):
             os.close(fd)
     rc = -1 if status is None else (os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
-    return {"rc": rc, "stdout_b64": _b64(b"".join(out)), "stderr_b64": _b64(b"".join(err)), "timeout": timed_out}
+    return {"rc": rc, "stdout_b64": _b64(b"".join(out)), "stderr_b64": _b64(b"".join(err)), "timeout": timed_out,
+            "warm": warm}
 
 
 def handle(req: Dict[str, Any]) -> Dict[str, Any]:
     op = req.get("op")
     if op == "ping":
-        return {"pid": os.getpid()}
+        return {"pid": os.getpid(), "zygote": ZYGOTE.note if ZYGOTE is not None else "not loaded"}
     if op in ("run", "script"):
         argv = [str(a) for a in req["argv"]]
         stdin = base64.b64decode(req.get("stdin_b64") or "")
         script = op == "script" and len(argv) >= 2 and os.path.basename(argv[1]) in SCRIPTS \
             and os.path.basename(argv[1])[:-3] in sys.modules
-        return run(argv, float(req.get("timeout", 60)), stdin, script)
+        env = {str(k): str(v) for k, v in req["env"].items()} if req.get("env") is not None else None
+        cwd = req.get("cwd") or None
+        cold = ""
+        if op == "run" and req.get("warm"):
+            if ZYGOTE is None or not ZYGOTE.wants(argv):
+                cold = ZYGOTE.note if ZYGOTE is not None and ZYGOTE.note else "not a ckpt command"
+            else:
+                cold = ZYGOTE.why_cold(dict(os.environ) if env is None else env, cwd or os.getcwd())
+        rep = run(argv, float(req.get("timeout", 60)), stdin, script, warm=bool(req.get("warm")) and not cold,
+                  env=env, cwd=cwd)
+        if cold:
+            rep["cold_why"] = cold
+        return rep
     if op == "put":
         path = req["path"]
         os.makedirs(os.path.dirname(path) or "/", exist_ok=True)
@@ -200,8 +254,13 @@ def handle(req: Dict[str, Any]) -> Dict[str, Any]:
 
 def serve(fd: int, eof_ends: bool = False) -> None:
     """Answer requests read from ``fd`` (the port; a socket in the tests,
-    whose EOF ends the agent: a port's only means the host is not there)."""
-    buf = b""
+    whose EOF ends the agent: a port's only means the host is not there).
+
+    A ``put`` line is a whole file in base64 (a migrated image: megabytes),
+    read from the port in small pieces: only each new piece is searched for
+    the newline and nothing is copied per piece (``bytes += `` and a search
+    of the whole line each time made a 10 MB image cost minutes under TCG)."""
+    buf = bytearray()
     while True:
         try:
             chunk = os.read(fd, 1 << 20)
@@ -214,9 +273,13 @@ def serve(fd: int, eof_ends: bool = False) -> None:
                 return
             time.sleep(0.05)
             continue
+        start = len(buf)
         buf += chunk
-        while b"\n" in buf:
-            line, buf = buf.split(b"\n", 1)
+        nl = buf.find(b"\n", start)
+        while nl >= 0:
+            line = bytes(buf[:nl])
+            del buf[:nl + 1]
+            nl = buf.find(b"\n")
             try:
                 req = json.loads(line)
             except ValueError:
@@ -226,10 +289,10 @@ def serve(fd: int, eof_ends: bool = False) -> None:
             except Exception as e:
                 rep = {"error": f"{type(e).__name__}: {e}"}
             rep["id"] = req.get("id")
-            data = (json.dumps(rep) + "\n").encode()
-            while data:
-                n = os.write(fd, data)
-                data = data[n:]
+            out = memoryview((json.dumps(rep) + "\n").encode())
+            while out:
+                n = os.write(fd, out)
+                out = out[n:]
 
 
 def main(argv: List[str]) -> int:

@@ -48,7 +48,8 @@ class AgentLink:
         self.alive = alive
         self.guest = guest
         self._sock: Optional[socket.socket] = None
-        self._buf = b""
+        self._buf = bytearray()
+        self._scanned = 0        # bytes of _buf known to hold no newline
 
     def connect(self, deadline: float) -> None:
         last: Optional[BaseException] = None
@@ -96,8 +97,15 @@ class AgentLink:
         grace = grace_for(timeout) if grace is None else grace
         deadline = time.monotonic() + timeout + grace
         while True:
-            while b"\n" in self._buf:
-                raw, self._buf = self._buf.split(b"\n", 1)
+            # a reply can be a whole file (get): search only what came since
+            while True:
+                nl = self._buf.find(b"\n", self._scanned)
+                if nl < 0:
+                    self._scanned = len(self._buf)
+                    break
+                raw = bytes(self._buf[:nl])
+                del self._buf[:nl + 1]
+                self._scanned = 0
                 try:
                     rep = json.loads(raw)
                 except ValueError:
@@ -130,7 +138,8 @@ class AgentLink:
 
     def drain(self) -> None:
         """Forget bytes already received (replies nobody will ask for)."""
-        self._buf = b""
+        self._buf = bytearray()
+        self._scanned = 0
         if self._sock is None:
             return
         while select.select([self._sock], [], [], 0)[0]:
@@ -142,9 +151,20 @@ class AgentLink:
 
     # -- the ops ------------------------------------------------------------------
     def run(self, argv: Sequence[str], timeout: float, stdin: Optional[bytes] = None,
-            script: bool = False) -> Dict[str, Any]:
-        rep = self.request("script" if script else "run", timeout, argv=[str(a) for a in argv],
-                           **({"stdin_b64": base64.b64encode(stdin).decode()} if stdin else {}))
+            script: bool = False, warm: bool = False, env: Optional[Dict[str, str]] = None,
+            cwd: Optional[str] = None) -> Dict[str, Any]:
+        """``warm``: a ckpt command runs in a fork of the agent's warm engine
+        when that is exact (the reply's ``warm``; ``cold_why`` when not)."""
+        extra: Dict[str, Any] = {}
+        if stdin:
+            extra["stdin_b64"] = base64.b64encode(stdin).decode()
+        if warm:
+            extra["warm"] = True
+        if env is not None:
+            extra["env"] = dict(env)
+        if cwd is not None:
+            extra["cwd"] = cwd
+        rep = self.request("script" if script else "run", timeout, argv=[str(a) for a in argv], **extra)
         rep["stdout"] = base64.b64decode(rep.pop("stdout_b64", ""))
         rep["stderr"] = base64.b64decode(rep.pop("stderr_b64", ""))
         return rep
@@ -158,6 +178,10 @@ class AgentLink:
 
     def ping(self, timeout: float = 10, grace: Optional[float] = None) -> int:
         return int(self.request("ping", timeout, grace=grace)["pid"])
+
+    def zygote_note(self, timeout: float = 10) -> str:
+        """Why the agent's warm engine is off ("" = on)."""
+        return str(self.request("ping", timeout).get("zygote", "an agent without a warm engine"))
 
     def set_clock(self, timeout: float = 10) -> None:
         self.request("clock", timeout, t=time.time())
@@ -179,3 +203,8 @@ def start_line(python: str, scripts: str) -> str:
 def env_ok() -> bool:
     """CRUCIBLE_AGENT=0 turns the agent off (every step over SSH, as before)."""
     return os.environ.get("CRUCIBLE_AGENT", "1") != "0"
+
+
+def warm_ok() -> bool:
+    """CRUCIBLE_WARM_CKPT=0 execs every ckpt (no warm engine, as before it)."""
+    return os.environ.get("CRUCIBLE_WARM_CKPT", "1") != "0"

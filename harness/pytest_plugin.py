@@ -189,6 +189,7 @@ class ScenarioItem(pytest.Item):
         verdict = runner.judge(expect, res, strict=engine.strict)
         row.update(outcome=res.outcome, got=runner.outcome_text(res), passed=verdict.passed, note=verdict.note,
                    duration=round(time.monotonic() - t0, 2), timings=res.timings, detail=res.detail,
+                   engine_start=sorted(set(res.engine_start) - {""}),
                    failed_checks=res.failed_checks()[:20], refusals=res.refusals,
                    engine_notes=[ln.strip() for ln in res.engine_stderr.splitlines()
                                  if ln.startswith("mutant ")])
@@ -326,6 +327,17 @@ def pytest_collection_modifyitems(session, config, items):
     if config.getoption("generate") > 0:
         gen = GeneratedCases.from_parent(session, name="generated", path=REPO / "scenarios")
         items[:] = list(gen.collect())
+    items[:] = migrate_first(items)
+
+
+def migrate_first(items: list) -> list:
+    """The scenarios that restore on a second guest first (a stable sort:
+    the same order on every xdist worker). Each worker that gets one boots
+    a second guest: at the start of the run that boot overlaps the other
+    worker's scenarios (--dist worksteal hands the first block to one
+    worker, so one boot), where at the end it was the run's tail."""
+    return sorted(items, key=lambda it: 0 if (getattr(it, "scenario", None) or {}).get("restore_on") == "other"
+                  else 1)
 
 
 def _die_with_parent() -> None:

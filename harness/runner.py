@@ -47,6 +47,8 @@ class Result:
     pid: Optional[int] = None
     timings: Dict[str, float] = field(default_factory=dict)
     diagnostics: str = ""
+    #: how each engine command started: "warm" / "exec[: why]" (a guest's agent), "" elsewhere
+    engine_start: List[str] = field(default_factory=list)
 
     def failed_checks(self) -> List[Dict]:
         return [c for c in (self.verdict or {}).get("checks", []) + self.outside if not c.get("ok")]
@@ -177,6 +179,7 @@ class Run:
         part of a scenario's time no harness can save."""
         r = self.cmd(t, argv, step)
         self.res.timings["engine"] = round(self.res.timings.get("engine", 0) + r.duration, 3)
+        self.res.engine_start.append(r.start)
         return r
 
     def need(self, r: RunResult, step: str, what: str) -> RunResult:
@@ -469,12 +472,24 @@ class Run:
         if self.other_factory is None or not src.can_migrate:
             raise HarnessError("restore_on: other needs a second guest (run in guests, not --target local)",
                                step="migrate")
-        dst = self.other_factory()
+        t0 = time.monotonic()
+        dst = self.other_factory()     # its revert to the golden snapshot (its boot, the first time)
+        self.res.timings["other_guest"] = round(time.monotonic() - t0, 3)
         self.used.append(dst)
         sp, dp = self.paths(src), self.paths(dst)
+        # Another machine, not a twin: the engine tells a restore on the
+        # dumping machine by its boot id (engine/context.py boot_id) and
+        # checks files differently there; a guest cloned from the dump
+        # guest's memory would share it and test the same-node path.
+        ids = [self.need(self.cmd(x, ["cat", "/proc/sys/kernel/random/boot_id"], "migrate", "between"),
+                         "migrate", "read the boot id").stdout.strip() for x in (src, dst)]
+        if ids[0] == ids[1]:
+            raise HarnessError(f"the restore guest {dst.name} has the dump guest's boot id ({ids[0]}): "
+                               "not another machine", step="migrate")
         tar = f"{sp['root']}/img.tar"
         self.need(self.cmd(src, ["tar", "-C", sp["root"], "-cf", tar, "img"], "migrate", "between"),
                   "migrate", "pack the image")
+        t0 = time.monotonic()
         blob = src.get_bytes(tar)
         self.prepare(dst)
         dst.put_bytes(blob, f"{dp['root']}/img.tar")
@@ -482,6 +497,7 @@ class Run:
         name = (self.ready.get("proof") or {}).get("witness")
         if name:    # the witness is a mapped file: the same bytes must be there
             dst.put_bytes(src.get_bytes(f"{sp['ctldir']}/{name}"), f"{dp['ctldir']}/{name}")
+        self.res.timings["migrate"] = round(self.res.timings.get("migrate", 0) + time.monotonic() - t0, 3)
         self.need(self.cmd(dst, ["tar", "-C", dp["root"], "-xpf", f"{dp['root']}/img.tar"], "migrate", "between"),
                   "migrate", "unpack the image")
         self.world(dst, "setup")

@@ -13,6 +13,9 @@ import struct
 from typing import Iterable, Tuple
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# The same libc, called with the GIL held: a raw clone() must not run while
+# another thread could take the GIL (the child would inherit it taken).
+_pylibc = ctypes.PyDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 # <sys/inotify.h>
 IN_FLAGS = {
@@ -255,3 +258,26 @@ def sigtimedwait_now(signals: Iterable[int]) -> Tuple[int, int, int]:
     signo, _errno, code = struct.unpack_from("iii", raw, 0)
     (value,) = struct.unpack_from("Q", raw, 24 if ctypes.sizeof(ctypes.c_void_p) == 8 else 20)
     return signo, code, value
+
+
+# clone(2) and kcmp(2) numbers; clone's flags come first on both
+_SYS = {"x86_64": {"clone": 56, "kcmp": 312}, "aarch64": {"clone": 220, "kcmp": 272}}
+CLONE_FS, CLONE_FILES = 0x200, 0x400
+KCMP_FILES, KCMP_FS = 2, 3
+
+
+def clone_process(flags: int) -> int:
+    """A fork made by clone(flags | SIGCHLD) with no new stack (so without
+    CLONE_VM): CLONE_FILES / CLONE_FS share the fd table / fs with the
+    child. Python's after-fork hooks do not run: the child must stay simple
+    (no threads, no imports). Returns the child's pid, 0 in the child."""
+    nr = _SYS[os.uname().machine]["clone"]
+    return _check(_pylibc.syscall(ctypes.c_long(nr), ctypes.c_ulong(flags | 17), ctypes.c_ulong(0),
+                                  ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0)))
+
+
+def kcmp(pid1: int, pid2: int, kind: int) -> int:
+    """kcmp(2) of two processes' objects: 0 when they share it."""
+    nr = _SYS[os.uname().machine]["kcmp"]
+    return _check(_libc.syscall(ctypes.c_long(nr), ctypes.c_int(pid1), ctypes.c_int(pid2), ctypes.c_int(kind),
+                                ctypes.c_ulong(0), ctypes.c_ulong(0)))

@@ -44,6 +44,9 @@ class RunResult:
     stdout: str
     stderr: str
     duration: float
+    #: a ckpt command: "warm" (forked from the agent's warm engine, harness/zygote.py),
+    #: "exec", or "exec: <why not warm>"; "" for any other command
+    start: str = ""
 
 
 class Target:
@@ -219,13 +222,15 @@ class GuestTarget(Target):
         self.python = "/usr/bin/python3"
         self.agent = None                   # an AgentLink once start_agent() ran
         self.agent_note = ""                # why there is none
+        self.warm = False                   # ckpt commands go to the agent's warm engine
+        self.warm_note = ""                 # why they do not
         self.lost = ""                      # why this guest must be replaced ("" = fine)
 
     def install(self) -> None:
         """Copy the harness's guest files in (the engine is the vm's job)."""
         self.guest.run(["mkdir", "-p", self.scripts, self.base] + [f"{self.scripts}/{p}" for p in GUEST_PACKAGES],
                        timeout=60 * self.time_scale, check=True)
-        for name in guest_files() + ["agent.py"]:
+        for name in guest_files() + ["agent.py", "zygote.py"]:
             self.guest.put(str(REPO / "harness" / name), f"{self.scripts}/{name}")
         self.kernel = self.guest.run(["uname", "-r"], timeout=60 * self.time_scale, check=True).stdout.strip()
 
@@ -233,7 +238,7 @@ class GuestTarget(Target):
         """Start the agent and warm it (before the golden snapshot, so every
         revert brings it back idle, its caches full). On failure the steps
         keep going over SSH and :attr:`agent_note` says why."""
-        from .agent_client import AgentError, AgentLink, env_ok, start_line
+        from .agent_client import AgentError, AgentLink, env_ok, start_line, warm_ok
         path = getattr(self.guest, "agent_socket", None)
         if not env_ok() or not path:
             self.agent_note = "agent off (CRUCIBLE_AGENT=0)" if path else "the guest has no agent port"
@@ -256,11 +261,18 @@ class GuestTarget(Target):
             # Warm what every scenario runs: the fork of a script, an engine start.
             link.run(self.script("workload.py") + ["pidstate", "1"], 120 * self.time_scale, script=True)
             link.run(self.ckpt_argv() + ["--help"], 120 * self.time_scale)
+            self.warm_note = "off (CRUCIBLE_WARM_CKPT=0)" if not warm_ok() else link.zygote_note()
+            if not self.warm_note:
+                # the warm path once before the snapshot, so a broken one shows here, not per scenario
+                r = link.run(self.ckpt_argv() + ["--version"], 120 * self.time_scale, warm=True)
+                if not r.get("warm") or r["rc"] != 0:
+                    self.warm_note = f"the warm engine failed: {r.get('cold_why') or r['stderr'][-300:]!r}"
         except AgentError as e:
             link.close()
             self.agent_note = f"agent did not answer: {e.message}"
             return
         self.agent = link
+        self.warm = not self.warm_note
 
     def _lost(self, message: str, step: str, hung: bool = False) -> GuestLost:
         self.lost = message
@@ -274,15 +286,20 @@ class GuestTarget(Target):
         if self.agent is not None:
             from .agent_client import AgentError
             script = len(argv) >= 2 and argv[0] == self.python and argv[1].startswith(self.scripts + "/")
+            ckpt = argv[:1] == self.ckpt_argv()
             try:
-                rep = self.agent.run(argv, timeout, script=script)
+                rep = self.agent.run(argv, timeout, script=script, warm=ckpt and self.warm)
             except AgentError as e:
                 if e.kind == "agent":
                     raise HarnessError(e.message, step=step) from None
                 raise self._lost(e.message, step, hung=e.kind == "timeout") from None
             if rep.get("timeout"):
                 raise StepTimeout(argv, timeout, step=step, detail=_text(rep["stderr"])[-2000:])
-            return RunResult(rep["rc"], _text(rep["stdout"]), _text(rep["stderr"]), time.monotonic() - t0)
+            start = ""
+            if ckpt:
+                start = "warm" if rep.get("warm") else \
+                    "exec" + (f": {rep.get('cold_why') or self.warm_note}" if self.warm_note or rep.get("cold_why") else "")
+            return RunResult(rep["rc"], _text(rep["stdout"]), _text(rep["stderr"]), time.monotonic() - t0, start)
         try:
             r = self.guest.run(argv, timeout=timeout)
         except VmError as e:

@@ -160,6 +160,9 @@ def test_image_cannot_make_a_restore_share_what_was_not(procs, session_killer, s
         "unknown kind": (lambda i: _edit_tree(i, lambda T, by: by[A].update(share=["vm"])), "share"),
         "a string": (lambda i: _edit_tree(i, lambda T, by: by[A].update(share="files")), "share"),
         "empty": (lambda i: _edit_tree(i, lambda T, by: by[A].update(share=[])), "share"),
+        "unhashable": (lambda i: _edit_tree(i, lambda T, by: by[A].update(share=[["files"]])), "share"),
+        "a zombie's": (lambda i: _edit_tree(i, lambda T, by: by[A].update(zombie={"status": 0}, share=["files"])),
+                       "share"),
         "twice": (lambda i: _edit_tree(i, lambda T, by: by[G].update(share=["files", "files"])), "share"),
         "unsorted": (lambda i: _edit_tree(i, lambda T, by: by[G].update(share=["fs", "files"])), "share"),
         "files with fds": (lambda i: _edit_tree(i, lambda T, by: by[D].update(share=["files"])), "fds of its own"),
@@ -179,3 +182,72 @@ def test_image_cannot_make_a_restore_share_what_was_not(procs, session_killer, s
     out = restore(str(img), Options())       # the unedited image restores
     procs.adopt(P)
     assert out["members"] == 5
+
+
+def _reasons(pid):
+    try:
+        res = check(pid, Options())
+        return res["refusals"], res
+    except (Refusal, Refusals) as e:
+        return [r.as_dict() for r in (e.refusals if isinstance(e, Refusals) else [e])], None
+
+
+def test_refused_sharing_with_a_process_outside(procs, session_killer, sharer, tmp_path):  # noqa: F811
+    """Dumped without the process it shares with, a process would come back
+    with a table or fs of its own: refused, naming that process, alone (B
+    shares P's fs) or as a tree (A and G share P's fd table); D, which
+    shares nothing, is not refused for it."""
+    p, kids = _start(procs, session_killer, sharer, "share", tmp_path)
+    refs, _ = _reasons(kids["B"])
+    assert any(r["reason"] == "sharing-peer-outside" and "fs" in r["detail"] and f"pid {p.pid} " in r["detail"]
+               for r in refs), refs
+    refs, _ = _reasons(kids["A"])
+    assert any(r["reason"] == "sharing-peer-outside" and "fd table" in r["detail"] and f"pid {p.pid} " in r["detail"]
+               for r in refs), refs
+    assert not any(r["reason"] == "tree-sharing" for r in refs), refs     # A and G: shared, restorable
+    refs, res = _reasons(kids["D"])         # (refused: not its own session leader)
+    assert not any(r["reason"] == "sharing-peer-outside" for r in refs), refs
+    assert any(i["what"] == "sharing" and i["verdict"] == "ok" for i in res["items"]), res["items"]
+    with pytest.raises((Refusal, Refusals)):
+        dump(kids["B"], str(tmp_path / "img"), Options())
+    assert not (tmp_path / "img").exists()
+    _untouched([p.pid] + list(kids.values()))
+
+
+def test_refused_vfork_child_dumped_alone(procs, session_killer, tmp_path):  # noqa: F811
+    """A vfork child that has not exec'd shares its parent's memory: dumped
+    alone, it is refused naming the parent."""
+    exe = str(tmp_path / "vforker")
+    subprocess.run(["gcc", "-O2", "-Wall", "-o", exe, os.path.join(TARGETS, "vforker.c")], check=True,
+                   capture_output=True, timeout=60)
+    p = procs.start([exe, str(tmp_path / "ready")], cwd=str(tmp_path))
+    session_killer.append(p.pid)
+    wait_for(lambda: (tmp_path / "ready").exists(), what="the vfork child")
+    kid = _descendants(p.pid)[0]
+    refs, _ = _reasons(kid)
+    assert any(r["reason"] == "sharing-peer-outside" and "memory" in r["detail"] and f"pid {p.pid} " in r["detail"]
+               for r in refs), refs
+    _untouched([kid])
+
+
+def test_outside_search_agrees_with_every_pair(procs, session_killer, sharer, tmp_path):  # noqa: F811
+    """engine/sharing.outside (a binary search in kcmp order) finds what
+    comparing every pair finds: B's fs is P's, G's fd table P's and A's,
+    G's fs A's; D shares nothing."""
+    from engine import sharing
+    p, kids = _start(procs, session_killer, sharer, "share", tmp_path)
+    mine = [kids["B"], kids["D"], kids["G"]]
+    got = {(pid, kind) for pid, kind, _ in sharing.outside(mine)}
+    want = set()
+    for n in os.listdir("/proc"):
+        if not n.isdigit() or int(n) in mine or int(n) == os.getpid():
+            continue
+        for pid in mine:
+            for kind in sharing.OUTSIDE_KINDS:
+                try:
+                    if kcmp(pid, int(n), kind, 0, 0) == 0:
+                        want.add((pid, kind))
+                except Exception:   # noqa: BLE001 - gone meanwhile
+                    pass
+    assert got == want == {(kids["B"], sharing.KCMP_FS), (kids["G"], sharing.KCMP_FILES),
+                           (kids["G"], sharing.KCMP_FS)}, (got, want)

@@ -1,7 +1,9 @@
 """File locks on regular files: flock, POSIX (fcntl F_SETLK) and OFD locks
 held by the process alone are restored (flock/OFD on the open file, POSIX
-by the new process itself); another holder, a waiter, a shared locked open
-file or a lease is refused as `file-lock` naming who."""
+by the new process itself), and so are read and write leases (set by the
+new process: it becomes their owner); another holder, a waiter, a shared
+locked open file or a lease being broken is refused as `file-lock` naming
+who or why."""
 
 from __future__ import annotations
 
@@ -148,16 +150,114 @@ c = os.open({str(path)!r}, os.O_RDWR); fcntl.flock(c, fcntl.LOCK_SH); os.dup2(c,
             os.close(held)
 
 
-def test_lease_refused(tmp_path):
-    path = tmp_path / "l"
-    path.write_bytes(b"l")
-    setup = f"""
-c = os.open({str(path)!r}, os.O_RDONLY); fcntl.fcntl(c, fcntl.F_SETLEASE, fcntl.F_RDLCK); os.dup2(c, 500); os.close(c)
+F_SETLEASE, F_GETLEASE, F_SETSIG, F_GETSIG = 1024, 1025, 10, 11
+SIGURG, SIGWINCH = 23, 28          # ignored by default: a lease break here must not kill pytest
+
+
+def lease_setup(path_r, path_w, extra=""):
+    return f"""
+c = os.open({str(path_r)!r}, os.O_RDONLY); fcntl.fcntl(c, {F_SETLEASE}, fcntl.F_RDLCK)
+fcntl.fcntl(c, {F_SETSIG}, {SIGURG}); os.dup2(c, 500); os.close(c)
+w = os.open({str(path_w)!r}, os.O_RDWR); fcntl.fcntl(w, {F_SETLEASE}, fcntl.F_WRLCK)
+fcntl.fcntl(w, {F_SETSIG}, {SIGWINCH}); os.dup2(w, 501); os.close(w)
+{extra}
 """
-    with Target(tmp_path, setup) as t:
+
+
+def opener_turned_away(path, flags) -> bool:
+    """Whether a non-blocking open by another process is refused
+    (EWOULDBLOCK: it would break a lease; the lease holder is signalled)."""
+    return other_process.__globals__["subprocess"].run(
+        [sys.executable, "-c", f"import os\ntry:\n os.open({str(path)!r}, {flags} | os.O_NONBLOCK)\n"
+         "except BlockingIOError:\n print('turned away')"], capture_output=True, text=True, timeout=20,
+        close_fds=True).stdout.strip() == "turned away"
+
+
+def test_read_and_write_leases_restored(tmp_path):
+    r, w = tmp_path / "r", tmp_path / "w"
+    r.write_bytes(b"r")
+    w.write_bytes(b"w")
+    with Target(tmp_path, lease_setup(r, w)) as t:
+        assert classify(t.pid, 500).endswith(", locks read lease")
+        assert classify(t.pid, 501).endswith(", locks write lease")
+        img = dump(t.pid, [500, 501], str(tmp_path / "img"))
+        t.close()
+        with restore(img):
+            assert lock_lines(500) == ["LEASE ACTIVE READ 0 EOF"]
+            assert lock_lines(501) == ["LEASE ACTIVE WRITE 0 EOF"]
+            assert [fcntl.fcntl(fd, F_GETLEASE) for fd in (500, 501)] == [fcntl.F_RDLCK, fcntl.F_WRLCK]
+            assert [fcntl.fcntl(fd, F_GETSIG) for fd in (500, 501)] == [SIGURG, SIGWINCH]
+            # the new process set them: lease breaks signal it
+            assert [fcntl.fcntl(fd, fcntl.F_GETOWN) for fd in (500, 501)] == [os.getpid()] * 2
+            assert opener_turned_away(r, "os.O_WRONLY")       # the leases are real: opens break them
+            assert opener_turned_away(w, "os.O_RDONLY")
+
+
+def test_lease_being_broken_refused(tmp_path):
+    r, w = tmp_path / "r", tmp_path / "w"
+    r.write_bytes(b"r")
+    w.write_bytes(b"w")
+    breaker = f"""
+if os.fork() == 0:
+    try:
+        os.open({str(r)!r}, os.O_WRONLY | os.O_NONBLOCK)
+    finally:
+        os._exit(0)
+os.wait()
+"""
+    with Target(tmp_path, lease_setup(r, w, breaker)) as t:
         with pytest.raises(Refusal) as ei:
             classify(t.pid, 500)
-        assert ei.value.reason == "file-lock" and "lease" in ei.value.detail
+        assert ei.value.reason == "file-lock" and ei.value.fd == 500
+        assert ei.value.detail.startswith("holds a lease being broken (LEASE BREAKING, to become UNLCK)")
+        assert classify(t.pid, 501).endswith("write lease")          # the other one is intact
+
+
+def test_read_lease_of_another_process_refused(tmp_path):
+    r, w = tmp_path / "r", tmp_path / "w"
+    r.write_bytes(b"r")
+    w.write_bytes(b"w")
+    other = subprocess.Popen([sys.executable, "-c", f"import fcntl, os, time\nfd = os.open({str(r)!r}, os.O_RDONLY)\n"
+                              f"fcntl.fcntl(fd, {F_SETLEASE}, fcntl.F_RDLCK)\nprint('ok', flush=True)\ntime.sleep(60)\n"],
+                             stdout=subprocess.PIPE, close_fds=True)
+    try:
+        assert other.stdout.readline().strip() == b"ok"
+        with Target(tmp_path, lease_setup(r, w)) as t:
+            with pytest.raises(Refusal) as ei:
+                classify(t.pid, 500)
+            assert ei.value.reason == "file-lock"
+            assert ei.value.detail == f"another holder: pid {other.pid} holds read lease on this file"
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_lease_owner_elsewhere_refused(tmp_path):
+    r, w = tmp_path / "r", tmp_path / "w"
+    r.write_bytes(b"r")
+    w.write_bytes(b"w")
+    with Target(tmp_path, lease_setup(r, w, "fcntl.fcntl(500, fcntl.F_SETOWN, os.getppid())")) as t:
+        with pytest.raises(Refusal) as ei:
+            classify(t.pid, 500)
+        assert ei.value.reason == "file-lock"
+        assert f"break signals go to {os.getpid()} (F_SETOWN)" in ei.value.detail
+
+
+def test_lease_that_cannot_be_placed_at_restore_refused(tmp_path):
+    r, w = tmp_path / "r", tmp_path / "w"
+    r.write_bytes(b"r")
+    w.write_bytes(b"w")
+    with Target(tmp_path, lease_setup(r, w)) as t:
+        img = dump(t.pid, [500, 501], str(tmp_path / "img"))
+        t.close()
+    writer = os.open(r, os.O_WRONLY)          # open for writing now: no read lease can be placed
+    try:
+        with pytest.raises(Refusal) as ei:
+            restore(img)
+        assert ei.value.reason == "file-lock" and ei.value.fd == 500
+        assert ei.value.detail.startswith("read lease: cannot be placed now")
+    finally:
+        os.close(writer)
 
 
 def test_lock_taken_by_someone_else_before_restore_refused(tmp_path):

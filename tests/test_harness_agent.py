@@ -104,3 +104,14 @@ def test_no_reply_is_a_timeout_and_a_closed_agent_is_broken(agent):
     with pytest.raises(AgentError) as e:
         link.ping(timeout=5)
     assert e.value.kind in ("broken", "died")
+
+
+def test_a_file_of_megabytes_crosses_whole_both_ways(agent, tmp_path):
+    """A migrated image is one put and one get of megabytes (one JSON line
+    each way, read in pieces): every byte arrives, and the link goes on."""
+    link, proc = agent
+    data = os.urandom(6 << 20) + b"\n\n" + os.urandom(1000)
+    link.put(data, str(tmp_path / "big"))
+    assert (tmp_path / "big").read_bytes() == data
+    assert link.get(str(tmp_path / "big")) == data
+    assert link.ping(timeout=10) == proc.pid

@@ -103,3 +103,30 @@ def test_a_step_past_its_timeout_is_hung(target):
     text = CONTROL.replace("expect: restored", "timeouts: {dump: 0.01}\nexpect: restored")
     res = run(target, text, "e2e-hung")
     assert (res.outcome, res.step) == ("hung", "dump")
+
+
+def test_a_restore_target_with_the_dumps_boot_id_is_not_another_machine(tmp_path):
+    """restore_on: other must cross machines: a second target on this same
+    kernel (one boot id, as a guest cloned from the dump guest's memory
+    would have) is a harness error at the migrate step, before any restore."""
+    class Twin(LocalTarget):
+        can_migrate = True
+    a, b = Twin(), Twin()
+    try:
+        sc = schema.load(str(REPO / "scenarios" / "migrate" / "regular-file.yaml"))
+        r = runner.Run(sc, "e2e-twin", engines.Ckpt(), a, other=lambda: b)
+        with pytest.raises(runner.HarnessError) as e:
+            r.execute()
+        assert e.value.step == "migrate" and "boot id" in e.value.message
+        assert not [p for p in r.pids if workload.pidstate(p)["exists"]]
+    finally:
+        a.close()
+        b.close()
+
+
+def test_scenarios_restoring_on_another_guest_are_scheduled_first():
+    from types import SimpleNamespace as NS
+    from harness.pytest_plugin import migrate_first
+    items = [NS(name="a", scenario={}), NS(name="m1", scenario={"restore_on": "other"}), NS(name="x"),
+             NS(name="b", scenario={"restore_on": "same"}), NS(name="m2", scenario={"restore_on": "other"})]
+    assert [i.name for i in migrate_first(items)] == ["m1", "m2", "a", "x", "b"]

@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -412,6 +413,101 @@ print(json.dumps(bad))
 ])
 def test_thread_checks_fail_on_exactly_what_changed(disturb, whats):
     r = subprocess.run([sys.executable, "-c", _THREADS_BREAK, str(REPO), disturb],
+                       capture_output=True, text=True, timeout=60, close_fds=True)
+    assert r.returncode == 0, r.stderr
+    assert set(json.loads(r.stdout)) == whats
+
+
+IN_FLIGHT = {"fd": 3, "socket": "unix-pair", "peer_fd": 4, "data": {"bytes": 40}, "carry": ["file", "memfd", "eventfd"],
+             "passcred": True}
+
+
+def test_untouched_files_and_credentials_in_flight_pass(live):
+    w, g = live(fds=[dict(IN_FLIGHT)])
+    g.close()
+    v = w.verdict()
+    assert v["ok"], failed(v)
+    got = {c["what"]: c["got"] for c in v["checks"] if c["fd"] == 3}
+    assert [t[0].split("/")[-1] for t in got["files in flight: name, status flags, offset, contents"]] == \
+        ["carried-0", "memfd:carried-1 (deleted)", "anon_inode:[eventfd]"]
+
+
+def test_a_file_in_flight_replaced_is_caught(live):
+    # the message with the files is read, and one with other files of the
+    # same kinds (another offset, counter) put back in its place
+    w, g = live(fds=[dict(IN_FLIGHT, carry=["memfd", "eventfd"])])
+    s = socket.socket(fileno=os.dup(g(3)))
+    data = b""
+    while True:
+        try:
+            data += s.recv(1 << 20, socket.MSG_DONTWAIT)   # stops where the sender's credentials change
+        except BlockingIOError:
+            break
+    m = os.memfd_create("carried-0")
+    os.write(m, b"a memfd in flight 0")
+    e = os.eventfd(7)
+    p = socket.socket(fileno=os.dup(g(4)))
+    p.send(data[:-len(b"|carried")])
+    p.sendmsg([b"|carried"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("ii", m, e))])
+    for x in (s, p):
+        x.close()
+    os.close(m)
+    os.close(e)
+    g.close()
+    assert bad_whats(failed_verdict(w), 3) == {"files in flight: name, status flags, offset, contents",
+                                              "SCM_CREDENTIALS of the queued writes (the exited child's, then ours)"}
+
+
+LEASE_SETUP = [{"file": {"path": "db", "bytes": 100, "seed": 3}}]
+
+
+def test_untouched_lease_passes(live):
+    w, g = live(fds=[{"fd": 3, "lock": "lease", "path": "db", "mode": "read"}], setup=LEASE_SETUP)
+    g.close()
+    v = w.verdict()
+    assert v["ok"], failed(v)
+    assert "the lease turns away an open that would break it" in {c["what"] for c in v["checks"]}
+
+
+def test_a_lost_lease_is_caught(live):
+    w, g = live(fds=[{"fd": 3, "lock": "lease", "path": "db", "mode": "write"}], setup=LEASE_SETUP)
+    fcntl.fcntl(g(3), 1024, fcntl.F_UNLCK)          # the lease is gone, the open file stays
+    g.close()
+    # (removing a lease also clears the O_ASYNC that setting it turned on)
+    assert bad_whats(failed_verdict(w), 3) == {"the lease, as fdinfo shows it", "flags (F_GETFL)",
+                                              "F_GETLEASE, owner (F_GETOWN), F_GETSIG",
+                                              "the lease turns away an open that would break it"}
+
+
+_CHILDREN_BREAK = r"""
+import ctypes, json, os, sys
+sys.path.insert(0, sys.argv[1])
+from harness.kinds import process
+p = json.loads(sys.argv[2])
+process.apply(p)
+seen = json.loads(json.dumps(process.observe(p)))
+exec(sys.argv[3])
+bad = [c["what"] for ph in ("inspect", "consume", "mutate") for c in process.checker(p, seen, ph) if not c["ok"]]
+print(json.dumps(bad))
+"""
+SHARING = {"children": [{"blocked_in": "sleep", "share": ["files"]}, {"blocked_in": "read", "share": ["fs"]},
+                        {"blocked_in": "sleep", "share": ["files", "fs"]}, {"blocked_in": "read"}]}
+
+
+@pytest.mark.parametrize("disturb, whats", [
+    ("pass", set()),
+    # a child that was given a table of its own (its memfd is not here)
+    ("process._CHILDREN[3].share = ['files']",
+     {"child 3 (read): shares this process's files (kcmp)", "child 3 (read): the memfd it opened is open here"}),
+    # a child sharing what it should not
+    ("process._CHILDREN[0].share = []", {"child 0 (sleep): shares this process's files (kcmp)"}),
+    # this process left the fs it shared with child 1 and child 2 (their umask is not its own)
+    ("ctypes.CDLL(None).unshare(0x200)",
+     {"child 1 (read): shares this process's fs (kcmp)", "child 1 (read): the umask it set is this process's",
+      "child 2 (sleep): shares this process's fs (kcmp)", "child 2 (sleep): the umask it set is this process's"}),
+])
+def test_child_sharing_checks_fail_on_exactly_what_changed(disturb, whats):
+    r = subprocess.run([sys.executable, "-c", _CHILDREN_BREAK, str(REPO), json.dumps(SHARING), disturb],
                        capture_output=True, text=True, timeout=60, close_fds=True)
     assert r.returncode == 0, r.stderr
     assert set(json.loads(r.stdout)) == whats

@@ -140,3 +140,28 @@ def test_bench_merge_drops_the_older_single_arch_layout(tmp_path):
     out.write_text(json.dumps({"scenarios": {"corpus": {"wall_s": 400}, "reset_s": {"median": 0.6}}}))
     bench.merge_into(out, "scenarios", "x86_64", {"reset_s": {"median": 0.5}})
     assert json.loads(out.read_text()) == {"scenarios": {"x86_64": {"reset_s": {"median": 0.5}}}}
+
+
+def test_bench_rows_summary_counts_warm_and_exec_ckpt(tmp_path):
+    """The per-scenario figures of a run's rows: the median (the first row,
+    which boots, left out unless asked), step medians, ckpt starts."""
+    from harness import bench
+    rows = tmp_path / "rows.jsonl"
+    got = [{"duration": 90.0, "outcome": "restored", "timings": {"engine": 3.0}, "engine_start": ["warm"]},
+           {"duration": 2.0, "outcome": "restored", "timings": {"engine": 1.0}, "engine_start": ["warm"]},
+           {"duration": 4.0, "outcome": "refused", "timings": {"engine": 0.5},
+            "engine_start": ["exec: its environment differs", "warm"]}]
+    rows.write_text("".join(json.dumps(r) + "\n" for r in got))
+    s = bench.summarize_rows(rows)
+    assert (s["median_s"], s["max_s"], s["step_median_s"]["engine"]) == (3.0, 4.0, 0.75)
+    assert s["engine_start"] == {"warm": 2, "exec": 1} and s["outcomes"] == {"refused": 1, "restored": 2}
+    assert bench.summarize_rows(rows, skip_first=False)["median_s"] == 4.0
+
+
+def test_bench_keeps_the_cells_other_figures(tmp_path):
+    from harness import bench
+    out = tmp_path / "results.json"
+    out.write_text(json.dumps({"scenarios": {"x86_64": {"corpus": {"wall_s": 100}, "reset_s": {"median": 0.6}}}}))
+    assert bench.previous_cell(out, "scenarios", "x86_64") == {"corpus": {"wall_s": 100}, "reset_s": {"median": 0.6}}
+    assert bench.previous_cell(out, "scenarios", "aarch64") == {}
+    assert bench.previous_cell(tmp_path / "none.json", "scenarios", "x86_64") == {}

@@ -183,6 +183,26 @@ def test_older_kernels_expectation_applies_below_the_version():
     assert error(GOOD + "older_kernels: {below: '6.6', expect: restored}\n").key == "older_kernels.why"
 
 
+@pytest.mark.parametrize("entry,key,words", [
+    ("{fd: 3, socket: unix-pair, peer_fd: 4, carry: [file, fifo]}", "workload.fds[0].carry[1]", "one of"),
+    ("{fd: 3, socket: tcp-listen, carry: [file]}", "workload.fds[0].carry", "only a unix-pair"),
+    ("{fd: 3, socket: udp, passcred: true}", "workload.fds[0].passcred", "only a unix-pair"),
+    ("{fd: 3, socket: unix-pair, peer_fd: 4, passcred: yes please}", "workload.fds[0].passcred", ""),
+])
+def test_files_and_credentials_in_flight_are_a_unix_pairs(entry, key, words):
+    e = error(GOOD.replace("{fd: 3, open: data, mode: r, seek: 4096}", entry))
+    assert e.key == key and words in e.message, (e.key, e.message)
+
+
+@pytest.mark.parametrize("entry,key", [
+    ("{fd: 3, lock: lease, path: data, start: 5}", "workload.fds[0].start"),
+    ("{fd: 3, lock: lease, path: data, mode: write, outside: lock}", "workload.fds[0].outside"),
+    ("{fd: 3, lock: flock, path: data, outside: break}", "workload.fds[0].outside"),
+])
+def test_lease_entries_checked(entry, key):
+    assert error(GOOD.replace("{fd: 3, open: data, mode: r, seek: 4096}", entry)).key == key
+
+
 # -- the program workload (harness/program.py) ------------------------------------------
 
 PROGRAM = """\
@@ -282,3 +302,22 @@ def test_program_refusal_judged_by_its_exact_reason_set():
     assert not runner.judge(want, res("tty", "tty-outside", "socket")).passed  # one more
     assert not runner.judge(want, res("tty", "tty-outside", at="restore")).passed
     assert runner.expected_text(want) == "refused tty,tty-outside at dump"
+
+
+CHILDREN = GOOD.replace("    - {fd: 3, open: data, mode: r, seek: 4096}\n",
+                        "    - {fd: 3, open: data, mode: r, seek: 4096}\n  process:\n    children:\n      - CHILD\n")
+
+
+@pytest.mark.parametrize("child,key,why", [
+    ("{blocked_in: sleep, share: [files, fs]}", None, None),
+    ("{blocked_in: sleep, share: [vm]}", "workload.process.children[0].share[0]", "what a child can share"),
+    ("{blocked_in: read, share: [fs, fs]}", "workload.process.children[0].share", "at most once"),
+    ("{blocked_in: zombie, share: [files]}", "workload.process.children[0].share", "a zombie holds no"),
+])
+def test_child_share(child, key, why):
+    text = CHILDREN.replace("CHILD", child)
+    if key is None:
+        assert load(text)["workload"]["process"]["children"][0]["share"] == ["files", "fs"]
+        return
+    e = error(text)
+    assert e.key == key and why in e.message, (e.key, e.message)

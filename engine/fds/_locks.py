@@ -24,7 +24,20 @@ is created, validate() asks the kernel whether each range is free
 (F_OFD_GETLK on a scratch open; a non-blocking flock on one) and refuses
 naming the holder.
 
-Not carried: a process waiting for a lock (refused); leases (refused).
+Leases (F_SETLEASE, read or write) belong to the open file like an OFD
+lock and are judged the same way (every lease and lock on the inode the
+process's own, nobody waiting, the open file not shared outside); /proc
+shows them as "LEASE ACTIVE READ|WRITE". Setting a lease also makes the
+setter the file's owner (F_SETOWN: lease-break signals go to it,
+fs/locks.c lease_setup), so it is taken by the new process itself in
+finish(), then F_SETSIG as recorded. A lease owner other than the process
+is refused; so is a lease being broken ("LEASE BREAKING": another process
+opened the file, the holder was signalled, the break timer runs - none of
+which can be set again). validate() places the lease on a scratch open of
+the file and removes it, refusing when it cannot be placed now (the file
+open elsewhere in a conflicting way).
+
+Not carried: a process waiting for a lock (refused).
 """
 
 from __future__ import annotations
@@ -42,9 +55,11 @@ from . import _dups, _peers
 
 REASON = "file-lock"
 F_GETLK, F_SETLK, F_OFD_GETLK, F_OFD_SETLK = 5, 6, 36, 37
+F_SETSIG, F_GETSIG, F_SETLEASE, F_GETLEASE = 10, 11, 1024, 1025
 F_RDLCK, F_WRLCK, F_UNLCK = 0, 1, 2
 _RW = {"READ": F_RDLCK, "WRITE": F_WRLCK}
-_KINDS = ("FLOCK", "POSIX", "OFDLCK")
+_KINDS = ("FLOCK", "POSIX", "OFDLCK", "LEASE")
+_OF_THE_FILE = ("FLOCK", "OFDLCK", "LEASE")      # owned by the open file, not the process
 _LINE = re.compile(r"^lock:\s*(.*)$", re.M)
 
 
@@ -89,6 +104,8 @@ def _refuse(info, detail: str) -> Refusal:
 
 def text(lk: dict) -> str:
     end = "EOF" if lk["end"] is None else lk["end"]
+    if lk["kind"] == "LEASE":
+        return f"{lk['rw'].lower()} lease"
     kind = {"OFDLCK": "OFD", "FLOCK": "flock"}.get(lk["kind"], lk["kind"])
     return f"{kind} {lk['rw']} {lk['start']}-{end}"
 
@@ -127,8 +144,14 @@ def record(info, ctx) -> List[dict]:
     raises the `file-lock` refusal."""
     mine = fd_locks(info)
     for lk in mine:
+        if lk["kind"] == "LEASE":
+            if lk["mode"] != "ACTIVE":
+                raise _refuse(info, f"holds a lease being broken (LEASE {lk['mode']}, to become {lk['rw']}): "
+                              "another process opened the file and waits or was turned away; the lease "
+                              "break in progress (its timer, the signal already sent) is not restored")
+            continue
         if lk["kind"] not in _KINDS:
-            raise _refuse(info, f"holds a lease ({lk['kind']} {lk['mode']} {lk['rw']}); leases are not restored")
+            raise _refuse(info, f"holds a lock of kind {lk['kind']} ({lk['mode']} {lk['rw']}), not restored")
         if lk["mode"] != "ADVISORY":
             raise _refuse(info, f"holds a {lk['mode'].lower()} lock ({text(lk)})")
     # /proc/locks names the inode as its superblock's dev and the inode
@@ -168,7 +191,7 @@ def record(info, ctx) -> List[dict]:
                 who = f"an OFD lock of {_peers.describe(found)}"
         raise _refuse(info, f"another holder: {who} holds {text(lk)} on this file")
     for lk in mine:
-        if lk["kind"] in ("FLOCK", "OFDLCK"):
+        if lk["kind"] in _OF_THE_FILE:
             for pid, fd in _peers.holders(ctx, info.link, info.dev, info.ino):
                 try:
                     shared = pidfd.kcmp(info.pid, pid, pidfd.KCMP_FILE, info.fd, fd) == 0
@@ -177,7 +200,26 @@ def record(info, ctx) -> List[dict]:
                 if shared:
                     raise _refuse(info, f"{text(lk)}: the locked open file is shared with pid {pid} (fd {fd}), "
                                   "which would keep the lock")
-    return [{"kind": lk["kind"], "rw": lk["rw"], "start": lk["start"], "end": lk["end"]} for lk in mine]
+    out = [{"kind": lk["kind"], "rw": lk["rw"], "start": lk["start"], "end": lk["end"]} for lk in mine]
+    for lk in out:
+        if lk["kind"] == "LEASE":
+            lk["sig"] = _lease_signal(info)
+    return out
+
+
+def _lease_signal(info) -> int:
+    """F_GETSIG of a leased open file whose owner (F_GETOWN) is the
+    process, as F_SETLEASE made it; raises the refusal otherwise."""
+    try:
+        with pidfd.target_fd(info.pid, info.fd) as dup:
+            owner, sig = fcntl.fcntl(dup, fcntl.F_GETOWN), fcntl.fcntl(dup, F_GETSIG)
+    except OSError as e:
+        raise EngineError(f"reading the lease owner of pid {info.pid} fd {info.fd}: {e.strerror}",
+                          pid=info.pid, errno=e.errno) from e
+    if owner != info.pid:
+        raise _refuse(info, f"holds a lease whose break signals go to {owner} (F_SETOWN), not to the process: "
+                      "a lease set again makes the process the owner")
+    return sig
 
 
 # -- restore ----------------------------------------------------------------
@@ -191,13 +233,58 @@ def _check_list(rec: dict, ctx) -> List[dict]:
     for lk in locks:
         if lk.get("kind") not in _KINDS or lk.get("rw") not in _RW or not isinstance(lk.get("start"), int):
             raise Refusal("image-invalid", f"lock record malformed: {lk!r}", fd=rec.get("fd"))
+        if lk["kind"] == "LEASE" and not (isinstance(lk.get("sig"), int) and 0 <= lk["sig"] <= 64):
+            raise Refusal("image-invalid", f"lease record malformed: {lk!r}", fd=rec.get("fd"))
     return locks
+
+
+LEASE_SETTLE = 1.0     # seconds
+
+
+def _retrying(call):
+    """call(), again for up to LEASE_SETTLE seconds while it fails with
+    EAGAIN: the files of a process that just exited (the dumped original)
+    are released by a delayed work item a tick later (fs/file_table.c
+    fput: an exiting task cannot run task work), and until then its opens
+    of the file still count against a lease."""
+    import time
+    deadline = time.monotonic() + LEASE_SETTLE
+    while True:
+        try:
+            return call()
+        except OSError as e:
+            if e.errno != _errno.EAGAIN or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
+def _lease_placeable(rec: dict, ctx, path: str, lk: dict) -> None:
+    """Place the lease on a scratch open of `path` and remove it: raises
+    `file-lock` when the kernel would not give it now."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return            # the file's own checks name what is wrong
+    try:
+        try:
+            _retrying(lambda: fcntl.fcntl(fd, F_SETLEASE, _RW[lk["rw"]]))
+        except OSError as e:
+            why = "it is open for writing" if lk["rw"] == "READ" else "it is open"
+            raise _rec_refuse(rec, ctx, f"{text(lk)}: cannot be placed now ({e.strerror}): {why} "
+                              "elsewhere") from None
+        fcntl.fcntl(fd, F_SETLEASE, F_UNLCK)
+    finally:
+        os.close(fd)
 
 
 def validate(rec: dict, ctx, path: str) -> None:
     """Raises `file-lock` when a recorded lock's range is taken now (naming
     the holder) or image-invalid. Creates nothing."""
     locks = _check_list(rec, ctx)
+    for lk in locks:
+        if lk["kind"] == "LEASE":       # first, alone: the open below would count against a lease
+            _lease_placeable(rec, ctx, path, lk)
+    locks = [lk for lk in locks if lk["kind"] != "LEASE"]
     if not locks:
         return
     try:
@@ -243,13 +330,28 @@ def finish(rec: dict, ctx, task) -> None:
     process that takes them) and flock (flock(2): it belongs to the open
     file, but /proc/locks shows the pid that took it) in the new process.
     Raises `file-lock` or EngineError."""
-    mine = [lk for lk in _check_list(rec, ctx) if lk["kind"] in ("POSIX", "FLOCK")]
+    mine = [lk for lk in _check_list(rec, ctx) if lk["kind"] in ("POSIX", "FLOCK", "LEASE")]
     if not mine:
         return
     if getattr(task, "scratch", None) is None:
         raise EngineError(f"fd {rec['fd']}: no scratch memory in the new process for struct flock", pid=ctx.pid)
     for lk in mine:
-        if lk["kind"] == "FLOCK":
+        if lk["kind"] == "LEASE":
+            # the new process sets it: it becomes the owner lease breaks signal
+            ret = task.syscall(pidfd.syscall_nr("fcntl"), rec["fd"], F_SETLEASE, _RW[lk["rw"]])
+            if ret == -_errno.EAGAIN:
+                def again():
+                    r = task.syscall(pidfd.syscall_nr("fcntl"), rec["fd"], F_SETLEASE, _RW[lk["rw"]])
+                    if r == -_errno.EAGAIN:
+                        raise OSError(_errno.EAGAIN, "lease")
+                    return r
+                try:
+                    ret = _retrying(again)
+                except OSError:
+                    ret = -_errno.EAGAIN
+            if ret == 0 and lk["sig"]:
+                ret = task.syscall(pidfd.syscall_nr("fcntl"), rec["fd"], F_SETSIG, lk["sig"])
+        elif lk["kind"] == "FLOCK":
             op = (fcntl.LOCK_EX if lk["rw"] == "WRITE" else fcntl.LOCK_SH) | fcntl.LOCK_NB
             ret = task.syscall(pidfd.syscall_nr("flock"), rec["fd"], op)
         else:

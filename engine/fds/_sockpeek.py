@@ -22,19 +22,32 @@ Two traps of the datagram walk, both checked:
   (``ckpt check`` then ``ckpt dump``, or two ``--leave-running`` dumps)
   refuses; a restored process's queue is fresh and dumps again fine.
 - A peek of a message carrying SCM_RIGHTS installs duplicates of the
-  in-flight fds in *this* process (net/core/scm.c scm_detach_fds): they are
-  closed at once. Ancillary data of any kind makes the queue unrestorable
-  (the caller refuses).
+  in-flight fds in *this* process (net/core/scm.c scm_detach_fds). peek_all
+  closes them at once and refuses ancillary data of any kind;
+  peek_ancillary keeps them (and each message's SCM_CREDENTIALS) for the
+  caller to dump (engine/fds/_inflight.py).
+
+A stream peek glues the bytes of consecutive writes together, but stops
+after the first one that carries fds (net/unix/af_unix.c
+unix_stream_read_generic: "if (UNIXCB(skb).fp) break"), and, with
+SO_PASSCRED on, before a write of other credentials. Where the write with
+the fds begins inside such a chunk is found by peeking one byte at a time
+(binary search): a one-byte peek returns the fds exactly when that byte
+belongs to the write that carries them. The receiver gets the fds with
+the first byte of that write it reads, so the boundary matters.
 """
 
 from __future__ import annotations
 
 import array
+import ctypes
+import errno
 import fcntl
+import mmap
 import os
 import socket as _socket
 import struct
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 SO_PEEK_OFF = 42
 SIOCOUTQ = 0x5411
@@ -118,24 +131,196 @@ def _walk(s: _socket.socket, typ: int, max_msgs: int) -> List[bytes]:
         off += len(data)
 
 
-def replica_charge(typ: int, msgs: List[bytes]) -> int:
-    """SIOCOUTQ of a scratch socketpair's sender after sending `msgs`."""
+def peek_ancillary(dup: int, typ: int, max_msgs: int, held: List[int]):
+    """(messages, ancillary) of the socket `dup`'s receive queue, left in
+    place: ancillary[i] is None or {"fds": [fds installed here], "cred":
+    {"pid", "uid", "gid"}} of message i (stream: of segment i, split where
+    a write with fds begins and ends). Every fd installed here is also
+    appended to `held`: the caller closes them, whatever happens.
+
+    Raises Unreadable (other ancillary data, truncated ancillary data, the
+    walk did not end) or OSError."""
+    s = _socket.socket(fileno=os.dup(dup))
+    try:
+        prev = s.getsockopt(_socket.SOL_SOCKET, SO_PEEK_OFF)
+        try:
+            return _walk_ancillary(s, typ, max_msgs, held)
+        finally:
+            s.setsockopt(_socket.SOL_SOCKET, SO_PEEK_OFF, prev)
+    finally:
+        s.close()
+
+
+_CREDS = getattr(_socket, "SCM_CREDENTIALS", 2)
+
+
+def _peek_at(s: _socket.socket, off: int, size: int, held: List[int]):
+    """(data, fds, cred, flags) of one peek at offset `off`."""
+    s.setsockopt(_socket.SOL_SOCKET, SO_PEEK_OFF, off)
+    data, anc, mflags, _ = s.recvmsg(size, _ANCBUF, _socket.MSG_PEEK | _socket.MSG_DONTWAIT | MSG_CMSG_CLOEXEC)
+    fds, cred, other = [], None, []
+    for level, typ, raw in anc:
+        if level == _socket.SOL_SOCKET and typ == _socket.SCM_RIGHTS:
+            got = array.array("i")
+            got.frombytes(raw[:len(raw) - len(raw) % got.itemsize])
+            held.extend(got)
+            fds.extend(got)
+        elif level == _socket.SOL_SOCKET and typ == _CREDS and len(raw) >= 12:
+            pid, uid, gid = struct.unpack("iII", raw[:12])
+            cred = {"pid": pid, "uid": uid, "gid": gid}
+        else:
+            other.append(f"ancillary level {level} type {typ}")
+    if mflags & _socket.MSG_CTRUNC:
+        other.append("more ancillary data than fits a peek (MSG_CTRUNC)")
+    if other:
+        raise Unreadable("ancillary data queued: " + ", ".join(other))
+    return data, fds, cred, mflags
+
+
+def _close_now(fds: List[int], held: List[int]) -> None:
+    for fd in fds:
+        held.remove(fd)
+        os.close(fd)
+
+
+class _MsgHdr(ctypes.Structure):
+    _fields_ = [("name", ctypes.c_void_p), ("namelen", ctypes.c_uint32), ("iov", ctypes.c_void_p),
+                ("iovlen", ctypes.c_size_t), ("control", ctypes.c_void_p), ("controllen", ctypes.c_size_t),
+                ("flags", ctypes.c_int)]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.recvmsg.restype = ctypes.c_ssize_t
+_libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+
+
+def _rights_in(raw: bytes) -> bool:
+    """Whether raw control data holds SCM_RIGHTS (its fds are closed)."""
+    hdr = struct.Struct("Nii")
+    found, off = False, 0
+    while off + hdr.size <= len(raw):
+        n, level, typ = hdr.unpack_from(raw, off)
+        if n < hdr.size:
+            break
+        if level == _socket.SOL_SOCKET and typ == _socket.SCM_RIGHTS:
+            found = True
+            for fd in array.array("i", raw[off + hdr.size:off + n]):
+                os.close(fd)
+        off += _socket.CMSG_SPACE(n - hdr.size)
+    return found
+
+
+def _fd_write_start(s: _socket.socket, off: int, n: int, held: List[int]) -> int:
+    """Offset (within a stream chunk of `n` bytes peeked at `off`, ending
+    with the write that carries fds) where that write begins.
+
+    A stream peek that runs out of buffer still walks on to the next write
+    with fds and returns them (unix_stream_read_generic's peek branch goes
+    on with a zero-byte chunk), so a short peek does not tell. A peek into
+    a buffer whose first n - 1 bytes are mapped and the rest is not does:
+    each write's bytes are copied whole or the copy faults and the peek
+    stops there (copied so far, or EFAULT when nothing was), before the
+    fds are taken. It returns the bytes of the writes before the last."""
+    page = mmap.PAGESIZE
+    m = n - 1
+    size = (m + page - 1) // page * page + page
+    area = mmap.mmap(-1, size, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    try:
+        base = ctypes.addressof(ctypes.c_char.from_buffer(area))
+        guard = base + size - page
+        if _libc.mprotect(ctypes.c_void_p(guard), page, 0) != 0:
+            raise OSError(ctypes.get_errno(), "mprotect")
+        iov = (ctypes.c_void_p * 2)(guard - m, n)
+        ctl = ctypes.create_string_buffer(_ANCBUF)
+        hdr = _MsgHdr(None, 0, ctypes.addressof(iov), 1, ctypes.addressof(ctl), _ANCBUF, 0)
+        s.setsockopt(_socket.SOL_SOCKET, SO_PEEK_OFF, off)
+        got = _libc.recvmsg(s.fileno(), ctypes.byref(hdr),
+                            _socket.MSG_PEEK | _socket.MSG_DONTWAIT | MSG_CMSG_CLOEXEC)
+        err = ctypes.get_errno()
+        if got >= 0 and _rights_in(ctl.raw[:hdr.controllen]):
+            raise Unreadable("a peek that stopped before the write with fds returned fds")
+        del iov, hdr
+    finally:
+        try:
+            area.close()
+        except BufferError:
+            pass
+    if got < 0:
+        if err == errno.EFAULT:
+            return 0
+        raise OSError(err, os.strerror(err))
+    if not 0 <= got < n:
+        raise Unreadable(f"the write with fds could not be told apart in a {n}-byte chunk")
+    return got
+
+
+def _walk_ancillary(s: _socket.socket, typ: int, max_msgs: int, held: List[int]):
+    msgs: List[bytes] = []
+    ancs: list = []
+    off = 0
+    bufsize = 1 << 16
+    while True:
+        if len(msgs) > max_msgs:
+            raise Unreadable(f"the queue walk found more than {max_msgs} messages")
+        try:
+            data, fds, cred, mflags = _peek_at(s, off, bufsize, held)
+        except BlockingIOError:
+            return msgs, ancs
+        if typ in _STREAMISH:
+            if not data:
+                _close_now(fds, held)
+                return msgs, ancs
+            if len(data) == bufsize and bufsize < (1 << 28):
+                # The buffer, not a write with fds or other credentials,
+                # ended this peek: fds it returned may be a later write's.
+                _close_now(fds, held)
+                bufsize *= 4
+                continue
+            if fds:
+                start = _fd_write_start(s, off, len(data), held)
+                if start:
+                    msgs.append(data[:start])
+                    ancs.append({"cred": cred} if cred else None)
+                    data = data[start:]
+                    off += start
+        elif mflags & _socket.MSG_TRUNC:
+            _close_now(fds, held)
+            bufsize *= 4
+            continue
+        a = {}
+        if fds:
+            a["fds"] = fds
+        if cred:
+            a["cred"] = cred
+        msgs.append(data)
+        ancs.append(a or None)
+        off += len(data)
+
+
+def replica_charge(typ: int, msgs: List[bytes], nfds: Optional[List[int]] = None) -> int:
+    """SIOCOUTQ of a scratch socketpair's sender after sending `msgs`
+    (message i with nfds[i] fds in flight: copies of /dev/null)."""
     a, b = _socket.socketpair(_socket.AF_UNIX, typ | _socket.SOCK_CLOEXEC)
+    null = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC) if nfds and any(nfds) else -1
     try:
         need = sum(len(m) for m in msgs) * 2 + 4096 * (len(msgs) + 1) + (1 << 20)
         a.setsockopt(_socket.SOL_SOCKET, 32, need // 2)   # SO_SNDBUFFORCE
-        for m in msgs:
-            a.send(m, _socket.MSG_DONTWAIT)
+        for i, m in enumerate(msgs):
+            n = nfds[i] if nfds else 0
+            anc = [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, array.array("i", [null] * n).tobytes())] if n else []
+            a.sendmsg([m], anc, _socket.MSG_DONTWAIT)
         return outq(a.fileno())
     finally:
+        if null >= 0:
+            os.close(null)
         a.close()
         b.close()
 
 
-def check_messages(typ: int, msgs: List[bytes], sender_charge: int) -> None:
+def check_messages(typ: int, msgs: List[bytes], sender_charge: int, nfds: Optional[List[int]] = None) -> None:
     """Raise Unreadable unless `msgs` account for exactly the sender's
     charge (datagram and seqpacket only)."""
-    got = replica_charge(typ, msgs)
+    got = replica_charge(typ, msgs, nfds)
     if got != sender_charge:
         raise Unreadable(f"the peeked messages ({len(msgs)}, {sum(len(m) for m in msgs)} bytes) do not "
                          f"account for the queue (sender charge {sender_charge}, expected {got}): "

@@ -19,10 +19,15 @@ exists.
 SO_PEERCRED: the pair is made by a helper with the pid and credentials
 its creator had (_peercred), also when that process has exited.
 
-Known limit: the queued messages come back sent by the restorer; their
-hidden sender credentials (visible only if the process turns SO_PASSCRED
-on later) are not kept. With SO_PASSCRED on at dump and data queued, the
-pair is refused. A stream queue is refilled in fewer, larger buffers than
+Ancillary data queued (files in flight in SCM_RIGHTS, SCM_CREDENTIALS
+with SO_PASSCRED on at the receiving end): _inflight, recorded per message
+in rec["anc"] beside rec["lengths"] (a stream's lengths then split where
+a write with fds begins and ends), refilled in the same messages and
+peeked again after the refill.
+
+Known limit: with SO_PASSCRED off, the queued messages come back sent by
+the restorer; their hidden sender credentials (visible only if the
+process turns SO_PASSCRED on later) are not kept. A stream queue is refilled in fewer, larger buffers than
 the original writes may have made, so the sender's charge (SIOCOUTQ, and
 how much more it may write before blocking) can differ slightly; datagram
 charges are identical.
@@ -36,7 +41,7 @@ from typing import Dict, List, Optional, Tuple
 
 from .. import netdiag, pidfd
 from ..errors import EngineError
-from . import _peercred, _sockopts, _sockpeek, _sys
+from . import _inflight, _peercred, _sockopts, _sockpeek, _sys
 from ._dups import is_follower
 from ._sockbase import (UNIX_TYPES as TYPES, check_options, dup_of, fresh_options, held_here, inode_of,
                         option_refusal, options, outside_holders, unix_diag as _diag)
@@ -91,23 +96,12 @@ def pair_classify(info, ctx, q: dict) -> dict:
         charge = _sockpeek.outq(theirs)
         queued = _sys.fionread(mine)
         msgs: List[bytes] = []
+        anc: Optional[list] = None
         if charge or queued:
             if d["shutdown"] & netdiag.RCV_SHUTDOWN and typ != _socket.SOCK_STREAM:
                 raise refuse(info, "socket", f"unix {tname} socketpair end shut down for reading "
                              "with messages queued")
-            try:
-                msgs = _sockpeek.peek_all(mine, typ, _sockpeek.max_messages(charge))
-                if typ == _socket.SOCK_STREAM:
-                    got = sum(len(m) for m in msgs)
-                    if got != queued:
-                        raise _sockpeek.Unreadable(f"peeked {got} bytes of {queued} queued")
-                else:
-                    _sockpeek.check_messages(typ, msgs, charge)
-            except _sockpeek.Unreadable as e:
-                raise refuse(info, "socket", f"unix {tname} socketpair: {e}") from None
-            except OSError as e:
-                raise EngineError(f"peeking pid {info.pid} fd {info.fd}: {e.strerror}", pid=info.pid,
-                                  errno=e.errno) from e
+            msgs, anc = _peek_queue(info, ctx, mine, typ, charge, queued, f"unix {tname} socketpair")
         if typ != _socket.SOCK_STREAM and _sockopts.as_int(opts.get("SO_PEEK_OFF")) >= 0 and \
                 any(not m for m in msgs):
             # The process peeks at offsets itself: which empty datagrams it
@@ -115,15 +109,57 @@ def pair_classify(info, ctx, q: dict) -> dict:
             # and fresh messages at restore would all be unseen.
             raise refuse(info, "socket", f"unix {tname} socketpair: empty datagrams queued while the "
                          "process uses SO_PEEK_OFF")
-        if msgs and (_sockopts.as_int(opts.get("SO_PASSCRED")) or _sockopts.as_int(peer_opts.get("SO_PASSCRED"))):
-            raise refuse(info, "socket", f"unix {tname} socketpair with SO_PASSCRED and queued data: the "
-                         "senders' credentials cannot be reproduced")
+        if msgs and _sockopts.as_int(opts.get("SO_PASSCRED")) and not all(_inflight.cred_of(a) for a in anc):
+            raise refuse(info, "socket", f"unix {tname} socketpair with SO_PASSCRED and queued data whose "
+                         "senders' credentials the peek did not show")
     total = sum(len(m) for m in msgs)
     rec = {"sock": "unix-pair", "type": typ, "inode": ino, "peer": peer, "opts": opts, "set": setnames, "cred": cred,
            "shutdown": d["shutdown"], "lengths": [len(m) for m in msgs], "fionread": queued,
            "data_len": total, "_data": b"".join(msgs)}
+    if anc and any(anc):
+        rec["anc"] = anc
     ctx.shared[key] = rec
     return rec
+
+
+def _peek_queue(info, ctx, mine: int, typ: int, charge: int, queued: int, what: str):
+    """(messages, ancillary records or None) of the receive queue of the
+    target's socket (duplicate `mine`), left in place. Files in flight are
+    described (check) or dumped (dump: ctx.image) by their kinds' modules
+    and credentials checked (_inflight); raises the `socket` refusal naming
+    what cannot be restored, EngineError when the queue cannot be read."""
+    held: List[int] = []
+    try:
+        try:
+            msgs, anc = _sockpeek.peek_ancillary(mine, typ, _sockpeek.max_messages(charge), held)
+            if typ == _socket.SOCK_STREAM:
+                got = sum(len(m) for m in msgs)
+                if got != queued:
+                    raise _sockpeek.Unreadable(f"peeked {got} bytes of {queued} queued")
+            else:
+                _sockpeek.check_messages(typ, msgs, charge, [len((a or {}).get("fds") or []) for a in anc])
+        except _sockpeek.Unreadable as e:
+            raise refuse(info, "socket", f"{what}: {e}") from None
+        except OSError as e:
+            raise EngineError(f"peeking pid {info.pid} fd {info.fd}: {e.strerror}", pid=info.pid,
+                              errno=e.errno) from e
+        out = []
+        for i, a in enumerate(anc):
+            if a is None:
+                out.append(None)
+                continue
+            where = f"{what}: queued message {i + 1} of {len(msgs)}"
+            rec = {}
+            if a.get("fds"):
+                rec["fds"] = _inflight.dump_fds(info, ctx, a["fds"], where) if ctx.image is not None else \
+                    _inflight.classify_fds(info, ctx, a["fds"], where)
+            if a.get("cred"):
+                _inflight.check_cred(info, ctx, a["cred"], where)
+                rec["cred"] = a["cred"]
+            out.append(rec)
+        return msgs, out
+    finally:
+        _inflight.close_all(held)
 
 
 def _in_tree(ctx, inode: int) -> Tuple[int, List[int]]:
@@ -148,7 +184,8 @@ def pair_text(rec: dict) -> str:
     what = f"{rec['data_len']} bytes queued" if rec["type"] == _socket.SOCK_STREAM else \
         f"{n} messages ({rec['data_len']} bytes) queued"
     sh = f", shutdown {rec['shutdown']}" if rec["shutdown"] else ""
-    return f"unix {TYPES[rec['type']]} socketpair end (peer inode {rec['peer']}), {what}{sh}"
+    return f"unix {TYPES[rec['type']]} socketpair end (peer inode {rec['peer']}), {what}{sh}" + \
+        _inflight.text(rec.get("anc"))
 
 
 def pair_dump(info, ctx, q: dict) -> dict:
@@ -158,7 +195,7 @@ def pair_dump(info, ctx, q: dict) -> dict:
     if data:
         rec["data"] = f"fds/sock-{rec['inode']}"
         ctx.image.write_bytes(rec["data"], data)
-    if rec["type"] == _socket.SOCK_STREAM:
+    if rec["type"] == _socket.SOCK_STREAM and not rec.get("anc"):
         rec["lengths"] = [rec["data_len"]] if rec["data_len"] else []
     return rec
 
@@ -184,6 +221,7 @@ def pair_validate(rec: dict, ctx) -> None:
         raise refuse_rec(rec, ctx, "image-invalid", "socket queue lengths do not add up")
     if rec.get("data"):
         ctx.image.path(rec["data"])
+    _inflight.validate(rec, ctx)
     why = _peercred.restore_problem(rec["cred"]) if rec.get("cred") else None
     if why:
         raise refuse_rec(rec, ctx, "peer-pid-in-use", f"unix socketpair: {why}")
@@ -233,7 +271,7 @@ def _build_pair(a_rec: dict, b_rec: dict, ctx) -> Tuple[_socket.socket, _socket.
             if _buf(send, "SO_SNDBUF") < need:
                 _sockopts.set_buffer(send, "SO_SNDBUF", need)
                 late_extra.add((id(send), "SO_SNDBUF"))
-            _sockpeek.fill(send, typ, msgs)
+            _inflight.fill(send, typ, msgs, rrec.get("anc"), ctx)
         for s, r in ends:
             for name in _BUFS:
                 if (id(s), name) in late_extra:
@@ -273,6 +311,28 @@ def _check_end(s: _socket.socket, r: dict, ctx) -> None:
     if _sys.fionread(s.fileno()) != r["fionread"]:
         raise refuse_rec(r, ctx, "socket", f"{_sys.fionread(s.fileno())} bytes readable after the refill, "
                          f"was {r['fionread']}")
+    if r.get("anc"):
+        _check_ancillary(s, r, ctx)
+
+
+def _check_ancillary(s: _socket.socket, r: dict, ctx) -> None:
+    """The rebuilt queue peeks as recorded: the same messages (stream: the
+    same writes with fds), the same numbers and kinds of fds in flight,
+    the same credentials. Raises the `socket` refusal."""
+    from . import classify_kind
+    from ._inflight import _here
+    held: List[int] = []
+    try:
+        msgs, anc = _sockpeek.peek_ancillary(s.fileno(), r["type"], len(r["lengths"]) + 2, held)
+        got = _inflight.shape(msgs, anc, lambda fd: classify_kind(_here(fd)))
+    except (_sockpeek.Unreadable, OSError) as e:
+        raise refuse_rec(r, ctx, "socket", f"the rebuilt queue cannot be peeked: {e}") from None
+    finally:
+        _inflight.close_all(held)
+    want = _inflight.shape([b"x" * n for n in r["lengths"]], r["anc"])
+    if got != want:
+        raise refuse_rec(r, ctx, "socket", f"the rebuilt queue (length, fds in flight, credentials per "
+                         f"message) is {got[:4]}..., was {want[:4]}...")
 
 
 def pair_restore(rec: dict, ctx) -> int:

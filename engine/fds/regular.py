@@ -31,7 +31,10 @@ def preflight(info, path: str, locks_ok: bool = False) -> None:
         raise Refusal("file-lock", f"holds a file lock ({' '.join(locks[0].split()[1:4])}) on a file of this "
                       "kind; locks are restored on regular files that keep their name only",
                       pid=info.pid, fd=info.fd, path=path)
-    if info.flags & getattr(os, "O_ASYNC", 0o20000):
+    # F_SETLEASE turns O_ASYNC on (lease breaks are signalled through
+    # fasync, fs/locks.c lease_setup); the restored lease sets it again.
+    leased = locks_ok and any(lk.split()[1:2] == ["LEASE"] for lk in locks)
+    if info.flags & getattr(os, "O_ASYNC", 0o20000) and not leased:
         raise Refusal("unsupported-state", "O_ASYNC signal-driven I/O is not restored",
                       pid=info.pid, fd=info.fd, path=path)
 
@@ -61,8 +64,16 @@ def classify(info, ctx) -> str:
 
 
 def dump(info, ctx) -> dict:
-    rec = {"file": files.record_identity(info.link, info.proc_path, ctx, fd=info.fd, pid=info.pid)}
     locks = _locks.record(info, ctx)
+    if any(lk["kind"] == "LEASE" for lk in locks):
+        # any open of a file with a write lease breaks it (a read lease: an
+        # open for writing): read the target's own open file instead
+        from .. import pidfd
+        with pidfd.target_fd(info.pid, info.fd) as dup:
+            rec = {"file": files.record_identity(info.link, info.proc_path, ctx, fd=info.fd, pid=info.pid,
+                                                 opened=dup)}
+    else:
+        rec = {"file": files.record_identity(info.link, info.proc_path, ctx, fd=info.fd, pid=info.pid)}
     if locks:
         rec["locks"] = locks
     return rec
@@ -81,7 +92,8 @@ def open_checked(rec: dict, ctx) -> int:
     (closing the race between validate() and open())."""
     ident = rec["file"]
     try:
-        fd = os.open(ident["path"], (rec["flags"] & ~_OPEN_ONLY) | os.O_CLOEXEC)
+        # O_ASYNC comes back with a lease (_locks.finish), never from open(2)
+        fd = os.open(ident["path"], (rec["flags"] & ~_OPEN_ONLY & ~getattr(os, "O_ASYNC", 0o20000)) | os.O_CLOEXEC)
     except FileNotFoundError:
         raise Refusal("file-missing", "no file at this path any more", pid=ctx.pid,
                       fd=rec["fd"], path=ident["path"]) from None

@@ -8,7 +8,8 @@ Restored (one module each):
 
 - unix socketpairs (stream, dgram, seqpacket) with both ends held by the
   process only, queued data both ways, shutdown state and options
-  (_unixpair);
+  (_unixpair), files in flight in SCM_RIGHTS messages and SCM_CREDENTIALS
+  (_inflight);
 - unix stream/seqpacket listeners, path-bound or abstract, with an empty
   accept queue (_unixlisten);
 - connections waiting in such a listener's accept queue, whose connecting
@@ -48,7 +49,9 @@ from ._sockbase import UNIX_TYPES, is_tcp, is_udp, same_netns
 from ._util import check_async, refuse, refuse_rec
 
 KIND = "socket"
-REASONS = ("socket", "tcp-lock", "peer-pid-in-use", "unsupported-state", "image-invalid")
+# and, for files in flight in a unix socket's queue, their own kinds' (_inflight)
+REASONS = ("socket", "tcp-lock", "peer-pid-in-use", "unsupported-state", "image-invalid",
+           "unsupported-fd", "file-missing", "file-changed", "unlinked-too-large")
 
 _TYPES = {_socket.SOCK_STREAM: "stream", _socket.SOCK_DGRAM: "dgram", _socket.SOCK_SEQPACKET: "seqpacket",
           _socket.SOCK_RAW: "raw"}

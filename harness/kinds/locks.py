@@ -1,6 +1,14 @@
 """``lock``: a file opened by name (read-write) holding a file lock:
-``{fd: 3, lock: flock|posix|ofd, path: data, mode: read|write, start, len}``
-(``len`` 0: to the end of the file; flock locks the whole file).
+``{fd: 3, lock: flock|posix|ofd|lease, path: data, mode: read|write, start, len}``
+(``len`` 0: to the end of the file; flock locks the whole file). A
+``lease`` is taken with F_SETLEASE on an open for reading (a read lease)
+or for reading and writing (a write lease), with F_SETSIG SIGURG (ignored
+by default: a lease break must not kill the workload); ``outside: lock``
+makes another process hold a read lease too, ``outside: break`` makes one
+open the file (O_NONBLOCK: turned away) so that the lease is being broken
+at the dump - refusals. The lease checker reads it back (fdinfo,
+F_GETLEASE, its owner must be the process, F_GETSIG) and, in the mutate
+phase, has a child open the file: the lease must turn it away.
 ``outside: lock`` makes a process outside the dump hold another lock on
 the same file (a shared lock on a range that does not conflict), ``outside:
 wait`` one that waits for this lock: both are refusals (``file-lock``).
@@ -29,11 +37,23 @@ F_OFD_GETLK, F_OFD_SETLK = 36, 37
 
 
 def fields(s) -> dict:
-    return {"lock": s.Enum(("flock", "posix", "ofd")), "path": s.Path(), "mode": s.Enum(("read", "write")),
-            "start": s.Int(0), "len": s.Int(0), "outside": s.Enum(("lock", "wait"))}
+    return {"lock": s.Enum(("flock", "posix", "ofd", "lease")), "path": s.Path(), "mode": s.Enum(("read", "write")),
+            "start": s.Int(0), "len": s.Int(0), "outside": s.Enum(("lock", "wait", "break"))}
+
+
+F_SETLEASE, F_GETLEASE, F_SETSIG, F_GETSIG = 1024, 1025, 10, 11
+LEASE_SIGNAL = 23      # SIGURG
 
 
 def validate(e: dict, fds: dict) -> List[tuple]:
+    if e["lock"] == "lease":
+        if "start" in e or "len" in e:
+            return [("start", "a lease covers the whole file: no start/len")]
+        if e.get("outside") == "wait" or (e.get("outside") == "lock" and e.get("mode", "write") != "read"):
+            return [("outside", "another holder of a lease holds a read lease beside a read lease; "
+                     "a lease has no waiters (outside: break)")]
+    elif e.get("outside") == "break":
+        return [("outside", "only a lease is broken")]
     if e["lock"] == "flock" and ("start" in e or "len" in e):
         return [("start", "flock locks the whole file: no start/len")]
     if e.get("outside") == "wait" and (e["lock"] == "posix" or e.get("mode", "write") != "write"):
@@ -61,10 +81,42 @@ def _take(fd: int, e: dict, wait: bool = False) -> None:
         fcntl.fcntl(fd, 38 if wait else F_OFD_SETLK, _struct(_rw(e), start, length))   # F_OFD_SETLKW
 
 
+def _lease_flags(e: dict) -> int:
+    return os.O_RDWR if e.get("mode", "write") == "write" else os.O_RDONLY
+
+
+def _break_open(path: str, e: dict) -> str:
+    """From a fresh child: open `path` the way that breaks the entry's lease,
+    without waiting: 'turned away' (EWOULDBLOCK) or 'opened'."""
+    r, w = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - child
+        try:
+            flags = os.O_RDONLY if e.get("mode", "write") == "write" else os.O_WRONLY
+            try:
+                os.close(os.open(path, flags | os.O_NONBLOCK))
+                ans = "opened"
+            except BlockingIOError:
+                ans = "turned away"
+            os.write(w, ans.encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    ans = os.read(r, 64).decode()
+    os.close(r)
+    os.waitpid(child, 0)
+    return ans
+
+
 def _outsider(path: str, e: dict) -> int:
     """A process outside the workload's tree holding a lock on `path` that
     does not conflict, or waiting for this one."""
     def lock(ready):
+        if e["lock"] == "lease":
+            fd = os.open(path, os.O_RDONLY)
+            fcntl.fcntl(fd, F_SETLEASE, fcntl.F_RDLCK)       # a second read lease
+            ready()
+            return
         fd = os.open(path, os.O_RDWR)
         if e.get("outside") == "lock":
             if e["lock"] == "flock":
@@ -91,6 +143,15 @@ def _outsider(path: str, e: dict) -> int:
 
 def opener(e: dict, ctx: Ctx) -> List[Opened]:
     path = os.path.join(ctx.workdir, e["path"])
+    if e["lock"] == "lease":
+        fd = os.open(path, _lease_flags(e))
+        fcntl.fcntl(fd, F_SETLEASE, _rw(e))
+        fcntl.fcntl(fd, F_SETSIG, LEASE_SIGNAL)
+        if e.get("outside") == "lock":
+            ctx.helpers.append(_outsider(path, e))
+        elif e.get("outside") == "break":
+            _break_open(path, e)        # the lease is being broken from now on
+        return [Opened(fd, int(e["fd"]), "lock")]
     fd = os.open(path, os.O_RDWR)
     if e["lock"] != "posix":
         _take(fd, e)           # flock and OFD locks belong to the open file: they move with it
@@ -151,6 +212,21 @@ def checker(e: dict, recs: List[dict], ctx: Ctx, phase: str) -> List[dict]:
     rec = recs[0]
     fd = rec["fd"]
     out = []
+    if e["lock"] == "lease":
+        path = os.path.join(ctx.workdir, e["path"])
+        breaking = e.get("outside") == "break"
+        if phase == "inspect":
+            if not breaking:     # a break ends by itself after lease-break-time (45 s): the line goes
+                out.append(check(fd, "the lease, as fdinfo shows it", rec["extra"].get("locks"), _lines(fd)))
+            # being broken (or broken), a lease reads as what it is to become: F_UNLCK
+            want = fcntl.F_UNLCK if breaking else _rw(e)
+            out.append(check(fd, "F_GETLEASE, owner (F_GETOWN), F_GETSIG", [want, os.getpid(), LEASE_SIGNAL],
+                             [fcntl.fcntl(fd, F_GETLEASE), fcntl.fcntl(fd, fcntl.F_GETOWN),
+                              fcntl.fcntl(fd, F_GETSIG)]))
+        elif phase == "mutate" and not breaking:
+            out.append(check(fd, "the lease turns away an open that would break it", "turned away",
+                             _break_open(path, e)))
+        return out
     if phase == "inspect":
         out.append(check(fd, "the lock, as fdinfo shows it", rec["extra"].get("locks"), _lines(fd)))
         want = f"pid {os.getpid()}" if e["lock"] == "posix" else "blocked"

@@ -12,7 +12,11 @@ frame (its stack) and the count it kept are the ones recorded.
 ``children``: processes the workload forks (a process tree, engine/tree.py),
 see :class:`Child`; each is judged after the restore: same pid, parent,
 group and session, the value in its own memory, its call's return, and
-the exit status its parent's waitpid() collects (a zombie's too).
+the exit status its parent's waitpid() collects (a zombie's too); with
+``share: [files, fs]`` it is made by clone(CLONE_FILES / CLONE_FS) and
+must still share (kcmp) exactly those with the workload - and prove it: a
+memfd it opens is open in the workload at that number, a umask it sets is
+the workload's.
 
 Expected values come from the scenario, and where the kernel adjusts a
 value (the SA_RESTORER libc adds, an itimer's remaining time) from what the
@@ -55,6 +59,7 @@ BLOCKED_IN = ("sleep", "read", "lock", "cond", "join")
 THREAD_WAKE_S = 10.0
 CHILD_IN = ("sleep", "read", "zombie")
 CHILD_GROUPS = ("parent", "own")
+CHILD_SHARE = {"files": (sysapi.CLONE_FILES, sysapi.KCMP_FILES), "fs": (sysapi.CLONE_FS, sysapi.KCMP_FS)}
 
 
 def fields(s) -> dict:
@@ -72,7 +77,8 @@ def fields(s) -> dict:
         "threads": s.List_(s.Map({"blocked_in": s.Enum(BLOCKED_IN, "a call a thread can block in:")},
                                  required=("blocked_in",))),
         "children": s.List_(s.Map({"blocked_in": s.Enum(CHILD_IN, "what a child does:"),
-                                   "exit": s.Int(0, 255), "group": s.Enum(CHILD_GROUPS)},
+                                   "exit": s.Int(0, 255), "group": s.Enum(CHILD_GROUPS),
+                                   "share": s.List_(s.Enum(tuple(CHILD_SHARE), "what a child can share:"))},
                                   required=("blocked_in",))),
     }
 
@@ -84,6 +90,12 @@ def validate(p: dict) -> List[tuple]:
             out.append((f"pending[{i}]", f"{x['signal']} must be blocked to stay pending"))
         if "value" in x and not x["signal"].startswith("SIGRTMIN"):
             out.append((f"pending[{i}].value", "only real-time signals queue a value"))
+    for i, c in enumerate(p.get("children", [])):
+        share = c.get("share", [])
+        if len(set(share)) != len(share):
+            out.append((f"children[{i}].share", "each at most once"))
+        if share and c["blocked_in"] == "zombie":
+            out.append((f"children[{i}].share", "a zombie holds no fd table or fs to share"))
     return out
 
 
@@ -238,19 +250,25 @@ class Child:
         self.index, self.how = index, spec["blocked_in"]
         self.code = int(spec.get("exit", 10 + index))
         self.own_group = spec.get("group") == "own"
+        self.share = list(spec.get("share") or [])
         wake_r, self.wake_w = os.pipe()
         self.rep_r, rep_w = os.pipe()
-        pid = os.fork()
+        flags = sum(CHILD_SHARE[w][0] for w in self.share)
+        pid = sysapi.clone_process(flags) if flags else os.fork()
+        # A shared fd table is one table: a close on either side closes for both.
+        mine = "files" not in self.share
         if pid == 0:
             code = 99
             try:
-                os.close(self.wake_w)
-                os.close(self.rep_r)
+                if mine:
+                    os.close(self.wake_w)
+                    os.close(self.rep_r)
                 code = self._child(wake_r, rep_w)
             finally:
                 os._exit(code)
-        os.close(wake_r)
-        os.close(rep_w)
+        if mine:
+            os.close(wake_r)
+            os.close(rep_w)
         self.pid = pid
         self.hello: Dict[str, object] = {}
 
@@ -268,9 +286,21 @@ class Child:
             while not select.select([wake], [], [], 0.05)[0]:
                 ticks += 1
         got = os.read(wake, 16).decode()
+        probe = {}
+        if "files" in self.share:       # open in the workload too, at this number
+            probe["fd"] = os.memfd_create(self.probe_name())
+        if "fs" in self.share:          # the workload's umask too
+            os.umask(self.probe_umask())
+            probe["umask"] = self.probe_umask()
         os.write(rep, (json.dumps({"pid": os.getpid(), "ppid": os.getppid(), "value": mine, "ticks": ticks,
-                                   "got": got}) + "\n").encode())
+                                   "got": got, "probe": probe}) + "\n").encode())
         return self.code
+
+    def probe_name(self) -> str:
+        return f"crucible-share-{self.index}"
+
+    def probe_umask(self) -> int:
+        return 0o027 + self.index % 8 * 0o100
 
     def _line(self, seconds: float) -> dict:
         import json
@@ -315,13 +345,24 @@ def _child_checks(p: dict, seen: dict, phase: str) -> List[dict]:
             out.append(check(None, f"{what}: session", os.getsid(0), st["sid"]))
             out.append(check(None, f"{what}: a zombie" if ch.how == "zombie" else f"{what}: alive",
                              ch.how == "zombie", st["state"] == "Z"))
-    elif phase == "mutate":
-        for ch in _CHILDREN:
             if ch.how != "zombie":
+                for name, (_, kind) in CHILD_SHARE.items():
+                    try:
+                        same = sysapi.kcmp(me, r["pid"], kind) == 0
+                    except OSError as e:
+                        same = f"kcmp: {e.strerror}"
+                    out.append(check(None, f"{what}: shares this process's {name} (kcmp)", name in ch.share, same))
+    elif phase == "mutate":
+        umask = os.umask(0)
+        os.umask(umask)
+        for ch in _CHILDREN:
+            if ch.how != "zombie" and "fs" not in ch.share:
                 os.write(ch.wake_w, b"wake")
         for ch, r in zip(_CHILDREN, recs):
             what = f"child {ch.index} ({ch.how})"
             if ch.how != "zombie":
+                if "fs" in ch.share:     # one at a time: their umasks are one
+                    os.write(ch.wake_w, b"wake")
                 rep = ch._line(THREAD_WAKE_S)
                 out.append(check(None, f"{what}: getpid() is the recorded pid", r["pid"], rep.get("pid")))
                 out.append(check(None, f"{what}: getppid() is this process", me, rep.get("ppid")))
@@ -329,12 +370,33 @@ def _child_checks(p: dict, seen: dict, phase: str) -> List[dict]:
                 out.append(check(None, f"{what}: its call returned", "wake", rep.get("got")))
                 if ch.how == "sleep":
                     out.append(check(None, f"{what}: it ticked", True, int(rep.get("ticks") or 0) > 0))
+                out += _probe_checks(ch, what, rep.get("probe") or {}, umask)
             try:
                 _, status = os.waitpid(r["pid"], 0)
                 got = os.WEXITSTATUS(status) if os.WIFEXITED(status) else f"signal {os.WTERMSIG(status)}"
             except ChildProcessError as e:
                 got = f"waitpid: {e.strerror}"
             out.append(check(None, f"{what}: waitpid() status", ch.code, got))
+    return out
+
+
+def _probe_checks(ch: "Child", what: str, probe: dict, umask: int) -> List[dict]:
+    """What a child sharing this process's fd table or fs did, seen here;
+    then undone (the memfd closed, the umask put back)."""
+    out = []
+    if "files" in ch.share:
+        fd = probe.get("fd")
+        try:
+            link = os.readlink(f"/proc/self/fd/{fd}")
+            os.close(fd)
+        except (OSError, TypeError) as e:
+            link = f"fd {fd}: {getattr(e, 'strerror', e)}"
+        out.append(check(None, f"{what}: the memfd it opened is open here", f"/memfd:{ch.probe_name()} (deleted)",
+                         link))
+    if "fs" in ch.share:
+        now = os.umask(umask)
+        out.append(check(None, f"{what}: the umask it set is this process's", f"{ch.probe_umask():04o}",
+                         f"{now:04o}"))
     return out
 
 
@@ -386,7 +448,7 @@ def observe(p: dict) -> dict:
             "blocked": status()["SigBlk"],
             "itimers": {n: list(signal.getitimer(ITIMERS[n])) for n in (p.get("itimers") or {})},
             "threads": [{"how": b.how, "tid": b.tid, "value": b.value, "count": b.count} for b in _THREADS],
-            "children": [dict(c.hello, how=c.how) for c in _CHILDREN],
+            "children": [dict(c.hello, how=c.how, share=c.share) for c in _CHILDREN],
             "at": time.time()}
 
 

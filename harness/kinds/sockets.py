@@ -9,7 +9,12 @@ datagram socket keeps its datagram and its source (``sender: outside``: the
 sending socket stays bound in a process outside the dump, so the datagram
 cannot be re-sent from its source at restore). A unix-pending or
 tcp-pending listener has one connection waiting in its accept queue (its
-connecting end at ``peer_fd``, or ``sender: outside``). Unix sockets report SO_PEERCRED as
+connecting end at ``peer_fd``, or ``sender: outside``). A unix-pair may
+have files in flight at ``fd`` (``carry``: one message after ``data``
+with a file of each kind listed, which the sender closed: the checker
+receives them and compares name, flags, offset and contents) and
+SCM_CREDENTIALS (``passcred``: SO_PASSCRED on at ``fd``, a child under
+other credentials wrote first and exited). Unix sockets report SO_PEERCRED as
 made (``creator: exited-child``: a unix-pair made by a child under other
 credentials that has exited; ``outside``: by a live process outside the
 dump). A netlink-route socket keeps its port id and answers a request on it (``data``: a reply is left queued
@@ -47,10 +52,14 @@ _NETLINK_ROUTE, _RTM_GETLINK, _NLM_F_REQUEST = 0, 18, 1
 PAIRS = ("unix-pair", "tcp-established", "tcp-half-closed")
 
 
+CARRY = ("file", "memfd", "eventfd", "pipe", "socket")
+
+
 def fields(s) -> dict:
     return {"socket": s.Enum(SOCKETS), "peer_fd": s.FdNum(), "path": s.Path(), "data": s.Data(),
             "peer_data": s.Data(), "sender": s.Enum(("inside", "outside")),
-            "creator": s.Enum(("self", "exited-child", "outside"))}
+            "creator": s.Enum(("self", "exited-child", "outside")),
+            "carry": s.List_(s.Enum(CARRY)), "passcred": s.Bool()}
 
 
 def fd_numbers(e: dict) -> List[int]:
@@ -79,6 +88,9 @@ def validate(e: dict, fds: dict) -> List[tuple]:
         return [("path", f"a {sock} socket needs a path")]
     if e.get("creator", "self") != "self" and sock != "unix-pair":
         return [("creator", "only a unix-pair is made by another process")]
+    for k in ("carry", "passcred"):
+        if k in e and sock != "unix-pair":
+            return [(k, "only a unix-pair has files or credentials in flight here")]
     if "sender" in e and sock not in ("udp", "udp6", "unix-pending", "tcp-pending", "tcp-established",
                                       "tcp-half-closed"):
         return [("sender", "only udp, unix-pending, tcp-pending and tcp-* sockets have a sender")]
@@ -97,9 +109,18 @@ def opener(e: dict, ctx: Ctx) -> List[Opened]:
             a, b, cred = _pair_from_outside(ctx)
         else:
             (a, b), cred = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM), _own_cred()
-        b.sendall(payload)
         a.sendall(back)
-        return [Opened(a.detach(), int(e["fd"]), "sock", {"peercred": cred}),
+        extra = {"peercred": cred}
+        if e.get("passcred"):
+            # on before the sends: newer kernels attach credentials only
+            # while one end has it (and `a` sends no more: a sender with
+            # SO_PASSCRED is autobound to a name)
+            a.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+            extra["child_cred"] = _send_from_child(b)
+        b.sendall(payload)
+        if e.get("carry"):
+            extra["carried"] = _send_carried(b, e["carry"], ctx)
+        return [Opened(a.detach(), int(e["fd"]), "sock", extra),
                 Opened(b.detach(), int(e["peer_fd"]), "peer", {"peercred": cred})]
     if kind == "unix-listen":
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -206,6 +227,102 @@ def peer_cred(fd: int) -> list:
         return [pid, uid, gid, sorted(struct.unpack(f"{len(raw) // 4}I", raw))]
     finally:
         s.close()
+
+
+def _send_from_child(b: socket.socket) -> list:
+    """A child under other credentials sends FROM_CHILD on `b` and exits
+    (reaped here): its pid, uid and gid, as SCM_CREDENTIALS shows them."""
+    child = os.fork()
+    if child == 0:  # pragma: no cover - child
+        try:
+            os.setresgid(CHILD_GID, CHILD_GID, CHILD_GID)
+            os.setresuid(CHILD_UID, CHILD_UID, CHILD_UID)
+            b.sendall(FROM_CHILD)
+        finally:
+            os._exit(0)
+    os.waitpid(child, 0)
+    return [child, CHILD_UID, CHILD_GID]
+
+
+FROM_CHILD, CARRIED = b"from-a-child|", b"|carried"
+
+
+def _send_carried(b: socket.socket, carry: List[str], ctx: Ctx) -> list:
+    """One message CARRIED on `b` with a file of each kind in flight; the
+    sender closes its copies (the message is their only holder). Returns
+    their descriptions (_carried_text), in order."""
+    fds, own = [], []
+    for i, kind in enumerate(carry):
+        if kind == "file":
+            fd = os.open(os.path.join(ctx.workdir, f"carried-{i}"), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.write(fd, b"a file in flight %d" % i)
+            os.lseek(fd, 2 + i, os.SEEK_SET)
+        elif kind == "memfd":
+            fd = os.memfd_create(f"carried-{i}")
+            os.write(fd, b"a memfd in flight %d" % i)
+            os.lseek(fd, 3 + i, os.SEEK_SET)
+        elif kind == "eventfd":
+            fd = os.eventfd(5 + i)
+        elif kind == "pipe":
+            fd, w = os.pipe()
+            own.append(w)
+        else:
+            c, d = socket.socketpair()
+            fd = c.detach()
+            own.append(d.detach())
+        fds.append(fd)
+    texts = [_carried_text(fd) for fd in fds]
+    b.sendmsg([CARRIED], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))])
+    for fd in fds + own:
+        os.close(fd)
+    return texts
+
+
+def _carried_text(fd: int) -> list:
+    """What a file in flight is: its name, offset, status flags and first
+    bytes (an eventfd: its counter, from fdinfo: nothing consumed)."""
+    import fcntl
+    link = os.readlink(f"/proc/self/fd/{fd}")
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL) & ~0o100000          # O_LARGEFILE: the opener's word size
+    if "eventfd" in link:
+        with open(f"/proc/self/fdinfo/{fd}") as f:
+            count = next(int(ln.split()[1], 16) for ln in f if ln.startswith("eventfd-count"))
+        return [link, flags, count]
+    if link.startswith("/"):
+        return [link, flags, os.lseek(fd, 0, os.SEEK_CUR), os.pread(fd, 64, 0).decode(errors="replace")]
+    return [link.split(":")[0], flags]
+
+
+def _recv_all(fd: int) -> tuple:
+    """(bytes, descriptions of the files received, credentials of each
+    read) of everything queued at `fd`, read with recvmsg; never blocks."""
+    import array
+    s = _sock(fd)
+    data, texts, creds = b"", [], []
+    try:
+        while wait_readable(fd, 0):
+            try:
+                m, anc, _, _ = s.recvmsg(1 << 20, socket.CMSG_SPACE(64 * 4) + socket.CMSG_SPACE(12),
+                                         socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                break
+            if not m and not anc:
+                break
+            data += m
+            for level, typ, raw in anc:
+                if typ == socket.SCM_RIGHTS:
+                    got = array.array("i")
+                    got.frombytes(raw)
+                    for f in got:
+                        texts.append(_carried_text(f))
+                        os.close(f)
+                elif typ == socket.SCM_CREDENTIALS:
+                    c = list(struct.unpack("iII", raw[:12]))
+                    if not creds or creds[-1] != c:
+                        creds.append(c)
+    finally:
+        s.close()
+    return data, texts, creds
 
 
 def _pair_from_exited_child():
@@ -365,6 +482,20 @@ def checker(e: dict, recs: List[dict], ctx: Ctx, phase: str) -> List[dict]:
             os.write(fd, MARKER)
             out.append(bytes_check(fd, "the outside peer got every byte once, in order (its echo)", want,
                                    _answer(fd, len(want), 60)))
+        elif phase == "consume" and kind == "unix-pair" and (e.get("carry") or e.get("passcred")):
+            x = by_role["sock"]["extra"]
+            data, texts, creds = _recv_all(fd)
+            want = (FROM_CHILD if e.get("passcred") else b"") + seeded_bytes(e.get("data")) + \
+                (CARRIED if e.get("carry") else b"")
+            out.append(bytes_check(fd, "queued stream bytes", want, data))
+            if e.get("carry"):
+                out.append(check(fd, "files in flight: name, status flags, offset, contents",
+                                 x["carried"], texts))
+            if e.get("passcred"):
+                out.append(check(fd, "SCM_CREDENTIALS of the queued writes (the exited child's, then ours)",
+                                 [x["child_cred"], [os.getpid(), os.getuid(), os.getgid()]], creds))
+            out.append(bytes_check(peer, "queued stream bytes (peer end)", seeded_bytes(e.get("peer_data")),
+                                   drain(peer)))
         elif phase == "consume" and kind in PAIRS:
             out.append(bytes_check(fd, "queued stream bytes", seeded_bytes(e.get("data")), drain(fd)))
             out.append(bytes_check(peer, "queued stream bytes (peer end)", seeded_bytes(e.get("peer_data")),

@@ -1,0 +1,302 @@
+"""A warm ``ckpt``: the resident agent (harness/agent.py) imports the engine
+once, before the golden snapshot, and runs each ``ckpt`` command in a fork
+of itself that starts exactly where an exec'd ``ckpt`` would be once its
+interpreter had started - the same argv, environment, cwd, fds, signal
+dispositions and mask, umask, rlimits, session, sys.path, std streams,
+``__main__``, exit status and output - but without the ~0.5-2.7 s (TCG,
+idle to loaded) of python3 start-up and engine imports each time.
+
+Runs in the guest (stdlib only). Honest by construction, or not at all:
+
+* Only the ``ckpt`` wrapper this module knows how to mirror is warmed
+  (:data:`WRAPPER`, checked byte for byte against the file on PATH at
+  start: a changed wrapper - a new python flag - turns warmth off, it does
+  not guess).
+* Module state is fresh: the zygote only *imports* the engine, never runs
+  it, and every command is a new fork of that pristine process (nothing a
+  command does can reach the next). Import-time state that depends on the
+  environment (engine/faults.py reads CKPT_FAULT*) was computed under the
+  wrapper's environment; a command whose environment differs in any way
+  is exec'd instead (:meth:`Zygote.why_cold`), and so is one whose cwd
+  holds a file that would shadow a module (``-m`` puts the cwd first on
+  sys.path).
+* What the fork does not re-create is said here: the process's memory
+  layout is the agent's (one ASLR draw per golden snapshot instead of one
+  per command) and its /proc/self/cmdline is the agent's. ``CRUCIBLE_WARM_CKPT=0``
+  on the host execs every ``ckpt`` as before (tests/test_harness_zygote.py
+  runs the same commands both ways and compares).
+
+criu, the mutants and everything else are exec'd or forked as before.
+"""
+
+from __future__ import annotations
+
+import atexit
+import importlib
+import importlib.util
+import io
+import os
+import shutil
+import signal
+import sys
+import types
+import warnings
+from typing import Dict, List, Optional, Sequence
+
+#: The guest's /usr/local/bin/ckpt (vm/recipe.py CKPT_WRAPPER, with ROOT the
+#: engine's parent directory): what :meth:`Zygote.child` mirrors.
+WRAPPER = """#!/bin/sh
+PYTHONPATH=ROOT${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONPATH
+exec python3 -m engine "$@"
+"""
+MODULE = "engine"
+#: What the engine imports for dump, restore and check (the rest on demand;
+#: a module imported here and not by a given command changes nothing: the
+#: engine's registries are static tables, tests/test_harness_zygote.py).
+PRELOAD = ("engine.cli", "engine.guard", "engine.dump", "engine.restore", "engine.show")
+
+# Objects that own the std fds of the zygote: kept alive in the child so
+# that no finalizer closes the fd its replacement now uses.
+_KEEP: List[object] = []
+
+
+def wrapper_text(root: str) -> str:
+    return WRAPPER.replace("ROOT", root)
+
+
+def wrapper_env(env: Dict[str, str], root: str, cwd: Optional[str] = None) -> Dict[str, str]:
+    """The environment the wrapper hands python3: its PYTHONPATH, and the
+    PWD its /bin/sh (dash) exports - the inherited one when it names the
+    cwd, else the cwd's real path. ``cwd`` None: no PWD (for comparisons)."""
+    out = dict(env)
+    old = env.get("PYTHONPATH", "")
+    out["PYTHONPATH"] = root + (":" + old if old else "")
+    out.pop("PWD", None)
+    if cwd is not None:
+        out["PWD"] = _sh_pwd(env.get("PWD", ""), cwd)
+    return out
+
+
+def _sh_pwd(inherited: str, cwd: str) -> str:
+    if inherited.startswith("/"):
+        try:
+            a, b = os.stat(inherited), os.stat(cwd)
+            if (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino):
+                return inherited
+        except OSError:
+            pass
+    return os.path.realpath(cwd)
+
+
+class Zygote:
+    """The warm engine in the agent. :attr:`note` says why it is off ("" = on)."""
+
+    def __init__(self, command: str = "ckpt", root: Optional[str] = None):
+        self.command = command
+        self.root = root or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        self.path = ""                   # the wrapper on PATH
+        self.note = "not loaded"
+        self.env: Dict[str, str] = {}    # the environment the engine was imported under
+        self.path_tail: List[str] = []   # sys.path after the cwd, as the wrapper's python3 has it
+        self.filters: list = []
+        self.unbuffered = False
+        self.shadow: frozenset = frozenset()   # top-level module names a cwd file could shadow
+
+    def load(self, base_path: Sequence[str]) -> str:
+        """Check the wrapper and import the engine; ``base_path``: the
+        interpreter's own sys.path entries (no script dir, no PYTHONPATH).
+        Returns :attr:`note`."""
+        self.path = shutil.which(self.command) or ""
+        if not self.path:
+            self.note = f"no {self.command} on PATH"
+            return self.note
+        try:
+            with open(self.path) as f:
+                text = f.read()
+        except OSError as e:
+            self.note = f"cannot read {self.path}: {e}"
+            return self.note
+        if text != wrapper_text(self.root):
+            self.note = f"{self.path} is not the wrapper the zygote mirrors (harness/zygote.py WRAPPER)"
+            return self.note
+        # Its flags come from the environment alone (as the wrapper's python3's do), not its argv.
+        flags = [a for a in getattr(sys, "orig_argv", [])[1:2] if a.startswith("-")]
+        if flags or not hasattr(sys, "orig_argv"):
+            self.note = f"the agent's python3 runs with options ({' '.join(flags) or 'unknown'}) the wrapper's has not"
+            return self.note
+        # PWD is left out of the comparison (the wrapper's shell sets it from
+        # each command's cwd; the engine reads none at import: a test greps)
+        self.env = wrapper_env(dict(os.environ), self.root)
+        self.path_tail = [p for p in self.env["PYTHONPATH"].split(":")] + list(base_path)
+        self.filters = list(warnings.filters)
+        # PYTHONUNBUFFERED (the same in the command's environment, checked)
+        self.unbuffered = bool(getattr(sys.__stdout__, "write_through", False))
+        saved_env, saved_path = dict(os.environ), list(sys.path)
+        callbacks = atexit._ncallbacks()
+        os.environ.clear()
+        os.environ.update(wrapper_env(saved_env, self.root, os.getcwd()))
+        sys.path[:] = [os.getcwd()] + self.path_tail
+        try:
+            importlib.import_module(MODULE)
+            names = list(PRELOAD)
+            if importlib.util.find_spec(MODULE + ".fds") is not None:
+                fds = importlib.import_module(MODULE + ".fds")
+                names += [f"{MODULE}.fds.{m}" for m in sorted({m for m in getattr(fds, "KINDS", {}).values() if m})]
+            for name in names:
+                if importlib.util.find_spec(name) is not None:    # (the tests' probe has none)
+                    importlib.import_module(name)
+        except Exception as e:
+            self.note = f"the engine did not import: {type(e).__name__}: {e}"
+            return self.note
+        finally:
+            os.environ.clear()
+            os.environ.update(saved_env)
+            sys.path[:] = saved_path
+        if atexit._ncallbacks() != callbacks:
+            self.note = "the engine registers exit handlers at import (a fork would run the agent's too)"
+            return self.note
+        self.shadow = frozenset(n.split(".")[0] for n in sys.modules)
+        self.note = ""
+        return self.note
+
+    @property
+    def ready(self) -> bool:
+        return not self.note
+
+    def wants(self, argv: Sequence[str]) -> bool:
+        """Is this a command the zygote is for (the wrapper, by name or path)?"""
+        return bool(argv) and argv[0] in (self.command, self.path) and bool(self.path)
+
+    def why_cold(self, env: Dict[str, str], cwd: str) -> str:
+        """Why this command must be exec'd ("" = the fork is exact)."""
+        if self.note:
+            return self.note
+        if wrapper_env(env, self.root) != self.env:
+            diff = sorted(k for k in set(env) | set(self.env) if wrapper_env(env, self.root).get(k) != self.env.get(k))
+            return "its environment differs from the one the engine was imported under: " + ", ".join(diff[:5])
+        try:
+            names = os.listdir(cwd)
+        except OSError as e:
+            return f"cannot list its cwd {cwd}: {e.strerror}"
+        for n in names:
+            stem = n.split(".", 1)[0]
+            if stem in self.shadow and (n.endswith((".py", ".pyc", ".so")) or
+                                        os.path.exists(os.path.join(cwd, n, "__init__.py"))):
+                return f"its cwd holds {n}, which python3 -m would import instead of the zygote's {stem}"
+        return ""
+
+    # -- in the forked child ---------------------------------------------------------
+    def child(self, argv: Sequence[str], env: Dict[str, str]) -> None:  # pragma: no cover - the child; never returns
+        """Become ``python3 -m engine argv[1:]`` as the wrapper would have
+        exec'd it (fds 0-2 and the cwd are already the command's), run it,
+        and exit as that interpreter would. ``env``: the command's (as given
+        to the wrapper)."""
+        code = 1
+        interrupted = False
+        try:
+            os.environ.clear()
+            os.environ.update(wrapper_env(env, self.root, "."))
+            sys.path[:] = [os.getcwd()] + self.path_tail
+            sys.argv = ["-m"] + list(argv[1:])
+            if hasattr(sys, "orig_argv"):
+                sys.orig_argv = ["python3", "-m", MODULE] + list(argv[1:])
+            _exec_signals()
+            _std_streams(self.unbuffered)
+            atexit._clear()          # the agent's; the engine registered none (checked at load)
+            warnings.filters[:] = self.filters
+            sys.excepthook, sys.displayhook = sys.__excepthook__, sys.__displayhook__
+            sys.unraisablehook = sys.__unraisablehook__
+            main = types.ModuleType("__main__")
+            main.__dict__["__builtins__"] = sys.modules["builtins"]
+            sys.modules["__main__"] = main
+            import runpy
+            try:
+                runpy._run_module_as_main(MODULE, alter_argv=True)   # what `python3 -m` calls
+                code = 0
+            except SystemExit as e:
+                code = _system_exit_code(e)
+            except BaseException as e:   # noqa: BLE001 - the interpreter's own top level
+                interrupted = isinstance(e, KeyboardInterrupt)
+                # from runpy's frame on, as python3 -m prints it (not this one)
+                tb = e.__traceback__.tb_next if e.__traceback__ else None
+                sys.excepthook(type(e), e.with_traceback(tb), tb)
+                code = 1
+            # Py_FinalizeEx's order: wait for threads, exit handlers, flush
+            if "threading" in sys.modules:
+                sys.modules["threading"]._shutdown()
+            atexit._run_exitfuncs()
+            for name in ("stdout", "stderr"):
+                stream = getattr(sys, name, None)
+                try:
+                    if stream is not None:
+                        stream.flush()
+                except Exception:   # noqa: BLE001 - as the interpreter: exit 120
+                    code = 120
+        except BaseException:   # noqa: BLE001 - the zygote itself failed: say so, as a crash
+            import traceback
+            traceback.print_exc()
+            code = 1
+        if interrupted:          # python3 dies of the SIGINT it did not handle
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGINT)
+        os._exit(code & 0xFF if isinstance(code, int) else 1)
+
+
+def _system_exit_code(e: SystemExit) -> int:
+    c = e.code
+    if c is None:
+        return 0
+    if isinstance(c, int):
+        return c
+    try:
+        sys.stderr.write(f"{c}\n")
+    except Exception:   # noqa: BLE001
+        pass
+    return 1
+
+
+def _exec_signals() -> None:
+    """Dispositions as execve(2) leaves them (handled -> default, ignored
+    stays ignored), then as python3 sets them at start: SIGPIPE and SIGXFSZ
+    ignored, SIGINT its KeyboardInterrupt handler when it was default."""
+    for s in range(1, signal.NSIG):
+        if s in (signal.SIGKILL, signal.SIGSTOP):
+            continue
+        try:
+            h = signal.getsignal(s)
+        except ValueError:
+            continue
+        if h is None:            # set outside Python: leave as the kernel has it (exec keeps it too)
+            continue
+        if h is not signal.SIG_IGN and h is not signal.SIG_DFL:
+            try:
+                signal.signal(s, signal.SIG_DFL)
+            except (OSError, ValueError):
+                pass
+    for s in (signal.SIGPIPE, getattr(signal, "SIGXFSZ", None)):
+        if s is not None:
+            signal.signal(s, signal.SIG_IGN)
+    if signal.getsignal(signal.SIGINT) is signal.SIG_DFL:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _std_streams(unbuffered: bool) -> None:
+    """sys.stdin/stdout/stderr over fds 0-2 as python3's start-up makes them
+    (pylifecycle.c create_stdio; the encoding and errors the zygote's own
+    got from the same environment)."""
+    old = (sys.stdin, sys.stdout, sys.stderr, sys.__stdin__, sys.__stdout__, sys.__stderr__)
+    _KEEP.append(old)
+    made = []
+    for fd, name, mode in ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w")):
+        ref = getattr(sys, "__" + name + "__", None) or getattr(sys, name)
+        raw_only = unbuffered and mode == "w"
+        buf = io.open(fd, mode + "b", 0 if raw_only else -1, closefd=False)
+        (buf if raw_only else buf.raw).name = f"<{name}>"
+        text = io.TextIOWrapper(buf, encoding=ref.encoding, errors=ref.errors, newline="\n",
+                                line_buffering=not unbuffered and (os.isatty(fd) or fd == 2),
+                                write_through=unbuffered)
+        text.mode = mode
+        made.append(text)
+    sys.stdin, sys.stdout, sys.stderr = made
+    sys.__stdin__, sys.__stdout__, sys.__stderr__ = made
