@@ -578,14 +578,22 @@ def programs_under(root: str) -> List[int]:
     return out
 
 
-def kill_programs(root: str) -> List[int]:
-    pids = programs_under(root)
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    return pids
+def kill_programs(root: str, seconds: float = 5.0) -> List[int]:
+    """SIGKILL them all, again until none is left: a member may fork
+    between the look and the kill (a shell loop's next `sleep`)."""
+    killed: List[int] = []
+    end = time.monotonic() + seconds
+    while True:
+        pids = [p for p in programs_under(root) if world.pidstate(p)["exists"]]
+        if not pids or time.monotonic() > end:
+            return killed
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.02)
 
 
 def main(argv: List[str]) -> int:
