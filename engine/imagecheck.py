@@ -810,8 +810,9 @@ def check_tree(reader, members: List[dict], fdrecs_of: Dict[int, List[dict]],
     one its own, whose session and group are the ones tree.json gives it; a
     zombie is in its parent's session (or its own) and in a group of the
     tree or its parent's; an fd shared with another member ("ofd_of") agrees
-    with the record it names; a member sharing its parent's fd table has no
-    fd records, one sharing its fs the same cwd and umask. Raises
+    with the record it names; a member holding an earlier member's fd table
+    (tree.json share / leave, engine/sharing.py) has no fd records, one
+    holding its fs the same cwd and umask. Raises
     Refusal(image-invalid)."""
     by_pid = {m["pid"]: m for m in members}
     pids = set(by_pid)
@@ -833,17 +834,18 @@ def check_tree(reader, members: List[dict], fdrecs_of: Dict[int, List[dict]],
             raise invalid(f"tree.json: member {m['pid']} is a zombie but its records are in the image")
         if "zombie" not in m and m["dir"] + "core.json" not in reader.files:
             raise invalid(f"tree.json: member {m['pid']} has no records")
+    from .sharing import owners
+    files, fs = owners(members, "files"), owners(members, "fs")
     for m in members:
-        share = m.get("share", ())
-        if "files" in share and fdrecs_of.get(m["pid"]):
-            # Its fds are its parent's table's (restored there): records of its
-            # own would be a second table no dump makes.
-            raise invalid(f"tree.json: member {m['pid']} shares its parent's fd table but has fds of its own")
-        if "fs" in share and cores_of is not None:
-            mine, theirs = cores_of.get(m["pid"]), cores_of.get(m["ppid"])
+        pid = m["pid"]
+        if files.get(pid, pid) != pid and fdrecs_of.get(pid):
+            # Its fd table is an earlier member's (restored there): records of
+            # its own would be a second table no dump makes.
+            raise invalid(f"tree.json: member {pid} holds the fd table of {files[pid]} but has fds of its own")
+        if fs.get(pid, pid) != pid and cores_of is not None:
+            mine, theirs = cores_of.get(pid), cores_of.get(fs[pid])
             if mine is None or theirs is None or (mine["cwd"], mine["umask"]) != (theirs["cwd"], theirs["umask"]):
-                raise invalid(f"tree.json: member {m['pid']} shares its parent's fs, but its cwd or umask differs "
-                              "from its parent's")
+                raise invalid(f"tree.json: member {pid} holds the fs of {fs[pid]}, but its cwd or umask differs")
     for pid, recs in fdrecs_of.items():
         for r in recs:
             if "ofd_of" not in r:
