@@ -462,14 +462,19 @@ def _tree_edit(T: dict, rng) -> str:
 
 
 def _share_edit(ms: list, rng) -> str:
-    """"share" (engine/tree.py) where no dump writes it. Never one a restore
+    """"share" or "leave" (engine/sharing.py) where no dump writes it. Never one a restore
     could not tell from the truth: taking it from a member with no fds (an
     empty table of its own), or giving "fs" to one with its parent's cwd
     and umask."""
     live = [x for x in ms[1:] if "zombie" not in x and "share" not in x]
     sharers = [x for x in ms if "share" in x]
     zombies = [x for x in ms if "zombie" in x]
-    w = rng.randrange(4)
+    w = rng.randrange(5)
+    if w == 4:
+        # "leave" on a member no child takes a table from (none has children), or on a zombie
+        x = rng.choice([y for y in ms[1:] if not any(c["ppid"] == y["pid"] for c in ms)])
+        x["leave"] = rng.choice([["files"], ["fs"], ["files", "fs"]])
+        return f"member {x['pid']} leaves a table no child takes"
     if w == 0:
         ms[0]["share"] = rng.choice([["files"], ["fs"]])
         return "the root shares with its parent (outside the tree)"
