@@ -216,14 +216,24 @@ class AgentLink:
 AGENT_LOG = "/var/log/crucible-agent.log"
 
 
+def agent_flags() -> List[str]:
+    """python3's options for the agent: those the guest's ckpt wrapper gives
+    its python3 (vm/recipe.py CKPT_WRAPPER_FAST), so that the agent's warm
+    engine runs in the same interpreter configuration (harness/zygote.py)."""
+    from vm.recipe import CKPT_WRAPPER_FAST
+    from .zygote import wrapper_flags
+    return wrapper_flags(CKPT_WRAPPER_FAST, "/opt/crucible") or []
+
+
 def start_line(python: str, scripts: str) -> str:
     """The guest shell line (for SSH) that loads virtio_console where it is a
     module, byte-compiles the engine and the guest scripts (a pyc written
     before the golden snapshot is one no scenario compiles again) and starts
     the agent detached, its stdio off the SSH channel."""
+    flags = "".join(f + " " for f in agent_flags())
     return (f"(test -d /sys/class/virtio-ports || modprobe virtio_console) && "
             f"{python} -m compileall -q /opt/crucible >/dev/null && "
-            f"setsid -f {python} {scripts}/agent.py {AGENT_PORT} </dev/null >/dev/null 2>>{AGENT_LOG}")
+            f"setsid -f {python} {flags}{scripts}/agent.py {AGENT_PORT} </dev/null >/dev/null 2>>{AGENT_LOG}")
 
 
 def env_ok() -> bool:
