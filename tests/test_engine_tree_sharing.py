@@ -72,6 +72,8 @@ def test_shared_fd_tables_and_fs_restored_shared(procs, session_killer, sharer, 
     shares = {m["pid"]: m.get("share") for m in res["members"]}
     assert shares == {p.pid: None, kids["A"]: ["files"], kids["B"]: ["fs"], kids["D"]: None,
                       kids["G"]: ["files", "fs"]}, shares
+    said = [i["detail"] for i in res["items"] if i["what"] == f"pid {kids['G']}: sharing"]
+    assert said == ["holds its parent's fd table; holds its parent's fs (cwd, root, umask) (restored so)"], said
     _untouched(pids)
 
     img = tmp_path / "img"
