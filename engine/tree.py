@@ -519,11 +519,12 @@ def sub(img, prefix: str):
 
 def _survey(members: List[Member], options, img, boot) -> List[Refusal]:
     from .context import DumpContext
-    from .dump import _survey_frozen
+    from .dump import _survey_frozen, prefetch_injected
     from .fds import _peers
     pids = frozenset(m.pid for m in members)
     root = members[0].pid
     scan: dict = {}
+    prefetch_injected([m.tasks[0] for m in members if not m.zombie])
     for m in members:
         if m.zombie:
             continue

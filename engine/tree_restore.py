@@ -227,7 +227,6 @@ def restore_tree(reader, options, pidfile: Optional[str], t0: float) -> dict:
                     imagecheck.malformed_as_invalid("opening the process's files"):
                 p = single.prepare(core, vmas, fdrecs, ctx, min_base=base, shared_ofd=theirs)
             prepared[m["pid"]] = p
-            base = 0
             jobs[m["pid"]] = single.Job(core=core, vmas=vmas, fdrecs=fdrecs, xstate=xstate,
                                         thread_xstate=thread_xstate, pages=pages, prepared=p, ctx=ctx)
         faults.point("restore.tree.prepared")
@@ -307,6 +306,8 @@ def _fork(parent, m: dict, job) -> object:
     ptrace.set_options(r, ptrace.O_TRACESYSGOOD | ptrace.O_EXITKILL | O_TRACEFORK)
     b = Builder(job, t)
     b.gadget, b.scratch = parent.gadget, parent.scratch
+    if parent.inherited_actions is not None:    # fork copies the parent's table as it is now
+        b.inherited_actions = {k: list(v) for k, v in parent.inherited_actions.items()}
     return b
 
 
@@ -327,6 +328,8 @@ def _die(b, status: int) -> None:
     sig = status & 0x7f
     if sig:
         b.call("rt_sigaction", sig, b.put(struct.pack("<QQQQ", 0, 0, 0, 0)), 0, 8)
+        if b.inherited_actions is not None:
+            b.inherited_actions[str(sig)] = [0, 0, 0, 0]
         b.call("prlimit64", 0, 4, b.put(struct.pack("<QQ", 0, 0), 64), 0)     # RLIMIT_CORE 0: no core
         ptrace.set_sigmask(b.pid, signals.ALL_BLOCKED & ~(1 << (sig - 1)))
         nr, args = arch.SYS["kill"], (b.pid, sig)
@@ -402,10 +405,12 @@ def build_tree(tj: TreeJob) -> int:
     try:
         rjob = tj.jobs[root["pid"]]
         sched.before_clone(rjob.core["sched"])
+        inherited = signals.own_actions()       # what the clone starts with
         child, ip = clone_with_pid(root["pid"], arch)
         task = Task.adopt(child)
         task.syscall_ip = ip
         b = Builder(rjob, task)
+        b.inherited_actions = inherited
         builders[child] = b
         order.append(b)
         faults.point("restore.tree.created")
