@@ -398,12 +398,14 @@ def _program_steps() -> Check:
                         required=("name", "output")),
         "connect": Map({"name": Str(), "tcp": Int(1, 65535), "host": Str(), "timeout": t}, required=("name", "tcp")),
         "send": Map({"conn": Str(), "data": Str(), "expect": Regex(), "timeout": t}, required=("conn",)),
+        "type": Map({"data": Str()}, required=("data",)),
     }, "program step"))
 
 
 def _program() -> Check:
     return Exclusive({
         "run": List_(Str()), "sh": Str(), "env": StrMap(), "fifos": List_(Path()), "stdin": Path(),
+        "tty": Enum(("outside",)),
         "ready": Map({"output": Regex(), "file": Path(), "tcp": Int(1, 65535), "settle": Num()}),
         "stable": Bool(), "before": _program_steps(), "after": _program_steps(),
     }, ("run", "sh"))
@@ -429,6 +431,14 @@ def _program_checks(c: _Ctx, node_of, prog: dict) -> None:
     if "stdin" in prog and prog["stdin"] not in (prog.get("fifos") or []):
         raise c.fail(node_of("workload", "program", "stdin"), "workload.program.stdin",
                      f"{prog['stdin']!r} is not one of the program's fifos")
+    if "stdin" in prog and "tty" in prog:
+        raise c.fail(node_of("workload", "program", "tty"), "workload.program.tty",
+                     "a program on a terminal reads the terminal, not a fifo (drop stdin)")
+    for phase in ("before", "after"):
+        for i, step in enumerate(prog.get(phase) or []):
+            if "type" in step and prog.get("tty") != "outside":
+                raise c.fail(node_of("workload", "program", phase, i), f"workload.program.{phase}[{i}].type",
+                             "keys are typed on a terminal: the program needs tty: outside")
     for key in ("run", "sh"):
         for text in ([prog[key]] if isinstance(prog.get(key), str) else prog.get(key) or []):
             need(text, (key,), f"workload.program.{key}")
