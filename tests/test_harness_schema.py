@@ -321,3 +321,13 @@ def test_child_share(child, key, why):
         return
     e = error(text)
     assert e.key == key and why in e.message, (e.key, e.message)
+
+
+def test_program_on_a_terminal_outside():
+    tty = PROGRAM.replace("    fifos: [ctl]\n", "    tty: outside\n").replace(
+        '      - write: {path: ctl, data: "go\\n"}', '      - type: {data: "q"}')
+    assert load(tty)["workload"]["program"]["tty"] == "outside"
+    e = error(tty.replace("    tty: outside\n", "    tty: outside\n    fifos: [ctl]\n    stdin: ctl\n"))
+    assert e.key == "workload.program.tty" and "not a fifo" in e.message
+    e = error(PROGRAM.replace('      - write: {path: ctl, data: "go\\n"}', '      - type: {data: "q"}'))
+    assert e.key == "workload.program.after[1].type" and e.line == 15 and "tty: outside" in e.message
