@@ -21,6 +21,8 @@ from .check import Survey, preflight, require_features, target_checks
 from .context import DumpContext, Options, boot_id
 from .errors import EngineError, Refusal, Refusals
 from .fds._dups import leader_map
+from .fds._sys import O_ASYNC
+from .fds._util import async_owner
 from .image import ImageWriter
 from .memory import PAGE, PageDumper
 from .task import Task
@@ -239,6 +241,8 @@ def dump_fds(s: Survey, ctx: DumpContext) -> List[dict]:
     for info, kind, mod in s.fds:
         common = {"fd": info.fd, "kind": kind, "flags": info.flags, "pos": info.pos,
                   "cloexec": info.cloexec, "link": info.link}
+        if info.flags & O_ASYNC:      # its owner and signal (checked in the dump by classify)
+            common["async"] = async_owner(info)
         lead = leaders.get(info.fd, info.fd)
         if lead != info.fd:
             rec = {"dup_of": lead}

@@ -54,6 +54,8 @@ from .check import SHMEM_NAMES
 from .errors import EngineError, Refusal, Refusals
 from .libc import SysError
 from .pidfd import KCMP_FILE, kcmp
+from .fds._sys import O_ASYNC
+from .fds._util import async_owner
 
 O_TRACEFORK, O_TRACEVFORK = 0x2, 0x4
 TREE_OPTIONS = threads.FREEZE_OPTIONS | O_TRACEFORK | O_TRACEVFORK
@@ -704,6 +706,8 @@ def _dump_fds(s, ctx, shared: Dict[int, list]) -> List[dict]:
     for info, kind, mod in s.fds:
         common = {"fd": info.fd, "kind": kind, "flags": info.flags, "pos": info.pos,
                   "cloexec": info.cloexec, "link": info.link}
+        if info.flags & O_ASYNC:      # its owner and signal (checked in the dump by classify)
+            common["async"] = async_owner(info)
         lead = leaders.get(info.fd, info.fd)
         if lead in shared:
             rec = {"ofd_of": shared[lead]}
