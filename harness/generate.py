@@ -233,6 +233,8 @@ def derive(sc: dict, old: bool = False) -> Tuple[dict, Dict[int, List[str]]]:
     """The expectation the rules give ``sc`` (``old``: on a kernel below the
     static rules' ``old_kernels``) and the inotify events each inotify fd
     must hold queued at the dump. Raises NotDerivable."""
+    if "program" in sc["workload"]:
+        raise NotDerivable("a real program (workload.program): what it holds is its own, not the YAML's")
     refusals: List[Tuple[str, str, Optional[int]]] = []      # (reason, at, fd)
     pending: Dict[int, List[str]] = {}
     for e in sc["workload"].get("fds") or []:
