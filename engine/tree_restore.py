@@ -227,7 +227,6 @@ def restore_tree(reader, options, pidfile: Optional[str], t0: float) -> dict:
                     imagecheck.malformed_as_invalid("opening the process's files"):
                 p = single.prepare(core, vmas, fdrecs, ctx, min_base=base, shared_ofd=theirs)
             prepared[m["pid"]] = p
-            base = 0
             jobs[m["pid"]] = single.Job(core=core, vmas=vmas, fdrecs=fdrecs, xstate=xstate,
                                         thread_xstate=thread_xstate, pages=pages, prepared=p, ctx=ctx)
         faults.point("restore.tree.prepared")
@@ -307,6 +306,8 @@ def _fork(parent, m: dict, job) -> object:
     ptrace.set_options(r, ptrace.O_TRACESYSGOOD | ptrace.O_EXITKILL | O_TRACEFORK)
     b = Builder(job, t)
     b.gadget, b.scratch = parent.gadget, parent.scratch
+    if parent.inherited_actions is not None:    # fork copies the parent's table as it is now
+        b.inherited_actions = {k: list(v) for k, v in parent.inherited_actions.items()}
     return b
 
 
@@ -327,6 +328,8 @@ def _die(b, status: int) -> None:
     sig = status & 0x7f
     if sig:
         b.call("rt_sigaction", sig, b.put(struct.pack("<QQQQ", 0, 0, 0, 0)), 0, 8)
+        if b.inherited_actions is not None:
+            b.inherited_actions[str(sig)] = [0, 0, 0, 0]
         b.call("prlimit64", 0, 4, b.put(struct.pack("<QQ", 0, 0), 64), 0)     # RLIMIT_CORE 0: no core
         ptrace.set_sigmask(b.pid, signals.ALL_BLOCKED & ~(1 << (sig - 1)))
         nr, args = arch.SYS["kill"], (b.pid, sig)
@@ -402,10 +405,12 @@ def build_tree(tj: TreeJob) -> int:
     try:
         rjob = tj.jobs[root["pid"]]
         sched.before_clone(rjob.core["sched"])
+        inherited = signals.own_actions()       # what the clone starts with
         child, ip = clone_with_pid(root["pid"], arch)
         task = Task.adopt(child)
         task.syscall_ip = ip
         b = Builder(rjob, task)
+        b.inherited_actions = inherited
         builders[child] = b
         order.append(b)
         faults.point("restore.tree.created")
@@ -418,9 +423,7 @@ def build_tree(tj: TreeJob) -> int:
         _own_group(b, root, tree_pids)
         # Who installs each fd table and fs: its first holder (engine/sharing.py).
         owners = {k: sharing.owners(members, k) for k in sharing.KINDS}
-        last_child = {m["ppid"]: m["pid"] for m in members[1:]}
-        if root["pid"] not in last_child:
-            _leave(b, root)
+        last_child = {m["ppid"]: m["pid"] for m in members[1:]}      # check_tree: a leaver has children
         # 1. create, parents first
         for m in members[1:]:
             job = tj.jobs.get(m["pid"])
@@ -431,10 +434,8 @@ def build_tree(tj: TreeJob) -> int:
             if job is not None:
                 _check_xstate(mb.task, job.core)
             _own_group(mb, m, tree_pids)
-            if last_child.get(m["ppid"]) == m["pid"]:
+            if last_child[m["ppid"]] == m["pid"]:
                 _leave(builders[m["ppid"]], next(x for x in members if x["pid"] == m["ppid"]))
-            if m["pid"] not in last_child:
-                _leave(mb, m)
         for m in members:
             if m["pgid"] != m["pid"] and m["pgid"] in tree_pids and m["sid"] != m["pid"]:
                 builders[m["pid"]].call("setpgid", 0, m["pgid"])

@@ -331,3 +331,19 @@ def test_program_on_a_terminal_outside():
     assert e.key == "workload.program.tty" and "not a fifo" in e.message
     e = error(PROGRAM.replace('      - write: {path: ctl, data: "go\\n"}', '      - type: {data: "q"}'))
     assert e.key == "workload.program.after[1].type" and e.line == 15 and "tty: outside" in e.message
+
+
+@pytest.mark.parametrize("leave,key,why", [
+    ("[files]", None, None),
+    ("[files, files]", "workload.process.leave", "at most once"),
+    ("[fs]", "workload.process.leave", "no child shares the workload's fs"),
+    ("[vm]", "workload.process.leave[0]", "what the workload can leave"),
+])
+def test_process_leave(leave, key, why):
+    text = CHILDREN.replace("CHILD", "{blocked_in: sleep, share: [files]}").replace(
+        "  process:\n", f"  process:\n    leave: {leave}\n")
+    if key is None:
+        assert load(text)["workload"]["process"]["leave"] == ["files"]
+        return
+    e = error(text)
+    assert e.key == key and why in e.message, (e.key, e.message)
