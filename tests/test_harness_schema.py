@@ -296,3 +296,31 @@ def test_child_share(child, key, why):
         return
     e = error(text)
     assert e.key == key and why in e.message, (e.key, e.message)
+
+
+SEGMENT = """\
+name: moves
+tags: [migrate, socket]
+segment: {moves: 10.77.0.1/24, stays: 10.77.0.2/24}
+workload:
+  fds:
+    - {fd: 3, socket: tcp-established, sender: outside, bind: 10.77.0.1, peer_bind: 10.77.0.2}
+restore_on: other
+expect: restored
+"""
+
+
+def test_segment_scenario_loads():
+    assert load(SEGMENT)["segment"] == {"moves": "10.77.0.1/24", "stays": "10.77.0.2/24"}
+
+
+@pytest.mark.parametrize("old,new,key,words", [
+    ("restore_on: other\n", "", "segment", "restore_on: other"),
+    ("stays: 10.77.0.2/24", "stays: 10.78.0.2/24", "segment", "one subnet"),
+    ("moves: 10.77.0.1/24", "moves: elsewhere", "segment", "not an address"),
+    ("bind: 10.77.0.1,", "bind: 10.77.0.9,", "workload.fds[0].bind", "moves and stays"),
+    ("peer_bind: 10.77.0.2}", "data: {bytes: 5}}", "workload.fds[0].bind", "both"),
+])
+def test_segment_errors(old, new, key, words):
+    e = error(SEGMENT.replace(old, new))
+    assert e.key == key and words in e.message, (e.key, e.message)
