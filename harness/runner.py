@@ -271,7 +271,7 @@ class Run:
         seg = sc.get("segment")
         if seg and t.can_migrate:
             # the service address and the staying client's, on the shared NIC (harness/segment.py)
-            self.need(self.cmd(t, segment.up([seg["moves"], seg["stays"]]), "ready", "setup"), "ready",
+            self.need(self.cmd(t, segment.up([seg["stays"], seg["moves"]]), "ready", "setup"), "ready",
                       "bring up the segment NIC")
         # setup steps, the workload's start and the before_dump steps: one command
         r = self.cmd(t, t.script("workload.py") + ["spawn", p["spec"], "--setup", "--before-dump"], "ready", "setup")
@@ -321,8 +321,10 @@ class Run:
             if lower is None:
                 lower = self.witness(t)
             if seg:
-                # the address leaves the dump guest (the client's segments to it
-                # now go out on the segment; the dump's lock holds them still)
+                # the address leaves the dump guest, the staying client's
+                # segments to it held there until the restore (harness/segment.py)
+                self.need(self.cmd(t, segment.hold(getattr(t, "python", "python3"), seg["stays"], seg["moves"]),
+                                   "migrate", "between"), "migrate", "hold the client's segments")
                 self.need(self.cmd(t, segment.drop(seg["moves"]), "migrate", "between"), "migrate",
                           "take the service address off the dump guest")
             rt = self._migrate(t)
@@ -365,8 +367,8 @@ class Run:
                                          "ok": False})
         if migrate and seg:
             # As a migration tool would once the address has moved: lift the
-            # dump's network lock on the dump guest, so the staying client's
-            # segments leave it for the restore guest.
+            # dump's network lock and the hold on the dump guest, so the
+            # staying client's segments leave it for the restore guest.
             self.need(self.cmd(t, segment.unlock(getattr(t, "python", "python3")), "restore", "verify"),
                       "restore", "lift the dump guest's network lock")
         rt.put_bytes(self.ready_bytes, rp["ready"])

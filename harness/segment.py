@@ -15,6 +15,17 @@ engine restores the connection; the client's next segments cross the
 segment to the restore guest (ARP finds the address there). Last, the
 dump's network lock is lifted on the dump guest, as a migration tool would
 once the address is gone: only then can the client's segments leave it.
+
+The hold. The dump's lock drops the connection's packets where the
+server was (client to server on input, server to client on output); the
+client's own segments leave its machine through the output hook, which
+that lock does not match once the address is no longer local. Between the
+address appearing on the restore guest and the restored socket existing
+there, a client segment would find no socket and be answered with a RST.
+So before the address leaves, the dump guest also holds the client's
+segments to it (table ``inet crucible_hold``: output, stays -> moves,
+dropped), lifted with the lock after the restore - what a migration tool
+does for a client it must not lose (CRIU's restore locks the destination).
 """
 
 from __future__ import annotations
@@ -30,9 +41,13 @@ _NIC = ("nic=; for d in /sys/class/net/*; do case \"$(cat $d/address)\" in 52:54
 
 
 def up(addresses: List[str]) -> List[str]:
-    """argv: bring the segment NIC up with `addresses` (CIDR) added."""
+    """argv: bring the segment NIC up with `addresses` (CIDR) added, in
+    order: the first of a subnet is its primary address. Removing a primary
+    address removes the secondaries with it unless promote_secondaries is
+    on (it is turned on here too): so the staying address goes first."""
     adds = "".join(f"ip addr add {a} dev $nic && " for a in addresses)
-    return ["sh", "-c", _NIC + f"ip link set $nic up && {adds}true"]
+    return ["sh", "-c", _NIC + "echo 1 > /proc/sys/net/ipv4/conf/$nic/promote_secondaries && "
+            f"ip link set $nic up && {adds}true"]
 
 
 def drop(address: str) -> List[str]:
@@ -40,10 +55,9 @@ def drop(address: str) -> List[str]:
     return ["sh", "-c", _NIC + f"ip addr del {address} dev $nic"]
 
 
-# Every network-lock table of an engine (ckpt: inet ckpt_lock_*, criu:
-# CRIU-*), deleted through libnftables (the guest has no nft(8)).
-_UNLOCK = r'''
-import ctypes, json
+# nftables through libnftables (the guest has no nft(8)).
+_NFT = r'''
+import ctypes, json, sys
 lib = ctypes.CDLL("libnftables.so.1")
 lib.nft_ctx_new.restype = ctypes.c_void_p
 lib.nft_ctx_new.argtypes = [ctypes.c_uint32]
@@ -58,15 +72,35 @@ def run(cmd):
     lib.nft_ctx_output_set_flags(ctx, 1 << 4)          # NFT_CTX_OUTPUT_JSON
     rc = lib.nft_run_cmd_from_buffer(ctx, cmd.encode())
     return rc, (lib.nft_ctx_get_output_buffer(ctx) or b"").decode()
+'''
+
+# Every network-lock table of an engine (ckpt: inet ckpt_lock_*, criu:
+# CRIU-*) and the hold, deleted.
+_UNLOCK = _NFT + r'''
 rc, out = run("list tables")
 gone = []
 for item in (json.loads(out).get("nftables", []) if rc == 0 and out else []):
     t = item.get("table")
-    if t and (t["name"].startswith("ckpt_lock_") or t["name"].startswith("CRIU")):
+    if t and (t["name"].startswith(("ckpt_lock_", "CRIU", "crucible_hold"))):
         run(f"delete table {t['family']} {t['name']}")
         gone.append(t["name"])
 print(json.dumps(gone))
 '''
+
+
+_HOLD = _NFT + r'''
+src, dst = sys.argv[1], sys.argv[2]
+rc, _ = run("table inet crucible_hold {\n chain out {\n  type filter hook output priority -150; policy accept;\n"
+            f"  ip saddr {src} ip daddr {dst} meta l4proto tcp drop\n }}\n}}\n")
+sys.exit(rc)
+'''
+
+
+def hold(python: str, stays: str, moves: str) -> List[str]:
+    """argv: drop the staying client's TCP segments to the moving address as
+    they leave this guest (until :func:`unlock`)."""
+    import ipaddress
+    return [python, "-c", _HOLD, str(ipaddress.ip_interface(stays).ip), str(ipaddress.ip_interface(moves).ip)]
 
 
 def unlock(python: str) -> List[str]:

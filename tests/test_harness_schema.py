@@ -324,3 +324,12 @@ def test_segment_scenario_loads():
 def test_segment_errors(old, new, key, words):
     e = error(SEGMENT.replace(old, new))
     assert e.key == key and words in e.message, (e.key, e.message)
+
+
+def test_segment_moving_address_leaves_the_staying_one():
+    # removing a primary address removes its secondaries unless
+    # promote_secondaries is on: the staying client's address must survive
+    from harness import segment
+    script = segment.up(["10.77.0.2/24", "10.77.0.1/24"])[2]
+    assert "echo 1 > /proc/sys/net/ipv4/conf/$nic/promote_secondaries" in script
+    assert script.index("promote_secondaries") < script.index("ip addr add")
