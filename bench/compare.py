@@ -14,11 +14,22 @@ criu's exec is of criu's). After each restore the process must be running
 and 64 sampled words of its memory must hold what memhog wrote, else the
 run fails - a fast wrong restore must not look like a win.
 
+Many tasks (issue 11): with --swarm (tests/targets/swarm.c), a tree of N
+small processes and one process with N threads, dumped and restored the
+same way; each restore must give back all N processes (same PIDs, asleep)
+or all N threads. Besides wall time these rows carry the frozen time each
+tool reports: ckpt's frozen_ms (--json), criu's frozen_time from its
+stats-dump image (freeze to kill).
+
 Not the same work: ckpt fsyncs every image file before it commits (a
 crash never leaves a torn image), criu does not; the row says so.
 
 usage: compare.py --memhog PATH [--sizes 1,64] [--dirs /dev/shm,/var/tmp]
-                  [--rounds 3] [--ckpt "ckpt"] [--criu "criu"] [--out FILE]
+                  [--swarm PATH] [--swarm-cases tree:50,threads:50]
+                  [--rounds 3] [--ckpt "ckpt"] [--ckpt-base CMD] [--criu "criu"] [--out FILE]
+
+--ckpt-base: another ckpt (an older engine) measured beside, as tool
+"ckpt_base": before/after figures from the same run.
 """
 
 from __future__ import annotations
@@ -114,7 +125,7 @@ def _timed(argv, what: str):
     wall, cpu = time.monotonic() - t0, _cpu() - c0
     if r.returncode != 0:
         raise RuntimeError(f"{what} failed ({r.returncode}): {' '.join(argv)}\n{r.stderr[-2000:]}")
-    return wall, cpu
+    return wall, cpu, r.stdout
 
 
 def one(tool: str, cmd, memhog: str, mib: int, where: str, work: str) -> dict:
@@ -127,13 +138,13 @@ def one(tool: str, cmd, memhog: str, mib: int, where: str, work: str) -> dict:
         if os.path.exists(pidfile):
             os.unlink(pidfile)
         os.sync()
-        if tool == "ckpt":
+        if tool.startswith("ckpt"):
             os.rmdir(img)           # ckpt makes the directory itself (it must not exist)
             d = _timed(cmd + ["dump", "-t", str(p.pid), "-D", img], "ckpt dump")
         else:
             d = _timed(cmd + ["dump", "-t", str(p.pid), "-D", img, "-o", "dump.log"], "criu dump")
         p.wait(timeout=60)          # both kill the dumped process
-        if tool == "ckpt":
+        if tool.startswith("ckpt"):
             r = _timed(cmd + ["restore", "-D", img, "--pidfile", pidfile], "ckpt restore")
         else:
             r = _timed(cmd + ["restore", "-D", img, "-d", "--pidfile", pidfile, "-o", "restore.log"],
@@ -151,6 +162,202 @@ def one(tool: str, cmd, memhog: str, mib: int, where: str, work: str) -> dict:
         shutil.rmtree(img, ignore_errors=True)
 
 
+# -- many tasks (tests/targets/swarm.c) ----------------------------------------
+
+def _start_swarm(swarm: str, mode: str, n: int, work: str) -> subprocess.Popen:
+    ready = os.path.join(work, "ready")
+    if os.path.exists(ready):
+        os.unlink(ready)
+    p = subprocess.Popen([swarm, mode, str(n), ready], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, close_fds=True, start_new_session=True)
+    end = time.monotonic() + 300
+    while not os.path.exists(ready):        # renamed into place once complete
+        if p.poll() is not None or time.monotonic() > end:
+            raise RuntimeError(f"swarm {mode} {n} did not get ready")
+        time.sleep(0.005)
+    return p
+
+
+def _members(root: int) -> list:
+    """root and its descendants (by /proc/PID/task/*/children)."""
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        try:
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{tid}/children") as f:
+                    todo.extend(int(x) for x in f.read().split())
+        except OSError:
+            pass
+    return out
+
+
+def _asleep(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in "SR"
+    except OSError:
+        return False
+
+
+def _check_swarm(restored: int, mode: str, n: int, pids: list) -> None:
+    if mode == "tree":
+        got = sorted(_members(restored))
+        if got != sorted(pids):
+            raise RuntimeError(f"restored tree has {len(got)} processes {got[:5]}..., not the dumped {len(pids)}")
+        bad = [q for q in got if not _asleep(q)]
+    else:
+        tids = sorted(int(t) for t in os.listdir(f"/proc/{restored}/task"))
+        if len(tids) != n:
+            raise RuntimeError(f"restored process has {len(tids)} threads, not {n}")
+        bad = [t for t in tids if not _asleep(t)]
+    if bad:
+        raise RuntimeError(f"restored tasks not asleep: {bad[:5]}")
+
+
+def _reap_all(timeout: float = 60) -> None:
+    """Every child and adopted orphan (we are their subreaper) reaped."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if not pid:
+            time.sleep(0.002)
+
+
+def _criu_frozen_ms(img: str):
+    """frozen_time (µs) of criu's stats-dump image, in ms; None if it
+    cannot be read. The file: two magics (u32 each), a u32 size, then a
+    StatsEntry protobuf whose field 1 (dump) holds freezing_time (1),
+    frozen_time (2), ... as varints (criu images/stats.proto)."""
+    def varint(b, i):
+        v = shift = 0
+        while True:
+            c = b[i]
+            i += 1
+            v |= (c & 0x7f) << shift
+            shift += 7
+            if not c & 0x80:
+                return v, i
+
+    def fields(b):
+        i, out = 0, {}
+        while i < len(b):
+            key, i = varint(b, i)
+            wt = key & 7
+            if wt == 0:
+                out[key >> 3], i = varint(b, i)
+            elif wt == 2:
+                n, i = varint(b, i)
+                out[key >> 3], i = b[i:i + n], i + n
+            else:
+                raise ValueError(f"wire type {wt}")
+        return out
+    try:
+        with open(os.path.join(img, "stats-dump"), "rb") as f:
+            data = f.read()
+        (size,) = struct.unpack_from("<I", data, 8)
+        dump = fields(fields(data[12:12 + size])[1])
+        return round(dump[2] / 1000, 2)
+    except (OSError, ValueError, KeyError, IndexError, struct.error):
+        return None
+
+
+def one_swarm(tool: str, cmd, swarm: str, mode: str, n: int, where: str, work: str) -> dict:
+    """Dump and restore one fresh swarm with `tool`; wall/CPU seconds and
+    the frozen time the tool reports."""
+    p = _start_swarm(swarm, mode, n, work)
+    pids = _members(p.pid) if mode == "tree" else [p.pid]
+    if mode == "tree" and len(pids) != n:
+        raise RuntimeError(f"swarm tree has {len(pids)} processes, not {n}")
+    img = tempfile.mkdtemp(prefix=f"cmp-{tool}-", dir=where)
+    pidfile = os.path.join(work, f"{tool}.pid")
+    restored = None
+    try:
+        if os.path.exists(pidfile):
+            os.unlink(pidfile)
+        os.sync()
+        if tool.startswith("ckpt"):
+            os.rmdir(img)
+            d = _timed(cmd + ["dump", "-t", str(p.pid), "-D", img, "--json"], "ckpt dump")
+            frozen = json.loads(d[2])["result"].get("frozen_ms")
+        else:
+            d = _timed(cmd + ["dump", "-t", str(p.pid), "-D", img, "-o", "dump.log"], "criu dump")
+            frozen = _criu_frozen_ms(img)
+        p.wait(timeout=60)
+        _reap_all()                 # the killed members, orphaned to us
+        if tool.startswith("ckpt"):
+            r = _timed(cmd + ["restore", "-D", img, "--pidfile", pidfile], "ckpt restore")
+        else:
+            r = _timed(cmd + ["restore", "-D", img, "-d", "--pidfile", pidfile, "-o", "restore.log"],
+                       "criu restore")
+        with open(pidfile) as f:
+            restored = int(f.read().split()[0])
+        _check_swarm(restored, mode, n, pids)
+        return {"dump_s": d[0], "dump_cpu_s": d[1], "restore_s": r[0], "restore_cpu_s": r[1], "frozen_ms": frozen}
+    finally:
+        for q in (_members(restored) if restored else []) + [p.pid]:
+            try:
+                os.kill(q, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if p.poll() is None:
+            p.wait()
+        _reap_all()
+        shutil.rmtree(img, ignore_errors=True)
+
+
+def _row(got: dict, rounds: int, cmds: dict, **what) -> dict:
+    row = dict(what, rounds=rounds)
+    for tool, runs in got.items():
+        for k in ("dump_s", "restore_s", "dump_cpu_s", "restore_cpu_s", "frozen_ms"):
+            vals = [r[k] for r in runs if r.get(k) is not None]
+            if vals:
+                row[f"{tool}_{k}"] = round(statistics.median(vals), 4)
+        row[f"{tool}_samples"] = {k: [round(r[k], 4) for r in runs] for k in ("dump_s", "restore_s")}
+    # speed ratios as issue 15 writes them: other time / ckpt time (> 1: ckpt faster)
+    for other, name in (("criu", "criu"), ("ckpt_base", "base")):
+        if other not in cmds or "ckpt" not in cmds:
+            continue
+        for k in ("dump", "restore"):
+            row[f"{k}_speed_ckpt_over_{name}"] = round(row[f"{other}_{k}_s"] / row[f"ckpt_{k}_s"], 2)
+        if row.get("ckpt_frozen_ms") and row.get(f"{other}_frozen_ms"):
+            row[f"frozen_speed_ckpt_over_{name}"] = round(row[f"{other}_frozen_ms"] / row["ckpt_frozen_ms"], 2)
+    return row
+
+
+def run_swarm(swarm: str, cases, where: str, rounds: int, cmds: dict) -> list:
+    rows = []
+    work = tempfile.mkdtemp(prefix="cmp-work-")
+    try:
+        for mode, n in cases:
+            got = {t: [] for t in cmds}
+            failed: dict = {}
+            for i in range(rounds):
+                order = list(cmds) if i % 2 == 0 else list(reversed(list(cmds)))
+                for tool in order:
+                    if tool in failed:
+                        continue
+                    try:
+                        got[tool].append(one_swarm(tool, cmds[tool], swarm, mode, n, where, work))
+                    except RuntimeError as e:
+                        # a tool that cannot do this case: said in the row, the others go on
+                        failed[tool] = str(e)[-600:]
+                        print(f"compare: {tool} failed on {mode} {n}: {e}", file=sys.stderr, flush=True)
+            row = _row({t: r for t, r in got.items() if t not in failed}, rounds,
+                       {t: c for t, c in cmds.items() if t not in failed}, case=f"{mode} {n}", image_on=where)
+            for tool, why in failed.items():
+                row[f"{tool}_failed"] = why
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return rows
+
+
 def run(memhog: str, sizes, dirs, rounds: int, cmds: dict) -> list:
     rows = []
     work = tempfile.mkdtemp(prefix="cmp-work-")
@@ -162,15 +369,7 @@ def run(memhog: str, sizes, dirs, rounds: int, cmds: dict) -> list:
                     order = list(cmds) if i % 2 == 0 else list(reversed(list(cmds)))
                     for tool in order:
                         got[tool].append(one(tool, cmds[tool], memhog, mib, where, work))
-                row = {"touched_mib": mib, "image_on": where, "rounds": rounds}
-                for tool, runs in got.items():
-                    for k in ("dump_s", "restore_s", "dump_cpu_s", "restore_cpu_s"):
-                        row[f"{tool}_{k}"] = round(statistics.median(r[k] for r in runs), 4)
-                    row[f"{tool}_samples"] = {k: [round(r[k], 4) for r in runs] for k in ("dump_s", "restore_s")}
-                if "criu" in cmds:
-                    # speed ratio as issue 15 writes it: criu time / ckpt time (> 1: ckpt faster)
-                    for k in ("dump", "restore"):
-                        row[f"{k}_speed_ckpt_over_criu"] = round(row[f"criu_{k}_s"] / row[f"ckpt_{k}_s"], 2)
+                row = _row(got, rounds, cmds, touched_mib=mib, image_on=where)
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
     finally:
@@ -191,13 +390,19 @@ def main(argv=None) -> int:
     ap.add_argument("--memhog", required=True)
     ap.add_argument("--sizes", default="1,64", help="touched MiB per case, comma-separated")
     ap.add_argument("--dirs", default="/dev/shm,/var/tmp", help="where the images go (tmpfs, disk)")
+    ap.add_argument("--swarm", help="tests/targets/swarm.c built: also the tree and threads cases")
+    ap.add_argument("--swarm-cases", default="tree:50,threads:50", help="MODE:N, comma-separated")
+    ap.add_argument("--swarm-dir", default="/dev/shm", help="where the swarm cases' images go")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--ckpt", default="ckpt", help="the ckpt command (split like a shell would)")
+    ap.add_argument("--ckpt-base", default="", help="an older ckpt command, measured as ckpt_base")
     ap.add_argument("--criu", default="criu", help="the criu command; empty: ckpt only")
     ap.add_argument("--out", help="write the JSON here (default: stdout)")
     args = ap.parse_args(argv)
     _subreaper()
     cmds = {"ckpt": shlex.split(args.ckpt)}
+    if args.ckpt_base:
+        cmds["ckpt_base"] = shlex.split(args.ckpt_base)
     if args.criu:
         cmds["criu"] = shlex.split(args.criu)
     doc = {"measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "kernel": os.uname().release,
@@ -205,8 +410,11 @@ def main(argv=None) -> int:
            "python": sys.version.split()[0],
            "note": "wall time of each command incl. its start-up; median of rounds, tools alternating; "
                    "ckpt fsyncs its image before commit, criu does not",
-           "rows": run(args.memhog, [int(x) for x in args.sizes.split(",")], args.dirs.split(","),
-                       args.rounds, cmds)}
+           "rows": run(args.memhog, [int(x) for x in args.sizes.split(",")] if args.sizes else [],
+                       args.dirs.split(","), args.rounds, cmds)}
+    if args.swarm:
+        cases = [(c.split(":")[0], int(c.split(":")[1])) for c in args.swarm_cases.split(",") if c]
+        doc["swarm_rows"] = run_swarm(args.swarm, cases, args.swarm_dir, args.rounds, cmds)
     doc["loadavg_after"] = os.getloadavg()
     text = json.dumps(doc, indent=1, sort_keys=True)
     if args.out:

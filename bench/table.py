@@ -83,12 +83,26 @@ def compare_rows(res: dict):
         if not isinstance(doc, dict):
             continue
         criu = (doc.get("criu_version") or "?").replace("Version: ", "criu ")
-        for r in doc.get("rows", []):
-            what = f"{cell} ({criu}): {r.get('touched_mib')} MiB on {r.get('image_on')}"
+        if doc.get("criu_unavailable"):
+            criu = "no criu: ckpt alone"
+        for r in doc.get("rows", []) + doc.get("swarm_rows", []):
+            case = r.get("case") or f"{r.get('touched_mib')} MiB"
+            what = f"{cell} ({criu}): {case} on {r.get('image_on')}"
             for step in ("dump", "restore"):
                 ratio = r.get(f"{step}_speed_ckpt_over_criu")
                 yield (what, step, _ms(r.get(f"ckpt_{step}_s")), _ms(r.get(f"criu_{step}_s")),
                        "-" if ratio is None else f"{ratio:.2f}x")
+            for step in ("dump", "restore"):
+                if r.get(f"ckpt_base_{step}_s") is not None:
+                    ratio = r.get(f"{step}_speed_ckpt_over_base")
+                    yield (what, f"{step} (criu column: ckpt_base, the older engine)",
+                           _ms(r.get(f"ckpt_{step}_s")), _ms(r[f"ckpt_base_{step}_s"]),
+                           "-" if ratio is None else f"{ratio:.2f}x")
+            if r.get("ckpt_frozen_ms") is not None or r.get("criu_frozen_ms") is not None:
+                ratio = r.get("frozen_speed_ckpt_over_criu")
+                frozen = [None if r.get(f"{t}_frozen_ms") is None else r[f"{t}_frozen_ms"] / 1000
+                          for t in ("ckpt", "criu")]
+                yield (what, "frozen", _ms(frozen[0]), _ms(frozen[1]), "-" if ratio is None else f"{ratio:.2f}x")
 
 
 def _print(table) -> None:

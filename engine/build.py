@@ -27,7 +27,7 @@ import ctypes
 import os
 import signal
 import struct
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 from . import faults, libc, posixtimers, ptrace, sched, seccomp, signals, threads
 from .arch import current as current_arch
@@ -112,6 +112,9 @@ class Builder:
         self.gadget = 0
         self.scratch = 0
         self.threads: List["Builder"] = []   # the other threads' builders (engine/threads.py)
+        # The process's sigaction table as it is now, when known (a clone of
+        # the restorer: signals.own_actions() read just before the clone).
+        self.inherited_actions: Optional[dict] = None
         self.session_done = False
         # A tree member created with CLONE_FILES / CLONE_FS (engine/tree_restore.py):
         # its fd table / cwd and umask are its parent's, restored once, there.
@@ -296,8 +299,7 @@ class Builder:
             self.call("umask", core["umask"])
         self.call("personality", core["personality"])
         self.call("prctl", PR_SET_NAME, self.put(core["comm"].encode()[:15] + b"\0"), 0, 0, 0)
-        for sig, (handler, flags, restorer, mask) in sorted(core["sigactions"].items(), key=lambda x: int(x[0])):
-            self.call("rt_sigaction", int(sig), self.put(struct.pack("<QQQQ", handler, flags, restorer, mask)), 0, 8)
+        self.set_sigactions(core["sigactions"])
         sp, ssflags, size = core["sigaltstack"]
         if ssflags & SS_DISABLE:
             sp, ssflags, size = 0, SS_DISABLE, 0
@@ -319,6 +321,22 @@ class Builder:
             self.call("setpgid", 0, 0)
         else:
             self.call("setpgid", 0, sess["pgid"])
+
+    def set_sigactions(self, acts: dict) -> None:
+        """Only the actions that differ from what the process holds now
+        (`inherited_actions`: the restorer's table, copied by the clone;
+        None: unknown, set them all). Setting an action to the value it
+        already has changes nothing (no pending signal exists yet to be
+        discarded), so a C program's restore injects a handful of
+        rt_sigaction calls instead of 62."""
+        have = self.inherited_actions
+        for sig, act in sorted(acts.items(), key=lambda x: int(x[0])):
+            if have is not None and have.get(sig) == list(act):
+                continue
+            handler, flags, restorer, mask = act
+            self.call("rt_sigaction", int(sig), self.put(struct.pack("<QQQQ", handler, flags, restorer, mask)), 0, 8)
+            if have is not None:
+                have[sig] = list(act)
 
     def install_fds(self) -> None:
         if self.files_shared:
@@ -421,10 +439,12 @@ def build(job) -> int:
     arch = current_arch()
     pid = job.core["pid"]
     sched.before_clone(job.core["sched"])   # the child's default timer slack
+    inherited = signals.own_actions()       # what the clone starts with
     child, first_ip = clone_with_pid(pid, arch)
     task = Task.adopt(child)
     task.syscall_ip = first_ip
     b = Builder(job, task)
+    b.inherited_actions = inherited
     try:
         faults.point("restore.phase", "created")
         _maybe_fail("clone")

@@ -396,10 +396,60 @@ def _walk(obj, where: str, depth: int = 0) -> Iterator[Tuple[str, object, object
             yield from _walk(v, f"{where}[{i}]", depth + 1)
 
 
+def _item_bad(k, v) -> bool:
+    """_check_strings_and_paths' rules for one item, as a yes/no."""
+    if isinstance(v, str):
+        if "\0" in v or (k == "path" and v.startswith("/") and not _abs_path_ok(v)):
+            return True
+    if isinstance(k, str) and "\0" in k:
+        return True
+    if isinstance(v, dict):
+        if isinstance(v.get("ghost"), str) and "name" in v and not v.get("memfd"):
+            name = v["name"]
+            if not isinstance(name, str):
+                return True
+            from .files import original_path
+            if not _abs_path_ok(original_path(name)):
+                return True
+        if "dev" in v and "ino" in v and "path" in v:
+            if not isinstance(v["path"], str) or not _abs_path_ok(v["path"]):
+                return True
+            for f in ("dev", "ino", "size", "mode", "uid", "gid"):
+                if f in v and (not _int(v[f]) or v[f] < 0):
+                    return True
+    return False
+
+
+def _any_bad(obj, depth: int = 0) -> bool:
+    """Whether _check_strings_and_paths would refuse `obj`: the same walk
+    and rules without the path names of every item (which cost a restore
+    of a 50-process tree ~0.2 s); those are made only for the message."""
+    if isinstance(obj, dict):
+        items = obj.items()
+    elif isinstance(obj, list):
+        items = enumerate(obj)
+    else:
+        return False
+    for k, v in items:
+        if depth + 1 > 32 or _item_bad(k, v):
+            return True
+        if isinstance(v, (dict, list)) and _any_bad(v, depth + 1):
+            return True
+    return False
+
+
 def _check_strings_and_paths(rec, where: str) -> None:
     """No string anywhere holds a NUL (the engine stores binary names in
     hex); every file path (a "path" key, a file identity, a ghost's name)
     is absolute and has no "..", "." or empty component."""
+    if not _any_bad(rec):
+        return
+    _explain_strings_and_paths(rec, where)
+    raise invalid(f"{where}: a string with a NUL byte or a path that is not plain")
+
+
+def _explain_strings_and_paths(rec, where: str) -> None:
+    """Raise the refusal naming the first item _any_bad objects to."""
     for w, k, v in _walk(rec, where):
         if isinstance(v, str) and "\0" in v:
             raise invalid(f"{w}.{k}: a string with a NUL byte")
@@ -810,8 +860,9 @@ def check_tree(reader, members: List[dict], fdrecs_of: Dict[int, List[dict]],
     one its own, whose session and group are the ones tree.json gives it; a
     zombie is in its parent's session (or its own) and in a group of the
     tree or its parent's; an fd shared with another member ("ofd_of") agrees
-    with the record it names; a member sharing its parent's fd table has no
-    fd records, one sharing its fs the same cwd and umask. Raises
+    with the record it names; a member holding an earlier member's fd table
+    (tree.json share / leave, engine/sharing.py) has no fd records, one
+    holding its fs the same cwd and umask. Raises
     Refusal(image-invalid)."""
     by_pid = {m["pid"]: m for m in members}
     pids = set(by_pid)
@@ -833,17 +884,18 @@ def check_tree(reader, members: List[dict], fdrecs_of: Dict[int, List[dict]],
             raise invalid(f"tree.json: member {m['pid']} is a zombie but its records are in the image")
         if "zombie" not in m and m["dir"] + "core.json" not in reader.files:
             raise invalid(f"tree.json: member {m['pid']} has no records")
+    from .sharing import owners
+    files, fs = owners(members, "files"), owners(members, "fs")
     for m in members:
-        share = m.get("share", ())
-        if "files" in share and fdrecs_of.get(m["pid"]):
-            # Its fds are its parent's table's (restored there): records of its
-            # own would be a second table no dump makes.
-            raise invalid(f"tree.json: member {m['pid']} shares its parent's fd table but has fds of its own")
-        if "fs" in share and cores_of is not None:
-            mine, theirs = cores_of.get(m["pid"]), cores_of.get(m["ppid"])
+        pid = m["pid"]
+        if files.get(pid, pid) != pid and fdrecs_of.get(pid):
+            # Its fd table is an earlier member's (restored there): records of
+            # its own would be a second table no dump makes.
+            raise invalid(f"tree.json: member {pid} holds the fd table of {files[pid]} but has fds of its own")
+        if fs.get(pid, pid) != pid and cores_of is not None:
+            mine, theirs = cores_of.get(pid), cores_of.get(fs[pid])
             if mine is None or theirs is None or (mine["cwd"], mine["umask"]) != (theirs["cwd"], theirs["umask"]):
-                raise invalid(f"tree.json: member {m['pid']} shares its parent's fs, but its cwd or umask differs "
-                              "from its parent's")
+                raise invalid(f"tree.json: member {pid} holds the fs of {fs[pid]}, but its cwd or umask differs")
     for pid, recs in fdrecs_of.items():
         for r in recs:
             if "ofd_of" not in r:

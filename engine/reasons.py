@@ -32,9 +32,9 @@ REASONS = {
                   "the detail): e.g. a CPU the process was bound to is not available on this machine"),
     "tree-sharing": ("two processes of the tree share what a restore could not make shared again: memory (CLONE_VM, a "
                      "vfork child) or signal handlers (CLONE_SIGHAND, which the kernel allows only with CLONE_VM) "
-                     "without being threads of one process, or an fd table (CLONE_FILES) or fs (CLONE_FS) that did "
-                     "not pass from parent to child (siblings whose parent left it, a grandchild past a parent that "
-                     "left it) (the pids in the detail)"),
+                     "without being threads of one process, or an fd table (CLONE_FILES) or fs (CLONE_FS) that no "
+                     "clone() and unshare() down the tree rebuild (a member would have to hand on two tables, as when "
+                     "holders were reparented) (the pids in the detail)"),
     "memory-peer-outside": ("shared memory of the dumped tree that a restore makes anew (MAP_SHARED anonymous "
                             "memory, a shared mapping of a memfd or deleted file) is also mapped or held open by a "
                             "process outside it (its pid in the detail): it would go on with the old object"),

@@ -316,8 +316,15 @@ def prepare(core: dict, vmas: List[dict], fdrecs: List[dict], ctx: RestoreContex
     fd), and an "ofd_of" record takes `shared_ofd(rec)`, another member's
     already opened file."""
     p = Prepared()
-    highest = max([r["fd"] for r in fdrecs] + [int(n) for n in os.listdir("/proc/self/fd")] + [2])
-    base = max(highest + 64, min_base)
+    if min_base:
+        # A tree: one base for every member, above every fd number any
+        # member uses. Not this process's highest fd + 64 again per member:
+        # that climbed by ~70 a member (each member's kept fds are ours
+        # too), and a tree of 50 ran into RLIMIT_NOFILE 1024 (EMFILE).
+        base = min_base
+    else:
+        highest = max([r["fd"] for r in fdrecs] + [int(n) for n in os.listdir("/proc/self/fd")] + [2])
+        base = highest + 64
     try:
         for rec in fdrecs:
             if "ofd_of" in rec:

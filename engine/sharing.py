@@ -19,7 +19,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
-from typing import Iterable, List, Tuple
+from typing import Dict, Iterable, List, Tuple
 
 from .pidfd import syscall_nr
 
@@ -111,3 +111,96 @@ def comm(pid: int) -> str:
             return f.read().strip()
     except OSError:
         return "?"
+
+
+# -- rebuilding shared fd tables and fs in a process tree ------------------------------
+#
+# A restore creates each member from its parent (engine/tree_restore.py). A
+# member created with CLONE_FILES / CLONE_FS ("share") holds its parent's
+# table; one that "leaves" unshare()s once it has created all its children,
+# for a fresh table of its own. So a table can reach its holders through
+# members that hold it only while they create their children: siblings
+# sharing a table their parent left (unshare, exec), a grandchild sharing
+# its grandparent's past a parent that left. plan() finds the members each
+# table has to pass through; tables() says which table every member ends
+# with, for the dump to compare with what kcmp saw and for the restore to
+# know who installs each table (its first holder, parents first).
+
+KINDS = ("files", "fs")
+
+
+def tables(members: List[dict], kind: str) -> Dict[int, int]:
+    """{live member pid: table number} after a restore made by its records
+    ("share", "leave"), members parents first; numbers in order of making."""
+    initial: Dict[int, int] = {}
+    final: Dict[int, int] = {}
+    n = 0
+    for m in members:
+        if kind in m.get("share", ()) and m["ppid"] in initial:
+            initial[m["pid"]] = initial[m["ppid"]]      # the parent's table until it leaves (after its children)
+        else:
+            initial[m["pid"]] = n
+            n += 1
+        if kind in m.get("leave", ()):
+            final[m["pid"]] = n
+            n += 1
+        else:
+            final[m["pid"]] = initial[m["pid"]]
+    return {m["pid"]: final[m["pid"]] for m in members if "zombie" not in m}
+
+
+def owners(members: List[dict], kind: str) -> Dict[int, int]:
+    """{live member pid: the first member (parents first) holding its table}."""
+    first: Dict[int, int] = {}
+    out = {}
+    for pid, t in tables(members, kind).items():
+        out[pid] = first.setdefault(t, pid)
+    return out
+
+
+def plan(members: List[dict], groups: List[List[int]], kind: str) -> List[str]:
+    """Set "share" and "leave" of kind on the member records (parents
+    first) so the restore rebuilds `groups` (the pids holding one table);
+    returns why it cannot, [] when it can."""
+    parent = {m["pid"]: m["ppid"] for m in members}
+    depth: Dict[int, int] = {}
+    for m in members:
+        depth[m["pid"]] = depth.get(m["ppid"], -1) + 1
+    by_pid = {m["pid"]: m for m in members}
+    why = []
+    for g in groups:
+        # the smallest part of the tree joining the holders, and its top
+        paths = []
+        for p in g:
+            path = [p]
+            while parent.get(path[-1]) in by_pid:
+                path.append(parent[path[-1]])
+            paths.append(path)
+        common = set(paths[0]).intersection(*map(set, paths[1:]))
+        top = max(common, key=depth.__getitem__)
+        joined = {x for path in paths for x in path[:path.index(top) + 1]}
+        for x in sorted(joined, key=depth.__getitem__):
+            rec = by_pid[x]
+            if x != top:
+                if kind in rec.get("share", ()):
+                    why.append(f"pid {x} would have to be given two tables")
+                rec.setdefault("share", []).append(kind)
+            if x not in g:
+                if kind in rec.get("leave", ()):
+                    why.append(f"pid {x} would have to pass on two tables")
+                rec.setdefault("leave", []).append(kind)
+    for m in members:
+        for k in ("share", "leave"):
+            if k in m:
+                m[k] = sorted(set(m[k]))
+    return why
+
+
+def same_partition(a: Dict[int, int], groups: List[List[int]]) -> bool:
+    """Whether table numbering `a` puts together exactly `groups` (every
+    pid of `a` not in a group alone)."""
+    want = {frozenset(g) for g in groups}
+    got: Dict[int, set] = {}
+    for pid, t in a.items():
+        got.setdefault(t, set()).add(pid)
+    return {frozenset(s) for s in got.values() if len(s) > 1} == want

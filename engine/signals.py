@@ -159,6 +159,30 @@ def describe(sigs: dict) -> str:
     return ", ".join(parts) or "none"
 
 
+# -- sigactions ----------------------------------------------------------------
+
+ACTION_SIGNALS = [s for s in range(1, 65) if s not in (9, 19)]   # all but SIGKILL, SIGSTOP
+
+
+def own_actions() -> dict:
+    """This process's own sigactions, {"SIG": [handler, flags, restorer,
+    mask]} in the kernel's struct layout (as a dump reads them by injection).
+    A process cloned from this one without CLONE_SIGHAND or
+    CLONE_CLEAR_SIGHAND starts with exactly these (kernel/fork.c
+    copy_sighand copies the table), so a restore sets only the entries the
+    image has differently (engine/build.py)."""
+    from . import libc
+    from .arch import current
+    nr = current().SYS["rt_sigaction"]
+    buf = ctypes.create_string_buffer(32)
+    out = {}
+    for sig in ACTION_SIGNALS:
+        ctypes.memset(buf, 0, 32)
+        libc.syscall(nr, sig, 0, ctypes.addressof(buf), 8, name="rt_sigaction")
+        out[str(sig)] = list(struct.unpack("<QQQQ", buf.raw))
+    return out
+
+
 # -- the image -----------------------------------------------------------------
 
 def check_record(rec) -> None:

@@ -154,8 +154,13 @@ class Task:
 
     # -- injection -------------------------------------------------------------
     def _resume_to_syscall_stop(self) -> None:
+        ptrace.syscall(self.pid, 0)
+        self._await_syscall_stop()
+
+    def _await_syscall_stop(self) -> None:
+        """Wait for the next syscall stop of a task already resumed with
+        PTRACE_SYSCALL (resuming it again past any other stop)."""
         while True:
-            ptrace.syscall(self.pid, 0)
             st = ptrace.wait(self.pid)
             if st.syscall_stop:
                 return
@@ -172,6 +177,7 @@ class Task:
                 except SysError:
                     pass
             # event stops (a late PTRACE_INTERRUPT or group stop): step on.
+            ptrace.syscall(self.pid, 0)
 
     def syscall(self, nr: int, *args: int) -> int:
         """Run syscall `nr` in the task; return its raw result (-errno on
@@ -179,13 +185,11 @@ class Task:
         if self.syscall_ip is None:
             raise EngineError("no syscall instruction known in the target", pid=self.pid)
         faults.point(self.fault_name, nr)
-        regs = self.orig_regs.copy()
-        self.arch.set_syscall(regs, self.syscall_ip, nr, args)
         # No ^C (KeyboardInterrupt) between here and the registers put back:
         # raised while the task runs, it would leave nothing to unwind with.
         held = signal.pthread_sigmask(signal.SIG_BLOCK, guard.HELD)
         try:
-            self.set_regs(regs)
+            self._inject_regs(nr, args)
             self._resume_to_syscall_stop()   # entry
             self._resume_to_syscall_stop()   # exit
             ret = self.arch.retval(self.get_regs())
@@ -197,6 +201,11 @@ class Task:
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, held)
         return ret
+
+    def _inject_regs(self, nr: int, args) -> None:
+        regs = self.orig_regs.copy()
+        self.arch.set_syscall(regs, self.syscall_ip, nr, args)
+        self.set_regs(regs)
 
     def call(self, name: str, *args: int) -> int:
         """syscall by name; raises SysError on a negative result."""
@@ -281,3 +290,55 @@ class Task:
             if st.exited:
                 break
         self.attached = False
+
+
+def syscall_each(calls) -> list:
+    """Task.syscall for several frozen dump targets, one (task, nr, args)
+    each, run side by side: every task is sent to its syscall-entry stop
+    before the first is waited for, then on to the exit stops, so the
+    tasks' runs and the tracer's waits overlap instead of taking turns (a
+    tree's 50 members: 50 round trips in flight, not 50 in a row). Each task
+    has its own registers back after (as Task.syscall leaves a dump target).
+    Returns the raw results in order. Every task that was started is driven
+    to its exit stop before the first failure is raised."""
+    for task, nr, _ in calls:
+        if task.syscall_ip is None:
+            raise EngineError("no syscall instruction known in the target", pid=task.pid)
+        if task.fault_name != "dump.syscall":
+            raise EngineError("syscall_each is for frozen dump targets", pid=task.pid)
+    for task, nr, _ in calls:
+        faults.point(task.fault_name, nr)
+    results: list = [None] * len(calls)
+    error: Optional[BaseException] = None
+    # No ^C between the registers set and put back (as in Task.syscall).
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, guard.HELD)
+    try:
+        going = []
+        for i, (task, nr, args) in enumerate(calls):
+            try:
+                task._inject_regs(nr, args)
+                ptrace.syscall(task.pid, 0)
+                going.append(i)
+            except BaseException as e:     # noqa: BLE001 - the started ones are finished first
+                error = e
+                break
+        for phase in ("entry", "exit"):
+            still = []
+            for i in going:
+                task = calls[i][0]
+                try:
+                    task._await_syscall_stop()
+                    if phase == "entry":
+                        ptrace.syscall(task.pid, 0)
+                    else:
+                        results[i] = task.arch.retval(task.get_regs())
+                        task.set_regs(task.resume_regs)
+                    still.append(i)
+                except BaseException as e:  # noqa: BLE001 - the others are finished first
+                    error = error or e
+            going = still
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+    if error is not None:
+        raise error
+    return results

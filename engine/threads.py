@@ -47,7 +47,7 @@ import time
 from typing import List, Optional
 
 from . import faults, libc, ptrace, sched, signals
-from .errors import Refusal
+from .errors import EngineError, Refusal
 from .libc import SysError
 from .task import Task
 
@@ -263,6 +263,10 @@ def thread_state(task: Task, leader: Task, vmas: List[dict]) -> dict:
         comm = f.read().rstrip("\n")
     rec = {"tid": tid, "comm": comm, "regs": task.image_regs.to_dict(), "sigmask": task_sigmask(task),
            "rseq": _rseq(task), "robust_list": robust_list(tid), "sched": sched.dump(tid)}
+    pre = getattr(task, "prefetched_thread", None)
+    if pre is not None:
+        rec.update(pre)
+        return rec
     scr = _scratch(task, vmas)
     saved = task.read_mem(scr, SCRATCH)
     try:
@@ -276,6 +280,60 @@ def thread_state(task: Task, leader: Task, vmas: List[dict]) -> dict:
     return rec
 
 
+def prefetch(others: List[Task], leader: Task, vmas: List[dict]) -> None:
+    """thread_state()'s two injected reads (sigaltstack, tid address) for
+    every thread side by side (task.syscall_each: two round trips for all
+    the threads, not two per thread). Only when each thread's scratch
+    memory is its own (no overlap between them); on any failure nothing is
+    kept and thread_state() reads them one by one (and fails in context)."""
+    from .dump import SCRATCH, _scratch
+    from .task import syscall_each
+    if leader.syscall_ip is None or len(others) < 2:
+        return
+    ready = []
+    for t in others:
+        try:
+            ready.append([t, _scratch(t, vmas), None])
+        except Refusal:
+            return
+    spans = sorted((scr, scr + SCRATCH) for _, scr, _ in ready)
+    if any(a[1] > b[0] for a, b in zip(spans, spans[1:])):
+        return
+    for r in ready:
+        r[0].syscall_ip = leader.syscall_ip
+    try:
+        for r in ready:
+            r[2] = r[0].read_mem(r[1], SCRATCH)
+    except (EngineError, SysError, OSError):
+        return
+    got = []
+    try:
+        res = syscall_each([(t, t.arch.SYS["sigaltstack"], (0, scr)) for t, scr, _ in ready])
+        if any(res):
+            return
+        alts = [list(struct.unpack("<Qi4xQ", t.read_mem(scr, 24))) for t, scr, _ in ready]
+        res = syscall_each([(t, t.arch.SYS["prctl"], (PR_GET_TID_ADDRESS, scr, 0, 0, 0)) for t, scr, _ in ready])
+        if any(res):
+            return
+        got = [{"sigaltstack": a, "tid_address": struct.unpack("<Q", t.read_mem(scr, 8))[0]}
+               for a, (t, scr, _) in zip(alts, ready)]
+    except (EngineError, SysError, OSError):
+        return
+    finally:
+        # Every thread's stack memory back, even if one fails (that failure
+        # is raised: a thread must never go on with it changed).
+        failed = None
+        for t, scr, saved in ready:
+            try:
+                t.write_mem(scr, saved)
+            except (EngineError, SysError, OSError) as e:
+                failed = failed or e
+        if failed is not None:
+            raise failed
+    for (t, _, _), g in zip(ready, got):
+        t.prefetched_thread = g
+
+
 def survey(s, leader: Task, others: List[Task], state: Optional[dict]) -> List[dict]:
     """Check and read every non-leader thread into the survey `s`; returns
     their records (empty when one was refused)."""
@@ -287,6 +345,8 @@ def survey(s, leader: Task, others: List[Task], state: Optional[dict]) -> List[d
     if int(s.status.get("Seccomp", "0") or 0):
         s.refuse("threads", "process", Refusal(
             "threads", "seccomp in a multi-threaded process (filters are per thread) is not restored"))
+    elif state is not None:
+        prefetch(others, leader, s.vmas)
     recs = []
     for t in others:
         what = f"thread {t.pid}"

@@ -15,10 +15,11 @@ Survey. Every live member is surveyed as a single process would be
 (dump._survey_frozen, with the other members not counting as "outside" for
 pipe/file peers), then the tree as a whole (`tree_problems`):
   * what members share without being threads (kcmp over every live
-    member, shared_kernel_objects): an fd table or fs its parent holds
-    too is recorded (Member.share), and restored shared; memory or signal
-    handlers (CLONE_VM/SIGHAND, a vfork child), or a table or fs that did
-    not pass from parent to child -> `tree-sharing`, naming the pids;
+    member, shared_kernel_objects): fd tables and fs are restored shared
+    (engine/sharing.py plans how: Member.share / leave); memory or signal
+    handlers (CLONE_VM/SIGHAND, a vfork child), or a table no plan
+    rebuilds -> `tree-sharing`, naming the pids; memory, a table or fs
+    also held outside the tree -> `sharing-peer-outside`;
   * sessions and process groups a restore cannot rebuild: a member's
     session must be its own (setsid) or its parent's (inherited), its group
     its own, one led by a member of the same session, or the root's group
@@ -30,9 +31,10 @@ pipe/file peers), then the tree as a whole (`tree_problems`):
 Image. The root's files are where a single process's are (core.json,
 mm.json, fds.json, pages...); every other member's under tree/PID/; and
 tree.json lists the members parents first: pid, ppid, dir, sid, pgid,
-comm, a zombie's wait status, and "share": ["files", "fs"] (what it
-shares with its parent; a member sharing its parent's fd table has an
-empty fds.json: the table is dumped by its top member). An open file
+comm, a zombie's wait status, "share": ["files", "fs"] (created holding
+its parent's fd table / fs) and "leave" (unshares them once it made its
+children); a table several members hold is dumped by its first holder,
+the others' fds.json is empty. An open file
 description held by several
 members is dumped once, by the first member holding it; the others' fds
 say {"ofd_of": [pid, fd]}. Shared anonymous memory is dumped once; the
@@ -61,8 +63,7 @@ TREE_FILE = "tree.json"
 KCMP_SHARED = {"memory (CLONE_VM, or a vfork child)": 1, "fd table (CLONE_FILES)": 2,
                "fs: cwd, root, umask (CLONE_FS)": 3, "signal handlers (CLONE_SIGHAND)": 4}
 KCMP_FILES, KCMP_FS, KCMP_SIGHAND = sharing.KCMP_FILES, sharing.KCMP_FS, sharing.KCMP_SIGHAND
-# What a restore rebuilds shared (tree.json "share": created by its parent
-# with CLONE_FILES / CLONE_FS), by kcmp type.
+# What a restore rebuilds shared (engine/sharing.py plan), by kcmp type.
 SHAREABLE = {KCMP_FILES: "files", KCMP_FS: "fs"}
 
 
@@ -74,7 +75,11 @@ class Member:
         self.zombie = tasks is None
         self.status = stat.get("exit_code", 0)
         self.survey = None
-        self.share: List[str] = []     # what it shares with its parent (SHAREABLE): tree.json "share"
+        # tree.json "share" / "leave" (engine/sharing.py plan); the tables it
+        # is the first holder of, dumped with it ("files": its fds.json)
+        self.share: List[str] = []
+        self.leave: List[str] = []
+        self.owns: List[str] = list(sharing.KINDS)
         self.state = None
         self.recs = None
         self.ctx = None
@@ -93,6 +98,8 @@ class Member:
             rec["zombie"] = {"status": self.status}
         if self.share:
             rec["share"] = list(self.share)
+        if self.leave:
+            rec["leave"] = list(self.leave)
         return rec
 
 
@@ -288,63 +295,53 @@ def shared_kernel_objects(members: List[Member]) -> List[tuple]:
     """Memory, fd tables, fs (cwd, root, umask) and signal handlers that
     live members share without being threads of one process (kcmp(2) of
     every live member; a zombie holds none of them any more). Sets each
-    member's `share`; returns [(member, what, Refusal)] for what a restore
-    could not make shared again.
+    member's `share`, `leave` and `owns`; returns [(member, what,
+    Refusal)] for what a restore could not make shared again.
 
-    A restore makes a member share its parent's fd table or fs by creating
-    it with CLONE_FILES / CLONE_FS (engine/tree_restore.py): the kernel
-    hands a table to a new child only (kernel/fork.c copy_files, copy_fs),
-    so a group is rebuilt when it is a connected part of the tree - one top
-    member, every other one sharing with its parent. Siblings sharing a
-    table their parent no longer holds (it called unshare(), or exec'd), a
-    grandchild sharing with its grandparent past a parent that left, are
-    refused. Memory (CLONE_VM) between processes is refused too, and so are
-    signal handlers: clone() refuses CLONE_SIGHAND without CLONE_VM
+    An fd table or fs is rebuilt by creating members with CLONE_FILES /
+    CLONE_FS and, where a member holds a table only to hand it on to its
+    children, unshare() once it made them (sharing.plan; kernel/fork.c
+    copy_files, copy_fs, unshare_fd, unshare_fs): siblings sharing a table
+    their parent left, a grandchild sharing one with its grandparent past a
+    parent that left. Refused: what that cannot make (a member that would
+    have to be given, or hand on, two tables, as when a table's holders
+    were reparented). Memory (CLONE_VM) between processes is refused, and
+    so are signal handlers: clone() refuses CLONE_SIGHAND without CLONE_VM
     (copy_process: "Shared signal handlers imply shared VM"), unshare()
     refuses to split the memory of a process whose handlers are shared
     (check_unshare_flags), and execve gives the caller handlers of its own
     (de_thread/unshare_sighand): two processes sharing handlers always
     share memory."""
     live = [m for m in members if not m.zombie]
-    for m in live:
-        m.share = []
+    recs = [{"pid": m.pid, "ppid": m.ppid, **({"zombie": 1} if m.zombie else {})} for m in members]
     by_pid = {m.pid: m for m in members}
     out = []
     try:
         out += _outside_sharers(live)
         for kind, what in sharing.WHAT.items():
-            for pids in sharing.groups([m.pid for m in live], kind):
-                if len(pids) > 1:
-                    out += _shared(kind, what, [by_pid[p] for p in pids])
+            groups = [g for g in sharing.groups([m.pid for m in live], kind) if len(g) > 1]
+            if kind not in SHAREABLE:
+                for g in groups:
+                    why = ("signal handlers are shared between processes only with their memory (clone() refuses "
+                           "CLONE_SIGHAND without CLONE_VM)" if kind == KCMP_SIGHAND else "a restore would make two")
+                    out.append((by_pid[g[1]], "sharing", Refusal("tree-sharing", f"pids {', '.join(map(str, g))} "
+                                f"share their {what} without being threads of one process: {why}")))
+                continue
+            name = SHAREABLE[kind]
+            why = sharing.plan(recs, groups, name)
+            if why or not sharing.same_partition(sharing.tables(recs, name), groups):
+                pids = "; ".join(", ".join(map(str, g)) for g in groups)
+                out.append((by_pid[groups[0][0]], "sharing", Refusal("tree-sharing", f"pids {pids} share their "
+                            f"{what} as no restore could rebuild from the tree: clone() hands a table to a new "
+                            f"child only ({'; '.join(why) or 'a member would hold two at once'})")))
     except Refusal as r:      # no kcmp (CONFIG_KCMP): nothing shows what they share
         return [(live[0], "sharing", r)]
     except EngineError as e:  # a frozen member cannot go away: refuse rather than guess
         return [(live[0], "sharing", Refusal("tree-sharing", f"kcmp of the members: {e.message}"))]
-    for m in live:
-        m.share.sort()
-    return out
-
-
-def _shared(kind: int, what: str, g: List[Member]) -> List[tuple]:
-    """One object of type `kind` several members hold: recorded when a
-    restore can share it again (each holder but the top one shares it with
-    its parent), else refused."""
-    pids = ", ".join(str(m.pid) for m in g)
-    if kind not in SHAREABLE:
-        why = ("signal handlers are shared between processes only with their memory (clone() refuses "
-               "CLONE_SIGHAND without CLONE_VM)" if kind == KCMP_SIGHAND else "a restore would make two")
-        return [(g[1], "sharing", Refusal("tree-sharing", f"pids {pids} share their {what} without being threads "
-                 f"of one process: {why}"))]
-    inside = {m.pid for m in g}
-    tops = [m for m in g if m.ppid not in inside]
-    for m in g:
-        if m.ppid in inside:
-            m.share.append(SHAREABLE[kind])
-    out = []
-    for m in tops[1:]:
-        out.append((m, "sharing", Refusal("tree-sharing", f"pid {m.pid} shares its {what} with pid {tops[0].pid}, "
-                    f"but its parent {m.ppid} holds another: clone() hands a table to a new child only, so a "
-                    "restore could not make it shared again")))
+    owns = {k: sharing.owners(recs, k) for k in sharing.KINDS}
+    for m, rec in zip(members, recs):
+        m.share, m.leave = rec.get("share", []), rec.get("leave", [])
+        m.owns = [k for k in sharing.KINDS if owns[k].get(m.pid) == m.pid]
     return out
 
 
@@ -434,7 +431,7 @@ def shared_ofds(members: List[Member]) -> Dict[int, Dict[int, list]]:
     out: Dict[int, Dict[int, list]] = {}
     seen: Dict[tuple, List[tuple]] = {}      # (dev, ino) -> [(pid, fd)] of earlier members' files
     for m in members:
-        if m.survey is None or "files" in m.share:    # its fds are its parent's (one table, dumped there)
+        if m.survey is None or "files" not in m.owns:    # its fds are an earlier member's (one table, dumped there)
             continue
         mine: Dict[int, list] = {}
         for info, _, _ in m.survey.fds:
@@ -522,11 +519,12 @@ def sub(img, prefix: str):
 
 def _survey(members: List[Member], options, img, boot) -> List[Refusal]:
     from .context import DumpContext
-    from .dump import _survey_frozen
+    from .dump import _survey_frozen, prefetch_injected
     from .fds import _peers
     pids = frozenset(m.pid for m in members)
     root = members[0].pid
     scan: dict = {}
+    prefetch_injected([m.tasks[0] for m in members if not m.zombie])
     for m in members:
         if m.zombie:
             continue
@@ -652,9 +650,9 @@ def dump(pid: int, directory: str, options) -> dict:
                 if ctx.threads:
                     simg.write_bytes(threads.XSTATE_FILE, threads.pack_xstate(ctx.threads, state["threads"]))
                 state["exe"] = m.recs["exe"]
-                # A member sharing its parent's fd table has no fds of its
-                # own: the table is dumped once, by the group's top member.
-                fdrecs = [] if "files" in m.share else _dump_fds(s, ctx, ofds.get(m.pid, {}))
+                # A table several members hold is dumped once, by the
+                # first of them; the others' fds.json is empty.
+                fdrecs = _dump_fds(s, ctx, ofds.get(m.pid, {})) if "files" in m.owns else []
                 vmas = _dump_memory(m, dumper, shm.get(m.pid, {}))
                 dumper.run()
                 simg.write_json("mm.json", {"vmas": vmas, "page_files": dumper.nfiles})

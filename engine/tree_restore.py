@@ -15,7 +15,8 @@ In the forked restorer (build_tree), three phases:
      address space is emptied but for one gadget page at an address free in
      every member's layout and the vdso. Each member then forks its children,
      in tree order, by an injected clone3(set_tid=[PID]), with CLONE_FILES /
-     CLONE_FS when it shares its parent's fd table / fs (PTRACE_O_TRACEFORK:
+     CLONE_FS when it takes its parent's fd table / fs ("share"; a member
+     that "leave"s them unshare()s after its last child; PTRACE_O_TRACEFORK:
      each child is ours, stopped, before it runs one instruction), after the
      timer slack the child's default comes from. Sessions and groups in the
      right order: a session leader calls setsid() before it forks (its
@@ -32,9 +33,9 @@ In the forked restorer (build_tree), three phases:
      stages: every member's memory and state (build.rebuild_early), then
      every member's fds and the rest (build.rebuild_late), so a table
      shared with CLONE_FILES still holds the files opened for each member
-     (exe, mappings, cwd) until all have used them; its top member installs
-     the dumped fds and closes the rest, the others leave it alone, and a
-     member sharing fs leaves cwd and umask to its top member too. Memory
+     (exe, mappings, cwd) until all have used them; its first holder
+     installs the dumped fds and closes the rest, the others leave it
+     alone, and the first holder of an fs sets its cwd and umask. Memory
      shared with an earlier member is mapped from /proc/OWNER/map_files
      (the same object). Then every member's registers go back and it is
      let go, children first.
@@ -52,18 +53,19 @@ import struct
 import time
 from typing import Dict, List, Optional
 
-from . import faults, files, imagecheck, ptrace, sched, signals, threads
+from . import faults, files, imagecheck, ptrace, sched, sharing, signals, threads
 from .arch import current as current_arch
 from .errors import EngineError, Refusal, Refusals
 from .libc import SysError
 from .task import Task
-from .tree import SHAREABLE, TREE_FILE, O_TRACEFORK, Sub
+from .tree import TREE_FILE, O_TRACEFORK, Sub
 
 PAGE = 4096
 PR_SET_TIMERSLACK = 29
 SIGCHLD = 17
 ZOMBIE_WAIT = 5.0
-SYS_EXTRA = {"x86_64": {"rt_sigtimedwait": 128, "openat": 257}, "aarch64": {"rt_sigtimedwait": 137, "openat": 56}}
+SYS_EXTRA = {"x86_64": {"rt_sigtimedwait": 128, "openat": 257, "unshare": 272},
+             "aarch64": {"rt_sigtimedwait": 137, "openat": 56, "unshare": 97}}
 AT_FDCWD = -100
 
 
@@ -99,17 +101,24 @@ def check_tree(tree) -> List[dict]:
             z = m["zombie"]
             if not isinstance(z, dict) or not isinstance(z.get("status"), int) or not 0 <= z["status"] <= 0xffff:
                 raise _bad(f"zombie {pid}: status")
-        if "share" in m:
-            # What it shares with its parent (engine/tree.py SHAREABLE): a
-            # live member of the tree, under a live parent.
-            sh = m["share"]
-            if i == 0 or "zombie" in m or not isinstance(sh, list) or not sh or sorted(set(sh)) != sh \
-                    or not set(sh) <= set(SHAREABLE.values()):
-                raise _bad(f"member {pid}: share {sh!r}")
+        for key in ("share", "leave"):
+            # The table / fs its parent hands it, the one it leaves once it
+            # made its children (engine/sharing.py plan): a live member; the
+            # root has no parent in the tree to share with.
+            if key not in m:
+                continue
+            sh = m[key]
+            if (i == 0 and key == "share") or "zombie" in m or not isinstance(sh, list) or not sh \
+                    or not all(x in sharing.KINDS for x in sh) or sorted(set(sh)) != sh:
+                raise _bad(f"member {pid}: {key} {sh!r}")
         seen.add(pid)
     for m in tree["members"]:
         if "zombie" in m and any(c["ppid"] == m["pid"] for c in tree["members"]):
             raise _bad(f"zombie {m['pid']} has children")
+        for k in m.get("leave", ()):
+            # one holds a table to hand it on: to a child taking it
+            if not any(c["ppid"] == m["pid"] and k in c.get("share", ()) for c in tree["members"]):
+                raise _bad(f"member {m['pid']} leaves a {k} table no child of it takes")
     return tree["members"]
 
 
@@ -218,7 +227,6 @@ def restore_tree(reader, options, pidfile: Optional[str], t0: float) -> dict:
                     imagecheck.malformed_as_invalid("opening the process's files"):
                 p = single.prepare(core, vmas, fdrecs, ctx, min_base=base, shared_ofd=theirs)
             prepared[m["pid"]] = p
-            base = 0
             jobs[m["pid"]] = single.Job(core=core, vmas=vmas, fdrecs=fdrecs, xstate=xstate,
                                         thread_xstate=thread_xstate, pages=pages, prepared=p, ctx=ctx)
         faults.point("restore.tree.prepared")
@@ -298,8 +306,20 @@ def _fork(parent, m: dict, job) -> object:
     ptrace.set_options(r, ptrace.O_TRACESYSGOOD | ptrace.O_EXITKILL | O_TRACEFORK)
     b = Builder(job, t)
     b.gadget, b.scratch = parent.gadget, parent.scratch
-    b.files_shared, b.fs_shared = "files" in m.get("share", ()), "fs" in m.get("share", ())
+    if parent.inherited_actions is not None:    # fork copies the parent's table as it is now
+        b.inherited_actions = {k: list(v) for k, v in parent.inherited_actions.items()}
     return b
+
+
+def _leave(b, m: dict) -> None:
+    """Member m made its last child: the tables it held to hand on to them
+    it leaves, for fresh copies of its own (kernel/fork.c unshare_fd,
+    unshare_fs)."""
+    flags = sum(CLONE_FLAG[w] for w in m.get("leave", ()))
+    if flags:
+        r = b.task.syscall(_nr(b.arch, "unshare"), flags)
+        if -4096 < r < 0:
+            raise SysError("unshare (injected)", -r, b.pid)
 
 
 def _die(b, status: int) -> None:
@@ -308,6 +328,8 @@ def _die(b, status: int) -> None:
     sig = status & 0x7f
     if sig:
         b.call("rt_sigaction", sig, b.put(struct.pack("<QQQQ", 0, 0, 0, 0)), 0, 8)
+        if b.inherited_actions is not None:
+            b.inherited_actions[str(sig)] = [0, 0, 0, 0]
         b.call("prlimit64", 0, 4, b.put(struct.pack("<QQ", 0, 0), 64), 0)     # RLIMIT_CORE 0: no core
         ptrace.set_sigmask(b.pid, signals.ALL_BLOCKED & ~(1 << (sig - 1)))
         nr, args = arch.SYS["kill"], (b.pid, sig)
@@ -383,10 +405,12 @@ def build_tree(tj: TreeJob) -> int:
     try:
         rjob = tj.jobs[root["pid"]]
         sched.before_clone(rjob.core["sched"])
+        inherited = signals.own_actions()       # what the clone starts with
         child, ip = clone_with_pid(root["pid"], arch)
         task = Task.adopt(child)
         task.syscall_ip = ip
         b = Builder(rjob, task)
+        b.inherited_actions = inherited
         builders[child] = b
         order.append(b)
         faults.point("restore.tree.created")
@@ -397,6 +421,11 @@ def build_tree(tj: TreeJob) -> int:
         ptrace.set_sigmask(child, signals.ALL_BLOCKED)
         ptrace.set_options(child, ptrace.O_TRACESYSGOOD | ptrace.O_EXITKILL | O_TRACEFORK)
         _own_group(b, root, tree_pids)
+        # Who installs each fd table and fs: its first holder (engine/sharing.py).
+        owners = {k: sharing.owners(members, k) for k in sharing.KINDS}
+        last_child = {m["ppid"]: m["pid"] for m in members[1:]}
+        if root["pid"] not in last_child:
+            _leave(b, root)
         # 1. create, parents first
         for m in members[1:]:
             job = tj.jobs.get(m["pid"])
@@ -407,11 +436,17 @@ def build_tree(tj: TreeJob) -> int:
             if job is not None:
                 _check_xstate(mb.task, job.core)
             _own_group(mb, m, tree_pids)
+            if last_child.get(m["ppid"]) == m["pid"]:
+                _leave(builders[m["ppid"]], next(x for x in members if x["pid"] == m["ppid"]))
+            if m["pid"] not in last_child:
+                _leave(mb, m)
         for m in members:
             if m["pgid"] != m["pid"] and m["pgid"] in tree_pids and m["sid"] != m["pid"]:
                 builders[m["pid"]].call("setpgid", 0, m["pgid"])
         for mb in order:
             ptrace.set_options(mb.pid, ptrace.O_TRACESYSGOOD | ptrace.O_EXITKILL)
+            mb.files_shared = owners["files"].get(mb.pid, mb.pid) != mb.pid
+            mb.fs_shared = owners["fs"].get(mb.pid, mb.pid) != mb.pid
         # 2. zombies
         faults.point("restore.tree.zombies")
         zombies = [m for m in members if "zombie" in m]

@@ -6,6 +6,10 @@ installed, copies in bench/compare.py and a static memhog, runs it there
 into bench/results.json under ``compare`` / <cell>. With ``--host`` it also
 runs on this machine when a working criu is installed here (``criu check``).
 
+Many tasks (issue 11): a tree of 50 small processes and a process with
+50 threads (tests/targets/swarm.c, static), dump/restore/frozen time for
+both tools (``--swarm-cases``; empty: none).
+
 Sizes: 1 and 64 MiB of touched memory by default. 1 GiB is the size the
 issue measured on real hardware, but under TCG one such dump takes minutes,
 and the guest has 1 GiB of RAM: pass ``--sizes`` for more on KVM.
@@ -14,11 +18,13 @@ and the guest has 1 GiB of RAM: pass ``--sizes`` for more on KVM.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -29,6 +35,7 @@ from .targets import REPO
 
 SCRIPT = REPO / "bench" / "compare.py"
 MEMHOG_SRC = REPO / "tests" / "targets" / "memhog.c"
+SWARM_SRC = REPO / "tests" / "targets" / "swarm.c"
 
 
 def _static_memhog(out: Path) -> Path:
@@ -37,8 +44,15 @@ def _static_memhog(out: Path) -> Path:
     return exe
 
 
+def _static_swarm(out: Path) -> Path:
+    exe = out / "swarm"
+    subprocess.run(["gcc", "-O2", "-static", "-pthread", "-o", str(exe), str(SWARM_SRC)], check=True, close_fds=True)
+    return exe
+
+
 def in_guest(arch: str, accel: str, kernel: Optional[str], distro: Optional[str], sizes: str,
-             rounds: int, timeout: float, engine_dir: Optional[str] = None) -> Dict:
+             rounds: int, timeout: float, engine_dir: Optional[str] = None, swarm_cases: str = "",
+             base_engine_dir: Optional[str] = None) -> Dict:
     from vm import Guest, ensure_image
     kw = {}
     if kernel:
@@ -48,14 +62,30 @@ def in_guest(arch: str, accel: str, kernel: Optional[str], distro: Optional[str]
     img = ensure_image(arch, **kw)
     with tempfile.TemporaryDirectory(prefix="crucible-compare-") as tmp:
         exe = _static_memhog(Path(tmp))
+        swarm = _static_swarm(Path(tmp)) if swarm_cases else None
         with Guest(arch=arch, accel=accel, name="bench-compare", log_dir=str(REPO / "reports" / "guests"),
                    image=img, memory_mb=1024, engine_dir=engine_dir or str(REPO / "engine"),
                    ready_timeout=300, ssh_timeout=300,       # TCG on a loaded host boots slowly
                    **({"distro": distro} if distro else {})) as g:
             g.put(str(exe), "/root/memhog")
             g.put(str(SCRIPT), "/root/compare.py")
+            extra = []
+            if base_engine_dir:
+                # the older engine beside, run as main's wrapper runs it (tool "ckpt_base")
+                buf = io.BytesIO()
+                with tarfile.open(fileobj=buf, mode="w") as tar:
+                    tar.add(base_engine_dir, arcname="engine",
+                            filter=lambda i: None if "__pycache__" in i.name.split("/") else i)
+                g.put_bytes(buf.getvalue(), "/root/base-engine.tar")
+                g.run("rm -rf /opt/crucible-base && mkdir -p /opt/crucible-base && "
+                      "tar -x --no-same-owner -C /opt/crucible-base -f /root/base-engine.tar && "
+                      "python3 -m compileall -q /opt/crucible-base/engine >/dev/null", timeout=600, check=True)
+                extra += ["--ckpt-base", "env PYTHONPATH=/opt/crucible-base python3 -m engine"]
+            if swarm:
+                g.put(str(swarm), "/root/swarm")
+                extra += ["--swarm", "/root/swarm", "--swarm-cases", swarm_cases]
             r = g.run(["python3", "/root/compare.py", "--memhog", "/root/memhog", "--sizes", sizes,
-                       "--rounds", str(rounds), "--dirs", "/dev/shm,/var/tmp", "--out", "/root/compare.json"],
+                       "--rounds", str(rounds), "--dirs", "/dev/shm,/var/tmp", "--out", "/root/compare.json"] + extra,
                       timeout=timeout)
             if r.rc != 0:
                 raise RuntimeError(f"compare.py failed in the guest ({r.rc}):\n{r.stderr[-3000:]}")
@@ -65,26 +95,38 @@ def in_guest(arch: str, accel: str, kernel: Optional[str], distro: Optional[str]
     return doc
 
 
-def on_host(sizes: str, rounds: int) -> Optional[Dict]:
-    """The same comparison on this machine, or None (with the reason on
-    stderr) when criu is missing or does not work on this kernel."""
+def on_host(sizes: str, rounds: int, swarm_cases: str = "", base_engine_dir: Optional[str] = None) -> Optional[Dict]:
+    """The same comparison on this machine. When criu is missing or does
+    not work on this kernel (the reason on stderr and in the result), ckpt
+    alone: its figures on the same processes, without ratios."""
     criu = shutil.which("criu")
+    why = None
     if not criu:
-        print("compare: no criu on this host (apt-get install criu)", file=sys.stderr)
-        return None
-    chk = subprocess.run([criu, "check"], capture_output=True, text=True, close_fds=True)
-    if chk.returncode != 0:
-        print(f"compare: host criu does not work on kernel {os.uname().release}: "
-              f"{(chk.stderr or chk.stdout).strip().splitlines()[-1:]}", file=sys.stderr)
-        return None
+        why = "no criu on this host (apt-get install criu)"
+    else:
+        chk = subprocess.run([criu, "check"], capture_output=True, text=True, close_fds=True)
+        if chk.returncode != 0:
+            why = (f"host criu does not work on kernel {os.uname().release}: "
+                   f"{' '.join((chk.stderr or chk.stdout).strip().splitlines()[-1:])}")
+    if why:
+        print(f"compare: {why}; ckpt alone", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="crucible-compare-") as tmp:
         exe = _static_memhog(Path(tmp))
         out = Path(tmp) / "compare.json"
+        extra = ["--swarm", str(_static_swarm(Path(tmp))), "--swarm-cases", swarm_cases] if swarm_cases else []
+        if base_engine_dir:
+            # -P: not the repo's engine from the working directory
+            parent = Path(base_engine_dir).resolve().parent
+            extra += ["--ckpt-base", f"env PYTHONPATH={parent} {sys.executable} -P -m engine"]
+        # -S: no site (the guest wrapper runs the engine so too, vm/guest.py)
         subprocess.run([sys.executable, str(SCRIPT), "--memhog", str(exe), "--sizes", sizes, "--rounds", str(rounds),
-                        "--ckpt", f"{sys.executable} -m engine", "--criu", criu, "--out", str(out)],
+                        "--ckpt", f"{sys.executable} -S -m engine", "--criu", "" if why else criu,
+                        "--out", str(out)] + extra,
                        check=True, cwd=str(REPO), close_fds=True)
         doc = json.loads(out.read_text())
     doc["where"] = "host"
+    if why:
+        doc["criu_unavailable"] = why
     return doc
 
 
@@ -112,11 +154,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--kernel", default=None)
     ap.add_argument("--distro", default=None, help="guest distro (bookworm: criu 3.17, trixie: criu 4.1)")
     ap.add_argument("--sizes", default="1,64", help="touched MiB per case (1 GiB is too slow under TCG)")
+    ap.add_argument("--swarm-cases", default="tree:50,threads:50",
+                    help="many-task cases MODE:N (tree, threads), comma-separated; empty: none")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--timeout", type=float, default=3600)
     ap.add_argument("--host", action="store_true", help="also compare on this host when its criu works")
     ap.add_argument("--no-guest", action="store_true")
     ap.add_argument("--engine-dir", help="another engine package to measure (e.g. an older commit's, for before/after)")
+    ap.add_argument("--base-engine-dir", help="an older engine package measured beside in the same guest "
+                                              "(tool ckpt_base: before/after in one run)")
     ap.add_argument("--cell", help="the name of the result entry (default: from arch, distro, kernel)")
     args = ap.parse_args(argv)
     # bytecode for the host runs (the guest compiles its own at install)
@@ -125,13 +171,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not args.no_guest:
         t0 = time.monotonic()
         doc = in_guest(args.arch, args.accel, args.kernel, args.distro, args.sizes, args.rounds, args.timeout,
-                       args.engine_dir)
+                       args.engine_dir, args.swarm_cases, args.base_engine_dir)
         doc["bench_wall_s"] = round(time.monotonic() - t0, 1)
         merge_into(Path(args.out), "compare", args.cell or cell_name(args.arch, args.distro, args.kernel), doc)
-        print(json.dumps(doc["rows"], indent=1))
+        print(json.dumps(doc["rows"] + doc.get("swarm_rows", []), indent=1))
     if args.host:
-        doc = on_host(args.sizes, args.rounds)
+        doc = on_host(args.sizes, args.rounds, args.swarm_cases, args.base_engine_dir)
         if doc is not None:
             merge_into(Path(args.out), "compare", "host", doc)
-            print(json.dumps(doc["rows"], indent=1))
+            print(json.dumps(doc["rows"] + doc.get("swarm_rows", []), indent=1))
     return 0

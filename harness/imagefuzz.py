@@ -5,7 +5,8 @@ it was given (issue 13, engine/imagecheck.py).
 One real process (tests/targets/mutant_sink.c: files, a pipe and a unix
 datagram pair with queued data, a deleted file, timerfd, eventfd, epoll,
 inotify, 1 MiB of memory) and one small process tree (tests/targets/
-fuzz_tree.c: a zombie, a file and a pipe its members share) are dumped
+fuzz_tree.c: a zombie, a file and a pipe its members share, a member
+sharing its parent's fd table and fs) are dumped
 once; every third case takes the tree. Each case copies its image, breaks
 it one way and runs `python3 -m engine restore` (and `ckpt show`) on the
 copy:

@@ -418,7 +418,9 @@ def _tree_edit(T: dict, rng) -> str:
     ms = T["members"]
     m = rng.choice(ms)
     others = [x for x in ms if x is not m]
-    w = rng.randrange(10)
+    w = rng.randrange(11)
+    if w == 10:
+        return _share_edit(ms, rng)
     if w == 0:
         k = rng.choice(["pid", "ppid", "sid", "pgid"])
         m[k] = rng.choice([0, -1, 1 << 31, "1", None, m["pid"] if k == "ppid" else 99999])
@@ -427,7 +429,7 @@ def _tree_edit(T: dict, rng) -> str:
         m["dir"] = rng.choice(["../", "/tmp/", "tree/../", "tree/99999/", f"tree/{others[0]['pid']}/", "", None])
         return f"member {ms.index(m)} dir = {m['dir']!r}"
     if w == 2:
-        T["root"] = rng.choice([0, others[0]["pid"], "x"])
+        T["root"] = rng.choice([0, ms[1]["pid"], "x"])     # (not others[0]: the root itself when m is not)
         return f"root = {T['root']!r}"
     if w == 3:
         zs = [x for x in ms if "zombie" in x] or [m]
@@ -457,6 +459,35 @@ def _tree_edit(T: dict, rng) -> str:
     # itself, or no member (another live member would be a consistent forgery: nothing else records parentage)
     zs[0]["ppid"] = rng.choice([zs[0]["pid"], 4000002])
     return f"the zombie's parent = {zs[0]['ppid']}"
+
+
+def _share_edit(ms: list, rng) -> str:
+    """"share" or "leave" (engine/sharing.py) where no dump writes it. Never one a restore
+    could not tell from the truth: taking it from a member with no fds (an
+    empty table of its own), or giving "fs" to one with its parent's cwd
+    and umask."""
+    live = [x for x in ms[1:] if "zombie" not in x and "share" not in x]
+    sharers = [x for x in ms if "share" in x]
+    zombies = [x for x in ms if "zombie" in x]
+    w = rng.randrange(5)
+    if w == 4:
+        # "leave" on a member no child takes a table from (none has children), or on a zombie
+        x = rng.choice([y for y in ms[1:] if not any(c["ppid"] == y["pid"] for c in ms)])
+        x["leave"] = rng.choice([["files"], ["fs"], ["files", "fs"]])
+        return f"member {x['pid']} leaves a table no child takes"
+    if w == 0:
+        ms[0]["share"] = rng.choice([["files"], ["fs"]])
+        return "the root shares with its parent (outside the tree)"
+    if w == 1 and live:
+        live[0]["share"] = ["files"]         # it has fds of its own
+        return f"member {live[0]['pid']} with fds of its own shares its parent's table"
+    if w == 2 and zombies:
+        zombies[0]["share"] = ["fs"]
+        return "a zombie shares its parent's fs"
+    if not sharers:
+        return ""
+    sharers[0]["share"] = rng.choice([["vm"], "files", [], ["fs", "files"], ["files", "files"], [None], {"files": 1}])
+    return f"share = {sharers[0]['share']!r}"
 
 
 def m_semantic(img, outside, rng):

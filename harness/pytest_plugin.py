@@ -327,6 +327,17 @@ def pytest_collection_modifyitems(session, config, items):
     if config.getoption("generate") > 0:
         gen = GeneratedCases.from_parent(session, name="generated", path=REPO / "scenarios")
         items[:] = list(gen.collect())
+    items[:] = migrate_first(items)
+
+
+def migrate_first(items: list) -> list:
+    """The scenarios that restore on a second guest first (a stable sort:
+    the same order on every xdist worker). Each worker that gets one boots
+    a second guest: at the start of the run that boot overlaps the other
+    worker's scenarios (--dist worksteal hands the first block to one
+    worker, so one boot), where at the end it was the run's tail."""
+    return sorted(items, key=lambda it: 0 if (getattr(it, "scenario", None) or {}).get("restore_on") == "other"
+                  else 1)
 
 
 def _die_with_parent() -> None:

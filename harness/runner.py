@@ -72,7 +72,8 @@ def expected_text(expect: dict) -> str:
     r = expect["refused"]
     fd = r.get("fd")
     fd = ",".join(map(str, fd)) if isinstance(fd, list) else fd
-    return "refused " + r["reason"] + (f" fd {fd}" if fd is not None else "") + f" at {r['at']}"
+    also = "".join(f",{x}" for x in r.get("also") or [])
+    return "refused " + r["reason"] + also + (f" fd {fd}" if fd is not None else "") + f" at {r['at']}"
 
 
 def outcome_text(res: Result) -> str:
@@ -97,6 +98,14 @@ def judge(expect: dict, res: Result, strict: bool = True) -> Judgement:
     if res.outcome != "refused":
         return Judgement(not strict, f"expected a refusal ({want['reason']}), but the engine restored it "
                                      "and the workload verified every fd")
+    if "also" in want:
+        # A program's (workload.program): its fds are the program's own, not
+        # the scenario's, so the refusal is the exact set of reason codes.
+        got = {r.get("reason") for r in res.refusals}
+        if got != {want["reason"], *want["also"]} or want.get("at") != res.at:
+            return Judgement(not strict, f"expected {expected_text(expect)}, got {outcome_text(res)}: "
+                             + "; ".join(r.get("message", "") for r in res.refusals))
+        return Judgement(True, "")
     # Only the expected refusal satisfies it: same reason, same fd (none for a
     # process- or mapping-level one), same phase, and no other refusal besides.
     fds = want.get("fd")

@@ -341,7 +341,7 @@ def _mmap() -> Check:
 # -- the program workload (harness/program.py) -------------------------------------------
 
 #: What every program step may name as ``{var}`` besides its own captures.
-PROGRAM_VARS = ("token", "work", "ctl", "programs")
+PROGRAM_VARS = ("token", "work", "ctl", "programs", "pid")
 
 
 def Regex() -> Check:
@@ -369,6 +369,13 @@ def Exclusive(fields: Dict[str, Check], one_of: Sequence[str], required: Sequenc
     return chk
 
 
+def IntOrInts(lo: int, hi: int) -> Check:
+    """One integer, or a list of the ones allowed."""
+    def chk(c, n, k):
+        return List_(Int(lo, hi))(c, n, k) if isinstance(n, yaml.SequenceNode) else Int(lo, hi)(c, n, k)
+    return chk
+
+
 def StrMap() -> Check:
     def chk(c, n, k):
         if not isinstance(n, yaml.MappingNode):
@@ -382,11 +389,12 @@ def _program_steps() -> Check:
     return List_(OneKey({
         "sleep": Num(),
         "write": Map({"path": Path(), "data": Str(), "append": Bool()}, required=("path", "data")),
-        "exec": Exclusive({"argv": List_(Str()), "sh": Str(), "stdin": Str(), "expect": Regex(), "rc": Int(0, 255),
+        "exec": Exclusive({"argv": List_(Str()), "sh": Str(), "stdin": Str(), "expect": Regex(), "rc": IntOrInts(0, 255),
                            "timeout": t}, ("argv", "sh")),
         "wait": Exclusive({"output": Regex(), "lines": List_(Regex()), "since": Enum(("dump",)), "timeout": t},
                           ("output", "lines")),
-        "sequence": Map({"name": Str(), "output": Regex(), "start": Int(0), "advance": Int(1), "timeout": t},
+        "sequence": Map({"name": Str(), "output": Regex(), "start": Int(0), "advance": Int(1), "reach": Int(0),
+                         "timeout": t},
                         required=("name", "output")),
         "connect": Map({"name": Str(), "tcp": Int(1, 65535), "host": Str(), "timeout": t}, required=("name", "tcp")),
         "send": Map({"conn": Str(), "data": Str(), "expect": Regex(), "timeout": t}, required=("conn",)),
@@ -395,7 +403,7 @@ def _program_steps() -> Check:
 
 def _program() -> Check:
     return Exclusive({
-        "run": List_(Str()), "sh": Str(), "env": StrMap(), "fifos": List_(Path()),
+        "run": List_(Str()), "sh": Str(), "env": StrMap(), "fifos": List_(Path()), "stdin": Path(),
         "ready": Map({"output": Regex(), "file": Path(), "tcp": Int(1, 65535), "settle": Num()}),
         "stable": Bool(), "before": _program_steps(), "after": _program_steps(),
     }, ("run", "sh"))
@@ -418,6 +426,9 @@ def _program_checks(c: _Ctx, node_of, prog: dict) -> None:
                 raise c.fail(node_of("workload", "program", *where), key,
                              f"{{{name}}} is not defined here (known: {', '.join(sorted(known))})")
 
+    if "stdin" in prog and prog["stdin"] not in (prog.get("fifos") or []):
+        raise c.fail(node_of("workload", "program", "stdin"), "workload.program.stdin",
+                     f"{prog['stdin']!r} is not one of the program's fifos")
     for key in ("run", "sh"):
         for text in ([prog[key]] if isinstance(prog.get(key), str) else prog.get(key) or []):
             need(text, (key,), f"workload.program.{key}")
@@ -445,16 +456,20 @@ def _program_checks(c: _Ctx, node_of, prog: dict) -> None:
                     raise c.fail(node_of("workload", "program", *where), key,
                                  f"sequence {a['name']!r} after the restore continues one checked before the dump")
                 seqs.add(a["name"])
-            for text in texts:
-                known.update(re.compile(re.sub(r"\{([A-Za-z_]\w*)\}", "x", text)).groupindex
-                             if name in ("wait", "exec", "send") else ())
+            patterns = [a[k] for k in ("expect", "output") if isinstance(a, dict) and k in a] + \
+                (a.get("lines") or [] if isinstance(a, dict) else [])
+            for text in patterns if name in ("wait", "exec", "send") else []:
+                known.update(re.compile(re.sub(r"\{([A-Za-z_]\w*)\}", "x", text)).groupindex)
 
 
 def _expect() -> Check:
     # An expected refusal names its phase and its fd (or fds, for one reason
     # on several); without fd it is one that concerns no fd (a mapping, the
     # process). Only exactly that refusal satisfies it (runner.judge).
-    refused = Map({"refused": Map({"reason": Reason(), "fd": FdOrFds(), "at": Enum(("dump", "restore"))},
+    # `also`: a program workload's refusal is the set {reason} + also (the
+    # fds are the program's own; see _cross_checks)
+    refused = Map({"refused": Map({"reason": Reason(), "fd": FdOrFds(), "at": Enum(("dump", "restore")),
+                                   "also": List_(Reason())},
                                   required=("reason", "at"))}, required=("refused",))
 
     def chk(c, n, k):
@@ -535,6 +550,13 @@ def _cross_checks(c: _Ctx, root: yaml.MappingNode, data: dict) -> None:
         if data.get("restore_on") == "other":
             raise c.fail(node_of("restore_on"), "restore_on", "a program workload is restored on the same guest")
         _program_checks(c, node_of, prog)
+        for key in ("expect", "older_kernels"):
+            ref = (data.get(key, {}) if key == "expect" else data.get(key, {}).get("expect", {})).get("refused")
+            if ref is not None:
+                if "fd" in ref:
+                    raise c.fail(node_of(key), f"{key}.refused.fd",
+                                 "a program's refusal names its reason codes (reason, also), not fds")
+                ref.setdefault("also", [])
         return
     seg = data.get("segment")
     if seg is not None:
@@ -578,6 +600,8 @@ def _cross_checks(c: _Ctx, root: yaml.MappingNode, data: dict) -> None:
     for key in ("expect", "older_kernels"):
         exp = data.get(key, {}) if key == "expect" else data.get(key, {}).get("expect", {})
         ref = exp.get("refused")
+        if ref and "also" in ref:
+            raise c.fail(node_of(key), f"{key}.refused.also", "only a program workload refuses with a set of reasons")
         for fd in (ref.get("fd") if isinstance(ref.get("fd"), list) else [ref.get("fd")]) if ref else []:
             if fd is not None and fd not in seen:
                 raise c.fail(node_of(key), f"{key}.refused.fd", f"fd {fd} is not opened by the workload")

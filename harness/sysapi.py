@@ -261,7 +261,7 @@ def sigtimedwait_now(signals: Iterable[int]) -> Tuple[int, int, int]:
 
 
 # clone(2) and kcmp(2) numbers; clone's flags come first on both
-_SYS = {"x86_64": {"clone": 56, "kcmp": 312}, "aarch64": {"clone": 220, "kcmp": 272}}
+_SYS = {"x86_64": {"clone": 56, "kcmp": 312, "unshare": 272}, "aarch64": {"clone": 220, "kcmp": 272, "unshare": 97}}
 CLONE_FS, CLONE_FILES = 0x200, 0x400
 KCMP_FILES, KCMP_FS = 2, 3
 
@@ -281,3 +281,8 @@ def kcmp(pid1: int, pid2: int, kind: int) -> int:
     nr = _SYS[os.uname().machine]["kcmp"]
     return _check(_libc.syscall(ctypes.c_long(nr), ctypes.c_int(pid1), ctypes.c_int(pid2), ctypes.c_int(kind),
                                 ctypes.c_ulong(0), ctypes.c_ulong(0)))
+
+
+def unshare(flags: int) -> None:
+    """unshare(2) (os.unshare is Python 3.12)."""
+    _check(_libc.syscall(ctypes.c_long(_SYS[os.uname().machine]["unshare"]), ctypes.c_ulong(flags)))

@@ -301,6 +301,32 @@ def test_failure_leaves_no_member(procs, session_killer, tmp_path, monkeypatch):
     assert _stat(p.pid)["state"] != "Z"
 
 
+def test_fifty_members_under_the_default_fd_limit(procs, session_killer, tmp_path):  # noqa: F811
+    """A tree of 50 (tests/targets/swarm.c, the bench's) restores with the
+    usual RLIMIT_NOFILE soft limit of 1024: the restorer holds each
+    member's files (exe, mappings, cwd, fds) above one base, not above a
+    base that climbed ~70 fds a member (EMFILE before 50)."""
+    import resource
+    exe = str(tmp_path / "swarm")
+    subprocess.run(["gcc", "-O2", "-pthread", "-o", exe, os.path.join(TARGETS, "swarm.c")], check=True)
+    p = _start(procs, [exe, "tree", "50", str(tmp_path / "ready")], tmp_path)
+    session_killer.append(p.pid)
+    wait_for(lambda: (tmp_path / "ready").exists() or p.poll() is not None, what="the swarm")
+    pids = sorted([p.pid] + _descendants(p.pid))
+    assert len(pids) == 50
+    dump(p.pid, str(tmp_path / "img"), Options())
+    _wait_killed(p.pid, tmp_path / "img", procs)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(1024, hard), hard))
+    try:
+        restore(str(tmp_path / "img"), Options())
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    procs.adopt(p.pid)
+    assert sorted([p.pid] + _descendants(p.pid)) == pids
+    assert all(_stat(x)["state"] == "S" for x in pids)
+
+
 # -- refusal boundaries ---------------------------------------------------------------
 
 def _refused(pid):

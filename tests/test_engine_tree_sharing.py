@@ -106,10 +106,44 @@ def test_shared_fd_tables_and_fs_restored_shared(procs, session_killer, sharer, 
     assert os.readlink(f"/proc/{kids['A']}/cwd") == str(tmp_path / "gsub")
 
 
+@pytest.mark.parametrize("mode,opener,holders,not_holders", [
+    # A and B share a table their parent P left (unshare): P hands it on, then leaves it
+    ("siblings", "A", ["B"], ["P"]),
+    # G shares P's table past its parent A, which left it after making G
+    ("skip", "G", ["P"], ["A"]),
+])
+def test_table_handed_on_by_a_member_that_left_it(procs, session_killer, sharer, tmp_path, mode, opener,
+                                                  holders, not_holders):  # noqa: F811
+    """The restore makes the member in between hold the table while it
+    creates its children, then leave it (unshare): kcmp sees the dumped
+    sharing again, and a file the opener opens is open at that number in
+    the processes sharing its table, not in the one that left it."""
+    p, kids = _start(procs, session_killer, sharer, mode, tmp_path)
+    kids["P"] = p.pid
+    pids = sorted(kids.values())
+    before = _relations(pids)
+    tables = {pid: _fd_table(pid) for pid in pids}
+    res = check(p.pid, Options())
+    assert res["ok"], res["refusals"]
+    img = tmp_path / "img"
+    dump(p.pid, str(img), Options())
+    tree = json.loads((img / "tree.json").read_text())
+    assert any("leave" in m for m in tree["members"]), tree
+    _wait_killed(p.pid, img, procs)
+    restore(str(img), Options())
+    procs.adopt(p.pid)
+    assert _relations(pids) == before
+    assert {pid: _fd_table(pid) for pid in pids} == tables, "a table is not the dumped one"
+    (tmp_path / "go").write_text("")
+    for k in holders + not_holders:
+        f = tmp_path / f"{k.lower()}.result"
+        wait_for(f.exists, timeout=30, what=f"{k}'s result")
+        assert f.read_text().strip() == ("1" if k in holders else "0"), (k, opener)
+
+
 @pytest.mark.parametrize("mode,detail", [
-    ("siblings", "but its parent"),      # A and B share a table P left (unshare)
-    ("skip", "but its parent"),          # G shares P's table past A, which left it
-    ("vm-siblings", "memory"),           # A and B share memory and handlers, P exec'd
+    ("twophase", "no restore could rebuild"),   # P hands on the table it left and its own
+    ("vm-siblings", "memory"),                  # A and B share memory and handlers, P exec'd
 ])
 def test_refused_sharing_a_restore_cannot_rebuild(procs, session_killer, sharer, tmp_path, mode, detail):  # noqa: F811
     p, kids = _start(procs, session_killer, sharer, mode, tmp_path)
@@ -160,9 +194,15 @@ def test_image_cannot_make_a_restore_share_what_was_not(procs, session_killer, s
         "unknown kind": (lambda i: _edit_tree(i, lambda T, by: by[A].update(share=["vm"])), "share"),
         "a string": (lambda i: _edit_tree(i, lambda T, by: by[A].update(share="files")), "share"),
         "empty": (lambda i: _edit_tree(i, lambda T, by: by[A].update(share=[])), "share"),
+        "unhashable": (lambda i: _edit_tree(i, lambda T, by: by[A].update(share=[["files"]])), "share"),
+        "a zombie's": (lambda i: _edit_tree(i, lambda T, by: by[A].update(zombie={"status": 0}, share=["files"])),
+                       "share"),
         "twice": (lambda i: _edit_tree(i, lambda T, by: by[G].update(share=["files", "files"])), "share"),
         "unsorted": (lambda i: _edit_tree(i, lambda T, by: by[G].update(share=["fs", "files"])), "share"),
         "files with fds": (lambda i: _edit_tree(i, lambda T, by: by[D].update(share=["files"])), "fds of its own"),
+        "leave, no child takes it": (lambda i: _edit_tree(i, lambda T, by: by[D].update(leave=["files"])),
+                                     "no child of it takes"),
+        "leave, unknown kind": (lambda i: _edit_tree(i, lambda T, by: by[P].update(leave=["sighand"])), "leave"),
         "fs, other umask": (lambda i: _edit_core(i, B, lambda c: c.update(umask=0o077)), "cwd or umask"),
         "fs, other cwd": (lambda i: _edit_core(i, G, lambda c: c["cwd"].update(path="/")), "cwd or umask"),
     }

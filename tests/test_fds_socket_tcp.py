@@ -128,7 +128,10 @@ SERVER = ENDPOINT + r'''
 l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 l.bind(("127.0.0.1", 0)); l.listen(1)
 open("port.tmp", "w").write(str(l.getsockname()[1])); os.rename("port.tmp", "port")
-conn, _ = l.accept(); l.close()
+conn, _ = l.accept()
+if sys.argv[2:] == ["keep"]:         # a server goes on listening on the port its connection uses
+    os.dup2(l.fileno(), 6)          # restored before the connection (fd 7)
+l.close()
 conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
 os.dup2(conn.fileno(), 7); conn.close(); conn = socket.socket(fileno=7)
 open("ready.tmp", "w").close(); os.rename("ready.tmp", "ready")
@@ -185,10 +188,10 @@ def test_loopback_pair_leave_running_changes_nothing(procs, tmp_path, tree):
     assert v == {"sent": v["sent"], "c2a": True, "a2c": True, "after": True, "nodelay": True}
 
 
-def _start_server_and_peer(procs, tmp_path, n):
+def _start_server_and_peer(procs, tmp_path, n, *server_args):
     (tmp_path / "server.py").write_text(SERVER)
     (tmp_path / "peer.py").write_text(PEER)
-    srv = procs.start([python_exe(), str(tmp_path / "server.py"), str(n)], cwd=str(tmp_path))
+    srv = procs.start([python_exe(), str(tmp_path / "server.py"), str(n), *server_args], cwd=str(tmp_path))
     wait_for(lambda: (tmp_path / "port").exists() or srv.poll() is not None, what="the server's port")
     port = (tmp_path / "port").read_text()
     peer = subprocess.Popen([python_exe(), str(tmp_path / "peer.py"), str(n), port], cwd=str(tmp_path),
@@ -221,6 +224,31 @@ def test_outside_peer_keeps_streaming_across_the_checkpoint(procs, tmp_path):
     assert pe == {"ok": True, "sent": n, "got": n, "err": None}
     assert s == {"ok": True, "sent": n, "got": n, "err": None}
     assert res["fds"] >= 1
+
+
+@pytest.mark.skipif(netlock.available() is not None, reason=f"no network lock here: {netlock.available()}")
+def test_accepted_connection_beside_its_still_listening_socket(procs, tmp_path):
+    """A server (redis, nginx) keeps listening on the port its accepted
+    connection uses, both with SO_REUSEADDR (inherited by accept). The
+    connection is rebuilt in repair mode, whose forced reuse lets it bind
+    beside the listener; setting SO_REUSEADDR after entering repair mode
+    would undo that (sock_setsockopt overwrites sk_reuse): "address in use"."""
+    n = 100_000
+    srv, peer = _start_server_and_peer(procs, tmp_path, n, "keep")
+    port = int((tmp_path / "port").read_text())
+    time.sleep(0.3)
+    dump(srv.pid, str(tmp_path / "img"), Options())
+    srv.wait()
+    recs = json.loads((tmp_path / "img" / "fds.json").read_text())
+    assert sorted(r.get("sock") for r in recs if r.get("sock")) == ["tcp-conn", "tcp-listen"]
+    assert all("SO_REUSEADDR" in r["set"] for r in recs if r.get("sock"))
+    out = restore(str(tmp_path / "img"), Options())
+    procs.adopt(out["pid"])
+    assert peer.wait(timeout=120) == 0, peer.stderr.read().decode()
+    wait_for((tmp_path / "server.json").exists, timeout=60, what="the server's verdict")
+    assert json.loads((tmp_path / "server.json").read_text()) == {"ok": True, "sent": n, "got": n, "err": None}
+    with socket.create_connection(("127.0.0.1", port), timeout=10):   # the listener listens again
+        pass
 
 
 @pytest.mark.skipif(netlock.available() is not None, reason=f"no network lock here: {netlock.available()}")

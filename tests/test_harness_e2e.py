@@ -122,3 +122,11 @@ def test_a_restore_target_with_the_dumps_boot_id_is_not_another_machine(tmp_path
     finally:
         a.close()
         b.close()
+
+
+def test_scenarios_restoring_on_another_guest_are_scheduled_first():
+    from types import SimpleNamespace as NS
+    from harness.pytest_plugin import migrate_first
+    items = [NS(name="a", scenario={}), NS(name="m1", scenario={"restore_on": "other"}), NS(name="x"),
+             NS(name="b", scenario={"restore_on": "same"}), NS(name="m2", scenario={"restore_on": "other"})]
+    assert [i.name for i in migrate_first(items)] == ["m1", "m2", "a", "x", "b"]

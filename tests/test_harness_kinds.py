@@ -511,3 +511,24 @@ def test_child_sharing_checks_fail_on_exactly_what_changed(disturb, whats):
                        capture_output=True, text=True, timeout=60, close_fds=True)
     assert r.returncode == 0, r.stderr
     assert set(json.loads(r.stdout)) == whats
+
+
+LEAVING = {"leave": ["files", "fs"],
+           "children": [{"blocked_in": "sleep", "share": ["files", "fs"]}, {"blocked_in": "read", "share": ["files"]},
+                        {"blocked_in": "sleep", "share": ["fs"]}, {"blocked_in": "read"}]}
+
+
+@pytest.mark.parametrize("disturb, whats", [
+    ("pass", set()),
+    # the checker told the workload never left (as if a restore had rejoined it with its children)
+    ("p['leave'] = ['fs']",
+     {"child 0 (sleep): shares this process's files (kcmp)", "child 1 (read): shares this process's files (kcmp)",
+      "child 0 (sleep): the memfd it opened is open here", "child 1 (read): the memfd it opened is open here"}),
+    # a child with a table of its own, where the scenario has it share the left one
+    ("process._CHILDREN[3].share = ['files']", {"children 1 and 3: share one files (kcmp)"}),
+])
+def test_children_left_sharing_checks_fail_on_exactly_what_changed(disturb, whats):
+    r = subprocess.run([sys.executable, "-c", _CHILDREN_BREAK, str(REPO), json.dumps(LEAVING), disturb],
+                       capture_output=True, text=True, timeout=60, close_fds=True)
+    assert r.returncode == 0, r.stderr
+    assert set(json.loads(r.stdout)) == whats

@@ -279,6 +279,31 @@ def test_every_program_scenario_loads():
         assert "program" in schema.load(str(f))["workload"], f
 
 
+def test_program_refusal_is_a_set_of_reasons_without_fds():
+    sc = load(PROGRAM.replace("expect: restored\n", "expect:\n  refused: {reason: tty, at: dump}\n"))
+    assert sc["expect"]["refused"] == {"reason": "tty", "at": "dump", "also": []}
+    e = error(PROGRAM.replace("expect: restored\n", "expect:\n  refused: {reason: tty, fd: 3, at: dump}\n"))
+    assert e.key == "expect.refused.fd" and "reason codes" in e.message
+    e = error(PROGRAM.replace("expect: restored\n", "expect:\n  refused: {reason: tty, also: [nope], at: dump}\n"))
+    assert e.key == "expect.refused.also[0]" and e.line == 19
+    e = error(GOOD.replace("{reason: file-missing, fd: 3, at: restore}", "{reason: file-missing, also: [tty], at: restore}"))
+    assert e.key == "expect.refused.also" and "only a program" in e.message
+
+
+def test_program_refusal_judged_by_its_exact_reason_set():
+    from harness import runner
+    want = {"refused": {"reason": "tty", "also": ["tty-outside"], "at": "dump"}}
+
+    def res(*reasons, at="dump"):
+        return runner.Result("s", "ckpt", outcome="refused", at=at,
+                             refusals=[{"reason": r, "fd": i} for i, r in enumerate(reasons)])
+    assert runner.judge(want, res("tty", "tty", "tty-outside")).passed
+    assert not runner.judge(want, res("tty")).passed                       # one missing
+    assert not runner.judge(want, res("tty", "tty-outside", "socket")).passed  # one more
+    assert not runner.judge(want, res("tty", "tty-outside", at="restore")).passed
+    assert runner.expected_text(want) == "refused tty,tty-outside at dump"
+
+
 CHILDREN = GOOD.replace("    - {fd: 3, open: data, mode: r, seek: 4096}\n",
                         "    - {fd: 3, open: data, mode: r, seek: 4096}\n  process:\n    children:\n      - CHILD\n")
 
@@ -333,3 +358,19 @@ def test_segment_moving_address_leaves_the_staying_one():
     script = segment.up(["10.77.0.2/24", "10.77.0.1/24"])[2]
     assert "echo 1 > /proc/sys/net/ipv4/conf/$nic/promote_secondaries" in script
     assert script.index("promote_secondaries") < script.index("ip addr add")
+
+
+@pytest.mark.parametrize("leave,key,why", [
+    ("[files]", None, None),
+    ("[files, files]", "workload.process.leave", "at most once"),
+    ("[fs]", "workload.process.leave", "no child shares the workload's fs"),
+    ("[vm]", "workload.process.leave[0]", "what the workload can leave"),
+])
+def test_process_leave(leave, key, why):
+    text = CHILDREN.replace("CHILD", "{blocked_in: sleep, share: [files]}").replace(
+        "  process:\n", f"  process:\n    leave: {leave}\n")
+    if key is None:
+        assert load(text)["workload"]["process"]["leave"] == ["files"]
+        return
+    e = error(text)
+    assert e.key == key and why in e.message, (e.key, e.message)

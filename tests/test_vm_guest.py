@@ -77,8 +77,10 @@ def test_engine_is_installed_and_reinstall_replaces_it(guest: Guest, tmp_path: P
     assert res.stdout.strip() == "/opt/crucible/engine/__init__.py", res.stderr
     # No ckpt run compiles the engine: its bytecode came with the install.
     assert guest.run("ls /opt/crucible/engine/__pycache__ | grep -c '^dump\\.'", timeout=30).stdout.strip() == "1"
-    assert guest.run("test -x /usr/local/bin/ckpt && grep -c 'python3 -m engine' /usr/local/bin/ckpt",
+    # the wrapper install_engine puts in place: no `site` (vm/recipe.py CKPT_WRAPPER_FAST)
+    assert guest.run("test -x /usr/local/bin/ckpt && grep -c 'python3 -S -m engine' /usr/local/bin/ckpt",
                      timeout=30).stdout.strip() == "1"
+    assert guest.run("ckpt --version", timeout=60).stdout.startswith("ckpt ")
     fake = tmp_path / "engine"
     fake.mkdir()
     (fake / "__init__.py").write_text("MARK = 42\n")

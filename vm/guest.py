@@ -494,10 +494,16 @@ class Guest:
 
         with tarfile.open(fileobj=buf, mode="w") as tar:
             tar.add(str(src), arcname="engine", filter=skip_caches)
+            wrapper = R.CKPT_WRAPPER_FAST.encode()
+            info = tarfile.TarInfo("ckpt")
+            info.size, info.mode = len(wrapper), 0o755
+            tar.addfile(info, io.BytesIO(wrapper))
         root = GUEST_ENGINE_ROOT
         line = (f"rm -rf {root}/engine.new && mkdir -p {root}/engine.new && "
                 f"tar -x --no-same-owner -C {root}/engine.new -f - && rm -rf {root}/engine && "
-                f"mv {root}/engine.new/engine {root}/engine && rmdir {root}/engine.new && "
+                f"mv {root}/engine.new/engine {root}/engine && "
+                # the image's wrapper, replaced by the current one (vm/recipe.py CKPT_WRAPPER_FAST)
+                f"mv {root}/engine.new/ckpt /usr/local/bin/ckpt && rmdir {root}/engine.new && "
                 # Bytecode now, before any snapshot: a pyc written later is
                 # lost at every revert, and compiling the engine costs each
                 # ckpt run ~35 ms of CPU (more under TCG) - a third of a

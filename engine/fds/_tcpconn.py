@@ -523,7 +523,11 @@ def _build(rec: dict, ctx) -> tuple:
     what = f"rebuilding tcp connection {_ep_text(rec['local'])}->{_ep_text(rec['remote'])}"
     with building(s, rec, ctx, what):
         _setint(s, TCP_REPAIR, TCP_REPAIR_ON)
-        _sockopts.apply(s, rec["opts"], rec["set"])
+        # Not SO_REUSEADDR: repair mode forces reuse (sk_reuse =
+        # SK_FORCE_REUSE), which lets the connection bind beside a listener
+        # on its port (a server's accepted connection), and setting
+        # SO_REUSEADDR would overwrite it; finish() sets it as recorded.
+        _sockopts.apply(s, rec["opts"], [n for n in rec["set"] if n != "SO_REUSEADDR"])
         _bind(s, rec, ctx)
         # A FIN takes a sequence number: the half-closed pair is rebuilt
         # established, before the FIN, and the FIN sent again (finish()).

@@ -16,7 +16,10 @@ the exit status its parent's waitpid() collects (a zombie's too); with
 ``share: [files, fs]`` it is made by clone(CLONE_FILES / CLONE_FS) and
 must still share (kcmp) exactly those with the workload - and prove it: a
 memfd it opens is open in the workload at that number, a umask it sets is
-the workload's.
+the workload's. ``leave: [files, fs]``: once its children exist the
+workload unshare()s those, so the children sharing them share them with
+each other only (kcmp between them; their memfd and umask not the
+workload's).
 
 Expected values come from the scenario, and where the kernel adjusts a
 value (the SA_RESTORER libc adds, an itimer's remaining time) from what the
@@ -76,6 +79,7 @@ def fields(s) -> dict:
                           for k in ITIMERS}),
         "threads": s.List_(s.Map({"blocked_in": s.Enum(BLOCKED_IN, "a call a thread can block in:")},
                                  required=("blocked_in",))),
+        "leave": s.List_(s.Enum(tuple(CHILD_SHARE), "what the workload can leave:")),
         "children": s.List_(s.Map({"blocked_in": s.Enum(CHILD_IN, "what a child does:"),
                                    "exit": s.Int(0, 255), "group": s.Enum(CHILD_GROUPS),
                                    "share": s.List_(s.Enum(tuple(CHILD_SHARE), "what a child can share:"))},
@@ -96,6 +100,12 @@ def validate(p: dict) -> List[tuple]:
             out.append((f"children[{i}].share", "each at most once"))
         if share and c["blocked_in"] == "zombie":
             out.append((f"children[{i}].share", "a zombie holds no fd table or fs to share"))
+    leave = p.get("leave", [])
+    if len(set(leave)) != len(leave):
+        out.append(("leave", "each at most once"))
+    for k in leave:
+        if not any(k in c.get("share", []) for c in p.get("children", [])):
+            out.append(("leave", f"no child shares the workload's {k}: nothing to leave"))
     return out
 
 
@@ -139,6 +149,10 @@ def apply(p: dict) -> None:
         _CHILDREN.append(Child(i, c))
     for ch in _CHILDREN:
         ch.settle()
+    if p.get("leave"):
+        # The children sharing these keep them, one between them; the workload
+        # takes a copy of its own (unshare(2)).
+        sysapi.unshare(sum(CHILD_SHARE[k][0] for k in p["leave"]))
     # Last: the threads inherit the mask set above.
     for i, t in enumerate(p.get("threads") or []):
         _THREADS.append(Blocked(i, t["blocked_in"]))
@@ -332,6 +346,7 @@ def _child_checks(p: dict, seen: dict, phase: str) -> List[dict]:
     out = []
     recs = seen.get("children") or []
     me = os.getpid()
+    left = p.get("leave") or []
     if phase == "inspect":
         for ch, r in zip(_CHILDREN, recs):
             what = f"child {ch.index} ({ch.how})"
@@ -351,7 +366,17 @@ def _child_checks(p: dict, seen: dict, phase: str) -> List[dict]:
                         same = sysapi.kcmp(me, r["pid"], kind) == 0
                     except OSError as e:
                         same = f"kcmp: {e.strerror}"
-                    out.append(check(None, f"{what}: shares this process's {name} (kcmp)", name in ch.share, same))
+                    out.append(check(None, f"{what}: shares this process's {name} (kcmp)",
+                                     name in ch.share and name not in left, same))
+        # what the workload left: one table or fs between the children sharing it
+        for name in left:
+            holders = [(ch, r) for ch, r in zip(_CHILDREN, recs) if name in ch.share]
+            for (a, ra), (b, rb) in zip(holders, holders[1:]):
+                try:
+                    same = sysapi.kcmp(ra["pid"], rb["pid"], CHILD_SHARE[name][1]) == 0
+                except OSError as e:
+                    same = f"kcmp: {e.strerror}"
+                out.append(check(None, f"children {a.index} and {b.index}: share one {name} (kcmp)", True, same))
     elif phase == "mutate":
         umask = os.umask(0)
         os.umask(umask)
@@ -370,7 +395,7 @@ def _child_checks(p: dict, seen: dict, phase: str) -> List[dict]:
                 out.append(check(None, f"{what}: its call returned", "wake", rep.get("got")))
                 if ch.how == "sleep":
                     out.append(check(None, f"{what}: it ticked", True, int(rep.get("ticks") or 0) > 0))
-                out += _probe_checks(ch, what, rep.get("probe") or {}, umask)
+                out += _probe_checks(ch, what, rep.get("probe") or {}, umask, left)
             try:
                 _, status = os.waitpid(r["pid"], 0)
                 got = os.WEXITSTATUS(status) if os.WIFEXITED(status) else f"signal {os.WTERMSIG(status)}"
@@ -380,11 +405,20 @@ def _child_checks(p: dict, seen: dict, phase: str) -> List[dict]:
     return out
 
 
-def _probe_checks(ch: "Child", what: str, probe: dict, umask: int) -> List[dict]:
+def _probe_checks(ch: "Child", what: str, probe: dict, umask: int, left: List[str]) -> List[dict]:
     """What a child sharing this process's fd table or fs did, seen here;
-    then undone (the memfd closed, the umask put back)."""
+    then undone (the memfd closed, the umask put back). What this process
+    left must not be seen here."""
     out = []
-    if "files" in ch.share:
+    if "files" in ch.share and "files" in left:
+        fd = probe.get("fd")
+        try:
+            link = os.readlink(f"/proc/self/fd/{fd}")
+        except (OSError, TypeError):
+            link = None
+        out.append(check(None, f"{what}: the memfd it opened is not open here", True,
+                         link != f"/memfd:{ch.probe_name()} (deleted)"))
+    elif "files" in ch.share:
         fd = probe.get("fd")
         try:
             link = os.readlink(f"/proc/self/fd/{fd}")
@@ -395,8 +429,9 @@ def _probe_checks(ch: "Child", what: str, probe: dict, umask: int) -> List[dict]
                          link))
     if "fs" in ch.share:
         now = os.umask(umask)
-        out.append(check(None, f"{what}: the umask it set is this process's", f"{ch.probe_umask():04o}",
-                         f"{now:04o}"))
+        want = umask if "fs" in left else ch.probe_umask()
+        out.append(check(None, f"{what}: the umask it set is " + ("not " if "fs" in left else "") +
+                         "this process's", f"{want:04o}", f"{now:04o}"))
     return out
 
 

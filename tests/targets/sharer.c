@@ -12,9 +12,14 @@
  *     G chdir(DIR/gsub)                -> A's cwd is G's, P's is not;
  *     D opens a file                   -> P does not hold it.
  * siblings: P clones A and B (CLONE_FILES), then unshare(CLONE_FILES):
- *   A and B share a table their parent no longer holds.
+ *   A and B share a table their parent no longer holds. After DIR/go, A
+ *   opens a file; B and P write DIR/b.result and DIR/p.result: 1 when they
+ *   hold it at A's number, 0 when not.
  * skip: P clones A (CLONE_FILES), A clones G (CLONE_FILES) and then
- *   unshares: G shares P's table past its parent A.
+ *   unshares: G shares P's table past its parent A. After DIR/go, G opens
+ *   a file; P and A write DIR/p.result and DIR/a.result the same way.
+ * twophase: P clones A1 and A2 (CLONE_FILES), unshares, clones B
+ *   (CLONE_FILES): P hands on two tables, one it left and its own.
  * vm-siblings: P clones A and B (CLONE_VM | CLONE_SIGHAND) and then
  *   execs sleep: A and B share memory and signal handlers, P neither.
  * Every process gives up after 900 s (a killed test run leaves nothing).
@@ -171,32 +176,62 @@ static void share(void) {
     forever();
 }
 
+/* after DIR/go: whether this process holds DIR/name at the number its opener wrote */
+static void report(const char *name, const char *result) {
+    char fdname[64];
+    wait_file("go");
+    snprintf(fdname, sizeof fdname, "%s.fd", name);
+    wait_file(fdname);
+    put(result, holds(get_int(fdname), name) ? "1\n" : "0\n");
+    forever();
+}
+
+static void opener(const char *name) {
+    wait_file("go");
+    open_new(name);
+    forever();
+}
+
 static void siblings(void) {
     pid_t a = clone_fork(CLONE_FILES);
-    if (a == 0) forever();
+    if (a == 0) opener("a.txt");
     pid_t b = clone_fork(CLONE_FILES);
-    if (b == 0) forever();
+    if (b == 0) report("a.txt", "b.result");
     if (unshare(CLONE_FILES)) die("unshare");
     char ready[256];
     snprintf(ready, sizeof ready, "{\"kids\": {\"A\": %d, \"B\": %d}}\n", a, b);
     put("ready", ready);
-    forever();
+    report("a.txt", "p.result");
 }
 
 static void skip(void) {
     pid_t a = clone_fork(CLONE_FILES);
     if (a == 0) {
         pid_t g = clone_fork(CLONE_FILES);
-        if (g == 0) forever();
+        if (g == 0) opener("g.txt");
         if (unshare(CLONE_FILES)) die("unshare");
         char n[32];
         snprintf(n, sizeof n, "%d\n", g);
         put("g.pid", n);
-        forever();
+        report("g.txt", "a.result");
     }
     wait_file("g.pid");
     char ready[256];
     snprintf(ready, sizeof ready, "{\"kids\": {\"A\": %d, \"G\": %d}}\n", a, get_int("g.pid"));
+    put("ready", ready);
+    report("g.txt", "p.result");
+}
+
+static void twophase(void) {
+    pid_t a1 = clone_fork(CLONE_FILES);
+    if (a1 == 0) forever();
+    pid_t a2 = clone_fork(CLONE_FILES);
+    if (a2 == 0) forever();
+    if (unshare(CLONE_FILES)) die("unshare");
+    pid_t b = clone_fork(CLONE_FILES);
+    if (b == 0) forever();
+    char ready[256];
+    snprintf(ready, sizeof ready, "{\"kids\": {\"A1\": %d, \"A2\": %d, \"B\": %d}}\n", a1, a2, b);
     put("ready", ready);
     forever();
 }
@@ -230,6 +265,7 @@ int main(int argc, char **argv) {
     if (!strcmp(argv[1], "share")) share();
     else if (!strcmp(argv[1], "siblings")) siblings();
     else if (!strcmp(argv[1], "skip")) skip();
+    else if (!strcmp(argv[1], "twophase")) twophase();
     else if (!strcmp(argv[1], "vm-siblings")) vm_siblings();
     fprintf(stderr, "unknown mode %s\n", argv[1]);
     return 2;
