@@ -536,7 +536,14 @@ def _survey(members: List[Member], options, img, boot) -> List[Refusal]:
         ctx.task, ctx.threads = m.tasks[0], m.tasks[1:]
         m.ctx = ctx
         m.survey, m.state, m.recs = _survey_frozen(m.pid, m.tasks[0], ctx, procfs.Proc(m.pid))
-    for m, what, r in tree_problems(members):
+    problems = tree_problems(members)
+    for m in members:
+        if m.survey is not None and (m.share or m.leave):
+            what = {"files": "fd table", "fs": "fs (cwd, root, umask)"}
+            said = [f"holds its parent's {what[k]}" for k in m.share]
+            said += [f"hands its {what[k]} on to its children, then has its own" for k in m.leave]
+            m.survey.ok("sharing", "process", "; ".join(said) + " (restored so)")
+    for m, what, r in problems:
         if m.survey is None:      # a zombie: its parent's survey carries it
             r = r.with_pid(m.pid) if r.pid is None else r
             parent = next(p for p in members if p.pid == m.ppid)

@@ -423,9 +423,7 @@ def build_tree(tj: TreeJob) -> int:
         _own_group(b, root, tree_pids)
         # Who installs each fd table and fs: its first holder (engine/sharing.py).
         owners = {k: sharing.owners(members, k) for k in sharing.KINDS}
-        last_child = {m["ppid"]: m["pid"] for m in members[1:]}
-        if root["pid"] not in last_child:
-            _leave(b, root)
+        last_child = {m["ppid"]: m["pid"] for m in members[1:]}      # check_tree: a leaver has children
         # 1. create, parents first
         for m in members[1:]:
             job = tj.jobs.get(m["pid"])
@@ -436,10 +434,8 @@ def build_tree(tj: TreeJob) -> int:
             if job is not None:
                 _check_xstate(mb.task, job.core)
             _own_group(mb, m, tree_pids)
-            if last_child.get(m["ppid"]) == m["pid"]:
+            if last_child[m["ppid"]] == m["pid"]:
                 _leave(builders[m["ppid"]], next(x for x in members if x["pid"] == m["ppid"]))
-            if m["pid"] not in last_child:
-                _leave(mb, m)
         for m in members:
             if m["pgid"] != m["pid"] and m["pgid"] in tree_pids and m["sid"] != m["pid"]:
                 builders[m["pid"]].call("setpgid", 0, m["pgid"])

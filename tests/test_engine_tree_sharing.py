@@ -72,6 +72,8 @@ def test_shared_fd_tables_and_fs_restored_shared(procs, session_killer, sharer, 
     shares = {m["pid"]: m.get("share") for m in res["members"]}
     assert shares == {p.pid: None, kids["A"]: ["files"], kids["B"]: ["fs"], kids["D"]: None,
                       kids["G"]: ["files", "fs"]}, shares
+    said = [i["detail"] for i in res["items"] if i["what"] == f"pid {kids['G']}: sharing"]
+    assert said == ["holds its parent's fd table; holds its parent's fs (cwd, root, umask) (restored so)"], said
     _untouched(pids)
 
     img = tmp_path / "img"
@@ -288,3 +290,25 @@ def test_outside_search_agrees_with_every_pair(procs, session_killer, sharer, tm
                     pass
     assert got == want == {(kids["B"], sharing.KCMP_FS), (kids["G"], sharing.KCMP_FILES),
                            (kids["G"], sharing.KCMP_FS)}, (got, want)
+
+
+def test_failure_after_tables_are_handed_on_leaves_no_member(procs, session_killer, sharer, tmp_path,
+                                                              monkeypatch):  # noqa: F811
+    """A failure once the tables are shared and left kills every member
+    (none left holding a table), and the image still restores."""
+    from engine.errors import EngineError
+    from test_engine_tree import _gone
+    p, kids = _start(procs, session_killer, sharer, "skip", tmp_path)
+    pids = [p.pid] + list(kids.values())
+    before = _relations(pids)
+    img = tmp_path / "img"
+    dump(p.pid, str(img), Options())
+    _wait_killed(p.pid, img, procs)
+    monkeypatch.setenv("CKPT_TEST_FAIL_AT", "threads")
+    with pytest.raises(EngineError):
+        restore(str(img), Options())
+    wait_for(lambda: _gone(pids), what="every member gone")
+    monkeypatch.delenv("CKPT_TEST_FAIL_AT")
+    restore(str(img), Options())
+    procs.adopt(p.pid)
+    assert _relations(pids) == before
