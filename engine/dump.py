@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import struct
 import time
-from typing import List
+from typing import Dict, List, Optional
 
 from . import faults, files, libc, posixtimers, procfs, sched, seccomp, signals, threads, tree, unlinked
 from .arch import current as current_arch
@@ -319,18 +319,25 @@ def dump_memory(pid: int, s: Survey, recs: dict, dumper: PageDumper) -> List[dic
     return out
 
 
-def dump_fds(s: Survey, ctx: DumpContext) -> List[dict]:
+def dump_fds(s: Survey, ctx: DumpContext, shared: Optional[Dict[int, list]] = None,
+             point: str = "dump.fd") -> List[dict]:
+    """One record per fd: a dup names its leader (the lowest fd on the same
+    open file description); in a tree, an open file description an earlier
+    member holds (`shared`: leader fd -> [pid, fd]) is that member's."""
     infos = [info for info, _, _ in s.fds]
     leaders = leader_map(s.pid, infos) if infos else {}
+    shared = shared or {}
     out = []
     for info, kind, mod in s.fds:
         common = {"fd": info.fd, "kind": kind, "flags": info.flags, "pos": info.pos,
                   "cloexec": info.cloexec, "link": info.link}
         lead = leaders.get(info.fd, info.fd)
-        if lead != info.fd:
+        if lead in shared:
+            rec = {"ofd_of": shared[lead]}
+        elif lead != info.fd:
             rec = {"dup_of": lead}
         else:
-            faults.point("dump.fd", kind)
+            faults.point(point, kind)
             rec = mod.dump(info, ctx)
         rec.update(common)
         out.append(rec)

@@ -168,6 +168,11 @@ while True:
             errors = check()
         except Exception as e:  # noqa: BLE001 - reported in the verdict
             errors = [repr(e)]
+        # A live thread advances within milliseconds; on a loaded machine it
+        # may wait seconds for the GIL and a CPU. A stopped one never does.
+        end = time.monotonic() + 10
+        while state["thread"] <= t0 and time.monotonic() < end:
+            time.sleep(0.01)
         if state["thread"] <= t0:
             errors.append("thread stopped counting")
         out = {"ok": not errors, "errors": errors, "counter": state["counter"], "thread_counter": state["thread"],
