@@ -24,6 +24,11 @@ A tcp-half-closed connection is a tcp-established one whose peer end
 has shut down writing (``fd`` in CLOSE_WAIT, ``peer_fd`` in FIN_WAIT2, or
 ``sender: outside``: that end held by a process outside the dump).
 
+With ``bind``/``peer_bind`` (a migrate scenario's ``segment`` addresses)
+the workload's end is the server's, accepted on ``bind``, and the outside
+peer is the client, connected from ``peer_bind``: it stays on the dump
+guest while the server moves to the restore guest with its address.
+
 A tcp-established connection with ``sender: outside`` has its other end in
 a process outside the dump (an echo peer) that keeps it open throughout:
 ``data`` is what the peer sent before the dump (it waits in the
@@ -59,7 +64,7 @@ def fields(s) -> dict:
     return {"socket": s.Enum(SOCKETS), "peer_fd": s.FdNum(), "path": s.Path(), "data": s.Data(),
             "peer_data": s.Data(), "sender": s.Enum(("inside", "outside")),
             "creator": s.Enum(("self", "exited-child", "outside")),
-            "carry": s.List_(s.Enum(CARRY)), "passcred": s.Bool()}
+            "carry": s.List_(s.Enum(CARRY)), "passcred": s.Bool(), "bind": s.Str(), "peer_bind": s.Str()}
 
 
 def fd_numbers(e: dict) -> List[int]:
@@ -88,6 +93,8 @@ def validate(e: dict, fds: dict) -> List[tuple]:
         return [("path", f"a {sock} socket needs a path")]
     if e.get("creator", "self") != "self" and sock != "unix-pair":
         return [("creator", "only a unix-pair is made by another process")]
+    if ("bind" in e or "peer_bind" in e) and not (_outside_tcp(e) and "bind" in e and "peer_bind" in e):
+        return [("bind", "bind and peer_bind (both) are for a tcp-established socket with sender: outside")]
     for k in ("carry", "passcred"):
         if k in e and sock != "unix-pair":
             return [(k, "only a unix-pair has files or credentials in flight here")]
@@ -166,10 +173,19 @@ def opener(e: dict, ctx: Ctx) -> List[Opened]:
         return [Opened(s.detach(), int(e["fd"]), "sock"), Opened(c.detach(), int(e["peer_fd"]), "peer")]
     if kind in ("tcp-established", "tcp-half-closed"):
         lst = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        lst.bind(("127.0.0.1", 0))
+        lst.bind((e.get("bind", "127.0.0.1"), 0))
         lst.listen(1)
-        c = socket.create_connection(lst.getsockname())
-        srv, _ = lst.accept()
+        if "bind" in e:
+            # a server on the segment's moving address (harness/segment.py): the
+            # workload keeps the accepted end, the client (the echo peer, on
+            # the staying address) stays outside the dump
+            srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            srv.bind((e["peer_bind"], 0))
+            srv.connect(lst.getsockname())
+            c, _ = lst.accept()
+        else:
+            c = socket.create_connection(lst.getsockname())
+            srv, _ = lst.accept()
         lst.close()
         srv.sendall(payload)
         c.sendall(back)
