@@ -47,6 +47,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import functools
 import mmap
 import os
 import socket as _socket
@@ -163,10 +164,22 @@ def peek_ancillary(dup: int, typ: int, max_msgs: int, held: List[int], fault=Non
 _CREDS = getattr(_socket, "SCM_CREDENTIALS", 2)
 
 
-def _overflow_ids():
-    """(overflowuid, overflowgid): what a peek shows for the uid and gid of
-    a message that carries no credentials (INVALID_UID munged)."""
-    out = []
+_INIT_PID_NS = 0xEFFFFFFC      # PROC_PID_INIT_INO: the initial pid namespace's inode
+
+
+@functools.lru_cache(maxsize=1)
+def _credless_ids():
+    """(pid 0, overflowuid, overflowgid): what a peek shows for a message
+    that carries no credentials (no pid; INVALID_UID munged), or None when
+    that cannot be told apart from a sender whose pid ckpt cannot see
+    (ckpt outside the initial pid namespace: such a sender running as the
+    overflow ids peeks the same)."""
+    try:
+        if os.stat("/proc/self/ns/pid").st_ino != _INIT_PID_NS:
+            return None
+    except OSError:
+        return None
+    out = [0]
     for name in ("overflowuid", "overflowgid"):
         try:
             with open(f"/proc/sys/kernel/{name}") as f:
@@ -217,8 +230,9 @@ def _peek_at(s: _socket.socket, off: int, size: int, held: List[int]):
         elif level == _socket.SOL_SOCKET and typ == _CREDS and len(raw) >= 12:
             pid, uid, gid = struct.unpack("iII", raw[:12])
             # pid 0 with the overflow ids: a message sent with no
-            # credentials (no SO_PASSCRED at either end, none given)
-            if not (pid == 0 and (uid, gid) == _overflow_ids()):
+            # credentials (no SO_PASSCRED at either end, none given); any
+            # other pid 0 is kept, and refused (_inflight.check_cred)
+            if (pid, uid, gid) != _credless_ids():
                 cred = {"pid": pid, "uid": uid, "gid": gid}
         else:
             other.append(f"ancillary level {level} type {typ}")
