@@ -363,3 +363,16 @@ def test_hidden_credentials_restored_exactly(tmp_path, typ, on):
             s.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
             s.close()
         assert drained(1 << 16) == got
+
+
+def test_passcred_put_back_when_the_peek_fails(tmp_path, monkeypatch):
+    """A failure while the flag is on (its fault point) leaves the target's
+    SO_PASSCRED off again."""
+    from engine import faults
+    monkeypatch.setattr(faults, "_TARGET", ("dump.passcred", 1))
+    monkeypatch.setattr(faults, "_ACTIVE", True)
+    monkeypatch.setattr(faults, "_hits", {})
+    with Target(tmp_path, HIDDEN_SETUP % ("STREAM", "STREAM")) as t:
+        with pytest.raises(faults.FaultInjected):
+            classify(t.pid, 501)
+        assert _passcred(t.pid, 501) == 0
