@@ -14,7 +14,9 @@ have files in flight at ``fd`` (``carry``: one message after ``data``
 with a file of each kind listed, which the sender closed: the checker
 receives them and compares name, flags, offset and contents) and
 SCM_CREDENTIALS (``passcred``: SO_PASSCRED on at ``fd``, a child under
-other credentials wrote first and exited). Unix sockets report SO_PEERCRED as
+other credentials wrote first and exited; ``passcred_off``: and turned
+off again after the writes, so the credentials stay hidden in the queue
+until the checker turns it on to read them). Unix sockets report SO_PEERCRED as
 made (``creator: exited-child``: a unix-pair made by a child under other
 credentials that has exited; ``outside``: by a live process outside the
 dump). A netlink-route socket keeps its port id and answers a request on it (``data``: a reply is left queued
@@ -64,7 +66,7 @@ def fields(s) -> dict:
     return {"socket": s.Enum(SOCKETS), "peer_fd": s.FdNum(), "path": s.Path(), "data": s.Data(),
             "peer_data": s.Data(), "sender": s.Enum(("inside", "outside")),
             "creator": s.Enum(("self", "exited-child", "outside")),
-            "carry": s.List_(s.Enum(CARRY)), "passcred": s.Bool(), "bind": s.Str(), "peer_bind": s.Str()}
+            "carry": s.List_(s.Enum(CARRY)), "passcred": s.Bool(), "passcred_off": s.Bool(), "bind": s.Str(), "peer_bind": s.Str()}
 
 
 def fd_numbers(e: dict) -> List[int]:
@@ -95,7 +97,9 @@ def validate(e: dict, fds: dict) -> List[tuple]:
         return [("creator", "only a unix-pair is made by another process")]
     if ("bind" in e or "peer_bind" in e) and not (_outside_tcp(e) and "bind" in e and "peer_bind" in e):
         return [("bind", "bind and peer_bind (both) are for a tcp-established socket with sender: outside")]
-    for k in ("carry", "passcred"):
+    if e.get("passcred_off") and not e.get("passcred"):
+        return [("passcred_off", "only with passcred")]
+    for k in ("carry", "passcred", "passcred_off"):
         if k in e and sock != "unix-pair":
             return [(k, "only a unix-pair has files or credentials in flight here")]
     if "sender" in e and sock not in ("udp", "udp6", "unix-pending", "tcp-pending", "tcp-established",
@@ -127,6 +131,8 @@ def opener(e: dict, ctx: Ctx) -> List[Opened]:
         b.sendall(payload)
         if e.get("carry"):
             extra["carried"] = _send_carried(b, e["carry"], ctx)
+        if e.get("passcred_off"):
+            a.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 0)
         return [Opened(a.detach(), int(e["fd"]), "sock", extra),
                 Opened(b.detach(), int(e["peer_fd"]), "peer", {"peercred": cred})]
     if kind == "unix-listen":
@@ -500,6 +506,9 @@ def checker(e: dict, recs: List[dict], ctx: Ctx, phase: str) -> List[dict]:
                                    _answer(fd, len(want), 60)))
         elif phase == "consume" and kind == "unix-pair" and (e.get("carry") or e.get("passcred")):
             x = by_role["sock"]["extra"]
+            if e.get("passcred_off"):
+                with _sock(fd) as on:       # hidden in the queue until now
+                    on.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
             data, texts, creds = _recv_all(fd)
             want = (FROM_CHILD if e.get("passcred") else b"") + seeded_bytes(e.get("data")) + \
                 (CARRIED if e.get("carry") else b"")

@@ -122,6 +122,8 @@ def check():
     expect(queued(fds["fifo"]) == len(b"fifo-bytes"), "fifo bytes")
     expect(queued(fds["pipe_r"]) == len(b"pipe-bytes!"), "pipe bytes")
     expect(queued(fds["sock_b"]) == len(b"socket-bytes"), "socket bytes")
+    expect(socket.socket(fileno=os.dup(fds["sock_b"])).getsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED) == 0,
+           "SO_PASSCRED still off")
     expect(links["pipe_r"] == links["pipe_w"], "pipe ends are one pipe")
     expect("inotify wd:" in fdinfo(fds["inotify"]) and "mask:100" in fdinfo(fds["inotify"]), "inotify watch")
     expect("eventfd-count:                7" in fdinfo(fds["eventfd"])
