@@ -350,8 +350,6 @@ def dump_fds(s: Survey, ctx: DumpContext, shared: Optional[Dict[int, list]] = No
     for info, kind, mod in s.fds:
         common = {"fd": info.fd, "kind": kind, "flags": info.flags, "pos": info.pos,
                   "cloexec": info.cloexec, "link": info.link}
-        if info.flags & O_ASYNC:      # its owner and signal (checked in the dump by classify)
-            common["async"] = async_owner(info)
         lead = leaders.get(info.fd, info.fd)
         if lead in shared:
             rec = {"ofd_of": shared[lead]}
@@ -360,6 +358,8 @@ def dump_fds(s: Survey, ctx: DumpContext, shared: Optional[Dict[int, list]] = No
         else:
             faults.point(point, kind)
             rec = mod.dump(info, ctx)
+            if info.flags & O_ASYNC:      # its open file's owner and signal (classify checked the owner)
+                rec["async"] = async_owner(info)
         rec.update(common)
         out.append(rec)
     return out

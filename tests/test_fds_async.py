@@ -43,6 +43,7 @@ owner = {"self": (1, os.getpid()), "thread": (0, tid[0]), "pgrp": (2, os.getpgrp
 fcntl.fcntl(5, F_SETOWN_EX, struct.pack("ii", *owner))
 fcntl.fcntl(5, F_SETSIG, signal.SIGUSR2)
 fcntl.fcntl(5, fcntl.F_SETFL, fcntl.fcntl(5, fcntl.F_GETFL) | os.O_ASYNC)
+os.dup2(5, 7)                               # a dup: the owner is its open file's, kept once
 
 def check():
     before = len(got)
