@@ -79,8 +79,11 @@ class AgentLink:
     def connected(self) -> bool:
         return self._sock is not None
 
-    def request(self, op: str, timeout: float, grace: Optional[float] = None, **args: Any) -> Dict[str, Any]:
-        """Send one request, wait ``timeout + grace`` for its reply.
+    def request(self, op: str, timeout: float, grace: Optional[float] = None, bulk: Optional[bytes] = None,
+                **args: Any) -> Dict[str, Any]:
+        """Send one request (``bulk``: raw bytes after its line), wait
+        ``timeout + grace`` for its reply; a reply's raw bytes are its
+        ``bulk`` (bytes).
 
         Raises:
             AgentError: see the class; ``agent`` when the agent reports an error.
@@ -88,17 +91,34 @@ class AgentLink:
         if self._sock is None:
             raise AgentError("broken", f"guest {self.guest}: agent not connected")
         rid = next(_IDS)
-        line = (json.dumps({"id": rid, "op": op, "timeout": timeout, **args}) + "\n").encode()
+        head = {"id": rid, "op": op, "timeout": timeout, **args}
+        if bulk is not None:
+            head["bulk"] = len(bulk)
+        line = (json.dumps(head) + "\n").encode()
         try:
             self._sock.sendall(line)
+            if bulk:
+                self._sock.sendall(bulk)
         except OSError as e:
             self.close()
             raise AgentError("broken" if self.alive() else "died", f"guest {self.guest}: agent send: {e}") from None
         grace = grace_for(timeout) if grace is None else grace
         deadline = time.monotonic() + timeout + grace
+        pending: Optional[Dict[str, Any]] = None      # a reply line whose raw bytes are still coming
         while True:
-            # a reply can be a whole file (get): search only what came since
+            # a reply can carry a whole file: search only what came since
             while True:
+                if pending is not None:
+                    need = pending["bulk"]
+                    if len(self._buf) < need:
+                        break
+                    rep, pending = pending, None
+                    rep["bulk"] = bytes(self._buf[:need])
+                    del self._buf[:need]
+                    self._scanned = 0
+                    if rep.get("id") == rid:
+                        return rep
+                    continue          # a stale reply's bytes: skipped whole
                 nl = self._buf.find(b"\n", self._scanned)
                 if nl < 0:
                     self._scanned = len(self._buf)
@@ -110,10 +130,17 @@ class AgentLink:
                     rep = json.loads(raw)
                 except ValueError:
                     continue          # a line cut by a revert
+                if not isinstance(rep, dict):
+                    continue
+                if isinstance(rep.get("bulk"), int) and rep["bulk"] > 0:
+                    pending = rep
+                    continue
                 if rep.get("id") != rid:
                     continue          # a reply to a request from before a revert
                 if "error" in rep:
                     raise AgentError("agent", f"guest {self.guest}: agent: {rep['error']}")
+                if "bulk" in rep:
+                    rep["bulk"] = b""
                 return rep
             left = deadline - time.monotonic()
             if left <= 0:
@@ -170,11 +197,10 @@ class AgentLink:
         return rep
 
     def put(self, data: bytes, path: str, mode: Optional[int] = None, timeout: float = 120) -> None:
-        self.request("put", timeout, path=path, data_b64=base64.b64encode(data).decode(),
-                     **({"mode": mode} if mode is not None else {}))
+        self.request("put", timeout, bulk=bytes(data), path=path, **({"mode": mode} if mode is not None else {}))
 
     def get(self, path: str, timeout: float = 120) -> bytes:
-        return base64.b64decode(self.request("get", timeout, path=path)["data_b64"])
+        return self.request("get", timeout, path=path)["bulk"]
 
     def ping(self, timeout: float = 10, grace: Optional[float] = None) -> int:
         return int(self.request("ping", timeout, grace=grace)["pid"])
@@ -190,14 +216,24 @@ class AgentLink:
 AGENT_LOG = "/var/log/crucible-agent.log"
 
 
+def agent_flags() -> List[str]:
+    """python3's options for the agent: those the guest's ckpt wrapper gives
+    its python3 (vm/recipe.py CKPT_WRAPPER_FAST), so that the agent's warm
+    engine runs in the same interpreter configuration (harness/zygote.py)."""
+    from vm.recipe import CKPT_WRAPPER_FAST
+    from .zygote import wrapper_flags
+    return wrapper_flags(CKPT_WRAPPER_FAST, "/opt/crucible") or []
+
+
 def start_line(python: str, scripts: str) -> str:
     """The guest shell line (for SSH) that loads virtio_console where it is a
     module, byte-compiles the engine and the guest scripts (a pyc written
     before the golden snapshot is one no scenario compiles again) and starts
     the agent detached, its stdio off the SSH channel."""
+    flags = "".join(f + " " for f in agent_flags())
     return (f"(test -d /sys/class/virtio-ports || modprobe virtio_console) && "
             f"{python} -m compileall -q /opt/crucible >/dev/null && "
-            f"setsid -f {python} {scripts}/agent.py {AGENT_PORT} </dev/null >/dev/null 2>>{AGENT_LOG}")
+            f"setsid -f {python} {flags}{scripts}/agent.py {AGENT_PORT} </dev/null >/dev/null 2>>{AGENT_LOG}")
 
 
 def env_ok() -> bool:

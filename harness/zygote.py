@@ -10,8 +10,10 @@ Runs in the guest (stdlib only). Honest by construction, or not at all:
 
 * Only the ``ckpt`` wrapper this module knows how to mirror is warmed
   (:data:`WRAPPER`, checked byte for byte against the file on PATH at
-  start: a changed wrapper - a new python flag - turns warmth off, it does
-  not guess).
+  start), and only when the agent's python3 runs with the very options the
+  wrapper gives its python3 (``-S`` in the guests: the agent is started
+  so, harness/agent_client.py start_line); anything else turns warmth
+  off, it does not guess.
 * Module state is fresh: the zygote only *imports* the engine, never runs
   it, and every command is a new fork of that pristine process (nothing a
   command does can reach the next). Import-time state that depends on the
@@ -35,6 +37,7 @@ import atexit
 import importlib
 import importlib.util
 import io
+import re
 import os
 import shutil
 import signal
@@ -43,12 +46,13 @@ import types
 import warnings
 from typing import Dict, List, Optional, Sequence
 
-#: The guest's /usr/local/bin/ckpt (vm/recipe.py CKPT_WRAPPER, with ROOT the
-#: engine's parent directory): what :meth:`Zygote.child` mirrors.
+#: The guest's /usr/local/bin/ckpt (vm/recipe.py CKPT_WRAPPER and
+#: CKPT_WRAPPER_FAST, with ROOT the engine's parent directory and FLAGS
+#: python3's options): what :meth:`Zygote.child` mirrors.
 WRAPPER = """#!/bin/sh
 PYTHONPATH=ROOT${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONPATH
-exec python3 -m engine "$@"
+exec python3 FLAGS-m engine "$@"
 """
 MODULE = "engine"
 #: What the engine imports for dump, restore and check (the rest on demand;
@@ -61,8 +65,33 @@ PRELOAD = ("engine.cli", "engine.guard", "engine.dump", "engine.restore", "engin
 _KEEP: List[object] = []
 
 
-def wrapper_text(root: str) -> str:
-    return WRAPPER.replace("ROOT", root)
+def wrapper_text(root: str, flags: Sequence[str] = ()) -> str:
+    return WRAPPER.replace("ROOT", root).replace("FLAGS", "".join(f + " " for f in flags))
+
+
+def wrapper_flags(text: str, root: str) -> Optional[List[str]]:
+    """The python3 options of a wrapper of :data:`WRAPPER`'s form (None: not one)."""
+    for line in text.splitlines():
+        if line.startswith("exec python3 ") and line.endswith(' -m engine "$@"'):
+            flags = line[len("exec python3 "):-len(' -m engine "$@"')].split()
+            if all(re.fullmatch(r"-[A-Za-z]+", f) for f in flags) and wrapper_text(root, flags) == text:
+                return flags
+    if wrapper_text(root) == text:
+        return []
+    return None
+
+
+def interpreter_flags() -> Optional[List[str]]:
+    """This python3's own options (those before its script), None if unknown."""
+    argv = getattr(sys, "orig_argv", None)
+    if argv is None:
+        return None
+    flags = []
+    for a in argv[1:]:
+        if not a.startswith("-"):
+            return flags
+        flags.append(a)
+    return flags
 
 
 def wrapper_env(env: Dict[str, str], root: str, cwd: Optional[str] = None) -> Dict[str, str]:
@@ -101,6 +130,7 @@ class Zygote:
         self.path_tail: List[str] = []   # sys.path after the cwd, as the wrapper's python3 has it
         self.filters: list = []
         self.unbuffered = False
+        self.flags: List[str] = []        # python3's options in the wrapper (and the agent's)
         self.shadow: frozenset = frozenset()   # top-level module names a cwd file could shadow
 
     def load(self, base_path: Sequence[str]) -> str:
@@ -117,14 +147,17 @@ class Zygote:
         except OSError as e:
             self.note = f"cannot read {self.path}: {e}"
             return self.note
-        if text != wrapper_text(self.root):
+        flags = wrapper_flags(text, self.root)
+        if flags is None:
             self.note = f"{self.path} is not the wrapper the zygote mirrors (harness/zygote.py WRAPPER)"
             return self.note
-        # Its flags come from the environment alone (as the wrapper's python3's do), not its argv.
-        flags = [a for a in getattr(sys, "orig_argv", [])[1:2] if a.startswith("-")]
-        if flags or not hasattr(sys, "orig_argv"):
-            self.note = f"the agent's python3 runs with options ({' '.join(flags) or 'unknown'}) the wrapper's has not"
+        # the rest of the interpreter's configuration comes from the environment (compared per command)
+        own = interpreter_flags()
+        if own != flags:
+            self.note = (f"the agent's python3 runs with options {own} and the wrapper's with {flags} "
+                         "(start the agent as the wrapper starts python3)")
             return self.note
+        self.flags = flags
         # PWD is left out of the comparison (the wrapper's shell sets it from
         # each command's cwd; the engine reads none at import: a test greps)
         self.env = wrapper_env(dict(os.environ), self.root)
@@ -200,7 +233,7 @@ class Zygote:
             sys.path[:] = [os.getcwd()] + self.path_tail
             sys.argv = ["-m"] + list(argv[1:])
             if hasattr(sys, "orig_argv"):
-                sys.orig_argv = ["python3", "-m", MODULE] + list(argv[1:])
+                sys.orig_argv = ["python3", *self.flags, "-m", MODULE] + list(argv[1:])
             _exec_signals()
             _std_streams(self.unbuffered)
             atexit._clear()          # the agent's; the engine registered none (checked at load)

@@ -115,3 +115,26 @@ def test_a_file_of_megabytes_crosses_whole_both_ways(agent, tmp_path):
     assert (tmp_path / "big").read_bytes() == data
     assert link.get(str(tmp_path / "big")) == data
     assert link.ping(timeout=10) == proc.pid
+
+
+def test_a_late_reply_with_a_file_is_skipped_whole(agent, tmp_path):
+    """A get that timed out is answered later, its raw bytes after its line:
+    the next request must skip them whole, though they hold newlines and
+    lines that look like replies."""
+    link, proc = agent
+    from harness import agent_client
+    now = next(agent_client._IDS)           # the ids the next requests get: a fake reply for each
+    fake = b"".join(b'{"id": %d, "bulk": 0, "pid": 1}\n' % i for i in range(now, now + 20))
+    path = tmp_path / "fake"
+    path.write_bytes(b"\n" + fake + os.urandom(200000))
+    proc.send_signal(19)                     # SIGSTOP
+    try:
+        with pytest.raises(AgentError) as e:
+            link.request("get", timeout=0.2, grace=0.3, path=str(path))
+        assert e.value.kind == "timeout"
+    finally:
+        proc.send_signal(18)                 # SIGCONT
+    link.put(b"", str(tmp_path / "empty"))
+    assert link.get(str(tmp_path / "empty")) == b""
+    assert link.get(str(path)) == path.read_bytes()
+    assert link.ping(timeout=10) == proc.pid

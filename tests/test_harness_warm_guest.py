@@ -32,8 +32,8 @@ def _image_or_skip():
         pytest.skip("no cached x86_64 guest image (make vm-image)")
 
 
-def _run(tmp: Path, warm: bool) -> Dict[str, dict]:
-    reports = tmp / ("warm" if warm else "exec")
+def _run(tmp: Path, warm: bool, attempt: int = 0) -> Dict[str, dict]:
+    reports = tmp / (("warm" if warm else "exec") + str(attempt))
     env = dict(os.environ, CRUCIBLE_REPORTS=str(reports), CRUCIBLE_WARM_CKPT="1" if warm else "0")
     env.pop("PYTEST_XDIST_WORKER", None)
     p = subprocess.run([sys.executable, "-m", "pytest", *SCENARIOS, "-q", "-p", "no:cacheprovider",
@@ -43,14 +43,29 @@ def _run(tmp: Path, warm: bool) -> Dict[str, dict]:
     for line in (reports / "rows.jsonl").read_text().splitlines() if (reports / "rows.jsonl").exists() else []:
         row = json.loads(line)
         rows[row["scenario"]] = row
-    assert p.returncode == 0 and len(rows) == len(SCENARIOS), p.stdout[-3000:]
+    assert len(rows) == len(SCENARIOS), p.stdout[-3000:]
     return rows
+
+
+def _snapshot_flake(row: dict) -> bool:
+    """The judge's own flake on a loaded host, not the engine's: the
+    snapshot before the dump fell back to one taken while the workload was
+    out of its sigtimedwait (harness/procstate.py quiet_snapshot), so its
+    SigBlk shows the signal that the wait unblocks; nothing else differs."""
+    bad = row.get("failed_checks") or []
+    return row.get("outcome") == "corrupted" and bool(bad) and \
+        all(c.get("what") == "state: status.SigBlk" for c in bad)
 
 
 @pytest.mark.timeout(3200)
 def test_warm_and_exec_d_ckpt_judge_alike_in_a_guest(tmp_path):
     _image_or_skip()
-    warm, cold = _run(tmp_path, True), _run(tmp_path, False)
+    for attempt in range(2):
+        warm, cold = _run(tmp_path, True, attempt), _run(tmp_path, False, attempt)
+        if not any(_snapshot_flake(r) for r in list(warm.values()) + list(cold.values())):
+            break       # (a second attempt only after that flake; it must not come twice)
+    for rows in (warm, cold):
+        assert all(r["passed"] for r in rows.values()), {k: (r["got"], r.get("note")) for k, r in rows.items()}
     for sc in SCENARIOS:
         w, c = warm[sc], cold[sc]
         assert w["engine_start"] == ["warm"], w

@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 
 from harness import zygote
-from harness.agent_client import AgentLink
-from vm.recipe import CKPT_WRAPPER
+from harness.agent_client import AgentLink, agent_flags
+from vm.recipe import CKPT_WRAPPER, CKPT_WRAPPER_FAST
 
 REPO = Path(__file__).resolve().parent.parent
 AGENT = REPO / "harness" / "agent.py"
@@ -81,7 +81,7 @@ sys.exit(int(mode))
 '''
 
 
-def _agent(tmp_path: Path, env: dict):
+def _agent(tmp_path: Path, env: dict, flags=()):
     path = str(tmp_path / "agent.sock")
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     srv.bind(path)
@@ -90,14 +90,14 @@ def _agent(tmp_path: Path, env: dict):
     link = AgentLink(path, alive=lambda: box["p"].poll() is None if "p" in box else True, guest="host")
     link.connect(time.monotonic() + 5)
     conn, _ = srv.accept()
-    box["p"] = subprocess.Popen([sys.executable, str(AGENT), "--stdin"], stdin=conn, stdout=subprocess.DEVNULL,
-                                close_fds=True, env=env, cwd=str(tmp_path))
+    box["p"] = subprocess.Popen([sys.executable, *flags, str(AGENT), "--stdin"], stdin=conn,
+                                stdout=subprocess.DEVNULL, close_fds=True, env=env, cwd=str(tmp_path))
     conn.close()
     srv.close()
     return link, box["p"]
 
 
-def _setup_root(tmp_path: Path, probe: bool) -> tuple:
+def _setup_root(tmp_path: Path, probe: bool, wrapper_text: str = CKPT_WRAPPER_FAST) -> tuple:
     """A bin dir with the guest's ckpt wrapper over ROOT (the probe package
     or this repo's engine), and the agent's environment."""
     root = tmp_path / "root"
@@ -111,7 +111,7 @@ def _setup_root(tmp_path: Path, probe: bool) -> tuple:
     bindir = tmp_path / "bin"
     bindir.mkdir()
     wrapper = bindir / "ckpt"
-    wrapper.write_text(CKPT_WRAPPER.replace("/opt/crucible", root_s))
+    wrapper.write_text(wrapper_text.replace("/opt/crucible", root_s))
     wrapper.chmod(0o755)
     # python3 on PATH must be this interpreter (the wrapper execs `python3`)
     (bindir / "python3").symlink_to(sys.executable)
@@ -121,10 +121,15 @@ def _setup_root(tmp_path: Path, probe: bool) -> tuple:
     return root_s, env
 
 
-@pytest.fixture
-def probe_agent(tmp_path):
-    root, env = _setup_root(tmp_path, probe=True)
-    link, proc = _agent(tmp_path, env)
+#: the guests' wrapper (python3 -S, the agent started so too) and the image's own
+WRAPPERS = {"fast": (CKPT_WRAPPER_FAST, ["-S"]), "plain": (CKPT_WRAPPER, [])}
+
+
+@pytest.fixture(params=sorted(WRAPPERS))
+def probe_agent(tmp_path, request):
+    text, flags = WRAPPERS[request.param]
+    root, env = _setup_root(tmp_path, probe=True, wrapper_text=text)
+    link, proc = _agent(tmp_path, env, flags)
     yield link, root
     link.close()
     proc.kill()
@@ -134,7 +139,7 @@ def probe_agent(tmp_path):
 @pytest.fixture
 def engine_agent(tmp_path):
     root, env = _setup_root(tmp_path, probe=False)
-    link, proc = _agent(tmp_path, env)
+    link, proc = _agent(tmp_path, env, agent_flags())
     yield link, env
     link.close()
     proc.kill()
@@ -142,9 +147,14 @@ def engine_agent(tmp_path):
 
 
 def test_the_wrapper_the_zygote_mirrors_is_the_guests():
-    """A change to the guest's ckpt wrapper (a python flag, another module)
-    must be mirrored in harness/zygote.py - or warmth would lie."""
-    assert zygote.wrapper_text("/opt/crucible") == CKPT_WRAPPER
+    """The guests' ckpt wrapper (vm/recipe.py) is of the form the zygote
+    mirrors, and the agent is started with the options it gives python3;
+    another form of wrapper turns warmth off (below), it is never guessed."""
+    assert zygote.wrapper_flags(CKPT_WRAPPER, "/opt/crucible") == []
+    assert zygote.wrapper_flags(CKPT_WRAPPER_FAST, "/opt/crucible") == agent_flags() == ["-S"]
+    assert zygote.wrapper_text("/opt/crucible", ["-S"]) == CKPT_WRAPPER_FAST
+    assert zygote.wrapper_flags(CKPT_WRAPPER.replace("python3 -m", "python3 -X importtime -m"), "/opt/crucible") is None
+    assert zygote.wrapper_flags(CKPT_WRAPPER.replace("export", "export PYTHONHOME; export"), "/opt/crucible") is None
 
 
 def test_a_warm_command_starts_as_the_exec_d_one_and_leaks_nothing(probe_agent, tmp_path):
@@ -205,15 +215,20 @@ def test_what_the_fork_cannot_mirror_is_exec_d(probe_agent, tmp_path):
     assert not r["warm"] and r["stdout"] == b"hi\n"
 
 
-def test_a_changed_wrapper_turns_warmth_off(tmp_path):
+@pytest.mark.parametrize("change, why", [
+    (lambda t: t.replace("python3 -S -m", "python3 -X importtime -m"), "not the wrapper"),
+    (lambda t: t.replace("export PYTHONPATH", "export PYTHONPATH\nexport LC_ALL=C"), "not the wrapper"),
+    (lambda t: t.replace("python3 -S -m", "python3 -m"), "options"),      # the agent runs -S
+])
+def test_a_changed_wrapper_turns_warmth_off(tmp_path, change, why):
     root, env = _setup_root(tmp_path, probe=True)
     w = tmp_path / "bin" / "ckpt"
-    w.write_text(w.read_text().replace("python3 -m", "python3 -S -m"))
-    link, proc = _agent(tmp_path, env)
+    w.write_text(change(w.read_text()))
+    link, proc = _agent(tmp_path, env, ["-S"])
     try:
-        assert "not the wrapper" in link.zygote_note()
+        assert why in link.zygote_note()
         r = link.run(["ckpt", "5"], timeout=30, warm=True)
-        assert (r["warm"], r["rc"]) == (False, 5) and "not the wrapper" in r["cold_why"]
+        assert (r["warm"], r["rc"]) == (False, 5) and why in r["cold_why"]
     finally:
         link.close()
         proc.kill()
