@@ -34,6 +34,7 @@ from .arch import current as current_arch
 from .check import MADVISE_FLAGS
 from .errors import EngineError, Refusal
 from .fds import handler as fd_handler
+from .fds._util import restore_async
 from .libc import SysError
 from .task import Task
 
@@ -360,6 +361,12 @@ class Builder:
             if fin is not None:
                 faults.point("restore.fd_finish", rec["kind"])
                 fin(rec, self.job.ctx, self.task)
+            if rec.get("async"):
+                try:
+                    restore_async(rec, self.pid)
+                except OSError as e:
+                    raise EngineError(f"pid {self.pid} fd {rec['fd']}: restoring its O_ASYNC owner: "
+                                      f"{e.strerror or e}", pid=self.pid, errno=e.errno) from e
 
     def creds(self) -> None:
         core = self.job.core

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import struct
 import time
-from typing import List
+from typing import Dict, List, Optional
 
 from . import faults, files, libc, posixtimers, procfs, sched, seccomp, signals, threads, tree, unlinked
 from .arch import current as current_arch
@@ -21,12 +21,15 @@ from .check import Survey, preflight, require_features, target_checks
 from .context import DumpContext, Options, boot_id
 from .errors import EngineError, Refusal, Refusals
 from .fds._dups import leader_map
+from .fds._sys import O_ASYNC
+from .fds._util import async_owner
 from .image import ImageWriter
 from .memory import PAGE, PageDumper
 from .task import Task
 
 SCRATCH = 512
 PR_GET_TID_ADDRESS = 40
+PR_GET_PDEATHSIG = 2
 SIGNALS = [s for s in range(1, 65) if s not in (9, 19)]   # all but SIGKILL, SIGSTOP
 MM_FIELDS = ("start_code", "end_code", "start_data", "end_data", "start_brk",
              "start_stack", "arg_start", "arg_end", "env_start", "env_end")
@@ -89,6 +92,8 @@ def injected_state(task: Task, vmas: List[dict]) -> dict:
         out["sigaltstack"] = _unpack_stack_t(task.read_mem(scr, 24))
         task.call("prctl", PR_GET_TID_ADDRESS, scr, 0, 0, 0)
         out["tid_address"] = struct.unpack("<Q", task.read_mem(scr, 8))[0]
+        task.call("prctl", PR_GET_PDEATHSIG, scr, 0, 0, 0)
+        out["pdeath_signal"] = struct.unpack("<i", task.read_mem(scr, 4))[0]
         timers = []
         for which in (0, 1, 2):   # ITIMER_REAL, VIRTUAL, PROF
             task.call("getitimer", which, scr)
@@ -98,6 +103,17 @@ def injected_state(task: Task, vmas: List[dict]) -> dict:
     finally:
         task.write_mem(scr, saved)
     return out
+
+
+def refuse_pdeath_signal(pid: int, tid: int, sig: int) -> None:
+    """PR_SET_PDEATHSIG is per thread, shown by no /proc file and not
+    inherited by fork: the restored task would go on without it (not killed
+    when its parent dies), or, set again under a parent that is not the
+    original one, get it when the restorer exits. Not restored yet: refused."""
+    if sig:
+        who = "" if tid == pid else f"thread {tid} "
+        raise Refusal("unsupported-state", f"{who}has a parent-death signal (PR_SET_PDEATHSIG {sig}), "
+                      "which is not restored", pid=pid)
 
 
 def _unpack_sigaction(raw: bytes) -> list:
@@ -119,6 +135,8 @@ def _injected_reads() -> list:
     steps.append(("sigaltstack", "sigaltstack", lambda scr: (0, scr), 24, _unpack_stack_t))
     steps.append(("tid_address", "prctl", lambda scr: (PR_GET_TID_ADDRESS, scr, 0, 0, 0), 8,
                   lambda raw: struct.unpack("<Q", raw)[0]))
+    steps.append(("pdeath_signal", "prctl", lambda scr: (PR_GET_PDEATHSIG, scr, 0, 0, 0), 4,
+                  lambda raw: struct.unpack("<i", raw)[0]))
     for which in (0, 1, 2):   # ITIMER_REAL, VIRTUAL, PROF
         steps.append((("itimers", which), "getitimer", lambda scr, w=which: (w, scr), 32,
                       lambda raw: list(struct.unpack("<qqqq", raw))))
@@ -221,6 +239,7 @@ def process_state(task: Task, s: Survey) -> dict:
     state["sched"] = sched.dump(pid)
     state["seccomp"] = seccomp.dump(pid, seccomp.mode_of(status))
     state.update(injected_state(task, s.vmas))
+    refuse_pdeath_signal(pid, pid, state.pop("pdeath_signal"))
     state["mm"]["brk"] = state["brk"]
     return state
 
@@ -319,19 +338,28 @@ def dump_memory(pid: int, s: Survey, recs: dict, dumper: PageDumper) -> List[dic
     return out
 
 
-def dump_fds(s: Survey, ctx: DumpContext) -> List[dict]:
+def dump_fds(s: Survey, ctx: DumpContext, shared: Optional[Dict[int, list]] = None,
+             point: str = "dump.fd") -> List[dict]:
+    """One record per fd: a dup names its leader (the lowest fd on the same
+    open file description); in a tree, an open file description an earlier
+    member holds (`shared`: leader fd -> [pid, fd]) is that member's."""
     infos = [info for info, _, _ in s.fds]
     leaders = leader_map(s.pid, infos) if infos else {}
+    shared = shared or {}
     out = []
     for info, kind, mod in s.fds:
         common = {"fd": info.fd, "kind": kind, "flags": info.flags, "pos": info.pos,
                   "cloexec": info.cloexec, "link": info.link}
         lead = leaders.get(info.fd, info.fd)
-        if lead != info.fd:
+        if lead in shared:
+            rec = {"ofd_of": shared[lead]}
+        elif lead != info.fd:
             rec = {"dup_of": lead}
         else:
-            faults.point("dump.fd", kind)
+            faults.point(point, kind)
             rec = mod.dump(info, ctx)
+            if info.flags & O_ASYNC:      # its open file's owner and signal (classify checked the owner)
+                rec["async"] = async_owner(info)
         rec.update(common)
         out.append(rec)
     return out

@@ -755,6 +755,11 @@ def check_fd_records(reader, fdrecs: List[dict]) -> None:
         for k in ("flags", "pos"):
             if k in r and (not _int(r[k]) or not 0 <= r[k] < (1 << 63)):
                 raise invalid(f"fds.json: fd {r['fd']} {k} {r[k]!r}")
+        a = r.get("async")
+        if a is not None and not (isinstance(a, dict) and set(a) == {"owner_type", "owner", "signal"} and
+                                  a["owner_type"] in (0, 1, 2) and _int(a["owner"]) and 0 <= a["owner"] < (1 << 22)
+                                  and _int(a["signal"]) and 0 <= a["signal"] <= 64):
+            raise invalid(f"fds.json: fd {r['fd']} async {a!r}")
         if "dup_of" in r and (not _int(r["dup_of"]) or r["dup_of"] == r["fd"]):
             raise invalid(f"fds.json: fd {r['fd']} dup_of {r['dup_of']!r}")
         if ghost_of(r) is not None:

@@ -26,7 +26,7 @@ REASONS = {
     "image-invalid": "the image is damaged, tampered with, incomplete or of another format version",
     "unsupported-mapping": "a memory mapping of a kind the engine cannot restore (named in the detail)",
     "unsupported-state": ("process state the engine cannot save faithfully (named in the detail): "
-                  "O_ASYNC signal-driven I/O, ..."),
+                  "O_ASYNC signal-driven I/O whose owner is outside the dump, ..."),
     "unsupported-arch": "the engine has no support for this CPU architecture yet (named in the detail)",
     "sched": ("the saved scheduling policy, priority or CPU affinity cannot be applied here (named in "
                   "the detail): e.g. a CPU the process was bound to is not available on this machine"),

@@ -659,7 +659,7 @@ def dump(pid: int, directory: str, options) -> dict:
                 state["exe"] = m.recs["exe"]
                 # A table several members hold is dumped once, by the
                 # first of them; the others' fds.json is empty.
-                fdrecs = _dump_fds(s, ctx, ofds.get(m.pid, {})) if "files" in m.owns else []
+                fdrecs = single.dump_fds(s, ctx, ofds.get(m.pid, {}), "dump.tree.fd") if "files" in m.owns else []
                 vmas = _dump_memory(m, dumper, shm.get(m.pid, {}))
                 dumper.run()
                 simg.write_json("mm.json", {"vmas": vmas, "page_files": dumper.nfiles})
@@ -700,29 +700,6 @@ def dump(pid: int, directory: str, options) -> dict:
             "zombies": sum(1 for m in members if m.zombie),
             "fds": nfds, "frozen_ms": round((t1 - t_frozen) * 1000, 2),
             "total_ms": round((time.monotonic() - t0) * 1000, 2), "left_running": bool(options.leave_running)}
-
-
-def _dump_fds(s, ctx, shared: Dict[int, list]) -> List[dict]:
-    """dump.dump_fds, but an open file description an earlier member holds
-    is that member's: {"ofd_of": [pid, fd]} (its dups here too)."""
-    from .fds._dups import leader_map
-    infos = [info for info, _, _ in s.fds]
-    leaders = leader_map(s.pid, infos) if infos else {}
-    out = []
-    for info, kind, mod in s.fds:
-        common = {"fd": info.fd, "kind": kind, "flags": info.flags, "pos": info.pos,
-                  "cloexec": info.cloexec, "link": info.link}
-        lead = leaders.get(info.fd, info.fd)
-        if lead in shared:
-            rec = {"ofd_of": shared[lead]}
-        elif lead != info.fd:
-            rec = {"dup_of": lead}
-        else:
-            faults.point("dump.tree.fd", kind)
-            rec = mod.dump(info, ctx)
-        rec.update(common)
-        out.append(rec)
-    return out
 
 
 def _dump_memory(m: Member, dumper, shared: Dict[int, list]) -> List[dict]:

@@ -45,7 +45,8 @@ class Engine:
     def dump_argv(self, t: Target, pid: int, img: str, opts: dict) -> List[str]:
         raise NotImplementedError
 
-    def restore_argv(self, t: Target, img: str, pidfile: str) -> List[str]:
+    def restore_argv(self, t: Target, img: str, pidfile: str, tty: str = "") -> List[str]:
+        """``tty``: the terminal a --shell-job process is restored on."""
         raise NotImplementedError
 
     def parse(self, r: RunResult, t: Target, img: str) -> EngineResult:
@@ -63,10 +64,12 @@ class Ckpt(Engine):
             argv += ["--ghost-limit", str(opts["ghost_limit"])]
         if "file_validation" in opts:
             argv += ["--file-validation", opts["file_validation"]]
+        if opts.get("shell_job"):
+            argv.append("--shell-job")
         return argv
 
-    def restore_argv(self, t: Target, img: str, pidfile: str) -> List[str]:
-        return t.ckpt_argv() + ["restore", "-D", img, "--pidfile", pidfile, "--json"]
+    def restore_argv(self, t: Target, img: str, pidfile: str, tty: str = "") -> List[str]:
+        return t.ckpt_argv() + ["restore", "-D", img, "--pidfile", pidfile, "--json"] + (["--tty", tty] if tty else [])
 
     def parse(self, r: RunResult, t: Target, img: str) -> EngineResult:
         return parse_ckpt(r)
@@ -126,10 +129,15 @@ class Criu(Engine):
         argv = ["criu", "dump", "-t", str(pid), "-D", img, "-o", "dump.log", "-v4"] + _CRIU_TCP
         if opts.get("leave_running"):
             argv.append("--leave-running")
+        if opts.get("shell_job"):
+            argv.append("--shell-job")
         return argv
 
-    def restore_argv(self, t: Target, img: str, pidfile: str) -> List[str]:
-        return ["criu", "restore", "-D", img, "-d", "--pidfile", pidfile, "-o", "restore.log", "-v4"] + _CRIU_TCP
+    def restore_argv(self, t: Target, img: str, pidfile: str, tty: str = "") -> List[str]:
+        # criu --shell-job restores onto its own terminal (stdin), which the
+        # harness cannot give it: the image's terminal is named by tty, for ckpt
+        return ["criu", "restore", "-D", img, "-d", "--pidfile", pidfile, "-o", "restore.log", "-v4"] + _CRIU_TCP \
+            + (["--shell-job"] if tty else [])
 
     def parse(self, r: RunResult, t: Target, img: str) -> EngineResult:
         if r.rc == 0:
@@ -164,8 +172,8 @@ class Mutant(Ckpt):
     def dump_argv(self, t: Target, pid: int, img: str, opts: dict) -> List[str]:
         return self._argv(t, super().dump_argv(t, pid, img, opts))
 
-    def restore_argv(self, t: Target, img: str, pidfile: str) -> List[str]:
-        return self._argv(t, super().restore_argv(t, img, pidfile))
+    def restore_argv(self, t: Target, img: str, pidfile: str, tty: str = "") -> List[str]:
+        return self._argv(t, super().restore_argv(t, img, pidfile, tty))
 
 
 ENGINES = {"ckpt": Ckpt, "criu": Criu}

@@ -198,6 +198,8 @@ def holders_of(sc: dict) -> Dict[str, List[Tuple[str, dict]]]:
             out.setdefault(e["dnotify"], []).append(("dnotify", e))
         elif k == "fanotify":
             out.setdefault(e["fanotify"]["mark"], []).append(("fanotify", e))
+        elif k == "lock":
+            out.setdefault(e["path"], []).append(("lock", e))     # no rule: a step on it is not derived
     for mp in wl.get("mmaps") or []:
         if mp.get("file"):
             out.setdefault(mp["file"], []).append(("mapped", mp))
@@ -209,7 +211,7 @@ def holders_of(sc: dict) -> Dict[str, List[Tuple[str, dict]]]:
 DECIDED = {"open", "memfd", "dir", "device", "fifo", "pipe", "pipe-one-end", "inotify", "dnotify", "fanotify",
            "eventfd", "timerfd", "signalfd", "epoll", "dup", "socket-unix-pair", "socket-unix-listen",
            "socket-tcp-listen", "socket-tcp-established", "socket-udp", "socket-unix-pair-made-outside",
-           "pty-pair", "pty-outside"}
+           "pty-pair", "pty-outside", "lock-flock", "lock-posix", "lock-ofd", "lock-lease"}
 UNDECIDED_FIELDS = {"sender", "outside", "pending_status", "slave_outside"}
 
 
@@ -221,6 +223,10 @@ def variant_of(e: dict) -> str:
         return f"socket-{e['socket']}" + ("-made-outside" if e.get("creator") == "outside" else "")
     if k == "pty":
         return f"pty-{e['pty']}"
+    if k == "lock":
+        # held by the process alone: restored (another holder or waiter, a
+        # lease being broken - `outside` - is not derived)
+        return f"lock-{e['lock']}"
     return k
 
 
@@ -233,11 +239,22 @@ def derive(sc: dict, old: bool = False) -> Tuple[dict, Dict[int, List[str]]]:
     """The expectation the rules give ``sc`` (``old``: on a kernel below the
     static rules' ``old_kernels``) and the inotify events each inotify fd
     must hold queued at the dump. Raises NotDerivable."""
+    if "program" in sc["workload"]:
+        raise NotDerivable("a real program (workload.program): what it holds is its own, not the YAML's")
     refusals: List[Tuple[str, str, Optional[int]]] = []      # (reason, at, fd)
     pending: Dict[int, List[str]] = {}
     for e in sc["workload"].get("fds") or []:
         if variant_of(e) not in DECIDED or set(e) & UNDECIDED_FIELDS:
             raise NotDerivable(f"no rule for {variant_of(e)} with {sorted(set(e) & UNDECIDED_FIELDS)}")
+        for k in e.get("carry") or []:
+            # files in flight (engine/fds/_inflight.py): the first the engine
+            # cannot restore refuses the socket that holds the message
+            if k in ("pipe", "socket"):
+                refusals.append(("socket", "dump", e["fd"]))
+                break
+            if k == "eventfd" and old:
+                refusals.append(("unsupported-fd", "dump", e["fd"]))
+                break
         st = STATIC.get(variant_of(e))
         if st is None:
             continue

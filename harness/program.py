@@ -178,11 +178,82 @@ def _compile(pattern: str, env: Dict[str, str]) -> "re.Pattern[str]":
 
 # -- the keeper: client connections held outside the dump -----------------------------
 
-def keeper(spec_path: str) -> int:
-    """Serve ``connect``/``send`` requests on the control dir's socket, one
-    JSON line each; the connections live as long as this process."""
+def _keeper_spawn(req: dict, tty: int) -> dict:
+    """The program as a job of the keeper's session: its own process group,
+    the terminal's foreground one, the terminal on stdin/out/err."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        try:
+            os.setpgid(0, 0)
+            old = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+            os.tcsetpgrp(tty, os.getpid())
+            signal.signal(signal.SIGTTOU, old)
+            for fd in (0, 1, 2):
+                os.dup2(tty, fd)
+            os.closerange(3, 65536)
+            os.chdir(req["cwd"])
+            os.execvpe(req["argv"][0], req["argv"], req["env"])
+        finally:
+            os._exit(127)
+    return {"ok": True, "pid": pid}
+
+
+def _keeper_run(req: dict, tty: int, master: int, out: int, ctldir: str) -> dict:
+    """A command (the engine's restore) run in the keeper's session, with the
+    terminal as its stdin, as a shell would run it; the screen is copied on."""
+    files = [os.path.join(ctldir, f"insession.{n}") for n in ("out", "err")]
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        try:
+            os.setpgid(0, 0)        # in the foreground, as a shell runs a command
+            old = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+            os.tcsetpgrp(tty, os.getpid())
+            signal.signal(signal.SIGTTOU, old)
+            os.dup2(tty, 0)
+            for fd, name in zip((1, 2), files):
+                os.dup2(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
+            os.closerange(3, 65536)
+            os.execvp(req["argv"][0], req["argv"])
+        finally:
+            os._exit(127)
+    end = time.monotonic() + float(req.get("timeout", 120))
+    status = None
+    while time.monotonic() < end:
+        done, st = os.waitpid(pid, os.WNOHANG)
+        if done:
+            status = st
+            break
+        r, _, _ = select.select([master], [], [], 0.05)
+        if r:
+            try:
+                os.write(out, os.read(master, 65536))
+            except OSError:
+                pass
+    if status is None:
+        os.kill(pid, signal.SIGKILL)
+        _, status = os.waitpid(pid, 0)
+    texts = []
+    for name in files:
+        with open(name, errors="replace") as f:
+            texts.append(f.read())
+    return {"ok": True, "rc": os.waitstatus_to_exitcode(status), "stdout": texts[0], "stderr": texts[1]}
+
+
+def keeper(spec_path: str, master: int = -1, tty_path: str = "") -> int:
+    """Serve ``connect``/``send``/``type`` requests on the control dir's
+    socket, one JSON line each; the connections live as long as this
+    process. With ``master`` (a pty master, ``tty: outside``): what the
+    terminal shows is appended to the program's output, and ``type``
+    writes keys to it."""
     with open(spec_path) as f:
         spec = json.load(f)
+    out = os.open(output_path(spec), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644) if master >= 0 else -1
+    tty = -1
+    if tty_path:    # the session's controlling terminal, as a shell has it
+        tty = os.open(tty_path, os.O_RDWR)
+        import fcntl
+        import termios
+        fcntl.ioctl(tty, termios.TIOCSCTTY, 0)
     path = os.path.join(spec["ctldir"], KEEPER_SOCK)
     if os.path.exists(path):
         os.unlink(path)
@@ -193,14 +264,36 @@ def keeper(spec_path: str) -> int:
     deadline = time.monotonic() + 3600      # never outlive a scenario by much
     os.write(1, b"ready\n")
     while time.monotonic() < deadline:
-        r, _, _ = select.select([srv], [], [], 5)
-        if not r:
+        while True:     # reap the jobs (a dumped one's PID must be free for its restore)
+            try:
+                if os.waitpid(-1, os.WNOHANG)[0] <= 0:
+                    break
+            except ChildProcessError:
+                break
+        r, _, _ = select.select([srv] + ([master] if master >= 0 else []), [], [], 0.5)
+        if master in r:
+            try:
+                data = os.read(master, 65536)
+            except OSError:      # EIO: no slave open (between the dump and the restore)
+                data = b""
+                time.sleep(0.05)
+            if data:
+                os.write(out, data)
+        if srv not in r:
             continue
         c, _ = srv.accept()
         with c:
             req = json.loads(c.makefile().readline())
             try:
-                rep = _keeper_one(req, conns)
+                if req["op"] == "type":
+                    os.write(master, req["data"].encode("latin-1"))
+                    rep = {"ok": True}
+                elif req["op"] == "spawn":
+                    rep = _keeper_spawn(req, tty)
+                elif req["op"] == "run":
+                    rep = _keeper_run(req, tty, master, out, spec["ctldir"])
+                else:
+                    rep = _keeper_one(req, conns)
             except (OSError, StepFailed) as e:
                 rep = {"ok": False, "error": f"{type(e).__name__}: {e}"}
             c.sendall((json.dumps(rep) + "\n").encode())
@@ -251,7 +344,7 @@ def ask_keeper(spec: dict, req: dict, timeout: float) -> dict:
         c.close()
 
 
-def start_keeper(spec_path: str, spec: dict) -> int:
+def start_keeper(spec_path: str, spec: dict, master: int = -1, tty: str = "") -> int:
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - child
@@ -261,8 +354,11 @@ def start_keeper(spec_path: str, spec: dict) -> int:
             os.dup2(null, 0)
             os.dup2(w, 1)
             os.dup2(null, 2)
-            os.closerange(3, 65536)
-            os.execv(sys.executable, [sys.executable, os.path.abspath(__file__), "keeper", spec_path, MARK])
+            if master >= 0:
+                os.dup2(master, 3)
+            os.closerange(4 if master >= 0 else 3, 65536)
+            os.execv(sys.executable, [sys.executable, os.path.abspath(__file__), "keeper", spec_path,
+                                      "3" if master >= 0 else "-1", tty, MARK])
         finally:
             os._exit(127)
     os.close(w)
@@ -405,6 +501,11 @@ class Steps:
         self.ok(f"{what} {a['name']}: reaches", f">= {want_top}", top, top >= want_top)
         self.saved["_seq_" + a["name"]] = str(top)
 
+    def do_type(self, a: dict, what: str) -> None:
+        """Keys typed on the terminal (``tty: outside``: into its master, held outside the dump)."""
+        rep = ask_keeper(self.spec, {"op": "type", "data": subst(a["data"], self.env)}, 10)
+        self.ok(f"{what}: {a['data'][:40]!r}", "typed", rep.get("error") or "typed", bool(rep.get("ok")))
+
     def do_connect(self, a: dict, what: str) -> None:
         if not self.helpers and not os.path.exists(os.path.join(self.spec["ctldir"], KEEPER_SOCK)):
             self.helpers.append(start_keeper(self.spec_path, self.spec))
@@ -472,7 +573,30 @@ def spawn(spec_path: str) -> int:
     # stdin: /dev/null, or a fifo of the work dir opened read-write (the
     # program never sees EOF; `write` steps feed it)
     stdin = os.path.join(spec["workdir"], p["stdin"]) if p.get("stdin") else os.devnull
-    child = os.fork()
+    helpers: List[int] = []
+    tty = ""
+    if p.get("tty") == "outside":
+        # A terminal whose master a process outside the dump holds (a
+        # terminal emulator, and the shell whose session it is: the keeper);
+        # the program is a job of that session, in the foreground.
+        master, slave = os.openpty()
+        import fcntl
+        import struct
+        import termios
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+        tty = os.ttyname(slave)
+        os.close(slave)
+        helpers.append(start_keeper(spec_path, spec, master, tty))
+        os.close(master)
+        os.close(out)
+        rep = ask_keeper(spec, {"op": "spawn", "argv": argv, "env": _child_env(spec), "cwd": spec["workdir"]}, 30)
+        if not rep.get("ok"):
+            print(json.dumps({"error": f"the keeper could not start the program: {rep.get('error')}",
+                              "step": "ready", "helpers": helpers}))
+            return 1
+        child = rep["pid"]
+    else:
+        child = os.fork()
     if child == 0:  # pragma: no cover - child
         try:
             os.setsid()
@@ -485,14 +609,17 @@ def spawn(spec_path: str) -> int:
             os.execvpe(argv[0], argv, _child_env(spec))
         finally:
             os._exit(127)
-    os.close(out)
-    res: Dict[str, Any] = {"pid": child, "argv": argv}
+    if not tty:
+        os.close(out)
+    res: Dict[str, Any] = {"pid": child, "argv": argv, "helpers": helpers}
+    if tty:
+        res["tty"] = tty        # where the restore reopens the terminal (restore --tty)
     spec["pid"] = child
     deadline = time.monotonic() + float(spec.get("ready_timeout", 30))
     why = "not started"
     while time.monotonic() < deadline:
-        pid, status = os.waitpid(child, os.WNOHANG)
-        if pid:
+        pid, status = os.waitpid(child, os.WNOHANG) if not tty else (0, 0)   # (the keeper's child)
+        if pid or (tty and not world.pidstate(child)["exists"]):
             res.update(error=f"the program exited before it was ready (status {status:#x}): "
                              f"{read_output(spec)[-1500:]}", step="ready")
             print(json.dumps(res))
@@ -509,6 +636,7 @@ def spawn(spec_path: str) -> int:
     time.sleep(float((p.get("ready") or {}).get("settle", 0)))
     spec["phase"] = "before"
     steps = Steps(spec, spec_path, saved, child)
+    steps.helpers = helpers
     steps.run(p.get("before") or [], "before")
     res["helpers"] = steps.helpers
     try:
@@ -602,8 +730,19 @@ def main(argv: List[str]) -> int:
         return spawn(argv[1])
     if cmd == "after" and len(argv) == 3:
         return after(argv[1], argv[2])
-    if cmd == "keeper" and len(argv) >= 2:
-        return keeper(argv[1])
+    if cmd == "keeper" and len(argv) >= 4:
+        return keeper(argv[1], int(argv[2]), argv[3])
+    if cmd == "insession" and len(argv) >= 4 and argv[3] == "--":
+        # insession SPEC SECONDS -- ARGV: run ARGV in the keeper's session (restore --tty)
+        with open(argv[1]) as f:
+            spec = json.load(f)
+        rep = ask_keeper(spec, {"op": "run", "argv": argv[4:], "timeout": float(argv[2])}, float(argv[2]))
+        if not rep.get("ok"):
+            print(rep.get("error"), file=sys.stderr)
+            return 2
+        sys.stdout.write(rep["stdout"])
+        sys.stderr.write(rep["stderr"])
+        return rep["rc"]
     if cmd == "kill" and len(argv) == 2:
         print(json.dumps(kill_programs(argv[1])))
         return 0

@@ -81,7 +81,9 @@ class ProgramRun(runner.Run):
         if not self.engine.creates_dir:
             self.need(self.cmd(t, ["mkdir", "-p", p["img"]], "dump"), "dump", "make image dir")
         res.step = "dump"
-        d = self.engine.parse(self._engine_cmd(t, self.engine.dump_argv(t, pid, p["img"], {}), "dump"), t, p["img"])
+        # a program on a terminal whose master is outside (tty: outside) is a shell job
+        opts = {"shell_job": True} if ready.get("tty") else {}
+        d = self.engine.parse(self._engine_cmd(t, self.engine.dump_argv(t, pid, p["img"], opts), "dump"), t, p["img"])
         res.engine_stderr = d.stderr
         if d.contract:
             return self._crashed("dump", "broke the CLI contract: " + "; ".join(d.contract))
@@ -110,8 +112,14 @@ class ProgramRun(runner.Run):
         out = self.cmd(t, ["cat", f"{p['workdir']}/{OUTPUT}"], "between")
         self.ready.setdefault("vars", {}).setdefault("_marks", {})["dump"] = len(out.stdout)
         res.step = "restore"
-        rr = self.engine.parse(self._engine_cmd(t, self.engine.restore_argv(t, p["img"], p["pidfile"]), "restore"),
-                               t, p["img"])
+        argv = self.engine.restore_argv(t, p["img"], p["pidfile"], ready.get("tty", ""))
+        if ready.get("tty"):
+            # a shell job is restored by its shell: the restore runs in the
+            # session whose terminal it is (the keeper's), like `ckpt restore --tty`
+            # typed at that shell
+            argv = t.script("program.py") + ["insession", p["spec"], str(self.timeout("restore", t)), "--"] + \
+                [str(a) for a in argv]
+        rr = self.engine.parse(self._engine_cmd(t, argv, "restore"), t, p["img"])
         res.engine_stderr = (res.engine_stderr + "\n" + rr.stderr).strip()
         if rr.contract:
             return self._crashed("restore", "broke the CLI contract: " + "; ".join(rr.contract))

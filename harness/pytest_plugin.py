@@ -442,9 +442,15 @@ class Crucible:
         from vm import Guest, ensure_image
         opt = self.config.getoption
         img = ensure_image(opt("arch"), kernel=opt("kernel") or None, distro=opt("distro") or "bookworm")
+        # Both guests of this worker share an L2 segment (harness/segment.py):
+        # each one's datagram socket sends to the other's.
+        from . import segment
+        other = "b" if suffix == "a" else "a"
+        sock = f"/tmp/crucible-seg-{os.getpid()}-{self.worker}"
         guest = Guest(arch=opt("arch"), accel=opt("accel"), name=f"{self.worker}{suffix}",
                       log_dir=str(REPORTS_DIR / "guests"), image=img, memory_mb=512,
-                      engine_dir=str(REPO / "engine"))
+                      engine_dir=str(REPO / "engine"),
+                      segment=(f"{sock}{suffix}", f"{sock}{other}", segment.MACS.get(suffix, segment.MACS["b"])))
         guest.__enter__()
         self._guests.append(guest)
         accel = str(getattr(guest, "accel", "tcg"))

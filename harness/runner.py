@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
 from . import engines as engines_mod
-from . import chaos, statediff
+from . import chaos, segment, statediff
 from .errors import GuestLost, HarnessError, StepTimeout
 from .targets import RunResult, Target
 
@@ -23,6 +23,9 @@ OUTCOMES = ("restored", "refused", "corrupted", "crashed", "hung")
 # seconds, before the target's and the user's scale factors
 # what a check may do to the world while the original is still to be restored
 PHASES_READ_ONLY = ["inspect", "consume"]
+#: how long an original let run by --leave-running has to exit once its
+#: check is written (times the target's time scale)
+ORIGINAL_EXIT_S = 10.0
 DEFAULT_TIMEOUTS = {"setup": 60, "ready": 30, "dump": 120, "between": 60, "restore": 120, "verify": 30}
 
 #: where a workload to be restored on another guest starts its PIDs (above any
@@ -277,6 +280,11 @@ class Run:
             # the next low PIDs: start this workload far above them.
             self.need(self.cmd(t, ["sh", "-c", f"echo {MIGRATE_PID_FLOOR} > /proc/sys/kernel/ns_last_pid"],
                                "ready", "setup"), "ready", "move the PID counter")
+        seg = sc.get("segment")
+        if seg and t.can_migrate:
+            # the service address and the staying client's, on the shared NIC (harness/segment.py)
+            self.need(self.cmd(t, segment.up([seg["stays"], seg["moves"]]), "ready", "setup"), "ready",
+                      "bring up the segment NIC")
         # setup steps, the workload's start and the before_dump steps: one command
         r = self.cmd(t, t.script("workload.py") + ["spawn", p["spec"], "--setup", "--before-dump"], "ready", "setup")
         ready = _json_or_none(r.stdout) or {}
@@ -315,6 +323,11 @@ class Run:
                 return None
             self.need(self.cmd(t, ["rm", "-f", p["verdict"]], "verify-original", "verify"), "verify-original",
                       "reset verdict")
+            # Its check done, the original exits: give it the time to (the
+            # look below still fails one that goes on running).
+            self.need(self.cmd(t, t.script("workload.py") + ["pidstate", str(pid), "--gone-within",
+                                                             str(ORIGINAL_EXIT_S * t.time_scale)],
+                               "verify-original", "verify"), "verify-original", "original exit")
             lower = int(self.before.get("proof.counter") or 0)
         else:
             lower = None
@@ -324,7 +337,17 @@ class Run:
             st = self.pidstate(t, pid, "dump")
             if lower is None:
                 lower = self.witness(t)
+            if seg:
+                # the address leaves the dump guest, the staying client's
+                # segments to it held there until the restore (harness/segment.py)
+                self.need(self.cmd(t, segment.hold(getattr(t, "python", "python3"), seg["stays"], seg["moves"]),
+                                   "migrate", "between"), "migrate", "hold the client's segments")
+                self.need(self.cmd(t, segment.drop(seg["moves"]), "migrate", "between"), "migrate",
+                          "take the service address off the dump guest")
             rt = self._migrate(t)
+            if seg:
+                self.need(self.cmd(rt, segment.up([seg["moves"]]), "migrate", "between"), "migrate",
+                          "put the service address on the restore guest")
             # whether the PID is free there: another guest's kernel threads
             # and services took PIDs of their own (a Debian 13 guest's
             # kworkers reach the 290s a workload gets on Debian 12)
@@ -359,6 +382,12 @@ class Run:
                 self.pids.append(got)
                 self.res.outside.append({"fd": None, "what": f"proof: pid ({what})", "expected": pid, "got": got,
                                          "ok": False})
+        if migrate and seg:
+            # As a migration tool would once the address has moved: lift the
+            # dump's network lock and the hold on the dump guest, so the
+            # staying client's segments leave it for the restore guest.
+            self.need(self.cmd(t, segment.unlock(getattr(t, "python", "python3")), "restore", "verify"),
+                      "restore", "lift the dump guest's network lock")
         rt.put_bytes(self.ready_bytes, rp["ready"])
         self._verify(rt, pid, "verify", None, lower=lower, migrate=migrate)
 

@@ -398,12 +398,14 @@ def _program_steps() -> Check:
                         required=("name", "output")),
         "connect": Map({"name": Str(), "tcp": Int(1, 65535), "host": Str(), "timeout": t}, required=("name", "tcp")),
         "send": Map({"conn": Str(), "data": Str(), "expect": Regex(), "timeout": t}, required=("conn",)),
+        "type": Map({"data": Str()}, required=("data",)),
     }, "program step"))
 
 
 def _program() -> Check:
     return Exclusive({
         "run": List_(Str()), "sh": Str(), "env": StrMap(), "fifos": List_(Path()), "stdin": Path(),
+        "tty": Enum(("outside",)),
         "ready": Map({"output": Regex(), "file": Path(), "tcp": Int(1, 65535), "settle": Num()}),
         "stable": Bool(), "before": _program_steps(), "after": _program_steps(),
     }, ("run", "sh"))
@@ -429,6 +431,14 @@ def _program_checks(c: _Ctx, node_of, prog: dict) -> None:
     if "stdin" in prog and prog["stdin"] not in (prog.get("fifos") or []):
         raise c.fail(node_of("workload", "program", "stdin"), "workload.program.stdin",
                      f"{prog['stdin']!r} is not one of the program's fifos")
+    if "stdin" in prog and "tty" in prog:
+        raise c.fail(node_of("workload", "program", "tty"), "workload.program.tty",
+                     "a program on a terminal reads the terminal, not a fifo (drop stdin)")
+    for phase in ("before", "after"):
+        for i, step in enumerate(prog.get(phase) or []):
+            if "type" in step and prog.get("tty") != "outside":
+                raise c.fail(node_of("workload", "program", phase, i), f"workload.program.{phase}[{i}].type",
+                             "keys are typed on a terminal: the program needs tty: outside")
     for key in ("run", "sh"):
         for text in ([prog[key]] if isinstance(prog.get(key), str) else prog.get(key) or []):
             need(text, (key,), f"workload.program.{key}")
@@ -491,6 +501,9 @@ SCENARIO = Map({
                  "file_validation": Enum(("strict", "digest", "size", "none"))}),
     "between": List_(_steps()),
     "restore_on": Enum(("same", "other")),
+    # the two guests' shared network (harness/segment.py): the service
+    # address moves from the dump guest to the restore guest, the client's stays
+    "segment": Map({"moves": Str(), "stays": Str()}, required=("moves", "stays")),
     "timeouts": Map({s: Num() for s in STEP_NAMES}),
     "expect": _expect(),
     # What the only exact answer is on guest kernels older than `below`,
@@ -519,6 +532,11 @@ def effective_expect(sc: dict, kernel_release: str) -> dict:
 def fd_numbers(entry: dict) -> List[int]:
     """Every fd number an entry occupies."""
     return kinds.fd_numbers(entry)
+
+
+def ipaddress_of(seg: dict, key: str):
+    import ipaddress
+    return ipaddress.ip_interface(seg[key]).ip
 
 
 def _cross_checks(c: _Ctx, root: yaml.MappingNode, data: dict) -> None:
@@ -550,6 +568,17 @@ def _cross_checks(c: _Ctx, root: yaml.MappingNode, data: dict) -> None:
                                  "a program's refusal names its reason codes (reason, also), not fds")
                 ref.setdefault("also", [])
         return
+    seg = data.get("segment")
+    if seg is not None:
+        import ipaddress
+        if data.get("restore_on") != "other":
+            raise c.fail(node_of("segment"), "segment", "a moving address needs restore_on: other")
+        try:
+            nets = [ipaddress.ip_interface(seg[k]) for k in ("moves", "stays")]
+        except ValueError as e:
+            raise c.fail(node_of("segment"), "segment", f"not an address with its prefix: {e}") from None
+        if nets[0].network != nets[1].network or nets[0].ip == nets[1].ip or nets[0].version != 4:
+            raise c.fail(node_of("segment"), "segment", "moves and stays: two IPv4 addresses of one subnet")
     seen: Dict[int, int] = {}
     fds = data["workload"].get("fds", [])
     for i, e in enumerate(fds):
@@ -572,6 +601,12 @@ def _cross_checks(c: _Ctx, root: yaml.MappingNode, data: dict) -> None:
     for i, m in enumerate(data["workload"].get("mmaps", [])):
         if ("file" in m) == bool(m.get("anon")):
             raise c.fail(node_of("workload", "mmaps", i), f"workload.mmaps[{i}]", "give either file or anon: true")
+    for i, e in enumerate(fds):
+        if "bind" in e:
+            want = [str(ipaddress_of(seg, k)) for k in ("moves", "stays")] if seg else None
+            if want != [e["bind"], e.get("peer_bind")]:
+                raise c.fail(node_of("workload", "fds", i), f"workload.fds[{i}].bind",
+                             "bind and peer_bind are the segment's moves and stays addresses (without prefix)")
     for key in ("expect", "older_kernels"):
         exp = data.get(key, {}) if key == "expect" else data.get(key, {}).get("expect", {})
         ref = exp.get("refused")

@@ -68,7 +68,7 @@ def start_target(d: str, variant: str = "") -> subprocess.Popen:
     return p
 
 
-def verdict(d: str, pid: int, timeout: float = 10.0) -> dict:
+def verdict(d: str, pid: int, timeout: float = 20.0) -> dict:
     """Ask the target to check itself (SIGUSR1) and return its verdict."""
     path = os.path.join(d, "verdict.json")
     try:

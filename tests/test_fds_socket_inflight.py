@@ -287,3 +287,92 @@ def test_files_and_credentials_in_flight_through_the_core(procs, tmp_path):
     wait_for((tmp_path / "verdict.json").exists, timeout=30, what="the verdict")
     v = json.loads((tmp_path / "verdict.json").read_text())
     assert v["ok"], v
+
+
+# -- credentials hidden in the queue: the receiver's SO_PASSCRED off ----------
+
+HIDDEN_SETUP = """
+import socket
+STEP = 1 << 16
+CRED = lambda uid, gid: [(socket.SOL_SOCKET, socket.SCM_CREDENTIALS, struct.pack("iII", os.getpid(), uid, gid))]
+a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_%s)
+a.sendmsg([b"from the process"], CRED(0, 0))
+child = os.fork()
+if child == 0:
+    os.setgid(4321); os.setuid(1234)
+    a.sendmsg([b"from a child"], CRED(1234, 4321))
+    # Either end's flag at send time attaches them too (a datagram sender's
+    # would also autobind it, which a socketpair with a bound end refuses).
+    flagged = a if socket.SOCK_%s == socket.SOCK_STREAM else b
+    flagged.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+    a.send(b"again")
+    flagged.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 0)
+    os._exit(0)
+os.waitpid(child, 0)
+a.send(b"with no credentials")
+a.sendmsg([b"from the process again"], CRED(0, 0))
+os.dup2(a.fileno(), 500); os.dup2(b.fileno(), 501); a.close(); b.close()
+"""
+
+PASSCRED_ON = "socket.socket(fileno=os.dup(501)).setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)\n"
+
+
+def _passcred(pid: int, fd: int) -> int:
+    """SO_PASSCRED of the target's socket (read on a pidfd_getfd duplicate)."""
+    import socket
+    from engine import pidfd
+    with pidfd.target_fd(pid, fd) as dup:
+        s = socket.socket(fileno=os.dup(dup))
+        try:
+            return s.getsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED)
+        finally:
+            s.close()
+
+
+@pytest.mark.parametrize("typ,on", [("STREAM", True), ("STREAM", False), ("DGRAM", True), ("SEQPACKET", True)])
+def test_hidden_credentials_restored_exactly(tmp_path, typ, on):
+    """SO_PASSCRED off at dump: the credentials the messages carry are what
+    the process reads once it turns it on (a stream read stops where the
+    writer changes); with it off, the same bytes at the same boundaries."""
+    check = (PASSCRED_ON if on else "") + CHECK
+    with Target(tmp_path, HIDDEN_SETUP % (typ, typ), check) as t:
+        assert "sender credentials of" in classify(t.pid, 501)
+        assert _passcred(t.pid, 501) == 0       # put back after the peek
+        img = dump(t.pid, [500, 501], str(tmp_path / "img"))
+        assert _passcred(t.pid, 501) == 0
+        truth = t.check()
+    assert "error" not in truth, truth
+    got = truth["got"]
+    if on:
+        creds = [m[2] for m in got]
+        child = creds[1][0]
+        assert child not in (0, t.pid)
+        none = [0] + creds[-2][1:]                # no credentials: pid 0, the overflow ids
+        want = [[t.pid, 0, 0], [child, 1234, 4321]] + ([] if typ == "STREAM" else [[child, 1234, 4321]])
+        assert creds == want + [none, [t.pid, 0, 0]] and none[1] != 0, creds
+        if typ == "STREAM":       # split by writer
+            assert [bytes.fromhex(m[0]) for m in got] == [b"from the process", b"from a childagain",
+                                                           b"with no credentials", b"from the process again"]
+    elif typ == "STREAM":         # glued
+        assert len(got) == 1 and got[0][2] is None, got
+    with restore(img):
+        if on:
+            import socket
+            s = socket.socket(fileno=os.dup(501))
+            assert s.getsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED) == 0
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+            s.close()
+        assert drained(1 << 16) == got
+
+
+def test_passcred_put_back_when_the_peek_fails(tmp_path, monkeypatch):
+    """A failure while the flag is on (its fault point) leaves the target's
+    SO_PASSCRED off again."""
+    from engine import faults
+    monkeypatch.setattr(faults, "_TARGET", ("dump.passcred", 1))
+    monkeypatch.setattr(faults, "_ACTIVE", True)
+    monkeypatch.setattr(faults, "_hits", {})
+    with Target(tmp_path, HIDDEN_SETUP % ("STREAM", "STREAM")) as t:
+        with pytest.raises(faults.FaultInjected):
+            classify(t.pid, 501)
+        assert _passcred(t.pid, 501) == 0

@@ -454,3 +454,27 @@ def test_half_closed_pair_restored_with_its_fin(procs, tmp_path):
     assert (recs[500]["state"], recs[501]["state"]) == (8, 5)
     # close-wait, fin-wait2 as they were; c reads a's bytes then EOF
     assert _verdict(p, tmp_path) == {"states": [8, 5], "a2c": True, "c2a": True, "late": "late"}
+
+
+@pytest.mark.skipif(netlock.available() is not None, reason=f"no network lock here: {netlock.available()}")
+def test_outside_peer_over_loopback_is_refused_on_another_machine(procs, tmp_path):
+    from engine.context import RestoreContext
+    from engine.fds import socket as socket_kind
+    from engine.image import ImageReader
+    srv, peer = _start_server_and_peer(procs, tmp_path, 100_000)
+    dump(srv.pid, str(tmp_path / "img"), Options())
+    srv.wait()
+    img = ImageReader(str(tmp_path / "img"))
+    try:
+        img.verify()
+        recs = img.read_json("fds.json")
+        rec = next(r for r in recs if r.get("sock") == "tcp-conn")
+        socket_kind.validate(rec, RestoreContext(options=Options(), image=img, same_node=True, records=recs))
+        with pytest.raises(Refusal) as ei:
+            socket_kind.validate(rec, RestoreContext(options=Options(), image=img, same_node=False, records=recs))
+    finally:
+        img.close()
+    assert ei.value.reason == "socket" and "over loopback, restored on another machine" in ei.value.detail
+    out = restore(str(tmp_path / "img"), Options())        # here, the same machine: the peer is waiting
+    procs.adopt(out["pid"])
+    assert peer.wait(timeout=120) == 0, peer.stderr.read().decode()

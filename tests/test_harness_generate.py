@@ -99,7 +99,9 @@ def test_rules_agree_with_the_hand_written_scenarios(path):
 
 
 def test_most_hand_written_scenarios_are_decided():
-    paths = glob.glob(os.path.join(REPO, "scenarios", "*", "*.yaml"))
+    # (programs/ holds real programs, whose fds the YAML does not declare)
+    paths = [p for p in glob.glob(os.path.join(REPO, "scenarios", "*", "*.yaml"))
+             if os.sep + "programs" + os.sep not in p]
     decided = 0
     for p in paths:
         try:

@@ -532,3 +532,33 @@ def test_children_left_sharing_checks_fail_on_exactly_what_changed(disturb, what
                        capture_output=True, text=True, timeout=60, close_fds=True)
     assert r.returncode == 0, r.stderr
     assert set(json.loads(r.stdout)) == whats
+
+
+HIDDEN = {"fd": 3, "socket": "unix-pair", "peer_fd": 4, "data": {"bytes": 40}, "passcred": True, "passcred_off": True}
+
+
+def test_untouched_hidden_credentials_pass(live):
+    w, g = live(fds=[dict(HIDDEN)])
+    g.close()
+    v = w.verdict()
+    assert v["ok"], failed(v)
+
+
+def test_hidden_credentials_lost_are_caught(live):
+    # what a restore that ignored them would do: the same bytes, re-sent
+    # with SO_PASSCRED off at both ends (no credentials)
+    w, g = live(fds=[dict(HIDDEN)])
+    s = socket.socket(fileno=os.dup(g(3)))
+    assert s.getsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED) == 0
+    data = b""
+    while True:
+        try:
+            data += s.recv(1 << 20, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            break
+    p = socket.socket(fileno=os.dup(g(4)))
+    p.send(data)
+    for x in (s, p):
+        x.close()
+    g.close()
+    assert bad_whats(failed_verdict(w), 3) == {"SCM_CREDENTIALS of the queued writes (the exited child's, then ours)"}

@@ -323,6 +323,53 @@ def test_child_share(child, key, why):
     assert e.key == key and why in e.message, (e.key, e.message)
 
 
+def test_program_on_a_terminal_outside():
+    tty = PROGRAM.replace("    fifos: [ctl]\n", "    tty: outside\n").replace(
+        '      - write: {path: ctl, data: "go\\n"}', '      - type: {data: "q"}')
+    assert load(tty)["workload"]["program"]["tty"] == "outside"
+    e = error(tty.replace("    tty: outside\n", "    tty: outside\n    fifos: [ctl]\n    stdin: ctl\n"))
+    assert e.key == "workload.program.tty" and "not a fifo" in e.message
+    e = error(PROGRAM.replace('      - write: {path: ctl, data: "go\\n"}', '      - type: {data: "q"}'))
+    assert e.key == "workload.program.after[1].type" and e.line == 15 and "tty: outside" in e.message
+
+
+SEGMENT = """\
+name: moves
+tags: [migrate, socket]
+segment: {moves: 10.77.0.1/24, stays: 10.77.0.2/24}
+workload:
+  fds:
+    - {fd: 3, socket: tcp-established, sender: outside, bind: 10.77.0.1, peer_bind: 10.77.0.2}
+restore_on: other
+expect: restored
+"""
+
+
+def test_segment_scenario_loads():
+    assert load(SEGMENT)["segment"] == {"moves": "10.77.0.1/24", "stays": "10.77.0.2/24"}
+
+
+@pytest.mark.parametrize("old,new,key,words", [
+    ("restore_on: other\n", "", "segment", "restore_on: other"),
+    ("stays: 10.77.0.2/24", "stays: 10.78.0.2/24", "segment", "one subnet"),
+    ("moves: 10.77.0.1/24", "moves: elsewhere", "segment", "not an address"),
+    ("bind: 10.77.0.1,", "bind: 10.77.0.9,", "workload.fds[0].bind", "moves and stays"),
+    ("peer_bind: 10.77.0.2}", "data: {bytes: 5}}", "workload.fds[0].bind", "both"),
+])
+def test_segment_errors(old, new, key, words):
+    e = error(SEGMENT.replace(old, new))
+    assert e.key == key and words in e.message, (e.key, e.message)
+
+
+def test_segment_moving_address_leaves_the_staying_one():
+    # removing a primary address removes its secondaries unless
+    # promote_secondaries is on: the staying client's address must survive
+    from harness import segment
+    script = segment.up(["10.77.0.2/24", "10.77.0.1/24"])[2]
+    assert "echo 1 > /proc/sys/net/ipv4/conf/$nic/promote_secondaries" in script
+    assert script.index("promote_secondaries") < script.index("ip addr add")
+
+
 @pytest.mark.parametrize("leave,key,why", [
     ("[files]", None, None),
     ("[files, files]", "workload.process.leave", "at most once"),

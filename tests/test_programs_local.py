@@ -48,7 +48,7 @@ def run(target, name: str, engine: str = "ckpt", verify: float = 0) -> runner.Re
 
 
 @pytest.mark.parametrize("name", ["cthreads.yaml", "python-pool.yaml", "shell-loop.yaml", "pipeline.yaml",
-                                  "sqlite-transaction.yaml"])
+                                  "sqlite-transaction.yaml", "less-shell-job.yaml"])
 def test_program_restored_and_proved(target, name):
     res = run(target, name)
     assert res.outcome == "restored", res.detail

@@ -220,3 +220,18 @@ def test_failed_build_leaves_nothing_that_looks_complete(tmp_path: Path, monkeyp
     left = sorted(p.name for p in (tmp_path / "rootfs").iterdir() if not p.name.startswith(".lock-"))
     assert len(left) == 1 and left[0].endswith(".failed.log"), left
     assert "simulated failure" in (tmp_path / "rootfs" / left[0]).read_text()
+
+
+def test_segment_nic_is_a_dgram_netdev_between_two_unix_sockets():
+    plain = build_argv(get_arch("x86_64"), spec())
+    seg = build_argv(get_arch("x86_64"), spec(segment=("/t/seg-a", "/t/seg-b", "52:54:00:77:00:0a")))
+    nets = [seg[i + 1] for i, x in enumerate(seg) if x == "-netdev"]
+    assert nets[1] == ("dgram,id=seg0,local.type=unix,local.path=/t/seg-a,"
+                       "remote.type=unix,remote.path=/t/seg-b")
+    assert "virtio-net-pci,netdev=seg0,romfile=,mac=52:54:00:77:00:0a" in seg
+    assert "seg0" not in " ".join(plain)
+    # the device list stays the same with -loadvm (snapshots load into it)
+    loaded = build_argv(get_arch("x86_64"), spec(segment=("/t/seg-a", "/t/seg-b", "52:54:00:77:00:0a"),
+                                                 loadvm="golden"))
+    i = loaded.index("-loadvm")
+    assert loaded[:i] + loaded[i + 2:] == seg

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from .arch import ArchSpec
 
@@ -38,6 +38,11 @@ class LaunchSpec:
     #: host end (a unix socket QEMU listens on) of the virtio-serial port
     #: ``org.crucible.agent`` the harness's in-guest agent talks over; None: no port
     agent_socket: Optional[str] = None
+    #: a second NIC on an L2 segment shared with another guest: (this end's
+    #: unix datagram socket, the other guest's, this NIC's MAC). QEMU's
+    #: ``-netdev dgram`` sends each frame to the other end's socket; no
+    #: privilege, no host interface. None: no such NIC.
+    segment: Optional[Tuple[str, str, str]] = None
 
 
 def kernel_append(arch: ArchSpec, extra: List[str]) -> str:
@@ -68,6 +73,11 @@ def build_argv(arch: ArchSpec, spec: LaunchSpec) -> List[str]:
         argv += ["-device", "virtio-serial-pci,id=vser0",
                  "-chardev", f"socket,id=agent0,path={spec.agent_socket},server=on,wait=off",
                  "-device", f"virtserialport,bus=vser0.0,chardev=agent0,name={AGENT_PORT}"]
+    if spec.segment:
+        local, remote, mac = spec.segment
+        argv += ["-netdev", f"dgram,id=seg0,local.type=unix,local.path={local},"
+                            f"remote.type=unix,remote.path={remote}",
+                 "-device", f"virtio-net-pci,netdev=seg0,romfile=,mac={mac}"]
     if spec.loadvm:
         argv += ["-loadvm", spec.loadvm]
     return argv

@@ -113,7 +113,8 @@ class Guest:
                  ready_timeout: float = 60.0, ssh_timeout: float = 60.0,
                  from_snapshot: Optional[Tuple[PathLike, str]] = None,
                  extra_append: Optional[List[str]] = None, wait_ssh: bool = True,
-                 tb_size_mb: int = 128, kernel: Optional[str] = None, distro: Optional[str] = None):
+                 tb_size_mb: int = 128, kernel: Optional[str] = None, distro: Optional[str] = None,
+                 segment: Optional[Tuple[str, str, str]] = None):
         """``distro`` ("bookworm", "trixie"; see ``vm.recipe.DISTROS``) and
         ``kernel`` (one of the distro's kernel choices, e.g. "6.1",
         "backports"; default the distro's own) pick the image built when
@@ -145,6 +146,9 @@ class Guest:
         self.extra_append = list(extra_append or [])
         self.wait_ssh = wait_ssh
         self.tb_size_mb = tb_size_mb
+        #: (local socket, remote socket, MAC) of a NIC on an L2 segment shared
+        #: with another guest (vm/argv.py LaunchSpec.segment), or None
+        self.segment = segment
         self.ssh_port: Optional[int] = None
         self.argv: List[str] = []
         self.timings: Dict[str, float] = {}
@@ -256,7 +260,12 @@ class Guest:
                               memory_mb=self.memory_mb, smp=self.smp, tb_size_mb=self.tb_size_mb,
                               loadvm=self.from_snapshot[1] if self.from_snapshot else None,
                               extra_append=self.extra_append, kernel_release=self._kernel_release(),
-                              agent_socket=str(self._tmp / "agent.sock"))
+                              agent_socket=str(self._tmp / "agent.sock"), segment=self.segment)
+            if self.segment:
+                try:
+                    os.unlink(self.segment[0])     # QEMU binds it: a stale one from an earlier run
+                except FileNotFoundError:
+                    pass
             self.argv = build_argv(arch_spec, spec)
             self._qemu_log_file = open(self.qemu_log, "wb")  # type: ignore[arg-type]
             # New session: a Ctrl-C meant for `vm shell`'s ssh must not reach

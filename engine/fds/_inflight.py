@@ -21,14 +21,21 @@ kind and why) when:
   file where there was one shared file (offset, flags);
 - it holds a file lock.
 
-With SO_PASSCRED on at the receiving end, every queued message shows the
-pid, uid and gid its sender had (SCM_CREDENTIALS): they are recorded per
-message, and at restore each run of messages with the same credentials is
-sent by a helper created with that pid and those ids (_peercred.run_as),
-so the receiver reads the same values. A pid that a live process outside
-the dump holds is refused (`peer-pid-in-use`), at dump and at restore.
-With SO_PASSCRED off the credentials stay hidden in the queue and are not
-kept (engine/fds/_unixpair.py, known limit).
+A queued message carries the pid, uid and gid of its sender when it was
+sent with SCM_CREDENTIALS or while either end had SO_PASSCRED on
+(net/unix/af_unix.c unix_maybe_add_creds), whatever the receiver's flag
+is now: hidden while it is off, shown (and splitting stream reads by
+writer) once it is on. The peek turns SO_PASSCRED on for its walk
+(_sockpeek.creds_shown, the previous value put back on every path), so
+the credentials are recorded per message whatever the flag, and at
+restore each run of messages with the same credentials is sent by a helper
+created with that pid and those ids (_peercred.run_as), so the receiver
+reads the same values, sees the same stream read boundaries, with the flag
+on or off. A message without credentials (peeked as pid 0 with the
+overflow uid and gid) is refilled by the restorer with both ends' flags
+off: without credentials again. A pid that a live process outside the
+dump holds is refused (`peer-pid-in-use`), at dump and at restore, and so
+is a pid hidden from ckpt's pid namespace (pid 0 with other ids).
 
 Restore: each carried record is validated and rebuilt by its kind's
 module, sent in the same message (SCM_RIGHTS, the same number and order of

@@ -30,7 +30,10 @@ Two traps of the datagram walk, both checked:
 A stream peek glues the bytes of consecutive writes together, but stops
 after the first one that carries fds (net/unix/af_unix.c
 unix_stream_read_generic: "if (UNIXCB(skb).fp) break"), and, with
-SO_PASSCRED on, before a write of other credentials. Where the write with
+SO_PASSCRED on, before a write of other credentials. peek_ancillary turns
+SO_PASSCRED on for its walk (creds_shown, put back after): every message
+keeps the credentials it was sent with even while the reader's flag is off,
+and shows them, and the writes of different senders apart, only with it on. Where the write with
 the fds begins inside such a chunk is found by peeking one byte at a time
 (binary search): a one-byte peek returns the fds exactly when that byte
 belongs to the write that carries them. The receiver gets the fds with
@@ -40,9 +43,11 @@ the first byte of that write it reads, so the boundary matters.
 from __future__ import annotations
 
 import array
+import contextlib
 import ctypes
 import errno
 import fcntl
+import functools
 import mmap
 import os
 import socket as _socket
@@ -50,6 +55,7 @@ import struct
 from typing import List, Optional, Tuple
 
 SO_PEEK_OFF = 42
+SO_PASSCRED = 16
 SIOCOUTQ = 0x5411
 MSG_CMSG_CLOEXEC = 0x40000000
 _ANCBUF = _socket.CMSG_SPACE(253 * 4) + _socket.CMSG_SPACE(12) + _socket.CMSG_SPACE(256)
@@ -131,12 +137,15 @@ def _walk(s: _socket.socket, typ: int, max_msgs: int) -> List[bytes]:
         off += len(data)
 
 
-def peek_ancillary(dup: int, typ: int, max_msgs: int, held: List[int]):
+def peek_ancillary(dup: int, typ: int, max_msgs: int, held: List[int], fault=None):
     """(messages, ancillary) of the socket `dup`'s receive queue, left in
     place: ancillary[i] is None or {"fds": [fds installed here], "cred":
     {"pid", "uid", "gid"}} of message i (stream: of segment i, split where
-    a write with fds begins and ends). Every fd installed here is also
-    appended to `held`: the caller closes them, whatever happens.
+    a write with fds begins and ends, and where the senders' credentials
+    change). Credentials are read with SO_PASSCRED on for the peek
+    (creds_shown; `fault` is its fault point), so they are the ones each
+    message carries whatever the process's flag. Every fd installed here
+    is also appended to `held`: the caller closes them, whatever happens.
 
     Raises Unreadable (other ancillary data, truncated ancillary data, the
     walk did not end) or OSError."""
@@ -144,7 +153,8 @@ def peek_ancillary(dup: int, typ: int, max_msgs: int, held: List[int]):
     try:
         prev = s.getsockopt(_socket.SOL_SOCKET, SO_PEEK_OFF)
         try:
-            return _walk_ancillary(s, typ, max_msgs, held)
+            with creds_shown(s.fileno(), fault):
+                return _walk_ancillary(s, typ, max_msgs, held)
         finally:
             s.setsockopt(_socket.SOL_SOCKET, SO_PEEK_OFF, prev)
     finally:
@@ -152,6 +162,58 @@ def peek_ancillary(dup: int, typ: int, max_msgs: int, held: List[int]):
 
 
 _CREDS = getattr(_socket, "SCM_CREDENTIALS", 2)
+
+
+_INIT_PID_NS = 0xEFFFFFFC      # PROC_PID_INIT_INO: the initial pid namespace's inode
+
+
+@functools.lru_cache(maxsize=1)
+def _credless_ids():
+    """(pid 0, overflowuid, overflowgid): what a peek shows for a message
+    that carries no credentials (no pid; INVALID_UID munged), or None when
+    that cannot be told apart from a sender whose pid ckpt cannot see
+    (ckpt outside the initial pid namespace: such a sender running as the
+    overflow ids peeks the same)."""
+    try:
+        if os.stat("/proc/self/ns/pid").st_ino != _INIT_PID_NS:
+            return None
+    except OSError:
+        return None
+    out = [0]
+    for name in ("overflowuid", "overflowgid"):
+        try:
+            with open(f"/proc/sys/kernel/{name}") as f:
+                out.append(int(f.read()))
+        except (OSError, ValueError):
+            out.append(65534)
+    return tuple(out)
+
+
+@contextlib.contextmanager
+def creds_shown(fd: int, fault=None):
+    """SO_PASSCRED on for the socket at `fd` (a duplicate: the flag is the
+    socket's, so the target's too) while the caller peeks, the previous
+    value put back whatever happens. A peek shows SCM_CREDENTIALS only while
+    the reader has SO_PASSCRED on (scm_recv_unix), yet a message carries the
+    credentials it was sent with (explicit SCM_CREDENTIALS, or SO_PASSCRED
+    on at either end when it was sent: unix_maybe_add_creds) whatever the
+    reader's flag: hidden, until the process turns the flag on, and they
+    decide where its stream reads stop (unix_skb_scm_eq). `fault`, called
+    with the flag on, is the caller's fault point."""
+    s = _socket.socket(fileno=os.dup(fd))
+    try:
+        prev = s.getsockopt(_socket.SOL_SOCKET, SO_PASSCRED)
+        if not prev:
+            s.setsockopt(_socket.SOL_SOCKET, SO_PASSCRED, 1)
+        try:
+            if fault is not None:
+                fault()
+            yield
+        finally:
+            if not prev:
+                s.setsockopt(_socket.SOL_SOCKET, SO_PASSCRED, 0)
+    finally:
+        s.close()
 
 
 def _peek_at(s: _socket.socket, off: int, size: int, held: List[int]):
@@ -167,7 +229,11 @@ def _peek_at(s: _socket.socket, off: int, size: int, held: List[int]):
             fds.extend(got)
         elif level == _socket.SOL_SOCKET and typ == _CREDS and len(raw) >= 12:
             pid, uid, gid = struct.unpack("iII", raw[:12])
-            cred = {"pid": pid, "uid": uid, "gid": gid}
+            # pid 0 with the overflow ids: a message sent with no
+            # credentials (no SO_PASSCRED at either end, none given); any
+            # other pid 0 is kept, and refused (_inflight.check_cred)
+            if (pid, uid, gid) != _credless_ids():
+                cred = {"pid": pid, "uid": uid, "gid": gid}
         else:
             other.append(f"ancillary level {level} type {typ}")
     if mflags & _socket.MSG_CTRUNC:

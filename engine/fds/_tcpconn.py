@@ -445,6 +445,24 @@ def validate(rec: dict, ctx) -> None:
     if rec["peer"] == "dump" and not any(x.get("sock") == "tcp-conn" and x.get("inode") == rec.get("peer_inode")
                                          for x in ctx.records or []):
         raise refuse_rec(rec, ctx, "image-invalid", "tcp connection: its peer's record is missing")
+    if rec["peer"] == "outside" and not ctx.same_node and _loopback(rec["remote"][0]):
+        # The peer is a process of the machine the dump was made on, reached
+        # over its loopback: on another machine that address is this one,
+        # where no such peer holds the connection.
+        raise refuse_rec(rec, ctx, "socket", f"tcp connection {_ep_text(rec['local'])}->{_ep_text(rec['remote'])} "
+                         "to a peer outside the dump over loopback, restored on another machine: the peer is "
+                         "not here (move the connection with an address both machines' networks reach)")
+
+
+def _loopback(addr: str) -> bool:
+    import ipaddress
+    try:
+        ip = ipaddress.ip_address(addr)
+    except ValueError:
+        return False
+    if ip.version == 6 and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
 
 
 def _send_all(s: _socket.socket, data: bytes) -> None:

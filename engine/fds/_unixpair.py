@@ -19,15 +19,20 @@ exists.
 SO_PEERCRED: the pair is made by a helper with the pid and credentials
 its creator had (_peercred), also when that process has exited.
 
-Ancillary data queued (files in flight in SCM_RIGHTS, SCM_CREDENTIALS
-with SO_PASSCRED on at the receiving end): _inflight, recorded per message
-in rec["anc"] beside rec["lengths"] (a stream's lengths then split where
-a write with fds begins and ends), refilled in the same messages and
-peeked again after the refill.
+Ancillary data queued (files in flight in SCM_RIGHTS, the sender
+credentials each message carries): _inflight, recorded per message in
+rec["anc"] beside rec["lengths"] (a stream's lengths then split where a
+write with fds begins and ends and where the senders' credentials change),
+refilled in the same messages and peeked again after the refill. The
+credentials are read with SO_PASSCRED turned on in the target's socket for
+the peek (_sockpeek.creds_shown, put back on every path): a message keeps
+what it was sent with whatever the receiver's flag, the process sees it
+once it turns the flag on, and a stream read with the flag on stops where
+the writer changes. Messages sent without credentials (neither end had
+SO_PASSCRED on, none given) are refilled without; the others by a helper
+with the sender's pid and ids, whatever the flag.
 
-Known limit: with SO_PASSCRED off, the queued messages come back sent by
-the restorer; their hidden sender credentials (visible only if the
-process turns SO_PASSCRED on later) are not kept. A stream queue is refilled in fewer, larger buffers than
+Known limit: a stream queue is refilled in fewer, larger buffers than
 the original writes may have made, so the sender's charge (SIOCOUTQ, and
 how much more it may write before blocking) can differ slightly; datagram
 charges are identical.
@@ -39,7 +44,7 @@ import os
 import socket as _socket
 from typing import Dict, List, Optional, Tuple
 
-from .. import netdiag, pidfd
+from .. import faults, netdiag, pidfd
 from ..errors import EngineError
 from . import _inflight, _peercred, _sockopts, _sockpeek, _sys
 from ._dups import is_follower
@@ -109,9 +114,6 @@ def pair_classify(info, ctx, q: dict) -> dict:
             # and fresh messages at restore would all be unseen.
             raise refuse(info, "socket", f"unix {tname} socketpair: empty datagrams queued while the "
                          "process uses SO_PEEK_OFF")
-        if msgs and _sockopts.as_int(opts.get("SO_PASSCRED")) and not all(_inflight.cred_of(a) for a in anc):
-            raise refuse(info, "socket", f"unix {tname} socketpair with SO_PASSCRED and queued data whose "
-                         "senders' credentials the peek did not show")
     total = sum(len(m) for m in msgs)
     rec = {"sock": "unix-pair", "type": typ, "inode": ino, "peer": peer, "opts": opts, "set": setnames, "cred": cred,
            "shutdown": d["shutdown"], "lengths": [len(m) for m in msgs], "fionread": queued,
@@ -131,7 +133,8 @@ def _peek_queue(info, ctx, mine: int, typ: int, charge: int, queued: int, what: 
     held: List[int] = []
     try:
         try:
-            msgs, anc = _sockpeek.peek_ancillary(mine, typ, _sockpeek.max_messages(charge), held)
+            msgs, anc = _sockpeek.peek_ancillary(mine, typ, _sockpeek.max_messages(charge), held,
+                                                 _passcred_fault)
             if typ == _socket.SOCK_STREAM:
                 got = sum(len(m) for m in msgs)
                 if got != queued:
@@ -160,6 +163,11 @@ def _peek_queue(info, ctx, mine: int, typ: int, charge: int, queued: int, what: 
         return msgs, out
     finally:
         _inflight.close_all(held)
+
+
+def _passcred_fault() -> None:
+    # reached with SO_PASSCRED turned on in the target's socket for the peek
+    faults.point("dump.passcred")
 
 
 def _in_tree(ctx, inode: int) -> Tuple[int, List[int]]:

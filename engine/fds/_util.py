@@ -60,10 +60,72 @@ def open_accmode(end: str) -> int:
     return {"r": os.O_RDONLY, "w": os.O_WRONLY}.get(end, os.O_RDWR)
 
 
-def check_async(info) -> None:
-    """O_ASYNC (SIGIO to an F_SETOWN owner) is process-wide signal state the
-    fd handlers do not carry: refuse it rather than lose the signals."""
+F_SETSIG, F_GETSIG, F_SETOWN_EX, F_GETOWN_EX = 10, 11, 15, 16      # fcntl(2)
+F_OWNER_TID, F_OWNER_PID, F_OWNER_PGRP = 0, 1, 2
+_OWNER_KIND = {F_OWNER_TID: "thread", F_OWNER_PID: "process", F_OWNER_PGRP: "process group"}
+
+
+def async_owner(info) -> dict:
+    """The O_ASYNC signal-driven I/O state of the open file behind ``info``:
+    its F_SETOWN_EX owner and F_SETSIG signal (per open file description,
+    read through a duplicate). Raises EngineError when it cannot be read."""
+    import fcntl
+    import struct
+    from .. import pidfd
+    try:
+        with pidfd.target_fd(info.pid, info.fd) as dup:
+            typ, pid = struct.unpack("ii", fcntl.fcntl(dup, F_GETOWN_EX, bytes(8)))
+            sig = fcntl.fcntl(dup, F_GETSIG)
+    except OSError as e:
+        raise EngineError(f"pid {info.pid} fd {info.fd}: reading the O_ASYNC owner: {e.strerror or e}",
+                          pid=info.pid, errno=e.errno) from e
+    return {"owner_type": typ, "owner": pid, "signal": sig}
+
+
+def check_async(info, ctx=None) -> None:
+    """O_ASYNC (SIGIO, or F_SETSIG's signal, to an F_SETOWN owner): saved and
+    restored when the owner is none or in the dump (a member, one of its
+    threads, or a member's process group); refused when it is outside,
+    whose signals a restore could not send there."""
     from ._sys import O_ASYNC
-    if info.flags & O_ASYNC:
+    if not info.flags & O_ASYNC:
+        return
+    a = async_owner(info)
+    if not a["owner"] or ctx is None:
+        return
+    members = set(getattr(ctx, "tree_pids", ()) or ()) or {info.pid}
+    if a["owner_type"] == F_OWNER_PGRP:
+        ok = any(_pgid(m) == a["owner"] for m in members)
+    elif a["owner_type"] == F_OWNER_TID:
+        ok = any(os.path.exists(f"/proc/{m}/task/{a['owner']}") for m in members)
+    else:
+        ok = a["owner"] in members
+    if not ok:
         raise refuse(info, "unsupported-state",
-                     "O_ASYNC (signal-driven I/O) is set; its owner and signal are not restored")
+                     f"O_ASYNC (signal-driven I/O) is set with {_OWNER_KIND.get(a['owner_type'], 'owner')} "
+                     f"{a['owner']} as its owner, outside the dump: its signals could not go there")
+
+
+def _pgid(pid: int) -> int:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return -1
+
+
+def restore_async(rec: dict, pid: int) -> None:
+    """Give the restored open file behind ``rec`` (fd ``rec['fd']`` of
+    ``pid``, installed, not running yet) its O_ASYNC owner and signal, then
+    O_ASYNC itself (set_status_flags leaves it out). Raises OSError."""
+    import fcntl
+    import struct
+    from .. import pidfd
+    from ._sys import O_ASYNC
+    a = rec["async"]
+    with pidfd.target_fd(pid, rec["fd"]) as dup:
+        fcntl.fcntl(dup, F_SETOWN_EX, struct.pack("ii", a["owner_type"], a["owner"]))
+        fcntl.fcntl(dup, F_SETSIG, a["signal"])
+        fcntl.fcntl(dup, fcntl.F_SETFL, fcntl.fcntl(dup, fcntl.F_GETFL) | O_ASYNC)
+        got = struct.unpack("ii", fcntl.fcntl(dup, F_GETOWN_EX, bytes(8))), fcntl.fcntl(dup, F_GETSIG)
+    if got != ((a["owner_type"], a["owner"]), a["signal"]):
+        raise OSError(22, f"the O_ASYNC owner reads back as {got}")

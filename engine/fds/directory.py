@@ -64,7 +64,7 @@ def classify(info, ctx) -> str:
         raise refuse(info, "dnotify",
                      f"directory fd has an F_GETOWN owner ({owner}, F_GETSIG {sig}): "
                      f"fcntl(F_NOTIFY) sets one; dnotify registrations cannot be restored")
-    check_async(info)
+    check_async(info, ctx)
     if "\nlock:" in "\n" + info.fdinfo_text:
         # flock(2) on a directory (a lock directory): not carried yet, and
         # never silently dropped.

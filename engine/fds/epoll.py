@@ -86,7 +86,7 @@ def _ready(pid: int, tfd: int, events: int) -> bool:
 def classify(info, ctx) -> str:
     """Raises unsupported-fd for a registration that cannot be re-added
     exactly (see the module doc); EngineError on system errors."""
-    check_async(info)
+    check_async(info, ctx)
     targets = _targets(info, ctx)
     body = ", ".join(f"fd {t['tfd']} events {t['events']:#x} data {t['data']:#x}" for t in targets)
     return f"epoll with {len(targets)} targets" + (f": {body}" if body else "")

@@ -31,7 +31,7 @@ def _parse(info) -> dict:
 
 def classify(info, ctx) -> str:
     """Raises unsupported-fd (kernel without eventfd-semaphore; O_ASYNC: unsupported-state)."""
-    check_async(info)
+    check_async(info, ctx)
     st = _parse(info)
     sem = " EFD_SEMAPHORE" if st["semaphore"] else ""
     nb = " EFD_NONBLOCK" if info.flags & os.O_NONBLOCK else ""

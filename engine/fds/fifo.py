@@ -88,7 +88,7 @@ def classify(info, ctx) -> str:
         raise refuse(info, "fifo-missing", f"cannot stat {path}: {e.strerror}") from e
     if (st.st_dev, st.st_ino) != (info.dev, info.ino):
         raise refuse(info, "fifo-missing", f"{path} now names another file (inode {st.st_ino}, was {info.ino})")
-    check_async(info)
+    check_async(info, ctx)
     if info.flags & os.O_DIRECT:
         raise refuse(info, "unsupported-fd", "packet-mode (O_DIRECT) fifo")
     s = _state(info, ctx)
@@ -107,7 +107,7 @@ def _classify_ghost(info, ctx) -> str:
     if info.nlink:
         raise refuse(info, "fifo-missing", f"the name it was opened by is gone and {info.nlink} other hard "
                      "link(s) name it; a recreated fifo would not be the one they open")
-    check_async(info)
+    check_async(info, ctx)
     if info.flags & os.O_DIRECT:
         raise refuse(info, "unsupported-fd", "packet-mode (O_DIRECT) fifo")
     s = _state(info, ctx)

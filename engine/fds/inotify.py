@@ -137,7 +137,7 @@ def _pending(info) -> int:
 def classify(info, ctx) -> str:
     """Raises inotify-pending, inotify-unresolvable, capability,
     unsupported-fd; EngineError on system errors."""
-    check_async(info)
+    check_async(info, ctx)
     n = _pending(info)
     if n:
         raise refuse(info, "inotify-pending", f"{n} bytes of unread events queued; restoring would drop them")

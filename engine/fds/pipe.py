@@ -70,7 +70,7 @@ def classify(info, ctx) -> str:
         who = ", ".join(f"pid {p} fd {f} ({_end_name(p, f)})" for p, f in outside[:3])
         more = f" and {len(outside) - 3} more" if len(outside) > 3 else ""
         raise refuse(info, "pipe-peer-outside", f"pipe inode {ino} is also held by {who}{more}")
-    check_async(info)
+    check_async(info, ctx)
     st = _state(info, ctx)
     why = _pipebuf.check_size(st["size"])     # what validate() would refuse at restore, refused now
     if why:

@@ -36,7 +36,7 @@ def _names(mask: int) -> str:
 
 def classify(info, ctx) -> str:
     """Raises unsupported-fd (no sigmask in fdinfo; O_ASYNC: unsupported-state)."""
-    check_async(info)
+    check_async(info, ctx)
     return f"signalfd mask {_names(_mask(info))}"
 
 

@@ -155,7 +155,7 @@ def _waiting(info) -> bool:
         return False
 
 
-def _subkind(info):
+def _subkind(info, ctx=None):
     """(sub-kind, facts) of a socket the engine can restore, or raises the
     `socket` refusal describing it. Raises EngineError when the fd cannot
     be inspected."""
@@ -187,7 +187,7 @@ def _subkind(info):
         raise refuse(info, "socket", _describe_safely(info))
     if not same_netns(info.pid):
         raise refuse(info, "socket", f"{_describe_safely(info)}: in another network namespace")
-    check_async(info)
+    check_async(info, ctx)
     return kind, q
 
 
@@ -213,7 +213,7 @@ def classify(info, ctx) -> str:
     """A one-line description of a restorable socket; raises the `socket`
     refusal (family, type, state and why) for every other one,
     unsupported-state for O_ASYNC, EngineError when it cannot be inspected."""
-    kind, q = _subkind(info)
+    kind, q = _subkind(info, ctx)
     check, text = _CLASSIFY[kind]
     return text(check(info, ctx, q))
 
@@ -221,7 +221,7 @@ def classify(info, ctx) -> str:
 def dump(info, ctx) -> dict:
     """The restore record (queued bytes go to fds/sock-INODE). Raises as
     classify."""
-    kind, q = _subkind(info)
+    kind, q = _subkind(info, ctx)
     if kind == "unix-pair":
         return _unixpair.pair_dump(info, ctx, q)
     if kind == "udp":

@@ -66,7 +66,7 @@ def classify(info, ctx) -> str:
     unsupported-state); EngineError when the duplicate cannot be made.
     Unread expirations are restored (see the module docstring); a kernel
     that cannot put them back is found at restore, in validate()."""
-    check_async(info)
+    check_async(info, ctx)
     st = _fdinfo(info)
     remaining, interval = _times(info)
     _check(info, st, remaining, interval)

@@ -14,7 +14,9 @@ have files in flight at ``fd`` (``carry``: one message after ``data``
 with a file of each kind listed, which the sender closed: the checker
 receives them and compares name, flags, offset and contents) and
 SCM_CREDENTIALS (``passcred``: SO_PASSCRED on at ``fd``, a child under
-other credentials wrote first and exited). Unix sockets report SO_PEERCRED as
+other credentials wrote first and exited; ``passcred_off``: and turned
+off again after the writes, so the credentials stay hidden in the queue
+until the checker turns it on to read them). Unix sockets report SO_PEERCRED as
 made (``creator: exited-child``: a unix-pair made by a child under other
 credentials that has exited; ``outside``: by a live process outside the
 dump). A netlink-route socket keeps its port id and answers a request on it (``data``: a reply is left queued
@@ -23,6 +25,11 @@ before the dump). A packet socket is refused by name.
 A tcp-half-closed connection is a tcp-established one whose peer end
 has shut down writing (``fd`` in CLOSE_WAIT, ``peer_fd`` in FIN_WAIT2, or
 ``sender: outside``: that end held by a process outside the dump).
+
+With ``bind``/``peer_bind`` (a migrate scenario's ``segment`` addresses)
+the workload's end is the server's, accepted on ``bind``, and the outside
+peer is the client, connected from ``peer_bind``: it stays on the dump
+guest while the server moves to the restore guest with its address.
 
 A tcp-established connection with ``sender: outside`` has its other end in
 a process outside the dump (an echo peer) that keeps it open throughout:
@@ -59,7 +66,7 @@ def fields(s) -> dict:
     return {"socket": s.Enum(SOCKETS), "peer_fd": s.FdNum(), "path": s.Path(), "data": s.Data(),
             "peer_data": s.Data(), "sender": s.Enum(("inside", "outside")),
             "creator": s.Enum(("self", "exited-child", "outside")),
-            "carry": s.List_(s.Enum(CARRY)), "passcred": s.Bool()}
+            "carry": s.List_(s.Enum(CARRY)), "passcred": s.Bool(), "passcred_off": s.Bool(), "bind": s.Str(), "peer_bind": s.Str()}
 
 
 def fd_numbers(e: dict) -> List[int]:
@@ -88,7 +95,11 @@ def validate(e: dict, fds: dict) -> List[tuple]:
         return [("path", f"a {sock} socket needs a path")]
     if e.get("creator", "self") != "self" and sock != "unix-pair":
         return [("creator", "only a unix-pair is made by another process")]
-    for k in ("carry", "passcred"):
+    if ("bind" in e or "peer_bind" in e) and not (_outside_tcp(e) and "bind" in e and "peer_bind" in e):
+        return [("bind", "bind and peer_bind (both) are for a tcp-established socket with sender: outside")]
+    if e.get("passcred_off") and not e.get("passcred"):
+        return [("passcred_off", "only with passcred")]
+    for k in ("carry", "passcred", "passcred_off"):
         if k in e and sock != "unix-pair":
             return [(k, "only a unix-pair has files or credentials in flight here")]
     if "sender" in e and sock not in ("udp", "udp6", "unix-pending", "tcp-pending", "tcp-established",
@@ -120,6 +131,8 @@ def opener(e: dict, ctx: Ctx) -> List[Opened]:
         b.sendall(payload)
         if e.get("carry"):
             extra["carried"] = _send_carried(b, e["carry"], ctx)
+        if e.get("passcred_off"):
+            a.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 0)
         return [Opened(a.detach(), int(e["fd"]), "sock", extra),
                 Opened(b.detach(), int(e["peer_fd"]), "peer", {"peercred": cred})]
     if kind == "unix-listen":
@@ -166,10 +179,19 @@ def opener(e: dict, ctx: Ctx) -> List[Opened]:
         return [Opened(s.detach(), int(e["fd"]), "sock"), Opened(c.detach(), int(e["peer_fd"]), "peer")]
     if kind in ("tcp-established", "tcp-half-closed"):
         lst = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        lst.bind(("127.0.0.1", 0))
+        lst.bind((e.get("bind", "127.0.0.1"), 0))
         lst.listen(1)
-        c = socket.create_connection(lst.getsockname())
-        srv, _ = lst.accept()
+        if "bind" in e:
+            # a server on the segment's moving address (harness/segment.py): the
+            # workload keeps the accepted end, the client (the echo peer, on
+            # the staying address) stays outside the dump
+            srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            srv.bind((e["peer_bind"], 0))
+            srv.connect(lst.getsockname())
+            c, _ = lst.accept()
+        else:
+            c = socket.create_connection(lst.getsockname())
+            srv, _ = lst.accept()
         lst.close()
         srv.sendall(payload)
         c.sendall(back)
@@ -484,6 +506,9 @@ def checker(e: dict, recs: List[dict], ctx: Ctx, phase: str) -> List[dict]:
                                    _answer(fd, len(want), 60)))
         elif phase == "consume" and kind == "unix-pair" and (e.get("carry") or e.get("passcred")):
             x = by_role["sock"]["extra"]
+            if e.get("passcred_off"):
+                with _sock(fd) as on:       # hidden in the queue until now
+                    on.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
             data, texts, creds = _recv_all(fd)
             want = (FROM_CHILD if e.get("passcred") else b"") + seeded_bytes(e.get("data")) + \
                 (CARRIED if e.get("carry") else b"")

@@ -122,6 +122,8 @@ def check():
     expect(queued(fds["fifo"]) == len(b"fifo-bytes"), "fifo bytes")
     expect(queued(fds["pipe_r"]) == len(b"pipe-bytes!"), "pipe bytes")
     expect(queued(fds["sock_b"]) == len(b"socket-bytes"), "socket bytes")
+    expect(socket.socket(fileno=os.dup(fds["sock_b"])).getsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED) == 0,
+           "SO_PASSCRED still off")
     expect(links["pipe_r"] == links["pipe_w"], "pipe ends are one pipe")
     expect("inotify wd:" in fdinfo(fds["inotify"]) and "mask:100" in fdinfo(fds["inotify"]), "inotify watch")
     expect("eventfd-count:                7" in fdinfo(fds["eventfd"])
@@ -168,6 +170,11 @@ while True:
             errors = check()
         except Exception as e:  # noqa: BLE001 - reported in the verdict
             errors = [repr(e)]
+        # A live thread advances within milliseconds; on a loaded machine it
+        # may wait seconds for the GIL and a CPU. A stopped one never does.
+        end = time.monotonic() + 10
+        while state["thread"] <= t0 and time.monotonic() < end:
+            time.sleep(0.01)
         if state["thread"] <= t0:
             errors.append("thread stopped counting")
         out = {"ok": not errors, "errors": errors, "counter": state["counter"], "thread_counter": state["thread"],
