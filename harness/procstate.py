@@ -75,25 +75,59 @@ def _syscall(pid: int) -> Optional[str]:
     return text.strip() if text else None
 
 
-def quiet_snapshot(pid: int, pub: Optional[dict] = None, seconds: float = 15.0) -> Dict[str, str]:
+def quiet_snapshot(pid: int, pub: Optional[dict] = None, seconds: float = 15.0,
+                   full_tries: int = 3) -> Dict[str, str]:
     """A snapshot taken while the process sleeps in one and the same system
-    call from before to after (/proc/PID/syscall unchanged): some state
-    exists only outside the sleep (sigtimedwait unblocks the signals it
-    waits for while it waits), so a snapshot that straddles a wake-up would
-    mix two moments. Falls back to a plain snapshot if the process never
-    holds still that long (15 s: under TCG on a busy host one snapshot can
-    take a second, and 3 s let a mixed one through: SigBlk without the
-    waited-for SIGUSR1 judged a refused dump's original corrupted)."""
+    call from before to after (/proc/PID/syscall unchanged, and for a
+    workload not one tick in between): some state exists only outside the
+    sleep (sigtimedwait unblocks the signals it waits for while it waits),
+    so a snapshot that straddles a wake-up would mix two moments.
+
+    Under TCG on a busy host the whole snapshot can take longer than a
+    workload's tick and then never holds still. What differs between the
+    moments is the task state /proc/PID/status and the threads' status show
+    (signal masks, pending sets): after `full_tries` whole snapshots, only
+    those are taken again, quickly, until one holds still, and they replace
+    the whole snapshot's. Falls back to the last whole snapshot after
+    `seconds` (a process that never sleeps)."""
     deadline = time.monotonic() + seconds
+    snap: Dict[str, str] = {}
+    tries = 0
     while True:
-        before = (_syscall(pid), proof(pid, pub).get("counter"))
-        snap = snapshot(pid, pub)
-        after = (_syscall(pid), proof(pid, pub).get("counter"))
-        # same call, and (for a workload) not one tick in between
-        if not snap or (before[0] and before == after and not before[0].startswith("running")) \
-                or time.monotonic() > deadline:
+        before = _still(pid, pub)
+        part = snapshot(pid, pub) if tries < full_tries else _moment(pid)
+        after = _still(pid, pub)
+        if tries < full_tries:
+            snap = part
+        tries += 1
+        if not part:
+            return part
+        if before[0] and before == after and not before[0].startswith("running"):
+            snap.update(part)
+            return snap
+        if time.monotonic() > deadline:
             return snap
         time.sleep(0.005)
+
+
+def _still(pid: int, pub: Optional[dict]) -> tuple:
+    return _syscall(pid), proof(pid, pub).get("counter")
+
+
+def _moment(pid: int) -> Dict[str, str]:
+    """The part of snapshot() that depends on the moment: the status lines
+    of the process and of its threads."""
+    base = f"/proc/{pid}"
+    text = _read(f"{base}/status")
+    if text is None:
+        return {}
+    out: Dict[str, str] = {}
+    for line in text.splitlines():
+        key, _, val = line.partition(":")
+        if key and key not in _STATUS_SKIP:
+            out[f"status.{key}"] = " ".join(val.split())
+    out.update(_threads(base))
+    return out
 
 
 # Per-thread state a restore must give each thread back (the process-wide

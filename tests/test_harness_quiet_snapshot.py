@@ -1,0 +1,72 @@
+"""harness/procstate.quiet_snapshot: the judge's snapshot of a process
+that is awake most of the time and sleeps briefly in sigtimedwait (which
+unblocks the waited-for signal while it sleeps) must show one moment, the
+sleeping one, even when a whole snapshot takes longer than the sleep (TCG on
+a busy host): a mixed snapshot judged restores corrupted (SigBlk)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from harness import procstate
+
+# Like a workload (harness/workload.py): a counter each tick and a secret,
+# published by address, so the judge sees a tick between two reads.
+SRC = r"""
+import ctypes, json, os, signal, sys, time
+counter = ctypes.c_uint64(0)
+secret = ctypes.create_string_buffer(os.urandom(16), 16)
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+sys.stdout.write(json.dumps({"counter_addr": ctypes.addressof(counter), "secret_addr": ctypes.addressof(secret),
+                             "secret_len": 16}) + "\n")
+sys.stdout.flush()
+while True:
+    end = time.monotonic() + 0.04
+    while time.monotonic() < end:       # awake: SIGUSR1 blocked
+        pass
+    signal.sigtimedwait({signal.SIGUSR1}, 0.02)    # asleep: the kernel unblocks it meanwhile
+    counter.value += 1
+"""
+
+USR1 = 1 << (signal.SIGUSR1 - 1)
+
+
+@pytest.fixture
+def waiter():
+    p = subprocess.Popen([sys.executable, "-c", SRC], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                         close_fds=True, text=True)
+    try:
+        p.pub = json.loads(p.stdout.readline())
+        yield p
+    finally:
+        p.kill()
+        p.wait()
+
+
+def test_a_slow_snapshot_still_shows_the_sleeping_moment(waiter, monkeypatch):
+    real = procstate.snapshot
+
+    def slow(pid, pub=None):
+        time.sleep(0.1)          # longer than a tick: a whole snapshot never holds still
+        return real(pid, pub)
+    monkeypatch.setattr(procstate, "snapshot", slow)
+    for _ in range(5):
+        t0 = time.monotonic()
+        snap = procstate.quiet_snapshot(waiter.pid, waiter.pub, seconds=10)
+        assert time.monotonic() - t0 < 10, "never found a quiet moment"
+        assert int(snap["status.SigBlk"], 16) & USR1 == 0, snap["status.SigBlk"]   # the sleeping moment
+        assert snap["tids"] == str(waiter.pid) and any(k.startswith("maps.") for k in snap)   # the rest too
+
+
+def test_awake_moment_is_what_the_process_shows_outside_the_wait(waiter):
+    seen = set()
+    end = time.monotonic() + 5
+    while time.monotonic() < end and len(seen) < 2:
+        seen.add(int(procstate._moment(waiter.pid)["status.SigBlk"], 16) & USR1)
+    assert seen == {0, USR1}       # the control: both moments exist, so the test above can fail
