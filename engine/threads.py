@@ -59,6 +59,7 @@ CLONE_VM, CLONE_FS, CLONE_FILES, CLONE_SIGHAND = 0x100, 0x200, 0x400, 0x800
 CLONE_THREAD, CLONE_SYSVSEM = 0x10000, 0x40000
 THREAD_FLAGS = CLONE_VM | CLONE_FS | CLONE_FILES | CLONE_SIGHAND | CLONE_THREAD | CLONE_SYSVSEM
 PR_GET_TID_ADDRESS = 40
+PR_GET_PDEATHSIG = 2
 PR_SET_TIMERSLACK = 29
 SAME_STATUS = ("Uid", "Gid", "Groups", "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb",
                "NoNewPrivs", "Seccomp")
@@ -255,7 +256,7 @@ def sameness_problems(pid: int, tid: int) -> List[str]:
 
 def thread_state(task: Task, leader: Task, vmas: List[dict]) -> dict:
     """One non-leader thread's record (its xstate is written separately)."""
-    from .dump import SCRATCH, _rseq, _scratch, robust_list, task_sigmask
+    from .dump import SCRATCH, _rseq, _scratch, refuse_pdeath_signal, robust_list, task_sigmask
     tid, pid = task.pid, task.tgid
     faults.point("dump.thread")
     task.syscall_ip = leader.syscall_ip
@@ -265,6 +266,8 @@ def thread_state(task: Task, leader: Task, vmas: List[dict]) -> dict:
            "rseq": _rseq(task), "robust_list": robust_list(tid), "sched": sched.dump(tid)}
     pre = getattr(task, "prefetched_thread", None)
     if pre is not None:
+        pre = dict(pre)
+        refuse_pdeath_signal(pid, tid, pre.pop("pdeath_signal"))
         rec.update(pre)
         return rec
     scr = _scratch(task, vmas)
@@ -275,13 +278,16 @@ def thread_state(task: Task, leader: Task, vmas: List[dict]) -> dict:
         rec["sigaltstack"] = [sp, flags, size]
         task.call("prctl", PR_GET_TID_ADDRESS, scr, 0, 0, 0)
         rec["tid_address"] = struct.unpack("<Q", task.read_mem(scr, 8))[0]
+        task.call("prctl", PR_GET_PDEATHSIG, scr, 0, 0, 0)
+        pdeath = struct.unpack("<i", task.read_mem(scr, 4))[0]
     finally:
         task.write_mem(scr, saved)
+    refuse_pdeath_signal(pid, tid, pdeath)
     return rec
 
 
 def prefetch(others: List[Task], leader: Task, vmas: List[dict]) -> None:
-    """thread_state()'s two injected reads (sigaltstack, tid address) for
+    """thread_state()'s injected reads (sigaltstack, tid address, pdeath signal) for
     every thread side by side (task.syscall_each: two round trips for all
     the threads, not two per thread). Only when each thread's scratch
     memory is its own (no overlap between them); on any failure nothing is
@@ -315,8 +321,13 @@ def prefetch(others: List[Task], leader: Task, vmas: List[dict]) -> None:
         res = syscall_each([(t, t.arch.SYS["prctl"], (PR_GET_TID_ADDRESS, scr, 0, 0, 0)) for t, scr, _ in ready])
         if any(res):
             return
-        got = [{"sigaltstack": a, "tid_address": struct.unpack("<Q", t.read_mem(scr, 8))[0]}
-               for a, (t, scr, _) in zip(alts, ready)]
+        tids = [struct.unpack("<Q", t.read_mem(scr, 8))[0] for t, scr, _ in ready]
+        res = syscall_each([(t, t.arch.SYS["prctl"], (PR_GET_PDEATHSIG, scr, 0, 0, 0)) for t, scr, _ in ready])
+        if any(res):
+            return
+        got = [{"sigaltstack": a, "tid_address": tid_address,
+                "pdeath_signal": struct.unpack("<i", t.read_mem(scr, 4))[0]}
+               for a, tid_address, (t, scr, _) in zip(alts, tids, ready)]
     except (EngineError, SysError, OSError):
         return
     finally:

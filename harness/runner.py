@@ -23,6 +23,9 @@ OUTCOMES = ("restored", "refused", "corrupted", "crashed", "hung")
 # seconds, before the target's and the user's scale factors
 # what a check may do to the world while the original is still to be restored
 PHASES_READ_ONLY = ["inspect", "consume"]
+#: how long an original let run by --leave-running has to exit once its
+#: check is written (times the target's time scale)
+ORIGINAL_EXIT_S = 10.0
 DEFAULT_TIMEOUTS = {"setup": 60, "ready": 30, "dump": 120, "between": 60, "restore": 120, "verify": 30}
 
 #: where a workload to be restored on another guest starts its PIDs (above any
@@ -320,6 +323,11 @@ class Run:
                 return None
             self.need(self.cmd(t, ["rm", "-f", p["verdict"]], "verify-original", "verify"), "verify-original",
                       "reset verdict")
+            # Its check done, the original exits: give it the time to (the
+            # look below still fails one that goes on running).
+            self.need(self.cmd(t, t.script("workload.py") + ["pidstate", str(pid), "--gone-within",
+                                                             str(ORIGINAL_EXIT_S * t.time_scale)],
+                               "verify-original", "verify"), "verify-original", "original exit")
             lower = int(self.before.get("proof.counter") or 0)
         else:
             lower = None

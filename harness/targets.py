@@ -200,6 +200,16 @@ def _alive(pid: int) -> bool:
     return _state(pid) not in (None, "Z")
 
 
+def settle_script(pids: Sequence[int], seconds: float) -> str:
+    """A guest shell line that waits until each of ``pids`` is gone or a
+    zombie, at most ``seconds`` in all (then it gives up quietly: the caller
+    looks at the PID itself)."""
+    n = max(1, int(seconds + 0.999))
+    return (f"end=$(( $(date +%s) + {n} )); for p in {' '.join(str(int(p)) for p in pids)}; do "
+            "while [ -e /proc/$p ] && ! grep -q '^State:[[:space:]]*Z' /proc/$p/status 2>/dev/null; do "
+            "[ $(date +%s) -ge $end ] && exit 0; sleep 0.05; done; done")
+
+
 def _text(b) -> str:
     if b is None:
         return ""
@@ -335,6 +345,17 @@ class GuestTarget(Target):
 
     def ckpt_argv(self) -> List[str]:
         return ["ckpt"]
+
+    def settle(self, pids: Sequence[int]) -> None:
+        """Wait (up to 3 s, scaled, as on the local target) for ``pids`` to be
+        gone or zombies: a process that ends on its own - a leave-running
+        original after its check - can still be in its interpreter's exit
+        when the next step looks (the corpus under load judged three such
+        originals "still running")."""
+        pids = [int(p) for p in pids]
+        if pids:
+            self.run(["sh", "-c", settle_script(pids, 3 * self.time_scale)], timeout=30 * self.time_scale,
+                     step="settle")
 
     def reset(self) -> None:
         """Revert to the golden snapshot. With the agent: no SSH reconnect,

@@ -9,7 +9,9 @@ Runs in the guest (stdlib only, Python >= 3.9), as a script::
     python3 workload.py signal PID VERDICT SECONDS [--snap PROOF] [--phases P,..]
                                        # (snapshot from outside,) SIGUSR1, wait for the verdict
     python3 workload.py snap PID PROOF # everything /proc shows of PID, and its proof (JSON)
-    python3 workload.py pidstate PID   # does PID run, and what is it
+    python3 workload.py pidstate PID [--gone-within SECONDS]
+                                       # does PID run, and what is it (after
+                                       # waiting up to SECONDS for it to exit)
     python3 workload.py kill PID...    # SIGKILL workloads (and only workloads)
 
 ``run`` opens every fd at the number the scenario gives, writes a *ready*
@@ -422,6 +424,20 @@ def spawn(spec_path: str, phases: List[str] = ()) -> int:
 pidstate = world.pidstate
 
 
+def pidstate_after_exit(pid: int, seconds: float) -> dict:
+    """pidstate(pid) once it no longer runs, or after ``seconds``. A
+    process that wrote its verdict and returned still has to finish exiting
+    (interpreter teardown, every thread's exit): on a slow guest (aarch64
+    under TCG) that outlasts the next command, and a look at once would
+    call a process that is on its way out still running."""
+    deadline = time.monotonic() + seconds
+    while True:
+        st = pidstate(pid)
+        if not st["exists"] or time.monotonic() >= deadline:
+            return st
+        time.sleep(0.02)
+
+
 def send_and_wait(pid: int, verdict_path: str, seconds: float, snap: Optional[dict] = None,
                   phases: Optional[List[str]] = None) -> dict:
     """SIGUSR1 to ``pid`` and wait for its verdict; reports whether it lives.
@@ -498,6 +514,9 @@ def main(argv: List[str]) -> int:
         return 0
     if cmd == "pidstate" and len(argv) == 2:
         print(json.dumps(pidstate(int(argv[1]))))
+        return 0
+    if cmd == "pidstate" and len(argv) == 4 and argv[2] == "--gone-within":
+        print(json.dumps(pidstate_after_exit(int(argv[1]), float(argv[3]))))
         return 0
     if cmd == "kill":
         print(json.dumps(kill_workloads([int(p) for p in argv[1:]])))

@@ -130,3 +130,25 @@ def test_scenarios_restoring_on_another_guest_are_scheduled_first():
     items = [NS(name="a", scenario={}), NS(name="m1", scenario={"restore_on": "other"}), NS(name="x"),
              NS(name="b", scenario={"restore_on": "same"}), NS(name="m2", scenario={"restore_on": "other"})]
     assert [i.name for i in migrate_first(items)] == ["m1", "m2", "a", "x", "b"]
+
+
+def test_the_guest_settle_line_waits_for_an_exit_and_gives_up_in_time():
+    """GuestTarget.settle's shell line (run here with this host's sh): it
+    returns once the process exited, and after its deadline if it never does."""
+    import subprocess
+    import sys
+    import time
+    from harness.targets import settle_script
+    quick = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1)"], close_fds=True)
+    stays = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], close_fds=True)
+    try:
+        t0 = time.monotonic()
+        subprocess.run(["sh", "-c", settle_script([quick.pid], 20)], check=True, close_fds=True, timeout=30)
+        assert 0.5 < time.monotonic() - t0 < 10
+        t0 = time.monotonic()
+        subprocess.run(["sh", "-c", settle_script([stays.pid], 2)], check=True, close_fds=True, timeout=30)
+        assert 1 <= time.monotonic() - t0 < 10 and stays.poll() is None
+    finally:
+        stays.kill()
+        stays.wait()
+        quick.wait()

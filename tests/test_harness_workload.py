@@ -234,6 +234,26 @@ def test_workload_kill_touches_only_workloads():
     assert not workload.pidstate(p.pid)["exists"]
 
 
+def test_pidstate_gone_within_waits_for_a_process_on_its_way_out():
+    """The look after a --leave-running check: a process that exits a
+    moment later is seen gone (not "still runs"), one that keeps running is
+    still reported running once the wait is over."""
+    leaving = subprocess.Popen(["sleep", "0.5"], close_fds=True)
+    staying = subprocess.Popen(["sleep", "60"], close_fds=True)
+    try:
+        assert workload.pidstate(leaving.pid)["exists"]
+        r = subprocess.run([sys.executable, os.path.join(SCRIPTS, "workload.py"), "pidstate", str(leaving.pid),
+                            "--gone-within", "20"], capture_output=True, close_fds=True, timeout=60, text=True)
+        assert r.returncode == 0 and json.loads(r.stdout)["exists"] is False
+        t0 = time.monotonic()
+        assert workload.pidstate_after_exit(staying.pid, 0.3)["exists"] is True
+        assert time.monotonic() - t0 >= 0.3
+    finally:
+        for p in (leaving, staying):
+            p.kill()
+            p.wait()
+
+
 def test_script_usage_error():
     r = subprocess.run([sys.executable, os.path.join(SCRIPTS, "workload.py"), "bogus"], capture_output=True,
                        close_fds=True, timeout=30)
