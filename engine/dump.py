@@ -185,18 +185,23 @@ def prefetch_injected(tasks: List[Task]) -> None:
     except (EngineError, libc.SysError, OSError):
         return
     finally:
-        # Their stack memory back, every member's even if one fails (that
-        # failure is raised: a target must never go on with it changed).
-        failed = None
-        for t, scr, saved in ready:
-            try:
-                t.write_mem(scr, saved)
-            except (EngineError, libc.SysError, OSError) as e:
-                failed = failed or e
-        if failed is not None:
-            raise failed
+        put_back_scratch(ready)
     for t, _, _ in ready:
         t.prefetched = got[t.pid]
+
+
+def put_back_scratch(ready: list) -> None:
+    """Each (task, scratch address, saved bytes) gets its stack memory back,
+    every one even if one fails; that failure is raised: a task must never
+    go on with its memory changed."""
+    failed = None
+    for t, scr, saved in ready:
+        try:
+            t.write_mem(scr, saved)
+        except (EngineError, libc.SysError, OSError) as e:
+            failed = failed or e
+    if failed is not None:
+        raise failed
 
 
 def robust_list(pid: int) -> List[int]:

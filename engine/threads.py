@@ -292,7 +292,7 @@ def prefetch(others: List[Task], leader: Task, vmas: List[dict]) -> None:
     the threads, not two per thread). Only when each thread's scratch
     memory is its own (no overlap between them); on any failure nothing is
     kept and thread_state() reads them one by one (and fails in context)."""
-    from .dump import SCRATCH, _scratch
+    from .dump import SCRATCH, _scratch, put_back_scratch
     from .task import syscall_each
     if leader.syscall_ip is None or len(others) < 2:
         return
@@ -331,16 +331,7 @@ def prefetch(others: List[Task], leader: Task, vmas: List[dict]) -> None:
     except (EngineError, SysError, OSError):
         return
     finally:
-        # Every thread's stack memory back, even if one fails (that failure
-        # is raised: a thread must never go on with it changed).
-        failed = None
-        for t, scr, saved in ready:
-            try:
-                t.write_mem(scr, saved)
-            except (EngineError, SysError, OSError) as e:
-                failed = failed or e
-        if failed is not None:
-            raise failed
+        put_back_scratch(ready)
     for (t, _, _), g in zip(ready, got):
         t.prefetched_thread = g
 

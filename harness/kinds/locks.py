@@ -25,7 +25,7 @@ import fcntl
 import os
 import struct
 import time
-from typing import List
+from typing import Callable, List
 
 from . import outside
 from .core import Ctx, Opened, check
@@ -85,20 +85,14 @@ def _lease_flags(e: dict) -> int:
     return os.O_RDWR if e.get("mode", "write") == "write" else os.O_RDONLY
 
 
-def _break_open(path: str, e: dict) -> str:
-    """From a fresh child: open `path` the way that breaks the entry's lease,
-    without waiting: 'turned away' (EWOULDBLOCK) or 'opened'."""
+def _in_child(answer: Callable[[], str]) -> str:
+    """answer() run in a fresh child (a process of its own: its locks and
+    opens are not the workload's) and what it returned."""
     r, w = os.pipe()
     child = os.fork()
     if child == 0:  # pragma: no cover - child
         try:
-            flags = os.O_RDONLY if e.get("mode", "write") == "write" else os.O_WRONLY
-            try:
-                os.close(os.open(path, flags | os.O_NONBLOCK))
-                ans = "opened"
-            except BlockingIOError:
-                ans = "turned away"
-            os.write(w, ans.encode())
+            os.write(w, answer().encode())
         finally:
             os._exit(0)
     os.close(w)
@@ -106,6 +100,19 @@ def _break_open(path: str, e: dict) -> str:
     os.close(r)
     os.waitpid(child, 0)
     return ans
+
+
+def _break_open(path: str, e: dict) -> str:
+    """From a fresh child: open `path` the way that breaks the entry's lease,
+    without waiting: 'turned away' (EWOULDBLOCK) or 'opened'."""
+    def answer() -> str:
+        flags = os.O_RDONLY if e.get("mode", "write") == "write" else os.O_WRONLY
+        try:
+            os.close(os.open(path, flags | os.O_NONBLOCK))
+            return "opened"
+        except BlockingIOError:
+            return "turned away"
+    return _in_child(answer)
 
 
 def _outsider(path: str, e: dict) -> int:
@@ -178,34 +185,23 @@ def _lines(fd: int) -> List[str]:
 
 def _probe(path: str, e: dict) -> str:
     """From a fresh child: 'free', 'blocked', or 'pid N' (F_GETLK's holder)."""
-    r, w = os.pipe()
-    child = os.fork()
-    if child == 0:  # pragma: no cover - child
+    def answer() -> str:
+        fd = os.open(path, os.O_RDWR)
+        start, length = int(e.get("start", 0)), int(e.get("len", 0))
+        if e["lock"] == "posix":
+            got = fcntl.fcntl(fd, fcntl.F_GETLK, _struct(fcntl.F_WRLCK, start, length))
+            typ, = struct.unpack_from("=h", got)
+            pid, = struct.unpack_from("=i", got, 24)
+            return "free" if typ == fcntl.F_UNLCK else f"pid {pid}"
         try:
-            fd = os.open(path, os.O_RDWR)
-            start, length = int(e.get("start", 0)), int(e.get("len", 0))
-            if e["lock"] == "posix":
-                got = fcntl.fcntl(fd, fcntl.F_GETLK, _struct(fcntl.F_WRLCK, start, length))
-                typ, = struct.unpack_from("=h", got)
-                pid, = struct.unpack_from("=i", got, 24)
-                ans = "free" if typ == fcntl.F_UNLCK else f"pid {pid}"
+            if e["lock"] == "flock":
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             else:
-                try:
-                    if e["lock"] == "flock":
-                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    else:
-                        fcntl.fcntl(fd, F_OFD_SETLK, _struct(fcntl.F_WRLCK, start, length))
-                    ans = "free"
-                except OSError:
-                    ans = "blocked"
-            os.write(w, ans.encode())
-        finally:
-            os._exit(0)
-    os.close(w)
-    ans = os.read(r, 64).decode()
-    os.close(r)
-    os.waitpid(child, 0)
-    return ans
+                fcntl.fcntl(fd, F_OFD_SETLK, _struct(fcntl.F_WRLCK, start, length))
+            return "free"
+        except OSError:
+            return "blocked"
+    return _in_child(answer)
 
 
 def checker(e: dict, recs: List[dict], ctx: Ctx, phase: str) -> List[dict]:
