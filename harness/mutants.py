@@ -316,7 +316,10 @@ def m_lose_sigmask(img: Image) -> str:
 
 def m_lose_sigaction(img: Image) -> str:
     core = img.json("core.json")
-    sigs = sorted((int(s) for s, a in core["sigactions"].items() if a[0]), key=int)
+    # A caught signal first: an ignored one may only be inherited (SIGHUP
+    # under nohup), not the process's own doing.
+    sigs = sorted((int(s) for s, a in core["sigactions"].items() if a[0]),
+                  key=lambda s: (core["sigactions"][str(s)][0] == 1, s))
     if not sigs:
         raise NoTarget("no signal with a non-default action")
     s = sigs[0]

@@ -145,10 +145,13 @@ class LocalTarget(Target):
         return [self.python, "-m", "engine"]
 
     def settle(self, pids: Sequence[int]) -> None:
+        # Gone, not just dead: a zombie whose parent is not this process (a
+        # shell job's keeper reaps its job within half a second) still holds
+        # its PID, and a same-PID restore would be refused pid-in-use.
         deadline = time.monotonic() + 3
         while True:
             self._reap_zombies()
-            if not any(_alive(p) for p in pids) or time.monotonic() > deadline:
+            if all(_state(p) is None for p in pids) or time.monotonic() > deadline:
                 return
             time.sleep(0.01)
 

@@ -60,6 +60,16 @@ MODULE = "engine"
 #: engine's registries are static tables, tests/test_harness_zygote.py).
 PRELOAD = ("engine.cli", "engine.guard", "engine.dump", "engine.restore", "engine.show")
 
+
+def _within(name: str) -> bool:
+    """A submodule in its imported parent package's own directories: not one
+    another finder maps elsewhere (an editable install of this repo maps
+    every `engine.*` to the checkout, whatever `engine` was imported)."""
+    import importlib.machinery
+    parent = sys.modules.get(name.rpartition(".")[0])
+    path = getattr(parent, "__path__", None)
+    return bool(path) and importlib.machinery.PathFinder.find_spec(name, list(path)) is not None
+
 # Objects that own the std fds of the zygote: kept alive in the child so
 # that no finalizer closes the fd its replacement now uses.
 _KEEP: List[object] = []
@@ -173,11 +183,11 @@ class Zygote:
         try:
             importlib.import_module(MODULE)
             names = list(PRELOAD)
-            if importlib.util.find_spec(MODULE + ".fds") is not None:
+            if _within(MODULE + ".fds"):
                 fds = importlib.import_module(MODULE + ".fds")
                 names += [f"{MODULE}.fds.{m}" for m in sorted({m for m in getattr(fds, "KINDS", {}).values() if m})]
             for name in names:
-                if importlib.util.find_spec(name) is not None:    # (the tests' probe has none)
+                if _within(name):    # (the tests' probe has none)
                     importlib.import_module(name)
         except Exception as e:
             self.note = f"the engine did not import: {type(e).__name__}: {e}"

@@ -137,7 +137,7 @@ def _walk(s: _socket.socket, typ: int, max_msgs: int) -> List[bytes]:
         off += len(data)
 
 
-def peek_ancillary(dup: int, typ: int, max_msgs: int, held: List[int], fault=None):
+def peek_ancillary(dup: int, typ: int, max_msgs: int, held: List[int], fault=None, limit: Optional[int] = None):
     """(messages, ancillary) of the socket `dup`'s receive queue, left in
     place: ancillary[i] is None or {"fds": [fds installed here], "cred":
     {"pid", "uid", "gid"}} of message i (stream: of segment i, split where
@@ -154,7 +154,7 @@ def peek_ancillary(dup: int, typ: int, max_msgs: int, held: List[int], fault=Non
         prev = s.getsockopt(_socket.SOL_SOCKET, SO_PEEK_OFF)
         try:
             with creds_shown(s.fileno(), fault):
-                return _walk_ancillary(s, typ, max_msgs, held)
+                return _walk_ancillary(s, typ, max_msgs, held, limit)
         finally:
             s.setsockopt(_socket.SOL_SOCKET, SO_PEEK_OFF, prev)
     finally:
@@ -320,12 +320,18 @@ def _fd_write_start(s: _socket.socket, off: int, n: int, held: List[int]) -> int
     return got
 
 
-def _walk_ancillary(s: _socket.socket, typ: int, max_msgs: int, held: List[int]):
+def _walk_ancillary(s: _socket.socket, typ: int, max_msgs: int, held: List[int], limit: Optional[int] = None):
+    """`limit`: a stream's queued bytes, known: the walk stops there. A peek
+    that finds nothing left takes a pending socket error (sock_error in
+    unix_stream_read_generic consumes sk_err): the ECONNRESET a closed peer
+    may have left must stay for the process."""
     msgs: List[bytes] = []
     ancs: list = []
     off = 0
     bufsize = 1 << 16
     while True:
+        if limit is not None and typ in _STREAMISH and off >= limit:
+            return msgs, ancs
         if len(msgs) > max_msgs:
             raise Unreadable(f"the queue walk found more than {max_msgs} messages")
         try:

@@ -69,7 +69,9 @@ def pair_classify(info, ctx, q: dict) -> dict:
     d = _diag(info, ino)
     peer = d["peer"]
     if not peer:
-        raise refuse(info, "socket", f"unix {tname} connected (socketpair) whose peer is closed")
+        rec = _widowed_classify(info, ctx, q, ino, d)
+        ctx.shared[key] = rec
+        return rec
     out = outside_holders(info, ctx, ino)
     if out:
         raise refuse(info, "socket", f"unix {tname} socketpair end also held by pid {out[0][0]} (fd {out[0][1]})")
@@ -124,7 +126,55 @@ def pair_classify(info, ctx, q: dict) -> dict:
     return rec
 
 
-def _peek_queue(info, ctx, mine: int, typ: int, charge: int, queued: int, what: str):
+def _widowed_classify(info, ctx, q: dict, ino: int, d: dict) -> dict:
+    """A stream socketpair end whose peer was closed (unix_release_sock: the
+    survivor gets SHUTDOWN_MASK, and sk_err ECONNRESET if the closed end
+    still had bytes to read): what the peer sent before it closed is read
+    to the end, then EOF; writes get EPIPE. Rebuilt at restore by closing
+    the new pair's other end the same way. The pending ECONNRESET is seen
+    without consuming it (poll's POLLERR; SO_ERROR would clear it).
+    Datagram and seqpacket ends are refused: their queue's completeness is
+    proven against the sender's charge, which died with it."""
+    typ = q["type"]
+    tname = TYPES[typ]
+    if typ != _socket.SOCK_STREAM:
+        raise refuse(info, "socket", f"unix {tname} connected (socketpair) whose peer is closed")
+    out = outside_holders(info, ctx, ino)
+    if out:
+        raise refuse(info, "socket", f"unix {tname} socketpair end also held by pid {out[0][0]} (fd {out[0][1]})")
+    if d["name"]:
+        raise refuse(info, "socket", f"unix {tname} socketpair with a bound end")
+    if d["shutdown"] != netdiag.RCV_SHUTDOWN | netdiag.SEND_SHUTDOWN:
+        raise refuse(info, "socket", f"unix {tname} end whose peer is closed, with shutdown state "
+                     f"{d['shutdown']} (a closed peer leaves both)")
+    import select
+    fresh = fresh_options(ctx, _socket.AF_UNIX, typ, 0)
+    with dup_of(info) as mine:
+        opts = options(info, ctx, _socket.AF_UNIX, typ, 0, mine)
+        cred = _peercred.read(mine)
+        why = _peercred.dump_problem(cred, info.pid, getattr(ctx, "tree_pids", ()) or ())
+        if why:
+            raise refuse(info, "peer-pid-in-use", f"unix {tname} socketpair: {why}")
+        setnames = check_options(info, opts, fresh)
+        p = select.poll()
+        p.register(mine, select.POLLIN)
+        reset = any(ev & select.POLLERR for _, ev in p.poll(0))
+        queued = _sys.fionread(mine)
+        msgs: List[bytes] = []
+        anc: Optional[list] = None
+        if queued:
+            msgs, anc = _peek_queue(info, ctx, mine, typ, queued + 4096, queued,
+                                    f"unix {tname} end whose peer is closed", limit=queued)
+    rec = {"sock": "unix-pair", "type": typ, "inode": ino, "peer": 0, "widowed": True, "reset": reset,
+           "opts": opts, "set": setnames, "cred": cred, "shutdown": d["shutdown"],
+           "lengths": [len(m) for m in msgs], "fionread": queued, "data_len": sum(len(m) for m in msgs),
+           "_data": b"".join(msgs)}
+    if anc and any(anc):
+        rec["anc"] = anc
+    return rec
+
+
+def _peek_queue(info, ctx, mine: int, typ: int, charge: int, queued: int, what: str, limit: Optional[int] = None):
     """(messages, ancillary records or None) of the receive queue of the
     target's socket (duplicate `mine`), left in place. Files in flight are
     described (check) or dumped (dump: ctx.image) by their kinds' modules
@@ -134,7 +184,7 @@ def _peek_queue(info, ctx, mine: int, typ: int, charge: int, queued: int, what: 
     try:
         try:
             msgs, anc = _sockpeek.peek_ancillary(mine, typ, _sockpeek.max_messages(charge), held,
-                                                 _passcred_fault)
+                                                 _passcred_fault, limit)
             if typ == _socket.SOCK_STREAM:
                 got = sum(len(m) for m in msgs)
                 if got != queued:
@@ -188,6 +238,9 @@ def _in_tree(ctx, inode: int) -> Tuple[int, List[int]]:
 
 
 def pair_text(rec: dict) -> str:
+    if rec.get("widowed"):
+        return (f"unix stream socketpair end whose peer is closed, {rec['data_len']} bytes queued"
+                + (", ECONNRESET pending" if rec["reset"] else "") + _inflight.text(rec.get("anc")))
     n = len(rec["lengths"])
     what = f"{rec['data_len']} bytes queued" if rec["type"] == _socket.SOCK_STREAM else \
         f"{n} messages ({rec['data_len']} bytes) queued"
@@ -222,9 +275,14 @@ def pair_validate(rec: dict, ctx) -> None:
     """Raises image-invalid (peer record or data missing) or socket."""
     if rec.get("type") not in TYPES:
         raise refuse_rec(rec, ctx, "image-invalid", f"unix socket type {rec.get('type')!r}")
-    peer = _peer_rec(rec, ctx)
-    if peer is None or peer.get("peer") != rec["inode"] or peer.get("type") != rec["type"]:
-        raise refuse_rec(rec, ctx, "image-invalid", f"the record of the peer socket {rec['peer']} is missing")
+    if rec.get("widowed"):
+        if rec["type"] != _socket.SOCK_STREAM or rec.get("peer") != 0 or not isinstance(rec.get("reset"), bool) \
+                or rec.get("shutdown") != netdiag.RCV_SHUTDOWN | netdiag.SEND_SHUTDOWN:
+            raise refuse_rec(rec, ctx, "image-invalid", "a socketpair end whose peer is closed: inconsistent record")
+    else:
+        peer = _peer_rec(rec, ctx)
+        if peer is None or peer.get("peer") != rec["inode"] or peer.get("type") != rec["type"]:
+            raise refuse_rec(rec, ctx, "image-invalid", f"the record of the peer socket {rec['peer']} is missing")
     if sum(rec["lengths"]) != rec["data_len"]:
         raise refuse_rec(rec, ctx, "image-invalid", "socket queue lengths do not add up")
     if rec.get("data"):
@@ -253,7 +311,33 @@ def _buf(sock: _socket.socket, name: str) -> int:
     return sock.getsockopt(_socket.SOL_SOCKET, 7 if name == "SO_SNDBUF" else 8)
 
 
-def _build_pair(a_rec: dict, b_rec: dict, ctx) -> Tuple[_socket.socket, _socket.socket]:
+def _build_widowed(rec: dict, ctx) -> _socket.socket:
+    """A new pair whose other end, after filling this end's queue, is closed
+    the way the dumped peer was: with a byte of its own unread when the
+    dumped end had ECONNRESET pending (unix_release_sock sets it then)."""
+    closed = {"opts": {}, "set": [], "shutdown": 0, "fionread": 0, "lengths": [], "data_len": 0}
+    a, b = _build_pair(rec, closed, ctx, check=False)
+    try:
+        if rec["reset"]:
+            a.send(b"\0")
+        b.close()
+        d = netdiag.unix_socket(os.fstat(a.fileno()).st_ino)
+        if d["peer"]:
+            raise refuse_rec(rec, ctx, "socket", "the rebuilt end still has a peer")
+        _check_end(a, rec, ctx)
+        import select
+        p = select.poll()
+        p.register(a.fileno(), select.POLLIN)
+        if any(ev & select.POLLERR for _, ev in p.poll(0)) != rec["reset"]:
+            raise refuse_rec(rec, ctx, "socket", "the rebuilt end's pending ECONNRESET differs")
+    except BaseException:
+        a.close()
+        b.close()
+        raise
+    return a
+
+
+def _build_pair(a_rec: dict, b_rec: dict, ctx, check: bool = True) -> Tuple[_socket.socket, _socket.socket]:
     typ = a_rec["type"]
     cred = a_rec.get("cred")
     if cred and cred["pid"] > 0:
@@ -288,13 +372,15 @@ def _build_pair(a_rec: dict, b_rec: dict, ctx) -> Tuple[_socket.socket, _socket.
                                       and r["opts"].get("SO_BUF_LOCK") is not None else [])
             _sockopts.apply_late(s, r["opts"], names)
         for s, r in ends:
+            if r.get("widowed"):
+                continue            # closing the other end shuts it down (_build_widowed)
             if r["shutdown"] & netdiag.RCV_SHUTDOWN and r["shutdown"] & netdiag.SEND_SHUTDOWN:
                 s.shutdown(_socket.SHUT_RDWR)
             elif r["shutdown"] & netdiag.RCV_SHUTDOWN:
                 s.shutdown(_socket.SHUT_RD)
             elif r["shutdown"] & netdiag.SEND_SHUTDOWN:
                 s.shutdown(_socket.SHUT_WR)
-        for s, r in ends:
+        for s, r in ends if check else ():
             _check_end(s, r, ctx)
     except BaseException:
         a.close()
@@ -331,7 +417,8 @@ def _check_ancillary(s: _socket.socket, r: dict, ctx) -> None:
     from ._inflight import _here
     held: List[int] = []
     try:
-        msgs, anc = _sockpeek.peek_ancillary(s.fileno(), r["type"], len(r["lengths"]) + 2, held)
+        msgs, anc = _sockpeek.peek_ancillary(s.fileno(), r["type"], len(r["lengths"]) + 2, held,
+                                             limit=r["fionread"] if r.get("widowed") else None)
         got = _inflight.shape(msgs, anc, lambda fd: classify_kind(_here(fd)))
     except (_sockpeek.Unreadable, OSError) as e:
         raise refuse_rec(r, ctx, "socket", f"the rebuilt queue cannot be peeked: {e}") from None
@@ -346,6 +433,14 @@ def _check_ancillary(s: _socket.socket, r: dict, ctx) -> None:
 def pair_restore(rec: dict, ctx) -> int:
     """This end of the rebuilt socketpair (both are built on the first call).
     Raises Refusal (socket, image-invalid) or EngineError."""
+    if rec.get("widowed"):
+        try:
+            s = _build_widowed(rec, ctx)
+        except _sockopts.OptionError as e:
+            raise option_refusal(rec, ctx, e) from None
+        except OSError as e:
+            raise failed(rec, ctx, "rebuilding the socketpair end whose peer is closed", e) from e
+        return with_status_flags(rec, ctx, s.detach())
     key = f"unix-pair:{min(rec['inode'], rec['peer'])}"
     st: Dict[int, _socket.socket] = ctx.shared.get(key)
     if st is None:
