@@ -282,14 +282,25 @@ def kill_restores(n: int, work: str, rng: random.Random, target: str = "ckpt") -
         if not _wait_ckpt_gone(p, victims, spare=pids):
             problems.append("the restorer went on")
         if fs.alive(pids[0]):
+            done, reaped = True, False
             try:
                 v = fs.verdict(im["dir"], pids[0])
                 if not v["ok"]:
                     problems.append(f"a restored process that is not right: {v['errors']}")
             except AssertionError:
-                problems.append("a half-restored process survived (no answer to its check)")
-            fs.kill_reap(pids[0])
-            done = True
+                if fs.alive(pids[0]):
+                    problems.append("a half-restored process survived (no answer to its check)")
+                else:
+                    # On its way out when looked at: fine only if it was
+                    # killed as its restorer died (PTRACE_O_EXITKILL), not
+                    # if it ran half-restored and died of that.
+                    status = _reap_status(pids[0])
+                    reaped = status is not None
+                    if reaped and not (os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL):
+                        problems.append(f"a half-restored process ran and died (wait status {status:#x})")
+                    done = False
+            if not reaped:     # (a reaped PID may be another process's already)
+                fs.kill_reap(pids[0])
         else:
             done = False
             left = [x for x in pids if fs.alive(x)]
@@ -304,6 +315,15 @@ def kill_restores(n: int, work: str, rng: random.Random, target: str = "ckpt") -
         else:
             out["aborted_no_process"] += 1
     return out
+
+
+def _reap_status(pid: int):
+    """The wait status of a dead child of ours (the subreaper), or None."""
+    try:
+        got, status = os.waitpid(pid, 0)
+    except ChildProcessError:
+        return None
+    return status if got == pid else None
 
 
 def merge_json(path: str, update: dict) -> None:

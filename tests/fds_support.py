@@ -290,6 +290,7 @@ def dump_restore(procs, p, image_dir: str) -> None:
     res = dump(p.pid, image_dir, Options())
     assert not res["left_running"]
     p.wait()
+    _members_gone(image_dir)
     out = restore(image_dir, Options())
     assert out["pid"] == p.pid
     procs.adopt(p.pid)
@@ -325,3 +326,25 @@ def ask_verdict(pid: int, tmp_path, timeout: float = 30) -> dict:
     os.kill(pid, signal.SIGUSR1)
     wait_for(v.exists, timeout=timeout, what=f"the verdict of pid {pid}")
     return json.loads(v.read_text())
+
+
+def _members_gone(image_dir: str, timeout: float = 10.0) -> None:
+    """A tree's other members, killed by the dump, are orphans of this
+    subreaper: reap them, so their PIDs are free for the restore (a zombie
+    member made it pid-in-use)."""
+    path = os.path.join(image_dir, "tree.json")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        pids = [m["pid"] for m in json.load(f)["members"]]
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        for pid in pids:
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+        if not any(os.path.exists(f"/proc/{pid}") for pid in pids):
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"tree members still there after the dump: {[p for p in pids if os.path.exists(f'/proc/{p}')]}")
