@@ -78,23 +78,14 @@ class ProgramRun(runner.Run):
         pid = int(ready["pid"])
         res.pid = pid
 
-        if not self.engine.creates_dir:
-            self.need(self.cmd(t, ["mkdir", "-p", p["img"]], "dump"), "dump", "make image dir")
-        res.step = "dump"
         # a program on a terminal whose master is outside (tty: outside) is a shell job
-        opts = {"shell_job": True} if ready.get("tty") else {}
-        d = self.engine.parse(self._engine_cmd(t, self.engine.dump_argv(t, pid, p["img"], opts), "dump"), t, p["img"])
-        res.engine_stderr = d.stderr
-        if d.contract:
-            return self._crashed("dump", "broke the CLI contract: " + "; ".join(d.contract))
-        if d.status == "failed":
-            return self._crashed("dump", f"exit {d.rc}: {d.message}")
+        d = self._dump(t, pid, {"shell_job": True} if ready.get("tty") else {})
+        if d is None:
+            return None
         if d.status == "refused":
             res.at, res.refusals = "dump", d.refusals
-            if self.engine.creates_dir:
-                left = self.cmd(t, ["ls", "-d", p["img"], p["img"] + ".partial"], "dump")
-                if left.stdout.strip():
-                    return self._crashed("dump", f"a refused dump left files behind: {left.stdout.strip()}")
+            if self._refusal_left_files(t):
+                return None
             # the original goes on as if nothing happened: the same interaction passes
             self._after(t, pid, "verify-original")
             if res.outcome == "restored":

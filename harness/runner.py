@@ -303,15 +303,9 @@ class Run:
         self.before = self.snapshot(t, pid, "dump")
 
         opts = sc.get("dump") or {}
-        if not self.engine.creates_dir:
-            self.need(self.cmd(t, ["mkdir", "-p", p["img"]], "dump"), "dump", "make image dir")
-        res.step = "dump"
-        d = self.engine.parse(self._engine_cmd(t, self.engine.dump_argv(t, pid, p["img"], opts), "dump"), t, p["img"])
-        res.engine_stderr = d.stderr
-        if d.contract:
-            return self._crashed("dump", "broke the CLI contract: " + "; ".join(d.contract))
-        if d.status == "failed":
-            return self._crashed("dump", f"exit {d.rc}: {d.message}")
+        d = self._dump(t, pid, opts)
+        if d is None:
+            return None
         if d.status == "refused":
             return self._refused_at_dump(t, pid, d)
         if opts.get("leave_running"):
@@ -461,15 +455,40 @@ class Run:
                         "got": pr.get("counter"), "ok": isinstance(pr.get("counter"), int) and pr["counter"] >= int(c)})
         return out
 
+    def _dump(self, t: Target, pid: int, opts: dict) -> Optional[engines_mod.EngineResult]:
+        """The engine's dump of `pid`, parsed; None when the engine crashed
+        (broke its CLI contract or failed): judged so already."""
+        p = self.paths(t)
+        if not self.engine.creates_dir:
+            self.need(self.cmd(t, ["mkdir", "-p", p["img"]], "dump"), "dump", "make image dir")
+        self.res.step = "dump"
+        d = self.engine.parse(self._engine_cmd(t, self.engine.dump_argv(t, pid, p["img"], opts), "dump"), t, p["img"])
+        self.res.engine_stderr = d.stderr
+        if d.contract:
+            self._crashed("dump", "broke the CLI contract: " + "; ".join(d.contract))
+            return None
+        if d.status == "failed":
+            self._crashed("dump", f"exit {d.rc}: {d.message}")
+            return None
+        return d
+
+    def _refusal_left_files(self, t: Target) -> bool:
+        """A refused dump must write no image: True (judged crashed) if it did."""
+        if not self.engine.creates_dir:
+            return False
+        p = self.paths(t)
+        left = self.cmd(t, ["ls", "-d", p["img"], p["img"] + ".partial"], "dump")
+        if left.stdout.strip():
+            self._crashed("dump", f"a refused dump left files behind: {left.stdout.strip()}")
+            return True
+        return False
+
     def _refused_at_dump(self, t: Target, pid: int, d: engines_mod.EngineResult) -> None:
         """A refused dump must leave the original undisturbed and write no image."""
         res = self.res
         res.at, res.refusals = "dump", d.refusals
-        if self.engine.creates_dir:
-            p = self.paths(t)
-            left = self.cmd(t, ["ls", "-d", p["img"], p["img"] + ".partial"], "dump")
-            if left.stdout.strip():
-                return self._crashed("dump", f"a refused dump left files behind: {left.stdout.strip()}")
+        if self._refusal_left_files(t):
+            return
         self._verify(t, pid, "verify-original", None, lower=int(self.before.get("proof.counter") or 0))
         if res.outcome == "restored":           # the original passed its own check
             res.outcome = "refused"
