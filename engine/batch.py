@@ -204,7 +204,9 @@ def _run_blob(b, calls: list) -> list:
         r = results[done]
         if not -4096 < r < 0:
             raise EngineError(f"batched syscalls: call {done} ({name}) stopped the runner with {r}", pid=pid)
-        raise SysError(f"{name} (injected)", -r, pid)
+        err = SysError(f"{name} (injected)", -r, pid)
+        err.batch_index = done      # which call of the chunk failed, from 0
+        raise err
     return results
 
 
