@@ -4,7 +4,8 @@ The new process starts as a clone3(set_tid=[pid]) copy of the restorer that
 stopped itself (see arch CLONE3_TRAMPOLINE). Everything else is done by
 injecting syscalls into it (ENGINE-NOTES "Restore"), in this order:
 
-  gadget page (`syscall; int3`) in a hole of the dumped layout
+  gadget area in a hole of the dumped layout: a page with `syscall; int3`
+  and the stages' scratch, then (x86_64) the batch runner and its table
   rseq unregistered (else unmapping its area kills the task)
   everything but the gadget and the vdso block unmapped
   vdso block moved to the dumped address (mremap)
@@ -19,6 +20,11 @@ injecting syscalls into it (ENGINE-NOTES "Restore"), in this order:
   affinity, oom_score_adj, timer slack; POSIX timers armed (signals blocked)
   munmap(gadget), and at its syscall-exit stop: xstate and the registers
   PTRACE_DETACH.
+Calls that need no decision in between are queued in Builder.pending and
+run as one batch inside the process (engine/batch.py; Builder.call runs
+what is queued first): the unmaps; the vdso moves, PR_SET_MM_MAP, mmaps and
+names; the madvise/mprotect calls with process_state's; the fd installs;
+each thread's own settings.
 """
 
 from __future__ import annotations

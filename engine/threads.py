@@ -486,26 +486,32 @@ def create(b) -> None:
         t = Task.adopt(r)
         faults.point("restore.thread")
         t.tgid = b.pid
-        t.syscall_ip = b.gadget
-        t.scratch = b.task.scratch
         tb = Builder(b.job, t)
-        tb.gadget, tb.scratch, tb.rec = b.gadget, b.scratch, rec
+        tb.use_gadget(b.gadget, b.gadget_size)
+        tb.rec = rec
+        # One signal table (CLONE_SIGHAND): what the leader's builder knows
+        # of it holds for the thread's batch too (engine/batch.py trap_safe).
+        tb.inherited_actions = b.inherited_actions
+        tb.signals_queued = b.signals_queued
         b.threads.append(tb)
         _own_state(tb, rec)
     ptrace.set_options(b.pid, ptrace.O_TRACESYSGOOD | ptrace.O_EXITKILL)
 
 
 def _own_state(tb, rec: dict) -> None:
+    from .batch import Data
     from .build import PR_SET_NAME, SS_DISABLE, SS_ONSTACK
-    tb.call("prctl", PR_SET_NAME, tb.put(rec["comm"].encode()[:15] + b"\0"), 0, 0, 0)
+    q = tb.pending.add      # one batch, run by the thread itself (engine/batch.py)
+    q("prctl", PR_SET_NAME, Data(rec["comm"].encode()[:15] + b"\0"), 0, 0, 0)
     sp, ssflags, size = rec["sigaltstack"]
     if ssflags & SS_DISABLE:
         sp, ssflags, size = 0, SS_DISABLE, 0
-    tb.call("sigaltstack", tb.put(struct.pack("<Qi4xQ", sp, ssflags & ~SS_ONSTACK, size)), 0)
-    tb.call("set_tid_address", rec["tid_address"])
+    q("sigaltstack", Data(struct.pack("<Qi4xQ", sp, ssflags & ~SS_ONSTACK, size)), 0)
+    q("set_tid_address", rec["tid_address"])
     head, length = rec["robust_list"]
     if head:
-        tb.call("set_robust_list", head, length)
+        q("set_robust_list", head, length)
+    tb.flush()
     # Everything blocked until finish(): a signal dequeued at an injection
     # stop could only be dropped or delivered mid-restore.
     ptrace.set_sigmask(tb.pid, signals.ALL_BLOCKED)
