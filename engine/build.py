@@ -150,6 +150,7 @@ class Builder:
         self.batch_size = 0
         self.pending = Batch(self)      # calls of the current stages, run by flush()
         self.signals_queued = False     # the image's pending signals are queued (batch.trap_safe)
+        self.timerslack: Optional[int] = None   # its current slack when known (set_timerslack)
         self.threads: List["Builder"] = []   # the other threads' builders (engine/threads.py)
         # The process's sigaction table as it is now, when known (a clone of
         # the restorer: signals.own_actions() read just before the clone).
@@ -166,6 +167,14 @@ class Builder:
         if self.pending:
             self.flush()
         return self.task.call(name, *args)
+
+    def set_timerslack(self, ns: int) -> None:
+        """Before it clones a thread or forks a member: the new task's
+        default slack is its creator's current one (kernel/fork.c); not
+        set again when it already holds it."""
+        if ns != self.timerslack:
+            self.call("prctl", sched.PR_SET_TIMERSLACK, ns, 0, 0, 0)
+            self.timerslack = ns
 
     def flush(self) -> list:
         """Run the calls queued in self.pending (engine/batch.py)."""
@@ -586,6 +595,7 @@ def rebuild_late(b: Builder) -> None:
     b.pending_signals()     # before anything (seccomp) could forbid rt_tgsigqueueinfo
     faults.point("restore.phase", "sched")
     sched.apply(pid, job.core["sched"])
+    b.timerslack = None
     threads.late_state(b)
     faults.point("restore.phase", "arm_timers")
     posixtimers.arm(b, job.core["posix_timers"])   # last: see posixtimers

@@ -60,7 +60,6 @@ CLONE_THREAD, CLONE_SYSVSEM = 0x10000, 0x40000
 THREAD_FLAGS = CLONE_VM | CLONE_FS | CLONE_FILES | CLONE_SIGHAND | CLONE_THREAD | CLONE_SYSVSEM
 PR_GET_TID_ADDRESS = 40
 PR_GET_PDEATHSIG = 2
-PR_SET_TIMERSLACK = 29
 SAME_STATUS = ("Uid", "Gid", "Groups", "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb",
                "NoNewPrivs", "Seccomp")
 NS_KINDS = ("net", "uts", "ipc", "mnt", "user", "cgroup", "time")
@@ -472,7 +471,7 @@ def create(b) -> None:
         default = rec["sched"].get("default_timerslack_ns")
         if default:
             # The clone's default slack is the creator's current one (kernel/fork.c).
-            b.call("prctl", PR_SET_TIMERSLACK, default, 0, 0, 0)
+            b.set_timerslack(default)
         args = b.arch.CloneArgs(flags=THREAD_FLAGS, exit_signal=0, set_tid=b.put(struct.pack("<i", rec["tid"]), 256),
                                 set_tid_size=1)
         addr = b.put(ctypes.string_at(ctypes.addressof(args), ctypes.sizeof(args)), 0)
@@ -489,6 +488,7 @@ def create(b) -> None:
         tb = Builder(b.job, t)
         tb.use_gadget(b.gadget, b.gadget_size)
         tb.rec = rec
+        tb.timerslack = b.timerslack        # a clone's current slack is its creator's
         # One signal table (CLONE_SIGHAND): what the leader's builder knows
         # of it holds for the thread's batch too (engine/batch.py trap_safe).
         tb.inherited_actions = b.inherited_actions

@@ -61,7 +61,6 @@ from .task import Task
 from .tree import TREE_FILE, O_TRACEFORK, Sub
 
 PAGE = 4096
-PR_SET_TIMERSLACK = 29
 SIGCHLD = 17
 ZOMBIE_WAIT = 5.0
 SYS_EXTRA = {"x86_64": {"rt_sigtimedwait": 128, "openat": 257, "unshare": 272},
@@ -278,7 +277,7 @@ def _fork(parent, m: dict, job) -> object:
         default = job.core["sched"].get("default_timerslack_ns")
         if default:
             # A child's default slack is its parent's current one (kernel/fork.c).
-            parent.call("prctl", PR_SET_TIMERSLACK, default, 0, 0, 0)
+            parent.set_timerslack(default)
     # Its parent's fd table / fs, shared (tree.json "share"): the one way
     # a process gets another's (kernel/fork.c copy_files, copy_fs).
     flags = sum(CLONE_FLAG[w] for w in m.get("share", ()))
@@ -296,6 +295,7 @@ def _fork(parent, m: dict, job) -> object:
     ptrace.set_options(r, ptrace.O_TRACESYSGOOD | ptrace.O_EXITKILL | O_TRACEFORK)
     b = Builder(job, t)
     b.use_gadget(parent.gadget, parent.gadget_size)     # inherited through the fork
+    b.timerslack = parent.timerslack        # a fork's current slack is its parent's
     if parent.inherited_actions is not None:    # fork copies the parent's table as it is now
         b.inherited_actions = {k: list(v) for k, v in parent.inherited_actions.items()}
     return b

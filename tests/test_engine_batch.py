@@ -24,7 +24,7 @@ from engine.dump import dump
 from engine.libc import SysError, exec_page
 from engine.restore import restore
 from engine.task import INJECTED, Task
-from engine_core_support import procs, proc_facts, start_ready_script, wait_for  # noqa: F401
+from engine_core_support import procs, proc_facts, start_ready_script  # noqa: F401
 
 ARCH = current()
 RUNNER = getattr(ARCH, "BATCH_BLOB", None) is not None
