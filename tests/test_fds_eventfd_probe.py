@@ -175,3 +175,45 @@ def test_a_fault_in_every_probe_leaves_every_count(procs, tmp_path):  # noqa: F8
         assert p.poll() is None
         assert _fdinfo(p.pid) == _as_built(), f"after a fault in probe {n}"
     _assert_reads(_report(tmp_path, p.pid, "parent", consume=True))
+
+
+def test_semaphore_in_flight_probed_and_restored(hidden, tmp_path):
+    """Eventfds held only by a queued SCM_RIGHTS message: probed on ckpt's
+    own peeked copy (engine/fds/_inflight.py), restored as they were."""
+    import socket
+    import struct
+    from fds_support import Target, classify, dump as dump_fds, restore as restore_fds
+    setup = """
+import socket
+a, b = socket.socketpair()
+s0 = os.eventfd(0, os.EFD_SEMAPHORE); s3 = os.eventfd(3, os.EFD_SEMAPHORE); p3 = os.eventfd(3)
+a.sendmsg([b"x"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("iii", s0, s3, p3))])
+os.close(s0); os.close(s3); os.close(p3)
+os.dup2(a.fileno(), 500); os.dup2(b.fileno(), 501); a.close(); b.close()
+"""
+    with Target(tmp_path, setup) as t:
+        assert "3 fds in flight (eventfd)" in classify(t.pid, 501)
+        img = dump_fds(t.pid, [500, 501], str(tmp_path / "img"))
+    with restore_fds(img):
+        s = socket.socket(fileno=os.dup(501))
+        try:
+            _, anc, _, _ = s.recvmsg(1, socket.CMSG_SPACE(12))
+        finally:
+            s.close()
+        fds = list(struct.unpack("iii", anc[0][2]))
+        try:
+            got = []
+            for fd in fds:
+                reads = []
+                for _ in range(5):
+                    buf = bytearray(8)
+                    try:
+                        os.preadv(fd, [buf], -1, os.RWF_NOWAIT)
+                    except BlockingIOError:
+                        break
+                    reads.append(struct.unpack("Q", bytes(buf))[0])
+                got.append(reads)
+        finally:
+            for fd in fds:
+                os.close(fd)
+    assert got == [[], [1, 1, 1], [3]]
