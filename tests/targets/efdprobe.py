@@ -6,10 +6,13 @@ reads return (destructive: done once, after the restore).
 
 argv: WORKDIR SPEC_JSON [--child]
 SPEC_JSON: [[fd, initial count, semaphore, nonblock], ...]
+fd 520: an epoll with every count-0 eventfd, EPOLLIN|EPOLLET; the report
+says which fds epoll_wait(0) returns.
 """
 
 import json
 import os
+import select
 import signal
 import struct
 import sys
@@ -23,10 +26,23 @@ for fd, count, sem, nb in spec:
         os.write(e, struct.pack("Q", count))
     os.dup2(e, fd, inheritable=False)
     os.close(e)
+# Every eventfd at count 0 in one epoll, edge-triggered for EPOLLIN (not
+# ready: an edge the probe's write made would be reported by epoll_wait).
+ep = select.epoll()
+for fd, count, _, _ in spec:
+    if not count:
+        ep.register(fd, select.EPOLLIN | select.EPOLLET)
+os.dup2(ep.fileno(), 520, inheritable=False)
+ep.close()
 
 
 def report(who: str) -> None:
     out = {}
+    ep = select.epoll.fromfd(os.dup(520))
+    try:
+        out["epoll"] = sorted(fd for fd, _ in ep.poll(0))
+    finally:
+        ep.close()
     for fd, _, _, _ in spec:
         with open(f"/proc/self/fdinfo/{fd}") as f:
             kv = dict(line.split(":", 1) for line in f.read().splitlines() if ":" in line)
