@@ -2,16 +2,23 @@
 program, a multiplexer), and a pty slave whose master is outside (the
 process runs on someone's terminal: `criu --shell-job`).
 
-Pair in the dump (master /dev/ptmx and slave /dev/pts/N both held by the
-process, by nobody else): restored with the same index N (devpts hands
+Pair in the dump (master /dev/ptmx and slave /dev/pts/N held by the
+process, or by members of a dumped tree - a driver such as script(1)
+holding the master, the program it runs the slave -, by nobody else; the
+holders matched exactly by the slave inode the master's TIOCGPTPEER
+names, opened O_PATH; surveyed and drained once for the tree, keys
+"tree:tty:..."): restored with the same index N (devpts hands
 out the lowest free index, so the restore opens /dev/ptmx until it gets
 N and closes the others; N taken by someone else is refused `tty`), the
 slave's termios (termios2: speeds too) and window size, packet mode,
 the lock (TIOCSPTLCK), exclusive mode, the /dev/pts/N node's mode and
 owner, the bytes queued in both directions (_tty: drained and put back at
-dump, written again at restore), and, when the pair's slave is the
-process's controlling terminal, the session (TIOCSCTTY from the restored
-session leader) and the foreground process group (TIOCSPGRP).
+dump, written again at restore; in a tree the master's member's image
+holds them, its one build hands every member's ends out), and, when the
+pair's slave is a session's controlling terminal, the session (TIOCSCTTY
+from the restored session leader: in a tree right after its setsid(),
+before it forks its session, session_terminals) and the foreground
+process group (TIOCSPGRP), which must be one of the dump's.
 
 Slave whose master is outside: the terminal belongs to whoever holds the
 master, which the restore cannot bring back. With ``ckpt dump
@@ -20,11 +27,12 @@ reopens every such fd on the terminal PATH (``--tty inherit``: ckpt's own
 standard input) with the saved termios applied; anything else is
 `tty-outside`, at dump and at restore, naming why.
 
-Refused as `tty`: a pair end also held by another process, a master
-whose slave the process does not hold, a line discipline other than
-N_TTY, a pair that is the controlling terminal of another session or
-whose foreground group is not the process's own, an index taken at
-restore. Refused as `tty-queued`: canonical mode with VEOF disabled or a
+Refused as `tty`: a pair end also held by a process outside the dump, a
+master whose slave no process of the dump holds, a line discipline other
+than N_TTY, a pair of another devpts instance, a pair that is the
+controlling terminal of a session whose leader is not in the dump or
+whose foreground group is none of the dump's, /dev/tty naming a pair of
+the dump, an index taken at restore. Refused as `tty-queued`: canonical mode with VEOF disabled or a
 literal-next pending (the line being typed cannot be made readable, see
 _tty.take_canonical), a pending packet-mode status, flow-control
 characters queued in packet mode with IXON.
