@@ -248,6 +248,22 @@ def rewound_call(task) -> bool:
     return bool(getattr(task, "at_svc", False))
 
 
+def interrupted_call(task) -> bool:
+    """At a freeze stop, before anything is injected: pc on an `svc` (a
+    call the kernel rewound for a restart), or right after one that failed
+    with -EINTR. Then a pending signal with a handler is taken at once
+    (Task.settle): only the kernel, still inside this do_signal(), knows
+    whether the handler must see EINTR."""
+    regs = task.orig_regs
+    try:
+        if task.read_mem(regs.raw.pc, 4) == SYSCALL_INSN:
+            return True
+        return (s64(regs.x0) == -EINTR and regs.raw.pc >= 4
+                and task.read_mem(regs.raw.pc - 4, 4) == SYSCALL_INSN)
+    except (OSError, SysError):
+        return False
+
+
 def image_regs(task) -> Regs:
     """The registers to save in an image. Rewound onto an `svc` with x8 =
     __NR_restart_syscall (the task was already sleeping in a restarted
