@@ -8,7 +8,10 @@ thread created by one that was seized but not yet stopped is attached to
 us by the kernel (TRACECLONE) and only its first stop is waited for. A
 thread that exits meanwhile is simply gone. Threads created faster than
 they can be frozen for MAX_ROUNDS passes are refused (`threads`), every
-thread let go.
+thread let go. Only once every task is stopped (every thread here, every
+member of a tree in engine/tree.py) is the freeze finished
+(:func:`finish_freeze`): a thread in an interrupted call takes a pending
+handled signal (Task.settle), then each has every signal blocked.
 
 Saved per thread (the leader's are the process record in core.json, the
 others are core.json "threads"): TID, registers (fs_base/gs_base: TLS),

@@ -700,6 +700,7 @@ def dump(pid: int, directory: str, options) -> dict:
             raise
     return {"pid": pid, "image": img.final, "pages_bytes": total, "mappings": nvmas,
             "threads": sum(len(m.tasks) for m in live), "members": len(members),
+            "signals_taken": sum(t.settled for m in live for t in m.tasks),
             "zombies": sum(1 for m in members if m.zombie),
             "fds": nfds, "frozen_ms": round((t1 - t_frozen) * 1000, 2),
             "total_ms": round((time.monotonic() - t0) * 1000, 2), "left_running": bool(options.leave_running)}
