@@ -134,3 +134,63 @@ def test_pending_handled_signal_at_the_freeze_original_carries_on(procs, blocker
         dump(p.pid, str(tmp_path / "img"), Options(leave_running=True))
     assert sent == [42]
     _outcome(procs, p.pid, out, False, 42)
+
+
+SUSPENDER = r"""
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+static int out;
+static void on_sig(int sig) { char l[32]; int n = snprintf(l, sizeof l, "sig %d\n", sig); (void)!write(out, l, n); }
+int main(int argc, char **argv) {
+    out = open(argv[1], O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0644);
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_sig;
+    sigaction(SIGUSR2, &sa, NULL);
+    sigset_t b, none, now;
+    sigemptyset(&b);
+    sigaddset(&b, SIGUSR1);
+    sigaddset(&b, SIGUSR2);
+    sigprocmask(SIG_BLOCK, &b, NULL);
+    (void)!write(out, "ready\n", 6);
+    sigemptyset(&none);
+    int r = sigsuspend(&none), e = errno;
+    sigprocmask(SIG_BLOCK, NULL, &now);
+    char l[128];
+    int n = snprintf(l, sizeof l, "suspend ret=%d errno=%d usr1=%d usr2=%d\n", r, e,
+                     sigismember(&now, SIGUSR1), sigismember(&now, SIGUSR2));
+    (void)!write(out, l, n);
+    for (;;) pause();
+}
+"""
+
+
+def test_sigsuspend_mask_comes_back_after_the_handler(procs, tmp_path, monkeypatch):
+    """rt_sigsuspend with a temporary mask: the signal taken at the freeze
+    finds the temporary mask in force and the frame saves the one from
+    before sigsuspend (the kernel's TIF_RESTORE_SIGMASK, which a
+    PTRACE_SETSIGMASK before the delivery would have cleared): after the
+    handler sigsuspend fails with EINTR and SIGUSR1/SIGUSR2 are blocked
+    again, as without the checkpoint."""
+    import subprocess
+    src, exe, out = tmp_path / "susp.c", str(tmp_path / "susp"), str(tmp_path / "out.txt")
+    src.write_text(SUSPENDER)
+    subprocess.run(["gcc", "-O2", "-o", exe, str(src)], check=True, capture_output=True)
+    p = procs.start([exe, out], cwd=str(tmp_path))
+    wait_for(lambda: "ready" in lines(out), what="ready")
+    wait_for(lambda: open(f"/proc/{p.pid}/syscall").read().split()[0] == "130", what="in rt_sigsuspend")
+    sent = _send_at_the_freeze(monkeypatch, p.pid, p.pid, "thread", 43)
+    res = dump(p.pid, str(tmp_path / "img"), Options())
+    assert sent == [43] and res["signals_taken"] == 1
+    assert _pending_in_image(res["image"]) == []
+    p.wait()
+    restore(str(tmp_path / "img"), Options())
+    procs.adopt(p.pid)
+    wait_for(lambda: any(x.startswith("suspend ") for x in lines(out)), what="sigsuspend to return")
+    assert "suspend ret=-1 errno=4 usr1=1 usr2=1" in lines(out), lines(out)
+    assert [x for x in lines(out) if x.startswith("sig ")] == [f"sig {USR2}"]
