@@ -534,7 +534,9 @@ def _survey(members: List[Member], options, img, boot) -> List[Refusal]:
         ctx = DumpContext(pid=m.pid, options=options, image=sub(img, m.dir), boot_id=boot,
                           tree_root=root, tree_pids=pids)
         # One /proc/*/fd scan for the whole tree (made on first use, the
-        # members excluded), not one per member.
+        # members excluded), not one per member; and what a kind surveys
+        # once for every member (keys "tree:...": a pty pair split between
+        # members, engine/fds/tty.py).
         ctx.shared = _LazyShared(scan, _peers._CACHE_KEY)
         ctx.task, ctx.threads = m.tasks[0], m.tasks[1:]
         m.ctx = ctx
@@ -556,32 +558,38 @@ def _survey(members: List[Member], options, img, boot) -> List[Refusal]:
     return [r for m in members if m.survey is not None for r in m.survey.refusals]
 
 
+TREE_KEY_PREFIX = "tree:"
+
+
 class _LazyShared(dict):
-    """A member's ctx.shared whose entry `key` lives in `common` (one
-    dict for the whole tree)."""
+    """A member's ctx.shared whose entry `key`, and every entry named
+    "tree:...", live in `common` (one dict for the whole tree)."""
 
     def __init__(self, common: dict, key: str):
         super().__init__()
         self._common, self._key = common, key
 
+    def _tree(self, k) -> bool:
+        return k == self._key or (isinstance(k, str) and k.startswith(TREE_KEY_PREFIX))
+
     def get(self, k, default=None):
-        if k == self._key:
+        if self._tree(k):
             return self._common.get(k, default)
         return super().get(k, default)
 
     def __setitem__(self, k, v):
-        if k == self._key:
+        if self._tree(k):
             self._common[k] = v
         else:
             super().__setitem__(k, v)
 
     def __getitem__(self, k):
-        if k == self._key:
+        if self._tree(k):
             return self._common[k]
         return super().__getitem__(k)
 
     def __contains__(self, k):
-        return k in self._common if k == self._key else super().__contains__(k)
+        return k in self._common if self._tree(k) else super().__contains__(k)
 
 
 def _label(m: Member, items: List[dict]) -> List[dict]:
