@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -86,6 +87,8 @@ def _feed_blocked_readers(tmp_path, pid: int) -> None:
     """Writes 3 to each eventfd a thread of `pid` is blocked reading: a
     plain one's reader gets 3, a semaphore's 1 three times."""
     blocked = [(fd, sem) for fd, c, sem, nb in SPEC if not c and not nb]
+    if (tmp_path / "consume").exists():
+        (tmp_path / "consume").unlink()        # the reports below must not race the readers
     for fd, _ in blocked:
         with pidfd.target_fd(pid, fd) as d:
             os.write(d, (3).to_bytes(8, sys.byteorder))
@@ -98,7 +101,26 @@ def _feed_blocked_readers(tmp_path, pid: int) -> None:
         wait_for(lambda: path.exists(), what="the report")
         return json.loads(path.read_text())["thread_reads"]
     want = {str(fd): [1, 1, 1] if sem else [3] for fd, sem in blocked}
-    wait_for(lambda: reads() == want, what=f"the blocked readers to read {want}")
+    end = time.monotonic() + 20
+    got = reads()
+    while got != want and time.monotonic() < end:
+        time.sleep(0.05)
+        got = reads()
+    assert got == want, (f"the blocked readers read {got}, not {want} (pid {pid}: {_thread_states(pid)}; "
+                         f"counts now {_fdinfo(pid)})")
+
+
+def _thread_states(pid: int) -> dict:
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                st = f.read().rsplit(")", 1)[1].split()[0]
+            with open(f"/proc/{pid}/task/{tid}/syscall") as f:
+                out[tid] = (st, f.read().split()[:2])
+        except OSError:
+            pass
+    return out
 
 
 def _as_built() -> dict:
