@@ -497,3 +497,21 @@ def test_canonical_mode_without_veof_is_refused_and_unharmed(procs, tmp_path):
     with target_fd(p.pid, 601) as s:
         queued = struct.unpack("i", fcntl.ioctl(s, 0x541B, b"\0" * 4))[0]
     assert queued > 0                 # its lines still wait for the reader: nothing was taken
+
+
+def test_master_with_its_own_line_discipline_is_refused(procs, tmp_path):
+    """The master has a line discipline of its own (TIOCSETD on the master
+    fd; its termios ioctls act on the slave): anything but N_TTY there is
+    refused by name, the slave's N_TTY notwithstanding."""
+    src = ("import fcntl, os, struct, sys, time\n"
+           "m, s = os.openpty()\n"
+           "fcntl.ioctl(m, 0x5423, struct.pack('i', 27))\n"       # TIOCSETD N_NULL on the master only
+           "os.dup2(m, 600); os.dup2(s, 601)\n"
+           "open(sys.argv[1], 'w').close()\n"
+           "while True:\n    time.sleep(1)\n")
+    (tmp_path / "w.py").write_text(src)
+    p = procs.start([python_exe(), str(tmp_path / "w.py"), str(tmp_path / "ready")])
+    wait_for(lambda: (tmp_path / "ready").exists(), what="the worker")
+    out = check(p.pid, Options())
+    tty = [r for r in out["refusals"] if r["reason"] == "tty"]
+    assert tty and all("master's line discipline is 27" in r["detail"] for r in tty), out["refusals"]

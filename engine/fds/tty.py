@@ -266,6 +266,14 @@ def _survey_pair(info, ctx, index: int) -> dict:
                      "than /dev/pts, where the restore makes it")
     (mpid, mfd_n), (spid, sfd_n) = ends["master"][0], ends["slave"][0]
     with pidfd.target_fd(mpid, mfd_n) as mfd, pidfd.target_fd(spid, sfd_n) as sfd:
+        # The master's own side: its termios no ioctl can change (the
+        # master's termios ioctls act on the slave, tty_mode_ioctl), but its
+        # line discipline is its own (TIOCSETD on the master fd; another
+        # one answers the termios ioctls itself: first).
+        mline = _tty.ioc_int(mfd, _tty.TIOCGETD)
+        if mline != 0:
+            raise refuse(info, "tty", f"pty {index}: the master's line discipline is {mline}, only N_TTY (0) "
+                         "is restored")
         termios = _tty.get_termios(mfd)
         f = _tty.fields(termios)
         if f["line"] != 0:
