@@ -93,8 +93,8 @@ REASONS = {
             "by a process outside the dump, a master whose slave no process of the dump holds, a line discipline "
             "other than N_TTY, another devpts instance than /dev/pts, the controlling terminal of a session "
             "whose leader is not in the dump or held by no fd, a foreground group none of the dump's in that "
-            "session, a tree member whose controlling terminal is not its session leader's, /dev/tty naming a "
-            "pair of the dump; at restore, its pty index is taken"),
+            "session, a tree member whose controlling terminal is not its session leader's, /dev/tty shared by "
+            "two members; at restore, its pty index is taken"),
     "tty-queued": ("bytes queued on a pseudo-terminal that cannot be carried exactly: in canonical mode with VEOF "
                    "disabled or a literal-next (VLNEXT) pending, the line being typed cannot be seen; a packet-mode "
                    "status byte; flow-control characters in packet mode with IXON"),

@@ -26,7 +26,7 @@ from fds_support import ask_verdict, dump_restore, start_worker
 
 WORKER = r'''
 import fcntl, json, os, signal, struct, sys, termios, time
-DIR = sys.argv[1]
+DIR, MODE = sys.argv[1], sys.argv[2]
 TIOCGPTN, TIOCSPTLCK, TIOCGEXCL = 0x80045430, 0x40045431, 0x80045440
 IN = b"typed\rbytes \x03\x7f and more\n" * 40      # for the grandchild (ICRNL on input: \r -> \n)
 OUT = b"printed\nline\n" * 30                      # for the driver (ONLCR: \n -> \r\n)
@@ -84,12 +84,17 @@ if leader == 0:
     termios.tcsetattr(0, termios.TCSANOW, attrs)
     fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", 33, 111, 0, 0))
     fcntl.ioctl(0, termios.TIOCEXCL)
+    if MODE == "shared-devtty":
+        os.dup2(os.open("/dev/tty", os.O_RDWR), 8)      # inherited by the job: one open file for both
     gate_r, gate_w = os.pipe()
     fg = os.fork()
     if fg == 0:
         # the foreground job
         os.setpgid(0, 0)
         os.read(gate_r, 1)                              # until it is the foreground group
+        devtty = os.open("/dev/tty", os.O_WRONLY)       # its controlling terminal by that name
+        os.dup2(devtty, 9); os.close(devtty)
+        devtty_fl = fcntl.fcntl(9, fcntl.F_GETFL)
         os.write(1, OUT)
         truth = {"attrs": termios.tcgetattr(0)}
 
@@ -106,7 +111,9 @@ if leader == 0:
                 got = read_exactly(0, len(want))
                 time.sleep(0.2)
                 out["input_once"] = got == want and fionread(0) == 0 or repr((len(got), len(want), fionread(0)))
-                os.write(1, b"bye\n")
+                out["devtty"] = (os.readlink("/proc/self/fd/9"), os.major(os.fstat(9).st_rdev),
+                                 fcntl.fcntl(9, fcntl.F_GETFL)) == ("/dev/tty", 5, devtty_fl)
+                os.write(9, b"bye\n")                  # through /dev/tty: the restored pair's master gets it
             except Exception as e:
                 out["error"] = repr(e)
             publish("fg.json", out)
@@ -150,7 +157,7 @@ while True:
 '''
 
 ALL_TRUE = {k: True for k in ("index", "output_once", "fg_ttyname", "fg_ctty", "fg_foreground", "fg_attrs",
-                              "fg_winsize", "fg_excl", "fg_input_once", "after")}
+                              "fg_winsize", "fg_excl", "fg_input_once", "fg_devtty", "after")}
 
 
 def _stat(pid: int) -> dict:
@@ -160,8 +167,8 @@ def _stat(pid: int) -> dict:
             "tpgid": int(rest[5])}
 
 
-def _start(procs, tmp_path):
-    p, ready = start_worker(procs, tmp_path, [str(tmp_path)], WORKER, "the pty driver")
+def _start(procs, tmp_path, mode="plain"):
+    p, ready = start_worker(procs, tmp_path, [str(tmp_path), mode], WORKER, "the pty driver")
     for pid in (ready["leader"], ready["fg"]):
         procs.adopt(pid)
     time.sleep(0.3)
@@ -205,3 +212,14 @@ def test_the_session_without_its_driver_is_refused_tty_outside(procs, tmp_path):
     assert not os.path.exists(tmp_path / "img")
     assert p.poll() is None and os.path.exists(f"/proc/{leader}")
     assert ask_verdict(p.pid, tmp_path) == ALL_TRUE       # the unharmed tree still has both queues intact
+
+
+def test_dev_tty_shared_between_members_is_refused(procs, tmp_path):
+    """/dev/tty is reopened by each restored process on its own: one open
+    file description two members share (inherited through fork) would come
+    back as two, so it is refused `tty`, naming the other member."""
+    p, ready = _start(procs, tmp_path, "shared-devtty")
+    out = check(p.pid, Options())
+    tty = [r for r in out["refusals"] if r["reason"] == "tty"]
+    assert {r["reason"] for r in out["refusals"]} == {"tty"}, out["refusals"]
+    assert any("one open file description with pid" in r["detail"] for r in tty), tty
