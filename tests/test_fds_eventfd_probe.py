@@ -74,7 +74,29 @@ def _report(tmp_path, pid: int, who: str, consume: bool) -> dict:
     wait_for(lambda: path.exists(), what=f"the report of {who} {pid}")
     rep = json.loads(path.read_text())
     assert rep.pop("epoll") == [], f"{who} {pid}: epoll_wait reports an edge nobody made"
+    threads = rep.pop("thread_reads")
+    assert all(v == [] for v in threads.values()), f"{who} {pid}: a blocked reader got {threads}"
+    assert list(threads) == ([] if who == "child" else [str(fd) for fd, c, _, nb in SPEC if not c and not nb])
     return {int(k): v for k, v in rep.items()}
+
+
+def _feed_blocked_readers(tmp_path, pid: int) -> None:
+    """Writes 3 to each eventfd a thread of `pid` is blocked reading: a
+    plain one's reader gets 3, a semaphore's 1 three times."""
+    blocked = [(fd, sem) for fd, c, sem, nb in SPEC if not c and not nb]
+    for fd, _ in blocked:
+        with pidfd.target_fd(pid, fd) as d:
+            os.write(d, (3).to_bytes(8, sys.byteorder))
+
+    def reads():
+        path = tmp_path / "parent.json"
+        if path.exists():
+            path.unlink()
+        os.kill(pid, 10)
+        wait_for(lambda: path.exists(), what="the report")
+        return json.loads(path.read_text())["thread_reads"]
+    want = {str(fd): [1, 1, 1] if sem else [3] for fd, sem in blocked}
+    wait_for(lambda: reads() == want, what=f"the blocked readers to read {want}")
 
 
 def _as_built() -> dict:
@@ -100,6 +122,7 @@ def test_check_probes_and_leaves_every_count(procs, hidden, tmp_path):  # noqa: 
     assert _fdinfo(p.pid) == _as_built()
     # the original still behaves as it was made: what its reads return
     _assert_reads(_report(tmp_path, p.pid, "parent", consume=True))
+    _feed_blocked_readers(tmp_path, p.pid)
 
 
 def test_without_the_hook_the_fdinfo_line_decides(procs, tmp_path):  # noqa: F811
@@ -115,6 +138,7 @@ def test_probed_eventfds_restored_exactly(procs, hidden, tmp_path, tree):  # noq
     dump(p.pid, str(tmp_path / "kept"), Options(leave_running=True))
     for pid in pids:
         assert _fdinfo(pid) == _as_built(), f"pid {pid} after --leave-running"
+    _report(tmp_path, p.pid, "parent", consume=False)     # no edge, no blocked reader fed
     img = tmp_path / "img"
     dump(p.pid, str(img), Options())
     p.wait()
@@ -133,6 +157,7 @@ def test_probed_eventfds_restored_exactly(procs, hidden, tmp_path, tree):  # noq
         assert {fd: after[fd]["count"] for fd, *_ in SPEC} == {fd: 0 for fd, *_ in SPEC}
     else:
         _assert_reads(_report(tmp_path, p.pid, "parent", consume=True))
+    _feed_blocked_readers(tmp_path, p.pid)
 
 
 def _zombie_or_gone(pid: int):
@@ -177,6 +202,7 @@ def test_a_fault_in_every_probe_leaves_every_count(procs, tmp_path):  # noqa: F8
         assert p.poll() is None
         assert _fdinfo(p.pid) == _as_built(), f"after a fault in probe {n}"
     _assert_reads(_report(tmp_path, p.pid, "parent", consume=True))
+    _feed_blocked_readers(tmp_path, p.pid)
 
 
 def test_semaphore_in_flight_probed_and_restored(hidden, tmp_path):

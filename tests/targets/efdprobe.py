@@ -7,7 +7,8 @@ reads return (destructive: done once, after the restore).
 argv: WORKDIR SPEC_JSON [--child]
 SPEC_JSON: [[fd, initial count, semaphore, nonblock], ...]
 fd 520: an epoll with every count-0 eventfd, EPOLLIN|EPOLLET; the report
-says which fds epoll_wait(0) returns.
+says which fds epoll_wait(0) returns. The parent has a thread blocked in
+read(2) on each blocking count-0 eventfd; the report says what each read.
 """
 
 import json
@@ -16,6 +17,7 @@ import select
 import signal
 import struct
 import sys
+import threading
 import time
 
 work, spec = sys.argv[1], json.loads(sys.argv[2])
@@ -37,7 +39,7 @@ ep.close()
 
 
 def report(who: str) -> None:
-    out = {}
+    out = {"thread_reads": {str(fd): list(v) for fd, v in thread_reads.items()}}
     ep = select.epoll.fromfd(os.dup(520))
     try:
         out["epoll"] = sorted(fd for fd, _ in ep.poll(0))
@@ -62,6 +64,12 @@ def report(who: str) -> None:
     os.rename(f"{who}.tmp", f"{who}.json")
 
 
+def reader(fd: int) -> None:
+    while True:
+        thread_reads[fd].append(struct.unpack("Q", os.read(fd, 8))[0])
+
+
+thread_reads = {}
 role = "parent"
 kid = 0
 if "--child" in sys.argv:
@@ -73,6 +81,22 @@ if role == "child":
     open("child.ready", "w").close()
 else:
     while kid and not os.path.exists("child.ready"):
+        time.sleep(0.01)
+    # A thread blocked in read(2) on each blocking eventfd at count 0: the
+    # probe must not feed it (the freeze took it out of the read; it reads
+    # again once let go, and must find the count it left).
+    tids = []
+    for fd, count, _, nb in spec:
+        if not count and not nb:
+            thread_reads[fd] = []
+            t = threading.Thread(target=reader, args=(fd,), daemon=True)
+            t.start()
+            tids.append(t.native_id)
+
+    def blocked(tid):
+        with open(f"/proc/self/task/{tid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "S"
+    while not all(blocked(t) for t in tids):
         time.sleep(0.01)
     with open("ready.tmp", "w") as f:
         json.dump({"child": kid}, f)
