@@ -136,7 +136,7 @@ def freeze(root: int) -> List[Member]:
     """Every member frozen (or recorded as a zombie), parents before their
     children. Raises Refusal; then no member is left stopped."""
     _no_vfork(root)
-    first = Member(root, stat_of(root)["ppid"], stat_of(root), threads.freeze(root, TREE_OPTIONS))
+    first = Member(root, stat_of(root)["ppid"], stat_of(root), threads.freeze(root, TREE_OPTIONS, finish=False))
     first.is_root = True
     members = [first]
     known: Dict[int, Member] = {root: first}
@@ -145,6 +145,9 @@ def freeze(root: int) -> List[Member]:
             faults.point("dump.tree.freeze")
             new = [(c, m.pid) for m in members if not m.zombie for c in children_of(m.pid) if c not in known]
             if not new:
+                # Every thread of every member stopped: now each may take a
+                # pending signal over an interrupted call (threads.finish_freeze).
+                threads.finish_freeze([t for m in members if m.tasks for t in m.tasks])
                 return members
             for child, parent in new:
                 if child in known:
@@ -172,7 +175,7 @@ def _freeze_member(pid: int, ppid: int) -> Optional[Member]:
     deadline = time.monotonic() + 1.0
     while True:
         try:
-            tasks = threads.freeze(pid, TREE_OPTIONS)
+            tasks = threads.freeze(pid, TREE_OPTIONS, finish=False)
             break
         except Refusal as r:
             if r.reason != "ptraced" or threads._tracer(pid) != 0 or time.monotonic() > deadline:
@@ -209,7 +212,7 @@ def _freeze_refused(pid: int, ppid: int, st: dict, r: Refusal) -> Optional[Membe
     by someone else (refused, naming the tracer)."""
     if r.reason == "ptraced" and threads._tracer(pid) == os.getpid():
         # Forked by a member after its seize (PTRACE_O_TRACEFORK): ours already.
-        return Member(pid, ppid, st, threads.freeze(pid, TREE_OPTIONS, auto_attached=True))
+        return Member(pid, ppid, st, threads.freeze(pid, TREE_OPTIONS, auto_attached=True, finish=False))
     if r.reason == "no-such-process":
         try:
             st = stat_of(pid)
@@ -233,7 +236,7 @@ def _stragglers(members: List[Member], known: dict) -> None:
             if c in known or threads._tracer(c) != me:
                 continue
             try:
-                members.append(Member(c, m.pid, stat_of(c), threads.freeze(c, TREE_OPTIONS, auto_attached=True)))
+                members.append(Member(c, m.pid, stat_of(c), threads.freeze(c, TREE_OPTIONS, auto_attached=True, finish=False)))
             except (Refusal, SysError, OSError, ValueError):
                 continue
 
@@ -705,6 +708,7 @@ def dump(pid: int, directory: str, options) -> dict:
             raise
     return {"pid": pid, "image": img.final, "pages_bytes": total, "mappings": nvmas,
             "threads": sum(len(m.tasks) for m in live), "members": len(members),
+            "signals_taken": sum(t.settled for m in live for t in m.tasks),
             "zombies": sum(1 for m in members if m.zombie),
             "fds": nfds, "frozen_ms": round((t1 - t_frozen) * 1000, 2),
             "total_ms": round((time.monotonic() - t0) * 1000, 2), "left_running": bool(options.leave_running)}
