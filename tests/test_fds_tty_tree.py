@@ -72,6 +72,12 @@ if leader == 0:
     # the session leader: its controlling terminal is the slave
     os.close(m); os.close(drv_slave)
     os.setsid()
+    if MODE == "forked-before-ctty":
+        early = os.fork()                               # in the session, without a controlling terminal
+        if early == 0:
+            while True:
+                time.sleep(0.05)
+        publish("early", {"pid": early})
     s = os.open(name, os.O_RDWR)                        # no O_NOCTTY: becomes the controlling terminal
     for fd in (0, 1, 2):
         os.dup2(s, fd)
@@ -223,3 +229,16 @@ def test_dev_tty_shared_between_members_is_refused(procs, tmp_path):
     tty = [r for r in out["refusals"] if r["reason"] == "tty"]
     assert {r["reason"] for r in out["refusals"]} == {"tty"}, out["refusals"]
     assert any("one open file description with pid" in r["detail"] for r in tty), tty
+
+
+def test_member_without_its_leaders_terminal_is_refused(procs, tmp_path):
+    """A member forked before its session leader took the terminal has
+    none; a restore would give it the leader's (it is forked after the
+    leader's TIOCSCTTY): refused `tty`, naming the leader."""
+    p, ready = _start(procs, tmp_path, "forked-before-ctty")
+    early = json.loads((tmp_path / "early").read_text())["pid"]
+    procs.adopt(early)
+    out = check(p.pid, Options())
+    assert {r["reason"] for r in out["refusals"]} == {"tty"}, out["refusals"]
+    assert all(r["pid"] == early and f"session leader {ready['leader']}'s is" in r["detail"]
+               for r in out["refusals"]), out["refusals"]
