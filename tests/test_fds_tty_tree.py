@@ -6,9 +6,12 @@ terminal's foreground process group. Bytes wait both ways, termios, window
 size and exclusive mode are changed. After dump and restore: the same
 index, every member's controlling terminal and ttyname, the foreground
 group, termios, each queued byte arriving once, keys typed into the master
-reaching the grandchild and its output reaching the driver. And the
-boundary: the same session dumped without the driver (master outside) is
-refused `tty-outside`, naming the driver. Every process judges itself."""
+reaching the grandchild and its output (written to the /dev/tty fd it
+holds, reopened by the restored process) reaching the driver. And the
+boundaries: the same session dumped without the driver (master outside)
+is refused `tty-outside`, naming the driver; /dev/tty shared by two
+members, and a member without its leader's terminal, are refused `tty`.
+Every process judges itself."""
 
 from __future__ import annotations
 
