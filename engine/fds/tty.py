@@ -748,6 +748,10 @@ def session_terminals(members: List[dict], fdrecs_of: Dict[int, List[dict]]) -> 
                 or "dup_of" in r or "ofd_of" in r:
             continue
         sid, fg, index = r.get("sid", pid), r.get("fg"), r.get("index")
+        if not all(isinstance(x, int) and not isinstance(x, bool) for x in (sid, index)) or \
+                not (fg is None or isinstance(fg, int) and not isinstance(fg, bool)):
+            raise Refusal("image-invalid", f"pty {index!r}: session {sid!r} or foreground group {fg!r} malformed",
+                          pid=pid)
         lead = by_pid.get(sid)
         if lead is None or "zombie" in lead or lead["sid"] != sid or sid in out:
             raise Refusal("image-invalid", f"pty {index}: controlling terminal of session {sid}, which no live "
