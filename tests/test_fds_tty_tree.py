@@ -245,3 +245,21 @@ def test_member_without_its_leaders_terminal_is_refused(procs, tmp_path):
     assert {r["reason"] for r in out["refusals"]} == {"tty"}, out["refusals"]
     assert all(r["pid"] == early and f"session leader {ready['leader']}'s is" in r["detail"]
                for r in out["refusals"]), out["refusals"]
+
+
+def test_session_terminal_records_are_checked_before_any_process_exists():
+    """tree.json and the pty records must agree: the terminal's session is
+    led by a live member, its foreground group is one of that session's,
+    a slave record exists; a record that says otherwise is image-invalid."""
+    from engine.fds.tty import session_terminals
+    members = [{"pid": 10, "ppid": 1, "sid": 10, "pgid": 10}, {"pid": 11, "ppid": 10, "sid": 11, "pgid": 12},
+               {"pid": 12, "ppid": 11, "sid": 11, "pgid": 12}]
+    master = {"kind": "tty", "tty": "master", "fd": 3, "index": 4, "outside": False, "ctty": True, "sid": 11, "fg": 12}
+    slave = {"kind": "tty", "tty": "slave", "fd": 0, "index": 4, "outside": False, "ctty": True}
+    got = session_terminals(members, {10: [master], 11: [slave], 12: []})
+    assert got == {11: {"index": 4, "fg": 12, "holder": (11, 0)}}
+    for bad, recs in ((dict(master, sid=12), [slave]), (dict(master, fg=10), [slave]), (dict(master, fg="12"), [slave]),
+                      (master, [])):
+        with pytest.raises(Refusal) as ei:
+            session_terminals(members, {10: [bad], 11: recs, 12: []})
+        assert ei.value.reason == "image-invalid"
