@@ -55,7 +55,9 @@ REASONS = {
                     "filesystem (statfs magic), not its mode: proc, sysfs, nsfs (net:[…]), cgroup/cgroup2, debugfs, "
                     "tracefs, securityfs, bpf, configfs, pstore, efivarfs, fusectl, hugetlbfs, mqueue, autofs, ... "
                     "(filesystem and path in the detail). Their contents are kernel state made at open; a reopen "
-                    "gives another object"),
+                    "gives another object. Except the /proc files engine/fds/procfile.py reopens: one of those is "
+                    "refused only when read part-way, open for writing, another process's or shared by two "
+                    "members"),
     "unlinked-unrestorable": ("a deleted-but-open file that restore could not recreate where it lived, refused at "
                               "dump (restore recreates it in its old directory, on the same filesystem): that "
                               "directory is gone or is on a read-only mount"),
