@@ -202,7 +202,8 @@ def restore_tree(reader, options, pidfile: Optional[str], t0: float) -> dict:
     if refusals:
         raise refusals[0] if len(refusals) == 1 else Refusals(refusals)
     from .fds import tty
-    ttys = tty.session_terminals(members, {m["pid"]: fdrecs for m, _, _, _, fdrecs, _, _ in loaded})
+    with imagecheck.malformed_as_invalid("controlling terminals"):
+        ttys = tty.session_terminals(members, {m["pid"]: fdrecs for m, _, _, _, fdrecs, _, _ in loaded})
     base = max([r["fd"] for *_, fdrecs, _, _ in loaded for r in fdrecs] +
                [int(n) for n in os.listdir("/proc/self/fd")] + [2]) + 64
     prepared: Dict[int, object] = {}
