@@ -8,7 +8,10 @@ thread created by one that was seized but not yet stopped is attached to
 us by the kernel (TRACECLONE) and only its first stop is waited for. A
 thread that exits meanwhile is simply gone. Threads created faster than
 they can be frozen for MAX_ROUNDS passes are refused (`threads`), every
-thread let go.
+thread let go. Only once every task is stopped (every thread here, every
+member of a tree in engine/tree.py) is the freeze finished
+(:func:`finish_freeze`): a thread in an interrupted call takes a pending
+handled signal (Task.settle), then each has every signal blocked.
 
 Saved per thread (the leader's are the process record in core.json, the
 others are core.json "threads"): TID, registers (fs_base/gs_base: TLS),
@@ -85,19 +88,24 @@ def _tracer(tid: int) -> int:
 
 # -- freeze --------------------------------------------------------------------
 
-def freeze(pid: int, options: int = FREEZE_OPTIONS, auto_attached: bool = False) -> List[Task]:
+def freeze(pid: int, options: int = FREEZE_OPTIONS, auto_attached: bool = False,
+           finish: bool = True) -> List[Task]:
     """Seize and stop every thread of `pid`: [leader, other threads by TID].
     `options`/`auto_attached`: engine/tree.py (PTRACE_O_TRACEFORK, a child
-    the kernel attached to us). Raises Refusal (every thread already seized
-    is let go)."""
-    leader = Task.seize(pid, options, auto_attached=auto_attached)
+    the kernel attached to us). `finish`: :func:`finish` them once all are
+    stopped (False: the caller does, once every process of a tree is).
+    Raises Refusal (every thread already seized is let go)."""
+    leader = Task.seize(pid, options, auto_attached=auto_attached, finish=False)
     tasks = {pid: leader}
     try:
         for _ in range(MAX_ROUNDS):
             faults.point("dump.freeze")
             new = [t for t in tids(pid) if t not in tasks]
             if not new:
-                return [leader] + [tasks[t] for t in sorted(tasks) if t != pid]
+                out = [leader] + [tasks[t] for t in sorted(tasks) if t != pid]
+                if finish:
+                    finish_freeze(out)
+                return out
             for tid in new:
                 t = _freeze_thread(pid, tid, options)
                 if t is not None:
@@ -110,6 +118,19 @@ def freeze(pid: int, options: int = FREEZE_OPTIONS, auto_attached: bool = False)
         finally:
             release(list(tasks.values()))
         raise
+
+
+def finish_freeze(tasks: List[Task]) -> None:
+    """Every task stopped: each takes the pending signals it was about to
+    run a handler for over an interrupted call (Task.settle: with all of
+    them stopped, no other can take a shared one meanwhile, and the handler
+    does not run yet, so nothing new is created), then blocks every signal
+    and gets its arch's after-seize treatment. Raises Refusal/SysError (the
+    caller lets every task go)."""
+    for t in tasks:
+        t.settle()
+    for t in tasks:
+        t.finish_freeze()
 
 
 def _gone(pid: int, tid: int) -> bool:
@@ -125,7 +146,7 @@ def _freeze_thread(pid: int, tid: int, options: int = FREEZE_OPTIONS) -> Optiona
     """The frozen thread, or None when it exited meanwhile."""
     me = threading.get_native_id()
     try:
-        return Task.seize(tid, options, tgid=pid)
+        return Task.seize(tid, options, tgid=pid, finish=False)
     except Refusal as r:
         if r.reason == "no-such-process":
             return None      # exited before it could be frozen: not part of the process any more
@@ -149,7 +170,7 @@ def _adopt_clone(pid: int, tid: int, options: int = FREEZE_OPTIONS) -> Optional[
     """A thread created by one we had seized (PTRACE_O_TRACECLONE): ours
     already, in its first stop or about to be."""
     try:
-        return Task.seize(tid, options, auto_attached=True, tgid=pid)
+        return Task.seize(tid, options, auto_attached=True, tgid=pid, finish=False)
     except Refusal as r:
         if r.reason == "no-such-process":
             return None

@@ -126,9 +126,10 @@ CLONE_FLAG = {"files": threads.CLONE_FILES, "fs": threads.CLONE_FS}
 
 
 class TreeJob:
-    def __init__(self, members: List[dict], jobs: Dict[int, object]):
+    def __init__(self, members: List[dict], jobs: Dict[int, object], ttys: Optional[Dict[int, dict]] = None):
         self.members = members
         self.jobs = jobs
+        self.ttys = ttys or {}      # session leader pid -> its controlling terminal (fds/tty.session_terminals)
 
 
 def restore_tree(reader, options, pidfile: Optional[str], t0: float) -> dict:
@@ -199,6 +200,9 @@ def restore_tree(reader, options, pidfile: Optional[str], t0: float) -> dict:
             refusals.extend(rs.refusals)
     if refusals:
         raise refusals[0] if len(refusals) == 1 else Refusals(refusals)
+    from .fds import tty
+    with imagecheck.malformed_as_invalid("controlling terminals"):
+        ttys = tty.session_terminals(members, {m["pid"]: fdrecs for m, _, _, _, fdrecs, _, _ in loaded})
     base = max([r["fd"] for *_, fdrecs, _, _ in loaded for r in fdrecs] +
                [int(n) for n in os.listdir("/proc/self/fd")] + [2]) + 64
     prepared: Dict[int, object] = {}
@@ -230,7 +234,7 @@ def restore_tree(reader, options, pidfile: Optional[str], t0: float) -> dict:
                                         thread_xstate=thread_xstate, pages=pages, prepared=p, ctx=ctx)
         faults.point("restore.tree.prepared")
         imagecheck.process_creation_hook()
-        out = single._run_restorer(TreeJob(members, jobs), build_tree)
+        out = single._run_restorer(TreeJob(members, jobs, ttys), build_tree)
         # The tree is back: what handlers hold until then (a TCP
         # connection's network lock) can go.
         for hook in shared.pop("_after_restore", []):
@@ -266,6 +270,29 @@ def _own_group(b, m: dict, tree_pids: set) -> None:
     elif m["pgid"] not in tree_pids:
         b.call("setpgid", 0, m["pgid"])
     b.session_done = True
+
+
+def _ctty(b, m: dict, tj) -> None:
+    """Phase 1, right after member m's setsid(): its controlling terminal,
+    before it forks the members of its session (they inherit it)."""
+    from .fds import _tty
+    t = tj.ttys.get(m["pid"])
+    if t is not None:
+        pid, fd = t["holder"]
+        b.call("ioctl", tj.jobs[pid].prepared.fd_of_rec[fd], _tty.TIOCSCTTY, 0)
+
+
+def _foreground(builders: dict, tj) -> None:
+    """Once every group exists: each controlling terminal's foreground
+    group, set by its session leader (TIOCSPGRP: the caller's controlling
+    terminal; every signal blocked, so no SIGTTOU)."""
+    from .fds import _tty
+    for sid, t in sorted(tj.ttys.items()):
+        if t["fg"]:
+            b = builders[sid]
+            pid, fd = t["holder"]
+            b.call("ioctl", tj.jobs[pid].prepared.fd_of_rec[fd], _tty.TIOCSPGRP,
+                   b.put(struct.pack("<i", t["fg"]), 128))
 
 
 def _fork(parent, m: dict, job) -> object:
@@ -411,6 +438,7 @@ def build_tree(tj: TreeJob) -> int:
         ptrace.set_sigmask(child, signals.ALL_BLOCKED)
         ptrace.set_options(child, ptrace.O_TRACESYSGOOD | ptrace.O_EXITKILL | O_TRACEFORK)
         _own_group(b, root, tree_pids)
+        _ctty(b, root, tj)
         # Who installs each fd table and fs: its first holder (engine/sharing.py).
         owners = {k: sharing.owners(members, k) for k in sharing.KINDS}
         last_child = {m["ppid"]: m["pid"] for m in members[1:]}      # check_tree: a leaver has children
@@ -424,11 +452,13 @@ def build_tree(tj: TreeJob) -> int:
             if job is not None:
                 _check_xstate(mb.task, job.core)
             _own_group(mb, m, tree_pids)
+            _ctty(mb, m, tj)
             if last_child[m["ppid"]] == m["pid"]:
                 _leave(builders[m["ppid"]], next(x for x in members if x["pid"] == m["ppid"]))
         for m in members:
             if m["pgid"] != m["pid"] and m["pgid"] in tree_pids and m["sid"] != m["pid"]:
                 builders[m["pid"]].call("setpgid", 0, m["pgid"])
+        _foreground(builders, tj)
         for mb in order:
             ptrace.set_options(mb.pid, ptrace.O_TRACESYSGOOD | ptrace.O_EXITKILL)
             mb.files_shared = owners["files"].get(mb.pid, mb.pid) != mb.pid

@@ -19,7 +19,7 @@ from typing import Dict, List, Optional
 
 import pytest
 
-from harness import engines, runner, schema
+from harness import engines, lifeguard, runner, schema
 from harness import report as report_mod
 from harness.errors import HarnessError
 from harness.targets import REPO, GuestTarget, LocalTarget, Target
@@ -61,6 +61,8 @@ def pytest_configure(config):
         config.addinivalue_line("markers", f"engine_{e}: scenario run against {e}")
     config.addinivalue_line("markers", "engine_mutant: scenario run against a mutant engine (mutant:NAME)")
     config._crucible = Crucible(config)
+    if not config.getoption("keep_guest", False):
+        lifeguard.guard()     # what this run starts dies with it, even if it is killed
 
 
 def _engine_option(text: str) -> str:

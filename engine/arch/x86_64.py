@@ -158,6 +158,18 @@ def syscall_site(regs: Regs) -> dict:
             "sp": regs.rsp, "pc": regs.rip}
 
 
+def interrupted_call(task) -> bool:
+    """At a freeze stop: returning from a call with -ERESTARTxxx, or with the
+    -EINTR of a FREEZE_EINTR call. A pending signal with a handler is then
+    taken at once (Task.settle), as on aarch64, where it must be: here the
+    registers would carry the decision into an image too, but one path for
+    both machines is one path tested on this one."""
+    regs = task.orig_regs
+    nr, err = s64(regs.orig_rax), -s64(regs.rax)
+    return nr >= 0 and (err in (ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND, ERESTART_RESTARTBLOCK)
+                        or (err == EINTR and nr in FREEZE_EINTR))
+
+
 def image_regs(task) -> Regs:
     """The registers to save in an image. A task stopped inside
     restart_syscall(2) (orig_rax 219, -ERESTART_RESTARTBLOCK) gets the
