@@ -88,6 +88,7 @@ class Batch:
         self.b = b
         self.calls: List[tuple] = []     # (name, nr, args)
         self.expect: dict = {}           # index -> (result wanted, message)
+        self.uses_scratch = False        # a queued call reads Builder.put's scratch (Builder.put flushes)
 
     def add(self, name: str, *args, nr: Optional[int] = None, expect: Optional[tuple] = None) -> int:
         """Queue syscall `name` (or number `nr`, reported as `name`);
@@ -110,6 +111,7 @@ class Batch:
         after it do not run (as with Builder.call one by one)."""
         calls, self.calls = self.calls, []
         expect, self.expect = self.expect, {}
+        self.uses_scratch = False
         b = self.b
         if not calls:
             return []

@@ -194,9 +194,12 @@ class Builder:
             self.batch_size = size - PAGE - 64
 
     def put(self, data: bytes, off: int = 0) -> int:
-        """Copy `data` into the gadget page's scratch area; returns its address."""
+        """Copy `data` into the gadget page's scratch area; returns its address.
+        Queued calls that point into the scratch run first."""
         if off + len(data) > HANDLER_SCRATCH - 64:
             raise EngineError("scratch overflow", pid=self.pid)
+        if self.pending.uses_scratch:
+            self.flush()
         self.task.write_mem(self.scratch + off, data)
         return self.scratch + off
 
@@ -270,6 +273,7 @@ class Builder:
         # struct and auxv stay in the scratch until the batch ran.
         addr = self.put(st, 0)
         self.pending.add("prctl", PR_SET_MM, PR_SET_MM_MAP, addr, len(st), 0)
+        self.pending.uses_scratch = True
 
     def map_all(self) -> int:
         """mmap every dumped mapping at its address; returns page bytes
