@@ -113,6 +113,9 @@ def child_exec(argv: List[str], script: bool, warm: bool = False, env: Optional[
         if script:
             name = os.path.basename(argv[1])
             mod = sys.modules[name[:-3]]
+            # tells the script it runs in a fork of the agent (workload.py
+            # starts its workload warm then: harness/warmfork.py)
+            mod.AGENT_FORK = True
             sys.argv = [argv[1]] + argv[2:]
             # the parent's buffered streams must not be flushed twice
             sys.stdout = os.fdopen(1, "w", closefd=False)
