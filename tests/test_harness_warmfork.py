@@ -121,7 +121,8 @@ def test_a_warm_workload_looks_and_verifies_like_an_exec_d_one(agent_s, tmp_path
         assert w["fds"] == warm["fds"] and w["fds"][:4] == [0, 1, 2, 3] and len(w["tasks"]) == 1
         # found by their MARK as before
         assert world.pidstate(warm["pid"])["workload"]
-        assert workload.workloads_under(str(tmp_path / "warm")) == [warm["pid"]]
+        for ready, root in ((warm, "warm"), (cold, "exec")):   # its outside peers are forks of it
+            assert workload.workloads_under(str(tmp_path / root)) == sorted([ready["pid"]] + ready["helpers"])
         for ready, spec in ((warm, warm_spec), (cold, exec_spec)):
             v = _verdict(ready["pid"], spec)
             assert v and v["ok"], [x for x in (v or {}).get("checks", []) if not x["ok"]]
