@@ -97,7 +97,10 @@ def block(items: Sequence[bytes]) -> bytes:
 def c_environ() -> List[bytes]:
     """The C ``environ`` of this process: what execve(path, argv, environ)
     (os.execv) hands the new program."""
-    env = ctypes.POINTER(ctypes.c_char_p).in_dll(_libc, "environ")
+    # the global scope (dlsym(RTLD_DEFAULT)), not libc's own symbol: a python3
+    # that links libpython statically (Debian's) has a copy relocation of
+    # `environ`, and libc's definition is then a NULL nobody uses
+    env = ctypes.POINTER(ctypes.c_char_p).in_dll(ctypes.CDLL(None), "environ")
     out = []
     i = 0
     while env[i] is not None:

@@ -452,6 +452,11 @@ def _run_warm(argv: List[str], spec_path: str) -> None:  # pragma: no cover - th
         warmfork.become(argv)
     except warmfork.Cold:
         return          # nothing of the workload ran yet: the exec starts it afresh
+    except BaseException:   # noqa: BLE001 - a bug of the warm start: said in the ready file, not hidden by an exec
+        with open(spec_path) as f:
+            ready = json.load(f)["ready"]
+        write_json(ready, {"pid": os.getpid(), "helpers": [], "error": "warm start: " + traceback.format_exc()})
+        os._exit(1)
     START = "warm"
     code = 1
     try:

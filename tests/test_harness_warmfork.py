@@ -30,6 +30,10 @@ STATUS = ("SigQ", "SigPnd", "ShdPnd", "SigBlk", "SigIgn", "SigCgt", "Umask", "Th
           "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb", "Uid", "Gid", "Groups", "Cpus_allowed_list")
 
 
+#: the agent's python3: Debian's when there is one, as in the guests
+AGENT_PY = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
+
+
 def _agent(tmp_path: Path, flags):
     path = str(tmp_path / "agent.sock")
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -40,7 +44,7 @@ def _agent(tmp_path: Path, flags):
     link.connect(time.monotonic() + 5)
     conn, _ = srv.accept()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CRUCIBLE_")}
-    box["p"] = subprocess.Popen([sys.executable, *flags, str(AGENT), "--stdin"], stdin=conn,
+    box["p"] = subprocess.Popen([AGENT_PY, *flags, str(AGENT), "--stdin"], stdin=conn,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True, env=env,
                                 cwd="/")
     conn.close()
@@ -69,7 +73,7 @@ def _spec(root: Path) -> str:
 
 
 def _spawn(link: AgentLink, spec: str, *extra: str) -> dict:
-    r = link.run([sys.executable, str(WORKLOAD), "spawn", spec, "--setup", *extra], timeout=60, script=True)
+    r = link.run([AGENT_PY, str(WORKLOAD), "spawn", spec, "--setup", *extra], timeout=60, script=True)
     assert r["rc"] == 0, r
     return json.loads(r["stdout"])
 
@@ -112,7 +116,7 @@ def test_a_warm_workload_looks_and_verifies_like_an_exec_d_one(agent_s, tmp_path
         assert cold.get("start") == "exec" and "exec requested" in cold["cold_why"], cold
         w, c = _proc(warm["pid"], tmp_path / "warm"), _proc(cold["pid"], tmp_path / "exec")
         # the argv the exec'd one has, byte for byte (its spec path aside)
-        argv = [sys.executable, "-S", str(WORKLOAD), "run", warm_spec, world.MARK]
+        argv = [AGENT_PY, "-S", str(WORKLOAD), "run", warm_spec, world.MARK]
         assert w["cmdline"] == b"".join(os.fsencode(a) + b"\0" for a in argv)
         assert w["cmdline"].replace(warm_spec.encode(), exec_spec.encode()) == c["cmdline"]
         for key in ("environ", "status", "sigblk", "fds", "fd_kinds", "cwd", "limits", "cgroup", "comm", "exe", "session"):
@@ -173,15 +177,22 @@ def test_set_args_env_rewrites_cmdline_and_environ(tmp_path):
     assert r.stdout == repr((b"python3\0-S\0x y\0\0", b"A=1\0B=\0"))
 
 
-def test_c_environ_is_what_an_exec_passes(tmp_path):
-    os.environ["CRUCIBLE_WARMFORK_PROBE"] = "1"
-    try:
-        env = warmfork.c_environ()
-        assert b"CRUCIBLE_WARMFORK_PROBE=1" in env
-        r = subprocess.run(["/usr/bin/env", "-0"], capture_output=True, close_fds=True, timeout=30)
-        assert warmfork.block(env) == r.stdout
-    finally:
-        del os.environ["CRUCIBLE_WARMFORK_PROBE"]
+#: Debian's python3 (the guests'): libpython linked in, `environ` copy-relocated
+PYTHONS = sorted({sys.executable} | ({"/usr/bin/python3"} if os.path.exists("/usr/bin/python3") else set()))
+
+
+@pytest.mark.parametrize("python", PYTHONS)
+def test_c_environ_is_what_an_exec_passes(python):
+    code = (
+        "import os, subprocess, sys; sys.path.insert(0, %r)\n"
+        "from harness import warmfork\n"
+        "os.environ['CRUCIBLE_WARMFORK_PROBE'] = '1'\n"
+        "env = warmfork.c_environ()\n"
+        "r = subprocess.run(['/usr/bin/env', '-0'], capture_output=True, close_fds=True, timeout=30)\n"
+        "print(b'CRUCIBLE_WARMFORK_PROBE=1' in env, warmfork.block(env) == r.stdout)\n"
+    ) % str(REPO)
+    r = subprocess.run([python, "-S", "-c", code], capture_output=True, text=True, timeout=60, close_fds=True)
+    assert (r.returncode, r.stdout.strip()) == (0, "True True"), r.stderr
 
 
 def test_become_resets_what_the_agent_set(tmp_path):
