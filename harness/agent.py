@@ -100,6 +100,9 @@ def preload() -> None:
             importlib.import_module(name[:-3])
         except Exception:  # a missing optional script: its requests fail alone
             traceback.print_exc()
+    warm = sys.modules.get("warmfork")
+    if warm is not None:   # the heap the warm workloads will grow into (warmfork.prepare_parent)
+        warm.prepare_parent()
 
 
 def child_exec(argv: List[str], script: bool, warm: bool = False, env: Optional[Dict[str, str]] = None,

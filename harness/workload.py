@@ -246,11 +246,12 @@ def run(spec_path: str) -> int:
     except Exception:
         write_json(spec["ready"], {"pid": os.getpid(), "helpers": helpers, "error": traceback.format_exc()})
         return 1
-    write_json(spec["ready"], ready)
-    # The harness snapshots /proc while this loop runs: keep it from changing
-    # the memory map (no collector runs, no arena comes or goes).
+    # The harness snapshots /proc as soon as the ready file is there, while
+    # this loop runs: keep it from changing the memory map (no collector
+    # runs, no arena comes or goes) from before the ready file on.
     gc.collect()
     gc.disable()
+    write_json(spec["ready"], ready)
     wait_for = {signal.SIGUSR1}
     while True:
         got = signal.sigtimedwait(wait_for, Proof.TICK)

@@ -214,3 +214,24 @@ def test_become_resets_what_the_agent_set(tmp_path):
     assert r.stdout.strip() == repr((True, True, ["/x/workload.py", "run", "SPEC", "MARK"],
                                      b"/usr/bin/python3\0-S\0/x/workload.py\0run\0SPEC\0MARK\0"))
     assert "AGENT-EXIT-HANDLER" not in r.stdout
+
+
+@pytest.mark.parametrize("prepared", [False, True])
+def test_a_fork_s_heap_stays_one_vma_only_when_the_parent_left_it_room(prepared):
+    """The kernel rule warmfork.prepare_parent works around: a heap a fork
+    inherits does not merge with what the child's own growth adds (two
+    [heap] VMAs, which no restore reproduces); with the parent's free top
+    the child's mallocs do not grow it."""
+    code = (
+        "import os, sys; sys.path.insert(0, %r)\n"
+        "from harness import warmfork\n"
+        "if %r: warmfork.prepare_parent()\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    keep = [bytearray(100000) for _ in range(100)]\n"
+        "    n = sum(1 for ln in open('/proc/self/maps') if ln.rstrip().endswith('[heap]'))\n"
+        "    os.write(1, str(n).encode()); os._exit(0)\n"
+        "os.waitpid(pid, 0)\n"
+    ) % (str(REPO), prepared)
+    r = subprocess.run([AGENT_PY, "-S", "-c", code], capture_output=True, text=True, timeout=60, close_fds=True)
+    assert (r.returncode, r.stdout) == (0, "1" if prepared else "2"), r.stderr
