@@ -141,17 +141,20 @@ def run_each(builders) -> None:
     is started before the first is waited for, so the processes run their
     batches while the tracer starts the next (one wait each, not a round
     trip each in a row). A batch that cannot go to its runner in one piece
-    is run on its own first. Every runner started is waited for before the
-    first failure is raised (the caller kills them all)."""
-    go = []
+    is run on its own first. Every process's batch is run (up to its own
+    first failure) before the first failure is raised (the caller kills
+    them all), in both modes alike."""
+    go, started, error = [], [], None
     for b in builders:
         if not b.pending:
             continue
         if _runnable(b, b.pending.calls) and not _chunk(b.pending.calls, b.batch_size)[1]:
             go.append(b)
-        else:
+            continue
+        try:
             b.flush()
-    started, error = [], None
+        except BaseException as e:      # noqa: BLE001 - the others run first
+            error = error or e
     held = signal.pthread_sigmask(signal.SIG_BLOCK, guard.HELD)
     try:
         for b in go:
