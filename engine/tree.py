@@ -9,7 +9,11 @@ pass, until a pass finds no new process: a stopped member cannot fork, so
 the tree is then complete. Processes forked faster than they can be frozen
 for MAX_ROUNDS passes are refused (`process-tree`), and on any refusal every
 member (also one the kernel attached to us that no pass reached yet) is let
-go.
+go. Only then, every thread of every member stopped, is the freeze
+finished (threads.finish_freeze): a SIGCHLD from a member that exited
+during the freeze, pending over its parent's interrupted wait, is taken
+there (engine/task.py settle). A vfork child is given VFORK_WAIT to exec
+before the refusal.
 
 Survey. Every live member is surveyed as a single process would be
 (dump._survey_frozen, with the other members not counting as "outside" for
