@@ -55,7 +55,9 @@ REASONS = {
                     "filesystem (statfs magic), not its mode: proc, sysfs, nsfs (net:[…]), cgroup/cgroup2, debugfs, "
                     "tracefs, securityfs, bpf, configfs, pstore, efivarfs, fusectl, hugetlbfs, mqueue, autofs, ... "
                     "(filesystem and path in the detail). Their contents are kernel state made at open; a reopen "
-                    "gives another object"),
+                    "gives another object. Except the /proc files engine/fds/procfile.py reopens: one of those is "
+                    "refused only when read part-way, open for writing, another process's or shared by two "
+                    "members"),
     "unlinked-unrestorable": ("a deleted-but-open file that restore could not recreate where it lived, refused at "
                               "dump (restore recreates it in its old directory, on the same filesystem): that "
                               "directory is gone or is on a read-only mount"),
@@ -93,8 +95,8 @@ REASONS = {
             "by a process outside the dump, a master whose slave no process of the dump holds, a line discipline "
             "other than N_TTY, another devpts instance than /dev/pts, the controlling terminal of a session "
             "whose leader is not in the dump or held by no fd, a foreground group none of the dump's in that "
-            "session, a tree member whose controlling terminal is not its session leader's, /dev/tty naming a "
-            "pair of the dump; at restore, its pty index is taken"),
+            "session, a tree member whose controlling terminal is not its session leader's, /dev/tty shared by "
+            "two members; at restore, its pty index is taken"),
     "tty-queued": ("bytes queued on a pseudo-terminal that cannot be carried exactly: in canonical mode with VEOF "
                    "disabled or a literal-next (VLNEXT) pending, the line being typed cannot be seen; a packet-mode "
                    "status byte; flow-control characters in packet mode with IXON"),

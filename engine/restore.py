@@ -384,7 +384,10 @@ def _run_restorer(job, builder=None) -> dict:
         code = 0
         try:
             guard.become_worker(parent)     # stops (killing the new process) if ckpt dies
+            from .task import INJECTED
+            INJECTED.update(round_trips=0, batched_calls=0)     # this restore's only
             out = {"ok": True, "pid": (builder or build)(job)}
+            out["injected"] = dict(INJECTED)    # ptrace round trips, batched calls (engine/batch.py)
         except Refusal as e:
             out = {"ok": False, "type": "refusal", **e.as_dict()}
             code = 3
@@ -497,6 +500,8 @@ def restore(directory: str, options: Options, pidfile: Optional[str] = None) -> 
     if pidfile:
         write_pidfile(pidfile, out["pid"])
     res = {"pid": out["pid"], "restore_ms": round((time.monotonic() - t0) * 1000, 2)}
+    if "injected" in out:
+        res["injected"] = out["injected"]
     if "members" in out:
         res["members"] = out["members"]
     return res

@@ -19,6 +19,12 @@ from . import faults, guard, libc, ptrace, restart, signals
 from .errors import EngineError, Refusal
 from .libc import SysError
 
+# Injected syscalls since this process started: ptrace round trips, and the
+# calls run by engine/batch.py's runner (the restorer reports them,
+# engine/restore.py; bench/compare.py records them).
+INJECTED = {"round_trips": 0, "batched_calls": 0}
+
+
 class Task:
     """One ptrace-stopped thread. Create with :meth:`seize` (dump) or
     :meth:`adopt` (a restore child stopped by PTRACE_TRACEME + SIGSTOP)."""
@@ -285,6 +291,7 @@ class Task:
         if self.syscall_ip is None:
             raise EngineError("no syscall instruction known in the target", pid=self.pid)
         faults.point(self.fault_name, nr)
+        INJECTED["round_trips"] += 1
         # No ^C (KeyboardInterrupt) between here and the registers put back:
         # raised while the task runs, it would leave nothing to unwind with.
         held = signal.pthread_sigmask(signal.SIG_BLOCK, guard.HELD)

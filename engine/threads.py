@@ -63,7 +63,6 @@ CLONE_THREAD, CLONE_SYSVSEM = 0x10000, 0x40000
 THREAD_FLAGS = CLONE_VM | CLONE_FS | CLONE_FILES | CLONE_SIGHAND | CLONE_THREAD | CLONE_SYSVSEM
 PR_GET_TID_ADDRESS = 40
 PR_GET_PDEATHSIG = 2
-PR_SET_TIMERSLACK = 29
 SAME_STATUS = ("Uid", "Gid", "Groups", "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb",
                "NoNewPrivs", "Seccomp")
 NS_KINDS = ("net", "uts", "ipc", "mnt", "user", "cgroup", "time")
@@ -493,7 +492,7 @@ def create(b) -> None:
         default = rec["sched"].get("default_timerslack_ns")
         if default:
             # The clone's default slack is the creator's current one (kernel/fork.c).
-            b.call("prctl", PR_SET_TIMERSLACK, default, 0, 0, 0)
+            b.set_timerslack(default)
         args = b.arch.CloneArgs(flags=THREAD_FLAGS, exit_signal=0, set_tid=b.put(struct.pack("<i", rec["tid"]), 256),
                                 set_tid_size=1)
         addr = b.put(ctypes.string_at(ctypes.addressof(args), ctypes.sizeof(args)), 0)
@@ -507,26 +506,33 @@ def create(b) -> None:
         t = Task.adopt(r)
         faults.point("restore.thread")
         t.tgid = b.pid
-        t.syscall_ip = b.gadget
-        t.scratch = b.task.scratch
         tb = Builder(b.job, t)
-        tb.gadget, tb.scratch, tb.rec = b.gadget, b.scratch, rec
+        tb.use_gadget(b.gadget, b.gadget_size)
+        tb.rec = rec
+        tb.timerslack = b.timerslack        # a clone's current slack is its creator's
+        # One signal table (CLONE_SIGHAND): what the leader's builder knows
+        # of it holds for the thread's batch too (engine/batch.py trap_safe).
+        tb.inherited_actions = b.inherited_actions
+        tb.signals_queued = b.signals_queued
         b.threads.append(tb)
         _own_state(tb, rec)
     ptrace.set_options(b.pid, ptrace.O_TRACESYSGOOD | ptrace.O_EXITKILL)
 
 
 def _own_state(tb, rec: dict) -> None:
+    from .batch import Data
     from .build import PR_SET_NAME, SS_DISABLE, SS_ONSTACK
-    tb.call("prctl", PR_SET_NAME, tb.put(rec["comm"].encode()[:15] + b"\0"), 0, 0, 0)
+    q = tb.pending.add      # one batch, run by the thread itself (engine/batch.py)
+    q("prctl", PR_SET_NAME, Data(rec["comm"].encode()[:15] + b"\0"), 0, 0, 0)
     sp, ssflags, size = rec["sigaltstack"]
     if ssflags & SS_DISABLE:
         sp, ssflags, size = 0, SS_DISABLE, 0
-    tb.call("sigaltstack", tb.put(struct.pack("<Qi4xQ", sp, ssflags & ~SS_ONSTACK, size)), 0)
-    tb.call("set_tid_address", rec["tid_address"])
+    q("sigaltstack", Data(struct.pack("<Qi4xQ", sp, ssflags & ~SS_ONSTACK, size)), 0)
+    q("set_tid_address", rec["tid_address"])
     head, length = rec["robust_list"]
     if head:
-        tb.call("set_robust_list", head, length)
+        q("set_robust_list", head, length)
+    tb.flush()
     # Everything blocked until finish(): a signal dequeued at an injection
     # stop could only be dropped or delivered mid-restore.
     ptrace.set_sigmask(tb.pid, signals.ALL_BLOCKED)

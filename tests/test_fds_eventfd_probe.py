@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -51,6 +52,8 @@ def _start(procs, tmp_path, child: bool = False):  # noqa: F811
     wait_for(lambda: os.path.exists(tmp_path / "ready") or p.poll() is not None, what="the target")
     assert p.poll() is None
     kid = json.loads((tmp_path / "ready").read_text())["child"]
+    if kid:
+        procs.adopt(kid)        # killed at the end whatever happens (the restored one has its pid)
     return p, kid
 
 
@@ -84,6 +87,8 @@ def _feed_blocked_readers(tmp_path, pid: int) -> None:
     """Writes 3 to each eventfd a thread of `pid` is blocked reading: a
     plain one's reader gets 3, a semaphore's 1 three times."""
     blocked = [(fd, sem) for fd, c, sem, nb in SPEC if not c and not nb]
+    if (tmp_path / "consume").exists():
+        (tmp_path / "consume").unlink()        # the reports below must not race the readers
     for fd, _ in blocked:
         with pidfd.target_fd(pid, fd) as d:
             os.write(d, (3).to_bytes(8, sys.byteorder))
@@ -96,7 +101,26 @@ def _feed_blocked_readers(tmp_path, pid: int) -> None:
         wait_for(lambda: path.exists(), what="the report")
         return json.loads(path.read_text())["thread_reads"]
     want = {str(fd): [1, 1, 1] if sem else [3] for fd, sem in blocked}
-    wait_for(lambda: reads() == want, what=f"the blocked readers to read {want}")
+    end = time.monotonic() + 20
+    got = reads()
+    while got != want and time.monotonic() < end:
+        time.sleep(0.05)
+        got = reads()
+    assert got == want, (f"the blocked readers read {got}, not {want} (pid {pid}: {_thread_states(pid)}; "
+                         f"counts now {_fdinfo(pid)})")
+
+
+def _thread_states(pid: int) -> dict:
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                st = f.read().rsplit(")", 1)[1].split()[0]
+            with open(f"/proc/{pid}/task/{tid}/syscall") as f:
+                out[tid] = (st, f.read().split()[:2])
+        except OSError:
+            pass
+    return out
 
 
 def _as_built() -> dict:
@@ -145,8 +169,7 @@ def test_probed_eventfds_restored_exactly(procs, hidden, tmp_path, tree):  # noq
     wait_for(lambda: not any(os.path.exists(f"/proc/{x}") and _zombie_or_gone(x) is False for x in pids),
              what="the dumped processes gone")
     out = restore(str(img), Options())
-    for pid in pids:
-        procs.adopt(pid)
+    procs.adopt(p.pid)
     assert out["pid"] == p.pid
     for pid in pids:
         assert _fdinfo(pid) == _as_built(), f"restored pid {pid}"
@@ -245,3 +268,34 @@ os.dup2(a.fileno(), 500); os.dup2(b.fileno(), 501); a.close(); b.close()
             for fd in fds:
                 os.close(fd)
     assert got == [[], [1, 1, 1], [3]]
+
+
+def test_a_survey_does_not_probe(monkeypatch):
+    """`ckpt survey` passes its options on with probe off, whatever it was given."""
+    from engine import survey as sv
+    from engine.context import Options
+    seen = []
+    monkeypatch.setattr(sv, "_checker", lambda o: seen.append(o) or (lambda pid: {}))
+    given = Options()
+    try:
+        sv.survey(pid=[os.getpid()], options=given, timeout=5)
+    except Exception:   # noqa: BLE001 - only the options handed to the checker matter here
+        pass
+    assert seen and seen[0].probe is False and given.probe is True
+
+
+def test_check_without_probes_writes_nothing_and_says_so(procs, tmp_path, hidden, monkeypatch):  # noqa: F811
+    """Options(probe=False) (what a survey uses): no eventfd is written to
+    (a probe would be caught by the counting hook below), and each eventfd's
+    verdict says its EFD_SEMAPHORE was not looked at."""
+    from engine.fds import _efdprobe
+    p, _ = _start(procs, tmp_path)
+    probed = []
+    monkeypatch.setattr(_efdprobe, "semaphore", lambda *a: probed.append(a) or False)
+    rep = check(p.pid, Options(probe=False))
+    assert probed == []
+    assert not [r for r in rep["refusals"] if r.get("fd") in {fd for fd, *_ in SPEC}], rep["refusals"]
+    text = json.dumps(rep)
+    assert text.count("not looked at here") >= len(SPEC), text[:2000]
+    check(p.pid, Options())           # and with probes (ckpt check): each eventfd probed once
+    assert len(probed) == len(SPEC)

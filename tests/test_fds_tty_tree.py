@@ -6,9 +6,12 @@ terminal's foreground process group. Bytes wait both ways, termios, window
 size and exclusive mode are changed. After dump and restore: the same
 index, every member's controlling terminal and ttyname, the foreground
 group, termios, each queued byte arriving once, keys typed into the master
-reaching the grandchild and its output reaching the driver. And the
-boundary: the same session dumped without the driver (master outside) is
-refused `tty-outside`, naming the driver. Every process judges itself."""
+reaching the grandchild and its output (written to the /dev/tty fd it
+holds, reopened by the restored process) reaching the driver. And the
+boundaries: the same session dumped without the driver (master outside)
+is refused `tty-outside`, naming the driver; /dev/tty shared by two
+members, and a member without its leader's terminal, are refused `tty`.
+Every process judges itself."""
 
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ from fds_support import ask_verdict, dump_restore, start_worker
 
 WORKER = r'''
 import fcntl, json, os, signal, struct, sys, termios, time
-DIR = sys.argv[1]
+DIR, MODE = sys.argv[1], sys.argv[2]
 TIOCGPTN, TIOCSPTLCK, TIOCGEXCL = 0x80045430, 0x40045431, 0x80045440
 IN = b"typed\rbytes \x03\x7f and more\n" * 40      # for the grandchild (ICRNL on input: \r -> \n)
 OUT = b"printed\nline\n" * 30                      # for the driver (ONLCR: \n -> \r\n)
@@ -72,6 +75,12 @@ if leader == 0:
     # the session leader: its controlling terminal is the slave
     os.close(m); os.close(drv_slave)
     os.setsid()
+    if MODE == "forked-before-ctty":
+        early = os.fork()                               # in the session, without a controlling terminal
+        if early == 0:
+            while True:
+                time.sleep(0.05)
+        publish("early", {"pid": early})
     s = os.open(name, os.O_RDWR)                        # no O_NOCTTY: becomes the controlling terminal
     for fd in (0, 1, 2):
         os.dup2(s, fd)
@@ -84,12 +93,17 @@ if leader == 0:
     termios.tcsetattr(0, termios.TCSANOW, attrs)
     fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", 33, 111, 0, 0))
     fcntl.ioctl(0, termios.TIOCEXCL)
+    if MODE == "shared-devtty":
+        os.dup2(os.open("/dev/tty", os.O_RDWR), 8)      # inherited by the job: one open file for both
     gate_r, gate_w = os.pipe()
     fg = os.fork()
     if fg == 0:
         # the foreground job
         os.setpgid(0, 0)
         os.read(gate_r, 1)                              # until it is the foreground group
+        devtty = os.open("/dev/tty", os.O_WRONLY)       # its controlling terminal by that name
+        os.dup2(devtty, 9); os.close(devtty)
+        devtty_fl = fcntl.fcntl(9, fcntl.F_GETFL)
         os.write(1, OUT)
         truth = {"attrs": termios.tcgetattr(0)}
 
@@ -106,7 +120,9 @@ if leader == 0:
                 got = read_exactly(0, len(want))
                 time.sleep(0.2)
                 out["input_once"] = got == want and fionread(0) == 0 or repr((len(got), len(want), fionread(0)))
-                os.write(1, b"bye\n")
+                out["devtty"] = (os.readlink("/proc/self/fd/9"), os.major(os.fstat(9).st_rdev),
+                                 fcntl.fcntl(9, fcntl.F_GETFL)) == ("/dev/tty", 5, devtty_fl)
+                os.write(9, b"bye\n")                  # through /dev/tty: the restored pair's master gets it
             except Exception as e:
                 out["error"] = repr(e)
             publish("fg.json", out)
@@ -150,7 +166,7 @@ while True:
 '''
 
 ALL_TRUE = {k: True for k in ("index", "output_once", "fg_ttyname", "fg_ctty", "fg_foreground", "fg_attrs",
-                              "fg_winsize", "fg_excl", "fg_input_once", "after")}
+                              "fg_winsize", "fg_excl", "fg_input_once", "fg_devtty", "after")}
 
 
 def _stat(pid: int) -> dict:
@@ -160,8 +176,8 @@ def _stat(pid: int) -> dict:
             "tpgid": int(rest[5])}
 
 
-def _start(procs, tmp_path):
-    p, ready = start_worker(procs, tmp_path, [str(tmp_path)], WORKER, "the pty driver")
+def _start(procs, tmp_path, mode="plain"):
+    p, ready = start_worker(procs, tmp_path, [str(tmp_path), mode], WORKER, "the pty driver")
     for pid in (ready["leader"], ready["fg"]):
         procs.adopt(pid)
     time.sleep(0.3)
@@ -205,3 +221,45 @@ def test_the_session_without_its_driver_is_refused_tty_outside(procs, tmp_path):
     assert not os.path.exists(tmp_path / "img")
     assert p.poll() is None and os.path.exists(f"/proc/{leader}")
     assert ask_verdict(p.pid, tmp_path) == ALL_TRUE       # the unharmed tree still has both queues intact
+
+
+def test_dev_tty_shared_between_members_is_refused(procs, tmp_path):
+    """/dev/tty is reopened by each restored process on its own: one open
+    file description two members share (inherited through fork) would come
+    back as two, so it is refused `tty`, naming the other member."""
+    p, ready = _start(procs, tmp_path, "shared-devtty")
+    out = check(p.pid, Options())
+    tty = [r for r in out["refusals"] if r["reason"] == "tty"]
+    assert {r["reason"] for r in out["refusals"]} == {"tty"}, out["refusals"]
+    assert any("one open file description with pid" in r["detail"] for r in tty), tty
+
+
+def test_member_without_its_leaders_terminal_is_refused(procs, tmp_path):
+    """A member forked before its session leader took the terminal has
+    none; a restore would give it the leader's (it is forked after the
+    leader's TIOCSCTTY): refused `tty`, naming the leader."""
+    p, ready = _start(procs, tmp_path, "forked-before-ctty")
+    early = json.loads((tmp_path / "early").read_text())["pid"]
+    procs.adopt(early)
+    out = check(p.pid, Options())
+    assert {r["reason"] for r in out["refusals"]} == {"tty"}, out["refusals"]
+    assert all(r["pid"] == early and f"session leader {ready['leader']}'s is" in r["detail"]
+               for r in out["refusals"]), out["refusals"]
+
+
+def test_session_terminal_records_are_checked_before_any_process_exists():
+    """tree.json and the pty records must agree: the terminal's session is
+    led by a live member, its foreground group is one of that session's,
+    a slave record exists; a record that says otherwise is image-invalid."""
+    from engine.fds.tty import session_terminals
+    members = [{"pid": 10, "ppid": 1, "sid": 10, "pgid": 10}, {"pid": 11, "ppid": 10, "sid": 11, "pgid": 12},
+               {"pid": 12, "ppid": 11, "sid": 11, "pgid": 12}]
+    master = {"kind": "tty", "tty": "master", "fd": 3, "index": 4, "outside": False, "ctty": True, "sid": 11, "fg": 12}
+    slave = {"kind": "tty", "tty": "slave", "fd": 0, "index": 4, "outside": False, "ctty": True}
+    got = session_terminals(members, {10: [master], 11: [slave], 12: []})
+    assert got == {11: {"index": 4, "fg": 12, "holder": (11, 0)}}
+    for bad, recs in ((dict(master, sid=12), [slave]), (dict(master, fg=10), [slave]), (dict(master, fg="12"), [slave]),
+                      (master, [])):
+        with pytest.raises(Refusal) as ei:
+            session_terminals(members, {10: [bad], 11: recs, 12: []})
+        assert ei.value.reason == "image-invalid"

@@ -31,8 +31,9 @@ Refused as `tty`: a pair end also held by a process outside the dump, a
 master whose slave no process of the dump holds, a line discipline other
 than N_TTY, a pair of another devpts instance, a pair that is the
 controlling terminal of a session whose leader is not in the dump or
-whose foreground group is none of the dump's, /dev/tty naming a pair of
-the dump, an index taken at restore. Refused as `tty-queued`: canonical mode with VEOF disabled or a
+whose foreground group is none of the dump's, /dev/tty on such a pair
+shared by two members (each reopens its own: _devtty), an index taken at
+restore. Refused as `tty-queued`: canonical mode with VEOF disabled or a
 literal-next pending (the line being typed cannot be made readable, see
 _tty.take_canonical), a pending packet-mode status, flow-control
 characters queued in packet mode with IXON.
@@ -266,6 +267,14 @@ def _survey_pair(info, ctx, index: int) -> dict:
                      "than /dev/pts, where the restore makes it")
     (mpid, mfd_n), (spid, sfd_n) = ends["master"][0], ends["slave"][0]
     with pidfd.target_fd(mpid, mfd_n) as mfd, pidfd.target_fd(spid, sfd_n) as sfd:
+        # The master's own side: its termios no ioctl can change (the
+        # master's termios ioctls act on the slave, tty_mode_ioctl), but its
+        # line discipline is its own (TIOCSETD on the master fd; another
+        # one answers the termios ioctls itself: first).
+        mline = _tty.ioc_int(mfd, _tty.TIOCGETD)
+        if mline != 0:
+            raise refuse(info, "tty", f"pty {index}: the master's line discipline is {mline}, only N_TTY (0) "
+                         "is restored")
         termios = _tty.get_termios(mfd)
         f = _tty.fields(termios)
         if f["line"] != 0:
@@ -323,15 +332,29 @@ def _session_of(info, ctx, index: int, sid: int, fg: Optional[int]) -> int:
 
 def _devtty(info, ctx) -> str:
     """/dev/tty opened by the process: its controlling terminal under
-    another name. Restored (reopened by that name in ckpt, which must then
-    share the terminal: restore --tty) when that terminal's master is
-    outside (a shell job); refused otherwise."""
+    another name. Its terminal a pair of the dump: reopened by the restored
+    process (_reopen_devtty). Its master outside (a shell job): reopened
+    by that name in ckpt, which must then share the terminal (restore
+    --tty). Refused otherwise."""
     index = ctty_index(info.pid)
     if index is None:
         raise refuse(info, "tty", "/dev/tty of a process with no pseudo-terminal as controlling terminal")
     if (index in _ends(ctx) and _ends(ctx)[index]["master"]) or _tree_master(ctx, index):
-        raise refuse(info, "tty", f"/dev/tty naming pty {index}, whose master the dump holds: not restored yet "
-                     "(only its /dev/pts/N fds are)")
+        # Reopened by the restored process itself once the pair is its
+        # controlling terminal again (finish): /dev/tty is whatever
+        # terminal the opener has. Its open file description is the
+        # process's own: one shared with another member (inherited through
+        # fork) could only be reopened as two.
+        from ..pidfd import KCMP_FILE, kcmp
+        for pid, fd, link in _tree_fds(ctx, info.pid):
+            try:
+                same = link == "/dev/tty" and kcmp(info.pid, pid, KCMP_FILE, info.fd, fd) == 0
+            except Exception:    # noqa: BLE001 - gone meanwhile: nothing shared
+                same = False
+            if same:
+                raise refuse(info, "tty", f"/dev/tty naming pty {index}, one open file description with pid {pid} "
+                             f"(fd {fd}): each process reopens its own, which would make two")
+        return f"/dev/tty (its controlling terminal /dev/pts/{index}, a pair of the dump: reopened by the process)"
     if not getattr(ctx.options, "shell_job", False):
         raise refuse(info, "tty-outside", f"/dev/tty, naming /dev/pts/{index} whose master is outside the dump: "
                      "dump with --shell-job and restore with --tty PATH")
@@ -361,7 +384,10 @@ def dump(info, ctx) -> dict:
         with pidfd.target_fd(info.pid, info.fd) as dup:
             termios = _tty.get_termios(dup)
         st = _stat_fields(info.pid)
-        return {"tty": "devtty", "index": ctty_index(info.pid), "outside": True, "ctty": True,
+        index = ctty_index(info.pid)
+        if (index in _ends(ctx) and _ends(ctx)[index]["master"]) or _tree_master(ctx, index):
+            return {"tty": "devtty", "index": index, "outside": False, "ctty": True}
+        return {"tty": "devtty", "index": index, "outside": True, "ctty": True,
                 "termios": termios.hex(), "fg_own": st["tpgid"] == st["pgrp"]}
     pair = _pair(info, ctx)
     index = pair["index"]
@@ -462,7 +488,11 @@ def validate(rec: dict, ctx) -> None:
     if rec.get("tty") not in ("master", "slave", "devtty") or not isinstance(rec.get("index"), int):
         raise refuse_rec(rec, ctx, "image-invalid", "tty record malformed")
     if rec["tty"] == "devtty":
-        _outside_tty(rec, ctx)
+        if rec.get("outside", True):
+            _outside_tty(rec, ctx)
+        elif _master_rec(rec, ctx) is None:
+            raise refuse_rec(rec, ctx, "image-invalid", f"/dev/tty naming pty {rec['index']}, whose master "
+                             "record is missing")
         return
     if rec.get("outside"):
         if rec["tty"] != "slave" or not isinstance(rec.get("termios"), str):
@@ -557,6 +587,9 @@ def restore(rec: dict, ctx) -> int:
     try:
         if rec.get("outside"):
             return _restore_outside(rec, ctx)
+        if rec["tty"] == "devtty":
+            # A stand-in until the process reopens /dev/tty itself (finish).
+            return os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
         built = ctx.shared.get(f"tty:built:{rec['index']}")
         if built is None:
             built = _build(_master_rec(rec, ctx), ctx)
@@ -684,6 +717,9 @@ def finish(rec: dict, ctx, task) -> None:
                 os.close(fd)
             ctx.shared["tty:foreground-set"] = True
         return
+    if rec.get("tty") == "devtty":
+        _reopen_devtty(rec, ctx, task)
+        return
     if rec.get("tty") != "slave" or not rec.get("ctty"):
         return
     m = _master_rec(rec, ctx)
@@ -712,6 +748,10 @@ def session_terminals(members: List[dict], fdrecs_of: Dict[int, List[dict]]) -> 
                 or "dup_of" in r or "ofd_of" in r:
             continue
         sid, fg, index = r.get("sid", pid), r.get("fg"), r.get("index")
+        if not all(isinstance(x, int) and not isinstance(x, bool) for x in (sid, index)) or \
+                not (fg is None or isinstance(fg, int) and not isinstance(fg, bool)):
+            raise Refusal("image-invalid", f"pty {index!r}: session {sid!r} or foreground group {fg!r} malformed",
+                          pid=pid)
         lead = by_pid.get(sid)
         if lead is None or "zombie" in lead or lead["sid"] != sid or sid in out:
             raise Refusal("image-invalid", f"pty {index}: controlling terminal of session {sid}, which no live "
@@ -725,3 +765,34 @@ def session_terminals(members: List[dict], fdrecs_of: Dict[int, List[dict]]) -> 
             raise Refusal("image-invalid", f"pty {index}: no record of its slave", pid=pid)
         out[sid] = {"index": index, "fg": fg, "holder": holder}
     return out
+
+
+AT_FDCWD = -100
+SYS_OPENAT = {"x86_64": 257, "aarch64": 56}
+
+
+def _reopen_devtty(rec: dict, ctx, task) -> None:
+    """/dev/tty opened by the restored process itself, over the stand-in
+    at its fd number: its controlling terminal is the restored pair by now
+    (a tree member's since its session leader's setsid, engine/tree_restore.py;
+    a single session leader's once its slave's finish ran: done here first,
+    TIOCSCTTY again being a no-op). Flags as dumped (open(2) adds
+    O_LARGEFILE as it did), close-on-exec as dumped."""
+    for r in ctx.records or []:
+        if r.get("kind") == KIND and r.get("tty") == "slave" and r.get("ctty") and not r.get("outside") \
+                and r.get("index") == rec["index"]:
+            finish(r, ctx, task)
+            break
+    path = task.scratch + 256
+    task.write_mem(path, b"/dev/tty\0")
+    flags = rec["flags"] & (os.O_ACCMODE | os.O_NONBLOCK | os.O_APPEND) | os.O_NOCTTY | os.O_CLOEXEC
+    fd = task.syscall(SYS_OPENAT[task.arch.MACHINE], AT_FDCWD & 0xFFFFFFFFFFFFFFFF, path, flags, 0)
+    if -4096 < fd < 0:
+        from ..libc import SysError
+        raise SysError(f"open /dev/tty in pid {task.pid} (injected, pty {rec['index']})", -fd, task.pid)
+    try:
+        # its dups too: they hold the stand-in as well (install_fds)
+        for r in [rec] + [r for r in ctx.records or [] if r.get("dup_of") == rec["fd"] and r is not rec]:
+            task.call("dup3", fd, r["fd"], os.O_CLOEXEC if r.get("cloexec") else 0)
+    finally:
+        task.call("close", fd)
