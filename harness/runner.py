@@ -325,7 +325,9 @@ class Run:
             lower = int(self.before.get("proof.counter") or 0)
         else:
             lower = None
-        t.settle([pid])
+        # every member: a zombie of the tree still holding its PID makes a
+        # same-PID restore fail (criu: "Can't fork ... File exists")
+        t.settle([pid] + self._member_pids())
         migrate = sc.get("restore_on") == "other"
         if migrate:
             st = self.pidstate(t, pid, "dump")
@@ -482,6 +484,14 @@ class Run:
             self._crashed("dump", f"a refused dump left files behind: {left.stdout.strip()}")
             return True
         return False
+
+    def _member_pids(self) -> List[int]:
+        """The workload's children, as its ready file names them."""
+        try:
+            ready = json.loads(self.ready_bytes or b"{}")
+            return [int(c["pid"]) for c in (ready.get("process") or {}).get("children") or [] if c.get("pid")]
+        except (ValueError, TypeError, KeyError, AttributeError):
+            return []
 
     def _refused_at_dump(self, t: Target, pid: int, d: engines_mod.EngineResult) -> None:
         """A refused dump must leave the original undisturbed and write no image."""

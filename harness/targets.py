@@ -204,12 +204,13 @@ def _alive(pid: int) -> bool:
 
 
 def settle_script(pids: Sequence[int], seconds: float) -> str:
-    """A guest shell line that waits until each of ``pids`` is gone or a
-    zombie, at most ``seconds`` in all (then it gives up quietly: the caller
-    looks at the PID itself)."""
+    """A guest shell line that waits until each of ``pids`` is gone (a
+    zombie still holds its PID: a same-PID restore would find it taken), at
+    most ``seconds`` in all (then it gives up quietly: the caller looks at
+    the PID itself)."""
     n = max(1, int(seconds + 0.999))
     return (f"end=$(( $(date +%s) + {n} )); for p in {' '.join(str(int(p)) for p in pids)}; do "
-            "while [ -e /proc/$p ] && ! grep -q '^State:[[:space:]]*Z' /proc/$p/status 2>/dev/null; do "
+            "while [ -e /proc/$p ]; do "
             "[ $(date +%s) -ge $end ] && exit 0; sleep 0.05; done; done")
 
 
@@ -351,7 +352,7 @@ class GuestTarget(Target):
 
     def settle(self, pids: Sequence[int]) -> None:
         """Wait (up to 3 s, scaled, as on the local target) for ``pids`` to be
-        gone or zombies: a process that ends on its own - a leave-running
+        gone, reaped by the guest's init: a process that ends on its own - a leave-running
         original after its check - can still be in its interpreter's exit
         when the next step looks (the corpus under load judged three such
         originals "still running")."""
