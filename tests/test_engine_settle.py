@@ -12,8 +12,12 @@ carry it too, so these tests also check that the signal was taken at the
 freeze (it is no longer pending in the image): the same path both machines
 run, tested here.
 
-Target: tests/targets/blocker.c "thread_sigs" (a second thread, the only
-one with SIGUSR2 unblocked, blocked in one raw read()).
+Targets: tests/targets/blocker.c "thread_sigs" (a second thread, the only
+one with SIGUSR2 unblocked, blocked in one raw read()); a C program in
+sigsuspend (the mask it saved must come back after the handler); a Python
+parent with a child (a tree) blocked in a raw read() under a SIGCHLD
+handler. The signal is queued by a hook on threads.finish_freeze: every
+task stopped, the freeze not finished yet.
 """
 
 from __future__ import annotations
