@@ -66,17 +66,16 @@ def _kill(pid: int) -> None:
     _reap(pid)
 
 
-def _sample_memory(pid: int, mib: int) -> int:
+def _sample_memory(pid: int, mib: int, start: int) -> int:
     """Check 256 random words of the restored memhog's region against the
     formula it filled them with (word i = i * 0x9E3779B97F4A7C15; word 0 is
-    its tick counter). Returns how many were checked; raises on a mismatch."""
+    its tick counter) at `start` (memhog's "ready ADDR": a small region
+    merges with its neighbours in /proc/PID/maps). Returns how many were
+    checked; raises on a mismatch."""
     if not mib:
         return 0
     import random
     import struct
-    with open(f"/proc/{pid}/maps") as f:
-        start = next(int(line.split("-")[0], 16) for line in f
-                     if (lambda a, b: b - a)(*(int(x, 16) for x in line.split()[0].split("-"))) == mib * MIB)
     fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY)
     try:
         for _ in range(256):
@@ -113,6 +112,9 @@ def one_case(exe: str, mib: int, where: str, work: str, leave: bool = False) -> 
             if time.monotonic() > end or p.poll() is not None:
                 raise RuntimeError("memhog did not get ready")
             time.sleep(0.01)
+        while not open(ready).read().endswith("\n"):
+            time.sleep(0.01)
+        start = int(open(ready).read().split()[1], 16) if mib else 0     # "ready (nil)" without memory
         os.sync()
         c0, t0 = _cpu_s(), time.monotonic()
         d = dump(p.pid, image, Options(leave_running=leave))
@@ -129,7 +131,7 @@ def one_case(exe: str, mib: int, where: str, work: str, leave: bool = False) -> 
         time.sleep(0.06)
         with open(f"/proc/{restored}/stat") as f:
             state = f.read().rsplit(")", 1)[1].split()[0]
-        sampled = _sample_memory(restored, mib)
+        sampled = _sample_memory(restored, mib, start)
         pages = d["pages_bytes"]
         return {"touched_mib": mib, "image_on": where, "pages_mib": round(pages / MIB, 1),
                 "dump_s": round(t_dump, 4), "dump_cpu_s": round(c_dump, 4),

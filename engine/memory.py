@@ -23,6 +23,7 @@ PAGE = 4096
 BUF = 16 << 20            # one reused read buffer (ENGINE-NOTES: reuse buffers)
 CHUNK = 64 << 20          # bytes per pages file (files are hashed in parallel)
 IOV_BATCH = 512           # remote iovecs per process_vm_readv (< IOV_MAX)
+WRITE_STEP = 16 << 20     # restore: bytes per process_vm_writev, freed from the buffer after it
 
 
 def page_file_name(i: int) -> str:
@@ -178,6 +179,22 @@ class _Worker:
             self._mem_fd = None
 
 
+def _batches(runs: Sequence[Sequence[int]]):
+    """The runs in batches of at most IOV_BATCH runs and, past the first
+    run, WRITE_STEP bytes: each batch's buffer pages are freed before the
+    next is written, so the new process's pages reuse them."""
+    batch: List[Sequence[int]] = []
+    nbytes = 0
+    for r in runs:
+        if batch and (len(batch) >= IOV_BATCH or nbytes + r[1] * PAGE > WRITE_STEP):
+            yield batch
+            batch, nbytes = [], 0
+        batch.append(r)
+        nbytes += r[1] * PAGE
+    if batch:
+        yield batch
+
+
 class PageSource:
     """The pages files of an image, as the image reader verified them: the
     very bytes whose sha256 was checked (ImageReader.data), never the file
@@ -269,8 +286,7 @@ class PageSource:
                 total += k
             self._release(runs)
             return total
-        for i in range(0, len(runs), IOV_BATCH):
-            batch = runs[i:i + IOV_BATCH]
+        for batch in _batches(runs):
             local = [(self.addrs[fi] + off, n * PAGE) for _, n, fi, off in batch]
             remote = [(addr, n * PAGE) for addr, n, _, _ in batch]
             want = sum(n for _, n in local)

@@ -63,3 +63,16 @@ def test_nothing_is_written_from_the_copy_ckpt_dropped():
         src.write_runs(os.getpid(), [[addr, 1, 0, 0]])
     assert dest[:] == bytes(PAGE)
     src.close()
+
+
+def test_writes_are_cut_so_each_freed_piece_is_small():
+    # One process_vm_writev of a whole 1 GiB mapping would free nothing
+    # until the new process holds all its pages: twice the memory at the peak.
+    from engine.memory import WRITE_STEP, _batches
+    mib = (1 << 20) // PAGE
+    runs = [[i << 20, mib, 0, i << 20] for i in range(40)] + [[100 << 20, 2 * WRITE_STEP // PAGE, 1, 0]]
+    batches = list(_batches(runs))
+    assert [r for b in batches for r in b] == runs
+    assert all(sum(r[1] for r in b) * PAGE <= WRITE_STEP for b in batches if len(b) > 1)
+    assert batches[-1] == [runs[-1]]        # a run bigger than a step is written alone
+    assert len(batches) == 4
