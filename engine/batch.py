@@ -109,23 +109,80 @@ class Batch:
         """Run every queued call; returns their raw results. The first
         failure raises SysError("NAME (injected)", errno, pid) and the calls
         after it do not run (as with Builder.call one by one)."""
-        calls, self.calls = self.calls, []
-        expect, self.expect = self.expect, {}
-        self.uses_scratch = False
+        calls, expect = self.take()
         b = self.b
         if not calls:
             return []
-        if not (enabled(b.arch) and trap_safe(b) and b.batch_area):
+        if not _runnable(b, calls):
             results = [_one(b, c) for c in calls]
         else:
             results = []
-            while calls:
-                chunk, calls = _chunk(calls, b.batch_size)
-                results += _run_blob(b, chunk)
-        for i, (want, message) in sorted(expect.items()):
-            if results[i] != want:
-                raise EngineError(message.format(got=results[i]), pid=b.pid)
+            held = signal.pthread_sigmask(signal.SIG_BLOCK, guard.HELD)
+            try:
+                while calls:
+                    chunk, calls = _chunk(calls, b.batch_size)
+                    results += _finish(b, chunk, _start(b, chunk))
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        _check(b, results, expect)
         return results
+
+    def take(self):
+        """(the queued calls, their expected results), leaving none queued."""
+        calls, self.calls = self.calls, []
+        expect, self.expect = self.expect, {}
+        self.uses_scratch = False
+        return calls, expect
+
+
+def run_each(builders) -> None:
+    """Builder.flush() of several processes side by side (a tree's
+    members: each its own address space, so its own table): every runner
+    is started before the first is waited for, so the processes run their
+    batches while the tracer starts the next (one wait each, not a round
+    trip each in a row). A batch that cannot go to its runner in one piece
+    is run on its own first. Every process's batch is run (up to its own
+    first failure) before the first failure is raised (the caller kills
+    them all), in both modes alike."""
+    go, started, error = [], [], None
+    for b in builders:
+        if not b.pending:
+            continue
+        if _runnable(b, b.pending.calls) and not _chunk(b.pending.calls, b.batch_size)[1]:
+            go.append(b)
+            continue
+        try:
+            b.flush()
+        except BaseException as e:      # noqa: BLE001 - the others run first
+            error = error or e
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, guard.HELD)
+    try:
+        for b in go:
+            calls, expect = b.pending.take()
+            try:
+                started.append((b, calls, expect, _start(b, calls)))
+            except BaseException as e:      # noqa: BLE001 - the started ones are finished first
+                error = e
+                break
+        for b, calls, expect, mask in started:
+            try:
+                _check(b, _finish(b, calls, mask), expect)
+            except BaseException as e:      # noqa: BLE001 - the others are finished first
+                error = error or e
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+    if error is not None:
+        raise error
+
+
+def _runnable(b, calls) -> bool:
+    return bool(calls) and enabled(b.arch) and trap_safe(b) and bool(b.batch_area)
+
+
+def _check(b, results: list, expect: dict) -> None:
+    for i, (want, message) in sorted(expect.items()):
+        if results[i] != want:
+            raise EngineError(message.format(got=results[i]), pid=b.pid)
 
 
 def _one(b, call) -> int:
@@ -165,29 +222,35 @@ def _layout(area: int, calls: list) -> bytes:
     return bytes(table + data)
 
 
-def _run_blob(b, calls: list) -> list:
+TRAP_BIT = 1 << (SIGTRAP - 1)
+
+
+def _start(b, calls: list) -> int:
+    """The table into the process's batch area, and the process on its way
+    through it (with guard.HELD blocked by the caller); returns its signal
+    mask, for _finish."""
     task, arch, pid = b.task, b.arch, b.pid
     for _, nr, _ in calls:
         faults.point(task.fault_name, nr)
-    area, blob = b.batch_area, b.batch_blob
-    trap = blob + arch.BATCH_TRAP_PC
-    task.write_mem(area, _layout(area, calls))
-    n = len(calls)
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, guard.HELD)
-    try:
-        mask = ptrace.get_sigmask(pid)
-        bit = 1 << (SIGTRAP - 1)
-        if mask & bit:
-            ptrace.set_sigmask(pid, mask & ~bit)     # see trap_safe()
-        regs = task.orig_regs.copy()
-        arch.set_batch(regs, blob, area, n)
-        task.set_regs(regs)
-        ptrace.cont(pid, 0)
-        regs = _await_trap(task, trap)
-        if mask & bit:
-            ptrace.set_sigmask(pid, mask)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+    task.write_mem(b.batch_area, _layout(b.batch_area, calls))
+    mask = ptrace.get_sigmask(pid)
+    if mask & TRAP_BIT:
+        ptrace.set_sigmask(pid, mask & ~TRAP_BIT)     # see trap_safe()
+    regs = task.orig_regs.copy()
+    arch.set_batch(regs, b.batch_blob, b.batch_area, len(calls))
+    task.set_regs(regs)
+    ptrace.cont(pid, 0)
+    return mask
+
+
+def _finish(b, calls: list, mask: int) -> list:
+    """Wait for the runner started by _start; the results, or the first
+    failure raised as one-by-one injection raises it."""
+    task, arch, pid = b.task, b.arch, b.pid
+    area, n = b.batch_area, len(calls)
+    regs = _await_trap(task, b.batch_blob + arch.BATCH_TRAP_PC)
+    if mask & TRAP_BIT:
+        ptrace.set_sigmask(pid, mask)
     COUNT["round_trips"] += 1
     COUNT["batched_calls"] += n
     cursor, left = arch.batch_state(regs)

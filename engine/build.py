@@ -6,7 +6,7 @@ injecting syscalls into it (ENGINE-NOTES "Restore"), in this order:
 
   gadget area in a hole of the dumped layout: a page with `syscall; int3`
   and the stages' scratch, then (x86_64) the batch runner and its table
-  rseq unregistered (else unmapping its area kills the task)
+  rseq unregistered (else unmapping its area kills the task; the same batch)
   everything but the gadget and the vdso block unmapped
   vdso block moved to the dumped address (mremap)
   PR_SET_MM_MAP: mm fields, auxv, exe (EBUSY while the old exe is mapped)
@@ -29,15 +29,14 @@ each thread's own settings.
 
 from __future__ import annotations
 
-import ctypes
 import os
-import signal
 import struct
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 from . import faults, libc, posixtimers, ptrace, sched, seccomp, signals, threads
 from .arch import current as current_arch
 from .batch import Batch, Data
+from .gadget import HANDLER_SCRATCH, _free_gap, _maps, clone_with_pid, gadget_size, place_gadget  # noqa: F401
 from .check import MADVISE_FLAGS
 from .errors import EngineError, Refusal
 from .fds import handler as fd_handler
@@ -56,8 +55,6 @@ PR_SET_VMA, PR_SET_VMA_ANON_NAME = 0x53564D41, 0
 RSEQ_FLAG_UNREGISTER = 1
 SS_ONSTACK, SS_DISABLE = 1, 2
 VDSO_NAMES = ("[vvar]", "[vvar_vclock]", "[vdso]")
-HANDLER_SCRATCH = 2048    # offset in the gadget page of task.scratch
-BATCH_PAGES = 15          # the batch runner and its table, after the gadget page (engine/batch.py)
 PARALLEL_MIN = 32 << 20   # bytes of pages worth splitting between two writer threads
 TEST_FAIL_ENV = "CKPT_TEST_FAIL_AT"   # honoured only when tests set it (see _maybe_fail)
 
@@ -71,66 +68,6 @@ def _maybe_fail(stage: str) -> None:
 
 def prot_of(perms: str) -> int:
     return sum(PROT[c] for c in perms[:3] if c in PROT)
-
-
-def _maps(pid: int) -> List[dict]:
-    from .procfs import parse_maps
-    with open(f"/proc/{pid}/maps") as f:
-        return parse_maps(f.read())
-
-
-def gadget_size(arch) -> int:
-    """The gadget area: its first page (the `syscall` gadget, the stages'
-    scratch, the fd handlers' scratch), then, where the arch has a batch
-    runner, the runner and its table (engine/batch.py)."""
-    return PAGE * (1 + (BATCH_PAGES if getattr(arch, "BATCH_BLOB", None) else 0))
-
-
-def place_gadget(b, busy: List[Tuple[int, int]]) -> None:
-    """Map the gadget area in b's process at the lowest address clear of
-    `busy` (the image's mappings: of every member, for a tree, which
-    inherits it through fork) and of what the process holds now, and
-    write the gadget and the batch runner into it."""
-    size = gadget_size(b.arch)
-    busy = busy + [(v["start"], v["end"]) for v in _maps(b.pid) if v["end"] <= b.arch.TASK_SIZE]
-    addr = _free_gap(busy, size)
-    got = b.call("mmap", addr, size, 7, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0)
-    if got != addr:
-        raise EngineError(f"gadget page landed at {got:#x}, not {addr:#x}", pid=b.pid)
-    b.task.write_mem(addr, b.arch.GADGET)
-    if size > PAGE:
-        b.task.write_mem(addr + PAGE, b.arch.BATCH_BLOB)
-    b.use_gadget(addr, size)
-
-
-def _free_gap(busy: List[Tuple[int, int]], size: int, low: int = 0x10000000) -> int:
-    """Lowest address >= low with `size` bytes clear of every busy range."""
-    addr = low
-    for s, e in sorted(busy):
-        if e <= addr:
-            continue
-        if s >= addr + size:
-            break
-        addr = (e + PAGE - 1) & ~(PAGE - 1)
-    return addr
-
-
-def clone_with_pid(pid: int, arch) -> Tuple[int, int]:
-    """clone3 with set_tid=[pid]; returns (child pid, address of a syscall
-    instruction in the child). Raises Refusal(pid-in-use | capability)."""
-    tramp = libc.exec_page(arch.CLONE3_TRAMPOLINE)
-    fn = ctypes.CFUNCTYPE(ctypes.c_long, ctypes.c_void_p, ctypes.c_size_t)(tramp)
-    tid = (ctypes.c_int * 1)(pid)
-    args = arch.CloneArgs(exit_signal=signal.SIGCHLD, set_tid=ctypes.addressof(tid), set_tid_size=1)
-    ret = fn(ctypes.addressof(args), ctypes.sizeof(args))
-    if ret < 0:
-        err = -ret
-        if err == 17:     # EEXIST
-            raise Refusal("pid-in-use", f"PID {pid} was taken before it could be restored", pid=pid)
-        if err == 1:      # EPERM
-            raise Refusal("capability", "clone3 set_tid needs CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE", pid=pid)
-        raise SysError("clone3", err, pid)
-    return ret, tramp + arch.TRAMPOLINE_SYSCALL_OFFSET
 
 
 class Builder:
@@ -150,6 +87,7 @@ class Builder:
         self.batch_size = 0
         self.pending = Batch(self)      # calls of the current stages, run by flush()
         self.signals_queued = False     # the image's pending signals are queued (batch.trap_safe)
+        self.page_bytes = 0             # written by map_steps
         self.timerslack: Optional[int] = None   # its current slack when known (set_timerslack)
         self.threads: List["Builder"] = []   # the other threads' builders (engine/threads.py)
         # The process's sigaction table as it is now, when known (a clone of
@@ -211,11 +149,14 @@ class Builder:
         # The clone inherited the restorer's rseq registration (kernel/fork.c
         # rseq_fork); once its area is unmapped, the next return to user
         # space would fail rseq_update_cpu_node_id() and SIGSEGV the task.
+        # Queued: the first call of the batch that unmaps it.
         conf = ptrace.get_rseq(self.pid)
         if conf["pointer"]:
-            self.call("rseq", conf["pointer"], conf["size"], RSEQ_FLAG_UNREGISTER, conf["signature"])
+            self.pending.add("rseq", conf["pointer"], conf["size"], RSEQ_FLAG_UNREGISTER, conf["signature"])
 
     def clear_address_space(self) -> None:
+        """Queued (a single process: one batch with the vdso moves and the
+        mmaps; a tree's root runs it before it forks)."""
         keep = [(self.gadget, self.gadget + self.gadget_size)]
         keep += [(v["start"], v["end"]) for v in _maps(self.pid) if v["path"] in VDSO_NAMES]
         addr = 0
@@ -223,7 +164,6 @@ class Builder:
             if s > addr:
                 self.pending.add("munmap", addr, s - addr)
             addr = max(addr, e)
-        self.flush()
 
     def move_vdso(self) -> None:
         # glibc cached vdso function addresses in the dumped memory: the vdso
@@ -276,15 +216,23 @@ class Builder:
         self.pending.uses_scratch = True
 
     def map_all(self) -> int:
-        """mmap every dumped mapping at its address; returns page bytes
-        written. In three steps, each one batch (engine/batch.py) for all
-        the mappings: mmap (with the calls queued before: vdso moves,
-        PR_SET_MM_MAP) and names; the pages; madvise and the final
-        mprotect (queued: process_state's calls join them)."""
+        """mmap every dumped mapping at its address; returns page bytes written."""
+        for _ in self.map_steps():
+            self.flush()
+        return self.page_bytes
+
+    def map_steps(self):
+        """map_all in steps (a generator: each yield leaves calls queued for
+        the caller to run, engine/batch.py): the mmaps and names of every
+        mapping, after the calls queued before (vdso moves, PR_SET_MM_MAP);
+        then the memory shared with an earlier member of a tree (its owner's
+        mapping exists by then), the pages, and madvise and the final
+        mprotect queued (process_state's calls join them)."""
         prep = self.job.prepared
         from .restore import map_key
         total = 0
         later = []      # (mapping, force, prot, final)
+        shared_later = []
         for v in self.job.vmas:
             kind = v["kind"]
             if kind == "special":
@@ -322,9 +270,7 @@ class Builder:
             if v.get("tree_shared"):
                 # Memory shared with another member of a process tree, built
                 # before this one: the same object (engine/tree_restore.py).
-                from .tree_restore import map_shared
-                self.flush()    # after the vdso moves queued before
-                total += map_shared(self, v, flags & ~MAP_ANONYMOUS)
+                shared_later.append((v, flags & ~MAP_ANONYMOUS))
                 continue
             self.pending.add("mmap", start, size, prot, flags, fd, off,
                              expect=(start, f"mapping {start:#x} landed at {{got:#x}}"))
@@ -332,7 +278,10 @@ class Builder:
                 name = v["path"][len("[anon:"):-1].encode() + b"\0"
                 self.pending.add("prctl", PR_SET_VMA, PR_SET_VMA_ANON_NAME, start, size, Data(name))
             later.append((v, force, prot, final))
-        self.flush()
+        yield
+        from .tree_restore import map_shared
+        for v, flags in shared_later:
+            total += map_shared(self, v, flags)
         for v, force, prot, final in later:
             if v["pages"]:
                 total += self._write_pages(v["pages"], force)
@@ -343,7 +292,7 @@ class Builder:
                     self.pending.add("madvise", start, size, MADVISE_FLAGS[f])
             if prot != final:
                 self.pending.add("mprotect", start, size, final)
-        return total
+        self.page_bytes = total
 
     def _write_pages(self, runs: list, force: bool) -> int:
         """Pages into the new process. Large regions are split between two
@@ -368,8 +317,9 @@ class Builder:
             return sum(f.result() for f in parts)
 
     def process_state(self) -> None:
+        """Queued (one batch with map_all's madvise/mprotect calls,
+        engine/batch.py); the caller runs them, then sets the mask."""
         core = self.job.core
-        # One batch with map_all's madvise/mprotect calls (engine/batch.py).
         q = self.pending.add
         if not self.fs_shared:
             q("fchdir", self.job.prepared.cwd_fd)
@@ -396,8 +346,6 @@ class Builder:
                 q("setpgid", 0, 0)
             else:
                 q("setpgid", 0, sess["pgid"])
-        self.flush()
-        ptrace.set_sigmask(self.pid, core["sigmask"])
 
     def set_sigactions(self, acts: dict) -> None:
         """Only the actions that differ from what the process holds now
@@ -564,14 +512,24 @@ def rebuild_early(b: Builder) -> None:
     """The stages that use the files the restorer opened for the process
     (exe, mappings, cwd: in its fd table above every dumped fd), up to its
     threads."""
+    for _ in rebuild_early_steps(b):
+        b.flush()
+
+
+def rebuild_early_steps(b: Builder):
+    """rebuild_early as a generator: each yield leaves b's calls queued,
+    for the caller to run (a tree runs every member's side by side,
+    engine/batch.py run_each)."""
     faults.point("restore.phase", "vdso")
     b.move_vdso()
     faults.point("restore.phase", "mm")
     b.set_mm()
-    b.map_all()
+    yield from b.map_steps()
     _maybe_fail("mapped")
     faults.point("restore.phase", "process_state")
     b.process_state()
+    yield
+    ptrace.set_sigmask(b.pid, b.job.core["sigmask"])
     faults.point("restore.phase", "threads")
     threads.create(b)   # before creds(): clone3 set_tid needs CAP_CHECKPOINT_RESTORE
     _maybe_fail("threads")

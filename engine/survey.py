@@ -552,7 +552,11 @@ def survey(pid=None, comm: Optional[str] = None, options: Optional[Options] = No
     from .check import require_features
     if check is None:
         require_features()
-        check = _checker(options or Options())
+        # no probes: a survey looks, it does not write into other processes' eventfds
+        import copy
+        opts = copy.copy(options) if options is not None else Options()
+        opts.probe = False
+        check = _checker(opts)
     t0 = time.monotonic()
     targets = select(pid, comm)
     records = []

@@ -9,7 +9,11 @@ pass, until a pass finds no new process: a stopped member cannot fork, so
 the tree is then complete. Processes forked faster than they can be frozen
 for MAX_ROUNDS passes are refused (`process-tree`), and on any refusal every
 member (also one the kernel attached to us that no pass reached yet) is let
-go.
+go. Only then, every thread of every member stopped, is the freeze
+finished (threads.finish_freeze): a SIGCHLD from a member that exited
+during the freeze, pending over its parent's interrupted wait, is taken
+there (engine/task.py settle). A vfork child is given VFORK_WAIT to exec
+before the refusal.
 
 Survey. Every live member is surveyed as a single process would be
 (dump._survey_frozen, with the other members not counting as "outside" for
@@ -192,19 +196,37 @@ def _freeze_member(pid: int, ppid: int) -> Optional[Member]:
     return Member(pid, ppid, st, tasks)
 
 
+VFORK_WAIT = 1.0     # seconds a vfork child is given to exec or exit
+
+
 def _no_vfork(pid: int) -> None:
     """Refuse, before freezing `pid`, a child sharing its memory (CLONE_VM):
     a vfork child that has not exec'd yet holds its parent in an
     uninterruptible wait that no ptrace stop can end, so the freeze would
-    wait for it; a restore would split the memory anyway."""
-    for c in children_of(pid):
-        try:
-            same = kcmp(pid, c, KCMP_SHARED["memory (CLONE_VM, or a vfork child)"], 0, 0) == 0
-        except Exception:    # noqa: BLE001 - gone meanwhile, or no kcmp (refused elsewhere)
-            continue
-        if same:
+    wait for it; a restore would split the memory anyway. A shell's vfork
+    child normally execs within milliseconds (dash runs every command that
+    way: a pipeline caught between its vfork and its exec was refused), so
+    it is given VFORK_WAIT to exec or exit before the refusal."""
+    deadline = time.monotonic() + VFORK_WAIT
+    while True:
+        c = _vfork_child(pid)
+        if c is None:
+            return
+        if time.monotonic() >= deadline:
             raise Refusal("tree-sharing", f"pid {c} shares its memory with its parent {pid} (CLONE_VM, or a "
                           "vfork child that has not exec'd): a restore would make two", pid=pid)
+        time.sleep(0.002)
+
+
+def _vfork_child(pid: int) -> Optional[int]:
+    """A child of `pid` sharing its memory, or None."""
+    for c in children_of(pid):
+        try:
+            if kcmp(pid, c, KCMP_SHARED["memory (CLONE_VM, or a vfork child)"], 0, 0) == 0:
+                return c
+        except Exception:    # noqa: BLE001 - gone meanwhile, or no kcmp (refused elsewhere)
+            continue
+    return None
 
 
 def _freeze_refused(pid: int, ppid: int, st: dict, r: Refusal) -> Optional[Member]:

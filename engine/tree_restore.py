@@ -56,6 +56,7 @@ from typing import Dict, List, Optional
 from . import faults, files, imagecheck, ptrace, sched, sharing, signals, threads
 from .arch import current as current_arch
 from .errors import EngineError, Refusal, Refusals
+from .batch import run_each
 from .libc import SysError
 from .task import Task
 from .tree import TREE_FILE, O_TRACEFORK, Sub
@@ -410,7 +411,7 @@ def map_shared(b, v: dict, flags: int) -> int:
 def build_tree(tj: TreeJob) -> int:
     """Runs in the restorer: create, zombies, rebuild, release (see the
     module docstring). Returns the root's PID."""
-    from .build import Builder, _check_xstate, clone_with_pid, rebuild_early, rebuild_late
+    from .build import Builder, _check_xstate, clone_with_pid, rebuild_early_steps, rebuild_late
     arch = current_arch()
     members = tj.members
     root = members[0]
@@ -435,6 +436,7 @@ def build_tree(tj: TreeJob) -> int:
         _gadget(b, all_vmas)
         b.unregister_rseq()
         b.clear_address_space()
+        b.flush()       # before the forks: the members inherit the emptied layout
         ptrace.set_sigmask(child, signals.ALL_BLOCKED)
         ptrace.set_options(child, ptrace.O_TRACESYSGOOD | ptrace.O_EXITKILL | O_TRACEFORK)
         _own_group(b, root, tree_pids)
@@ -482,9 +484,17 @@ def build_tree(tj: TreeJob) -> int:
         # its top member installs the dumped fds and closes the rest);
         # then let go, children first
         live = [b for b in order if b.job is not None]
+        steps = []
         for mb in live:
             faults.point("restore.tree.rebuild")
-            rebuild_early(mb)
+            steps.append((mb, rebuild_early_steps(mb)))
+        while steps:    # each step of every member, their batches side by side
+            going = []
+            for mb, g in steps:
+                if next(g, StopIteration) is not StopIteration:
+                    going.append((mb, g))
+            run_each([mb for mb, _ in going])
+            steps = going
         for mb in live:
             rebuild_late(mb)
         for mb in reversed(live):

@@ -242,3 +242,46 @@ def test_restore_with_a_mapping_where_the_gadget_would_go(procs, tmp_path, monke
         assert trips["batched_calls"] > trips["round_trips"]
     else:
         assert trips["batched_calls"] == 0
+
+
+@pytest.fixture
+def builder2():
+    acts = signals.own_actions()
+    task = _child()
+    b = Builder(_Job([]), task)
+    b.inherited_actions = acts
+    try:
+        place_gadget(b, [(IMAGE_AT, IMAGE_AT + 0x3000)])
+        yield b
+    finally:
+        task.kill()
+
+
+def test_run_each_runs_every_process_batch_and_raises_the_first_failure(builder, builder2, mode):
+    a, b = builder, builder2
+    a.pending.add("prctl", PR_SET_NAME, batch.Data(b"first\0"), 0, 0, 0)
+    a.pending.add("munmap", 1, PAGE)          # EINVAL
+    a.pending.add("umask", 0o077)             # must not run
+    b.pending.add("prctl", PR_SET_NAME, batch.Data(b"second\0"), 0, 0, 0)
+    b.pending.add("umask", 0o007)
+    before = _trips()
+    with pytest.raises(SysError) as e:
+        batch.run_each([a, b])
+    assert e.value.call == "munmap (injected)" and e.value.pid == a.pid
+    if mode == "runner":
+        assert _trips()["round_trips"] - before["round_trips"] == 2
+    # the other process's batch ran to its end all the same
+    assert open(f"/proc/{b.pid}/comm").read().strip() == "second"
+    assert b.call("umask", 0) == 0o007
+    assert open(f"/proc/{a.pid}/comm").read().strip() == "first"
+    assert a.call("umask", 0) != 0o077
+    assert not a.pending and not b.pending
+
+
+def test_run_each_checks_expected_results(builder, builder2, mode):
+    a, b = builder, builder2
+    a.pending.add("getpid", expect=(a.pid, "a: {got}"))
+    b.pending.add("getpid", expect=(b.pid + 1, "b's pid came back as {got}"))
+    with pytest.raises(Exception) as e:
+        batch.run_each([a, b])
+    assert f"b's pid came back as {b.pid}" in str(e.value)

@@ -12,8 +12,12 @@ carry it too, so these tests also check that the signal was taken at the
 freeze (it is no longer pending in the image): the same path both machines
 run, tested here.
 
-Target: tests/targets/blocker.c "thread_sigs" (a second thread, the only
-one with SIGUSR2 unblocked, blocked in one raw read()).
+Targets: tests/targets/blocker.c "thread_sigs" (a second thread, the only
+one with SIGUSR2 unblocked, blocked in one raw read()); a C program in
+sigsuspend (the mask it saved must come back after the handler); a Python
+parent with a child (a tree) blocked in a raw read() under a SIGCHLD
+handler. The signal is queued by a hook on threads.finish_freeze: every
+task stopped, the freeze not finished yet.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from engine.context import Options
 from engine.dump import check, dump
 from engine.restore import restore
 from engine_core_support import procs, wait_for  # noqa: F401
+from test_engine_tree import session_killer  # noqa: F401
 from restart_support import (NR, SI_QUEUE, _siginfo, blocker_bin, lines, sig_lines,  # noqa: F401
                              sigqueue, write_pipe)
 
@@ -55,7 +60,7 @@ def _start(procs, exe, out, sa_restart):
     return p, tid
 
 
-def _send_at_the_freeze(monkeypatch, pid, tid, queue, value):
+def _send_at_the_freeze(monkeypatch, pid, tid, queue, value, sig=USR2):
     """Queue SIGUSR2 once every task is stopped, before the freeze is
     finished (threads.finish_freeze): pending at the interrupt stop, as a
     SIGCHLD from a member exiting during a tree's freeze is."""
@@ -65,14 +70,14 @@ def _send_at_the_freeze(monkeypatch, pid, tid, queue, value):
     def hooked(tasks):
         if not sent:
             if queue == "shared":
-                sigqueue(pid, USR2, value)
+                sigqueue(pid, sig, value)
             else:
-                buf = ctypes.create_string_buffer(_siginfo(USR2, value), 128)
-                assert _libc.syscall(297, pid, tid, USR2, buf) == 0      # rt_tgsigqueueinfo
+                buf = ctypes.create_string_buffer(_siginfo(sig, value), 128)
+                assert _libc.syscall(297, pid, tid, sig, buf) == 0      # rt_tgsigqueueinfo
             sent.append(value)
             with open(f"/proc/{pid}/task/{tid}/status") as f:
                 st = dict(x.split(":\t", 1) for x in f.read().splitlines() if ":\t" in x)
-            assert (int(st["SigPnd"], 16) | int(st["ShdPnd"], 16)) >> (USR2 - 1) & 1, "not pending"
+            assert (int(st["SigPnd"], 16) | int(st["ShdPnd"], 16)) >> (sig - 1) & 1, "not pending"
         return real(tasks)
     monkeypatch.setattr(engine.threads, "finish_freeze", hooked)
     return sent
@@ -194,3 +199,55 @@ def test_sigsuspend_mask_comes_back_after_the_handler(procs, tmp_path, monkeypat
     wait_for(lambda: any(x.startswith("suspend ") for x in lines(out)), what="sigsuspend to return")
     assert "suspend ret=-1 errno=4 usr1=1 usr2=1" in lines(out), lines(out)
     assert [x for x in lines(out) if x.startswith("sig ")] == [f"sig {USR2}"]
+
+
+TREE_PARENT = r"""
+import ctypes, json, os, signal, time
+libc = ctypes.CDLL(None, use_errno=True)
+r, w = os.pipe()
+kid = os.fork()
+if kid == 0:
+    while True:
+        time.sleep(3600)
+wr, ww = os.pipe()
+os.set_blocking(ww, False)
+os.set_blocking(wr, False)
+signal.set_wakeup_fd(ww)                # the C handler writes one byte per delivery
+signal.signal(signal.SIGCHLD, lambda *a: None)
+signal.siginterrupt(signal.SIGCHLD, True)
+with open("ready.tmp", "w") as f:
+    json.dump({"kid": kid}, f)
+os.rename("ready.tmp", "ready")
+buf = ctypes.create_string_buffer(16)
+n = libc.read(r, buf, 16)
+e = ctypes.get_errno() if n < 0 else 0
+try:
+    got = list(os.read(wr, 16))
+except BlockingIOError:
+    got = []
+with open("out.txt", "a") as f:
+    f.write("read ret=%d errno=%d wakeups=%s\n" % (n, e, got))
+while True:
+    time.sleep(3600)
+"""
+
+
+def test_tree_sigchld_at_the_freeze_interrupts_the_parents_read(procs, session_killer, tmp_path,  # noqa: F811
+                                                                monkeypatch):
+    """A tree: the SIGCHLD a member gets while the whole tree is frozen (a
+    child exiting then) over its raw read() is taken once every member is
+    stopped (tree.freeze -> threads.finish_freeze), and after the restore
+    its handler has run once and the read() failed with EINTR."""
+    from engine_core_support import python_exe
+    from test_engine_tree import _dump_restore, _ready
+    p = procs.start([python_exe(), "-c", TREE_PARENT], cwd=str(tmp_path))
+    session_killer.append(p.pid)
+    _ready(tmp_path, p)
+    wait_for(lambda: open(f"/proc/{p.pid}/syscall").read().split()[0] == str(NR["read"]), what="the parent in read()")
+    sent = _send_at_the_freeze(monkeypatch, p.pid, p.pid, "shared", 0, sig=signal.SIGCHLD)
+    res, _ = _dump_restore(p.pid, tmp_path / "img", procs)
+    assert sent == [0] and res["signals_taken"] == 1 and res["members"] == 2
+    assert _pending_in_image(res["image"]) == []
+    out = str(tmp_path / "out.txt")
+    wait_for(lambda: lines(out), what="the parent's read() to return")
+    assert lines(out) == [f"read ret=-1 errno=4 wakeups=[{int(signal.SIGCHLD)}]"]

@@ -268,3 +268,34 @@ os.dup2(a.fileno(), 500); os.dup2(b.fileno(), 501); a.close(); b.close()
             for fd in fds:
                 os.close(fd)
     assert got == [[], [1, 1, 1], [3]]
+
+
+def test_a_survey_does_not_probe(monkeypatch):
+    """`ckpt survey` passes its options on with probe off, whatever it was given."""
+    from engine import survey as sv
+    from engine.context import Options
+    seen = []
+    monkeypatch.setattr(sv, "_checker", lambda o: seen.append(o) or (lambda pid: {}))
+    given = Options()
+    try:
+        sv.survey(pid=[os.getpid()], options=given, timeout=5)
+    except Exception:   # noqa: BLE001 - only the options handed to the checker matter here
+        pass
+    assert seen and seen[0].probe is False and given.probe is True
+
+
+def test_check_without_probes_writes_nothing_and_says_so(procs, tmp_path, hidden, monkeypatch):  # noqa: F811
+    """Options(probe=False) (what a survey uses): no eventfd is written to
+    (a probe would be caught by the counting hook below), and each eventfd's
+    verdict says its EFD_SEMAPHORE was not looked at."""
+    from engine.fds import _efdprobe
+    p, _ = _start(procs, tmp_path)
+    probed = []
+    monkeypatch.setattr(_efdprobe, "semaphore", lambda *a: probed.append(a) or False)
+    rep = check(p.pid, Options(probe=False))
+    assert probed == []
+    assert not [r for r in rep["refusals"] if r.get("fd") in {fd for fd, *_ in SPEC}], rep["refusals"]
+    text = json.dumps(rep)
+    assert text.count("not looked at here") >= len(SPEC), text[:2000]
+    check(p.pid, Options())           # and with probes (ckpt check): each eventfd probed once
+    assert len(probed) == len(SPEC)
