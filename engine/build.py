@@ -6,7 +6,7 @@ injecting syscalls into it (ENGINE-NOTES "Restore"), in this order:
 
   gadget area in a hole of the dumped layout: a page with `syscall; int3`
   and the stages' scratch, then (x86_64) the batch runner and its table
-  rseq unregistered (else unmapping its area kills the task)
+  rseq unregistered (else unmapping its area kills the task; the same batch)
   everything but the gadget and the vdso block unmapped
   vdso block moved to the dumped address (mremap)
   PR_SET_MM_MAP: mm fields, auxv, exe (EBUSY while the old exe is mapped)
@@ -149,11 +149,14 @@ class Builder:
         # The clone inherited the restorer's rseq registration (kernel/fork.c
         # rseq_fork); once its area is unmapped, the next return to user
         # space would fail rseq_update_cpu_node_id() and SIGSEGV the task.
+        # Queued: the first call of the batch that unmaps it.
         conf = ptrace.get_rseq(self.pid)
         if conf["pointer"]:
-            self.call("rseq", conf["pointer"], conf["size"], RSEQ_FLAG_UNREGISTER, conf["signature"])
+            self.pending.add("rseq", conf["pointer"], conf["size"], RSEQ_FLAG_UNREGISTER, conf["signature"])
 
     def clear_address_space(self) -> None:
+        """Queued (a single process: one batch with the vdso moves and the
+        mmaps; a tree's root runs it before it forks)."""
         keep = [(self.gadget, self.gadget + self.gadget_size)]
         keep += [(v["start"], v["end"]) for v in _maps(self.pid) if v["path"] in VDSO_NAMES]
         addr = 0
@@ -161,7 +164,6 @@ class Builder:
             if s > addr:
                 self.pending.add("munmap", addr, s - addr)
             addr = max(addr, e)
-        self.flush()
 
     def move_vdso(self) -> None:
         # glibc cached vdso function addresses in the dumped memory: the vdso

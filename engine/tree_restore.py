@@ -436,6 +436,7 @@ def build_tree(tj: TreeJob) -> int:
         _gadget(b, all_vmas)
         b.unregister_rseq()
         b.clear_address_space()
+        b.flush()       # before the forks: the members inherit the emptied layout
         ptrace.set_sigmask(child, signals.ALL_BLOCKED)
         ptrace.set_options(child, ptrace.O_TRACESYSGOOD | ptrace.O_EXITKILL | O_TRACEFORK)
         _own_group(b, root, tree_pids)
