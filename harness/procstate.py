@@ -102,7 +102,10 @@ def quiet_snapshot(pid: int, pub: Optional[dict] = None, seconds: float = 15.0,
         tries += 1
         if not part:
             return part
-        if before[0] and before == after and not before[0].startswith("running"):
+        # "-1 SP PC": blocked outside any system call (a page fault: a warm
+        # workload's first writes to the pages it shares with the agent),
+        # its masks those of a process awake
+        if before[0] and before == after and not before[0].startswith(("running", "-1 ")):
             snap.update(part)
             return snap
         if time.monotonic() > deadline:

@@ -68,6 +68,7 @@ _STAT = {"start_code": 26, "end_code": 27, "start_stack": 28, "start_data": 45, 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.sbrk.restype = ctypes.c_void_p
 _libc.sbrk.argtypes = [ctypes.c_long]
+_libc.malloc_trim.argtypes = [ctypes.c_size_t]
 _libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
 #: the argv and environment buffers /proc/PID/cmdline and environ read: alive
 #: as long as the process (a restore brings them back with its memory)
@@ -169,16 +170,26 @@ def become(argv: List[str]) -> None:
     zygote._exec_signals()
     zygote._std_streams(bool(getattr(sys.__stdout__, "write_through", False)))
     atexit._clear()             # the agent's; the workload's run registers none
-    # The agent's garbage goes now, not in the workload's own collection (a
+    # What only the agent has (its warm engine, harness/zygote.py) goes, and
+    # with the agent's garbage its pages: a fresh python3 holds neither, and
+    # every page the workload holds is one more for the engine to dump and
+    # restore. The garbage goes now, not in the workload's own collection (a
     # long one under TCG, the harness already snapshotting the process), and
-    # the agent's objects are left out of every later one.
+    # what stays is left out of every later one.
+    for name in [n for n in sys.modules if n.split(".")[0] in AGENT_ONLY]:
+        del sys.modules[name]
     gc.collect()
     gc.freeze()
+    # the freed pages inside the heap back to the kernel (not its free top:
+    # see prepare_parent)
+    _libc.malloc_trim(HEAP_PAD)
     sys.excepthook, sys.displayhook = sys.__excepthook__, sys.__displayhook__
     sys.unraisablehook = sys.__unraisablehook__
 
 
 M_TRIM_THRESHOLD, M_TOP_PAD = -1, -2      # mallopt(3)
+#: top-level packages the agent imports for itself that a workload never uses
+AGENT_ONLY = frozenset({"engine"})
 #: free heap the agent keeps for its forks (virtual: untouched pages cost nothing)
 HEAP_PAD = 64 << 20
 

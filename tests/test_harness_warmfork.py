@@ -204,9 +204,12 @@ def test_become_resets_what_the_agent_set(tmp_path):
         "from harness import warmfork\n"
         "signal.signal(signal.SIGUSR2, lambda *a: None); signal.signal(signal.SIGHUP, signal.SIG_IGN)\n"
         "atexit.register(lambda: os.write(1, b'AGENT-EXIT-HANDLER'))\n"
+        "import types; sys.modules['engine'] = types.ModuleType('engine')\n"
+        "sys.modules['engine.dump'] = types.ModuleType('engine.dump')\n"
         "warmfork.become(['/usr/bin/python3', '-S', '/x/workload.py', 'run', 'SPEC', 'MARK'])\n"
         "out = (signal.getsignal(signal.SIGUSR2) is signal.SIG_DFL, signal.getsignal(signal.SIGHUP) is signal.SIG_IGN,"
         " sys.argv, open('/proc/self/cmdline','rb').read())\n"
+        "assert not [n for n in sys.modules if n.startswith('engine')], 'the agent-only engine stayed'\n"
         "print(repr(out)); sys.stdout.flush()\n"
     ) % str(REPO)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, close_fds=True)
