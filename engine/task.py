@@ -56,17 +56,10 @@ class Task:
         `auto_attached`: a thread already ours (PTRACE_O_TRACECLONE on the
         thread that created it, engine/threads.py): only its first stop is
         waited for. Raises Refusal(ptraced | no-such-process | unsupported-state)."""
-        return cls.finish_seize(cls.begin_seize(pid, options, auto_attached), tgid)
-
-    @classmethod
-    def begin_seize(cls, pid: int, options: int = ptrace.O_TRACESYSGOOD, auto_attached: bool = False):
-        """seize()'s first half: seized and interrupted, not waited for, so
-        that many tasks stop side by side (engine/tree.py, threads.py); hand
-        the result to finish_seize(), every one, even when another failed.
-        Raises as seize()."""
         # Before the freeze: at the ptrace stop the kernel stack no longer
         # shows which call a restart_syscall(2) restarts.
         pre = restart.snapshot(pid)
+        task = None
         if not auto_attached:
             try:
                 ptrace.seize(pid, options)
@@ -76,23 +69,9 @@ class Task:
                 if e.errno == 3:
                     raise Refusal("no-such-process", "exited before it could be frozen", pid=pid) from None
                 raise
-            try:
-                ptrace.interrupt(pid)
-            except BaseException:
-                try:
-                    ptrace.detach(pid, 0)
-                except SysError:
-                    pass
-                raise
-        return (pid, pre)
-
-    @classmethod
-    def finish_seize(cls, started, tgid: Optional[int] = None) -> "Task":
-        """seize()'s second half: wait for the interrupt stop of a task
-        begin_seize() started. Raises as seize(); the task is let go then."""
-        pid, pre = started
-        task = None
         try:
+            if not auto_attached:
+                ptrace.interrupt(pid)
             while True:
                 st = ptrace.wait(pid)
                 if st.exited:

@@ -88,15 +88,12 @@ def _tracer(tid: int) -> int:
 
 # -- freeze --------------------------------------------------------------------
 
-def freeze(pid: int, options: int = FREEZE_OPTIONS, auto_attached: bool = False,
-           leader: Optional[Task] = None) -> List[Task]:
+def freeze(pid: int, options: int = FREEZE_OPTIONS, auto_attached: bool = False) -> List[Task]:
     """Seize and stop every thread of `pid`: [leader, other threads by TID].
-    `options`/`auto_attached`/`leader` (frozen already): engine/tree.py
-    (PTRACE_O_TRACEFORK, a child the kernel attached to us, members'
-    leaders frozen side by side). Raises Refusal (every thread already
-    seized is let go)."""
-    if leader is None:
-        leader = Task.seize(pid, options, auto_attached=auto_attached)
+    `options`/`auto_attached`: engine/tree.py (PTRACE_O_TRACEFORK, a child
+    the kernel attached to us). Raises Refusal (every thread already seized
+    is let go)."""
+    leader = Task.seize(pid, options, auto_attached=auto_attached)
     tasks = {pid: leader}
     try:
         for _ in range(MAX_ROUNDS):
@@ -104,20 +101,10 @@ def freeze(pid: int, options: int = FREEZE_OPTIONS, auto_attached: bool = False,
             new = [t for t in tids(pid) if t not in tasks]
             if not new:
                 return [leader] + [tasks[t] for t in sorted(tasks) if t != pid]
-            # every new thread interrupted before the first is waited for:
-            # their stops overlap instead of taking turns
-            started = [(tid, _begin_thread(pid, tid, options)) for tid in new]
-            failed = None
-            for tid, how in started:
-                try:
-                    t = _finish_thread(pid, tid, how, options)
-                except BaseException as e:   # noqa: BLE001 - every started one is finished first
-                    failed = failed or e
-                    continue
+            for tid in new:
+                t = _freeze_thread(pid, tid, options)
                 if t is not None:
                     tasks[tid] = t
-            if failed is not None:
-                raise failed
         raise Refusal("threads", f"threads kept being created faster than they could be frozen "
                       f"({MAX_ROUNDS} passes over /proc/{pid}/task)", pid=pid)
     except BaseException:
@@ -137,26 +124,14 @@ def _gone(pid: int, tid: int) -> bool:
         return True
 
 
-def _begin_thread(pid: int, tid: int, options: int = FREEZE_OPTIONS):
-    """A thread's freeze begun: ("started", Task.begin_seize's result)
-    or ("failed", the exception), for _finish_thread()."""
-    try:
-        return ("started", Task.begin_seize(tid, options))
-    except (Refusal, SysError) as e:
-        return ("failed", e)
-
-
-def _finish_thread(pid: int, tid: int, how, options: int = FREEZE_OPTIONS) -> Optional[Task]:
+def _freeze_thread(pid: int, tid: int, options: int = FREEZE_OPTIONS) -> Optional[Task]:
     """The frozen thread, or None when it exited meanwhile."""
-    kind, got = how
+    me = _thread.get_native_id()
     try:
-        if kind == "failed":
-            raise got
-        return Task.finish_seize(got, tgid=pid)
+        return Task.seize(tid, options, tgid=pid)
     except Refusal as r:
         if r.reason == "no-such-process":
             return None      # exited before it could be frozen: not part of the process any more
-        me = _thread.get_native_id()
         if r.reason == "ptraced" and _tracer(tid) == me:
             return _adopt_clone(pid, tid, options)
         if r.reason == "ptraced" and _gone(pid, tid):

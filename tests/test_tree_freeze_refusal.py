@@ -1,8 +1,6 @@
-"""A tree's members are frozen side by side (engine/tree.py
-_freeze_members: every leader of a pass seized and interrupted before
-the first is waited for). A member refused in the middle of such a pass
-must not leave the others seized or stopped; a tree frozen so dumps and
-restores whole. (Members forking during the freeze:
+"""A tree member refused in the middle of a freeze pass (engine/tree.py)
+must not leave the others seized or stopped; a tree of sleeping siblings
+dumps and restores whole. (Members forking during the freeze:
 test_engine_tree.py test_forking_tree_frozen_consistently; threads
 created during it: test_engine_threads.py.)
 """
