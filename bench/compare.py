@@ -128,6 +128,19 @@ def _timed(argv, what: str):
     return wall, cpu, r.stdout
 
 
+def _injected(tool: str, out: str) -> dict:
+    """ckpt's injected syscalls in one restore (engine/batch.py): ptrace
+    round trips, and calls run in batches; {} when it does not say (criu,
+    an older ckpt)."""
+    if not tool.startswith("ckpt"):
+        return {}
+    try:
+        inj = json.loads(out)["result"].get("injected") or {}
+    except (ValueError, KeyError, AttributeError):
+        return {}
+    return {"restore_round_trips": inj.get("round_trips"), "restore_batched_calls": inj.get("batched_calls")}
+
+
 def one(tool: str, cmd, memhog: str, mib: int, where: str, work: str) -> dict:
     """Dump and restore one fresh memhog with `tool`; wall/CPU seconds."""
     p = _start(memhog, mib, work)
@@ -145,14 +158,15 @@ def one(tool: str, cmd, memhog: str, mib: int, where: str, work: str) -> dict:
             d = _timed(cmd + ["dump", "-t", str(p.pid), "-D", img, "-o", "dump.log"], "criu dump")
         p.wait(timeout=60)          # both kill the dumped process
         if tool.startswith("ckpt"):
-            r = _timed(cmd + ["restore", "-D", img, "--pidfile", pidfile], "ckpt restore")
+            r = _timed(cmd + ["restore", "-D", img, "--pidfile", pidfile, "--json"], "ckpt restore")
         else:
             r = _timed(cmd + ["restore", "-D", img, "-d", "--pidfile", pidfile, "-o", "restore.log"],
                        "criu restore")
         with open(pidfile) as f:
             restored = int(f.read().split()[0])
         _sample(restored, mib, p.region)
-        return {"dump_s": d[0], "dump_cpu_s": d[1], "restore_s": r[0], "restore_cpu_s": r[1]}
+        return {"dump_s": d[0], "dump_cpu_s": d[1], "restore_s": r[0], "restore_cpu_s": r[1],
+                **_injected(tool, r[2])}
     finally:
         if p.poll() is None:
             p.kill()
@@ -290,14 +304,15 @@ def one_swarm(tool: str, cmd, swarm: str, mode: str, n: int, where: str, work: s
         p.wait(timeout=60)
         _reap_all()                 # the killed members, orphaned to us
         if tool.startswith("ckpt"):
-            r = _timed(cmd + ["restore", "-D", img, "--pidfile", pidfile], "ckpt restore")
+            r = _timed(cmd + ["restore", "-D", img, "--pidfile", pidfile, "--json"], "ckpt restore")
         else:
             r = _timed(cmd + ["restore", "-D", img, "-d", "--pidfile", pidfile, "-o", "restore.log"],
                        "criu restore")
         with open(pidfile) as f:
             restored = int(f.read().split()[0])
         _check_swarm(restored, mode, n, pids)
-        return {"dump_s": d[0], "dump_cpu_s": d[1], "restore_s": r[0], "restore_cpu_s": r[1], "frozen_ms": frozen}
+        return {"dump_s": d[0], "dump_cpu_s": d[1], "restore_s": r[0], "restore_cpu_s": r[1], "frozen_ms": frozen,
+                **_injected(tool, r[2])}
     finally:
         for q in (_members(restored) if restored else []) + [p.pid]:
             try:
@@ -313,7 +328,8 @@ def one_swarm(tool: str, cmd, swarm: str, mode: str, n: int, where: str, work: s
 def _row(got: dict, rounds: int, cmds: dict, **what) -> dict:
     row = dict(what, rounds=rounds)
     for tool, runs in got.items():
-        for k in ("dump_s", "restore_s", "dump_cpu_s", "restore_cpu_s", "frozen_ms"):
+        for k in ("dump_s", "restore_s", "dump_cpu_s", "restore_cpu_s", "frozen_ms", "restore_round_trips",
+                  "restore_batched_calls"):
             vals = [r[k] for r in runs if r.get(k) is not None]
             if vals:
                 row[f"{tool}_{k}"] = round(statistics.median(vals), 4)

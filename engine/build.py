@@ -4,8 +4,9 @@ The new process starts as a clone3(set_tid=[pid]) copy of the restorer that
 stopped itself (see arch CLONE3_TRAMPOLINE). Everything else is done by
 injecting syscalls into it (ENGINE-NOTES "Restore"), in this order:
 
-  gadget page (`syscall; int3`) in a hole of the dumped layout
-  rseq unregistered (else unmapping its area kills the task)
+  gadget area in a hole of the dumped layout: a page with `syscall; int3`
+  and the stages' scratch, then (x86_64) the batch runner and its table
+  rseq unregistered (else unmapping its area kills the task; the same batch)
   everything but the gadget and the vdso block unmapped
   vdso block moved to the dumped address (mremap)
   PR_SET_MM_MAP: mm fields, auxv, exe (EBUSY while the old exe is mapped)
@@ -19,18 +20,23 @@ injecting syscalls into it (ENGINE-NOTES "Restore"), in this order:
   affinity, oom_score_adj, timer slack; POSIX timers armed (signals blocked)
   munmap(gadget), and at its syscall-exit stop: xstate and the registers
   PTRACE_DETACH.
+Calls that need no decision in between are queued in Builder.pending and
+run as one batch inside the process (engine/batch.py; Builder.call runs
+what is queued first): the unmaps; the vdso moves, PR_SET_MM_MAP, mmaps and
+names; the madvise/mprotect calls with process_state's; the fd installs;
+each thread's own settings.
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
-import signal
 import struct
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 from . import faults, libc, posixtimers, ptrace, sched, seccomp, signals, threads
 from .arch import current as current_arch
+from .batch import Batch, Data
+from .gadget import HANDLER_SCRATCH, _free_gap, _maps, clone_with_pid, gadget_size, place_gadget  # noqa: F401
 from .check import MADVISE_FLAGS
 from .errors import EngineError, Refusal
 from .fds import handler as fd_handler
@@ -49,7 +55,6 @@ PR_SET_VMA, PR_SET_VMA_ANON_NAME = 0x53564D41, 0
 RSEQ_FLAG_UNREGISTER = 1
 SS_ONSTACK, SS_DISABLE = 1, 2
 VDSO_NAMES = ("[vvar]", "[vvar_vclock]", "[vdso]")
-HANDLER_SCRATCH = 2048    # offset in the gadget page of task.scratch
 PARALLEL_MIN = 32 << 20   # bytes of pages worth splitting between two writer threads
 TEST_FAIL_ENV = "CKPT_TEST_FAIL_AT"   # honoured only when tests set it (see _maybe_fail)
 
@@ -65,42 +70,6 @@ def prot_of(perms: str) -> int:
     return sum(PROT[c] for c in perms[:3] if c in PROT)
 
 
-def _maps(pid: int) -> List[dict]:
-    from .procfs import parse_maps
-    with open(f"/proc/{pid}/maps") as f:
-        return parse_maps(f.read())
-
-
-def _free_gap(busy: List[Tuple[int, int]], size: int, low: int = 0x10000000) -> int:
-    """Lowest address >= low with `size` bytes clear of every busy range."""
-    addr = low
-    for s, e in sorted(busy):
-        if e <= addr:
-            continue
-        if s >= addr + size:
-            break
-        addr = (e + PAGE - 1) & ~(PAGE - 1)
-    return addr
-
-
-def clone_with_pid(pid: int, arch) -> Tuple[int, int]:
-    """clone3 with set_tid=[pid]; returns (child pid, address of a syscall
-    instruction in the child). Raises Refusal(pid-in-use | capability)."""
-    tramp = libc.exec_page(arch.CLONE3_TRAMPOLINE)
-    fn = ctypes.CFUNCTYPE(ctypes.c_long, ctypes.c_void_p, ctypes.c_size_t)(tramp)
-    tid = (ctypes.c_int * 1)(pid)
-    args = arch.CloneArgs(exit_signal=signal.SIGCHLD, set_tid=ctypes.addressof(tid), set_tid_size=1)
-    ret = fn(ctypes.addressof(args), ctypes.sizeof(args))
-    if ret < 0:
-        err = -ret
-        if err == 17:     # EEXIST
-            raise Refusal("pid-in-use", f"PID {pid} was taken before it could be restored", pid=pid)
-        if err == 1:      # EPERM
-            raise Refusal("capability", "clone3 set_tid needs CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE", pid=pid)
-        raise SysError("clone3", err, pid)
-    return ret, tramp + arch.TRAMPOLINE_SYSCALL_OFFSET
-
-
 class Builder:
     """Rebuilds one process by syscall injection. Each stage raises
     SysError/EngineError (or Refusal); build() kills the process then."""
@@ -111,7 +80,15 @@ class Builder:
         self.arch = task.arch
         self.pid = task.pid
         self.gadget = 0
+        self.gadget_size = PAGE
         self.scratch = 0
+        self.batch_blob = 0     # the batch runner (engine/batch.py), 0: none
+        self.batch_area = 0     # its table
+        self.batch_size = 0
+        self.pending = Batch(self)      # calls of the current stages, run by flush()
+        self.signals_queued = False     # the image's pending signals are queued (batch.trap_safe)
+        self.page_bytes = 0             # written by map_steps
+        self.timerslack: Optional[int] = None   # its current slack when known (set_timerslack)
         self.threads: List["Builder"] = []   # the other threads' builders (engine/threads.py)
         # The process's sigaction table as it is now, when known (a clone of
         # the restorer: signals.own_actions() read just before the clone).
@@ -124,45 +101,68 @@ class Builder:
 
     # -- helpers ---------------------------------------------------------------
     def call(self, name: str, *args: int) -> int:
+        """One call injected now, after the calls still queued."""
+        if self.pending:
+            self.flush()
         return self.task.call(name, *args)
 
+    def set_timerslack(self, ns: int) -> None:
+        """Before it clones a thread or forks a member: the new task's
+        default slack is its creator's current one (kernel/fork.c); not
+        set again when it already holds it."""
+        if ns != self.timerslack:
+            self.call("prctl", sched.PR_SET_TIMERSLACK, ns, 0, 0, 0)
+            self.timerslack = ns
+
+    def flush(self) -> list:
+        """Run the calls queued in self.pending (engine/batch.py)."""
+        return self.pending.run()
+
+    def use_gadget(self, addr: int, size: int) -> None:
+        """The gadget area at `addr` (mapped by place_gadget, in this
+        process or the one it was forked/cloned from)."""
+        self.gadget, self.gadget_size = addr, size
+        self.scratch = addr + 64
+        # The page's upper half is the fd handlers' scratch (finish()).
+        self.task.scratch = addr + HANDLER_SCRATCH
+        self.task.syscall_ip = addr
+        if size > PAGE:
+            self.batch_blob = addr + PAGE
+            self.batch_area = addr + PAGE + 64
+            self.batch_size = size - PAGE - 64
+
     def put(self, data: bytes, off: int = 0) -> int:
-        """Copy `data` into the gadget page's scratch area; returns its address."""
+        """Copy `data` into the gadget page's scratch area; returns its address.
+        Queued calls that point into the scratch run first."""
         if off + len(data) > HANDLER_SCRATCH - 64:
             raise EngineError("scratch overflow", pid=self.pid)
+        if self.pending.uses_scratch:
+            self.flush()
         self.task.write_mem(self.scratch + off, data)
         return self.scratch + off
 
     # -- stages ------------------------------------------------------------------
     def make_gadget(self) -> None:
-        busy = [(v["start"], v["end"]) for v in self.job.vmas]
-        busy += [(v["start"], v["end"]) for v in _maps(self.pid) if v["end"] <= self.arch.TASK_SIZE]
-        addr = _free_gap(busy, PAGE)
-        got = self.call("mmap", addr, PAGE, 7, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0)
-        if got != addr:
-            raise EngineError(f"gadget page landed at {got:#x}, not {addr:#x}", pid=self.pid)
-        self.task.write_mem(addr, self.arch.GADGET)
-        self.gadget = addr
-        self.scratch = addr + 64
-        # The page's upper half is the fd handlers' scratch (finish()).
-        self.task.scratch = addr + HANDLER_SCRATCH
-        self.task.syscall_ip = addr
+        place_gadget(self, [(v["start"], v["end"]) for v in self.job.vmas])
 
     def unregister_rseq(self) -> None:
         # The clone inherited the restorer's rseq registration (kernel/fork.c
         # rseq_fork); once its area is unmapped, the next return to user
         # space would fail rseq_update_cpu_node_id() and SIGSEGV the task.
+        # Queued: the first call of the batch that unmaps it.
         conf = ptrace.get_rseq(self.pid)
         if conf["pointer"]:
-            self.call("rseq", conf["pointer"], conf["size"], RSEQ_FLAG_UNREGISTER, conf["signature"])
+            self.pending.add("rseq", conf["pointer"], conf["size"], RSEQ_FLAG_UNREGISTER, conf["signature"])
 
     def clear_address_space(self) -> None:
-        keep = [(self.gadget, self.gadget + PAGE)]
+        """Queued (a single process: one batch with the vdso moves and the
+        mmaps; a tree's root runs it before it forks)."""
+        keep = [(self.gadget, self.gadget + self.gadget_size)]
         keep += [(v["start"], v["end"]) for v in _maps(self.pid) if v["path"] in VDSO_NAMES]
         addr = 0
         for s, e in sorted(keep) + [(self.arch.TASK_SIZE, self.arch.TASK_SIZE)]:
             if s > addr:
-                self.call("munmap", addr, s - addr)
+                self.pending.add("munmap", addr, s - addr)
             addr = max(addr, e)
 
     def move_vdso(self) -> None:
@@ -173,7 +173,7 @@ class Builder:
         want = [v for v in self.job.vmas if v["path"] in VDSO_NAMES]
         if not want:
             for v in now:
-                self.call("munmap", v["start"], v["end"] - v["start"])
+                self.pending.add("munmap", v["start"], v["end"] - v["start"])
             return
         if [(v["path"], v["end"] - v["start"]) for v in now] != [(v["path"], v["end"] - v["start"]) for v in want]:
             raise Refusal("unsupported-mapping", "vdso layout differs from the image's", pid=self.pid)
@@ -183,9 +183,10 @@ class Builder:
         wlo, whi = want[0]["start"], want[-1]["end"]
         if lo < whi and wlo < hi:
             # Overlapping move: park the block in a free spot first.
-            busy = [(v["start"], v["end"]) for v in self.job.vmas] + [(lo, hi), (self.gadget, self.gadget + PAGE)]
+            busy = [(v["start"], v["end"]) for v in self.job.vmas] + [(lo, hi), (self.gadget, self.gadget + self.gadget_size)]
             tmp = _free_gap(busy, hi - lo)
             self._mremap_block(now, tmp - lo)
+            self.flush()
             now = [v for v in _maps(self.pid) if v["path"] in VDSO_NAMES]
             lo = now[0]["start"]
         self._mremap_block(now, wlo - lo)
@@ -193,7 +194,7 @@ class Builder:
     def _mremap_block(self, vmas: List[dict], delta: int) -> None:
         for v in vmas:
             size = v["end"] - v["start"]
-            self.call("mremap", v["start"], size, size, MREMAP_MAYMOVE | MREMAP_FIXED, v["start"] + delta)
+            self.pending.add("mremap", v["start"], size, size, MREMAP_MAYMOVE | MREMAP_FIXED, v["start"] + delta)
 
     def set_mm(self) -> None:
         # prctl(PR_SET_MM, PR_SET_MM_MAP) (kernel/sys.c prctl_set_mm_map):
@@ -208,14 +209,30 @@ class Builder:
         st = struct.pack("<11QQII", m["start_code"], m["end_code"], m["start_data"], m["end_data"],
                          m["start_brk"], m["brk"], m["start_stack"], m["arg_start"], m["arg_end"],
                          m["env_start"], m["env_end"], aux_addr, len(auxv), exe)
+        # Queued (the vdso moves and mappings go in the same batch): the
+        # struct and auxv stay in the scratch until the batch ran.
         addr = self.put(st, 0)
-        self.call("prctl", PR_SET_MM, PR_SET_MM_MAP, addr, len(st), 0)
+        self.pending.add("prctl", PR_SET_MM, PR_SET_MM_MAP, addr, len(st), 0)
+        self.pending.uses_scratch = True
 
     def map_all(self) -> int:
         """mmap every dumped mapping at its address; returns page bytes written."""
+        for _ in self.map_steps():
+            self.flush()
+        return self.page_bytes
+
+    def map_steps(self):
+        """map_all in steps (a generator: each yield leaves calls queued for
+        the caller to run, engine/batch.py): the mmaps and names of every
+        mapping, after the calls queued before (vdso moves, PR_SET_MM_MAP);
+        then the memory shared with an earlier member of a tree (its owner's
+        mapping exists by then), the pages, and madvise and the final
+        mprotect queued (process_state's calls join them)."""
         prep = self.job.prepared
         from .restore import map_key
         total = 0
+        later = []      # (mapping, force, prot, final)
+        shared_later = []
         for v in self.job.vmas:
             kind = v["kind"]
             if kind == "special":
@@ -253,23 +270,29 @@ class Builder:
             if v.get("tree_shared"):
                 # Memory shared with another member of a process tree, built
                 # before this one: the same object (engine/tree_restore.py).
-                from .tree_restore import map_shared
-                total += map_shared(self, v, flags & ~MAP_ANONYMOUS)
+                shared_later.append((v, flags & ~MAP_ANONYMOUS))
                 continue
-            got = self.call("mmap", start, size, prot, flags, fd, off)
-            if got != start:
-                raise EngineError(f"mapping {start:#x} landed at {got:#x}", pid=self.pid)
+            self.pending.add("mmap", start, size, prot, flags, fd, off,
+                             expect=(start, f"mapping {start:#x} landed at {{got:#x}}"))
             if v["path"].startswith("[anon:"):
                 name = v["path"][len("[anon:"):-1].encode() + b"\0"
-                self.call("prctl", PR_SET_VMA, PR_SET_VMA_ANON_NAME, start, size, self.put(name))
+                self.pending.add("prctl", PR_SET_VMA, PR_SET_VMA_ANON_NAME, start, size, Data(name))
+            later.append((v, force, prot, final))
+        yield
+        from .tree_restore import map_shared
+        for v, flags in shared_later:
+            total += map_shared(self, v, flags)
+        for v, force, prot, final in later:
             if v["pages"]:
                 total += self._write_pages(v["pages"], force)
+        for v, force, prot, final in later:
+            start, size = v["start"], v["end"] - v["start"]
             for f in v["flags"]:
                 if f in MADVISE_FLAGS:
-                    self.call("madvise", start, size, MADVISE_FLAGS[f])
+                    self.pending.add("madvise", start, size, MADVISE_FLAGS[f])
             if prot != final:
-                self.call("mprotect", start, size, final)
-        return total
+                self.pending.add("mprotect", start, size, final)
+        self.page_bytes = total
 
     def _write_pages(self, runs: list, force: bool) -> int:
         """Pages into the new process. Large regions are split between two
@@ -294,34 +317,35 @@ class Builder:
             return sum(f.result() for f in parts)
 
     def process_state(self) -> None:
+        """Queued (one batch with map_all's madvise/mprotect calls,
+        engine/batch.py); the caller runs them, then sets the mask."""
         core = self.job.core
+        q = self.pending.add
         if not self.fs_shared:
-            self.call("fchdir", self.job.prepared.cwd_fd)
-            self.call("umask", core["umask"])
-        self.call("personality", core["personality"])
-        self.call("prctl", PR_SET_NAME, self.put(core["comm"].encode()[:15] + b"\0"), 0, 0, 0)
+            q("fchdir", self.job.prepared.cwd_fd)
+            q("umask", core["umask"])
+        q("personality", core["personality"])
+        q("prctl", PR_SET_NAME, Data(core["comm"].encode()[:15] + b"\0"), 0, 0, 0)
         self.set_sigactions(core["sigactions"])
         sp, ssflags, size = core["sigaltstack"]
         if ssflags & SS_DISABLE:
             sp, ssflags, size = 0, SS_DISABLE, 0
-        self.call("sigaltstack", self.put(struct.pack("<Qi4xQ", sp, ssflags & ~SS_ONSTACK, size)), 0)
+        q("sigaltstack", Data(struct.pack("<Qi4xQ", sp, ssflags & ~SS_ONSTACK, size)), 0)
         for which, t in enumerate(core["itimers"]):
             if any(t):
-                self.call("setitimer", which, self.put(struct.pack("<qqqq", *t)), 0)
-        self.call("set_tid_address", core["tid_address"])
+                q("setitimer", which, Data(struct.pack("<qqqq", *t)), 0)
+        q("set_tid_address", core["tid_address"])
         head, length = core["robust_list"]
         if head:
-            self.call("set_robust_list", head, length)
-        ptrace.set_sigmask(self.pid, core["sigmask"])
-        if self.session_done:
-            return      # a tree member: set when it was created (engine/tree_restore.py)
-        sess = core["session"]
-        if sess["sid"] == self.pid:
-            self.call("setsid")
-        elif sess["pgid"] == self.pid:
-            self.call("setpgid", 0, 0)
-        else:
-            self.call("setpgid", 0, sess["pgid"])
+            q("set_robust_list", head, length)
+        if not self.session_done:   # a tree member's was set when it was created (engine/tree_restore.py)
+            sess = core["session"]
+            if sess["sid"] == self.pid:
+                q("setsid")
+            elif sess["pgid"] == self.pid:
+                q("setpgid", 0, 0)
+            else:
+                q("setpgid", 0, sess["pgid"])
 
     def set_sigactions(self, acts: dict) -> None:
         """Only the actions that differ from what the process holds now
@@ -335,7 +359,9 @@ class Builder:
             if have is not None and have.get(sig) == list(act):
                 continue
             handler, flags, restorer, mask = act
-            self.call("rt_sigaction", int(sig), self.put(struct.pack("<QQQQ", handler, flags, restorer, mask)), 0, 8)
+            # Queued: a SIGTRAP action other than the default ends batching
+            # for this process (batch.trap_safe), this batch included.
+            self.pending.add("rt_sigaction", int(sig), Data(struct.pack("<QQQQ", handler, flags, restorer, mask)), 0, 8)
             if have is not None:
                 have[sig] = list(act)
 
@@ -346,13 +372,14 @@ class Builder:
         keep = set()
         for rec in self.job.fdrecs:
             flags = os.O_CLOEXEC if rec["cloexec"] else 0
-            self.call("dup3", prep.fd_of_rec[rec["fd"]], rec["fd"], flags)
+            self.pending.add("dup3", prep.fd_of_rec[rec["fd"]], rec["fd"], flags)
             keep.add(rec["fd"])
         lo = 0
         for fd in sorted(keep) + [1 << 32]:
             if fd > lo:
-                self.call("close_range", lo, min(fd - 1, 0xFFFFFFFF), 0)
+                self.pending.add("close_range", lo, min(fd - 1, 0xFFFFFFFF), 0)
             lo = fd + 1
+        self.flush()
         for rec in self.job.fdrecs:
             if "dup_of" in rec or "ofd_of" in rec:
                 continue
@@ -396,7 +423,7 @@ class Builder:
         xstate and registers; detach."""
         regs = self.arch.Regs.from_dict(self.job.core["regs"])
         self.arch.normalise_restart(regs)
-        self.call("munmap", self.gadget, PAGE)
+        self.call("munmap", self.gadget, self.gadget_size)
         # Blocked since posixtimers.arm(): a timer that fired meanwhile is
         # pending with its own siginfo, delivered once the process runs.
         ptrace.set_sigmask(self.pid, self.job.core["sigmask"])
@@ -416,6 +443,7 @@ class Builder:
         """Queue the image's pending signals from inside the task (exact
         siginfo, engine/signals.py), with every signal blocked until finish()."""
         core = self.job.core
+        self.signals_queued = True      # nothing batched from here on (batch.trap_safe)
         signals.requeue(self.task, self.put, core.get("signals") or {})
         interval, value = core["itimers"][0][:2], core["itimers"][0][2:]
         ignored = core["sigactions"].get("14", [0])[0] == 1 and not core["sigmask"] >> 13 & 1
@@ -484,14 +512,24 @@ def rebuild_early(b: Builder) -> None:
     """The stages that use the files the restorer opened for the process
     (exe, mappings, cwd: in its fd table above every dumped fd), up to its
     threads."""
+    for _ in rebuild_early_steps(b):
+        b.flush()
+
+
+def rebuild_early_steps(b: Builder):
+    """rebuild_early as a generator: each yield leaves b's calls queued,
+    for the caller to run (a tree runs every member's side by side,
+    engine/batch.py run_each)."""
     faults.point("restore.phase", "vdso")
     b.move_vdso()
     faults.point("restore.phase", "mm")
     b.set_mm()
-    b.map_all()
+    yield from b.map_steps()
     _maybe_fail("mapped")
     faults.point("restore.phase", "process_state")
     b.process_state()
+    yield
+    ptrace.set_sigmask(b.pid, b.job.core["sigmask"])
     faults.point("restore.phase", "threads")
     threads.create(b)   # before creds(): clone3 set_tid needs CAP_CHECKPOINT_RESTORE
     _maybe_fail("threads")
@@ -519,6 +557,7 @@ def rebuild_late(b: Builder) -> None:
     b.pending_signals()     # before anything (seccomp) could forbid rt_tgsigqueueinfo
     faults.point("restore.phase", "sched")
     sched.apply(pid, job.core["sched"])
+    b.timerslack = None
     threads.late_state(b)
     faults.point("restore.phase", "arm_timers")
     posixtimers.arm(b, job.core["posix_timers"])   # last: see posixtimers

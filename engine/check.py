@@ -368,11 +368,15 @@ def _check_ctty(s: Survey, ctx: DumpContext) -> None:
     joins that session, and so its terminal)."""
     st = s.stat
     nr = st.get("tty_nr", 0)
+    sid = st.get("session")
+    tree = ctx.tree_pids if ctx.tree_root is not None else frozenset()
+    if sid != s.pid and sid in tree:
+        _check_session_member(s, ctx, nr, sid)
+        return
     if not nr:
         return
     from .fds import tty
     idx = tty.ctty_index(s.pid)
-    sid = st.get("session")
     if idx is None:
         s.refuse("controlling terminal", "session", Refusal(
             "unsupported-state", f"has a controlling terminal that is not a pseudo-terminal (tty_nr {nr}); "
@@ -382,10 +386,10 @@ def _check_ctty(s: Survey, ctx: DumpContext) -> None:
     if sid == s.pid:
         if ends["master"] and ends["slave"]:
             s.ok("controlling terminal", "session", f"/dev/pts/{idx}, a pair the process holds")
-        elif ends["slave"] and tty._tree_master(ctx, idx):
-            s.refuse("controlling terminal", "session", Refusal(
-                "tty", f"controlling terminal /dev/pts/{idx}, whose master another process of the dumped tree "
-                "holds: a pair split between processes is not restored yet"))
+        elif tty._tree_master(ctx, idx):
+            held = tty._tree_master(ctx, idx)
+            s.ok("controlling terminal", "session", f"/dev/pts/{idx}, whose master pid {held[0]} of the tree "
+                 "holds (set again after its setsid(), before it forks)")
         elif ends["slave"]:
             s.refuse("controlling terminal", "session", Refusal(
                 "tty-outside", f"session leader whose controlling terminal /dev/pts/{idx} has its master "
@@ -400,6 +404,27 @@ def _check_ctty(s: Survey, ctx: DumpContext) -> None:
         s.refuse("controlling terminal", "session", Refusal(
             "tty-outside", f"runs on /dev/pts/{idx}, the terminal of session {sid} (a shell's): dump with "
             "--shell-job and restore with --tty"))
+
+
+def _check_session_member(s: Survey, ctx: DumpContext, nr: int, sid: int) -> None:
+    """A member of a tree in the session another member leads: a restore
+    gives it the leader's controlling terminal (it is forked after the
+    leader's TIOCSCTTY and inherits it, engine/tree_restore.py), so it must
+    have that one now: a process forked before its leader took a terminal,
+    or left with none by TIOCNOTTY, has none."""
+    try:
+        lead = procfs.Proc(sid).stat().get("tty_nr", 0)
+    except (OSError, ValueError):
+        lead = None
+    if lead == nr:
+        if nr:
+            from .fds import tty
+            s.ok("controlling terminal", "session", f"/dev/pts/{tty.ctty_index(s.pid)}, its session's, whose "
+                 f"leader {sid} is in the tree (the restored member inherits it from the leader)")
+        return
+    s.refuse("controlling terminal", "session", Refusal(
+        "tty", f"controlling terminal {nr or 'none'} (tty_nr), its session leader {sid}'s is {lead or 'none'}: "
+        "restored, it would inherit the leader's"))
 
 
 def features() -> List[str]:

@@ -152,7 +152,10 @@ def _human(command: str, res: dict) -> str:
         return (f"ckpt: dumped {who} to {res.get('image')}: {mib:.1f} MiB of memory, "
                 f"{res.get('mappings', '?')} mappings, {res.get('fds', '?')} fds; frozen "
                 f"{res.get('frozen_ms', 0):.0f} ms, durable after {res.get('durable_ms', res.get('total_ms', 0)):.0f} ms, "
-                f"total {res.get('total_ms', 0):.0f} ms; process {fate}")
+                f"total {res.get('total_ms', 0):.0f} ms; process {fate}"
+                # handlers set up at the freeze (engine/task.py settle), run after
+                + (f"; {res['signals_taken']} pending signal(s) taken at the freeze"
+                   if res.get("signals_taken") else ""))
     if command == "restore":
         tree = f" and its tree ({res['members']} processes)" if res.get("members") else ""
         return f"ckpt: restored pid {res.get('pid')}{tree} in {res.get('restore_ms', 0):.0f} ms"

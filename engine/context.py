@@ -26,6 +26,8 @@ class Options:
     debug: bool = False
     shell_job: bool = False           # dump: a pty slave whose master is outside is saved (engine/fds/tty.py)
     tty: str = ""                     # restore: the terminal such fds are reopened on ("inherit": stdin's)
+    probe: bool = True                # check: may write to a target's eventfd to find EFD_SEMAPHORE (< 6.6);
+                                      # a survey of a whole machine does not (engine/fds/_efdprobe.py)
 
 
 @dataclass

@@ -438,14 +438,16 @@ def _survey_signals_and_restart(s: Survey, task: Task, state) -> None:
 def _handler_problem(task: Task, state, sigs: dict):
     """aarch64 only: registers already rewound onto an interrupted call
     (arch rewound_call) no longer say whether a handler must make it fail
-    with EINTR; x86_64 leaves that choice to the kernel at restore."""
+    with EINTR; x86_64 leaves that choice to the kernel at restore. A
+    signal pending at the end of the freeze was taken then (Task.settle):
+    this is one that arrived afterwards."""
     rewound = getattr(task.arch, "rewound_call", None)
     if state is None or rewound is None or not rewound(task):
         return None
     hit = signals.handled_on_resume(sigs, state["sigmask"], state["sigactions"])
     if hit:
-        return (f"signal {hit[0]} with a handler is pending while the process is in an interrupted "
-                "system call: whether the call must then fail with EINTR is lost on this architecture")
+        return (f"signal {hit[0]} with a handler arrived while the frozen process was being read, over an "
+                "interrupted system call: whether the call must then fail with EINTR is lost on this architecture")
     return None
 
 
@@ -564,7 +566,7 @@ def _dump_one(pid: int, directory: str, options: Options) -> dict:
                 threads.release(tasks)
             raise
     return {"pid": pid, "image": img.final, "pages_bytes": dumper.total, "mappings": len(vmas),
-            "threads": len(tasks),
+            "threads": len(tasks), "signals_taken": sum(t.settled for t in tasks),
             "fds": len(fdrecs), "frozen_ms": round((t1 - t_frozen) * 1000, 2),
             # from the start until the committed image is on stable storage
             "durable_ms": round((t_durable - t0) * 1000, 2),

@@ -18,6 +18,7 @@ TYPE_CHECKING = False   # annotations only: importing typing costs every run ~3 
 if TYPE_CHECKING:
     from typing import Optional
 
+PROC = 0x9fa0
 # Filesystems whose files are views of kernel state: a path on them does
 # not name stable bytes that a reopen (on this machine or another) gives
 # back. Mode says S_IFREG or S_IFDIR for most of them.

@@ -560,6 +560,8 @@ I63 = (1 << 63) - 1
 # would restore something else than was dumped, silently. A field named
 # here must be present; its handler reads it.
 _U = lambda hi: ("int", 0, hi)
+from .fds.procfile import OWN as _PF_OWN, SYSTEM as _PF_SYSTEM  # noqa: E402 (next to its one use)
+_PROCFILE_NAMES = _PF_OWN | _PF_SYSTEM
 KIND_FIELDS = {
     "eventfd": {"count": _U(U64 - 1), "semaphore": ("bool",)},
     "signalfd": {"sigmask": _U(U64)},
@@ -569,6 +571,7 @@ KIND_FIELDS = {
     "fifo": {"size": ("int", 1, 1 << 31), "end": ("word", "r", "w", "rw")},
     "epoll": {"targets": ("list",)},
     "inotify": {"watches": ("list",)},
+    "procfile": {"proc": ("word", "own", "system"), "name": ("word",) + tuple(sorted(_PROCFILE_NAMES))},
 }
 
 

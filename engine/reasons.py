@@ -55,7 +55,9 @@ REASONS = {
                     "filesystem (statfs magic), not its mode: proc, sysfs, nsfs (net:[…]), cgroup/cgroup2, debugfs, "
                     "tracefs, securityfs, bpf, configfs, pstore, efivarfs, fusectl, hugetlbfs, mqueue, autofs, ... "
                     "(filesystem and path in the detail). Their contents are kernel state made at open; a reopen "
-                    "gives another object"),
+                    "gives another object. Except the /proc files engine/fds/procfile.py reopens: one of those is "
+                    "refused only when read part-way, open for writing, another process's or shared by two "
+                    "members"),
     "unlinked-unrestorable": ("a deleted-but-open file that restore could not recreate where it lived, refused at "
                               "dump (restore recreates it in its old directory, on the same filesystem): that "
                               "directory is gone or is on a read-only mount"),
@@ -90,9 +92,11 @@ REASONS = {
                   "be placed"),
     # terminals
     "tty": ("a pseudo-terminal that cannot be restored exactly (index and why in the detail): an end also held "
-            "by a process outside the dump, a master whose slave the process does not hold, a line discipline "
-            "other than N_TTY, the controlling terminal of another session or held by no fd, a foreground "
-            "group not the process's own; at restore, its pty index is taken"),
+            "by a process outside the dump, a master whose slave no process of the dump holds, a line discipline "
+            "other than N_TTY, another devpts instance than /dev/pts, the controlling terminal of a session "
+            "whose leader is not in the dump or held by no fd, a foreground group none of the dump's in that "
+            "session, a tree member whose controlling terminal is not its session leader's, /dev/tty shared by "
+            "two members; at restore, its pty index is taken"),
     "tty-queued": ("bytes queued on a pseudo-terminal that cannot be carried exactly: in canonical mode with VEOF "
                    "disabled or a literal-next (VLNEXT) pending, the line being typed cannot be seen; a packet-mode "
                    "status byte; flow-control characters in packet mode with IXON"),
@@ -104,6 +108,8 @@ REASONS = {
                   "userfaultfd...), or a sub-case of a handled kind that cannot be exact: a timerfd with "
                   "CANCEL_ON_SET, or with unread expirations on a kernel without TFD_IOC_SET_TICKS, an "
                   "epoll target that was closed or reused, a fired one-shot or a ready edge-triggered "
-                  "target, an eventfd on a kernel whose fdinfo lacks eventfd-semaphore, packet-mode pipes "
-                  "with data, a directory position on another machine"),
+                  "target, an eventfd whose count overflowed to ULLONG_MAX, or, on a kernel whose fdinfo "
+                  "lacks eventfd-semaphore (Linux < 6.6), an eventfd also held by a process outside the "
+                  "dump (its pid and fd in the detail) or whose count moved while it was probed, "
+                  "packet-mode pipes with data, a directory position on another machine"),
 }

@@ -384,7 +384,10 @@ def _run_restorer(job, builder=None) -> dict:
         code = 0
         try:
             guard.become_worker(parent)     # stops (killing the new process) if ckpt dies
+            from .task import INJECTED
+            INJECTED.update(round_trips=0, batched_calls=0)     # this restore's only
             out = {"ok": True, "pid": (builder or build)(job)}
+            out["injected"] = dict(INJECTED)    # ptrace round trips, batched calls (engine/batch.py)
         except Refusal as e:
             out = {"ok": False, "type": "refusal", **e.as_dict()}
             code = 3
@@ -401,6 +404,11 @@ def _run_restorer(job, builder=None) -> dict:
         finally:
             os._exit(code)
     os.close(w)
+    # The restorer's copy of the pages is the only one needed now: it frees
+    # them as it writes them (memory.PageSource.drop). A tree's: each member's.
+    for one in (getattr(job, "jobs", None) or {0: job}).values():
+        if getattr(one, "pages", None) is not None:
+            one.pages.drop()
     chunks = []
     # Until EOF or the restorer's exit: a clone it made but had not yet
     # given PTRACE_O_EXITKILL outlives a SIGKILLed restorer, stopped, and
@@ -497,6 +505,8 @@ def restore(directory: str, options: Options, pidfile: Optional[str] = None) -> 
     if pidfile:
         write_pidfile(pidfile, out["pid"])
     res = {"pid": out["pid"], "restore_ms": round((time.monotonic() - t0) * 1000, 2)}
+    if "injected" in out:
+        res["injected"] = out["injected"]
     if "members" in out:
         res["members"] = out["members"]
     return res

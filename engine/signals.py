@@ -94,6 +94,22 @@ def block_all(task) -> None:
     ptrace.set_sigmask(task.pid, ALL_BLOCKED)
 
 
+def deliverable_handled(pid: int) -> int:
+    """The set of signals pending for thread `pid` (its own queue or the
+    process's) that its mask does not block and that have a handler
+    (neither SIG_DFL nor SIG_IGN): those get_signal() would run a handler
+    for. Read from /proc (SigBlk is the mask in force, also inside
+    sigsuspend/ppoll, where PTRACE_GETSIGMASK answers with the saved one),
+    so only meaningful before :func:`block_all`. 0 when unreadable."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            st = procfs.parse_status(f.read())
+        pending = procfs.parse_sigmask(st["SigPnd"]) | procfs.parse_sigmask(st["ShdPnd"])
+        return pending & ~procfs.parse_sigmask(st["SigBlk"]) & procfs.parse_sigmask(st["SigCgt"])
+    except (OSError, KeyError, ValueError):
+        return 0
+
+
 def unblock(task) -> None:
     """Put the process's own mask back (before it is let go)."""
     if getattr(task, "sigmask", None) is not None:

@@ -429,14 +429,15 @@ def _main_thread() -> bool:
 #   detaches, registers untouched. Always allowed.
 # - never inside these Task methods: between an injected syscall's entry
 #   and exit stops a release would run a syscall with the target's own
-#   registers; inside release() the target would stay traced;
+#   registers; inside release() the target would stay traced; inside
+#   settle() it may be running (taking a signal), not stopped;
 # - never directly in dump.check/dump, Task.seize or the ptrace wrappers:
 #   there an exception can fall between the seize and the try whose
 #   finally releases (the target would stay seized).
 # Elsewhere (reading /proc, sock_diag ...) only once the check has overrun
 # FALLBACK times its deadline: a hang that is not the freeze's.
 _UNSAFE = frozenset({"syscall", "_resume_to_syscall_stop", "call", "release", "set_regs", "set_xstate",
-                     "write_mem", "kill"})
+                     "write_mem", "kill", "settle", "_deliver_one"})
 FALLBACK = 3.0
 _deadline: List[float] = []     # [timeout, start] of the check in flight
 
@@ -551,7 +552,11 @@ def survey(pid=None, comm: Optional[str] = None, options: Optional[Options] = No
     from .check import require_features
     if check is None:
         require_features()
-        check = _checker(options or Options())
+        # no probes: a survey looks, it does not write into other processes' eventfds
+        import copy
+        opts = copy.copy(options) if options is not None else Options()
+        opts.probe = False
+        check = _checker(opts)
     t0 = time.monotonic()
     targets = select(pid, comm)
     records = []

@@ -12,6 +12,7 @@ from __future__ import annotations
 import _signal      # signal.pthread_sigmask's enum conversions cost ~14 us per injection
 import os
 import signal
+import time
 TYPE_CHECKING = False   # annotations only: importing typing costs every run ~3 ms
 if TYPE_CHECKING:
     from typing import List, Optional
@@ -20,6 +21,12 @@ from . import arch as _arch
 from . import faults, guard, libc, ptrace, restart, signals
 from .errors import EngineError, Refusal
 from .libc import SysError
+
+# Injected syscalls since this process started: ptrace round trips, and the
+# calls run by engine/batch.py's runner (the restorer reports them,
+# engine/restore.py; bench/compare.py records them).
+INJECTED = {"round_trips": 0, "batched_calls": 0}
+
 
 class Task:
     """One ptrace-stopped thread. Create with :meth:`seize` (dump) or
@@ -36,6 +43,7 @@ class Task:
         self.sigmask: Optional[int] = None      # the process's own mask while all are blocked
         self.pre_freeze: Optional[dict] = None  # /proc/PID/syscall+stack before (engine/restart.py)
         self.restart_problem: Optional[str] = None
+        self.settled = 0        # pending signals taken at the end of the freeze (settle)
         self.attached = True
         self._mem_fd: Optional[int] = None
         self.fault_name = "dump.syscall"       # "restore.syscall" once adopted (engine/faults.py)
@@ -51,11 +59,15 @@ class Task:
     # -- attaching -----------------------------------------------------------
     @classmethod
     def seize(cls, pid: int, options: int = ptrace.O_TRACESYSGOOD, auto_attached: bool = False,
-              tgid: Optional[int] = None) -> "Task":
+              tgid: Optional[int] = None, finish: bool = True) -> "Task":
         """PTRACE_SEIZE + PTRACE_INTERRUPT and wait for the interrupt stop.
         `auto_attached`: a thread already ours (PTRACE_O_TRACECLONE on the
         thread that created it, engine/threads.py): only its first stop is
-        waited for. Raises Refusal(ptraced | no-such-process | unsupported-state)."""
+        waited for. `finish`: also :meth:`settle` and :meth:`finish_freeze`
+        it now; False leaves the task exactly as the kernel stopped it (its
+        own mask, nothing injected) for a freeze of several tasks to finish
+        once all are stopped (engine/threads.py). Raises Refusal(ptraced |
+        no-such-process | unsupported-state)."""
         # Before the freeze: at the ptrace stop the kernel stack no longer
         # shows which call a restart_syscall(2) restarts.
         pre = restart.snapshot(pid)
@@ -101,17 +113,17 @@ class Task:
             if tgid is not None:
                 task.tgid = tgid
             task.pre_freeze = pre
-            signals.block_all(task)
-            hook = getattr(task.arch, "after_seize", None)
-            if hook is not None:
-                hook(task)
-            try:
-                task.image_regs = task.arch.image_regs(task)
-            except (ValueError, KeyError) as e:
-                task.image_regs = task.orig_regs
-                task.restart_problem = f"stopped inside restart_syscall(2), which cannot be resumed in a new process: {e}"
+            if finish:
+                task.settle()
+                task.finish_freeze()
             return task
         except Refusal:
+            if task is not None and task.attached:
+                # settle() found the task stopped by job control or gone
+                try:
+                    ptrace.detach(pid, 0)
+                except SysError:
+                    pass
             raise
         except BaseException:
             try:
@@ -121,6 +133,100 @@ class Task:
             except SysError:
                 pass
             raise
+
+    # -- the end of a freeze ------------------------------------------------------
+    SETTLE_ROUNDS = 3
+    SETTLE_WAIT = 2.0      # seconds for one delivery stop (TCG guests are slow)
+
+    def settle(self) -> int:
+        """Let the task take the pending signals whose handler it was about
+        to run, before anything is read or injected; returns how many.
+
+        A task stopped by PTRACE_INTERRUPT is inside get_signal(), which
+        takes the ptrace trap before it dequeues anything: a signal that
+        woke it from a call, or arrived while it was stopped, is still
+        pending, and the kernel's restart decision for the interrupted call
+        (EINTR for the handler, or re-execute) is only taken once it is
+        dequeued. On aarch64 do_signal() has already rewound pc/x0 and keeps
+        the -ERESTARTxxx code only in a local variable (arch/aarch64.py), so
+        no new process could take that decision again. Resumed from this
+        stop, the task dequeues the signal into a signal-delivery stop; it is
+        passed on with a PTRACE_INTERRUPT queued first, so the kernel, still
+        in the same do_signal(), sets up the handler's frame with the right
+        outcome of the call (and the mask sigsuspend/ppoll saved) and the
+        task stops again before the handler's first instruction: the
+        handler runs after the restore (or when an original is let go),
+        exactly once. Nothing the program can observe differs: it is what
+        would have happened a moment later without the checkpoint.
+
+        Only when the task is in an interrupted call (arch
+        interrupted_call) and a pending signal is unblocked by its own mask
+        and has a handler (/proc SigCgt), with every task of the freeze
+        stopped (no other thread can take a shared one meanwhile). At most
+        SETTLE_ROUNDS signals; what is left stays pending (the task is then
+        at a handler's entry, no longer in a call). Raises Refusal
+        (no-such-process: a default action killed it; unsupported-state:
+        a stop signal stopped it), SysError."""
+        n = 0
+        probe = getattr(self.arch, "interrupted_call", None)
+        while n < self.SETTLE_ROUNDS and probe is not None and probe(self) \
+                and signals.deliverable_handled(self.pid):
+            held = signal.pthread_sigmask(signal.SIG_BLOCK, guard.HELD)
+            try:
+                self._deliver_one()
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, held)
+            n += 1
+            self.orig_regs = self.resume_regs = self.image_regs = self.get_regs()
+        self.settled = n
+        return n
+
+    def _deliver_one(self) -> None:
+        ptrace.cont(self.pid, 0)
+        delivered = False
+        deadline = time.monotonic() + self.SETTLE_WAIT
+        while True:
+            st = ptrace.wait_nohang(self.pid)
+            if st is None:
+                if time.monotonic() < deadline:
+                    time.sleep(0.0005)
+                    continue
+                # No delivery stop: the signal was gone (it cannot be, with
+                # every thread stopped); the task runs on: stop it again.
+                ptrace.interrupt(self.pid)
+                deadline = float("inf")
+                continue
+            if st.exited:
+                self.attached = False
+                raise Refusal("no-such-process", "exited while taking a pending signal during the freeze",
+                              pid=self.pid)
+            if st.event_stop:
+                if st.sig != signal.SIGTRAP:
+                    raise Refusal("unsupported-state", "the process was stopped by job control "
+                                  f"(signal {st.sig}) during the freeze; continue it first", pid=self.pid)
+                if delivered or deadline == float("inf"):
+                    return
+                # The interrupt stop itself again (a trap queued before we
+                # resumed it): go on to the dequeue.
+                ptrace.cont(self.pid, 0)
+                continue
+            # The signal-delivery stop (or any other): stop right after.
+            ptrace.interrupt(self.pid)
+            ptrace.cont(self.pid, st.sig if st.signal_stop else 0)
+            delivered = delivered or st.signal_stop
+
+    def finish_freeze(self) -> None:
+        """The rest of the freeze, once settled: every signal blocked (kept
+        pending), the arch's after_seize hook, the registers an image saves."""
+        signals.block_all(self)
+        hook = getattr(self.arch, "after_seize", None)
+        if hook is not None:
+            hook(self)
+        try:
+            self.image_regs = self.arch.image_regs(self)
+        except (ValueError, KeyError) as e:
+            self.image_regs = self.orig_regs
+            self.restart_problem = f"stopped inside restart_syscall(2), which cannot be resumed in a new process: {e}"
 
     @classmethod
     def adopt(cls, pid: int) -> "Task":
@@ -188,6 +294,7 @@ class Task:
         if self.syscall_ip is None:
             raise EngineError("no syscall instruction known in the target", pid=self.pid)
         faults.point(self.fault_name, nr)
+        INJECTED["round_trips"] += 1
         # No ^C (KeyboardInterrupt) between here and the registers put back:
         # raised while the task runs, it would leave nothing to unwind with.
         held = _signal.pthread_sigmask(_signal.SIG_BLOCK, guard.HELD)

@@ -8,7 +8,10 @@ thread created by one that was seized but not yet stopped is attached to
 us by the kernel (TRACECLONE) and only its first stop is waited for. A
 thread that exits meanwhile is simply gone. Threads created faster than
 they can be frozen for MAX_ROUNDS passes are refused (`threads`), every
-thread let go.
+thread let go. Only once every task is stopped (every thread here, every
+member of a tree in engine/tree.py) is the freeze finished
+(:func:`finish_freeze`): a thread in an interrupted call takes a pending
+handled signal (Task.settle), then each has every signal blocked.
 
 Saved per thread (the leader's are the process record in core.json, the
 others are core.json "threads"): TID, registers (fs_base/gs_base: TLS),
@@ -62,7 +65,6 @@ CLONE_THREAD, CLONE_SYSVSEM = 0x10000, 0x40000
 THREAD_FLAGS = CLONE_VM | CLONE_FS | CLONE_FILES | CLONE_SIGHAND | CLONE_THREAD | CLONE_SYSVSEM
 PR_GET_TID_ADDRESS = 40
 PR_GET_PDEATHSIG = 2
-PR_SET_TIMERSLACK = 29
 SAME_STATUS = ("Uid", "Gid", "Groups", "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb",
                "NoNewPrivs", "Seccomp")
 NS_KINDS = ("net", "uts", "ipc", "mnt", "user", "cgroup", "time")
@@ -88,19 +90,24 @@ def _tracer(tid: int) -> int:
 
 # -- freeze --------------------------------------------------------------------
 
-def freeze(pid: int, options: int = FREEZE_OPTIONS, auto_attached: bool = False) -> List[Task]:
+def freeze(pid: int, options: int = FREEZE_OPTIONS, auto_attached: bool = False,
+           finish: bool = True) -> List[Task]:
     """Seize and stop every thread of `pid`: [leader, other threads by TID].
     `options`/`auto_attached`: engine/tree.py (PTRACE_O_TRACEFORK, a child
-    the kernel attached to us). Raises Refusal (every thread already seized
-    is let go)."""
-    leader = Task.seize(pid, options, auto_attached=auto_attached)
+    the kernel attached to us). `finish`: :func:`finish` them once all are
+    stopped (False: the caller does, once every process of a tree is).
+    Raises Refusal (every thread already seized is let go)."""
+    leader = Task.seize(pid, options, auto_attached=auto_attached, finish=False)
     tasks = {pid: leader}
     try:
         for _ in range(MAX_ROUNDS):
             faults.point("dump.freeze")
             new = [t for t in tids(pid) if t not in tasks]
             if not new:
-                return [leader] + [tasks[t] for t in sorted(tasks) if t != pid]
+                out = [leader] + [tasks[t] for t in sorted(tasks) if t != pid]
+                if finish:
+                    finish_freeze(out)
+                return out
             for tid in new:
                 t = _freeze_thread(pid, tid, options)
                 if t is not None:
@@ -113,6 +120,19 @@ def freeze(pid: int, options: int = FREEZE_OPTIONS, auto_attached: bool = False)
         finally:
             release(list(tasks.values()))
         raise
+
+
+def finish_freeze(tasks: List[Task]) -> None:
+    """Every task stopped: each takes the pending signals it was about to
+    run a handler for over an interrupted call (Task.settle: with all of
+    them stopped, no other can take a shared one meanwhile, and the handler
+    does not run yet, so nothing new is created), then blocks every signal
+    and gets its arch's after-seize treatment. Raises Refusal/SysError (the
+    caller lets every task go)."""
+    for t in tasks:
+        t.settle()
+    for t in tasks:
+        t.finish_freeze()
 
 
 def _gone(pid: int, tid: int) -> bool:
@@ -128,7 +148,7 @@ def _freeze_thread(pid: int, tid: int, options: int = FREEZE_OPTIONS) -> Optiona
     """The frozen thread, or None when it exited meanwhile."""
     me = _thread.get_native_id()
     try:
-        return Task.seize(tid, options, tgid=pid)
+        return Task.seize(tid, options, tgid=pid, finish=False)
     except Refusal as r:
         if r.reason == "no-such-process":
             return None      # exited before it could be frozen: not part of the process any more
@@ -152,7 +172,7 @@ def _adopt_clone(pid: int, tid: int, options: int = FREEZE_OPTIONS) -> Optional[
     """A thread created by one we had seized (PTRACE_O_TRACECLONE): ours
     already, in its first stop or about to be."""
     try:
-        return Task.seize(tid, options, auto_attached=True, tgid=pid)
+        return Task.seize(tid, options, auto_attached=True, tgid=pid, finish=False)
     except Refusal as r:
         if r.reason == "no-such-process":
             return None
@@ -474,7 +494,7 @@ def create(b) -> None:
         default = rec["sched"].get("default_timerslack_ns")
         if default:
             # The clone's default slack is the creator's current one (kernel/fork.c).
-            b.call("prctl", PR_SET_TIMERSLACK, default, 0, 0, 0)
+            b.set_timerslack(default)
         args = b.arch.CloneArgs(flags=THREAD_FLAGS, exit_signal=0, set_tid=b.put(struct.pack("<i", rec["tid"]), 256),
                                 set_tid_size=1)
         addr = b.put(ctypes.string_at(ctypes.addressof(args), ctypes.sizeof(args)), 0)
@@ -488,26 +508,33 @@ def create(b) -> None:
         t = Task.adopt(r)
         faults.point("restore.thread")
         t.tgid = b.pid
-        t.syscall_ip = b.gadget
-        t.scratch = b.task.scratch
         tb = Builder(b.job, t)
-        tb.gadget, tb.scratch, tb.rec = b.gadget, b.scratch, rec
+        tb.use_gadget(b.gadget, b.gadget_size)
+        tb.rec = rec
+        tb.timerslack = b.timerslack        # a clone's current slack is its creator's
+        # One signal table (CLONE_SIGHAND): what the leader's builder knows
+        # of it holds for the thread's batch too (engine/batch.py trap_safe).
+        tb.inherited_actions = b.inherited_actions
+        tb.signals_queued = b.signals_queued
         b.threads.append(tb)
         _own_state(tb, rec)
     ptrace.set_options(b.pid, ptrace.O_TRACESYSGOOD | ptrace.O_EXITKILL)
 
 
 def _own_state(tb, rec: dict) -> None:
+    from .batch import Data
     from .build import PR_SET_NAME, SS_DISABLE, SS_ONSTACK
-    tb.call("prctl", PR_SET_NAME, tb.put(rec["comm"].encode()[:15] + b"\0"), 0, 0, 0)
+    q = tb.pending.add      # one batch, run by the thread itself (engine/batch.py)
+    q("prctl", PR_SET_NAME, Data(rec["comm"].encode()[:15] + b"\0"), 0, 0, 0)
     sp, ssflags, size = rec["sigaltstack"]
     if ssflags & SS_DISABLE:
         sp, ssflags, size = 0, SS_DISABLE, 0
-    tb.call("sigaltstack", tb.put(struct.pack("<Qi4xQ", sp, ssflags & ~SS_ONSTACK, size)), 0)
-    tb.call("set_tid_address", rec["tid_address"])
+    q("sigaltstack", Data(struct.pack("<Qi4xQ", sp, ssflags & ~SS_ONSTACK, size)), 0)
+    q("set_tid_address", rec["tid_address"])
     head, length = rec["robust_list"]
     if head:
-        tb.call("set_robust_list", head, length)
+        q("set_robust_list", head, length)
+    tb.flush()
     # Everything blocked until finish(): a signal dequeued at an injection
     # stop could only be dropped or delivered mid-restore.
     ptrace.set_sigmask(tb.pid, signals.ALL_BLOCKED)

@@ -9,7 +9,11 @@ pass, until a pass finds no new process: a stopped member cannot fork, so
 the tree is then complete. Processes forked faster than they can be frozen
 for MAX_ROUNDS passes are refused (`process-tree`), and on any refusal every
 member (also one the kernel attached to us that no pass reached yet) is let
-go.
+go. Only then, every thread of every member stopped, is the freeze
+finished (threads.finish_freeze): a SIGCHLD from a member that exited
+during the freeze, pending over its parent's interrupted wait, is taken
+there (engine/task.py settle). A vfork child is given VFORK_WAIT to exec
+before the refusal.
 
 Survey. Every live member is surveyed as a single process would be
 (dump._survey_frozen, with the other members not counting as "outside" for
@@ -138,7 +142,7 @@ def freeze(root: int) -> List[Member]:
     """Every member frozen (or recorded as a zombie), parents before their
     children. Raises Refusal; then no member is left stopped."""
     _no_vfork(root)
-    first = Member(root, stat_of(root)["ppid"], stat_of(root), threads.freeze(root, TREE_OPTIONS))
+    first = Member(root, stat_of(root)["ppid"], stat_of(root), threads.freeze(root, TREE_OPTIONS, finish=False))
     first.is_root = True
     members = [first]
     known: Dict[int, Member] = {root: first}
@@ -147,6 +151,9 @@ def freeze(root: int) -> List[Member]:
             faults.point("dump.tree.freeze")
             new = [(c, m.pid) for m in members if not m.zombie for c in children_of(m.pid) if c not in known]
             if not new:
+                # Every thread of every member stopped: now each may take a
+                # pending signal over an interrupted call (threads.finish_freeze).
+                threads.finish_freeze([t for m in members if m.tasks for t in m.tasks])
                 return members
             for child, parent in new:
                 if child in known:
@@ -174,7 +181,7 @@ def _freeze_member(pid: int, ppid: int) -> Optional[Member]:
     deadline = time.monotonic() + 1.0
     while True:
         try:
-            tasks = threads.freeze(pid, TREE_OPTIONS)
+            tasks = threads.freeze(pid, TREE_OPTIONS, finish=False)
             break
         except Refusal as r:
             if r.reason != "ptraced" or threads._tracer(pid) != 0 or time.monotonic() > deadline:
@@ -191,19 +198,37 @@ def _freeze_member(pid: int, ppid: int) -> Optional[Member]:
     return Member(pid, ppid, st, tasks)
 
 
+VFORK_WAIT = 1.0     # seconds a vfork child is given to exec or exit
+
+
 def _no_vfork(pid: int) -> None:
     """Refuse, before freezing `pid`, a child sharing its memory (CLONE_VM):
     a vfork child that has not exec'd yet holds its parent in an
     uninterruptible wait that no ptrace stop can end, so the freeze would
-    wait for it; a restore would split the memory anyway."""
-    for c in children_of(pid):
-        try:
-            same = kcmp(pid, c, KCMP_SHARED["memory (CLONE_VM, or a vfork child)"], 0, 0) == 0
-        except Exception:    # noqa: BLE001 - gone meanwhile, or no kcmp (refused elsewhere)
-            continue
-        if same:
+    wait for it; a restore would split the memory anyway. A shell's vfork
+    child normally execs within milliseconds (dash runs every command that
+    way: a pipeline caught between its vfork and its exec was refused), so
+    it is given VFORK_WAIT to exec or exit before the refusal."""
+    deadline = time.monotonic() + VFORK_WAIT
+    while True:
+        c = _vfork_child(pid)
+        if c is None:
+            return
+        if time.monotonic() >= deadline:
             raise Refusal("tree-sharing", f"pid {c} shares its memory with its parent {pid} (CLONE_VM, or a "
                           "vfork child that has not exec'd): a restore would make two", pid=pid)
+        time.sleep(0.002)
+
+
+def _vfork_child(pid: int) -> Optional[int]:
+    """A child of `pid` sharing its memory, or None."""
+    for c in children_of(pid):
+        try:
+            if kcmp(pid, c, KCMP_SHARED["memory (CLONE_VM, or a vfork child)"], 0, 0) == 0:
+                return c
+        except Exception:    # noqa: BLE001 - gone meanwhile, or no kcmp (refused elsewhere)
+            continue
+    return None
 
 
 def _freeze_refused(pid: int, ppid: int, st: dict, r: Refusal) -> Optional[Member]:
@@ -211,7 +236,7 @@ def _freeze_refused(pid: int, ppid: int, st: dict, r: Refusal) -> Optional[Membe
     by someone else (refused, naming the tracer)."""
     if r.reason == "ptraced" and threads._tracer(pid) == os.getpid():
         # Forked by a member after its seize (PTRACE_O_TRACEFORK): ours already.
-        return Member(pid, ppid, st, threads.freeze(pid, TREE_OPTIONS, auto_attached=True))
+        return Member(pid, ppid, st, threads.freeze(pid, TREE_OPTIONS, auto_attached=True, finish=False))
     if r.reason == "no-such-process":
         try:
             st = stat_of(pid)
@@ -235,7 +260,7 @@ def _stragglers(members: List[Member], known: dict) -> None:
             if c in known or threads._tracer(c) != me:
                 continue
             try:
-                members.append(Member(c, m.pid, stat_of(c), threads.freeze(c, TREE_OPTIONS, auto_attached=True)))
+                members.append(Member(c, m.pid, stat_of(c), threads.freeze(c, TREE_OPTIONS, auto_attached=True, finish=False)))
             except (Refusal, SysError, OSError, ValueError):
                 continue
 
@@ -533,7 +558,9 @@ def _survey(members: List[Member], options, img, boot) -> List[Refusal]:
         ctx = DumpContext(pid=m.pid, options=options, image=sub(img, m.dir), boot_id=boot,
                           tree_root=root, tree_pids=pids)
         # One /proc/*/fd scan for the whole tree (made on first use, the
-        # members excluded), not one per member.
+        # members excluded), not one per member; and what a kind surveys
+        # once for every member (keys "tree:...": a pty pair split between
+        # members, engine/fds/tty.py).
         ctx.shared = _LazyShared(scan, _peers._CACHE_KEY)
         ctx.task, ctx.threads = m.tasks[0], m.tasks[1:]
         m.ctx = ctx
@@ -555,32 +582,38 @@ def _survey(members: List[Member], options, img, boot) -> List[Refusal]:
     return [r for m in members if m.survey is not None for r in m.survey.refusals]
 
 
+TREE_KEY_PREFIX = "tree:"
+
+
 class _LazyShared(dict):
-    """A member's ctx.shared whose entry `key` lives in `common` (one
-    dict for the whole tree)."""
+    """A member's ctx.shared whose entry `key`, and every entry named
+    "tree:...", live in `common` (one dict for the whole tree)."""
 
     def __init__(self, common: dict, key: str):
         super().__init__()
         self._common, self._key = common, key
 
+    def _tree(self, k) -> bool:
+        return k == self._key or (isinstance(k, str) and k.startswith(TREE_KEY_PREFIX))
+
     def get(self, k, default=None):
-        if k == self._key:
+        if self._tree(k):
             return self._common.get(k, default)
         return super().get(k, default)
 
     def __setitem__(self, k, v):
-        if k == self._key:
+        if self._tree(k):
             self._common[k] = v
         else:
             super().__setitem__(k, v)
 
     def __getitem__(self, k):
-        if k == self._key:
+        if self._tree(k):
             return self._common[k]
         return super().__getitem__(k)
 
     def __contains__(self, k):
-        return k in self._common if k == self._key else super().__contains__(k)
+        return k in self._common if self._tree(k) else super().__contains__(k)
 
 
 def _label(m: Member, items: List[dict]) -> List[dict]:
@@ -699,6 +732,7 @@ def dump(pid: int, directory: str, options) -> dict:
             raise
     return {"pid": pid, "image": img.final, "pages_bytes": total, "mappings": nvmas,
             "threads": sum(len(m.tasks) for m in live), "members": len(members),
+            "signals_taken": sum(t.settled for m in live for t in m.tasks),
             "zombies": sum(1 for m in members if m.zombie),
             "fds": nfds, "frozen_ms": round((t1 - t_frozen) * 1000, 2),
             "total_ms": round((time.monotonic() - t0) * 1000, 2), "left_running": bool(options.leave_running)}

@@ -56,12 +56,12 @@ from typing import Dict, List, Optional
 from . import faults, files, imagecheck, ptrace, sched, sharing, signals, threads
 from .arch import current as current_arch
 from .errors import EngineError, Refusal, Refusals
+from .batch import run_each
 from .libc import SysError
 from .task import Task
 from .tree import TREE_FILE, O_TRACEFORK, Sub
 
 PAGE = 4096
-PR_SET_TIMERSLACK = 29
 SIGCHLD = 17
 ZOMBIE_WAIT = 5.0
 SYS_EXTRA = {"x86_64": {"rt_sigtimedwait": 128, "openat": 257, "unshare": 272},
@@ -127,9 +127,10 @@ CLONE_FLAG = {"files": threads.CLONE_FILES, "fs": threads.CLONE_FS}
 
 
 class TreeJob:
-    def __init__(self, members: List[dict], jobs: Dict[int, object]):
+    def __init__(self, members: List[dict], jobs: Dict[int, object], ttys: Optional[Dict[int, dict]] = None):
         self.members = members
         self.jobs = jobs
+        self.ttys = ttys or {}      # session leader pid -> its controlling terminal (fds/tty.session_terminals)
 
 
 def restore_tree(reader, options, pidfile: Optional[str], t0: float) -> dict:
@@ -200,6 +201,9 @@ def restore_tree(reader, options, pidfile: Optional[str], t0: float) -> dict:
             refusals.extend(rs.refusals)
     if refusals:
         raise refusals[0] if len(refusals) == 1 else Refusals(refusals)
+    from .fds import tty
+    with imagecheck.malformed_as_invalid("controlling terminals"):
+        ttys = tty.session_terminals(members, {m["pid"]: fdrecs for m, _, _, _, fdrecs, _, _ in loaded})
     base = max([r["fd"] for *_, fdrecs, _, _ in loaded for r in fdrecs] +
                [int(n) for n in os.listdir("/proc/self/fd")] + [2]) + 64
     prepared: Dict[int, object] = {}
@@ -231,7 +235,7 @@ def restore_tree(reader, options, pidfile: Optional[str], t0: float) -> dict:
                                         thread_xstate=thread_xstate, pages=pages, prepared=p, ctx=ctx)
         faults.point("restore.tree.prepared")
         imagecheck.process_creation_hook()
-        out = single._run_restorer(TreeJob(members, jobs), build_tree)
+        out = single._run_restorer(TreeJob(members, jobs, ttys), build_tree)
         # The tree is back: what handlers hold until then (a TCP
         # connection's network lock) can go.
         for hook in shared.pop("_after_restore", []):
@@ -244,7 +248,8 @@ def restore_tree(reader, options, pidfile: Optional[str], t0: float) -> dict:
             s.close()
     if pidfile:
         single.write_pidfile(pidfile, out["pid"])
-    return {"pid": out["pid"], "members": len(members), "restore_ms": round((time.monotonic() - t0) * 1000, 2)}
+    return {"pid": out["pid"], "members": len(members), "restore_ms": round((time.monotonic() - t0) * 1000, 2),
+            "injected": out.get("injected")}
 
 
 # -- in the restorer ---------------------------------------------------------------
@@ -252,17 +257,8 @@ def restore_tree(reader, options, pidfile: Optional[str], t0: float) -> dict:
 def _gadget(b, all_vmas: List[dict]) -> None:
     """Builder.make_gadget, at an address free in every member's layout
     (the children inherit it through fork)."""
-    from .build import MAP_ANONYMOUS, MAP_FIXED_NOREPLACE, MAP_PRIVATE, HANDLER_SCRATCH, _free_gap, _maps
-    busy = [(v["start"], v["end"]) for v in all_vmas]
-    busy += [(v["start"], v["end"]) for v in _maps(b.pid) if v["end"] <= b.arch.TASK_SIZE]
-    addr = _free_gap(busy, PAGE)
-    got = b.call("mmap", addr, PAGE, 7, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0)
-    if got != addr:
-        raise EngineError(f"gadget page landed at {got:#x}, not {addr:#x}", pid=b.pid)
-    b.task.write_mem(addr, b.arch.GADGET)
-    b.gadget, b.scratch = addr, addr + 64
-    b.task.scratch = addr + HANDLER_SCRATCH
-    b.task.syscall_ip = addr
+    from .build import place_gadget
+    place_gadget(b, [(v["start"], v["end"]) for v in all_vmas])
 
 
 def _own_group(b, m: dict, tree_pids: set) -> None:
@@ -277,6 +273,29 @@ def _own_group(b, m: dict, tree_pids: set) -> None:
     b.session_done = True
 
 
+def _ctty(b, m: dict, tj) -> None:
+    """Phase 1, right after member m's setsid(): its controlling terminal,
+    before it forks the members of its session (they inherit it)."""
+    from .fds import _tty
+    t = tj.ttys.get(m["pid"])
+    if t is not None:
+        pid, fd = t["holder"]
+        b.call("ioctl", tj.jobs[pid].prepared.fd_of_rec[fd], _tty.TIOCSCTTY, 0)
+
+
+def _foreground(builders: dict, tj) -> None:
+    """Once every group exists: each controlling terminal's foreground
+    group, set by its session leader (TIOCSPGRP: the caller's controlling
+    terminal; every signal blocked, so no SIGTTOU)."""
+    from .fds import _tty
+    for sid, t in sorted(tj.ttys.items()):
+        if t["fg"]:
+            b = builders[sid]
+            pid, fd = t["holder"]
+            b.call("ioctl", tj.jobs[pid].prepared.fd_of_rec[fd], _tty.TIOCSPGRP,
+                   b.put(struct.pack("<i", t["fg"]), 128))
+
+
 def _fork(parent, m: dict, job) -> object:
     """Member m forked by its parent's builder, with its PID; ours and
     stopped before it runs."""
@@ -286,7 +305,7 @@ def _fork(parent, m: dict, job) -> object:
         default = job.core["sched"].get("default_timerslack_ns")
         if default:
             # A child's default slack is its parent's current one (kernel/fork.c).
-            parent.call("prctl", PR_SET_TIMERSLACK, default, 0, 0, 0)
+            parent.set_timerslack(default)
     # Its parent's fd table / fs, shared (tree.json "share"): the one way
     # a process gets another's (kernel/fork.c copy_files, copy_fs).
     flags = sum(CLONE_FLAG[w] for w in m.get("share", ()))
@@ -301,11 +320,10 @@ def _fork(parent, m: dict, job) -> object:
     if r != m["pid"]:
         raise Refusal("pid-in-use", f"child came back as PID {r}, not {m['pid']}", pid=m["pid"])
     t = Task.adopt(r)
-    t.syscall_ip = parent.gadget
-    t.scratch = parent.task.scratch
     ptrace.set_options(r, ptrace.O_TRACESYSGOOD | ptrace.O_EXITKILL | O_TRACEFORK)
     b = Builder(job, t)
-    b.gadget, b.scratch = parent.gadget, parent.scratch
+    b.use_gadget(parent.gadget, parent.gadget_size)     # inherited through the fork
+    b.timerslack = parent.timerslack        # a fork's current slack is its parent's
     if parent.inherited_actions is not None:    # fork copies the parent's table as it is now
         b.inherited_actions = {k: list(v) for k, v in parent.inherited_actions.items()}
     return b
@@ -393,7 +411,7 @@ def map_shared(b, v: dict, flags: int) -> int:
 def build_tree(tj: TreeJob) -> int:
     """Runs in the restorer: create, zombies, rebuild, release (see the
     module docstring). Returns the root's PID."""
-    from .build import Builder, _check_xstate, clone_with_pid, rebuild_early, rebuild_late
+    from .build import Builder, _check_xstate, clone_with_pid, rebuild_early_steps, rebuild_late
     arch = current_arch()
     members = tj.members
     root = members[0]
@@ -418,9 +436,11 @@ def build_tree(tj: TreeJob) -> int:
         _gadget(b, all_vmas)
         b.unregister_rseq()
         b.clear_address_space()
+        b.flush()       # before the forks: the members inherit the emptied layout
         ptrace.set_sigmask(child, signals.ALL_BLOCKED)
         ptrace.set_options(child, ptrace.O_TRACESYSGOOD | ptrace.O_EXITKILL | O_TRACEFORK)
         _own_group(b, root, tree_pids)
+        _ctty(b, root, tj)
         # Who installs each fd table and fs: its first holder (engine/sharing.py).
         owners = {k: sharing.owners(members, k) for k in sharing.KINDS}
         last_child = {m["ppid"]: m["pid"] for m in members[1:]}      # check_tree: a leaver has children
@@ -434,11 +454,13 @@ def build_tree(tj: TreeJob) -> int:
             if job is not None:
                 _check_xstate(mb.task, job.core)
             _own_group(mb, m, tree_pids)
+            _ctty(mb, m, tj)
             if last_child[m["ppid"]] == m["pid"]:
                 _leave(builders[m["ppid"]], next(x for x in members if x["pid"] == m["ppid"]))
         for m in members:
             if m["pgid"] != m["pid"] and m["pgid"] in tree_pids and m["sid"] != m["pid"]:
                 builders[m["pid"]].call("setpgid", 0, m["pgid"])
+        _foreground(builders, tj)
         for mb in order:
             ptrace.set_options(mb.pid, ptrace.O_TRACESYSGOOD | ptrace.O_EXITKILL)
             mb.files_shared = owners["files"].get(mb.pid, mb.pid) != mb.pid
@@ -462,9 +484,17 @@ def build_tree(tj: TreeJob) -> int:
         # its top member installs the dumped fds and closes the rest);
         # then let go, children first
         live = [b for b in order if b.job is not None]
+        steps = []
         for mb in live:
             faults.point("restore.tree.rebuild")
-            rebuild_early(mb)
+            steps.append((mb, rebuild_early_steps(mb)))
+        while steps:    # each step of every member, their batches side by side
+            going = []
+            for mb, g in steps:
+                if next(g, StopIteration) is not StopIteration:
+                    going.append((mb, g))
+            run_each([mb for mb, _ in going])
+            steps = going
         for mb in live:
             rebuild_late(mb)
         for mb in reversed(live):

@@ -122,7 +122,7 @@ STATIC: Dict[str, Static] = {s.variant: s for s in (
     Static("pipe-one-end", "pipe-peer-outside", "dump", source="pipe/peer-outside"),
     Static("dnotify", "dnotify", "dump", source="notify/dnotify"),
     Static("fanotify", "fanotify", "dump", source="notify/fanotify"),
-    Static("eventfd", "restored", old_kernels=("6.6", "unsupported-fd", "dump"), source="anon/eventfd"),
+    Static("eventfd", "restored", source="anon/eventfd"),
     Static("socket-unix-pair-made-outside", "peer-pid-in-use", "dump", fds="all",
            source="socket/unix-pair-peercred-outside"),
     Static("pty-outside", "tty-outside", "dump", source="tty/master-outside"),
@@ -251,9 +251,6 @@ def derive(sc: dict, old: bool = False) -> Tuple[dict, Dict[int, List[str]]]:
             # cannot restore refuses the socket that holds the message
             if k in ("pipe", "socket"):
                 refusals.append(("socket", "dump", e["fd"]))
-                break
-            if k == "eventfd" and old:
-                refusals.append(("unsupported-fd", "dump", e["fd"]))
                 break
         st = STATIC.get(variant_of(e))
         if st is None:

@@ -305,6 +305,60 @@ def m_split_shared(img: Image) -> str:
     return f"fd {f['fd']} (shared with fd {lead['fd']}) restored as a separate open file"
 
 
+def _members(img: Image) -> List[dict]:
+    try:
+        return img.json("tree.json")["members"]
+    except FileNotFoundError:
+        return []
+
+
+def m_unshare_tree_memory(img: Image) -> str:
+    """A MAP_SHARED mapping two tree members share comes back as two
+    mappings with the same bytes: a write by one is no longer seen by the
+    other (the member gets a copy of the owner's pages and no link)."""
+    from engine.memory import page_file_name
+    dirs = {m["pid"]: m.get("dir", "") for m in _members(img)}
+    for m in _members(img):
+        if not m.get("dir") or m.get("zombie"):
+            continue
+        mm_name = m["dir"] + "mm.json"
+        mm = img.json(mm_name)
+        for v in mm["vmas"]:
+            link = v.get("tree_shared")
+            if not link or link[0] not in dirs:
+                continue
+            owner_pid, owner_start = link[0], link[1]
+            odir = dirs[owner_pid]
+            omm = img.json(odir + "mm.json")
+            ov = next((x for x in omm["vmas"] if x["start"] == owner_start), None)
+            if ov is None:
+                raise MutantError(f"owner {owner_pid} has no mapping at {owner_start:#x}")
+            data = b"".join(img.read(odir + page_file_name(fi))[off:off + n * PAGE]
+                            for _, n, fi, off in ov.get("pages") or [])
+            if mm.get("page_files", 0) == 0:
+                mm["page_files"] = 1
+                pf = m["dir"] + page_file_name(0)
+                with open(os.path.join(img.dir, pf), "wb"):
+                    pass
+                img.manifest["files"][pf] = {}
+            fi = mm["page_files"] - 1
+            pf = m["dir"] + page_file_name(fi)
+            base = os.path.getsize(os.path.join(img.dir, pf))
+            with open(os.path.join(img.dir, pf), "ab") as f:
+                f.write(data)
+            img.changed.add(pf)
+            shift, pages, at = v["start"] - ov["start"], [], base
+            for addr, n, _, _ in ov.get("pages") or []:
+                pages.append([addr + shift, n, fi, at])
+                at += n * PAGE
+            v["pages"], v["pages_bytes"] = pages, len(data)
+            del v["tree_shared"]
+            img.put_json(mm_name)
+            return (f"member {m['pid']}'s mapping {v['start']:#x}-{v['end']:#x}, shared with {owner_pid}, "
+                    "restored as a copy of its pages")
+    raise NoTarget("no MAP_SHARED mapping shared by two members")
+
+
 def m_lose_sigmask(img: Image) -> str:
     core = img.json("core.json")
     if not core["sigmask"]:
@@ -396,6 +450,7 @@ EDITS: Dict[str, Tuple[Callable[[Image], str], str]] = {
     "lose-sigaction": (m_lose_sigaction, "one signal's action reset to SIG_DFL"),
     "change-mprotect": (m_change_mprotect, "a read-only mapping comes back writable"),
     "lose-cwd": (m_lose_cwd, "the working directory becomes /"),
+    "unshare-tree-memory": (m_unshare_tree_memory, "a MAP_SHARED mapping of two tree members becomes two copies"),
 }
 
 
@@ -664,6 +719,7 @@ CAUGHT_BY: Dict[str, str] = {
     "lose-sigaction": "every signal action compared",
     "change-mprotect": "the /proc maps diff (perms of every mapping)",
     "lose-cwd": "the cwd compared",
+    "unshare-tree-memory": "tree children write to a MAP_SHARED page after the restore; the parent must see it, and they its",
 }
 
 

@@ -93,7 +93,7 @@ class ProgramRun(runner.Run):
             elif res.outcome == "corrupted":
                 res.detail = "after a refused dump the original: " + res.detail
             return None
-        t.settle([pid])
+        t.settle([pid] + [int(m) for m in (ready.get("tree") or {}) if int(m) != pid])   # every member gone
         w = self.world(t, "between", digest=p["img"], pid=pid)
         if w["pid"]["exists"]:
             self.pids.append(pid)

@@ -19,7 +19,7 @@ from typing import Dict, List, Optional
 
 import pytest
 
-from harness import engines, runner, schema
+from harness import engines, lifeguard, runner, schema
 from harness import report as report_mod
 from harness.errors import HarnessError
 from harness.targets import REPO, GuestTarget, LocalTarget, Target
@@ -61,6 +61,8 @@ def pytest_configure(config):
         config.addinivalue_line("markers", f"engine_{e}: scenario run against {e}")
     config.addinivalue_line("markers", "engine_mutant: scenario run against a mutant engine (mutant:NAME)")
     config._crucible = Crucible(config)
+    if not config.getoption("keep_guest", False):
+        lifeguard.guard()     # what this run starts dies with it, even if it is killed
 
 
 def _engine_option(text: str) -> str:
@@ -189,7 +191,7 @@ class ScenarioItem(pytest.Item):
         verdict = runner.judge(expect, res, strict=engine.strict)
         row.update(outcome=res.outcome, got=runner.outcome_text(res), passed=verdict.passed, note=verdict.note,
                    duration=round(time.monotonic() - t0, 2), timings=res.timings, detail=res.detail,
-                   engine_start=sorted(set(res.engine_start) - {""}),
+                   engine_start=sorted(set(res.engine_start) - {""}), workload_start=res.workload_start,
                    failed_checks=res.failed_checks()[:20], refusals=res.refusals,
                    engine_notes=[ln.strip() for ln in res.engine_stderr.splitlines()
                                  if ln.startswith("mutant ")])

@@ -24,7 +24,8 @@ from .errors import GuestLost, HarnessError, StepTimeout
 REPO = Path(__file__).resolve().parent.parent
 # The stdlib-only files the guest runs (the workload and the world steps),
 # and the packages it imports (copied as directories next to them).
-GUEST_FILES = ("seeded.py", "sysapi.py", "world.py", "procstate.py", "workload.py", "mutants.py", "program.py")
+GUEST_FILES = ("seeded.py", "sysapi.py", "world.py", "procstate.py", "workload.py", "mutants.py", "program.py",
+               "warmfork.py", "zygote.py")
 GUEST_PACKAGES = ("kinds",)
 
 
@@ -204,12 +205,13 @@ def _alive(pid: int) -> bool:
 
 
 def settle_script(pids: Sequence[int], seconds: float) -> str:
-    """A guest shell line that waits until each of ``pids`` is gone or a
-    zombie, at most ``seconds`` in all (then it gives up quietly: the caller
-    looks at the PID itself)."""
+    """A guest shell line that waits until each of ``pids`` is gone (a
+    zombie still holds its PID: a same-PID restore would find it taken), at
+    most ``seconds`` in all (then it gives up quietly: the caller looks at
+    the PID itself)."""
     n = max(1, int(seconds + 0.999))
     return (f"end=$(( $(date +%s) + {n} )); for p in {' '.join(str(int(p)) for p in pids)}; do "
-            "while [ -e /proc/$p ] && ! grep -q '^State:[[:space:]]*Z' /proc/$p/status 2>/dev/null; do "
+            "while [ -e /proc/$p ]; do "
             "[ $(date +%s) -ge $end ] && exit 0; sleep 0.05; done; done")
 
 
@@ -243,7 +245,7 @@ class GuestTarget(Target):
         """Copy the harness's guest files in (the engine is the vm's job)."""
         self.guest.run(["mkdir", "-p", self.scripts, self.base] + [f"{self.scripts}/{p}" for p in GUEST_PACKAGES],
                        timeout=60 * self.time_scale, check=True)
-        for name in guest_files() + ["agent.py", "zygote.py"]:
+        for name in guest_files() + ["agent.py"]:
             self.guest.put(str(REPO / "harness" / name), f"{self.scripts}/{name}")
         self.kernel = self.guest.run(["uname", "-r"], timeout=60 * self.time_scale, check=True).stdout.strip()
 
@@ -351,7 +353,7 @@ class GuestTarget(Target):
 
     def settle(self, pids: Sequence[int]) -> None:
         """Wait (up to 3 s, scaled, as on the local target) for ``pids`` to be
-        gone or zombies: a process that ends on its own - a leave-running
+        gone, reaped by the guest's init: a process that ends on its own - a leave-running
         original after its check - can still be in its interpreter's exit
         when the next step looks (the corpus under load judged three such
         originals "still running")."""

@@ -405,6 +405,23 @@ def test_clonefiles_child_restored_sharing_the_table(procs, session_killer, tmp_
     assert kcmp(p.pid, kid, 2, 0, 0) == 0, "the fd table was split"
 
 
+def test_vfork_child_that_execs_soon_is_waited_for(procs, session_killer, tmp_path):  # noqa: F811
+    """A vfork child that execs 300 ms after the check began (a shell
+    running a command): the check waits for the exec (tree.VFORK_WAIT) and
+    then takes the tree, parent and exec'd child."""
+    exe = str(tmp_path / "vforker")
+    subprocess.run(["gcc", "-O2", "-Wall", "-o", exe, os.path.join(TARGETS, "vforker.c")], check=True,
+                   capture_output=True, timeout=60)
+    p = _start(procs, [exe, str(tmp_path / "ready"), "300"], tmp_path)
+    session_killer.append(p.pid)
+    wait_for(lambda: (tmp_path / "ready").exists(), what="the vfork child")
+    r = check(p.pid, Options())
+    assert r["ok"], r.get("refusals")
+    kids = [m for m in r["members"] if m["pid"] != p.pid]
+    assert [m["comm"] for m in kids] == ["sleep"], r["members"]
+    _untouched([p.pid])
+
+
 def test_refused_vfork_child_without_waiting_for_it(procs, session_killer, tmp_path):  # noqa: F811
     """A parent held in vfork() by a child that does not exec: no ptrace
     stop can end that wait, so the freeze would hang until the child execs;

@@ -36,7 +36,7 @@ def _cgroup_file() -> str:
 
 
 PSEUDO = {
-    "proc-status": ("/proc/self/status", "proc"),
+    "proc-mountinfo": ("/proc/self/mountinfo", "proc"),   # (a status not read yet is reopened: procfile.py)
     "sysfs": ("/sys/kernel/mm/transparent_hugepage/enabled", "sysfs"),
     "nsfs": ("/proc/self/ns/net", "nsfs"),
     "proc-dir": ("/proc/self", "proc"),
@@ -126,7 +126,7 @@ def _refused(procs, tmp_path, setup: str):
 def test_dump_of_proc_and_sys_fds_is_refused_and_target_unharmed(procs, tmp_path):
     """Before: the dump succeeded and killed the target, then restore
     refused the /proc file as file-missing: the process was lost."""
-    e = _refused(procs, tmp_path, "a = os.open('/proc/self/status', os.O_RDONLY)\n"
+    e = _refused(procs, tmp_path, "a = os.open('/proc/self/mountinfo', os.O_RDONLY)\n"
                                   "b = os.open('/proc/self/ns/net', os.O_RDONLY)")
     assert sorted(r for r, _ in reasons(e)) == ["pseudo-file", "pseudo-file"]
 

@@ -32,6 +32,8 @@ index = ioc_int(m, TIOCGPTN)
 s = os.open(f"/dev/pts/{index}", os.O_RDWR)          # no O_NOCTTY: our controlling terminal
 os.dup2(m, 600); os.dup2(s, 601); os.dup2(s, 602); os.close(m); os.close(s)
 m, s = 600, 601
+os.dup2(os.open("/dev/tty", os.O_RDWR | os.O_NONBLOCK), 603)      # its controlling terminal by that name
+DEVTTY_FL = fcntl.fcntl(603, fcntl.F_GETFL)
 os.chmod(f"/dev/pts/{index}", 0o620)
 attrs = termios.tcgetattr(s)
 if MODE not in ("canon", "noeof"):
@@ -82,6 +84,9 @@ def verify(*_):
         out["packet"] = ioc_int(m, TIOCGPKT) == (MODE == "pkt")
         out["node"] = os.stat(f"/dev/pts/{index}").st_mode & 0o777 == 0o620
         out["ctty"] = os.tcgetpgrp(s) == os.getpgrp() and os.open("/dev/tty", os.O_RDWR) >= 0
+        out["devtty"] = (os.readlink("/proc/self/fd/603"), os.major(os.fstat(603).st_rdev),
+                         fcntl.fcntl(603, fcntl.F_GETFL), os.tcgetpgrp(603)) == \
+            ("/dev/tty", 5, DEVTTY_FL, os.getpgrp()) and DEVTTY_FL & os.O_NONBLOCK != 0
         want_out = OUT.replace(b"\n", b"\r\n")
         if MODE == "canon":
             out["queued"] = fionread(s) == len(b"one line\n\x7fquoted erase\n")
@@ -119,8 +124,8 @@ while True:
     time.sleep(0.05)
 '''
 
-ALL_TRUE = {k: True for k in ("index", "attrs", "winsize", "packet", "node", "ctty", "queued", "out_bytes",
-                              "in_bytes", "after")}
+ALL_TRUE = {k: True for k in ("index", "attrs", "winsize", "packet", "node", "ctty", "devtty", "queued",
+                              "out_bytes", "in_bytes", "after")}
 
 
 def start(procs, tmp_path, mode="raw"):
@@ -153,7 +158,7 @@ def test_canonical_lines_and_the_line_being_typed_are_restored(procs, tmp_path, 
     else:
         dump_restore(procs, p, str(tmp_path / "img"))
     assert verdict(p.pid, tmp_path) == {k: True for k in ("index", "attrs", "winsize", "packet", "node", "ctty",
-                                                          "queued", "out_bytes", "in_bytes", "after")}
+                                                          "devtty", "queued", "out_bytes", "in_bytes", "after")}
 
 
 def test_pty_index_taken_at_restore_is_refused(procs, tmp_path):
@@ -499,42 +504,19 @@ def test_canonical_mode_without_veof_is_refused_and_unharmed(procs, tmp_path):
     assert queued > 0                 # its lines still wait for the reader: nothing was taken
 
 
-SPLIT = r'''
-import os, fcntl, struct, time, sys
-m = os.open("/dev/ptmx", os.O_RDWR | os.O_NOCTTY)
-fcntl.ioctl(m, 0x40045431, struct.pack("i", 0))
-idx = struct.unpack("i", fcntl.ioctl(m, 0x80045430, b"\0" * 4))[0]
-child = os.fork()
-if child == 0:
-    os.close(m)
-    os.setsid()
-    s = os.open(f"/dev/pts/{idx}", os.O_RDWR)       # its controlling terminal
-    os.dup2(s, 0); os.dup2(s, 1)
-    while True:
-        time.sleep(1)
-with open(sys.argv[1] + ".tmp", "w") as f:
-    f.write(str(child))
-os.rename(sys.argv[1] + ".tmp", sys.argv[1])
-while True:
-    time.sleep(1)
-'''
-
-
-def test_pair_split_between_tree_members_is_refused_by_name(procs, tmp_path):
-    """A driver and the program it runs on a pty (master in the parent,
-    slave the child's controlling terminal): not restored yet, refused as
-    `tty` naming the other member, the tree unharmed."""
-    import time
-    (tmp_path / "split.py").write_text(SPLIT)
-    p = procs.start([python_exe(), str(tmp_path / "split.py"), str(tmp_path / "child")])
-    wait_for(lambda: (tmp_path / "child").exists(), what="the driver")
-    child = int((tmp_path / "child").read_text())
-    procs.adopt(child)
-    time.sleep(0.2)
-    with pytest.raises((Refusal, Refusals)) as ei:
-        dump(p.pid, str(tmp_path / "img"), Options())
-    refusals = getattr(ei.value, "refusals", [ei.value])
-    assert {r.reason for r in refusals} == {"tty"}, [r.message for r in refusals]
-    assert any(r.pid == p.pid and f"held by pid {child}" in r.detail for r in refusals)
-    assert any(r.pid == child and r.fd is None and "controlling terminal" in r.detail for r in refusals)
-    assert p.poll() is None and os.path.exists(f"/proc/{child}") and not os.path.exists(tmp_path / "img")
+def test_master_with_its_own_line_discipline_is_refused(procs, tmp_path):
+    """The master has a line discipline of its own (TIOCSETD on the master
+    fd; its termios ioctls act on the slave): anything but N_TTY there is
+    refused by name, the slave's N_TTY notwithstanding."""
+    src = ("import fcntl, os, struct, sys, time\n"
+           "m, s = os.openpty()\n"
+           "fcntl.ioctl(m, 0x5423, struct.pack('i', 27))\n"       # TIOCSETD N_NULL on the master only
+           "os.dup2(m, 600); os.dup2(s, 601)\n"
+           "open(sys.argv[1], 'w').close()\n"
+           "while True:\n    time.sleep(1)\n")
+    (tmp_path / "w.py").write_text(src)
+    p = procs.start([python_exe(), str(tmp_path / "w.py"), str(tmp_path / "ready")])
+    wait_for(lambda: (tmp_path / "ready").exists(), what="the worker")
+    out = check(p.pid, Options())
+    tty = [r for r in out["refusals"] if r["reason"] == "tty"]
+    assert tty and all("master's line discipline is 27" in r["detail"] for r in tty), out["refusals"]

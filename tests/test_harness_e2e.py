@@ -134,13 +134,19 @@ def test_scenarios_restoring_on_another_guest_are_scheduled_first():
 
 def test_the_guest_settle_line_waits_for_an_exit_and_gives_up_in_time():
     """GuestTarget.settle's shell line (run here with this host's sh): it
-    returns once the process exited, and after its deadline if it never does."""
+    returns once the process is gone (exited and reaped, here by a thread
+    standing in for the guest's init), waits on while it is a zombie (its
+    PID still taken), and gives up after its deadline."""
     import subprocess
     import sys
+    import threading
     import time
     from harness.targets import settle_script
     quick = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1)"], close_fds=True)
+    reaper = threading.Thread(target=quick.wait)
+    reaper.start()
     stays = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], close_fds=True)
+    zombie = subprocess.Popen(["true"], close_fds=True)
     try:
         t0 = time.monotonic()
         subprocess.run(["sh", "-c", settle_script([quick.pid], 20)], check=True, close_fds=True, timeout=30)
@@ -148,7 +154,14 @@ def test_the_guest_settle_line_waits_for_an_exit_and_gives_up_in_time():
         t0 = time.monotonic()
         subprocess.run(["sh", "-c", settle_script([stays.pid], 2)], check=True, close_fds=True, timeout=30)
         assert 1 <= time.monotonic() - t0 < 10 and stays.poll() is None
+        time.sleep(0.3)
+        with open(f"/proc/{zombie.pid}/stat") as f:
+            assert f.read().rsplit(")", 1)[1].split()[0] == "Z"
+        t0 = time.monotonic()
+        subprocess.run(["sh", "-c", settle_script([zombie.pid], 2)], check=True, close_fds=True, timeout=30)
+        assert 1 <= time.monotonic() - t0 < 10
     finally:
         stays.kill()
         stays.wait()
-        quick.wait()
+        zombie.wait()
+        reaper.join()

@@ -195,11 +195,13 @@ EXPECTED = {
     "lose-cwd": {"cwd"},
     "change-mprotect": {"maps"},
 }
+# Edits of a tree image (the sink is one process: nothing for them there).
+TREE_EDITS = {"unshare-tree-memory"}
 
 
 def test_every_mutant_is_listed_and_tested():
     assert len(mutants.names()) >= 22
-    assert set(EXPECTED) == set(mutants.EDITS)
+    assert set(EXPECTED) | TREE_EDITS == set(mutants.EDITS)
     assert set(mutants.CAUGHT_BY) == set(mutants.names())
     for name in mutants.names():
         e = engines.make(f"mutant:{name}")
@@ -438,3 +440,84 @@ def test_lose_pending_signal_drops_one_saved_by_an_engine_that_saves_them(tmp_pa
     assert man["files"]["core.json"]["sha256"] == hashlib.sha256((img / "core.json").read_bytes()).hexdigest()
     (img / "core.json").write_text(json.dumps({"pid": 1, "pending": []}))
     assert mutants._drop_saved_pending(str(img)) is None
+
+
+
+SHARER = r"""
+import mmap, os, time
+m = mmap.mmap(-1, 4096, flags=mmap.MAP_SHARED)
+m[:4] = b"seed"
+if os.fork() == 0:
+    while m[:4] != b"ping":
+        time.sleep(0.01)
+    m[4:8] = b"pong"
+    time.sleep(100)
+    os._exit(0)
+while not os.path.exists("go"):
+    time.sleep(0.01)
+m[:4] = b"ping"
+while m[4:8] != b"pong":
+    time.sleep(0.01)
+open("ponged", "w").close()
+time.sleep(100)
+"""
+
+
+def _shared_page(pid: int) -> bytes:
+    with open(f"/proc/{pid}/maps") as f:
+        line = next(x for x in f if " rw-s " in x and "/dev/zero" in x)
+    start = int(line.split("-")[0], 16)
+    with open(f"/proc/{pid}/mem", "rb") as f:
+        f.seek(start)
+        return f.read(4)
+
+
+def test_unshare_tree_memory_breaks_the_sharing_only(procs, tmp_path):
+    """A parent and child sharing one MAP_SHARED page: restored from the
+    real image they still share it (the parent's ping reaches the child,
+    its pong comes back); from the edited image each has its own copy with
+    the same bytes, and the ping is lost."""
+    become_subreaper()
+    (tmp_path / "sharer.py").write_text(SHARER)
+    seen = {}
+    for edit in (False, True):
+        work = tmp_path / f"w-{edit}"
+        work.mkdir()
+        p = procs.start([sys.executable, str(tmp_path / "sharer.py")], cwd=str(work))
+        deadline = time.monotonic() + 10
+        kids = ""
+        while not kids and time.monotonic() < deadline:
+            time.sleep(0.05)
+            kids = open(f"/proc/{p.pid}/task/{p.pid}/children").read().split()
+        assert kids, "the sharer's child never appeared"
+        child = int(kids[0])
+        time.sleep(0.2)
+        img = str(tmp_path / f"img-{edit}")
+        r = ckpt("dump", "-t", str(p.pid), "-D", img, "--json")
+        assert r.returncode == 0, r.stderr
+        procs.reap(p.pid)
+        deadline = time.monotonic() + 10      # the child, orphaned by the dump's kill, is ours to reap
+        while os.path.exists(f"/proc/{child}") and time.monotonic() < deadline:
+            try:
+                os.waitpid(child, os.WNOHANG)
+            except ChildProcessError:
+                pass
+            time.sleep(0.02)
+        if edit:
+            what = mutants.apply_edit("unshare-tree-memory", img)
+            assert f"member {child}'s mapping" in what and f"shared with {p.pid}" in what
+            ImageReader(img).verify()
+        r = ckpt("restore", "-D", img, "--json")
+        assert r.returncode == 0, r.stderr
+        procs.adopt(p.pid)
+        try:
+            assert _shared_page(child) == b"seed"
+            (work / "go").touch()
+            deadline = time.monotonic() + 3
+            while not (work / "ponged").exists() and time.monotonic() < deadline:
+                time.sleep(0.02)
+            seen[edit] = (work / "ponged").exists()
+        finally:
+            procs.kill(p.pid)       # first: then its child is reparented to us and reaped here
+            procs.kill(child)
+    assert seen == {False: True, True: False}

@@ -17,6 +17,25 @@ Kernel facts this module relies on (arch/arm64/kernel/ptrace.c, signal.c):
   restart_block died with the old process): an absolute clock_nanosleep
   (what CPython's time.sleep uses) ends at the same instant, a *relative*
   nanosleep sleeps its full duration again.
+- What do_signal() does NOT leave anywhere ptrace can read is the restart
+  code itself (-ERESTARTSYS/-ERESTARTNOINTR/-ERESTARTNOHAND/
+  -ERESTART_RESTARTBLOCK: a local variable, `retval`), which decides, once
+  get_signal() returns a signal with a handler, whether the handler sees
+  EINTR (pc back after the svc, x0 = -EINTR) or the call restarts after it.
+  A new process cannot take that decision again, so a pending handled
+  signal is not carried over such a call: at the end of the freeze, still
+  at the same stop inside the same do_signal(), the task is let on to that
+  signal's delivery stop, the signal passed on with a PTRACE_INTERRUPT
+  queued, and the kernel sets up the handler frame with its own decision
+  and stops the task before the handler's first instruction
+  (engine/task.py Task.settle; :func:`interrupted_call` says when). The
+  registers then dumped are at the handler's entry, the frame (with the
+  call's outcome and the mask sigsuspend/ppoll saved) in the memory. This
+  must happen before the first injected syscall or after_seize() probe:
+  both move pc off the restart address, after which the kernel itself no
+  longer applies the decision. A handled signal arriving after that point
+  (during the survey) over a rewound call is still refused
+  (engine/dump.py _handler_problem).
 - Releasing the ORIGINAL process (check, --leave-running, a refused dump)
   after injected syscalls needs two repairs, both in :func:`after_seize` /
   :func:`before_release`: the -ERESTART_RESTARTBLOCK decision the kernel
@@ -244,8 +263,25 @@ def rewound_call(task) -> bool:
     call re-executes when the process resumes). The kernel rewinds before
     the stop (do_signal) and keeps the -ERESTARTxxx code only in a local
     variable, so a new process cannot tell a handler's EINTR from a
-    restart: pending handled signals are refused then (engine/dump.py)."""
+    restart: a handled signal pending at the freeze was taken then
+    (Task.settle); one that arrived later is refused (engine/dump.py)."""
     return bool(getattr(task, "at_svc", False))
+
+
+def interrupted_call(task) -> bool:
+    """At a freeze stop, before anything is injected: pc on an `svc` (a
+    call the kernel rewound for a restart), or right after one that failed
+    with -EINTR. Then a pending signal with a handler is taken at once
+    (Task.settle): only the kernel, still inside this do_signal(), knows
+    whether the handler must see EINTR."""
+    regs = task.orig_regs
+    try:
+        if task.read_mem(regs.raw.pc, 4) == SYSCALL_INSN:
+            return True
+        return (s64(regs.x0) == -EINTR and regs.raw.pc >= 4
+                and task.read_mem(regs.raw.pc - 4, 4) == SYSCALL_INSN)
+    except (OSError, SysError):
+        return False
 
 
 def image_regs(task) -> Regs:

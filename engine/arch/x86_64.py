@@ -17,6 +17,49 @@ SYSCALL_INSN = b"\x0f\x05"
 # `syscall; int3` (int3 is a tripwire should execution ever fall through).
 GADGET = b"\x0f\x05\xcc\xcc"
 
+# -- batched syscalls (engine/batch.py) ----------------------------------------
+# The runner, entered with rbx = the first table entry, r12 = the number of
+# entries (> 0); an entry is nr, six args, result (8 u64). It makes each
+# call and stores rax in the entry's result slot; at the first result in
+# -4095..-1 it stops with rbx on that entry and r12 not yet counted down;
+# else rbx goes one past the last, r12 to 0. It ends on `int3` followed by
+# a `jmp` back to it (a SIGTRAP of someone else's merged with ours is
+# resumed into a second breakpoint, engine/batch.py _await_trap). Only rbx,
+# r12 and what the syscall ABI clobbers are used; no stack, no memory but
+# the table.
+BATCH_BLOB = bytes.fromhex(
+    "488b03"          # 0  loop: mov rax, [rbx]
+    "488b7b08"        # 3  mov rdi, [rbx+8]
+    "488b7310"        # 7  mov rsi, [rbx+16]
+    "488b5318"        # 11 mov rdx, [rbx+24]
+    "4c8b5320"        # 15 mov r10, [rbx+32]
+    "4c8b4328"        # 19 mov r8,  [rbx+40]
+    "4c8b4b30"        # 23 mov r9,  [rbx+48]
+    "0f05"            # 27 syscall
+    "48894338"        # 29 mov [rbx+56], rax
+    "483d01f0ffff"    # 33 cmp rax, -4095
+    "7309"            # 39 jae trap (50)
+    "4883c340"        # 41 add rbx, 64
+    "49ffcc"          # 45 dec r12
+    "75ce"            # 48 jnz loop (0)
+    "cc"              # 50 trap: int3
+    "ebfd")           # 51 jmp trap
+BATCH_TRAP_PC = 51      # rip at the breakpoint's SIGTRAP (int3 is a trap: rip is past it)
+BATCH_SI_CODE = 0x80    # SI_KERNEL: arch/x86/kernel/traps.c do_int3_user -> do_trap -> force_sig
+
+
+def set_batch(regs: Regs, blob: int, table: int, n: int) -> None:
+    """Registers that enter the runner at `blob` on an `n`-entry table.
+    orig_rax = -1: not in a syscall (no restart over our rip, see set_syscall)."""
+    regs.rip, regs.rbx, regs.r12 = blob, table, n
+    regs.orig_rax = u64(-1)
+
+
+def batch_state(regs: Regs):
+    """(the entry the runner stopped on or one past the last, entries not run)."""
+    return regs.rbx, regs.r12
+
+
 NT_PRSTATUS = 1
 NT_X86_XSTATE = 0x202
 
@@ -113,6 +156,18 @@ def syscall_site(regs: Regs) -> dict:
     """The call the registers are in, as /proc/PID/syscall shows it."""
     return {"nr": s64(regs.orig_rax), "args": [regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9],
             "sp": regs.rsp, "pc": regs.rip}
+
+
+def interrupted_call(task) -> bool:
+    """At a freeze stop: returning from a call with -ERESTARTxxx, or with the
+    -EINTR of a FREEZE_EINTR call. A pending signal with a handler is then
+    taken at once (Task.settle), as on aarch64, where it must be: here the
+    registers would carry the decision into an image too, but one path for
+    both machines is one path tested on this one."""
+    regs = task.orig_regs
+    nr, err = s64(regs.orig_rax), -s64(regs.rax)
+    return nr >= 0 and (err in (ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND, ERESTART_RESTARTBLOCK)
+                        or (err == EINTR and nr in FREEZE_EINTR))
 
 
 def image_regs(task) -> Regs:

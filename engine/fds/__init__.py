@@ -63,6 +63,7 @@ KINDS: Dict[str, Optional[str]] = {
     "signalfd": "signalfd",
     "epoll": "epoll",
     "pseudo": "pseudo",
+    "procfile": "procfile",
     "tty": "tty",
     "unsupported": None,
 }
@@ -130,6 +131,10 @@ def classify_kind(info: FdInfo) -> str:
         return kind
     if stat.S_ISREG(m) or stat.S_ISDIR(m) or stat.S_IFMT(m) == 0:
         fs = fs_magic(info)
+        if fs == fstype.PROC and stat.S_ISREG(m):
+            from .procfile import eligible
+            if eligible(info.link):
+                return "procfile"
         if fstype.pseudo(fs):
             return "pseudo"
         if fstype.handle(fs) or not info.link.startswith("/"):

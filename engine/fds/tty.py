@@ -2,16 +2,23 @@
 program, a multiplexer), and a pty slave whose master is outside (the
 process runs on someone's terminal: `criu --shell-job`).
 
-Pair in the dump (master /dev/ptmx and slave /dev/pts/N both held by the
-process, by nobody else): restored with the same index N (devpts hands
+Pair in the dump (master /dev/ptmx and slave /dev/pts/N held by the
+process, or by members of a dumped tree - a driver such as script(1)
+holding the master, the program it runs the slave -, by nobody else; the
+holders matched exactly by the slave inode the master's TIOCGPTPEER
+names, opened O_PATH; surveyed and drained once for the tree, keys
+"tree:tty:..."): restored with the same index N (devpts hands
 out the lowest free index, so the restore opens /dev/ptmx until it gets
 N and closes the others; N taken by someone else is refused `tty`), the
 slave's termios (termios2: speeds too) and window size, packet mode,
 the lock (TIOCSPTLCK), exclusive mode, the /dev/pts/N node's mode and
 owner, the bytes queued in both directions (_tty: drained and put back at
-dump, written again at restore), and, when the pair's slave is the
-process's controlling terminal, the session (TIOCSCTTY from the restored
-session leader) and the foreground process group (TIOCSPGRP).
+dump, written again at restore; in a tree the master's member's image
+holds them, its one build hands every member's ends out), and, when the
+pair's slave is a session's controlling terminal, the session (TIOCSCTTY
+from the restored session leader: in a tree right after its setsid(),
+before it forks its session, session_terminals) and the foreground
+process group (TIOCSPGRP), which must be one of the dump's.
 
 Slave whose master is outside: the terminal belongs to whoever holds the
 master, which the restore cannot bring back. With ``ckpt dump
@@ -20,10 +27,12 @@ reopens every such fd on the terminal PATH (``--tty inherit``: ckpt's own
 standard input) with the saved termios applied; anything else is
 `tty-outside`, at dump and at restore, naming why.
 
-Refused as `tty`: a pair end also held by another process, a master
-whose slave the process does not hold, a line discipline other than
-N_TTY, a pair that is the controlling terminal of another session or
-whose foreground group is not the process's own, an index taken at
+Refused as `tty`: a pair end also held by a process outside the dump, a
+master whose slave no process of the dump holds, a line discipline other
+than N_TTY, a pair of another devpts instance, a pair that is the
+controlling terminal of a session whose leader is not in the dump or
+whose foreground group is none of the dump's, /dev/tty on such a pair
+shared by two members (each reopens its own: _devtty), an index taken at
 restore. Refused as `tty-queued`: canonical mode with VEOF disabled or a
 literal-next pending (the line being typed cannot be made readable, see
 _tty.take_canonical), a pending packet-mode status, flow-control
@@ -42,13 +51,14 @@ from ..errors import EngineError, Refusal
 from . import _tty
 from ._dups import is_follower
 from ._peers import holders
-from ._util import failed, refuse, refuse_rec, with_status_flags
+from ._util import failed, refuse, refuse_rec, reopen_in_process, with_status_flags
 
 KIND = "tty"
 REASONS = ("tty", "tty-queued", "tty-outside", "capability", "image-invalid")
 MAX_INDEX_TRIES = 1024      # ptys held open at once to reach a high index
 INDEX_WAIT = 2.0            # seconds for a just-closed pair's index to be free again
 O_LARGEFILE = 0o100000      # what open(2) adds on 64-bit (force_o_largefile); same on x86_64 and aarch64
+O_PATH = 0o10000000         # x86_64 and aarch64 alike (asm-generic/fcntl.h)
 
 
 def is_pty(info) -> bool:
@@ -120,9 +130,16 @@ def _outside_masters(ctx, index: int) -> List[tuple]:
     return out
 
 
+def _members(ctx, own: int) -> List[int]:
+    """The processes of the dump: the members of a dumped tree, or `own`."""
+    return sorted(set(getattr(ctx, "tree_pids", ()) or ()) | {own})
+
+
 def _tree_fds(ctx, own: int):
     """(pid, fd, link) of the other members of a dumped tree."""
-    for pid in sorted(set(getattr(ctx, "tree_pids", ()) or ()) - {own}):
+    for pid in _members(ctx, own):
+        if pid == own:
+            continue
         try:
             names = os.listdir(f"/proc/{pid}/fd")
         except OSError:
@@ -134,23 +151,66 @@ def _tree_fds(ctx, own: int):
                 continue
 
 
+def _fdinfo_index(pid: int, fd: int) -> Optional[int]:
+    try:
+        with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+            for line in f:
+                if line.startswith("tty-index:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def _tree_master(ctx, index: int):
     for pid, fd, link in _tree_fds(ctx, ctx.pid):
-        if link in ("/dev/ptmx", "/dev/pts/ptmx"):
-            try:
-                with open(f"/proc/{pid}/fdinfo/{fd}") as f:
-                    if any(l.startswith("tty-index:") and int(l.split()[1]) == index for l in f):
-                        return pid, fd
-            except (OSError, ValueError):
-                continue
-    return None
-
-
-def _tree_slave(ctx, index: int, own: int):
-    for pid, fd, link in _tree_fds(ctx, own):
-        if link == f"/dev/pts/{index}":
+        if link in ("/dev/ptmx", "/dev/pts/ptmx") and _fdinfo_index(pid, fd) == index:
             return pid, fd
     return None
+
+
+def _slave_id(pid: int, fd: int) -> tuple:
+    """(st_dev, st_ino) of the slave inode of the master `fd` of `pid`: its
+    own devpts instance's /dev/pts/N, opened O_PATH by TIOCGPTPEER (no tty
+    open: do_dentry_open stops at O_PATH), so the pair is known exactly,
+    whatever instance and index the slave holders' links show."""
+    with pidfd.target_fd(pid, fd) as dup:
+        peer = _tty.ioc_call(dup, _tty.TIOCGPTPEER, O_PATH | os.O_CLOEXEC)
+    try:
+        st = os.fstat(peer)
+    finally:
+        os.close(peer)
+    return st.st_dev, st.st_ino
+
+
+def _dump_ends(info, ctx, index: int) -> Dict[str, List[tuple]]:
+    """{"master": [(pid, fd)], "slave": [(pid, fd)]}: every fd of the dump
+    (this process, the other members of a tree) on pty `index`, one per
+    open file description of this process (its own ends: _ends), matched
+    to the pair exactly by the slave inode (_slave_id); the first master
+    is this process's when it holds one."""
+    own = _ends(ctx).get(index) or {"master": [], "slave": []}
+    out = {side: [(i.pid, i.fd) for i in own[side]] for side in ("master", "slave")}
+    for pid, fd, link in _tree_fds(ctx, info.pid):
+        if link in ("/dev/ptmx", "/dev/pts/ptmx"):
+            if _fdinfo_index(pid, fd) == index:
+                out["master"].append((pid, fd))
+        elif link == f"/dev/pts/{index}":
+            out["slave"].append((pid, fd))
+    if not out["master"]:
+        return out
+    want = _slave_id(*out["master"][0])
+    out["master"] = [e for e in out["master"] if e == out["master"][0] or _slave_id(*e) == want]
+    slaves = []
+    for pid, fd in out["slave"]:
+        try:
+            st = os.stat(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) == want:
+            slaves.append((pid, fd))
+    out["slave"] = slaves
+    return out
 
 
 def _ptmx_id(link: str):
@@ -162,10 +222,11 @@ def _ptmx_id(link: str):
 
 
 def _pair(info, ctx) -> dict:
-    """The facts of the pair `info` belongs to (cached per index); raises
-    the refusals."""
+    """The facts of the pair `info` belongs to (cached per index, for every
+    member of a tree: one survey, one drain of its queues); raises the
+    refusals."""
     index = _index(info)
-    key = f"tty:pair:{index}"
+    key = f"tree:tty:pair:{index}"
     if key in ctx.shared:
         got = ctx.shared[key]
         if isinstance(got, Refusal):
@@ -181,19 +242,14 @@ def _pair(info, ctx) -> dict:
 
 
 def _survey_pair(info, ctx, index: int) -> dict:
-    ends = _ends(ctx).get(index)
-    if ends is None:        # a caller that gave no fd table: the fd alone
-        side = "master" if _tty.is_master(info.rdev) else "slave"
-        ends = _ends(ctx)[index] = {"master": [], "slave": [], side: [info]}
+    ends = _dump_ends(info, ctx, index)
+    if not ends["master"] and not ends["slave"]:     # a caller that gave no fd table: the fd alone
+        ends["master" if _tty.is_master(info.rdev) else "slave"].append((info.pid, info.fd))
     name = f"/dev/pts/{index}"
     outside_m = _outside_masters(ctx, index)
-    slave_st = os.stat(ends["slave"][0].proc_path) if ends["slave"] else None
+    slave_st = os.stat(f"/proc/{ends['slave'][0][0]}/fd/{ends['slave'][0][1]}") if ends["slave"] else None
     outside_s = holders(ctx, name, slave_st.st_dev, slave_st.st_ino) if slave_st else []
     if not ends["master"]:
-        member = _tree_master(ctx, index)
-        if member:
-            raise refuse(info, "tty", f"pty {index}: its master is held by pid {member[0]} (fd {member[1]}) of "
-                         "the dumped tree: a pair split between processes is not restored yet")
         how = f"held by pid {outside_m[0][0]} (fd {outside_m[0][1]})" if outside_m else "held by no process here"
         return {"index": index, "outside": True, "master_where": how}
     if outside_m:
@@ -202,16 +258,23 @@ def _survey_pair(info, ctx, index: int) -> dict:
     if outside_s:
         raise refuse(info, "tty", f"pty {index}: its slave {name} is also held by pid {outside_s[0][0]} "
                      f"(fd {outside_s[0][1]}), a process outside the dump")
-    member = _tree_slave(ctx, index, info.pid)
-    if member:
-        raise refuse(info, "tty", f"pty {index}: its slave is held by pid {member[0]} (fd {member[1]}) of the "
-                     "dumped tree: a pair split between processes is not restored yet")
     if not ends["slave"]:
-        raise refuse(info, "tty", f"pty {index}: the process holds the master but not the slave {name} "
+        raise refuse(info, "tty", f"pty {index}: the dump holds the master but not the slave {name} "
                      "(whether the slave was ever opened, and its input queue, cannot be read without opening it)")
-    m, s = ends["master"][0], ends["slave"][0]
-    st = _stat_fields(info.pid)
-    with pidfd.target_fd(m.pid, m.fd) as mfd, pidfd.target_fd(s.pid, s.fd) as sfd:
+    devpts = _ptmx_id("/dev/pts/ptmx")[0]
+    if slave_st.st_dev != devpts:
+        raise refuse(info, "tty", f"pty {index} belongs to another devpts instance (device {slave_st.st_dev}) "
+                     "than /dev/pts, where the restore makes it")
+    (mpid, mfd_n), (spid, sfd_n) = ends["master"][0], ends["slave"][0]
+    with pidfd.target_fd(mpid, mfd_n) as mfd, pidfd.target_fd(spid, sfd_n) as sfd:
+        # The master's own side: its termios no ioctl can change (the
+        # master's termios ioctls act on the slave, tty_mode_ioctl), but its
+        # line discipline is its own (TIOCSETD on the master fd; another
+        # one answers the termios ioctls itself: first).
+        mline = _tty.ioc_int(mfd, _tty.TIOCGETD)
+        if mline != 0:
+            raise refuse(info, "tty", f"pty {index}: the master's line discipline is {mline}, only N_TTY (0) "
+                         "is restored")
         termios = _tty.get_termios(mfd)
         f = _tty.fields(termios)
         if f["line"] != 0:
@@ -222,7 +285,8 @@ def _survey_pair(info, ctx, index: int) -> dict:
         rec = {"index": index, "outside": False, "termios": termios.hex(), "winsize": list(_tty.get_winsize(mfd)),
                "packet": packet, "locked": _tty.ioc_int(mfd, _tty.TIOCGPTLCK),
                "excl": _tty.ioc_int(sfd, _tty.TIOCGEXCL), "ctty": False, "fg": None,
-               "out_len": _tty.ioc_int(mfd, _tty.FIONREAD), "in_len": _tty.ioc_int(sfd, _tty.FIONREAD)}
+               "out_len": _tty.ioc_int(mfd, _tty.FIONREAD), "in_len": _tty.ioc_int(sfd, _tty.FIONREAD),
+               "_master": (mpid, mfd_n), "_slave": (spid, sfd_n)}
         if packet and _tty.poll_bits(mfd) & 2:        # POLLPRI: a packet status waits (n_tty_poll)
             raise refuse(info, "tty-queued", f"pty {index}: a packet-mode status byte waits to be read on the "
                          "master; reading it would consume it")
@@ -235,28 +299,62 @@ def _survey_pair(info, ctx, index: int) -> dict:
     node = os.stat(name) if os.path.exists(name) else slave_st
     rec["node"] = {"mode": stat.S_IMODE(node.st_mode), "uid": node.st_uid, "gid": node.st_gid}
     if sid is not None:
-        if sid != info.pid or st["session"] != info.pid:
-            raise refuse(info, "tty", f"pty {index} is the controlling terminal of session {sid}, not of "
-                         "the process's own session")
-        if ctty_index(info.pid) != index:
-            raise refuse(info, "tty", f"pty {index} names session {sid} but is not its controlling terminal")
-        if fg is not None and fg != st["pgrp"]:
-            raise refuse(info, "tty", f"pty {index}: foreground process group {fg} is not the process's own "
-                         f"({st['pgrp']})")
-        rec["ctty"], rec["fg"] = True, fg
+        rec["ctty"], rec["fg"], rec["sid"] = True, fg, _session_of(info, ctx, index, sid, fg)
     return rec
+
+
+def _session_of(info, ctx, index: int, sid: int, fg: Optional[int]) -> int:
+    """The session whose controlling terminal pty `index` is, when the
+    restore can make it so again: its leader is a process of the dump (it
+    does setsid() then TIOCSCTTY, engine/tree_restore.py), every process of
+    the dump in the session has it as controlling terminal (they inherit it
+    from the leader, forked after), and the foreground group is one of the
+    dump's in that session (TIOCSPGRP once the groups exist). Raises `tty`."""
+    members = _members(ctx, info.pid)
+    if sid not in members:
+        raise refuse(info, "tty", f"pty {index} is the controlling terminal of session {sid}, whose leader is "
+                     "not in the dump")
+    stats = {}
+    for pid in members:
+        try:
+            stats[pid] = _stat_fields(pid)
+        except (OSError, ValueError, IndexError):
+            continue
+    if stats.get(sid, {}).get("session") != sid or ctty_index(sid) != index:
+        raise refuse(info, "tty", f"pty {index} names session {sid} but is not the controlling terminal of "
+                     f"pid {sid} as its session leader")
+    groups = {st["pgrp"] for st in stats.values() if st["session"] == sid}
+    if fg not in groups:
+        raise refuse(info, "tty", f"pty {index}: foreground process group {fg} is not one of the dump's in "
+                     f"session {sid} ({', '.join(map(str, sorted(groups)))})")
+    return sid
 
 
 def _devtty(info, ctx) -> str:
     """/dev/tty opened by the process: its controlling terminal under
-    another name. Restored (reopened by that name in ckpt, which must then
-    share the terminal: restore --tty) when that terminal's master is
-    outside (a shell job); refused otherwise."""
+    another name. Its terminal a pair of the dump: reopened by the restored
+    process (_reopen_devtty). Its master outside (a shell job): reopened
+    by that name in ckpt, which must then share the terminal (restore
+    --tty). Refused otherwise."""
     index = ctty_index(info.pid)
     if index is None:
         raise refuse(info, "tty", "/dev/tty of a process with no pseudo-terminal as controlling terminal")
-    if index in _ends(ctx) and _ends(ctx)[index]["master"]:
-        raise refuse(info, "tty", f"/dev/tty naming pty {index}, whose master the process holds: not restored yet")
+    if (index in _ends(ctx) and _ends(ctx)[index]["master"]) or _tree_master(ctx, index):
+        # Reopened by the restored process itself once the pair is its
+        # controlling terminal again (finish): /dev/tty is whatever
+        # terminal the opener has. Its open file description is the
+        # process's own: one shared with another member (inherited through
+        # fork) could only be reopened as two.
+        from ..pidfd import KCMP_FILE, kcmp
+        for pid, fd, link in _tree_fds(ctx, info.pid):
+            try:
+                same = link == "/dev/tty" and kcmp(info.pid, pid, KCMP_FILE, info.fd, fd) == 0
+            except Exception:    # noqa: BLE001 - gone meanwhile: nothing shared
+                same = False
+            if same:
+                raise refuse(info, "tty", f"/dev/tty naming pty {index}, one open file description with pid {pid} "
+                             f"(fd {fd}): each process reopens its own, which would make two")
+        return f"/dev/tty (its controlling terminal /dev/pts/{index}, a pair of the dump: reopened by the process)"
     if not getattr(ctx.options, "shell_job", False):
         raise refuse(info, "tty-outside", f"/dev/tty, naming /dev/pts/{index} whose master is outside the dump: "
                      "dump with --shell-job and restore with --tty PATH")
@@ -286,7 +384,10 @@ def dump(info, ctx) -> dict:
         with pidfd.target_fd(info.pid, info.fd) as dup:
             termios = _tty.get_termios(dup)
         st = _stat_fields(info.pid)
-        return {"tty": "devtty", "index": ctty_index(info.pid), "outside": True, "ctty": True,
+        index = ctty_index(info.pid)
+        if (index in _ends(ctx) and _ends(ctx)[index]["master"]) or _tree_master(ctx, index):
+            return {"tty": "devtty", "index": index, "outside": False, "ctty": True}
+        return {"tty": "devtty", "index": index, "outside": True, "ctty": True,
                 "termios": termios.hex(), "fg_own": st["tpgid"] == st["pgrp"]}
     pair = _pair(info, ctx)
     index = pair["index"]
@@ -301,7 +402,8 @@ def dump(info, ctx) -> dict:
         rec["tty"] = "master"
         rec.update(_queues(info, ctx, pair))
         return rec
-    return {"tty": "slave", "index": index, "outside": False, "ctty": pair["ctty"]}
+    # "ctty": the holder is the session leader that makes it its controlling terminal again
+    return {"tty": "slave", "index": index, "outside": False, "ctty": pair["ctty"] and pair.get("sid") == info.pid}
 
 
 def _queues(info, ctx, pair: dict) -> dict:
@@ -315,11 +417,10 @@ def _queues(info, ctx, pair: dict) -> dict:
     canon = _tty.canonical(termios)
     if not (pair["out_len"] or pair["in_len"] or canon):
         return out
-    ends = _ends(ctx)[pair["index"]]
-    m, s = ends["master"][0], ends["slave"][0]
+    (mpid, mfd_n), (spid, sfd_n) = pair["_master"], pair["_slave"]
     packet = bool(pair["packet"])
     lines, partial, inq = [], b"", b""
-    with pidfd.target_fd(m.pid, m.fd) as mfd, pidfd.target_fd(s.pid, s.fd) as sfd:
+    with pidfd.target_fd(mpid, mfd_n) as mfd, pidfd.target_fd(spid, sfd_n) as sfd:
         try:
             _tty.settle(sfd)      # input the master wrote is processed (and echoed) before the output is taken
             outq = _tty.read_queue(mfd, packet)
@@ -359,24 +460,39 @@ def _queues(info, ctx, pair: dict) -> dict:
 
 # -- restore ------------------------------------------------------------------
 
+def _records(ctx) -> List[dict]:
+    # In a process tree, every member's (engine/tree_restore.py): a pair's
+    # master and slaves may be held by different members.
+    return getattr(ctx, "tree_records", None) or ctx.records or []
+
+
 def _master_rec(rec: dict, ctx) -> Optional[dict]:
-    for r in ctx.records or []:
+    for r in _records(ctx):
         if r.get("kind") == KIND and r.get("tty") == "master" and r.get("index") == rec.get("index") \
-                and not is_follower(r):
+                and not is_follower(r) and not r.get("outside"):
             return r
     return None
 
 
 def _slave_recs(index: int, ctx) -> List[dict]:
-    return [r for r in ctx.records or [] if r.get("kind") == KIND and r.get("tty") == "slave"
-            and r.get("index") == index and not is_follower(r)]
+    return [r for r in _records(ctx) if r.get("kind") == KIND and r.get("tty") == "slave"
+            and r.get("index") == index and not is_follower(r) and not r.get("outside")]
+
+
+def _image_of(m: dict, ctx):
+    """Where the master's queue files are: its member's image directory."""
+    return m.get("_image") or ctx.image
 
 
 def validate(rec: dict, ctx) -> None:
     if rec.get("tty") not in ("master", "slave", "devtty") or not isinstance(rec.get("index"), int):
         raise refuse_rec(rec, ctx, "image-invalid", "tty record malformed")
     if rec["tty"] == "devtty":
-        _outside_tty(rec, ctx)
+        if rec.get("outside", True):
+            _outside_tty(rec, ctx)
+        elif _master_rec(rec, ctx) is None:
+            raise refuse_rec(rec, ctx, "image-invalid", f"/dev/tty naming pty {rec['index']}, whose master "
+                             "record is missing")
         return
     if rec.get("outside"):
         if rec["tty"] != "slave" or not isinstance(rec.get("termios"), str):
@@ -388,7 +504,7 @@ def validate(rec: dict, ctx) -> None:
         raise refuse_rec(rec, ctx, "image-invalid", f"the record of pty {rec['index']}'s master is missing")
     for name in ("out", "in"):
         if m.get(name):
-            ctx.image.path(m[name])
+            _image_of(m, ctx).path(m[name])
     if _taken(rec["index"]):
         raise refuse_rec(rec, ctx, "tty", f"pty index {rec['index']} is taken (/dev/pts/{rec['index']} exists): "
                          "the restored pair would get another index, which the process may have recorded")
@@ -471,11 +587,14 @@ def restore(rec: dict, ctx) -> int:
     try:
         if rec.get("outside"):
             return _restore_outside(rec, ctx)
+        if rec["tty"] == "devtty":
+            # A stand-in until the process reopens /dev/tty itself (finish).
+            return os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
         built = ctx.shared.get(f"tty:built:{rec['index']}")
         if built is None:
             built = _build(_master_rec(rec, ctx), ctx)
             ctx.shared[f"tty:built:{rec['index']}"] = built
-        return with_status_flags(rec, ctx, built.pop(rec["fd"]))
+        return with_status_flags(rec, ctx, built.pop(id(rec)))
     except OSError as e:
         raise failed(rec, ctx, f"rebuilding pty {rec['index']}", e) from e
 
@@ -534,10 +653,11 @@ def _peer(mfd: int, flags: int) -> int:
 
 
 def _build(m: dict, ctx) -> Dict[int, int]:
-    """Master and slaves of one pair: target fd number -> restorer fd."""
+    """Master and slaves of one pair (of every member of a tree): id of
+    the record -> restorer fd."""
     index = m["index"]
     mfd = _open_index(index, ctx, m)
-    out = {m["fd"]: mfd}
+    out = {id(m): mfd}
     try:
         _tty.set_int(mfd, _tty.TIOCSPTLCK, 0)
         name = f"/dev/pts/{index}"
@@ -550,11 +670,11 @@ def _build(m: dict, ctx) -> Dict[int, int]:
         if m["packet"]:
             _tty.set_int(mfd, _tty.TIOCPKT, 1)
         for r in _slave_recs(index, ctx):
-            out[r["fd"]] = _peer(mfd, r["flags"] & (os.O_ACCMODE | os.O_NONBLOCK | os.O_APPEND))
+            out[id(r)] = _peer(mfd, r["flags"] & (os.O_ACCMODE | os.O_NONBLOCK | os.O_APPEND))
         sfd = _peer(mfd, os.O_RDWR)
         try:
-            outq = ctx.image.read_bytes(m["out"]) if m.get("out") else b""
-            inq = ctx.image.read_bytes(m["in"]) if m.get("in") else b""
+            outq = _image_of(m, ctx).read_bytes(m["out"]) if m.get("out") else b""
+            inq = _image_of(m, ctx).read_bytes(m["in"]) if m.get("in") else b""
             got_out = _tty.inject_output(mfd, sfd, outq, termios)
             if _tty.canonical(termios):
                 try:
@@ -597,6 +717,9 @@ def finish(rec: dict, ctx, task) -> None:
                 os.close(fd)
             ctx.shared["tty:foreground-set"] = True
         return
+    if rec.get("tty") == "devtty":
+        _reopen_devtty(rec, ctx, task)
+        return
     if rec.get("tty") != "slave" or not rec.get("ctty"):
         return
     m = _master_rec(rec, ctx)
@@ -605,3 +728,56 @@ def finish(rec: dict, ctx, task) -> None:
         addr = task.scratch
         task.write_mem(addr, int(m["fg"]).to_bytes(4, "little", signed=True))
         task.call("ioctl", rec["fd"], _tty.TIOCSPGRP, addr)
+
+
+def session_terminals(members: List[dict], fdrecs_of: Dict[int, List[dict]]) -> Dict[int, dict]:
+    """A process tree's controlling terminals (engine/tree_restore.py):
+    {session leader pid: {"index", "fg", "holder": (pid, fd)}} for each pty
+    of the image that is a session's controlling terminal. The leader makes
+    it so right after its setsid(), before it forks (the members of its
+    session inherit it: copy_signal; a process other than the leader can
+    get it no other way), with TIOCSCTTY on the slave fd `holder` (an fd
+    the restorer opened for any member: every member holds all of them
+    until its fds are installed); the foreground group once every group
+    exists. Raises Refusal(image-invalid)."""
+    by_pid = {m["pid"]: m for m in members}
+    recs = [(pid, r) for pid, rs in fdrecs_of.items() for r in rs]
+    out: Dict[int, dict] = {}
+    for pid, r in recs:
+        if r.get("kind") != KIND or r.get("tty") != "master" or r.get("outside") or not r.get("ctty") \
+                or "dup_of" in r or "ofd_of" in r:
+            continue
+        sid, fg, index = r.get("sid", pid), r.get("fg"), r.get("index")
+        if not all(isinstance(x, int) and not isinstance(x, bool) for x in (sid, index)) or \
+                not (fg is None or isinstance(fg, int) and not isinstance(fg, bool)):
+            raise Refusal("image-invalid", f"pty {index!r}: session {sid!r} or foreground group {fg!r} malformed",
+                          pid=pid)
+        lead = by_pid.get(sid)
+        if lead is None or "zombie" in lead or lead["sid"] != sid or sid in out:
+            raise Refusal("image-invalid", f"pty {index}: controlling terminal of session {sid}, which no live "
+                          "session leader of the tree leads (or of another pty too)", pid=pid)
+        if fg is not None and fg not in {m["pgid"] for m in members if m["sid"] == sid}:
+            raise Refusal("image-invalid", f"pty {index}: foreground group {fg} is none of session {sid}'s",
+                          pid=pid)
+        holder = next(((p, s["fd"]) for p, s in recs if s.get("kind") == KIND and s.get("tty") == "slave"
+                       and s.get("index") == index and not s.get("outside")), None)
+        if holder is None:
+            raise Refusal("image-invalid", f"pty {index}: no record of its slave", pid=pid)
+        out[sid] = {"index": index, "fg": fg, "holder": holder}
+    return out
+
+
+def _reopen_devtty(rec: dict, ctx, task) -> None:
+    """/dev/tty opened by the restored process itself, over the stand-in
+    at its fd number: its controlling terminal is the restored pair by now
+    (a tree member's since its session leader's setsid, engine/tree_restore.py;
+    a single session leader's once its slave's finish ran: done here first,
+    TIOCSCTTY again being a no-op). Flags as dumped (open(2) adds
+    O_LARGEFILE as it did), close-on-exec as dumped."""
+    for r in ctx.records or []:
+        if r.get("kind") == KIND and r.get("tty") == "slave" and r.get("ctty") and not r.get("outside") \
+                and r.get("index") == rec["index"]:
+            finish(r, ctx, task)
+            break
+    flags = rec["flags"] & (os.O_ACCMODE | os.O_NONBLOCK | os.O_APPEND) | os.O_NOCTTY | os.O_CLOEXEC
+    reopen_in_process(rec, ctx, task, "/dev/tty", flags, f"pty {rec['index']}")

@@ -20,6 +20,9 @@ the workload's. ``leave: [files, fs]``: once its children exist the
 workload unshare()s those, so the children sharing them share them with
 each other only (kcmp between them; their memfd and umask not the
 workload's).
+Every child also inherits two anonymous pages (:class:`Memory`): after
+the restore a write to the MAP_SHARED one must be seen on both sides, and
+a write to the MAP_PRIVATE one (copy on write) only on the writer's.
 
 Expected values come from the scenario, and where the kernel adjusts a
 value (the SA_RESTORER libc adds, an itimer's remaining time) from what the
@@ -145,6 +148,8 @@ def apply(p: dict) -> None:
     for name, t in (p.get("itimers") or {}).items():
         signal.setitimer(ITIMERS[name], int(t["value_ms"]) / 1000, int(t.get("interval_ms", 0)) / 1000)
     # Children before the threads (a fork copies only the calling thread).
+    if p.get("children"):
+        _MEMORY.append(Memory())
     for i, c in enumerate(p.get("children") or []):
         _CHILDREN.append(Child(i, c))
     for ch in _CHILDREN:
@@ -243,6 +248,54 @@ class Blocked:
 # -- children (a process tree) -------------------------------------------------------
 
 _CHILDREN: List["Child"] = []
+_MEMORY: List["Memory"] = []
+
+
+class Memory:
+    """Two anonymous pages every child inherits: one MAP_SHARED (one
+    object: after the restore a write on either side must be seen on the
+    other) and one MAP_PRIVATE the workload filled before the forks (copy
+    on write: a child's write after the restore must stay its own, and its
+    copy must hold the workload's bytes). An engine that restores shared
+    memory as copies, or private memory as one object, fails here."""
+    SLOT = 64
+    DOWN = 2048       # the workload writes for child i at DOWN + i * SLOT, child i for it at i * SLOT
+
+    def __init__(self):
+        import mmap
+        self.shared = mmap.mmap(-1, 4096, flags=mmap.MAP_SHARED)
+        self.private = mmap.mmap(-1, 4096, flags=mmap.MAP_PRIVATE)
+        self.fill = os.urandom(8).hex()
+        self.private[:16] = self.fill.encode()
+
+    @staticmethod
+    def _get(m, off: int) -> str:
+        return bytes(m[off:off + 16]).decode(errors="replace")
+
+    def child_side(self, index: int, mine: str) -> dict:
+        """In child `index`, woken after the restore: what it sees, then its writes."""
+        seen = {"seen": self._get(self.shared, self.DOWN + index * self.SLOT), "private": self._get(self.private, 0)}
+        self.shared[index * self.SLOT:index * self.SLOT + 16] = mine.encode()
+        self.private[:16] = mine.encode()
+        return seen
+
+    def token(self, index: int) -> str:
+        return f"w{index:03d}" + self.fill[:12]
+
+    def before_wake(self, index: int) -> None:
+        off = self.DOWN + index * self.SLOT
+        self.shared[off:off + 16] = self.token(index).encode()
+
+    def checks(self, what: str, index: int, value: str, memory: dict) -> List[dict]:
+        return [
+            check(None, f"{what}: sees this process's write to their MAP_SHARED page", self.token(index),
+                  memory.get("seen")),
+            check(None, f"{what}: its write to the MAP_SHARED page is seen here", value,
+                  self._get(self.shared, index * self.SLOT)),
+            check(None, f"{what}: its copy-on-write page held this process's bytes", self.fill, memory.get("private")),
+            check(None, f"{what}: its write to its copy-on-write page stays its own", self.fill,
+                  self._get(self.private, 0)),
+        ]
 
 
 def _stat(pid: int) -> dict:
@@ -301,13 +354,14 @@ class Child:
                 ticks += 1
         got = os.read(wake, 16).decode()
         probe = {}
+        memory = _MEMORY[0].child_side(self.index, mine) if _MEMORY else {}
         if "files" in self.share:       # open in the workload too, at this number
             probe["fd"] = os.memfd_create(self.probe_name())
         if "fs" in self.share:          # the workload's umask too
             os.umask(self.probe_umask())
             probe["umask"] = self.probe_umask()
         os.write(rep, (json.dumps({"pid": os.getpid(), "ppid": os.getppid(), "value": mine, "ticks": ticks,
-                                   "got": got, "probe": probe}) + "\n").encode())
+                                   "got": got, "probe": probe, "memory": memory}) + "\n").encode())
         return self.code
 
     def probe_name(self) -> str:
@@ -381,6 +435,9 @@ def _child_checks(p: dict, seen: dict, phase: str) -> List[dict]:
         umask = os.umask(0)
         os.umask(umask)
         for ch in _CHILDREN:
+            if ch.how != "zombie" and _MEMORY:
+                _MEMORY[0].before_wake(ch.index)
+        for ch in _CHILDREN:
             if ch.how != "zombie" and "fs" not in ch.share:
                 os.write(ch.wake_w, b"wake")
         for ch, r in zip(_CHILDREN, recs):
@@ -396,6 +453,8 @@ def _child_checks(p: dict, seen: dict, phase: str) -> List[dict]:
                 if ch.how == "sleep":
                     out.append(check(None, f"{what}: it ticked", True, int(rep.get("ticks") or 0) > 0))
                 out += _probe_checks(ch, what, rep.get("probe") or {}, umask, left)
+                if _MEMORY:
+                    out += _MEMORY[0].checks(what, ch.index, r["value"], rep.get("memory") or {})
             try:
                 _, status = os.waitpid(r["pid"], 0)
                 got = os.WEXITSTATUS(status) if os.WIFEXITED(status) else f"signal {os.WTERMSIG(status)}"

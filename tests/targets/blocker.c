@@ -21,12 +21,18 @@
  * It then blocks in read() on the pipe, writes "read ret=R errno=E", unblocks
  * everything (the pending signals' handlers run), writes "unblocked" and
  * waits in pause().
+ *
+ * Mode "thread_sigs": the main thread blocks every signal and waits in
+ * pause(); a second thread, with only SIGUSR2 unblocked (so it alone can
+ * take one sent to the process), writes "ready tid=T", blocks in one raw
+ * read() on the pipe and writes "read ret=R errno=E" (handler as above).
  */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/futex.h>
 #include <poll.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -53,6 +59,24 @@ static void on_sig(int sig, siginfo_t *si, void *uc) {
     int n = snprintf(line, sizeof line, "sig %d code=%d pid=%d uid=%u value=%d\n", sig, si->si_code,
                      (int)si->si_pid, (unsigned)si->si_uid, si->si_value.sival_int);
     (void)!write(out, line, n);
+}
+
+static int pipe_r = -1;
+
+static void *reader(void *arg) {
+    (void)arg;
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGUSR2);
+    pthread_sigmask(SIG_UNBLOCK, &set, NULL);
+    char line[128], buf[16];
+    snprintf(line, sizeof line, "ready tid=%ld\n", (long)syscall(SYS_gettid));
+    say(line);
+    long r = syscall(SYS_read, pipe_r, buf, sizeof buf);
+    snprintf(line, sizeof line, "read ret=%ld errno=%d\n", r, r < 0 ? errno : 0);
+    say(line);
+    for (;;) pause();
+    return NULL;
 }
 
 int main(int argc, char **argv) {
@@ -94,6 +118,16 @@ int main(int argc, char **argv) {
         say(line);
         sigprocmask(SIG_UNBLOCK, &set, NULL);
         say("unblocked\n");
+        for (;;) pause();
+    }
+
+    if (!strcmp(mode, "thread_sigs")) {
+        sigset_t all;
+        sigfillset(&all);
+        pthread_sigmask(SIG_BLOCK, &all, NULL);
+        pipe_r = p[0];
+        pthread_t t;
+        if (pthread_create(&t, NULL, reader, NULL) != 0) return 6;
         for (;;) pause();
     }
 
