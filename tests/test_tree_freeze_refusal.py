@@ -65,7 +65,8 @@ def test_member_refused_mid_pass_leaves_every_member_untraced(procs, session_kil
     assert not (tmp_path / "img").exists()
     for pid in [p.pid] + kids:
         assert _status_field(pid, "TracerPid") == "0", f"pid {pid} still traced"
-        assert _stat(pid)["state"] == ("T" if pid == victim else "S"), pid
+        state = _stat(pid)["state"]
+        assert state == "T" if pid == victim else state not in ("t", "T"), (pid, state)
     os.kill(victim, signal.SIGCONT)
     wait_for(lambda: _stat(victim)["state"] == "S", what="the stopped member continued")
 
@@ -76,4 +77,4 @@ def test_tree_frozen_side_by_side_dumps_and_restores_whole(procs, session_killer
     assert res["members"] == N
     assert _descendants(p.pid) == kids
     for pid in [p.pid] + kids:
-        assert _status_field(pid, "TracerPid") == "0" and _stat(pid)["state"] == "S", pid
+        assert _status_field(pid, "TracerPid") == "0" and _stat(pid)["state"] not in ("t", "T"), pid
