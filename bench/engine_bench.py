@@ -1,8 +1,11 @@
 #!/usr/bin/env python3
 """Engine-core benchmark: dump and restore throughput and frozen time.
 
-Cases: a process with 64 MiB and 1 GiB of touched anonymous memory, the
-image on tmpfs (/dev/shm) and on disk (/var/tmp), and a small C program.
+Cases: a process with 1 MiB, 64 MiB and 1 GiB of touched anonymous memory,
+the image on tmpfs (/dev/shm) and on disk (/var/tmp), and a small C program;
+and 1 GiB on disk dumped --leave-running, whose frozen time (until the
+process runs again) and durable time (until the image is fsync'd and
+committed) are apart: the fsyncs come after the release.
 Merges its figures into bench/results.json under the key "engine" (other
 keys are left alone) and prints a table.
 
@@ -63,17 +66,16 @@ def _kill(pid: int) -> None:
     _reap(pid)
 
 
-def _sample_memory(pid: int, mib: int) -> int:
+def _sample_memory(pid: int, mib: int, start: int) -> int:
     """Check 256 random words of the restored memhog's region against the
     formula it filled them with (word i = i * 0x9E3779B97F4A7C15; word 0 is
-    its tick counter). Returns how many were checked; raises on a mismatch."""
+    its tick counter) at `start` (memhog's "ready ADDR": a small region
+    merges with its neighbours in /proc/PID/maps). Returns how many were
+    checked; raises on a mismatch."""
     if not mib:
         return 0
     import random
     import struct
-    with open(f"/proc/{pid}/maps") as f:
-        start = next(int(line.split("-")[0], 16) for line in f
-                     if (lambda a, b: b - a)(*(int(x, 16) for x in line.split()[0].split("-"))) == mib * MIB)
     fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY)
     try:
         for _ in range(256):
@@ -95,7 +97,7 @@ def _cpu_s() -> float:
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def one_case(exe: str, mib: int, where: str, work: str) -> dict:
+def one_case(exe: str, mib: int, where: str, work: str, leave: bool = False) -> dict:
     ready = os.path.join(work, "ready")
     if os.path.exists(ready):
         os.unlink(ready)
@@ -110,11 +112,16 @@ def one_case(exe: str, mib: int, where: str, work: str) -> dict:
             if time.monotonic() > end or p.poll() is not None:
                 raise RuntimeError("memhog did not get ready")
             time.sleep(0.01)
+        while not open(ready).read().endswith("\n"):
+            time.sleep(0.01)
+        start = int(open(ready).read().split()[1], 16) if mib else 0     # "ready (nil)" without memory
         os.sync()
         c0, t0 = _cpu_s(), time.monotonic()
-        d = dump(p.pid, image, Options())
+        d = dump(p.pid, image, Options(leave_running=leave))
         t_dump = time.monotonic() - t0
         c_dump = _cpu_s() - c0
+        if leave:
+            p.kill()
         p.wait()
         c0, t0 = _cpu_s(), time.monotonic()
         r = restore(image, Options())
@@ -124,13 +131,13 @@ def one_case(exe: str, mib: int, where: str, work: str) -> dict:
         time.sleep(0.06)
         with open(f"/proc/{restored}/stat") as f:
             state = f.read().rsplit(")", 1)[1].split()[0]
-        sampled = _sample_memory(restored, mib)
+        sampled = _sample_memory(restored, mib, start)
         pages = d["pages_bytes"]
         return {"touched_mib": mib, "image_on": where, "pages_mib": round(pages / MIB, 1),
                 "dump_s": round(t_dump, 4), "dump_cpu_s": round(c_dump, 4),
                 "restore_cpu_s": round(c_restore, 4), "frozen_ms": d["frozen_ms"], "durable_ms": d.get("durable_ms"), "restore_s": round(t_restore, 4),
                 "dump_mib_s": round(pages / MIB / t_dump, 1), "restore_mib_s": round(pages / MIB / t_restore, 1),
-                "restored_state": state, "memory_samples_ok": sampled}
+                "restored_state": state, "memory_samples_ok": sampled, "left_running": leave}
     finally:
         if p.poll() is None:
             p.kill()
@@ -152,12 +159,13 @@ def main() -> int:
     try:
         exe = os.path.join(work, "memhog")
         subprocess.run(["gcc", "-O2", "-o", exe, os.path.join(ROOT, "tests", "targets", "memhog.c")], check=True)
-        cases = [(0, "/dev/shm"), (64, "/dev/shm"), (64, "/var/tmp")]
+        cases = [(0, "/dev/shm", False), (1, "/dev/shm", False), (1, "/var/tmp", False),
+                 (64, "/dev/shm", False), (64, "/var/tmp", False)]
         if not args.quick:
-            cases += [(1024, "/dev/shm"), (1024, "/var/tmp")]
+            cases += [(1024, "/dev/shm", False), (1024, "/var/tmp", False), (1024, "/var/tmp", True)]
         rows = []
-        for mib, where in cases:
-            runs = [one_case(exe, mib, where, work) for _ in range(args.repeat)]
+        for mib, where, leave in cases:
+            runs = [one_case(exe, mib, where, work, leave) for _ in range(args.repeat)]
             best = min(runs, key=lambda r: r["dump_s"] + r["restore_s"])
             rows.append(best)
     finally:
@@ -177,11 +185,11 @@ def main() -> int:
     with open(tmp, "w") as f:
         json.dump(results, f, indent=1, sort_keys=True)
     os.rename(tmp, args.out)
-    print(f"{'touched':>8} {'image on':>9} {'pages MiB':>9} {'dump ms':>8} {'frozen ms':>9} "
+    print(f"{'touched':>8} {'image on':>9} {'pages MiB':>9} {'dump ms':>8} {'frozen ms':>9} {'durable ms':>10} "
           f"{'restore ms':>10} {'dump MiB/s':>10} {'rest MiB/s':>10} {'dump cpu ms':>11} {'rest cpu ms':>11}")
     for r in rows:
-        print(f"{r['touched_mib']:>8} {r['image_on']:>9} {r['pages_mib']:>9} {r['dump_s'] * 1000:>8.1f} "
-              f"{r['frozen_ms']:>9.1f} {r['restore_s'] * 1000:>10.1f} {r['dump_mib_s']:>10} {r['restore_mib_s']:>10} "
+        print(f"{r['touched_mib']:>8}{'L' if r['left_running'] else ' '}{r['image_on']:>9} {r['pages_mib']:>9} {r['dump_s'] * 1000:>8.1f} "
+              f"{r['frozen_ms']:>9.1f} {r['durable_ms'] or 0:>10.1f} {r['restore_s'] * 1000:>10.1f} {r['dump_mib_s']:>10} {r['restore_mib_s']:>10} "
               f"{r['dump_cpu_s'] * 1000:>11.1f} {r['restore_cpu_s'] * 1000:>11.1f}")
     return 0
 

@@ -23,6 +23,8 @@ def rows(res: dict):
         what = f"engine {c.get('touched_mib', 0)} MiB on {c.get('image_on')}"
         if not c.get("touched_mib"):
             what = f"engine small C process on {c.get('image_on')}"
+        if c.get("left_running"):
+            what += ", dumped --leave-running"
         yield (what, "dump", _fmt(c.get("dump_mib_s"), " MiB/s"), _fmt(c.get("dump_s", 0) * 1000, " ms"))
         yield (what, "restore", _fmt(c.get("restore_mib_s"), " MiB/s"), _fmt(c.get("restore_s", 0) * 1000, " ms"))
         yield (what, "frozen", "", _fmt(c.get("frozen_ms"), " ms"))

@@ -23,6 +23,7 @@ PAGE = 4096
 BUF = 16 << 20            # one reused read buffer (ENGINE-NOTES: reuse buffers)
 CHUNK = 64 << 20          # bytes per pages file (files are hashed in parallel)
 IOV_BATCH = 512           # remote iovecs per process_vm_readv (< IOV_MAX)
+WRITE_STEP = 16 << 20     # restore: bytes per process_vm_writev, freed from the buffer after it
 
 
 def page_file_name(i: int) -> str:
@@ -178,12 +179,31 @@ class _Worker:
             self._mem_fd = None
 
 
+def _batches(runs: Sequence[Sequence[int]]):
+    """The runs in batches of at most IOV_BATCH runs and, past the first
+    run, WRITE_STEP bytes: each batch's buffer pages are freed before the
+    next is written, so the new process's pages reuse them."""
+    batch: List[Sequence[int]] = []
+    nbytes = 0
+    for r in runs:
+        if batch and (len(batch) >= IOV_BATCH or nbytes + r[1] * PAGE > WRITE_STEP):
+            yield batch
+            batch, nbytes = [], 0
+        batch.append(r)
+        nbytes += r[1] * PAGE
+    if batch:
+        yield batch
+
+
 class PageSource:
     """The pages files of an image, as the image reader verified them: the
     very bytes whose sha256 was checked (ImageReader.data), never the file
     opened again by path (imagecheck.py: read once)."""
 
     def __init__(self, buffers: Sequence):
+        self.spans: List[Tuple[int, int, int]] = []    # (file, offset, end) of every checked run
+        self._recyclable: Optional[bool] = None
+        self.dropped = False
         self.maps: List = []
         self.addrs: List[int] = []
         self.sizes: List[int] = []
@@ -211,11 +231,46 @@ class PageSource:
             addr, npages, fi, off = r
             if fi >= len(self.sizes) or off + npages * PAGE > self.sizes[fi] or addr % PAGE:
                 raise Refusal("image-invalid", f"page run {addr:#x}+{npages} points outside the pages files")
+            self.spans.append((fi, off, off + npages * PAGE))
+
+    def drop(self) -> None:
+        """In ckpt, once the restorer is forked: let go of this process's
+        copy of the pages (the restorer holds them copy-on-write), so that
+        what the restorer releases after writing is really freed."""
+        self.dropped = True
+        for buf in self.maps:
+            if isinstance(buf, mmap.mmap):
+                buf.madvise(mmap.MADV_DONTNEED)
+
+    def recyclable(self) -> bool:
+        """Every checked run has its own page-aligned piece of a file (as
+        PageDumper lays them out): a piece written into the process is never
+        read again, so it can be freed at once."""
+        if self._recyclable is None:
+            spans = sorted(self.spans)
+            self._recyclable = all(off % PAGE == 0 for _, off, _ in spans) and all(
+                a[0] != b[0] or a[2] <= b[1] for a, b in zip(spans, spans[1:]))
+        return self._recyclable
+
+    def _release(self, batch: Sequence[Sequence[int]]) -> None:
+        """Free the buffer pages of runs just written: the new process's
+        pages are allocated next, and reusing memory freed a moment ago
+        spares them the cost of memory the kernel has not touched lately
+        (on a VM with free page reporting, a fault on the host per page)."""
+        if not self.recyclable():
+            return
+        for _, n, fi, off in batch:
+            buf = self.maps[fi]
+            if isinstance(buf, mmap.mmap):
+                buf.madvise(mmap.MADV_DONTNEED, off, n * PAGE)
 
     def write_runs(self, pid: int, runs: Sequence[Sequence[int]], mem_fd: Optional[int] = None) -> int:
         """Write runs into process `pid` (process_vm_writev, batched);
-        returns bytes written. Raises EngineError on a short write."""
+        returns bytes written. Raises EngineError on a short write. The
+        buffer pages written are freed (_release): each run is written once."""
         faults.point("restore.pages")
+        if self.dropped:
+            raise EngineError("the page data was dropped by this process (it is the restorer's)")
         total = 0
         if mem_fd is not None:
             # Non-writable private mappings: /proc/PID/mem writes with
@@ -229,9 +284,9 @@ class PageSource:
                 if k != n * PAGE:
                     raise EngineError(f"short write into pid {pid} memory at {addr:#x}", pid=pid)
                 total += k
+            self._release(runs)
             return total
-        for i in range(0, len(runs), IOV_BATCH):
-            batch = runs[i:i + IOV_BATCH]
+        for batch in _batches(runs):
             local = [(self.addrs[fi] + off, n * PAGE) for _, n, fi, off in batch]
             remote = [(addr, n * PAGE) for addr, n, _, _ in batch]
             want = sum(n for _, n in local)
@@ -239,6 +294,7 @@ class PageSource:
             if got != want:
                 raise EngineError(f"short process_vm_writev into pid {pid}: {got} of {want} bytes", pid=pid)
             total += got
+            self._release(batch)
         return total
 
     def close(self) -> None:

@@ -404,6 +404,11 @@ def _run_restorer(job, builder=None) -> dict:
         finally:
             os._exit(code)
     os.close(w)
+    # The restorer's copy of the pages is the only one needed now: it frees
+    # them as it writes them (memory.PageSource.drop). A tree's: each member's.
+    for one in (getattr(job, "jobs", None) or {0: job}).values():
+        if getattr(one, "pages", None) is not None:
+            one.pages.drop()
     chunks = []
     # Until EOF or the restorer's exit: a clone it made but had not yet
     # given PTRACE_O_EXITKILL outlives a SIGKILLed restorer, stopped, and

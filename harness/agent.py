@@ -100,6 +100,9 @@ def preload() -> None:
             importlib.import_module(name[:-3])
         except Exception:  # a missing optional script: its requests fail alone
             traceback.print_exc()
+    warm = sys.modules.get("warmfork")
+    if warm is not None:   # the heap the warm workloads will grow into (warmfork.prepare_parent)
+        warm.prepare_parent()
 
 
 def child_exec(argv: List[str], script: bool, warm: bool = False, env: Optional[Dict[str, str]] = None,
@@ -113,6 +116,9 @@ def child_exec(argv: List[str], script: bool, warm: bool = False, env: Optional[
         if script:
             name = os.path.basename(argv[1])
             mod = sys.modules[name[:-3]]
+            # tells the script it runs in a fork of the agent (workload.py
+            # starts its workload warm then: harness/warmfork.py)
+            mod.AGENT_FORK = True
             sys.argv = [argv[1]] + argv[2:]
             # the parent's buffered streams must not be flushed twice
             sys.stdout = os.fdopen(1, "w", closefd=False)

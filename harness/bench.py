@@ -102,13 +102,19 @@ def summarize_rows(rows: Path, agent: Optional[bool] = None, skip_first: bool = 
     """The per-scenario figures of one run's rows.jsonl: median wall time per
     scenario (its reset included; with ``skip_first`` the first row, which
     boots, left out), the median of each step (``engine`` being the engine's
-    own processes), and how the ckpt commands started (warm / exec)."""
+    own processes), and how the ckpt commands and the workloads started
+    (warm / exec)."""
     got = [json.loads(x) for x in rows.read_text().splitlines()] if rows.exists() else []
     use = got[1:] if skip_first else got
     durs = [r["duration"] for r in use if isinstance(r.get("duration"), (int, float))]
     steps: Dict[str, List[float]] = {}
     starts: Dict[str, int] = {}
+    workload_starts: Dict[str, int] = {}
     for r in use:
+        ws = str(r.get("workload_start") or "")
+        if ws:
+            key = "exec" if ws.startswith("exec") else ws
+            workload_starts[key] = workload_starts.get(key, 0) + 1
         for k, v in (r.get("timings") or {}).items():
             steps.setdefault(k, []).append(v)
         for st in r.get("engine_start") or []:
@@ -119,6 +125,7 @@ def summarize_rows(rows: Path, agent: Optional[bool] = None, skip_first: bool = 
            "max_s": round(max(durs), 2) if durs else None,
            "step_median_s": {k: round(statistics.median(v), 3) for k, v in sorted(steps.items())},
            "engine_start": starts,
+           "workload_start": workload_starts,
            "outcomes": {o: sum(1 for r in got if r.get("outcome") == o) for o in sorted({r.get("outcome") for r in got})},
            "load_avg_1m": round(os.getloadavg()[0], 2)}
     if agent is not None:
@@ -149,7 +156,7 @@ def measure_corpus(workers: int, extra: List[str]) -> Dict:
     return {"workers": workers, "wall_s": round(wall, 1), "scenario_runs": n,
             "scenarios_per_minute": round(n / wall * 60, 2) if n else 0.0,
             "median_s": rows["median_s"], "max_s": rows["max_s"], "step_median_s": rows["step_median_s"],
-            "engine_start": rows["engine_start"], "warm_ckpt": os.environ.get("CRUCIBLE_WARM_CKPT", "1") != "0",
+            "engine_start": rows["engine_start"], "workload_start": rows["workload_start"], "warm_ckpt": os.environ.get("CRUCIBLE_WARM_CKPT", "1") != "0",
             "pytest_exit": p.returncode, "totals": doc.get("totals", {}),
             "summary": (p.stdout.strip().splitlines() or [""])[-1]}
 

@@ -191,7 +191,7 @@ class ScenarioItem(pytest.Item):
         verdict = runner.judge(expect, res, strict=engine.strict)
         row.update(outcome=res.outcome, got=runner.outcome_text(res), passed=verdict.passed, note=verdict.note,
                    duration=round(time.monotonic() - t0, 2), timings=res.timings, detail=res.detail,
-                   engine_start=sorted(set(res.engine_start) - {""}),
+                   engine_start=sorted(set(res.engine_start) - {""}), workload_start=res.workload_start,
                    failed_checks=res.failed_checks()[:20], refusals=res.refusals,
                    engine_notes=[ln.strip() for ln in res.engine_stderr.splitlines()
                                  if ln.startswith("mutant ")])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, List, Optional
@@ -52,6 +53,9 @@ class Result:
     diagnostics: str = ""
     #: how each engine command started: "warm" / "exec[: why]" (a guest's agent), "" elsewhere
     engine_start: List[str] = field(default_factory=list)
+    #: how the workload started: "warm" (a fork of the guest's agent,
+    #: harness/warmfork.py) or "exec[: why not warm]"
+    workload_start: str = ""
 
     def failed_checks(self) -> List[Dict]:
         return [c for c in (self.verdict or {}).get("checks", []) + self.outside if not c.get("ok")]
@@ -286,8 +290,12 @@ class Run:
             self.need(self.cmd(t, segment.up([seg["stays"], seg["moves"]]), "ready", "setup"), "ready",
                       "bring up the segment NIC")
         # setup steps, the workload's start and the before_dump steps: one command
-        r = self.cmd(t, t.script("workload.py") + ["spawn", p["spec"], "--setup", "--before-dump"], "ready", "setup")
+        # CRUCIBLE_WARM_WORKLOAD=0: a new python3 for the workload even in a fork of the agent
+        cold = ["--exec"] if os.environ.get("CRUCIBLE_WARM_WORKLOAD", "1") == "0" else []
+        r = self.cmd(t, t.script("workload.py") + ["spawn", p["spec"], "--setup", "--before-dump"] + cold,
+                     "ready", "setup")
         ready = _json_or_none(r.stdout) or {}
+        res.workload_start = str(ready.get("start", "")) + (f": {ready['cold_why']}" if ready.get("cold_why") else "")
         if ready.get("pid"):
             self.pids.append(int(ready["pid"]))
         self.pids += ready.get("helpers", [])

@@ -24,7 +24,8 @@ from .errors import GuestLost, HarnessError, StepTimeout
 REPO = Path(__file__).resolve().parent.parent
 # The stdlib-only files the guest runs (the workload and the world steps),
 # and the packages it imports (copied as directories next to them).
-GUEST_FILES = ("seeded.py", "sysapi.py", "world.py", "procstate.py", "workload.py", "mutants.py", "program.py")
+GUEST_FILES = ("seeded.py", "sysapi.py", "world.py", "procstate.py", "workload.py", "mutants.py", "program.py",
+               "warmfork.py", "zygote.py")
 GUEST_PACKAGES = ("kinds",)
 
 
@@ -244,7 +245,7 @@ class GuestTarget(Target):
         """Copy the harness's guest files in (the engine is the vm's job)."""
         self.guest.run(["mkdir", "-p", self.scripts, self.base] + [f"{self.scripts}/{p}" for p in GUEST_PACKAGES],
                        timeout=60 * self.time_scale, check=True)
-        for name in guest_files() + ["agent.py", "zygote.py"]:
+        for name in guest_files() + ["agent.py"]:
             self.guest.put(str(REPO / "harness" / name), f"{self.scripts}/{name}")
         self.kernel = self.guest.run(["uname", "-r"], timeout=60 * self.time_scale, check=True).stdout.strip()
 

@@ -42,12 +42,13 @@ import traceback
 from typing import Any, Dict, List, Optional, Tuple
 
 try:
-    from . import kinds, procstate, seeded, sysapi, world
+    from . import kinds, procstate, seeded, sysapi, warmfork, world
 except ImportError:  # pragma: no cover - in the guest, run as a script
     import kinds  # type: ignore[no-redef]
     import procstate  # type: ignore[no-redef]
     import seeded  # type: ignore[no-redef]
     import sysapi  # type: ignore[no-redef]
+    import warmfork  # type: ignore[no-redef]
     import world  # type: ignore[no-redef]
 
 TMP_FD_BASE = 500       # fds are built above this, then moved to their numbers (< 500)
@@ -57,6 +58,12 @@ MAP_SHARED, MAP_PRIVATE, MAP_ANONYMOUS = 0x01, 0x02, 0x20
 PHASES = ("inspect", "consume", "mutate")     # of a check (fdkinds)
 WITNESS = "witness"       # in the control dir: the counter, mapped shared (Proof)
 REQUEST = "request.json"  # in the control dir: which phases the next check runs
+#: set by harness/agent.py in the fork that calls this module's main: spawn
+#: may then start the workload warm (harness/warmfork.py)
+AGENT_FORK = False
+#: how this workload started: "exec" (a new python3) or "warm" (a fork of the
+#: agent, harness/warmfork.py); in the ready file
+START = "exec"
 
 
 def write_json(path: str, obj: Any) -> None:
@@ -235,15 +242,16 @@ def run(spec_path: str) -> int:
         kinds.PROCESS.apply(proc)      # after the fds: a low RLIMIT_NOFILE must not stop them
         ready = {"pid": os.getpid(), "recs": recs, "fds": own_fds(), "mmaps": maps,
                  "helpers": ctx.helpers, "cwd": os.getcwd(), "process": kinds.PROCESS.observe(proc),
-                 "proof": proof.public()}
+                 "proof": proof.public(), "start": START}
     except Exception:
         write_json(spec["ready"], {"pid": os.getpid(), "helpers": helpers, "error": traceback.format_exc()})
         return 1
-    write_json(spec["ready"], ready)
-    # The harness snapshots /proc while this loop runs: keep it from changing
-    # the memory map (no collector runs, no arena comes or goes).
+    # The harness snapshots /proc as soon as the ready file is there, while
+    # this loop runs: keep it from changing the memory map (no collector
+    # runs, no arena comes or goes) from before the ready file on.
     gc.collect()
     gc.disable()
+    write_json(spec["ready"], ready)
     wait_for = {signal.SIGUSR1}
     while True:
         got = signal.sigtimedwait(wait_for, Proof.TICK)
@@ -376,8 +384,15 @@ def spawn(spec_path: str, phases: List[str] = ()) -> int:
 
     ``phases`` may hold ``setup`` (world steps before the start) and
     ``before_dump`` (after ready): one command instead of three, which
-    matters under TCG where every python3 start costs about a second.
+    matters under TCG where every python3 start costs about a second; and
+    ``exec``: never start it warm. In a fork of the agent the workload is
+    this process's child become ``run`` without an exec
+    (harness/warmfork.py), else a new ``python3 -S workload.py run SPEC
+    MARK``; the ready line's ``start`` says which (``cold_why``: why not warm).
     """
+    cold = "exec requested (CRUCIBLE_WARM_WORKLOAD=0)" if "exec" in phases else \
+        ("" if warmfork.agent_fork(globals()) else "not in a fork of the agent")
+    cold = cold or warmfork.why_cold()
     with open(spec_path) as f:
         spec = json.load(f)
     for p in (spec["ready"], spec["verdict"]):
@@ -389,6 +404,11 @@ def spawn(spec_path: str, phases: List[str] = ()) -> int:
         except world.WorldError as e:
             print(json.dumps({"error": f"setup step failed: {e}", "step": "setup"}))
             return 1
+    # -S: no site (not needed: stdlib and the harness only), a third of
+    # the start-up, which costs about a second under TCG
+    argv = warmfork.workload_argv(__file__, spec_path, MARK)
+    for stream in (sys.stdout, sys.stderr):   # nothing buffered may be written twice
+        stream.flush()
     child = os.fork()
     if child == 0:  # pragma: no cover - child
         try:
@@ -397,9 +417,9 @@ def spawn(spec_path: str, phases: List[str] = ()) -> int:
             for fd in (0, 1, 2):
                 os.dup2(null, fd)
             os.closerange(3, 65536)
-            # -S: no site (not needed: stdlib and the harness only), a third of
-            # the start-up, which costs about a second under TCG
-            os.execv(sys.executable, [sys.executable, "-S", os.path.abspath(__file__), "run", spec_path, MARK])
+            if not cold:
+                _run_warm(argv, spec_path)
+            os.execv(argv[0], argv)
         finally:
             os._exit(127)
     deadline = time.monotonic() + float(spec.get("ready_timeout", 30))
@@ -412,6 +432,8 @@ def spawn(spec_path: str, phases: List[str] = ()) -> int:
                     world.apply_phase(spec, "before_dump")
                 except world.WorldError as e:
                     ready = dict(ready, error=f"before_dump step failed: {e}", step="before_dump")
+            if cold:
+                ready["cold_why"] = cold
             print(json.dumps(ready))
             return 1 if "error" in ready else 0
         pid, status = os.waitpid(child, os.WNOHANG)
@@ -421,6 +443,33 @@ def spawn(spec_path: str, phases: List[str] = ()) -> int:
         time.sleep(0.02)
     print(json.dumps({"pid": child, "error": "workload not ready in time"}))
     return 1
+
+
+def _run_warm(argv: List[str], spec_path: str) -> None:  # pragma: no cover - the child; returns only to exec
+    """Become the exec'd workload (harness/warmfork.py) and run; return
+    (to exec it instead) when something cannot be made identical."""
+    global START
+    try:
+        warmfork.become(argv)
+    except warmfork.Cold:
+        return          # nothing of the workload ran yet: the exec starts it afresh
+    except BaseException:   # noqa: BLE001 - a bug of the warm start: said in the ready file, not hidden by an exec
+        with open(spec_path) as f:
+            ready = json.load(f)["ready"]
+        write_json(ready, {"pid": os.getpid(), "helpers": [], "error": "warm start: " + traceback.format_exc()})
+        os._exit(1)
+    START = "warm"
+    code = 1
+    try:
+        code = run(spec_path)
+    except BaseException:   # noqa: BLE001 - as the interpreter's top level would print it
+        traceback.print_exc()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:   # noqa: BLE001
+            code = 120
+    os._exit(code)
 
 
 pidstate = world.pidstate

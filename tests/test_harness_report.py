@@ -148,13 +148,16 @@ def test_bench_rows_summary_counts_warm_and_exec_ckpt(tmp_path):
     from harness import bench
     rows = tmp_path / "rows.jsonl"
     got = [{"duration": 90.0, "outcome": "restored", "timings": {"engine": 3.0}, "engine_start": ["warm"]},
-           {"duration": 2.0, "outcome": "restored", "timings": {"engine": 1.0}, "engine_start": ["warm"]},
+           {"duration": 2.0, "outcome": "restored", "timings": {"engine": 1.0}, "engine_start": ["warm"],
+            "workload_start": "warm"},
            {"duration": 4.0, "outcome": "refused", "timings": {"engine": 0.5},
-            "engine_start": ["exec: its environment differs", "warm"]}]
+            "engine_start": ["exec: its environment differs", "warm"],
+            "workload_start": "exec: exec requested (CRUCIBLE_WARM_WORKLOAD=0)"}]
     rows.write_text("".join(json.dumps(r) + "\n" for r in got))
     s = bench.summarize_rows(rows)
     assert (s["median_s"], s["max_s"], s["step_median_s"]["engine"]) == (3.0, 4.0, 0.75)
-    assert s["engine_start"] == {"warm": 2, "exec": 1} and s["outcomes"] == {"refused": 1, "restored": 2}
+    assert s["engine_start"] == {"warm": 2, "exec": 1} and s["workload_start"] == {"warm": 1, "exec": 1}
+    assert s["outcomes"] == {"refused": 1, "restored": 2}
     assert bench.summarize_rows(rows, skip_first=False)["median_s"] == 4.0
 
 

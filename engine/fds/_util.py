@@ -129,3 +129,26 @@ def restore_async(rec: dict, pid: int) -> None:
         got = struct.unpack("ii", fcntl.fcntl(dup, F_GETOWN_EX, bytes(8))), fcntl.fcntl(dup, F_GETSIG)
     if got != ((a["owner_type"], a["owner"]), a["signal"]):
         raise OSError(22, f"the O_ASYNC owner reads back as {got}")
+
+
+AT_FDCWD = -100
+SYS_OPENAT = {"x86_64": 257, "aarch64": 56}
+
+
+def reopen_in_process(rec: dict, ctx, task, path: str, flags: int, what: str) -> None:
+    """Open `path` from inside the restored process (`task`: it must be
+    the opener, e.g. its controlling terminal or its own /proc entry) and
+    put it over the stand-in at rec's fd and every dup of it, each with its
+    own close-on-exec bit. Raises SysError naming `what`."""
+    addr = task.scratch + 256
+    task.write_mem(addr, path.encode() + b"\0")
+    fd = task.syscall(SYS_OPENAT[task.arch.MACHINE], AT_FDCWD & 0xFFFFFFFFFFFFFFFF, addr, flags, 0)
+    if -4096 < fd < 0:
+        from ..libc import SysError
+        raise SysError(f"open {path} in pid {task.pid} (injected, {what})", -fd, task.pid)
+    try:
+        # its dups too: they hold the stand-in as well (install_fds)
+        for r in [rec] + [r for r in ctx.records or [] if r.get("dup_of") == rec["fd"] and r is not rec]:
+            task.call("dup3", fd, r["fd"], os.O_CLOEXEC if r.get("cloexec") else 0)
+    finally:
+        task.call("close", fd)

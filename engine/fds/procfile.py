@@ -30,7 +30,7 @@ from __future__ import annotations
 import os
 import re
 
-from ._util import refuse, refuse_rec
+from ._util import refuse, refuse_rec, reopen_in_process
 
 KIND = "procfile"
 REASONS = ("pseudo-file", "image-invalid")
@@ -43,8 +43,6 @@ SYSTEM = frozenset({"stat", "meminfo", "loadavg", "uptime", "cpuinfo", "version"
 
 _OWN_RE = re.compile(r"^/proc/(\d+)/([a-z_]+)$")
 _SYSTEM_RE = re.compile(r"^/proc/([a-z_]+)$")
-AT_FDCWD = -100
-SYS_OPENAT = {"x86_64": 257, "aarch64": 56}
 
 
 def eligible(link: str) -> bool:
@@ -135,17 +133,5 @@ def restore(rec: dict, ctx) -> int:
 
 
 def finish(rec: dict, ctx, task) -> None:
-    if rec["proc"] != "own":
-        return
-    path = task.scratch + 256
-    task.write_mem(path, f"/proc/{task.pid}/{rec['name']}\0".encode())
-    fd = task.syscall(SYS_OPENAT[task.arch.MACHINE], AT_FDCWD & 0xFFFFFFFFFFFFFFFF, path, _flags(rec), 0)
-    if -4096 < fd < 0:
-        from ..libc import SysError
-        raise SysError(f"open /proc/{task.pid}/{rec['name']} in pid {task.pid} (injected)", -fd, task.pid)
-    try:
-        # its dups hold the stand-in too (install_fds)
-        for r in [rec] + [r for r in ctx.records or [] if r.get("dup_of") == rec["fd"] and r is not rec]:
-            task.call("dup3", fd, r["fd"], os.O_CLOEXEC if r.get("cloexec") else 0)
-    finally:
-        task.call("close", fd)
+    if rec["proc"] == "own":
+        reopen_in_process(rec, ctx, task, f"/proc/{task.pid}/{rec['name']}", _flags(rec), "its own /proc file")

@@ -51,7 +51,7 @@ from ..errors import EngineError, Refusal
 from . import _tty
 from ._dups import is_follower
 from ._peers import holders
-from ._util import failed, refuse, refuse_rec, with_status_flags
+from ._util import failed, refuse, refuse_rec, reopen_in_process, with_status_flags
 
 KIND = "tty"
 REASONS = ("tty", "tty-queued", "tty-outside", "capability", "image-invalid")
@@ -767,10 +767,6 @@ def session_terminals(members: List[dict], fdrecs_of: Dict[int, List[dict]]) -> 
     return out
 
 
-AT_FDCWD = -100
-SYS_OPENAT = {"x86_64": 257, "aarch64": 56}
-
-
 def _reopen_devtty(rec: dict, ctx, task) -> None:
     """/dev/tty opened by the restored process itself, over the stand-in
     at its fd number: its controlling terminal is the restored pair by now
@@ -783,16 +779,5 @@ def _reopen_devtty(rec: dict, ctx, task) -> None:
                 and r.get("index") == rec["index"]:
             finish(r, ctx, task)
             break
-    path = task.scratch + 256
-    task.write_mem(path, b"/dev/tty\0")
     flags = rec["flags"] & (os.O_ACCMODE | os.O_NONBLOCK | os.O_APPEND) | os.O_NOCTTY | os.O_CLOEXEC
-    fd = task.syscall(SYS_OPENAT[task.arch.MACHINE], AT_FDCWD & 0xFFFFFFFFFFFFFFFF, path, flags, 0)
-    if -4096 < fd < 0:
-        from ..libc import SysError
-        raise SysError(f"open /dev/tty in pid {task.pid} (injected, pty {rec['index']})", -fd, task.pid)
-    try:
-        # its dups too: they hold the stand-in as well (install_fds)
-        for r in [rec] + [r for r in ctx.records or [] if r.get("dup_of") == rec["fd"] and r is not rec]:
-            task.call("dup3", fd, r["fd"], os.O_CLOEXEC if r.get("cloexec") else 0)
-    finally:
-        task.call("close", fd)
+    reopen_in_process(rec, ctx, task, "/dev/tty", flags, f"pty {rec['index']}")

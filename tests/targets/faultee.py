@@ -73,6 +73,8 @@ fds["inotify"] = libc.inotify_init1(os.O_CLOEXEC)
 os.mkdir(os.path.join(d, "watched"))
 WD = libc.inotify_add_watch(fds["inotify"], os.path.join(d, "watched").encode(), 0x100)   # IN_CREATE
 fds["eventfd"] = os.eventfd(7)
+fds["procfile"] = os.open("/proc/self/stat", os.O_RDONLY)    # not read yet: reopened (pread keeps f_pos 0)
+fds["procsys"] = os.open("/proc/loadavg", os.O_RDONLY)
 fds["timerfd"] = libc.timerfd_create(1, 0)   # CLOCK_MONOTONIC, unarmed
 mask = ctypes.c_uint64(1 << (signal.SIGUSR2 - 1))
 signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR2])
@@ -129,6 +131,9 @@ def check():
     expect("eventfd-count:                7" in fdinfo(fds["eventfd"])
            or "eventfd-count: 7" in " ".join(fdinfo(fds["eventfd"]).split()), "eventfd count")
     expect("clockid: 1" in fdinfo(fds["timerfd"]), "timerfd clock")
+    expect(os.pread(fds["procfile"], 64, 0).split()[:1] == [str(os.getpid()).encode()]
+           and links["procfile"] == f"/proc/{os.getpid()}/stat", "own /proc file")
+    expect(links["procsys"] == "/proc/loadavg" and len(os.pread(fds["procsys"], 64, 0).split()) == 5, "/proc/loadavg")
     expect("sigmask:\t0000000000000800" in fdinfo(fds["signalfd"]), "signalfd mask")
     expect(dict(ep.poll(0)).get(fds["pipe_r"], 0) & select.EPOLLIN, "epoll sees the pipe")
     expect(signal.pthread_sigmask(signal.SIG_BLOCK, []) == {signal.SIGUSR2}, "signal mask")

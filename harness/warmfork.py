@@ -1,0 +1,201 @@
+"""Start the workload in a fork of the resident agent instead of a new python3.
+
+Runs in the guest (stdlib only). ``workload.py spawn`` used to exec
+``python3 -S workload.py run SPEC MARK`` for every scenario: about a second
+of interpreter start-up and imports under TCG. When ``spawn`` itself runs in
+a fork of the agent (harness/agent.py marks the script module it calls,
+:func:`agent_fork`), the modules ``run`` needs are already imported, and
+the workload's child becomes that process without an exec (:func:`become`).
+
+What a fresh exec would have, and how the fork gets it:
+
+* session, stdio on /dev/null, no other fd: as before the exec (the caller).
+* ``/proc/PID/cmdline`` (the judge's mutants re-exec it to fake a restore,
+  world.pidstate and workloads_under find workloads by its MARK) and
+  ``/proc/PID/environ``: prctl(PR_SET_MM, PR_SET_MM_MAP) points the
+  arg_start..arg_end and env_start..env_end boundaries at buffers holding
+  the exact argv and the environment execve would have been given (this
+  process's C ``environ``). PR_SET_MM_MAP needs no CAP_SYS_RESOURCE
+  (kernel/sys.c prctl_set_mm_map; the single-field PR_SET_MM_ARG_START
+  would), only CONFIG_CHECKPOINT_RESTORE, which the engine's restore needs
+  too. Read back and compared; any difference and the child execs instead.
+* signal dispositions as execve leaves them and python3 sets them
+  (zygote._exec_signals); the mask, umask, rlimits, cgroup, cwd, session
+  and credentials are inherited alike by fork and exec.
+* threads: a fork keeps only the calling thread; the agent runs none (checked:
+  a process with more than one would hold locks the child can never take).
+* python3's own options: the agent's must be the workload's (``-S``), else exec.
+* sys.argv / sys.orig_argv, std streams over fds 0-2, no exit handlers of
+  the agent's; the agent's garbage collected and its objects frozen (out of
+  the workload's collections), the heap trimmed, before ``run`` starts.
+
+What the fork does not re-create: the memory layout and contents are the
+agent's (its imports, one ASLR draw per golden snapshot), and ``sys.modules``
+holds the agent's modules. The workload's checks and the judge read neither.
+``CRUCIBLE_WARM_WORKLOAD=0`` on the host execs every workload as before.
+"""
+
+from __future__ import annotations
+
+import atexit
+import ctypes
+import gc
+import ctypes.util
+import os
+import struct
+import sys
+from typing import Dict, List, Optional, Sequence
+
+try:
+    from . import zygote
+except ImportError:  # pragma: no cover - in the guest, run as a script
+    import zygote  # type: ignore[no-redef]
+
+#: python3's options for the workload (workload.spawn execs ``python3 -S``)
+FLAGS = ["-S"]
+PR_SET_MM, PR_SET_MM_MAP = 35, 14
+_STAT = {"start_code": 26, "end_code": 27, "start_stack": 28, "start_data": 45, "end_data": 46,
+         "start_brk": 47, "arg_start": 48, "arg_end": 49, "env_start": 50, "env_end": 51}
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.sbrk.restype = ctypes.c_void_p
+_libc.sbrk.argtypes = [ctypes.c_long]
+_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+#: the argv and environment buffers /proc/PID/cmdline and environ read: alive
+#: as long as the process (a restore brings them back with its memory)
+_KEEP: List[object] = []
+
+
+class Cold(Exception):
+    """The fork cannot be made what the exec would be: exec instead (why)."""
+
+
+def agent_fork(module_globals: Dict[str, object]) -> bool:
+    """Does this script run in a fork of the agent? harness/agent.py
+    child_exec sets ``AGENT_FORK`` in the module whose main it calls."""
+    return bool(module_globals.get("AGENT_FORK"))
+
+
+def why_cold() -> str:
+    """In the parent, before the fork: why the child must exec ("" = it may fork)."""
+    if os.environ.get("CRUCIBLE_WARM_WORKLOAD", "1") == "0":
+        return "CRUCIBLE_WARM_WORKLOAD=0"
+    flags = zygote.interpreter_flags()
+    if flags != FLAGS:
+        return f"this python3 runs with options {flags}, the workload's with {FLAGS}"
+    try:
+        threads = len(os.listdir("/proc/self/task"))
+    except OSError as e:
+        return f"cannot count threads: {e.strerror}"
+    if threads != 1:
+        return f"{threads} threads (a fork keeps one; the others' locks stay taken)"
+    return ""
+
+
+def block(items: Sequence[bytes]) -> bytes:
+    """NUL-terminated strings end to end, as execve lays out argv and envp."""
+    return b"".join(i + b"\0" for i in items)
+
+
+def c_environ() -> List[bytes]:
+    """The C ``environ`` of this process: what execve(path, argv, environ)
+    (os.execv) hands the new program."""
+    # the global scope (dlsym(RTLD_DEFAULT)), not libc's own symbol: a python3
+    # that links libpython statically (Debian's) has a copy relocation of
+    # `environ`, and libc's definition is then a NULL nobody uses
+    env = ctypes.POINTER(ctypes.c_char_p).in_dll(ctypes.CDLL(None), "environ")
+    out = []
+    i = 0
+    while env[i] is not None:
+        out.append(env[i])
+        i += 1
+    return out
+
+
+def _stat_fields() -> Dict[str, int]:
+    with open("/proc/self/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()   # after the last ')': comm may hold spaces
+    return {k: int(fields[n - 3]) for k, n in _STAT.items()}
+
+
+def set_args_env(argv: bytes, env: bytes) -> None:
+    """Point /proc/self/cmdline at ``argv`` and /proc/self/environ at
+    ``env`` (NUL-terminated blocks), every other boundary unchanged."""
+    abuf = ctypes.create_string_buffer(argv, len(argv))
+    ebuf = ctypes.create_string_buffer(env, max(len(env), 1))
+    a, e = ctypes.addressof(abuf), ctypes.addressof(ebuf)
+    m = _stat_fields()
+    # brk is not in /proc/self/stat: the kernel's current one (this thread is
+    # the only one and allocates nothing between this and the prctl)
+    brk = _libc.sbrk(0)
+    st = struct.pack("<11QQII", m["start_code"], m["end_code"], m["start_data"], m["end_data"], m["start_brk"],
+                     brk, m["start_stack"], a, a + len(argv), e, e + len(env), 0, 0, 0xFFFFFFFF)
+    sbuf = ctypes.create_string_buffer(st, len(st))
+    if _libc.prctl(PR_SET_MM, PR_SET_MM_MAP, ctypes.addressof(sbuf), len(st), 0) != 0:
+        err = ctypes.get_errno()
+        raise Cold(f"prctl(PR_SET_MM_MAP): {os.strerror(err)} (errno {err})")
+    _KEEP.extend((abuf, ebuf))
+    for name, want in (("cmdline", argv), ("environ", env)):
+        with open(f"/proc/self/{name}", "rb") as f:
+            got = f.read()
+        if got != want:
+            raise Cold(f"/proc/self/{name} reads {got[:200]!r} after PR_SET_MM_MAP, not {want[:200]!r}")
+
+
+def become(argv: List[str]) -> None:
+    """In the workload's child, its session, stdio and fds already as the
+    exec'd one's: make the rest of the process what ``execv(argv[0], argv)``
+    of python3 would be, up to where python3 calls the script's main.
+    Raises :class:`Cold` when something cannot be made identical."""
+    if len(os.listdir("/proc/self/task")) != 1:
+        raise Cold("more than one thread")
+    env = c_environ()
+    if {k.encode(): v.encode() for k, v in os.environ.items()} != dict(e.split(b"=", 1) for e in env if b"=" in e):
+        # os.environ is what the new python3 would parse from that block
+        raise Cold("os.environ differs from the C environ (an os.putenv/unsetenv bypassed it)")
+    set_args_env(block(os.fsencode(a) for a in argv), block(env))
+    script = [a for a in argv[1:] if not a.startswith("-")]
+    sys.argv = script
+    if hasattr(sys, "orig_argv"):
+        sys.orig_argv = list(argv)
+    zygote._exec_signals()
+    zygote._std_streams(bool(getattr(sys.__stdout__, "write_through", False)))
+    atexit._clear()             # the agent's; the workload's run registers none
+    # The agent's garbage goes now, not in the workload's own collection (a
+    # long one under TCG, the harness already snapshotting the process), and
+    # the agent's objects are left out of every later one.
+    gc.collect()
+    gc.freeze()
+    sys.excepthook, sys.displayhook = sys.__excepthook__, sys.__displayhook__
+    sys.unraisablehook = sys.__unraisablehook__
+
+
+M_TRIM_THRESHOLD, M_TOP_PAD = -1, -2      # mallopt(3)
+#: free heap the agent keeps for its forks (virtual: untouched pages cost nothing)
+HEAP_PAD = 64 << 20
+
+
+def prepare_parent() -> None:
+    """In the agent, once, before any fork: leave a large free top in the
+    heap, never trimmed. A VMA a fork inherits never merges with one the
+    child adds next to it (mm/mmap.c is_mergeable_anon_vma: its anon_vma
+    chain is not singular), so a warm workload whose heap grew would show a
+    [heap] in two pieces, which a restore (fresh mappings, merged) cannot
+    reproduce and the judge would call corrupted. With the top there, the
+    workload's mallocs come from it and its heap does not grow."""
+    _libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
+    _libc.mallopt(M_TOP_PAD, HEAP_PAD)
+    _libc.malloc.restype = ctypes.c_void_p
+    _libc.malloc.argtypes = [ctypes.c_size_t]
+    _libc.free.argtypes = [ctypes.c_void_p]
+    start = _libc.sbrk(0)
+    blocks = []
+    while _libc.sbrk(0) == start and len(blocks) < 4096:   # until the heap grew once, by HEAP_PAD more
+        blocks.append(_libc.malloc(64 << 10))               # below the mmap threshold: from the heap
+    for b in blocks:
+        _libc.free(b)
+
+
+def workload_argv(script: str, spec_path: str, mark: str, python: Optional[str] = None) -> List[str]:
+    """The argv the exec'd workload has (workload.spawn)."""
+    python = python or sys.executable
+    return [python, *FLAGS, os.path.abspath(script), "run", spec_path, mark]
