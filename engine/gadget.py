@@ -14,6 +14,7 @@ runner and its table.
 from __future__ import annotations
 
 import ctypes
+import os
 import signal
 from typing import List, Tuple
 
@@ -53,7 +54,10 @@ def place_gadget(b, busy: List[Tuple[int, int]]) -> None:
         raise EngineError(f"gadget page landed at {got:#x}, not {addr:#x}", pid=b.pid)
     b.task.write_mem(addr, b.arch.GADGET)
     if size > PAGE:
-        b.task.write_mem(addr + PAGE, b.arch.BATCH_BLOB)
+        # Through /proc/PID/mem: a ptrace write into an executable mapping
+        # keeps the instruction cache coherent (arm64 flush_ptrace_access),
+        # which process_vm_writev does not promise.
+        os.pwrite(b.task.mem_fd(), b.arch.BATCH_BLOB, addr + PAGE)
     b.use_gadget(addr, size)
 
 
