@@ -68,10 +68,17 @@ class Task:
         own mask, nothing injected) for a freeze of several tasks to finish
         once all are stopped (engine/threads.py). Raises Refusal(ptraced |
         no-such-process | unsupported-state)."""
+        return cls.finish_seize(cls.begin_seize(pid, options, auto_attached), tgid, finish)
+
+    @classmethod
+    def begin_seize(cls, pid: int, options: int = ptrace.O_TRACESYSGOOD, auto_attached: bool = False):
+        """seize()'s first half: seized and interrupted, not waited for, so
+        that several tasks stop side by side (engine/threads.py, tree.py);
+        every result goes to finish_seize(), even when another failed.
+        Raises as seize()."""
         # Before the freeze: at the ptrace stop the kernel stack no longer
         # shows which call a restart_syscall(2) restarts.
         pre = restart.snapshot(pid)
-        task = None
         if not auto_attached:
             try:
                 ptrace.seize(pid, options)
@@ -81,9 +88,23 @@ class Task:
                 if e.errno == 3:
                     raise Refusal("no-such-process", "exited before it could be frozen", pid=pid) from None
                 raise
-        try:
-            if not auto_attached:
+            try:
                 ptrace.interrupt(pid)
+            except BaseException:
+                try:
+                    ptrace.detach(pid, 0)
+                except SysError:
+                    pass
+                raise
+        return (pid, pre)
+
+    @classmethod
+    def finish_seize(cls, started, tgid: Optional[int] = None, finish: bool = True) -> "Task":
+        """seize()'s second half: wait for the interrupt stop of a task
+        begin_seize() started. Raises as seize(); the task is let go then."""
+        pid, pre = started
+        task = None
+        try:
             while True:
                 st = ptrace.wait(pid)
                 if st.exited:
