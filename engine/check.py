@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import os
 from .plainclass import dataclass, field
-from typing import Any, Dict, List, Optional
+TYPE_CHECKING = False   # annotations only: importing typing costs every run ~3 ms
+if TYPE_CHECKING:
+    from typing import Any, Dict, List, Optional
 
 from . import fds as fdkinds
 from . import fstype, posixtimers, procfs, unlinked

@@ -6,11 +6,12 @@ stderr one per line; a traceback is shown only with --debug.
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
-from typing import List, Optional
+TYPE_CHECKING = False   # annotations only: importing typing costs every run ~3 ms
+if TYPE_CHECKING:
+    from typing import List, Optional
 
 from . import __version__
 from .context import DEFAULT_GHOST_LIMIT, VALIDATION_MODES, Options
@@ -23,6 +24,7 @@ def parse_size(text: str) -> int:
     """'65536', '64k', '64M', '1GiB' -> bytes (binary multiples)."""
     m = _SIZE.match(text)
     if not m:
+        import argparse
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 65536, 64M, 1G)")
     return int(m.group(1)) << (10 * " kmgt".index(m.group(2).lower() or " "))
 
@@ -31,17 +33,22 @@ def _pid(text: str) -> int:
     try:
         pid = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a PID: {text!r}") from None
+        pid = 0
     if pid <= 0:
+        import argparse
         raise argparse.ArgumentTypeError(f"not a PID: {text!r}")
     return pid
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):   # argparse's own usage errors: exit 2, one line
-        self.print_usage(sys.stderr)
-        sys.stderr.write(f"ckpt: error: {message}\n")
-        sys.exit(EXIT_USAGE)
+def _parser_class():
+    import argparse      # here, not at the top: engine/fastargs.py parses the common lines
+
+    class _Parser(argparse.ArgumentParser):
+        def error(self, message: str):   # argparse's own usage errors: exit 2, one line
+            self.print_usage(sys.stderr)
+            sys.stderr.write(f"ckpt: error: {message}\n")
+            sys.exit(EXIT_USAGE)
+    return _Parser
 
 
 COMMANDS = ("dump", "restore", "check", "survey", "show")
@@ -50,6 +57,8 @@ COMMANDS = ("dump", "restore", "check", "survey", "show")
 def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
     """The parser; with `only`, just that command's subparser (a run parses
     one command: building all five costs every run ~5 ms)."""
+    import argparse
+    _Parser = _parser_class()
     p = _Parser(prog="ckpt", description="Checkpoint and restore a Linux process: exactly, or not at all.")
     p.add_argument("--version", action="version", version=f"ckpt {__version__}")
     common = argparse.ArgumentParser(add_help=False)
@@ -163,7 +172,11 @@ def _human(command: str, res: dict) -> str:
 def main(argv: Optional[List[str]] = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
-    args = build_parser(argv[0] if argv and argv[0] in COMMANDS else None).parse_args(argv)
+    if argv == ["--version"]:      # what argparse's version action prints, without importing it
+        print(f"ckpt {__version__}")
+        return EXIT_OK
+    from .fastargs import parse
+    args = parse(argv) or build_parser(argv[0] if argv and argv[0] in COMMANDS else None).parse_args(argv)
     try:
         res = _run(args)
     except (Refusal, Refusals) as e:

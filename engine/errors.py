@@ -6,7 +6,9 @@ Exit codes are part of the CLI contract (DESIGN.md):
 
 from __future__ import annotations
 
-from typing import Optional
+TYPE_CHECKING = False   # annotations only: importing typing costs every run ~3 ms
+if TYPE_CHECKING:
+    from typing import Optional
 
 EXIT_OK = 0
 EXIT_USAGE = 2

@@ -23,7 +23,9 @@ import errno
 import hashlib
 import os
 import stat
-from typing import Optional
+TYPE_CHECKING = False   # annotations only: importing typing costs every run ~3 ms
+if TYPE_CHECKING:
+    from typing import Optional
 
 from . import digestcache, fstype, unlinked
 from .errors import EngineError, Refusal

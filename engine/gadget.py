@@ -14,8 +14,11 @@ runner and its table.
 from __future__ import annotations
 
 import ctypes
+import os
 import signal
-from typing import List, Tuple
+TYPE_CHECKING = False   # annotations only: importing typing costs every run ~3 ms
+if TYPE_CHECKING:
+    from typing import List, Tuple
 
 from . import libc
 from .errors import EngineError, Refusal
@@ -53,7 +56,10 @@ def place_gadget(b, busy: List[Tuple[int, int]]) -> None:
         raise EngineError(f"gadget page landed at {got:#x}, not {addr:#x}", pid=b.pid)
     b.task.write_mem(addr, b.arch.GADGET)
     if size > PAGE:
-        b.task.write_mem(addr + PAGE, b.arch.BATCH_BLOB)
+        # Through /proc/PID/mem: a ptrace write into an executable mapping
+        # keeps the instruction cache coherent (arm64 flush_ptrace_access),
+        # which process_vm_writev does not promise.
+        os.pwrite(b.task.mem_fd(), b.arch.BATCH_BLOB, addr + PAGE)
     b.use_gadget(addr, size)
 
 

@@ -16,9 +16,10 @@ import errno
 import hashlib
 import json
 import os
-import threading
 import time
-from typing import BinaryIO, Dict, Optional
+TYPE_CHECKING = False   # annotations only: importing typing costs every run ~3 ms
+if TYPE_CHECKING:
+    from typing import BinaryIO, Dict, Optional
 
 from . import FORMAT_VERSION, __version__, faults
 from .errors import EngineError, Refusal, UsageError
@@ -27,7 +28,7 @@ MANIFEST = "manifest.json"
 _CHUNK = 8 << 20
 
 
-_bufs = threading.local()
+_bufs = None      # a threading.local, made on first use (importing threading costs a dump ~1 ms)
 
 
 def _read_buffer(size: int) -> memoryview:
@@ -35,6 +36,10 @@ def _read_buffer(size: int) -> memoryview:
     bytes. Why: a fresh bytearray(_CHUNK) per file costs the kernel 2048
     page faults and 8 MiB of zeroing, which dominated verifying the five
     small files of a small process's image (several ms)."""
+    global _bufs
+    if _bufs is None:
+        import threading
+        _bufs = threading.local()   # two threads racing here: one's buffer is dropped, no harm
     want = max(4096, min(size, _CHUNK))
     buf = getattr(_bufs, "buf", None)
     if buf is None or len(buf) < want:

@@ -13,7 +13,9 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
-from typing import List, Optional, Sequence, Tuple
+TYPE_CHECKING = False   # annotations only: importing typing costs every run ~3 ms
+if TYPE_CHECKING:
+    from typing import List, Optional, Sequence, Tuple
 
 from . import faults, libc
 from .errors import EngineError, Refusal

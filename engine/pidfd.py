@@ -22,8 +22,9 @@ from __future__ import annotations
 import ctypes
 import errno as _errno
 import os
-from contextlib import contextmanager
-from typing import Iterator, Optional
+TYPE_CHECKING = False   # annotations only: importing typing costs every run ~3 ms
+if TYPE_CHECKING:
+    from typing import Iterator, Optional
 
 from .errors import EngineError, Refusal
 
@@ -92,19 +93,25 @@ def pidfd_getfd(pidfd: int, targetfd: int, pid: Optional[int] = None) -> int:
         raise _fail(f"pidfd_getfd(pid {pid}, fd {targetfd})", e, pid) from e
 
 
-@contextmanager
-def target_fd(pid: int, fd: int) -> Iterator[int]:
+class target_fd:
     """``with target_fd(pid, fd) as dup:`` a duplicate of the target's open
-    file description, closed on exit. Raises as :func:`pidfd_getfd`."""
-    pfd = pidfd_open(pid)
-    try:
-        dup = pidfd_getfd(pfd, fd, pid)
-    finally:
-        os.close(pfd)
-    try:
-        yield dup
-    finally:
-        os.close(dup)
+    file description, closed on exit. Raises as :func:`pidfd_getfd`.
+    (A class, not contextlib.contextmanager: contextlib costs every ckpt
+    run ~0.5 ms to import.)"""
+
+    def __init__(self, pid: int, fd: int):
+        self.pid, self.fd = pid, fd
+
+    def __enter__(self) -> int:
+        pfd = pidfd_open(self.pid)
+        try:
+            self.dup = pidfd_getfd(pfd, self.fd, self.pid)
+        finally:
+            os.close(pfd)
+        return self.dup
+
+    def __exit__(self, *exc) -> None:
+        os.close(self.dup)
 
 
 def kcmp(pid1: int, pid2: int, kind: int, idx1: int, idx2: int) -> int:

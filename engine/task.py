@@ -9,10 +9,13 @@ but the registers is changed; :meth:`Task.release` puts them back.
 
 from __future__ import annotations
 
+import _signal      # signal.pthread_sigmask's enum conversions cost ~14 us per injection
 import os
 import signal
 import time
-from typing import List, Optional
+TYPE_CHECKING = False   # annotations only: importing typing costs every run ~3 ms
+if TYPE_CHECKING:
+    from typing import List, Optional
 
 from . import arch as _arch
 from . import faults, guard, libc, ptrace, restart, signals
@@ -65,10 +68,17 @@ class Task:
         own mask, nothing injected) for a freeze of several tasks to finish
         once all are stopped (engine/threads.py). Raises Refusal(ptraced |
         no-such-process | unsupported-state)."""
+        return cls.finish_seize(cls.begin_seize(pid, options, auto_attached), tgid, finish)
+
+    @classmethod
+    def begin_seize(cls, pid: int, options: int = ptrace.O_TRACESYSGOOD, auto_attached: bool = False):
+        """seize()'s first half: seized and interrupted, not waited for, so
+        that several tasks stop side by side (engine/threads.py, tree.py);
+        every result goes to finish_seize(), even when another failed.
+        Raises as seize()."""
         # Before the freeze: at the ptrace stop the kernel stack no longer
         # shows which call a restart_syscall(2) restarts.
         pre = restart.snapshot(pid)
-        task = None
         if not auto_attached:
             try:
                 ptrace.seize(pid, options)
@@ -78,9 +88,23 @@ class Task:
                 if e.errno == 3:
                     raise Refusal("no-such-process", "exited before it could be frozen", pid=pid) from None
                 raise
-        try:
-            if not auto_attached:
+            try:
                 ptrace.interrupt(pid)
+            except BaseException:
+                try:
+                    ptrace.detach(pid, 0)
+                except SysError:
+                    pass
+                raise
+        return (pid, pre)
+
+    @classmethod
+    def finish_seize(cls, started, tgid: Optional[int] = None, finish: bool = True) -> "Task":
+        """seize()'s second half: wait for the interrupt stop of a task
+        begin_seize() started. Raises as seize(); the task is let go then."""
+        pid, pre = started
+        task = None
+        try:
             while True:
                 st = ptrace.wait(pid)
                 if st.exited:
@@ -294,7 +318,7 @@ class Task:
         INJECTED["round_trips"] += 1
         # No ^C (KeyboardInterrupt) between here and the registers put back:
         # raised while the task runs, it would leave nothing to unwind with.
-        held = signal.pthread_sigmask(signal.SIG_BLOCK, guard.HELD)
+        held = _signal.pthread_sigmask(_signal.SIG_BLOCK, guard.HELD)
         try:
             self._inject_regs(nr, args)
             self._resume_to_syscall_stop()   # entry
@@ -306,7 +330,7 @@ class Task:
                 # dies (the kernel detaches it as it is).
                 self.set_regs(self.resume_regs)
         finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+            _signal.pthread_sigmask(_signal.SIG_SETMASK, held)
         return ret
 
     def _inject_regs(self, nr: int, args) -> None:
@@ -334,6 +358,10 @@ class Task:
     def read_mem(self, addr: int, n: int) -> bytes:
         """Bytes of the task's memory; /proc/PID/mem (which can force access
         to PROT_NONE pages) when process_vm_readv cannot."""
+        if n <= libc.SMALL_READ:
+            got = libc.vm_read_small(self.pid, addr, n)
+            if got is not None:
+                return got
         buf = bytearray(n)
         try:
             got = libc.vm_readv(self.pid, [(libc.buffer_address(buf), n)], [(addr, n)])
@@ -418,7 +446,7 @@ def syscall_each(calls) -> list:
     results: list = [None] * len(calls)
     error: Optional[BaseException] = None
     # No ^C between the registers set and put back (as in Task.syscall).
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, guard.HELD)
+    held = _signal.pthread_sigmask(_signal.SIG_BLOCK, guard.HELD)
     try:
         going = []
         for i, (task, nr, args) in enumerate(calls):
@@ -445,7 +473,7 @@ def syscall_each(calls) -> list:
                     error = error or e
             going = still
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        _signal.pthread_sigmask(_signal.SIG_SETMASK, held)
     if error is not None:
         raise error
     return results

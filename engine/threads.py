@@ -45,9 +45,11 @@ import ctypes
 import os
 import signal
 import struct
-import threading
+import _thread
 import time
-from typing import List, Optional
+TYPE_CHECKING = False   # annotations only: importing typing costs every run ~3 ms
+if TYPE_CHECKING:
+    from typing import List, Optional
 
 from . import faults, libc, ptrace, sched, signals
 from .errors import EngineError, Refusal
@@ -89,13 +91,15 @@ def _tracer(tid: int) -> int:
 # -- freeze --------------------------------------------------------------------
 
 def freeze(pid: int, options: int = FREEZE_OPTIONS, auto_attached: bool = False,
-           finish: bool = True) -> List[Task]:
+           finish: bool = True, leader: Optional[Task] = None) -> List[Task]:
     """Seize and stop every thread of `pid`: [leader, other threads by TID].
-    `options`/`auto_attached`: engine/tree.py (PTRACE_O_TRACEFORK, a child
-    the kernel attached to us). `finish`: :func:`finish` them once all are
-    stopped (False: the caller does, once every process of a tree is).
+    `options`/`auto_attached`/`leader` (stopped already, not finished):
+    engine/tree.py (PTRACE_O_TRACEFORK, a child the kernel attached to us,
+    leaders stopped side by side). `finish`: :func:`finish` them once all
+    are stopped (False: the caller does, once every process of a tree is).
     Raises Refusal (every thread already seized is let go)."""
-    leader = Task.seize(pid, options, auto_attached=auto_attached, finish=False)
+    if leader is None:
+        leader = Task.seize(pid, options, auto_attached=auto_attached, finish=False)
     tasks = {pid: leader}
     try:
         for _ in range(MAX_ROUNDS):
@@ -106,10 +110,20 @@ def freeze(pid: int, options: int = FREEZE_OPTIONS, auto_attached: bool = False,
                 if finish:
                     finish_freeze(out)
                 return out
-            for tid in new:
-                t = _freeze_thread(pid, tid, options)
+            # every new thread interrupted before the first is waited for:
+            # their stops overlap instead of taking turns
+            started = [(tid, _begin_thread(tid, options)) for tid in new]
+            failed = None
+            for tid, how in started:
+                try:
+                    t = _finish_thread(pid, tid, how, options)
+                except BaseException as e:   # noqa: BLE001 - every started one is finished first
+                    failed = failed or e
+                    continue
                 if t is not None:
                     tasks[tid] = t
+            if failed is not None:
+                raise failed
         raise Refusal("threads", f"threads kept being created faster than they could be frozen "
                       f"({MAX_ROUNDS} passes over /proc/{pid}/task)", pid=pid)
     except BaseException:
@@ -142,11 +156,23 @@ def _gone(pid: int, tid: int) -> bool:
         return True
 
 
-def _freeze_thread(pid: int, tid: int, options: int = FREEZE_OPTIONS) -> Optional[Task]:
-    """The frozen thread, or None when it exited meanwhile."""
-    me = threading.get_native_id()
+def _begin_thread(tid: int, options: int = FREEZE_OPTIONS):
+    """A thread's freeze begun: ("started", Task.begin_seize's result) or
+    ("failed", the exception), for _finish_thread()."""
     try:
-        return Task.seize(tid, options, tgid=pid, finish=False)
+        return ("started", Task.begin_seize(tid, options))
+    except (Refusal, SysError) as e:
+        return ("failed", e)
+
+
+def _finish_thread(pid: int, tid: int, how, options: int = FREEZE_OPTIONS) -> Optional[Task]:
+    """The frozen thread, or None when it exited meanwhile."""
+    me = _thread.get_native_id()
+    kind, got = how
+    try:
+        if kind == "failed":
+            raise got
+        return Task.finish_seize(got, tgid=pid, finish=False)
     except Refusal as r:
         if r.reason == "no-such-process":
             return None      # exited before it could be frozen: not part of the process any more
@@ -180,7 +206,7 @@ def _adopt_clone(pid: int, tid: int, options: int = FREEZE_OPTIONS) -> Optional[
 def _stragglers(pid: int, tasks: dict) -> None:
     """On the way out of a refused freeze: threads the kernel attached to us
     (TRACECLONE) that the scan had not reached yet, so they are let go too."""
-    me = threading.get_native_id()
+    me = _thread.get_native_id()
     for tid in tids(pid):
         if tid not in tasks and _tracer(tid) == me:
             try:

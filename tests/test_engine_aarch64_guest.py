@@ -176,8 +176,11 @@ def test_counter_round_trip_exact_maps_no_gap_no_repeat(guest, targets):
     d = ckpt(g, "dump", "-t", str(pid), "-D", "/root/img-c")
     assert d.rc == 0, d
     n_dumped = len(counts(g, "/root/t/c.txt"))
-    r = ckpt(g, "restore", "-D", "/root/img-c")
+    r = ckpt(g, "restore", "-D", "/root/img-c", "--json")
     assert r.rc == 0, r
+    # Its syscalls ran in batches (engine/batch.py: the arm64 runner).
+    inj = json.loads(r.stdout)["result"]["injected"]
+    assert inj["batched_calls"] > 20 and inj["round_trips"] < 12, inj
     assert maps(g, pid) == before
     wait_for(g, "wc -l < /root/t/c.txt", lambda o: int(o.split()[0]) >= n_dumped + 10)
     got = counts(g, "/root/t/c.txt")

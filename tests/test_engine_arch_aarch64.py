@@ -18,7 +18,8 @@ INTERFACE = ("MACHINE", "PAGE", "TASK_SIZE", "RED_ZONE", "SYSCALL_INSN", "GADGET
              "SYS", "Regs", "CloneArgs", "CLONE3_TRAMPOLINE", "TRAMPOLINE_SYSCALL_OFFSET",
              "get_regs", "set_regs", "stack_pointer", "pc", "find_syscall", "set_syscall", "retval",
              "normalise_restart", "get_xstate", "set_xstate", "xstate_features", "xstate_mismatch",
-             "describe_cpu_state", "s64", "u64")
+             "describe_cpu_state", "s64", "u64",
+             "BATCH_BLOB", "BATCH_TRAP_PC", "BATCH_SI_CODE", "set_batch", "batch_state")
 
 
 def test_for_machine_selects_aarch64_and_still_refuses_others():
@@ -323,3 +324,16 @@ def test_image_regs_rewind_a_call_the_freeze_made_fail_with_eintr():
         t.after_svc = True
         got = a64.image_regs(t)
         assert (a64.s64(got.x0), got.pc) == (-4, 0x400104) and not a64.rewound_call(t)
+
+
+def test_batch_runner_words():
+    # engine/batch.py runner, assembled with llvm-mc -triple=aarch64 (see the
+    # arch module); the words the protocol rests on, checked by hand.
+    words = struct.unpack(f"<{len(a64.BATCH_BLOB) // 4}I", a64.BATCH_BLOB)
+    assert words[4] == a64.SVC0 and words[a64.BATCH_TRAP_PC // 4] == a64.BRK0
+    assert words[0] == 0xA9400268            # ldp x8, x0, [x19]: nr in x8, arg0 in x0
+    assert words[5] == 0xF9001E60            # str x0, [x19, #56]: the result slot
+    assert words[-1] == 0x17FFFFFF           # b . - 4: back to the brk
+    regs = a64.Regs()
+    a64.set_batch(regs, 0x1000, 0x2000, 7)
+    assert (regs.raw.pc, a64.batch_state(regs), regs.syscallno) == (0x1000, (0x2000, 7), a64.NO_SYSCALL)

@@ -75,6 +75,46 @@ SYSCALL_INSN = struct.pack("<I", SVC0)
 # brk #0` (brk is a tripwire should execution ever fall through).
 GADGET = struct.pack("<II", SVC0, BRK0)
 
+# -- batched syscalls (engine/batch.py) ----------------------------------------
+# The runner, entered with x19 = the first table entry, x20 = the number of
+# entries (> 0); an entry is nr, six args, result (8 u64). It makes each call
+# (x8 = nr, x0..x5) and stores x0 in the entry's result slot; at the first
+# result in -4095..-1 (cmn x0, #4095 carries) it stops with x19 on that
+# entry and x20 not yet counted down; else x19 goes one past the last, x20
+# to 0. It ends on `brk #0` (a SIGTRAP reported with pc ON the brk, si_code
+# TRAP_BRKPT: arch/arm64/kernel/debug-monitors.c send_user_sigtrap) and a
+# branch back to it. Assembled with llvm-mc -triple=aarch64 and checked
+# with llvm-objdump; only x0-x8, x19, x20 and the flags are used, no stack.
+BATCH_BLOB = bytes.fromhex(
+    "680240a9"      # 0x00 loop: ldp x8, x0, [x19]
+    "610a41a9"      # 0x04 ldp x1, x2, [x19, #16]
+    "631242a9"      # 0x08 ldp x3, x4, [x19, #32]
+    "651a40f9"      # 0x0c ldr x5, [x19, #48]
+    "010000d4"      # 0x10 svc #0
+    "601e00f9"      # 0x14 str x0, [x19, #56]
+    "1ffc3fb1"      # 0x18 cmn x0, #4095
+    "82000054"      # 0x1c b.hs trap (0x2c)
+    "73020191"      # 0x20 add x19, x19, #64
+    "940600f1"      # 0x24 subs x20, x20, #1
+    "c1feff54"      # 0x28 b.ne loop (0x00)
+    "000020d4"      # 0x2c trap: brk #0
+    "ffffff17")     # 0x30 b trap
+BATCH_TRAP_PC = 0x2c    # pc at the brk's SIGTRAP (it is not stepped over)
+BATCH_SI_CODE = 1       # TRAP_BRKPT
+
+
+def set_batch(regs: "Regs", blob: int, table: int, n: int) -> None:
+    """Registers that enter the runner at `blob` on an `n`-entry table;
+    syscallno NO_SYSCALL as in set_syscall (no restart fix-up)."""
+    regs.raw.pc = blob
+    regs.raw.regs[19], regs.raw.regs[20] = table, n
+    regs.syscallno = NO_SYSCALL
+
+
+def batch_state(regs: "Regs"):
+    """(the entry the runner stopped on or one past the last, entries not run)."""
+    return regs.raw.regs[19], regs.raw.regs[20]
+
 NT_PRSTATUS = 1
 NT_PRFPREG = 2
 NT_ARM_TLS = 0x401

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-from typing import Iterator
+TYPE_CHECKING = False   # annotations only: importing typing costs every run ~3 ms
+if TYPE_CHECKING:
+    from typing import Iterator
 
 from ..errors import EngineError, Refusal
 
@@ -25,16 +26,22 @@ def failed(rec: dict, ctx, what: str, e: OSError) -> EngineError:
                        pid=getattr(ctx, "pid", None), errno=e.errno)
 
 
-@contextlib.contextmanager
-def closed_on_error(fd: int) -> Iterator[int]:
+class closed_on_error:
     """``with closed_on_error(fd):`` closes `fd` if the block raises
     anything (the fd is handed out only when it is fully set up); the
-    exception propagates unchanged."""
-    try:
-        yield fd
-    except BaseException:
-        os.close(fd)
-        raise
+    exception propagates unchanged. (A class: contextlib costs every run
+    ~0.5 ms to import.)"""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def __enter__(self) -> int:
+        return self.fd
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        if kind is not None:
+            os.close(self.fd)
+        return False
 
 
 def with_status_flags(rec: dict, ctx, fd: int) -> int:
