@@ -70,3 +70,22 @@ def test_awake_moment_is_what_the_process_shows_outside_the_wait(waiter):
     while time.monotonic() < end and len(seen) < 2:
         seen.add(int(procstate._moment(waiter.pid)["status.SigBlk"], 16) & USR1)
     assert seen == {0, USR1}       # the control: both moments exist, so the test above can fail
+
+
+def test_blocked_outside_a_syscall_is_not_asleep(monkeypatch):
+    """/proc/PID/syscall "-1 SP PC": the task is blocked but in no system
+    call (a page fault), with an awake process's masks: never the quiet
+    moment, however still it holds (the snapshot falls back at its deadline)."""
+    calls = []
+    monkeypatch.setattr(procstate, "_syscall", lambda pid: "-1 0x7ffd0000 0x7f000000")
+    monkeypatch.setattr(procstate, "proof", lambda pid, pub: {"counter": "7"})
+    monkeypatch.setattr(procstate, "snapshot", lambda pid, pub=None: calls.append("full") or {"status.SigBlk": "x"})
+    monkeypatch.setattr(procstate, "_moment", lambda pid: calls.append("moment") or {"status.SigBlk": "x"})
+    t0 = time.monotonic()
+    procstate.quiet_snapshot(1, {"counter_addr": 1}, seconds=0.3)
+    assert time.monotonic() - t0 >= 0.3 and calls.count("moment") > 1
+    # the same with a real syscall number is quiet at once
+    monkeypatch.setattr(procstate, "_syscall", lambda pid: "128 0x1 0x2 0x3 0x0 0x0 0x0 0x7ffd0000 0x7f000000")
+    calls.clear()
+    procstate.quiet_snapshot(1, {"counter_addr": 1}, seconds=0.3)
+    assert calls == ["full"]
