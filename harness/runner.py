@@ -290,8 +290,9 @@ class Run:
             self.need(self.cmd(t, segment.up([seg["stays"], seg["moves"]]), "ready", "setup"), "ready",
                       "bring up the segment NIC")
         # setup steps, the workload's start and the before_dump steps: one command
-        # CRUCIBLE_WARM_WORKLOAD=0: a new python3 for the workload even in a fork of the agent
-        cold = ["--exec"] if os.environ.get("CRUCIBLE_WARM_WORKLOAD", "1") == "0" else []
+        # A new python3 for the workload unless CRUCIBLE_WARM_WORKLOAD=1 (harness/warmfork.py:
+        # off by default while its before-dump snapshots now and then show an awake SigBlk)
+        cold = [] if os.environ.get("CRUCIBLE_WARM_WORKLOAD", "0") == "1" else ["--exec"]
         r = self.cmd(t, t.script("workload.py") + ["spawn", p["spec"], "--setup", "--before-dump"] + cold,
                      "ready", "setup")
         ready = _json_or_none(r.stdout) or {}

@@ -390,7 +390,7 @@ def spawn(spec_path: str, phases: List[str] = ()) -> int:
     (harness/warmfork.py), else a new ``python3 -S workload.py run SPEC
     MARK``; the ready line's ``start`` says which (``cold_why``: why not warm).
     """
-    cold = "exec requested (CRUCIBLE_WARM_WORKLOAD=0)" if "exec" in phases else \
+    cold = "exec requested (CRUCIBLE_WARM_WORKLOAD is not 1)" if "exec" in phases else \
         ("" if warmfork.agent_fork(globals()) else "not in a fork of the agent")
     cold = cold or warmfork.why_cold()
     with open(spec_path) as f:
