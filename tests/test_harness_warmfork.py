@@ -104,7 +104,14 @@ def _verdict(pid: int, spec: str) -> dict:
 
 
 def _kill(ready: dict) -> None:
-    workload.kill_workloads([ready.get("pid")] + ready.get("helpers", []))
+    """By PID, not by kill_workloads: with the cmdline rewrite broken a warm
+    workload has no MARK, and kill_workloads would (rightly) leave it."""
+    for pid in [ready.get("pid")] + ready.get("helpers", []):
+        if pid:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def test_a_warm_workload_looks_and_verifies_like_an_exec_d_one(agent_s, tmp_path):
