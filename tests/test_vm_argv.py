@@ -235,3 +235,18 @@ def test_segment_nic_is_a_dgram_netdev_between_two_unix_sockets():
                                                  loadvm="golden"))
     i = loaded.index("-loadvm")
     assert loaded[:i] + loaded[i + 2:] == seg
+
+
+def test_serial_tail_keeps_a_panic_reason_a_long_call_trace_pushed_out(tmp_path):
+    """The trace after a kernel panic varies in length from boot to boot:
+    the reason line comes first whenever it fell out of the tail."""
+    from vm.guest import Guest
+    g = Guest.__new__(Guest)
+    g.serial_log = tmp_path / "serial.log"
+    reason = "[    2.3] Kernel panic - not syncing: Requested init /no/such/init failed (error -2)."
+    trace = [f"[    2.4] trace line {i}" for i in range(60)]
+    g.serial_log.write_text("\n".join(["boot line"] * 5 + [reason] + trace) + "\n")
+    tail = g.serial_tail(40).splitlines()
+    assert tail[0] == reason and tail[1] == "[...]" and tail[2:] == trace[-40:]
+    g.serial_log.write_text("\n".join(["boot line"] * 5 + [reason] + trace[:10]) + "\n")
+    assert g.serial_tail(40).splitlines() == ["boot line"] * 5 + [reason] + trace[:10]   # in the tail: once

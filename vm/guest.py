@@ -606,10 +606,18 @@ class Guest:
 
     # ------------------------------------------------------------ for people
     def serial_tail(self, lines: int = 40) -> str:
-        """The last lines of the serial console log."""
+        """The last lines of the serial console log; a kernel panic's reason
+        line first when the call trace after it is longer than the tail
+        (its length varies from boot to boot: the reason is what a person
+        needs)."""
         if self.serial_log is not None and self.serial_log.exists():
-            return tail_text(self.serial_log, lines)
-        return "\n".join(getattr(self, "_last_serial_tail", "").splitlines()[-lines:])
+            text = tail_text(self.serial_log, 1000)
+        else:
+            text = getattr(self, "_last_serial_tail", "")
+        all_lines = text.splitlines()
+        tail = all_lines[-lines:]
+        panic = [ln for ln in all_lines[:-lines or None] if "Kernel panic" in ln][-1:] if len(all_lines) > lines else []
+        return "\n".join(panic + (["[...]"] if panic else []) + tail)
 
     def ssh_command(self) -> str:
         """A copy-pasteable ssh command line into this guest."""
