@@ -213,7 +213,15 @@ os.wait()
         assert classify(t.pid, 501).endswith("write lease")          # the other one is intact
 
 
-def test_read_lease_of_another_process_refused(tmp_path):
+@pytest.mark.parametrize("order", ["as listed", "reversed"])
+def test_read_lease_of_another_process_refused(tmp_path, monkeypatch, order):
+    """Two read leases on one file, the target's and another's: the other
+    holder is the one named, in whichever order /proc/locks lists them
+    (it named the target itself now and then)."""
+    if order == "reversed":
+        from engine.fds import _locks
+        real = _locks._system_locks
+        monkeypatch.setattr(_locks, "_system_locks", lambda ctx: list(reversed(real(ctx))))
     r, w = tmp_path / "r", tmp_path / "w"
     r.write_bytes(b"r")
     w.write_bytes(b"w")

@@ -176,7 +176,10 @@ def record(info, ctx) -> List[dict]:
         for lk in fd_locks(other):
             if (lk["dev"], lk["ino"]) == inode:
                 ours[_key(lk)] = ours.get(_key(lk), 0) + 1
-    for lk in system:
+    # The process's own entries first: a lock of another holder with the
+    # same key (two read leases, two shared flocks) is then the one left
+    # over and named, whatever order /proc/locks lists them in.
+    for lk in sorted(system, key=lambda lk: lk["pid"] != info.pid):
         who = f"pid {lk['pid']}" if lk["pid"] > 0 else "an OFD lock owner (pid unknown)"
         if lk["waiting"]:
             raise _refuse(info, f"{who} waits for a lock on this file ({text(lk)}): it would take the "
