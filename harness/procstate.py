@@ -104,8 +104,11 @@ def quiet_snapshot(pid: int, pub: Optional[dict] = None, seconds: float = 15.0,
             return part
         # "-1 SP PC": blocked outside any system call (a page fault: a warm
         # workload's first writes to the pages it shares with the agent),
-        # its masks those of a process awake
-        if before[0] and before == after and not before[0].startswith(("running", "-1 ")):
+        # its masks those of a process awake. And asleep (S) at both ends: a
+        # task preempted on its way out of sigtimedwait still shows the call
+        # in /proc/PID/syscall, but has its mask back (SigBlk of one awake:
+        # seen under TCG, where the one vCPU preempts it anywhere).
+        if before[0] and before == after and not before[0].startswith(("running", "-1 ")) and before[2] == "S":
             snap.update(part)
             return snap
         if time.monotonic() > deadline:
@@ -114,7 +117,12 @@ def quiet_snapshot(pid: int, pub: Optional[dict] = None, seconds: float = 15.0,
 
 
 def _still(pid: int, pub: Optional[dict]) -> tuple:
-    return _syscall(pid), proof(pid, pub).get("counter")
+    return _syscall(pid), proof(pid, pub).get("counter"), _state(pid)
+
+
+def _state(pid: int) -> Optional[str]:
+    text = _read(f"/proc/{pid}/stat")
+    return text.rsplit(")", 1)[1].split()[0] if text and ")" in text else None
 
 
 def _moment(pid: int) -> Dict[str, str]:

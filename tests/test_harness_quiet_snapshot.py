@@ -79,6 +79,7 @@ def test_blocked_outside_a_syscall_is_not_asleep(monkeypatch):
     calls = []
     monkeypatch.setattr(procstate, "_syscall", lambda pid: "-1 0x7ffd0000 0x7f000000")
     monkeypatch.setattr(procstate, "proof", lambda pid, pub: {"counter": "7"})
+    monkeypatch.setattr(procstate, "_state", lambda pid: "S")
     monkeypatch.setattr(procstate, "snapshot", lambda pid, pub=None: calls.append("full") or {"status.SigBlk": "x"})
     monkeypatch.setattr(procstate, "_moment", lambda pid: calls.append("moment") or {"status.SigBlk": "x"})
     t0 = time.monotonic()
@@ -86,6 +87,26 @@ def test_blocked_outside_a_syscall_is_not_asleep(monkeypatch):
     assert time.monotonic() - t0 >= 0.3 and calls.count("moment") > 1
     # the same with a real syscall number is quiet at once
     monkeypatch.setattr(procstate, "_syscall", lambda pid: "128 0x1 0x2 0x3 0x0 0x0 0x0 0x7ffd0000 0x7f000000")
+    calls.clear()
+    procstate.quiet_snapshot(1, {"counter_addr": 1}, seconds=0.3)
+    assert calls == ["full"]
+
+
+def test_in_the_call_but_runnable_is_not_asleep(monkeypatch):
+    """A task preempted on its way out of sigtimedwait still shows the call
+    in /proc/PID/syscall, but its mask is back (an awake one's): only a task
+    asleep (S) at both ends of the snapshot is the quiet moment. (Seen in a
+    TCG guest, one vCPU: 3 of 137 scenarios judged corrupted on SigBlk.)"""
+    calls = []
+    monkeypatch.setattr(procstate, "_syscall", lambda pid: "128 0x1 0x2 0x3 0x0 0x0 0x0 0x7ffd0000 0x7f000000")
+    monkeypatch.setattr(procstate, "proof", lambda pid, pub: {"counter": "7"})
+    monkeypatch.setattr(procstate, "_state", lambda pid: "R")
+    monkeypatch.setattr(procstate, "snapshot", lambda pid, pub=None: calls.append("full") or {"status.SigBlk": "x"})
+    monkeypatch.setattr(procstate, "_moment", lambda pid: calls.append("moment") or {"status.SigBlk": "x"})
+    t0 = time.monotonic()
+    procstate.quiet_snapshot(1, {"counter_addr": 1}, seconds=0.3)
+    assert time.monotonic() - t0 >= 0.3 and calls.count("moment") > 1
+    monkeypatch.setattr(procstate, "_state", lambda pid: "S")
     calls.clear()
     procstate.quiet_snapshot(1, {"counter_addr": 1}, seconds=0.3)
     assert calls == ["full"]
