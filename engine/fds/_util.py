@@ -159,3 +159,18 @@ def reopen_in_process(rec: dict, ctx, task, path: str, flags: int, what: str) ->
             task.call("dup3", fd, r["fd"], os.O_CLOEXEC if r.get("cloexec") else 0)
     finally:
         task.call("close", fd)
+
+
+def tree_fds(ctx, own: int):
+    """(pid, fd, link) of every fd of the dump's other members (a dumped
+    tree's; none for a single process)."""
+    for pid in sorted(set(getattr(ctx, "tree_pids", ()) or ()) - {own}):
+        try:
+            names = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for n in names:
+            try:
+                yield pid, int(n), os.readlink(f"/proc/{pid}/fd/{n}")
+            except OSError:
+                continue

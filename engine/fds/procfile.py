@@ -30,7 +30,7 @@ from __future__ import annotations
 import os
 import re
 
-from ._util import refuse, refuse_rec, reopen_in_process
+from ._util import refuse, refuse_rec, reopen_in_process, tree_fds
 
 KIND = "procfile"
 REASONS = ("pseudo-file", "image-invalid")
@@ -64,22 +64,13 @@ def _what(link: str, pid: int):
 
 def _shared_with_member(info, ctx):
     """(pid, fd) of another member holding this open file description."""
-    members = set(getattr(ctx, "tree_pids", ()) or ()) - {info.pid}
-    if not members:
-        return None
     from ..pidfd import KCMP_FILE, kcmp
-    for pid in sorted(members):
+    for pid, fd, link in tree_fds(ctx, info.pid):
         try:
-            names = os.listdir(f"/proc/{pid}/fd")
+            if link == info.link and kcmp(info.pid, pid, KCMP_FILE, info.fd, fd) == 0:
+                return pid, fd
         except OSError:
             continue
-        for n in names:
-            try:
-                if os.readlink(f"/proc/{pid}/fd/{n}") == info.link and \
-                        kcmp(info.pid, pid, KCMP_FILE, info.fd, int(n)) == 0:
-                    return pid, int(n)
-            except Exception:   # noqa: BLE001 - gone meanwhile: nothing shared
-                continue
     return None
 
 

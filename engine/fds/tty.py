@@ -52,6 +52,7 @@ from . import _tty
 from ._dups import is_follower
 from ._peers import holders
 from ._util import failed, refuse, refuse_rec, reopen_in_process, with_status_flags
+from ._util import tree_fds as _tree_fds
 
 KIND = "tty"
 REASONS = ("tty", "tty-queued", "tty-outside", "capability", "image-invalid")
@@ -134,21 +135,6 @@ def _members(ctx, own: int) -> List[int]:
     """The processes of the dump: the members of a dumped tree, or `own`."""
     return sorted(set(getattr(ctx, "tree_pids", ()) or ()) | {own})
 
-
-def _tree_fds(ctx, own: int):
-    """(pid, fd, link) of the other members of a dumped tree."""
-    for pid in _members(ctx, own):
-        if pid == own:
-            continue
-        try:
-            names = os.listdir(f"/proc/{pid}/fd")
-        except OSError:
-            continue
-        for n in names:
-            try:
-                yield pid, int(n), os.readlink(f"/proc/{pid}/fd/{n}")
-            except OSError:
-                continue
 
 
 def _fdinfo_index(pid: int, fd: int) -> Optional[int]:
