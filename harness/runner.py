@@ -496,11 +496,8 @@ class Run:
 
     def _member_pids(self) -> List[int]:
         """The workload's children, as its ready file names them."""
-        try:
-            ready = json.loads(self.ready_bytes or b"{}")
-            return [int(c["pid"]) for c in (ready.get("process") or {}).get("children") or [] if c.get("pid")]
-        except (ValueError, TypeError, KeyError, AttributeError):
-            return []
+        children = (self.ready.get("process") or {}).get("children") or []
+        return [int(c["pid"]) for c in children if c.get("pid")]
 
     def _refused_at_dump(self, t: Target, pid: int, d: engines_mod.EngineResult) -> None:
         """A refused dump must leave the original undisturbed and write no image."""

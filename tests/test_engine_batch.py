@@ -58,8 +58,7 @@ def mode(request, monkeypatch):
     return request.param
 
 
-@pytest.fixture
-def builder():
+def _builder():
     """A Builder on a fresh child with the gadget area, as build() makes it."""
     acts = signals.own_actions()
     task = _child()
@@ -70,6 +69,9 @@ def builder():
         yield b
     finally:
         task.kill()
+
+
+builder = pytest.fixture(_builder, name="builder")
 
 
 def _trips():
@@ -244,17 +246,7 @@ def test_restore_with_a_mapping_where_the_gadget_would_go(procs, tmp_path, monke
         assert trips["batched_calls"] == 0
 
 
-@pytest.fixture
-def builder2():
-    acts = signals.own_actions()
-    task = _child()
-    b = Builder(_Job([]), task)
-    b.inherited_actions = acts
-    try:
-        place_gadget(b, [(IMAGE_AT, IMAGE_AT + 0x3000)])
-        yield b
-    finally:
-        task.kill()
+builder2 = pytest.fixture(_builder, name="builder2")     # a second process, for run_each
 
 
 def test_run_each_runs_every_process_batch_and_raises_the_first_failure(builder, builder2, mode):
