@@ -134,8 +134,9 @@ def _run(args) -> dict:
         from .survey import run_cli
         return run_cli(args, opts)
     if args.command == "restore":
+        from .profiling import run as profiled
         from .restore import restore
-        return restore(args.dir, opts, args.pidfile)
+        return profiled("restore-checks", restore, args.dir, opts, args.pidfile)
     from .show import show
     return show(args.dir)
 

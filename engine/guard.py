@@ -133,7 +133,8 @@ def run(fn: Callable, *args):
         try:
             become_worker(parent, w)
             try:
-                out = ("ok", fn(*args))
+                from .profiling import run as profiled
+                out = ("ok", profiled(getattr(fn, "__name__", "work"), fn, *args))
             except BaseException as e:   # noqa: BLE001 - handed to ckpt, which raises it
                 out = ("raise", e)
                 code = 1

@@ -386,7 +386,8 @@ def _run_restorer(job, builder=None) -> dict:
             guard.become_worker(parent)     # stops (killing the new process) if ckpt dies
             from .task import INJECTED
             INJECTED.update(round_trips=0, batched_calls=0)     # this restore's only
-            out = {"ok": True, "pid": (builder or build)(job)}
+            from .profiling import run as profiled
+            out = {"ok": True, "pid": profiled("restore", builder or build, job)}
             out["injected"] = dict(INJECTED)    # ptrace round trips, batched calls (engine/batch.py)
         except Refusal as e:
             out = {"ok": False, "type": "refusal", **e.as_dict()}

@@ -35,6 +35,9 @@ class EngineResult:
     pid: Optional[int] = None
     stderr: str = ""
     contract: List[str] = field(default_factory=list)
+    #: the time the engine reports for its own work (ckpt's total_ms or
+    #: restore_ms), seconds; None when it reports none (criu, a refusal)
+    own_s: Optional[float] = None
 
 
 class Engine:
@@ -89,6 +92,9 @@ def parse_ckpt(r: RunResult) -> EngineResult:
         out.status = "ok"
         res = (doc or {}).get("result") or {}
         out.pid = res.get("pid") if isinstance(res, dict) else None
+        own = res.get("total_ms", res.get("restore_ms")) if isinstance(res, dict) else None
+        if isinstance(own, (int, float)) and not isinstance(own, bool):
+            out.own_s = own / 1000
         if doc is not None and doc.get("ok") is not True:
             out.contract.append('exit 0 without "ok": true')
     elif r.rc == 3:

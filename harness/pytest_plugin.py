@@ -461,6 +461,8 @@ class Crucible:
         t.start_agent()  # resident in the snapshot: every revert brings it back
         if t.agent_note:
             print(f"\ncrucible: guest {t.name}: steps go over SSH: {t.agent_note}")
+        if t.digests_note:
+            print(f"\ncrucible: guest {t.name}: {t.digests_note}")
         guest.snapshot("golden")
         return t
 

@@ -189,6 +189,12 @@ class Run:
         self.res.engine_start.append(r.start)
         return r
 
+    def _own(self, r: engines_mod.EngineResult) -> None:
+        """The engine's own account of its work (``engine_own``): ``engine``
+        minus it is start-up, exit and the channel to the guest."""
+        if r.own_s is not None:
+            self.res.timings["engine_own"] = round(self.res.timings.get("engine_own", 0) + r.own_s, 3)
+
     def need(self, r: RunResult, step: str, what: str) -> RunResult:
         if r.rc != 0:
             raise HarnessError(f"{what} failed (exit {r.rc})", step=step, detail=(r.stderr or r.stdout)[-3000:])
@@ -374,6 +380,7 @@ class Run:
         rr = self.engine.parse(self._engine_cmd(rt, self.engine.restore_argv(rt, rp["img"], rp["pidfile"]), "restore"),
                                rt, rp["img"])
         res.engine_stderr = (res.engine_stderr + "\n" + rr.stderr).strip()
+        self._own(rr)
         if rr.contract:
             return self._crashed("restore", "broke the CLI contract: " + "; ".join(rr.contract))
         if rr.status == "failed":
@@ -475,6 +482,7 @@ class Run:
         self.res.step = "dump"
         d = self.engine.parse(self._engine_cmd(t, self.engine.dump_argv(t, pid, p["img"], opts), "dump"), t, p["img"])
         self.res.engine_stderr = d.stderr
+        self._own(d)
         if d.contract:
             self._crashed("dump", "broke the CLI contract: " + "; ".join(d.contract))
             return None
