@@ -97,7 +97,11 @@ def preload() -> None:
     sys.path.insert(0, HERE)
     for name in SCRIPTS:
         try:
-            importlib.import_module(name[:-3])
+            mod = importlib.import_module(name[:-3])
+            # what the script imports only on first use (to keep the exec'd
+            # workload's start light): once here, not in every fork
+            for dep in getattr(mod, "PRELOAD", ()):
+                importlib.import_module(dep)
         except Exception:  # a missing optional script: its requests fail alone
             traceback.print_exc()
     warm = sys.modules.get("warmfork")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from harness import workload
 from harness.agent_client import AgentError, AgentLink
 
 REPO = Path(__file__).resolve().parent.parent
@@ -138,3 +139,17 @@ def test_a_late_reply_with_a_file_is_skipped_whole(agent, tmp_path):
     assert link.get(str(tmp_path / "empty")) == b""
     assert link.get(str(path)) == path.read_bytes()
     assert link.ping(timeout=10) == proc.pid
+
+
+def test_the_agent_imports_what_its_scripts_import_on_first_use():
+    """workload.py and world.py import some modules only where used (the
+    exec'd workload's start stays light, tests/test_harness_kinds.py); the
+    agent imports them once, so its forked script runs (spawn, signal
+    --snap, snap, digests) do not import them each time."""
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import agent; agent.preload(); import workload, world; "
+            "print(' '.join(m for m in workload.PRELOAD + world.PRELOAD if m not in sys.modules) or 'none')")
+    r = subprocess.run([sys.executable, "-S", "-c", code, str(REPO / "harness")], capture_output=True, text=True,
+                       timeout=60, close_fds=True, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert {"procstate", "warmfork"} <= set(workload.PRELOAD)
+    assert r.stdout.split() == ["none"]
