@@ -108,8 +108,10 @@ REASONS = {
                   "userfaultfd...), or a sub-case of a handled kind that cannot be exact: a timerfd with "
                   "CANCEL_ON_SET, or with unread expirations on a kernel without TFD_IOC_SET_TICKS, an "
                   "epoll target that was closed or reused, a fired one-shot or a ready edge-triggered "
-                  "target, an eventfd whose count overflowed to ULLONG_MAX, or, on a kernel whose fdinfo "
-                  "lacks eventfd-semaphore (Linux < 6.6), an eventfd also held by a process outside the "
-                  "dump (its pid and fd in the detail) or whose count moved while it was probed, "
+                  "target, an eventfd whose count overflowed to ULLONG_MAX, an eventfd, timerfd, epoll or "
+                  "inotify instance whose open file a process outside the dump holds too (its pid and fd in "
+                  "the detail: a restore makes a new one and that process would keep the old), or, on a "
+                  "kernel whose fdinfo lacks eventfd-semaphore (Linux < 6.6), an eventfd whose count moved "
+                  "while it was probed, "
                   "packet-mode pipes with data, a directory position on another machine"),
 }
