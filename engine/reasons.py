@@ -35,9 +35,10 @@ REASONS = {
                      "without being threads of one process, or an fd table (CLONE_FILES) or fs (CLONE_FS) that no "
                      "clone() and unshare() down the tree rebuild (a member would have to hand on two tables, as when "
                      "holders were reparented) (the pids in the detail)"),
-    "memory-peer-outside": ("shared memory of the dumped tree that a restore makes anew (MAP_SHARED anonymous "
-                            "memory, a shared mapping of a memfd or deleted file) is also mapped or held open by a "
-                            "process outside it (its pid in the detail): it would go on with the old object"),
+    "memory-peer-outside": ("shared memory or unlinked file data of the dump that a restore makes anew "
+                            "(MAP_SHARED anonymous memory; a memfd or deleted file it maps shared or holds open) "
+                            "is also mapped or held open by a process outside it (its pid in the detail): it would "
+                            "go on with the old object"),
     "image-unsafe": ("the image could have been changed by someone other than the caller, so it is not trusted: "
                      "the image directory or a file in it is not the caller's or is writable by others, a "
                      "directory above it is writable by others and not sticky, or it holds a symlink or a "

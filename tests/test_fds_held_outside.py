@@ -73,3 +73,66 @@ def test_shared_with_a_member_of_the_dumped_tree_is_not_outside(procs, tmp_path,
     procs.adopt(kid)
     res = check(p.pid, Options())
     assert not _refusals_at(res, FD), res.get("refusals")
+
+
+# -- memfds and deleted files: shared by inode (two opens share the data) ------------------------
+
+GHOST = {
+    "memfd": "made = os.memfd_create('shared')\nos.write(made, b'data')",
+    "deleted": "made = os.open('gone', os.O_RDWR | os.O_CREAT, 0o600)\nos.write(made, b'data')\nos.unlink('gone')",
+}
+
+
+def _ghost(kind: str) -> str:
+    return GHOST[kind] + f"\nos.dup2(made, {FD})\nos.close(made)"
+
+
+# mmap(2) by ctypes: Python's mmap.mmap keeps a dup of the fd, and this outsider must hold none
+_OUTSIDER_MAPS = ("import ctypes, os, sys, time\nfd = int(sys.argv[1])\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+                  "libc.mmap.restype = ctypes.c_void_p\n"
+                  "libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, "
+                  "ctypes.c_long)\n"
+                  "assert libc.mmap(None, 4096, 3, 1, fd, 0) not in (None, ctypes.c_void_p(-1).value)\n"
+                  "os.close(fd)\nopen(sys.argv[2], 'w').close()\ntime.sleep(600)\n")
+
+
+@pytest.mark.parametrize("kind", sorted(GHOST))
+@pytest.mark.parametrize("how", ["open", "reopened", "mapped"])
+def test_a_memfd_or_deleted_file_an_outside_process_has_is_refused(procs, tmp_path, kind, how):  # noqa: F811
+    """Held by a dup, by its own open of /proc/PID/fd/N (another open file,
+    the same data) or only mapped (its fd closed): memory-peer-outside."""
+    p = start_ready_script(procs, tmp_path, _ghost(kind))
+    assert check(p.pid, Options())["ok"], f"a {kind} held by the target alone must pass"
+    ready = tmp_path / "outsider-ready"
+    if how == "reopened":
+        own = os.open(f"/proc/{p.pid}/fd/{FD}", os.O_RDWR)
+        argv = [sys.executable, "-c", f"import time; open({str(ready)!r}, 'w').close(); time.sleep(600)"]
+    else:
+        own = pidfd.target_fd(p.pid, FD).__enter__()     # closed below, once the outsider has it
+        argv = [sys.executable, "-c", _OUTSIDER_MAPS, str(own), str(ready)] if how == "mapped" else \
+            [sys.executable, "-c", f"import time; open({str(ready)!r}, 'w').close(); time.sleep(600)"]
+    try:
+        outsider = subprocess.Popen(argv, pass_fds=(own,), close_fds=True, stdin=subprocess.DEVNULL)
+        procs.popens.append(outsider)
+        wait_for(lambda: ready.exists(), what="the outsider")
+    finally:
+        os.close(own)
+    if how == "mapped":     # it holds no fd on the file: only its mapping says it has it
+        st = os.stat(f"/proc/{p.pid}/fd/{FD}")
+        held = [os.stat(f"/proc/{outsider.pid}/fd/{f}") for f in os.listdir(f"/proc/{outsider.pid}/fd")]
+        assert (st.st_dev, st.st_ino) not in {(h.st_dev, h.st_ino) for h in held}
+    res = check(p.pid, Options())
+    assert not res["ok"]
+    refused = _refusals_at(res, FD)
+    assert len(refused) == 1 and refused[0]["reason"] == "memory-peer-outside", res["refusals"]
+    assert f"pid {outsider.pid}" in refused[0]["detail"], refused[0]
+    assert not [r for r in res["refusals"] if r.get("fd") != FD], res["refusals"]
+
+
+@pytest.mark.parametrize("kind", sorted(GHOST))
+def test_a_memfd_or_deleted_file_shared_in_the_tree_is_not_outside(procs, tmp_path, kind):  # noqa: F811
+    p = start_ready_script(procs, tmp_path, _ghost(kind) + CHILD)
+    wait_for(lambda: open(f"/proc/{p.pid}/task/{p.pid}/children").read().split(), what="the child")
+    procs.adopt(int(open(f"/proc/{p.pid}/task/{p.pid}/children").read().split()[0]))
+    res = check(p.pid, Options())
+    assert not _refusals_at(res, FD), res.get("refusals")
