@@ -33,7 +33,7 @@ from typing import Dict, List
 from .. import pidfd
 from ..errors import EngineError
 from . import _sys
-from ._util import check_async, closed_on_error, failed, refuse, refuse_rec
+from ._util import check_async, check_held_outside, closed_on_error, failed, refuse, refuse_rec
 
 KIND = "inotify"
 REASONS = ("inotify-pending", "inotify-unresolvable", "capability", "unsupported-fd", "unsupported-state")
@@ -138,6 +138,7 @@ def classify(info, ctx) -> str:
     """Raises inotify-pending, inotify-unresolvable, capability,
     unsupported-fd; EngineError on system errors."""
     check_async(info, ctx)
+    check_held_outside(info, ctx, "inotify instance")
     n = _pending(info)
     if n:
         raise refuse(info, "inotify-pending", f"{n} bytes of unread events queued; restoring would drop them")
