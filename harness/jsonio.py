@@ -37,8 +37,11 @@ class _Context:
     parse_constant = _CONSTANTS.__getitem__
 
 
-_scan = _json.make_scanner(_Context()) if _json is not None else None
-_string = _json.encode_basestring_ascii if _json is not None else None    # ensure_ascii=True
+try:
+    _scan = _json.make_scanner(_Context())
+    _string = _json.encode_basestring_ascii     # ensure_ascii=True
+except Exception:  # pragma: no cover - no _json, or one that wants more of its context: json's
+    _json = _scan = _string = None
 
 
 def loads(s: str) -> Any:
