@@ -469,8 +469,10 @@ print(json.dumps(bad))
       "thread 2 (lock): native id (gettid) is the recorded TID"}),
     # a thread whose stack is not its own any more
     ("seen['threads'][3]['value'] = '0' * 16", {"thread 3 (cond): the value in its own frame"}),
-    # a read that returned early (EINTR-like: the pipe got its byte from elsewhere)
-    ("import os; os.write(process._THREADS[1].wfd, b'x'); process._THREADS[1].thread.join(5)",
+    # a read that returned early (EINTR-like: the pipe got its byte from elsewhere); join
+    # returns before the kernel's task leaves /proc/self/task (1 run in 4 saw it still there)
+    ("import os, time; os.write(process._THREADS[1].wfd, b'x'); process._THREADS[1].thread.join(5)\n"
+     "while os.path.exists(f'/proc/self/task/{process._THREADS[1].tid}'): time.sleep(0.01)",
      {"thread 1 (read): still blocked", "thread 1 (read): its call returned",
       "threads: every recorded TID is a thread of this process"}),
 ])
