@@ -3,7 +3,7 @@ afterwards checks every one of them from its own side.
 
 Runs in the guest (stdlib only, Python >= 3.9), as a script::
 
-    python3 workload.py spawn SPEC [--setup] [--before-dump]
+    python3 workload.py spawn SPEC [--setup] [--before-dump] [--exec] [--ready-file]
                                        # start `run` detached, wait for ready, print it
     python3 workload.py run SPEC       # the workload itself (what gets dumped)
     python3 workload.py signal PID VERDICT SECONDS [--snap PROOF] [--phases P,..]
@@ -424,7 +424,10 @@ def spawn(spec_path: str, phases: List[str] = ()) -> int:
     ``phases`` may hold ``setup`` (world steps before the start) and
     ``before_dump`` (after ready): one command instead of three, which
     matters under TCG where every python3 start costs about a second; and
-    ``exec``: never start it warm. In a fork of the agent the workload is
+    ``exec``: never start it warm; ``ready_file``: the ready line also
+    holds the ready file's bytes as read (``ready_file``, latin-1: the
+    harness keeps that copy without another request to the guest for it).
+    In a fork of the agent the workload is
     this process's child become ``run`` without an exec
     (harness/warmfork.py), else a new ``python3 -S workload_run.py run SPEC
     MARK``; the ready line's ``start`` says which (``cold_why``: why not warm).
@@ -468,8 +471,9 @@ def spawn(spec_path: str, phases: List[str] = ()) -> int:
     deadline = time.monotonic() + float(spec.get("ready_timeout", 30))
     while time.monotonic() < deadline:
         if os.path.exists(spec["ready"]):
-            with open(spec["ready"]) as f:
-                ready = json.load(f)
+            with open(spec["ready"], "rb") as f:
+                raw = f.read()
+            ready = json.loads(raw)
             if "error" not in ready and "before_dump" in phases:
                 try:
                     world.apply_phase(spec, "before_dump")
@@ -477,6 +481,8 @@ def spawn(spec_path: str, phases: List[str] = ()) -> int:
                     ready = dict(ready, error=f"before_dump step failed: {e}", step="before_dump")
             if cold:
                 ready["cold_why"] = cold
+            if "ready_file" in phases:
+                ready["ready_file"] = raw.decode("latin-1")     # every byte as one character
             print(json.dumps(ready))
             return 1 if "error" in ready else 0
         pid, status = os.waitpid(child, os.WNOHANG)
