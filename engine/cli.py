@@ -183,7 +183,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             sys.stderr.write(f"ckpt: refused: {r.message}\n")
         if args.json:
             print(fastjson.dumps({"ok": False, "exit": e.exit_code, "error": "refused", "command": args.command,
-                              "refusals": [r.as_dict() for r in refusals]}))
+                                  "refusals": [r.as_dict() for r in refusals]}))
         return e.exit_code
     except EngineError as e:
         if args.debug:
@@ -193,7 +193,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         sys.stderr.write(f"ckpt: {kind}: {e.message}\n")
         if args.json:
             print(fastjson.dumps({"ok": False, "exit": e.exit_code, "error": "usage" if kind == "error" else "failed",
-                              "command": args.command, "message": e.message, "errno": e.errno}))
+                                  "command": args.command, "message": e.message, "errno": e.errno}))
         return e.exit_code
     except KeyboardInterrupt:
         sys.stderr.write("ckpt: failed: interrupted\n")
@@ -205,7 +205,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         sys.stderr.write(f"ckpt: failed: internal error: {type(e).__name__}: {e} (run with --debug for the traceback)\n")
         if args.json:
             print(fastjson.dumps({"ok": False, "exit": EXIT_FAILED, "error": "failed", "command": args.command,
-                              "message": f"internal error: {type(e).__name__}: {e}"}))
+                                  "message": f"internal error: {type(e).__name__}: {e}"}))
         return EXIT_FAILED
     if args.json:
         print(fastjson.dumps({"ok": True, "command": args.command, "result": res}, default=str))

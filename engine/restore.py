@@ -24,7 +24,8 @@ TYPE_CHECKING = False   # annotations only: importing typing costs every run ~3 
 if TYPE_CHECKING:
     from typing import Dict, List, Optional
 
-from . import fastjson, faults, files, guard, imagecheck, libc, posixtimers, procfs, sched, seccomp, signals, threads, unlinked
+from . import (fastjson, faults, files, guard, imagecheck, libc, posixtimers, procfs, sched, seccomp, signals,
+               threads, unlinked)
 from .arch import current as current_arch
 from .build import build
 from .check import SPECIAL_MAPPINGS, creds_of, creds_plan, require_features
