@@ -35,9 +35,10 @@ REASONS = {
                      "without being threads of one process, or an fd table (CLONE_FILES) or fs (CLONE_FS) that no "
                      "clone() and unshare() down the tree rebuild (a member would have to hand on two tables, as when "
                      "holders were reparented) (the pids in the detail)"),
-    "memory-peer-outside": ("shared memory of the dumped tree that a restore makes anew (MAP_SHARED anonymous "
-                            "memory, a shared mapping of a memfd or deleted file) is also mapped or held open by a "
-                            "process outside it (its pid in the detail): it would go on with the old object"),
+    "memory-peer-outside": ("shared memory or unlinked file data of the dump that a restore makes anew "
+                            "(MAP_SHARED anonymous memory; a memfd or deleted file it maps shared or holds open) "
+                            "is also mapped or held open by a process outside it (its pid in the detail): it would "
+                            "go on with the old object"),
     "image-unsafe": ("the image could have been changed by someone other than the caller, so it is not trusted: "
                      "the image directory or a file in it is not the caller's or is writable by others, a "
                      "directory above it is writable by others and not sticky, or it holds a symlink or a "
@@ -108,8 +109,10 @@ REASONS = {
                   "userfaultfd...), or a sub-case of a handled kind that cannot be exact: a timerfd with "
                   "CANCEL_ON_SET, or with unread expirations on a kernel without TFD_IOC_SET_TICKS, an "
                   "epoll target that was closed or reused, a fired one-shot or a ready edge-triggered "
-                  "target, an eventfd whose count overflowed to ULLONG_MAX, or, on a kernel whose fdinfo "
-                  "lacks eventfd-semaphore (Linux < 6.6), an eventfd also held by a process outside the "
-                  "dump (its pid and fd in the detail) or whose count moved while it was probed, "
+                  "target, an eventfd whose count overflowed to ULLONG_MAX, an eventfd, timerfd, epoll or "
+                  "inotify instance whose open file a process outside the dump holds too (its pid and fd in "
+                  "the detail: a restore makes a new one and that process would keep the old), or, on a "
+                  "kernel whose fdinfo lacks eventfd-semaphore (Linux < 6.6), an eventfd whose count moved "
+                  "while it was probed, "
                   "packet-mode pipes with data, a directory position on another machine"),
 }

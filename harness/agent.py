@@ -33,7 +33,13 @@ for. Ops:
 * ``put`` ``path, bulk[, mode]`` / ``get`` ``path`` -> ``{"bulk"}``: the file's
   bytes follow the JSON line raw, ``bulk`` of them (no base64, no JSON
   string: encoding a megabyte image that way cost a TCG guest a second each
-  way). The older ``data_b64`` field is still read.
+  way). The older ``data_b64`` field is still read. With ``fresh`` (a
+  directory, absolute, at least two levels deep) that tree is removed
+  first: a scenario's work dir made anew in one request, not three execs.
+* ``gone`` ``pids, seconds`` -> ``{"left"}``: wait until no /proc/PID of
+  ``pids`` is there (a zombie still holds its PID), at most ``seconds``;
+  ``left`` lists the ones still there (a shell loop of ``date`` and
+  ``sleep`` execs did this before, ~0.15 s a scenario under TCG).
 * ``clock`` ``t``: set CLOCK_REALTIME (a loadvm rewinds it).
 """
 
@@ -97,7 +103,11 @@ def preload() -> None:
     sys.path.insert(0, HERE)
     for name in SCRIPTS:
         try:
-            importlib.import_module(name[:-3])
+            mod = importlib.import_module(name[:-3])
+            # what the script imports only on first use (to keep the exec'd
+            # workload's start light): once here, not in every fork
+            for dep in getattr(mod, "PRELOAD", ()):
+                importlib.import_module(dep)
         except Exception:  # a missing optional script: its requests fail alone
             traceback.print_exc()
     warm = sys.modules.get("warmfork")
@@ -222,6 +232,17 @@ def run(argv: List[str], timeout: float, stdin: bytes, script: bool, warm: bool 
             "warm": warm}
 
 
+def wait_gone(pids: List[int], seconds: float) -> List[int]:
+    """Poll until none of ``pids`` has a /proc entry, at most ``seconds``;
+    the ones left."""
+    deadline = time.monotonic() + seconds
+    while True:
+        left = [p for p in pids if os.path.exists(f"/proc/{p}")]
+        if not left or time.monotonic() >= deadline:
+            return left
+        time.sleep(0.01)
+
+
 def handle(req: Dict[str, Any], bulk: bytes = b"") -> Dict[str, Any]:
     """One request (``bulk``: the raw bytes that followed its line); a
     reply's ``bulk`` (bytes) is sent raw after its line."""
@@ -248,6 +269,12 @@ def handle(req: Dict[str, Any], bulk: bytes = b"") -> Dict[str, Any]:
         return rep
     if op == "put":
         path = req["path"]
+        if req.get("fresh"):
+            fresh = os.path.normpath(str(req["fresh"]))
+            if not os.path.isabs(fresh) or fresh.count("/") < 2:
+                return {"error": f"put: will not remove {fresh!r} (absolute and two levels deep only)"}
+            import shutil
+            shutil.rmtree(fresh, ignore_errors=True)
         os.makedirs(os.path.dirname(path) or "/", exist_ok=True)
         with open(path, "wb") as f:
             f.write(bulk if "bulk" in req else base64.b64decode(req["data_b64"]))
@@ -257,6 +284,8 @@ def handle(req: Dict[str, Any], bulk: bytes = b"") -> Dict[str, Any]:
     if op == "get":
         with open(req["path"], "rb") as f:
             return {"bulk": f.read()}
+    if op == "gone":
+        return {"left": wait_gone([int(p) for p in req["pids"]], float(req.get("seconds", 3)))}
     if op == "clock":
         time.clock_settime(time.CLOCK_REALTIME, float(req["t"]))
         return {}

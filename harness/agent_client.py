@@ -196,8 +196,21 @@ class AgentLink:
         rep["stderr"] = base64.b64decode(rep.pop("stderr_b64", ""))
         return rep
 
-    def put(self, data: bytes, path: str, mode: Optional[int] = None, timeout: float = 120) -> None:
-        self.request("put", timeout, bulk=bytes(data), path=path, **({"mode": mode} if mode is not None else {}))
+    def put(self, data: bytes, path: str, mode: Optional[int] = None, timeout: float = 120,
+            fresh: Optional[str] = None) -> None:
+        """``fresh``: a directory the agent removes first (harness/agent.py)."""
+        extra: Dict[str, Any] = {}
+        if mode is not None:
+            extra["mode"] = mode
+        if fresh:
+            extra["fresh"] = fresh
+        self.request("put", timeout, bulk=bytes(data), path=path, **extra)
+
+    def gone(self, pids: List[int], seconds: float, timeout: float) -> List[int]:
+        """Wait in the guest until ``pids`` are gone (at most ``seconds``);
+        the ones still there."""
+        return [int(p) for p in self.request("gone", timeout, pids=[int(p) for p in pids],
+                                             seconds=seconds).get("left") or []]
 
     def get(self, path: str, timeout: float = 120) -> bytes:
         return self.request("get", timeout, path=path)["bulk"]

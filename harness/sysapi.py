@@ -7,15 +7,22 @@ os module does, so callers handle failures one way.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import struct
-from typing import Iterable, Tuple
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+TYPE_CHECKING = False   # annotations only: typing is an import the exec'd workload never needs
+if TYPE_CHECKING:
+    from typing import Iterable, Tuple
+
+# glibc's soname on every Linux the guests run (Debian, x86_64 and aarch64):
+# ctypes.util.find_library("c") gives the same name, but only after importing
+# subprocess and shutil and running ldconfig -p (~5 ms a workload start on the
+# host, ten times that under TCG)
+LIBC = "libc.so.6"
+_libc = ctypes.CDLL(LIBC, use_errno=True)
 # The same libc, called with the GIL held: a raw clone() must not run while
 # another thread could take the GIL (the child would inherit it taken).
-_pylibc = ctypes.PyDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_pylibc = ctypes.PyDLL(LIBC, use_errno=True)
 
 # <sys/inotify.h>
 IN_FLAGS = {

@@ -24,8 +24,8 @@ from .errors import GuestLost, HarnessError, StepTimeout
 REPO = Path(__file__).resolve().parent.parent
 # The stdlib-only files the guest runs (the workload and the world steps),
 # and the packages it imports (copied as directories next to them).
-GUEST_FILES = ("seeded.py", "sysapi.py", "world.py", "procstate.py", "workload.py", "mutants.py", "program.py",
-               "warmfork.py", "zygote.py")
+GUEST_FILES = ("records.py", "seeded.py", "sysapi.py", "world.py", "procstate.py", "workload.py", "workload_run.py",
+               "mutants.py", "program.py", "warmfork.py", "zygote.py")
 GUEST_PACKAGES = ("kinds",)
 
 
@@ -70,6 +70,14 @@ class Target:
 
     def get_bytes(self, path: str) -> bytes:
         raise NotImplementedError
+
+    def fresh_file(self, data: bytes, path: str, clear: str) -> None:
+        """Remove the tree ``clear`` (if there), then write ``path`` (its
+        parent directories made)."""
+        r = self.run(["rm", "-rf", clear], 60 * getattr(self, "time_scale", 1.0), step="setup")
+        if r.rc != 0:
+            raise HarnessError(f"cannot remove {clear}: {r.stderr[-500:]}", step="setup")
+        self.put_bytes(data, path)
 
     def ckpt_argv(self) -> List[str]:
         raise NotImplementedError
@@ -141,6 +149,10 @@ class LocalTarget(Target):
     def get_bytes(self, path: str) -> bytes:
         with open(path, "rb") as f:
             return f.read()
+
+    def fresh_file(self, data: bytes, path: str, clear: str) -> None:
+        shutil.rmtree(clear, ignore_errors=True)
+        self.put_bytes(data, path)
 
     def ckpt_argv(self) -> List[str]:
         return [self.python, "-m", "engine"]
@@ -380,6 +392,17 @@ class GuestTarget(Target):
                 raise self._lost(e.message, "", hung=e.kind == "timeout") from None
         self.guest.put_bytes(data, path)
 
+    def fresh_file(self, data: bytes, path: str, clear: str) -> None:
+        if self.agent is None:
+            return super().fresh_file(data, path, clear)
+        from .agent_client import AgentError
+        try:        # one request: the agent removes the tree and writes the file
+            return self.agent.put(data, path, timeout=120 * self.time_scale, fresh=clear)
+        except AgentError as e:
+            if e.kind == "agent":
+                raise HarnessError(f"cannot make {path} afresh in the guest: {e.message}", step="setup") from None
+            raise self._lost(e.message, "setup", hung=e.kind == "timeout") from None
+
     def get_bytes(self, path: str) -> bytes:
         if self.agent is not None:
             from .agent_client import AgentError
@@ -401,9 +424,19 @@ class GuestTarget(Target):
         when the next step looks (the corpus under load judged three such
         originals "still running")."""
         pids = [int(p) for p in pids]
-        if pids:
-            self.run(["sh", "-c", settle_script(pids, 3 * self.time_scale)], timeout=30 * self.time_scale,
-                     step="settle")
+        if not pids:
+            return
+        if self.agent is not None:
+            from .agent_client import AgentError
+            try:        # the agent polls /proc itself: no shell loop of execs
+                self.agent.gone(pids, 3 * self.time_scale, timeout=30 * self.time_scale)
+                return
+            except AgentError as e:
+                if e.kind != "agent":
+                    raise self._lost(e.message, "settle", hung=e.kind == "timeout") from None
+                # an agent without the op: the shell loop
+        self.run(["sh", "-c", settle_script(pids, 3 * self.time_scale)], timeout=30 * self.time_scale,
+                 step="settle")
 
     def reset(self) -> None:
         """Revert to the golden snapshot. With the agent: no SSH reconnect,

@@ -55,11 +55,13 @@ from __future__ import annotations
 import atexit
 import ctypes
 import gc
-import ctypes.util
 import os
 import struct
 import sys
-from typing import Dict, List, Optional, Sequence
+
+TYPE_CHECKING = False   # annotations only (typing is ~2 ms of imports)
+if TYPE_CHECKING:
+    from typing import Dict, List, Optional, Sequence
 
 try:
     from . import zygote
@@ -71,7 +73,8 @@ FLAGS = ["-S"]
 PR_SET_MM, PR_SET_MM_MAP = 35, 14
 _STAT = {"start_code": 26, "end_code": 27, "start_stack": 28, "start_data": 45, "end_data": 46,
          "start_brk": 47, "arg_start": 48, "arg_end": 49, "env_start": 50, "env_end": 51}
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# glibc's soname (as sysapi.LIBC): ctypes.util.find_library runs ldconfig -p
+_libc = ctypes.CDLL("libc.so.6", use_errno=True)
 _libc.sbrk.restype = ctypes.c_void_p
 _libc.sbrk.argtypes = [ctypes.c_long]
 _libc.malloc_trim.argtypes = [ctypes.c_size_t]

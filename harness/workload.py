@@ -28,28 +28,62 @@ verdict ``{ok, checks: [...], proof}``.
 
 from __future__ import annotations
 
+# The exec'd workload (``run``, through workload_run.py) imports only what
+# ``run`` needs: under TCG every module costs about ten times its host
+# import time, and the workload starts once per scenario. What only the
+# harness's helpers or a failure need is imported where it is used
+# (:func:`_sibling`, traceback, hashlib); the agent imports those once for
+# its forks (:data:`PRELOAD`). tests/test_harness_kinds.py holds the list
+# of modules the run path must not import.
 import ctypes
 import fcntl
 import gc
-import hashlib
 import json
 import os
 import signal
 import stat
 import sys
 import time
-import traceback
-from typing import Any, Dict, List, Optional, Tuple
+
+TYPE_CHECKING = False   # annotations only: typing is ~2 ms of imports
+if TYPE_CHECKING:
+    from typing import Any, Dict, List, Optional, Tuple
 
 try:
-    from . import kinds, procstate, seeded, sysapi, warmfork, world
+    from . import kinds, seeded, sysapi, world
 except ImportError:  # pragma: no cover - in the guest, run as a script
     import kinds  # type: ignore[no-redef]
-    import procstate  # type: ignore[no-redef]
     import seeded  # type: ignore[no-redef]
     import sysapi  # type: ignore[no-redef]
-    import warmfork  # type: ignore[no-redef]
     import world  # type: ignore[no-redef]
+
+#: the exec'd workload's script (next to this file): it imports this module
+RUN_SCRIPT = "workload_run.py"
+#: the harness modules (and stdlib ones) only the helper subcommands or a
+#: failure use: harness/agent.py imports them before it forks its scripts
+PRELOAD = ("procstate", "warmfork")
+
+
+def _sibling(name: str):
+    """The harness module ``name`` (``harness.NAME`` on the host, the
+    top-level ``NAME`` in the guest's flat layout), imported on first use."""
+    import importlib
+    return importlib.import_module(f"{__package__}.{name}" if __package__ else name)
+
+
+def _sha256(data: bytes):
+    """hashlib.sha256 without hashlib, whose import loads OpenSSL's
+    libcrypto (a large library to map and relocate at every workload start):
+    CPython's own sha256 module, hashlib's fallback too (_sha256 up to 3.11,
+    _sha2 since 3.12)."""
+    try:
+        from _sha256 import sha256
+    except ImportError:
+        try:
+            from _sha2 import sha256
+        except ImportError:
+            from hashlib import sha256
+    return sha256(data)
 
 TMP_FD_BASE = 500       # fds are built above this, then moved to their numbers (< 500)
 MARK = world.MARK
@@ -208,7 +242,7 @@ class Proof:
             self.witness_word.value = self.counter.value
 
     def public(self) -> dict:
-        return {"secret_sha256": hashlib.sha256(self.secret.raw).hexdigest(),
+        return {"secret_sha256": _sha256(self.secret.raw).hexdigest(),
                 "secret_addr": ctypes.addressof(self.secret), "secret_len": 32,
                 "counter_addr": ctypes.addressof(self.counter), "witness": WITNESS if self.witness else None}
 
@@ -244,6 +278,7 @@ def run(spec_path: str) -> int:
                  "helpers": ctx.helpers, "cwd": os.getcwd(), "process": kinds.PROCESS.observe(proc),
                  "proof": proof.public(), "start": START}
     except Exception:
+        import traceback
         write_json(spec["ready"], {"pid": os.getpid(), "helpers": helpers, "error": traceback.format_exc()})
         return 1
     # The harness snapshots /proc as soon as the ready file is there, while
@@ -269,6 +304,7 @@ def run(spec_path: str) -> int:
     try:
         verdict = verify(spec_path, sigio, phases)
     except Exception:
+        import traceback
         verdict = {"ok": False, "error": traceback.format_exc(), "checks": []}
     verdict["proof"] = proof.present()
     verdict["phases"] = list(phases)
@@ -387,9 +423,10 @@ def spawn(spec_path: str, phases: List[str] = ()) -> int:
     matters under TCG where every python3 start costs about a second; and
     ``exec``: never start it warm. In a fork of the agent the workload is
     this process's child become ``run`` without an exec
-    (harness/warmfork.py), else a new ``python3 -S workload.py run SPEC
+    (harness/warmfork.py), else a new ``python3 -S workload_run.py run SPEC
     MARK``; the ready line's ``start`` says which (``cold_why``: why not warm).
     """
+    warmfork = _sibling("warmfork")
     cold = "exec requested (CRUCIBLE_WARM_WORKLOAD is not 1)" if "exec" in phases else \
         ("" if warmfork.agent_fork(globals()) else "not in a fork of the agent")
     cold = cold or warmfork.why_cold()
@@ -405,8 +442,10 @@ def spawn(spec_path: str, phases: List[str] = ()) -> int:
             print(json.dumps({"error": f"setup step failed: {e}", "step": "setup"}))
             return 1
     # -S: no site (not needed: stdlib and the harness only), a third of
-    # the start-up, which costs about a second under TCG
-    argv = warmfork.workload_argv(__file__, spec_path, MARK)
+    # the start-up, which costs about a second under TCG; workload_run.py:
+    # this module from its cached bytecode, not compiled as the script
+    argv = warmfork.workload_argv(os.path.join(os.path.dirname(os.path.abspath(__file__)), RUN_SCRIPT), spec_path,
+                                  MARK)
     for stream in (sys.stdout, sys.stderr):   # nothing buffered may be written twice
         stream.flush()
     child = os.fork()
@@ -449,6 +488,8 @@ def _run_warm(argv: List[str], spec_path: str) -> None:  # pragma: no cover - th
     """Become the exec'd workload (harness/warmfork.py) and run; return
     (to exec it instead) when something cannot be made identical."""
     global START
+    import traceback
+    warmfork = _sibling("warmfork")
     try:
         warmfork.become(argv)
     except warmfork.Cold:
@@ -496,7 +537,7 @@ def send_and_wait(pid: int, verdict_path: str, seconds: float, snap: Optional[di
     snapshot of the process from outside, before it runs its checks."""
     out: Dict[str, Any] = {}
     if snap is not None:
-        out["snap"] = procstate.quiet_snapshot(pid, snap)
+        out["snap"] = _sibling("procstate").quiet_snapshot(pid, snap)
     request = os.path.join(os.path.dirname(verdict_path), REQUEST)
     write_json(request, {"phases": list(phases or PHASES)})
     try:
@@ -561,7 +602,7 @@ def main(argv: List[str]) -> int:
         print(json.dumps(send_and_wait(int(argv[1]), argv[2], float(argv[3]), snap, phases)))
         return 0
     if cmd == "snap" and len(argv) == 3:
-        print(json.dumps(procstate.quiet_snapshot(int(argv[1]), json.loads(argv[2]))))
+        print(json.dumps(_sibling("procstate").quiet_snapshot(int(argv[1]), json.loads(argv[2]))))
         return 0
     if cmd == "pidstate" and len(argv) == 2:
         print(json.dumps(pidstate(int(argv[1]))))

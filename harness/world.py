@@ -14,18 +14,24 @@ workload can tell what each of its fds must see, from the scenario alone.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import stat
 import sys
-from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+
+TYPE_CHECKING = False   # annotations only: the exec'd workload imports this module at every start
+if TYPE_CHECKING:
+    from typing import Any, Dict, List, Optional
 
 try:  # package import on the host, sibling import when run as a script
-    from . import seeded
+    from . import records, seeded
 except ImportError:  # pragma: no cover - exercised in the guest
+    import records  # type: ignore[no-redef]
     import seeded  # type: ignore[no-redef]
+
+#: what this script imports on first use (the workload imports it too, and
+#: needs neither): harness/agent.py imports them before it forks its scripts
+PRELOAD = ("hashlib", "random")
 
 OPS = ("file", "dir", "fifo", "hardlink", "symlink", "rename", "rename-over",
        "unlink", "rewrite-same-size", "append", "truncate", "touch", "chmod",
@@ -183,6 +189,7 @@ def digest_tree(root: str) -> Dict[str, str]:
         dirnames.sort()
         for fn in sorted(filenames):
             full = os.path.join(dirpath, fn)
+            import hashlib
             h = hashlib.sha256()
             with open(full, "rb") as f:
                 for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -197,35 +204,40 @@ def digest_tree(root: str) -> Dict[str, str]:
 ATTRS = ("mode", "uid", "gid", "mtime_ns")
 
 
-@dataclass
-class Node:
-    kind: str                                  # file | dir | fifo | symlink
-    content: Optional[seeded.Content] = None   # files only
-    # What steps did to the inode's attributes: how often each changed, and
-    # its value where a step set it exactly (None: changed, value unknown,
-    # e.g. mtime after an append). A checker that saw the attribute itself
-    # before the steps uses its own observation while the count is unchanged.
-    changes: Dict[str, int] = field(default_factory=lambda: dict.fromkeys(ATTRS, 0))
-    known: Dict[str, Optional[int]] = field(default_factory=lambda: dict.fromkeys(ATTRS))
+class Node(records.Record):
+    FIELDS = ("kind", "content", "changes", "known")
+
+    def __init__(self, kind: str, content: Optional[seeded.Content] = None,
+                 changes: Optional[Dict[str, int]] = None, known: Optional[Dict[str, Optional[int]]] = None):
+        self.kind = kind                # file | dir | fifo | symlink
+        self.content = content          # files only
+        # What steps did to the inode's attributes: how often each changed, and
+        # its value where a step set it exactly (None: changed, value unknown,
+        # e.g. mtime after an append). A checker that saw the attribute itself
+        # before the steps uses its own observation while the count is unchanged.
+        self.changes = dict.fromkeys(ATTRS, 0) if changes is None else changes
+        self.known = dict.fromkeys(ATTRS) if known is None else known
 
     def set_attr(self, attr: str, value: Optional[int]) -> None:
         self.changes[attr] += 1
         self.known[attr] = value
 
 
-@dataclass
-class Model:
+class Model(records.Record):
     """path -> inode -> content, changed by the same steps as the real world."""
 
-    paths: Dict[str, int] = field(default_factory=dict)
-    nodes: Dict[int, Node] = field(default_factory=dict)
-    fifo_writes: Dict[str, List[tuple]] = field(default_factory=dict)  # path -> [(seed, bytes)]
-    # Names as the kernel's dentries carry them: an fd keeps the dentry it was
-    # opened through, which follows renames and, once unlinked, is shown by
-    # /proc/PID/fd as "<its last path> (deleted)".
-    dentries: Dict[str, int] = field(default_factory=dict)      # path -> dentry id
-    dentry_names: Dict[int, str] = field(default_factory=dict)  # dentry id -> its path now
-    dead: set = field(default_factory=set)                      # unlinked dentry ids
+    FIELDS = ("paths", "nodes", "fifo_writes", "dentries", "dentry_names", "dead")
+
+    def __init__(self) -> None:
+        self.paths: Dict[str, int] = {}
+        self.nodes: Dict[int, Node] = {}
+        self.fifo_writes: Dict[str, List[tuple]] = {}  # path -> [(seed, bytes)]
+        # Names as the kernel's dentries carry them: an fd keeps the dentry it was
+        # opened through, which follows renames and, once unlinked, is shown by
+        # /proc/PID/fd as "<its last path> (deleted)".
+        self.dentries: Dict[str, int] = {}      # path -> dentry id
+        self.dentry_names: Dict[int, str] = {}  # dentry id -> its path now
+        self.dead: set = set()                  # unlinked dentry ids
 
     def _new(self, path: str, node: Node) -> int:
         ino = len(self.nodes) + 1

@@ -54,7 +54,17 @@ def test_shared_helpers_raise_only_declared_codes():
     users = [importlib.import_module(f"engine.fds.{m}") for m in ("pipe", "fifo")]
     assert all("unsupported-fd" in m.REASONS for m in users)
     helper_codes = set(_RAISED.findall(inspect.getsource(_util)))
-    assert helper_codes == {"unsupported-state"}
+    assert helper_codes == {"unsupported-state", "unsupported-fd"}
+    # check_async's unsupported-state, check_held_outside's unsupported-fd: each caller declares it
+    for name in KINDS:
+        if KINDS[name] is None:
+            continue
+        mod = importlib.import_module(f"engine.fds.{KINDS[name]}")
+        src = inspect.getsource(mod)
+        if "check_held_outside(" in src:
+            assert "unsupported-fd" in mod.REASONS, name
+        if "check_async(" in src:
+            assert "unsupported-state" in mod.REASONS, name
 
 
 def test_every_reason_code_is_in_the_readme_table():

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from harness import workload
 from harness.agent_client import AgentError, AgentLink
 
 REPO = Path(__file__).resolve().parent.parent
@@ -138,3 +139,53 @@ def test_a_late_reply_with_a_file_is_skipped_whole(agent, tmp_path):
     assert link.get(str(tmp_path / "empty")) == b""
     assert link.get(str(path)) == path.read_bytes()
     assert link.ping(timeout=10) == proc.pid
+
+
+def test_put_fresh_removes_the_tree_first_and_refuses_shallow_paths(agent, tmp_path):
+    link, _ = agent
+    root = tmp_path / "sc"
+    (root / "w").mkdir(parents=True)
+    (root / "w" / "stale").write_bytes(b"old")
+    link.put(b"{}", str(root / "c" / "spec.json"), fresh=str(root))
+    assert (root / "c" / "spec.json").read_bytes() == b"{}"
+    assert not (root / "w").exists()        # the whole tree went, not just the file's dir
+    for shallow in ("/", "/srv", "relative/dir"):
+        with pytest.raises(AgentError) as e:
+            link.put(b"x", str(tmp_path / "f"), fresh=shallow)
+        assert e.value.kind == "agent" and "will not remove" in e.value.message
+    assert not (tmp_path / "f").exists()
+
+
+def test_gone_waits_for_a_pid_to_leave_proc_and_reports_what_stays(agent):
+    link, _ = agent
+    quick = subprocess.Popen(["sleep", "0.3"], close_fds=True)
+    stays = subprocess.Popen(["sleep", "30"], close_fds=True)
+    try:
+        # a zombie keeps its /proc entry: reaped by a thread of this test after 0.3 s
+        import threading
+        t = threading.Thread(target=quick.wait)
+        t.start()
+        t0 = time.monotonic()
+        assert link.gone([quick.pid], 20, timeout=30) == []
+        assert time.monotonic() - t0 < 10
+        t.join()
+        t0 = time.monotonic()
+        assert link.gone([stays.pid, quick.pid], 0.5, timeout=30) == [stays.pid]
+        assert time.monotonic() - t0 >= 0.5
+    finally:
+        stays.kill()
+        stays.wait()
+
+
+def test_the_agent_imports_what_its_scripts_import_on_first_use():
+    """workload.py and world.py import some modules only where used (the
+    exec'd workload's start stays light, tests/test_harness_kinds.py); the
+    agent imports them once, so its forked script runs (spawn, signal
+    --snap, snap, digests) do not import them each time."""
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import agent; agent.preload(); import workload, world; "
+            "print(' '.join(m for m in workload.PRELOAD + world.PRELOAD if m not in sys.modules) or 'none')")
+    r = subprocess.run([sys.executable, "-S", "-c", code, str(REPO / "harness")], capture_output=True, text=True,
+                       timeout=60, close_fds=True, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert {"procstate", "warmfork"} <= set(workload.PRELOAD)
+    assert r.stdout.split() == ["none"]

@@ -109,13 +109,73 @@ def test_workload_runs_from_the_guest_layout(tmp_path):
     try:
         assert "error" not in ready, ready.get("error")
         with open(f"/proc/{ready['pid']}/cmdline", "rb") as f:
-            assert str(scripts / "workload.py").encode() in f.read()
+            # the exec'd workload's script (workload.py is imported, from its bytecode)
+            assert str(scripts / "workload_run.py").encode() in f.read()
         out = script("signal", str(ready["pid"]), spec["verdict"], "20")
         assert out["verdict"]["ok"], failed(out["verdict"])
         whats = {c["what"] for c in out["verdict"]["checks"]}
         assert {"offset moves when fd 3 seeks", "expirations (fdinfo ticks)", "umask"} <= whats
     finally:
         script("kill", *map(str, pids))
+
+
+#: what the exec'd workload must never import (each one costs every scenario's
+#: start about ten times its host import time under TCG): typing and
+#: dataclasses (with inspect, ast, dis), ctypes.util (its find_library runs
+#: ldconfig -p in a subprocess), hashlib (OpenSSL's libcrypto), and the
+#: helpers only other subcommands use
+NOT_IN_THE_WORKLOAD = ("typing", "dataclasses", "inspect", "ast", "dis", "ctypes.util", "subprocess", "shutil",
+                       "hashlib", "_hashlib", "traceback", "threading", "resource", "procstate", "warmfork",
+                       "zygote", "importlib.util")
+
+
+def test_the_exec_workload_imports_only_what_run_needs(tmp_path):
+    """The workload's script as spawn execs it (``python3 -S
+    workload_run.py run SPEC MARK``), in the guest layout: it builds a
+    scenario's fds and mappings, writes its ready file, takes the SIGUSR1
+    that was pending from its start (execve keeps it), verifies and exits;
+    none of NOT_IN_THE_WORKLOAD was imported on the way. (``-c`` runs the
+    script only to add an exit handler that lists ``sys.modules``: -X
+    importtime misses what importlib.import_module loads, the kinds.)"""
+    from harness import warmfork, workload
+    scripts = tmp_path / "opt"
+    for rel in targets.guest_files():
+        (scripts / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / "harness" / rel, scripts / rel)
+    root = tmp_path / "s"
+    spec = {"id": "t", "workdir": str(root / "w"), "ctldir": str(root / "c"), "ready": str(root / "c/ready.json"),
+            "verdict": str(root / "c/verdict.json"),
+            "setup": [{"file": {"path": "data", "bytes": 65536, "seed": 1}}, {"dir": {"path": "d"}}],
+            "before_dump": [], "between": [],
+            "fds": [{"fd": 3, "open": "data", "mode": "r", "seek": 4096}, {"fd": 4, "open": "data", "mode": "a"},
+                    {"fd": 5, "dup": 3}, {"fd": 6, "dir": "d"}, {"fd": 7, "device": "/dev/null"}],
+            "mmaps": [{"file": "data", "length": 8192, "prot": "rw", "dirty": {"bytes": 100, "seed": 2}},
+                      {"anon": True, "length": 4096, "seed": 3}],
+            "process": {"umask": 0o027}}
+    world.apply_phase(spec, "setup")
+    (root / "c/spec.json").write_text(json.dumps(spec))
+    argv = warmfork.workload_argv(str(scripts / workload.RUN_SCRIPT), str(root / "c/spec.json"), workload.MARK)
+    assert argv[1:3] == ["-S", str(scripts / "workload_run.py")]
+    listing = tmp_path / "modules"
+    code = (f"import sys, atexit; sys.argv = {argv[2:]!r}; sys.path[0] = {str(scripts)!r}; "
+            f"atexit.register(lambda: open({str(listing)!r}, 'w').write(' '.join(sorted(sys.modules)))); "
+            "exec(compile(open(sys.argv[0]).read(), sys.argv[0], 'exec'), {'__name__': '__main__'})")
+
+    def pending_sigusr1():    # pragma: no cover - in the child, before the exec
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run([argv[0], "-S", "-c", code], capture_output=True, text=True, timeout=60, close_fds=True,
+                       env=env, cwd="/", preexec_fn=pending_sigusr1)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ready = json.loads((root / "c/ready.json").read_text())
+    assert "error" not in ready and ready["fds"] == [0, 1, 2, 3, 4, 5, 6, 7], ready
+    verdict = json.loads((root / "c/verdict.json").read_text())
+    assert verdict["ok"], failed(verdict)
+    modules = set(listing.read_text().split())
+    assert {"workload", "kinds.openfile", "kinds.dup", "kinds.directory", "kinds.device", "records"} <= modules
+    assert sorted(modules & set(NOT_IN_THE_WORKLOAD)) == []
 
 
 # -- live workloads disturbed from outside -------------------------------------------------

@@ -25,6 +25,7 @@ from test_harness_workload import RICH_FDS, RICH_SETUP
 REPO = Path(__file__).resolve().parent.parent
 AGENT = REPO / "harness" / "agent.py"
 WORKLOAD = REPO / "harness" / "workload.py"
+RUN_SCRIPT = REPO / "harness" / "workload_run.py"      # what spawn execs (it imports workload)
 #: /proc/PID/status lines a fork and an exec must agree on
 STATUS = ("SigQ", "SigPnd", "ShdPnd", "SigBlk", "SigIgn", "SigCgt", "Umask", "Threads", "NoNewPrivs", "Seccomp",
           "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb", "Uid", "Gid", "Groups", "Cpus_allowed_list")
@@ -123,7 +124,7 @@ def test_a_warm_workload_looks_and_verifies_like_an_exec_d_one(agent_s, tmp_path
         assert cold.get("start") == "exec" and "exec requested" in cold["cold_why"], cold
         w, c = _proc(warm["pid"], tmp_path / "warm"), _proc(cold["pid"], tmp_path / "exec")
         # the argv the exec'd one has, byte for byte (its spec path aside)
-        argv = [AGENT_PY, "-S", str(WORKLOAD), "run", warm_spec, world.MARK]
+        argv = [AGENT_PY, "-S", str(RUN_SCRIPT), "run", warm_spec, world.MARK]
         assert w["cmdline"] == b"".join(os.fsencode(a) + b"\0" for a in argv)
         assert w["cmdline"].replace(warm_spec.encode(), exec_spec.encode()) == c["cmdline"]
         for key in ("environ", "status", "sigblk", "fds", "fd_kinds", "cwd", "limits", "cgroup", "comm", "exe", "session"):

@@ -80,3 +80,38 @@ def describe(found: List[Tuple[int, int]], limit: int = 3) -> str:
 
 def first_holder(found: List[Tuple[int, int]]) -> Optional[int]:
     return found[0][0] if found else None
+
+
+_MAPS_KEY = "proc-maps-unlinked"
+
+
+def mappers_unlinked(ctx, dev: int, ino: int, proc: str = "/proc") -> List[int]:
+    """PIDs outside the dump that map the unlinked inode (dev, ino) (a
+    memfd or deleted file: they may have closed its fd). One scan of every
+    /proc/PID/maps per dump, kept in ctx.shared, of deleted files only."""
+    index = ctx.shared.get(_MAPS_KEY)
+    if index is None:
+        index = {}
+        skip = {ctx.pid, os.getpid()} | set(getattr(ctx, "tree_pids", ()) or ())
+        for name in os.listdir(proc):
+            if not name.isdigit() or int(name) in skip:
+                continue
+            try:
+                with open(f"{proc}/{name}/maps") as f:
+                    text = f.read()
+            except OSError:
+                continue
+            for line in text.splitlines():
+                if not line.endswith(" (deleted)"):
+                    continue
+                parts = line.split(None, 5)
+                try:
+                    major, minor = (int(x, 16) for x in parts[3].split(":"))
+                    key = (os.makedev(major, minor), int(parts[4]))
+                except (IndexError, ValueError):
+                    continue
+                pids = index.setdefault(key, [])
+                if int(name) not in pids:
+                    pids.append(int(name))
+        ctx.shared[_MAPS_KEY] = index
+    return sorted(index.get((dev, ino), ()))

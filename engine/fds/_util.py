@@ -174,3 +174,33 @@ def tree_fds(ctx, own: int):
                 yield pid, int(n), os.readlink(f"/proc/{pid}/fd/{n}")
             except OSError:
                 continue
+
+
+def check_held_outside(info, ctx, what: str) -> None:
+    """Refuses (unsupported-fd, naming the holder) an open file description
+    that a process outside the dump holds too, for kinds a restore makes
+    anew (an eventfd, a timerfd, an epoll or inotify instance): the
+    restored process would get its own, the outside one would keep the old,
+    and what they shared (a counter, expirations, an interest list, an
+    event queue) would silently stop being shared. kcmp(KCMP_FILE) against
+    every outside fd on the same inode (all anon inodes are one inode, so
+    each candidate is compared); the /proc scan is the dump's one
+    (_peers.holders). A tree's other members are not outside."""
+    import errno
+
+    from .. import pidfd
+    from . import _peers
+    if ctx is None or info.pid == os.getpid():
+        return      # a file in flight, peeked by ckpt: _inflight decides who else holds it
+    for pid, fd in _peers.holders(ctx, info.link, info.dev, info.ino):
+        if pid == os.getpid():
+            continue        # ckpt's own duplicates (closed again by now)
+        try:
+            same = pidfd.same_file(info.pid, info.fd, pid, fd)
+        except EngineError as e:
+            if e.errno in (errno.ESRCH, errno.EBADF):
+                continue    # gone, or closed: it holds nothing now
+            raise
+        if same:
+            raise refuse(info, "unsupported-fd", f"pid {pid} (fd {fd}), outside the dump, holds this {what} too: "
+                         f"a restore makes a new {what}, that process would keep the old one")

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 from .. import pidfd
 from ..errors import EngineError
 from . import _sys
-from ._util import check_async, failed, refuse, refuse_rec
+from ._util import check_async, check_held_outside, failed, refuse, refuse_rec
 
 KIND = "epoll"
 REASONS = ("unsupported-fd", "unsupported-state", "image-invalid")
@@ -89,6 +89,7 @@ def classify(info, ctx) -> str:
     """Raises unsupported-fd for a registration that cannot be re-added
     exactly (see the module doc); EngineError on system errors."""
     check_async(info, ctx)
+    check_held_outside(info, ctx, "epoll instance")
     targets = _targets(info, ctx)
     body = ", ".join(f"fd {t['tfd']} events {t['events']:#x} data {t['data']:#x}" for t in targets)
     return f"epoll with {len(targets)} targets" + (f": {body}" if body else "")

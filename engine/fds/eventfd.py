@@ -16,7 +16,7 @@ import os
 import struct
 
 from . import _efdprobe, _sys
-from ._util import check_async, closed_on_error, failed, refuse
+from ._util import check_async, check_held_outside, closed_on_error, failed, refuse
 
 KIND = "eventfd"
 REASONS = ("unsupported-fd", "unsupported-state")
@@ -55,9 +55,11 @@ def _parse(info, ctx) -> dict:
 
 
 def classify(info, ctx) -> str:
-    """Raises unsupported-fd (a count of ULLONG_MAX; below Linux 6.6, a
-    probe that cannot be exact: see _efdprobe; O_ASYNC: unsupported-state)."""
+    """Raises unsupported-fd (a count of ULLONG_MAX; held by a process
+    outside the dump too; below Linux 6.6, a probe that cannot be exact:
+    see _efdprobe; O_ASYNC: unsupported-state)."""
     check_async(info, ctx)
+    check_held_outside(info, ctx, "eventfd")
     st = _parse(info, ctx)
     sem = " EFD_SEMAPHORE" if st["semaphore"] else ""
     nb = " EFD_NONBLOCK" if info.flags & os.O_NONBLOCK else ""

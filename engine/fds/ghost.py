@@ -19,7 +19,7 @@ from . import regular
 
 KIND = "ghost"
 REASONS = ("file-lock", "unlinked-too-large", "unlinked-unrestorable", "file-missing", "file-changed", "unsupported-state",
-           "image-invalid")
+           "image-invalid", "memory-peer-outside")
 
 
 def _alias(info):
@@ -34,6 +34,24 @@ def _data_bytes(info) -> int:
         os.close(fd)
 
 
+def _alone(info, ctx, what: str) -> None:
+    """Refuses (memory-peer-outside, naming it) a memfd or deleted file that
+    a process outside the dump holds open or maps too: the restore makes a
+    new file from the image's copy, and that process would go on reading
+    and writing the old one, unseen. By inode, not open file: two opens of
+    one file share its data."""
+    if ctx is None or info.pid == os.getpid():
+        return      # a file in flight, peeked by ckpt: _inflight decides who else holds it
+    from . import _peers
+    held = [(p, f) for p, f in _peers.holders_unlinked(ctx, info.dev, info.ino) if p != os.getpid()]
+    mapped = [p for p in _peers.mappers_unlinked(ctx, info.dev, info.ino) if p not in {h for h, _ in held}]
+    if held or mapped:
+        who = ", ".join(filter(None, [_peers.describe(held), ", ".join(f"pid {p} (mapped)" for p in mapped[:3])]))
+        raise Refusal("memory-peer-outside", f"{what} {info.link} is also held by {who}, outside the dump: a "
+                      f"restore makes a new {what} from the image, that process would keep the old one",
+                      pid=info.pid, fd=info.fd, path=info.link)
+
+
 def classify(info, ctx) -> str:
     regular.preflight(info, info.link)
     memfd = info.link.startswith(files.MEMFD_PREFIX)
@@ -46,6 +64,7 @@ def classify(info, ctx) -> str:
         return f"regular {alias} (reached through a surviving hard link) at {info.pos}"
     if not memfd:
         files.check_recreatable(info.link, fd=info.fd, pid=info.pid)
+    _alone(info, ctx, "memfd" if memfd else "deleted file")
     data = _data_bytes(info)
     if data > ctx.options.ghost_limit:
         raise Refusal("unlinked-too-large", f"deleted file holds {data} bytes of data (size {info.size}), "

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 from .. import pidfd
 from ..errors import EngineError
 from . import _sys
-from ._util import check_async, closed_on_error, failed, refuse, refuse_rec
+from ._util import check_async, check_held_outside, closed_on_error, failed, refuse, refuse_rec
 
 KIND = "inotify"
 REASONS = ("inotify-pending", "inotify-unresolvable", "capability", "unsupported-fd", "unsupported-state")
@@ -140,6 +140,7 @@ def classify(info, ctx) -> str:
     """Raises inotify-pending, inotify-unresolvable, capability,
     unsupported-fd; EngineError on system errors."""
     check_async(info, ctx)
+    check_held_outside(info, ctx, "inotify instance")
     n = _pending(info)
     if n:
         raise refuse(info, "inotify-pending", f"{n} bytes of unread events queued; restoring would drop them")

@@ -29,7 +29,7 @@ import struct
 
 from .. import pidfd
 from . import _sys
-from ._util import check_async, closed_on_error, failed, refuse, refuse_rec
+from ._util import check_async, check_held_outside, closed_on_error, failed, refuse, refuse_rec
 
 KIND = "timerfd"
 REASONS = ("unsupported-fd", "unsupported-state", "image-invalid")
@@ -67,6 +67,7 @@ def classify(info, ctx) -> str:
     Unread expirations are restored (see the module docstring); a kernel
     that cannot put them back is found at restore, in validate()."""
     check_async(info, ctx)
+    check_held_outside(info, ctx, "timerfd")
     st = _fdinfo(info)
     remaining, interval = _times(info)
     _check(info, st, remaining, interval)

@@ -36,7 +36,11 @@ saved in the ready file).
 from __future__ import annotations
 
 import importlib
-from typing import Iterator, List, Mapping
+from collections.abc import Mapping     # collections comes with signal (enum, functools) anyway
+
+TYPE_CHECKING = False   # annotations only: the exec'd workload imports this package at every start
+if TYPE_CHECKING:
+    from typing import Iterator, List
 
 from . import process
 from .core import Ctx, Opened, bytes_check, check  # noqa: F401 - the workload's API

@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import os
 import select
-from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+
+TYPE_CHECKING = False   # annotations only: the exec'd workload imports this module at every start
+if TYPE_CHECKING:
+    from typing import Any, Dict, List, Optional
 
 try:
-    from .. import seeded
+    from .. import records, seeded
 except ImportError:  # pragma: no cover - in the guest, ``kinds`` is a top-level package
+    import records  # type: ignore[no-redef]
     import seeded  # type: ignore[no-redef]
 
 MODES = {"r": os.O_RDONLY, "w": os.O_WRONLY, "rw": os.O_RDWR,
@@ -47,24 +50,30 @@ FULL_COMPARE_MAX = 1 << 20
 MARKER = b"crucible-marker\n"
 
 
-@dataclass
-class Opened:
+class Opened(records.Record):
     """One fd made by an opener: where it is now and where it must go."""
 
-    tmp: int
-    target: int
-    role: str = "fd"
-    extra: Dict[str, Any] = field(default_factory=dict)
+    FIELDS = ("tmp", "target", "role", "extra")
+
+    def __init__(self, tmp: int, target: int, role: str = "fd", extra: Optional[Dict[str, Any]] = None):
+        self.tmp = tmp
+        self.target = target
+        self.role = role
+        self.extra = {} if extra is None else extra
 
 
-@dataclass
-class Ctx:
-    workdir: str
-    model: Any                      # world.Model: after setup at open time, after before_dump at check time
-    entries: List[dict] = field(default_factory=list)  # the scenario's fd entries
-    recs: List[dict] = field(default_factory=list)     # what was opened, as in the ready file
-    helpers: List[int] = field(default_factory=list)   # PIDs of outside peers
-    sigio: List[int] = field(default_factory=lambda: [0])
+class Ctx(records.Record):
+    FIELDS = ("workdir", "model", "entries", "recs", "helpers", "sigio")
+
+    def __init__(self, workdir: str, model: Any, entries: Optional[List[dict]] = None,
+                 recs: Optional[List[dict]] = None, helpers: Optional[List[int]] = None,
+                 sigio: Optional[List[int]] = None):
+        self.workdir = workdir
+        self.model = model      # world.Model: after setup at open time, after before_dump at check time
+        self.entries = [] if entries is None else entries   # the scenario's fd entries
+        self.recs = [] if recs is None else recs            # what was opened, as in the ready file
+        self.helpers = [] if helpers is None else helpers   # PIDs of outside peers
+        self.sigio = [0] if sigio is None else sigio
 
     def fd_of(self, entry: dict) -> int:
         """The (first) fd number opened for ``entry``."""

@@ -4,7 +4,10 @@ number, and /dev/zero still reads zeros."""
 from __future__ import annotations
 
 import os
-from typing import List
+
+TYPE_CHECKING = False   # annotations only (typing: ~2 ms a workload start, x10 under TCG)
+if TYPE_CHECKING:
+    from typing import List
 
 from .core import MODES, Ctx, Opened, check
 

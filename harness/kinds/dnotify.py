@@ -6,7 +6,10 @@ from __future__ import annotations
 import fcntl
 import os
 import time
-from typing import List
+
+TYPE_CHECKING = False   # annotations only (typing: ~2 ms a workload start, x10 under TCG)
+if TYPE_CHECKING:
+    from typing import List
 
 from .core import Ctx, Opened, check
 

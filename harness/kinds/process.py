@@ -39,11 +39,15 @@ exact.
 from __future__ import annotations
 
 import os
-import resource
 import signal
-import threading
 import time
-from typing import Dict, List
+
+# resource and threading are imported where used: every workload applies
+# and observes this section, few set rlimits or start threads (each import
+# costs the exec'd workload's start about ten times more under TCG)
+TYPE_CHECKING = False   # annotations only
+if TYPE_CHECKING:
+    from typing import Dict, List
 
 from .core import check, within
 
@@ -125,6 +129,7 @@ def _handler(name: str) -> int:
 
 
 def _limit(v: int) -> int:
+    import resource
     return resource.RLIM_INFINITY if v < 0 else v
 
 
@@ -133,6 +138,7 @@ def apply(p: dict) -> None:
     if "umask" in p:
         os.umask(int(p["umask"]))
     for name, (soft, hard) in (p.get("rlimits") or {}).items():
+        import resource
         resource.setrlimit(getattr(resource, name), (_limit(soft), _limit(hard)))
     for name, a in (p.get("sigactions") or {}).items():
         sysapi.sigaction_set(signum(name), _handler(a["handler"]),
@@ -176,6 +182,7 @@ class Blocked:
     call returned, its count) only once woken."""
 
     def __init__(self, index: int, how: str):
+        import threading
         self.index, self.how = index, how
         self.started = threading.Event()
         self.stop = threading.Event()
@@ -200,6 +207,7 @@ class Blocked:
             time.sleep(0.05)
 
     def _run(self) -> None:
+        import threading    # imported by __init__ already: no import machinery runs here
         mine = os.urandom(8).hex()       # on this thread's stack only (a frame local)
         self.tid, self.value = threading.get_native_id(), mine
         self.started.set()
@@ -571,6 +579,7 @@ def checker(p: dict, seen: dict, phase: str) -> List[dict]:
         if "umask" in p:
             out.append(check(None, "umask", f"{int(p['umask']):04o}", st.get("Umask")))
         for name, (soft, hard) in (p.get("rlimits") or {}).items():
+            import resource
             out.append(check(None, f"{name} (soft, hard)", [_limit(soft), _limit(hard)],
                              list(resource.getrlimit(getattr(resource, name)))))
         for name, a in (p.get("sigactions") or {}).items():
