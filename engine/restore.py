@@ -245,7 +245,40 @@ def preflight(reader: ImageReader, core: dict, vmas: List[dict], fdrecs: List[di
     except Refusal as r:
         add(r)
     if refusals:
+        _content_refusals(fdrecs, vmas, core, ctx, refusals, add)
         raise refusals[0] if len(refusals) == 1 else Refusals(refusals)
+
+
+def _content_refusals(fdrecs: List[dict], vmas: List[dict], core: dict, ctx, refusals: List[Refusal], add) -> None:
+    """The restore is refused already: look at the content of the files the
+    pre-flight passed too, so that one run names every changed file. (The
+    pre-flight checks no content: a file's bytes are hashed from the very fd
+    the restore opens, files.check_identity; a restore that goes ahead
+    hashes each once.) Opened read-only, regular files only; nothing else."""
+    import stat
+    done = {r.fd for r in refusals if r.fd is not None} | {r.path for r in refusals if r.path}
+    idents = [(rec["file"], rec["fd"]) for rec in fdrecs if rec.get("kind") == "regular" and
+              isinstance(rec.get("file"), dict) and "dup_of" not in rec and "ofd_of" not in rec]
+    idents += [(v["file"]["file"], None) for v in vmas if v.get("kind") == "file" and
+               isinstance(v.get("file"), dict) and isinstance(v["file"].get("file"), dict)]
+    if isinstance(core.get("exe"), dict) and isinstance(core["exe"].get("file"), dict):
+        idents.append((core["exe"]["file"], None))
+    for ident, fd in idents:
+        path = ident.get("path")
+        if fd in done or path in done or not isinstance(path, str) or not ident.get("sha256") or \
+                not isinstance(ident.get("mode"), int) or not stat.S_ISREG(ident["mode"]):
+            continue
+        done.add(path)
+        try:
+            opened = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+        except OSError:
+            continue        # the pre-flight saw it (missing, unreachable) or it went since: not this one's to say
+        try:
+            files.check_identity(ident, ctx, fd=fd, pid=core["pid"], opened=opened)
+        except Refusal as r:
+            add(r)
+        finally:
+            os.close(opened)
 
 
 ZOMBIE_WAIT = 3.0   # seconds
