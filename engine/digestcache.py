@@ -24,13 +24,14 @@ CKPT_DIGEST_CACHE: another file, or "off".
 
 from __future__ import annotations
 
-import json
 import os
 import stat
 import time
 TYPE_CHECKING = False   # annotations only: importing typing costs every run ~3 ms
 if TYPE_CHECKING:
     from typing import Callable, Dict, Optional
+
+from . import fastjson
 
 DEFAULT_PATH = "/var/cache/ckpt/digests.json"
 SETTLED_NS = 2_000_000_000          # ctime this much older than the hash start: no same-tick rewrite
@@ -61,7 +62,7 @@ def _load() -> Dict[str, dict]:
                 dst = os.stat(os.path.dirname(path), follow_symlinks=False)
                 if (stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o077
                         and dst.st_uid == os.geteuid() and not dst.st_mode & 0o022 and st.st_size < (4 << 20)):
-                    data = json.loads(os.read(fd, st.st_size + 1))
+                    data = fastjson.loads(os.read(fd, st.st_size + 1))
                     if isinstance(data, dict):
                         _cache = {k: v for k, v in data.items()
                                   if isinstance(v, dict) and isinstance(v.get("sha256"), str)}
@@ -84,7 +85,7 @@ def _save(cache: Dict[str, dict]) -> None:
         tmp = f"{path}.{os.getpid()}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
-            os.write(fd, json.dumps(cache, separators=(",", ":")).encode())
+            os.write(fd, fastjson.dumps(cache, separators=(",", ":")).encode())
         finally:
             os.close(fd)
         os.rename(tmp, path)

@@ -20,7 +20,6 @@ ghost seen through a mapping of it.
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import stat
 TYPE_CHECKING = False   # annotations only: importing typing costs every run ~3 ms
@@ -29,6 +28,7 @@ if TYPE_CHECKING:
 
 from . import digestcache, fstype, unlinked
 from .errors import EngineError, Refusal
+from .sha256 import sha256
 
 _CHUNK = 4 << 20
 _DELETED = " (deleted)"
@@ -40,7 +40,7 @@ MEMFD_PREFIX = "/memfd:"
 def sha256_fd(fd: int, size: Optional[int] = None) -> str:
     """sha256 of a file's bytes from offset 0, read with pread so the fd's
     offset is not moved (the fd may be shared with the target)."""
-    h = hashlib.sha256()
+    h = sha256()
     off = 0
     while True:
         chunk = os.pread(fd, _CHUNK, off)
@@ -289,7 +289,7 @@ def dump_ghost(open_path: str, name: str, ctx, *, fd: Optional[int] = None,
         rec = {"ghost": gid, "name": name, "memfd": memfd, "seals": seals,
                **identity_of(st), "atime_ns": st.st_atime_ns, "extents": extents, "data_bytes": data_bytes}
         if ctx.image is not None:
-            h = hashlib.sha256()
+            h = sha256()
             with ctx.image.open(f"ghosts/{gid}.data") as out:
                 for off, n in extents:
                     while n:

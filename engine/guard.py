@@ -32,7 +32,7 @@ from __future__ import annotations
 import ctypes
 import marshal
 import os
-import signal
+import _signal      # not signal: signal.py builds its enums at import (enum: ~20 ms of a run under TCG)
 import struct
 TYPE_CHECKING = False   # annotations only: importing typing costs every run ~3 ms
 if TYPE_CHECKING:
@@ -42,11 +42,11 @@ from . import faults
 from .errors import EngineError
 
 PR_SET_PDEATHSIG = 1
-STOP_SIGNAL = signal.SIGUSR2
+STOP_SIGNAL = _signal.SIGUSR2
 # Signals a terminal, a shell or a supervisor sends to a whole process group.
-HELD = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGTSTP,
-        signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1}
-FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+HELD = {_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP, _signal.SIGQUIT, _signal.SIGTSTP,
+        _signal.SIGTTIN, _signal.SIGTTOU, _signal.SIGUSR1}
+FORWARDED = (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP)
 
 _report_fd: Optional[int] = None
 
@@ -61,10 +61,10 @@ def become_worker(parent: int, report_fd: Optional[int] = None) -> None:
     turn ckpt's death and STOP_SIGNAL into a stop request."""
     global _report_fd
     _report_fd = report_fd
-    signal.pthread_sigmask(signal.SIG_BLOCK, HELD)
+    _signal.pthread_sigmask(_signal.SIG_BLOCK, HELD)
     if report_fd is not None:
         os.setsid()     # out of ckpt's process group: a kill -9 of the group reaches ckpt only
-    signal.signal(STOP_SIGNAL, lambda s, f: faults.request_abort("ckpt was killed or interrupted"))
+    _signal.signal(STOP_SIGNAL, lambda s, f: faults.request_abort("ckpt was killed or interrupted"))
     _pdeathsig(STOP_SIGNAL)
     if os.getppid() != parent:        # it died before the prctl
         faults.request_abort("ckpt was killed")
@@ -153,7 +153,7 @@ def run(fn: Callable, *args):
         except ProcessLookupError:
             pass
     for s in FORWARDED:
-        old[s] = signal.signal(s, forward)
+        old[s] = _signal.signal(s, forward)
     try:
         data = _read_all(r)
         while True:
@@ -165,7 +165,7 @@ def run(fn: Callable, *args):
     finally:
         os.close(r)
         for s, h in old.items():
-            signal.signal(s, h)
+            _signal.signal(s, h)
     masks: Dict[int, int] = {}
     result = None
     for kind, obj in _messages(data):
@@ -184,7 +184,7 @@ def run(fn: Callable, *args):
 
 
 # ~0 as the kernel keeps it (SIGKILL and SIGSTOP cannot be blocked).
-FROZEN_MASK = ((1 << 64) - 1) & ~((1 << (signal.SIGKILL - 1)) | (1 << (signal.SIGSTOP - 1)))
+FROZEN_MASK = ((1 << 64) - 1) & ~((1 << (_signal.SIGKILL - 1)) | (1 << (_signal.SIGSTOP - 1)))
 
 
 def _blocked(tid: int) -> Optional[int]:

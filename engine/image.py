@@ -13,15 +13,14 @@ never something that looks like a complete image.
 from __future__ import annotations
 
 import errno
-import hashlib
-import json
 import os
 import time
 TYPE_CHECKING = False   # annotations only: importing typing costs every run ~3 ms
 if TYPE_CHECKING:
     from typing import BinaryIO, Dict, Optional
 
-from . import FORMAT_VERSION, __version__, faults
+from . import FORMAT_VERSION, __version__, faults, fastjson
+from .sha256 import sha256
 from .errors import EngineError, Refusal, UsageError
 
 MANIFEST = "manifest.json"
@@ -49,7 +48,7 @@ def _read_buffer(size: int) -> memoryview:
 
 def _sha256_file(path: str) -> str:
     """sha256 of a file's bytes. Raises OSError."""
-    h = hashlib.sha256()
+    h = sha256()
     with open(path, "rb", buffering=0) as f:
         view = _read_buffer(os.fstat(f.fileno()).st_size)
         while True:
@@ -99,7 +98,7 @@ class _HashingFile:
 
     def __init__(self, raw: BinaryIO):
         self._raw = raw
-        self._hash = hashlib.sha256()
+        self._hash = sha256()
         self.size = 0
         self._queued = 0        # bytes [0, _queued) already handed to writeback
 
@@ -229,7 +228,7 @@ class ImageWriter:
     def write_json(self, name: str, obj) -> None:
         # Compact: with an indent, json falls back to its pure-Python encoder
         # (~5x slower: milliseconds of a small dump). `ckpt show` is for reading.
-        self.write_bytes(name, json.dumps(obj, sort_keys=True, separators=(",", ":")).encode())
+        self.write_bytes(name, fastjson.dumps(obj, sort_keys=True, separators=(",", ":")).encode())
 
     # -- finishing -------------------------------------------------------
     def sync_files(self) -> None:
@@ -278,7 +277,7 @@ class ImageWriter:
             }
             if meta:
                 manifest["meta"] = meta
-            data = json.dumps(manifest, indent=1, sort_keys=True).encode()
+            data = fastjson.dumps(manifest, indent=1, sort_keys=True).encode()
             faults.point("image.manifest")
             mpath = os.path.join(self.partial, MANIFEST)
             fd = os.open(mpath, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -371,7 +370,7 @@ class ImageReader:
             raise UsageError(f"{self.dir} is not a ckpt image (no {MANIFEST})") from None
         raw = imagecheck.read_file(self.fd, MANIFEST, self.dir, expect=st, limit=imagecheck.MAX_MANIFEST)
         try:
-            self.manifest = json.loads(bytes(raw))
+            self.manifest = fastjson.loads(bytes(raw))
             files = self.manifest["files"]
             fmt = self.manifest["format"]
         except (ValueError, KeyError, TypeError, RecursionError) as e:
@@ -423,7 +422,7 @@ class ImageReader:
         def load(name: str):
             buf = imagecheck.read_file(self.fd, name, self.dir, want_size=self.files[name]["size"],
                                        expect=present[name])
-            h = hashlib.sha256()
+            h = sha256()
             with memoryview(buf) as v:
                 for off in range(0, len(v), _CHUNK):
                     h.update(v[off:off + _CHUNK])   # hashlib releases the GIL for large buffers
@@ -492,7 +491,7 @@ class ImageReader:
 
     def read_json(self, name: str):
         try:
-            return json.loads(self.read_bytes(name))
+            return fastjson.loads(self.read_bytes(name))
         except (ValueError, RecursionError) as e:
             raise Refusal("image-invalid", f"{name}: not valid JSON: {e}") from e
 

@@ -140,7 +140,11 @@ def vm_writev(pid: int, local: Sequence[Tuple[int, int]], remote: Sequence[Tuple
 def buffer_address(buf) -> int:
     """Address of a writable bytearray / ctypes buffer (for iovecs)."""
     if isinstance(buf, bytearray):
-        return ctypes.addressof((ctypes.c_char * len(buf)).from_buffer(buf))
+        if buf:
+            # a c_char over its first byte: c_char * len(buf) would make a
+            # ctypes type for every new length (~8 ms each under TCG)
+            return ctypes.addressof(ctypes.c_char.from_buffer(buf))
+        return ctypes.addressof((ctypes.c_char * 0).from_buffer(buf))
     return ctypes.addressof(buf)
 
 

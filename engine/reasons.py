@@ -50,7 +50,7 @@ REASONS = {
     "file-missing": ("a file the process had open (or mapped) no longer exists at its path; or the directory a "
                      "deleted file, device node, removed directory or cwd is to be recreated in is gone"),
     "file-changed": "a file the process had open (or mapped) is not the same file any more",
-    "unlinked-too-large": "a deleted-but-open file holds more data than --ghost-limit",
+    "unlinked-too-large": "a deleted-but-open file or a memfd holds more data than --ghost-limit",
     "device": "a character or block device other than the known-safe ones",
     "pseudo-file": ("an fd or mapping of a file or directory on a kernel pseudo filesystem, judged by the fd's "
                     "filesystem (statfs magic), not its mode: proc, sysfs, nsfs (net:[…]), cgroup/cgroup2, debugfs, "

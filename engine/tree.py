@@ -49,7 +49,7 @@ Restore: engine/tree_restore.py.
 from __future__ import annotations
 
 import os
-import signal
+import _signal      # not signal: signal.py builds its enums at import (enum: ~20 ms of a run under TCG)
 import time
 TYPE_CHECKING = False   # annotations only: importing typing costs every run ~3 ms
 if TYPE_CHECKING:
@@ -336,7 +336,7 @@ def kill(members: List[Member]) -> None:
     for m in members:
         if m.tasks:
             try:
-                os.kill(m.pid, signal.SIGKILL)
+                os.kill(m.pid, _signal.SIGKILL)
             except ProcessLookupError:
                 pass
     for m in reversed(members):

@@ -213,6 +213,12 @@ DECIDED = {"open", "memfd", "dir", "device", "fifo", "pipe", "pipe-one-end", "in
            "socket-tcp-listen", "socket-tcp-established", "socket-udp", "socket-unix-pair-made-outside",
            "pty-pair", "pty-outside", "lock-flock", "lock-posix", "lock-ofd", "lock-lease"}
 UNDECIDED_FIELDS = {"sender", "outside", "pending_status", "slave_outside"}
+#: ``held_outside`` (a process outside the dump holds the same open file):
+#: what the engine refuses it with, for the kinds a restore makes anew; an
+#: open file is decided only when it is unlinked before the dump (then a
+#: ghost: its data would be copied). Other kinds: not derived.
+HELD_OUTSIDE = {"eventfd": "unsupported-fd", "timerfd": "unsupported-fd", "epoll": "unsupported-fd",
+                "inotify": "unsupported-fd", "memfd": "memory-peer-outside", "open": "memory-peer-outside"}
 
 
 def variant_of(e: dict) -> str:
@@ -252,6 +258,17 @@ def derive(sc: dict, old: bool = False) -> Tuple[dict, Dict[int, List[str]]]:
             if k in ("pipe", "socket"):
                 refusals.append(("socket", "dump", e["fd"]))
                 break
+        limit = (sc.get("dump") or {}).get("ghost_limit")
+        if limit is not None and kinds.kind_of(e) == "memfd" and int(e.get("bytes") or 0) > limit:
+            # a memfd is kept in the image as a deleted file is: the same limit (engine/fds/ghost.py)
+            refusals.append(("unlinked-too-large", "dump", e["fd"]))
+        if e.get("held_outside"):
+            k = kinds.kind_of(e)
+            unlinked = k == "open" and any(world.split_op(step)[0] == "unlink" and _step_path(step)[1] == e["open"]
+                                           for step in sc.get("before_dump") or [])
+            if k not in HELD_OUTSIDE or (k == "open" and not unlinked):
+                raise NotDerivable(f"held_outside on a {k}" + (" that keeps its name" if k == "open" else ""))
+            refusals.extend((HELD_OUTSIDE[k], "dump", fd) for fd in kinds.fd_numbers(e))
         st = STATIC.get(variant_of(e))
         if st is None:
             continue
@@ -641,6 +658,13 @@ def draw(rng: random.Random, migrate: bool = False) -> dict:
         g.epoll()
     if rng.random() < 0.2:
         g.mmap()
+    if rng.random() < 0.1:
+        # one object also held by a process outside the dump (not one a dup shares: its fd is refused too)
+        dupped = {e["dup"] for e in g.fds if "dup" in e}
+        held = [e for e in g.fds if kinds.kind_of(e) in HELD_OUTSIDE and kinds.kind_of(e) != "open"
+                and e.get("fd") not in dupped]
+        if held:
+            rng.choice(held)["held_outside"] = True
     sc: dict = {"setup": g.setup, "workload": {"fds": g.fds}}
     if g.mmaps:
         sc["workload"]["mmaps"] = g.mmaps

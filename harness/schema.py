@@ -320,9 +320,11 @@ def _steps() -> Check:
 
 def _fd_entry() -> Check:
     """Built from the kind registry (harness/kinds): each kind declares its
-    own fields; every entry may set ``fd`` and ``cloexec``."""
+    own fields; every entry may set ``fd``, ``cloexec`` and ``held_outside``
+    (a process outside the dump holds a duplicate of each fd the entry made:
+    the same open file, harness/workload.py open_all)."""
     return Discriminated({k: m.fields(_this()) for k, m in kinds.KINDS.items()},
-                         common={"fd": FdNum(), "cloexec": Bool()},
+                         common={"fd": FdNum(), "cloexec": Bool(), "held_outside": Bool()},
                          required={k: getattr(m, "REQUIRED", ("fd",)) for k, m in kinds.KINDS.items()})
 
 

@@ -168,6 +168,10 @@ def open_all(spec: dict, ctx: kinds.Ctx) -> List[dict]:
             os.close(high)
             if hasattr(kind, "finish"):
                 kind.finish(e, o.target)
+            if e.get("held_outside"):
+                # the same open file, in a process outside the tree: a boundary the engine must see
+                outside = __import__(kinds.__name__ + ".outside", fromlist=["spawn"])
+                ctx.helpers.append(outside.spawn(lambda ready: ready(), keep=o.target))
             recs.append({"fd": o.target, "kind": kind.KIND, "entry": idx, "role": o.role,
                          "extra": o.extra})
     return recs

@@ -132,3 +132,32 @@ def test_engine_restore_catches_a_rewrite_after_its_preflight(procs, tmp_path, d
     out = engine_restore.restore(image, Options())
     procs.adopt(out["pid"])
     assert out["pid"] == p.pid and alive(p.pid)
+
+
+@pytest.mark.slow
+def test_a_refused_restore_names_every_changed_file_not_only_the_first_stage(procs, tmp_path, data):
+    """One file renamed over (found by the pre-flight, no content read) and
+    another rewritten in place with its size and mtime (found only by its
+    content): the restore is refused naming both, so one run tells the
+    user everything (the content stage runs on the refusal path too)."""
+    other = tmp_path / "other"
+    other.write_bytes(bytes(range(256)) * 32)
+    setup = (f"a = os.open({str(data)!r}, os.O_RDONLY); os.dup2(a, 500); os.close(a)\n"
+             f"b = os.open({str(other)!r}, os.O_RDWR); os.dup2(b, 501); os.close(b)")
+    p = start_ready_script(procs, tmp_path, setup, tick=0.05)
+    image = str(tmp_path / "img")
+    engine_dump(p.pid, image, Options())
+    p.wait()
+    rewrite_keeping_mtime(other)
+    (tmp_path / "new").write_bytes(data.read_bytes())
+    os.rename(tmp_path / "new", data)
+    with pytest.raises(Exception) as e:
+        engine_restore.restore(image, Options())
+    if alive(p.pid):
+        procs.adopt(p.pid)
+    found = getattr(e.value, "refusals", [e.value])
+    by_fd = {r.fd: r for r in found}
+    assert set(by_fd) == {500, 501}, [str(r) for r in found]
+    assert by_fd[500].reason == "file-changed" and "renamed-over" in by_fd[500].detail
+    assert by_fd[501].reason == "file-changed" and "content differs" in by_fd[501].detail
+    assert not alive(p.pid)

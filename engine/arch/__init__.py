@@ -7,7 +7,9 @@ it: never a silent fallback to another machine's numbers.
 from __future__ import annotations
 
 import os
-from types import ModuleType
+TYPE_CHECKING = False   # annotations only
+if TYPE_CHECKING:
+    from types import ModuleType
 
 from ..errors import Refusal
 

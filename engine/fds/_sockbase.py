@@ -12,7 +12,9 @@ from __future__ import annotations
 import contextlib
 import os
 import socket as _socket
-from typing import Dict, Iterator, List, Optional
+TYPE_CHECKING = False   # annotations only: importing typing costs every run ~3 ms
+if TYPE_CHECKING:
+    from typing import Dict, Iterator, List, Optional
 
 from .. import netdiag, pidfd
 from ..errors import Refusal

@@ -29,7 +29,9 @@ import ctypes
 import errno as _errno
 import os
 import socket as _socket
-from typing import Dict, List, Optional, Tuple
+TYPE_CHECKING = False   # annotations only: importing typing costs every run ~3 ms
+if TYPE_CHECKING:
+    from typing import Dict, List, Optional, Tuple
 
 SOL_SOCKET = _socket.SOL_SOCKET
 IP, IPV6, TCP = _socket.IPPROTO_IP, _socket.IPPROTO_IPV6, _socket.IPPROTO_TCP

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import os
 import socket as _socket
-from typing import Dict, List
+TYPE_CHECKING = False   # annotations only: importing typing costs every run ~3 ms
+if TYPE_CHECKING:
+    from typing import Dict, List
 
 from .. import netdiag
 from ..errors import Refusal

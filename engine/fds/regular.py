@@ -8,7 +8,6 @@ refused, never silently swapped.
 from __future__ import annotations
 
 import os
-import re
 
 from .. import files
 from ..errors import Refusal
@@ -17,7 +16,6 @@ from . import _locks
 KIND = "regular"
 REASONS = ("file-missing", "file-changed", "unsupported-state", "image-invalid", "file-lock")
 
-_LOCK = re.compile(r"^lock:\s*(.*)$", re.M)
 # Flags the kernel keeps only for open(): never replayed.
 _OPEN_ONLY = files.OPEN_ONLY
 
@@ -26,7 +24,7 @@ def preflight(info, path: str, locks_ok: bool = False) -> None:
     """Refusals shared by every fd of a file: state on the open file that a
     reopen would not bring back. File locks are restored on regular files
     that keep their name (`locks_ok`, engine/fds/_locks.py) only."""
-    locks = _LOCK.findall(info.fdinfo_text)
+    locks = _locks.lock_lines(info.fdinfo_text)
     if locks and not locks_ok:
         raise Refusal("file-lock", f"holds a file lock ({' '.join(locks[0].split()[1:4])}) on a file of this "
                       "kind; locks are restored on regular files that keep their name only",
