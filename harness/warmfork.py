@@ -1,8 +1,8 @@
 """Start the workload in a fork of the resident agent instead of a new python3.
 
-Runs in the guest (stdlib only). ``workload.py spawn`` used to exec
-``python3 -S workload.py run SPEC MARK`` for every scenario: about a second
-of interpreter start-up and imports under TCG. When ``spawn`` itself runs in
+Runs in the guest (stdlib only). ``workload.py spawn`` execs ``python3 -S
+workload_run.py run SPEC MARK`` for every scenario: interpreter start-up and
+imports, several tenths of a second under TCG. When ``spawn`` itself runs in
 a fork of the agent (harness/agent.py marks the script module it calls,
 :func:`agent_fork`), the modules ``run`` needs are already imported, and
 the workload's child becomes that process without an exec (:func:`become`).
