@@ -301,9 +301,10 @@ class Run:
         # A new python3 for the workload unless CRUCIBLE_WARM_WORKLOAD=1 (harness/warmfork.py:
         # off by default while its before-dump snapshots now and then show an awake SigBlk)
         cold = [] if os.environ.get("CRUCIBLE_WARM_WORKLOAD", "0") == "1" else ["--exec"]
-        r = self.cmd(t, t.script("workload.py") + ["spawn", p["spec"], "--setup", "--before-dump"] + cold,
-                     "ready", "setup")
+        r = self.cmd(t, t.script("workload.py") + ["spawn", p["spec"], "--setup", "--before-dump", "--ready-file"]
+                     + cold, "ready", "setup")
         ready = _json_or_none(r.stdout) or {}
+        ready_file = ready.pop("ready_file", None)
         res.workload_start = str(ready.get("start", "")) + (f": {ready['cold_why']}" if ready.get("cold_why") else "")
         if ready.get("pid"):
             self.pids.append(int(ready["pid"]))
@@ -312,9 +313,10 @@ class Run:
             raise HarnessError("the workload did not start", step=ready.get("step", "ready"),
                                detail=ready.get("error") or r.stderr[-3000:])
         # The harness keeps its own copy: a process that rewrites ready.json
-        # (a fresh start does) cannot move the goalposts.
+        # (a fresh start does) cannot move the goalposts: the bytes spawn read
+        # and sent on its line (a get of the file was one more agent request).
         self.ready = ready
-        self.ready_bytes = t.get_bytes(p["ready"])
+        self.ready_bytes = ready_file.encode("latin-1") if isinstance(ready_file, str) else t.get_bytes(p["ready"])
         pid = int(ready["pid"])
         res.pid = pid
         self.before = self.snapshot(t, pid, "dump")

@@ -3,7 +3,7 @@ afterwards checks every one of them from its own side.
 
 Runs in the guest (stdlib only, Python >= 3.9), as a script::
 
-    python3 workload.py spawn SPEC [--setup] [--before-dump]
+    python3 workload.py spawn SPEC [--setup] [--before-dump] [--exec] [--ready-file]
                                        # start `run` detached, wait for ready, print it
     python3 workload.py run SPEC       # the workload itself (what gets dumped)
     python3 workload.py signal PID VERDICT SECONDS [--snap PROOF] [--phases P,..]
@@ -38,20 +38,22 @@ from __future__ import annotations
 import ctypes
 import fcntl
 import gc
-import json
 import os
-import signal
 import stat
 import sys
 import time
+# the C module the signal package wraps: the same calls and numbers, without
+# signal's enums (enum, functools and collections imported at every start)
+import _signal as signal
 
 TYPE_CHECKING = False   # annotations only: typing is ~2 ms of imports
 if TYPE_CHECKING:
     from typing import Any, Dict, List, Optional, Tuple
 
 try:
-    from . import kinds, seeded, sysapi, world
+    from . import jsonio, kinds, seeded, sysapi, world
 except ImportError:  # pragma: no cover - in the guest, run as a script
+    import jsonio  # type: ignore[no-redef]
     import kinds  # type: ignore[no-redef]
     import seeded  # type: ignore[no-redef]
     import sysapi  # type: ignore[no-redef]
@@ -61,14 +63,15 @@ except ImportError:  # pragma: no cover - in the guest, run as a script
 RUN_SCRIPT = "workload_run.py"
 #: the harness modules (and stdlib ones) only the helper subcommands or a
 #: failure use: harness/agent.py imports them before it forks its scripts
-PRELOAD = ("procstate", "warmfork")
+PRELOAD = ("procstate", "warmfork", "json")
 
 
 def _sibling(name: str):
     """The harness module ``name`` (``harness.NAME`` on the host, the
     top-level ``NAME`` in the guest's flat layout), imported on first use."""
-    import importlib
-    return importlib.import_module(f"{__package__}.{name}" if __package__ else name)
+    full = f"{__package__}.{name}" if __package__ else name
+    __import__(full)
+    return sys.modules[full]
 
 
 def _sha256(data: bytes):
@@ -104,7 +107,7 @@ def write_json(path: str, obj: Any) -> None:
     """Atomic: a reader sees the whole file or none (rename(2))."""
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, default=str)
+        jsonio.dump_indented(obj, f)       # json.dump(obj, f, indent=1, default=str)
     os.rename(tmp, path)
 
 
@@ -256,7 +259,7 @@ class Proof:
 
 def run(spec_path: str) -> int:
     with open(spec_path) as f:
-        spec = json.load(f)
+        spec = jsonio.load(f)
     # SIGUSR1 stays blocked and is taken by sigtimedwait: no lost wake-up, and
     # the process sleeps in one plain syscall while it is dumped.
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
@@ -302,7 +305,7 @@ def run(spec_path: str) -> int:
     gc.enable()
     try:
         with open(os.path.join(spec["ctldir"], REQUEST)) as f:
-            phases = tuple(json.load(f).get("phases") or PHASES)
+            phases = tuple(jsonio.load(f).get("phases") or PHASES)
     except (OSError, ValueError):
         phases = PHASES
     try:
@@ -373,9 +376,9 @@ def verify(spec_path: str, sigio: List[int], phases: Tuple[str, ...] = ()) -> di
     """Check every fd against the scenario and the ready file; never raises
     for a failed check (it becomes ``ok: false`` with what differed)."""
     with open(spec_path) as f:
-        spec = json.load(f)
+        spec = jsonio.load(f)
     with open(spec["ready"]) as f:
-        ready = json.load(f)
+        ready = jsonio.load(f)
     model = setup_model(spec, ("setup", "before_dump"))
     entries = spec.get("fds") or []
     ctx = kinds.Ctx(spec["workdir"], model, entries=entries, recs=ready["recs"],
@@ -425,11 +428,15 @@ def spawn(spec_path: str, phases: List[str] = ()) -> int:
     ``phases`` may hold ``setup`` (world steps before the start) and
     ``before_dump`` (after ready): one command instead of three, which
     matters under TCG where every python3 start costs about a second; and
-    ``exec``: never start it warm. In a fork of the agent the workload is
+    ``exec``: never start it warm; ``ready_file``: the ready line also
+    holds the ready file's bytes as read (``ready_file``, latin-1: the
+    harness keeps that copy without another request to the guest for it).
+    In a fork of the agent the workload is
     this process's child become ``run`` without an exec
     (harness/warmfork.py), else a new ``python3 -S workload_run.py run SPEC
     MARK``; the ready line's ``start`` says which (``cold_why``: why not warm).
     """
+    import json
     warmfork = _sibling("warmfork")
     cold = "exec requested (CRUCIBLE_WARM_WORKLOAD is not 1)" if "exec" in phases else \
         ("" if warmfork.agent_fork(globals()) else "not in a fork of the agent")
@@ -468,8 +475,9 @@ def spawn(spec_path: str, phases: List[str] = ()) -> int:
     deadline = time.monotonic() + float(spec.get("ready_timeout", 30))
     while time.monotonic() < deadline:
         if os.path.exists(spec["ready"]):
-            with open(spec["ready"]) as f:
-                ready = json.load(f)
+            with open(spec["ready"], "rb") as f:
+                raw = f.read()
+            ready = json.loads(raw)
             if "error" not in ready and "before_dump" in phases:
                 try:
                     world.apply_phase(spec, "before_dump")
@@ -477,6 +485,8 @@ def spawn(spec_path: str, phases: List[str] = ()) -> int:
                     ready = dict(ready, error=f"before_dump step failed: {e}", step="before_dump")
             if cold:
                 ready["cold_why"] = cold
+            if "ready_file" in phases:
+                ready["ready_file"] = raw.decode("latin-1")     # every byte as one character
             print(json.dumps(ready))
             return 1 if "error" in ready else 0
         pid, status = os.waitpid(child, os.WNOHANG)
@@ -500,7 +510,7 @@ def _run_warm(argv: List[str], spec_path: str) -> None:  # pragma: no cover - th
         return          # nothing of the workload ran yet: the exec starts it afresh
     except BaseException:   # noqa: BLE001 - a bug of the warm start: said in the ready file, not hidden by an exec
         with open(spec_path) as f:
-            ready = json.load(f)["ready"]
+            ready = jsonio.load(f)["ready"]
         write_json(ready, {"pid": os.getpid(), "helpers": [], "error": "warm start: " + traceback.format_exc()})
         os._exit(1)
     START = "warm"
@@ -539,6 +549,7 @@ def send_and_wait(pid: int, verdict_path: str, seconds: float, snap: Optional[di
     """SIGUSR1 to ``pid`` and wait for its verdict; reports whether it lives.
     With ``snap`` (the published proof addresses), first take the harness's
     snapshot of the process from outside, before it runs its checks."""
+    import json
     out: Dict[str, Any] = {}
     if snap is not None:
         out["snap"] = _sibling("procstate").quiet_snapshot(pid, snap)
@@ -595,10 +606,11 @@ def kill_workloads(pids: List[int]) -> List[int]:
 
 def main(argv: List[str]) -> int:
     cmd = argv[0] if argv else ""
-    if cmd == "spawn" and len(argv) >= 2:
-        return spawn(argv[1], [a.lstrip("-").replace("-", "_") for a in argv[2:]])
     if cmd == "run" and len(argv) >= 2:
         return run(argv[1])
+    import json     # the helpers' output (the agent has it imported)
+    if cmd == "spawn" and len(argv) >= 2:
+        return spawn(argv[1], [a.lstrip("-").replace("-", "_") for a in argv[2:]])
     if cmd == "signal" and len(argv) >= 4:
         opts = dict(zip(argv[4::2], argv[5::2]))
         snap = json.loads(opts["--snap"]) if "--snap" in opts else None

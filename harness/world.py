@@ -14,7 +14,6 @@ workload can tell what each of its fds must see, from the scenario alone.
 
 from __future__ import annotations
 
-import json
 import os
 import stat
 import sys
@@ -29,9 +28,10 @@ except ImportError:  # pragma: no cover - exercised in the guest
     import records  # type: ignore[no-redef]
     import seeded  # type: ignore[no-redef]
 
-#: what this script imports on first use (the workload imports it too, and
-#: needs neither): harness/agent.py imports them before it forks its scripts
-PRELOAD = ("hashlib", "random")
+#: what this script imports on first use (the workload imports this module
+#: too, and needs none of them): harness/agent.py imports them before it
+#: forks its scripts
+PRELOAD = ("hashlib", "random", "json")
 
 OPS = ("file", "dir", "fifo", "hardlink", "symlink", "rename", "rename-over",
        "unlink", "rewrite-same-size", "append", "truncate", "touch", "chmod",
@@ -367,6 +367,7 @@ def pidstate(pid: int) -> Dict[str, Any]:
 
 
 def _main(argv: List[str]) -> int:
+    import json
     if len(argv) >= 3 and argv[0] == "apply":
         # apply SPEC PHASE [--digest DIR] [--pid PID]: one command for the
         # steps, the image digest and whether the dumped PID still runs

@@ -4,6 +4,7 @@ outcome *and* that nothing was left running."""
 
 from __future__ import annotations
 
+import json
 import textwrap
 from pathlib import Path
 
@@ -39,6 +40,35 @@ def test_restored_with_same_pid_and_every_check(target):
     assert res.outcome == "restored", res.detail
     assert res.verdict["ok"] and res.verdict["pid"] == res.pid
     assert runner.judge({"restored": True}, res).passed
+
+
+def test_the_ready_file_is_kept_from_spawns_line_not_fetched_again():
+    """spawn --ready-file sends the ready file's bytes on its line: the
+    runner keeps those (its copy, put back before the check) and asks the
+    target for the file no more (one agent request a scenario in a guest)."""
+    class Counting(LocalTarget):
+        def get_bytes(self, path: str) -> bytes:
+            fetched.append(path)
+            return super().get_bytes(path)
+
+        def put_bytes(self, data: bytes, path: str) -> None:
+            if path.endswith("/c/ready.json"):      # the copy put back, and what the workload wrote there
+                with open(path, "rb") as f:
+                    put_back.append((data, f.read()))
+            super().put_bytes(data, path)
+
+    fetched, put_back = [], []
+    t = Counting()
+    try:
+        sc = schema.load(str(REPO / "scenarios" / "files/offsets.yaml"))
+        r = runner.Run(sc, "e2e-ready-file", engines.Ckpt(), t)
+        res = r.execute()
+        assert res.outcome == "restored", res.detail
+        assert r.paths(t)["ready"] not in fetched
+        assert put_back and all(kept == written for kept, written in put_back)
+        assert json.loads(r.ready_bytes) == {k: v for k, v in r.ready.items() if k != "cold_why"}
+    finally:
+        t.close()
 
 
 def test_refused_at_restore_leaves_no_process_and_image_intact(target):

@@ -102,6 +102,7 @@ def test_workload_runs_from_the_guest_layout(tmp_path):
     def script(*args):
         r = subprocess.run([sys.executable, str(scripts / "workload.py"), *args], capture_output=True, text=True,
                            timeout=60, close_fds=True, env=env, cwd="/")
+        assert r.stdout, r.stderr[-3000:]
         return json.loads(r.stdout)
 
     ready = script("spawn", str(root / "c/spec.json"), "--setup")
@@ -122,11 +123,13 @@ def test_workload_runs_from_the_guest_layout(tmp_path):
 #: what the exec'd workload must never import (each one costs every scenario's
 #: start about ten times its host import time under TCG): typing and
 #: dataclasses (with inspect, ast, dis), ctypes.util (its find_library runs
-#: ldconfig -p in a subprocess), hashlib (OpenSSL's libcrypto), and the
-#: helpers only other subcommands use
+#: ldconfig -p in a subprocess), hashlib (OpenSSL's libcrypto), json (re and
+#: its compiled patterns: harness/jsonio.py), signal (enum, functools,
+#: collections: _signal), and the helpers only other subcommands use
 NOT_IN_THE_WORKLOAD = ("typing", "dataclasses", "inspect", "ast", "dis", "ctypes.util", "subprocess", "shutil",
                        "hashlib", "_hashlib", "traceback", "threading", "resource", "procstate", "warmfork",
-                       "zygote", "importlib.util")
+                       "zygote", "importlib", "importlib.util", "json", "re", "enum", "functools", "collections",
+                       "signal")
 
 
 def test_the_exec_workload_imports_only_what_run_needs(tmp_path):
@@ -466,8 +469,10 @@ print(json.dumps(bad))
       "thread 2 (lock): native id (gettid) is the recorded TID"}),
     # a thread whose stack is not its own any more
     ("seen['threads'][3]['value'] = '0' * 16", {"thread 3 (cond): the value in its own frame"}),
-    # a read that returned early (EINTR-like: the pipe got its byte from elsewhere)
-    ("import os; os.write(process._THREADS[1].wfd, b'x'); process._THREADS[1].thread.join(5)",
+    # a read that returned early (EINTR-like: the pipe got its byte from elsewhere); join
+    # returns before the kernel's task leaves /proc/self/task (1 run in 4 saw it still there)
+    ("import os, time; os.write(process._THREADS[1].wfd, b'x'); process._THREADS[1].thread.join(5)\n"
+     "while os.path.exists(f'/proc/self/task/{process._THREADS[1].tid}'): time.sleep(0.01)",
      {"thread 1 (read): still blocked", "thread 1 (read): its call returned",
       "threads: every recorded TID is a thread of this process"}),
 ])

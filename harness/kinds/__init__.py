@@ -35,8 +35,10 @@ saved in the ready file).
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Mapping     # collections comes with signal (enum, functools) anyway
+import sys
+# collections.abc's own Mapping: _collections_abc comes with os at start-up,
+# collections.abc would import the collections package (and its imports)
+from _collections_abc import Mapping
 
 TYPE_CHECKING = False   # annotations only: the exec'd workload imports this package at every start
 if TYPE_CHECKING:
@@ -56,7 +58,9 @@ _MODULE_OF = {"open": "openfile", "memfd": "memfd", "dir": "directory", "device"
 
 class _Kinds(Mapping):
     def __getitem__(self, kind: str):
-        return importlib.import_module(f".{_MODULE_OF[kind]}", __name__)
+        name = f"{__name__}.{_MODULE_OF[kind]}"
+        __import__(name)
+        return sys.modules[name]
 
     def __iter__(self) -> Iterator[str]:
         return iter(_MODULE_OF)

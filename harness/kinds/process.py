@@ -39,8 +39,10 @@ exact.
 from __future__ import annotations
 
 import os
-import signal
 import time
+# the C module the signal package wraps (as workload.py: no enum, functools,
+# collections at every workload start)
+import _signal as signal
 
 # resource and threading are imported where used: every workload applies
 # and observes this section, few set rlimits or start threads (each import
@@ -119,7 +121,7 @@ def validate(p: dict) -> List[tuple]:
 def signum(name: str) -> int:
     if name.startswith("SIGRTMIN+"):
         return int(signal.SIGRTMIN) + int(name.split("+")[1])
-    return int(signal.Signals[name])
+    return int(getattr(signal, name))     # a SIGNALS name (the schema checked it)
 
 
 def _handler(name: str) -> int:
