@@ -1,5 +1,8 @@
+import gc
 import sys
 
-from .cli import main
+gc.set_threshold(20_000, 10, 10)    # before the imports too (engine/cli.py quiet_collector says why)
+
+from .cli import main  # noqa: E402
 
 sys.exit(main())

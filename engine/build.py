@@ -57,6 +57,16 @@ PR_SET_VMA, PR_SET_VMA_ANON_NAME = 0x53564D41, 0
 RSEQ_FLAG_UNREGISTER = 1
 SS_ONSTACK, SS_DISABLE = 1, 2
 VDSO_NAMES = ("[vvar]", "[vvar_vclock]", "[vdso]")
+
+
+def _vdso_maps(pid: int) -> List[dict]:
+    """The [vvar]/[vdso] entries of /proc/PID/maps (parse_maps of just those
+    lines: the new process is still a copy of the restorer, ~150 lines of
+    maps, and each parsed line costs under TCG)."""
+    from .procfs import parse_maps
+    with open(f"/proc/{pid}/maps") as f:
+        lines = [ln for ln in f.read().splitlines() if ln.endswith(VDSO_NAMES)]
+    return [v for v in parse_maps("\n".join(lines)) if v["path"] in VDSO_NAMES]
 PARALLEL_MIN = 32 << 20   # bytes of pages worth splitting between two writer threads
 TEST_FAIL_ENV = "CKPT_TEST_FAIL_AT"   # honoured only when tests set it (see _maybe_fail)
 
@@ -160,7 +170,7 @@ class Builder:
         """Queued (a single process: one batch with the vdso moves and the
         mmaps; a tree's root runs it before it forks)."""
         keep = [(self.gadget, self.gadget + self.gadget_size)]
-        keep += [(v["start"], v["end"]) for v in _maps(self.pid) if v["path"] in VDSO_NAMES]
+        keep += [(v["start"], v["end"]) for v in _vdso_maps(self.pid)]
         addr = 0
         for s, e in sorted(keep) + [(self.arch.TASK_SIZE, self.arch.TASK_SIZE)]:
             if s > addr:
@@ -171,7 +181,7 @@ class Builder:
         # glibc cached vdso function addresses in the dumped memory: the vdso
         # must sit where it was. mremap of [vdso] is supported (it updates
         # mm->context.vdso: arch/x86/entry/vdso/vma.c vdso_mremap).
-        now = [v for v in _maps(self.pid) if v["path"] in VDSO_NAMES]
+        now = _vdso_maps(self.pid)
         want = [v for v in self.job.vmas if v["path"] in VDSO_NAMES]
         if not want:
             for v in now:
@@ -189,7 +199,7 @@ class Builder:
             tmp = _free_gap(busy, hi - lo)
             self._mremap_block(now, tmp - lo)
             self.flush()
-            now = [v for v in _maps(self.pid) if v["path"] in VDSO_NAMES]
+            now = _vdso_maps(self.pid)
             lo = now[0]["start"]
         self._mremap_block(now, wlo - lo)
 
