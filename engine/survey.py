@@ -343,7 +343,13 @@ def inspect(pid: int, st: dict, check: Callable[[int], dict], timeout: float = D
             res = check(pid)
         finally:
             if use_alarm:
+                # From here _on_alarm is a no-op. A SIGALRM the kernel
+                # delivered before the cancel runs its Python handler at a
+                # later bytecode: it must run while ours is installed, not
+                # the caller's (a test's pytest-timeout took it for its own).
+                _deadline.clear()
                 signal.setitimer(signal.ITIMER_REAL, 0)
+                _let_pending_handlers_run()
     except CheckTimeout as e:
         if res is None:     # (the alarm may ring just after check returned)
             # "freeze": the target never reached its interrupt stop; it may
@@ -362,6 +368,9 @@ def inspect(pid: int, st: dict, check: Callable[[int], dict], timeout: float = D
         err = ("error", f"internal error: {type(e).__name__}: {e}")
     finally:
         if use_alarm and old is not None:
+            _deadline.clear()       # (a cut raised inside the finally above skipped its end)
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            _let_pending_handlers_run()
             signal.signal(signal.SIGALRM, old)
     rec["check_ms"] = round((time.monotonic() - t0) * 1000, 2)
     net = _safety_net(pid)
@@ -454,20 +463,38 @@ def _in_seize_wait(frame) -> bool:
 
 
 def _safe_to_interrupt(frame) -> bool:
+    """Only inside the frozen survey (dump._survey_frozen, run in the try
+    whose finally releases every thread), and not inside one of its
+    ptrace operations. Anywhere else - the freeze, the release itself, the
+    bytecodes of the finally before it calls threads.release - an exception
+    would skip the release and leave the target seized with its signals
+    blocked (seen: a cut at the first line of threads.release, which the
+    old list of unsafe task.py functions did not name)."""
     if frame is None:
         return False
     if _where(frame) in (("dump.py", "check"), ("dump.py", "dump"), ("task.py", "seize")) or \
             _where(frame)[0] == "ptrace.py":
         return False
+    inside = False
     f = frame
     while f is not None:
-        if _where(f)[0] == "task.py" and f.f_code.co_name in _UNSAFE:
+        where = _where(f)
+        if where[0] in ("task.py", "threads.py") and where[1] in _UNSAFE:
             return False
+        if where == ("dump.py", "_survey_frozen"):
+            inside = True
         f = f.f_back
-    return True
+    return inside
+
+
+def _let_pending_handlers_run() -> None:
+    """A Python-level call: the interpreter runs the handlers of signals
+    already delivered at its entry (the eval breaker)."""
 
 
 def _on_alarm(signum, frame):
+    if not _deadline:
+        return      # the check is over (a late SIGALRM): nothing to cut, nothing to re-arm
     if _in_seize_wait(frame):
         raise CheckTimeout("freeze")
     if _deadline and time.monotonic() - _deadline[1] >= FALLBACK * _deadline[0] and _safe_to_interrupt(frame):

@@ -659,3 +659,35 @@ def test_deadline_never_lands_inside_a_syscall_injection(procs, counter_bin, wor
     n = check_counter(world["out"], world["in_data"])["last"]
     wait_for(lambda: count_lines(world["out"]) > n + 2, timeout=5, what=f"counter keeps counting {seen}")
     check_counter(world["out"], world["in_data"])
+
+
+def _frame_in(chain):
+    """The innermost frame of calls through functions named as `chain`
+    gives: [(file basename, function name), ...], outermost first."""
+    got = {}
+    inner = "def leaf():\n    got['frame'] = sys._getframe()\n"
+    ns = {"got": got, "sys": __import__("sys")}
+    exec(compile(inner, "/x/leaf.py", "exec"), ns)
+    callee = ns["leaf"]
+    for fname, func in reversed(chain):
+        code = f"def {func}():\n    callee()\n"
+        scope = {"callee": callee}
+        exec(compile(code, f"/x/{fname}", "exec"), scope)
+        callee = scope[func]
+    callee()
+    return got["frame"].f_back          # the innermost named function's frame
+
+
+@pytest.mark.parametrize("chain, safe", [
+    ([("dump.py", "_check_one"), ("dump.py", "_survey_frozen"), ("check.py", "preflight")], True),
+    ([("dump.py", "_check_one"), ("dump.py", "_survey_frozen"), ("task.py", "syscall")], False),
+    # the release, and the finally that calls it: an exception there skips the release
+    ([("dump.py", "_check_one"), ("threads.py", "release")], False),
+    ([("dump.py", "_check_one")], False),
+    ([("dump.py", "_check_one"), ("threads.py", "freeze")], False),
+])
+def test_a_deadline_cuts_only_inside_the_frozen_survey(chain, safe):
+    """A cut is allowed only where the check's finally still releases the
+    target: inside _survey_frozen, outside any ptrace operation (a cut at
+    the first line of threads.release left the target seized and masked)."""
+    assert sv._safe_to_interrupt(_frame_in(chain)) is safe
