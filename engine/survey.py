@@ -449,6 +449,7 @@ def _main_thread() -> bool:
 # FALLBACK times its deadline: a hang that is not the freeze's.
 _UNSAFE = frozenset({"syscall", "_resume_to_syscall_stop", "call", "release", "set_regs", "set_xstate",
                      "write_mem", "kill", "settle", "_deliver_one"})
+_UNSAFE_THREADS = frozenset({"freeze", "finish_freeze", "release", "kill"})
 FALLBACK = 3.0
 _deadline: List[float] = []     # [timeout, start] of the check in flight
 
@@ -463,28 +464,24 @@ def _in_seize_wait(frame) -> bool:
 
 
 def _safe_to_interrupt(frame) -> bool:
-    """Only inside the frozen survey (dump._survey_frozen, run in the try
-    whose finally releases every thread), and not inside one of its
-    ptrace operations. Anywhere else - the freeze, the release itself, the
-    bytecodes of the finally before it calls threads.release - an exception
-    would skip the release and leave the target seized with its signals
-    blocked (seen: a cut at the first line of threads.release, which the
-    old list of unsafe task.py functions did not name)."""
+    """Not inside a ptrace operation, the freeze or the release, and not in
+    the check's own body (dump.py's frames: the bytecodes of its finally
+    before it calls threads.release are there): an exception in any of
+    those would skip the release and leave the target seized with its
+    signals blocked (seen: a cut at the first line of threads.release,
+    which the list of unsafe task.py functions alone did not name). Inside
+    the frozen survey's callees the check's finally releases the target."""
     if frame is None:
         return False
-    if _where(frame) in (("dump.py", "check"), ("dump.py", "dump"), ("task.py", "seize")) or \
-            _where(frame)[0] == "ptrace.py":
+    if _where(frame)[0] in ("dump.py", "ptrace.py") or _where(frame) == ("task.py", "seize"):
         return False
-    inside = False
     f = frame
     while f is not None:
         where = _where(f)
-        if where[0] in ("task.py", "threads.py") and where[1] in _UNSAFE:
+        if (where[0] == "task.py" and where[1] in _UNSAFE) or (where[0] == "threads.py" and where[1] in _UNSAFE_THREADS):
             return False
-        if where == ("dump.py", "_survey_frozen"):
-            inside = True
         f = f.f_back
-    return inside
+    return True
 
 
 def _let_pending_handlers_run() -> None:

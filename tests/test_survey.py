@@ -685,9 +685,11 @@ def _frame_in(chain):
     ([("dump.py", "_check_one"), ("threads.py", "release")], False),
     ([("dump.py", "_check_one")], False),
     ([("dump.py", "_check_one"), ("threads.py", "freeze")], False),
+    ([("survey.py", "inspect"), ("test_survey.py", "hanging_check")], True),     # a check of the caller's own
 ])
 def test_a_deadline_cuts_only_inside_the_frozen_survey(chain, safe):
     """A cut is allowed only where the check's finally still releases the
-    target: inside _survey_frozen, outside any ptrace operation (a cut at
-    the first line of threads.release left the target seized and masked)."""
+    target: not in the freeze, the release, the check's own body or a
+    ptrace operation (a cut at the first line of threads.release left the
+    target seized and masked)."""
     assert sv._safe_to_interrupt(_frame_in(chain)) is safe
