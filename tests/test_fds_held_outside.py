@@ -36,21 +36,33 @@ def _refusals_at(res: dict, fd: int) -> list:
     return [r for r in res.get("refusals") or [] if r.get("fd") == fd]
 
 
-@pytest.mark.parametrize("kind", sorted(MAKE))
-def test_held_by_an_outside_process_refused_naming_it(procs, tmp_path, kind):  # noqa: F811
-    p = start_ready_script(procs, tmp_path, MAKE[kind])
-    assert check(p.pid, Options())["ok"], f"{kind} held by the target alone must pass"
-    with pidfd.target_fd(p.pid, FD) as dup:
+def _refused_only_at_fd(pid: int, reason: str, names: str) -> None:
+    """check() refuses FD alone, with `reason`, its detail naming `names`."""
+    res = check(pid, Options())
+    assert not res["ok"]
+    refused = _refusals_at(res, FD)
+    assert len(refused) == 1 and refused[0]["reason"] == reason, res["refusals"]
+    assert names in refused[0]["detail"], refused[0]
+    assert not [r for r in res["refusals"] if r.get("fd") != FD], res["refusals"]
+
+
+def _outsider_with_dup_of(procs, pid: int, fd: int):  # noqa: F811
+    """A process outside `pid`'s tree holding a duplicate of its `fd` (the
+    same open file): (the process, its fd number)."""
+    with pidfd.target_fd(pid, fd) as dup:
         outsider = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], pass_fds=(dup,),
                                     close_fds=True, stdin=subprocess.DEVNULL)
         procs.popens.append(outsider)
     wait_for(lambda: os.path.exists(f"/proc/{outsider.pid}/fd/{dup}"), what="the outsider")
-    res = check(p.pid, Options())
-    assert not res["ok"]
-    refused = _refusals_at(res, FD)
-    assert len(refused) == 1 and refused[0]["reason"] == "unsupported-fd", res["refusals"]
-    assert f"pid {outsider.pid} (fd {dup})" in refused[0]["detail"], refused[0]
-    assert not [r for r in res["refusals"] if r.get("fd") != FD], res["refusals"]
+    return outsider, dup
+
+
+@pytest.mark.parametrize("kind", sorted(MAKE))
+def test_held_by_an_outside_process_refused_naming_it(procs, tmp_path, kind):  # noqa: F811
+    p = start_ready_script(procs, tmp_path, MAKE[kind])
+    assert check(p.pid, Options())["ok"], f"{kind} held by the target alone must pass"
+    outsider, dup = _outsider_with_dup_of(procs, p.pid, FD)
+    _refused_only_at_fd(p.pid, "unsupported-fd", f"pid {outsider.pid} (fd {dup})")
 
 
 @pytest.mark.parametrize("kind", sorted(MAKE))
@@ -121,12 +133,7 @@ def test_a_memfd_or_deleted_file_an_outside_process_has_is_refused(procs, tmp_pa
         st = os.stat(f"/proc/{p.pid}/fd/{FD}")
         held = [os.stat(f"/proc/{outsider.pid}/fd/{f}") for f in os.listdir(f"/proc/{outsider.pid}/fd")]
         assert (st.st_dev, st.st_ino) not in {(h.st_dev, h.st_ino) for h in held}
-    res = check(p.pid, Options())
-    assert not res["ok"]
-    refused = _refusals_at(res, FD)
-    assert len(refused) == 1 and refused[0]["reason"] == "memory-peer-outside", res["refusals"]
-    assert f"pid {outsider.pid}" in refused[0]["detail"], refused[0]
-    assert not [r for r in res["refusals"] if r.get("fd") != FD], res["refusals"]
+    _refused_only_at_fd(p.pid, "memory-peer-outside", f"pid {outsider.pid}")
 
 
 @pytest.mark.parametrize("kind", sorted(GHOST))

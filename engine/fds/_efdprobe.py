@@ -51,8 +51,7 @@ import struct
 
 from .. import faults, pidfd
 from ..errors import EngineError
-from . import _peers
-from ._util import refuse
+from ._util import check_held_outside, refuse
 
 _WHY = "this kernel does not show EFD_SEMAPHORE in fdinfo (Linux < 6.6)"
 
@@ -64,7 +63,8 @@ def semaphore(info, ctx, count: int) -> bool:
     key = f"eventfd-semaphore:{info.fdinfo.get('eventfd-id') or f'{info.pid}:{info.fd}'}"
     if key in ctx.shared:
         return ctx.shared[key]
-    _alone(info, ctx)
+    # nobody outside may hold it: it could read between the probe's write and read
+    check_held_outside(info, ctx, "eventfd")
     sem = _probe(info, count)
     after = _count_now(info)
     if after != count:
@@ -72,24 +72,6 @@ def semaphore(info, ctx, count: int) -> bool:
                      "something outside the dump (a kernel user of the eventfd: io_uring, aio, KVM) changed it")
     ctx.shared[key] = sem
     return sem
-
-
-def _alone(info, ctx) -> None:
-    """Refuses an eventfd that a process outside the dump holds too."""
-    if info.pid == os.getpid():
-        return      # a file in flight, peeked by ckpt: _inflight refused it if anyone else holds it
-    for pid, fd in _peers.holders(ctx, info.link, info.dev, info.ino):
-        if pid == os.getpid():
-            continue        # ckpt's own peeks, closed before the probe
-        try:
-            same = pidfd.same_file(info.pid, info.fd, pid, fd)
-        except EngineError as e:
-            if e.errno in (errno.ESRCH, errno.EBADF):
-                continue    # gone, or closed: it holds nothing now
-            raise
-        if same:
-            raise refuse(info, "unsupported-fd", f"{_WHY} and pid {pid} (fd {fd}), outside the dump, holds this "
-                         "eventfd too: probing it could race with that process")
 
 
 def _probe(info, count: int) -> bool:
