@@ -309,7 +309,7 @@ def _carried_text(fd: int) -> list:
     import fcntl
     link = os.readlink(f"/proc/self/fd/{fd}")
     flags = fcntl.fcntl(fd, fcntl.F_GETFL) & ~0o100000          # O_LARGEFILE: the opener's word size
-    if "eventfd" in link:
+    if link == "anon_inode:[eventfd]":     # (a path may hold the word: a mutant's scenario dir)
         with open(f"/proc/self/fdinfo/{fd}") as f:
             count = next(int(ln.split()[1], 16) for ln in f if ln.startswith("eventfd-count"))
         return [link, flags, count]
