@@ -249,6 +249,7 @@ def derive(sc: dict, old: bool = False) -> Tuple[dict, Dict[int, List[str]]]:
         raise NotDerivable("a real program (workload.program): what it holds is its own, not the YAML's")
     refusals: List[Tuple[str, str, Optional[int]]] = []      # (reason, at, fd)
     pending: Dict[int, List[str]] = {}
+    limit = (sc.get("dump") or {}).get("ghost_limit")
     for e in sc["workload"].get("fds") or []:
         if variant_of(e) not in DECIDED or set(e) & UNDECIDED_FIELDS:
             raise NotDerivable(f"no rule for {variant_of(e)} with {sorted(set(e) & UNDECIDED_FIELDS)}")
@@ -258,7 +259,6 @@ def derive(sc: dict, old: bool = False) -> Tuple[dict, Dict[int, List[str]]]:
             if k in ("pipe", "socket"):
                 refusals.append(("socket", "dump", e["fd"]))
                 break
-        limit = (sc.get("dump") or {}).get("ghost_limit")
         if limit is not None and kinds.kind_of(e) == "memfd" and int(e.get("bytes") or 0) > limit:
             # a memfd is kept in the image as a deleted file is: the same limit (engine/fds/ghost.py)
             refusals.append(("unlinked-too-large", "dump", e["fd"]))

@@ -120,7 +120,11 @@ def test_a_memfd_or_deleted_file_an_outside_process_has_is_refused(procs, tmp_pa
         own = os.open(f"/proc/{p.pid}/fd/{FD}", os.O_RDWR)
         argv = [sys.executable, "-c", f"import time; open({str(ready)!r}, 'w').close(); time.sleep(600)"]
     else:
-        own = pidfd.target_fd(p.pid, FD).__enter__()     # closed below, once the outsider has it
+        pfd = pidfd.pidfd_open(p.pid)
+        try:
+            own = pidfd.pidfd_getfd(pfd, FD)       # closed below, once the outsider has it
+        finally:
+            os.close(pfd)
         argv = [sys.executable, "-c", _OUTSIDER_MAPS, str(own), str(ready)] if how == "mapped" else \
             [sys.executable, "-c", f"import time; open({str(ready)!r}, 'w').close(); time.sleep(600)"]
     try:

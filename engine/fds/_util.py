@@ -192,6 +192,9 @@ def check_held_outside(info, ctx, what: str) -> None:
     from . import _peers
     if ctx is None or info.pid == os.getpid():
         return      # a file in flight, peeked by ckpt: _inflight decides who else holds it
+    key = f"held-outside:{info.pid}:{info.fd}"
+    if key in ctx.shared:
+        return      # looked at once this dump (an eventfd's classify, then its probe)
     for pid, fd in _peers.holders(ctx, info.link, info.dev, info.ino):
         if pid == os.getpid():
             continue        # ckpt's own duplicates (closed again by now)
@@ -204,3 +207,4 @@ def check_held_outside(info, ctx, what: str) -> None:
         if same:
             raise refuse(info, "unsupported-fd", f"pid {pid} (fd {fd}), outside the dump, holds this {what} too: "
                          f"a restore makes a new {what}, that process would keep the old one")
+    ctx.shared[key] = True
