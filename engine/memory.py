@@ -202,7 +202,10 @@ class PageSource:
     very bytes whose sha256 was checked (ImageReader.data), never the file
     opened again by path (imagecheck.py: read once)."""
 
-    def __init__(self, buffers: Sequence):
+    def __init__(self, buffers: Sequence, leases: Sequence = ()):
+        # leases[i]: the fd whose read lease keeps file i as verified while
+        # it is mapped, not copied (imagecheck.map_leased); None: a copy.
+        self.leases: List[Optional[int]] = list(leases) + [None] * (len(buffers) - len(leases))
         self.spans: List[Tuple[int, int, int]] = []    # (file, offset, end) of every checked run
         self._recyclable: Optional[bool] = None
         self.dropped = False
@@ -240,8 +243,8 @@ class PageSource:
         copy of the pages (the restorer holds them copy-on-write), so that
         what the restorer releases after writing is really freed."""
         self.dropped = True
-        for buf in self.maps:
-            if isinstance(buf, mmap.mmap):
+        for buf, lease in zip(self.maps, self.leases):
+            if isinstance(buf, mmap.mmap) and lease is None:    # a mapped file's pages are the page cache's
                 buf.madvise(mmap.MADV_DONTNEED)
 
     def recyclable(self) -> bool:
@@ -263,7 +266,7 @@ class PageSource:
             return
         for _, n, fi, off in batch:
             buf = self.maps[fi]
-            if isinstance(buf, mmap.mmap):
+            if isinstance(buf, mmap.mmap) and self.leases[fi] is None:     # a mapped file frees nothing
                 buf.madvise(mmap.MADV_DONTNEED, off, n * PAGE)
 
     def write_runs(self, pid: int, runs: Sequence[Sequence[int]], mem_fd: Optional[int] = None) -> int:
@@ -286,6 +289,7 @@ class PageSource:
                 if k != n * PAGE:
                     raise EngineError(f"short write into pid {pid} memory at {addr:#x}", pid=pid)
                 total += k
+            self._check_leases(runs)
             self._release(runs)
             return total
         for batch in _batches(runs):
@@ -296,8 +300,21 @@ class PageSource:
             if got != want:
                 raise EngineError(f"short process_vm_writev into pid {pid}: {got} of {want} bytes", pid=pid)
             total += got
+            self._check_leases(batch)
             self._release(batch)
         return total
+
+    def _check_leases(self, runs: Sequence[Sequence[int]]) -> None:
+        """The mapped files the runs were just written from are still
+        leased, so what was written is what was verified: a lease breaks
+        before anyone can open its file for writing (imagecheck.map_leased).
+        Raises Refusal(image-invalid); the restore then kills the process."""
+        from .imagecheck import lease_held
+        for fi in {r[2] for r in runs}:
+            fd = self.leases[fi]
+            if fd is not None and not lease_held(fd):
+                raise Refusal("image-invalid", f"{page_file_name(fi)} was opened for writing while it was "
+                              "restored: its pages may not be the ones verified")
 
     def close(self) -> None:
         """Drop the exports; the buffers belong to the image reader."""
