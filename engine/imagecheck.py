@@ -18,7 +18,12 @@ checks what it installs, before one byte of them is believed.
 * Read once. Each file is read through that one fd into memory, hashed
   there, and those bytes are what restore uses; no file is opened again by
   path after its digest was checked (a writer racing the restore can change
-  the file, not what is restored from it).
+  the file, not what is restored from it). Pages files are mapped rather
+  than copied when a read lease on that fd can be had (map_leased): no one
+  can then open the file for writing without first breaking the lease,
+  and the restore checks the lease after every write from the mapping, so
+  the pages written are those hashed, or the restore stops (image-invalid)
+  and kills the process.
 
 The semantic checks of the records (paths, fd numbers, sizes, address
 ranges, credentials) are in :func:`check_records`.
