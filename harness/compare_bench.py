@@ -4,7 +4,10 @@ Boots one guest of ``--arch``/``--distro``/``--kernel`` with the engine
 installed, copies in bench/compare.py and a static memhog, runs it there
 (the guest's own criu: 3.17 in bookworm, 4.1 in trixie) and merges its rows
 into bench/results.json under ``compare`` / <cell>. With ``--host`` it also
-runs on this machine when a working criu is installed here (``criu check``).
+runs on this machine, with Debian 13's criu 4.1 from a private prefix
+(harness/hostcriu.py: Debian 12's 3.17 fails ``criu check`` on newer
+kernels; fetched into ~/.cache/crucible/criu on first use) or, failing
+that, the host's own when its ``criu check`` passes.
 
 Many tasks (issue 11): a tree of 50 small processes and a process with
 50 threads (tests/targets/swarm.c, static), dump/restore/frozen time for
@@ -21,7 +24,6 @@ import argparse
 import io
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -95,19 +97,18 @@ def in_guest(arch: str, accel: str, kernel: Optional[str], distro: Optional[str]
     return doc
 
 
-def on_host(sizes: str, rounds: int, swarm_cases: str = "", base_engine_dir: Optional[str] = None) -> Optional[Dict]:
-    """The same comparison on this machine. When criu is missing or does
-    not work on this kernel (the reason on stderr and in the result), ckpt
-    alone: its figures on the same processes, without ratios."""
-    criu = shutil.which("criu")
-    why = None
-    if not criu:
-        why = "no criu on this host (apt-get install criu)"
-    else:
-        chk = subprocess.run([criu, "check"], capture_output=True, text=True, close_fds=True)
-        if chk.returncode != 0:
-            why = (f"host criu does not work on kernel {os.uname().release}: "
-                   f"{' '.join((chk.stderr or chk.stdout).strip().splitlines()[-1:])}")
+def on_host(sizes: str, rounds: int, swarm_cases: str = "", base_engine_dir: Optional[str] = None,
+            ensure_criu: bool = True) -> Optional[Dict]:
+    """The same comparison on this machine, with the first criu whose
+    ``criu check`` passes here: Debian 13's in a private prefix
+    (harness/hostcriu.py; fetched into the cache now when missing and
+    ``ensure_criu``), else the host's own. When none works (the reasons on
+    stderr and in the result), ckpt alone: its figures on the same
+    processes, without ratios."""
+    from . import hostcriu
+    log = lambda s: print(s, file=sys.stderr, flush=True)   # noqa: E731
+    criu, passed_over = hostcriu.choose(hostcriu.host_candidates(ensure=ensure_criu, log=log))
+    why = None if criu else "no working criu on this host: " + "; ".join(passed_over)
     if why:
         print(f"compare: {why}; ckpt alone", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="crucible-compare-") as tmp:
@@ -127,6 +128,15 @@ def on_host(sizes: str, rounds: int, swarm_cases: str = "", base_engine_dir: Opt
     doc["where"] = "host"
     if why:
         doc["criu_unavailable"] = why
+    else:
+        doc["criu_path"] = criu
+        doc["criu_passed_over"] = passed_over
+        stamp = hostcriu.installed()
+        if stamp and Path(criu) == hostcriu.prefix_dir() / "criu":
+            doc["criu_source"] = (f"Debian {stamp['suite']} criu {stamp['deb_version']} in a private prefix, "
+                                  f"run by its own loader and libraries")
+        else:
+            doc["criu_source"] = "the host's criu"
     return doc
 
 
@@ -158,7 +168,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                     help="many-task cases MODE:N (tree, threads), comma-separated; empty: none")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--timeout", type=float, default=3600)
-    ap.add_argument("--host", action="store_true", help="also compare on this host when its criu works")
+    ap.add_argument("--host", action="store_true", help="also compare on this host (Debian 13's criu in a private "
+                                                         "prefix, else the host's, whichever passes criu check)")
+    ap.add_argument("--no-criu-install", action="store_true",
+                    help="--host: do not fetch the private criu when it is missing")
     ap.add_argument("--no-guest", action="store_true")
     ap.add_argument("--engine-dir", help="another engine package to measure (e.g. an older commit's, for before/after)")
     ap.add_argument("--base-engine-dir", help="an older engine package measured beside in the same guest "
@@ -176,7 +189,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         merge_into(Path(args.out), "compare", args.cell or cell_name(args.arch, args.distro, args.kernel), doc)
         print(json.dumps(doc["rows"] + doc.get("swarm_rows", []), indent=1))
     if args.host:
-        doc = on_host(args.sizes, args.rounds, args.swarm_cases, args.base_engine_dir)
+        doc = on_host(args.sizes, args.rounds, args.swarm_cases, args.base_engine_dir,
+                      ensure_criu=not args.no_criu_install)
         if doc is not None:
             merge_into(Path(args.out), "compare", "host", doc)
             print(json.dumps(doc["rows"] + doc.get("swarm_rows", []), indent=1))
