@@ -35,6 +35,7 @@ from typing import Dict, List, Optional
 
 from .bench import merge_into
 from .targets import REPO
+from .zygote import command_line
 
 SCRIPT = REPO / "bench" / "compare.py"
 MEMHOG_SRC = REPO / "tests" / "targets" / "memhog.c"
@@ -83,7 +84,7 @@ def in_guest(arch: str, accel: str, kernel: Optional[str], distro: Optional[str]
                 g.run("rm -rf /opt/crucible-base && mkdir -p /opt/crucible-base && "
                       "tar -x --no-same-owner -C /opt/crucible-base -f /root/base-engine.tar && "
                       "python3 -m compileall -q /opt/crucible-base/engine >/dev/null", timeout=600, check=True)
-                extra += ["--ckpt-base", "env PYTHONPATH=/opt/crucible-base python3 -m engine"]
+                extra += ["--ckpt-base", command_line("python3", "/opt/crucible-base")]
             if swarm:
                 g.put(str(swarm), "/root/swarm")
                 extra += ["--swarm", "/root/swarm", "--swarm-cases", swarm_cases]
@@ -118,12 +119,11 @@ def on_host(sizes: str, rounds: int, swarm_cases: str = "", base_engine_dir: Opt
         out = Path(tmp) / "compare.json"
         extra = ["--swarm", str(_static_swarm(Path(tmp))), "--swarm-cases", swarm_cases] if swarm_cases else []
         if base_engine_dir:
-            # -P: not the repo's engine from the working directory
-            parent = Path(base_engine_dir).resolve().parent
-            extra += ["--ckpt-base", f"env PYTHONPATH={parent} {sys.executable} -P -m engine"]
-        # -S: no site (the guest wrapper runs the engine so too, vm/guest.py)
+            parent = str(Path(base_engine_dir).resolve().parent)
+            extra += ["--ckpt-base", command_line(sys.executable, parent)]
+        # as the guests' wrapper runs it (harness/zygote.py CODE): -S, no runpy, the root first on sys.path
         subprocess.run([sys.executable, str(SCRIPT), "--memhog", str(exe), "--sizes", sizes, "--rounds", str(rounds),
-                        "--ckpt", f"{sys.executable} -S -m engine", "--criu", criu,
+                        "--ckpt", command_line(sys.executable, str(REPO)), "--criu", criu,
                         "--out", str(out)] + extra,
                        check=True, cwd=str(REPO), close_fds=True)
         doc = json.loads(out.read_text())
