@@ -24,6 +24,7 @@ import argparse
 import io
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tarfile
@@ -108,8 +109,9 @@ def on_host(sizes: str, rounds: int, swarm_cases: str = "", base_engine_dir: Opt
     processes, without ratios."""
     from . import hostcriu
     log = lambda s: print(s, file=sys.stderr, flush=True)   # noqa: E731
-    criu, passed_over = hostcriu.choose(hostcriu.host_candidates(ensure=ensure_criu, log=log))
-    why = None if criu else "no working criu on this host: " + "; ".join(passed_over)
+    chosen, passed_over = hostcriu.choose(hostcriu.host_candidates(ensure=ensure_criu, log=log))
+    why = None if chosen else "no working criu on this host: " + "; ".join(passed_over)
+    criu = shlex.join(chosen[1]) if chosen else ""
     if why:
         print(f"compare: {why}; ckpt alone", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="crucible-compare-") as tmp:
@@ -121,7 +123,7 @@ def on_host(sizes: str, rounds: int, swarm_cases: str = "", base_engine_dir: Opt
             extra += ["--ckpt-base", command_line(sys.executable, parent)]
         # as the guests' wrapper runs it (harness/zygote.py CODE): -S, no runpy, the root first on sys.path
         subprocess.run([sys.executable, str(SCRIPT), "--memhog", str(exe), "--sizes", sizes, "--rounds", str(rounds),
-                        "--ckpt", command_line(sys.executable, str(REPO)), "--criu", "" if why else criu,
+                        "--ckpt", command_line(sys.executable, str(REPO)), "--criu", criu,
                         "--out", str(out)] + extra,
                        check=True, cwd=str(REPO), close_fds=True)
         doc = json.loads(out.read_text())
@@ -129,14 +131,7 @@ def on_host(sizes: str, rounds: int, swarm_cases: str = "", base_engine_dir: Opt
     if why:
         doc["criu_unavailable"] = why
     else:
-        doc["criu_path"] = criu
-        doc["criu_passed_over"] = passed_over
-        stamp = hostcriu.installed()
-        if stamp and Path(criu) == hostcriu.prefix_dir() / "criu":
-            doc["criu_source"] = (f"Debian {stamp['suite']} criu {stamp['deb_version']} in a private prefix, "
-                                  f"run by its own loader and libraries")
-        else:
-            doc["criu_source"] = "the host's criu"
+        doc["criu_source"], doc["criu_command"], doc["criu_passed_over"] = chosen[0], criu, passed_over
     return doc
 
 

@@ -8,7 +8,10 @@ shared-library closure are fetched with a private apt configuration (its own
 sources, lists, status and cache under the cache dir; the host's sources,
 package state and packages are not touched), unpacked with ``dpkg-deb -x``
 into a private prefix, and run by trixie's own dynamic loader with only that
-prefix's libraries (a small wrapper script, ``<cache>/criu/<suite>-<arch>/criu``).
+prefix's libraries: :func:`command` gives that argv (what the comparison
+runs: no shell in front, so criu's measured start-up is the loader's and
+criu's own, as a native install's), and ``<cache>/criu/<suite>-<arch>/criu``
+is a wrapper script running the same for use by hand.
 
 criu's parasite and restorer blobs are built into the binary; plugins
 (``--libdir``) point at the prefix's own (empty) plugin dir, so a host
@@ -27,6 +30,7 @@ import fcntl
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -40,12 +44,9 @@ PACKAGE = "criu"
 KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
 STAMP = "installed.json"
 
-#: The wrapper: paths relative to its own location, so the prefix can be
-#: built in a temporary directory and renamed into place.
 WRAPPER = """#!/bin/sh
 # {suite}'s criu {version} run by {suite}'s own loader and libraries (harness/hostcriu.py)
-d=$(dirname "$(readlink -f "$0")")
-exec "$d/root/{loader}" --library-path "{libpath}" "$d/root/usr/sbin/criu" --libdir "$d/root/usr/lib/criu" "$@"
+exec {argv} "$@"
 """
 
 
@@ -138,10 +139,28 @@ def _loader(root: Path) -> str:
 
 
 def _libdirs(root: Path) -> List[str]:
-    """Directories of the prefix that hold shared libraries, as paths from
-    the wrapper's $d."""
+    """Directories of the prefix that hold shared libraries, relative to
+    ``root``."""
     dirs = sorted({p.parent for p in root.glob("usr/lib/*/*.so*")} | {p.parent for p in root.glob("lib/*/*.so*")})
-    return [f"$d/root/{d.relative_to(root)}" for d in dirs]
+    return [str(d.relative_to(root)) for d in dirs]
+
+
+def command_in(prefix: Path, loader: str, libdirs: Sequence[str]) -> List[str]:
+    """The argv that runs the prefix's criu: its loader, only its library
+    dirs (searched before the host's ld.so.cache, which then finds nothing
+    it needs), and its own plugin dir."""
+    root = prefix / "root"
+    return [str(root / loader), "--library-path", ":".join(str(root / d) for d in libdirs),
+            str(root / "usr/sbin/criu"), "--libdir", str(root / "usr/lib/criu")]
+
+
+def command(prefix: Optional[Path] = None) -> Optional[List[str]]:
+    """The argv of the installed private criu (None: not installed)."""
+    prefix = prefix or prefix_dir()
+    stamp = installed(prefix)
+    if not stamp or "loader" not in stamp:
+        return None
+    return command_in(prefix, stamp["loader"], stamp["libdirs"])
 
 
 def run_check(criu: Sequence[str], timeout: float = 60) -> Tuple[bool, str]:
@@ -179,16 +198,16 @@ def installed(prefix: Optional[Path] = None) -> Optional[Dict]:
 
 def install(suite: str = SUITE, refresh: bool = False, log: Callable[[str], None] = lambda s: None) -> Path:
     """Fetch and unpack ``suite``'s criu into the cache (once: a complete
-    install is reused unless ``refresh``); the wrapper's path. The new
-    prefix replaces the old only once it is complete and ``criu --version``
-    runs from it."""
+    install is reused unless ``refresh``); the prefix. The new prefix
+    replaces the old only once it is complete and ``criu --version`` runs
+    from it."""
     arch = dpkg_arch()
     prefix = prefix_dir(suite, arch)
     prefix.parent.mkdir(parents=True, exist_ok=True)
     with open(prefix.parent / f".{prefix.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not refresh and installed(prefix):
-            return prefix / "criu"
+        if not refresh and command(prefix):
+            return prefix
         for tool in ("apt-get", "dpkg-deb"):
             if not shutil.which(tool):
                 raise HostCriuError(f"{tool} not found (a Debian host is needed)")
@@ -211,16 +230,19 @@ def install(suite: str = SUITE, refresh: bool = False, log: Callable[[str], None
             for deb in sorted(debs.glob("*.deb")):
                 subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True, close_fds=True)
             (root / "usr/lib/criu").mkdir(parents=True, exist_ok=True)   # our plugin dir: empty
-            wrapper = tmp / "criu"
-            wrapper.write_text(WRAPPER.format(suite=suite, version=pkgs[PACKAGE], loader=_loader(root),
-                                              libpath=":".join(_libdirs(root))))
-            wrapper.chmod(0o755)
-            ver = version_of([str(wrapper)])
+            loader, libdirs = _loader(root), _libdirs(root)
+            ver = version_of(command_in(tmp, loader, libdirs))
             if not parse_version(ver):
                 raise HostCriuError(f"the unpacked criu does not run: {ver}")
+            # the wrapper names the final paths (it runs once renamed into place)
+            wrapper = tmp / "criu"
+            wrapper.write_text(WRAPPER.format(suite=suite, version=pkgs[PACKAGE],
+                                              argv=shlex.join(command_in(prefix, loader, libdirs))))
+            wrapper.chmod(0o755)
             shutil.rmtree(debs)
             shutil.rmtree(tmp / "apt")
             (tmp / STAMP).write_text(json.dumps({"suite": suite, "arch": arch, "packages": pkgs,
+                                                 "loader": loader, "libdirs": libdirs,
                                                  "criu_version": ver, "deb_version": pkgs[PACKAGE],
                                                  "installed": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
                                                 indent=1, sort_keys=True) + "\n")
@@ -231,40 +253,48 @@ def install(suite: str = SUITE, refresh: bool = False, log: Callable[[str], None
             tmp.rename(prefix)
             shutil.rmtree(old, ignore_errors=True)
             log(f"host-criu: {ver} ({suite} {pkgs[PACKAGE]}) in {prefix}")
-            return prefix / "criu"
+            return prefix
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def choose(candidates: Sequence[Tuple[str, Optional[str]]],
-           check: Callable[[Sequence[str]], Tuple[bool, str]] = run_check) -> Tuple[Optional[str], List[str]]:
-    """The first of ``candidates`` ((label, path or None)) whose
-    ``criu check`` passes, and why each one before it was passed over."""
+Candidate = Tuple[str, Optional[List[str]]]
+
+
+def choose(candidates: Sequence[Candidate], check: Callable[[Sequence[str]], Tuple[bool, str]] = run_check
+           ) -> Tuple[Optional[Candidate], List[str]]:
+    """The first of ``candidates`` ((label, argv or None)) whose ``criu
+    check`` passes, and why each one before it was passed over."""
     why: List[str] = []
-    for label, path in candidates:
-        if not path:
+    for label, argv in candidates:
+        if not argv:
             why.append(f"{label}: not installed")
             continue
-        ok, err = check([path])
+        ok, err = check(argv)
         if ok:
-            return path, why
-        why.append(f"{label} ({path}): criu check fails on kernel {os.uname().release}: {err}")
+            return (label, argv), why
+        why.append(f"{label} ({argv[-1] if len(argv) == 1 else shlex.join(argv)}): "
+                   f"criu check fails on kernel {os.uname().release}: {err}")
     return None, why
 
 
-def host_candidates(ensure: bool = True, log: Callable[[str], None] = lambda s: None) -> List[Tuple[str, Optional[str]]]:
+def host_candidates(ensure: bool = True, log: Callable[[str], None] = lambda s: None) -> List[Candidate]:
     """The private criu (installed now when ``ensure`` and missing; an
     install that fails is named, not raised), then the host's own."""
-    private: Optional[str] = None
-    label = f"{SUITE} criu (private prefix)"
+    private: Optional[List[str]] = None
+    label = f"Debian {SUITE} criu in a private prefix"
+    stamp = installed()
     try:
-        if installed():
-            private = str(prefix_dir() / "criu")
-        elif ensure:
-            private = str(install(log=log))
+        private = command()
+        if not private and ensure:
+            private = command(install(log=log))
+            stamp = installed()
     except (HostCriuError, OSError, subprocess.CalledProcessError) as e:
         label += f" [install failed: {str(e)[-300:]}]"
-    return [(label, private), ("host criu", shutil.which("criu"))]
+    if stamp and private:
+        label = f"Debian {stamp['suite']} criu {stamp['deb_version']} in a private prefix, run by its own loader"
+    host = shutil.which("criu")
+    return [(label, private), ("the host's criu", [host] if host else None)]
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -274,22 +304,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = ap.parse_args(argv)
     log = lambda s: print(s, file=sys.stderr, flush=True)   # noqa: E731
     try:
-        if args.action == "install":
-            wrapper = install(refresh=args.refresh, log=log)
-        else:
-            stamp = installed()
-            if not stamp:
-                log(f"host-criu: not installed in {prefix_dir()} (make host-criu)")
-                return 1
-            wrapper = prefix_dir() / "criu"
+        prefix = install(refresh=args.refresh, log=log) if args.action == "install" else prefix_dir()
     except HostCriuError as e:
         log(f"host-criu: {e}")
         return 1
+    argv = command(prefix)
+    if not argv:
+        log(f"host-criu: not installed in {prefix} (make host-criu)")
+        return 1
+    wrapper = prefix / "criu"
     if args.action == "path":
         print(wrapper)
         return 0
-    ok, err = run_check([str(wrapper)])
-    print(f"{wrapper}: {version_of([str(wrapper)])}; criu check: {'ok' if ok else err}")
+    ok, err = run_check(argv)
+    print(f"{wrapper}: {version_of(argv)}; criu check: {'ok' if ok else err}")
     return 0 if ok else 1
 
 

@@ -9,7 +9,9 @@ is in the cache, the last test runs its `criu check`.
 
 from __future__ import annotations
 
+import json
 import os
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -80,34 +82,45 @@ def test_sources_lines_are_signed(monkeypatch):
 
 
 def _fake_prefix(tmp_path: Path) -> Path:
-    """A prefix whose 'loader' prints the arguments it was given."""
+    """A prefix whose 'loader' prints the arguments it was given, and its
+    stamp as install() writes it."""
     prefix = tmp_path / "prefix"
-    lib = prefix / "root/usr/lib/x86_64-linux-gnu"
+    root = prefix / "root"
+    lib = root / "usr/lib/x86_64-linux-gnu"
     lib.mkdir(parents=True)
-    (prefix / "root/usr/sbin").mkdir(parents=True)
+    (root / "usr/sbin").mkdir(parents=True)
     (lib / "libc.so.6").write_text("")
     loader = lib / "ld-linux-x86-64.so.2"
     loader.write_text('#!/bin/sh\nfor a in "$@"; do echo "$a"; done\n')
     loader.chmod(0o755)
+    argv = hostcriu.command_in(prefix, hostcriu._loader(root), hostcriu._libdirs(root))
+    (prefix / "criu").write_text(hostcriu.WRAPPER.format(suite="trixie", version="4.1.1-1",
+                                                          argv=shlex.join(argv)))
+    (prefix / "criu").chmod(0o755)
+    (prefix / hostcriu.STAMP).write_text(json.dumps({
+        "suite": "trixie", "deb_version": "4.1.1-1", "loader": hostcriu._loader(root),
+        "libdirs": hostcriu._libdirs(root)}))
     return prefix
 
 
-def test_wrapper_runs_criu_through_the_prefix_loader(tmp_path):
+def test_command_runs_criu_through_the_prefix_loader(tmp_path):
     prefix = _fake_prefix(tmp_path)
-    root = prefix / "root"
-    wrapper = prefix / "criu"
-    wrapper.write_text(hostcriu.WRAPPER.format(suite="trixie", version="4.1.1-1", loader=hostcriu._loader(root),
-                                               libpath=":".join(hostcriu._libdirs(root))))
-    wrapper.chmod(0o755)
-    # called through a symlink elsewhere (readlink -f finds the prefix)
-    link = tmp_path / "bin" / "criu"
-    link.parent.mkdir()
-    link.symlink_to(wrapper)
-    out = subprocess.run([str(link), "dump", "-t", "1 2"], capture_output=True, text=True, check=True,
-                         close_fds=True).stdout.splitlines()
-    real = str(prefix.resolve())
-    assert out == ["--library-path", f"{real}/root/usr/lib/x86_64-linux-gnu", f"{real}/root/usr/sbin/criu",
-                   "--libdir", f"{real}/root/usr/lib/criu", "dump", "-t", "1 2"]
+    root = str(prefix / "root")
+    argv = hostcriu.command(prefix)
+    assert argv == [f"{root}/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2",
+                    "--library-path", f"{root}/usr/lib/x86_64-linux-gnu", f"{root}/usr/sbin/criu",
+                    "--libdir", f"{root}/usr/lib/criu"]
+    # the wrapper runs the same, the caller's arguments kept whole
+    out = subprocess.run([str(prefix / "criu"), "dump", "-t", "1 2"], capture_output=True, text=True,
+                         check=True, close_fds=True).stdout.splitlines()
+    assert out == argv[1:] + ["dump", "-t", "1 2"]
+
+
+def test_command_none_without_a_complete_install(tmp_path):
+    prefix = _fake_prefix(tmp_path)
+    (prefix / "criu").unlink()                           # interrupted before the wrapper
+    assert hostcriu.command(prefix) is None
+    assert hostcriu.command(tmp_path / "nothing") is None
 
 
 def test_loader_missing_is_an_error(tmp_path):
@@ -150,16 +163,16 @@ def test_run_check_reports_the_error_line(tmp_path):
 
 
 def test_choose_prefers_the_first_working_criu(tmp_path):
-    bad = _fake_criu(tmp_path, "bad", 1, BOOKWORM_ERR)
-    good = _fake_criu(tmp_path, "good", 0)
-    good2 = _fake_criu(tmp_path, "good2", 0)
-    assert hostcriu.choose([("private", good), ("host", good2)]) == (good, [])
-    path, why = hostcriu.choose([("private", None), ("host", bad), ("other", good)])
-    assert path == good
+    bad = [_fake_criu(tmp_path, "bad", 1, BOOKWORM_ERR)]
+    good = [_fake_criu(tmp_path, "good", 0)]
+    good2 = ["/bin/sh", _fake_criu(tmp_path, "good2", 0)]
+    assert hostcriu.choose([("private", good), ("host", good2)]) == (("private", good), [])
+    chosen, why = hostcriu.choose([("private", None), ("host", bad), ("other", good2)])
+    assert chosen == ("other", good2)
     assert why[0] == "private: not installed"
-    assert why[1].startswith(f"host ({bad}): criu check fails") and why[1].endswith("features detection.")
-    path, why = hostcriu.choose([("private", bad), ("host", None)])
-    assert path is None and len(why) == 2
+    assert why[1].startswith(f"host ({bad[0]}): criu check fails") and why[1].endswith("features detection.")
+    chosen, why = hostcriu.choose([("private", bad), ("host", None)])
+    assert chosen is None and len(why) == 2
 
 
 def test_installed_needs_stamp_and_wrapper(tmp_path):
@@ -172,8 +185,8 @@ def test_installed_needs_stamp_and_wrapper(tmp_path):
     assert hostcriu.installed(tmp_path) is None
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or not hostcriu.installed(), reason="private criu not installed (make host-criu)")
+@pytest.mark.skipif(os.geteuid() != 0 or not hostcriu.command(), reason="private criu not installed (make host-criu)")
 def test_installed_private_criu_works_here():
-    wrapper = [str(hostcriu.prefix_dir() / "criu")]
-    assert hostcriu.parse_version(hostcriu.version_of(wrapper)) >= (4,)
-    assert hostcriu.run_check(wrapper) == (True, "")
+    for argv in (hostcriu.command(), [str(hostcriu.prefix_dir() / "criu")]):
+        assert hostcriu.parse_version(hostcriu.version_of(argv)) >= (4,)
+        assert hostcriu.run_check(argv) == (True, "")
