@@ -53,6 +53,44 @@ def parse_status(text: str) -> Dict[str, str]:
     return out
 
 
+def status_fields(text: str, keys) -> Dict[str, str]:
+    """The `keys` of /proc/PID/status text, as parse_status() gives them
+    (value stripped; a key that is not there is left out), without parsing
+    the other ~55 lines: the per-thread reads of a dump (signal sets,
+    sameness with the leader) want two to ten of them. A key is found only
+    at the start of a line; Name (the only field a process writes) has its
+    newlines escaped by the kernel, so it cannot fake one."""
+    out = {}
+    for k in keys:
+        tag = k + ":"
+        if text.startswith(tag):
+            i = len(tag)
+        else:
+            i = text.find("\n" + tag)
+            if i < 0:
+                continue
+            i += 1 + len(tag)
+        j = text.find("\n", i)
+        out[k] = (text[i:] if j < 0 else text[i:j]).strip()
+    return out
+
+
+def read_status_fields(path: str, keys) -> Dict[str, str]:
+    """status_fields() of the file at `path` (os.read: no text-file object
+    per read). Raises OSError."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        data = os.read(fd, 8192)
+        while len(data) >= 8192:        # a long Groups line: read on to the end
+            more = os.read(fd, 65536)
+            if not more:
+                break
+            data += more
+    finally:
+        os.close(fd)
+    return status_fields(data.decode("utf-8", "surrogateescape"), keys)
+
+
 def parse_maps(text: str) -> List[dict]:
     """/proc/PID/maps lines as dicts: start, end, perms, offset, dev, inode,
     path ('' for anonymous; may end in ' (deleted)'; may contain spaces)."""

@@ -260,9 +260,8 @@ def kill(tasks: List[Task]) -> None:
 # -- survey and dump -----------------------------------------------------------
 
 def _status(pid: int, tid: int) -> dict:
-    from .procfs import parse_status
-    with open(f"/proc/{pid}/task/{tid}/status") as f:
-        return parse_status(f.read())
+    from .procfs import read_status_fields
+    return read_status_fields(f"/proc/{pid}/task/{tid}/status", SAME_STATUS)
 
 
 def kcmp(pid1: int, pid2: int, kind: int) -> int:
@@ -270,30 +269,60 @@ def kcmp(pid1: int, pid2: int, kind: int) -> int:
     return libc.syscall(current().SYS["kcmp"], pid1, pid2, kind, 0, 0, name="kcmp", pid=pid2)
 
 
-def sameness_problems(pid: int, tid: int) -> List[str]:
+def _personality(pid: int, tid: int) -> str:
+    fd = os.open(f"/proc/{pid}/task/{tid}/personality", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.read(fd, 64).decode().strip()
+    finally:
+        os.close(fd)
+
+
+def leader_view(pid: int) -> dict:
+    """What sameness_problems() compares every thread with, read once per
+    dump (the leader is frozen: none of it changes meanwhile)."""
+    view = {"status": _status(pid, pid), "ns": {}}
+    try:
+        view["personality"] = _personality(pid, pid)
+    except OSError:
+        view["personality"] = None
+    for ns in NS_KINDS:
+        try:
+            view["ns"][ns] = os.readlink(f"/proc/{pid}/task/{pid}/ns/{ns}")
+        except OSError:
+            view["ns"][ns] = None
+    return view
+
+
+def sameness_problems(pid: int, tid: int, lead: Optional[dict] = None) -> List[str]:
     """What thread `tid` does not share with the leader, though a restore
-    would make it shared."""
+    would make it shared. `lead`: leader_view(pid), when already read."""
     out = []
-    mine, lead = _status(pid, tid), _status(pid, pid)
+    if lead is None:
+        lead = leader_view(pid)
+    mine, lead_status = _status(pid, tid), lead["status"]
     for k in SAME_STATUS:
-        if mine.get(k, "") != lead.get(k, ""):
-            out.append(f"{k} {mine.get(k, '')!r} (leader: {lead.get(k, '')!r})")
+        if mine.get(k, "") != lead_status.get(k, ""):
+            out.append(f"{k} {mine.get(k, '')!r} (leader: {lead_status.get(k, '')!r})")
     for what, kind in KCMP.items():
         try:
             if kcmp(pid, tid, kind) != 0:
                 out.append(f"its own {what}")
         except SysError as e:
             out.append(f"kcmp {what}: {e.message}")
-    try:
-        with open(f"/proc/{pid}/task/{tid}/personality") as f, open(f"/proc/{pid}/task/{pid}/personality") as g:
-            mine_p, lead_p = f.read().strip(), g.read().strip()
-        if mine_p != lead_p:
-            out.append(f"personality {mine_p} (leader: {lead_p})")
-    except OSError:
-        pass
-    for ns in NS_KINDS:
+    lead_p = lead["personality"]
+    if lead_p is not None:
         try:
-            if os.readlink(f"/proc/{pid}/task/{tid}/ns/{ns}") != os.readlink(f"/proc/{pid}/task/{pid}/ns/{ns}"):
+            mine_p = _personality(pid, tid)
+        except OSError:
+            mine_p = None
+        if mine_p is not None and mine_p != lead_p:
+            out.append(f"personality {mine_p} (leader: {lead_p})")
+    for ns in NS_KINDS:
+        theirs = lead["ns"][ns]
+        if theirs is None:
+            continue
+        try:
+            if os.readlink(f"/proc/{pid}/task/{tid}/ns/{ns}") != theirs:
                 out.append(f"its own {ns} namespace")
         except OSError:
             continue
@@ -396,9 +425,10 @@ def survey(s, leader: Task, others: List[Task], state: Optional[dict]) -> List[d
     elif state is not None:
         prefetch(others, leader, s.vmas)
     recs = []
+    lead = leader_view(pid)
     for t in others:
         what = f"thread {t.pid}"
-        probs = sameness_problems(pid, t.pid)
+        probs = sameness_problems(pid, t.pid, lead)
         # Refusals under the names the leader's use ("threads", "interrupted
         # syscall", "pending signals"): stable labels for `ckpt survey`.
         if probs:
