@@ -607,7 +607,9 @@ def late_state(b) -> None:
         r = tb.rec["rseq"]
         if r["pointer"]:
             tb.call("rseq", r["pointer"], r["size"], 0, r["signature"])
-        signals.requeue(tb.task, tb.put, {"thread": tb.rec["signals"].get("thread", [])})
+        own = tb.rec["signals"].get("thread", [])
+        if own:     # nothing to queue: its mask is all-blocked since _own_state already
+            signals.requeue(tb.task, tb.put, {"thread": own})
         sched.apply(tb.pid, tb.rec["sched"])
 
 
