@@ -666,6 +666,12 @@ def _own_state(tb, rec: dict) -> None:
     head, length = rec["robust_list"]
     if head:
         q("set_robust_list", head, length)
+    # rseq in the same batch (not one injected call more per thread at
+    # late_state): the mm is complete by now, and a CLONE_VM clone starts
+    # unregistered, so nothing else touches the area before it is ours.
+    r = rec["rseq"]
+    if r["pointer"]:
+        q("rseq", r["pointer"], r["size"], 0, r["signature"])
     tb.flush()
     # Everything blocked until finish(): a signal dequeued at an injection
     # stop could only be dropped or delivered mid-restore.
@@ -680,11 +686,9 @@ def creds(b) -> None:
 
 
 def late_state(b) -> None:
-    """rseq, own pending signals, scheduling: the leader's stages, per thread."""
+    """Own pending signals, scheduling: the leader's stages, per thread
+    (its rseq is registered with its own state, _own_state)."""
     for tb in b.threads:
-        r = tb.rec["rseq"]
-        if r["pointer"]:
-            tb.call("rseq", r["pointer"], r["size"], 0, r["signature"])
         own = tb.rec["signals"].get("thread", [])
         if own:     # nothing to queue: its mask is all-blocked since _own_state already
             signals.requeue(tb.task, tb.put, {"thread": own})
