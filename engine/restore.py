@@ -596,7 +596,8 @@ def _restore(reader: ImageReader, options: Options, t0: float) -> dict:
     with _system_errors_as_engine_errors("restore pre-flight"), imagecheck.malformed_as_invalid("pre-flight"):
         preflight(reader, core, vmas, fdrecs, ctx)
     faults.point("restore.preflighted")
-    pages = PageSource([reader.data(page_file_name(i)) for i in range(npf)])
+    pages = PageSource([reader.data(page_file_name(i)) for i in range(npf)],
+                       [reader.lease_fd(page_file_name(i)) for i in range(npf)])
     prepared = None
     try:
         for v in vmas:

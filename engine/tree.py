@@ -603,6 +603,9 @@ class Sub:
     def size(self, name):
         return self._img.size(self.prefix + name)
 
+    def lease_fd(self, name):
+        return self._img.lease_fd(self.prefix + name)
+
     def __getattr__(self, name):
         return getattr(self._img, name)
 

@@ -217,7 +217,8 @@ def restore_tree(reader, options, pidfile: Optional[str], t0: float) -> dict:
             xstate = img.read_bytes("xstate.bin")
             imagecheck.check_xstate(core, xstate, m["dir"] + "xstate.bin")
             thread_xstate = threads.unpack_xstate(img, core.get("threads", []))
-            pages = PageSource([img.data(page_file_name(i)) for i in range(npf)])
+            pages = PageSource([img.data(page_file_name(i)) for i in range(npf)],
+                               [img.lease_fd(page_file_name(i)) for i in range(npf)])
             sources.append(pages)
             for v in vmas:
                 pages.check_runs(v["pages"])

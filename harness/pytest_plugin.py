@@ -447,6 +447,7 @@ class Crucible:
 
     def _boot_guest(self, suffix: str) -> GuestTarget:
         from vm import Guest, ensure_image
+        from vm.arch import get_arch
         opt = self.config.getoption
         img = ensure_image(opt("arch"), kernel=opt("kernel") or None, distro=opt("distro") or "bookworm")
         # Both guests of this worker share an L2 segment (harness/segment.py):
@@ -454,11 +455,24 @@ class Crucible:
         from . import segment
         other = "b" if suffix == "a" else "a"
         sock = f"/tmp/crucible-seg-{os.getpid()}-{self.worker}"
-        guest = Guest(arch=opt("arch"), accel=opt("accel"), name=f"{self.worker}{suffix}",
-                      log_dir=str(REPORTS_DIR / "guests"), image=img, memory_mb=512,
-                      segment=(f"{sock}{suffix}", f"{sock}{other}", segment.MACS.get(suffix, segment.MACS["b"])))
+        from vm.accel import choose_accel
+        from . import bootcache
+        from vm.paths import cache_dir
         t0 = time.monotonic()
-        guest.__enter__()
+        # resolved first: a kept boot is one accelerator's (harness/bootcache.py)
+        accel = choose_accel(opt("accel"), opt("arch"), img).accel
+
+        def make(from_snapshot=None):
+            return Guest(arch=opt("arch"), accel=accel, name=f"{self.worker}{suffix}",
+                         log_dir=str(REPORTS_DIR / "guests"), image=img, memory_mb=512, from_snapshot=from_snapshot,
+                         segment=(f"{sock}{suffix}", f"{sock}{other}", segment.MACS.get(suffix, segment.MACS["b"])))
+        if bootcache.enabled():
+            guest, how = bootcache.launch(
+                make, cache_dir() / "booted", f"{img.dir.name}-{suffix}",
+                lambda g: bootcache.key(g.image, get_arch(g.arch).qemu_binary, accel, bootcache.placeholder_argv(g)))
+        else:
+            guest, how = make(), "booted"
+            guest.__enter__()
         self._guests.append(guest)
         accel = str(getattr(guest, "accel", "tcg"))
         t = GuestTarget(guest, time_scale=1.0 if accel == "kvm" else 2.0)
@@ -473,9 +487,10 @@ class Crucible:
         t3 = time.monotonic()
         guest.snapshot("golden")
         # where a worker's first scenario's time went (its row's guest_prep)
-        self._prep.append({"guest": t.name, "launch": round(t1 - t0, 2), "install": round(t2 - t1, 2),
+        self._prep.append({"guest": t.name, "how": how, "launch": round(t1 - t0, 2), "install": round(t2 - t1, 2),
                            "agent": round(t3 - t2, 2), "snapshot": round(time.monotonic() - t3, 2),
-                           "pyc_compiled": t.pyc_compiled, "digests_seeded": t.digests_seeded})
+                           "pyc_compiled": t.pyc_compiled, "digests_seeded": t.digests_seeded,
+                           "launch_steps": {k: round(v, 2) for k, v in guest.timings.items()}})
         return t
 
     def take_prep(self) -> List[Dict]:
