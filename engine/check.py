@@ -180,7 +180,7 @@ def _check_restore_env(s: Survey, tree_member: bool = False, shell_job: bool = F
     * a hard rlimit above ckpt's own: raising it needs CAP_SYS_RESOURCE;
     * a session that is neither the target's own nor ckpt's: the restored
       process could join neither."""
-    eff = int(procfs.parse_status(open("/proc/self/status").read()).get("CapEff", "0"), 16)
+    eff = int(procfs.self_status().get("CapEff", "0"), 16)
     if not (eff >> CAP_SYS_RESOURCE) & 1:
         from . import libc
         try:
@@ -248,7 +248,7 @@ def creds_plan(creds: dict, mine: dict) -> str:
 
 def _check_creds(s: Survey) -> None:
     creds = creds_of(s.status)
-    mine = creds_of(procfs.parse_status(open("/proc/self/status").read()))
+    mine = creds_of(procfs.self_status())
     try:
         plan = creds_plan(creds, mine)
         s.ok("credentials", "credentials", f"uid {creds['uid'][0]} gid {creds['gid'][0]} ({plan})")

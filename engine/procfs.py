@@ -91,6 +91,23 @@ def read_status_fields(path: str, keys) -> Dict[str, str]:
     return status_fields(data.decode("utf-8", "surrogateescape"), keys)
 
 
+_SELF: dict = {}
+
+
+def self_status() -> Dict[str, str]:
+    """ckpt's own /proc/self/status, parsed once per process (a survey and
+    a restore's checks ask it once per task: credentials, CapEff). ckpt
+    never changes its own credentials; a helper child that does (fds
+    _peercred) is another PID, so the memo is per PID. Do not modify the
+    dict. Raises OSError."""
+    got = _SELF.get("status")
+    pid = os.getpid()
+    if got is None or got[0] != pid:
+        with open("/proc/self/status") as f:
+            got = _SELF["status"] = (pid, parse_status(f.read()))
+    return got[1]
+
+
 def parse_maps(text: str) -> List[dict]:
     """/proc/PID/maps lines as dicts: start, end, perms, offset, dev, inode,
     path ('' for anonymous; may end in ' (deleted)'; may contain spaces)."""

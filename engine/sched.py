@@ -184,11 +184,9 @@ def allowed_cpus() -> List[int]:
 
 
 def _my_caps() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("CapEff:"):
-                return int(line.split()[1], 16)
-    return 0
+    from .procfs import self_status
+    eff = self_status().get("CapEff")
+    return int(eff.split()[0], 16) if eff else 0
 
 
 def validate(rec: dict) -> List[Refusal]:

@@ -126,10 +126,20 @@ def children_of(pid: int) -> List[int]:
     out: List[int] = []
     for tid in threads.tids(pid):
         try:
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
-                out.extend(int(x) for x in f.read().split())
+            # os.read, not open(): no text-file object per task (a tree's freeze reads these per pass)
+            fd = os.open(f"/proc/{pid}/task/{tid}/children", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                data = b""
+                while True:
+                    more = os.read(fd, 65536)
+                    if not more:
+                        break
+                    data += more
+            finally:
+                os.close(fd)
         except OSError:
             continue
+        out.extend(int(x) for x in data.split())
     return sorted(set(out))
 
 
