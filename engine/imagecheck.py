@@ -340,6 +340,7 @@ def read_file(dfd: int, name: str, root: str, *, want_size: Optional[int] = None
 # ~0.6 s of CPU: allocating the buffer, then reading into it). The signal
 # announcing a break is made SIGURG (ignored by default): SIGIO would kill ckpt.
 F_SETSIG, F_SETLEASE, F_GETLEASE = 10, 1024, 1025
+SIGURG = 23         # not signal.SIGURG: importing signal (enum) costs every restore ~5 ms
 MADV_POPULATE_READ = 22
 HASH_STEP = 1 << 20
 LEASE_STEP = 8 << 20
@@ -350,9 +351,8 @@ def map_leased(fd: int, size: int, hasher=None):
     when no lease can be had (a writer has it open, a file system or
     sysctl without leases): the caller copies the file then."""
     import fcntl
-    import signal
     try:
-        fcntl.fcntl(fd, F_SETSIG, signal.SIGURG)
+        fcntl.fcntl(fd, F_SETSIG, SIGURG)
         fcntl.fcntl(fd, F_SETLEASE, fcntl.F_RDLCK)
     except OSError:
         return None
