@@ -30,7 +30,7 @@ import os
 import struct
 TYPE_CHECKING = False   # annotations only: importing typing costs every run ~3 ms
 if TYPE_CHECKING:
-    from typing import List, Optional
+    from typing import List
 
 from . import libc
 from .arch import current as current_arch
