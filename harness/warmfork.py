@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import errno
 import gc
 import os
 import struct
@@ -192,6 +193,7 @@ def become(argv: List[str]) -> None:
     # the freed pages inside the heap back to the kernel (not its free top:
     # see prepare_parent)
     _libc.malloc_trim(HEAP_PAD)
+    wall_heap()
     sys.excepthook, sys.displayhook = sys.__excepthook__, sys.__displayhook__
     sys.unraisablehook = sys.__unraisablehook__
 
@@ -222,6 +224,39 @@ def prepare_parent() -> None:
         blocks.append(_libc.malloc(64 << 10))               # below the mmap threshold: from the heap
     for b in blocks:
         _libc.free(b)
+
+
+PROT_NONE, MAP_PRIVATE, MAP_ANONYMOUS, MAP_FIXED_NOREPLACE = 0, 0x02, 0x20, 0x100000
+MAP_FAILED = ctypes.c_void_p(-1).value
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+
+
+def wall_heap() -> None:
+    """In the fork, once the agent's heap is all it will inherit: one
+    inaccessible page right at the heap's end, so that brk can never grow
+    it. The inherited [heap] cannot take the growth into its own VMA (its
+    anon_vma chain is the agent's and its own: mm/mmap.c
+    is_mergeable_anon_vma), so growth past prepare_parent's free top would
+    be a second [heap] VMA, which no restore reproduces (it maps the heap
+    afresh, in one piece) and the judge would call corrupted. With brk
+    walled, glibc's malloc takes what the top cannot give from mmap
+    instead (its main arena goes non-contiguous): anonymous mappings, which
+    a restore may merge with their neighbours and the judge compares as one
+    (statediff.merge_neighbours). The wall is a mapping the process has
+    from then on, dumped and restored like any other."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    end = (_libc.sbrk(0) + page - 1) & ~(page - 1)
+    got = _libc.mmap(end, page, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0)
+    if got == end:
+        return
+    err = ctypes.get_errno()
+    if got not in (None, MAP_FAILED):     # a kernel that took the address as a hint only
+        _libc.munmap(got, page)
+        raise Cold(f"mmap(MAP_FIXED_NOREPLACE) placed the heap's wall at {got:#x}, not {end:#x}")
+    if err != errno.EEXIST:               # EEXIST: a mapping is there already, brk cannot grow anyway
+        raise Cold(f"cannot wall the heap at {end:#x}: {os.strerror(err)} (errno {err})")
 
 
 def workload_argv(script: str, spec_path: str, mark: str, python: Optional[str] = None) -> List[str]:
