@@ -33,21 +33,24 @@ What the fork does not re-create: the memory layout and contents are the
 agent's (its imports, one ASLR draw per golden snapshot), and ``sys.modules``
 holds the agent's modules. The workload's checks and the judge read neither,
 but the judge compares /proc/PID/maps before the dump and after the restore,
-and a mapping the fork inherited never merges with an anonymous one the
-workload adds right next to it (mm/mmap.c is_mergeable_anon_vma), where a
-restore's fresh mappings do merge: the [heap] is kept from growing
-(:func:`prepare_parent`); a new anonymous mmap (a pymalloc arena, a large
-malloc) placed against an inherited anonymous mapping of the same
-protections would still show as two VMAs before and one after, a false
-``corrupted`` (never a false pass); none was seen in 13 + 29 guest scenarios
-and 52 mutant runs.
+and a mapping the fork inherited never merges with one the workload adds
+right next to it (mm/mmap.c is_mergeable_anon_vma), where a restore's fresh
+mappings may merge. Anonymous neighbours (a pymalloc arena, a large malloc
+against an inherited one) the judge compares as one for every engine
+(statediff.merge_neighbours: a program sees the same memory either way).
+The [heap] is named and compared piece by piece, so it must not grow by
+brk: :func:`prepare_parent` leaves the forks a large free top, and
+:func:`wall_heap` maps an inaccessible page at its end, so that what the top
+cannot give malloc takes from anonymous mmaps.
 
-Off by default (the runner passes ``--exec`` unless ``CRUCIBLE_WARM_WORKLOAD=1``
-on the host): in x86_64 TCG guests, about one warm scenario in 13 was judged
-corrupted on ``status.SigBlk`` alone (the before-dump snapshot caught SIGUSR1
-blocked, an awake moment, though quiet_snapshot found the process still in
-one syscall with no tick), never with exec'd workloads in the same runs;
-the cause is not found yet.
+The default (the runner passes ``--exec`` only with ``CRUCIBLE_WARM_WORKLOAD=0``
+on the host). A SigBlk corruption once seen with warm workloads only (about
+one scenario in 13, before-dump snapshots showing SIGUSR1 blocked) was the
+judge's: quiet_snapshot's stillness reads, which a wake-up and a tick could
+fall between (procstate._opening says how), caught exec'd workloads alike
+once measured (the first snapshot after ready: 1 in 40 warm, 2 in 40
+exec'd, in a TCG guest); ftrace in the guest showed warm workloads get no
+signal and no early (EINTR) wake-up.
 """
 
 from __future__ import annotations
