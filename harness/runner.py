@@ -298,9 +298,9 @@ class Run:
             self.need(self.cmd(t, segment.up([seg["stays"], seg["moves"]]), "ready", "setup"), "ready",
                       "bring up the segment NIC")
         # setup steps, the workload's start and the before_dump steps: one command
-        # The workload forked warm from the agent (harness/warmfork.py), a new
-        # python3 with CRUCIBLE_WARM_WORKLOAD=0
-        cold = ["--exec"] if os.environ.get("CRUCIBLE_WARM_WORKLOAD", "1") == "0" else []
+        # A new python3 for the workload unless CRUCIBLE_WARM_WORKLOAD=1 (harness/warmfork.py:
+        # off by default: judged clean, but its image carries the agent's memory)
+        cold = [] if os.environ.get("CRUCIBLE_WARM_WORKLOAD", "0") == "1" else ["--exec"]
         r = self.cmd(t, t.script("workload.py") + ["spawn", p["spec"], "--setup", "--before-dump", "--ready-file"]
                      + cold, "ready", "setup")
         ready = _json_or_none(r.stdout) or {}
