@@ -58,10 +58,13 @@ signal and no early (EINTR) wake-up.
 
 from __future__ import annotations
 
+import _signal
 import atexit
 import ctypes
 import errno
 import gc
+import io
+import marshal
 import os
 import struct
 import sys
@@ -70,10 +73,6 @@ TYPE_CHECKING = False   # annotations only (typing is ~2 ms of imports)
 if TYPE_CHECKING:
     from typing import Dict, List, Optional, Sequence
 
-try:
-    from . import zygote
-except ImportError:  # pragma: no cover - in the guest, run as a script
-    import zygote  # type: ignore[no-redef]
 
 #: python3's options for the workload (workload.spawn execs ``python3 -S``)
 FLAGS = ["-S"]
@@ -91,6 +90,12 @@ _libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_u
 _KEEP: List[object] = []
 
 
+#: the warm seed's socket (abstract), set in the agent by start_seed before it
+#: forks any script: spawn, a fork of the agent, asks the seed for its workload
+SEED: Optional[str] = None
+PR_SET_PDEATHSIG = 1
+
+
 class Cold(Exception):
     """The fork cannot be made what the exec would be: exec instead (why)."""
 
@@ -105,7 +110,7 @@ def why_cold() -> str:
     """In the parent, before the fork: why the child must exec ("" = it may fork)."""
     if os.environ.get("CRUCIBLE_WARM_WORKLOAD", "1") == "0":
         return "CRUCIBLE_WARM_WORKLOAD=0"
-    flags = zygote.interpreter_flags()
+    flags = interpreter_flags()
     if flags != FLAGS:
         return f"this python3 runs with options {flags}, the workload's with {FLAGS}"
     try:
@@ -183,8 +188,8 @@ def become(argv: List[str]) -> None:
     sys.argv = script
     if hasattr(sys, "orig_argv"):
         sys.orig_argv = list(argv)
-    zygote._exec_signals()
-    zygote._std_streams(bool(getattr(sys.__stdout__, "write_through", False)))
+    exec_signals()
+    std_streams(bool(getattr(sys.__stdout__, "write_through", False)))
     atexit._clear()             # the agent's; the workload's run registers none
     # What only the agent has (its warm engine, harness/zygote.py) goes, and
     # with the agent's garbage its pages: a fresh python3 holds neither, and
@@ -265,7 +270,206 @@ def wall_heap() -> None:
         raise Cold(f"cannot wall the heap at {end:#x}: {os.strerror(err)} (errno {err})")
 
 
+def start_seed(run_script: str, timeout: float = 120) -> str:
+    """In the agent: start the *seed*, the process every warm workload is
+    forked from, and wait until it serves; "" or why there is none.
+
+    A fork of the agent itself would carry the agent's memory (its warm
+    engine, the harness's helpers, all they allocated) into every workload
+    and so into every image the engine dumps and restores (11.4 MB against
+    an exec'd workload's 3.5 MB in a TCG guest: the 0.16 s the warm start
+    gained, 1.2 s lost in the dump and the restore). The seed is a python3
+    started as the exec'd workload is (``python3 -S workload_run.py seed
+    FD AGENT``, harness/workload.py): it imports what ``run`` needs and
+    this module, and waits on the agent's listening socket (fd FD, an
+    abstract address spawn finds in :data:`SEED`); it dies with the agent."""
+    global SEED
+    import socket
+    import subprocess
+    name = f"\0crucible-warm-seed-{os.getpid()}"
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        srv.bind(name)
+        srv.listen(16)
+        p = subprocess.Popen([sys.executable, *FLAGS, run_script, "seed", str(srv.fileno()), str(os.getpid())],
+                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, close_fds=True,
+                             pass_fds=(srv.fileno(),), cwd="/")
+    finally:
+        srv.close()
+    import select
+    ready, _, _ = select.select([p.stdout], [], [], timeout)
+    line = p.stdout.readline() if ready else b""
+    p.stdout.close()
+    if line.strip() != b"serving":
+        p.kill()
+        return f"the warm seed did not start: {line[:200]!r}"
+    SEED = name
+    return ""
+
+
+def serve_seed(fd: int, agent: int, run) -> None:  # pragma: no cover - the seed; never returns
+    """The seed's loop (``run``: workload._run_warm). It leaves its forks a
+    free heap top (prepare_parent: its heap is its own, so growing it now
+    keeps it one VMA) and nothing to collect; each request is answered with
+    the PID of a fork that becomes the workload (:func:`_seed_fork`)."""
+    import _socket
+    _libc.prctl(PR_SET_PDEATHSIG, _signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != agent:
+        os._exit(0)
+    srv = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM, 0, fd)
+    prepare_parent()
+    gc.collect()
+    gc.freeze()
+
+    def reap(_sig, _frame):     # the workloads are the seed's children
+        while True:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if not pid:
+                return
+    _signal.signal(_signal.SIGCHLD, reap)
+    os.write(1, b"serving\n")
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)
+    os.close(null)
+    while True:
+        cfd, _ = srv._accept()
+        conn = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM, 0, cfd)
+        try:
+            try:
+                rep = _seed_fork(marshal.loads(_all(conn)), srv, conn, run)
+            except Exception as e:   # noqa: BLE001 - spawn execs then, and says why
+                rep = {"cold": f"the warm seed failed: {type(e).__name__}: {e}"}
+            conn.sendall(marshal.dumps(rep))
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+
+def _all(conn) -> bytes:
+    """What the peer sends until it shuts its side."""
+    out = []
+    while True:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return b"".join(out)
+        out.append(chunk)
+
+
+def _seed_fork(req: dict, srv, conn, run) -> dict:  # pragma: no cover - the seed
+    """Fork the workload ``req`` asks for: what spawn's own child would be
+    (its session, stdio on /dev/null, no other fd, spawn's cwd), then
+    become it (``run``), or exec it when that cannot be exact."""
+    argv, spec = [str(a) for a in req["argv"]], str(req["spec"])
+    if req.get("env") != dict(os.environ):
+        return {"cold": "spawn's environment is not the one the warm seed started with"}
+    pid = os.fork()
+    if pid == 0:
+        try:
+            conn.close()
+            srv.close()
+            os.setsid()
+            os.chdir(str(req["cwd"]))
+            null = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(null, fd)
+            os.closerange(3, 65536)
+            run(argv, spec)
+            os.execv(argv[0], argv)
+        finally:
+            os._exit(127)
+    return {"pid": pid}
+
+
+def ask_seed(argv: List[str], spec_path: str, timeout: float = 30) -> int:
+    """In spawn (a fork of the agent): the PID of the workload the seed
+    forked for ``argv``; raises :class:`Cold` (why) when there is none."""
+    if SEED is None:
+        raise Cold("no warm seed (the agent did not start one)")
+    import socket
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect(SEED)
+        s.sendall(marshal.dumps({"argv": list(argv), "spec": spec_path, "env": dict(os.environ), "cwd": os.getcwd()}))
+        s.shutdown(socket.SHUT_WR)
+        data = _all(s)
+    except OSError as e:
+        raise Cold(f"the warm seed did not answer: {e}") from None
+    finally:
+        s.close()
+    try:
+        rep = marshal.loads(data)
+    except (ValueError, EOFError, TypeError):
+        raise Cold(f"the warm seed answered {data[:200]!r}") from None
+    if "pid" in rep:
+        return int(rep["pid"])
+    raise Cold(str(rep.get("cold") or "the warm seed refused"))
+
+
 def workload_argv(script: str, spec_path: str, mark: str, python: Optional[str] = None) -> List[str]:
     """The argv the exec'd workload has (workload.spawn)."""
     python = python or sys.executable
     return [python, *FLAGS, os.path.abspath(script), "run", spec_path, mark]
+
+
+def interpreter_flags() -> Optional[List[str]]:
+    """This python3's own options (those before its script), None if unknown."""
+    argv = getattr(sys, "orig_argv", None)
+    if argv is None:
+        return None
+    flags = []
+    for a in argv[1:]:
+        if not a.startswith("-"):
+            return flags
+        flags.append(a)
+    return flags
+
+
+def exec_signals() -> None:
+    """Dispositions as execve(2) leaves them (handled -> default, ignored
+    stays ignored), then as python3 sets them at start: SIGPIPE and SIGXFSZ
+    ignored, SIGINT its KeyboardInterrupt handler when it was default."""
+    for s in range(1, _signal.NSIG):
+        if s in (_signal.SIGKILL, _signal.SIGSTOP):
+            continue
+        try:
+            h = _signal.getsignal(s)
+        except ValueError:
+            continue
+        if h is None:            # set outside Python: leave as the kernel has it (exec keeps it too)
+            continue
+        if h != _signal.SIG_IGN and h != _signal.SIG_DFL:
+            try:
+                _signal.signal(s, _signal.SIG_DFL)
+            except (OSError, ValueError):
+                pass
+    for s in (_signal.SIGPIPE, getattr(_signal, "SIGXFSZ", None)):
+        if s is not None:
+            _signal.signal(s, _signal.SIG_IGN)
+    if _signal.getsignal(_signal.SIGINT) == _signal.SIG_DFL:
+        _signal.signal(_signal.SIGINT, _signal.default_int_handler)
+
+
+def std_streams(unbuffered: bool) -> None:
+    """sys.stdin/stdout/stderr over fds 0-2 as python3's start-up makes them
+    (pylifecycle.c create_stdio; the encoding and errors the zygote's own
+    got from the same environment)."""
+    old = (sys.stdin, sys.stdout, sys.stderr, sys.__stdin__, sys.__stdout__, sys.__stderr__)
+    _KEEP.append(old)
+    made = []
+    for fd, name, mode in ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w")):
+        ref = getattr(sys, "__" + name + "__", None) or getattr(sys, name)
+        raw_only = unbuffered and mode == "w"
+        buf = io.open(fd, mode + "b", 0 if raw_only else -1, closefd=False)
+        (buf if raw_only else buf.raw).name = f"<{name}>"
+        text = io.TextIOWrapper(buf, encoding=ref.encoding, errors=ref.errors, newline="\n",
+                                line_buffering=not unbuffered and (os.isatty(fd) or fd == 2),
+                                write_through=unbuffered)
+        text.mode = mode
+        made.append(text)
+    sys.stdin, sys.stdout, sys.stderr = made
+    sys.__stdin__, sys.__stdout__, sys.__stderr__ = made

@@ -277,3 +277,34 @@ def test_a_fork_that_outgrows_the_parent_s_room_keeps_one_heap_only_when_walled(
     ) % (str(REPO), walled)
     r = subprocess.run([AGENT_PY, "-S", "-c", code], capture_output=True, text=True, timeout=60, close_fds=True)
     assert (r.returncode, r.stdout) == (0, repr((1, 1, True)) if walled else repr((2, 0, True))), r.stderr
+
+
+def test_warm_workloads_are_forked_from_a_lean_seed_that_dies_with_the_agent(tmp_path):
+    """Not from the agent: a fork of it carried the agent's memory (its
+    engine, its helpers) into every image. The seed is a python3 started as
+    the exec'd workload is, the warm workload's parent; the workload's heap
+    is one VMA with the wall at its end, and the seed goes with the agent."""
+    link, proc = _agent(tmp_path, ["-S"])
+    ready = {}
+    seed = None
+    try:
+        ready = _spawn(link, _spec(tmp_path / "s"))
+        assert ready["start"] == "warm", ready
+        status = dict(ln.split(":", 1) for ln in Path(f"/proc/{ready['pid']}/status").read_text().splitlines())
+        seed = int(status["PPid"])
+        argv = Path(f"/proc/{seed}/cmdline").read_bytes().split(b"\0")
+        assert argv[:4] == [AGENT_PY.encode(), b"-S", str(RUN_SCRIPT).encode(), b"seed"], argv
+        assert int(Path(f"/proc/{seed}/stat").read_text().rsplit(")", 1)[1].split()[1]) == proc.pid
+        maps = [ln.split() for ln in Path(f"/proc/{ready['pid']}/maps").read_text().splitlines()]
+        heap = [m for m in maps if m[-1] == "[heap]" and m[1] != "---p"]
+        assert len(heap) == 1, heap
+    finally:
+        _kill(ready)
+        link.close()
+        proc.kill()
+        proc.wait()
+    deadline = time.monotonic() + 10
+    while seed is not None and os.path.exists(f"/proc/{seed}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert seed is None or not os.path.exists(f"/proc/{seed}") or \
+        Path(f"/proc/{seed}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
