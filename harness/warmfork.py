@@ -1,15 +1,23 @@
-"""Start the workload in a fork of the resident agent instead of a new python3.
+"""Start the workload as a fork of a warm seed instead of a new python3.
 
 Runs in the guest (stdlib only). ``workload.py spawn`` execs ``python3 -S
 workload_run.py run SPEC MARK`` for every scenario: interpreter start-up and
-imports, several tenths of a second under TCG. When ``spawn`` itself runs in
-a fork of the agent (harness/agent.py marks the script module it calls,
-:func:`agent_fork`), the modules ``run`` needs are already imported, and
-the workload's child becomes that process without an exec (:func:`become`).
+imports, several tenths of a second under TCG. The agent starts a *seed*
+once (:func:`start_seed`, before the golden snapshot): a python3 started as
+the exec'd workload is, with the modules ``run`` needs imported, waiting on
+a socket. When ``spawn`` runs in a fork of the agent (harness/agent.py
+marks the script module it calls, :func:`agent_fork`), it asks the seed
+for a fork (:func:`ask_seed`), which becomes the workload without an exec
+(:func:`become`). Not a fork of the agent itself: that carried the agent's
+memory (its warm engine, the harness's helpers, their garbage) into every
+image the engine dumps and restores (11.4 MB against an exec'd workload's
+3.5 MB in a TCG guest: dump +0.7 s and restore +0.5 s, against 0.16 s
+saved at the start; medians of 5 alternating pairs).
 
 What a fresh exec would have, and how the fork gets it:
 
-* session, stdio on /dev/null, no other fd: as before the exec (the caller).
+* session, stdio on /dev/null, no other fd, spawn's cwd and environment
+  (compared: another one and the seed declines, spawn execs).
 * ``/proc/PID/cmdline`` (the judge's mutants re-exec it to fake a restore,
   world.pidstate and workloads_under find workloads by its MARK) and
   ``/proc/PID/environ``: prctl(PR_SET_MM, PR_SET_MM_MAP) points the
@@ -20,40 +28,37 @@ What a fresh exec would have, and how the fork gets it:
   would), only CONFIG_CHECKPOINT_RESTORE, which the engine's restore needs
   too. Read back and compared; any difference and the child execs instead.
 * signal dispositions as execve leaves them and python3 sets them
-  (zygote._exec_signals); the mask, umask, rlimits, cgroup, cwd, session
-  and credentials are inherited alike by fork and exec.
-* threads: a fork keeps only the calling thread; the agent runs none (checked:
+  (:func:`exec_signals`: the seed's SIGCHLD handler goes); the mask, umask,
+  rlimits, cgroup, session and credentials are inherited alike by fork and
+  exec. Its parent is the seed (status.PPid, which the judge lets differ).
+* threads: a fork keeps only the calling thread; the seed runs none (checked:
   a process with more than one would hold locks the child can never take).
-* python3's own options: the agent's must be the workload's (``-S``), else exec.
-* sys.argv / sys.orig_argv, std streams over fds 0-2, no exit handlers of
-  the agent's; the agent's garbage collected and its objects frozen (out of
-  the workload's collections), before ``run`` starts.
+* python3's own options: the seed runs with the workload's (``-S``).
+* sys.argv / sys.orig_argv, std streams over fds 0-2, no exit handlers;
+  the seed's objects collected and frozen (out of the workload's
+  collections) before it serves.
 
 What the fork does not re-create: the memory layout and contents are the
-agent's (its imports, one ASLR draw per golden snapshot), and ``sys.modules``
-holds the agent's modules. The workload's checks and the judge read neither,
-but the judge compares /proc/PID/maps before the dump and after the restore,
-and a mapping the fork inherited never merges with one the workload adds
-right next to it (mm/mmap.c is_mergeable_anon_vma), where a restore's fresh
-mappings may merge. Anonymous neighbours (a pymalloc arena, a large malloc
-against an inherited one) the judge compares as one for every engine
+seed's (one ASLR draw per golden snapshot, this module imported). The
+workload's checks and the judge read neither, but the judge compares
+/proc/PID/maps before the dump and after the restore, and a mapping the
+fork inherited never merges with one the workload adds right next to it
+(mm/mmap.c is_mergeable_anon_vma), where a restore's fresh mappings may
+merge. Anonymous neighbours (a pymalloc arena, a large malloc against an
+inherited one) the judge compares as one for every engine
 (statediff.merge_neighbours: a program sees the same memory either way).
 The [heap] is named and compared piece by piece, so it must not grow by
 brk: :func:`prepare_parent` leaves the forks a large free top, and
 :func:`wall_heap` maps an inaccessible page at its end, so that what the top
 cannot give malloc takes from anonymous mmaps.
 
-Off by default (the runner passes ``--exec`` unless ``CRUCIBLE_WARM_WORKLOAD=1``
-on the host), for speed, not correctness: the fork's image carries the
-agent's memory (in a TCG guest 11.4 MB against an exec'd workload's 3.5 MB:
-dump +0.7 s and restore +0.5 s, against 0.16 s saved at the start; medians
-of 5 alternating pairs). A SigBlk corruption once seen with warm workloads only (about
-one scenario in 13, before-dump snapshots showing SIGUSR1 blocked) was the
-judge's: quiet_snapshot's stillness reads, which a wake-up and a tick could
-fall between (procstate._opening says how), caught exec'd workloads alike
-once measured (the first snapshot after ready: 1 in 40 warm, 2 in 40
-exec'd, in a TCG guest); ftrace in the guest showed warm workloads get no
-signal and no early (EINTR) wake-up.
+A SigBlk corruption once seen with warm workloads only (about one scenario
+in 13, before-dump snapshots showing SIGUSR1 blocked) was the judge's:
+quiet_snapshot's stillness reads, which a wake-up and a tick could fall
+between (procstate._opening says how), caught exec'd workloads alike once
+measured (the first snapshot after ready: 1 in 40 warm, 2 in 40 exec'd, in
+a TCG guest); ftrace in the guest showed warm workloads get no signal and
+no early (EINTR) wake-up.
 """
 
 from __future__ import annotations
@@ -190,13 +195,13 @@ def become(argv: List[str]) -> None:
         sys.orig_argv = list(argv)
     exec_signals()
     std_streams(bool(getattr(sys.__stdout__, "write_through", False)))
-    atexit._clear()             # the agent's; the workload's run registers none
-    # What only the agent has (its warm engine, harness/zygote.py) goes, and
-    # with the agent's garbage its pages: a fresh python3 holds neither, and
-    # every page the workload holds is one more for the engine to dump and
-    # restore. The garbage goes now, not in the workload's own collection (a
-    # long one under TCG, the harness already snapshotting the process), and
-    # what stays is left out of every later one.
+    atexit._clear()             # the parent's; the workload's run registers none
+    # What only an agent holds (its warm engine, harness/zygote.py: never
+    # in the seed) goes, and with the parent's garbage its pages: a fresh
+    # python3 holds neither, and every page the workload holds is one more
+    # for the engine to dump and restore. The garbage goes now, not in the
+    # workload's own collection (the harness already snapshotting the
+    # process), and what stays is left out of every later one.
     for name in [n for n in sys.modules if n.split(".")[0] in AGENT_ONLY]:
         del sys.modules[name]
     gc.collect()
@@ -212,13 +217,14 @@ def become(argv: List[str]) -> None:
 M_TRIM_THRESHOLD, M_TOP_PAD = -1, -2      # mallopt(3)
 #: top-level packages the agent imports for itself that a workload never uses
 AGENT_ONLY = frozenset({"engine"})
-#: free heap the agent keeps for its forks (virtual: untouched pages cost nothing)
+#: free heap the seed keeps for its forks (virtual: untouched pages cost nothing)
 HEAP_PAD = 64 << 20
 
 
 def prepare_parent() -> None:
-    """In the agent, once, before any fork: leave a large free top in the
-    heap, never trimmed. A VMA a fork inherits never merges with one the
+    """In the seed, once, before any fork: leave a large free top in the
+    heap, never trimmed (the seed's heap is its own, not a fork's: it grows
+    in one VMA). A VMA a fork inherits never merges with one the
     child adds next to it (mm/mmap.c is_mergeable_anon_vma: its anon_vma
     chain is not singular), so a warm workload whose heap grew would show a
     [heap] in two pieces, which a restore (fresh mappings, merged) cannot
