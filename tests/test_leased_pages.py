@@ -99,3 +99,14 @@ def test_pages_are_not_written_from_a_file_whose_lease_broke(tmp_path):
         src.close()
         buf.close()
         os.close(fd)
+
+
+def test_only_on_file_systems_where_every_writer_meets_the_lease(tmp_path, monkeypatch):
+    p = _file(tmp_path)
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        monkeypatch.setattr(imagecheck, "LEASE_FS", {})    # as if tmp_path were overlayfs
+        assert imagecheck.map_leased(fd, SIZE, sha256()) is None
+        os.close(os.open(p, os.O_WRONLY | os.O_NONBLOCK))  # and no lease was taken
+    finally:
+        os.close(fd)
