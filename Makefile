@@ -30,7 +30,7 @@ ifeq ($(ARCH),aarch64)
 APT_PACKAGES += qemu-system-arm qemu-user-static binfmt-support arch-test
 endif
 
-.PHONY: setup setup-apt setup-pip test test-host test-aarch64-guest lint-workflows vm-image vm-shell vm-test \
+.PHONY: setup setup-apt setup-pip host-criu test test-host test-aarch64-guest lint-workflows vm-image vm-shell vm-test \
         vm-generate mutants bench reliability clean-image help
 
 help:
@@ -46,6 +46,8 @@ help:
 	@echo "make vm-generate        run GENERATE=$(GENERATE) generated scenarios from SEED=$(SEED) in guests"
 	@echo "make test-aarch64-guest the aarch64 guest tests of tests/ (needs make vm-image ARCH=aarch64)"
 	@echo "make bench              write benchmark figures to bench/results.json"
+	@echo "make host-criu          Debian 13's criu for the host comparison, in ~/.cache/crucible/criu"
+	@echo "                        (private apt config and prefix; make bench fetches it when missing)"
 	@echo "make reliability        fault points + ckpt killed at random instants + FUZZ_CASES=$(FUZZ_CASES) mutated"
 	@echo "                        images from FUZZ_SEED=$(FUZZ_SEED) -> bench/reliability.json"
 
@@ -64,6 +66,14 @@ setup-pip:
 	$(PYTHON) -m pip install -q -e '.[test]'
 	@# the engine's bytecode, so that no ckpt run compiles it (~35 ms each)
 	$(PYTHON) -m compileall -q engine >/dev/null
+
+# Debian 13's criu 4.1 and its libraries unpacked into a private prefix, run
+# by their own loader (harness/hostcriu.py): Debian 12's criu 3.17 fails
+# `criu check` on newer host kernels, and trixie's .deb needs trixie's libc.
+# The host's apt sources and packages are not touched.
+host-criu:
+	$(PYTHON) -m harness.hostcriu install
+	$(PYTHON) -m harness.hostcriu check
 
 test: test-host vm-test
 
@@ -133,6 +143,7 @@ bench:
 	$(PYTHON) bench/engine_bench.py --out bench/results.json
 	$(PYTHON) -m vm bench --arch $(ARCH) --kernel $(KERNEL) --distro $(DISTRO) --out bench/results.json
 	$(PYTHON) -m harness bench --arch $(ARCH) --kernel $(KERNEL) --out bench/results.json
-	@# ckpt against the guest's criu (bookworm 3.17, trixie 4.1) in one guest; on this host too when its criu works
+	@# ckpt against the guest's criu (bookworm 3.17, trixie 4.1) in one guest; on this host too, with
+	@# Debian 13's criu from ~/.cache/crucible/criu (make host-criu; fetched here when missing)
 	$(PYTHON) -m harness compare --arch $(ARCH) --kernel $(KERNEL) --distro $(DISTRO) --host --out bench/results.json
 	$(PYTHON) bench/table.py bench/results.json

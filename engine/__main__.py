@@ -3,6 +3,6 @@ import sys
 
 gc.set_threshold(20_000, 10, 10)    # before the imports too (engine/cli.py quiet_collector says why)
 
-from .cli import main  # noqa: E402
+from .cli import main, leave  # noqa: E402
 
-sys.exit(main())
+leave(main())

@@ -82,6 +82,19 @@ def injected_state(task: Task, vmas: List[dict]) -> dict:
         finally:
             task.write_mem(scr, saved)
         return out
+    from .dumpbatch import read as batched
+    try:
+        status = procfs.Proc(task.pid).status()
+        got = batched(task, vmas, status, _injected_reads())
+    except BaseException:
+        task.write_mem(scr, saved)
+        raise
+    if got is not None:
+        try:
+            got["posix_timers"] = posixtimers.dump(task, scr)
+        finally:
+            task.write_mem(scr, saved)
+        return got
     out = {}
     try:
         out["brk"] = task.call("brk", 0)
@@ -157,15 +170,29 @@ def prefetch_injected(tasks: List[Task]) -> None:
     without a vdso syscall or scratch memory are left to injected_state(),
     as is everything when a read fails (it fails there again, in context)."""
     from .task import syscall_each
-    ready = []
+    from .dumpbatch import read_each
+    cand = []
     for task in tasks:
         try:
             proc = procfs.Proc(task.pid)
-            if seccomp.mode_of(proc.status()):
+            status = proc.status()
+            if seccomp.mode_of(status):
                 continue
             vmas = proc.maps()
             if task.syscall_ip is None:
                 task.syscall_ip = _syscall_in_vdso(task, vmas)
+            cand.append((task, vmas, status))
+        except (Refusal, OSError, libc.SysError):
+            continue
+    # Each member's reads in one run of its own (engine/dumpbatch.py)...
+    batched = read_each(cand, _injected_reads()) if len(cand) > 1 else {}
+    ready = []
+    for task, vmas, _ in cand:
+        if task.pid in batched:
+            task.prefetched = batched[task.pid]
+            continue
+        # ...or, where that cannot be, one round trip per read for all of them.
+        try:
             scr = _scratch(task, vmas)
             ready.append((task, scr, task.read_mem(scr, SCRATCH)))
         except (Refusal, OSError, libc.SysError):

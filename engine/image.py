@@ -333,6 +333,14 @@ class ImageWriter:
             self.abort()
 
 
+def _leasable(name: str) -> bool:
+    """Page files are mapped under a lease rather than copied when they
+    can be (imagecheck.map_leased): only memory.PageSource reads them, and
+    it checks the lease after every write it makes from them."""
+    base = name.rsplit("/", 1)[-1]
+    return base.startswith("pages-") and base.endswith(".img")
+
+
 class ImageReader:
     """An image opened for restore or show, checked as engine/imagecheck.py
     says (owner, permissions, no symlinks; `image-unsafe`). ``verify()``
@@ -347,6 +355,7 @@ class ImageReader:
             raise UsageError(f"{self.dir}: no such image directory")
         self.fd, self.dir = imagecheck.open_image_dir(self.dir)
         self._data: Dict[str, object] = {}
+        self._leases: Dict[str, int] = {}     # name: fd holding the read lease of a mapped file
         self._verified = False
         try:
             self._load_manifest(imagecheck)
@@ -420,12 +429,10 @@ class ImageReader:
                 raise bad(f"{name} is {present[name].st_size} bytes, manifest says {meta['size']}")
 
         def load(name: str):
-            buf = imagecheck.read_file(self.fd, name, self.dir, want_size=self.files[name]["size"],
-                                       expect=present[name])
             h = sha256()
-            with memoryview(buf) as v:
-                for off in range(0, len(v), _CHUNK):
-                    h.update(v[off:off + _CHUNK])   # hashlib releases the GIL for large buffers
+            buf = imagecheck.read_file(self.fd, name, self.dir, want_size=self.files[name]["size"],
+                                       expect=present[name], hasher=h,
+                                       leases=self._leases if _leasable(name) else None)
             return name, buf, h.hexdigest()
 
         names = sorted(self.files, key=lambda n: -self.files[n]["size"])
@@ -482,6 +489,11 @@ class ImageReader:
                                                           want_size=self.files[name]["size"])
         return buf
 
+    def lease_fd(self, name: str) -> Optional[int]:
+        """The fd holding the read lease under which `name` is mapped, not
+        copied (imagecheck.map_leased); None for a file held in memory."""
+        return self._leases.get(name)
+
     def size(self, name: str) -> int:
         return len(self.data(name))
 
@@ -504,6 +516,9 @@ class ImageReader:
                 except BufferError:   # still exported (a PageSource not closed): freed with it
                     pass
         self._data.clear()
+        for fd in self._leases.values():
+            os.close(fd)        # the lease ends with the last reference to the file (its mapping's)
+        self._leases.clear()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

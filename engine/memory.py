@@ -22,7 +22,8 @@ from .errors import EngineError, Refusal
 from .libc import SysError
 
 PAGE = 4096
-BUF = 16 << 20            # one reused read buffer (ENGINE-NOTES: reuse buffers)
+BUF = 16 << 20            # largest piece of a run a record names
+STEP = 1 << 20            # dump: bytes read, written and hashed at a time (see _Worker)
 CHUNK = 64 << 20          # bytes per pages file (files are hashed in parallel)
 IOV_BATCH = 512           # remote iovecs per process_vm_readv (< IOV_MAX)
 WRITE_STEP = 16 << 20     # restore: bytes per process_vm_writev, freed from the buffer after it
@@ -75,7 +76,7 @@ class PageDumper:
         files = [self.image.open(page_file_name(i)) for i in range(len(self.plan))]
         # No bigger than the largest file: a small process's few pages must
         # not pay for faulting in and zeroing a 16 MiB buffer (~4 ms).
-        bufsize = min(BUF, max(sum(n for _, n, _ in pieces) for pieces in self.plan))
+        bufsize = min(STEP, max(sum(n for _, n, _ in pieces) for pieces in self.plan))
         try:
             if self.threads == 1 or len(self.plan) == 1:
                 w = _Worker(self.pid, bufsize)
@@ -117,11 +118,13 @@ class PageDumper:
 
 
 class _Worker:
-    """One reused buffer; fills one pages file from its planned pieces."""
+    """One reused buffer; fills one pages file from its planned pieces,
+    STEP bytes at a time. Why so small: read from the process, written to
+    the file and hashed while still in the CPU's cache; with 16 MiB at a
+    time each of the three passes went to memory (the write into tmpfs
+    alone cost a 1 GiB dump ~0.4 s of CPU)."""
 
-    def __init__(self, pid: int, size: int = BUF):
-        # size >= every planned piece: add() cuts pieces at BUF bytes and
-        # run() passes at least the largest file's total.
+    def __init__(self, pid: int, size: int = STEP):
         self.pid = pid
         self.size = size
         self.buf = bytearray(size)
@@ -131,6 +134,11 @@ class _Worker:
 
     def fill(self, out, pieces: List[Tuple[int, int, bool]]) -> None:
         faults.point("dump.pages")
+        segs: List[Tuple[int, int, bool]] = []
+        for addr, n, force in pieces:
+            for off in range(0, n, self.size):
+                segs.append((addr + off, min(self.size, n - off), force))
+        pieces = segs
         i = 0
         while i < len(pieces):
             batch: List[Tuple[int, int]] = []
@@ -200,9 +208,13 @@ def _batches(runs: Sequence[Sequence[int]]):
 class PageSource:
     """The pages files of an image, as the image reader verified them: the
     very bytes whose sha256 was checked (ImageReader.data), never the file
-    opened again by path (imagecheck.py: read once)."""
+    opened again by path (imagecheck.py: read once) - or the file mapped
+    under a read lease, checked after every write (_check_leases)."""
 
-    def __init__(self, buffers: Sequence):
+    def __init__(self, buffers: Sequence, leases: Sequence = ()):
+        # leases[i]: the fd whose read lease keeps file i as verified while
+        # it is mapped, not copied (imagecheck.map_leased); None: a copy.
+        self.leases: List[Optional[int]] = list(leases) + [None] * (len(buffers) - len(leases))
         self.spans: List[Tuple[int, int, int]] = []    # (file, offset, end) of every checked run
         self._recyclable: Optional[bool] = None
         self.dropped = False
@@ -240,8 +252,8 @@ class PageSource:
         copy of the pages (the restorer holds them copy-on-write), so that
         what the restorer releases after writing is really freed."""
         self.dropped = True
-        for buf in self.maps:
-            if isinstance(buf, mmap.mmap):
+        for buf, lease in zip(self.maps, self.leases):
+            if isinstance(buf, mmap.mmap) and lease is None:    # a mapped file's pages are the page cache's
                 buf.madvise(mmap.MADV_DONTNEED)
 
     def recyclable(self) -> bool:
@@ -263,7 +275,7 @@ class PageSource:
             return
         for _, n, fi, off in batch:
             buf = self.maps[fi]
-            if isinstance(buf, mmap.mmap):
+            if isinstance(buf, mmap.mmap) and self.leases[fi] is None:     # a mapped file frees nothing
                 buf.madvise(mmap.MADV_DONTNEED, off, n * PAGE)
 
     def write_runs(self, pid: int, runs: Sequence[Sequence[int]], mem_fd: Optional[int] = None) -> int:
@@ -286,6 +298,7 @@ class PageSource:
                 if k != n * PAGE:
                     raise EngineError(f"short write into pid {pid} memory at {addr:#x}", pid=pid)
                 total += k
+            self._check_leases(runs)
             self._release(runs)
             return total
         for batch in _batches(runs):
@@ -296,8 +309,21 @@ class PageSource:
             if got != want:
                 raise EngineError(f"short process_vm_writev into pid {pid}: {got} of {want} bytes", pid=pid)
             total += got
+            self._check_leases(batch)
             self._release(batch)
         return total
+
+    def _check_leases(self, runs: Sequence[Sequence[int]]) -> None:
+        """The mapped files the runs were just written from are still
+        leased, so what was written is what was verified: a lease breaks
+        before anyone can open its file for writing (imagecheck.map_leased).
+        Raises Refusal(image-invalid); the restore then kills the process."""
+        from .imagecheck import lease_held
+        for fi in {r[2] for r in runs}:
+            fd = self.leases[fi]
+            if fd is not None and not lease_held(fd):
+                raise Refusal("image-invalid", f"{page_file_name(fi)} was opened for writing while it was "
+                              "restored: its pages may not be the ones verified")
 
     def close(self) -> None:
         """Drop the exports; the buffers belong to the image reader."""

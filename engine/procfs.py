@@ -53,6 +53,81 @@ def parse_status(text: str) -> Dict[str, str]:
     return out
 
 
+def status_fields(text: str, keys) -> Dict[str, str]:
+    """The `keys` of /proc/PID/status text, as parse_status() gives them
+    (value stripped; a key that is not there is left out), without parsing
+    the other ~55 lines: the per-thread reads of a dump (signal sets,
+    sameness with the leader) want two to ten of them. A key is found only
+    at the start of a line; Name (the only field a process writes) has its
+    newlines escaped by the kernel, so it cannot fake one."""
+    out = {}
+    for k in keys:
+        tag = k + ":"
+        if text.startswith(tag):
+            i = len(tag)
+        else:
+            i = text.find("\n" + tag)
+            if i < 0:
+                continue
+            i += 1 + len(tag)
+        j = text.find("\n", i)
+        out[k] = (text[i:] if j < 0 else text[i:j]).strip()
+    return out
+
+
+def read_status_fields(path: str, keys) -> Dict[str, str]:
+    """status_fields() of the file at `path` (os.read: no text-file object
+    per read). Raises OSError."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        data = os.read(fd, 8192)
+        while len(data) >= 8192:        # a long Groups line: read on to the end
+            more = os.read(fd, 65536)
+            if not more:
+                break
+            data += more
+    finally:
+        os.close(fd)
+    return status_fields(data.decode("utf-8", "surrogateescape"), keys)
+
+
+def read_all(path: str) -> bytes:
+    """The whole file, by os.open/os.read: no file object (open() makes a
+    FileIO and a buffered reader per call; a 50-process tree's survey reads
+    ~900 /proc files). Raises OSError."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        data = os.read(fd, 65536)
+        if not data:
+            return data
+        chunks = [data]
+        while True:
+            more = os.read(fd, 65536)
+            if not more:
+                break
+            chunks.append(more)
+    finally:
+        os.close(fd)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+_SELF: dict = {}
+
+
+def self_status() -> Dict[str, str]:
+    """ckpt's own /proc/self/status, parsed once per process (a survey and
+    a restore's checks ask it once per task: credentials, CapEff). ckpt
+    never changes its own credentials; a helper child that does (fds
+    _peercred) is another PID, so the memo is per PID. Do not modify the
+    dict. Raises OSError."""
+    got = _SELF.get("status")
+    pid = os.getpid()
+    if got is None or got[0] != pid:
+        with open("/proc/self/status") as f:
+            got = _SELF["status"] = (pid, parse_status(f.read()))
+    return got[1]
+
+
 def parse_maps(text: str) -> List[dict]:
     """/proc/PID/maps lines as dicts: start, end, perms, offset, dev, inode,
     path ('' for anonymous; may end in ' (deleted)'; may contain spaces)."""
@@ -177,8 +252,7 @@ class Proc:
     def read(self, name: str) -> str:
         """Text of /proc/PID/name. Raises Refusal(no-such-process) if gone."""
         try:
-            with open(self.path(name), "rb") as f:
-                return f.read().decode("utf-8", "surrogateescape")
+            return read_all(self.path(name)).decode("utf-8", "surrogateescape")
         except (FileNotFoundError, ProcessLookupError) as e:
             raise self._gone(e) from None
         except OSError as e:
@@ -188,8 +262,7 @@ class Proc:
 
     def read_bytes(self, name: str) -> bytes:
         try:
-            with open(self.path(name), "rb") as f:
-                return f.read()
+            return read_all(self.path(name))
         except (FileNotFoundError, ProcessLookupError) as e:
             raise self._gone(e) from None
 

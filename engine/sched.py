@@ -30,7 +30,7 @@ import os
 import struct
 TYPE_CHECKING = False   # annotations only: importing typing costs every run ~3 ms
 if TYPE_CHECKING:
-    from typing import List, Optional
+    from typing import List
 
 from . import libc
 from .arch import current as current_arch
@@ -64,33 +64,69 @@ def set_attr(pid: int, attr: dict) -> None:
 
 
 def _read_int(path: str) -> int:
-    with open(path) as f:
-        return int(f.read().strip())
+    # os.open/os.read, not open(): no text-file object for a one-number file
+    # (five of these per task and dump, four per task and restore)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return int(os.read(fd, 64).strip())
+    finally:
+        os.close(fd)
 
 
 def _write_int(path: str, value: int) -> None:
-    with open(path, "w") as f:
-        f.write(f"{value}\n")
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, f"{value}\n".encode())
+    finally:
+        os.close(fd)
+
+
+def _reread_int(fd: int) -> int:
+    os.lseek(fd, 0, os.SEEK_SET)       # a seq_file shows the value afresh from offset 0
+    return int(os.read(fd, 64).strip())
+
+
+def _slack_and_default(path: str, rt: bool):
+    """(timer slack, default slack or None) through one descriptor: read,
+    write 0 (the task's default), read, write the value back."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        fd = None
+    if fd is None:      # not writable here: as far as the separate opens get
+        slack = _read_int(path)
+        if not rt:
+            try:
+                _write_int(path, 0)
+            except OSError:
+                return slack, None
+            try:
+                return slack, _read_int(path)
+            finally:
+                _write_int(path, slack)
+        return slack, None
+    try:
+        slack = _reread_int(fd)
+        if rt:
+            return slack, None
+        try:
+            os.write(fd, b"0\n")
+        except OSError:
+            return slack, None  # not allowed (no CAP_SYS_NICE): the default stays unknown, ckpt's
+        try:
+            return slack, _reread_int(fd)
+        finally:
+            os.write(fd, f"{slack}\n".encode())
+    finally:
+        os.close(fd)
 
 
 def dump(pid: int) -> dict:
     """The scheduling record of a frozen process."""
     attr = get_attr(pid)
-    slack_path = f"/proc/{pid}/timerslack_ns"
-    slack = _read_int(slack_path)
-    default: Optional[int] = None
-    if attr["policy"] not in RT_POLICIES:
-        # Writing 0 sets the slack to the task's default; put it back at once
-        # (the target is frozen: nothing of it runs in between).
-        try:
-            _write_int(slack_path, 0)
-        except OSError:
-            pass        # not allowed (no CAP_SYS_NICE): the default stays unknown, ckpt's
-        else:
-            try:
-                default = _read_int(slack_path)
-            finally:
-                _write_int(slack_path, slack)
+    # Writing 0 sets the slack to the task's default; put it back at once
+    # (the target is frozen: nothing of it runs in between).
+    slack, default = _slack_and_default(f"/proc/{pid}/timerslack_ns", attr["policy"] in RT_POLICIES)
     # sched_getattr reports sched_nice 0 for RT tasks; their nice (what
     # getpriority shows, and what a return to SCHED_OTHER brings back) is kept.
     return {"attr": attr, "nice": os.getpriority(os.PRIO_PROCESS, pid), "affinity": sorted(os.sched_getaffinity(pid)),
@@ -148,11 +184,9 @@ def allowed_cpus() -> List[int]:
 
 
 def _my_caps() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("CapEff:"):
-                return int(line.split()[1], 16)
-    return 0
+    from .procfs import self_status
+    eff = self_status().get("CapEff")
+    return int(eff.split()[0], 16) if eff else 0
 
 
 def validate(rec: dict) -> List[Refusal]:

@@ -480,6 +480,8 @@ def _safe_to_interrupt(frame) -> bool:
         where = _where(f)
         if (where[0] == "task.py" and where[1] in _UNSAFE) or (where[0] == "threads.py" and where[1] in _UNSAFE_THREADS):
             return False
+        if where[0] == "dumpbatch.py":
+            return False    # the target may be running the batch's code: only its own ending puts it back
         f = f.f_back
     return True
 

@@ -217,7 +217,8 @@ def restore_tree(reader, options, pidfile: Optional[str], t0: float) -> dict:
             xstate = img.read_bytes("xstate.bin")
             imagecheck.check_xstate(core, xstate, m["dir"] + "xstate.bin")
             thread_xstate = threads.unpack_xstate(img, core.get("threads", []))
-            pages = PageSource([img.data(page_file_name(i)) for i in range(npf)])
+            pages = PageSource([img.data(page_file_name(i)) for i in range(npf)],
+                               [img.lease_fd(page_file_name(i)) for i in range(npf)])
             sources.append(pages)
             for v in vmas:
                 pages.check_runs(v["pages"])
@@ -320,8 +321,7 @@ def _fork(parent, m: dict, job) -> object:
         raise SysError("clone3 (injected, a child of the tree)", -r, parent.pid)
     if r != m["pid"]:
         raise Refusal("pid-in-use", f"child came back as PID {r}, not {m['pid']}", pid=m["pid"])
-    t = Task.adopt(r)
-    ptrace.set_options(r, ptrace.O_TRACESYSGOOD | ptrace.O_EXITKILL | O_TRACEFORK)
+    t = Task.adopt(r, O_TRACEFORK)
     b = Builder(job, t)
     b.use_gadget(parent.gadget, parent.gadget_size)     # inherited through the fork
     b.timerslack = parent.timerslack        # a fork's current slack is its parent's

@@ -240,12 +240,11 @@ def agent_flags() -> List[str]:
 
 def start_line(python: str, scripts: str) -> str:
     """The guest shell line (for SSH) that loads virtio_console where it is a
-    module, byte-compiles the engine and the guest scripts (a pyc written
-    before the golden snapshot is one no scenario compiles again) and starts
-    the agent detached, its stdio off the SSH channel."""
+    module and starts the agent detached, its stdio off the SSH channel.
+    (The engine and the guest scripts are byte-compiled at install:
+    harness/guestinstall.py.)"""
     flags = "".join(f + " " for f in agent_flags())
     return (f"(test -d /sys/class/virtio-ports || modprobe virtio_console) && "
-            f"{python} -m compileall -q /opt/crucible >/dev/null && "
             f"setsid -f {python} {flags}{scripts}/agent.py {AGENT_PORT} </dev/null >/dev/null 2>>{AGENT_LOG}")
 
 

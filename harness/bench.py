@@ -36,10 +36,10 @@ def measure_reset(arch: str, accel: str, rounds: int, kernel: Optional[str] = No
     img = ensure_image(arch, **({"kernel": kernel} if kernel else {}))
     t0 = time.monotonic()
     with Guest(arch=arch, accel=accel, name="bench-reset", log_dir=str(REPO / "reports" / "guests"),
-               image=img, memory_mb=512, engine_dir=str(REPO / "engine")) as g:
+               image=img, memory_mb=512) as g:
         boot = time.monotonic() - t0
         t = GuestTarget(g, time_scale=1.0 if getattr(g, "accel", "tcg") == "kvm" else 2.0)
-        t.install()
+        t.install(REPO / "engine")
         t.start_agent()
         t1 = time.monotonic()
         g.snapshot("golden")

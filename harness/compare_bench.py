@@ -4,7 +4,10 @@ Boots one guest of ``--arch``/``--distro``/``--kernel`` with the engine
 installed, copies in bench/compare.py and a static memhog, runs it there
 (the guest's own criu: 3.17 in bookworm, 4.1 in trixie) and merges its rows
 into bench/results.json under ``compare`` / <cell>. With ``--host`` it also
-runs on this machine when a working criu is installed here (``criu check``).
+runs on this machine, with Debian 13's criu 4.1 from a private prefix
+(harness/hostcriu.py: Debian 12's 3.17 fails ``criu check`` on newer
+kernels; fetched into ~/.cache/crucible/criu on first use) or, failing
+that, the host's own when its ``criu check`` passes.
 
 Many tasks (issue 11): a tree of 50 small processes and a process with
 50 threads (tests/targets/swarm.c, static), dump/restore/frozen time for
@@ -21,7 +24,7 @@ import argparse
 import io
 import json
 import os
-import shutil
+import shlex
 import subprocess
 import sys
 import tarfile
@@ -32,6 +35,7 @@ from typing import Dict, List, Optional
 
 from .bench import merge_into
 from .targets import REPO
+from .zygote import command_line
 
 SCRIPT = REPO / "bench" / "compare.py"
 MEMHOG_SRC = REPO / "tests" / "targets" / "memhog.c"
@@ -80,7 +84,7 @@ def in_guest(arch: str, accel: str, kernel: Optional[str], distro: Optional[str]
                 g.run("rm -rf /opt/crucible-base && mkdir -p /opt/crucible-base && "
                       "tar -x --no-same-owner -C /opt/crucible-base -f /root/base-engine.tar && "
                       "python3 -m compileall -q /opt/crucible-base/engine >/dev/null", timeout=600, check=True)
-                extra += ["--ckpt-base", "env PYTHONPATH=/opt/crucible-base python3 -m engine"]
+                extra += ["--ckpt-base", command_line("python3", "/opt/crucible-base")]
             if swarm:
                 g.put(str(swarm), "/root/swarm")
                 extra += ["--swarm", "/root/swarm", "--swarm-cases", swarm_cases]
@@ -95,19 +99,19 @@ def in_guest(arch: str, accel: str, kernel: Optional[str], distro: Optional[str]
     return doc
 
 
-def on_host(sizes: str, rounds: int, swarm_cases: str = "", base_engine_dir: Optional[str] = None) -> Optional[Dict]:
-    """The same comparison on this machine. When criu is missing or does
-    not work on this kernel (the reason on stderr and in the result), ckpt
-    alone: its figures on the same processes, without ratios."""
-    criu = shutil.which("criu")
-    why = None
-    if not criu:
-        why = "no criu on this host (apt-get install criu)"
-    else:
-        chk = subprocess.run([criu, "check"], capture_output=True, text=True, close_fds=True)
-        if chk.returncode != 0:
-            why = (f"host criu does not work on kernel {os.uname().release}: "
-                   f"{' '.join((chk.stderr or chk.stdout).strip().splitlines()[-1:])}")
+def on_host(sizes: str, rounds: int, swarm_cases: str = "", base_engine_dir: Optional[str] = None,
+            ensure_criu: bool = True) -> Optional[Dict]:
+    """The same comparison on this machine, with the first criu whose
+    ``criu check`` passes here: Debian 13's in a private prefix
+    (harness/hostcriu.py; fetched into the cache now when missing and
+    ``ensure_criu``), else the host's own. When none works (the reasons on
+    stderr and in the result), ckpt alone: its figures on the same
+    processes, without ratios."""
+    from . import hostcriu
+    log = lambda s: print(s, file=sys.stderr, flush=True)   # noqa: E731
+    chosen, passed_over = hostcriu.choose(hostcriu.host_candidates(ensure=ensure_criu, log=log))
+    why = None if chosen else "no working criu on this host: " + "; ".join(passed_over)
+    criu = shlex.join(chosen[1]) if chosen else ""
     if why:
         print(f"compare: {why}; ckpt alone", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="crucible-compare-") as tmp:
@@ -115,18 +119,19 @@ def on_host(sizes: str, rounds: int, swarm_cases: str = "", base_engine_dir: Opt
         out = Path(tmp) / "compare.json"
         extra = ["--swarm", str(_static_swarm(Path(tmp))), "--swarm-cases", swarm_cases] if swarm_cases else []
         if base_engine_dir:
-            # -P: not the repo's engine from the working directory
-            parent = Path(base_engine_dir).resolve().parent
-            extra += ["--ckpt-base", f"env PYTHONPATH={parent} {sys.executable} -P -m engine"]
-        # -S: no site (the guest wrapper runs the engine so too, vm/guest.py)
+            parent = str(Path(base_engine_dir).resolve().parent)
+            extra += ["--ckpt-base", command_line(sys.executable, parent)]
+        # as the guests' wrapper runs it (harness/zygote.py CODE): -S, no runpy, the root first on sys.path
         subprocess.run([sys.executable, str(SCRIPT), "--memhog", str(exe), "--sizes", sizes, "--rounds", str(rounds),
-                        "--ckpt", f"{sys.executable} -S -m engine", "--criu", "" if why else criu,
+                        "--ckpt", command_line(sys.executable, str(REPO)), "--criu", criu,
                         "--out", str(out)] + extra,
                        check=True, cwd=str(REPO), close_fds=True)
         doc = json.loads(out.read_text())
     doc["where"] = "host"
     if why:
         doc["criu_unavailable"] = why
+    else:
+        doc["criu_source"], doc["criu_command"], doc["criu_passed_over"] = chosen[0], criu, passed_over
     return doc
 
 
@@ -158,7 +163,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                     help="many-task cases MODE:N (tree, threads), comma-separated; empty: none")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--timeout", type=float, default=3600)
-    ap.add_argument("--host", action="store_true", help="also compare on this host when its criu works")
+    ap.add_argument("--host", action="store_true", help="also compare on this host (Debian 13's criu in a private "
+                                                         "prefix, else the host's, whichever passes criu check)")
+    ap.add_argument("--no-criu-install", action="store_true",
+                    help="--host: do not fetch the private criu when it is missing")
     ap.add_argument("--no-guest", action="store_true")
     ap.add_argument("--engine-dir", help="another engine package to measure (e.g. an older commit's, for before/after)")
     ap.add_argument("--base-engine-dir", help="an older engine package measured beside in the same guest "
@@ -176,7 +184,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         merge_into(Path(args.out), "compare", args.cell or cell_name(args.arch, args.distro, args.kernel), doc)
         print(json.dumps(doc["rows"] + doc.get("swarm_rows", []), indent=1))
     if args.host:
-        doc = on_host(args.sizes, args.rounds, args.swarm_cases, args.base_engine_dir)
+        doc = on_host(args.sizes, args.rounds, args.swarm_cases, args.base_engine_dir,
+                      ensure_criu=not args.no_criu_install)
         if doc is not None:
             merge_into(Path(args.out), "compare", "host", doc)
             print(json.dumps(doc["rows"] + doc.get("swarm_rows", []), indent=1))

@@ -181,6 +181,8 @@ class ScenarioItem(pytest.Item):
         except HarnessError as e:
             row.update(outcome="error", got=f"harness error at {e.step}", passed=False, note=e.message,
                        duration=round(time.monotonic() - t0, 2))
+            if crucible._prep:
+                row["guest_prep"] = crucible.take_prep()
             self.user_properties.append(("crucible", row))
             crucible.failed = True
             raise
@@ -195,6 +197,8 @@ class ScenarioItem(pytest.Item):
                    failed_checks=res.failed_checks()[:20], refusals=res.refusals,
                    engine_notes=[ln.strip() for ln in res.engine_stderr.splitlines()
                                  if ln.startswith("mutant ")])
+        if crucible._prep:       # guests this scenario waited for (boot, install, agent, snapshot)
+            row["guest_prep"] = crucible.take_prep()
         if res.outcome in ("crashed", "hung") and res.diagnostics:
             row["diagnostics"] = res.diagnostics[-4000:]     # the guest's serial tail
         self.user_properties.append(("crucible", row))
@@ -377,6 +381,7 @@ class Crucible:
         self._other: Optional[Target] = None
         self._guests: list = []
         self._dirty: Dict[int, bool] = {}
+        self._prep: List[Dict] = []
         wi = getattr(config, "workerinput", None)
         self.worker = wi["workerid"] if wi else "gw0"
         self.is_worker = wi is not None
@@ -442,6 +447,7 @@ class Crucible:
 
     def _boot_guest(self, suffix: str) -> GuestTarget:
         from vm import Guest, ensure_image
+        from vm.arch import get_arch
         opt = self.config.getoption
         img = ensure_image(opt("arch"), kernel=opt("kernel") or None, distro=opt("distro") or "bookworm")
         # Both guests of this worker share an L2 segment (harness/segment.py):
@@ -449,22 +455,48 @@ class Crucible:
         from . import segment
         other = "b" if suffix == "a" else "a"
         sock = f"/tmp/crucible-seg-{os.getpid()}-{self.worker}"
-        guest = Guest(arch=opt("arch"), accel=opt("accel"), name=f"{self.worker}{suffix}",
-                      log_dir=str(REPORTS_DIR / "guests"), image=img, memory_mb=512,
-                      engine_dir=str(REPO / "engine"),
-                      segment=(f"{sock}{suffix}", f"{sock}{other}", segment.MACS.get(suffix, segment.MACS["b"])))
-        guest.__enter__()
+        from vm.accel import choose_accel
+        from . import bootcache
+        from vm.paths import cache_dir
+        t0 = time.monotonic()
+        # resolved first: a kept boot is one accelerator's (harness/bootcache.py)
+        accel = choose_accel(opt("accel"), opt("arch"), img).accel
+
+        def make(from_snapshot=None):
+            return Guest(arch=opt("arch"), accel=accel, name=f"{self.worker}{suffix}",
+                         log_dir=str(REPORTS_DIR / "guests"), image=img, memory_mb=512, from_snapshot=from_snapshot,
+                         segment=(f"{sock}{suffix}", f"{sock}{other}", segment.MACS.get(suffix, segment.MACS["b"])))
+        if bootcache.enabled():
+            guest, how = bootcache.launch(
+                make, cache_dir() / "booted", f"{img.dir.name}-{suffix}",
+                lambda g: bootcache.key(g.image, get_arch(g.arch).qemu_binary, accel, bootcache.placeholder_argv(g)))
+        else:
+            guest, how = make(), "booted"
+            guest.__enter__()
         self._guests.append(guest)
         accel = str(getattr(guest, "accel", "tcg"))
         t = GuestTarget(guest, time_scale=1.0 if accel == "kvm" else 2.0)
-        t.install()      # the engine came in with engine_dir at launch
+        t1 = time.monotonic()
+        t.install(REPO / "engine")     # engine and guest files: one SSH command
+        t2 = time.monotonic()
         t.start_agent()  # resident in the snapshot: every revert brings it back
         if t.agent_note:
             print(f"\ncrucible: guest {t.name}: steps go over SSH: {t.agent_note}")
         if t.digests_note:
             print(f"\ncrucible: guest {t.name}: {t.digests_note}")
+        t3 = time.monotonic()
         guest.snapshot("golden")
+        # where a worker's first scenario's time went (its row's guest_prep)
+        self._prep.append({"guest": t.name, "how": how, "launch": round(t1 - t0, 2), "install": round(t2 - t1, 2),
+                           "agent": round(t3 - t2, 2), "snapshot": round(time.monotonic() - t3, 2),
+                           "pyc_compiled": t.pyc_compiled, "digests_seeded": t.digests_seeded,
+                           "launch_steps": {k: round(v, 2) for k, v in guest.timings.items()}})
         return t
+
+    def take_prep(self) -> List[Dict]:
+        """The preparations of the guests booted since the last call."""
+        out, self._prep = self._prep, []
+        return out
 
     def ssh_hint(self) -> str:
         if not self.config.getoption("keep_guest") or not self._guests:

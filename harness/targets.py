@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from dataclasses import dataclass
@@ -237,7 +238,7 @@ def _text(b) -> str:
 WARM_DIGESTS = r"""
 py=$1; shift
 d=$(mktemp -d /var/tmp/crucible-warm.XXXXXX) || exit 1
-"$py" -S -c '
+setsid "$py" -S -c '
 import glob, importlib, os, sys, time
 for f in sorted(glob.glob(os.path.join(os.path.dirname(os.__file__), "lib-dynload", "*.so"))):
     try:
@@ -277,14 +278,35 @@ class GuestTarget(Target):
         self.warm_note = ""                 # why they do not
         self.digests_note = ""              # why ckpt's digest cache is cold in the snapshot
         self.lost = ""                      # why this guest must be replaced ("" = fine)
+        self.pyc_compiled = 0               # sources install() had the guest compile (no cached bytecode)
+        self.guest_python = ""              # the guest's python3 (harness/guestinstall.py version_line)
+        self.digests_seeded = False         # ckpt's digest cache came from an earlier guest of this image
 
-    def install(self) -> None:
-        """Copy the harness's guest files in (the engine is the vm's job)."""
-        self.guest.run(["mkdir", "-p", self.scripts, self.base] + [f"{self.scripts}/{p}" for p in GUEST_PACKAGES],
-                       timeout=60 * self.time_scale, check=True)
-        for name in guest_files() + ["agent.py"]:
-            self.guest.put(str(REPO / "harness" / name), f"{self.scripts}/{name}")
-        self.kernel = self.guest.run(["uname", "-r"], timeout=60 * self.time_scale, check=True).stdout.strip()
+    def install(self, engine_dir: Path) -> None:
+        """Copy the engine (``engine_dir``, with the ``ckpt`` wrapper) and the
+        harness's guest files in and have them all byte-compiled, in one SSH
+        command, with the bytecode this guest's python3 made of the same
+        sources before (harness/guestinstall.py); what it compiles now is
+        kept for next time."""
+        from vm.paths import cache_dir
+        from vm.recipe import CKPT_WRAPPER_FAST
+        from . import guestinstall as gi
+        t = 60 * self.time_scale
+        assert self.scripts == f"{gi.ROOT}/harness"
+        self.guest_python = self.guest.run(gi.version_line(self.python), timeout=t, check=True).stdout
+        cache = gi.PycCache.for_guest(cache_dir() / "pyc", self.guest_python)
+        b = gi.bundle(Path(engine_dir), REPO / "harness", guest_files() + ["agent.py"], CKPT_WRAPPER_FAST, cache)
+        r = self.guest.run(f"mkdir -p {self.base} && {gi.install_line(b, self.python)}", timeout=5 * t, check=True,
+                           stdin=b.data)
+        self.kernel = r.stdout.strip().splitlines()[-1]
+        self.pyc_compiled = len(b.missing)
+        line = gi.learn_line(b)
+        if line:
+            from vm import VmError
+            try:
+                b.learn(self.guest.run_bytes(line, timeout=t))
+            except (OSError, tarfile.TarError, VmError) as e:   # only a cache: the next run compiles again
+                print(f"\ncrucible: guest {self.name}: bytecode not kept for next time: {e}")
 
     def start_agent(self) -> None:
         """Start the agent and warm it (before the golden snapshot, so every
@@ -338,10 +360,30 @@ class GuestTarget(Target):
         live with; the hashing path and the cache's own rules are the host
         tier's (tests/test_digestcache.py). Best effort: a failure leaves the
         cache cold (slower, never wrong) and says why (""= warm)."""
+        from vm.paths import cache_dir
+        from . import digestseed
+        from .agent_client import AgentError
+        root, name, image = cache_dir() / "digests", "", getattr(self.guest, "image", None)
+        try:   # the cache a guest of this image filled before (harness/digestseed.py)
+            name = digestseed.key([image.rootfs, image.kernel, image.initrd], WARM_DIGESTS, self.python,
+                                  self.guest_python)
+        except (AttributeError, OSError):
+            pass
+        seed = digestseed.load(root, name) if name else None
+        if seed is not None:
+            r = link.run(["sh", "-c", digestseed.place_line()], 60 * self.time_scale, stdin=seed)
+            if r["rc"] == 0:
+                self.digests_seeded = True
+                return ""
         r = link.run(["sh", "-c", WARM_DIGESTS, "warm-digests", self.python] + self.ckpt_argv(),
                      300 * self.time_scale)
         if r["rc"] != 0:
             return f"digest cache left cold (exit {r['rc']}): {r['stderr'][-300:].decode(errors='replace')}"
+        if name:
+            try:
+                digestseed.store(root, name, link.get(digestseed.GUEST_PATH, timeout=60 * self.time_scale))
+            except (AgentError, OSError) as e:     # only a cache: the next guest hashes again
+                print(f"\ncrucible: guest {self.name}: digest cache not kept for next time: {e}")
         return ""
 
     def _lost(self, message: str, step: str, hung: bool = False) -> GuestLost:

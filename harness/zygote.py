@@ -19,9 +19,9 @@ Runs in the guest (stdlib only). Honest by construction, or not at all:
   command does can reach the next). Import-time state that depends on the
   environment (engine/faults.py reads CKPT_FAULT*) was computed under the
   wrapper's environment; a command whose environment differs in any way
-  is exec'd instead (:meth:`Zygote.why_cold`), and so is one whose cwd
-  holds a file that would shadow a module (``-m`` puts the cwd first on
-  sys.path).
+  is exec'd instead (:meth:`Zygote.why_cold`). No file in a command's
+  cwd can shadow a module: the wrapper's code puts the engine's root in
+  the cwd's place on sys.path before it imports anything.
 * What the fork does not re-create is said here: the process's memory
   layout is the agent's (one ASLR draw per golden snapshot instead of one
   per command) and its /proc/self/cmdline is the agent's. ``CRUCIBLE_WARM_CKPT=0``
@@ -51,14 +51,20 @@ try:    # (they are the warm workload's too: harness/warmfork.py)
 except ImportError:  # pragma: no cover - in the guest, run as a script
     from warmfork import exec_signals as _exec_signals, interpreter_flags, std_streams as _std_streams  # type: ignore
 
-#: The guest's /usr/local/bin/ckpt (vm/recipe.py CKPT_WRAPPER and
-#: CKPT_WRAPPER_FAST, with ROOT the engine's parent directory and FLAGS
-#: python3's options): what :meth:`Zygote.child` mirrors.
+#: The guest's /usr/local/bin/ckpt (vm/recipe.py CKPT_WRAPPER_FAST, with
+#: CODE's ROOT the engine's parent directory and FLAGS python3's options):
+#: what :meth:`Zygote.child` mirrors. (The image's own CKPT_WRAPPER, the
+#: older `-m engine` form replaced at every launch, is not mirrored.)
 WRAPPER = """#!/bin/sh
-PYTHONPATH=ROOT${PYTHONPATH:+:$PYTHONPATH}
-export PYTHONPATH
-exec python3 FLAGS-m engine "$@"
+exec python3 FLAGS-c 'CODE' "$@"
 """
+#: What the wrapper's python3 runs: the engine's root first on sys.path in
+#: place of the cwd (which ``-c``, like ``-m``, puts there: a root tool must
+#: not import a ``ctypes.py`` from wherever it is run), then the engine's
+#: __main__ as ``-m engine`` runs it but without runpy, whose imports
+#: (importlib.util, contextlib...) cost every run ~5 ms on a host, ~50 ms
+#: under TCG.
+CODE = 'import sys; sys.path[0] = "ROOT"; import engine.__main__'
 MODULE = "engine"
 #: What the engine imports for dump, restore and check (the rest on demand;
 #: a module imported here and not by a given command changes nothing: the
@@ -80,15 +86,27 @@ def _within(name: str) -> bool:
 _KEEP: List[object] = []
 
 
+def code_text(root: str) -> str:
+    return CODE.replace("ROOT", root)
+
+
+def command_line(python: str, root: str) -> str:
+    """The wrapper's command as one shell-quoted line (an engine at `root`
+    run as the guests' wrapper runs it: bench/compare.py's --ckpt)."""
+    import shlex
+    return f"{shlex.quote(python)} -S -c {shlex.quote(code_text(root))}"
+
+
 def wrapper_text(root: str, flags: Sequence[str] = ()) -> str:
-    return WRAPPER.replace("ROOT", root).replace("FLAGS", "".join(f + " " for f in flags))
+    return WRAPPER.replace("CODE", code_text(root)).replace("FLAGS", "".join(f + " " for f in flags))
 
 
 def wrapper_flags(text: str, root: str) -> Optional[List[str]]:
     """The python3 options of a wrapper of :data:`WRAPPER`'s form (None: not one)."""
+    tail = f" -c '{code_text(root)}' \"$@\""
     for line in text.splitlines():
-        if line.startswith("exec python3 ") and line.endswith(' -m engine "$@"'):
-            flags = line[len("exec python3 "):-len(' -m engine "$@"')].split()
+        if line.startswith("exec python3 ") and line.endswith(tail):
+            flags = line[len("exec python3 "):-len(tail)].split()
             if all(re.fullmatch(r"-[A-Za-z]+", f) for f in flags) and wrapper_text(root, flags) == text:
                 return flags
     if wrapper_text(root) == text:
@@ -97,12 +115,10 @@ def wrapper_flags(text: str, root: str) -> Optional[List[str]]:
 
 
 def wrapper_env(env: Dict[str, str], root: str, cwd: Optional[str] = None) -> Dict[str, str]:
-    """The environment the wrapper hands python3: its PYTHONPATH, and the
-    PWD its /bin/sh (dash) exports - the inherited one when it names the
-    cwd, else the cwd's real path. ``cwd`` None: no PWD (for comparisons)."""
+    """The environment the wrapper hands python3: the PWD its /bin/sh
+    (dash) exports - the inherited one when it names the cwd, else the
+    cwd's real path. ``cwd`` None: no PWD (for comparisons)."""
     out = dict(env)
-    old = env.get("PYTHONPATH", "")
-    out["PYTHONPATH"] = root + (":" + old if old else "")
     out.pop("PWD", None)
     if cwd is not None:
         out["PWD"] = _sh_pwd(env.get("PWD", ""), cwd)
@@ -129,11 +145,10 @@ class Zygote:
         self.path = ""                   # the wrapper on PATH
         self.note = "not loaded"
         self.env: Dict[str, str] = {}    # the environment the engine was imported under
-        self.path_tail: List[str] = []   # sys.path after the cwd, as the wrapper's python3 has it
+        self.path_tail: List[str] = []   # sys.path after its first entry, as the wrapper's python3 has it
         self.filters: list = []
         self.unbuffered = False
         self.flags: List[str] = []        # python3's options in the wrapper (and the agent's)
-        self.shadow: frozenset = frozenset()   # top-level module names a cwd file could shadow
 
     def load(self, base_path: Sequence[str]) -> str:
         """Check the wrapper and import the engine; ``base_path``: the
@@ -163,7 +178,8 @@ class Zygote:
         # PWD is left out of the comparison (the wrapper's shell sets it from
         # each command's cwd; the engine reads none at import: a test greps)
         self.env = wrapper_env(dict(os.environ), self.root)
-        self.path_tail = [p for p in self.env["PYTHONPATH"].split(":")] + list(base_path)
+        pythonpath = self.env.get("PYTHONPATH", "")
+        self.path_tail = (pythonpath.split(":") if pythonpath else []) + list(base_path)
         self.filters = list(warnings.filters)
         # PYTHONUNBUFFERED (the same in the command's environment, checked)
         self.unbuffered = bool(getattr(sys.__stdout__, "write_through", False))
@@ -171,7 +187,7 @@ class Zygote:
         callbacks = atexit._ncallbacks()
         os.environ.clear()
         os.environ.update(wrapper_env(saved_env, self.root, os.getcwd()))
-        sys.path[:] = [os.getcwd()] + self.path_tail
+        sys.path[:] = [self.root] + self.path_tail
         try:
             importlib.import_module(MODULE)
             names = list(PRELOAD)
@@ -191,7 +207,6 @@ class Zygote:
         if atexit._ncallbacks() != callbacks:
             self.note = "the engine registers exit handlers at import (a fork would run the agent's too)"
             return self.note
-        self.shadow = frozenset(n.split(".")[0] for n in sys.modules)
         self.note = ""
         return self.note
 
@@ -210,20 +225,11 @@ class Zygote:
         if wrapper_env(env, self.root) != self.env:
             diff = sorted(k for k in set(env) | set(self.env) if wrapper_env(env, self.root).get(k) != self.env.get(k))
             return "its environment differs from the one the engine was imported under: " + ", ".join(diff[:5])
-        try:
-            names = os.listdir(cwd)
-        except OSError as e:
-            return f"cannot list its cwd {cwd}: {e.strerror}"
-        for n in names:
-            stem = n.split(".", 1)[0]
-            if stem in self.shadow and (n.endswith((".py", ".pyc", ".so")) or
-                                        os.path.exists(os.path.join(cwd, n, "__init__.py"))):
-                return f"its cwd holds {n}, which python3 -m would import instead of the zygote's {stem}"
         return ""
 
     # -- in the forked child ---------------------------------------------------------
     def child(self, argv: Sequence[str], env: Dict[str, str]) -> None:  # pragma: no cover - the child; never returns
-        """Become ``python3 -m engine argv[1:]`` as the wrapper would have
+        """Become ``python3 -c CODE argv[1:]`` as the wrapper would have
         exec'd it (fds 0-2 and the cwd are already the command's), run it,
         and exit as that interpreter would. ``env``: the command's (as given
         to the wrapper)."""
@@ -232,10 +238,11 @@ class Zygote:
         try:
             os.environ.clear()
             os.environ.update(wrapper_env(env, self.root, "."))
-            sys.path[:] = [os.getcwd()] + self.path_tail
-            sys.argv = ["-m"] + list(argv[1:])
+            sys.path[:] = [""] + self.path_tail        # as -c starts (CODE puts the root in its place)
+            sys.argv = ["-c"] + list(argv[1:])
+            source = code_text(self.root)
             if hasattr(sys, "orig_argv"):
-                sys.orig_argv = ["python3", *self.flags, "-m", MODULE] + list(argv[1:])
+                sys.orig_argv = ["python3", *self.flags, "-c", source] + list(argv[1:])
             _exec_signals()
             _std_streams(self.unbuffered)
             atexit._clear()          # the agent's; the engine registered none (checked at load)
@@ -245,15 +252,14 @@ class Zygote:
             main = types.ModuleType("__main__")
             main.__dict__["__builtins__"] = sys.modules["builtins"]
             sys.modules["__main__"] = main
-            import runpy
             try:
-                runpy._run_module_as_main(MODULE, alter_argv=True)   # what `python3 -m` calls
+                exec(compile(source, "<string>", "exec"), main.__dict__)    # what `python3 -c` does
                 code = 0
             except SystemExit as e:
                 code = _system_exit_code(e)
             except BaseException as e:   # noqa: BLE001 - the interpreter's own top level
                 interrupted = isinstance(e, KeyboardInterrupt)
-                # from runpy's frame on, as python3 -m prints it (not this one)
+                # from the <string> frame on, as python3 -c prints it (not this one)
                 tb = e.__traceback__.tb_next if e.__traceback__ else None
                 sys.excepthook(type(e), e.with_traceback(tb), tb)
                 code = 1

@@ -28,7 +28,7 @@ from vm.recipe import CKPT_WRAPPER, CKPT_WRAPPER_FAST
 REPO = Path(__file__).resolve().parent.parent
 AGENT = REPO / "harness" / "agent.py"
 
-# The probe: prints the state a freshly exec'd `python3 -m engine` starts
+# The probe: prints the state a freshly exec'd wrapper's python3 starts
 # in, then changes every piece of it (a leak would show in the next run),
 # and exits with the code it is told.
 PROBE_MAIN = r'''
@@ -122,7 +122,7 @@ def _setup_root(tmp_path: Path, probe: bool, wrapper_text: str = CKPT_WRAPPER_FA
 
 
 #: the guests' wrapper (python3 -S, the agent started so too) and the image's own
-WRAPPERS = {"fast": (CKPT_WRAPPER_FAST, ["-S"]), "plain": (CKPT_WRAPPER, [])}
+WRAPPERS = {"fast": (CKPT_WRAPPER_FAST, ["-S"]), "plain": (CKPT_WRAPPER_FAST.replace("python3 -S -c", "python3 -c"), [])}
 
 
 @pytest.fixture(params=sorted(WRAPPERS))
@@ -150,11 +150,13 @@ def test_the_wrapper_the_zygote_mirrors_is_the_guests():
     """The guests' ckpt wrapper (vm/recipe.py) is of the form the zygote
     mirrors, and the agent is started with the options it gives python3;
     another form of wrapper turns warmth off (below), it is never guessed."""
-    assert zygote.wrapper_flags(CKPT_WRAPPER, "/opt/crucible") == []
     assert zygote.wrapper_flags(CKPT_WRAPPER_FAST, "/opt/crucible") == agent_flags() == ["-S"]
     assert zygote.wrapper_text("/opt/crucible", ["-S"]) == CKPT_WRAPPER_FAST
-    assert zygote.wrapper_flags(CKPT_WRAPPER.replace("python3 -m", "python3 -X importtime -m"), "/opt/crucible") is None
-    assert zygote.wrapper_flags(CKPT_WRAPPER.replace("export", "export PYTHONHOME; export"), "/opt/crucible") is None
+    assert zygote.wrapper_flags(CKPT_WRAPPER_FAST.replace("python3 -S", "python3 -X importtime"), "/opt/crucible") is None
+    assert zygote.wrapper_flags(CKPT_WRAPPER_FAST.replace("exec", "export PYTHONHOME\nexec"), "/opt/crucible") is None
+    assert zygote.wrapper_flags(CKPT_WRAPPER_FAST, "/opt/other") is None
+    # the image's own wrapper (-m engine: replaced at every launch) is not mirrored: exec'd
+    assert zygote.wrapper_flags(CKPT_WRAPPER, "/opt/crucible") is None
 
 
 def test_a_warm_command_starts_as_the_exec_d_one_and_leaks_nothing(probe_agent, tmp_path):
@@ -171,11 +173,12 @@ def test_a_warm_command_starts_as_the_exec_d_one_and_leaks_nothing(probe_agent, 
         runs.append(json.loads(r["stdout"]))
     cold, warm = runs[0], runs[1]
     assert cold["state"] == {"runs": 0} and cold["stdin"] == "to stdin\n" and cold["cwd"] == str(work)
-    assert cold["argv"] == ["7", "x y"] and cold["argv0"] == "__main__.py"
+    assert cold["argv"] == ["7", "x y"] and cold["argv0"] == "-c"
     assert cold["fds"] == ["0", "1", "2", "3"]       # 3: the listdir's own
     assert cold["sigmask"] == [] and cold["pdeathsig"] == 0 and cold["sid_is_pid"]
-    assert "PROBE_LEAK" not in cold["env"] and cold["env"]["PYTHONPATH"] == root
-    assert cold["path"][0] == str(work) and cold["path"][1] == root and "/leak" not in cold["path"]
+    assert "PROBE_LEAK" not in cold["env"] and "PYTHONPATH" not in cold["env"]
+    assert cold["path"][0] == root and str(work) not in cold["path"] and "" not in cold["path"]
+    assert "/leak" not in cold["path"]
     for other in runs[1:]:
         diff = {k: (cold[k], other.get(k)) for k in cold if cold[k] != other.get(k)}
         if "env" in diff:
@@ -195,19 +198,20 @@ def test_a_warm_command_exits_as_python3_would(probe_agent):
 
 
 def test_what_the_fork_cannot_mirror_is_exec_d(probe_agent, tmp_path):
-    """Another environment (a fault point, say) or a cwd that shadows a
-    module: exec'd, and the reply says why."""
+    """Another environment (a fault point, say): exec'd, and the reply says
+    why. A cwd holding a module's name is no reason: neither way imports
+    from the cwd."""
     link, _ = probe_agent
     base = dict(json.loads(link.run(["ckpt"], timeout=30)["stdout"])["env"])
-    base.pop("PYTHONPATH")
     r = link.run(["ckpt"], timeout=30, warm=True, env=dict(base, CKPT_FAULT="dump.fd"))
     assert not r["warm"] and "CKPT_FAULT" in r["cold_why"], r
     assert json.loads(r["stdout"])["env"]["CKPT_FAULT"] == "dump.fd"
     shadow = tmp_path / "shadow"
     shadow.mkdir()
-    (shadow / "json.py").write_text("")
-    r = link.run(["ckpt"], timeout=30, warm=True, cwd=str(shadow))
-    assert not r["warm"] and "json.py" in r["cold_why"], r
+    (shadow / "json.py").write_text("raise SystemExit('the cwd was imported from')\n")
+    for warm in (False, True):
+        r = link.run(["ckpt"], timeout=30, warm=warm, cwd=str(shadow))
+        assert r["warm"] is warm and r["rc"] == 0 and json.loads(r["stdout"])["cwd"] == str(shadow), r
     # the same environment given explicitly is warm
     assert link.run(["ckpt"], timeout=30, warm=True, env=base)["warm"]
     # not the ckpt command: run as always
@@ -216,9 +220,9 @@ def test_what_the_fork_cannot_mirror_is_exec_d(probe_agent, tmp_path):
 
 
 @pytest.mark.parametrize("change, why", [
-    (lambda t: t.replace("python3 -S -m", "python3 -X importtime -m"), "not the wrapper"),
-    (lambda t: t.replace("export PYTHONPATH", "export PYTHONPATH\nexport LC_ALL=C"), "not the wrapper"),
-    (lambda t: t.replace("python3 -S -m", "python3 -m"), "options"),      # the agent runs -S
+    (lambda t: t.replace("python3 -S -c", "python3 -X importtime -c"), "not the wrapper"),
+    (lambda t: t.replace("exec python3", "export LC_ALL=C\nexec python3"), "not the wrapper"),
+    (lambda t: t.replace("python3 -S -c", "python3 -c"), "options"),      # the agent runs -S
 ])
 def test_a_changed_wrapper_turns_warmth_off(tmp_path, change, why):
     root, env = _setup_root(tmp_path, probe=True)

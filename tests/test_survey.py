@@ -685,6 +685,9 @@ def _frame_in(chain):
     ([("dump.py", "_check_one"), ("threads.py", "release")], False),
     ([("dump.py", "_check_one")], False),
     ([("dump.py", "_check_one"), ("threads.py", "freeze")], False),
+    # the batched reads: the target may be running the runner (engine/dumpbatch.py)
+    ([("dump.py", "_check_one"), ("dump.py", "injected_state"), ("dumpbatch.py", "read"),
+      ("dumpbatch.py", "finish"), ("signals.py", "siginfo_at_stop")], False),
     ([("survey.py", "inspect"), ("test_survey.py", "hanging_check")], True),     # a check of the caller's own
 ])
 def test_a_deadline_never_cuts_where_the_release_could_be_skipped(chain, safe):

@@ -436,6 +436,15 @@ class Guest:
                           rc=rc, stdout=res.stdout[-4000:], stderr=res.stderr[-4000:])
         return res
 
+    def run_bytes(self, cmd: Command, timeout: float = 60) -> bytes:
+        """The stdout of ``cmd`` as bytes (a tar, say); VmError(kind="command")
+        on a non-zero exit, the others as :meth:`run`."""
+        rc, out, err, _ = self._exec(cmd, timeout)
+        if rc != 0:
+            raise VmError(f"command failed: {as_shell(cmd)}", kind="command", guest=self.name,
+                          rc=rc, stderr=err.decode(errors="replace")[-4000:])
+        return out
+
     def put_bytes(self, data: bytes, remote_path: str, mode: Optional[int] = None, timeout: float = 120) -> None:
         """Write ``data`` to ``remote_path`` (parent directories created).
 

@@ -46,6 +46,37 @@ BATCH_BLOB = bytes.fromhex(
     "75ce"            # 48 jnz loop (0)
     "cc"              # 50 trap: int3
     "ebfd")           # 51 jmp trap
+# The dump's runner (engine/dumpbatch.py), entered as the batch runner is:
+# it makes every call of the table, failing or not, storing each result,
+# then the entry after them (rt_tgsigqueueinfo of a real-time signal to
+# itself: its delivery stop, with rip at DUMP_DONE_PC, ends the run); if
+# that call fails it falls to `int3` (rip DUMP_TRAP_PC at its SIGTRAP).
+DUMP_BLOB = bytes.fromhex(
+    "4d85e4"          # 0  loop: test r12, r12
+    "742a"            # 3  jz term (47)
+    "488b03"          # 5  mov rax, [rbx]
+    "488b7b08"        # 8  mov rdi, [rbx+8]
+    "488b7310"        # 12 mov rsi, [rbx+16]
+    "488b5318"        # 16 mov rdx, [rbx+24]
+    "4c8b5320"        # 20 mov r10, [rbx+32]
+    "4c8b4328"        # 24 mov r8,  [rbx+40]
+    "4c8b4b30"        # 28 mov r9,  [rbx+48]
+    "0f05"            # 32 syscall
+    "48894338"        # 34 mov [rbx+56], rax
+    "4883c340"        # 38 add rbx, 64
+    "49ffcc"          # 42 dec r12
+    "ebd1"            # 45 jmp loop (0)
+    "488b03"          # 47 term: mov rax, [rbx]
+    "488b7b08"        # 50 mov rdi, [rbx+8]
+    "488b7310"        # 54 mov rsi, [rbx+16]
+    "488b5318"        # 58 mov rdx, [rbx+24]
+    "4c8b5320"        # 62 mov r10, [rbx+32]
+    "0f05"            # 66 syscall
+    "48894338"        # 68 done: mov [rbx+56], rax
+    "cc"              # 72 int3
+    "ebfd")           # 73 jmp to the int3
+DUMP_DONE_PC = 68
+DUMP_TRAP_PC = 73
 BATCH_TRAP_PC = 51      # rip at the breakpoint's SIGTRAP (int3 is a trap: rip is past it)
 BATCH_SI_CODE = 0x80    # SI_KERNEL: arch/x86/kernel/traps.c do_int3_user -> do_trap -> force_sig
 

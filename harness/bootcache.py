@@ -1,0 +1,116 @@
+"""A booted guest kept between runs: each worker's guests start from it
+(QEMU ``-loadvm``) instead of booting.
+
+Why: a guest's boot to an SSH command took 4-15 s of TCG CPU (idle to
+loaded) for every worker's guest of every run, to reach the very same
+state each time: the image's kernel and init up, sshd answering, nothing
+of ours in it yet. So the first boot's overlay, snapshotted there
+(internal snapshot :data:`TAG`), is kept under the image cache and copied
+for the next guests (vm/guest.py ``from_snapshot``); the engine, the guest
+files, the agent and the golden snapshot come after, every time, as
+before.
+
+Nothing stale can be loaded: the file is found by :func:`key`, the
+identity of everything the booted state depends on - the image's files and
+manifest, the QEMU binary, the accelerator, the whole QEMU command line but
+its per-run host paths and port (memory, CPUs, devices, the segment NIC's
+MAC: a worker's "b" guest has its own, and so its own boot and boot id),
+and the vm code that boots and waits. Any change is another file (the old
+one of the same slot is removed); a kept file that does not load is
+removed and the guest boots.
+
+What it changes: guests of the same key start from one boot instead of one
+each (the same kernel address-space layout and boot id for a worker's "a"
+guests across workers and runs; the "a" and "b" guests of a worker still
+differ); the clock is set after the load (vm/guest.py sync_clock).
+``CRUCIBLE_BOOT_CACHE=0`` boots every guest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Callable, Optional, Tuple
+
+TAG = "crucible-booted"
+
+
+def enabled() -> bool:
+    return os.environ.get("CRUCIBLE_BOOT_CACHE", "1") != "0"
+
+
+def _file_id(p: Path) -> str:
+    st = Path(p).resolve().stat()
+    return f"{Path(p).resolve()}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
+
+
+def key(image, qemu_binary: str, accel: str, argv: list) -> str:
+    """The booted state's identity (see the module doc); ``argv`` is QEMU's
+    command line with its per-run host paths and port replaced by
+    placeholders (:func:`placeholder_argv`)."""
+    h = hashlib.sha256()
+    parts = [_file_id(image.kernel), _file_id(image.initrd), _file_id(image.rootfs),
+             json.dumps(image.info(), sort_keys=True), _file_id(Path(shutil.which(qemu_binary) or qemu_binary)),
+             accel, json.dumps(argv)]
+    vm = Path(__file__).resolve().parent.parent / "vm"
+    for p in parts:
+        h.update(p.encode() + b"\0")
+    for name in ("guest.py", "argv.py", "ssh.py", "qmp.py"):
+        h.update((vm / name).read_bytes() + b"\0")
+    return h.hexdigest()[:24]
+
+
+def placeholder_argv(guest) -> list:
+    """The QEMU command line ``guest`` (not launched) would get, with the
+    per-run host paths and port as fixed placeholders."""
+    from vm.arch import get_arch
+    from vm.argv import LaunchSpec, build_argv
+    seg = guest.segment
+    spec = LaunchSpec(name="NAME", kernel=str(guest.image.kernel), initrd=str(guest.image.initrd),
+                      overlay="OVERLAY", accel=guest.accel_requested, ssh_port=1, qmp_socket="QMP",
+                      serial_log="SERIAL", memory_mb=guest.memory_mb, smp=guest.smp, tb_size_mb=guest.tb_size_mb,
+                      loadvm=None, extra_append=list(guest.extra_append), kernel_release=guest._kernel_release(),
+                      agent_socket="AGENT", segment=("SEG-HERE", "SEG-THERE", seg[2]) if seg else None)
+    assert {f.name for f in dataclasses.fields(LaunchSpec)} == {
+        "name", "kernel", "initrd", "overlay", "accel", "ssh_port", "qmp_socket", "serial_log", "memory_mb", "smp",
+        "tb_size_mb", "loadvm", "extra_append", "kernel_release", "agent_socket", "segment"}, \
+        "LaunchSpec changed: say here which of its fields are per-run host state"
+    return build_argv(get_arch(guest.arch), spec)
+
+
+def launch(make: Callable[[Optional[Tuple[str, str]]], object], root: Path, slot: str,
+           key_of: Callable[[object], str]) -> Tuple[object, str]:
+    """A launched guest and how: ``"loaded"`` (from the kept boot), ``"booted"``
+    (and kept for next time) or ``"booted: <why not kept>"``.
+    ``make(from_snapshot)`` builds the (not launched) Guest; ``slot`` names
+    what one kept file stands for (arch, distro, kernel, guest letter)."""
+    from vm import VmError
+    probe = make(None)
+    k = key_of(probe)
+    path = Path(root) / f"{slot}-{k}.qcow2"
+    if path.exists():
+        g = make((str(path), TAG))
+        try:
+            g.__enter__()
+            return g, "loaded"
+        except VmError as e:
+            path.unlink(missing_ok=True)     # a kept boot that does not load is not kept
+            print(f"\ncrucible: the kept boot {path.name} did not load ({e}); booting")
+    probe.__enter__()
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    try:
+        probe.snapshot(TAG)
+        Path(root).mkdir(parents=True, exist_ok=True)
+        probe.export_overlay(tmp)
+        os.replace(tmp, path)
+        for old in Path(root).glob(f"{slot}-*.qcow2"):
+            if old != path:
+                old.unlink(missing_ok=True)
+    except (VmError, OSError) as e:
+        tmp.unlink(missing_ok=True)
+        return probe, f"booted: not kept ({e})"
+    return probe, "booted"
