@@ -14,6 +14,14 @@ image the engine dumps and restores (11.4 MB against an exec'd workload's
 3.5 MB in a TCG guest: dump +0.7 s and restore +0.5 s, against 0.16 s
 saved at the start; medians of 5 alternating pairs).
 
+Off by default (the runner passes ``--exec`` unless ``CRUCIBLE_WARM_WORKLOAD=1``
+on the host), for speed alone: judged clean (427 warm scenario runs in TCG
+guests, none corrupted), but a fork of the seed still holds 5.2 MB of
+anonymous memory against the exec'd workload's 3.5 MB (this module, the
+seed's import garbage kept by its untrimmed heap), and in alternating pairs
+from the golden snapshot the 0.3-0.5 s its start saves went back to the
+dump (+0.04-0.2 s) and the restore (+0.25-0.36 s).
+
 What a fresh exec would have, and how the fork gets it:
 
 * session, stdio on /dev/null, no other fd, spawn's cwd and environment

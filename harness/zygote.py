@@ -36,7 +36,6 @@ from __future__ import annotations
 import atexit
 import importlib
 import importlib.util
-import io
 import re
 import os
 import shutil
