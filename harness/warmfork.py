@@ -15,7 +15,7 @@ image the engine dumps and restores (11.4 MB against an exec'd workload's
 saved at the start; medians of 5 alternating pairs).
 
 Off by default (the runner passes ``--exec`` unless ``CRUCIBLE_WARM_WORKLOAD=1``
-on the host), for speed alone: judged clean (427 warm scenario runs in TCG
+on the host), for speed alone: judged clean (427 scenario runs with it on in TCG
 guests, none corrupted), but a fork of the seed still holds 5.2 MB of
 anonymous memory against the exec'd workload's 3.5 MB (this module, the
 seed's import garbage kept by its untrimmed heap), and in alternating pairs
