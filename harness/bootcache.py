@@ -92,25 +92,38 @@ def launch(make: Callable[[Optional[Tuple[str, str]]], object], root: Path, slot
     probe = make(None)
     k = key_of(probe)
     path = Path(root) / f"{slot}-{k}.qcow2"
+    console = path.with_suffix(".console")
     if path.exists():
         g = make((str(path), TAG))
+        try:     # its console starts with the kept boot's: a crash report shows the guest's boot too
+            g.console_before = (f"[crucible: loaded from the kept boot {path.name}, whose console was:]\n"
+                                + console.read_text(errors="replace").rstrip("\n")
+                                + "\n[crucible: loaded here; this guest's own console follows]")
+        except OSError:
+            pass
         try:
             g.__enter__()
             return g, "loaded"
         except VmError as e:
             path.unlink(missing_ok=True)     # a kept boot that does not load is not kept
+            console.unlink(missing_ok=True)
             print(f"\ncrucible: the kept boot {path.name} did not load ({e}); booting")
     probe.__enter__()
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
     try:
         probe.snapshot(TAG)
         Path(root).mkdir(parents=True, exist_ok=True)
+        ctmp = console.with_name(f".{console.name}.{os.getpid()}")
+        ctmp.write_text(probe.serial_tail(1000))
+        os.replace(ctmp, console)
         probe.export_overlay(tmp)
         os.replace(tmp, path)
-        for old in Path(root).glob(f"{slot}-*.qcow2"):
-            if old != path:
+        for old in list(Path(root).glob(f"{slot}-*.qcow2")) + list(Path(root).glob(f"{slot}-*.console")):
+            if old not in (path, console):
                 old.unlink(missing_ok=True)
     except (VmError, OSError) as e:
         tmp.unlink(missing_ok=True)
+        if not path.exists():
+            console.unlink(missing_ok=True)
         return probe, f"booted: not kept ({e})"
     return probe, "booted"
