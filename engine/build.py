@@ -437,16 +437,16 @@ class Builder:
         regs = self.arch.Regs.from_dict(self.job.core["regs"])
         self.arch.normalise_restart(regs)
         self.call("munmap", self.gadget, self.gadget_size)
-        # Blocked since posixtimers.arm(): a timer that fired meanwhile is
-        # pending with its own siginfo, delivered once the process runs.
+        # The dumped mask only now (blocked since posixtimers.arm() and
+        # pending_signals()): a timer that fired meanwhile is pending with
+        # its own siginfo; what the mask leaves unblocked is delivered as
+        # the process resumes. (Set once: it was set again after the xstate,
+        # one ptrace request per process for nothing.)
         ptrace.set_sigmask(self.pid, self.job.core["sigmask"])
         try:
             self.task.set_xstate(self.job.xstate)
         except (SysError, ValueError) as e:
             raise Refusal("cpu-mismatch", f"this CPU rejects the saved xstate ({getattr(e, 'message', e)})", pid=self.pid) from None
-        # The dumped mask only now (pending_signals() blocked everything):
-        # what it leaves unblocked is delivered as the process resumes.
-        ptrace.set_sigmask(self.pid, self.job.core["sigmask"])
         faults.point("restore.phase", "registers")
         threads.finish(self)    # the other threads go first, the leader right after
         faults.point("restore.phase", "release")

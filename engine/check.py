@@ -99,6 +99,29 @@ def target_checks(pid: int) -> procfs.Proc:
 
 # -- with the target frozen ----------------------------------------------------
 
+_MINE: dict = {}
+
+
+def _my_ns(ns: str) -> Optional[str]:
+    """ckpt's own namespace link (None: unreadable), read once per process
+    (ckpt never changes namespace; a tree's survey asks once per member)."""
+    key = (os.getpid(), ns)
+    if key not in _MINE:
+        try:
+            _MINE[key] = os.readlink(f"/proc/self/ns/{ns}")
+        except OSError:
+            _MINE[key] = None
+    return _MINE[key]
+
+
+def _my_root() -> os.stat_result:
+    key = (os.getpid(), "/")
+    got = _MINE.get(key)
+    if got is None:
+        got = _MINE[key] = os.stat("/")
+    return got
+
+
 def _check_process(s: Survey, ctx: Optional[DumpContext] = None) -> None:
     st, status, proc, pid = s.stat, s.status, s.proc, s.pid
     # Threads are frozen and judged one by one (engine/threads.py survey).
@@ -121,8 +144,10 @@ def _check_process(s: Survey, ctx: Optional[DumpContext] = None) -> None:
     # Namespaces: a restore recreates the process in the restorer's ones.
     differ = []
     for ns in NS_KINDS:
+        mine = _my_ns(ns)
+        if mine is None:
+            continue
         try:
-            mine = os.readlink(f"/proc/self/ns/{ns}")
             theirs = proc.readlink(f"ns/{ns}")
         except OSError:
             continue
@@ -131,7 +156,7 @@ def _check_process(s: Survey, ctx: Optional[DumpContext] = None) -> None:
     if differ:
         s.refuse("namespaces", "process", Refusal("unsupported-state", f"in other namespaces than ckpt: {', '.join(differ)}"))
     root = os.stat(proc.path("root"))
-    myroot = os.stat("/")
+    myroot = _my_root()
     if (root.st_dev, root.st_ino) != (myroot.st_dev, myroot.st_ino):
         s.refuse("root", "fs", Refusal("unsupported-state", "chrooted (root directory differs from ckpt's)"))
     cwd = proc.readlink("cwd")
@@ -180,7 +205,7 @@ def _check_restore_env(s: Survey, tree_member: bool = False, shell_job: bool = F
     * a hard rlimit above ckpt's own: raising it needs CAP_SYS_RESOURCE;
     * a session that is neither the target's own nor ckpt's: the restored
       process could join neither."""
-    eff = int(procfs.parse_status(open("/proc/self/status").read()).get("CapEff", "0"), 16)
+    eff = int(procfs.self_status().get("CapEff", "0"), 16)
     if not (eff >> CAP_SYS_RESOURCE) & 1:
         from . import libc
         try:
@@ -248,7 +273,7 @@ def creds_plan(creds: dict, mine: dict) -> str:
 
 def _check_creds(s: Survey) -> None:
     creds = creds_of(s.status)
-    mine = creds_of(procfs.parse_status(open("/proc/self/status").read()))
+    mine = creds_of(procfs.self_status())
     try:
         plan = creds_plan(creds, mine)
         s.ok("credentials", "credentials", f"uid {creds['uid'][0]} gid {creds['gid'][0]} ({plan})")

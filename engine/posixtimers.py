@@ -71,9 +71,9 @@ def parse(text: str) -> List[dict]:
 
 
 def read(pid: int) -> List[dict]:
+    from .procfs import read_all
     try:
-        with open(f"/proc/{pid}/timers") as f:
-            return parse(f.read())
+        return parse(read_all(f"/proc/{pid}/timers").decode())
     except FileNotFoundError:
         return []
 

@@ -91,6 +91,43 @@ def read_status_fields(path: str, keys) -> Dict[str, str]:
     return status_fields(data.decode("utf-8", "surrogateescape"), keys)
 
 
+def read_all(path: str) -> bytes:
+    """The whole file, by os.open/os.read: no file object (open() makes a
+    FileIO and a buffered reader per call; a 50-process tree's survey reads
+    ~900 /proc files). Raises OSError."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        data = os.read(fd, 65536)
+        if not data:
+            return data
+        chunks = [data]
+        while True:
+            more = os.read(fd, 65536)
+            if not more:
+                break
+            chunks.append(more)
+    finally:
+        os.close(fd)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+_SELF: dict = {}
+
+
+def self_status() -> Dict[str, str]:
+    """ckpt's own /proc/self/status, parsed once per process (a survey and
+    a restore's checks ask it once per task: credentials, CapEff). ckpt
+    never changes its own credentials; a helper child that does (fds
+    _peercred) is another PID, so the memo is per PID. Do not modify the
+    dict. Raises OSError."""
+    got = _SELF.get("status")
+    pid = os.getpid()
+    if got is None or got[0] != pid:
+        with open("/proc/self/status") as f:
+            got = _SELF["status"] = (pid, parse_status(f.read()))
+    return got[1]
+
+
 def parse_maps(text: str) -> List[dict]:
     """/proc/PID/maps lines as dicts: start, end, perms, offset, dev, inode,
     path ('' for anonymous; may end in ' (deleted)'; may contain spaces)."""
@@ -215,8 +252,7 @@ class Proc:
     def read(self, name: str) -> str:
         """Text of /proc/PID/name. Raises Refusal(no-such-process) if gone."""
         try:
-            with open(self.path(name), "rb") as f:
-                return f.read().decode("utf-8", "surrogateescape")
+            return read_all(self.path(name)).decode("utf-8", "surrogateescape")
         except (FileNotFoundError, ProcessLookupError) as e:
             raise self._gone(e) from None
         except OSError as e:
@@ -226,8 +262,7 @@ class Proc:
 
     def read_bytes(self, name: str) -> bytes:
         try:
-            with open(self.path(name), "rb") as f:
-                return f.read()
+            return read_all(self.path(name))
         except (FileNotFoundError, ProcessLookupError) as e:
             raise self._gone(e) from None
 

@@ -153,6 +153,19 @@ def _special_block(vmas: List[dict]) -> List[tuple]:
             if v["path"] in SPECIAL_MAPPINGS and v["path"] != "[vsyscall]"]
 
 
+_MY_SPECIAL: dict = {}
+
+
+def _my_special_block() -> List[tuple]:
+    """ckpt's own vdso/vvar sizes: fixed for the life of a process (one
+    /proc/self/maps parse per restore, not one per member of a tree)."""
+    pid = os.getpid()
+    if _MY_SPECIAL.get("pid") != pid:
+        _MY_SPECIAL["block"] = _special_block(procfs.parse_maps(open("/proc/self/maps").read()))
+        _MY_SPECIAL["pid"] = pid
+    return _MY_SPECIAL["block"]
+
+
 def preflight(reader: ImageReader, core: dict, vmas: List[dict], fdrecs: List[dict],
               ctx: RestoreContext, tree_member: bool = False) -> None:
     """Everything that can be refused before a process exists; raises
@@ -168,17 +181,17 @@ def preflight(reader: ImageReader, core: dict, vmas: List[dict], fdrecs: List[di
     for rec in core.get("threads", []):
         if not _pid_free(rec["tid"]):
             add(Refusal("pid-in-use", f"TID {rec['tid']} (a thread) is held by {_comm(rec['tid'])}"))
-    mine = _special_block(procfs.parse_maps(open("/proc/self/maps").read()))
+    mine = _my_special_block()
     theirs = _special_block(vmas)
     if theirs and (theirs != mine or reader.manifest.get("kernel") != os.uname().release):
         add(Refusal("unsupported-mapping", f"the vdso of kernel {reader.manifest.get('kernel')} "
                     f"({theirs}) cannot be provided by kernel {os.uname().release} ({mine})"))
     try:
-        plan = creds_plan(core["creds"], creds_of(procfs.parse_status(open("/proc/self/status").read())))
+        plan = creds_plan(core["creds"], creds_of(procfs.self_status()))
         core["_creds_plan"] = plan
     except (Refusal, KeyError, TypeError) as e:
         add(e if isinstance(e, Refusal) else _bad(f"credentials record: {e}"))
-    eff = int(procfs.parse_status(open("/proc/self/status").read()).get("CapEff", "0"), 16)
+    eff = int(procfs.self_status().get("CapEff", "0"), 16)
     if not (eff >> CAP_SYS_RESOURCE) & 1:
         for i, (cur, mx) in enumerate(core["rlimits"]):
             mycur, mymax = libc.get_rlimit(0, i)

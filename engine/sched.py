@@ -30,7 +30,7 @@ import os
 import struct
 TYPE_CHECKING = False   # annotations only: importing typing costs every run ~3 ms
 if TYPE_CHECKING:
-    from typing import List, Optional
+    from typing import List
 
 from . import libc
 from .arch import current as current_arch
@@ -184,11 +184,9 @@ def allowed_cpus() -> List[int]:
 
 
 def _my_caps() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("CapEff:"):
-                return int(line.split()[1], 16)
-    return 0
+    from .procfs import self_status
+    eff = self_status().get("CapEff")
+    return int(eff.split()[0], 16) if eff else 0
 
 
 def validate(rec: dict) -> List[Refusal]:

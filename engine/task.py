@@ -249,13 +249,14 @@ class Task:
             self.restart_problem = f"stopped inside restart_syscall(2), which cannot be resumed in a new process: {e}"
 
     @classmethod
-    def adopt(cls, pid: int) -> "Task":
+    def adopt(cls, pid: int, extra_options: int = 0) -> "Task":
         """Take over a child stopped by PTRACE_TRACEME + kill(SIGSTOP); it is
-        killed if the tracer dies (PTRACE_O_EXITKILL)."""
+        killed if the tracer dies (PTRACE_O_EXITKILL). `extra_options`: more
+        ptrace options in the same request (a tree member's TRACEFORK)."""
         st = ptrace.wait(pid)
         if not (st.stopped and st.sig == _signal.SIGSTOP):
             raise EngineError(f"restore child {pid}: unexpected first stop {st!r}", pid=pid)
-        ptrace.set_options(pid, ptrace.O_TRACESYSGOOD | ptrace.O_EXITKILL)
+        ptrace.set_options(pid, ptrace.O_TRACESYSGOOD | ptrace.O_EXITKILL | extra_options)
         task = cls(pid)
         task.fault_name = "restore.syscall"
         return task

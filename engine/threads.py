@@ -51,7 +51,7 @@ TYPE_CHECKING = False   # annotations only: importing typing costs every run ~3 
 if TYPE_CHECKING:
     from typing import List, Optional
 
-from . import faults, libc, ptrace, sched, signals
+from . import faults, guard, libc, ptrace, sched, signals
 from .errors import EngineError, Refusal
 from .libc import SysError
 from .task import Task
@@ -335,8 +335,8 @@ def thread_state(task: Task, leader: Task, vmas: List[dict]) -> dict:
     tid, pid = task.pid, task.tgid
     faults.point("dump.thread")
     task.syscall_ip = leader.syscall_ip
-    with open(f"/proc/{pid}/task/{tid}/comm") as f:
-        comm = f.read().rstrip("\n")
+    from .procfs import read_all
+    comm = read_all(f"/proc/{pid}/task/{tid}/comm").decode().rstrip("\n")
     rec = {"tid": tid, "comm": comm, "regs": task.image_regs.to_dict(), "sigmask": task_sigmask(task),
            "rseq": _rseq(task), "robust_list": robust_list(tid), "sched": sched.dump(tid)}
     pre = getattr(task, "prefetched_thread", None)
@@ -370,6 +370,8 @@ def prefetch(others: List[Task], leader: Task, vmas: List[dict]) -> None:
     from .dump import SCRATCH, _scratch, put_back_scratch
     from .task import syscall_each
     if leader.syscall_ip is None or len(others) < 2:
+        return
+    if _prefetch_batched(others, leader, vmas):
         return
     ready = []
     for t in others:
@@ -409,6 +411,82 @@ def prefetch(others: List[Task], leader: Task, vmas: List[dict]) -> None:
         put_back_scratch(ready)
     for (t, _, _), g in zip(ready, got):
         t.prefetched_thread = g
+
+
+_BATCH_STATUS = ("SigPnd", "ShdPnd", "SigIgn", "SigQ", "Tgid", "Uid")
+
+
+def _thread_steps() -> list:
+    """thread_state()'s injected reads as engine/dumpbatch.py steps."""
+    return [("sigaltstack", "sigaltstack", lambda out: (0, out), 24,
+             lambda raw: list(struct.unpack("<Qi4xQ", raw))),
+            ("tid_address", "prctl", lambda out: (PR_GET_TID_ADDRESS, out, 0, 0, 0), 8,
+             lambda raw: struct.unpack("<Q", raw)[0]),
+            ("pdeath_signal", "prctl", lambda out: (PR_GET_PDEATHSIG, out, 0, 0, 0), 4,
+             lambda raw: struct.unpack("<i", raw)[0])]
+
+
+def _prefetch_batched(others: List[Task], leader: Task, vmas: List[dict]) -> bool:
+    """prefetch() by engine/dumpbatch.py runs: one area per thread, all in
+    one mapping the leader makes (one injected mmap, one munmap: the
+    threads share the address space), every thread's three reads in one
+    run of its own, the runs side by side. False when the batch cannot be
+    used for every thread (dumpbatch.usable: each thread's own pending set
+    and queue) or the mapping is refused: the caller goes on as before.
+    True once tried: a thread whose run failed has no prefetched_thread
+    and is read one by one by thread_state(). Raises only when the mapping
+    could not be unmapped (the process must never go on with it)."""
+    from . import dumpbatch
+    from .procfs import read_status_fields
+    runs = []
+    try:
+        for t in others:
+            st = read_status_fields(f"/proc/{t.tgid}/task/{t.pid}/status", _BATCH_STATUS)
+            sig = dumpbatch.usable(t, st)
+            if not sig:
+                return False
+            runs.append(dumpbatch.Run(t, vmas, st, sig, _thread_steps()))
+    except (OSError, ValueError):
+        return False
+    size = dumpbatch.AREA * len(runs)
+    held = _signal.pthread_sigmask(_signal.SIG_BLOCK, guard.HELD)   # no ^C while the threads run our code
+    try:
+        try:
+            base = dumpbatch._place(vmas, size, leader.arch.TASK_SIZE)
+            got = leader.syscall(leader.arch.SYS["mmap"], base, size, dumpbatch.PROT_RWX,
+                                 dumpbatch.MAP_PRIVATE | dumpbatch.MAP_ANONYMOUS | dumpbatch.MAP_FIXED_NOREPLACE,
+                                 (1 << 64) - 1, 0)
+        except (EngineError, SysError, OSError):
+            return False
+        if -4096 < got < 0:
+            return False
+        try:
+            if got != base:         # a kernel without MAP_FIXED_NOREPLACE put it elsewhere
+                return False
+            started = []
+            for i, r in enumerate(runs):
+                r.area = base + i * dumpbatch.AREA
+                try:
+                    r.start()
+                    started.append(r)
+                except (EngineError, SysError, OSError):
+                    pass
+            for r in started:
+                try:
+                    values = r.finish()
+                except (EngineError, SysError, OSError):
+                    continue
+                if values is not None:
+                    r.task.prefetched_thread = {k: values[k] for k in ("sigaltstack", "tid_address", "pdeath_signal")}
+        finally:
+            for r in runs:
+                r.area = None       # one munmap for all of them, here
+            r = leader.syscall(leader.arch.SYS["munmap"], got, size)
+            if -4096 < r < 0:
+                raise SysError("munmap (injected)", -r, leader.pid)
+    finally:
+        _signal.pthread_sigmask(_signal.SIG_SETMASK, held)
+    return True
 
 
 def survey(s, leader: Task, others: List[Task], state: Optional[dict]) -> List[dict]:
@@ -588,6 +666,12 @@ def _own_state(tb, rec: dict) -> None:
     head, length = rec["robust_list"]
     if head:
         q("set_robust_list", head, length)
+    # rseq in the same batch (not one injected call more per thread at
+    # late_state): the mm is complete by now, and a CLONE_VM clone starts
+    # unregistered, so nothing else touches the area before it is ours.
+    r = rec["rseq"]
+    if r["pointer"]:
+        q("rseq", r["pointer"], r["size"], 0, r["signature"])
     tb.flush()
     # Everything blocked until finish(): a signal dequeued at an injection
     # stop could only be dropped or delivered mid-restore.
@@ -602,12 +686,12 @@ def creds(b) -> None:
 
 
 def late_state(b) -> None:
-    """rseq, own pending signals, scheduling: the leader's stages, per thread."""
+    """Own pending signals, scheduling: the leader's stages, per thread
+    (its rseq is registered with its own state, _own_state)."""
     for tb in b.threads:
-        r = tb.rec["rseq"]
-        if r["pointer"]:
-            tb.call("rseq", r["pointer"], r["size"], 0, r["signature"])
-        signals.requeue(tb.task, tb.put, {"thread": tb.rec["signals"].get("thread", [])})
+        own = tb.rec["signals"].get("thread", [])
+        if own:     # nothing to queue: its mask is all-blocked since _own_state already
+            signals.requeue(tb.task, tb.put, {"thread": own})
         sched.apply(tb.pid, tb.rec["sched"])
 
 

@@ -112,8 +112,7 @@ class Member:
 
 def stat_of(pid: int) -> dict:
     """/proc/PID/stat with exit_code (field 52: a zombie's wait status)."""
-    with open(f"/proc/{pid}/stat") as f:
-        text = f.read()
+    text = procfs.read_all(f"/proc/{pid}/stat").decode()
     st = procfs.parse_stat(text)
     rest = text[text.rindex(")") + 2:].split()
     st["exit_code"] = int(rest[52 - 3]) if len(rest) > 52 - 3 else 0
@@ -126,10 +125,20 @@ def children_of(pid: int) -> List[int]:
     out: List[int] = []
     for tid in threads.tids(pid):
         try:
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
-                out.extend(int(x) for x in f.read().split())
+            # os.read, not open(): no text-file object per task (a tree's freeze reads these per pass)
+            fd = os.open(f"/proc/{pid}/task/{tid}/children", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                data = b""
+                while True:
+                    more = os.read(fd, 65536)
+                    if not more:
+                        break
+                    data += more
+            finally:
+                os.close(fd)
         except OSError:
             continue
+        out.extend(int(x) for x in data.split())
     return sorted(set(out))
 
 

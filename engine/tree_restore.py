@@ -321,8 +321,7 @@ def _fork(parent, m: dict, job) -> object:
         raise SysError("clone3 (injected, a child of the tree)", -r, parent.pid)
     if r != m["pid"]:
         raise Refusal("pid-in-use", f"child came back as PID {r}, not {m['pid']}", pid=m["pid"])
-    t = Task.adopt(r)
-    ptrace.set_options(r, ptrace.O_TRACESYSGOOD | ptrace.O_EXITKILL | O_TRACEFORK)
+    t = Task.adopt(r, O_TRACEFORK)
     b = Builder(job, t)
     b.use_gadget(parent.gadget, parent.gadget_size)     # inherited through the fork
     b.timerslack = parent.timerslack        # a fork's current slack is its parent's

@@ -132,6 +132,12 @@ def test_dump_restore_dump_restore(procs, threads_bin, tmp_path):
     _dump_restore(procs, p.pid, tmp_path / "img2")
     _go(go, out)
     _check_run(out, tids)
+    # Every thread's rseq registration came back (the second dump reads it
+    # from the restored threads): glibc registers one per thread.
+    import json
+    rseq = lambda img: {t["tid"]: t["rseq"] for t in json.load(open(tmp_path / img / "core.json"))["threads"]}  # noqa: E731
+    assert any(r["pointer"] for r in rseq("img1").values())
+    assert rseq("img2") == rseq("img1")
     from engine.show import render, show
     text = render(show(str(tmp_path / "img2")))
     assert f"threads  {len(tids)}: leader {p.pid}" in text
