@@ -626,8 +626,9 @@ class Guest:
             text = tail_text(self.serial_log, 1000)
         else:
             text = getattr(self, "_last_serial_tail", "")
-        if self.console_before:
-            text = self.console_before.rstrip("\n") + "\n" + text
+        before = getattr(self, "console_before", "")     # (a Guest made without __init__ in tests has none)
+        if before:
+            text = before.rstrip("\n") + "\n" + text
         all_lines = text.splitlines()
         tail = all_lines[-lines:]
         panic = [ln for ln in all_lines[:-lines or None] if "Kernel panic" in ln][-1:] if len(all_lines) > lines else []
