@@ -12,7 +12,7 @@ before.
 
 Nothing stale can be loaded: the file is found by :func:`key`, the
 identity of everything the booted state depends on - the image's files and
-manifest, the QEMU binary, the accelerator, the whole QEMU command line but
+manifest, the QEMU binary and its firmware files, the accelerator, the whole QEMU command line but
 its per-run host paths and port (memory, CPUs, devices, the segment NIC's
 MAC: a worker's "b" guest has its own, and so its own boot and boot id),
 and the vm code that boots and waits. Any change is another file (the old
@@ -34,7 +34,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Callable, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 TAG = "crucible-booted"
 
@@ -48,6 +48,26 @@ def _file_id(p: Path) -> str:
     return f"{Path(p).resolve()}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
 
 
+def firmware_ids(qemu_binary: str) -> List[str]:
+    """The identity of every file in QEMU's firmware directories (its
+    ``-L help``: the BIOS and option ROMs a booted state was started with)."""
+    import subprocess
+    try:
+        out = subprocess.run([qemu_binary, "-L", "help"], capture_output=True, text=True, timeout=30,
+                             stdin=subprocess.DEVNULL).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return ["no firmware list"]
+    ids = []
+    for d in out.split():
+        for p in sorted(Path(d).rglob("*")) if Path(d).is_dir() else []:
+            try:
+                if p.is_file():
+                    ids.append(_file_id(p))
+            except OSError:
+                pass
+    return ids
+
+
 def key(image, qemu_binary: str, accel: str, argv: list) -> str:
     """The booted state's identity (see the module doc); ``argv`` is QEMU's
     command line with its per-run host paths and port replaced by
@@ -55,7 +75,7 @@ def key(image, qemu_binary: str, accel: str, argv: list) -> str:
     h = hashlib.sha256()
     parts = [_file_id(image.kernel), _file_id(image.initrd), _file_id(image.rootfs),
              json.dumps(image.info(), sort_keys=True), _file_id(Path(shutil.which(qemu_binary) or qemu_binary)),
-             accel, json.dumps(argv)]
+             accel, json.dumps(argv)] + firmware_ids(shutil.which(qemu_binary) or qemu_binary)
     vm = Path(__file__).resolve().parent.parent / "vm"
     for p in parts:
         h.update(p.encode() + b"\0")

@@ -142,3 +142,17 @@ def test_a_loaded_guests_serial_tail_starts_with_the_console_before_it(tmp_path)
     assert g.serial_tail(10) == "after the load"
     g.console_before = "[kept boot]\nCRUCIBLE-READY"
     assert g.serial_tail(10) == "[kept boot]\nCRUCIBLE-READY\nafter the load"
+
+
+def test_the_key_follows_qemus_firmware_files(tmp_path):
+    img = _image(tmp_path)
+    fw = tmp_path / "fw"
+    fw.mkdir()
+    (fw / "bios-256k.bin").write_bytes(b"bios")
+    qemu = tmp_path / "qemu-system-x86_64"
+    qemu.write_text(f"#!/bin/sh\n[ \"$1 $2\" = '-L help' ] && echo {fw}\n")
+    qemu.chmod(0o755)
+    assert bootcache.firmware_ids(str(qemu)) == [bootcache._file_id(fw / "bios-256k.bin")]
+    k = bootcache.key(img, str(qemu), "tcg", [])
+    (fw / "bios-256k.bin").write_bytes(b"a newer bios")          # a seabios upgrade, QEMU unchanged
+    assert bootcache.key(img, str(qemu), "tcg", []) != k
