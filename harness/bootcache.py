@@ -15,8 +15,8 @@ identity of everything the booted state depends on - the image's files and
 manifest, the QEMU binary and its firmware files, the accelerator, the whole QEMU command line but
 its per-run host paths and port (memory, CPUs, devices, the segment NIC's
 MAC: a worker's "b" guest has its own, and so its own boot and boot id),
-and the vm code that boots and waits. Any change is another file (the old
-one of the same slot is removed); a kept file that does not load is
+and the vm code that boots and waits. Any change is another file (a slot keeps its
+newest :data:`KEEP`); a kept file that does not load is
 removed and the guest boots.
 
 What it changes: guests of the same key start from one boot instead of one
@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Callable, List, Optional, Tuple
 
 TAG = "crucible-booted"
+KEEP = 2            # kept boots per slot (~110 MiB each)
 
 
 def enabled() -> bool:
@@ -138,9 +139,14 @@ def launch(make: Callable[[Optional[Tuple[str, str]]], object], root: Path, slot
         os.replace(ctmp, console)
         probe.export_overlay(tmp)
         os.replace(tmp, path)
-        for old in list(Path(root).glob(f"{slot}-*.qcow2")) + list(Path(root).glob(f"{slot}-*.console")):
-            if old not in (path, console):
-                old.unlink(missing_ok=True)
+        # the slot's newest KEEP stay (two checkouts at different vm code
+        # take turns without booting every time), the older ones go
+        kept = sorted(Path(root).glob(f"{slot}-*.qcow2"), key=lambda p: p.stat().st_mtime_ns, reverse=True)
+        for old in [p for p in kept if p != path][KEEP - 1:]:
+            old.unlink(missing_ok=True)
+        for c in Path(root).glob(f"{slot}-*.console"):
+            if not c.with_suffix(".qcow2").exists():
+                c.unlink(missing_ok=True)
     except (VmError, OSError) as e:
         tmp.unlink(missing_ok=True)
         if not path.exists():

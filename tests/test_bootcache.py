@@ -63,11 +63,18 @@ def test_first_boot_is_kept_the_next_loads_it_a_bad_one_is_dropped(tmp_path):
     assert how == "loaded" and g.from_snapshot == (str(root / "slot-a-k1.qcow2"), bootcache.TAG)
     assert "slot-a-k1.qcow2" in g.console_before and "CRUCIBLE-READY uptime=3.1" in g.console_before
     assert log == [("launch", (str(root / "slot-a-k1.qcow2"), bootcache.TAG))]
-    # another key (a new image, QEMU...): booted, kept, the slot's old file gone
+    # another key (a new image, QEMU...): booted, kept beside the last one;
+    # a third: the oldest goes
+    key["k"] = "k0"
+    launch()
+    os.utime(root / "slot-a-k0.qcow2", ns=(1, 1))     # older than k1
     key["k"] = "k2"
     log.clear()
     g, how = launch()
-    assert how == "booted" and sorted(p.name for p in root.iterdir()) == ["slot-a-k2.console", "slot-a-k2.qcow2"]
+    assert how == "booted" and sorted(p.name for p in root.iterdir()) == [
+        "slot-a-k1.console", "slot-a-k1.qcow2", "slot-a-k2.console", "slot-a-k2.qcow2"]
+    assert bootcache.KEEP == 2
+    (root / "slot-a-k1.qcow2").unlink()
     # a kept file that does not load: removed, booted, kept anew
     FakeGuest.fail_load = True
     try:
