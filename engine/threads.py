@@ -335,8 +335,8 @@ def thread_state(task: Task, leader: Task, vmas: List[dict]) -> dict:
     tid, pid = task.pid, task.tgid
     faults.point("dump.thread")
     task.syscall_ip = leader.syscall_ip
-    with open(f"/proc/{pid}/task/{tid}/comm") as f:
-        comm = f.read().rstrip("\n")
+    from .procfs import read_all
+    comm = read_all(f"/proc/{pid}/task/{tid}/comm").decode().rstrip("\n")
     rec = {"tid": tid, "comm": comm, "regs": task.image_regs.to_dict(), "sigmask": task_sigmask(task),
            "rseq": _rseq(task), "robust_list": robust_list(tid), "sched": sched.dump(tid)}
     pre = getattr(task, "prefetched_thread", None)

@@ -112,8 +112,7 @@ class Member:
 
 def stat_of(pid: int) -> dict:
     """/proc/PID/stat with exit_code (field 52: a zombie's wait status)."""
-    with open(f"/proc/{pid}/stat") as f:
-        text = f.read()
+    text = procfs.read_all(f"/proc/{pid}/stat").decode()
     st = procfs.parse_stat(text)
     rest = text[text.rindex(")") + 2:].split()
     st["exit_code"] = int(rest[52 - 3]) if len(rest) > 52 - 3 else 0

@@ -101,6 +101,12 @@ def preload() -> None:
     except Exception:  # no warm engine: every ckpt is exec'd
         traceback.print_exc()
     sys.path.insert(0, HERE)
+    try:    # the process warm workloads are forked from (harness/warmfork.py start_seed)
+        why = importlib.import_module("warmfork").start_seed(os.path.join(HERE, "workload_run.py"))
+        if why:
+            print(f"agent: {why}", file=sys.stderr)
+    except Exception:  # no seed: every workload is exec'd
+        traceback.print_exc()
     for name in SCRIPTS:
         try:
             mod = importlib.import_module(name[:-3])
@@ -110,9 +116,6 @@ def preload() -> None:
                 importlib.import_module(dep)
         except Exception:  # a missing optional script: its requests fail alone
             traceback.print_exc()
-    warm = sys.modules.get("warmfork")
-    if warm is not None:   # the heap the warm workloads will grow into (warmfork.prepare_parent)
-        warm.prepare_parent()
 
 
 def child_exec(argv: List[str], script: bool, warm: bool = False, env: Optional[Dict[str, str]] = None,

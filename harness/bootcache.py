@@ -12,11 +12,11 @@ before.
 
 Nothing stale can be loaded: the file is found by :func:`key`, the
 identity of everything the booted state depends on - the image's files and
-manifest, the QEMU binary, the accelerator, the whole QEMU command line but
+manifest, the QEMU binary and its firmware files, the accelerator, the whole QEMU command line but
 its per-run host paths and port (memory, CPUs, devices, the segment NIC's
 MAC: a worker's "b" guest has its own, and so its own boot and boot id),
-and the vm code that boots and waits. Any change is another file (the old
-one of the same slot is removed); a kept file that does not load is
+and the vm code that boots and waits. Any change is another file (a slot keeps its
+newest :data:`KEEP`); a kept file that does not load is
 removed and the guest boots.
 
 What it changes: guests of the same key start from one boot instead of one
@@ -34,9 +34,10 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Callable, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 TAG = "crucible-booted"
+KEEP = 2            # kept boots per slot (~110 MiB each)
 
 
 def enabled() -> bool:
@@ -48,6 +49,26 @@ def _file_id(p: Path) -> str:
     return f"{Path(p).resolve()}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
 
 
+def firmware_ids(qemu_binary: str) -> List[str]:
+    """The identity of every file in QEMU's firmware directories (its
+    ``-L help``: the BIOS and option ROMs a booted state was started with)."""
+    import subprocess
+    try:
+        out = subprocess.run([qemu_binary, "-L", "help"], capture_output=True, text=True, timeout=30,
+                             stdin=subprocess.DEVNULL).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return ["no firmware list"]
+    ids = []
+    for d in out.split():
+        for p in sorted(Path(d).rglob("*")) if Path(d).is_dir() else []:
+            try:
+                if p.is_file():
+                    ids.append(_file_id(p))
+            except OSError:
+                pass
+    return ids
+
+
 def key(image, qemu_binary: str, accel: str, argv: list) -> str:
     """The booted state's identity (see the module doc); ``argv`` is QEMU's
     command line with its per-run host paths and port replaced by
@@ -55,7 +76,7 @@ def key(image, qemu_binary: str, accel: str, argv: list) -> str:
     h = hashlib.sha256()
     parts = [_file_id(image.kernel), _file_id(image.initrd), _file_id(image.rootfs),
              json.dumps(image.info(), sort_keys=True), _file_id(Path(shutil.which(qemu_binary) or qemu_binary)),
-             accel, json.dumps(argv)]
+             accel, json.dumps(argv)] + firmware_ids(shutil.which(qemu_binary) or qemu_binary)
     vm = Path(__file__).resolve().parent.parent / "vm"
     for p in parts:
         h.update(p.encode() + b"\0")
@@ -92,25 +113,43 @@ def launch(make: Callable[[Optional[Tuple[str, str]]], object], root: Path, slot
     probe = make(None)
     k = key_of(probe)
     path = Path(root) / f"{slot}-{k}.qcow2"
+    console = path.with_suffix(".console")
     if path.exists():
         g = make((str(path), TAG))
+        try:     # its console starts with the kept boot's: a crash report shows the guest's boot too
+            g.console_before = (f"[crucible: loaded from the kept boot {path.name}, whose console was:]\n"
+                                + console.read_text(errors="replace").rstrip("\n")
+                                + "\n[crucible: loaded here; this guest's own console follows]")
+        except OSError:
+            pass
         try:
             g.__enter__()
             return g, "loaded"
         except VmError as e:
             path.unlink(missing_ok=True)     # a kept boot that does not load is not kept
+            console.unlink(missing_ok=True)
             print(f"\ncrucible: the kept boot {path.name} did not load ({e}); booting")
     probe.__enter__()
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
     try:
         probe.snapshot(TAG)
         Path(root).mkdir(parents=True, exist_ok=True)
+        ctmp = console.with_name(f".{console.name}.{os.getpid()}")
+        ctmp.write_text(probe.serial_tail(1000))
+        os.replace(ctmp, console)
         probe.export_overlay(tmp)
         os.replace(tmp, path)
-        for old in Path(root).glob(f"{slot}-*.qcow2"):
-            if old != path:
-                old.unlink(missing_ok=True)
+        # the slot's newest KEEP stay (two checkouts at different vm code
+        # take turns without booting every time), the older ones go
+        kept = sorted(Path(root).glob(f"{slot}-*.qcow2"), key=lambda p: p.stat().st_mtime_ns, reverse=True)
+        for old in [p for p in kept if p != path][KEEP - 1:]:
+            old.unlink(missing_ok=True)
+        for c in Path(root).glob(f"{slot}-*.console"):
+            if not c.with_suffix(".qcow2").exists():
+                c.unlink(missing_ok=True)
     except (VmError, OSError) as e:
         tmp.unlink(missing_ok=True)
+        if not path.exists():
+            console.unlink(missing_ok=True)
         return probe, f"booted: not kept ({e})"
     return probe, "booted"

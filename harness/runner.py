@@ -299,7 +299,7 @@ class Run:
                       "bring up the segment NIC")
         # setup steps, the workload's start and the before_dump steps: one command
         # A new python3 for the workload unless CRUCIBLE_WARM_WORKLOAD=1 (harness/warmfork.py:
-        # off by default while its before-dump snapshots now and then show an awake SigBlk)
+        # off by default: judged clean, but its larger image costs the dump and restore what its start saves)
         cold = [] if os.environ.get("CRUCIBLE_WARM_WORKLOAD", "0") == "1" else ["--exec"]
         r = self.cmd(t, t.script("workload.py") + ["spawn", p["spec"], "--setup", "--before-dump", "--ready-file"]
                      + cold, "ready", "setup")

@@ -432,9 +432,10 @@ def spawn(spec_path: str, phases: List[str] = ()) -> int:
     holds the ready file's bytes as read (``ready_file``, latin-1: the
     harness keeps that copy without another request to the guest for it).
     In a fork of the agent the workload is
-    this process's child become ``run`` without an exec
-    (harness/warmfork.py), else a new ``python3 -S workload_run.py run SPEC
-    MARK``; the ready line's ``start`` says which (``cold_why``: why not warm).
+    a fork of the agent's warm seed become ``run`` without an exec
+    (harness/warmfork.py), else this process's child, a new ``python3 -S
+    workload_run.py run SPEC MARK``; the ready line's ``start`` says which
+    (``cold_why``: why not warm).
     """
     import json
     warmfork = _sibling("warmfork")
@@ -459,16 +460,22 @@ def spawn(spec_path: str, phases: List[str] = ()) -> int:
                                   MARK)
     for stream in (sys.stdout, sys.stderr):   # nothing buffered may be written twice
         stream.flush()
-    child = os.fork()
-    if child == 0:  # pragma: no cover - child
+    own = True      # the workload is this process's child (not the warm seed's)
+    if not cold:
+        try:
+            child = warmfork.ask_seed(argv, spec_path)
+            own = False
+        except warmfork.Cold as e:
+            cold = str(e)
+    if own:
+        child = os.fork()
+    if own and child == 0:  # pragma: no cover - child
         try:
             os.setsid()
             null = os.open(os.devnull, os.O_RDWR)
             for fd in (0, 1, 2):
                 os.dup2(null, fd)
             os.closerange(3, 65536)
-            if not cold:
-                _run_warm(argv, spec_path)
             os.execv(argv[0], argv)
         finally:
             os._exit(127)
@@ -489,13 +496,26 @@ def spawn(spec_path: str, phases: List[str] = ()) -> int:
                 ready["ready_file"] = raw.decode("latin-1")     # every byte as one character
             print(json.dumps(ready))
             return 1 if "error" in ready else 0
-        pid, status = os.waitpid(child, os.WNOHANG)
-        if pid:
-            print(json.dumps({"pid": child, "error": f"workload exited before ready (status {status:#x})"}))
+        if own:
+            pid, status = os.waitpid(child, os.WNOHANG)
+            if pid:
+                print(json.dumps({"pid": child, "error": f"workload exited before ready (status {status:#x})"}))
+                return 1
+        elif _gone(child):
+            print(json.dumps({"pid": child, "error": "workload exited before ready (forked by the warm seed)"}))
             return 1
         time.sleep(0.02)
     print(json.dumps({"pid": child, "error": "workload not ready in time"}))
     return 1
+
+
+def _gone(pid: int) -> bool:
+    """Has ``pid`` (not this process's child) exited: gone, or a zombie?"""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (OSError, IndexError):
+        return True
 
 
 def _run_warm(argv: List[str], spec_path: str) -> None:  # pragma: no cover - the child; returns only to exec
@@ -608,6 +628,9 @@ def main(argv: List[str]) -> int:
     cmd = argv[0] if argv else ""
     if cmd == "run" and len(argv) >= 2:
         return run(argv[1])
+    if cmd == "seed" and len(argv) == 3:     # the warm seed (harness/warmfork.py start_seed)
+        _sibling("warmfork").serve_seed(int(argv[1]), int(argv[2]), _run_warm)
+        return 1
     import json     # the helpers' output (the agent has it imported)
     if cmd == "spawn" and len(argv) >= 2:
         return spawn(argv[1], [a.lstrip("-").replace("-", "_") for a in argv[2:]])

@@ -36,7 +36,6 @@ from __future__ import annotations
 import atexit
 import importlib
 import importlib.util
-import io
 import re
 import os
 import shutil
@@ -45,6 +44,11 @@ import sys
 import types
 import warnings
 from typing import Dict, List, Optional, Sequence
+
+try:    # (they are the warm workload's too: harness/warmfork.py)
+    from .warmfork import exec_signals as _exec_signals, interpreter_flags, std_streams as _std_streams
+except ImportError:  # pragma: no cover - in the guest, run as a script
+    from warmfork import exec_signals as _exec_signals, interpreter_flags, std_streams as _std_streams  # type: ignore
 
 #: The guest's /usr/local/bin/ckpt (vm/recipe.py CKPT_WRAPPER_FAST, with
 #: CODE's ROOT the engine's parent directory and FLAGS python3's options):
@@ -107,19 +111,6 @@ def wrapper_flags(text: str, root: str) -> Optional[List[str]]:
     if wrapper_text(root) == text:
         return []
     return None
-
-
-def interpreter_flags() -> Optional[List[str]]:
-    """This python3's own options (those before its script), None if unknown."""
-    argv = getattr(sys, "orig_argv", None)
-    if argv is None:
-        return None
-    flags = []
-    for a in argv[1:]:
-        if not a.startswith("-"):
-            return flags
-        flags.append(a)
-    return flags
 
 
 def wrapper_env(env: Dict[str, str], root: str, cwd: Optional[str] = None) -> Dict[str, str]:
@@ -303,49 +294,3 @@ def _system_exit_code(e: SystemExit) -> int:
     except Exception:   # noqa: BLE001
         pass
     return 1
-
-
-def _exec_signals() -> None:
-    """Dispositions as execve(2) leaves them (handled -> default, ignored
-    stays ignored), then as python3 sets them at start: SIGPIPE and SIGXFSZ
-    ignored, SIGINT its KeyboardInterrupt handler when it was default."""
-    for s in range(1, signal.NSIG):
-        if s in (signal.SIGKILL, signal.SIGSTOP):
-            continue
-        try:
-            h = signal.getsignal(s)
-        except ValueError:
-            continue
-        if h is None:            # set outside Python: leave as the kernel has it (exec keeps it too)
-            continue
-        if h is not signal.SIG_IGN and h is not signal.SIG_DFL:
-            try:
-                signal.signal(s, signal.SIG_DFL)
-            except (OSError, ValueError):
-                pass
-    for s in (signal.SIGPIPE, getattr(signal, "SIGXFSZ", None)):
-        if s is not None:
-            signal.signal(s, signal.SIG_IGN)
-    if signal.getsignal(signal.SIGINT) is signal.SIG_DFL:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
-
-def _std_streams(unbuffered: bool) -> None:
-    """sys.stdin/stdout/stderr over fds 0-2 as python3's start-up makes them
-    (pylifecycle.c create_stdio; the encoding and errors the zygote's own
-    got from the same environment)."""
-    old = (sys.stdin, sys.stdout, sys.stderr, sys.__stdin__, sys.__stdout__, sys.__stderr__)
-    _KEEP.append(old)
-    made = []
-    for fd, name, mode in ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w")):
-        ref = getattr(sys, "__" + name + "__", None) or getattr(sys, name)
-        raw_only = unbuffered and mode == "w"
-        buf = io.open(fd, mode + "b", 0 if raw_only else -1, closefd=False)
-        (buf if raw_only else buf.raw).name = f"<{name}>"
-        text = io.TextIOWrapper(buf, encoding=ref.encoding, errors=ref.errors, newline="\n",
-                                line_buffering=not unbuffered and (os.isatty(fd) or fd == 2),
-                                write_through=unbuffered)
-        text.mode = mode
-        made.append(text)
-    sys.stdin, sys.stdout, sys.stderr = made
-    sys.__stdin__, sys.__stdout__, sys.__stderr__ = made

@@ -26,6 +26,10 @@ class FakeGuest:
 
     def __init__(self, log, from_snapshot):
         self.log, self.from_snapshot = log, from_snapshot
+        self.console_before = ""
+
+    def serial_tail(self, lines):
+        return "Linux version 6.1\nCRUCIBLE-READY uptime=3.1\n"
 
     def __enter__(self):
         if self.from_snapshot and FakeGuest.fail_load:
@@ -53,16 +57,24 @@ def test_first_boot_is_kept_the_next_loads_it_a_bad_one_is_dropped(tmp_path):
     g, how = launch()
     assert how == "booted" and g.from_snapshot is None
     assert log == [("launch", None), ("snapshot", bootcache.TAG), ("export",)]
-    assert [p.name for p in root.iterdir()] == ["slot-a-k1.qcow2"]
+    assert sorted(p.name for p in root.iterdir()) == ["slot-a-k1.console", "slot-a-k1.qcow2"]
     log.clear()
     g, how = launch()
     assert how == "loaded" and g.from_snapshot == (str(root / "slot-a-k1.qcow2"), bootcache.TAG)
+    assert "slot-a-k1.qcow2" in g.console_before and "CRUCIBLE-READY uptime=3.1" in g.console_before
     assert log == [("launch", (str(root / "slot-a-k1.qcow2"), bootcache.TAG))]
-    # another key (a new image, QEMU...): booted, kept, the slot's old file gone
+    # another key (a new image, QEMU...): booted, kept beside the last one;
+    # a third: the oldest goes
+    key["k"] = "k0"
+    launch()
+    os.utime(root / "slot-a-k0.qcow2", ns=(1, 1))     # older than k1
     key["k"] = "k2"
     log.clear()
     g, how = launch()
-    assert how == "booted" and [p.name for p in root.iterdir()] == ["slot-a-k2.qcow2"]
+    assert how == "booted" and sorted(p.name for p in root.iterdir()) == [
+        "slot-a-k1.console", "slot-a-k1.qcow2", "slot-a-k2.console", "slot-a-k2.qcow2"]
+    assert bootcache.KEEP == 2
+    (root / "slot-a-k1.qcow2").unlink()
     # a kept file that does not load: removed, booted, kept anew
     FakeGuest.fail_load = True
     try:
@@ -86,7 +98,8 @@ def test_other_slots_are_left_alone(tmp_path):
     root = tmp_path / "booted"
     bootcache.launch(lambda fs=None: FakeGuest([], fs), root, "img-a", lambda g: "k")
     bootcache.launch(lambda fs=None: FakeGuest([], fs), root, "img-b", lambda g: "k")
-    assert sorted(p.name for p in root.iterdir()) == ["img-a-k.qcow2", "img-b-k.qcow2"]
+    assert sorted(p.name for p in root.iterdir()) == ["img-a-k.console", "img-a-k.qcow2", "img-b-k.console",
+                                                      "img-b-k.qcow2"]
 
 
 def _guest(img, name="gw0a", sock="/tmp/s-1-gw0", mac="52:54:00:77:00:0a", **kw):
@@ -127,3 +140,26 @@ def test_off_switch(monkeypatch):
     assert not bootcache.enabled()
     monkeypatch.delenv("CRUCIBLE_BOOT_CACHE")
     assert bootcache.enabled()
+
+
+def test_a_loaded_guests_serial_tail_starts_with_the_console_before_it(tmp_path):
+    g = _guest(_image(tmp_path))
+    g.serial_log = tmp_path / "s.log"
+    g.serial_log.write_text("after the load\n")
+    assert g.serial_tail(10) == "after the load"
+    g.console_before = "[kept boot]\nCRUCIBLE-READY"
+    assert g.serial_tail(10) == "[kept boot]\nCRUCIBLE-READY\nafter the load"
+
+
+def test_the_key_follows_qemus_firmware_files(tmp_path):
+    img = _image(tmp_path)
+    fw = tmp_path / "fw"
+    fw.mkdir()
+    (fw / "bios-256k.bin").write_bytes(b"bios")
+    qemu = tmp_path / "qemu-system-x86_64"
+    qemu.write_text(f"#!/bin/sh\n[ \"$1 $2\" = '-L help' ] && echo {fw}\n")
+    qemu.chmod(0o755)
+    assert bootcache.firmware_ids(str(qemu)) == [bootcache._file_id(fw / "bios-256k.bin")]
+    k = bootcache.key(img, str(qemu), "tcg", [])
+    (fw / "bios-256k.bin").write_bytes(b"a newer bios")          # a seabios upgrade, QEMU unchanged
+    assert bootcache.key(img, str(qemu), "tcg", []) != k

@@ -77,8 +77,8 @@ def test_awake_moment_is_what_the_process_shows_outside_the_wait(waiter):
 NOT_ASLEEP = {
     # blocked but in no system call (a page fault), with an awake process's masks
     "outside a call": ("-1 0x7ffd0000 0x7f000000", "S"),
-    # preempted on its way out of sigtimedwait: the call still shows, its mask
-    # is back (seen in a TCG guest, one vCPU: 3 of 137 judged corrupted on SigBlk)
+    # the call's line, read before it woke, and runnable, read after: its
+    # mask is back (in a TCG guest, one vCPU: 3 of 137 judged corrupted on SigBlk)
     "in the call but runnable": ("128 0x1 0x2 0x3 0x0 0x0 0x0 0x7ffd0000 0x7f000000", "R"),
 }
 
@@ -101,3 +101,54 @@ def test_a_task_not_asleep_in_its_call_is_never_the_quiet_moment(monkeypatch, ca
     calls.clear()
     procstate.quiet_snapshot(1, {"counter_addr": 1}, seconds=0.3)
     assert calls == ["full"]
+
+
+class Timeline:
+    """A workload whose every /proc read by the judge is one step of time:
+    each read sees the phase the process is in at that step (the last one
+    from then on). A phase: (line of /proc/PID/syscall, state, counter,
+    SigBlk)."""
+
+    def __init__(self, monkeypatch, phases):
+        self.phases, self.step = phases, 0
+        monkeypatch.setattr(procstate, "_syscall", lambda pid: self.read()[0])
+        monkeypatch.setattr(procstate, "_state", lambda pid: self.read()[1])
+        monkeypatch.setattr(procstate, "proof", lambda pid, pub: {"counter": self.read()[2]})
+        monkeypatch.setattr(procstate, "snapshot", lambda pid, pub=None: {"status.SigBlk": self.read()[3]})
+        monkeypatch.setattr(procstate, "_moment", lambda pid: {"status.SigBlk": self.read()[3]})
+
+    def read(self):
+        phase = self.phases[min(self.step, len(self.phases) - 1)]
+        self.step += 1
+        return phase
+
+
+CALL = "128 0x1 0x2 0x3 0x8 0x0 0x0 0x7ffd0000 0x7f000000"     # rt_sigtimedwait, args, SP, PC
+ASLEEP, AWAKE = "0000000000000000", "%016x" % USR1
+
+
+def test_a_wake_and_tick_between_two_reads_is_never_the_quiet_moment(monkeypatch):
+    """Six reads around the snapshot, the process waking once among them:
+    asleep in the call for the first three; awake (its mask back) while the
+    status is read; then blocked on its way out of the call (a page fault:
+    /proc/PID/syscall still shows the call, the counter not yet advanced),
+    and asleep again after its tick. Read in the order before
+    (call, counter, state on both sides), the two ends matched and the
+    awake mask was the snapshot's; bracketed by the counter, they do not,
+    and the next try finds it asleep."""
+    Timeline(monkeypatch, [(CALL, "S", "7", ASLEEP)] * 3 + [(CALL, "R", "7", AWAKE)]
+             + [(CALL, "D", "7", AWAKE)] * 2 + [(CALL, "S", "8", ASLEEP)])
+    snap = procstate.quiet_snapshot(1, {"counter_addr": 1}, seconds=5)
+    assert snap["status.SigBlk"] == ASLEEP
+
+
+def test_a_tick_between_the_call_and_the_counter_is_never_the_quiet_moment(monkeypatch):
+    """The first read sees the call of the sleep before a tick, the next
+    one the counter after it, the status is read while the process is still
+    awake, and it sleeps again with that counter: compared on the call and
+    the counter alone (the judge before the state was read), both sides
+    matched, two sleeps with a wake-up in between taken for one."""
+    Timeline(monkeypatch, [(CALL, "S", "7", ASLEEP)] + [("running", "R", "8", AWAKE)] * 2
+             + [(CALL, "S", "8", ASLEEP)])
+    snap = procstate.quiet_snapshot(1, {"counter_addr": 1}, seconds=5)
+    assert snap["status.SigBlk"] == ASLEEP

@@ -206,7 +206,8 @@ def test_c_environ_is_what_an_exec_passes(python):
 def test_become_resets_what_the_agent_set(tmp_path):
     """In a fork of a process with handlers, an exit handler and extra
     buffered streams: after become(), dispositions are exec's, no exit
-    handler runs, and argv is the workload's."""
+    handler runs, argv is the workload's, and brk can no longer grow the
+    heap (wall_heap)."""
     code = (
         "import sys, os, signal, atexit; sys.path.insert(0, %r)\n"
         "from harness import warmfork\n"
@@ -215,15 +216,18 @@ def test_become_resets_what_the_agent_set(tmp_path):
         "import types; sys.modules['engine'] = types.ModuleType('engine')\n"
         "sys.modules['engine.dump'] = types.ModuleType('engine.dump')\n"
         "warmfork.become(['/usr/bin/python3', '-S', '/x/workload.py', 'run', 'SPEC', 'MARK'])\n"
+        "maps = [ln.split() for ln in open('/proc/self/maps')]\n"
+        "end = max(int(m[0].split('-')[1], 16) for m in maps if m[-1] == '[heap]' and m[1] != '---p')\n"
+        "walled = any(int(m[0].split('-')[0], 16) == end and m[1] == '---p' for m in maps)\n"
         "out = (signal.getsignal(signal.SIGUSR2) is signal.SIG_DFL, signal.getsignal(signal.SIGHUP) is signal.SIG_IGN,"
-        " sys.argv, open('/proc/self/cmdline','rb').read())\n"
+        " sys.argv, open('/proc/self/cmdline','rb').read(), walled)\n"
         "assert not [n for n in sys.modules if n.startswith('engine')], 'the agent-only engine stayed'\n"
         "print(repr(out)); sys.stdout.flush()\n"
     ) % str(REPO)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, close_fds=True)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == repr((True, True, ["/x/workload.py", "run", "SPEC", "MARK"],
-                                     b"/usr/bin/python3\0-S\0/x/workload.py\0run\0SPEC\0MARK\0"))
+                                     b"/usr/bin/python3\0-S\0/x/workload.py\0run\0SPEC\0MARK\0", True))
     assert "AGENT-EXIT-HANDLER" not in r.stdout
 
 
@@ -246,3 +250,61 @@ def test_a_fork_s_heap_stays_one_vma_only_when_the_parent_left_it_room(prepared)
     ) % (str(REPO), prepared)
     r = subprocess.run([AGENT_PY, "-S", "-c", code], capture_output=True, text=True, timeout=60, close_fds=True)
     assert (r.returncode, r.stdout) == (0, "1" if prepared else "2"), r.stderr
+
+
+@pytest.mark.parametrize("walled", [False, True])
+def test_a_fork_that_outgrows_the_parent_s_room_keeps_one_heap_only_when_walled(walled):
+    """prepare_parent's free top is finite: a fork that mallocs past it
+    grows the inherited heap by brk into a second [heap] VMA (what no
+    restore reproduces). With wall_heap brk cannot grow: the same mallocs
+    succeed from anonymous mmaps, and the heap stays one VMA, the wall
+    right at its end."""
+    code = (
+        "import ctypes, os, sys; sys.path.insert(0, %r)\n"
+        "from harness import warmfork\n"
+        "warmfork.prepare_parent()\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    if %r: warmfork.wall_heap()\n"
+        "    libc = warmfork._libc\n"
+        "    got = [libc.malloc(100 << 10) for _ in range((warmfork.HEAP_PAD >> 10) // 100 + 400)]\n"
+        "    maps = [ln.split() for ln in open('/proc/self/maps')]\n"
+        "    heap = [m for m in maps if m[-1] == '[heap]' and m[1] != '---p']\n"
+        "    end = int(heap[-1][0].split('-')[1], 16)\n"
+        "    wall = [m for m in maps if int(m[0].split('-')[0], 16) == end and m[1] == '---p']\n"
+        "    os.write(1, repr((len(heap), len(wall), all(got))).encode()); os._exit(0)\n"
+        "os.waitpid(pid, 0)\n"
+    ) % (str(REPO), walled)
+    r = subprocess.run([AGENT_PY, "-S", "-c", code], capture_output=True, text=True, timeout=60, close_fds=True)
+    assert (r.returncode, r.stdout) == (0, repr((1, 1, True)) if walled else repr((2, 0, True))), r.stderr
+
+
+def test_warm_workloads_are_forked_from_a_lean_seed_that_dies_with_the_agent(tmp_path):
+    """Not from the agent: a fork of it carried the agent's memory (its
+    engine, its helpers) into every image. The seed is a python3 started as
+    the exec'd workload is, the warm workload's parent; the workload's heap
+    is one VMA with the wall at its end, and the seed goes with the agent."""
+    link, proc = _agent(tmp_path, ["-S"])
+    ready = {}
+    seed = None
+    try:
+        ready = _spawn(link, _spec(tmp_path / "s"))
+        assert ready["start"] == "warm", ready
+        status = dict(ln.split(":", 1) for ln in Path(f"/proc/{ready['pid']}/status").read_text().splitlines())
+        seed = int(status["PPid"])
+        argv = Path(f"/proc/{seed}/cmdline").read_bytes().split(b"\0")
+        assert argv[:4] == [AGENT_PY.encode(), b"-S", str(RUN_SCRIPT).encode(), b"seed"], argv
+        assert int(Path(f"/proc/{seed}/stat").read_text().rsplit(")", 1)[1].split()[1]) == proc.pid
+        maps = [ln.split() for ln in Path(f"/proc/{ready['pid']}/maps").read_text().splitlines()]
+        heap = [m for m in maps if m[-1] == "[heap]" and m[1] != "---p"]
+        assert len(heap) == 1, heap
+    finally:
+        _kill(ready)
+        link.close()
+        proc.kill()
+        proc.wait()
+    deadline = time.monotonic() + 10
+    while seed is not None and os.path.exists(f"/proc/{seed}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert seed is None or not os.path.exists(f"/proc/{seed}") or \
+        Path(f"/proc/{seed}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"

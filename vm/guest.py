@@ -161,6 +161,9 @@ class Guest:
         self.qemu_log: Optional[Path] = None
         self.overlay: Optional[Path] = None
         self.exit_code: Optional[int] = None
+        #: console text from before this QEMU (a guest loaded from another
+        #: one's snapshot: that boot's console), shown first by :meth:`serial_tail`
+        self.console_before = ""
 
     # ----------------------------------------------------------- lifecycle
     def __enter__(self) -> "Guest":
@@ -623,6 +626,9 @@ class Guest:
             text = tail_text(self.serial_log, 1000)
         else:
             text = getattr(self, "_last_serial_tail", "")
+        before = getattr(self, "console_before", "")     # (a Guest made without __init__ in tests has none)
+        if before:
+            text = before.rstrip("\n") + "\n" + text
         all_lines = text.splitlines()
         tail = all_lines[-lines:]
         panic = [ln for ln in all_lines[:-lines or None] if "Kernel panic" in ln][-1:] if len(all_lines) > lines else []
