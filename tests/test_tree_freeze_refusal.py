@@ -65,8 +65,14 @@ def test_member_refused_mid_pass_leaves_every_member_untraced(procs, session_kil
     assert not (tmp_path / "img").exists()
     for pid in [p.pid] + kids:
         assert _status_field(pid, "TracerPid") == "0", f"pid {pid} still traced"
-        state = _stat(pid)["state"]
-        assert state == "T" if pid == victim else state not in ("t", "T"), (pid, state)
+        if pid == victim:
+            # Detached from its trap stop, it runs kernel code for a moment
+            # before it is back in the group stop (kernel/ptrace.c
+            # __ptrace_detach wakes it; JOBCTL_STOP_PENDING stops it again):
+            # seen as R under load. It must be stopped again, by itself.
+            wait_for(lambda: _stat(pid)["state"] == "T", timeout=5, what=f"pid {pid} back in its job-control stop")
+        else:
+            assert _stat(pid)["state"] not in ("t", "T"), pid
     os.kill(victim, signal.SIGCONT)
     wait_for(lambda: _stat(victim)["state"] == "S", what="the stopped member continued")
 
