@@ -225,9 +225,10 @@ def _check_restore_env(s: Survey, tree_member: bool = False, shell_job: bool = F
         # a job of some shell: `ckpt restore --tty` puts it in the session of
         # the shell that runs the restore (engine/fds/tty.py), as criu does
         return
-    if sid != os.getsid(0):
+    from .guard import ckpt_session
+    if sid != ckpt_session():
         s.refuse("session", "session", Refusal(
-            "unsupported-state", f"in session {sid}, neither its own nor ckpt's ({os.getsid(0)}): a restore "
+            "unsupported-state", f"in session {sid}, neither its own nor ckpt's ({ckpt_session()}): a restore "
             "could not put it back there; start it with setsid, or run ckpt from its session"))
     elif pgid != s.pid:
         # restore joins the group through its leader (setpgid needs a live

@@ -49,6 +49,14 @@ HELD = {_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP, _signal.SIGQUIT, _signa
 FORWARDED = (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP)
 
 _report_fd: Optional[int] = None
+_ckpt_sid: Optional[int] = None     # ckpt's session, in a worker that left it
+
+
+def ckpt_session() -> int:
+    """The session of the ckpt command, also in its worker (which calls
+    setsid()): what a target's session is compared with (engine/check.py),
+    the session a restore run from the same place puts it back in."""
+    return _ckpt_sid if _ckpt_sid is not None else os.getsid(0)
 
 
 def _pdeathsig(sig: int) -> None:
@@ -59,10 +67,11 @@ def _pdeathsig(sig: int) -> None:
 def become_worker(parent: int, report_fd: Optional[int] = None) -> None:
     """In a freshly forked worker (or restorer): hold the group signals,
     turn ckpt's death and STOP_SIGNAL into a stop request."""
-    global _report_fd
+    global _report_fd, _ckpt_sid
     _report_fd = report_fd
     _signal.pthread_sigmask(_signal.SIG_BLOCK, HELD)
     if report_fd is not None:
+        _ckpt_sid = os.getsid(0)
         os.setsid()     # out of ckpt's process group: a kill -9 of the group reaches ckpt only
     _signal.signal(STOP_SIGNAL, lambda s, f: faults.request_abort("ckpt was killed or interrupted"))
     _pdeathsig(STOP_SIGNAL)
