@@ -284,25 +284,34 @@ def read_each(items: list, steps: list) -> dict:
         for r, got_at in zip(runs, res):
             if not -4096 < got_at < 0:
                 r.area = got_at         # unmapped below whatever happens
-        started = []
-        for r, a in zip(runs, places):
-            if r.area == a:
-                try:
-                    r.start()
-                    started.append(r)
-                except (EngineError, SysError, OSError):
-                    pass
-        for r in started:
-            try:
-                values = r.finish()
-                if values is not None:
-                    got[r.task.pid] = values
-            except (EngineError, SysError, OSError):
-                pass
+        for r, values in run_all([r for r, a in zip(runs, places) if r.area == a]):
+            got[r.task.pid] = values
         _unmap_each([r for r in runs if r.area is not None])
     finally:
         _signal.pthread_sigmask(_signal.SIG_SETMASK, held)
     return got
+
+
+def run_all(runs: list) -> list:
+    """Every run (its area mapped) started, then each waited for, side by
+    side; [(run, values)] of those that ended with their values. A run
+    that cannot start or end is left out: its task is read one by one by
+    the caller, who meets the failure again in context."""
+    started, out = [], []
+    for r in runs:
+        try:
+            r.start()
+            started.append(r)
+        except (EngineError, SysError, OSError):
+            pass
+    for r in started:
+        try:
+            values = r.finish()
+        except (EngineError, SysError, OSError):
+            continue
+        if values is not None:
+            out.append((r, values))
+    return out
 
 
 def _unmap_each(runs: list) -> None:

@@ -75,20 +75,25 @@ def status_fields(text: str, keys) -> Dict[str, str]:
     return out
 
 
-def read_status_fields(path: str, keys) -> Dict[str, str]:
-    """status_fields() of the file at `path` (os.read: no text-file object
-    per read). Raises OSError."""
+def read_all(path: str) -> bytes:
+    """The whole of a /proc file by os.read: no file object per read (a
+    tree's freeze and a thread survey read these per task). Raises OSError."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         data = os.read(fd, 8192)
-        while len(data) >= 8192:        # a long Groups line: read on to the end
+        while len(data) >= 8192:        # a seq_file returns all it has when it fits: only then read on
             more = os.read(fd, 65536)
             if not more:
                 break
             data += more
     finally:
         os.close(fd)
-    return status_fields(data.decode("utf-8", "surrogateescape"), keys)
+    return data
+
+
+def read_status_fields(path: str, keys) -> Dict[str, str]:
+    """status_fields() of the file at `path`. Raises OSError."""
+    return status_fields(read_all(path).decode("utf-8", "surrogateescape"), keys)
 
 
 def read_all(path: str) -> bytes:

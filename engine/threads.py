@@ -463,21 +463,10 @@ def _prefetch_batched(others: List[Task], leader: Task, vmas: List[dict]) -> boo
         try:
             if got != base:         # a kernel without MAP_FIXED_NOREPLACE put it elsewhere
                 return False
-            started = []
             for i, r in enumerate(runs):
                 r.area = base + i * dumpbatch.AREA
-                try:
-                    r.start()
-                    started.append(r)
-                except (EngineError, SysError, OSError):
-                    pass
-            for r in started:
-                try:
-                    values = r.finish()
-                except (EngineError, SysError, OSError):
-                    continue
-                if values is not None:
-                    r.task.prefetched_thread = {k: values[k] for k in ("sigaltstack", "tid_address", "pdeath_signal")}
+            for r, values in dumpbatch.run_all(runs):
+                r.task.prefetched_thread = {k: values[k] for k in ("sigaltstack", "tid_address", "pdeath_signal")}
         finally:
             for r in runs:
                 r.area = None       # one munmap for all of them, here

@@ -125,17 +125,7 @@ def children_of(pid: int) -> List[int]:
     out: List[int] = []
     for tid in threads.tids(pid):
         try:
-            # os.read, not open(): no text-file object per task (a tree's freeze reads these per pass)
-            fd = os.open(f"/proc/{pid}/task/{tid}/children", os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                data = b""
-                while True:
-                    more = os.read(fd, 65536)
-                    if not more:
-                        break
-                    data += more
-            finally:
-                os.close(fd)
+            data = procfs.read_all(f"/proc/{pid}/task/{tid}/children")
         except OSError:
             continue
         out.extend(int(x) for x in data.split())
