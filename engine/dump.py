@@ -84,6 +84,8 @@ def injected_state(task: Task, vmas: List[dict]) -> dict:
         return out
     from .dumpbatch import read as batched
     try:
+        # Read now, not the survey's copy: a signal queued since the freeze
+        # must not be the one the batch unblocks to end its run (dumpbatch.usable).
         status = procfs.Proc(task.pid).status()
         got = batched(task, vmas, status, _injected_reads())
     except BaseException:
