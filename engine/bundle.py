@@ -22,8 +22,9 @@ Never stale, never required:
   the bundle too, for :func:`check`; reading every source at each start to
   hash it would cost a third of what the bundle saves.)
 * The bundle is used only by the interpreter that wrote it (the same
-  bytecode magic and -O level) and for the engine directory it was built
-  in (the code objects carry their file names, for tracebacks).
+  bytecode magic, -O level and pycache prefix) and for the engine
+  directory it was built in (the code objects carry their file names,
+  for tracebacks).
 * Built explicitly (``python3 -m engine.mkbundle``, engine/mkbundle.py: run where compileall is:
   ``make``, the guests' engine install, the host compare), written whole
   under a temporary name and renamed; a missing, foreign or damaged bundle
@@ -75,9 +76,9 @@ class _Finder:
         if e is None or "." not in name:
             return None         # (the package itself is imported before the finder exists)
         rel, pkg, cached, key = e[2], e[3], e[4], e[5]
-        src = os.path.join(self.engine_dir, rel)
-        parent = os.path.dirname(os.path.join(self.engine_dir, os.path.dirname(rel) if pkg else rel))
-        if path is not None and list(path) != [parent]:
+        src = self.engine_dir + "/" + rel          # (paths made as the builder made them: "/" only)
+        where = src.rpartition("/")[0]
+        if path != [where.rpartition("/")[0] if pkg else where]:
             return None         # its package's __path__ is not the bundle's directory: not ours to say
         try:
             if _key(os.stat(src)) != key:
@@ -86,9 +87,9 @@ class _Finder:
             return None
         spec = self._spec(name, self, origin=src, is_package=pkg)
         spec.has_location = True
-        spec.cached = os.path.join(self.engine_dir, cached)
+        spec.cached = self.engine_dir + "/" + cached
         if pkg:
-            spec.submodule_search_locations = [os.path.dirname(src)]
+            spec.submodule_search_locations = [where]
         return spec
 
     def create_module(self, spec):
@@ -99,7 +100,7 @@ class _Finder:
 
     def _ordinary(self, name: str):
         e = self.modules[name]
-        return sys.modules["_frozen_importlib_external"].SourceFileLoader(name, os.path.join(self.engine_dir, e[2]))
+        return sys.modules["_frozen_importlib_external"].SourceFileLoader(name, self.engine_dir + "/" + e[2])
 
     def get_code(self, name: str):
         e = self.modules[name]
@@ -150,6 +151,7 @@ def install(engine_dir: str, package: str) -> bool:
         os.close(fd)
     if not (isinstance(index, dict) and index.get("magic") == _magic()
             and index.get("optimize") == sys.flags.optimize and index.get("engine_dir") == engine_dir
+            and index.get("pycache_prefix") == sys.pycache_prefix
             and index.get("package") == package and isinstance(index.get("modules"), dict)):
         return False
     if any(isinstance(f, _Finder) and f.engine_dir == engine_dir for f in sys.meta_path):

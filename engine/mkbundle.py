@@ -83,6 +83,7 @@ def build(engine_dir: str = "") -> tuple:
         blobs.append(blob)
         offset += len(blob)
     index = marshal.dumps({"magic": _magic(), "optimize": sys.flags.optimize, "engine_dir": engine_dir,
+                           "pycache_prefix": sys.pycache_prefix,       # (where __cached__ points)
                            "package": package, "modules": modules})
     out = bundle_path(engine_dir)
     os.makedirs(os.path.dirname(out), exist_ok=True)
