@@ -42,8 +42,10 @@ import marshal
 import os
 import sys
 
-_TAG = b"ckpt engine bundle 1\n"
-_HEAD = 32 << 10        # first read: the tag, the index length and (almost always) the index
+# The file: _TAG, the index (u32 length, marshal: what install() reads),
+# the sources' hashes (u32 length, marshal: only for mkbundle.check), the
+# code objects (marshal, each at its index entry's offset after the hashes).
+_TAG = b"ckpt engine bundle 2\n"
 
 
 def bundle_path(engine_dir: str) -> str:
@@ -75,13 +77,13 @@ class _Finder:
         e = self.modules.get(name)
         if e is None or "." not in name:
             return None         # (the package itself is imported before the finder exists)
-        rel, pkg, cached, key = e[2], e[3], e[4], e[5]
+        rel, pkg, cached = e[2], e[3], e[4]
         src = self.engine_dir + "/" + rel          # (paths made as the builder made them: "/" only)
         where = src.rpartition("/")[0]
         if path != [where.rpartition("/")[0] if pkg else where]:
             return None         # its package's __path__ is not the bundle's directory: not ours to say
         try:
-            if _key(os.stat(src)) != key:
+            if _key(os.stat(src)) != e[5:]:
                 return None     # changed since the bundle was built: the ordinary import
         except OSError:
             return None
@@ -136,15 +138,16 @@ def install(engine_dir: str, package: str) -> bool:
         return False
     try:
         key = _key(os.fstat(fd))
-        head = os.pread(fd, _HEAD, 0)
-        if not head.startswith(_TAG):
-            return False
         start = len(_TAG) + 4
-        n = int.from_bytes(head[len(_TAG):start], "little")
-        raw = head[start:start + n]
-        if len(raw) < n:
-            raw = os.pread(fd, n, start)
-        index = marshal.loads(raw)
+        head = os.pread(fd, start, 0)
+        if head[:len(_TAG)] != _TAG:
+            return False
+        n = int.from_bytes(head[len(_TAG):], "little")
+        raw = os.pread(fd, n + 4, start)
+        if len(raw) != n + 4:
+            return False
+        index = marshal.loads(raw[:n])
+        base = start + n + 4 + int.from_bytes(raw[n:], "little")     # past the hashes
     except (OSError, ValueError, EOFError, TypeError):
         return False
     finally:
@@ -156,5 +159,5 @@ def install(engine_dir: str, package: str) -> bool:
         return False
     if any(isinstance(f, _Finder) and f.engine_dir == engine_dir for f in sys.meta_path):
         return True             # (the package imported again in this process)
-    sys.meta_path.insert(0, _Finder(path, key, start + n, engine_dir, index["modules"]))
+    sys.meta_path.insert(0, _Finder(path, key, base, engine_dir, index["modules"]))
     return True
