@@ -9,4 +9,4 @@ __version__ = "0.1.0"
 # 4: tree.json "share" (an older engine would give a CLONE_FILES member an empty fd table);
 # 3: core.json threads + threads-xstate.bin (an older engine would restore the leader alone);
 # 2: signals, sched, posix_timers, seccomp
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
