@@ -35,7 +35,7 @@ TYPE_CHECKING = False   # annotations only: importing typing costs every run ~3 
 if TYPE_CHECKING:
     from typing import List, Optional
 
-from . import faults, libc, posixtimers, ptrace, sched, seccomp, signals, threads
+from . import faults, libc, posixtimers, procfs, ptrace, sched, seccomp, signals, threads
 from .arch import current as current_arch
 from .batch import Batch, Data
 from .gadget import HANDLER_SCRATCH, _free_gap, _maps, clone_with_pid, gadget_size, place_gadget  # noqa: F401
@@ -103,7 +103,7 @@ class Builder:
         self.timerslack: Optional[int] = None   # its current slack when known (set_timerslack)
         self.threads: List["Builder"] = []   # the other threads' builders (engine/threads.py)
         # The process's sigaction table as it is now, when known (a clone of
-        # the restorer: signals.own_actions() read just before the clone).
+        # the restorer made with CLONE_CLEAR_SIGHAND: signals.cleared_actions()).
         self.inherited_actions: Optional[dict] = None
         self.session_done = False
         # A tree member created with CLONE_FILES / CLONE_FS (engine/tree_restore.py):
@@ -362,7 +362,7 @@ class Builder:
 
     def set_sigactions(self, acts: dict) -> None:
         """Only the actions that differ from what the process holds now
-        (`inherited_actions`: the restorer's table, copied by the clone;
+        (`inherited_actions`: the restorer's table as the clone cleared it;
         None: unknown, set them all). Setting an action to the value it
         already has changes nothing (no pending signal exists yet to be
         discarded), so a C program's restore injects a handful of
@@ -421,8 +421,16 @@ class Builder:
         self.call("setresuid", *c["uid"][:3])
 
     def limits(self) -> None:
+        """Only the limits the process does not hold already, read in one
+        /proc/PID/limits (as the dump reads them) instead of 16 prlimit
+        calls; where that file cannot be parsed, one prlimit each."""
+        try:
+            with open(f"/proc/{self.pid}/limits") as f:
+                have = [tuple(x) for x in procfs.parse_limits(f.read())]
+        except (OSError, ValueError):
+            have = []
         for i, (cur, mx) in enumerate(self.job.core["rlimits"]):
-            if libc.get_rlimit(self.pid, i) != (cur, mx):
+            if (have[i] if i < len(have) else libc.get_rlimit(self.pid, i)) != (cur, mx):
                 libc.set_rlimit(self.pid, i, cur, mx)
 
     def register_rseq(self) -> None:
@@ -487,7 +495,7 @@ def build(job) -> int:
     arch = current_arch()
     pid = job.core["pid"]
     sched.before_clone(job.core["sched"])   # the child's default timer slack
-    inherited = signals.own_actions()       # what the clone starts with
+    inherited = signals.cleared_actions()   # what the clone starts with (CLONE_CLEAR_SIGHAND)
     child, first_ip = clone_with_pid(pid, arch)
     task = Task.adopt(child)
     task.syscall_ip = first_ip

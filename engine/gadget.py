@@ -26,6 +26,7 @@ from .libc import SysError
 
 PAGE = 4096
 MAP_PRIVATE, MAP_ANONYMOUS, MAP_FIXED_NOREPLACE = 0x02, 0x20, 0x100000
+CLONE_CLEAR_SIGHAND = 0x100000000     # linux/sched.h (5.5, as clone3's set_tid)
 HANDLER_SCRATCH = 2048    # offset in the gadget page of task.scratch
 BATCH_PAGES = 15          # the batch runner and its table, after the gadget page (engine/batch.py)
 
@@ -77,11 +78,16 @@ def _free_gap(busy: List[Tuple[int, int]], size: int, low: int = 0x10000000) -> 
 
 def clone_with_pid(pid: int, arch) -> Tuple[int, int]:
     """clone3 with set_tid=[pid]; returns (child pid, address of a syscall
-    instruction in the child). Raises Refusal(pid-in-use | capability)."""
+    instruction in the child). Raises Refusal(pid-in-use | capability).
+
+    With CLONE_CLEAR_SIGHAND: the child's sigactions are then known
+    without reading the restorer's 62 one by one (signals.cleared_actions),
+    and none of them points into the restorer's code."""
     tramp = libc.exec_page(arch.CLONE3_TRAMPOLINE)
     fn = ctypes.CFUNCTYPE(ctypes.c_long, ctypes.c_void_p, ctypes.c_size_t)(tramp)
     tid = (ctypes.c_int * 1)(pid)
-    args = arch.CloneArgs(exit_signal=_signal.SIGCHLD, set_tid=ctypes.addressof(tid), set_tid_size=1)
+    args = arch.CloneArgs(flags=CLONE_CLEAR_SIGHAND, exit_signal=_signal.SIGCHLD, set_tid=ctypes.addressof(tid),
+                          set_tid_size=1)
     ret = fn(ctypes.addressof(args), ctypes.sizeof(args))
     if ret < 0:
         err = -ret
