@@ -10,3 +10,8 @@ __version__ = "0.1.0"
 # 3: core.json threads + threads-xstate.bin (an older engine would restore the leader alone);
 # 2: signals, sched, posix_timers, seccomp
 FORMAT_VERSION = 4
+
+from .bundle import install as _install_bundle   # noqa: E402 - the engine's modules from one file (issue 15)
+
+_install_bundle(__path__[0], __name__)
+del _install_bundle

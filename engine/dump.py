@@ -424,7 +424,10 @@ def _survey_frozen(pid: int, task: Task, ctx: DumpContext, proc: procfs.Proc):
         state = process_state(task, s)
         s.ok("registers", "cpu", task.arch.describe_cpu_state(task.orig_regs, task.get_xstate()))
         s.ok("signals", "signals", f"mask {state['sigmask']:#x}, {sum(1 for a in state['sigactions'].values() if a[0])} handlers")
-        s.ok("rseq", "process", "registered" if state["rseq"]["pointer"] else "none")
+        aborted = getattr(task, "rseq_aborted", None)
+        s.ok("rseq", "process", ("registered" if state["rseq"]["pointer"] else "none") + (
+             f"; the critical section the freeze interrupted continues at its abort handler {aborted:#x}, "
+             "as after any preemption" if aborted is not None else ""))
         s.ok("sigaltstack", "signals", "disabled" if state["sigaltstack"][1] & 2 else
              f"{state['sigaltstack'][2]} bytes at {state['sigaltstack'][0]:#x}")
         armed = [w for w, t in zip(("real", "virtual", "prof"), state["itimers"]) if any(t)]

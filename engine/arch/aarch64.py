@@ -255,6 +255,15 @@ def pc(regs: Regs) -> int:
     return regs.raw.pc
 
 
+def set_pc(regs: Regs, v: int) -> None:
+    regs.raw.pc = u64(v)
+
+
+def in_call(regs: Regs) -> bool:
+    """Stopped in a system call (a restart fix-up may follow), not in user code."""
+    return regs.syscallno >= 0
+
+
 def find_syscall(code: bytes) -> int:
     """Offset of an `svc #0` in `code` (4-byte aligned, A64 instructions are
     aligned), -1 if none."""

@@ -344,6 +344,15 @@ def pc(regs: Regs) -> int:
     return regs.rip
 
 
+def set_pc(regs: Regs, v: int) -> None:
+    regs.rip = v
+
+
+def in_call(regs: Regs) -> bool:
+    """Stopped in a system call (a restart fix-up may follow), not in user code."""
+    return s64(regs.orig_rax) >= 0
+
+
 def find_syscall(code: bytes) -> int:
     """Offset of a `syscall` instruction in `code`, -1 if none."""
     return code.find(SYSCALL_INSN)
