@@ -212,8 +212,12 @@ def _check_restore_env(s: Survey, tree_member: bool = False, shell_job: bool = F
             theirs = procfs.parse_limits(s.proc.read("limits"))[:len(libc.RLIMIT_NAMES)]
         except (OSError, ValueError, Refusal):
             theirs = []
+        try:
+            mine = procfs.self_limits()
+        except (OSError, ValueError):
+            mine = []
         for i, (_, mx) in enumerate(theirs):
-            mymax = libc.get_rlimit(0, i)[1]
+            mymax = mine[i][1] if i < len(mine) else libc.get_rlimit(0, i)[1]
             if mx > mymax:
                 s.refuse(f"rlimit {libc.RLIMIT_NAMES[i]}", "process", Refusal(
                     "capability", f"RLIMIT_{libc.RLIMIT_NAMES[i]} hard limit {mx} is above ckpt's {mymax}; "

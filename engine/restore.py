@@ -193,8 +193,12 @@ def preflight(reader: ImageReader, core: dict, vmas: List[dict], fdrecs: List[di
         add(e if isinstance(e, Refusal) else _bad(f"credentials record: {e}"))
     eff = int(procfs.self_status().get("CapEff", "0"), 16)
     if not (eff >> CAP_SYS_RESOURCE) & 1:
+        try:
+            mine = procfs.self_limits()
+        except (OSError, ValueError):
+            mine = []
         for i, (cur, mx) in enumerate(core["rlimits"]):
-            mycur, mymax = libc.get_rlimit(0, i)
+            mycur, mymax = mine[i] if i < len(mine) else libc.get_rlimit(0, i)
             if mx > mymax:
                 add(Refusal("capability", f"RLIMIT_{libc.RLIMIT_NAMES[i]} hard limit {mx} is above ckpt's "
                             f"{mymax}; raising it needs CAP_SYS_RESOURCE"))
