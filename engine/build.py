@@ -86,6 +86,8 @@ class Builder:
     """Rebuilds one process by syscall injection. Each stage raises
     SysError/EngineError (or Refusal); build() kills the process then."""
 
+    VDSO_NAMES = VDSO_NAMES
+
     def __init__(self, job, task: Task):
         self.job = job
         self.task = task
@@ -105,6 +107,9 @@ class Builder:
         # The process's sigaction table as it is now, when known (a clone of
         # the restorer made with CLONE_CLEAR_SIGHAND: signals.cleared_actions()).
         self.inherited_actions: Optional[dict] = None
+        # Its [vvar]/[vdso] blocks as place_gadget read them, until move_vdso
+        # queues their move (None: unknown, read /proc/PID/maps).
+        self.vdso_now: Optional[List[dict]] = None
         self.session_done = False
         # A tree member created with CLONE_FILES / CLONE_FS (engine/tree_restore.py):
         # its fd table / cwd and umask are its parent's, restored once, there.
@@ -170,18 +175,24 @@ class Builder:
         """Queued (a single process: one batch with the vdso moves and the
         mmaps; a tree's root runs it before it forks)."""
         keep = [(self.gadget, self.gadget + self.gadget_size)]
-        keep += [(v["start"], v["end"]) for v in _vdso_maps(self.pid)]
+        keep += [(v["start"], v["end"]) for v in self._vdso()]
         addr = 0
         for s, e in sorted(keep) + [(self.arch.TASK_SIZE, self.arch.TASK_SIZE)]:
             if s > addr:
                 self.pending.add("munmap", addr, s - addr)
             addr = max(addr, e)
 
+    def _vdso(self) -> List[dict]:
+        if self.vdso_now is None:
+            self.vdso_now = _vdso_maps(self.pid)
+        return self.vdso_now
+
     def move_vdso(self) -> None:
         # glibc cached vdso function addresses in the dumped memory: the vdso
         # must sit where it was. mremap of [vdso] is supported (it updates
         # mm->context.vdso: arch/x86/entry/vdso/vma.c vdso_mremap).
-        now = _vdso_maps(self.pid)
+        now = self._vdso()
+        self.vdso_now = None    # moved (or unmapped) by what is queued below
         want = [v for v in self.job.vmas if v["path"] in VDSO_NAMES]
         if not want:
             for v in now:

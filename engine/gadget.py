@@ -49,12 +49,26 @@ def place_gadget(b, busy: List[Tuple[int, int]]) -> None:
     `busy` (the image's mappings: of every member, for a tree, which
     inherits it through fork) and of what the process holds now, and
     write the gadget and the batch runner into it."""
+    busy = list(busy)
     size = gadget_size(b.arch)
-    busy = busy + [(v["start"], v["end"]) for v in _maps(b.pid) if v["end"] <= b.arch.TASK_SIZE]
+    from .procfs import parse_maps
+    with open(f"/proc/{b.pid}/maps") as f:
+        lines = f.read().splitlines()
+    for ln in lines:
+        lo, _, rest = ln.partition("-")
+        hi = int(rest[:rest.index(" ")], 16)
+        if hi <= b.arch.TASK_SIZE:
+            busy.append((int(lo, 16), hi))
     addr = _free_gap(busy, size)
     got = b.call("mmap", addr, size, 7, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0)
     if got != addr:
         raise EngineError(f"gadget page landed at {got:#x}, not {addr:#x}", pid=b.pid)
+    # Its vdso blocks as they are now (the gadget's mmap, in a gap, moved
+    # none): clear_address_space and move_vdso take them from here instead
+    # of reading the ~150 lines of maps twice more (Builder.vdso_now).
+    names = b.VDSO_NAMES
+    b.vdso_now = [v for v in parse_maps("\n".join(ln for ln in lines if ln.endswith(names)))
+                  if v["path"] in names]
     b.task.write_mem(addr, b.arch.GADGET)
     if size > PAGE:
         # Through /proc/PID/mem: a ptrace write into an executable mapping
