@@ -163,7 +163,11 @@ def _my_special_block() -> List[tuple]:
     /proc/self/maps parse per restore, not one per member of a tree)."""
     pid = os.getpid()
     if _MY_SPECIAL.get("pid") != pid:
-        _MY_SPECIAL["block"] = _special_block(procfs.parse_maps(open("/proc/self/maps").read()))
+        # Only the special lines parsed: ckpt's maps are ~150 lines, each
+        # parsed line dear under TCG.
+        with open("/proc/self/maps") as f:
+            lines = [ln for ln in f.read().splitlines() if ln.endswith(SPECIAL_MAPPINGS)]
+        _MY_SPECIAL["block"] = _special_block(procfs.parse_maps("\n".join(lines)))
         _MY_SPECIAL["pid"] = pid
     return _MY_SPECIAL["block"]
 
