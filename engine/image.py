@@ -4,7 +4,7 @@ Layout (all files 0600, directories 0700):
     DIR/manifest.json   format version, engine version, arch, kernel release,
                         creation time, and {name: {sha256, size}} of every file
                         but the pages files: {crc32, size} (a CRC-32 of each
-                        1 MiB block, engine/pagecrc.py says why; format 5)
+                        1 MiB block, engine/pagecrc.py says why; format 6)
     DIR/<anything>      written through ImageWriter, named in the manifest
 
 A dump writes into ``DIR.partial`` and renames it to ``DIR`` only after every
@@ -26,9 +26,9 @@ from .sha256 import sha256
 from .errors import EngineError, Refusal, UsageError
 
 MANIFEST = "manifest.json"
-# Formats this engine reads. 4 differs from 5 only in the pages files' entries
+# Formats this engine reads. 5 differs from 6 only in the pages files' entries
 # (a sha256 of the whole file): those are checked as any other file's.
-READ_FORMATS = (4, FORMAT_VERSION)
+READ_FORMATS = (5, FORMAT_VERSION)
 _CHUNK = 8 << 20
 
 
@@ -410,7 +410,7 @@ class ImageReader:
         if type(fmt) is not int or fmt not in READ_FORMATS:
             raise Refusal("image-invalid", f"image format {fmt}, this engine reads formats "
                           f"{', '.join(map(str, READ_FORMATS))}")
-        imagecheck.check_manifest_files(files, crc_ok=fmt >= 5)
+        imagecheck.check_manifest_files(files, crc_ok=fmt >= 6)
         for key, typ in (("arch", str), ("kernel", str), ("meta", dict)):
             if key in self.manifest and not isinstance(self.manifest[key], typ):
                 raise Refusal("image-invalid", f"manifest {key} is not a {typ.__name__}")

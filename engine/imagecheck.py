@@ -399,7 +399,7 @@ def lease_held(fd: int) -> bool:
 
 def check_manifest_files(files, crc_ok: bool = True) -> None:
     """The file table: valid names, {sha256: 64 hex, size: int >= 0}, or for
-    a pages file (format 5, `crc_ok`) {crc32: 8 hex per 1 MiB block, size}
+    a pages file (format 6, `crc_ok`) {crc32: 8 hex per 1 MiB block, size}
     instead (engine/pagecrc.py). Exactly one digest per file."""
     from . import pagecrc
     if not isinstance(files, dict):

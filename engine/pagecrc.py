@@ -1,4 +1,4 @@
-"""The integrity record of a pages file (image format 5): a CRC-32 of every
+"""The integrity record of a pages file (image format 6): a CRC-32 of every
 BLOCK bytes, kept in the manifest as one string of 8 hex digits per block.
 
 Why not sha256, as every other image file has: the manifest's digest lives

@@ -1,6 +1,6 @@
-"""Pages files carry a CRC-32 per 1 MiB block (image format 5,
+"""Pages files carry a CRC-32 per 1 MiB block (image format 6,
 engine/pagecrc.py): a single damaged byte anywhere is refused, the damaged
-block is named, the entry's shape is checked, and format 4 images (sha256
+block is named, the entry's shape is checked, and format 5 images (sha256
 of the whole pages file) are still read."""
 
 import hashlib
@@ -57,7 +57,7 @@ def test_the_entry_is_a_crc_per_block_whatever_the_write_sizes(tmp_path):
         entry = _manifest(d)["files"][PAGES]
         assert entry == {"crc32": want, "size": SIZE}
         assert "sha256" in _manifest(d)["files"]["core.json"]
-        assert _manifest(d)["format"] == 5
+        assert _manifest(d)["format"] == 6
         r = ImageReader(d)
         r.verify()
         assert bytes(r.data(PAGES)) == data
@@ -131,18 +131,18 @@ def test_a_crc_on_a_file_other_than_pages_is_refused(tmp_path):
     _reject(d)
 
 
-def _as_format_4(d) -> dict:
+def _as_format_5(d) -> dict:
     man = _manifest(d)
-    man["format"] = 4
+    man["format"] = 5
     with open(os.path.join(d, PAGES), "rb") as f:
         man["files"][PAGES] = {"sha256": hashlib.sha256(f.read()).hexdigest(), "size": SIZE}
     _put_manifest(d, man)
     return man
 
 
-def test_a_format_4_image_is_read_with_its_sha256(tmp_path):
+def test_a_format_5_image_is_read_with_its_sha256(tmp_path):
     d = _write(tmp_path)
-    _as_format_4(d)
+    _as_format_5(d)
     r = ImageReader(d)
     r.verify()
     assert bytes(r.data(PAGES)) == _data()
@@ -153,20 +153,20 @@ def test_a_format_4_image_is_read_with_its_sha256(tmp_path):
     _reject(d, "does not match its sha256")
 
 
-def test_format_4_has_no_crc_entries(tmp_path):
+def test_format_5_has_no_crc_entries(tmp_path):
     d = _write(tmp_path)
     man = _manifest(d)
-    man["format"] = 4
+    man["format"] = 5
     _put_manifest(d, man)
     _reject(d)
 
 
-@pytest.mark.parametrize("fmt", [3, 6, 4.0, "5", True])
+@pytest.mark.parametrize("fmt", [4, 7, 5.0, "6", True])
 def test_other_formats_are_refused_naming_those_read(tmp_path, fmt):
     d = _write(tmp_path)
     man = _manifest(d)
     man["format"] = fmt
     _put_manifest(d, man)
-    with pytest.raises(Refusal, match=r"this engine reads formats 4, 5") as ei:
+    with pytest.raises(Refusal, match=r"this engine reads formats 5, 6") as ei:
         ImageReader(d)
     assert ei.value.reason == "image-invalid"
