@@ -522,13 +522,16 @@ def _run_warm(argv: List[str], spec_path: str) -> None:  # pragma: no cover - th
     """Become the exec'd workload (harness/warmfork.py) and run; return
     (to exec it instead) when something cannot be made identical."""
     global START
-    import traceback
+    # traceback only on a failure: imported here it cost every warm start
+    # ~0.15 s under TCG (linecache, tokenize, textwrap, contextlib) and put
+    # those modules in every image the engine dumps and restores
     warmfork = _sibling("warmfork")
     try:
         warmfork.become(argv)
     except warmfork.Cold:
         return          # nothing of the workload ran yet: the exec starts it afresh
     except BaseException:   # noqa: BLE001 - a bug of the warm start: said in the ready file, not hidden by an exec
+        import traceback
         with open(spec_path) as f:
             ready = jsonio.load(f)["ready"]
         write_json(ready, {"pid": os.getpid(), "helpers": [], "error": "warm start: " + traceback.format_exc()})
@@ -538,6 +541,7 @@ def _run_warm(argv: List[str], spec_path: str) -> None:  # pragma: no cover - th
     try:
         code = run(spec_path)
     except BaseException:   # noqa: BLE001 - as the interpreter's top level would print it
+        import traceback
         traceback.print_exc()
     for stream in (sys.stdout, sys.stderr):
         try:
