@@ -439,7 +439,7 @@ def spawn(spec_path: str, phases: List[str] = ()) -> int:
     """
     import json
     warmfork = _sibling("warmfork")
-    cold = "exec requested (CRUCIBLE_WARM_WORKLOAD is not 1)" if "exec" in phases else \
+    cold = "exec requested (CRUCIBLE_WARM_WORKLOAD=0)" if "exec" in phases else \
         ("" if warmfork.agent_fork(globals()) else "not in a fork of the agent")
     cold = cold or warmfork.why_cold()
     with open(spec_path) as f:
