@@ -224,7 +224,14 @@ class Proof:
     them in its verdict.
     """
 
-    TICK = 0.05          # seconds
+    #: seconds. The harness's snapshot of the process must fall between two
+    #: ticks (procstate.quiet_snapshot), and a whole snapshot takes 30-90 ms
+    #: in a TCG guest (more with many fds or a loaded host): at 0.05 s most
+    #: first tries straddled a tick and the snapshot was taken up to three
+    #: times over, before the dump and again after the restore. Any tick
+    #: proves continuation: the image older than the dump that the
+    #: older-image mutant restores is still ticks behind the witness.
+    TICK = 0.25
 
     def __init__(self, ctldir: str, witness: bool):
         self.secret = ctypes.create_string_buffer(os.urandom(32), 32)
