@@ -35,7 +35,7 @@ TYPE_CHECKING = False   # annotations only: importing typing costs every run ~3 
 if TYPE_CHECKING:
     from typing import List, Optional
 
-from . import faults, libc, posixtimers, ptrace, sched, seccomp, signals, threads
+from . import faults, libc, posixtimers, procattrs, ptrace, sched, seccomp, signals, threads
 from .arch import current as current_arch
 from .batch import Batch, Data
 from .gadget import HANDLER_SCRATCH, _free_gap, _maps, clone_with_pid, gadget_size, place_gadget  # noqa: F401
@@ -347,6 +347,7 @@ class Builder:
         for which, t in enumerate(core["itimers"]):
             if any(t):
                 q("setitimer", which, Data(struct.pack("<qqqq", *t)), 0)
+        procattrs.queue(self, core["attrs"])
         q("set_tid_address", core["tid_address"])
         head, length = core["robust_list"]
         if head:
@@ -564,12 +565,14 @@ def rebuild_late(b: Builder) -> None:
     faults.point("restore.phase", "creds")
     b.creds()
     threads.creds(b)
+    procattrs.after_creds(b, job.core["attrs"])
     faults.point("restore.phase", "rseq")
     b.register_rseq()
     faults.point("restore.phase", "signals")
     b.pending_signals()     # before anything (seccomp) could forbid rt_tgsigqueueinfo
     faults.point("restore.phase", "sched")
     sched.apply(pid, job.core["sched"])
+    procattrs.outside(pid, job.core["attrs"])
     b.timerslack = None
     threads.late_state(b)
     faults.point("restore.phase", "arm_timers")

@@ -118,15 +118,32 @@ def _options(args) -> Options:
                    tty=getattr(args, "tty", "") or "")
 
 
+# The worker imports engine/dump.py and what it needs, not ckpt's own
+# process: ckpt only waits for its report, and a worker forked from a
+# process that had imported them all would copy, page by page, much of the
+# memory those imports made as it touched it (~1-2 ms of a small process's
+# dump on the host).
+def dump(*args):
+    from . import sha256
+    # The image's pages file is sha256'd as it is written, while the target
+    # is frozen: OpenSSL's sha256 is loaded now (~2 ms), not in the freeze.
+    sha256.load_large()
+    from .dump import dump
+    return dump(*args)
+
+
+def check(*args):
+    from .dump import check
+    return check(*args)
+
+
 def _run(args) -> dict:
     opts = _options(args)
     if args.command == "dump":
         from . import guard
-        from .dump import dump
         return guard.run(dump, args.pid, args.dir, opts)   # the tracer is a worker ckpt guards
     if args.command == "check":
         from . import guard
-        from .dump import check
         return guard.run(check, args.pid, opts)   # killed mid-freeze, it must not leave the target masked
     if args.command == "survey":
         from .survey import run_cli

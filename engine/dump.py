@@ -17,7 +17,7 @@ TYPE_CHECKING = False   # annotations only: importing typing costs every run ~3 
 if TYPE_CHECKING:
     from typing import Dict, List, Optional
 
-from . import faults, files, libc, posixtimers, procfs, sched, seccomp, signals, threads, tree, unlinked
+from . import faults, files, libc, posixtimers, procattrs, procfs, sched, seccomp, signals, threads, tree, unlinked
 from .arch import current as current_arch
 from .check import Survey, preflight, require_features, target_checks
 from .context import DumpContext, Options, boot_id
@@ -97,25 +97,16 @@ def injected_state(task: Task, vmas: List[dict]) -> dict:
         finally:
             task.write_mem(scr, saved)
         return got
-    out = {}
+    out: dict = {"sigactions": {}, "itimers": [None, None, None]}
     try:
-        out["brk"] = task.call("brk", 0)
-        acts = {}
-        for sig in SIGNALS:
-            task.call("rt_sigaction", sig, 0, scr, 8)
-            acts[str(sig)] = _unpack_sigaction(task.read_mem(scr, 32))
-        out["sigactions"] = acts
-        task.call("sigaltstack", 0, scr)
-        out["sigaltstack"] = _unpack_stack_t(task.read_mem(scr, 24))
-        task.call("prctl", PR_GET_TID_ADDRESS, scr, 0, 0, 0)
-        out["tid_address"] = struct.unpack("<Q", task.read_mem(scr, 8))[0]
-        task.call("prctl", PR_GET_PDEATHSIG, scr, 0, 0, 0)
-        out["pdeath_signal"] = struct.unpack("<i", task.read_mem(scr, 4))[0]
-        timers = []
-        for which in (0, 1, 2):   # ITIMER_REAL, VIRTUAL, PROF
-            task.call("getitimer", which, scr)
-            timers.append(list(struct.unpack("<qqqq", task.read_mem(scr, 32))))
-        out["itimers"] = timers
+        # One by one, the very reads the batch makes (_injected_reads).
+        for key, name, args, nbytes, decode in _injected_reads():
+            r = task.call(name, *args(scr))
+            value = decode(task.read_mem(scr, nbytes)) if nbytes else r
+            if isinstance(key, tuple):
+                out[key[0]][key[1]] = value
+            else:
+                out[key] = value
         out["posix_timers"] = posixtimers.dump(task, scr)
     finally:
         task.write_mem(scr, saved)
@@ -157,7 +148,7 @@ def _injected_reads() -> list:
     for which in (0, 1, 2):   # ITIMER_REAL, VIRTUAL, PROF
         steps.append((("itimers", which), "getitimer", lambda scr, w=which: (w, scr), 32,
                       lambda raw: list(struct.unpack("<qqqq", raw))))
-    return steps
+    return steps + procattrs.READS
 
 
 def prefetch_injected(tasks: List[Task]) -> None:
@@ -276,6 +267,7 @@ def process_state(task: Task, s: Survey) -> dict:
     state["seccomp"] = seccomp.dump(pid, seccomp.mode_of(status))
     state.update(injected_state(task, s.vmas))
     refuse_pdeath_signal(pid, pid, state.pop("pdeath_signal"))
+    state["attrs"] = procattrs.dump(pid, state)
     state["mm"]["brk"] = state["brk"]
     return state
 
@@ -424,7 +416,11 @@ def _survey_frozen(pid: int, task: Task, ctx: DumpContext, proc: procfs.Proc):
         state = process_state(task, s)
         s.ok("registers", "cpu", task.arch.describe_cpu_state(task.orig_regs, task.get_xstate()))
         s.ok("signals", "signals", f"mask {state['sigmask']:#x}, {sum(1 for a in state['sigactions'].values() if a[0])} handlers")
-        s.ok("rseq", "process", "registered" if state["rseq"]["pointer"] else "none")
+        s.ok("process attributes", "process", procattrs.describe(state["attrs"]))
+        aborted = getattr(task, "rseq_aborted", None)
+        s.ok("rseq", "process", ("registered" if state["rseq"]["pointer"] else "none") + (
+             f"; the critical section the freeze interrupted continues at its abort handler {aborted:#x}, "
+             "as after any preemption" if aborted is not None else ""))
         s.ok("sigaltstack", "signals", "disabled" if state["sigaltstack"][1] & 2 else
              f"{state['sigaltstack'][2]} bytes at {state['sigaltstack'][0]:#x}")
         armed = [w for w, t in zip(("real", "virtual", "prof"), state["itimers"]) if any(t)]

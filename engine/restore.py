@@ -24,7 +24,7 @@ TYPE_CHECKING = False   # annotations only: importing typing costs every run ~3 
 if TYPE_CHECKING:
     from typing import Dict, List, Optional
 
-from . import (fastjson, faults, files, guard, imagecheck, libc, posixtimers, procfs, sched, seccomp, signals,
+from . import (fastjson, faults, files, guard, imagecheck, libc, posixtimers, procattrs, procfs, sched, seccomp, signals,
                threads, unlinked)
 from .arch import current as current_arch
 from .build import build
@@ -95,6 +95,8 @@ def check_core(core) -> None:
         raise _bad(f"{w}: pid {core['pid']}")
     if not sched.check_record(core.get("sched")):
         raise _bad(f"{w}: sched malformed")
+    if not procattrs.check_record(core.get("attrs")):
+        raise _bad(f"{w}: attrs malformed")
     if not posixtimers.check_records(core.get("posix_timers")):
         raise _bad(f"{w}: posix_timers malformed")
     if not seccomp.check_record(core.get("seccomp")):
@@ -199,7 +201,7 @@ def preflight(reader: ImageReader, core: dict, vmas: List[dict], fdrecs: List[di
                 add(Refusal("capability", f"RLIMIT_{libc.RLIMIT_NAMES[i]} hard limit {mx} is above ckpt's "
                             f"{mymax}; raising it needs CAP_SYS_RESOURCE"))
     for r in sched.validate(core["sched"]) + posixtimers.validate(core["posix_timers"]) + \
-            seccomp.validate(core["seccomp"]):
+            seccomp.validate(core["seccomp"]) + procattrs.validate(core["attrs"], core.get("_creds_plan", "")):
         add(r)
     cwd = core["cwd"]
     if isinstance(cwd.get("removed"), dict):

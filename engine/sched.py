@@ -15,6 +15,9 @@ What a program can see and how each comes back exactly:
   back after; a mask this machine cannot honour is refused (`sched`).
 * /proc/PID/oom_score_adj: lowering it below the restorer's floor
   (oom_score_adj_min) needs CAP_SYS_RESOURCE; refused up front otherwise.
+* the I/O priority (ioprio_get/ioprio_set, IOPRIO_WHO_PROCESS: per thread,
+  as its io_context is; `ionice`): set after nice, from which the kernel
+  derives the priority of a task without a class of its own, then read back.
 * timer slack (PR_GET_TIMERSLACK) and the default it returns to on
   PR_SET_TIMERSLACK(0): fork copies the parent's *current* slack into the
   child's default, so the restorer sets its own slack to the dumped default
@@ -46,7 +49,10 @@ FIELDS = ("size", "policy", "flags", "nice", "priority", "runtime", "deadline", 
 PR_SET_TIMERSLACK = 29
 RT_POLICIES = (SCHED_FIFO, SCHED_RR, SCHED_DEADLINE)
 NICE_POLICIES = (SCHED_NORMAL, SCHED_BATCH)   # sched_setattr sets sched_nice only for these
-CAP_SYS_NICE, CAP_SYS_RESOURCE = 23, 24
+CAP_SYS_ADMIN, CAP_SYS_NICE, CAP_SYS_RESOURCE = 21, 23, 24
+IOPRIO_WHO_PROCESS = 1
+IOPRIO_CLASS_RT = 1
+IOPRIO_CLASS_SHIFT = 13
 
 
 def get_attr(pid: int) -> dict:
@@ -131,7 +137,17 @@ def dump(pid: int) -> dict:
     # getpriority shows, and what a return to SCHED_OTHER brings back) is kept.
     return {"attr": attr, "nice": os.getpriority(os.PRIO_PROCESS, pid), "affinity": sorted(os.sched_getaffinity(pid)),
             "oom_score_adj": _read_int(f"/proc/{pid}/oom_score_adj"),
-            "timerslack_ns": slack, "default_timerslack_ns": default}
+            "timerslack_ns": slack, "default_timerslack_ns": default, "ioprio": get_ioprio(pid)}
+
+
+def get_ioprio(pid: int) -> int:
+    return libc.syscall(current_arch().SYS["ioprio_get"], IOPRIO_WHO_PROCESS, pid, name="ioprio_get", pid=pid)
+
+
+def _ioprio_text(v: int) -> str:
+    cls = v >> IOPRIO_CLASS_SHIFT
+    return {0: "none", 1: "realtime", 2: "best-effort", 3: "idle"}.get(cls, f"class {cls}") + \
+        (f" {v & 0xff}" if cls in (1, 2) else "")
 
 
 def describe(rec: dict) -> str:
@@ -142,7 +158,8 @@ def describe(rec: dict) -> str:
     if a["flags"] & SCHED_FLAG_RESET_ON_FORK:
         pol += "|RESET_ON_FORK"
     return (f"{pol} nice {rec['nice']} prio {a['priority']}, cpus {cpu_list(rec['affinity'])}, "
-            f"oom_score_adj {rec['oom_score_adj']}, timer slack {rec['timerslack_ns']} ns")
+            f"oom_score_adj {rec['oom_score_adj']}, timer slack {rec['timerslack_ns']} ns"
+            + (f", I/O {_ioprio_text(rec['ioprio'])}" if rec.get("ioprio") else ""))
 
 
 def cpu_list(cpus: List[int]) -> str:
@@ -202,6 +219,8 @@ def validate(rec: dict) -> List[Refusal]:
         mynice = os.getpriority(os.PRIO_PROCESS, 0)
         if rec["attr"]["policy"] in RT_POLICIES or rec["nice"] < mynice:
             out.append(Refusal("capability", f"{describe(rec)}: setting it needs CAP_SYS_NICE"))
+    if (rec.get("ioprio", 0) >> IOPRIO_CLASS_SHIFT) == IOPRIO_CLASS_RT and not (_my_caps() >> CAP_SYS_ADMIN) & 1:
+        out.append(Refusal("capability", f"I/O priority {_ioprio_text(rec['ioprio'])}: setting it needs CAP_SYS_ADMIN"))
     mine = _read_int("/proc/self/oom_score_adj")
     if rec["oom_score_adj"] < mine and not (_my_caps() >> CAP_SYS_RESOURCE) & 1:
         out.append(Refusal("capability", f"oom_score_adj {rec['oom_score_adj']} is below ckpt's {mine}; "
@@ -250,6 +269,7 @@ def apply(pid: int, rec: dict) -> None:
     got_cpus = os.sched_getaffinity(pid)
     if got_cpus != cpus:
         raise Refusal("sched", f"CPU affinity {cpu_list(rec['affinity'])} became {cpu_list(list(got_cpus))}", pid=pid)
+    _apply_ioprio(pid, rec)
     try:
         _write_int(f"/proc/{pid}/oom_score_adj", rec["oom_score_adj"])
     except OSError as e:
@@ -261,13 +281,28 @@ def apply(pid: int, rec: dict) -> None:
         raise Refusal("sched", f"oom_score_adj/timer slack read back as {rec['oom_score_adj']}/{got_slack}", pid=pid)
 
 
+def _apply_ioprio(pid: int, rec: dict) -> None:
+    want = rec.get("ioprio")
+    if want is None or get_ioprio(pid) == want:
+        return
+    try:
+        libc.syscall(current_arch().SYS["ioprio_set"], IOPRIO_WHO_PROCESS, pid, want, name="ioprio_set", pid=pid)
+    except libc.SysError as e:
+        code = "capability" if e.errno == 1 else "sched"
+        raise Refusal(code, f"I/O priority {_ioprio_text(want)}: {e.message}", pid=pid) from None
+    got = get_ioprio(pid)
+    if got != want:
+        raise Refusal("sched", f"I/O priority {_ioprio_text(want)} became {_ioprio_text(got)}", pid=pid)
+
+
 def check_record(rec) -> bool:
     """Structure of the core.json "sched" record (restore's check_core)."""
     try:
         ints = [rec["attr"][f] for f in FIELDS[1:]] + [rec["nice"], rec["oom_score_adj"], rec["timerslack_ns"]]
         ints += list(rec["affinity"])
-        if rec.get("default_timerslack_ns") is not None:
-            ints.append(rec["default_timerslack_ns"])
+        for k in ("default_timerslack_ns", "ioprio"):
+            if rec.get(k) is not None:
+                ints.append(rec[k])
         return bool(rec["affinity"]) and all(isinstance(x, int) and not isinstance(x, bool) for x in ints)
     except (KeyError, TypeError):
         return False

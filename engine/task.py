@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from typing import List, Optional
 
 from . import arch as _arch
-from . import faults, guard, libc, ptrace, restart, signals
+from . import faults, guard, libc, ptrace, restart, rseqcs, signals
 from .errors import EngineError, Refusal
 from .libc import SysError
 
@@ -237,7 +237,10 @@ class Task:
 
     def finish_freeze(self) -> None:
         """The rest of the freeze, once settled: every signal blocked (kept
-        pending), the arch's after_seize hook, the registers an image saves."""
+        pending), the arch's after_seize hook, the registers an image saves,
+        an rseq critical section aborted (engine/rseqcs.py: before any call
+        is injected, whose return to user space would clear its rseq_cs)."""
+        section = rseqcs.inspect(self)
         signals.block_all(self)
         hook = getattr(self.arch, "after_seize", None)
         if hook is not None:
@@ -247,6 +250,8 @@ class Task:
         except (ValueError, KeyError) as e:
             self.image_regs = self.orig_regs
             self.restart_problem = f"stopped inside restart_syscall(2), which cannot be resumed in a new process: {e}"
+        if section is not None:
+            rseqcs.abort(self, section)
 
     @classmethod
     def adopt(cls, pid: int, extra_options: int = 0) -> "Task":

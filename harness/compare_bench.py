@@ -36,6 +36,7 @@ from typing import Dict, List, Optional
 from .bench import merge_into
 from .targets import REPO
 from .zygote import command_line
+from vm.recipe import bundle_line
 
 SCRIPT = REPO / "bench" / "compare.py"
 MEMHOG_SRC = REPO / "tests" / "targets" / "memhog.c"
@@ -83,7 +84,8 @@ def in_guest(arch: str, accel: str, kernel: Optional[str], distro: Optional[str]
                 g.put_bytes(buf.getvalue(), "/root/base-engine.tar")
                 g.run("rm -rf /opt/crucible-base && mkdir -p /opt/crucible-base && "
                       "tar -x --no-same-owner -C /opt/crucible-base -f /root/base-engine.tar && "
-                      "python3 -m compileall -q /opt/crucible-base/engine >/dev/null", timeout=600, check=True)
+                      "python3 -m compileall -q /opt/crucible-base/engine >/dev/null && "
+                      + bundle_line("python3", "/opt/crucible-base"), timeout=600, check=True)
                 extra += ["--ckpt-base", command_line("python3", "/opt/crucible-base")]
             if swarm:
                 g.put(str(swarm), "/root/swarm")
@@ -173,9 +175,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                                               "(tool ckpt_base: before/after in one run)")
     ap.add_argument("--cell", help="the name of the result entry (default: from arch, distro, kernel)")
     args = ap.parse_args(argv)
-    # bytecode for the host runs (the guest compiles its own at install)
-    subprocess.run([sys.executable, "-m", "compileall", "-q", str(REPO / "engine")], stdout=subprocess.DEVNULL,
-                   close_fds=True)
+    # bytecode and bundle for the host runs (the guest makes its own at install)
+    for root in [REPO] + ([Path(args.base_engine_dir).resolve().parent] if args.base_engine_dir else []):
+        subprocess.run([sys.executable, "-m", "compileall", "-q", str(root / "engine")], stdout=subprocess.DEVNULL,
+                       close_fds=True)
+        subprocess.run(["sh", "-c", bundle_line(shlex.quote(sys.executable), str(root))], close_fds=True)
     if not args.no_guest:
         t0 = time.monotonic()
         doc = in_guest(args.arch, args.accel, args.kernel, args.distro, args.sizes, args.rounds, args.timeout,

@@ -33,6 +33,8 @@ import tarfile
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from vm.recipe import bundle_line
+
 ROOT = "/opt/crucible"                 # the guest's engine root (vm/guest.py GUEST_ENGINE_ROOT)
 STAMP = ".pyc-by"                      # under ROOT: the sys.version of the guest the pyc files are for
 
@@ -211,7 +213,7 @@ def install_line(b: Bundle, python: str = "python3", root: str = ROOT,
             f"mv {new}/engine {root}/engine; mv {new}/harness {root}/harness; "
             f"if [ -e {new}/{STAMP} ]; then mv {new}/{STAMP} {root}/{STAMP}; fi; "
             f"mv {new}/ckpt {wrapper_dest}; rmdir {new}; "
-            f"{python} -S -c '{CHECK_OR_COMPILE}' {root} {todo}; uname -r")
+            f"{python} -S -c '{CHECK_OR_COMPILE}' {root} {todo}; {bundle_line(python, root)}; uname -r")
 
 
 def learn_line(b: Bundle, root: str = ROOT) -> Optional[str]:

@@ -406,6 +406,25 @@ def m_change_umask(img: Image) -> str:
     return f"umask {old:03o} -> {core['umask']:03o}"
 
 
+def m_reset_process_attrs(img: Image) -> str:
+    """The process attributes and I/O priority a clone of the restorer
+    would have (engine/procattrs.py, sched.py "ioprio")."""
+    core = img.json("core.json")
+    default = {"dumpable": 1, "child_subreaper": 0, "keep_caps": 0, "thp_disable": 0, "mce_kill": 2,
+               "coredump_filter": 0x33}
+    attrs = core.get("attrs") or {}
+    diff = [f"{k} {attrs[k]} -> {v}" for k, v in default.items() if k in attrs and attrs[k] != v]
+    for where, rec in [("", core)] + [(f"thread {t['tid']} ", t) for t in core.get("threads", [])]:
+        if rec.get("sched", {}).get("ioprio"):
+            diff.append(f"{where}ioprio {rec['sched']['ioprio']:#x} -> 0")
+            rec["sched"]["ioprio"] = 0
+    if not diff:
+        raise NoTarget("every process attribute is already the default")
+    attrs.update(default)
+    img.put_json("core.json")
+    return ", ".join(diff)
+
+
 def m_lose_cwd(img: Image) -> str:
     core = img.json("core.json")
     if core["cwd"]["path"] == "/":
@@ -450,6 +469,8 @@ EDITS: Dict[str, Tuple[Callable[[Image], str], str]] = {
     "lose-sigaction": (m_lose_sigaction, "one signal's action reset to SIG_DFL"),
     "change-mprotect": (m_change_mprotect, "a read-only mapping comes back writable"),
     "lose-cwd": (m_lose_cwd, "the working directory becomes /"),
+    "reset-process-attrs": (m_reset_process_attrs, "the I/O priority and process attributes (core dump filter, "
+                            "dumpable, subreaper, ...) reset to the restorer's"),
     "unshare-tree-memory": (m_unshare_tree_memory, "a MAP_SHARED mapping of two tree members becomes two copies"),
 }
 
@@ -719,6 +740,8 @@ CAUGHT_BY: Dict[str, str] = {
     "lose-sigaction": "every signal action compared",
     "change-mprotect": "the /proc maps diff (perms of every mapping)",
     "lose-cwd": "the cwd compared",
+    "reset-process-attrs": "workload.process.attrs read back by the process (scenarios/process/attrs.yaml); "
+                           "I/O priority, coredump_filter and THP_enabled compared from outside",
     "unshare-tree-memory": "tree children write to a MAP_SHARED page after the restore; the parent must see it, and they its",
 }
 

@@ -25,7 +25,7 @@ from typing import Dict, Optional
 _STATUS_SKIP = {"State", "VmPeak", "VmSize", "VmLck", "VmPin", "VmHWM", "VmRSS", "RssAnon", "RssFile",
                 "RssShmem", "VmData", "VmStk", "VmExe", "VmLib", "VmPTE", "VmSwap", "HugetlbPages",
                 "voluntary_ctxt_switches", "nonvoluntary_ctxt_switches", "SigQ", "Threads", "CoreDumping",
-                "THP_enabled", "untag_mask", "Kthread"}
+                "untag_mask", "Kthread"}
 # /proc/PID/stat fields (1-based after pid and comm, as proc(5) numbers them) that are state
 _STAT_FIELDS = {"pgrp": 5, "session": 6, "tty_nr": 7, "priority": 18, "nice": 19, "rt_priority": 40,
                 "policy": 41, "exit_signal": 38}
@@ -185,7 +185,30 @@ def _threads(base: str) -> Dict[str, str]:
             text = _read(f"{tb}/{name}")
             if text is not None:
                 out[f"thread.{tid}.{name}"] = text.strip()
+        prio = _ioprio(int(tid))
+        if prio is not None:
+            out[f"thread.{tid}.ioprio"] = prio
+    try:
+        # Who owns the process's /proc files: its own uid while dumpable,
+        # root otherwise (a restore that changes credentials resets it).
+        st = os.stat(f"{base}/environ")
+        out["proc_owner"] = f"{st.st_uid}:{st.st_gid}"
+    except OSError:
+        pass
     return out
+
+
+_IOPRIO_GET = {"x86_64": 252, "aarch64": 31}.get(os.uname().machine)
+
+
+def _ioprio(tid: int) -> Optional[str]:
+    """ioprio_get(IOPRIO_WHO_PROCESS, tid): per thread (its io_context)."""
+    if _IOPRIO_GET is None:
+        return None
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    r = libc.syscall(_IOPRIO_GET, 1, tid)
+    return None if r < 0 else str(r)
 
 
 def snapshot(pid: int, pub: Optional[dict] = None) -> Dict[str, str]:
@@ -205,7 +228,7 @@ def snapshot(pid: int, pub: Optional[dict] = None) -> Dict[str, str]:
         if key and key not in _STATUS_SKIP:
             out[f"status.{key}"] = " ".join(val.split())
     for name in ("limits", "personality", "timerslack_ns", "oom_score_adj", "timers", "cgroup", "cmdline",
-                 "environ", "comm", "loginuid", "sessionid", "setgroups", "uid_map", "gid_map",
+                 "environ", "comm", "coredump_filter", "loginuid", "sessionid", "setgroups", "uid_map", "gid_map",
                  "mountinfo", "sched_autogroup"):
         text = _read(f"{base}/{name}")
         if text is None:

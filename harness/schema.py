@@ -35,7 +35,7 @@ TAGS: Dict[str, str] = {
     "fanotify": "fanotify", "socket": "sockets", "locks": "file locks", "eventfd": "eventfd", "timerfd": "timerfd",
     "signalfd": "signalfd", "epoll": "epoll", "migrate": "restore on another guest",
     "refusal": "the expected outcome is a refusal", "dup": "fds sharing one open file description",
-    "process": "process-wide state: umask, rlimits, signals, itimers",
+    "process": "process-wide state: umask, rlimits, signals, itimers, attributes",
     "threads": "multi-threaded processes (workload.process.threads)",
     "tree": "process trees: a workload with children (workload.process.children)",
     "tty": "pseudo-terminals (pty pairs, controlling terminals)",

@@ -293,3 +293,30 @@ def kcmp(pid1: int, pid2: int, kind: int) -> int:
 def unshare(flags: int) -> None:
     """unshare(2) (os.unshare is Python 3.12)."""
     _check(_libc.syscall(ctypes.c_long(_SYS[os.uname().machine]["unshare"]), ctypes.c_ulong(flags)))
+
+
+# -- process attributes (workload.process.attrs) -------------------------------
+PR = {"get_dumpable": 3, "set_dumpable": 4, "get_keepcaps": 7, "set_keepcaps": 8, "mce_kill": 33,
+      "mce_kill_get": 34, "set_child_subreaper": 36, "get_child_subreaper": 37, "set_thp_disable": 41,
+      "get_thp_disable": 42}
+IOPRIO_NR = {"x86_64": (251, 252), "aarch64": (30, 31)}     # (ioprio_set, ioprio_get)
+IOPRIO_CLASSES = {"none": 0, "realtime": 1, "best-effort": 2, "idle": 3}
+
+
+def prctl(option: str, arg2: int = 0, arg3: int = 0) -> int:
+    return _check(_libc.prctl(PR[option], ctypes.c_ulong(arg2), ctypes.c_ulong(arg3), 0, 0))
+
+
+def child_subreaper() -> int:
+    v = ctypes.c_int(-1)
+    _check(_libc.prctl(PR["get_child_subreaper"], ctypes.byref(v), 0, 0, 0))
+    return v.value
+
+
+def ioprio_get(tid: int = 0) -> int:
+    return _check(_libc.syscall(IOPRIO_NR[os.uname().machine][1], 1, tid))
+
+
+def ioprio_set(value: int, tid: int = 0) -> None:
+    _check(_libc.syscall(IOPRIO_NR[os.uname().machine][0], 1, tid, value))
+

@@ -324,3 +324,47 @@ def test_strict_mode_restored(procs, attrs_bin, tmp_path):
     wpid, status = os.waitpid(p.pid, 0)       # reparented to us, the subreaper
     procs.pids.remove(p.pid)
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+
+
+def test_io_priority_dump_filter_thp_subreaper_keepcaps_mce_dumpable(procs, attrs_bin, tmp_path):
+    out = str(tmp_path / "out.txt")
+    p = start(procs, attrs_bin, out, "ioidle", "cdf", "nothp", "subreaper", "keepcaps", "mceearly", "undumpable")
+    before, _ = report(p.pid, out)
+    for want in ("ioprio=24576 ", "cdf=00000007 ", "thp_off=1 ", "subreaper=1 ", "keepcaps=1 ", "mce=1 ",
+                 "dumpable=0 "):
+        assert want in before, (want, before)
+    dump_restore(p, str(tmp_path / "img"), procs)
+    after, _ = report(p.pid, out)
+    assert after == before
+
+
+def test_a_process_that_dropped_to_nobody_comes_back_dumpable(procs, attrs_bin, tmp_path):
+    # The restore's own change of credentials (root -> nobody) resets
+    # dumpable to fs.suid_dumpable: the process's /proc files would become
+    # root's and its own user could no longer ptrace it.
+    out = str(tmp_path / "out.txt")
+    p = start(procs, attrs_bin, out, "nobody")
+    before, _ = report(p.pid, out)
+    assert "uid=65534 " in before and "dumpable=1 " in before, before
+    assert os.stat(f"/proc/{p.pid}/environ").st_uid == 65534
+    dump_restore(p, str(tmp_path / "img"), procs)
+    after, _ = report(p.pid, out)
+    assert after == before
+    assert os.stat(f"/proc/{p.pid}/environ").st_uid == 65534
+
+
+def test_dumpable_2_only_where_a_change_of_credentials_gives_it(monkeypatch):
+    from engine import procattrs
+    rec = {"dumpable": 2, "child_subreaper": 0, "keep_caps": 0, "thp_disable": 0, "mce_kill": 2,
+           "coredump_filter": 0x33}
+    assert procattrs.check_record(rec)
+    monkeypatch.setattr(procattrs, "suid_dumpable", lambda: 2)
+    assert procattrs.validate(rec, "setid") == []
+    (r,) = procattrs.validate(rec, "same")
+    assert r.reason == "unsupported-state" and "do not change" in str(r)
+    monkeypatch.setattr(procattrs, "suid_dumpable", lambda: 0)
+    (r,) = procattrs.validate(rec, "setid")
+    assert "fs.suid_dumpable=0" in str(r)
+    assert procattrs.validate(dict(rec, dumpable=0), "same") == []
+    assert not procattrs.check_record(dict(rec, dumpable=3))
+    assert not procattrs.check_record(dict(rec, coredump_filter=True))

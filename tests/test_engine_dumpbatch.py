@@ -20,7 +20,7 @@ from engine.task import INJECTED
 from engine_core_support import procs, wait_for  # noqa: F401
 
 TARGET = os.path.join(os.path.dirname(__file__), "targets", "sigstate.c")
-STEPS = 69      # brk, 62 sigactions, sigaltstack, 2 prctl, 3 getitimer
+STEPS = 74      # brk, 62 sigactions, sigaltstack, 2 prctl, 3 getitimer, 5 prctl (engine/procattrs.py)
 
 
 @pytest.fixture(scope="module")

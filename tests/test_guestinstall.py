@@ -65,6 +65,10 @@ def test_first_install_compiles_all_learns_it_and_the_next_ships_it(tmp_path):
     assert len(b1.missing) == n
     root1 = _install(tmp_path / "one" / "opt", b1)
     assert not _bad(root1)
+    # the engine's bundle (engine/bundle.py), built there after the bytecode, current
+    assert (root1 / "engine" / "__pycache__" / f"bundle.{sys.implementation.cache_tag}.bin").is_file()
+    assert _sh(f"{sys.executable} -S -c 'import sys; sys.path[0] = \"{root1}\"; "
+               "from engine import mkbundle; print(mkbundle.check())'") == b"[]\n"
     # the layout: every source, the repo's bytes and modes; the wrapper
     assert {p.relative_to(root1 / "engine") for p in (root1 / "engine").rglob("*.py")} == \
         {p.relative_to(REPO / "engine") for p in (REPO / "engine").rglob("*.py")}

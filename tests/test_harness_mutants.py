@@ -117,6 +117,11 @@ def _queue(pid: int, fd: int, flags: int):
     return None
 
 
+def ioprio(pid: int) -> int:
+    import ctypes
+    return ctypes.CDLL(None, use_errno=True).syscall(252, 1, pid)     # ioprio_get(IOPRIO_WHO_PROCESS)
+
+
 def facts(pid: int, mem_addr: int) -> dict:
     def read(n):
         with open(f"/proc/{pid}/{n}") as f:
@@ -125,6 +130,7 @@ def facts(pid: int, mem_addr: int) -> dict:
     out = {"status " + k: status[k].strip() for k in ("SigBlk", "SigIgn", "SigCgt", "SigPnd", "ShdPnd", "Umask")}
     out["limits"] = read("limits")
     out["cwd"] = os.readlink(f"/proc/{pid}/cwd")
+    out["attrs"] = [read("coredump_filter").strip(), str(ioprio(pid))]
     maps = [ln.split() for ln in read("maps").splitlines()]
     out["maps"] = [(m[0], m[1], m[5] if len(m) > 5 else "") for m in maps]
     # The sink's patterned MiB (not all anonymous memory: the kernel updates
@@ -193,6 +199,7 @@ EXPECTED = {
     "reset-rlimits": {"limits"},
     "change-umask": {"status Umask"},
     "lose-cwd": {"cwd"},
+    "reset-process-attrs": {"attrs"},
     "change-mprotect": {"maps"},
 }
 # Edits of a tree image (the sink is one process: nothing for them there).

@@ -520,7 +520,7 @@ class Guest:
                 # lost at every revert, and compiling the engine costs each
                 # ckpt run ~35 ms of CPU (more under TCG) - a third of a
                 # small process's dump.
-                f"python3 -m compileall -q {root}/engine >/dev/null")
+                f"python3 -m compileall -q {root}/engine >/dev/null && {R.bundle_line('python3', root)}")
         rc, _, err, dur = self._exec(line, 120, stdin=buf.getvalue())
         if rc != 0:
             raise VmError("installing the engine failed", kind="command", guest=self.name,

@@ -142,7 +142,7 @@ SYS: Dict[str, int] = {
     "prlimit64": 261, "rseq": 293, "clone3": 435, "close_range": 436,
     "timer_create": 107, "timer_gettime": 108, "timer_getoverrun": 109, "timer_settime": 110,
     "timer_delete": 111, "sched_setaffinity": 122, "sched_getaffinity": 123,
-    "sched_setattr": 274, "sched_getattr": 275, "seccomp": 277,
+    "ioprio_set": 30, "ioprio_get": 31, "sched_setattr": 274, "sched_getattr": 275, "seccomp": 277,
     # interrupted-call recovery and pending signals (engine/restart.py, engine/signals.py)
     "futex": 98, "nanosleep": 101, "clock_nanosleep": 115, "restart_syscall": 128,
     "rt_sigqueueinfo": 138, "rt_tgsigqueueinfo": 240,
@@ -253,6 +253,15 @@ def stack_pointer(regs: Regs) -> int:
 
 def pc(regs: Regs) -> int:
     return regs.raw.pc
+
+
+def set_pc(regs: Regs, v: int) -> None:
+    regs.raw.pc = u64(v)
+
+
+def in_call(regs: Regs) -> bool:
+    """Stopped in a system call (a restart fix-up may follow), not in user code."""
+    return regs.syscallno >= 0
 
 
 def find_syscall(code: bytes) -> int:

@@ -109,7 +109,7 @@ SYS: Dict[str, int] = {
     "dup3": 292, "prlimit64": 302, "rseq": 334, "clone3": 435, "close_range": 436,
     "timer_create": 222, "timer_settime": 223, "timer_gettime": 224, "timer_getoverrun": 225,
     "timer_delete": 226, "sched_setaffinity": 203, "sched_getaffinity": 204,
-    "sched_setattr": 314, "sched_getattr": 315, "seccomp": 317,
+    "ioprio_set": 251, "ioprio_get": 252, "sched_setattr": 314, "sched_getattr": 315, "seccomp": 317,
     # interrupted-call recovery and pending signals (engine/restart.py, engine/signals.py)
     "nanosleep": 35, "futex": 202, "restart_syscall": 219, "clock_nanosleep": 230,
     "rt_sigqueueinfo": 129, "rt_tgsigqueueinfo": 297,
@@ -342,6 +342,15 @@ def stack_pointer(regs: Regs) -> int:
 
 def pc(regs: Regs) -> int:
     return regs.rip
+
+
+def set_pc(regs: Regs, v: int) -> None:
+    regs.rip = v
+
+
+def in_call(regs: Regs) -> bool:
+    """Stopped in a system call (a restart fix-up may follow), not in user code."""
+    return s64(regs.orig_rax) >= 0
 
 
 def find_syscall(code: bytes) -> int:

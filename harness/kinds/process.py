@@ -1,8 +1,11 @@
 """``workload.process``: process-wide state the scenario sets at the start
 (after the fds, so a low RLIMIT_NOFILE cannot stop the workload building
 them) and checks after the restore: umask, rlimits, signal actions, the
-signal mask, pending signals (with their sigqueue values) and interval
-timers; and ``threads``: Python threads the workload starts, each blocked
+signal mask, pending signals (with their sigqueue values), interval
+timers and ``attrs`` (I/O priority, core dump filter, THP disable, child
+subreaper, keep-caps, machine-check kill policy, dumpable: each compared
+with what the process saw before the dump, every one of them whether the
+scenario set it or not); and ``threads``: Python threads the workload starts, each blocked
 in one call (sleep: a time.sleep loop that counts; read: os.read on a pipe
 the process holds both ends of; lock: a Lock the main thread holds; cond:
 Condition.wait; join: joining a private sleeper thread). After the restore
@@ -71,6 +74,12 @@ BLOCKED_IN = ("sleep", "read", "lock", "cond", "join")
 THREAD_WAKE_S = 10.0
 CHILD_IN = ("sleep", "read", "zombie")
 CHILD_GROUPS = ("parent", "own")
+# workload.process.attrs: kernel attributes a process reads back itself
+# (prctl, ioprio_get, /proc/self/coredump_filter); the judge sees the
+# I/O priority, THP_enabled and the core dump filter from outside too
+# (harness/procstate.py).
+IOPRIO = ("none", "idle") + tuple(f"{c}:{n}" for c in ("best-effort", "realtime") for n in range(8))
+MCE_KILL = {"late": 0, "early": 1}
 CHILD_SHARE = {"files": (sysapi.CLONE_FILES, sysapi.KCMP_FILES), "fs": (sysapi.CLONE_FS, sysapi.KCMP_FS)}
 
 
@@ -89,6 +98,9 @@ def fields(s) -> dict:
         "threads": s.List_(s.Map({"blocked_in": s.Enum(BLOCKED_IN, "a call a thread can block in:")},
                                  required=("blocked_in",))),
         "leave": s.List_(s.Enum(tuple(CHILD_SHARE), "what the workload can leave:")),
+        "attrs": s.Map({"ioprio": s.Enum(IOPRIO, "an I/O priority (class or class:level):"),
+                        "coredump_filter": s.Int(0, 0x1ff), "thp_disable": s.Bool(), "child_subreaper": s.Bool(),
+                        "keep_caps": s.Bool(), "mce_kill": s.Enum(tuple(MCE_KILL)), "dumpable": s.Bool()}),
         "children": s.List_(s.Map({"blocked_in": s.Enum(CHILD_IN, "what a child does:"),
                                    "exit": s.Int(0, 255), "group": s.Enum(CHILD_GROUPS),
                                    "share": s.List_(s.Enum(tuple(CHILD_SHARE), "what a child can share:"))},
@@ -155,6 +167,8 @@ def apply(p: dict) -> None:
             os.kill(os.getpid(), signum(x["signal"]))
     for name, t in (p.get("itimers") or {}).items():
         signal.setitimer(ITIMERS[name], int(t["value_ms"]) / 1000, int(t.get("interval_ms", 0)) / 1000)
+    if p.get("attrs"):
+        _apply_attrs(p["attrs"])
     # Children before the threads (a fork copies only the calling thread).
     if p.get("children"):
         _MEMORY.append(Memory())
@@ -546,6 +560,38 @@ def status() -> Dict[str, str]:
     return out
 
 
+def _ioprio_value(name: str) -> int:
+    cls, _, level = name.partition(":")
+    return sysapi.IOPRIO_CLASSES[cls] << 13 | int(level or 0)
+
+
+def _apply_attrs(a: dict) -> None:
+    if "ioprio" in a:
+        sysapi.ioprio_set(_ioprio_value(a["ioprio"]))
+    if "coredump_filter" in a:
+        with open("/proc/self/coredump_filter", "w") as f:
+            f.write(f"{a['coredump_filter']:#x}")
+    for key, option in (("thp_disable", "set_thp_disable"), ("child_subreaper", "set_child_subreaper"),
+                        ("keep_caps", "set_keepcaps"), ("dumpable", "set_dumpable")):
+        if key in a:
+            sysapi.prctl(option, int(a[key]))
+    if "mce_kill" in a:
+        sysapi.prctl("mce_kill", 1, MCE_KILL[a["mce_kill"]])    # PR_MCE_KILL_SET
+
+
+def _attrs_now() -> dict:
+    with open("/proc/self/coredump_filter") as f:
+        cdf = int(f.read().strip(), 16)
+    return {"ioprio": sysapi.ioprio_get(), "coredump_filter": cdf, "thp_disable": sysapi.prctl("get_thp_disable"),
+            "child_subreaper": sysapi.child_subreaper(), "keep_caps": sysapi.prctl("get_keepcaps"),
+            "mce_kill": sysapi.prctl("mce_kill_get"), "dumpable": sysapi.prctl("get_dumpable")}
+
+
+def _attrs_wanted(a: dict) -> dict:
+    conv = {"ioprio": _ioprio_value, "mce_kill": MCE_KILL.get}
+    return {k: conv[k](v) if k in conv else int(v) for k, v in a.items()}
+
+
 def observe(p: dict) -> dict:
     """What the process sees of the state before the dump (``extras``)."""
     return {"sigactions": {n: sysapi.sigaction_get(signum(n)) for n in (p.get("sigactions") or {})},
@@ -553,6 +599,7 @@ def observe(p: dict) -> dict:
             "itimers": {n: list(signal.getitimer(ITIMERS[n])) for n in (p.get("itimers") or {})},
             "threads": [{"how": b.how, "tid": b.tid, "value": b.value, "count": b.count} for b in _THREADS],
             "children": [dict(c.hello, how=c.how, share=c.share) for c in _CHILDREN],
+            "attrs": _attrs_now() if p.get("attrs") else {},
             "at": time.time()}
 
 
@@ -580,6 +627,15 @@ def checker(p: dict, seen: dict, phase: str) -> List[dict]:
         st = status()
         if "umask" in p:
             out.append(check(None, "umask", f"{int(p['umask']):04o}", st.get("Umask")))
+        if p.get("attrs"):
+            now = _attrs_now()
+            want = _attrs_wanted(p["attrs"])
+            for k in sorted(now):
+                # every attribute as the process saw it before the dump; those
+                # the scenario set, as it set them
+                out.append(check(None, f"process attribute {k}", seen["attrs"][k], now[k]))
+                if k in want:
+                    out.append(check(None, f"process attribute {k} as set", want[k], now[k]))
         for name, (soft, hard) in (p.get("rlimits") or {}).items():
             import resource
             out.append(check(None, f"{name} (soft, hard)", [_limit(soft), _limit(hard)],

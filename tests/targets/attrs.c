@@ -1,7 +1,9 @@
 /* A target that sets the process attributes named on its command line and
  * reports them, as the process itself sees them, on each SIGUSR1:
  *   attrs OUT [nice5] [batch|idle|fifo] [cpu0] [oom321] [slack] [pers] [nnp]
- *             [timers] [seccomp] [seccomp2]
+ *             [timers] [seccomp] [seccomp2] [ioidle] [cdf] [nothp] [subreaper]
+ *             [keepcaps] [mceearly] [undumpable] [nobody]
+ * (nobody: setresuid/setresgid 65534 last, after everything else.)
  * Report lines: "report k=v ...", one per SIGUSR1; "fire N" after each
  * expiry of timer A (SIGRTMIN+1, periodic). Everything static about the
  * process goes into "report" (the test compares it before the dump and
@@ -20,6 +22,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/personality.h>
+#include <grp.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/syscall.h>
@@ -110,8 +113,20 @@ static void report(void) {
     errno = 0;
     long ppid = syscall(SYS_getppid);
     int ppid_errno = ppid < 0 ? errno : 0;
+    char cdf[32] = "";
+    fd = open("/proc/self/coredump_filter", O_RDONLY);
+    k = fd < 0 ? -1 : read(fd, cdf, sizeof cdf - 1);
+    if (fd >= 0) close(fd);
+    cdf[k > 0 ? k - 1 : 0] = 0;
+    int subreaper = -1;
+    prctl(PR_GET_CHILD_SUBREAPER, &subreaper, 0, 0, 0);
     n += snprintf(buf + n, sizeof buf - n,
-                  "report nice=%d policy=%u flags=%lu prio=%u cpus=%lx oom=%s slack=%ld slackdef=%ld pers=%#x "
+                  "report ioprio=%ld cdf=%s thp_off=%d subreaper=%d keepcaps=%d mce=%d dumpable=%d uid=%d ",
+                  syscall(SYS_ioprio_get, 1, 0), cdf, prctl(PR_GET_THP_DISABLE, 0, 0, 0, 0), subreaper,
+                  prctl(PR_GET_KEEPCAPS, 0, 0, 0, 0), prctl(PR_MCE_KILL_GET, 0, 0, 0, 0),
+                  prctl(PR_GET_DUMPABLE, 0, 0, 0, 0), (int)getuid());
+    n += snprintf(buf + n, sizeof buf - n,
+                  "nice=%d policy=%u flags=%lu prio=%u cpus=%lx oom=%s slack=%ld slackdef=%ld pers=%#x "
                   "nnp=%d seccomp=%d getppid_errno=%d restore_ids=%d",
                   nice, a.policy, (unsigned long)a.flags, a.priority, mask, oom, slack, slackdef,
                   personality(0xffffffff), prctl(PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0), prctl(PR_GET_SECCOMP, 0, 0, 0, 0),
@@ -190,6 +205,24 @@ int main(int argc, char **argv) {
             if (prctl(PR_SET_TIMERSLACK, 123456, 0, 0, 0)) die("PR_SET_TIMERSLACK");
         } else if (!strcmp(w, "pers")) {
             if (personality(ADDR_NO_RANDOMIZE | READ_IMPLIES_EXEC) < 0) die("personality");
+        } else if (!strcmp(w, "ioidle")) {
+            if (syscall(SYS_ioprio_set, 1, 0, 3 << 13)) die("ioprio_set");
+        } else if (!strcmp(w, "cdf")) {
+            int fd = open("/proc/self/coredump_filter", O_WRONLY);
+            if (fd < 0 || write(fd, "0x7", 3) != 3) die("coredump_filter");
+            close(fd);
+        } else if (!strcmp(w, "nothp")) {
+            if (prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0)) die("PR_SET_THP_DISABLE");
+        } else if (!strcmp(w, "subreaper")) {
+            if (prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)) die("PR_SET_CHILD_SUBREAPER");
+        } else if (!strcmp(w, "keepcaps")) {
+            if (prctl(PR_SET_KEEPCAPS, 1, 0, 0, 0)) die("PR_SET_KEEPCAPS");
+        } else if (!strcmp(w, "mceearly")) {
+            if (prctl(PR_MCE_KILL, PR_MCE_KILL_SET, PR_MCE_KILL_EARLY, 0, 0)) die("PR_MCE_KILL");
+        } else if (!strcmp(w, "undumpable")) {
+            if (prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)) die("PR_SET_DUMPABLE");
+        } else if (!strcmp(w, "nobody")) {
+            /* after the loop */
         } else if (!strcmp(w, "nnp")) {
             if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)) die("PR_SET_NO_NEW_PRIVS");
         } else if (!strcmp(w, "timers")) {
@@ -243,6 +276,12 @@ int main(int argc, char **argv) {
             die(w);
         }
     }
+    for (int i = 2; i < argc; i++)
+        if (!strcmp(argv[i], "nobody") &&
+            (setgroups(0, NULL) || setresgid(65534, 65534, 65534) || setresuid(65534, 65534, 65534) ||
+             /* the change of ids made it fs.suid_dumpable; as daemons do: */
+             prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)))
+            die("nobody");
     if (write(out, "ready\n", 6) != 6) die("write");
     int seen = 0;
     for (;;) {

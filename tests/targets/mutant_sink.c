@@ -3,7 +3,8 @@
  *
  *   mutant_sink READY DIR sink|count|pend
  *
- * In DIR: umask 027, RLIMIT_NOFILE soft 512, SIGUSR2 caught, SIGWINCH
+ * In DIR: umask 027, RLIMIT_NOFILE soft 512, I/O priority idle, core dump
+ * filter 0x7, SIGUSR2 caught, SIGWINCH
  * blocked, an O_APPEND file at offset 100, an O_CLOEXEC file and a dup of it
  * sharing one offset (1234), a non-blocking pipe with 10 queued bytes, a
  * fired one-shot timerfd, an eventfd with count 5, an epoll watching the
@@ -22,6 +23,7 @@
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <sys/syscall.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
@@ -56,6 +58,10 @@ int main(int argc, char **argv) {
     getrlimit(RLIMIT_NOFILE, &rl);
     rl.rlim_cur = 512;
     if (setrlimit(RLIMIT_NOFILE, &rl)) die("setrlimit");
+    if (syscall(SYS_ioprio_set, 1, 0, 3 << 13)) die("ioprio_set");
+    int cdf = open("/proc/self/coredump_filter", O_WRONLY);
+    if (cdf < 0 || write(cdf, "0x7", 3) != 3) die("coredump_filter");
+    close(cdf);
     struct sigaction sa = {0};
     sa.sa_handler = on_usr2;
     sigaction(SIGUSR2, &sa, NULL);

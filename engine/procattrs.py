@@ -1,0 +1,157 @@
+"""Per-process attributes a program can read back, that no other record
+carries: dumpable, child subreaper, keep-caps, THP disable, the machine-check
+kill policy and the core dump filter.
+
+A restored process is a clone3 of the restorer, so without this it would
+carry ckpt's values: subreaper off, THP allowed, the default MCE policy and
+core dump filter, and - the one that bites - a non-root process would come
+back non-dumpable, because the restore's change of credentials resets
+dumpable to fs.suid_dumpable (kernel/cred.c commit_creds): its /proc files
+owned by root, no ptrace, no core dump for its own user.
+
+Read at the dump by the process itself (prctl PR_GET_*: engine/dump.py's
+injected reads, batched with the others) and from /proc (coredump_filter);
+applied in the new process by queued prctl calls (with the other process
+settings), after its credentials for what credentials reset (dumpable,
+keep-caps), and from outside for coredump_filter. What cannot be set back
+exactly is refused (deny by default): securebits other than keep-caps, a
+THP-disable mode with flags, and dumpable 2 (SUID_DUMP_ROOT, what a change
+of credentials gives under fs.suid_dumpable=2: no prctl sets it) where the
+restore's own change of credentials would not give it. Per process here: the leader's prctl values are the process's
+(dumpable, subreaper, THP and the dump filter belong to the process;
+keep-caps and the MCE policy to each thread: the other threads' are not
+read, see README "Known limits").
+"""
+
+from __future__ import annotations
+
+import struct
+
+from .errors import Refusal
+
+PR_GET_DUMPABLE, PR_SET_DUMPABLE = 3, 4
+PR_SET_KEEPCAPS = 8
+PR_GET_SECUREBITS = 27
+PR_MCE_KILL, PR_MCE_KILL_GET = 33, 34
+PR_MCE_KILL_SET, PR_MCE_KILL_DEFAULT = 1, 2
+PR_SET_CHILD_SUBREAPER, PR_GET_CHILD_SUBREAPER = 36, 37
+PR_SET_THP_DISABLE, PR_GET_THP_DISABLE = 41, 42
+SECBIT_KEEP_CAPS = 1 << 4
+DEFAULT_COREDUMP_FILTER = 0x33      # what a process without a setting of its own has (fs/exec.c)
+
+
+def _int(raw: bytes) -> int:
+    return struct.unpack("<i", raw)[0]
+
+
+#: (key, syscall, args(scratch), bytes read back or 0 for the result, decoder):
+#: engine/dump.py _injected_reads appends these.
+READS = [
+    ("dumpable", "prctl", lambda scr: (PR_GET_DUMPABLE, 0, 0, 0, 0), 0, None),
+    ("child_subreaper", "prctl", lambda scr: (PR_GET_CHILD_SUBREAPER, scr, 0, 0, 0), 4, _int),
+    ("securebits", "prctl", lambda scr: (PR_GET_SECUREBITS, 0, 0, 0, 0), 0, None),
+    ("thp_disable", "prctl", lambda scr: (PR_GET_THP_DISABLE, 0, 0, 0, 0), 0, None),
+    ("mce_kill", "prctl", lambda scr: (PR_MCE_KILL_GET, 0, 0, 0, 0), 0, None),
+]
+
+
+def dump(pid: int, got: dict) -> dict:
+    """The record, from the injected reads in `got` (their keys are
+    removed) and /proc. Raises Refusal(unsupported-state)."""
+    vals = {k: got.pop(k) for k, *_ in READS}
+    why = []
+    if vals["securebits"] & ~SECBIT_KEEP_CAPS:
+        why.append(f"securebits {vals['securebits']:#x} (only keep-caps can be set back)")
+    if vals["thp_disable"] not in (0, 1):
+        why.append(f"THP disable mode {vals['thp_disable']:#x}")
+    if why:
+        raise Refusal("unsupported-state", "; ".join(why), pid=pid)
+    with open(f"/proc/{pid}/coredump_filter") as f:
+        cdf = int(f.read().strip(), 16)
+    return {"dumpable": vals["dumpable"], "child_subreaper": int(bool(vals["child_subreaper"])),
+            "keep_caps": int(bool(vals["securebits"] & SECBIT_KEEP_CAPS)), "thp_disable": vals["thp_disable"],
+            "mce_kill": vals["mce_kill"], "coredump_filter": cdf}
+
+
+def describe(rec: dict) -> str:
+    out = [f"dumpable {rec['dumpable']}", f"core dump filter {rec['coredump_filter']:#x}"]
+    for k, text in (("child_subreaper", "child subreaper"), ("keep_caps", "keep-caps"), ("thp_disable", "THP disabled")):
+        if rec[k]:
+            out.append(text)
+    if rec["mce_kill"] != PR_MCE_KILL_DEFAULT:
+        out.append(f"MCE kill {'early' if rec['mce_kill'] == 1 else 'late'}")
+    return ", ".join(out)
+
+
+def check_record(rec) -> bool:
+    """Structure of core.json "attrs" (restore's check_core)."""
+    try:
+        ok = rec["dumpable"] in (0, 1, 2) and rec["child_subreaper"] in (0, 1) and rec["keep_caps"] in (0, 1) \
+            and rec["thp_disable"] in (0, 1) and rec["mce_kill"] in (0, 1, 2)
+        cdf = rec["coredump_filter"]
+        return ok and isinstance(cdf, int) and not isinstance(cdf, bool) and 0 <= cdf < 1 << 32
+    except (KeyError, TypeError):
+        return False
+
+
+def queue(b, rec: dict) -> None:
+    """With the other process settings (Builder.process_state's batch):
+    what the clone has as the restorer's and no credential change resets."""
+    q = b.pending.add
+    if rec["thp_disable"]:
+        q("prctl", PR_SET_THP_DISABLE, 1, 0, 0, 0)
+    if rec["child_subreaper"]:
+        q("prctl", PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    if rec["mce_kill"] != PR_MCE_KILL_DEFAULT:
+        q("prctl", PR_MCE_KILL, PR_MCE_KILL_SET, rec["mce_kill"], 0, 0)
+
+
+def validate(rec: dict, creds_plan: str) -> list:
+    """What is refused before the process exists."""
+    if rec["dumpable"] != 2:
+        return []
+    here = suid_dumpable()
+    if creds_plan == "setid" and here == 2:
+        return []
+    return [Refusal("unsupported-state", "dumpable 2 (SUID_DUMP_ROOT) comes back only from a change of "
+                    f"credentials under fs.suid_dumpable=2; here fs.suid_dumpable={here} and the credentials "
+                    + ("change" if creds_plan == "setid" else "do not change"))]
+
+
+def suid_dumpable() -> int:
+    try:
+        with open("/proc/sys/fs/suid_dumpable") as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return -1
+
+
+def after_creds(b, rec: dict) -> None:
+    """Once the credentials are the process's: keep-caps (a setuid clears
+    it) and dumpable (any change of ids, or of capabilities to fewer, sets
+    fs.suid_dumpable: set 0 or 1 always; 2 is what that change gave,
+    validate() made sure, read back)."""
+    if rec["keep_caps"]:
+        b.call("prctl", PR_SET_KEEPCAPS, 1, 0, 0, 0)
+    if rec["dumpable"] != 2:
+        b.call("prctl", PR_SET_DUMPABLE, rec["dumpable"], 0, 0, 0)
+        return
+    got = b.call("prctl", PR_GET_DUMPABLE, 0, 0, 0, 0)
+    if got != 2:
+        from .errors import EngineError
+        raise EngineError(f"dumpable came back {got}, not 2", pid=b.pid)
+
+
+def outside(pid: int, rec: dict) -> None:
+    """From the restorer: the core dump filter (mm flags), read back."""
+    path = f"/proc/{pid}/coredump_filter"
+    with open(path) as f:
+        now = int(f.read().strip(), 16)
+    if now != rec["coredump_filter"]:
+        with open(path, "w") as f:
+            f.write(f"{rec['coredump_filter']:#x}")
+        with open(path) as f:
+            now = int(f.read().strip(), 16)
+        if now != rec["coredump_filter"]:
+            from .errors import EngineError
+            raise EngineError(f"coredump_filter {rec['coredump_filter']:#x} became {now:#x}", pid=pid)
