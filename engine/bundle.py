@@ -22,8 +22,9 @@ Never stale, never required:
   the bundle too, for :func:`check`; reading every source at each start to
   hash it would cost a third of what the bundle saves.)
 * The bundle is used only by the interpreter that wrote it (the same
-  bytecode magic and -O level) and for the engine directory it was built
-  in (the code objects carry their file names, for tracebacks).
+  bytecode magic, -O level and pycache prefix) and for the engine
+  directory it was built in (the code objects carry their file names,
+  for tracebacks).
 * Built explicitly (``python3 -m engine.mkbundle``, engine/mkbundle.py: run where compileall is:
   ``make``, the guests' engine install, the host compare), written whole
   under a temporary name and renamed; a missing, foreign or damaged bundle
@@ -41,8 +42,10 @@ import marshal
 import os
 import sys
 
-_TAG = b"ckpt engine bundle 1\n"
-_HEAD = 32 << 10        # first read: the tag, the index length and (almost always) the index
+# The file: _TAG, the index (u32 length, marshal: what install() reads),
+# the sources' hashes (u32 length, marshal: only for mkbundle.check), the
+# code objects (marshal, each at its index entry's offset after the hashes).
+_TAG = b"ckpt engine bundle 2\n"
 
 
 def bundle_path(engine_dir: str) -> str:
@@ -74,21 +77,21 @@ class _Finder:
         e = self.modules.get(name)
         if e is None or "." not in name:
             return None         # (the package itself is imported before the finder exists)
-        rel, pkg, cached, key = e[2], e[3], e[4], e[5]
-        src = os.path.join(self.engine_dir, rel)
-        parent = os.path.dirname(os.path.join(self.engine_dir, os.path.dirname(rel) if pkg else rel))
-        if path is not None and list(path) != [parent]:
+        rel, pkg, cached = e[2], e[3], e[4]
+        src = self.engine_dir + "/" + rel          # (paths made as the builder made them: "/" only)
+        where = src.rpartition("/")[0]
+        if path != [where.rpartition("/")[0] if pkg else where]:
             return None         # its package's __path__ is not the bundle's directory: not ours to say
         try:
-            if _key(os.stat(src)) != key:
+            if _key(os.stat(src)) != e[5:]:
                 return None     # changed since the bundle was built: the ordinary import
         except OSError:
             return None
         spec = self._spec(name, self, origin=src, is_package=pkg)
         spec.has_location = True
-        spec.cached = os.path.join(self.engine_dir, cached)
+        spec.cached = self.engine_dir + "/" + cached
         if pkg:
-            spec.submodule_search_locations = [os.path.dirname(src)]
+            spec.submodule_search_locations = [where]
         return spec
 
     def create_module(self, spec):
@@ -99,7 +102,7 @@ class _Finder:
 
     def _ordinary(self, name: str):
         e = self.modules[name]
-        return sys.modules["_frozen_importlib_external"].SourceFileLoader(name, os.path.join(self.engine_dir, e[2]))
+        return sys.modules["_frozen_importlib_external"].SourceFileLoader(name, self.engine_dir + "/" + e[2])
 
     def get_code(self, name: str):
         e = self.modules[name]
@@ -135,24 +138,26 @@ def install(engine_dir: str, package: str) -> bool:
         return False
     try:
         key = _key(os.fstat(fd))
-        head = os.pread(fd, _HEAD, 0)
-        if not head.startswith(_TAG):
-            return False
         start = len(_TAG) + 4
-        n = int.from_bytes(head[len(_TAG):start], "little")
-        raw = head[start:start + n]
-        if len(raw) < n:
-            raw = os.pread(fd, n, start)
-        index = marshal.loads(raw)
+        head = os.pread(fd, start, 0)
+        if head[:len(_TAG)] != _TAG:
+            return False
+        n = int.from_bytes(head[len(_TAG):], "little")
+        raw = os.pread(fd, n + 4, start)
+        if len(raw) != n + 4:
+            return False
+        index = marshal.loads(raw[:n])
+        base = start + n + 4 + int.from_bytes(raw[n:], "little")     # past the hashes
     except (OSError, ValueError, EOFError, TypeError):
         return False
     finally:
         os.close(fd)
     if not (isinstance(index, dict) and index.get("magic") == _magic()
             and index.get("optimize") == sys.flags.optimize and index.get("engine_dir") == engine_dir
+            and index.get("pycache_prefix") == sys.pycache_prefix
             and index.get("package") == package and isinstance(index.get("modules"), dict)):
         return False
     if any(isinstance(f, _Finder) and f.engine_dir == engine_dir for f in sys.meta_path):
         return True             # (the package imported again in this process)
-    sys.meta_path.insert(0, _Finder(path, key, start + n, engine_dir, index["modules"]))
+    sys.meta_path.insert(0, _Finder(path, key, base, engine_dir, index["modules"]))
     return True

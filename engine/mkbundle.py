@@ -65,7 +65,7 @@ def build(engine_dir: str = "") -> tuple:
     engine_dir = os.path.abspath(engine_dir or os.path.dirname(__file__))
     package = os.path.basename(engine_dir)
     external = sys.modules["_frozen_importlib_external"]
-    modules, blobs, offset = {}, [], 0
+    modules, hashes, blobs, offset = {}, {}, [], 0
     for name, rel, pkg in _sources(engine_dir, package):
         src = os.path.join(engine_dir, rel)
         with open(src, "rb") as f:
@@ -78,18 +78,20 @@ def build(engine_dir: str = "") -> tuple:
         if _key(st) != _key(after) or _key(os.stat(src)) != _key(st):
             continue            # written to meanwhile: left to the ordinary import
         cached = os.path.relpath(external.cache_from_source(src), engine_dir)
-        modules[name] = (offset, len(blob), rel, pkg, cached, _key(st),
-                         _imp.source_hash(external._RAW_MAGIC_NUMBER, data))
+        modules[name] = (offset, len(blob), rel, pkg, cached) + _key(st)
+        hashes[name] = _imp.source_hash(external._RAW_MAGIC_NUMBER, data)
         blobs.append(blob)
         offset += len(blob)
     index = marshal.dumps({"magic": _magic(), "optimize": sys.flags.optimize, "engine_dir": engine_dir,
+                           "pycache_prefix": sys.pycache_prefix,       # (where __cached__ points)
                            "package": package, "modules": modules})
     out = bundle_path(engine_dir)
     os.makedirs(os.path.dirname(out), exist_ok=True)
     tmp = f"{out}.{os.getpid()}.tmp"
     try:
         with open(tmp, "wb") as f:
-            f.write(_TAG + len(index).to_bytes(4, "little") + index)
+            raw = marshal.dumps(hashes)
+            f.write(_TAG + len(index).to_bytes(4, "little") + index + len(raw).to_bytes(4, "little") + raw)
             for b in blobs:
                 f.write(b)
         os.replace(tmp, out)
@@ -109,11 +111,12 @@ def check(engine_dir: str = "") -> list:
     with open(bundle_path(engine_dir), "rb") as f:
         head = f.read(len(_TAG) + 4)
         index = marshal.loads(f.read(int.from_bytes(head[len(_TAG):], "little")))
+        hashes = marshal.loads(f.read(int.from_bytes(f.read(4), "little")))
     stale = []
     for name, e in index["modules"].items():
         try:
             with open(os.path.join(engine_dir, e[2]), "rb") as f:
-                if _imp.source_hash(external._RAW_MAGIC_NUMBER, f.read()) == e[6]:
+                if _imp.source_hash(external._RAW_MAGIC_NUMBER, f.read()) == hashes[name]:
                     continue
         except OSError:
             pass

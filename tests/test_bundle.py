@@ -149,8 +149,8 @@ def test_a_removed_or_new_module_is_the_ordinary_import(built):
 
 
 def _index(path: Path):
+    from engine.bundle import _TAG as tag
     data = path.read_bytes()
-    tag = b"ckpt engine bundle 1\n"
     n = int.from_bytes(data[len(tag):len(tag) + 4], "little")
     return data, tag, marshal.loads(data[len(tag) + 4:len(tag) + 4 + n]), len(tag) + 4 + n
 
