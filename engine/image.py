@@ -3,6 +3,8 @@
 Layout (all files 0600, directories 0700):
     DIR/manifest.json   format version, engine version, arch, kernel release,
                         creation time, and {name: {sha256, size}} of every file
+                        but the pages files: {crc32, size} (a CRC-32 of each
+                        1 MiB block, engine/pagecrc.py says why; format 6)
     DIR/<anything>      written through ImageWriter, named in the manifest
 
 A dump writes into ``DIR.partial`` and renames it to ``DIR`` only after every
@@ -19,11 +21,14 @@ TYPE_CHECKING = False   # annotations only: importing typing costs every run ~3 
 if TYPE_CHECKING:
     from typing import BinaryIO, Dict, Optional
 
-from . import FORMAT_VERSION, __version__, faults, fastjson
+from . import FORMAT_VERSION, __version__, faults, fastjson, pagecrc
 from .sha256 import sha256
 from .errors import EngineError, Refusal, UsageError
 
 MANIFEST = "manifest.json"
+# Formats this engine reads. 5 differs from 6 only in the pages files' entries
+# (a sha256 of the whole file): those are checked as any other file's.
+READ_FORMATS = (5, FORMAT_VERSION)
 _CHUNK = 8 << 20
 
 
@@ -46,9 +51,16 @@ def _read_buffer(size: int) -> memoryview:
     return buf
 
 
-def _sha256_file(path: str) -> str:
-    """sha256 of a file's bytes. Raises OSError."""
-    h = sha256()
+def _new_digest(name: str):
+    """(the manifest field, a hasher) for image file `name`."""
+    if pagecrc.is_pages_file(name):
+        return pagecrc.KEY, pagecrc.BlockCRC()
+    return "sha256", sha256()
+
+
+def _digest_file(path: str, name: str) -> dict:
+    """The manifest entry of a file written by path: {field: digest, size}. Raises OSError."""
+    key, h = _new_digest(name)
     with open(path, "rb", buffering=0) as f:
         view = _read_buffer(os.fstat(f.fileno()).st_size)
         while True:
@@ -56,7 +68,7 @@ def _sha256_file(path: str) -> str:
             if not n:
                 break
             h.update(view[:n])   # hashlib releases the GIL for large buffers
-    return h.hexdigest()
+    return {key: h.hexdigest(), "size": os.path.getsize(path)}
 
 
 def _fsync_path(path: str) -> None:
@@ -96,9 +108,9 @@ class _HashingFile:
     """A write-only binary file that hashes what passes through it, so a
     large image file is never read back just to be checksummed."""
 
-    def __init__(self, raw: BinaryIO):
+    def __init__(self, raw: BinaryIO, name: str = ""):
         self._raw = raw
-        self._hash = sha256()
+        self.key, self._hash = _new_digest(name)
         self.size = 0
         self._queued = 0        # bytes [0, _queued) already handed to writeback
 
@@ -142,6 +154,10 @@ class _HashingFile:
 
     def hexdigest(self) -> str:
         return self._hash.hexdigest()
+
+    def entry(self) -> dict:
+        """The file's manifest entry."""
+        return {self.key: self._hash.hexdigest(), "size": self.size}
 
     def __enter__(self):
         return self
@@ -207,7 +223,7 @@ class ImageWriter:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         except OSError as e:
             raise _translate_oserror(e, "cannot write image") from e
-        f = _HashingFile(os.fdopen(fd, "wb", buffering=0))
+        f = _HashingFile(os.fdopen(fd, "wb", buffering=0), name)
         self._open[name] = f
         return f
 
@@ -248,7 +264,7 @@ class ImageWriter:
                     # page cache, and the rename below must not publish an
                     # image whose pages a crash could lose.
                     _fsync_path(os.path.join(self.partial, name))
-                self._files[name] = {"sha256": f.hexdigest(), "size": f.size}
+                self._files[name] = f.entry()
             self._open.clear()
             for name in sorted(self._raw_paths):
                 path = os.path.join(self.partial, name)
@@ -258,7 +274,7 @@ class ImageWriter:
                     os.fsync(fd)
                 finally:
                     os.close(fd)
-                self._files[name] = {"sha256": _sha256_file(path), "size": os.path.getsize(path)}
+                self._files[name] = _digest_file(path, name)
             self._raw_paths.clear()
         except OSError as e:
             raise _translate_oserror(e, "cannot write image") from e
@@ -337,14 +353,21 @@ def _leasable(name: str) -> bool:
     """Page files are mapped under a lease rather than copied when they
     can be (imagecheck.map_leased): only memory.PageSource reads them, and
     it checks the lease after every write it makes from them."""
-    base = name.rsplit("/", 1)[-1]
-    return base.startswith("pages-") and base.endswith(".img")
+    return pagecrc.is_pages_file(name)
+
+
+def _mismatch(name: str, meta: dict, got: str) -> str:
+    if "sha256" in meta:
+        return f"{name} does not match its sha256 (altered or damaged)"
+    i = pagecrc.first_bad_block(got, meta[pagecrc.KEY])
+    return (f"{name} does not match its crc32 at block {i} (bytes {i * pagecrc.BLOCK}-"
+            f"{min(meta['size'], (i + 1) * pagecrc.BLOCK) - 1}): altered or damaged")
 
 
 class ImageReader:
     """An image opened for restore or show, checked as engine/imagecheck.py
     says (owner, permissions, no symlinks; `image-unsafe`). ``verify()``
-    reads every file once through its fd, checks its sha256 against the
+    reads every file once through its fd, checks its digest against the
     manifest and that nothing was added or removed, and keeps the bytes:
     ``read_bytes``/``data`` then give exactly what was verified."""
 
@@ -384,9 +407,10 @@ class ImageReader:
             fmt = self.manifest["format"]
         except (ValueError, KeyError, TypeError, RecursionError) as e:
             raise Refusal("image-invalid", f"unreadable manifest: {e}") from e
-        if fmt != FORMAT_VERSION:
-            raise Refusal("image-invalid", f"image format {fmt}, this engine reads format {FORMAT_VERSION}")
-        imagecheck.check_manifest_files(files)
+        if type(fmt) is not int or fmt not in READ_FORMATS:
+            raise Refusal("image-invalid", f"image format {fmt}, this engine reads formats "
+                          f"{', '.join(map(str, READ_FORMATS))}")
+        imagecheck.check_manifest_files(files, crc_ok=fmt >= 6)
         for key, typ in (("arch", str), ("kernel", str), ("meta", dict)):
             if key in self.manifest and not isinstance(self.manifest[key], typ):
                 raise Refusal("image-invalid", f"manifest {key} is not a {typ.__name__}")
@@ -408,7 +432,8 @@ class ImageReader:
         return imagecheck.scan(self.fd, self.dir)
 
     def verify(self, threads: int = 2) -> None:
-        """Every file present, of the recorded size and sha256; no extras;
+        """Every file present, of the recorded size and digest (sha256, or
+        for a pages file a CRC-32 per block); no extras;
         each read once into memory and kept. The files are read and hashed
         in `threads` threads (reads and hashlib release the GIL), largest
         first. Raises Refusal(image-invalid, image-unsafe)."""
@@ -429,7 +454,7 @@ class ImageReader:
                 raise bad(f"{name} is {present[name].st_size} bytes, manifest says {meta['size']}")
 
         def load(name: str):
-            h = sha256()
+            h = pagecrc.BlockCRC() if pagecrc.KEY in self.files[name] else sha256()
             buf = imagecheck.read_file(self.fd, name, self.dir, want_size=self.files[name]["size"],
                                        expect=present[name], hasher=h,
                                        leases=self._leases if _leasable(name) else None)
@@ -459,8 +484,9 @@ class ImageReader:
                 continue
             name, buf, got = res
             self._data[name] = buf
-            if got != self.files[name]["sha256"] and failed is None:
-                failed = bad(f"{name} does not match its sha256 (altered or damaged)")
+            meta = self.files[name]
+            if got != meta.get("sha256", meta.get(pagecrc.KEY)) and failed is None:
+                failed = bad(_mismatch(name, meta, got))
         if failed is not None:
             self.close()
             raise failed

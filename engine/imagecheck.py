@@ -397,8 +397,11 @@ def lease_held(fd: int) -> bool:
         return False
 
 
-def check_manifest_files(files) -> None:
-    """The file table: valid names, {sha256: 64 hex, size: int >= 0}."""
+def check_manifest_files(files, crc_ok: bool = True) -> None:
+    """The file table: valid names, {sha256: 64 hex, size: int >= 0}, or for
+    a pages file (format 6, `crc_ok`) {crc32: 8 hex per 1 MiB block, size}
+    instead (engine/pagecrc.py). Exactly one digest per file."""
+    from . import pagecrc
     if not isinstance(files, dict):
         raise invalid("manifest has no file table")
     if len(files) > MAX_FILES:
@@ -406,9 +409,16 @@ def check_manifest_files(files) -> None:
     for name, meta in files.items():
         if not valid_name(name) or name == "manifest.json":
             raise invalid(f"manifest names a file {name!r}: not a plain relative name inside the image")
-        if (not isinstance(meta, dict) or not isinstance(meta.get("sha256"), str)
-                or not _hex_digits(meta["sha256"], 64) or not isinstance(meta.get("size"), int)
+        if (not isinstance(meta, dict) or not isinstance(meta.get("size"), int)
                 or isinstance(meta.get("size"), bool) or meta["size"] < 0):
+            raise invalid(f"manifest entry for {name} is malformed")
+        if "sha256" in meta:
+            ok = pagecrc.KEY not in meta and isinstance(meta["sha256"], str) and _hex_digits(meta["sha256"], 64)
+        else:
+            crc = meta.get(pagecrc.KEY)
+            ok = (crc_ok and pagecrc.is_pages_file(name) and isinstance(crc, str)
+                  and _hex_digits(crc, 8 * pagecrc.nblocks(meta["size"])) and not crc.endswith("\n"))
+        if not ok:
             raise invalid(f"manifest entry for {name} is malformed")
 
 

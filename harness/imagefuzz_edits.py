@@ -323,7 +323,9 @@ def _edits() -> List[Tuple[str, Callable]]:
         if w == 0:
             m["files"][name]["size"] = rng.choice([-1, True, "10", 1 << 70])
         elif w == 1:
-            m["files"][name]["sha256"] = m["files"][name]["sha256"].upper()
+            e = m["files"][name]
+            key = "sha256" if "sha256" in e else "crc32"     # a pages file's digest: engine/pagecrc.py
+            e[key] = e[key].upper()
         elif w == 2:
             m["format"] = rng.choice([0, 999, "1", None])
         elif w == 3:
@@ -408,6 +410,7 @@ def reseal(img: str, manifest: dict, changed: List[str]) -> None:
             data = f.read()
         if isinstance(manifest.get("files"), dict) and name in manifest["files"] \
                 and isinstance(manifest["files"][name], dict):
+            manifest["files"][name].pop("crc32", None)     # a pages file may carry a sha256 instead
             manifest["files"][name].update(sha256=hashlib.sha256(data).hexdigest(), size=len(data))
     with open(os.path.join(img, MANIFEST), "w") as f:
         f.write(json.dumps(manifest, indent=1, sort_keys=True))

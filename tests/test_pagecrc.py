@@ -1,0 +1,172 @@
+"""Pages files carry a CRC-32 per 1 MiB block (image format 6,
+engine/pagecrc.py): a single damaged byte anywhere is refused, the damaged
+block is named, the entry's shape is checked, and format 5 images (sha256
+of the whole pages file) are still read."""
+
+import hashlib
+import json
+import os
+import zlib
+
+import pytest
+
+from engine import imagecheck, pagecrc
+from engine.errors import Refusal
+from engine.image import MANIFEST, ImageReader, ImageWriter
+
+B = pagecrc.BLOCK
+SIZE = 3 * B + 5 * 4096         # four blocks, the last one short
+PAGES = "pages-000.img"
+
+
+def _data() -> bytes:
+    return bytes((i * 7 + i // 4096) & 0xFF for i in range(SIZE))
+
+
+def _write(tmp_path, name="img", pieces=(4096, B, 3 * 4096 + 1)) -> str:
+    """An image with one pages file written in pieces that straddle blocks."""
+    d = str(tmp_path / name)
+    data = _data()
+    with ImageWriter(d) as w:
+        w.write_json("core.json", {"x": 1})
+        with w.open(PAGES) as f:
+            pos, i = 0, 0
+            while pos < len(data):
+                k = pieces[i % len(pieces)]
+                f.write(data[pos:pos + k])
+                pos, i = pos + k, i + 1
+        w.commit()
+    return d
+
+
+def _manifest(d) -> dict:
+    with open(os.path.join(d, MANIFEST)) as f:
+        return json.load(f)
+
+
+def _put_manifest(d, man) -> None:
+    with open(os.path.join(d, MANIFEST), "w") as f:
+        json.dump(man, f)
+
+
+def test_the_entry_is_a_crc_per_block_whatever_the_write_sizes(tmp_path):
+    data = _data()
+    want = "".join(f"{zlib.crc32(data[i:i + B]):08x}" for i in range(0, SIZE, B))
+    for n, pieces in enumerate([(SIZE,), (1,) * 7 + (B - 7,), (4096, B, 3 * 4096 + 1), (B,)]):
+        d = _write(tmp_path, f"img{n}", pieces)
+        entry = _manifest(d)["files"][PAGES]
+        assert entry == {"crc32": want, "size": SIZE}
+        assert "sha256" in _manifest(d)["files"]["core.json"]
+        assert _manifest(d)["format"] == 6
+        r = ImageReader(d)
+        r.verify()
+        assert bytes(r.data(PAGES)) == data
+        r.close()
+
+
+@pytest.mark.parametrize("copied", [False, True], ids=["leased-map", "copied"])
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+def test_one_flipped_byte_in_any_block_is_refused(tmp_path, monkeypatch, where, copied):
+    if copied:      # the path taken where no lease can be had (overlayfs, NFS...)
+        monkeypatch.setattr(imagecheck, "map_leased", lambda fd, size, hasher=None: None)
+    d = _write(tmp_path)
+    off = {"first": 0, "middle": 2 * B + 12345, "last": SIZE - 1}[where]
+    block = off // B
+    fd = os.open(os.path.join(d, PAGES), os.O_RDWR)
+    try:
+        os.pwrite(fd, bytes([os.pread(fd, 1, off)[0] ^ 0x10]), off)
+    finally:
+        os.close(fd)
+    with pytest.raises(Refusal) as ei:
+        ImageReader(d).verify()
+    assert ei.value.reason == "image-invalid"
+    assert f"{PAGES} does not match its crc32 at block {block} " in ei.value.message
+
+
+def test_truncated_or_grown_pages_file_is_refused(tmp_path):
+    d = _write(tmp_path)
+    os.truncate(os.path.join(d, PAGES), SIZE - 4096)
+    with pytest.raises(Refusal, match="manifest says") as ei:
+        ImageReader(d).verify()
+    assert ei.value.reason == "image-invalid"
+
+
+def _reject(d, match="malformed"):
+    with pytest.raises(Refusal, match=match) as ei:
+        ImageReader(d).verify()
+    assert ei.value.reason == "image-invalid"
+
+
+@pytest.mark.parametrize("edit", ["short", "long", "upper", "int-list", "both", "none", "newline"])
+def test_a_malformed_crc_entry_is_refused(tmp_path, edit):
+    d = _write(tmp_path)
+    man = _manifest(d)
+    e = man["files"][PAGES]
+    crc = e["crc32"]
+    if edit == "short":
+        e["crc32"] = crc[:-8]           # one block fewer: the last block would go unchecked
+    elif edit == "long":
+        e["crc32"] = crc + "00000000"
+    elif edit == "upper":
+        e["crc32"] = crc.upper()
+    elif edit == "int-list":
+        e["crc32"] = [int(crc[i:i + 8], 16) for i in range(0, len(crc), 8)]
+    elif edit == "both":
+        e["sha256"] = "0" * 64
+    elif edit == "none":
+        del e["crc32"]
+    else:
+        e["crc32"] = crc + "\n"
+    _put_manifest(d, man)
+    _reject(d)
+
+
+def test_a_crc_on_a_file_other_than_pages_is_refused(tmp_path):
+    """The records keep their sha256: only the bulk of the image is CRC'd."""
+    d = _write(tmp_path)
+    man = _manifest(d)
+    data = open(os.path.join(d, "core.json"), "rb").read()
+    man["files"]["core.json"] = {"crc32": f"{zlib.crc32(data):08x}", "size": len(data)}
+    _put_manifest(d, man)
+    _reject(d)
+
+
+def _as_format_5(d) -> dict:
+    man = _manifest(d)
+    man["format"] = 5
+    with open(os.path.join(d, PAGES), "rb") as f:
+        man["files"][PAGES] = {"sha256": hashlib.sha256(f.read()).hexdigest(), "size": SIZE}
+    _put_manifest(d, man)
+    return man
+
+
+def test_a_format_5_image_is_read_with_its_sha256(tmp_path):
+    d = _write(tmp_path)
+    _as_format_5(d)
+    r = ImageReader(d)
+    r.verify()
+    assert bytes(r.data(PAGES)) == _data()
+    r.close()
+    fd = os.open(os.path.join(d, PAGES), os.O_RDWR)
+    os.pwrite(fd, b"\xff", SIZE // 2)
+    os.close(fd)
+    _reject(d, "does not match its sha256")
+
+
+def test_format_5_has_no_crc_entries(tmp_path):
+    d = _write(tmp_path)
+    man = _manifest(d)
+    man["format"] = 5
+    _put_manifest(d, man)
+    _reject(d)
+
+
+@pytest.mark.parametrize("fmt", [4, 7, 5.0, "6", True])
+def test_other_formats_are_refused_naming_those_read(tmp_path, fmt):
+    d = _write(tmp_path)
+    man = _manifest(d)
+    man["format"] = fmt
+    _put_manifest(d, man)
+    with pytest.raises(Refusal, match=r"this engine reads formats 5, 6") as ei:
+        ImageReader(d)
+    assert ei.value.reason == "image-invalid"
