@@ -101,7 +101,10 @@ class PageDumper:
             return
         from . import parallel
         files = [self.image.open_pages(page_file_name(i)) for i in range(len(self.plan))]
-        units = self.units()
+        # Across the files first (each file's first unit, then each one's
+        # second...): two threads then write two files, not one (a write
+        # holds its file's lock: the other thread would wait for it).
+        units = sorted(self.units(), key=lambda u: (u[1], u[0]))
         # No bigger than the largest unit: a small process's few pages must
         # not pay for faulting in and zeroing a larger buffer.
         bufsize = min(STEP, max(sum(n for _, n, _ in pieces) for _, _, pieces in units))
