@@ -271,14 +271,24 @@ def apply(pid: int, rec: dict) -> None:
         raise Refusal("sched", f"CPU affinity {cpu_list(rec['affinity'])} became {cpu_list(list(got_cpus))}", pid=pid)
     _apply_ioprio(pid, rec)
     try:
-        _write_int(f"/proc/{pid}/oom_score_adj", rec["oom_score_adj"])
+        got_adj = _write_and_reread(f"/proc/{pid}/oom_score_adj", rec["oom_score_adj"])
     except OSError as e:
         raise Refusal("capability", f"oom_score_adj {rec['oom_score_adj']}: {e.strerror}", pid=pid) from None
     # After the policy: a change of policy resets the slack (RT tasks have none).
-    _write_int(f"/proc/{pid}/timerslack_ns", rec["timerslack_ns"])
-    got_slack = _read_int(f"/proc/{pid}/timerslack_ns")
-    if (_read_int(f"/proc/{pid}/oom_score_adj"), got_slack) != (rec["oom_score_adj"], rec["timerslack_ns"]):
-        raise Refusal("sched", f"oom_score_adj/timer slack read back as {rec['oom_score_adj']}/{got_slack}", pid=pid)
+    got_slack = _write_and_reread(f"/proc/{pid}/timerslack_ns", rec["timerslack_ns"])
+    if (got_adj, got_slack) != (rec["oom_score_adj"], rec["timerslack_ns"]):
+        raise Refusal("sched", f"oom_score_adj/timer slack read back as {got_adj}/{got_slack}", pid=pid)
+
+
+def _write_and_reread(path: str, value: int) -> int:
+    """Write `value`, then read what the file shows, through one
+    descriptor (a separate open each was twice the calls). Raises OSError."""
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        os.write(fd, f"{value}\n".encode())
+        return _reread_int(fd)
+    finally:
+        os.close(fd)
 
 
 def _apply_ioprio(pid: int, rec: dict) -> None:

@@ -59,7 +59,11 @@ from typing import Any, Dict, List, Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 #: the guest scripts a ``script`` request may name, and their entry points
-SCRIPTS = {"workload.py": "main", "world.py": "_main", "mutants.py": "main"}
+SCRIPTS = {"workload.py": "main", "world.py": "_main", "mutants.py": "main",
+           # a program scenario's spawn, insession and after (harness/programrun.py):
+           # exec'd, each paid python3's start and its imports (subprocess, socket,
+           # re, hashlib: ~0.5 s under TCG)
+           "program.py": "main"}
 OUTPUT_LIMIT = 64 << 20
 #: the warm engine (loaded by preload; its note says why it is off)
 ZYGOTE = None

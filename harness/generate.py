@@ -677,7 +677,22 @@ def draw(rng: random.Random, migrate: bool = False) -> dict:
         sc["dump"] = dict(sc.get("dump") or {}, leave_running=True)
     if migrate and rng.random() < 0.15 and all(kinds.kind_of(e) in MIGRATABLE for e in g.fds):
         sc["restore_on"] = "other"
+    # Last, so that every earlier draw of a seed stays what it was.
+    if rng.random() < 0.15:
+        sc["workload"].setdefault("process", {})["attrs"] = _attrs(rng)
     return sc
+
+
+def _attrs(rng) -> dict:
+    """Some of workload.process.attrs (scenarios/process/attrs.yaml: each is
+    restored as set)."""
+    choices = {"ioprio": lambda: rng.choice(("idle", "none", f"best-effort:{rng.randrange(8)}")),
+               "coredump_filter": lambda: rng.randrange(0x200),
+               "thp_disable": lambda: rng.random() < 0.5, "child_subreaper": lambda: rng.random() < 0.5,
+               "keep_caps": lambda: rng.random() < 0.5, "mce_kill": lambda: rng.choice(("early", "late")),
+               "dumpable": lambda: rng.random() < 0.5}
+    keys = rng.sample(sorted(choices), rng.choice((1, 2, 3)))
+    return {k: choices[k]() for k in sorted(keys)}
 
 
 def _describe(sc: dict) -> str:

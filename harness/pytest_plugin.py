@@ -175,6 +175,7 @@ class ScenarioItem(pytest.Item):
         t0 = time.monotonic()
         try:
             target = crucible.primary()
+            revert_s = crucible.revert_s
             res = runner.run_scenario(self.scenario, self.sid, engine, target,
                                       other=crucible.other if crucible.can_migrate else None,
                                       scale=self.config.getoption("guest_timeout_scale"))
@@ -191,6 +192,8 @@ class ScenarioItem(pytest.Item):
         row["kernel"] = target.kernel
         self.expect = expect
         verdict = runner.judge(expect, res, strict=engine.strict)
+        if revert_s is not None:    # part of the scenario's duration no step holds
+            res.timings["revert"] = revert_s
         row.update(outcome=res.outcome, got=runner.outcome_text(res), passed=verdict.passed, note=verdict.note,
                    duration=round(time.monotonic() - t0, 2), timings=res.timings, detail=res.detail,
                    engine_start=sorted(set(res.engine_start) - {""}), workload_start=res.workload_start,
@@ -382,6 +385,9 @@ class Crucible:
         self._guests: list = []
         self._dirty: Dict[int, bool] = {}
         self._prep: List[Dict] = []
+        #: seconds the primary target's last reset took (its revert to the
+        #: golden snapshot; None: booted, or not reset): the row's ``revert``
+        self.revert_s: Optional[float] = None
         wi = getattr(config, "workerinput", None)
         self.worker = wi["workerid"] if wi else "gw0"
         self.is_worker = wi is not None
@@ -409,11 +415,14 @@ class Crucible:
     def _fresh(self, t: Target, suffix: str) -> Target:
         """Revert a used guest to its golden snapshot before the next scenario;
         a guest that died or cannot revert is replaced by a new one."""
+        self.revert_s = None
         if self._dirty.get(id(t)):
             try:
                 if isinstance(t, GuestTarget) and not t.guest.alive():
                     raise HarnessError(f"guest {t.name} is not alive")
+                t0 = time.monotonic()
                 t.reset()
+                self.revert_s = round(time.monotonic() - t0, 3)
             except Exception as e:
                 print(f"\ncrucible: guest {t.name} could not be reset ({e}); booting a new one")
                 self._drop(t)

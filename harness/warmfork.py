@@ -14,13 +14,17 @@ image the engine dumps and restores (11.4 MB against an exec'd workload's
 3.5 MB in a TCG guest: dump +0.7 s and restore +0.5 s, against 0.16 s
 saved at the start; medians of 5 alternating pairs).
 
-Off by default (the runner passes ``--exec`` unless ``CRUCIBLE_WARM_WORKLOAD=1``
-on the host), for speed alone: judged clean (427 scenario runs with it on in TCG
-guests, none corrupted), but a fork of the seed still holds 5.2 MB of
-anonymous memory against the exec'd workload's 3.5 MB (this module, the
-seed's import garbage kept by its untrimmed heap), and in alternating pairs
-from the golden snapshot the 0.3-0.5 s its start saves went back to the
-dump (+0.04-0.2 s) and the restore (+0.25-0.36 s).
+On by default (the runner passes ``--exec`` when ``CRUCIBLE_WARM_WORKLOAD=0``).
+It was opt-in while a fork of the seed held 5.2 MB of anonymous memory
+against the exec'd workload's 3.5 MB, and the dump and restore gave back
+what its start saved. Most of that was one import: the warm path's
+``import traceback`` (linecache, tokenize, textwrap, contextlib: ~0.15 s
+under TCG and their objects in every image), now imported on a failure
+only. Compared by /proc/PID/smaps in a TCG guest (pipe/empty): 4.4 MB warm
+against 4.2 MB exec'd; in alternating pairs from the golden snapshot,
+ready 0.31 s against 0.67 s, dump and restore +0.03 s each. Judged clean
+before (427 scenario runs with it on, none corrupted; every mutant killed
+warm as exec'd).
 
 What a fresh exec would have, and how the fork gets it:
 

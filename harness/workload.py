@@ -224,7 +224,14 @@ class Proof:
     them in its verdict.
     """
 
-    TICK = 0.05          # seconds
+    #: seconds. The harness's snapshot of the process must fall between two
+    #: ticks (procstate.quiet_snapshot), and a whole snapshot takes 30-90 ms
+    #: in a TCG guest (more with many fds or a loaded host): at 0.05 s most
+    #: first tries straddled a tick and the snapshot was taken up to three
+    #: times over, before the dump and again after the restore. Any tick
+    #: proves continuation: the image older than the dump that the
+    #: older-image mutant restores is still ticks behind the witness.
+    TICK = 0.25
 
     def __init__(self, ctldir: str, witness: bool):
         self.secret = ctypes.create_string_buffer(os.urandom(32), 32)
@@ -439,7 +446,7 @@ def spawn(spec_path: str, phases: List[str] = ()) -> int:
     """
     import json
     warmfork = _sibling("warmfork")
-    cold = "exec requested (CRUCIBLE_WARM_WORKLOAD is not 1)" if "exec" in phases else \
+    cold = "exec requested (CRUCIBLE_WARM_WORKLOAD=0)" if "exec" in phases else \
         ("" if warmfork.agent_fork(globals()) else "not in a fork of the agent")
     cold = cold or warmfork.why_cold()
     with open(spec_path) as f:
@@ -522,13 +529,16 @@ def _run_warm(argv: List[str], spec_path: str) -> None:  # pragma: no cover - th
     """Become the exec'd workload (harness/warmfork.py) and run; return
     (to exec it instead) when something cannot be made identical."""
     global START
-    import traceback
+    # traceback only on a failure: imported here it cost every warm start
+    # ~0.15 s under TCG (linecache, tokenize, textwrap, contextlib) and put
+    # those modules in every image the engine dumps and restores
     warmfork = _sibling("warmfork")
     try:
         warmfork.become(argv)
     except warmfork.Cold:
         return          # nothing of the workload ran yet: the exec starts it afresh
     except BaseException:   # noqa: BLE001 - a bug of the warm start: said in the ready file, not hidden by an exec
+        import traceback
         with open(spec_path) as f:
             ready = jsonio.load(f)["ready"]
         write_json(ready, {"pid": os.getpid(), "helpers": [], "error": "warm start: " + traceback.format_exc()})
@@ -538,6 +548,7 @@ def _run_warm(argv: List[str], spec_path: str) -> None:  # pragma: no cover - th
     try:
         code = run(spec_path)
     except BaseException:   # noqa: BLE001 - as the interpreter's top level would print it
+        import traceback
         traceback.print_exc()
     for stream in (sys.stdout, sys.stderr):
         try:

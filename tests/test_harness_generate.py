@@ -72,6 +72,7 @@ def test_generation_covers_the_vocabulary():
             "unlinked-too-large"} <= outcomes
     assert any(sc.get("mmaps") or sc["workload"].get("mmaps") for sc in cases)
     assert any((sc.get("dump") or {}).get("leave_running") for sc in cases)
+    assert any((sc["workload"].get("process") or {}).get("attrs") for sc in cases)
 
 
 def test_restore_on_other_only_with_guests():

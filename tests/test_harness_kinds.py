@@ -151,7 +151,9 @@ def test_the_exec_workload_imports_only_what_run_needs(tmp_path):
             "setup": [{"file": {"path": "data", "bytes": 65536, "seed": 1}}, {"dir": {"path": "d"}}],
             "before_dump": [], "between": [],
             "fds": [{"fd": 3, "open": "data", "mode": "r", "seek": 4096}, {"fd": 4, "open": "data", "mode": "a"},
-                    {"fd": 5, "dup": 3}, {"fd": 6, "dir": "d"}, {"fd": 7, "device": "/dev/null"}],
+                    {"fd": 5, "dup": 3}, {"fd": 6, "dir": "d"}, {"fd": 7, "device": "/dev/null"},
+                    # kinds that once imported signal (its enums: enum, functools, collections)
+                    {"pipe": {"read": 8, "write": 9}}, {"fd": 10, "signalfd": {"signals": ["SIGUSR2", "SIGRTMIN"]}}],
             "mmaps": [{"file": "data", "length": 8192, "prot": "rw", "dirty": {"bytes": 100, "seed": 2}},
                       {"anon": True, "length": 4096, "seed": 3}],
             "process": {"umask": 0o027}}
@@ -173,11 +175,12 @@ def test_the_exec_workload_imports_only_what_run_needs(tmp_path):
                        env=env, cwd="/", preexec_fn=pending_sigusr1)
     assert r.returncode == 0, r.stderr[-2000:]
     ready = json.loads((root / "c/ready.json").read_text())
-    assert "error" not in ready and ready["fds"] == [0, 1, 2, 3, 4, 5, 6, 7], ready
+    assert "error" not in ready and ready["fds"] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10], ready
     verdict = json.loads((root / "c/verdict.json").read_text())
     assert verdict["ok"], failed(verdict)
     modules = set(listing.read_text().split())
-    assert {"workload", "kinds.openfile", "kinds.dup", "kinds.directory", "kinds.device", "records"} <= modules
+    assert {"workload", "kinds.openfile", "kinds.dup", "kinds.directory", "kinds.device", "kinds.pipe",
+            "kinds.outside", "kinds.signalfd", "records"} <= modules
     assert sorted(modules & set(NOT_IN_THE_WORKLOAD)) == []
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -278,3 +279,36 @@ def test_spawn_reports_a_workload_that_cannot_start(tmp_path):
     while workload.pidstate(out["pid"])["exists"] and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not workload.pidstate(out["pid"])["exists"]
+
+
+def test_the_image_digest_sees_every_change_a_refused_restore_could_make(tmp_path):
+    """world.digest_tree (the image before a restore; a refused restore must
+    leave it as it was): one byte, a file's mode, a file added or renamed,
+    each changes it; a byte-for-byte copy does not."""
+    img = tmp_path / "img"
+    (img / "sub").mkdir(parents=True)
+    (img / "pages-000.img").write_bytes(bytes(range(256)) * 4096)
+    (img / "sub" / "core.json").write_text('{"pid": 1}')
+    base = world.digest_tree(str(img))
+    copy = tmp_path / "copy"
+    shutil.copytree(img, copy)
+    assert world.digest_tree(str(copy)) == base and len(base) == 2
+
+    def changed(edit) -> bool:
+        shutil.rmtree(copy)
+        shutil.copytree(img, copy)
+        edit(copy)
+        return world.digest_tree(str(copy)) != base
+
+    def flip(d):
+        with open(d / "pages-000.img", "r+b") as f:
+            f.seek(700001)
+            b = f.read(1)
+            f.seek(700001)
+            f.write(bytes([b[0] ^ 1]))
+    assert changed(flip)
+    assert changed(lambda d: os.chmod(d / "sub" / "core.json", 0o600 if os.stat(d / "sub" / "core.json").st_mode & 0o44
+                                      else 0o644))
+    assert changed(lambda d: (d / "extra").write_bytes(b""))
+    assert changed(lambda d: os.rename(d / "sub" / "core.json", d / "sub" / "core2.json"))
+    assert changed(lambda d: (d / "pages-000.img").write_bytes((d / "pages-000.img").read_bytes()[:-1]))

@@ -10,8 +10,10 @@ gets its PID only then, so nothing is dumped before the outsider exists."""
 from __future__ import annotations
 
 import os
-import signal
 import time
+# the C module the signal package wraps: signal's enums cost the workload's
+# start (enum, functools, collections) ~0.1 s under TCG (harness/workload.py)
+import _signal as signal
 
 TYPE_CHECKING = False   # annotations only (typing: ~2 ms a workload start, x10 under TCG)
 if TYPE_CHECKING:

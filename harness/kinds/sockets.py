@@ -375,7 +375,7 @@ def _pair_from_exited_child():
 def _pair_from_outside(ctx: Ctx):
     """A socketpair made by a process that stays alive outside the dump (a
     double fork, as pipe._spawn_holder), handed back."""
-    import signal
+    import _signal as signal
     chan, far = socket.socketpair()
     child = os.fork()
     if child == 0:  # pragma: no cover - child
