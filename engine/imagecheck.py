@@ -262,7 +262,7 @@ def valid_name(name) -> bool:
 
 def read_file(dfd: int, name: str, root: str, *, want_size: Optional[int] = None,
               expect: Optional[os.stat_result] = None, limit: Optional[int] = None,
-              hasher=None, leases: Optional[dict] = None):
+              hasher=None, leases: Optional[dict] = None, populate: bool = True):
     """The bytes of image file `name`, read once through an fd opened with
     open_beneath and checked like the scan checked it (the same inode,
     a regular file of the caller's, not writable by others). Small files
@@ -271,7 +271,9 @@ def read_file(dfd: int, name: str, root: str, *, want_size: Optional[int] = None
     `hasher`: updated with every piece just read, while it is still in the
     CPU cache (a second pass over a 64 MiB file reads it back from memory).
     `leases` (a dict): a big file that can be leased is not copied but
-    mapped (map_leased), its fd kept in leases[name] for Lease checks."""
+    mapped (map_leased), its fd kept in leases[name] for Lease checks;
+    `populate`=False leaves its pages to be faulted in by the caller (who
+    hashes it by pieces on several threads, image.ImageReader.verify)."""
     shown = f"{root}/{name}"
     try:
         fd = open_beneath(dfd, name)
@@ -295,7 +297,7 @@ def read_file(dfd: int, name: str, root: str, *, want_size: Optional[int] = None
         if limit is not None and size > limit:
             raise invalid(f"{name} is {size} bytes, more than {limit}")
         if leases is not None and size >= BIG:
-            buf = map_leased(fd, size, hasher)
+            buf = map_leased(fd, size, hasher, populate)
             if buf is not None:
                 leases[name] = fd
                 fd = -1         # kept open: the lease is checked through it (Lease)
@@ -351,7 +353,7 @@ HASH_STEP = 1 << 20
 LEASE_STEP = 8 << 20
 
 
-def map_leased(fd: int, size: int, hasher=None):
+def map_leased(fd: int, size: int, hasher=None, populate: bool = True):
     """fd's file mapped private under a read lease, hashed into `hasher`; None
     when no lease can be had (a writer has it open, a file system not in
     LEASE_FS, leases disabled by sysctl): the caller copies the file then."""
@@ -371,7 +373,8 @@ def map_leased(fd: int, size: int, hasher=None):
         # a writable private mapping, i.e. copy every page.
         buf = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         try:
-            buf.madvise(MADV_POPULATE_READ)
+            if populate:
+                buf.madvise(MADV_POPULATE_READ)
         except OSError:
             pass    # before 5.14: the hashing faults the pages in
         if hasher is not None:
