@@ -438,8 +438,7 @@ class Builder:
         /proc/PID/limits (as the dump reads them) instead of 16 prlimit
         calls; where that file cannot be parsed, one prlimit each."""
         try:
-            with open(f"/proc/{self.pid}/limits") as f:
-                have = [tuple(x) for x in procfs.parse_limits(f.read())]
+            have = [tuple(x) for x in procfs.parse_limits(procfs.read_all(f"/proc/{self.pid}/limits").decode())]
         except (OSError, ValueError):
             have = []
         for i, (cur, mx) in enumerate(self.job.core["rlimits"]):

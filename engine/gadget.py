@@ -52,8 +52,8 @@ def place_gadget(b, busy: List[Tuple[int, int]]) -> None:
     busy = list(busy)
     size = gadget_size(b.arch)
     from .procfs import parse_maps
-    with open(f"/proc/{b.pid}/maps") as f:
-        lines = f.read().splitlines()
+    from .procfs import read_all
+    lines = read_all(f"/proc/{b.pid}/maps").decode("utf-8", "surrogateescape").splitlines()
     for ln in lines:
         lo, _, rest = ln.partition("-")
         hi = int(rest[:rest.index(" ")], 16)

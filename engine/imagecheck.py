@@ -476,9 +476,9 @@ def _int(v) -> bool:
 
 
 def _sysctl(path: str, default: int) -> int:
+    from .procfs import read_all     # no text file object: half the syscalls
     try:
-        with open(path) as f:
-            return int(f.read().split()[0])
+        return int(read_all(path).split()[0])
     except (OSError, ValueError, IndexError):
         return default
 
@@ -749,9 +749,10 @@ def _task_size() -> int:
     """The top of user address space: 47 bits on x86_64 (56 with 5-level
     paging), at most 52 on aarch64."""
     if os.uname().machine == "x86_64":
+        from .procfs import read_all
         try:
-            with open("/proc/cpuinfo") as f:
-                la57 = any(line.startswith("flags") and " la57" in line for line in f)
+            la57 = any(line.startswith(b"flags") and b" la57" in line
+                       for line in read_all("/proc/cpuinfo").splitlines())
         except OSError:
             la57 = True
         return (1 << 56) if la57 else (1 << 47) - 4096

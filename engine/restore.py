@@ -168,8 +168,8 @@ def _my_special_block() -> List[tuple]:
     if _MY_SPECIAL.get("pid") != pid:
         # Only the special lines parsed: ckpt's maps are ~150 lines, each
         # parsed line dear under TCG.
-        with open("/proc/self/maps") as f:
-            lines = [ln for ln in f.read().splitlines() if ln.endswith(SPECIAL_MAPPINGS)]
+        text = procfs.read_all("/proc/self/maps").decode("utf-8", "surrogateescape")
+        lines = [ln for ln in text.splitlines() if ln.endswith(SPECIAL_MAPPINGS)]
         _MY_SPECIAL["block"] = _special_block(procfs.parse_maps("\n".join(lines)))
         _MY_SPECIAL["pid"] = pid
     return _MY_SPECIAL["block"]

@@ -187,17 +187,15 @@ def parse_cpu_list(text: str) -> List[int]:
 def allowed_cpus() -> List[int]:
     """The CPUs a process created here may be bound to: the restorer's
     cgroup's effective cpuset (cgroup v2), else every online CPU."""
+    from .procfs import read_all     # no text file objects: half the syscalls
     try:
-        with open("/proc/self/cgroup") as f:
-            for line in f:
-                if line.startswith("0::"):
-                    path = "/sys/fs/cgroup" + line[3:].strip()
-                    with open(os.path.join(path, "cpuset.cpus.effective")) as g:
-                        return parse_cpu_list(g.read())
+        for line in read_all("/proc/self/cgroup").decode("utf-8", "surrogateescape").splitlines():
+            if line.startswith("0::"):
+                path = "/sys/fs/cgroup" + line[3:].strip()
+                return parse_cpu_list(read_all(os.path.join(path, "cpuset.cpus.effective")).decode())
     except OSError:
         pass
-    with open("/sys/devices/system/cpu/online") as f:
-        return parse_cpu_list(f.read())
+    return parse_cpu_list(read_all("/sys/devices/system/cpu/online").decode())
 
 
 def _my_caps() -> int:

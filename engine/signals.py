@@ -212,14 +212,13 @@ def cleared_actions() -> dict:
     are ignored: /proc/self/status SigIgn, read now (one file instead of
     62 rt_sigaction calls: each ~10x dearer under TCG). Call it just
     before the clone. Raises OSError."""
-    ign = 0
-    with open("/proc/self/status", "rb") as f:
-        for line in f.read().splitlines():
-            if line.startswith(b"SigIgn:"):
-                ign = int(line.split()[1], 16)
-                break
-        else:
-            raise OSError(0, "no SigIgn line in /proc/self/status")
+    from .procfs import read_all
+    for line in read_all("/proc/self/status").splitlines():
+        if line.startswith(b"SigIgn:"):
+            ign = int(line.split()[1], 16)
+            break
+    else:
+        raise OSError(0, "no SigIgn line in /proc/self/status")
     return {str(sig): [1 if ign >> (sig - 1) & 1 else 0, 0, 0, 0] for sig in ACTION_SIGNALS}
 
 
