@@ -35,7 +35,7 @@ TYPE_CHECKING = False   # annotations only: importing typing costs every run ~3 
 if TYPE_CHECKING:
     from typing import List, Optional
 
-from . import faults, libc, posixtimers, procattrs, ptrace, sched, seccomp, signals, threads
+from . import faults, libc, posixtimers, procattrs, procfs, ptrace, sched, seccomp, signals, threads
 from .arch import current as current_arch
 from .batch import Batch, Data
 from .gadget import HANDLER_SCRATCH, _free_gap, _maps, clone_with_pid, gadget_size, place_gadget  # noqa: F401
@@ -86,6 +86,8 @@ class Builder:
     """Rebuilds one process by syscall injection. Each stage raises
     SysError/EngineError (or Refusal); build() kills the process then."""
 
+    VDSO_NAMES = VDSO_NAMES
+
     def __init__(self, job, task: Task):
         self.job = job
         self.task = task
@@ -103,8 +105,11 @@ class Builder:
         self.timerslack: Optional[int] = None   # its current slack when known (set_timerslack)
         self.threads: List["Builder"] = []   # the other threads' builders (engine/threads.py)
         # The process's sigaction table as it is now, when known (a clone of
-        # the restorer: signals.own_actions() read just before the clone).
+        # the restorer made with CLONE_CLEAR_SIGHAND: signals.cleared_actions()).
         self.inherited_actions: Optional[dict] = None
+        # Its [vvar]/[vdso] blocks as place_gadget read them, until move_vdso
+        # queues their move (None: unknown, read /proc/PID/maps).
+        self.vdso_now: Optional[List[dict]] = None
         self.session_done = False
         # A tree member created with CLONE_FILES / CLONE_FS (engine/tree_restore.py):
         # its fd table / cwd and umask are its parent's, restored once, there.
@@ -170,18 +175,24 @@ class Builder:
         """Queued (a single process: one batch with the vdso moves and the
         mmaps; a tree's root runs it before it forks)."""
         keep = [(self.gadget, self.gadget + self.gadget_size)]
-        keep += [(v["start"], v["end"]) for v in _vdso_maps(self.pid)]
+        keep += [(v["start"], v["end"]) for v in self._vdso()]
         addr = 0
         for s, e in sorted(keep) + [(self.arch.TASK_SIZE, self.arch.TASK_SIZE)]:
             if s > addr:
                 self.pending.add("munmap", addr, s - addr)
             addr = max(addr, e)
 
+    def _vdso(self) -> List[dict]:
+        if self.vdso_now is None:
+            self.vdso_now = _vdso_maps(self.pid)
+        return self.vdso_now
+
     def move_vdso(self) -> None:
         # glibc cached vdso function addresses in the dumped memory: the vdso
         # must sit where it was. mremap of [vdso] is supported (it updates
         # mm->context.vdso: arch/x86/entry/vdso/vma.c vdso_mremap).
-        now = _vdso_maps(self.pid)
+        now = self._vdso()
+        self.vdso_now = None    # moved (or unmapped) by what is queued below
         want = [v for v in self.job.vmas if v["path"] in VDSO_NAMES]
         if not want:
             for v in now:
@@ -363,7 +374,7 @@ class Builder:
 
     def set_sigactions(self, acts: dict) -> None:
         """Only the actions that differ from what the process holds now
-        (`inherited_actions`: the restorer's table, copied by the clone;
+        (`inherited_actions`: the restorer's table as the clone cleared it;
         None: unknown, set them all). Setting an action to the value it
         already has changes nothing (no pending signal exists yet to be
         discarded), so a C program's restore injects a handful of
@@ -422,8 +433,15 @@ class Builder:
         self.call("setresuid", *c["uid"][:3])
 
     def limits(self) -> None:
+        """Only the limits the process does not hold already, read in one
+        /proc/PID/limits (as the dump reads them) instead of 16 prlimit
+        calls; where that file cannot be parsed, one prlimit each."""
+        try:
+            have = [tuple(x) for x in procfs.parse_limits(procfs.read_all(f"/proc/{self.pid}/limits").decode())]
+        except (OSError, ValueError):
+            have = []
         for i, (cur, mx) in enumerate(self.job.core["rlimits"]):
-            if libc.get_rlimit(self.pid, i) != (cur, mx):
+            if (have[i] if i < len(have) else libc.get_rlimit(self.pid, i)) != (cur, mx):
                 libc.set_rlimit(self.pid, i, cur, mx)
 
     def register_rseq(self) -> None:
@@ -488,7 +506,7 @@ def build(job) -> int:
     arch = current_arch()
     pid = job.core["pid"]
     sched.before_clone(job.core["sched"])   # the child's default timer slack
-    inherited = signals.own_actions()       # what the clone starts with
+    inherited = signals.cleared_actions()   # what the clone starts with (CLONE_CLEAR_SIGHAND)
     child, first_ip = clone_with_pid(pid, arch)
     task = Task.adopt(child)
     task.syscall_ip = first_ip

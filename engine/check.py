@@ -48,6 +48,7 @@ class Survey:
     proc: Optional[procfs.Proc] = None
     stat: dict = field(default_factory=dict)
     status: Dict[str, str] = field(default_factory=dict)
+    maps: Optional[List[dict]] = None                     # preflight's `maps`
 
     def ok(self, what: str, kind: str, detail: str = "") -> None:
         self.items.append({"what": what, "kind": kind, "verdict": "ok", "detail": detail})
@@ -212,8 +213,12 @@ def _check_restore_env(s: Survey, tree_member: bool = False, shell_job: bool = F
             theirs = procfs.parse_limits(s.proc.read("limits"))[:len(libc.RLIMIT_NAMES)]
         except (OSError, ValueError, Refusal):
             theirs = []
+        try:
+            mine = procfs.self_limits()
+        except (OSError, ValueError):
+            mine = []
         for i, (_, mx) in enumerate(theirs):
-            mymax = libc.get_rlimit(0, i)[1]
+            mymax = mine[i][1] if i < len(mine) else libc.get_rlimit(0, i)[1]
             if mx > mymax:
                 s.refuse(f"rlimit {libc.RLIMIT_NAMES[i]}", "process", Refusal(
                     "capability", f"RLIMIT_{libc.RLIMIT_NAMES[i]} hard limit {mx} is above ckpt's {mymax}; "
@@ -318,7 +323,7 @@ def _check_mapped_fs(map_files: str, path: str) -> None:
 def _check_vmas(s: Survey) -> None:
     flags = s.proc.vmflags()
     shmem_inodes: Dict[int, int] = {}
-    for vma in s.proc.maps():
+    for vma in (s.maps if s.maps is not None else s.proc.maps()):
         vma["flags"] = flags.get(vma["start"], [])
         what = f"mapping {vma['start']:x}-{vma['end']:x} {vma['perms']} {vma['path']}".rstrip()
         try:
@@ -373,10 +378,13 @@ def _check_fds(s: Survey, ctx: DumpContext) -> None:
         s.ok(what, kind, desc or kind)
 
 
-def preflight(pid: int, ctx: DumpContext, proc: procfs.Proc) -> Survey:
+def preflight(pid: int, ctx: DumpContext, proc: procfs.Proc, maps: Optional[List[dict]] = None) -> Survey:
     """Everything about the frozen process that can be judged without
-    injecting syscalls. Refusals are collected, not raised."""
+    injecting syscalls. Refusals are collected, not raised. `maps`: its
+    /proc/PID/maps as parsed since the freeze, when the caller has it
+    (nothing injected since: the same lines; one read and parse fewer)."""
     s = Survey(pid=pid, proc=proc)
+    s.maps = maps
     s.stat = proc.stat()
     s.status = proc.status()
     _check_process(s, ctx)
@@ -459,8 +467,7 @@ def features() -> List[str]:
     missing = []
     if kernel_version(os.uname().release) < MIN_KERNEL:
         missing.append(f"kernel >= {MIN_KERNEL[0]}.{MIN_KERNEL[1]} (this is {os.uname().release})")
-    status = procfs.parse_status(open("/proc/self/status").read())
-    eff = int(status.get("CapEff", "0"), 16)
+    eff = int(procfs.self_status().get("CapEff", "0"), 16)     # the memo the later checks read too
     if not (eff >> 21) & 1 and not (eff >> 40) & 1:
         missing.append("capability CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE")
     if not (eff >> 19) & 1:

@@ -121,13 +121,10 @@ def _options(args) -> Options:
 # The worker imports engine/dump.py and what it needs, not ckpt's own
 # process: ckpt only waits for its report, and a worker forked from a
 # process that had imported them all would copy, page by page, much of the
-# memory those imports made as it touched it (~1-2 ms of a small process's
-# dump on the host).
+# memory those imports made as it touched it (~240 page faults of a small
+# process's dump on the host). (A dump sha256's only small files since the
+# pages carry CRCs: OpenSSL's sha256 is not loaded, engine/sha256.py.)
 def dump(*args):
-    from . import sha256
-    # The image's pages file is sha256'd as it is written, while the target
-    # is frozen: OpenSSL's sha256 is loaded now (~2 ms), not in the freeze.
-    sha256.load_large()
     from .dump import dump
     return dump(*args)
 

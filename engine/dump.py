@@ -396,9 +396,11 @@ def dump_fds(s: Survey, ctx: DumpContext, shared: Optional[Dict[int, list]] = No
 # -- entry points --------------------------------------------------------------
 
 def _survey_frozen(pid: int, task: Task, ctx: DumpContext, proc: procfs.Proc):
+    maps = None     # preflight's too: nothing is injected before it reads them
     try:
+        maps = proc.maps()
         # Before the fd handlers' classify(), which may inject syscalls.
-        task.syscall_ip = _syscall_in_vdso(task, proc.maps())
+        task.syscall_ip = _syscall_in_vdso(task, maps)
     except Refusal:
         pass    # refused again, with the other findings, by injected_state()
     suspend = None
@@ -407,7 +409,7 @@ def _survey_frozen(pid: int, task: Task, ctx: DumpContext, proc: procfs.Proc):
             seccomp.suspend(task)       # before anything is injected
         except Refusal as r:
             suspend = r
-    s = preflight(pid, ctx, proc)
+    s = preflight(pid, ctx, proc, maps)
     if suspend is not None:
         s.refuse("seccomp", "credentials", suspend)
         return s, None, {}

@@ -26,6 +26,7 @@ from .libc import SysError
 
 PAGE = 4096
 MAP_PRIVATE, MAP_ANONYMOUS, MAP_FIXED_NOREPLACE = 0x02, 0x20, 0x100000
+CLONE_CLEAR_SIGHAND = 0x100000000     # linux/sched.h (5.5, as clone3's set_tid)
 HANDLER_SCRATCH = 2048    # offset in the gadget page of task.scratch
 BATCH_PAGES = 15          # the batch runner and its table, after the gadget page (engine/batch.py)
 
@@ -48,12 +49,26 @@ def place_gadget(b, busy: List[Tuple[int, int]]) -> None:
     `busy` (the image's mappings: of every member, for a tree, which
     inherits it through fork) and of what the process holds now, and
     write the gadget and the batch runner into it."""
+    busy = list(busy)
     size = gadget_size(b.arch)
-    busy = busy + [(v["start"], v["end"]) for v in _maps(b.pid) if v["end"] <= b.arch.TASK_SIZE]
+    from .procfs import parse_maps
+    from .procfs import read_all
+    lines = read_all(f"/proc/{b.pid}/maps").decode("utf-8", "surrogateescape").splitlines()
+    for ln in lines:
+        lo, _, rest = ln.partition("-")
+        hi = int(rest[:rest.index(" ")], 16)
+        if hi <= b.arch.TASK_SIZE:
+            busy.append((int(lo, 16), hi))
     addr = _free_gap(busy, size)
     got = b.call("mmap", addr, size, 7, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0)
     if got != addr:
         raise EngineError(f"gadget page landed at {got:#x}, not {addr:#x}", pid=b.pid)
+    # Its vdso blocks as they are now (the gadget's mmap, in a gap, moved
+    # none): clear_address_space and move_vdso take them from here instead
+    # of reading the ~150 lines of maps twice more (Builder.vdso_now).
+    names = b.VDSO_NAMES
+    b.vdso_now = [v for v in parse_maps("\n".join(ln for ln in lines if ln.endswith(names)))
+                  if v["path"] in names]
     b.task.write_mem(addr, b.arch.GADGET)
     if size > PAGE:
         # Through /proc/PID/mem: a ptrace write into an executable mapping
@@ -77,11 +92,16 @@ def _free_gap(busy: List[Tuple[int, int]], size: int, low: int = 0x10000000) -> 
 
 def clone_with_pid(pid: int, arch) -> Tuple[int, int]:
     """clone3 with set_tid=[pid]; returns (child pid, address of a syscall
-    instruction in the child). Raises Refusal(pid-in-use | capability)."""
+    instruction in the child). Raises Refusal(pid-in-use | capability).
+
+    With CLONE_CLEAR_SIGHAND: the child's sigactions are then known
+    without reading the restorer's 62 one by one (signals.cleared_actions),
+    and none of them points into the restorer's code."""
     tramp = libc.exec_page(arch.CLONE3_TRAMPOLINE)
     fn = ctypes.CFUNCTYPE(ctypes.c_long, ctypes.c_void_p, ctypes.c_size_t)(tramp)
     tid = (ctypes.c_int * 1)(pid)
-    args = arch.CloneArgs(exit_signal=_signal.SIGCHLD, set_tid=ctypes.addressof(tid), set_tid_size=1)
+    args = arch.CloneArgs(flags=CLONE_CLEAR_SIGHAND, exit_signal=_signal.SIGCHLD, set_tid=ctypes.addressof(tid),
+                          set_tid_size=1)
     ret = fn(ctypes.addressof(args), ctypes.sizeof(args))
     if ret < 0:
         err = -ret

@@ -29,7 +29,6 @@ CI job or a ^C signals - never traces anything:
 
 from __future__ import annotations
 
-import ctypes
 import marshal
 import os
 import _signal      # not signal: signal.py builds its enums at import (enum: ~20 ms of a run under TCG)
@@ -60,6 +59,7 @@ def ckpt_session() -> int:
 
 
 def _pdeathsig(sig: int) -> None:
+    import ctypes       # here: ckpt's own process (the guardian) needs none; its worker imports it anyway
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
 

@@ -81,6 +81,7 @@ def _fsync_path(path: str) -> None:
 
 
 PARALLEL_MIN = 4 << 20       # verify: files smaller than this are hashed without threads
+SEG = 8 << 20                # verify: bytes of a pages file one job CRCs (a multiple of pagecrc.BLOCK)
 WRITEBACK_STEP = 8 << 20     # start the writeback of every this many bytes written
 
 _SFR = None
@@ -166,6 +167,78 @@ class _HashingFile:
         self.close()
 
 
+class _BlockFile:
+    """A pages file filled in pieces at given offsets, by several threads at
+    once (memory.PageDumper): each piece, a whole number of pagecrc.BLOCKs
+    long but for the file's last, comes with the CRCs of its blocks, taken
+    by its writer from the very buffer it wrote."""
+
+    key = pagecrc.KEY
+
+    def __init__(self, fd: int, name: str):
+        self._fd = fd
+        self.name = name
+        self._pieces: Dict[int, tuple] = {}     # offset: (length, hex CRCs)
+        self.closed = False
+
+    def pwrite(self, data, off: int) -> None:
+        view = memoryview(data)
+        try:
+            while len(view):
+                n = os.pwrite(self._fd, view, off)
+                view, off = view[n:], off + n
+        except OSError as e:
+            raise _translate_oserror(e, "cannot write image") from e
+        finally:
+            view.release()
+
+    def written(self, off: int, n: int, crcs: str) -> None:
+        """[off, off + n) is written and its blocks' CRCs are `crcs`; its
+        writeback starts now (see _HashingFile._start_writeback)."""
+        self._pieces[off] = (n, crcs)
+        global _SFR_UNSUPPORTED
+        if not _SFR_UNSUPPORTED:
+            try:
+                if _sync_file_range(self._fd, off, n) is False:
+                    _SFR_UNSUPPORTED = True
+            except OSError as e:
+                raise _translate_oserror(e, "cannot write image") from e
+
+    @property
+    def size(self) -> int:
+        return sum(n for n, _ in self._pieces.values())
+
+    def entry(self) -> dict:
+        out, pos = [], 0
+        for off in sorted(self._pieces):
+            n, crcs = self._pieces[off]
+            if off != pos or (pos % pagecrc.BLOCK):
+                raise EngineError(f"{self.name}: pieces not contiguous at {pos} (a planning bug)")
+            out.append(crcs)
+            pos += n
+        return {self.key: "".join(out), "size": pos}
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            os.close(self._fd)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+_SFR_UNSUPPORTED = False
+
+
 def _translate_oserror(e: OSError, what: str) -> EngineError:
     import errno as _errno
     if e.errno in (_errno.ENOSPC, _errno.EDQUOT):
@@ -224,6 +297,20 @@ class ImageWriter:
         except OSError as e:
             raise _translate_oserror(e, "cannot write image") from e
         f = _HashingFile(os.fdopen(fd, "wb", buffering=0), name)
+        self._open[name] = f
+        return f
+
+    def open_pages(self, name: str) -> _BlockFile:
+        """A new pages file written in pieces at offsets (_BlockFile), by
+        several threads at once; close it when done."""
+        if not pagecrc.is_pages_file(name):
+            raise ValueError(f"{name!r} is not a pages file name")
+        path = self._check_name(name)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise _translate_oserror(e, "cannot write image") from e
+        f = _BlockFile(fd, name)
         self._open[name] = f
         return f
 
@@ -454,7 +541,11 @@ class ImageReader:
                 raise bad(f"{name} is {present[name].st_size} bytes, manifest says {meta['size']}")
 
         def load(name: str):
-            h = pagecrc.BlockCRC() if pagecrc.KEY in self.files[name] else sha256()
+            if pagecrc.KEY in self.files[name]:     # its CRCs are taken below, by block
+                buf = imagecheck.read_file(self.fd, name, self.dir, want_size=self.files[name]["size"],
+                                           expect=present[name], leases=self._leases, populate=False)
+                return name, buf, None
+            h = sha256()
             buf = imagecheck.read_file(self.fd, name, self.dir, want_size=self.files[name]["size"],
                                        expect=present[name], hasher=h,
                                        leases=self._leases if _leasable(name) else None)
@@ -484,9 +575,10 @@ class ImageReader:
                 continue
             name, buf, got = res
             self._data[name] = buf
-            meta = self.files[name]
-            if got != meta.get("sha256", meta.get(pagecrc.KEY)) and failed is None:
-                failed = bad(_mismatch(name, meta, got))
+            if got is not None and got != self.files[name]["sha256"] and failed is None:
+                failed = bad(_mismatch(name, self.files[name], got))
+        if failed is None:
+            failed = self._check_crcs(threads)
         if failed is not None:
             self.close()
             raise failed
@@ -495,6 +587,42 @@ class ImageReader:
         # (and a caller that forgets close() leaks no fd).
         os.close(self.fd)
         self.fd = -1
+
+    def _check_crcs(self, threads: int) -> Optional[Refusal]:
+        """The block CRCs of every pages file loaded, SEG bytes a job on
+        `threads` threads (a mapped file's pages faulted in by each job for
+        its piece); then every mapped file's lease still held, so that what
+        was checked is what the file holds. The first mismatch, or None."""
+        from . import imagecheck, parallel
+        units = [(name, off, min(SEG, meta["size"] - off)) for name, meta in sorted(self.files.items())
+                 if pagecrc.KEY in meta for off in range(0, meta["size"], SEG)]
+        got: list = [None] * len(units)
+
+        def job(i: int, _) -> None:
+            name, off, n = units[i]
+            buf = self._data[name]
+            if name in self._leases:
+                try:
+                    buf.madvise(imagecheck.MADV_POPULATE_READ, off, n)
+                except OSError:
+                    pass    # before 5.14: the CRC faults the pages in
+            h = pagecrc.BlockCRC()
+            with memoryview(buf) as v:
+                h.update(v[off:off + n])
+            got[i] = h.hexdigest()
+        parallel.run(len(units), job, threads)
+        digests: Dict[str, list] = {}
+        for (name, _, _), crcs in zip(units, got):
+            digests.setdefault(name, []).append(crcs)
+        for name, meta in sorted(self.files.items()):
+            if pagecrc.KEY not in meta:
+                continue
+            crcs = "".join(digests.get(name, []))
+            if crcs != meta[pagecrc.KEY]:
+                return Refusal("image-invalid", _mismatch(name, meta, crcs))
+            if name in self._leases and not imagecheck.lease_held(self._leases[name]):
+                return Refusal("image-invalid", f"{name} was opened for writing while it was verified")
+        return None
 
     def path(self, name: str) -> str:
         """The name of an image file, for messages and for "is it there":

@@ -262,7 +262,7 @@ def valid_name(name) -> bool:
 
 def read_file(dfd: int, name: str, root: str, *, want_size: Optional[int] = None,
               expect: Optional[os.stat_result] = None, limit: Optional[int] = None,
-              hasher=None, leases: Optional[dict] = None):
+              hasher=None, leases: Optional[dict] = None, populate: bool = True):
     """The bytes of image file `name`, read once through an fd opened with
     open_beneath and checked like the scan checked it (the same inode,
     a regular file of the caller's, not writable by others). Small files
@@ -271,7 +271,9 @@ def read_file(dfd: int, name: str, root: str, *, want_size: Optional[int] = None
     `hasher`: updated with every piece just read, while it is still in the
     CPU cache (a second pass over a 64 MiB file reads it back from memory).
     `leases` (a dict): a big file that can be leased is not copied but
-    mapped (map_leased), its fd kept in leases[name] for Lease checks."""
+    mapped (map_leased), its fd kept in leases[name] for Lease checks;
+    `populate`=False leaves its pages to be faulted in by the caller (who
+    hashes it by pieces on several threads, image.ImageReader.verify)."""
     shown = f"{root}/{name}"
     try:
         fd = open_beneath(dfd, name)
@@ -295,7 +297,7 @@ def read_file(dfd: int, name: str, root: str, *, want_size: Optional[int] = None
         if limit is not None and size > limit:
             raise invalid(f"{name} is {size} bytes, more than {limit}")
         if leases is not None and size >= BIG:
-            buf = map_leased(fd, size, hasher)
+            buf = map_leased(fd, size, hasher, populate)
             if buf is not None:
                 leases[name] = fd
                 fd = -1         # kept open: the lease is checked through it (Lease)
@@ -351,7 +353,7 @@ HASH_STEP = 1 << 20
 LEASE_STEP = 8 << 20
 
 
-def map_leased(fd: int, size: int, hasher=None):
+def map_leased(fd: int, size: int, hasher=None, populate: bool = True):
     """fd's file mapped private under a read lease, hashed into `hasher`; None
     when no lease can be had (a writer has it open, a file system not in
     LEASE_FS, leases disabled by sysctl): the caller copies the file then."""
@@ -371,7 +373,8 @@ def map_leased(fd: int, size: int, hasher=None):
         # a writable private mapping, i.e. copy every page.
         buf = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         try:
-            buf.madvise(MADV_POPULATE_READ)
+            if populate:
+                buf.madvise(MADV_POPULATE_READ)
         except OSError:
             pass    # before 5.14: the hashing faults the pages in
         if hasher is not None:
@@ -473,9 +476,9 @@ def _int(v) -> bool:
 
 
 def _sysctl(path: str, default: int) -> int:
+    from .procfs import read_all     # no text file object: half the syscalls
     try:
-        with open(path) as f:
-            return int(f.read().split()[0])
+        return int(read_all(path).split()[0])
     except (OSError, ValueError, IndexError):
         return default
 
@@ -746,9 +749,10 @@ def _task_size() -> int:
     """The top of user address space: 47 bits on x86_64 (56 with 5-level
     paging), at most 52 on aarch64."""
     if os.uname().machine == "x86_64":
+        from .procfs import read_all
         try:
-            with open("/proc/cpuinfo") as f:
-                la57 = any(line.startswith("flags") and " la57" in line for line in f)
+            la57 = any(line.startswith(b"flags") and b" la57" in line
+                       for line in read_all("/proc/cpuinfo").splitlines())
         except OSError:
             la57 = True
         return (1 << 56) if la57 else (1 << 47) - 4096

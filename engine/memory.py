@@ -4,8 +4,10 @@ straight from the image file mapped into the restorer.
 
 Image layout: pages-NNN.img files of at most CHUNK bytes each; every run of
 pages is recorded as [addr, npages, file index, offset in that file] (a run
-never spans two files). Splitting into files lets the restore verify the
-sha256 of several files in parallel (hashlib releases the GIL).
+never spans two files). Each file carries a CRC-32 per 1 MiB block
+(engine/pagecrc.py), so a file is written, and verified, by several threads
+at once, SEG bytes each (zlib, file writes and process_vm_readv release
+the GIL).
 """
 
 from __future__ import annotations
@@ -19,12 +21,14 @@ if TYPE_CHECKING:
 
 from . import faults, libc
 from .errors import EngineError, Refusal
+from .pagecrc import BlockCRC
 from .libc import SysError
 
 PAGE = 4096
 BUF = 16 << 20            # largest piece of a run a record names
 STEP = 1 << 20            # dump: bytes read, written and hashed at a time (see _Worker)
-CHUNK = 64 << 20          # bytes per pages file (files are hashed in parallel)
+CHUNK = 64 << 20          # bytes per pages file
+SEG = 8 << 20             # dump: bytes of a file one thread fills at a time (whole CRC blocks)
 IOV_BATCH = 512           # remote iovecs per process_vm_readv (< IOV_MAX)
 WRITE_STEP = 16 << 20     # restore: bytes per process_vm_writev, freed from the buffer after it
 
@@ -69,42 +73,47 @@ class PageDumper:
                 n -= k
         return records
 
+    def units(self) -> List[Tuple[int, int, List[Tuple[int, int, bool]]]]:
+        """The plan cut into pieces of files: (file, offset, pieces) of at
+        most SEG bytes each, every one but a file's last exactly SEG (a
+        whole number of CRC blocks: each unit's CRCs are its own)."""
+        units = []
+        for fi, pieces in enumerate(self.plan):
+            start = pos = 0
+            cur: List[Tuple[int, int, bool]] = []
+            for addr, n, force in pieces:
+                while n:
+                    k = min(n, SEG - (pos - start))
+                    cur.append((addr, k, force))
+                    addr, n, pos = addr + k, n - k, pos + k
+                    if pos - start == SEG:
+                        units.append((fi, start, cur))
+                        start, cur = pos, []
+            if cur:
+                units.append((fi, start, cur))
+        return units
+
     def run(self) -> None:
-        """Read and write every planned file. Raises EngineError/OSError."""
+        """Read and write every planned file, SEG bytes at a time on
+        `threads` threads (engine/parallel.py): one 64 MiB file keeps both
+        cores busy too. Raises EngineError/OSError."""
         if not self.plan:
             return
-        files = [self.image.open(page_file_name(i)) for i in range(len(self.plan))]
-        # No bigger than the largest file: a small process's few pages must
-        # not pay for faulting in and zeroing a 16 MiB buffer (~4 ms).
-        bufsize = min(STEP, max(sum(n for _, n, _ in pieces) for pieces in self.plan))
+        from . import parallel
+        files = [self.image.open_pages(page_file_name(i)) for i in range(len(self.plan))]
+        # Across the files first (each file's first unit, then each one's
+        # second...): two threads then write two files, not one (a write
+        # holds its file's lock: the other thread would wait for it).
+        units = sorted(self.units(), key=lambda u: (u[1], u[0]))
+        # No bigger than the largest unit: a small process's few pages must
+        # not pay for faulting in and zeroing a larger buffer.
+        bufsize = min(STEP, max(sum(n for _, n, _ in pieces) for _, _, pieces in units))
+
+        def job(i: int, w: "_Worker") -> None:
+            fi, start, pieces = units[i]
+            w.fill(files[fi], start, pieces)
         try:
-            if self.threads == 1 or len(self.plan) == 1:
-                w = _Worker(self.pid, bufsize)
-                try:
-                    for i, pieces in enumerate(self.plan):
-                        w.fill(files[i], pieces)
-                finally:
-                    w.close()
-                return
-            import threading
-            local = threading.local()
-            workers: List[_Worker] = []
-
-            def job(i: int) -> None:
-                w = getattr(local, "w", None)
-                if w is None:
-                    w = local.w = _Worker(self.pid, bufsize)
-                    workers.append(w)
-                w.fill(files[i], self.plan[i])
-
-            from concurrent.futures import ThreadPoolExecutor
-            try:
-                with ThreadPoolExecutor(max_workers=self.threads) as pool:
-                    for f in [pool.submit(job, i) for i in range(len(self.plan))]:
-                        f.result()
-            finally:
-                for w in workers:
-                    w.close()
+            parallel.run(len(units), job, self.threads, lambda: _Worker(self.pid, bufsize), _Worker.close)
         finally:
             for f in files:
                 f.close()
@@ -118,8 +127,8 @@ class PageDumper:
 
 
 class _Worker:
-    """One reused buffer; fills one pages file from its planned pieces,
-    STEP bytes at a time. Why so small: read from the process, written to
+    """One reused buffer; fills a piece of a pages file from its planned
+    pieces, STEP bytes at a time. Why so small: read from the process, written to
     the file and hashed while still in the CPU's cache; with 16 MiB at a
     time each of the three passes went to memory (the write into tmpfs
     alone cost a 1 GiB dump ~0.4 s of CPU)."""
@@ -132,13 +141,17 @@ class _Worker:
         self.view = memoryview(self.buf)
         self._mem_fd: Optional[int] = None
 
-    def fill(self, out, pieces: List[Tuple[int, int, bool]]) -> None:
+    def fill(self, out, start: int, pieces: List[Tuple[int, int, bool]]) -> None:
+        """Write `pieces` into the pages file `out` (image._BlockFile) from
+        offset `start` on, taking the CRCs of what is written as it goes."""
         faults.point("dump.pages")
+        crc = BlockCRC()
         segs: List[Tuple[int, int, bool]] = []
         for addr, n, force in pieces:
             for off in range(0, n, self.size):
                 segs.append((addr + off, min(self.size, n - off), force))
         pieces = segs
+        pos = start
         i = 0
         while i < len(pieces):
             batch: List[Tuple[int, int]] = []
@@ -152,7 +165,10 @@ class _Worker:
             if not batch:   # a piece larger than the buffer: a planning bug
                 raise EngineError(f"page piece of {pieces[i][1]} bytes exceeds the {self.size}-byte buffer")
             self._read(batch, used, force)
-            out.write(self.view[:used])
+            out.pwrite(self.view[:used], pos)
+            crc.update(self.view[:used])
+            pos += used
+        out.written(start, pos - start, crc.hexdigest())
 
     def _mem(self) -> int:
         if self._mem_fd is None:

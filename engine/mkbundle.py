@@ -35,11 +35,14 @@ def _sources(engine_dir: str, package: str):
 
 
 def _pyc_code(src: str, st, external):
-    """The code object bytes of `src`'s .pyc when the ordinary import would
-    take that .pyc for the file as it is (a timestamp pyc of this
+    """The code object of `src`'s .pyc, marshalled, when the ordinary import
+    would take that .pyc for the file as it is (a timestamp pyc of this
     interpreter naming its mtime and size, as SourceFileLoader checks),
-    else None. (The guests' install ships or compiles these: compiling
-    all again there would cost seconds of TCG CPU.)"""
+    else None; its file name fixed as that import fixes it (a pyc compiled
+    by a relative path names "engine/x.py"). (The guests' install ships or
+    compiles these: compiling all again there would cost seconds of TCG
+    CPU.)"""
+    import _imp
     try:
         with open(external.cache_from_source(src), "rb") as f:
             data = f.read()
@@ -50,10 +53,11 @@ def _pyc_code(src: str, st, external):
             or int.from_bytes(data[12:16], "little") != st.st_size & 0xFFFFFFFF):
         return None
     try:
-        marshal.loads(data[16:])          # (a damaged one: compiled instead)
+        code = marshal.loads(data[16:])   # (a damaged one: compiled instead)
     except (ValueError, EOFError, TypeError):
         return None
-    return data[16:]
+    _imp._fix_co_filename(code, src)      # what SourceFileLoader's get_code does
+    return marshal.dumps(code)
 
 
 def build(engine_dir: str = "") -> tuple:

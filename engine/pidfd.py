@@ -53,7 +53,8 @@ def syscall_nr(name: str) -> int:
 
     Raises Refusal ``arch-mismatch`` on an architecture the engine has no
     table for."""
-    table = _SYSCALLS.get(os.uname().machine)
+    from .arch import machine
+    table = _SYSCALLS.get(machine())
     if table is None:
         raise Refusal("arch-mismatch", f"no syscall table for {os.uname().machine}")
     return table[name]

@@ -133,6 +133,18 @@ def self_status() -> Dict[str, str]:
     return got[1]
 
 
+def self_limits() -> List[List[int]]:
+    """ckpt's own rlimits as parse_limits() gives them, from one read of
+    /proc/self/limits per process instead of a prlimit(2) per limit (a
+    tree's survey asks once per member). ckpt never changes its own
+    limits. Do not modify the list. Raises OSError, ValueError."""
+    got = _SELF.get("limits")
+    pid = os.getpid()
+    if got is None or got[0] != pid:
+        got = _SELF["limits"] = (pid, parse_limits(read_all("/proc/self/limits").decode()))
+    return got[1]
+
+
 def parse_maps(text: str) -> List[dict]:
     """/proc/PID/maps lines as dicts: start, end, perms, offset, dev, inode,
     path ('' for anonymous; may end in ' (deleted)'; may contain spaces)."""

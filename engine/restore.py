@@ -163,7 +163,11 @@ def _my_special_block() -> List[tuple]:
     /proc/self/maps parse per restore, not one per member of a tree)."""
     pid = os.getpid()
     if _MY_SPECIAL.get("pid") != pid:
-        _MY_SPECIAL["block"] = _special_block(procfs.parse_maps(open("/proc/self/maps").read()))
+        # Only the special lines parsed: ckpt's maps are ~150 lines, each
+        # parsed line dear under TCG.
+        text = procfs.read_all("/proc/self/maps").decode("utf-8", "surrogateescape")
+        lines = [ln for ln in text.splitlines() if ln.endswith(SPECIAL_MAPPINGS)]
+        _MY_SPECIAL["block"] = _special_block(procfs.parse_maps("\n".join(lines)))
         _MY_SPECIAL["pid"] = pid
     return _MY_SPECIAL["block"]
 
@@ -195,8 +199,12 @@ def preflight(reader: ImageReader, core: dict, vmas: List[dict], fdrecs: List[di
         add(e if isinstance(e, Refusal) else _bad(f"credentials record: {e}"))
     eff = int(procfs.self_status().get("CapEff", "0"), 16)
     if not (eff >> CAP_SYS_RESOURCE) & 1:
+        try:
+            mine = procfs.self_limits()
+        except (OSError, ValueError):
+            mine = []
         for i, (cur, mx) in enumerate(core["rlimits"]):
-            mycur, mymax = libc.get_rlimit(0, i)
+            mycur, mymax = mine[i] if i < len(mine) else libc.get_rlimit(0, i)
             if mx > mymax:
                 add(Refusal("capability", f"RLIMIT_{libc.RLIMIT_NAMES[i]} hard limit {mx} is above ckpt's "
                             f"{mymax}; raising it needs CAP_SYS_RESOURCE"))

@@ -187,17 +187,15 @@ def parse_cpu_list(text: str) -> List[int]:
 def allowed_cpus() -> List[int]:
     """The CPUs a process created here may be bound to: the restorer's
     cgroup's effective cpuset (cgroup v2), else every online CPU."""
+    from .procfs import read_all     # no text file objects: half the syscalls
     try:
-        with open("/proc/self/cgroup") as f:
-            for line in f:
-                if line.startswith("0::"):
-                    path = "/sys/fs/cgroup" + line[3:].strip()
-                    with open(os.path.join(path, "cpuset.cpus.effective")) as g:
-                        return parse_cpu_list(g.read())
+        for line in read_all("/proc/self/cgroup").decode("utf-8", "surrogateescape").splitlines():
+            if line.startswith("0::"):
+                path = "/sys/fs/cgroup" + line[3:].strip()
+                return parse_cpu_list(read_all(os.path.join(path, "cpuset.cpus.effective")).decode())
     except OSError:
         pass
-    with open("/sys/devices/system/cpu/online") as f:
-        return parse_cpu_list(f.read())
+    return parse_cpu_list(read_all("/sys/devices/system/cpu/online").decode())
 
 
 def _my_caps() -> int:
@@ -271,14 +269,24 @@ def apply(pid: int, rec: dict) -> None:
         raise Refusal("sched", f"CPU affinity {cpu_list(rec['affinity'])} became {cpu_list(list(got_cpus))}", pid=pid)
     _apply_ioprio(pid, rec)
     try:
-        _write_int(f"/proc/{pid}/oom_score_adj", rec["oom_score_adj"])
+        got_adj = _write_and_reread(f"/proc/{pid}/oom_score_adj", rec["oom_score_adj"])
     except OSError as e:
         raise Refusal("capability", f"oom_score_adj {rec['oom_score_adj']}: {e.strerror}", pid=pid) from None
     # After the policy: a change of policy resets the slack (RT tasks have none).
-    _write_int(f"/proc/{pid}/timerslack_ns", rec["timerslack_ns"])
-    got_slack = _read_int(f"/proc/{pid}/timerslack_ns")
-    if (_read_int(f"/proc/{pid}/oom_score_adj"), got_slack) != (rec["oom_score_adj"], rec["timerslack_ns"]):
-        raise Refusal("sched", f"oom_score_adj/timer slack read back as {rec['oom_score_adj']}/{got_slack}", pid=pid)
+    got_slack = _write_and_reread(f"/proc/{pid}/timerslack_ns", rec["timerslack_ns"])
+    if (got_adj, got_slack) != (rec["oom_score_adj"], rec["timerslack_ns"]):
+        raise Refusal("sched", f"oom_score_adj/timer slack read back as {got_adj}/{got_slack}", pid=pid)
+
+
+def _write_and_reread(path: str, value: int) -> int:
+    """Write `value`, then read what the file shows, through one
+    descriptor (a separate open each was twice the calls). Raises OSError."""
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        os.write(fd, f"{value}\n".encode())
+        return _reread_int(fd)
+    finally:
+        os.close(fd)
 
 
 def _apply_ioprio(pid: int, rec: dict) -> None:

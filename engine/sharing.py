@@ -34,17 +34,23 @@ WHAT = {KCMP_VM: "memory (CLONE_VM, or a vfork child)", KCMP_FILES: "fd table (C
 OUTSIDE_KINDS = (KCMP_VM, KCMP_FILES, KCMP_FS)
 
 _libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
+# syscall(2) with kcmp's argument types bound once: the scan calls it with
+# plain ints, no ctypes objects made per call (a third of its time).
+_kcmp_call = ctypes.CFUNCTYPE(ctypes.c_long, ctypes.c_long, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                              ctypes.c_ulong, ctypes.c_ulong, use_errno=True)(("syscall", _libc))
 _nr: List[int] = []
+
+
+def _kcmp_nr() -> int:
+    if not _nr:
+        _nr.append(syscall_nr("kcmp"))
+    return _nr[0]
 
 
 def _kcmp(a: int, b: int, kind: int) -> int:
     """-1, 0, 1 as a's object is below, the same as, above b's. Raises
     OSError (ESRCH: gone; ENOSYS: no CONFIG_KCMP)."""
-    if not _nr:
-        _nr.append(syscall_nr("kcmp"))
-    r = _libc.syscall(ctypes.c_long(_nr[0]), ctypes.c_int(a), ctypes.c_int(b), ctypes.c_int(kind),
-                      ctypes.c_ulong(0), ctypes.c_ulong(0))
+    r = _kcmp_call(_kcmp_nr(), a, b, kind, 0, 0)
     if r < 0:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e))
@@ -75,13 +81,52 @@ def groups(pids: Iterable[int], kind: int) -> List[List[int]]:
     return [sorted(g, key=order.__getitem__) for g in out]
 
 
+PF_KTHREAD = 0x00200000      # include/linux/sched.h, /proc/PID/stat flags
+
+
+def kernel_threads() -> set:
+    """The kernel threads kthreadd made, found without a look at each
+    process: kthreadd's children (/proc/2/task/2/children) that hold no
+    memory, as kthreadd holds none (kcmp KCMP_VM equal to pid 2's). A
+    child that holds memory is a user process (a usermode helper, made
+    with CLONE_PARENT by a kworker) and stays out of this set; so does pid
+    2 itself. Empty when pid 2 is not a kernel thread (a PID namespace)
+    or the file is missing (no CONFIG_PROC_CHILDREN)."""
+    try:
+        with open("/proc/2/stat", "rb") as f:
+            flags = int(f.read().rsplit(b")", 1)[1].split()[6])
+        if not flags & PF_KTHREAD:
+            return set()
+        with open("/proc/2/task/2/children", "rb") as f:
+            kids = [int(x) for x in f.read().split()]
+    except (OSError, ValueError, IndexError):
+        return set()
+    return same_memory(2, kids)
+
+
+def same_memory(pid: int, others: List[int]) -> set:
+    """Those of `others` whose memory is pid's (kcmp KCMP_VM 0); one that
+    cannot be compared (gone) is not."""
+    call, nr = _kcmp_call, _kcmp_nr()
+    return {c for c in others if call(nr, pid, c, KCMP_VM, 0, 0) == 0}
+
+
 def outside(pids: Iterable[int], kinds: Tuple[int, ...] = OUTSIDE_KINDS) -> List[Tuple[int, int, int]]:
     """[(pid, kind, other)]: a process of the system, not one of `pids`
     (nor ckpt), that holds the memory, fd table or fs of `pids`' `pid`.
     One per object and kind. Raises Refusal (kernel-missing) or
-    EngineError when the processes themselves cannot be compared."""
+    EngineError when the processes themselves cannot be compared.
+
+    Kernel threads (kernel_threads(): about half of a machine's processes,
+    one kcmp each instead of three) are not looked at: one holds no memory
+    (kthread_use_mm borrows one only while it is in the kernel), and its fd
+    table and fs are kthreadd's (kernel_thread CLONE_FS | CLONE_FILES) or
+    ones it made itself, which no user process is ever given (usermode
+    helpers are made without CLONE_FILES / CLONE_FS); the only user
+    process that can share kthreadd's fs is PID 1 (made with CLONE_FS) and
+    those it gives it to, and kthreadd and PID 1 are still looked at."""
     pids = list(pids)
-    skip = set(pids) | {os.getpid()}
+    skip = set(pids) | {os.getpid()} | kernel_threads()
     others = []
     for name in os.listdir("/proc"):
         if name.isdigit() and int(name) not in skip:
@@ -89,6 +134,16 @@ def outside(pids: Iterable[int], kinds: Tuple[int, ...] = OUTSIDE_KINDS) -> List
     found: List[Tuple[int, int, int]] = []
     for kind in kinds:
         reps = [g[0] for g in groups(pids, kind)]
+        if len(reps) == 1:
+            # One object (a single process's): one kcmp per other, no
+            # search; the first holder found is the one reported. A
+            # failure (gone meanwhile) is not 0: passed over, as below.
+            rep, call, nr = reps[0], _kcmp_call, _kcmp_nr()
+            for other in others:
+                if call(nr, rep, other, kind, 0, 0) == 0:
+                    found.append((rep, kind, other))
+                    break
+            continue
         seen = set()
         for other in others:
             lo, hi = 0, len(reps)

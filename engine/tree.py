@@ -568,6 +568,9 @@ class Sub:
     def open(self, name):
         return self._img.open(self.prefix + name)
 
+    def open_pages(self, name):
+        return self._img.open_pages(self.prefix + name)
+
     def raw_path(self, name):
         return self._img.raw_path(self.prefix + name)
 

@@ -424,7 +424,7 @@ def build_tree(tj: TreeJob) -> int:
     try:
         rjob = tj.jobs[root["pid"]]
         sched.before_clone(rjob.core["sched"])
-        inherited = signals.own_actions()       # what the clone starts with
+        inherited = signals.cleared_actions()   # what the clone starts with (CLONE_CLEAR_SIGHAND)
         child, ip = clone_with_pid(root["pid"], arch)
         task = Task.adopt(child)
         task.syscall_ip = ip

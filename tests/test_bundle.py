@@ -48,7 +48,10 @@ def _copy(dest: Path) -> Path:
 
 
 def _build(root: Path) -> None:
-    subprocess.run([sys.executable, "-m", "compileall", "-q", str(root / "engine")], check=True,
+    # compiled as `make bytecode` does: from the root, by a relative path (the
+    # pyc files then name "engine/x.py"; the import system fixes that name at
+    # load, and so must the bundle)
+    subprocess.run([sys.executable, "-m", "compileall", "-q", "engine"], check=True, cwd=str(root),
                    stdout=subprocess.DEVNULL, close_fds=True)
     r = subprocess.run([sys.executable, "-S", "-c", f"import sys; sys.path[0] = {str(root)!r}; "
                         "from engine.mkbundle import main; main([])"], capture_output=True, text=True, close_fds=True)

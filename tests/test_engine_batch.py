@@ -38,11 +38,11 @@ class _Job:
         self.vmas = vmas
 
 
-def _child():
+def _child(flags: int = 0):
     """A stopped, traced clone of this process (no set_tid: no privilege)."""
     tramp = exec_page(ARCH.CLONE3_TRAMPOLINE)
     fn = ctypes.CFUNCTYPE(ctypes.c_long, ctypes.c_void_p, ctypes.c_size_t)(tramp)
-    args = ARCH.CloneArgs(exit_signal=signal.SIGCHLD)
+    args = ARCH.CloneArgs(flags=flags, exit_signal=signal.SIGCHLD)
     pid = fn(ctypes.addressof(args), ctypes.sizeof(args))
     assert pid > 0
     task = Task.adopt(pid)
@@ -195,6 +195,41 @@ def test_a_foreign_sigtrap_is_held_back_not_taken_for_the_breakpoint(builder, mo
     if mode == "runner":
         assert b.task.deferred_signals == [signal.SIGTRAP]
         assert ptrace.get_sigmask(b.pid) == mask
+
+
+def _handler(signum, frame):     # pragma: no cover - never delivered
+    pass
+
+
+def test_cleared_actions_are_what_a_clear_sighand_clone_holds():
+    """The restore clones with CLONE_CLEAR_SIGHAND and takes
+    signals.cleared_actions() for the clone's table instead of reading it
+    (build.set_sigactions then skips what it holds): every action read
+    back from such a clone by injection must be exactly that, with this
+    process holding handlers (SIGINT's is Python's), ignored signals with
+    flags and masks, and defaults."""
+    from engine.gadget import CLONE_CLEAR_SIGHAND
+    old = {s: signal.signal(s, h) for s, h in ((signal.SIGUSR1, _handler), (signal.SIGHUP, signal.SIG_IGN),
+                                                (signal.SIGRTMIN + 3, signal.SIG_IGN))}
+    try:
+        want = signals.cleared_actions()
+        task = _child(CLONE_CLEAR_SIGHAND)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    b = Builder(_Job([]), task)
+    try:
+        place_gadget(b, [(IMAGE_AT, IMAGE_AT + 0x3000)])
+        got = {}
+        for sig in signals.ACTION_SIGNALS:
+            b.call("rt_sigaction", sig, 0, b.scratch + 512, 8)
+            got[str(sig)] = list(struct.unpack("<QQQQ", b.task.read_mem(b.scratch + 512, 32)))
+    finally:
+        task.kill()
+    assert got == want
+    ignored = {int(s) for s, a in want.items() if a[0] == 1}
+    assert {signal.SIGHUP, signal.SIGRTMIN + 3, signal.SIGPIPE} <= ignored and signal.SIGUSR1 not in ignored
+    assert signals.own_actions()["2"][0] not in (0, 1)      # this process's SIGINT has a handler, the clone's not
 
 
 def test_gadget_area_is_placed_clear_of_the_image(builder):

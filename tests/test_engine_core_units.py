@@ -156,3 +156,15 @@ def test_kernel_version_parse():
     from engine.check import kernel_version
     assert kernel_version("6.18.44-fc-v669") == (6, 18)
     assert kernel_version("5.4.0-150-generic") < (5, 13) <= kernel_version("5.13.0")
+
+
+def test_own_special_block_from_the_special_lines_only():
+    """restore._my_special_block parses only ckpt's vdso/vvar lines of
+    /proc/self/maps: the same sizes, in the same order, as the whole
+    file parsed."""
+    from engine import procfs, restore
+    restore._MY_SPECIAL.clear()
+    got = restore._my_special_block()
+    with open("/proc/self/maps") as f:
+        want = restore._special_block(procfs.parse_maps(f.read()))
+    assert got == want and any(name == "[vdso]" for name, _ in got)

@@ -269,6 +269,47 @@ def test_refused_vfork_child_dumped_alone(procs, session_killer, tmp_path):  # n
     _untouched([kid])
 
 
+def test_same_memory_picks_the_processes_sharing_it(procs, session_killer, tmp_path):  # noqa: F811
+    """sharing.same_memory (what kernel_threads keeps of kthreadd's
+    children): the vfork child holding its parent's memory, not ckpt."""
+    from engine.sharing import same_memory
+    exe = str(tmp_path / "vforker")
+    subprocess.run(["gcc", "-O2", "-Wall", "-o", exe, os.path.join(TARGETS, "vforker.c")], check=True,
+                   capture_output=True, timeout=60)
+    p = procs.start([exe, str(tmp_path / "ready")], cwd=str(tmp_path))
+    session_killer.append(p.pid)
+    wait_for(lambda: (tmp_path / "ready").exists(), what="the vfork child")
+    kid = _descendants(p.pid)[0]
+    assert same_memory(p.pid, [kid, os.getpid(), 999999999]) == {kid}
+
+
+def _kthreadd_kernel_children() -> set:
+    out = set()
+    for name in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except (OSError, ValueError):
+            continue
+        if int(fields[1]) == 2 and int(fields[6]) & 0x00200000:      # ppid kthreadd, PF_KTHREAD
+            out.add(int(name))
+    return out
+
+
+def test_kernel_threads_are_kthreadds_kernel_children():
+    """sharing.outside passes over kernel_threads(): exactly the children
+    of kthreadd flagged PF_KTHREAD (read one by one here; a kernel thread
+    made or gone meanwhile may be in one reading only)."""
+    from engine.sharing import kernel_threads
+    before = _kthreadd_kernel_children()
+    got = kernel_threads()
+    after = _kthreadd_kernel_children()
+    if not before:
+        pytest.skip("no kthreadd children here (a PID namespace)")
+    assert before & after <= got <= before | after
+    assert 2 not in got and 1 not in got
+
+
 def test_outside_search_agrees_with_every_pair(procs, session_killer, sharer, tmp_path):  # noqa: F811
     """engine/sharing.outside (a binary search in kcmp order) finds what
     comparing every pair finds: B's fs is P's, G's fd table P's and A's,

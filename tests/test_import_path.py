@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 from engine_core_support import procs, start_ready_script  # noqa: F401 - fixture
 
@@ -27,8 +28,8 @@ NEVER = ("typing", "json", "re", "enum", "signal", "hashlib", "contextlib", "fun
          "importlib", "argparse", "threading", "socket", "engine.tree_restore")
 
 
-def _ckpt(*args):
-    env = dict(os.environ, PYTHONPATH=REPO)
+def _ckpt(*args, **env_extra):
+    env = dict(os.environ, PYTHONPATH=REPO, **env_extra)
     r = subprocess.run([sys.executable, "-S", "-X", "importtime", "-c", MAIN, *args], capture_output=True,
                        text=True, env=env, timeout=120, close_fds=True)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -46,6 +47,40 @@ def test_dump_and_restore_import_only_what_they_need(procs, tmp_path):  # noqa: 
     out, restored = _ckpt("restore", "-D", img, "--json")
     procs.adopt(out["result"]["pid"])
     assert "engine.dump" in dumped and "engine.build" in restored     # the worker's and restorer's imports are seen
-    assert "_hashlib" in dumped and "_json" in restored
+    assert "_sha256" in dumped and "_json" in restored
     assert sorted(m for m in NEVER if m in dumped) == []
     assert sorted(m for m in NEVER if m in restored) == []
+
+
+def test_a_small_static_process_loads_no_openssl(procs, tmp_path):  # noqa: F811
+    """Its image files are all small but the pages (CRC'd, not sha256'd),
+    and its one mapped file's digest is remembered after the first dump
+    (engine/digestcache.py: once the file is 2 s old): engine/sha256.py
+    hashes what is left with the interpreter's own _sha256, and OpenSSL
+    (~2 ms, ~200 page faults of a run on the host) is not loaded."""
+    exe = str(tmp_path / "memhog")
+    subprocess.run(["gcc", "-O2", "-static", "-o", exe, os.path.join(REPO, "tests", "targets", "memhog.c")],
+                   check=True, capture_output=True)
+    ready = tmp_path / "ready"
+    p = procs.start([exe, "1", str(ready)])
+    deadline = time.monotonic() + 30
+    while not (ready.exists() and ready.read_text().endswith("\n")):
+        assert p.poll() is None and time.monotonic() < deadline, "memhog did not get ready"
+        time.sleep(0.01)
+    pid = p.pid
+    cache = tmp_path / "digests"
+    cache.mkdir(mode=0o700)
+    time.sleep(2.1)         # (digestcache.SETTLED_NS: a file changed since is not remembered)
+    for round in (1, 2):
+        img = str(tmp_path / f"img{round}")
+        out, dumped = _ckpt("dump", "-t", str(pid), "-D", img, "--json", CKPT_DIGEST_CACHE=str(cache / "d.json"))
+        assert out["ok"]
+        if round == 1:
+            p.wait(timeout=30)
+        else:
+            procs.reap(pid)
+        out, restored = _ckpt("restore", "-D", img, "--json", CKPT_DIGEST_CACHE=str(cache / "d.json"))
+        pid = out["result"]["pid"]
+        procs.adopt(pid)
+    assert "engine.dump" in dumped and "_sha256" in dumped and "engine.build" in restored
+    assert "_hashlib" not in dumped and "_hashlib" not in restored

@@ -68,7 +68,7 @@ def test_the_entry_is_a_crc_per_block_whatever_the_write_sizes(tmp_path):
 @pytest.mark.parametrize("where", ["first", "middle", "last"])
 def test_one_flipped_byte_in_any_block_is_refused(tmp_path, monkeypatch, where, copied):
     if copied:      # the path taken where no lease can be had (overlayfs, NFS...)
-        monkeypatch.setattr(imagecheck, "map_leased", lambda fd, size, hasher=None: None)
+        monkeypatch.setattr(imagecheck, "map_leased", lambda *a, **k: None)
     d = _write(tmp_path)
     off = {"first": 0, "middle": 2 * B + 12345, "last": SIZE - 1}[where]
     block = off // B
@@ -170,3 +170,72 @@ def test_other_formats_are_refused_naming_those_read(tmp_path, fmt):
     with pytest.raises(Refusal, match=r"this engine reads formats 5, 6") as ei:
         ImageReader(d)
     assert ei.value.reason == "image-invalid"
+
+
+def test_a_writer_opening_a_pages_file_while_its_crcs_are_taken_is_refused(tmp_path, monkeypatch):
+    """The CRCs are taken by block after the file is mapped (on two
+    threads): the lease must still be unbroken once they all are."""
+    d = _write(tmp_path)
+    path = os.path.join(d, PAGES)
+    tried = []
+
+    class Racing(pagecrc.BlockCRC):
+        def update(self, data):
+            if not tried:
+                tried.append(1)
+                with pytest.raises(BlockingIOError):    # the open waits for the lease's holder...
+                    os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+            super().update(data)
+
+    monkeypatch.setattr(pagecrc, "BlockCRC", Racing)
+    r = ImageReader(d)
+    with pytest.raises(Refusal) as ei:      # ...whose verification sees the lease breaking
+        r.verify()
+    assert tried and ei.value.reason == "image-invalid"
+    assert f"{PAGES} was opened for writing while it was verified" in ei.value.message
+
+
+def test_a_dump_written_by_two_threads_in_pieces_verifies_and_holds_the_memory(tmp_path):
+    """PageDumper fills one file SEG bytes a job on two threads (pwrite at
+    offsets, each job's CRCs its own): the file holds the process's bytes in
+    plan order and its CRCs verify; the pieces of the plan meet at SEG."""
+    import mmap
+    import signal
+    from engine import memory
+    n = 2 * memory.SEG + 5 * B + 3 * memory.PAGE        # three jobs, the last one short
+    r, w = os.pipe()
+    child = os.fork()
+    if child == 0:      # pragma: no cover - the child
+        try:
+            m = mmap.mmap(-1, n)
+            for off in range(0, n, memory.PAGE):
+                m[off:off + 8] = (off * 0x9E3779B1 & (1 << 64) - 1).to_bytes(8, "little")
+            import ctypes
+            os.write(w, str(ctypes.addressof(ctypes.c_char.from_buffer(m))).encode())
+            signal.pause()
+        finally:
+            os._exit(0)
+    os.close(w)
+    try:
+        addr = int(os.read(r, 64))
+        d = str(tmp_path / "img")
+        with ImageWriter(d) as img:
+            dumper = memory.PageDumper(child, img, threads=2)
+            half = (n // 2) // memory.PAGE
+            records = dumper.add([[addr, half], [addr + half * memory.PAGE, n // memory.PAGE - half]])
+            assert [(fi, off, len(p)) for fi, off, p in dumper.units()][:3] == \
+                [(0, 0, 1), (0, memory.SEG, 2), (0, 2 * memory.SEG, 1)]
+            dumper.run()
+            img.commit()
+        assert {rec[2] for rec in records} == {0}
+        reader = ImageReader(d)
+        reader.verify()
+        got = bytes(reader.data(memory.page_file_name(0)))
+        with open(f"/proc/{child}/mem", "rb", buffering=0) as mem:
+            mem.seek(addr)
+            assert got == mem.read(n)
+        reader.close()
+    finally:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+        os.close(r)

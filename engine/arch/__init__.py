@@ -16,9 +16,20 @@ from ..errors import Refusal
 SUPPORTED = ("x86_64", "aarch64")
 
 
+_MACHINE: list = []
+
+
+def machine() -> str:
+    """os.uname().machine, asked once per process: a run wants it ~20
+    times, and each uname(2) is ~10x dearer under TCG."""
+    if not _MACHINE:
+        _MACHINE.append(os.uname().machine)
+    return _MACHINE[0]
+
+
 def current() -> ModuleType:
     """The module for this machine. Raises the unsupported-arch Refusal."""
-    return for_machine(os.uname().machine)
+    return for_machine(machine())
 
 
 def for_machine(machine: str) -> ModuleType:
