@@ -596,6 +596,7 @@ def rebuild_late(b: Builder) -> None:
     threads.late_state(b)
     faults.point("restore.phase", "arm_timers")
     posixtimers.arm(b, job.core["posix_timers"])   # last: see posixtimers
+    procattrs.last(b, job.core["attrs"])     # memory-deny-write-execute, once nothing is mapped any more
 
 
 def _check_xstate(task: Task, core: dict) -> None:

@@ -157,7 +157,7 @@ def _injected_reads() -> list:
     for which in (0, 1, 2):   # ITIMER_REAL, VIRTUAL, PROF
         steps.append((("itimers", which), "getitimer", lambda scr, w=which: (w, scr), 32,
                       lambda raw: list(struct.unpack("<qqqq", raw))))
-    return steps + procattrs.READS + mempolicy.reads()
+    return steps + procattrs.reads() + mempolicy.reads()
 
 
 def prefetch_injected(tasks: List[Task]) -> None:

@@ -1,6 +1,8 @@
 """Per-process attributes a program can read back, that no other record
 carries: dumpable, child subreaper, keep-caps, THP disable, the machine-check
-kill policy and the core dump filter.
+kill policy and the core dump filter; where the kernel has them, rdtsc
+faulting, KSM merge-any and memory-deny-write-execute (OPTIONAL; CPUID
+faulting, which this engine does not set back, is refused).
 
 A restored process is a clone3 of the restorer, so without this it would
 carry ckpt's values: subreaper off, THP allowed, the default MCE policy and
@@ -36,6 +38,11 @@ PR_MCE_KILL, PR_MCE_KILL_GET = 33, 34
 PR_MCE_KILL_SET, PR_MCE_KILL_DEFAULT = 1, 2
 PR_SET_CHILD_SUBREAPER, PR_GET_CHILD_SUBREAPER = 36, 37
 PR_SET_THP_DISABLE, PR_GET_THP_DISABLE = 41, 42
+PR_GET_TSC, PR_SET_TSC, PR_TSC_ENABLE = 25, 26, 1
+PR_SET_MDWE, PR_GET_MDWE = 65, 66
+PR_SET_MEMORY_MERGE, PR_GET_MEMORY_MERGE = 67, 68
+ARCH_GET_CPUID = 0x1011
+MDWE_FLAGS = 3          # PR_MDWE_REFUSE_EXEC_GAIN, PR_MDWE_NO_INHERIT
 SECBIT_KEEP_CAPS = 1 << 4
 DEFAULT_COREDUMP_FILTER = 0x33      # what a process without a setting of its own has (fs/exec.c)
 
@@ -53,24 +60,65 @@ READS = [
     ("thp_disable", "prctl", lambda scr: (PR_GET_THP_DISABLE, 0, 0, 0, 0), 0, None),
     ("mce_kill", "prctl", lambda scr: (PR_MCE_KILL_GET, 0, 0, 0, 0), 0, None),
 ]
+#: Read where this kernel and machine have them (asked once of ckpt itself,
+#: the same kernel: a read the kernel refuses would fail the whole dump),
+#: else their default is recorded: (key, syscall, args, bytes, decoder, default).
+OPTIONAL = [
+    # x86 only: rdtsc faulting (PR_TSC_SIGSEGV), as rr and sandboxes set it; per thread
+    ("tsc", "prctl", lambda scr: (PR_GET_TSC, scr, 0, 0, 0), 4, _int, PR_TSC_ENABLE),
+    # x86 only: CPUID faulting (ARCH_SET_CPUID 0); 1 = cpuid works
+    ("cpuid", "arch_prctl", lambda scr: (ARCH_GET_CPUID, 0), 0, None, 1),
+    # Linux 6.3: memory-deny-write-execute (systemd MemoryDenyWriteExecute= can use it)
+    ("mdwe", "prctl", lambda scr: (PR_GET_MDWE, 0, 0, 0, 0), 0, None, 0),
+    # Linux 6.4 with KSM: every mapping mergeable, now and to come
+    ("memory_merge", "prctl", lambda scr: (PR_GET_MEMORY_MERGE, 0, 0, 0, 0), 0, None, 0),
+]
+_HERE: list = []
+
+
+def reads() -> list:
+    """READS and the OPTIONAL reads this kernel answers (engine/dump.py
+    _injected_reads appends these)."""
+    if not _HERE:
+        import ctypes
+        from . import arch, libc
+        sys_ = arch.current().SYS
+        buf = ctypes.c_int(0)
+        for key, name, args, _, _, _ in OPTIONAL:
+            if name not in sys_:
+                continue
+            a = args(ctypes.addressof(buf))
+            try:
+                libc.syscall(sys_[name], *a)
+                _HERE.append(key)
+            except libc.SysError:
+                pass
+        _HERE.append(None)
+    return READS + [r[:5] for r in OPTIONAL if r[0] in _HERE]
 
 
 def dump(pid: int, got: dict) -> dict:
     """The record, from the injected reads in `got` (their keys are
     removed) and /proc. Raises Refusal(unsupported-state)."""
     vals = {k: got.pop(k) for k, *_ in READS}
+    vals.update({r[0]: got.pop(r[0], r[5]) for r in OPTIONAL})
     why = []
     if vals["securebits"] & ~SECBIT_KEEP_CAPS:
         why.append(f"securebits {vals['securebits']:#x} (only keep-caps can be set back)")
     if vals["thp_disable"] not in (0, 1):
         why.append(f"THP disable mode {vals['thp_disable']:#x}")
+    if vals["cpuid"] != 1:
+        why.append("CPUID faulting (ARCH_SET_CPUID 0), which is not restored")
+    if vals["tsc"] not in (1, 2) or vals["mdwe"] & ~MDWE_FLAGS or vals["memory_merge"] not in (0, 1):
+        why.append(f"TSC mode {vals['tsc']}, MDWE flags {vals['mdwe']:#x}, memory merge {vals['memory_merge']}")
     if why:
         raise Refusal("unsupported-state", "; ".join(why), pid=pid)
     with open(f"/proc/{pid}/coredump_filter") as f:
         cdf = int(f.read().strip(), 16)
     return {"dumpable": vals["dumpable"], "child_subreaper": int(bool(vals["child_subreaper"])),
             "keep_caps": int(bool(vals["securebits"] & SECBIT_KEEP_CAPS)), "thp_disable": vals["thp_disable"],
-            "mce_kill": vals["mce_kill"], "coredump_filter": cdf}
+            "mce_kill": vals["mce_kill"], "coredump_filter": cdf, "tsc": vals["tsc"], "mdwe": vals["mdwe"],
+            "memory_merge": vals["memory_merge"]}
 
 
 def describe(rec: dict) -> str:
@@ -80,7 +128,19 @@ def describe(rec: dict) -> str:
             out.append(text)
     if rec["mce_kill"] != PR_MCE_KILL_DEFAULT:
         out.append(f"MCE kill {'early' if rec['mce_kill'] == 1 else 'late'}")
+    for k, text in (("tsc", "rdtsc faults (PR_TSC_SIGSEGV)"), ("mdwe", "memory-deny-write-execute"),
+                    ("memory_merge", "KSM merge-any")):
+        if rec[k] != (PR_TSC_ENABLE if k == "tsc" else 0):
+            out.append(text)
     return ", ".join(out)
+
+
+def older(rec) -> None:
+    """A format 5 to 7 record: what it did not carry was restored as the default."""
+    if isinstance(rec, dict):
+        for key, *_, default in OPTIONAL:
+            if key != "cpuid":
+                rec.setdefault(key, default)
 
 
 def check_record(rec) -> bool:
@@ -88,6 +148,7 @@ def check_record(rec) -> bool:
     try:
         ok = rec["dumpable"] in (0, 1, 2) and rec["child_subreaper"] in (0, 1) and rec["keep_caps"] in (0, 1) \
             and rec["thp_disable"] in (0, 1) and rec["mce_kill"] in (0, 1, 2)
+        ok = ok and rec["tsc"] in (1, 2) and rec["mdwe"] in (0, 1, 3) and rec["memory_merge"] in (0, 1)
         cdf = rec["coredump_filter"]
         return ok and isinstance(cdf, int) and not isinstance(cdf, bool) and 0 <= cdf < 1 << 32
     except (KeyError, TypeError):
@@ -104,6 +165,18 @@ def queue(b, rec: dict) -> None:
         q("prctl", PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     if rec["mce_kill"] != PR_MCE_KILL_DEFAULT:
         q("prctl", PR_MCE_KILL, PR_MCE_KILL_SET, rec["mce_kill"], 0, 0)
+    if rec["tsc"] != PR_TSC_ENABLE:     # before the threads are cloned: they inherit it
+        q("prctl", PR_SET_TSC, rec["tsc"], 0, 0, 0)
+    if rec["memory_merge"]:
+        q("prctl", PR_SET_MEMORY_MERGE, 1, 0, 0, 0)
+
+
+def last(b, rec: dict) -> None:
+    """The restore's last injected call: memory-deny-write-execute forbids
+    what the restore itself may still do (an executable mapping made
+    writable, a runner area mapped rwx)."""
+    if rec["mdwe"]:
+        b.call("prctl", PR_SET_MDWE, rec["mdwe"], 0, 0, 0)
 
 
 def validate(rec: dict, creds_plan: str) -> list:

@@ -95,6 +95,7 @@ def check_core(core) -> None:
         raise _bad(f"{w}: pid {core['pid']}")
     if not sched.check_record(core.get("sched")):
         raise _bad(f"{w}: sched malformed")
+    procattrs.older(core.get("attrs"))    # formats 5 to 7
     if not procattrs.check_record(core.get("attrs")):
         raise _bad(f"{w}: attrs malformed")
     core.setdefault("mempolicy", [mempolicy.MPOL_DEFAULT, 0])    # formats 5 and 6

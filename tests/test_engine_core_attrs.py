@@ -356,7 +356,7 @@ def test_a_process_that_dropped_to_nobody_comes_back_dumpable(procs, attrs_bin, 
 def test_dumpable_2_only_where_a_change_of_credentials_gives_it(monkeypatch):
     from engine import procattrs
     rec = {"dumpable": 2, "child_subreaper": 0, "keep_caps": 0, "thp_disable": 0, "mce_kill": 2,
-           "coredump_filter": 0x33}
+           "coredump_filter": 0x33, "tsc": 1, "mdwe": 0, "memory_merge": 0}
     assert procattrs.check_record(rec)
     monkeypatch.setattr(procattrs, "suid_dumpable", lambda: 2)
     assert procattrs.validate(rec, "setid") == []
@@ -409,3 +409,35 @@ def test_numa_policy_on_nodes_not_allowed_here_is_refused(monkeypatch):
     (r,) = mempolicy.validate([2, 0b101])
     assert r.reason == "numa-policy" and "nodes 2 that are not allowed" in r.message
     assert not mempolicy.check_record([9, 1]) and not mempolicy.check_record([3, -1]) and mempolicy.check_record([0, 0])
+
+
+def test_tsc_faulting_ksm_merge_any_and_mdwe_restored(procs, attrs_bin, tmp_path):
+    """rdtsc faulting (PR_SET_TSC, rr and sandboxes), KSM merge-any
+    (PR_SET_MEMORY_MERGE, 6.4) and memory-deny-write-execute (PR_SET_MDWE,
+    6.3: set last by the restore, which itself maps; the dump's batch falls
+    back to one read at a time under it): each came back off. The original
+    after --leave-running keeps them."""
+    out = str(tmp_path / "out.txt")
+    p = start(procs, attrs_bin, out, "tscsegv", "ksm", "mdwe")
+    before, _ = report(p.pid, out)
+    for want in ("tsc=2 ", "mdwe=1 ", "ksm=1 "):
+        assert want in before, (want, before)
+    dump(p.pid, str(tmp_path / "lr"), Options(leave_running=True))
+    assert report(p.pid, out)[0] == before
+    dump_restore(p, str(tmp_path / "img"), procs)
+    after, _ = report(p.pid, out)
+    assert after == before
+
+
+def test_cpuid_faulting_is_refused_and_older_records_read_as_defaults(tmp_path):
+    from engine import procattrs
+    got = {"dumpable": 1, "child_subreaper": 0, "securebits": 0, "thp_disable": 0, "mce_kill": 2, "cpuid": 0}
+    with pytest.raises(Refusal) as e:
+        procattrs.dump(os.getpid(), dict(got))
+    assert e.value.reason == "unsupported-state" and "CPUID faulting" in e.value.message
+    rec = procattrs.dump(os.getpid(), dict(got, cpuid=1))
+    assert (rec["tsc"], rec["mdwe"], rec["memory_merge"]) == (1, 0, 0)   # reads this kernel lacks: the defaults
+    old = {k: v for k, v in rec.items() if k not in ("tsc", "mdwe", "memory_merge")}
+    assert not procattrs.check_record(old)
+    procattrs.older(old)
+    assert procattrs.check_record(old) and old == rec

@@ -4,6 +4,7 @@
  *             [timers] [seccomp] [seccomp2] [ioidle] [cdf] [nothp] [subreaper]
  *             [keepcaps] [mceearly] [undumpable] [nobody]
  *             [interleave] [preferred] [mbind]   (NUMA memory policies, node 0)
+ *             [tscsegv] [ksm] [mdwe]   (last: no executable memory made after it)
  * (nobody: setresuid/setresgid 65534 last, after everything else.)
  * Report lines: "report k=v ...", one per SIGUSR1; "fire N" after each
  * expiry of timer A (SIGRTMIN+1, periodic). Everything static about the
@@ -123,10 +124,13 @@ static void report(void) {
     int mpol = -1;
     unsigned long mnodes[4] = {0};    /* 256 nodes: get_mempolicy wants at least nr_node_ids */
     if (syscall(SYS_get_mempolicy, &mpol, mnodes, 256, NULL, 0)) die("get_mempolicy");
+    int tsc = -1;
+    prctl(PR_GET_TSC, &tsc, 0, 0, 0);
     int subreaper = -1;
     prctl(PR_GET_CHILD_SUBREAPER, &subreaper, 0, 0, 0);
     n += snprintf(buf + n, sizeof buf - n,
-                  "report mpol=%#x:%lx ioprio=%ld cdf=%s thp_off=%d subreaper=%d keepcaps=%d mce=%d dumpable=%d uid=%d ",
+                  "report tsc=%d mdwe=%d ksm=%d mpol=%#x:%lx ioprio=%ld cdf=%s thp_off=%d subreaper=%d keepcaps=%d mce=%d dumpable=%d uid=%d ",
+                  tsc, prctl(66 /* PR_GET_MDWE */, 0, 0, 0, 0), prctl(68 /* PR_GET_MEMORY_MERGE */, 0, 0, 0, 0),
                   mpol, mnodes[0], syscall(SYS_ioprio_get, 1, 0), cdf, prctl(PR_GET_THP_DISABLE, 0, 0, 0, 0), subreaper,
                   prctl(PR_GET_KEEPCAPS, 0, 0, 0, 0), prctl(PR_MCE_KILL_GET, 0, 0, 0, 0),
                   prctl(PR_GET_DUMPABLE, 0, 0, 0, 0), (int)getuid());
@@ -231,6 +235,12 @@ int main(int argc, char **argv) {
             unsigned long node0 = 1;
             int mode = w[0] == 'i' ? 3 | 1 << 15 : 1 | 1 << 14;
             if (syscall(SYS_set_mempolicy, mode, &node0, 2)) die("set_mempolicy");
+        } else if (!strcmp(w, "tscsegv")) {
+            if (prctl(PR_SET_TSC, PR_TSC_SIGSEGV, 0, 0, 0)) die("PR_SET_TSC");
+        } else if (!strcmp(w, "ksm")) {
+            if (prctl(67 /* PR_SET_MEMORY_MERGE */, 1, 0, 0, 0)) die("PR_SET_MEMORY_MERGE");
+        } else if (!strcmp(w, "mdwe")) {
+            if (prctl(65 /* PR_SET_MDWE */, 1 /* PR_MDWE_REFUSE_EXEC_GAIN */, 0, 0, 0)) die("PR_SET_MDWE");
         } else if (!strcmp(w, "mbind")) {
             unsigned long node0 = 1;
             void *m = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
