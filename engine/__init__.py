@@ -7,13 +7,15 @@ __version__ = "0.1.0"
 # Bumped whenever a record layout in the image changes; an image of another
 # format version is refused, never guessed at (image.READ_FORMATS: the
 # older formats read, each because it is known exactly what differs).
+# 7: core.json mempolicy (engine/mempolicy.py: an older engine would drop it; 5 and 6
+#    images, which lack it, are read as the default policy, as they were restored);
 # 6: pages files carry a CRC-32 per 1 MiB block instead of a sha256 (engine/pagecrc.py;
 #    format 5 images are still read: image.READ_FORMATS);
 # 5: core.json attrs (engine/procattrs.py: an older engine would drop them);
 # 4: tree.json "share" (an older engine would give a CLONE_FILES member an empty fd table);
 # 3: core.json threads + threads-xstate.bin (an older engine would restore the leader alone);
 # 2: signals, sched, posix_timers, seccomp
-FORMAT_VERSION = 6
+FORMAT_VERSION = 7
 
 
 

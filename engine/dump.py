@@ -17,7 +17,7 @@ TYPE_CHECKING = False   # annotations only: importing typing costs every run ~3 
 if TYPE_CHECKING:
     from typing import Dict, List, Optional
 
-from . import faults, files, libc, posixtimers, procattrs, procfs, sched, seccomp, signals, threads, tree, unlinked
+from . import faults, files, libc, mempolicy, posixtimers, procattrs, procfs, sched, seccomp, signals, threads, tree, unlinked
 from .arch import current as current_arch
 from .check import Survey, preflight, require_features, target_checks
 from .context import DumpContext, Options, boot_id
@@ -78,7 +78,7 @@ def injected_state(task: Task, vmas: List[dict]) -> dict:
         # read side by side with the other members' (prefetch_injected)
         out = dict(pre)
         try:
-            out["posix_timers"] = posixtimers.dump(task, scr)
+            _after_reads(task, scr, vmas, out)
         finally:
             task.write_mem(scr, saved)
         return out
@@ -93,7 +93,7 @@ def injected_state(task: Task, vmas: List[dict]) -> dict:
         raise
     if got is not None:
         try:
-            got["posix_timers"] = posixtimers.dump(task, scr)
+            _after_reads(task, scr, vmas, got)
         finally:
             task.write_mem(scr, saved)
         return got
@@ -107,10 +107,19 @@ def injected_state(task: Task, vmas: List[dict]) -> dict:
                 out[key[0]][key[1]] = value
             else:
                 out[key] = value
-        out["posix_timers"] = posixtimers.dump(task, scr)
+        _after_reads(task, scr, vmas, out)
     finally:
         task.write_mem(scr, saved)
     return out
+
+
+def _after_reads(task: Task, scr: int, vmas: List[dict], out: dict) -> None:
+    """What is read with the scratch after the fixed reads: POSIX timers, and
+    the mappings' own NUMA policies (asked from inside only where
+    numa_maps cannot tell)."""
+    out["posix_timers"] = posixtimers.dump(task, scr)
+    out.setdefault("mempolicy", [mempolicy.MPOL_DEFAULT, 0])
+    mempolicy.vma_policies(task, scr, vmas, out["mempolicy"][0])
 
 
 def refuse_pdeath_signal(pid: int, tid: int, sig: int) -> None:
@@ -148,7 +157,7 @@ def _injected_reads() -> list:
     for which in (0, 1, 2):   # ITIMER_REAL, VIRTUAL, PROF
         steps.append((("itimers", which), "getitimer", lambda scr, w=which: (w, scr), 32,
                       lambda raw: list(struct.unpack("<qqqq", raw))))
-    return steps + procattrs.READS
+    return steps + procattrs.READS + mempolicy.reads()
 
 
 def prefetch_injected(tasks: List[Task]) -> None:
@@ -419,6 +428,7 @@ def _survey_frozen(pid: int, task: Task, ctx: DumpContext, proc: procfs.Proc):
         s.ok("registers", "cpu", task.arch.describe_cpu_state(task.orig_regs, task.get_xstate()))
         s.ok("signals", "signals", f"mask {state['sigmask']:#x}, {sum(1 for a in state['sigactions'].values() if a[0])} handlers")
         s.ok("process attributes", "process", procattrs.describe(state["attrs"]))
+        s.ok("memory policy", "memory", mempolicy.describe(state["mempolicy"]))
         aborted = getattr(task, "rseq_aborted", None)
         s.ok("rseq", "process", ("registered" if state["rseq"]["pointer"] else "none") + (
              f"; the critical section the freeze interrupted continues at its abort handler {aborted:#x}, "

@@ -27,8 +27,9 @@ from .errors import EngineError, Refusal, UsageError
 
 MANIFEST = "manifest.json"
 # Formats this engine reads. 5 differs from 6 only in the pages files' entries
-# (a sha256 of the whole file): those are checked as any other file's.
-READ_FORMATS = (5, FORMAT_VERSION)
+# (a sha256 of the whole file): those are checked as any other file's. 6
+# differs from 7 only by core.json "mempolicy" missing (the default policy).
+READ_FORMATS = (5, 6, FORMAT_VERSION)
 _CHUNK = 8 << 20
 
 

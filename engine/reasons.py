@@ -46,6 +46,8 @@ REASONS = {
     "sharing-peer-outside": ("a process of the dump shares its memory (CLONE_VM, a vfork child), fd table (CLONE_FILES) or "
                              "fs (CLONE_FS) with a process outside it without being its thread (its pid in the detail): "
                              "the restored one would have its own"),
+    "numa-policy": ("a NUMA memory policy the engine cannot restore exactly (named in the detail): a mapping's own "
+                    "policy (mbind), or a process policy naming nodes not allowed here"),
     # files
     "file-missing": ("a file the process had open (or mapped) no longer exists at its path; or the directory a "
                      "deleted file, device node, removed directory or cwd is to be recreated in is gone"),

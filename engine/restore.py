@@ -24,7 +24,7 @@ TYPE_CHECKING = False   # annotations only: importing typing costs every run ~3 
 if TYPE_CHECKING:
     from typing import Dict, List, Optional
 
-from . import (fastjson, faults, files, guard, imagecheck, libc, posixtimers, procattrs, procfs, sched, seccomp, signals,
+from . import (fastjson, faults, files, guard, imagecheck, libc, mempolicy, posixtimers, procattrs, procfs, sched, seccomp, signals,
                threads, unlinked)
 from .arch import current as current_arch
 from .build import build
@@ -97,6 +97,9 @@ def check_core(core) -> None:
         raise _bad(f"{w}: sched malformed")
     if not procattrs.check_record(core.get("attrs")):
         raise _bad(f"{w}: attrs malformed")
+    core.setdefault("mempolicy", [mempolicy.MPOL_DEFAULT, 0])    # formats 5 and 6
+    if not mempolicy.check_record(core["mempolicy"]):
+        raise _bad(f"{w}: mempolicy malformed")
     if not posixtimers.check_records(core.get("posix_timers")):
         raise _bad(f"{w}: posix_timers malformed")
     if not seccomp.check_record(core.get("seccomp")):
@@ -209,7 +212,8 @@ def preflight(reader: ImageReader, core: dict, vmas: List[dict], fdrecs: List[di
                 add(Refusal("capability", f"RLIMIT_{libc.RLIMIT_NAMES[i]} hard limit {mx} is above ckpt's "
                             f"{mymax}; raising it needs CAP_SYS_RESOURCE"))
     for r in sched.validate(core["sched"]) + posixtimers.validate(core["posix_timers"]) + \
-            seccomp.validate(core["seccomp"]) + procattrs.validate(core["attrs"], core.get("_creds_plan", "")):
+            seccomp.validate(core["seccomp"]) + procattrs.validate(core["attrs"], core.get("_creds_plan", "")) + \
+            mempolicy.validate(core["mempolicy"]):
         add(r)
     cwd = core["cwd"]
     if isinstance(cwd.get("removed"), dict):

@@ -301,10 +301,11 @@ class Run:
         # The workload forked warm (harness/warmfork.py) unless CRUCIBLE_WARM_WORKLOAD=0: a
         # new python3 for it then (its start ~0.35 s slower under TCG, its image ~0.2 MB smaller)
         cold = ["--exec"] if os.environ.get("CRUCIBLE_WARM_WORKLOAD", "1") == "0" else []
-        r = self.cmd(t, t.script("workload.py") + ["spawn", p["spec"], "--setup", "--before-dump", "--ready-file"]
-                     + cold, "ready", "setup")
+        r = self.cmd(t, t.script("workload.py") + ["spawn", p["spec"], "--setup", "--before-dump", "--ready-file",
+                                                   "--snap"] + cold, "ready", "setup")
         ready = _json_or_none(r.stdout) or {}
         ready_file = ready.pop("ready_file", None)
+        snap = ready.pop("snap", None)
         res.workload_start = str(ready.get("start", "")) + (f": {ready['cold_why']}" if ready.get("cold_why") else "")
         if ready.get("pid"):
             self.pids.append(int(ready["pid"]))
@@ -319,7 +320,8 @@ class Run:
         self.ready_bytes = ready_file.encode("latin-1") if isinstance(ready_file, str) else t.get_bytes(p["ready"])
         pid = int(ready["pid"])
         res.pid = pid
-        self.before = self.snapshot(t, pid, "dump")
+        # the snapshot before the dump came with the ready line (spawn --snap)
+        self.before = snap if isinstance(snap, dict) else self.snapshot(t, pid, "dump")
 
         opts = sc.get("dump") or {}
         d = self._dump(t, pid, opts)

@@ -437,7 +437,10 @@ def spawn(spec_path: str, phases: List[str] = ()) -> int:
     matters under TCG where every python3 start costs about a second; and
     ``exec``: never start it warm; ``ready_file``: the ready line also
     holds the ready file's bytes as read (``ready_file``, latin-1: the
-    harness keeps that copy without another request to the guest for it).
+    harness keeps that copy without another request to the guest for it);
+    ``snap``: it also holds the harness's snapshot of the workload from
+    outside (``snap``: procstate.quiet_snapshot, as ``workload.py snap``
+    takes it), after the before_dump steps.
     In a fork of the agent the workload is
     a fork of the agent's warm seed become ``run`` without an exec
     (harness/warmfork.py), else this process's child, a new ``python3 -S
@@ -497,6 +500,10 @@ def spawn(spec_path: str, phases: List[str] = ()) -> int:
                     world.apply_phase(spec, "before_dump")
                 except world.WorldError as e:
                     ready = dict(ready, error=f"before_dump step failed: {e}", step="before_dump")
+            if "error" not in ready and "snap" in phases:
+                # the harness's snapshot before the dump, here: one request and
+                # one fork of the agent fewer than a ``snap`` of its own
+                ready["snap"] = _sibling("procstate").quiet_snapshot(int(ready["pid"]), ready.get("proof") or {})
             if cold:
                 ready["cold_why"] = cold
             if "ready_file" in phases:

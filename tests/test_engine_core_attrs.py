@@ -368,3 +368,44 @@ def test_dumpable_2_only_where_a_change_of_credentials_gives_it(monkeypatch):
     assert procattrs.validate(dict(rec, dumpable=0), "same") == []
     assert not procattrs.check_record(dict(rec, dumpable=3))
     assert not procattrs.check_record(dict(rec, coredump_filter=True))
+
+
+@pytest.mark.parametrize("word, want", [("interleave", "mpol=0x8003:1 "), ("preferred", "mpol=0x4001:1 ")])
+def test_numa_memory_policy_restored_with_its_flags(procs, attrs_bin, tmp_path, word, want):
+    """`numactl --interleave`/`--preferred`: the process's own policy, mode
+    flags (static, relative nodes) and nodes; the original that carried on
+    after --leave-running keeps its own too (the read is the process's)."""
+    out = str(tmp_path / "out.txt")
+    p = start(procs, attrs_bin, out, word)
+    before, _ = report(p.pid, out)
+    assert want in before, before
+    dump(p.pid, str(tmp_path / "lr"), Options(leave_running=True))
+    assert report(p.pid, out)[0] == before
+    dump_restore(p, str(tmp_path / "img"), procs)
+    after, _ = report(p.pid, out)
+    assert after == before
+
+
+def test_a_mapping_with_its_own_numa_policy_is_refused_and_target_unharmed(procs, attrs_bin, tmp_path):
+    # mbind's policy lives in the mapping; with a process policy too
+    # (interleave), numa_maps shows it on every mapping and only the
+    # process itself can tell them apart.
+    for words in (("mbind",), ("interleave", "mbind")):
+        out = str(tmp_path / f"out{len(words)}.txt")
+        p = start(procs, attrs_bin, out, *words)
+        before, _ = report(p.pid, out)
+        img = str(tmp_path / f"img{len(words)}")
+        with pytest.raises(Refusal) as e:
+            dump(p.pid, img, Options())
+        assert e.value.reason == "numa-policy" and "policy of its own (mbind: bind" in e.value.message, e.value
+        assert report(p.pid, out)[0] == before
+        assert not os.path.exists(img)
+
+
+def test_numa_policy_on_nodes_not_allowed_here_is_refused(monkeypatch):
+    from engine import mempolicy
+    monkeypatch.setattr(mempolicy, "allowed_nodes", lambda: 0b1)
+    assert mempolicy.validate([3, 0b1]) == [] and mempolicy.validate([3 | 1 << 15, 0b110]) == []
+    (r,) = mempolicy.validate([2, 0b101])
+    assert r.reason == "numa-policy" and "nodes 2 that are not allowed" in r.message
+    assert not mempolicy.check_record([9, 1]) and not mempolicy.check_record([3, -1]) and mempolicy.check_record([0, 0])

@@ -20,7 +20,8 @@ from engine.task import INJECTED
 from engine_core_support import procs, wait_for  # noqa: F401
 
 TARGET = os.path.join(os.path.dirname(__file__), "targets", "sigstate.c")
-STEPS = 74      # brk, 62 sigactions, sigaltstack, 2 prctl, 3 getitimer, 5 prctl (engine/procattrs.py)
+STEPS = 75      # brk, 62 sigactions, sigaltstack, 2 prctl, 3 getitimer, 5 prctl (engine/procattrs.py),
+#                 get_mempolicy (engine/mempolicy.py)
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +63,7 @@ def _reads(core):
     # The interval timers' remaining values run down between two dumps: their intervals must match.
     return {"sigactions": core["sigactions"], "sigaltstack": core["sigaltstack"],
             "tid_address": core["tid_address"], "brk": core["brk"],
-            "itimer_intervals": [t[:2] for t in core["itimers"]]}
+            "itimer_intervals": [t[:2] for t in core["itimers"]], "mempolicy": core["mempolicy"]}
 
 
 def test_batched_reads_equal_one_by_one(procs, sigstate_bin, tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import kinds, schema, sysapi, targets, world
+from harness import kinds, schema, statediff, sysapi, targets, world
 from harness.kinds import process
 from test_harness_workload import RICH_FDS, RICH_SETUP, Workload, failed
 
@@ -105,13 +106,19 @@ def test_workload_runs_from_the_guest_layout(tmp_path):
         assert r.stdout, r.stderr[-3000:]
         return json.loads(r.stdout)
 
-    ready = script("spawn", str(root / "c/spec.json"), "--setup")
+    ready = script("spawn", str(root / "c/spec.json"), "--setup", "--snap")
     pids = [ready.get("pid")] + ready.get("helpers", [])
     try:
         assert "error" not in ready, ready.get("error")
         with open(f"/proc/{ready['pid']}/cmdline", "rb") as f:
             # the exec'd workload's script (workload.py is imported, from its bytecode)
             assert str(scripts / "workload_run.py").encode() in f.read()
+        # spawn --snap: the harness's snapshot before the dump, of this very
+        # process (its in-memory secret), the one a `snap` of its own takes
+        snap = ready.pop("snap")
+        assert hashlib.sha256(bytes.fromhex(snap["proof.secret"])).hexdigest() == ready["proof"]["secret_sha256"]
+        again = script("snap", str(ready["pid"]), json.dumps(ready["proof"]))
+        assert len(snap) > 100 and statediff.diff(snap, again, set()) == []
         out = script("signal", str(ready["pid"]), spec["verdict"], "20")
         assert out["verdict"]["ok"], failed(out["verdict"])
         whats = {c["what"] for c in out["verdict"]["checks"]}

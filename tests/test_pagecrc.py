@@ -10,7 +10,7 @@ import zlib
 
 import pytest
 
-from engine import imagecheck, pagecrc
+from engine import FORMAT_VERSION, imagecheck, pagecrc
 from engine.errors import Refusal
 from engine.image import MANIFEST, ImageReader, ImageWriter
 
@@ -57,7 +57,7 @@ def test_the_entry_is_a_crc_per_block_whatever_the_write_sizes(tmp_path):
         entry = _manifest(d)["files"][PAGES]
         assert entry == {"crc32": want, "size": SIZE}
         assert "sha256" in _manifest(d)["files"]["core.json"]
-        assert _manifest(d)["format"] == 6
+        assert _manifest(d)["format"] == FORMAT_VERSION
         r = ImageReader(d)
         r.verify()
         assert bytes(r.data(PAGES)) == data
@@ -161,13 +161,13 @@ def test_format_5_has_no_crc_entries(tmp_path):
     _reject(d)
 
 
-@pytest.mark.parametrize("fmt", [4, 7, 5.0, "6", True])
+@pytest.mark.parametrize("fmt", [4, 8, 5.0, "6", True])
 def test_other_formats_are_refused_naming_those_read(tmp_path, fmt):
     d = _write(tmp_path)
     man = _manifest(d)
     man["format"] = fmt
     _put_manifest(d, man)
-    with pytest.raises(Refusal, match=r"this engine reads formats 5, 6") as ei:
+    with pytest.raises(Refusal, match=r"this engine reads formats 5, 6, 7") as ei:
         ImageReader(d)
     assert ei.value.reason == "image-invalid"
 

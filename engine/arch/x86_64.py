@@ -113,6 +113,7 @@ SYS: Dict[str, int] = {
     # interrupted-call recovery and pending signals (engine/restart.py, engine/signals.py)
     "nanosleep": 35, "futex": 202, "restart_syscall": 219, "clock_nanosleep": 230,
     "rt_sigqueueinfo": 129, "rt_tgsigqueueinfo": 297,
+    "mbind": 237, "set_mempolicy": 238, "get_mempolicy": 239,   # engine/mempolicy.py
     "kcmp": 312,   # engine/threads.py: what threads share
 }
 

@@ -3,6 +3,7 @@
  *   attrs OUT [nice5] [batch|idle|fifo] [cpu0] [oom321] [slack] [pers] [nnp]
  *             [timers] [seccomp] [seccomp2] [ioidle] [cdf] [nothp] [subreaper]
  *             [keepcaps] [mceearly] [undumpable] [nobody]
+ *             [interleave] [preferred] [mbind]   (NUMA memory policies, node 0)
  * (nobody: setresuid/setresgid 65534 last, after everything else.)
  * Report lines: "report k=v ...", one per SIGUSR1; "fire N" after each
  * expiry of timer A (SIGRTMIN+1, periodic). Everything static about the
@@ -23,6 +24,7 @@
 #include <string.h>
 #include <sys/personality.h>
 #include <grp.h>
+#include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/syscall.h>
@@ -118,11 +120,14 @@ static void report(void) {
     k = fd < 0 ? -1 : read(fd, cdf, sizeof cdf - 1);
     if (fd >= 0) close(fd);
     cdf[k > 0 ? k - 1 : 0] = 0;
+    int mpol = -1;
+    unsigned long mnodes[4] = {0};    /* 256 nodes: get_mempolicy wants at least nr_node_ids */
+    if (syscall(SYS_get_mempolicy, &mpol, mnodes, 256, NULL, 0)) die("get_mempolicy");
     int subreaper = -1;
     prctl(PR_GET_CHILD_SUBREAPER, &subreaper, 0, 0, 0);
     n += snprintf(buf + n, sizeof buf - n,
-                  "report ioprio=%ld cdf=%s thp_off=%d subreaper=%d keepcaps=%d mce=%d dumpable=%d uid=%d ",
-                  syscall(SYS_ioprio_get, 1, 0), cdf, prctl(PR_GET_THP_DISABLE, 0, 0, 0, 0), subreaper,
+                  "report mpol=%#x:%lx ioprio=%ld cdf=%s thp_off=%d subreaper=%d keepcaps=%d mce=%d dumpable=%d uid=%d ",
+                  mpol, mnodes[0], syscall(SYS_ioprio_get, 1, 0), cdf, prctl(PR_GET_THP_DISABLE, 0, 0, 0, 0), subreaper,
                   prctl(PR_GET_KEEPCAPS, 0, 0, 0, 0), prctl(PR_MCE_KILL_GET, 0, 0, 0, 0),
                   prctl(PR_GET_DUMPABLE, 0, 0, 0, 0), (int)getuid());
     n += snprintf(buf + n, sizeof buf - n,
@@ -221,6 +226,15 @@ int main(int argc, char **argv) {
             if (prctl(PR_MCE_KILL, PR_MCE_KILL_SET, PR_MCE_KILL_EARLY, 0, 0)) die("PR_MCE_KILL");
         } else if (!strcmp(w, "undumpable")) {
             if (prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)) die("PR_SET_DUMPABLE");
+        } else if (!strcmp(w, "interleave") || !strcmp(w, "preferred")) {
+            /* MPOL_INTERLEAVE | MPOL_F_STATIC_NODES, MPOL_PREFERRED | MPOL_F_RELATIVE_NODES */
+            unsigned long node0 = 1;
+            int mode = w[0] == 'i' ? 3 | 1 << 15 : 1 | 1 << 14;
+            if (syscall(SYS_set_mempolicy, mode, &node0, 2)) die("set_mempolicy");
+        } else if (!strcmp(w, "mbind")) {
+            unsigned long node0 = 1;
+            void *m = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+            if (m == MAP_FAILED || syscall(SYS_mbind, m, 4096, 2 /* MPOL_BIND */, &node0, 2, 0)) die("mbind");
         } else if (!strcmp(w, "nobody")) {
             /* after the loop */
         } else if (!strcmp(w, "nnp")) {
