@@ -146,9 +146,11 @@ def _run(args) -> dict:
         from .survey import run_cli
         return run_cli(args, opts)
     if args.command == "restore":
-        from .profiling import run as profiled
         from .restore import restore
-        return profiled("restore-checks", restore, args.dir, opts, args.pidfile)
+        if os.environ.get("CKPT_PROFILE"):    # (engine/profiling.py imported only then)
+            from .profiling import run as profiled
+            return profiled("restore-checks", restore, args.dir, opts, args.pidfile)
+        return restore(args.dir, opts, args.pidfile)
     from .show import show
     return show(args.dir)
 

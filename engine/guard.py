@@ -142,8 +142,11 @@ def run(fn: Callable, *args):
         try:
             become_worker(parent, w)
             try:
-                from .profiling import run as profiled
-                out = ("ok", profiled(getattr(fn, "__name__", "work"), fn, *args))
+                if os.environ.get("CKPT_PROFILE"):     # (engine/profiling.py imported only then)
+                    from .profiling import run as profiled
+                    out = ("ok", profiled(getattr(fn, "__name__", "work"), fn, *args))
+                else:
+                    out = ("ok", fn(*args))
             except BaseException as e:   # noqa: BLE001 - handed to ckpt, which raises it
                 out = ("raise", e)
                 code = 1
