@@ -407,8 +407,8 @@ def m_change_umask(img: Image) -> str:
 
 
 def m_reset_process_attrs(img: Image) -> str:
-    """The process attributes and I/O priority a clone of the restorer
-    would have (engine/procattrs.py, sched.py "ioprio")."""
+    """The process attributes, I/O priority and NUMA policy a clone of the
+    restorer would have (engine/procattrs.py, sched.py "ioprio", mempolicy.py)."""
     core = img.json("core.json")
     default = {"dumpable": 1, "child_subreaper": 0, "keep_caps": 0, "thp_disable": 0, "mce_kill": 2,
                "coredump_filter": 0x33}
@@ -418,6 +418,9 @@ def m_reset_process_attrs(img: Image) -> str:
         if rec.get("sched", {}).get("ioprio"):
             diff.append(f"{where}ioprio {rec['sched']['ioprio']:#x} -> 0")
             rec["sched"]["ioprio"] = 0
+    if core.get("mempolicy", [0, 0])[0]:
+        diff.append(f"mempolicy {core['mempolicy']} -> default")
+        core["mempolicy"] = [0, 0]
     if not diff:
         raise NoTarget("every process attribute is already the default")
     attrs.update(default)
@@ -741,7 +744,7 @@ CAUGHT_BY: Dict[str, str] = {
     "change-mprotect": "the /proc maps diff (perms of every mapping)",
     "lose-cwd": "the cwd compared",
     "reset-process-attrs": "workload.process.attrs read back by the process (scenarios/process/attrs.yaml); "
-                           "I/O priority, coredump_filter and THP_enabled compared from outside",
+                           "I/O priority, coredump_filter, THP_enabled and numa_maps compared from outside",
     "unshare-tree-memory": "tree children write to a MAP_SHARED page after the restore; the parent must see it, and they its",
 }
 

@@ -266,9 +266,26 @@ def snapshot(pid: int, pub: Optional[dict] = None) -> Dict[str, str]:
         out[key + ".dev"] = parts[3]
         out[key + ".inode"] = parts[4]
         out[key + ".path"] = parts[5].strip() if len(parts) > 5 else ""
+    out.update(_numa_policies(base))
     out.update(_fds(base))
     for k, v in proof(pid, pub).items():
         out[f"proof.{k}"] = v if v is not None else "unreadable"
+    return out
+
+
+_MPOL = re.compile(r"((?:prefer \(many\)|weighted interleave)?\S*)")
+
+
+def _numa_policies(base: str) -> Dict[str, str]:
+    """Each mapping's NUMA policy as numa_maps shows it (its own, else the
+    process's: numactl's --interleave shows on every mapping), where it is
+    not the default: a process without any policy adds no key."""
+    out: Dict[str, str] = {}
+    for line in (_read(f"{base}/numa_maps") or "").splitlines():
+        addr, _, rest = line.partition(" ")
+        m = _MPOL.match(rest)
+        if m and m.group(1) != "default":
+            out[f"numa.{addr}"] = m.group(1)
     return out
 
 

@@ -268,7 +268,8 @@ def sigtimedwait_now(signals: Iterable[int]) -> Tuple[int, int, int]:
 
 
 # clone(2) and kcmp(2) numbers; clone's flags come first on both
-_SYS = {"x86_64": {"clone": 56, "kcmp": 312, "unshare": 272}, "aarch64": {"clone": 220, "kcmp": 272, "unshare": 97}}
+_SYS = {"x86_64": {"clone": 56, "kcmp": 312, "unshare": 272, "set_mempolicy": 238, "get_mempolicy": 239},
+        "aarch64": {"clone": 220, "kcmp": 272, "unshare": 97, "set_mempolicy": 237, "get_mempolicy": 236}}
 CLONE_FS, CLONE_FILES = 0x200, 0x400
 KCMP_FILES, KCMP_FS = 2, 3
 
@@ -311,6 +312,24 @@ def child_subreaper() -> int:
     v = ctypes.c_int(-1)
     _check(_libc.prctl(PR["get_child_subreaper"], ctypes.byref(v), 0, 0, 0))
     return v.value
+
+
+MPOL = {"preferred": 1, "bind": 2, "interleave": 3, "local": 4}
+
+
+def set_mempolicy(mode: int, nodes: int) -> None:
+    """set_mempolicy(2); nodes a bit mask (set_mempolicy reads maxnode - 1 bits)."""
+    mask = ctypes.c_ulong(nodes)
+    _check(_libc.syscall(ctypes.c_long(_SYS[os.uname().machine]["set_mempolicy"]), ctypes.c_long(mode),
+                         ctypes.byref(mask) if nodes else None, ctypes.c_ulong(65 if nodes else 0)))
+
+
+def get_mempolicy() -> tuple:
+    """(mode with its flags, node mask of the first 1024 nodes) of this thread."""
+    mode, mask = ctypes.c_int(-1), (ctypes.c_ulong * 16)()
+    _check(_libc.syscall(ctypes.c_long(_SYS[os.uname().machine]["get_mempolicy"]), ctypes.byref(mode), mask,
+                         ctypes.c_ulong(1024), None, ctypes.c_ulong(0)))
+    return mode.value, sum(w << (64 * i) for i, w in enumerate(mask))
 
 
 def ioprio_get(tid: int = 0) -> int:

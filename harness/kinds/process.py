@@ -3,7 +3,8 @@
 them) and checks after the restore: umask, rlimits, signal actions, the
 signal mask, pending signals (with their sigqueue values), interval
 timers and ``attrs`` (I/O priority, core dump filter, THP disable, child
-subreaper, keep-caps, machine-check kill policy, dumpable: each compared
+subreaper, keep-caps, machine-check kill policy, dumpable, NUMA memory
+policy: each compared
 with what the process saw before the dump, every one of them whether the
 scenario set it or not); and ``threads``: Python threads the workload starts, each blocked
 in one call (sleep: a time.sleep loop that counts; read: os.read on a pipe
@@ -75,9 +76,9 @@ THREAD_WAKE_S = 10.0
 CHILD_IN = ("sleep", "read", "zombie")
 CHILD_GROUPS = ("parent", "own")
 # workload.process.attrs: kernel attributes a process reads back itself
-# (prctl, ioprio_get, /proc/self/coredump_filter); the judge sees the
-# I/O priority, THP_enabled and the core dump filter from outside too
-# (harness/procstate.py).
+# (prctl, ioprio_get, /proc/self/coredump_filter, get_mempolicy); the judge
+# sees the I/O priority, THP_enabled, the core dump filter and the NUMA
+# policy (numa_maps) from outside too (harness/procstate.py).
 IOPRIO = ("none", "idle") + tuple(f"{c}:{n}" for c in ("best-effort", "realtime") for n in range(8))
 MCE_KILL = {"late": 0, "early": 1}
 CHILD_SHARE = {"files": (sysapi.CLONE_FILES, sysapi.KCMP_FILES), "fs": (sysapi.CLONE_FS, sysapi.KCMP_FS)}
@@ -100,7 +101,8 @@ def fields(s) -> dict:
         "leave": s.List_(s.Enum(tuple(CHILD_SHARE), "what the workload can leave:")),
         "attrs": s.Map({"ioprio": s.Enum(IOPRIO, "an I/O priority (class or class:level):"),
                         "coredump_filter": s.Int(0, 0x1ff), "thp_disable": s.Bool(), "child_subreaper": s.Bool(),
-                        "keep_caps": s.Bool(), "mce_kill": s.Enum(tuple(MCE_KILL)), "dumpable": s.Bool()}),
+                        "keep_caps": s.Bool(), "mce_kill": s.Enum(tuple(MCE_KILL)), "dumpable": s.Bool(),
+                        "mempolicy": s.Enum(tuple(sysapi.MPOL), "a NUMA memory policy (on node 0):")}),
         "children": s.List_(s.Map({"blocked_in": s.Enum(CHILD_IN, "what a child does:"),
                                    "exit": s.Int(0, 255), "group": s.Enum(CHILD_GROUPS),
                                    "share": s.List_(s.Enum(tuple(CHILD_SHARE), "what a child can share:"))},
@@ -577,6 +579,8 @@ def _apply_attrs(a: dict) -> None:
             sysapi.prctl(option, int(a[key]))
     if "mce_kill" in a:
         sysapi.prctl("mce_kill", 1, MCE_KILL[a["mce_kill"]])    # PR_MCE_KILL_SET
+    if "mempolicy" in a:        # as numactl --interleave=0 etc. would start it
+        sysapi.set_mempolicy(sysapi.MPOL[a["mempolicy"]], 0 if a["mempolicy"] == "local" else 1)
 
 
 def _attrs_now() -> dict:
@@ -584,11 +588,13 @@ def _attrs_now() -> dict:
         cdf = int(f.read().strip(), 16)
     return {"ioprio": sysapi.ioprio_get(), "coredump_filter": cdf, "thp_disable": sysapi.prctl("get_thp_disable"),
             "child_subreaper": sysapi.child_subreaper(), "keep_caps": sysapi.prctl("get_keepcaps"),
-            "mce_kill": sysapi.prctl("mce_kill_get"), "dumpable": sysapi.prctl("get_dumpable")}
+            "mce_kill": sysapi.prctl("mce_kill_get"), "dumpable": sysapi.prctl("get_dumpable"),
+            "mempolicy": "%d:%x" % sysapi.get_mempolicy()}
 
 
 def _attrs_wanted(a: dict) -> dict:
-    conv = {"ioprio": _ioprio_value, "mce_kill": MCE_KILL.get}
+    conv = {"ioprio": _ioprio_value, "mce_kill": MCE_KILL.get,
+            "mempolicy": lambda m: f"{sysapi.MPOL[m]}:{0 if m == 'local' else 1:x}"}
     return {k: conv[k](v) if k in conv else int(v) for k, v in a.items()}
 
 
