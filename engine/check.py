@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from typing import Any, Dict, List, Optional
 
 from . import fds as fdkinds
-from . import fstype, posixtimers, procfs, unlinked
+from . import fstype, posixtimers, procfs, sysvsem, unlinked
 from .context import DumpContext
 from .errors import EngineError, Refusal, UsageError
 
@@ -174,6 +174,10 @@ def _check_process(s: Survey, ctx: Optional[DumpContext] = None) -> None:
         # clone3(exit_signal=SIGCHLD) would notify its parent differently.
         s.refuse("exit signal", "process", Refusal("unsupported-state", f"exit signal {st['exit_signal']}, not SIGCHLD"))
     _check_creds(s)
+    try:
+        sysvsem.check(pid)
+    except Refusal as r:
+        s.refuse("SysV semaphores", "process", r)
 
 
 

@@ -441,3 +441,26 @@ def test_cpuid_faulting_is_refused_and_older_records_read_as_defaults(tmp_path):
     assert not procattrs.check_record(old)
     procattrs.older(old)
     assert procattrs.check_record(old) and old == rec
+
+
+def test_sysv_semaphore_with_a_possible_undo_is_refused_and_target_unharmed(procs, attrs_bin, tmp_path):
+    """Its SEM_UNDO adjustment cannot be seen or restored, and the dump's
+    kill would apply it: the restored process would find the semaphore
+    back at 0 while it believes it raised it."""
+    from engine import sysvsem
+    out = str(tmp_path / "out.txt")
+    p = start(procs, attrs_bin, out, "semundo")
+    sems = sysvsem.last_operated_by(p.pid)
+    assert len(sems) == 1, sems
+    try:
+        before, _ = report(p.pid, out)
+        for opts in (Options(), Options(leave_running=True)):
+            img = str(tmp_path / f"img{opts.leave_running}")
+            with pytest.raises(Refusal) as e:
+                dump(p.pid, img, opts)
+            assert e.value.reason == "unsupported-state" and f"SysV semaphore {sems[0][0]}#0" in e.value.message
+            assert not os.path.exists(img)
+        assert report(p.pid, out)[0] == before
+        assert _libc.semctl(sems[0][0], 0, 12) == 1      # GETVAL: still raised (the process was not killed)
+    finally:
+        _libc.semctl(sems[0][0], 0, 0)                   # IPC_RMID

@@ -5,6 +5,7 @@
  *             [keepcaps] [mceearly] [undumpable] [nobody]
  *             [interleave] [preferred] [mbind]   (NUMA memory policies, node 0)
  *             [tscsegv] [ksm] [mdwe]   (last: no executable memory made after it)
+ *             [semundo]   (a private SysV semaphore raised with SEM_UNDO)
  * (nobody: setresuid/setresgid 65534 last, after everything else.)
  * Report lines: "report k=v ...", one per SIGUSR1; "fire N" after each
  * expiry of timer A (SIGRTMIN+1, periodic). Everything static about the
@@ -26,6 +27,7 @@
 #include <sys/personality.h>
 #include <grp.h>
 #include <sys/mman.h>
+#include <sys/sem.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/syscall.h>
@@ -235,6 +237,10 @@ int main(int argc, char **argv) {
             unsigned long node0 = 1;
             int mode = w[0] == 'i' ? 3 | 1 << 15 : 1 | 1 << 14;
             if (syscall(SYS_set_mempolicy, mode, &node0, 2)) die("set_mempolicy");
+        } else if (!strcmp(w, "semundo")) {
+            struct sembuf up = {0, 1, SEM_UNDO};
+            int id = semget(IPC_PRIVATE, 1, 0600);
+            if (id < 0 || semop(id, &up, 1)) die("semop");
         } else if (!strcmp(w, "tscsegv")) {
             if (prctl(PR_SET_TSC, PR_TSC_SIGSEGV, 0, 0, 0)) die("PR_SET_TSC");
         } else if (!strcmp(w, "ksm")) {
