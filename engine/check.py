@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from typing import Any, Dict, List, Optional
 
 from . import fds as fdkinds
-from . import fstype, posixtimers, procfs, sysvsem, unlinked
+from . import fstype, lsm, posixtimers, procfs, sysvsem, unlinked
 from .context import DumpContext
 from .errors import EngineError, Refusal, UsageError
 
@@ -178,6 +178,10 @@ def _check_process(s: Survey, ctx: Optional[DumpContext] = None) -> None:
         sysvsem.check(pid)
     except Refusal as r:
         s.refuse("SysV semaphores", "process", r)
+    try:
+        lsm.check(pid)
+    except Refusal as r:
+        s.refuse("security label", "process", r)
 
 
 

@@ -478,3 +478,25 @@ def test_a_threads_own_numa_policy_restored(procs, attrs_bin, tmp_path, threads)
     dump_restore(p, str(tmp_path / "img"), procs)
     after, _ = report(p.pid, out)
     assert after == before
+
+
+def test_a_security_label_other_than_ckpts_is_refused(monkeypatch):
+    """No LSM on this host (attr/current: EINVAL) - the labels a kernel
+    with AppArmor or SELinux would show, and what ckpt makes of them."""
+    from engine import lsm
+    labels = {"/proc/self/attr/current": "unconfined", "/proc/7/attr/current": "unconfined"}
+    monkeypatch.setattr(lsm, "_read", labels.get)
+    lsm.check(7)
+    labels["/proc/7/attr/current"] = "/usr/sbin/cupsd (enforce)"
+    with pytest.raises(Refusal) as e:
+        lsm.check(7)
+    assert e.value.reason == "unsupported-state" and "cupsd (enforce)" in e.value.message
+    labels["/proc/7/attr/current"] = "unconfined"
+    labels["/proc/7/attr/exec"] = "sandboxed"
+    with pytest.raises(Refusal, match="attr/exec"):
+        lsm.check(7)
+    labels["/proc/7/attr/exec"] = ""
+    lsm.check(7)
+    # and the real files of this kernel: unreadable (no LSM) or equal for ckpt itself
+    monkeypatch.undo()
+    lsm.check(os.getpid())
