@@ -10,7 +10,8 @@ The process's policy is readable by the process alone: get_mempolicy
 (mode with its flags, the nodes) is one of the dump's injected reads
 (engine/dump.py, batched with the others), queued back with set_mempolicy
 among the new process's settings (engine/build.py process_state), so the
-threads it then clones inherit it. With MPOL_F_STATIC_NODES or
+threads it then clones inherit it. The policy is per thread: each thread's
+is read too (engine/threads.py) and set in it where it differs. With MPOL_F_STATIC_NODES or
 MPOL_F_RELATIVE_NODES get_mempolicy gives the nodes as the user passed
 them, which set back gives the same policy; without them the nodes must
 be allowed here (Mems_allowed of the restorer) or the restore is refused
@@ -133,6 +134,13 @@ def allowed_nodes():
     except (OSError, ValueError):
         pass
     return None
+
+
+def queue_thread(tb, rec: list, leader: list) -> None:
+    """A thread's own policy, where it is not the leader's it inherited."""
+    if list(rec) != list(leader):
+        from .batch import Data
+        tb.pending.add("set_mempolicy", rec[0], Data(rec[1].to_bytes(MAXNODE // 8, "little")), MAXNODE + 1)
 
 
 def queue(b, rec: list) -> None:

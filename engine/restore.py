@@ -214,7 +214,9 @@ def preflight(reader: ImageReader, core: dict, vmas: List[dict], fdrecs: List[di
                             f"{mymax}; raising it needs CAP_SYS_RESOURCE"))
     for r in sched.validate(core["sched"]) + posixtimers.validate(core["posix_timers"]) + \
             seccomp.validate(core["seccomp"]) + procattrs.validate(core["attrs"], core.get("_creds_plan", "")) + \
-            mempolicy.validate(core["mempolicy"]):
+            mempolicy.validate(core["mempolicy"]) + \
+            [r for t in core.get("threads", []) if t.get("mempolicy", core["mempolicy"]) != core["mempolicy"]
+             for r in mempolicy.validate(t["mempolicy"])]:
         add(r)
     cwd = core["cwd"]
     if isinstance(cwd.get("removed"), dict):

@@ -51,7 +51,7 @@ TYPE_CHECKING = False   # annotations only: importing typing costs every run ~3 
 if TYPE_CHECKING:
     from typing import List, Optional
 
-from . import faults, guard, libc, ptrace, sched, signals
+from . import faults, guard, libc, mempolicy, ptrace, sched, signals
 from .errors import EngineError, Refusal
 from .libc import SysError
 from .task import Task
@@ -344,6 +344,7 @@ def thread_state(task: Task, leader: Task, vmas: List[dict]) -> dict:
         pre = dict(pre)
         refuse_pdeath_signal(pid, tid, pre.pop("pdeath_signal"))
         rec.update(pre)
+        rec.setdefault("mempolicy", [mempolicy.MPOL_DEFAULT, 0])
         return rec
     scr = _scratch(task, vmas)
     saved = task.read_mem(scr, SCRATCH)
@@ -355,9 +356,13 @@ def thread_state(task: Task, leader: Task, vmas: List[dict]) -> dict:
         rec["tid_address"] = struct.unpack("<Q", task.read_mem(scr, 8))[0]
         task.call("prctl", PR_GET_PDEATHSIG, scr, 0, 0, 0)
         pdeath = struct.unpack("<i", task.read_mem(scr, 4))[0]
+        for key, name, args, nbytes, decode in mempolicy.reads():
+            task.call(name, *args(scr))
+            rec[key] = decode(task.read_mem(scr, nbytes))
     finally:
         task.write_mem(scr, saved)
     refuse_pdeath_signal(pid, tid, pdeath)
+    rec.setdefault("mempolicy", [mempolicy.MPOL_DEFAULT, 0])
     return rec
 
 
@@ -405,6 +410,12 @@ def prefetch(others: List[Task], leader: Task, vmas: List[dict]) -> None:
         got = [{"sigaltstack": a, "tid_address": tid_address,
                 "pdeath_signal": struct.unpack("<i", t.read_mem(scr, 4))[0]}
                for a, tid_address, (t, scr, _) in zip(alts, tids, ready)]
+        for key, name, args, nbytes, decode in mempolicy.reads():
+            res = syscall_each([(t, t.arch.SYS[name], args(scr)) for t, scr, _ in ready])
+            if any(res):
+                return
+            for g, (t, scr, _) in zip(got, ready):
+                g[key] = decode(t.read_mem(scr, nbytes))
     except (EngineError, SysError, OSError):
         return
     finally:
@@ -423,7 +434,7 @@ def _thread_steps() -> list:
             ("tid_address", "prctl", lambda out: (PR_GET_TID_ADDRESS, out, 0, 0, 0), 8,
              lambda raw: struct.unpack("<Q", raw)[0]),
             ("pdeath_signal", "prctl", lambda out: (PR_GET_PDEATHSIG, out, 0, 0, 0), 4,
-             lambda raw: struct.unpack("<i", raw)[0])]
+             lambda raw: struct.unpack("<i", raw)[0])] + mempolicy.reads()   # set_mempolicy is per thread
 
 
 def _prefetch_batched(others: List[Task], leader: Task, vmas: List[dict]) -> bool:
@@ -466,7 +477,7 @@ def _prefetch_batched(others: List[Task], leader: Task, vmas: List[dict]) -> boo
             for i, r in enumerate(runs):
                 r.area = base + i * dumpbatch.AREA
             for r, values in dumpbatch.run_all(runs):
-                r.task.prefetched_thread = {k: values[k] for k in ("sigaltstack", "tid_address", "pdeath_signal")}
+                r.task.prefetched_thread = {step[0]: values[step[0]] for step in _thread_steps()}
         finally:
             for r in runs:
                 r.area = None       # one munmap for all of them, here
@@ -592,6 +603,8 @@ def check_records(recs) -> Optional[str]:
                 return f"thread {r['tid']}: rseq"
             if not sched.check_record(r["sched"]):
                 return f"thread {r['tid']}: sched"
+            if not mempolicy.check_record(r.get("mempolicy", [0, 0])):
+                return f"thread {r['tid']}: mempolicy"
             signals.check_record(r["signals"])
             current().normalise_restart(current().Regs.from_dict(r["regs"]))
         except Refusal as e:
@@ -661,6 +674,9 @@ def _own_state(tb, rec: dict) -> None:
     r = rec["rseq"]
     if r["pointer"]:
         q("rseq", r["pointer"], r["size"], 0, r["signature"])
+    # The clone has the leader's NUMA policy (set with the process state):
+    # a thread's own, where it has another (formats before 9: the leader's).
+    mempolicy.queue_thread(tb, rec.get("mempolicy", tb.job.core["mempolicy"]), tb.job.core["mempolicy"])
     tb.flush()
     # Everything blocked until finish(): a signal dequeued at an injection
     # stop could only be dropped or delivered mid-restore.

@@ -464,3 +464,17 @@ def test_sysv_semaphore_with_a_possible_undo_is_refused_and_target_unharmed(proc
         assert _libc.semctl(sems[0][0], 0, 12) == 1      # GETVAL: still raised (the process was not killed)
     finally:
         _libc.semctl(sems[0][0], 0, 0)                   # IPC_RMID
+
+
+@pytest.mark.parametrize("threads", [1, 2], ids=["one-by-one", "prefetched"])
+def test_a_threads_own_numa_policy_restored(procs, attrs_bin, tmp_path, threads):
+    """set_mempolicy is per thread: a thread's own policy (bind) beside the
+    leader's (interleave); it would come back as the leader's. Two such
+    threads are read side by side (threads.prefetch), one alone one by one."""
+    out = str(tmp_path / "out.txt")
+    p = start(procs, attrs_bin, out, "interleave", *["threadpol"] * threads)
+    before, _ = report(p.pid, out)
+    assert "thread_mpol=0x201 " in before and "mpol=0x8003:1 " in before, before
+    dump_restore(p, str(tmp_path / "img"), procs)
+    after, _ = report(p.pid, out)
+    assert after == before

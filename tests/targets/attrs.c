@@ -6,6 +6,7 @@
  *             [interleave] [preferred] [mbind]   (NUMA memory policies, node 0)
  *             [tscsegv] [ksm] [mdwe]   (last: no executable memory made after it)
  *             [semundo]   (a private SysV semaphore raised with SEM_UNDO)
+ *             [threadpol]   (a second thread with a NUMA policy of its own: bind)
  * (nobody: setresuid/setresgid 65534 last, after everything else.)
  * Report lines: "report k=v ...", one per SIGUSR1; "fire N" after each
  * expiry of timer A (SIGRTMIN+1, periodic). Everything static about the
@@ -26,6 +27,7 @@
 #include <string.h>
 #include <sys/personality.h>
 #include <grp.h>
+#include <pthread.h>
 #include <sys/mman.h>
 #include <sys/sem.h>
 #include <sys/prctl.h>
@@ -44,6 +46,22 @@ struct sched_attr_v1 {
 };
 
 static int out = -1;
+static volatile int thread_mpol = -1, policy_thread_on;
+static void die(const char *what);
+
+/* A thread with its own policy, reading it back (only a thread can) for the report. */
+static void *policy_thread(void *arg) {
+    unsigned long node0 = 1;
+    (void)arg;
+    if (syscall(SYS_set_mempolicy, 2 /* MPOL_BIND */, &node0, 2)) die("set_mempolicy (thread)");
+    for (;;) {
+        int mode = -1;
+        unsigned long nodes[4] = {0};
+        if (syscall(SYS_get_mempolicy, &mode, nodes, 256, NULL, 0) == 0) thread_mpol = mode << 8 | (int)nodes[0];
+        usleep(2000);
+    }
+    return NULL;
+}
 static volatile sig_atomic_t want_report, fires, last_val, last_id, last_code, last_ovr;
 static timer_t tid[5];
 static int ntimers;
@@ -126,13 +144,17 @@ static void report(void) {
     int mpol = -1;
     unsigned long mnodes[4] = {0};    /* 256 nodes: get_mempolicy wants at least nr_node_ids */
     if (syscall(SYS_get_mempolicy, &mpol, mnodes, 256, NULL, 0)) die("get_mempolicy");
+    if (policy_thread_on) {     /* a fresh reading, not the one from before a dump */
+        thread_mpol = -1;
+        while (thread_mpol < 0) usleep(1000);
+    }
     int tsc = -1;
     prctl(PR_GET_TSC, &tsc, 0, 0, 0);
     int subreaper = -1;
     prctl(PR_GET_CHILD_SUBREAPER, &subreaper, 0, 0, 0);
     n += snprintf(buf + n, sizeof buf - n,
-                  "report tsc=%d mdwe=%d ksm=%d mpol=%#x:%lx ioprio=%ld cdf=%s thp_off=%d subreaper=%d keepcaps=%d mce=%d dumpable=%d uid=%d ",
-                  tsc, prctl(66 /* PR_GET_MDWE */, 0, 0, 0, 0), prctl(68 /* PR_GET_MEMORY_MERGE */, 0, 0, 0, 0),
+                  "report thread_mpol=%#x tsc=%d mdwe=%d ksm=%d mpol=%#x:%lx ioprio=%ld cdf=%s thp_off=%d subreaper=%d keepcaps=%d mce=%d dumpable=%d uid=%d ",
+                  thread_mpol, tsc, prctl(66 /* PR_GET_MDWE */, 0, 0, 0, 0), prctl(68 /* PR_GET_MEMORY_MERGE */, 0, 0, 0, 0),
                   mpol, mnodes[0], syscall(SYS_ioprio_get, 1, 0), cdf, prctl(PR_GET_THP_DISABLE, 0, 0, 0, 0), subreaper,
                   prctl(PR_GET_KEEPCAPS, 0, 0, 0, 0), prctl(PR_MCE_KILL_GET, 0, 0, 0, 0),
                   prctl(PR_GET_DUMPABLE, 0, 0, 0, 0), (int)getuid());
@@ -237,6 +259,11 @@ int main(int argc, char **argv) {
             unsigned long node0 = 1;
             int mode = w[0] == 'i' ? 3 | 1 << 15 : 1 | 1 << 14;
             if (syscall(SYS_set_mempolicy, mode, &node0, 2)) die("set_mempolicy");
+        } else if (!strcmp(w, "threadpol")) {
+            pthread_t th;
+            if (pthread_create(&th, NULL, policy_thread, NULL)) die("pthread_create");
+            policy_thread_on = 1;
+            while (thread_mpol < 0) usleep(1000);
         } else if (!strcmp(w, "semundo")) {
             struct sembuf up = {0, 1, SEM_UNDO};
             int id = semget(IPC_PRIVATE, 1, 0600);
