@@ -107,10 +107,20 @@ def test_restored_process_aborts_the_section(procs, rseqcs_bin, tmp_path):
 
 def test_check_reports_the_abort(procs, rseqcs_bin, tmp_path):
     p, aborts, cs_field = _start(procs, rseqcs_bin, tmp_path)
-    out = check(p.pid, Options())
-    assert out["ok"], out["refusals"]
-    (row,) = [i for i in out["items"] if i["what"] == "rseq"]
-    assert "abort handler" in row["detail"], row
+    # The thread is inside its section nearly all the time, but a freeze
+    # can land just after the kernel aborted it on a preemption (IP at the
+    # handler's first instruction, rseq_cs cleared): nothing left to abort
+    # then. So: several checks, at least one inside, each row one of the two.
+    details = []
+    for _ in range(10):
+        out = check(p.pid, Options())
+        assert out["ok"], out["refusals"]
+        (row,) = [i for i in out["items"] if i["what"] == "rseq"]
+        details.append(row["detail"])
+        if "abort handler" in row["detail"]:
+            break
+    assert "abort handler" in details[-1], details
+    assert all(d == "registered" or "abort handler" in d for d in details), details
 
 
 # -- the kernel's rules, on a stand-in task (a live target breaking them is
