@@ -7,6 +7,7 @@ __version__ = "0.1.0"
 # Bumped whenever a record layout in the image changes; an image of another
 # format version is refused, never guessed at (image.READ_FORMATS: the
 # older formats read, each because it is known exactly what differs).
+# 10: core.json membarrier (engine/membarrier.py; older: no registration);
 # 9: a thread's own NUMA policy, core.json threads[] "mempolicy" (older: the leader's);
 # 8: core.json attrs tsc, mdwe, memory_merge (engine/procattrs.py; older images read as the defaults);
 # 7: core.json mempolicy (engine/mempolicy.py: an older engine would drop it; 5 and 6
@@ -17,7 +18,7 @@ __version__ = "0.1.0"
 # 4: tree.json "share" (an older engine would give a CLONE_FILES member an empty fd table);
 # 3: core.json threads + threads-xstate.bin (an older engine would restore the leader alone);
 # 2: signals, sched, posix_timers, seccomp
-FORMAT_VERSION = 9
+FORMAT_VERSION = 10
 
 
 

@@ -35,7 +35,7 @@ TYPE_CHECKING = False   # annotations only: importing typing costs every run ~3 
 if TYPE_CHECKING:
     from typing import List, Optional
 
-from . import faults, libc, mempolicy, posixtimers, procattrs, procfs, ptrace, sched, seccomp, signals, threads
+from . import faults, libc, membarrier, mempolicy, posixtimers, procattrs, procfs, ptrace, sched, seccomp, signals, threads
 from .arch import current as current_arch
 from .batch import Batch, Data
 from .gadget import HANDLER_SCRATCH, _free_gap, _maps, clone_with_pid, gadget_size, place_gadget  # noqa: F401
@@ -360,6 +360,7 @@ class Builder:
                 q("setitimer", which, Data(struct.pack("<qqqq", *t)), 0)
         procattrs.queue(self, core["attrs"])
         mempolicy.queue(self, core["mempolicy"])
+        membarrier.queue(self, core["membarrier"])
         q("set_tid_address", core["tid_address"])
         head, length = core["robust_list"]
         if head:

@@ -17,7 +17,7 @@ TYPE_CHECKING = False   # annotations only: importing typing costs every run ~3 
 if TYPE_CHECKING:
     from typing import Dict, List, Optional
 
-from . import faults, files, libc, mempolicy, posixtimers, procattrs, procfs, sched, seccomp, signals, threads, tree, unlinked
+from . import faults, files, libc, membarrier, mempolicy, posixtimers, procattrs, procfs, sched, seccomp, signals, threads, tree, unlinked
 from .arch import current as current_arch
 from .check import Survey, preflight, require_features, target_checks
 from .context import DumpContext, Options, boot_id
@@ -119,6 +119,8 @@ def _after_reads(task: Task, scr: int, vmas: List[dict], out: dict) -> None:
     numa_maps cannot tell)."""
     out["posix_timers"] = posixtimers.dump(task, scr)
     out.setdefault("mempolicy", [mempolicy.MPOL_DEFAULT, 0])
+    if "membarrier" not in out:     # a kernel without MEMBARRIER_CMD_GET_REGISTRATIONS
+        out["membarrier"] = membarrier.probe(task)
     mempolicy.vma_policies(task, scr, vmas, out["mempolicy"][0])
 
 
@@ -157,7 +159,7 @@ def _injected_reads() -> list:
     for which in (0, 1, 2):   # ITIMER_REAL, VIRTUAL, PROF
         steps.append((("itimers", which), "getitimer", lambda scr, w=which: (w, scr), 32,
                       lambda raw: list(struct.unpack("<qqqq", raw))))
-    return steps + procattrs.reads() + mempolicy.reads()
+    return steps + procattrs.reads() + mempolicy.reads() + membarrier.reads()
 
 
 def prefetch_injected(tasks: List[Task]) -> None:
@@ -429,6 +431,7 @@ def _survey_frozen(pid: int, task: Task, ctx: DumpContext, proc: procfs.Proc):
         s.ok("signals", "signals", f"mask {state['sigmask']:#x}, {sum(1 for a in state['sigactions'].values() if a[0])} handlers")
         s.ok("process attributes", "process", procattrs.describe(state["attrs"]))
         s.ok("memory policy", "memory", mempolicy.describe(state["mempolicy"]))
+        s.ok("membarrier", "memory", membarrier.describe(state["membarrier"]))
         aborted = getattr(task, "rseq_aborted", None)
         s.ok("rseq", "process", ("registered" if state["rseq"]["pointer"] else "none") + (
              f"; the critical section the freeze interrupted continues at its abort handler {aborted:#x}, "

@@ -24,7 +24,7 @@ TYPE_CHECKING = False   # annotations only: importing typing costs every run ~3 
 if TYPE_CHECKING:
     from typing import Dict, List, Optional
 
-from . import (fastjson, faults, files, guard, imagecheck, libc, mempolicy, posixtimers, procattrs, procfs, sched, seccomp, signals,
+from . import (fastjson, faults, files, guard, imagecheck, libc, membarrier, mempolicy, posixtimers, procattrs, procfs, sched, seccomp, signals,
                threads, unlinked)
 from .arch import current as current_arch
 from .build import build
@@ -99,6 +99,9 @@ def check_core(core) -> None:
     if not procattrs.check_record(core.get("attrs")):
         raise _bad(f"{w}: attrs malformed")
     core.setdefault("mempolicy", [mempolicy.MPOL_DEFAULT, 0])    # formats 5 and 6
+    core.setdefault("membarrier", 0)                             # formats 5 to 9
+    if not membarrier.check_record(core["membarrier"]):
+        raise _bad(f"{w}: membarrier malformed")
     if not mempolicy.check_record(core["mempolicy"]):
         raise _bad(f"{w}: mempolicy malformed")
     if not posixtimers.check_records(core.get("posix_timers")):

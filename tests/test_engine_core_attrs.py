@@ -500,3 +500,30 @@ def test_a_security_label_other_than_ckpts_is_refused(monkeypatch):
     # and the real files of this kernel: unreadable (no LSM) or equal for ckpt itself
     monkeypatch.undo()
     lsm.check(os.getpid())
+
+
+@pytest.mark.parametrize("kernel", ["get-registrations", "probed"])
+def test_membarrier_registrations_restored(procs, attrs_bin, tmp_path, monkeypatch, kernel):
+    """Without them the restored process's next expedited membarrier fails
+    with EPERM. Read with GET_REGISTRATIONS (6.3+), and as on an older
+    kernel: each private command issued from inside (0 or EPERM)."""
+    from engine import membarrier
+    if kernel == "probed":
+        monkeypatch.setattr(membarrier, "_HERE", [(False, membarrier._here()[1])])
+    out = str(tmp_path / "out.txt")
+    p = start(procs, attrs_bin, out, "membarrier")
+    before, _ = report(p.pid, out)
+    assert "mb=0:0 " in before, before
+    dump(p.pid, str(tmp_path / "lr"), Options(leave_running=True))
+    assert report(p.pid, out)[0] == before
+    with open(tmp_path / "lr" / "core.json") as f:
+        assert json.load(f)["membarrier"] == 16 | 64
+    dump_restore(p, str(tmp_path / "img"), procs)
+    after, _ = report(p.pid, out)
+    assert after == before
+    # and a process that registered nothing: EPERM before and after
+    out2 = str(tmp_path / "out2.txt")
+    q = start(procs, attrs_bin, out2)
+    assert "mb=-1:-1 " in report(q.pid, out2)[0]
+    dump_restore(q, str(tmp_path / "img2"), procs)
+    assert "mb=-1:-1 " in report(q.pid, out2)[0]

@@ -15,15 +15,16 @@ import pytest
 
 from engine import dumpbatch, procfs
 from engine.context import Options
-from engine import procattrs
+from engine import membarrier, procattrs
 from engine.dump import dump
 from engine.task import INJECTED
 from engine_core_support import procs, wait_for  # noqa: F401
 
 TARGET = os.path.join(os.path.dirname(__file__), "targets", "sigstate.c")
 # brk, 62 sigactions, sigaltstack, 2 prctl, 3 getitimer, 5 prctl (engine/procattrs.py), get_mempolicy
-# (engine/mempolicy.py), and the optional reads this kernel has (procattrs.OPTIONAL: 4 on x86_64 6.4+)
-STEPS = 75 + len(procattrs.reads()) - len(procattrs.READS)
+# (engine/mempolicy.py), and the optional reads this kernel has (procattrs.OPTIONAL: 4 on x86_64 6.4+;
+# membarrier GET_REGISTRATIONS, 6.3+)
+STEPS = 75 + len(procattrs.reads()) - len(procattrs.READS) + len(membarrier.reads())
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +66,8 @@ def _reads(core):
     # The interval timers' remaining values run down between two dumps: their intervals must match.
     return {"sigactions": core["sigactions"], "sigaltstack": core["sigaltstack"],
             "tid_address": core["tid_address"], "brk": core["brk"],
-            "itimer_intervals": [t[:2] for t in core["itimers"]], "mempolicy": core["mempolicy"], "attrs": core["attrs"]}
+            "itimer_intervals": [t[:2] for t in core["itimers"]], "mempolicy": core["mempolicy"], "attrs": core["attrs"],
+            "membarrier": core["membarrier"]}
 
 
 def test_batched_reads_equal_one_by_one(procs, sigstate_bin, tmp_path, monkeypatch):

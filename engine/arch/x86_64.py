@@ -114,6 +114,7 @@ SYS: Dict[str, int] = {
     "nanosleep": 35, "futex": 202, "restart_syscall": 219, "clock_nanosleep": 230,
     "rt_sigqueueinfo": 129, "rt_tgsigqueueinfo": 297,
     "mbind": 237, "set_mempolicy": 238, "get_mempolicy": 239,   # engine/mempolicy.py
+    "membarrier": 324,   # engine/membarrier.py
     "arch_prctl": 158,   # engine/procattrs.py: ARCH_GET_CPUID
     "kcmp": 312,   # engine/threads.py: what threads share
 }

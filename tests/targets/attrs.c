@@ -7,6 +7,7 @@
  *             [tscsegv] [ksm] [mdwe]   (last: no executable memory made after it)
  *             [semundo]   (a private SysV semaphore raised with SEM_UNDO)
  *             [threadpol]   (a second thread with a NUMA policy of its own: bind)
+ *             [membarrier]   (registered for private expedited barriers, plain and sync-core)
  * (nobody: setresuid/setresgid 65534 last, after everything else.)
  * Report lines: "report k=v ...", one per SIGUSR1; "fire N" after each
  * expiry of timer A (SIGRTMIN+1, periodic). Everything static about the
@@ -153,8 +154,9 @@ static void report(void) {
     int subreaper = -1;
     prctl(PR_GET_CHILD_SUBREAPER, &subreaper, 0, 0, 0);
     n += snprintf(buf + n, sizeof buf - n,
-                  "report thread_mpol=%#x tsc=%d mdwe=%d ksm=%d mpol=%#x:%lx ioprio=%ld cdf=%s thp_off=%d subreaper=%d keepcaps=%d mce=%d dumpable=%d uid=%d ",
-                  thread_mpol, tsc, prctl(66 /* PR_GET_MDWE */, 0, 0, 0, 0), prctl(68 /* PR_GET_MEMORY_MERGE */, 0, 0, 0, 0),
+                  "report mb=%ld:%ld thread_mpol=%#x tsc=%d mdwe=%d ksm=%d mpol=%#x:%lx ioprio=%ld cdf=%s thp_off=%d subreaper=%d keepcaps=%d mce=%d dumpable=%d uid=%d ",
+                  syscall(SYS_membarrier, 1 << 3 /* PRIVATE_EXPEDITED */, 0, 0),
+                  syscall(SYS_membarrier, 1 << 5 /* PRIVATE_EXPEDITED_SYNC_CORE */, 0, 0), thread_mpol, tsc, prctl(66 /* PR_GET_MDWE */, 0, 0, 0, 0), prctl(68 /* PR_GET_MEMORY_MERGE */, 0, 0, 0, 0),
                   mpol, mnodes[0], syscall(SYS_ioprio_get, 1, 0), cdf, prctl(PR_GET_THP_DISABLE, 0, 0, 0, 0), subreaper,
                   prctl(PR_GET_KEEPCAPS, 0, 0, 0, 0), prctl(PR_MCE_KILL_GET, 0, 0, 0, 0),
                   prctl(PR_GET_DUMPABLE, 0, 0, 0, 0), (int)getuid());
@@ -264,6 +266,8 @@ int main(int argc, char **argv) {
             if (pthread_create(&th, NULL, policy_thread, NULL)) die("pthread_create");
             policy_thread_on = 1;
             while (thread_mpol < 0) usleep(1000);
+        } else if (!strcmp(w, "membarrier")) {
+            if (syscall(SYS_membarrier, 1 << 4, 0, 0) || syscall(SYS_membarrier, 1 << 6, 0, 0)) die("membarrier");
         } else if (!strcmp(w, "semundo")) {
             struct sembuf up = {0, 1, SEM_UNDO};
             int id = semget(IPC_PRIVATE, 1, 0600);
