@@ -418,6 +418,9 @@ def m_reset_process_attrs(img: Image) -> str:
         if rec.get("sched", {}).get("ioprio"):
             diff.append(f"{where}ioprio {rec['sched']['ioprio']:#x} -> 0")
             rec["sched"]["ioprio"] = 0
+    if core.get("membarrier"):
+        diff.append(f"membarrier {core['membarrier']:#x} -> 0")
+        core["membarrier"] = 0
     if core.get("mempolicy", [0, 0])[0]:
         diff.append(f"mempolicy {core['mempolicy']} -> default")
         core["mempolicy"] = [0, 0]

@@ -268,8 +268,10 @@ def sigtimedwait_now(signals: Iterable[int]) -> Tuple[int, int, int]:
 
 
 # clone(2) and kcmp(2) numbers; clone's flags come first on both
-_SYS = {"x86_64": {"clone": 56, "kcmp": 312, "unshare": 272, "set_mempolicy": 238, "get_mempolicy": 239},
-        "aarch64": {"clone": 220, "kcmp": 272, "unshare": 97, "set_mempolicy": 237, "get_mempolicy": 236}}
+_SYS = {"x86_64": {"clone": 56, "kcmp": 312, "unshare": 272, "set_mempolicy": 238, "get_mempolicy": 239,
+                   "membarrier": 324},
+        "aarch64": {"clone": 220, "kcmp": 272, "unshare": 97, "set_mempolicy": 237, "get_mempolicy": 236,
+                    "membarrier": 283}}
 CLONE_FS, CLONE_FILES = 0x200, 0x400
 KCMP_FILES, KCMP_FS = 2, 3
 
@@ -322,6 +324,14 @@ def set_mempolicy(mode: int, nodes: int) -> None:
     mask = ctypes.c_ulong(nodes)
     _check(_libc.syscall(ctypes.c_long(_SYS[os.uname().machine]["set_mempolicy"]), ctypes.c_long(mode),
                          ctypes.byref(mask) if nodes else None, ctypes.c_ulong(65 if nodes else 0)))
+
+
+def membarrier_private_expedited(register: bool = False) -> int:
+    """membarrier(2) MEMBARRIER_CMD_PRIVATE_EXPEDITED (or its registration):
+    0, or the errno (EPERM: not registered)."""
+    cmd = 1 << 4 if register else 1 << 3
+    r = _libc.syscall(ctypes.c_long(_SYS[os.uname().machine]["membarrier"]), ctypes.c_long(cmd), 0, 0)
+    return 0 if r == 0 else ctypes.get_errno()
 
 
 def get_mempolicy() -> tuple:

@@ -4,7 +4,7 @@ them) and checks after the restore: umask, rlimits, signal actions, the
 signal mask, pending signals (with their sigqueue values), interval
 timers and ``attrs`` (I/O priority, core dump filter, THP disable, child
 subreaper, keep-caps, machine-check kill policy, dumpable, NUMA memory
-policy: each compared
+policy, membarrier registration: each compared
 with what the process saw before the dump, every one of them whether the
 scenario set it or not); and ``threads``: Python threads the workload starts, each blocked
 in one call (sleep: a time.sleep loop that counts; read: os.read on a pipe
@@ -102,7 +102,8 @@ def fields(s) -> dict:
         "attrs": s.Map({"ioprio": s.Enum(IOPRIO, "an I/O priority (class or class:level):"),
                         "coredump_filter": s.Int(0, 0x1ff), "thp_disable": s.Bool(), "child_subreaper": s.Bool(),
                         "keep_caps": s.Bool(), "mce_kill": s.Enum(tuple(MCE_KILL)), "dumpable": s.Bool(),
-                        "mempolicy": s.Enum(tuple(sysapi.MPOL), "a NUMA memory policy (on node 0):")}),
+                        "mempolicy": s.Enum(tuple(sysapi.MPOL), "a NUMA memory policy (on node 0):"),
+                        "membarrier": s.Bool()}),
         "children": s.List_(s.Map({"blocked_in": s.Enum(CHILD_IN, "what a child does:"),
                                    "exit": s.Int(0, 255), "group": s.Enum(CHILD_GROUPS),
                                    "share": s.List_(s.Enum(tuple(CHILD_SHARE), "what a child can share:"))},
@@ -579,6 +580,9 @@ def _apply_attrs(a: dict) -> None:
             sysapi.prctl(option, int(a[key]))
     if "mce_kill" in a:
         sysapi.prctl("mce_kill", 1, MCE_KILL[a["mce_kill"]])    # PR_MCE_KILL_SET
+    if a.get("membarrier"):     # registered for private expedited barriers, as liburcu is
+        if sysapi.membarrier_private_expedited(register=True):
+            raise OSError("membarrier registration failed")
     if "mempolicy" in a:        # as numactl --interleave=0 etc. would start it
         sysapi.set_mempolicy(sysapi.MPOL[a["mempolicy"]], 0 if a["mempolicy"] == "local" else 1)
 
@@ -589,7 +593,8 @@ def _attrs_now() -> dict:
     return {"ioprio": sysapi.ioprio_get(), "coredump_filter": cdf, "thp_disable": sysapi.prctl("get_thp_disable"),
             "child_subreaper": sysapi.child_subreaper(), "keep_caps": sysapi.prctl("get_keepcaps"),
             "mce_kill": sysapi.prctl("mce_kill_get"), "dumpable": sysapi.prctl("get_dumpable"),
-            "mempolicy": "%d:%x" % sysapi.get_mempolicy()}
+            "mempolicy": "%d:%x" % sysapi.get_mempolicy(),
+            "membarrier": int(sysapi.membarrier_private_expedited() == 0)}
 
 
 def _attrs_wanted(a: dict) -> dict:
