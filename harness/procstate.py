@@ -277,16 +277,17 @@ _MPOL = re.compile(r"((?:prefer \(many\)|weighted interleave)?\S*)")
 
 
 def _numa_policies(base: str) -> Dict[str, str]:
-    """Each mapping's NUMA policy as numa_maps shows it (its own, else the
-    process's: numactl's --interleave shows on every mapping), where it is
-    not the default: a process without any policy adds no key."""
-    out: Dict[str, str] = {}
+    """The NUMA policies numa_maps shows (a mapping's own, else the
+    process's: numactl's --interleave shows on every mapping) other than
+    the default, as one sorted set: a restore may split or merge mappings
+    differently (merge_neighbours), the policies they show are the same. A
+    process without any policy adds no key."""
+    seen = set()
     for line in (_read(f"{base}/numa_maps") or "").splitlines():
-        addr, _, rest = line.partition(" ")
-        m = _MPOL.match(rest)
+        m = _MPOL.match(line.partition(" ")[2])
         if m and m.group(1) != "default":
-            out[f"numa.{addr}"] = m.group(1)
-    return out
+            seen.add(m.group(1))
+    return {"numa_policies": " ".join(sorted(seen))} if seen else {}
 
 
 def _fds(base: str) -> Dict[str, str]:
