@@ -153,3 +153,44 @@ def test_live_peer_outside_the_dump_is_refused_at_dump(procs, tmp_path):
         assert verdict(p.pid, tmp_path) == ALL_TRUE
     finally:
         os.kill(keeper, signal.SIGKILL)
+
+
+def test_the_helper_dies_with_ckpt(tmp_path):
+    """ckpt killed while a helper holds the restored process's pid: the
+    helper goes too (a killed restore leaves no process with that pid;
+    bench/reliability.py's kill test saw one outlive ckpt and then answer
+    its SIGUSR1 by dying of it)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from engine_core_support import alive, wait_for
+    pidfile = tmp_path / "helper.pid"
+    # A free pid for the helper: one just used by a process that is gone.
+    probe = subprocess.Popen(["true"])
+    probe.wait()
+    src = f"""
+import os, sys, time
+sys.path.insert(0, {os.getcwd()!r})
+from engine.fds import _peercred
+def fn():
+    open({str(pidfile)!r}, "w").write(str(os.getpid()))
+    time.sleep(30)
+    return []
+_peercred.run_as({{"pid": {probe.pid}, "uid": 0, "gid": 0, "groups": None}}, fn)
+"""
+    ckpt = subprocess.Popen([sys.executable, "-c", src], close_fds=True)
+    try:
+        wait_for(lambda: pidfile.exists() and pidfile.read_text(), what="the helper")
+        helper = int(pidfile.read_text())
+        assert helper == probe.pid and alive(helper)
+        ckpt.send_signal(signal.SIGKILL)
+        ckpt.wait()
+        end = time.monotonic() + 5
+        while alive(helper) and time.monotonic() < end:
+            time.sleep(0.01)
+        assert not alive(helper), "the helper outlived ckpt"
+    finally:
+        if ckpt.poll() is None:
+            ckpt.kill()
+            ckpt.wait()

@@ -14,7 +14,8 @@ call is made by a short-lived helper process created with the recorded
 pid (clone3 set_tid, from this process: the helper is a fork of ckpt, run
 as os.fork runs one) and the recorded credentials (setgroups, setresgid,
 setresuid); it makes the one call on fds it inherited or sends the new
-ones back (SCM_RIGHTS), exits, and is reaped at once, so its pid is free
+ones back (SCM_RIGHTS), exits, and is reaped at once (and dies with ckpt:
+PR_SET_PDEATHSIG, so a killed restore leaves no process with that pid), so its pid is free
 again - for the restored process itself when the peer was the process.
 A pid that another live process holds at restore cannot be given: the
 restore is refused (`peer-pid-in-use`), and so is a dump whose peer pid
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
 from ..errors import EngineError, Refusal
 
 SO_PEERCRED, SO_PEERGROUPS = 17, 59
+PR_SET_PDEATHSIG = 1
 
 
 def read(fd: int) -> dict:
@@ -142,6 +144,7 @@ def run_as(cred: dict, fn: Callable[[], List[int]]) -> List[int]:
     fds it returns come back here (new fds), the helper is reaped. Raises
     Refusal (peer-pid-in-use, capability) or EngineError."""
     chan, far = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC)
+    parent = os.getpid()
     try:
         child = _clone_with_pid(cred["pid"])
         if child == 0:
@@ -153,6 +156,12 @@ def run_as(cred: dict, fn: Callable[[], List[int]]) -> List[int]:
                     os.setgroups(groups)
                 os.setresgid(cred["gid"], cred["gid"], cred["gid"])
                 os.setresuid(cred["uid"], cred["uid"], cred["uid"])
+                # It holds the restored process's pid: if ckpt dies (killed
+                # mid-restore) it must not outlive it. After the ids: a
+                # change of credentials clears the death signal.
+                _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+                if os.getppid() != parent:
+                    os._exit(1)     # ckpt died before the death signal was set
                 fds = fn()
                 _socket.send_fds(far, [b"ok"], fds)
             except BaseException as e:   # noqa: BLE001 - reported to the parent
