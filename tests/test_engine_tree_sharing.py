@@ -253,16 +253,21 @@ def test_refused_sharing_with_a_process_outside(procs, session_killer, sharer, t
     _untouched([p.pid] + list(kids.values()))
 
 
-def test_refused_vfork_child_dumped_alone(procs, session_killer, tmp_path):  # noqa: F811
-    """A vfork child that has not exec'd shares its parent's memory: dumped
-    alone, it is refused naming the parent."""
+def _vfork_child(procs, session_killer, tmp_path):
+    """tests/targets/vforker.c started: (its Popen, the vfork child's pid)."""
     exe = str(tmp_path / "vforker")
     subprocess.run(["gcc", "-O2", "-Wall", "-o", exe, os.path.join(TARGETS, "vforker.c")], check=True,
                    capture_output=True, timeout=60)
     p = procs.start([exe, str(tmp_path / "ready")], cwd=str(tmp_path))
     session_killer.append(p.pid)
     wait_for(lambda: (tmp_path / "ready").exists(), what="the vfork child")
-    kid = _descendants(p.pid)[0]
+    return p, _descendants(p.pid)[0]
+
+
+def test_refused_vfork_child_dumped_alone(procs, session_killer, tmp_path):  # noqa: F811
+    """A vfork child that has not exec'd shares its parent's memory: dumped
+    alone, it is refused naming the parent."""
+    p, kid = _vfork_child(procs, session_killer, tmp_path)
     refs, _ = _reasons(kid)
     assert any(r["reason"] == "sharing-peer-outside" and "memory" in r["detail"] and f"pid {p.pid} " in r["detail"]
                for r in refs), refs
@@ -273,13 +278,7 @@ def test_same_memory_picks_the_processes_sharing_it(procs, session_killer, tmp_p
     """sharing.same_memory (what kernel_threads keeps of kthreadd's
     children): the vfork child holding its parent's memory, not ckpt."""
     from engine.sharing import same_memory
-    exe = str(tmp_path / "vforker")
-    subprocess.run(["gcc", "-O2", "-Wall", "-o", exe, os.path.join(TARGETS, "vforker.c")], check=True,
-                   capture_output=True, timeout=60)
-    p = procs.start([exe, str(tmp_path / "ready")], cwd=str(tmp_path))
-    session_killer.append(p.pid)
-    wait_for(lambda: (tmp_path / "ready").exists(), what="the vfork child")
-    kid = _descendants(p.pid)[0]
+    p, kid = _vfork_child(procs, session_killer, tmp_path)
     assert same_memory(p.pid, [kid, os.getpid(), 999999999]) == {kid}
 
 
