@@ -198,17 +198,16 @@ def _threads(base: str) -> Dict[str, str]:
     return out
 
 
-_IOPRIO_GET = {"x86_64": 252, "aarch64": 31}.get(os.uname().machine)
-
-
 def _ioprio(tid: int) -> Optional[str]:
     """ioprio_get(IOPRIO_WHO_PROCESS, tid): per thread (its io_context)."""
-    if _IOPRIO_GET is None:
+    try:
+        from . import sysapi
+    except ImportError:  # pragma: no cover - in the guest, a top-level module beside this one
+        import sysapi  # type: ignore[no-redef]
+    try:
+        return str(sysapi.ioprio_get(tid))
+    except (OSError, KeyError):     # gone, or a machine sysapi has no number for
         return None
-    import ctypes
-    libc = ctypes.CDLL(None, use_errno=True)
-    r = libc.syscall(_IOPRIO_GET, 1, tid)
-    return None if r < 0 else str(r)
 
 
 def snapshot(pid: int, pub: Optional[dict] = None) -> Dict[str, str]:

@@ -29,7 +29,7 @@ import pytest
 from engine import pidfd
 from engine.fds._dups import leader_map
 from engine.image import ImageReader
-from harness import engines, mutants
+from harness import engines, mutants, sysapi
 from harness.targets import REPO, LocalTarget
 
 from engine_core_support import Procs, alive, become_subreaper, procs, wait_for  # noqa: F401 (fixture)
@@ -117,11 +117,6 @@ def _queue(pid: int, fd: int, flags: int):
     return None
 
 
-def ioprio(pid: int) -> int:
-    import ctypes
-    return ctypes.CDLL(None, use_errno=True).syscall(252, 1, pid)     # ioprio_get(IOPRIO_WHO_PROCESS)
-
-
 def facts(pid: int, mem_addr: int) -> dict:
     def read(n):
         with open(f"/proc/{pid}/{n}") as f:
@@ -130,7 +125,7 @@ def facts(pid: int, mem_addr: int) -> dict:
     out = {"status " + k: status[k].strip() for k in ("SigBlk", "SigIgn", "SigCgt", "SigPnd", "ShdPnd", "Umask")}
     out["limits"] = read("limits")
     out["cwd"] = os.readlink(f"/proc/{pid}/cwd")
-    out["attrs"] = [read("coredump_filter").strip(), str(ioprio(pid))]
+    out["attrs"] = [read("coredump_filter").strip(), str(sysapi.ioprio_get(pid))]
     maps = [ln.split() for ln in read("maps").splitlines()]
     out["maps"] = [(m[0], m[1], m[5] if len(m) > 5 else "") for m in maps]
     # The sink's patterned MiB (not all anonymous memory: the kernel updates

@@ -231,24 +231,29 @@ def test_become_resets_what_the_agent_set(tmp_path):
     assert "AGENT-EXIT-HANDLER" not in r.stdout
 
 
+def _in_a_fork(prepared: bool, child: str) -> subprocess.CompletedProcess:
+    """`child` (lines of Python) run in a fork of the agent's interpreter,
+    after warmfork.prepare_parent() in the parent when `prepared`."""
+    body = "".join("    " + ln + "\n" for ln in child.splitlines())
+    code = (f"import os, sys; sys.path.insert(0, {str(REPO)!r})\n"
+            "from harness import warmfork\n"
+            f"if {prepared!r}: warmfork.prepare_parent()\n"
+            "pid = os.fork()\n"
+            "if pid == 0:\n" + body + "    os._exit(0)\n"
+            "os.waitpid(pid, 0)\n")
+    return subprocess.run([AGENT_PY, "-S", "-c", code], capture_output=True, text=True, timeout=60, close_fds=True)
+
+
 @pytest.mark.parametrize("prepared", [False, True])
 def test_a_fork_s_heap_stays_one_vma_only_when_the_parent_left_it_room(prepared):
     """The kernel rule warmfork.prepare_parent works around: a heap a fork
     inherits does not merge with what the child's own growth adds (two
     [heap] VMAs, which no restore reproduces); with the parent's free top
     the child's mallocs do not grow it."""
-    code = (
-        "import os, sys; sys.path.insert(0, %r)\n"
-        "from harness import warmfork\n"
-        "if %r: warmfork.prepare_parent()\n"
-        "pid = os.fork()\n"
-        "if pid == 0:\n"
-        "    keep = [bytearray(100000) for _ in range(100)]\n"
-        "    n = sum(1 for ln in open('/proc/self/maps') if ln.rstrip().endswith('[heap]'))\n"
-        "    os.write(1, str(n).encode()); os._exit(0)\n"
-        "os.waitpid(pid, 0)\n"
-    ) % (str(REPO), prepared)
-    r = subprocess.run([AGENT_PY, "-S", "-c", code], capture_output=True, text=True, timeout=60, close_fds=True)
+    r = _in_a_fork(prepared, (
+        "keep = [bytearray(100000) for _ in range(100)]\n"
+        "n = sum(1 for ln in open('/proc/self/maps') if ln.rstrip().endswith('[heap]'))\n"
+        "os.write(1, str(n).encode())\n"))
     assert (r.returncode, r.stdout) == (0, "1" if prepared else "2"), r.stderr
 
 
@@ -259,23 +264,15 @@ def test_a_fork_that_outgrows_the_parent_s_room_keeps_one_heap_only_when_walled(
     restore reproduces). With wall_heap brk cannot grow: the same mallocs
     succeed from anonymous mmaps, and the heap stays one VMA, the wall
     right at its end."""
-    code = (
-        "import ctypes, os, sys; sys.path.insert(0, %r)\n"
-        "from harness import warmfork\n"
-        "warmfork.prepare_parent()\n"
-        "pid = os.fork()\n"
-        "if pid == 0:\n"
-        "    if %r: warmfork.wall_heap()\n"
-        "    libc = warmfork._libc\n"
-        "    got = [libc.malloc(100 << 10) for _ in range((warmfork.HEAP_PAD >> 10) // 100 + 400)]\n"
-        "    maps = [ln.split() for ln in open('/proc/self/maps')]\n"
-        "    heap = [m for m in maps if m[-1] == '[heap]' and m[1] != '---p']\n"
-        "    end = int(heap[-1][0].split('-')[1], 16)\n"
-        "    wall = [m for m in maps if int(m[0].split('-')[0], 16) == end and m[1] == '---p']\n"
-        "    os.write(1, repr((len(heap), len(wall), all(got))).encode()); os._exit(0)\n"
-        "os.waitpid(pid, 0)\n"
-    ) % (str(REPO), walled)
-    r = subprocess.run([AGENT_PY, "-S", "-c", code], capture_output=True, text=True, timeout=60, close_fds=True)
+    r = _in_a_fork(True, (
+        f"if {walled!r}: warmfork.wall_heap()\n"
+        "libc = warmfork._libc\n"
+        "got = [libc.malloc(100 << 10) for _ in range((warmfork.HEAP_PAD >> 10) // 100 + 400)]\n"
+        "maps = [ln.split() for ln in open('/proc/self/maps')]\n"
+        "heap = [m for m in maps if m[-1] == '[heap]' and m[1] != '---p']\n"
+        "end = int(heap[-1][0].split('-')[1], 16)\n"
+        "wall = [m for m in maps if int(m[0].split('-')[0], 16) == end and m[1] == '---p']\n"
+        "os.write(1, repr((len(heap), len(wall), all(got))).encode())\n"))
     assert (r.returncode, r.stdout) == (0, repr((1, 1, True)) if walled else repr((2, 0, True))), r.stderr
 
 
