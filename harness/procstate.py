@@ -90,6 +90,9 @@ def quiet_snapshot(pid: int, pub: Optional[dict] = None, seconds: float = 15.0,
     those are taken again, quickly, until one holds still, and they replace
     the whole snapshot's. Falls back to the last whole snapshot after
     `seconds` (a process that never sleeps)."""
+    # A quiet workload (harness/memstate.py) first: the wait for its quiet
+    # sleep, then its memory; the rest of the snapshot does not wake it.
+    mem = _memstate().quiet_digest(pid, pub) if pub and pub.get("quiet") else {}
     deadline = time.monotonic() + seconds
     snap: Dict[str, str] = {}
     tries = 0
@@ -109,9 +112,9 @@ def quiet_snapshot(pid: int, pub: Optional[dict] = None, seconds: float = 15.0,
         # its memory, mask already back) still shows the call's line.
         if before[0] and before == after and not before[0].startswith(("running", "-1 ")) and before[2] == "S":
             snap.update(part)
-            return snap
+            return dict(snap, **mem)
         if time.monotonic() > deadline:
-            return snap
+            return dict(snap, **mem)
         time.sleep(0.005)
 
 
@@ -125,6 +128,14 @@ def quiet_snapshot(pid: int, pub: Optional[dict] = None, seconds: float = 15.0,
 # unchanged counter means no tick from before the first read to after the
 # last, and asleep (S) in the call at both inner ends means asleep in it
 # throughout: the workload leaves that sleep only to tick before its next.
+def _memstate():
+    try:
+        from . import memstate
+    except ImportError:  # pragma: no cover - in the guest, a top-level module beside this one
+        import memstate  # type: ignore[no-redef]
+    return memstate
+
+
 def _opening(pid: int, pub: Optional[dict]) -> tuple:
     counter = proof(pid, pub).get("counter")
     call = _syscall(pid)
