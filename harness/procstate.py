@@ -28,7 +28,11 @@ _STATUS_SKIP = {"State", "VmPeak", "VmSize", "VmLck", "VmPin", "VmHWM", "VmRSS",
                 "untag_mask", "Kthread"}
 # /proc/PID/stat fields (1-based after pid and comm, as proc(5) numbers them) that are state
 _STAT_FIELDS = {"pgrp": 5, "session": 6, "tty_nr": 7, "priority": 18, "nice": 19, "rt_priority": 40,
-                "policy": 41, "exit_signal": 38}
+                "policy": 41, "exit_signal": 38,
+                # the memory layout's markers (PR_SET_MM_MAP): where the
+                # program break starts, code, data, the stack, argv, environ
+                "start_code": 26, "end_code": 27, "start_stack": 28, "start_data": 45, "end_data": 46,
+                "start_brk": 47, "arg_start": 48, "arg_end": 49, "env_start": 50, "env_end": 51}
 # "tfd:        5 events: 19 data: 5 ..." (epoll), "inotify wd:1 ino:..." (inotify)
 _ITEM = re.compile(r"^(tfd|inotify wd|fanotify ino):\s*(\S+)\s+(.*)$")
 _ANON_NUM = re.compile(r"^(pipe|socket|anon_inode|net|mnt|pid|user|uts|ipc|cgroup|time):\[?(\d+)\]?$")
@@ -171,6 +175,7 @@ def _moment(pid: int) -> Dict[str, str]:
 
 # Per-thread state a restore must give each thread back (the process-wide
 # rest is in the leader's status): thread.TID.<field>
+_THREAD_STAT = ("nice", "priority", "rt_priority", "policy")
 _THREAD_STATUS = ("Name", "TracerPid", "SigBlk", "SigPnd", "Cpus_allowed_list", "NoNewPrivs", "Seccomp",
                   "Uid", "Gid", "CapEff")
 
@@ -186,8 +191,12 @@ def _threads(base: str) -> Dict[str, str]:
         st = _read(f"{tb}/stat")
         if st is None:
             continue
-        state = st.rsplit(")", 1)[1].split()[0]
+        fields = st.rsplit(")", 1)[1].split()
+        state = fields[0]
         out[f"thread.{tid}.state"] = "stopped" if state in "tT" else ("zombie" if state in "ZX" else "running")
+        # scheduling is per thread (setpriority/sched_setscheduler take a TID)
+        for name in _THREAD_STAT:
+            out[f"thread.{tid}.{name}"] = fields[_STAT_FIELDS[name] - 3]
         for line in (_read(f"{tb}/status") or "").splitlines():
             key, _, val = line.partition(":")
             if key in _THREAD_STATUS:
