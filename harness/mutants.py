@@ -563,6 +563,36 @@ def m_reset_mxcsr(img: Image) -> str:
     return f"MXCSR -> {MXCSR_DEFAULT:#x}: " + ", ".join(what)
 
 
+def m_reset_sockopt(img: Image) -> str:
+    """One option the process set on a socket comes back as a fresh
+    socket's (the image's record and list of set options edited alike, so
+    the engine's own read-back agrees): the first one ckpt copies."""
+    import socket
+    from engine.fds import _sockbase, _sockopts
+    policy = {row[0]: row[5] for row in _sockopts.TABLE}
+    kinds = {"tcp": (socket.SOCK_STREAM, socket.IPPROTO_TCP), "udp": (socket.SOCK_DGRAM, socket.IPPROTO_UDP)}
+    fds = img.json("fds.json")
+    for r in _leaders(fds):
+        names = [n for n in sorted(r.get("set") or []) if policy.get(n) == "copy"]
+        if not names or not isinstance(r.get("opts"), dict):
+            continue
+        head = str(r.get("sock", "")).split("-")[0]
+        if head in kinds:
+            family, (typ, proto) = r.get("family", socket.AF_INET), kinds[head]
+        elif head == "unix":
+            family, typ, proto = socket.AF_UNIX, r.get("type", socket.SOCK_STREAM), 0
+        else:
+            continue
+        with socket.socket(family, typ, proto) as fresh:
+            default = _sockopts.read_all(fresh, family, _sockbase.proto_key(family, typ, proto))
+        name = names[0]
+        old, r["opts"][name] = r["opts"][name], default.get(name)
+        r["set"] = [n for n in r["set"] if n != name]
+        img.put_json("fds.json")
+        return f"{r['sock']} fd {r['fd']}: {name} {old} -> {default.get(name)} (a fresh socket's)"
+    raise NoTarget("no socket with an option set")
+
+
 EDITS: Dict[str, Tuple[Callable[[Image], str], str]] = {
     "drop-offset": (m_drop_offset, "one file fd's offset restored as 0"),
     "drop-append": (m_drop_append, "one file fd loses O_APPEND"),
@@ -591,6 +621,7 @@ EDITS: Dict[str, Tuple[Callable[[Image], str], str]] = {
     "reset-thread-sched": (m_reset_thread_sched, "every thread gets the leader's nice, policy and CPU affinity"),
     "swap-thread-tls": (m_swap_thread_tls, "two threads' thread pointers (TLS, pthread_self) swapped"),
     "reset-mxcsr": (m_reset_mxcsr, "the SSE control register (MXCSR: rounding, exception masks) reset"),
+    "reset-sockopt": (m_reset_sockopt, "one socket option the process set comes back as a fresh socket's"),
 }
 
 
@@ -870,6 +901,8 @@ CAUGHT_BY: Dict[str, str] = {
                        "or the process crashing (threads/*)",
     "reset-mxcsr": "workload.process.fp_round: the rounding mode set before the dump, 1/3 recomputed and fegetround "
                    "(process/fp-round)",
+    "reset-sockopt": "every socket's options read from outside (pidfd_getfd) and compared; the options a scenario "
+                     "set read back by the workload (socket/tcp-options)",
 }
 
 

@@ -309,17 +309,80 @@ def _numa_policies(base: str) -> Dict[str, str]:
     return {"numa_policies": " ".join(sorted(seen))} if seen else {}
 
 
+# Socket options only the process changes (name, level, option, size): not
+# the buffer sizes the kernel tunes by itself, unless locked (SO_BUF_LOCK).
+_SOCKOPTS = (("SO_REUSEADDR", 1, 2, 4), ("SO_DONTROUTE", 1, 5, 4), ("SO_BROADCAST", 1, 6, 4),
+             ("SO_KEEPALIVE", 1, 9, 4), ("SO_OOBINLINE", 1, 10, 4), ("SO_PRIORITY", 1, 12, 4),
+             ("SO_LINGER", 1, 13, 8), ("SO_REUSEPORT", 1, 15, 4), ("SO_RCVLOWAT", 1, 18, 4),
+             ("SO_RCVTIMEO", 1, 20, 16), ("SO_SNDTIMEO", 1, 21, 16), ("SO_TIMESTAMP", 1, 29, 4),
+             ("SO_MARK", 1, 36, 4), ("SO_BUF_LOCK", 1, 72, 4),
+             ("TCP_NODELAY", 6, 1, 4), ("TCP_KEEPIDLE", 6, 4, 4), ("TCP_KEEPINTVL", 6, 5, 4),
+             ("TCP_KEEPCNT", 6, 6, 4), ("TCP_CONGESTION", 6, 13, 16), ("TCP_USER_TIMEOUT", 6, 18, 4),
+             ("TCP_NOTSENT_LOWAT", 6, 25, 4), ("IP_TOS", 0, 1, 4), ("IP_TTL", 0, 2, 4),
+             ("IPV6_UNICAST_HOPS", 41, 16, 4), ("IPV6_V6ONLY", 41, 26, 4), ("IPV6_TCLASS", 41, 67, 4))
+_BUF_LOCKED = (("SO_SNDBUF", 7, 1), ("SO_RCVBUF", 8, 2))     # (name, option, SOCK_*BUF_LOCK bit)
+PIDFD_GETFD = 438           # the same number on x86_64 and aarch64
+
+
+_LIBC = []
+
+
+def _libc():
+    if not _LIBC:
+        import ctypes
+        _LIBC.append(ctypes.CDLL(None, use_errno=True))
+    return _LIBC[0]
+
+
+def _sockopts(pidfd: int, fd: int) -> Dict[str, str]:
+    """The options of the process's socket ``fd``, read from a duplicate
+    (pidfd_getfd: the same open socket; getsockopt changes nothing). An
+    option the socket's family or protocol has not is left out."""
+    import socket
+    dup = _libc().syscall(PIDFD_GETFD, pidfd, fd, 0)
+    if dup < 0:
+        return {}
+    out: Dict[str, str] = {}
+    try:
+        s = socket.socket(fileno=dup)
+    except OSError:
+        os.close(dup)
+        return {}
+    try:
+        for name, level, opt, size in _SOCKOPTS:
+            try:
+                out[f"sockopt.{name}"] = s.getsockopt(level, opt, size).hex()
+            except OSError:
+                pass
+        lock = int.from_bytes(bytes.fromhex(out.get("sockopt.SO_BUF_LOCK", "00")), "little")
+        for name, opt, bit in _BUF_LOCKED:
+            if lock & bit:
+                out[f"sockopt.{name}"] = s.getsockopt(1, opt, 4).hex()
+    finally:
+        s.close()
+    return out
+
+
 def _fds(base: str) -> Dict[str, str]:
     out: Dict[str, str] = {}
     try:
         fds = sorted(int(x) for x in os.listdir(f"{base}/fd"))
     except OSError:
         return out
+    pidfd = -1
     for fd in fds:
         link = _link(f"{base}/fd/{fd}")
         if link is None:
             continue
         out[f"fd.{fd}.link"] = link
+        if link.startswith("socket:"):
+            if pidfd < 0:
+                try:
+                    pidfd = os.pidfd_open(int(base.rsplit("/", 1)[1]))
+                except (OSError, AttributeError):
+                    pidfd = -2          # gone, or a kernel without pidfds: no options read
+            if pidfd >= 0:
+                out.update({f"fd.{fd}.{k}": v for k, v in _sockopts(pidfd, fd).items()})
         info = _read(f"{base}/fdinfo/{fd}") or ""
         counts: Dict[str, int] = {}
         for line in info.splitlines():
@@ -341,6 +404,8 @@ def _fds(base: str) -> Dict[str, str]:
             n = counts.get(key, 0)
             counts[key] = n + 1
             out[f"fd.{fd}.fdinfo.{key}" + (f".{n}" if n else "")] = val
+    if pidfd >= 0:
+        os.close(pidfd)
     return out
 
 
