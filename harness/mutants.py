@@ -872,7 +872,8 @@ CAUGHT_BY: Dict[str, str] = {
     "reopen-replaced-file": "a scenario replacing a file with a same-size one (expects file-changed)",
     "drop-offset": "the per-fd offset check on a file fd with a non-zero offset",
     "drop-append": "the O_APPEND flag / append-at-end check",
-    "zero-page": "seeded memory compared page by page (or the process crashing)",
+    "zero-page": "seeded memory compared page by page, a quiet workload's whole memory digested "
+                 "(process/quiet-memory), or the process crashing",
     "lose-timerfd-ticks": "timerfd expirations read and counted exactly",
     "swap-epoll-data": "epoll data compared per registration",
     "drop-pipe-byte": "pipe/fifo queues drained and compared byte for byte",

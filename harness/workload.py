@@ -63,7 +63,7 @@ except ImportError:  # pragma: no cover - in the guest, run as a script
 RUN_SCRIPT = "workload_run.py"
 #: the harness modules (and stdlib ones) only the helper subcommands or a
 #: failure use: harness/agent.py imports them before it forks its scripts
-PRELOAD = ("procstate", "warmfork", "json")
+PRELOAD = ("procstate", "memstate", "warmfork", "json")
 
 
 def _sibling(name: str):
