@@ -25,7 +25,8 @@ from .errors import GuestLost, HarnessError, StepTimeout
 REPO = Path(__file__).resolve().parent.parent
 # The stdlib-only files the guest runs (the workload and the world steps),
 # and the packages it imports (copied as directories next to them).
-GUEST_FILES = ("records.py", "jsonio.py", "seeded.py", "sysapi.py", "world.py", "procstate.py", "workload.py",
+GUEST_FILES = ("records.py", "jsonio.py", "seeded.py", "sysapi.py", "world.py", "procstate.py", "memstate.py",
+               "workload.py",
                "workload_run.py", "mutants.py", "program.py", "warmfork.py", "zygote.py")
 GUEST_PACKAGES = ("kinds",)
 

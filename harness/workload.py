@@ -63,7 +63,7 @@ except ImportError:  # pragma: no cover - in the guest, run as a script
 RUN_SCRIPT = "workload_run.py"
 #: the harness modules (and stdlib ones) only the helper subcommands or a
 #: failure use: harness/agent.py imports them before it forks its scripts
-PRELOAD = ("procstate", "warmfork", "json")
+PRELOAD = ("procstate", "memstate", "warmfork", "json")
 
 
 def _sibling(name: str):
@@ -233,10 +233,12 @@ class Proof:
     #: older-image mutant restores is still ticks behind the witness.
     TICK = 0.25
 
-    def __init__(self, ctldir: str, witness: bool):
+    def __init__(self, ctldir: str, witness: bool, quiet: int = 0):
         self.secret = ctypes.create_string_buffer(os.urandom(32), 32)
         self.counter = ctypes.c_uint64(0)
         self.witness = 0
+        #: ticks before the quiet sleep (0: never quiet); see quiet_facts
+        self.quiet = quiet
         if not witness:
             # --leave-running: the original goes on ticking after the dump, so a
             # witness file would no longer match the image's copy of it
@@ -256,12 +258,52 @@ class Proof:
             self.witness_word.value = self.counter.value
 
     def public(self) -> dict:
-        return {"secret_sha256": _sha256(self.secret.raw).hexdigest(),
-                "secret_addr": ctypes.addressof(self.secret), "secret_len": 32,
-                "counter_addr": ctypes.addressof(self.counter), "witness": WITNESS if self.witness else None}
+        out = {"secret_sha256": _sha256(self.secret.raw).hexdigest(),
+               "secret_addr": ctypes.addressof(self.secret), "secret_len": 32,
+               "counter_addr": ctypes.addressof(self.counter), "witness": WITNESS if self.witness else None}
+        if self.quiet:
+            out["quiet"] = dict(quiet_facts(), after=self.quiet)
+        return out
 
     def present(self) -> dict:
         return {"secret": self.secret.raw.hex(), "counter": self.counter.value}
+
+
+#: glibc's RSEQ_SIG, the signature its rseq(2) registration uses
+RSEQ_SIG = {"x86_64": 0x53053053, "aarch64": 0xd428bc00}
+RSEQ_NR = {"x86_64": 334, "aarch64": 293}
+
+
+def quiet_facts() -> dict:
+    """Where this thread's errno and rseq area are: the bytes of a quiet
+    workload that change without it running (harness/memstate.py). The
+    rseq area is found by asking the kernel: rseq(2) with the registered
+    address, length and signature answers EBUSY, with anything else EINVAL."""
+    libc = ctypes.CDLL(sysapi.LIBC, use_errno=True)
+    libc.__errno_location.restype = ctypes.c_void_p
+    out = {"errno": libc.__errno_location(), "rseq": None, "rseq_len": 0}
+    try:
+        size = ctypes.c_uint.in_dll(libc, "__rseq_size").value
+        offset = ctypes.c_ssize_t.in_dll(libc, "__rseq_offset").value
+    except ValueError:      # a glibc before 2.35: no registration
+        return out
+    machine = os.uname().machine
+    if not size or machine not in RSEQ_NR:
+        return out
+    libc.pthread_self.restype = ctypes.c_void_p
+    libc.syscall.restype = ctypes.c_long
+    me = libc.pthread_self()
+    # the thread pointer is pthread_self on x86_64; elsewhere the area lies
+    # inside struct pthread, which starts at pthread_self
+    cands = [me + offset] + [me + 32 * k for k in range(256)]
+    for n in sorted({32, size, (size + 31) // 32 * 32}):
+        for addr in cands:
+            if libc.syscall(ctypes.c_long(RSEQ_NR[machine]), ctypes.c_void_p(addr), ctypes.c_uint(n),
+                            ctypes.c_int(0), ctypes.c_uint(RSEQ_SIG[machine])) < 0 \
+                    and ctypes.get_errno() == 16:       # EBUSY: registered, there
+                out.update(rseq=addr, rseq_len=n)
+                return out
+    raise OSError("glibc registered an rseq area the kernel does not confirm anywhere near pthread_self")
 
 
 def run(spec_path: str) -> int:
@@ -277,7 +319,7 @@ def run(spec_path: str) -> int:
     signal.signal(signal.SIGIO, on_sigio)
     helpers: List[int] = []     # outside peers, reported even when opening fails (so they get killed)
     try:
-        proof = Proof(spec["ctldir"], spec.get("witness", True))
+        proof = Proof(spec["ctldir"], spec.get("witness", True), int(spec.get("quiet") or 0))
         os.chdir(spec["workdir"])
         ctx = kinds.Ctx(spec["workdir"], setup_model(spec), entries=spec.get("fds") or [], sigio=sigio,
                         helpers=helpers)
@@ -303,7 +345,12 @@ def run(spec_path: str) -> int:
     write_json(spec["ready"], ready)
     wait_for = {signal.SIGUSR1}
     while True:
-        got = signal.sigtimedwait(wait_for, Proof.TICK)
+        if proof.quiet and proof.counter.value >= proof.quiet:
+            # quiet from here on: one sleep with no timeout, nothing else
+            # runs until the harness's SIGUSR1 (harness/memstate.py)
+            got = signal.sigwaitinfo(wait_for)
+        else:
+            got = signal.sigtimedwait(wait_for, Proof.TICK)
         # CPython returns an empty siginfo (signo 0), not None, when the wait
         # was interrupted (EINTR: a ptrace freeze) after its deadline passed
         if got is not None and got.si_signo == signal.SIGUSR1:
