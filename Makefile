@@ -31,7 +31,7 @@ APT_PACKAGES += qemu-system-arm qemu-user-static binfmt-support arch-test
 endif
 
 .PHONY: setup setup-apt setup-pip bytecode host-criu test test-host test-aarch64-guest lint-workflows vm-image vm-shell vm-test \
-        vm-generate mutants bench reliability clean-image help
+        vm-generate mutants bench reliability zdtm clean-image help
 
 help:
 	@echo "make setup              install host packages (apt) and Python packages (pip)"
@@ -48,6 +48,8 @@ help:
 	@echo "make bench              write benchmark figures to bench/results.json"
 	@echo "make host-criu          Debian 13's criu for the host comparison, in ~/.cache/crucible/criu"
 	@echo "                        (private apt config and prefix; make bench fetches it when missing)"
+	@echo "make zdtm               CRIU's zdtm static tests against ckpt (Debian's CRIU 4.1.1 source, fetched once)"
+	@echo "                        -> bench/zdtm.json and bench/zdtm.md: pass / refused (reason) / FAIL"
 	@echo "make reliability        fault points + ckpt killed at random instants + FUZZ_CASES=$(FUZZ_CASES) mutated"
 	@echo "                        images from FUZZ_SEED=$(FUZZ_SEED) -> bench/reliability.json"
 
@@ -131,6 +133,12 @@ vm-generate: vm-image
 # image, which CRUCIBLE_REQUIRE_AARCH64 turns into a failure (CI builds it).
 test-aarch64-guest:
 	CRUCIBLE_REQUIRE_AARCH64=1 $(PYTHON) -m pytest tests/ -m aarch64 -q -p no:cacheprovider -p no:benchmark
+
+# CRIU's own C/R tests (test/zdtm/static), written by the people who know
+# what C/R breaks, each checking its own state after the restore.
+zdtm: bytecode
+	@mkdir -p bench
+	$(PYTHON) tools/zdtm.py -j $(JOBS) --out bench/zdtm.json --md bench/zdtm.md
 
 # Fault points, ckpt killed at random instants (and, from other tools, fuzzed
 # images): figures printed and merged into bench/reliability.json. One line per tool.

@@ -2,8 +2,8 @@
 elsewhere, by the people who know what C/R breaks, each checking its own
 state after the restore and printing PASS or FAIL.
 
-Each test is built from a CRIU source tree (`--src`, its test/zdtm; `make
-zdtm` fetches the one Debian ships), started the way zdtm.py's host flavour
+Each test is built from a CRIU source tree (`--src`, its test/zdtm; by
+default Debian 13's CRIU 4.1.1 source, fetched once and checked), started the way zdtm.py's host flavour
 starts it (the binary with --pidfile/--outfile and the per-test arguments of
 static/Makefile), and then:
 
@@ -20,7 +20,7 @@ silent corruption), `lost` (restored, and the process died or never
 answered), `error` (ckpt failed without a reason code), `skipped` (not a
 host-flavour test, marked noauto, no PASS without C/R, not built).
 
-usage: tools/zdtm.py --src CRIU_SRC [--only NAME,...] [--work DIR]
+usage: tools/zdtm.py [--src CRIU_SRC] [--only NAME,...] [--work DIR]
                      [--out FILE.json] [--md FILE.md] [--ckpt CMD] [-j N]
 """
 
@@ -323,6 +323,46 @@ def run_one(name: str, kind: str, static: str, special: dict, work: str, ckpt: l
     return dict(rec, outcome=verdict if verdict == "FAIL" else "lost", detail=tail[-400:])
 
 
+# CRIU's source as Debian 13 ships it (the same version as the guests' and
+# the host comparison's criu), pinned: what is built and run is known.
+SOURCE_URL = "http://deb.debian.org/debian/pool/main/c/criu/criu_4.1.1.orig.tar.xz"
+SOURCE_SHA256 = "f80a66cb3726bb2116266d4759ce3bcbfab7abdb6b6d430bf20dd41911717afe"
+DEFAULT_SRC = os.path.expanduser("~/.cache/crucible/criu-src-4.1.1")
+
+
+def fetch(dest: str) -> str:
+    """CRIU's source unpacked in dest (fetched once, its sha256 checked)."""
+    if os.path.isdir(os.path.join(dest, "test", "zdtm", "static")):
+        return dest
+    import hashlib
+    import tarfile
+    import urllib.request
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".criu-src-", dir=os.path.dirname(dest))
+    try:
+        archive = os.path.join(tmp, "src.tar.xz")
+        print(f"zdtm: fetching {SOURCE_URL}", file=sys.stderr, flush=True)
+        with urllib.request.urlopen(SOURCE_URL, timeout=120) as r, open(archive, "wb") as f:
+            shutil.copyfileobj(r, f)
+        with open(archive, "rb") as f:
+            got = hashlib.sha256(f.read()).hexdigest()
+        if got != SOURCE_SHA256:
+            raise SystemExit(f"zdtm: {SOURCE_URL} has sha256 {got}, not the pinned {SOURCE_SHA256}")
+        def members(t):
+            # the tree holds a link to an absolute path (images/google/protobuf,
+            # for protoc) that the safe extraction filter refuses; the tests need none
+            for m in t:
+                if not (m.issym() and os.path.isabs(m.linkname)):
+                    yield m
+        with tarfile.open(archive) as t:
+            t.extractall(os.path.join(tmp, "x"), members=members(t), filter="data")
+        (top,) = os.listdir(os.path.join(tmp, "x"))
+        os.rename(os.path.join(tmp, "x", top), dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
 def build(src: str, names: list, jobs: int) -> None:
     zdtm = os.path.join(src, "test", "zdtm")
     subprocess.run(["make", "-s", "-C", os.path.join(zdtm, "lib"), f"-j{jobs}"], check=True,
@@ -356,7 +396,8 @@ def markdown(results: list) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--src", required=True, help="a CRIU source tree (holding test/zdtm)")
+    ap.add_argument("--src", default=DEFAULT_SRC,
+                    help="a CRIU source tree (holding test/zdtm); the default one is fetched when missing")
     ap.add_argument("--only", default="", help="test names, comma-separated (default: every static test)")
     ap.add_argument("--work", default="", help="where the tests run (default: a new directory in /var/tmp)")
     ap.add_argument("--out", default="", help="the results as JSON")
@@ -364,6 +405,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ckpt", default=f"{sys.executable} -m engine", help="the ckpt command")
     ap.add_argument("-j", "--jobs", type=int, default=1, help="tests at once")
     args = ap.parse_args(argv)
+    if args.src == DEFAULT_SRC:
+        fetch(DEFAULT_SRC)
     static = os.path.join(args.src, "test", "zdtm", "static")
     makefile = os.path.join(static, "Makefile")
     kinds = _lists(makefile)
