@@ -52,6 +52,9 @@ def test_skips_by_desc():
     assert zdtm._why_skipped({"flags": "suid noauto"}) == "marked noauto"
     assert zdtm._why_skipped({}) is None
     assert zdtm._why_skipped({"flavor": "h ns", "flags": "suid"}) is None
+    here = os.uname().machine
+    assert zdtm._why_skipped({"arch": f"s390x {here} ppc64"}) is None
+    assert zdtm._why_skipped({"arch": "s390x"}) == "for s390x"
     assert "ZDTM_UID" in zdtm._env({}) and "ZDTM_UID" not in zdtm._env({"flags": "suid"})
 
 
