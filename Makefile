@@ -25,12 +25,13 @@ GENERATE ?= 300
 SEED ?= 1
 
 APT_PACKAGES = qemu-system-x86 qemu-utils mmdebstrap e2fsprogs busybox-static cpio zstd \
-               openssh-client gcc libc6-dev ca-certificates libnftables1
+               openssh-client gcc libc6-dev ca-certificates libnftables1 \
+               make pkg-config libaio-dev libcap-dev
 ifeq ($(ARCH),aarch64)
 APT_PACKAGES += qemu-system-arm qemu-user-static binfmt-support arch-test
 endif
 
-.PHONY: setup setup-apt setup-pip bytecode host-criu test test-host test-aarch64-guest lint-workflows vm-image vm-shell vm-test \
+.PHONY: setup setup-apt setup-pip setup-zdtm bytecode host-criu test test-host test-aarch64-guest lint-workflows vm-image vm-shell vm-test \
         vm-generate mutants bench reliability zdtm clean-image help
 
 help:
@@ -53,7 +54,11 @@ help:
 	@echo "make reliability        fault points + ckpt killed at random instants + FUZZ_CASES=$(FUZZ_CASES) mutated"
 	@echo "                        images from FUZZ_SEED=$(FUZZ_SEED) -> bench/reliability.json"
 
-setup: setup-apt setup-pip
+setup: setup-apt setup-pip setup-zdtm
+
+# CRIU's source (pinned), for tests/test_zdtm.py and make zdtm.
+setup-zdtm:
+	$(PYTHON) tools/zdtm.py --fetch-only
 
 setup-apt:
 	@missing=""; for p in $(APT_PACKAGES); do \
