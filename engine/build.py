@@ -454,6 +454,11 @@ class Builder:
         xstate and registers; detach."""
         regs = self.arch.Regs.from_dict(self.job.core["regs"])
         self.arch.normalise_restart(regs)
+        if self.job.core.get("job_stop"):
+            # Stopped by job control: stopped again by the same signal
+            # while the gadget is still there (engine/jobstop.py).
+            from . import jobstop
+            jobstop.stop_again(self)
         self.call("munmap", self.gadget, self.gadget_size)
         # The dumped mask only now (blocked since posixtimers.arm() and
         # pending_signals()): a timer that fired meanwhile is pending with

@@ -468,6 +468,11 @@ def _survey_frozen(pid: int, task: Task, ctx: DumpContext, proc: procfs.Proc):
     trecs = threads.survey(s, task, ctx.threads, state)
     if state is not None:
         state["threads"] = trecs
+    if task.job_stop:
+        from . import jobstop
+        jobstop.survey(s, task, ctx, ctx.threads, state)
+        if state is not None:
+            state["job_stop"] = task.job_stop
     recs = map_records(s, ctx)
     return s, state, recs
 
