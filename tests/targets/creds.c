@@ -142,7 +142,13 @@ int main(int argc, char **argv)
         }
     }
     pthread_t t;
+    sigset_t usr1;
+    sigemptyset(&usr1);
+    sigaddset(&usr1, SIGUSR1);
+    /* the thread blocks SIGUSR1: the leader's pause() must be what it wakes */
+    pthread_sigmask(SIG_BLOCK, &usr1, NULL);
     if (want_thread && pthread_create(&t, NULL, thread_main, NULL)) die("pthread_create");
+    pthread_sigmask(SIG_UNBLOCK, &usr1, NULL);
     signal(SIGUSR1, on_usr1);
     dprintf(out, "ready\n");
     for (;;) {
