@@ -518,6 +518,15 @@ def map_validate(rec: dict, ctx) -> None:
         raise Refusal("image-invalid", "mapping record names no file")
 
 
+def map_writable(vma: dict) -> bool:
+    """Is a mapping's file to be opened for writing? A MAP_SHARED mapping
+    of a file opened with write access may be made writable whatever its
+    protection now (VM_MAYWRITE, VmFlags "mw"; do_mmap clears it, and
+    VM_SHARED, for a file without FMODE_WRITE): one restored from a
+    read-only open could not be mprotect()ed writable again (EACCES)."""
+    return vma["perms"][3] == "s" and ("w" in vma["perms"] or "mw" in vma.get("flags", ()))
+
+
 def map_open(rec: dict, ctx, writable: bool) -> int:
     flags = os.O_RDWR if writable else os.O_RDONLY
     if "ghost" in rec:
