@@ -73,6 +73,13 @@ def check_core(core) -> None:
     except (KeyError, TypeError, ValueError) as e:
         raise _bad(f"{w}: registers: {e}") from None
     signals.check_record(_need(core, "signals", dict, w))
+    if "job_stop" in core:
+        from . import jobstop
+        if not jobstop.validate(core["job_stop"]) or isinstance(core["job_stop"], bool) \
+                or (core["job_stop"] and core.get("threads")):
+            raise _bad(f"{w}: job_stop {core['job_stop']!r} is no job-control stop of a single-threaded process")
+    if not isinstance(core.get("job_stop_report", False), bool):
+        raise _bad(f"{w}: job_stop_report is not a boolean")
     for k in ("start_code", "end_code", "start_data", "end_data", "start_brk", "brk", "start_stack",
               "arg_start", "arg_end", "env_start", "env_end"):
         _need(core["mm"], k, int, f"{w} mm")
@@ -411,7 +418,7 @@ def prepare(core: dict, vmas: List[dict], fdrecs: List[dict], ctx: RestoreContex
         for v in vmas:
             if v["kind"] != "file":
                 continue
-            writable = v["perms"][3] == "s" and "w" in v["perms"]
+            writable = files.map_writable(v)
             key = map_key(v["file"], writable)
             if key not in p.map_fd:
                 faults.point("restore.map_open")
