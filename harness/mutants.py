@@ -593,6 +593,59 @@ def m_reset_sockopt(img: Image) -> str:
     raise NoTarget("no socket with an option set")
 
 
+def m_disarm_posix_timer(img: Image) -> str:
+    """One armed POSIX timer comes back disarmed (created, same ID, clock
+    and signal: only timer_gettime tells)."""
+    core = img.json("core.json")
+    for t in core.get("posix_timers") or []:
+        if any(t.get("spec", [0])[2:]):
+            old, t["spec"] = t["spec"], [0, 0, 0, 0]
+            img.put_json("core.json")
+            return f"POSIX timer {t['id']} {old} -> disarmed"
+    raise NoTarget("no armed POSIX timer")
+
+
+def m_reset_itimers(img: Image) -> str:
+    """The interval timers (setitimer) come back disarmed."""
+    core = img.json("core.json")
+    timers = core.get("itimers") or []
+    if not any(any(t) for t in timers):
+        raise NoTarget("no armed interval timer")
+    old, core["itimers"] = timers, [[0] * len(t) for t in timers]
+    img.put_json("core.json")
+    return f"itimers {old} -> disarmed"
+
+
+def m_double_pending_signal(img: Image) -> str:
+    """One saved pending signal queued twice at restore (a real-time one:
+    standard signals do not queue, a second one merges): delivered twice."""
+    core = img.json("core.json")
+    lists = [(f"{where}", lst) for where, lst in sorted((core.get("signals") or {}).items())] + \
+        [(f"thread {t['tid']} {where}", lst) for t in core.get("threads") or []
+         for where, lst in sorted((t.get("signals") or {}).items())]
+    for where, lst in lists:
+        for i, si in enumerate(lst):
+            if si.get("signo", 0) >= 32:
+                lst.insert(i + 1, json.loads(json.dumps(si)))
+                img.put_json("core.json")
+                return f"pending signal {si['signo']} ({where}) queued twice"
+    raise NoTarget("no pending real-time signal")
+
+
+def m_drop_file_lock(img: Image) -> str:
+    """One file lock (POSIX, OFD or flock) the process held is not taken
+    again at restore."""
+    fds = img.json("fds.json")
+    r = _first(_leaders(fds), lambda r: any(lk.get("kind") != "LEASE" for lk in r.get("locks") or []),
+               "no file lock (other than a lease)")
+    lk = next(lk for lk in r["locks"] if lk.get("kind") != "LEASE")
+    r["locks"].remove(lk)
+    if not r["locks"]:
+        del r["locks"]
+    img.put_json("fds.json")
+    return f"fd {r['fd']}: {lk.get('kind')} {lk.get('rw')} lock at {lk.get('start')} dropped"
+
+
 EDITS: Dict[str, Tuple[Callable[[Image], str], str]] = {
     "drop-offset": (m_drop_offset, "one file fd's offset restored as 0"),
     "drop-append": (m_drop_append, "one file fd loses O_APPEND"),
@@ -622,6 +675,10 @@ EDITS: Dict[str, Tuple[Callable[[Image], str], str]] = {
     "swap-thread-tls": (m_swap_thread_tls, "two threads' thread pointers (TLS, pthread_self) swapped"),
     "reset-mxcsr": (m_reset_mxcsr, "the SSE control register (MXCSR: rounding, exception masks) reset"),
     "reset-sockopt": (m_reset_sockopt, "one socket option the process set comes back as a fresh socket's"),
+    "disarm-posix-timer": (m_disarm_posix_timer, "one armed POSIX timer comes back disarmed"),
+    "reset-itimers": (m_reset_itimers, "the interval timers (setitimer) come back disarmed"),
+    "double-pending-signal": (m_double_pending_signal, "one pending real-time signal queued twice"),
+    "drop-file-lock": (m_drop_file_lock, "one file lock is not taken again"),
 }
 
 
@@ -904,6 +961,12 @@ CAUGHT_BY: Dict[str, str] = {
                    "(process/fp-round)",
     "reset-sockopt": "every socket's options read from outside (pidfd_getfd) and compared; the options a scenario "
                      "set read back by the workload (socket/tcp-options)",
+    "disarm-posix-timer": "workload.process.posix_timers: timer_gettime of each timer after the restore "
+                          "(process/posix-timers); /proc/PID/timers does not show it",
+    "reset-itimers": "workload.process.itimers: getitimer of each after the restore (process/state)",
+    "double-pending-signal": "pending signals taken with sigtimedwait, counted and in order (process/pending-signals)",
+    "drop-file-lock": "the locks fdinfo shows compared from outside; the lock tested by an outside process "
+                      "(locks/*)",
 }
 
 

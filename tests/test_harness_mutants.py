@@ -203,11 +203,15 @@ TREE_EDITS = {"unshare-tree-memory"}
 THREAD_EDITS = {"reset-thread-sched": {"nice"}, "swap-thread-tls": {"ident"}, "reset-mxcsr": {"third"}}
 MEMORY_EDITS = {"drop-cow-page"}
 SOCKET_EDITS = {"reset-sockopt"}
+# Edits of the TIMED target below: what each changes of what it reports.
+TIMED_EDITS = {"disarm-posix-timer": {"posix timer"}, "reset-itimers": {"itimer"},
+               "double-pending-signal": {"pending"}, "drop-file-lock": {"lock"}}
 
 
 def test_every_mutant_is_listed_and_tested():
     assert len(mutants.names()) >= 22
-    assert set(EXPECTED) | TREE_EDITS | set(THREAD_EDITS) | MEMORY_EDITS | SOCKET_EDITS == set(mutants.EDITS)
+    assert set(EXPECTED) | TREE_EDITS | set(THREAD_EDITS) | MEMORY_EDITS | SOCKET_EDITS \
+        | set(TIMED_EDITS) == set(mutants.EDITS)
     assert set(mutants.CAUGHT_BY) == set(mutants.names())
     for name in mutants.names():
         e = engines.make(f"mutant:{name}")
@@ -698,3 +702,80 @@ def test_reset_sockopt_resets_one_option_only(procs, tmp_path):
     differ = {k: (want.get(k), got.get(k)) for k in set(got) | set(want) if got.get(k) != want.get(k)}
     assert len(differ) == 1 and what.split(": ")[1].split()[0] in next(iter(differ)), (what, differ)
     assert next(iter(differ.values()))[0] == "01000000"           # set before, 0 after
+
+
+# An interval timer, a POSIX timer, a real-time signal queued once (blocked)
+# and a POSIX lock; on SIGUSR2 it reports what it sees of them (the signals
+# taken with sigtimedwait), read by the test after each restore.
+TIMED = r"""
+import fcntl, json, os, signal, time
+from harness import sysapi
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGRTMIN + 3})
+signal.setitimer(signal.ITIMER_REAL, 3000, 1000)
+h = sysapi.timer_create(1, 0, 0)
+sysapi.timer_settime(h, 2000000, 500000)
+sysapi.sigqueue(os.getpid(), signal.SIGRTMIN + 3, 77)
+f = open("locked", "w")
+fcntl.lockf(f, fcntl.LOCK_EX)
+def report(*_):
+    got = []
+    while signal.sigtimedwait({signal.SIGRTMIN + 3}, 0) is not None:
+        got.append(1)
+    with open("report.tmp", "w") as out:
+        json.dump({"itimer": round(signal.getitimer(signal.ITIMER_REAL)[1], 3),
+                   "posix timer": round(sysapi.timer_gettime(h)[1], 3), "pending": len(got)}, out)
+    os.rename("report.tmp", "report")
+signal.signal(signal.SIGUSR2, report)
+open("ready.tmp", "w").close()
+os.rename("ready.tmp", "ready")
+while True:
+    time.sleep(1)
+"""
+
+
+def _timed_facts(pid, work):
+    import struct
+    report = work / "report"
+    if report.exists():
+        report.unlink()
+    os.kill(pid, signal.SIGUSR2)
+    wait_for(report.exists, what="the timed target's report")
+    facts = json.loads(report.read_text())
+    with open(work / "locked", "r+") as f:      # F_GETLK: who holds a lock that conflicts with ours
+        got = fcntl.fcntl(f, fcntl.F_GETLK, struct.pack("hhqqi", fcntl.F_WRLCK, 0, 0, 0, 0))
+    facts["lock"] = struct.unpack("hhqqi", got)[4]
+    return facts
+
+
+def test_timed_mutants_break_exactly_one_thing(procs, tmp_path):
+    become_subreaper()
+    work = tmp_path / "w"
+    work.mkdir()
+    p = subprocess.Popen([sys.executable, "-c", TIMED], cwd=str(work), stdin=subprocess.DEVNULL,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True,
+                         start_new_session=True, env=ENV)
+    procs.popens.append(p)
+    wait_for(lambda: (work / "ready").exists(), what="the timed target")
+    img = str(tmp_path / "img")
+    r = ckpt("dump", "-t", str(p.pid), "-D", img, "--json")
+    assert r.returncode == 0, r.stderr
+    procs.reap(p.pid)
+
+    def restored(d):
+        rr = ckpt("restore", "-D", d, "--json")
+        assert rr.returncode == 0, rr.stderr
+        procs.adopt(p.pid)
+        try:
+            return _timed_facts(p.pid, work)
+        finally:
+            procs.kill(p.pid)
+    want = restored(img)
+    assert want == {"itimer": 1000.0, "posix timer": 500.0, "pending": 1, "lock": p.pid}
+    for name, changed in sorted(TIMED_EDITS.items()):
+        mine = str(tmp_path / f"img-{name}")
+        shutil.copytree(img, mine)
+        what = mutants.apply_edit(name, mine)
+        ImageReader(mine).verify()
+        got = restored(mine)
+        differ = {k for k in want if got[k] != want[k]}
+        assert differ == changed, f"{name} ({what}): {got} vs {want}"
