@@ -646,6 +646,21 @@ def m_drop_file_lock(img: Image) -> str:
     return f"fd {r['fd']}: {lk.get('kind')} {lk.get('rw')} lock at {lk.get('start')} dropped"
 
 
+def m_move_brk(img: Image) -> str:
+    """The program break restored one page lower (one page higher if the
+    heap is that small), its [heap] mapping as dumped: /proc shows the same
+    mappings, sbrk(0) another break, and the next brk(2) that grows the
+    heap collides with the mapping (malloc falls back to mmap)."""
+    core = img.json("core.json")
+    old = core.get("brk")
+    if not old:
+        raise NoTarget("no program break")
+    new = old - PAGE if old - PAGE >= core["mm"]["start_brk"] else old + PAGE
+    core["brk"] = core["mm"]["brk"] = new
+    img.put_json("core.json")
+    return f"brk {old:#x} -> {new:#x}"
+
+
 EDITS: Dict[str, Tuple[Callable[[Image], str], str]] = {
     "drop-offset": (m_drop_offset, "one file fd's offset restored as 0"),
     "drop-append": (m_drop_append, "one file fd loses O_APPEND"),
@@ -679,6 +694,7 @@ EDITS: Dict[str, Tuple[Callable[[Image], str], str]] = {
     "reset-itimers": (m_reset_itimers, "the interval timers (setitimer) come back disarmed"),
     "double-pending-signal": (m_double_pending_signal, "one pending real-time signal queued twice"),
     "drop-file-lock": (m_drop_file_lock, "one file lock is not taken again"),
+    "move-brk": (m_move_brk, "the program break comes back a page off, its [heap] mapping as dumped"),
 }
 
 
@@ -967,6 +983,8 @@ CAUGHT_BY: Dict[str, str] = {
     "double-pending-signal": "pending signals taken with sigtimedwait, counted and in order (process/pending-signals)",
     "drop-file-lock": "the locks fdinfo shows compared from outside; the lock tested by an outside process "
                       "(locks/*)",
+    "move-brk": "a quiet workload's brk(0) right before and right after its quiet sleep (process/quiet-memory); "
+                "/proc shows the break only page-rounded, as the [heap] end",
 }
 
 

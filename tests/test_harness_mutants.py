@@ -205,7 +205,7 @@ MEMORY_EDITS = {"drop-cow-page"}
 SOCKET_EDITS = {"reset-sockopt"}
 # Edits of the TIMED target below: what each changes of what it reports.
 TIMED_EDITS = {"disarm-posix-timer": {"posix timer"}, "reset-itimers": {"itimer"},
-               "double-pending-signal": {"pending"}, "drop-file-lock": {"lock"}}
+               "double-pending-signal": {"pending"}, "drop-file-lock": {"lock"}, "move-brk": {"brk"}}
 
 
 def test_every_mutant_is_listed_and_tested():
@@ -706,10 +706,13 @@ def test_reset_sockopt_resets_one_option_only(procs, tmp_path):
 
 # An interval timer, a POSIX timer, a real-time signal queued once (blocked)
 # and a POSIX lock; on SIGUSR2 it reports what it sees of them (the signals
-# taken with sigtimedwait), read by the test after each restore.
+# taken with sigtimedwait) and its program break (brk(2)), read by the test
+# after each restore.
 TIMED = r"""
-import fcntl, json, os, signal, time
-from harness import sysapi
+import ctypes, fcntl, json, os, signal, time
+from harness import sysapi, workload
+brk = ctypes.CDLL(None).syscall
+brk.restype = ctypes.c_void_p
 signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGRTMIN + 3})
 signal.setitimer(signal.ITIMER_REAL, 3000, 1000)
 h = sysapi.timer_create(1, 0, 0)
@@ -723,7 +726,8 @@ def report(*_):
         got.append(1)
     with open("report.tmp", "w") as out:
         json.dump({"itimer": round(signal.getitimer(signal.ITIMER_REAL)[1], 3),
-                   "posix timer": round(sysapi.timer_gettime(h)[1], 3), "pending": len(got)}, out)
+                   "posix timer": round(sysapi.timer_gettime(h)[1], 3), "pending": len(got),
+                   "brk": brk(ctypes.c_long(workload.BRK_NR[os.uname().machine]), ctypes.c_void_p(0))}, out)
     os.rename("report.tmp", "report")
 signal.signal(signal.SIGUSR2, report)
 open("ready.tmp", "w").close()
@@ -770,7 +774,8 @@ def test_timed_mutants_break_exactly_one_thing(procs, tmp_path):
         finally:
             procs.kill(p.pid)
     want = restored(img)
-    assert want == {"itimer": 1000.0, "posix timer": 500.0, "pending": 1, "lock": p.pid}
+    assert want.pop("brk") and want == {"itimer": 1000.0, "posix timer": 500.0, "pending": 1, "lock": p.pid}
+    want = restored(img)
     for name, changed in sorted(TIMED_EDITS.items()):
         mine = str(tmp_path / f"img-{name}")
         shutil.copytree(img, mine)
