@@ -377,3 +377,8 @@ def timer_gettime(timer: int) -> Tuple[float, float]:
     _check(_libc.timer_gettime(ctypes.c_void_p(timer), buf))
     isec, insec, vsec, vnsec = struct.unpack("<qqqq", buf.raw)
     return vsec + vnsec / 1e9, isec + insec / 1e9
+
+
+def prctl_set_name(name: str) -> None:
+    """prctl(PR_SET_NAME): the calling thread's name (comm, 15 bytes)."""
+    _check(_libc.prctl(15, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0))

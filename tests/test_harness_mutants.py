@@ -200,7 +200,11 @@ EXPECTED = {
 # Edits of a tree image (the sink is one process: nothing for them there).
 TREE_EDITS = {"unshare-tree-memory"}
 # Edits of a threaded or a quiet Python target (THREADED, QUIET below).
-THREAD_EDITS = {"reset-thread-sched": {"nice"}, "swap-thread-tls": {"ident"}, "reset-mxcsr": {"third"}}
+THREAD_EDITS = {"reset-thread-sched": {"nice"}, "swap-thread-tls": {"ident"}, "reset-mxcsr": {"third"},
+                # one thread fewer: every per-thread list has one entry fewer
+                "drop-thread": {"threads", "nice", "sigblk", "names"}, "lose-thread-sigmask": {"sigblk"},
+                "rename-thread": {"names"},
+                "restorer-auxv": {"auxv"}, "share-to-private": {"maps"}}
 MEMORY_EDITS = {"drop-cow-page"}
 SOCKET_EDITS = {"reset-sockopt"}
 # Edits of the TIMED target below: what each changes of what it reports.
@@ -537,14 +541,22 @@ def test_unshare_tree_memory_breaks_the_sharing_only(procs, tmp_path):
 # (threads inherit the FP state): each writes, every 10 ms, its
 # pthread_self and 1/3 into its own slots, read from outside.
 THREADED = r"""
-import ctypes, json, os, sys, threading, time
+import ctypes, json, mmap, os, signal, sys, threading, time
+from harness import sysapi
 ctypes.CDLL("libm.so.6").fesetround(0x800)              # FE_UPWARD
 idents = (ctypes.c_uint64 * 3)()
 thirds = (ctypes.c_double * 3)()
 one, three = float(len("x")), float(len("xyz"))
+with open("shared", "wb") as f:
+    f.write(bytes(4096))
+with open("shared", "r+b") as f:
+    m = mmap.mmap(f.fileno(), 4096, flags=mmap.MAP_SHARED)
 def loop(i, nice):
     if nice:
         os.setpriority(os.PRIO_PROCESS, 0, nice)
+    if i:
+        sysapi.prctl_set_name(f"t{i}")
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})
     while True:
         idents[i], thirds[i] = threading.get_ident(), one / three
         time.sleep(0.01)
@@ -564,7 +576,12 @@ def _threaded_facts(pid, pub):
     time.sleep(0.1)         # a few rounds of every loop after the restore
     tids = sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
     nice = [open(f"/proc/{pid}/task/{t}/stat").read().rsplit(")", 1)[1].split()[16] for t in tids]
-    return {"nice": nice, "ident": u64s(pub["idents"]), "third": u64s(pub["thirds"])}
+    status = [dict(ln.split(":", 1) for ln in open(f"/proc/{pid}/task/{t}/status").read().splitlines())
+              for t in tids]
+    maps = sorted((ln.split()[1], ln.split()[-1]) for ln in open(f"/proc/{pid}/maps") if ln.rstrip().endswith("/shared"))
+    return {"nice": nice, "ident": u64s(pub["idents"]), "third": u64s(pub["thirds"]), "threads": len(tids),
+            "sigblk": [st["SigBlk"].strip() for st in status], "names": [st["Name"].strip() for st in status],
+            "auxv": open(f"/proc/{pid}/auxv", "rb").read(), "maps": maps}
 
 
 @pytest.fixture(scope="module")
@@ -573,7 +590,10 @@ def threaded_image(tmp_path_factory):
     base = tmp_path_factory.mktemp("threaded")
     procs = Procs()
     try:
-        p = procs.start([sys.executable, "-c", THREADED], cwd=str(base))
+        p = subprocess.Popen([sys.executable, "-c", THREADED], cwd=str(base), stdin=subprocess.DEVNULL,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True,
+                             start_new_session=True, env=ENV)
+        procs.popens.append(p)
         wait_for(lambda: (base / "pub").exists(), what="the threaded target")
         time.sleep(0.1)
         pub = json.loads((base / "pub").read_text())
@@ -599,7 +619,7 @@ def _restore_threaded(procs, img, pid, pub):
 @pytest.mark.parametrize("name", sorted(THREAD_EDITS))
 def test_thread_mutant_breaks_exactly_one_thing(name, threaded_image, procs, tmp_path):
     want = threaded_image["facts"]
-    assert want["nice"][1] == "7" and len(set(want["ident"])) == 3
+    assert want["nice"][1] == "7" and len(set(want["ident"])) == 3 and want["names"][1:] == ["t1", "t2"]
     assert len(set(want["third"])) == 1          # rounded upward, by every thread alike
     img = str(tmp_path / "img")
     shutil.copytree(threaded_image["img"], img)
@@ -608,6 +628,8 @@ def test_thread_mutant_breaks_exactly_one_thing(name, threaded_image, procs, tmp
     got = _restore_threaded(procs, img, threaded_image["pid"], threaded_image["pub"])
     differ = {k for k in want if got[k] != want[k]}
     assert differ == THREAD_EDITS[name], f"{name} ({what}) changed {sorted(differ)}: {got} vs {want}"
+    if name == "drop-thread":       # the last thread gone, the others as they were
+        assert all(got[k] == want[k][:-1] for k in ("nice", "sigblk", "names")), (got, want)
 
 
 # A quiet process (harness/memstate.py) with a private file mapping of more

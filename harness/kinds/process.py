@@ -257,6 +257,9 @@ class Blocked:
         mine = os.urandom(8).hex()       # on this thread's stack only (a frame local)
         if self.nice is not None:
             os.setpriority(os.PRIO_PROCESS, 0, self.nice)    # 0: the calling thread
+        # its own name (comm, per thread; Python before 3.14 names none):
+        # compared from outside, /proc/PID/task/TID/status
+        sysapi.prctl_set_name(f"wl-thr{self.index}")
         # get_ident is pthread_self, read through the thread pointer (its TLS)
         self.tid, self.value, self.ident = threading.get_native_id(), mine, threading.get_ident()
         self.started.set()
