@@ -498,9 +498,14 @@ def build_tree(tj: TreeJob) -> int:
             steps = going
         for mb in live:
             rebuild_late(mb)
+        ppids = {m["pid"]: m["ppid"] for m in members}
         for mb in reversed(live):
             faults.point("restore.tree.release")
             mb.finish()
+            if mb.job.core.get("job_stop") and mb.pid != root["pid"]:
+                # stopped again: its parent's view of that stop as it was (engine/jobstop.py)
+                from . import jobstop
+                jobstop.restore_report(builders[ppids[mb.pid]], mb.pid, mb.job.core)
     except BaseException:
         for mb in reversed(order):
             try:
