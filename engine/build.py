@@ -252,6 +252,7 @@ class Builder:
         mapping exists by then), the pages, and madvise and the final
         mprotect queued (process_state's calls join them)."""
         prep = self.job.prepared
+        from .files import map_writable
         from .restore import map_key
         total = 0
         later = []      # (mapping, force, prot, final)
@@ -282,7 +283,7 @@ class Builder:
             force = False
             prot = 3
             if kind == "file":
-                fd = prep.map_fd[map_key(v["file"], shared and "w" in v["perms"])]
+                fd = prep.map_fd[map_key(v["file"], map_writable(v))]
                 off = v["offset"]
                 if shared:
                     prot = final

@@ -418,7 +418,7 @@ def prepare(core: dict, vmas: List[dict], fdrecs: List[dict], ctx: RestoreContex
         for v in vmas:
             if v["kind"] != "file":
                 continue
-            writable = v["perms"][3] == "s" and "w" in v["perms"]
+            writable = files.map_writable(v)
             key = map_key(v["file"], writable)
             if key not in p.map_fd:
                 faults.point("restore.map_open")
