@@ -35,7 +35,7 @@ TYPE_CHECKING = False   # annotations only: importing typing costs every run ~3 
 if TYPE_CHECKING:
     from typing import List, Optional
 
-from . import creds, faults, libc, membarrier, mempolicy, posixtimers, procattrs, procfs, ptrace, sched, seccomp, signals, threads
+from . import cgroups, creds, faults, libc, membarrier, mempolicy, posixtimers, procattrs, procfs, ptrace, sched, seccomp, signals, threads
 from .arch import current as current_arch
 from .batch import Batch, Data
 from .gadget import HANDLER_SCRATCH, _free_gap, _maps, clone_with_pid, gadget_size, place_gadget  # noqa: F401
@@ -557,6 +557,7 @@ def rebuild_early_steps(b: Builder):
     """rebuild_early as a generator: each yield leaves b's calls queued,
     for the caller to run (a tree runs every member's side by side,
     engine/batch.py run_each)."""
+    cgroups.enter(b.pid, b.job.core.get("cgroups"))   # first: pages, threads and the affinity land in it
     faults.point("restore.phase", "vdso")
     b.move_vdso()
     faults.point("restore.phase", "mm")
