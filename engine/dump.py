@@ -17,7 +17,7 @@ TYPE_CHECKING = False   # annotations only: importing typing costs every run ~3 
 if TYPE_CHECKING:
     from typing import Dict, List, Optional
 
-from . import cgroups, creds, faults, pdeath, files, libc, membarrier, mempolicy, posixtimers, procattrs, procfs, sched, seccomp, signals, threads, tree, unlinked
+from . import cgroups, creds, faults, fsroot, pdeath, files, libc, membarrier, mempolicy, posixtimers, procattrs, procfs, sched, seccomp, signals, threads, tree, unlinked
 from .arch import current as current_arch
 from .check import Survey, preflight, require_features, target_checks
 from .context import DumpContext, Options, boot_id
@@ -272,6 +272,9 @@ def process_state(task: Task, s: Survey, ctx=None) -> dict:
         "creds": creds.record(status, pid),
         "cgroups": cgroups.dump(pid),
     }
+    root = fsroot.dump(pid)
+    if root is not None:
+        state["root"] = root
     state["sched"] = sched.dump(pid)
     state["seccomp"] = seccomp.dump(pid, seccomp.mode_of(status))
     state.update(injected_state(task, s.vmas))

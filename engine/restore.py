@@ -24,7 +24,7 @@ TYPE_CHECKING = False   # annotations only: importing typing costs every run ~3 
 if TYPE_CHECKING:
     from typing import Dict, List, Optional
 
-from . import (cgroups, fastjson, faults, files, guard, imagecheck, libc, membarrier, mempolicy, posixtimers, procattrs, procfs, sched, seccomp, signals,
+from . import (cgroups, fastjson, fsroot, faults, files, guard, imagecheck, libc, membarrier, mempolicy, posixtimers, procattrs, procfs, sched, seccomp, signals,
                threads, unlinked)
 from .arch import current as current_arch
 from .build import build
@@ -226,6 +226,7 @@ def preflight(reader: ImageReader, core: dict, vmas: List[dict], fdrecs: List[di
     for r in sched.validate(core["sched"]) + posixtimers.validate(core["posix_timers"]) + \
             seccomp.validate(core["seccomp"]) + procattrs.validate(core["attrs"], core.get("_creds_plan", "")) + \
             mempolicy.validate(core["mempolicy"]) + cgroups.validate(core.get("cgroups")) + \
+            fsroot.validate(core.get("root")) + \
             [r for t in core.get("threads", []) if t.get("mempolicy", core["mempolicy"]) != core["mempolicy"]
              for r in mempolicy.validate(t["mempolicy"])]:
         add(r)
