@@ -111,7 +111,8 @@ def check_core(core) -> None:
         raise _bad(f"{w}: membarrier malformed")
     if not mempolicy.check_record(core["mempolicy"]):
         raise _bad(f"{w}: mempolicy malformed")
-    if not posixtimers.check_records(core.get("posix_timers")):
+    tids = {r.get("tid") for r in core.get("threads", []) if isinstance(r, dict)}
+    if not posixtimers.check_records(core.get("posix_timers"), core.get("pid"), tids):
         raise _bad(f"{w}: posix_timers malformed")
     if not seccomp.check_record(core.get("seccomp")):
         raise _bad(f"{w}: seccomp malformed")
