@@ -397,7 +397,9 @@ def dump_fds(s: Survey, ctx: DumpContext, shared: Optional[Dict[int, list]] = No
         else:
             faults.point(point, kind)
             rec = mod.dump(info, ctx)
-            if info.flags & O_ASYNC:      # its open file's owner and signal (classify checked the owner)
+            if info.owner is not None:    # its open file's owner and signal (check._check_owner), O_ASYNC or not
+                rec["async"] = info.owner
+            elif info.flags & O_ASYNC:
                 rec["async"] = async_owner(info)
         rec.update(common)
         out.append(rec)
