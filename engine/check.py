@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from typing import Any, Dict, List, Optional
 
 from . import fds as fdkinds
-from . import fstype, lsm, pidfd, posixtimers, procfs, sysvsem, unlinked
+from . import autogroup, fstype, lsm, pidfd, posixtimers, procfs, sysvsem, unlinked
 from .context import DumpContext
 from .errors import EngineError, Refusal, UsageError
 
@@ -142,6 +142,9 @@ def _check_process(s: Survey, ctx: Optional[DumpContext] = None) -> None:
         s.refuse("posix timers", "timers", r)
     if not st.get("tty_nr", 0):
         s.ok("session", "session", f"sid {st['session']} pgid {st['pgrp']}, no controlling terminal")
+    r = autogroup.refusal(autogroup.read(pid), st["session"], pid, st["session"] in tree)
+    if r is not None:
+        s.refuse("autogroup", "process", r)
     # Namespaces: a restore recreates the process in the restorer's ones.
     differ = []
     for ns in NS_KINDS:

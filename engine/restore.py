@@ -24,7 +24,7 @@ TYPE_CHECKING = False   # annotations only: importing typing costs every run ~3 
 if TYPE_CHECKING:
     from typing import Dict, List, Optional
 
-from . import (fastjson, faults, files, guard, imagecheck, libc, membarrier, mempolicy, posixtimers, procattrs, procfs, sched, seccomp, signals,
+from . import (autogroup, fastjson, faults, files, guard, imagecheck, libc, membarrier, mempolicy, posixtimers, procattrs, procfs, sched, seccomp, signals,
                threads, unlinked)
 from .arch import current as current_arch
 from .build import build
@@ -248,6 +248,10 @@ def preflight(reader: ImageReader, core: dict, vmas: List[dict], fdrecs: List[di
                 raise OSError
         except OSError:
             add(Refusal("unsupported-state", f"its process group {sess['pgid']} no longer exists in this session"))
+    if not tree_member:
+        r = autogroup.refusal((core.get("attrs") or {}).get("autogroup_nice"), sess["sid"], pid, False)
+        if r is not None:
+            add(r)
     for rec in fdrecs:
         if "dup_of" in rec or "ofd_of" in rec:
             continue

@@ -14,7 +14,7 @@ import pytest
 
 from engine.context import Options
 from engine.dump import check, dump
-from engine.errors import Refusals
+from engine.errors import Refusal, Refusals
 from engine.restore import restore
 from engine_core_support import TARGETS, procs, wait_for  # noqa: F401
 
@@ -72,3 +72,66 @@ def roundtrip(procs, exe, tmp_path, *words, how: str = "restore") -> tuple:
     else:
         check(p.pid, Options())
     return before, report(p.pid, out)
+
+
+HOWS = ["restore", "leave-running", "check"]
+
+
+@pytest.mark.parametrize("how", HOWS)
+def test_fd_owner_and_signal_without_o_async(procs, prober_bin, tmp_path, how):
+    """F_SETOWN / F_SETOWN_EX (thread, process, process group) and F_SETSIG
+    on a pipe and a socketpair, no O_ASYNC: SIGURG and a later O_ASYNC go
+    by them. Before: saved only with O_ASYNC, so they read back 0."""
+    before, after = roundtrip(procs, prober_bin, tmp_path, "owner", how=how)
+    f = fields(before)
+    assert (f["own0"], f["sig0"], f["own1"], f["own2"]) == ("1:1", "36", "0:1", "2:1"), before
+    assert after == before
+
+
+def test_fd_owner_outside_the_dump_is_refused_and_target_unharmed(procs, prober_bin, tmp_path):
+    """An owner that is another process (here the test itself): its signals
+    could not go there from a restored process."""
+    out = str(tmp_path / "out.txt")
+    p = start(procs, prober_bin, out, "owner")
+    import fcntl
+    from engine import pidfd
+    pfd = pidfd.pidfd_open(p.pid)
+    dup = pidfd.pidfd_getfd(pfd, 4, p.pid)      # the pipe's read end (3 is OUT)
+    try:
+        fcntl.fcntl(dup, fcntl.F_SETOWN, os.getpid())
+    finally:
+        os.close(dup)
+        os.close(pfd)
+    with pytest.raises((Refusal, Refusals)) as ei:
+        dump(p.pid, str(tmp_path / "img"), Options())
+    refusals = getattr(ei.value, "refusals", [ei.value])
+    assert [(r.reason, r.fd) for r in refusals] == [("unsupported-state", 4)], ei.value
+    assert "F_SETOWN names process" in str(ei.value)
+    assert p.poll() is None and not os.path.exists(tmp_path / "img")
+    assert " own0=1:" in report(p.pid, out)     # F_OWNER_PID; the pid is ours, not the prober's
+
+
+@pytest.mark.parametrize("how", HOWS)
+def test_autogroup_nice_of_a_session_leader(procs, prober_bin, tmp_path, how):
+    """The prober is a session leader (its own autogroup) and set its
+    autogroup's nice to 7. Before: the restored one had a new autogroup at 0."""
+    if not os.path.exists("/proc/self/autogroup"):
+        pytest.skip("no CONFIG_SCHED_AUTOGROUP")
+    before, after = roundtrip(procs, prober_bin, tmp_path, "autogroup", how=how)
+    assert fields(before)["ag_nice"] == "7"
+    assert after == before
+
+
+def test_autogroup_nice_of_a_non_leader_differing_from_ckpts_is_refused(procs, prober_bin, tmp_path):
+    """A process not its session leader shares its session's autogroup; a
+    restore puts it in ckpt's: refused when the nice values differ."""
+    if not os.path.exists("/proc/self/autogroup"):
+        pytest.skip("no CONFIG_SCHED_AUTOGROUP")
+    from engine import autogroup
+    mine = autogroup.read("self")
+    r = autogroup.refusal(mine + 1, sid=10, pid=11, leader_restored=False)
+    assert r is not None and r.reason == "unsupported-state" and "autogroup" in r.detail
+    assert autogroup.refusal(mine, sid=10, pid=11, leader_restored=False) is None
+    assert autogroup.refusal(mine + 1, sid=11, pid=11, leader_restored=False) is None
+    assert autogroup.refusal(mine + 1, sid=10, pid=11, leader_restored=True) is None
+    assert autogroup.refusal(None, sid=10, pid=11, leader_restored=False) is None
