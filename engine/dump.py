@@ -260,6 +260,7 @@ def process_state(task: Task, s: Survey) -> dict:
         "regs": task.image_regs.to_dict(),
         "sigmask": task_sigmask(task),
         "rseq": _rseq(task),
+        "sud": task.sud,        # syscall user dispatch, read at the freeze (engine/sud.py)
         "mm": mm,
         "auxv": procfs.parse_auxv(proc.read_bytes("auxv")),
         "robust_list": robust_list(pid),

@@ -24,7 +24,7 @@ TYPE_CHECKING = False   # annotations only: importing typing costs every run ~3 
 if TYPE_CHECKING:
     from typing import Dict, List, Optional
 
-from . import (autogroup, fastjson, faults, files, guard, imagecheck, libc, membarrier, mempolicy, posixtimers, procattrs, procfs, sched, seccomp, signals,
+from . import (autogroup, fastjson, faults, files, guard, imagecheck, libc, membarrier, mempolicy, posixtimers, procattrs, procfs, sched, seccomp, signals, sud,
                threads, unlinked)
 from .arch import current as current_arch
 from .build import build
@@ -78,6 +78,8 @@ def check_core(core) -> None:
         _need(core["mm"], k, int, f"{w} mm")
     for k in ("pointer", "size", "signature", "flags"):
         _need(core["rseq"], k, int, f"{w} rseq")
+    if not sud.check_record(core.get("sud")):
+        raise _bad(f"{w}: syscall user dispatch {core.get('sud')!r}")
     _need(core["cwd"], "path", str, f"{w} cwd")
     for k in ("sid", "pgid"):
         _need(core["session"], k, int, f"{w} session")

@@ -135,3 +135,50 @@ def test_autogroup_nice_of_a_non_leader_differing_from_ckpts_is_refused(procs, p
     assert autogroup.refusal(mine + 1, sid=11, pid=11, leader_restored=False) is None
     assert autogroup.refusal(mine + 1, sid=10, pid=11, leader_restored=True) is None
     assert autogroup.refusal(None, sid=10, pid=11, leader_restored=False) is None
+
+
+@pytest.mark.parametrize("how", HOWS)
+@pytest.mark.parametrize("word", ["sud", "sudblock"])
+def test_syscall_user_dispatch(procs, prober_bin, tmp_path, word, how):
+    """PR_SET_SYSCALL_USER_DISPATCH (per thread, seen only through ptrace):
+    with the selector on BLOCK a system call from outside the allowed range
+    raises SIGSYS (si_code 2, SYS_USER_DISPATCH). Before: a restored
+    process had no dispatch at all (the call just ran); and with BLOCK
+    at the freeze (sudblock, the prober waiting in libc's pause inside the
+    allowed range) the dump's own injected calls were dispatched."""
+    if tuple(int(x) for x in os.uname().release.split(".")[:2]) < (6, 4):
+        pytest.skip("no PTRACE_GET_SYSCALL_USER_DISPATCH_CONFIG (Linux < 6.4)")
+    out = str(tmp_path / "out.txt")
+    p = start(procs, prober_bin, out, word)
+    before = report(p.pid, out)
+    assert fields(before)["sud_sigsys"] == "2", before
+    if how == "restore":
+        dump(p.pid, str(tmp_path / "img"), Options())
+        p.wait()
+        restore(str(tmp_path / "img"), Options())
+        procs.adopt(p.pid)
+    elif how == "leave-running":
+        dump(p.pid, str(tmp_path / "img"), Options(leave_running=True))
+    else:
+        check(p.pid, Options())
+    assert report(p.pid, out) == before
+    assert report(p.pid, out) == before     # and again: the handler put the selector back
+
+
+def test_the_freeze_turns_dispatch_off_and_release_puts_it_back(procs, prober_bin, tmp_path):
+    from engine import sud
+    from engine.task import Task
+    if tuple(int(x) for x in os.uname().release.split(".")[:2]) < (6, 4):
+        pytest.skip("no PTRACE_GET_SYSCALL_USER_DISPATCH_CONFIG (Linux < 6.4)")
+    p = start(procs, prober_bin, str(tmp_path / "out.txt"), "sudblock")
+    t = Task.seize(p.pid)
+    try:
+        assert t.sud is not None and t.sud["mode"] == 1 and t.sud["len"] > 0
+        assert sud.read(p.pid) is None
+    finally:
+        t.release()
+    t = Task.seize(p.pid)
+    try:
+        assert t.sud is not None and t.sud["len"] > 0
+    finally:
+        t.release()

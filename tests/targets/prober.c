@@ -15,6 +15,10 @@
  *   maps a new page and reads its VmFlags.
  * sud: syscall user dispatch on (selector ALLOW); the report blocks and
  *   makes one syscall, which must raise SIGSYS.
+ * sudblock: the same with the selector on BLOCK all along and libc's text
+ *   the allowed range (as Wine runs): the prober waits in libc's pause.
+ * autogroup: its autogroup's nice set to 7 (it is a session leader).
+ * landlock: a Landlock domain forbidding reading files.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -228,12 +232,29 @@ static void on_sigsys(int s, siginfo_t *si, void *uc) {
     sud_selector = SYSCALL_DISPATCH_FILTER_ALLOW;
     sigsys_seen = si->si_code;
 }
+static int sud_block;      /* sudblock: BLOCK all along, libc's text the allowed range */
+static long raw_getppid(void) {   /* a system call from the prober's own text */
+    long r;
+    __asm__ volatile("syscall" : "=a"(r) : "a"((long)SYS_getppid) : "rcx", "r11", "memory");
+    return r;
+}
 static void sud_report(void) {
     sigsys_seen = 0;
     sud_selector = SYSCALL_DISPATCH_FILTER_BLOCK;
-    syscall(SYS_getppid);
-    sud_selector = SYSCALL_DISPATCH_FILTER_ALLOW;
+    raw_getppid();
+    sud_selector = sud_block ? SYSCALL_DISPATCH_FILTER_BLOCK : SYSCALL_DISPATCH_FILTER_ALLOW;
     put("sud_sigsys=%d ", (int)sigsys_seen);
+}
+
+/* The r-xp mapping holding `pause` (libc's text). */
+static void libc_text(unsigned long *lo, unsigned long *hi) {
+    char l[512];
+    unsigned long a = (unsigned long)&pause, s, e;
+    FILE *f = fopen("/proc/self/maps", "r");
+    *lo = *hi = 0;
+    while (f && fgets(l, sizeof l, f))
+        if (sscanf(l, "%lx-%lx", &s, &e) == 2 && s <= a && a < e) { *lo = s; *hi = e; }
+    if (f) fclose(f);
 }
 
 /* ---- sigaltstack with SS_AUTODISARM --------------------------------------- */
@@ -316,12 +337,16 @@ int main(int argc, char **argv) {
         else if (!strcmp(w, "mlockfuture") || !strcmp(w, "onfault")) {
             if (mlockall(MCL_FUTURE | (w[0] == 'o' ? MCL_ONFAULT : 0))) die("mlockall");
             mlock_on = 1;
-        } else if (!strcmp(w, "sud")) {
+        } else if (!strcmp(w, "sud") || !strcmp(w, "sudblock")) {
             struct sigaction ss = {0};
+            unsigned long lo = 0, hi = 0;
             ss.sa_sigaction = on_sigsys;
             ss.sa_flags = SA_SIGINFO;
             sigaction(SIGSYS, &ss, NULL);
-            if (prctl(PR_SET_SYSCALL_USER_DISPATCH, PR_SYS_DISPATCH_ON, 0, 0, &sud_selector)) die("SUD");
+            sud_block = w[3] == 'b';
+            if (sud_block) libc_text(&lo, &hi);
+            if (prctl(PR_SET_SYSCALL_USER_DISPATCH, PR_SYS_DISPATCH_ON, lo, hi - lo, &sud_selector)) die("SUD");
+            if (sud_block) sud_selector = SYSCALL_DISPATCH_FILTER_BLOCK;
             sud_on = 1;
         } else if (!strcmp(w, "altstack")) {
             stack_t ss = {.ss_sp = malloc(65536), .ss_size = 65536, .ss_flags = SS_AUTODISARM};
