@@ -17,7 +17,7 @@ TYPE_CHECKING = False   # annotations only: importing typing costs every run ~3 
 if TYPE_CHECKING:
     from typing import Dict, List, Optional
 
-from . import faults, files, libc, membarrier, mempolicy, posixtimers, procattrs, procfs, sched, seccomp, signals, threads, tree, unlinked
+from . import faults, files, landlock, libc, membarrier, mempolicy, posixtimers, procattrs, procfs, sched, seccomp, signals, threads, tree, unlinked
 from .arch import current as current_arch
 from .check import Survey, preflight, require_features, target_checks
 from .context import DumpContext, Options, boot_id
@@ -118,6 +118,7 @@ def _after_reads(task: Task, scr: int, vmas: List[dict], out: dict) -> None:
     the mappings' own NUMA policies (asked from inside only where
     numa_maps cannot tell)."""
     out["posix_timers"] = posixtimers.dump(task, scr)
+    landlock.check(task, procfs.Proc(task.pid).status())    # refused: a restore would leave its sandbox
     out.setdefault("mempolicy", [mempolicy.MPOL_DEFAULT, 0])
     if "membarrier" not in out:     # a kernel without MEMBARRIER_CMD_GET_REGISTRATIONS
         out["membarrier"] = membarrier.probe(task)

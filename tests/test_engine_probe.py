@@ -6,6 +6,7 @@ prove something (the value before differs from what a fresh process has)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -182,3 +183,33 @@ def test_the_freeze_turns_dispatch_off_and_release_puts_it_back(procs, prober_bi
         assert t.sud is not None and t.sud["len"] > 0
     finally:
         t.release()
+
+
+@pytest.mark.parametrize("nobody", [False, True])
+def test_a_process_in_a_landlock_domain_is_refused_and_target_unharmed(procs, prober_bin, tmp_path, nobody):
+    """landlock_restrict_self: no /proc file shows it and a restore cannot
+    make it again. Before: the restored process could read what its sandbox
+    forbade (open /etc/hostname: EACCES before, success after). Also for a
+    process of another uid than ckpt's (the probe's helper takes its ids)."""
+    from engine import landlock
+    if not landlock.enabled():
+        pytest.skip("Landlock is not running on this kernel")
+    out = str(tmp_path / "out.txt")
+    p = start(procs, prober_bin, out, "landlock", *(["nobody"] if nobody else []))
+    before = report(p.pid, out)
+    assert fields(before)["ll_open"] == "13"    # EACCES
+    with pytest.raises((Refusal, Refusals)) as ei:
+        dump(p.pid, str(tmp_path / "img"), Options())
+    assert [r.reason for r in getattr(ei.value, "refusals", [ei.value])] == ["unsupported-state"]
+    assert "Landlock" in str(ei.value)
+    assert p.poll() is None and not os.path.exists(tmp_path / "img")
+    assert report(p.pid, out) == before
+    assert "Landlock" in json.dumps(check(p.pid, Options()))
+
+
+@pytest.mark.parametrize("words", [(), ("nobody",)])
+def test_a_process_outside_any_landlock_domain_is_not_refused(procs, prober_bin, tmp_path, words):
+    """The probe's other half: the same kcmp from a process with no domain
+    (root, or another uid than ckpt's) passes."""
+    before, after = roundtrip(procs, prober_bin, tmp_path, "owner", *words)
+    assert after == before

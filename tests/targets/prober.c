@@ -19,10 +19,12 @@
  *   the allowed range (as Wine runs): the prober waits in libc's pause.
  * autogroup: its autogroup's nice set to 7 (it is a session leader).
  * landlock: a Landlock domain forbidding reading files.
+ * nobody: uid and gid 65534 (after the words before it).
  */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <grp.h>
 #include <linux/landlock.h>
 #include <sched.h>
 #include <signal.h>
@@ -379,6 +381,9 @@ int main(int argc, char **argv) {
                 die("landlock_restrict_self");
             close(rs);
             ll_on = 1;
+        } else if (!strcmp(w, "nobody")) {        /* last: every other word is set as root */
+            if (setgroups(0, NULL) || setresgid(65534, 65534, 65534) || setresuid(65534, 65534, 65534))
+                die("nobody");
         } else {
             dprintf(2, "prober: unknown word %s\n", w);
             return 2;
