@@ -17,7 +17,7 @@ TYPE_CHECKING = False   # annotations only: importing typing costs every run ~3 
 if TYPE_CHECKING:
     from typing import Dict, List, Optional
 
-from . import faults, files, landlock, libc, membarrier, mempolicy, posixtimers, procattrs, procfs, sched, seccomp, signals, threads, tree, unlinked
+from . import cgroups, creds, faults, files, landlock, libc, membarrier, mempolicy, posixtimers, procattrs, procfs, sched, seccomp, signals, threads, tree, unlinked
 from .arch import current as current_arch
 from .check import Survey, preflight, require_features, target_checks
 from .context import DumpContext, Options, boot_id
@@ -271,10 +271,8 @@ def process_state(task: Task, s: Survey) -> dict:
         "cwd": _cwd_record(cwd_path, cst),
         "session": {"sid": st["session"], "pgid": st["pgrp"]},
         "exit_signal": st.get("exit_signal", 17),
-        "creds": {"uid": [int(x) for x in status["Uid"].split()], "gid": [int(x) for x in status["Gid"].split()],
-                  "groups": [int(x) for x in status.get("Groups", "").split()],
-                  "caps": {k: status.get(k, "") for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")},
-                  "no_new_privs": status.get("NoNewPrivs", "0")},
+        "creds": creds.record(status, pid),
+        "cgroups": cgroups.dump(pid),
     }
     state["sched"] = sched.dump(pid)
     state["seccomp"] = seccomp.dump(pid, seccomp.mode_of(status))
@@ -404,8 +402,23 @@ def dump_fds(s: Survey, ctx: DumpContext, shared: Optional[Dict[int, list]] = No
             elif info.flags & O_ASYNC:
                 rec["async"] = async_owner(info)
         rec.update(common)
+        _restore_would_accept(rec, info)
         out.append(rec)
     return out
+
+
+def _restore_would_accept(rec: dict, info) -> None:
+    """Restore rejects a record holding a NUL or a path that is not plain
+    (engine/imagecheck.py) - after a dump has killed the process. So a
+    handler that made one fails the dump here, the target untouched: a
+    dotted socket name once went through this way."""
+    from . import imagecheck
+    if imagecheck._any_bad(rec):
+        try:
+            imagecheck._explain_strings_and_paths(rec, f"fd {info.fd}")
+        except Refusal as e:
+            raise EngineError(f"the record of fd {info.fd} ({info.link}) would be rejected by restore: "
+                              f"{e.detail}", pid=info.pid) from None
 
 
 # -- entry points --------------------------------------------------------------
@@ -460,6 +473,11 @@ def _survey_frozen(pid: int, task: Task, ctx: DumpContext, proc: procfs.Proc):
     trecs = threads.survey(s, task, ctx.threads, state)
     if state is not None:
         state["threads"] = trecs
+    if task.job_stop:
+        from . import jobstop
+        jobstop.survey(s, task, ctx, ctx.threads, state)
+        if state is not None:
+            state["job_stop"] = task.job_stop
     recs = map_records(s, ctx)
     return s, state, recs
 

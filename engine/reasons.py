@@ -48,6 +48,9 @@ REASONS = {
                              "the restored one would have its own"),
     "numa-policy": ("a NUMA memory policy the engine cannot restore exactly (named in the detail): a mapping's own "
                     "policy (mbind), or a process policy naming nodes not allowed here"),
+    "cgroup": ("the process cannot be put back in its control group (hierarchy and path in the detail): the "
+               "cgroup is not reachable through a cgroup mount ckpt sees (its hierarchy not mounted, or the "
+               "cgroup gone: ckpt never creates one), or a thread is in another cgroup than its leader"),
     # files
     "file-missing": ("a file the process had open (or mapped) no longer exists at its path; or the directory a "
                      "deleted file, device node, removed directory or cwd is to be recreated in is gone"),
@@ -59,7 +62,8 @@ REASONS = {
                     "tracefs, securityfs, bpf, configfs, pstore, efivarfs, fusectl, hugetlbfs, mqueue, autofs, ... "
                     "(filesystem and path in the detail). Their contents are kernel state made at open; a reopen "
                     "gives another object. Except the /proc files engine/fds/procfile.py reopens: one of those is "
-                    "refused only when read part-way, open for writing, another process's or shared by two "
+                    "refused only when read part-way (or, its own, read at all; at restore, a snapshot that now runs past the "
+                    "offset it was read to the end of), open for writing, another process's or shared by two "
                     "members"),
     "unlinked-unrestorable": ("a deleted-but-open file that restore could not recreate where it lived, refused at "
                               "dump (restore recreates it in its old directory, on the same filesystem): that "

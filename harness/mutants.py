@@ -454,6 +454,279 @@ def m_change_mprotect(img: Image) -> str:
     raise NoTarget("no read-only private file mapping")
 
 
+def m_drop_cow_page(img: Image) -> str:
+    """A private file mapping's written (copy-on-write) page is left out of
+    the image, so the restore maps the file's own bytes there: an engine
+    that takes a file-backed private page for clean. The middle one of the
+    pages that differ from the file, in the private file mapping with the
+    most of them."""
+    mm = img.json("mm.json")
+    files = _page_files(img)
+    best = None
+    for v in mm["vmas"]:
+        if v["kind"] != "file" or not v["perms"].endswith("p") or not v.get("pages"):
+            continue
+        path = ((v.get("file") or {}).get("file") or {}).get("path") or v["path"]
+        try:
+            with open(path, "rb") as f:
+                differ = []
+                for ri, (addr, n, fi, off) in enumerate(v["pages"]):
+                    data = img.read(files[fi])
+                    for k in range(n):
+                        f.seek(v["offset"] + addr + k * PAGE - v["start"])
+                        if f.read(PAGE).ljust(PAGE, b"\0") != data[off + k * PAGE: off + (k + 1) * PAGE]:
+                            differ.append((ri, k))
+        except OSError:
+            continue
+        if differ and (best is None or len(differ) > len(best[1])):
+            best = (v, differ)
+    if best is None:
+        raise NoTarget("no private file mapping with a page that differs from its file")
+    v, differ = best
+    ri, k = differ[len(differ) // 2]
+    addr, n, fi, off = v["pages"][ri]
+    keep = [[addr, k, fi, off]] if k else []
+    if k + 1 < n:
+        keep.append([addr + (k + 1) * PAGE, n - k - 1, fi, off + (k + 1) * PAGE])
+    v["pages"][ri:ri + 1] = keep
+    v["pages_bytes"] = sum(r[1] for r in v["pages"]) * PAGE
+    img.put_json("mm.json")
+    return f"page {addr + k * PAGE:#x} of {v['path']} ({v['perms']}) left to the file's bytes"
+
+
+def m_reset_thread_sched(img: Image) -> str:
+    """Every thread restored with the leader's scheduling (nice, policy and
+    priority, CPU affinity): an engine that sets them once, per process."""
+    core = img.json("core.json")
+    lead = core.get("sched") or {}
+    diff = []
+    for t in core.get("threads") or []:
+        ts = t.get("sched") or {}
+        changed = [k for k in ("attr", "nice", "affinity") if k in ts and k in lead and ts[k] != lead[k]]
+        if changed:
+            diff.append(f"thread {t['tid']} " + ", ".join(
+                f"{k} {ts[k]} -> {lead[k]}" for k in changed if k != "attr") + (" (attr)" if "attr" in changed else ""))
+            for k in changed:
+                ts[k] = json.loads(json.dumps(lead[k]))
+    if not diff:
+        raise NoTarget("no thread scheduled otherwise than the leader")
+    img.put_json("core.json")
+    return "; ".join(diff)
+
+
+def m_swap_thread_tls(img: Image) -> str:
+    """Two threads' thread pointers (x86_64 fs_base, aarch64 tpidr: their
+    TLS, their pthread_self) swapped: registers restored to the wrong thread."""
+    core = img.json("core.json")
+    ts = core.get("threads") or []
+    key = next((k for k in ("fs_base", "tpidr") if ts and k in ts[0].get("regs", {})), None)
+    pair = [t for t in ts if key and t["regs"].get(key)]
+    if len(pair) < 2 or pair[0]["regs"][key] == pair[1]["regs"][key]:
+        raise NoTarget("fewer than two threads besides the leader")
+    a, b = pair[0], pair[1]
+    a["regs"][key], b["regs"][key] = b["regs"][key], a["regs"][key]
+    img.put_json("core.json")
+    return f"threads {a['tid']} and {b['tid']}: {key} swapped"
+
+
+MXCSR_OFF, MXCSR_DEFAULT = 24, 0x1F80     # in the XSAVE area's legacy (FXSAVE) region
+
+
+def m_reset_mxcsr(img: Image) -> str:
+    """The SSE control/status register (MXCSR: rounding mode, exception
+    masks, flush-to-zero) of every thread reset to its power-on value: an
+    engine that restores the registers but not all of the FPU state."""
+    if "xstate.bin" not in img.manifest["files"] or "fs_base" not in img.json("core.json").get("regs", {}):
+        raise NoTarget("no x86_64 FPU state (MXCSR) in the image")
+    import struct
+    what = []
+    blob = bytearray(img.read("xstate.bin"))
+    old = struct.unpack_from("<I", blob, MXCSR_OFF)[0]
+    if old != MXCSR_DEFAULT:
+        struct.pack_into("<I", blob, MXCSR_OFF, MXCSR_DEFAULT)
+        img.write("xstate.bin", bytes(blob))
+        what.append(f"leader {old:#x}")
+    recs = img.json("core.json").get("threads") or []
+    if recs:
+        from engine.threads import XSTATE_FILE
+        data, off = bytearray(img.read(XSTATE_FILE)), 0
+        for r in recs:
+            o = struct.unpack_from("<I", data, off + MXCSR_OFF)[0]
+            if o != MXCSR_DEFAULT:
+                struct.pack_into("<I", data, off + MXCSR_OFF, MXCSR_DEFAULT)
+                what.append(f"thread {r['tid']} {o:#x}")
+            off += r["xstate_size"]
+        if len(what) > (1 if old != MXCSR_DEFAULT else 0):
+            img.write(XSTATE_FILE, bytes(data))
+    if not what:
+        raise NoTarget(f"MXCSR is already {MXCSR_DEFAULT:#x} in every thread")
+    return f"MXCSR -> {MXCSR_DEFAULT:#x}: " + ", ".join(what)
+
+
+def m_reset_sockopt(img: Image) -> str:
+    """One option the process set on a socket comes back as a fresh
+    socket's (the image's record and list of set options edited alike, so
+    the engine's own read-back agrees): the first one ckpt copies."""
+    import socket
+    from engine.fds import _sockbase, _sockopts
+    policy = {row[0]: row[5] for row in _sockopts.TABLE}
+    kinds = {"tcp": (socket.SOCK_STREAM, socket.IPPROTO_TCP), "udp": (socket.SOCK_DGRAM, socket.IPPROTO_UDP)}
+    fds = img.json("fds.json")
+    for r in _leaders(fds):
+        names = [n for n in sorted(r.get("set") or []) if policy.get(n) == "copy"]
+        if not names or not isinstance(r.get("opts"), dict):
+            continue
+        head = str(r.get("sock", "")).split("-")[0]
+        if head in kinds:
+            family, (typ, proto) = r.get("family", socket.AF_INET), kinds[head]
+        elif head == "unix":
+            family, typ, proto = socket.AF_UNIX, r.get("type", socket.SOCK_STREAM), 0
+        else:
+            continue
+        with socket.socket(family, typ, proto) as fresh:
+            default = _sockopts.read_all(fresh, family, _sockbase.proto_key(family, typ, proto))
+        name = names[0]
+        old, r["opts"][name] = r["opts"][name], default.get(name)
+        r["set"] = [n for n in r["set"] if n != name]
+        img.put_json("fds.json")
+        return f"{r['sock']} fd {r['fd']}: {name} {old} -> {default.get(name)} (a fresh socket's)"
+    raise NoTarget("no socket with an option set")
+
+
+def m_disarm_posix_timer(img: Image) -> str:
+    """One armed POSIX timer comes back disarmed (created, same ID, clock
+    and signal: only timer_gettime tells)."""
+    core = img.json("core.json")
+    for t in core.get("posix_timers") or []:
+        if any(t.get("spec", [0])[2:]):
+            old, t["spec"] = t["spec"], [0, 0, 0, 0]
+            img.put_json("core.json")
+            return f"POSIX timer {t['id']} {old} -> disarmed"
+    raise NoTarget("no armed POSIX timer")
+
+
+def m_reset_itimers(img: Image) -> str:
+    """The interval timers (setitimer) come back disarmed."""
+    core = img.json("core.json")
+    timers = core.get("itimers") or []
+    if not any(any(t) for t in timers):
+        raise NoTarget("no armed interval timer")
+    old, core["itimers"] = timers, [[0] * len(t) for t in timers]
+    img.put_json("core.json")
+    return f"itimers {old} -> disarmed"
+
+
+def m_double_pending_signal(img: Image) -> str:
+    """One saved pending signal queued twice at restore (a real-time one:
+    standard signals do not queue, a second one merges): delivered twice."""
+    core = img.json("core.json")
+    lists = [(f"{where}", lst) for where, lst in sorted((core.get("signals") or {}).items())] + \
+        [(f"thread {t['tid']} {where}", lst) for t in core.get("threads") or []
+         for where, lst in sorted((t.get("signals") or {}).items())]
+    for where, lst in lists:
+        for i, si in enumerate(lst):
+            if si.get("signo", 0) >= 32:
+                lst.insert(i + 1, json.loads(json.dumps(si)))
+                img.put_json("core.json")
+                return f"pending signal {si['signo']} ({where}) queued twice"
+    raise NoTarget("no pending real-time signal")
+
+
+def m_drop_file_lock(img: Image) -> str:
+    """One file lock (POSIX, OFD or flock) the process held is not taken
+    again at restore."""
+    fds = img.json("fds.json")
+    r = _first(_leaders(fds), lambda r: any(lk.get("kind") != "LEASE" for lk in r.get("locks") or []),
+               "no file lock (other than a lease)")
+    lk = next(lk for lk in r["locks"] if lk.get("kind") != "LEASE")
+    r["locks"].remove(lk)
+    if not r["locks"]:
+        del r["locks"]
+    img.put_json("fds.json")
+    return f"fd {r['fd']}: {lk.get('kind')} {lk.get('rw')} lock at {lk.get('start')} dropped"
+
+
+def m_move_brk(img: Image) -> str:
+    """The program break restored one page lower (one page higher if the
+    heap is that small), its [heap] mapping as dumped: /proc shows the same
+    mappings, sbrk(0) another break, and the next brk(2) that grows the
+    heap collides with the mapping (malloc falls back to mmap)."""
+    core = img.json("core.json")
+    old = core.get("brk")
+    if not old:
+        raise NoTarget("no program break")
+    new = old - PAGE if old - PAGE >= core["mm"]["start_brk"] else old + PAGE
+    core["brk"] = core["mm"]["brk"] = new
+    img.put_json("core.json")
+    return f"brk {old:#x} -> {new:#x}"
+
+
+def m_drop_thread(img: Image) -> str:
+    """The last thread (other than the leader) is not restored: the
+    process comes back with one thread fewer."""
+    core = img.json("core.json")
+    ts = core.get("threads") or []
+    if not ts:
+        raise NoTarget("a single-threaded process")
+    from engine.threads import XSTATE_FILE
+    gone = ts.pop()
+    data = img.read(XSTATE_FILE)
+    img.write(XSTATE_FILE, data[:len(data) - gone["xstate_size"]])
+    img.put_json("core.json")
+    return f"thread {gone['tid']} dropped ({len(ts) + 1} threads -> {len(ts)})"
+
+
+def m_lose_thread_sigmask(img: Image) -> str:
+    """A thread other than the leader comes back with no signal blocked."""
+    core = img.json("core.json")
+    t = next((t for t in core.get("threads") or [] if t.get("sigmask")), None)
+    if t is None:
+        raise NoTarget("no thread besides the leader with blocked signals")
+    old, t["sigmask"] = t["sigmask"], 0
+    img.put_json("core.json")
+    return f"thread {t['tid']} signal mask {old:#x} -> 0"
+
+
+def m_rename_thread(img: Image) -> str:
+    """A thread other than the leader comes back with the leader's name."""
+    core = img.json("core.json")
+    t = next((t for t in core.get("threads") or [] if t.get("comm") != core.get("comm")), None)
+    if t is None:
+        raise NoTarget("no thread named otherwise than the leader")
+    old, t["comm"] = t["comm"], core["comm"]
+    img.put_json("core.json")
+    return f"thread {t['tid']} name {old!r} -> {core['comm']!r}"
+
+
+def m_restorer_auxv(img: Image) -> str:
+    """The auxiliary vector comes back as the restorer's own (an engine
+    that does not hand PR_SET_MM the saved one)."""
+    import struct
+    core = img.json("core.json")
+    with open("/proc/self/auxv", "rb") as f:
+        raw = f.read()
+    mine = list(struct.unpack(f"<{len(raw) // 8}Q", raw))
+    if mine == core.get("auxv"):
+        raise NoTarget("the saved auxv is the restorer's")
+    old, core["auxv"] = core.get("auxv") or [], mine
+    img.put_json("core.json")
+    differ = sorted({old[i] for i in range(0, min(len(old), len(mine)) - 1, 2) if old[i + 1] != mine[i + 1]})
+    return f"auxv replaced by the restorer's (AT_ types {differ} differ)"
+
+
+def m_share_to_private(img: Image) -> str:
+    """A MAP_SHARED file mapping comes back MAP_PRIVATE: the same bytes
+    now, but the process's writes no longer reach the file (nor do other
+    writers' reach it)."""
+    mm = img.json("mm.json")
+    v = next((v for v in mm["vmas"] if v["kind"] == "file" and v["perms"].endswith("s")), None)
+    if v is None:
+        raise NoTarget("no MAP_SHARED file mapping")
+    old, v["perms"] = v["perms"], v["perms"][:3] + "p"
+    img.put_json("mm.json")
+    return f"mapping {v['start']:#x}-{v['end']:#x} {v['path']} {old} -> {v['perms']}"
+
+
 EDITS: Dict[str, Tuple[Callable[[Image], str], str]] = {
     "drop-offset": (m_drop_offset, "one file fd's offset restored as 0"),
     "drop-append": (m_drop_append, "one file fd loses O_APPEND"),
@@ -478,6 +751,21 @@ EDITS: Dict[str, Tuple[Callable[[Image], str], str]] = {
     "reset-process-attrs": (m_reset_process_attrs, "the I/O priority and process attributes (core dump filter, "
                             "dumpable, subreaper, ...) reset to the restorer's"),
     "unshare-tree-memory": (m_unshare_tree_memory, "a MAP_SHARED mapping of two tree members becomes two copies"),
+    "drop-cow-page": (m_drop_cow_page, "a private file mapping's written page comes back as the file's bytes"),
+    "reset-thread-sched": (m_reset_thread_sched, "every thread gets the leader's nice, policy and CPU affinity"),
+    "swap-thread-tls": (m_swap_thread_tls, "two threads' thread pointers (TLS, pthread_self) swapped"),
+    "reset-mxcsr": (m_reset_mxcsr, "the SSE control register (MXCSR: rounding, exception masks) reset"),
+    "reset-sockopt": (m_reset_sockopt, "one socket option the process set comes back as a fresh socket's"),
+    "disarm-posix-timer": (m_disarm_posix_timer, "one armed POSIX timer comes back disarmed"),
+    "reset-itimers": (m_reset_itimers, "the interval timers (setitimer) come back disarmed"),
+    "double-pending-signal": (m_double_pending_signal, "one pending real-time signal queued twice"),
+    "drop-file-lock": (m_drop_file_lock, "one file lock is not taken again"),
+    "move-brk": (m_move_brk, "the program break comes back a page off, its [heap] mapping as dumped"),
+    "drop-thread": (m_drop_thread, "one thread of a multi-threaded process is not restored"),
+    "lose-thread-sigmask": (m_lose_thread_sigmask, "a thread besides the leader loses its blocked-signal mask"),
+    "rename-thread": (m_rename_thread, "a thread besides the leader gets the leader's name"),
+    "restorer-auxv": (m_restorer_auxv, "the auxiliary vector comes back as the restorer's"),
+    "share-to-private": (m_share_to_private, "a MAP_SHARED file mapping comes back MAP_PRIVATE"),
 }
 
 
@@ -728,7 +1016,8 @@ CAUGHT_BY: Dict[str, str] = {
     "reopen-replaced-file": "a scenario replacing a file with a same-size one (expects file-changed)",
     "drop-offset": "the per-fd offset check on a file fd with a non-zero offset",
     "drop-append": "the O_APPEND flag / append-at-end check",
-    "zero-page": "seeded memory compared page by page (or the process crashing)",
+    "zero-page": "seeded memory compared page by page, a quiet workload's whole memory digested "
+                 "(process/quiet-memory), or the process crashing",
     "lose-timerfd-ticks": "timerfd expirations read and counted exactly",
     "swap-epoll-data": "epoll data compared per registration",
     "drop-pipe-byte": "pipe/fifo queues drained and compared byte for byte",
@@ -749,6 +1038,29 @@ CAUGHT_BY: Dict[str, str] = {
     "reset-process-attrs": "workload.process.attrs read back by the process (scenarios/process/attrs.yaml); "
                            "I/O priority, coredump_filter, THP_enabled and numa_maps compared from outside",
     "unshare-tree-memory": "tree children write to a MAP_SHARED page after the restore; the parent must see it, and they its",
+    "drop-cow-page": "a quiet workload's whole private memory digested from outside (harness/memstate.py, "
+                     "process/quiet-memory)",
+    "reset-thread-sched": "per-thread nice/policy/priority from /proc/PID/task/TID/stat and the thread's own "
+                          "getpriority (threads/blocked: a thread at nice 7)",
+    "swap-thread-tls": "each thread's pthread_self (read through its thread pointer) compared with the recorded one, "
+                       "or the process crashing (threads/*)",
+    "reset-mxcsr": "workload.process.fp_round: the rounding mode set before the dump, 1/3 recomputed and fegetround "
+                   "(process/fp-round)",
+    "reset-sockopt": "every socket's options read from outside (pidfd_getfd) and compared; the options a scenario "
+                     "set read back by the workload (socket/tcp-options)",
+    "disarm-posix-timer": "workload.process.posix_timers: timer_gettime of each timer after the restore "
+                          "(process/posix-timers); /proc/PID/timers does not show it",
+    "reset-itimers": "workload.process.itimers: getitimer of each after the restore (process/state)",
+    "double-pending-signal": "pending signals taken with sigtimedwait, counted and in order (process/pending-signals)",
+    "drop-file-lock": "the locks fdinfo shows compared from outside; the lock tested by an outside process "
+                      "(locks/*)",
+    "move-brk": "a quiet workload's brk(0) right before and right after its quiet sleep (process/quiet-memory); "
+                "/proc shows the break only page-rounded, as the [heap] end",
+    "drop-thread": "the TIDs compared from outside; every recorded thread must answer (threads/*)",
+    "lose-thread-sigmask": "each thread's SigBlk compared from outside (threads/masks)",
+    "rename-thread": "each thread's name compared from outside; the workload names its threads (threads/*)",
+    "restorer-auxv": "/proc/PID/auxv compared from outside (every scenario)",
+    "share-to-private": "the maps diff (perms s/p) and the workload's mapping checks (mmap/shared-readonly)",
 }
 
 
