@@ -162,7 +162,11 @@ def _check_process(s: Survey, ctx: Optional[DumpContext] = None) -> None:
     root = os.stat(proc.path("root"))
     myroot = _my_root()
     if (root.st_dev, root.st_ino) != (myroot.st_dev, myroot.st_ino):
-        s.refuse("root", "fs", Refusal("unsupported-state", "chrooted (root directory differs from ckpt's)"))
+        from . import fsroot
+        try:
+            s.ok("root", "fs", f"chrooted to {fsroot.dump(pid)['path']}: chrooted again at restore")
+        except Refusal as r:
+            s.refuse("root", "fs", r)
     cwd = proc.readlink("cwd")
     if unlinked.is_unlinked(cwd, os.stat(proc.path("cwd"))):
         s.ok("cwd", "fs", f"{cwd}: removed, recreated and removed again at restore")

@@ -24,7 +24,7 @@ TYPE_CHECKING = False   # annotations only: importing typing costs every run ~3 
 if TYPE_CHECKING:
     from typing import Dict, List, Optional
 
-from . import (autogroup, cgroups, fastjson, faults, files, guard, imagecheck, libc, membarrier, mempolicy, posixtimers, procattrs, procfs, sched,
+from . import (autogroup, cgroups, fastjson, fsroot, faults, files, guard, imagecheck, libc, membarrier, mempolicy, posixtimers, procattrs, procfs, sched,
                seccomp, signals, sud,
                threads, unlinked)
 from .arch import current as current_arch
@@ -114,7 +114,8 @@ def check_core(core) -> None:
         raise _bad(f"{w}: membarrier malformed")
     if not mempolicy.check_record(core["mempolicy"]):
         raise _bad(f"{w}: mempolicy malformed")
-    if not posixtimers.check_records(core.get("posix_timers")):
+    tids = {r.get("tid") for r in core.get("threads", []) if isinstance(r, dict)}
+    if not posixtimers.check_records(core.get("posix_timers"), core.get("pid"), tids):
         raise _bad(f"{w}: posix_timers malformed")
     if not seccomp.check_record(core.get("seccomp")):
         raise _bad(f"{w}: seccomp malformed")
@@ -228,6 +229,7 @@ def preflight(reader: ImageReader, core: dict, vmas: List[dict], fdrecs: List[di
     for r in sched.validate(core["sched"]) + posixtimers.validate(core["posix_timers"]) + \
             seccomp.validate(core["seccomp"]) + procattrs.validate(core["attrs"], core.get("_creds_plan", "")) + \
             mempolicy.validate(core["mempolicy"]) + cgroups.validate(core.get("cgroups")) + \
+            fsroot.validate(core.get("root")) + \
             [r for t in core.get("threads", []) if t.get("mempolicy", core["mempolicy"]) != core["mempolicy"]
              for r in mempolicy.validate(t["mempolicy"])]:
         add(r)
