@@ -127,6 +127,8 @@ def read_owner(info, pfd: int) -> Optional[dict]:
     import fcntl
     import struct
     from .. import pidfd
+    if info.flags & os.O_PATH:
+        return None     # no owner can be set on an O_PATH file (fcntl: EBADF; zdtm opath_file)
     try:
         dup = pidfd.pidfd_getfd(pfd, info.fd, info.pid)
         try:
