@@ -35,7 +35,7 @@ TYPE_CHECKING = False   # annotations only: importing typing costs every run ~3 
 if TYPE_CHECKING:
     from typing import List, Optional
 
-from . import faults, libc, membarrier, mempolicy, posixtimers, procattrs, procfs, ptrace, sched, seccomp, signals, threads
+from . import cgroups, creds, faults, pdeath, libc, membarrier, mempolicy, posixtimers, procattrs, procfs, ptrace, sched, seccomp, signals, threads
 from .arch import current as current_arch
 from .batch import Batch, Data
 from .gadget import HANDLER_SCRATCH, _free_gap, _maps, clone_with_pid, gadget_size, place_gadget  # noqa: F401
@@ -252,6 +252,7 @@ class Builder:
         mapping exists by then), the pages, and madvise and the final
         mprotect queued (process_state's calls join them)."""
         prep = self.job.prepared
+        from .files import map_writable
         from .restore import map_key
         total = 0
         later = []      # (mapping, force, prot, final)
@@ -282,7 +283,7 @@ class Builder:
             force = False
             prot = 3
             if kind == "file":
-                fd = prep.map_fd[map_key(v["file"], shared and "w" in v["perms"])]
+                fd = prep.map_fd[map_key(v["file"], map_writable(v))]
                 off = v["offset"]
                 if shared:
                     prot = final
@@ -426,13 +427,10 @@ class Builder:
         core = self.job.core
         if core["creds"].get("no_new_privs") == "1":
             self.call("prctl", PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
-        if core.get("_creds_plan") != "setid":
+        if core.get("_creds_plan") in (None, "same"):
             return
-        c = core["creds"]
-        groups = c["groups"]
-        self.call("setgroups", len(groups), self.put(struct.pack(f"<{len(groups)}I", *groups)) if groups else 0)
-        self.call("setresgid", *c["gid"][:3])
-        self.call("setresuid", *c["uid"][:3])
+        creds.apply(self)
+        creds.verify(self.pid, core["creds"])
 
     def limits(self) -> None:
         """Only the limits the process does not hold already, read in one
@@ -457,6 +455,11 @@ class Builder:
         xstate and registers; detach."""
         regs = self.arch.Regs.from_dict(self.job.core["regs"])
         self.arch.normalise_restart(regs)
+        if self.job.core.get("job_stop"):
+            # Stopped by job control: stopped again by the same signal
+            # while the gadget is still there (engine/jobstop.py).
+            from . import jobstop
+            jobstop.stop_again(self)
         self.call("munmap", self.gadget, self.gadget_size)
         # The dumped mask only now (blocked since posixtimers.arm() and
         # pending_signals()): a timer that fired meanwhile is pending with
@@ -554,6 +557,7 @@ def rebuild_early_steps(b: Builder):
     """rebuild_early as a generator: each yield leaves b's calls queued,
     for the caller to run (a tree runs every member's side by side,
     engine/batch.py run_each)."""
+    cgroups.enter(b.pid, b.job.core.get("cgroups"))   # first: pages, threads and the affinity land in it
     faults.point("restore.phase", "vdso")
     b.move_vdso()
     faults.point("restore.phase", "mm")
@@ -564,6 +568,7 @@ def rebuild_early_steps(b: Builder):
     b.process_state()
     yield
     ptrace.set_sigmask(b.pid, b.job.core["sigmask"])
+    creds.audit_early(b)    # before the threads: they inherit the loginuid; only the process writes its own
     faults.point("restore.phase", "threads")
     threads.create(b)   # before creds(): clone3 set_tid needs CAP_CHECKPOINT_RESTORE
     _maybe_fail("threads")
@@ -586,6 +591,7 @@ def rebuild_late(b: Builder) -> None:
     b.creds()
     threads.creds(b)
     procattrs.after_creds(b, job.core["attrs"])
+    pdeath.restore(b)       # after the credentials: a change of ids clears it
     faults.point("restore.phase", "rseq")
     b.register_rseq()
     faults.point("restore.phase", "signals")

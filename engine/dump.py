@@ -17,7 +17,7 @@ TYPE_CHECKING = False   # annotations only: importing typing costs every run ~3 
 if TYPE_CHECKING:
     from typing import Dict, List, Optional
 
-from . import faults, files, libc, membarrier, mempolicy, posixtimers, procattrs, procfs, sched, seccomp, signals, threads, tree, unlinked
+from . import cgroups, creds, faults, pdeath, files, libc, membarrier, mempolicy, posixtimers, procattrs, procfs, sched, seccomp, signals, threads, tree, unlinked
 from .arch import current as current_arch
 from .check import Survey, preflight, require_features, target_checks
 from .context import DumpContext, Options, boot_id
@@ -246,7 +246,7 @@ def robust_list(pid: int) -> List[int]:
     return [head.value, size.value]
 
 
-def process_state(task: Task, s: Survey) -> dict:
+def process_state(task: Task, s: Survey, ctx=None) -> dict:
     proc = s.proc
     st = s.stat
     status = s.status
@@ -269,15 +269,15 @@ def process_state(task: Task, s: Survey) -> dict:
         "cwd": _cwd_record(cwd_path, cst),
         "session": {"sid": st["session"], "pgid": st["pgrp"]},
         "exit_signal": st.get("exit_signal", 17),
-        "creds": {"uid": [int(x) for x in status["Uid"].split()], "gid": [int(x) for x in status["Gid"].split()],
-                  "groups": [int(x) for x in status.get("Groups", "").split()],
-                  "caps": {k: status.get(k, "") for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")},
-                  "no_new_privs": status.get("NoNewPrivs", "0")},
+        "creds": creds.record(status, pid),
+        "cgroups": cgroups.dump(pid),
     }
     state["sched"] = sched.dump(pid)
     state["seccomp"] = seccomp.dump(pid, seccomp.mode_of(status))
     state.update(injected_state(task, s.vmas))
-    refuse_pdeath_signal(pid, pid, state.pop("pdeath_signal"))
+    sig = pdeath.dump(pid, state.pop("pdeath_signal"), st["ppid"], ctx)
+    if sig:
+        state["pdeath_signal"] = sig
     state["attrs"] = procattrs.dump(pid, state)
     state["mm"]["brk"] = state["brk"]
     return state
@@ -441,7 +441,7 @@ def _survey_frozen(pid: int, task: Task, ctx: DumpContext, proc: procfs.Proc):
         return s, None, {}
     state = None
     try:
-        state = process_state(task, s)
+        state = process_state(task, s, ctx)
         s.ok("registers", "cpu", task.arch.describe_cpu_state(task.orig_regs, task.get_xstate()))
         s.ok("signals", "signals", f"mask {state['sigmask']:#x}, {sum(1 for a in state['sigactions'].values() if a[0])} handlers")
         s.ok("process attributes", "process", procattrs.describe(state["attrs"]))
@@ -471,6 +471,11 @@ def _survey_frozen(pid: int, task: Task, ctx: DumpContext, proc: procfs.Proc):
     trecs = threads.survey(s, task, ctx.threads, state)
     if state is not None:
         state["threads"] = trecs
+    if task.job_stop:
+        from . import jobstop
+        jobstop.survey(s, task, ctx, ctx.threads, state)
+        if state is not None:
+            state["job_stop"] = task.job_stop
     recs = map_records(s, ctx)
     return s, state, recs
 

@@ -272,6 +272,7 @@ class Proof:
 #: glibc's RSEQ_SIG, the signature its rseq(2) registration uses
 RSEQ_SIG = {"x86_64": 0x53053053, "aarch64": 0xd428bc00}
 RSEQ_NR = {"x86_64": 334, "aarch64": 293}
+BRK_NR = {"x86_64": 12, "aarch64": 214}
 
 
 def quiet_facts() -> dict:
@@ -344,11 +345,26 @@ def run(spec_path: str) -> int:
     gc.disable()
     write_json(spec["ready"], ready)
     wait_for = {signal.SIGUSR1}
+    # a quiet workload's program break right before and right after its
+    # quiet sleep: nothing in between moves it (the kernel keeps it; /proc
+    # shows it only page-rounded, as the [heap] mapping's end)
+    brk = [0, 0]
+    if proof.quiet:
+        # brk(2) itself: libc's sbrk(0) answers from its own copy in memory
+        call = ctypes.CDLL(None).syscall
+        call.restype = ctypes.c_void_p
+        nr = ctypes.c_long(BRK_NR[os.uname().machine])
+        zero = ctypes.c_void_p(0)
+
+        def sbrk(_: int) -> int:
+            return call(nr, zero)
     while True:
         if proof.quiet and proof.counter.value >= proof.quiet:
             # quiet from here on: one sleep with no timeout, nothing else
             # runs until the harness's SIGUSR1 (harness/memstate.py)
+            brk[0] = sbrk(0)
             got = signal.sigwaitinfo(wait_for)
+            brk[1] = sbrk(0)
         else:
             got = signal.sigtimedwait(wait_for, Proof.TICK)
         # CPython returns an empty siginfo (signo 0), not None, when the wait
@@ -364,6 +380,10 @@ def run(spec_path: str) -> int:
         phases = PHASES
     try:
         verdict = verify(spec_path, sigio, phases)
+        if proof.quiet:
+            verdict["checks"].append(kinds.check(None, "program break (brk(0)) across the quiet sleep",
+                                                 hex(brk[0] or 0), hex(brk[1] or 0)))
+            verdict["ok"] = verdict["ok"] and brk[0] == brk[1]
     except Exception:
         import traceback
         verdict = {"ok": False, "error": traceback.format_exc(), "checks": []}
@@ -474,6 +494,65 @@ def verify(spec_path: str, sigio: List[int], phases: Tuple[str, ...] = ()) -> di
 
 # -- the harness's helpers ------------------------------------------------------
 
+class Waiter:
+    """Sleep until something may have changed: a file landed in ``directory``
+    (inotify: write_json's rename, a create) or ``pid`` exited (a pidfd),
+    or at most the given seconds. The helpers below looked every 20 ms
+    instead, and under TCG each look (a stat, /proc/PID/stat) took CPU from
+    the one vCPU the process being waited for runs on. Every wake-up only
+    means "look again": the callers' checks are as before, so a missed
+    event costs a timeout, never a wrong answer."""
+
+    def __init__(self, directory: Optional[str], pid: Optional[int] = None):
+        self.fds: List[int] = []
+        self.pidfd: Optional[int] = None
+        if directory is not None:
+            try:
+                fd = sysapi.inotify_init1(os.O_CLOEXEC | os.O_NONBLOCK)
+                self.fds.append(fd)
+                f = sysapi.IN_FLAGS
+                sysapi.inotify_add_watch(fd, directory, f["IN_MOVED_TO"] | f["IN_CREATE"] | f["IN_CLOSE_WRITE"])
+            except OSError:
+                self.close()        # no events: the timeouts alone, as polling
+        if pid is not None and hasattr(os, "pidfd_open"):
+            try:
+                self.pidfd = os.pidfd_open(pid)
+                self.fds.append(self.pidfd)
+            except OSError:
+                pass            # gone already, or no pidfds: the callers look anyway
+
+    def wait(self, seconds: float) -> None:
+        import select
+        if seconds <= 0:
+            return
+        if not self.fds:
+            time.sleep(min(seconds, 0.02))
+            return
+        ready, _, _ = select.select(self.fds, [], [], seconds)
+        for fd in ready:
+            if fd == self.pidfd:
+                # it exited: readable for good, so stop watching it (the
+                # callers see the exit themselves)
+                self.fds.remove(fd)
+                os.close(fd)
+                self.pidfd = None
+            else:
+                try:
+                    while os.read(fd, 65536):
+                        pass
+                except BlockingIOError:
+                    pass
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds, self.pidfd = [], None
+
+
+#: the longest a waiter sleeps without an event (a missed one costs this)
+WAIT_MAX = 0.25
+
+
 def spawn(spec_path: str, phases: List[str] = ()) -> int:
     """Start ``run`` in a new session with stdio on /dev/null and no other fds,
     wait for its ready file, print it (JSON) and return; the workload lives on
@@ -537,8 +616,10 @@ def spawn(spec_path: str, phases: List[str] = ()) -> int:
         finally:
             os._exit(127)
     deadline = time.monotonic() + float(spec.get("ready_timeout", 30))
+    waiter = Waiter(os.path.dirname(spec["ready"]), child)
     while time.monotonic() < deadline:
         if os.path.exists(spec["ready"]):
+            waiter.close()
             with open(spec["ready"], "rb") as f:
                 raw = f.read()
             ready = json.loads(raw)
@@ -565,7 +646,7 @@ def spawn(spec_path: str, phases: List[str] = ()) -> int:
         elif _gone(child):
             print(json.dumps({"pid": child, "error": "workload exited before ready (forked by the warm seed)"}))
             return 1
-        time.sleep(0.02)
+        waiter.wait(min(WAIT_MAX, deadline - time.monotonic()))
     print(json.dumps({"pid": child, "error": "workload not ready in time"}))
     return 1
 
@@ -622,11 +703,19 @@ def pidstate_after_exit(pid: int, seconds: float) -> dict:
     under TCG) that outlasts the next command, and a look at once would
     call a process that is on its way out still running."""
     deadline = time.monotonic() + seconds
-    while True:
-        st = pidstate(pid)
-        if not st["exists"] or time.monotonic() >= deadline:
-            return st
-        time.sleep(0.02)
+    waiter = None
+    try:
+        while True:
+            st = pidstate(pid)
+            if not st["exists"] or time.monotonic() >= deadline:
+                return st
+            if waiter is None:
+                waiter = Waiter(None, pid)
+                continue        # it may have exited before its pidfd was taken
+            waiter.wait(min(WAIT_MAX, deadline - time.monotonic()))
+    finally:
+        if waiter is not None:
+            waiter.close()
 
 
 def send_and_wait(pid: int, verdict_path: str, seconds: float, snap: Optional[dict] = None,
@@ -640,18 +729,22 @@ def send_and_wait(pid: int, verdict_path: str, seconds: float, snap: Optional[di
         out["snap"] = _sibling("procstate").quiet_snapshot(pid, snap)
     request = os.path.join(os.path.dirname(verdict_path), REQUEST)
     write_json(request, {"phases": list(phases or PHASES)})
+    waiter = Waiter(os.path.dirname(verdict_path), pid)     # before the signal: no event can come first
     try:
-        os.kill(pid, signal.SIGUSR1)
-    except ProcessLookupError:
-        return {**out, "signalled": False, "verdict": None, **pidstate(pid)}
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if os.path.exists(verdict_path):
-            with open(verdict_path) as f:
-                return {**out, "signalled": True, "verdict": json.load(f), **pidstate(pid)}
-        if not pidstate(pid)["exists"]:
-            break
-        time.sleep(0.02)
+        try:
+            os.kill(pid, signal.SIGUSR1)
+        except ProcessLookupError:
+            return {**out, "signalled": False, "verdict": None, **pidstate(pid)}
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if os.path.exists(verdict_path):
+                with open(verdict_path) as f:
+                    return {**out, "signalled": True, "verdict": json.load(f), **pidstate(pid)}
+            if not pidstate(pid)["exists"]:
+                break
+            waiter.wait(min(WAIT_MAX, deadline - time.monotonic()))
+    finally:
+        waiter.close()
     # one last look: the verdict may have landed just as the process exited
     if os.path.exists(verdict_path):
         with open(verdict_path) as f:
