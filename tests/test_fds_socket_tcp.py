@@ -6,7 +6,9 @@ from the image); a RST, a lost or a duplicated byte fails the test."""
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import socket
 import subprocess
 import time
@@ -199,8 +201,11 @@ SMALLBUF = PAIR.replace(
     "    c.sendall(b\"after\")",
     "    bufs = [c.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF), a.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)]\n"
     "    c.sendall(b\"after\")",
-).replace('"nodelay": c.getsockopt', '"bufs": bufs == BUFS, "nodelay": c.getsockopt')
-assert SMALLBUF.count("BUFS") == 2 and "+ 17])" in SMALLBUF
+).replace('"nodelay": c.getsockopt', '"bufs": bufs == BUFS, "nodelay": c.getsockopt').replace(
+    "# unread by c\n", "# unread by c\nc.setblocking(True)     # blocking at the dump\n", 1).replace(
+    "def check():\n", "def check():\n    import fcntl\n    if fcntl.fcntl(500, fcntl.F_GETFL) & os.O_NONBLOCK:\n        return {'nonblock': True}\n", 1)
+assert SMALLBUF.count("BUFS") == 2 and "+ 17])" in SMALLBUF and "blocking at the dump" in SMALLBUF and \
+    "'nonblock'" in SMALLBUF
 
 
 @pytest.mark.parametrize("v", ["4", "6"])
@@ -534,6 +539,7 @@ def test_unsent_bytes_requeued_past_a_full_send_buffer_on_leaving_repair():
             full += c.send(b"q" * 4096)
     except BlockingIOError:
         pass
+    c.setblocking(True)         # the process's own file status: finish() must not change it
     try:
         sndbuf = c.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4).hex()
         lock = c.getsockopt(socket.SOL_SOCKET, 72, 4).hex()
@@ -549,6 +555,7 @@ def test_unsent_bytes_requeued_past_a_full_send_buffer_on_leaving_repair():
         _tcpconn.finish(rec, ctx, None)
         assert c.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4).hex() == sndbuf
         assert c.getsockopt(socket.SOL_SOCKET, 72, 4).hex() == lock
+        assert not fcntl.fcntl(c.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK
         a.settimeout(10)
         got = 0
         while got < full + len(unsent):

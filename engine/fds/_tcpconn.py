@@ -467,11 +467,11 @@ def _loopback(addr: str) -> bool:
     return ip.is_loopback
 
 
-def _send_all(s: _socket.socket, data: bytes) -> None:
+def _send_all(s: _socket.socket, data: bytes, flags: int = 0) -> None:
     off, chunk = 0, len(data)
     while off < len(data):
         try:
-            n = s.send(data[off:off + chunk])
+            n = s.send(data[off:off + chunk], flags)
         except OSError as e:
             # Repair-mode writes are one linear buffer: the kernel may refuse a
             # big one (ENOMEM); smaller pieces do (as soccr does).
@@ -720,16 +720,17 @@ def _send_unsent(s: _socket.socket, rec: dict, unsent: bytes) -> None:
     with EAGAIN (zdtm socket-tcpbuf*, the process lost after the dump). The
     buffer is widened for the refill and put back to its recorded size and
     lock bits (SO_BUF_LOCK), as a process that filled it sees them."""
-    s.setblocking(False)
+    # MSG_DONTWAIT, not O_NONBLOCK: the open file is the restored
+    # process's own, its status flags already set as recorded
     size = _sockopts.as_int((rec.get("moved") or {}).get("SO_SNDBUF"))
     lock = rec["opts"].get("SO_BUF_LOCK")
     if not size or lock is None:
-        _send_all(s, unsent)        # no recorded size or lock to put back (a kernel before 5.16)
+        _send_all(s, unsent, _socket.MSG_DONTWAIT)   # no recorded size or lock to put back (before 5.16)
         return
     now = s.getsockopt(_socket.SOL_SOCKET, _socket.SO_SNDBUF)
     _sockopts.set_buffer(s, "SO_SNDBUF", now + 4 * len(unsent) + (1 << 20))
     try:
-        _send_all(s, unsent)
+        _send_all(s, unsent, _socket.MSG_DONTWAIT)
     except OSError as e:
         raise OSError(e.errno, f"sending the {len(unsent)} unsent bytes: {e.strerror} (send buffer "
                       f"{s.getsockopt(_socket.SOL_SOCKET, _socket.SO_SNDBUF)}, was {size})") from e
