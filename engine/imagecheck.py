@@ -833,6 +833,9 @@ def check_records(reader, core: dict, vmas: List[dict], fdrecs: List[dict]) -> N
         raise invalid("core.json pdeath_signal")
     if not cgroups.check_record(core.get("cgroups")):
         raise invalid("core.json cgroups")
+    from . import fsroot
+    if not fsroot.check_record(core.get("root")):
+        raise invalid("core.json root")
     sess = core["session"]
     if not all(0 < sess[k] < pid_max for k in ("sid", "pgid")) or (sess["sid"] == core["pid"] != sess["pgid"]):
         raise invalid(f"core.json: session {sess} (a session leader leads its own group)")
