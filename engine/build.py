@@ -474,6 +474,7 @@ class Builder:
         faults.point("restore.phase", "registers")
         threads.finish(self)    # the other threads go first, the leader right after
         faults.point("restore.phase", "release")
+        self.task.sud = self.job.core.get("sud")    # syscall user dispatch: after every injected call
         self.task.release(regs)
 
     def pending_signals(self) -> None:

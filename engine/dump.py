@@ -17,7 +17,7 @@ TYPE_CHECKING = False   # annotations only: importing typing costs every run ~3 
 if TYPE_CHECKING:
     from typing import Dict, List, Optional
 
-from . import cgroups, creds, faults, fsroot, pdeath, files, libc, membarrier, mempolicy, posixtimers, procattrs, procfs, sched, seccomp, signals, threads, tree, unlinked
+from . import cgroups, creds, faults, fsroot, pdeath, files, landlock, libc, membarrier, mempolicy, posixtimers, procattrs, procfs, sched, seccomp, signals, threads, tree, unlinked
 from .arch import current as current_arch
 from .check import Survey, preflight, require_features, target_checks
 from .context import DumpContext, Options, boot_id
@@ -118,6 +118,7 @@ def _after_reads(task: Task, scr: int, vmas: List[dict], out: dict) -> None:
     the mappings' own NUMA policies (asked from inside only where
     numa_maps cannot tell)."""
     out["posix_timers"] = posixtimers.dump(task, scr)
+    landlock.check(task, procfs.Proc(task.pid).status())    # refused: a restore would leave its sandbox
     out.setdefault("mempolicy", [mempolicy.MPOL_DEFAULT, 0])
     if "membarrier" not in out:     # a kernel without MEMBARRIER_CMD_GET_REGISTRATIONS
         out["membarrier"] = membarrier.probe(task)
@@ -260,6 +261,7 @@ def process_state(task: Task, s: Survey, ctx=None) -> dict:
         "regs": task.image_regs.to_dict(),
         "sigmask": task_sigmask(task),
         "rseq": _rseq(task),
+        "sud": task.sud,        # syscall user dispatch, read at the freeze (engine/sud.py)
         "mm": mm,
         "auxv": procfs.parse_auxv(proc.read_bytes("auxv")),
         "robust_list": robust_list(pid),
@@ -400,7 +402,9 @@ def dump_fds(s: Survey, ctx: DumpContext, shared: Optional[Dict[int, list]] = No
         else:
             faults.point(point, kind)
             rec = mod.dump(info, ctx)
-            if info.flags & O_ASYNC:      # its open file's owner and signal (classify checked the owner)
+            if info.owner is not None:    # its open file's owner and signal (check._check_owner), O_ASYNC or not
+                rec["async"] = info.owner
+            elif info.flags & O_ASYNC:
                 rec["async"] = async_owner(info)
         rec.update(common)
         _restore_would_accept(rec, info)

@@ -24,7 +24,8 @@ TYPE_CHECKING = False   # annotations only: importing typing costs every run ~3 
 if TYPE_CHECKING:
     from typing import Dict, List, Optional
 
-from . import (cgroups, fastjson, fsroot, faults, files, guard, imagecheck, libc, membarrier, mempolicy, posixtimers, procattrs, procfs, sched, seccomp, signals,
+from . import (autogroup, cgroups, fastjson, fsroot, faults, files, guard, imagecheck, libc, membarrier, mempolicy, posixtimers, procattrs, procfs, sched,
+               seccomp, signals, sud,
                threads, unlinked)
 from .arch import current as current_arch
 from .build import build
@@ -85,6 +86,8 @@ def check_core(core) -> None:
         _need(core["mm"], k, int, f"{w} mm")
     for k in ("pointer", "size", "signature", "flags"):
         _need(core["rseq"], k, int, f"{w} rseq")
+    if not sud.check_record(core.get("sud")):
+        raise _bad(f"{w}: syscall user dispatch {core.get('sud')!r}")
     _need(core["cwd"], "path", str, f"{w} cwd")
     for k in ("sid", "pgid"):
         _need(core["session"], k, int, f"{w} session")
@@ -257,6 +260,10 @@ def preflight(reader: ImageReader, core: dict, vmas: List[dict], fdrecs: List[di
                 raise OSError
         except OSError:
             add(Refusal("unsupported-state", f"its process group {sess['pgid']} no longer exists in this session"))
+    if not tree_member:
+        r = autogroup.refusal((core.get("attrs") or {}).get("autogroup_nice"), sess["sid"], pid, False)
+        if r is not None:
+            add(r)
     for rec in fdrecs:
         if "dup_of" in rec or "ofd_of" in rec:
             continue
