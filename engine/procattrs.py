@@ -98,6 +98,33 @@ def reads() -> list:
     return READS + [r[:5] for r in OPTIONAL if r[0] in _HERE]
 
 
+def thread_reads() -> list:
+    """The per-thread values engine/threads.py reads from every other
+    thread, to compare with the leader's (same_as_leader)."""
+    keys = {"securebits": "thread_securebits", "mce_kill": "thread_mce_kill", "tsc": "thread_tsc"}
+    return [(keys[r[0]],) + tuple(r[1:]) for r in reads() if r[0] in keys]
+
+
+def same_as_leader(rec: dict, lead, tid: int) -> None:
+    """A thread's keep-caps, machine-check kill policy and rdtsc faulting
+    are its own (kernel: securebits in its credentials, PF_MCE_* and
+    TIF_NOTSC in its task), and the restore sets the leader's before the
+    threads are cloned: one that differs from the leader's would come back
+    with the leader's. Refused (`threads`); the values are popped from
+    `rec`. Raises Refusal."""
+    got = {k: rec.pop(f"thread_{k}") for k in ("securebits", "mce_kill", "tsc") if f"thread_{k}" in rec}
+    if lead is None:
+        return
+    want = {"securebits": SECBIT_KEEP_CAPS if lead.get("keep_caps") else 0, "mce_kill": lead.get("mce_kill"),
+            "tsc": lead.get("tsc")}
+    names = {"securebits": "securebits (keep-caps)", "mce_kill": "machine-check kill policy",
+             "tsc": "rdtsc faulting (PR_SET_TSC)"}
+    differ = [f"{names[k]} {v} (the leader's {want[k]})" for k, v in got.items() if v != want[k]]
+    if differ:
+        raise Refusal("threads", "differs from the leader in " + ", ".join(differ)
+                      + ": restored with the leader's")
+
+
 def dump(pid: int, got: dict) -> dict:
     """The record, from the injected reads in `got` (their keys are
     removed) and /proc. Raises Refusal(unsupported-state)."""

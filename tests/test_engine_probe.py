@@ -213,3 +213,55 @@ def test_a_process_outside_any_landlock_domain_is_not_refused(procs, prober_bin,
     (root, or another uid than ckpt's) passes."""
     before, after = roundtrip(procs, prober_bin, tmp_path, "owner", *words)
     assert after == before
+
+
+@pytest.mark.parametrize("how", HOWS)
+@pytest.mark.parametrize("words", [("regs",), ("misc",), ("layout",), ("madv", "growsdown"), ("altstack",),
+                                   ("fileflags", "DIR")])
+def test_state_read_back_the_same(procs, prober_bin, tmp_path, words, how):
+    """What the probe found carried exactly (kept as a guard): zmm0-31,
+    k0-7, MXCSR, the x87 control word and stack of a thread waiting in a
+    call; interval timers with their intervals, alarm, timer slack, tid
+    address, robust list, gs base, personality, rlimit, umask, pipe size,
+    groups, fsgid, ambient and bounding capabilities, a thread's name; the
+    vdso, vvar, stack, brk and mm fields, auxv; madvise flags and a
+    MAP_GROWSDOWN mapping (VmFlags); an SS_AUTODISARM alternate stack;
+    O_SYNC, O_DSYNC, O_NOATIME, O_DIRECT status flags."""
+    words = tuple(str(tmp_path) if w == "DIR" else w for w in words)
+    before, after = roundtrip(procs, prober_bin, tmp_path, *words, how=how)
+    assert after == before
+    if "regs" in words:
+        regs = _lines(str(tmp_path / "out.txt"), "regs")
+        assert regs[-1] == regs[0] and "regs_bad=0" in regs[-1] and "mxcsr=0xdfc0 fcw=0xb7f" in regs[-1], regs
+
+
+@pytest.mark.parametrize("word, reason, what", [("secret", "unsupported-mapping", "secretmem"),
+                                                ("aio", "unsupported-mapping", "[aio]"),
+                                                ("mseal", "unsupported-mapping", "sealed")])
+def test_mappings_that_cannot_be_made_again_are_refused(procs, prober_bin, tmp_path, word, reason, what):
+    out = str(tmp_path / "out.txt")
+    try:
+        p = start(procs, prober_bin, out, word)
+    except AssertionError as e:
+        pytest.skip(f"{word} not available here: {e}")
+    before = report(p.pid, out)
+    with pytest.raises((Refusal, Refusals)) as ei:
+        dump(p.pid, str(tmp_path / "img"), Options())
+    assert reason in [r.reason for r in getattr(ei.value, "refusals", [ei.value])] and what in str(ei.value)
+    assert p.poll() is None and report(p.pid, out) == before
+
+
+def test_threads_with_their_own_keepcaps_and_mce_policy_are_refused(procs, prober_bin, tmp_path):
+    """keep-caps, the MCE kill policy and rdtsc faulting are per thread; the
+    restore set the leader's for every thread. Before: read from the leader
+    only, so two threads with keep-caps and the early MCE policy of their
+    own came back with neither."""
+    out = str(tmp_path / "out.txt")
+    p = start(procs, prober_bin, out, "threadattrs")
+    before = report(p.pid, out)
+    with pytest.raises((Refusal, Refusals)) as ei:
+        dump(p.pid, str(tmp_path / "img"), Options())
+    refusals = getattr(ei.value, "refusals", [ei.value])
+    assert [r.reason for r in refusals] == ["threads", "threads"], ei.value
+    assert all("keep-caps" in r.detail and "machine-check" in r.detail for r in refusals)
+    assert p.poll() is None and report(p.pid, out) == before
