@@ -688,6 +688,7 @@ def creds(b) -> None:
     is user space): each thread drops them itself."""
     for tb in b.threads:
         tb.creds()
+        tb.flush()
 
 
 def late_state(b) -> None:
