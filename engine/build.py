@@ -336,7 +336,8 @@ class Builder:
                 half = i + 1
                 break
         from concurrent.futures import ThreadPoolExecutor
-        with ThreadPoolExecutor(max_workers=2) as pool:
+        from .placement import spread
+        with spread(), ThreadPoolExecutor(max_workers=2) as pool:
             parts = [pool.submit(pages.write_runs, self.pid, part) for part in (runs[:half], runs[half:]) if part]
             return sum(f.result() for f in parts)
 

@@ -451,6 +451,8 @@ def _run_restorer(job, builder=None) -> dict:
         code = 0
         try:
             guard.become_worker(parent)     # stops (killing the new process) if ckpt dies
+            from .placement import pin
+            pin()       # the restorer and what it builds on one CPU (engine/placement.py)
             from .task import INJECTED
             INJECTED.update(round_trips=0, batched_calls=0)     # this restore's only
             from .profiling import run as profiled

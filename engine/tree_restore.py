@@ -356,6 +356,8 @@ def _die(b, status: int) -> None:
         nr, args = arch.SYS["kill"], (b.pid, sig)
     else:
         nr, args = arch.SYS["exit_group"], ((status >> 8) & 0xff,)
+    from .placement import restore_mask
+    restore_mask(b.pid)     # made on the restorer's one CPU; dies with the mask it would have had
     regs = b.task.get_regs()
     arch.set_syscall(regs, b.gadget, nr, args)
     b.task.set_regs(regs)
