@@ -22,7 +22,9 @@ tool reports: ckpt's frozen_ms (--json), criu's frozen_time from its
 stats-dump image (freeze to kill).
 
 Not the same work: ckpt fsyncs every image file before it commits (a
-crash never leaves a torn image), criu does not; the row says so.
+crash never leaves a torn image), criu does not; the row says so, and
+also gives criu's dump plus an fsync of its image (criu_dump_durable_s,
+dump_durable_speed_ckpt_over_criu): the same durability, compared.
 
 usage: compare.py --memhog PATH [--sizes 1,64] [--dirs /dev/shm,/var/tmp]
                   [--swarm PATH] [--swarm-cases tree:50,threads:50]
@@ -128,6 +130,26 @@ def _timed(argv, what: str):
     return wall, cpu, r.stdout
 
 
+def _sync_tree(img: str) -> float:
+    """Seconds to make a criu image as durable as ckpt's at its exit
+    (fsync of every file, then of the directory): criu's dump plus this is
+    the same work as ckpt's dump, which fsyncs before it commits."""
+    t0 = time.monotonic()
+    for base, _, files in os.walk(img):
+        for name in files:
+            fd = os.open(os.path.join(base, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    return time.monotonic() - t0
+
+
 def _injected(tool: str, out: str) -> dict:
     """ckpt's injected syscalls in one restore (engine/batch.py): ptrace
     round trips, and calls run in batches; {} when it does not say (criu,
@@ -157,6 +179,7 @@ def one(tool: str, cmd, memhog: str, mib: int, where: str, work: str) -> dict:
         else:
             d = _timed(cmd + ["dump", "-t", str(p.pid), "-D", img, "-o", "dump.log"], "criu dump")
         p.wait(timeout=60)          # both kill the dumped process
+        synced = None if tool.startswith("ckpt") else _sync_tree(img)
         if tool.startswith("ckpt"):
             r = _timed(cmd + ["restore", "-D", img, "--pidfile", pidfile, "--json"], "ckpt restore")
         else:
@@ -165,8 +188,11 @@ def one(tool: str, cmd, memhog: str, mib: int, where: str, work: str) -> dict:
         with open(pidfile) as f:
             restored = int(f.read().split()[0])
         _sample(restored, mib, p.region)
-        return {"dump_s": d[0], "dump_cpu_s": d[1], "restore_s": r[0], "restore_cpu_s": r[1],
-                **_injected(tool, r[2])}
+        out = {"dump_s": d[0], "dump_cpu_s": d[1], "restore_s": r[0], "restore_cpu_s": r[1],
+               **_injected(tool, r[2])}
+        if synced is not None:
+            out["dump_durable_s"] = d[0] + synced
+        return out
     finally:
         if p.poll() is None:
             p.kill()
@@ -329,7 +355,7 @@ def _row(got: dict, rounds: int, cmds: dict, **what) -> dict:
     row = dict(what, rounds=rounds)
     for tool, runs in got.items():
         for k in ("dump_s", "restore_s", "dump_cpu_s", "restore_cpu_s", "frozen_ms", "restore_round_trips",
-                  "restore_batched_calls"):
+                  "restore_batched_calls", "dump_durable_s"):
             vals = [r[k] for r in runs if r.get(k) is not None]
             if vals:
                 row[f"{tool}_{k}"] = round(statistics.median(vals), 4)
@@ -340,6 +366,9 @@ def _row(got: dict, rounds: int, cmds: dict, **what) -> dict:
             continue
         for k in ("dump", "restore"):
             row[f"{k}_speed_ckpt_over_{name}"] = round(row[f"{other}_{k}_s"] / row[f"ckpt_{k}_s"], 2)
+        if row.get(f"{other}_dump_durable_s"):
+            # the same work: criu's dump and its image fsync'd, against ckpt's (which fsyncs)
+            row[f"dump_durable_speed_ckpt_over_{name}"] = round(row[f"{other}_dump_durable_s"] / row["ckpt_dump_s"], 2)
         if row.get("ckpt_frozen_ms") and row.get(f"{other}_frozen_ms"):
             row[f"frozen_speed_ckpt_over_{name}"] = round(row[f"{other}_frozen_ms"] / row["ckpt_frozen_ms"], 2)
     return row

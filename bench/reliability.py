@@ -43,6 +43,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 import fault_support as fs  # noqa: E402
 from engine_core_support import become_subreaper  # noqa: E402
+from engine.fds._peercred import HELPER_NAME  # noqa: E402
 
 
 def _session_gone(sid: int) -> bool:
@@ -281,6 +282,9 @@ def kill_restores(n: int, work: str, rng: random.Random, target: str = "ckpt") -
             problems.append(f"ckpt failed by itself ({p.returncode}): {p.stderr.read()[-300:]}")
         if not _wait_ckpt_gone(p, victims, spare=pids):
             problems.append("the restorer went on")
+        helper = _helper_gone(pids[0]) if target == "ckpt" else None
+        if helper:
+            problems.append(helper)
         if fs.alive(pids[0]):
             done, reaped = True, False
             try:
@@ -315,6 +319,32 @@ def kill_restores(n: int, work: str, rng: random.Random, target: str = "ckpt") -
         else:
             out["aborted_no_process"] += 1
     return out
+
+
+def _helper_gone(pid: int):
+    """ckpt may die while its peer-credentials helper holds the restored
+    process's pid (engine/fds/_peercred.py, which names itself so): that
+    one must go by itself at once, killed as ckpt died or done with its
+    one call. None if so (or if no helper held it); else what is wrong."""
+    try:
+        with open(f"/proc/{pid}/comm", "rb") as f:
+            if f.read().strip() != HELPER_NAME:
+                return None
+    except OSError:
+        return None
+    end = time.monotonic() + 10
+    while time.monotonic() < end:
+        try:
+            got, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:       # not ours: gone is all that can be seen
+            got, status = (pid, 0) if not fs.alive(pid) else (0, 0)
+        if got == pid:
+            if (os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL) or \
+                    (os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0):
+                return None
+            return f"ckpt's peer-credentials helper ended otherwise (wait status {status:#x})"
+        time.sleep(0.01)
+    return "ckpt's peer-credentials helper outlived ckpt"
 
 
 def _reap_status(pid: int):

@@ -94,6 +94,10 @@ def compare_rows(res: dict):
                 ratio = r.get(f"{step}_speed_ckpt_over_criu")
                 yield (what, step, _ms(r.get(f"ckpt_{step}_s")), _ms(r.get(f"criu_{step}_s")),
                        "-" if ratio is None else f"{ratio:.2f}x")
+            if r.get("criu_dump_durable_s") is not None:
+                ratio = r.get("dump_durable_speed_ckpt_over_criu")
+                yield (what, "dump, image made durable (criu: + fsync of its files)", _ms(r.get("ckpt_dump_s")),
+                       _ms(r["criu_dump_durable_s"]), "-" if ratio is None else f"{ratio:.2f}x")
             for step in ("dump", "restore"):
                 if r.get(f"ckpt_base_{step}_s") is not None:
                     ratio = r.get(f"{step}_speed_ckpt_over_base")

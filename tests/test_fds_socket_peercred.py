@@ -164,6 +164,7 @@ def test_the_helper_dies_with_ckpt(tmp_path):
     import subprocess
     import sys
     import time
+    from engine.fds import _peercred
     from engine_core_support import alive, wait_for
     pidfile = tmp_path / "helper.pid"
     # A free pid for the helper: one just used by a process that is gone.
@@ -184,6 +185,14 @@ _peercred.run_as({{"pid": {probe.pid}, "uid": 0, "gid": 0, "groups": None}}, fn)
         wait_for(lambda: pidfile.exists() and pidfile.read_text(), what="the helper")
         helper = int(pidfile.read_text())
         assert helper == probe.pid and alive(helper)
+        # It says what it is, and a signal sent to the pid it holds (meant
+        # for the restored process) neither runs ckpt's handlers nor ends it.
+        with open(f"/proc/{helper}/comm", "rb") as f:
+            assert f.read().strip() == _peercred.HELPER_NAME
+        os.kill(helper, signal.SIGUSR1)
+        os.kill(helper, signal.SIGINT)
+        time.sleep(0.2)
+        assert alive(helper), "the helper died of a signal meant for the restored process"
         ckpt.send_signal(signal.SIGKILL)
         ckpt.wait()
         end = time.monotonic() + 5

@@ -39,7 +39,8 @@ if TYPE_CHECKING:
 from ..errors import EngineError, Refusal
 
 SO_PEERCRED, SO_PEERGROUPS = 17, 59
-PR_SET_PDEATHSIG = 1
+PR_SET_PDEATHSIG, PR_SET_NAME = 1, 15
+HELPER_NAME = b"ckpt-peercred"      # its comm while it holds a pid
 
 
 def read(fd: int) -> dict:
@@ -122,6 +123,12 @@ def _clone_with_pid(pid: int) -> int:
     tid = (ctypes.c_int * 1)(pid)
     args = arch.CloneArgs(exit_signal=signal.SIGCHLD, set_tid=ctypes.addressof(tid), set_tid_size=1)
     _libc.syscall.restype = ctypes.c_long
+    # The child starts with every signal blocked and keeps them so: it
+    # holds the restored process's pid, and a signal meant for that
+    # process (a kill by pid while ckpt dies) must not run Python's
+    # handlers or end it as if the restored process had died of it. It
+    # ends by exiting or by SIGKILL (ckpt gone), nothing else.
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
     _pyapi.PyOS_BeforeFork()
     ret = _libc.syscall(ctypes.c_long(arch.SYS["clone3"]), ctypes.byref(args), ctypes.c_size_t(ctypes.sizeof(args)))
     if ret == 0:
@@ -129,6 +136,7 @@ def _clone_with_pid(pid: int) -> int:
         return 0
     err = ctypes.get_errno()
     _pyapi.PyOS_AfterFork_Parent()
+    signal.pthread_sigmask(signal.SIG_SETMASK, old)
     if ret < 0:
         if err == 17:
             raise Refusal("peer-pid-in-use", f"pid {pid}, named by a socket's peer credentials, was taken "
@@ -137,6 +145,16 @@ def _clone_with_pid(pid: int) -> int:
             raise Refusal("capability", "clone3 set_tid needs CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE")
         raise EngineError(f"clone3 (peer credentials helper, pid {pid}): {os.strerror(err)}", errno=err)
     return ret
+
+
+def _die_with(parent: int) -> None:
+    """The helper holds the restored process's pid: if ckpt dies (killed
+    mid-restore) it must not outlive it, and it ends the one way a killed
+    restore's processes end, by SIGKILL - also when ckpt died before the
+    death signal was armed."""
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def run_as(cred: dict, fn: Callable[[], List[int]]) -> List[int]:
@@ -150,18 +168,18 @@ def run_as(cred: dict, fn: Callable[[], List[int]]) -> List[int]:
         if child == 0:
             code = 0
             try:
+                # Named, so that whoever looks at the pid while it is held
+                # (ps, a test after killing ckpt) sees ckpt's helper and
+                # not a half-built copy of the restored process.
+                _libc.prctl(PR_SET_NAME, HELPER_NAME, 0, 0, 0)
+                _die_with(parent)
                 chan.close()
                 groups = cred.get("groups")
                 if groups is not None:
                     os.setgroups(groups)
                 os.setresgid(cred["gid"], cred["gid"], cred["gid"])
                 os.setresuid(cred["uid"], cred["uid"], cred["uid"])
-                # It holds the restored process's pid: if ckpt dies (killed
-                # mid-restore) it must not outlive it. After the ids: a
-                # change of credentials clears the death signal.
-                _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-                if os.getppid() != parent:
-                    os._exit(1)     # ckpt died before the death signal was set
+                _die_with(parent)   # again: a change of ids clears the death signal
                 fds = fn()
                 _socket.send_fds(far, [b"ok"], fds)
             except BaseException as e:   # noqa: BLE001 - reported to the parent
