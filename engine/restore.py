@@ -56,6 +56,9 @@ def _need(d, key, typ, where: str):
 
 # -- structure of the records ------------------------------------------------------
 
+_INT = {int}
+
+
 def check_core(core) -> None:
     """Types of everything build.py reads from core.json."""
     w = "core.json"
@@ -81,7 +84,8 @@ def check_core(core) -> None:
     _need(core["cwd"], "path", str, f"{w} cwd")
     for k in ("sid", "pgid"):
         _need(core["session"], k, int, f"{w} session")
-    ints = lambda xs, n=None: all(isinstance(x, int) and not isinstance(x, bool) for x in xs) and (n is None or len(xs) == n)
+    # every item a plain int (the JSON scanner's; a bool is not one), n of them
+    ints = lambda xs, n=None: (n is None or len(xs) == n) and set(map(type, xs)) <= _INT   # noqa: E731
     if not ints(core["auxv"]) or not ints(core["robust_list"], 2) or not ints(core["sigaltstack"], 3):
         raise _bad(f"{w}: auxv / robust_list / sigaltstack malformed")
     if len(core["rlimits"]) != len(libc.RLIMIT_NAMES) or not all(isinstance(r, list) and ints(r, 2) for r in core["rlimits"]):
