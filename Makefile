@@ -25,13 +25,14 @@ GENERATE ?= 300
 SEED ?= 1
 
 APT_PACKAGES = qemu-system-x86 qemu-utils mmdebstrap e2fsprogs busybox-static cpio zstd \
-               openssh-client gcc libc6-dev ca-certificates libnftables1
+               openssh-client gcc libc6-dev ca-certificates libnftables1 \
+               make pkg-config libaio-dev libcap-dev
 ifeq ($(ARCH),aarch64)
 APT_PACKAGES += qemu-system-arm qemu-user-static binfmt-support arch-test
 endif
 
-.PHONY: setup setup-apt setup-pip bytecode host-criu test test-host test-aarch64-guest lint-workflows vm-image vm-shell vm-test \
-        vm-generate mutants bench reliability clean-image help
+.PHONY: setup setup-apt setup-pip setup-zdtm bytecode host-criu test test-host test-aarch64-guest lint-workflows vm-image vm-shell vm-test \
+        vm-generate mutants bench reliability zdtm clean-image help
 
 help:
 	@echo "make setup              install host packages (apt) and Python packages (pip)"
@@ -48,10 +49,16 @@ help:
 	@echo "make bench              write benchmark figures to bench/results.json"
 	@echo "make host-criu          Debian 13's criu for the host comparison, in ~/.cache/crucible/criu"
 	@echo "                        (private apt config and prefix; make bench fetches it when missing)"
+	@echo "make zdtm               CRIU's zdtm static tests against ckpt (Debian's CRIU 4.1.1 source, fetched once)"
+	@echo "                        -> bench/zdtm.json and bench/zdtm.md: pass / refused (reason) / FAIL"
 	@echo "make reliability        fault points + ckpt killed at random instants + FUZZ_CASES=$(FUZZ_CASES) mutated"
 	@echo "                        images from FUZZ_SEED=$(FUZZ_SEED) -> bench/reliability.json"
 
-setup: setup-apt setup-pip
+setup: setup-apt setup-pip setup-zdtm
+
+# CRIU's source (pinned), for tests/test_zdtm.py and make zdtm.
+setup-zdtm:
+	$(PYTHON) tools/zdtm.py --fetch-only
 
 setup-apt:
 	@missing=""; for p in $(APT_PACKAGES); do \
@@ -131,6 +138,12 @@ vm-generate: vm-image
 # image, which CRUCIBLE_REQUIRE_AARCH64 turns into a failure (CI builds it).
 test-aarch64-guest:
 	CRUCIBLE_REQUIRE_AARCH64=1 $(PYTHON) -m pytest tests/ -m aarch64 -q -p no:cacheprovider -p no:benchmark
+
+# CRIU's own C/R tests (test/zdtm/static), written by the people who know
+# what C/R breaks, each checking its own state after the restore.
+zdtm: bytecode
+	@mkdir -p bench
+	$(PYTHON) tools/zdtm.py -j $(JOBS) --out bench/zdtm.json --md bench/zdtm.md
 
 # Fault points, ckpt killed at random instants (and, from other tools, fuzzed
 # images): figures printed and merged into bench/reliability.json. One line per tool.

@@ -470,6 +470,11 @@ class Builder:
     def finish(self) -> None:
         """Unmap the gadget; at that syscall's exit stop, install the dumped
         xstate and registers; detach."""
+        if self.job.core.get("job_stop"):
+            # Stopped by job control: stopped again by the same signal
+            # while the gadget is still there (engine/jobstop.py).
+            from . import jobstop
+            jobstop.stop_again(self)
         self.call("munmap", self.gadget, self.gadget_size)
         self.let_go()
 

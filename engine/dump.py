@@ -400,8 +400,23 @@ def dump_fds(s: Survey, ctx: DumpContext, shared: Optional[Dict[int, list]] = No
             if info.flags & O_ASYNC:      # its open file's owner and signal (classify checked the owner)
                 rec["async"] = async_owner(info)
         rec.update(common)
+        _restore_would_accept(rec, info)
         out.append(rec)
     return out
+
+
+def _restore_would_accept(rec: dict, info) -> None:
+    """Restore rejects a record holding a NUL or a path that is not plain
+    (engine/imagecheck.py) - after a dump has killed the process. So a
+    handler that made one fails the dump here, the target untouched: a
+    dotted socket name once went through this way."""
+    from . import imagecheck
+    if imagecheck._any_bad(rec):
+        try:
+            imagecheck._explain_strings_and_paths(rec, f"fd {info.fd}")
+        except Refusal as e:
+            raise EngineError(f"the record of fd {info.fd} ({info.link}) would be rejected by restore: "
+                              f"{e.detail}", pid=info.pid) from None
 
 
 # -- entry points --------------------------------------------------------------
@@ -456,6 +471,11 @@ def _survey_frozen(pid: int, task: Task, ctx: DumpContext, proc: procfs.Proc):
     trecs = threads.survey(s, task, ctx.threads, state)
     if state is not None:
         state["threads"] = trecs
+    if task.job_stop:
+        from . import jobstop
+        jobstop.survey(s, task, ctx, ctx.threads, state)
+        if state is not None:
+            state["job_stop"] = task.job_stop
     recs = map_records(s, ctx)
     return s, state, recs
 

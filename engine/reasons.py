@@ -59,7 +59,8 @@ REASONS = {
                     "tracefs, securityfs, bpf, configfs, pstore, efivarfs, fusectl, hugetlbfs, mqueue, autofs, ... "
                     "(filesystem and path in the detail). Their contents are kernel state made at open; a reopen "
                     "gives another object. Except the /proc files engine/fds/procfile.py reopens: one of those is "
-                    "refused only when read part-way, open for writing, another process's or shared by two "
+                    "refused only when read part-way (or, its own, read at all; at restore, a snapshot that now runs past the "
+                    "offset it was read to the end of), open for writing, another process's or shared by two "
                     "members"),
     "unlinked-unrestorable": ("a deleted-but-open file that restore could not recreate where it lived, refused at "
                               "dump (restore recreates it in its old directory, on the same filesystem): that "

@@ -76,6 +76,13 @@ def check_core(core) -> None:
     except (KeyError, TypeError, ValueError) as e:
         raise _bad(f"{w}: registers: {e}") from None
     signals.check_record(_need(core, "signals", dict, w))
+    if "job_stop" in core:
+        from . import jobstop
+        if not jobstop.validate(core["job_stop"]) or isinstance(core["job_stop"], bool) \
+                or (core["job_stop"] and core.get("threads")):
+            raise _bad(f"{w}: job_stop {core['job_stop']!r} is no job-control stop of a single-threaded process")
+    if not isinstance(core.get("job_stop_report", False), bool):
+        raise _bad(f"{w}: job_stop_report is not a boolean")
     for k in ("start_code", "end_code", "start_data", "end_data", "start_brk", "brk", "start_stack",
               "arg_start", "arg_end", "env_start", "env_end"):
         _need(core["mm"], k, int, f"{w} mm")

@@ -26,6 +26,9 @@ from .libc import SysError
 # engine/restore.py; bench/compare.py records them).
 INJECTED = {"round_trips": 0, "batched_calls": 0}
 
+# Signals whose default action is a group stop (kernel/signal.c sig_kernel_stop).
+JOB_STOP_SIGNALS = frozenset({_signal.SIGSTOP, _signal.SIGTSTP, _signal.SIGTTIN, _signal.SIGTTOU})
+
 
 class Task:
     """One ptrace-stopped thread. Create with :meth:`seize` (dump) or
@@ -43,6 +46,7 @@ class Task:
         self.pre_freeze: Optional[dict] = None  # /proc/PID/syscall+stack before (engine/restart.py)
         self.restart_problem: Optional[str] = None
         self.settled = 0        # pending signals taken at the end of the freeze (settle)
+        self.job_stop = 0       # the stop signal of a job-control stopped task (group stop), else 0
         self.attached = True
         self._mem_fd: Optional[int] = None
         self.fault_name = "dump.syscall"       # "restore.syscall" once adopted (engine/faults.py)
@@ -103,6 +107,7 @@ class Task:
         begin_seize() started. Raises as seize(); the task is let go then."""
         pid, pre = started
         task = None
+        job_stop = 0
         try:
             while True:
                 st = ptrace.wait(pid)
@@ -110,11 +115,16 @@ class Task:
                     raise Refusal("no-such-process", "exited while being frozen", pid=pid)
                 if st.event_stop:
                     if st.sig != _signal.SIGTRAP:
-                        # A group stop (SIGSTOP/SIGTSTP...): the process is
-                        # job-control stopped; restoring it running would differ.
-                        ptrace.detach(pid, 0)
-                        raise Refusal("unsupported-state", "the process is stopped by job control "
-                                      f"(signal {st.sig}); continue it first", pid=pid)
+                        if st.sig not in JOB_STOP_SIGNALS:
+                            ptrace.detach(pid, 0)
+                            raise Refusal("unsupported-state", f"a group stop by signal {st.sig}", pid=pid)
+                        # A group stop (SIGSTOP, SIGTSTP, SIGTTIN, SIGTTOU):
+                        # job-control stopped. A seized task is resumed from
+                        # it for every injected call, and goes back to it when
+                        # let go (__ptrace_unlink re-arms the stop while the
+                        # group's SIGNAL_STOP_STOPPED holds); the image
+                        # carries the signal (engine/jobstop.py).
+                        job_stop = st.sig
                     break
                 # Any other ptrace stop consumes the pending interrupt
                 # (kernel/signal.c ptrace_stop: "any trap clears pending
@@ -130,6 +140,7 @@ class Task:
                     continue
                 ptrace.cont(pid, 0)
             task = cls(pid)
+            task.job_stop = job_stop
             if tgid is not None:
                 task.tgid = tgid
             task.pre_freeze = pre
@@ -189,6 +200,10 @@ class Task:
         a stop signal stopped it), SysError."""
         n = 0
         probe = getattr(self.arch, "interrupted_call", None)
+        if self.job_stop:
+            # Stopped: nothing runs a handler before a SIGCONT; what is
+            # pending stays pending, in the image and in the original.
+            probe = None
         while n < self.SETTLE_ROUNDS and probe is not None and probe(self) \
                 and signals.deliverable_handled(self.pid):
             held = _signal.pthread_sigmask(_signal.SIG_BLOCK, guard.HELD)

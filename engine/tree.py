@@ -629,6 +629,8 @@ def _survey(members: List[Member], options, img, boot) -> List[Refusal]:
         ctx.task, ctx.threads = m.tasks[0], m.tasks[1:]
         m.ctx = ctx
         m.survey, m.state, m.recs = _survey_frozen(m.pid, m.tasks[0], ctx, procfs.Proc(m.pid))
+    from . import jobstop
+    jobstop.tree_reports(members)       # a stopped member's report to its parent (engine/jobstop.py)
     problems = tree_problems(members)
     for m in members:
         if m.survey is not None and (m.share or m.leave):

@@ -496,16 +496,19 @@ def build_tree(tj: TreeJob) -> int:
             steps.append((mb, rebuild_early_steps(mb)))
         _side_by_side(steps)
         _side_by_side([(mb, rebuild_late_steps(mb)) for mb in live])
-        # Every gadget unmapped side by side (one round trip in flight
-        # each), then each member let go, children first.
         run_each(live)      # what the last stages left queued
-        got = syscall_each([(mb.task, arch.SYS["munmap"], (mb.gadget, mb.gadget_size)) for mb in live])
-        for mb, r in zip(live, got):
-            if -4096 < r < 0:
-                raise SysError("munmap (injected)", -r, mb.pid)
-        for mb in reversed(live):
-            faults.point("restore.tree.release")
-            mb.let_go()
+        if any(mb.job.core.get("job_stop") for mb in live):
+            _release_stopped(live, members, builders, root)
+        else:
+            # Every gadget unmapped side by side (one round trip in flight
+            # each), then each member let go, children first.
+            got = syscall_each([(mb.task, arch.SYS["munmap"], (mb.gadget, mb.gadget_size)) for mb in live])
+            for mb, r in zip(live, got):
+                if -4096 < r < 0:
+                    raise SysError("munmap (injected)", -r, mb.pid)
+            for mb in reversed(live):
+                faults.point("restore.tree.release")
+                mb.let_go()
     except BaseException:
         for mb in reversed(order):
             try:
@@ -515,6 +518,20 @@ def build_tree(tj: TreeJob) -> int:
         _reap_orphans(tree_pids)
         raise
     return root["pid"]
+
+
+def _release_stopped(live, members, builders, root) -> None:
+    """The release of a tree with a member stopped by job control, one
+    member at a time, children first: each stopped again (Builder.finish),
+    its parent's view of that stop set while the parent still has its
+    gadget (engine/jobstop.py)."""
+    ppids = {m["pid"]: m["ppid"] for m in members}
+    for mb in reversed(live):
+        faults.point("restore.tree.release")
+        mb.finish()
+        if mb.job.core.get("job_stop") and mb.pid != root["pid"]:
+            from . import jobstop
+            jobstop.restore_report(builders[ppids[mb.pid]], mb.pid, mb.job.core)
 
 
 def _side_by_side(steps) -> None:

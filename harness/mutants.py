@@ -454,6 +454,145 @@ def m_change_mprotect(img: Image) -> str:
     raise NoTarget("no read-only private file mapping")
 
 
+def m_drop_cow_page(img: Image) -> str:
+    """A private file mapping's written (copy-on-write) page is left out of
+    the image, so the restore maps the file's own bytes there: an engine
+    that takes a file-backed private page for clean. The middle one of the
+    pages that differ from the file, in the private file mapping with the
+    most of them."""
+    mm = img.json("mm.json")
+    files = _page_files(img)
+    best = None
+    for v in mm["vmas"]:
+        if v["kind"] != "file" or not v["perms"].endswith("p") or not v.get("pages"):
+            continue
+        path = ((v.get("file") or {}).get("file") or {}).get("path") or v["path"]
+        try:
+            with open(path, "rb") as f:
+                differ = []
+                for ri, (addr, n, fi, off) in enumerate(v["pages"]):
+                    data = img.read(files[fi])
+                    for k in range(n):
+                        f.seek(v["offset"] + addr + k * PAGE - v["start"])
+                        if f.read(PAGE).ljust(PAGE, b"\0") != data[off + k * PAGE: off + (k + 1) * PAGE]:
+                            differ.append((ri, k))
+        except OSError:
+            continue
+        if differ and (best is None or len(differ) > len(best[1])):
+            best = (v, differ)
+    if best is None:
+        raise NoTarget("no private file mapping with a page that differs from its file")
+    v, differ = best
+    ri, k = differ[len(differ) // 2]
+    addr, n, fi, off = v["pages"][ri]
+    keep = [[addr, k, fi, off]] if k else []
+    if k + 1 < n:
+        keep.append([addr + (k + 1) * PAGE, n - k - 1, fi, off + (k + 1) * PAGE])
+    v["pages"][ri:ri + 1] = keep
+    v["pages_bytes"] = sum(r[1] for r in v["pages"]) * PAGE
+    img.put_json("mm.json")
+    return f"page {addr + k * PAGE:#x} of {v['path']} ({v['perms']}) left to the file's bytes"
+
+
+def m_reset_thread_sched(img: Image) -> str:
+    """Every thread restored with the leader's scheduling (nice, policy and
+    priority, CPU affinity): an engine that sets them once, per process."""
+    core = img.json("core.json")
+    lead = core.get("sched") or {}
+    diff = []
+    for t in core.get("threads") or []:
+        ts = t.get("sched") or {}
+        changed = [k for k in ("attr", "nice", "affinity") if k in ts and k in lead and ts[k] != lead[k]]
+        if changed:
+            diff.append(f"thread {t['tid']} " + ", ".join(
+                f"{k} {ts[k]} -> {lead[k]}" for k in changed if k != "attr") + (" (attr)" if "attr" in changed else ""))
+            for k in changed:
+                ts[k] = json.loads(json.dumps(lead[k]))
+    if not diff:
+        raise NoTarget("no thread scheduled otherwise than the leader")
+    img.put_json("core.json")
+    return "; ".join(diff)
+
+
+def m_swap_thread_tls(img: Image) -> str:
+    """Two threads' thread pointers (x86_64 fs_base, aarch64 tpidr: their
+    TLS, their pthread_self) swapped: registers restored to the wrong thread."""
+    core = img.json("core.json")
+    ts = core.get("threads") or []
+    key = next((k for k in ("fs_base", "tpidr") if ts and k in ts[0].get("regs", {})), None)
+    pair = [t for t in ts if key and t["regs"].get(key)]
+    if len(pair) < 2 or pair[0]["regs"][key] == pair[1]["regs"][key]:
+        raise NoTarget("fewer than two threads besides the leader")
+    a, b = pair[0], pair[1]
+    a["regs"][key], b["regs"][key] = b["regs"][key], a["regs"][key]
+    img.put_json("core.json")
+    return f"threads {a['tid']} and {b['tid']}: {key} swapped"
+
+
+MXCSR_OFF, MXCSR_DEFAULT = 24, 0x1F80     # in the XSAVE area's legacy (FXSAVE) region
+
+
+def m_reset_mxcsr(img: Image) -> str:
+    """The SSE control/status register (MXCSR: rounding mode, exception
+    masks, flush-to-zero) of every thread reset to its power-on value: an
+    engine that restores the registers but not all of the FPU state."""
+    if "xstate.bin" not in img.manifest["files"] or "fs_base" not in img.json("core.json").get("regs", {}):
+        raise NoTarget("no x86_64 FPU state (MXCSR) in the image")
+    import struct
+    what = []
+    blob = bytearray(img.read("xstate.bin"))
+    old = struct.unpack_from("<I", blob, MXCSR_OFF)[0]
+    if old != MXCSR_DEFAULT:
+        struct.pack_into("<I", blob, MXCSR_OFF, MXCSR_DEFAULT)
+        img.write("xstate.bin", bytes(blob))
+        what.append(f"leader {old:#x}")
+    recs = img.json("core.json").get("threads") or []
+    if recs:
+        from engine.threads import XSTATE_FILE
+        data, off = bytearray(img.read(XSTATE_FILE)), 0
+        for r in recs:
+            o = struct.unpack_from("<I", data, off + MXCSR_OFF)[0]
+            if o != MXCSR_DEFAULT:
+                struct.pack_into("<I", data, off + MXCSR_OFF, MXCSR_DEFAULT)
+                what.append(f"thread {r['tid']} {o:#x}")
+            off += r["xstate_size"]
+        if len(what) > (1 if old != MXCSR_DEFAULT else 0):
+            img.write(XSTATE_FILE, bytes(data))
+    if not what:
+        raise NoTarget(f"MXCSR is already {MXCSR_DEFAULT:#x} in every thread")
+    return f"MXCSR -> {MXCSR_DEFAULT:#x}: " + ", ".join(what)
+
+
+def m_reset_sockopt(img: Image) -> str:
+    """One option the process set on a socket comes back as a fresh
+    socket's (the image's record and list of set options edited alike, so
+    the engine's own read-back agrees): the first one ckpt copies."""
+    import socket
+    from engine.fds import _sockbase, _sockopts
+    policy = {row[0]: row[5] for row in _sockopts.TABLE}
+    kinds = {"tcp": (socket.SOCK_STREAM, socket.IPPROTO_TCP), "udp": (socket.SOCK_DGRAM, socket.IPPROTO_UDP)}
+    fds = img.json("fds.json")
+    for r in _leaders(fds):
+        names = [n for n in sorted(r.get("set") or []) if policy.get(n) == "copy"]
+        if not names or not isinstance(r.get("opts"), dict):
+            continue
+        head = str(r.get("sock", "")).split("-")[0]
+        if head in kinds:
+            family, (typ, proto) = r.get("family", socket.AF_INET), kinds[head]
+        elif head == "unix":
+            family, typ, proto = socket.AF_UNIX, r.get("type", socket.SOCK_STREAM), 0
+        else:
+            continue
+        with socket.socket(family, typ, proto) as fresh:
+            default = _sockopts.read_all(fresh, family, _sockbase.proto_key(family, typ, proto))
+        name = names[0]
+        old, r["opts"][name] = r["opts"][name], default.get(name)
+        r["set"] = [n for n in r["set"] if n != name]
+        img.put_json("fds.json")
+        return f"{r['sock']} fd {r['fd']}: {name} {old} -> {default.get(name)} (a fresh socket's)"
+    raise NoTarget("no socket with an option set")
+
+
 EDITS: Dict[str, Tuple[Callable[[Image], str], str]] = {
     "drop-offset": (m_drop_offset, "one file fd's offset restored as 0"),
     "drop-append": (m_drop_append, "one file fd loses O_APPEND"),
@@ -478,6 +617,11 @@ EDITS: Dict[str, Tuple[Callable[[Image], str], str]] = {
     "reset-process-attrs": (m_reset_process_attrs, "the I/O priority and process attributes (core dump filter, "
                             "dumpable, subreaper, ...) reset to the restorer's"),
     "unshare-tree-memory": (m_unshare_tree_memory, "a MAP_SHARED mapping of two tree members becomes two copies"),
+    "drop-cow-page": (m_drop_cow_page, "a private file mapping's written page comes back as the file's bytes"),
+    "reset-thread-sched": (m_reset_thread_sched, "every thread gets the leader's nice, policy and CPU affinity"),
+    "swap-thread-tls": (m_swap_thread_tls, "two threads' thread pointers (TLS, pthread_self) swapped"),
+    "reset-mxcsr": (m_reset_mxcsr, "the SSE control register (MXCSR: rounding, exception masks) reset"),
+    "reset-sockopt": (m_reset_sockopt, "one socket option the process set comes back as a fresh socket's"),
 }
 
 
@@ -728,7 +872,8 @@ CAUGHT_BY: Dict[str, str] = {
     "reopen-replaced-file": "a scenario replacing a file with a same-size one (expects file-changed)",
     "drop-offset": "the per-fd offset check on a file fd with a non-zero offset",
     "drop-append": "the O_APPEND flag / append-at-end check",
-    "zero-page": "seeded memory compared page by page (or the process crashing)",
+    "zero-page": "seeded memory compared page by page, a quiet workload's whole memory digested "
+                 "(process/quiet-memory), or the process crashing",
     "lose-timerfd-ticks": "timerfd expirations read and counted exactly",
     "swap-epoll-data": "epoll data compared per registration",
     "drop-pipe-byte": "pipe/fifo queues drained and compared byte for byte",
@@ -749,6 +894,16 @@ CAUGHT_BY: Dict[str, str] = {
     "reset-process-attrs": "workload.process.attrs read back by the process (scenarios/process/attrs.yaml); "
                            "I/O priority, coredump_filter, THP_enabled and numa_maps compared from outside",
     "unshare-tree-memory": "tree children write to a MAP_SHARED page after the restore; the parent must see it, and they its",
+    "drop-cow-page": "a quiet workload's whole private memory digested from outside (harness/memstate.py, "
+                     "process/quiet-memory)",
+    "reset-thread-sched": "per-thread nice/policy/priority from /proc/PID/task/TID/stat and the thread's own "
+                          "getpriority (threads/blocked: a thread at nice 7)",
+    "swap-thread-tls": "each thread's pthread_self (read through its thread pointer) compared with the recorded one, "
+                       "or the process crashing (threads/*)",
+    "reset-mxcsr": "workload.process.fp_round: the rounding mode set before the dump, 1/3 recomputed and fegetround "
+                   "(process/fp-round)",
+    "reset-sockopt": "every socket's options read from outside (pidfd_getfd) and compared; the options a scenario "
+                     "set read back by the workload (socket/tcp-options)",
 }
 
 

@@ -28,7 +28,11 @@ _STATUS_SKIP = {"State", "VmPeak", "VmSize", "VmLck", "VmPin", "VmHWM", "VmRSS",
                 "untag_mask", "Kthread"}
 # /proc/PID/stat fields (1-based after pid and comm, as proc(5) numbers them) that are state
 _STAT_FIELDS = {"pgrp": 5, "session": 6, "tty_nr": 7, "priority": 18, "nice": 19, "rt_priority": 40,
-                "policy": 41, "exit_signal": 38}
+                "policy": 41, "exit_signal": 38,
+                # the memory layout's markers (PR_SET_MM_MAP): where the
+                # program break starts, code, data, the stack, argv, environ
+                "start_code": 26, "end_code": 27, "start_stack": 28, "start_data": 45, "end_data": 46,
+                "start_brk": 47, "arg_start": 48, "arg_end": 49, "env_start": 50, "env_end": 51}
 # "tfd:        5 events: 19 data: 5 ..." (epoll), "inotify wd:1 ino:..." (inotify)
 _ITEM = re.compile(r"^(tfd|inotify wd|fanotify ino):\s*(\S+)\s+(.*)$")
 _ANON_NUM = re.compile(r"^(pipe|socket|anon_inode|net|mnt|pid|user|uts|ipc|cgroup|time):\[?(\d+)\]?$")
@@ -90,6 +94,9 @@ def quiet_snapshot(pid: int, pub: Optional[dict] = None, seconds: float = 15.0,
     those are taken again, quickly, until one holds still, and they replace
     the whole snapshot's. Falls back to the last whole snapshot after
     `seconds` (a process that never sleeps)."""
+    # A quiet workload (harness/memstate.py) first: the wait for its quiet
+    # sleep, then its memory; the rest of the snapshot does not wake it.
+    mem = _memstate().quiet_digest(pid, pub) if pub and pub.get("quiet") else {}
     deadline = time.monotonic() + seconds
     snap: Dict[str, str] = {}
     tries = 0
@@ -109,9 +116,9 @@ def quiet_snapshot(pid: int, pub: Optional[dict] = None, seconds: float = 15.0,
         # its memory, mask already back) still shows the call's line.
         if before[0] and before == after and not before[0].startswith(("running", "-1 ")) and before[2] == "S":
             snap.update(part)
-            return snap
+            return dict(snap, **mem)
         if time.monotonic() > deadline:
-            return snap
+            return dict(snap, **mem)
         time.sleep(0.005)
 
 
@@ -125,6 +132,14 @@ def quiet_snapshot(pid: int, pub: Optional[dict] = None, seconds: float = 15.0,
 # unchanged counter means no tick from before the first read to after the
 # last, and asleep (S) in the call at both inner ends means asleep in it
 # throughout: the workload leaves that sleep only to tick before its next.
+def _memstate():
+    try:
+        from . import memstate
+    except ImportError:  # pragma: no cover - in the guest, a top-level module beside this one
+        import memstate  # type: ignore[no-redef]
+    return memstate
+
+
 def _opening(pid: int, pub: Optional[dict]) -> tuple:
     counter = proof(pid, pub).get("counter")
     call = _syscall(pid)
@@ -160,6 +175,7 @@ def _moment(pid: int) -> Dict[str, str]:
 
 # Per-thread state a restore must give each thread back (the process-wide
 # rest is in the leader's status): thread.TID.<field>
+_THREAD_STAT = ("nice", "priority", "rt_priority", "policy")
 _THREAD_STATUS = ("Name", "TracerPid", "SigBlk", "SigPnd", "Cpus_allowed_list", "NoNewPrivs", "Seccomp",
                   "Uid", "Gid", "CapEff")
 
@@ -175,8 +191,12 @@ def _threads(base: str) -> Dict[str, str]:
         st = _read(f"{tb}/stat")
         if st is None:
             continue
-        state = st.rsplit(")", 1)[1].split()[0]
+        fields = st.rsplit(")", 1)[1].split()
+        state = fields[0]
         out[f"thread.{tid}.state"] = "stopped" if state in "tT" else ("zombie" if state in "ZX" else "running")
+        # scheduling is per thread (setpriority/sched_setscheduler take a TID)
+        for name in _THREAD_STAT:
+            out[f"thread.{tid}.{name}"] = fields[_STAT_FIELDS[name] - 3]
         for line in (_read(f"{tb}/status") or "").splitlines():
             key, _, val = line.partition(":")
             if key in _THREAD_STATUS:
@@ -289,17 +309,80 @@ def _numa_policies(base: str) -> Dict[str, str]:
     return {"numa_policies": " ".join(sorted(seen))} if seen else {}
 
 
+# Socket options only the process changes (name, level, option, size): not
+# the buffer sizes the kernel tunes by itself, unless locked (SO_BUF_LOCK).
+_SOCKOPTS = (("SO_REUSEADDR", 1, 2, 4), ("SO_DONTROUTE", 1, 5, 4), ("SO_BROADCAST", 1, 6, 4),
+             ("SO_KEEPALIVE", 1, 9, 4), ("SO_OOBINLINE", 1, 10, 4), ("SO_PRIORITY", 1, 12, 4),
+             ("SO_LINGER", 1, 13, 8), ("SO_REUSEPORT", 1, 15, 4), ("SO_RCVLOWAT", 1, 18, 4),
+             ("SO_RCVTIMEO", 1, 20, 16), ("SO_SNDTIMEO", 1, 21, 16), ("SO_TIMESTAMP", 1, 29, 4),
+             ("SO_MARK", 1, 36, 4), ("SO_BUF_LOCK", 1, 72, 4),
+             ("TCP_NODELAY", 6, 1, 4), ("TCP_KEEPIDLE", 6, 4, 4), ("TCP_KEEPINTVL", 6, 5, 4),
+             ("TCP_KEEPCNT", 6, 6, 4), ("TCP_CONGESTION", 6, 13, 16), ("TCP_USER_TIMEOUT", 6, 18, 4),
+             ("TCP_NOTSENT_LOWAT", 6, 25, 4), ("IP_TOS", 0, 1, 4), ("IP_TTL", 0, 2, 4),
+             ("IPV6_UNICAST_HOPS", 41, 16, 4), ("IPV6_V6ONLY", 41, 26, 4), ("IPV6_TCLASS", 41, 67, 4))
+_BUF_LOCKED = (("SO_SNDBUF", 7, 1), ("SO_RCVBUF", 8, 2))     # (name, option, SOCK_*BUF_LOCK bit)
+PIDFD_GETFD = 438           # the same number on x86_64 and aarch64
+
+
+_LIBC = []
+
+
+def _libc():
+    if not _LIBC:
+        import ctypes
+        _LIBC.append(ctypes.CDLL(None, use_errno=True))
+    return _LIBC[0]
+
+
+def _sockopts(pidfd: int, fd: int) -> Dict[str, str]:
+    """The options of the process's socket ``fd``, read from a duplicate
+    (pidfd_getfd: the same open socket; getsockopt changes nothing). An
+    option the socket's family or protocol has not is left out."""
+    import socket
+    dup = _libc().syscall(PIDFD_GETFD, pidfd, fd, 0)
+    if dup < 0:
+        return {}
+    out: Dict[str, str] = {}
+    try:
+        s = socket.socket(fileno=dup)
+    except OSError:
+        os.close(dup)
+        return {}
+    try:
+        for name, level, opt, size in _SOCKOPTS:
+            try:
+                out[f"sockopt.{name}"] = s.getsockopt(level, opt, size).hex()
+            except OSError:
+                pass
+        lock = int.from_bytes(bytes.fromhex(out.get("sockopt.SO_BUF_LOCK", "00")), "little")
+        for name, opt, bit in _BUF_LOCKED:
+            if lock & bit:
+                out[f"sockopt.{name}"] = s.getsockopt(1, opt, 4).hex()
+    finally:
+        s.close()
+    return out
+
+
 def _fds(base: str) -> Dict[str, str]:
     out: Dict[str, str] = {}
     try:
         fds = sorted(int(x) for x in os.listdir(f"{base}/fd"))
     except OSError:
         return out
+    pidfd = -1
     for fd in fds:
         link = _link(f"{base}/fd/{fd}")
         if link is None:
             continue
         out[f"fd.{fd}.link"] = link
+        if link.startswith("socket:"):
+            if pidfd < 0:
+                try:
+                    pidfd = os.pidfd_open(int(base.rsplit("/", 1)[1]))
+                except (OSError, AttributeError):
+                    pidfd = -2          # gone, or a kernel without pidfds: no options read
+            if pidfd >= 0:
+                out.update({f"fd.{fd}.{k}": v for k, v in _sockopts(pidfd, fd).items()})
         info = _read(f"{base}/fdinfo/{fd}") or ""
         counts: Dict[str, int] = {}
         for line in info.splitlines():
@@ -321,6 +404,8 @@ def _fds(base: str) -> Dict[str, str]:
             n = counts.get(key, 0)
             counts[key] = n + 1
             out[f"fd.{fd}.fdinfo.{key}" + (f".{n}" if n else "")] = val
+    if pidfd >= 0:
+        os.close(pidfd)
     return out
 
 

@@ -19,7 +19,7 @@ from typing import Dict, List, Optional
 
 import pytest
 
-from harness import engines, lifeguard, runner, schema
+from harness import engines, goldencache, lifeguard, runner, schema
 from harness import report as report_mod
 from harness.errors import HarnessError
 from harness.targets import REPO, GuestTarget, LocalTarget, Target
@@ -455,7 +455,7 @@ class Crucible:
             raise HarnessError(f"guest {self.worker}{suffix} could not be started", step="boot", detail=str(e)) from None
 
     def _boot_guest(self, suffix: str) -> GuestTarget:
-        from vm import Guest, ensure_image
+        from vm import Guest, VmError, ensure_image
         from vm.arch import get_arch
         opt = self.config.getoption
         img = ensure_image(opt("arch"), kernel=opt("kernel") or None, distro=opt("distro") or "bookworm")
@@ -471,20 +471,28 @@ class Crucible:
         # resolved first: a kept boot is one accelerator's (harness/bootcache.py)
         accel = choose_accel(opt("accel"), opt("arch"), img).accel
 
-        def make(from_snapshot=None):
+        def make(from_snapshot=None, wait_ssh=True):
             return Guest(arch=opt("arch"), accel=accel, name=f"{self.worker}{suffix}",
                          log_dir=str(REPORTS_DIR / "guests"), image=img, memory_mb=512, from_snapshot=from_snapshot,
-                         segment=(f"{sock}{suffix}", f"{sock}{other}", segment.MACS.get(suffix, segment.MACS["b"])))
+                         segment=(f"{sock}{suffix}", f"{sock}{other}", segment.MACS.get(suffix, segment.MACS["b"])),
+                         wait_ssh=wait_ssh)
+
+        def booted_key(g) -> str:
+            return bootcache.key(g.image, get_arch(g.arch).qemu_binary, accel, bootcache.placeholder_argv(g))
+        slot = f"{img.dir.name}-{suffix}"
+        golden = None     # (cache root, key): a prepared guest kept between runs (harness/goldencache.py)
+        if bootcache.enabled() and goldencache.enabled():
+            golden = (cache_dir() / "golden", goldencache.key(booted_key(make()), REPO))
+            kept = self._load_golden(make, slot, *golden, t0)
+            if kept is not None:
+                return kept
         if bootcache.enabled():
-            guest, how = bootcache.launch(
-                make, cache_dir() / "booted", f"{img.dir.name}-{suffix}",
-                lambda g: bootcache.key(g.image, get_arch(g.arch).qemu_binary, accel, bootcache.placeholder_argv(g)))
+            guest, how = bootcache.launch(make, cache_dir() / "booted", slot, booted_key)
         else:
             guest, how = make(), "booted"
             guest.__enter__()
         self._guests.append(guest)
-        accel = str(getattr(guest, "accel", "tcg"))
-        t = GuestTarget(guest, time_scale=1.0 if accel == "kvm" else 2.0)
+        t = GuestTarget(guest, time_scale=_time_scale(guest))
         t1 = time.monotonic()
         t.install(REPO / "engine")     # engine and guest files: one SSH command
         t2 = time.monotonic()
@@ -494,11 +502,52 @@ class Crucible:
         if t.digests_note:
             print(f"\ncrucible: guest {t.name}: {t.digests_note}")
         t3 = time.monotonic()
-        guest.snapshot("golden")
+        guest.snapshot(goldencache.TAG)
+        t4 = time.monotonic()
+        kept = ""
+        if golden is not None and t.agent is not None:
+            try:
+                goldencache.store(guest, golden[0], slot, golden[1], t.facts())
+                kept = "kept"
+            except (OSError, VmError) as e:    # only a cache: the next run prepares its guest again
+                kept = f"not kept: {e}"
+                print(f"\ncrucible: guest {t.name}: its golden state not kept for next time: {e}")
         # where a worker's first scenario's time went (its row's guest_prep)
         self._prep.append({"guest": t.name, "how": how, "launch": round(t1 - t0, 2), "install": round(t2 - t1, 2),
-                           "agent": round(t3 - t2, 2), "snapshot": round(time.monotonic() - t3, 2),
+                           "agent": round(t3 - t2, 2), "snapshot": round(t4 - t3, 2),
+                           "golden": kept or "off", "keep": round(time.monotonic() - t4, 2),
                            "pyc_compiled": t.pyc_compiled, "digests_seeded": t.digests_seeded,
+                           "launch_steps": {k: round(v, 2) for k, v in guest.timings.items()}})
+        return t
+
+    def _load_golden(self, make, slot: str, root, key: str, t0: float) -> Optional[GuestTarget]:
+        """A guest started from this slot's kept golden snapshot, its agent
+        checked (harness/goldencache.py); None when there is none, or it
+        does not load or answer (then it is removed)."""
+        from vm import VmError
+        from .agent_client import AgentError
+        found = goldencache.find(root, slot, key)
+        if found is None:
+            return None
+        path, facts = found
+        guest = make((str(path), goldencache.TAG), wait_ssh=False)     # SSH only if a step needs it
+        try:
+            guest.__enter__()
+            t1 = time.monotonic()
+            t = GuestTarget(guest, time_scale=_time_scale(guest))
+            t.adopt(facts)
+        except (VmError, AgentError, OSError) as e:
+            print(f"\ncrucible: the kept golden {path.name} did not come up ({getattr(e, 'message', e)}); "
+                  "preparing the guest")
+            try:
+                guest.shutdown(hard=True)
+            except Exception as e2:  # it is being replaced anyway; say why it would not stop
+                print(f"crucible: shutting down guest {guest.name} failed: {e2}")
+            goldencache.drop(root, slot, key)
+            return None
+        self._guests.append(guest)
+        self._prep.append({"guest": t.name, "how": "golden", "launch": round(t1 - t0, 2),
+                           "agent": round(time.monotonic() - t1, 2), "digests_seeded": t.digests_seeded,
                            "launch_steps": {k: round(v, 2) for k, v in guest.timings.items()}})
         return t
 
@@ -534,6 +583,11 @@ class Crucible:
         self._guests.clear()
         if isinstance(self._primary, LocalTarget):
             self._primary.close()
+
+
+def _time_scale(guest) -> float:
+    """A guest's step-timeout factor: TCG is slower than KVM."""
+    return 1.0 if str(getattr(guest, "accel", "tcg")) == "kvm" else 2.0
 
 
 def pytest_runtest_logreport(report):

@@ -27,6 +27,9 @@ PHASES_READ_ONLY = ["inspect", "consume"]
 #: how long an original let run by --leave-running has to exit once its
 #: check is written (times the target's time scale)
 ORIGINAL_EXIT_S = 10.0
+#: a quiet workload's ticks before its quiet sleep (harness/memstate.py):
+#: enough that a fresh start's counter (0) cannot pass for it
+QUIET_TICKS = 2
 DEFAULT_TIMEOUTS = {"setup": 60, "ready": 30, "dump": 120, "between": 60, "restore": 120, "verify": 30}
 
 #: where a workload to be restored on another guest starts its PIDs (above any
@@ -172,6 +175,7 @@ class Run:
                 "before_dump": self.sc.get("before_dump") or [], "between": self.sc.get("between") or [],
                 "fds": wl.get("fds") or [], "mmaps": wl.get("mmaps") or [], "process": wl.get("process") or {},
                 "witness": not (self.sc.get("dump") or {}).get("leave_running"),
+                "quiet": QUIET_TICKS if wl.get("quiet") else 0,
                 "ready_timeout": self.timeout("ready", t)}
 
     def cmd(self, t: Target, argv: List[str], step: str, timeout_step: Optional[str] = None) -> RunResult:

@@ -496,6 +496,8 @@ SCENARIO = Map({
     "setup": List_(_steps()),
     "workload": Map({"fds": List_(_fd_entry()), "mmaps": List_(_mmap()),
                      "process": Map(kinds.PROCESS.fields(_this())),
+                     # tick, then sleep with no timeout: its whole memory judged (harness/memstate.py)
+                     "quiet": Bool(),
                      # a real program instead of the Python workload (harness/program.py)
                      "program": _program()}),
     "before_dump": List_(_steps()),
@@ -553,7 +555,7 @@ def _cross_checks(c: _Ctx, root: yaml.MappingNode, data: dict) -> None:
 
     prog = data["workload"].get("program")
     if prog is not None:
-        others = [k for k in ("fds", "mmaps", "process") if k in data["workload"]]
+        others = [k for k in ("fds", "mmaps", "process", "quiet") if k in data["workload"]]
         if others:
             raise c.fail(node_of("workload", others[0]), f"workload.{others[0]}",
                          "a program workload holds what the program opens (no fds, mmaps or process here)")

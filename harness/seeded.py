@@ -14,7 +14,7 @@ from __future__ import annotations
 
 TYPE_CHECKING = False   # annotations only: typing is ~2 ms of imports (x10 under TCG)
 if TYPE_CHECKING:
-    from typing import List, Optional, Sequence, Tuple
+    from typing import Dict, List, Optional, Sequence, Tuple
 
 try:
     from . import records
@@ -22,17 +22,48 @@ except ImportError:  # pragma: no cover - in the guest, run as a script
     import records  # type: ignore[no-redef]
 
 BLOCK = 4096
+#: each block: a 16-byte head unique to (seed, block) and a window of the
+#: seed's pad (:func:`_pad`), the window moving by a block's tail each block
+HEAD = 16
+PAD = 1 << 16
+_TAIL = BLOCK - HEAD
+_pads = {}      # type: Dict[int, bytes]
+
+
+def _pad(seed: int) -> bytes:
+    """The seed's 64 KiB pad: SHAKE-128 of the seed (one C call)."""
+    pad = _pads.get(seed)
+    if pad is None:
+        try:
+            from _sha3 import shake_128     # built in: hashlib would load OpenSSL's libcrypto
+        except ImportError:     # pragma: no cover - a Python without it
+            from hashlib import shake_128
+        if len(_pads) >= 8:
+            _pads.clear()
+        pad = _pads[seed] = shake_128(b"crucible-seeded:%d" % seed).digest(PAD)
+    return pad
 
 
 def _block(seed: int, index: int) -> bytes:
-    """Block ``index`` of the stream for ``seed``.
+    """Block ``index`` of the stream for ``seed``: its BLAKE2b head, then
+    the pad from ``index * _TAIL`` on (wrapping).
 
-    Seeding ``random.Random`` with an int is deterministic across CPython
-    versions (init_by_array), and ``randbytes`` (3.9+) is fast enough to fill
-    tens of MiB even under TCG.
+    Standard hashes only, so the stream is the same on every Python; two
+    C calls and a slice per block, where one ``random.Random`` per block
+    (init_by_array and ``randbytes``, the ``random`` import on top) made a
+    48 MiB file cost ~3 s of a TCG guest's setup. No two blocks are alike
+    (the heads), nor is a block like itself shifted (the pad is random).
     """
-    import random   # on first use: a workload whose scenario has no seeded bytes to make never imports it
-    return random.Random((seed << 40) ^ index).randbytes(BLOCK)
+    try:
+        from _blake2 import blake2b
+    except ImportError:     # pragma: no cover - a Python without it
+        from hashlib import blake2b
+    pad = _pad(seed)
+    o = (index * _TAIL) % PAD
+    tail = pad[o:o + _TAIL]
+    if len(tail) < _TAIL:
+        tail += pad[:_TAIL - len(tail)]
+    return blake2b(b"%d:%d" % (seed, index), digest_size=HEAD).digest() + tail
 
 
 def data(seed: int, start: int, length: int) -> bytes:
@@ -40,7 +71,7 @@ def data(seed: int, start: int, length: int) -> bytes:
     if length <= 0:
         return b""
     first, last = start // BLOCK, (start + length - 1) // BLOCK
-    blob = b"".join(_block(seed, i) for i in range(first, last + 1))
+    blob = b"".join([_block(seed, i) for i in range(first, last + 1)])
     off = start - first * BLOCK
     return blob[off:off + length]
 

@@ -168,7 +168,8 @@ def diff(before: Dict[str, str], after: Dict[str, str], conds: set = frozenset()
 
 
 def _order(field: str):
-    return [int(p) if p.isdigit() else p for p in field.split(".")]
+    # numbers in number order; a part that is a word (or hex, mem.7f3a...) after them
+    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in field.split(".")]
 
 
 def as_checks(diffs: List[Dict[str, str]], label: str) -> List[Dict]:

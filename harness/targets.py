@@ -25,7 +25,8 @@ from .errors import GuestLost, HarnessError, StepTimeout
 REPO = Path(__file__).resolve().parent.parent
 # The stdlib-only files the guest runs (the workload and the world steps),
 # and the packages it imports (copied as directories next to them).
-GUEST_FILES = ("records.py", "jsonio.py", "seeded.py", "sysapi.py", "world.py", "procstate.py", "workload.py",
+GUEST_FILES = ("records.py", "jsonio.py", "seeded.py", "sysapi.py", "world.py", "procstate.py", "memstate.py",
+               "workload.py",
                "workload_run.py", "mutants.py", "program.py", "warmfork.py", "zygote.py")
 GUEST_PACKAGES = ("kinds",)
 
@@ -348,6 +349,48 @@ class GuestTarget(Target):
             return
         self.agent = link
         self.warm = not self.warm_note
+
+    def facts(self) -> dict:
+        """What :meth:`adopt` needs to take over a guest loaded from this
+        one's golden snapshot (harness/goldencache.py META_FIELDS)."""
+        return {"kernel": self.kernel, "guest_python": self.guest_python, "warm": self.warm,
+                "warm_note": self.warm_note, "digests_note": self.digests_note,
+                "digests_seeded": self.digests_seeded}
+
+    def adopt(self, facts: dict) -> None:
+        """Take over a guest just loaded from a kept golden snapshot
+        (harness/goldencache.py): its agent is up and warm already (no
+        install, no start); connect to it, check it answers as it did when
+        kept, set the clock. Raises AgentError (the caller prepares a guest
+        as before)."""
+        from .agent_client import AgentError, AgentLink
+        path = getattr(self.guest, "agent_socket", None)
+        if not path:
+            raise AgentError("broken", f"guest {self.name}: no agent port")
+        link = AgentLink(path, self.guest.alive, self.name)
+        try:
+            link.connect(time.monotonic() + 30)
+            deadline = time.monotonic() + 30 * self.time_scale
+            while True:     # its port may open a moment after the load
+                try:
+                    link.ping(timeout=2, grace=0)
+                    break
+                except AgentError as e:
+                    if e.kind != "timeout" or time.monotonic() > deadline:
+                        raise
+            note = link.zygote_note(timeout=10 * self.time_scale)
+            if bool(facts["warm"]) != (not note):
+                raise AgentError("agent", f"guest {self.name}: the kept agent's warm engine says {note!r}, "
+                                          f"kept as {'on' if facts['warm'] else 'off'}")
+            link.drain()
+            link.set_clock(timeout=10 * self.time_scale)
+        except AgentError:
+            link.close()
+            raise
+        self.kernel, self.guest_python = facts["kernel"], facts["guest_python"]
+        self.warm, self.warm_note = bool(facts["warm"]), facts["warm_note"]
+        self.digests_note, self.digests_seeded = facts["digests_note"], bool(facts["digests_seeded"])
+        self.agent = link
 
     def _warm_digests(self, link) -> str:
         """Fill ckpt's digest cache (engine/digestcache.py) before the golden

@@ -63,7 +63,7 @@ except ImportError:  # pragma: no cover - in the guest, run as a script
 RUN_SCRIPT = "workload_run.py"
 #: the harness modules (and stdlib ones) only the helper subcommands or a
 #: failure use: harness/agent.py imports them before it forks its scripts
-PRELOAD = ("procstate", "warmfork", "json")
+PRELOAD = ("procstate", "memstate", "warmfork", "json")
 
 
 def _sibling(name: str):
@@ -233,10 +233,12 @@ class Proof:
     #: older-image mutant restores is still ticks behind the witness.
     TICK = 0.25
 
-    def __init__(self, ctldir: str, witness: bool):
+    def __init__(self, ctldir: str, witness: bool, quiet: int = 0):
         self.secret = ctypes.create_string_buffer(os.urandom(32), 32)
         self.counter = ctypes.c_uint64(0)
         self.witness = 0
+        #: ticks before the quiet sleep (0: never quiet); see quiet_facts
+        self.quiet = quiet
         if not witness:
             # --leave-running: the original goes on ticking after the dump, so a
             # witness file would no longer match the image's copy of it
@@ -256,12 +258,52 @@ class Proof:
             self.witness_word.value = self.counter.value
 
     def public(self) -> dict:
-        return {"secret_sha256": _sha256(self.secret.raw).hexdigest(),
-                "secret_addr": ctypes.addressof(self.secret), "secret_len": 32,
-                "counter_addr": ctypes.addressof(self.counter), "witness": WITNESS if self.witness else None}
+        out = {"secret_sha256": _sha256(self.secret.raw).hexdigest(),
+               "secret_addr": ctypes.addressof(self.secret), "secret_len": 32,
+               "counter_addr": ctypes.addressof(self.counter), "witness": WITNESS if self.witness else None}
+        if self.quiet:
+            out["quiet"] = dict(quiet_facts(), after=self.quiet)
+        return out
 
     def present(self) -> dict:
         return {"secret": self.secret.raw.hex(), "counter": self.counter.value}
+
+
+#: glibc's RSEQ_SIG, the signature its rseq(2) registration uses
+RSEQ_SIG = {"x86_64": 0x53053053, "aarch64": 0xd428bc00}
+RSEQ_NR = {"x86_64": 334, "aarch64": 293}
+
+
+def quiet_facts() -> dict:
+    """Where this thread's errno and rseq area are: the bytes of a quiet
+    workload that change without it running (harness/memstate.py). The
+    rseq area is found by asking the kernel: rseq(2) with the registered
+    address, length and signature answers EBUSY, with anything else EINVAL."""
+    libc = ctypes.CDLL(sysapi.LIBC, use_errno=True)
+    libc.__errno_location.restype = ctypes.c_void_p
+    out = {"errno": libc.__errno_location(), "rseq": None, "rseq_len": 0}
+    try:
+        size = ctypes.c_uint.in_dll(libc, "__rseq_size").value
+        offset = ctypes.c_ssize_t.in_dll(libc, "__rseq_offset").value
+    except ValueError:      # a glibc before 2.35: no registration
+        return out
+    machine = os.uname().machine
+    if not size or machine not in RSEQ_NR:
+        return out
+    libc.pthread_self.restype = ctypes.c_void_p
+    libc.syscall.restype = ctypes.c_long
+    me = libc.pthread_self()
+    # the thread pointer is pthread_self on x86_64; elsewhere the area lies
+    # inside struct pthread, which starts at pthread_self
+    cands = [me + offset] + [me + 32 * k for k in range(256)]
+    for n in sorted({32, size, (size + 31) // 32 * 32}):
+        for addr in cands:
+            if libc.syscall(ctypes.c_long(RSEQ_NR[machine]), ctypes.c_void_p(addr), ctypes.c_uint(n),
+                            ctypes.c_int(0), ctypes.c_uint(RSEQ_SIG[machine])) < 0 \
+                    and ctypes.get_errno() == 16:       # EBUSY: registered, there
+                out.update(rseq=addr, rseq_len=n)
+                return out
+    raise OSError("glibc registered an rseq area the kernel does not confirm anywhere near pthread_self")
 
 
 def run(spec_path: str) -> int:
@@ -277,7 +319,7 @@ def run(spec_path: str) -> int:
     signal.signal(signal.SIGIO, on_sigio)
     helpers: List[int] = []     # outside peers, reported even when opening fails (so they get killed)
     try:
-        proof = Proof(spec["ctldir"], spec.get("witness", True))
+        proof = Proof(spec["ctldir"], spec.get("witness", True), int(spec.get("quiet") or 0))
         os.chdir(spec["workdir"])
         ctx = kinds.Ctx(spec["workdir"], setup_model(spec), entries=spec.get("fds") or [], sigio=sigio,
                         helpers=helpers)
@@ -303,7 +345,12 @@ def run(spec_path: str) -> int:
     write_json(spec["ready"], ready)
     wait_for = {signal.SIGUSR1}
     while True:
-        got = signal.sigtimedwait(wait_for, Proof.TICK)
+        if proof.quiet and proof.counter.value >= proof.quiet:
+            # quiet from here on: one sleep with no timeout, nothing else
+            # runs until the harness's SIGUSR1 (harness/memstate.py)
+            got = signal.sigwaitinfo(wait_for)
+        else:
+            got = signal.sigtimedwait(wait_for, Proof.TICK)
         # CPython returns an empty siginfo (signo 0), not None, when the wait
         # was interrupted (EINTR: a ptrace freeze) after its deadline passed
         if got is not None and got.si_signo == signal.SIGUSR1:
@@ -427,6 +474,65 @@ def verify(spec_path: str, sigio: List[int], phases: Tuple[str, ...] = ()) -> di
 
 # -- the harness's helpers ------------------------------------------------------
 
+class Waiter:
+    """Sleep until something may have changed: a file landed in ``directory``
+    (inotify: write_json's rename, a create) or ``pid`` exited (a pidfd),
+    or at most the given seconds. The helpers below looked every 20 ms
+    instead, and under TCG each look (a stat, /proc/PID/stat) took CPU from
+    the one vCPU the process being waited for runs on. Every wake-up only
+    means "look again": the callers' checks are as before, so a missed
+    event costs a timeout, never a wrong answer."""
+
+    def __init__(self, directory: Optional[str], pid: Optional[int] = None):
+        self.fds: List[int] = []
+        self.pidfd: Optional[int] = None
+        if directory is not None:
+            try:
+                fd = sysapi.inotify_init1(os.O_CLOEXEC | os.O_NONBLOCK)
+                self.fds.append(fd)
+                f = sysapi.IN_FLAGS
+                sysapi.inotify_add_watch(fd, directory, f["IN_MOVED_TO"] | f["IN_CREATE"] | f["IN_CLOSE_WRITE"])
+            except OSError:
+                self.close()        # no events: the timeouts alone, as polling
+        if pid is not None and hasattr(os, "pidfd_open"):
+            try:
+                self.pidfd = os.pidfd_open(pid)
+                self.fds.append(self.pidfd)
+            except OSError:
+                pass            # gone already, or no pidfds: the callers look anyway
+
+    def wait(self, seconds: float) -> None:
+        import select
+        if seconds <= 0:
+            return
+        if not self.fds:
+            time.sleep(min(seconds, 0.02))
+            return
+        ready, _, _ = select.select(self.fds, [], [], seconds)
+        for fd in ready:
+            if fd == self.pidfd:
+                # it exited: readable for good, so stop watching it (the
+                # callers see the exit themselves)
+                self.fds.remove(fd)
+                os.close(fd)
+                self.pidfd = None
+            else:
+                try:
+                    while os.read(fd, 65536):
+                        pass
+                except BlockingIOError:
+                    pass
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds, self.pidfd = [], None
+
+
+#: the longest a waiter sleeps without an event (a missed one costs this)
+WAIT_MAX = 0.25
+
+
 def spawn(spec_path: str, phases: List[str] = ()) -> int:
     """Start ``run`` in a new session with stdio on /dev/null and no other fds,
     wait for its ready file, print it (JSON) and return; the workload lives on
@@ -490,8 +596,10 @@ def spawn(spec_path: str, phases: List[str] = ()) -> int:
         finally:
             os._exit(127)
     deadline = time.monotonic() + float(spec.get("ready_timeout", 30))
+    waiter = Waiter(os.path.dirname(spec["ready"]), child)
     while time.monotonic() < deadline:
         if os.path.exists(spec["ready"]):
+            waiter.close()
             with open(spec["ready"], "rb") as f:
                 raw = f.read()
             ready = json.loads(raw)
@@ -518,7 +626,7 @@ def spawn(spec_path: str, phases: List[str] = ()) -> int:
         elif _gone(child):
             print(json.dumps({"pid": child, "error": "workload exited before ready (forked by the warm seed)"}))
             return 1
-        time.sleep(0.02)
+        waiter.wait(min(WAIT_MAX, deadline - time.monotonic()))
     print(json.dumps({"pid": child, "error": "workload not ready in time"}))
     return 1
 
@@ -575,11 +683,19 @@ def pidstate_after_exit(pid: int, seconds: float) -> dict:
     under TCG) that outlasts the next command, and a look at once would
     call a process that is on its way out still running."""
     deadline = time.monotonic() + seconds
-    while True:
-        st = pidstate(pid)
-        if not st["exists"] or time.monotonic() >= deadline:
-            return st
-        time.sleep(0.02)
+    waiter = None
+    try:
+        while True:
+            st = pidstate(pid)
+            if not st["exists"] or time.monotonic() >= deadline:
+                return st
+            if waiter is None:
+                waiter = Waiter(None, pid)
+                continue        # it may have exited before its pidfd was taken
+            waiter.wait(min(WAIT_MAX, deadline - time.monotonic()))
+    finally:
+        if waiter is not None:
+            waiter.close()
 
 
 def send_and_wait(pid: int, verdict_path: str, seconds: float, snap: Optional[dict] = None,
@@ -593,18 +709,22 @@ def send_and_wait(pid: int, verdict_path: str, seconds: float, snap: Optional[di
         out["snap"] = _sibling("procstate").quiet_snapshot(pid, snap)
     request = os.path.join(os.path.dirname(verdict_path), REQUEST)
     write_json(request, {"phases": list(phases or PHASES)})
+    waiter = Waiter(os.path.dirname(verdict_path), pid)     # before the signal: no event can come first
     try:
-        os.kill(pid, signal.SIGUSR1)
-    except ProcessLookupError:
-        return {**out, "signalled": False, "verdict": None, **pidstate(pid)}
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if os.path.exists(verdict_path):
-            with open(verdict_path) as f:
-                return {**out, "signalled": True, "verdict": json.load(f), **pidstate(pid)}
-        if not pidstate(pid)["exists"]:
-            break
-        time.sleep(0.02)
+        try:
+            os.kill(pid, signal.SIGUSR1)
+        except ProcessLookupError:
+            return {**out, "signalled": False, "verdict": None, **pidstate(pid)}
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if os.path.exists(verdict_path):
+                with open(verdict_path) as f:
+                    return {**out, "signalled": True, "verdict": json.load(f), **pidstate(pid)}
+            if not pidstate(pid)["exists"]:
+                break
+            waiter.wait(min(WAIT_MAX, deadline - time.monotonic()))
+    finally:
+        waiter.close()
     # one last look: the verdict may have landed just as the process exited
     if os.path.exists(verdict_path):
         with open(verdict_path) as f:

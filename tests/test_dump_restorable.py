@@ -152,3 +152,29 @@ def test_pipe_buffer_above_pipe_max_size_is_refused_at_dump(procs, tmp_path, mon
     got = _refusals(e.value)
     assert {r.reason for r in got} == {"capability"} and "pipe-max-size" in got[0].message
     assert p.poll() is None and not (tmp_path / "img").exists()
+
+
+def test_a_record_restore_would_reject_fails_the_dump_before_the_kill(procs, tmp_path, monkeypatch):
+    """A handler that writes a path restore's image check rejects (a unix
+    socket bound to "./agent.sock" once recorded "<cwd>/./agent.sock")
+    fails the dump: the target lives, no image."""
+    from engine.errors import EngineError
+    from engine.fds import regular
+    sock = tmp_path / "held"
+    sock.write_text("x")
+    p = procs.start([python_exe(), "-c", "import os, sys, time\nf = open(sys.argv[1])\n"
+                     "open(sys.argv[2] + '.tmp', 'w').close(); os.rename(sys.argv[2] + '.tmp', sys.argv[2])\n"
+                     "while True: time.sleep(1)\n", str(sock), _ready(tmp_path)])
+    wait_for(lambda: os.path.exists(_ready(tmp_path)), what="the holder")
+    real = regular.dump
+
+    def dotted(info, ctx):
+        rec = real(info, ctx)
+        rec["file"]["path"] = os.path.dirname(rec["file"]["path"]) + "/./held"
+        return rec
+    monkeypatch.setattr(regular, "dump", dotted)
+    img = str(tmp_path / "img")
+    with pytest.raises(EngineError) as e:
+        dump(p.pid, img, Options())
+    assert "would be rejected by restore" in str(e.value) and "not a plain absolute path" in str(e.value)
+    assert alive(p.pid) and not os.path.exists(img)

@@ -303,3 +303,30 @@ os.chdir("elsewhere")
 """
     with Target(tmp_path, setup) as t:
         assert refusal(t.pid, 500).endswith("bound to a relative path that the working directory no longer leads to")
+
+
+@pytest.mark.parametrize("name", ["./agent.sock", "run/../agent.sock", "run//./../agent.sock"])
+def test_unix_listener_bound_by_a_dotted_name_is_restored(tmp_path, name):
+    """`ssh-agent -a ./agent.sock` binds "./agent.sock": the dump used to
+    record "<cwd>/./agent.sock", which restore rejects as no plain path
+    (image-invalid), after the dump had killed the process."""
+    (tmp_path / "run").mkdir()
+    setup = f"""
+import socket
+os.chdir({str(tmp_path)!r})
+l = socket.socket(socket.AF_UNIX); l.bind({name!r}); l.listen(5)
+os.dup2(l.fileno(), 500); l.close()
+"""
+    with Target(tmp_path, setup) as t:
+        img = dump(t.pid, [500], str(tmp_path / "img"))
+    with restore(img):
+        s = sock(500)
+        try:
+            assert s.getsockname() == name
+            c = socket.socket(socket.AF_UNIX)
+            c.connect(str(tmp_path / "agent.sock"))
+            conn, _ = s.accept()
+            conn.close()
+            c.close()
+        finally:
+            s.close()

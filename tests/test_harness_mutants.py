@@ -199,11 +199,15 @@ EXPECTED = {
 }
 # Edits of a tree image (the sink is one process: nothing for them there).
 TREE_EDITS = {"unshare-tree-memory"}
+# Edits of a threaded or a quiet Python target (THREADED, QUIET below).
+THREAD_EDITS = {"reset-thread-sched": {"nice"}, "swap-thread-tls": {"ident"}, "reset-mxcsr": {"third"}}
+MEMORY_EDITS = {"drop-cow-page"}
+SOCKET_EDITS = {"reset-sockopt"}
 
 
 def test_every_mutant_is_listed_and_tested():
     assert len(mutants.names()) >= 22
-    assert set(EXPECTED) | TREE_EDITS == set(mutants.EDITS)
+    assert set(EXPECTED) | TREE_EDITS | set(THREAD_EDITS) | MEMORY_EDITS | SOCKET_EDITS == set(mutants.EDITS)
     assert set(mutants.CAUGHT_BY) == set(mutants.names())
     for name in mutants.names():
         e = engines.make(f"mutant:{name}")
@@ -523,3 +527,174 @@ def test_unshare_tree_memory_breaks_the_sharing_only(procs, tmp_path):
             procs.kill(p.pid)       # first: then its child is reparented to us and reaped here
             procs.kill(child)
     assert seen == {False: True, True: False}
+
+
+# Two threads (the first at nice 7) and the main thread, rounding upward
+# (threads inherit the FP state): each writes, every 10 ms, its
+# pthread_self and 1/3 into its own slots, read from outside.
+THREADED = r"""
+import ctypes, json, os, sys, threading, time
+ctypes.CDLL("libm.so.6").fesetround(0x800)              # FE_UPWARD
+idents = (ctypes.c_uint64 * 3)()
+thirds = (ctypes.c_double * 3)()
+one, three = float(len("x")), float(len("xyz"))
+def loop(i, nice):
+    if nice:
+        os.setpriority(os.PRIO_PROCESS, 0, nice)
+    while True:
+        idents[i], thirds[i] = threading.get_ident(), one / three
+        time.sleep(0.01)
+for i, nice in ((1, 7), (2, 0)):
+    threading.Thread(target=loop, args=(i, nice), daemon=True).start()
+json.dump({"idents": ctypes.addressof(idents), "thirds": ctypes.addressof(thirds)}, open("pub.tmp", "w"))
+os.rename("pub.tmp", "pub")
+loop(0, 0)
+"""
+
+
+def _threaded_facts(pid, pub):
+    def u64s(addr):
+        with open(f"/proc/{pid}/mem", "rb") as f:
+            f.seek(addr)
+            return [int.from_bytes(f.read(8), "little") for _ in range(3)]
+    time.sleep(0.1)         # a few rounds of every loop after the restore
+    tids = sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
+    nice = [open(f"/proc/{pid}/task/{t}/stat").read().rsplit(")", 1)[1].split()[16] for t in tids]
+    return {"nice": nice, "ident": u64s(pub["idents"]), "third": u64s(pub["thirds"])}
+
+
+@pytest.fixture(scope="module")
+def threaded_image(tmp_path_factory):
+    become_subreaper()
+    base = tmp_path_factory.mktemp("threaded")
+    procs = Procs()
+    try:
+        p = procs.start([sys.executable, "-c", THREADED], cwd=str(base))
+        wait_for(lambda: (base / "pub").exists(), what="the threaded target")
+        time.sleep(0.1)
+        pub = json.loads((base / "pub").read_text())
+        img = str(base / "img")
+        r = ckpt("dump", "-t", str(p.pid), "-D", img, "--json")
+        assert r.returncode == 0, r.stderr
+        procs.reap(p.pid)
+        yield {"img": img, "pub": pub, "pid": p.pid, "facts": _restore_threaded(procs, img, p.pid, pub)}
+    finally:
+        procs.cleanup()
+
+
+def _restore_threaded(procs, img, pid, pub):
+    r = ckpt("restore", "-D", img, "--json")
+    assert r.returncode == 0, r.stderr
+    procs.adopt(pid)
+    try:
+        return _threaded_facts(pid, pub)
+    finally:
+        procs.kill(pid)
+
+
+@pytest.mark.parametrize("name", sorted(THREAD_EDITS))
+def test_thread_mutant_breaks_exactly_one_thing(name, threaded_image, procs, tmp_path):
+    want = threaded_image["facts"]
+    assert want["nice"][1] == "7" and len(set(want["ident"])) == 3
+    assert len(set(want["third"])) == 1          # rounded upward, by every thread alike
+    img = str(tmp_path / "img")
+    shutil.copytree(threaded_image["img"], img)
+    what = mutants.apply_edit(name, img)
+    ImageReader(img).verify()
+    got = _restore_threaded(procs, img, threaded_image["pid"], threaded_image["pub"])
+    differ = {k for k in want if got[k] != want[k]}
+    assert differ == THREAD_EDITS[name], f"{name} ({what}) changed {sorted(differ)}: {got} vs {want}"
+
+
+# A quiet process (harness/memstate.py) with a private file mapping of more
+# written pages than any library's data: drop-cow-page takes its middle one.
+QUIET = r"""
+import json, mmap, os, signal, sys
+from harness import workload
+f = open("lib", "r+b")
+m = mmap.mmap(f.fileno(), 1024 * 4096, flags=mmap.MAP_PRIVATE)
+for off in range(0, len(m), 4096):
+    m[off:off + 8] = b"written!"
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+json.dump({"quiet": workload.quiet_facts()}, open("pub.tmp", "w"))
+os.rename("pub.tmp", "pub")
+signal.sigwaitinfo({signal.SIGUSR1})
+"""
+
+
+def _quiet_restore(procs, img, pid, pub):
+    from harness import memstate
+    r = ckpt("restore", "-D", img, "--json")
+    assert r.returncode == 0, r.stderr
+    procs.adopt(pid)
+    try:
+        return memstate.quiet_digest(pid, pub)
+    finally:
+        procs.kill(pid)
+
+
+def test_drop_cow_page_leaves_one_written_page_to_the_file(procs, tmp_path):
+    become_subreaper()
+    (tmp_path / "lib").write_bytes(bytes(range(256)) * 4 * 4096)
+    env_cwd = str(tmp_path)
+    p = subprocess.Popen([sys.executable, "-c", QUIET], cwd=env_cwd, stdin=subprocess.DEVNULL,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True,
+                         start_new_session=True, env=ENV)
+    procs.popens.append(p)
+    wait_for(lambda: (tmp_path / "pub").exists(), what="the quiet target")
+    pub = json.loads((tmp_path / "pub").read_text())
+    img = str(tmp_path / "img")
+    r = ckpt("dump", "-t", str(p.pid), "-D", img, "--json")
+    assert r.returncode == 0, r.stderr
+    procs.reap(p.pid)
+    want = _quiet_restore(procs, img, p.pid, pub)
+    assert want["mem"] == "quiet"
+    what = mutants.apply_edit("drop-cow-page", img)
+    ImageReader(img).verify()
+    assert f"of {tmp_path}/lib (rw-p) left to the file's bytes" in what
+    got = _quiet_restore(procs, img, p.pid, pub)
+    differ = [k for k in set(got) | set(want) if got.get(k) != want.get(k)]
+    assert len(differ) == 1, (what, differ)
+
+
+# A TCP connection held at both ends, keepalive and no-delay set on one.
+SOCKOPTS = r"""
+import os, socket, time
+srv = socket.create_server(("127.0.0.1", 0))
+a = socket.create_connection(srv.getsockname())
+b, _ = srv.accept()
+srv.close()
+a.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+a.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+open("ready.tmp", "w").close()
+os.rename("ready.tmp", "ready")
+while True:
+    time.sleep(1)
+"""
+
+
+def test_reset_sockopt_resets_one_option_only(procs, tmp_path):
+    from harness import procstate
+    become_subreaper()
+    p = procs.start([sys.executable, "-c", SOCKOPTS], cwd=str(tmp_path))
+    wait_for(lambda: (tmp_path / "ready").exists(), what="the socket target")
+    img = str(tmp_path / "img")
+    r = ckpt("dump", "-t", str(p.pid), "-D", img, "--json")
+    assert r.returncode == 0, r.stderr
+    procs.reap(p.pid)
+
+    def options():
+        rr = ckpt("restore", "-D", img, "--json")
+        assert rr.returncode == 0, rr.stderr
+        procs.adopt(p.pid)
+        try:
+            return {k: v for k, v in procstate._fds(f"/proc/{p.pid}").items() if ".sockopt." in k}
+        finally:
+            procs.kill(p.pid)
+    want = options()
+    what = mutants.apply_edit("reset-sockopt", img)
+    ImageReader(img).verify()
+    got = options()
+    differ = {k: (want.get(k), got.get(k)) for k in set(got) | set(want) if got.get(k) != want.get(k)}
+    assert len(differ) == 1 and what.split(": ")[1].split()[0] in next(iter(differ)), (what, differ)
+    assert next(iter(differ.values()))[0] == "01000000"           # set before, 0 after

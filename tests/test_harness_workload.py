@@ -312,3 +312,35 @@ def test_the_image_digest_sees_every_change_a_refused_restore_could_make(tmp_pat
     assert changed(lambda d: (d / "extra").write_bytes(b""))
     assert changed(lambda d: os.rename(d / "sub" / "core.json", d / "sub" / "core2.json"))
     assert changed(lambda d: (d / "pages-000.img").write_bytes((d / "pages-000.img").read_bytes()[:-1]))
+
+
+def test_the_waiter_wakes_on_a_rename_and_on_an_exit_not_before(tmp_path):
+    """spawn and signal wait for the ready/verdict file (renamed into the
+    control dir) or the process's exit with a Waiter: it must wake at
+    once on either, and sleep its time out when nothing happens."""
+    import threading
+    p = subprocess.Popen(["sleep", "60"], close_fds=True)
+    w = workload.Waiter(str(tmp_path), p.pid)
+    try:
+        t0 = time.monotonic()
+        w.wait(0.3)                  # nothing happens: the whole time
+        assert time.monotonic() - t0 >= 0.29
+
+        def land():
+            time.sleep(0.2)
+            workload.write_json(str(tmp_path / "ready.json"), {"pid": 1})
+        th = threading.Thread(target=land)
+        th.start()
+        t0 = time.monotonic()
+        w.wait(20)
+        th.join()
+        assert (tmp_path / "ready.json").exists() and time.monotonic() - t0 < 5
+
+        threading.Timer(0.2, p.kill).start()
+        t0 = time.monotonic()
+        w.wait(20)
+        assert time.monotonic() - t0 < 5 and w.pidfd is None      # the exit woke it, and it stops watching
+    finally:
+        w.close()
+        p.kill()
+        p.wait()

@@ -219,13 +219,22 @@ def absolute_bound_path(info, path: bytes, head: str):
     name, it resolved against the cwd of that moment: the process's cwd now
     is taken as that base (the callers check it still leads to the bound
     inode) and the restore binds the same relative name from there
-    (getsockname keeps showing it). `base` is None for an absolute name."""
-    if path.startswith(b"/"):
-        return path, None
-    try:
-        base = os.readlink(f"/proc/{info.pid}/cwd")
-    except OSError:
-        base = None
-    if not base or not base.startswith("/"):
-        raise refuse(info, "socket", f"{head}: bound to a relative path and the working directory is unknown")
-    return os.path.join(os.fsencode(base), path), base
+    (getsockname keeps showing it). `base` is None for an absolute name.
+    A name with "." or ".." components or doubled slashes ("./agent.sock",
+    as `ssh-agent -a ./agent.sock` binds) is made plain by resolving its
+    directory as the kernel does now (the image holds plain paths only)."""
+    base = None
+    if not path.startswith(b"/"):
+        try:
+            base = os.readlink(f"/proc/{info.pid}/cwd")
+        except OSError:
+            base = None
+        if not base or not base.startswith("/"):
+            raise refuse(info, "socket", f"{head}: bound to a relative path and the working directory is unknown")
+        path = os.path.join(os.fsencode(base), path)
+    head_dir, leaf = os.path.split(path)
+    if leaf in (b"", b".", b".."):
+        raise refuse(info, "socket", f"{head}: bound to a name whose last component is not a file name")
+    if any(c in (b"", b".", b"..") for c in head_dir.split(b"/")[1:]):
+        path = os.path.join(os.fsencode(os.path.realpath(head_dir)), leaf)
+    return path, base

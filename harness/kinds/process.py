@@ -11,8 +11,11 @@ in one call (sleep: a time.sleep loop that counts; read: os.read on a pipe
 the process holds both ends of; lock: a Lock the main thread holds; cond:
 Condition.wait; join: joining a private sleeper thread). After the restore
 each thread proves it is the same thread: it runs on with its native id
-(gettid) equal to the recorded TID, and a random value it keeps in its own
-frame (its stack) and the count it kept are the ones recorded.
+(gettid) equal to the recorded TID, its pthread_self (read through its
+thread pointer: its TLS) the recorded one, and a random value it keeps in
+its own frame (its stack) and the count it kept are the ones recorded; a
+thread given ``nice`` sets it on itself (setpriority on its TID: nice is
+per thread) and must report it again.
 ``children``: processes the workload forks (a process tree, engine/tree.py),
 see :class:`Child`; each is judged after the restore: same pid, parent,
 group and session, the value in its own memory, its call's return, and
@@ -53,7 +56,7 @@ import _signal as signal
 # costs the exec'd workload's start about ten times more under TCG)
 TYPE_CHECKING = False   # annotations only
 if TYPE_CHECKING:
-    from typing import Dict, List
+    from typing import Dict, List, Optional
 
 from .core import check, within
 
@@ -81,6 +84,9 @@ CHILD_GROUPS = ("parent", "own")
 # policy (numa_maps) from outside too (harness/procstate.py).
 IOPRIO = ("none", "idle") + tuple(f"{c}:{n}" for c in ("best-effort", "realtime") for n in range(8))
 MCE_KILL = {"late": 0, "early": 1}
+# <fenv.h> FE_* rounding modes: x86_64 (x87 control word bits 10-11), aarch64 (FPCR RMode, bits 22-23)
+FP_ROUND = {"upward": {"x86_64": 0x800, "aarch64": 0x400000}, "downward": {"x86_64": 0x400, "aarch64": 0x800000},
+            "toward_zero": {"x86_64": 0xc00, "aarch64": 0xc00000}}
 CHILD_SHARE = {"files": (sysapi.CLONE_FILES, sysapi.KCMP_FILES), "fs": (sysapi.CLONE_FS, sysapi.KCMP_FS)}
 
 
@@ -96,9 +102,13 @@ def fields(s) -> dict:
         "pending": s.List_(s.Map({"signal": sig, "value": s.Int(0, 2**31 - 1)}, required=("signal",))),
         "itimers": s.Map({k: s.Map({"value_ms": s.Int(1), "interval_ms": s.Int(0)}, required=("value_ms",))
                           for k in ITIMERS}),
-        "threads": s.List_(s.Map({"blocked_in": s.Enum(BLOCKED_IN, "a call a thread can block in:")},
+        "threads": s.List_(s.Map({"blocked_in": s.Enum(BLOCKED_IN, "a call a thread can block in:"),
+                                  # its own nice value (setpriority on its TID: per thread)
+                                  "nice": s.Int(0, 19)},
                                  required=("blocked_in",))),
         "leave": s.List_(s.Enum(tuple(CHILD_SHARE), "what the workload can leave:")),
+        # the floating-point rounding mode (fesetround: x87 and SSE on x86_64, FPCR on aarch64)
+        "fp_round": s.Enum(tuple(FP_ROUND), "a rounding mode:"),
         "attrs": s.Map({"ioprio": s.Enum(IOPRIO, "an I/O priority (class or class:level):"),
                         "coredump_filter": s.Int(0, 0x1ff), "thp_disable": s.Bool(), "child_subreaper": s.Bool(),
                         "keep_caps": s.Bool(), "mce_kill": s.Enum(tuple(MCE_KILL)), "dumpable": s.Bool(),
@@ -172,6 +182,9 @@ def apply(p: dict) -> None:
         signal.setitimer(ITIMERS[name], int(t["value_ms"]) / 1000, int(t.get("interval_ms", 0)) / 1000)
     if p.get("attrs"):
         _apply_attrs(p["attrs"])
+    if p.get("fp_round"):
+        if _libm().fesetround(FP_ROUND[p["fp_round"]][os.uname().machine]) != 0:
+            raise OSError(f"fesetround({p['fp_round']}) failed")
     # Children before the threads (a fork copies only the calling thread).
     if p.get("children"):
         _MEMORY.append(Memory())
@@ -185,7 +198,7 @@ def apply(p: dict) -> None:
         sysapi.unshare(sum(CHILD_SHARE[k][0] for k in p["leave"]))
     # Last: the threads inherit the mask set above.
     for i, t in enumerate(p.get("threads") or []):
-        _THREADS.append(Blocked(i, t["blocked_in"]))
+        _THREADS.append(Blocked(i, t["blocked_in"], t.get("nice")))
     for b in _THREADS:
         b.started.wait(THREAD_WAKE_S)
 
@@ -200,9 +213,9 @@ class Blocked:
     value lives in its own frame; it reports (its TID, the value, what its
     call returned, its count) only once woken."""
 
-    def __init__(self, index: int, how: str):
+    def __init__(self, index: int, how: str, nice: "Optional[int]" = None):
         import threading
-        self.index, self.how = index, how
+        self.index, self.how, self.nice = index, how, nice
         self.started = threading.Event()
         self.stop = threading.Event()
         self.count = 0          # sleep: ticks so far (read by the main thread)
@@ -228,7 +241,10 @@ class Blocked:
     def _run(self) -> None:
         import threading    # imported by __init__ already: no import machinery runs here
         mine = os.urandom(8).hex()       # on this thread's stack only (a frame local)
-        self.tid, self.value = threading.get_native_id(), mine
+        if self.nice is not None:
+            os.setpriority(os.PRIO_PROCESS, 0, self.nice)    # 0: the calling thread
+        # get_ident is pthread_self, read through the thread pointer (its TLS)
+        self.tid, self.value, self.ident = threading.get_native_id(), mine, threading.get_ident()
         self.started.set()
         got: object = None
         try:
@@ -253,7 +269,8 @@ class Blocked:
                 got = "joined"
         except Exception as e:   # reported, then judged
             got = f"{type(e).__name__}: {e}"
-        self.report = {"tid": threading.get_native_id(), "value": mine, "got": got, "count": self.count}
+        self.report = {"tid": threading.get_native_id(), "value": mine, "got": got, "count": self.count,
+                       "ident": threading.get_ident(), "nice": os.getpriority(os.PRIO_PROCESS, 0)}
 
     def expected(self) -> str:
         return {"sleep": "stopped", "read": "wake", "lock": "acquired", "cond": "notified",
@@ -550,6 +567,9 @@ def _thread_checks(p: dict, seen: dict, phase: str) -> List[dict]:
             out.append(check(None, f"{what}: woke and finished", True, not b.thread.is_alive() and bool(rep)))
             out.append(check(None, f"{what}: native id (gettid) is the recorded TID", r["tid"], rep.get("tid")))
             out.append(check(None, f"{what}: the value in its own frame", r["value"], rep.get("value")))
+            # its thread pointer (TLS): pthread_self is its own, not another thread's
+            out.append(check(None, f"{what}: pthread_self (its thread pointer)", r.get("ident"), rep.get("ident")))
+            out.append(check(None, f"{what}: its own nice value", r.get("nice"), rep.get("nice")))
             out.append(check(None, f"{what}: its call returned", b.expected(), rep.get("got")))
     return out
 
@@ -597,6 +617,19 @@ def _attrs_now() -> dict:
             "membarrier": int(sysapi.membarrier_private_expedited() == 0)}
 
 
+def _libm():
+    import ctypes
+    return ctypes.CDLL("libm.so.6")
+
+
+def _fp_now() -> dict:
+    """The rounding mode as libm reads it (x86_64: the x87 control word) and
+    as the arithmetic uses it (a division by the SSE unit, or the FPCR):
+    1/3 from values the compiler cannot fold."""
+    one, three = float(len("x")), float(len("xyz"))
+    return {"mode": _libm().fegetround(), "third": (one / three).hex()}
+
+
 def _attrs_wanted(a: dict) -> dict:
     conv = {"ioprio": _ioprio_value, "mce_kill": MCE_KILL.get,
             "mempolicy": lambda m: f"{sysapi.MPOL[m]}:{0 if m == 'local' else 1:x}"}
@@ -608,9 +641,12 @@ def observe(p: dict) -> dict:
     return {"sigactions": {n: sysapi.sigaction_get(signum(n)) for n in (p.get("sigactions") or {})},
             "blocked": status()["SigBlk"],
             "itimers": {n: list(signal.getitimer(ITIMERS[n])) for n in (p.get("itimers") or {})},
-            "threads": [{"how": b.how, "tid": b.tid, "value": b.value, "count": b.count} for b in _THREADS],
+            "threads": [{"how": b.how, "tid": b.tid, "value": b.value, "count": b.count, "ident": b.ident,
+                         "nice": b.nice if b.nice is not None else os.getpriority(os.PRIO_PROCESS, b.tid)}
+                        for b in _THREADS],
             "children": [dict(c.hello, how=c.how, share=c.share) for c in _CHILDREN],
             "attrs": _attrs_now() if p.get("attrs") else {},
+            "fp": _fp_now() if p.get("fp_round") else {},
             "at": time.time()}
 
 
@@ -638,6 +674,11 @@ def checker(p: dict, seen: dict, phase: str) -> List[dict]:
         st = status()
         if "umask" in p:
             out.append(check(None, "umask", f"{int(p['umask']):04o}", st.get("Umask")))
+        if p.get("fp_round"):
+            now = _fp_now()
+            want = FP_ROUND[p["fp_round"]][os.uname().machine]
+            out.append(check(None, "rounding mode (fegetround) as set", hex(want), hex(now["mode"])))
+            out.append(check(None, "1/3 rounded as before the dump (float.hex)", seen["fp"]["third"], now["third"]))
         if p.get("attrs"):
             now = _attrs_now()
             want = _attrs_wanted(p["attrs"])

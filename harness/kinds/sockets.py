@@ -69,7 +69,31 @@ def fields(s) -> dict:
     return {"socket": s.Enum(SOCKETS), "peer_fd": s.FdNum(), "path": s.Path(), "data": s.Data(),
             "peer_data": s.Data(), "sender": s.Enum(("inside", "outside")),
             "creator": s.Enum(("self", "exited-child", "outside")),
-            "carry": s.List_(s.Enum(CARRY)), "passcred": s.Bool(), "passcred_off": s.Bool(), "bind": s.Str(), "peer_bind": s.Str()}
+            "carry": s.List_(s.Enum(CARRY)), "passcred": s.Bool(), "passcred_off": s.Bool(), "bind": s.Str(), "peer_bind": s.Str(),
+            "options": s.Map({name: s.Int(0, 2**31 - 1) for name in OPTIONS})}
+
+
+# Options a scenario can set on ``fd`` (setsockopt, int-valued): (level, option)
+OPTIONS = {"SO_KEEPALIVE": (1, 9), "SO_PRIORITY": (1, 12), "SO_RCVLOWAT": (1, 18), "SO_MARK": (1, 36),
+           "SO_RCVBUF": (1, 8), "SO_REUSEADDR": (1, 2), "TCP_NODELAY": (6, 1), "TCP_KEEPIDLE": (6, 4),
+           "TCP_KEEPINTVL": (6, 5), "TCP_KEEPCNT": (6, 6), "TCP_USER_TIMEOUT": (6, 18), "IP_TOS": (0, 1),
+           "IP_TTL": (0, 2)}
+
+
+def finish(e: dict, fd: int) -> None:
+    """The scenario's options on ``fd``, once it is in place."""
+    if fd == e["fd"]:
+        for name, value in (e.get("options") or {}).items():
+            _sock_set(fd, name, value)
+
+
+def _sock_set(fd: int, name: str, value: int) -> None:
+    s = _sock(fd)
+    try:
+        s.setsockopt(*OPTIONS[name], value)
+    finally:
+        s.close()
+
 
 
 def fd_numbers(e: dict) -> List[int]:
@@ -488,6 +512,10 @@ def checker(e: dict, recs: List[dict], ctx: Ctx, phase: str) -> List[dict]:
     try:
         if phase == "inspect":
             out.append(check(fd, "local address", by_role["sock"]["extra"].get("sockname"), _name(s.getsockname())))
+            # (every option, set or not, is compared from outside: procstate._sockopts)
+            for n, v in sorted((e.get("options") or {}).items()):
+                want = 2 * v if n == "SO_RCVBUF" else v      # the kernel doubles it (socket(7))
+                out.append(check(fd, f"socket option {n} as set", want, s.getsockopt(*OPTIONS[n])))
             for r in recs:
                 if "peercred" in r["extra"]:
                     out.append(check(r["fd"], "SO_PEERCRED pid, uid, gid, groups", r["extra"]["peercred"],
