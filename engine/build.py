@@ -35,7 +35,7 @@ TYPE_CHECKING = False   # annotations only: importing typing costs every run ~3 
 if TYPE_CHECKING:
     from typing import List, Optional
 
-from . import faults, libc, membarrier, mempolicy, posixtimers, procattrs, procfs, ptrace, sched, seccomp, signals, threads
+from . import creds, faults, libc, membarrier, mempolicy, posixtimers, procattrs, procfs, ptrace, sched, seccomp, signals, threads
 from .arch import current as current_arch
 from .batch import Batch, Data
 from .gadget import HANDLER_SCRATCH, _free_gap, _maps, clone_with_pid, gadget_size, place_gadget  # noqa: F401
@@ -434,19 +434,16 @@ class Builder:
                                       f"{e.strerror or e}", pid=self.pid, errno=e.errno) from e
 
     def creds(self) -> None:
-        """Queued (the caller runs them, engine/batch.py: in order, the
-        first failure raised as one injected call's)."""
+        """no_new_privs queued (the caller runs it, engine/batch.py); other
+        credentials than ckpt's by creds.apply (calls made in turn, the
+        queue first), then read back."""
         core = self.job.core
-        q = self.pending.add
         if core["creds"].get("no_new_privs") == "1":
-            q("prctl", PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
-        if core.get("_creds_plan") != "setid":
+            self.pending.add("prctl", PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+        if core.get("_creds_plan") in (None, "same"):
             return
-        c = core["creds"]
-        groups = c["groups"]
-        q("setgroups", len(groups), Data(struct.pack(f"<{len(groups)}I", *groups)) if groups else 0)
-        q("setresgid", *c["gid"][:3])
-        q("setresuid", *c["uid"][:3])
+        creds.apply(self)
+        creds.verify(self.pid, core["creds"])
 
     def limits(self) -> None:
         """Only the limits the process does not hold already, read in one
@@ -589,6 +586,7 @@ def rebuild_early_steps(b: Builder):
     b.process_state()
     yield
     ptrace.set_sigmask(b.pid, b.job.core["sigmask"])
+    creds.audit_early(b)    # before the threads: they inherit the loginuid; only the process writes its own
     faults.point("restore.phase", "threads")
     threads.create(b)   # before creds(): clone3 set_tid needs CAP_CHECKPOINT_RESTORE
     _maybe_fail("threads")

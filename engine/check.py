@@ -257,36 +257,20 @@ def _check_restore_env(s: Survey, tree_member: bool = False, shell_job: bool = F
                 "exist for the restore; start it with setsid"))
 
 
-def creds_of(status: Dict[str, str]) -> dict:
-    def ids(key: str) -> List[int]:
-        return [int(x) for x in status.get(key, "").split()]
-    return {"uid": ids("Uid"), "gid": ids("Gid"), "groups": ids("Groups"),
-            "caps": {k: status.get(k, "") for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")},
-            "no_new_privs": status.get("NoNewPrivs", "0")}
+def creds_of(status: Dict[str, str], pid="self") -> dict:
+    from . import creds
+    return creds.record(status, pid)
 
 
 def creds_plan(creds: dict, mine: dict) -> str:
-    """How a restore gets the target's credentials from the restorer's:
-    "same" (nothing to do), "setid" (setgroups/setresgid/setresuid drop to
-    an unprivileged user, which clears the capabilities as the target's are
-    clear) or raises Refusal(unsupported-state)."""
-    if creds.get("no_new_privs") != mine.get("no_new_privs") and creds.get("no_new_privs") != "1":
-        raise Refusal("unsupported-state", "ckpt runs with no_new_privs set, the target did not: "
-                      "it cannot be cleared")
-    if creds["uid"] == mine["uid"] and creds["gid"] == mine["gid"] and creds["caps"] == mine["caps"]:
-        return "same"
-    caps = creds["caps"]
-    zero = "0" * 16
-    if (all(u != 0 for u in creds["uid"]) and len(set(creds["uid"])) == 1 and len(set(creds["gid"])) == 1
-            and caps["CapInh"] == caps["CapPrm"] == caps["CapEff"] == caps["CapAmb"] == zero
-            and caps["CapBnd"] == mine["caps"]["CapBnd"]):
-        return "setid"
-    raise Refusal("unsupported-state", f"credentials not restorable yet: uid {creds['uid']} gid {creds['gid']} "
-                  f"caps {caps}")
+    """How a restore gets the target's credentials from the restorer's
+    (engine/creds.py): "same", "setid", "set", or raises Refusal."""
+    from . import creds as _creds
+    return _creds.plan(creds, mine)
 
 
 def _check_creds(s: Survey) -> None:
-    creds = creds_of(s.status)
+    creds = creds_of(s.status, s.pid)
     mine = creds_of(procfs.self_status())
     try:
         plan = creds_plan(creds, mine)

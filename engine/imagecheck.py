@@ -691,6 +691,9 @@ def _check_creds(creds: dict) -> None:
         raise invalid("core.json creds caps")
     if creds.get("no_new_privs") not in ("0", "1"):
         raise invalid("core.json creds no_new_privs")
+    audit = creds.get("audit", [0, 0])
+    if not isinstance(audit, list) or len(audit) != 2 or not all(_int(x) and 0 <= x <= U32 for x in audit):
+        raise invalid("core.json creds audit")
     me = os.geteuid()
     if me != 0:
         uid, gid = os.getuid(), os.getgid()
