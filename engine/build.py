@@ -35,7 +35,7 @@ TYPE_CHECKING = False   # annotations only: importing typing costs every run ~3 
 if TYPE_CHECKING:
     from typing import List, Optional
 
-from . import creds, faults, libc, membarrier, mempolicy, posixtimers, procattrs, procfs, ptrace, sched, seccomp, signals, threads
+from . import cgroups, creds, faults, libc, membarrier, mempolicy, posixtimers, procattrs, procfs, ptrace, sched, seccomp, signals, threads
 from .arch import current as current_arch
 from .batch import Batch, Data
 from .gadget import HANDLER_SCRATCH, _free_gap, _maps, clone_with_pid, gadget_size, place_gadget  # noqa: F401
@@ -252,6 +252,7 @@ class Builder:
         mapping exists by then), the pages, and madvise and the final
         mprotect queued (process_state's calls join them)."""
         prep = self.job.prepared
+        from .files import map_writable
         from .restore import map_key
         total = 0
         later = []      # (mapping, force, prot, final)
@@ -282,7 +283,7 @@ class Builder:
             force = False
             prot = 3
             if kind == "file":
-                fd = prep.map_fd[map_key(v["file"], shared and "w" in v["perms"])]
+                fd = prep.map_fd[map_key(v["file"], map_writable(v))]
                 off = v["offset"]
                 if shared:
                     prot = final
@@ -576,6 +577,7 @@ def rebuild_early_steps(b: Builder):
     """rebuild_early as a generator: each yield leaves b's calls queued,
     for the caller to run (a tree runs every member's side by side,
     engine/batch.py run_each)."""
+    cgroups.enter(b.pid, b.job.core.get("cgroups"))   # first: pages, threads and the affinity land in it
     faults.point("restore.phase", "vdso")
     b.move_vdso()
     faults.point("restore.phase", "mm")

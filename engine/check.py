@@ -175,6 +175,11 @@ def _check_process(s: Survey, ctx: Optional[DumpContext] = None) -> None:
         s.refuse("exit signal", "process", Refusal("unsupported-state", f"exit signal {st['exit_signal']}, not SIGCHLD"))
     _check_creds(s)
     try:
+        from . import cgroups
+        cgroups.dump(pid)
+    except Refusal as r:
+        s.refuse("cgroups", "process", r)
+    try:
         sysvsem.check(pid)
     except Refusal as r:
         s.refuse("SysV semaphores", "process", r)

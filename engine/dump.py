@@ -17,7 +17,7 @@ TYPE_CHECKING = False   # annotations only: importing typing costs every run ~3 
 if TYPE_CHECKING:
     from typing import Dict, List, Optional
 
-from . import creds, faults, files, libc, membarrier, mempolicy, posixtimers, procattrs, procfs, sched, seccomp, signals, threads, tree, unlinked
+from . import cgroups, creds, faults, files, libc, membarrier, mempolicy, posixtimers, procattrs, procfs, sched, seccomp, signals, threads, tree, unlinked
 from .arch import current as current_arch
 from .check import Survey, preflight, require_features, target_checks
 from .context import DumpContext, Options, boot_id
@@ -270,6 +270,7 @@ def process_state(task: Task, s: Survey) -> dict:
         "session": {"sid": st["session"], "pgid": st["pgrp"]},
         "exit_signal": st.get("exit_signal", 17),
         "creds": creds.record(status, pid),
+        "cgroups": cgroups.dump(pid),
     }
     state["sched"] = sched.dump(pid)
     state["seccomp"] = seccomp.dump(pid, seccomp.mode_of(status))

@@ -287,6 +287,7 @@ def dump_ghost(open_path: str, name: str, ctx, *, fd: Optional[int] = None,
                 seals = 0
         gid = f"g{st.st_dev}-{st.st_ino}"
         rec = {"ghost": gid, "name": name, "memfd": memfd, "seals": seals,
+               **({"uncounted": not _open_for_write(rfd)} if memfd else {}),
                **identity_of(st), "atime_ns": st.st_atime_ns, "extents": extents, "data_bytes": data_bytes}
         if ctx.image is not None:
             h = sha256()
@@ -305,6 +306,40 @@ def dump_ghost(open_path: str, name: str, ctx, *, fd: Optional[int] = None,
         os.close(rfd)
     ctx.shared[key] = rec
     return dict(rec)
+
+
+def _open_for_write(fd: int) -> bool:
+    """Does the inode behind `fd` (ckpt's read-only open) have an open
+    file that counts as a writer (i_writecount > 0: exec of it fails
+    ETXTBSY)? A memfd's own file, the one memfd_create made, never counts
+    (alloc_file_pseudo takes no write access); a reopen for writing
+    (/proc/PID/fd/N with O_RDWR) does. A read lease is granted exactly when
+    no file counts (fs/locks.c check_conflicting_open), and is dropped at
+    once. Any other answer (a lease there already) is taken as "counts":
+    the restore then reopens as before."""
+    import fcntl
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+    except OSError:
+        return True
+    fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+    return False
+
+
+def writer_file(rec: dict, ctx, flags: int) -> Optional[int]:
+    """For a writable use (an fd opened for writing, a mapping that may
+    write) of a memfd whose writers did not count at the dump: a dup of the
+    restored memfd's own file (made by memfd_create: it does not count
+    either) with `flags`' status flags, instead of a reopen, which would
+    count and make exec(memfd) fail ETXTBSY (zdtm memfd04/05). Exact: with
+    no counted writer, every writable file of it in the dump was that one
+    file (dups of one open file description). None: reopen as usual."""
+    if not rec.get("uncounted") or flags & os.O_ACCMODE == os.O_RDONLY:
+        return None
+    gfd = restore_ghost(rec, ctx)
+    import fcntl
+    fcntl.fcntl(gfd, fcntl.F_SETFL, flags & ~OPEN_ONLY)
+    return os.dup(gfd)
 
 
 def _memfd_name(name: str) -> str:
@@ -518,9 +553,21 @@ def map_validate(rec: dict, ctx) -> None:
         raise Refusal("image-invalid", "mapping record names no file")
 
 
+def map_writable(vma: dict) -> bool:
+    """Is a mapping's file to be opened for writing? A MAP_SHARED mapping
+    of a file opened with write access may be made writable whatever its
+    protection now (VM_MAYWRITE, VmFlags "mw"; do_mmap clears it, and
+    VM_SHARED, for a file without FMODE_WRITE): one restored from a
+    read-only open could not be mprotect()ed writable again (EACCES)."""
+    return vma["perms"][3] == "s" and ("w" in vma["perms"] or "mw" in vma.get("flags", ()))
+
+
 def map_open(rec: dict, ctx, writable: bool) -> int:
     flags = os.O_RDWR if writable else os.O_RDONLY
     if "ghost" in rec:
+        own = writer_file(rec, ctx, flags)
+        if own is not None:
+            return own
         # O_NOATIME: mmap() touches atime (file_accessed), and the ghost's
         # atime was already put back
         gfd = restore_ghost(rec, ctx)

@@ -48,6 +48,9 @@ REASONS = {
                              "the restored one would have its own"),
     "numa-policy": ("a NUMA memory policy the engine cannot restore exactly (named in the detail): a mapping's own "
                     "policy (mbind), or a process policy naming nodes not allowed here"),
+    "cgroup": ("the process cannot be put back in its control group (hierarchy and path in the detail): the "
+               "cgroup is not reachable through a cgroup mount ckpt sees (its hierarchy not mounted, or the "
+               "cgroup gone: ckpt never creates one), or a thread is in another cgroup than its leader"),
     # files
     "file-missing": ("a file the process had open (or mapped) no longer exists at its path; or the directory a "
                      "deleted file, device node, removed directory or cwd is to be recreated in is gone"),

@@ -24,7 +24,7 @@ TYPE_CHECKING = False   # annotations only: importing typing costs every run ~3 
 if TYPE_CHECKING:
     from typing import Dict, List, Optional
 
-from . import (fastjson, faults, files, guard, imagecheck, libc, membarrier, mempolicy, posixtimers, procattrs, procfs, sched, seccomp, signals,
+from . import (cgroups, fastjson, faults, files, guard, imagecheck, libc, membarrier, mempolicy, posixtimers, procattrs, procfs, sched, seccomp, signals,
                threads, unlinked)
 from .arch import current as current_arch
 from .build import build
@@ -228,7 +228,7 @@ def preflight(reader: ImageReader, core: dict, vmas: List[dict], fdrecs: List[di
                             f"{mymax}; raising it needs CAP_SYS_RESOURCE"))
     for r in sched.validate(core["sched"]) + posixtimers.validate(core["posix_timers"]) + \
             seccomp.validate(core["seccomp"]) + procattrs.validate(core["attrs"], core.get("_creds_plan", "")) + \
-            mempolicy.validate(core["mempolicy"]) + \
+            mempolicy.validate(core["mempolicy"]) + cgroups.validate(core.get("cgroups")) + \
             [r for t in core.get("threads", []) if t.get("mempolicy", core["mempolicy"]) != core["mempolicy"]
              for r in mempolicy.validate(t["mempolicy"])]:
         add(r)
@@ -422,7 +422,7 @@ def prepare(core: dict, vmas: List[dict], fdrecs: List[dict], ctx: RestoreContex
         for v in vmas:
             if v["kind"] != "file":
                 continue
-            writable = v["perms"][3] == "s" and "w" in v["perms"]
+            writable = files.map_writable(v)
             key = map_key(v["file"], writable)
             if key not in p.map_fd:
                 faults.point("restore.map_open")

@@ -348,9 +348,10 @@ def _die(b, status: int) -> None:
     arch = b.arch
     sig = status & 0x7f
     if sig:
-        b.call("rt_sigaction", sig, b.put(struct.pack("<QQQQ", 0, 0, 0, 0)), 0, 8)
-        if b.inherited_actions is not None:
-            b.inherited_actions[str(sig)] = [0, 0, 0, 0]
+        if sig not in (9, 19):      # SIGKILL's and SIGSTOP's action is always the default: EINVAL to set
+            b.call("rt_sigaction", sig, b.put(struct.pack("<QQQQ", 0, 0, 0, 0)), 0, 8)
+            if b.inherited_actions is not None:
+                b.inherited_actions[str(sig)] = [0, 0, 0, 0]
         b.call("prlimit64", 0, 4, b.put(struct.pack("<QQ", 0, 0), 64), 0)     # RLIMIT_CORE 0: no core
         ptrace.set_sigmask(b.pid, signals.ALL_BLOCKED & ~(1 << (sig - 1)))
         nr, args = arch.SYS["kill"], (b.pid, sig)

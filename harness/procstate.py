@@ -236,7 +236,8 @@ def snapshot(pid: int, pub: Optional[dict] = None) -> Dict[str, str]:
     stat = _read(f"{base}/stat")
     if stat is None:
         return {}
-    out: Dict[str, str] = {}
+    # the machine's: open flags' numbers differ between architectures (statediff)
+    out: Dict[str, str] = {"arch": os.uname().machine}
     fields = stat.rsplit(")", 1)[1].split()     # after the last ')': comm may hold spaces
     for name, num in _STAT_FIELDS.items():
         if num - 3 < len(fields):

@@ -253,6 +253,23 @@ def test_family(procs, session_killer, tmp_path):  # noqa: F811
     assert (tmp_path / "shared.txt").read_bytes() == b"p1cp2", "the open file description was split"
 
 
+def test_zombies_killed_by_any_signal(procs, session_killer, tmp_path):  # noqa: F811
+    """zdtm's zombie00: zombies killed by SIGKILL (whose action no
+    rt_sigaction may touch: the restore failed on EINVAL after a dump that
+    had killed the tree), SIGSEGV and SIGTERM, and one that exited, each
+    reaped with its own status after the restore."""
+    p = _start(procs, [python_exe(), FAMILY, "killed"], tmp_path)
+    session_killer.append(p.pid)
+    info = _ready(tmp_path, p)
+    res, _ = _dump_restore(p.pid, tmp_path / "img", procs)
+    assert res["zombies"] == 4
+    assert all(_stat(pid)["state"] == "Z" for pid in info["kids"].values())
+    (tmp_path / "go").write_text("")
+    wait_for(lambda: (tmp_path / "result").exists(), timeout=20, what="the result")
+    got = json.loads((tmp_path / "result").read_text())["status"]
+    assert got == {"kill": signal.SIGKILL, "segv": signal.SIGSEGV, "term": signal.SIGTERM, "exit": 3 << 8}
+
+
 def test_socketpairs_between_members(procs, session_killer, tmp_path):  # noqa: F811
     """A stream and a datagram socketpair whose ends parent and child hold,
     bytes queued both ways: one pair each, every byte and message once."""

@@ -85,3 +85,39 @@ os.dup2(l.fileno(), 500); os.dup2(c.fileno(), 501); l.close(); c.close()
         with pytest.raises(Refusal) as ei:
             classify(t.pid, 500)
         assert ei.value.reason == "socket" and "cannot be read before it is accepted" in ei.value.detail
+
+
+def test_waiting_connection_to_a_listener_deeper_than_sun_path(tmp_path):
+    """A listener bound by a relative name in a directory whose absolute
+    path is longer than sun_path holds (108 bytes): its waiting connection
+    is made again through that relative name (CRIU's zdtm sk-unix-listen01,
+    run in a deep directory, lost its process: the restore connected to the
+    absolute path, "AF_UNIX path too long")."""
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    assert len(str(deep / "l.sock")) > 108
+    setup = f"""
+import socket
+os.chdir({str(deep)!r})
+l = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM); l.bind("l.sock"); l.listen(5)
+c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM); c.connect("l.sock")
+os.dup2(l.fileno(), 501); os.dup2(c.fileno(), 502); l.close(); c.close()
+"""
+    with Target(tmp_path, setup) as t:
+        assert classify(t.pid, 501) == "unix stream listening l.sock, backlog 5, 1 connection(s) waiting"
+        img = dump(t.pid, [501, 502], str(tmp_path / "img"))
+        t.close()
+        cwd = os.getcwd()
+        with restore(img):
+            assert os.getcwd() == cwd
+            l, c = sock(501), sock(502)
+            try:
+                assert l.getsockname() == "l.sock" and c.getpeername() == "l.sock"
+                l.settimeout(5)
+                c.send(b"deep")
+                conn, _ = l.accept()
+                conn.settimeout(5)
+                assert conn.recv(10) == b"deep"
+                conn.close()
+            finally:
+                l.close(); c.close()

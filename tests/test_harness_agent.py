@@ -118,6 +118,24 @@ def test_a_file_of_megabytes_crosses_whole_both_ways(agent, tmp_path):
     assert link.ping(timeout=10) == proc.pid
 
 
+def test_large_puts_in_a_row_each_arrive_whole(agent, tmp_path):
+    """Request bytes go into the agent's one receive area (harness/agent.py
+    _receive): a put larger than it, then a smaller one, then one that
+    arrives with the request line: each file is its own bytes, nothing of
+    the one before, and the link goes on."""
+    from harness import agent as agent_mod
+    link, proc = agent
+    big = os.urandom(agent_mod.RECV_SIZE + 12345)
+    small = os.urandom(1 << 20)
+    link.put(big, str(tmp_path / "big"))
+    link.put(small, str(tmp_path / "small"))
+    link.put(b"tiny", str(tmp_path / "tiny"))
+    assert (tmp_path / "big").read_bytes() == big
+    assert (tmp_path / "small").read_bytes() == small
+    assert (tmp_path / "tiny").read_bytes() == b"tiny"
+    assert link.ping(timeout=10) == proc.pid
+
+
 def test_a_late_reply_with_a_file_is_skipped_whole(agent, tmp_path):
     """A get that timed out is answered later, its raw bytes after its line:
     the next request must skip them whole, though they hold newlines and

@@ -287,6 +287,7 @@ def run_one(name: str, kind: str, static: str, special: dict, work: str, ckpt: l
         _kill_tree(pid)
         return dict(rec, outcome="error", detail="ckpt dump timed out")
     rec["dump_s"] = round(time.monotonic() - t0, 3)
+    dumped = f"dump said {json.dumps(doc)[:300]} {stderr.strip()[-200:]}"
     if rc != 0:
         reasons = _reasons(doc, stderr)
         alive = _alive(pid)
@@ -312,9 +313,11 @@ def run_one(name: str, kind: str, static: str, special: dict, work: str, ckpt: l
         reasons = _reasons(doc, stderr)
         if _alive(pid):
             _kill_tree(pid)
-            return dict(rec, outcome="FAIL", stage="restore", detail=f"restore failed ({rc}) yet pid {pid} is alive")
+            return dict(rec, outcome="FAIL", stage="restore",
+                        detail=f"restore failed ({rc}: {stderr.strip()[-300:]}) yet pid {pid} is alive; {dumped}")
         if not reasons:
-            return dict(rec, outcome="error", stage="restore", detail=f"restore failed ({rc}): {stderr.strip()[-300:]}")
+            return dict(rec, outcome="error", stage="restore",
+                        detail=f"restore failed ({rc}): {stderr.strip()[-300:]}; {dumped}")
         return dict(rec, outcome="refused", stage="restore", reasons=reasons, detail=stderr.strip()[-300:])
     time.sleep(SETTLE)
     verdict, tail = _stop(pid, os.path.join(d, outname))

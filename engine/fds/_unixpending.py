@@ -120,6 +120,31 @@ def build_key(listener_ino: int) -> str:
     return f"unix-listen-built:{listener_ino}"
 
 
+SUN_PATH_MAX = 107        # sun_path's 108 bytes, a NUL included
+
+
+def _connect(c: _socket.socket, addr, lrec: dict) -> None:
+    """connect(2) to the listener. A path too long for sun_path (a
+    listener bound by a relative name deep in the tree) is reached by that
+    relative name from its base directory, as it was bound (chdir and back:
+    the restorer, or the peer-credentials helper, is single-threaded here).
+    A connecting socket keeps nothing of the name it was given."""
+    f = lrec.get("file")
+    if not (f and f.get("base")) or len(os.fsencode(addr)) <= SUN_PATH_MAX:
+        c.connect(addr)
+        return
+    rel = bytes.fromhex(lrec["name"]).split(b"\0", 1)[0]       # the name it was bound by
+    here = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.chdir(f["base"])
+        try:
+            c.connect(rel)
+        finally:
+            os.fchdir(here)
+    finally:
+        os.close(here)
+
+
 def connect_all(listener: _socket.socket, lrec: dict, ctx) -> Dict[int, _socket.socket]:
     """Connect one socket per recorded pending connection, in order.
     Raises OptionError, OSError or the `socket` refusal."""
@@ -136,9 +161,9 @@ def connect_all(listener: _socket.socket, lrec: dict, ctx) -> Dict[int, _socket.
             who = p.get("connector")
             if who:
                 # the server end records the connect() caller (_peercred)
-                _peercred.run_as(who, lambda: [c.connect(addr)] and [])
+                _peercred.run_as(who, lambda: [_connect(c, addr, lrec)] and [])
             else:
-                c.connect(addr)
+                _connect(c, addr, lrec)
             c.setblocking(True)
             _sockopts.apply_late(c, p["opts"], p["set"])
             _sockopts.verify(c, _socket.AF_UNIX, False, p["opts"])

@@ -107,8 +107,9 @@ def restore(rec: dict, ctx) -> int:
             return _under_lost_name(fd, rec)
         finally:
             os.close(fd)
-    gfd = files.restore_ghost(rec["ghost"], ctx)
-    fd = files.reopen(gfd, rec["flags"])
+    fd = files.writer_file(rec["ghost"], ctx, rec["flags"])
+    if fd is None:
+        fd = files.reopen(files.restore_ghost(rec["ghost"], ctx), rec["flags"])
     if rec.get("pos"):
         os.lseek(fd, rec["pos"], os.SEEK_SET)
     return fd

@@ -20,6 +20,9 @@ family: the parent P (its own session) holds in memory a random token,
 clonefiles: P and a child made by clone(CLONE_FILES) (a shared fd table).
 traceme: P and a child that made P its tracer (PTRACE_TRACEME).
 badsession: P forks A; A forks B, then calls setsid (B stays in P's session).
+killed: P with zombies killed by SIGKILL, SIGSEGV (no core: RLIMIT_CORE 0)
+  and SIGTERM, and one that exited 3 (zdtm's zombie00); on "go" it reaps
+  them and writes "result": each one's wait status.
 outside: P maps shared memory, forks a child that forks a grandchild and
   exits (the grandchild, holding the memory, is outside P's tree), and
   forks another child that sleeps.
@@ -289,5 +292,28 @@ def sockpair():
     sleep_forever()
 
 
-{"sockpair": sockpair, "family": family, "clonefiles": clonefiles, "traceme": traceme, "badsession": badsession,
+def killed():
+    import resource
+    kids = {}
+    for name, sig in (("kill", signal.SIGKILL), ("segv", signal.SIGSEGV), ("term", signal.SIGTERM), ("exit", 0)):
+        pid = os.fork()
+        if pid == 0:
+            if sig:
+                resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+                signal.signal(sig, signal.SIG_DFL) if sig != signal.SIGKILL else None
+                os.kill(os.getpid(), sig)
+            os._exit(3)
+        kids[name] = pid
+    for pid in kids.values():
+        os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+    ready({"kids": kids})
+    wait_go("go")
+    status = {name: os.waitpid(pid, 0)[1] for name, pid in kids.items()}
+    with open("result.tmp", "w") as f:
+        json.dump({"status": status}, f)
+    os.rename("result.tmp", "result")
+    sleep_forever()
+
+
+{"sockpair": sockpair, "killed": killed, "family": family, "clonefiles": clonefiles, "traceme": traceme, "badsession": badsession,
  "outside": outside, "memfd-outside": lambda: outside(memfd=True)}[mode]()
