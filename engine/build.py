@@ -35,7 +35,7 @@ TYPE_CHECKING = False   # annotations only: importing typing costs every run ~3 
 if TYPE_CHECKING:
     from typing import List, Optional
 
-from . import cgroups, creds, faults, libc, membarrier, mempolicy, posixtimers, procattrs, procfs, ptrace, sched, seccomp, signals, threads
+from . import cgroups, creds, faults, fsroot, pdeath, libc, membarrier, mempolicy, posixtimers, procattrs, procfs, ptrace, sched, seccomp, signals, threads
 from .arch import current as current_arch
 from .batch import Batch, Data
 from .gadget import HANDLER_SCRATCH, _free_gap, _maps, clone_with_pid, gadget_size, place_gadget  # noqa: F401
@@ -494,6 +494,7 @@ class Builder:
         faults.point("restore.phase", "registers")
         threads.finish(self)    # the other threads go first, the leader right after
         faults.point("restore.phase", "release")
+        self.task.sud = self.job.core.get("sud")    # syscall user dispatch: after every injected call
         self.task.release(regs)
 
     def pending_signals(self) -> None:
@@ -617,6 +618,7 @@ def rebuild_late_steps(b: Builder):
     posixtimers.create(b, job.core["posix_timers"])   # alarm clocks need CAP_WAKE_ALARM: before creds()
     faults.point("restore.phase", "seccomp")
     seccomp.install(b, job.core["seccomp"])   # needs CAP_SYS_ADMIN or no_new_privs: before creds()
+    fsroot.enter(b)     # after every open by path in it; CAP_SYS_CHROOT: before creds()
     faults.point("restore.phase", "creds")
     b.creds()
     if b.threads:
@@ -625,6 +627,7 @@ def rebuild_late_steps(b: Builder):
         b.flush()
         threads.creds(b)
     procattrs.after_creds(b, job.core["attrs"])
+    pdeath.restore(b)       # after the credentials: a change of ids clears it
     faults.point("restore.phase", "rseq")
     b.register_rseq()
     yield

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import struct
 
+from . import autogroup
 from .errors import Refusal
 
 PR_GET_DUMPABLE, PR_SET_DUMPABLE = 3, 4
@@ -118,7 +119,7 @@ def dump(pid: int, got: dict) -> dict:
     return {"dumpable": vals["dumpable"], "child_subreaper": int(bool(vals["child_subreaper"])),
             "keep_caps": int(bool(vals["securebits"] & SECBIT_KEEP_CAPS)), "thp_disable": vals["thp_disable"],
             "mce_kill": vals["mce_kill"], "coredump_filter": cdf, "tsc": vals["tsc"], "mdwe": vals["mdwe"],
-            "memory_merge": vals["memory_merge"]}
+            "memory_merge": vals["memory_merge"], "autogroup_nice": autogroup.read(pid)}
 
 
 def describe(rec: dict) -> str:
@@ -150,6 +151,8 @@ def check_record(rec) -> bool:
             and rec["thp_disable"] in (0, 1) and rec["mce_kill"] in (0, 1, 2)
         ok = ok and rec["tsc"] in (1, 2) and rec["mdwe"] in (0, 1, 3) and rec["memory_merge"] in (0, 1)
         cdf = rec["coredump_filter"]
+        ag = rec.get("autogroup_nice")     # absent before it was carried, None without autogroups
+        ok = ok and (ag is None or (isinstance(ag, int) and not isinstance(ag, bool) and -20 <= ag <= 19))
         return ok and isinstance(cdf, int) and not isinstance(cdf, bool) and 0 <= cdf < 1 << 32
     except (KeyError, TypeError):
         return False
@@ -214,7 +217,9 @@ def after_creds(b, rec: dict) -> None:
 
 
 def outside(pid: int, rec: dict) -> None:
-    """From the restorer: the core dump filter (mm flags), read back."""
+    """From the restorer: the core dump filter (mm flags), read back; a
+    session leader's autogroup nice (engine/autogroup.py)."""
+    autogroup.restore(pid, rec.get("autogroup_nice"))
     path = f"/proc/{pid}/coredump_filter"
     with open(path) as f:
         now = int(f.read().strip(), 16)

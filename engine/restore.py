@@ -24,7 +24,8 @@ TYPE_CHECKING = False   # annotations only: importing typing costs every run ~3 
 if TYPE_CHECKING:
     from typing import Dict, List, Optional
 
-from . import (cgroups, fastjson, faults, files, guard, imagecheck, libc, membarrier, mempolicy, posixtimers, procattrs, procfs, sched, seccomp, signals,
+from . import (autogroup, cgroups, fastjson, fsroot, faults, files, guard, imagecheck, libc, membarrier, mempolicy, posixtimers, procattrs, procfs, sched,
+               seccomp, signals, sud,
                threads, unlinked)
 from .arch import current as current_arch
 from .build import build
@@ -88,6 +89,8 @@ def check_core(core) -> None:
         _need(core["mm"], k, int, f"{w} mm")
     for k in ("pointer", "size", "signature", "flags"):
         _need(core["rseq"], k, int, f"{w} rseq")
+    if not sud.check_record(core.get("sud")):
+        raise _bad(f"{w}: syscall user dispatch {core.get('sud')!r}")
     _need(core["cwd"], "path", str, f"{w} cwd")
     for k in ("sid", "pgid"):
         _need(core["session"], k, int, f"{w} session")
@@ -115,7 +118,8 @@ def check_core(core) -> None:
         raise _bad(f"{w}: membarrier malformed")
     if not mempolicy.check_record(core["mempolicy"]):
         raise _bad(f"{w}: mempolicy malformed")
-    if not posixtimers.check_records(core.get("posix_timers")):
+    tids = {r.get("tid") for r in core.get("threads", []) if isinstance(r, dict)}
+    if not posixtimers.check_records(core.get("posix_timers"), core.get("pid"), tids):
         raise _bad(f"{w}: posix_timers malformed")
     if not seccomp.check_record(core.get("seccomp")):
         raise _bad(f"{w}: seccomp malformed")
@@ -229,6 +233,7 @@ def preflight(reader: ImageReader, core: dict, vmas: List[dict], fdrecs: List[di
     for r in sched.validate(core["sched"]) + posixtimers.validate(core["posix_timers"]) + \
             seccomp.validate(core["seccomp"]) + procattrs.validate(core["attrs"], core.get("_creds_plan", "")) + \
             mempolicy.validate(core["mempolicy"]) + cgroups.validate(core.get("cgroups")) + \
+            fsroot.validate(core.get("root")) + \
             [r for t in core.get("threads", []) if t.get("mempolicy", core["mempolicy"]) != core["mempolicy"]
              for r in mempolicy.validate(t["mempolicy"])]:
         add(r)
@@ -259,6 +264,10 @@ def preflight(reader: ImageReader, core: dict, vmas: List[dict], fdrecs: List[di
                 raise OSError
         except OSError:
             add(Refusal("unsupported-state", f"its process group {sess['pgid']} no longer exists in this session"))
+    if not tree_member:
+        r = autogroup.refusal((core.get("attrs") or {}).get("autogroup_nice"), sess["sid"], pid, False)
+        if r is not None:
+            add(r)
     for rec in fdrecs:
         if "dup_of" in rec or "ofd_of" in rec:
             continue

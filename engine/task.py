@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from typing import List, Optional
 
 from . import arch as _arch
-from . import faults, guard, libc, ptrace, restart, rseqcs, signals
+from . import faults, guard, libc, ptrace, restart, rseqcs, signals, sud
 from .errors import EngineError, Refusal
 from .libc import SysError
 
@@ -48,6 +48,7 @@ class Task:
         self.settled = 0        # pending signals taken at the end of the freeze (settle)
         self.job_stop = 0       # the stop signal of a job-control stopped task (group stop), else 0
         self.attached = True
+        self.sud: Optional[dict] = None     # syscall user dispatch release() puts back (engine/sud.py)
         self._mem_fd: Optional[int] = None
         self.fault_name = "dump.syscall"       # "restore.syscall" once adopted (engine/faults.py)
         self.orig_regs = self.get_regs()
@@ -256,6 +257,7 @@ class Task:
         an rseq critical section aborted (engine/rseqcs.py: before any call
         is injected, whose return to user space would clear its rseq_cs)."""
         section = rseqcs.inspect(self)
+        self.sud = sud.freeze(self)     # off for the injected calls; release() puts it back
         signals.block_all(self)
         hook = getattr(self.arch, "after_seize", None)
         if hook is not None:
@@ -419,6 +421,8 @@ class Task:
         if hook is not None:
             hook(self)      # aarch64: live SVE state captured at seize
         signals.unblock(self)
+        if self.sud is not None:
+            sud.put(self.pid, self.sud)
         first = self.deferred_signals[0] if self.deferred_signals else 0
         ptrace.detach(self.pid, first)
         self.attached = False

@@ -51,7 +51,7 @@ TYPE_CHECKING = False   # annotations only: importing typing costs every run ~3 
 if TYPE_CHECKING:
     from typing import List, Optional
 
-from . import faults, guard, libc, mempolicy, ptrace, sched, signals
+from . import faults, guard, libc, mempolicy, ptrace, sched, signals, sud
 from .errors import EngineError, Refusal
 from .libc import SysError
 from .task import Task
@@ -338,7 +338,7 @@ def thread_state(task: Task, leader: Task, vmas: List[dict]) -> dict:
     from .procfs import read_all
     comm = read_all(f"/proc/{pid}/task/{tid}/comm").decode().rstrip("\n")
     rec = {"tid": tid, "comm": comm, "regs": task.image_regs.to_dict(), "sigmask": task_sigmask(task),
-           "rseq": _rseq(task), "robust_list": robust_list(tid), "sched": sched.dump(tid)}
+           "rseq": _rseq(task), "robust_list": robust_list(tid), "sched": sched.dump(tid), "sud": task.sud}
     pre = getattr(task, "prefetched_thread", None)
     if pre is not None:
         pre = dict(pre)
@@ -603,6 +603,8 @@ def check_records(recs) -> Optional[str]:
                 return f"thread {r['tid']}: rseq"
             if not sched.check_record(r["sched"]):
                 return f"thread {r['tid']}: sched"
+            if not sud.check_record(r.get("sud")):
+                return f"thread {r['tid']}: syscall user dispatch"
             if not mempolicy.check_record(r.get("mempolicy", [0, 0])):
                 return f"thread {r['tid']}: mempolicy"
             signals.check_record(r["signals"])
@@ -745,6 +747,7 @@ def finish(b) -> None:
             raise Refusal("cpu-mismatch", f"thread {tb.pid}: this CPU rejects the saved xstate "
                           f"({getattr(e, 'message', e)})", pid=b.pid) from None
         ptrace.set_sigmask(tb.pid, tb.rec["sigmask"])
+        tb.task.sud = tb.rec.get("sud")     # put by release(), after every injected call
         tb.final_regs = regs
     for tb in b.threads:
         tb.task.release(tb.final_regs)
