@@ -48,7 +48,22 @@ def _syscall_in_vdso(task: Task, vmas: List[dict]) -> int:
             i = task.arch.find_syscall(code)
             if i >= 0:
                 return v["start"] + i
-    raise Refusal("unsupported-state", "no [vdso] with a syscall instruction to inject through", pid=task.pid)
+    # A process that unmapped its vdso (zdtm vdso02): the instruction's
+    # bytes anywhere in its readable executable memory (libc's own
+    # syscall wrappers); nothing after it runs (every injected call stops
+    # at the syscall's exit and the registers are set again).
+    for v in vmas:
+        if v["perms"].startswith("r") and v["perms"][2] == "x" and v["path"] not in ("[vsyscall]",):
+            for off in range(v["start"], v["end"], 1 << 16):
+                try:    # 8 bytes past the chunk: an instruction across its end
+                    code = task.read_mem(off, min((1 << 16) + 8, v["end"] - off))
+                except (OSError, EngineError):
+                    break
+                i = task.arch.find_syscall(code)
+                if i >= 0:
+                    return off + i
+    raise Refusal("unsupported-state", "no syscall instruction in its [vdso] or executable memory to inject "
+                  "through", pid=task.pid)
 
 
 def _scratch(task: Task, vmas: List[dict]) -> int:

@@ -233,16 +233,14 @@ def after_creds(b, rec: dict) -> None:
     """Once the credentials are the process's: keep-caps (a setuid clears
     it) and dumpable (any change of ids, or of capabilities to fewer, sets
     fs.suid_dumpable: set 0 or 1 always; 2 is what that change gave,
-    validate() made sure, read back)."""
+    validate() made sure, read back). Queued (engine/batch.py; the read
+    back checked as the batch runs)."""
     if rec["keep_caps"]:
-        b.call("prctl", PR_SET_KEEPCAPS, 1, 0, 0, 0)
+        b.pending.add("prctl", PR_SET_KEEPCAPS, 1, 0, 0, 0)
     if rec["dumpable"] != 2:
-        b.call("prctl", PR_SET_DUMPABLE, rec["dumpable"], 0, 0, 0)
+        b.pending.add("prctl", PR_SET_DUMPABLE, rec["dumpable"], 0, 0, 0)
         return
-    got = b.call("prctl", PR_GET_DUMPABLE, 0, 0, 0, 0)
-    if got != 2:
-        from .errors import EngineError
-        raise EngineError(f"dumpable came back {got}, not 2", pid=b.pid)
+    b.pending.add("prctl", PR_GET_DUMPABLE, 0, 0, 0, 0, expect=(2, "dumpable came back {got}, not 2"))
 
 
 def outside(pid: int, rec: dict) -> None:
