@@ -31,6 +31,7 @@ import ast
 import concurrent.futures
 import ctypes
 import json
+import multiprocessing
 import os
 import re
 import shlex
@@ -236,7 +237,10 @@ def _ckpt(cmd: list, argv: list, timeout: float = 120):
         doc = json.loads(r.stdout)
     except ValueError:
         doc = {}
-    return r.returncode, doc, r.stderr
+    rc = r.returncode
+    if rc == 0 and doc.get("ok") is False:      # what ckpt said wins over a status that could be lost
+        rc = doc.get("exit") or 1
+    return rc, doc, r.stderr
 
 
 def _reasons(doc: dict, stderr: str) -> list:
@@ -451,7 +455,6 @@ def main(argv=None) -> int:
         print(f"zdtm: not static tests of {static}: {', '.join(unknown)}", file=sys.stderr)
         return 2
     build(args.src, names, max(args.jobs, 2))
-    _subreaper()
     work = args.work or tempfile.mkdtemp(prefix="zdtm-", dir="/var/tmp")
     os.makedirs(work, exist_ok=True)
     os.chmod(work, 0o755)     # tests not flagged suid run under CRIU's test ids: they must get to their directories
@@ -461,8 +464,13 @@ def main(argv=None) -> int:
     results = []
     # Socket tests bind fixed ports (8880-8886): they run one at a time in a
     # lane of their own, so that two of them never take each other's.
-    with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool, \
-            concurrent.futures.ThreadPoolExecutor(max_workers=1) as net:
+    # Worker processes, not threads: each is the subreaper of the tests it
+    # runs, one at a time, so its waitpid(-1) for their orphans never takes
+    # another test's ckpt (subprocess then reads a child reaped elsewhere as
+    # exit status 0: a refused dump looked like a dump).
+    ctx = multiprocessing.get_context("fork")
+    with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=ctx, initializer=_subreaper) as pool, \
+            concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx, initializer=_subreaper) as net:
         futs = {(net if NET.search(n) else pool).submit(run_one, n, kinds[n], static, special, work, ckpt,
                                                                 not args.no_baseline): n
                 for n in names}
@@ -474,7 +482,6 @@ def main(argv=None) -> int:
             results.append(r)
             shown = ", ".join(r.get("reasons") or []) or (r.get("detail") or "")[:100]
             print(f"[{i}/{len(names)}] {r['test']}: {r['outcome']} {shown}", file=sys.stderr, flush=True)
-    _reap()
     results.sort(key=lambda r: r["test"])
     if args.out:
         with open(args.out, "w") as f:
