@@ -727,6 +727,33 @@ def m_share_to_private(img: Image) -> str:
     return f"mapping {v['start']:#x}-{v['end']:#x} {v['path']} {old} -> {v['perms']}"
 
 
+def m_drop_tree_child(img: Image) -> str:
+    """One member of a process tree is not restored: the last one that has
+    no children and that no other member's image refers to (a zombie
+    first: it holds nothing else)."""
+    tree = img.json("tree.json") if "tree.json" in img.manifest["files"] else None
+    members = (tree or {}).get("members") or []
+    if len(members) < 2:
+        raise NoTarget("not a process tree")
+    parents = {m.get("ppid") for m in members}
+    named = set()
+    for m in members:
+        for name, key in (("fds.json", "ofd_of"), ("mm.json", "tree_shared")):
+            path = m.get("dir", "") + name
+            if path not in img.manifest["files"]:
+                continue
+            recs = img.json(path)
+            recs = recs.get("vmas", []) if isinstance(recs, dict) else recs
+            named |= {r[key][0] for r in recs if isinstance(r, dict) and isinstance(r.get(key), list)}
+    cands = [m for m in members[1:] if m["pid"] not in parents and m["pid"] not in named]
+    if not cands:
+        raise NoTarget("every child has children or is referred to by another member")
+    gone = sorted(cands, key=lambda m: (not m.get("zombie"), members.index(m)))[0]
+    tree["members"] = [m for m in members if m is not gone]
+    img.put_json("tree.json")
+    return f"member {gone['pid']} ({gone.get('comm')}{', a zombie' if gone.get('zombie') else ''}) not restored"
+
+
 EDITS: Dict[str, Tuple[Callable[[Image], str], str]] = {
     "drop-offset": (m_drop_offset, "one file fd's offset restored as 0"),
     "drop-append": (m_drop_append, "one file fd loses O_APPEND"),
@@ -766,6 +793,7 @@ EDITS: Dict[str, Tuple[Callable[[Image], str], str]] = {
     "rename-thread": (m_rename_thread, "a thread besides the leader gets the leader's name"),
     "restorer-auxv": (m_restorer_auxv, "the auxiliary vector comes back as the restorer's"),
     "share-to-private": (m_share_to_private, "a MAP_SHARED file mapping comes back MAP_PRIVATE"),
+    "drop-tree-child": (m_drop_tree_child, "one child of a process tree is not restored"),
 }
 
 
@@ -1061,6 +1089,8 @@ CAUGHT_BY: Dict[str, str] = {
     "rename-thread": "each thread's name compared from outside; the workload names its threads (threads/*)",
     "restorer-auxv": "/proc/PID/auxv compared from outside (every scenario)",
     "share-to-private": "the maps diff (perms s/p) and the workload's mapping checks (mmap/shared-readonly)",
+    "drop-tree-child": "every child judged after the restore: same pid, parent, group, session, its exit status "
+                       "collected by the parent (tree/*); the program tree compared (programs/*)",
 }
 
 

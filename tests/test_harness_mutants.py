@@ -198,7 +198,7 @@ EXPECTED = {
     "change-mprotect": {"maps"},
 }
 # Edits of a tree image (the sink is one process: nothing for them there).
-TREE_EDITS = {"unshare-tree-memory"}
+TREE_EDITS = {"unshare-tree-memory", "drop-tree-child"}
 # Edits of a threaded or a quiet Python target (THREADED, QUIET below).
 THREAD_EDITS = {"reset-thread-sched": {"nice"}, "swap-thread-tls": {"ident"}, "reset-mxcsr": {"third"},
                 # one thread fewer: every per-thread list has one entry fewer
@@ -806,3 +806,66 @@ def test_timed_mutants_break_exactly_one_thing(procs, tmp_path):
         got = restored(mine)
         differ = {k for k in want if got[k] != want[k]}
         assert differ == changed, f"{name} ({what}): {got} vs {want}"
+
+
+ZOMBIE_PARENT = r"""
+import os, time
+kid = os.fork()
+if kid == 0:
+    os._exit(7)
+sleeper = os.fork()
+if sleeper == 0:
+    while True:
+        time.sleep(1)
+open("kids.tmp", "w").write(f"{kid} {sleeper}")
+os.rename("kids.tmp", "kids")
+while True:
+    time.sleep(1)
+"""
+
+
+def test_drop_tree_child_loses_one_member_only(procs, tmp_path):
+    """A parent with a zombie child and a sleeping one: restored from the
+    real image both are its children; from the edited image the zombie is
+    gone and the sleeper is still there."""
+    become_subreaper()
+    (tmp_path / "parent.py").write_text(ZOMBIE_PARENT)
+    p = procs.start([sys.executable, str(tmp_path / "parent.py")], cwd=str(tmp_path))
+    wait_for(lambda: (tmp_path / "kids").exists(), what="the parent's children")
+    zombie, sleeper = (int(x) for x in (tmp_path / "kids").read_text().split())
+    wait_for(lambda: open(f"/proc/{zombie}/stat").read().rsplit(")", 1)[1].split()[0] == "Z", what="the zombie")
+    img = str(tmp_path / "img")
+    r = ckpt("dump", "-t", str(p.pid), "-D", img, "--json")
+    assert r.returncode == 0, r.stderr
+    procs.reap(p.pid)
+    for pid in (sleeper, zombie):      # orphaned by the dump's kill: ours to reap
+        deadline = time.monotonic() + 10
+        while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+            time.sleep(0.02)
+
+    def children():
+        rr = ckpt("restore", "-D", img, "--json")
+        assert rr.returncode == 0, rr.stderr
+        procs.adopt(p.pid)
+        try:
+            return sorted(int(x) for x in open(f"/proc/{p.pid}/task/{p.pid}/children").read().split())
+        finally:
+            procs.kill(p.pid)
+            for pid in (sleeper, zombie):
+                deadline = time.monotonic() + 10
+                while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                        os.waitpid(pid, os.WNOHANG)
+                    except (ChildProcessError, ProcessLookupError):
+                        pass
+                    time.sleep(0.02)
+    assert children() == sorted([zombie, sleeper])
+    what = mutants.apply_edit("drop-tree-child", img)
+    ImageReader(img).verify()
+    assert f"member {zombie} " in what and "a zombie" in what
+    assert children() == [sleeper]
