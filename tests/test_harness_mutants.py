@@ -209,7 +209,8 @@ MEMORY_EDITS = {"drop-cow-page"}
 SOCKET_EDITS = {"reset-sockopt"}
 # Edits of the TIMED target below: what each changes of what it reports.
 TIMED_EDITS = {"disarm-posix-timer": {"posix timer"}, "reset-itimers": {"itimer"},
-               "double-pending-signal": {"pending"}, "drop-file-lock": {"lock"}, "move-brk": {"brk"}}
+               "double-pending-signal": {"pending"}, "drop-file-lock": {"lock"}, "move-brk": {"brk"},
+               "lose-robust-list": {"robust"}, "lose-sigaltstack": {"altstack"}}
 
 
 def test_every_mutant_is_listed_and_tested():
@@ -742,6 +743,7 @@ sysapi.timer_settime(h, 2000000, 500000)
 sysapi.sigqueue(os.getpid(), signal.SIGRTMIN + 3, 77)
 f = open("locked", "w")
 fcntl.lockf(f, fcntl.LOCK_EX)
+sysapi.sigaltstack_set(sysapi.mmap(65536, 3, 0x22, -1, 0), 65536)
 def report(*_):
     got = []
     while signal.sigtimedwait({signal.SIGRTMIN + 3}, 0) is not None:
@@ -749,7 +751,8 @@ def report(*_):
     with open("report.tmp", "w") as out:
         json.dump({"itimer": round(signal.getitimer(signal.ITIMER_REAL)[1], 3),
                    "posix timer": round(sysapi.timer_gettime(h)[1], 3), "pending": len(got),
-                   "brk": brk(ctypes.c_long(workload.BRK_NR[os.uname().machine]), ctypes.c_void_p(0))}, out)
+                   "brk": brk(ctypes.c_long(workload.BRK_NR[os.uname().machine]), ctypes.c_void_p(0)),
+                   "altstack": list(sysapi.sigaltstack_get())}, out)
     os.rename("report.tmp", "report")
 signal.signal(signal.SIGUSR2, report)
 open("ready.tmp", "w").close()
@@ -770,6 +773,8 @@ def _timed_facts(pid, work):
     with open(work / "locked", "r+") as f:      # F_GETLK: who holds a lock that conflicts with ours
         got = fcntl.fcntl(f, fcntl.F_GETLK, struct.pack("hhqqi", fcntl.F_WRLCK, 0, 0, 0, 0))
     facts["lock"] = struct.unpack("hhqqi", got)[4]
+    from harness import procstate
+    facts["robust"] = procstate._robust_list(pid)
     return facts
 
 
@@ -796,7 +801,8 @@ def test_timed_mutants_break_exactly_one_thing(procs, tmp_path):
         finally:
             procs.kill(p.pid)
     want = restored(img)
-    assert want.pop("brk") and want == {"itimer": 1000.0, "posix timer": 500.0, "pending": 1, "lock": p.pid}
+    assert want.pop("brk") and want.pop("robust") and want.pop("altstack")[2] == 65536
+    assert want == {"itimer": 1000.0, "posix timer": 500.0, "pending": 1, "lock": p.pid}
     want = restored(img)
     for name, changed in sorted(TIMED_EDITS.items()):
         mine = str(tmp_path / f"img-{name}")
