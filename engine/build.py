@@ -35,7 +35,7 @@ TYPE_CHECKING = False   # annotations only: importing typing costs every run ~3 
 if TYPE_CHECKING:
     from typing import List, Optional
 
-from . import cgroups, creds, faults, libc, membarrier, mempolicy, posixtimers, procattrs, procfs, ptrace, sched, seccomp, signals, threads
+from . import cgroups, creds, faults, pdeath, libc, membarrier, mempolicy, posixtimers, procattrs, procfs, ptrace, sched, seccomp, signals, threads
 from .arch import current as current_arch
 from .batch import Batch, Data
 from .gadget import HANDLER_SCRATCH, _free_gap, _maps, clone_with_pid, gadget_size, place_gadget  # noqa: F401
@@ -591,6 +591,7 @@ def rebuild_late(b: Builder) -> None:
     b.creds()
     threads.creds(b)
     procattrs.after_creds(b, job.core["attrs"])
+    pdeath.restore(b)       # after the credentials: a change of ids clears it
     faults.point("restore.phase", "rseq")
     b.register_rseq()
     faults.point("restore.phase", "signals")

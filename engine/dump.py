@@ -17,7 +17,7 @@ TYPE_CHECKING = False   # annotations only: importing typing costs every run ~3 
 if TYPE_CHECKING:
     from typing import Dict, List, Optional
 
-from . import cgroups, creds, faults, files, libc, membarrier, mempolicy, posixtimers, procattrs, procfs, sched, seccomp, signals, threads, tree, unlinked
+from . import cgroups, creds, faults, pdeath, files, libc, membarrier, mempolicy, posixtimers, procattrs, procfs, sched, seccomp, signals, threads, tree, unlinked
 from .arch import current as current_arch
 from .check import Survey, preflight, require_features, target_checks
 from .context import DumpContext, Options, boot_id
@@ -246,7 +246,7 @@ def robust_list(pid: int) -> List[int]:
     return [head.value, size.value]
 
 
-def process_state(task: Task, s: Survey) -> dict:
+def process_state(task: Task, s: Survey, ctx=None) -> dict:
     proc = s.proc
     st = s.stat
     status = s.status
@@ -275,7 +275,9 @@ def process_state(task: Task, s: Survey) -> dict:
     state["sched"] = sched.dump(pid)
     state["seccomp"] = seccomp.dump(pid, seccomp.mode_of(status))
     state.update(injected_state(task, s.vmas))
-    refuse_pdeath_signal(pid, pid, state.pop("pdeath_signal"))
+    sig = pdeath.dump(pid, state.pop("pdeath_signal"), st["ppid"], ctx)
+    if sig:
+        state["pdeath_signal"] = sig
     state["attrs"] = procattrs.dump(pid, state)
     state["mm"]["brk"] = state["brk"]
     return state
@@ -439,7 +441,7 @@ def _survey_frozen(pid: int, task: Task, ctx: DumpContext, proc: procfs.Proc):
         return s, None, {}
     state = None
     try:
-        state = process_state(task, s)
+        state = process_state(task, s, ctx)
         s.ok("registers", "cpu", task.arch.describe_cpu_state(task.orig_regs, task.get_xstate()))
         s.ok("signals", "signals", f"mask {state['sigmask']:#x}, {sum(1 for a in state['sigactions'].values() if a[0])} handlers")
         s.ok("process attributes", "process", procattrs.describe(state["attrs"]))

@@ -828,6 +828,11 @@ def check_records(reader, core: dict, vmas: List[dict], fdrecs: List[dict]) -> N
     if len(aux) % 2 or len(aux) > 2 * 64 or aux[-2:] != [0, 0] or any(not 0 <= x <= U64 for x in aux):
         raise invalid("core.json: auxv is not a terminated list of (type, value) pairs")
     _check_creds(core["creds"])
+    from . import cgroups, pdeath
+    if not pdeath.check_record(core.get("pdeath_signal", 0)):
+        raise invalid("core.json pdeath_signal")
+    if not cgroups.check_record(core.get("cgroups")):
+        raise invalid("core.json cgroups")
     sess = core["session"]
     if not all(0 < sess[k] < pid_max for k in ("sid", "pgid")) or (sess["sid"] == core["pid"] != sess["pgid"]):
         raise invalid(f"core.json: session {sess} (a session leader leads its own group)")

@@ -182,7 +182,7 @@ def _subkind(info, ctx=None):
     elif is_udp(fam, typ, q["proto"]):
         kind = "udp"
     elif fam == _netlink.AF_NETLINK:
-        kind = "netlink"          # its classify refuses every protocol but NETLINK_ROUTE
+        kind = "netlink"          # its classify refuses every protocol but NETLINK_ROUTE and NETLINK_AUDIT
     if kind is None:
         raise refuse(info, "socket", _describe_safely(info))
     if not same_netns(info.pid):
