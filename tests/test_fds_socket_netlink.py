@@ -218,3 +218,103 @@ def test_real_dbus_daemon_with_its_audit_socket_is_restored_and_answers(tmp_path
             p.wait(timeout=5)
         except Exception:
             pass
+
+
+# -- ping sockets (ICMP datagram: ping(8) without capabilities) -------------------
+
+def test_ping_socket_restored_with_its_ident_and_options_and_answered(tmp_path):
+    """Refused before ("inet dgram protocol 1"). Bound to an ident, IP_RECVERR
+    and SO_TIMESTAMP set, as ping(8) does; after the restore an echo
+    request sent through it is answered to it (replies are matched by the
+    ident)."""
+    setup = """
+import socket
+p = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)
+p.setsockopt(socket.IPPROTO_IP, 11, 1)          # IP_RECVERR
+p.setsockopt(socket.SOL_SOCKET, 29, 1)          # SO_TIMESTAMP
+p.sendto(bytes([8, 0, 0, 0, 0, 0, 0, 1]) + b"x" * 8, ("127.0.0.1", 0))   # the kernel picks an ident
+p.settimeout(5)
+p.recv(100)                                       # its reply read: nothing queued
+os.dup2(p.fileno(), 500); p.close()
+"""
+    import struct
+    with Target(tmp_path, setup, "report['ident'] = socket.socket(fileno=os.dup(500)).getsockname()[1]") as t:
+        ident = t.check()["ident"]
+        assert ident != 0
+        assert classify(t.pid, 500) == f"ping ident {ident}, options SO_TIMESTAMP, IP_RECVERR"
+        img = dump(t.pid, [500], str(tmp_path / "img"))
+        t.close()
+        with restore(img):
+            s = socket.socket(fileno=os.dup(500))
+            try:
+                assert s.getsockname()[1] == ident
+                assert s.getsockopt(socket.IPPROTO_IP, 11) == 1 and s.getsockopt(socket.SOL_SOCKET, 29) == 1
+                s.settimeout(5)
+                s.sendto(bytes([8, 0, 0, 0, 0, 0, 0, 2]) + b"y" * 8, ("127.0.0.1", 0))
+                reply = s.recv(100)
+                assert reply[0] == 0 and struct.unpack(">HH", reply[4:8]) == (ident, 2) and reply[8:] == b"y" * 8
+            finally:
+                s.close()
+
+
+def test_ping_socket_with_a_reply_queued_is_refused(tmp_path):
+    setup = """
+import socket, time
+p = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)
+p.sendto(bytes([8, 0, 0, 0, 0, 0, 0, 1]), ("127.0.0.1", 0))
+time.sleep(0.2)                                   # its reply waits, unread
+os.dup2(p.fileno(), 500); p.close()
+"""
+    with Target(tmp_path, setup) as t:
+        assert refusal(t.pid, 500).endswith("bytes of echo replies queued to be read")
+
+
+def test_real_ping_is_restored_and_goes_on_counting_replies(tmp_path):
+    """ping(8) as root, on ping sockets (IPv4 and IPv6) with its capabilities
+    dropped: refused before for both sockets. After the restore its
+    sequence numbers go on from where they were, every request answered."""
+    import re
+    import shutil
+    import subprocess
+    import time
+    from engine.context import Options
+    from engine.dump import dump as full_dump
+    from engine.errors import Refusal as R, Refusals
+    from engine.restore import restore as full_restore
+    if not shutil.which("ping"):
+        pytest.skip("no ping (iputils-ping)")
+    out = tmp_path / "ping.out"
+    with open(out, "w") as f:
+        p = subprocess.Popen(["ping", "-n", "-i", "0.3", "127.0.0.1"], stdin=subprocess.DEVNULL, stdout=f,
+                             stderr=subprocess.STDOUT, close_fds=True, start_new_session=True)
+    try:
+        seqs = lambda: [int(m) for m in re.findall(r"icmp_seq=(\d+)", out.read_text())]
+        deadline = time.monotonic() + 10
+        while len(seqs()) < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for attempt in range(6):      # a freeze that meets a reply still queued is refused: again
+            try:
+                full_dump(p.pid, str(tmp_path / "img"), Options())
+                break
+            except (R, Refusals) as e:
+                assert "echo replies queued" in str(e), e
+                time.sleep(0.1)
+        else:
+            raise AssertionError("every freeze met a reply queued")
+        p.wait()
+        n = max(seqs())
+        full_restore(str(tmp_path / "img"), Options())
+        deadline = time.monotonic() + 10
+        while max(seqs()) < n + 4 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        got = seqs()
+        assert max(got) >= n + 4 and got == list(range(1, len(got) + 1)), got
+    finally:
+        try:
+            os.kill(p.pid, 9)
+        except OSError:
+            pass
+        try:
+            p.wait(timeout=5)
+        except Exception:
+            pass

@@ -118,6 +118,7 @@ SYS: Dict[str, int] = {
     "arch_prctl": 158,   # engine/procattrs.py: ARCH_GET_CPUID
     "kcmp": 312,   # engine/threads.py: what threads share
     "capset": 126, "setfsuid": 122, "setfsgid": 123, "openat": 257,   # engine/creds.py
+    "chroot": 161,   # engine/fsroot.py
 }
 
 

@@ -44,7 +44,7 @@ import socket as _socket
 
 from .. import netinfo, pidfd
 from ..errors import Refusal
-from . import _inetsock, _netlink, _tcpconn, _sys, _udp, _unixdgram, _unixlisten, _unixpair, _unixpending
+from . import _inetsock, _netlink, _ping, _tcpconn, _sys, _udp, _unixdgram, _unixlisten, _unixpair, _unixpending
 from ._sockbase import UNIX_TYPES, is_tcp, is_udp, same_netns
 from ._util import check_async, refuse, refuse_rec
 
@@ -181,6 +181,8 @@ def _subkind(info, ctx=None):
         kind = "tcp-conn"         # its classify refuses every state but established
     elif is_udp(fam, typ, q["proto"]):
         kind = "udp"
+    elif _ping.is_ping(fam, typ, q["proto"]):
+        kind = "ping"             # ICMP datagram sockets (ping(8)): nothing queued
     elif fam == _netlink.AF_NETLINK:
         kind = "netlink"          # its classify refuses every protocol but NETLINK_ROUTE and NETLINK_AUDIT
     if kind is None:
@@ -196,6 +198,7 @@ _CLASSIFY = {"unix-pair": (_unixpair.pair_classify, _unixpair.pair_text),
              "tcp-listen": (_inetsock.listener_classify, _inetsock.listener_text),
              "tcp-conn": (_tcpconn.classify, _tcpconn.text),
              "udp": (_udp.classify, _udp.text),
+             "ping": (_ping.classify, _ping.text),
              "netlink": (_netlink.classify, _netlink.text),
              "unix-dgram": (_unixdgram.classify, _unixdgram.text),
              "unix-pending": (_unixpending.client_classify, _unixpending.client_text)}
@@ -204,6 +207,7 @@ _RESTORE = {"unix-pair": (_unixpair.pair_validate, _unixpair.pair_restore),
             "tcp-listen": (_inetsock.listener_validate, _inetsock.listener_restore),
             "tcp-conn": (_tcpconn.validate, _tcpconn.restore),
             "udp": (_udp.validate, _udp.restore),
+            "ping": (_ping.validate, _ping.restore),
             "netlink": (_netlink.validate, _netlink.restore),
             "unix-dgram": (_unixdgram.validate, _unixdgram.restore),
             "unix-pending": (_unixpending.client_validate, _unixpending.client_restore)}
