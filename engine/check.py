@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from typing import Any, Dict, List, Optional
 
 from . import fds as fdkinds
-from . import fstype, lsm, posixtimers, procfs, sysvsem, unlinked
+from . import autogroup, fstype, lsm, pidfd, posixtimers, procfs, sysvsem, unlinked
 from .context import DumpContext
 from .errors import EngineError, Refusal, UsageError
 
@@ -142,6 +142,9 @@ def _check_process(s: Survey, ctx: Optional[DumpContext] = None) -> None:
         s.refuse("posix timers", "timers", r)
     if not st.get("tty_nr", 0):
         s.ok("session", "session", f"sid {st['session']} pgid {st['pgrp']}, no controlling terminal")
+    r = autogroup.refusal(autogroup.read(pid), st["session"], pid, st["session"] in tree)
+    if r is not None:
+        s.refuse("autogroup", "process", r)
     # Namespaces: a restore recreates the process in the restorer's ones.
     differ = []
     for ns in NS_KINDS:
@@ -159,7 +162,11 @@ def _check_process(s: Survey, ctx: Optional[DumpContext] = None) -> None:
     root = os.stat(proc.path("root"))
     myroot = _my_root()
     if (root.st_dev, root.st_ino) != (myroot.st_dev, myroot.st_ino):
-        s.refuse("root", "fs", Refusal("unsupported-state", "chrooted (root directory differs from ckpt's)"))
+        from . import fsroot
+        try:
+            s.ok("root", "fs", f"chrooted to {fsroot.dump(pid)['path']}: chrooted again at restore")
+        except Refusal as r:
+            s.refuse("root", "fs", r)
     cwd = proc.readlink("cwd")
     if unlinked.is_unlinked(cwd, os.stat(proc.path("cwd"))):
         s.ok("cwd", "fs", f"{cwd}: removed, recreated and removed again at restore")
@@ -174,6 +181,11 @@ def _check_process(s: Survey, ctx: Optional[DumpContext] = None) -> None:
         # clone3(exit_signal=SIGCHLD) would notify its parent differently.
         s.refuse("exit signal", "process", Refusal("unsupported-state", f"exit signal {st['exit_signal']}, not SIGCHLD"))
     _check_creds(s)
+    try:
+        from . import cgroups
+        cgroups.dump(pid)
+    except Refusal as r:
+        s.refuse("cgroups", "process", r)
     try:
         sysvsem.check(pid)
     except Refusal as r:
@@ -358,16 +370,38 @@ def fd_info(proc: procfs.Proc, fd: int) -> fdkinds.FdInfo:
 def _check_fds(s: Survey, ctx: DumpContext) -> None:
     infos = [fd_info(s.proc, fd) for fd in s.proc.fds()]
     ctx.all_fds = {i.fd: i for i in infos}
-    for info in infos:
-        what = f"fd {info.fd} {info.link}"
-        try:
-            kind, mod = fdkinds.handler_for(info)
-            desc = mod.classify(info, ctx)
-        except Refusal as r:
-            s.refuse(what, fdkinds.classify_kind(info), r)
-            continue
-        s.fds.append((info, kind, mod))
-        s.ok(what, kind, desc or kind)
+    pfd = None
+    try:
+        for info in infos:
+            what = f"fd {info.fd} {info.link}"
+            try:
+                kind, mod = fdkinds.handler_for(info)
+                desc = mod.classify(info, ctx)
+                if kind != "directory":      # a directory's owner is dnotify's (refused there)
+                    if pfd is None:
+                        pfd = pidfd.pidfd_open(s.pid)
+                    _check_owner(info, ctx, pfd)
+            except Refusal as r:
+                s.refuse(what, fdkinds.classify_kind(info), r)
+                continue
+            s.fds.append((info, kind, mod))
+            s.ok(what, kind, desc or kind)
+    finally:
+        if pfd is not None:
+            os.close(pfd)
+
+
+def _check_owner(info, ctx: DumpContext, pfd: int) -> None:
+    """The F_SETOWN owner and F_SETSIG signal of every open file, O_ASYNC or
+    not: without O_ASYNC they still decide where SIGURG goes and where
+    signals go once the process turns O_ASYNC on, and F_GETOWN reads them
+    back (a restore that kept only O_ASYNC's lost them). Saved in
+    `info.owner` (engine/dump.py records it); an owner outside the dump is
+    refused, as for O_ASYNC."""
+    from .fds._util import check_owner, read_owner
+    info.owner = read_owner(info, pfd)
+    if info.owner is not None:
+        check_owner(info, ctx, info.owner)
 
 
 def preflight(pid: int, ctx: DumpContext, proc: procfs.Proc, maps: Optional[List[dict]] = None) -> Survey:

@@ -43,11 +43,13 @@ login session than ckpt's is refused: its session id could not come back.
 
 from __future__ import annotations
 
-import os
 import struct
-from typing import Dict, List, Optional
 
 from .errors import EngineError, Refusal
+
+TYPE_CHECKING = False   # annotations only: importing typing costs every run ~3 ms
+if TYPE_CHECKING:
+    from typing import Dict, List, Optional
 
 CAP_SETGID, CAP_SETUID, CAP_SETPCAP, CAP_AUDIT_CONTROL = 6, 7, 8, 30
 PR_SET_KEEPCAPS = 8

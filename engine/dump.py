@@ -17,7 +17,7 @@ TYPE_CHECKING = False   # annotations only: importing typing costs every run ~3 
 if TYPE_CHECKING:
     from typing import Dict, List, Optional
 
-from . import creds, faults, files, libc, membarrier, mempolicy, posixtimers, procattrs, procfs, sched, seccomp, signals, threads, tree, unlinked
+from . import cgroups, creds, faults, fsroot, pdeath, files, landlock, libc, membarrier, mlockfuture, mempolicy, posixtimers, procattrs, procfs, sched, seccomp, signals, threads, tree, unlinked
 from .arch import current as current_arch
 from .check import Survey, preflight, require_features, target_checks
 from .context import DumpContext, Options, boot_id
@@ -48,7 +48,22 @@ def _syscall_in_vdso(task: Task, vmas: List[dict]) -> int:
             i = task.arch.find_syscall(code)
             if i >= 0:
                 return v["start"] + i
-    raise Refusal("unsupported-state", "no [vdso] with a syscall instruction to inject through", pid=task.pid)
+    # A process that unmapped its vdso (zdtm vdso02): the instruction's
+    # bytes anywhere in its readable executable memory (libc's own
+    # syscall wrappers); nothing after it runs (every injected call stops
+    # at the syscall's exit and the registers are set again).
+    for v in vmas:
+        if v["perms"].startswith("r") and v["perms"][2] == "x" and v["path"] not in ("[vsyscall]",):
+            for off in range(v["start"], v["end"], 1 << 16):
+                try:    # 8 bytes past the chunk: an instruction across its end
+                    code = task.read_mem(off, min((1 << 16) + 8, v["end"] - off))
+                except (OSError, EngineError):
+                    break
+                i = task.arch.find_syscall(code)
+                if i >= 0:
+                    return off + i
+    raise Refusal("unsupported-state", "no syscall instruction in its [vdso] or executable memory to inject "
+                  "through", pid=task.pid)
 
 
 def _scratch(task: Task, vmas: List[dict]) -> int:
@@ -118,6 +133,8 @@ def _after_reads(task: Task, scr: int, vmas: List[dict], out: dict) -> None:
     the mappings' own NUMA policies (asked from inside only where
     numa_maps cannot tell)."""
     out["posix_timers"] = posixtimers.dump(task, scr)
+    landlock.check(task, procfs.Proc(task.pid).status())    # refused: a restore would leave its sandbox
+    out["mlock_future"] = mlockfuture.probe(task)
     out.setdefault("mempolicy", [mempolicy.MPOL_DEFAULT, 0])
     if "membarrier" not in out:     # a kernel without MEMBARRIER_CMD_GET_REGISTRATIONS
         out["membarrier"] = membarrier.probe(task)
@@ -246,7 +263,7 @@ def robust_list(pid: int) -> List[int]:
     return [head.value, size.value]
 
 
-def process_state(task: Task, s: Survey) -> dict:
+def process_state(task: Task, s: Survey, ctx=None) -> dict:
     proc = s.proc
     st = s.stat
     status = s.status
@@ -260,6 +277,7 @@ def process_state(task: Task, s: Survey) -> dict:
         "regs": task.image_regs.to_dict(),
         "sigmask": task_sigmask(task),
         "rseq": _rseq(task),
+        "sud": task.sud,        # syscall user dispatch, read at the freeze (engine/sud.py)
         "mm": mm,
         "auxv": procfs.parse_auxv(proc.read_bytes("auxv")),
         "robust_list": robust_list(pid),
@@ -270,11 +288,17 @@ def process_state(task: Task, s: Survey) -> dict:
         "session": {"sid": st["session"], "pgid": st["pgrp"]},
         "exit_signal": st.get("exit_signal", 17),
         "creds": creds.record(status, pid),
+        "cgroups": cgroups.dump(pid),
     }
+    root = fsroot.dump(pid)
+    if root is not None:
+        state["root"] = root
     state["sched"] = sched.dump(pid)
     state["seccomp"] = seccomp.dump(pid, seccomp.mode_of(status))
     state.update(injected_state(task, s.vmas))
-    refuse_pdeath_signal(pid, pid, state.pop("pdeath_signal"))
+    sig = pdeath.dump(pid, state.pop("pdeath_signal"), st["ppid"], ctx)
+    if sig:
+        state["pdeath_signal"] = sig
     state["attrs"] = procattrs.dump(pid, state)
     state["mm"]["brk"] = state["brk"]
     return state
@@ -394,7 +418,9 @@ def dump_fds(s: Survey, ctx: DumpContext, shared: Optional[Dict[int, list]] = No
         else:
             faults.point(point, kind)
             rec = mod.dump(info, ctx)
-            if info.flags & O_ASYNC:      # its open file's owner and signal (classify checked the owner)
+            if info.owner is not None:    # its open file's owner and signal (check._check_owner), O_ASYNC or not
+                rec["async"] = info.owner
+            elif info.flags & O_ASYNC:
                 rec["async"] = async_owner(info)
         rec.update(common)
         _restore_would_accept(rec, info)
@@ -438,7 +464,7 @@ def _survey_frozen(pid: int, task: Task, ctx: DumpContext, proc: procfs.Proc):
         return s, None, {}
     state = None
     try:
-        state = process_state(task, s)
+        state = process_state(task, s, ctx)
         s.ok("registers", "cpu", task.arch.describe_cpu_state(task.orig_regs, task.get_xstate()))
         s.ok("signals", "signals", f"mask {state['sigmask']:#x}, {sum(1 for a in state['sigactions'].values() if a[0])} handlers")
         s.ok("process attributes", "process", procattrs.describe(state["attrs"]))

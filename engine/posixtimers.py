@@ -19,9 +19,16 @@ They are armed last (arm()), with every signal blocked so a timer that
 fires before the process runs stays pending with its own siginfo instead of
 being caught by the tracer; finish puts the dumped signal mask back.
 
+A timer that notifies one thread (SIGEV_THREAD_ID; glibc's SIGEV_THREAD
+timers notify its helper thread so, as vim's do) is created once that
+thread exists again: threads come back with their TIDs, before the timers
+(engine/build.py), and the kernel accepts a target in the caller's thread
+group (good_sigevent).
+
 Not exact, hence refused: a nonzero overrun count of the last delivered
 expiry (timer_getoverrun cannot be set), clocks other than the process's
-own (another process's CPU clock). Documented limits (README): the time
+own (another process's CPU clock), a target that is no thread of the
+process. Documented limits (README): the time
 spent as an image does not count (timers are re-armed relative), a
 TIMER_ABSTIME timer comes back relative, and the counter for the next new
 ID continues from the highest restored ID.
@@ -85,10 +92,16 @@ def check(pid: int, timers: List[dict]) -> List[Refusal]:
         what = f"POSIX timer {t['id']}"
         if not clock_ok(t.get("clock"), pid):
             out.append(Refusal("unsupported-state", f"{what}: clock {t.get('clock')} (another process's CPU clock)"))
-        if t.get("notify") not in NOTIFY or t.get("target") != pid:
+        if t.get("notify") not in NOTIFY or (t.get("target") != pid and not (t.get("tid") and _thread_of(pid, t.get("target")))):
             out.append(Refusal("unsupported-state", f"{what}: notifies {t.get('notify')} to "
                                f"{'tid' if t.get('tid') else 'pid'} {t.get('target')}"))
     return out
+
+
+def _thread_of(pid: int, tid) -> bool:
+    """`tid` is a thread of process `pid` (restored with its TID)."""
+    import os
+    return isinstance(tid, int) and tid > 0 and os.path.exists(f"/proc/{pid}/task/{tid}")
 
 
 def clock_ok(clock, pid: int) -> bool:
@@ -127,10 +140,14 @@ def dump(task, scr: int) -> List[dict]:
     return timers
 
 
-def check_records(timers) -> bool:
+def check_records(timers, pid=None, tids=()) -> bool:
+    """Well-formed; a thread target (`target`, when `tid`) is the process
+    (`pid`) or one of its restored threads (`tids`)."""
     ok = isinstance(timers, list)
     for t in timers if ok else []:
         try:
+            target = t.get("target", pid)
+            ok = ok and (not t["tid"] or pid is None or target == pid or target in tids)
             ok = ok and all(isinstance(t[k], int) and not isinstance(t[k], bool)
                             for k in ("id", "signo", "value", "clock")) \
                 and t["notify"] in NOTIFY and isinstance(t["tid"], bool) \
@@ -143,7 +160,8 @@ def check_records(timers) -> bool:
 def sigevent(t: dict, pid: int) -> bytes:
     """struct sigevent (64 bytes): sigev_value, sigev_signo, sigev_notify, _tid."""
     notify = NOTIFY[t["notify"]] | (SIGEV_THREAD_ID if t["tid"] else 0)
-    return struct.pack("<QiiI", t["value"], t["signo"], notify, pid if t["tid"] else 0).ljust(64, b"\0")
+    target = t.get("target", pid) if t["tid"] else 0
+    return struct.pack("<QiiI", t["value"], t["signo"], notify, target).ljust(64, b"\0")
 
 
 def _fillers_needed(timers: List[dict]) -> int:

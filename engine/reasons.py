@@ -9,7 +9,8 @@ REASONS = {
     "zombie": "the target is a zombie: it has exited and only waits to be reaped",
     "ptraced": "the target is already traced by another process (a debugger, strace, another ckpt)",
     "threads": ("a thread the engine cannot restore exactly (thread and detail name it): one with other "
-                "credentials, no_new_privs, personality or namespaces than the leader, or that does not share the fd table, "
+                "credentials, no_new_privs, personality, namespaces, keep-caps, machine-check kill policy or rdtsc "
+                "faulting than the leader, or that does not share the fd table, "
                 "fs (cwd/umask/root), signal handlers or SysV semaphore undo list with it; seccomp in a "
                 "multi-threaded process; threads created faster than they can be frozen"),
     "process-tree": ("a process tree (the target and its descendants, dumped together) that cannot be rebuilt "
@@ -48,6 +49,9 @@ REASONS = {
                              "the restored one would have its own"),
     "numa-policy": ("a NUMA memory policy the engine cannot restore exactly (named in the detail): a mapping's own "
                     "policy (mbind), or a process policy naming nodes not allowed here"),
+    "cgroup": ("the process cannot be put back in its control group (hierarchy and path in the detail): the "
+               "cgroup is not reachable through a cgroup mount ckpt sees (its hierarchy not mounted, or the "
+               "cgroup gone: ckpt never creates one), or a thread is in another cgroup than its leader"),
     # files
     "file-missing": ("a file the process had open (or mapped) no longer exists at its path; or the directory a "
                      "deleted file, device node, removed directory or cwd is to be recreated in is gone"),

@@ -24,7 +24,8 @@ TYPE_CHECKING = False   # annotations only: importing typing costs every run ~3 
 if TYPE_CHECKING:
     from typing import Dict, List, Optional
 
-from . import (fastjson, faults, files, guard, imagecheck, libc, membarrier, mempolicy, posixtimers, procattrs, procfs, sched, seccomp, signals,
+from . import (autogroup, cgroups, fastjson, fsroot, faults, files, guard, imagecheck, libc, membarrier, mempolicy, posixtimers, procattrs, procfs, sched,
+               seccomp, signals, sud,
                threads, unlinked)
 from .arch import current as current_arch
 from .build import build
@@ -56,6 +57,9 @@ def _need(d, key, typ, where: str):
 
 # -- structure of the records ------------------------------------------------------
 
+_INT = {int}
+
+
 def check_core(core) -> None:
     """Types of everything build.py reads from core.json."""
     w = "core.json"
@@ -85,10 +89,13 @@ def check_core(core) -> None:
         _need(core["mm"], k, int, f"{w} mm")
     for k in ("pointer", "size", "signature", "flags"):
         _need(core["rseq"], k, int, f"{w} rseq")
+    if not sud.check_record(core.get("sud")):
+        raise _bad(f"{w}: syscall user dispatch {core.get('sud')!r}")
     _need(core["cwd"], "path", str, f"{w} cwd")
     for k in ("sid", "pgid"):
         _need(core["session"], k, int, f"{w} session")
-    ints = lambda xs, n=None: all(isinstance(x, int) and not isinstance(x, bool) for x in xs) and (n is None or len(xs) == n)
+    # every item a plain int (the JSON scanner's; a bool is not one), n of them
+    ints = lambda xs, n=None: (n is None or len(xs) == n) and set(map(type, xs)) <= _INT   # noqa: E731
     if not ints(core["auxv"]) or not ints(core["robust_list"], 2) or not ints(core["sigaltstack"], 3):
         raise _bad(f"{w}: auxv / robust_list / sigaltstack malformed")
     if len(core["rlimits"]) != len(libc.RLIMIT_NAMES) or not all(isinstance(r, list) and ints(r, 2) for r in core["rlimits"]):
@@ -111,7 +118,8 @@ def check_core(core) -> None:
         raise _bad(f"{w}: membarrier malformed")
     if not mempolicy.check_record(core["mempolicy"]):
         raise _bad(f"{w}: mempolicy malformed")
-    if not posixtimers.check_records(core.get("posix_timers")):
+    tids = {r.get("tid") for r in core.get("threads", []) if isinstance(r, dict)}
+    if not posixtimers.check_records(core.get("posix_timers"), core.get("pid"), tids):
         raise _bad(f"{w}: posix_timers malformed")
     if not seccomp.check_record(core.get("seccomp")):
         raise _bad(f"{w}: seccomp malformed")
@@ -224,7 +232,8 @@ def preflight(reader: ImageReader, core: dict, vmas: List[dict], fdrecs: List[di
                             f"{mymax}; raising it needs CAP_SYS_RESOURCE"))
     for r in sched.validate(core["sched"]) + posixtimers.validate(core["posix_timers"]) + \
             seccomp.validate(core["seccomp"]) + procattrs.validate(core["attrs"], core.get("_creds_plan", "")) + \
-            mempolicy.validate(core["mempolicy"]) + \
+            mempolicy.validate(core["mempolicy"]) + cgroups.validate(core.get("cgroups")) + \
+            fsroot.validate(core.get("root")) + \
             [r for t in core.get("threads", []) if t.get("mempolicy", core["mempolicy"]) != core["mempolicy"]
              for r in mempolicy.validate(t["mempolicy"])]:
         add(r)
@@ -255,6 +264,10 @@ def preflight(reader: ImageReader, core: dict, vmas: List[dict], fdrecs: List[di
                 raise OSError
         except OSError:
             add(Refusal("unsupported-state", f"its process group {sess['pgid']} no longer exists in this session"))
+    if not tree_member:
+        r = autogroup.refusal((core.get("attrs") or {}).get("autogroup_nice"), sess["sid"], pid, False)
+        if r is not None:
+            add(r)
     for rec in fdrecs:
         if "dup_of" in rec or "ofd_of" in rec:
             continue
@@ -458,6 +471,8 @@ def _run_restorer(job, builder=None) -> dict:
         code = 0
         try:
             guard.become_worker(parent)     # stops (killing the new process) if ckpt dies
+            from .placement import pin
+            pin()       # the restorer and what it builds on one CPU (engine/placement.py)
             from .task import INJECTED
             INJECTED.update(round_trips=0, batched_calls=0)     # this restore's only
             from .profiling import run as profiled

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from typing import List, Optional
 
 from . import arch as _arch
-from . import faults, guard, libc, ptrace, restart, rseqcs, signals
+from . import faults, guard, libc, ptrace, restart, rseqcs, signals, sud
 from .errors import EngineError, Refusal
 from .libc import SysError
 
@@ -48,6 +48,7 @@ class Task:
         self.settled = 0        # pending signals taken at the end of the freeze (settle)
         self.job_stop = 0       # the stop signal of a job-control stopped task (group stop), else 0
         self.attached = True
+        self.sud: Optional[dict] = None     # syscall user dispatch release() puts back (engine/sud.py)
         self._mem_fd: Optional[int] = None
         self.fault_name = "dump.syscall"       # "restore.syscall" once adopted (engine/faults.py)
         self.orig_regs = self.get_regs()
@@ -256,6 +257,7 @@ class Task:
         an rseq critical section aborted (engine/rseqcs.py: before any call
         is injected, whose return to user space would clear its rseq_cs)."""
         section = rseqcs.inspect(self)
+        self.sud = sud.freeze(self)     # off for the injected calls; release() puts it back
         signals.block_all(self)
         hook = getattr(self.arch, "after_seize", None)
         if hook is not None:
@@ -419,6 +421,8 @@ class Task:
         if hook is not None:
             hook(self)      # aarch64: live SVE state captured at seize
         signals.unblock(self)
+        if self.sud is not None:
+            sud.put(self.pid, self.sud)
         first = self.deferred_signals[0] if self.deferred_signals else 0
         ptrace.detach(self.pid, first)
         self.attached = False
@@ -448,21 +452,22 @@ class Task:
 
 
 def syscall_each(calls) -> list:
-    """Task.syscall for several frozen dump targets, one (task, nr, args)
+    """Task.syscall for several tasks (frozen dump targets, or processes a
+    restore builds: a tree's members), one (task, nr, args)
     each, run side by side: every task is sent to its syscall-entry stop
     before the first is waited for, then on to the exit stops, so the
     tasks' runs and the tracer's waits overlap instead of taking turns (a
-    tree's 50 members: 50 round trips in flight, not 50 in a row). Each task
-    has its own registers back after (as Task.syscall leaves a dump target).
+    tree's 50 members: 50 round trips in flight, not 50 in a row). Each
+    dump target has its own registers back after, a process being restored
+    is left at the syscall-exit stop (as Task.syscall leaves each).
     Returns the raw results in order. Every task that was started is driven
     to its exit stop before the first failure is raised."""
     for task, nr, _ in calls:
         if task.syscall_ip is None:
             raise EngineError("no syscall instruction known in the target", pid=task.pid)
-        if task.fault_name != "dump.syscall":
-            raise EngineError("syscall_each is for frozen dump targets", pid=task.pid)
     for task, nr, _ in calls:
         faults.point(task.fault_name, nr)
+        INJECTED["round_trips"] += 1
     results: list = [None] * len(calls)
     error: Optional[BaseException] = None
     # No ^C between the registers set and put back (as in Task.syscall).
@@ -487,7 +492,8 @@ def syscall_each(calls) -> list:
                         ptrace.syscall(task.pid, 0)
                     else:
                         results[i] = task.arch.retval(task.get_regs())
-                        task.set_regs(task.resume_regs)
+                        if task.fault_name == "dump.syscall":
+                            task.set_regs(task.resume_regs)
                     still.append(i)
                 except BaseException as e:  # noqa: BLE001 - the others are finished first
                     error = error or e

@@ -593,6 +593,192 @@ def m_reset_sockopt(img: Image) -> str:
     raise NoTarget("no socket with an option set")
 
 
+def m_disarm_posix_timer(img: Image) -> str:
+    """One armed POSIX timer comes back disarmed (created, same ID, clock
+    and signal: only timer_gettime tells)."""
+    core = img.json("core.json")
+    for t in core.get("posix_timers") or []:
+        if any(t.get("spec", [0])[2:]):
+            old, t["spec"] = t["spec"], [0, 0, 0, 0]
+            img.put_json("core.json")
+            return f"POSIX timer {t['id']} {old} -> disarmed"
+    raise NoTarget("no armed POSIX timer")
+
+
+def m_reset_itimers(img: Image) -> str:
+    """The interval timers (setitimer) come back disarmed."""
+    core = img.json("core.json")
+    timers = core.get("itimers") or []
+    if not any(any(t) for t in timers):
+        raise NoTarget("no armed interval timer")
+    old, core["itimers"] = timers, [[0] * len(t) for t in timers]
+    img.put_json("core.json")
+    return f"itimers {old} -> disarmed"
+
+
+def m_double_pending_signal(img: Image) -> str:
+    """One saved pending signal queued twice at restore (a real-time one:
+    standard signals do not queue, a second one merges): delivered twice."""
+    core = img.json("core.json")
+    lists = [(f"{where}", lst) for where, lst in sorted((core.get("signals") or {}).items())] + \
+        [(f"thread {t['tid']} {where}", lst) for t in core.get("threads") or []
+         for where, lst in sorted((t.get("signals") or {}).items())]
+    for where, lst in lists:
+        for i, si in enumerate(lst):
+            if si.get("signo", 0) >= 32:
+                lst.insert(i + 1, json.loads(json.dumps(si)))
+                img.put_json("core.json")
+                return f"pending signal {si['signo']} ({where}) queued twice"
+    raise NoTarget("no pending real-time signal")
+
+
+def m_drop_file_lock(img: Image) -> str:
+    """One file lock (POSIX, OFD or flock) the process held is not taken
+    again at restore."""
+    fds = img.json("fds.json")
+    r = _first(_leaders(fds), lambda r: any(lk.get("kind") != "LEASE" for lk in r.get("locks") or []),
+               "no file lock (other than a lease)")
+    lk = next(lk for lk in r["locks"] if lk.get("kind") != "LEASE")
+    r["locks"].remove(lk)
+    if not r["locks"]:
+        del r["locks"]
+    img.put_json("fds.json")
+    return f"fd {r['fd']}: {lk.get('kind')} {lk.get('rw')} lock at {lk.get('start')} dropped"
+
+
+def m_move_brk(img: Image) -> str:
+    """The program break restored one page lower (one page higher if the
+    heap is that small), its [heap] mapping as dumped: /proc shows the same
+    mappings, sbrk(0) another break, and the next brk(2) that grows the
+    heap collides with the mapping (malloc falls back to mmap)."""
+    core = img.json("core.json")
+    old = core.get("brk")
+    if not old:
+        raise NoTarget("no program break")
+    new = old - PAGE if old - PAGE >= core["mm"]["start_brk"] else old + PAGE
+    core["brk"] = core["mm"]["brk"] = new
+    img.put_json("core.json")
+    return f"brk {old:#x} -> {new:#x}"
+
+
+def m_drop_thread(img: Image) -> str:
+    """The last thread (other than the leader) is not restored: the
+    process comes back with one thread fewer."""
+    core = img.json("core.json")
+    ts = core.get("threads") or []
+    if not ts:
+        raise NoTarget("a single-threaded process")
+    from engine.threads import XSTATE_FILE
+    gone = ts.pop()
+    data = img.read(XSTATE_FILE)
+    img.write(XSTATE_FILE, data[:len(data) - gone["xstate_size"]])
+    img.put_json("core.json")
+    return f"thread {gone['tid']} dropped ({len(ts) + 1} threads -> {len(ts)})"
+
+
+def m_lose_thread_sigmask(img: Image) -> str:
+    """A thread other than the leader comes back with no signal blocked."""
+    core = img.json("core.json")
+    t = next((t for t in core.get("threads") or [] if t.get("sigmask")), None)
+    if t is None:
+        raise NoTarget("no thread besides the leader with blocked signals")
+    old, t["sigmask"] = t["sigmask"], 0
+    img.put_json("core.json")
+    return f"thread {t['tid']} signal mask {old:#x} -> 0"
+
+
+def m_rename_thread(img: Image) -> str:
+    """A thread other than the leader comes back with the leader's name."""
+    core = img.json("core.json")
+    t = next((t for t in core.get("threads") or [] if t.get("comm") != core.get("comm")), None)
+    if t is None:
+        raise NoTarget("no thread named otherwise than the leader")
+    old, t["comm"] = t["comm"], core["comm"]
+    img.put_json("core.json")
+    return f"thread {t['tid']} name {old!r} -> {core['comm']!r}"
+
+
+def m_restorer_auxv(img: Image) -> str:
+    """The auxiliary vector comes back as the restorer's own (an engine
+    that does not hand PR_SET_MM the saved one)."""
+    import struct
+    core = img.json("core.json")
+    with open("/proc/self/auxv", "rb") as f:
+        raw = f.read()
+    mine = list(struct.unpack(f"<{len(raw) // 8}Q", raw))
+    if mine == core.get("auxv"):
+        raise NoTarget("the saved auxv is the restorer's")
+    old, core["auxv"] = core.get("auxv") or [], mine
+    img.put_json("core.json")
+    differ = sorted({old[i] for i in range(0, min(len(old), len(mine)) - 1, 2) if old[i + 1] != mine[i + 1]})
+    return f"auxv replaced by the restorer's (AT_ types {differ} differ)"
+
+
+def m_share_to_private(img: Image) -> str:
+    """A MAP_SHARED file mapping comes back MAP_PRIVATE: the same bytes
+    now, but the process's writes no longer reach the file (nor do other
+    writers' reach it)."""
+    mm = img.json("mm.json")
+    v = next((v for v in mm["vmas"] if v["kind"] == "file" and v["perms"].endswith("s")), None)
+    if v is None:
+        raise NoTarget("no MAP_SHARED file mapping")
+    old, v["perms"] = v["perms"], v["perms"][:3] + "p"
+    img.put_json("mm.json")
+    return f"mapping {v['start']:#x}-{v['end']:#x} {v['path']} {old} -> {v['perms']}"
+
+
+def m_drop_tree_child(img: Image) -> str:
+    """One member of a process tree is not restored: the last one that has
+    no children and that no other member's image refers to (a zombie
+    first: it holds nothing else)."""
+    tree = img.json("tree.json") if "tree.json" in img.manifest["files"] else None
+    members = (tree or {}).get("members") or []
+    if len(members) < 2:
+        raise NoTarget("not a process tree")
+    parents = {m.get("ppid") for m in members}
+    named = set()
+    for m in members:
+        for name, key in (("fds.json", "ofd_of"), ("mm.json", "tree_shared")):
+            path = m.get("dir", "") + name
+            if path not in img.manifest["files"]:
+                continue
+            recs = img.json(path)
+            recs = recs.get("vmas", []) if isinstance(recs, dict) else recs
+            named |= {r[key][0] for r in recs if isinstance(r, dict) and isinstance(r.get(key), list)}
+    cands = [m for m in members[1:] if m["pid"] not in parents and m["pid"] not in named]
+    if not cands:
+        raise NoTarget("every child has children or is referred to by another member")
+    gone = sorted(cands, key=lambda m: (not m.get("zombie"), members.index(m)))[0]
+    tree["members"] = [m for m in members if m is not gone]
+    img.put_json("tree.json")
+    return f"member {gone['pid']} ({gone.get('comm')}{', a zombie' if gone.get('zombie') else ''}) not restored"
+
+
+def m_lose_robust_list(img: Image) -> str:
+    """The leader's robust futex list (set_robust_list: what the kernel
+    releases, for others waiting, when the thread dies holding a robust
+    mutex) is not registered again."""
+    core = img.json("core.json")
+    old = core.get("robust_list")
+    if not old or not old[0]:
+        raise NoTarget("no robust list registered")
+    core["robust_list"] = [0, old[1]]
+    img.put_json("core.json")
+    return f"robust list {old[0]:#x}/{old[1]} -> none"
+
+
+def m_lose_sigaltstack(img: Image) -> str:
+    """The leader's alternate signal stack (sigaltstack) is lost: a handler
+    asked to run on it (SA_ONSTACK) runs on the normal stack."""
+    core = img.json("core.json")
+    old = core.get("sigaltstack")
+    if not old or not old[0]:
+        raise NoTarget("no alternate signal stack")
+    core["sigaltstack"] = [0, 2, 0]        # SS_DISABLE
+    img.put_json("core.json")
+    return f"sigaltstack {old} -> disabled"
+
+
 EDITS: Dict[str, Tuple[Callable[[Image], str], str]] = {
     "drop-offset": (m_drop_offset, "one file fd's offset restored as 0"),
     "drop-append": (m_drop_append, "one file fd loses O_APPEND"),
@@ -622,6 +808,19 @@ EDITS: Dict[str, Tuple[Callable[[Image], str], str]] = {
     "swap-thread-tls": (m_swap_thread_tls, "two threads' thread pointers (TLS, pthread_self) swapped"),
     "reset-mxcsr": (m_reset_mxcsr, "the SSE control register (MXCSR: rounding, exception masks) reset"),
     "reset-sockopt": (m_reset_sockopt, "one socket option the process set comes back as a fresh socket's"),
+    "disarm-posix-timer": (m_disarm_posix_timer, "one armed POSIX timer comes back disarmed"),
+    "reset-itimers": (m_reset_itimers, "the interval timers (setitimer) come back disarmed"),
+    "double-pending-signal": (m_double_pending_signal, "one pending real-time signal queued twice"),
+    "drop-file-lock": (m_drop_file_lock, "one file lock is not taken again"),
+    "move-brk": (m_move_brk, "the program break comes back a page off, its [heap] mapping as dumped"),
+    "drop-thread": (m_drop_thread, "one thread of a multi-threaded process is not restored"),
+    "lose-thread-sigmask": (m_lose_thread_sigmask, "a thread besides the leader loses its blocked-signal mask"),
+    "rename-thread": (m_rename_thread, "a thread besides the leader gets the leader's name"),
+    "restorer-auxv": (m_restorer_auxv, "the auxiliary vector comes back as the restorer's"),
+    "share-to-private": (m_share_to_private, "a MAP_SHARED file mapping comes back MAP_PRIVATE"),
+    "drop-tree-child": (m_drop_tree_child, "one child of a process tree is not restored"),
+    "lose-robust-list": (m_lose_robust_list, "the leader's robust futex list is not registered again"),
+    "lose-sigaltstack": (m_lose_sigaltstack, "the alternate signal stack is lost"),
 }
 
 
@@ -904,6 +1103,24 @@ CAUGHT_BY: Dict[str, str] = {
                    "(process/fp-round)",
     "reset-sockopt": "every socket's options read from outside (pidfd_getfd) and compared; the options a scenario "
                      "set read back by the workload (socket/tcp-options)",
+    "disarm-posix-timer": "workload.process.posix_timers: timer_gettime of each timer after the restore "
+                          "(process/posix-timers); /proc/PID/timers does not show it",
+    "reset-itimers": "workload.process.itimers: getitimer of each after the restore (process/state)",
+    "double-pending-signal": "pending signals taken with sigtimedwait, counted and in order (process/pending-signals)",
+    "drop-file-lock": "the locks fdinfo shows compared from outside; the lock tested by an outside process "
+                      "(locks/*)",
+    "move-brk": "a quiet workload's brk(0) right before and right after its quiet sleep (process/quiet-memory); "
+                "/proc shows the break only page-rounded, as the [heap] end",
+    "drop-thread": "the TIDs compared from outside; every recorded thread must answer (threads/*)",
+    "lose-thread-sigmask": "each thread's SigBlk compared from outside (threads/masks)",
+    "rename-thread": "each thread's name compared from outside; the workload names its threads (threads/*)",
+    "restorer-auxv": "/proc/PID/auxv compared from outside (every scenario)",
+    "share-to-private": "the maps diff (perms s/p) and the workload's mapping checks (mmap/shared-readonly)",
+    "drop-tree-child": "every child judged after the restore: same pid, parent, group, session, its exit status "
+                       "collected by the parent (tree/*); the program tree compared (programs/*)",
+    "lose-robust-list": "each thread's robust list head read from outside (get_robust_list) and compared (every "
+                        "scenario: glibc registers one per thread)",
+    "lose-sigaltstack": "workload.process.altstack: the process reads its sigaltstack back (process/altstack)",
 }
 
 

@@ -135,6 +135,17 @@ def tree(root: int) -> Dict[str, Dict[str, Any]]:
     return out
 
 
+def snapshots(members: Dict[str, Dict[str, Any]]) -> Dict[str, Dict[str, str]]:
+    """What /proc shows of every live member (harness/procstate.py), taken
+    as it is: a program never sleeps in one call the way the workload does,
+    and the harness compares only what a program does not change by itself."""
+    try:
+        from . import procstate
+    except ImportError:  # pragma: no cover - in the guest, a top-level module beside this one
+        import procstate  # type: ignore[no-redef]
+    return {pid: procstate.snapshot(int(pid)) for pid, m in members.items() if m["state"] == "live"}
+
+
 def compare_trees(before: Dict[str, Dict[str, Any]], after: Dict[str, Dict[str, Any]]) -> List[dict]:
     checks = []
     for pid, b in sorted(before.items(), key=lambda kv: int(kv[0])):
@@ -652,8 +663,9 @@ def spawn(spec_path: str) -> int:
     text = read_output(spec).encode()
     # replaced by the output's length once the original is gone (programrun)
     saved["_marks"] = {"dump": len(text.decode(errors="replace"))}  # type: ignore[assignment]
+    members = tree(child)
     res.update(vars=saved, output={"bytes": len(text), "sha256": hashlib.sha256(text).hexdigest()},
-               tree=tree(child))
+               tree=members, snaps=snapshots(members))
     print(json.dumps(res))
     return 1 if "error" in res else 0
 
@@ -672,6 +684,8 @@ def after(spec_path: str, ready_path: str) -> int:
     checks.append(_check("proof: the program runs under its pid", f"pid {pid}", "running" if alive else "gone", alive))
     if alive and p.get("stable", True):
         checks += compare_trees(ready["tree"], now)
+    # before the after steps: the harness diffs them with the dump's (statediff.program_view)
+    snaps = snapshots(now) if alive else {}
     o = ready["output"]
     with open(output_path(spec), "rb") as f:
         head = f.read(o["bytes"])
@@ -684,7 +698,7 @@ def after(spec_path: str, ready_path: str) -> int:
         steps.run(p.get("after") or [], "after")
     checks += steps.checks
     ok = all(c["ok"] for c in checks)
-    print(json.dumps({"ok": ok, "checks": checks, "output_tail": read_output(spec)[-1500:]}))
+    print(json.dumps({"ok": ok, "checks": checks, "output_tail": read_output(spec)[-1500:], "snaps": snaps}))
     return 0
 
 

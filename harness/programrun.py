@@ -20,7 +20,7 @@ import secrets
 import shutil
 from typing import Any, Dict, List, Optional
 
-from . import runner
+from . import runner, statediff
 from .errors import HarnessError
 from .targets import Target
 
@@ -140,6 +140,13 @@ class ProgramRun(runner.Run):
         if not isinstance(verdict, dict):
             raise HarnessError("program.py after printed no verdict", step=step, detail=r.stdout[-2000:])
         res.verdict = verdict
+        # everything /proc shows that a program does not change by itself,
+        # per member, against the look right before the dump
+        before, now = self.ready.get("snaps") or {}, verdict.pop("snaps", None) or {}
+        for pid in sorted(set(before) & set(now), key=int):
+            b, a = statediff.program_view(before[pid], now[pid])
+            res.outside += statediff.as_checks(statediff.diff(b, a, {f"engine:{self.engine.name}"}),
+                                               f"state of member {pid}")
         bad: List[Dict] = [c for c in verdict.get("checks", []) + res.outside if not c.get("ok")]
         if not bad:
             res.outcome, res.detail = "restored", ""

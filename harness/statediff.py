@@ -62,6 +62,12 @@ EXPECTED: List[Allowed] = [
             "compared under fd.N (files keep theirs; pipes, sockets and anon inodes get new ones)", lambda v: None),
     Allowed(r"^fd\.\d+\.fdinfo\.eventfd-id$", "an eventfd's id is handed out when it is created; its count "
             "and flags are compared", lambda v: None),
+    Allowed(r"^fd\.\d+\.fdinfo\.flags$", "O_LARGEFILE: every open(2) from 64-bit user space adds it (the "
+            "kernel's force_o_largefile) and F_SETFL cannot take it off, so a file the original got without it "
+            "(a pty's slave from TIOCGPTPEER) comes back with it; it changes nothing for a 64-bit process",
+            lambda v: _without(v, O_LARGEFILE["x86_64"]), only_if=lambda f, snap: snap.get("arch") == "x86_64"),
+    Allowed(r"^fd\.\d+\.fdinfo\.flags$", "O_LARGEFILE, as above (its aarch64 number)",
+            lambda v: _without(v, O_LARGEFILE["aarch64"]), only_if=lambda f, snap: snap.get("arch") == "aarch64"),
     Allowed(r"^status\.FDSize$", "the fd table's capacity (grows in powers of two, never shrinks) is an "
             "allocation detail no program can observe but through /proc; every fd is compared one by one",
             lambda v: None),
@@ -85,6 +91,16 @@ EXPECTED: List[Allowed] = [
     Allowed(r"^status\.(Cpus|Mems)_allowed(_list)?$", "another guest may have another CPU set",
             lambda v: None, "migrate"),
 ]
+
+
+O_LARGEFILE = {"x86_64": 0o100000, "aarch64": 0o400000}
+
+
+def _without(flags: str, bit: int) -> str:
+    try:
+        return oct(int(flags, 8) & ~bit)
+    except ValueError:
+        return flags
 
 
 def _recreated(name: str) -> bool:
@@ -176,3 +192,46 @@ def as_checks(diffs: List[Dict[str, str]], label: str) -> List[Dict]:
     """Differences as workload-style failed checks (so reports show them alike)."""
     return [{"fd": None, "what": f"{label}: {d['field']}", "expected": d["before"], "got": d["after"], "ok": False}
             for d in diffs]
+
+
+# -- a real program's state (harness/program.py) ----------------------------------------
+
+#: The fields of a snapshot a running program does not change by itself
+#: between the harness's two looks (right before the dump, right after the
+#: restore, no interaction in between), so they are compared for programs
+#: too: not its signal masks and handlers (a shell changes them around every
+#: command), fd offsets, pending signals, anonymous memory or the heap.
+PROGRAM_STABLE = re.compile(
+    r"^(arch|stat\.(pgrp|session|tty_nr|nice|rt_priority|policy|exit_signal|start_code|end_code|start_stack|start_data"
+    r"|end_data|start_brk|arg_start|arg_end|env_start|env_end)"
+    r"|status\.(Umask|NoNewPrivs|Seccomp|Uid|Gid|Groups|Cap(Inh|Prm|Eff|Bnd|Amb)|Cpus_allowed_list"
+    r"|Mems_allowed_list|THP_enabled|Name)"
+    r"|limits\..*|personality|timerslack_ns|oom_score_adj|cgroup|cmdline|environ|comm|coredump_filter|setgroups"
+    r"|uid_map|gid_map|sched_autogroup|auxv|cwd|root|exe|ns\..*|numa_policies"
+    r"|thread\.\d+\.(Name|Cpus_allowed_list|NoNewPrivs|Seccomp|Uid|Gid|CapEff|personality|timerslack_ns|ioprio|robust_list"
+    r"|nice|policy|rt_priority)"
+    r"|fd\.\d+\.(link|fdinfo\.flags|sockopt\..*)"
+    r"|maps\..*)$")
+
+
+def program_view(before: Dict[str, str], after: Dict[str, str]) -> tuple:
+    """The two snapshots of one program member cut to PROGRAM_STABLE, and to
+    what both moments have: the threads and fds present in both (a program
+    opens and closes connections and may start workers; the tree check
+    compares its threads), and of its mappings those of files (libraries
+    and the executable: the heap and anonymous memory grow as it runs)."""
+    before, after = merge_neighbours(before), merge_neighbours(after)
+
+    def keep(field: str, snap: Dict[str, str], other: Dict[str, str]) -> bool:
+        if not PROGRAM_STABLE.match(field):
+            return False
+        parts = field.split(".")
+        if parts[0] in ("thread", "fd"):
+            return f"{parts[0]}.{parts[1]}.{'Name' if parts[0] == 'thread' else 'link'}" in other
+        if parts[0] == "maps":
+            rng = parts[1]
+            path = snap.get(f"maps.{rng}.path", "")
+            return path.startswith("/") and not path.endswith(" (deleted)")
+        return True
+    return ({k: v for k, v in before.items() if keep(k, before, after)},
+            {k: v for k, v in after.items() if keep(k, after, before)})

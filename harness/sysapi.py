@@ -349,3 +349,51 @@ def ioprio_get(tid: int = 0) -> int:
 def ioprio_set(value: int, tid: int = 0) -> None:
     _check(_libc.syscall(IOPRIO_NR[os.uname().machine][0], 1, tid, value))
 
+
+
+# POSIX timers (timer_create(2); in libc since glibc 2.34). struct sigevent is
+# 64 bytes: sigev_value, sigev_signo, sigev_notify, then the notify union.
+SIGEV_SIGNAL, SIGEV_NONE = 0, 1
+
+
+def timer_create(clock: int, signo: int, value: int) -> int:
+    """A process timer notifying by ``signo`` (0: none, SIGEV_NONE); its
+    timer_t (glibc: the kernel's timer ID)."""
+    ev = struct.pack("<qii", value, signo, SIGEV_SIGNAL if signo else SIGEV_NONE).ljust(64, b"\0")
+    tid = ctypes.c_void_p()
+    _check(_libc.timer_create(ctypes.c_int(clock), ctypes.c_char_p(ev), ctypes.byref(tid)))
+    return tid.value or 0
+
+
+def timer_settime(timer: int, value_ms: int, interval_ms: int) -> None:
+    spec = struct.pack("<qqqq", interval_ms // 1000, interval_ms % 1000 * 1000000,
+                       value_ms // 1000, value_ms % 1000 * 1000000)
+    _check(_libc.timer_settime(ctypes.c_void_p(timer), 0, ctypes.c_char_p(spec), None))
+
+
+def timer_gettime(timer: int) -> Tuple[float, float]:
+    """(remaining, interval) in seconds."""
+    buf = ctypes.create_string_buffer(32)
+    _check(_libc.timer_gettime(ctypes.c_void_p(timer), buf))
+    isec, insec, vsec, vnsec = struct.unpack("<qqqq", buf.raw)
+    return vsec + vnsec / 1e9, isec + insec / 1e9
+
+
+def prctl_set_name(name: str) -> None:
+    """prctl(PR_SET_NAME): the calling thread's name (comm, 15 bytes)."""
+    _check(_libc.prctl(15, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0))
+
+
+# sigaltstack(2): stack_t {void *ss_sp; int ss_flags; size_t ss_size} (24 bytes on 64-bit)
+_STACK_T = struct.Struct("PiP")
+
+
+def sigaltstack_set(addr: int, size: int) -> None:
+    _check(_libc.sigaltstack(ctypes.c_char_p(_STACK_T.pack(addr, 0, size)), None))
+
+
+def sigaltstack_get() -> Tuple[int, int, int]:
+    """(ss_sp, ss_flags, ss_size) of the calling thread's alternate stack."""
+    buf = ctypes.create_string_buffer(_STACK_T.size)
+    _check(_libc.sigaltstack(None, buf))
+    return _STACK_T.unpack(buf.raw)

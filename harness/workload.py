@@ -272,6 +272,7 @@ class Proof:
 #: glibc's RSEQ_SIG, the signature its rseq(2) registration uses
 RSEQ_SIG = {"x86_64": 0x53053053, "aarch64": 0xd428bc00}
 RSEQ_NR = {"x86_64": 334, "aarch64": 293}
+BRK_NR = {"x86_64": 12, "aarch64": 214}
 
 
 def quiet_facts() -> dict:
@@ -303,7 +304,10 @@ def quiet_facts() -> dict:
                     and ctypes.get_errno() == 16:       # EBUSY: registered, there
                 out.update(rseq=addr, rseq_len=n)
                 return out
-    raise OSError("glibc registered an rseq area the kernel does not confirm anywhere near pthread_self")
+    # registered, but not where this looks: memstate then leaves the memory
+    # unjudged (on both sides alike) rather than judge bytes the kernel writes
+    out["rseq_unknown"] = True
+    return out
 
 
 def run(spec_path: str) -> int:
@@ -344,11 +348,26 @@ def run(spec_path: str) -> int:
     gc.disable()
     write_json(spec["ready"], ready)
     wait_for = {signal.SIGUSR1}
+    # a quiet workload's program break right before and right after its
+    # quiet sleep: nothing in between moves it (the kernel keeps it; /proc
+    # shows it only page-rounded, as the [heap] mapping's end)
+    brk = [0, 0]
+    if proof.quiet:
+        # brk(2) itself: libc's sbrk(0) answers from its own copy in memory
+        call = ctypes.CDLL(None).syscall
+        call.restype = ctypes.c_void_p
+        nr = ctypes.c_long(BRK_NR[os.uname().machine])
+        zero = ctypes.c_void_p(0)
+
+        def sbrk(_: int) -> int:
+            return call(nr, zero)
     while True:
         if proof.quiet and proof.counter.value >= proof.quiet:
             # quiet from here on: one sleep with no timeout, nothing else
             # runs until the harness's SIGUSR1 (harness/memstate.py)
+            brk[0] = sbrk(0)
             got = signal.sigwaitinfo(wait_for)
+            brk[1] = sbrk(0)
         else:
             got = signal.sigtimedwait(wait_for, Proof.TICK)
         # CPython returns an empty siginfo (signo 0), not None, when the wait
@@ -364,6 +383,10 @@ def run(spec_path: str) -> int:
         phases = PHASES
     try:
         verdict = verify(spec_path, sigio, phases)
+        if proof.quiet:
+            verdict["checks"].append(kinds.check(None, "program break (brk(0)) across the quiet sleep",
+                                                 hex(brk[0] or 0), hex(brk[1] or 0)))
+            verdict["ok"] = verdict["ok"] and brk[0] == brk[1]
     except Exception:
         import traceback
         verdict = {"ok": False, "error": traceback.format_exc(), "checks": []}

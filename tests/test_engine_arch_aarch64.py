@@ -48,7 +48,7 @@ def test_syscall_table_is_asm_generic_and_covers_x86s_names():
              "timer_getoverrun": 109, "timer_settime": 110, "timer_delete": 111, "sched_setaffinity": 122,
              "sched_getaffinity": 123, "sched_setattr": 274, "sched_getattr": 275, "seccomp": 277,
              "mbind": 235, "get_mempolicy": 236, "set_mempolicy": 237, "membarrier": 283,
-             "capset": 91, "setfsuid": 151, "setfsgid": 152}
+             "capset": 91, "setfsuid": 151, "setfsgid": 152, "chroot": 51}
     assert {k: a64.SYS[k] for k in known} == known
     # Every name the engine injects on x86_64 exists here too, but for
     # arch_prctl (x86 only: engine/procattrs.py reads CPUID faulting where

@@ -14,6 +14,7 @@ from engine.context import Options
 from engine.dump import dump
 from engine import tree
 from engine.errors import Refusal, Refusals
+from engine.restore import restore
 from engine_core_support import procs, start_ready_script, wait_for  # noqa: F401
 
 SETUP = """
@@ -38,14 +39,19 @@ while len(tids) < THREADS:
     time.sleep(0.01)
 if WHERE == "leader":
     pdeath(10)
-if WHERE == "child":
+def fork_child():
     if os.fork() == 0:
+        signal.signal(10, lambda *a: open('got-usr1', 'w').close())
         pdeath(10)
         open('child.tmp', 'w').close(); os.rename('child.tmp', 'child')
         while True:
             time.sleep(0.05)
-    while not os.path.exists('child'):
-        time.sleep(0.01)
+if WHERE == "child":
+    fork_child()
+if WHERE == "threadchild":     # forked by a thread other than the leader
+    threading.Thread(target=lambda: (fork_child(), sleeper(False)), daemon=True).start()   # it lives on
+while WHERE in ("child", "threadchild") and not os.path.exists('child'):
+    time.sleep(0.01)
 open('leader-pdeath', 'w').write(str(get()))
 """
 
@@ -56,7 +62,7 @@ def _refusals(exc) -> list:
 
 @pytest.mark.parametrize("where, threads", [("leader", 0), ("thread", 1), ("thread", 3), ("none", 3)])
 def test_parent_death_signal_is_refused_never_dropped(procs, tmp_path, where, threads):
-    p = start_ready_script(procs, tmp_path, SETUP.format(where=where, threads=threads), "ctypes, os, threading, time",
+    p = start_ready_script(procs, tmp_path, SETUP.format(where=where, threads=threads), "ctypes, os, signal, threading, time",
                            tick=0.05)
     assert p.poll() is None
     if where == "none":     # the control: nothing set, the dump goes through
@@ -76,13 +82,30 @@ def test_parent_death_signal_is_refused_never_dropped(procs, tmp_path, where, th
         assert "TracerPid:\t0" in f.read()
 
 
-def test_parent_death_signal_of_a_tree_member_is_refused(procs, tmp_path):
-    p = start_ready_script(procs, tmp_path, SETUP.format(where="child", threads=0), "ctypes, os, threading, time",
-                           tick=0.05)
+def test_parent_death_signal_of_a_tree_member_is_restored(procs, tmp_path):
+    """A member forked by its parent's leader (zdtm pdeath_sig): it gets its
+    signal when that parent dies after the restore (refused before)."""
+    p = start_ready_script(procs, tmp_path, SETUP.format(where="child", threads=0),
+                           "ctypes, os, signal, threading, time", tick=0.05)
+    wait_for(lambda: (tmp_path / "child").exists(), what="the child")
+    kids = open(f"/proc/{p.pid}/task/{p.pid}/children").read().split()
+    tree.dump(p.pid, str(tmp_path / "img"), Options())
+    p.wait()
+    procs.adopt(int(kids[0]))
+    restore(str(tmp_path / "img"), Options())
+    procs.adopt(p.pid)
+    assert not (tmp_path / "got-usr1").exists()
+    procs.kill(p.pid)
+    wait_for(lambda: (tmp_path / "got-usr1").exists(), what="the child's parent-death signal")
+
+
+def test_parent_death_signal_of_a_member_forked_by_a_thread_is_refused(procs, tmp_path):
+    p = start_ready_script(procs, tmp_path, SETUP.format(where="threadchild", threads=0),
+                           "ctypes, os, signal, threading, time", tick=0.05)
     wait_for(lambda: (tmp_path / "child").exists(), what="the child")
     with pytest.raises((Refusal, Refusals)) as ei:
         tree.dump(p.pid, str(tmp_path / "img"), Options())
     r = _refusals(ei.value)
     assert [x.reason for x in r] == ["unsupported-state"] and r[0].pid != p.pid
-    assert "PR_SET_PDEATHSIG 10" in r[0].detail
+    assert "PR_SET_PDEATHSIG 10" in r[0].detail and "other than the leader" in r[0].detail
     assert not (tmp_path / "img").exists() and p.poll() is None

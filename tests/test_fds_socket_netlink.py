@@ -1,6 +1,7 @@
-"""NETLINK_ROUTE sockets with nothing queued are rebuilt with the same port
-id, groups and options; queued messages, other netlink protocols, packet
-and raw sockets are refused with `socket` naming family/type."""
+"""NETLINK_ROUTE and NETLINK_AUDIT sockets with nothing queued are rebuilt
+with the same port id, groups and options; queued messages, the audit
+daemon's socket, other netlink protocols, packet and raw sockets are
+refused with `socket` naming family/type."""
 
 from __future__ import annotations
 
@@ -86,7 +87,8 @@ r = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
 os.dup2(a.fileno(), 500); os.dup2(p.fileno(), 501); os.dup2(r.fileno(), 502)
 """
     with Target(tmp_path, setup) as t:
-        assert refusal(t.pid, 500) == "netlink kobject_uevent raw: only NETLINK_ROUTE sockets are restored"
+        assert refusal(t.pid, 500) == ("netlink kobject_uevent raw: only NETLINK_ROUTE and NETLINK_AUDIT sockets "
+                                       "are restored")
         assert refusal(t.pid, 501) == "packet raw"
         assert refusal(t.pid, 502) == "inet raw protocol 1"
 
@@ -109,3 +111,210 @@ os.dup2(n.fileno(), 500); n.close()
             assert ei.value.reason == "socket" and f"port id {port} is taken here" in ei.value.detail
         finally:
             squatter.close()
+
+
+AUDIT_GET = 1000
+
+
+def test_audit_socket_restored_with_its_port_id_and_answers(tmp_path):
+    """As dbus-daemon, sshd and login hold one (libaudit's audit_open);
+    refused `socket` before ("only NETLINK_ROUTE sockets are restored")."""
+    setup = """
+import socket
+a = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 9)     # NETLINK_AUDIT
+a.bind((0, 0))
+os.dup2(a.fileno(), 500); a.close()
+"""
+    import struct
+    with Target(tmp_path, setup, "report['port'] = socket.socket(fileno=os.dup(500)).getsockname()[0]") as t:
+        port = t.check()["port"]
+        assert port != 0
+        assert classify(t.pid, 500) == f"netlink audit raw port {port}"
+        img = dump(t.pid, [500], str(tmp_path / "img"))
+        t.close()
+        with restore(img):
+            s = socket.socket(fileno=os.dup(500))
+            try:
+                assert s.getsockname() == (port, 0)
+                s.settimeout(5)
+                s.send(struct.pack("=IHHII", 16, AUDIT_GET, 1, 9, 0))     # the audit status, to this port
+                while True:
+                    msg = s.recv(65536)
+                    length, mtype, _, seq, pid = struct.unpack_from("=IHHII", msg)
+                    if mtype == AUDIT_GET:
+                        break
+                    assert mtype == 2 and struct.unpack_from("=i", msg, 16)[0] == 0, msg[:40]
+                assert (seq, pid) == (9, 0)
+            finally:
+                s.close()
+
+
+def test_the_audit_daemons_socket_is_refused(tmp_path, monkeypatch):
+    """The kernel sends every audit record to the socket of the pid
+    AUDIT_SET registered (auditd): a new socket would not be that one.
+    (Registering a real audit daemon here would take the host's audit
+    trail: the kernel's answer is stood in for.)"""
+    from engine.fds import _netlink
+    setup = """
+import socket
+a = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 9)
+a.bind((0, 0))
+os.dup2(a.fileno(), 500); a.close()
+"""
+    with Target(tmp_path, setup) as t:
+        assert _netlink.audit_daemon_pid() in (0, t.pid + 1000000) or True
+        monkeypatch.setattr(_netlink, "audit_daemon_pid", lambda: t.pid)
+        assert refusal(t.pid, 500).endswith("the process is the audit daemon (AUDIT_SET): the kernel's audit "
+                                            "records go to its socket")
+        monkeypatch.setattr(_netlink, "audit_daemon_pid", lambda: -1)
+        assert "could not be asked of the kernel" in refusal(t.pid, 500)
+
+
+def test_real_dbus_daemon_with_its_audit_socket_is_restored_and_answers(tmp_path):
+    """dbus-daemon, started as root, opens a NETLINK_AUDIT socket: it was
+    refused for it. Restored, it answers a method call on its bus."""
+    import shutil
+    import subprocess
+    import time
+    from engine.context import Options
+    from engine.dump import dump as full_dump
+    from engine.restore import restore as full_restore
+    if not (shutil.which("dbus-daemon") and shutil.which("dbus-send")):
+        pytest.skip("no dbus-daemon / dbus-send")
+    addr = f"unix:path={tmp_path}/bus"
+    p = subprocess.Popen(["dbus-daemon", "--session", "--nofork", f"--address={addr}"], stdin=subprocess.DEVNULL,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True, start_new_session=True)
+    try:
+        def ask():
+            return subprocess.run(["dbus-send", f"--bus={addr}", "--print-reply", "--dest=org.freedesktop.DBus",
+                                   "/org/freedesktop/DBus", "org.freedesktop.DBus.GetId"],
+                                  capture_output=True, text=True, timeout=10, close_fds=True)
+        deadline = time.monotonic() + 10
+        before = None
+        while time.monotonic() < deadline:       # bound before it listens: asked until it answers
+            before = ask() if (tmp_path / "bus").exists() else None
+            if before is not None and before.returncode == 0:
+                break
+            time.sleep(0.1)
+        assert before is not None and before.returncode == 0, before and before.stderr
+        links = [os.readlink(f"/proc/{p.pid}/fd/{n}") for n in os.listdir(f"/proc/{p.pid}/fd")]
+        full_dump(p.pid, str(tmp_path / "img"), Options())
+        p.wait()
+        full_restore(str(tmp_path / "img"), Options())
+        after = ask()
+        assert after.returncode == 0, (after.stderr, links)
+        # the same bus id (random per daemon start), and the second client's
+        # unique name: a fresh daemon would call it :1.0 again
+        bus_id = lambda out: out.splitlines()[1].strip()
+        assert bus_id(after.stdout) == bus_id(before.stdout) and "destination=:1.0 " in before.stdout
+        assert "destination=:1.1 " in after.stdout, after.stdout
+    finally:
+        for pid in (p.pid,):
+            try:
+                os.kill(pid, 9)
+            except OSError:
+                pass
+        try:
+            p.wait(timeout=5)
+        except Exception:
+            pass
+
+
+# -- ping sockets (ICMP datagram: ping(8) without capabilities) -------------------
+
+def test_ping_socket_restored_with_its_ident_and_options_and_answered(tmp_path):
+    """Refused before ("inet dgram protocol 1"). Bound to an ident, IP_RECVERR
+    and SO_TIMESTAMP set, as ping(8) does; after the restore an echo
+    request sent through it is answered to it (replies are matched by the
+    ident)."""
+    setup = """
+import socket
+p = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)
+p.setsockopt(socket.IPPROTO_IP, 11, 1)          # IP_RECVERR
+p.setsockopt(socket.SOL_SOCKET, 29, 1)          # SO_TIMESTAMP
+p.sendto(bytes([8, 0, 0, 0, 0, 0, 0, 1]) + b"x" * 8, ("127.0.0.1", 0))   # the kernel picks an ident
+p.settimeout(5)
+p.recv(100)                                       # its reply read: nothing queued
+os.dup2(p.fileno(), 500); p.close()
+"""
+    import struct
+    with Target(tmp_path, setup, "report['ident'] = socket.socket(fileno=os.dup(500)).getsockname()[1]") as t:
+        ident = t.check()["ident"]
+        assert ident != 0
+        assert classify(t.pid, 500) == f"ping ident {ident}, options SO_TIMESTAMP, IP_RECVERR"
+        img = dump(t.pid, [500], str(tmp_path / "img"))
+        t.close()
+        with restore(img):
+            s = socket.socket(fileno=os.dup(500))
+            try:
+                assert s.getsockname()[1] == ident
+                assert s.getsockopt(socket.IPPROTO_IP, 11) == 1 and s.getsockopt(socket.SOL_SOCKET, 29) == 1
+                s.settimeout(5)
+                s.sendto(bytes([8, 0, 0, 0, 0, 0, 0, 2]) + b"y" * 8, ("127.0.0.1", 0))
+                reply = s.recv(100)
+                assert reply[0] == 0 and struct.unpack(">HH", reply[4:8]) == (ident, 2) and reply[8:] == b"y" * 8
+            finally:
+                s.close()
+
+
+def test_ping_socket_with_a_reply_queued_is_refused(tmp_path):
+    setup = """
+import socket, time
+p = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)
+p.sendto(bytes([8, 0, 0, 0, 0, 0, 0, 1]), ("127.0.0.1", 0))
+time.sleep(0.2)                                   # its reply waits, unread
+os.dup2(p.fileno(), 500); p.close()
+"""
+    with Target(tmp_path, setup) as t:
+        assert refusal(t.pid, 500).endswith("bytes of echo replies queued to be read")
+
+
+def test_real_ping_is_restored_and_goes_on_counting_replies(tmp_path):
+    """ping(8) as root, on ping sockets (IPv4 and IPv6) with its capabilities
+    dropped: refused before for both sockets. After the restore its
+    sequence numbers go on from where they were, every request answered."""
+    import re
+    import shutil
+    import subprocess
+    import time
+    from engine.context import Options
+    from engine.dump import dump as full_dump
+    from engine.errors import Refusal as R, Refusals
+    from engine.restore import restore as full_restore
+    if not shutil.which("ping"):
+        pytest.skip("no ping (iputils-ping)")
+    out = tmp_path / "ping.out"
+    with open(out, "w") as f:
+        p = subprocess.Popen(["ping", "-n", "-i", "0.3", "127.0.0.1"], stdin=subprocess.DEVNULL, stdout=f,
+                             stderr=subprocess.STDOUT, close_fds=True, start_new_session=True)
+    try:
+        seqs = lambda: [int(m) for m in re.findall(r"icmp_seq=(\d+)", out.read_text())]
+        deadline = time.monotonic() + 10
+        while len(seqs()) < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for attempt in range(6):      # a freeze that meets a reply still queued is refused: again
+            try:
+                full_dump(p.pid, str(tmp_path / "img"), Options())
+                break
+            except (R, Refusals) as e:
+                assert "echo replies queued" in str(e), e
+                time.sleep(0.1)
+        else:
+            raise AssertionError("every freeze met a reply queued")
+        p.wait()
+        n = max(seqs())
+        full_restore(str(tmp_path / "img"), Options())
+        deadline = time.monotonic() + 10
+        while max(seqs()) < n + 4 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        got = seqs()
+        assert max(got) >= n + 4 and got == list(range(1, len(got) + 1)), got
+    finally:
+        try:
+            os.kill(p.pid, 9)
+        except OSError:
+            pass
+        try:
+            p.wait(timeout=5)
+        except Exception:
+            pass

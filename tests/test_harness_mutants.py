@@ -198,16 +198,25 @@ EXPECTED = {
     "change-mprotect": {"maps"},
 }
 # Edits of a tree image (the sink is one process: nothing for them there).
-TREE_EDITS = {"unshare-tree-memory"}
+TREE_EDITS = {"unshare-tree-memory", "drop-tree-child"}
 # Edits of a threaded or a quiet Python target (THREADED, QUIET below).
-THREAD_EDITS = {"reset-thread-sched": {"nice"}, "swap-thread-tls": {"ident"}, "reset-mxcsr": {"third"}}
+THREAD_EDITS = {"reset-thread-sched": {"nice"}, "swap-thread-tls": {"ident"}, "reset-mxcsr": {"third"},
+                # one thread fewer: every per-thread list has one entry fewer
+                "drop-thread": {"threads", "nice", "sigblk", "names"}, "lose-thread-sigmask": {"sigblk"},
+                "rename-thread": {"names"},
+                "restorer-auxv": {"auxv"}, "share-to-private": {"maps"}}
 MEMORY_EDITS = {"drop-cow-page"}
 SOCKET_EDITS = {"reset-sockopt"}
+# Edits of the TIMED target below: what each changes of what it reports.
+TIMED_EDITS = {"disarm-posix-timer": {"posix timer"}, "reset-itimers": {"itimer"},
+               "double-pending-signal": {"pending"}, "drop-file-lock": {"lock"}, "move-brk": {"brk"},
+               "lose-robust-list": {"robust"}, "lose-sigaltstack": {"altstack"}}
 
 
 def test_every_mutant_is_listed_and_tested():
     assert len(mutants.names()) >= 22
-    assert set(EXPECTED) | TREE_EDITS | set(THREAD_EDITS) | MEMORY_EDITS | SOCKET_EDITS == set(mutants.EDITS)
+    assert set(EXPECTED) | TREE_EDITS | set(THREAD_EDITS) | MEMORY_EDITS | SOCKET_EDITS \
+        | set(TIMED_EDITS) == set(mutants.EDITS)
     assert set(mutants.CAUGHT_BY) == set(mutants.names())
     for name in mutants.names():
         e = engines.make(f"mutant:{name}")
@@ -533,14 +542,22 @@ def test_unshare_tree_memory_breaks_the_sharing_only(procs, tmp_path):
 # (threads inherit the FP state): each writes, every 10 ms, its
 # pthread_self and 1/3 into its own slots, read from outside.
 THREADED = r"""
-import ctypes, json, os, sys, threading, time
+import ctypes, json, mmap, os, signal, sys, threading, time
+from harness import sysapi
 ctypes.CDLL("libm.so.6").fesetround(0x800)              # FE_UPWARD
 idents = (ctypes.c_uint64 * 3)()
 thirds = (ctypes.c_double * 3)()
 one, three = float(len("x")), float(len("xyz"))
+with open("shared", "wb") as f:
+    f.write(bytes(4096))
+with open("shared", "r+b") as f:
+    m = mmap.mmap(f.fileno(), 4096, flags=mmap.MAP_SHARED)
 def loop(i, nice):
     if nice:
         os.setpriority(os.PRIO_PROCESS, 0, nice)
+    if i:
+        sysapi.prctl_set_name(f"t{i}")
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})
     while True:
         idents[i], thirds[i] = threading.get_ident(), one / three
         time.sleep(0.01)
@@ -560,7 +577,12 @@ def _threaded_facts(pid, pub):
     time.sleep(0.1)         # a few rounds of every loop after the restore
     tids = sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
     nice = [open(f"/proc/{pid}/task/{t}/stat").read().rsplit(")", 1)[1].split()[16] for t in tids]
-    return {"nice": nice, "ident": u64s(pub["idents"]), "third": u64s(pub["thirds"])}
+    status = [dict(ln.split(":", 1) for ln in open(f"/proc/{pid}/task/{t}/status").read().splitlines())
+              for t in tids]
+    maps = sorted((ln.split()[1], ln.split()[-1]) for ln in open(f"/proc/{pid}/maps") if ln.rstrip().endswith("/shared"))
+    return {"nice": nice, "ident": u64s(pub["idents"]), "third": u64s(pub["thirds"]), "threads": len(tids),
+            "sigblk": [st["SigBlk"].strip() for st in status], "names": [st["Name"].strip() for st in status],
+            "auxv": open(f"/proc/{pid}/auxv", "rb").read(), "maps": maps}
 
 
 @pytest.fixture(scope="module")
@@ -569,7 +591,10 @@ def threaded_image(tmp_path_factory):
     base = tmp_path_factory.mktemp("threaded")
     procs = Procs()
     try:
-        p = procs.start([sys.executable, "-c", THREADED], cwd=str(base))
+        p = subprocess.Popen([sys.executable, "-c", THREADED], cwd=str(base), stdin=subprocess.DEVNULL,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True,
+                             start_new_session=True, env=ENV)
+        procs.popens.append(p)
         wait_for(lambda: (base / "pub").exists(), what="the threaded target")
         time.sleep(0.1)
         pub = json.loads((base / "pub").read_text())
@@ -595,7 +620,7 @@ def _restore_threaded(procs, img, pid, pub):
 @pytest.mark.parametrize("name", sorted(THREAD_EDITS))
 def test_thread_mutant_breaks_exactly_one_thing(name, threaded_image, procs, tmp_path):
     want = threaded_image["facts"]
-    assert want["nice"][1] == "7" and len(set(want["ident"])) == 3
+    assert want["nice"][1] == "7" and len(set(want["ident"])) == 3 and want["names"][1:] == ["t1", "t2"]
     assert len(set(want["third"])) == 1          # rounded upward, by every thread alike
     img = str(tmp_path / "img")
     shutil.copytree(threaded_image["img"], img)
@@ -604,6 +629,8 @@ def test_thread_mutant_breaks_exactly_one_thing(name, threaded_image, procs, tmp
     got = _restore_threaded(procs, img, threaded_image["pid"], threaded_image["pub"])
     differ = {k for k in want if got[k] != want[k]}
     assert differ == THREAD_EDITS[name], f"{name} ({what}) changed {sorted(differ)}: {got} vs {want}"
+    if name == "drop-thread":       # the last thread gone, the others as they were
+        assert all(got[k] == want[k][:-1] for k in ("nice", "sigblk", "names")), (got, want)
 
 
 # A quiet process (harness/memstate.py) with a private file mapping of more
@@ -698,3 +725,153 @@ def test_reset_sockopt_resets_one_option_only(procs, tmp_path):
     differ = {k: (want.get(k), got.get(k)) for k in set(got) | set(want) if got.get(k) != want.get(k)}
     assert len(differ) == 1 and what.split(": ")[1].split()[0] in next(iter(differ)), (what, differ)
     assert next(iter(differ.values()))[0] == "01000000"           # set before, 0 after
+
+
+# An interval timer, a POSIX timer, a real-time signal queued once (blocked)
+# and a POSIX lock; on SIGUSR2 it reports what it sees of them (the signals
+# taken with sigtimedwait) and its program break (brk(2)), read by the test
+# after each restore.
+TIMED = r"""
+import ctypes, fcntl, json, os, signal, time
+from harness import sysapi, workload
+brk = ctypes.CDLL(None).syscall
+brk.restype = ctypes.c_void_p
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGRTMIN + 3})
+signal.setitimer(signal.ITIMER_REAL, 3000, 1000)
+h = sysapi.timer_create(1, 0, 0)
+sysapi.timer_settime(h, 2000000, 500000)
+sysapi.sigqueue(os.getpid(), signal.SIGRTMIN + 3, 77)
+f = open("locked", "w")
+fcntl.lockf(f, fcntl.LOCK_EX)
+sysapi.sigaltstack_set(sysapi.mmap(65536, 3, 0x22, -1, 0), 65536)
+def report(*_):
+    got = []
+    while signal.sigtimedwait({signal.SIGRTMIN + 3}, 0) is not None:
+        got.append(1)
+    with open("report.tmp", "w") as out:
+        json.dump({"itimer": round(signal.getitimer(signal.ITIMER_REAL)[1], 3),
+                   "posix timer": round(sysapi.timer_gettime(h)[1], 3), "pending": len(got),
+                   "brk": brk(ctypes.c_long(workload.BRK_NR[os.uname().machine]), ctypes.c_void_p(0)),
+                   "altstack": list(sysapi.sigaltstack_get())}, out)
+    os.rename("report.tmp", "report")
+signal.signal(signal.SIGUSR2, report)
+open("ready.tmp", "w").close()
+os.rename("ready.tmp", "ready")
+while True:
+    time.sleep(1)
+"""
+
+
+def _timed_facts(pid, work):
+    import struct
+    report = work / "report"
+    if report.exists():
+        report.unlink()
+    os.kill(pid, signal.SIGUSR2)
+    wait_for(report.exists, what="the timed target's report")
+    facts = json.loads(report.read_text())
+    with open(work / "locked", "r+") as f:      # F_GETLK: who holds a lock that conflicts with ours
+        got = fcntl.fcntl(f, fcntl.F_GETLK, struct.pack("hhqqi", fcntl.F_WRLCK, 0, 0, 0, 0))
+    facts["lock"] = struct.unpack("hhqqi", got)[4]
+    from harness import procstate
+    facts["robust"] = procstate._robust_list(pid)
+    return facts
+
+
+def test_timed_mutants_break_exactly_one_thing(procs, tmp_path):
+    become_subreaper()
+    work = tmp_path / "w"
+    work.mkdir()
+    p = subprocess.Popen([sys.executable, "-c", TIMED], cwd=str(work), stdin=subprocess.DEVNULL,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True,
+                         start_new_session=True, env=ENV)
+    procs.popens.append(p)
+    wait_for(lambda: (work / "ready").exists(), what="the timed target")
+    img = str(tmp_path / "img")
+    r = ckpt("dump", "-t", str(p.pid), "-D", img, "--json")
+    assert r.returncode == 0, r.stderr
+    procs.reap(p.pid)
+
+    def restored(d):
+        rr = ckpt("restore", "-D", d, "--json")
+        assert rr.returncode == 0, rr.stderr
+        procs.adopt(p.pid)
+        try:
+            return _timed_facts(p.pid, work)
+        finally:
+            procs.kill(p.pid)
+    want = restored(img)
+    assert want.pop("brk") and want.pop("robust") and want.pop("altstack")[2] == 65536
+    assert want == {"itimer": 1000.0, "posix timer": 500.0, "pending": 1, "lock": p.pid}
+    want = restored(img)
+    for name, changed in sorted(TIMED_EDITS.items()):
+        mine = str(tmp_path / f"img-{name}")
+        shutil.copytree(img, mine)
+        what = mutants.apply_edit(name, mine)
+        ImageReader(mine).verify()
+        got = restored(mine)
+        differ = {k for k in want if got[k] != want[k]}
+        assert differ == changed, f"{name} ({what}): {got} vs {want}"
+
+
+ZOMBIE_PARENT = r"""
+import os, time
+kid = os.fork()
+if kid == 0:
+    os._exit(7)
+sleeper = os.fork()
+if sleeper == 0:
+    while True:
+        time.sleep(1)
+open("kids.tmp", "w").write(f"{kid} {sleeper}")
+os.rename("kids.tmp", "kids")
+while True:
+    time.sleep(1)
+"""
+
+
+def test_drop_tree_child_loses_one_member_only(procs, tmp_path):
+    """A parent with a zombie child and a sleeping one: restored from the
+    real image both are its children; from the edited image the zombie is
+    gone and the sleeper is still there."""
+    become_subreaper()
+    (tmp_path / "parent.py").write_text(ZOMBIE_PARENT)
+    p = procs.start([sys.executable, str(tmp_path / "parent.py")], cwd=str(tmp_path))
+    wait_for(lambda: (tmp_path / "kids").exists(), what="the parent's children")
+    zombie, sleeper = (int(x) for x in (tmp_path / "kids").read_text().split())
+    wait_for(lambda: open(f"/proc/{zombie}/stat").read().rsplit(")", 1)[1].split()[0] == "Z", what="the zombie")
+    img = str(tmp_path / "img")
+    r = ckpt("dump", "-t", str(p.pid), "-D", img, "--json")
+    assert r.returncode == 0, r.stderr
+    procs.reap(p.pid)
+    for pid in (sleeper, zombie):      # orphaned by the dump's kill: ours to reap
+        deadline = time.monotonic() + 10
+        while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+            time.sleep(0.02)
+
+    def children():
+        rr = ckpt("restore", "-D", img, "--json")
+        assert rr.returncode == 0, rr.stderr
+        procs.adopt(p.pid)
+        try:
+            return sorted(int(x) for x in open(f"/proc/{p.pid}/task/{p.pid}/children").read().split())
+        finally:
+            procs.kill(p.pid)
+            for pid in (sleeper, zombie):
+                deadline = time.monotonic() + 10
+                while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                        os.waitpid(pid, os.WNOHANG)
+                    except (ChildProcessError, ProcessLookupError):
+                        pass
+                    time.sleep(0.02)
+    assert children() == sorted([zombie, sleeper])
+    what = mutants.apply_edit("drop-tree-child", img)
+    ImageReader(img).verify()
+    assert f"member {zombie} " in what and "a zombie" in what
+    assert children() == [sleeper]

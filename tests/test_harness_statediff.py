@@ -121,3 +121,33 @@ def test_adjacent_pieces_of_one_file_at_contiguous_offsets_compare_as_one():
                            **m("7f0000001000-7f0000002000", "00022000", path="/lib/y.so")}, merged)
     heap = _maps(("7f0000000000-7f0000001000", "rw-p", "[heap]"), ("7f0000001000-7f0000002000", "rw-p", ""))
     assert statediff.diff(heap, _maps(("7f0000000000-7f0000002000", "rw-p", "[heap]")))
+
+
+def test_o_largefile_added_by_a_restore_is_allowed_and_nothing_else():
+    before = {"arch": "x86_64", "fd.4.fdinfo.flags": "02"}
+    assert statediff.diff(before, dict(before, **{"fd.4.fdinfo.flags": "0100002"})) == []
+    got = statediff.diff(before, dict(before, **{"fd.4.fdinfo.flags": "02000002"}))    # O_CLOEXEC
+    assert [d["field"] for d in got] == ["fd.4.fdinfo.flags"]
+    arm = {"arch": "aarch64", "fd.4.fdinfo.flags": "02"}
+    assert statediff.diff(arm, dict(arm, **{"fd.4.fdinfo.flags": "0400002"})) == []
+    assert statediff.diff(arm, dict(arm, **{"fd.4.fdinfo.flags": "0100002"})) != []    # O_NOFOLLOW there
+
+
+def test_a_programs_view_keeps_what_it_does_not_change_by_itself():
+    before = {"arch": "x86_64", "auxv": "aa", "limits.Max open files": "1024 4096", "status.SigBlk": "0",
+              "status.Umask": "0022", "fd.3.link": "/x", "fd.3.fdinfo.pos": "10", "fd.3.fdinfo.flags": "02",
+              "fd.5.link": "socket:[1]", "thread.7.Name": "w", "thread.7.SigBlk": "0",
+              "maps.1000-2000.perms": "r-xp", "maps.1000-2000.path": "/lib/x.so",
+              "maps.1000-2000.offset": "0", "maps.1000-2000.dev": "fe:00", "maps.1000-2000.inode": "5",
+              "maps.5000-6000.perms": "rw-p", "maps.5000-6000.path": "", "maps.5000-6000.offset": "0",
+              "maps.5000-6000.dev": "00:00", "maps.5000-6000.inode": "0"}
+    after = dict(before, **{"status.SigBlk": "4", "fd.3.fdinfo.pos": "99", "thread.7.SigBlk": "4",
+                            "maps.5000-6000.perms": "r--p", "fd.9.link": "socket:[2]"})
+    del after["fd.5.link"]
+    b, a = statediff.program_view(before, after)
+    assert statediff.diff(b, a) == []         # what a running program changes, and fds only one side has
+    for field, value in (("auxv", "bb"), ("limits.Max open files", "1 1"), ("status.Umask", "0077"),
+                         ("fd.3.fdinfo.flags", "04002"), ("thread.7.Name", "python3"),
+                         ("maps.1000-2000.perms", "rwxp")):
+        b, a = statediff.program_view(before, dict(after, **{field: value}))
+        assert [d["field"] for d in statediff.diff(b, a)] == [field], field

@@ -98,6 +98,7 @@ class FdInfo:
     fdinfo_text: str = ""          # the raw text, for kinds with repeated lines (inotify, epoll)
     stat: Optional[os.stat_result] = None
     fs_magic: Optional[int] = -1   # statfs f_type of the open file; -1: not read yet, None: unreadable
+    owner: Optional[dict] = None   # F_SETOWN_EX owner and F_SETSIG signal when either is set (check._check_fds)
 
     @property
     def proc_path(self) -> str:

@@ -1,5 +1,5 @@
-"""NETLINK_ROUTE sockets with nothing queued: port id, multicast groups,
-destination, options.
+"""NETLINK_ROUTE and NETLINK_AUDIT sockets with nothing queued: port id,
+multicast groups, destination, options.
 
 At dump: getsockname gives the port id (nl_pid: 0 until the socket is
 bound, explicitly or by the kernel on its first send) and the first 32
@@ -8,6 +8,15 @@ set by connect(2); /proc/PID/net/netlink the bytes waiting to be read
 (Rmem) and whether a dump is in progress (Dump) - either refuses, as the
 messages (or the rest of the dump) cannot be asked of the kernel again.
 Every other netlink protocol is refused by name.
+
+NETLINK_AUDIT: what daemons hold to log through the kernel's audit
+(dbus-daemon, sshd, login via libaudit's audit_open). The kernel keeps no
+state for such a socket beyond its port id and groups - requests are
+answered at once, into the queue the dump finds empty - except for the
+one the audit daemon registered with AUDIT_SET (its pid and port id, where
+every audit record goes: kernel/audit.c auditd_conn). That one is refused:
+the dump asks the kernel (AUDIT_GET) for the audit daemon's pid and
+refuses the sockets of that process, or all when it cannot be asked.
 
 At restore: socket, options, bind to the same port id explicitly (the
 kernel's autobind would pick another one; a port id taken here meanwhile
@@ -33,6 +42,9 @@ from ._util import refuse, refuse_rec, with_status_flags
 
 AF_NETLINK = getattr(_socket, "AF_NETLINK", 16)
 NETLINK_ROUTE = 0
+NETLINK_AUDIT = 9
+PROTOCOLS = (NETLINK_ROUTE, NETLINK_AUDIT)
+AUDIT_GET = 1000
 SOL_NETLINK = 270
 NETLINK_ADD_MEMBERSHIP = 1
 NETLINK_LIST_MEMBERSHIPS = 9
@@ -54,17 +66,25 @@ def groups_of(fd: int) -> List[int]:
 
 
 def classify(info, ctx, q: dict) -> dict:
-    """The dump record of a NETLINK_ROUTE socket; raises the `socket`
-    refusal (other protocols included)."""
+    """The dump record of a NETLINK_ROUTE or NETLINK_AUDIT socket; raises
+    the `socket` refusal (other protocols included)."""
     ino = inode_of(info.link)
     key = f"netlink:{ino}"
     if key in ctx.shared:
         return ctx.shared[key]
     proto = q["proto"]
     head = f"netlink {netinfo.NETLINK_PROTOCOLS.get(proto, proto)}"
-    if proto != NETLINK_ROUTE or q["type"] not in _TYPES:
-        raise refuse(info, "socket", f"{head} {_TYPES.get(q['type'], q['type'])}: only NETLINK_ROUTE "
-                     "sockets are restored")
+    if proto not in PROTOCOLS or q["type"] not in _TYPES:
+        raise refuse(info, "socket", f"{head} {_TYPES.get(q['type'], q['type'])}: only NETLINK_ROUTE and "
+                     "NETLINK_AUDIT sockets are restored")
+    if proto == NETLINK_AUDIT:
+        daemon = ctx.shared.get("netlink:auditd")
+        if daemon is None:
+            daemon = ctx.shared["netlink:auditd"] = audit_daemon_pid()
+        if daemon == info.pid or daemon == -1:
+            why = "the process is the audit daemon (AUDIT_SET): the kernel's audit records go to its socket" \
+                if daemon == info.pid else "the audit daemon's pid could not be asked of the kernel (AUDIT_GET)"
+            raise refuse(info, "socket", f"{head}: {why}")
     portid, _ = q["name"]
     head += f" port {portid}"
     out = outside_holders(info, ctx, ino)
@@ -97,8 +117,36 @@ def classify(info, ctx, q: dict) -> dict:
     return rec
 
 
+def audit_daemon_pid() -> int:
+    """The pid the kernel sends audit records to (0: none), asked with
+    AUDIT_GET on a socket of ckpt's own; -1 when it cannot be asked."""
+    try:
+        s = _socket.socket(AF_NETLINK, _socket.SOCK_RAW | _socket.SOCK_CLOEXEC, NETLINK_AUDIT)
+    except OSError:
+        return -1
+    try:
+        s.settimeout(2.0)
+        s.bind((0, 0))
+        s.sendto(struct.pack("=IHHII", 16, AUDIT_GET, 1, 1, 0), (0, 0))
+        while True:
+            msg = s.recv(65536)
+            length, mtype, _, seq, _ = struct.unpack_from("=IHHII", msg)
+            if mtype == 2:          # NLMSG_ERROR: an ack (0) comes first on some kernels; else the error
+                err, = struct.unpack_from("=i", msg, 16)
+                if err:
+                    return -1
+                continue
+            if mtype == AUDIT_GET and len(msg) >= 16 + 16:
+                _, _, _, pid = struct.unpack_from("=IIII", msg, 16)
+                return pid
+    except OSError:
+        return -1
+    finally:
+        s.close()
+
+
 def text(rec: dict) -> str:
-    s = f"netlink route {_TYPES[rec['type']]} port {rec['portid']}"
+    s = f"netlink {netinfo.NETLINK_PROTOCOLS.get(rec['proto'], rec['proto'])} {_TYPES[rec['type']]} port {rec['portid']}"
     if rec["groups"]:
         s += f", groups {','.join(map(str, rec['groups']))}"
     if any(rec["peer"]):
@@ -109,7 +157,7 @@ def text(rec: dict) -> str:
 
 
 def validate(rec: dict, ctx) -> None:
-    if rec.get("proto") != NETLINK_ROUTE or rec.get("type") not in _TYPES or \
+    if rec.get("proto") not in PROTOCOLS or rec.get("type") not in _TYPES or \
             not isinstance(rec.get("portid"), int) or not isinstance(rec.get("groups"), list):
         raise refuse_rec(rec, ctx, "image-invalid", "netlink socket record malformed")
 

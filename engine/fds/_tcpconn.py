@@ -467,11 +467,11 @@ def _loopback(addr: str) -> bool:
     return ip.is_loopback
 
 
-def _send_all(s: _socket.socket, data: bytes) -> None:
+def _send_all(s: _socket.socket, data: bytes, flags: int = 0) -> None:
     off, chunk = 0, len(data)
     while off < len(data):
         try:
-            n = s.send(data[off:off + chunk])
+            n = s.send(data[off:off + chunk], flags)
         except OSError as e:
             # Repair-mode writes are one linear buffer: the kernel may refuse a
             # big one (ENOMEM); smaller pieces do (as soccr does).
@@ -606,6 +606,24 @@ def _put_back_moved(s: _socket.socket, rec: dict) -> None:
         _setint(s, 10, _sockopts.as_int(moved["TCP_WINDOW_CLAMP"]))
 
 
+def _listeners_first(rec: dict, ctx) -> None:
+    """The dump's listeners on the ports of this connection (or its peer's)
+    are built before it: a listener cannot bind beside a connection already
+    on its port, while the connection binds beside the listener (repair
+    mode forces reuse). In a process tree the accepted connection may be
+    restored first (the parent accepted, the child kept the listener): the
+    restore was refused "address in use" after the dump had killed the tree."""
+    from . import _inetsock
+    from ._inetsock import _serves
+    ports = [tuple(rec["local"][:2])]
+    if rec["peer"] == "dump":
+        ports += [tuple(rec["remote"][:2])]
+    for x in getattr(ctx, "tree_records", None) or ctx.records or []:
+        if x.get("sock") == "tcp-listen" and x.get("family") == rec["family"] and \
+                any(_serves(x["addr"], p) for p in ports):
+            _inetsock.ensure_listener(x, ctx)
+
+
 def restore(rec: dict, ctx) -> int:
     """The rebuilt connection's fd, still in repair mode (a pair is built on
     its first end's call): it leaves repair mode in finish(), once the new
@@ -616,6 +634,7 @@ def restore(rec: dict, ctx) -> int:
     key = f"tcp-conn-built:{rec['inode']}"
     s = ctx.shared.pop(key, None)
     if s is None:
+        _listeners_first(rec, ctx)
         try:
             ends = [rec]
             if rec["peer"] == "dump":
@@ -712,6 +731,33 @@ def _half_close(rec: dict, ctx) -> None:
             sk.close()
 
 
+def _send_unsent(s: _socket.socket, rec: dict, unsent: bytes) -> None:
+    """The bytes never sent, queued again behind the rebuilt send queue.
+    The rebuilt queue is charged by its own skbs, not the original's (other
+    sizes, the repair-mode writes' linear buffers), so a queue that filled
+    the send buffer may not fit it again: a non-blocking send then fails
+    with EAGAIN (zdtm socket-tcpbuf*, the process lost after the dump). The
+    buffer is widened for the refill and put back to its recorded size and
+    lock bits (SO_BUF_LOCK), as a process that filled it sees them."""
+    # MSG_DONTWAIT, not O_NONBLOCK: the open file is the restored
+    # process's own, its status flags already set as recorded
+    size = _sockopts.as_int((rec.get("moved") or {}).get("SO_SNDBUF"))
+    lock = rec["opts"].get("SO_BUF_LOCK")
+    if not size or lock is None:
+        _send_all(s, unsent, _socket.MSG_DONTWAIT)   # no recorded size or lock to put back (before 5.16)
+        return
+    now = s.getsockopt(_socket.SOL_SOCKET, _socket.SO_SNDBUF)
+    _sockopts.set_buffer(s, "SO_SNDBUF", now + 4 * len(unsent) + (1 << 20))
+    try:
+        _send_all(s, unsent, _socket.MSG_DONTWAIT)
+    except OSError as e:
+        raise OSError(e.errno, f"sending the {len(unsent)} unsent bytes: {e.strerror} (send buffer "
+                      f"{s.getsockopt(_socket.SOL_SOCKET, _socket.SO_SNDBUF)}, was {size})") from e
+    finally:
+        _sockopts.set_buffer(s, "SO_SNDBUF", size)
+        s.setsockopt(_socket.SOL_SOCKET, _sockopts.SO_BUF_LOCK, bytes.fromhex(lock))
+
+
 def finish(rec: dict, ctx, task) -> None:
     """In the restorer, the new process holding the socket and not running
     yet: leave repair mode (a window probe tells the peer where we are),
@@ -725,12 +771,20 @@ def finish(rec: dict, ctx, task) -> None:
         _setint(s, TCP_REPAIR, TCP_REPAIR_OFF)
         unsent = ctx.shared.get(f"tcp-conn-unsent:{rec['inode']}") or b""
         if unsent:
-            s.setblocking(False)
-            _send_all(s, unsent)
+            _send_unsent(s, rec, unsent)
         if "SO_REUSEADDR" in rec["set"]:
             _sockopts.apply(s, rec["opts"], ["SO_REUSEADDR"])
-        if s.getsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 4).hex() != rec["opts"].get("SO_REUSEADDR"):
-            raise OSError(_errno.EINVAL, "SO_REUSEADDR does not read back")
+        want = {"SO_REUSEADDR": rec["opts"].get("SO_REUSEADDR")}
+        if unsent and rec["opts"].get("SO_BUF_LOCK") is not None:
+            # _send_unsent put these back; a send buffer the kernel may still
+            # tune (not locked: SOCK_SNDBUF_LOCK) is not compared
+            want["SO_BUF_LOCK"] = rec["opts"]["SO_BUF_LOCK"]
+            if _sockopts.as_int(want["SO_BUF_LOCK"]) & SOCK_SNDBUF_LOCK and (rec.get("moved") or {}).get("SO_SNDBUF"):
+                want["SO_SNDBUF"] = rec["moved"]["SO_SNDBUF"]
+        for name, value in want.items():
+            got = s.getsockopt(_socket.SOL_SOCKET, _sockopts.number(name), 4).hex()
+            if got != value:
+                raise OSError(_errno.EINVAL, f"{name} does not read back ({got}, was {value})")
         if rec.get("state") in HALF:
             _half_close(rec, ctx)
     except OSError as e:

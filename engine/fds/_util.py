@@ -97,7 +97,12 @@ def check_async(info, ctx=None) -> None:
     from ._sys import O_ASYNC
     if not info.flags & O_ASYNC:
         return
-    a = async_owner(info)
+    check_owner(info, ctx, async_owner(info))
+
+
+def check_owner(info, ctx, a: dict) -> None:
+    """An F_SETOWN owner (with or without O_ASYNC: SIGURG and a later
+    O_ASYNC go by it) must be in the dump. Raises Refusal(unsupported-state)."""
     if not a["owner"] or ctx is None:
         return
     members = set(getattr(ctx, "tree_pids", ()) or ()) or {info.pid}
@@ -108,9 +113,35 @@ def check_async(info, ctx=None) -> None:
     else:
         ok = a["owner"] in members
     if not ok:
+        from ._sys import O_ASYNC
+        what = "O_ASYNC (signal-driven I/O) is set with" if info.flags & O_ASYNC else "F_SETOWN names"
         raise refuse(info, "unsupported-state",
-                     f"O_ASYNC (signal-driven I/O) is set with {_OWNER_KIND.get(a['owner_type'], 'owner')} "
+                     f"{what} {_OWNER_KIND.get(a['owner_type'], 'owner')} "
                      f"{a['owner']} as its owner, outside the dump: its signals could not go there")
+
+
+def read_owner(info, pfd: int) -> Optional[dict]:
+    """The F_SETOWN_EX owner and F_SETSIG signal of the open file behind
+    ``info`` (through a duplicate taken with the process's pidfd ``pfd``),
+    or None when neither is set. Raises EngineError."""
+    import fcntl
+    import struct
+    from .. import pidfd
+    if info.flags & os.O_PATH:
+        return None        # fcntl(F_GETOWN_EX) of an O_PATH file fails EBADF: it can have no owner
+    try:
+        dup = pidfd.pidfd_getfd(pfd, info.fd, info.pid)
+        try:
+            typ, pid = struct.unpack("ii", fcntl.fcntl(dup, F_GETOWN_EX, bytes(8)))
+            sig = fcntl.fcntl(dup, F_GETSIG)
+        finally:
+            os.close(dup)
+    except OSError as e:
+        raise EngineError(f"pid {info.pid} fd {info.fd}: reading its F_SETOWN owner: {e.strerror or e}",
+                          pid=info.pid, errno=e.errno) from e
+    if not pid and not sig:
+        return None
+    return {"owner_type": typ, "owner": pid, "signal": sig}
 
 
 def _pgid(pid: int) -> int:
@@ -132,7 +163,10 @@ def restore_async(rec: dict, pid: int) -> None:
     with pidfd.target_fd(pid, rec["fd"]) as dup:
         fcntl.fcntl(dup, F_SETOWN_EX, struct.pack("ii", a["owner_type"], a["owner"]))
         fcntl.fcntl(dup, F_SETSIG, a["signal"])
-        fcntl.fcntl(dup, fcntl.F_SETFL, fcntl.fcntl(dup, fcntl.F_GETFL) | O_ASYNC)
+        # An owner without O_ASYNC (for SIGURG, or for an O_ASYNC set later)
+        # is recorded too (images before it: only with O_ASYNC)
+        if rec.get("flags", O_ASYNC) & O_ASYNC:
+            fcntl.fcntl(dup, fcntl.F_SETFL, fcntl.fcntl(dup, fcntl.F_GETFL) | O_ASYNC)
         got = struct.unpack("ii", fcntl.fcntl(dup, F_GETOWN_EX, bytes(8))), fcntl.fcntl(dup, F_GETSIG)
     if got != ((a["owner_type"], a["owner"]), a["signal"]):
         raise OSError(22, f"the O_ASYNC owner reads back as {got}")

@@ -2,7 +2,9 @@
 (after the fds, so a low RLIMIT_NOFILE cannot stop the workload building
 them) and checks after the restore: umask, rlimits, signal actions, the
 signal mask, pending signals (with their sigqueue values), interval
-timers and ``attrs`` (I/O priority, core dump filter, THP disable, child
+timers, an alternate signal stack (``altstack``), POSIX timers (``posix_timers``: timer_create, armed; each ID must
+still answer, interval exact, remaining time within the itimers'
+tolerance), the floating-point rounding mode (``fp_round``) and ``attrs`` (I/O priority, core dump filter, THP disable, child
 subreaper, keep-caps, machine-check kill policy, dumpable, NUMA memory
 policy, membarrier registration: each compared
 with what the process saw before the dump, every one of them whether the
@@ -107,6 +109,12 @@ def fields(s) -> dict:
                                   "nice": s.Int(0, 19)},
                                  required=("blocked_in",))),
         "leave": s.List_(s.Enum(tuple(CHILD_SHARE), "what the workload can leave:")),
+        # POSIX timers (timer_create), armed: notifying by a blocked signal, or not at all
+        "posix_timers": s.List_(s.Map({"clock": s.Enum(tuple(sysapi.CLOCKS)), "signal": sig,
+                                       "value_ms": s.Int(1), "interval_ms": s.Int(0)},
+                                      required=("clock", "value_ms"))),
+        # an alternate signal stack (sigaltstack) of this many bytes, mmap'd
+        "altstack": s.Size(),
         # the floating-point rounding mode (fesetround: x87 and SSE on x86_64, FPCR on aarch64)
         "fp_round": s.Enum(tuple(FP_ROUND), "a rounding mode:"),
         "attrs": s.Map({"ioprio": s.Enum(IOPRIO, "an I/O priority (class or class:level):"),
@@ -123,6 +131,9 @@ def fields(s) -> dict:
 
 def validate(p: dict) -> List[tuple]:
     out = []
+    for i, t in enumerate(p.get("posix_timers", [])):
+        if "signal" in t and t["signal"] not in p.get("blocked", []):
+            out.append((f"posix_timers[{i}].signal", f"{t['signal']} must be blocked (it would end the workload)"))
     for i, x in enumerate(p.get("pending", [])):
         if x["signal"] not in p.get("blocked", []):
             out.append((f"pending[{i}]", f"{x['signal']} must be blocked to stay pending"))
@@ -180,8 +191,15 @@ def apply(p: dict) -> None:
             os.kill(os.getpid(), signum(x["signal"]))
     for name, t in (p.get("itimers") or {}).items():
         signal.setitimer(ITIMERS[name], int(t["value_ms"]) / 1000, int(t.get("interval_ms", 0)) / 1000)
+    for i, t in enumerate(p.get("posix_timers") or []):
+        h = sysapi.timer_create(sysapi.CLOCKS[t["clock"]], signum(t["signal"]) if "signal" in t else 0, 100 + i)
+        sysapi.timer_settime(h, int(t["value_ms"]), int(t.get("interval_ms", 0)))
+        _TIMERS.append(h)
     if p.get("attrs"):
         _apply_attrs(p["attrs"])
+    if p.get("altstack"):
+        size = int(p["altstack"])
+        sysapi.sigaltstack_set(sysapi.mmap(size, 3, 0x22, -1, 0), size)     # PROT_READ|WRITE, MAP_PRIVATE|ANONYMOUS
     if p.get("fp_round"):
         if _libm().fesetround(FP_ROUND[p["fp_round"]][os.uname().machine]) != 0:
             raise OSError(f"fesetround({p['fp_round']}) failed")
@@ -206,6 +224,7 @@ def apply(p: dict) -> None:
 # -- threads -------------------------------------------------------------------------
 
 _THREADS: List["Blocked"] = []
+_TIMERS: List[int] = []         # the POSIX timers' handles (timer_t), in scenario order
 
 
 class Blocked:
@@ -243,6 +262,9 @@ class Blocked:
         mine = os.urandom(8).hex()       # on this thread's stack only (a frame local)
         if self.nice is not None:
             os.setpriority(os.PRIO_PROCESS, 0, self.nice)    # 0: the calling thread
+        # its own name (comm, per thread; Python before 3.14 names none):
+        # compared from outside, /proc/PID/task/TID/status
+        sysapi.prctl_set_name(f"wl-thr{self.index}")
         # get_ident is pthread_self, read through the thread pointer (its TLS)
         self.tid, self.value, self.ident = threading.get_native_id(), mine, threading.get_ident()
         self.started.set()
@@ -647,6 +669,8 @@ def observe(p: dict) -> dict:
             "children": [dict(c.hello, how=c.how, share=c.share) for c in _CHILDREN],
             "attrs": _attrs_now() if p.get("attrs") else {},
             "fp": _fp_now() if p.get("fp_round") else {},
+            "altstack": list(sysapi.sigaltstack_get()) if p.get("altstack") else [],
+            "posix_timers": [[h] + list(sysapi.timer_gettime(h)) for h in _TIMERS],
             "at": time.time()}
 
 
@@ -674,6 +698,9 @@ def checker(p: dict, seen: dict, phase: str) -> List[dict]:
         st = status()
         if "umask" in p:
             out.append(check(None, "umask", f"{int(p['umask']):04o}", st.get("Umask")))
+        if p.get("altstack"):
+            out.append(check(None, "alternate signal stack (sigaltstack: address, flags, size)", seen["altstack"],
+                             list(sysapi.sigaltstack_get())))
         if p.get("fp_round"):
             now = _fp_now()
             want = FP_ROUND[p["fp_round"]][os.uname().machine]
@@ -713,6 +740,17 @@ def checker(p: dict, seen: dict, phase: str) -> List[dict]:
             out.append(check(None, "pending signals (SigPnd | ShdPnd)",
                              sorted({s for s, _ in expected_pending(p)}),
                              [n for n in range(1, 65) if pend >> (n - 1) & 1 and n != signal.SIGUSR1]))
+        for i, t in enumerate(p.get("posix_timers") or []):
+            h, v0, i0 = seen["posix_timers"][i]
+            try:
+                value, interval = sysapi.timer_gettime(h)
+            except OSError as e:
+                out.append(check(None, f"posix timer {i}: timer_gettime on its ID {h}", "ok", e.strerror))
+                continue
+            out.append(check(None, f"posix timer {i}: interval (s)", i0, interval))
+            elapsed = time.time() - seen["at"]
+            out.append(within(None, f"posix timer {i}: value (s): V0 - elapsed - 2 s .. V0 + 50 ms",
+                              v0 - elapsed - EARLY_S, v0 + LATE_S, value))
         for name, t in (p.get("itimers") or {}).items():
             value, interval = signal.getitimer(ITIMERS[name])
             v0, i0 = seen["itimers"][name]

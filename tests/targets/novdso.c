@@ -1,0 +1,51 @@
+/* A target without a vdso (zdtm vdso02's shape): unmaps its [vdso] and
+ * [vvar*] blocks, writes "ready", then on each SIGUSR1 appends to OUT
+ * "report N vdso=0|1" (N counts the reports; vdso: whether its own
+ * /proc/self/maps shows one again). Only plain syscalls from then on
+ * (glibc's clock_gettime would call into the vdso). */
+#define _GNU_SOURCE
+#include <fcntl.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+static volatile sig_atomic_t asked;
+static void on_usr1(int s) { (void)s; asked = 1; }
+
+static int has_vdso(void)
+{
+    static char buf[65536];
+    int fd = open("/proc/self/maps", O_RDONLY), n, len = 0;
+    if (fd < 0) return -1;
+    while ((n = read(fd, buf + len, sizeof(buf) - 1 - len)) > 0) len += n;
+    close(fd);
+    buf[len] = 0;
+    return strstr(buf, "[vdso]") || strstr(buf, "[vvar") ? 1 : 0;
+}
+
+int main(int argc, char **argv)
+{
+    static char buf[65536];
+    int out = open(argv[1], O_WRONLY | O_CREAT | O_APPEND, 0644), n, len = 0, count = 0;
+    int fd = open("/proc/self/maps", O_RDONLY);
+    while ((n = read(fd, buf + len, sizeof(buf) - 1 - len)) > 0) len += n;
+    close(fd);
+    buf[len] = 0;
+    for (char *l = strtok(buf, "\n"); l; l = strtok(NULL, "\n")) {
+        unsigned long a, b;
+        if ((strstr(l, "[vdso]") || strstr(l, "[vvar")) && sscanf(l, "%lx-%lx", &a, &b) == 2)
+            munmap((void *)a, b - a);
+    }
+    signal(SIGUSR1, on_usr1);
+    dprintf(out, "ready vdso=%d\n", has_vdso());
+    for (;;) {
+        pause();
+        if (asked) {
+            asked = 0;
+            dprintf(out, "report %d vdso=%d\n", ++count, has_vdso());
+        }
+    }
+}
