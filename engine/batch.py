@@ -55,10 +55,22 @@ COUNT = INJECTED     # round trips and batched calls (engine/task.py)
 
 class Data:
     """An argument that is a pointer to these bytes: copied into the batch
-    area with the table, replaced by its address there."""
+    area with the table, replaced by its address there. `place`, when
+    given: a function of that address giving the bytes (as many as
+    `data`), for data that points into itself (clone3's arguments and the
+    TID they point to)."""
 
-    def __init__(self, data: bytes):
+    def __init__(self, data: bytes, place=None):
         self.data = bytes(data)
+        self.place = place
+
+    def at(self, addr: int) -> bytes:
+        if self.place is None:
+            return self.data
+        got = self.place(addr)
+        if len(got) != len(self.data):
+            raise EngineError(f"batched syscalls: data placed at {addr:#x} is {len(got)} bytes, not {len(self.data)}")
+        return got
 
 
 def enabled(arch) -> bool:
@@ -190,7 +202,7 @@ def _check(b, results: list, expect: dict) -> None:
 
 def _one(b, call) -> int:
     name, nr, args = call
-    args = [b.put(a.data, 1024) if isinstance(a, Data) else a for a in args]
+    args = [b.put(a.at(b.scratch + 1024), 1024) if isinstance(a, Data) else a for a in args]
     r = b.task.syscall(nr, *args)
     if -4096 < r < 0:
         raise SysError(f"{name} (injected)", -r, b.pid)
@@ -217,8 +229,9 @@ def _layout(area: int, calls: list) -> bytes:
         vals = []
         for a in args:
             if isinstance(a, Data):
-                vals.append(area + n * ENTRY + len(data))
-                data += a.data + b"\0" * (-len(a.data) % 8)
+                at = area + n * ENTRY + len(data)
+                vals.append(at)
+                data += a.at(at) + b"\0" * (-len(a.data) % 8)
             else:
                 vals.append(a & 0xFFFFFFFFFFFFFFFF)
         table += struct.pack("<8Q", nr, *(vals + [0] * (6 - len(vals))), SENTINEL)

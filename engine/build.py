@@ -337,7 +337,8 @@ class Builder:
                 half = i + 1
                 break
         from concurrent.futures import ThreadPoolExecutor
-        with ThreadPoolExecutor(max_workers=2) as pool:
+        from .placement import spread
+        with spread(), ThreadPoolExecutor(max_workers=2) as pool:
             parts = [pool.submit(pages.write_runs, self.pid, part) for part in (runs[:half], runs[half:]) if part]
             return sum(f.result() for f in parts)
 
@@ -394,6 +395,12 @@ class Builder:
                 have[sig] = list(act)
 
     def install_fds(self) -> None:
+        self.queue_fds()
+        self.flush()
+        self.finish_fds()
+
+    def queue_fds(self) -> None:
+        """install_fds' dup3 and close_range calls, queued."""
         if self.files_shared:
             return      # the table is its parent's, installed by the first member holding it
         prep = self.job.prepared
@@ -407,7 +414,11 @@ class Builder:
             if fd > lo:
                 self.pending.add("close_range", lo, min(fd - 1, 0xFFFFFFFF), 0)
             lo = fd + 1
-        self.flush()
+
+    def finish_fds(self) -> None:
+        """Once the fds are in place: each handler's finish(), O_ASYNC owners."""
+        if self.files_shared:
+            return
         for rec in self.job.fdrecs:
             if "dup_of" in rec or "ofd_of" in rec:
                 continue
@@ -424,9 +435,12 @@ class Builder:
                                       f"{e.strerror or e}", pid=self.pid, errno=e.errno) from e
 
     def creds(self) -> None:
+        """no_new_privs queued (the caller runs it, engine/batch.py); other
+        credentials than ckpt's by creds.apply (calls made in turn, the
+        queue first), then read back."""
         core = self.job.core
         if core["creds"].get("no_new_privs") == "1":
-            self.call("prctl", PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+            self.pending.add("prctl", PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
         if core.get("_creds_plan") in (None, "same"):
             return
         creds.apply(self)
@@ -445,22 +459,28 @@ class Builder:
                 libc.set_rlimit(self.pid, i, cur, mx)
 
     def register_rseq(self) -> None:
+        """Queued."""
         core = self.job.core
         r = core["rseq"]
         if r["pointer"]:
-            self.call("rseq", r["pointer"], r["size"], 0, r["signature"])
+            self.pending.add("rseq", r["pointer"], r["size"], 0, r["signature"])
 
     def finish(self) -> None:
         """Unmap the gadget; at that syscall's exit stop, install the dumped
         xstate and registers; detach."""
-        regs = self.arch.Regs.from_dict(self.job.core["regs"])
-        self.arch.normalise_restart(regs)
         if self.job.core.get("job_stop"):
             # Stopped by job control: stopped again by the same signal
             # while the gadget is still there (engine/jobstop.py).
             from . import jobstop
             jobstop.stop_again(self)
         self.call("munmap", self.gadget, self.gadget_size)
+        self.let_go()
+
+    def let_go(self) -> None:
+        """finish() once the gadget is unmapped (a tree unmaps every
+        member's side by side, engine/tree_restore.py)."""
+        regs = self.arch.Regs.from_dict(self.job.core["regs"])
+        self.arch.normalise_restart(regs)
         # The dumped mask only now (blocked since posixtimers.arm() and
         # pending_signals()): a timer that fired meanwhile is pending with
         # its own siginfo; what the mask leaves unblocked is delivered as
@@ -579,9 +599,19 @@ def rebuild_late(b: Builder) -> None:
     """From the fds on: install_fds closes every fd the dump did not
     record, the restorer's opened files too (in a tree, those of every
     member sharing the table)."""
+    for _ in rebuild_late_steps(b):
+        b.flush()
+
+
+def rebuild_late_steps(b: Builder):
+    """rebuild_late as a generator (as rebuild_early_steps: a tree runs
+    every member's batches side by side): the fd installs; the
+    credentials, keep-caps/dumpable and rseq in one batch."""
     job, pid = b.job, b.pid
     faults.point("restore.phase", "fds")
-    b.install_fds()
+    b.queue_fds()
+    yield
+    b.finish_fds()
     faults.point("restore.phase", "limits")
     b.limits()          # prlimit on another uid's process needs CAP_SYS_RESOURCE: before creds()
     faults.point("restore.phase", "posix_timers")
@@ -591,11 +621,16 @@ def rebuild_late(b: Builder) -> None:
     fsroot.enter(b)     # after every open by path in it; CAP_SYS_CHROOT: before creds()
     faults.point("restore.phase", "creds")
     b.creds()
-    threads.creds(b)
+    if b.threads:
+        # Each thread's own ids (threads.creds) before dumpable and
+        # keep-caps are set: a change of ids resets dumpable.
+        b.flush()
+        threads.creds(b)
     procattrs.after_creds(b, job.core["attrs"])
     pdeath.restore(b)       # after the credentials: a change of ids clears it
     faults.point("restore.phase", "rseq")
     b.register_rseq()
+    yield
     faults.point("restore.phase", "signals")
     b.pending_signals()     # before anything (seccomp) could forbid rt_tgsigqueueinfo
     faults.point("restore.phase", "sched")

@@ -614,6 +614,8 @@ class ImageReader:
                 h.update(v[off:off + n])
             got[i] = h.hexdigest()
         parallel.run(len(units), job, threads)
+        for name in sorted(self._leases):
+            imagecheck.fork_copies_ptes(self._data[name])
         digests: Dict[str, list] = {}
         for (name, _, _), crcs in zip(units, got):
             digests.setdefault(name, []).append(crcs)

@@ -391,6 +391,25 @@ def map_leased(fd: int, size: int, hasher=None, populate: bool = True):
         raise
 
 
+def fork_copies_ptes(buf) -> None:
+    """Make a fork copy the page table of `buf` (a populated private file
+    mapping of map_leased), so that the restorer, forked after the
+    verification, reads the verified pages without faulting each one in
+    again (~90 ms of CPU per GiB). A fork skips the page table of a file
+    mapping that has no anonymous pages (mm/memory.c vma_needs_copy: "a
+    page fault will fill them correctly"); one byte written back with
+    its own value gives it one, a private copy of the first page with the
+    same bytes (what was verified: the file is never written). Where the
+    page cache maps a file by 2 MiB entries (large folios, 6.x) a fork
+    copies none of those anyway, and the restorer faults once per 2 MiB:
+    cheap; the saving is on kernels that map it page by page."""
+    try:
+        if len(buf):
+            buf[0] = buf[0]
+    except (TypeError, ValueError, IndexError):
+        pass    # not a writable mapping: the restorer faults the pages in
+
+
 def lease_held(fd: int) -> bool:
     """The read lease of map_leased is still unbroken on fd."""
     import fcntl
@@ -475,7 +494,23 @@ def _int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+_READ: dict = {}     # (pid, what) -> value: what this process read of the kernel's limits
+
+
+def _once(what: str, read):
+    """read() once per process: a restore of a tree checks every member's
+    records against the same limits (4 /proc reads a member otherwise)."""
+    key = (os.getpid(), what)
+    if key not in _READ:
+        _READ[key] = read()
+    return _READ[key]
+
+
 def _sysctl(path: str, default: int) -> int:
+    return _once(path, lambda: _read_sysctl(path, default))
+
+
+def _read_sysctl(path: str, default: int) -> int:
     from .procfs import read_all     # no text file object: half the syscalls
     try:
         return int(read_all(path).split()[0])
@@ -531,21 +566,36 @@ def _item_bad(k, v) -> bool:
 def _any_bad(obj, depth: int = 0) -> bool:
     """Whether _check_strings_and_paths would refuse `obj`: the same walk
     and rules without the path names of every item (which cost a restore
-    of a 50-process tree ~0.2 s); those are made only for the message."""
-    if isinstance(obj, dict):
-        items = obj.items()
-    elif isinstance(obj, list):
-        items = enumerate(obj)
-    else:
+    of a 50-process tree ~0.2 s); those are made only for the message.
+    A list's items have no key to object to (an index): numbers are
+    passed over, strings looked at for a NUL only."""
+    if isinstance(obj, list):
+        if depth + 1 > 32:
+            return bool(obj)
+        for v in obj:
+            c = v.__class__
+            if c is int or c is bool or c is float or v is None:
+                continue
+            if c is str:
+                if "\0" in v:
+                    return True
+                continue
+            if c is list:
+                if _any_bad(v, depth + 1):
+                    return True
+                continue
+            if _item_bad(0, v) or (isinstance(v, (dict, list)) and _any_bad(v, depth + 1)):
+                return True
+        return False
+    if not isinstance(obj, dict):
         return False
     if depth + 1 > 32:
         return bool(obj)
-    for k, v in items:
+    for k, v in obj.items():
         c = v.__class__
         if c is int or c is bool or c is float or v is None:
             # most items (addresses, sizes, page runs): _item_bad can only
-            # object to the key, and there is nothing below (a call less
-            # per item: ~2000 of them in a small process's records)
+            # object to the key, and there is nothing below
             if isinstance(k, str) and "\0" in k:
                 return True
             continue
@@ -751,6 +801,10 @@ RSEQ_MIN, RSEQ_ALIGN = 32, 32
 def _task_size() -> int:
     """The top of user address space: 47 bits on x86_64 (56 with 5-level
     paging), at most 52 on aarch64."""
+    return _once("task_size", _read_task_size)
+
+
+def _read_task_size() -> int:
     if os.uname().machine == "x86_64":
         from .procfs import read_all
         try:

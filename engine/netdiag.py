@@ -182,3 +182,18 @@ def tcp_sockets(family: int, states: int) -> List[dict]:
         out.append({"state": body[1], "local": (src, sport), "remote": (dst, dport), "rqueue": rq,
                     "wqueue": wq, "inode": ino, "shutdown": shut[0] if shut else 0})
     return out
+
+
+def inet_shutdown(family: int, proto: int, inode: int) -> Optional[int]:
+    """sk_shutdown (RCV_SHUTDOWN 1, SEND_SHUTDOWN 2) of the inet socket of
+    `family` and `proto` (IPPROTO_UDP, IPPROTO_TCP) with this inode; None
+    when sock_diag does not list it (an unbound socket is in no table).
+
+    Raises OSError on a netlink failure."""
+    req = struct.pack("=BBBBI", family, proto, 0, 0, 0xFFFFFFFF) + bytes(48)
+    found = None
+    for body in _query(req, dump=True):
+        if struct.unpack_from("=I", body, 68)[0] == inode:
+            shut = _attrs(body, 72).get(INET_DIAG_SHUTDOWN, b"\0")
+            found = shut[0] if shut else 0      # keep reading: the dump must be drained
+    return found

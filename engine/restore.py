@@ -57,6 +57,9 @@ def _need(d, key, typ, where: str):
 
 # -- structure of the records ------------------------------------------------------
 
+_INT = {int}
+
+
 def check_core(core) -> None:
     """Types of everything build.py reads from core.json."""
     w = "core.json"
@@ -91,7 +94,8 @@ def check_core(core) -> None:
     _need(core["cwd"], "path", str, f"{w} cwd")
     for k in ("sid", "pgid"):
         _need(core["session"], k, int, f"{w} session")
-    ints = lambda xs, n=None: all(isinstance(x, int) and not isinstance(x, bool) for x in xs) and (n is None or len(xs) == n)
+    # every item a plain int (the JSON scanner's; a bool is not one), n of them
+    ints = lambda xs, n=None: (n is None or len(xs) == n) and set(map(type, xs)) <= _INT   # noqa: E731
     if not ints(core["auxv"]) or not ints(core["robust_list"], 2) or not ints(core["sigaltstack"], 3):
         raise _bad(f"{w}: auxv / robust_list / sigaltstack malformed")
     if len(core["rlimits"]) != len(libc.RLIMIT_NAMES) or not all(isinstance(r, list) and ints(r, 2) for r in core["rlimits"]):
@@ -467,6 +471,8 @@ def _run_restorer(job, builder=None) -> dict:
         code = 0
         try:
             guard.become_worker(parent)     # stops (killing the new process) if ckpt dies
+            from .placement import pin
+            pin()       # the restorer and what it builds on one CPU (engine/placement.py)
             from .task import INJECTED
             INJECTED.update(round_trips=0, batched_calls=0)     # this restore's only
             from .profiling import run as profiled

@@ -184,9 +184,24 @@ def parse_cpu_list(text: str) -> List[int]:
     return cpus
 
 
+_MINE: dict = {}     # (pid, what) -> ckpt's own value, read once (a tree's pre-flight asks per member)
+
+
+def _mine(what: str, read):
+    key = (os.getpid(), what)
+    if key not in _MINE:
+        _MINE[key] = read()
+    return _MINE[key]
+
+
 def allowed_cpus() -> List[int]:
     """The CPUs a process created here may be bound to: the restorer's
-    cgroup's effective cpuset (cgroup v2), else every online CPU."""
+    cgroup's effective cpuset (cgroup v2), else every online CPU. Read
+    once per process: the pre-flight's view (apply() reads the mask back)."""
+    return list(_mine("cpus", _allowed_cpus))
+
+
+def _allowed_cpus() -> List[int]:
     from .procfs import read_all     # no text file objects: half the syscalls
     try:
         for line in read_all("/proc/self/cgroup").decode("utf-8", "surrogateescape").splitlines():
@@ -219,7 +234,7 @@ def validate(rec: dict) -> List[Refusal]:
             out.append(Refusal("capability", f"{describe(rec)}: setting it needs CAP_SYS_NICE"))
     if (rec.get("ioprio", 0) >> IOPRIO_CLASS_SHIFT) == IOPRIO_CLASS_RT and not (_my_caps() >> CAP_SYS_ADMIN) & 1:
         out.append(Refusal("capability", f"I/O priority {_ioprio_text(rec['ioprio'])}: setting it needs CAP_SYS_ADMIN"))
-    mine = _read_int("/proc/self/oom_score_adj")
+    mine = _mine("oom_score_adj", lambda: _read_int("/proc/self/oom_score_adj"))
     if rec["oom_score_adj"] < mine and not (_my_caps() >> CAP_SYS_RESOURCE) & 1:
         out.append(Refusal("capability", f"oom_score_adj {rec['oom_score_adj']} is below ckpt's {mine}; "
                            "lowering it needs CAP_SYS_RESOURCE"))

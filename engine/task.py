@@ -452,21 +452,22 @@ class Task:
 
 
 def syscall_each(calls) -> list:
-    """Task.syscall for several frozen dump targets, one (task, nr, args)
+    """Task.syscall for several tasks (frozen dump targets, or processes a
+    restore builds: a tree's members), one (task, nr, args)
     each, run side by side: every task is sent to its syscall-entry stop
     before the first is waited for, then on to the exit stops, so the
     tasks' runs and the tracer's waits overlap instead of taking turns (a
-    tree's 50 members: 50 round trips in flight, not 50 in a row). Each task
-    has its own registers back after (as Task.syscall leaves a dump target).
+    tree's 50 members: 50 round trips in flight, not 50 in a row). Each
+    dump target has its own registers back after, a process being restored
+    is left at the syscall-exit stop (as Task.syscall leaves each).
     Returns the raw results in order. Every task that was started is driven
     to its exit stop before the first failure is raised."""
     for task, nr, _ in calls:
         if task.syscall_ip is None:
             raise EngineError("no syscall instruction known in the target", pid=task.pid)
-        if task.fault_name != "dump.syscall":
-            raise EngineError("syscall_each is for frozen dump targets", pid=task.pid)
     for task, nr, _ in calls:
         faults.point(task.fault_name, nr)
+        INJECTED["round_trips"] += 1
     results: list = [None] * len(calls)
     error: Optional[BaseException] = None
     # No ^C between the registers set and put back (as in Task.syscall).
@@ -491,7 +492,8 @@ def syscall_each(calls) -> list:
                         ptrace.syscall(task.pid, 0)
                     else:
                         results[i] = task.arch.retval(task.get_regs())
-                        task.set_regs(task.resume_regs)
+                        if task.fault_name == "dump.syscall":
+                            task.set_regs(task.resume_regs)
                     still.append(i)
                 except BaseException as e:  # noqa: BLE001 - the others are finished first
                     error = error or e

@@ -51,7 +51,7 @@ TYPE_CHECKING = False   # annotations only: importing typing costs every run ~3 
 if TYPE_CHECKING:
     from typing import List, Optional
 
-from . import faults, guard, libc, mempolicy, ptrace, sched, signals, sud
+from . import faults, guard, libc, mempolicy, procattrs, ptrace, sched, signals, sud
 from .errors import EngineError, Refusal
 from .libc import SysError
 from .task import Task
@@ -356,9 +356,9 @@ def thread_state(task: Task, leader: Task, vmas: List[dict]) -> dict:
         rec["tid_address"] = struct.unpack("<Q", task.read_mem(scr, 8))[0]
         task.call("prctl", PR_GET_PDEATHSIG, scr, 0, 0, 0)
         pdeath = struct.unpack("<i", task.read_mem(scr, 4))[0]
-        for key, name, args, nbytes, decode in mempolicy.reads():
-            task.call(name, *args(scr))
-            rec[key] = decode(task.read_mem(scr, nbytes))
+        for key, name, args, nbytes, decode in mempolicy.reads() + procattrs.thread_reads():
+            r = task.call(name, *args(scr))
+            rec[key] = decode(task.read_mem(scr, nbytes)) if nbytes else r
     finally:
         task.write_mem(scr, saved)
     refuse_pdeath_signal(pid, tid, pdeath)
@@ -410,12 +410,12 @@ def prefetch(others: List[Task], leader: Task, vmas: List[dict]) -> None:
         got = [{"sigaltstack": a, "tid_address": tid_address,
                 "pdeath_signal": struct.unpack("<i", t.read_mem(scr, 4))[0]}
                for a, tid_address, (t, scr, _) in zip(alts, tids, ready)]
-        for key, name, args, nbytes, decode in mempolicy.reads():
+        for key, name, args, nbytes, decode in mempolicy.reads() + procattrs.thread_reads():
             res = syscall_each([(t, t.arch.SYS[name], args(scr)) for t, scr, _ in ready])
-            if any(res):
+            if any(r < 0 for r in res) or (nbytes and any(res)):
                 return
-            for g, (t, scr, _) in zip(got, ready):
-                g[key] = decode(t.read_mem(scr, nbytes))
+            for g, (t, scr, _), r in zip(got, ready, res):
+                g[key] = decode(t.read_mem(scr, nbytes)) if nbytes else r
     except (EngineError, SysError, OSError):
         return
     finally:
@@ -434,7 +434,8 @@ def _thread_steps() -> list:
             ("tid_address", "prctl", lambda out: (PR_GET_TID_ADDRESS, out, 0, 0, 0), 8,
              lambda raw: struct.unpack("<Q", raw)[0]),
             ("pdeath_signal", "prctl", lambda out: (PR_GET_PDEATHSIG, out, 0, 0, 0), 4,
-             lambda raw: struct.unpack("<i", raw)[0])] + mempolicy.reads()   # set_mempolicy is per thread
+             lambda raw: struct.unpack("<i", raw)[0])] + mempolicy.reads() + procattrs.thread_reads()
+    # set_mempolicy, keep-caps, the MCE policy and rdtsc faulting are per thread
 
 
 def _prefetch_batched(others: List[Task], leader: Task, vmas: List[dict]) -> bool:
@@ -517,6 +518,7 @@ def survey(s, leader: Task, others: List[Task], state: Optional[dict]) -> List[d
             continue
         try:
             rec = thread_state(t, leader, s.vmas)
+            procattrs.same_as_leader(rec, (state or {}).get("attrs"), t.pid)
         except Refusal as r:
             s.refuse(what, "process", Refusal(r.reason, f"thread {t.pid}: {r.detail}"))
             continue
@@ -616,32 +618,53 @@ def check_records(recs) -> Optional[str]:
     return None
 
 
+CLONE_PTRACE = 0x2000
+OWN_STATE_SLOT = 2048    # bytes of the batch area each thread's own-state batch gets (create)
+
+
 def create(b) -> None:
     """Builder stage: clone every saved thread with its TID into the
     process being rebuilt and give it its own state. The thread Builders
-    are kept in b.threads (killed with the process on any failure)."""
+    are kept in b.threads (killed with the process on any failure).
+
+    Every clone3 in one batch run by the leader (engine/batch.py), each
+    with CLONE_PTRACE: the new thread is ours, traced with a SIGSTOP
+    pending, before it runs one instruction (kernel/fork.c
+    ptrace_init_task), and the leader makes no event stop per clone (as
+    with PTRACE_O_TRACECLONE). The threads' own settings then run side by
+    side, each thread its own slot of the batch area (one address space)."""
+    from .batch import Data, run_each
     from .build import Builder
     recs = b.job.core.get("threads") or []
     if not recs:
         return
-    # The new thread must be ours before it runs: TRACECLONE on the leader.
-    ptrace.set_options(b.pid, ptrace.O_TRACESYSGOOD | ptrace.O_EXITKILL | ptrace.O_TRACECLONE)
+    size = ctypes.sizeof(b.arch.CloneArgs)
+    index = []
     for rec in recs:
         default = rec["sched"].get("default_timerslack_ns")
-        if default:
+        if default and default != b.timerslack:
             # The clone's default slack is the creator's current one (kernel/fork.c).
-            b.set_timerslack(default)
-        args = b.arch.CloneArgs(flags=THREAD_FLAGS, exit_signal=0, set_tid=b.put(struct.pack("<i", rec["tid"]), 256),
-                                set_tid_size=1)
-        addr = b.put(ctypes.string_at(ctypes.addressof(args), ctypes.sizeof(args)), 0)
-        r = b.task.syscall(b.arch.SYS["clone3"], addr, ctypes.sizeof(args))
-        if r == -17:
-            raise Refusal("pid-in-use", f"TID {rec['tid']} was taken before its thread could be restored", pid=b.pid)
-        if -4096 < r < 0:
-            raise SysError("clone3 (injected, CLONE_THREAD)", -r, b.pid)
-        if r != rec["tid"]:
-            raise Refusal("pid-in-use", f"thread came back as TID {r}, not {rec['tid']}", pid=b.pid)
-        t = Task.adopt(r)
+            b.pending.add("prctl", sched.PR_SET_TIMERSLACK, default, 0, 0, 0)
+            b.timerslack = default
+
+        def place(addr: int, tid: int = rec["tid"]) -> bytes:
+            args = b.arch.CloneArgs(flags=THREAD_FLAGS | CLONE_PTRACE, exit_signal=0, set_tid=addr + size,
+                                    set_tid_size=1)
+            return ctypes.string_at(ctypes.addressof(args), size) + struct.pack("<i", tid) + bytes(4)
+        index.append(b.pending.add("clone3", Data(bytes(size + 8), place=place), size))
+    try:
+        got = b.flush()
+    except SysError as e:
+        if e.errno == 17:   # EEXIST
+            taken = [r["tid"] for r in recs if not os.path.exists(f"/proc/{b.pid}/task/{r['tid']}")][:1]
+            raise Refusal("pid-in-use", f"TID {taken[0] if taken else '?'} was taken before its thread could "
+                          "be restored", pid=b.pid) from None
+        raise SysError("clone3 (injected, CLONE_THREAD)", e.errno, b.pid) from None
+    for rec, i in zip(recs, index):
+        if got[i] != rec["tid"]:
+            raise Refusal("pid-in-use", f"thread came back as TID {got[i]}, not {rec['tid']}", pid=b.pid)
+    for rec in recs:
+        t = Task.adopt(rec["tid"])
         faults.point("restore.thread")
         t.tgid = b.pid
         tb = Builder(b.job, t)
@@ -654,7 +677,22 @@ def create(b) -> None:
         tb.signals_queued = b.signals_queued
         b.threads.append(tb)
         _own_state(tb, rec)
-    ptrace.set_options(b.pid, ptrace.O_TRACESYSGOOD | ptrace.O_EXITKILL)
+    slots = max(1, b.batch_size // OWN_STATE_SLOT) if b.batch_area else 1
+    for k in range(0, len(b.threads), slots):
+        group = b.threads[k:k + slots]
+        for j, tb in enumerate(group):
+            if tb.batch_area:
+                tb.batch_area += j * OWN_STATE_SLOT
+                tb.batch_size = OWN_STATE_SLOT if slots > 1 else tb.batch_size
+        try:
+            run_each(group)
+        finally:
+            for tb in group:
+                tb.use_gadget(b.gadget, b.gadget_size)    # the whole area again for later batches
+    for tb in b.threads:
+        # Everything blocked until finish(): a signal dequeued at an injection
+        # stop could only be dropped or delivered mid-restore.
+        ptrace.set_sigmask(tb.pid, signals.ALL_BLOCKED)
 
 
 def _own_state(tb, rec: dict) -> None:
@@ -679,10 +717,6 @@ def _own_state(tb, rec: dict) -> None:
     # The clone has the leader's NUMA policy (set with the process state):
     # a thread's own, where it has another (formats before 9: the leader's).
     mempolicy.queue_thread(tb, rec.get("mempolicy", tb.job.core["mempolicy"]), tb.job.core["mempolicy"])
-    tb.flush()
-    # Everything blocked until finish(): a signal dequeued at an injection
-    # stop could only be dropped or delivered mid-restore.
-    ptrace.set_sigmask(tb.pid, signals.ALL_BLOCKED)
 
 
 def creds(b) -> None:
@@ -690,6 +724,7 @@ def creds(b) -> None:
     is user space): each thread drops them itself."""
     for tb in b.threads:
         tb.creds()
+        tb.flush()
 
 
 def late_state(b) -> None:

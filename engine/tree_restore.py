@@ -30,15 +30,17 @@ In the forked restorer (build_tree), three phases:
      the (stopped, all-blocked) parent is taken back with an injected
      rt_sigtimedwait, so the parent's pending signals are the image's.
   3. rebuild each live member, parents first, by the single process
-     stages: every member's memory and state (build.rebuild_early), then
-     every member's fds and the rest (build.rebuild_late), so a table
+     stages, each stage's batch of every member run side by side
+     (engine/batch.py run_each): every member's memory and state
+     (build.rebuild_early), then every member's fds and the rest
+     (build.rebuild_late), so a table
      shared with CLONE_FILES still holds the files opened for each member
      (exe, mappings, cwd) until all have used them; its first holder
      installs the dumped fds and closes the rest, the others leave it
      alone, and the first holder of an fs sets its cwd and umask. Memory
      shared with an earlier member is mapped from /proc/OWNER/map_files
-     (the same object). Then every member's registers go back and it is
-     let go, children first.
+     (the same object). Then every member's gadget is unmapped (side by
+     side), its registers go back and it is let go, children first.
 Any failure kills every member created (PTRACE_O_EXITKILL also covers a
 crash of the restorer); the restorer then exits, so the root is reparented
 to init, the others stay its descendants.
@@ -355,6 +357,8 @@ def _die(b, status: int) -> None:
         nr, args = arch.SYS["kill"], (b.pid, sig)
     else:
         nr, args = arch.SYS["exit_group"], ((status >> 8) & 0xff,)
+    from .placement import restore_mask
+    restore_mask(b.pid)     # made on the restorer's one CPU; dies with the mask it would have had
     regs = b.task.get_regs()
     arch.set_syscall(regs, b.gadget, nr, args)
     b.task.set_regs(regs)
@@ -413,7 +417,8 @@ def map_shared(b, v: dict, flags: int) -> int:
 def build_tree(tj: TreeJob) -> int:
     """Runs in the restorer: create, zombies, rebuild, release (see the
     module docstring). Returns the root's PID."""
-    from .build import Builder, _check_xstate, clone_with_pid, rebuild_early_steps, rebuild_late
+    from .build import Builder, _check_xstate, clone_with_pid, rebuild_early_steps, rebuild_late_steps
+    from .task import syscall_each
     arch = current_arch()
     members = tj.members
     root = members[0]
@@ -490,23 +495,21 @@ def build_tree(tj: TreeJob) -> int:
         for mb in live:
             faults.point("restore.tree.rebuild")
             steps.append((mb, rebuild_early_steps(mb)))
-        while steps:    # each step of every member, their batches side by side
-            going = []
-            for mb, g in steps:
-                if next(g, StopIteration) is not StopIteration:
-                    going.append((mb, g))
-            run_each([mb for mb, _ in going])
-            steps = going
-        for mb in live:
-            rebuild_late(mb)
-        ppids = {m["pid"]: m["ppid"] for m in members}
-        for mb in reversed(live):
-            faults.point("restore.tree.release")
-            mb.finish()
-            if mb.job.core.get("job_stop") and mb.pid != root["pid"]:
-                # stopped again: its parent's view of that stop as it was (engine/jobstop.py)
-                from . import jobstop
-                jobstop.restore_report(builders[ppids[mb.pid]], mb.pid, mb.job.core)
+        _side_by_side(steps)
+        _side_by_side([(mb, rebuild_late_steps(mb)) for mb in live])
+        run_each(live)      # what the last stages left queued
+        if any(mb.job.core.get("job_stop") for mb in live):
+            _release_stopped(live, members, builders, root)
+        else:
+            # Every gadget unmapped side by side (one round trip in flight
+            # each), then each member let go, children first.
+            got = syscall_each([(mb.task, arch.SYS["munmap"], (mb.gadget, mb.gadget_size)) for mb in live])
+            for mb, r in zip(live, got):
+                if -4096 < r < 0:
+                    raise SysError("munmap (injected)", -r, mb.pid)
+            for mb in reversed(live):
+                faults.point("restore.tree.release")
+                mb.let_go()
     except BaseException:
         for mb in reversed(order):
             try:
@@ -516,6 +519,32 @@ def build_tree(tj: TreeJob) -> int:
         _reap_orphans(tree_pids)
         raise
     return root["pid"]
+
+
+def _release_stopped(live, members, builders, root) -> None:
+    """The release of a tree with a member stopped by job control, one
+    member at a time, children first: each stopped again (Builder.finish),
+    its parent's view of that stop set while the parent still has its
+    gadget (engine/jobstop.py)."""
+    ppids = {m["pid"]: m["ppid"] for m in members}
+    for mb in reversed(live):
+        faults.point("restore.tree.release")
+        mb.finish()
+        if mb.job.core.get("job_stop") and mb.pid != root["pid"]:
+            from . import jobstop
+            jobstop.restore_report(builders[ppids[mb.pid]], mb.pid, mb.job.core)
+
+
+def _side_by_side(steps) -> None:
+    """Each step of every member's stage generator, their queued batches
+    run side by side (engine/batch.py run_each); steps: (builder, generator)."""
+    while steps:
+        going = []
+        for mb, g in steps:
+            if next(g, StopIteration) is not StopIteration:
+                going.append((mb, g))
+        run_each([mb for mb, _ in going])
+        steps = going
 
 
 PR_SET_CHILD_SUBREAPER = 36

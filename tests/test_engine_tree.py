@@ -224,6 +224,7 @@ def test_family(procs, session_killer, tmp_path):  # noqa: F811
     kids = info["kids"]
     pids = [p.pid] + list(kids.values())
     before = {pid: _stat(pid) for pid in pids}
+    cpus = {pid: _status_field(pid, "Cpus_allowed_list") for pid in pids}
     res = check(p.pid, Options())
     assert res["ok"], res["refusals"]
     assert {m["pid"] for m in res["members"]} == set(pids)
@@ -235,6 +236,8 @@ def test_family(procs, session_killer, tmp_path):  # noqa: F811
                                                          before[pid]["sid"]) or pid == p.pid, (pid, now)
         assert (now["state"] == "Z") == (pid in (kids["A"], kids["C"])), (pid, now)
         assert _status_field(pid, "TracerPid") in ("0", "")
+    # the restorer builds on one CPU (engine/placement.py): none keeps that, a zombie neither
+    assert {pid: _status_field(pid, "Cpus_allowed_list") for pid in pids} == cpus
     assert (_stat(p.pid)["pgid"], _stat(p.pid)["sid"]) == (p.pid, p.pid)
     (tmp_path / "go").write_text("")
     wait_for(lambda: (tmp_path / "result").exists(), timeout=20, what="the result")
@@ -290,8 +293,12 @@ def test_thread_pool_under_a_shell(procs, session_killer, tmp_path):  # noqa: F8
     session_killer.append(p.pid)
     out = tmp_path / "out"
     wait_for(lambda: out.exists() and len(out.read_text().splitlines()) >= 20, what="pool results")
+    tasks = lambda: {(pid, t): _status_field(t, "Cpus_allowed_list")     # noqa: E731
+                     for pid in [p.pid] + _descendants(p.pid) for t in map(int, os.listdir(f"/proc/{pid}/task"))}
+    cpus = tasks()
     res, _ = _dump_restore(p.pid, tmp_path / "img", procs)
     assert res["members"] == 2 and res["threads"] >= 6
+    assert tasks() == cpus, "a task kept the restorer's one CPU (engine/placement.py)"
     n = len(out.read_text().splitlines())
     wait_for(lambda: len(out.read_text().splitlines()) >= n + 20, timeout=20, what="results after the restore")
     lines = [ln.split() for ln in out.read_text().splitlines()]

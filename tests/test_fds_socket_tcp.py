@@ -6,7 +6,9 @@ from the image); a RST, a lost or a duplicated byte fails the test."""
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import socket
 import subprocess
 import time
@@ -177,6 +179,43 @@ def test_loopback_pair_restored_with_both_queues(procs, tmp_path, v):
     v = _verdict(p, tmp_path)
     assert v["sent"] > 100000
     assert v == {"sent": v["sent"], "c2a": True, "a2c": True, "after": True, "nodelay": True}
+
+
+# The same pair with small locked buffers (CRIU's zdtm socket-tcpbuf*): the
+# sender's queue fills its send buffer to the brim, so the rebuilt queue,
+# charged by other skbs, may not take the unsent bytes back in the buffer's
+# size (EAGAIN on leaving repair mode: the restore failed after the dump had
+# killed the process). The buffer sizes and their locks must read back.
+SMALLBUF = PAIR.replace(
+    "c.setblocking(False)\n",
+    "for sk in (c, a):     # locked\n"
+    "    sk.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 256 << 10)\n"
+    "    sk.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 256 << 10)\n"
+    "BUFS = [c.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF), a.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)]\n"
+    "BLOB = stream(b\"c2a\", 0, 8 << 20)\n"
+    "c.setblocking(False)\n",
+).replace(
+    "sent += c.send(stream(b\"c2a\", sent, 65536))",
+    "sent += c.send(BLOB[sent:sent + 17])     # small writes: many small skbs",
+).replace(
+    "    c.sendall(b\"after\")",
+    "    bufs = [c.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF), a.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)]\n"
+    "    c.sendall(b\"after\")",
+).replace('"nodelay": c.getsockopt', '"bufs": bufs == BUFS, "nodelay": c.getsockopt').replace(
+    "# unread by c\n", "# unread by c\nc.setblocking(True)     # blocking at the dump\n", 1).replace(
+    "def check():\n", "def check():\n    import fcntl\n    if fcntl.fcntl(500, fcntl.F_GETFL) & os.O_NONBLOCK:\n        return {'nonblock': True}\n", 1)
+assert SMALLBUF.count("BUFS") == 2 and "+ 17])" in SMALLBUF and "blocking at the dump" in SMALLBUF and \
+    "'nonblock'" in SMALLBUF
+
+
+@pytest.mark.parametrize("v", ["4", "6"])
+def test_loopback_pair_with_full_locked_send_buffer_restored(procs, tmp_path, v):
+    p = _worker(procs, tmp_path, SMALLBUF, v)
+    dump_restore(procs, p, str(tmp_path / "img"))
+    recs = [r for r in json.loads((tmp_path / "img" / "fds.json").read_text()) if r.get("sock") == "tcp-conn"]
+    assert any(r["repair"]["unsq_len"] > 0 for r in recs)     # unsent bytes were queued
+    v = _verdict(p, tmp_path)
+    assert v == {"sent": v["sent"], "c2a": True, "a2c": True, "after": True, "bufs": True, "nodelay": True}
 
 
 @pytest.mark.parametrize("tree", [False, True])
@@ -478,3 +517,52 @@ def test_outside_peer_over_loopback_is_refused_on_another_machine(procs, tmp_pat
     out = restore(str(tmp_path / "img"), Options())        # here, the same machine: the peer is waiting
     procs.adopt(out["pid"])
     assert peer.wait(timeout=120) == 0, peer.stderr.read().decode()
+
+
+def test_unsent_bytes_requeued_past_a_full_send_buffer_on_leaving_repair():
+    """_tcpconn.finish on a connection whose send buffer is already full
+    (the rebuilt queue's skbs charged more than the original's): the unsent
+    bytes still go back in, and the buffer size and lock bits read back as
+    recorded. On the old code the non-blocking send failed with EAGAIN and
+    the restore was lost after the dump had killed the process."""
+    from engine.context import RestoreContext
+    from engine.fds import _tcpconn
+    lst = socket.socket(); lst.bind(("127.0.0.1", 0)); lst.listen(1)
+    c = socket.socket()
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 32768)
+    c.connect(lst.getsockname()); a, _ = lst.accept(); lst.close()
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    c.setblocking(False)
+    full = 0
+    try:
+        while True:
+            full += c.send(b"q" * 4096)
+    except BlockingIOError:
+        pass
+    c.setblocking(True)         # the process's own file status: finish() must not change it
+    try:
+        sndbuf = c.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4).hex()
+        lock = c.getsockopt(socket.SOL_SOCKET, 72, 4).hex()
+        assert lock == "01000000"         # SO_SNDBUF locked it
+        reuse = c.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 4).hex()
+        c.setsockopt(socket.IPPROTO_TCP, _tcpconn.TCP_REPAIR, 1)
+        unsent = b"u" * 200000
+        ctx = RestoreContext(options=Options(), image=None, same_node=True)
+        ctx.shared = {"tcp-conn-live:1": c.fileno(), "tcp-conn-unsent:1": unsent}
+        rec = {"inode": 1, "fd": 500, "state": _tcpconn.ESTABLISHED, "set": [],
+               "opts": {"SO_REUSEADDR": reuse, "SO_BUF_LOCK": lock},
+               "moved": {"SO_SNDBUF": sndbuf}}
+        _tcpconn.finish(rec, ctx, None)
+        assert c.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4).hex() == sndbuf
+        assert c.getsockopt(socket.SOL_SOCKET, 72, 4).hex() == lock
+        assert not fcntl.fcntl(c.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK
+        a.settimeout(10)
+        got = 0
+        while got < full + len(unsent):
+            b = a.recv(1 << 16)
+            assert b
+            got += len(b)
+        assert got == full + len(unsent)
+    finally:
+        c.close()
+        a.close()

@@ -212,3 +212,75 @@ os.dup2(r.fileno(), 500); r.close()
         assert ei.value.reason == "socket" and f"127.0.0.1:{holder.getsockname()[1]}" in ei.value.detail
     finally:
         holder.close()
+
+
+SHUT = """
+import socket
+w = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); w.bind(("127.0.0.1", 0))
+r = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); r.bind(("127.0.0.1", 0))
+w.connect(r.getsockname()); r.connect(w.getsockname())
+w.shutdown(socket.SHUT_WR)                 # still receives
+r.shutdown(socket.SHUT_RD)                 # still sends
+r.send(b"to the write-shut one")
+b = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM); b.bind(("::1", 0))
+try:
+    b.shutdown(socket.SHUT_RDWR)           # not connected: ENOTCONN, the bits set all the same
+except OSError:
+    pass
+os.dup2(w.fileno(), 500); os.dup2(r.fileno(), 501); os.dup2(b.fileno(), 502)
+w.close(); r.close(); b.close()
+"""
+
+
+def _rdhup(s: socket.socket) -> bool:
+    import select
+    p = select.poll()
+    p.register(s.fileno(), select.POLLIN | select.POLLRDHUP)
+    return bool(dict(p.poll(0)).get(s.fileno(), 0) & select.POLLRDHUP)
+
+
+def test_udp_shutdown_state_restored(tmp_path):
+    """CRIU's zdtm socket_udp_shutdown: the bits shutdown(2) set on a UDP
+    socket (SHUT_WR: sends fail with EPIPE; SHUT_RD: reads give 0 once the
+    queue is empty) are carried; they were lost, so a write-shut socket
+    could send again after the restore."""
+    with Target(tmp_path, SHUT) as t:
+        assert "shut down for writing" in classify(t.pid, 500)
+        assert "shut down for reading and writing" in classify(t.pid, 502)
+        img = dump(t.pid, [500, 501, 502], str(tmp_path / "img"))
+    with restore(img):
+        w, r, b = sock(500), sock(501), sock(502)
+        try:
+            assert w.recv(100, socket.MSG_DONTWAIT) == b"to the write-shut one"
+            with pytest.raises(BrokenPipeError):
+                w.send(b"x")
+            # shut for reading: poll says so, a blocking read of the empty
+            # queue returns at once (0 bytes)
+            assert _rdhup(r) and _rdhup(b) and not _rdhup(w)
+            assert r.recv(100) == b""
+            r.send(b"still sends")
+            assert w.recv(100, socket.MSG_DONTWAIT) == b"still sends"
+            with pytest.raises(BrokenPipeError):
+                b.sendto(b"x", ("::1", 9))
+            assert b.recv(100) == b""
+        finally:
+            for s in (w, r, b):
+                s.close()
+
+
+def test_udp_unbound_shut_down_refused(tmp_path):
+    # An unbound socket is in no sock_diag table: poll shows its reading
+    # side only, so whether it is shut for writing too cannot be known.
+    setup = """
+import socket
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+try:
+    u.shutdown(socket.SHUT_RD)
+except OSError:
+    pass
+os.dup2(u.fileno(), 500)
+"""
+    with Target(tmp_path, setup) as t:
+        with pytest.raises(Refusal) as ei:
+            classify(t.pid, 500)
+        assert ei.value.reason == "socket" and "while unbound" in ei.value.detail

@@ -10,6 +10,7 @@ when the target's fd cannot be inspected.
 from __future__ import annotations
 
 import contextlib
+import errno as _errno
 import os
 import socket as _socket
 TYPE_CHECKING = False   # annotations only: importing typing costs every run ~3 ms
@@ -65,6 +66,36 @@ def same_root(pid: int) -> bool:
             os.stat(f"/proc/{pid}/root").st_dev == os.stat("/").st_dev
     except OSError:
         return False
+
+
+def shutdown_bits(fd: int, family: int, proto: int, inode: int) -> tuple:
+    """(sk_shutdown, exact) of an inet socket: from sock_diag when it lists
+    the socket (bound or connected), exact; else (an unbound socket, in no
+    table) from poll, which shows the reading side only (RCV_SHUTDOWN:
+    POLLRDHUP), not exact. Raises OSError."""
+    bits = netdiag.inet_shutdown(family, proto, inode)
+    if bits is not None:
+        return bits, True
+    import select
+    p = select.poll()
+    p.register(fd, select.POLLIN | select.POLLRDHUP)
+    ready = dict(p.poll(0)).get(fd, 0)
+    return (netdiag.RCV_SHUTDOWN if ready & select.POLLRDHUP else 0), False
+
+
+def shut_down(s: _socket.socket, bits: int) -> None:
+    """shutdown(2) the rebuilt socket to `bits`. An unconnected socket
+    takes the bits too and answers ENOTCONN (inet_shutdown): not an error
+    here. Raises OSError."""
+    how = {netdiag.RCV_SHUTDOWN: _socket.SHUT_RD, netdiag.SEND_SHUTDOWN: _socket.SHUT_WR,
+           netdiag.RCV_SHUTDOWN | netdiag.SEND_SHUTDOWN: _socket.SHUT_RDWR}.get(bits)
+    if how is None:
+        return
+    try:
+        s.shutdown(how)
+    except OSError as e:
+        if e.errno != _errno.ENOTCONN:
+            raise
 
 
 def outside_holders(info, ctx, inode: int) -> List[tuple]:

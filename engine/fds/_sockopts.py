@@ -162,6 +162,7 @@ TABLE: List[Tuple[str, int, int, int, str, str]] = [
 
 _libc = ctypes.CDLL(None, use_errno=True)
 SO_SNDBUFFORCE = 32
+SO_BUF_LOCK = 72
 SO_RCVBUFFORCE = 33
 _FORCE = {"SO_SNDBUF": SO_SNDBUFFORCE, "SO_RCVBUF": SO_RCVBUFFORCE}
 _BY_NAME = {row[0]: row for row in TABLE}
@@ -275,6 +276,11 @@ def apply(sock: _socket.socket, values: Dict[str, Optional[str]], names: List[st
                 sock.setsockopt(level, opt, raw)
         except OSError as e:
             raise OptionError(name, f"setsockopt to {describe_value(name, values[name])}: {e.strerror}") from e
+
+
+def number(name: str) -> int:
+    """The SOL_SOCKET option number of `name`."""
+    return _BY_NAME[name][2]
 
 
 def set_buffer(sock: _socket.socket, name: str, value: int) -> None:

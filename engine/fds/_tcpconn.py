@@ -467,11 +467,11 @@ def _loopback(addr: str) -> bool:
     return ip.is_loopback
 
 
-def _send_all(s: _socket.socket, data: bytes) -> None:
+def _send_all(s: _socket.socket, data: bytes, flags: int = 0) -> None:
     off, chunk = 0, len(data)
     while off < len(data):
         try:
-            n = s.send(data[off:off + chunk])
+            n = s.send(data[off:off + chunk], flags)
         except OSError as e:
             # Repair-mode writes are one linear buffer: the kernel may refuse a
             # big one (ENOMEM); smaller pieces do (as soccr does).
@@ -712,6 +712,33 @@ def _half_close(rec: dict, ctx) -> None:
             sk.close()
 
 
+def _send_unsent(s: _socket.socket, rec: dict, unsent: bytes) -> None:
+    """The bytes never sent, queued again behind the rebuilt send queue.
+    The rebuilt queue is charged by its own skbs, not the original's (other
+    sizes, the repair-mode writes' linear buffers), so a queue that filled
+    the send buffer may not fit it again: a non-blocking send then fails
+    with EAGAIN (zdtm socket-tcpbuf*, the process lost after the dump). The
+    buffer is widened for the refill and put back to its recorded size and
+    lock bits (SO_BUF_LOCK), as a process that filled it sees them."""
+    # MSG_DONTWAIT, not O_NONBLOCK: the open file is the restored
+    # process's own, its status flags already set as recorded
+    size = _sockopts.as_int((rec.get("moved") or {}).get("SO_SNDBUF"))
+    lock = rec["opts"].get("SO_BUF_LOCK")
+    if not size or lock is None:
+        _send_all(s, unsent, _socket.MSG_DONTWAIT)   # no recorded size or lock to put back (before 5.16)
+        return
+    now = s.getsockopt(_socket.SOL_SOCKET, _socket.SO_SNDBUF)
+    _sockopts.set_buffer(s, "SO_SNDBUF", now + 4 * len(unsent) + (1 << 20))
+    try:
+        _send_all(s, unsent, _socket.MSG_DONTWAIT)
+    except OSError as e:
+        raise OSError(e.errno, f"sending the {len(unsent)} unsent bytes: {e.strerror} (send buffer "
+                      f"{s.getsockopt(_socket.SOL_SOCKET, _socket.SO_SNDBUF)}, was {size})") from e
+    finally:
+        _sockopts.set_buffer(s, "SO_SNDBUF", size)
+        s.setsockopt(_socket.SOL_SOCKET, _sockopts.SO_BUF_LOCK, bytes.fromhex(lock))
+
+
 def finish(rec: dict, ctx, task) -> None:
     """In the restorer, the new process holding the socket and not running
     yet: leave repair mode (a window probe tells the peer where we are),
@@ -725,12 +752,20 @@ def finish(rec: dict, ctx, task) -> None:
         _setint(s, TCP_REPAIR, TCP_REPAIR_OFF)
         unsent = ctx.shared.get(f"tcp-conn-unsent:{rec['inode']}") or b""
         if unsent:
-            s.setblocking(False)
-            _send_all(s, unsent)
+            _send_unsent(s, rec, unsent)
         if "SO_REUSEADDR" in rec["set"]:
             _sockopts.apply(s, rec["opts"], ["SO_REUSEADDR"])
-        if s.getsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 4).hex() != rec["opts"].get("SO_REUSEADDR"):
-            raise OSError(_errno.EINVAL, "SO_REUSEADDR does not read back")
+        want = {"SO_REUSEADDR": rec["opts"].get("SO_REUSEADDR")}
+        if unsent and rec["opts"].get("SO_BUF_LOCK") is not None:
+            # _send_unsent put these back; a send buffer the kernel may still
+            # tune (not locked: SOCK_SNDBUF_LOCK) is not compared
+            want["SO_BUF_LOCK"] = rec["opts"]["SO_BUF_LOCK"]
+            if _sockopts.as_int(want["SO_BUF_LOCK"]) & SOCK_SNDBUF_LOCK and (rec.get("moved") or {}).get("SO_SNDBUF"):
+                want["SO_SNDBUF"] = rec["moved"]["SO_SNDBUF"]
+        for name, value in want.items():
+            got = s.getsockopt(_socket.SOL_SOCKET, _sockopts.number(name), 4).hex()
+            if got != value:
+                raise OSError(_errno.EINVAL, f"{name} does not read back ({got}, was {value})")
         if rec.get("state") in HALF:
             _half_close(rec, ctx)
     except OSError as e:

@@ -53,7 +53,8 @@ if TYPE_CHECKING:
 from .. import netinfo
 from ..errors import EngineError, Refusal
 from . import _mcast, _sockopts, _sockpeek
-from ._sockbase import building, check_options, dup_of, fresh_options, inode_of, options, outside_holders
+from ._sockbase import (building, check_options, dup_of, fresh_options, inode_of, options, outside_holders,
+                        shut_down, shutdown_bits)
 from ._util import refuse, refuse_rec, with_status_flags
 
 SO_MEMINFO = 55
@@ -181,6 +182,13 @@ def classify(info, ctx, q: dict) -> dict:
             groups = _mcast.memberships(info.pid, mine, fam)
         except OSError as e:
             raise refuse(info, "socket", f"{head}: its multicast memberships cannot be read ({e.strerror})") from e
+        try:
+            shut, exact = shutdown_bits(mine, fam, _socket.IPPROTO_UDP, ino)
+        except OSError as e:
+            raise refuse(info, "socket", f"{head}: its shutdown state cannot be read ({e.strerror})") from e
+        if shut and not exact:
+            raise refuse(info, "socket", f"{head}: shut down for reading while unbound: whether for "
+                         "writing too cannot be read (sock_diag lists no unbound socket)")
         charge = rmem(mine)
         msgs: List[dict] = []
         if charge:
@@ -205,7 +213,7 @@ def classify(info, ctx, q: dict) -> dict:
                              "or datagrams that came through a network device")
     rec = {"sock": "udp", "family": fam, "inode": ino, "addr": _ep(name) if name else None,
            "peer": _ep(q["peer"]) if q["peer"] is not None else None, "opts": opts, "set": setnames,
-           "mcast": groups,
+           "mcast": groups, "shutdown": shut,
            "msgs": [{"len": len(m["data"]), "src": m["src"], "dst": m["dst"], "anc": m["anc"]} for m in msgs],
            "_data": b"".join(m["data"] for m in msgs)}
     ctx.shared[key] = rec
@@ -224,6 +232,8 @@ def text(rec: dict) -> str:
         s += ", multicast " + " ".join(_mcast.text(m) for m in rec["mcast"])
     if rec["set"]:
         s += ", options " + ", ".join(rec["set"])
+    if rec.get("shutdown"):
+        s += ", shut down for " + {1: "reading", 2: "writing", 3: "reading and writing"}[rec["shutdown"]]
     return s
 
 
@@ -315,7 +325,7 @@ def replica_charge(family: int, msgs: List[dict], rcvbuf: int) -> int:
 def validate(rec: dict, ctx) -> None:
     fam = rec.get("family")
     if fam not in (_socket.AF_INET, _socket.AF_INET6) or not isinstance(rec.get("msgs"), list) or \
-            not isinstance(rec.get("mcast"), list):
+            not isinstance(rec.get("mcast"), list) or rec.get("shutdown", 0) not in (0, 1, 2, 3):
         raise refuse_rec(rec, ctx, "image-invalid", "udp socket record malformed")
     if sum(m["len"] for m in rec["msgs"]) != (len(ctx.image.read_bytes(rec["data"])) if rec.get("data") else 0):
         raise refuse_rec(rec, ctx, "image-invalid", "udp queue lengths do not add up")
@@ -377,6 +387,9 @@ def restore(rec: dict, ctx) -> int:
             _sockopts.set_buffer(s, "SO_RCVBUF", _sockopts.as_int(rec["opts"]["SO_RCVBUF"]))
         if rec["peer"]:
             s.connect(_addr_tuple(fam, rec["peer"]))
+        # After the refill: a socket shut down for writing cannot send
+        # itself the datagrams it had sent itself.
+        shut_down(s, rec.get("shutdown", 0))
         _sockopts.apply_late(s, rec["opts"], list(rec["set"]) +
                              (["SO_BUF_LOCK"] if msgs and rec["opts"].get("SO_BUF_LOCK") is not None else []))
         _sockopts.verify(s, fam, "udp", rec["opts"])
@@ -387,6 +400,11 @@ def restore(rec: dict, ctx) -> int:
             if [_norm(g) for g in got] != [_norm(w) for w in want]:
                 raise refuse_rec(rec, ctx, "socket", f"{text_}: the refilled queue differs from the dumped one "
                                  f"({len(got)} datagrams, {len(want)} dumped)")
+        if rec.get("shutdown"):
+            now, _ = shutdown_bits(s.fileno(), fam, _socket.IPPROTO_UDP, os.fstat(s.fileno()).st_ino)
+            if now != rec["shutdown"]:
+                raise refuse_rec(rec, ctx, "socket", f"{text_}: shutdown state {now} after restore, "
+                                 f"was {rec['shutdown']}")
         try:
             _mcast.check(s, os.getpid(), fam, rec["mcast"])
         except OSError as e:

@@ -161,7 +161,11 @@ def validate(rec: dict, ctx) -> None:
 
 
 def _siblings(rec: dict, ctx) -> List[dict]:
-    return [r for r in (ctx.records or [rec])
+    # In a process tree, the ends every member holds (engine/tree_restore.py):
+    # counted over one member only, the keeper was closed after the first
+    # member's ends, and the next member's open reused its fd number, which
+    # the keeper's close then closed (EBADF, the tree lost after the dump).
+    return [r for r in (getattr(ctx, "tree_records", None) or ctx.records or [rec])
             if r.get("kind", KIND) == KIND and r.get("fifo") == rec["fifo"] and not is_follower(r)]
 
 
@@ -228,6 +232,7 @@ def restore(rec: dict, ctx) -> int:
     except OSError as e:
         raise failed(rec, ctx, f"setting flags on fifo {path}", e) from e
     st["left"] -= 1
-    if st["left"] <= 0:
+    if st["left"] <= 0 and st["keeper"] is not None:
         os.close(st["keeper"])
+        st["keeper"] = None     # never closed twice: its number may be another fd's by then
     return fd
