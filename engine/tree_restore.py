@@ -508,7 +508,7 @@ def build_tree(tj: TreeJob) -> int:
                 if -4096 < r < 0:
                     raise SysError("munmap (injected)", -r, mb.pid)
             for mb in reversed(live):
-                faults.point("restore.tree.release")
+                _release_point()
                 mb.let_go()
     except BaseException:
         for mb in reversed(order):
@@ -521,6 +521,13 @@ def build_tree(tj: TreeJob) -> int:
     return root["pid"]
 
 
+def _release_point() -> None:
+    """The fault point before each member is let go: one call site for both
+    releases (the reference runs of tests/test_fault_points.py reach it
+    through the common one)."""
+    faults.point("restore.tree.release")
+
+
 def _release_stopped(live, members, builders, root) -> None:
     """The release of a tree with a member stopped by job control, one
     member at a time, children first: each stopped again (Builder.finish),
@@ -528,7 +535,7 @@ def _release_stopped(live, members, builders, root) -> None:
     gadget (engine/jobstop.py)."""
     ppids = {m["pid"]: m["ppid"] for m in members}
     for mb in reversed(live):
-        faults.point("restore.tree.release")
+        _release_point()
         mb.finish()
         if mb.job.core.get("job_stop") and mb.pid != root["pid"]:
             from . import jobstop
