@@ -337,3 +337,23 @@ def test_mlockall_future_check_leaves_no_mapping_behind(procs, prober_bin, tmp_p
     check(p.pid, Options())
     with open(f"/proc/{p.pid}/maps") as f:
         assert f.read() == maps
+
+
+def test_speculation_control_set_again_where_it_differs(monkeypatch):
+    """PR_SET_SPECULATION_CTRL (speculative store bypass, indirect branch,
+    L1D flush): per task, inherited, invisible in /proc. Where the host's
+    mitigation is in prctl mode a process may disable them for itself; a
+    restored process had ckpt's. This host's mitigations are not in prctl
+    mode (PR_SET fails), so the plan is checked with the answers given."""
+    from engine import procattrs
+    own = {0: 1 | 2, 1: 1 | 2, 2: 8}     # ckpt: prctl mode, enabled; L1D flush not controllable
+    monkeypatch.setattr(procattrs, "_own_spec", lambda which: own[which])
+    rec = {"spec_store_bypass": 1 | 4, "spec_indirect_branch": 1 | 2, "spec_l1d_flush": 8}
+    assert procattrs._spec_changes(rec) == [(0, 4)]
+    assert procattrs._spec_changes(dict(rec, spec_indirect_branch=1 | 16)) == [(0, 4), (1, 16)]
+    assert procattrs._spec_changes({k: 0 for k in procattrs.SPEC_KEYS}) == []     # older images
+    # a thread of its own differs from the leader: refused
+    t = {"thread_spec_store_bypass": 1 | 2}
+    with pytest.raises(Refusal) as ei:
+        procattrs.same_as_leader(t, dict(rec, keep_caps=0, mce_kill=2, tsc=1), 77)
+    assert ei.value.reason == "threads" and "speculative store bypass" in ei.value.detail
