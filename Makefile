@@ -50,7 +50,8 @@ help:
 	@echo "make host-criu          Debian 13's criu for the host comparison, in ~/.cache/crucible/criu"
 	@echo "                        (private apt config and prefix; make bench fetches it when missing)"
 	@echo "make zdtm               CRIU's zdtm static tests against ckpt (Debian's CRIU 4.1.1 source, fetched once)"
-	@echo "                        -> bench/zdtm.json and bench/zdtm.md: pass / refused (reason) / FAIL"
+	@echo "                        and the transition ones (state changing while dumped) -> bench/zdtm*.json,"
+	@echo "                        bench/zdtm*.md: pass / refused (reason) / FAIL"
 	@echo "make reliability        fault points + ckpt killed at random instants + FUZZ_CASES=$(FUZZ_CASES) mutated"
 	@echo "                        images from FUZZ_SEED=$(FUZZ_SEED) -> bench/reliability.json"
 
@@ -144,6 +145,7 @@ test-aarch64-guest:
 zdtm: bytecode
 	@mkdir -p bench
 	$(PYTHON) tools/zdtm.py -j $(JOBS) --out bench/zdtm.json --md bench/zdtm.md
+	$(PYTHON) tools/zdtm.py --suite transition -j $(JOBS) --out bench/zdtm-transition.json --md bench/zdtm-transition.md
 
 # Fault points, ckpt killed at random instants (and, from other tools, fuzzed
 # images): figures printed and merged into bench/reliability.json. One line per tool.

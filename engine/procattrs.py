@@ -43,6 +43,9 @@ PR_GET_TSC, PR_SET_TSC, PR_TSC_ENABLE = 25, 26, 1
 PR_SET_MDWE, PR_GET_MDWE = 65, 66
 PR_SET_MEMORY_MERGE, PR_GET_MEMORY_MERGE = 67, 68
 ARCH_GET_CPUID = 0x1011
+# x86 (Linux 5.16): dynamically enabled xstate features (AMX tile data, 18)
+# a process must request before its first use; per process, inherited by fork
+ARCH_GET_XCOMP_SUPP, ARCH_GET_XCOMP_PERM, ARCH_REQ_XCOMP_PERM = 0x1021, 0x1022, 0x1023
 MDWE_FLAGS = 3          # PR_MDWE_REFUSE_EXEC_GAIN, PR_MDWE_NO_INHERIT
 SECBIT_KEEP_CAPS = 1 << 4
 DEFAULT_COREDUMP_FILTER = 0x33      # what a process without a setting of its own has (fs/exec.c)
@@ -73,6 +76,11 @@ OPTIONAL = [
     ("mdwe", "prctl", lambda scr: (PR_GET_MDWE, 0, 0, 0, 0), 0, None, 0),
     # Linux 6.4 with KSM: every mapping mergeable, now and to come
     ("memory_merge", "prctl", lambda scr: (PR_GET_MEMORY_MERGE, 0, 0, 0, 0), 0, None, 0),
+    # x86, Linux 5.16: the xstate features it may use (AMX: oneDNN, PyTorch request it
+    # at start); a restored process has the restorer's and its first tile instruction
+    # would be a SIGILL. 0: not asked (the default's features are always there)
+    ("xcomp_perm", "arch_prctl", lambda scr: (ARCH_GET_XCOMP_PERM, scr), 8,
+     lambda raw: struct.unpack("<Q", raw)[0], 0),
 ]
 _HERE: list = []
 
@@ -84,7 +92,7 @@ def reads() -> list:
         import ctypes
         from . import arch, libc
         sys_ = arch.current().SYS
-        buf = ctypes.c_int(0)
+        buf = ctypes.c_uint64(0)     # the widest read (xcomp_perm: 8 bytes)
         for key, name, args, _, _, _ in OPTIONAL:
             if name not in sys_:
                 continue
@@ -96,6 +104,33 @@ def reads() -> list:
                 pass
         _HERE.append(None)
     return READS + [r[:5] for r in OPTIONAL if r[0] in _HERE]
+
+
+def thread_reads() -> list:
+    """The per-thread values engine/threads.py reads from every other
+    thread, to compare with the leader's (same_as_leader)."""
+    keys = {"securebits": "thread_securebits", "mce_kill": "thread_mce_kill", "tsc": "thread_tsc"}
+    return [(keys[r[0]],) + tuple(r[1:]) for r in reads() if r[0] in keys]
+
+
+def same_as_leader(rec: dict, lead, tid: int) -> None:
+    """A thread's keep-caps, machine-check kill policy and rdtsc faulting
+    are its own (kernel: securebits in its credentials, PF_MCE_* and
+    TIF_NOTSC in its task), and the restore sets the leader's before the
+    threads are cloned: one that differs from the leader's would come back
+    with the leader's. Refused (`threads`); the values are popped from
+    `rec`. Raises Refusal."""
+    got = {k: rec.pop(f"thread_{k}") for k in ("securebits", "mce_kill", "tsc") if f"thread_{k}" in rec}
+    if lead is None:
+        return
+    want = {"securebits": SECBIT_KEEP_CAPS if lead.get("keep_caps") else 0, "mce_kill": lead.get("mce_kill"),
+            "tsc": lead.get("tsc")}
+    names = {"securebits": "securebits (keep-caps)", "mce_kill": "machine-check kill policy",
+             "tsc": "rdtsc faulting (PR_SET_TSC)"}
+    differ = [f"{names[k]} {v} (the leader's {want[k]})" for k, v in got.items() if v != want[k]]
+    if differ:
+        raise Refusal("threads", "differs from the leader in " + ", ".join(differ)
+                      + ": restored with the leader's")
 
 
 def dump(pid: int, got: dict) -> dict:
@@ -119,7 +154,8 @@ def dump(pid: int, got: dict) -> dict:
     return {"dumpable": vals["dumpable"], "child_subreaper": int(bool(vals["child_subreaper"])),
             "keep_caps": int(bool(vals["securebits"] & SECBIT_KEEP_CAPS)), "thp_disable": vals["thp_disable"],
             "mce_kill": vals["mce_kill"], "coredump_filter": cdf, "tsc": vals["tsc"], "mdwe": vals["mdwe"],
-            "memory_merge": vals["memory_merge"], "autogroup_nice": autogroup.read(pid)}
+            "memory_merge": vals["memory_merge"], "autogroup_nice": autogroup.read(pid),
+            "xcomp_perm": vals["xcomp_perm"]}
 
 
 def describe(rec: dict) -> str:
@@ -133,6 +169,8 @@ def describe(rec: dict) -> str:
                     ("memory_merge", "KSM merge-any")):
         if rec[k] != (PR_TSC_ENABLE if k == "tsc" else 0):
             out.append(text)
+    if rec.get("xcomp_perm"):
+        out.append(f"xstate permission {rec['xcomp_perm']:#x}")
     return ", ".join(out)
 
 
@@ -151,6 +189,8 @@ def check_record(rec) -> bool:
             and rec["thp_disable"] in (0, 1) and rec["mce_kill"] in (0, 1, 2)
         ok = ok and rec["tsc"] in (1, 2) and rec["mdwe"] in (0, 1, 3) and rec["memory_merge"] in (0, 1)
         cdf = rec["coredump_filter"]
+        xp = rec.get("xcomp_perm", 0)        # absent before it was carried
+        ok = ok and isinstance(xp, int) and not isinstance(xp, bool) and 0 <= xp < 1 << 64
         ag = rec.get("autogroup_nice")     # absent before it was carried, None without autogroups
         ok = ok and (ag is None or (isinstance(ag, int) and not isinstance(ag, bool) and -20 <= ag <= 19))
         return ok and isinstance(cdf, int) and not isinstance(cdf, bool) and 0 <= cdf < 1 << 32
@@ -172,6 +212,8 @@ def queue(b, rec: dict) -> None:
         q("prctl", PR_SET_TSC, rec["tsc"], 0, 0, 0)
     if rec["memory_merge"]:
         q("prctl", PR_SET_MEMORY_MERGE, 1, 0, 0, 0)
+    for bit in _xcomp_missing(rec):     # before the xstate that may hold the feature's state is set
+        q("arch_prctl", ARCH_REQ_XCOMP_PERM, bit)
 
 
 def last(b, rec: dict) -> None:
@@ -182,8 +224,42 @@ def last(b, rec: dict) -> None:
         b.call("prctl", PR_SET_MDWE, rec["mdwe"], 0, 0, 0)
 
 
+def _xcomp(code: int) -> int:
+    """ckpt's own ARCH_GET_XCOMP_* mask (0 where there is none)."""
+    import ctypes
+    from . import arch, libc
+    nr = arch.current().SYS.get("arch_prctl")
+    if nr is None:
+        return 0
+    v = ctypes.c_uint64(0)
+    try:
+        libc.syscall(nr, code, ctypes.addressof(v))
+    except libc.SysError:
+        return 0
+    return v.value
+
+
+def _xcomp_missing(rec: dict) -> list:
+    """The xstate feature bits the process was permitted and a clone of
+    ckpt is not (each asked for with ARCH_REQ_XCOMP_PERM)."""
+    want = rec.get("xcomp_perm", 0)
+    if not want:
+        return []
+    more = want & ~_xcomp(ARCH_GET_XCOMP_PERM)
+    return [b for b in range(64) if more >> b & 1]
+
+
 def validate(rec: dict, creds_plan: str) -> list:
     """What is refused before the process exists."""
+    out = []
+    missing = _xcomp_missing(rec)
+    if missing and [b for b in missing if not _xcomp(ARCH_GET_XCOMP_SUPP) >> b & 1]:
+        out.append(Refusal("cpu-mismatch", f"the process was permitted xstate features {missing} "
+                           "(ARCH_REQ_XCOMP_PERM: AMX) that this CPU or kernel does not support"))
+    return out + _validate_dumpable(rec, creds_plan)
+
+
+def _validate_dumpable(rec: dict, creds_plan: str) -> list:
     if rec["dumpable"] != 2:
         return []
     here = suid_dumpable()

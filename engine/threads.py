@@ -51,7 +51,7 @@ TYPE_CHECKING = False   # annotations only: importing typing costs every run ~3 
 if TYPE_CHECKING:
     from typing import List, Optional
 
-from . import faults, guard, libc, mempolicy, ptrace, sched, signals, sud
+from . import faults, guard, libc, mempolicy, procattrs, ptrace, sched, signals, sud
 from .errors import EngineError, Refusal
 from .libc import SysError
 from .task import Task
@@ -356,9 +356,9 @@ def thread_state(task: Task, leader: Task, vmas: List[dict]) -> dict:
         rec["tid_address"] = struct.unpack("<Q", task.read_mem(scr, 8))[0]
         task.call("prctl", PR_GET_PDEATHSIG, scr, 0, 0, 0)
         pdeath = struct.unpack("<i", task.read_mem(scr, 4))[0]
-        for key, name, args, nbytes, decode in mempolicy.reads():
-            task.call(name, *args(scr))
-            rec[key] = decode(task.read_mem(scr, nbytes))
+        for key, name, args, nbytes, decode in mempolicy.reads() + procattrs.thread_reads():
+            r = task.call(name, *args(scr))
+            rec[key] = decode(task.read_mem(scr, nbytes)) if nbytes else r
     finally:
         task.write_mem(scr, saved)
     refuse_pdeath_signal(pid, tid, pdeath)
@@ -410,12 +410,12 @@ def prefetch(others: List[Task], leader: Task, vmas: List[dict]) -> None:
         got = [{"sigaltstack": a, "tid_address": tid_address,
                 "pdeath_signal": struct.unpack("<i", t.read_mem(scr, 4))[0]}
                for a, tid_address, (t, scr, _) in zip(alts, tids, ready)]
-        for key, name, args, nbytes, decode in mempolicy.reads():
+        for key, name, args, nbytes, decode in mempolicy.reads() + procattrs.thread_reads():
             res = syscall_each([(t, t.arch.SYS[name], args(scr)) for t, scr, _ in ready])
-            if any(res):
+            if any(r < 0 for r in res) or (nbytes and any(res)):
                 return
-            for g, (t, scr, _) in zip(got, ready):
-                g[key] = decode(t.read_mem(scr, nbytes))
+            for g, (t, scr, _), r in zip(got, ready, res):
+                g[key] = decode(t.read_mem(scr, nbytes)) if nbytes else r
     except (EngineError, SysError, OSError):
         return
     finally:
@@ -434,7 +434,8 @@ def _thread_steps() -> list:
             ("tid_address", "prctl", lambda out: (PR_GET_TID_ADDRESS, out, 0, 0, 0), 8,
              lambda raw: struct.unpack("<Q", raw)[0]),
             ("pdeath_signal", "prctl", lambda out: (PR_GET_PDEATHSIG, out, 0, 0, 0), 4,
-             lambda raw: struct.unpack("<i", raw)[0])] + mempolicy.reads()   # set_mempolicy is per thread
+             lambda raw: struct.unpack("<i", raw)[0])] + mempolicy.reads() + procattrs.thread_reads()
+    # set_mempolicy, keep-caps, the MCE policy and rdtsc faulting are per thread
 
 
 def _prefetch_batched(others: List[Task], leader: Task, vmas: List[dict]) -> bool:
@@ -517,6 +518,7 @@ def survey(s, leader: Task, others: List[Task], state: Optional[dict]) -> List[d
             continue
         try:
             rec = thread_state(t, leader, s.vmas)
+            procattrs.same_as_leader(rec, (state or {}).get("attrs"), t.pid)
         except Refusal as r:
             s.refuse(what, "process", Refusal(r.reason, f"thread {t.pid}: {r.detail}"))
             continue

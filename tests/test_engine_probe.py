@@ -213,3 +213,106 @@ def test_a_process_outside_any_landlock_domain_is_not_refused(procs, prober_bin,
     (root, or another uid than ckpt's) passes."""
     before, after = roundtrip(procs, prober_bin, tmp_path, "owner", *words)
     assert after == before
+
+
+@pytest.mark.parametrize("how", HOWS)
+@pytest.mark.parametrize("words", [("regs",), ("misc",), ("layout",), ("madv", "growsdown"), ("altstack",),
+                                   ("fileflags", "DIR")])
+def test_state_read_back_the_same(procs, prober_bin, tmp_path, words, how):
+    """What the probe found carried exactly (kept as a guard): zmm0-31,
+    k0-7, MXCSR, the x87 control word and stack of a thread waiting in a
+    call; interval timers with their intervals, alarm, timer slack, tid
+    address, robust list, gs base, personality, rlimit, umask, pipe size,
+    groups, fsgid, ambient and bounding capabilities, a thread's name; the
+    vdso, vvar, stack, brk and mm fields, auxv; madvise flags and a
+    MAP_GROWSDOWN mapping (VmFlags); an SS_AUTODISARM alternate stack;
+    O_SYNC, O_DSYNC, O_NOATIME, O_DIRECT status flags."""
+    words = tuple(str(tmp_path) if w == "DIR" else w for w in words)
+    before, after = roundtrip(procs, prober_bin, tmp_path, *words, how=how)
+    assert after == before
+    if "regs" in words:
+        regs = _lines(str(tmp_path / "out.txt"), "regs")
+        assert regs[-1] == regs[0] and "regs_bad=0" in regs[-1] and "mxcsr=0xdfc0 fcw=0xb7f" in regs[-1], regs
+
+
+@pytest.mark.parametrize("word, reason, what", [("secret", "unsupported-mapping", "secretmem"),
+                                                ("aio", "unsupported-mapping", "[aio]"),
+                                                ("mseal", "unsupported-mapping", "sealed")])
+def test_mappings_that_cannot_be_made_again_are_refused(procs, prober_bin, tmp_path, word, reason, what):
+    out = str(tmp_path / "out.txt")
+    try:
+        p = start(procs, prober_bin, out, word)
+    except AssertionError as e:
+        pytest.skip(f"{word} not available here: {e}")
+    before = report(p.pid, out)
+    with pytest.raises((Refusal, Refusals)) as ei:
+        dump(p.pid, str(tmp_path / "img"), Options())
+    assert reason in [r.reason for r in getattr(ei.value, "refusals", [ei.value])] and what in str(ei.value)
+    assert p.poll() is None and report(p.pid, out) == before
+
+
+def test_threads_with_their_own_keepcaps_and_mce_policy_are_refused(procs, prober_bin, tmp_path):
+    """keep-caps, the MCE kill policy and rdtsc faulting are per thread; the
+    restore set the leader's for every thread. Before: read from the leader
+    only, so two threads with keep-caps and the early MCE policy of their
+    own came back with neither."""
+    out = str(tmp_path / "out.txt")
+    p = start(procs, prober_bin, out, "threadattrs")
+    before = report(p.pid, out)
+    with pytest.raises((Refusal, Refusals)) as ei:
+        dump(p.pid, str(tmp_path / "img"), Options())
+    refusals = getattr(ei.value, "refusals", [ei.value])
+    assert [r.reason for r in refusals] == ["threads", "threads"], ei.value
+    assert all("keep-caps" in r.detail and "machine-check" in r.detail for r in refusals)
+    assert p.poll() is None and report(p.pid, out) == before
+
+
+def test_xstate_permission_requested_again_or_refused(monkeypatch):
+    """ARCH_REQ_XCOMP_PERM (AMX tile data, bit 18; oneDNN and PyTorch ask at
+    start) is per process and invisible in /proc: a restored process had
+    the restorer's, and its first tile instruction would be a SIGILL. No AMX
+    on this host, so the plan is checked with the kernel's answers given:
+    a permitted feature ckpt lacks is requested before the xstate is set,
+    one this machine does not support is refused (cpu-mismatch)."""
+    from engine import procattrs
+    base = 0xe7
+    answers = {procattrs.ARCH_GET_XCOMP_PERM: base, procattrs.ARCH_GET_XCOMP_SUPP: base | 1 << 18 | 1 << 17}
+    monkeypatch.setattr(procattrs, "_xcomp", lambda code: answers[code])
+
+    class Pending:
+        def __init__(self):
+            self.calls = []
+
+        def add(self, *call):
+            self.calls.append(call)
+
+    class B:
+        pending = Pending()
+    rec = {"thp_disable": 0, "child_subreaper": 0, "mce_kill": procattrs.PR_MCE_KILL_DEFAULT,
+           "tsc": procattrs.PR_TSC_ENABLE, "memory_merge": 0, "dumpable": 1, "xcomp_perm": base | 1 << 18}
+    procattrs.queue(B, rec)
+    assert B.pending.calls == [("arch_prctl", procattrs.ARCH_REQ_XCOMP_PERM, 18)]
+    assert procattrs.validate(rec, "") == []
+    B.pending.calls = []
+    procattrs.queue(B, dict(rec, xcomp_perm=base))      # what every process here has: nothing asked
+    assert B.pending.calls == []
+    answers[procattrs.ARCH_GET_XCOMP_SUPP] = base
+    [r] = procattrs.validate(rec, "")
+    assert r.reason == "cpu-mismatch" and "[18]" in r.detail
+
+
+def test_xstate_permission_recorded(procs, prober_bin, tmp_path):
+    """The dump records it (this host: the static features only) and an
+    older image without it reads as 0 (nothing asked)."""
+    from engine import procattrs
+    if "xcomp_perm" not in [r[0] for r in procattrs.reads()]:
+        pytest.skip("no ARCH_GET_XCOMP_PERM here")
+    out = str(tmp_path / "out.txt")
+    p = start(procs, prober_bin, out)
+    dump(p.pid, str(tmp_path / "img"), Options(leave_running=True))
+    with open(tmp_path / "img" / "core.json") as f:
+        attrs = json.load(f)["attrs"]
+    assert attrs["xcomp_perm"] == procattrs._xcomp(procattrs.ARCH_GET_XCOMP_PERM) != 0
+    old = {k: v for k, v in attrs.items() if k != "xcomp_perm"}
+    procattrs.older(old)
+    assert old["xcomp_perm"] == 0 and procattrs.check_record(old)

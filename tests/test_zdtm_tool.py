@@ -77,3 +77,18 @@ def test_verdicts(tmp_path):
     # a PASS line does not hide a FAIL elsewhere in the log
     assert _verdict(tmp_path, "1: 2: FAIL: x\n1: 2: PASS\n")[0] == "FAIL"
     assert _verdict(tmp_path, "1: 2: ERR: memfd04.c:48: execveat()\n")[0] == "lost"
+
+
+def test_expectations_and_matching():
+    busy = {"test": "t", "outcome": "refused", "reasons": ["socket"],
+            "detail": "tcp listener 0.0.0.0:8884: address in use"}
+    other = {"test": "u", "outcome": "refused", "reasons": ["socket"], "detail": "tcp closing"}
+    passed = {"test": "v", "outcome": "pass"}
+    failed = {"test": "w", "outcome": "FAIL", "detail": "FAIL: x"}
+    assert zdtm.expectations([busy, other, passed, failed]) == {
+        "t": "refused: socket (address in use)", "u": "refused: socket", "v": "pass"}
+    assert zdtm.matches("pass", passed) and not zdtm.matches("pass", other) and not zdtm.matches("pass", failed)
+    assert zdtm.matches("pass", busy)                      # the machine's port, not the engine
+    assert zdtm.matches("refused: socket (address in use)", passed)
+    assert not zdtm.matches("refused: socket", passed)     # an improvement is a change to write down
+    assert not zdtm.matches("refused: socket", failed)

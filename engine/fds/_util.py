@@ -127,6 +127,8 @@ def read_owner(info, pfd: int) -> Optional[dict]:
     import fcntl
     import struct
     from .. import pidfd
+    if info.flags & os.O_PATH:
+        return None        # fcntl(F_GETOWN_EX) of an O_PATH file fails EBADF: it can have no owner
     try:
         dup = pidfd.pidfd_getfd(pfd, info.fd, info.pid)
         try:

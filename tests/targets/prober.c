@@ -20,6 +20,11 @@
  * autogroup: its autogroup's nice set to 7 (it is a session leader).
  * landlock: a Landlock domain forbidding reading files.
  * nobody: uid and gid 65534 (after the words before it).
+ * misc: interval timers, alarm, timer slack, tid address, robust list,
+ *   gs base, personality, an rlimit, umask, a pipe's size, groups, fsgid,
+ *   an ambient and a dropped bounding capability, two more threads (one's name).
+ * threadattrs: misc, its other threads with keep-caps and the early MCE
+ *   kill policy of its own (the leader has neither).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -307,6 +312,186 @@ static void ll_report(void) {
     if (fd >= 0) close(fd);
 }
 
+/* ---- a grab bag of per-process and per-thread values ------------------- */
+#include <linux/capability.h>
+#include <asm/prctl.h>
+#include <sys/fsuid.h>
+#include <sys/personality.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <sys/time.h>
+#include <pthread.h>
+static int misc_on, misc_pipe[2] = {-1, -1};
+static int tid_word;
+static struct { void *next; long off; void *pending; } robust_head;
+static volatile pid_t thread_tid;
+static int thread_own_attrs;
+static void *misc_thread(void *arg) {
+    sigset_t usr1;
+    (void)arg;
+    sigemptyset(&usr1);
+    sigaddset(&usr1, SIGUSR1);      /* the report signal is the main thread's: its pause() must end */
+    pthread_sigmask(SIG_BLOCK, &usr1, NULL);
+    prctl(PR_SET_NAME, "probe-thread");
+    prctl(PR_SET_TIMERSLACK, 4321);
+    if (thread_own_attrs) {     /* per thread: keep-caps, MCE policy, rdtsc faulting */
+        prctl(PR_SET_KEEPCAPS, 1, 0, 0, 0);
+        prctl(PR_MCE_KILL, PR_MCE_KILL_SET, PR_MCE_KILL_EARLY, 0, 0);
+    }
+    thread_tid = syscall(SYS_gettid);
+    for (;;) pause();
+    return NULL;
+}
+static void misc_setup(void) {
+    struct itimerval v = {{3, 250000}, {300, 0}}, p = {{7, 0}, {700, 0}};
+    if (setitimer(ITIMER_VIRTUAL, &v, NULL) || setitimer(ITIMER_PROF, &p, NULL)) die("setitimer");
+    alarm(5000);
+    prctl(PR_SET_TIMERSLACK, 98765);
+    syscall(SYS_set_tid_address, &tid_word);
+    robust_head.next = &robust_head;
+    robust_head.off = -16;
+    syscall(SYS_set_robust_list, &robust_head, sizeof robust_head);
+    if (syscall(SYS_arch_prctl, ARCH_SET_GS, 0x1234000)) die("ARCH_SET_GS");
+    personality(PER_LINUX | ADDR_NO_RANDOMIZE | READ_IMPLIES_EXEC);
+    struct rlimit rl = {1000, 2000};
+    setrlimit(RLIMIT_NOFILE, &rl);
+    umask(027);
+    if (pipe(misc_pipe) || fcntl(misc_pipe[0], F_SETPIPE_SZ, 1 << 18) < 0) die("pipe size");
+    gid_t g[3] = {4, 24, 27};
+    if (setgroups(3, g)) die("setgroups");
+    setfsgid(24);
+    /* inheritable + ambient CAP_NET_RAW, bounding without CAP_SYS_BOOT */
+    struct __user_cap_header_struct h = {_LINUX_CAPABILITY_VERSION_3, 0};
+    struct __user_cap_data_struct d[2];
+    if (syscall(SYS_capget, &h, d)) die("capget");
+    d[0].inheritable |= 1u << CAP_NET_RAW;
+    if (syscall(SYS_capset, &h, d)) die("capset");
+    if (prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, CAP_NET_RAW, 0, 0)) die("ambient");
+    if (prctl(PR_CAPBSET_DROP, CAP_SYS_BOOT, 0, 0, 0)) die("bounding");
+    pthread_t t;
+    for (int i = 0; i < 2; i++) {   /* two: engine/threads.py reads several threads side by side */
+        thread_tid = 0;
+        pthread_create(&t, NULL, misc_thread, NULL);
+        while (!thread_tid) usleep(1000);
+    }
+    misc_on = 1;
+}
+static void misc_report(void) {
+    struct itimerval v, p;
+    getitimer(ITIMER_VIRTUAL, &v);
+    getitimer(ITIMER_PROF, &p);
+    struct itimerval r;
+    getitimer(ITIMER_REAL, &r);
+    put("itv=%ld.%06ld itp=%ld.%06ld real_armed=%d ", v.it_interval.tv_sec, v.it_interval.tv_usec,
+        p.it_interval.tv_sec, p.it_interval.tv_usec, r.it_value.tv_sec > 4000);
+    put("slack=%d ", prctl(PR_GET_TIMERSLACK));
+    int *ta = NULL;
+    prctl(PR_GET_TID_ADDRESS, &ta);
+    put("tidaddr=%d ", ta == &tid_word);
+    void *head; size_t len;
+    syscall(SYS_get_robust_list, 0, &head, &len);
+    put("robust=%d:%zu ", head == &robust_head, len);
+    unsigned long gs = 0;
+    syscall(SYS_arch_prctl, ARCH_GET_GS, &gs);
+    put("gs=%#lx pers=%#x ", gs, personality(0xffffffff));
+    struct rlimit rl;
+    getrlimit(RLIMIT_NOFILE, &rl);
+    mode_t m = umask(0); umask(m);
+    put("nofile=%lu:%lu umask=%#o pipesz=%d ", (unsigned long)rl.rlim_cur, (unsigned long)rl.rlim_max, m,
+        fcntl(misc_pipe[0], F_GETPIPE_SZ));
+    gid_t g[16]; int n = getgroups(16, g);
+    put("groups=%d:%d,%d,%d fsgid=%d ", n, g[0], n > 1 ? g[1] : -1, n > 2 ? g[2] : -1, setfsgid(-1));
+    put("amb=%d bnd_boot=%d ", prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_IS_SET, CAP_NET_RAW, 0, 0),
+        prctl(PR_CAPBSET_READ, CAP_SYS_BOOT, 0, 0, 0));
+    char path[64], name[32] = "";
+    snprintf(path, sizeof path, "/proc/self/task/%d/comm", (int)thread_tid);
+    int fd = open(path, O_RDONLY);
+    if (fd >= 0) { name[read(fd, name, sizeof name - 1) > 0 ? strcspn(name, "\n") : 0] = 0; close(fd); }
+    put("tname=%s ", name);
+}
+
+/* ---- mappings of special kinds ------------------------------------------ */
+#include <linux/aio_abi.h>
+static void *maps_at[8];
+static int maps_n;
+static aio_context_t aio_ctx;
+static void maps_add(const char *w) {
+    void *p = MAP_FAILED;
+    if (!strcmp(w, "secret")) {
+        int fd = syscall(447 /* memfd_secret */, 0);
+        if (fd < 0) die("memfd_secret");
+        if (ftruncate(fd, 8192)) die("ftruncate secret");
+        p = mmap(NULL, 8192, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+        if (p != MAP_FAILED) memset(p, 0x5a, 8192);
+    } else if (!strcmp(w, "aio")) {
+        if (syscall(SYS_io_setup, 16, &aio_ctx)) die("io_setup");
+        p = (void *)aio_ctx;
+    } else if (!strcmp(w, "growsdown")) {
+        p = mmap(NULL, 16384, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_GROWSDOWN, -1, 0);
+    } else if (!strcmp(w, "madv")) {
+        p = mmap(NULL, 6 * 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (p == MAP_FAILED) die("mmap");
+        madvise(p, 4096, MADV_DONTFORK);
+        madvise((char *)p + 4096, 4096, MADV_WIPEONFORK);
+        madvise((char *)p + 2 * 4096, 4096, MADV_DONTDUMP);
+        madvise((char *)p + 3 * 4096, 4096, MADV_HUGEPAGE);
+        madvise((char *)p + 4 * 4096, 4096, MADV_NOHUGEPAGE);
+        for (int i = 0; i < 5; i++) maps_at[maps_n++] = (char *)p + i * 4096;
+        p = (char *)p + 5 * 4096;
+    } else if (!strcmp(w, "mseal")) {
+        p = mmap(NULL, 4096, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (p != MAP_FAILED && syscall(462 /* mseal */, p, 4096, 0)) die("mseal");
+    }
+    if (p == MAP_FAILED) die(w);
+    maps_at[maps_n++] = p;
+}
+static void maps_report(void) {
+    char fl[512];
+    for (int i = 0; i < maps_n; i++) {
+        vmflags_of(maps_at[i], fl, sizeof fl);
+        put("map%d=%s ", i, fl);
+    }
+    if (aio_ctx) {
+        struct io_event ev;
+        struct timespec ts = {0, 0};
+        put("aio_getevents=%ld ", syscall(SYS_io_getevents, aio_ctx, 0, 1, &ev, &ts));
+    }
+}
+
+/* ---- address-space layout as the process sees it ----------------------- */
+#include <sys/auxv.h>
+static int layout_on;
+static void layout_report(void) {
+    char l[4096];
+    put("vdso_aux=%#lx brk=%p ", getauxval(AT_SYSINFO_EHDR), sbrk(0));
+    FILE *f = fopen("/proc/self/maps", "r");
+    while (f && fgets(l, sizeof l, f))
+        if (strstr(l, "[vdso]") || strstr(l, "[vvar") || strstr(l, "[stack]")) {
+            unsigned long a, b;
+            sscanf(l, "%lx-%lx", &a, &b);
+            put("%s=%#lx-%#lx ", strstr(l, "[vdso]") ? "vdso" : strstr(l, "[stack]") ? "stack" : "vvar", a, b);
+        }
+    if (f) fclose(f);
+    /* /proc/self/stat fields 26-28 (start/end code, start stack), 45-52 (data, brk, arg, env, exit code) */
+    int fd = open("/proc/self/stat", O_RDONLY);
+    ssize_t n = fd >= 0 ? read(fd, l, sizeof l - 1) : -1;
+    if (fd >= 0) close(fd);
+    if (n > 0) {
+        l[n] = 0;
+        char *c = strrchr(l, ')') + 2;
+        int field = 3;
+        for (char *tok = strtok(c, " \n"); tok; tok = strtok(NULL, " \n"), field++)
+            if ((field >= 26 && field <= 28) || (field >= 45 && field <= 51)) put("stat%d=%s ", field, tok);
+    }
+    unsigned long auxv[64] = {0};
+    fd = open("/proc/self/auxv", O_RDONLY);
+    n = fd >= 0 ? read(fd, auxv, sizeof auxv) : -1;
+    if (fd >= 0) close(fd);
+    unsigned long h = 1469598103934665603ul;
+    for (ssize_t i = 0; i < n / 8; i++) h = (h ^ auxv[i]) * 1099511628211ul;
+    put("auxv=%zd:%#lx ", n, h);
+}
+
 static void on_usr1(int s) { (void)s; want_report = 1; }
 
 static void report(void) {
@@ -320,6 +505,9 @@ static void report(void) {
     if (named) name_report();
     if (ag_on) ag_report();
     if (ll_on) ll_report();
+    if (misc_on) misc_report();
+    if (maps_n) maps_report();
+    if (layout_on) layout_report();
     put("\n");
     if (write(out, line, len) != (ssize_t)len) die("write");
 }
@@ -381,6 +569,16 @@ int main(int argc, char **argv) {
                 die("landlock_restrict_self");
             close(rs);
             ll_on = 1;
+        } else if (!strcmp(w, "secret") || !strcmp(w, "aio") || !strcmp(w, "growsdown") || !strcmp(w, "madv") ||
+                   !strcmp(w, "mseal")) {
+            maps_add(w);
+        } else if (!strcmp(w, "layout")) {
+            layout_on = 1;
+            free(malloc(200000));   /* a heap (brk moved) */
+            sbrk(12345);
+        } else if (!strcmp(w, "misc") || !strcmp(w, "threadattrs")) {
+            thread_own_attrs = w[0] == 't';
+            misc_setup();
         } else if (!strcmp(w, "nobody")) {        /* last: every other word is set as root */
             if (setgroups(0, NULL) || setresgid(65534, 65534, 65534) || setresuid(65534, 65534, 65534))
                 die("nobody");
