@@ -155,7 +155,7 @@ def dump(pid: int, got: dict) -> dict:
             "keep_caps": int(bool(vals["securebits"] & SECBIT_KEEP_CAPS)), "thp_disable": vals["thp_disable"],
             "mce_kill": vals["mce_kill"], "coredump_filter": cdf, "tsc": vals["tsc"], "mdwe": vals["mdwe"],
             "memory_merge": vals["memory_merge"], "autogroup_nice": autogroup.read(pid),
-            "xcomp_perm": vals["xcomp_perm"]}
+            "xcomp_perm": vals["xcomp_perm"], "mlock_future": got.pop("mlock_future", 0)}
 
 
 def describe(rec: dict) -> str:
@@ -171,6 +171,8 @@ def describe(rec: dict) -> str:
             out.append(text)
     if rec.get("xcomp_perm"):
         out.append(f"xstate permission {rec['xcomp_perm']:#x}")
+    if rec.get("mlock_future"):
+        out.append("mlockall(MCL_FUTURE" + (" | MCL_ONFAULT)" if rec["mlock_future"] & 4 else ")"))
     return ", ".join(out)
 
 
@@ -189,6 +191,7 @@ def check_record(rec) -> bool:
             and rec["thp_disable"] in (0, 1) and rec["mce_kill"] in (0, 1, 2)
         ok = ok and rec["tsc"] in (1, 2) and rec["mdwe"] in (0, 1, 3) and rec["memory_merge"] in (0, 1)
         cdf = rec["coredump_filter"]
+        ok = ok and rec.get("mlock_future", 0) in (0, 2, 6)      # MCL_FUTURE [| MCL_ONFAULT]; absent before
         xp = rec.get("xcomp_perm", 0)        # absent before it was carried
         ok = ok and isinstance(xp, int) and not isinstance(xp, bool) and 0 <= xp < 1 << 64
         ag = rec.get("autogroup_nice")     # absent before it was carried, None without autogroups
@@ -220,6 +223,8 @@ def last(b, rec: dict) -> None:
     """The restore's last injected call: memory-deny-write-execute forbids
     what the restore itself may still do (an executable mapping made
     writable, a runner area mapped rwx)."""
+    if rec.get("mlock_future"):     # engine/mlockfuture.py: none of the restore's own mappings locked
+        b.call("mlockall", rec["mlock_future"])
     if rec["mdwe"]:
         b.call("prctl", PR_SET_MDWE, rec["mdwe"], 0, 0, 0)
 

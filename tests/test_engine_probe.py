@@ -316,3 +316,24 @@ def test_xstate_permission_recorded(procs, prober_bin, tmp_path):
     old = {k: v for k, v in attrs.items() if k != "xcomp_perm"}
     procattrs.older(old)
     assert old["xcomp_perm"] == 0 and procattrs.check_record(old)
+
+
+@pytest.mark.parametrize("how", HOWS)
+@pytest.mark.parametrize("word, flags", [("mlockfuture", "lo,"), ("onfault", "lo,lf,")])
+def test_mlockall_future_without_locked_mappings(procs, prober_bin, tmp_path, word, flags, how):
+    """mlockall(MCL_FUTURE [| MCL_ONFAULT]) with nothing mapped since: no
+    mapping shows it, the next one is locked. Before: the restored process
+    mapped its next page unlocked."""
+    before, after = roundtrip(procs, prober_bin, tmp_path, word, how=how)
+    assert fields(before)["newmap"].endswith(flags), before
+    assert after == before
+
+
+def test_mlockall_future_check_leaves_no_mapping_behind(procs, prober_bin, tmp_path):
+    out = str(tmp_path / "out.txt")
+    p = start(procs, prober_bin, out, "onfault")
+    with open(f"/proc/{p.pid}/maps") as f:
+        maps = f.read()
+    check(p.pid, Options())
+    with open(f"/proc/{p.pid}/maps") as f:
+        assert f.read() == maps
