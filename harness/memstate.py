@@ -158,6 +158,8 @@ def quiet_digest(pid: int, pub: dict, tries: int = 3, seconds: float = 15.0) -> 
     thread's errno and rseq area are published)."""
     q = pub.get("quiet") or {}
     try:
+        if q.get("rseq_unknown"):
+            raise NotQuiet("its rseq area was not found (the kernel writes there)")
         threads = os.listdir(f"/proc/{pid}/task")
         if len(threads) != 1:
             raise NotQuiet(f"{len(threads)} threads")

@@ -727,6 +727,58 @@ def m_share_to_private(img: Image) -> str:
     return f"mapping {v['start']:#x}-{v['end']:#x} {v['path']} {old} -> {v['perms']}"
 
 
+def m_drop_tree_child(img: Image) -> str:
+    """One member of a process tree is not restored: the last one that has
+    no children and that no other member's image refers to (a zombie
+    first: it holds nothing else)."""
+    tree = img.json("tree.json") if "tree.json" in img.manifest["files"] else None
+    members = (tree or {}).get("members") or []
+    if len(members) < 2:
+        raise NoTarget("not a process tree")
+    parents = {m.get("ppid") for m in members}
+    named = set()
+    for m in members:
+        for name, key in (("fds.json", "ofd_of"), ("mm.json", "tree_shared")):
+            path = m.get("dir", "") + name
+            if path not in img.manifest["files"]:
+                continue
+            recs = img.json(path)
+            recs = recs.get("vmas", []) if isinstance(recs, dict) else recs
+            named |= {r[key][0] for r in recs if isinstance(r, dict) and isinstance(r.get(key), list)}
+    cands = [m for m in members[1:] if m["pid"] not in parents and m["pid"] not in named]
+    if not cands:
+        raise NoTarget("every child has children or is referred to by another member")
+    gone = sorted(cands, key=lambda m: (not m.get("zombie"), members.index(m)))[0]
+    tree["members"] = [m for m in members if m is not gone]
+    img.put_json("tree.json")
+    return f"member {gone['pid']} ({gone.get('comm')}{', a zombie' if gone.get('zombie') else ''}) not restored"
+
+
+def m_lose_robust_list(img: Image) -> str:
+    """The leader's robust futex list (set_robust_list: what the kernel
+    releases, for others waiting, when the thread dies holding a robust
+    mutex) is not registered again."""
+    core = img.json("core.json")
+    old = core.get("robust_list")
+    if not old or not old[0]:
+        raise NoTarget("no robust list registered")
+    core["robust_list"] = [0, old[1]]
+    img.put_json("core.json")
+    return f"robust list {old[0]:#x}/{old[1]} -> none"
+
+
+def m_lose_sigaltstack(img: Image) -> str:
+    """The leader's alternate signal stack (sigaltstack) is lost: a handler
+    asked to run on it (SA_ONSTACK) runs on the normal stack."""
+    core = img.json("core.json")
+    old = core.get("sigaltstack")
+    if not old or not old[0]:
+        raise NoTarget("no alternate signal stack")
+    core["sigaltstack"] = [0, 2, 0]        # SS_DISABLE
+    img.put_json("core.json")
+    return f"sigaltstack {old} -> disabled"
+
+
 EDITS: Dict[str, Tuple[Callable[[Image], str], str]] = {
     "drop-offset": (m_drop_offset, "one file fd's offset restored as 0"),
     "drop-append": (m_drop_append, "one file fd loses O_APPEND"),
@@ -766,6 +818,9 @@ EDITS: Dict[str, Tuple[Callable[[Image], str], str]] = {
     "rename-thread": (m_rename_thread, "a thread besides the leader gets the leader's name"),
     "restorer-auxv": (m_restorer_auxv, "the auxiliary vector comes back as the restorer's"),
     "share-to-private": (m_share_to_private, "a MAP_SHARED file mapping comes back MAP_PRIVATE"),
+    "drop-tree-child": (m_drop_tree_child, "one child of a process tree is not restored"),
+    "lose-robust-list": (m_lose_robust_list, "the leader's robust futex list is not registered again"),
+    "lose-sigaltstack": (m_lose_sigaltstack, "the alternate signal stack is lost"),
 }
 
 
@@ -1061,6 +1116,11 @@ CAUGHT_BY: Dict[str, str] = {
     "rename-thread": "each thread's name compared from outside; the workload names its threads (threads/*)",
     "restorer-auxv": "/proc/PID/auxv compared from outside (every scenario)",
     "share-to-private": "the maps diff (perms s/p) and the workload's mapping checks (mmap/shared-readonly)",
+    "drop-tree-child": "every child judged after the restore: same pid, parent, group, session, its exit status "
+                       "collected by the parent (tree/*); the program tree compared (programs/*)",
+    "lose-robust-list": "each thread's robust list head read from outside (get_robust_list) and compared (every "
+                        "scenario: glibc registers one per thread)",
+    "lose-sigaltstack": "workload.process.altstack: the process reads its sigaltstack back (process/altstack)",
 }
 
 

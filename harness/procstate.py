@@ -208,6 +208,9 @@ def _threads(base: str) -> Dict[str, str]:
         prio = _ioprio(int(tid))
         if prio is not None:
             out[f"thread.{tid}.ioprio"] = prio
+        robust = _robust_list(int(tid))
+        if robust is not None:
+            out[f"thread.{tid}.robust_list"] = robust
     try:
         # Who owns the process's /proc files: its own uid while dumpable,
         # root otherwise (a restore that changes credentials resets it).
@@ -216,6 +219,23 @@ def _threads(base: str) -> Dict[str, str]:
     except OSError:
         pass
     return out
+
+
+GET_ROBUST_LIST_NR = {"x86_64": 274, "aarch64": 100}
+
+
+def _robust_list(tid: int) -> Optional[str]:
+    """get_robust_list(2) of another thread (head address and length: where
+    the kernel looks for the futexes it must release when the thread dies;
+    libc registers one per thread). "head/len", or None."""
+    import ctypes
+    nr = GET_ROBUST_LIST_NR.get(os.uname().machine)
+    if nr is None:
+        return None
+    head, size = ctypes.c_void_p(), ctypes.c_size_t()
+    if _libc().syscall(ctypes.c_long(nr), ctypes.c_int(tid), ctypes.byref(head), ctypes.byref(size)) != 0:
+        return None
+    return f"{head.value or 0:#x}/{size.value}"
 
 
 def _ioprio(tid: int) -> Optional[str]:

@@ -208,7 +208,7 @@ PROGRAM_STABLE = re.compile(
     r"|Mems_allowed_list|THP_enabled|Name)"
     r"|limits\..*|personality|timerslack_ns|oom_score_adj|cgroup|cmdline|environ|comm|coredump_filter|setgroups"
     r"|uid_map|gid_map|sched_autogroup|auxv|cwd|root|exe|ns\..*|numa_policies"
-    r"|thread\.\d+\.(Name|Cpus_allowed_list|NoNewPrivs|Seccomp|Uid|Gid|CapEff|personality|timerslack_ns|ioprio"
+    r"|thread\.\d+\.(Name|Cpus_allowed_list|NoNewPrivs|Seccomp|Uid|Gid|CapEff|personality|timerslack_ns|ioprio|robust_list"
     r"|nice|policy|rt_priority)"
     r"|fd\.\d+\.(link|fdinfo\.flags|sockopt\..*)"
     r"|maps\..*)$")

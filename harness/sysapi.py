@@ -382,3 +382,18 @@ def timer_gettime(timer: int) -> Tuple[float, float]:
 def prctl_set_name(name: str) -> None:
     """prctl(PR_SET_NAME): the calling thread's name (comm, 15 bytes)."""
     _check(_libc.prctl(15, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0))
+
+
+# sigaltstack(2): stack_t {void *ss_sp; int ss_flags; size_t ss_size} (24 bytes on 64-bit)
+_STACK_T = struct.Struct("PiP")
+
+
+def sigaltstack_set(addr: int, size: int) -> None:
+    _check(_libc.sigaltstack(ctypes.c_char_p(_STACK_T.pack(addr, 0, size)), None))
+
+
+def sigaltstack_get() -> Tuple[int, int, int]:
+    """(ss_sp, ss_flags, ss_size) of the calling thread's alternate stack."""
+    buf = ctypes.create_string_buffer(_STACK_T.size)
+    _check(_libc.sigaltstack(None, buf))
+    return _STACK_T.unpack(buf.raw)

@@ -304,7 +304,10 @@ def quiet_facts() -> dict:
                     and ctypes.get_errno() == 16:       # EBUSY: registered, there
                 out.update(rseq=addr, rseq_len=n)
                 return out
-    raise OSError("glibc registered an rseq area the kernel does not confirm anywhere near pthread_self")
+    # registered, but not where this looks: memstate then leaves the memory
+    # unjudged (on both sides alike) rather than judge bytes the kernel writes
+    out["rseq_unknown"] = True
+    return out
 
 
 def run(spec_path: str) -> int:

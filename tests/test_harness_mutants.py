@@ -198,7 +198,7 @@ EXPECTED = {
     "change-mprotect": {"maps"},
 }
 # Edits of a tree image (the sink is one process: nothing for them there).
-TREE_EDITS = {"unshare-tree-memory"}
+TREE_EDITS = {"unshare-tree-memory", "drop-tree-child"}
 # Edits of a threaded or a quiet Python target (THREADED, QUIET below).
 THREAD_EDITS = {"reset-thread-sched": {"nice"}, "swap-thread-tls": {"ident"}, "reset-mxcsr": {"third"},
                 # one thread fewer: every per-thread list has one entry fewer
@@ -209,7 +209,8 @@ MEMORY_EDITS = {"drop-cow-page"}
 SOCKET_EDITS = {"reset-sockopt"}
 # Edits of the TIMED target below: what each changes of what it reports.
 TIMED_EDITS = {"disarm-posix-timer": {"posix timer"}, "reset-itimers": {"itimer"},
-               "double-pending-signal": {"pending"}, "drop-file-lock": {"lock"}, "move-brk": {"brk"}}
+               "double-pending-signal": {"pending"}, "drop-file-lock": {"lock"}, "move-brk": {"brk"},
+               "lose-robust-list": {"robust"}, "lose-sigaltstack": {"altstack"}}
 
 
 def test_every_mutant_is_listed_and_tested():
@@ -742,6 +743,7 @@ sysapi.timer_settime(h, 2000000, 500000)
 sysapi.sigqueue(os.getpid(), signal.SIGRTMIN + 3, 77)
 f = open("locked", "w")
 fcntl.lockf(f, fcntl.LOCK_EX)
+sysapi.sigaltstack_set(sysapi.mmap(65536, 3, 0x22, -1, 0), 65536)
 def report(*_):
     got = []
     while signal.sigtimedwait({signal.SIGRTMIN + 3}, 0) is not None:
@@ -749,7 +751,8 @@ def report(*_):
     with open("report.tmp", "w") as out:
         json.dump({"itimer": round(signal.getitimer(signal.ITIMER_REAL)[1], 3),
                    "posix timer": round(sysapi.timer_gettime(h)[1], 3), "pending": len(got),
-                   "brk": brk(ctypes.c_long(workload.BRK_NR[os.uname().machine]), ctypes.c_void_p(0))}, out)
+                   "brk": brk(ctypes.c_long(workload.BRK_NR[os.uname().machine]), ctypes.c_void_p(0)),
+                   "altstack": list(sysapi.sigaltstack_get())}, out)
     os.rename("report.tmp", "report")
 signal.signal(signal.SIGUSR2, report)
 open("ready.tmp", "w").close()
@@ -770,6 +773,8 @@ def _timed_facts(pid, work):
     with open(work / "locked", "r+") as f:      # F_GETLK: who holds a lock that conflicts with ours
         got = fcntl.fcntl(f, fcntl.F_GETLK, struct.pack("hhqqi", fcntl.F_WRLCK, 0, 0, 0, 0))
     facts["lock"] = struct.unpack("hhqqi", got)[4]
+    from harness import procstate
+    facts["robust"] = procstate._robust_list(pid)
     return facts
 
 
@@ -796,7 +801,8 @@ def test_timed_mutants_break_exactly_one_thing(procs, tmp_path):
         finally:
             procs.kill(p.pid)
     want = restored(img)
-    assert want.pop("brk") and want == {"itimer": 1000.0, "posix timer": 500.0, "pending": 1, "lock": p.pid}
+    assert want.pop("brk") and want.pop("robust") and want.pop("altstack")[2] == 65536
+    assert want == {"itimer": 1000.0, "posix timer": 500.0, "pending": 1, "lock": p.pid}
     want = restored(img)
     for name, changed in sorted(TIMED_EDITS.items()):
         mine = str(tmp_path / f"img-{name}")
@@ -806,3 +812,66 @@ def test_timed_mutants_break_exactly_one_thing(procs, tmp_path):
         got = restored(mine)
         differ = {k for k in want if got[k] != want[k]}
         assert differ == changed, f"{name} ({what}): {got} vs {want}"
+
+
+ZOMBIE_PARENT = r"""
+import os, time
+kid = os.fork()
+if kid == 0:
+    os._exit(7)
+sleeper = os.fork()
+if sleeper == 0:
+    while True:
+        time.sleep(1)
+open("kids.tmp", "w").write(f"{kid} {sleeper}")
+os.rename("kids.tmp", "kids")
+while True:
+    time.sleep(1)
+"""
+
+
+def test_drop_tree_child_loses_one_member_only(procs, tmp_path):
+    """A parent with a zombie child and a sleeping one: restored from the
+    real image both are its children; from the edited image the zombie is
+    gone and the sleeper is still there."""
+    become_subreaper()
+    (tmp_path / "parent.py").write_text(ZOMBIE_PARENT)
+    p = procs.start([sys.executable, str(tmp_path / "parent.py")], cwd=str(tmp_path))
+    wait_for(lambda: (tmp_path / "kids").exists(), what="the parent's children")
+    zombie, sleeper = (int(x) for x in (tmp_path / "kids").read_text().split())
+    wait_for(lambda: open(f"/proc/{zombie}/stat").read().rsplit(")", 1)[1].split()[0] == "Z", what="the zombie")
+    img = str(tmp_path / "img")
+    r = ckpt("dump", "-t", str(p.pid), "-D", img, "--json")
+    assert r.returncode == 0, r.stderr
+    procs.reap(p.pid)
+    for pid in (sleeper, zombie):      # orphaned by the dump's kill: ours to reap
+        deadline = time.monotonic() + 10
+        while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+            time.sleep(0.02)
+
+    def children():
+        rr = ckpt("restore", "-D", img, "--json")
+        assert rr.returncode == 0, rr.stderr
+        procs.adopt(p.pid)
+        try:
+            return sorted(int(x) for x in open(f"/proc/{p.pid}/task/{p.pid}/children").read().split())
+        finally:
+            procs.kill(p.pid)
+            for pid in (sleeper, zombie):
+                deadline = time.monotonic() + 10
+                while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                        os.waitpid(pid, os.WNOHANG)
+                    except (ChildProcessError, ProcessLookupError):
+                        pass
+                    time.sleep(0.02)
+    assert children() == sorted([zombie, sleeper])
+    what = mutants.apply_edit("drop-tree-child", img)
+    ImageReader(img).verify()
+    assert f"member {zombie} " in what and "a zombie" in what
+    assert children() == [sleeper]

@@ -1,6 +1,9 @@
 """Unix datagram sockets bound to a name (a path, also one unlinked since
 bind - a ghost socket - or an abstract name), not connected, held by the
-process only, with an empty receive queue.
+process only, with an empty receive queue; and, sub-kind "unix-unconn",
+every other unix socket that is neither connected nor listening: a stream
+or seqpacket socket made by socket(), bound or not (CRIU's zdtm
+sk-unix-unconn, sk-unix-rel, sock_opts00), an unbound datagram socket.
 
 At dump: sock_diag gives the name, the bound file's inode (UNIX_DIAG_VFS)
 and the shutdown bits; the queue must be empty: a peek with peeking at an
@@ -15,9 +18,12 @@ its path - whose directory must exist and where nothing may be now - and
 the file unlinked again, so getsockname names it and no path leads to it;
 the file's mode and owner are put back; everything read back.
 
-Refused (`socket`): messages queued (each datagram's sender is a socket
-whose address and charge cannot be reproduced exactly: a message hidden
-from peeking could not even be counted), connected sockets, shutdown.
+The shutdown bits (UNIX_DIAG_SHUTDOWN; unix_shutdown sets them on an
+unconnected socket too) are set again after the bind and read back.
+
+Refused (`socket`): messages queued on a datagram socket (each datagram's
+sender is a socket whose address and charge cannot be reproduced exactly:
+a message hidden from peeking could not even be counted).
 """
 
 from __future__ import annotations
@@ -33,8 +39,8 @@ if TYPE_CHECKING:
 from .. import netdiag
 from ..errors import Refusal
 from . import _sockopts
-from ._sockbase import (building, check_options, dup_of, fresh_options, inode_of, options, outside_holders,
-                        same_root, unix_diag as _diag)
+from ._sockbase import (UNIX_TYPES, building, check_options, dup_of, fresh_options, inode_of, options,
+                        outside_holders, same_root, shut_down, unix_diag as _diag)
 from ._unixlisten import _bind, _in_use, _name_text, absolute_bound_path
 from ._util import refuse, refuse_rec, with_status_flags
 
@@ -56,28 +62,28 @@ def _queue_empty(fd: int) -> bool:
 
 
 def classify(info, ctx, q: dict) -> dict:
-    """The dump record of a bound unix datagram socket; raises `socket`."""
+    """The dump record of an unconnected unix socket (a bound datagram one:
+    "unix-dgram"; any other: "unix-unconn"); raises `socket`."""
     ino = inode_of(info.link)
     key = f"unix-dgram:{ino}"
     if key in ctx.shared:
         return ctx.shared[key]
+    typ = q["type"]
     d = _diag(info, ino)
     name = d["name"] or b""
-    text = _name_text(name)
-    head = f"unix dgram bound {text}"
+    head = _head(typ, name)
     out = outside_holders(info, ctx, ino)
     if out:
         raise refuse(info, "socket", f"{head}: also held by pid {out[0][0]} (fd {out[0][1]})")
-    if d["shutdown"]:
-        raise refuse(info, "socket", f"{head}: shut down ({d['shutdown']})")
     with dup_of(info) as mine:
-        if not _queue_empty(mine):
+        if typ == _socket.SOCK_DGRAM and not _queue_empty(mine):
             raise refuse(info, "socket", f"{head}: messages queued (their senders' addresses and charges "
                          "cannot be reproduced exactly)")
-        opts = options(info, ctx, _socket.AF_UNIX, _socket.SOCK_DGRAM, 0, mine)
-    rec: dict = {"sock": "unix-dgram", "inode": ino, "name": name.hex(), "abstract": name[:1] == b"\0",
-                 "file": None, "ghost": False}
-    if not rec["abstract"]:
+        opts = options(info, ctx, _socket.AF_UNIX, typ, 0, mine)
+    rec: dict = {"sock": "unix-dgram" if typ == _socket.SOCK_DGRAM and name else "unix-unconn", "type": typ,
+                 "inode": ino, "name": name.hex(), "abstract": name[:1] == b"\0",
+                 "file": None, "ghost": False, "shutdown": d["shutdown"]}
+    if name and not rec["abstract"]:
         path = name.split(b"\0", 1)[0]
         path, base = absolute_bound_path(info, path, head)   # (checked below: leads to the bound inode, unless a ghost)
         if not same_root(info.pid):
@@ -98,7 +104,7 @@ def classify(info, ctx, q: dict) -> dict:
                 raise refuse(info, "socket", f"{head}: unlinked since bind, and its directory is gone")
             rec["ghost"] = True
             rec["file"] = {"path": os.fsdecode(path), "base": base}
-    fresh = fresh_options(ctx, _socket.AF_UNIX, _socket.SOCK_DGRAM, 0)
+    fresh = fresh_options(ctx, _socket.AF_UNIX, typ, 0)
     try:
         rec["set"] = check_options(info, opts, fresh)
     except Refusal as e:
@@ -108,16 +114,26 @@ def classify(info, ctx, q: dict) -> dict:
     return rec
 
 
+def _head(typ: int, name: bytes) -> str:
+    return f"unix {UNIX_TYPES.get(typ, typ)} " + (f"bound {_name_text(name)}" if name else "unbound")
+
+
 def text(rec: dict) -> str:
-    s = f"unix dgram bound {_name_text(bytes.fromhex(rec['name']))}"
+    s = _head(rec.get("type", _socket.SOCK_DGRAM), bytes.fromhex(rec["name"]))
+    if rec.get("shutdown"):
+        s += ", shut down for " + {1: "reading", 2: "writing", 3: "reading and writing"}[rec["shutdown"]]
     return s + (" (unlinked since: a ghost socket)" if rec["ghost"] else "")
 
 
 def validate(rec: dict, ctx) -> None:
     """Raises socket (name in use, path taken, directory gone) or image-invalid."""
-    if not rec.get("name") or not isinstance(rec.get("set"), list):
-        raise refuse_rec(rec, ctx, "image-invalid", "unix dgram record malformed")
+    if not isinstance(rec.get("name"), str) or not isinstance(rec.get("set"), list) or \
+            rec.get("type", _socket.SOCK_DGRAM) not in UNIX_TYPES or rec.get("shutdown", 0) not in (0, 1, 2, 3) or \
+            (not rec["name"] and (rec.get("sock") != "unix-unconn" or rec.get("file"))):
+        raise refuse_rec(rec, ctx, "image-invalid", "unix socket record malformed")
     name = bytes.fromhex(rec["name"])
+    if not name:
+        return
     what = text(rec)
     path = rec["file"]["path"] if rec.get("file") else None
     if path is not None:
@@ -142,19 +158,21 @@ def validate(rec: dict, ctx) -> None:
 
 
 def restore(rec: dict, ctx) -> int:
-    """The rebuilt bound datagram socket; raises `socket` or EngineError."""
+    """The rebuilt unconnected socket; raises `socket` or EngineError."""
     validate(rec, ctx)
     name = bytes.fromhex(rec["name"])
     what = text(rec)
     f: Optional[dict] = rec.get("file")
     path = f["path"] if f else None
-    s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM | _socket.SOCK_CLOEXEC)
+    typ = rec.get("type", _socket.SOCK_DGRAM)
+    s = _socket.socket(_socket.AF_UNIX, typ | _socket.SOCK_CLOEXEC)
     with building(s, rec, ctx, f"recreating {what}"):
         _sockopts.apply(s, rec["opts"], rec["set"])
         if path is not None and not rec["ghost"] and os.path.lexists(path):
             os.unlink(path)              # a stale socket file nobody is bound to (checked above)
         try:
-            _bind(s, name, f)
+            if name:
+                _bind(s, name, f)
         except OSError as e:
             if e.errno == _errno.EADDRINUSE:
                 raise refuse_rec(rec, ctx, "socket", f"{what}: address in use") from None
@@ -166,9 +184,13 @@ def restore(rec: dict, ctx) -> int:
                 os.chown(path, f["uid"], f["gid"], follow_symlinks=False)
                 os.chmod(path, f["mode"])
         _sockopts.apply_late(s, rec["opts"], rec["set"])
+        shut_down(s, rec.get("shutdown", 0))
         _sockopts.verify(s, _socket.AF_UNIX, False, rec["opts"])
         d = netdiag.unix_socket(os.fstat(s.fileno()).st_ino)
         if (d["name"] or b"") != name:
-            raise refuse_rec(rec, ctx, "socket", f"{what}: bound as {_name_text(d['name'])} here")
+            raise refuse_rec(rec, ctx, "socket", f"{what}: bound as {_name_text(d['name'] or b'')} here")
+        if d["shutdown"] != rec.get("shutdown", 0):
+            raise refuse_rec(rec, ctx, "socket", f"{what}: shutdown state {d['shutdown']} after restore, "
+                             f"was {rec.get('shutdown', 0)}")
         fd = s.detach()
     return with_status_flags(rec, ctx, fd)

@@ -15,7 +15,11 @@ Restored (one module each):
 - connections waiting in such a listener's accept queue, whose connecting
   ends the process holds (_unixpending);
 - unix datagram sockets bound to a path (also a ghost: unlinked since) or
-  an abstract name, unconnected, with an empty queue (_unixdgram);
+  an abstract name, unconnected, with an empty queue, and every other unix
+  socket neither connected nor listening (stream, seqpacket, an unbound
+  datagram one), bound or not, with its shutdown bits (_unixdgram);
+- TCP sockets that never connected (socket(), options, perhaps bound):
+  the same options, address and port, shutdown bits (_tcpunconn);
 - TCP listeners, IPv4 and IPv6, with an empty accept queue or one
   connection waiting from a client the process holds, nothing sent
   (_inetsock; the client reconnects at restore: _tcpconn);
@@ -44,7 +48,7 @@ import socket as _socket
 
 from .. import netinfo, pidfd
 from ..errors import Refusal
-from . import _inetsock, _netlink, _ping, _tcpconn, _sys, _udp, _unixdgram, _unixlisten, _unixpair, _unixpending
+from . import _inetsock, _netlink, _ping, _tcpconn, _tcpunconn, _sys, _udp, _unixdgram, _unixlisten, _unixpair, _unixpending
 from ._sockbase import UNIX_TYPES, is_tcp, is_udp, same_netns
 from ._util import check_async, refuse, refuse_rec
 
@@ -172,6 +176,8 @@ def _subkind(info, ctx=None):
             kind = "unix-pair"
         elif typ == _socket.SOCK_DGRAM and q["peer"] is None and _unix_name(q["name"]):
             kind = "unix-dgram"
+        elif q["peer"] is None:
+            kind = "unix-unconn"      # neither connected nor listening (_unixdgram)
         elif typ != _socket.SOCK_DGRAM and q["peer"] is not None and _unix_name(q["peer"]) and \
                 not _unix_name(q["name"]) and _waiting(info):
             kind = "unix-pending"
@@ -179,6 +185,8 @@ def _subkind(info, ctx=None):
         kind = "tcp-listen"
     elif is_tcp(fam, typ, q["proto"]) and q["peer"] is not None:
         kind = "tcp-conn"         # its classify refuses every state but established
+    elif is_tcp(fam, typ, q["proto"]):
+        kind = "tcp-unconn"       # its classify refuses any that ever connected
     elif is_udp(fam, typ, q["proto"]):
         kind = "udp"
     elif _ping.is_ping(fam, typ, q["proto"]):
@@ -197,19 +205,23 @@ _CLASSIFY = {"unix-pair": (_unixpair.pair_classify, _unixpair.pair_text),
              "unix-listen": (_unixlisten.listener_classify, _unixlisten.listener_text),
              "tcp-listen": (_inetsock.listener_classify, _inetsock.listener_text),
              "tcp-conn": (_tcpconn.classify, _tcpconn.text),
+             "tcp-unconn": (_tcpunconn.classify, _tcpunconn.text),
              "udp": (_udp.classify, _udp.text),
              "ping": (_ping.classify, _ping.text),
              "netlink": (_netlink.classify, _netlink.text),
              "unix-dgram": (_unixdgram.classify, _unixdgram.text),
+             "unix-unconn": (_unixdgram.classify, _unixdgram.text),
              "unix-pending": (_unixpending.client_classify, _unixpending.client_text)}
 _RESTORE = {"unix-pair": (_unixpair.pair_validate, _unixpair.pair_restore),
             "unix-listen": (_unixlisten.listener_validate, _unixlisten.listener_restore),
             "tcp-listen": (_inetsock.listener_validate, _inetsock.listener_restore),
             "tcp-conn": (_tcpconn.validate, _tcpconn.restore),
+            "tcp-unconn": (_tcpunconn.validate, _tcpunconn.restore),
             "udp": (_udp.validate, _udp.restore),
             "ping": (_ping.validate, _ping.restore),
             "netlink": (_netlink.validate, _netlink.restore),
             "unix-dgram": (_unixdgram.validate, _unixdgram.restore),
+            "unix-unconn": (_unixdgram.validate, _unixdgram.restore),
             "unix-pending": (_unixpending.client_validate, _unixpending.client_restore)}
 
 

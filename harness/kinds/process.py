@@ -2,7 +2,7 @@
 (after the fds, so a low RLIMIT_NOFILE cannot stop the workload building
 them) and checks after the restore: umask, rlimits, signal actions, the
 signal mask, pending signals (with their sigqueue values), interval
-timers, POSIX timers (``posix_timers``: timer_create, armed; each ID must
+timers, an alternate signal stack (``altstack``), POSIX timers (``posix_timers``: timer_create, armed; each ID must
 still answer, interval exact, remaining time within the itimers'
 tolerance), the floating-point rounding mode (``fp_round``) and ``attrs`` (I/O priority, core dump filter, THP disable, child
 subreaper, keep-caps, machine-check kill policy, dumpable, NUMA memory
@@ -113,6 +113,8 @@ def fields(s) -> dict:
         "posix_timers": s.List_(s.Map({"clock": s.Enum(tuple(sysapi.CLOCKS)), "signal": sig,
                                        "value_ms": s.Int(1), "interval_ms": s.Int(0)},
                                       required=("clock", "value_ms"))),
+        # an alternate signal stack (sigaltstack) of this many bytes, mmap'd
+        "altstack": s.Size(),
         # the floating-point rounding mode (fesetround: x87 and SSE on x86_64, FPCR on aarch64)
         "fp_round": s.Enum(tuple(FP_ROUND), "a rounding mode:"),
         "attrs": s.Map({"ioprio": s.Enum(IOPRIO, "an I/O priority (class or class:level):"),
@@ -195,6 +197,9 @@ def apply(p: dict) -> None:
         _TIMERS.append(h)
     if p.get("attrs"):
         _apply_attrs(p["attrs"])
+    if p.get("altstack"):
+        size = int(p["altstack"])
+        sysapi.sigaltstack_set(sysapi.mmap(size, 3, 0x22, -1, 0), size)     # PROT_READ|WRITE, MAP_PRIVATE|ANONYMOUS
     if p.get("fp_round"):
         if _libm().fesetround(FP_ROUND[p["fp_round"]][os.uname().machine]) != 0:
             raise OSError(f"fesetround({p['fp_round']}) failed")
@@ -664,6 +669,7 @@ def observe(p: dict) -> dict:
             "children": [dict(c.hello, how=c.how, share=c.share) for c in _CHILDREN],
             "attrs": _attrs_now() if p.get("attrs") else {},
             "fp": _fp_now() if p.get("fp_round") else {},
+            "altstack": list(sysapi.sigaltstack_get()) if p.get("altstack") else [],
             "posix_timers": [[h] + list(sysapi.timer_gettime(h)) for h in _TIMERS],
             "at": time.time()}
 
@@ -692,6 +698,9 @@ def checker(p: dict, seen: dict, phase: str) -> List[dict]:
         st = status()
         if "umask" in p:
             out.append(check(None, "umask", f"{int(p['umask']):04o}", st.get("Umask")))
+        if p.get("altstack"):
+            out.append(check(None, "alternate signal stack (sigaltstack: address, flags, size)", seen["altstack"],
+                             list(sysapi.sigaltstack_get())))
         if p.get("fp_round"):
             now = _fp_now()
             want = FP_ROUND[p["fp_round"]][os.uname().machine]
