@@ -161,6 +161,51 @@ def test_a_stopped_process_alone_is_refused_and_left_as_it_was(procs, tmp_path):
     assert pid == p.pid and os.WIFSTOPPED(st) and os.WSTOPSIG(st) == signal.SIGTSTP
 
 
+ORPHANED = r'''
+import os, signal, time
+child = os.fork()
+if child == 0:
+    n = 0
+    while True:
+        n += 1
+        with open("count.tmp", "w") as f:
+            f.write(str(n))
+        os.rename("count.tmp", "count")
+        time.sleep(0.02)
+while not os.path.exists("count"):
+    time.sleep(0.01)
+os.kill(child, signal.SIGSTOP)
+pid, st = os.waitpid(child, os.WUNTRACED)
+with open("ready.tmp", "w") as f:
+    f.write(str(child))
+os.rename("ready.tmp", "ready")
+while True:
+    time.sleep(1)
+'''
+
+
+def test_a_stopped_child_in_an_orphaned_group_comes_back_stopped(procs, tmp_path):
+    """zdtm vdso02: a session leader's child in its group, SIGSTOPped: the
+    group is orphaned already (the leader's parent is in another session),
+    so the restore orphans nothing (refused before)."""
+    (tmp_path / "orph.py").write_text(ORPHANED)
+    p = procs.start([python_exe(), str(tmp_path / "orph.py")], cwd=str(tmp_path))
+    wait_for(lambda: (tmp_path / "ready").exists() or p.poll() is not None, what="the stopped child")
+    child = int((tmp_path / "ready").read_text())
+    procs.adopt(child)
+    count = (tmp_path / "count").read_text()
+    dump(p.pid, str(tmp_path / "img"), Options())
+    p.wait()
+    _members_gone(str(tmp_path / "img"))
+    restore(str(tmp_path / "img"), Options())
+    procs.adopt(p.pid)
+    wait_for(lambda: _state(child) == "T", timeout=5, what="stopped again")
+    time.sleep(0.3)
+    assert _state(child) == "T" and (tmp_path / "count").read_text() == count     # no SIGHUP/SIGCONT came
+    os.kill(child, signal.SIGCONT)
+    wait_for(lambda: (tmp_path / "count").read_text() != count, what="counting on after SIGCONT")
+
+
 def test_a_stopped_process_with_threads_is_refused(procs, tmp_path):
     src = ("import os, threading, time\nthreading.Thread(target=time.sleep, args=(1000,), daemon=True).start()\n"
            "open('tready.tmp', 'w').close(); os.rename('tready.tmp', 'tready')\ntime.sleep(1000)\n")
