@@ -7,6 +7,10 @@ __version__ = "0.1.0"
 # Bumped whenever a record layout in the image changes; an image of another
 # format version is refused, never guessed at (image.READ_FORMATS: the
 # older formats read, each because it is known exactly what differs).
+# 11: core.json cgroups (engine/cgroups.py), root (engine/fsroot.py), pdeath_signal
+#     (engine/pdeath.py), creds.audit (engine/creds.py): an older engine would drop them
+#     (a chrooted process restored unchrooted); 10 images are read as before (ckpt's
+#     cgroups and audit session; they held no chroot or parent-death signal);
 # 10: core.json membarrier (engine/membarrier.py; older: no registration);
 # 9: a thread's own NUMA policy, core.json threads[] "mempolicy" (older: the leader's);
 # 8: core.json attrs tsc, mdwe, memory_merge (engine/procattrs.py; older images read as the defaults);
@@ -18,7 +22,7 @@ __version__ = "0.1.0"
 # 4: tree.json "share" (an older engine would give a CLONE_FILES member an empty fd table);
 # 3: core.json threads + threads-xstate.bin (an older engine would restore the leader alone);
 # 2: signals, sched, posix_timers, seccomp
-FORMAT_VERSION = 10
+FORMAT_VERSION = 11
 
 
 
