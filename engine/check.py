@@ -337,7 +337,8 @@ def _check_vmas(s: Survey) -> None:
             bad = [f for f in vma["flags"] if f not in KNOWN_FLAGS]
             if bad and kind != "special":
                 raise Refusal("unsupported-mapping", "VmFlags " + ", ".join(
-                    FLAG_NAMES.get(f, f) for f in bad), path=vma["path"] or None)
+                    FLAG_NAMES.get(f, f"protection key {f[4:]} (pkey_mprotect)" if f.startswith("pkey") else f)
+                    for f in bad), path=vma["path"] or None)
             if kind == "shmem":
                 if vma["inode"] in shmem_inodes:
                     raise Refusal("unsupported-mapping", "shared anonymous memory mapped more than once "

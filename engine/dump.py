@@ -17,7 +17,7 @@ TYPE_CHECKING = False   # annotations only: importing typing costs every run ~3 
 if TYPE_CHECKING:
     from typing import Dict, List, Optional
 
-from . import cgroups, creds, faults, fsroot, pdeath, files, landlock, libc, membarrier, mempolicy, posixtimers, procattrs, procfs, sched, seccomp, signals, threads, tree, unlinked
+from . import cgroups, creds, faults, fsroot, pdeath, files, landlock, libc, membarrier, mlockfuture, mempolicy, posixtimers, procattrs, procfs, sched, seccomp, signals, threads, tree, unlinked
 from .arch import current as current_arch
 from .check import Survey, preflight, require_features, target_checks
 from .context import DumpContext, Options, boot_id
@@ -134,6 +134,7 @@ def _after_reads(task: Task, scr: int, vmas: List[dict], out: dict) -> None:
     numa_maps cannot tell)."""
     out["posix_timers"] = posixtimers.dump(task, scr)
     landlock.check(task, procfs.Proc(task.pid).status())    # refused: a restore would leave its sandbox
+    out["mlock_future"] = mlockfuture.probe(task)
     out.setdefault("mempolicy", [mempolicy.MPOL_DEFAULT, 0])
     if "membarrier" not in out:     # a kernel without MEMBARRIER_CMD_GET_REGISTRATIONS
         out["membarrier"] = membarrier.probe(task)

@@ -766,7 +766,12 @@ def _check_kind_fields(r: dict, fds: set) -> None:
     if r["kind"] == "epoll":
         seen = set()
         for t in r["targets"]:
-            if (not isinstance(t, dict) or not _int(t.get("tfd")) or t["tfd"] not in fds
+            # "via": the fd holding a file registered under a number closed
+            # or reused since (engine/fds/epoll.py); tfd itself is any fd number
+            if (not isinstance(t, dict) or not _int(t.get("tfd"))
+                    or (t["tfd"] not in fds if "via" not in t else
+                        not (_int(t["via"]) and t["via"] in fds and 0 <= t["tfd"] < (1 << 20) and t["via"] != t["tfd"]))
+                    or set(t) - {"tfd", "events", "data", "via"}
                     or not _field_ok(t.get("events"), _U(U32)) or not _field_ok(t.get("data"), _U(U64))):
                 raise invalid(f"{where}: target {t!r}")
             key = (t["tfd"], json_key(t))

@@ -35,10 +35,10 @@ from .errors import EngineError, Refusal
 _SYSCALLS = {
     "x86_64": {"pidfd_open": 434, "pidfd_getfd": 438, "kcmp": 312,
                "open_by_handle_at": 304, "name_to_handle_at": 303, "epoll_ctl": 233,
-               "fcntl": 72, "flock": 73},
+               "fcntl": 72, "flock": 73, "dup3": 292, "close": 3},
     "aarch64": {"pidfd_open": 434, "pidfd_getfd": 438, "kcmp": 272,
                 "open_by_handle_at": 265, "name_to_handle_at": 264, "epoll_ctl": 21,
-                "fcntl": 25, "flock": 32},
+                "fcntl": 25, "flock": 32, "dup3": 24, "close": 57},
 }
 
 KCMP_FILE = 0

@@ -43,6 +43,9 @@ PR_GET_TSC, PR_SET_TSC, PR_TSC_ENABLE = 25, 26, 1
 PR_SET_MDWE, PR_GET_MDWE = 65, 66
 PR_SET_MEMORY_MERGE, PR_GET_MEMORY_MERGE = 67, 68
 ARCH_GET_CPUID = 0x1011
+PR_GET_SPECULATION_CTRL, PR_SET_SPECULATION_CTRL = 52, 53
+PR_SPEC_PRCTL, PR_SPEC_ENABLE, PR_SPEC_DISABLE, PR_SPEC_FORCE_DISABLE, PR_SPEC_DISABLE_NOEXEC = 1, 2, 4, 8, 16
+SPEC_KEYS = ("spec_store_bypass", "spec_indirect_branch", "spec_l1d_flush")   # PR_SPEC_* 0, 1, 2
 # x86 (Linux 5.16): dynamically enabled xstate features (AMX tile data, 18)
 # a process must request before its first use; per process, inherited by fork
 ARCH_GET_XCOMP_SUPP, ARCH_GET_XCOMP_PERM, ARCH_REQ_XCOMP_PERM = 0x1021, 0x1022, 0x1023
@@ -81,6 +84,12 @@ OPTIONAL = [
     # would be a SIGILL. 0: not asked (the default's features are always there)
     ("xcomp_perm", "arch_prctl", lambda scr: (ARCH_GET_XCOMP_PERM, scr), 8,
      lambda raw: struct.unpack("<Q", raw)[0], 0),
+] + [
+    # Speculation control (Linux 4.17, 5.0, 6.2): a process may disable speculative
+    # store bypass or indirect branch speculation for itself where the mitigation is
+    # in prctl mode (PR_SPEC_PRCTL set); 0 where not asked (PR_SPEC_NOT_AFFECTED)
+    (key, "prctl", lambda scr, i=i: (PR_GET_SPECULATION_CTRL, i, 0, 0, 0), 0, None, 0)
+    for i, key in enumerate(SPEC_KEYS)
 ]
 _HERE: list = []
 
@@ -109,7 +118,7 @@ def reads() -> list:
 def thread_reads() -> list:
     """The per-thread values engine/threads.py reads from every other
     thread, to compare with the leader's (same_as_leader)."""
-    keys = {"securebits": "thread_securebits", "mce_kill": "thread_mce_kill", "tsc": "thread_tsc"}
+    keys = {k: f"thread_{k}" for k in ("securebits", "mce_kill", "tsc") + SPEC_KEYS}
     return [(keys[r[0]],) + tuple(r[1:]) for r in reads() if r[0] in keys]
 
 
@@ -120,13 +129,14 @@ def same_as_leader(rec: dict, lead, tid: int) -> None:
     threads are cloned: one that differs from the leader's would come back
     with the leader's. Refused (`threads`); the values are popped from
     `rec`. Raises Refusal."""
-    got = {k: rec.pop(f"thread_{k}") for k in ("securebits", "mce_kill", "tsc") if f"thread_{k}" in rec}
+    got = {k: rec.pop(f"thread_{k}") for k in ("securebits", "mce_kill", "tsc") + SPEC_KEYS if f"thread_{k}" in rec}
     if lead is None:
         return
     want = {"securebits": SECBIT_KEEP_CAPS if lead.get("keep_caps") else 0, "mce_kill": lead.get("mce_kill"),
-            "tsc": lead.get("tsc")}
+            "tsc": lead.get("tsc"), **{k: lead.get(k, 0) for k in SPEC_KEYS}}
     names = {"securebits": "securebits (keep-caps)", "mce_kill": "machine-check kill policy",
-             "tsc": "rdtsc faulting (PR_SET_TSC)"}
+             "tsc": "rdtsc faulting (PR_SET_TSC)", "spec_store_bypass": "speculative store bypass control",
+             "spec_indirect_branch": "indirect branch speculation control", "spec_l1d_flush": "L1D flush control"}
     differ = [f"{names[k]} {v} (the leader's {want[k]})" for k, v in got.items() if v != want[k]]
     if differ:
         raise Refusal("threads", "differs from the leader in " + ", ".join(differ)
@@ -155,7 +165,8 @@ def dump(pid: int, got: dict) -> dict:
             "keep_caps": int(bool(vals["securebits"] & SECBIT_KEEP_CAPS)), "thp_disable": vals["thp_disable"],
             "mce_kill": vals["mce_kill"], "coredump_filter": cdf, "tsc": vals["tsc"], "mdwe": vals["mdwe"],
             "memory_merge": vals["memory_merge"], "autogroup_nice": autogroup.read(pid),
-            "xcomp_perm": vals["xcomp_perm"]}
+            "xcomp_perm": vals["xcomp_perm"], "mlock_future": got.pop("mlock_future", 0),
+            **{k: vals[k] for k in SPEC_KEYS}}
 
 
 def describe(rec: dict) -> str:
@@ -171,6 +182,8 @@ def describe(rec: dict) -> str:
             out.append(text)
     if rec.get("xcomp_perm"):
         out.append(f"xstate permission {rec['xcomp_perm']:#x}")
+    if rec.get("mlock_future"):
+        out.append("mlockall(MCL_FUTURE" + (" | MCL_ONFAULT)" if rec["mlock_future"] & 4 else ")"))
     return ", ".join(out)
 
 
@@ -189,6 +202,8 @@ def check_record(rec) -> bool:
             and rec["thp_disable"] in (0, 1) and rec["mce_kill"] in (0, 1, 2)
         ok = ok and rec["tsc"] in (1, 2) and rec["mdwe"] in (0, 1, 3) and rec["memory_merge"] in (0, 1)
         cdf = rec["coredump_filter"]
+        ok = ok and rec.get("mlock_future", 0) in (0, 2, 6)      # MCL_FUTURE [| MCL_ONFAULT]; absent before
+        ok = ok and all(isinstance(rec.get(k, 0), int) and 0 <= rec.get(k, 0) < 64 for k in SPEC_KEYS)
         xp = rec.get("xcomp_perm", 0)        # absent before it was carried
         ok = ok and isinstance(xp, int) and not isinstance(xp, bool) and 0 <= xp < 1 << 64
         ag = rec.get("autogroup_nice")     # absent before it was carried, None without autogroups
@@ -214,12 +229,39 @@ def queue(b, rec: dict) -> None:
         q("prctl", PR_SET_MEMORY_MERGE, 1, 0, 0, 0)
     for bit in _xcomp_missing(rec):     # before the xstate that may hold the feature's state is set
         q("arch_prctl", ARCH_REQ_XCOMP_PERM, bit)
+    for which, value in _spec_changes(rec):     # before the threads are cloned: they inherit it
+        q("prctl", PR_SET_SPECULATION_CTRL, which, value, 0, 0)
+
+
+def _own_spec(which: int) -> int:
+    """ckpt's own PR_GET_SPECULATION_CTRL (what a clone of it has); 0 where not asked."""
+    from . import arch, libc
+    try:
+        return libc.syscall(arch.current().SYS["prctl"], PR_GET_SPECULATION_CTRL, which, 0, 0, 0)
+    except libc.SysError:
+        return 0
+
+
+def _spec_changes(rec: dict) -> list:
+    """(which, value) to PR_SET_SPECULATION_CTRL: where the process could
+    set it (PR_SPEC_PRCTL) and its state is not the clone's."""
+    out = []
+    for which, key in enumerate(SPEC_KEYS):
+        v = rec.get(key, 0)
+        if not v & PR_SPEC_PRCTL:
+            continue
+        state = v & (PR_SPEC_ENABLE | PR_SPEC_DISABLE | PR_SPEC_FORCE_DISABLE | PR_SPEC_DISABLE_NOEXEC)
+        if state and state != _own_spec(which) & ~PR_SPEC_PRCTL:
+            out.append((which, state))
+    return out
 
 
 def last(b, rec: dict) -> None:
     """The restore's last injected call: memory-deny-write-execute forbids
     what the restore itself may still do (an executable mapping made
     writable, a runner area mapped rwx)."""
+    if rec.get("mlock_future"):     # engine/mlockfuture.py: none of the restore's own mappings locked
+        b.call("mlockall", rec["mlock_future"])
     if rec["mdwe"]:
         b.call("prctl", PR_SET_MDWE, rec["mdwe"], 0, 0, 0)
 

@@ -165,6 +165,7 @@ def parse_smaps_flags(text: str) -> Dict[int, List[str]]:
     """{vma start: VmFlags list} from /proc/PID/smaps."""
     out: Dict[int, List[str]] = {}
     cur: Optional[int] = None
+    pkey = "0"
     for line in text.splitlines():
         if not line:
             continue
@@ -174,8 +175,13 @@ def parse_smaps_flags(text: str) -> Dict[int, List[str]]:
                 cur = int(head.split("-")[0], 16)
             except ValueError:
                 continue
+            pkey = "0"
+        elif head == "ProtectionKey:":     # x86 with PKU, before VmFlags (arch_show_smap)
+            pkey = line.split()[1]
         elif head == "VmFlags:" and cur is not None:
-            out[cur] = line.split()[1:]
+            # A protection key (pkey_mprotect) as a pseudo flag: no VmFlags
+            # letter shows it, and a mapping made again would have key 0
+            out[cur] = line.split()[1:] + ([f"pkey{pkey}"] if pkey != "0" else [])
     return out
 
 

@@ -9,8 +9,8 @@ REASONS = {
     "zombie": "the target is a zombie: it has exited and only waits to be reaped",
     "ptraced": "the target is already traced by another process (a debugger, strace, another ckpt)",
     "threads": ("a thread the engine cannot restore exactly (thread and detail name it): one with other "
-                "credentials, no_new_privs, personality, namespaces, keep-caps, machine-check kill policy or rdtsc "
-                "faulting than the leader, or that does not share the fd table, "
+                "credentials, no_new_privs, personality, namespaces, keep-caps, machine-check kill policy, rdtsc "
+                "faulting or speculation control than the leader, or that does not share the fd table, "
                 "fs (cwd/umask/root), signal handlers or SysV semaphore undo list with it; seccomp in a "
                 "multi-threaded process; threads created faster than they can be frozen"),
     "process-tree": ("a process tree (the target and its descendants, dumped together) that cannot be rebuilt "
@@ -115,7 +115,9 @@ REASONS = {
     "unsupported-fd": ("an fd of a kind with no handler (deny by default: pidfd, io_uring, perf, bpf, "
                   "userfaultfd...), or a sub-case of a handled kind that cannot be exact: a timerfd with "
                   "CANCEL_ON_SET, or with unread expirations on a kernel without TFD_IOC_SET_TICKS, an "
-                  "epoll target that was closed or reused, a fired one-shot or a ready edge-triggered "
+                  "epoll target that was closed or reused and whose file the process holds at no other fd "
+                  "(or only as a regular file: re-adding it would close an fd of it, dropping POSIX locks), "
+                  "a fired one-shot or a ready edge-triggered "
                   "target, an eventfd whose count overflowed to ULLONG_MAX, an eventfd, timerfd, epoll or "
                   "inotify instance whose open file a process outside the dump holds too (its pid and fd in "
                   "the detail: a restore makes a new one and that process would keep the old), or, on a "

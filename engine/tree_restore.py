@@ -13,16 +13,17 @@ the file is opened once and both get it.
 In the forked restorer (build_tree), three phases:
   1. create: the root is cloned with its PID (build.clone_with_pid); its
      address space is emptied but for one gadget page at an address free in
-     every member's layout and the vdso. Each member then forks its children,
-     in tree order, by an injected clone3(set_tid=[PID]), with CLONE_FILES /
-     CLONE_FS when it takes its parent's fd table / fs ("share"; a member
-     that "leave"s them unshare()s after its last child; PTRACE_O_TRACEFORK:
-     each child is ours, stopped, before it runs one instruction), after the
-     timer slack the child's default comes from. Sessions and groups in the
-     right order: a session leader calls setsid() before it forks (its
-     children inherit the session), a group leader setpgid(0, 0); once every
-     member exists the others join their group (setpgid(0, PGID): the leader
-     exists by then). Every new process has every signal blocked.
+     every member's layout and the vdso. Each member then forks all its
+     children, in tree order, in one batch of injected clone3(set_tid=[PID])
+     calls, with CLONE_FILES / CLONE_FS when a child takes its parent's fd
+     table / fs ("share"; a member that "leave"s them unshare()s after its
+     last child; CLONE_PTRACE: each child is ours, stopped, before it runs
+     one instruction), after the timer slack the child's default comes
+     from. Sessions and groups in the right order: a session leader calls
+     setsid() before it forks (its children inherit the session), a group
+     leader setpgid(0, 0); once every member exists the others join their
+     group (setpgid(0, PGID): the leader exists by then; not when a fork
+     put it there already). Every new process has every signal blocked.
   2. zombies: a zombie member, created like the others, is untraced with its
      registers on `exit_group(code)` (or, for one killed by a signal, its
      action reset and `kill(self, sig)`) and left to die unreaped: its
@@ -62,7 +63,7 @@ from .errors import EngineError, Refusal, Refusals
 from .batch import run_each
 from .libc import SysError
 from .task import Task
-from .tree import TREE_FILE, O_TRACEFORK, Sub
+from .tree import TREE_FILE, Sub
 
 PAGE = 4096
 SIGCHLD = 17
@@ -300,52 +301,105 @@ def _foreground(builders: dict, tj) -> None:
                    b.put(struct.pack("<i", t["fg"]), 128))
 
 
-def _fork(parent, m: dict, job) -> object:
-    """Member m forked by its parent's builder, with its PID; ours and
-    stopped before it runs."""
+CLONE_PTRACE = 0x2000
+
+
+def _fork_all(parent, pm: dict, children: List[dict], tj) -> List[object]:
+    """Every child of member pm forked by its builder with its PID, in one
+    batch (engine/batch.py), then pm's _leave; each clone3 with CLONE_PTRACE:
+    the child is ours, stopped (SIGSTOP pending) before it runs, and pm
+    makes no fork event stop per child (as with PTRACE_O_TRACEFORK).
+    Returns the children's builders, in order."""
+    from .batch import Data
     from .build import Builder
+    if not children:
+        return []
     arch = parent.arch
-    if job is not None:
-        default = job.core["sched"].get("default_timerslack_ns")
-        if default:
+    size = ctypes.sizeof(arch.CloneArgs)
+    index, slack = [], []
+    for m in children:
+        job = tj.jobs.get(m["pid"])
+        default = job.core["sched"].get("default_timerslack_ns") if job is not None else None
+        if default and default != parent.timerslack:
             # A child's default slack is its parent's current one (kernel/fork.c).
-            parent.set_timerslack(default)
-    # Its parent's fd table / fs, shared (tree.json "share"): the one way
-    # a process gets another's (kernel/fork.c copy_files, copy_fs).
-    flags = sum(CLONE_FLAG[w] for w in m.get("share", ()))
-    args = arch.CloneArgs(flags=flags, exit_signal=m["exit_signal"],
-                          set_tid=parent.put(struct.pack("<i", m["pid"]), 256), set_tid_size=1)
-    addr = parent.put(ctypes.string_at(ctypes.addressof(args), ctypes.sizeof(args)), 0)
-    r = parent.task.syscall(arch.SYS["clone3"], addr, ctypes.sizeof(args))
-    if r == -17:
-        raise Refusal("pid-in-use", f"PID {m['pid']} was taken before it could be restored", pid=m["pid"])
-    if -4096 < r < 0:
-        raise SysError("clone3 (injected, a child of the tree)", -r, parent.pid)
-    if r != m["pid"]:
-        raise Refusal("pid-in-use", f"child came back as PID {r}, not {m['pid']}", pid=m["pid"])
-    t = Task.adopt(r, O_TRACEFORK)
-    b = Builder(job, t)
-    b.use_gadget(parent.gadget, parent.gadget_size)     # inherited through the fork
-    b.timerslack = parent.timerslack        # a fork's current slack is its parent's
-    if parent.inherited_actions is not None:    # fork copies the parent's table as it is now
-        b.inherited_actions = {k: list(v) for k, v in parent.inherited_actions.items()}
-    return b
+            parent.pending.add("prctl", sched.PR_SET_TIMERSLACK, default, 0, 0, 0)
+            parent.timerslack = default
+        slack.append(parent.timerslack)     # a fork's current slack is its parent's
+        # Its parent's fd table / fs, shared (tree.json "share"): the one way
+        # a process gets another's (kernel/fork.c copy_files, copy_fs).
+        flags = sum(CLONE_FLAG[w] for w in m.get("share", ())) | CLONE_PTRACE
+
+        def place(addr: int, m: dict = m, flags: int = flags) -> bytes:
+            args = arch.CloneArgs(flags=flags, exit_signal=m["exit_signal"], set_tid=addr + size, set_tid_size=1)
+            return ctypes.string_at(ctypes.addressof(args), size) + struct.pack("<i", m["pid"]) + bytes(4)
+        index.append(parent.pending.add("clone3", Data(bytes(size + 8), place=place), size))
+    _leave(parent, pm)
+    try:
+        got = parent.flush()
+        for m, i in zip(children, index):
+            if got[i] != m["pid"]:
+                raise Refusal("pid-in-use", f"child came back as PID {got[i]}, not {m['pid']}", pid=m["pid"])
+    except SysError as e:
+        _kill_forked(parent.pid, children)
+        if e.errno == 17:       # EEXIST
+            taken = [m["pid"] for m in children if _parent_of(m["pid"]) != parent.pid][:1] or [None]
+            raise Refusal("pid-in-use", f"PID {taken[0]} was taken before it could be restored", pid=taken[0]) from None
+        raise
+    except BaseException:
+        _kill_forked(parent.pid, children)
+        raise
+    mask = ptrace.get_sigmask(parent.pid)    # the children's (the runner unblocked SIGTRAP while it ran)
+    out = []
+    try:
+        for m, s in zip(children, slack):
+            t = Task.adopt(m["pid"])
+            ptrace.set_sigmask(m["pid"], mask)
+            b = Builder(tj.jobs.get(m["pid"]), t)
+            b.member = m
+            b.use_gadget(parent.gadget, parent.gadget_size)     # inherited through the fork
+            b.timerslack = s
+            if parent.inherited_actions is not None:    # fork copies the parent's table as it is now
+                b.inherited_actions = {k: list(v) for k, v in parent.inherited_actions.items()}
+            out.append(b)
+    except BaseException:
+        _kill_forked(parent.pid, children)
+        raise
+    return out
+
+
+def _parent_of(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def _kill_forked(ppid: int, children: List[dict]) -> None:
+    """The children a failed batch of forks made (traced by us, with
+    PTRACE_O_EXITKILL, but not yet known to the caller): killed."""
+    import signal as _sig
+    for m in children:
+        if _parent_of(m["pid"]) == ppid:
+            try:
+                os.kill(m["pid"], _sig.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def _leave(b, m: dict) -> None:
     """Member m made its last child: the tables it held to hand on to them
     it leaves, for fresh copies of its own (kernel/fork.c unshare_fd,
-    unshare_fs)."""
+    unshare_fs). Queued, after the forks."""
     flags = sum(CLONE_FLAG[w] for w in m.get("leave", ()))
     if flags:
-        r = b.task.syscall(_nr(b.arch, "unshare"), flags)
-        if -4096 < r < 0:
-            raise SysError("unshare (injected)", -r, b.pid)
+        b.pending.add("unshare", flags, nr=_nr(b.arch, "unshare"))
 
 
 def _die(b, status: int) -> None:
     """Let zombie-to-be b go on `exit_group(code)` or `kill(self, sig)`."""
     arch = b.arch
+    b.flush()       # its session or group, queued
     sig = status & 0x7f
     if sig:
         if sig not in (9, 19):      # SIGKILL's and SIGSTOP's action is always the default: EINVAL to set
@@ -445,31 +499,32 @@ def build_tree(tj: TreeJob) -> int:
         b.clear_address_space()
         b.flush()       # before the forks: the members inherit the emptied layout
         ptrace.set_sigmask(child, signals.ALL_BLOCKED)
-        ptrace.set_options(child, ptrace.O_TRACESYSGOOD | ptrace.O_EXITKILL | O_TRACEFORK)
         _own_group(b, root, tree_pids)
         _ctty(b, root, tj)
         # Who installs each fd table and fs: its first holder (engine/sharing.py).
         owners = {k: sharing.owners(members, k) for k in sharing.KINDS}
-        last_child = {m["ppid"]: m["pid"] for m in members[1:]}      # check_tree: a leaver has children
-        # 1. create, parents first
+        kids: Dict[int, list] = {}
         for m in members[1:]:
-            job = tj.jobs.get(m["pid"])
-            mb = _fork(builders[m["ppid"]], m, job)
-            builders[m["pid"]] = mb
-            order.append(mb)
-            faults.point("restore.tree.fork")
-            if job is not None:
-                _check_xstate(mb.task, job.core)
-            _own_group(mb, m, tree_pids)
-            _ctty(mb, m, tj)
-            if last_child[m["ppid"]] == m["pid"]:
-                _leave(builders[m["ppid"]], next(x for x in members if x["pid"] == m["ppid"]))
+            kids.setdefault(m["ppid"], []).append(m)
+        # 1. create, parents first: each member forks all its children in
+        # one batch, right after it was made (its session and group first)
         for m in members:
-            if m["pgid"] != m["pid"] and m["pgid"] in tree_pids and m["sid"] != m["pid"]:
-                builders[m["pid"]].call("setpgid", 0, m["pgid"])
+            for mb in _fork_all(builders[m["pid"]], m, kids.get(m["pid"], []), tj):
+                builders[mb.pid] = mb
+                order.append(mb)
+                faults.point("restore.tree.fork")
+                if mb.job is not None:
+                    _check_xstate(mb.task, mb.job.core)
+                mm = mb.member
+                _own_group(mb, mm, tree_pids)
+                _ctty(mb, mm, tj)
+        for m in members:
+            if m["pgid"] != m["pid"] and m["pgid"] in tree_pids and m["sid"] != m["pid"] \
+                    and os.getpgid(m["pid"]) != m["pgid"]:   # not in it already (a fork is in its parent's)
+                builders[m["pid"]].pending.add("setpgid", 0, m["pgid"])
+        run_each(order)
         _foreground(builders, tj)
         for mb in order:
-            ptrace.set_options(mb.pid, ptrace.O_TRACESYSGOOD | ptrace.O_EXITKILL)
             mb.files_shared = owners["files"].get(mb.pid, mb.pid) != mb.pid
             mb.fs_shared = owners["fs"].get(mb.pid, mb.pid) != mb.pid
         # 2. zombies
@@ -498,18 +553,27 @@ def build_tree(tj: TreeJob) -> int:
         _side_by_side(steps)
         _side_by_side([(mb, rebuild_late_steps(mb)) for mb in live])
         run_each(live)      # what the last stages left queued
-        if any(mb.job.core.get("job_stop") for mb in live):
-            _release_stopped(live, members, builders, root)
-        else:
-            # Every gadget unmapped side by side (one round trip in flight
-            # each), then each member let go, children first.
+        # Every gadget unmapped side by side (one round trip in flight
+        # each), then each member let go, children first. With a member
+        # stopped by job control, one at a time: each stopped again while
+        # it has its gadget (Builder.finish), its parent's view of that
+        # stop set while the parent still has its own (engine/jobstop.py).
+        stopped = any(mb.job.core.get("job_stop") for mb in live)
+        if not stopped:
             got = syscall_each([(mb.task, arch.SYS["munmap"], (mb.gadget, mb.gadget_size)) for mb in live])
             for mb, r in zip(live, got):
                 if -4096 < r < 0:
                     raise SysError("munmap (injected)", -r, mb.pid)
-            for mb in reversed(live):
-                faults.point("restore.tree.release")
+        ppids = {m["pid"]: m["ppid"] for m in members}
+        for mb in reversed(live):
+            faults.point("restore.tree.release")
+            if not stopped:
                 mb.let_go()
+                continue
+            mb.finish()
+            if mb.job.core.get("job_stop") and mb.pid != root["pid"]:
+                from . import jobstop
+                jobstop.restore_report(builders[ppids[mb.pid]], mb.pid, mb.job.core)
     except BaseException:
         for mb in reversed(order):
             try:
@@ -519,20 +583,6 @@ def build_tree(tj: TreeJob) -> int:
         _reap_orphans(tree_pids)
         raise
     return root["pid"]
-
-
-def _release_stopped(live, members, builders, root) -> None:
-    """The release of a tree with a member stopped by job control, one
-    member at a time, children first: each stopped again (Builder.finish),
-    its parent's view of that stop set while the parent still has its
-    gadget (engine/jobstop.py)."""
-    ppids = {m["pid"]: m["ppid"] for m in members}
-    for mb in reversed(live):
-        faults.point("restore.tree.release")
-        mb.finish()
-        if mb.job.core.get("job_stop") and mb.pid != root["pid"]:
-            from . import jobstop
-            jobstop.restore_report(builders[ppids[mb.pid]], mb.pid, mb.job.core)
 
 
 def _side_by_side(steps) -> None:

@@ -279,13 +279,21 @@ def test_restore_waits_briefly_for_the_dumped_zombie(procs, counter_bin, world, 
 
 
 def test_job_control_stopped_target_refused_and_left_stopped(procs, counter_bin, world, tmp_path):
+    """Stopped in a group of this test's session, whose restore would orphan
+    it (the kernel would then SIGHUP it): refused (engine/jobstop.py)."""
     import signal
-    p = start_counter(procs, counter_bin, world)
+    import subprocess
+    p = subprocess.Popen([counter_bin, world["out"], world["in"], "4", "sleep"], cwd=str(world["dir"]),
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         close_fds=True, preexec_fn=lambda: os.setpgid(0, 0))
+    procs.adopt(p.pid)
+    wait_for(lambda: count_lines(world["out"]) >= 5, what="5 lines from the counter")
     os.kill(p.pid, signal.SIGSTOP)
     wait_for(lambda: open(f"/proc/{p.pid}/stat").read().rsplit(")", 1)[1].split()[0] == "T", what="stopped")
     with pytest.raises(Refusal) as e:
         dump(p.pid, str(tmp_path / "img"), Options())
     assert e.value.reason == "unsupported-state" and "job control" in e.value.detail
+    assert "orphaned once restored" in e.value.detail
     time.sleep(0.1)
     assert open(f"/proc/{p.pid}/stat").read().rsplit(")", 1)[1].split()[0] == "T"
     n0 = count_lines(world["out"])

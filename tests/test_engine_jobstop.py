@@ -26,7 +26,8 @@ from fds_support import _members_gone
 # session, stops it with SIGTSTP (as the terminal's ^Z would), and takes
 # the stop's report and SIGCHLD (as bash does) or leaves both. The job
 # counts in a file while it runs. On SIGUSR1 the shell writes what its
-# waitpid(WUNTRACED|WNOHANG) and sigpending() say now.
+# waitid(WSTOPPED|WNOHANG|WNOWAIT) and sigpending() say now (both look
+# without taking).
 SHELL = r'''
 import os, signal, sys, time
 take = sys.argv[1] == "taken"
@@ -54,9 +55,10 @@ else:
     while open(f"/proc/{child}/stat").read().rsplit(")", 1)[1].split()[0] != "T":
         time.sleep(0.01)
 def report(*_):
-    pid, st = os.waitpid(child, os.WUNTRACED | os.WNOHANG)
+    r = os.waitid(os.P_PID, child, os.WSTOPPED | os.WNOHANG | os.WNOWAIT)     # a look, nothing taken
+    view = (r.si_pid, r.si_status) if r else (0, 0)
     with open("report.tmp", "w") as f:
-        f.write(repr((pid, os.WSTOPSIG(st) if pid else 0, signal.SIGCHLD in signal.sigpending())))
+        f.write(repr(view + (signal.SIGCHLD in signal.sigpending(),)))
     os.rename("report.tmp", "report")
 signal.signal(signal.SIGUSR1, report)
 with open("ready.tmp", "w") as f:
@@ -101,9 +103,11 @@ def test_a_shells_stopped_job_comes_back_stopped_with_the_shells_view(procs, tmp
     p, child = _shell(procs, tmp_path, mode)
     pend = _shd_pnd(p.pid)
     count = (tmp_path / "count").read_text()
+    view = (0, 0, False) if mode == "taken" else (child, signal.SIGTSTP, True)
     rep = check(p.pid, Options())
     assert rep["refusals"] == [], rep["refusals"]
-    assert _state(child) == "T"
+    wait_for(lambda: _state(child) == "T", timeout=2, what="back in its group stop after the check")
+    assert _report(p.pid, tmp_path) == view      # the check left the shell's view as it was
     dump(p.pid, str(tmp_path / "img"), Options())
     p.wait()
     _members_gone(str(tmp_path / "img"))
@@ -114,10 +118,7 @@ def test_a_shells_stopped_job_comes_back_stopped_with_the_shells_view(procs, tmp
     time.sleep(0.2)
     assert (tmp_path / "count").read_text() == count            # it has not run a step
     assert _shd_pnd(p.pid) == pend                              # the shell's SIGCHLD: as it was
-    if mode == "taken":
-        assert _report(p.pid, tmp_path) == (0, 0, False)        # nothing new to wait for
-    else:
-        assert _report(p.pid, tmp_path) == (child, signal.SIGTSTP, True)
+    assert _report(p.pid, tmp_path) == view     # taken: nothing new to wait for; else still waiting
     os.kill(child, signal.SIGCONT)                              # fg
     wait_for(lambda: (tmp_path / "count").read_text() != count, what="the job counting on after SIGCONT")
 

@@ -316,3 +316,78 @@ def test_xstate_permission_recorded(procs, prober_bin, tmp_path):
     old = {k: v for k, v in attrs.items() if k != "xcomp_perm"}
     procattrs.older(old)
     assert old["xcomp_perm"] == 0 and procattrs.check_record(old)
+
+
+@pytest.mark.parametrize("how", HOWS)
+@pytest.mark.parametrize("word, flags", [("mlockfuture", "lo,"), ("onfault", "lo,lf,")])
+def test_mlockall_future_without_locked_mappings(procs, prober_bin, tmp_path, word, flags, how):
+    """mlockall(MCL_FUTURE [| MCL_ONFAULT]) with nothing mapped since: no
+    mapping shows it, the next one is locked. Before: the restored process
+    mapped its next page unlocked."""
+    before, after = roundtrip(procs, prober_bin, tmp_path, word, how=how)
+    assert fields(before)["newmap"].endswith(flags), before
+    assert after == before
+
+
+def test_mlockall_future_check_leaves_no_mapping_behind(procs, prober_bin, tmp_path):
+    out = str(tmp_path / "out.txt")
+    p = start(procs, prober_bin, out, "onfault")
+    with open(f"/proc/{p.pid}/maps") as f:
+        maps = f.read()
+    check(p.pid, Options())
+    with open(f"/proc/{p.pid}/maps") as f:
+        assert f.read() == maps
+
+
+def test_speculation_control_set_again_where_it_differs(monkeypatch):
+    """PR_SET_SPECULATION_CTRL (speculative store bypass, indirect branch,
+    L1D flush): per task, inherited, invisible in /proc. Where the host's
+    mitigation is in prctl mode a process may disable them for itself; a
+    restored process had ckpt's. This host's mitigations are not in prctl
+    mode (PR_SET fails), so the plan is checked with the answers given."""
+    from engine import procattrs
+    own = {0: 1 | 2, 1: 1 | 2, 2: 8}     # ckpt: prctl mode, enabled; L1D flush not controllable
+    monkeypatch.setattr(procattrs, "_own_spec", lambda which: own[which])
+    rec = {"spec_store_bypass": 1 | 4, "spec_indirect_branch": 1 | 2, "spec_l1d_flush": 8}
+    assert procattrs._spec_changes(rec) == [(0, 4)]
+    assert procattrs._spec_changes(dict(rec, spec_indirect_branch=1 | 16)) == [(0, 4), (1, 16)]
+    assert procattrs._spec_changes({k: 0 for k in procattrs.SPEC_KEYS}) == []     # older images
+    # a thread of its own differs from the leader: refused
+    t = {"thread_spec_store_bypass": 1 | 2}
+    with pytest.raises(Refusal) as ei:
+        procattrs.same_as_leader(t, dict(rec, keep_caps=0, mce_kill=2, tsc=1), 77)
+    assert ei.value.reason == "threads" and "speculative store bypass" in ei.value.detail
+
+
+def test_a_mapping_with_a_protection_key_is_refused(monkeypatch):
+    """pkey_mprotect gives a mapping a protection key that smaps shows as
+    ProtectionKey (x86 with PKU) and no VmFlags letter does; a mapping made
+    again by the restore would have key 0, so the PKRU rights the process
+    set for its key would no longer guard it. No PKU on this host: judged
+    from smaps text of such a machine."""
+    from engine import check as check_mod
+    from engine import procfs
+    smaps = ("7f0000000000-7f0000001000 rw-p 00000000 00:00 0 \nSize:                  4 kB\n"
+             "ProtectionKey:         3\nVmFlags: rd wr mr mw me ac \n"
+             "7f0000002000-7f0000003000 rw-p 00000000 00:00 0 \nProtectionKey:         0\n"
+             "VmFlags: rd wr mr mw me ac \n")
+    flags = procfs.parse_smaps_flags(smaps)
+    assert flags == {0x7f0000000000: ["rd", "wr", "mr", "mw", "me", "ac", "pkey3"],
+                     0x7f0000002000: ["rd", "wr", "mr", "mw", "me", "ac"]}
+    maps = [{"start": 0x7f0000000000, "end": 0x7f0000001000, "perms": "rw-p", "offset": 0, "dev": "00:00",
+             "inode": 0, "path": ""},
+            {"start": 0x7f0000002000, "end": 0x7f0000003000, "perms": "rw-p", "offset": 0, "dev": "00:00",
+             "inode": 0, "path": ""}]
+
+    class P:
+        def vmflags(self):
+            return flags
+
+        def path(self, rel):
+            return "/nonexistent/" + rel
+    s = check_mod.Survey(pid=1, proc=P())
+    s.maps = maps
+    check_mod._check_vmas(s)
+    assert [r.reason for r in s.refusals] == ["unsupported-mapping"]
+    assert "protection key 3 (pkey_mprotect)" in s.refusals[0].detail
+    assert [v["start"] for v in s.vmas] == [0x7f0000002000]

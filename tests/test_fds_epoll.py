@@ -53,13 +53,59 @@ def test_epoll_targets_restored_exactly(tmp_path):
             ep.close()
 
 
-def test_epoll_closed_target_refused(tmp_path):
-    setup = SETUP + "\nkeep = os.dup(501); add(keep, select.EPOLLOUT, 7); os.dup2(keep, 600); os.close(keep)"
-    setup += "\nos.close(600)"    # the registration's fd is gone, its file (write end) lives on
+def test_epoll_registration_under_a_closed_or_reused_number_restored(tmp_path):
+    """CRIU's zdtm epoll, epoll01: a registration outlives close(tfd) while
+    the file is held at another fd; its number may even be reused by
+    another file registered too (two registrations under one number). Both
+    are re-added under their old numbers, the fd table left as it was.
+    They were refused (unsupported-fd)."""
+    setup = SETUP + """
+keep = os.dup(501); os.dup2(keep, 600); os.close(keep)   # the write end, also at 501 and 600
+add(600, select.EPOLLOUT, 7)
+os.close(600)                                            # registered under 600, held at 501
+r2, w2 = os.pipe(); os.dup2(r2, 601); os.dup2(r2, 604); os.dup2(w2, 602); os.close(r2); os.close(w2)
+add(601, select.EPOLLIN, 8)                              # the second pipe's read end, also at 604
+os.dup2(500, 601)                                        # 601 now the first pipe's read end...
+add(601, select.EPOLLIN, 9)                              # ...registered too: two under 601
+"""
+    with Target(tmp_path, setup) as t:
+        want = sorted(parse_targets(fdinfo(t.pid, 503)), key=lambda x: (x["tfd"], x["data"]))
+        assert [x["tfd"] for x in want].count(601) == 2 and 600 in [x["tfd"] for x in want]
+        said = classify(t.pid, 503)
+        assert "fd 600 (closed since; its file at fd 501)" in said
+        fds = [500, 501, 502, 503, 601, 602, 604]
+        img = dump(t.pid, fds, str(tmp_path / "img"))
+    with restore(img, pid=os.getpid()):
+        got = sorted(parse_targets(fdinfo(os.getpid(), 503)), key=lambda x: (x["tfd"], x["data"]))
+        assert got == want
+        assert not os.path.exists("/proc/self/fd/600")                       # closed again
+        assert os.stat("/proc/self/fd/601").st_ino == os.stat("/proc/self/fd/500").st_ino
+        ep = select.epoll.fromfd(os.dup(503))
+        try:
+            assert (7, select.EPOLLOUT) in ep.poll(0)                         # the write end, via 501
+            os.write(602, b"y")                                                # the second pipe
+            assert (8, select.EPOLLIN) in ep.poll(0)
+        finally:
+            ep.close()
+
+
+def test_epoll_target_held_only_by_another_process_refused(tmp_path):
+    # The registered file is held by a child outside the dump only: the
+    # process has no fd to register it again by.
+    setup = SETUP + """
+r2, w2 = os.pipe(); os.dup2(r2, 600); os.close(r2)
+add(600, select.EPOLLIN, 7)
+if os.fork() == 0:
+    libc.prctl(1, 9)                    # PR_SET_PDEATHSIG: gone with the target
+    os.closerange(3, 600); os.closerange(601, 4096)      # the pipe's read end only
+    while True:
+        time.sleep(1)
+os.close(600); os.close(w2)
+"""
     with Target(tmp_path, setup) as t:
         with pytest.raises(Refusal) as ei:
             classify(t.pid, 503)
-        assert ei.value.reason == "unsupported-fd" and "closed" in ei.value.detail
+        assert ei.value.reason == "unsupported-fd" and "held by no fd of the process" in ei.value.detail
 
 
 def test_epoll_ready_edge_triggered_target_refused(tmp_path):

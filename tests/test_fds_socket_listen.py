@@ -102,6 +102,49 @@ os.dup2(l.fileno(), 500); l.close()
             s.close()
 
 
+def test_tcp_listeners_sharing_a_port_restored_with_reuseport_as_it_is_now(tmp_path):
+    """CRIU's zdtm socket-tcp-reuseport: two listeners bound to one port
+    with SO_REUSEPORT, one of which cleared it since. Rebuilt with its
+    recorded 0, the first kept the second off the port: the restore was
+    refused ("address in use") after the dump had killed the process."""
+    setup = """
+import socket
+a = socket.socket(); a.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+a.bind(("127.0.0.1", 0)); a.listen(3)
+b = socket.socket(); b.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+b.bind(a.getsockname()); b.listen(5)
+a.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 0)
+os.dup2(a.fileno(), 500); os.dup2(b.fileno(), 501); a.close(); b.close()
+"""
+    with Target(tmp_path, setup) as t:
+        img = dump(t.pid, [500, 501], str(tmp_path / "img"))
+    with restore(img):
+        a, b = socket.socket(fileno=os.dup(500)), socket.socket(fileno=os.dup(501))
+        try:
+            assert a.getsockname() == b.getsockname()
+            assert a.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 0
+            assert b.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 1
+            for s in (a, b):
+                assert s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1
+            # both take connections on the port
+            got = set()
+            for _ in range(40):
+                with socket.create_connection(a.getsockname(), timeout=5):
+                    pass
+                for s in (a, b):
+                    s.setblocking(False)
+                    try:
+                        s.accept()[0].close()
+                        got.add(s.fileno())
+                    except BlockingIOError:
+                        pass
+                if len(got) == 2:
+                    break
+            assert len(got) == 2
+        finally:
+            a.close(); b.close()
+
+
 def test_tcp_listener_with_pending_connection_refused(tmp_path):
     setup = """
 import socket

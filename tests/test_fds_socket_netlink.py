@@ -269,6 +269,20 @@ os.dup2(p.fileno(), 500); p.close()
         assert refusal(t.pid, 500).endswith("bytes of echo replies queued to be read")
 
 
+def test_ping_socket_shut_down_is_refused(tmp_path):
+    # shutdown(2) bits were lost (a socket shut for reading came back
+    # readable); sock_diag lists no ping socket, so they are refused.
+    setup = """
+import socket
+p = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)
+p.connect(("127.0.0.1", 0))
+p.shutdown(socket.SHUT_RDWR)
+os.dup2(p.fileno(), 500); p.close()
+"""
+    with Target(tmp_path, setup) as t:
+        assert "shut down" in refusal(t.pid, 500)
+
+
 def test_real_ping_is_restored_and_goes_on_counting_replies(tmp_path):
     """ping(8) as root, on ping sockets (IPv4 and IPv6) with its capabilities
     dropped: refused before for both sockets. After the restore its

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 
 import pytest
 
@@ -48,33 +49,34 @@ def _stopped(pid: int) -> None:
 @pytest.mark.parametrize("how", ["check", "dump"])
 def test_member_refused_mid_pass_leaves_every_member_untraced(procs, session_killer, swarm, tmp_path, how):  # noqa: F811
     """One child of the root, in the middle of the pass that freezes the
-    root's children together, is stopped by job control: refused, and
-    every other member is let go (not traced by this process, which is
-    the tracer and still alive, not stopped); the stopped one stays as it
-    was (stopped, untraced)."""
+    root's children together, is traced by another process (its
+    PTRACE_SEIZE fails in the pass; a job-control stop, which refused it
+    there before, is restored now: engine/jobstop.py): refused, and every
+    other member is let go (not traced by this process, which is the
+    tracer and still alive, not stopped)."""
     p, kids = _start(procs, session_killer, swarm, tmp_path)
     victim = kids[len(kids) // 2]
-    _stopped(victim)
-    with pytest.raises((Refusal, Refusals)) as e:
-        if how == "check":
-            res = check(p.pid, Options())
-            raise Refusals([Refusal(r["reason"], r.get("detail", "")) for r in res["refusals"]])
-        dump(p.pid, str(tmp_path / "img"), Options())
-    rs = e.value.refusals if isinstance(e.value, Refusals) else [e.value]
-    assert any(r.reason == "unsupported-state" and "job control" in r.message for r in rs), rs
-    assert not (tmp_path / "img").exists()
+    tracer = subprocess.Popen([sys.executable, "-c", "import ctypes, sys, time\n"
+                               "assert ctypes.CDLL(None).ptrace(0x4206, int(sys.argv[1]), 0, 0) == 0\n"
+                               "print('seized', flush=True)\ntime.sleep(120)\n", str(victim)],
+                              stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, close_fds=True)
+    try:
+        assert tracer.stdout.readline() == b"seized\n"
+        with pytest.raises((Refusal, Refusals)) as e:
+            if how == "check":
+                res = check(p.pid, Options())
+                raise Refusals([Refusal(r["reason"], r.get("detail", "")) for r in res["refusals"]])
+            dump(p.pid, str(tmp_path / "img"), Options())
+        rs = e.value.refusals if isinstance(e.value, Refusals) else [e.value]
+        assert any(r.reason == "ptraced" for r in rs), rs
+        assert not (tmp_path / "img").exists()
+        assert _status_field(victim, "TracerPid") == str(tracer.pid)
+    finally:
+        tracer.kill()
+        tracer.wait()
     for pid in [p.pid] + kids:
-        assert _status_field(pid, "TracerPid") == "0", f"pid {pid} still traced"
-        if pid == victim:
-            # Detached from its trap stop, it runs kernel code for a moment
-            # before it is back in the group stop (kernel/ptrace.c
-            # __ptrace_detach wakes it; JOBCTL_STOP_PENDING stops it again):
-            # seen as R under load. It must be stopped again, by itself.
-            wait_for(lambda: _stat(pid)["state"] == "T", timeout=5, what=f"pid {pid} back in its job-control stop")
-        else:
-            assert _stat(pid)["state"] not in ("t", "T"), pid
-    os.kill(victim, signal.SIGCONT)
-    wait_for(lambda: _stat(victim)["state"] == "S", what="the stopped member continued")
+        wait_for(lambda: _status_field(pid, "TracerPid") == "0", timeout=5, what=f"pid {pid} untraced")
+        assert _stat(pid)["state"] not in ("t", "T"), pid
 
 
 def test_tree_frozen_side_by_side_dumps_and_restores_whole(procs, session_killer, swarm, tmp_path):  # noqa: F811

@@ -138,7 +138,7 @@ SYS: Dict[str, int] = {
     "rt_sigprocmask": 135, "setresuid": 147, "setresgid": 149, "setpgid": 154,
     "getpgid": 155, "getsid": 156, "setsid": 157, "setgroups": 159, "umask": 166,
     "prctl": 167, "getpid": 172, "getppid": 173, "gettid": 178, "brk": 214,
-    "munmap": 215, "mremap": 216, "mmap": 222, "mprotect": 226, "madvise": 233,
+    "munmap": 215, "mremap": 216, "mlockall": 230, "mmap": 222, "mprotect": 226, "madvise": 233,
     "membarrier": 283,   # engine/membarrier.py
     "capset": 91, "setfsuid": 151, "setfsgid": 152,   # engine/creds.py
     "chroot": 51,   # engine/fsroot.py

@@ -99,7 +99,7 @@ NT_X86_XSTATE = 0x202
 # asm/unistd_64.h
 SYS: Dict[str, int] = {
     "read": 0, "write": 1, "close": 3, "ioctl": 16, "lseek": 8, "mmap": 9, "mprotect": 10,
-    "munmap": 11, "brk": 12, "rt_sigaction": 13, "rt_sigprocmask": 14, "mremap": 25,
+    "munmap": 11, "brk": 12, "mlockall": 151, "rt_sigaction": 13, "rt_sigprocmask": 14, "mremap": 25,
     "madvise": 28, "getitimer": 36, "setitimer": 38, "getpid": 39, "kill": 62,
     "fcntl": 72, "fchdir": 81, "umask": 95, "ptrace": 101, "setpgid": 109,
     "getppid": 110, "setsid": 112, "setgroups": 116, "setresuid": 117,

@@ -65,6 +65,7 @@ KINDS: Dict[str, Optional[str]] = {
     "pseudo": "pseudo",
     "procfile": "procfile",
     "tty": "tty",
+    "symlink": "symlink",
     "unsupported": None,
 }
 
@@ -130,7 +131,7 @@ def classify_kind(info: FdInfo) -> str:
     kind = _ANON.get(info.link)
     if kind:
         return kind
-    if stat.S_ISREG(m) or stat.S_ISDIR(m) or stat.S_IFMT(m) == 0:
+    if stat.S_ISREG(m) or stat.S_ISDIR(m) or stat.S_ISLNK(m) or stat.S_IFMT(m) == 0:
         fs = fs_magic(info)
         if fs == fstype.PROC and stat.S_ISREG(m):
             from .procfile import eligible
@@ -154,6 +155,8 @@ def classify_kind(info: FdInfo) -> str:
         return "pipe" if info.link.startswith("pipe:[") else "fifo"
     if stat.S_ISSOCK(m):
         return "socket"
+    if stat.S_ISLNK(m):
+        return "symlink"          # held by an O_PATH | O_NOFOLLOW fd
     return "unsupported"
 
 

@@ -133,13 +133,29 @@ def listener_validate(rec: dict, ctx) -> None:
         raise refuse_rec(rec, ctx, "image-invalid", "tcp listener record malformed")
 
 
+def _port_mates(rec: dict, ctx) -> list:
+    """The dump's other listeners bound to the same address and port (a
+    SO_REUSEPORT group: CRIU's zdtm socket-tcp-reuseport)."""
+    return [x for x in getattr(ctx, "tree_records", None) or ctx.records or []
+            if x.get("sock") == "tcp-listen" and x is not rec and x.get("inode") != rec.get("inode")
+            and x.get("family") == rec["family"] and x.get("addr") == rec["addr"]]
+
+
 def _build(rec: dict, ctx) -> int:
     fam = rec["family"]
     addr = tuple(rec["addr"])
     text = f"tcp{_v(fam)} listener {_addr_text(fam, addr)}"
     s = _socket.socket(fam, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC, _socket.IPPROTO_TCP)
+    # Listeners sharing a port were bound with SO_REUSEPORT, which one may
+    # have cleared since: bound without it, it would keep the others off
+    # the port ("address in use" at restore, after the dump). It is set for
+    # the bind and cleared once the others are bound too, as it was.
+    mates = _port_mates(rec, ctx)
+    clear = bool(mates) and _sockopts.as_int(rec["opts"].get("SO_REUSEPORT")) == 0
     with building(s, rec, ctx, f"recreating {text}"):
         _sockopts.apply(s, rec["opts"], rec["set"])
+        if clear:
+            s.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEPORT, 1)
         try:
             s.bind(addr)
         except OSError as e:
@@ -148,6 +164,11 @@ def _build(rec: dict, ctx) -> int:
                 raise refuse_rec(rec, ctx, "socket", f"{text}: {why}") from None
             raise
         s.listen(rec["backlog"])
+        ctx.shared[f"tcp-listen-ino:{rec['inode']}"] = os.fstat(s.fileno()).st_ino
+        if clear:
+            for m in mates:         # bound beside this one while it still shares the port
+                ensure_listener(m, ctx)
+            s.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEPORT, 0)
         got = netdiag.tcp_listener(fam, os.fstat(s.fileno()).st_ino)
         if got is None or got[1] != rec["backlog"]:
             raise refuse_rec(rec, ctx, "socket", f"{text}: backlog {rec['backlog']} becomes "

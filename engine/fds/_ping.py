@@ -23,7 +23,8 @@ import errno as _errno
 import socket as _socket
 
 from . import _sockopts
-from ._sockbase import building, check_options, dup_of, fresh_options, inode_of, options, outside_holders
+from ._sockbase import (building, check_options, dup_of, fresh_options, inode_of, options, outside_holders,
+                        shut_for_reading)
 from ._udp import _addr_tuple, _ep, _ep_text, _v, rmem
 from ._util import refuse, refuse_rec, with_status_flags
 
@@ -57,6 +58,9 @@ def classify(info, ctx, q: dict) -> dict:
         except Exception as e:      # Refusal: its detail, under this socket's name
             raise refuse(info, "socket", f"{head}: {getattr(e, 'detail', e)}") from None
         queued = rmem(mine)
+        if shut_for_reading(mine):
+            # sock_diag lists no ping socket: its writing side cannot be read
+            raise refuse(info, "socket", f"{head}: shut down (shutdown(2)); which sides cannot all be read")
     if queued:
         raise refuse(info, "socket", f"{head}: {queued} bytes of echo replies queued to be read")
     rec = {"sock": "ping", "family": fam, "proto": proto, "inode": ino, "addr": _ep(name) if name else None,

@@ -76,11 +76,15 @@ def shutdown_bits(fd: int, family: int, proto: int, inode: int) -> tuple:
     bits = netdiag.inet_shutdown(family, proto, inode)
     if bits is not None:
         return bits, True
+    return (netdiag.RCV_SHUTDOWN if shut_for_reading(fd) else 0), False
+
+
+def shut_for_reading(fd: int) -> bool:
+    """RCV_SHUTDOWN, as poll shows it (POLLRDHUP), on any socket."""
     import select
     p = select.poll()
     p.register(fd, select.POLLIN | select.POLLRDHUP)
-    ready = dict(p.poll(0)).get(fd, 0)
-    return (netdiag.RCV_SHUTDOWN if ready & select.POLLRDHUP else 0), False
+    return bool(dict(p.poll(0)).get(fd, 0) & select.POLLRDHUP)
 
 
 def shut_down(s: _socket.socket, bits: int) -> None:

@@ -606,6 +606,24 @@ def _put_back_moved(s: _socket.socket, rec: dict) -> None:
         _setint(s, 10, _sockopts.as_int(moved["TCP_WINDOW_CLAMP"]))
 
 
+def _listeners_first(rec: dict, ctx) -> None:
+    """The dump's listeners on the ports of this connection (or its peer's)
+    are built before it: a listener cannot bind beside a connection already
+    on its port, while the connection binds beside the listener (repair
+    mode forces reuse). In a process tree the accepted connection may be
+    restored first (the parent accepted, the child kept the listener): the
+    restore was refused "address in use" after the dump had killed the tree."""
+    from . import _inetsock
+    from ._inetsock import _serves
+    ports = [tuple(rec["local"][:2])]
+    if rec["peer"] == "dump":
+        ports += [tuple(rec["remote"][:2])]
+    for x in getattr(ctx, "tree_records", None) or ctx.records or []:
+        if x.get("sock") == "tcp-listen" and x.get("family") == rec["family"] and \
+                any(_serves(x["addr"], p) for p in ports):
+            _inetsock.ensure_listener(x, ctx)
+
+
 def restore(rec: dict, ctx) -> int:
     """The rebuilt connection's fd, still in repair mode (a pair is built on
     its first end's call): it leaves repair mode in finish(), once the new
@@ -616,6 +634,7 @@ def restore(rec: dict, ctx) -> int:
     key = f"tcp-conn-built:{rec['inode']}"
     s = ctx.shared.pop(key, None)
     if s is None:
+        _listeners_first(rec, ctx)
         try:
             ends = [rec]
             if rec["peer"] == "dump":
