@@ -134,7 +134,8 @@ def _after_reads(task: Task, scr: int, vmas: List[dict], out: dict) -> None:
     numa_maps cannot tell)."""
     out["posix_timers"] = posixtimers.dump(task, scr)
     landlock.check(task, procfs.Proc(task.pid).status())    # refused: a restore would leave its sandbox
-    out["mlock_future"] = mlockfuture.probe(task)
+    if out.get("mlock_future") is None:      # not told by the batched reads' own area
+        out["mlock_future"] = mlockfuture.probe(task)
     out.setdefault("mempolicy", [mempolicy.MPOL_DEFAULT, 0])
     if "membarrier" not in out:     # a kernel without MEMBARRIER_CMD_GET_REGISTRATIONS
         out["membarrier"] = membarrier.probe(task)

@@ -107,12 +107,15 @@ class Run:
         self.cookie = int.from_bytes(os.urandom(8), "little")
         self.area = None
         self.mask = None
+        self.mlock_future = None
 
     # Each step: (key, syscall name, args(out buffer address), bytes read back or 0, decode)
     def map(self) -> bool:
         """The area, by one injected mmap; False when it cannot be had."""
+        from . import mlockfuture
         t = self.task
         addr = _place(self.vmas, AREA, t.arch.TASK_SIZE)
+        before = mlockfuture._vmlck(t.pid)
         got = t.syscall(t.arch.SYS["mmap"], addr, AREA, PROT_RWX, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE,
                         (1 << 64) - 1, 0)
         if -4096 < got < 0:
@@ -122,6 +125,10 @@ class Run:
             self.unmap()
             return False
         self.area = addr
+        # A mapping made in the frozen process, nothing written yet: what
+        # mlockall(MCL_FUTURE) does to it is the process's flags, without
+        # the two injected calls of a page mapped for just that.
+        self.mlock_future = mlockfuture.judge(t.pid, addr, before)
         return True
 
     def _layout(self) -> bytes:
@@ -247,7 +254,10 @@ def read(task, vmas, status: dict, steps: list):
             return None
         try:
             run.start()
-            return run.finish()
+            out = run.finish()
+            if out is not None:
+                out["mlock_future"] = run.mlock_future
+            return out
         finally:
             run.unmap()
     finally:

@@ -30,9 +30,25 @@ def _vmlck(pid: int) -> int:
     return int(read_status_fields(f"/proc/{pid}/status", ("VmLck",)).get("VmLck", "0 kB").split()[0])
 
 
+def judge(pid: int, addr: int, before: int) -> int:
+    """The flags shown by a private anonymous mapping at `addr` just made
+    in the frozen process (nothing written to it yet), `before` being its
+    VmLck (kB) read just before: locked if MCL_FUTURE, and then populated
+    unless MCL_ONFAULT."""
+    if _vmlck(pid) <= before:
+        return 0
+    page = os.sysconf("SC_PAGE_SIZE")
+    with open(f"/proc/{pid}/pagemap", "rb", buffering=0) as f:
+        f.seek(addr // page * 8)
+        (entry,) = struct.unpack("<Q", f.read(8))
+    return MCL_FUTURE if entry >> 63 & 1 else MCL_FUTURE | MCL_ONFAULT
+
+
 def probe(task) -> int:
     """At the dump, the process frozen: its MCL_FUTURE | MCL_ONFAULT flags
-    (0: none). Raises Refusal(unsupported-state) where they cannot be told."""
+    (0: none), with a page mapped for the purpose (where the batched
+    reads ran, their own area told it already: dumpbatch). Raises
+    Refusal(unsupported-state) where they cannot be told."""
     page = os.sysconf("SC_PAGE_SIZE")
     before = _vmlck(task.pid)
     addr = task.syscall(task.arch.SYS["mmap"], 0, page, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, (1 << 64) - 1, 0)
@@ -42,12 +58,7 @@ def probe(task) -> int:
     if -4096 < addr < 0:
         raise SysError("mmap (injected, mlockall check)", -addr, task.pid)
     try:
-        if _vmlck(task.pid) <= before:
-            return 0
-        with open(f"/proc/{task.pid}/pagemap", "rb", buffering=0) as f:
-            f.seek(addr // page * 8)
-            (entry,) = struct.unpack("<Q", f.read(8))
-        return MCL_FUTURE if entry >> 63 & 1 else MCL_FUTURE | MCL_ONFAULT
+        return judge(task.pid, addr, before)
     finally:
         r = task.syscall(task.arch.SYS["munmap"], addr, page)
         if -4096 < r < 0:
