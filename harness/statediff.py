@@ -167,6 +167,16 @@ def diff(before: Dict[str, str], after: Dict[str, str], conds: set = frozenset()
     """The differences that no row of EXPECTED allows, as ``{field, before, after}``
     (adjacent anonymous mappings compared as one: merge_neighbours)."""
     before, after = merge_neighbours(before), merge_neighbours(after)
+    if before.get("cgroup") is not None and after.get("cgroup") is not None:
+        before, after = dict(before), dict(after)
+        before["cgroup"], after["cgroup"] = common_hierarchies(before["cgroup"], after["cgroup"])
+    if before.get("ns.mnt") and before.get("ns.mnt") == after.get("ns.mnt"):
+        # One mount namespace: its table is the namespace's, the same for
+        # every process in it at any instant; what changed in it between
+        # the looks (another test mounting) is not the process's.
+        before, after = dict(before), dict(after)
+        before.pop("mountinfo", None)
+        after.pop("mountinfo", None)
     out = []
     for field in sorted(set(before) | set(after), key=_order):
         b, a = before.get(field), after.get(field)
@@ -181,6 +191,25 @@ def diff(before: Dict[str, str], after: Dict[str, str], conds: set = frozenset()
         out.append({"field": field, "before": "(absent)" if b is None else b,
                     "after": "(absent)" if a is None else a})
     return out
+
+
+def common_hierarchies(before: str, after: str) -> tuple:
+    """/proc/PID/cgroup ("ID:controllers:path" lines, space-joined here) of
+    the hierarchies both looks show, by controllers (their ids may be
+    renumbered): a hierarchy mounted or gone between the two looks (a
+    named v1 hierarchy another test or an admin mounts) is the machine's
+    doing, not the process's. A move within a hierarchy both show stays
+    a difference."""
+    def parse(text: str) -> Dict[str, str]:
+        out = {}
+        for line in text.split():
+            _, _, rest = line.partition(":")
+            ctl, _, path = rest.partition(":")
+            out[ctl] = path
+        return out
+    b, a = parse(before), parse(after)
+    both = sorted(set(b) & set(a))
+    return (" ".join(f"{c}:{b[c]}" for c in both), " ".join(f"{c}:{a[c]}" for c in both))
 
 
 def _order(field: str):

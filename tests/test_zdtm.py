@@ -41,7 +41,11 @@ def test_zdtm_static_tests_end_as_expected(tmp_path):
     # CRIU's test ids, and unix socket paths stop at 108 bytes.
     work = tempfile.mkdtemp(prefix="zdtm-", dir="/var/tmp")
     try:
-        r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "zdtm.py"), "--only", ",".join(sorted(expect)),
+        # In a mount namespace of its own: the tests mount (cgroup
+        # hierarchies under their directories), and the host tier's other
+        # tests, running beside, must not see it.
+        r = subprocess.run(["unshare", "--mount", "--propagation", "private",
+                            sys.executable, os.path.join(ROOT, "tools", "zdtm.py"), "--only", ",".join(sorted(expect)),
                             "--no-baseline", "-j", "2", "--work", work, "--out", str(out)],
                            capture_output=True, text=True, close_fds=True, timeout=1400)
     finally:

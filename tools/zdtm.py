@@ -254,8 +254,37 @@ def _images(work: str) -> str:
     return path
 
 
+def _children() -> list:
+    out = []
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/children") as f:
+                out += [int(x) for x in f.read().split()]
+        except OSError:
+            pass
+    return out
+
+
 def run_one(name: str, kind: str, static: str, special: dict, work: str, ckpt: list,
             baseline: bool = True) -> dict:
+    """One test in a worker that is the subreaper of its tests: whatever of
+    it is still there when it ends (a test that never got ready, a child
+    that made itself a session of its own, a half-restored tree) is one of
+    this worker's children then, and is killed and reaped by PID."""
+    try:
+        return _run_one(name, kind, static, special, work, ckpt, baseline)
+    finally:
+        for _ in range(3):
+            left = _children()
+            if not left:
+                break
+            for pid in left:
+                _kill_tree(pid)
+            _gone(left[0], 5)
+
+
+def _run_one(name: str, kind: str, static: str, special: dict, work: str, ckpt: list,
+             baseline: bool = True) -> dict:
     desc = _desc(static, name)
     rec = {"test": name, "opts": desc.get("opts", ""), "flags": desc.get("flags", "")}
     why = _why_skipped(desc)
