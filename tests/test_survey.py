@@ -103,19 +103,29 @@ class FreezeMonitor(threading.Thread):
         self.samples = 0
         self.seen_traced = 0
 
+    def _pass(self, me: str) -> set:
+        out = set()
+        for root in self.roots:
+            for p in [root] + descendants(root):
+                try:
+                    if status(p)["TracerPid"] == me:
+                        out.add(p)
+                except (OSError, KeyError):
+                    pass
+        return out
+
     def run(self):
+        # One pass reads the processes one after another, so it can see A
+        # still traced and then B already traced across a release of A
+        # and the attach of B. Two passes in a row: a process seen traced
+        # in both was traced all the time between, so two of them were
+        # traced at once, where the spans overlap.
         me = str(os.getpid())
         while not self.stop_evt.is_set():
-            traced = 0
-            for root in self.roots:
-                for p in [root] + descendants(root):
-                    try:
-                        if status(p)["TracerPid"] == me:
-                            traced += 1
-                    except (OSError, KeyError):
-                        pass
+            first = self._pass(me)
+            traced = len(first & self._pass(me)) if first else 0
             self.samples += 1
-            self.seen_traced += traced > 0
+            self.seen_traced += bool(first)
             self.max_traced = max(self.max_traced, traced)
             time.sleep(0.0005)
 
