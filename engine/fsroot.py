@@ -37,15 +37,8 @@ def _mine() -> os.stat_result:
 def _gen(path: str):
     """The directory's inode generation (inode numbers are reused once
     freed; dev+ino+generation are not), None where the fs has none."""
-    from .files import generation
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        return generation(fd)
-    finally:
-        os.close(fd)
+    from .files import _generation_of
+    return _generation_of(path, None)
 
 
 def dump(pid: int):

@@ -38,6 +38,23 @@ def compile_counter(outdir: str) -> str:
     return exe
 
 
+def compile_target(tmp_path_factory, name: str) -> str:
+    """tests/targets/NAME.c built once per module (a module-scoped fixture's body)."""
+    exe = str(tmp_path_factory.mktemp(f"{name}-bin") / name)
+    subprocess.run(["gcc", "-O2", "-Wall", "-o", exe, os.path.join(TARGETS, f"{name}.c")], check=True,
+                   capture_output=True)
+    return exe
+
+
+def lines_of(out: str, prefix: str) -> list:
+    """The lines of file `out` that start with `prefix` ([] while it does not exist)."""
+    try:
+        with open(out) as f:
+            return [line.rstrip("\n") for line in f if line.startswith(prefix)]
+    except FileNotFoundError:
+        return []
+
+
 def alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:

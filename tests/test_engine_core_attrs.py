@@ -23,7 +23,7 @@ from engine.context import Options
 from engine.dump import dump
 from engine.errors import Refusal, Refusals
 from engine.restore import restore
-from engine_core_support import TARGETS, procs, wait_for  # noqa: F401
+from engine_core_support import TARGETS, compile_target, lines_of, procs, wait_for  # noqa: F401
 
 PR_SET_TIMERSLACK, PR_GET_TIMERSLACK = 29, 30
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -31,18 +31,11 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 @pytest.fixture(scope="module")
 def attrs_bin(tmp_path_factory) -> str:
-    exe = str(tmp_path_factory.mktemp("attrs-bin") / "attrs")
-    subprocess.run(["gcc", "-O2", "-Wall", "-o", exe, os.path.join(TARGETS, "attrs.c")], check=True,
-                   capture_output=True)
-    return exe
+    return compile_target(tmp_path_factory, "attrs")
 
 
 def _lines(out: str, prefix: str):
-    try:
-        with open(out) as f:
-            return [line.rstrip("\n") for line in f if line.startswith(prefix)]
-    except FileNotFoundError:
-        return []
+    return lines_of(out, prefix)
 
 
 def start(procs, exe, out, *words, default_slack=77777) -> subprocess.Popen:

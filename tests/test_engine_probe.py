@@ -17,23 +17,16 @@ from engine.context import Options
 from engine.dump import check, dump
 from engine.errors import Refusal, Refusals
 from engine.restore import restore
-from engine_core_support import TARGETS, procs, wait_for  # noqa: F401
+from engine_core_support import TARGETS, compile_target, lines_of, procs, wait_for  # noqa: F401
 
 
 @pytest.fixture(scope="module")
 def prober_bin(tmp_path_factory) -> str:
-    exe = str(tmp_path_factory.mktemp("prober-bin") / "prober")
-    subprocess.run(["gcc", "-O2", "-Wall", "-o", exe, os.path.join(TARGETS, "prober.c")], check=True,
-                   capture_output=True)
-    return exe
+    return compile_target(tmp_path_factory, "prober")
 
 
 def _lines(out: str, prefix: str):
-    try:
-        with open(out) as f:
-            return [line.rstrip("\n") for line in f if line.startswith(prefix)]
-    except FileNotFoundError:
-        return []
+    return lines_of(out, prefix)
 
 
 def start(procs, exe, out, *words) -> subprocess.Popen:

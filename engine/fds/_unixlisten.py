@@ -156,11 +156,18 @@ def _bind(s: _socket.socket, name: bytes, f: Optional[dict]) -> None:
     if not f.get("base"):
         s.bind(rel)
         return
+    from_base(f["base"], lambda: s.bind(rel))
+
+
+def from_base(base: str, fn) -> None:
+    """fn() run with `base` as the working directory, then back (the
+    restorer, or the peer-credentials helper, is single-threaded here):
+    how a relative socket name is bound or connected to as it was."""
     here = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        os.chdir(f["base"])
+        os.chdir(base)
         try:
-            s.bind(rel)
+            fn()
         finally:
             os.fchdir(here)
     finally:

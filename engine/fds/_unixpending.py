@@ -126,23 +126,15 @@ SUN_PATH_MAX = 107        # sun_path's 108 bytes, a NUL included
 def _connect(c: _socket.socket, addr, lrec: dict) -> None:
     """connect(2) to the listener. A path too long for sun_path (a
     listener bound by a relative name deep in the tree) is reached by that
-    relative name from its base directory, as it was bound (chdir and back:
-    the restorer, or the peer-credentials helper, is single-threaded here).
+    relative name from its base directory, as it was bound.
     A connecting socket keeps nothing of the name it was given."""
     f = lrec.get("file")
     if not (f and f.get("base")) or len(os.fsencode(addr)) <= SUN_PATH_MAX:
         c.connect(addr)
         return
+    from ._unixlisten import from_base
     rel = bytes.fromhex(lrec["name"]).split(b"\0", 1)[0]       # the name it was bound by
-    here = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.chdir(f["base"])
-        try:
-            c.connect(rel)
-        finally:
-            os.fchdir(here)
-    finally:
-        os.close(here)
+    from_base(f["base"], lambda: c.connect(rel))
 
 
 def connect_all(listener: _socket.socket, lrec: dict, ctx) -> Dict[int, _socket.socket]:
