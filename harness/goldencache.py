@@ -106,7 +106,13 @@ def store(guest, root: Path, slot: str, k: str, facts: Dict) -> None:
     mtmp = meta.with_name(f".{meta.name}.{os.getpid()}")
     try:
         guest.export_overlay(tmp)
-        mtmp.write_text(json.dumps({"key": k, **{f: facts[f] for f in META_FIELDS}}, indent=1))
+        # its console so far goes with it: a guest loaded from it boots
+        # nothing, and a crash report must still show the guest's console
+        try:
+            console = guest.serial_tail(200)
+        except Exception as e:  # noqa: BLE001 - only a report's context
+            console = f"(console not kept: {e})"
+        mtmp.write_text(json.dumps({"key": k, **{f: facts[f] for f in META_FIELDS}, "console": console}, indent=1))
         os.replace(tmp, overlay)
         os.replace(mtmp, meta)      # last: find() needs it, so a half-kept golden is never found
     finally:

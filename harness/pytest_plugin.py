@@ -531,6 +531,11 @@ class Crucible:
             return None
         path, facts = found
         guest = make((str(path), goldencache.TAG), wait_ssh=False)     # SSH only if a step needs it
+        # Loaded, it prints nothing of a boot: its report shows the console
+        # the guest had when it was kept (as bootcache does for a kept boot).
+        guest.console_before = (f"[crucible: loaded from the kept golden {path.name}, whose console was:]\n"
+                                + str(facts.get("console") or "(not kept)").rstrip("\n")
+                                + "\n[crucible: loaded here; this guest's own console follows]")
         try:
             guest.__enter__()
             t1 = time.monotonic()

@@ -14,6 +14,9 @@ class FakeGuest:
     def __init__(self, data=b"overlay", fail=False):
         self.data, self.fail = data, fail
 
+    def serial_tail(self, lines=40):
+        return "[    0.000000] Linux version 6.1.0-test\ncrucible-ready"
+
     def export_overlay(self, dest):
         Path(dest).write_bytes(self.data)
         if self.fail:
@@ -63,6 +66,7 @@ def test_kept_found_replaced_and_pruned_and_a_broken_one_never_found(tmp_path):
     goldencache.store(FakeGuest(), root, "slot-a", "k1", FACTS)
     path, facts = goldencache.find(root, "slot-a", "k1")
     assert path.read_bytes() == b"overlay" and {f: facts[f] for f in goldencache.META_FIELDS} == FACTS
+    assert facts["console"].endswith("crucible-ready")      # a loaded guest's report shows it
     assert goldencache.find(root, "slot-a", "k2") is None and goldencache.find(root, "slot-b", "k1") is None
     goldencache.store(FakeGuest(), root, "slot-b", "k1", FACTS)       # another slot: left alone below
     goldencache.store(FakeGuest(), root, "slot-a", "k2", FACTS)
