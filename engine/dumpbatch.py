@@ -273,6 +273,7 @@ def read_each(items: list, steps: list) -> dict:
     caller, who reads them one by one and meets the failure again in
     context. Raises only when an area could not be unmapped: a process
     must never go on, or be imaged, with it."""
+    from . import mlockfuture
     from .task import syscall_each
     runs = []
     for task, vmas, status in items:
@@ -286,6 +287,7 @@ def read_each(items: list, steps: list) -> dict:
     try:
         try:
             places = [_place(r.vmas, AREA, r.task.arch.TASK_SIZE) for r in runs]
+            before = [mlockfuture._vmlck(r.task.pid) for r in runs]
             res = syscall_each([(r.task, r.task.arch.SYS["mmap"],
                                  (a, AREA, PROT_RWX, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE,
                                   (1 << 64) - 1, 0)) for r, a in zip(runs, places)])
@@ -294,7 +296,12 @@ def read_each(items: list, steps: list) -> dict:
         for r, got_at in zip(runs, res):
             if not -4096 < got_at < 0:
                 r.area = got_at         # unmapped below whatever happens
+        for r, a, b in zip(runs, places, before):
+            if r.area == a:             # as in Run.map: the fresh area tells mlockall(MCL_FUTURE)
+                r.mlock_future = mlockfuture.judge(r.task.pid, a, b)
         for r, values in run_all([r for r, a in zip(runs, places) if r.area == a]):
+            if values is not None:
+                values["mlock_future"] = r.mlock_future
             got[r.task.pid] = values
         _unmap_each([r for r in runs if r.area is not None])
     finally:

@@ -132,13 +132,17 @@ def digest(pid: int, skip: List[Tuple[int, int]]) -> Dict[str, str]:
                 if s < e:
                     data[s - lo:e - lo] = bytes(e - s)
             view = memoryview(data)
-            for off in range(0, hi - lo, PAGE):
-                addr = lo + off
+            # one update per part of a block the region covers, its address
+            # first (not per page: in a TCG guest the calls were most of it)
+            addr = lo
+            while addr < hi:
+                end = min(hi, (addr // BLOCK + 1) * BLOCK)
                 h = blocks.get(addr // BLOCK)
                 if h is None:
                     h = blocks[addr // BLOCK] = blake2b(digest_size=12)
                 h.update(addr.to_bytes(8, "little"))
-                h.update(view[off:off + PAGE])
+                h.update(view[addr - lo:end - lo])
+                addr = end
     return {f"mem.{b * BLOCK:x}": h.hexdigest() for b, h in sorted(blocks.items())}
 
 

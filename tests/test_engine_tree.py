@@ -25,7 +25,7 @@ from engine.dump import check, dump
 from engine.errors import EngineError, Refusal, Refusals
 from engine.restore import restore
 from engine_core_support import (TARGETS, check_counter, count_lines, counter_bin, procs, python_exe,  # noqa: F401
-                                 start_counter, wait_for, world)
+                                 start_counter, start_ready_script, wait_for, world)
 
 FAMILY = os.path.join(TARGETS, "family.py")
 
@@ -523,3 +523,36 @@ def test_leave_running_then_restore_refused_while_members_live(procs, session_ki
     wait_for(lambda: (tmp_path / "result").exists(), timeout=20, what="the original's result")
     got = json.loads((tmp_path / "result").read_text())
     assert got["token"] == info["token"] and got["status"]["A"] == ["exit", 7]
+
+
+def test_mlockall_future_of_a_tree_member_told_by_the_batched_reads(procs, tmp_path):
+    """A tree's members are read side by side (dumpbatch.read_each): a
+    member's mlockall(MCL_FUTURE) is told by its own batch area there, as
+    for a process alone, and none of the members gets the page probe."""
+    import glob
+    from engine import mlockfuture
+    from engine.context import Options
+    from engine.dump import dump
+    setup = """
+import ctypes
+if os.fork() == 0:
+    ctypes.CDLL(None).mlockall(2)            # MCL_FUTURE, nothing mapped since
+    open('child-ready', 'w').close()
+    while True: time.sleep(1)
+while not os.path.exists('child-ready'): time.sleep(0.01)
+"""
+    p = start_ready_script(procs, tmp_path, setup)
+    calls = []
+    orig = mlockfuture.probe
+    mlockfuture.probe = lambda task: calls.append(task.pid) or orig(task)
+    try:
+        dump(p.pid, str(tmp_path / "img"), Options())
+    finally:
+        mlockfuture.probe = orig
+    p.wait()
+    import re
+    flags = []
+    for path in glob.glob(str(tmp_path / "img" / "**" / "*.json"), recursive=True):
+        flags += [int(x) for x in re.findall(r'"mlock_future":\s*(\d+)', open(path).read())]
+    assert sorted(flags) == [0, 2]          # the parent none, the child MCL_FUTURE
+    assert calls == []                      # told by the batch areas, no page probe
