@@ -16,6 +16,7 @@ from engine import tree
 from engine.errors import Refusal, Refusals
 from engine.restore import restore
 from engine_core_support import procs, start_ready_script, wait_for  # noqa: F401
+from fds_support import _members_gone
 
 SETUP = """
 libc = ctypes.CDLL(None, use_errno=True)
@@ -91,8 +92,11 @@ def test_parent_death_signal_of_a_tree_member_is_restored(procs, tmp_path):
     kids = open(f"/proc/{p.pid}/task/{p.pid}/children").read().split()
     tree.dump(p.pid, str(tmp_path / "img"), Options())
     p.wait()
-    procs.adopt(int(kids[0]))
+    # the child, killed by the dump, is this subreaper's zombie until
+    # reaped, and its pid not free for the restore (pid-in-use under load)
+    _members_gone(str(tmp_path / "img"))
     restore(str(tmp_path / "img"), Options())
+    procs.adopt(int(kids[0]))
     procs.adopt(p.pid)
     assert not (tmp_path / "got-usr1").exists()
     procs.kill(p.pid)
