@@ -115,7 +115,7 @@ class Run:
         from . import mlockfuture
         t = self.task
         addr = _place(self.vmas, AREA, t.arch.TASK_SIZE)
-        before = mlockfuture._vmlck(t.pid)
+        before = mlockfuture.vmlck(t.pid)
         got = t.syscall(t.arch.SYS["mmap"], addr, AREA, PROT_RWX, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE,
                         (1 << 64) - 1, 0)
         if -4096 < got < 0:
@@ -287,7 +287,7 @@ def read_each(items: list, steps: list) -> dict:
     try:
         try:
             places = [_place(r.vmas, AREA, r.task.arch.TASK_SIZE) for r in runs]
-            before = [mlockfuture._vmlck(r.task.pid) for r in runs]
+            before = [mlockfuture.vmlck(r.task.pid) for r in runs]
             res = syscall_each([(r.task, r.task.arch.SYS["mmap"],
                                  (a, AREA, PROT_RWX, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE,
                                   (1 << 64) - 1, 0)) for r, a in zip(runs, places)])

@@ -25,7 +25,7 @@ PROT_READ, MAP_PRIVATE, MAP_ANONYMOUS = 1, 2, 0x20
 EAGAIN = 11
 
 
-def _vmlck(pid: int) -> int:
+def vmlck(pid: int) -> int:
     from .procfs import read_status_fields
     return int(read_status_fields(f"/proc/{pid}/status", ("VmLck",)).get("VmLck", "0 kB").split()[0])
 
@@ -35,7 +35,7 @@ def judge(pid: int, addr: int, before: int) -> int:
     in the frozen process (nothing written to it yet), `before` being its
     VmLck (kB) read just before: locked if MCL_FUTURE, and then populated
     unless MCL_ONFAULT."""
-    if _vmlck(pid) <= before:
+    if vmlck(pid) <= before:
         return 0
     page = os.sysconf("SC_PAGE_SIZE")
     with open(f"/proc/{pid}/pagemap", "rb", buffering=0) as f:
@@ -50,7 +50,7 @@ def probe(task) -> int:
     reads ran, their own area told it already: dumpbatch). Raises
     Refusal(unsupported-state) where they cannot be told."""
     page = os.sysconf("SC_PAGE_SIZE")
-    before = _vmlck(task.pid)
+    before = vmlck(task.pid)
     addr = task.syscall(task.arch.SYS["mmap"], 0, page, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, (1 << 64) - 1, 0)
     if addr == -EAGAIN:
         raise Refusal("unsupported-state", "mlockall(MCL_FUTURE) at its RLIMIT_MEMLOCK (a page mapped for "

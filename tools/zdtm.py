@@ -223,7 +223,7 @@ def _stop(pid: int, outfile: str) -> tuple:
     return "lost", tail or "no output"
 
 
-def _kill_tree(pid: int) -> None:
+def _kill(pid: int) -> None:
     try:
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
@@ -243,7 +243,7 @@ def _ckpt(cmd: list, argv: list, timeout: float = 120):
     return rc, doc, r.stderr
 
 
-def _reasons(doc: dict, stderr: str) -> list:
+def _reasons(doc: dict) -> list:
     """The reason codes of a refusal (ckpt --json); [] for any other failure."""
     return sorted({ref.get("reason") for ref in doc.get("refusals") or [] if ref.get("reason")})
 
@@ -279,7 +279,7 @@ def run_one(name: str, kind: str, static: str, special: dict, work: str, ckpt: l
             if not left:
                 break
             for pid in left:
-                _kill_tree(pid)
+                _kill(pid)
             _gone(left[0], 5)
 
 
@@ -317,12 +317,12 @@ def _run_one(name: str, kind: str, static: str, special: dict, work: str, ckpt: 
     try:
         rc, doc, stderr = _ckpt(ckpt, ["dump", "-t", str(pid), "-D", img])
     except subprocess.TimeoutExpired:
-        _kill_tree(pid)
+        _kill(pid)
         return dict(rec, outcome="error", detail="ckpt dump timed out")
     rec["dump_s"] = round(time.monotonic() - t0, 3)
     dumped = f"dump said {json.dumps(doc)[:300]} {stderr.strip()[-200:]}"
     if rc != 0:
-        reasons = _reasons(doc, stderr)
+        reasons = _reasons(doc)
         alive = _alive(pid)
         if alive:
             after, tail = _stop(pid, os.path.join(d, outname))
@@ -339,13 +339,13 @@ def _run_one(name: str, kind: str, static: str, special: dict, work: str, ckpt: 
     try:
         rc, doc, stderr = _ckpt(ckpt, ["restore", "-D", img])
     except subprocess.TimeoutExpired:
-        _kill_tree(pid)
+        _kill(pid)
         return dict(rec, outcome="error", detail="ckpt restore timed out")
     rec["restore_s"] = round(time.monotonic() - t0, 3)
     if rc != 0:
-        reasons = _reasons(doc, stderr)
+        reasons = _reasons(doc)
         if _alive(pid):
-            _kill_tree(pid)
+            _kill(pid)
             return dict(rec, outcome="FAIL", stage="restore",
                         detail=f"restore failed ({rc}: {stderr.strip()[-300:]}) yet pid {pid} is alive; {dumped}")
         if not reasons:
