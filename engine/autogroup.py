@@ -11,6 +11,12 @@ differs from the restorer's is refused (at dump and at restore:
 `unsupported-state`). A tree member whose session leader is in the tree
 shares that leader's (restored) autogroup. Without CONFIG_SCHED_AUTOGROUP
 there is no file and nothing to carry.
+
+A process that never passed a setsid (init's children, and everything a
+service like this machine's init starts without one) is in the root task
+group, not an autogroup: its file is empty. Its nice reads as 0, the only
+value the root group has (writing it is EINVAL), so a target and a ckpt
+that sit there compare as equal, and one at nice 0 in an autogroup too.
 """
 
 from __future__ import annotations
@@ -25,7 +31,17 @@ def read(pid) -> "int | None":
             text = f.read()
     except (FileNotFoundError, ProcessLookupError):
         return None
-    return int(text.split("nice", 1)[1])
+    return parse(text)
+
+
+def parse(text: str) -> int:
+    """The nice of a /proc/PID/autogroup text; empty is the root group's 0."""
+    if not text.strip():
+        return 0
+    _, sep, nice = text.partition(" nice ")
+    if not sep:
+        raise EngineError(f"unreadable /proc autogroup line {text.strip()!r}")
+    return int(nice)
 
 
 def refusal(nice, sid: int, pid: int, leader_restored: bool) -> "Refusal | None":

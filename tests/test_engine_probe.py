@@ -131,6 +131,24 @@ def test_autogroup_nice_of_a_non_leader_differing_from_ckpts_is_refused(procs, p
     assert autogroup.refusal(None, sid=10, pid=11, leader_restored=False) is None
 
 
+def test_autogroup_file_of_the_root_group_is_empty_and_reads_as_nice_0(monkeypatch):
+    """A process no setsid ever made an autogroup for (this machine's CI runs
+    under such a service) reads an empty /proc/PID/autogroup. Before: every
+    dump and check from there failed with an internal IndexError."""
+    from engine import autogroup
+    from engine.errors import EngineError
+    assert autogroup.parse("") == 0 and autogroup.parse("\n") == 0
+    assert autogroup.parse("/autogroup-246295 nice 0\n") == 0
+    assert autogroup.parse("/autogroup-12 nice -5\n") == -5
+    with pytest.raises(EngineError):
+        autogroup.parse("garbage\n")
+    real = autogroup.read
+    monkeypatch.setattr(autogroup, "read", lambda pid: 0 if pid == "self" else real(pid))
+    assert autogroup.refusal(0, sid=10, pid=11, leader_restored=False) is None
+    r = autogroup.refusal(3, sid=10, pid=11, leader_restored=False)
+    assert r is not None and r.reason == "unsupported-state" and "has 0" in r.detail
+
+
 @pytest.mark.parametrize("how", HOWS)
 @pytest.mark.parametrize("word", ["sud", "sudblock"])
 def test_syscall_user_dispatch(procs, prober_bin, tmp_path, word, how):
