@@ -18,7 +18,8 @@ program runs is filtered exactly as before.
 
 Refused: a filter that can return SECCOMP_RET_USER_NOTIF (its listener, a
 supervisor's fd, cannot be carried over). Install flags the kernel does
-not keep: TSYNC/TSYNC_ESRCH (one thread: nothing to sync), NEW_LISTENER and
+not keep: TSYNC/TSYNC_ESRCH (their effect, which threads share a filter,
+is what the multi-threaded part below restores), NEW_LISTENER and
 WAIT_KILLABLE_RECV (only with USER_NOTIF), SPEC_ALLOW (see README Known
 limits).
 """
@@ -313,20 +314,24 @@ def check_sharing(tasks: dict, recs: dict, order: List[int], scratch: int) -> in
 
 
 def _close(known: List[int], depth: List[int]) -> None:
-    """Closure of the facts "j's newest is on i's chain": transitive, and
-    symmetric for chains of equal length (then the two newest are one)."""
+    """Closure of the facts "j's newest is on i's chain": transitive; and
+    of two threads on one chain, the one no deeper has its newest on the
+    other's chain too (a chain's first filters are one)."""
     n = len(known)
     changed = True
     while changed:
         changed = False
         for i in range(n):
-            for j in range(n):
-                if known[i] >> j & 1 and depth[i] == depth[j] and not known[j] >> i & 1:
-                    known[j] |= 1 << i
+            on = [j for j in range(n) if known[i] >> j & 1 and j != i]
+            for k in on:
+                more = known[k] & ~(1 << i)
+                for j in on + [i]:
+                    if j != k and depth[j] <= depth[k]:
+                        more |= 1 << j
+                if more & ~known[k] & ~(1 << k):
+                    known[k] |= more & ~(1 << k)
                     changed = True
-        for k in range(n):
-            for i in range(n):
-                if known[i] >> k & 1 and known[k] & ~known[i] & ~(1 << i):
+                if known[k] & ~known[i] & ~(1 << i):
                     known[i] |= known[k] & ~(1 << i)
                     changed = True
 

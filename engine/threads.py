@@ -24,12 +24,13 @@ timer slack are per thread in Linux; engine/sched.py is applied per TID).
 Refused (`threads`), because a restore would make them the same: a thread
 with other credentials, no_new_privs, personality or namespaces than the leader, one
 that does not share the fd table, fs (cwd/umask/root), signal handlers or
-SysV semaphore undo list with it (kcmp), and seccomp in a multi-threaded
-process (filters are per thread and inherited at clone: not rebuilt here).
+SysV semaphore undo list with it (kcmp). Seccomp filters are per thread:
+each thread's chain is saved, and which threads share which filter is
+checked by engine/seccomp.py share (refused there when it cannot be).
 
 Restore (Builder stage, after the mm and the process-wide state, before
 credentials are dropped: clone3 set_tid needs CAP_CHECKPOINT_RESTORE in
-the caller): the leader gets PTRACE_O_TRACECLONE and makes an injected
+the caller; under seccomp filters, see _create_filtered): the leader gets PTRACE_O_TRACECLONE and makes an injected
 clone3(CLONE_VM|FS|FILES|SIGHAND|THREAD|SYSVSEM, set_tid=[TID]). The new
 thread returns at the gadget's syscall exit, but it is ours before it runs
 one instruction: auto-attached, it starts in a SIGSTOP stop (the leader was
