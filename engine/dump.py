@@ -102,7 +102,7 @@ def injected_state(task: Task, vmas: List[dict]) -> dict:
         # Read now, not the survey's copy: a signal queued since the freeze
         # must not be the one the batch unblocks to end its run (dumpbatch.usable).
         status = procfs.Proc(task.pid).status()
-        got = batched(task, vmas, status, _injected_reads())
+        got = batched(task, vmas, status, _batched_reads(task, status))
     except BaseException:
         task.write_mem(scr, saved)
         raise
@@ -133,7 +133,8 @@ def _after_reads(task: Task, scr: int, vmas: List[dict], out: dict) -> None:
     the mappings' own NUMA policies (asked from inside only where
     numa_maps cannot tell)."""
     out["posix_timers"] = posixtimers.dump(task, scr)
-    landlock.check(task, procfs.Proc(task.pid).status())    # refused: a restore would leave its sandbox
+    # refused: a restore would leave its sandbox (probed by the batched reads, when they were made)
+    landlock.check(task, procfs.Proc(task.pid).status(), out.pop(landlock.PROBE_KEY, None))
     if out.get("mlock_future") is None:      # not told by the batched reads' own area
         out["mlock_future"] = mlockfuture.probe(task)
     out.setdefault("mempolicy", [mempolicy.MPOL_DEFAULT, 0])
@@ -180,6 +181,12 @@ def _injected_reads() -> list:
     return steps + procattrs.reads() + mempolicy.reads() + membarrier.reads()
 
 
+def _batched_reads(task: Task, status: dict) -> list:
+    """_injected_reads() and what else rides in the same batched run (not
+    made one by one: those have their own injection)."""
+    return _injected_reads() + landlock.reads(task.pid, status)
+
+
 def prefetch_injected(tasks: List[Task]) -> None:
     """injected_state()'s fixed reads (brk, the 62 sigactions, sigaltstack,
     tid address, interval timers) of several frozen processes (a tree's
@@ -207,7 +214,7 @@ def prefetch_injected(tasks: List[Task]) -> None:
         except (Refusal, OSError, libc.SysError):
             continue
     # Each member's reads in one run of its own (engine/dumpbatch.py)...
-    batched = read_each(cand, _injected_reads()) if len(cand) > 1 else {}
+    batched = read_each(cand, _batched_reads) if len(cand) > 1 else {}
     ready = []
     for task, vmas, _ in cand:
         if task.pid in batched:
@@ -288,8 +295,9 @@ def process_state(task: Task, s: Survey, ctx=None) -> dict:
         "cwd": _cwd_record(cwd_path, cst),
         "session": {"sid": st["session"], "pgid": st["pgrp"]},
         "exit_signal": st.get("exit_signal", 17),
-        "creds": creds.record(status, pid),
-        "cgroups": cgroups.dump(pid),
+        # as preflight read them (the process is frozen; read again when it did not get that far)
+        "creds": s.memo["creds"] if "creds" in s.memo else creds.record(status, pid),
+        "cgroups": s.memo["cgroups"] if "cgroups" in s.memo else cgroups.dump(pid),
     }
     root = fsroot.dump(pid)
     if root is not None:
