@@ -171,7 +171,9 @@ def _check_process(s: Survey, ctx: Optional[DumpContext] = None) -> None:
         except Refusal as r:
             s.refuse("root", "fs", r)
     cwd = proc.readlink("cwd")
-    if unlinked.is_unlinked(cwd, os.stat(proc.path("cwd"))):
+    cst = os.stat(proc.path("cwd"))
+    s.memo["cwd"] = (cwd, cst)      # the dump's record of it (engine/dump.py process_state)
+    if unlinked.is_unlinked(cwd, cst):
         s.ok("cwd", "fs", f"{cwd}: removed, recreated and removed again at restore")
     elif cwd.endswith(" (deleted)"):
         s.refuse("cwd", "fs", Refusal("unsupported-state", "its working directory was deleted", path=cwd))
