@@ -126,8 +126,15 @@ def check_core(core) -> None:
     why = threads.check_records(core.get("threads", []))
     if why:
         raise _bad(f"{w}: {why}")
-    if core.get("threads") and core["seccomp"]["mode"]:
-        raise _bad(f"{w}: seccomp in a multi-threaded process (refused at dump)")
+    if core.get("threads"):
+        srecs = {core.get("pid"): core["seccomp"]}
+        srecs.update((r["tid"], r["seccomp"]) for r in core["threads"])
+        if any(r["mode"] == 1 for r in srecs.values()):
+            raise _bad(f"{w}: seccomp strict mode in a multi-threaded process (refused at dump)")
+        if any(r["mode"] for r in srecs.values()):
+            why = seccomp.tree_problem(srecs)
+            if why:
+                raise _bad(f"{w}: {why}")
 
 
 def check_mm(mm, npage_files: int) -> List[dict]:
@@ -234,7 +241,8 @@ def preflight(reader: ImageReader, core: dict, vmas: List[dict], fdrecs: List[di
                 add(Refusal("capability", f"RLIMIT_{libc.RLIMIT_NAMES[i]} hard limit {mx} is above ckpt's "
                             f"{mymax}; raising it needs CAP_SYS_RESOURCE"))
     for r in sched.validate(core["sched"]) + posixtimers.validate(core["posix_timers"]) + \
-            seccomp.validate(core["seccomp"]) + procattrs.validate(core["attrs"], core.get("_creds_plan", "")) + \
+            seccomp.validate(next((r for r in [core["seccomp"]] + [t["seccomp"] for t in core.get("threads", [])]
+                                   if r["mode"]), core["seccomp"])) + procattrs.validate(core["attrs"], core.get("_creds_plan", "")) + \
             mempolicy.validate(core["mempolicy"]) + cgroups.validate(core.get("cgroups")) + \
             fsroot.validate(core.get("root")) + \
             [r for t in core.get("threads", []) if t.get("mempolicy", core["mempolicy"]) != core["mempolicy"]
