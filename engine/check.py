@@ -145,7 +145,8 @@ def _check_process(s: Survey, ctx: Optional[DumpContext] = None) -> None:
         s.refuse("posix timers", "timers", r)
     if not st.get("tty_nr", 0):
         s.ok("session", "session", f"sid {st['session']} pgid {st['pgrp']}, no controlling terminal")
-    r = autogroup.refusal(autogroup.read(pid), st["session"], pid, st["session"] in tree)
+    nice = s.memo["autogroup"] = autogroup.read(pid)     # the dump's record of it too
+    r = autogroup.refusal(nice, st["session"], pid, st["session"] in tree)
     if r is not None:
         s.refuse("autogroup", "process", r)
     # Namespaces: a restore recreates the process in the restorer's ones.

@@ -321,7 +321,7 @@ def process_state(task: Task, s: Survey, ctx=None) -> dict:
     sig = pdeath.dump(pid, state.pop("pdeath_signal"), st["ppid"], ctx)
     if sig:
         state["pdeath_signal"] = sig
-    state["attrs"] = procattrs.dump(pid, state)
+    state["attrs"] = procattrs.dump(pid, state, *([s.memo["autogroup"]] if "autogroup" in s.memo else []))
     state["mm"]["brk"] = state["brk"]
     return state
 
