@@ -1027,6 +1027,60 @@ def m_merge_open_files(img: Image) -> str:
     raise NoTarget("no file opened twice on its own")
 
 
+ADVICE = ("dc", "dd", "wf", "hg", "nh")     # the madvise VmFlags ckpt sets again (engine/check.py MADVISE_FLAGS)
+
+
+def m_drop_madvise(img: Image) -> str:
+    """One madvise advice (don't fork, don't dump, wipe on fork, (no)
+    huge pages) of the largest mapping that has one is not given again:
+    an engine that maps memory back with its protection only."""
+    mm = img.json("mm.json")
+    cands = [v for v in mm["vmas"] if any(f in ADVICE for f in v.get("flags") or [])
+             and not v["path"].startswith("[")]       # [vvar] and the like: the kernel's
+    if not cands:
+        raise NoTarget("no mapping with madvise advice")
+    v = max(cands, key=lambda v: (v["end"] - v["start"], -v["start"]))
+    f = next(f for f in v["flags"] if f in ADVICE)
+    v["flags"] = [x for x in v["flags"] if x != f]
+    img.put_json("mm.json")
+    return f"mapping {v['start']:#x}-{v['end']:#x} {v['path'] or '(anonymous)'} loses VmFlags {f}"
+
+
+def m_drop_capability(img: Image) -> str:
+    """The highest capability in the effective set is left out of it (still
+    permitted): the process finds EPERM where it had the right."""
+    caps = (img.json("core.json").get("creds") or {}).get("caps") or {}
+    eff = int(caps.get("CapEff") or "0", 16)
+    if not eff:
+        raise NoTarget("no effective capability")
+    bit = eff.bit_length() - 1
+    caps["CapEff"] = f"{eff & ~(1 << bit):016x}"
+    img.put_json("core.json")
+    return f"capability {bit} dropped from the effective set"
+
+
+def m_reset_cgroup(img: Image) -> str:
+    """The process comes back in the root cgroup of every hierarchy (ckpt's
+    own would do as well): out of its service's limits and accounting."""
+    core = img.json("core.json")
+    moved = [f"{c or 'v2'}:{path}" for c, path in core.get("cgroups") or [] if path != "/"]
+    if not moved:
+        raise NoTarget("the process is in the root cgroup everywhere")
+    core["cgroups"] = [[c, "/"] for c, _ in core["cgroups"]]
+    img.put_json("core.json")
+    return "cgroups -> / (were " + ", ".join(moved) + ")"
+
+
+def m_reset_oom_score_adj(img: Image) -> str:
+    core = img.json("core.json")
+    s = core.get("sched") or {}
+    if not s.get("oom_score_adj"):
+        raise NoTarget("oom_score_adj is already 0")
+    old, s["oom_score_adj"] = s["oom_score_adj"], 0
+    img.put_json("core.json")
+    return f"oom_score_adj {old} -> 0"
+
+
 def m_drop_fd(img: Image) -> str:
     """The highest-numbered fd is not restored (a kind an engine skips)."""
     fds = img.json("fds.json")
@@ -1096,6 +1150,10 @@ EDITS: Dict[str, Tuple[Callable[[Image], str], str]] = {
     "regroup-tree-child": (m_regroup_tree_child, "a tree child comes back leading a process group of its own"),
     "tree-exit-signal": (m_tree_exit_signal, "a tree child comes back with SIGURG as its exit signal"),
     "drop-fd": (m_drop_fd, "the highest-numbered fd is not restored"),
+    "drop-madvise": (m_drop_madvise, "one mapping loses one madvise advice (VmFlags dc, dd, wf, hg, nh)"),
+    "drop-capability": (m_drop_capability, "one capability is left out of the effective set"),
+    "reset-cgroup": (m_reset_cgroup, "the process comes back in the root cgroup of every hierarchy"),
+    "reset-oom-score-adj": (m_reset_oom_score_adj, "oom_score_adj comes back as 0"),
     "merge-open-files": (m_merge_open_files, "two separate opens of one file come back as one shared open file"),
 }
 
@@ -1414,7 +1472,13 @@ CAUGHT_BY: Dict[str, str] = {
     "tree-exit-signal": "the parent's waitpid() collects every child's exit status (tree/*)",
     "drop-fd": "the open fds listed by the process and every fd compared from outside (every scenario)",
     "merge-open-files": "each fd's offset; two opens of one file proved independent by moving one "
-                        "(files/offsets, unlink/deleted-two-fds)",
+                        "(files/offsets, files/many-fds)",
+    "drop-capability": "CapEff compared from outside, the process's and each thread's (every scenario: the "
+                       "workload runs with capabilities)",
+    "reset-cgroup": "/proc/PID/cgroup compared from outside (every scenario run outside the root cgroup)",
+    "reset-oom-score-adj": "/proc/PID/oom_score_adj compared from outside; read back by the process (process/attrs)",
+    "drop-madvise": "each mapping's madvise advice (smaps VmFlags dc, dd, wf, hg, nh) compared from outside "
+                    "(mmap/advice)",
 }
 
 

@@ -143,6 +143,14 @@ _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_
 MAP_FAILED = ctypes.c_void_p(-1).value
 
 
+#: madvise(2) advice a mapping keeps (smaps VmFlags dc, dd, wf, hg, nh): workload.mmaps advise
+MADVISE = {"dontfork": 10, "dontdump": 16, "wipeonfork": 18, "hugepage": 14, "nohugepage": 15}
+
+
+def madvise(addr: int, length: int, advice: int) -> None:
+    _check(_libc.madvise(ctypes.c_void_p(addr), ctypes.c_size_t(length), ctypes.c_int(advice)))
+
+
 def mmap(length: int, prot: int, flags: int, fd: int, offset: int) -> int:
     """Raw mmap(2): Python's mmap module dup()s the fd, which would add an fd
     the scenario did not ask for."""

@@ -184,6 +184,8 @@ def map_all(spec: dict, model: world.Model) -> List[dict]:
         if "anon" in m:
             addr = sysapi.mmap(length, PROT["rw"], MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
             sysapi.poke(addr, seeded.data(int(m.get("seed", 0)), 0, length))
+            for a in m.get("advise") or []:
+                sysapi.madvise(addr, length, sysapi.MADVISE[a])
             out.append({"addr": addr, "length": length})
             continue
         shared = bool(m.get("shared"))
@@ -197,6 +199,8 @@ def map_all(spec: dict, model: world.Model) -> List[dict]:
         if m.get("dirty"):
             d = m["dirty"]
             sysapi.poke(addr + int(d.get("offset", 0)), seeded.data(int(d.get("seed", 0)), 0, int(d["bytes"])))
+        for a in m.get("advise") or []:
+            sysapi.madvise(addr, length, sysapi.MADVISE[a])
         out.append({"addr": addr, "length": length, "ino": model.lookup(m["file"])})
     return out
 

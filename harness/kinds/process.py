@@ -124,7 +124,8 @@ def fields(s) -> dict:
                         "keep_caps": s.Bool(), "mce_kill": s.Enum(tuple(MCE_KILL)), "dumpable": s.Bool(),
                         "mempolicy": s.Enum(tuple(sysapi.MPOL), "a NUMA memory policy (on node 0):"),
                         "membarrier": s.Bool(), "personality": s.Enum(tuple(PERSONALITY), "a personality flag:"),
-                        "timer_slack_ns": s.Int(1, 10 ** 9), "no_new_privs": s.Bool()}),
+                        "timer_slack_ns": s.Int(1, 10 ** 9), "no_new_privs": s.Bool(),
+                        "oom_score_adj": s.Int(-1000, 1000)}),
         "children": s.List_(s.Map({"blocked_in": s.Enum(CHILD_IN, "what a child does:"),
                                    "exit": s.Int(0, 255), "group": s.Enum(CHILD_GROUPS),
                                    "share": s.List_(s.Enum(tuple(CHILD_SHARE), "what a child can share:"))},
@@ -641,6 +642,9 @@ def _apply_attrs(a: dict) -> None:
     if a.get("membarrier"):     # registered for private expedited barriers, as liburcu is
         if sysapi.membarrier_private_expedited(register=True):
             raise OSError("membarrier registration failed")
+    if "oom_score_adj" in a:    # as systemd's OOMScoreAdjust= starts a service
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write(str(int(a["oom_score_adj"])))
     if "personality" in a:      # as setarch -R would start it
         sysapi.personality(PERSONALITY[a["personality"]])
     if "timer_slack_ns" in a:
@@ -654,13 +658,15 @@ def _apply_attrs(a: dict) -> None:
 def _attrs_now() -> dict:
     with open("/proc/self/coredump_filter") as f:
         cdf = int(f.read().strip(), 16)
+    with open("/proc/self/oom_score_adj") as f:
+        oom = int(f.read())
     return {"ioprio": sysapi.ioprio_get(), "coredump_filter": cdf, "thp_disable": sysapi.prctl("get_thp_disable"),
             "child_subreaper": sysapi.child_subreaper(), "keep_caps": sysapi.prctl("get_keepcaps"),
             "mce_kill": sysapi.prctl("mce_kill_get"), "dumpable": sysapi.prctl("get_dumpable"),
             "mempolicy": "%d:%x" % sysapi.get_mempolicy(),
             "membarrier": int(sysapi.membarrier_private_expedited() == 0),
             "personality": sysapi.personality(), "timer_slack_ns": sysapi.prctl("get_timerslack"),
-            "no_new_privs": sysapi.prctl("get_no_new_privs")}
+            "no_new_privs": sysapi.prctl("get_no_new_privs"), "oom_score_adj": oom}
 
 
 def _libm():
