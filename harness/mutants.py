@@ -1081,6 +1081,29 @@ def m_reset_oom_score_adj(img: Image) -> str:
     return f"oom_score_adj {old} -> 0"
 
 
+def m_reset_winsize(img: Image) -> str:
+    """A pty pair comes back with a fresh pty's window size (0 x 0): a
+    full-screen program draws for no screen until the next SIGWINCH."""
+    fds = img.json("fds.json")
+    r = _first(_leaders(fds), lambda r: r.get("tty") == "master" and any(r.get("winsize") or []),
+               "no pty master with a window size")
+    old, r["winsize"] = r["winsize"], [0] * len(r["winsize"])
+    img.put_json("fds.json")
+    return f"pty {r.get('index')} (master fd {r['fd']}): window size {old} -> {r['winsize']}"
+
+
+def m_narrow_signalfd(img: Image) -> str:
+    """A signalfd comes back without the lowest signal of its mask: that
+    signal is no longer read through it."""
+    fds = img.json("fds.json")
+    r = _first(_leaders(fds), lambda r: r["kind"] == "signalfd" and r.get("sigmask"), "no signalfd with a mask")
+    m = r["sigmask"]
+    low = (m & -m).bit_length()
+    r["sigmask"] = m & (m - 1)
+    img.put_json("fds.json")
+    return f"signalfd fd {r['fd']}: signal {low} left out of its mask"
+
+
 def m_drop_fd(img: Image) -> str:
     """The highest-numbered fd is not restored (a kind an engine skips)."""
     fds = img.json("fds.json")
@@ -1154,6 +1177,8 @@ EDITS: Dict[str, Tuple[Callable[[Image], str], str]] = {
     "drop-capability": (m_drop_capability, "one capability is left out of the effective set"),
     "reset-cgroup": (m_reset_cgroup, "the process comes back in the root cgroup of every hierarchy"),
     "reset-oom-score-adj": (m_reset_oom_score_adj, "oom_score_adj comes back as 0"),
+    "reset-winsize": (m_reset_winsize, "a pty pair comes back with a fresh pty's window size"),
+    "narrow-signalfd": (m_narrow_signalfd, "a signalfd loses one signal of its mask"),
     "merge-open-files": (m_merge_open_files, "two separate opens of one file come back as one shared open file"),
 }
 
@@ -1477,6 +1502,9 @@ CAUGHT_BY: Dict[str, str] = {
                        "workload runs with capabilities)",
     "reset-cgroup": "/proc/PID/cgroup compared from outside (every scenario run outside the root cgroup)",
     "reset-oom-score-adj": "/proc/PID/oom_score_adj compared from outside; read back by the process (process/attrs)",
+    "reset-winsize": "the pty's window size read back by the workload (tty/pair-raw)",
+    "narrow-signalfd": "the signalfd's mask compared from outside (fdinfo sigmask) and the signals read through "
+                       "it (anon/signalfd)",
     "drop-madvise": "each mapping's madvise advice (smaps VmFlags dc, dd, wf, hg, nh) compared from outside "
                     "(mmap/advice)",
 }

@@ -963,14 +963,14 @@ def test_register_mutants_break_exactly_one_thing(procs, tmp_path):
 # process-wide pending queue, the environment, the fd table --------------------------
 
 KNOBS = r"""
-import ctypes, json, os, signal, time
+import ctypes, fcntl, json, os, signal, struct, termios, time
 from harness import sysapi
 sysapi.personality(0x0040000)                   # ADDR_NO_RANDOMIZE
 sysapi.prctl("set_timerslack", 123456)
 sysapi.prctl("set_no_new_privs", 1)
 sysapi.prctl("set_dumpable", 0)
 open("/proc/self/oom_score_adj", "w").write("345")
-signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGRTMIN + 4})
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGRTMIN + 4, signal.SIGRTMIN + 5})
 sysapi.sigqueue(os.getpid(), signal.SIGRTMIN + 4, 9)    # process-wide
 held = open("held", "w")
 held.write("0123456789")
@@ -978,6 +978,9 @@ held.flush()
 again = open("held", "r")       # its own open file: not held's
 again.seek(3)
 area = sysapi.rseq_area()
+sfd = sysapi.signalfd([signal.SIGRTMIN + 4, signal.SIGRTMIN + 5], 0)
+master, slave = os.openpty()
+fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 37, 121, 0, 0))
 secret = sysapi.mmap(1 << 20, 3, 0x22, -1, 0)           # PROT_READ|WRITE, MAP_PRIVATE|ANONYMOUS
 sysapi.madvise(secret, 1 << 20, sysapi.MADVISE["dontdump"])
 def report(*_):
@@ -994,7 +997,8 @@ KNOB_EDITS = {"reset-personality": {"personality"}, "reset-timer-slack": {"timer
               "lose-no-new-privs": {"NoNewPrivs"}, "reset-dumpable": {"dumpable"}, "lose-rseq": {"rseq"},
               "pending-to-thread": {"ShdPnd", "SigPnd"}, "corrupt-environ": {"environ"},
               "drop-fd": {"fds", "fdinfo"}, "merge-open-files": {"fdinfo", "shared"}, "drop-madvise": {"advice"},
-              "drop-capability": {"CapEff"}, "reset-cgroup": {"cgroup"}, "reset-oom-score-adj": {"oom_score_adj"}}
+              "drop-capability": {"CapEff"}, "reset-cgroup": {"cgroup"}, "reset-oom-score-adj": {"oom_score_adj"},
+              "reset-winsize": {"winsize"}, "narrow-signalfd": {"sigmask"}}
 
 
 def _knob_facts(pid, work):
@@ -1012,6 +1016,14 @@ def _knob_facts(pid, work):
     out["advice"] = procstate._advice(f"/proc/{pid}")
     infos = all_fds(pid)
     out["fdinfo"] = {fd: (i.pos, i.flags) for fd, i in sorted(infos.items())}
+    out["sigmask"] = [i.fdinfo.get("sigmask") for _, i in sorted(infos.items()) if "sigmask" in i.fdinfo]
+    out["winsize"] = []
+    for fd, i in sorted(infos.items()):
+        if i.link == "/dev/ptmx":
+            import fcntl
+            import termios
+            with pidfd.target_fd(pid, fd) as dup:
+                out["winsize"].append(fcntl.ioctl(dup, termios.TIOCGWINSZ, bytes(8)).hex())
     out["shared"] = sorted((fd, lead) for fd, lead in leader_map(pid, infos.values()).items() if fd != lead)
     os.kill(pid, signal.SIGUSR2)
     wait_for(report.exists, what="the knobs target's report")
@@ -1044,7 +1056,7 @@ def test_knob_mutants_break_exactly_one_thing(procs, tmp_path):
     want = restored(img)
     assert (want["personality"], want["timerslack_ns"], want["NoNewPrivs"]) == (b"00040000\n", b"123456\n", "1")
     assert (want["dumpable"], want["rseq"], int(want["ShdPnd"], 16)) == (0, "registered", 1 << (signal.SIGRTMIN + 3))
-    assert "dd" in want["advice"].values()
+    assert "dd" in want["advice"].values() and len(want["sigmask"]) == 1 and len(want["winsize"]) == 1, want
     for name, changed in sorted(KNOB_EDITS.items()):
         mine = str(tmp_path / f"img-{name}")
         shutil.copytree(img, mine)
