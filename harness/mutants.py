@@ -1104,6 +1104,42 @@ def m_narrow_signalfd(img: Image) -> str:
     return f"signalfd fd {r['fd']}: signal {low} left out of its mask"
 
 
+def _ghost_records(node, gid: str):
+    """Every ghost record naming `gid`, anywhere in a JSON document."""
+    if isinstance(node, dict):
+        if node.get("ghost") == gid and "data_sha256" in node:
+            yield node
+        for v in node.values():
+            yield from _ghost_records(v, gid)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _ghost_records(v, gid)
+
+
+def m_corrupt_ghost_byte(img: Image) -> str:
+    """One byte of a deleted (or memfd) file's saved contents changed, its
+    record's digest made to match: the file comes back with a wrong byte.
+    The middle byte of the first ghost with data."""
+    names = sorted(n for n in img.manifest["files"] if n.startswith("ghosts/") and n.endswith(".data")
+                   and img.manifest["files"][n].get("size"))
+    if not names:
+        raise NoTarget("no deleted file with contents")
+    name = names[0]
+    data = bytearray(img.read(name))
+    at = len(data) // 2
+    data[at] ^= 0x5A
+    img.write(name, bytes(data))
+    gid = name[len("ghosts/"):-len(".data")]
+    digest = hashlib.sha256(data).hexdigest()
+    for doc in sorted(n for n in img.manifest["files"] if n.endswith(".json") and n != MANIFEST):
+        recs = list(_ghost_records(img.json(doc), gid))
+        for r in recs:
+            r["data_sha256"] = digest
+        if recs:
+            img.put_json(doc)
+    return f"ghost {gid}: byte {at} of {len(data)} changed"
+
+
 def m_drop_fd(img: Image) -> str:
     """The highest-numbered fd is not restored (a kind an engine skips)."""
     fds = img.json("fds.json")
@@ -1179,6 +1215,7 @@ EDITS: Dict[str, Tuple[Callable[[Image], str], str]] = {
     "reset-oom-score-adj": (m_reset_oom_score_adj, "oom_score_adj comes back as 0"),
     "reset-winsize": (m_reset_winsize, "a pty pair comes back with a fresh pty's window size"),
     "narrow-signalfd": (m_narrow_signalfd, "a signalfd loses one signal of its mask"),
+    "corrupt-ghost-byte": (m_corrupt_ghost_byte, "one byte of a deleted file's contents changes"),
     "merge-open-files": (m_merge_open_files, "two separate opens of one file come back as one shared open file"),
 }
 
@@ -1505,6 +1542,7 @@ CAUGHT_BY: Dict[str, str] = {
     "reset-winsize": "the pty's window size read back by the workload (tty/pair-raw)",
     "narrow-signalfd": "the signalfd's mask compared from outside (fdinfo sigmask) and the signals read through "
                        "it (anon/signalfd)",
+    "corrupt-ghost-byte": "the contents of deleted files compared byte for byte (unlink/*)",
     "drop-madvise": "each mapping's madvise advice (smaps VmFlags dc, dd, wf, hg, nh) compared from outside "
                     "(mmap/advice)",
 }

@@ -149,6 +149,9 @@ def facts(pid: int, mem_addr: int) -> dict:
             if isinstance(out[k], list):
                 out[k].sort()
         out[f"fd {fd} mode"] = oct(os.stat(f"/proc/{pid}/fd/{fd}").st_mode)
+        if text.endswith("(deleted)") and os.path.isfile(f"/proc/{pid}/fd/{fd}"):
+            with open(f"/proc/{pid}/fd/{fd}", "rb") as f:
+                out[f"fd {fd} content"] = hashlib.sha256(f.read()).hexdigest()
     for fd in sorted(infos):        # last: reading empties the queues
         q = _queue(pid, fd, infos[fd].flags)
         if q is not None:
@@ -188,6 +191,7 @@ EXPECTED = {
     "drop-eventfd-count": {"fd 9 eventfd-count"},
     "shift-inotify-wd": {"fd 14 inotify wd"},
     "ghost-mode-0644": {"fd 13 mode"},
+    "corrupt-ghost-byte": {"fd 13 content"},
     "split-shared-fds": {"shared"},
     "lose-sigmask": {"status SigBlk"},
     "lose-sigaction": {"status SigCgt"},
