@@ -402,9 +402,12 @@ def shared_kernel_objects(members: List[Member]) -> List[tuple]:
     by_pid = {m.pid: m for m in members}
     out = []
     try:
-        out += _outside_sharers(live)
+        # each kind's groups made once: for the members' own sharing and
+        # for the search of the system's processes (sharing.outside)
+        every = {kind: sharing.groups([m.pid for m in live], kind) for kind in sharing.WHAT}
+        out += _outside_sharers(live, every)
         for kind, what in sharing.WHAT.items():
-            groups = [g for g in sharing.groups([m.pid for m in live], kind) if len(g) > 1]
+            groups = [g for g in every[kind] if len(g) > 1]
             if kind not in SHAREABLE:
                 for g in groups:
                     why = ("signal handlers are shared between processes only with their memory (clone() refuses "
@@ -430,13 +433,13 @@ def shared_kernel_objects(members: List[Member]) -> List[tuple]:
     return out
 
 
-def _outside_sharers(live: List[Member]) -> List[tuple]:
+def _outside_sharers(live: List[Member], known: Optional[dict] = None) -> List[tuple]:
     """Memory, an fd table or fs a member shares with a process outside the
     tree: the restored member would have its own."""
     by_pid = {m.pid: m for m in live}
     return [(by_pid[pid], "sharing", Refusal("sharing-peer-outside", f"pid {pid} shares its {sharing.WHAT[kind]} "
              f"with pid {other} ({sharing.comm(other)}) outside the tree: a restore would give it its own", pid=pid))
-            for pid, kind, other in sharing.outside(list(by_pid))]
+            for pid, kind, other in sharing.outside(list(by_pid), known=known)]
 
 
 def _shmem_key(v: dict):
@@ -649,18 +652,23 @@ def _survey(members: List[Member], options, img, boot) -> List[Refusal]:
 
 
 TREE_KEY_PREFIX = "tree:"
+# Also one for the whole tree: a file's identity and digest (engine/files.py
+# record_identity, by dev and inode) and a device's filesystem (map_dump's
+# statfs): the members of a tree map the same libraries, each read once.
+TREE_KEYS = (TREE_KEY_PREFIX, "ident:", "fsmagic:")
 
 
 class _LazyShared(dict):
     """A member's ctx.shared whose entry `key`, and every entry named
-    "tree:...", live in `common` (one dict for the whole tree)."""
+    "tree:..." (or another of TREE_KEYS), live in `common` (one dict for
+    the whole tree)."""
 
     def __init__(self, common: dict, key: str):
         super().__init__()
         self._common, self._key = common, key
 
     def _tree(self, k) -> bool:
-        return k == self._key or (isinstance(k, str) and k.startswith(TREE_KEY_PREFIX))
+        return k == self._key or (isinstance(k, str) and k.startswith(TREE_KEYS))
 
     def get(self, k, default=None):
         if self._tree(k):
