@@ -78,6 +78,25 @@ def tids(pid: int) -> List[int]:
         return []
 
 
+def children_of(pid: int) -> List[int]:
+    """Children of every thread of `pid` (a child's parent is the thread
+    that forked it). Here, not in engine/tree.py: every dump asks, and only
+    a tree's needs that module (its import is a small process's cost)."""
+    from .procfs import read_all
+    out: List[int] = []
+    for tid in tids(pid):
+        try:
+            data = read_all(f"/proc/{pid}/task/{tid}/children")
+        except OSError:
+            continue
+        out.extend(int(x) for x in data.split())
+    return sorted(set(out))
+
+
+def has_children(pid: int) -> bool:
+    return bool(children_of(pid))
+
+
 def _tracer(tid: int) -> int:
     try:
         with open(f"/proc/{tid}/status") as f:
