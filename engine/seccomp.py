@@ -264,9 +264,10 @@ def share(tasks: dict, recs: dict, order: List[int], scratch: int) -> int:
     return check_sharing(tasks, recs, order, scratch)
 
 
-def check_sharing(tasks: dict, recs: dict, order: List[int], scratch: int) -> int:
+def check_sharing(tasks: dict, recs: dict, order: List[int], scratch: int, hidden_ok: bool = False) -> int:
     """share() for records already numbered: the dump's check, and the
-    restore's reading back of what it built."""
+    restore's reading back of what it built (`hidden_ok`: a claim no probe
+    reaches in the new thread order is left to the construction)."""
     live = [t for t in order if t in recs]
     filtered = [t for t in live if recs[t]["mode"] == 2]
     if any(recs[t]["mode"] == 1 for t in live):
@@ -305,7 +306,7 @@ def check_sharing(tasks: dict, recs: dict, order: List[int], scratch: int) -> in
                               "they do not share (installed separately): a restore cannot tell them apart "
                               "from shared ones", pid=a)
         _close(known, [depth[t] for t in filtered])
-        if claims[i] & ~known[i]:
+        if claims[i] & ~known[i] and not hidden_ok:
             hidden = [filtered[j] for j in range(n) if (claims[i] & ~known[i]) >> j & 1]
             raise Refusal("threads", f"seccomp: whether thread(s) {', '.join(map(str, hidden))} share thread "
                           f"{a}'s filters cannot be told (thread {first} fails its TSYNC check first)", pid=a)

@@ -122,3 +122,24 @@ def test_plan_installs_each_shared_filter_once():
     assert seccomp.tree_problem(recs) is None
     recs[12]["filters"] = [f(1)]
     assert "not one filter" in seccomp.tree_problem(recs)
+
+
+def test_a_restore_that_copies_shared_filters_fails_before_the_target_runs(procs, secthreads_bin, tmp_path,
+                                                                            monkeypatch):
+    """Every thread installing its own copy of its chain (the programs read
+    back right, the sharing does not): the restore's probes tell."""
+    p, out, tids = _start(procs, secthreads_bin, tmp_path, "shared")
+    dump(p.pid, str(tmp_path / "img"), Options())
+    p.wait()
+
+    def copies(order, recs):
+        steps = [("clone", order[0], t) for t in order[1:]]
+        for t in order:
+            steps += [("install", t, f) for f in recs[t]["filters"]]
+        return steps
+    monkeypatch.setattr(seccomp, "plan", copies)
+    with pytest.raises(EngineError) as e:
+        restore(str(tmp_path / "img"), Options())
+    assert "sharing reads back otherwise" in str(e.value)
+    assert not os.path.exists(f"/proc/{p.pid}")
+    assert not lines_of(out, "see ")
