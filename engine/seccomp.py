@@ -226,11 +226,10 @@ PROBE_BYTES = 128       # clone_args, the allow-all program and its sock_fprog
 
 
 def thread_mode(pid: int, tid: int) -> int:
-    with open(f"/proc/{pid}/task/{tid}/status") as f:
-        for line in f:
-            if line.startswith("Seccomp:"):
-                return int(line.split()[1])
-    return 0
+    # one field, without a text file read line by line (asked twice per thread)
+    from .procfs import read_status_fields
+    got = read_status_fields(f"/proc/{pid}/task/{tid}/status", ("Seccomp",)).get("Seccomp")
+    return int(got.split()[0]) if got else 0
 
 
 def _key(rec: dict) -> tuple:
