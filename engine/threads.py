@@ -803,6 +803,13 @@ def _create_filtered(b, recs: List[dict]) -> None:
             b.call("munmap", area, area_size)
     for tid, rec in srecs.items():
         seccomp.read_back(b.pid, tid, rec)
+    # Which threads share which filter, read back by the dump's probes.
+    order = [int(t) for t in os.listdir(f"/proc/{b.pid}/task")]
+    b.flush()
+    try:
+        seccomp.check_sharing({t: tb.task for t, tb in builders.items()}, srecs, order, b.scratch, hidden_ok=True)
+    except Refusal as r:
+        raise EngineError(f"seccomp filter sharing reads back otherwise than saved: {r.detail}", pid=b.pid) from None
     b.seccomp_done = True
 
 
