@@ -194,7 +194,13 @@ def _check_process(s: Survey, ctx: Optional[DumpContext] = None) -> None:
     except Refusal as r:
         s.refuse("cgroups", "process", r)
     try:
-        sysvsem.check(pid)
+        if tree:
+            # the semaphore table once for the whole tree, every member frozen by now
+            if ctx.shared.get(SEM_KEY) is None:
+                ctx.shared[SEM_KEY] = sysvsem.snapshot()
+            sysvsem.check(pid, ctx.shared[SEM_KEY])
+        else:
+            sysvsem.check(pid)
     except Refusal as r:
         s.refuse("SysV semaphores", "process", r)
     try:
@@ -349,6 +355,7 @@ def _check_mapped_fs(map_files: str, path: str, known: Optional[dict] = None, ke
         raise Refusal("unsupported-mapping", f"mapping of a {fstype.name(fs)} object", path=path)
 
 
+SEM_KEY = "tree:sysvsem"          # ctx.shared: a tree's snapshot of the SysV semaphores (sysvsem.snapshot)
 MAPFS_KEY = "tree:mapped-fs"      # ctx.shared: one dict for a whole tree (engine/tree.py _LazyShared)
 
 

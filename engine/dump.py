@@ -17,7 +17,7 @@ TYPE_CHECKING = False   # annotations only: importing typing costs every run ~3 
 if TYPE_CHECKING:
     from typing import Dict, List, Optional
 
-from . import cgroups, creds, faults, fsroot, pdeath, files, landlock, libc, membarrier, mlockfuture, mempolicy, posixtimers, procattrs, procfs, sched, seccomp, signals, threads, tree, unlinked
+from . import cgroups, creds, faults, fsroot, pdeath, files, landlock, libc, membarrier, mlockfuture, mempolicy, posixtimers, procattrs, procfs, sched, seccomp, signals, threads, unlinked
 from .arch import current as current_arch
 from .check import Survey, preflight, require_features, target_checks
 from .context import DumpContext, Options, boot_id
@@ -597,12 +597,13 @@ def dump(pid: int, directory: str, options: Options) -> dict:
         return _dump_one(pid, directory, options)
     except (Refusal, Refusals) as e:
         if _became_tree(pid, e.refusals if isinstance(e, Refusals) else [e]):
+            from . import tree
             return tree.dump(pid, directory, options)
         raise
 
 
 def _became_tree(pid: int, refusals) -> bool:
-    return bool(refusals) and all(r.reason == "process-tree" for r in refusals) and tree.has_children(pid)
+    return bool(refusals) and all(r.reason == "process-tree" for r in refusals) and threads.has_children(pid)
 
 
 def _dump_one(pid: int, directory: str, options: Options) -> dict:
@@ -614,7 +615,8 @@ def _dump_one(pid: int, directory: str, options: Options) -> dict:
     require_features()
     arch = current_arch()
     proc = target_checks(pid)
-    if tree.has_children(pid):
+    if threads.has_children(pid):
+        from . import tree      # a tree's only: its import is a small process's cost
         return tree.dump(pid, directory, options)
     with ImageWriter(directory) as img:
         ctx = DumpContext(pid=pid, options=options, image=img, boot_id=boot_id())
@@ -691,10 +693,12 @@ def check(pid: int, options: Options, tree_ok: bool = True) -> dict:
     require_features()
     current_arch()
     proc = target_checks(pid)
-    if tree_ok and tree.has_children(pid):
+    if tree_ok and threads.has_children(pid):
+        from . import tree
         return tree.check(pid, options)
     res = _check_one(pid, proc, options)
     if tree_ok and not res["ok"] and _became_tree(pid, [Refusal(r["reason"]) for r in res["refusals"]]):
+        from . import tree
         return tree.check(pid, options)     # a child was forked during the freeze
     return res
 

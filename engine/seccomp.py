@@ -226,11 +226,10 @@ PROBE_BYTES = 128       # clone_args, the allow-all program and its sock_fprog
 
 
 def thread_mode(pid: int, tid: int) -> int:
-    with open(f"/proc/{pid}/task/{tid}/status") as f:
-        for line in f:
-            if line.startswith("Seccomp:"):
-                return int(line.split()[1])
-    return 0
+    # one field, without a text file read line by line (asked twice per thread)
+    from .procfs import read_status_fields
+    got = read_status_fields(f"/proc/{pid}/task/{tid}/status", ("Seccomp",)).get("Seccomp")
+    return int(got.split()[0]) if got else 0
 
 
 def _key(rec: dict) -> tuple:
@@ -265,9 +264,10 @@ def share(tasks: dict, recs: dict, order: List[int], scratch: int) -> int:
     return check_sharing(tasks, recs, order, scratch)
 
 
-def check_sharing(tasks: dict, recs: dict, order: List[int], scratch: int) -> int:
+def check_sharing(tasks: dict, recs: dict, order: List[int], scratch: int, hidden_ok: bool = False) -> int:
     """share() for records already numbered: the dump's check, and the
-    restore's reading back of what it built."""
+    restore's reading back of what it built (`hidden_ok`: a claim no probe
+    reaches in the new thread order is left to the construction)."""
     live = [t for t in order if t in recs]
     filtered = [t for t in live if recs[t]["mode"] == 2]
     if any(recs[t]["mode"] == 1 for t in live):
@@ -281,11 +281,15 @@ def check_sharing(tasks: dict, recs: dict, order: List[int], scratch: int) -> in
     known = [0] * n
     probes = 0
     depth = {t: len(recs[t]["filters"]) for t in filtered}
+    blocker = {}
+    # Deepest first (its chain holds the most claims); a claim one probe
+    # cannot reach may follow from others' (closure), so what stays
+    # unknown is judged once every thread has had its probe.
     for a in sorted(filtered, key=lambda t: (-depth[t], live.index(t))):
         i = pos[a]
         if claims[i] & ~known[i] == 0:
             continue
-        first = probe(tasks[a], scratch)
+        first = blocker[a] = probe(tasks[a], scratch)
         probes += 1
         if first is not None and first not in recs:
             raise Refusal("threads", f"seccomp probe from thread {a} named thread {first}, not one of the "
@@ -306,10 +310,13 @@ def check_sharing(tasks: dict, recs: dict, order: List[int], scratch: int) -> in
                               "they do not share (installed separately): a restore cannot tell them apart "
                               "from shared ones", pid=a)
         _close(known, [depth[t] for t in filtered])
+    for a in filtered if not hidden_ok else ():
+        i = pos[a]
         if claims[i] & ~known[i]:
             hidden = [filtered[j] for j in range(n) if (claims[i] & ~known[i]) >> j & 1]
             raise Refusal("threads", f"seccomp: whether thread(s) {', '.join(map(str, hidden))} share thread "
-                          f"{a}'s filters cannot be told (thread {first} fails its TSYNC check first)", pid=a)
+                          f"{a}'s filters cannot be told (thread {blocker.get(a)} fails its TSYNC check first)",
+                          pid=a)
     return probes
 
 

@@ -119,21 +119,8 @@ def stat_of(pid: int) -> dict:
     return st
 
 
-def children_of(pid: int) -> List[int]:
-    """Children of every thread of `pid` (a child's parent is the thread
-    that forked it)."""
-    out: List[int] = []
-    for tid in threads.tids(pid):
-        try:
-            data = procfs.read_all(f"/proc/{pid}/task/{tid}/children")
-        except OSError:
-            continue
-        out.extend(int(x) for x in data.split())
-    return sorted(set(out))
-
-
-def has_children(pid: int) -> bool:
-    return bool(children_of(pid))
+children_of = threads.children_of       # (in engine/threads.py: every dump asks)
+has_children = threads.has_children
 
 
 # -- freeze ----------------------------------------------------------------------
