@@ -1,0 +1,332 @@
+"""Private pages a process tree shares copy-on-write since a fork, kept
+shared by the restore (zdtm cow00, cow01).
+
+After fork() a parent and its child map the same physical page at the
+same address until one of them writes it; a preforked server's workers
+share most of their heap that way. Restored one member at a time, every
+member would get a copy of its own: every byte right, but the tree's
+memory the sum of its members'.
+
+Dump (mark): while the whole tree is frozen, after every member's pages
+are on disk, each member's private mapping (anonymous, or a private file
+mapping's copy-on-written pages) that its parent has with the same layout
+(start, end, perms, offset, file, VmFlags) is compared page by page
+through both /proc/PID/pagemap: a page present in both at the same PFN
+(readable as root only; 0 otherwise: nothing marked) is the same physical
+page, so the same bytes. Those pages are recorded in the member's mm.json
+mapping as "cow": [[addr, npages], ...]. They stay in the member's own
+pages files too: an engine that ignores "cow" (or a restore that cannot
+use it) writes them as before, so the record is advisory and the image
+format is unchanged for older readers.
+
+Restore (plan, before_fork; engine/tree_restore.py phase 1): a member
+whose child keeps a mapping ("cow" pages, the parent's mapping of the same
+layout in its image) maps that mapping and writes its own pages into it
+before it forks its children ("premap"), so each child inherits it through
+fork() with every page shared. Each child then, before it forks its own
+children: unmaps what it inherited but does not keep, and in what it
+keeps drops every page not marked "cow" (MADV_DONTNEED: absent, or the
+file's page again), writes its own dumped pages there, and reads every
+"cow" page back and compares it with its own image's bytes; a page that
+differs is written (never a silent wrong byte: the sharing is lost, the
+bytes are the image's). Its build stages then skip the mmap and the pages
+of every mapping already in place (Builder.in_place) but do the rest
+(names, madvise, the final mprotect).
+"""
+
+from __future__ import annotations
+
+import os
+TYPE_CHECKING = False   # annotations only: importing typing costs every run ~3 ms
+if TYPE_CHECKING:
+    from typing import Dict, List, Optional, Set, Tuple
+
+from . import faults
+from .errors import EngineError, Refusal
+
+PAGE = 4096
+PRESENT, FILE_OR_SHARED = 1 << 63, 1 << 61
+PFN_MASK = (1 << 55) - 1
+KEY = ("start", "end", "perms", "offset", "dev", "inode", "path", "flags", "kind")
+MADV_DONTNEED = 4
+READ_STEP = 4 << 20       # bytes of shared pages read back and compared at a time
+
+
+def _eligible(v: dict) -> bool:
+    """A private mapping whose pages a fork hands on: anonymous, or a
+    private file mapping's anonymous pages; not droppable (wiped on fork)
+    nor excluded from a fork (VM_DONTCOPY, "dc"; VM_WIPEONFORK, "wf")."""
+    return (v.get("kind") in ("anon", "file") and len(v.get("perms", "")) == 4 and v["perms"][3] == "p"
+            and not v.get("tree_shared") and not {"dp", "dc", "wf"} & set(v.get("flags", ())))
+
+
+def key(v: dict) -> tuple:
+    return tuple(repr(v.get(k)) for k in KEY)
+
+
+# -- dump ------------------------------------------------------------------------
+
+def _entries(pid: int, v: dict) -> Optional[List[int]]:
+    import struct
+    n = (v["end"] - v["start"]) // PAGE
+    try:
+        fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        raw = os.pread(fd, n * 8, v["start"] // PAGE * 8)
+    finally:
+        os.close(fd)
+    if len(raw) != n * 8:
+        return None
+    return list(struct.unpack(f"<{n}Q", raw))
+
+
+def shared_runs(mine: List[int], theirs: List[int], base: int, anon_only: bool) -> List[List[int]]:
+    """Runs [addr, npages] where both pagemaps show the same present page
+    (its PFN known: 0 without CAP_SYS_ADMIN), anonymous for a file mapping."""
+    out: List[List[int]] = []
+    for i, (a, b) in enumerate(zip(mine, theirs)):
+        same = (a & PRESENT and b & PRESENT and a & PFN_MASK and a & PFN_MASK == b & PFN_MASK
+                and not (anon_only and (a | b) & FILE_OR_SHARED))
+        if same:
+            addr = base + i * PAGE
+            if out and out[-1][0] + out[-1][1] * PAGE == addr:
+                out[-1][1] += 1
+            else:
+                out.append([addr, 1])
+    return out
+
+
+def find(members: List[Tuple[int, int, List[dict]]]) -> Dict[int, Dict[int, List[List[int]]]]:
+    """members: (pid, ppid, mappings as surveyed) of every live member, all
+    frozen, none of their pages read yet: process_vm_readv pins the pages
+    it reads (FOLL_PIN), and pinning a page shared copy-on-write unshares
+    it (mm/gup.c gup_must_unshare): after the dump reads them, parent and
+    child no longer share a page. Returns {pid: {mapping start: runs}} of
+    the pages each member shares with its parent."""
+    by_pid = {pid: vmas for pid, _, vmas in members}
+    out: Dict[int, Dict[int, List[List[int]]]] = {}
+    for pid, ppid, vmas in members:
+        theirs = by_pid.get(ppid)
+        if not theirs:
+            continue
+        index = {key(w): w for w in theirs if _eligible(w)}
+        for v in vmas:
+            faults.point("dump.tree.cow")
+            w = index.get(key(v)) if _eligible(v) else None
+            if w is None:
+                continue
+            a, b = _entries(pid, v), _entries(ppid, w)
+            if a is None or b is None:
+                continue
+            runs = shared_runs(a, b, v["start"], v["kind"] == "file")
+            if runs:
+                out.setdefault(pid, {})[v["start"]] = runs
+    return out
+
+
+def mark(found: Dict[int, List[List[int]]], vmas: List[dict]) -> int:
+    """One member's mm.json mappings get their "cow" runs (find(), cut to
+    the pages the dump saved); returns how many pages were marked."""
+    total = 0
+    for v in vmas:
+        runs = found.get(v["start"])
+        if runs and _eligible(v):
+            runs = _within(runs, v["pages"])
+            if runs:
+                v["cow"] = runs
+                total += sum(n for _, n in runs)
+    return total
+
+
+def _within(runs: List[List[int]], pages: List[List[int]]) -> List[List[int]]:
+    """The parts of runs that the dumped pages cover (a page shared at the
+    PFN check is present, so dumped: this only guards the invariant the
+    restore checks)."""
+    return [[a, n] for a, n, _, _ in intersect([[r[0], r[1], 0, 0] for r in pages], runs)]
+
+
+# -- runs ------------------------------------------------------------------------
+
+def _pieces(runs: List[List[int]], cut: List[List[int]], inside: bool) -> List[List[int]]:
+    """Page runs [addr, n, file, offset] cut by the sorted runs [addr, n]:
+    the parts inside them (inside=True) or outside them."""
+    out = []
+    spans = sorted((a, a + n * PAGE) for a, n in cut)
+    for addr, n, fi, off in runs:
+        end = addr + n * PAGE
+        pos = addr
+        for s, e in spans:
+            if e <= pos or s >= end:
+                continue
+            if s > pos and not inside:
+                out.append([pos, (s - pos) // PAGE, fi, off + pos - addr])
+            lo, hi = max(s, pos), min(e, end)
+            if inside:
+                out.append([lo, (hi - lo) // PAGE, fi, off + lo - addr])
+            pos = hi
+        if pos < end and not inside:
+            out.append([pos, (end - pos) // PAGE, fi, off + pos - addr])
+    return out
+
+
+def intersect(runs, cut):
+    return _pieces(runs, cut, True)
+
+
+def subtract(runs, cut):
+    return _pieces(runs, cut, False)
+
+
+def _gaps(start: int, end: int, cut: List[List[int]]) -> List[Tuple[int, int]]:
+    """(addr, size) of the parts of [start, end) no run of cut covers."""
+    out, pos = [], start
+    for a, n in sorted(cut):
+        if a > pos:
+            out.append((pos, a - pos))
+        pos = max(pos, a + n * PAGE)
+    if pos < end:
+        out.append((pos, end - pos))
+    return out
+
+
+def check(v: dict) -> None:
+    """A mapping's "cow" record: sorted, disjoint runs inside the mapping,
+    every page of them dumped. Raises Refusal(image-invalid)."""
+    runs = v["cow"]
+    bad = Refusal("image-invalid", f"mm.json: mapping {v['start']:#x} cow {str(runs)[:80]}")
+    if not isinstance(runs, list) or not runs:
+        raise bad
+    last = v["start"]
+    for r in runs:
+        if not (isinstance(r, list) and len(r) == 2 and all(isinstance(x, int) and not isinstance(x, bool)
+                                                            for x in r)):
+            raise bad
+        if r[0] % PAGE or r[1] <= 0 or r[0] < last or r[0] + r[1] * PAGE > v["end"]:
+            raise bad
+        last = r[0] + r[1] * PAGE
+    if sum(n for _, n, _, _ in intersect(v["pages"], runs)) != sum(n for _, n in runs):
+        raise bad
+
+
+# -- restore -----------------------------------------------------------------------
+
+class Plan:
+    """Per member PID: the starts of its mappings it keeps from its
+    parent (keep) and those it maps before its forks (premap)."""
+
+    def __init__(self):
+        self.keep: Dict[int, Set[int]] = {}
+        self.premap: Dict[int, Set[int]] = {}
+        self.shared_pages = 0       # pages kept shared (read back equal)
+        self.rewritten_pages = 0    # "cow" pages that differed: written
+
+    def in_place(self, pid: int) -> Set[int]:
+        return self.keep.get(pid, set()) | self.premap.get(pid, set())
+
+
+def plan(members: List[dict], jobs: Dict[int, object], busy: List[Tuple[int, int]]) -> Plan:
+    """Which mapping each member keeps and premaps (module docstring).
+    busy: (start, end) of what every new process holds before its
+    mappings (the vdso blocks as cloned): a mapping over them is left to
+    the ordinary path (mapped after the vdso moved)."""
+    p = Plan()
+    for m in members:
+        job = jobs.get(m["pid"])
+        parent = jobs.get(m["ppid"])
+        if job is None or parent is None:
+            continue
+        theirs = {key(w): w for w in parent.vmas if _eligible(w)}
+        for v in job.vmas:
+            if "cow" not in v:
+                continue
+            check(v)
+            w = theirs.get(key(v)) if _eligible(v) else None
+            if w is None or any(s < v["end"] and v["start"] < e for s, e in busy):
+                continue
+            p.keep.setdefault(m["pid"], set()).add(v["start"])
+            p.premap.setdefault(m["ppid"], set()).add(w["start"])
+    # premap may name what the parent keeps itself: in place already,
+    # before_fork maps only the rest.
+    return p
+
+
+def before_fork(b, pl: Plan, inherited: Set[int], parent_vmas: Dict[int, dict]) -> None:
+    """Member b, before it forks its children: what it inherited and does
+    not keep unmapped, what it keeps made its own, what its children keep
+    mapped and written. inherited: the starts of its parent's mappings in
+    place at the fork (parent_vmas: the parent's mappings by start)."""
+    keep = pl.keep.get(b.pid, set())
+    premap = pl.premap.get(b.pid, set()) - keep
+    if not inherited and not premap:
+        return
+    faults.point("restore.tree.premap")
+    vmas = {v["start"]: v for v in b.job.vmas}
+    if keep or premap:
+        # its pages are charged to the cgroup that faults them
+        from . import cgroups
+        rec = b.job.core.get("cgroups")
+        cgroups.enter(b.pid, rec, b.cgroups_now)
+        if rec:
+            b.cgroups_now = cgroups.read(b.pid)     # its children are forked there
+    for s in sorted(inherited - keep):
+        w = parent_vmas[s]
+        b.pending.add("munmap", w["start"], w["end"] - w["start"])
+    for s in sorted(keep):
+        v = vmas[s]
+        for addr, size in _gaps(v["start"], v["end"], v["cow"]):
+            b.pending.add("madvise", addr, size, MADV_DONTNEED)
+    later = []
+    for s in sorted(premap):
+        v = vmas[s]
+        flags, prot, final, force, fd, off = b.mmap_args(v)
+        b.pending.add("mmap", v["start"], v["end"] - v["start"], prot, flags, fd, off,
+                      expect=(v["start"], f"mapping {v['start']:#x} landed at {{got:#x}}"))
+        later.append((v, force))
+    b.flush()
+    for s in sorted(keep):
+        v = vmas[s]
+        force = b.mmap_args(v)[3]
+        own = subtract(v["pages"], v["cow"])
+        if own:
+            b.page_bytes_early += b._write_pages(own, force)
+        _verify(b, intersect(v["pages"], v["cow"]), force, pl)
+    for v, force in later:
+        if v["pages"]:
+            b.page_bytes_early += b._write_pages(v["pages"], force)
+
+
+def _verify(b, runs: List[List[int]], force: bool, pl: Plan) -> None:
+    """Every inherited page marked "cow" read back and compared with the
+    member's own image bytes; a page that differs is written."""
+    if not runs:
+        return
+    pages = b.job.pages
+    fd = os.open(f"/proc/{b.pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+    wrong: List[List[int]] = []
+    try:
+        for addr, n, fi, off in runs:
+            for k in range(0, n * PAGE, READ_STEP):
+                size = min(READ_STEP, n * PAGE - k)
+                got = os.pread(fd, size, addr + k)
+                if len(got) != size:
+                    raise EngineError(f"cannot read back {size} bytes at {addr + k:#x}", pid=b.pid)
+                want = memoryview(pages.maps[fi])[off + k:off + k + size]
+                try:
+                    if got == want:
+                        pl.shared_pages += size // PAGE
+                        continue
+                    for i in range(0, size, PAGE):
+                        if got[i:i + PAGE] != want[i:i + PAGE]:
+                            wrong.append([addr + k + i, 1, fi, off + k + i])
+                        else:
+                            pl.shared_pages += 1
+                finally:
+                    want.release()
+    finally:
+        os.close(fd)
+    pages._check_leases(runs)     # what was compared is what the image check verified
+    if wrong:
+        pl.rewritten_pages += len(wrong)
+        b.page_bytes_early += b._write_pages(wrong, force)
