@@ -24,6 +24,10 @@ In the forked restorer (build_tree), three phases:
      leader setpgid(0, 0); once every member exists the others join their
      group (setpgid(0, PGID): the leader exists by then; not when a fork
      put it there already). Every new process has every signal blocked.
+     Before a member forks (engine/cow.py before_fork): what it inherited
+     from its parent and does not keep is unmapped, what it keeps (pages
+     shared copy-on-write at the dump) made its own, and the mappings its
+     children keep mapped and written, so that they inherit them shared.
   2. zombies: a zombie member, created like the others, is untraced with its
      registers on `exit_group(code)` (or, for one killed by a signal, its
      action reset and `kill(self, sig)`) and left to die unreaped: its

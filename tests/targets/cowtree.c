@@ -6,7 +6,10 @@
  * words (i << 32 | 0 << 16 | w), then forks NCHILD children; child k
  * writes its own page k (generation k + 1) and leaves the others shared.
  * Child 0 then forks a grandchild that writes page NPAGES-1 (generation
- * 99): a chain root -> child 0 -> grandchild. Every member then sleeps.
+ * 99): a chain root -> child 0 -> grandchild. Child 2 (when there is one)
+ * makes its last page read-only: its mapping no longer has its parent's
+ * layout (two VMAs), though it shares the same pages. Every member then
+ * sleeps.
  * READY gets "ready ROOTPID ADDR" once every member is set up.
  */
 #define _GNU_SOURCE
@@ -47,6 +50,7 @@ int main(int argc, char **argv) {
         if (p == 0) {
             close(pfd[0]);
             fill(base, k, k + 1);
+            if (k == 2 && mprotect(base + (n - 1) * PAGE, PAGE, PROT_READ)) { perror("mprotect"); _exit(1); }
             if (k == 0) {
                 pid_t g = fork();
                 if (g < 0) { perror("fork"); _exit(1); }
