@@ -232,6 +232,7 @@ def plan(members: List[dict], jobs: Dict[int, object], busy: List[Tuple[int, int
     mappings (the vdso blocks as cloned): a mapping over them is left to
     the ordinary path (mapped after the vdso moved)."""
     p = Plan()
+    exe = _restorer_exe()
     for m in members:
         job = jobs.get(m["pid"])
         parent = jobs.get(m["ppid"])
@@ -243,13 +244,38 @@ def plan(members: List[dict], jobs: Dict[int, object], busy: List[Tuple[int, int
                 continue
             check(v)
             w = theirs.get(key(v)) if _eligible(v) else None
-            if w is None or any(s < v["end"] and v["start"] < e for s, e in busy):
+            if w is None or any(s < v["end"] and v["start"] < e for s, e in busy) \
+                    or (v["kind"] == "file" and (_file_id(v) == exe[0] or v["path"] == exe[1])):
                 continue
             p.keep.setdefault(m["pid"], set()).add(v["start"])
             p.premap.setdefault(m["ppid"], set()).add(w["start"])
     # premap may name what the parent keeps itself: in place already,
     # before_fork maps only the rest.
     return p
+
+
+def _file_id(v: dict) -> Optional[Tuple[int, int, int]]:
+    if v.get("kind") != "file":
+        return None
+    try:
+        major, minor = (int(x, 16) for x in v["dev"].split(":"))
+    except (ValueError, AttributeError):
+        return None
+    return major, minor, v["inode"]
+
+
+def _restorer_exe() -> tuple:
+    """The file the new processes still have as their exe until their
+    PR_SET_MM_MAP: that prctl fails with EBUSY while a mapping of it
+    exists (kernel/sys.c replace_mm_exe_file), so a mapping of that file
+    (a python3 target restored by a python3 ckpt) is mapped after it, by
+    the member itself, as before. Its (major, minor, inode) and path
+    (either one: an overlayfs file's maps entry names the file beneath)."""
+    try:
+        st = os.stat("/proc/self/exe")
+        return (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino), os.readlink("/proc/self/exe")
+    except OSError:
+        return None, None
 
 
 def before_fork(b, pl: Plan, inherited: Set[int], parent_vmas: Dict[int, dict]) -> None:
@@ -305,28 +331,30 @@ def _verify(b, runs: List[List[int]], force: bool, pl: Plan) -> None:
     pages = b.job.pages
     fd = os.open(f"/proc/{b.pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
     wrong: List[List[int]] = []
+    buf = bytearray(min(READ_STEP, max(n for _, n, _, _ in runs) * PAGE))
     try:
         for addr, n, fi, off in runs:
             for k in range(0, n * PAGE, READ_STEP):
                 size = min(READ_STEP, n * PAGE - k)
-                got = os.pread(fd, size, addr + k)
-                if len(got) != size:
-                    raise EngineError(f"cannot read back {size} bytes at {addr + k:#x}", pid=b.pid)
-                want = memoryview(pages.maps[fi])[off + k:off + k + size]
-                try:
-                    if got == want:
-                        pl.shared_pages += size // PAGE
-                        continue
-                    for i in range(0, size, PAGE):
-                        if got[i:i + PAGE] != want[i:i + PAGE]:
-                            wrong.append([addr + k + i, 1, fi, off + k + i])
-                        else:
-                            pl.shared_pages += 1
-                finally:
-                    want.release()
+                with memoryview(buf) as view:
+                    # /proc/PID/mem reads without pinning: the page stays shared
+                    if os.preadv(fd, [view[:size]], addr + k) != size:
+                        raise EngineError(f"cannot read back {size} bytes at {addr + k:#x}", pid=b.pid)
+                got = buf if size == len(buf) else buf[:size]
+                want = pages.maps[fi][off + k:off + k + size]      # bytes against bytes: a memcmp
+                if want == got:
+                    pl.shared_pages += size // PAGE
+                    continue
+                for i in range(0, size, PAGE):
+                    if got[i:i + PAGE] != want[i:i + PAGE]:
+                        wrong.append([addr + k + i, 1, fi, off + k + i])
+                    else:
+                        pl.shared_pages += 1
     finally:
         os.close(fd)
     pages._check_leases(runs)     # what was compared is what the image check verified
+    right = subtract(runs, [[r[0], 1] for r in wrong])
+    pages._release(right)         # each piece is used once: freed as a written one is
     if wrong:
         pl.rewritten_pages += len(wrong)
         b.page_bytes_early += b._write_pages(wrong, force)
