@@ -7,11 +7,12 @@ share most of their heap that way. Restored one member at a time, every
 member would get a copy of its own: every byte right, but the tree's
 memory the sum of its members'.
 
-Dump (mark): while the whole tree is frozen, after every member's pages
-are on disk, each member's private mapping (anonymous, or a private file
+Dump (find, mark): while the whole tree is frozen, before any member's pages
+are read, each member's private mapping (anonymous, or a private file
 mapping's copy-on-written pages) that its parent has with the same layout
-(start, end, perms, offset, file, VmFlags) is compared page by page
-through both /proc/PID/pagemap: a page present in both at the same PFN
+(start, perms, offset, file, VmFlags; the end may differ: a [heap] grown
+or trimmed since the fork) is compared page by page, over the part both
+have, through both /proc/PID/pagemap: a page present in both at the same PFN
 (readable as root only; 0 otherwise: nothing marked) is the same physical
 page, so the same bytes. Those pages are recorded in the member's mm.json
 mapping as "cow": [[addr, npages], ...]. They stay in the member's own
@@ -25,7 +26,8 @@ layout in its image) maps that mapping and writes its own pages into it
 before it forks its children ("premap"), so each child inherits it through
 fork() with every page shared. Each child then, before it forks its own
 children: unmaps what it inherited but does not keep, and in what it
-keeps drops every page not marked "cow" (MADV_DONTNEED: absent, or the
+keeps (grown in place with mremap, or trimmed, to its own end) drops
+every page not marked "cow" (MADV_DONTNEED: absent, or the
 file's page again), writes its own dumped pages there, and reads every
 "cow" page back and compares it with its own image's bytes; a page that
 differs is written (never a silent wrong byte: the sharing is lost, the
@@ -47,7 +49,10 @@ from .errors import EngineError, Refusal
 PAGE = 4096
 PRESENT, FILE_OR_SHARED = 1 << 63, 1 << 61
 PFN_MASK = (1 << 55) - 1
-KEY = ("start", "end", "perms", "offset", "dev", "inode", "path", "flags", "kind")
+# What a mapping must have as its parent's to be kept from it: all but its
+# end (a heap grown or trimmed by brk since the fork is the same mapping
+# longer or shorter; the restore grows it in place with mremap, or trims it).
+KEY = ("start", "perms", "offset", "dev", "inode", "path", "flags", "kind")
 MADV_DONTNEED = 4
 READ_STEP = 4 << 20       # bytes of shared pages read back and compared at a time
 
@@ -117,7 +122,8 @@ def find(members: List[Tuple[int, int, List[dict]]]) -> Dict[int, Dict[int, List
             w = index.get(key(v)) if _eligible(v) else None
             if w is None:
                 continue
-            a, b = _entries(pid, v), _entries(ppid, w)
+            both = {"start": v["start"], "end": min(v["end"], w["end"])}
+            a, b = _entries(pid, both), _entries(ppid, both)
             if a is None or b is None:
                 continue
             runs = shared_runs(a, b, v["start"], v["kind"] == "file")
@@ -239,12 +245,17 @@ def plan(members: List[dict], jobs: Dict[int, object], busy: List[Tuple[int, int
         if job is None or parent is None:
             continue
         theirs = {key(w): w for w in parent.vmas if _eligible(w)}
+        starts = {w["start"] for w in parent.vmas}
         for v in job.vmas:
             if "cow" not in v:
                 continue
             check(v)
             w = theirs.get(key(v)) if _eligible(v) else None
-            if w is None or any(s < v["end"] and v["start"] < e for s, e in busy) \
+            if w is not None and v["end"] > w["end"] and w["end"] in starts:
+                # grown in place by mremap: not with a neighbour of the
+                # parent's there (it may have merged with it when mapped)
+                w = None
+            if w is None or any(s < max(v["end"], w["end"]) and v["start"] < e for s, e in busy) \
                     or (v["kind"] == "file" and (_file_id(v) == exe[0] or v["path"] == exe[1])):
                 continue
             p.keep.setdefault(m["pid"], set()).add(v["start"])
@@ -300,7 +311,13 @@ def before_fork(b, pl: Plan, inherited: Set[int], parent_vmas: Dict[int, dict]) 
         w = parent_vmas[s]
         b.pending.add("munmap", w["start"], w["end"] - w["start"])
     for s in sorted(keep):
-        v = vmas[s]
+        v, w = vmas[s], parent_vmas[s]
+        if v["end"] > w["end"]:
+            size = v["end"] - v["start"]
+            b.pending.add("mremap", s, w["end"] - s, size, 0, 0,
+                          expect=(s, f"mapping {s:#x} grown in place moved to {{got:#x}}"))
+        elif v["end"] < w["end"]:
+            b.pending.add("munmap", v["end"], w["end"] - v["end"])
         for addr, size in _gaps(v["start"], v["end"], v["cow"]):
             b.pending.add("madvise", addr, size, MADV_DONTNEED)
     later = []

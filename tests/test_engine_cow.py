@@ -3,8 +3,11 @@ shared (engine/cow.py), every byte the dumped one.
 
 Target: tests/targets/cowtree.c - a root filling NPAGES pages, children
 writing one page each, a grandchild under child 0, child 2 with its
-mapping split by an mprotect (its parent's layout no longer: the
-per-member copy). Sharing is read from outside through /proc/PID/pagemap
+mapping split by an mprotect (the part at its parent's start kept, the
+read-only last page its own copy), and NPAGES heap pages the root trims
+by 8 after the forks (the children's [heap], longer than their parent's,
+kept from it and grown in place; child 1's own [heap] VMA after it, its
+own copy). Sharing is read from outside through /proc/PID/pagemap
 (the PFN: root only); bytes through /proc/PID/mem, which does not unshare
 a page (process_vm_readv's pin would: mm/gup.c gup_must_unshare).
 """
@@ -59,17 +62,18 @@ def _members(root: int) -> list:
     return out
 
 
-def _pfns(pid: int, addr: int) -> list:
+def _pfns(pid: int, addr: int, n: int = NPAGES) -> list:
     fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY)
     try:
-        raw = os.pread(fd, NPAGES * 8, addr // PAGE * 8)
+        raw = os.pread(fd, n * 8, addr // PAGE * 8)
     finally:
         os.close(fd)
-    return [e & ((1 << 55) - 1) if e >> 63 else 0 for e in struct.unpack(f"<{NPAGES}Q", raw)]
+    return [e & ((1 << 55) - 1) if e >> 63 else 0 for e in struct.unpack(f"<{n}Q", raw)]
 
 
 def _sharing(root: int, addr: int) -> dict:
-    """{pid: page indexes at the same PFN as in its parent}, the root left out."""
+    """{pid: page indexes (of NPAGES at addr) at the same PFN as in its
+    parent}, the root left out."""
     out = {}
     for pid in _members(root)[1:]:
         mine, theirs = _pfns(pid, addr), _pfns(_ppid(pid), addr)
@@ -77,10 +81,10 @@ def _sharing(root: int, addr: int) -> dict:
     return out
 
 
-def _region(pid: int, addr: int) -> bytes:
+def _region(pid: int, addr: int, n: int = NPAGES) -> bytes:
     fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY)
     try:
-        return os.pread(fd, NPAGES * PAGE, addr)
+        return os.pread(fd, n * PAGE, addr)
     finally:
         os.close(fd)
 
@@ -100,11 +104,19 @@ def _expected(root: int) -> dict:
     return out
 
 
-def _check_bytes(root: int, addr: int, want: dict) -> None:
+def _check_bytes(root: int, addr: int, want: dict, heap: int) -> None:
     for pid, own in want.items():
         data = _region(pid, addr)
         for i in range(NPAGES):
             assert data[i * PAGE:(i + 1) * PAGE] == _page(i, own.get(i, 0)), (pid, i)
+        n = NPAGES - 8 if pid == root else NPAGES       # the root trimmed its heap
+        data = _region(pid, heap, n)
+        for i in range(n):
+            assert data[i * PAGE:(i + 1) * PAGE] == _page(1000 + i, 0), (pid, "heap", i)
+    child1 = _children(root)[1]
+    data = _region(child1, heap + NPAGES * PAGE, 4)
+    for j in range(4):
+        assert data[j * PAGE:(j + 1) * PAGE] == _page(2000 + j, 7), (child1, "grown heap", j)
 
 
 def _start(procs, exe, tmp_path):  # noqa: F811
@@ -114,9 +126,9 @@ def _start(procs, exe, tmp_path):  # noqa: F811
     procs.popens.append(p)
     wait_for(lambda: ready.exists() or p.poll() is not None, what="cowtree ready")
     assert p.poll() is None
-    _, pid, addr = ready.read_text().split()
+    _, pid, addr, heap = ready.read_text().split()
     assert int(pid) == p.pid
-    return p, int(addr)
+    return p, int(addr), int(heap)
 
 
 def _kill_tree(pids) -> None:
@@ -146,19 +158,20 @@ def _state(pid: int) -> str:
 
 def _dumped(procs, exe, tmp_path):  # noqa: F811
     """A cowtree dumped (and killed): (root pid, region address, sharing
-    before, expected bytes, pids, image)."""
-    p, addr = _start(procs, exe, tmp_path)
+    before (the region's, the heap's), expected bytes, pids, image, heap address)."""
+    p, addr, heap = _start(procs, exe, tmp_path)
     pids = _members(p.pid)
     assert len(pids) == NCHILD + 2
     before = _sharing(p.pid, addr)
+    before_heap = _sharing(p.pid, heap)
     want = _expected(p.pid)
-    _check_bytes(p.pid, addr, want)
+    _check_bytes(p.pid, addr, want, heap)
     img = str(tmp_path / "img")
     dump(p.pid, img, Options())
     p.wait()
     wait_for(lambda: all(_state(x) in ("gone", "Z") for x in pids), what="the dumped tree killed")
     _kill_tree(pids)
-    return p.pid, addr, before, want, pids, img
+    return p.pid, addr, (before, before_heap), want, pids, img, heap
 
 
 def _cow(img: str, pid: int, root: int) -> list:
@@ -168,7 +181,7 @@ def _cow(img: str, pid: int, root: int) -> list:
 
 
 def test_pages_shared_since_a_fork_come_back_shared(procs, cowtree, tmp_path):  # noqa: F811
-    root, addr, before, want, pids, img = _dumped(procs, cowtree, tmp_path)
+    root, addr, (before, before_heap), want, pids, img, heap = _dumped(procs, cowtree, tmp_path)
     kids = [x for x in pids if x != root]
     child0, child1, child2 = kids[0], kids[2], kids[3]      # _members: depth first, child 0's grandchild next
     grandchild = kids[1]
@@ -180,7 +193,11 @@ def test_pages_shared_since_a_fork_come_back_shared(procs, cowtree, tmp_path):  
     # the image says so, for every member whose mapping has its parent's layout
     region = [v for v in _cow(img, child0, root) if v["start"] == addr]
     assert region and region[0]["cow"] == [[addr + PAGE, NPAGES - 1]]
-    assert not [v for v in _cow(img, child2, root) if v["start"] <= addr < v["end"]]
+    # child 2's split mapping: the part with its parent's start kept
+    # (trimmed), its read-only last page not (no mapping of the parent's
+    # starts there: its own copy)
+    split = [v for v in _cow(img, child2, root) if addr <= v["start"] < addr + NPAGES * PAGE]
+    assert [v["start"] for v in split] == [addr] and split[0]["end"] == addr + (NPAGES - 1) * PAGE
     restore(img, Options())
     procs.adopt(root)
     try:
@@ -188,13 +205,18 @@ def test_pages_shared_since_a_fork_come_back_shared(procs, cowtree, tmp_path):  
         after = _sharing(root, addr)
         for pid in (child0, grandchild, child1):
             assert after[pid] == before[pid], pid
-        # child 2's mapping was split after the fork: its own copy (bytes right)
-        assert after[child2] == set()
-        _check_bytes(root, addr, want)
+        assert after[child2] == before[child2] - {NPAGES - 1}
+        # the heap: every page shared before is shared after, in the
+        # children's [heap] longer than their parent's (trimmed since the
+        # fork: theirs grown in place at restore)
+        assert before_heap[grandchild] == set(range(NPAGES))
+        assert all(before_heap[x] == set(range(NPAGES - 8)) for x in (child0, child1, child2)), before_heap
+        assert _sharing(root, heap) == before_heap
+        _check_bytes(root, addr, want, heap)
         # the memory measured the way a user would: the restored tree holds
-        # the region about once, plus the written pages and child 2's copy
+        # the region about once, plus the few pages written since the fork
         pss = sum(_pss_of_region(pid, addr) for pid in pids)
-        assert pss < 2.5 * NPAGES * 4, pss
+        assert pss < 1.5 * NPAGES * 4, pss
     finally:
         _kill_tree(sorted(_members(root), reverse=True))
 
@@ -233,7 +255,7 @@ def test_a_marked_page_that_differs_is_written(procs, cowtree, tmp_path):  # noq
     """mm.json says child 1 shares its own written page with the root: the
     restore reads every kept page back against the member's own image, so
     the page is written (its bytes), not left as the root's."""
-    root, addr, before, want, pids, img = _dumped(procs, cowtree, tmp_path)
+    root, addr, _, want, pids, img, heap = _dumped(procs, cowtree, tmp_path)
     child1 = [x for x in pids if x != root][2]
     rel = f"tree/{child1}/mm.json"
 
@@ -246,7 +268,7 @@ def test_a_marked_page_that_differs_is_written(procs, cowtree, tmp_path):  # noq
     restore(img, Options())
     procs.adopt(root)
     try:
-        _check_bytes(root, addr, want)
+        _check_bytes(root, addr, want, heap)
         after = _sharing(root, addr)
         assert after[child1] == set(range(NPAGES)) - {1}
     finally:
@@ -255,7 +277,7 @@ def test_a_marked_page_that_differs_is_written(procs, cowtree, tmp_path):  # noq
 
 @pytest.mark.parametrize("bad", ["outside", "not-dumped", "unsorted", "empty"])
 def test_a_malformed_cow_record_is_refused(procs, cowtree, tmp_path, bad):  # noqa: F811
-    root, addr, before, want, pids, img = _dumped(procs, cowtree, tmp_path)
+    root, addr, _, want, pids, img, heap = _dumped(procs, cowtree, tmp_path)
     child1 = [x for x in pids if x != root][2]
 
     def mutate(mm):

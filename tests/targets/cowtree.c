@@ -7,12 +7,18 @@
  * writes its own page k (generation k + 1) and leaves the others shared.
  * Child 0 then forks a grandchild that writes page NPAGES-1 (generation
  * 99): a chain root -> child 0 -> grandchild. Child 2 (when there is one)
- * makes its last page read-only: its mapping no longer has its parent's
- * layout (two VMAs), though it shares the same pages. Every member then
- * sleeps.
- * READY gets "ready ROOTPID ADDR" once every member is set up.
+ * makes its last page read-only: its mapping is two VMAs, its parent's
+ * one, though it shares the same pages. The root also
+ * grows its heap by NPAGES pages (sbrk) filled with page i's words as
+ * page 1000 + i; child 1 grows it by 4 more (pages 2000 + j, generation
+ * 7: a [heap] VMA of its own, after its parent's). Once every member is
+ * set up the root trims its heap by 8 pages (sbrk): the children's [heap]
+ * is their parent's, longer. Every member then sleeps.
+ * READY gets "ready ROOTPID ADDR HEAPADDR" once every member is set up
+ * (written without malloc: the root's heap stays as trimmed).
  */
 #define _GNU_SOURCE
+#include <fcntl.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -42,6 +48,12 @@ int main(int argc, char **argv) {
     if (base == MAP_FAILED) { perror("mmap"); return 1; }
     for (long i = 0; i < n; i++)
         fill(base, i, 0);
+    uintptr_t cur = (uintptr_t)sbrk(0);
+    if (cur % PAGE && sbrk(PAGE - cur % PAGE) == (void *)-1) { perror("sbrk"); return 1; }
+    uint8_t *heap = sbrk(n * PAGE);
+    if (heap == (void *)-1) { perror("sbrk"); return 1; }
+    for (long i = 0; i < n; i++)
+        fill(heap - 1000 * PAGE, 1000 + i, 0);
     int pfd[2];
     if (pipe(pfd)) { perror("pipe"); return 1; }
     for (long k = 0; k < nchild; k++) {
@@ -50,6 +62,12 @@ int main(int argc, char **argv) {
         if (p == 0) {
             close(pfd[0]);
             fill(base, k, k + 1);
+            if (k == 1) {
+                uint8_t *more = sbrk(4 * PAGE);
+                if (more == (void *)-1) { perror("sbrk"); _exit(1); }
+                for (long j = 0; j < 4; j++)
+                    fill(more - 2000 * PAGE, 2000 + j, 7);
+            }
             if (k == 2 && mprotect(base + (n - 1) * PAGE, PAGE, PROT_READ)) { perror("mprotect"); _exit(1); }
             if (k == 0) {
                 pid_t g = fork();
@@ -71,12 +89,12 @@ int main(int argc, char **argv) {
     for (long k = 0; k < nchild + 1; k++)
         if (read(pfd[0], &c, 1) != 1) { fprintf(stderr, "a member died\n"); return 1; }
     close(pfd[0]);
-    char tmp[4096];
+    if (sbrk(-8 * PAGE) == (void *)-1) { perror("sbrk"); return 1; }
+    char tmp[4096], line[128];
     snprintf(tmp, sizeof tmp, "%s.tmp", argv[3]);
-    FILE *f = fopen(tmp, "w");
-    if (!f) { perror("ready"); return 1; }
-    fprintf(f, "ready %d %lu\n", getpid(), (unsigned long)base);
-    if (fclose(f) || rename(tmp, argv[3])) { perror("ready"); return 1; }
+    int len = snprintf(line, sizeof line, "ready %d %lu %lu\n", getpid(), (unsigned long)base, (unsigned long)heap);
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    if (fd < 0 || write(fd, line, len) != len || close(fd) || rename(tmp, argv[3])) { perror("ready"); return 1; }
     sleep_forever();
     return 0;
 }
