@@ -111,6 +111,7 @@ class Builder:
         # queues their move (None: unknown, read /proc/PID/maps).
         self.vdso_now: Optional[List[dict]] = None
         self.session_done = False
+        self.seccomp_done = False       # its filters installed with its threads (engine/threads.py create)
         # A tree member created with CLONE_FILES / CLONE_FS (engine/tree_restore.py):
         # its fd table / cwd and umask are its parent's, restored once, there.
         self.files_shared = False

@@ -49,6 +49,9 @@ class Survey:
     stat: dict = field(default_factory=dict)
     status: Dict[str, str] = field(default_factory=dict)
     maps: Optional[List[dict]] = None                     # preflight's `maps`
+    # what preflight read that the dump records too (the process is frozen:
+    # read once, e.g. "cgroups": its cgroups.dump record)
+    memo: Dict[str, Any] = field(default_factory=dict)
 
     def ok(self, what: str, kind: str, detail: str = "") -> None:
         self.items.append({"what": what, "kind": kind, "verdict": "ok", "detail": detail})
@@ -168,7 +171,9 @@ def _check_process(s: Survey, ctx: Optional[DumpContext] = None) -> None:
         except Refusal as r:
             s.refuse("root", "fs", r)
     cwd = proc.readlink("cwd")
-    if unlinked.is_unlinked(cwd, os.stat(proc.path("cwd"))):
+    cst = os.stat(proc.path("cwd"))
+    s.memo["cwd"] = (cwd, cst)      # the dump's record of it (engine/dump.py process_state)
+    if unlinked.is_unlinked(cwd, cst):
         s.ok("cwd", "fs", f"{cwd}: removed, recreated and removed again at restore")
     elif cwd.endswith(" (deleted)"):
         s.refuse("cwd", "fs", Refusal("unsupported-state", "its working directory was deleted", path=cwd))
@@ -183,7 +188,7 @@ def _check_process(s: Survey, ctx: Optional[DumpContext] = None) -> None:
     _check_creds(s)
     try:
         from . import cgroups
-        cgroups.dump(pid)
+        s.memo["cgroups"] = cgroups.dump(pid)
     except Refusal as r:
         s.refuse("cgroups", "process", r)
     try:
@@ -281,9 +286,20 @@ def creds_plan(creds: dict, mine: dict) -> str:
     return _creds.plan(creds, mine)
 
 
+def _my_creds() -> dict:
+    """ckpt's own credentials record, made once per process (ckpt never
+    changes its own; a tree's survey asks once per member). Do not modify."""
+    key = (os.getpid(), "creds")
+    got = _MINE.get(key)
+    if got is None:
+        got = _MINE[key] = creds_of(procfs.self_status())
+    return got
+
+
 def _check_creds(s: Survey) -> None:
     creds = creds_of(s.status, s.pid)
-    mine = creds_of(procfs.self_status())
+    s.memo["creds"] = creds
+    mine = _my_creds()
     try:
         plan = creds_plan(creds, mine)
         s.ok("credentials", "credentials", f"uid {creds['uid'][0]} gid {creds['gid'][0]} ({plan})")
@@ -312,11 +328,18 @@ def classify_vma(vma: dict) -> str:
     return "file"
 
 
-def _check_mapped_fs(map_files: str, path: str) -> None:
+def _check_mapped_fs(map_files: str, path: str, known: Optional[dict] = None, key=None) -> None:
     """A mapped file is judged by its filesystem before anything else: a
     mapping of a pseudo filesystem's file (sysfs binary attributes, ...)
-    shows kernel memory, not stored bytes (engine/fstype.py)."""
-    fs = fstype.magic(map_files)
+    shows kernel memory, not stored bytes (engine/fstype.py). `known`:
+    magics already asked, by `key` (the maps line's dev, inode and path:
+    one inode, one filesystem; a tree's members map the same files, the
+    statfs of a map_files link costs ~70 us)."""
+    fs = known.get(key) if known is not None else None
+    if fs is None:
+        fs = fstype.magic(map_files)
+        if known is not None:
+            known[key] = fs
     if fstype.pseudo(fs):
         raise Refusal("pseudo-file", f"mapping of a file on the {fstype.name(fs)} pseudo filesystem: "
                       "kernel state, not stored bytes", path=path)
@@ -324,8 +347,16 @@ def _check_mapped_fs(map_files: str, path: str) -> None:
         raise Refusal("unsupported-mapping", f"mapping of a {fstype.name(fs)} object", path=path)
 
 
-def _check_vmas(s: Survey) -> None:
+MAPFS_KEY = "tree:mapped-fs"      # ctx.shared: one dict for a whole tree (engine/tree.py _LazyShared)
+
+
+def _check_vmas(s: Survey, ctx: Optional[DumpContext] = None) -> None:
     flags = s.proc.vmflags()
+    known = None
+    if ctx is not None and ctx.shared is not None:
+        known = ctx.shared.get(MAPFS_KEY)
+        if known is None:
+            known = ctx.shared[MAPFS_KEY] = {}
     shmem_inodes: Dict[int, int] = {}
     for vma in (s.maps if s.maps is not None else s.proc.maps()):
         vma["flags"] = flags.get(vma["start"], [])
@@ -333,7 +364,8 @@ def _check_vmas(s: Survey) -> None:
         try:
             kind = classify_vma(vma)
             if kind == "file":
-                _check_mapped_fs(s.proc.path(f"map_files/{vma['start']:x}-{vma['end']:x}"), vma["path"])
+                _check_mapped_fs(s.proc.path(f"map_files/{vma['start']:x}-{vma['end']:x}"), vma["path"], known,
+                                 (vma["dev"], vma["inode"], vma["path"]))
             bad = [f for f in vma["flags"] if f not in KNOWN_FLAGS]
             if bad and kind != "special":
                 raise Refusal("unsupported-mapping", "VmFlags " + ", ".join(
@@ -416,7 +448,7 @@ def preflight(pid: int, ctx: DumpContext, proc: procfs.Proc, maps: Optional[List
     s.status = proc.status()
     _check_process(s, ctx)
     _check_restore_env(s, ctx.tree_root not in (None, pid), getattr(ctx.options, "shell_job", False))
-    _check_vmas(s)
+    _check_vmas(s, ctx)
     _check_fds(s, ctx)
     _check_ctty(s, ctx)
     return s

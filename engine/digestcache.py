@@ -39,38 +39,99 @@ MAX_ENTRIES = 4096
 # statfs f_type of the file systems whose ctime/generation are trusted here
 TRUSTED_FS = {0xEF53: "ext4", 0x58465342: "xfs", 0x9123683E: "btrfs", 0x01021994: "tmpfs"}
 
-_cache: Optional[Dict[str, dict]] = None
-
-
 def _path() -> Optional[str]:
     p = os.environ.get("CKPT_DIGEST_CACHE", DEFAULT_PATH)
     return None if p in ("", "off") else p
 
 
-def _load() -> Dict[str, dict]:
+# This run's view of the cache file: None until first needed, then a _View.
+_cache: Optional["_View"] = None
+
+
+class _View:
+    """The cache file as this run read it. A lookup finds its one entry in
+    the raw text (the file holds every library of every process dumped on
+    the machine: thousands of entries, whose parse was ~3-5 ms of each
+    dump and restore of a small process on a host, for the one or two
+    digests a run looks up); the whole is parsed only to store an entry."""
+
+    def __init__(self, raw: bytes):
+        self.raw = raw
+        self.parsed: Optional[Dict[str, dict]] = None
+
+    def get(self, k: str) -> Optional[dict]:
+        if self.parsed is not None:
+            return self.parsed.get(k)
+        # The writer (_save, fastjson) puts each entry as "KEY":{...} with no
+        # "}" inside {...}; a key is digits and colons (key()), so its quoted
+        # form followed by ":" occurs only where that key is. The last one
+        # wins, as in json.loads.
+        needle = b'"' + k.encode() + b'":'
+        at = self.raw.rfind(needle)
+        if at < 0:
+            return None
+        end = self.raw.find(b"}", at)
+        try:
+            v = fastjson.loads(self.raw[at + len(needle):end + 1]) if end > 0 else None
+        except ValueError:
+            return None
+        return v if _entry_ok(v) else None
+
+    def entries(self) -> Dict[str, dict]:
+        if self.parsed is None:
+            self.parsed = {}
+            try:
+                data = fastjson.loads(self.raw) if self.raw else None
+            except ValueError:
+                data = None
+            if isinstance(data, dict):
+                self.parsed = {k: v for k, v in data.items() if _entry_ok(v)}
+        return self.parsed
+
+
+def _entry_ok(v) -> bool:
+    return isinstance(v, dict) and isinstance(v.get("sha256"), str)
+
+
+def _view() -> _View:
     global _cache
     if _cache is None:
-        _cache = {}
-        path = _path()
-        if path:
-            try:
-                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            except OSError:
-                return _cache
-            try:
-                st = os.fstat(fd)
-                dst = os.stat(os.path.dirname(path), follow_symlinks=False)
-                if (stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o077
-                        and dst.st_uid == os.geteuid() and not dst.st_mode & 0o022 and st.st_size < (4 << 20)):
-                    data = fastjson.loads(os.read(fd, st.st_size + 1))
-                    if isinstance(data, dict):
-                        _cache = {k: v for k, v in data.items()
-                                  if isinstance(v, dict) and isinstance(v.get("sha256"), str)}
-            except (OSError, ValueError):
-                pass
-            finally:
-                os.close(fd)
+        _cache = _View(_read())
     return _cache
+
+
+def _read() -> bytes:
+    """The cache file's bytes when it can be trusted (root's, 0600, in a
+    directory only root writes, under 4 MiB) and looks whole (it ends as
+    a JSON object of objects ends, "}}", or is "{}"), else b"": as if there
+    were none. (The whole is parsed only to store: a file cut short must not
+    be searched.)"""
+    path = _path()
+    if not path:
+        return b""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return b""
+    try:
+        st = os.fstat(fd)
+        dst = os.stat(os.path.dirname(path), follow_symlinks=False)
+        if (stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o077
+                and dst.st_uid == os.geteuid() and not dst.st_mode & 0o022 and st.st_size < (4 << 20)):
+            raw = os.read(fd, st.st_size + 1)
+            body = raw.strip()
+            if body[:1] == b"{" and (body[-2:] == b"}}" or body == b"{}"):
+                return raw
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    return b""
+
+
+def _load() -> Dict[str, dict]:
+    """Every entry of the cache file (parsed whole)."""
+    return _view().entries()
 
 
 def _save(cache: Dict[str, dict]) -> None:
@@ -112,14 +173,15 @@ def digest(fd: int, generation: Optional[int], compute: Callable[[int], str]) ->
     if generation is None or not stat.S_ISREG(st.st_mode) or _path() is None or not _fs_trusted(fd):
         return compute(fd)
     k = key(st, generation)
-    cache = _load()
-    hit = cache.get(k)
+    view = _view()
+    hit = view.get(k)
     if hit is not None:
         return hit["sha256"]
     started = time.time_ns()
     value = compute(fd)
     after = os.fstat(fd)
     if (started - st.st_ctime_ns > SETTLED_NS and key(after, generation) == k):
+        cache = view.entries()
         cache[k] = {"sha256": value, "at": started}
         _save(cache)
     return value

@@ -82,8 +82,10 @@ def _scratch(task: Task, vmas: List[dict]) -> int:
     raise Refusal("unsupported-state", "no writable memory for syscall injection", pid=task.pid)
 
 
-def injected_state(task: Task, vmas: List[dict]) -> dict:
-    """State only the process itself can report (no /proc file for it)."""
+def injected_state(task: Task, vmas: List[dict], ids: Optional[dict] = None) -> dict:
+    """State only the process itself can report (no /proc file for it).
+    `ids`: its /proc status as the survey read it, for its credentials
+    (unchanged while it is frozen; read here when not given)."""
     if task.syscall_ip is None:
         task.syscall_ip = _syscall_in_vdso(task, vmas)
     scr = _scratch(task, vmas)
@@ -93,7 +95,7 @@ def injected_state(task: Task, vmas: List[dict]) -> dict:
         # read side by side with the other members' (prefetch_injected)
         out = dict(pre)
         try:
-            _after_reads(task, scr, vmas, out)
+            _after_reads(task, scr, vmas, out, ids)
         finally:
             task.write_mem(scr, saved)
         return out
@@ -102,13 +104,13 @@ def injected_state(task: Task, vmas: List[dict]) -> dict:
         # Read now, not the survey's copy: a signal queued since the freeze
         # must not be the one the batch unblocks to end its run (dumpbatch.usable).
         status = procfs.Proc(task.pid).status()
-        got = batched(task, vmas, status, _injected_reads())
+        got = batched(task, vmas, status, _batched_reads(task, status))
     except BaseException:
         task.write_mem(scr, saved)
         raise
     if got is not None:
         try:
-            _after_reads(task, scr, vmas, got)
+            _after_reads(task, scr, vmas, got, ids)
         finally:
             task.write_mem(scr, saved)
         return got
@@ -122,18 +124,19 @@ def injected_state(task: Task, vmas: List[dict]) -> dict:
                 out[key[0]][key[1]] = value
             else:
                 out[key] = value
-        _after_reads(task, scr, vmas, out)
+        _after_reads(task, scr, vmas, out, ids)
     finally:
         task.write_mem(scr, saved)
     return out
 
 
-def _after_reads(task: Task, scr: int, vmas: List[dict], out: dict) -> None:
+def _after_reads(task: Task, scr: int, vmas: List[dict], out: dict, ids: Optional[dict] = None) -> None:
     """What is read with the scratch after the fixed reads: POSIX timers, and
     the mappings' own NUMA policies (asked from inside only where
     numa_maps cannot tell)."""
     out["posix_timers"] = posixtimers.dump(task, scr)
-    landlock.check(task, procfs.Proc(task.pid).status())    # refused: a restore would leave its sandbox
+    # refused: a restore would leave its sandbox (probed by the batched reads, when they were made)
+    landlock.check(task, ids if ids is not None else procfs.Proc(task.pid).status(), out.pop(landlock.PROBE_KEY, None))
     if out.get("mlock_future") is None:      # not told by the batched reads' own area
         out["mlock_future"] = mlockfuture.probe(task)
     out.setdefault("mempolicy", [mempolicy.MPOL_DEFAULT, 0])
@@ -162,9 +165,20 @@ def _unpack_stack_t(raw: bytes) -> list:
     return list(struct.unpack("<Qi4xQ", raw))
 
 
+_FIXED_READS: list = []
+
+
 def _injected_reads() -> list:
     """injected_state()'s fixed reads as (key, syscall, args(scratch), bytes
-    read back from the scratch or 0 for the return value, decoder), in its order."""
+    read back from the scratch or 0 for the return value, decoder), in its order.
+    The first 70 are the same for every process: made once per run (a
+    tree's survey asks once per member)."""
+    if not _FIXED_READS:
+        _FIXED_READS.extend(_fixed_reads())
+    return _FIXED_READS + procattrs.reads() + mempolicy.reads() + membarrier.reads()
+
+
+def _fixed_reads() -> list:
     steps = [("brk", "brk", lambda scr: (0,), 0, None)]
     for sig in SIGNALS:
         steps.append((("sigactions", str(sig)), "rt_sigaction", lambda scr, s=sig: (s, 0, scr, 8), 32,
@@ -177,7 +191,13 @@ def _injected_reads() -> list:
     for which in (0, 1, 2):   # ITIMER_REAL, VIRTUAL, PROF
         steps.append((("itimers", which), "getitimer", lambda scr, w=which: (w, scr), 32,
                       lambda raw: list(struct.unpack("<qqqq", raw))))
-    return steps + procattrs.reads() + mempolicy.reads() + membarrier.reads()
+    return steps
+
+
+def _batched_reads(task: Task, status: dict) -> list:
+    """_injected_reads() and what else rides in the same batched run (not
+    made one by one: those have their own injection)."""
+    return _injected_reads() + landlock.reads(task.pid, status)
 
 
 def prefetch_injected(tasks: List[Task]) -> None:
@@ -207,7 +227,7 @@ def prefetch_injected(tasks: List[Task]) -> None:
         except (Refusal, OSError, libc.SysError):
             continue
     # Each member's reads in one run of its own (engine/dumpbatch.py)...
-    batched = read_each(cand, _injected_reads()) if len(cand) > 1 else {}
+    batched = read_each(cand, _batched_reads) if len(cand) > 1 else {}
     ready = []
     for task, vmas, _ in cand:
         if task.pid in batched:
@@ -270,8 +290,8 @@ def process_state(task: Task, s: Survey, ctx=None) -> dict:
     status = s.status
     pid = task.pid
     mm = {k: st[k] for k in MM_FIELDS}
-    cwd_path = proc.readlink("cwd")
-    cst = os.stat(proc.path("cwd"))
+    # as preflight found it (frozen: no thread of it can chdir), else read now
+    cwd_path, cst = s.memo["cwd"] if "cwd" in s.memo else (proc.readlink("cwd"), os.stat(proc.path("cwd")))
     state = {
         "pid": pid,
         "comm": proc.read("comm").rstrip("\n"),
@@ -288,15 +308,16 @@ def process_state(task: Task, s: Survey, ctx=None) -> dict:
         "cwd": _cwd_record(cwd_path, cst),
         "session": {"sid": st["session"], "pgid": st["pgrp"]},
         "exit_signal": st.get("exit_signal", 17),
-        "creds": creds.record(status, pid),
-        "cgroups": cgroups.dump(pid),
+        # as preflight read them (the process is frozen; read again when it did not get that far)
+        "creds": s.memo["creds"] if "creds" in s.memo else creds.record(status, pid),
+        "cgroups": s.memo["cgroups"] if "cgroups" in s.memo else cgroups.dump(pid),
     }
     root = fsroot.dump(pid)
     if root is not None:
         state["root"] = root
     state["sched"] = sched.dump(pid)
     state["seccomp"] = seccomp.dump(pid, seccomp.mode_of(status))
-    state.update(injected_state(task, s.vmas))
+    state.update(injected_state(task, s.vmas, status))
     sig = pdeath.dump(pid, state.pop("pdeath_signal"), st["ppid"], ctx)
     if sig:
         state["pdeath_signal"] = sig

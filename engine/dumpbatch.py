@@ -220,9 +220,9 @@ class Run:
         base = (n + 1) * ENTRY
         for i, (key, name, _, nbytes, decode) in enumerate(self.steps):
             r = results[i]
-            if -4096 < r < 0:
+            if -4096 < r < 0 and nbytes >= 0:     # -1: the raw result, a failure is the answer
                 raise SysError(f"{name} (injected)", -r, t.pid)
-            value = decode(raw[base + i * OUT:base + i * OUT + nbytes]) if nbytes else r
+            value = decode(raw[base + i * OUT:base + i * OUT + nbytes]) if nbytes > 0 else r
             if isinstance(key, tuple):
                 got[key[0]][key[1]] = value
             else:
@@ -268,7 +268,8 @@ def read_each(items: list, steps: list) -> dict:
     """read() for several frozen processes (a tree's members, each its own
     address space) side by side: one mmap each (task.syscall_each), every
     runner started before the first is waited for, one munmap each.
-    `items`: (task, vmas, status). Returns {pid: values} for the members
+    `items`: (task, vmas, status); `steps` a list, or a function of
+    (task, status) giving each its own. Returns {pid: values} for the members
     read so; the others (a read failed, a member died...) are left to the
     caller, who reads them one by one and meets the failure again in
     context. Raises only when an area could not be unmapped: a process
@@ -279,7 +280,7 @@ def read_each(items: list, steps: list) -> dict:
     for task, vmas, status in items:
         sig = usable(task, status)
         if sig:
-            runs.append(Run(task, vmas, status, sig, steps))
+            runs.append(Run(task, vmas, status, sig, steps(task, status) if callable(steps) else steps))
     if not runs:
         return {}
     got: dict = {}

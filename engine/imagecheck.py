@@ -592,11 +592,20 @@ def _any_bad(obj, depth: int = 0) -> bool:
     if depth + 1 > 32:
         return bool(obj)
     for k, v in obj.items():
+        if isinstance(k, str) and "\0" in k:
+            return True
         c = v.__class__
         if c is int or c is bool or c is float or v is None:
-            # most items (addresses, sizes, page runs): _item_bad can only
-            # object to the key, and there is nothing below
-            if isinstance(k, str) and "\0" in k:
+            # most items (addresses, sizes, page runs): nothing below
+            continue
+        if c is str:
+            # _item_bad's rules for a string (its key looked at above)
+            if "\0" in v or (k == "path" and v.startswith("/") and not _abs_path_ok(v)):
+                return True
+            continue
+        if c is list:
+            # _item_bad objects to a list for its key only (above)
+            if _any_bad(v, depth + 1):
                 return True
             continue
         if _item_bad(k, v):

@@ -161,24 +161,31 @@ def parse_maps(text: str) -> List[dict]:
     return vmas
 
 
+_HEX = frozenset("0123456789abcdef")
+
+
 def parse_smaps_flags(text: str) -> Dict[int, List[str]]:
     """{vma start: VmFlags list} from /proc/PID/smaps."""
     out: Dict[int, List[str]] = {}
     cur: Optional[int] = None
     pkey = "0"
-    for line in text.splitlines():
-        if not line:
-            continue
-        head = line.split(None, 1)[0]
-        if "-" in head and ":" not in head:
-            try:
-                cur = int(head.split("-")[0], 16)
-            except ValueError:
-                continue
-            pkey = "0"
-        elif head == "ProtectionKey:":     # x86 with PKU, before VmFlags (arch_show_smap)
-            pkey = line.split()[1]
-        elif head == "VmFlags:" and cur is not None:
+    # By first character: a mapping's line starts with a lowercase hex
+    # digit, every field's with a capital (Size:, Rss:, ... VmFlags:); the
+    # ~20 field lines of a mapping are passed over without a split.
+    for line in text.split("\n"):
+        c = line[:1]
+        if c in _HEX:
+            head = line.split(None, 1)[0]
+            if "-" in head and ":" not in head:
+                try:
+                    cur = int(head.split("-")[0], 16)
+                except ValueError:
+                    continue
+                pkey = "0"
+        elif c == "P":
+            if line.startswith("ProtectionKey:"):     # x86 with PKU, before VmFlags (arch_show_smap)
+                pkey = line.split()[1]
+        elif c == "V" and line.startswith("VmFlags:") and cur is not None:
             # A protection key (pkey_mprotect) as a pseudo flag: no VmFlags
             # letter shows it, and a mapping made again would have key 0
             out[cur] = line.split()[1:] + ([f"pkey{pkey}"] if pkey != "0" else [])

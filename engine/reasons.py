@@ -11,8 +11,10 @@ REASONS = {
     "threads": ("a thread the engine cannot restore exactly (thread and detail name it): one with other "
                 "credentials, no_new_privs, personality, namespaces, keep-caps, machine-check kill policy, rdtsc "
                 "faulting or speculation control than the leader, or that does not share the fd table, "
-                "fs (cwd/umask/root), signal handlers or SysV semaphore undo list with it; seccomp in a "
-                "multi-threaded process; threads created faster than they can be frozen"),
+                "fs (cwd/umask/root), signal handlers or SysV semaphore undo list with it; seccomp strict mode "
+                "in a multi-threaded process, or threads whose filters a restore could not share as they are "
+                "(identical filters installed separately, or a sharing no probe can see); threads created "
+                "faster than they can be frozen"),
     "process-tree": ("a process tree (the target and its descendants, dumped together) that cannot be rebuilt "
                      "as it is: a member in a session that is neither its own nor its parent's, a process group "
                      "with no leader in the tree (nor the root's), a zombie that dumped core, processes forked "

@@ -29,7 +29,7 @@ from . import (autogroup, cgroups, fastjson, fsroot, faults, files, guard, image
                threads, unlinked)
 from .arch import current as current_arch
 from .build import build
-from .check import SPECIAL_MAPPINGS, creds_of, creds_plan, require_features
+from .check import SPECIAL_MAPPINGS, _my_creds, creds_of, creds_plan, require_features
 from .context import Options, RestoreContext, boot_id
 from .errors import EngineError, Refusal, Refusals
 from .fds import handler as fd_handler
@@ -126,8 +126,15 @@ def check_core(core) -> None:
     why = threads.check_records(core.get("threads", []))
     if why:
         raise _bad(f"{w}: {why}")
-    if core.get("threads") and core["seccomp"]["mode"]:
-        raise _bad(f"{w}: seccomp in a multi-threaded process (refused at dump)")
+    if core.get("threads"):
+        srecs = {core.get("pid"): core["seccomp"]}
+        srecs.update((r["tid"], r["seccomp"]) for r in core["threads"])
+        if any(r["mode"] == 1 for r in srecs.values()):
+            raise _bad(f"{w}: seccomp strict mode in a multi-threaded process (refused at dump)")
+        if any(r["mode"] for r in srecs.values()):
+            why = seccomp.tree_problem(srecs)
+            if why:
+                raise _bad(f"{w}: {why}")
 
 
 def check_mm(mm, npage_files: int) -> List[dict]:
@@ -194,6 +201,9 @@ def _my_special_block() -> List[tuple]:
     return _MY_SPECIAL["block"]
 
 
+MAP_VERDICTS = "_map_verdicts"      # ctx.shared: the pre-flight's verdict on each mapped file's record
+
+
 def preflight(reader: ImageReader, core: dict, vmas: List[dict], fdrecs: List[dict],
               ctx: RestoreContext, tree_member: bool = False) -> None:
     """Everything that can be refused before a process exists; raises
@@ -215,7 +225,7 @@ def preflight(reader: ImageReader, core: dict, vmas: List[dict], fdrecs: List[di
         add(Refusal("unsupported-mapping", f"the vdso of kernel {reader.manifest.get('kernel')} "
                     f"({theirs}) cannot be provided by kernel {os.uname().release} ({mine})"))
     try:
-        plan = creds_plan(core["creds"], creds_of(procfs.self_status()))
+        plan = creds_plan(core["creds"], _my_creds())
         core["_creds_plan"] = plan
     except (Refusal, KeyError, TypeError) as e:
         add(e if isinstance(e, Refusal) else _bad(f"credentials record: {e}"))
@@ -231,7 +241,8 @@ def preflight(reader: ImageReader, core: dict, vmas: List[dict], fdrecs: List[di
                 add(Refusal("capability", f"RLIMIT_{libc.RLIMIT_NAMES[i]} hard limit {mx} is above ckpt's "
                             f"{mymax}; raising it needs CAP_SYS_RESOURCE"))
     for r in sched.validate(core["sched"]) + posixtimers.validate(core["posix_timers"]) + \
-            seccomp.validate(core["seccomp"]) + procattrs.validate(core["attrs"], core.get("_creds_plan", "")) + \
+            seccomp.validate(next((r for r in [core["seccomp"]] + [t["seccomp"] for t in core.get("threads", [])]
+                                   if r["mode"]), core["seccomp"])) + procattrs.validate(core["attrs"], core.get("_creds_plan", "")) + \
             mempolicy.validate(core["mempolicy"]) + cgroups.validate(core.get("cgroups")) + \
             fsroot.validate(core.get("root")) + \
             [r for t in core.get("threads", []) if t.get("mempolicy", core["mempolicy"]) != core["mempolicy"]
@@ -280,23 +291,30 @@ def preflight(reader: ImageReader, core: dict, vmas: List[dict], fdrecs: List[di
             mod.validate(rec, ctx)
         except Refusal as r:
             add(r)
+    # Each mapped file's record (and the exe's) judged once per restore:
+    # a tree's members map the same files (the same record, the same
+    # verdict, given again to each member that has it). Only the
+    # pre-flight's checks: the content is checked on each fd opened for a
+    # member (files.map_open).
+    verdicts = ctx.shared.setdefault(MAP_VERDICTS, {})
     seen = set()
-    for v in vmas:
-        if v["kind"] != "file":
-            continue
-        key = fastjson.dumps(v["file"], sort_keys=True)
-        if key in seen:
-            continue
-        seen.add(key)
-        try:
-            faults.point("restore.map_validate")
-            files.map_validate(v["file"], ctx)
-        except Refusal as r:
-            add(r)
-    try:
-        files.map_validate(core["exe"], ctx)
-    except Refusal as r:
-        add(r)
+    for rec, point in [(v["file"], True) for v in vmas if v["kind"] == "file"] + [(core["exe"], False)]:
+        key = fastjson.dumps(rec, sort_keys=True)
+        if point:       # the exe is judged even when a mapping has its record (refused for each, as before)
+            if key in seen:
+                continue
+            seen.add(key)
+        if key not in verdicts:
+            try:
+                if point:
+                    faults.point("restore.map_validate")
+                files.map_validate(rec, ctx)
+                verdicts[key] = None
+            except Refusal as r:
+                verdicts[key] = r
+        if verdicts[key] is not None:
+            r = verdicts[key]
+            add(r.with_pid(pid) if r.pid is not None and r.pid != pid else r)
     if refusals:
         _content_refusals(fdrecs, vmas, core, ctx, refusals, add)
         raise refusals[0] if len(refusals) == 1 else Refusals(refusals)

@@ -18,7 +18,8 @@ program runs is filtered exactly as before.
 
 Refused: a filter that can return SECCOMP_RET_USER_NOTIF (its listener, a
 supervisor's fd, cannot be carried over). Install flags the kernel does
-not keep: TSYNC/TSYNC_ESRCH (one thread: nothing to sync), NEW_LISTENER and
+not keep: TSYNC/TSYNC_ESRCH (their effect, which threads share a filter,
+is what the multi-threaded part below restores), NEW_LISTENER and
 WAIT_KILLABLE_RECV (only with USER_NOTIF), SPEC_ALLOW (see README Known
 limits).
 """
@@ -29,10 +30,10 @@ import ctypes
 import struct
 TYPE_CHECKING = False   # annotations only: importing typing costs every run ~3 ms
 if TYPE_CHECKING:
-    from typing import List
+    from typing import List, Optional
 
 from . import libc, ptrace
-from .errors import Refusal
+from .errors import EngineError, Refusal
 
 PTRACE_SECCOMP_GET_FILTER = 0x420C
 PTRACE_SECCOMP_GET_METADATA = 0x420D
@@ -134,31 +135,327 @@ def describe(rec: dict) -> str:
 def check_record(rec) -> bool:
     try:
         return rec["mode"] in (0, 1, 2) and all(
-            isinstance(f["prog"], str) and len(f["prog"]) % (2 * INSN) == 0 and isinstance(f["flags"], int)
+            isinstance(f["prog"], str) and len(f["prog"]) % (2 * INSN) == 0 and f["prog"]
+            and isinstance(f["flags"], int) and isinstance(f.get("node", 0), int)
             for f in rec["filters"]) and (rec["mode"] == 2) == bool(rec["filters"])
     except (KeyError, TypeError):
         return False
 
 
 def install(b, rec: dict) -> None:
-    """Builder stage: install strict mode or the filters in the new process."""
-    if not rec or rec["mode"] == 0:
+    """Builder stage: install strict mode or the filters in the new process
+    (a multi-threaded one's were installed with its threads: b.seccomp_done)."""
+    if not rec or rec["mode"] == 0 or b.seccomp_done:
         return
     suspend(b.task, ptrace.O_EXITKILL)
     if rec["mode"] == 1:
         b.call("seccomp", SECCOMP_SET_MODE_STRICT, 0, 0)
         return
-    progs = [bytes.fromhex(f["prog"]) for f in rec["filters"]]
-    size = (max(len(p) for p in progs) + 16 + PAGE - 1) & ~(PAGE - 1)
+    got, size = map_area(b, rec["filters"])
+    try:
+        for f in rec["filters"]:
+            install_one(b, got, f)
+    finally:
+        b.call("munmap", got, size)
+
+
+def map_area(b, filters: List[dict]):
+    """(address, size) of a new private mapping in b's process that holds
+    the largest of `filters` and its sock_fprog; the caller unmaps it."""
+    size = (max(len(f["prog"]) // 2 for f in filters) + 16 + PAGE - 1) & ~(PAGE - 1)
     from .build import MAP_ANONYMOUS, MAP_FIXED_NOREPLACE, MAP_PRIVATE, _free_gap, _maps
     busy = [(v["start"], v["end"]) for v in b.job.vmas] + [(v["start"], v["end"]) for v in _maps(b.pid)]
     area = _free_gap(busy, size)
-    got = b.call("mmap", area, size, 3, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0)
+    return b.call("mmap", area, size, 3, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0), size
+
+
+def install_one(b, area: int, f: dict) -> None:
+    """Filter `f` installed by the thread b builds (area: map_area's)."""
+    prog = bytes.fromhex(f["prog"])
+    # struct sock_fprog {unsigned short len; struct sock_filter *filter}
+    b.task.write_mem(area + 16, prog)
+    b.task.write_mem(area, struct.pack("<H6xQ", len(prog) // INSN, area + 16))
+    b.call("seccomp", SECCOMP_SET_MODE_FILTER, f["flags"], area)
+
+
+def read_back(pid: int, tid: int, rec: dict) -> None:
+    """The restored thread's mode and filters are the record's, or EngineError."""
+    want = [(bytes.fromhex(f["prog"]), f["flags"]) for f in rec["filters"]] if rec["mode"] == 2 else []
+    mode = thread_mode(pid, tid)
+    if mode != rec["mode"]:
+        raise EngineError(f"thread {tid}: seccomp mode reads back as {mode}, not {rec['mode']}", pid=tid)
+    got = chain(tid) if mode == 2 else []
+    if got != want:
+        raise EngineError(f"thread {tid}: seccomp filters read back as {len(got)} filter(s) "
+                          f"{[len(p) // INSN for p, _ in got]}, not {[len(p) // INSN for p, _ in want]} "
+                          "(or their programs/flags differ)", pid=tid)
+
+
+# -- multi-threaded processes ----------------------------------------------------
+#
+# Filters are per thread: each thread points at the newest filter of a chain
+# (each filter points at the one before), and a clone starts pointing where
+# its creator does. Threads share a filter object when one was cloned from
+# the other after it was installed, or when SECCOMP_FILTER_FLAG_TSYNC moved
+# every thread onto the caller's new filter. Which objects are shared is
+# what the program can observe later: a TSYNC succeeds only when every
+# other thread's newest filter is on the caller's chain (kernel/seccomp.c
+# seccomp_can_sync_threads), and otherwise returns the first thread (in
+# thread-list order) that is not.
+#
+# PTRACE_SECCOMP_GET_FILTER gives programs, not identities. The dump takes
+# the most sharing the contents allow (a trie: equal prefixes are one
+# chain) and checks every claim that could ever be observed - "thread B's
+# newest filter is on thread A's chain" - with a probe that cannot succeed:
+# a throwaway thread T cloned from A asks for TSYNC while a throwaway
+# sentinel S (created after every real thread, with a filter of its own)
+# is certain to fail the check; the kernel walks the threads in list
+# order, so T's result names the first real thread off A's chain, or S
+# when there is none, and nothing is attached or synchronised either way.
+# A claim contradicted (identical filters installed separately) or hidden
+# behind an expected failure is refused. The restore builds the trie:
+# each shared filter installed once, by one thread, and the threads that
+# share it cloned after it (engine/threads.py create).
+
+SECCOMP_FILTER_FLAG_TSYNC = 1
+SECCOMP_RET_ALLOW = 0x7FFF0000
+PR_SET_NO_NEW_PRIVS = 38
+_CLONE_THREAD_FLAGS = 0x100 | 0x200 | 0x400 | 0x800 | 0x10000 | 0x40000   # VM FS FILES SIGHAND THREAD SYSVSEM
+_CLONE_PTRACE = 0x2000
+PROBE_BYTES = 128       # clone_args, the allow-all program and its sock_fprog
+
+
+def thread_mode(pid: int, tid: int) -> int:
+    with open(f"/proc/{pid}/task/{tid}/status") as f:
+        for line in f:
+            if line.startswith("Seccomp:"):
+                return int(line.split()[1])
+    return 0
+
+
+def _key(rec: dict) -> tuple:
+    return tuple((f["prog"], f["flags"]) for f in rec["filters"]) if rec and rec["mode"] == 2 else ()
+
+
+def assign_nodes(recs: dict) -> None:
+    """Give every filter of `recs` ({tid: seccomp record}) a "node": equal
+    prefixes of the chains get the same numbers (the most sharing their
+    contents allow)."""
+    ids: dict = {}
+    for tid in sorted(recs):
+        key = _key(recs[tid])
+        for i, f in enumerate(recs[tid]["filters"]):
+            f["node"] = ids.setdefault(key[:i + 1], len(ids))
+
+
+def _on_chain(recs: dict, a: int, b: int) -> bool:
+    """The node numbers say: b's newest filter is on a's chain (b filtered)."""
+    fb = recs[b]["filters"]
+    return bool(fb) and fb[-1]["node"] in {f["node"] for f in recs[a]["filters"]}
+
+
+def share(tasks: dict, recs: dict, order: List[int], scratch: int) -> int:
+    """Dump: number the filters of every thread (assign_nodes) and check
+    each observable sharing claim with probes (see above). `tasks`: {tid:
+    frozen Task, seccomp suspended}; `recs`: {tid: seccomp record};
+    `order`: the thread list order (/proc/PID/task); `scratch`: PROBE_BYTES
+    of writable memory of the process. Returns the number of probes run.
+    Raises Refusal."""
+    assign_nodes(recs)
+    return check_sharing(tasks, recs, order, scratch)
+
+
+def check_sharing(tasks: dict, recs: dict, order: List[int], scratch: int) -> int:
+    """share() for records already numbered: the dump's check, and the
+    restore's reading back of what it built."""
+    live = [t for t in order if t in recs]
+    filtered = [t for t in live if recs[t]["mode"] == 2]
+    if any(recs[t]["mode"] == 1 for t in live):
+        raise Refusal("threads", "seccomp strict mode in a multi-threaded process is not restored",
+                      pid=live[0] if live else None)
+    pos = {t: i for i, t in enumerate(filtered)}
+    n = len(filtered)
+    # known[i]: bit j set when "filtered[j]'s newest is on filtered[i]'s
+    # chain" has been seen true; claims are the pairs the trie says true.
+    claims = [sum(1 << pos[b] for b in filtered if b != a and _on_chain(recs, a, b)) for a in filtered]
+    known = [0] * n
+    probes = 0
+    depth = {t: len(recs[t]["filters"]) for t in filtered}
+    for a in sorted(filtered, key=lambda t: (-depth[t], live.index(t))):
+        i = pos[a]
+        if claims[i] & ~known[i] == 0:
+            continue
+        first = probe(tasks[a], scratch)
+        probes += 1
+        if first is not None and first not in recs:
+            raise Refusal("threads", f"seccomp probe from thread {a} named thread {first}, not one of the "
+                          "process's", pid=a)
+        for b in live:
+            if b == a:
+                continue
+            if b == first:
+                break
+            if b in pos:      # passed: its newest filter is on a's chain
+                if not claims[i] >> pos[b] & 1:
+                    raise Refusal("threads", f"seccomp: thread {b}'s filters pass thread {a}'s TSYNC check "
+                                  "though their programs differ", pid=a)
+                known[i] |= 1 << pos[b]
+        if first is not None:
+            if first in pos and claims[i] >> pos[first] & 1:
+                raise Refusal("threads", f"seccomp: threads {a} and {first} hold identical filter programs that "
+                              "they do not share (installed separately): a restore cannot tell them apart "
+                              "from shared ones", pid=a)
+        _close(known, [depth[t] for t in filtered])
+        if claims[i] & ~known[i]:
+            hidden = [filtered[j] for j in range(n) if (claims[i] & ~known[i]) >> j & 1]
+            raise Refusal("threads", f"seccomp: whether thread(s) {', '.join(map(str, hidden))} share thread "
+                          f"{a}'s filters cannot be told (thread {first} fails its TSYNC check first)", pid=a)
+    return probes
+
+
+def _close(known: List[int], depth: List[int]) -> None:
+    """Closure of the facts "j's newest is on i's chain": transitive; and
+    of two threads on one chain, the one no deeper has its newest on the
+    other's chain too (a chain's first filters are one)."""
+    n = len(known)
+    changed = True
+    while changed:
+        changed = False
+        for i in range(n):
+            on = [j for j in range(n) if known[i] >> j & 1 and j != i]
+            for k in on:
+                more = known[k] & ~(1 << i)
+                for j in on + [i]:
+                    if j != k and depth[j] <= depth[k]:
+                        more |= 1 << j
+                if more & ~known[k] & ~(1 << k):
+                    known[k] |= more & ~(1 << k)
+                    changed = True
+                if known[k] & ~known[i] & ~(1 << i):
+                    known[i] |= known[k] & ~(1 << i)
+                    changed = True
+
+
+def probe(a, scratch: int) -> Optional[int]:
+    """The TID the kernel names when a thread positioned like `a` asks for
+    TSYNC (the first thread off a's chain), None when it names the
+    throwaway sentinel (every real thread is on a's chain).
+    Two threads are created in a's process and ended before this returns;
+    no filter of a real thread changes. Raises Refusal."""
+    from .task import Task
+    arch = a.arch
+    size = ctypes.sizeof(arch.CloneArgs)
+    args = arch.CloneArgs(flags=_CLONE_THREAD_FLAGS | _CLONE_PTRACE, exit_signal=0)
+    allow = scratch + 96
+    fprog = scratch + 112
+    a.write_mem(scratch, ctypes.string_at(ctypes.addressof(args), size).ljust(96, b"\0")
+                + struct.pack("<HBBI", BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW).ljust(16, b"\0")
+                + struct.pack("<H6xQ", 1, allow))
+    made: list = []
     try:
-        for f, prog in zip(rec["filters"], progs):
-            # struct sock_fprog {unsigned short len; struct sock_filter *filter}
-            b.task.write_mem(got + 16, prog)
-            b.task.write_mem(got, struct.pack("<H6xQ", len(prog) // INSN, got + 16))
-            b.call("seccomp", SECCOMP_SET_MODE_FILTER, f["flags"], got)
+        for _ in range(2):
+            tid = a.call("clone3", scratch, size)
+            st = ptrace.wait(tid)
+            if not st.stopped:
+                raise Refusal("unsupported-state", f"seccomp probe thread {tid}: {st!r}", pid=a.pid)
+            t = Task(tid)
+            t.tgid, t.syscall_ip, t.fault_name = a.tgid, a.syscall_ip, a.fault_name
+            made.append(t)
+            t.call("prctl", PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)   # its own flag: it installs without CAP_SYS_ADMIN
+        caller, sentinel = made
+        sentinel.call("seccomp", SECCOMP_SET_MODE_FILTER, 0, fprog)
+        if len(chain(sentinel.pid)) != len(chain(a.pid)) + 1:
+            raise Refusal("unsupported-state", "seccomp probe: the sentinel's filter is not in place", pid=a.pid)
+        got = caller.syscall(arch.SYS["seccomp"], SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_TSYNC, fprog)
+        if got == 0:    # cannot happen: the sentinel fails the check
+            raise EngineError("seccomp probe: TSYNC succeeded", pid=a.pid)
+        if got < 0:
+            raise Refusal("threads", f"seccomp: which threads share thread {a.pid}'s filters cannot be told "
+                          f"(probe TSYNC: errno {-got})", pid=a.pid)
+        return None if got == sentinel.pid else got
+    except libc.SysError as e:
+        raise Refusal("threads", f"seccomp: which threads share thread {a.pid}'s filters cannot be told "
+                      f"(probe: {e.message})", pid=a.pid) from None
     finally:
-        b.call("munmap", got, size)
+        for t in made:
+            _end(t)
+
+
+def _end(t) -> None:
+    """Make the throwaway thread `t` call exit(0) and reap it."""
+    regs = t.orig_regs.copy()
+    t.arch.set_syscall(regs, t.syscall_ip, t.arch.SYS["exit"], (0,))
+    t.set_regs(regs)
+    t.close()
+    ptrace.cont(t.pid, 0)
+    while True:
+        st = ptrace.wait(t.pid)
+        if st.exited:
+            t.attached = False
+            return
+        ptrace.cont(t.pid, 0)
+
+
+def chain(tid: int) -> List[tuple]:
+    """[(program bytes, flags)] oldest first, read with ptrace (tid stopped)."""
+    out = []
+    i = 0
+    while True:
+        try:
+            prog = _filter(tid, i)
+        except libc.SysError as e:
+            if e.errno == 2:
+                return out
+            raise
+        out.append((prog, _flags(tid, i) & SECCOMP_FILTER_FLAG_LOG))
+        i += 1
+
+
+def tree_problem(recs: dict) -> Optional[str]:
+    """Why the "node" numbers of `recs` ({tid: seccomp record}) are not one
+    tree (a node with two programs or two parents), or None."""
+    seen: dict = {}
+    for tid, rec in recs.items():
+        parent = None
+        for f in rec["filters"]:
+            node = f.get("node")
+            if not isinstance(node, int) or isinstance(node, bool):
+                return f"thread {tid}: seccomp filter without a node number"
+            val = (f["prog"], f["flags"], parent)
+            if seen.setdefault(node, val) != val:
+                return f"thread {tid}: seccomp filter node {node} is not one filter"
+            parent = node
+    return None
+
+
+def plan(order: List[int], recs: dict) -> list:
+    """The restore's steps, [("clone", creator, tid) | ("install", tid,
+    filter)], that make threads `order[1:]` from order[0] (the leader,
+    which exists) with every filter node installed once and inherited by
+    the threads that share it."""
+    chains = {t: [f["node"] for f in recs[t]["filters"]] for t in order}
+    first = {}
+    for t in order:
+        for f in recs[t]["filters"]:
+            first.setdefault(f["node"], f)
+    steps: list = []
+
+    def grow(creator: int, depth: int, members: List[int]) -> None:
+        groups: dict = {}
+        for m in members:
+            if len(chains[m]) == depth:
+                steps.append(("clone", creator, m))
+            else:
+                groups.setdefault(chains[m][depth], []).append(m)
+        mine = chains[creator][depth] if len(chains[creator]) > depth else None
+        for node, g in groups.items():
+            if node != mine:
+                steps.append(("clone", creator, g[0]))
+                steps.append(("install", g[0], first[node]))
+                grow(g[0], depth + 1, g[1:])
+        if mine is not None:
+            steps.append(("install", creator, first[mine]))
+            grow(creator, depth + 1, groups.get(mine, []))
+
+    grow(order[0], 0, order[1:])
+    return steps

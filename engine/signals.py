@@ -135,6 +135,8 @@ def collect(task) -> dict:
     out = {"thread": [decode(r) for r in peek(task.pid, False)] if sets["thread"] else [],
            "shared": [decode(r) for r in peek(task.pid, True)] if sets["shared"] else []}
     for q in QUEUES:
+        if not sets[q]:
+            continue        # nothing pending there (most tasks): no bit to look for
         have = {s["signo"] for s in out[q]}
         for sig in range(1, 65):
             if sets[q] >> (sig - 1) & 1 and sig not in have:

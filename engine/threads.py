@@ -24,12 +24,13 @@ timer slack are per thread in Linux; engine/sched.py is applied per TID).
 Refused (`threads`), because a restore would make them the same: a thread
 with other credentials, no_new_privs, personality or namespaces than the leader, one
 that does not share the fd table, fs (cwd/umask/root), signal handlers or
-SysV semaphore undo list with it (kcmp), and seccomp in a multi-threaded
-process (filters are per thread and inherited at clone: not rebuilt here).
+SysV semaphore undo list with it (kcmp). Seccomp filters are per thread:
+each thread's chain is saved, and which threads share which filter is
+checked by engine/seccomp.py share (refused there when it cannot be).
 
 Restore (Builder stage, after the mm and the process-wide state, before
 credentials are dropped: clone3 set_tid needs CAP_CHECKPOINT_RESTORE in
-the caller): the leader gets PTRACE_O_TRACECLONE and makes an injected
+the caller; under seccomp filters, see _create_filtered): the leader gets PTRACE_O_TRACECLONE and makes an injected
 clone3(CLONE_VM|FS|FILES|SIGHAND|THREAD|SYSVSEM, set_tid=[TID]). The new
 thread returns at the gadget's syscall exit, but it is ours before it runs
 one instruction: auto-attached, it starts in a SIGSTOP stop (the leader was
@@ -51,7 +52,7 @@ TYPE_CHECKING = False   # annotations only: importing typing costs every run ~3 
 if TYPE_CHECKING:
     from typing import List, Optional
 
-from . import faults, guard, libc, mempolicy, procattrs, ptrace, sched, signals, sud
+from . import faults, guard, libc, mempolicy, procattrs, ptrace, sched, seccomp, signals, sud
 from .errors import EngineError, Refusal
 from .libc import SysError
 from .task import Task
@@ -66,7 +67,7 @@ THREAD_FLAGS = CLONE_VM | CLONE_FS | CLONE_FILES | CLONE_SIGHAND | CLONE_THREAD 
 PR_GET_TID_ADDRESS = 40
 PR_GET_PDEATHSIG = 2
 SAME_STATUS = ("Uid", "Gid", "Groups", "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb",
-               "NoNewPrivs", "Seccomp")
+               "NoNewPrivs")     # not Seccomp: filters are per thread (engine/seccomp.py share)
 NS_KINDS = ("net", "uts", "ipc", "mnt", "user", "cgroup", "time")
 
 
@@ -338,7 +339,8 @@ def thread_state(task: Task, leader: Task, vmas: List[dict]) -> dict:
     from .procfs import read_all
     comm = read_all(f"/proc/{pid}/task/{tid}/comm").decode().rstrip("\n")
     rec = {"tid": tid, "comm": comm, "regs": task.image_regs.to_dict(), "sigmask": task_sigmask(task),
-           "rseq": _rseq(task), "robust_list": robust_list(tid), "sched": sched.dump(tid), "sud": task.sud}
+           "rseq": _rseq(task), "robust_list": robust_list(tid), "sched": sched.dump(tid), "sud": task.sud,
+           "seccomp": seccomp.dump(tid, seccomp.thread_mode(pid, tid))}
     pre = getattr(task, "prefetched_thread", None)
     if pre is not None:
         pre = dict(pre)
@@ -498,10 +500,19 @@ def survey(s, leader: Task, others: List[Task], state: Optional[dict]) -> List[d
         s.ok("threads", "process", "single-threaded")
         return []
     s.ok("threads", "process", f"{len(others) + 1} threads: {pid} " + " ".join(str(t.pid) for t in others))
-    if int(s.status.get("Seccomp", "0") or 0):
-        s.refuse("threads", "process", Refusal(
-            "threads", "seccomp in a multi-threaded process (filters are per thread) is not restored"))
-    elif state is not None:
+    modes = {}
+    for t in others:
+        try:
+            modes[t.pid] = seccomp.thread_mode(pid, t.pid)
+            if modes[t.pid]:
+                seccomp.suspend(t, ptrace.O_TRACECLONE)    # before anything is injected into it
+        except Refusal as r:
+            s.refuse("seccomp", "credentials", Refusal(r.reason, f"thread {t.pid}: {r.detail}"))
+            return []
+        except OSError as e:
+            s.refuse(f"thread {t.pid}", "process", Refusal("unsupported-state", f"thread {t.pid} unreadable: {e}"))
+            return []
+    if state is not None:
         prefetch(others, leader, s.vmas)
     recs = []
     lead = leader_view(pid)
@@ -537,7 +548,36 @@ def survey(s, leader: Task, others: List[Task], state: Optional[dict]) -> List[d
              f"{rec['regs'].get('fs_base', rec['regs'].get('tpidr', 0)):#x}, tid address {rec['tid_address']:#x}, "
              f"pending {signals.describe(sigs)}")
         recs.append(rec)
+    if state is not None and len(recs) == len(others) and (state["seccomp"]["mode"] or any(modes.values())):
+        try:
+            n = _share_seccomp(leader, others, state, recs, s.vmas)
+        except Refusal as r:
+            s.refuse("seccomp", "credentials", r)
+            return []
+        s.ok("seccomp per thread", "credentials", f"{len(recs) + 1} threads, "
+             f"{len({f['node'] for r in [state] + recs for f in r['seccomp']['filters']})} distinct filter(s), "
+             f"sharing checked by {n} TSYNC probe(s)")
     return recs
+
+
+def _share_seccomp(leader: Task, others: List[Task], state: dict, recs: List[dict], vmas: List[dict]) -> int:
+    """engine/seccomp.py share() over the whole thread group, its probes'
+    scratch memory below the leader's stack pointer (saved and put back)."""
+    from .dump import _scratch
+    pid = leader.pid
+    order = [int(t) for t in os.listdir(f"/proc/{pid}/task")]     # readdir walks the thread list
+    tasks = {pid: leader}
+    tasks.update((t.pid, t) for t in others)
+    srecs = {pid: state["seccomp"]}
+    srecs.update((r["tid"], r["seccomp"]) for r in recs)
+    if sorted(order) != sorted(srecs):
+        raise Refusal("threads", f"threads changed while frozen: {sorted(order)}", pid=pid)
+    scr = _scratch(leader, vmas)
+    saved = leader.read_mem(scr, seccomp.PROBE_BYTES)
+    try:
+        return seccomp.share(tasks, srecs, order, scr)
+    finally:
+        leader.write_mem(scr, saved)
 
 
 def pending(task: Task, rec: dict, state: Optional[dict]) -> dict:
@@ -609,6 +649,9 @@ def check_records(recs) -> Optional[str]:
                 return f"thread {r['tid']}: syscall user dispatch"
             if not mempolicy.check_record(r.get("mempolicy", [0, 0])):
                 return f"thread {r['tid']}: mempolicy"
+            r.setdefault("seccomp", {"mode": 0, "filters": []})    # formats before the per-thread record
+            if not seccomp.check_record(r["seccomp"]):
+                return f"thread {r['tid']}: seccomp"
             signals.check_record(r["signals"])
             current().normalise_restart(current().Regs.from_dict(r["regs"]))
         except Refusal as e:
@@ -633,11 +676,18 @@ def create(b) -> None:
     ptrace_init_task), and the leader makes no event stop per clone (as
     with PTRACE_O_TRACECLONE). The threads' own settings then run side by
     side, each thread its own slot of the batch area (one address space)."""
-    from .batch import Data, run_each
-    from .build import Builder
     recs = b.job.core.get("threads") or []
     if not recs:
         return
+    if b.job.core["seccomp"]["mode"] or any(r["seccomp"]["mode"] for r in recs):
+        _create_filtered(b, recs)
+    else:
+        _create_batched(b, recs)
+    _own_states(b)
+
+
+def _create_batched(b, recs: List[dict]) -> None:
+    from .batch import Data
     size = ctypes.sizeof(b.arch.CloneArgs)
     index = []
     for rec in recs:
@@ -664,19 +714,83 @@ def create(b) -> None:
         if got[i] != rec["tid"]:
             raise Refusal("pid-in-use", f"thread came back as TID {got[i]}, not {rec['tid']}", pid=b.pid)
     for rec in recs:
-        t = Task.adopt(rec["tid"])
-        faults.point("restore.thread")
-        t.tgid = b.pid
-        tb = Builder(b.job, t)
-        tb.use_gadget(b.gadget, b.gadget_size)
-        tb.rec = rec
-        tb.timerslack = b.timerslack        # a clone's current slack is its creator's
-        # One signal table (CLONE_SIGHAND): what the leader's builder knows
-        # of it holds for the thread's batch too (engine/batch.py trap_safe).
-        tb.inherited_actions = b.inherited_actions
-        tb.signals_queued = b.signals_queued
-        b.threads.append(tb)
-        _own_state(tb, rec)
+        _adopt(b, b, rec)
+
+
+def _adopt(b, creator, rec: dict, extra_options: int = 0):
+    """The Builder of the thread `creator` just cloned for `rec`."""
+    from .build import Builder
+    t = Task.adopt(rec["tid"], extra_options)
+    faults.point("restore.thread")
+    t.tgid = b.pid
+    tb = Builder(b.job, t)
+    tb.use_gadget(b.gadget, b.gadget_size)
+    tb.rec = rec
+    tb.timerslack = creator.timerslack      # a clone's current slack is its creator's
+    # One signal table (CLONE_SIGHAND): what the leader's builder knows
+    # of it holds for the thread's batch too (engine/batch.py trap_safe).
+    tb.inherited_actions = b.inherited_actions
+    tb.signals_queued = b.signals_queued
+    b.threads.append(tb)
+    return tb
+
+
+def _create_filtered(b, recs: List[dict]) -> None:
+    """create() for a process whose threads hold seccomp filters: each
+    filter the threads share is installed once, by one thread, and the
+    threads sharing it are cloned from that one afterwards (seccomp.plan),
+    so that which threads share which filters - what a later TSYNC sees -
+    is as it was; every thread's chain is then read back, and the sharing
+    checked by the dump's probes. Every clone is PTRACE_O_SUSPEND_SECCOMP'd
+    (inherited from its creator, kept by adopt), so the filters judge none
+    of the restorer's injected calls."""
+    seccomp.suspend(b.task, ptrace.O_EXITKILL)
+    srecs = {b.pid: b.job.core["seccomp"]}
+    srecs.update((r["tid"], r["seccomp"]) for r in recs)
+    by_tid = {r["tid"]: r for r in recs}
+    builders = {b.pid: b}
+    size = ctypes.sizeof(b.arch.CloneArgs)
+    filters = [f for r in srecs.values() for f in r["filters"]]
+    area = area_size = 0
+    if filters:
+        area, area_size = seccomp.map_area(b, filters)
+    try:
+        for step in seccomp.plan([b.pid] + [r["tid"] for r in recs], srecs):
+            if step[0] == "install":
+                seccomp.install_one(builders[step[1]], area, step[2])
+                continue
+            creator, rec = builders[step[1]], by_tid[step[2]]
+            default = rec["sched"].get("default_timerslack_ns")
+            if default and default != creator.timerslack:
+                # The clone's default slack is its creator's current one (kernel/fork.c).
+                creator.call("prctl", sched.PR_SET_TIMERSLACK, default, 0, 0, 0)
+                creator.timerslack = default
+            addr = creator.scratch
+            args = b.arch.CloneArgs(flags=THREAD_FLAGS | CLONE_PTRACE, exit_signal=0, set_tid=addr + size,
+                                    set_tid_size=1)
+            creator.put(ctypes.string_at(ctypes.addressof(args), size) + struct.pack("<i", rec["tid"]) + bytes(4))
+            try:
+                got = creator.call("clone3", addr, size)
+            except SysError as e:
+                if e.errno == 17:   # EEXIST
+                    raise Refusal("pid-in-use", f"TID {rec['tid']} was taken before its thread could be restored",
+                                  pid=b.pid) from None
+                raise
+            if got != rec["tid"]:
+                raise Refusal("pid-in-use", f"thread came back as TID {got}, not {rec['tid']}", pid=b.pid)
+            builders[got] = _adopt(b, creator, rec, seccomp.O_SUSPEND_SECCOMP)
+    finally:
+        if area:
+            b.call("munmap", area, area_size)
+    for tid, rec in srecs.items():
+        seccomp.read_back(b.pid, tid, rec)
+    b.seccomp_done = True
+
+
+def _own_states(b) -> None:
+    from .batch import run_each
+    for tb in b.threads:
+        _own_state(tb, tb.rec)
     slots = max(1, b.batch_size // OWN_STATE_SLOT) if b.batch_area else 1
     for k in range(0, len(b.threads), slots):
         group = b.threads[k:k + slots]

@@ -649,18 +649,23 @@ def _survey(members: List[Member], options, img, boot) -> List[Refusal]:
 
 
 TREE_KEY_PREFIX = "tree:"
+# Also one for the whole tree: a file's identity and digest (engine/files.py
+# record_identity, by dev and inode) and a device's filesystem (map_dump's
+# statfs): the members of a tree map the same libraries, each read once.
+TREE_KEYS = (TREE_KEY_PREFIX, "ident:", "fsmagic:")
 
 
 class _LazyShared(dict):
     """A member's ctx.shared whose entry `key`, and every entry named
-    "tree:...", live in `common` (one dict for the whole tree)."""
+    "tree:..." (or another of TREE_KEYS), live in `common` (one dict for
+    the whole tree)."""
 
     def __init__(self, common: dict, key: str):
         super().__init__()
         self._common, self._key = common, key
 
     def _tree(self, k) -> bool:
-        return k == self._key or (isinstance(k, str) and k.startswith(TREE_KEY_PREFIX))
+        return k == self._key or (isinstance(k, str) and k.startswith(TREE_KEYS))
 
     def get(self, k, default=None):
         if self._tree(k):

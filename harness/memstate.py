@@ -24,8 +24,14 @@ sides of the dump (a second retry writes the same bytes).
 
 Only MAP_PRIVATE mappings are digested (what the process owns; a shared
 mapping's bytes belong to its file or to other processes too), but code, per
-256 KiB block of addresses, each page with its address: a restore may split
-or merge mappings differently, the digest of an address block is the same.
+256 KiB block of addresses, its non-zero pages with their addresses: a
+restore may split or merge mappings differently, and may or may not map a
+page of zeros, the digest of an address block is the same. Pages of an
+anonymous mapping in neither memory nor swap (/proc/PID/pagemap) are zeros
+and not read at all.
+
+One read makes the digest, bracketed by the process's context switch
+counts (_switches): unchanged, it did not run while its memory was read.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ except ImportError:  # pragma: no cover
 
 PAGE = 4096
 BLOCK = 64 * PAGE
+_ZERO = bytes(PAGE)
 RED_ZONE = 128          # x86_64 ABI; aarch64 has none (harmless: 128 more bytes compared)
 # rt_sigtimedwait, the call sigwaitinfo makes (its 3rd argument, the timeout, NULL)
 SIGTIMEDWAIT_NR = {"x86_64": 128, "aarch64": 137}
@@ -98,11 +105,13 @@ def nudge(pid: int, seconds: float = 5.0) -> None:
         time.sleep(0.01)
 
 
-def _regions(pid: int) -> List[Tuple[int, int]]:
+def _regions(pid: int) -> List[Tuple[int, int, bool]]:
     """The private mappings the process can read, but code: writable ones
     and read-only ones alike (a library's RELRO pages are written by the
     dynamic linker, then made read-only); not the kernel's ([vvar] changes
-    by itself, [vdso] and [vsyscall] are the kernel's code)."""
+    by itself, [vdso] and [vsyscall] are the kernel's code). Each as (lo,
+    hi, anonymous): a page of an anonymous one that is in neither memory
+    nor swap holds zeros, a file's holds the file's bytes."""
     out = []
     for line in (_read(f"/proc/{pid}/maps") or "").splitlines():
         parts = line.split(None, 5)
@@ -110,50 +119,130 @@ def _regions(pid: int) -> List[Tuple[int, int]]:
         if perms[0] == "r" and perms[2] != "x" and perms[3] == "p" \
                 and not (name.startswith("[") and name not in ("[heap]", "[stack]")):
             lo, hi = (int(x, 16) for x in parts[0].split("-"))
-            out.append((lo, hi))
+            out.append((lo, hi, name in ("", "[heap]", "[stack]")))
     return out
+
+
+def _populated(pagemap, lo: int, hi: int) -> List[Tuple[int, int]]:
+    """The runs of pages of [lo, hi) in memory or in swap (/proc/PID/pagemap
+    bits 63 and 62). Read through /proc/PID/mem, a page in neither would be
+    mapped to the zero page: a warm workload's heap holds 64 MB never
+    touched (harness/warmfork.py HEAP_PAD), which cost seconds to read and
+    hash in a TCG guest, and which the engine then dumped as 64 MB of
+    present zero pages."""
+    pagemap.seek(lo // PAGE * 8)
+    raw = pagemap.read((hi - lo) // PAGE * 8)
+    out: List[Tuple[int, int]] = []
+    for i in range(7, len(raw), 8):
+        if raw[i] & 0xc0:
+            a = lo + (i // 8) * PAGE
+            if out and out[-1][1] == a:
+                out[-1] = (out[-1][0], a + PAGE)
+            else:
+                out.append((a, a + PAGE))
+    if len(raw) < (hi - lo) // PAGE * 8:     # not told: read the rest
+        out.append((lo + len(raw) // 8 * PAGE, hi))
+    return out
+
+
+class _Blocks:
+    """The digests per block of addresses, fed with the memory's non-zero
+    pages in address order: each maximal run of contiguous non-zero pages
+    within a block as its address, its length and its bytes. A zero page
+    adds nothing, read or known to be zero without reading (never touched):
+    the digest is one of the bytes at each address, whether a page is
+    present, how the mappings are split or merged (a restore may do either
+    differently)."""
+
+    def __init__(self) -> None:
+        self.hashes: Dict[int, object] = {}
+        self.run_lo = self.run_hi = -1
+        self.parts: List[memoryview] = []
+
+    def add(self, addr: int, data: bytearray) -> None:
+        """``data`` (whole pages) at ``addr``; called in address order."""
+        view, n, off = memoryview(data), len(data), 0
+        while off < n:
+            if data.startswith(_ZERO, off):
+                off += PAGE
+                continue
+            a = addr + off
+            if a != self.run_hi or a % BLOCK == 0:
+                self.flush()
+                self.run_lo = a
+            # as far as non-zero pages go on, within the block: one update
+            end, limit = off + PAGE, min(n, off + BLOCK - a % BLOCK)
+            while end < limit and not data.startswith(_ZERO, end):
+                end += PAGE
+            self.parts.append(view[off:end])
+            self.run_hi, off = addr + end, end
+
+    def flush(self) -> None:
+        if not self.parts:
+            return
+        b = self.run_lo // BLOCK
+        h = self.hashes.get(b)
+        if h is None:
+            h = self.hashes[b] = blake2b(digest_size=12)
+        h.update(self.run_lo.to_bytes(8, "little") + (self.run_hi - self.run_lo).to_bytes(8, "little"))
+        for p in self.parts:
+            h.update(p)
+        self.parts = []
+
+    def result(self) -> Dict[str, str]:
+        self.flush()
+        return {f"mem.{b * BLOCK:x}": h.hexdigest() for b, h in sorted(self.hashes.items())}
 
 
 def digest(pid: int, skip: List[Tuple[int, int]]) -> Dict[str, str]:
     """``{"mem.<block>": hex}`` for every 256 KiB block of addresses holding
-    private memory (_regions), the ``skip`` (addr, length) ranges zeroed."""
-    blocks: Dict[int, object] = {}
-    with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
-        for lo, hi in _regions(pid):
-            try:
-                mem.seek(lo)
-                data = bytearray(mem.read(hi - lo))
-            except OSError:
-                data = bytearray()
-            if len(data) < hi - lo:       # a page the kernel will not read: say so in its block
-                data += b"\xff" * (hi - lo - len(data))
-            for a, n in skip:
-                s, e = max(a, lo), min(a + n, hi)
-                if s < e:
-                    data[s - lo:e - lo] = bytes(e - s)
-            view = memoryview(data)
-            # one update per part of a block the region covers, its address
-            # first (not per page: in a TCG guest the calls were most of it)
-            addr = lo
-            while addr < hi:
-                end = min(hi, (addr // BLOCK + 1) * BLOCK)
-                h = blocks.get(addr // BLOCK)
-                if h is None:
-                    h = blocks[addr // BLOCK] = blake2b(digest_size=12)
-                h.update(addr.to_bytes(8, "little"))
-                h.update(view[addr - lo:end - lo])
-                addr = end
-    return {f"mem.{b * BLOCK:x}": h.hexdigest() for b, h in sorted(blocks.items())}
+    non-zero private memory (_regions), the ``skip`` (addr, length) ranges
+    zeroed."""
+    blocks = _Blocks()
+    with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem, \
+            open(f"/proc/{pid}/pagemap", "rb", buffering=0) as pagemap:
+        for lo, hi, anon in _regions(pid):
+            for a, b in (_populated(pagemap, lo, hi) if anon else [(lo, hi)]):
+                data = bytearray(b - a)
+                try:
+                    mem.seek(a)
+                    got = mem.readinto(data) or 0
+                except OSError:
+                    got = 0
+                if got < b - a:     # a page the kernel will not read: say so in its block
+                    data[got:] = b"\xff" * (b - a - got)
+                for s, n in skip:
+                    s, e = max(s, a), min(s + n, b)
+                    if s < e:
+                        data[s - a:e - a] = bytes(e - s)
+                blocks.add(a, data)
+    return blocks.result()
 
 
 def _stack_skip(pid: int, call: List[str]) -> Tuple[int, int]:
     """The dead part of the sleeping thread's stack: from its mapping's
     start to the stack pointer less the red zone."""
     sp = int(call[7], 16)
-    for lo, hi in _regions(pid):
+    for lo, hi, _ in _regions(pid):
         if lo <= sp < hi:
             return lo, max(0, sp - RED_ZONE - lo)
     return 0, 0
+
+
+def _switches(pid: int) -> Optional[List[str]]:
+    """The process's voluntary and involuntary context switch counts: a
+    task that runs at all, however briefly, leaves the CPU again by one or
+    the other (kernel/sched/core.c __schedule), and /proc/PID/syscall
+    answers only once the task is off the CPU (task_current_syscall waits
+    for it). Read before ``quiet_call`` on the way in and after it on the
+    way out, unchanged counts mean the process did not run in between: one
+    read of its memory is then one moment, where it took two equal reads
+    (each seconds in a TCG guest)."""
+    text = _read(f"/proc/{pid}/status") or ""
+    got = [line for line in text.splitlines() if line.startswith(("voluntary_ctxt", "nonvoluntary_ctxt"))]
+    if len(got) != 2:
+        raise NotQuiet("no context switch counts in /proc/PID/status")
+    return got
 
 
 def quiet_digest(pid: int, pub: dict, tries: int = 3, seconds: float = 15.0) -> Dict[str, str]:
@@ -174,15 +263,14 @@ def quiet_digest(pid: int, pub: dict, tries: int = 3, seconds: float = 15.0) -> 
             time.sleep(0.02)
         nudge(pid)
         skip = [(int(q["errno"]), 4)] + ([(int(q["rseq"]), int(q["rseq_len"]))] if q.get("rseq") else [])
-        last: Dict[str, str] = {}
         for _ in range(tries):
+            switches = _switches(pid)
             call = quiet_call(pid)
             if call is None:
                 raise NotQuiet("woke up while its memory was read")
             now = digest(pid, skip + [_stack_skip(pid, call)])
-            if now == last and quiet_call(pid) == call:
+            if quiet_call(pid) == call and _switches(pid) == switches:
                 return dict(now, mem="quiet")
-            last = now
-        raise NotQuiet(f"memory still changing after {tries} reads")
+        raise NotQuiet(f"it ran while its memory was read, {tries} times")
     except (NotQuiet, OSError, KeyError, ValueError) as e:
         return {"mem": f"not quiet: {e}"}

@@ -111,3 +111,66 @@ def test_cache_file_writable_by_others_is_ignored(cache, tmp_path, monkeypatch):
     calls, compute = _counting()
     assert _digest(f, compute) != "0" * 64 and len(calls) == 1
     assert st.st_size == 4096
+
+
+def _key_of(path) -> str:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return digestcache.key(os.fstat(fd), generation(fd))
+    finally:
+        os.close(fd)
+
+
+def _many(k: str, want: str, n: int = 2000) -> bytes:
+    """A cache file as _save writes it: n other entries around `k`'s."""
+    import json
+    d = {f"1:{i}:0:4096:1:1": {"sha256": "%064x" % i, "at": i} for i in range(n)}
+    d[k] = {"sha256": want, "at": 1}
+    d.update({f"2:{i}:0:4096:1:1": {"sha256": "%064x" % i, "at": i} for i in range(n)})
+    return json.dumps(d, separators=(",", ":")).encode()
+
+
+def test_lookup_reads_its_entry_not_the_whole_file(cache, tmp_path, monkeypatch):
+    """A hit in a cache of thousands of entries parses that entry only (the
+    whole file's parse was most of the cache's cost to a small process's
+    dump and restore); the digest is the one stored."""
+    f = tmp_path / "lib5.so"
+    _settled(f, b"g" * 4096)
+    if not _on_trusted_fs(f):
+        pytest.skip("tmp_path is not on a trusted file system")
+    want = "ab" * 32
+    cache.write_bytes(_many(_key_of(f), want))
+    os.chmod(cache, 0o600)
+    parsed = []
+    real = digestcache.fastjson.loads
+    monkeypatch.setattr(digestcache.fastjson, "loads", lambda s: parsed.append(len(s)) or real(s))
+    calls, compute = _counting()
+    assert _digest(f, compute) == want and not calls
+    assert parsed and max(parsed) < 200
+
+
+def test_torn_cache_file_is_ignored(cache, tmp_path):
+    """A cache file that does not end as a JSON object ends (cut short by
+    anything but our own whole-file rename) is not searched: its entries
+    are not used."""
+    f = tmp_path / "lib6.so"
+    _settled(f, b"h" * 4096)
+    if not _on_trusted_fs(f):
+        pytest.skip("tmp_path is not on a trusted file system")
+    whole = _many(_key_of(f), "cd" * 32, n=10)
+    cache.write_bytes(whole[:-1])
+    os.chmod(cache, 0o600)
+    calls, compute = _counting()
+    assert _digest(f, compute) == sha256_fd(os.open(f, os.O_RDONLY)) and len(calls) == 1
+
+
+def test_last_of_two_entries_wins_as_in_json(cache, tmp_path):
+    f = tmp_path / "lib7.so"
+    _settled(f, b"i" * 4096)
+    if not _on_trusted_fs(f):
+        pytest.skip("tmp_path is not on a trusted file system")
+    k = _key_of(f)
+    cache.write_text('{"%s":{"sha256":"%s","at":0},"%s":{"sha256":"%s","at":1}}' % (k, "1" * 64, k, "2" * 64))
+    os.chmod(cache, 0o600)
+    calls, compute = _counting()
+    assert _digest(f, compute) == "2" * 64 and not calls

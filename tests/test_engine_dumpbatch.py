@@ -17,14 +17,16 @@ from engine import dumpbatch, procfs
 from engine.context import Options
 from engine import membarrier, procattrs
 from engine.dump import dump
+from engine import landlock
 from engine.task import INJECTED
 from engine_core_support import procs, wait_for  # noqa: F401
 
 TARGET = os.path.join(os.path.dirname(__file__), "targets", "sigstate.c")
 # brk, 62 sigactions, sigaltstack, 2 prctl, 3 getitimer, 5 prctl (engine/procattrs.py), get_mempolicy
 # (engine/mempolicy.py), and the optional reads this kernel has (procattrs.OPTIONAL: 4 on x86_64 6.4+;
-# membarrier GET_REGISTRATIONS, 6.3+)
-STEPS = 75 + len(procattrs.reads()) - len(procattrs.READS) + len(membarrier.reads())
+# membarrier GET_REGISTRATIONS, 6.3+), and the Landlock probe where Landlock runs (the target is root:
+# kcmp against ckpt itself, engine/landlock.py reads)
+STEPS = 75 + len(procattrs.reads()) - len(procattrs.READS) + len(membarrier.reads()) + (1 if landlock.enabled() else 0)
 
 
 @pytest.fixture(scope="module")

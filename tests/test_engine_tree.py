@@ -556,3 +556,42 @@ while not os.path.exists('child-ready'): time.sleep(0.01)
         flags += [int(x) for x in re.findall(r'"mlock_future":\s*(\d+)', open(path).read())]
     assert sorted(flags) == [0, 2]          # the parent none, the child MCL_FUTURE
     assert calls == []                      # told by the batch areas, no page probe
+
+
+def test_a_tree_member_in_a_landlock_domain_is_refused_by_its_batched_probe(procs, tmp_path):
+    """The Landlock probe (engine/landlock.py) of a tree's members rides in
+    their batched reads (dumpbatch.read_each), not in an injected kcmp of
+    its own each: a member in a domain is still refused, by name, the
+    others not, and nothing is left (no image, the tree runs on)."""
+    from engine import landlock
+    if not landlock.enabled():
+        pytest.skip("Landlock is not running on this kernel")
+    setup = """
+import ctypes, struct
+if os.fork() == 0:
+    libc = ctypes.CDLL(None, use_errno=True)
+    attr = ctypes.create_string_buffer(struct.pack('<Q', 1 << 2), 8)    # LANDLOCK_ACCESS_FS_READ_FILE
+    rs = libc.syscall(444, attr, 8, 0)
+    if rs < 0 or libc.prctl(38, 1, 0, 0, 0) or libc.syscall(446, rs, 0):
+        os._exit(3)
+    os.close(rs)        # the ruleset's fd: the domain is all that is left
+    open('child-ready', 'w').close()
+    while True: time.sleep(1)
+while not os.path.exists('child-ready'): time.sleep(0.01)
+"""
+    p = start_ready_script(procs, tmp_path, setup)
+    child = int(open(f"/proc/{p.pid}/task/{p.pid}/children").read().split()[0])
+    injected = []
+    orig = landlock.check
+    landlock.check = lambda task, status, probed=None: injected.append((task.pid, probed)) or orig(task, status, probed)
+    try:
+        with pytest.raises((Refusal, Refusals)) as ei:
+            dump(p.pid, str(tmp_path / "img"), Options())
+    finally:
+        landlock.check = orig
+    refusals = getattr(ei.value, "refusals", [ei.value])
+    assert [(r.reason, r.pid) for r in refusals] == [("unsupported-state", child)]
+    assert "Landlock" in str(ei.value)
+    assert sorted(pid for pid, _ in injected) == sorted([p.pid, child])
+    assert all(probed is not None for _, probed in injected)    # every probe made in the batched run
+    assert p.poll() is None and not os.path.exists(tmp_path / "img")

@@ -19,11 +19,13 @@ from harness.targets import REPO
 # Like a quiet workload (harness/workload.py): publishes where its errno and
 # rseq area are and a buffer it never reads again, then sleeps with no timeout.
 SRC = r"""
-import ctypes, json, signal, sys
+import ctypes, json, mmap, signal, sys
 from harness import workload
 buf = ctypes.create_string_buffer(b"\x5a" * 65536, 65536)
+untouched = mmap.mmap(-1, 16 << 20, flags=mmap.MAP_PRIVATE)  # anonymous, never written: no page of it in memory
 signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
-sys.stdout.write(json.dumps({"quiet": workload.quiet_facts(), "buf": ctypes.addressof(buf)}) + "\n")
+sys.stdout.write(json.dumps({"quiet": workload.quiet_facts(), "buf": ctypes.addressof(buf),
+                             "untouched": ctypes.addressof(ctypes.c_char.from_buffer(untouched))}) + "\n")
 sys.stdout.flush()
 if sys.argv[1] == "quiet":
     signal.sigwaitinfo({signal.SIGUSR1})
@@ -110,3 +112,47 @@ def test_a_process_that_wakes_is_not_quiet():
     finally:
         p.kill()
         p.wait()
+
+
+def _present(pid, addr, n):
+    """How many of the n pages from addr are in memory (pagemap bit 63)."""
+    with open(f"/proc/{pid}/pagemap", "rb") as f:
+        f.seek(addr // 4096 * 8)
+        raw = f.read(n * 8)
+    return sum(raw[i] >> 7 for i in range(7, len(raw), 8))
+
+
+def test_pages_never_touched_are_not_read_and_a_zero_page_is_one_never_touched(quiet):
+    pub = {"quiet": quiet.pub["quiet"]}
+    big = quiet.pub["untouched"]
+    a = memstate.quiet_digest(quiet.pid, pub)
+    # read through /proc/PID/mem they would be mapped (to the zero page),
+    # and an engine would dump them: 16 MB of zeros
+    assert _present(quiet.pid, big, 4096) == 0
+    poke(quiet.pid, big + 5 * 4096, bytes(4096))    # in memory now, zeros still
+    assert _present(quiet.pid, big, 4096) == 1
+    assert memstate.quiet_digest(quiet.pid, pub) == a
+    poke(quiet.pid, big + 5 * 4096 + 17, b"\x01")
+    b = memstate.quiet_digest(quiet.pid, pub)
+    differ = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    assert differ == [f"mem.{(big + 5 * 4096) // memstate.BLOCK * memstate.BLOCK:x}"]
+
+
+def test_one_read_counts_only_if_the_process_did_not_run_during_it(quiet, monkeypatch):
+    pub = {"quiet": quiet.pub["quiet"]}
+    want = memstate.quiet_digest(quiet.pid, pub)
+    real, calls = memstate.digest, []
+
+    def run_once_during_the_first_read(pid, skip):
+        calls.append(pid)
+        if len(calls) == 1:
+            memstate.nudge(pid)     # it runs (the call's retry) and sleeps again
+        return real(pid, skip)
+    monkeypatch.setattr(memstate, "digest", run_once_during_the_first_read)
+    assert memstate.quiet_digest(quiet.pid, pub) == want and len(calls) == 2
+
+    def run_during_every_read(pid, skip):
+        memstate.nudge(pid)
+        return real(pid, skip)
+    monkeypatch.setattr(memstate, "digest", run_during_every_read)
+    assert memstate.quiet_digest(quiet.pid, pub) == {"mem": "not quiet: it ran while its memory was read, 3 times"}

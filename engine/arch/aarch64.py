@@ -132,7 +132,7 @@ NT_ARM_ZA = 0x40C
 # include/uapi/asm-generic/unistd.h
 SYS: Dict[str, int] = {
     "dup3": 24, "fcntl": 25, "ioctl": 29, "fchdir": 50, "openat": 56, "close": 57, "lseek": 62,
-    "read": 63, "write": 64, "personality": 92, "exit_group": 94, "set_tid_address": 96,
+    "read": 63, "write": 64, "personality": 92, "exit": 93, "exit_group": 94, "set_tid_address": 96,
     "set_robust_list": 99, "get_robust_list": 100, "getitimer": 102, "setitimer": 103,
     "ptrace": 117, "kill": 129, "sigaltstack": 132, "rt_sigaction": 134,
     "rt_sigprocmask": 135, "setresuid": 147, "setresgid": 149, "setpgid": 154,

@@ -145,14 +145,18 @@ int main(int argc, char **argv)
     sigset_t usr1;
     sigemptyset(&usr1);
     sigaddset(&usr1, SIGUSR1);
-    /* the thread blocks SIGUSR1: the leader's pause() must be what it wakes */
+    /* the thread blocks SIGUSR1: the leader's wait must be what it wakes */
     pthread_sigmask(SIG_BLOCK, &usr1, NULL);
     if (want_thread && pthread_create(&t, NULL, thread_main, NULL)) die("pthread_create");
-    pthread_sigmask(SIG_UNBLOCK, &usr1, NULL);
+    /* SIGUSR1 stays blocked outside the wait: one sent before the wait
+     * is entered ends it instead of being taken early and lost */
+    sigset_t waitm;
+    pthread_sigmask(SIG_BLOCK, NULL, &waitm);
+    sigdelset(&waitm, SIGUSR1);
     signal(SIGUSR1, on_usr1);
     dprintf(out, "ready\n");
     for (;;) {
-        pause();
+        sigsuspend(&waitm);
         if (asked) {
             asked = 0;
             report_task("report leader", "/proc/thread-self/status");

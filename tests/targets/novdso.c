@@ -39,10 +39,16 @@ int main(int argc, char **argv)
         if ((strstr(l, "[vdso]") || strstr(l, "[vvar")) && sscanf(l, "%lx-%lx", &a, &b) == 2)
             munmap((void *)a, b - a);
     }
+    /* SIGUSR1 only inside the wait, so one sent before it is not lost */
+    sigset_t usr1, waitm;
+    sigemptyset(&usr1);
+    sigaddset(&usr1, SIGUSR1);
+    sigprocmask(SIG_BLOCK, &usr1, &waitm);
+    sigdelset(&waitm, SIGUSR1);
     signal(SIGUSR1, on_usr1);
     dprintf(out, "ready vdso=%d\n", has_vdso());
     for (;;) {
-        pause();
+        sigsuspend(&waitm);
         if (asked) {
             asked = 0;
             dprintf(out, "report %d vdso=%d\n", ++count, has_vdso());

@@ -5,9 +5,9 @@
  * is state the engine lost.
  *   prober OUT [regs] [owner] [mlockfuture] [onfault] [sud] [altstack]
  *              [fileflags DIR] [vmaname] [autogroup] [landlock]
- * regs: the main thread waits in pause() inside an assembly routine with
+ * regs: the main thread waits in rt_sigsuspend inside an assembly routine with
  *   zmm0-31 (ymm0-15 without AVX-512), k0-7, MXCSR, the x87 control word and
- *   the x87 stack loaded with known values, and checks them when pause
+ *   the x87 stack loaded with known values, and checks them when the wait
  *   returns; the report says whether each survived.
  * owner: F_SETOWN / F_SETOWN_EX / F_SETSIG on fds without O_ASYNC (a pipe,
  *   a socket: what SIGURG and a later O_ASYNC go by).
@@ -17,7 +17,7 @@
  * sud: syscall user dispatch on (selector ALLOW); the report blocks and
  *   makes one syscall, which must raise SIGSYS.
  * sudblock: the same with the selector on BLOCK all along and libc's text
- *   the allowed range (as Wine runs): the prober waits in libc's pause.
+ *   the allowed range (as Wine runs): the prober waits in libc's sigsuspend.
  * autogroup: its autogroup's nice set to 7 (it is a session leader).
  * landlock: a Landlock domain forbidding reading files.
  * nobody: uid and gid 65534 (after the words before it).
@@ -90,7 +90,9 @@ struct regs {
 };
 static struct regs want_regs, got_regs;
 static int have_avx512;
-/* regs_pause(in, out, avx512): load, pause(), store (SysV: rdi, rsi, edx).
+/* regs_pause(in, out, avx512, mask): load, rt_sigsuspend(mask), store (SysV:
+ * rdi, rsi, edx, rcx). SIGUSR1 is blocked outside the wait, so a report
+ * signal sent before the wait is entered ends it rather than being lost.
  * The vector registers and k0-7 are caller-saved; MXCSR and the x87 control
  * word are put back to the caller's values before returning. */
 __asm__(
@@ -121,7 +123,8 @@ __asm__(
     "  fldl 2120+56(%rdi)\n  fldl 2120+48(%rdi)\n  fldl 2120+40(%rdi)\n  fldl 2120+32(%rdi)\n"
     "  fldl 2120+24(%rdi)\n  fldl 2120+16(%rdi)\n  fldl 2120+8(%rdi)\n  fldl 2120+0(%rdi)\n"
     "  mov %rsi, %r8\n  mov %edx, %r9d\n"
-    "  mov $34, %eax\n  syscall\n"          /* pause(): returns -EINTR on the report signal */
+    "  mov %rcx, %rdi\n  mov $8, %esi\n"
+    "  mov $130, %eax\n  syscall\n"         /* rt_sigsuspend: -EINTR on the report signal */
     "  mov %r8, %rsi\n"
     "  stmxcsr 2112(%rsi)\n  fnstcw 2116(%rsi)\n"
     "  fstpl 2120+0(%rsi)\n  fstpl 2120+8(%rsi)\n  fstpl 2120+16(%rsi)\n  fstpl 2120+24(%rsi)\n"
@@ -148,7 +151,7 @@ __asm__(
     "  vmovdqu %ymm12, 12*64(%rsi)\n  vmovdqu %ymm13, 13*64(%rsi)\n  vmovdqu %ymm14, 14*64(%rsi)\n  vmovdqu %ymm15, 15*64(%rsi)\n"
     "4:\n"
     "  vzeroupper\n  ldmxcsr (%rsp)\n  fldcw 4(%rsp)\n  add $16, %rsp\n  ret\n");
-void regs_pause(const struct regs *in, struct regs *outp, int avx512);
+void regs_pause(const struct regs *in, struct regs *outp, int avx512, const sigset_t *mask);
 
 static void regs_init(void) {
     have_avx512 = __builtin_cpu_supports("avx512f");
@@ -594,13 +597,21 @@ int main(int argc, char **argv) {
         }
     }
     regs_init();
+    /* The report signal only inside the wait: with pause() a SIGUSR1 sent
+     * between "ready" (or a report) and the next pause() was taken early and
+     * the wait slept on, and the test timed out under load. */
+    sigset_t usr1m, waitm;
+    sigemptyset(&usr1m);
+    sigaddset(&usr1m, SIGUSR1);
+    sigprocmask(SIG_BLOCK, &usr1m, &waitm);
+    sigdelset(&waitm, SIGUSR1);
     dprintf(out, "ready %d\n", getpid());
     for (;;) {
         if (regs) {
             memset(&got_regs, 0, sizeof got_regs);
-            regs_pause(&want_regs, &got_regs, have_avx512);
+            regs_pause(&want_regs, &got_regs, have_avx512, &waitm);
         } else {
-            pause();
+            sigsuspend(&waitm);
         }
         if (want_report) {
             want_report = 0;
