@@ -26,9 +26,9 @@ from .errors import EngineError, Refusal
 
 def read(pid) -> "int | None":
     """The autogroup nice of `pid` ("self" for ckpt), None without autogroups."""
+    from .procfs import read_all    # no text file object: a tree's survey reads one per member
     try:
-        with open(f"/proc/{pid}/autogroup") as f:
-            text = f.read()
+        text = read_all(f"/proc/{pid}/autogroup").decode()
     except (FileNotFoundError, ProcessLookupError):
         return None
     return parse(text)

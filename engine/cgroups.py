@@ -46,8 +46,8 @@ def parse(text: str) -> List[List[str]]:
 
 
 def read(pid) -> List[List[str]]:
-    with open(f"/proc/{pid}/cgroup") as f:
-        return parse(f.read())
+    from .procfs import read_all    # no text file object: read for every member and thread
+    return parse(read_all(f"/proc/{pid}/cgroup").decode())
 
 
 _MINE: "Dict[str, List[List[str]]]" = {}

@@ -141,11 +141,13 @@ def _check_process(s: Survey, ctx: Optional[DumpContext] = None) -> None:
         s.ok("children", "process", "none")
     # Pending signals are saved (engine/signals.py): judged with the task
     # frozen, in dump._survey_signals_and_restart.
-    for r in posixtimers.check(pid, posixtimers.read(pid)):
+    timers = s.memo["timers"] = posixtimers.read(pid)      # the dump's list of them too
+    for r in posixtimers.check(pid, timers):
         s.refuse("posix timers", "timers", r)
     if not st.get("tty_nr", 0):
         s.ok("session", "session", f"sid {st['session']} pgid {st['pgrp']}, no controlling terminal")
-    r = autogroup.refusal(autogroup.read(pid), st["session"], pid, st["session"] in tree)
+    nice = s.memo["autogroup"] = autogroup.read(pid)     # the dump's record of it too
+    r = autogroup.refusal(nice, st["session"], pid, st["session"] in tree)
     if r is not None:
         s.refuse("autogroup", "process", r)
     # Namespaces: a restore recreates the process in the restorer's ones.
@@ -192,7 +194,13 @@ def _check_process(s: Survey, ctx: Optional[DumpContext] = None) -> None:
     except Refusal as r:
         s.refuse("cgroups", "process", r)
     try:
-        sysvsem.check(pid)
+        if tree:
+            # the semaphore table once for the whole tree, every member frozen by now
+            if ctx.shared.get(SEM_KEY) is None:
+                ctx.shared[SEM_KEY] = sysvsem.snapshot()
+            sysvsem.check(pid, ctx.shared[SEM_KEY])
+        else:
+            sysvsem.check(pid)
     except Refusal as r:
         s.refuse("SysV semaphores", "process", r)
     try:
@@ -235,7 +243,7 @@ def _check_restore_env(s: Survey, tree_member: bool = False, shell_job: bool = F
     if not (eff >> CAP_SYS_RESOURCE) & 1:
         from . import libc
         try:
-            theirs = procfs.parse_limits(s.proc.read("limits"))[:len(libc.RLIMIT_NAMES)]
+            theirs = s.memo["limits"] = procfs.parse_limits(s.proc.read("limits"))[:len(libc.RLIMIT_NAMES)]
         except (OSError, ValueError, Refusal):
             theirs = []
         try:
@@ -347,6 +355,7 @@ def _check_mapped_fs(map_files: str, path: str, known: Optional[dict] = None, ke
         raise Refusal("unsupported-mapping", f"mapping of a {fstype.name(fs)} object", path=path)
 
 
+SEM_KEY = "tree:sysvsem"          # ctx.shared: a tree's snapshot of the SysV semaphores (sysvsem.snapshot)
 MAPFS_KEY = "tree:mapped-fs"      # ctx.shared: one dict for a whole tree (engine/tree.py _LazyShared)
 
 
@@ -437,15 +446,17 @@ def _check_owner(info, ctx: DumpContext, pfd: int) -> None:
         check_owner(info, ctx, info.owner)
 
 
-def preflight(pid: int, ctx: DumpContext, proc: procfs.Proc, maps: Optional[List[dict]] = None) -> Survey:
+def preflight(pid: int, ctx: DumpContext, proc: procfs.Proc, maps: Optional[List[dict]] = None,
+              status: Optional[Dict[str, str]] = None) -> Survey:
     """Everything about the frozen process that can be judged without
     injecting syscalls. Refusals are collected, not raised. `maps`: its
     /proc/PID/maps as parsed since the freeze, when the caller has it
-    (nothing injected since: the same lines; one read and parse fewer)."""
+    (nothing injected since: the same lines; one read and parse fewer);
+    `status` likewise its /proc/PID/status."""
     s = Survey(pid=pid, proc=proc)
     s.maps = maps
     s.stat = proc.stat()
-    s.status = proc.status()
+    s.status = status if status is not None else proc.status()
     _check_process(s, ctx)
     _check_restore_env(s, ctx.tree_root not in (None, pid), getattr(ctx.options, "shell_job", False))
     _check_vmas(s, ctx)

@@ -17,7 +17,7 @@ TYPE_CHECKING = False   # annotations only: importing typing costs every run ~3 
 if TYPE_CHECKING:
     from typing import Dict, List, Optional
 
-from . import cgroups, creds, faults, fsroot, pdeath, files, landlock, libc, membarrier, mlockfuture, mempolicy, posixtimers, procattrs, procfs, sched, seccomp, signals, threads, tree, unlinked
+from . import cgroups, creds, faults, fsroot, pdeath, files, landlock, libc, membarrier, mlockfuture, mempolicy, posixtimers, procattrs, procfs, sched, seccomp, signals, threads, unlinked
 from .arch import current as current_arch
 from .check import Survey, preflight, require_features, target_checks
 from .context import DumpContext, Options, boot_id
@@ -82,10 +82,11 @@ def _scratch(task: Task, vmas: List[dict]) -> int:
     raise Refusal("unsupported-state", "no writable memory for syscall injection", pid=task.pid)
 
 
-def injected_state(task: Task, vmas: List[dict], ids: Optional[dict] = None) -> dict:
+def injected_state(task: Task, vmas: List[dict], seen: Optional[dict] = None) -> dict:
     """State only the process itself can report (no /proc file for it).
-    `ids`: its /proc status as the survey read it, for its credentials
-    (unchanged while it is frozen; read here when not given)."""
+    `seen`: what the survey read of the frozen process ("status", for its
+    credentials; "timers", its /proc timers list), each read here when
+    not given."""
     if task.syscall_ip is None:
         task.syscall_ip = _syscall_in_vdso(task, vmas)
     scr = _scratch(task, vmas)
@@ -95,7 +96,7 @@ def injected_state(task: Task, vmas: List[dict], ids: Optional[dict] = None) -> 
         # read side by side with the other members' (prefetch_injected)
         out = dict(pre)
         try:
-            _after_reads(task, scr, vmas, out, ids)
+            _after_reads(task, scr, vmas, out, seen)
         finally:
             task.write_mem(scr, saved)
         return out
@@ -110,7 +111,7 @@ def injected_state(task: Task, vmas: List[dict], ids: Optional[dict] = None) -> 
         raise
     if got is not None:
         try:
-            _after_reads(task, scr, vmas, got, ids)
+            _after_reads(task, scr, vmas, got, seen)
         finally:
             task.write_mem(scr, saved)
         return got
@@ -124,18 +125,21 @@ def injected_state(task: Task, vmas: List[dict], ids: Optional[dict] = None) -> 
                 out[key[0]][key[1]] = value
             else:
                 out[key] = value
-        _after_reads(task, scr, vmas, out, ids)
+        _after_reads(task, scr, vmas, out, seen)
     finally:
         task.write_mem(scr, saved)
     return out
 
 
-def _after_reads(task: Task, scr: int, vmas: List[dict], out: dict, ids: Optional[dict] = None) -> None:
+def _after_reads(task: Task, scr: int, vmas: List[dict], out: dict, seen: Optional[dict] = None) -> None:
     """What is read with the scratch after the fixed reads: POSIX timers, and
     the mappings' own NUMA policies (asked from inside only where
     numa_maps cannot tell)."""
-    out["posix_timers"] = posixtimers.dump(task, scr)
+    seen = seen or {}
+    timers = seen.get("timers")
+    out["posix_timers"] = posixtimers.dump(task, scr, None if timers is None else [dict(t) for t in timers])
     # refused: a restore would leave its sandbox (probed by the batched reads, when they were made)
+    ids = seen.get("status")
     landlock.check(task, ids if ids is not None else procfs.Proc(task.pid).status(), out.pop(landlock.PROBE_KEY, None))
     if out.get("mlock_future") is None:      # not told by the batched reads' own area
         out["mlock_future"] = mlockfuture.probe(task)
@@ -302,7 +306,7 @@ def process_state(task: Task, s: Survey, ctx=None) -> dict:
         "mm": mm,
         "auxv": procfs.parse_auxv(proc.read_bytes("auxv")),
         "robust_list": robust_list(pid),
-        "rlimits": procfs.parse_limits(proc.read("limits"))[:len(libc.RLIMIT_NAMES)],
+        "rlimits": s.memo["limits"] if "limits" in s.memo else procfs.parse_limits(proc.read("limits"))[:len(libc.RLIMIT_NAMES)],
         "umask": int(status.get("Umask", "0022"), 8),
         "personality": int(proc.read("personality").strip(), 16),
         "cwd": _cwd_record(cwd_path, cst),
@@ -317,11 +321,11 @@ def process_state(task: Task, s: Survey, ctx=None) -> dict:
         state["root"] = root
     state["sched"] = sched.dump(pid)
     state["seccomp"] = seccomp.dump(pid, seccomp.mode_of(status))
-    state.update(injected_state(task, s.vmas, status))
+    state.update(injected_state(task, s.vmas, {"status": status, "timers": s.memo.get("timers")}))
     sig = pdeath.dump(pid, state.pop("pdeath_signal"), st["ppid"], ctx)
     if sig:
         state["pdeath_signal"] = sig
-    state["attrs"] = procattrs.dump(pid, state)
+    state["attrs"] = procattrs.dump(pid, state, *([s.memo["autogroup"]] if "autogroup" in s.memo else []))
     state["mm"]["brk"] = state["brk"]
     return state
 
@@ -475,12 +479,13 @@ def _survey_frozen(pid: int, task: Task, ctx: DumpContext, proc: procfs.Proc):
     except Refusal:
         pass    # refused again, with the other findings, by injected_state()
     suspend = None
-    if seccomp.mode_of(proc.status()):
+    status = proc.status()
+    if seccomp.mode_of(status):
         try:
             seccomp.suspend(task)       # before anything is injected
         except Refusal as r:
             suspend = r
-    s = preflight(pid, ctx, proc, maps)
+    s = preflight(pid, ctx, proc, maps, status)
     if suspend is not None:
         s.refuse("seccomp", "credentials", suspend)
         return s, None, {}
@@ -592,12 +597,13 @@ def dump(pid: int, directory: str, options: Options) -> dict:
         return _dump_one(pid, directory, options)
     except (Refusal, Refusals) as e:
         if _became_tree(pid, e.refusals if isinstance(e, Refusals) else [e]):
+            from . import tree
             return tree.dump(pid, directory, options)
         raise
 
 
 def _became_tree(pid: int, refusals) -> bool:
-    return bool(refusals) and all(r.reason == "process-tree" for r in refusals) and tree.has_children(pid)
+    return bool(refusals) and all(r.reason == "process-tree" for r in refusals) and threads.has_children(pid)
 
 
 def _dump_one(pid: int, directory: str, options: Options) -> dict:
@@ -609,7 +615,8 @@ def _dump_one(pid: int, directory: str, options: Options) -> dict:
     require_features()
     arch = current_arch()
     proc = target_checks(pid)
-    if tree.has_children(pid):
+    if threads.has_children(pid):
+        from . import tree      # a tree's only: its import is a small process's cost
         return tree.dump(pid, directory, options)
     with ImageWriter(directory) as img:
         ctx = DumpContext(pid=pid, options=options, image=img, boot_id=boot_id())
@@ -686,10 +693,12 @@ def check(pid: int, options: Options, tree_ok: bool = True) -> dict:
     require_features()
     current_arch()
     proc = target_checks(pid)
-    if tree_ok and tree.has_children(pid):
+    if tree_ok and threads.has_children(pid):
+        from . import tree
         return tree.check(pid, options)
     res = _check_one(pid, proc, options)
     if tree_ok and not res["ok"] and _became_tree(pid, [Refusal(r["reason"]) for r in res["refusals"]]):
+        from . import tree
         return tree.check(pid, options)     # a child was forked during the freeze
     return res
 

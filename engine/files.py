@@ -473,6 +473,14 @@ def restore_ghost(rec: dict, ctx) -> int:
         if missing:     # F_ADD_SEALS of nothing is EPERM on an unsealable memfd
             import fcntl
             fcntl.fcntl(gfd, 1033, missing)   # F_ADD_SEALS
+        if not rec.get("memfd"):
+            # The writable descriptions that made it go now, before any
+            # inotify watch is back on the file (engine/fds/inotify.py
+            # finish): their last close reports IN_CLOSE_WRITE, which the
+            # process would read as a close of its own. Read-only ones
+            # serve every later reopen.
+            gfd = _read_only(gfd)
+            aliases = {n: _read_only(a) for n, a in aliases.items()}
     except BaseException:
         os.close(gfd)
         raise
@@ -487,6 +495,15 @@ def restore_ghost(rec: dict, ctx) -> int:
 # (__O_TMPFILE | O_DIRECTORY) stays in f_flags of a file made with it; on a
 # reopen it would ask for a new temporary file in a directory.
 OPEN_ONLY = os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_CLOEXEC | os.O_NOCTTY | getattr(os, "O_TMPFILE", 0o20200000)
+
+
+def _read_only(fd: int) -> int:
+    """A read-only description of the file behind `fd` instead of `fd` (closed)."""
+    try:
+        ro = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+    finally:
+        os.close(fd)
+    return ro
 
 
 def reopen(fd: int, flags: int) -> int:

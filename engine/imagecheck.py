@@ -791,7 +791,9 @@ def _check_kind_fields(r: dict, fds: set) -> None:
         wds = set()
         for w in r["watches"]:
             if (not isinstance(w, dict) or not _field_ok(w.get("wd"), ("int", 1, (1 << 31) - 1)) or w["wd"] in wds
-                    or not _field_ok(w.get("mask"), _U(U32)) or not isinstance(w.get("path"), str)):
+                    or not _field_ok(w.get("mask"), _U(U32))
+                    or not (isinstance(w.get("path"), str) if "fd_of" not in w
+                            else "path" not in w and _field_ok(w["fd_of"], ("int", 0, (1 << 31) - 1)))):
                 raise invalid(f"{where}: watch {w!r}")
             wds.add(w["wd"])
     lengths = r.get("lengths")

@@ -39,7 +39,7 @@ from __future__ import annotations
 import struct
 TYPE_CHECKING = False   # annotations only: importing typing costs every run ~3 ms
 if TYPE_CHECKING:
-    from typing import List
+    from typing import List, Optional
 
 from . import ptrace
 from .errors import EngineError, Refusal
@@ -126,10 +126,13 @@ def describe(timers: List[dict]) -> str:
     return ", ".join(parts)
 
 
-def dump(task, scr: int) -> List[dict]:
-    """Injected part: remaining time, interval and overrun of each timer.
-    Raises Refusal for a nonzero overrun."""
-    timers = read(task.pid)
+def dump(task, scr: int, timers: Optional[List[dict]] = None) -> List[dict]:
+    """Injected part: remaining time, interval and overrun of each timer
+    (`timers`: read() as the survey read it, the process frozen since: only
+    the process itself makes or deletes one). Raises Refusal for a nonzero
+    overrun."""
+    if timers is None:
+        timers = read(task.pid)
     for t in timers:
         task.call("timer_gettime", t["id"], scr)
         t["spec"] = list(ITIMERSPEC.unpack(task.read_mem(scr, ITIMERSPEC.size)))

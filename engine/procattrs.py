@@ -143,9 +143,13 @@ def same_as_leader(rec: dict, lead, tid: int) -> None:
                       + ": restored with the leader's")
 
 
-def dump(pid: int, got: dict) -> dict:
+_READ = object()
+
+
+def dump(pid: int, got: dict, autogroup_nice=_READ) -> dict:
     """The record, from the injected reads in `got` (their keys are
-    removed) and /proc. Raises Refusal(unsupported-state)."""
+    removed) and /proc. Raises Refusal(unsupported-state). `autogroup_nice`:
+    as the survey read it (autogroup.read), else read here."""
     vals = {k: got.pop(k) for k, *_ in READS}
     vals.update({r[0]: got.pop(r[0], r[5]) for r in OPTIONAL})
     why = []
@@ -164,7 +168,8 @@ def dump(pid: int, got: dict) -> dict:
     return {"dumpable": vals["dumpable"], "child_subreaper": int(bool(vals["child_subreaper"])),
             "keep_caps": int(bool(vals["securebits"] & SECBIT_KEEP_CAPS)), "thp_disable": vals["thp_disable"],
             "mce_kill": vals["mce_kill"], "coredump_filter": cdf, "tsc": vals["tsc"], "mdwe": vals["mdwe"],
-            "memory_merge": vals["memory_merge"], "autogroup_nice": autogroup.read(pid),
+            "memory_merge": vals["memory_merge"],
+            "autogroup_nice": autogroup.read(pid) if autogroup_nice is _READ else autogroup_nice,
             "xcomp_perm": vals["xcomp_perm"], "mlock_future": got.pop("mlock_future", 0),
             **{k: vals[k] for k in SPEC_KEYS}}
 

@@ -79,8 +79,8 @@ REASONS = {
                   "shared fifo has unread bytes that belong to both sides; or an unlinked fifo is held by another "
                   "process too; or at restore the fifo already holds someone else's bytes"),
     # notification
-    "inotify-unresolvable": ("no path names a watched inode (at dump), or at restore the path is gone, is another "
-                  "inode, or is a reused inode number"),
+    "inotify-unresolvable": ("no path names a watched inode and the process holds no fd on it as a deleted "
+                  "file (at dump), or at restore the path is gone, is another inode, or is a reused inode number"),
     "inotify-pending": "an inotify instance has unread events (byte count in the detail); restoring would drop them",
     "dnotify": ("a directory fd carries a dnotify (F_NOTIFY) registration, seen as an F_GETOWN owner on "
                   "it (see Known limits)"),

@@ -52,10 +52,21 @@ def snapshot(pid: int) -> Optional[dict]:
         line = _read(f"/proc/{pid}/syscall").split()
         if len(line) != 9:
             return None     # not in a syscall: the stack would not be looked at (parse_snapshot)
-        stack = _read(f"/proc/{pid}/stack")
+        # The stack (which the kernel unwinds to show) tells only what a
+        # restart_syscall(2) restarts: original_call looks at it only when
+        # the snapshot was taken in one, else refuses "moved" whatever it is.
+        stack = _read(f"/proc/{pid}/stack") if _in_restart(line[0]) else ""
     except OSError:
         return None
     return parse_snapshot(line, stack)
+
+
+def _in_restart(nr: str) -> bool:
+    from .arch import current
+    try:
+        return int(nr, 0) == current().NR_RESTART_SYSCALL
+    except ValueError:
+        return True         # not a number: parse_snapshot decides (None)
 
 
 def _read(path: str) -> str:

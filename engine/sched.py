@@ -55,9 +55,21 @@ IOPRIO_CLASS_RT = 1
 IOPRIO_CLASS_SHIFT = 13
 
 
+_GETATTR: list = []
+
+
 def get_attr(pid: int) -> dict:
-    buf = ctypes.create_string_buffer(ATTR.size)
-    libc.syscall(current_arch().SYS["sched_getattr"], pid, buf, ATTR.size, 0, name="sched_getattr", pid=pid)
+    # syscall(2) with its argument types bound once, into one reused
+    # buffer: asked for every task at the dump and up to three times at
+    # the restore (libc.syscall's generic argument handling was most of it)
+    if not _GETATTR:
+        call = ctypes.CFUNCTYPE(ctypes.c_long, ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ctypes.c_uint,
+                                ctypes.c_uint, use_errno=True)(("syscall", ctypes.CDLL(None, use_errno=True)))
+        buf = ctypes.create_string_buffer(ATTR.size)
+        _GETATTR.extend((call, current_arch().SYS["sched_getattr"], buf, ctypes.addressof(buf)))
+    call, nr, buf, addr = _GETATTR
+    if call(nr, pid, addr, ATTR.size, 0) < 0:
+        raise libc.SysError("sched_getattr", ctypes.get_errno(), pid)
     d = dict(zip(FIELDS, ATTR.unpack(buf.raw)))
     d.pop("size")
     return d

@@ -226,11 +226,10 @@ PROBE_BYTES = 128       # clone_args, the allow-all program and its sock_fprog
 
 
 def thread_mode(pid: int, tid: int) -> int:
-    with open(f"/proc/{pid}/task/{tid}/status") as f:
-        for line in f:
-            if line.startswith("Seccomp:"):
-                return int(line.split()[1])
-    return 0
+    # one field, without a text file read line by line (asked twice per thread)
+    from .procfs import read_status_fields
+    got = read_status_fields(f"/proc/{pid}/task/{tid}/status", ("Seccomp",)).get("Seccomp")
+    return int(got.split()[0]) if got else 0
 
 
 def _key(rec: dict) -> tuple:
@@ -265,9 +264,10 @@ def share(tasks: dict, recs: dict, order: List[int], scratch: int) -> int:
     return check_sharing(tasks, recs, order, scratch)
 
 
-def check_sharing(tasks: dict, recs: dict, order: List[int], scratch: int) -> int:
+def check_sharing(tasks: dict, recs: dict, order: List[int], scratch: int, hidden_ok: bool = False) -> int:
     """share() for records already numbered: the dump's check, and the
-    restore's reading back of what it built."""
+    restore's reading back of what it built (`hidden_ok`: a claim no probe
+    reaches in the new thread order is left to the construction)."""
     live = [t for t in order if t in recs]
     filtered = [t for t in live if recs[t]["mode"] == 2]
     if any(recs[t]["mode"] == 1 for t in live):
@@ -306,7 +306,7 @@ def check_sharing(tasks: dict, recs: dict, order: List[int], scratch: int) -> in
                               "they do not share (installed separately): a restore cannot tell them apart "
                               "from shared ones", pid=a)
         _close(known, [depth[t] for t in filtered])
-        if claims[i] & ~known[i]:
+        if claims[i] & ~known[i] and not hidden_ok:
             hidden = [filtered[j] for j in range(n) if (claims[i] & ~known[i]) >> j & 1]
             raise Refusal("threads", f"seccomp: whether thread(s) {', '.join(map(str, hidden))} share thread "
                           f"{a}'s filters cannot be told (thread {first} fails its TSYNC check first)", pid=a)

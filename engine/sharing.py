@@ -24,7 +24,7 @@ except ImportError:     # pragma: no cover - another Python
     from functools import cmp_to_key
 TYPE_CHECKING = False   # annotations only: importing typing costs every run ~3 ms
 if TYPE_CHECKING:
-    from typing import Dict, Iterable, List, Tuple
+    from typing import Dict, Iterable, List, Optional, Tuple
 
 from .pidfd import syscall_nr
 
@@ -71,10 +71,19 @@ def groups(pids: Iterable[int], kind: int) -> List[List[int]]:
     (kernel-missing) or EngineError."""
     pids = list(pids)
     order = {p: i for i, p in enumerate(pids)}
-    ranked = sorted(pids, key=cmp_to_key(lambda a, b: _member_kcmp(a, b, kind)))
+    call, nr = _kcmp_call, _kcmp_nr()
+
+    def cmp(a: int, b: int) -> int:
+        # straight to the syscall (a tree of 50 makes ~300 of these a kind);
+        # a failure is asked again by _member_kcmp, which raises it in words
+        r = call(nr, a, b, kind, 0, 0)
+        if r < 0:
+            return _member_kcmp(a, b, kind)
+        return 0 if r == 0 else -1 if r == 1 else 1
+    ranked = sorted(pids, key=cmp_to_key(cmp))
     out: List[List[int]] = []
     for p in ranked:
-        if out and _member_kcmp(out[-1][0], p, kind) == 0:
+        if out and cmp(out[-1][0], p) == 0:
             out[-1].append(p)
         else:
             out.append([p])
@@ -111,7 +120,8 @@ def same_memory(pid: int, others: List[int]) -> set:
     return {c for c in others if call(nr, pid, c, KCMP_VM, 0, 0) == 0}
 
 
-def outside(pids: Iterable[int], kinds: Tuple[int, ...] = OUTSIDE_KINDS) -> List[Tuple[int, int, int]]:
+def outside(pids: Iterable[int], kinds: Tuple[int, ...] = OUTSIDE_KINDS,
+            known: Optional[Dict[int, List[List[int]]]] = None) -> List[Tuple[int, int, int]]:
     """[(pid, kind, other)]: a process of the system, not one of `pids`
     (nor ckpt), that holds the memory, fd table or fs of `pids`' `pid`.
     One per object and kind. Raises Refusal (kernel-missing) or
@@ -124,7 +134,9 @@ def outside(pids: Iterable[int], kinds: Tuple[int, ...] = OUTSIDE_KINDS) -> List
     ones it made itself, which no user process is ever given (usermode
     helpers are made without CLONE_FILES / CLONE_FS); the only user
     process that can share kthreadd's fs is PID 1 (made with CLONE_FS) and
-    those it gives it to, and kthreadd and PID 1 are still looked at."""
+    those it gives it to, and kthreadd and PID 1 are still looked at.
+
+    `known`: groups(pids, kind) by kind, where the caller made them already."""
     pids = list(pids)
     skip = set(pids) | {os.getpid()} | kernel_threads()
     others = []
@@ -132,13 +144,14 @@ def outside(pids: Iterable[int], kinds: Tuple[int, ...] = OUTSIDE_KINDS) -> List
         if name.isdigit() and int(name) not in skip:
             others.append(int(name))
     found: List[Tuple[int, int, int]] = []
+    call, nr = _kcmp_call, _kcmp_nr()
     for kind in kinds:
-        reps = [g[0] for g in groups(pids, kind)]
+        reps = [g[0] for g in (known[kind] if known and kind in known else groups(pids, kind))]
         if len(reps) == 1:
             # One object (a single process's): one kcmp per other, no
             # search; the first holder found is the one reported. A
             # failure (gone meanwhile) is not 0: passed over, as below.
-            rep, call, nr = reps[0], _kcmp_call, _kcmp_nr()
+            rep = reps[0]
             for other in others:
                 if call(nr, rep, other, kind, 0, 0) == 0:
                     found.append((rep, kind, other))
@@ -149,16 +162,15 @@ def outside(pids: Iterable[int], kinds: Tuple[int, ...] = OUTSIDE_KINDS) -> List
             lo, hi = 0, len(reps)
             while lo < hi:
                 mid = (lo + hi) // 2
-                try:
-                    r = _kcmp(reps[mid], other, kind)
-                except OSError:
+                r = call(nr, reps[mid], other, kind, 0, 0)     # as _kcmp, without its frame: thousands a scan
+                if r < 0:
                     break        # gone meanwhile (or a process kcmp may not look at)
                 if r == 0:
                     if reps[mid] not in seen:
                         seen.add(reps[mid])
                         found.append((reps[mid], kind, other))
                     break
-                if r < 0:
+                if r == 1:      # the member's object below the other's
                     lo = mid + 1
                 else:
                     hi = mid

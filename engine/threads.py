@@ -78,6 +78,25 @@ def tids(pid: int) -> List[int]:
         return []
 
 
+def children_of(pid: int) -> List[int]:
+    """Children of every thread of `pid` (a child's parent is the thread
+    that forked it). Here, not in engine/tree.py: every dump asks, and only
+    a tree's needs that module (its import is a small process's cost)."""
+    from .procfs import read_all
+    out: List[int] = []
+    for tid in tids(pid):
+        try:
+            data = read_all(f"/proc/{pid}/task/{tid}/children")
+        except OSError:
+            continue
+        out.extend(int(x) for x in data.split())
+    return sorted(set(out))
+
+
+def has_children(pid: int) -> bool:
+    return bool(children_of(pid))
+
+
 def _tracer(tid: int) -> int:
     try:
         with open(f"/proc/{tid}/status") as f:
@@ -784,6 +803,13 @@ def _create_filtered(b, recs: List[dict]) -> None:
             b.call("munmap", area, area_size)
     for tid, rec in srecs.items():
         seccomp.read_back(b.pid, tid, rec)
+    # Which threads share which filter, read back by the dump's probes.
+    order = [int(t) for t in os.listdir(f"/proc/{b.pid}/task")]
+    b.flush()
+    try:
+        seccomp.check_sharing({t: tb.task for t, tb in builders.items()}, srecs, order, b.scratch, hidden_ok=True)
+    except Refusal as r:
+        raise EngineError(f"seccomp filter sharing reads back otherwise than saved: {r.detail}", pid=b.pid) from None
     b.seccomp_done = True
 
 

@@ -119,21 +119,8 @@ def stat_of(pid: int) -> dict:
     return st
 
 
-def children_of(pid: int) -> List[int]:
-    """Children of every thread of `pid` (a child's parent is the thread
-    that forked it)."""
-    out: List[int] = []
-    for tid in threads.tids(pid):
-        try:
-            data = procfs.read_all(f"/proc/{pid}/task/{tid}/children")
-        except OSError:
-            continue
-        out.extend(int(x) for x in data.split())
-    return sorted(set(out))
-
-
-def has_children(pid: int) -> bool:
-    return bool(children_of(pid))
+children_of = threads.children_of       # (in engine/threads.py: every dump asks)
+has_children = threads.has_children
 
 
 # -- freeze ----------------------------------------------------------------------
@@ -402,9 +389,12 @@ def shared_kernel_objects(members: List[Member]) -> List[tuple]:
     by_pid = {m.pid: m for m in members}
     out = []
     try:
-        out += _outside_sharers(live)
+        # each kind's groups made once: for the members' own sharing and
+        # for the search of the system's processes (sharing.outside)
+        every = {kind: sharing.groups([m.pid for m in live], kind) for kind in sharing.WHAT}
+        out += _outside_sharers(live, every)
         for kind, what in sharing.WHAT.items():
-            groups = [g for g in sharing.groups([m.pid for m in live], kind) if len(g) > 1]
+            groups = [g for g in every[kind] if len(g) > 1]
             if kind not in SHAREABLE:
                 for g in groups:
                     why = ("signal handlers are shared between processes only with their memory (clone() refuses "
@@ -430,13 +420,13 @@ def shared_kernel_objects(members: List[Member]) -> List[tuple]:
     return out
 
 
-def _outside_sharers(live: List[Member]) -> List[tuple]:
+def _outside_sharers(live: List[Member], known: Optional[dict] = None) -> List[tuple]:
     """Memory, an fd table or fs a member shares with a process outside the
     tree: the restored member would have its own."""
     by_pid = {m.pid: m for m in live}
     return [(by_pid[pid], "sharing", Refusal("sharing-peer-outside", f"pid {pid} shares its {sharing.WHAT[kind]} "
              f"with pid {other} ({sharing.comm(other)}) outside the tree: a restore would give it its own", pid=pid))
-            for pid, kind, other in sharing.outside(list(by_pid))]
+            for pid, kind, other in sharing.outside(list(by_pid), known=known)]
 
 
 def _shmem_key(v: dict):

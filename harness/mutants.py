@@ -779,6 +779,380 @@ def m_lose_sigaltstack(img: Image) -> str:
     return f"sigaltstack {old} -> disabled"
 
 
+def _tasks(core: dict) -> List[Tuple[str, dict]]:
+    """(what, record) of the leader and of every other thread."""
+    return [("leader", core)] + [(f"thread {t['tid']}", t) for t in core.get("threads") or []]
+
+
+U64 = 2 ** 64
+EINTR, ERESTARTS = 4, (512, 513, 514, 516)   # -ERESTARTSYS, NOINTR, NOHAND, RESTART_BLOCK
+
+
+def m_eintr_not_restart(img: Image) -> str:
+    """Every task dumped inside an interrupted call that must restart (the
+    kernel's -ERESTARTxxx, or the EINTR only the freeze caused) returns
+    EINTR from it instead: an engine that lets the restored call fail."""
+    from engine.arch import x86_64
+    core = img.json("core.json")
+    if "orig_rax" not in core.get("regs", {}):
+        raise NoTarget("not x86_64 registers (aarch64 keeps the restart decision outside them)")
+    hit = []
+    for what, rec in _tasks(core):
+        r = rec["regs"]
+        nr, err = r["orig_rax"] - U64 if r["orig_rax"] >= 2 ** 63 else r["orig_rax"], U64 - r["rax"]
+        if nr >= 0 and (err in ERESTARTS or (err == EINTR and nr in x86_64.FREEZE_EINTR)):
+            r["rax"], r["orig_rax"] = U64 - EINTR, U64 - 1
+            hit.append(f"{what} (call {nr})")
+    if not hit:
+        raise NoTarget("no task inside an interrupted call")
+    img.put_json("core.json")
+    return "EINTR instead of a restart: " + ", ".join(hit)
+
+
+# callee-saved: what the code around a blocked call keeps its own state in
+CALLEE_SAVED = {"rbx": ("rbx", "rbp", "r12", "r13", "r14", "r15"),
+                "x19": tuple(f"x{i}" for i in range(19, 29))}
+
+
+def m_clobber_thread_regs(img: Image) -> str:
+    """The callee-saved general-purpose registers of one thread other than
+    the leader (x86_64 rbx, rbp, r12-r15; aarch64 x19-x28) come back as
+    zeros: an engine that gives a thread its stack pointer, PC and thread
+    pointer only. The last such thread."""
+    core = img.json("core.json")
+    ts = core.get("threads") or []
+    if not ts:
+        raise NoTarget("a single-threaded process")
+    regs = ts[-1]["regs"]
+    names = next((v for k, v in CALLEE_SAVED.items() if k in regs), None)
+    if names is None:
+        raise NoTarget("registers of an unknown layout")
+    old = {n: regs[n] for n in names if regs[n]}
+    if not old:
+        raise NoTarget("its callee-saved registers are already zero")
+    for n in names:
+        regs[n] = 0
+    img.put_json("core.json")
+    return f"thread {ts[-1]['tid']}: {', '.join(sorted(old))} -> 0"
+
+
+FCW_OFF, FCW_DEFAULT = 0, 0x37F          # the x87 control word, in the XSAVE area's legacy region
+
+
+def m_reset_thread_fpu(img: Image) -> str:
+    """The FPU control state (x87 control word and MXCSR: rounding mode,
+    exception masks) of every thread but the leader reset to its power-on
+    value, the leader's kept: an engine that sets the FPU state of the
+    leader only."""
+    import struct
+    core = img.json("core.json")
+    recs = core.get("threads") or []
+    if "fs_base" not in core.get("regs", {}):
+        raise NoTarget("no x86_64 FPU state in the image")
+    if not recs:
+        raise NoTarget("a single-threaded process")
+    from engine.threads import XSTATE_FILE
+    data, off, what = bytearray(img.read(XSTATE_FILE)), 0, []
+    for r in recs:
+        cw, mx = struct.unpack_from("<H", data, off + FCW_OFF)[0], struct.unpack_from("<I", data, off + MXCSR_OFF)[0]
+        if (cw, mx) != (FCW_DEFAULT, MXCSR_DEFAULT):
+            struct.pack_into("<H", data, off + FCW_OFF, FCW_DEFAULT)
+            struct.pack_into("<I", data, off + MXCSR_OFF, MXCSR_DEFAULT)
+            what.append(f"thread {r['tid']} (fcw {cw:#x}, mxcsr {mx:#x})")
+        off += r["xstate_size"]
+    if not what:
+        raise NoTarget("every thread's FPU control state is already the default")
+    img.write(XSTATE_FILE, bytes(data))
+    return "FPU control reset: " + ", ".join(what)
+
+
+def m_pending_to_thread(img: Image) -> str:
+    """The signals pending for the whole process (its shared queue) come
+    back pending for the leader alone: the same signals, the same values,
+    but no other thread can take them any more, and /proc's ShdPnd and
+    SigPnd tell."""
+    core = img.json("core.json")
+    sig = core.get("signals") or {}
+    if not sig.get("shared"):
+        raise NoTarget("no process-wide pending signal")
+    moved = sig["shared"]
+    sig["thread"] = list(sig.get("thread") or []) + moved
+    sig["shared"] = []
+    img.put_json("core.json")
+    return f"{len(moved)} process-wide pending signal(s) ({sorted({s.get('signo') for s in moved})}) -> the leader's queue"
+
+
+def _mem_at(img: Image, addr: int) -> Tuple[str, int]:
+    """(page file, offset) of the byte at `addr` in the image's memory."""
+    files = _page_files(img)
+    for v in img.json("mm.json")["vmas"]:
+        if v["start"] <= addr < v["end"]:
+            for a, n, fi, off in v.get("pages") or []:
+                if a <= addr < a + n * PAGE:
+                    return files[fi], off + addr - a
+            raise NoTarget(f"the page of {addr:#x} is not in the image")
+    raise NoTarget(f"no mapping holds {addr:#x}")
+
+
+def m_corrupt_environ(img: Image) -> str:
+    """One character of the environment strings (in the stack, between
+    env_start and env_end) changed: the last one of the last variable."""
+    mm = img.json("core.json").get("mm") or {}
+    if not mm.get("env_end") or mm["env_end"] - mm.get("env_start", 0) < 2:
+        raise NoTarget("no environment")
+    addr = mm["env_end"] - 2            # env_end - 1 is the last string's NUL
+    name, off = _mem_at(img, addr)
+    old = img.read(name)[off:off + 1]
+    if old == b"\0":
+        raise NoTarget("the environment ends in an empty string")
+    new = b"X" if old != b"X" else b"Y"
+    img.pwrite(name, new, off)
+    return f"environment byte at {addr:#x}: {old!r} -> {new!r}"
+
+
+def m_reset_personality(img: Image) -> str:
+    core = img.json("core.json")
+    if not core.get("personality"):
+        raise NoTarget("the personality is already the default (0)")
+    old, core["personality"] = core["personality"], 0
+    img.put_json("core.json")
+    return f"personality {old:#x} -> 0"
+
+
+def m_reset_timer_slack(img: Image) -> str:
+    """Every thread's timer slack back to its default (the value it
+    returns to): an engine that does not set PR_SET_TIMERSLACK."""
+    core = img.json("core.json")
+    what = []
+    for who, rec in _tasks(core):
+        s = rec.get("sched") or {}
+        if "timerslack_ns" in s and s["timerslack_ns"] != s.get("default_timerslack_ns"):
+            what.append(f"{who} {s['timerslack_ns']} -> {s['default_timerslack_ns']}")
+            s["timerslack_ns"] = s["default_timerslack_ns"]
+    if not what:
+        raise NoTarget("every timer slack is its default")
+    img.put_json("core.json")
+    return "timer slack: " + ", ".join(what)
+
+
+def m_lose_no_new_privs(img: Image) -> str:
+    core = img.json("core.json")
+    creds = core.get("creds") or {}
+    if str(creds.get("no_new_privs", "0")) == "0":
+        raise NoTarget("no_new_privs is not set")
+    creds["no_new_privs"] = "0"
+    img.put_json("core.json")
+    return "no_new_privs 1 -> 0"
+
+
+def m_reset_dumpable(img: Image) -> str:
+    """The dumpable flag alone back to 1 (a restore that changes
+    credentials resets it, as the kernel does on setuid)."""
+    attrs = img.json("core.json").get("attrs") or {}
+    if attrs.get("dumpable", 1) == 1:
+        raise NoTarget("the process is dumpable already")
+    old, attrs["dumpable"] = attrs["dumpable"], 1
+    img.put_json("core.json")
+    return f"dumpable {old} -> 1"
+
+
+def m_lose_rseq(img: Image) -> str:
+    """The leader's rseq area is not registered again: glibc still
+    believes it is (its cpu_id field keeps the last value the old process's
+    kernel wrote; restartable sequences are never aborted)."""
+    core = img.json("core.json")
+    old = core.get("rseq")
+    if not old or not old.get("pointer"):
+        raise NoTarget("no rseq registration")
+    core["rseq"] = dict(old, pointer=0)
+    img.put_json("core.json")
+    return f"rseq {old['pointer']:#x}/{old.get('size')} -> unregistered"
+
+
+def _tree_child(img: Image, pred, what: str) -> Tuple[dict, dict]:
+    tree = img.json("tree.json") if "tree.json" in img.manifest["files"] else None
+    members = (tree or {}).get("members") or []
+    for m in members[1:]:
+        if pred(m, members[0]):
+            return tree, m
+    raise NoTarget(what)
+
+
+def m_regroup_tree_child(img: Image) -> str:
+    """A child in its parent's process group comes back leading a group of
+    its own (setpgid(0, 0)): a job-control signal to the group misses it."""
+    tree, m = _tree_child(img, lambda m, root: not m.get("zombie") and m["pgid"] != m["pid"]
+                          and m["sid"] != m["pid"], "no tree child in another's process group")
+    old, m["pgid"] = m["pgid"], m["pid"]
+    img.put_json("tree.json")
+    core = img.json(m["dir"] + "core.json")       # which ckpt checks against tree.json
+    core["session"]["pgid"] = m["pid"]
+    img.put_json(m["dir"] + "core.json")
+    return f"member {m['pid']}: process group {old} -> {m['pid']} (its own)"
+
+
+def m_tree_exit_signal(img: Image) -> str:
+    """A child comes back with another exit signal (SIGURG, ignored by
+    default, for SIGCHLD): its parent gets no SIGCHLD, and a plain
+    waitpid() no longer sees it (a clone child)."""
+    tree, m = _tree_child(img, lambda m, root: not m.get("zombie") and m["exit_signal"] == 17,
+                          "no live tree child with exit signal SIGCHLD")
+    m["exit_signal"] = 23
+    img.put_json("tree.json")
+    core = img.json(m["dir"] + "core.json")
+    if core.get("exit_signal") == 17:
+        core["exit_signal"] = 23
+        img.put_json(m["dir"] + "core.json")
+    return f"member {m['pid']}: exit signal SIGCHLD -> SIGURG"
+
+
+def m_merge_open_files(img: Image) -> str:
+    """Two fds that opened one file each for themselves come back sharing
+    one open file (the second a dup of the first: its offset and status
+    flags the first's): an engine that reopens a path once."""
+    fds = img.json("fds.json")
+    seen: Dict[tuple, dict] = {}
+    for r in sorted(_leaders(fds), key=lambda r: r["fd"]):
+        f = r.get("file") if isinstance(r.get("file"), dict) else None
+        if r["kind"] != "regular" or not f:
+            continue
+        key = (f.get("dev"), f.get("ino"))
+        first = seen.setdefault(key, r)
+        if first is not r:
+            lead = {k: v for k, v in r.items() if k in ("fd", "cloexec", "link")}
+            r.clear()
+            r.update(lead, kind=first["kind"], dup_of=first["fd"], flags=first["flags"], pos=first["pos"])
+            img.put_json("fds.json")
+            return f"fd {r['fd']} (its own open of {f.get('path')}) -> a dup of fd {first['fd']}"
+    raise NoTarget("no file opened twice on its own")
+
+
+ADVICE = ("dc", "dd", "wf", "hg", "nh")     # the madvise VmFlags ckpt sets again (engine/check.py MADVISE_FLAGS)
+
+
+def m_drop_madvise(img: Image) -> str:
+    """One madvise advice (don't fork, don't dump, wipe on fork, (no)
+    huge pages) of the largest mapping that has one is not given again:
+    an engine that maps memory back with its protection only."""
+    mm = img.json("mm.json")
+    cands = [v for v in mm["vmas"] if any(f in ADVICE for f in v.get("flags") or [])
+             and not v["path"].startswith("[")]       # [vvar] and the like: the kernel's
+    if not cands:
+        raise NoTarget("no mapping with madvise advice")
+    v = max(cands, key=lambda v: (v["end"] - v["start"], -v["start"]))
+    f = next(f for f in v["flags"] if f in ADVICE)
+    v["flags"] = [x for x in v["flags"] if x != f]
+    img.put_json("mm.json")
+    return f"mapping {v['start']:#x}-{v['end']:#x} {v['path'] or '(anonymous)'} loses VmFlags {f}"
+
+
+def m_drop_capability(img: Image) -> str:
+    """The highest capability in the effective set is left out of it (still
+    permitted): the process finds EPERM where it had the right."""
+    caps = (img.json("core.json").get("creds") or {}).get("caps") or {}
+    eff = int(caps.get("CapEff") or "0", 16)
+    if not eff:
+        raise NoTarget("no effective capability")
+    bit = eff.bit_length() - 1
+    caps["CapEff"] = f"{eff & ~(1 << bit):016x}"
+    img.put_json("core.json")
+    return f"capability {bit} dropped from the effective set"
+
+
+def m_reset_cgroup(img: Image) -> str:
+    """The process comes back in the root cgroup of every hierarchy (ckpt's
+    own would do as well): out of its service's limits and accounting."""
+    core = img.json("core.json")
+    moved = [f"{c or 'v2'}:{path}" for c, path in core.get("cgroups") or [] if path != "/"]
+    if not moved:
+        raise NoTarget("the process is in the root cgroup everywhere")
+    core["cgroups"] = [[c, "/"] for c, _ in core["cgroups"]]
+    img.put_json("core.json")
+    return "cgroups -> / (were " + ", ".join(moved) + ")"
+
+
+def m_reset_oom_score_adj(img: Image) -> str:
+    core = img.json("core.json")
+    s = core.get("sched") or {}
+    if not s.get("oom_score_adj"):
+        raise NoTarget("oom_score_adj is already 0")
+    old, s["oom_score_adj"] = s["oom_score_adj"], 0
+    img.put_json("core.json")
+    return f"oom_score_adj {old} -> 0"
+
+
+def m_reset_winsize(img: Image) -> str:
+    """A pty pair comes back with a fresh pty's window size (0 x 0): a
+    full-screen program draws for no screen until the next SIGWINCH."""
+    fds = img.json("fds.json")
+    r = _first(_leaders(fds), lambda r: r.get("tty") == "master" and any(r.get("winsize") or []),
+               "no pty master with a window size")
+    old, r["winsize"] = r["winsize"], [0] * len(r["winsize"])
+    img.put_json("fds.json")
+    return f"pty {r.get('index')} (master fd {r['fd']}): window size {old} -> {r['winsize']}"
+
+
+def m_narrow_signalfd(img: Image) -> str:
+    """A signalfd comes back without the lowest signal of its mask: that
+    signal is no longer read through it."""
+    fds = img.json("fds.json")
+    r = _first(_leaders(fds), lambda r: r["kind"] == "signalfd" and r.get("sigmask"), "no signalfd with a mask")
+    m = r["sigmask"]
+    low = (m & -m).bit_length()
+    r["sigmask"] = m & (m - 1)
+    img.put_json("fds.json")
+    return f"signalfd fd {r['fd']}: signal {low} left out of its mask"
+
+
+def _ghost_records(node, gid: str):
+    """Every ghost record naming `gid`, anywhere in a JSON document."""
+    if isinstance(node, dict):
+        if node.get("ghost") == gid and "data_sha256" in node:
+            yield node
+        for v in node.values():
+            yield from _ghost_records(v, gid)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _ghost_records(v, gid)
+
+
+def m_corrupt_ghost_byte(img: Image) -> str:
+    """One byte of a deleted (or memfd) file's saved contents changed, its
+    record's digest made to match: the file comes back with a wrong byte.
+    The middle byte of the first ghost with data."""
+    names = sorted(n for n in img.manifest["files"] if n.startswith("ghosts/") and n.endswith(".data")
+                   and img.manifest["files"][n].get("size"))
+    if not names:
+        raise NoTarget("no deleted file with contents")
+    name = names[0]
+    data = bytearray(img.read(name))
+    at = len(data) // 2
+    data[at] ^= 0x5A
+    img.write(name, bytes(data))
+    gid = name[len("ghosts/"):-len(".data")]
+    digest = hashlib.sha256(data).hexdigest()
+    for doc in sorted(n for n in img.manifest["files"] if n.endswith(".json") and n != MANIFEST):
+        recs = list(_ghost_records(img.json(doc), gid))
+        for r in recs:
+            r["data_sha256"] = digest
+        if recs:
+            img.put_json(doc)
+    return f"ghost {gid}: byte {at} of {len(data)} changed"
+
+
+def m_drop_fd(img: Image) -> str:
+    """The highest-numbered fd is not restored (a kind an engine skips)."""
+    fds = img.json("fds.json")
+    if not fds:
+        raise NoTarget("no fd")
+    r = max(fds, key=lambda r: r["fd"])
+    if any(o.get("dup_of") == r["fd"] and o is not r for o in fds):
+        raise NoTarget(f"fd {r['fd']} leads others")
+    fds.remove(r)
+    img.put_json("fds.json")
+    return f"fd {r['fd']} ({r['kind']}) not restored"
+
+
 EDITS: Dict[str, Tuple[Callable[[Image], str], str]] = {
     "drop-offset": (m_drop_offset, "one file fd's offset restored as 0"),
     "drop-append": (m_drop_append, "one file fd loses O_APPEND"),
@@ -821,6 +1195,28 @@ EDITS: Dict[str, Tuple[Callable[[Image], str], str]] = {
     "drop-tree-child": (m_drop_tree_child, "one child of a process tree is not restored"),
     "lose-robust-list": (m_lose_robust_list, "the leader's robust futex list is not registered again"),
     "lose-sigaltstack": (m_lose_sigaltstack, "the alternate signal stack is lost"),
+    "eintr-not-restart": (m_eintr_not_restart, "a call interrupted by the freeze returns EINTR instead of restarting"),
+    "clobber-thread-regs": (m_clobber_thread_regs, "a thread besides the leader loses its callee-saved registers"),
+    "reset-thread-fpu": (m_reset_thread_fpu, "the threads besides the leader lose their FPU control state "
+                         "(rounding, exception masks)"),
+    "pending-to-thread": (m_pending_to_thread, "process-wide pending signals come back pending for the leader only"),
+    "corrupt-environ": (m_corrupt_environ, "one character of the environment strings changes"),
+    "reset-personality": (m_reset_personality, "the personality comes back as 0"),
+    "reset-timer-slack": (m_reset_timer_slack, "the timer slack comes back as its default"),
+    "lose-no-new-privs": (m_lose_no_new_privs, "no_new_privs is lost"),
+    "reset-dumpable": (m_reset_dumpable, "a non-dumpable process comes back dumpable"),
+    "lose-rseq": (m_lose_rseq, "the leader's rseq area is not registered again"),
+    "regroup-tree-child": (m_regroup_tree_child, "a tree child comes back leading a process group of its own"),
+    "tree-exit-signal": (m_tree_exit_signal, "a tree child comes back with SIGURG as its exit signal"),
+    "drop-fd": (m_drop_fd, "the highest-numbered fd is not restored"),
+    "drop-madvise": (m_drop_madvise, "one mapping loses one madvise advice (VmFlags dc, dd, wf, hg, nh)"),
+    "drop-capability": (m_drop_capability, "one capability is left out of the effective set"),
+    "reset-cgroup": (m_reset_cgroup, "the process comes back in the root cgroup of every hierarchy"),
+    "reset-oom-score-adj": (m_reset_oom_score_adj, "oom_score_adj comes back as 0"),
+    "reset-winsize": (m_reset_winsize, "a pty pair comes back with a fresh pty's window size"),
+    "narrow-signalfd": (m_narrow_signalfd, "a signalfd loses one signal of its mask"),
+    "corrupt-ghost-byte": (m_corrupt_ghost_byte, "one byte of a deleted file's contents changes"),
+    "merge-open-files": (m_merge_open_files, "two separate opens of one file come back as one shared open file"),
 }
 
 
@@ -1121,6 +1517,34 @@ CAUGHT_BY: Dict[str, str] = {
     "lose-robust-list": "each thread's robust list head read from outside (get_robust_list) and compared (every "
                         "scenario: glibc registers one per thread)",
     "lose-sigaltstack": "workload.process.altstack: the process reads its sigaltstack back (process/altstack)",
+    "eintr-not-restart": "a thread blocked in a raw read(2) that must not fail (threads/blocked, fp-round, "
+                         "leave-running: Python's own calls retry an EINTR); the raw reads of threads/signal-over-call",
+    "clobber-thread-regs": "the thread crashing, or its call returning to a caller whose state is gone (threads/*)",
+    "reset-thread-fpu": "each thread's rounding mode and 1/3 after the restore (threads/fp-round)",
+    "pending-to-thread": "ShdPnd and each thread's SigPnd compared from outside (process/pending-signals, "
+                         "threads/masks)",
+    "corrupt-environ": "/proc/PID/environ compared from outside (every scenario)",
+    "reset-personality": "/proc/PID/personality compared from outside; the process reads it back (process/attrs)",
+    "reset-timer-slack": "/proc/PID/timerslack_ns compared from outside; the process reads it back (process/attrs)",
+    "lose-no-new-privs": "NoNewPrivs compared from outside; the process reads it back (process/attrs)",
+    "reset-dumpable": "the process reads PR_GET_DUMPABLE back (process/attrs)",
+    "lose-rseq": "the process asks the kernel whether its rseq area is still registered (every scenario: glibc "
+                 "registers one per thread)",
+    "regroup-tree-child": "every child's process group checked by the parent (tree/children); stat.pgrp compared",
+    "tree-exit-signal": "the parent's waitpid() collects every child's exit status (tree/*)",
+    "drop-fd": "the open fds listed by the process and every fd compared from outside (every scenario)",
+    "merge-open-files": "each fd's offset; two opens of one file proved independent by moving one "
+                        "(files/offsets, files/many-fds)",
+    "drop-capability": "CapEff compared from outside, the process's and each thread's (every scenario: the "
+                       "workload runs with capabilities)",
+    "reset-cgroup": "/proc/PID/cgroup compared from outside (every scenario run outside the root cgroup)",
+    "reset-oom-score-adj": "/proc/PID/oom_score_adj compared from outside; read back by the process (process/attrs)",
+    "reset-winsize": "the pty's window size read back by the workload (tty/pair-raw)",
+    "narrow-signalfd": "the signalfd's mask compared from outside (fdinfo sigmask) and the signals read through "
+                       "it (anon/signalfd)",
+    "corrupt-ghost-byte": "the contents of deleted files compared byte for byte (unlink/*)",
+    "drop-madvise": "each mapping's madvise advice (smaps VmFlags dc, dd, wf, hg, nh) compared from outside "
+                    "(mmap/advice)",
 }
 
 

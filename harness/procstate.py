@@ -306,10 +306,32 @@ def snapshot(pid: int, pub: Optional[dict] = None) -> Dict[str, str]:
         out[key + ".dev"] = parts[3]
         out[key + ".inode"] = parts[4]
         out[key + ".path"] = parts[5].strip() if len(parts) > 5 else ""
+    out.update(_advice(base))
     out.update(_numa_policies(base))
     out.update(_fds(base))
     for k, v in proof(pid, pub).items():
         out[f"proof.{k}"] = v if v is not None else "unreadable"
+    return out
+
+
+#: smaps VmFlags a process sets with madvise(2) and keeps: don't fork, don't
+#: dump, wipe on fork, (no) huge pages. The others follow from the mapping's
+#: protection and kind (compared through maps) or are the kernel's (sd, ac).
+ADVICE = ("dc", "dd", "wf", "hg", "nh")
+
+
+def _advice(base: str) -> Dict[str, str]:
+    """maps.RANGE.advice: the madvise advice of each mapping that has any."""
+    out: Dict[str, str] = {}
+    rng = None
+    for line in (_read(f"{base}/smaps") or "").splitlines():
+        head = line.split(None, 1)[0] if line else ""
+        if "-" in head and ":" not in head:
+            rng = head
+        elif head == "VmFlags:" and rng:
+            got = [f for f in line.split()[1:] if f in ADVICE]
+            if got:
+                out[f"maps.{rng}.advice"] = " ".join(sorted(got))
     return out
 
 

@@ -336,6 +336,8 @@ def _this():
 def _mmap() -> Check:
     return Map({"file": Path(), "anon": Bool(), "offset": Size(), "length": Size(), "prot": Enum(("r", "rw")),
                 "shared": Bool(), "seed": Int(0),
+                # madvise(2) advice the mapping keeps (smaps VmFlags)
+                "advise": List_(Enum(("dontfork", "dontdump", "wipeonfork", "hugepage", "nohugepage"))),
                 "dirty": Map({"offset": Size(), "bytes": Size(), "seed": Int(0)}, required=("bytes",))},
                required=("length",))
 

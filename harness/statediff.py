@@ -117,6 +117,10 @@ def _rule(field: str, conds: set, before: Dict[str, str]) -> Optional[Allowed]:
     return None
 
 
+#: a mapping's fields in a snapshot (advice only where it has any)
+MAP_FIELDS = ("perms", "offset", "dev", "inode", "path", "advice")
+
+
 def merge_neighbours(snap: Dict[str, str]) -> Dict[str, str]:
     """The snapshot with each run of adjacent mappings the kernel could
     merge (same permissions; anonymous, or the same file at contiguous
@@ -136,11 +140,12 @@ def merge_neighbours(snap: Dict[str, str]) -> Dict[str, str]:
     out = {k: v for k, v in snap.items() if not k.startswith("maps.")}
     run = None          # [lo, hi, first rng, perms, file identity or None, next file offset]
     for lo, hi, rng in sorted(maps):
-        f = {a: snap.get(f"maps.{rng}.{a}") for a in ("perms", "offset", "dev", "inode", "path")}
+        f = {a: snap.get(f"maps.{rng}.{a}") for a in MAP_FIELDS}
         anon = f["path"] == "" and f["inode"] == "0"
         filed = f["path"].startswith("/") and f["inode"] != "0"
-        # what may merge with what: anonymous with anonymous, a file with itself
-        ident = ("anon",) if anon else (f["dev"], f["inode"], f["path"]) if filed else None
+        # what may merge with what: anonymous with anonymous, a file with
+        # itself; only under the same madvise advice (the kernel's rule too)
+        ident = ("anon", f["advice"]) if anon else (f["dev"], f["inode"], f["path"], f["advice"]) if filed else None
         off = int(f["offset"] or "0", 16)
         if run and ident is not None and run[1] == lo and run[3] == f["perms"] and run[4] == ident \
                 and (anon or run[5] == off):
@@ -159,8 +164,9 @@ def _put_map(out: Dict[str, str], snap: Dict[str, str], run: list) -> None:
     lo, hi, rng = run[0], run[1], run[2]
     width = len(rng.split("-")[0])
     key = f"maps.{lo:0{width}x}-{hi:0{width}x}"
-    for a in ("perms", "offset", "dev", "inode", "path"):
-        out[f"{key}.{a}"] = snap.get(f"maps.{rng}.{a}", "")
+    for a in MAP_FIELDS:
+        if f"maps.{rng}.{a}" in snap or a != "advice":
+            out[f"{key}.{a}"] = snap.get(f"maps.{rng}.{a}", "")
 
 
 def diff(before: Dict[str, str], after: Dict[str, str], conds: set = frozenset()) -> List[Dict[str, str]]:

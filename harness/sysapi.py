@@ -7,12 +7,13 @@ os module does, so callers handle failures one way.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import struct
 
 TYPE_CHECKING = False   # annotations only: typing is an import the exec'd workload never needs
 if TYPE_CHECKING:
-    from typing import Iterable, Tuple
+    from typing import Iterable, Optional, Tuple
 
 # glibc's soname on every Linux the guests run (Debian, x86_64 and aarch64):
 # ctypes.util.find_library("c") gives the same name, but only after importing
@@ -140,6 +141,14 @@ _libc.mmap.restype = ctypes.c_void_p
 _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
                        ctypes.c_int, ctypes.c_long]
 MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+#: madvise(2) advice a mapping keeps (smaps VmFlags dc, dd, wf, hg, nh): workload.mmaps advise
+MADVISE = {"dontfork": 10, "dontdump": 16, "wipeonfork": 18, "hugepage": 14, "nohugepage": 15}
+
+
+def madvise(addr: int, length: int, advice: int) -> None:
+    _check(_libc.madvise(ctypes.c_void_p(addr), ctypes.c_size_t(length), ctypes.c_int(advice)))
 
 
 def mmap(length: int, prot: int, flags: int, fd: int, offset: int) -> int:
@@ -301,13 +310,30 @@ def unshare(flags: int) -> None:
 # -- process attributes (workload.process.attrs) -------------------------------
 PR = {"get_dumpable": 3, "set_dumpable": 4, "get_keepcaps": 7, "set_keepcaps": 8, "mce_kill": 33,
       "mce_kill_get": 34, "set_child_subreaper": 36, "get_child_subreaper": 37, "set_thp_disable": 41,
-      "get_thp_disable": 42}
+      "get_thp_disable": 42, "set_timerslack": 29, "get_timerslack": 30, "set_no_new_privs": 38,
+      "get_no_new_privs": 39}
 IOPRIO_NR = {"x86_64": (251, 252), "aarch64": (30, 31)}     # (ioprio_set, ioprio_get)
 IOPRIO_CLASSES = {"none": 0, "realtime": 1, "best-effort": 2, "idle": 3}
 
 
 def prctl(option: str, arg2: int = 0, arg3: int = 0) -> int:
     return _check(_libc.prctl(PR[option], ctypes.c_ulong(arg2), ctypes.c_ulong(arg3), 0, 0))
+
+
+def raw_read(fd: int, n: int) -> str:
+    """One read(2), not retried on EINTR (os.read retries it): the bytes
+    read as text, or "errno N (NAME)"."""
+    buf = ctypes.create_string_buffer(n)
+    got = _libc.read(ctypes.c_int(fd), buf, ctypes.c_size_t(n))
+    if got < 0:
+        e = ctypes.get_errno()
+        return f"errno {e} ({errno.errorcode.get(e, '?')})"
+    return buf.raw[:got].decode(errors="replace")
+
+
+def personality(persona: int = 0xffffffff) -> int:
+    """personality(2): set `persona`, or (0xffffffff) only read; the previous one."""
+    return _check(_libc.personality(ctypes.c_ulong(persona)))
 
 
 def child_subreaper() -> int:
@@ -382,6 +408,61 @@ def timer_gettime(timer: int) -> Tuple[float, float]:
 def prctl_set_name(name: str) -> None:
     """prctl(PR_SET_NAME): the calling thread's name (comm, 15 bytes)."""
     _check(_libc.prctl(15, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0))
+
+
+#: glibc's RSEQ_SIG, the signature its rseq(2) registration uses
+RSEQ_SIG = {"x86_64": 0x53053053, "aarch64": 0xd428bc00}
+RSEQ_NR = {"x86_64": 334, "aarch64": 293}
+EBUSY = 16
+
+
+def rseq_probe(addr: int, length: int) -> int:
+    """rseq(2) registering (addr, length) with glibc's signature for the
+    calling thread: 0 (it was not registered: now it is), or the errno -
+    EBUSY when exactly that is registered, EINVAL when another area is."""
+    machine = os.uname().machine
+    r = _libc.syscall(ctypes.c_long(RSEQ_NR[machine]), ctypes.c_void_p(addr), ctypes.c_uint(length),
+                      ctypes.c_int(0), ctypes.c_uint(RSEQ_SIG[machine]))
+    return 0 if r == 0 else ctypes.get_errno()
+
+
+def rseq_area() -> "Optional[Tuple[int, int]]":
+    """(address, length) of the calling thread's rseq registration, found by
+    asking the kernel (rseq_probe answers EBUSY only for the registered
+    one); (0, 0) when glibc registers none (before 2.35, or told not to);
+    None when registered where this does not look. Call it only while the
+    thread is registered: a probe of an unregistered thread registers it."""
+    try:
+        size = ctypes.c_uint.in_dll(_libc, "__rseq_size").value
+        offset = ctypes.c_ssize_t.in_dll(_libc, "__rseq_offset").value
+    except ValueError:      # a glibc before 2.35: no registration
+        return (0, 0)
+    if not size or os.uname().machine not in RSEQ_NR:
+        return (0, 0)
+    _libc.pthread_self.restype = ctypes.c_void_p
+    me = _libc.pthread_self()
+    # the thread pointer is pthread_self on x86_64; elsewhere the area lies
+    # inside struct pthread, which starts at pthread_self
+    cands = [me + offset] + [me + 32 * k for k in range(256)]
+    for n in sorted({32, size, (size + 31) // 32 * 32}):
+        for addr in cands:
+            if rseq_probe(addr, n) == EBUSY:
+                return (addr, n)
+    return None
+
+
+def rseq_still(area: "Optional[Tuple[int, int]]") -> str:
+    """What became of the calling thread's registration `area` (from
+    rseq_area, before the dump): "registered", "none" (there was none),
+    "unknown", or what went wrong - the probe registers an unregistered
+    thread, so call it once, at the end."""
+    if area is None:
+        return "unknown"
+    if not area[0]:
+        return "none"
+    err = rseq_probe(*area)
+    return {EBUSY: "registered", 0: "not registered (this check registered it)"}.get(
+        err, f"another area registered (errno {err})")
 
 
 # sigaltstack(2): stack_t {void *ss_sp; int ss_flags; size_t ss_size} (24 bytes on 64-bit)

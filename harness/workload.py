@@ -184,6 +184,8 @@ def map_all(spec: dict, model: world.Model) -> List[dict]:
         if "anon" in m:
             addr = sysapi.mmap(length, PROT["rw"], MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
             sysapi.poke(addr, seeded.data(int(m.get("seed", 0)), 0, length))
+            for a in m.get("advise") or []:
+                sysapi.madvise(addr, length, sysapi.MADVISE[a])
             out.append({"addr": addr, "length": length})
             continue
         shared = bool(m.get("shared"))
@@ -197,6 +199,8 @@ def map_all(spec: dict, model: world.Model) -> List[dict]:
         if m.get("dirty"):
             d = m["dirty"]
             sysapi.poke(addr + int(d.get("offset", 0)), seeded.data(int(d.get("seed", 0)), 0, int(d["bytes"])))
+        for a in m.get("advise") or []:
+            sysapi.madvise(addr, length, sysapi.MADVISE[a])
         out.append({"addr": addr, "length": length, "ino": model.lookup(m["file"])})
     return out
 
@@ -274,44 +278,23 @@ class Proof:
         return {"secret": self.secret.raw.hex(), "counter": self.counter.value}
 
 
-#: glibc's RSEQ_SIG, the signature its rseq(2) registration uses
-RSEQ_SIG = {"x86_64": 0x53053053, "aarch64": 0xd428bc00}
-RSEQ_NR = {"x86_64": 334, "aarch64": 293}
 BRK_NR = {"x86_64": 12, "aarch64": 214}
 
 
 def quiet_facts() -> dict:
     """Where this thread's errno and rseq area are: the bytes of a quiet
     workload that change without it running (harness/memstate.py). The
-    rseq area is found by asking the kernel: rseq(2) with the registered
-    address, length and signature answers EBUSY, with anything else EINVAL."""
+    rseq area is found by asking the kernel (sysapi.rseq_area)."""
     libc = ctypes.CDLL(sysapi.LIBC, use_errno=True)
     libc.__errno_location.restype = ctypes.c_void_p
     out = {"errno": libc.__errno_location(), "rseq": None, "rseq_len": 0}
-    try:
-        size = ctypes.c_uint.in_dll(libc, "__rseq_size").value
-        offset = ctypes.c_ssize_t.in_dll(libc, "__rseq_offset").value
-    except ValueError:      # a glibc before 2.35: no registration
-        return out
-    machine = os.uname().machine
-    if not size or machine not in RSEQ_NR:
-        return out
-    libc.pthread_self.restype = ctypes.c_void_p
-    libc.syscall.restype = ctypes.c_long
-    me = libc.pthread_self()
-    # the thread pointer is pthread_self on x86_64; elsewhere the area lies
-    # inside struct pthread, which starts at pthread_self
-    cands = [me + offset] + [me + 32 * k for k in range(256)]
-    for n in sorted({32, size, (size + 31) // 32 * 32}):
-        for addr in cands:
-            if libc.syscall(ctypes.c_long(RSEQ_NR[machine]), ctypes.c_void_p(addr), ctypes.c_uint(n),
-                            ctypes.c_int(0), ctypes.c_uint(RSEQ_SIG[machine])) < 0 \
-                    and ctypes.get_errno() == 16:       # EBUSY: registered, there
-                out.update(rseq=addr, rseq_len=n)
-                return out
-    # registered, but not where this looks: memstate then leaves the memory
-    # unjudged (on both sides alike) rather than judge bytes the kernel writes
-    out["rseq_unknown"] = True
+    area = sysapi.rseq_area()
+    if area is None:
+        # registered, but not where this looks: memstate then leaves the memory
+        # unjudged (on both sides alike) rather than judge bytes the kernel writes
+        out["rseq_unknown"] = True
+    elif area[0]:
+        out.update(rseq=area[0], rseq_len=area[1])
     return out
 
 
@@ -341,7 +324,7 @@ def run(spec_path: str) -> int:
         kinds.PROCESS.apply(proc)      # after the fds: a low RLIMIT_NOFILE must not stop them
         ready = {"pid": os.getpid(), "recs": recs, "fds": own_fds(), "mmaps": maps,
                  "helpers": ctx.helpers, "cwd": os.getcwd(), "process": kinds.PROCESS.observe(proc),
-                 "proof": proof.public(), "start": START}
+                 "proof": proof.public(), "start": START, "rseq": sysapi.rseq_area()}
     except Exception:
         import traceback
         write_json(spec["ready"], {"pid": os.getpid(), "helpers": helpers, "error": traceback.format_exc()})
@@ -468,6 +451,11 @@ def verify(spec_path: str, sigio: List[int], phases: Tuple[str, ...] = ()) -> di
     checks = [kinds.check(None, "pid", ready["pid"], os.getpid()),
               kinds.check(None, "cwd", ready["cwd"], os.getcwd()),
               kinds.check(None, "open fds", ready["fds"], own_fds())]
+    if "rseq" in ready:     # the main thread's rseq area still registered (no /proc file shows it)
+        area = ready["rseq"]
+        checks.append(kinds.check(None, "rseq registration of the main thread",
+                                  "unknown" if area is None else "registered" if area[0] else "none",
+                                  sysapi.rseq_still(area)))
     broken = set()
     for rec in ready["recs"]:
         try:

@@ -595,3 +595,42 @@ while not os.path.exists('child-ready'): time.sleep(0.01)
     assert sorted(pid for pid, _ in injected) == sorted([p.pid, child])
     assert all(probed is not None for _, probed in injected)    # every probe made in the batched run
     assert p.poll() is None and not os.path.exists(tmp_path / "img")
+
+
+def test_a_tree_member_last_on_a_sysv_semaphore_is_refused_by_the_trees_snapshot(procs, tmp_path):
+    """A tree's members are judged against one snapshot of the SysV
+    semaphores (sysvsem.snapshot, taken once every member is frozen): the
+    child that last operated on one is still refused, by name, the parent
+    not; nothing is left behind."""
+    import ctypes
+    from engine import sysvsem
+    setup = """
+import ctypes, struct
+libc = ctypes.CDLL(None, use_errno=True)
+semid = libc.semget(0, 1, 0o1600)            # IPC_PRIVATE, IPC_CREAT
+open('semid', 'w').write(str(semid))
+if os.fork() == 0:
+    op = struct.pack('<HhH', 0, 1, 0x1000)   # sem_num 0, +1, SEM_UNDO
+    if libc.semop(semid, ctypes.c_char_p(op), 1):
+        os._exit(3)
+    open('child-ready', 'w').close()
+    while True: time.sleep(1)
+while not os.path.exists('child-ready'): time.sleep(0.01)
+"""
+    p = start_ready_script(procs, tmp_path, setup)
+    semid = int((tmp_path / "semid").read_text())
+    child = int(open(f"/proc/{p.pid}/task/{p.pid}/children").read().split()[0])
+    taken = []
+    orig = sysvsem.snapshot
+    sysvsem.snapshot = lambda: taken.append(1) or orig()
+    try:
+        with pytest.raises((Refusal, Refusals)) as ei:
+            dump(p.pid, str(tmp_path / "img"), Options())
+    finally:
+        sysvsem.snapshot = orig
+        ctypes.CDLL(None).semctl(semid, 0, 0)      # IPC_RMID
+    refusals = getattr(ei.value, "refusals", [ei.value])
+    assert [(r.reason, r.pid) for r in refusals] == [("unsupported-state", child)]
+    assert f"SysV semaphore {semid}#0" in str(ei.value)
+    assert taken == [1]                             # one snapshot for the two members
+    assert p.poll() is None and not os.path.exists(tmp_path / "img")

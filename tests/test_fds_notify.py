@@ -94,12 +94,17 @@ def test_inotify_watched_file_gone_or_replaced_at_restore(tmp_path):
 def test_inotify_unlinked_watched_file_unresolvable_at_dump(tmp_path):
     d, f = make(tmp_path)
     setup = setup_for(d, f).replace(str(IN_MODIFY | IN_ONESHOT | IN_EXCL_UNLINK), str(IN_MODIFY))
-    setup += f"\nkeep = os.open({f!r}, os.O_RDONLY)\nos.unlink({f!r})\n"
+    # Kept alive by a mapping, no fd: nothing the restore recreates it by
+    # (a deleted file the process holds open is restored, test_engine_inotify_ghost.py).
+    setup += (f"\nkeep = os.open({f!r}, os.O_RDONLY)\nlibc.mmap.restype = ctypes.c_void_p\n"
+              "assert libc.mmap(None, 1, 1, 1, keep, ctypes.c_long(0)) not in (None, 2**64 - 1)\n"
+              f"os.close(keep)\nos.unlink({f!r})\n")   # MAP_SHARED, PROT_READ: no fd kept
     setup += "while True:\n    try: os.read(500, 4096)\n    except BlockingIOError: break\n"
     with Target(tmp_path, setup) as t:
         with pytest.raises(Refusal) as ei:
             classify(t.pid, 500)
         assert ei.value.reason == "inotify-unresolvable"
+        assert "is no file the process holds open" in ei.value.detail
 
 
 def test_fanotify_refused(tmp_path):

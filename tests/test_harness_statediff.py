@@ -74,6 +74,31 @@ def test_adjacent_anonymous_mappings_compare_as_one():
     assert statediff.diff(_maps(("7f0000000000-7f0000001000", "rw-p", "")), merged)
 
 
+def test_madvise_advice_is_compared_per_mapping_and_keeps_neighbours_apart():
+    import mmap
+    import os
+    from harness import procstate, sysapi
+    m = mmap.mmap(-1, 8 * 4096)
+    addr = __import__("ctypes").addressof(__import__("ctypes").c_char.from_buffer(m))
+    try:
+        sysapi.madvise(addr, 4 * 4096, sysapi.MADVISE["dontdump"])
+        snap = procstate.snapshot(os.getpid())
+        lo = f"{addr:x}"
+        hit = [k for k in snap if k.startswith(f"maps.{lo}-") and k.endswith(".advice")]
+        assert hit and snap[hit[0]] == "dd", hit
+    finally:
+        m.close()
+    half = _maps(("7f0000000000-7f0000001000", "rw-p", ""), ("7f0000001000-7f0000003000", "rw-p", ""))
+    half["maps.7f0000000000-7f0000001000.advice"] = "dd"
+    merged = _maps(("7f0000000000-7f0000003000", "rw-p", ""))
+    # advice lost: named; neighbours under other advice are not one mapping
+    fields = {d["field"] for d in statediff.diff(half, merged)}
+    assert "maps.7f0000000000-7f0000001000.advice" in fields and "maps.7f0000000000-7f0000003000.perms" in fields
+    both = dict(merged, **{"maps.7f0000000000-7f0000003000.advice": "dd"})
+    split = dict(half, **{"maps.7f0000001000-7f0000003000.advice": "dd"})
+    assert statediff.diff(split, both) == []
+
+
 def test_each_thread_is_in_the_snapshot_and_a_changed_thread_is_named(tmp_path):
     """thread.TID.*: a thread's own mask, state and tracer are compared, so
     a thread restored with another mask (or left stopped) is corruption."""

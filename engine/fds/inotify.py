@@ -6,8 +6,10 @@ Dump: each watch is an fdinfo line (fs/notify/fdinfo.c inotify_fdinfo):
 fhandle-type:%x f_handle:%s`` (hex). The handle is opened with
 open_by_handle_at(2) (CAP_DAC_READ_SEARCH) relative to a mount of that
 filesystem, its path read back from /proc/self/fd and verified: the path
-must stat to the same (dev, ino); else ``inotify-unresolvable`` (e.g. a
-disconnected dentry of a file not reachable by any name).
+must stat to the same (dev, ino). A watched file deleted while the target
+holds it open (a ghost fd, engine/fds/ghost.py) is saved as that fd
+("fd_of", no path). Else ``inotify-unresolvable`` (e.g. a file kept only
+by a mapping, or a disconnected dentry not reachable by any name).
 Events queued and unread (FIONREAD on a pidfd_getfd duplicate) would be
 lost: ``inotify-pending``.
 
@@ -20,7 +22,9 @@ rather than dropping it. The path must still name the same inode (same
 node) or a file of the same type (another node): else
 ``inotify-unresolvable``. The mask keeps IN_ONESHOT and IN_EXCL_UNLINK
 (shown in fdinfo); IN_DONT_FOLLOW is added because the saved path names
-the watched inode itself.
+the watched inode itself. An instance with an "fd_of" watch gets all its
+watches in finish(), once the recreated file is the new process's fd:
+through /proc/PID/fd/N (followed), then read back from fdinfo.
 """
 
 from __future__ import annotations
@@ -80,7 +84,21 @@ def parse_mountinfo(text: str) -> Dict[int, str]:
     return out
 
 
-def _resolve(info, w: dict, mounts: Dict[int, str]) -> str:
+def _held_ghost(info, w: dict, ctx) -> int:
+    """The lowest fd of the target that holds the watched inode as a file
+    with no name left (a ghost, recreated by engine/fds/ghost.py), or -1."""
+    from . import classify_kind
+    for fd, other in sorted((getattr(ctx, "all_fds", None) or {}).items()):
+        if (other.dev, other.ino) == (w["dev"], w["ino"]) and stat.S_ISREG(other.mode):
+            try:
+                if classify_kind(other) == "ghost":
+                    return fd
+            except (OSError, ValueError):
+                continue
+    return -1
+
+
+def _resolve(info, w: dict, mounts: Dict[int, str], ctx=None) -> str:
     if w["handle"] is None:
         raise refuse(info, "inotify-unresolvable", f"watch {w['wd']}: the kernel shows no file handle")
     mnt = mounts.get(w["dev"])
@@ -112,20 +130,28 @@ def _resolve(info, w: dict, mounts: Dict[int, str]) -> str:
     except OSError:
         st = None
     if st is None or (st.st_dev, st.st_ino) != (w["dev"], w["ino"]):
+        held = _held_ghost(info, w, ctx)
+        if held >= 0:
+            # A file deleted while open, watched: the watch goes back on the
+            # recreated file, through that fd (finish()).
+            w["fd_of"] = held
+            w["mode"] = stat.S_IFREG
+            return None
         raise refuse(info, "inotify-unresolvable",
-                     f"watch {w['wd']} (inode {w['ino']}) has no path naming it (kernel says {path!r})")
+                     f"watch {w['wd']} (inode {w['ino']}) has no path naming it (kernel says {path!r}) and "
+                     "is no file the process holds open")
     w["mode"] = stat.S_IFMT(st.st_mode)
     return path
 
 
-def _watches(info) -> List[dict]:
+def _watches(info, ctx=None) -> List[dict]:
     watches = parse_watches(info.fdinfo_text)
     if not watches:
         return []
     with open(f"/proc/{info.pid}/mountinfo") as f:
         mounts = parse_mountinfo(f.read())
     for w in watches:
-        w["path"] = _resolve(info, w, mounts)
+        w["path"] = _resolve(info, w, mounts, ctx)
         if w["wd"] > MAX_BURN:
             raise refuse(info, "unsupported-fd", f"inotify wd {w['wd']} is too high to reproduce (> {MAX_BURN})")
     return sorted(watches, key=lambda w: w["wd"])
@@ -144,17 +170,21 @@ def classify(info, ctx) -> str:
     n = _pending(info)
     if n:
         raise refuse(info, "inotify-pending", f"{n} bytes of unread events queued; restoring would drop them")
-    watches = _watches(info)
-    body = ", ".join(f"wd {w['wd']} {w['path']} mask {w['mask']:#x}" for w in watches)
+    watches = _watches(info, ctx)
+    body = ", ".join(f"wd {w['wd']} {w['path'] or 'the deleted file at fd %d' % w['fd_of']} mask {w['mask']:#x}"
+                     for w in watches)
     return f"inotify with {len(watches)} watches" + (f": {body}" if body else "")
 
 
 def dump(info, ctx) -> dict:
     if _pending(info):
         raise refuse(info, "inotify-pending", "events arrived after the pre-flight")
-    return {"watches": [{"wd": w["wd"], "path": w["path"], "mask": w["mask"], "dev": w["dev"],
-                         "ino": w["ino"], "mode": w["mode"], "handle_type": w["handle_type"],
-                         "handle": w["handle"].hex()} for w in _watches(info)]}
+    # A deleted file's watch has its fd, no path ("fd_of").
+    return {"watches": [dict({"wd": w["wd"], "mask": w["mask"], "dev": w["dev"],
+                              "ino": w["ino"], "mode": w["mode"], "handle_type": w["handle_type"],
+                              "handle": w["handle"].hex()},
+                             **({"fd_of": w["fd_of"]} if "fd_of" in w else {"path": w["path"]}))
+                        for w in _watches(info, ctx)]}
 
 
 def _check_path(rec: dict, ctx, w: dict) -> None:
@@ -181,8 +211,15 @@ def _check_path(rec: dict, ctx, w: dict) -> None:
 
 
 def validate(rec: dict, ctx) -> None:
-    """Raises inotify-unresolvable when a watched path changed."""
+    """Raises inotify-unresolvable when a watched path changed;
+    image-invalid when a watch of a deleted file names no ghost fd."""
+    ghosts = {r["fd"] for r in ctx.records or [] if r.get("kind") == "ghost"}
     for w in rec["watches"]:
+        if "fd_of" in w:
+            if ctx.records is not None and w["fd_of"] not in ghosts:
+                raise refuse_rec(rec, ctx, "image-invalid",
+                                 f"watch {w['wd']}: fd {w['fd_of']} is no deleted file of the image")
+            continue
         _check_path(rec, ctx, w)
 
 
@@ -193,6 +230,8 @@ def restore(rec: dict, ctx) -> int:
         fd = _sys.inotify_init1(os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as e:
         raise failed(rec, ctx, "inotify_init1", e) from e
+    if any("fd_of" in w for w in rec["watches"]):
+        return fd       # the watches go on once the deleted files are in the new process (finish)
     try:
         with closed_on_error(fd):
             burned = set()
@@ -206,8 +245,43 @@ def restore(rec: dict, ctx) -> int:
     return fd
 
 
-def _add(rec: dict, ctx, fd: int, w: dict, burned: set) -> None:
-    mask = (w["mask"] & ~IN_MASK_ADD) | IN_DONT_FOLLOW
+def finish(rec: dict, ctx, task) -> None:
+    """An instance watching a deleted file: every watch added here, in wd
+    order, through a duplicate of the new process's instance; a deleted
+    file's watch by the new process's fd for it (/proc/PID/fd/N, followed:
+    the recreated file itself). Then read back from the new process's
+    fdinfo: each wd with its mask on the inode it must watch."""
+    if not any("fd_of" in w for w in rec["watches"]):
+        return
+    from .. import pidfd
+    pid = getattr(task, "pid", None) or ctx.pid
+    try:
+        with pidfd.target_fd(pid, rec["fd"]) as fd:
+            burned = set()
+            for w in rec["watches"]:
+                if "fd_of" in w:
+                    _add(rec, ctx, fd, dict(w, path=f"/proc/{pid}/fd/{w['fd_of']}"), burned, follow=True)
+                else:
+                    _check_path(rec, ctx, w)
+                    _add(rec, ctx, fd, w, burned)
+            _drain(rec, ctx, fd, burned)
+            _sys.set_status_flags(fd, rec.get("flags", 0))
+        with open(f"/proc/{pid}/fdinfo/{rec['fd']}") as f:
+            got = [(g["wd"], g["mask"], g["dev"], g["ino"]) for g in parse_watches(f.read())]
+        want = []
+        for w in rec["watches"]:
+            st = os.stat(f"/proc/{pid}/fd/{w['fd_of']}" if "fd_of" in w else w["path"],
+                         follow_symlinks="fd_of" in w)
+            want.append((w["wd"], w["mask"] & ~IN_MASK_ADD, st.st_dev, st.st_ino))
+    except OSError as e:
+        raise failed(rec, ctx, "re-adding inotify watches", e) from e
+    if sorted(got) != sorted(want):
+        raise EngineError(f"fd {rec['fd']}: inotify watches read back as {sorted(got)}, not {sorted(want)}",
+                          pid=pid)
+
+
+def _add(rec: dict, ctx, fd: int, w: dict, burned: set, follow: bool = False) -> None:
+    mask = (w["mask"] & ~IN_MASK_ADD) | (0 if follow else IN_DONT_FOLLOW)
     for _ in range(MAX_BURN + 1):
         wd = _sys.inotify_add_watch(fd, w["path"], mask)
         if wd == w["wd"]:
@@ -221,6 +295,8 @@ def _add(rec: dict, ctx, fd: int, w: dict, burned: set) -> None:
 
 def _drain(rec: dict, ctx, fd: int, burned: set) -> None:
     while True:
+        if not _sys.fionread(fd):       # finish() drains a duplicate that may be blocking
+            return
         try:
             data = os.read(fd, 1 << 16)
         except BlockingIOError:

@@ -86,6 +86,8 @@ CHILD_GROUPS = ("parent", "own")
 # policy (numa_maps) from outside too (harness/procstate.py).
 IOPRIO = ("none", "idle") + tuple(f"{c}:{n}" for c in ("best-effort", "realtime") for n in range(8))
 MCE_KILL = {"late": 0, "early": 1}
+# personality(2) flags a running process may set without effect on itself (they matter at its next exec)
+PERSONALITY = {"addr_no_randomize": 0x0040000, "addr_compat_layout": 0x0200000}
 # <fenv.h> FE_* rounding modes: x86_64 (x87 control word bits 10-11), aarch64 (FPCR RMode, bits 22-23)
 FP_ROUND = {"upward": {"x86_64": 0x800, "aarch64": 0x400000}, "downward": {"x86_64": 0x400, "aarch64": 0x800000},
             "toward_zero": {"x86_64": 0xc00, "aarch64": 0xc00000}}
@@ -121,7 +123,9 @@ def fields(s) -> dict:
                         "coredump_filter": s.Int(0, 0x1ff), "thp_disable": s.Bool(), "child_subreaper": s.Bool(),
                         "keep_caps": s.Bool(), "mce_kill": s.Enum(tuple(MCE_KILL)), "dumpable": s.Bool(),
                         "mempolicy": s.Enum(tuple(sysapi.MPOL), "a NUMA memory policy (on node 0):"),
-                        "membarrier": s.Bool()}),
+                        "membarrier": s.Bool(), "personality": s.Enum(tuple(PERSONALITY), "a personality flag:"),
+                        "timer_slack_ns": s.Int(1, 10 ** 9), "no_new_privs": s.Bool(),
+                        "oom_score_adj": s.Int(-1000, 1000)}),
         "children": s.List_(s.Map({"blocked_in": s.Enum(CHILD_IN, "what a child does:"),
                                    "exit": s.Int(0, 255), "group": s.Enum(CHILD_GROUPS),
                                    "share": s.List_(s.Enum(tuple(CHILD_SHARE), "what a child can share:"))},
@@ -239,6 +243,8 @@ class Blocked:
         self.stop = threading.Event()
         self.count = 0          # sleep: ticks so far (read by the main thread)
         self.tid = 0
+        self.fp: dict = {}
+        self.rseq = None
         self.value = ""
         self.report: Dict[str, object] = {}
         if how == "read":
@@ -267,6 +273,9 @@ class Blocked:
         sysapi.prctl_set_name(f"wl-thr{self.index}")
         # get_ident is pthread_self, read through the thread pointer (its TLS)
         self.tid, self.value, self.ident = threading.get_native_id(), mine, threading.get_ident()
+        # per thread, and seen by no /proc file: its FPU control (inherited
+        # from the main thread: a scenario's fp_round) and its rseq area
+        self.fp, self.rseq = _fp_now(), sysapi.rseq_area()
         self.started.set()
         got: object = None
         try:
@@ -276,7 +285,9 @@ class Blocked:
                     self.count += 1
                 got = "stopped"
             elif self.how == "read":
-                got = os.read(self.rfd, 16).decode()
+                # read(2) itself (os.read retries an EINTR, PEP 475): a call
+                # the freeze interrupted must restart, never fail
+                got = sysapi.raw_read(self.rfd, 16)
             elif self.how == "lock":
                 self.lock.acquire()
                 self.lock.release()
@@ -292,7 +303,8 @@ class Blocked:
         except Exception as e:   # reported, then judged
             got = f"{type(e).__name__}: {e}"
         self.report = {"tid": threading.get_native_id(), "value": mine, "got": got, "count": self.count,
-                       "ident": threading.get_ident(), "nice": os.getpriority(os.PRIO_PROCESS, 0)}
+                       "ident": threading.get_ident(), "nice": os.getpriority(os.PRIO_PROCESS, 0),
+                       "fp": _fp_now(), "rseq": sysapi.rseq_still(self.rseq)}
 
     def expected(self) -> str:
         return {"sleep": "stopped", "read": "wake", "lock": "acquired", "cond": "notified",
@@ -592,6 +604,11 @@ def _thread_checks(p: dict, seen: dict, phase: str) -> List[dict]:
             # its thread pointer (TLS): pthread_self is its own, not another thread's
             out.append(check(None, f"{what}: pthread_self (its thread pointer)", r.get("ident"), rep.get("ident")))
             out.append(check(None, f"{what}: its own nice value", r.get("nice"), rep.get("nice")))
+            out.append(check(None, f"{what}: its rounding mode and 1/3 (its FPU control)", r.get("fp"),
+                             rep.get("fp")))
+            area = r.get("rseq")
+            out.append(check(None, f"{what}: its rseq registration",
+                             "unknown" if area is None else "registered" if area[0] else "none", rep.get("rseq")))
             out.append(check(None, f"{what}: its call returned", b.expected(), rep.get("got")))
     return out
 
@@ -625,6 +642,15 @@ def _apply_attrs(a: dict) -> None:
     if a.get("membarrier"):     # registered for private expedited barriers, as liburcu is
         if sysapi.membarrier_private_expedited(register=True):
             raise OSError("membarrier registration failed")
+    if "oom_score_adj" in a:    # as systemd's OOMScoreAdjust= starts a service
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write(str(int(a["oom_score_adj"])))
+    if "personality" in a:      # as setarch -R would start it
+        sysapi.personality(PERSONALITY[a["personality"]])
+    if "timer_slack_ns" in a:
+        sysapi.prctl("set_timerslack", int(a["timer_slack_ns"]))
+    if a.get("no_new_privs"):   # as a sandboxed service runs (systemd NoNewPrivileges=)
+        sysapi.prctl("set_no_new_privs", 1)
     if "mempolicy" in a:        # as numactl --interleave=0 etc. would start it
         sysapi.set_mempolicy(sysapi.MPOL[a["mempolicy"]], 0 if a["mempolicy"] == "local" else 1)
 
@@ -632,11 +658,15 @@ def _apply_attrs(a: dict) -> None:
 def _attrs_now() -> dict:
     with open("/proc/self/coredump_filter") as f:
         cdf = int(f.read().strip(), 16)
+    with open("/proc/self/oom_score_adj") as f:
+        oom = int(f.read())
     return {"ioprio": sysapi.ioprio_get(), "coredump_filter": cdf, "thp_disable": sysapi.prctl("get_thp_disable"),
             "child_subreaper": sysapi.child_subreaper(), "keep_caps": sysapi.prctl("get_keepcaps"),
             "mce_kill": sysapi.prctl("mce_kill_get"), "dumpable": sysapi.prctl("get_dumpable"),
             "mempolicy": "%d:%x" % sysapi.get_mempolicy(),
-            "membarrier": int(sysapi.membarrier_private_expedited() == 0)}
+            "membarrier": int(sysapi.membarrier_private_expedited() == 0),
+            "personality": sysapi.personality(), "timer_slack_ns": sysapi.prctl("get_timerslack"),
+            "no_new_privs": sysapi.prctl("get_no_new_privs"), "oom_score_adj": oom}
 
 
 def _libm():
@@ -653,7 +683,7 @@ def _fp_now() -> dict:
 
 
 def _attrs_wanted(a: dict) -> dict:
-    conv = {"ioprio": _ioprio_value, "mce_kill": MCE_KILL.get,
+    conv = {"ioprio": _ioprio_value, "mce_kill": MCE_KILL.get, "personality": PERSONALITY.get,
             "mempolicy": lambda m: f"{sysapi.MPOL[m]}:{0 if m == 'local' else 1:x}"}
     return {k: conv[k](v) if k in conv else int(v) for k, v in a.items()}
 
@@ -664,6 +694,7 @@ def observe(p: dict) -> dict:
             "blocked": status()["SigBlk"],
             "itimers": {n: list(signal.getitimer(ITIMERS[n])) for n in (p.get("itimers") or {})},
             "threads": [{"how": b.how, "tid": b.tid, "value": b.value, "count": b.count, "ident": b.ident,
+                         "fp": b.fp, "rseq": b.rseq,
                          "nice": b.nice if b.nice is not None else os.getpriority(os.PRIO_PROCESS, b.tid)}
                         for b in _THREADS],
             "children": [dict(c.hello, how=c.how, share=c.share) for c in _CHILDREN],
