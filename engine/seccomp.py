@@ -281,11 +281,15 @@ def check_sharing(tasks: dict, recs: dict, order: List[int], scratch: int, hidde
     known = [0] * n
     probes = 0
     depth = {t: len(recs[t]["filters"]) for t in filtered}
+    blocker = {}
+    # Deepest first (its chain holds the most claims); a claim one probe
+    # cannot reach may follow from others' (closure), so what stays
+    # unknown is judged once every thread has had its probe.
     for a in sorted(filtered, key=lambda t: (-depth[t], live.index(t))):
         i = pos[a]
         if claims[i] & ~known[i] == 0:
             continue
-        first = probe(tasks[a], scratch)
+        first = blocker[a] = probe(tasks[a], scratch)
         probes += 1
         if first is not None and first not in recs:
             raise Refusal("threads", f"seccomp probe from thread {a} named thread {first}, not one of the "
@@ -306,10 +310,13 @@ def check_sharing(tasks: dict, recs: dict, order: List[int], scratch: int, hidde
                               "they do not share (installed separately): a restore cannot tell them apart "
                               "from shared ones", pid=a)
         _close(known, [depth[t] for t in filtered])
-        if claims[i] & ~known[i] and not hidden_ok:
+    for a in filtered if not hidden_ok else ():
+        i = pos[a]
+        if claims[i] & ~known[i]:
             hidden = [filtered[j] for j in range(n) if (claims[i] & ~known[i]) >> j & 1]
             raise Refusal("threads", f"seccomp: whether thread(s) {', '.join(map(str, hidden))} share thread "
-                          f"{a}'s filters cannot be told (thread {first} fails its TSYNC check first)", pid=a)
+                          f"{a}'s filters cannot be told (thread {blocker.get(a)} fails its TSYNC check first)",
+                          pid=a)
     return probes
 
 

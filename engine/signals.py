@@ -156,7 +156,8 @@ def problem(sigs: dict) -> Optional[str]:
                 # Queued again it would be a plain signal: the restored
                 # timer would queue a second one instead of counting an
                 # overrun, and timer_getoverrun() would differ.
-                return f"signal {s['signo']} of a POSIX timer is pending"
+                return (f"signal {s['signo']} of a POSIX timer is pending: the expiries its timer counts "
+                        "while it waits (si_overrun) cannot be read without taking it")
     return None
 
 

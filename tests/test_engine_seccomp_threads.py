@@ -10,6 +10,7 @@ thread."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -49,29 +50,41 @@ def _run_checks(p, out) -> list:
     return text[text.index("ready") + 1:]
 
 
-def _expected(tids) -> list:
+def _expected(tids, nested=False) -> list:
     return (["see 0 getppid=33 uname=0 getsid=0", "see 1 getppid=33 uname=34 getsid=0",
-             "see 2 getppid=33 uname=0 getsid=0", "see 3 getppid=33 uname=0 getsid=0",
+             "see 2 getppid=33 uname=0 getsid=0", f"see 3 getppid=33 uname={34 if nested else 0} getsid=0",
              f"tsync 2 ret={tids[1]} errno=0", "tsync 1 ret=0 errno=0"]
             + [f"after {i} getppid=33 uname=34 getsid=18" for i in range(4)] + ["done"])
 
 
-def test_the_target_checks_what_it_should_without_a_restore(procs, secthreads_bin, tmp_path):
-    p, out, tids = _start(procs, secthreads_bin, tmp_path, "shared")
-    assert _run_checks(p, out) == _expected(tids)
+@pytest.mark.parametrize("mode", ["shared", "nested"])
+def test_the_target_checks_what_it_should_without_a_restore(procs, secthreads_bin, tmp_path, mode):
+    p, out, tids = _start(procs, secthreads_bin, tmp_path, mode)
+    assert _run_checks(p, out) == _expected(tids, mode == "nested")
 
 
-def test_shared_and_own_filters_restored_with_their_sharing(procs, secthreads_bin, tmp_path):
-    p, out, tids = _start(procs, secthreads_bin, tmp_path, "shared")
+@pytest.mark.parametrize("mode", ["shared", "nested"])
+def test_shared_and_own_filters_restored_with_their_sharing(procs, secthreads_bin, tmp_path, mode, monkeypatch):
+    """nested: t3 was started by t1 after t1's own filter, so the restore
+    clones t3 from t1 (a thread, not the leader) once that filter is in."""
+    p, out, tids = _start(procs, secthreads_bin, tmp_path, mode)
+    real, log = seccomp.plan, tmp_path / "plan.json"
+
+    def spy(order, recs):   # in the forked restorer: its steps go to a file
+        steps = real(order, recs)
+        log.write_text(json.dumps([s[:2] + ((s[2],) if s[0] == "clone" else (s[2]["node"],)) for s in steps]))
+        return steps
+    monkeypatch.setattr(seccomp, "plan", spy)
     modes = {t: seccomp.thread_mode(p.pid, t) for t in tids.values()}
     assert set(modes.values()) == {2}
-    stats = dump(p.pid, str(tmp_path / "img"), Options())
+    dump(p.pid, str(tmp_path / "img"), Options())
     p.wait()
     restore(str(tmp_path / "img"), Options())
     procs.adopt(p.pid)
     assert sorted(int(t) for t in os.listdir(f"/proc/{p.pid}/task")) == sorted(tids.values())
-    assert _run_checks(p, out) == _expected(tids)
-    assert stats
+    assert _run_checks(p, out) == _expected(tids, mode == "nested")
+    clones = {s[2]: s[1] for s in json.loads(log.read_text()) if s[0] == "clone"}
+    assert clones == {tids[1]: p.pid, tids[2]: p.pid, tids[3]: tids[1] if mode == "nested" else p.pid}
 
 
 def test_identical_filters_installed_separately_are_refused_target_unharmed(procs, secthreads_bin, tmp_path):

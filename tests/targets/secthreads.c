@@ -5,6 +5,8 @@
  *                            (uname -> ERANGE) of its own.
  *   secthreads OUT separate  t1 and t2 each install F0 themselves: equal
  *                            programs, two filter objects.
+ *   secthreads OUT nested    as shared, but t3 is started by t1 once F1 is
+ *                            in: t3 shares F0 and F1 with t1.
  *
  * Writes "tid N TID" per thread and "ready". On SIGUSR1 every thread reports
  * what its filters do now ("see N getppid=E uname=E getsid=E"), then t2 asks
@@ -35,7 +37,7 @@ static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static volatile int req[NT], done[NT];
 static volatile sig_atomic_t go;
 static pid_t tids[NT];
-static int separate;
+static int separate, nested;
 
 static void say(const char *fmt, ...)
 {
@@ -94,6 +96,12 @@ static void *thread(void *arg)
 		say("FAIL filter %d %s\n", i, strerror(errno));
 	if (!separate && i == 1 && filter(SYS_uname, ERANGE, 0))
 		say("FAIL filter %d %s\n", i, strerror(errno));
+	if (nested && i == 1) {
+		pthread_t t3;
+		pthread_create(&t3, NULL, thread, (void *)3L);
+		while (!tids[3])
+			usleep(500);
+	}
 	say("tid %d %d\n", i, me);
 	tids[i] = me;    /* the leader goes on once this thread's filters are in */
 	for (;;) {
@@ -134,6 +142,7 @@ int main(int argc, char **argv)
 	if (!out)
 		return 2;
 	separate = !strcmp(argv[2], "separate");
+	nested = !strcmp(argv[2], "nested");
 	signal(SIGUSR1, on_usr1);
 	sigemptyset(&usr1);
 	sigaddset(&usr1, SIGUSR1);
@@ -143,7 +152,8 @@ int main(int argc, char **argv)
 	tids[0] = getpid();
 	say("tid 0 %d\n", tids[0]);
 	for (long i = 1; i < NT; i++) {
-		pthread_create(&th[i], NULL, thread, (void *)i);
+		if (!(nested && i == 3))    /* nested: t1 starts t3 */
+			pthread_create(&th[i], NULL, thread, (void *)i);
 		while (!tids[i])
 			usleep(500);
 	}
