@@ -421,7 +421,10 @@ def main(argv: List[str]) -> int:
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     global RECV
     RECV = bytearray(RECV_SIZE)
-    RECV[::4096] = b"\1" * len(range(0, RECV_SIZE, 4096))     # touched: its pages are the process's
+    # touched (its pages are the process's), with zeros: the golden
+    # snapshot stores a page of zeros as a flag, not 4 KiB to load back at
+    # every revert
+    RECV[::4096] = bytes(len(range(0, RECV_SIZE, 4096)))
     preload()
     serve(fd, eof_ends=fd == 0)
     return 0

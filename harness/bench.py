@@ -41,6 +41,7 @@ def measure_reset(arch: str, accel: str, rounds: int, kernel: Optional[str] = No
         t = GuestTarget(g, time_scale=1.0 if getattr(g, "accel", "tcg") == "kvm" else 2.0)
         t.install(REPO / "engine")
         t.start_agent()
+        t.zero_free_memory()       # as the pytest plugin does before its golden snapshot
         t1 = time.monotonic()
         g.snapshot("golden")
         snap = time.monotonic() - t1

@@ -501,6 +501,9 @@ class Crucible:
             print(f"\ncrucible: guest {t.name}: steps go over SSH: {t.agent_note}")
         if t.digests_note:
             print(f"\ncrucible: guest {t.name}: {t.digests_note}")
+        zeroed = t.zero_free_memory()
+        if zeroed:
+            print(f"\ncrucible: guest {t.name}: {zeroed}")
         t3 = time.monotonic()
         guest.snapshot(goldencache.TAG)
         t4 = time.monotonic()
