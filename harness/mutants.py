@@ -1215,6 +1215,35 @@ def m_lose_thread_tid_address(img: Image) -> str:
     return f"threads {[t['tid'] for t in ts]}: clear_child_tid -> none"
 
 
+def m_drop_udp_datagram(img: Image) -> str:
+    """The last datagram queued on a UDP socket is not queued again."""
+    fds = img.json("fds.json")
+    r = _first(_leaders(fds), lambda r: str(r.get("sock", "")).startswith("udp") and r.get("msgs") and r.get("data"),
+               "no UDP socket with datagrams queued")
+    m = r["msgs"].pop()
+    data = img.read(r["data"])
+    img.write(r["data"], data[:len(data) - m["len"]])
+    img.put_json("fds.json")
+    return f"udp fd {r['fd']}: its last queued datagram ({m['len']} bytes from {m.get('src')}) dropped"
+
+
+ECHO, LFLAG_OFF = 0o10, 12          # struct termios(2): c_iflag, c_oflag, c_cflag, c_lflag (u32 each)
+
+
+def m_flip_termios_echo(img: Image) -> str:
+    """A pty pair comes back with ECHO flipped in its termios: typed
+    characters echoed that were not, or not that were."""
+    import struct
+    fds = img.json("fds.json")
+    r = _first(_leaders(fds), lambda r: r.get("tty") == "master" and r.get("termios"), "no pty master with termios")
+    t = bytearray(bytes.fromhex(r["termios"]))
+    lflag = struct.unpack_from("<I", t, LFLAG_OFF)[0]
+    struct.pack_into("<I", t, LFLAG_OFF, lflag ^ ECHO)
+    r["termios"] = t.hex()
+    img.put_json("fds.json")
+    return f"pty {r.get('index')}: ECHO {'on -> off' if lflag & ECHO else 'off -> on'}"
+
+
 def m_drop_fd(img: Image) -> str:
     """The highest-numbered fd is not restored (a kind an engine skips)."""
     fds = img.json("fds.json")
@@ -1298,6 +1327,8 @@ EDITS: Dict[str, Tuple[Callable[[Image], str], str]] = {
     "lose-thread-robust-list": (m_lose_thread_robust_list, "a thread besides the leader loses its robust futex list"),
     "lose-thread-tid-address": (m_lose_thread_tid_address, "the threads besides the leader lose their "
                                 "clear_child_tid"),
+    "drop-udp-datagram": (m_drop_udp_datagram, "one queued UDP datagram dropped"),
+    "flip-termios-echo": (m_flip_termios_echo, "a pty comes back with ECHO flipped in its termios"),
     "merge-open-files": (m_merge_open_files, "two separate opens of one file come back as one shared open file"),
 }
 
@@ -1632,6 +1663,8 @@ CAUGHT_BY: Dict[str, str] = {
     "rename-process": "comm and Name compared from outside (every scenario)",
     "lose-thread-robust-list": "each thread's robust list head read from outside (get_robust_list: threads/*)",
     "lose-thread-tid-address": "each thread reads its clear_child_tid back (PR_GET_TID_ADDRESS: threads/*)",
+    "drop-udp-datagram": "the UDP receive queue drained and compared datagram by datagram (socket/udp*)",
+    "flip-termios-echo": "the pty's termios read back by the workload (tty/*)",
     "drop-madvise": "each mapping's madvise advice (smaps VmFlags dc, dd, wf, hg, nh) compared from outside "
                     "(mmap/advice)",
 }

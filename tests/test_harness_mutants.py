@@ -993,6 +993,12 @@ area = sysapi.rseq_area()
 sfd = sysapi.signalfd([signal.SIGRTMIN + 4, signal.SIGRTMIN + 5], 0)
 master, slave = os.openpty()
 fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 37, 121, 0, 0))
+import socket
+rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+rx.bind(("127.0.0.1", 0))
+tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+tx.sendto(b"first", rx.getsockname())
+tx.sendto(b"second", rx.getsockname())
 secret = sysapi.mmap(1 << 20, 3, 0x22, -1, 0)           # PROT_READ|WRITE, MAP_PRIVATE|ANONYMOUS
 sysapi.madvise(secret, 1 << 20, sysapi.MADVISE["dontdump"])
 def report(*_):
@@ -1011,7 +1017,8 @@ KNOB_EDITS = {"reset-personality": {"personality"}, "reset-timer-slack": {"timer
               "drop-fd": {"fds", "fdinfo"}, "merge-open-files": {"fdinfo", "shared"}, "drop-madvise": {"advice"},
               "drop-capability": {"CapEff"}, "reset-cgroup": {"cgroup"}, "reset-oom-score-adj": {"oom_score_adj"},
               "reset-winsize": {"winsize"}, "narrow-signalfd": {"sigmask"}, "drop-groups": {"Groups"},
-              "reset-sched": {"policy"}, "drop-seccomp": {"Seccomp"}, "rename-process": {"comm"}}
+              "reset-sched": {"policy"}, "drop-seccomp": {"Seccomp"}, "rename-process": {"comm"},
+              "drop-udp-datagram": {"udp"}, "flip-termios-echo": {"termios"}}
 
 
 def _knob_facts(pid, work):
@@ -1031,13 +1038,19 @@ def _knob_facts(pid, work):
     infos = all_fds(pid)
     out["fdinfo"] = {fd: (i.pos, i.flags) for fd, i in sorted(infos.items())}
     out["sigmask"] = [i.fdinfo.get("sigmask") for _, i in sorted(infos.items()) if "sigmask" in i.fdinfo]
-    out["winsize"] = []
+    out["winsize"], out["termios"], out["udp"] = [], [], []
     for fd, i in sorted(infos.items()):
         if i.link == "/dev/ptmx":
             import fcntl
             import termios
             with pidfd.target_fd(pid, fd) as dup:
                 out["winsize"].append(fcntl.ioctl(dup, termios.TIOCGWINSZ, bytes(8)).hex())
+                out["termios"].append(termios.tcgetattr(dup)[:4])
+    for fd, i in sorted(infos.items()):     # last: reading empties the queues
+        if i.link.startswith("socket:"):
+            q = _queue(pid, fd, i.flags)
+            if q:               # the receiver's (the sender has none)
+                out["udp"].append(q)
     out["shared"] = sorted((fd, lead) for fd, lead in leader_map(pid, infos.values()).items() if fd != lead)
     os.kill(pid, signal.SIGUSR2)
     wait_for(report.exists, what="the knobs target's report")
@@ -1072,6 +1085,7 @@ def test_knob_mutants_break_exactly_one_thing(procs, tmp_path):
     assert (want["dumpable"], want["rseq"], int(want["ShdPnd"], 16)) == (0, "registered", 1 << (signal.SIGRTMIN + 3))
     assert "dd" in want["advice"].values() and len(want["sigmask"]) == 1 and len(want["winsize"]) == 1, want
     assert (want["Groups"], want["policy"], want["Seccomp"]) == ("1234", "3", "2"), want
+    assert [b"first".hex(), b"second".hex()] in want["udp"], want
     for name, changed in sorted(KNOB_EDITS.items()):
         mine = str(tmp_path / f"img-{name}")
         shutil.copytree(img, mine)
