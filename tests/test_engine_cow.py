@@ -289,10 +289,33 @@ def test_a_malformed_cow_record_is_refused(procs, cowtree, tmp_path, bad):  # no
                             "empty": []}[bad]
                 if bad == "not-dumped":     # its first page no longer dumped
                     first = [r for r in v["pages"] if r[0] == addr]
-                    assert first and first[0][1] > 1
-                    first[0][:] = [addr + PAGE, first[0][1] - 1, first[0][2], first[0][3] + PAGE]
+                    assert first
+                    if first[0][1] > 1:
+                        first[0][:] = [addr + PAGE, first[0][1] - 1, first[0][2], first[0][3] + PAGE]
+                    else:
+                        v["pages"].remove(first[0])
     _rewrite(img, f"tree/{child1}/mm.json", mutate)
     with pytest.raises(Refusal) as e:
         restore(img, Options())
-    assert e.value.reason == "image-invalid", e.value
+    assert e.value.reason == "image-invalid" and " cow " in e.value.detail, e.value
     assert not any(os.path.exists(f"/proc/{x}") and _state(x) != "Z" for x in pids)
+
+
+def test_a_dump_leaves_the_original_tree_sharing(procs, cowtree, tmp_path):  # noqa: F811
+    """The pages members share are read through /proc/PID/mem, not with
+    process_vm_readv, whose pin unshares them: after a dump with
+    --leave-running the tree goes on sharing what it shared (not a copy
+    per member of every shared page), its bytes as they were."""
+    p, addr, heap = _start(procs, cowtree, tmp_path)
+    pids = _members(p.pid)
+    try:
+        before, before_heap = _sharing(p.pid, addr), _sharing(p.pid, heap)
+        want = _expected(p.pid)
+        dump(p.pid, str(tmp_path / "img"), Options(leave_running=True))
+        after = _sharing(p.pid, addr)
+        assert {k: sorted(before[k] - after[k]) for k in before} == {k: [] for k in before}
+        assert after == before
+        assert _sharing(p.pid, heap) == before_heap
+        _check_bytes(p.pid, addr, want, heap)
+    finally:
+        _kill_tree(sorted(pids, reverse=True))
