@@ -312,6 +312,11 @@ def check(v: dict) -> None:
 
 # -- restore -----------------------------------------------------------------------
 
+# This restore's pages kept shared (read back equal) and "cow" pages that
+# differed and were written; the restorer reports them (restore._run_restorer).
+STATS = {"shared_pages": 0, "rewritten_pages": 0}
+
+
 class Plan:
     """Per member PID: the starts of its mappings it keeps from its
     parent (keep) and those it maps before its forks (premap)."""
@@ -319,8 +324,6 @@ class Plan:
     def __init__(self):
         self.keep: Dict[int, Set[int]] = {}
         self.premap: Dict[int, Set[int]] = {}
-        self.shared_pages = 0       # pages kept shared (read back equal)
-        self.rewritten_pages = 0    # "cow" pages that differed: written
 
     def in_place(self, pid: int) -> Set[int]:
         return self.keep.get(pid, set()) | self.premap.get(pid, set())
@@ -454,18 +457,18 @@ def _verify(b, runs: List[List[int]], force: bool, pl: Plan) -> None:
                 got = buf if size == len(buf) else buf[:size]
                 want = pages.maps[fi][off + k:off + k + size]      # bytes against bytes: a memcmp
                 if want == got:
-                    pl.shared_pages += size // PAGE
+                    STATS["shared_pages"] += size // PAGE
                     continue
                 for i in range(0, size, PAGE):
                     if got[i:i + PAGE] != want[i:i + PAGE]:
                         wrong.append([addr + k + i, 1, fi, off + k + i])
                     else:
-                        pl.shared_pages += 1
+                        STATS["shared_pages"] += 1
     finally:
         os.close(fd)
     pages._check_leases(runs)     # what was compared is what the image check verified
     right = subtract(runs, [[r[0], 1] for r in wrong])
     pages._release(right)         # each piece is used once: freed as a written one is
     if wrong:
-        pl.rewritten_pages += len(wrong)
+        STATS["rewritten_pages"] += len(wrong)
         b.page_bytes_early += b._write_pages(wrong, force)
