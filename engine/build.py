@@ -116,6 +116,11 @@ class Builder:
         # its fd table / cwd and umask are its parent's, restored once, there.
         self.files_shared = False
         self.fs_shared = False
+        # Mappings a tree member has in place before its build stages
+        # (their starts), and the page bytes written into them (engine/cow.py).
+        self.in_place: set = set()
+        self.page_bytes_early = 0
+        self.cgroups_now = None     # its cgroups when not ckpt's (cgroups.enter)
 
     # -- helpers ---------------------------------------------------------------
     def call(self, name: str, *args: int) -> int:
@@ -239,6 +244,43 @@ class Builder:
         self.pending.add("prctl", PR_SET_MM, PR_SET_MM_MAP, addr, len(st), 0)
         self.pending.uses_scratch = True
 
+    def mmap_args(self, v: dict) -> tuple:
+        """(flags, prot, final, force, fd, offset) of mapping v's mmap: prot
+        is what it is mapped with, final what mprotect gives it once its
+        pages are in (force: they go in through /proc/PID/mem)."""
+        from .files import map_writable
+        from .restore import map_key
+        kind = v["kind"]
+        final = prot_of(v["perms"])
+        shared = v["perms"][3] == "s"
+        flags = MAP_FIXED_NOREPLACE | (MAP_SHARED if shared else MAP_PRIVATE)
+        if "dp" in v["flags"]:
+            flags = MAP_FIXED_NOREPLACE | MAP_DROPPABLE   # implies nr, dd, wf (mm/mmap.c do_mmap)
+        if "gd" in v["flags"]:
+            flags |= MAP_GROWSDOWN
+        if "nr" in v["flags"]:
+            flags |= MAP_NORESERVE
+        fd, off = -1, 0
+        # Writable first (pages go in with process_vm_writev, then the
+        # final mprotect), but only where the original was accounted
+        # (VmFlags "ac": it was writable once; mprotect keeps VM_ACCOUNT):
+        # mapping a never-writable VMA writable would add VM_ACCOUNT and
+        # let it merge with a neighbour the original was kept apart from
+        # (mm/vma.c is_mergeable_vma compares vm_flags). Those get their
+        # final protection at once, and pages through /proc/PID/mem.
+        force = False
+        prot = 3
+        if kind == "file":
+            fd = self.job.prepared.map_fd[map_key(v["file"], map_writable(v))]
+            off = v["offset"]
+            if shared:
+                prot = final
+        else:
+            flags |= MAP_ANONYMOUS
+        if not shared and "ac" not in v["flags"]:
+            prot, force = final, True
+        return flags, prot, final, force, fd, off
+
     def map_all(self) -> int:
         """mmap every dumped mapping at its address; returns page bytes written."""
         for _ in self.map_steps():
@@ -251,11 +293,10 @@ class Builder:
         mapping, after the calls queued before (vdso moves, PR_SET_MM_MAP);
         then the memory shared with an earlier member of a tree (its owner's
         mapping exists by then), the pages, and madvise and the final
-        mprotect queued (process_state's calls join them)."""
-        prep = self.job.prepared
-        from .files import map_writable
-        from .restore import map_key
-        total = 0
+        mprotect queued (process_state's calls join them). A mapping in
+        place already (in_place: a tree member's, engine/cow.py) is neither
+        mapped nor written again; its name, madvise and mprotect follow."""
+        total = self.page_bytes_early
         later = []      # (mapping, force, prot, final)
         shared_later = []
         for v in self.job.vmas:
@@ -264,41 +305,15 @@ class Builder:
                 continue
             faults.point("restore.map", kind)
             start, size = v["start"], v["end"] - v["start"]
-            final = prot_of(v["perms"])
-            shared = v["perms"][3] == "s"
-            flags = MAP_FIXED_NOREPLACE | (MAP_SHARED if shared else MAP_PRIVATE)
-            if "dp" in v["flags"]:
-                flags = MAP_FIXED_NOREPLACE | MAP_DROPPABLE   # implies nr, dd, wf (mm/mmap.c do_mmap)
-            if "gd" in v["flags"]:
-                flags |= MAP_GROWSDOWN
-            if "nr" in v["flags"]:
-                flags |= MAP_NORESERVE
-            fd, off = -1, 0
-            # Writable first (pages go in with process_vm_writev, then the
-            # final mprotect), but only where the original was accounted
-            # (VmFlags "ac": it was writable once; mprotect keeps VM_ACCOUNT):
-            # mapping a never-writable VMA writable would add VM_ACCOUNT and
-            # let it merge with a neighbour the original was kept apart from
-            # (mm/vma.c is_mergeable_vma compares vm_flags). Those get their
-            # final protection at once, and pages through /proc/PID/mem.
-            force = False
-            prot = 3
-            if kind == "file":
-                fd = prep.map_fd[map_key(v["file"], map_writable(v))]
-                off = v["offset"]
-                if shared:
-                    prot = final
-            else:
-                flags |= MAP_ANONYMOUS
-            if not shared and "ac" not in v["flags"]:
-                prot, force = final, True
+            flags, prot, final, force, fd, off = self.mmap_args(v)
             if v.get("tree_shared"):
                 # Memory shared with another member of a process tree, built
                 # before this one: the same object (engine/tree_restore.py).
                 shared_later.append((v, flags & ~MAP_ANONYMOUS))
                 continue
-            self.pending.add("mmap", start, size, prot, flags, fd, off,
-                             expect=(start, f"mapping {start:#x} landed at {{got:#x}}"))
+            if start not in self.in_place:
+                self.pending.add("mmap", start, size, prot, flags, fd, off,
+                                 expect=(start, f"mapping {start:#x} landed at {{got:#x}}"))
             if v["path"].startswith("[anon:"):
                 name = v["path"][len("[anon:"):-1].encode() + b"\0"
                 self.pending.add("prctl", PR_SET_VMA, PR_SET_VMA_ANON_NAME, start, size, Data(name))
@@ -309,7 +324,7 @@ class Builder:
             for v, flags in shared_later:
                 total += map_shared(self, v, flags)
         for v, force, prot, final in later:
-            if v["pages"]:
+            if v["pages"] and v["start"] not in self.in_place:
                 total += self._write_pages(v["pages"], force)
         for v, force, prot, final in later:
             start, size = v["start"], v["end"] - v["start"]
@@ -579,7 +594,7 @@ def rebuild_early_steps(b: Builder):
     """rebuild_early as a generator: each yield leaves b's calls queued,
     for the caller to run (a tree runs every member's side by side,
     engine/batch.py run_each)."""
-    cgroups.enter(b.pid, b.job.core.get("cgroups"))   # first: pages, threads and the affinity land in it
+    cgroups.enter(b.pid, b.job.core.get("cgroups"), b.cgroups_now)   # first: pages, threads and the affinity land in it
     faults.point("restore.phase", "vdso")
     b.move_vdso()
     faults.point("restore.phase", "mm")

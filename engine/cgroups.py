@@ -169,11 +169,13 @@ def validate(rec) -> List[Refusal]:
     return _refusals(_moves(rec, mine()))
 
 
-def enter(pid: int, rec) -> None:
-    """Move the new process into its cgroups, from outside; read back."""
+def enter(pid: int, rec, here=None) -> None:
+    """Move the new process into its cgroups, from outside; read back.
+    here: where it is now when not where ckpt is (a tree member forked
+    by a parent that entered its own cgroups first: engine/cow.py)."""
     if not rec:
         return
-    moves = _moves(rec, mine())
+    moves = _moves(rec, mine() if here is None else here)
     if not moves:
         return
     table = mounts()

@@ -55,7 +55,7 @@ TYPE_CHECKING = False   # annotations only: importing typing costs every run ~3 
 if TYPE_CHECKING:
     from typing import Dict, List, Optional
 
-from . import faults, procfs, ptrace, sharing, threads
+from . import cow, faults, procfs, ptrace, sharing, threads
 from .check import SHMEM_NAMES
 from .errors import EngineError, Refusal, Refusals
 from .libc import SysError
@@ -740,6 +740,9 @@ def dump(pid: int, directory: str, options) -> dict:
             shm = shared_memory(members)
             live = [m for m in members if not m.zombie]
             total = nfds = nvmas = 0
+            mms = []
+            # Before any page is read (reading unshares them: engine/cow.py find)
+            cow_found = cow.find([(m.pid, m.ppid, m.survey.vmas) for m in live])
             for m in live:
                 faults.point("dump.tree.member")
                 task, ctx, state, s = m.tasks[0], m.ctx, m.state, m.survey
@@ -758,11 +761,16 @@ def dump(pid: int, directory: str, options) -> dict:
                 fdrecs = single.dump_fds(s, ctx, ofds.get(m.pid, {}), "dump.tree.fd") if "files" in m.owns else []
                 vmas = _dump_memory(m, dumper, shm.get(m.pid, {}))
                 dumper.run()
-                simg.write_json("mm.json", {"vmas": vmas, "page_files": dumper.nfiles})
+                mms.append((m, simg, vmas, dumper.nfiles))
                 simg.write_json("fds.json", fdrecs)
                 total += dumper.total
                 nfds += len(fdrecs)
                 nvmas += len(vmas)
+            # The pages a member still shares with its parent since a fork
+            # (engine/cow.py), recorded for the restore to keep them shared.
+            for m, simg, vmas, nfiles in mms:
+                cow.mark(cow_found.get(m.pid, {}), vmas)
+                simg.write_json("mm.json", {"vmas": vmas, "page_files": nfiles})
             img.sync_files()
             for m in live:
                 task, state = m.tasks[0], m.state

@@ -24,6 +24,10 @@ In the forked restorer (build_tree), three phases:
      leader setpgid(0, 0); once every member exists the others join their
      group (setpgid(0, PGID): the leader exists by then; not when a fork
      put it there already). Every new process has every signal blocked.
+     Before a member forks (engine/cow.py before_fork): what it inherited
+     from its parent and does not keep is unmapped, what it keeps (pages
+     shared copy-on-write at the dump) made its own, and the mappings its
+     children keep mapped and written, so that they inherit them shared.
   2. zombies: a zombie member, created like the others, is untraced with its
      registers on `exit_group(code)` (or, for one killed by a signal, its
      action reset and `kill(self, sig)`) and left to die unreaped: its
@@ -57,7 +61,7 @@ TYPE_CHECKING = False   # annotations only: importing typing costs every run ~3 
 if TYPE_CHECKING:
     from typing import Dict, List, Optional
 
-from . import faults, files, imagecheck, ptrace, sched, sharing, signals, threads
+from . import cow, faults, files, imagecheck, ptrace, sched, sharing, signals, threads
 from .arch import current as current_arch
 from .errors import EngineError, Refusal, Refusals
 from .batch import run_each
@@ -189,6 +193,8 @@ def restore_tree(reader, options, pidfile: Optional[str], t0: float) -> dict:
             if "tree_shared" in v and not (isinstance(v["tree_shared"], list) and len(v["tree_shared"]) == 3
                                            and v["tree_shared"][0] in pids and v["kind"] == "shmem"):
                 raise _bad(f"member {m['pid']} mapping {v['start']:#x}: tree_shared")
+            if "cow" in v:
+                cow.check(v)
     every = [r for _, _, _, _, fdrecs, _, _ in loaded for r in fdrecs if "dup_of" not in r and "ofd_of" not in r]
     for _, img, _, _, fdrecs, _, _ in loaded:
         for r in fdrecs:
@@ -358,6 +364,7 @@ def _fork_all(parent, pm: dict, children: List[dict], tj) -> List[object]:
             b.member = m
             b.use_gadget(parent.gadget, parent.gadget_size)     # inherited through the fork
             b.timerslack = s
+            b.cgroups_now = parent.cgroups_now      # a fork is in its parent's cgroups
             if parent.inherited_actions is not None:    # fork copies the parent's table as it is now
                 b.inherited_actions = {k: list(v) for k, v in parent.inherited_actions.items()}
             out.append(b)
@@ -498,6 +505,11 @@ def build_tree(tj: TreeJob) -> int:
         b.unregister_rseq()
         b.clear_address_space()
         b.flush()       # before the forks: the members inherit the emptied layout
+        # Pages shared copy-on-write since a fork: which mapping each member
+        # keeps from its parent, which it maps before its forks (engine/cow.py).
+        cow_plan = cow.plan(members, tj.jobs, [(v["start"], v["end"]) for v in b._vdso()]
+                            + [(b.gadget, b.gadget + b.gadget_size)])
+        ppids = {m["pid"]: m["ppid"] for m in members}
         ptrace.set_sigmask(child, signals.ALL_BLOCKED)
         _own_group(b, root, tree_pids)
         _ctty(b, root, tj)
@@ -509,6 +521,12 @@ def build_tree(tj: TreeJob) -> int:
         # 1. create, parents first: each member forks all its children in
         # one batch, right after it was made (its session and group first)
         for m in members:
+            mb = builders[m["pid"]]
+            if mb.job is not None:
+                pjob = tj.jobs.get(m["ppid"]) if m is not root else None
+                cow.before_fork(mb, cow_plan, cow_plan.in_place(m["ppid"]) if pjob else set(),
+                                {v["start"]: v for v in pjob.vmas} if pjob else {})
+                mb.in_place = cow_plan.in_place(m["pid"])
             for mb in _fork_all(builders[m["pid"]], m, kids.get(m["pid"], []), tj):
                 builders[mb.pid] = mb
                 order.append(mb)
@@ -564,7 +582,6 @@ def build_tree(tj: TreeJob) -> int:
             for mb, r in zip(live, got):
                 if -4096 < r < 0:
                     raise SysError("munmap (injected)", -r, mb.pid)
-        ppids = {m["pid"]: m["ppid"] for m in members}
         for mb in reversed(live):
             faults.point("restore.tree.release")
             if not stopped:

@@ -1140,6 +1140,110 @@ def m_corrupt_ghost_byte(img: Image) -> str:
     return f"ghost {gid}: byte {at} of {len(data)} changed"
 
 
+def m_drop_groups(img: Image) -> str:
+    creds = img.json("core.json").get("creds") or {}
+    if not creds.get("groups"):
+        raise NoTarget("no supplementary group")
+    old, creds["groups"] = creds["groups"], []
+    img.put_json("core.json")
+    return f"supplementary groups {old} -> none"
+
+
+def m_reset_sched(img: Image) -> str:
+    """The leader's scheduling policy, priority and nice back to a plain
+    SCHED_OTHER at nice 0 (its threads keep theirs)."""
+    core = img.json("core.json")
+    s = core.get("sched") or {}
+    attr = s.get("attr") or {}
+    if not (attr.get("policy") or attr.get("priority") or attr.get("nice") or s.get("nice")):
+        raise NoTarget("the leader is SCHED_OTHER at nice 0")
+    old = (attr.get("policy"), attr.get("nice"))
+    attr.update(policy=0, priority=0, nice=0, flags=0)
+    s["nice"] = 0
+    img.put_json("core.json")
+    return f"leader's (policy, nice) {old} -> (0, 0)"
+
+
+def m_drop_seccomp(img: Image) -> str:
+    """The seccomp filters are not installed again: a sandboxed process
+    comes back unsandboxed."""
+    core = img.json("core.json")
+    sc = core.get("seccomp") or {}
+    if not sc.get("mode"):
+        raise NoTarget("no seccomp")
+    old = (sc.get("mode"), len(sc.get("filters") or []))
+    core["seccomp"] = {"filters": [], "mode": 0}
+    for t in core.get("threads") or []:
+        if isinstance(t.get("seccomp"), dict):
+            t["seccomp"] = {"filters": [], "mode": 0}
+    img.put_json("core.json")
+    return f"seccomp (mode, filters) {old} -> (0, 0)"
+
+
+def m_rename_process(img: Image) -> str:
+    core = img.json("core.json")
+    old = core.get("comm")
+    if not old:
+        raise NoTarget("no name")
+    core["comm"] = "ckpt-restore" if old != "ckpt-restore" else "ckpt"
+    img.put_json("core.json")
+    return f"comm {old!r} -> {core['comm']!r}"
+
+
+def m_lose_thread_robust_list(img: Image) -> str:
+    """A thread besides the leader loses its robust futex list."""
+    core = img.json("core.json")
+    t = next((t for t in core.get("threads") or [] if (t.get("robust_list") or [0])[0]), None)
+    if t is None:
+        raise NoTarget("no thread besides the leader with a robust list")
+    old, t["robust_list"] = t["robust_list"], [0, t["robust_list"][1]]
+    img.put_json("core.json")
+    return f"thread {t['tid']}: robust list {old[0]:#x} -> none"
+
+
+def m_lose_thread_tid_address(img: Image) -> str:
+    """Every thread besides the leader loses its clear_child_tid: when one
+    exits, nothing wakes a pthread_join of it (and glibc never frees its
+    stack)."""
+    core = img.json("core.json")
+    ts = [t for t in core.get("threads") or [] if t.get("tid_address")]
+    if not ts:
+        raise NoTarget("no thread besides the leader with a clear_child_tid")
+    for t in ts:
+        t["tid_address"] = 0
+    img.put_json("core.json")
+    return f"threads {[t['tid'] for t in ts]}: clear_child_tid -> none"
+
+
+def m_drop_udp_datagram(img: Image) -> str:
+    """The last datagram queued on a UDP socket is not queued again."""
+    fds = img.json("fds.json")
+    r = _first(_leaders(fds), lambda r: str(r.get("sock", "")).startswith("udp") and r.get("msgs") and r.get("data"),
+               "no UDP socket with datagrams queued")
+    m = r["msgs"].pop()
+    data = img.read(r["data"])
+    img.write(r["data"], data[:len(data) - m["len"]])
+    img.put_json("fds.json")
+    return f"udp fd {r['fd']}: its last queued datagram ({m['len']} bytes from {m.get('src')}) dropped"
+
+
+ECHO, LFLAG_OFF = 0o10, 12          # struct termios(2): c_iflag, c_oflag, c_cflag, c_lflag (u32 each)
+
+
+def m_flip_termios_echo(img: Image) -> str:
+    """A pty pair comes back with ECHO flipped in its termios: typed
+    characters echoed that were not, or not that were."""
+    import struct
+    fds = img.json("fds.json")
+    r = _first(_leaders(fds), lambda r: r.get("tty") == "master" and r.get("termios"), "no pty master with termios")
+    t = bytearray(bytes.fromhex(r["termios"]))
+    lflag = struct.unpack_from("<I", t, LFLAG_OFF)[0]
+    struct.pack_into("<I", t, LFLAG_OFF, lflag ^ ECHO)
+    r["termios"] = t.hex()
+    img.put_json("fds.json")
+    return f"pty {r.get('index')}: ECHO {'on -> off' if lflag & ECHO else 'off -> on'}"
+
+
 def m_drop_fd(img: Image) -> str:
     """The highest-numbered fd is not restored (a kind an engine skips)."""
     fds = img.json("fds.json")
@@ -1216,6 +1320,15 @@ EDITS: Dict[str, Tuple[Callable[[Image], str], str]] = {
     "reset-winsize": (m_reset_winsize, "a pty pair comes back with a fresh pty's window size"),
     "narrow-signalfd": (m_narrow_signalfd, "a signalfd loses one signal of its mask"),
     "corrupt-ghost-byte": (m_corrupt_ghost_byte, "one byte of a deleted file's contents changes"),
+    "drop-groups": (m_drop_groups, "the supplementary groups are lost"),
+    "reset-sched": (m_reset_sched, "the leader's scheduling policy and nice come back as SCHED_OTHER, 0"),
+    "drop-seccomp": (m_drop_seccomp, "the seccomp filters are not installed again"),
+    "rename-process": (m_rename_process, "the process comes back under another name (comm)"),
+    "lose-thread-robust-list": (m_lose_thread_robust_list, "a thread besides the leader loses its robust futex list"),
+    "lose-thread-tid-address": (m_lose_thread_tid_address, "the threads besides the leader lose their "
+                                "clear_child_tid"),
+    "drop-udp-datagram": (m_drop_udp_datagram, "one queued UDP datagram dropped"),
+    "flip-termios-echo": (m_flip_termios_echo, "a pty comes back with ECHO flipped in its termios"),
     "merge-open-files": (m_merge_open_files, "two separate opens of one file come back as one shared open file"),
 }
 
@@ -1543,6 +1656,15 @@ CAUGHT_BY: Dict[str, str] = {
     "narrow-signalfd": "the signalfd's mask compared from outside (fdinfo sigmask) and the signals read through "
                        "it (anon/signalfd)",
     "corrupt-ghost-byte": "the contents of deleted files compared byte for byte (unlink/*)",
+    "drop-groups": "Groups compared from outside; read back by the process (process/attrs)",
+    "reset-sched": "the policy and nice of /proc/PID/stat compared from outside; read back by the process "
+                   "(process/attrs: SCHED_BATCH)",
+    "drop-seccomp": "Seccomp and Seccomp_filters compared from outside; read back by the process (process/attrs)",
+    "rename-process": "comm and Name compared from outside (every scenario)",
+    "lose-thread-robust-list": "each thread's robust list head read from outside (get_robust_list: threads/*)",
+    "lose-thread-tid-address": "each thread reads its clear_child_tid back (PR_GET_TID_ADDRESS: threads/*)",
+    "drop-udp-datagram": "the UDP receive queue drained and compared datagram by datagram (socket/udp*)",
+    "flip-termios-echo": "the pty's termios read back by the workload (tty/*)",
     "drop-madvise": "each mapping's madvise advice (smaps VmFlags dc, dd, wf, hg, nh) compared from outside "
                     "(mmap/advice)",
 }

@@ -311,7 +311,7 @@ def unshare(flags: int) -> None:
 PR = {"get_dumpable": 3, "set_dumpable": 4, "get_keepcaps": 7, "set_keepcaps": 8, "mce_kill": 33,
       "mce_kill_get": 34, "set_child_subreaper": 36, "get_child_subreaper": 37, "set_thp_disable": 41,
       "get_thp_disable": 42, "set_timerslack": 29, "get_timerslack": 30, "set_no_new_privs": 38,
-      "get_no_new_privs": 39}
+      "get_no_new_privs": 39, "get_tid_address": 40}
 IOPRIO_NR = {"x86_64": (251, 252), "aarch64": (30, 31)}     # (ioprio_set, ioprio_get)
 IOPRIO_CLASSES = {"none": 0, "realtime": 1, "best-effort": 2, "idle": 3}
 
@@ -334,6 +334,25 @@ def raw_read(fd: int, n: int) -> str:
 def personality(persona: int = 0xffffffff) -> int:
     """personality(2): set `persona`, or (0xffffffff) only read; the previous one."""
     return _check(_libc.personality(ctypes.c_ulong(persona)))
+
+
+def tid_address() -> int:
+    """PR_GET_TID_ADDRESS: the calling thread's clear_child_tid (what the
+    kernel zeroes and wakes when the thread exits: pthread_join waits on it)."""
+    v = ctypes.c_void_p(0)
+    _check(_libc.prctl(PR["get_tid_address"], ctypes.byref(v), 0, 0, 0))
+    return v.value or 0
+
+
+def seccomp_allow_all() -> None:
+    """Install a seccomp filter that allows every call (one BPF_RET
+    SECCOMP_RET_ALLOW): the process shows Seccomp 2 and one filter, as a
+    sandboxed service does, and nothing it does changes."""
+    insn = struct.pack("=HBBI", 0x06, 0, 0, 0x7FFF0000)       # BPF_RET|BPF_K, SECCOMP_RET_ALLOW
+    buf = ctypes.create_string_buffer(insn)
+    prog = struct.pack("=HxxxxxxQ", 1, ctypes.addressof(buf))  # struct sock_fprog {len; filter*}
+    pbuf = ctypes.create_string_buffer(prog)
+    _check(_libc.prctl(22, 2, pbuf, 0, 0))                      # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
 
 
 def child_subreaper() -> int:

@@ -206,8 +206,9 @@ TREE_EDITS = {"unshare-tree-memory", "drop-tree-child", "regroup-tree-child", "t
 # Edits of a threaded or a quiet Python target (THREADED, QUIET below).
 THREAD_EDITS = {"reset-thread-sched": {"nice"}, "swap-thread-tls": {"ident"}, "reset-mxcsr": {"third"},
                 # one thread fewer: every per-thread list has one entry fewer
-                "drop-thread": {"threads", "nice", "sigblk", "names"}, "lose-thread-sigmask": {"sigblk"},
-                "rename-thread": {"names"}, "reset-thread-fpu": {"third"},
+                "drop-thread": {"threads", "nice", "sigblk", "names", "robust"}, "lose-thread-sigmask": {"sigblk"},
+                "rename-thread": {"names"}, "reset-thread-fpu": {"third"}, "lose-thread-robust-list": {"robust"},
+                "lose-thread-tid-address": {"tidaddr"},
                 "restorer-auxv": {"auxv"}, "share-to-private": {"maps"}}
 MEMORY_EDITS = {"drop-cow-page"}
 SOCKET_EDITS = {"reset-sockopt"}
@@ -551,6 +552,7 @@ from harness import sysapi
 ctypes.CDLL("libm.so.6").fesetround(0x800)              # FE_UPWARD
 idents = (ctypes.c_uint64 * 3)()
 thirds = (ctypes.c_double * 3)()
+tidaddrs = (ctypes.c_uint64 * 3)()
 one, three = float(len("x")), float(len("xyz"))
 with open("shared", "wb") as f:
     f.write(bytes(4096))
@@ -563,11 +565,12 @@ def loop(i, nice):
         sysapi.prctl_set_name(f"t{i}")
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})
     while True:
-        idents[i], thirds[i] = threading.get_ident(), one / three
+        idents[i], thirds[i], tidaddrs[i] = threading.get_ident(), one / three, sysapi.tid_address()
         time.sleep(0.01)
 for i, nice in ((1, 7), (2, 0)):
     threading.Thread(target=loop, args=(i, nice), daemon=True).start()
-json.dump({"idents": ctypes.addressof(idents), "thirds": ctypes.addressof(thirds)}, open("pub.tmp", "w"))
+json.dump({"idents": ctypes.addressof(idents), "thirds": ctypes.addressof(thirds),
+           "tidaddrs": ctypes.addressof(tidaddrs)}, open("pub.tmp", "w"))
 os.rename("pub.tmp", "pub")
 loop(0, 0)
 """
@@ -584,7 +587,9 @@ def _threaded_facts(pid, pub):
     status = [dict(ln.split(":", 1) for ln in open(f"/proc/{pid}/task/{t}/status").read().splitlines())
               for t in tids]
     maps = sorted((ln.split()[1], ln.split()[-1]) for ln in open(f"/proc/{pid}/maps") if ln.rstrip().endswith("/shared"))
+    from harness import procstate
     return {"nice": nice, "ident": u64s(pub["idents"]), "third": u64s(pub["thirds"]), "threads": len(tids),
+            "tidaddr": u64s(pub["tidaddrs"]), "robust": [procstate._robust_list(t) for t in tids],
             "sigblk": [st["SigBlk"].strip() for st in status], "names": [st["Name"].strip() for st in status],
             "auxv": open(f"/proc/{pid}/auxv", "rb").read(), "maps": maps}
 
@@ -634,7 +639,7 @@ def test_thread_mutant_breaks_exactly_one_thing(name, threaded_image, procs, tmp
     differ = {k for k in want if got[k] != want[k]}
     assert differ == THREAD_EDITS[name], f"{name} ({what}) changed {sorted(differ)}: {got} vs {want}"
     if name == "drop-thread":       # the last thread gone, the others as they were
-        assert all(got[k] == want[k][:-1] for k in ("nice", "sigblk", "names")), (got, want)
+        assert all(got[k] == want[k][:-1] for k in ("nice", "sigblk", "names", "robust")), (got, want)
 
 
 # A quiet process (harness/memstate.py) with a private file mapping of more
@@ -973,6 +978,9 @@ sysapi.personality(0x0040000)                   # ADDR_NO_RANDOMIZE
 sysapi.prctl("set_timerslack", 123456)
 sysapi.prctl("set_no_new_privs", 1)
 sysapi.prctl("set_dumpable", 0)
+os.setgroups([1234])
+os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+sysapi.seccomp_allow_all()
 open("/proc/self/oom_score_adj", "w").write("345")
 signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGRTMIN + 4, signal.SIGRTMIN + 5})
 sysapi.sigqueue(os.getpid(), signal.SIGRTMIN + 4, 9)    # process-wide
@@ -985,6 +993,12 @@ area = sysapi.rseq_area()
 sfd = sysapi.signalfd([signal.SIGRTMIN + 4, signal.SIGRTMIN + 5], 0)
 master, slave = os.openpty()
 fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 37, 121, 0, 0))
+import socket
+rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+rx.bind(("127.0.0.1", 0))
+tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+tx.sendto(b"first", rx.getsockname())
+tx.sendto(b"second", rx.getsockname())
 secret = sysapi.mmap(1 << 20, 3, 0x22, -1, 0)           # PROT_READ|WRITE, MAP_PRIVATE|ANONYMOUS
 sysapi.madvise(secret, 1 << 20, sysapi.MADVISE["dontdump"])
 def report(*_):
@@ -1002,7 +1016,9 @@ KNOB_EDITS = {"reset-personality": {"personality"}, "reset-timer-slack": {"timer
               "pending-to-thread": {"ShdPnd", "SigPnd"}, "corrupt-environ": {"environ"},
               "drop-fd": {"fds", "fdinfo"}, "merge-open-files": {"fdinfo", "shared"}, "drop-madvise": {"advice"},
               "drop-capability": {"CapEff"}, "reset-cgroup": {"cgroup"}, "reset-oom-score-adj": {"oom_score_adj"},
-              "reset-winsize": {"winsize"}, "narrow-signalfd": {"sigmask"}}
+              "reset-winsize": {"winsize"}, "narrow-signalfd": {"sigmask"}, "drop-groups": {"Groups"},
+              "reset-sched": {"policy"}, "drop-seccomp": {"Seccomp"}, "rename-process": {"comm"},
+              "drop-udp-datagram": {"udp"}, "flip-termios-echo": {"termios"}}
 
 
 def _knob_facts(pid, work):
@@ -1010,24 +1026,31 @@ def _knob_facts(pid, work):
     if report.exists():
         report.unlink()
     out = {}
-    for name in ("personality", "timerslack_ns", "environ", "cgroup", "oom_score_adj"):
+    for name in ("personality", "timerslack_ns", "environ", "cgroup", "oom_score_adj", "comm"):
         with open(f"/proc/{pid}/{name}", "rb") as f:
             out[name] = f.read()
     status = dict(ln.split(":", 1) for ln in open(f"/proc/{pid}/status").read().splitlines())
-    out.update({k: status[k].strip() for k in ("NoNewPrivs", "ShdPnd", "SigPnd", "CapEff")})
+    out.update({k: status[k].strip() for k in ("NoNewPrivs", "ShdPnd", "SigPnd", "CapEff", "Groups", "Seccomp")})
+    out["policy"] = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[38]
     out["fds"] = sorted(os.listdir(f"/proc/{pid}/fd"))
     from harness import procstate
     out["advice"] = procstate._advice(f"/proc/{pid}")
     infos = all_fds(pid)
     out["fdinfo"] = {fd: (i.pos, i.flags) for fd, i in sorted(infos.items())}
     out["sigmask"] = [i.fdinfo.get("sigmask") for _, i in sorted(infos.items()) if "sigmask" in i.fdinfo]
-    out["winsize"] = []
+    out["winsize"], out["termios"], out["udp"] = [], [], []
     for fd, i in sorted(infos.items()):
         if i.link == "/dev/ptmx":
             import fcntl
             import termios
             with pidfd.target_fd(pid, fd) as dup:
                 out["winsize"].append(fcntl.ioctl(dup, termios.TIOCGWINSZ, bytes(8)).hex())
+                out["termios"].append(termios.tcgetattr(dup)[:4])
+    for fd, i in sorted(infos.items()):     # last: reading empties the queues
+        if i.link.startswith("socket:"):
+            q = _queue(pid, fd, i.flags)
+            if q:               # the receiver's (the sender has none)
+                out["udp"].append(q)
     out["shared"] = sorted((fd, lead) for fd, lead in leader_map(pid, infos.values()).items() if fd != lead)
     os.kill(pid, signal.SIGUSR2)
     wait_for(report.exists, what="the knobs target's report")
@@ -1061,6 +1084,8 @@ def test_knob_mutants_break_exactly_one_thing(procs, tmp_path):
     assert (want["personality"], want["timerslack_ns"], want["NoNewPrivs"]) == (b"00040000\n", b"123456\n", "1")
     assert (want["dumpable"], want["rseq"], int(want["ShdPnd"], 16)) == (0, "registered", 1 << (signal.SIGRTMIN + 3))
     assert "dd" in want["advice"].values() and len(want["sigmask"]) == 1 and len(want["winsize"]) == 1, want
+    assert (want["Groups"], want["policy"], want["Seccomp"]) == ("1234", "3", "2"), want
+    assert [b"first".hex(), b"second".hex()] in want["udp"], want
     for name, changed in sorted(KNOB_EDITS.items()):
         mine = str(tmp_path / f"img-{name}")
         shutil.copytree(img, mine)

@@ -125,7 +125,10 @@ def fields(s) -> dict:
                         "mempolicy": s.Enum(tuple(sysapi.MPOL), "a NUMA memory policy (on node 0):"),
                         "membarrier": s.Bool(), "personality": s.Enum(tuple(PERSONALITY), "a personality flag:"),
                         "timer_slack_ns": s.Int(1, 10 ** 9), "no_new_privs": s.Bool(),
-                        "oom_score_adj": s.Int(-1000, 1000)}),
+                        "oom_score_adj": s.Int(-1000, 1000),
+                        # supplementary groups (setgroups), SCHED_BATCH, an allow-all seccomp filter
+                        "groups": s.List_(s.Int(1, 2 ** 31 - 1)), "sched_batch": s.Bool(),
+                        "seccomp_filter": s.Bool()}),
         "children": s.List_(s.Map({"blocked_in": s.Enum(CHILD_IN, "what a child does:"),
                                    "exit": s.Int(0, 255), "group": s.Enum(CHILD_GROUPS),
                                    "share": s.List_(s.Enum(tuple(CHILD_SHARE), "what a child can share:"))},
@@ -245,6 +248,7 @@ class Blocked:
         self.tid = 0
         self.fp: dict = {}
         self.rseq = None
+        self.tid_address = 0
         self.value = ""
         self.report: Dict[str, object] = {}
         if how == "read":
@@ -275,7 +279,7 @@ class Blocked:
         self.tid, self.value, self.ident = threading.get_native_id(), mine, threading.get_ident()
         # per thread, and seen by no /proc file: its FPU control (inherited
         # from the main thread: a scenario's fp_round) and its rseq area
-        self.fp, self.rseq = _fp_now(), sysapi.rseq_area()
+        self.fp, self.rseq, self.tid_address = _fp_now(), sysapi.rseq_area(), sysapi.tid_address()
         self.started.set()
         got: object = None
         try:
@@ -304,7 +308,7 @@ class Blocked:
             got = f"{type(e).__name__}: {e}"
         self.report = {"tid": threading.get_native_id(), "value": mine, "got": got, "count": self.count,
                        "ident": threading.get_ident(), "nice": os.getpriority(os.PRIO_PROCESS, 0),
-                       "fp": _fp_now(), "rseq": sysapi.rseq_still(self.rseq)}
+                       "fp": _fp_now(), "rseq": sysapi.rseq_still(self.rseq), "tid_address": sysapi.tid_address()}
 
     def expected(self) -> str:
         return {"sleep": "stopped", "read": "wake", "lock": "acquired", "cond": "notified",
@@ -606,6 +610,9 @@ def _thread_checks(p: dict, seen: dict, phase: str) -> List[dict]:
             out.append(check(None, f"{what}: its own nice value", r.get("nice"), rep.get("nice")))
             out.append(check(None, f"{what}: its rounding mode and 1/3 (its FPU control)", r.get("fp"),
                              rep.get("fp")))
+            # clear_child_tid (PR_GET_TID_ADDRESS): what a pthread_join of it waits on
+            out.append(check(None, f"{what}: its clear_child_tid address", hex(r.get("tid_address") or 0),
+                             hex(rep.get("tid_address") or 0)))
             area = r.get("rseq")
             out.append(check(None, f"{what}: its rseq registration",
                              "unknown" if area is None else "registered" if area[0] else "none", rep.get("rseq")))
@@ -645,6 +652,12 @@ def _apply_attrs(a: dict) -> None:
     if "oom_score_adj" in a:    # as systemd's OOMScoreAdjust= starts a service
         with open("/proc/self/oom_score_adj", "w") as f:
             f.write(str(int(a["oom_score_adj"])))
+    if "groups" in a:           # as a service started with SupplementaryGroups=
+        os.setgroups([int(g) for g in a["groups"]])
+    if a.get("sched_batch"):    # as chrt -b 0 would start it
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+    if a.get("seccomp_filter"):     # last: as a sandboxed service runs (systemd SystemCallFilter=)
+        sysapi.seccomp_allow_all()
     if "personality" in a:      # as setarch -R would start it
         sysapi.personality(PERSONALITY[a["personality"]])
     if "timer_slack_ns" in a:
@@ -666,7 +679,9 @@ def _attrs_now() -> dict:
             "mempolicy": "%d:%x" % sysapi.get_mempolicy(),
             "membarrier": int(sysapi.membarrier_private_expedited() == 0),
             "personality": sysapi.personality(), "timer_slack_ns": sysapi.prctl("get_timerslack"),
-            "no_new_privs": sysapi.prctl("get_no_new_privs"), "oom_score_adj": oom}
+            "no_new_privs": sysapi.prctl("get_no_new_privs"), "oom_score_adj": oom,
+            "groups": sorted(os.getgroups()), "sched_batch": int(os.sched_getscheduler(0) == os.SCHED_BATCH),
+            "seccomp_filter": int(status().get("Seccomp") == "2")}
 
 
 def _libm():
@@ -684,6 +699,7 @@ def _fp_now() -> dict:
 
 def _attrs_wanted(a: dict) -> dict:
     conv = {"ioprio": _ioprio_value, "mce_kill": MCE_KILL.get, "personality": PERSONALITY.get,
+            "groups": lambda g: sorted(int(x) for x in g),
             "mempolicy": lambda m: f"{sysapi.MPOL[m]}:{0 if m == 'local' else 1:x}"}
     return {k: conv[k](v) if k in conv else int(v) for k, v in a.items()}
 
@@ -694,7 +710,7 @@ def observe(p: dict) -> dict:
             "blocked": status()["SigBlk"],
             "itimers": {n: list(signal.getitimer(ITIMERS[n])) for n in (p.get("itimers") or {})},
             "threads": [{"how": b.how, "tid": b.tid, "value": b.value, "count": b.count, "ident": b.ident,
-                         "fp": b.fp, "rseq": b.rseq,
+                         "fp": b.fp, "rseq": b.rseq, "tid_address": b.tid_address,
                          "nice": b.nice if b.nice is not None else os.getpriority(os.PRIO_PROCESS, b.tid)}
                         for b in _THREADS],
             "children": [dict(c.hello, how=c.how, share=c.share) for c in _CHILDREN],
