@@ -9,8 +9,10 @@ subreaper, keep-caps, machine-check kill policy, dumpable, NUMA memory
 policy, membarrier registration: each compared
 with what the process saw before the dump, every one of them whether the
 scenario set it or not); and ``threads``: Python threads the workload starts, each blocked
-in one call (sleep: a time.sleep loop that counts; read: os.read on a pipe
-the process holds both ends of; lock: a Lock the main thread holds; cond:
+in one call (sleep: a time.sleep loop that counts; read: read(2) on a pipe
+the process holds both ends of; regs: the same read(2) made by machine code
+holding known values in nine registers and xmm8 across it (x86_64; a raw
+read elsewhere); lock: a Lock the main thread holds; cond:
 Condition.wait; join: joining a private sleeper thread). After the restore
 each thread proves it is the same thread: it runs on with its native id
 (gettid) equal to the recorded TID, its pthread_self (read through its
@@ -76,7 +78,7 @@ RLIMITS = ("RLIMIT_NOFILE", "RLIMIT_CORE", "RLIMIT_STACK", "RLIMIT_FSIZE", "RLIM
 ITIMERS = {"real": signal.ITIMER_REAL, "virtual": signal.ITIMER_VIRTUAL, "prof": signal.ITIMER_PROF}
 HANDLERS = ("default", "ignore", "libc")
 LATE_S, EARLY_S = 0.05, 2.0
-BLOCKED_IN = ("sleep", "read", "lock", "cond", "join")
+BLOCKED_IN = ("sleep", "read", "lock", "cond", "join", "regs")
 THREAD_WAKE_S = 10.0
 CHILD_IN = ("sleep", "read", "zombie")
 CHILD_GROUPS = ("parent", "own")
@@ -251,7 +253,7 @@ class Blocked:
         self.tid_address = 0
         self.value = ""
         self.report: Dict[str, object] = {}
-        if how == "read":
+        if how in ("read", "regs"):
             self.rfd, self.wfd = os.pipe()
         if how in ("lock", "cond"):
             self.lock = threading.Lock() if how == "lock" else threading.Condition()
@@ -292,6 +294,10 @@ class Blocked:
                 # read(2) itself (os.read retries an EINTR, PEP 475): a call
                 # the freeze interrupted must restart, never fail
                 got = sysapi.raw_read(self.rfd, 16)
+            elif self.how == "regs":
+                # read(2) from machine code holding known values in nine
+                # registers and xmm8 across it: a thread's registers exactly
+                got = sysapi.reg_probe_read(self.rfd, 16)
             elif self.how == "lock":
                 self.lock.acquire()
                 self.lock.release()
@@ -312,10 +318,10 @@ class Blocked:
 
     def expected(self) -> str:
         return {"sleep": "stopped", "read": "wake", "lock": "acquired", "cond": "notified",
-                "join": "joined"}[self.how]
+                "join": "joined", "regs": "wake"}[self.how]
 
     def wake(self) -> None:
-        if self.how == "read":
+        if self.how in ("read", "regs"):
             os.write(self.wfd, b"wake")
         elif self.how == "lock":
             self.lock.release()
