@@ -204,6 +204,9 @@ def _batched_reads(task: Task, status: dict) -> list:
     return _injected_reads() + landlock.reads(task.pid, status)
 
 
+PREFETCH_STATUS = ("Seccomp", "SigPnd", "ShdPnd", "SigIgn", "SigQ", "Tgid", "Uid", "CapEff")
+
+
 def prefetch_injected(tasks: List[Task]) -> None:
     """injected_state()'s fixed reads (brk, the 62 sigactions, sigaltstack,
     tid address, interval timers) of several frozen processes (a tree's
@@ -221,7 +224,9 @@ def prefetch_injected(tasks: List[Task]) -> None:
     for task in tasks:
         try:
             proc = procfs.Proc(task.pid)
-            status = proc.status()
+            # the fields the batch decides by (dumpbatch.usable, Run,
+            # landlock.reads), not all ~55 parsed: one per member of a tree
+            status = procfs.read_status_fields(proc.path("status"), PREFETCH_STATUS)
             if seccomp.mode_of(status):
                 continue
             vmas = proc.maps()
