@@ -543,7 +543,7 @@ def _survey_signals_and_restart(s: Survey, task: Task, state) -> None:
     except (libc.SysError, OSError) as e:
         s.refuse("pending signals", "signals", Refusal("unsupported-state", f"pending signals unreadable: {e}"))
         return
-    why = signals.problem(sigs) or _handler_problem(task, state, sigs)
+    why = signals.problem(sigs, (state or {}).get("posix_timers")) or _handler_problem(task, state, sigs)
     if why:
         s.refuse("pending signals", "signals", Refusal("unsupported-state", why))
     else:
@@ -571,7 +571,7 @@ def pending_signals(task: Task, state: dict) -> dict:
     committed (what arrives after that dies with the original, as for any
     process that is killed). Raises Refusal, SysError."""
     sigs = signals.collect(task)
-    why = signals.problem(sigs) or _handler_problem(task, state, sigs)
+    why = signals.problem(sigs, state.get("posix_timers")) or _handler_problem(task, state, sigs)
     if why:
         raise Refusal("unsupported-state", why, pid=task.pid)
     return sigs

@@ -145,7 +145,7 @@ def test_share_cases(monkeypatch, case):
         # w2: w1's probe fails at w2 before it reaches t3, t3's own probe
         # tells t3 and L share F0.
         g.install(100, PROGS[0])
-        w1, w2, t3 = g.clone(100), g.clone(100), g.clone(100)
+        w1, w2, _t3 = g.clone(100), g.clone(100), g.clone(100)
         g.install(w1, PROGS[1])
         g.install(w2, PROGS[2])
     recs = g.records()
