@@ -989,6 +989,7 @@ sysapi.seccomp_allow_all()
 open("/proc/self/oom_score_adj", "w").write("345")
 signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGRTMIN + 4, signal.SIGRTMIN + 5})
 sysapi.sigqueue(os.getpid(), signal.SIGRTMIN + 4, 9)    # process-wide
+signal.pthread_kill(__import__("threading").get_ident(), signal.SIGRTMIN + 5)    # the main thread's own
 held = open("held", "w")
 held.write("0123456789")
 held.flush()
@@ -1018,7 +1019,8 @@ while True:
 """
 KNOB_EDITS = {"reset-personality": {"personality"}, "reset-timer-slack": {"timerslack_ns"},
               "lose-no-new-privs": {"NoNewPrivs"}, "reset-dumpable": {"dumpable"}, "lose-rseq": {"rseq"},
-              "pending-to-thread": {"ShdPnd", "SigPnd"}, "corrupt-environ": {"environ"},
+              "pending-to-thread": {"ShdPnd", "SigPnd"}, "pending-to-process": {"ShdPnd", "SigPnd"},
+              "corrupt-environ": {"environ"},
               "drop-fd": {"fds", "fdinfo"}, "merge-open-files": {"fdinfo", "shared"}, "drop-madvise": {"advice"},
               "drop-capability": {"CapEff"}, "reset-cgroup": {"cgroup"}, "reset-oom-score-adj": {"oom_score_adj"},
               "reset-winsize": {"winsize"}, "narrow-signalfd": {"sigmask"}, "drop-groups": {"Groups"},
@@ -1087,7 +1089,8 @@ def test_knob_mutants_break_exactly_one_thing(procs, tmp_path):
             procs.kill(p.pid)
     want = restored(img)
     assert (want["personality"], want["timerslack_ns"], want["NoNewPrivs"]) == (b"00040000\n", b"123456\n", "1")
-    assert (want["dumpable"], want["rseq"], int(want["ShdPnd"], 16)) == (0, "registered", 1 << (signal.SIGRTMIN + 3))
+    assert (want["dumpable"], want["rseq"], int(want["ShdPnd"], 16), int(want["SigPnd"], 16)) == \
+        (0, "registered", 1 << (signal.SIGRTMIN + 3), 1 << (signal.SIGRTMIN + 4))
     assert "dd" in want["advice"].values() and len(want["sigmask"]) == 1 and len(want["winsize"]) == 1, want
     assert (want["Groups"], want["policy"], want["Seccomp"]) == ("1234", "3", "2"), want
     assert [b"first".hex(), b"second".hex()] in want["udp"], want
