@@ -17,7 +17,7 @@ TYPE_CHECKING = False   # annotations only: importing typing costs every run ~3 
 if TYPE_CHECKING:
     from typing import Dict, List, Optional
 
-from . import cgroups, creds, faults, fsroot, pdeath, files, landlock, libc, membarrier, mlockfuture, mempolicy, posixtimers, procattrs, procfs, sched, seccomp, signals, threads, unlinked
+from . import cgroups, cow, creds, faults, fsroot, pdeath, files, landlock, libc, membarrier, mlockfuture, mempolicy, posixtimers, procattrs, procfs, sched, seccomp, signals, threads, unlinked
 from .arch import current as current_arch
 from .check import Survey, preflight, require_features, target_checks
 from .context import DumpContext, Options, boot_id
@@ -400,6 +400,7 @@ def dump_memory(pid: int, s: Survey, recs: dict, dumper: PageDumper) -> List[dic
             rec["pages"] = []
             npages = (v["end"] - v["start"]) // PAGE
             force_mem = "r" not in v["perms"]
+            keep = None
             private = v["perms"][3] == "p"
             if kind == "file":
                 rec["file"] = recs[v["start"]]
@@ -417,9 +418,17 @@ def dump_memory(pid: int, s: Survey, recs: dict, dumper: PageDumper) -> List[dic
             elif kind == "anon" or (kind == "file" and private):
                 raw = os.pread(pm, npages * 8, v["start"] // PAGE * 8)
                 runs = procfs.pagemap_runs(raw, v["start"], anon_only=(kind == "file"), page=PAGE)
+                if runs and not force_mem:
+                    # Pages shared copy-on-write (with a parent, a child) read without
+                    # pinning them, which would unshare them (engine/cow.py unpinned_runs)
+                    keep = cow.unpinned_runs(raw, v["start"], kind == "file")
             else:
                 runs = []
-            if runs:
+            if keep:
+                four = [[a, n, 0, 0] for a, n in runs]
+                rec["pages"] = sorted(dumper.add([r[:2] for r in cow.subtract(four, keep)]) +
+                                      dumper.add([r[:2] for r in cow.intersect(four, keep)], force_mem=True))
+            elif runs:
                 rec["pages"] = dumper.add(runs, force_mem=force_mem)
             rec["pages_bytes"] = sum(r[1] for r in rec["pages"]) * PAGE
             faults.point("dump.memory", kind)
@@ -598,6 +607,7 @@ def dump(pid: int, directory: str, options: Options) -> dict:
     """Checkpoint `pid` (and, when it has children, its tree: engine/tree.py)
     into `directory`; see _dump_one. A child forked while a single process
     was being frozen makes it a tree: it is dumped again as one."""
+    procfs.forget_self()
     try:
         return _dump_one(pid, directory, options)
     except (Refusal, Refusals) as e:
@@ -695,6 +705,7 @@ def check(pid: int, options: Options, tree_ok: bool = True) -> dict:
     nothing; the target is left running exactly as before. With children,
     the whole tree (engine/tree.py) unless `tree_ok` is False (ckpt survey:
     one process frozen at a time; the children are then `process-tree`)."""
+    procfs.forget_self()
     require_features()
     current_arch()
     proc = target_checks(pid)

@@ -25,7 +25,7 @@ from engine_core_support import TARGETS, lines_of, procs, wait_for  # noqa: F401
 @pytest.fixture(scope="module")
 def tmrpend_bin(tmp_path_factory) -> str:
     exe = str(tmp_path_factory.mktemp("tmrpend-bin") / "tmrpend")
-    subprocess.run(["gcc", "-O2", "-Wall", "-o", exe, os.path.join(TARGETS, "tmrpend.c"), "-lrt"],
+    subprocess.run(["gcc", "-O2", "-Wall", "-pthread", "-o", exe, os.path.join(TARGETS, "tmrpend.c"), "-lrt"],
                    check=True, capture_output=True)
     return exe
 
@@ -54,7 +54,9 @@ WANT = ["round 0 got 1 code -2 timer 1 overrun 0 value 42 getoverrun 0 value 0.0
 # by the kernel: one signal, the new expiry's (a signal queued again by
 # hand would stay: two).
 WANT_REARM = ["rearm 0 code -2 timer 1 overrun 0 value 42", "rearm taken 1", "done"]
-MODES = [("oneshot", WANT), ("rearm", WANT_REARM)]
+# Notifying a thread of its own (SIGEV_THREAD_ID): pending in that thread's queue.
+WANT_THREAD = ["thread got 1 code -2 timer 1 overrun 0 value 42 getoverrun 0", "pending after 0", "done"]
+MODES = [("oneshot", WANT), ("rearm", WANT_REARM), ("thread", WANT_THREAD)]
 
 
 @pytest.mark.parametrize("mode, want", MODES, ids=[m for m, _ in MODES])
@@ -70,9 +72,12 @@ def test_a_fired_one_shot_timers_pending_signal_restored(procs, tmrpend_bin, tmp
     p.wait()
     restore(str(tmp_path / "img"), Options())
     procs.adopt(p.pid)
-    with open(f"/proc/{p.pid}/status") as f:
-        shd = [ln for ln in f if ln.startswith("ShdPnd:")][0]
-    assert int(shd.split()[1], 16) >> (signal.SIGRTMIN + 2 - 1) & 1     # pending before the process runs on
+    tids = sorted(int(t) for t in os.listdir(f"/proc/{p.pid}/task"))
+    with open(f"/proc/{p.pid}/task/{tids[-1]}/status") as f:
+        st = dict(ln.split(":", 1) for ln in f)
+    # pending before the process runs on: the process's queue, or the thread's
+    key = "SigPnd" if mode == "thread" else "ShdPnd"
+    assert int(st[key].split()[0], 16) >> (signal.SIGRTMIN + 2 - 1) & 1, st[key]
     assert _taken(p, out) == want
 
 
