@@ -938,8 +938,8 @@ def test_register_mutants_break_exactly_one_thing(procs, tmp_path):
     ready = tmp_path / "ready"
     p = procs.start([exe, str(ready)], cwd=str(tmp_path))
     wait_for(ready.exists, what="the register target")
-    pid, seen, bad, xmm = ready.read_text().split()
-    seen, bad, xmm = int(seen, 16), int(bad, 16), int(xmm, 16)
+    pid, seen, bad, xmm, calls = ready.read_text().split()
+    seen, bad, xmm, calls = int(seen, 16), int(bad, 16), int(xmm, 16), int(calls, 16)
     img = str(tmp_path / "img")
     r = ckpt("dump", "-t", pid, "-D", img, "--json")
     assert r.returncode == 0, r.stderr
@@ -950,8 +950,12 @@ def test_register_mutants_break_exactly_one_thing(procs, tmp_path):
         assert rr.returncode == 0, rr.stderr
         procs.adopt(int(pid))
         try:
-            time.sleep(0.1)         # a few of the thread's calls
-            with open(f"/proc/{pid}/mem", "rb") as f:
+            with open(f"/proc/{pid}/mem", "rb", buffering=0) as f:      # every read a fresh look
+                def count():
+                    f.seek(calls)
+                    return int.from_bytes(f.read(8), "little")
+                c0 = count()
+                wait_for(lambda: count() >= c0 + 2, what="two of the thread's calls after the restore")
                 f.seek(seen)
                 regs = [int.from_bytes(f.read(8), "little") for _ in range(6)]
                 f.seek(bad)
