@@ -602,6 +602,7 @@ def dump(pid: int, directory: str, options: Options) -> dict:
     """Checkpoint `pid` (and, when it has children, its tree: engine/tree.py)
     into `directory`; see _dump_one. A child forked while a single process
     was being frozen makes it a tree: it is dumped again as one."""
+    procfs.forget_self()
     try:
         return _dump_one(pid, directory, options)
     except (Refusal, Refusals) as e:
@@ -699,6 +700,7 @@ def check(pid: int, options: Options, tree_ok: bool = True) -> dict:
     nothing; the target is left running exactly as before. With children,
     the whole tree (engine/tree.py) unless `tree_ok` is False (ckpt survey:
     one process frozen at a time; the children are then `process-tree`)."""
+    procfs.forget_self()
     require_features()
     current_arch()
     proc = target_checks(pid)
