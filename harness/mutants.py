@@ -928,6 +928,21 @@ def m_pending_to_thread(img: Image) -> str:
     return f"{len(moved)} process-wide pending signal(s) ({sorted({s.get('signo') for s in moved})}) -> the leader's queue"
 
 
+def m_pending_to_process(img: Image) -> str:
+    """The signals pending for the leader alone (its own queue: tgkill,
+    pthread_kill) come back pending for the whole process: any thread may
+    take them now, and /proc's SigPnd and ShdPnd tell."""
+    core = img.json("core.json")
+    sig = core.get("signals") or {}
+    if not sig.get("thread"):
+        raise NoTarget("no signal pending for the leader alone")
+    moved = sig["thread"]
+    sig["shared"] = list(sig.get("shared") or []) + moved
+    sig["thread"] = []
+    img.put_json("core.json")
+    return f"{len(moved)} signal(s) pending for the leader ({sorted({s.get('signo') for s in moved})}) -> process-wide"
+
+
 def _mem_at(img: Image, addr: int) -> Tuple[str, int]:
     """(page file, offset) of the byte at `addr` in the image's memory."""
     files = _page_files(img)
@@ -1367,6 +1382,8 @@ EDITS: Dict[str, Tuple[Callable[[Image], str], str]] = {
     "zero-thread-vectors": (m_zero_thread_vectors, "the threads besides the leader lose their vector registers' "
                             "contents"),
     "pending-to-thread": (m_pending_to_thread, "process-wide pending signals come back pending for the leader only"),
+    "pending-to-process": (m_pending_to_process, "signals pending for the leader alone come back pending "
+                           "for the process"),
     "corrupt-environ": (m_corrupt_environ, "one character of the environment strings changes"),
     "reset-personality": (m_reset_personality, "the personality comes back as 0"),
     "reset-timer-slack": (m_reset_timer_slack, "the timer slack comes back as its default"),
@@ -1702,6 +1719,8 @@ CAUGHT_BY: Dict[str, str] = {
     "zero-thread-vectors": "a thread holding xmm8 across its read(2) compares it after (threads/registers)",
     "pending-to-thread": "ShdPnd and each thread's SigPnd compared from outside (process/pending-signals, "
                          "threads/masks)",
+    "pending-to-process": "SigPnd and ShdPnd compared from outside (process/pending-signals: one sent to the "
+                          "main thread alone)",
     "corrupt-environ": "/proc/PID/environ compared from outside (every scenario)",
     "reset-personality": "/proc/PID/personality compared from outside; the process reads it back (process/attrs)",
     "reset-timer-slack": "/proc/PID/timerslack_ns compared from outside; the process reads it back (process/attrs)",

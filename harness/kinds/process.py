@@ -105,7 +105,9 @@ def fields(s) -> dict:
                                        "flags": s.List_(s.Enum(tuple(sysapi.SA_FLAGS))),
                                        "mask": s.List_(sig)}, required=("handler",)) for n in SIGNALS}),
         "blocked": s.List_(sig),
-        "pending": s.List_(s.Map({"signal": sig, "value": s.Int(0, 2**31 - 1)}, required=("signal",))),
+        # thread: pending for the main thread alone (pthread_kill), not the process (kill, sigqueue)
+        "pending": s.List_(s.Map({"signal": sig, "value": s.Int(0, 2**31 - 1), "thread": s.Bool()},
+                                 required=("signal",))),
         "itimers": s.Map({k: s.Map({"value_ms": s.Int(1), "interval_ms": s.Int(0)}, required=("value_ms",))
                           for k in ITIMERS}),
         "threads": s.List_(s.Map({"blocked_in": s.Enum(BLOCKED_IN, "a call a thread can block in:"),
@@ -148,6 +150,8 @@ def validate(p: dict) -> List[tuple]:
             out.append((f"pending[{i}]", f"{x['signal']} must be blocked to stay pending"))
         if "value" in x and not x["signal"].startswith("SIGRTMIN"):
             out.append((f"pending[{i}].value", "only real-time signals queue a value"))
+        if "value" in x and x.get("thread"):
+            out.append((f"pending[{i}].value", "a signal sent to the thread (pthread_kill) carries no value"))
     for i, c in enumerate(p.get("children", [])):
         share = c.get("share", [])
         if len(set(share)) != len(share):
@@ -194,7 +198,10 @@ def apply(p: dict) -> None:
     if p.get("blocked"):
         signal.pthread_sigmask(signal.SIG_BLOCK, [signum(n) for n in p["blocked"]])
     for x in p.get("pending") or []:
-        if "value" in x:
+        if x.get("thread"):
+            import threading
+            signal.pthread_kill(threading.get_ident(), signum(x["signal"]))
+        elif "value" in x:
             sysapi.sigqueue(os.getpid(), signum(x["signal"]), int(x["value"]))
         else:
             os.kill(os.getpid(), signum(x["signal"]))
@@ -728,17 +735,21 @@ def observe(p: dict) -> dict:
 
 
 def expected_pending(p: dict) -> List[list]:
-    """``[signo, value]`` in the order sigtimedwait hands them out: lowest
-    number first; a standard signal once however often it was raised; each
-    real-time one as often as it was queued, in queue order."""
-    out, seen = [], set()
-    for x in sorted(p.get("pending") or [], key=lambda x: signum(x["signal"])):
-        n = signum(x["signal"])
-        if n < signal.SIGRTMIN:
-            if n in seen:
-                continue
-            seen.add(n)
-        out.append([n, int(x.get("value", 0))])
+    """``[signo, value]`` in the order sigtimedwait hands them out: the
+    thread's own queue before the process's (dequeue_signal), in each
+    lowest number first; a standard signal once however often it was
+    raised; each real-time one as often as it was queued, in queue order."""
+    out = []
+    for mine in (True, False):
+        seen = set()
+        for x in sorted((x for x in p.get("pending") or [] if bool(x.get("thread")) == mine),
+                        key=lambda x: signum(x["signal"])):
+            n = signum(x["signal"])
+            if n < signal.SIGRTMIN:
+                if n in seen:
+                    continue
+                seen.add(n)
+            out.append([n, int(x.get("value", 0))])
     return out
 
 
