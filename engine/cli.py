@@ -173,7 +173,9 @@ def _human(command: str, res: dict) -> str:
                    if res.get("signals_taken") else ""))
     if command == "restore":
         tree = f" and its tree ({res['members']} processes)" if res.get("members") else ""
-        return f"ckpt: restored pid {res.get('pid')}{tree} in {res.get('restore_ms', 0):.0f} ms"
+        shared = (f"; {res['cow_shared_bytes'] / (1 << 20):.1f} MiB of members' memory kept shared with their parents"
+                  if res.get("cow_shared_bytes") else "")
+        return f"ckpt: restored pid {res.get('pid')}{tree} in {res.get('restore_ms', 0):.0f} ms{shared}"
     if command == "check":
         from .show import render_check
         return render_check(res)

@@ -164,6 +164,68 @@ def find(members: List[Tuple[int, int, List[dict]]]) -> Dict[int, Dict[int, List
     return out
 
 
+# top byte -> b"1" where the page is present and not mapped by this process
+# alone (bit 56, PM_MMAP_EXCLUSIVE, clear), for a file mapping anonymous
+_SHARED = bytes(0x31 if b & 0x80 and not b & 0x01 else 0x30 for b in range(256))
+_SHARED_ANON = bytes(0x31 if b & 0x80 and not b & 0x01 and not b & 0x20 else 0x30 for b in range(256))
+_zero_pfn: Optional[int] = None
+
+
+def zero_pfn() -> int:
+    """The shared zero page's PFN (0: PFNs hidden): an anonymous page only
+    read is mapped to it, never exclusively; reading it pinned unshares
+    nothing."""
+    global _zero_pfn
+    if _zero_pfn is None:
+        import ctypes
+        import mmap
+        m = mmap.mmap(-1, PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)   # not shmem (the default)
+        try:
+            anchor = ctypes.c_char.from_buffer(m)
+            addr = ctypes.addressof(anchor)
+            _ = m[0]        # a read fault: the zero page
+            del anchor
+            entry = _entries(os.getpid(), {"start": addr, "end": addr + PAGE}) or bytes(8)
+        finally:
+            m.close()
+        e = int.from_bytes(entry, "little")
+        # present, and not exclusive: the zero page (else: unknown, 0)
+        _zero_pfn = e & PFN_MASK if e & PRESENT and not e & (1 << 56) else 0
+    return _zero_pfn
+
+
+def unpinned_runs(raw: bytes, base: int, anon_only: bool) -> List[List[int]]:
+    """Runs [addr, npages] of a mapping's raw pagemap whose pages the dump
+    reads through /proc/PID/mem: present and not exclusive (shared
+    copy-on-write with another process, a parent or a child: pinning them
+    with process_vm_readv would unshare them, mm/gup.c gup_must_unshare,
+    and a dumped tree, left running, would hold a copy per member of every
+    page it shared), the zero page left out (pinned, it stays shared)."""
+    import struct
+    n = len(raw) // 8
+    flags = bytearray(raw[7:n * 8:8].translate(_SHARED_ANON if anon_only else _SHARED))
+    zero = zero_pfn()
+    out: List[List[int]] = []
+    i = flags.find(b"1")
+    while i >= 0:
+        j = flags.find(b"0", i)
+        if j < 0:
+            j = n
+        if zero:
+            for k, e in enumerate(struct.unpack_from(f"<{j - i}Q", raw, i * 8)):
+                if e & PFN_MASK == zero:
+                    flags[i + k] = 0x30
+        i = flags.find(b"1", j)
+    i = flags.find(b"1")
+    while i >= 0:
+        j = flags.find(b"0", i)
+        if j < 0:
+            j = n
+        out.append([base + i * PAGE, j - i])
+        i = flags.find(b"1", j)
+    return out
+
+
 def mark(found: Dict[int, List[List[int]]], vmas: List[dict]) -> int:
     """One member's mm.json mappings get their "cow" runs (find(), cut to
     the pages the dump saved); returns how many pages were marked."""
@@ -250,6 +312,11 @@ def check(v: dict) -> None:
 
 # -- restore -----------------------------------------------------------------------
 
+# This restore's pages kept shared (read back equal) and "cow" pages that
+# differed and were written; the restorer reports them (restore._run_restorer).
+STATS = {"shared_pages": 0, "rewritten_pages": 0}
+
+
 class Plan:
     """Per member PID: the starts of its mappings it keeps from its
     parent (keep) and those it maps before its forks (premap)."""
@@ -257,8 +324,6 @@ class Plan:
     def __init__(self):
         self.keep: Dict[int, Set[int]] = {}
         self.premap: Dict[int, Set[int]] = {}
-        self.shared_pages = 0       # pages kept shared (read back equal)
-        self.rewritten_pages = 0    # "cow" pages that differed: written
 
     def in_place(self, pid: int) -> Set[int]:
         return self.keep.get(pid, set()) | self.premap.get(pid, set())
@@ -392,18 +457,18 @@ def _verify(b, runs: List[List[int]], force: bool, pl: Plan) -> None:
                 got = buf if size == len(buf) else buf[:size]
                 want = pages.maps[fi][off + k:off + k + size]      # bytes against bytes: a memcmp
                 if want == got:
-                    pl.shared_pages += size // PAGE
+                    STATS["shared_pages"] += size // PAGE
                     continue
                 for i in range(0, size, PAGE):
                     if got[i:i + PAGE] != want[i:i + PAGE]:
                         wrong.append([addr + k + i, 1, fi, off + k + i])
                     else:
-                        pl.shared_pages += 1
+                        STATS["shared_pages"] += 1
     finally:
         os.close(fd)
     pages._check_leases(runs)     # what was compared is what the image check verified
     right = subtract(runs, [[r[0], 1] for r in wrong])
     pages._release(right)         # each piece is used once: freed as a written one is
     if wrong:
-        pl.rewritten_pages += len(wrong)
+        STATS["rewritten_pages"] += len(wrong)
         b.page_bytes_early += b._write_pages(wrong, force)

@@ -17,7 +17,7 @@ TYPE_CHECKING = False   # annotations only: importing typing costs every run ~3 
 if TYPE_CHECKING:
     from typing import Dict, List, Optional
 
-from . import cgroups, creds, faults, fsroot, pdeath, files, landlock, libc, membarrier, mlockfuture, mempolicy, posixtimers, procattrs, procfs, sched, seccomp, signals, threads, unlinked
+from . import cgroups, cow, creds, faults, fsroot, pdeath, files, landlock, libc, membarrier, mlockfuture, mempolicy, posixtimers, procattrs, procfs, sched, seccomp, signals, threads, unlinked
 from .arch import current as current_arch
 from .check import Survey, preflight, require_features, target_checks
 from .context import DumpContext, Options, boot_id
@@ -395,6 +395,7 @@ def dump_memory(pid: int, s: Survey, recs: dict, dumper: PageDumper) -> List[dic
             rec["pages"] = []
             npages = (v["end"] - v["start"]) // PAGE
             force_mem = "r" not in v["perms"]
+            keep = None
             private = v["perms"][3] == "p"
             if kind == "file":
                 rec["file"] = recs[v["start"]]
@@ -412,9 +413,17 @@ def dump_memory(pid: int, s: Survey, recs: dict, dumper: PageDumper) -> List[dic
             elif kind == "anon" or (kind == "file" and private):
                 raw = os.pread(pm, npages * 8, v["start"] // PAGE * 8)
                 runs = procfs.pagemap_runs(raw, v["start"], anon_only=(kind == "file"), page=PAGE)
+                if runs and not force_mem:
+                    # Pages shared copy-on-write (with a parent, a child) read without
+                    # pinning them, which would unshare them (engine/cow.py unpinned_runs)
+                    keep = cow.unpinned_runs(raw, v["start"], kind == "file")
             else:
                 runs = []
-            if runs:
+            if keep:
+                four = [[a, n, 0, 0] for a, n in runs]
+                rec["pages"] = sorted(dumper.add([r[:2] for r in cow.subtract(four, keep)]) +
+                                      dumper.add([r[:2] for r in cow.intersect(four, keep)], force_mem=True))
+            elif runs:
                 rec["pages"] = dumper.add(runs, force_mem=force_mem)
             rec["pages_bytes"] = sum(r[1] for r in rec["pages"]) * PAGE
             faults.point("dump.memory", kind)
@@ -538,7 +547,7 @@ def _survey_signals_and_restart(s: Survey, task: Task, state) -> None:
     except (libc.SysError, OSError) as e:
         s.refuse("pending signals", "signals", Refusal("unsupported-state", f"pending signals unreadable: {e}"))
         return
-    why = signals.problem(sigs) or _handler_problem(task, state, sigs)
+    why = signals.problem(sigs, (state or {}).get("posix_timers")) or _handler_problem(task, state, sigs)
     if why:
         s.refuse("pending signals", "signals", Refusal("unsupported-state", why))
     else:
@@ -566,7 +575,7 @@ def pending_signals(task: Task, state: dict) -> dict:
     committed (what arrives after that dies with the original, as for any
     process that is killed). Raises Refusal, SysError."""
     sigs = signals.collect(task)
-    why = signals.problem(sigs) or _handler_problem(task, state, sigs)
+    why = signals.problem(sigs, state.get("posix_timers")) or _handler_problem(task, state, sigs)
     if why:
         raise Refusal("unsupported-state", why, pid=task.pid)
     return sigs

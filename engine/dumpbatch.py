@@ -57,6 +57,8 @@ SI_QUEUE = -1
 SIGTRAP = int(_signal.SIGTRAP)
 MAP_PRIVATE, MAP_ANONYMOUS, MAP_FIXED_NOREPLACE = 0x02, 0x20, 0x100000
 PROT_RWX = 7
+_ENTRY_STRUCT = struct.Struct("<8Q")
+_PAD = [[0] * (6 - k) for k in range(7)]     # zero arguments after a step's own
 
 
 def usable(task, status: dict) -> int:
@@ -132,20 +134,24 @@ class Run:
         return True
 
     def _layout(self) -> bytes:
+        """The table (one entry a step, then the ending rt_tgsigqueueinfo),
+        the steps' zeroed out buffers and the siginfo, packed in place into
+        one buffer (made for every member of a tree: ~85 entries each)."""
         n = len(self.steps)
         table = self.area + PAGE
         out = table + (n + 1) * ENTRY
         info = out + n * OUT
-        arch = self.task.arch
-        raw = bytearray()
+        sys_ = self.task.arch.SYS
+        raw = bytearray((n + 1) * ENTRY + n * OUT + 128)
+        pack = _ENTRY_STRUCT.pack_into
         for i, (_, name, args, _, _) in enumerate(self.steps):
-            vals = [a & 0xFFFFFFFFFFFFFFFF for a in args(out + i * OUT)]
-            raw += struct.pack("<8Q", arch.SYS[name], *(vals + [0] * (6 - len(vals))), SENTINEL)
-        raw += struct.pack("<8Q", arch.SYS["rt_tgsigqueueinfo"], self.tgid, self.task.pid, self.sig, info, 0, 0,
-                           SENTINEL)
-        raw += b"\0" * (n * OUT)
+            a = [v & 0xFFFFFFFFFFFFFFFF for v in args(out + i * OUT)]
+            a += _PAD[len(a)]
+            pack(raw, i * ENTRY, sys_[name], a[0], a[1], a[2], a[3], a[4], a[5], SENTINEL)
+        pack(raw, n * ENTRY, sys_["rt_tgsigqueueinfo"], self.tgid, self.task.pid, self.sig, info, 0, 0, SENTINEL)
         # siginfo: signo, errno, code, (pad), si_pid, si_uid, si_value
-        raw += struct.pack("<iiiiIIQ", self.sig, 0, SI_QUEUE, 0, self.tgid, self.uid, self.cookie).ljust(128, b"\0")
+        struct.pack_into("<iiiiIIQ", raw, (n + 1) * ENTRY + n * OUT, self.sig, 0, SI_QUEUE, 0, self.tgid, self.uid,
+                         self.cookie)
         return bytes(raw)
 
     def start(self) -> None:

@@ -24,7 +24,7 @@ import os
 import stat
 TYPE_CHECKING = False   # annotations only: importing typing costs every run ~3 ms
 if TYPE_CHECKING:
-    from typing import Optional
+    from typing import List, Optional
 
 from . import digestcache, fstype, unlinked
 from .errors import EngineError, Refusal
@@ -449,7 +449,6 @@ def restore_ghost(rec: dict, ctx) -> int:
         made = unlinked.create_file([original_path(n) for n in names])
         gfd = made.pop(original_path(rec["name"]))
         aliases = {n: made[original_path(n)] for n in names[1:]}
-        ctx.shared.setdefault("_close_after_restore", []).extend(aliases.values())
     try:
         # the verified bytes (imagecheck.py: never the file reopened by path)
         data = memoryview(ctx.image.data(f"ghosts/{rec['ghost']}.data"))
@@ -479,11 +478,16 @@ def restore_ghost(rec: dict, ctx) -> int:
             # finish): their last close reports IN_CLOSE_WRITE, which the
             # process would read as a close of its own. Read-only ones
             # serve every later reopen.
-            gfd = _read_only(gfd)
-            aliases = {n: _read_only(a) for n, a in aliases.items()}
+            got = _read_only([gfd] + list(aliases.values()))
+            gfd, aliases = got[0], dict(zip(aliases, got[1:]))
     except BaseException:
-        os.close(gfd)
+        for fd in [gfd] + list(aliases.values()):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
         raise
+    ctx.shared.setdefault("_close_after_restore", []).extend(aliases.values())
     ctx.shared[key] = gfd
     for n, afd in aliases.items():
         ctx.shared[f"{key}:{n}"] = afd
@@ -497,13 +501,20 @@ def restore_ghost(rec: dict, ctx) -> int:
 OPEN_ONLY = os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_CLOEXEC | os.O_NOCTTY | getattr(os, "O_TMPFILE", 0o20200000)
 
 
-def _read_only(fd: int) -> int:
-    """A read-only description of the file behind `fd` instead of `fd` (closed)."""
+def _read_only(fds: List[int]) -> List[int]:
+    """Read-only descriptions of the files behind `fds` instead of them
+    (closed once every new one is open; on a failure they stay as they were)."""
+    new: List[int] = []
     try:
-        ro = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
-    finally:
+        for fd in fds:
+            new.append(os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC))
+    except BaseException:
+        for fd in new:
+            os.close(fd)
+        raise
+    for fd in fds:
         os.close(fd)
-    return ro
+    return new
 
 
 def reopen(fd: int, flags: int) -> int:

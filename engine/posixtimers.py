@@ -17,7 +17,11 @@ with the IDs the program holds in its memory:
   them; the ID each create returns is checked either way.
 They are armed last (arm()), with every signal blocked so a timer that
 fires before the process runs stays pending with its own siginfo instead of
-being caught by the tracer; finish puts the dumped signal mask back.
+being caught by the tracer; finish puts the dumped signal mask back. A
+fired one-shot timer whose signal was pending is set to an absolute time
+long past (fire_pending): it expires at once and its own signal is queued
+again, read back against the image's (engine/signals.py timer_pending
+says which pending timer signals can come back).
 
 A timer that notifies one thread (SIGEV_THREAD_ID; glibc's SIGEV_THREAD
 timers notify its helper thread so, as vim's do) is created once that
@@ -226,10 +230,64 @@ def create(b, timers: List[dict]) -> None:
 
 def arm(b, timers: List[dict]) -> None:
     """Arm the timers: the last thing before the registers go back. Every
-    signal stays blocked until then (Builder.finish sets the dumped mask)."""
+    signal stays blocked until then (Builder.finish sets the dumped mask).
+    A one-shot timer whose signal was pending is fired again (fire_pending)."""
     armed = [t for t in timers if t["spec"][2] or t["spec"][3]]
-    if not armed:
+    fired = pending_fired(b.job.core, b.pid)
+    if not armed and not fired:
         return
     ptrace.set_sigmask(b.pid, ALL_SIGNALS)
     for t in armed:
         b.call("timer_settime", t["id"], 0, b.put(ITIMERSPEC.pack(*t["spec"])), 0)
+    if fired:
+        fire_pending(b, timers, fired)
+
+
+SI_TIMER = -2
+TIMER_ABSTIME = 1
+SYS_PRIVATE = slice(32, 36)     # siginfo _timer._sys_private: the kernel's, cleared before user space sees it
+
+
+def pending_fired(core: dict, pid: int) -> dict:
+    """{timer ID: (queue, tid, raw siginfo)} of the SI_TIMER signals the
+    image has pending (engine/signals.py timer_pending let only a fired
+    one-shot timer's through)."""
+    out = {}
+    recs = [(pid, core.get("signals") or {})] + [(r["tid"], r.get("signals") or {}) for r in core.get("threads", [])]
+    for tid, sigs in recs:
+        for q in ("thread", "shared"):
+            for sig in sigs.get(q, []):
+                if sig.get("code") == SI_TIMER:
+                    out[sig["pid"]] = (q, tid, sig["raw"])
+    return out
+
+
+def fire_pending(b, timers: List[dict], fired: dict) -> None:
+    """Each fired one-shot timer set to an absolute time long past: it
+    expires at once and the kernel queues its own signal (the timer's
+    siginfo, dropped as the original's would be if the timer is set or
+    deleted before it is taken). Every signal is blocked; its queue is
+    then read back until the signal is there, and compared with the
+    image's siginfo. Raises EngineError."""
+    from . import signals
+    by_id = {t["id"]: t for t in timers}
+    for tid_ in sorted(fired):
+        t = by_id.get(tid_)
+        if t is None or any(t["spec"]):
+            raise EngineError(f"a pending signal of POSIX timer {tid_}, which is no fired one-shot timer", pid=b.pid)
+        b.call("timer_settime", tid_, TIMER_ABSTIME, b.put(ITIMERSPEC.pack(0, 0, 0, 1)), 0)
+    import time
+    deadline = time.monotonic() + 2.0
+    for tid_, (q, tid, raw) in sorted(fired.items()):
+        want = bytearray(bytes.fromhex(raw))
+        want[SYS_PRIVATE] = bytes(4)
+        while True:
+            got = [bytearray(r) for r in signals.peek(b.pid if q == "shared" else tid, q == "shared")]
+            for r in got:
+                r[SYS_PRIVATE] = bytes(4)
+            if bytes(want) in [bytes(r) for r in got]:
+                break
+            if time.monotonic() > deadline:
+                raise EngineError(f"POSIX timer {tid_} fired again did not queue its signal as it was "
+                                  f"(queue of {tid}: {[bytes(r[:32]).hex() for r in got]})", pid=b.pid)
+            time.sleep(0.001)

@@ -13,7 +13,7 @@ REASONS = {
                 "faulting or speculation control than the leader, or that does not share the fd table, "
                 "fs (cwd/umask/root), signal handlers or SysV semaphore undo list with it; seccomp strict mode "
                 "in a multi-threaded process, or threads whose filters a restore could not share as they are "
-                "(identical filters installed separately, or a sharing no probe can see); threads created "
+                "(a sharing no probe can see: another thread fails each probe first); threads created "
                 "faster than they can be frozen"),
     "process-tree": ("a process tree (the target and its descendants, dumped together) that cannot be rebuilt "
                      "as it is: a member in a session that is neither its own nor its parent's, a process group "

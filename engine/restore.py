@@ -493,6 +493,10 @@ def _run_restorer(job, builder=None) -> dict:
             from .profiling import run as profiled
             out = {"ok": True, "pid": profiled("restore", builder or build, job)}
             out["injected"] = dict(INJECTED)    # ptrace round trips, batched calls (engine/batch.py)
+            import sys
+            cow = sys.modules.get(__name__.rsplit(".", 1)[0] + ".cow")     # a tree's only: not imported for one process
+            if cow is not None and any(cow.STATS.values()):
+                out["cow"] = dict(cow.STATS)
         except Refusal as e:
             out = {"ok": False, "type": "refusal", **e.as_dict()}
             code = 3
@@ -622,6 +626,9 @@ def restore(directory: str, options: Options, pidfile: Optional[str] = None) -> 
         res["injected"] = out["injected"]
     if "members" in out:
         res["members"] = out["members"]
+    for k in ("cow_shared_bytes", "cow_rewritten_pages"):     # a tree's (engine/cow.py)
+        if k in out:
+            res[k] = out[k]
     return res
 
 

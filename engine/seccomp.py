@@ -203,19 +203,19 @@ def read_back(pid: int, tid: int, rec: dict) -> None:
 # seccomp_can_sync_threads), and otherwise returns the first thread (in
 # thread-list order) that is not.
 #
-# PTRACE_SECCOMP_GET_FILTER gives programs, not identities. The dump takes
-# the most sharing the contents allow (a trie: equal prefixes are one
-# chain) and checks every claim that could ever be observed - "thread B's
-# newest filter is on thread A's chain" - with a probe that cannot succeed:
-# a throwaway thread T cloned from A asks for TSYNC while a throwaway
-# sentinel S (created after every real thread, with a filter of its own)
-# is certain to fail the check; the kernel walks the threads in list
-# order, so T's result names the first real thread off A's chain, or S
-# when there is none, and nothing is attached or synchronised either way.
-# A claim contradicted (identical filters installed separately) or hidden
-# behind an expected failure is refused. The restore builds the trie:
-# each shared filter installed once, by one thread, and the threads that
-# share it cloned after it (engine/threads.py create).
+# PTRACE_SECCOMP_GET_FILTER gives programs, not identities. The dump
+# decides, for every pair whose programs allow it, what could ever be
+# observed - "thread B's newest filter is on thread A's chain" - with a
+# probe that cannot succeed: a throwaway thread T cloned from A asks for
+# TSYNC while a throwaway sentinel S (created after every real thread, with
+# a filter of its own) is certain to fail the check; the kernel walks the
+# threads in list order, so T's result names the first real thread off A's
+# chain, or S when there is none, and nothing is attached or synchronised
+# either way (share). Identical filters installed separately are told
+# apart so; a pair hidden behind another thread's failure in every probe
+# is refused. The restore builds what was learnt: each shared filter
+# installed once, by one thread, and the threads that share it cloned
+# after it (plan; engine/threads.py create).
 
 SECCOMP_FILTER_FLAG_TSYNC = 1
 SECCOMP_RET_ALLOW = 0x7FFF0000
@@ -236,17 +236,6 @@ def _key(rec: dict) -> tuple:
     return tuple((f["prog"], f["flags"]) for f in rec["filters"]) if rec and rec["mode"] == 2 else ()
 
 
-def assign_nodes(recs: dict) -> None:
-    """Give every filter of `recs` ({tid: seccomp record}) a "node": equal
-    prefixes of the chains get the same numbers (the most sharing their
-    contents allow)."""
-    ids: dict = {}
-    for tid in sorted(recs):
-        key = _key(recs[tid])
-        for i, f in enumerate(recs[tid]["filters"]):
-            f["node"] = ids.setdefault(key[:i + 1], len(ids))
-
-
 def _on_chain(recs: dict, a: int, b: int) -> bool:
     """The node numbers say: b's newest filter is on a's chain (b filtered)."""
     fb = recs[b]["filters"]
@@ -254,20 +243,92 @@ def _on_chain(recs: dict, a: int, b: int) -> bool:
 
 
 def share(tasks: dict, recs: dict, order: List[int], scratch: int) -> int:
-    """Dump: number the filters of every thread (assign_nodes) and check
-    each observable sharing claim with probes (see above). `tasks`: {tid:
-    frozen Task, seccomp suspended}; `recs`: {tid: seccomp record};
-    `order`: the thread list order (/proc/PID/task); `scratch`: PROBE_BYTES
-    of writable memory of the process. Returns the number of probes run.
-    Raises Refusal."""
-    assign_nodes(recs)
-    return check_sharing(tasks, recs, order, scratch)
+    """Dump: which filters the threads share, learnt by probes (see above),
+    written as the filters' "node" numbers. `tasks`: {tid: frozen Task,
+    seccomp suspended}; `recs`: {tid: seccomp record}; `order`: the thread
+    list order (/proc/PID/task); `scratch`: PROBE_BYTES of writable memory
+    of the process. Returns the number of probes run. Raises Refusal when
+    a pair of threads whose programs allow sharing stays undecided.
+
+    Every pair (A, B) where B's chain of programs is a prefix of A's must
+    be decided: does B's newest filter sit on A's chain? A probe from A
+    answers yes for every thread before the first it names, no for that
+    one. A yes makes their first filters one object each (a union of
+    positions: thread, depth); a no keeps two positions apart, and with
+    them their descendants. Positions never joined are filters nobody can
+    tell shared or not (nobody's newest): each is its own."""
+    live = [t for t in order if t in recs]
+    if any(recs[t]["mode"] == 1 for t in live):
+        raise Refusal("threads", "seccomp strict mode in a multi-threaded process is not restored",
+                      pid=live[0] if live else None)
+    filtered = [t for t in live if recs[t]["mode"] == 2]
+    key = {t: _key(recs[t]) for t in filtered}
+    depth = {t: len(key[t]) for t in filtered}
+    pairs = [(a, b) for a in filtered for b in filtered if a != b and key[a][:depth[b]] == key[b]]
+    parent: dict = {}
+
+    def find(pos):
+        while parent.get(pos, pos) != pos:
+            pos = parent[pos]
+        return pos
+
+    def join(a, b, d):
+        for k in range(1, d + 1):
+            ra, rb = find((a, k)), find((b, k))
+            if ra != rb:
+                parent[ra] = rb
+    apart = []      # (depth, a, b): a's and b's filters at that depth are two objects
+
+    def decided(a, b) -> bool:
+        if find((a, depth[b])) == find((b, depth[b])):
+            return True
+        for d, x, y in apart:
+            if d <= depth[b] and {find((a, d)), find((b, d))} == {find((x, d)), find((y, d))}:
+                return True
+        return False
+    probes = 0
+    blocker: dict = {}
+    for a in sorted(filtered, key=lambda t: (-depth[t], live.index(t))):
+        if all(decided(a, b) for x, b in pairs if x == a):
+            continue
+        first = blocker[a] = probe(tasks[a], scratch)
+        probes += 1
+        if first is not None and first not in recs:
+            raise Refusal("threads", f"seccomp probe from thread {a} named thread {first}, not one of the "
+                          "process's", pid=a)
+        for b in live:
+            if b == a:
+                continue
+            if b == first:
+                break
+            if b in depth:      # passed: its newest filter is on a's chain
+                if key[a][:depth[b]] != key[b]:
+                    raise Refusal("threads", f"seccomp: thread {b}'s filters pass thread {a}'s TSYNC check "
+                                  "though their programs differ", pid=a)
+                join(a, b, depth[b])
+        if first in depth and key[a][:depth[first]] == key[first]:
+            apart.append((depth[first], a, first))
+    for d, x, y in apart:
+        if find((x, d)) == find((y, d)):
+            raise Refusal("threads", f"seccomp: the probes contradict each other about threads {x} and {y}",
+                          pid=x)
+    hidden = sorted({(a, b) for a, b in pairs if not decided(a, b)})
+    if hidden:
+        a = hidden[0][0]
+        raise Refusal("threads", f"seccomp: whether thread(s) {', '.join(str(b) for x, b in hidden if x == a)} "
+                      f"share thread {a}'s filters cannot be told (thread {blocker.get(a)} fails its TSYNC "
+                      "check first)", pid=a)
+    ids: dict = {}
+    for t in filtered:
+        for k, f in enumerate(recs[t]["filters"], 1):
+            f["node"] = ids.setdefault(find((t, k)), len(ids))
+    return probes
 
 
 def check_sharing(tasks: dict, recs: dict, order: List[int], scratch: int, hidden_ok: bool = False) -> int:
-    """share() for records already numbered: the dump's check, and the
-    restore's reading back of what it built (`hidden_ok`: a claim no probe
-    reaches in the new thread order is left to the construction)."""
+    """The restore's reading back of what it built: the probes' answers
+    against the sharing the "node" numbers state (`hidden_ok`: a pair no
+    probe reaches in the new thread order is left to the construction)."""
     live = [t for t in order if t in recs]
     filtered = [t for t in live if recs[t]["mode"] == 2]
     if any(recs[t]["mode"] == 1 for t in live):
@@ -276,7 +337,7 @@ def check_sharing(tasks: dict, recs: dict, order: List[int], scratch: int, hidde
     pos = {t: i for i, t in enumerate(filtered)}
     n = len(filtered)
     # known[i]: bit j set when "filtered[j]'s newest is on filtered[i]'s
-    # chain" has been seen true; claims are the pairs the trie says true.
+    # chain" has been seen true; claims are the pairs the numbers say true.
     claims = [sum(1 << pos[b] for b in filtered if b != a and _on_chain(recs, a, b)) for a in filtered]
     known = [0] * n
     probes = 0
@@ -302,13 +363,12 @@ def check_sharing(tasks: dict, recs: dict, order: List[int], scratch: int, hidde
             if b in pos:      # passed: its newest filter is on a's chain
                 if not claims[i] >> pos[b] & 1:
                     raise Refusal("threads", f"seccomp: thread {b}'s filters pass thread {a}'s TSYNC check "
-                                  "though their programs differ", pid=a)
+                                  "though the image has them apart", pid=a)
                 known[i] |= 1 << pos[b]
         if first is not None:
             if first in pos and claims[i] >> pos[first] & 1:
-                raise Refusal("threads", f"seccomp: threads {a} and {first} hold identical filter programs that "
-                              "they do not share (installed separately): a restore cannot tell them apart "
-                              "from shared ones", pid=a)
+                raise Refusal("threads", f"seccomp: thread {first}'s filters fail thread {a}'s TSYNC check "
+                              "though the image has them shared", pid=a)
         _close(known, [depth[t] for t in filtered])
     for a in filtered if not hidden_ok else ():
         i = pos[a]

@@ -148,16 +148,44 @@ def collect(task) -> dict:
     return out
 
 
-def problem(sigs: dict) -> Optional[str]:
-    """Why these pending signals cannot be restored exactly, or None."""
+def problem(sigs: dict, timers=None) -> Optional[str]:
+    """Why these pending signals cannot be restored exactly, or None.
+    `timers`: the process's POSIX timers (engine/posixtimers.py), whose
+    pending signals may be restorable (timer_pending)."""
     for q in QUEUES:
         for s in sigs[q]:
             if s["code"] == SI_TIMER:
-                # Queued again it would be a plain signal: the restored
-                # timer would queue a second one instead of counting an
-                # overrun, and timer_getoverrun() would differ.
-                return (f"signal {s['signo']} of a POSIX timer is pending: the expiries its timer counts "
-                        "while it waits (si_overrun) cannot be read without taking it")
+                why = timer_pending(s, q, sigs[q], timers or [])
+                if why:
+                    return f"signal {s['signo']} of POSIX timer {s['pid']} is pending: {why}"
+    return None
+
+
+def timer_pending(s: dict, q: str, queue: list, timers: list) -> Optional[str]:
+    """Why the pending SI_TIMER signal `s` (in queue `q`, among `queue`)
+    cannot come back, or None. It can when its timer is a one-shot that
+    has fired (interval and remaining time 0): the restore fires the
+    recreated timer again at once (posixtimers.arm), and the kernel queues
+    the very same signal, the timer's own. Queued again by hand it would be
+    a plain signal (the timer could queue a second one; the kernel would not
+    drop it when the timer is set again). A periodic timer counts the
+    expiries it misses while its signal waits (the signal's si_overrun once
+    taken), and that count cannot be read without taking it."""
+    t = next((t for t in timers if t["id"] == s["pid"]), None)   # si_tid: the timer's ID
+    if t is None:
+        return "no such timer (deleted since it fired)"
+    if t["spec"][0] or t["spec"][1]:
+        return ("the timer is periodic: the expiries it counts while its signal waits (si_overrun) cannot "
+                "be read without taking the signal")
+    if t["spec"][2] or t["spec"][3]:
+        return "the timer was set again since"
+    if (t["signo"], t["value"]) != (s["signo"], s["value"]) or t["notify"] != "signal" \
+            or (q == "thread") != bool(t["tid"]):
+        return "its siginfo is not the timer's"
+    if s["uid"]:        # si_overrun
+        return f"it carries an overrun count of {s['uid']}"
+    if sum(1 for o in queue if o["signo"] == s["signo"]) > 1:
+        return "another signal of its number is queued with it (their order would change)"
     return None
 
 
@@ -262,7 +290,9 @@ def requeue(task, put, rec: dict) -> int:
     for q in QUEUES:
         for s in rec.get(q, []):
             raw = bytes.fromhex(s["raw"])
-            signo = struct.unpack_from("<i", raw)[0]
+            signo, _, code = struct.unpack_from("<iii", raw)
+            if code == SI_TIMER:
+                continue        # its timer queues it again (posixtimers.arm)
             addr = put(raw)
             # A task may queue any siginfo to itself only: each thread's own
             # queue is refilled from inside that thread (tgid, its tid).

@@ -603,7 +603,8 @@ def pending(task: Task, rec: dict, state: Optional[dict]) -> dict:
     """The thread's own pending queue (the shared one is the leader's
     record). Raises Refusal, SysError."""
     from .dump import pending_signals
-    view = {"sigmask": rec["sigmask"], "sigactions": (state or {}).get("sigactions", {})}
+    view = {"sigmask": rec["sigmask"], "sigactions": (state or {}).get("sigactions", {}),
+            "posix_timers": (state or {}).get("posix_timers", [])}
     sigs = pending_signals(task, view)
     return {"thread": sigs["thread"], "shared": []}
 

@@ -258,8 +258,12 @@ def restore_tree(reader, options, pidfile: Optional[str], t0: float) -> dict:
             s.close()
     if pidfile:
         single.write_pidfile(pidfile, out["pid"])
+    cow_stats = out.get("cow") or {}
     return {"pid": out["pid"], "members": len(members), "restore_ms": round((time.monotonic() - t0) * 1000, 2),
-            "injected": out.get("injected")}
+            "injected": out.get("injected"),
+            # pages shared copy-on-write kept shared (engine/cow.py); those marked that differed: written
+            "cow_shared_bytes": cow_stats.get("shared_pages", 0) * PAGE,
+            "cow_rewritten_pages": cow_stats.get("rewritten_pages", 0)}
 
 
 # -- in the restorer ---------------------------------------------------------------

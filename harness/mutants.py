@@ -819,10 +819,11 @@ def m_clobber_thread_regs(img: Image) -> str:
     the leader (x86_64 rbx, rbp, r12-r15; aarch64 x19-x28) come back as
     zeros: an engine that gives a thread its stack pointer, PC and thread
     pointer only. The last such thread."""
-    core = img.json("core.json")
-    ts = core.get("threads") or []
-    if not ts:
-        raise NoTarget("a single-threaded process")
+    found = _threaded(img)
+    if not found:
+        raise NoTarget("no process with threads besides its leader")
+    d, core = found[0]
+    ts = core["threads"]
     regs = ts[-1]["regs"]
     names = next((v for k, v in CALLEE_SAVED.items() if k in regs), None)
     if names is None:
@@ -832,7 +833,7 @@ def m_clobber_thread_regs(img: Image) -> str:
         raise NoTarget("its callee-saved registers are already zero")
     for n in names:
         regs[n] = 0
-    img.put_json("core.json")
+    img.put_json(d + "core.json")
     return f"thread {ts[-1]['tid']}: {', '.join(sorted(old))} -> 0"
 
 
@@ -866,6 +867,51 @@ def m_reset_thread_fpu(img: Image) -> str:
     return "FPU control reset: " + ", ".join(what)
 
 
+XMM_OFF, XMM_LEN = 160, 256          # XMM0-15 in the XSAVE area's legacy region
+YMMH_OFF, YMMH_LEN = 576, 256        # their upper halves (YMM_Hi128), the first extended component
+
+
+def _threaded(img: Image) -> List[Tuple[str, dict]]:
+    """(image dir, core.json) of the dumped process and of every tree
+    member that has threads besides its leader, root first."""
+    dirs = [""] + [m["dir"] for m in _members(img)[1:] if m.get("dir") and not m.get("zombie")]
+    out = []
+    for d in dirs:
+        if d + "core.json" in img.manifest["files"] and img.json(d + "core.json").get("threads"):
+            out.append((d, img.json(d + "core.json")))
+    return out
+
+
+def m_zero_thread_vectors(img: Image) -> str:
+    """The vector registers (XMM0-15 and their AVX upper halves) of every
+    thread but the leader come back as zeros, their control state kept: an
+    engine that gives threads an FPU state of their own but not its
+    contents."""
+    import struct
+    from engine.threads import XSTATE_FILE
+    what = []
+    for d, core in _threaded(img):
+        if "fs_base" not in core.get("regs", {}):
+            raise NoTarget("no x86_64 FPU state in the image")
+        data, off, hit = bytearray(img.read(d + XSTATE_FILE)), 0, False
+        for r in core["threads"]:
+            size = r["xstate_size"]
+            spans = [(XMM_OFF, XMM_LEN)]
+            if size >= YMMH_OFF + YMMH_LEN and struct.unpack_from("<Q", data, off + 512)[0] & 4:
+                spans.append((YMMH_OFF, YMMH_LEN))
+            if any(any(data[off + a:off + a + n]) for a, n in spans):
+                for a, n in spans:
+                    data[off + a:off + a + n] = bytes(n)
+                what.append(str(r["tid"]))
+                hit = True
+            off += size
+        if hit:
+            img.write(d + XSTATE_FILE, bytes(data))
+    if not what:
+        raise NoTarget("no thread besides a leader with vector registers in use")
+    return "vector registers zeroed in threads " + ", ".join(what)
+
+
 def m_pending_to_thread(img: Image) -> str:
     """The signals pending for the whole process (its shared queue) come
     back pending for the leader alone: the same signals, the same values,
@@ -880,6 +926,21 @@ def m_pending_to_thread(img: Image) -> str:
     sig["shared"] = []
     img.put_json("core.json")
     return f"{len(moved)} process-wide pending signal(s) ({sorted({s.get('signo') for s in moved})}) -> the leader's queue"
+
+
+def m_pending_to_process(img: Image) -> str:
+    """The signals pending for the leader alone (its own queue: tgkill,
+    pthread_kill) come back pending for the whole process: any thread may
+    take them now, and /proc's SigPnd and ShdPnd tell."""
+    core = img.json("core.json")
+    sig = core.get("signals") or {}
+    if not sig.get("thread"):
+        raise NoTarget("no signal pending for the leader alone")
+    moved = sig["thread"]
+    sig["shared"] = list(sig.get("shared") or []) + moved
+    sig["thread"] = []
+    img.put_json("core.json")
+    return f"{len(moved)} signal(s) pending for the leader ({sorted({s.get('signo') for s in moved})}) -> process-wide"
 
 
 def _mem_at(img: Image, addr: int) -> Tuple[str, int]:
@@ -989,6 +1050,21 @@ def m_regroup_tree_child(img: Image) -> str:
     core["session"]["pgid"] = m["pid"]
     img.put_json(m["dir"] + "core.json")
     return f"member {m['pid']}: process group {old} -> {m['pid']} (its own)"
+
+
+def m_resession_tree_child(img: Image) -> str:
+    """A child in its parent's session comes back leading a session (and a
+    group) of its own (setsid): out of its parent's job control and
+    terminal."""
+    tree, m = _tree_child(img, lambda m, root: not m.get("zombie") and m["sid"] != m["pid"],
+                          "no live tree child in another's session")
+    old = (m["sid"], m["pgid"])
+    m["sid"] = m["pgid"] = m["pid"]
+    img.put_json("tree.json")
+    core = img.json(m["dir"] + "core.json")
+    core["session"].update(sid=m["pid"], pgid=m["pid"])
+    img.put_json(m["dir"] + "core.json")
+    return f"member {m['pid']}: (session, group) {old} -> its own"
 
 
 def m_tree_exit_signal(img: Image) -> str:
@@ -1215,6 +1291,35 @@ def m_lose_thread_tid_address(img: Image) -> str:
     return f"threads {[t['tid'] for t in ts]}: clear_child_tid -> none"
 
 
+def m_drop_udp_datagram(img: Image) -> str:
+    """The last datagram queued on a UDP socket is not queued again."""
+    fds = img.json("fds.json")
+    r = _first(_leaders(fds), lambda r: str(r.get("sock", "")).startswith("udp") and r.get("msgs") and r.get("data"),
+               "no UDP socket with datagrams queued")
+    m = r["msgs"].pop()
+    data = img.read(r["data"])
+    img.write(r["data"], data[:len(data) - m["len"]])
+    img.put_json("fds.json")
+    return f"udp fd {r['fd']}: its last queued datagram ({m['len']} bytes from {m.get('src')}) dropped"
+
+
+ECHO, LFLAG_OFF = 0o10, 12          # struct termios(2): c_iflag, c_oflag, c_cflag, c_lflag (u32 each)
+
+
+def m_flip_termios_echo(img: Image) -> str:
+    """A pty pair comes back with ECHO flipped in its termios: typed
+    characters echoed that were not, or not that were."""
+    import struct
+    fds = img.json("fds.json")
+    r = _first(_leaders(fds), lambda r: r.get("tty") == "master" and r.get("termios"), "no pty master with termios")
+    t = bytearray(bytes.fromhex(r["termios"]))
+    lflag = struct.unpack_from("<I", t, LFLAG_OFF)[0]
+    struct.pack_into("<I", t, LFLAG_OFF, lflag ^ ECHO)
+    r["termios"] = t.hex()
+    img.put_json("fds.json")
+    return f"pty {r.get('index')}: ECHO {'on -> off' if lflag & ECHO else 'off -> on'}"
+
+
 def m_drop_fd(img: Image) -> str:
     """The highest-numbered fd is not restored (a kind an engine skips)."""
     fds = img.json("fds.json")
@@ -1274,7 +1379,11 @@ EDITS: Dict[str, Tuple[Callable[[Image], str], str]] = {
     "clobber-thread-regs": (m_clobber_thread_regs, "a thread besides the leader loses its callee-saved registers"),
     "reset-thread-fpu": (m_reset_thread_fpu, "the threads besides the leader lose their FPU control state "
                          "(rounding, exception masks)"),
+    "zero-thread-vectors": (m_zero_thread_vectors, "the threads besides the leader lose their vector registers' "
+                            "contents"),
     "pending-to-thread": (m_pending_to_thread, "process-wide pending signals come back pending for the leader only"),
+    "pending-to-process": (m_pending_to_process, "signals pending for the leader alone come back pending "
+                           "for the process"),
     "corrupt-environ": (m_corrupt_environ, "one character of the environment strings changes"),
     "reset-personality": (m_reset_personality, "the personality comes back as 0"),
     "reset-timer-slack": (m_reset_timer_slack, "the timer slack comes back as its default"),
@@ -1282,6 +1391,7 @@ EDITS: Dict[str, Tuple[Callable[[Image], str], str]] = {
     "reset-dumpable": (m_reset_dumpable, "a non-dumpable process comes back dumpable"),
     "lose-rseq": (m_lose_rseq, "the leader's rseq area is not registered again"),
     "regroup-tree-child": (m_regroup_tree_child, "a tree child comes back leading a process group of its own"),
+    "resession-tree-child": (m_resession_tree_child, "a tree child comes back leading a session of its own"),
     "tree-exit-signal": (m_tree_exit_signal, "a tree child comes back with SIGURG as its exit signal"),
     "drop-fd": (m_drop_fd, "the highest-numbered fd is not restored"),
     "drop-madvise": (m_drop_madvise, "one mapping loses one madvise advice (VmFlags dc, dd, wf, hg, nh)"),
@@ -1298,6 +1408,8 @@ EDITS: Dict[str, Tuple[Callable[[Image], str], str]] = {
     "lose-thread-robust-list": (m_lose_thread_robust_list, "a thread besides the leader loses its robust futex list"),
     "lose-thread-tid-address": (m_lose_thread_tid_address, "the threads besides the leader lose their "
                                 "clear_child_tid"),
+    "drop-udp-datagram": (m_drop_udp_datagram, "one queued UDP datagram dropped"),
+    "flip-termios-echo": (m_flip_termios_echo, "a pty comes back with ECHO flipped in its termios"),
     "merge-open-files": (m_merge_open_files, "two separate opens of one file come back as one shared open file"),
 }
 
@@ -1601,10 +1713,14 @@ CAUGHT_BY: Dict[str, str] = {
     "lose-sigaltstack": "workload.process.altstack: the process reads its sigaltstack back (process/altstack)",
     "eintr-not-restart": "a thread blocked in a raw read(2) that must not fail (threads/blocked, fp-round, "
                          "leave-running: Python's own calls retry an EINTR); the raw reads of threads/signal-over-call",
-    "clobber-thread-regs": "the thread crashing, or its call returning to a caller whose state is gone (threads/*)",
+    "clobber-thread-regs": "a thread holding nine registers across its read(2) compares them after "
+                           "(threads/registers); the thread crashing (threads/*)",
     "reset-thread-fpu": "each thread's rounding mode and 1/3 after the restore (threads/fp-round)",
+    "zero-thread-vectors": "a thread holding xmm8 across its read(2) compares it after (threads/registers)",
     "pending-to-thread": "ShdPnd and each thread's SigPnd compared from outside (process/pending-signals, "
                          "threads/masks)",
+    "pending-to-process": "SigPnd and ShdPnd compared from outside (process/pending-signals: one sent to the "
+                          "main thread alone)",
     "corrupt-environ": "/proc/PID/environ compared from outside (every scenario)",
     "reset-personality": "/proc/PID/personality compared from outside; the process reads it back (process/attrs)",
     "reset-timer-slack": "/proc/PID/timerslack_ns compared from outside; the process reads it back (process/attrs)",
@@ -1613,6 +1729,7 @@ CAUGHT_BY: Dict[str, str] = {
     "lose-rseq": "the process asks the kernel whether its rseq area is still registered (every scenario: glibc "
                  "registers one per thread)",
     "regroup-tree-child": "every child's process group checked by the parent (tree/children); stat.pgrp compared",
+    "resession-tree-child": "every child's session and group checked by its parent (tree/*)",
     "tree-exit-signal": "the parent's waitpid() collects every child's exit status (tree/*)",
     "drop-fd": "the open fds listed by the process and every fd compared from outside (every scenario)",
     "merge-open-files": "each fd's offset; two opens of one file proved independent by moving one "
@@ -1632,6 +1749,8 @@ CAUGHT_BY: Dict[str, str] = {
     "rename-process": "comm and Name compared from outside (every scenario)",
     "lose-thread-robust-list": "each thread's robust list head read from outside (get_robust_list: threads/*)",
     "lose-thread-tid-address": "each thread reads its clear_child_tid back (PR_GET_TID_ADDRESS: threads/*)",
+    "drop-udp-datagram": "the UDP receive queue drained and compared datagram by datagram (socket/udp*)",
+    "flip-termios-echo": "the pty's termios read back by the workload (tty/*)",
     "drop-madvise": "each mapping's madvise advice (smaps VmFlags dc, dd, wf, hg, nh) compared from outside "
                     "(mmap/advice)",
 }

@@ -8,6 +8,7 @@ returns a :class:`Result`; :func:`judge` says whether it meets ``expect``.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -31,6 +32,10 @@ ORIGINAL_EXIT_S = 10.0
 #: enough that a fresh start's counter (0) cannot pass for it
 QUIET_TICKS = 2
 DEFAULT_TIMEOUTS = {"setup": 60, "ready": 30, "dump": 120, "between": 60, "restore": 120, "verify": 30}
+
+#: characters: an argument up to this long goes to the guest in a step's
+#: argv (well under MAX_ARG_STRLEN, 128 KiB, for the targets that exec it)
+INLINE_ARG_MAX = 64 << 10
 
 #: where a workload to be restored on another guest starts its PIDs (above any
 #: kernel thread a young guest makes; below the smallest pid_max, 32768)
@@ -204,15 +209,20 @@ class Run:
             raise HarnessError(f"{what} failed (exit {r.rc})", step=step, detail=(r.stderr or r.stdout)[-3000:])
         return r
 
-    def world(self, t: Target, phase: str, digest: Optional[str] = None, pid: Optional[int] = None) -> dict:
+    def world(self, t: Target, phase: str, digest: Optional[str] = None, pid: Optional[int] = None,
+              witness: bool = False) -> dict:
         """Run one phase of world steps on ``t``; optionally report the image's
-        digest (after the steps) and the state of ``pid`` (before them)."""
+        digest (after the steps), the state of ``pid`` (before them) and the
+        witness's counter (:meth:`witness`, read in the same request)."""
         p = self.paths(t)
         argv = t.script("world.py") + ["apply", p["spec"], phase]
         if digest:
             argv += ["--digest", digest]
         if pid is not None:
             argv += ["--pid", str(pid)]
+        name = (self.ready.get("proof") or {}).get("witness") if witness else None
+        if name:
+            argv += ["--witness", f"{p['ctldir']}/{name}"]
         r = self.need(self.cmd(t, argv, phase, "setup" if phase in ("setup", "before_dump") else "between"),
                       phase, f"{phase} steps")
         return _json_or_none(r.stdout) or {}
@@ -225,14 +235,25 @@ class Run:
         finally:
             self.res.timings["setup"] = round(self.res.timings.get("setup", 0) + time.monotonic() - t0, 3)
 
-    def workload(self, t: Target, pid: int, step: str, phases: Optional[List[str]] = None) -> dict:
+    def workload(self, t: Target, pid: int, step: str, phases: Optional[List[str]] = None,
+                 restored: bool = False) -> dict:
         """Snapshot ``pid`` from outside, then SIGUSR1 it and collect its
-        verdict (and whether it lives). ``phases``: which checks it runs."""
+        verdict (and whether it lives). ``phases``: which checks it runs.
+        ``restored``: first put the ready file back (a fresh start rewrites
+        it) and read the restore's pidfile (``pidfile``), in the same
+        request: two agent requests fewer."""
         p = self.paths(t)
         argv = t.script("workload.py") + ["signal", str(pid), p["verdict"], str(self.timeout("verify", t)),
                                           "--snap", json.dumps(self.ready.get("proof") or {})]
         if phases:
             argv += ["--phases", ",".join(phases)]
+        if restored:
+            ready = base64.b64encode(self.ready_bytes).decode()
+            if len(ready) <= INLINE_ARG_MAX:
+                argv += ["--ready", p["ready"], "--ready-b64", ready]
+            else:
+                t.put_bytes(self.ready_bytes, p["ready"])
+            argv += ["--pidfile", p["pidfile"]]
         r = self.need(self.cmd(t, argv, step, "verify"), step, "signal the workload")
         return json.loads(r.stdout)
 
@@ -376,10 +397,10 @@ class Run:
             self.taken = w["pid"] if w["pid"]["exists"] and not w["pid"]["workload"] else None
         else:
             rt = t
-            w = self.world(rt, "between", digest=self.paths(rt)["img"], pid=pid)
+            w = self.world(rt, "between", digest=self.paths(rt)["img"], pid=pid, witness=lower is None)
             st = w["pid"]
             if lower is None:
-                lower = self.witness(t)
+                lower = w.get("witness")
         if st["exists"]:
             self.pids.append(pid)
             return self._crashed("dump", f"the original (pid {pid}) still runs after the dump "
@@ -398,32 +419,34 @@ class Run:
         if rr.status == "refused":
             return self._refused_at_restore(rt, pid, rr, digest)
         self.pids.append(pid)
-        # Proof of continuation, part 1: the dumped PID, whatever the engine says.
-        for what, got in (("the engine reported", rr.pid), ("the pidfile holds", _pidfile(rt, rp["pidfile"]))):
-            if got is not None and got != pid:
-                self.pids.append(got)
-                self.res.outside.append({"fd": None, "what": f"proof: pid ({what})", "expected": pid, "got": got,
-                                         "ok": False})
         if migrate and seg:
             # As a migration tool would once the address has moved: lift the
             # dump's network lock and the hold on the dump guest, so the
             # staying client's segments leave it for the restore guest.
             self.need(self.cmd(t, segment.unlock(getattr(t, "python", "python3")), "restore", "verify"),
                       "restore", "lift the dump guest's network lock")
-        rt.put_bytes(self.ready_bytes, rp["ready"])
-        self._verify(rt, pid, "verify", None, lower=lower, migrate=migrate)
+        self._verify(rt, pid, "verify", None, lower=lower, migrate=migrate, restored=rr)
 
     def _crashed(self, step: str, detail: str) -> None:
         self.res.outcome, self.res.step, self.res.detail = "crashed", step, detail
 
     def _verify(self, t: Target, pid: int, step: str, phases: Optional[List[str]], note: str = "",
-                lower: Optional[int] = None, migrate: bool = False) -> None:
+                lower: Optional[int] = None, migrate: bool = False,
+                restored: Optional[engines_mod.EngineResult] = None) -> None:
         """Have ``pid`` check itself, after the harness's own look from outside:
         the state diff against the snapshot before the dump, and the proof
-        that it is the dumped process (its secret, its counter)."""
+        that it is the dumped process (its secret, its counter). ``restored``:
+        the restore's result; the PID it and the pidfile name are checked too."""
         res = self.res
         res.step = step
-        w = self.workload(t, pid, step, phases)
+        w = self.workload(t, pid, step, phases, restored=restored is not None)
+        if restored is not None:
+            # Proof of continuation, part 1: the dumped PID, whatever the engine says.
+            for what, got in (("the engine reported", restored.pid), ("the pidfile holds", _int(w.get("pidfile")))):
+                if got is not None and got != pid:
+                    self.pids.append(got)
+                    res.outside.append({"fd": None, "what": f"proof: pid ({what})", "expected": pid, "got": got,
+                                        "ok": False})
         snap = w.get("snap") or {}
         res.verdict = w.get("verdict")
         if not snap:
@@ -596,8 +619,15 @@ def _json_or_none(text: str) -> Optional[Any]:
 
 def _pidfile(t: Target, path: str) -> Optional[int]:
     try:
-        return int(t.get_bytes(path).decode().strip())
+        return _int(t.get_bytes(path).decode())
     except Exception:
+        return None
+
+
+def _int(text: Optional[str]) -> Optional[int]:
+    try:
+        return int(str(text).strip()) if text is not None else None
+    except ValueError:
         return None
 
 

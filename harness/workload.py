@@ -715,12 +715,25 @@ def pidstate_after_exit(pid: int, seconds: float) -> dict:
 
 
 def send_and_wait(pid: int, verdict_path: str, seconds: float, snap: Optional[dict] = None,
-                  phases: Optional[List[str]] = None) -> dict:
+                  phases: Optional[List[str]] = None, ready: Optional[Tuple[str, bytes]] = None,
+                  pidfile: Optional[str] = None) -> dict:
     """SIGUSR1 to ``pid`` and wait for its verdict; reports whether it lives.
     With ``snap`` (the published proof addresses), first take the harness's
-    snapshot of the process from outside, before it runs its checks."""
+    snapshot of the process from outside, before it runs its checks.
+    First (the harness's requests of their own before): ``ready`` (path,
+    bytes) written, ``pidfile`` read (its text as ``pidfile``, None if
+    there is none)."""
     import json
     out: Dict[str, Any] = {}
+    if ready is not None:
+        with open(ready[0], "wb") as f:
+            f.write(ready[1])
+    if pidfile is not None:
+        try:
+            with open(pidfile) as f:
+                out["pidfile"] = f.read()
+        except (OSError, ValueError):
+            out["pidfile"] = None
     if snap is not None:
         out["snap"] = _sibling("procstate").quiet_snapshot(pid, snap)
     request = os.path.join(os.path.dirname(verdict_path), REQUEST)
@@ -792,7 +805,12 @@ def main(argv: List[str]) -> int:
         opts = dict(zip(argv[4::2], argv[5::2]))
         snap = json.loads(opts["--snap"]) if "--snap" in opts else None
         phases = opts["--phases"].split(",") if "--phases" in opts else None
-        print(json.dumps(send_and_wait(int(argv[1]), argv[2], float(argv[3]), snap, phases)))
+        ready = None
+        if "--ready" in opts:
+            import base64
+            ready = (opts["--ready"], base64.b64decode(opts["--ready-b64"]))
+        print(json.dumps(send_and_wait(int(argv[1]), argv[2], float(argv[3]), snap, phases, ready=ready,
+                                       pidfile=opts.get("--pidfile"))))
         return 0
     if cmd == "snap" and len(argv) == 3:
         print(json.dumps(_sibling("procstate").quiet_snapshot(int(argv[1]), json.loads(argv[2]))))

@@ -3,7 +3,7 @@
 Runs in the guest (stdlib only, Python >= 3.9), both as a module of the
 ``harness`` package and as a script::
 
-    python3 world.py apply SPEC.json PHASE [--digest DIR] [--pid PID]
+    python3 world.py apply SPEC.json PHASE [--digest DIR] [--pid PID] [--witness FILE]
     python3 world.py digest DIR               # md5 of every file under DIR
 
 Each step is ``{op: {args}}`` with paths relative to the scenario's work dir.
@@ -394,6 +394,12 @@ def _main(argv: List[str]) -> int:
         if "--digest" in opts:
             d = opts["--digest"]
             out["digest"] = digest_tree(d) if os.path.isdir(d) else None
+        if "--witness" in opts:     # the workload's witness: its counter at its last tick
+            try:
+                with open(opts["--witness"], "rb") as f:
+                    out["witness"] = int.from_bytes(f.read(8), "little")
+            except OSError:
+                out["witness"] = None
         print(json.dumps(out))
         return 0
     if len(argv) == 2 and argv[0] == "digest":

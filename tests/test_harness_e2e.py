@@ -4,6 +4,7 @@ outcome *and* that nothing was left running."""
 
 from __future__ import annotations
 
+import base64
 import json
 import textwrap
 from pathlib import Path
@@ -44,31 +45,51 @@ def test_restored_with_same_pid_and_every_check(target):
 
 def test_the_ready_file_is_kept_from_spawns_line_not_fetched_again():
     """spawn --ready-file sends the ready file's bytes on its line: the
-    runner keeps those (its copy, put back before the check) and asks the
-    target for the file no more (one agent request a scenario in a guest)."""
+    runner keeps those (its copy, put back by the check's own command) and
+    asks the target for the file no more; nor for the witness (the between
+    step reads it) or the pidfile (the check's command reads it): three
+    agent requests a scenario fewer in a guest."""
     class Counting(LocalTarget):
         def get_bytes(self, path: str) -> bytes:
             fetched.append(path)
             return super().get_bytes(path)
 
         def put_bytes(self, data: bytes, path: str) -> None:
-            if path.endswith("/c/ready.json"):      # the copy put back, and what the workload wrote there
-                with open(path, "rb") as f:
-                    put_back.append((data, f.read()))
+            put.append(path)
             super().put_bytes(data, path)
 
-    fetched, put_back = [], []
+        def run(self, argv, timeout, step=""):
+            if "signal" in argv and "--ready" in argv:     # the copy put back, and what the workload wrote there
+                with open(argv[argv.index("--ready") + 1], "rb") as f:
+                    put_back.append((base64.b64decode(argv[argv.index("--ready-b64") + 1]), f.read()))
+            return super().run(argv, timeout, step)
+
+    fetched, put, put_back = [], [], []
     t = Counting()
     try:
         sc = schema.load(str(REPO / "scenarios" / "files/offsets.yaml"))
         r = runner.Run(sc, "e2e-ready-file", engines.Ckpt(), t)
         res = r.execute()
         assert res.outcome == "restored", res.detail
-        assert r.paths(t)["ready"] not in fetched
-        assert put_back and all(kept == written for kept, written in put_back)
+        assert fetched == [] and put == [r.paths(t)["spec"]]     # (the spec: the scenario's first request)
+        assert len(put_back) == 1 and put_back[0][0] == put_back[0][1] == r.ready_bytes
         assert json.loads(r.ready_bytes) == {k: v for k, v in r.ready.items() if k != "cold_why"}
+        assert res.verdict["ok"] and r.witness(t) is not None       # the witness was there to read
     finally:
         t.close()
+
+
+def test_a_restart_is_caught_by_the_pid_the_engine_reports_and_the_pidfile_holds(target):
+    """The check's own command reads the restore's pidfile (no request of
+    its own): a restart under a new PID shows in both."""
+    sc = schema.load(str(REPO / "scenarios" / "pipe/both-ends-with-data.yaml"))
+    r = runner.Run(sc, "e2e-restart", engines.make("mutant:restart"), target)
+    res = r.execute()
+    assert res.outcome == "corrupted", res.detail
+    failed = {c["what"] for c in res.failed_checks()}
+    assert {"proof: pid (the engine reported)", "proof: pid (the pidfile holds)"} <= failed, failed
+    left = [p for p in r.pids if workload.pidstate(p)["exists"]]
+    assert not left, f"processes left behind: {left}"
 
 
 def test_refused_at_restore_leaves_no_process_and_image_intact(target):

@@ -202,7 +202,8 @@ EXPECTED = {
     "change-mprotect": {"maps"},
 }
 # Edits of a tree image (the sink is one process: nothing for them there).
-TREE_EDITS = {"unshare-tree-memory", "drop-tree-child", "regroup-tree-child", "tree-exit-signal"}
+TREE_EDITS = {"unshare-tree-memory", "drop-tree-child", "regroup-tree-child", "tree-exit-signal",
+              "resession-tree-child"}
 # Edits of a threaded or a quiet Python target (THREADED, QUIET below).
 THREAD_EDITS = {"reset-thread-sched": {"nice"}, "swap-thread-tls": {"ident"}, "reset-mxcsr": {"third"},
                 # one thread fewer: every per-thread list has one entry fewer
@@ -910,7 +911,8 @@ def test_tree_shape_mutants_change_one_childs_group_or_exit_signal(procs, tmp_pa
     want = _tree_restored(procs, img, p, (sleeper, zombie), shape)
     assert want["sleeper pgrp"] == str(p.pid) and want["sleeper exit_signal"] == "17", want
     for name, changed in (("regroup-tree-child", {"sleeper pgrp": str(sleeper)}),
-                          ("tree-exit-signal", {"sleeper exit_signal": "23"})):
+                          ("tree-exit-signal", {"sleeper exit_signal": "23"}),
+                          ("resession-tree-child", {"sleeper pgrp": str(sleeper), "sleeper session": str(sleeper)})):
         mine = str(tmp_path / f"img-{name}")
         shutil.copytree(img, mine)
         what = mutants.apply_edit(name, mine)
@@ -924,7 +926,7 @@ def test_tree_shape_mutants_change_one_childs_group_or_exit_signal(procs, tmp_pa
 REGS_SRC = os.path.join(os.path.dirname(__file__), "targets", "mutant_regs.c")
 # What each edit changes of what the thread stores: its callee-saved
 # registers after each call, a call's non-zero result.
-REGS_EDITS = {"clobber-thread-regs": {"seen"}, "eintr-not-restart": {"bad"}}
+REGS_EDITS = {"clobber-thread-regs": {"seen"}, "eintr-not-restart": {"bad"}, "zero-thread-vectors": {"xmm"}}
 
 
 @pytest.mark.skipif(os.uname().machine != "x86_64", reason="the target's thread is x86_64 assembly")
@@ -935,8 +937,8 @@ def test_register_mutants_break_exactly_one_thing(procs, tmp_path):
     ready = tmp_path / "ready"
     p = procs.start([exe, str(ready)], cwd=str(tmp_path))
     wait_for(ready.exists, what="the register target")
-    pid, seen, bad = ready.read_text().split()
-    seen, bad = int(seen, 16), int(bad, 16)
+    pid, seen, bad, xmm = ready.read_text().split()
+    seen, bad, xmm = int(seen, 16), int(bad, 16), int(xmm, 16)
     img = str(tmp_path / "img")
     r = ckpt("dump", "-t", pid, "-D", img, "--json")
     assert r.returncode == 0, r.stderr
@@ -952,11 +954,14 @@ def test_register_mutants_break_exactly_one_thing(procs, tmp_path):
                 f.seek(seen)
                 regs = [int.from_bytes(f.read(8), "little") for _ in range(6)]
                 f.seek(bad)
-                return {"seen": regs, "bad": int.from_bytes(f.read(8), "little")}
+                bad_now = int.from_bytes(f.read(8), "little")
+                f.seek(xmm)
+                return {"seen": regs, "bad": bad_now, "xmm": f.read(16).hex()}
         finally:
             procs.kill(int(pid))
     want = restored(img)
-    assert want == {"seen": [0x1111, 0x2222, 0x3333, 0x4444, 0x5555, 0x6666], "bad": 0}
+    assert want == {"seen": [0x1111, 0x2222, 0x3333, 0x4444, 0x5555, 0x6666], "bad": 0,
+                    "xmm": (0x7777).to_bytes(8, "little").hex() + (0x8888).to_bytes(8, "little").hex()}
     for name, changed in sorted(REGS_EDITS.items()):
         mine = str(tmp_path / f"img-{name}")
         shutil.copytree(img, mine)
@@ -984,6 +989,7 @@ sysapi.seccomp_allow_all()
 open("/proc/self/oom_score_adj", "w").write("345")
 signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGRTMIN + 4, signal.SIGRTMIN + 5})
 sysapi.sigqueue(os.getpid(), signal.SIGRTMIN + 4, 9)    # process-wide
+signal.pthread_kill(__import__("threading").get_ident(), signal.SIGRTMIN + 5)    # the main thread's own
 held = open("held", "w")
 held.write("0123456789")
 held.flush()
@@ -993,6 +999,12 @@ area = sysapi.rseq_area()
 sfd = sysapi.signalfd([signal.SIGRTMIN + 4, signal.SIGRTMIN + 5], 0)
 master, slave = os.openpty()
 fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 37, 121, 0, 0))
+import socket
+rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+rx.bind(("127.0.0.1", 0))
+tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+tx.sendto(b"first", rx.getsockname())
+tx.sendto(b"second", rx.getsockname())
 secret = sysapi.mmap(1 << 20, 3, 0x22, -1, 0)           # PROT_READ|WRITE, MAP_PRIVATE|ANONYMOUS
 sysapi.madvise(secret, 1 << 20, sysapi.MADVISE["dontdump"])
 def report(*_):
@@ -1007,11 +1019,13 @@ while True:
 """
 KNOB_EDITS = {"reset-personality": {"personality"}, "reset-timer-slack": {"timerslack_ns"},
               "lose-no-new-privs": {"NoNewPrivs"}, "reset-dumpable": {"dumpable"}, "lose-rseq": {"rseq"},
-              "pending-to-thread": {"ShdPnd", "SigPnd"}, "corrupt-environ": {"environ"},
+              "pending-to-thread": {"ShdPnd", "SigPnd"}, "pending-to-process": {"ShdPnd", "SigPnd"},
+              "corrupt-environ": {"environ"},
               "drop-fd": {"fds", "fdinfo"}, "merge-open-files": {"fdinfo", "shared"}, "drop-madvise": {"advice"},
               "drop-capability": {"CapEff"}, "reset-cgroup": {"cgroup"}, "reset-oom-score-adj": {"oom_score_adj"},
               "reset-winsize": {"winsize"}, "narrow-signalfd": {"sigmask"}, "drop-groups": {"Groups"},
-              "reset-sched": {"policy"}, "drop-seccomp": {"Seccomp"}, "rename-process": {"comm"}}
+              "reset-sched": {"policy"}, "drop-seccomp": {"Seccomp"}, "rename-process": {"comm"},
+              "drop-udp-datagram": {"udp"}, "flip-termios-echo": {"termios"}}
 
 
 def _knob_facts(pid, work):
@@ -1031,13 +1045,19 @@ def _knob_facts(pid, work):
     infos = all_fds(pid)
     out["fdinfo"] = {fd: (i.pos, i.flags) for fd, i in sorted(infos.items())}
     out["sigmask"] = [i.fdinfo.get("sigmask") for _, i in sorted(infos.items()) if "sigmask" in i.fdinfo]
-    out["winsize"] = []
+    out["winsize"], out["termios"], out["udp"] = [], [], []
     for fd, i in sorted(infos.items()):
         if i.link == "/dev/ptmx":
             import fcntl
             import termios
             with pidfd.target_fd(pid, fd) as dup:
                 out["winsize"].append(fcntl.ioctl(dup, termios.TIOCGWINSZ, bytes(8)).hex())
+                out["termios"].append(termios.tcgetattr(dup)[:4])
+    for fd, i in sorted(infos.items()):     # last: reading empties the queues
+        if i.link.startswith("socket:"):
+            q = _queue(pid, fd, i.flags)
+            if q:               # the receiver's (the sender has none)
+                out["udp"].append(q)
     out["shared"] = sorted((fd, lead) for fd, lead in leader_map(pid, infos.values()).items() if fd != lead)
     os.kill(pid, signal.SIGUSR2)
     wait_for(report.exists, what="the knobs target's report")
@@ -1069,9 +1089,11 @@ def test_knob_mutants_break_exactly_one_thing(procs, tmp_path):
             procs.kill(p.pid)
     want = restored(img)
     assert (want["personality"], want["timerslack_ns"], want["NoNewPrivs"]) == (b"00040000\n", b"123456\n", "1")
-    assert (want["dumpable"], want["rseq"], int(want["ShdPnd"], 16)) == (0, "registered", 1 << (signal.SIGRTMIN + 3))
+    assert (want["dumpable"], want["rseq"], int(want["ShdPnd"], 16), int(want["SigPnd"], 16)) == \
+        (0, "registered", 1 << (signal.SIGRTMIN + 3), 1 << (signal.SIGRTMIN + 4))
     assert "dd" in want["advice"].values() and len(want["sigmask"]) == 1 and len(want["winsize"]) == 1, want
     assert (want["Groups"], want["policy"], want["Seccomp"]) == ("1234", "3", "2"), want
+    assert [b"first".hex(), b"second".hex()] in want["udp"], want
     for name, changed in sorted(KNOB_EDITS.items()):
         mine = str(tmp_path / f"img-{name}")
         shutil.copytree(img, mine)

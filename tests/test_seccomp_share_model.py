@@ -126,16 +126,19 @@ def test_share_accepts_only_what_plan_rebuilds_exactly(monkeypatch):
         assert {t: [f["prog"] for f in back.records()[t]["filters"]] for t in order} == \
             {t: [f["prog"] for f in recs[t]["filters"]] for t in order}, seed
     # the model reaches both outcomes, and most groups are restorable
-    assert accepted > 1000 and refused > 20, (accepted, refused, probes)
+    assert accepted >= 1900 and refused > 20, (accepted, refused, probes)    # 1965 and 337 when written
 
 
-@pytest.mark.parametrize("case", ["separate", "tsync", "hidden-then-closed"])
+@pytest.mark.parametrize("case", ["separate", "separate3", "tsync", "hidden-then-closed"])
 def test_share_cases(monkeypatch, case):
     g = Group()
     if case == "separate":          # two threads install the same program themselves
         a, b = g.clone(100), g.clone(100)
         g.install(a, PROGS[0])
         g.install(b, PROGS[0])
+    elif case == "separate3":       # three do: whether the last two share hides behind the first
+        for t in (g.clone(100), g.clone(100), g.clone(100)):
+            g.install(t, PROGS[0])
     elif case == "tsync":
         a, b = g.clone(100), g.clone(100)
         g.install(a, PROGS[1])
@@ -145,16 +148,18 @@ def test_share_cases(monkeypatch, case):
         # w2: w1's probe fails at w2 before it reaches t3, t3's own probe
         # tells t3 and L share F0.
         g.install(100, PROGS[0])
-        w1, w2, t3 = g.clone(100), g.clone(100), g.clone(100)
+        w1, w2, _t3 = g.clone(100), g.clone(100), g.clone(100)
         g.install(w1, PROGS[1])
         g.install(w2, PROGS[2])
     recs = g.records()
     monkeypatch.setattr(seccomp, "probe", lambda task, scratch: g.first_off(task))
-    if case == "separate":
+    if case == "separate3":
         with pytest.raises(Refusal) as e:
             seccomp.share({t: t for t in g.order}, recs, list(g.order), 0)
-        assert "do not share" in e.value.detail
+        assert "cannot be told" in e.value.detail
         return
     n = seccomp.share({t: t for t in g.order}, recs, list(g.order), 0)
-    assert n == (1 if case == "tsync" else 4)     # w1, w2, L (fails at w1 before t3), t3
+    # separate: the first probe names the other; hidden-then-closed: w1, w2, L
+    # (fails at w1 before t3), t3
+    assert n == {"separate": 1, "tsync": 1, "hidden-then-closed": 4}[case]
     assert {(a, b) for a in g.order for b in g.order if a != b and seccomp._on_chain(recs, a, b)} == g.relation()

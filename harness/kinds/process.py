@@ -9,8 +9,10 @@ subreaper, keep-caps, machine-check kill policy, dumpable, NUMA memory
 policy, membarrier registration: each compared
 with what the process saw before the dump, every one of them whether the
 scenario set it or not); and ``threads``: Python threads the workload starts, each blocked
-in one call (sleep: a time.sleep loop that counts; read: os.read on a pipe
-the process holds both ends of; lock: a Lock the main thread holds; cond:
+in one call (sleep: a time.sleep loop that counts; read: read(2) on a pipe
+the process holds both ends of; regs: the same read(2) made by machine code
+holding known values in nine registers and xmm8 across it (x86_64; a raw
+read elsewhere); lock: a Lock the main thread holds; cond:
 Condition.wait; join: joining a private sleeper thread). After the restore
 each thread proves it is the same thread: it runs on with its native id
 (gettid) equal to the recorded TID, its pthread_self (read through its
@@ -76,7 +78,7 @@ RLIMITS = ("RLIMIT_NOFILE", "RLIMIT_CORE", "RLIMIT_STACK", "RLIMIT_FSIZE", "RLIM
 ITIMERS = {"real": signal.ITIMER_REAL, "virtual": signal.ITIMER_VIRTUAL, "prof": signal.ITIMER_PROF}
 HANDLERS = ("default", "ignore", "libc")
 LATE_S, EARLY_S = 0.05, 2.0
-BLOCKED_IN = ("sleep", "read", "lock", "cond", "join")
+BLOCKED_IN = ("sleep", "read", "lock", "cond", "join", "regs")
 THREAD_WAKE_S = 10.0
 CHILD_IN = ("sleep", "read", "zombie")
 CHILD_GROUPS = ("parent", "own")
@@ -103,7 +105,9 @@ def fields(s) -> dict:
                                        "flags": s.List_(s.Enum(tuple(sysapi.SA_FLAGS))),
                                        "mask": s.List_(sig)}, required=("handler",)) for n in SIGNALS}),
         "blocked": s.List_(sig),
-        "pending": s.List_(s.Map({"signal": sig, "value": s.Int(0, 2**31 - 1)}, required=("signal",))),
+        # thread: pending for the main thread alone (pthread_kill), not the process (kill, sigqueue)
+        "pending": s.List_(s.Map({"signal": sig, "value": s.Int(0, 2**31 - 1), "thread": s.Bool()},
+                                 required=("signal",))),
         "itimers": s.Map({k: s.Map({"value_ms": s.Int(1), "interval_ms": s.Int(0)}, required=("value_ms",))
                           for k in ITIMERS}),
         "threads": s.List_(s.Map({"blocked_in": s.Enum(BLOCKED_IN, "a call a thread can block in:"),
@@ -146,6 +150,8 @@ def validate(p: dict) -> List[tuple]:
             out.append((f"pending[{i}]", f"{x['signal']} must be blocked to stay pending"))
         if "value" in x and not x["signal"].startswith("SIGRTMIN"):
             out.append((f"pending[{i}].value", "only real-time signals queue a value"))
+        if "value" in x and x.get("thread"):
+            out.append((f"pending[{i}].value", "a signal sent to the thread (pthread_kill) carries no value"))
     for i, c in enumerate(p.get("children", [])):
         share = c.get("share", [])
         if len(set(share)) != len(share):
@@ -192,7 +198,10 @@ def apply(p: dict) -> None:
     if p.get("blocked"):
         signal.pthread_sigmask(signal.SIG_BLOCK, [signum(n) for n in p["blocked"]])
     for x in p.get("pending") or []:
-        if "value" in x:
+        if x.get("thread"):
+            import threading
+            signal.pthread_kill(threading.get_ident(), signum(x["signal"]))
+        elif "value" in x:
             sysapi.sigqueue(os.getpid(), signum(x["signal"]), int(x["value"]))
         else:
             os.kill(os.getpid(), signum(x["signal"]))
@@ -251,7 +260,7 @@ class Blocked:
         self.tid_address = 0
         self.value = ""
         self.report: Dict[str, object] = {}
-        if how == "read":
+        if how in ("read", "regs"):
             self.rfd, self.wfd = os.pipe()
         if how in ("lock", "cond"):
             self.lock = threading.Lock() if how == "lock" else threading.Condition()
@@ -292,6 +301,10 @@ class Blocked:
                 # read(2) itself (os.read retries an EINTR, PEP 475): a call
                 # the freeze interrupted must restart, never fail
                 got = sysapi.raw_read(self.rfd, 16)
+            elif self.how == "regs":
+                # read(2) from machine code holding known values in nine
+                # registers and xmm8 across it: a thread's registers exactly
+                got = sysapi.reg_probe_read(self.rfd, 16)
             elif self.how == "lock":
                 self.lock.acquire()
                 self.lock.release()
@@ -312,10 +325,10 @@ class Blocked:
 
     def expected(self) -> str:
         return {"sleep": "stopped", "read": "wake", "lock": "acquired", "cond": "notified",
-                "join": "joined"}[self.how]
+                "join": "joined", "regs": "wake"}[self.how]
 
     def wake(self) -> None:
-        if self.how == "read":
+        if self.how in ("read", "regs"):
             os.write(self.wfd, b"wake")
         elif self.how == "lock":
             self.lock.release()
@@ -722,17 +735,21 @@ def observe(p: dict) -> dict:
 
 
 def expected_pending(p: dict) -> List[list]:
-    """``[signo, value]`` in the order sigtimedwait hands them out: lowest
-    number first; a standard signal once however often it was raised; each
-    real-time one as often as it was queued, in queue order."""
-    out, seen = [], set()
-    for x in sorted(p.get("pending") or [], key=lambda x: signum(x["signal"])):
-        n = signum(x["signal"])
-        if n < signal.SIGRTMIN:
-            if n in seen:
-                continue
-            seen.add(n)
-        out.append([n, int(x.get("value", 0))])
+    """``[signo, value]`` in the order sigtimedwait hands them out: the
+    thread's own queue before the process's (dequeue_signal), in each
+    lowest number first; a standard signal once however often it was
+    raised; each real-time one as often as it was queued, in queue order."""
+    out = []
+    for mine in (True, False):
+        seen = set()
+        for x in sorted((x for x in p.get("pending") or [] if bool(x.get("thread")) == mine),
+                        key=lambda x: signum(x["signal"])):
+            n = signum(x["signal"])
+            if n < signal.SIGRTMIN:
+                if n in seen:
+                    continue
+                seen.add(n)
+            out.append([n, int(x.get("value", 0))])
     return out
 
 

@@ -3,12 +3,13 @@
  *
  *   mutant_regs READY
  *
- * A second thread sets its callee-saved registers (rbx, rbp, r12-r15) to
- * known values once, then loops in nanosleep(10 ms) forever, all in
- * assembly (no compiler code runs between its calls): after each call it
- * stores those registers in seen[0..5], and a call's non-zero result
- * (an EINTR a restore handed it) in bad. The main thread sleeps in
- * pause(). READY gets "pid seen-address bad-address". x86_64 only.
+ * A second thread sets its callee-saved registers (rbx, rbp, r12-r15) and
+ * xmm8 to known values once, then loops in nanosleep(10 ms) forever, all
+ * in assembly (no compiler code runs between its calls): after each call
+ * it stores those registers in seen[0..5], xmm8 in xmm, and a call's
+ * non-zero result (an EINTR a restore handed it) in bad. The main thread
+ * sleeps in pause(). READY gets "pid seen-address bad-address
+ * xmm-address". x86_64 only.
  */
 #define _GNU_SOURCE
 #include <pthread.h>
@@ -18,6 +19,8 @@
 
 unsigned long seen[6];
 unsigned long bad;
+unsigned long xmm[2];
+unsigned long xmm_init[2] = {0x7777, 0x8888};
 struct timespec tick = {0, 10000000};
 
 static void *loop(void *arg)
@@ -29,7 +32,8 @@ static void *loop(void *arg)
         "mov $0x3333, %%r12\n\t"
         "mov $0x4444, %%r13\n\t"
         "mov $0x5555, %%r14\n\t"
-        "mov $0x6666, %%r15\n"
+        "mov $0x6666, %%r15\n\t"
+        "movdqu xmm_init(%%rip), %%xmm8\n"
         "1:\n\t"
         "mov $35, %%eax\n\t"            /* nanosleep(&tick, NULL) */
         "lea tick(%%rip), %%rdi\n\t"
@@ -45,6 +49,7 @@ static void *loop(void *arg)
         "mov %%r13, seen+24(%%rip)\n\t"
         "mov %%r14, seen+32(%%rip)\n\t"
         "mov %%r15, seen+40(%%rip)\n\t"
+        "movdqu %%xmm8, xmm(%%rip)\n\t"
         "jmp 1b\n"
         ::: "memory");
     return NULL;
@@ -62,7 +67,7 @@ int main(int argc, char **argv)
     FILE *f = fopen(tmp, "w");
     if (!f)
         return 3;
-    fprintf(f, "%d %lx %lx\n", getpid(), (unsigned long)seen, (unsigned long)&bad);
+    fprintf(f, "%d %lx %lx %lx\n", getpid(), (unsigned long)seen, (unsigned long)&bad, (unsigned long)xmm);
     fclose(f);
     rename(tmp, argv[1]);
     for (;;)

@@ -5,6 +5,7 @@
  *                            (uname -> ERANGE) of its own.
  *   secthreads OUT separate  t1 and t2 each install F0 themselves: equal
  *                            programs, two filter objects.
+ *   secthreads OUT separate3 t1, t2 and t3 each do.
  *   secthreads OUT nested    as shared, but t3 is started by t1 once F1 is
  *                            in: t3 shares F0 and F1 with t1.
  *
@@ -37,7 +38,7 @@ static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static volatile int req[NT], done[NT];
 static volatile sig_atomic_t go;
 static pid_t tids[NT];
-static int separate, nested;
+static int separate, separate3, nested;
 
 static void say(const char *fmt, ...)
 {
@@ -92,9 +93,9 @@ static void *thread(void *arg)
 {
 	int i = (int)(long)arg;
 	pid_t me = syscall(SYS_gettid);
-	if (separate && (i == 1 || i == 2) && filter(SYS_getppid, EDOM, 0))
+	if (((separate && (i == 1 || i == 2)) || separate3) && filter(SYS_getppid, EDOM, 0))
 		say("FAIL filter %d %s\n", i, strerror(errno));
-	if (!separate && i == 1 && filter(SYS_uname, ERANGE, 0))
+	if (!separate && !separate3 && i == 1 && filter(SYS_uname, ERANGE, 0))
 		say("FAIL filter %d %s\n", i, strerror(errno));
 	if (nested && i == 1) {
 		pthread_t t3;
@@ -142,12 +143,13 @@ int main(int argc, char **argv)
 	if (!out)
 		return 2;
 	separate = !strcmp(argv[2], "separate");
+	separate3 = !strcmp(argv[2], "separate3");
 	nested = !strcmp(argv[2], "nested");
 	signal(SIGUSR1, on_usr1);
 	sigemptyset(&usr1);
 	sigaddset(&usr1, SIGUSR1);
 	pthread_sigmask(SIG_BLOCK, &usr1, NULL);     /* the threads leave it to the leader */
-	if (!separate && filter(SYS_getppid, EDOM, 0))
+	if (!separate && !separate3 && filter(SYS_getppid, EDOM, 0))
 		say("FAIL filter 0 %s\n", strerror(errno));
 	tids[0] = getpid();
 	say("tid 0 %d\n", tids[0]);
