@@ -50,7 +50,9 @@ def read(pid) -> List[List[str]]:
     return parse(read_all(f"/proc/{pid}/cgroup").decode())
 
 
-_MINE: "Dict[str, List[List[str]]]" = {}
+from .procfs import self_memo
+
+_MINE: "Dict[str, List[List[str]]]" = self_memo({})
 
 
 def mine() -> List[List[str]]:

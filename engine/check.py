@@ -103,7 +103,7 @@ def target_checks(pid: int) -> procfs.Proc:
 
 # -- with the target frozen ----------------------------------------------------
 
-_MINE: dict = {}
+_MINE: dict = procfs.self_memo({})
 
 
 def _my_ns(ns: str) -> Optional[str]:

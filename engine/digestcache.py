@@ -157,20 +157,33 @@ def _save(cache: Dict[str, dict]) -> None:
             pass
 
 
-def _fs_trusted(fd: int) -> bool:
-    from .fstype import magic
-    return magic(f"/proc/self/fd/{fd}") in TRUSTED_FS    # statfs follows the fd to its superblock
+def _fs_trusted(fd: int, dev: Optional[int] = None, memo: Optional[dict] = None) -> bool:
+    """Is the file at `fd` on a TRUSTED_FS? With `memo` (a dump's or
+    restore's ctx.shared) and `dev` (the file's st_dev), one statfs per
+    device for that run: a device is one superblock while it is mounted,
+    and under TCG a statfs is ~1-2 ms of each of a dozen files (issue 15).
+    Never across runs: an unmounted device's number can be reused."""
+    k = f"fsmagic:{dev}"
+    if memo is not None and dev is not None and k in memo:
+        fs = memo[k]
+    else:
+        from .fstype import magic
+        fs = magic(f"/proc/self/fd/{fd}")    # statfs follows the fd to its superblock
+        if memo is not None and dev is not None:
+            memo[k] = fs
+    return fs in TRUSTED_FS
 
 
 def key(st: os.stat_result, generation: Optional[int]) -> str:
     return f"{st.st_dev}:{st.st_ino}:{generation}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
 
 
-def digest(fd: int, generation: Optional[int], compute: Callable[[int], str]) -> str:
+def digest(fd: int, generation: Optional[int], compute: Callable[[int], str], memo: Optional[dict] = None) -> str:
     """sha256 hex of the regular file open at `fd` (`generation`: its
-    FS_IOC_GETVERSION, None when unknown): remembered, or `compute(fd)`."""
+    FS_IOC_GETVERSION, None when unknown): remembered, or `compute(fd)`.
+    `memo`: the run's ctx.shared, where statfs answers are kept per device."""
     st = os.fstat(fd)
-    if generation is None or not stat.S_ISREG(st.st_mode) or _path() is None or not _fs_trusted(fd):
+    if generation is None or not stat.S_ISREG(st.st_mode) or _path() is None or not _fs_trusted(fd, st.st_dev, memo):
         return compute(fd)
     k = key(st, generation)
     view = _view()

@@ -204,6 +204,9 @@ def _batched_reads(task: Task, status: dict) -> list:
     return _injected_reads() + landlock.reads(task.pid, status)
 
 
+PREFETCH_STATUS = ("Seccomp", "SigPnd", "ShdPnd", "SigIgn", "SigQ", "Tgid", "Uid", "CapEff")
+
+
 def prefetch_injected(tasks: List[Task]) -> None:
     """injected_state()'s fixed reads (brk, the 62 sigactions, sigaltstack,
     tid address, interval timers) of several frozen processes (a tree's
@@ -221,7 +224,9 @@ def prefetch_injected(tasks: List[Task]) -> None:
     for task in tasks:
         try:
             proc = procfs.Proc(task.pid)
-            status = proc.status()
+            # the fields the batch decides by (dumpbatch.usable, Run,
+            # landlock.reads), not all ~55 parsed: one per member of a tree
+            status = procfs.read_status_fields(proc.path("status"), PREFETCH_STATUS)
             if seccomp.mode_of(status):
                 continue
             vmas = proc.maps()
@@ -602,6 +607,7 @@ def dump(pid: int, directory: str, options: Options) -> dict:
     """Checkpoint `pid` (and, when it has children, its tree: engine/tree.py)
     into `directory`; see _dump_one. A child forked while a single process
     was being frozen makes it a tree: it is dumped again as one."""
+    procfs.forget_self()
     try:
         return _dump_one(pid, directory, options)
     except (Refusal, Refusals) as e:
@@ -699,6 +705,7 @@ def check(pid: int, options: Options, tree_ok: bool = True) -> dict:
     nothing; the target is left running exactly as before. With children,
     the whole tree (engine/tree.py) unless `tree_ok` is False (ckpt survey:
     one process frozen at a time; the children are then `process-tree`)."""
+    procfs.forget_self()
     require_features()
     current_arch()
     proc = target_checks(pid)

@@ -77,20 +77,31 @@ def _wants_digest(mode: str) -> bool:
 
 
 def record_identity(path: str, open_path: str, ctx, *, fd: Optional[int] = None,
-                    pid: Optional[int] = None, opened: Optional[int] = None) -> dict:
+                    pid: Optional[int] = None, opened: Optional[int] = None,
+                    st: Optional[os.stat_result] = None) -> dict:
     """Identity of the file open at `open_path` (a /proc/PID/fd/N or
     map_files path), which is known by the name `path`. Refuses when `path`
     no longer names that file. Memoised per (dev, ino) in ctx.shared.
     `opened`: read through this fd (a duplicate of the target's: pread
     leaves its offset alone) instead of opening the file again - an open
-    would break a lease on it."""
-    st = os.stat(open_path)
+    would break a lease on it. `st`: os.stat(open_path), when the caller
+    has just taken it (map_dump)."""
+    if st is None:
+        st = os.stat(open_path)
     key = f"ident:{st.st_dev}:{st.st_ino}"
     cached = ctx.shared.get(key)
-    try:
-        pst = os.stat(path)
-    except FileNotFoundError:
-        pst = None
+    # Whether `path` names this inode is asked once per (path, inode) in a
+    # dump: a process maps each library 4-5 times, and under TCG each stat
+    # is ~1 ms (issue 15); the frozen process's mappings are recorded as of
+    # one moment, as its fds are.
+    named = f"named:{st.st_dev}:{st.st_ino}:{path}"
+    if ctx.shared.get(named):
+        pst = st
+    else:
+        try:
+            pst = os.stat(path)
+        except FileNotFoundError:
+            pst = None
     if pst is None or (pst.st_dev, pst.st_ino) != (st.st_dev, st.st_ino):
         # The kernel's name for the open file no longer leads to it (another
         # mount namespace, or a race with a rename): reopening by name would
@@ -99,6 +110,7 @@ def record_identity(path: str, open_path: str, ctx, *, fd: Optional[int] = None,
                       f"(open: dev {st.st_dev} ino {st.st_ino}; path: "
                       + ("missing" if pst is None else f"dev {pst.st_dev} ino {pst.st_ino}") + ")",
                       pid=pid, fd=fd, path=path)
+    ctx.shared[named] = True
     if cached is not None:
         # one inode, maybe under several names (hard links): each fd keeps the
         # name it was opened by; only the costly parts are shared
@@ -113,7 +125,7 @@ def record_identity(path: str, open_path: str, ctx, *, fd: Optional[int] = None,
                 raise Refusal("file-lock", "a lease on a write-only open file: its bytes cannot be read for the "
                               f"--file-validation {ctx.options.file_validation} digest without opening the file "
                               "again, which breaks the lease (use --file-validation size)", pid=pid, fd=fd, path=path)
-            ident["sha256"] = digestcache.digest(rfd, ident["generation"], sha256_fd)
+            ident["sha256"] = digestcache.digest(rfd, ident["generation"], sha256_fd, ctx.shared)
     finally:
         if opened is None:
             os.close(rfd)
@@ -217,7 +229,7 @@ def check_identity(ident: dict, ctx, *, fd: Optional[int] = None, pid: Optional[
         # coarse clock, so a same-size rewrite within a few ms keeps mtime.
         # The digest cache is keyed on ctime too, and only holds files
         # whose ctime had settled before they were hashed (digestcache.py).
-        if digestcache.digest(rfd, generation(rfd), sha256_fd) != want:
+        if digestcache.digest(rfd, generation(rfd), sha256_fd, ctx.shared) != want:
             raise changed("content differs (same size, different sha256): rewritten after the dump")
         if os.fstat(rfd).st_size != ident["size"]:
             raise changed(f"size changed while it was being checked ({ident['size']} -> "
@@ -569,7 +581,7 @@ def map_dump(pid: int, vma: dict, ctx) -> dict:
         if not name.startswith(MEMFD_PREFIX):
             check_recreatable(name, pid=pid)
         return dump_ghost(open_path, name, ctx, pid=pid)
-    return {"file": record_identity(name, open_path, ctx, pid=pid)}
+    return {"file": record_identity(name, open_path, ctx, pid=pid, st=st)}
 
 
 def map_validate(rec: dict, ctx) -> None:

@@ -22,8 +22,9 @@ from __future__ import annotations
 import os
 
 from .errors import EngineError, Refusal
+from .procfs import self_memo
 
-_ROOT_STAT: dict = {}
+_ROOT_STAT: dict = self_memo({})
 
 
 def _mine() -> os.stat_result:

@@ -118,6 +118,25 @@ def read_all(path: str) -> bytes:
 
 _SELF: dict = {}
 
+#: Memos of ckpt's own state (its cgroups, namespaces, root, credentials,
+#: limits ...), each read once per PID and operation: a tree's survey asks
+#: per member. Per operation as well as per PID, because a process may run
+#: several (the host tests in one pytest worker, a warm engine): the machine
+#: changes between them (a cgroup hierarchy mounted, then gone), and a value
+#: kept from the first refused the next ("no such hierarchy here").
+SELF_MEMOS: list = [_SELF]
+
+
+def self_memo(d: dict) -> dict:
+    SELF_MEMOS.append(d)
+    return d
+
+
+def forget_self() -> None:
+    """At the start of every dump, check, restore and survey."""
+    for d in SELF_MEMOS:
+        d.clear()
+
 
 def self_status() -> Dict[str, str]:
     """ckpt's own /proc/self/status, parsed once per process (a survey and

@@ -613,6 +613,7 @@ def restore(directory: str, options: Options, pidfile: Optional[str] = None) -> 
     Raises Refusal / Refusals before any process exists; a failure after the
     process exists kills it (EngineError); the image is never modified."""
     t0 = time.monotonic()
+    procfs.forget_self()
     require_features()
     reader = ImageReader(directory)
     try:

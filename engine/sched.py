@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 from . import libc
 from .arch import current as current_arch
 from .errors import Refusal
+from .procfs import self_memo as procfs_memo
 
 SCHED_NORMAL, SCHED_FIFO, SCHED_RR, SCHED_BATCH, SCHED_IDLE, SCHED_DEADLINE = 0, 1, 2, 3, 5, 6
 SCHED_FLAG_RESET_ON_FORK = 0x01
@@ -196,7 +197,7 @@ def parse_cpu_list(text: str) -> List[int]:
     return cpus
 
 
-_MINE: dict = {}     # (pid, what) -> ckpt's own value, read once (a tree's pre-flight asks per member)
+_MINE: dict = procfs_memo({})     # (pid, what) -> ckpt's own value, read once (a tree's pre-flight asks per member)
 
 
 def _mine(what: str, read):

@@ -139,3 +139,30 @@ def test_unreachable_cgroup_refused_at_dump(procs, groups, tmp_path):  # noqa: F
         procs.kill(p.pid) if p.poll() is None else None
         p.wait()
         subprocess.run(["mount", "-t", "cgroup", "-o", "none,name=ckpttest", "none", point], check=True)
+
+
+def test_a_hierarchy_made_after_ckpts_first_operation_is_seen_by_the_next(procs, groups, tmp_path):  # noqa: F811
+    """The engine keeps ckpt's own cgroups per operation, not per process:
+    a process that runs several (this pytest worker, a warm engine) sees a
+    hierarchy made between them. Before: one kept from the first refused
+    every later dump in the worker once a test had made a named hierarchy
+    on a fresh machine ("no such hierarchy here")."""
+    (tmp_path / "a").mkdir()
+    first = start_ready_script(procs, tmp_path / "a", "")
+    from engine.dump import check
+    assert check(first.pid, Options())["ok"]            # ckpt's own cgroups read: no such hierarchy yet
+    point = str(tmp_path / "fresh")
+    os.mkdir(point)
+    name = f"ckpt-fresh-{uuid.uuid4().hex[:8]}"
+    r = subprocess.run(["mount", "-t", "cgroup", "-o", f"none,name={name}", "none", point], capture_output=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount a named v1 hierarchy: {r.stderr!r}")
+    groups.mounts.append(point)
+    p = start_ready_script(procs, tmp_path, "")
+    assert [f"name={name}", "/"] in cgroups.read(p.pid)
+    dump(p.pid, str(tmp_path / "img"), Options())
+    p.wait()
+    restore(str(tmp_path / "img"), Options())
+    procs.adopt(p.pid)
+    assert [f"name={name}", "/"] in cgroups.read(p.pid)
+    procs.kill(p.pid)

@@ -7,9 +7,9 @@
  * xmm8 to known values once, then loops in nanosleep(10 ms) forever, all
  * in assembly (no compiler code runs between its calls): after each call
  * it stores those registers in seen[0..5], xmm8 in xmm, and a call's
- * non-zero result (an EINTR a restore handed it) in bad. The main thread
- * sleeps in pause(). READY gets "pid seen-address bad-address
- * xmm-address". x86_64 only.
+ * non-zero result (an EINTR a restore handed it) in bad, and counts its
+ * calls in calls. The main thread sleeps in pause(). READY gets "pid
+ * seen-address bad-address xmm-address calls-address". x86_64 only.
  */
 #define _GNU_SOURCE
 #include <pthread.h>
@@ -20,6 +20,7 @@
 unsigned long seen[6];
 unsigned long bad;
 unsigned long xmm[2];
+unsigned long calls;
 unsigned long xmm_init[2] = {0x7777, 0x8888};
 struct timespec tick = {0, 10000000};
 
@@ -50,6 +51,7 @@ static void *loop(void *arg)
         "mov %%r14, seen+32(%%rip)\n\t"
         "mov %%r15, seen+40(%%rip)\n\t"
         "movdqu %%xmm8, xmm(%%rip)\n\t"
+        "incq calls(%%rip)\n\t"
         "jmp 1b\n"
         ::: "memory");
     return NULL;
@@ -67,7 +69,8 @@ int main(int argc, char **argv)
     FILE *f = fopen(tmp, "w");
     if (!f)
         return 3;
-    fprintf(f, "%d %lx %lx %lx\n", getpid(), (unsigned long)seen, (unsigned long)&bad, (unsigned long)xmm);
+    fprintf(f, "%d %lx %lx %lx %lx\n", getpid(), (unsigned long)seen, (unsigned long)&bad, (unsigned long)xmm,
+            (unsigned long)&calls);
     fclose(f);
     rename(tmp, argv[1]);
     for (;;)
