@@ -35,7 +35,7 @@ TYPE_CHECKING = False   # annotations only: importing typing costs every run ~3 
 if TYPE_CHECKING:
     from typing import List, Optional
 
-from . import cgroups, creds, faults, fsroot, pdeath, libc, membarrier, mempolicy, posixtimers, procattrs, procfs, ptrace, sched, seccomp, signals, threads
+from . import cgroups, creds, faults, fsroot, pdeath, libc, membarrier, mempolicy, posixtimers, procattrs, procfs, ptrace, sched, seccomp, signals, threads, vdsoblock
 from .arch import current as current_arch
 from .batch import Batch, Data
 from .gadget import HANDLER_SCRATCH, _free_gap, _maps, clone_with_pid, gadget_size, place_gadget  # noqa: F401
@@ -197,15 +197,21 @@ class Builder:
         # glibc cached vdso function addresses in the dumped memory: the vdso
         # must sit where it was. mremap of [vdso] is supported (it updates
         # mm->context.vdso: arch/x86/entry/vdso/vma.c vdso_mremap).
+        # Pieces it had unmapped (valgrind drops the [vdso], zdtm vdso02
+        # all) are unmapped, the rest moved as one block (engine/vdsoblock.py).
         now = self._vdso()
         self.vdso_now = None    # moved (or unmapped) by what is queued below
-        want = [v for v in self.job.vmas if v["path"] in VDSO_NAMES]
-        if not want:
-            for v in now:
+        want = vdsoblock.block(self.job.vmas)
+        why = vdsoblock.misfit(want, now)
+        if why:
+            raise Refusal("unsupported-mapping", why, pid=self.pid)
+        keep = {v["path"] for v in want}
+        for v in now:
+            if v["path"] not in keep:
                 self.pending.add("munmap", v["start"], v["end"] - v["start"])
+        now = [v for v in now if v["path"] in keep]
+        if not want:
             return
-        if [(v["path"], v["end"] - v["start"]) for v in now] != [(v["path"], v["end"] - v["start"]) for v in want]:
-            raise Refusal("unsupported-mapping", "vdso layout differs from the image's", pid=self.pid)
         if now[0]["start"] == want[0]["start"]:
             return
         lo, hi = now[0]["start"], now[-1]["end"]

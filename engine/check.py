@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from typing import Any, Dict, List, Optional
 
 from . import fds as fdkinds
-from . import autogroup, fstype, lsm, pidfd, posixtimers, procfs, sysvsem, unlinked
+from . import autogroup, fstype, lsm, pidfd, posixtimers, procfs, sysvsem, unlinked, vdsoblock
 from .context import DumpContext
 from .errors import EngineError, Refusal, UsageError
 
@@ -392,6 +392,12 @@ def _check_vmas(s: Survey, ctx: Optional[DumpContext] = None) -> None:
         vma["map_files"] = s.proc.path(f"map_files/{vma['start']:x}-{vma['end']:x}")
         s.vmas.append(vma)
         s.ok(what, "mapping", kind)
+    # The restore can give back only a block made from its own by a move
+    # and unmaps (engine/vdsoblock.py): judged here against ckpt's, on this
+    # kernel, so that such a process is refused before the dump kills it.
+    why = vdsoblock.misfit(s.vmas, vdsoblock.own())
+    if why:
+        s.refuse("vdso block", "mapping", Refusal("unsupported-mapping", why))
 
 
 def fd_info(proc: procfs.Proc, fd: int) -> fdkinds.FdInfo:

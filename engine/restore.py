@@ -5,8 +5,8 @@
    PID is free, every fd (handler ``validate``) and mapped file
    (``files.map_validate``), cwd, credentials, rlimits, session.
 2. The fds and mapped files are opened in this process (handler
-   ``restore``, ``files.map_open``) and moved above every fd number the new
-   process will use.
+   ``restore``, ``files.map_open``) and moved to numbers the new process
+   will not use.
 3. A forked *restorer* creates the process with clone3(set_tid=[pid]) (a
    few bytes of machine code: the child only makes raw syscalls), traces it,
    and rebuilds it by syscall injection (see :mod:`engine.build`).
@@ -26,10 +26,10 @@ if TYPE_CHECKING:
 
 from . import (autogroup, cgroups, fastjson, fsroot, faults, files, guard, imagecheck, libc, membarrier, mempolicy, posixtimers, procattrs, procfs, sched,
                seccomp, signals, sud,
-               threads, unlinked)
+               threads, unlinked, vdsoblock)
 from .arch import current as current_arch
 from .build import build
-from .check import SPECIAL_MAPPINGS, _my_creds, creds_of, creds_plan, require_features
+from .check import _my_creds, creds_of, creds_plan, require_features
 from .context import Options, RestoreContext, boot_id
 from .errors import EngineError, Refusal, Refusals
 from .fds import handler as fd_handler
@@ -179,28 +179,6 @@ def check_fd_records(recs) -> None:
 
 # -- pre-flight --------------------------------------------------------------------
 
-def _special_block(vmas: List[dict]) -> List[tuple]:
-    return [(v["path"], v["end"] - v["start"]) for v in vmas
-            if v["path"] in SPECIAL_MAPPINGS and v["path"] != "[vsyscall]"]
-
-
-_MY_SPECIAL: dict = {}
-
-
-def _my_special_block() -> List[tuple]:
-    """ckpt's own vdso/vvar sizes: fixed for the life of a process (one
-    /proc/self/maps parse per restore, not one per member of a tree)."""
-    pid = os.getpid()
-    if _MY_SPECIAL.get("pid") != pid:
-        # Only the special lines parsed: ckpt's maps are ~150 lines, each
-        # parsed line dear under TCG.
-        text = procfs.read_all("/proc/self/maps").decode("utf-8", "surrogateescape")
-        lines = [ln for ln in text.splitlines() if ln.endswith(SPECIAL_MAPPINGS)]
-        _MY_SPECIAL["block"] = _special_block(procfs.parse_maps("\n".join(lines)))
-        _MY_SPECIAL["pid"] = pid
-    return _MY_SPECIAL["block"]
-
-
 MAP_VERDICTS = "_map_verdicts"      # ctx.shared: the pre-flight's verdict on each mapped file's record
 
 
@@ -219,11 +197,15 @@ def preflight(reader: ImageReader, core: dict, vmas: List[dict], fdrecs: List[di
     for rec in core.get("threads", []):
         if not _pid_free(rec["tid"]):
             add(Refusal("pid-in-use", f"TID {rec['tid']} (a thread) is held by {_comm(rec['tid'])}"))
-    mine = _my_special_block()
-    theirs = _special_block(vmas)
-    if theirs and (theirs != mine or reader.manifest.get("kernel") != os.uname().release):
-        add(Refusal("unsupported-mapping", f"the vdso of kernel {reader.manifest.get('kernel')} "
-                    f"({theirs}) cannot be provided by kernel {os.uname().release} ({mine})"))
+    theirs = vdsoblock.block(vmas)
+    if theirs:
+        if reader.manifest.get("kernel") != os.uname().release:
+            add(Refusal("unsupported-mapping", f"the vdso of kernel {reader.manifest.get('kernel')} "
+                        f"({vdsoblock.describe(theirs)}) cannot be provided by kernel {os.uname().release}"))
+        else:
+            why = vdsoblock.misfit(theirs, vdsoblock.own())
+            if why:
+                add(Refusal("unsupported-mapping", why))
     try:
         plan = creds_plan(core["creds"], _my_creds())
         core["_creds_plan"] = plan
@@ -387,18 +369,42 @@ def _comm(pid: int) -> str:
 
 class Prepared:
     """fds opened in the restorer for the new process: fd records, mapped
-    files, the exe and the cwd, all moved to numbers above `base`."""
+    files, the exe and the cwd, each moved to a number that no fd of the
+    process (of any member of a tree: `avoid`) has. The new process gets
+    them with ckpt's fd table, and each record's file is dup3'd onto its
+    own number in turn: one sitting on a number a record uses would be
+    overwritten before its own dup3, or before the build used it.
 
-    def __init__(self) -> None:
+    Not above every number used, as they were: a process holding fds at
+    the top of its RLIMIT_NOFILE (valgrind keeps its own in the last ten
+    below the limit, a program may dup2 onto 1023) left no number above
+    them (F_DUPFD EINVAL), after the dump had killed it. The lowest free
+    ones are taken instead."""
+
+    def __init__(self, avoid=()) -> None:
         self.fd_of_rec: Dict[int, int] = {}      # target fd number -> restorer fd
         self.map_fd: Dict[str, int] = {}         # file record key + mode -> restorer fd
         self.exe_fd = -1
         self.cwd_fd = -1
         self._owned: List[int] = []
+        self.avoid = frozenset(avoid)
+        self._next = 3
 
-    def keep(self, fd: int, base: int) -> int:
-        new = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, base)
+    def keep(self, fd: int) -> int:
+        # F_DUPFD, never dup2 onto a number: it cannot close a file ckpt
+        # holds. One landing on an avoided number is closed, and the search
+        # goes on above it.
+        n = self._next
+        while True:
+            while n in self.avoid:
+                n += 1
+            new = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, n)
+            if new not in self.avoid:
+                break
+            os.close(new)
+            n = new + 1
         self._owned.append(new)
+        self._next = new + 1
         return new
 
     def close(self) -> None:
@@ -415,21 +421,12 @@ def map_key(rec: dict, writable: bool) -> str:
 
 
 def prepare(core: dict, vmas: List[dict], fdrecs: List[dict], ctx: RestoreContext,
-            min_base: int = 0, shared_ofd=None) -> Prepared:
+            avoid=None, shared_ofd=None) -> Prepared:
     """Open everything the new process needs, in this process. In a tree
-    (engine/tree_restore.py): fds above `min_base` (every member's highest
-    fd), and an "ofd_of" record takes `shared_ofd(rec)`, another member's
-    already opened file."""
-    p = Prepared()
-    if min_base:
-        # A tree: one base for every member, above every fd number any
-        # member uses. Not this process's highest fd + 64 again per member:
-        # that climbed by ~70 a member (each member's kept fds are ours
-        # too), and a tree of 50 ran into RLIMIT_NOFILE 1024 (EMFILE).
-        base = min_base
-    else:
-        highest = max([r["fd"] for r in fdrecs] + [int(n) for n in os.listdir("/proc/self/fd")] + [2])
-        base = highest + 64
+    (engine/tree_restore.py): on numbers no member uses (`avoid`: one
+    table is forked to every member), and an "ofd_of" record takes
+    `shared_ofd(rec)`, another member's already opened file."""
+    p = Prepared(avoid if avoid is not None else [r["fd"] for r in fdrecs])
     try:
         for rec in fdrecs:
             if "ofd_of" in rec:
@@ -440,7 +437,7 @@ def prepare(core: dict, vmas: List[dict], fdrecs: List[dict], ctx: RestoreContex
             mod = fd_handler(rec["kind"])
             faults.point("restore.fd", rec["kind"])
             rfd = mod.restore(rec, ctx)
-            p.fd_of_rec[rec["fd"]] = p.keep(rfd, base)
+            p.fd_of_rec[rec["fd"]] = p.keep(rfd)
             if rfd not in ctx.shared.get("_close_after_restore", []):
                 os.close(rfd)
         for rec in fdrecs:
@@ -454,18 +451,18 @@ def prepare(core: dict, vmas: List[dict], fdrecs: List[dict], ctx: RestoreContex
             if key not in p.map_fd:
                 faults.point("restore.map_open")
                 fd = files.map_open(v["file"], ctx, writable)
-                p.map_fd[key] = p.keep(fd, base)
+                p.map_fd[key] = p.keep(fd)
                 os.close(fd)
         faults.point("restore.exe_open")
         fd = files.map_open(core["exe"], ctx, False)
-        p.exe_fd = p.keep(fd, base)
+        p.exe_fd = p.keep(fd)
         os.close(fd)
         if isinstance(core["cwd"].get("removed"), dict):
             # shared with an fd on the same removed directory; closed by files.close_shared
-            p.cwd_fd = p.keep(unlinked.restore_dir(core["cwd"]["removed"], ctx), base)
+            p.cwd_fd = p.keep(unlinked.restore_dir(core["cwd"]["removed"], ctx))
         else:
             fd = os.open(core["cwd"]["path"], os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            p.cwd_fd = p.keep(fd, base)
+            p.cwd_fd = p.keep(fd)
             os.close(fd)
     except BaseException:
         p.close()

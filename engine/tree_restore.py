@@ -5,8 +5,8 @@ member's parent an earlier member), every member's records checked and
 pre-flighted as a single process's (engine/restore.py; one RestoreContext
 each, but one `shared` dict and one list of every member's fd records, so a
 pipe whose ends different members hold is made once), every PID free (the
-zombies' too). Then every member's fds are opened in ckpt above every fd
-number any member uses; an fd sharing an open file description with an
+zombies' too). Then every member's fds are opened in ckpt on numbers no
+member uses; an fd sharing an open file description with an
 earlier member's ({"ofd_of"}) takes that member's already opened file, so
 the file is opened once and both get it.
 
@@ -214,8 +214,7 @@ def restore_tree(reader, options, pidfile: Optional[str], t0: float) -> dict:
     from .fds import tty
     with imagecheck.malformed_as_invalid("controlling terminals"):
         ttys = tty.session_terminals(members, {m["pid"]: fdrecs for m, _, _, _, fdrecs, _, _ in loaded})
-    base = max([r["fd"] for *_, fdrecs, _, _ in loaded for r in fdrecs] +
-               [int(n) for n in os.listdir("/proc/self/fd")] + [2]) + 64
+    used = {r["fd"] for *_, fdrecs, _, _ in loaded for r in fdrecs}
     prepared: Dict[int, object] = {}
     sources = []
     jobs: Dict[int, object] = {}
@@ -240,7 +239,7 @@ def restore_tree(reader, options, pidfile: Optional[str], t0: float) -> dict:
                     raise _bad(f"fd {rec['fd']}: ofd_of {opid}/{ofd} not restored before it") from None
             with single._system_errors_as_engine_errors("opening the process's files"), \
                     imagecheck.malformed_as_invalid("opening the process's files"):
-                p = single.prepare(core, vmas, fdrecs, ctx, min_base=base, shared_ofd=theirs)
+                p = single.prepare(core, vmas, fdrecs, ctx, avoid=used, shared_ofd=theirs)
             prepared[m["pid"]] = p
             jobs[m["pid"]] = single.Job(core=core, vmas=vmas, fdrecs=fdrecs, xstate=xstate,
                                         thread_xstate=thread_xstate, pages=pages, prepared=p, ctx=ctx)

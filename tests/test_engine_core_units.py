@@ -159,12 +159,32 @@ def test_kernel_version_parse():
 
 
 def test_own_special_block_from_the_special_lines_only():
-    """restore._my_special_block parses only ckpt's vdso/vvar lines of
-    /proc/self/maps: the same sizes, in the same order, as the whole
+    """vdsoblock.own parses only ckpt's vdso/vvar lines of
+    /proc/self/maps: the same pieces, in the same order, as the whole
     file parsed."""
-    from engine import procfs, restore
-    restore._MY_SPECIAL.clear()
-    got = restore._my_special_block()
+    from engine import procfs, vdsoblock
+    vdsoblock._OWN.clear()
+    got = vdsoblock.own()
     with open("/proc/self/maps") as f:
-        want = restore._special_block(procfs.parse_maps(f.read()))
-    assert got == want and any(name == "[vdso]" for name, _ in got)
+        want = vdsoblock.block(procfs.parse_maps(f.read()))
+    assert got == want and any(v["path"] == "[vdso]" for v in got)
+
+
+def test_vdso_block_fit():
+    """vdsoblock.misfit: pieces of ckpt's block at ckpt's distances fit,
+    wherever the block is; anything else is named."""
+    from engine.vdsoblock import misfit
+    P = 4096
+
+    def blk(*pieces):
+        return [{"path": n, "start": s, "end": s + z} for n, s, z in pieces]
+    mine = blk(("[vvar]", 0x1000 * P, 4 * P), ("[vvar_vclock]", 0x1004 * P, 2 * P), ("[vdso]", 0x1006 * P, 2 * P))
+    assert misfit([], mine) is None
+    assert misfit(blk(("[vvar]", 0x50 * P, 4 * P), ("[vvar_vclock]", 0x54 * P, 2 * P), ("[vdso]", 0x56 * P, 2 * P)),
+                  mine) is None
+    assert misfit(blk(("[vvar]", 0x50 * P, 4 * P), ("[vvar_vclock]", 0x54 * P, 2 * P)), mine) is None  # valgrind
+    assert misfit(blk(("[vdso]", 0x9 * P, 2 * P)), mine) is None
+    assert "apart" in misfit(blk(("[vvar]", 0x50 * P, 4 * P), ("[vdso]", 0x90 * P, 2 * P)), mine)
+    assert "gets" in misfit(blk(("[vdso]", 0x9 * P, 3 * P)), mine)
+    assert "gets" in misfit(blk(("[vdso]", 0x9 * P, 2 * P)), mine[:2])
+    assert "split" in misfit(blk(("[vvar]", 0x50 * P, 2 * P), ("[vvar]", 0x52 * P, 2 * P)), mine)

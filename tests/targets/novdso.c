@@ -2,7 +2,11 @@
  * [vvar*] blocks, writes "ready", then on each SIGUSR1 appends to OUT
  * "report N vdso=0|1" (N counts the reports; vdso: whether its own
  * /proc/self/maps shows one again). Only plain syscalls from then on
- * (glibc's clock_gettime would call into the vdso). */
+ * (glibc's clock_gettime would call into the vdso).
+ * MODE (optional second argument) "code": unmaps the [vdso] only and
+ * keeps the [vvar*] pages (valgrind's shape: its tools run the program's
+ * code themselves and drop the vdso); "apart": moves the [vdso] away from
+ * its [vvar*] pages (a block no kernel gives a new process). */
 #define _GNU_SOURCE
 #include <fcntl.h>
 #include <signal.h>
@@ -34,9 +38,18 @@ int main(int argc, char **argv)
     while ((n = read(fd, buf + len, sizeof(buf) - 1 - len)) > 0) len += n;
     close(fd);
     buf[len] = 0;
+    const char *mode = argc > 2 ? argv[2] : "all";
     for (char *l = strtok(buf, "\n"); l; l = strtok(NULL, "\n")) {
         unsigned long a, b;
-        if ((strstr(l, "[vdso]") || strstr(l, "[vvar")) && sscanf(l, "%lx-%lx", &a, &b) == 2)
+        if (sscanf(l, "%lx-%lx", &a, &b) != 2)
+            continue;
+        if (strstr(l, "[vdso]") && !strcmp(mode, "apart")) {
+            /* to a free spot one page above its own end, then MAP_FIXED there */
+            void *to = mmap(NULL, 2 * (b - a) + 4096, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+            munmap(to, 2 * (b - a) + 4096);
+            if (mremap((void *)a, b - a, b - a, MREMAP_MAYMOVE | MREMAP_FIXED, (char *)to + 4096) == MAP_FAILED)
+                return 1;
+        } else if (strstr(l, "[vdso]") || (strstr(l, "[vvar") && !strcmp(mode, "all")))
             munmap((void *)a, b - a);
     }
     /* SIGUSR1 only inside the wait, so one sent before it is not lost */
