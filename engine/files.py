@@ -133,6 +133,9 @@ def record_identity(path: str, open_path: str, ctx, *, fd: Optional[int] = None,
     return dict(ident)
 
 
+_UNASKED = object()     # check_identity: the generation was not asked of the fd
+
+
 def _generation_of(path: str, opened: Optional[int]) -> Optional[int]:
     if opened is not None:
         return generation(opened)
@@ -203,6 +206,7 @@ def check_identity(ident: dict, ctx, *, fd: Optional[int] = None, pid: Optional[
     if mode == "none":
         return st
     rfd = _readable(opened) if opened is not None else None
+    gen = _UNASKED
     try:
         if ctx.same_node:
             if (st.st_dev, st.st_ino) != (ident["dev"], ident["ino"]):
@@ -229,7 +233,9 @@ def check_identity(ident: dict, ctx, *, fd: Optional[int] = None, pid: Optional[
         # coarse clock, so a same-size rewrite within a few ms keeps mtime.
         # The digest cache is keyed on ctime too, and only holds files
         # whose ctime had settled before they were hashed (digestcache.py).
-        if digestcache.digest(rfd, generation(rfd), sha256_fd, ctx.shared) != want:
+        # (the generation asked above of this very fd, when it was: one
+        # ioctl less of each mapped library's open, issue 15)
+        if digestcache.digest(rfd, generation(rfd) if gen is _UNASKED else gen, sha256_fd, ctx.shared) != want:
             raise changed("content differs (same size, different sha256): rewritten after the dump")
         if os.fstat(rfd).st_size != ident["size"]:
             raise changed(f"size changed while it was being checked ({ident['size']} -> "

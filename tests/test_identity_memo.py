@@ -126,3 +126,38 @@ def test_memo_answer_untrusted_is_not_cached(cache, tmp_path, monkeypatch):
         assert len(computed) == 2 and not cache.exists()
     finally:
         os.close(fd)
+
+
+def test_restore_check_asks_the_generation_once_and_uses_it_for_the_cache(cache, tmp_path, monkeypatch):
+    """check_identity on the fd restore opened: the generation it compared
+    is the one the digest cache is keyed on (one ioctl, not two), and a
+    settled file is then found in the cache, not hashed again."""
+    from engine.context import RestoreContext
+    f = tmp_path / "lib.so"
+    f.write_bytes(b"L" * 20000)
+    old = os.stat(f).st_mtime - 3600
+    os.utime(f, (old, old))
+    monkeypatch.setattr(digestcache, "SETTLED_NS", 0)
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        if generation(fd) is None:
+            pytest.skip("no inode generations here")
+        ident = files.record_identity(str(f), f"/proc/self/fd/{fd}",
+                                      DumpContext(pid=os.getpid(), options=Options()))
+        asked, hashed = [], []
+        real_gen, real_hash = files.generation, files.sha256_fd
+        monkeypatch.setattr(files, "generation", lambda x: asked.append(x) or real_gen(x))
+        monkeypatch.setattr(files, "sha256_fd", lambda x: hashed.append(x) or real_hash(x))
+        monkeypatch.setattr(digestcache, "_cache", None)      # a new run: reads the cache file
+        ctx = RestoreContext(options=Options(), image=None, same_node=True)
+        files.check_identity(ident, ctx, opened=fd)
+        assert asked == [fd] and hashed == []
+        # on another machine the generation is not compared, but still keys the cache
+        files.check_identity(ident, RestoreContext(options=Options(), image=None, same_node=False), opened=fd)
+        assert asked == [fd, fd] and hashed == []
+        # and a changed generation is still refused (the value compared is the fd's)
+        with pytest.raises(Refusal) as e:
+            files.check_identity(dict(ident, generation=ident["generation"] + 1), ctx, opened=fd)
+        assert e.value.reason == "file-changed"
+    finally:
+        os.close(fd)
