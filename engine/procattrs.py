@@ -128,10 +128,16 @@ def same_as_leader(rec: dict, lead, tid: int) -> None:
     TIF_NOTSC in its task), and the restore sets the leader's before the
     threads are cloned: one that differs from the leader's would come back
     with the leader's. Refused (`threads`); the values are popped from
-    `rec`. Raises Refusal."""
+    `rec`. Raises Refusal.
+
+    But the machine-check kill policy: a thread's own is kept in `rec`
+    ("mce_kill") and set by the thread itself after its clone
+    (queue_thread). QEMU asks for early kill on its vCPU threads only."""
     got = {k: rec.pop(f"thread_{k}") for k in ("securebits", "mce_kill", "tsc") + SPEC_KEYS if f"thread_{k}" in rec}
     if lead is None:
         return
+    if "mce_kill" in got and got["mce_kill"] != lead.get("mce_kill"):
+        rec["mce_kill"] = got.pop("mce_kill")
     want = {"securebits": SECBIT_KEEP_CAPS if lead.get("keep_caps") else 0, "mce_kill": lead.get("mce_kill"),
             "tsc": lead.get("tsc"), **{k: lead.get(k, 0) for k in SPEC_KEYS}}
     names = {"securebits": "securebits (keep-caps)", "mce_kill": "machine-check kill policy",
@@ -236,6 +242,14 @@ def queue(b, rec: dict) -> None:
         q("arch_prctl", ARCH_REQ_XCOMP_PERM, bit)
     for which, value in _spec_changes(rec):     # before the threads are cloned: they inherit it
         q("prctl", PR_SET_SPECULATION_CTRL, which, value, 0, 0)
+
+
+def queue_thread(tb, rec: dict) -> None:
+    """A thread's own machine-check kill policy, queued in its own batch
+    (threads._own_state): the clone has the leader's (kernel/fork.c keeps
+    PF_MCE_* in the new task's flags)."""
+    if "mce_kill" in rec:
+        tb.pending.add("prctl", PR_MCE_KILL, PR_MCE_KILL_SET, rec["mce_kill"], 0, 0)
 
 
 def _own_spec(which: int) -> int:

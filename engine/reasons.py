@@ -9,7 +9,7 @@ REASONS = {
     "zombie": "the target is a zombie: it has exited and only waits to be reaped",
     "ptraced": "the target is already traced by another process (a debugger, strace, another ckpt)",
     "threads": ("a thread the engine cannot restore exactly (thread and detail name it): one with other "
-                "credentials, no_new_privs, personality, namespaces, keep-caps, machine-check kill policy, rdtsc "
+                "credentials, no_new_privs, personality, namespaces, keep-caps, rdtsc "
                 "faulting or speculation control than the leader, or that does not share the fd table, "
                 "fs (cwd/umask/root), signal handlers or SysV semaphore undo list with it; seccomp strict mode "
                 "in a multi-threaded process, or threads whose filters a restore could not share as they are "

@@ -669,6 +669,8 @@ def check_records(recs) -> Optional[str]:
                 return f"thread {r['tid']}: syscall user dispatch"
             if not mempolicy.check_record(r.get("mempolicy", [0, 0])):
                 return f"thread {r['tid']}: mempolicy"
+            if r.get("mce_kill", 2) not in (0, 1, 2) or isinstance(r.get("mce_kill"), bool):
+                return f"thread {r['tid']}: machine-check kill policy"
             r.setdefault("seccomp", {"mode": 0, "filters": []})    # formats before the per-thread record
             if not seccomp.check_record(r["seccomp"]):
                 return f"thread {r['tid']}: seccomp"
@@ -858,6 +860,7 @@ def _own_state(tb, rec: dict) -> None:
     # The clone has the leader's NUMA policy (set with the process state):
     # a thread's own, where it has another (formats before 9: the leader's).
     mempolicy.queue_thread(tb, rec.get("mempolicy", tb.job.core["mempolicy"]), tb.job.core["mempolicy"])
+    procattrs.queue_thread(tb, rec)
 
 
 def creds(b) -> None:
