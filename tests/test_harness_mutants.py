@@ -283,7 +283,8 @@ def test_image_mutants_leave_images_without_a_target_alone(procs, tmp_path):
     assert r.returncode == 0, r.stderr
     none = ["drop-offset", "drop-append", "lose-cloexec", "lose-nonblock", "lose-timerfd-ticks",
             "swap-epoll-data", "drop-pipe-byte", "drop-unix-message", "drop-tcp-byte", "drop-eventfd-count",
-            "shift-inotify-wd", "ghost-mode-0644", "split-shared-fds", "lose-sigmask", "reset-rlimits"]
+            "shift-inotify-wd", "ghost-mode-0644", "split-shared-fds", "lose-sigmask", "reset-rlimits",
+            "drop-pty-byte", "reset-ids"]
     before = {n: open(os.path.join(img, n), "rb").read() for n in os.listdir(img) if n.endswith(".json")}
     for name in none:
         with pytest.raises(mutants.NoTarget):
@@ -989,6 +990,8 @@ sysapi.prctl("set_timerslack", 123456)
 sysapi.prctl("set_no_new_privs", 1)
 sysapi.prctl("set_dumpable", 0)
 os.setgroups([1234])
+os.setresgid(4321, 0, 4322)                     # root stays effective: the capabilities stay
+os.setresuid(0, 0, 4323)
 os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
 sysapi.seccomp_allow_all()
 open("/proc/self/oom_score_adj", "w").write("345")
@@ -1026,7 +1029,7 @@ KNOB_EDITS = {"reset-personality": {"personality"}, "reset-timer-slack": {"timer
               "corrupt-environ": {"environ"},
               "drop-fd": {"fds", "fdinfo"}, "merge-open-files": {"fdinfo", "shared"}, "drop-madvise": {"advice"},
               "drop-capability": {"CapEff"}, "reset-cgroup": {"cgroup"}, "reset-oom-score-adj": {"oom_score_adj"},
-              "narrow-signalfd": {"sigmask"}, "drop-groups": {"Groups"},
+              "narrow-signalfd": {"sigmask"}, "drop-groups": {"Groups"}, "reset-ids": {"Uid", "Gid"},
               "reset-sched": {"policy"}, "drop-seccomp": {"Seccomp"}, "rename-process": {"comm"},
               "drop-udp-datagram": {"udp"}}
 
@@ -1040,7 +1043,8 @@ def _knob_facts(pid, work):
         with open(f"/proc/{pid}/{name}", "rb") as f:
             out[name] = f.read()
     status = dict(ln.split(":", 1) for ln in open(f"/proc/{pid}/status").read().splitlines())
-    out.update({k: status[k].strip() for k in ("NoNewPrivs", "ShdPnd", "SigPnd", "CapEff", "Groups", "Seccomp")})
+    out.update({k: status[k].strip() for k in ("NoNewPrivs", "ShdPnd", "SigPnd", "CapEff", "Groups", "Seccomp",
+                                                      "Uid", "Gid")})
     out["policy"] = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[38]
     out["fds"] = sorted(os.listdir(f"/proc/{pid}/fd"))
     from harness import procstate
@@ -1089,6 +1093,7 @@ def test_knob_mutants_break_exactly_one_thing(procs, tmp_path):
         (0, "registered", 1 << (signal.SIGRTMIN + 3), 1 << (signal.SIGRTMIN + 4))
     assert "dd" in want["advice"].values() and len(want["sigmask"]) == 1, want
     assert (want["Groups"], want["policy"], want["Seccomp"]) == ("1234", "3", "2"), want
+    assert (want["Uid"].split(), want["Gid"].split()) == (["0", "0", "4323", "0"], ["4321", "0", "4322", "0"]), want
     assert [b"first".hex(), b"second".hex()] in want["udp"], want
     for name, changed in sorted(KNOB_EDITS.items()):
         mine = str(tmp_path / f"img-{name}")
@@ -1143,12 +1148,13 @@ PTY = r"""
 import fcntl, os, struct, termios, time
 master, slave = os.openpty()
 fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 37, 121, 0, 0))
+os.write(slave, bytes(range(65, 65 + 26)) * 3)    # output the master has not read yet
 open("ready.tmp", "w").write(os.ttyname(slave))
 os.rename("ready.tmp", "ready")
 while True:
     time.sleep(1)
 """
-PTY_EDITS = {"reset-winsize": {"winsize"}, "flip-termios-echo": {"termios"}}
+PTY_EDITS = {"reset-winsize": {"winsize"}, "flip-termios-echo": {"termios"}, "drop-pty-byte": {"queued"}}
 
 
 def _pty_facts(pid):
@@ -1160,6 +1166,7 @@ def _pty_facts(pid):
             with pidfd.target_fd(pid, fd) as dup:
                 out["winsize"] = fcntl.ioctl(dup, termios.TIOCGWINSZ, bytes(8)).hex()
                 out["termios"] = termios.tcgetattr(dup)[:4]
+                out["queued"] = struct.unpack("i", fcntl.ioctl(dup, termios.FIONREAD, bytes(4)))[0]
     return out
 
 
@@ -1203,7 +1210,7 @@ def test_pty_mutants_break_exactly_one_thing(procs, tmp_path):
             results[name] = (what, restored(mine))
         if taken:
             continue
-        assert want["winsize"] == struct.pack("HHHH", 37, 121, 0, 0).hex(), want
+        assert want["winsize"] == struct.pack("HHHH", 37, 121, 0, 0).hex() and want["queued"] == 78, want
         for name, (what, got) in results.items():
             differ = {k for k in want if got[k] != want[k]}
             assert differ == PTY_EDITS[name], f"{name} ({what}): {got} vs {want}"
