@@ -608,6 +608,19 @@ class Job:
         self.__dict__.update(kw)
 
 
+def _room_for_fds() -> None:
+    """ckpt's soft RLIMIT_NOFILE raised to its hard one: ckpt holds a copy
+    of every fd of the process (of a whole tree) at once, and its numbers
+    may lie above ckpt's soft limit (a server started with a higher one;
+    a login shell gives ckpt 1024). With 2000 fds, the restore failed
+    after the dump had killed the process. The new process, a clone of
+    ckpt, gets its own limits back from the image (Builder.limits)."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def restore(directory: str, options: Options, pidfile: Optional[str] = None) -> dict:
     """Restore the process imaged in `directory`. Returns {pid, restore_ms}.
     Raises Refusal / Refusals before any process exists; a failure after the
@@ -615,6 +628,7 @@ def restore(directory: str, options: Options, pidfile: Optional[str] = None) -> 
     t0 = time.monotonic()
     procfs.forget_self()
     require_features()
+    _room_for_fds()
     reader = ImageReader(directory)
     try:
         out = _restore(reader, options, t0)
