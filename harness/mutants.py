@@ -1337,6 +1337,19 @@ def m_drop_pty_byte(img: Image) -> str:
            f"{'for the master' if name == 'out' else 'for the slave'} dropped"
 
 
+def m_drop_fd_owner(img: Image) -> str:
+    """One open file's F_SETOWN owner and F_SETSIG signal are not set again
+    (its O_ASYNC flag is): SIGIO, SIGURG and lease breaks go nowhere, or
+    come as SIGIO instead of the signal the process waits for."""
+    fds = img.json("fds.json")
+    r = _first(_leaders(fds), lambda r: isinstance(r.get("async"), dict)
+               and (r["async"].get("owner") or r["async"].get("signal")), "no fd with an F_SETOWN owner or signal")
+    old = dict(r["async"])
+    r["async"].update(owner=0, signal=0)
+    img.put_json("fds.json")
+    return f"fd {r['fd']}: owner {old.get('owner')} (type {old.get('owner_type')}), signal {old.get('signal')} -> none"
+
+
 def m_reset_ids(img: Image) -> str:
     """The real, effective, saved and filesystem uids and gids come back as
     the restorer's (root's): a daemon that keeps an unprivileged id in its
@@ -1443,6 +1456,7 @@ EDITS: Dict[str, Tuple[Callable[[Image], str], str]] = {
     "flip-termios-echo": (m_flip_termios_echo, "a pty comes back with ECHO flipped in its termios"),
     "merge-open-files": (m_merge_open_files, "two separate opens of one file come back as one shared open file"),
     "drop-pty-byte": (m_drop_pty_byte, "one byte queued in a pty pair dropped"),
+    "drop-fd-owner": (m_drop_fd_owner, "one fd's F_SETOWN owner and F_SETSIG signal are not set again"),
     "reset-ids": (m_reset_ids, "the uids and gids (real, effective, saved, fs) come back as 0"),
 }
 
@@ -1788,6 +1802,7 @@ CAUGHT_BY: Dict[str, str] = {
                     "(mmap/advice)",
     "drop-pty-byte": "the pty's queues drained and compared byte for byte by the workload (tty/pair-raw, "
                      "tty/pair-packet, tty/canonical-*)",
+    "drop-fd-owner": "the lease's owner and signal read back by the process (locks/lease-read, lease-write)",
     "reset-ids": "Uid and Gid compared from outside; getresuid/getresgid read back by the process "
                  "(process/attrs: a saved uid and a real and saved gid other than 0)",
 }
