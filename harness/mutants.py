@@ -1350,6 +1350,17 @@ def m_drop_fd_owner(img: Image) -> str:
     return f"fd {r['fd']}: owner {old.get('owner')} (type {old.get('owner_type')}), signal {old.get('signal')} -> none"
 
 
+def m_reset_autogroup_nice(img: Image) -> str:
+    """A session leader's scheduling autogroup comes back at nice 0 (the
+    one setsid(2) gives): the session's share of the CPU changes."""
+    attrs = img.json("core.json").get("attrs") or {}
+    if not attrs.get("autogroup_nice"):
+        raise NoTarget("no autogroup nice other than 0")
+    old, attrs["autogroup_nice"] = attrs["autogroup_nice"], 0
+    img.put_json("core.json")
+    return f"autogroup nice {old} -> 0"
+
+
 def m_reset_ids(img: Image) -> str:
     """The real, effective, saved and filesystem uids and gids come back as
     the restorer's (root's): a daemon that keeps an unprivileged id in its
@@ -1457,6 +1468,7 @@ EDITS: Dict[str, Tuple[Callable[[Image], str], str]] = {
     "merge-open-files": (m_merge_open_files, "two separate opens of one file come back as one shared open file"),
     "drop-pty-byte": (m_drop_pty_byte, "one byte queued in a pty pair dropped"),
     "drop-fd-owner": (m_drop_fd_owner, "one fd's F_SETOWN owner and F_SETSIG signal are not set again"),
+    "reset-autogroup-nice": (m_reset_autogroup_nice, "a session leader's autogroup comes back at nice 0"),
     "reset-ids": (m_reset_ids, "the uids and gids (real, effective, saved, fs) come back as 0"),
 }
 
@@ -1803,6 +1815,8 @@ CAUGHT_BY: Dict[str, str] = {
     "drop-pty-byte": "the pty's queues drained and compared byte for byte by the workload (tty/pair-raw, "
                      "tty/pair-packet, tty/canonical-*)",
     "drop-fd-owner": "the lease's owner and signal read back by the process (locks/lease-read, lease-write)",
+    "reset-autogroup-nice": "/proc/PID/autogroup's nice compared from outside; read back by the process "
+                            "(process/attrs)",
     "reset-ids": "Uid and Gid compared from outside; getresuid/getresgid read back by the process "
                  "(process/attrs: a saved uid and a real and saved gid other than 0)",
 }

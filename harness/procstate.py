@@ -270,7 +270,8 @@ def snapshot(pid: int, pub: Optional[dict] = None) -> Dict[str, str]:
     for name in ("limits", "personality", "timerslack_ns", "oom_score_adj", "timers", "cgroup", "cmdline",
                  "environ", "comm", "coredump_filter", "loginuid", "sessionid", "setgroups", "uid_map", "gid_map",
                  "mountinfo", "sched_autogroup"):
-        text = _read(f"{base}/{name}")
+        # sched_autogroup: the kernel's file is /proc/PID/autogroup (sched(7))
+        text = _read(f"{base}/{'autogroup' if name == 'sched_autogroup' else name}")
         if text is None:
             continue
         if name == "limits":

@@ -284,7 +284,7 @@ def test_image_mutants_leave_images_without_a_target_alone(procs, tmp_path):
     none = ["drop-offset", "drop-append", "lose-cloexec", "lose-nonblock", "lose-timerfd-ticks",
             "swap-epoll-data", "drop-pipe-byte", "drop-unix-message", "drop-tcp-byte", "drop-eventfd-count",
             "shift-inotify-wd", "ghost-mode-0644", "split-shared-fds", "lose-sigmask", "reset-rlimits",
-            "drop-pty-byte", "reset-ids", "drop-fd-owner"]
+            "drop-pty-byte", "reset-ids", "drop-fd-owner", "reset-autogroup-nice"]
     before = {n: open(os.path.join(img, n), "rb").read() for n in os.listdir(img) if n.endswith(".json")}
     for name in none:
         with pytest.raises(mutants.NoTarget):
@@ -995,6 +995,8 @@ os.setresuid(0, 0, 4323)
 os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
 sysapi.seccomp_allow_all()
 open("/proc/self/oom_score_adj", "w").write("345")
+if os.path.exists("/proc/self/autogroup"):      # a session leader: its own autogroup
+    open("/proc/self/autogroup", "w").write("7")
 owned, _ = os.pipe()                            # its reader: an owner and a signal, no O_ASYNC
 fcntl.fcntl(owned, fcntl.F_SETOWN, os.getpid())
 fcntl.fcntl(owned, 10, signal.SIGRTMIN + 6)     # F_SETSIG
@@ -1034,7 +1036,8 @@ KNOB_EDITS = {"reset-personality": {"personality"}, "reset-timer-slack": {"timer
               "drop-capability": {"CapEff"}, "reset-cgroup": {"cgroup"}, "reset-oom-score-adj": {"oom_score_adj"},
               "narrow-signalfd": {"sigmask"}, "drop-groups": {"Groups"}, "reset-ids": {"Uid", "Gid"},
               "reset-sched": {"policy"}, "drop-seccomp": {"Seccomp"}, "rename-process": {"comm"},
-              "drop-udp-datagram": {"udp"}, "drop-fd-owner": {"owner"}}
+              "drop-udp-datagram": {"udp"}, "drop-fd-owner": {"owner"},
+              "reset-autogroup-nice": {"autogroup"}}
 
 
 def _knob_facts(pid, work):
@@ -1048,6 +1051,8 @@ def _knob_facts(pid, work):
     status = dict(ln.split(":", 1) for ln in open(f"/proc/{pid}/status").read().splitlines())
     out.update({k: status[k].strip() for k in ("NoNewPrivs", "ShdPnd", "SigPnd", "CapEff", "Groups", "Seccomp",
                                                       "Uid", "Gid")})
+    ag = f"/proc/{pid}/autogroup"      # its nice (the id is new); none without CONFIG_SCHED_AUTOGROUP
+    out["autogroup"] = open(ag).read().split()[-1:] if os.path.exists(ag) else []
     out["policy"] = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[38]
     out["fds"] = sorted(os.listdir(f"/proc/{pid}/fd"))
     from harness import procstate
@@ -1102,6 +1107,7 @@ def test_knob_mutants_break_exactly_one_thing(procs, tmp_path):
         (0, "registered", 1 << (signal.SIGRTMIN + 3), 1 << (signal.SIGRTMIN + 4))
     assert "dd" in want["advice"].values() and len(want["sigmask"]) == 1, want
     assert (want["Groups"], want["policy"], want["Seccomp"]) == ("1234", "3", "2"), want
+    assert want["autogroup"] in ([], ["7"]), want
     assert [(o, sig - signal.SIGRTMIN) for o, sig in want["owner"].values()] == [((1, p.pid), 6)], want
     assert (want["Uid"].split(), want["Gid"].split()) == (["0", "0", "4323", "0"], ["4321", "0", "4322", "0"]), want
     assert [b"first".hex(), b"second".hex()] in want["udp"], want
@@ -1112,7 +1118,8 @@ def test_knob_mutants_break_exactly_one_thing(procs, tmp_path):
             what = mutants.apply_edit(name, mine)
         except mutants.NoTarget:
             # only where the tests run in the root cgroup of every hierarchy
-            assert name == "reset-cgroup" and all(ln.endswith(b":/") for ln in want["cgroup"].split()), name
+            assert (name == "reset-cgroup" and all(ln.endswith(b":/") for ln in want["cgroup"].split())) \
+                or (name == "reset-autogroup-nice" and want["autogroup"] == []), name
             continue
         ImageReader(mine).verify()
         got = restored(mine)

@@ -135,6 +135,8 @@ def fields(s) -> dict:
                         # real, effective, saved uid and gid (setresuid/setresgid; an effective
                         # uid other than 0 would take the workload's capabilities)
                         "resuid": s.List_(s.Int(0, 2 ** 31 - 1)), "resgid": s.List_(s.Int(0, 2 ** 31 - 1)),
+                        # the nice of the session's scheduling autogroup (/proc/self/autogroup)
+                        "autogroup_nice": s.Int(0, 19),
                         "seccomp_filter": s.Bool()}),
         "children": s.List_(s.Map({"blocked_in": s.Enum(CHILD_IN, "what a child does:"),
                                    "exit": s.Int(0, 255), "group": s.Enum(CHILD_GROUPS),
@@ -670,6 +672,9 @@ def _apply_attrs(a: dict) -> None:
             f.write(str(int(a["oom_score_adj"])))
     if "groups" in a:           # as a service started with SupplementaryGroups=
         os.setgroups([int(g) for g in a["groups"]])
+    if "autogroup_nice" in a:   # as a session leader reniced with renice -g would run
+        with open("/proc/self/autogroup", "w") as f:
+            f.write(str(int(a["autogroup_nice"])))
     if "resgid" in a:           # as a daemon keeping an unprivileged group to switch to
         os.setresgid(*[int(g) for g in a["resgid"]])
     if "resuid" in a:           # as a daemon keeping an unprivileged user to switch to later
@@ -688,6 +693,17 @@ def _apply_attrs(a: dict) -> None:
         sysapi.set_mempolicy(sysapi.MPOL[a["mempolicy"]], 0 if a["mempolicy"] == "local" else 1)
 
 
+def _autogroup_nice() -> int:
+    """"/autogroup-N nice V"; empty in the root task group (nice 0); -1
+    without autogroups (no file)."""
+    try:
+        with open("/proc/self/autogroup") as f:
+            text = f.read().split()
+    except OSError:
+        return -1
+    return int(text[-1]) if text else 0
+
+
 def _attrs_now() -> dict:
     with open("/proc/self/coredump_filter") as f:
         cdf = int(f.read().strip(), 16)
@@ -700,7 +716,7 @@ def _attrs_now() -> dict:
             "membarrier": int(sysapi.membarrier_private_expedited() == 0),
             "personality": sysapi.personality(), "timer_slack_ns": sysapi.prctl("get_timerslack"),
             "no_new_privs": sysapi.prctl("get_no_new_privs"), "oom_score_adj": oom,
-            "groups": sorted(os.getgroups()), "resuid": list(os.getresuid()), "resgid": list(os.getresgid()),
+            "groups": sorted(os.getgroups()), "autogroup_nice": _autogroup_nice(), "resuid": list(os.getresuid()), "resgid": list(os.getresgid()),
             "sched_batch": int(os.sched_getscheduler(0) == os.SCHED_BATCH),
             "seccomp_filter": int(status().get("Seccomp") == "2")}
 
