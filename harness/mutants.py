@@ -1320,6 +1320,50 @@ def m_flip_termios_echo(img: Image) -> str:
     return f"pty {r.get('index')}: ECHO {'on -> off' if lflag & ECHO else 'off -> on'}"
 
 
+def m_drop_pty_byte(img: Image) -> str:
+    """The last byte queued in a pty pair is dropped: of the bytes waiting
+    for the master's reader (the program's output), else of the raw-mode
+    input waiting for the slave's reader. Its count is made to match, so
+    the refill check agrees."""
+    fds = img.json("fds.json")
+    r = _first(_leaders(fds), lambda r: r.get("tty") == "master" and not r.get("outside")
+               and (r.get("out") or (r.get("in") and "in_lines" not in r)), "no pty with raw bytes queued")
+    name = "out" if r.get("out") else "in"
+    data = img.read(r[name])
+    img.write(r[name], data[:-1])
+    r[f"{name}_len"] = len(data) - 1
+    img.put_json("fds.json")
+    return f"pty {r.get('index')} (master fd {r['fd']}): last of {len(data)} bytes queued " \
+           f"{'for the master' if name == 'out' else 'for the slave'} dropped"
+
+
+def m_drop_fd_owner(img: Image) -> str:
+    """One open file's F_SETOWN owner and F_SETSIG signal are not set again
+    (its O_ASYNC flag is): SIGIO, SIGURG and lease breaks go nowhere, or
+    come as SIGIO instead of the signal the process waits for."""
+    fds = img.json("fds.json")
+    r = _first(_leaders(fds), lambda r: isinstance(r.get("async"), dict)
+               and (r["async"].get("owner") or r["async"].get("signal")), "no fd with an F_SETOWN owner or signal")
+    old = dict(r["async"])
+    r["async"].update(owner=0, signal=0)
+    img.put_json("fds.json")
+    return f"fd {r['fd']}: owner {old.get('owner')} (type {old.get('owner_type')}), signal {old.get('signal')} -> none"
+
+
+def m_reset_ids(img: Image) -> str:
+    """The real, effective, saved and filesystem uids and gids come back as
+    the restorer's (root's): a daemon that keeps an unprivileged id in its
+    saved set (to switch to it later) finds root there instead."""
+    creds = img.json("core.json").get("creds") or {}
+    old = (creds.get("uid"), creds.get("gid"))
+    if not any(creds.get("uid") or []) and not any(creds.get("gid") or []):
+        raise NoTarget("every uid and gid is already 0")
+    creds["uid"] = [0] * len(creds["uid"])
+    creds["gid"] = [0] * len(creds["gid"])
+    img.put_json("core.json")
+    return f"uids {old[0]} gids {old[1]} -> 0"
+
+
 def m_drop_fd(img: Image) -> str:
     """The highest-numbered fd is not restored (a kind an engine skips)."""
     fds = img.json("fds.json")
@@ -1411,6 +1455,9 @@ EDITS: Dict[str, Tuple[Callable[[Image], str], str]] = {
     "drop-udp-datagram": (m_drop_udp_datagram, "one queued UDP datagram dropped"),
     "flip-termios-echo": (m_flip_termios_echo, "a pty comes back with ECHO flipped in its termios"),
     "merge-open-files": (m_merge_open_files, "two separate opens of one file come back as one shared open file"),
+    "drop-pty-byte": (m_drop_pty_byte, "one byte queued in a pty pair dropped"),
+    "drop-fd-owner": (m_drop_fd_owner, "one fd's F_SETOWN owner and F_SETSIG signal are not set again"),
+    "reset-ids": (m_reset_ids, "the uids and gids (real, effective, saved, fs) come back as 0"),
 }
 
 
@@ -1753,6 +1800,11 @@ CAUGHT_BY: Dict[str, str] = {
     "flip-termios-echo": "the pty's termios read back by the workload (tty/*)",
     "drop-madvise": "each mapping's madvise advice (smaps VmFlags dc, dd, wf, hg, nh) compared from outside "
                     "(mmap/advice)",
+    "drop-pty-byte": "the pty's queues drained and compared byte for byte by the workload (tty/pair-raw, "
+                     "tty/pair-packet, tty/canonical-*)",
+    "drop-fd-owner": "the lease's owner and signal read back by the process (locks/lease-read, lease-write)",
+    "reset-ids": "Uid and Gid compared from outside; getresuid/getresgid read back by the process "
+                 "(process/attrs: a saved uid and a real and saved gid other than 0)",
 }
 
 

@@ -283,7 +283,8 @@ def test_image_mutants_leave_images_without_a_target_alone(procs, tmp_path):
     assert r.returncode == 0, r.stderr
     none = ["drop-offset", "drop-append", "lose-cloexec", "lose-nonblock", "lose-timerfd-ticks",
             "swap-epoll-data", "drop-pipe-byte", "drop-unix-message", "drop-tcp-byte", "drop-eventfd-count",
-            "shift-inotify-wd", "ghost-mode-0644", "split-shared-fds", "lose-sigmask", "reset-rlimits"]
+            "shift-inotify-wd", "ghost-mode-0644", "split-shared-fds", "lose-sigmask", "reset-rlimits",
+            "drop-pty-byte", "reset-ids", "drop-fd-owner"]
     before = {n: open(os.path.join(img, n), "rb").read() for n in os.listdir(img) if n.endswith(".json")}
     for name in none:
         with pytest.raises(mutants.NoTarget):
@@ -989,9 +990,14 @@ sysapi.prctl("set_timerslack", 123456)
 sysapi.prctl("set_no_new_privs", 1)
 sysapi.prctl("set_dumpable", 0)
 os.setgroups([1234])
+os.setresgid(4321, 0, 4322)                     # root stays effective: the capabilities stay
+os.setresuid(0, 0, 4323)
 os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
 sysapi.seccomp_allow_all()
 open("/proc/self/oom_score_adj", "w").write("345")
+owned, _ = os.pipe()                            # its reader: an owner and a signal, no O_ASYNC
+fcntl.fcntl(owned, fcntl.F_SETOWN, os.getpid())
+fcntl.fcntl(owned, 10, signal.SIGRTMIN + 6)     # F_SETSIG
 signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGRTMIN + 4, signal.SIGRTMIN + 5})
 sysapi.sigqueue(os.getpid(), signal.SIGRTMIN + 4, 9)    # process-wide
 signal.pthread_kill(__import__("threading").get_ident(), signal.SIGRTMIN + 5)    # the main thread's own
@@ -1026,9 +1032,9 @@ KNOB_EDITS = {"reset-personality": {"personality"}, "reset-timer-slack": {"timer
               "corrupt-environ": {"environ"},
               "drop-fd": {"fds", "fdinfo"}, "merge-open-files": {"fdinfo", "shared"}, "drop-madvise": {"advice"},
               "drop-capability": {"CapEff"}, "reset-cgroup": {"cgroup"}, "reset-oom-score-adj": {"oom_score_adj"},
-              "narrow-signalfd": {"sigmask"}, "drop-groups": {"Groups"},
+              "narrow-signalfd": {"sigmask"}, "drop-groups": {"Groups"}, "reset-ids": {"Uid", "Gid"},
               "reset-sched": {"policy"}, "drop-seccomp": {"Seccomp"}, "rename-process": {"comm"},
-              "drop-udp-datagram": {"udp"}}
+              "drop-udp-datagram": {"udp"}, "drop-fd-owner": {"owner"}}
 
 
 def _knob_facts(pid, work):
@@ -1040,7 +1046,8 @@ def _knob_facts(pid, work):
         with open(f"/proc/{pid}/{name}", "rb") as f:
             out[name] = f.read()
     status = dict(ln.split(":", 1) for ln in open(f"/proc/{pid}/status").read().splitlines())
-    out.update({k: status[k].strip() for k in ("NoNewPrivs", "ShdPnd", "SigPnd", "CapEff", "Groups", "Seccomp")})
+    out.update({k: status[k].strip() for k in ("NoNewPrivs", "ShdPnd", "SigPnd", "CapEff", "Groups", "Seccomp",
+                                                      "Uid", "Gid")})
     out["policy"] = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[38]
     out["fds"] = sorted(os.listdir(f"/proc/{pid}/fd"))
     from harness import procstate
@@ -1048,6 +1055,12 @@ def _knob_facts(pid, work):
     infos = all_fds(pid)
     out["fdinfo"] = {fd: (i.pos, i.flags) for fd, i in sorted(infos.items())}
     out["sigmask"] = [i.fdinfo.get("sigmask") for _, i in sorted(infos.items()) if "sigmask" in i.fdinfo]
+    out["owner"] = {}
+    for fd in sorted(infos):
+        with pidfd.target_fd(pid, fd) as dup:
+            owner = struct.unpack("ii", fcntl.fcntl(dup, 16, bytes(8))), fcntl.fcntl(dup, 11)   # F_GETOWN_EX, F_GETSIG
+        if owner != ((0, 0), 0):
+            out["owner"][fd] = owner
     out["udp"] = []
     for fd, i in sorted(infos.items()):     # last: reading empties the queues
         if i.link.startswith("socket:"):
@@ -1089,6 +1102,8 @@ def test_knob_mutants_break_exactly_one_thing(procs, tmp_path):
         (0, "registered", 1 << (signal.SIGRTMIN + 3), 1 << (signal.SIGRTMIN + 4))
     assert "dd" in want["advice"].values() and len(want["sigmask"]) == 1, want
     assert (want["Groups"], want["policy"], want["Seccomp"]) == ("1234", "3", "2"), want
+    assert [(o, sig - signal.SIGRTMIN) for o, sig in want["owner"].values()] == [((1, p.pid), 6)], want
+    assert (want["Uid"].split(), want["Gid"].split()) == (["0", "0", "4323", "0"], ["4321", "0", "4322", "0"]), want
     assert [b"first".hex(), b"second".hex()] in want["udp"], want
     for name, changed in sorted(KNOB_EDITS.items()):
         mine = str(tmp_path / f"img-{name}")
@@ -1143,12 +1158,13 @@ PTY = r"""
 import fcntl, os, struct, termios, time
 master, slave = os.openpty()
 fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 37, 121, 0, 0))
+os.write(slave, bytes(range(65, 65 + 26)) * 3)    # output the master has not read yet
 open("ready.tmp", "w").write(os.ttyname(slave))
 os.rename("ready.tmp", "ready")
 while True:
     time.sleep(1)
 """
-PTY_EDITS = {"reset-winsize": {"winsize"}, "flip-termios-echo": {"termios"}}
+PTY_EDITS = {"reset-winsize": {"winsize"}, "flip-termios-echo": {"termios"}, "drop-pty-byte": {"queued"}}
 
 
 def _pty_facts(pid):
@@ -1160,6 +1176,7 @@ def _pty_facts(pid):
             with pidfd.target_fd(pid, fd) as dup:
                 out["winsize"] = fcntl.ioctl(dup, termios.TIOCGWINSZ, bytes(8)).hex()
                 out["termios"] = termios.tcgetattr(dup)[:4]
+                out["queued"] = struct.unpack("i", fcntl.ioctl(dup, termios.FIONREAD, bytes(4)))[0]
     return out
 
 
@@ -1203,7 +1220,7 @@ def test_pty_mutants_break_exactly_one_thing(procs, tmp_path):
             results[name] = (what, restored(mine))
         if taken:
             continue
-        assert want["winsize"] == struct.pack("HHHH", 37, 121, 0, 0).hex(), want
+        assert want["winsize"] == struct.pack("HHHH", 37, 121, 0, 0).hex() and want["queued"] == 78, want
         for name, (what, got) in results.items():
             differ = {k for k in want if got[k] != want[k]}
             assert differ == PTY_EDITS[name], f"{name} ({what}): {got} vs {want}"

@@ -132,6 +132,9 @@ def fields(s) -> dict:
                         "oom_score_adj": s.Int(-1000, 1000),
                         # supplementary groups (setgroups), SCHED_BATCH, an allow-all seccomp filter
                         "groups": s.List_(s.Int(1, 2 ** 31 - 1)), "sched_batch": s.Bool(),
+                        # real, effective, saved uid and gid (setresuid/setresgid; an effective
+                        # uid other than 0 would take the workload's capabilities)
+                        "resuid": s.List_(s.Int(0, 2 ** 31 - 1)), "resgid": s.List_(s.Int(0, 2 ** 31 - 1)),
                         "seccomp_filter": s.Bool()}),
         "children": s.List_(s.Map({"blocked_in": s.Enum(CHILD_IN, "what a child does:"),
                                    "exit": s.Int(0, 255), "group": s.Enum(CHILD_GROUPS),
@@ -667,6 +670,10 @@ def _apply_attrs(a: dict) -> None:
             f.write(str(int(a["oom_score_adj"])))
     if "groups" in a:           # as a service started with SupplementaryGroups=
         os.setgroups([int(g) for g in a["groups"]])
+    if "resgid" in a:           # as a daemon keeping an unprivileged group to switch to
+        os.setresgid(*[int(g) for g in a["resgid"]])
+    if "resuid" in a:           # as a daemon keeping an unprivileged user to switch to later
+        os.setresuid(*[int(u) for u in a["resuid"]])
     if a.get("sched_batch"):    # as chrt -b 0 would start it
         os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
     if a.get("seccomp_filter"):     # last: as a sandboxed service runs (systemd SystemCallFilter=)
@@ -693,7 +700,8 @@ def _attrs_now() -> dict:
             "membarrier": int(sysapi.membarrier_private_expedited() == 0),
             "personality": sysapi.personality(), "timer_slack_ns": sysapi.prctl("get_timerslack"),
             "no_new_privs": sysapi.prctl("get_no_new_privs"), "oom_score_adj": oom,
-            "groups": sorted(os.getgroups()), "sched_batch": int(os.sched_getscheduler(0) == os.SCHED_BATCH),
+            "groups": sorted(os.getgroups()), "resuid": list(os.getresuid()), "resgid": list(os.getresgid()),
+            "sched_batch": int(os.sched_getscheduler(0) == os.SCHED_BATCH),
             "seccomp_filter": int(status().get("Seccomp") == "2")}
 
 
@@ -713,6 +721,7 @@ def _fp_now() -> dict:
 def _attrs_wanted(a: dict) -> dict:
     conv = {"ioprio": _ioprio_value, "mce_kill": MCE_KILL.get, "personality": PERSONALITY.get,
             "groups": lambda g: sorted(int(x) for x in g),
+            "resuid": lambda ids: [int(x) for x in ids], "resgid": lambda ids: [int(x) for x in ids],
             "mempolicy": lambda m: f"{sysapi.MPOL[m]}:{0 if m == 'local' else 1:x}"}
     return {k: conv[k](v) if k in conv else int(v) for k, v in a.items()}
 
