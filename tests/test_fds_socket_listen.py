@@ -373,3 +373,54 @@ os.dup2(l.fileno(), 500); l.close()
             c.close()
         finally:
             s.close()
+
+
+def test_unix_listener_whose_file_was_renamed_after_bind_is_restored(tmp_path):
+    """The JVM's attach listener (made in every JVM jcmd or jstack looks
+    at) binds .java_pidN.tmp and renames the file .java_pidN: found by a
+    survey of real programs, refused as "the socket file was removed or
+    replaced since bind". The restore binds the same name and renames the
+    file the same way: getsockname shows the bound name, clients connect
+    to the file's name now."""
+    bound, now = str(tmp_path / ".java_pid1.tmp"), str(tmp_path / ".java_pid1")
+    setup = f"""
+import socket
+l = socket.socket(socket.AF_UNIX); l.bind({bound!r}); os.rename({bound!r}, {now!r}); l.listen(3)
+os.dup2(l.fileno(), 500); l.close()
+"""
+    with Target(tmp_path, setup) as t:
+        img = dump(t.pid, [500], str(tmp_path / "img"))
+    assert os.path.exists(now) and not os.path.exists(bound)
+    with restore(img):
+        s = sock(500)
+        try:
+            assert s.getsockname() == bound
+            assert not os.path.exists(bound) and stat.S_ISSOCK(os.lstat(now).st_mode)
+            c = socket.socket(socket.AF_UNIX)
+            c.connect(now)
+            conn, _ = s.accept()
+            conn.close()
+            c.close()
+        finally:
+            s.close()
+
+
+def test_unix_listener_renamed_file_taken_at_restore_is_refused(tmp_path):
+    """The renamed-to path holding another file at the restore: refused
+    before anything exists, the file left alone."""
+    bound, now = str(tmp_path / "l.tmp"), str(tmp_path / "l")
+    setup = f"""
+import socket
+l = socket.socket(socket.AF_UNIX); l.bind({bound!r}); os.rename({bound!r}, {now!r}); l.listen(3)
+os.dup2(l.fileno(), 500); l.close()
+"""
+    with Target(tmp_path, setup) as t:
+        img = dump(t.pid, [500], str(tmp_path / "img"))
+    os.unlink(now)
+    with open(now, "w") as f:
+        f.write("mine")
+    with pytest.raises(Refusal) as ei:
+        with restore(img):
+            pass
+    assert ei.value.reason == "socket" and "not a socket" in ei.value.detail
+    assert open(now).read() == "mine" and not os.path.exists(bound)

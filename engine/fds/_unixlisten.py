@@ -8,7 +8,9 @@ and the backlog (wqueue = sk_max_ack_backlog, net/unix/diag.c
 sk_diag_show_rqlen); pending connections from outside the dump are
 refused (they belong to clients that would be lost). A path-bound listener's file must still be
 the bound inode (UNIX_DIAG_VFS), found through the path (relative names
-through the process's cwd).
+through the process's cwd), or the one socket file of that inode in the
+path's directory when it was renamed after bind (the JVM's attach
+listener): the restore binds the name and renames the file the same way.
 
 At restore: a stale socket file left at the path (nobody unlinks it when
 the old process dies) is removed only if it is a socket file no live
@@ -77,12 +79,18 @@ def listener_classify(info, ctx, q: dict) -> dict:
             st = os.lstat(path)
         except OSError:
             st = None
+        renamed = None
         if st is None or not stat.S_ISSOCK(st.st_mode) or d["vfs"] != (st.st_dev, st.st_ino):
-            why = "the socket file was removed or replaced since bind" if base is None else \
-                "bound to a relative path that the working directory no longer leads to"
-            raise refuse(info, "socket", f"{head}: {why}")
+            renamed = _renamed(path, d["vfs"]) if base is None else None
+            if renamed is None:
+                why = "the socket file was removed or replaced since bind" if base is None else \
+                    "bound to a relative path that the working directory no longer leads to"
+                raise refuse(info, "socket", f"{head}: {why}")
+            renamed, st = renamed
         rec["file"] = {"path": os.fsdecode(path), "base": base, "mode": stat.S_IMODE(st.st_mode),
                        "uid": st.st_uid, "gid": st.st_gid}
+        if renamed is not None:
+            rec["file"]["renamed"] = os.fsdecode(renamed)
     fresh = fresh_options(ctx, _socket.AF_UNIX, typ, 0)
     with dup_of(info) as mine:
         rec["opts"] = options(info, ctx, _socket.AF_UNIX, typ, 0, mine)
@@ -96,6 +104,40 @@ def listener_classify(info, ctx, q: dict) -> dict:
         raise refuse(info, "socket", f"{head}: {e.detail}") from None
     ctx.shared[key] = rec
     return rec
+
+
+def _renamed(path: bytes, vfs):
+    """(path, lstat) of the one socket file in the bound path's directory
+    that is the bound inode, when the file was renamed after bind (the JVM's
+    attach listener binds .java_pidN.tmp and renames it .java_pidN; jcmd
+    and jstack make one in every JVM they look at), else None. The restore
+    binds the recorded name and renames the file the same way: getsockname
+    still shows the bound name, clients find the file where it was."""
+    found = []
+    try:
+        with os.scandir(os.path.dirname(path) or b"/") as it:
+            for e in it:
+                if e.inode() == vfs[1]:
+                    st = e.stat(follow_symlinks=False)
+                    if stat.S_ISSOCK(st.st_mode) and (st.st_dev, st.st_ino) == tuple(vfs):
+                        found.append((e.path, st))
+    except OSError:
+        return None
+    return found[0] if len(found) == 1 else None
+
+
+def _renamed_path(rec: dict, ctx, text: str) -> Optional[str]:
+    """The validated "renamed" path of a listener record: a plain name in
+    the bound path's own directory. Raises image-invalid."""
+    f = rec.get("file") or {}
+    to = f.get("renamed")
+    if to is None:
+        return None
+    leaf = os.path.basename(to) if isinstance(to, str) else ""
+    if not isinstance(to, str) or "\0" in to or leaf in ("", ".", "..") or \
+            os.path.dirname(to) != os.path.dirname(f["path"]) or to == f["path"]:
+        raise refuse_rec(rec, ctx, "image-invalid", f"unix listener {text}: renamed path {to!r}")
+    return to
 
 
 def listener_text(rec: dict) -> str:
@@ -124,18 +166,21 @@ def listener_validate(rec: dict, ctx) -> None:
     name = bytes.fromhex(rec["name"])
     path = rec["file"]["path"] if rec.get("file") else None
     text = _name_text(name)
-    if path is not None:
-        if not os.path.isdir(os.path.dirname(path) or "/"):
+    renamed = _renamed_path(rec, ctx, text)
+    for at in [path, renamed] if path is not None else []:
+        if at is None:
+            continue
+        if not os.path.isdir(os.path.dirname(at) or "/"):
             raise refuse_rec(rec, ctx, "socket", f"unix listener {text}: its directory is gone")
         try:
-            st = os.lstat(path)
+            st = os.lstat(at)
             if not stat.S_ISSOCK(st.st_mode):
-                raise refuse_rec(rec, ctx, "socket", f"unix listener {text}: the path is now a "
+                raise refuse_rec(rec, ctx, "socket", f"unix listener {text}: the path {at} is now a "
                                  f"{stat.filemode(st.st_mode)[0]!r} file, not a socket; not removed")
         except FileNotFoundError:
             pass
     try:
-        busy = _in_use(name, path)
+        busy = _in_use(name, path) or (renamed is not None and _in_use(name, renamed))
     except OSError as e:
         raise refuse_rec(rec, ctx, "socket", f"unix listener {text}: cannot check the address ({e.strerror})") from e
     if busy:
@@ -217,6 +262,11 @@ def listener_restore(rec: dict, ctx) -> int:
         if why:
             raise refuse_rec(rec, ctx, "socket", f"unix listener {text}: {why}")
         ctx.shared[_unixpending.build_key(rec["inode"])] = {"clients": _unixpending.connect_all(s, rec, ctx)}
+        renamed = _renamed_path(rec, ctx, text)
+        if renamed is not None:
+            # As the program did after its bind; over a stale socket file
+            # only (listener_validate, just above).
+            os.rename(path, renamed)
         fd = s.detach()
     return with_status_flags(rec, ctx, fd)
 
