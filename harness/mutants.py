@@ -1361,6 +1361,19 @@ def m_reset_autogroup_nice(img: Image) -> str:
     return f"autogroup nice {old} -> 0"
 
 
+def m_netlink_autobind(img: Image) -> str:
+    """A netlink socket is not bound again: the kernel binds it on its
+    first send, to the pid when that is free, so only a socket whose port
+    id was not the pid comes back with another one (replies and
+    multicast addressed to the old port go nowhere)."""
+    fds = img.json("fds.json")
+    r = _first(_leaders(fds), lambda r: r.get("sock") == "netlink" and r.get("portid") and not r.get("groups"),
+               "no bound netlink socket without multicast groups")
+    old, r["portid"] = r["portid"], 0
+    img.put_json("fds.json")
+    return f"netlink fd {r['fd']}: port id {old} -> unbound (the kernel picks one)"
+
+
 def m_reset_ids(img: Image) -> str:
     """The real, effective, saved and filesystem uids and gids come back as
     the restorer's (root's): a daemon that keeps an unprivileged id in its
@@ -1468,6 +1481,7 @@ EDITS: Dict[str, Tuple[Callable[[Image], str], str]] = {
     "merge-open-files": (m_merge_open_files, "two separate opens of one file come back as one shared open file"),
     "drop-pty-byte": (m_drop_pty_byte, "one byte queued in a pty pair dropped"),
     "drop-fd-owner": (m_drop_fd_owner, "one fd's F_SETOWN owner and F_SETSIG signal are not set again"),
+    "netlink-autobind": (m_netlink_autobind, "a netlink socket is left unbound (the kernel picks its port id)"),
     "reset-autogroup-nice": (m_reset_autogroup_nice, "a session leader's autogroup comes back at nice 0"),
     "reset-ids": (m_reset_ids, "the uids and gids (real, effective, saved, fs) come back as 0"),
 }
@@ -1815,6 +1829,8 @@ CAUGHT_BY: Dict[str, str] = {
     "drop-pty-byte": "the pty's queues drained and compared byte for byte by the workload (tty/pair-raw, "
                      "tty/pair-packet, tty/canonical-*)",
     "drop-fd-owner": "the lease's owner and signal read back by the process (locks/lease-read, lease-write)",
+    "netlink-autobind": "a request answered on the same port id, the local address compared (socket/netlink-route, "
+                        "socket/netlink-port: a port id other than the pid)",
     "reset-autogroup-nice": "/proc/PID/autogroup's nice compared from outside; read back by the process "
                             "(process/attrs)",
     "reset-ids": "Uid and Gid compared from outside; getresuid/getresgid read back by the process "

@@ -284,7 +284,8 @@ def test_image_mutants_leave_images_without_a_target_alone(procs, tmp_path):
     none = ["drop-offset", "drop-append", "lose-cloexec", "lose-nonblock", "lose-timerfd-ticks",
             "swap-epoll-data", "drop-pipe-byte", "drop-unix-message", "drop-tcp-byte", "drop-eventfd-count",
             "shift-inotify-wd", "ghost-mode-0644", "split-shared-fds", "lose-sigmask", "reset-rlimits",
-            "drop-pty-byte", "reset-ids", "drop-fd-owner", "reset-autogroup-nice"]
+            "drop-pty-byte", "reset-ids", "drop-fd-owner", "reset-autogroup-nice",
+            "netlink-autobind"]
     before = {n: open(os.path.join(img, n), "rb").read() for n in os.listdir(img) if n.endswith(".json")}
     for name in none:
         with pytest.raises(mutants.NoTarget):
@@ -1000,6 +1001,9 @@ if os.path.exists("/proc/self/autogroup"):      # a session leader: its own auto
 owned, _ = os.pipe()                            # its reader: an owner and a signal, no O_ASYNC
 fcntl.fcntl(owned, fcntl.F_SETOWN, os.getpid())
 fcntl.fcntl(owned, 10, signal.SIGRTMIN + 6)     # F_SETSIG
+import socket
+nl = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)
+nl.bind((2000000002, 0))                        # a port id of its own, not the pid
 signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGRTMIN + 4, signal.SIGRTMIN + 5})
 sysapi.sigqueue(os.getpid(), signal.SIGRTMIN + 4, 9)    # process-wide
 signal.pthread_kill(__import__("threading").get_ident(), signal.SIGRTMIN + 5)    # the main thread's own
@@ -1037,7 +1041,7 @@ KNOB_EDITS = {"reset-personality": {"personality"}, "reset-timer-slack": {"timer
               "narrow-signalfd": {"sigmask"}, "drop-groups": {"Groups"}, "reset-ids": {"Uid", "Gid"},
               "reset-sched": {"policy"}, "drop-seccomp": {"Seccomp"}, "rename-process": {"comm"},
               "drop-udp-datagram": {"udp"}, "drop-fd-owner": {"owner"},
-              "reset-autogroup-nice": {"autogroup"}}
+              "reset-autogroup-nice": {"autogroup"}, "netlink-autobind": {"netlink"}}
 
 
 def _knob_facts(pid, work):
@@ -1060,9 +1064,14 @@ def _knob_facts(pid, work):
     infos = all_fds(pid)
     out["fdinfo"] = {fd: (i.pos, i.flags) for fd, i in sorted(infos.items())}
     out["sigmask"] = [i.fdinfo.get("sigmask") for _, i in sorted(infos.items()) if "sigmask" in i.fdinfo]
-    out["owner"] = {}
+    out["owner"], out["netlink"] = {}, []
     for fd in sorted(infos):
         with pidfd.target_fd(pid, fd) as dup:
+            if infos[fd].link.startswith("socket:"):
+                import socket
+                with socket.socket(fileno=os.dup(dup)) as s:
+                    if s.family == socket.AF_NETLINK:
+                        out["netlink"].append(s.getsockname())
             owner = struct.unpack("ii", fcntl.fcntl(dup, 16, bytes(8))), fcntl.fcntl(dup, 11)   # F_GETOWN_EX, F_GETSIG
         if owner != ((0, 0), 0):
             out["owner"][fd] = owner
@@ -1107,7 +1116,7 @@ def test_knob_mutants_break_exactly_one_thing(procs, tmp_path):
         (0, "registered", 1 << (signal.SIGRTMIN + 3), 1 << (signal.SIGRTMIN + 4))
     assert "dd" in want["advice"].values() and len(want["sigmask"]) == 1, want
     assert (want["Groups"], want["policy"], want["Seccomp"]) == ("1234", "3", "2"), want
-    assert want["autogroup"] in ([], ["7"]), want
+    assert want["autogroup"] in ([], ["7"]) and want["netlink"] == [(2000000002, 0)], want
     assert [(o, sig - signal.SIGRTMIN) for o, sig in want["owner"].values()] == [((1, p.pid), 6)], want
     assert (want["Uid"].split(), want["Gid"].split()) == (["0", "0", "4323", "0"], ["4321", "0", "4322", "0"]), want
     assert [b"first".hex(), b"second".hex()] in want["udp"], want

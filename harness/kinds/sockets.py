@@ -20,7 +20,7 @@ until the checker turns it on to read them). Unix sockets report SO_PEERCRED as
 made (``creator: exited-child``: a unix-pair made by a child under other
 credentials that has exited; ``outside``: by a live process outside the
 dump). A netlink-route socket keeps its port id and answers a request on it (``data``: a reply is left queued
-before the dump). A packet socket is refused by name.
+before the dump; ``port``: bound to that port id, not the kernel's pick). A packet socket is refused by name.
 
 A tcp-half-closed connection is a tcp-established one whose peer end
 has shut down writing (``fd`` in CLOSE_WAIT, ``peer_fd`` in FIN_WAIT2, or
@@ -70,7 +70,8 @@ def fields(s) -> dict:
             "peer_data": s.Data(), "sender": s.Enum(("inside", "outside")),
             "creator": s.Enum(("self", "exited-child", "outside")),
             "carry": s.List_(s.Enum(CARRY)), "passcred": s.Bool(), "passcred_off": s.Bool(), "bind": s.Str(), "peer_bind": s.Str(),
-            "options": s.Map({name: s.Int(0, 2**31 - 1) for name in OPTIONS})}
+            "options": s.Map({name: s.Int(0, 2**31 - 1) for name in OPTIONS}),
+            "port": s.Int(1, 2**31 - 1)}
 
 
 # Options a scenario can set on ``fd`` (setsockopt, int-valued): (level, option)
@@ -124,6 +125,8 @@ def validate(e: dict, fds: dict) -> List[tuple]:
         return [("creator", "only a unix-pair is made by another process")]
     if ("bind" in e or "peer_bind" in e) and not (_outside_tcp(e) and "bind" in e and "peer_bind" in e):
         return [("bind", "bind and peer_bind (both) are for a tcp-established socket with sender: outside")]
+    if "port" in e and sock != "netlink-route":
+        return [("port", "only a netlink-route socket is bound to a port id here")]
     if e.get("passcred_off") and not e.get("passcred"):
         return [("passcred_off", "only with passcred")]
     for k in ("carry", "passcred", "passcred_off"):
@@ -250,7 +253,7 @@ def opener(e: dict, ctx: Ctx) -> List[Opened]:
         return [Opened(s.detach(), int(e["fd"]), "sock", {"sender": sender})]
     if kind == "netlink-route":
         s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_ROUTE)
-        s.bind((0, 0))
+        s.bind((int(e.get("port", 0)), 0))     # 0: the kernel's pick (the pid, when free)
         if e.get("data"):
             s.send(_getlink(1))
         return [Opened(s.detach(), int(e["fd"]), "sock")]
