@@ -1828,7 +1828,8 @@ CAUGHT_BY: Dict[str, str] = {
                     "(mmap/advice)",
     "drop-pty-byte": "the pty's queues drained and compared byte for byte by the workload (tty/pair-raw, "
                      "tty/pair-packet, tty/canonical-*)",
-    "drop-fd-owner": "the lease's owner and signal read back by the process (locks/lease-read, lease-write)",
+    "drop-fd-owner": "every fd's owner and signal read back by the process (F_GETOWN_EX, F_GETSIG: "
+                     "pipe/owner-signal, locks/lease-read, lease-write)",
     "netlink-autobind": "a request answered on the same port id, the local address compared (socket/netlink-route, "
                         "socket/netlink-port: a port id other than the pid)",
     "reset-autogroup-nice": "/proc/PID/autogroup's nice compared from outside; read back by the process "

@@ -320,11 +320,14 @@ def _steps() -> Check:
 
 def _fd_entry() -> Check:
     """Built from the kind registry (harness/kinds): each kind declares its
-    own fields; every entry may set ``fd``, ``cloexec`` and ``held_outside``
+    own fields; every entry may set ``fd``, ``cloexec``, ``held_outside``
     (a process outside the dump holds a duplicate of each fd the entry made:
-    the same open file, harness/workload.py open_all)."""
+    the same open file, harness/workload.py open_all) and ``owner_signal``
+    (each fd the entry made owned by the process, F_SETOWN, with that
+    F_SETSIG signal, no O_ASYNC)."""
     return Discriminated({k: m.fields(_this()) for k, m in kinds.KINDS.items()},
-                         common={"fd": FdNum(), "cloexec": Bool(), "held_outside": Bool()},
+                         common={"fd": FdNum(), "cloexec": Bool(), "held_outside": Bool(),
+                                 "owner_signal": Int(0, 64)},
                          required={k: getattr(m, "REQUIRED", ("fd",)) for k, m in kinds.KINDS.items()})
 
 

@@ -40,6 +40,7 @@ import fcntl
 import gc
 import os
 import stat
+import struct
 import sys
 import time
 # the C module the signal package wraps: the same calls and numbers, without
@@ -132,7 +133,20 @@ def observe(fd: int) -> Dict[str, Any]:
         pos = None       # ESPIPE: pipes, sockets, most anon inodes
     return {"fmt": stat.S_IFMT(st.st_mode), "flags": fcntl.fcntl(fd, fcntl.F_GETFL),
             "cloexec": bool(fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC),
-            "pos": pos, "link": os.readlink(f"/proc/self/fd/{fd}")}
+            "pos": pos, "link": os.readlink(f"/proc/self/fd/{fd}"), "owner": _owner(fd)}
+
+
+F_SETSIG, F_GETSIG, F_GETOWN_EX = 10, 11, 16       # fcntl(2)
+
+
+def _owner(fd: int) -> Any:
+    """[owner type, owner, signal] (F_GETOWN_EX, F_GETSIG): where SIGIO,
+    SIGURG and lease breaks go; None where the fd can have none (O_PATH)."""
+    try:
+        typ, pid = struct.unpack("ii", fcntl.fcntl(fd, F_GETOWN_EX, bytes(8)))
+        return [typ, pid, fcntl.fcntl(fd, F_GETSIG)]
+    except OSError:
+        return None
 
 
 def setup_model(spec: dict, phases=("setup",)) -> world.Model:
@@ -168,6 +182,9 @@ def open_all(spec: dict, ctx: kinds.Ctx) -> List[dict]:
             os.close(high)
             if hasattr(kind, "finish"):
                 kind.finish(e, o.target)
+            if "owner_signal" in e:       # owned, as a program setting up SIGIO/SIGURG does
+                fcntl.fcntl(o.target, fcntl.F_SETOWN, os.getpid())
+                fcntl.fcntl(o.target, F_SETSIG, int(e["owner_signal"]))
             if e.get("held_outside"):
                 # the same open file, in a process outside the tree: a boundary the engine must see
                 outside = __import__(kinds.__name__ + ".outside", fromlist=["spawn"])
@@ -394,7 +411,8 @@ def common_checks(rec: dict) -> List[dict]:
     out = [kinds.check(fd, "kind (S_IFMT)", obs["fmt"], now["fmt"]),
            kinds.check(fd, "flags (F_GETFL)", oct(obs["flags"]), oct(now["flags"])),
            kinds.check(fd, "close-on-exec", obs["cloexec"], now["cloexec"]),
-           kinds.check(fd, "offset", obs["pos"], now["pos"])]
+           kinds.check(fd, "offset", obs["pos"], now["pos"]),
+           kinds.check(fd, "owner and signal (F_GETOWN_EX, F_GETSIG)", obs.get("owner"), now["owner"])]
     link = obs["link"]
     if link.startswith("anon_inode:"):
         # the whole type (anon_inode:[eventfd] is not anon_inode:[timerfd]);

@@ -281,6 +281,16 @@ def failed_verdict(w):
     return v
 
 
+def test_a_lost_owner_or_signal_is_caught(live):
+    w, g = live(fds=[{"pipe": {"read": 3, "write": 4}, "owner_signal": 40}])
+    fcntl.fcntl(g(3), 10, 0)                  # F_SETSIG: back to SIGIO
+    fcntl.fcntl(g(4), fcntl.F_SETOWN, 0)      # no owner
+    g.close()
+    v = failed_verdict(w)
+    assert bad_whats(v) == {"owner and signal (F_GETOWN_EX, F_GETSIG)"}
+    assert {c["fd"] for c in failed(v)} == {3, 4}
+
+
 def test_lost_timerfd_ticks_are_caught(live):
     w, g = live(fds=[{"fd": 3, "timerfd": {"value_ms": 5, "interval_ms": 3600000, "expirations": 1}}])
     assert struct.unpack("Q", os.read(g(3), 8))[0] == 1       # someone consumed the expiration
@@ -548,9 +558,10 @@ def test_a_lost_lease_is_caught(live):
     w, g = live(fds=[{"fd": 3, "lock": "lease", "path": "db", "mode": "write"}], setup=LEASE_SETUP)
     fcntl.fcntl(g(3), 1024, fcntl.F_UNLCK)          # the lease is gone, the open file stays
     g.close()
-    # (removing a lease also clears the O_ASYNC that setting it turned on)
+    # (removing a lease also clears the O_ASYNC and the signal that setting it set)
     assert bad_whats(failed_verdict(w), 3) == {"the lease, as fdinfo shows it", "flags (F_GETFL)",
                                               "F_GETLEASE, owner (F_GETOWN), F_GETSIG",
+                                              "owner and signal (F_GETOWN_EX, F_GETSIG)",
                                               "the lease turns away an open that would break it"}
 
 
