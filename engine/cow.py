@@ -102,6 +102,20 @@ def pfns_visible() -> bool:
     return bool(entry) and int.from_bytes(entry, "little") & PFN_MASK != 0
 
 
+def _runs(flags: bytearray, base: int) -> List[List[int]]:
+    """[addr, npages] of each run of b"1" in `flags` (one byte a page from `base`)."""
+    out: List[List[int]] = []
+    n = len(flags)
+    i = flags.find(b"1")
+    while i >= 0:
+        j = flags.find(b"0", i)
+        if j < 0:
+            j = n
+        out.append([base + i * PAGE, j - i])
+        i = flags.find(b"1", j)
+    return out
+
+
 def shared_runs(mine: bytes, theirs: bytes, base: int, anon_only: bool) -> List[List[int]]:
     """Runs [addr, npages] where both raw pagemaps show the same present
     page (the PFNs visible: pfns_visible), anonymous for a file mapping.
@@ -122,15 +136,7 @@ def shared_runs(mine: bytes, theirs: bytes, base: int, anon_only: bool) -> List[
             if (a & PRESENT and b & PRESENT and a & PFN_MASK and a & PFN_MASK == b & PFN_MASK
                     and not (anon_only and (a | b) & FILE_OR_SHARED)):
                 flags[c + i] = 0x31
-    out: List[List[int]] = []
-    i = flags.find(b"1")
-    while i >= 0:
-        j = flags.find(b"0", i)
-        if j < 0:
-            j = n
-        out.append([base + i * PAGE, j - i])
-        i = flags.find(b"1", j)
-    return out
+    return _runs(flags, base)
 
 
 def find(members: List[Tuple[int, int, List[dict]]]) -> Dict[int, Dict[int, List[List[int]]]]:
@@ -205,7 +211,6 @@ def unpinned_runs(raw: bytes, base: int, anon_only: bool) -> List[List[int]]:
     n = len(raw) // 8
     flags = bytearray(raw[7:n * 8:8].translate(_SHARED_ANON if anon_only else _SHARED))
     zero = zero_pfn()
-    out: List[List[int]] = []
     i = flags.find(b"1")
     while i >= 0:
         j = flags.find(b"0", i)
@@ -216,14 +221,7 @@ def unpinned_runs(raw: bytes, base: int, anon_only: bool) -> List[List[int]]:
                 if e & PFN_MASK == zero:
                     flags[i + k] = 0x30
         i = flags.find(b"1", j)
-    i = flags.find(b"1")
-    while i >= 0:
-        j = flags.find(b"0", i)
-        if j < 0:
-            j = n
-        out.append([base + i * PAGE, j - i])
-        i = flags.find(b"1", j)
-    return out
+    return _runs(flags, base)
 
 
 def mark(found: Dict[int, List[List[int]]], vmas: List[dict]) -> int:

@@ -242,6 +242,33 @@ def _on_chain(recs: dict, a: int, b: int) -> bool:
     return bool(fb) and fb[-1]["node"] in {f["node"] for f in recs[a]["filters"]}
 
 
+def _threads(recs: dict, order: List[int]):
+    """(threads with a record in list order, those of them in filter mode);
+    strict mode in a multi-threaded process is refused."""
+    live = [t for t in order if t in recs]
+    if any(recs[t]["mode"] == 1 for t in live):
+        raise Refusal("threads", "seccomp strict mode in a multi-threaded process is not restored",
+                      pid=live[0] if live else None)
+    return live, [t for t in live if recs[t]["mode"] == 2]
+
+
+def _probe_passed(tasks: dict, recs: dict, live: List[int], a: int, scratch: int):
+    """One probe from thread `a`: (the thread the kernel names, None for
+    none; the threads before it in list order, whose newest filters are
+    therefore on a's chain)."""
+    first = probe(tasks[a], scratch)
+    if first is not None and first not in recs:
+        raise Refusal("threads", f"seccomp probe from thread {a} named thread {first}, not one of the "
+                      "process's", pid=a)
+    passed = []
+    for b in live:
+        if b == first:
+            break
+        if b != a:
+            passed.append(b)
+    return first, passed
+
+
 def share(tasks: dict, recs: dict, order: List[int], scratch: int) -> int:
     """Dump: which filters the threads share, learnt by probes (see above),
     written as the filters' "node" numbers. `tasks`: {tid: frozen Task,
@@ -257,11 +284,7 @@ def share(tasks: dict, recs: dict, order: List[int], scratch: int) -> int:
     positions: thread, depth); a no keeps two positions apart, and with
     them their descendants. Positions never joined are filters nobody can
     tell shared or not (nobody's newest): each is its own."""
-    live = [t for t in order if t in recs]
-    if any(recs[t]["mode"] == 1 for t in live):
-        raise Refusal("threads", "seccomp strict mode in a multi-threaded process is not restored",
-                      pid=live[0] if live else None)
-    filtered = [t for t in live if recs[t]["mode"] == 2]
+    live, filtered = _threads(recs, order)
     key = {t: _key(recs[t]) for t in filtered}
     depth = {t: len(key[t]) for t in filtered}
     pairs = [(a, b) for a in filtered for b in filtered if a != b and key[a][:depth[b]] == key[b]]
@@ -291,17 +314,11 @@ def share(tasks: dict, recs: dict, order: List[int], scratch: int) -> int:
     for a in sorted(filtered, key=lambda t: (-depth[t], live.index(t))):
         if all(decided(a, b) for x, b in pairs if x == a):
             continue
-        first = blocker[a] = probe(tasks[a], scratch)
+        first, passed = _probe_passed(tasks, recs, live, a, scratch)
+        blocker[a] = first
         probes += 1
-        if first is not None and first not in recs:
-            raise Refusal("threads", f"seccomp probe from thread {a} named thread {first}, not one of the "
-                          "process's", pid=a)
-        for b in live:
-            if b == a:
-                continue
-            if b == first:
-                break
-            if b in depth:      # passed: its newest filter is on a's chain
+        for b in passed:
+            if b in depth:      # its newest filter is on a's chain
                 if key[a][:depth[b]] != key[b]:
                     raise Refusal("threads", f"seccomp: thread {b}'s filters pass thread {a}'s TSYNC check "
                                   "though their programs differ", pid=a)
@@ -329,11 +346,7 @@ def check_sharing(tasks: dict, recs: dict, order: List[int], scratch: int, hidde
     """The restore's reading back of what it built: the probes' answers
     against the sharing the "node" numbers state (`hidden_ok`: a pair no
     probe reaches in the new thread order is left to the construction)."""
-    live = [t for t in order if t in recs]
-    filtered = [t for t in live if recs[t]["mode"] == 2]
-    if any(recs[t]["mode"] == 1 for t in live):
-        raise Refusal("threads", "seccomp strict mode in a multi-threaded process is not restored",
-                      pid=live[0] if live else None)
+    live, filtered = _threads(recs, order)
     pos = {t: i for i, t in enumerate(filtered)}
     n = len(filtered)
     # known[i]: bit j set when "filtered[j]'s newest is on filtered[i]'s
@@ -350,17 +363,11 @@ def check_sharing(tasks: dict, recs: dict, order: List[int], scratch: int, hidde
         i = pos[a]
         if claims[i] & ~known[i] == 0:
             continue
-        first = blocker[a] = probe(tasks[a], scratch)
+        first, passed = _probe_passed(tasks, recs, live, a, scratch)
+        blocker[a] = first
         probes += 1
-        if first is not None and first not in recs:
-            raise Refusal("threads", f"seccomp probe from thread {a} named thread {first}, not one of the "
-                          "process's", pid=a)
-        for b in live:
-            if b == a:
-                continue
-            if b == first:
-                break
-            if b in pos:      # passed: its newest filter is on a's chain
+        for b in passed:
+            if b in pos:      # its newest filter is on a's chain
                 if not claims[i] >> pos[b] & 1:
                     raise Refusal("threads", f"seccomp: thread {b}'s filters pass thread {a}'s TSYNC check "
                                   "though the image has them apart", pid=a)
