@@ -1374,6 +1374,17 @@ def m_netlink_autobind(img: Image) -> str:
     return f"netlink fd {r['fd']}: port id {old} -> unbound (the kernel picks one)"
 
 
+def m_ping_unbound(img: Image) -> str:
+    """A ping socket comes back unbound: the kernel picks another ident at
+    its first send, and echo replies to the old one go nowhere."""
+    fds = img.json("fds.json")
+    r = _first(_leaders(fds), lambda r: r.get("sock") == "ping" and r.get("addr") and r["addr"][1],
+               "no ping socket bound to an ident")
+    old, r["addr"] = r["addr"], None
+    img.put_json("fds.json")
+    return f"ping fd {r['fd']}: bound to {old[0]} ident {old[1]} -> unbound"
+
+
 def m_reset_ids(img: Image) -> str:
     """The real, effective, saved and filesystem uids and gids come back as
     the restorer's (root's): a daemon that keeps an unprivileged id in its
@@ -1482,6 +1493,7 @@ EDITS: Dict[str, Tuple[Callable[[Image], str], str]] = {
     "drop-pty-byte": (m_drop_pty_byte, "one byte queued in a pty pair dropped"),
     "drop-fd-owner": (m_drop_fd_owner, "one fd's F_SETOWN owner and F_SETSIG signal are not set again"),
     "netlink-autobind": (m_netlink_autobind, "a netlink socket is left unbound (the kernel picks its port id)"),
+    "ping-unbound": (m_ping_unbound, "a ping socket comes back unbound (another ident at its first send)"),
     "reset-autogroup-nice": (m_reset_autogroup_nice, "a session leader's autogroup comes back at nice 0"),
     "reset-ids": (m_reset_ids, "the uids and gids (real, effective, saved, fs) come back as 0"),
 }
@@ -1832,6 +1844,7 @@ CAUGHT_BY: Dict[str, str] = {
                      "pipe/owner-signal, locks/lease-read, lease-write)",
     "netlink-autobind": "a request answered on the same port id, the local address compared (socket/netlink-route, "
                         "socket/netlink-port: a port id other than the pid)",
+    "ping-unbound": "the local address compared and an echo request answered on the same ident (socket/ping)",
     "reset-autogroup-nice": "/proc/PID/autogroup's nice compared from outside; read back by the process "
                             "(process/attrs)",
     "reset-ids": "Uid and Gid compared from outside; getresuid/getresgid read back by the process "

@@ -285,7 +285,7 @@ def test_image_mutants_leave_images_without_a_target_alone(procs, tmp_path):
             "swap-epoll-data", "drop-pipe-byte", "drop-unix-message", "drop-tcp-byte", "drop-eventfd-count",
             "shift-inotify-wd", "ghost-mode-0644", "split-shared-fds", "lose-sigmask", "reset-rlimits",
             "drop-pty-byte", "reset-ids", "drop-fd-owner", "reset-autogroup-nice",
-            "netlink-autobind"]
+            "netlink-autobind", "ping-unbound"]
     before = {n: open(os.path.join(img, n), "rb").read() for n in os.listdir(img) if n.endswith(".json")}
     for name in none:
         with pytest.raises(mutants.NoTarget):
@@ -1004,6 +1004,11 @@ fcntl.fcntl(owned, 10, signal.SIGRTMIN + 6)     # F_SETSIG
 import socket
 nl = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)
 nl.bind((2000000002, 0))                        # a port id of its own, not the pid
+try:                                            # where ping_group_range lets root's group
+    ping = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)
+    ping.bind(("127.0.0.1", 0))
+except OSError:
+    pass
 signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGRTMIN + 4, signal.SIGRTMIN + 5})
 sysapi.sigqueue(os.getpid(), signal.SIGRTMIN + 4, 9)    # process-wide
 signal.pthread_kill(__import__("threading").get_ident(), signal.SIGRTMIN + 5)    # the main thread's own
@@ -1041,7 +1046,8 @@ KNOB_EDITS = {"reset-personality": {"personality"}, "reset-timer-slack": {"timer
               "narrow-signalfd": {"sigmask"}, "drop-groups": {"Groups"}, "reset-ids": {"Uid", "Gid"},
               "reset-sched": {"policy"}, "drop-seccomp": {"Seccomp"}, "rename-process": {"comm"},
               "drop-udp-datagram": {"udp"}, "drop-fd-owner": {"owner"},
-              "reset-autogroup-nice": {"autogroup"}, "netlink-autobind": {"netlink"}}
+              "reset-autogroup-nice": {"autogroup"}, "netlink-autobind": {"netlink"},
+              "ping-unbound": {"ping"}}
 
 
 def _knob_facts(pid, work):
@@ -1064,7 +1070,7 @@ def _knob_facts(pid, work):
     infos = all_fds(pid)
     out["fdinfo"] = {fd: (i.pos, i.flags) for fd, i in sorted(infos.items())}
     out["sigmask"] = [i.fdinfo.get("sigmask") for _, i in sorted(infos.items()) if "sigmask" in i.fdinfo]
-    out["owner"], out["netlink"] = {}, []
+    out["owner"], out["netlink"], out["ping"] = {}, [], []
     for fd in sorted(infos):
         with pidfd.target_fd(pid, fd) as dup:
             if infos[fd].link.startswith("socket:"):
@@ -1072,6 +1078,8 @@ def _knob_facts(pid, work):
                 with socket.socket(fileno=os.dup(dup)) as s:
                     if s.family == socket.AF_NETLINK:
                         out["netlink"].append(s.getsockname())
+                    elif s.family == socket.AF_INET and s.proto == socket.IPPROTO_ICMP:
+                        out["ping"].append(s.getsockname())
             owner = struct.unpack("ii", fcntl.fcntl(dup, 16, bytes(8))), fcntl.fcntl(dup, 11)   # F_GETOWN_EX, F_GETSIG
         if owner != ((0, 0), 0):
             out["owner"][fd] = owner
@@ -1117,6 +1125,7 @@ def test_knob_mutants_break_exactly_one_thing(procs, tmp_path):
     assert "dd" in want["advice"].values() and len(want["sigmask"]) == 1, want
     assert (want["Groups"], want["policy"], want["Seccomp"]) == ("1234", "3", "2"), want
     assert want["autogroup"] in ([], ["7"]) and want["netlink"] == [(2000000002, 0)], want
+    assert all(a == "127.0.0.1" and ident for a, ident in want["ping"]), want
     assert [(o, sig - signal.SIGRTMIN) for o, sig in want["owner"].values()] == [((1, p.pid), 6)], want
     assert (want["Uid"].split(), want["Gid"].split()) == (["0", "0", "4323", "0"], ["4321", "0", "4322", "0"]), want
     assert [b"first".hex(), b"second".hex()] in want["udp"], want
@@ -1128,7 +1137,8 @@ def test_knob_mutants_break_exactly_one_thing(procs, tmp_path):
         except mutants.NoTarget:
             # only where the tests run in the root cgroup of every hierarchy
             assert (name == "reset-cgroup" and all(ln.endswith(b":/") for ln in want["cgroup"].split())) \
-                or (name == "reset-autogroup-nice" and want["autogroup"] == []), name
+                or (name == "reset-autogroup-nice" and want["autogroup"] == []) \
+                or (name == "ping-unbound" and want["ping"] == []), name
             continue
         ImageReader(mine).verify()
         got = restored(mine)

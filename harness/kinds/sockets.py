@@ -1,5 +1,5 @@
 """``socket``: unix-pair, unix-listen, unix-pending, unix-dgram, tcp-listen,
-tcp-pending, tcp-established, udp, udp6, netlink-route, packet.
+tcp-pending, tcp-established, udp, udp6, netlink-route, packet, ping.
 
 Queued bytes are seeded in BOTH directions of a connected pair (``data``
 waits on ``fd``, ``peer_data`` on ``peer_fd``); the checker drains both
@@ -20,7 +20,8 @@ until the checker turns it on to read them). Unix sockets report SO_PEERCRED as
 made (``creator: exited-child``: a unix-pair made by a child under other
 credentials that has exited; ``outside``: by a live process outside the
 dump). A netlink-route socket keeps its port id and answers a request on it (``data``: a reply is left queued
-before the dump; ``port``: bound to that port id, not the kernel's pick). A packet socket is refused by name.
+before the dump; ``port``: bound to that port id, not the kernel's pick). A ping socket (ICMP datagram, bound
+to 127.0.0.1) keeps its ident and gets the reply to an echo request. A packet socket is refused by name.
 
 A tcp-half-closed connection is a tcp-established one whose peer end
 has shut down writing (``fd`` in CLOSE_WAIT, ``peer_fd`` in FIN_WAIT2, or
@@ -57,7 +58,7 @@ from .core import MARKER, Ctx, Opened, bytes_check, check, drain, seeded_bytes, 
 KIND = "socket"
 TAGS = ("socket",)
 SOCKETS = ("unix-pair", "unix-listen", "unix-pending", "unix-dgram", "tcp-listen", "tcp-pending", "tcp-established",
-           "tcp-half-closed", "udp", "udp6", "netlink-route", "packet")
+           "tcp-half-closed", "udp", "udp6", "netlink-route", "packet", "ping")
 _NETLINK_ROUTE, _RTM_GETLINK, _NLM_F_REQUEST = 0, 18, 1
 PAIRS = ("unix-pair", "tcp-established", "tcp-half-closed")
 
@@ -259,6 +260,17 @@ def opener(e: dict, ctx: Ctx) -> List[Opened]:
         return [Opened(s.detach(), int(e["fd"]), "sock")]
     if kind == "packet":
         s = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, 0)
+        return [Opened(s.detach(), int(e["fd"]), "sock")]
+    if kind == "ping":      # as ping(8) runs unprivileged (net.ipv4.ping_group_range)
+        try:
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)
+        except PermissionError:
+            # the kernel's default range "1 0" lets no group (a guest without
+            # systemd's sysctl.d, which allows every group): let root's alone
+            with open("/proc/sys/net/ipv4/ping_group_range", "w") as f:
+                f.write("0 0")
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)
+        s.bind(("127.0.0.1", 0))        # the kernel picks its ident (the echo id)
         return [Opened(s.detach(), int(e["fd"]), "sock")]
     raise ValueError(f"unknown socket kind {kind}")
 
@@ -572,6 +584,16 @@ def checker(e: dict, recs: List[dict], ctx: Ctx, phase: str) -> List[dict]:
             ok = wait_readable(fd, 2)
             reply = s.recv(65536, socket.MSG_DONTWAIT) if ok else b""
             out.append(check(fd, "the queued reply", 1, struct.unpack_from("=I", reply, 8)[0] if reply else None))
+        elif phase == "mutate" and kind == "ping":
+            # an echo request: the kernel puts the socket's ident in it and
+            # hands the reply to the socket with that ident
+            s.sendto(struct.pack("!BBHHH", 8, 0, 0, 0, 7) + MARKER, ("127.0.0.1", 0))
+            ok = wait_readable(fd, 2)
+            reply = s.recv(65536, socket.MSG_DONTWAIT) if ok else b""
+            got = list(struct.unpack_from("!BBHHH", reply)) if len(reply) >= 8 else None
+            out.append(check(fd, "an echo request is answered on the same ident (type, ident, sequence)",
+                             [0, by_role["sock"]["extra"]["sockname"][1], 7],
+                             [got[0], got[3], got[4]] if got else None))
         elif phase == "mutate" and kind == "netlink-route":
             s.send(_getlink(4242))
             ok = wait_readable(fd, 2)
