@@ -383,6 +383,11 @@ class Guest:
             self._qemu_log_file = None
         self._proc = None
         _LIVE.discard(self)
+        if self.segment:
+            try:
+                os.unlink(self.segment[0])     # QEMU binds it and never removes it: one left a guest
+            except OSError:
+                pass
         if self._tmp is not None:
             if self.log_dir is None:
                 # logs lived in the temp dir: keep their tail for post-mortems
