@@ -38,12 +38,17 @@ def compile_counter(outdir: str) -> str:
     return exe
 
 
-def compile_target(tmp_path_factory, name: str) -> str:
-    """tests/targets/NAME.c built once per module (a module-scoped fixture's body)."""
-    exe = str(tmp_path_factory.mktemp(f"{name}-bin") / name)
-    subprocess.run(["gcc", "-O2", "-Wall", "-o", exe, os.path.join(TARGETS, f"{name}.c")], check=True,
+def build_target(directory, name: str, *flags: str) -> str:
+    """tests/targets/NAME.c built into `directory` (gcc `flags`: -pthread, -lrt ...)."""
+    exe = os.path.join(str(directory), name)
+    subprocess.run(["gcc", "-O2", "-Wall", "-o", exe, os.path.join(TARGETS, f"{name}.c"), *flags], check=True,
                    capture_output=True)
     return exe
+
+
+def compile_target(tmp_path_factory, name: str, *flags: str) -> str:
+    """tests/targets/NAME.c built once per module (a module-scoped fixture's body)."""
+    return build_target(tmp_path_factory.mktemp(f"{name}-bin"), name, *flags)
 
 
 def lines_of(out: str, prefix: str) -> list:

@@ -27,7 +27,7 @@ from engine.context import Options
 from engine.dump import dump
 from engine.errors import Refusal
 from engine.restore import restore
-from engine_core_support import TARGETS, procs, wait_for  # noqa: F401
+from engine_core_support import compile_target, procs, wait_for  # noqa: F401
 
 PAGE = 4096
 NPAGES = 64
@@ -39,10 +39,7 @@ pytestmark = [pytest.mark.timeout(300),
 
 @pytest.fixture(scope="module")
 def cowtree(tmp_path_factory):
-    exe = str(tmp_path_factory.mktemp("cowtree") / "cowtree")
-    subprocess.run(["gcc", "-O2", "-Wall", "-o", exe, os.path.join(TARGETS, "cowtree.c")], check=True,
-                   close_fds=True)
-    return exe
+    return compile_target(tmp_path_factory, "cowtree")
 
 
 def _ppid(pid: int) -> int:

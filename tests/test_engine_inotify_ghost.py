@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 
 import pytest
 
@@ -17,15 +16,12 @@ from engine.dump import dump
 from engine.errors import EngineError
 from engine.fds import inotify
 from engine.restore import restore
-from engine_core_support import TARGETS, lines_of, procs, wait_for  # noqa: F401
+from engine_core_support import compile_target, lines_of, procs, wait_for  # noqa: F401
 
 
 @pytest.fixture(scope="module")
 def inoghost_bin(tmp_path_factory) -> str:
-    exe = str(tmp_path_factory.mktemp("inoghost-bin") / "inoghost")
-    subprocess.run(["gcc", "-O2", "-Wall", "-o", exe, os.path.join(TARGETS, "inoghost.c")],
-                   check=True, capture_output=True)
-    return exe
+    return compile_target(tmp_path_factory, "inoghost")
 
 
 def _start(procs, exe, tmp_path):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 
 import pytest
 
@@ -15,7 +14,7 @@ from engine.context import Options
 from engine.dump import dump
 from engine.errors import Refusal, Refusals
 from engine.restore import restore
-from engine_core_support import TARGETS, procs, wait_for  # noqa: F401
+from engine_core_support import build_target, procs, wait_for  # noqa: F401
 
 
 def _lines(out):
@@ -23,9 +22,7 @@ def _lines(out):
 
 
 def test_process_without_vdso(procs, tmp_path):  # noqa: F811
-    exe = str(tmp_path / "novdso")
-    subprocess.run(["gcc", "-O2", "-Wall", "-o", exe, os.path.join(TARGETS, "novdso.c")], check=True,
-                   capture_output=True)
+    exe = _build(tmp_path)
     out = str(tmp_path / "out")
     p = procs.start([exe, out])
     wait_for(lambda: _lines(out) or p.poll() is not None, what="the target")
@@ -49,10 +46,7 @@ def _special(pid):
 
 
 def _build(tmp_path):
-    exe = str(tmp_path / "novdso")
-    subprocess.run(["gcc", "-O2", "-Wall", "-o", exe, os.path.join(TARGETS, "novdso.c")], check=True,
-                   capture_output=True)
-    return exe
+    return build_target(tmp_path, "novdso")
 
 
 def test_process_that_dropped_only_its_vdso_code(procs, tmp_path):  # noqa: F811

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 
 import pytest
 
@@ -22,15 +21,12 @@ from engine.context import Options
 from engine.dump import dump
 from engine.errors import EngineError, Refusal, Refusals
 from engine.restore import restore
-from engine_core_support import TARGETS, lines_of, procs, wait_for  # noqa: F401
+from engine_core_support import compile_target, lines_of, procs, wait_for  # noqa: F401
 
 
 @pytest.fixture(scope="module")
 def secthreads_bin(tmp_path_factory) -> str:
-    exe = str(tmp_path_factory.mktemp("secthreads-bin") / "secthreads")
-    subprocess.run(["gcc", "-O2", "-Wall", "-pthread", "-o", exe, os.path.join(TARGETS, "secthreads.c")],
-                   check=True, capture_output=True)
-    return exe
+    return compile_target(tmp_path_factory, "secthreads", "-pthread")
 
 
 def _start(procs, exe, tmp_path, mode):

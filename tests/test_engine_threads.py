@@ -23,7 +23,7 @@ from engine.context import Options
 from engine.dump import check, dump
 from engine.errors import EngineError, Refusal, Refusals
 from engine.restore import restore
-from engine_core_support import TARGETS, procs, python_exe, wait_for  # noqa: F401
+from engine_core_support import TARGETS, build_target, procs, python_exe, wait_for  # noqa: F401
 
 NAMES = ("lock", "cond", "sleep", "join", "futex", "poll", "read", "busy", "main")
 
@@ -347,9 +347,7 @@ def test_thread_with_its_own_machine_check_kill_policy(procs, tmp_path):
     (found by a survey of real programs: qemu-system-x86_64 was refused
     `threads`, "differs from the leader in machine-check kill policy").
     The thread sets its own after its clone; the leader keeps the default."""
-    exe = str(tmp_path / "mcethread")
-    subprocess.run(["gcc", "-O2", "-Wall", "-pthread", "-o", exe, os.path.join(TARGETS, "mcethread.c")],
-                   check=True, capture_output=True)
+    exe = build_target(tmp_path, "mcethread", "-pthread")
     out = tmp_path / "out"
     lines = lambda: out.read_text().splitlines() if out.exists() else []  # noqa: E731
     p = procs.start([exe, str(out)])

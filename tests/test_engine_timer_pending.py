@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 
 import pytest
 
@@ -19,15 +18,12 @@ from engine.context import Options
 from engine.dump import dump
 from engine.errors import EngineError, Refusal, Refusals
 from engine.restore import restore
-from engine_core_support import TARGETS, lines_of, procs, wait_for  # noqa: F401
+from engine_core_support import compile_target, lines_of, procs, wait_for  # noqa: F401
 
 
 @pytest.fixture(scope="module")
 def tmrpend_bin(tmp_path_factory) -> str:
-    exe = str(tmp_path_factory.mktemp("tmrpend-bin") / "tmrpend")
-    subprocess.run(["gcc", "-O2", "-Wall", "-pthread", "-o", exe, os.path.join(TARGETS, "tmrpend.c"), "-lrt"],
-                   check=True, capture_output=True)
-    return exe
+    return compile_target(tmp_path_factory, "tmrpend", "-pthread", "-lrt")
 
 
 def _start(procs, exe, tmp_path, mode):

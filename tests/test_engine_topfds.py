@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-from engine_core_support import TARGETS, procs, wait_for  # noqa: F401
+from engine_core_support import build_target, procs, wait_for  # noqa: F401
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -43,9 +43,7 @@ def _ckpt(*args, preexec=None):
 
 
 def test_fds_at_the_top_of_the_limit(procs, tmp_path):  # noqa: F811
-    exe = str(tmp_path / "topfds")
-    subprocess.run(["gcc", "-O2", "-Wall", "-o", exe, os.path.join(TARGETS, "topfds.c")], check=True,
-                   capture_output=True)
+    exe = build_target(tmp_path, "topfds")
     out = str(tmp_path / "out")
     p = procs.start([exe, out])     # the same RLIMIT_NOFILE as ckpt here
     wait_for(lambda: _lines(out) or p.poll() is not None, what="the target")
