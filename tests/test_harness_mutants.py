@@ -791,28 +791,40 @@ def _timed_facts(pid, work):
     return facts
 
 
-def test_timed_mutants_break_exactly_one_thing(procs, tmp_path):
+def _python_target_dumped(procs, tmp_path, source: str, what: str):
+    """A Python target (`source`, run in tmp_path/w until it writes "ready")
+    dumped to tmp_path/img: (its Popen, its work dir, the image)."""
     become_subreaper()
     work = tmp_path / "w"
     work.mkdir()
-    p = subprocess.Popen([sys.executable, "-c", TIMED], cwd=str(work), stdin=subprocess.DEVNULL,
+    p = subprocess.Popen([sys.executable, "-c", source], cwd=str(work), stdin=subprocess.DEVNULL,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True,
                          start_new_session=True, env=ENV)
     procs.popens.append(p)
-    wait_for(lambda: (work / "ready").exists(), what="the timed target")
+    wait_for(lambda: (work / "ready").exists(), what=what)
     img = str(tmp_path / "img")
     r = ckpt("dump", "-t", str(p.pid), "-D", img, "--json")
     assert r.returncode == 0, r.stderr
     procs.reap(p.pid)
+    return p, work, img
+
+
+def _restored_facts(procs, pid: int, image: str, facts):
+    """Restore `image` (pid `pid`), take facts() of the restored process, kill it."""
+    rr = ckpt("restore", "-D", image, "--json")
+    assert rr.returncode == 0, rr.stderr
+    procs.adopt(pid)
+    try:
+        return facts()
+    finally:
+        procs.kill(pid)
+
+
+def test_timed_mutants_break_exactly_one_thing(procs, tmp_path):
+    p, work, img = _python_target_dumped(procs, tmp_path, TIMED, "the timed target")
 
     def restored(d):
-        rr = ckpt("restore", "-D", d, "--json")
-        assert rr.returncode == 0, rr.stderr
-        procs.adopt(p.pid)
-        try:
-            return _timed_facts(p.pid, work)
-        finally:
-            procs.kill(p.pid)
+        return _restored_facts(procs, p.pid, d, lambda: _timed_facts(p.pid, work))
     want = restored(img)
     assert want.pop("brk") and want.pop("robust") and want.pop("altstack")[2] == 65536
     assert want == {"itimer": 1000.0, "posix timer": 500.0, "pending": 1, "lock": p.pid}
@@ -1097,27 +1109,10 @@ def _knob_facts(pid, work):
 
 
 def test_knob_mutants_break_exactly_one_thing(procs, tmp_path):
-    become_subreaper()
-    work = tmp_path / "w"
-    work.mkdir()
-    p = subprocess.Popen([sys.executable, "-c", KNOBS], cwd=str(work), stdin=subprocess.DEVNULL,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True,
-                         start_new_session=True, env=ENV)
-    procs.popens.append(p)
-    wait_for(lambda: (work / "ready").exists(), what="the knobs target")
-    img = str(tmp_path / "img")
-    r = ckpt("dump", "-t", str(p.pid), "-D", img, "--json")
-    assert r.returncode == 0, r.stderr
-    procs.reap(p.pid)
+    p, work, img = _python_target_dumped(procs, tmp_path, KNOBS, "the knobs target")
 
     def restored(d):
-        rr = ckpt("restore", "-D", d, "--json")
-        assert rr.returncode == 0, rr.stderr
-        procs.adopt(p.pid)
-        try:
-            return _knob_facts(p.pid, work)
-        finally:
-            procs.kill(p.pid)
+        return _restored_facts(procs, p.pid, d, lambda: _knob_facts(p.pid, work))
     want = restored(img)
     assert (want["personality"], want["timerslack_ns"], want["NoNewPrivs"]) == (b"00040000\n", b"123456\n", "1")
     assert (want["dumpable"], want["rseq"], int(want["ShdPnd"], 16), int(want["SigPnd"], 16)) == \
