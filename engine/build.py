@@ -395,6 +395,8 @@ class Builder:
                 q("setsid")
             elif sess["pgid"] == self.pid:
                 q("setpgid", 0, 0)
+            elif sess["pgid"] == 0:
+                pass        # the kernel's group, inherited from the restorer (engine/sessionids.py)
             else:
                 q("setpgid", 0, sess["pgid"])
 

@@ -88,7 +88,7 @@ def target_checks(pid: int) -> procfs.Proc:
         st = proc.stat()
     except Refusal:
         raise UsageError(f"no process with PID {pid}") from None
-    if st.get("flags", 0) & procfs.PF_KTHREAD or pid == 2:
+    if st.get("flags", 0) & procfs.PF_KTHREAD:     # kthreadd too; not "PID 2", a process in a child pid namespace
         raise Refusal("kernel-thread", f"{st['comm']} is a kernel thread", pid=pid)
     if st["state"] in ("Z", "X"):
         raise Refusal("zombie", f"{st['comm']} has exited and waits to be reaped", pid=pid)
@@ -257,29 +257,17 @@ def _check_restore_env(s: Survey, tree_member: bool = False, shell_job: bool = F
                     "capability", f"RLIMIT_{libc.RLIMIT_NAMES[i]} hard limit {mx} is above ckpt's {mymax}; "
                     "restoring it needs CAP_SYS_RESOURCE (run ckpt with limits at least as high)"))
     sid, pgid = s.stat.get("session"), s.stat.get("pgrp")
-    if sid is None or sid == s.pid or tree_member:
+    if sid is None or tree_member:
         return      # a tree member's session and group: engine/tree.py
     if shell_job and pgid == s.pid:
         # a job of some shell: `ckpt restore --tty` puts it in the session of
         # the shell that runs the restore (engine/fds/tty.py), as criu does
         return
     from .guard import ckpt_session
-    if sid != ckpt_session():
-        s.refuse("session", "session", Refusal(
-            "unsupported-state", f"in session {sid}, neither its own nor ckpt's ({ckpt_session()}): a restore "
-            "could not put it back there; start it with setsid, or run ckpt from its session"))
-    elif pgid != s.pid:
-        # restore joins the group through its leader (setpgid needs a live
-        # group in the session): a group whose leader has exited would be
-        # gone once the target is.
-        try:
-            ok = os.getsid(pgid) == sid
-        except OSError:
-            ok = False
-        if not ok:
-            s.refuse("session", "session", Refusal(
-                "unsupported-state", f"its process group {pgid} has no leader in session {sid}: it would not "
-                "exist for the restore; start it with setsid"))
+    from .sessionids import dump_problem
+    why = dump_problem(s.pid, sid, pgid, ckpt_session(), os.getsid)
+    if why:
+        s.refuse("session", "session", Refusal("unsupported-state", why))
 
 
 def creds_of(status: Dict[str, str], pid="self") -> dict:

@@ -907,7 +907,10 @@ def check_records(reader, core: dict, vmas: List[dict], fdrecs: List[dict]) -> N
     if not fsroot.check_record(core.get("root")):
         raise invalid("core.json root")
     sess = core["session"]
-    if not all(0 < sess[k] < pid_max for k in ("sid", "pgid")) or (sess["sid"] == core["pid"] != sess["pgid"]):
+    # 0: the kernel's session and group (engine/sessionids.py); in a
+    # session 0 only group 0 and groups with a leader exist
+    if not all(0 <= sess[k] < pid_max for k in ("sid", "pgid")) or (sess["sid"] == core["pid"] != sess["pgid"]) \
+            or (sess["pgid"] == 0 != sess["sid"]):
         raise invalid(f"core.json: session {sess} (a session leader leads its own group)")
     for v in vmas:
         if v["path"] == "[vsyscall]":

@@ -242,21 +242,17 @@ def preflight(reader: ImageReader, core: dict, vmas: List[dict], fdrecs: List[di
                 add(Refusal("file-changed", "working directory replaced", path=cwd["path"]))
         except OSError as e:
             add(Refusal("file-missing", f"working directory: {e.strerror}", path=cwd["path"]))
+    from . import sessionids
     sess = core["session"]
     my_sid = os.getsid(0)
     if tree_member:
         pass    # judged with the whole tree (engine/tree_restore.py)
     elif ctx.options.tty and sess["sid"] != pid and sess["pgid"] == pid:
         pass    # a shell job restored with --tty: it joins ckpt's session (build.py setpgid(0, 0))
-    elif sess["sid"] != pid and sess["sid"] != my_sid:
-        add(Refusal("unsupported-state", f"was in session {sess['sid']} (not its own, not ckpt's {my_sid}); "
-                    "start it with setsid to make it restorable anywhere"))
-    elif sess["sid"] != pid and sess["pgid"] != pid:
-        try:
-            if os.getsid(sess["pgid"]) != my_sid:
-                raise OSError
-        except OSError:
-            add(Refusal("unsupported-state", f"its process group {sess['pgid']} no longer exists in this session"))
+    else:
+        why = sessionids.restore_problem(pid, sess["sid"], sess["pgid"], my_sid, os.getpgid(0), os.getsid)
+        if why:
+            add(Refusal("unsupported-state", why))
     if not tree_member:
         r = autogroup.refusal((core.get("attrs") or {}).get("autogroup_nice"), sess["sid"], pid, False)
         if r is not None:

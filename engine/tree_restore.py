@@ -282,7 +282,7 @@ def _own_group(b, m: dict, tree_pids: set) -> None:
         b.call("setsid")
     elif m["pgid"] == m["pid"]:
         b.call("setpgid", 0, 0)
-    elif m["pgid"] not in tree_pids:
+    elif m["pgid"] not in tree_pids and m["pgid"] != 0:   # 0: the kernel's group, inherited (engine/sessionids.py)
         b.call("setpgid", 0, m["pgid"])
     b.session_done = True
 

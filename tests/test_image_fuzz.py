@@ -121,6 +121,9 @@ CLASSES = {
         lambda R, _: _fd(R, lambda r: "dup_of" in r).update(kind="pipe")), "shares the open file"),
     "leader-pgid": ("sink", imagefuzz.edit_records(
         lambda R, _: R["core.json"]["session"].update(pgid=R["core.json"]["pid"] + 1)), "session"),
+    # group 0 (the kernel's) holds only processes of session 0 (engine/sessionids.py)
+    "group-zero": ("sink", imagefuzz.edit_records(
+        lambda R, _: R["core.json"]["session"].update(pgid=0)), "session"),
     "tree-ofd-extra": ("tree", _tree_ofd_extra, "shares another record's open file"),
     # what the kernel refuses while the new process is built
     "sigaction-sigkill": ("sink", imagefuzz.edit_records(
