@@ -230,7 +230,14 @@ def test_real_dbus_daemon_with_its_audit_socket_is_restored_and_answers(tmp_path
 
 # -- ping sockets (ICMP datagram: ping(8) without capabilities) -------------------
 
-def test_ping_socket_restored_with_its_ident_and_options_and_answered(tmp_path):
+@pytest.fixture
+def ping_allowed():
+    from sysctl_support import ping_sockets_allowed
+    with ping_sockets_allowed():
+        yield
+
+
+def test_ping_socket_restored_with_its_ident_and_options_and_answered(tmp_path, ping_allowed):
     """Refused before ("inet dgram protocol 1"). Bound to an ident, IP_RECVERR
     and SO_TIMESTAMP set, as ping(8) does; after the restore an echo
     request sent through it is answered to it (replies are matched by the
@@ -265,7 +272,7 @@ os.dup2(p.fileno(), 500); p.close()
                 s.close()
 
 
-def test_ping_socket_with_a_reply_queued_is_refused(tmp_path):
+def test_ping_socket_with_a_reply_queued_is_refused(tmp_path, ping_allowed):
     setup = """
 import socket, time
 p = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)
@@ -277,7 +284,7 @@ os.dup2(p.fileno(), 500); p.close()
         assert refusal(t.pid, 500).endswith("bytes of echo replies queued to be read")
 
 
-def test_ping_socket_shut_down_is_refused(tmp_path):
+def test_ping_socket_shut_down_is_refused(tmp_path, ping_allowed):
     # shutdown(2) bits were lost (a socket shut for reading came back
     # readable); sock_diag lists no ping socket, so they are refused.
     setup = """
