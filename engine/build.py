@@ -312,6 +312,15 @@ class Builder:
             faults.point("restore.map", kind)
             start, size = v["start"], v["end"] - v["start"]
             flags, prot, final, force, fd, off = self.mmap_args(v)
+            if kind == "sysvshm":
+                # A System V segment, made (or found intact) by ckpt with its
+                # pages before the process (engine/sysvshm.py): attached by id.
+                from .sysvshm import attach_call
+                nr, args, prot = attach_call(self.arch, v)
+                self.pending.add("shmat", *args, nr=nr, expect=(start, f"System V segment {args[0]} attached at "
+                                                                    f"{{got:#x}}, not {start:#x}"))
+                later.append((v, False, prot, final))
+                continue
             if v.get("tree_shared"):
                 # Memory shared with another member of a process tree, built
                 # before this one: the same object (engine/tree_restore.py).
@@ -330,7 +339,7 @@ class Builder:
             for v, flags in shared_later:
                 total += map_shared(self, v, flags)
         for v, force, prot, final in later:
-            if v["pages"] and v["start"] not in self.in_place:
+            if v["pages"] and v["start"] not in self.in_place and v["kind"] != "sysvshm":
                 total += self._write_pages(v["pages"], force)
         for v, force, prot, final in later:
             start, size = v["start"], v["end"] - v["start"]
@@ -572,6 +581,9 @@ def build(job) -> int:
         faults.point("restore.phase", "unmap")
         b.clear_address_space()
         rebuild(b)
+        if any(v["kind"] == "sysvshm" for v in job.vmas):
+            from .sysvshm import seal
+            seal(job.vmas)      # a removed segment removed again, now that it is attached
         _maybe_fail("final")
         faults.point("restore.phase", "finish")
         b.finish()

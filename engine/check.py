@@ -304,13 +304,15 @@ def _check_creds(s: Survey) -> None:
 
 
 def classify_vma(vma: dict) -> str:
-    """anon | shmem | file | special, or raises Refusal(unsupported-mapping)."""
+    """anon | shmem | sysvshm | file | special, or raises Refusal(unsupported-mapping)."""
     path = vma["path"]
     shared = vma["perms"][3] == "s"
     if path in SPECIAL_MAPPINGS:
         return "special"
     if path.startswith("/SYSV"):
-        raise Refusal("unsupported-mapping", "System V shared memory segment", path=path)
+        # System V shared memory: judged and restored by engine/sysvshm.py
+        # (whole attaches, no attacher outside the dump; same IPC namespace)
+        return "sysvshm"
     if vma["inode"] == 0 and (path == "" or path in ("[heap]", "[stack]") or path.startswith("[anon:")):
         if shared:
             raise Refusal("unsupported-mapping", "shared mapping without an inode", path=path)
@@ -355,6 +357,7 @@ def _check_vmas(s: Survey, ctx: Optional[DumpContext] = None) -> None:
         if known is None:
             known = ctx.shared[MAPFS_KEY] = {}
     shmem_inodes: Dict[int, int] = {}
+    sysv = None     # /proc/sysvipc/shm, read at the first SysV mapping (engine/sysvshm.py)
     for vma in (s.maps if s.maps is not None else s.proc.maps()):
         vma["flags"] = flags.get(vma["start"], [])
         what = f"mapping {vma['start']:x}-{vma['end']:x} {vma['perms']} {vma['path']}".rstrip()
@@ -373,13 +376,26 @@ def _check_vmas(s: Survey, ctx: Optional[DumpContext] = None) -> None:
                     raise Refusal("unsupported-mapping", "shared anonymous memory mapped more than once "
                                   "(or split by mprotect)", path=vma["path"])
                 shmem_inodes[vma["inode"]] = vma["start"]
+            if kind == "sysvshm":
+                from . import sysvshm
+                if sysv is None:
+                    sysv = sysvshm.table_for(ctx)
+                vma["sysv"] = sysvshm.survey_vma(vma, sysv)
         except Refusal as r:
             s.refuse(what, "mapping", r)
+            if vma["path"].startswith("/SYSV"):     # its segment's attaches are not counted (sysvshm.outside)
+                s.memo.setdefault("sysvshm-refused", set()).add(vma["inode"])
             continue
         vma["kind"] = kind
         vma["map_files"] = s.proc.path(f"map_files/{vma['start']:x}-{vma['end']:x}")
         s.vmas.append(vma)
         s.ok(what, "mapping", kind)
+    if sysv is not None and (ctx is None or ctx.tree_root is None):
+        # attachers outside the process (a tree's members: tree.tree_problems, all at once)
+        from . import sysvshm
+        for _, v, r in sysvshm.outside([(s.pid, v) for v in s.vmas if v["kind"] == "sysvshm"],
+                                       s.memo.get(sysvshm.REFUSED_KEY, ())):
+            s.refuse(f"mapping {v['start']:x}-{v['end']:x} {v['perms']} {v['path']}", "mapping", r)
     # The restore can give back only a block made from its own by a move
     # and unmaps (engine/vdsoblock.py): judged here against ckpt's, on this
     # kernel, so that such a process is refused before the dump kills it.

@@ -404,7 +404,10 @@ def dump_memory(pid: int, s: Survey, recs: dict, dumper: PageDumper) -> List[dic
             private = v["perms"][3] == "p"
             if kind == "file":
                 rec["file"] = recs[v["start"]]
-            if kind == "shmem":
+            if kind == "sysvshm":
+                # the segment's row (engine/sysvshm.py); its pages once, in the mapping marked "data"
+                rec["sysv"] = v["sysv"]
+            if kind == "shmem" or (kind == "sysvshm" and v["sysv"]["data"]):
                 runs = [[v["start"], npages]]
             elif "dp" in v["flags"]:
                 # A droppable mapping's pages may vanish (read as zeros) at

@@ -922,6 +922,11 @@ def check_records(reader, core: dict, vmas: List[dict], fdrecs: List[dict]) -> N
                 raise invalid(f"mm.json: page run {run!r}")
         if ghost_of(v.get("file")) is not None:
             _check_ghost(ghost_of(v["file"]), reader, "mm.json")
+        if v["kind"] == "sysvshm":
+            from .sysvshm import check_record
+            why = check_record(v)
+            if why:
+                raise invalid(f"mm.json: mapping {v['start']:#x}: {why}")
     check_fd_records(reader, fdrecs)
 
 

@@ -39,7 +39,8 @@ REASONS = {
                      "clone() and unshare() down the tree rebuild (a member would have to hand on two tables, as when "
                      "holders were reparented) (the pids in the detail)"),
     "memory-peer-outside": ("shared memory or unlinked file data of the dump that a restore makes anew "
-                            "(MAP_SHARED anonymous memory; a memfd or deleted file it maps shared or holds open) "
+                            "(MAP_SHARED anonymous memory; a memfd or deleted file it maps shared or holds open; "
+                            "a System V segment attached more often than by the dump) "
                             "is also mapped or held open by a process outside it (its pid in the detail): it would "
                             "go on with the old object"),
     "image-unsafe": ("the image could have been changed by someone other than the caller, so it is not trusted: "
@@ -54,6 +55,10 @@ REASONS = {
     "cgroup": ("the process cannot be put back in its control group (hierarchy and path in the detail): the "
                "cgroup is not reachable through a cgroup mount ckpt sees (its hierarchy not mounted, or the "
                "cgroup gone: ckpt never creates one), or a thread is in another cgroup than its leader"),
+    "sysv-shm": ("a System V shared memory segment the restore cannot give back exactly (its id and why in the "
+                 "detail): at restore its id, key or index is held by another segment, or the segment the dump "
+                 "left behind (a keyed segment not removed) was attached, changed or removed since, or its "
+                 "contents differ from the image's: it is neither reused nor replaced"),
     # files
     "file-missing": ("a file the process had open (or mapped) no longer exists at its path; or the directory a "
                      "deleted file, device node, removed directory or cwd is to be recreated in is gone"),

@@ -149,10 +149,12 @@ def check_mm(mm, npage_files: int) -> List[dict]:
         _need(v, "pages", list, "mm.json vma")
         if v["start"] % 4096 or v["end"] % 4096 or v["end"] <= v["start"] or v["start"] < last:
             raise _bad(f"mm.json: mapping {v['start']:#x}-{v['end']:#x} out of order or unaligned")
-        if len(v["perms"]) != 4 or v["kind"] not in ("anon", "shmem", "file", "special"):
+        if len(v["perms"]) != 4 or v["kind"] not in ("anon", "shmem", "sysvshm", "file", "special"):
             raise _bad(f"mm.json: mapping {v['start']:#x} has kind {v['kind']!r} perms {v['perms']!r}")
         if v["kind"] == "file":
             _need(v, "file", dict, "mm.json vma")
+        if v["kind"] == "sysvshm":
+            _need(v, "sysv", dict, "mm.json vma")     # its fields: imagecheck.check_records (engine/sysvshm.py)
         for run in v["pages"]:
             if (not isinstance(run, list) or len(run) != 4 or not all(isinstance(x, int) for x in run)
                     or run[0] < v["start"] or run[0] + run[1] * 4096 > v["end"] or run[2] >= npage_files):
@@ -668,12 +670,19 @@ def _restore(reader: ImageReader, options: Options, t0: float) -> dict:
     same_node = isinstance(meta, dict) and meta.get("boot_id") == boot_id()
     pid = core["pid"]
     ctx = RestoreContext(options=options, image=reader, same_node=same_node, records=fdrecs, pid=pid)
+    segs = None
+    if any(v["kind"] == "sysvshm" for v in vmas):
+        from . import sysvshm       # System V segments: checked with the rest, made after (below)
+        segs = sysvshm.segments([(pid, v) for v in vmas if v["kind"] == "sysvshm"])
     with _system_errors_as_engine_errors("restore pre-flight"), imagecheck.malformed_as_invalid("pre-flight"):
-        preflight(reader, core, vmas, fdrecs, ctx)
+        if segs:
+            _with_more(lambda: preflight(reader, core, vmas, fdrecs, ctx), sysvshm.preflight(segs, {pid}))
+        else:
+            preflight(reader, core, vmas, fdrecs, ctx)
     faults.point("restore.preflighted")
     pages = PageSource([reader.data(page_file_name(i)) for i in range(npf)],
                        [reader.lease_fd(page_file_name(i)) for i in range(npf)])
-    prepared = None
+    prepared = made = None
     try:
         for v in vmas:
             pages.check_runs(v["pages"])
@@ -684,7 +693,15 @@ def _restore(reader: ImageReader, options: Options, t0: float) -> dict:
                   prepared=prepared, ctx=ctx)
         imagecheck.process_creation_hook()
         foreground = _foreground_job(fdrecs, options)
-        out = _run_restorer(job)
+        if segs:
+            with _system_errors_as_engine_errors("System V segments"):
+                made = sysvshm.materialize(segs, {pid: pages})   # removed again if the restore fails
+        try:
+            out = _run_restorer(job)
+        except BaseException:
+            if made is not None:
+                made.undo()
+            raise
         if foreground:
             out["foreground"] = foreground
         # The process is back: what handlers hold until then (a TCP
@@ -697,6 +714,21 @@ def _restore(reader: ImageReader, options: Options, t0: float) -> dict:
             prepared.close()
         files.close_shared(ctx)
         pages.close()
+
+
+def _with_more(check, more: List[Refusal]) -> None:
+    """Run the pre-flight `check`; raise what it refused together with
+    `more` (refusals found beside it), all in one report."""
+    found: List[Refusal] = []
+    try:
+        check()
+    except Refusal as r:
+        found.append(r)
+    except Refusals as rs:
+        found.extend(rs.refusals)
+    found += more
+    if found:
+        raise found[0] if len(found) == 1 else Refusals(found)
 
 
 def _foreground_job(fdrecs: List[dict], options: Options) -> Optional[str]:

@@ -360,6 +360,9 @@ def tree_problems(members: List[Member]) -> List[tuple]:
             continue
     out.extend(shared_kernel_objects(members))
     out.extend(_shmem_outside(members))
+    if any(v.get("kind") == "sysvshm" for m in members if m.survey is not None for v in m.survey.vmas):
+        from . import sysvshm      # SysV segments: attached outside the tree? whose mapping carries the pages
+        out.extend(sysvshm.tree_problems(members))
     return out
 
 

@@ -195,6 +195,12 @@ def restore_tree(reader, options, pidfile: Optional[str], t0: float) -> dict:
                 raise _bad(f"member {m['pid']} mapping {v['start']:#x}: tree_shared")
             if "cow" in v:
                 cow.check(v)
+    # System V segments: one record agreed by every member attaching it (engine/sysvshm.py)
+    attaches = [(m["pid"], v) for m, _, _, vmas, _, _, _ in loaded for v in vmas if v["kind"] == "sysvshm"]
+    segs = None
+    if attaches:
+        from . import sysvshm
+        segs = sysvshm.segments(attaches)
     every = [r for _, _, _, _, fdrecs, _, _ in loaded for r in fdrecs if "dup_of" not in r and "ofd_of" not in r]
     for _, img, _, _, fdrecs, _, _ in loaded:
         for r in fdrecs:
@@ -209,6 +215,8 @@ def restore_tree(reader, options, pidfile: Optional[str], t0: float) -> dict:
             refusals.append(r)
         except Refusals as rs:
             refusals.extend(rs.refusals)
+    if segs:
+        refusals += sysvshm.preflight(segs, pids)
     if refusals:
         raise refusals[0] if len(refusals) == 1 else Refusals(refusals)
     from .fds import tty
@@ -219,6 +227,7 @@ def restore_tree(reader, options, pidfile: Optional[str], t0: float) -> dict:
     sources = []
     jobs: Dict[int, object] = {}
     ctx0 = loaded[0][-1]
+    made = None
     try:
         for m, img, core, vmas, fdrecs, npf, ctx in loaded:
             faults.point("restore.tree.prepare")
@@ -245,7 +254,15 @@ def restore_tree(reader, options, pidfile: Optional[str], t0: float) -> dict:
                                         thread_xstate=thread_xstate, pages=pages, prepared=p, ctx=ctx)
         faults.point("restore.tree.prepared")
         imagecheck.process_creation_hook()
-        out = single._run_restorer(TreeJob(members, jobs, ttys), build_tree)
+        if segs:
+            with single._system_errors_as_engine_errors("System V segments"):
+                made = sysvshm.materialize(segs, {pid: j.pages for pid, j in jobs.items()})
+        try:
+            out = single._run_restorer(TreeJob(members, jobs, ttys), build_tree)
+        except BaseException:
+            if made is not None:
+                made.undo()     # what the restore made, removed again
+            raise
         # The tree is back: what handlers hold until then (a TCP
         # connection's network lock) can go.
         for hook in shared.pop("_after_restore", []):
@@ -574,6 +591,9 @@ def build_tree(tj: TreeJob) -> int:
         _side_by_side(steps)
         _side_by_side([(mb, rebuild_late_steps(mb)) for mb in live])
         run_each(live)      # what the last stages left queued
+        if any(v["kind"] == "sysvshm" for v in all_vmas):
+            from .sysvshm import seal
+            seal(all_vmas)      # a removed System V segment removed again, once every member attached it
         # Every gadget unmapped side by side (one round trip in flight
         # each), then each member let go, children first. With a member
         # stopped by job control, one at a time: each stopped again while

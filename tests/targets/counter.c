@@ -17,7 +17,9 @@
  *           write end the handler writes to (-ERESTARTSYS)
  *   thread  a second thread exists (restored: engine/threads.py)
  *   child   a child process exists (a process tree: tests/test_engine_tree.py)
- *   sysv    a System V shared memory segment is attached (refused)
+ *   sysv    a System V shared memory segment is attached and its last page
+ *           unmapped: part of an attach (refused: engine/sysvshm.py restores
+ *           whole attaches only)
  *   altstack  a sigaltstack is set up and SIGUSR1 runs on it
  *   itimer  ITIMER_REAL fires SIGALRM every 20 ms; SIGUSR1 lines add "alrm=K"
  *   mem     also holds a MAP_SHARED anonymous region, a PROT_NONE region
@@ -107,7 +109,8 @@ int main(int argc, char **argv) {
     if (!strcmp(mode, "child") && fork() == 0) { for (;;) pause(); }
     if (!strcmp(mode, "sysv")) {
         int id = shmget(IPC_PRIVATE, 65536, IPC_CREAT | 0600);
-        if (id < 0 || shmat(id, NULL, 0) == (void *)-1) return 6;
+        void *at = id < 0 ? (void *)-1 : shmat(id, NULL, 0);
+        if (at == (void *)-1 || munmap((char *)at + 65536 - 4096, 4096)) return 6;
         shmctl(id, IPC_RMID, NULL);
     }
     signal(SIGPIPE, SIG_IGN);
