@@ -7,6 +7,8 @@ __version__ = "0.1.0"
 # Bumped whenever a record layout in the image changes; an image of another
 # format version is refused, never guessed at (image.READ_FORMATS: the
 # older formats read, each because it is known exactly what differs).
+# 12: manifest meta namespaces (engine/pidns.py): the namespaces the pids are numbers in; an
+#     older engine would restore in any; 11 images are restored only in the initial pid namespace;
 # 11: core.json cgroups (engine/cgroups.py), root (engine/fsroot.py), pdeath_signal
 #     (engine/pdeath.py), creds.audit (engine/creds.py): an older engine would drop them
 #     (a chrooted process restored unchrooted); 10 images are read as before (ckpt's
@@ -22,7 +24,7 @@ __version__ = "0.1.0"
 # 4: tree.json "share" (an older engine would give a CLONE_FILES member an empty fd table);
 # 3: core.json threads + threads-xstate.bin (an older engine would restore the leader alone);
 # 2: signals, sched, posix_timers, seccomp
-FORMAT_VERSION = 11
+FORMAT_VERSION = 12
 
 
 

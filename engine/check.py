@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from typing import Any, Dict, List, Optional
 
 from . import fds as fdkinds
-from . import autogroup, fstype, lsm, pidfd, posixtimers, procfs, sysvsem, unlinked, vdsoblock
+from . import autogroup, fstype, lsm, pidfd, pidns, posixtimers, procfs, sysvsem, unlinked, vdsoblock
 from .context import DumpContext
 from .errors import EngineError, Refusal, UsageError
 
@@ -35,7 +35,9 @@ FLAG_NAMES = {"lo": "mlock()ed", "lf": "mlock(MLOCK_ONFAULT)", "ht": "hugetlb", 
               "uw": "userfaultfd (wp)", "ui": "userfaultfd (minor)", "ss": "shadow stack",
               "sl": "sealed (mseal)", "dw": "denywrite", "bt": "arm64 BTI", "mt": "arm64 MTE",
               "gu": "guard regions"}
-NS_KINDS = ("mnt", "pid", "net", "ipc", "uts", "user", "cgroup", "time")
+# the *_for_children ones: a process that called unshare(CLONE_NEWPID | CLONE_NEWTIME) and has not forked
+# since would fork into its own namespace once restored
+NS_KINDS = ("mnt", "pid", "net", "ipc", "uts", "user", "cgroup", "time", "pid_for_children", "time_for_children")
 
 
 @dataclass
@@ -95,6 +97,14 @@ def target_checks(pid: int) -> procfs.Proc:
     if pid in ancestors(os.getpid()):
         what = "itself" if pid == os.getpid() else "its own ancestor"
         raise Refusal("self", f"ckpt would have to freeze {what}", pid=pid)
+    if pid == 1:
+        # Not an ancestor when ckpt entered the namespace from outside (docker
+        # exec, nsenter): killing it at the end of the dump would kill every
+        # process of the namespace, ckpt too, and clone3 set_tid cannot make a
+        # PID 1 again but by starting a new namespace.
+        raise Refusal(pidns.REASON, f"{st['comm']} is PID 1, the init of ckpt's pid namespace: a restore cannot "
+                      "make a process PID 1 of this namespace again, and the dump's kill would end the namespace",
+                      pid=pid)
     tracer = int(proc.status().get("TracerPid", "0") or 0)
     if tracer:
         raise Refusal("ptraced", f"traced by pid {tracer}", pid=pid)
@@ -158,10 +168,16 @@ def _check_process(s: Survey, ctx: Optional[DumpContext] = None) -> None:
             continue
         try:
             theirs = proc.readlink(f"ns/{ns}")
+        except Refusal:
+            if not ns.endswith("_for_children"):
+                raise
+            # ENOENT of a live (frozen) process: a namespace it unshared and
+            # that no child has entered yet (nothing to read a link from)
+            theirs = None
         except OSError:
             continue
         if mine != theirs:
-            differ.append(ns)
+            differ.append(ns if theirs else f"{ns} (a new one it unshared, no child in it yet)")
     if differ:
         s.refuse("namespaces", "process", Refusal("unsupported-state", f"in other namespaces than ckpt: {', '.join(differ)}"))
     root = os.stat(proc.path("root"))
@@ -573,6 +589,7 @@ def kernel_version(release: str) -> tuple:
 def require_features() -> None:
     """Raise Refusal(capability | kernel-missing) naming what is missing."""
     missing = features()
+    pidns.check_environment(procfs.self_status())
     caps = [m for m in missing if m.startswith("capability")]
     if caps:
         raise Refusal("capability", "; ".join(caps))

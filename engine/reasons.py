@@ -59,6 +59,12 @@ REASONS = {
                  "detail): at restore its id, key or index is held by another segment, or the segment the dump "
                  "left behind (a keyed segment not removed) was attached, changed or removed since, or its "
                  "contents differ from the image's: it is neither reused nor replaced"),
+    "namespaces": ("ckpt's own namespaces cannot hold the process as it was (detail names them): ckpt's /proc is "
+                   "mounted for another pid namespace than ckpt's, ckpt's children would be born in another pid "
+                   "namespace (unshare --pid without --fork), the target is the init (PID 1) of its pid "
+                   "namespace, or at restore the image was dumped in other namespaces than the restore runs in "
+                   "(its pids are numbers of another pid namespace), or on another boot with a non-initial "
+                   "namespace on either side (not known to be the same)"),
     # files
     "file-missing": ("a file the process had open (or mapped) no longer exists at its path; or the directory a "
                      "deleted file, device node, removed directory or cwd is to be recreated in is gone"),

@@ -24,7 +24,7 @@ TYPE_CHECKING = False   # annotations only: importing typing costs every run ~3 
 if TYPE_CHECKING:
     from typing import Dict, List, Optional
 
-from . import (autogroup, cgroups, fastjson, fsroot, faults, files, guard, imagecheck, libc, membarrier, mempolicy, posixtimers, procattrs, procfs, sched,
+from . import (autogroup, cgroups, fastjson, fsroot, faults, files, guard, imagecheck, libc, membarrier, mempolicy, pidns, posixtimers, procattrs, procfs, sched,
                seccomp, signals, sud,
                threads, unlinked, vdsoblock)
 from .arch import current as current_arch
@@ -668,6 +668,7 @@ def _restore(reader: ImageReader, options: Options, t0: float) -> dict:
         imagecheck.check_xstate({"xstate": {}}, blob, f"{threads.XSTATE_FILE} thread {tid}")
     meta = reader.manifest.get("meta") or {}
     same_node = isinstance(meta, dict) and meta.get("boot_id") == boot_id()
+    pidns.check_restore(meta, reader.manifest.get("format"), same_node)
     pid = core["pid"]
     ctx = RestoreContext(options=options, image=reader, same_node=same_node, records=fdrecs, pid=pid)
     segs = None

@@ -68,7 +68,7 @@ PR_GET_TID_ADDRESS = 40
 PR_GET_PDEATHSIG = 2
 SAME_STATUS = ("Uid", "Gid", "Groups", "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb",
                "NoNewPrivs")     # not Seccomp: filters are per thread (engine/seccomp.py share)
-NS_KINDS = ("net", "uts", "ipc", "mnt", "user", "cgroup", "time")
+NS_KINDS = ("net", "uts", "ipc", "mnt", "user", "cgroup", "time", "pid_for_children", "time_for_children")
 
 
 def tids(pid: int) -> List[int]:
@@ -344,6 +344,10 @@ def sameness_problems(pid: int, tid: int, lead: Optional[dict] = None) -> List[s
         try:
             if os.readlink(f"/proc/{pid}/task/{tid}/ns/{ns}") != theirs:
                 out.append(f"its own {ns} namespace")
+        except FileNotFoundError:
+            # a live thread's: one it unshared (CLONE_NEWPID/NEWTIME) that no child entered yet
+            if ns.endswith("_for_children") and os.path.exists(f"/proc/{pid}/task/{tid}"):
+                out.append(f"its own {ns} namespace (unshared, no child in it yet)")
         except OSError:
             continue
     return out

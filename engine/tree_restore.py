@@ -61,7 +61,7 @@ TYPE_CHECKING = False   # annotations only: importing typing costs every run ~3 
 if TYPE_CHECKING:
     from typing import Dict, List, Optional
 
-from . import cow, faults, files, imagecheck, ptrace, sched, sharing, signals, threads
+from . import cow, faults, files, imagecheck, pidns, ptrace, sched, sharing, signals, threads
 from .arch import current as current_arch
 from .errors import EngineError, Refusal, Refusals
 from .batch import run_each
@@ -149,6 +149,7 @@ def restore_tree(reader, options, pidfile: Optional[str], t0: float) -> dict:
     members = check_tree(reader.read_json(TREE_FILE))
     meta = reader.manifest.get("meta") or {}
     same_node = isinstance(meta, dict) and meta.get("boot_id") == boot_id()
+    pidns.check_restore(meta, reader.manifest.get("format"), same_node)
     shared: dict = {}
     loaded = []
     refusals: List[Refusal] = []
