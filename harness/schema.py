@@ -337,7 +337,10 @@ def _this():
 
 
 def _mmap() -> Check:
-    return Map({"file": Path(), "anon": Bool(), "offset": Size(), "length": Size(), "prot": Enum(("r", "rw")),
+    # sysv: a System V segment (IPC_PRIVATE, attached read-write, seeded, then
+    # IPC_RMID'd so nothing outlives the workload; engine/sysvshm.py)
+    return Map({"file": Path(), "anon": Bool(), "sysv": Bool(), "offset": Size(), "length": Size(),
+                "prot": Enum(("r", "rw")),
                 "shared": Bool(), "seed": Int(0),
                 # madvise(2) advice the mapping keeps (smaps VmFlags)
                 "advise": List_(Enum(("dontfork", "dontdump", "wipeonfork", "hugepage", "nohugepage"))),
@@ -608,8 +611,9 @@ def _cross_checks(c: _Ctx, root: yaml.MappingNode, data: dict) -> None:
     for key, message in (kinds.PROCESS.validate(proc) if proc else []):
         raise c.fail(node_of("workload", "process"), f"workload.process.{key}", message)
     for i, m in enumerate(data["workload"].get("mmaps", [])):
-        if ("file" in m) == bool(m.get("anon")):
-            raise c.fail(node_of("workload", "mmaps", i), f"workload.mmaps[{i}]", "give either file or anon: true")
+        if ("file" in m) + bool(m.get("anon")) + bool(m.get("sysv")) != 1:
+            raise c.fail(node_of("workload", "mmaps", i), f"workload.mmaps[{i}]",
+                         "give one of file, anon: true or sysv: true")
     for i, e in enumerate(fds):
         if "bind" in e:
             want = [str(ipaddress_of(seg, k)) for k in ("moves", "stays")] if seg else None

@@ -104,7 +104,11 @@ def _without(flags: str, bit: int) -> str:
 
 
 def _recreated(name: str) -> bool:
-    """Does this fd link / mapping name an object a restore must create anew?"""
+    """Does this fd link / mapping name an object a restore must create anew?
+    Not a System V segment ("/SYSV<key> (deleted)", always "deleted"): its
+    inode number is its shmid, which a restore keeps (engine/sysvshm.py)."""
+    if name.startswith("/SYSV"):
+        return False
     return (anon_object(name) is not None or name.endswith(" (deleted)") or name.startswith("/memfd:")
             or name.startswith("anon_inode:"))
 

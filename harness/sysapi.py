@@ -161,6 +161,40 @@ def mmap(length: int, prot: int, flags: int, fd: int, offset: int) -> int:
     return addr
 
 
+# System V shared memory (a workload's `sysv` mapping; engine/sysvshm.py)
+IPC_PRIVATE, IPC_CREAT, IPC_RMID, IPC_STAT = 0, 0o1000, 0, 2
+SHM_DEST = 0o1000
+
+
+def shm_attach(length: int) -> Tuple[int, int]:
+    """A new IPC_PRIVATE segment of `length` bytes attached read-write:
+    (shmid, address)."""
+    _libc.shmat.restype = ctypes.c_void_p
+    shmid = _check(_libc.shmget(ctypes.c_int(IPC_PRIVATE), ctypes.c_size_t(length), ctypes.c_int(IPC_CREAT | 0o600)))
+    addr = _libc.shmat(ctypes.c_int(shmid), None, ctypes.c_int(0))
+    if addr is None or addr == MAP_FAILED:
+        e = ctypes.get_errno()
+        _libc.shmctl(ctypes.c_int(shmid), ctypes.c_int(IPC_RMID), None)
+        raise OSError(e, os.strerror(e))
+    return shmid, addr
+
+
+def shm_remove(shmid: int) -> None:
+    _check(_libc.shmctl(ctypes.c_int(shmid), ctypes.c_int(IPC_RMID), None))
+
+
+def shm_stat(shmid: int) -> Optional[dict]:
+    """shmctl(IPC_STAT): key, mode, size, nattch (glibc's struct shmid_ds on
+    x86_64 and aarch64; mode read as a u32: a u16 and its zero padding on
+    x86_64); None: no such segment."""
+    buf = ctypes.create_string_buffer(256)
+    if _libc.shmctl(ctypes.c_int(shmid), ctypes.c_int(IPC_STAT), buf) != 0:
+        return None
+    key, mode = struct.unpack_from("<i16xI", buf, 0)
+    size, nattch = struct.unpack_from("<Q32xQ", buf, 48)
+    return {"key": key, "mode": mode & 0o7777, "size": size, "nattch": nattch}
+
+
 def peek(addr: int, length: int) -> bytes:
     return ctypes.string_at(addr, length)
 

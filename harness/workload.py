@@ -205,6 +205,12 @@ def map_all(spec: dict, model: world.Model) -> List[dict]:
                 sysapi.madvise(addr, length, sysapi.MADVISE[a])
             out.append({"addr": addr, "length": length})
             continue
+        if m.get("sysv"):
+            shmid, addr = sysapi.shm_attach(length)
+            sysapi.poke(addr, seeded.data(int(m.get("seed", 0)), 0, length))
+            sysapi.shm_remove(shmid)       # it lives while attached: nothing outlives the workload
+            out.append({"addr": addr, "length": length, "shmid": shmid})
+            continue
         shared = bool(m.get("shared"))
         prot = PROT[m.get("prot", "r")]
         flags = os.O_RDWR if shared and prot == 3 else os.O_RDONLY
@@ -431,13 +437,24 @@ def mmap_checks(spec: dict, ready: dict, model: world.Model) -> List[dict]:
         for line in f:
             parts = line.split(None, 5)
             lo, hi = (int(x, 16) for x in parts[0].split("-"))
-            maps.append((lo, hi, parts[1], parts[5].strip() if len(parts) > 5 else ""))
+            maps.append((lo, hi, parts[1], parts[5].strip() if len(parts) > 5 else "", parts[4]))
     for m, rec in zip(spec.get("mmaps") or [], ready["mmaps"]):
         addr, length = rec["addr"], rec["length"]
         what = f"mmap {m.get('file', 'anon')} at {addr:#x}"
         hit = next((x for x in maps if x[0] <= addr and addr + length <= x[1]), None)
         if hit is None:
             out.append(kinds.check(None, what + ": mapped", True, False))
+            continue
+        if m.get("sysv"):
+            # the same segment: its id (the mapping's inode number), removed, attached once, its bytes
+            what = f"sysv segment {rec['shmid']} at {addr:#x}"
+            out.append(kinds.check(None, what + ": permissions", "rws", hit[2][:2] + hit[2][3]))
+            out.append(kinds.check(None, what + ": id", str(rec["shmid"]), hit[4]))
+            st = sysapi.shm_stat(rec["shmid"])
+            out.append(kinds.check(None, what + ": IPC_STAT", {"key": 0, "mode": sysapi.SHM_DEST | 0o600,
+                                                               "size": length, "nattch": 1}, st))
+            out.append(kinds.bytes_check(None, what + ": contents", bytes(seeded.data(int(m.get("seed", 0)), 0, length)),
+                                         sysapi.peek(addr, length)))
             continue
         perms = ("rw" if m.get("prot", "r") == "rw" or "anon" in m else "r-") + ("s" if m.get("shared") else "p")
         out.append(kinds.check(None, what + ": permissions", perms, hit[2][:2] + hit[2][3]))
