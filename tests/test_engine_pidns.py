@@ -10,11 +10,9 @@ ckpt's (nested) is refused at dump (`unsupported-state`)."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -328,6 +326,65 @@ def test_check_restore_reads_the_record():
     assert ei.value.reason == "namespaces"
 
 
+def _container(tmp_path):
+    """A namespace whose init (a session leader, as runc makes it) only
+    sleeps: (the unshare Popen, the init's host pid)."""
+    init = subprocess.Popen(["unshare", "--pid", "--fork", "--kill-child", "--mount-proc", sys.executable, "-S", "-c",
+                             "import os, time; os.setsid(); time.sleep(120)"], close_fds=True,
+                            start_new_session=True,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def child():
+        with open(f"/proc/{init.pid}/task/{init.pid}/children") as f:
+            kids = f.read().split()
+        return int(kids[0]) if kids else None
+    inner = wait_for(child, what="the namespace's init")
+    wait_for(lambda: os.getsid(inner) == inner, what="the init's setsid")
+    return init, inner
+
+
+def _exec_in(inner: int, *argv):
+    """nsenter into the namespace's pid and mount namespaces, as docker exec does."""
+    return ["nsenter", "-t", str(inner), "--pid", "--mount", f"--wd={REPO}", "--", *map(str, argv)]
+
+
+@needs_unshare
+def test_docker_exec_style_round_trip(counter_bin, world, tmp_path):  # noqa: F811
+    """Target and ckpt each entered into the namespace from outside (docker
+    exec): the target's parent is outside (ppid 0 there), ckpt's too. Dumped
+    and restored at its namespace pid, the restored process the init's child
+    (the namespace's reaper), its output exact."""
+    init, inner = _container(tmp_path)
+    try:
+        t = subprocess.Popen(_exec_in(inner, "setsid", counter_bin, world["out"], world["in"], "1"), close_fds=True,
+                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: count_lines(world["out"]) > 5, what="output")
+        with open(f"/proc/{t.pid}/task/{t.pid}/children") as f:
+            host_pid = int(f.read().split()[0])
+        with open(f"/proc/{host_pid}/status") as f:
+            nspid = [ln.split()[1:] for ln in f if ln.startswith("NSpid:")][0]
+        pid = int(nspid[-1])
+        assert len(nspid) == 2 and pid != host_pid
+        r = subprocess.run(_exec_in(inner, sys.executable, "-S", "-m", "engine", "dump", "-t", pid, "-D",
+                                    tmp_path / "img"), capture_output=True, text=True, close_fds=True, timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+        t.wait()
+        r = subprocess.run(_exec_in(inner, sys.executable, "-S", "-m", "engine", "restore", "-D", tmp_path / "img"),
+                           capture_output=True, text=True, close_fds=True, timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+        n = count_lines(world["out"])
+        wait_for(lambda: count_lines(world["out"]) > n + 20, what="output after the restore")
+        with open(f"/proc/{inner}/task/{inner}/children") as f:
+            kids = [int(k) for k in f.read().split()]
+        assert len(kids) == 1, kids
+        with open(f"/proc/{kids[0]}/status") as f:
+            assert [ln.split()[1:] for ln in f if ln.startswith("NSpid:")][0][-1] == str(pid)
+        check_counter(world["out"], world["in_data"], mib=1)
+    finally:
+        init.kill()
+        init.wait()
+
+
 # -- what stays refused ------------------------------------------------------------
 
 def _ckpt(*args, **kw):
@@ -341,21 +398,10 @@ def test_the_namespace_init_is_refused(tmp_path):
     not ckpt's ancestor) is refused: its kill would end the namespace (ckpt
     with it) and no restore can make a PID 1 again. The init leads its
     session, as a container's does (runc). The init lives on."""
-    init = subprocess.Popen(["unshare", "--pid", "--fork", "--kill-child", "--mount-proc", sys.executable, "-S", "-c",
-                             "import os, time; os.setsid(); time.sleep(120)"], close_fds=True,
-                            start_new_session=True,
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    init, inner = _container(tmp_path)
     try:
-        def child():
-            with open(f"/proc/{init.pid}/task/{init.pid}/children") as f:
-                kids = f.read().split()
-            return int(kids[0]) if kids else None
-        inner = wait_for(child, what="the namespace's init")
-        wait_for(lambda: os.getsid(inner) == inner, what="the init's setsid")
-        r = subprocess.run(["nsenter", "-t", str(inner), "--pid", "--mount", f"--wd={REPO}", "--", sys.executable,
-                            "-S", "-m",
-                            "engine", "dump", "-t", "1", "-D", str(tmp_path / "img")],
-                           capture_output=True, text=True, cwd=REPO, close_fds=True, timeout=120)
+        r = subprocess.run(_exec_in(inner, sys.executable, "-S", "-m", "engine", "dump", "-t", 1, "-D",
+                                    tmp_path / "img"), capture_output=True, text=True, close_fds=True, timeout=120)
         assert r.returncode == 3, r.stdout + r.stderr
         assert "namespaces" in r.stderr and "PID 1" in r.stderr, r.stderr
         assert init.poll() is None and os.path.exists(f"/proc/{inner}"), "the namespace ended"
