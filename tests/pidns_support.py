@@ -76,9 +76,9 @@ PRELUDE = textwrap.dedent(f"""
 """)
 
 
-def in_pidns(script: str, *, mount_proc: bool = True, extra=(), timeout: float = 180) -> dict:
+def in_pidns(script: str, *, mount_proc: bool = True, extra=(), timeout: float = 180, pass_fds=()) -> dict:
     argv = ["unshare", "--pid", "--fork", "--kill-child", *(["--mount-proc"] if mount_proc else []), *extra,
             sys.executable, "-S", "-c", PRELUDE + textwrap.dedent(script)]
-    r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, close_fds=True)
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, close_fds=True, pass_fds=pass_fds)
     assert r.returncode == 0, r.stdout + r.stderr
     return json.loads(r.stdout.strip().splitlines()[-1])

@@ -245,25 +245,61 @@ def test_family_tree_inside(tmp_path):
 
 
 @needs_unshare
-def test_queued_messages_without_credentials_inside_are_refused(tmp_path):
-    """Stays refused: in a child pid namespace a message sent without
-    credentials peeks as pid 0 with the overflow ids, as one from a sender
-    outside the namespace running as those ids would (README Known limits).
-    The refused dump lets the tree go on untouched."""
-    got = in_pidns(f"""
-        cwd = {str(tmp_path)!r}
-        p = start([sys.executable, {FAMILY!r}, "sockpair"], cwd=cwd)
-        wait_for(lambda: os.path.exists(os.path.join(cwd, "ready")) or p.poll() is not None, what="the family")
-        info = json.load(open(os.path.join(cwd, "ready")))
-        rc, msg = ckpt("dump", "-t", p.pid, "-D", os.path.join(cwd, "img"))
-        open(os.path.join(cwd, "go"), "w").close()
-        wait_for(lambda: os.path.exists(os.path.join(cwd, "result")), timeout=20, what="the result")
-        done({{"pid": p.pid, "rc": rc, "msg": msg, "info": info,
-              "result": json.load(open(os.path.join(cwd, "result")))}})
-    """)
-    assert got["rc"] == 3 and "peer-pid-in-use" in got["msg"] and "SCM_CREDENTIALS" in got["msg"], got["msg"]
+def test_socketpairs_with_queued_messages_inside(tmp_path):
+    """Messages queued between tree members, sent without credentials, and
+    SO_PEERCRED naming the pair's maker, inside: a message without
+    credentials peeks as pid 0 with the overflow ids, as one of a sender
+    outside the namespace would; SO_PASSPIDFD tells them apart (SCM_PIDFD
+    for a sender pid only). Restored exactly."""
+    got = in_pidns(FAMILY_INSIDE.format(cwd=str(tmp_path), img=str(tmp_path / "img"), family=FAMILY,
+                                        mode="sockpair"))
     assert got["result"] == {"token": got["info"]["token"], "first": "to-parent", "dgrams": ["d1", "d2"],
                              "reply": f"child-got:to-child|p1|queued|{got['pid']}"}, got
+
+
+@needs_unshare
+@pytest.mark.parametrize("sender", ["live", "dead"])
+def test_a_message_from_a_sender_outside_is_refused(tmp_path, sender):
+    """A message whose sender is outside the namespace (its pid 0 there),
+    running as the overflow ids, queued after a credential-less one, in a
+    socketpair the target holds both ends of: both peek as pid 0 with the
+    overflow ids; the one with a sender is still refused
+    (`peer-pid-in-use`), the sender alive or gone."""
+    import socket
+    import struct
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        a.send(b"credless")
+
+        def send_with_creds():      # explicit SCM_CREDENTIALS (SO_PASSCRED would autobind the socket)
+            # the overflow ids (root may claim any): inside, exactly what a message without credentials peeks as
+            creds = struct.pack("iII", os.getpid(), *(int(open(f"/proc/sys/kernel/overflow{k}").read())
+                                                      for k in ("uid", "gid")))
+            a.sendmsg([b"from-outside"], [(socket.SOL_SOCKET, socket.SCM_CREDENTIALS, creds)])
+        if sender == "live":
+            send_with_creds()
+        else:
+            pid = os.fork()
+            if pid == 0:
+                send_with_creds()
+                os._exit(0)
+            os.waitpid(pid, 0)
+        got = in_pidns(f"""
+            p = subprocess.Popen([sys.executable, "-S", "-c", "import time; time.sleep(60)"], close_fds=True,
+                                 pass_fds=({a.fileno()}, {b.fileno()}), start_new_session=True,
+                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            os.close({a.fileno()})
+            os.close({b.fileno()})
+            wait_for(lambda: len(os.listdir(f"/proc/{{p.pid}}/fd")) >= 5, what="the target")
+            rc, msg = ckpt("dump", "-t", p.pid, "-D", {str(tmp_path / "img")!r})
+            done({{"rc": rc, "msg": msg, "alive": p.poll() is None}})
+        """, pass_fds=(a.fileno(), b.fileno()))
+    finally:
+        a.close()
+        b.close()
+    assert got["rc"] == 3 and "peer-pid-in-use" in got["msg"] and "pid 0" in got["msg"], got["msg"]
+    assert "message 2 of 2" in got["msg"] and "message 1 of" not in got["msg"], got["msg"]
+    assert got["alive"]
 
 
 @needs_unshare

@@ -60,7 +60,10 @@ SO_PEEK_OFF = 42
 SO_PASSCRED = 16
 SIOCOUTQ = 0x5411
 MSG_CMSG_CLOEXEC = 0x40000000
-_ANCBUF = _socket.CMSG_SPACE(253 * 4) + _socket.CMSG_SPACE(12) + _socket.CMSG_SPACE(256)
+SO_PASSPIDFD = 76       # Linux 6.5: a peek also shows the sender's struct pid (SCM_PIDFD)
+SCM_PIDFD = 0x04
+_ANCBUF = (_socket.CMSG_SPACE(253 * 4) + _socket.CMSG_SPACE(12) + _socket.CMSG_SPACE(4)
+           + _socket.CMSG_SPACE(256))
 _STREAMISH = (_socket.SOCK_STREAM,)
 
 
@@ -88,6 +91,11 @@ def _ancillary(anc, flags: int) -> str:
             what.append(f"SCM_RIGHTS ({len(fds)} fds in flight)")
         elif level == _socket.SOL_SOCKET and typ == getattr(_socket, "SCM_CREDENTIALS", 2):
             what.append("SCM_CREDENTIALS (sender pid/uid/gid)")
+        elif level == _socket.SOL_SOCKET and typ == SCM_PIDFD and len(data) >= 4:
+            pidfd = struct.unpack("i", data[:4])[0]
+            if pidfd >= 0:
+                os.close(pidfd)
+            what.append("SCM_PIDFD (sender pidfd)")
         else:
             what.append(f"ancillary level {level} type {typ}")
     if flags & _socket.MSG_CTRUNC:
@@ -170,17 +178,23 @@ _INIT_PID_NS = 0xEFFFFFFC      # PROC_PID_INIT_INO: the initial pid namespace's 
 
 
 @functools.lru_cache(maxsize=1)
+def _initial_pidns() -> bool:
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino == _INIT_PID_NS
+    except OSError:
+        return False
+
+
+@functools.lru_cache(maxsize=1)
 def _credless_ids():
     """(pid 0, overflowuid, overflowgid): what a peek shows for a message
-    that carries no credentials (no pid; INVALID_UID munged), or None when
-    that cannot be told apart from a sender whose pid ckpt cannot see
-    (ckpt outside the initial pid namespace: such a sender running as the
-    overflow ids peeks the same)."""
-    try:
-        if os.stat("/proc/self/ns/pid").st_ino != _INIT_PID_NS:
-            return None
-    except OSError:
-        return None
+    that carries no credentials (no pid; INVALID_UID munged). Outside the
+    initial pid namespace a sender whose pid ckpt cannot see, running as
+    the overflow ids, peeks the same: there only a peek with SO_PASSPIDFD
+    tells them apart (creds_shown): the kernel adds SCM_PIDFD for every
+    message with a sender pid, visible or not, live or dead (a negative
+    value when no pidfd could be made), none for a message without
+    (net/core/scm.c scm_pidfd_recv: "if (!scm->pid) return")."""
     out = [0]
     for name in ("overflowuid", "overflowgid"):
         try:
@@ -205,15 +219,28 @@ def creds_shown(fd: int, fault=None):
     s = _socket.socket(fileno=os.dup(fd))
     try:
         prev = s.getsockopt(_socket.SOL_SOCKET, SO_PASSCRED)
+        pidfd_prev = None
+        if not _initial_pidns():
+            # (outside the initial pid namespace only: there pid 0 is ambiguous, _credless_ids)
+            try:
+                pidfd_prev = s.getsockopt(_socket.SOL_SOCKET, SO_PASSPIDFD)
+            except OSError:
+                pass        # below Linux 6.5: pid 0 stays ambiguous, refused
         if not prev:
             s.setsockopt(_socket.SOL_SOCKET, SO_PASSCRED, 1)
         try:
+            if pidfd_prev == 0:
+                s.setsockopt(_socket.SOL_SOCKET, SO_PASSPIDFD, 1)
             if fault is not None:
                 fault()
             yield
         finally:
-            if not prev:
-                s.setsockopt(_socket.SOL_SOCKET, SO_PASSCRED, 0)
+            try:
+                if pidfd_prev == 0:
+                    s.setsockopt(_socket.SOL_SOCKET, SO_PASSPIDFD, 0)
+            finally:
+                if not prev:
+                    s.setsockopt(_socket.SOL_SOCKET, SO_PASSCRED, 0)
     finally:
         s.close()
 
@@ -223,6 +250,7 @@ def _peek_at(s: _socket.socket, off: int, size: int, held: List[int]):
     s.setsockopt(_socket.SOL_SOCKET, SO_PEEK_OFF, off)
     data, anc, mflags, _ = s.recvmsg(size, _ANCBUF, _socket.MSG_PEEK | _socket.MSG_DONTWAIT | MSG_CMSG_CLOEXEC)
     fds, cred, other = [], None, []
+    sender = None       # SCM_PIDFD seen: the message has a sender pid
     for level, typ, raw in anc:
         if level == _socket.SOL_SOCKET and typ == _socket.SCM_RIGHTS:
             got = array.array("i")
@@ -230,19 +258,36 @@ def _peek_at(s: _socket.socket, off: int, size: int, held: List[int]):
             held.extend(got)
             fds.extend(got)
         elif level == _socket.SOL_SOCKET and typ == _CREDS and len(raw) >= 12:
-            pid, uid, gid = struct.unpack("iII", raw[:12])
-            # pid 0 with the overflow ids: a message sent with no
-            # credentials (no SO_PASSCRED at either end, none given); any
-            # other pid 0 is kept, and refused (_inflight.check_cred)
-            if (pid, uid, gid) != _credless_ids():
-                cred = {"pid": pid, "uid": uid, "gid": gid}
+            cred = struct.unpack("iII", raw[:12])
+        elif level == _socket.SOL_SOCKET and typ == SCM_PIDFD and len(raw) >= 4:
+            pidfd = struct.unpack("i", raw[:4])[0]
+            if pidfd >= 0:
+                os.close(pidfd)
+            sender = True
         else:
             other.append(f"ancillary level {level} type {typ}")
+    if cred is not None:
+        # pid 0 with the overflow ids: a message sent with no credentials
+        # (no SO_PASSCRED at either end, none given), where that is certain;
+        # any other pid 0 is kept, and refused (_inflight.check_cred)
+        if cred != _credless_ids() or not (_initial_pidns() or (not sender and _pidfds_shown(s))):
+            cred = {"pid": cred[0], "uid": cred[1], "gid": cred[2]}
+        else:
+            cred = None
     if mflags & _socket.MSG_CTRUNC:
         other.append("more ancillary data than fits a peek (MSG_CTRUNC)")
     if other:
         raise Unreadable("ancillary data queued: " + ", ".join(other))
     return data, fds, cred, mflags
+
+
+def _pidfds_shown(s: _socket.socket) -> bool:
+    """Whether this peek would have shown SCM_PIDFD (creds_shown turned
+    SO_PASSPIDFD on: Linux >= 6.5, ckpt outside the initial pid namespace)."""
+    try:
+        return bool(s.getsockopt(_socket.SOL_SOCKET, SO_PASSPIDFD))
+    except OSError:
+        return False
 
 
 def _close_now(fds: List[int], held: List[int]) -> None:
@@ -274,6 +319,10 @@ def _rights_in(raw: bytes) -> bool:
             found = True
             for fd in array.array("i", raw[off + hdr.size:off + n]):
                 os.close(fd)
+        elif level == _socket.SOL_SOCKET and typ == SCM_PIDFD and n >= hdr.size + 4:
+            pidfd = struct.unpack_from("i", raw, off + hdr.size)[0]
+            if pidfd >= 0:
+                os.close(pidfd)
         off += _socket.CMSG_SPACE(n - hdr.size)
     return found
 
