@@ -110,9 +110,11 @@ def directory(controllers: str, path: str, table=None) -> Optional[str]:
 def _moves(rec: List[List[str]], here: List[List[str]]) -> List[Tuple[str, str]]:
     """(controllers, path) of each hierarchy where the record is not where
     `here` (ckpt's) is. A hierarchy ckpt is in that the record lacks (made
-    since the dump) holds every older process at its root."""
+    since the dump) holds every older process at its root; one the record
+    has at its root that is gone here (unmounted and empty since) holds no
+    process at all, the restored one as every other: nothing to restore."""
     have = {c: p for c, p in here}
-    want = {c: p for c, p in rec}
+    want = {c: p for c, p in rec if p != "/" or c in have}
     for c in have:
         want.setdefault(c, "/")
     return [(c, p) for c, p in sorted(want.items()) if have.get(c) != p]

@@ -166,3 +166,17 @@ def test_a_hierarchy_made_after_ckpts_first_operation_is_seen_by_the_next(procs,
     procs.adopt(p.pid)
     assert [f"name={name}", "/"] in cgroups.read(p.pid)
     procs.kill(p.pid)
+
+
+def test_the_root_of_a_hierarchy_gone_since_the_dump_is_nothing_to_restore():
+    """A process at the root of a v1 hierarchy unmounted (and so destroyed)
+    since the dump is restored like every other process here: in no such
+    hierarchy. Before, its restore was refused "no such hierarchy here" - a
+    test mounting a short-lived named hierarchy made any dump another
+    worker took meanwhile unrestorable. A cgroup below the root of a gone
+    hierarchy still is refused."""
+    here = [["cpu", "/a"], ["", "/x"]]
+    assert cgroups._moves([["cpu", "/a"], ["", "/x"], ["name=gone", "/"]], here) == []
+    assert cgroups._moves([["cpu", "/a"], ["", "/x"], ["name=gone", "/sub"]], here) == [("name=gone", "/sub")]
+    assert cgroups._moves([["cpu", "/b"], ["", "/x"]], here) == [("cpu", "/b")]
+    assert cgroups._moves([["", "/x"]], here) == [("cpu", "/")]     # made since the dump: its root
