@@ -26,7 +26,7 @@ SEED ?= 1
 
 APT_PACKAGES = qemu-system-x86 qemu-utils mmdebstrap e2fsprogs busybox-static cpio zstd \
                openssh-client gcc libc6-dev ca-certificates libnftables1 \
-               make pkg-config libaio-dev libcap-dev
+               make pkg-config libaio-dev libcap-dev iputils-ping
 ifeq ($(ARCH),aarch64)
 APT_PACKAGES += qemu-system-arm qemu-user-static binfmt-support arch-test
 endif
