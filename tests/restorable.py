@@ -95,6 +95,13 @@ def rehearse_image(image_dir: str, options: Options = None) -> None:
                 raise
         finally:
             R._pid_free = real_pid_free
+        if "tree.json" not in reader.files and any(v["kind"] == "sysvshm" for v in vmas):
+            # System V segments: their own pre-flight (engine/sysvshm.py; a tree's needs every member's)
+            from engine import sysvshm
+            found = sysvshm.preflight(sysvshm.segments([(core["pid"], v) for v in vmas if v["kind"] == "sysvshm"]),
+                                      {core["pid"]})
+            if found:
+                raise Refusals(found)
         prepared = None
         try:
             prepared = R.prepare(core, vmas, fdrecs, ctx)

@@ -106,13 +106,13 @@ def _results(d, pids) -> dict:
     return out
 
 
-def _proves(res: dict, info: dict, nattch_k: int, nattch_p: int) -> None:
+def _proves(res: dict, info: dict, nattch_k: int, nattch_p: int, mode_k: int = 0o640) -> None:
     """What one process sees: the patterns through every attach, the last
     page of K never written (zero), the token seen through the read-only
     attach (one segment), both ids' key, size, mode and owners."""
     assert (res["pat_a"], res["pat_r"], res["pat_b"], res["zero_tail"]) == (-1, -1, -1, -1), res
     assert res["seen"] == 1, res
-    assert res["k"] == {"key": info["key"], "size": 3 * 4096 + 100, "mode": 0o640, "uid": 1234, "gid": 5678,
+    assert res["k"] == {"key": info["key"], "size": 3 * 4096 + 100, "mode": mode_k, "uid": 1234, "gid": 5678,
                         "cuid": 4321, "cgid": 4321, "nattch": nattch_k}, res
     assert res["p"]["key"] == 0 and res["p"]["size"] == 8192 and res["p"]["mode"] == 0o1600, res
     assert res["p"]["nattch"] == nattch_p, res
@@ -165,6 +165,19 @@ def test_a_removed_leftover_is_made_again_with_its_id_and_creator(procs, shmtarg
     row = _rows(info["k"])[info["k"]]
     assert row["cpid"] == os.getpid() and row["key"] == info["key"]     # made by ckpt (a known limit)
     _proves(_results(tmp_path, [p.pid])[p.pid], info, 2, 1)
+
+
+def test_a_locked_segment_is_locked_again(procs, shmtarget, segs, tmp_path):  # noqa: F811
+    """SHM_LOCK (mode SHM_LOCKED): a segment made again is locked again."""
+    p, info = _start(procs, shmtarget, segs, tmp_path)
+    assert _libc.shmctl(info["k"], sysvshm.SHM_LOCK, None) == 0
+    dump(p.pid, str(tmp_path / "img"), Options())
+    _gone(procs, p)
+    assert _libc.shmctl(info["k"], sysvshm.IPC_RMID, None) == 0
+    out = restore(str(tmp_path / "img"), Options())
+    procs.adopt(out["pid"])
+    assert _rows(info["k"])[info["k"]]["mode"] == sysvshm.SHM_LOCKED | 0o640
+    _proves(_results(tmp_path, [p.pid])[p.pid], info, 2, 1, sysvshm.SHM_LOCKED | 0o640)
 
 
 def test_a_tree_shares_its_segments(procs, shmtarget, segs, tmp_path):  # noqa: F811
