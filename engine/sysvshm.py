@@ -461,8 +461,7 @@ def materialize(segs: Dict[int, dict], sources: Dict[int, object]) -> Made:
             size = pages_of(rec["size"])
             pid, v = seg["data"]
             source = sources[pid]
-            runs = _image_runs(seg, source)
-            source.check_runs(v["pages"])
+            runs = _image_runs(seg, source)     # checked against the pages files with every mapping's
             if seg.get("reuse"):
                 base = _attach_local(shmid, True)
                 try:
