@@ -1399,6 +1399,57 @@ def m_reset_ids(img: Image) -> str:
     return f"uids {old[0]} gids {old[1]} -> 0"
 
 
+def _all_tasks(img: Image) -> List[Tuple[str, str, dict]]:
+    """(image dir, what, task record) of every thread of the dumped process
+    and of every tree member, root first."""
+    dirs = [""] + [m["dir"] for m in _members(img)[1:] if m.get("dir") and not m.get("zombie")]
+    return [(d, what, rec) for d in dirs if d + "core.json" in img.manifest["files"]
+            for what, rec in _tasks(img.json(d + "core.json"))]
+
+
+def m_lose_chroot(img: Image) -> str:
+    """A chrooted process comes back with the restorer's root directory: an
+    engine that restores the cwd but never chroot()s (the first process of
+    the image that has a root of its own)."""
+    dirs = [""] + [m["dir"] for m in _members(img)[1:] if m.get("dir") and not m.get("zombie")]
+    for d in dirs:
+        if d + "core.json" in img.manifest["files"] and img.json(d + "core.json").get("root"):
+            core = img.json(d + "core.json")
+            old, core["root"] = core["root"], None
+            img.put_json(d + "core.json")
+            return f"{d or 'the process'}: root directory {old['path']} -> the restorer's"
+    raise NoTarget("no chrooted process")
+
+
+def m_lose_syscall_dispatch(img: Image) -> str:
+    """Syscall user dispatch (PR_SET_SYSCALL_USER_DISPATCH) is not set
+    again on the first task that had it on: its calls from outside the
+    allowed range run instead of raising SIGSYS."""
+    for d, what, rec in _all_tasks(img):
+        if rec.get("sud"):
+            old, rec["sud"] = rec["sud"], None
+            img.put_json(d + "core.json")
+            return f"{d}{what}: syscall user dispatch (selector {old['selector']:#x}) -> off"
+    raise NoTarget("no task with syscall user dispatch on")
+
+
+def m_leader_eintr_not_restart(img: Image) -> str:
+    """The leader (the main thread) alone, dumped inside an interrupted call
+    that must restart, returns EINTR from it instead; its other threads
+    restart theirs (eintr-not-restart breaks them all)."""
+    from engine.arch import x86_64
+    core = img.json("core.json")
+    r = core.get("regs", {})
+    if "orig_rax" not in r:
+        raise NoTarget("not x86_64 registers (aarch64 keeps the restart decision outside them)")
+    nr, err = r["orig_rax"] - U64 if r["orig_rax"] >= 2 ** 63 else r["orig_rax"], U64 - r["rax"]
+    if not (nr >= 0 and (err in ERESTARTS or (err == EINTR and nr in x86_64.FREEZE_EINTR))):
+        raise NoTarget("the leader is not inside an interrupted call")
+    r["rax"], r["orig_rax"] = U64 - EINTR, U64 - 1
+    img.put_json("core.json")
+    return f"the leader's call {nr} returns EINTR instead of restarting"
+
+
 def m_drop_fd(img: Image) -> str:
     """The highest-numbered fd is not restored (a kind an engine skips)."""
     fds = img.json("fds.json")
@@ -1496,6 +1547,11 @@ EDITS: Dict[str, Tuple[Callable[[Image], str], str]] = {
     "ping-unbound": (m_ping_unbound, "a ping socket comes back unbound (another ident at its first send)"),
     "reset-autogroup-nice": (m_reset_autogroup_nice, "a session leader's autogroup comes back at nice 0"),
     "reset-ids": (m_reset_ids, "the uids and gids (real, effective, saved, fs) come back as 0"),
+    "lose-chroot": (m_lose_chroot, "a chrooted process comes back with the restorer's root directory"),
+    "lose-syscall-dispatch": (m_lose_syscall_dispatch, "syscall user dispatch is not set again (no SIGSYS for "
+                              "calls outside the allowed range)"),
+    "leader-eintr-not-restart": (m_leader_eintr_not_restart, "the main thread's call interrupted by the freeze "
+                                 "returns EINTR instead of restarting"),
 }
 
 
@@ -1849,6 +1905,12 @@ CAUGHT_BY: Dict[str, str] = {
                             "(process/attrs)",
     "reset-ids": "Uid and Gid compared from outside; getresuid/getresgid read back by the process "
                  "(process/attrs: a saved uid and a real and saved gid other than 0)",
+    "lose-chroot": "/proc/PID/root compared from outside; the process's own / (device, inode) compared with "
+                   "its jail's (process/chroot)",
+    "lose-syscall-dispatch": "a call made from outside the allowed range with the selector at BLOCK must raise "
+                             "SIGSYS, one with it at ALLOW must run (process/syscall-dispatch)",
+    "leader-eintr-not-restart": "the main thread waits in raw rt_sigtimedwait(2) calls (ctypes: CPython's own "
+                                "retry an EINTR) and counts those that fail EINTR (process/main-eintr)",
 }
 
 

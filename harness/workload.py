@@ -348,6 +348,14 @@ def run(spec_path: str) -> int:
         ready = {"pid": os.getpid(), "recs": recs, "fds": own_fds(), "mmaps": maps,
                  "helpers": ctx.helpers, "cwd": os.getcwd(), "process": kinds.PROCESS.observe(proc),
                  "proof": proof.public(), "start": START, "rseq": sysapi.rseq_area()}
+        ready_path = spec["ready"]
+        if proc.get("chroot"):
+            # the last thing before the ready file (the harness's snapshot of
+            # /proc follows it), which is then reached from the cwd
+            ready_path = os.path.relpath(ready_path)
+            ready["process"]["root"] = kinds.PROCESS.enter_root(proc["chroot"])
+        if proc.get("raw_wait"):
+            kinds.PROCESS.RAW_WAIT.setup(signal.SIGUSR1, Proof.TICK)
     except Exception:
         import traceback
         write_json(spec["ready"], {"pid": os.getpid(), "helpers": helpers, "error": traceback.format_exc()})
@@ -357,8 +365,9 @@ def run(spec_path: str) -> int:
     # runs, no arena comes or goes) from before the ready file on.
     gc.collect()
     gc.disable()
-    write_json(spec["ready"], ready)
+    write_json(ready_path, ready)
     wait_for = {signal.SIGUSR1}
+    raw = kinds.PROCESS.RAW_WAIT if proc.get("raw_wait") else None
     # a quiet workload's program break right before and right after its
     # quiet sleep: nothing in between moves it (the kernel keeps it; /proc
     # shows it only page-rounded, as the [heap] mapping's end)
@@ -379,6 +388,11 @@ def run(spec_path: str) -> int:
             brk[0] = sbrk(0)
             got = signal.sigwaitinfo(wait_for)
             brk[1] = sbrk(0)
+        elif raw is not None:
+            if raw.wait() == signal.SIGUSR1:
+                break
+            proof.tick()
+            continue
         else:
             got = signal.sigtimedwait(wait_for, Proof.QUIET_TICK if proof.quiet else Proof.TICK)
         # CPython returns an empty siginfo (signo 0), not None, when the wait
@@ -386,6 +400,8 @@ def run(spec_path: str) -> int:
         if got is not None and got.si_signo == signal.SIGUSR1:
             break
         proof.tick()
+    if proc.get("chroot"):
+        kinds.PROCESS.leave_root()      # the check reads the harness's files by absolute path
     gc.enable()
     try:
         with open(os.path.join(spec["ctldir"], REQUEST)) as f:

@@ -223,7 +223,8 @@ TIMED_EDITS = {"disarm-posix-timer": {"posix timer"}, "reset-itimers": {"itimer"
 def test_every_mutant_is_listed_and_tested():
     assert len(mutants.names()) >= 22
     assert set(EXPECTED) | TREE_EDITS | set(THREAD_EDITS) | MEMORY_EDITS | SOCKET_EDITS \
-        | set(TIMED_EDITS) | set(REGS_EDITS) | set(KNOB_EDITS) | set(PTY_EDITS) == set(mutants.EDITS)
+        | set(TIMED_EDITS) | set(REGS_EDITS) | set(KNOB_EDITS) | set(PTY_EDITS) | set(JAILED_EDITS) \
+        == set(mutants.EDITS)
     assert set(mutants.CAUGHT_BY) == set(mutants.names())
     for name in mutants.names():
         e = engines.make(f"mutant:{name}")
@@ -791,9 +792,10 @@ def _timed_facts(pid, work):
     return facts
 
 
-def _python_target_dumped(procs, tmp_path, source: str, what: str):
-    """A Python target (`source`, run in tmp_path/w until it writes "ready")
-    dumped to tmp_path/img: (its Popen, its work dir, the image)."""
+def _python_target_dumped(procs, tmp_path, source: str, what: str, settled=None):
+    """A Python target (`source`, run in tmp_path/w until it writes "ready",
+    and settled(pid) holds if given) dumped to tmp_path/img: (its Popen,
+    its work dir, the image)."""
     become_subreaper()
     work = tmp_path / "w"
     work.mkdir()
@@ -802,6 +804,8 @@ def _python_target_dumped(procs, tmp_path, source: str, what: str):
                          start_new_session=True, env=ENV)
     procs.popens.append(p)
     wait_for(lambda: (work / "ready").exists(), what=what)
+    if settled is not None:
+        wait_for(lambda: settled(p.pid), what=what + " settled")
     img = str(tmp_path / "img")
     r = ckpt("dump", "-t", str(p.pid), "-D", img, "--json")
     assert r.returncode == 0, r.stderr
@@ -1135,6 +1139,63 @@ def test_knob_mutants_break_exactly_one_thing(procs, tmp_path):
                 or (name == "reset-autogroup-nice" and want["autogroup"] == []) \
                 or (name == "ping-unbound" and want["ping"] == []), name
             continue
+        ImageReader(mine).verify()
+        got = restored(mine)
+        differ = {k for k in want if got[k] != want[k]}
+        assert differ == changed, f"{name} ({what}): {got} vs {want}"
+
+
+# -- the root directory, syscall user dispatch, the main thread's raw wait --------------
+
+# The workload's own pieces (harness/kinds/process.py): chrooted into "jail"
+# (its cwd stays the work dir, outside it), dispatch on with the selector at
+# BLOCK, the main thread in raw rt_sigtimedwait(2) calls for SIGUSR2.
+JAILED = r"""
+import json, os, signal
+from harness.kinds import process
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})
+sud = process.SyscallDispatch()
+os.mkdir("jail")
+inside = process.enter_root("jail")
+raw = process.RAW_WAIT
+raw.setup(signal.SIGUSR2, 3600)
+open("ready", "w").close()          # relative: the cwd is outside the jail
+while True:
+    if raw.wait() == signal.SIGUSR2:
+        st = os.stat("/")
+        with open("report.tmp", "w") as out:
+            json.dump({"inside": [st.st_dev, st.st_ino] == inside,
+                       "sud": [c["ok"] for c in sud.checks(sud.facts())], "eintr": raw.eintr}, out)
+        os.rename("report.tmp", "report")
+"""
+JAILED_EDITS = {"lose-chroot": {"root"}, "lose-syscall-dispatch": {"sud"}, "leader-eintr-not-restart": {"eintr"}}
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="eintr-not-restart edits x86_64 registers")
+def test_root_dispatch_and_leader_eintr_mutants_break_exactly_one_thing(procs, tmp_path):
+    def in_wait(pid):      # the main thread inside rt_sigtimedwait: the call the freeze interrupts
+        return open(f"/proc/{pid}/syscall").read().split()[0] == "128"
+    p, work, img = _python_target_dumped(procs, tmp_path, JAILED, "the jailed target", settled=in_wait)
+
+    def facts():
+        report = work / "report"
+        if report.exists():
+            report.unlink()
+        wait_for(lambda: in_wait(p.pid), what="the restored target back in its wait")
+        root = os.readlink(f"/proc/{p.pid}/root")
+        os.kill(p.pid, signal.SIGUSR2)
+        wait_for(report.exists, what="the jailed target's report")
+        got = json.loads(report.read_text())
+        return {"root": [root, got["inside"]], "sud": got["sud"], "eintr": got["eintr"]}
+
+    def restored(d):
+        return _restored_facts(procs, p.pid, d, facts)
+    want = restored(img)
+    assert want == {"root": [str(work / "jail"), True], "sud": [True, True, True], "eintr": 0}, want
+    for name, changed in sorted(JAILED_EDITS.items()):
+        mine = str(tmp_path / f"img-{name}")
+        shutil.copytree(img, mine)
+        what = mutants.apply_edit(name, mine)
         ImageReader(mine).verify()
         got = restored(mine)
         differ = {k for k in want if got[k] != want[k]}

@@ -142,6 +142,14 @@ def fields(s) -> dict:
                                    "exit": s.Int(0, 255), "group": s.Enum(CHILD_GROUPS),
                                    "share": s.List_(s.Enum(tuple(CHILD_SHARE), "what a child can share:"))},
                                   required=("blocked_in",))),
+        # chroot(2) into this directory (made by a setup step) right before the
+        # ready file; the cwd stays the work dir, outside it (see enter_root)
+        "chroot": s.Path(),
+        # syscall user dispatch on, the selector at BLOCK, calls from one probe
+        # page below everything else dispatched (see SyscallDispatch)
+        "syscall_dispatch": s.Bool(),
+        # the main thread waits in raw rt_sigtimedwait(2) calls, EINTRs counted (raw_wait)
+        "raw_wait": s.Bool(),
     }
 
 
@@ -240,6 +248,9 @@ def apply(p: dict) -> None:
         _THREADS.append(Blocked(i, t["blocked_in"], t.get("nice")))
     for b in _THREADS:
         b.started.wait(THREAD_WAKE_S)
+    # after the threads: dispatch is the calling thread's alone
+    if p.get("syscall_dispatch"):
+        _SUD.append(SyscallDispatch())
 
 
 # -- threads -------------------------------------------------------------------------
@@ -742,6 +753,149 @@ def _attrs_wanted(a: dict) -> dict:
     return {k: conv[k](v) if k in conv else int(v) for k, v in a.items()}
 
 
+# -- the root directory, syscall user dispatch, the main thread's raw wait -----------
+
+_ROOT_NOW: List[list] = []      # / as the process saw it right before leave_root
+
+
+def enter_root(rel: str) -> list:
+    """chroot(2) into `rel` (relative to the cwd, the work dir, which stays
+    the cwd: outside the new root, as chroot leaves it). Returns [dev, ino]
+    of / as seen from inside now. From here until leave_root only relative
+    paths reach the harness's files (a path's ".." from the cwd never
+    passes the new root)."""
+    os.chroot(rel)
+    st = os.stat("/")
+    return [st.st_dev, st.st_ino]
+
+
+def leave_root() -> None:
+    """Before the check, which reads the harness's files by absolute path:
+    note / as seen now (checker compares it), then chroot(2) back to the
+    real root, reached from the cwd by "..": it lies outside the jail, so
+    ".." climbs to the real / without meeting the jail's root."""
+    st = os.stat("/")
+    _ROOT_NOW.append([st.st_dev, st.st_ino])
+    os.chroot("/".join([".."] * 64))
+
+
+class RawWait:
+    """The main thread's wait for the harness's wake-up as raw
+    rt_sigtimedwait(2) calls (CPython's sigtimedwait retries an EINTR, so
+    an interrupted call that fails instead of restarting would go unseen):
+    every call that fails EINTR is counted; nothing in the scenario
+    interrupts it, so after a restore the count must be 0."""
+
+    NR = {"x86_64": 128, "aarch64": 137}
+    EAGAIN, EINTR = 11, 4
+
+    def __init__(self):
+        self.eintr = 0
+
+    def setup(self, signo: int, seconds: float) -> None:
+        import ctypes
+        libc = ctypes.CDLL(sysapi.LIBC, use_errno=True)
+        self._call = libc.syscall
+        self._call.restype = ctypes.c_long
+        self._errno = ctypes.get_errno
+        self._nr = ctypes.c_long(self.NR[os.uname().machine])
+        self._set = ctypes.c_uint64(1 << (signo - 1))
+        self._info = ctypes.create_string_buffer(128)
+        self._ts = (ctypes.c_long * 2)(int(seconds), int(seconds % 1 * 1e9))
+        self._args = (ctypes.byref(self._set), self._info, ctypes.byref(self._ts), ctypes.c_long(8))
+
+    def wait(self) -> int:
+        """The signal taken, or 0 (the timeout, an EINTR)."""
+        got = self._call(self._nr, *self._args)
+        if got > 0:
+            return got
+        if self._errno() == self.EINTR:
+            self.eintr += 1
+        return 0
+
+
+RAW_WAIT = RawWait()
+
+
+class SyscallDispatch:
+    """Syscall user dispatch (prctl PR_SET_SYSCALL_USER_DISPATCH) on the
+    main thread, its selector byte at BLOCK the whole time: a call is
+    dispatched (SIGSYS, the call not made) when made from outside
+    [offset, offset + len). That range is everything above one probe page
+    mapped at the lowest address a process may map (vm.mmap_min_addr), so
+    every call of the process is allowed but the probe's: the probe is
+    getpid from that page, its argument left in the first argument
+    register. Dispatched, getpid returns the call number (x86_64: the
+    kernel rolls rax back to it) or its argument (aarch64: x0 rolled back);
+    made, the pid. SIGSYS has a handler that counts. The check: with the
+    selector at BLOCK the probe is dispatched (and SIGSYS counted once), at
+    ALLOW it runs (the selector is the byte the kernel reads); then BLOCK
+    again."""
+
+    CODE = {"x86_64": bytes.fromhex("b827000000" "0f05" "c3"),          # mov eax, 39; syscall; ret
+            "aarch64": bytes.fromhex("881580d2" "010000d4" "c0035fd6")}  # mov x8, 172; svc 0; ret
+    GETPID_NR = {"x86_64": 39, "aarch64": 172}
+    ARG = 0x5A5A
+    PR_SET_SYSCALL_USER_DISPATCH, ON, ALLOW, BLOCK = 59, 1, 0, 1
+
+    def __init__(self):
+        import ctypes
+        machine = os.uname().machine
+        with open("/proc/sys/vm/mmap_min_addr") as f:
+            low = max(int(f.read()), 4096)
+        page = 4096
+        # MAP_PRIVATE|MAP_ANONYMOUS|MAP_FIXED_NOREPLACE, PROT_READ|WRITE, then READ|EXEC
+        libc = ctypes.CDLL(sysapi.LIBC, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                              ctypes.c_long]
+        addr = libc.mmap(low, page, 3, 0x22 | 0x100000, -1, 0)
+        if addr != low:
+            raise OSError(ctypes.get_errno(), f"the probe page at {low:#x}: {os.strerror(ctypes.get_errno())}")
+        ctypes.memmove(addr, self.CODE[machine], len(self.CODE[machine]))
+        if libc.mprotect(ctypes.c_void_p(addr), ctypes.c_size_t(page), 5) != 0:
+            raise OSError(ctypes.get_errno(), "mprotect of the probe page")
+        self.page = addr
+        self.probe = ctypes.CFUNCTYPE(ctypes.c_long, ctypes.c_long)(addr)
+        self.selector = ctypes.c_ubyte(self.BLOCK)
+        self.sigsys = [0]
+
+        def on_sigsys(_sig, _frame):
+            self.sigsys[0] += 1
+        signal.signal(signal.SIGSYS, on_sigsys)
+        self.offset = addr + page
+        self.length = (1 << 64) - 1 - self.offset
+        if libc.prctl(self.PR_SET_SYSCALL_USER_DISPATCH, ctypes.c_ulong(self.ON), ctypes.c_ulong(self.offset),
+                      ctypes.c_ulong(self.length), ctypes.c_void_p(ctypes.addressof(self.selector))) != 0:
+            e = ctypes.get_errno()
+            raise OSError(e, f"PR_SET_SYSCALL_USER_DISPATCH: {os.strerror(e)}")
+        self.dispatched = {"x86_64": self.GETPID_NR["x86_64"], "aarch64": self.ARG}[machine]
+
+    def facts(self) -> dict:
+        return {"page": self.page, "offset": self.offset, "selector": self.selector.value}
+
+    def _probe(self, sel: int) -> list:
+        """[what getpid returned, SIGSYS handled] with the selector at `sel`."""
+        self.selector.value = sel
+        before = self.sigsys[0]
+        got = self.probe(self.ARG)
+        for _ in range(3):      # the handler runs between bytecodes, soon after the call returns
+            time.sleep(0)
+        return [got, self.sigsys[0] - before]
+
+    def checks(self, seen: dict) -> List[dict]:
+        out = [check(None, "syscall dispatch selector byte (BLOCK)", seen["selector"], self.selector.value)]
+        out.append(check(None, "getpid from outside the allowed range, selector BLOCK: dispatched "
+                         "([rolled-back value, SIGSYS taken])", [self.dispatched, 1], self._probe(self.BLOCK)))
+        out.append(check(None, "the same getpid, selector ALLOW: made ([pid, SIGSYS taken])",
+                         [os.getpid(), 0], self._probe(self.ALLOW)))
+        self.selector.value = self.BLOCK
+        return out
+
+
+_SUD: List["SyscallDispatch"] = []
+
+
 def observe(p: dict) -> dict:
     """What the process sees of the state before the dump (``extras``)."""
     return {"sigactions": {n: sysapi.sigaction_get(signum(n)) for n in (p.get("sigactions") or {})},
@@ -756,6 +910,7 @@ def observe(p: dict) -> dict:
             "fp": _fp_now() if p.get("fp_round") else {},
             "altstack": list(sysapi.sigaltstack_get()) if p.get("altstack") else [],
             "posix_timers": [[h] + list(sysapi.timer_gettime(h)) for h in _TIMERS],
+            "syscall_dispatch": _SUD[0].facts() if _SUD else None,
             "at": time.time()}
 
 
@@ -785,6 +940,15 @@ def checker(p: dict, seen: dict, phase: str) -> List[dict]:
         out += _child_checks(p, seen, phase)
     if phase == "inspect":
         st = status()
+        if p.get("chroot"):
+            out.append(check(None, "root directory seen from inside (stat / : device, inode) is the chroot's",
+                             seen.get("root"), _ROOT_NOW[0] if _ROOT_NOW else None))
+        if p.get("syscall_dispatch"):
+            out += _SUD[0].checks(seen["syscall_dispatch"]) if _SUD else \
+                [check(None, "syscall user dispatch set up", True, False)]
+        if p.get("raw_wait"):
+            out.append(check(None, "the main thread's raw waits (rt_sigtimedwait) that failed EINTR", 0,
+                             RAW_WAIT.eintr))
         if "umask" in p:
             out.append(check(None, "umask", f"{int(p['umask']):04o}", st.get("Umask")))
         if p.get("altstack"):
