@@ -175,6 +175,8 @@ class ScenarioItem(pytest.Item):
         t0 = time.monotonic()
         try:
             target = crucible.primary()
+            if schema.below_min_kernel(self.scenario, target.kernel):
+                pytest.skip(schema.below_min_kernel(self.scenario, target.kernel))
             revert_s = crucible.revert_s
             res = runner.run_scenario(self.scenario, self.sid, engine, target,
                                       other=crucible.other if crucible.can_migrate else None,

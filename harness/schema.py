@@ -522,6 +522,10 @@ SCENARIO = Map({
     # where the kernel does not expose the state (say `why`).
     "older_kernels": Map({"below": KernelVersion(), "expect": _expect(), "why": Str()},
                          required=("below", "expect", "why")),
+    # Kernels older than `version` cannot run the scenario at all (skipped,
+    # saying `why`): state no engine can read there, and no refusal possible
+    # because nothing shows it is in use (README "Known limits").
+    "min_kernel": Map({"version": KernelVersion(), "why": Str()}, required=("version", "why")),
 }, required=("name", "workload", "expect"), defaults={"restore_on": "same", "tags": []})
 
 
@@ -529,6 +533,14 @@ def kernel_tuple(release: str) -> tuple:
     """``"6.1.0-28-amd64"`` -> ``(6, 1, 0)``; ``"6.6"`` -> ``(6, 6)``."""
     nums = re.match(r"^(\d+(?:\.\d+)*)", release.strip())
     return tuple(int(x) for x in nums.group(1).split(".")) if nums else ()
+
+
+def below_min_kernel(sc: dict, kernel_release: str) -> str:
+    """Why the scenario cannot run on this kernel ("" when it can)."""
+    low = sc.get("min_kernel")
+    if low and kernel_release and kernel_tuple(kernel_release) < kernel_tuple(low["version"]):
+        return f"needs Linux {low['version']} (this is {kernel_release}): {low['why']}"
+    return ""
 
 
 def effective_expect(sc: dict, kernel_release: str) -> dict:

@@ -168,6 +168,17 @@ def test_plugin_runs_locally_with_junitxml_xdist_and_a_merged_report(scen, tmp_p
     assert 'name="one"' in (scen.path / "j.xml").read_text()
 
 
+def test_min_kernel_says_why_below_the_version_only():
+    sc = load(GOOD + textwrap.dedent("""\
+        min_kernel: {version: "6.4", why: nothing shows it}
+        """))
+    assert schema.below_min_kernel(sc, "6.1.0-28-amd64") == \
+        "needs Linux 6.4 (this is 6.1.0-28-amd64): nothing shows it"
+    assert schema.below_min_kernel(sc, "6.4.0") == "" and schema.below_min_kernel(sc, "6.18.1") == ""
+    assert schema.below_min_kernel(load(GOOD), "6.1.0") == ""
+    assert error(GOOD + "min_kernel: {version: '6.4'}\n").key == "min_kernel.why"
+
+
 def test_older_kernels_expectation_applies_below_the_version():
     sc = load(GOOD + textwrap.dedent("""\
         older_kernels:
