@@ -265,7 +265,8 @@ def preflight(segs: Dict[int, dict], pids) -> List[Refusal]:
         return out
     table = read_table()
     by_key = {r["key"]: r for r in table.values() if r["key"] != IPC_PRIVATE}
-    by_index = {r["shmid"] % IPCMNI: r for r in table.values()}
+    mni = _ipcmni()
+    by_index = {r["shmid"] % mni: r for r in table.values()}
     make = False
     for shmid, seg in sorted(segs.items()):
         rec = seg["rec"]
@@ -282,7 +283,7 @@ def preflight(segs: Dict[int, dict], pids) -> List[Refusal]:
         other = by_key.get(rec["key"]) if not rec["mode"] & SHM_DEST else None
         if other is not None:
             out.append(Refusal("sysv-shm", f"{_describe(rec)}: its key is held by segment {other['shmid']}"))
-        other = by_index.get(shmid % IPCMNI)
+        other = by_index.get(shmid % mni)
         if other is not None:
             out.append(Refusal("sysv-shm", f"{_describe(rec)}: segment {other['shmid']} holds its index"))
     if make:
@@ -292,6 +293,16 @@ def preflight(segs: Dict[int, dict], pids) -> List[Refusal]:
         elif not os.access(NEXT_ID, os.W_OK):
             out.append(Refusal("kernel-missing", f"{NEXT_ID} (CONFIG_CHECKPOINT_RESTORE) is not writable"))
     return out
+
+
+def _ipcmni() -> int:
+    """The ids' index range: 32768, or 16M when the kernel was booted with
+    ipcmni_extend (then shmmni may exceed 32768; ipc/util.h)."""
+    try:
+        with open("/proc/sys/kernel/shmmni") as f:
+            return IPCMNI if int(f.read()) <= IPCMNI else 1 << 24
+    except (OSError, ValueError):
+        return IPCMNI
 
 
 _lib = None
