@@ -99,9 +99,14 @@ def render(res: dict) -> str:
                 continue
             start, end = v.get("start", 0), v.get("end", 0)
             saved = v.get("pages_bytes", v.get("saved_bytes", ""))
+            backing = v.get("path") or v.get("name") or ""
+            seg = v.get("sysv") if v.get("kind") == "sysvshm" else None
+            if isinstance(seg, dict):       # a System V segment (engine/sysvshm.py): its id, removed or not
+                backing += f" [shmid {seg.get('shmid')}" + (", removed" if isinstance(seg.get("mode"), int)
+                                                             and seg["mode"] & 0o1000 else "") + "]"
             rows.append([f"{start:x}-{end:x}" if isinstance(start, int) else start,
                          v.get("perms", ""), _size(end - start) if isinstance(start, int) else "",
-                         _size(saved) if saved != "" else "", v.get("path") or v.get("name") or ""])
+                         _size(saved) if saved != "" else "", backing])
         lines += ["  " + r for r in _table(rows, ["range", "perms", "size", "saved", "backing"])]
     fds = recs.get("fds.json")
     fdl = fds.get("fds") if isinstance(fds, dict) else fds
