@@ -182,7 +182,7 @@ def _check_process(s: Survey, ctx: Optional[DumpContext] = None) -> None:
         s.refuse("namespaces", "process", Refusal("unsupported-state", f"in other namespaces than ckpt: {', '.join(differ)}"))
     root = os.stat(proc.path("root"))
     myroot = _my_root()
-    if (root.st_dev, root.st_ino) != (myroot.st_dev, myroot.st_ino):
+    if (root.st_dev, root.st_ino) != (myroot.st_dev, myroot.st_ino) or proc.readlink("root") != "/":
         from . import fsroot
         try:
             s.ok("root", "fs", f"chrooted to {fsroot.dump(pid)['path']}: chrooted again at restore")

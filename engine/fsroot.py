@@ -3,7 +3,9 @@ chroot-file): before, a process whose root differed from ckpt's was
 refused; a restored process is a clone of the restorer and had ckpt's.
 
 Recorded at the dump: the root's path as ckpt sees it (/proc/PID/root,
-which d_path resolves from the reader's root) with its device, inode and inode generation.
+which d_path resolves from the reader's root) with its device, inode and inode generation;
+ckpt's own root is the one the link names "/" (a bind mount of it is the
+same directory through another mount, without the mounts below: a path).
 Refused there (`unsupported-state`) when that path does not name that
 directory from ckpt (a root that was removed, or is not reachable from
 ckpt's own root). At restore the path must still be that directory
@@ -46,9 +48,11 @@ def dump(pid: int):
     """None (ckpt's root) or {"path", "dev", "ino"}; raises Refusal."""
     st = os.stat(f"/proc/{pid}/root")
     me = _mine()
-    if (st.st_dev, st.st_ino) == (me.st_dev, me.st_ino):
-        return None
     path = os.readlink(f"/proc/{pid}/root")
+    # ckpt's own root is "/" from here; the same directory through another
+    # mount (a bind mount of /: none of the mounts below it) is a path
+    if (st.st_dev, st.st_ino) == (me.st_dev, me.st_ino) and path == "/":
+        return None
     try:
         here = os.stat(path) if path.startswith("/") else None
     except OSError:

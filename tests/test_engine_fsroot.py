@@ -62,3 +62,29 @@ def test_replaced_root_is_refused_at_restore(procs, tmp_path):  # noqa: F811
         restore(str(tmp_path / "img"), Options())
     assert "file-changed" in str(e.value) and "root directory" in str(e.value)
     assert not os.path.exists(f"/proc/{p.pid}")
+
+
+def test_root_bound_from_ckpts_own_root_comes_back_chrooted(procs, tmp_path):  # noqa: F811
+    """A jail that is a bind mount of ckpt's own root directory: the same
+    device and inode as ckpt's /, another mount (it has none of the mounts
+    below /: no /proc in it). Was taken for ckpt's root by (device, inode)
+    alone and the process came back unchrooted, /proc and all visible."""
+    import subprocess
+    jail = tmp_path / "bound"
+    jail.mkdir()
+    r = subprocess.run(["mount", "--bind", "/", str(jail)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot bind-mount /: {r.stderr.strip()}")
+    try:
+        p = start_ready_script(procs, tmp_path, f"os.chroot({str(jail)!r})", "os, time")
+        before = os.readlink(f"/proc/{p.pid}/root")
+        assert before == str(jail) and not os.path.exists(f"/proc/{p.pid}/root/proc/self")
+        dump(p.pid, str(tmp_path / "img"), Options())
+        p.wait()
+        restore(str(tmp_path / "img"), Options())
+        procs.adopt(p.pid)
+        assert os.readlink(f"/proc/{p.pid}/root") == before
+        assert not os.path.exists(f"/proc/{p.pid}/root/proc/self")
+    finally:
+        procs.cleanup()
+        subprocess.run(["umount", str(jail)], capture_output=True)
