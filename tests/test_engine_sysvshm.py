@@ -233,6 +233,21 @@ def test_a_split_attach_is_refused(procs, shmtarget, segs, tmp_path):  # noqa: F
     assert any("part of System V segment" in r["detail"] for r in res["refusals"])
 
 
+def test_another_ipc_namespace_is_refused(procs, shmtarget, segs, tmp_path):  # noqa: F811
+    """Its segments are another namespace's ids (freed with it)."""
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        pytest.skip("no unshare(1)")
+    key = _key()
+    p = procs.start([unshare, "--ipc", shmtarget, "single", str(tmp_path), f"{key:x}"], cwd=str(tmp_path))
+    wait_for(lambda: (tmp_path / "ready").exists() or p.poll() is not None, what="the target")
+    assert p.poll() is None
+    res = check(p.pid, Options())
+    assert not res["ok"]
+    assert any(r["reason"] == "unsupported-state" and "ipc" in r["detail"] for r in res["refusals"]), res["refusals"]
+    assert {r["reason"] for r in res["refusals"]} <= {"unsupported-state", "unsupported-mapping"}
+
+
 def _refused(e, reason: str) -> list:
     got = e.refusals if isinstance(e, Refusals) else [e]
     assert {r.reason for r in got} == {reason}, [r.message for r in got]
