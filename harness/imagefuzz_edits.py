@@ -318,7 +318,7 @@ def _edits() -> List[Tuple[str, Callable]]:
     @edit("manifest-field")
     def _(R, rng):
         m = R["manifest"]
-        w = rng.randrange(7)
+        w = rng.randrange(9)
         name = rng.choice(sorted(m["files"]))
         if w == 0:
             m["files"][name]["size"] = rng.choice([-1, True, "10", 1 << 70])
@@ -334,6 +334,12 @@ def _edits() -> List[Tuple[str, Callable]]:
             m["files"] = rng.choice([[], "x", None])
         elif w == 5:
             m["kernel"] = "0.0.0-other"
+        elif w == 7:
+            # the namespaces the pids are numbers of (engine/pidns.py): malformed, missing
+            m["meta"]["namespaces"] = rng.choice([{"pid": "x"}, {"pid": 1, "bogus": 2}, [], {"mnt": 5}, None])
+        elif w == 8:
+            # ... or another pid namespace's (dumped in a container, restored here)
+            m["meta"]["namespaces"]["pid"] += rng.choice([1, 1 << 20])
         else:
             m["meta"] = rng.choice(["x", [1]])
         return f"manifest field edit {w}"
