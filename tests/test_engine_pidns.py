@@ -315,7 +315,10 @@ def test_a_timer_notifying_a_thread_inside(tmp_path):
         wait_for(lambda: os.path.exists(os.path.join(cwd, "ready")) and count() > 0, what="the timer firing")
         tid = int(open(os.path.join(cwd, "ready")).read())
         timers = open(f"/proc/{{p.pid}}/timers").read()
-        rc, msg = ckpt("dump", "-t", p.pid, "-D", img)
+        for attempt in range(8):    # a freeze that meets the timer's signal pending is refused by design: again
+            rc, msg = ckpt("dump", "-t", p.pid, "-D", img)
+            if rc == 0 or "POSIX timer" not in msg or msg.count("refused") != 1:
+                break
         assert rc == 0, msg
         p.wait()
         rc, msg = ckpt("restore", "-D", img)
