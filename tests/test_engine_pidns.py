@@ -89,8 +89,7 @@ def threads_bin(tmp_path_factory):
 
 COUNTER_ROUND_TRIP = """
     out, inp, img = {out!r}, {inp!r}, {img!r}
-    with open("/proc/sys/kernel/ns_last_pid", "w") as f:
-        f.write("700")              # the target is 701 here, some other number outside
+    {setup}
     p = start([{exe!r}, out, inp, "1", {mode!r}])
     lines = lambda: open(out).read().count("\\n") if os.path.exists(out) else 0
     wait_for(lambda: lines() > 20, what="output")
@@ -108,19 +107,42 @@ COUNTER_ROUND_TRIP = """
           "before": before, "after": stat(p.pid), "nspid": status["NSpid"].split(), "restored": msg}})
 """
 
+# the target is 701 here, some other number outside
+LAST_PID = """with open("/proc/sys/kernel/ns_last_pid", "w") as f: f.write("700")"""
+
+# A container runtime's /proc (runc's defaults): /proc/sys read-only, some files masked by /dev/null,
+# some directories by an empty read-only tmpfs
+DOCKER_PROC = """
+def mount(*args):
+    subprocess.run(["mount", *args], check=True, capture_output=True)
+mount("--bind", "/proc/sys", "/proc/sys")
+mount("-o", "remount,bind,ro", "/proc/sys")
+for f in ("/proc/kcore", "/proc/keys", "/proc/timer_list", "/proc/sched_debug", "/proc/latency_stats"):
+    if os.path.exists(f):
+        mount("--bind", "/dev/null", f)
+for d in ("/proc/acpi", "/proc/scsi"):
+    if os.path.isdir(d):
+        mount("-t", "tmpfs", "-o", "ro", "tmpfs", d)
+assert subprocess.run(["sh", "-c", "echo 1 > /proc/sys/kernel/ns_last_pid"], capture_output=True).returncode
+"""
+
 
 @needs_unshare
-@pytest.mark.parametrize("mode", ["sleep", "thread"])
+@pytest.mark.parametrize("mode", ["sleep", "thread", "docker-proc"])
 def test_counter_round_trip_inside(counter_bin, world, tmp_path, mode):  # noqa: F811
     """A process (and one with a thread) dumped and restored inside: the
     same namespace-level pid and tids, its parent the namespace's PID 1
-    before and after, its output exact across the restore."""
+    before and after, its output exact across the restore. docker-proc: in
+    a runtime's /proc (read-only /proc/sys, masked files)."""
+    docker = mode == "docker-proc"
+    setup = DOCKER_PROC.replace("\n", "\n    ") if docker else LAST_PID
     got = in_pidns(COUNTER_ROUND_TRIP.format(out=world["out"], inp=world["in"], img=str(tmp_path / "img"),
-                                             exe=counter_bin, mode=mode))
-    assert got["pid"] == 701 and got["nspid"] == ["701"], got
+                                             exe=counter_bin, mode="sleep" if docker else mode, setup=setup))
+    pid = got["pid"]
+    assert (docker or pid == 701) and got["nspid"] == [str(pid)], got
     assert got["tasks_now"] == got["tasks"] and len(got["tasks"]) == (2 if mode == "thread" else 1), got
     assert got["before"]["ppid"] == got["after"]["ppid"] == 1, got
-    assert (got["after"]["pgid"], got["after"]["sid"]) == (701, 701), got
+    assert (got["after"]["pgid"], got["after"]["sid"]) == (pid, pid), got
     res = check_counter(world["out"], world["in_data"], mib=1)
     assert res["last"] > 40
 
