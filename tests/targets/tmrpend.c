@@ -68,6 +68,12 @@ int main(int argc, char **argv)
 	setvbuf(out, NULL, _IOLBF, 0);
 	periodic = !strcmp(argv[2], "periodic");
 	signal(SIGUSR1, on_usr1);
+	/* SIGUSR1 blocked too, outside the wait: a worker thread (inheriting
+	 * the mask) never takes it in the main thread's place, and one sent
+	 * between the test of `go` and the wait is not lost (sigsuspend) */
+	sigemptyset(&set);
+	sigaddset(&set, SIGUSR1);
+	sigprocmask(SIG_BLOCK, &set, NULL);
 	sigemptyset(&set);
 	sigaddset(&set, sig);
 	sigprocmask(SIG_BLOCK, &set, NULL);
@@ -111,8 +117,11 @@ int main(int argc, char **argv)
 		} while (!sigismember(&pend, sig));
 	}
 	fprintf(out, "ready\n");
+	sigset_t waiting;
+	sigprocmask(SIG_BLOCK, NULL, &waiting);
+	sigdelset(&waiting, SIGUSR1);
 	while (!go)
-		pause();
+		sigsuspend(&waiting);
 	if (!strcmp(argv[2], "thread")) {
 		worker_go = 1;
 		for (;;)
