@@ -611,6 +611,9 @@ def dump(pid: int, directory: str, options: Options) -> dict:
     into `directory`; see _dump_one. A child forked while a single process
     was being frozen makes it a tree: it is dumped again as one."""
     procfs.forget_self()
+    if options.leave_running:
+        from .guard import ckpt_pid
+        pidns.check_not_init(ckpt_pid(), "leaves running")
     try:
         return _dump_one(pid, directory, options)
     except (Refusal, Refusals) as e:

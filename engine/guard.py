@@ -49,6 +49,7 @@ FORWARDED = (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP)
 
 _report_fd: Optional[int] = None
 _ckpt_sid: Optional[int] = None     # ckpt's session, in a worker that left it
+_ckpt_pid: Optional[int] = None     # the ckpt command's pid, in its worker
 
 
 def ckpt_session() -> int:
@@ -64,13 +65,19 @@ def _pdeathsig(sig: int) -> None:
     libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
 
 
+def ckpt_pid() -> int:
+    """The ckpt command's pid, also in its worker."""
+    return _ckpt_pid if _ckpt_pid is not None else os.getpid()
+
+
 def become_worker(parent: int, report_fd: Optional[int] = None) -> None:
     """In a freshly forked worker (or restorer): hold the group signals,
     turn ckpt's death and STOP_SIGNAL into a stop request."""
-    global _report_fd, _ckpt_sid
+    global _report_fd, _ckpt_sid, _ckpt_pid
     _report_fd = report_fd
     _signal.pthread_sigmask(_signal.SIG_BLOCK, HELD)
     if report_fd is not None:
+        _ckpt_pid = parent
         _ckpt_sid = os.getsid(0)
         os.setsid()     # out of ckpt's process group: a kill -9 of the group reaches ckpt only
     _signal.signal(STOP_SIGNAL, lambda s, f: faults.request_abort("ckpt was killed or interrupted"))

@@ -70,6 +70,12 @@ def _link(path: str) -> "Optional[str]":
         return None
 
 
+def check_not_init(ckpt_pid: int, what: str) -> None:
+    why = init_problem(ckpt_pid, what)
+    if why:
+        raise Refusal(REASON, why)
+
+
 def check_environment(status: "Dict[str, str]") -> None:
     """Raise Refusal(namespaces) when ckpt's /proc or its children's pid
     namespace are not its own pid namespace's. status: ckpt's parsed
@@ -78,6 +84,17 @@ def check_environment(status: "Dict[str, str]") -> None:
         children_problem(_link("/proc/self/ns/pid"), _link("/proc/self/ns/pid_for_children"))
     if why:
         raise Refusal(REASON, why)
+
+
+def init_problem(ckpt_pid: int, what: str) -> "Optional[str]":
+    """Why ckpt (pid `ckpt_pid`) cannot leave a process behind: it is PID 1,
+    the init of its pid namespace, so the namespace ends with it and the
+    kernel kills every process in it (`unshare --pid --fork ckpt restore`:
+    "restored", and gone the moment ckpt exited)."""
+    if ckpt_pid != 1:
+        return None
+    return (f"ckpt is PID 1 of its pid namespace (its init): the process it {what} would be killed with the "
+            "namespace when ckpt exits; run ckpt under the namespace's init")
 
 
 def record() -> "Dict[str, int]":

@@ -62,7 +62,8 @@ REASONS = {
     "namespaces": ("ckpt's own namespaces cannot hold the process as it was (detail names them): ckpt's /proc is "
                    "mounted for another pid namespace than ckpt's, ckpt's children would be born in another pid "
                    "namespace (unshare --pid without --fork), the target is the init (PID 1) of its pid "
-                   "namespace, or at restore the image was dumped in other namespaces than the restore runs in "
+                   "namespace, ckpt is (a restore or a dump --leave-running: what it leaves would die with "
+                   "the namespace), or at restore the image was dumped in other namespaces than the restore runs in "
                    "(its pids are numbers of another pid namespace), or on another boot with a non-initial "
                    "namespace on either side (not known to be the same)"),
     # files

@@ -626,6 +626,7 @@ def restore(directory: str, options: Options, pidfile: Optional[str] = None) -> 
     t0 = time.monotonic()
     procfs.forget_self()
     require_features()
+    pidns.check_not_init(os.getpid(), "restores")
     _room_for_fds()
     reader = ImageReader(directory)
     try:

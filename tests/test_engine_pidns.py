@@ -635,6 +635,42 @@ def test_a_target_that_unshared_its_childrens_pid_namespace_is_refused(tmp_path,
     assert ("unsupported-state" if where == "process" else "threads: thread") in out, out
 
 
+AS_INIT = r"""
+import os, subprocess, sys, time
+repo, counter, out, inp, img, command = sys.argv[1:7]
+p = subprocess.Popen([counter, out, inp, "1"], close_fds=True, start_new_session=True,
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+while not os.path.exists(out) or os.path.getsize(out) < 100:
+    time.sleep(0.01)
+if command == "restore":
+    r = subprocess.run([sys.executable, "-S", "-m", "engine", "dump", "-t", str(p.pid), "-D", img], cwd=repo,
+                       close_fds=True)
+    assert r.returncode == 0
+    p.wait()
+    args = ["restore", "-D", img]
+else:
+    args = ["dump", "-t", str(p.pid), "-D", img, "--leave-running"]
+os.chdir(repo)
+os.execv(sys.executable, [sys.executable, "-S", "-m", "engine", *args])     # ckpt as PID 1
+"""
+
+
+@needs_unshare
+@pytest.mark.parametrize("command", ["restore", "dump --leave-running"])
+def test_ckpt_as_the_namespace_init_leaves_nothing_behind(counter_bin, world, tmp_path, command):  # noqa: F811
+    """ckpt run as PID 1 of its namespace (`unshare --pid --fork ckpt
+    restore`): the process it restores or leaves running would be killed
+    with the namespace the moment ckpt exits ("restored", and gone).
+    Refused."""
+    r = subprocess.run(["unshare", "--pid", "--fork", "--kill-child", "--mount-proc", sys.executable, "-S", "-c",
+                        AS_INIT, REPO, counter_bin, world["out"], world["in"], str(tmp_path / "img"),
+                        command.split()[0]], capture_output=True, text=True, close_fds=True, timeout=120)
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert "namespaces: ckpt is PID 1 of its pid namespace" in r.stderr, r.stderr
+    if command != "restore":
+        assert not (tmp_path / "img").exists()
+
+
 def _free_pid_base() -> str:
     """A number N such that N+1 .. N+20 are free on the host now (the target
     inside gets N+1)."""
