@@ -304,7 +304,10 @@ def _my_creds() -> dict:
     key = (os.getpid(), "creds")
     got = _MINE.get(key)
     if got is None:
-        got = _MINE[key] = creds_of(procfs.self_status())
+        from . import selfstate
+        status = procfs.self_status()
+        # what a clone of ckpt would keep of its own (engine/selfstate.py): creds.plan refuses it
+        got = _MINE[key] = {**creds_of(status), "inherited": selfstate.problems(status)}
     return got
 
 

@@ -226,6 +226,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     if argv == ["--version"]:      # what argparse's version action prints, without importing it
         print(f"ckpt {__version__}")
         return EXIT_OK
+    import _signal
+    # SIGCHLD ignored by whoever started ckpt (inherited across exec): the
+    # kernel would reap its children itself and every wait fail (ECHILD:
+    # a dump ended in an internal error)
+    _signal.signal(_signal.SIGCHLD, _signal.SIG_DFL)
     from .fastargs import parse
     args = parse(argv) or build_parser(argv[0] if argv and argv[0] in COMMANDS else None).parse_args(argv)
     try:

@@ -108,6 +108,8 @@ def plan(creds: dict, mine: dict) -> str:
     if creds.get("no_new_privs") != mine.get("no_new_privs") and creds.get("no_new_privs") != "1":
         raise Refusal("unsupported-state", "ckpt runs with no_new_privs set, the target did not: "
                       "it cannot be cleared")
+    for why in mine.get("inherited", ()):     # ckpt's own seccomp filters, MDWE (engine/selfstate.py)
+        raise Refusal("unsupported-state", why)
     audit_plan(creds.get("audit"), mine.get("audit"))
     if creds["uid"] == mine["uid"] and creds["gid"] == mine["gid"] and creds["caps"] == mine["caps"] \
             and sorted(creds["groups"]) == sorted(mine["groups"]):

@@ -31,12 +31,13 @@ import struct
 
 from . import autogroup
 from .errors import Refusal
+from .procfs import self_memo
 
 PR_GET_DUMPABLE, PR_SET_DUMPABLE = 3, 4
 PR_SET_KEEPCAPS = 8
 PR_GET_SECUREBITS = 27
 PR_MCE_KILL, PR_MCE_KILL_GET = 33, 34
-PR_MCE_KILL_SET, PR_MCE_KILL_DEFAULT = 1, 2
+PR_MCE_KILL_CLEAR, PR_MCE_KILL_SET, PR_MCE_KILL_DEFAULT = 0, 1, 2
 PR_SET_CHILD_SUBREAPER, PR_GET_CHILD_SUBREAPER = 36, 37
 PR_SET_THP_DISABLE, PR_GET_THP_DISABLE = 41, 42
 PR_GET_TSC, PR_SET_TSC, PR_TSC_ENABLE = 25, 26, 1
@@ -228,16 +229,23 @@ def queue(b, rec: dict) -> None:
     """With the other process settings (Builder.process_state's batch):
     what the clone has as the restorer's and no credential change resets."""
     q = b.pending.add
-    if rec["thp_disable"]:
-        q("prctl", PR_SET_THP_DISABLE, 1, 0, 0, 0)
+    # Set where the image's value is not the clone's, which is ckpt's own
+    # (inherited across fork: a ckpt started with THP disabled, a
+    # non-default MCE policy, rdtsc faulting or KSM merge-any gave them to
+    # every process it restored)
+    if rec["thp_disable"] != _own("thp_disable"):
+        q("prctl", PR_SET_THP_DISABLE, rec["thp_disable"], 0, 0, 0)
     if rec["child_subreaper"]:
         q("prctl", PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-    if rec["mce_kill"] != PR_MCE_KILL_DEFAULT:
-        q("prctl", PR_MCE_KILL, PR_MCE_KILL_SET, rec["mce_kill"], 0, 0)
-    if rec["tsc"] != PR_TSC_ENABLE:     # before the threads are cloned: they inherit it
+    if rec["mce_kill"] != _own("mce_kill"):
+        if rec["mce_kill"] == PR_MCE_KILL_DEFAULT:
+            q("prctl", PR_MCE_KILL, PR_MCE_KILL_CLEAR, 0, 0, 0)
+        else:
+            q("prctl", PR_MCE_KILL, PR_MCE_KILL_SET, rec["mce_kill"], 0, 0)
+    if rec["tsc"] != _own("tsc"):     # before the threads are cloned: they inherit it
         q("prctl", PR_SET_TSC, rec["tsc"], 0, 0, 0)
-    if rec["memory_merge"]:
-        q("prctl", PR_SET_MEMORY_MERGE, 1, 0, 0, 0)
+    if rec["memory_merge"] != _own("memory_merge"):
+        q("prctl", PR_SET_MEMORY_MERGE, rec["memory_merge"], 0, 0, 0)
     for bit in _xcomp_missing(rec):     # before the xstate that may hold the feature's state is set
         q("arch_prctl", ARCH_REQ_XCOMP_PERM, bit)
     for which, value in _spec_changes(rec):     # before the threads are cloned: they inherit it
@@ -250,6 +258,30 @@ def queue_thread(tb, rec: dict) -> None:
     PF_MCE_* in the new task's flags)."""
     if "mce_kill" in rec:
         tb.pending.add("prctl", PR_MCE_KILL, PR_MCE_KILL_SET, rec["mce_kill"], 0, 0)
+
+
+_OWN: dict = self_memo({})     # per operation (engine/procfs.py)
+_OWN_GET = {"thp_disable": (PR_GET_THP_DISABLE, 0), "mce_kill": (PR_MCE_KILL_GET, PR_MCE_KILL_DEFAULT),
+            "memory_merge": (PR_GET_MEMORY_MERGE, 0)}
+
+
+def _own(key: str) -> int:
+    """ckpt's own value of a READS/OPTIONAL prctl attribute (what a clone of
+    it has); the default where the kernel has no such call."""
+    if key not in _OWN:
+        import ctypes
+        from . import arch, libc
+        nr = arch.current().SYS["prctl"]
+        try:
+            if key == "tsc":
+                out = ctypes.c_int(PR_TSC_ENABLE)
+                libc.syscall(nr, PR_GET_TSC, ctypes.addressof(out), 0, 0, 0)
+                _OWN[key] = out.value
+            else:
+                _OWN[key] = libc.syscall(nr, _OWN_GET[key][0], 0, 0, 0, 0)
+        except libc.SysError:
+            _OWN[key] = PR_TSC_ENABLE if key == "tsc" else _OWN_GET[key][1]
+    return _OWN[key]
 
 
 def _own_spec(which: int) -> int:
