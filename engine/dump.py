@@ -529,7 +529,13 @@ def _survey_frozen(pid: int, task: Task, ctx: DumpContext, proc: procfs.Proc):
              f"umask {state['umask']:03o}, comm {state['comm']!r}, personality {state['personality']:#x}")
         s.ok("tid address / robust list", "process",
              f"{state['tid_address']:#x} / {state['robust_list'][0]:#x}")
-        s.ok("scheduling", "process", sched.describe(state["sched"]))
+        # what the restore would refuse of it from ckpt's own state (its nice,
+        # oom_score_adj, capabilities), judged here too: not after the kill
+        for r in sched.validate(state["sched"]) or [None]:
+            if r is None:
+                s.ok("scheduling", "process", sched.describe(state["sched"]))
+            else:
+                s.refuse("scheduling", "process", r)
         s.ok("posix timers", "timers", posixtimers.describe(state["posix_timers"]))
         s.ok("seccomp", "credentials", seccomp.describe(state["seccomp"]))
     except Refusal as r:

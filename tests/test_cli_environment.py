@@ -130,8 +130,9 @@ class Axis:
             os.nice(7)
             os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
             _prctl(PR_SET_TIMERSLACK, 123456)
-        elif n == "mce":
-            _prctl(PR_MCE_KILL, 1, 1)       # PR_MCE_KILL_SET, PR_MCE_KILL_EARLY
+        elif n == "oom-raised":
+            with open("/proc/self/oom_score_adj", "w") as f:
+                f.write("500")
         elif n == "no-new-privs":
             _prctl(PR_SET_NO_NEW_PRIVS, 1)
         elif n == "seccomp":
@@ -278,3 +279,34 @@ def test_ckpts_own_prctl_state_does_not_reach_the_restored_process(tmp_path, pro
     assert r.returncode == 0, r.stderr
     wait_for(lambda: len(lines()) > n + 3, what="output after the restore")
     assert set(lines()) == {lines()[0]}, (lines()[0], lines()[-1])
+
+
+def _has_cap(bit: int) -> bool:
+    with open("/proc/self/status") as f:
+        eff = [ln.split()[1] for ln in f if ln.startswith("CapEff:")][0]
+    return bool(int(eff, 16) >> bit & 1)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="ckpt runs as root")
+def test_an_oom_score_adj_below_ckpts_own(counter_bin, world, tmp_path, procs):  # noqa: F811
+    """ckpt with a higher oom_score_adj than the target's: without
+    CAP_SYS_RESOURCE the restore could not lower the clone's; refused at
+    the dump (the target left running), not by the restore after the kill.
+    With it: restored with the target's."""
+    env = Axis(tmp_path, "oom-raised").setup()
+    p = procs.start([counter_bin, world["out"], world["in"], "1"], cwd=str(world["dir"]))
+    wait_for(lambda: count_lines(world["out"]) > 5, what="output")
+    r = env.run("dump", "-t", p.pid, "-D", tmp_path / "img")
+    if not _has_cap(24):        # CAP_SYS_RESOURCE
+        assert r.returncode == 3 and "oom_score_adj 0 is below ckpt's 500" in r.stderr, r.stdout + r.stderr
+        n = count_lines(world["out"])
+        wait_for(lambda: count_lines(world["out"]) > n + 5, what="the target going on")
+        return
+    assert r.returncode == 0, r.stderr
+    p.wait()
+    r = env.run("restore", "-D", tmp_path / "img")
+    if r.returncode == 0:
+        procs.adopt(p.pid)
+    assert r.returncode == 0, r.stderr
+    with open(f"/proc/{p.pid}/oom_score_adj") as f:
+        assert f.read().strip() == "0"
