@@ -25,6 +25,7 @@ CG_ROOT = "/sys/fs/cgroup"
 _libc = ctypes.CDLL(None, use_errno=True)
 PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP, PR_CAPBSET_DROP, PR_SET_MDWE, PR_SET_THP_DISABLE = 38, 22, 24, 65, 41
 PR_SET_TIMERSLACK, PR_MCE_KILL = 29, 33
+_IOPRIO_SET, _IOPRIO_GET = {"x86_64": (251, 252), "aarch64": (30, 31)}.get(os.uname().machine, (-1, -1))
 
 
 def _allow_all_filter() -> None:
@@ -130,6 +131,16 @@ class Axis:
             os.nice(7)
             os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
             _prctl(PR_SET_TIMERSLACK, 123456)
+        elif n == "personality":
+            if _libc.personality(0x0040000) == -1:      # ADDR_NO_RANDOMIZE (setarch -R)
+                raise OSError(ctypes.get_errno(), "personality")
+        elif n == "rlimits":
+            for res, soft in ((resource.RLIMIT_CORE, 0), (resource.RLIMIT_STACK, 1 << 20),
+                              (resource.RLIMIT_NPROC, 4096), (resource.RLIMIT_MEMLOCK, 1 << 16)):
+                resource.setrlimit(res, (soft, resource.getrlimit(res)[1]))
+        elif n == "ioprio":
+            if _libc.syscall(_IOPRIO_SET, 1, 0, 3 << 13) != 0:     # IOPRIO_WHO_PROCESS, self, IOPRIO_CLASS_IDLE
+                raise OSError(ctypes.get_errno(), "ioprio_set")
         elif n == "oom-raised":
             with open("/proc/self/oom_score_adj", "w") as f:
                 f.write("500")
@@ -172,7 +183,8 @@ class Axis:
 
 
 AXES = ["no-tty-stdin-closed", "cgroup", "low-nofile", "umask-077", "cwd-unreadable", "cwd-deleted",
-        "env-minimal", "env-empty", "std-fds-closed", "signals", "sched", "thp-disable", "inherited-fds"]
+        "env-minimal", "env-empty", "std-fds-closed", "signals", "sched", "thp-disable", "inherited-fds",
+        "personality", "rlimits", "ioprio"]
 # ckpt's own state a restored process would keep and nothing takes back: refused at the dump, the target
 # left running (engine/selfstate.py, engine/creds.py)
 REFUSED = {"no-new-privs": "no_new_privs", "seccomp": "seccomp filter", "mdwe": "memory-deny-write-execute",
@@ -196,8 +208,11 @@ def _more_facts(pid: int) -> dict:
         slack = f.read().strip()
     keys = ("NoNewPrivs", "Seccomp", "Seccomp_filters", "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb",
             "Cpus_allowed_list", "THP_enabled", "SigPnd", "ShdPnd")
+    with open(f"/proc/{pid}/personality") as f:
+        pers = f.read().strip()
     return {**{k: st.get(k, "").strip() for k in keys}, "nice": stat[18 - 3], "policy": stat[41 - 3],
-            "oom_score_adj": oom, "timerslack": slack}
+            "oom_score_adj": oom, "timerslack": slack, "personality": pers,
+            "ioprio": _libc.syscall(_IOPRIO_GET, 1, pid)}
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="ckpt runs as root")
