@@ -132,7 +132,27 @@ def survey_vma(vma: dict, table: Dict[int, dict]) -> dict:
                       "partly unmapped; a restore attaches whole segments", path=path)
     if row["mode"] & ~0o3777:
         raise Refusal("unsupported-mapping", f"System V segment {shmid} mode {row['mode']:o}", path=path)
+    if row["mode"] & SHM_DEST:
+        # a removed segment dies with the dump's kill: the restore must make
+        # it again, which it cannot where shm_next_id cannot be written (a
+        # container's read-only /proc/sys) - known now, not after the kill
+        r = next_id_problem()
+        if r is not None:
+            raise r
     return dict(row, data=False)
+
+
+def next_id_problem() -> "Optional[Refusal]":
+    """Why a segment cannot be made again here with a chosen id, or None."""
+    if os.geteuid() != 0:
+        return Refusal("capability", "recreating System V segments with their ids and creators needs "
+                       "ckpt to run as root (shm_next_id, the creator's uid and gid)")
+    if not os.path.exists(NEXT_ID):
+        return Refusal("kernel-missing", f"{NEXT_ID} (CONFIG_CHECKPOINT_RESTORE) is missing")
+    if not os.access(NEXT_ID, os.W_OK):
+        return Refusal("sysv-shm", f"{NEXT_ID} cannot be written here (a read-only /proc/sys, as in a "
+                       "container): a segment could not be made again with its id")
+    return None
 
 
 def outside(attaches: list, refused=()) -> list:
@@ -287,11 +307,9 @@ def preflight(segs: Dict[int, dict], pids) -> List[Refusal]:
         if other is not None:
             out.append(Refusal("sysv-shm", f"{_describe(rec)}: segment {other['shmid']} holds its index"))
     if make:
-        if os.geteuid() != 0:
-            out.append(Refusal("capability", "recreating System V segments with their ids and creators needs "
-                               "ckpt to run as root (shm_next_id, the creator's uid and gid)"))
-        elif not os.access(NEXT_ID, os.W_OK):
-            out.append(Refusal("kernel-missing", f"{NEXT_ID} (CONFIG_CHECKPOINT_RESTORE) is not writable"))
+        r = next_id_problem()
+        if r is not None:
+            out.append(r)
     return out
 
 

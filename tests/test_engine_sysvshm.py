@@ -430,3 +430,23 @@ def test_the_unedited_image_restores(base_image, tmp_path, procs, segs):  # noqa
     procs.adopt(out["pid"])
     segs += [info["k"], info["p"]]
     assert _rows(info["k"])[info["k"]]["nattch"] == 2
+
+
+def test_a_removed_segment_where_shm_next_id_is_read_only_is_refused_by_the_dump(procs, shmtarget, segs, tmp_path,  # noqa: F811
+                                                                                  monkeypatch):
+    """A removed segment dies with the dump's kill, so the restore must make
+    it again with its id: where shm_next_id cannot be written (a container's
+    read-only /proc/sys) that is known at the dump, which refuses it with
+    the target unharmed. Before, only the restore refused, after the kill.
+    The keyed segment (it outlives the kill, reused) is not refused."""
+    p, info = _start(procs, shmtarget, segs, tmp_path)
+    real = os.access
+    monkeypatch.setattr(sysvshm.os, "access", lambda path, mode: False if path == sysvshm.NEXT_ID
+                        else real(path, mode))
+    res = check(p.pid, Options())
+    bad = [r for r in res["refusals"]]
+    assert [r["reason"] for r in bad] == ["sysv-shm"], bad
+    assert "cannot be written" in bad[0]["detail"], bad
+    with pytest.raises((Refusal, Refusals)):
+        dump(p.pid, str(tmp_path / "img"), Options())
+    assert alive(p.pid) and not (tmp_path / "img").exists()
