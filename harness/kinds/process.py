@@ -637,7 +637,7 @@ def _thread_checks(p: dict, seen: dict, phase: str) -> List[dict]:
             # its thread pointer (TLS): pthread_self is its own, not another thread's
             out.append(check(None, f"{what}: pthread_self (its thread pointer)", r.get("ident"), rep.get("ident")))
             out.append(check(None, f"{what}: its own nice value", r.get("nice"), rep.get("nice")))
-            out.append(check(None, f"{what}: its rounding mode and 1/3 (its FPU control)", r.get("fp"),
+            out.append(check(None, f"{what}: its rounding mode and 1/3, 1/10, -1/3 (its FPU control)", r.get("fp"),
                              rep.get("fp")))
             # clear_child_tid (PR_GET_TID_ADDRESS): what a pthread_join of it waits on
             out.append(check(None, f"{what}: its clear_child_tid address", hex(r.get("tid_address") or 0),
@@ -740,9 +740,12 @@ def _libm():
 def _fp_now() -> dict:
     """The rounding mode as libm reads it (x86_64: the x87 control word) and
     as the arithmetic uses it (a division by the SSE unit, or the FPCR):
-    1/3 from values the compiler cannot fold."""
-    one, three = float(len("x")), float(len("xyz"))
-    return {"mode": _libm().fegetround(), "third": (one / three).hex()}
+    1/3, 1/10 and -1/3 from values the compiler cannot fold. 1/3 alone tells
+    only upward from the rest (the bits past its mantissa, 0101..., round
+    down to nearest too): 1/10 (1001...: nearest rounds up) tells nearest
+    from downward and toward zero, -1/3 downward from toward zero."""
+    one, three, ten = float(len("x")), float(len("xyz")), float(len("x" * 10))
+    return {"mode": _libm().fegetround(), "third": [(one / three).hex(), (one / ten).hex(), (-one / three).hex()]}
 
 
 def _attrs_wanted(a: dict) -> dict:
@@ -958,7 +961,8 @@ def checker(p: dict, seen: dict, phase: str) -> List[dict]:
             now = _fp_now()
             want = FP_ROUND[p["fp_round"]][os.uname().machine]
             out.append(check(None, "rounding mode (fegetround) as set", hex(want), hex(now["mode"])))
-            out.append(check(None, "1/3 rounded as before the dump (float.hex)", seen["fp"]["third"], now["third"]))
+            out.append(check(None, "1/3, 1/10, -1/3 rounded as before the dump (float.hex)", seen["fp"]["third"],
+                             now["third"]))
         if p.get("attrs"):
             now = _attrs_now()
             want = _attrs_wanted(p["attrs"])
