@@ -83,14 +83,14 @@ def test_other_netlink_packet_and_raw_refused_by_name(tmp_path):
 import socket
 a = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 15)     # NETLINK_KOBJECT_UEVENT
 p = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
-r = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+r = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_UDP)   # raw ICMP: test_fds_socket_raw.py
 os.dup2(a.fileno(), 500); os.dup2(p.fileno(), 501); os.dup2(r.fileno(), 502)
 """
     with Target(tmp_path, setup) as t:
         assert refusal(t.pid, 500) == ("netlink kobject_uevent raw: only NETLINK_ROUTE and NETLINK_AUDIT sockets "
                                        "are restored")
         assert refusal(t.pid, 501) == "packet raw"
-        assert refusal(t.pid, 502) == "inet raw protocol 1"
+        assert refusal(t.pid, 502) == "inet raw protocol 17"
 
 
 def test_route_port_id_taken_at_restore_refused(tmp_path):
@@ -303,7 +303,7 @@ def test_real_ping_is_restored_and_goes_on_counting_replies(tmp_path, ping_allow
     dropped: refused before for both sockets. After the restore its
     sequence numbers go on from where they were, every request answered.
     (Where ping_group_range lets root's group no ping sockets, ping(8) uses
-    raw ICMP sockets instead, refused as `socket`.)"""
+    raw ICMP sockets instead: tests/test_fds_socket_raw.py.)"""
     import re
     import shutil
     import subprocess

@@ -37,9 +37,10 @@ SOL_SOCKET = _socket.SOL_SOCKET
 IP, IPV6, TCP = _socket.IPPROTO_IP, _socket.IPPROTO_IPV6, _socket.IPPROTO_TCP
 UDP = _socket.IPPROTO_UDP
 SOL_NETLINK = 270
+SOL_RAW = 255
 
 # (name, level, optname, size, applies to, policy)
-# applies to: "all", "inet" (v4 and v6), "ip4", "ip6", "tcp", "udp", "netlink"
+# applies to: "all", "inet" (v4 and v6), "ip4", "ip6", "tcp", "udp", "netlink", "raw4", "raw6"
 # Numbers: include/uapi/asm-generic/socket.h, include/uapi/linux/tcp.h,
 # include/uapi/linux/in.h, include/uapi/linux/in6.h (x86_64 and aarch64
 # share the asm-generic socket numbers).
@@ -139,6 +140,13 @@ TABLE: List[Tuple[str, int, int, int, str, str]] = [
     ("UDP_NO_CHECK6_RX", UDP, 102, 4, "udp", "copy"),
     ("UDP_SEGMENT", UDP, 103, 4, "udp", "copy"),
     ("UDP_GRO", UDP, 104, 4, "udp", "copy"),
+    # raw ICMP sockets (engine/fds/_raw.py: proto_tcp "raw")
+    ("IP_HDRINCL", IP, 3, 4, "raw4", "copy"),
+    ("IP_NODEFRAG", IP, 22, 4, "raw4", "copy"),
+    ("ICMP_FILTER", SOL_RAW, 1, 4, "raw4", "copy"),
+    ("IPV6_CHECKSUM", SOL_RAW, 7, 4, "raw6", "copy"),     # SOL_RAW: ICMPv6 refuses it at SOL_IPV6
+    ("IPV6_HDRINCL", IPV6, 36, 4, "raw6", "copy"),
+    ("ICMP6_FILTER", 58, 1, 32, "raw6", "copy"),           # SOL_ICMPV6
     ("TCP_NODELAY", TCP, 1, 4, "tcp", "copy"),
     ("TCP_MAXSEG", TCP, 2, 4, "tcp", "copy"),
     ("TCP_CORK", TCP, 3, 4, "tcp", "copy"),
@@ -189,6 +197,8 @@ def _applies(where: str, family: int, proto_tcp: bool) -> bool:
         return proto_tcp is True
     if where == "udp":
         return proto_tcp == "udp"      # callers pass "udp" for UDP sockets
+    if where in ("raw4", "raw6"):
+        return proto_tcp == "raw" and family == (_socket.AF_INET if where == "raw4" else _socket.AF_INET6)
     if where == "netlink":
         return family == getattr(_socket, "AF_NETLINK", 16)
     return False

@@ -30,8 +30,10 @@ Restored (one module each):
   memberships and the receive queue with each datagram's addresses
   (_udp, _mcast);
 - NETLINK_ROUTE sockets with nothing queued: port id, groups, destination,
-  options (_netlink). Packet and raw sockets and other netlink protocols
-  stay refused by name.
+  options (_netlink);
+- ICMP datagram ("ping") sockets (_ping) and raw ICMP sockets with their
+  BPF filter (_raw), nothing queued. Packet sockets, other raw protocols
+  and other netlink protocols stay refused by name.
 
 Family/type/protocol/listening come from getsockopt (SO_DOMAIN, SO_TYPE,
 SO_PROTOCOL, SO_ACCEPTCONN) and getsockname/getpeername on a pidfd_getfd
@@ -48,7 +50,7 @@ import socket as _socket
 
 from .. import netinfo, pidfd
 from ..errors import Refusal
-from . import _inetsock, _netlink, _ping, _tcpconn, _tcpunconn, _sys, _udp, _unixdgram, _unixlisten, _unixpair, _unixpending
+from . import _inetsock, _netlink, _ping, _raw, _tcpconn, _tcpunconn, _sys, _udp, _unixdgram, _unixlisten, _unixpair, _unixpending
 from ._sockbase import UNIX_TYPES, is_tcp, is_udp, same_netns
 from ._util import check_async, refuse, refuse_rec
 
@@ -191,6 +193,8 @@ def _subkind(info, ctx=None):
         kind = "udp"
     elif _ping.is_ping(fam, typ, q["proto"]):
         kind = "ping"             # ICMP datagram sockets (ping(8)): nothing queued
+    elif _raw.is_raw(fam, typ, q["proto"]):
+        kind = "raw"              # raw ICMP sockets (ping(8) as root): nothing queued
     elif fam == _netlink.AF_NETLINK:
         kind = "netlink"          # its classify refuses every protocol but NETLINK_ROUTE and NETLINK_AUDIT
     if kind is None:
@@ -208,6 +212,7 @@ _CLASSIFY = {"unix-pair": (_unixpair.pair_classify, _unixpair.pair_text),
              "tcp-unconn": (_tcpunconn.classify, _tcpunconn.text),
              "udp": (_udp.classify, _udp.text),
              "ping": (_ping.classify, _ping.text),
+             "raw": (_raw.classify, _raw.text),
              "netlink": (_netlink.classify, _netlink.text),
              "unix-dgram": (_unixdgram.classify, _unixdgram.text),
              "unix-unconn": (_unixdgram.classify, _unixdgram.text),
@@ -219,6 +224,7 @@ _RESTORE = {"unix-pair": (_unixpair.pair_validate, _unixpair.pair_restore),
             "tcp-unconn": (_tcpunconn.validate, _tcpunconn.restore),
             "udp": (_udp.validate, _udp.restore),
             "ping": (_ping.validate, _ping.restore),
+            "raw": (_raw.validate, _raw.restore),
             "netlink": (_netlink.validate, _netlink.restore),
             "unix-dgram": (_unixdgram.validate, _unixdgram.restore),
             "unix-unconn": (_unixdgram.validate, _unixdgram.restore),

@@ -1,0 +1,279 @@
+"""Raw ICMP sockets (ping(8) as root where ping_group_range lets it no ping
+socket): rebuilt with their address, peer, options, ICMP(6) filter and
+classic BPF program (locked or not), checked from inside; queued packets,
+an eBPF program and hostile records refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import struct
+import time
+
+import pytest
+
+from engine.errors import Refusal
+
+from fds_support import Target, classify, dump, restore
+
+# Read by the target about its own fds and by the test about the restored
+# ones: every option a raw ICMP socket has, and its filter program.
+PROBE = r'''
+import ctypes, socket
+def probe(fd):
+    libc = ctypes.CDLL(None, use_errno=True)
+    s = socket.socket(fileno=os.dup(fd))
+    out = {}
+    rows = [(1, 2), (1, 5), (1, 7), (1, 8), (1, 12), (1, 20), (1, 21), (1, 29), (1, 35), (1, 36), (1, 44)]
+    if s.family == socket.AF_INET:
+        rows += [(0, 1), (0, 2), (0, 3), (0, 11), (0, 10), (0, 22), (255, 1)]
+    else:
+        rows += [(41, 16), (41, 25), (41, 67), (41, 26), (41, 36), (255, 7), (58, 1)]
+    for level, opt in rows:
+        try:
+            out[f"{level}:{opt}"] = s.getsockopt(level, opt, 32).hex()
+        except OSError as e:
+            out[f"{level}:{opt}"] = f"errno {e.errno}"
+    out["dev"] = s.getsockopt(1, 25, 16).rstrip(b"\0").decode()
+    out["name"] = list(s.getsockname())
+    v6 = "6" if s.family == socket.AF_INET6 else ""
+    with open(f"/proc/self/net/raw{v6}") as f:          # local, remote (a peer of port 0 too), state
+        out["table"] = [l.split()[1:4] for l in f if l.split()[9:10] == [str(os.fstat(fd).st_ino)]]
+    n = ctypes.c_uint(0)
+    libc.getsockopt(fd, 1, 26, None, ctypes.byref(n))
+    buf = ctypes.create_string_buffer(8 * max(n.value, 1))
+    m = ctypes.c_uint(n.value)
+    if n.value:
+        assert libc.getsockopt(fd, 1, 26, buf, ctypes.byref(m)) == 0
+    out["filter"] = buf.raw[:8 * m.value].hex()
+    s.close()
+    return out
+'''
+
+# ICMP type at offset 20 (behind a 20-byte IPv4 header) / 0 (ICMPv6) is an
+# echo reply: accept, else drop.
+_BPF4 = [(0x30, 0, 0, 20), (0x15, 0, 1, 0), (0x06, 0, 0, 0x40000), (0x06, 0, 0, 0)]
+_BPF6 = [(0x30, 0, 0, 0), (0x15, 0, 1, 129), (0x06, 0, 0, 0x40000), (0x06, 0, 0, 0)]
+
+SETUP = PROBE + f'''
+import struct
+def attach(s, prog, lock=False):
+    insns = b"".join(struct.pack("=HBBI", *i) for i in prog)
+    buf = ctypes.create_string_buffer(insns)
+    fprog = struct.pack("=HxxxxxxQ", len(prog), ctypes.addressof(buf))
+    s.setsockopt(socket.SOL_SOCKET, 26, fprog)
+    if lock:
+        s.setsockopt(socket.SOL_SOCKET, 44, 1)
+r4 = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+r4.setsockopt(255, 1, struct.pack("=I", 0xFFFFFFFF & ~1))         # ICMP_FILTER: echo replies only
+r4.setsockopt(socket.IPPROTO_IP, 11, 1)                              # IP_RECVERR
+r4.setsockopt(socket.SOL_SOCKET, 29, 1)                              # SO_TIMESTAMP
+r4.setsockopt(socket.IPPROTO_IP, 2, 33)                              # IP_TTL
+r4.setsockopt(socket.SOL_SOCKET, 36, 7)                              # SO_MARK
+attach(r4, {_BPF4!r}, lock=True)
+f6 = [0xFFFFFFFF] * 8; f6[129 >> 5] &= ~(1 << (129 & 31))            # ICMP6_FILTER: echo replies only
+r6 = socket.socket(socket.AF_INET6, socket.SOCK_RAW, 58)
+r6.setsockopt(58, 1, struct.pack("=8I", *f6))
+r6.setsockopt(socket.IPPROTO_IPV6, 16, 44)                           # IPV6_UNICAST_HOPS
+r6.setsockopt(socket.IPPROTO_IPV6, 25, 1)                            # IPV6_RECVERR
+r6.setsockopt(socket.SOL_SOCKET, 29, 1)
+attach(r6, {_BPF6!r})
+h = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+h.setsockopt(socket.IPPROTO_IP, 3, 1)                                # IP_HDRINCL
+h.setsockopt(socket.SOL_SOCKET, 25, b"lo")                           # SO_BINDTODEVICE
+h.bind(("127.0.0.1", 0))
+h.connect(("127.0.0.2", 0))                                          # port 0: getpeername says ENOTCONN
+os.dup2(r4.fileno(), 500); os.dup2(r6.fileno(), 501); os.dup2(h.fileno(), 502)
+r4.close(); r6.close(); h.close()
+'''
+CHECK = "report.update({str(fd): probe(fd) for fd in (500, 501, 502)})"
+
+
+def _local_probe():
+    ns = {"os": os}
+    exec(PROBE, ns)
+    return ns["probe"]
+
+
+def _echo(s: socket.socket, fam: int, dst: str, ident: int, seq: int) -> bytes:
+    """Send an echo request through `s`; the first echo reply with `ident`
+    it reads (other pings on this machine reach every raw ICMP socket)."""
+    typ = 8 if fam == socket.AF_INET else 128
+    body = struct.pack(">BBHHH", typ, 0, 0, ident, seq) + b"crucible"
+    if fam == socket.AF_INET:
+        c = sum(struct.unpack(">%dH" % (len(body) // 2), body))
+        c = (c >> 16) + (c & 0xFFFF)
+        body = body[:2] + struct.pack(">H", ~(c + (c >> 16)) & 0xFFFF) + body[4:]
+    s.sendto(body, (dst, 0))
+    deadline = time.monotonic() + 5
+    s.settimeout(5)
+    while time.monotonic() < deadline:
+        pkt = s.recv(2000)
+        icmp = pkt[20:] if fam == socket.AF_INET else pkt
+        if struct.unpack(">HH", icmp[4:8]) == (ident, seq):
+            return icmp
+    raise AssertionError("no echo reply")
+
+
+def test_raw_icmp_sockets_restored_with_filters_options_and_answered(tmp_path):
+    """Refused before ("inet raw protocol 1"). Every option and both BPF
+    programs read back the same from inside; each restored socket still
+    filters (only replies pass: the request it sends arrives on it too)
+    and receives the reply to a request it sends."""
+    with Target(tmp_path, SETUP, CHECK) as t:
+        before = t.check()
+        assert "error" not in before, before
+        assert classify(t.pid, 500) == ("raw icmp, a 4-instruction socket filter, options SO_TIMESTAMP, "
+                                        "SO_MARK, SO_LOCK_FILTER, IP_TTL, IP_RECVERR, ICMP_FILTER")
+        assert classify(t.pid, 501).startswith("raw6 icmp, a 4-instruction socket filter, options ")
+        assert classify(t.pid, 502) == "raw icmp 127.0.0.1->127.0.0.2, options SO_BINDTODEVICE, IP_HDRINCL"
+        img = dump(t.pid, [500, 501, 502], str(tmp_path / "img"))
+        t.close()
+        with restore(img):
+            probe = _local_probe()
+            after = {str(fd): probe(fd) for fd in (500, 501, 502)}
+            assert after == before
+            assert after["500"]["filter"] and after["501"]["filter"] and after["502"]["dev"] == "lo"
+            # the lock held: the program cannot be replaced
+            s4 = socket.socket(fileno=os.dup(500))
+            s6 = socket.socket(fileno=os.dup(501))
+            try:
+                with pytest.raises(PermissionError):
+                    s4.setsockopt(socket.SOL_SOCKET, 27, 0)         # SO_DETACH_FILTER
+                ident = os.getpid() & 0xFFFF
+                assert _echo(s4, socket.AF_INET, "127.0.0.1", ident, 1)[8:] == b"crucible"
+                assert _echo(s6, socket.AF_INET6, "::1", ident, 2)[8:] == b"crucible"
+                # the filters let only replies through: nothing else waits
+                time.sleep(0.1)
+                for s in (s4, s6):
+                    s.setblocking(False)
+                    with pytest.raises(BlockingIOError):
+                        while True:
+                            pkt = s.recv(2000)
+                            icmp = pkt[20:] if s is s4 else pkt
+                            assert icmp[0] in (0, 129), icmp[:8]
+            finally:
+                s4.close()
+                s6.close()
+
+
+def test_raw_icmp_socket_with_a_packet_queued_is_refused(tmp_path):
+    setup = """
+import socket, time
+r = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+r.sendto(bytes([8, 0, 0xf7, 0xfe, 0, 0, 0, 1]), ("127.0.0.1", 0))
+time.sleep(0.2)                                   # its request and reply wait, unread
+os.dup2(r.fileno(), 500); r.close()
+"""
+    with Target(tmp_path, setup) as t:
+        with pytest.raises(Refusal) as ei:
+            classify(t.pid, 500)
+        assert ei.value.reason == "socket" and ei.value.detail.endswith("bytes of ICMP packets queued to be read")
+
+
+def test_raw_icmp_socket_shut_down_for_reading_is_refused(tmp_path):
+    setup = """
+import socket
+r = socket.socket(socket.AF_INET6, socket.SOCK_RAW, 58)
+try:
+    r.shutdown(socket.SHUT_RD)
+except OSError:
+    pass                                          # ENOTCONN, the bits taken all the same
+os.dup2(r.fileno(), 500); r.close()
+"""
+    with Target(tmp_path, setup) as t:
+        with pytest.raises(Refusal) as ei:
+            classify(t.pid, 500)
+        assert ei.value.reason == "socket" and "shut down" in ei.value.detail
+
+
+def test_hostile_raw_records_are_image_invalid(tmp_path):
+    from engine.context import Options, RestoreContext
+    from engine.fds import handler
+    from engine.image import ImageReader
+    with Target(tmp_path, SETUP) as t:
+        img = dump(t.pid, [500, 501, 502], str(tmp_path / "img"))
+    reader = ImageReader(img)
+    try:
+        recs = reader.read_json("fds.json")
+        ctx = RestoreContext(options=Options(), image=reader, same_node=True, records=recs, pid=None)
+        good = recs[0]
+        handler("socket").validate(good, ctx)
+        bad = [dict(good, filter=good["filter"][:-1]),                         # count differs from SO_GET_FILTER
+               dict(good, filter=[[0x06, 0, 0, 1 << 32]] * len(good["filter"])),
+               dict(good, filter=[[0x06, 0, 0, "x"]] * len(good["filter"])),
+               dict(good, filter=None),
+               dict(good, proto=58),
+               dict(good, family=socket.AF_INET6),
+               dict(good, addr=["not an address", 1]),
+               dict(good, peer=["127.0.0.1"]),
+               dict(good, opts=dict(good["opts"], SO_NOPE="01000000")),
+               dict(good, opts=dict(good["opts"], IP_TTL="zz")),
+               dict(good, set=good["set"] + ["SO_DEBUG_X"])]
+        for rec in bad:
+            with pytest.raises(Refusal) as ei:
+                handler("socket").validate(rec, ctx)
+            assert ei.value.reason == "image-invalid", rec
+    finally:
+        reader.close()
+
+
+def test_real_ping_on_raw_sockets_is_restored_and_goes_on_counting_replies(tmp_path):
+    """ping(8) as root where ping_group_range lets gid 0 no ping socket:
+    both its sockets (IPv4 and IPv6) are raw ICMP ones, with ping's BPF
+    filter on them; refused before. After the restore its sequence numbers
+    go on from where they were, every request answered."""
+    import re
+    import shutil
+    import subprocess
+    from engine.context import Options
+    from engine.dump import dump as full_dump
+    from engine.errors import Refusals
+    from engine.restore import restore as full_restore
+    from sysctl_support import ping_sockets_excluded
+    if not shutil.which("ping"):
+        pytest.skip("no ping (iputils-ping)")
+    out = tmp_path / "ping.out"
+    with ping_sockets_excluded():
+        with open(out, "w") as f:
+            p = subprocess.Popen(["ping", "-n", "-i", "0.3", "127.0.0.1"], stdin=subprocess.DEVNULL, stdout=f,
+                                 stderr=subprocess.STDOUT, close_fds=True, start_new_session=True)
+        try:
+            seqs = lambda: [int(m) for m in re.findall(r"icmp_seq=(\d+)", out.read_text())]
+            deadline = time.monotonic() + 10
+            while len(seqs()) < 3 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            socks = {int(os.readlink(f"/proc/{p.pid}/fd/{fd}")[8:-1]) for fd in os.listdir(f"/proc/{p.pid}/fd")
+                     if os.readlink(f"/proc/{p.pid}/fd/{fd}").startswith("socket:")}
+            raw = set()
+            for table in ("raw", "raw6"):
+                with open(f"/proc/{p.pid}/net/{table}") as f:
+                    raw |= {int(l.split()[9]) for l in list(f)[1:]}
+            assert socks and socks <= raw, (socks, raw)          # SOCK_RAW, not ping sockets
+            for attempt in range(10):     # a freeze that meets a packet still queued is refused: again
+                try:
+                    full_dump(p.pid, str(tmp_path / "img"), Options())
+                    break
+                except (Refusal, Refusals) as e:
+                    assert "ICMP packets queued" in str(e), e
+                    time.sleep(0.1)
+            else:
+                raise AssertionError("every freeze met a packet queued")
+            p.wait()
+            n = max(seqs())
+            full_restore(str(tmp_path / "img"), Options())
+            deadline = time.monotonic() + 10
+            while max(seqs()) < n + 4 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            got = seqs()
+            assert max(got) >= n + 4 and got == list(range(1, len(got) + 1)), got
+        finally:
+            try:
+                os.kill(p.pid, 9)
+            except OSError:
+                pass
+            try:
+                p.wait(timeout=5)
+            except Exception:
+                pass
