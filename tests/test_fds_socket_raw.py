@@ -27,9 +27,9 @@ def probe(fd):
     out = {}
     rows = [(1, 2), (1, 5), (1, 7), (1, 8), (1, 12), (1, 20), (1, 21), (1, 29), (1, 35), (1, 36), (1, 44)]
     if s.family == socket.AF_INET:
-        rows += [(0, 1), (0, 2), (0, 3), (0, 11), (0, 10), (0, 22), (255, 1)]
+        rows += [(0, 1), (0, 2), (0, 3), (0, 4), (0, 11), (0, 10), (0, 22), (255, 1)]
     else:
-        rows += [(41, 16), (41, 25), (41, 67), (41, 26), (41, 36), (255, 7), (58, 1)]
+        rows += [(41, 2), (41, 16), (41, 25), (41, 67), (41, 26), (41, 36), (41, 53), (41, 59), (255, 7), (58, 1)]
     for level, opt in rows:
         try:
             out[f"{level}:{opt}"] = s.getsockopt(level, opt, 32).hex()
@@ -71,6 +71,7 @@ r4.setsockopt(socket.IPPROTO_IP, 11, 1)                              # IP_RECVER
 r4.setsockopt(socket.SOL_SOCKET, 29, 1)                              # SO_TIMESTAMP
 r4.setsockopt(socket.IPPROTO_IP, 2, 33)                              # IP_TTL
 r4.setsockopt(socket.SOL_SOCKET, 36, 7)                              # SO_MARK
+r4.setsockopt(socket.IPPROTO_IP, 4, bytes([1, 1, 1, 0]))             # IP_OPTIONS: NOPs
 attach(r4, {_BPF4!r}, lock=True)
 f6 = [0xFFFFFFFF] * 8; f6[129 >> 5] &= ~(1 << (129 & 31))            # ICMP6_FILTER: echo replies only
 r6 = socket.socket(socket.AF_INET6, socket.SOCK_RAW, 58)
@@ -78,6 +79,9 @@ r6.setsockopt(58, 1, struct.pack("=8I", *f6))
 r6.setsockopt(socket.IPPROTO_IPV6, 16, 44)                           # IPV6_UNICAST_HOPS
 r6.setsockopt(socket.IPPROTO_IPV6, 25, 1)                            # IPV6_RECVERR
 r6.setsockopt(socket.SOL_SOCKET, 29, 1)
+r6.setsockopt(socket.IPPROTO_IPV6, 2, 1)                             # IPV6_2292PKTINFO
+r6.setsockopt(socket.IPPROTO_IPV6, 53, 1)                            # IPV6_RECVHOPOPTS
+r6.setsockopt(socket.IPPROTO_IPV6, 59, bytes([0, 0, 1, 4, 0, 0, 0, 0]))   # IPV6_DSTOPTS: PadN, sent with each
 attach(r6, {_BPF6!r})
 h = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
 h.setsockopt(socket.IPPROTO_IP, 3, 1)                                # IP_HDRINCL
@@ -125,8 +129,10 @@ def test_raw_icmp_sockets_restored_with_filters_options_and_answered(tmp_path):
         before = t.check()
         assert "error" not in before, before
         assert classify(t.pid, 500) == ("raw icmp, a 4-instruction socket filter, options SO_TIMESTAMP, "
-                                        "SO_MARK, SO_LOCK_FILTER, IP_TTL, IP_RECVERR, ICMP_FILTER")
-        assert classify(t.pid, 501).startswith("raw6 icmp, a 4-instruction socket filter, options ")
+                                        "SO_MARK, SO_LOCK_FILTER, IP_TTL, IP_RECVERR, ICMP_FILTER, IP_OPTIONS")
+        assert classify(t.pid, 501) == ("raw6 icmp, a 4-instruction socket filter, options SO_TIMESTAMP, "
+                                        "IPV6_UNICAST_HOPS, IPV6_RECVERR, ICMP6_FILTER, IPV6_2292PKTINFO, "
+                                        "IPV6_RECVHOPOPTS, IPV6_DSTOPTS")
         assert classify(t.pid, 502) == "raw icmp 127.0.0.1->127.0.0.2, options SO_BINDTODEVICE, IP_HDRINCL"
         img = dump(t.pid, [500, 501, 502], str(tmp_path / "img"))
         t.close()
@@ -277,3 +283,35 @@ def test_real_ping_on_raw_sockets_is_restored_and_goes_on_counting_replies(tmp_p
                 p.wait(timeout=5)
             except Exception:
                 pass
+
+
+def test_raw_icmp_socket_with_an_ebpf_filter_or_held_outside_is_refused(tmp_path):
+    """An eBPF program (SO_ATTACH_BPF) has no classic form SO_GET_FILTER could
+    read back; a socket another process holds too would be split in two."""
+    setup = """
+import socket, platform
+insns = struct.pack("=BBhi", 0xb7, 0, 0, 0) + struct.pack("=BBhi", 0x95, 0, 0, 0)   # r0 = 0; exit
+ibuf, lic = ctypes.create_string_buffer(insns), ctypes.create_string_buffer(b"GPL")
+attr = struct.pack("=IIQQIIQI", 1, 2, ctypes.addressof(ibuf), ctypes.addressof(lic), 0, 0, 0, 0) + bytes(80)
+abuf = ctypes.create_string_buffer(attr)
+libc.syscall.restype = ctypes.c_long
+prog = libc.syscall(321 if platform.machine() == "x86_64" else 280, 5, abuf, len(attr))  # BPF_PROG_LOAD
+assert prog >= 0, ctypes.get_errno()
+e = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+e.setsockopt(socket.SOL_SOCKET, 50, prog)                    # SO_ATTACH_BPF
+o = socket.socket(socket.AF_INET6, socket.SOCK_RAW, 58)
+os.dup2(e.fileno(), 500); os.dup2(o.fileno(), 501)
+if os.fork() == 0:
+    libc.prctl(1, 9)                                         # PR_SET_PDEATHSIG: goes with the target
+    e.close(); os.close(500)
+    signal.pause()                                           # holds the IPv6 one too
+"""
+    with Target(tmp_path, setup) as t:
+        with pytest.raises(Refusal) as ei:
+            classify(t.pid, 500)
+        assert ei.value.reason == "socket" and "eBPF socket filter (SO_ATTACH_BPF)" in ei.value.detail
+        with pytest.raises(Refusal) as ei:
+            classify(t.pid, 501)
+        assert ei.value.reason == "socket" and "also held by pid" in ei.value.detail
+        child = int(ei.value.detail.split("also held by pid ")[1].split()[0])
+        os.kill(child, 9)

@@ -147,6 +147,25 @@ TABLE: List[Tuple[str, int, int, int, str, str]] = [
     ("IPV6_CHECKSUM", SOL_RAW, 7, 4, "raw6", "copy"),     # SOL_RAW: ICMPv6 refuses it at SOL_IPV6
     ("IPV6_HDRINCL", IPV6, 36, 4, "raw6", "copy"),
     ("ICMP6_FILTER", 58, 1, 32, "raw6", "copy"),           # SOL_ICMPV6
+    # Readable on every inet socket, read for raw ICMP ones only so far.
+    # Variable length (read up to the size given; b"" when unset): IP
+    # options and the IPv6 sticky extension headers (at most 2048 bytes).
+    ("IP_OPTIONS", IP, 4, 40, "raw4", "copy"),
+    ("IPV6_2292PKTINFO", IPV6, 2, 4, "raw6", "copy"),
+    ("IPV6_2292HOPOPTS", IPV6, 3, 4, "raw6", "copy"),
+    ("IPV6_2292DSTOPTS", IPV6, 4, 4, "raw6", "copy"),
+    ("IPV6_2292RTHDR", IPV6, 5, 4, "raw6", "copy"),
+    ("IPV6_2292HOPLIMIT", IPV6, 8, 4, "raw6", "copy"),
+    ("IPV6_FLOWINFO", IPV6, 11, 4, "raw6", "copy"),
+    ("IPV6_FLOWINFO_SEND", IPV6, 33, 4, "raw6", "copy"),
+    ("IPV6_RECVHOPOPTS", IPV6, 53, 4, "raw6", "copy"),
+    ("IPV6_RECVRTHDR", IPV6, 56, 4, "raw6", "copy"),
+    ("IPV6_RECVDSTOPTS", IPV6, 58, 4, "raw6", "copy"),
+    ("IPV6_ADDR_PREFERENCES", IPV6, 72, 4, "raw6", "copy"),
+    ("IPV6_HOPOPTS", IPV6, 54, 2048, "raw6", "copy"),
+    ("IPV6_RTHDRDSTOPTS", IPV6, 55, 2048, "raw6", "copy"),
+    ("IPV6_RTHDR", IPV6, 57, 2048, "raw6", "copy"),
+    ("IPV6_DSTOPTS", IPV6, 59, 2048, "raw6", "copy"),
     ("TCP_NODELAY", TCP, 1, 4, "tcp", "copy"),
     ("TCP_MAXSEG", TCP, 2, 4, "tcp", "copy"),
     ("TCP_CORK", TCP, 3, 4, "tcp", "copy"),
@@ -219,13 +238,23 @@ def read_all(sock: _socket.socket, family: int, proto_tcp: bool) -> Dict[str, Op
             if name == "SO_GET_FILTER":
                 out[name] = _filter_len(sock.fileno()).to_bytes(4, "little", signed=True).hex()
                 continue
-            out[name] = sock.getsockopt(level, opt, size).hex()
+            out[name] = (sock.getsockopt(level, opt, size) if size <= 1024 else _getsockopt_big(sock, level, opt, size)).hex()
         except OSError as e:
             if e.errno in (_errno.ENOPROTOOPT, _errno.EINVAL, _errno.EOPNOTSUPP):
                 out[name] = None
             else:
                 raise
     return out
+
+
+def _getsockopt_big(sock: _socket.socket, level: int, opt: int, size: int) -> bytes:
+    """getsockopt with a buffer beyond Python's 1024-byte limit."""
+    buf = ctypes.create_string_buffer(size)
+    optlen = ctypes.c_uint(size)
+    if _libc.getsockopt(sock.fileno(), level, opt, buf, ctypes.byref(optlen)) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+    return buf.raw[:optlen.value]
 
 
 def _filter_len(fd: int) -> int:
