@@ -1811,7 +1811,8 @@ CAUGHT_BY: Dict[str, str] = {
     "lose-sigmask": "the signal mask compared (the workload's blocked SIGUSR1 kills it)",
     "reset-rlimits": "a scenario that changes an rlimit, rlimits compared",
     "change-umask": "umask compared (/proc status diff or a umask scenario)",
-    "split-shared-fds": "two fds sharing one open file: move one, read the other's offset",
+    "split-shared-fds": "two fds sharing one open file: move one, read the other's offset; which fds share an "
+                        "open file, every fd's (kcmp from outside: stdout and stderr too)",
     "lose-cloexec": "close-on-exec compared per fd",
     "lose-nonblock": "O_NONBLOCK compared per fd (status flags)",
     "drop-unix-message": "both ends' unix socket queues drained and compared",

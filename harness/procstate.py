@@ -450,7 +450,36 @@ def _fds(base: str) -> Dict[str, str]:
             out[f"fd.{fd}.fdinfo.{key}" + (f".{n}" if n else "")] = val
     if pidfd >= 0:
         os.close(pidfd)
+    shared = _fd_sharing(int(base.rsplit("/", 1)[1]), [fd for fd in fds if f"fd.{fd}.link" in out])
+    if shared is not None:
+        out["fd_sharing"] = shared
     return out
+
+
+KCMP_NR = {"x86_64": 312, "aarch64": 272}
+KCMP_FILE = 0
+
+
+def _fd_sharing(pid: int, fds) -> Optional[str]:
+    """Which fds share one open file description (kcmp KCMP_FILE), as
+    groups: "1=2 5=6=9"; every fd, not only a scenario's (its stdout and
+    stderr, say). None on an architecture this does not know."""
+    nr = KCMP_NR.get(os.uname().machine)
+    if nr is None:
+        return None
+    call = _libc().syscall
+    groups = []
+    for fd in fds:
+        for g in groups:
+            r = call(nr, pid, pid, KCMP_FILE, fd, g[0])
+            if r < 0:       # closed meanwhile (EBADF), or no kcmp at all (then no fd is in a group)
+                break
+            if r == 0:
+                g.append(fd)
+                break
+        else:
+            groups.append([fd])
+    return " ".join("=".join(str(fd) for fd in g) for g in groups if len(g) > 1)
 
 
 def anon_object(link: str) -> Optional[str]:

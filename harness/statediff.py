@@ -272,5 +272,15 @@ def program_view(before: Dict[str, str], after: Dict[str, str]) -> tuple:
             path = snap.get(f"maps.{rng}.path", "")
             return path.startswith("/") and not path.endswith(" (deleted)")
         return True
-    return ({k: v for k, v in before.items() if keep(k, before, after)},
-            {k: v for k, v in after.items() if keep(k, after, before)})
+    b = {k: v for k, v in before.items() if keep(k, before, after)}
+    a = {k: v for k, v in after.items() if keep(k, after, before)}
+    if "fd_sharing" in before and "fd_sharing" in after:
+        # which of the fds both looks hold share an open file (its stdout and
+        # stderr, say): the groups cut to those fds
+        both = {f.split(".")[1] for f in b if f.startswith("fd.") and f.endswith(".link")}
+
+        def cut(text: str) -> str:
+            groups = (["=".join(fd for fd in g.split("=") if fd in both)] for g in text.split())
+            return " ".join(g[0] for g in groups if "=" in g[0])
+        b["fd_sharing"], a["fd_sharing"] = cut(before["fd_sharing"]), cut(after["fd_sharing"])
+    return b, a

@@ -190,3 +190,32 @@ def test_a_sysv_segment_with_another_id_is_a_difference():
     assert statediff.diff(seg("5"), seg("6")) == [{"field": "maps.7f00-7f10.inode", "before": "5", "after": "6"}]
     deleted = {k: v.replace("/SYSV00000000", "/w/a") for k, v in seg("5").items()}
     assert statediff.diff(deleted, dict(deleted, **{"maps.7f00-7f10.inode": "6"})) == []
+
+
+def test_fds_sharing_an_open_file_are_seen_from_outside(tmp_path):
+    """Every fd, not a scenario's only: stdout and stderr on one open file
+    (kcmp), and the two opens of one file kept apart."""
+    import os
+    import subprocess
+    with open(tmp_path / "out", "a") as out:
+        p = subprocess.Popen(["sh", "-c", "exec 5<out 6<out; exec sleep 60"], cwd=str(tmp_path),
+                             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, close_fds=True)
+    try:
+        import time
+        for _ in range(200):
+            if os.path.exists(f"/proc/{p.pid}/fd/6") and os.readlink(f"/proc/{p.pid}/exe").endswith("sleep"):
+                break
+            time.sleep(0.01)
+        assert snapshot(p.pid)["fd_sharing"] == "1=2"
+    finally:
+        p.kill()
+        p.wait()
+
+
+def test_a_programs_fd_sharing_is_judged_on_the_fds_both_looks_hold():
+    before = {"fd.1.link": "/o", "fd.2.link": "/o", "fd.5.link": "/x", "fd_sharing": "1=2 5=7"}
+    after = {"fd.1.link": "/o", "fd.2.link": "/o", "fd.5.link": "/x", "fd_sharing": "1=2"}
+    assert statediff.diff(*statediff.program_view(before, after)) == []
+    split = dict(after, fd_sharing="")
+    assert statediff.diff(*statediff.program_view(before, split)) == \
+        [{"field": "fd_sharing", "before": "1=2", "after": ""}]
