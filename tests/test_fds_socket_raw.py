@@ -51,10 +51,15 @@ def probe(fd):
     return out
 '''
 
-# ICMP type at offset 20 (behind a 20-byte IPv4 header) / 0 (ICMPv6) is an
-# echo reply: accept, else drop.
-_BPF4 = [(0x30, 0, 0, 20), (0x15, 0, 1, 0), (0x06, 0, 0, 0x40000), (0x06, 0, 0, 0)]
-_BPF6 = [(0x30, 0, 0, 0), (0x15, 0, 1, 129), (0x06, 0, 0, 0x40000), (0x06, 0, 0, 0)]
+# An echo reply with this test process's ident: accept, else drop (every
+# raw ICMP socket on the machine gets every ICMP packet: other tests' too).
+IDENT = os.getpid() & 0xFFFF
+_BPF4 = [(0xb1, 0, 0, 0),                 # X = the IPv4 header's length
+         (0x50, 0, 0, 0), (0x15, 0, 3, 0),                            # type: echo reply?
+         (0x48, 0, 0, 4), (0x15, 0, 1, IDENT),                        # ident: ours?
+         (0x06, 0, 0, 0x40000), (0x06, 0, 0, 0)]
+_BPF6 = [(0x30, 0, 0, 0), (0x15, 0, 3, 129), (0x28, 0, 0, 4), (0x15, 0, 1, IDENT),
+         (0x06, 0, 0, 0x40000), (0x06, 0, 0, 0)]
 
 SETUP = PROBE + f'''
 import struct
@@ -128,9 +133,9 @@ def test_raw_icmp_sockets_restored_with_filters_options_and_answered(tmp_path):
     with Target(tmp_path, SETUP, CHECK) as t:
         before = t.check()
         assert "error" not in before, before
-        assert classify(t.pid, 500) == ("raw icmp, a 4-instruction socket filter, options SO_TIMESTAMP, "
+        assert classify(t.pid, 500) == ("raw icmp, a 7-instruction socket filter, options SO_TIMESTAMP, "
                                         "SO_MARK, SO_LOCK_FILTER, IP_TTL, IP_RECVERR, ICMP_FILTER, IP_OPTIONS")
-        assert classify(t.pid, 501) == ("raw6 icmp, a 4-instruction socket filter, options SO_TIMESTAMP, "
+        assert classify(t.pid, 501) == ("raw6 icmp, a 6-instruction socket filter, options SO_TIMESTAMP, "
                                         "IPV6_UNICAST_HOPS, IPV6_RECVERR, ICMP6_FILTER, IPV6_2292PKTINFO, "
                                         "IPV6_RECVHOPOPTS, IPV6_DSTOPTS")
         assert classify(t.pid, 502) == "raw icmp 127.0.0.1->127.0.0.2, options SO_BINDTODEVICE, IP_HDRINCL"
@@ -147,7 +152,7 @@ def test_raw_icmp_sockets_restored_with_filters_options_and_answered(tmp_path):
             try:
                 with pytest.raises(PermissionError):
                     s4.setsockopt(socket.SOL_SOCKET, 27, 0)         # SO_DETACH_FILTER
-                ident = os.getpid() & 0xFFFF
+                ident = IDENT
                 assert _echo(s4, socket.AF_INET, "127.0.0.1", ident, 1)[8:] == b"crucible"
                 assert _echo(s6, socket.AF_INET6, "::1", ident, 2)[8:] == b"crucible"
                 # the filters let only replies through: nothing else waits
