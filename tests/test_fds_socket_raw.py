@@ -221,7 +221,8 @@ def test_hostile_raw_records_are_image_invalid(tmp_path):
                dict(good, peer=["127.0.0.1"]),
                dict(good, opts=dict(good["opts"], SO_NOPE="01000000")),
                dict(good, opts=dict(good["opts"], IP_TTL="zz")),
-               dict(good, set=good["set"] + ["SO_DEBUG_X"])]
+               dict(good, set=good["set"] + ["SO_DEBUG_X"]),
+               dict(good, opts=dict(good["opts"], SO_PASSSEC="01000000"), set=good["set"] + ["SO_PASSSEC"])]
         for rec in bad:
             with pytest.raises(Refusal) as ei:
                 handler("socket").validate(rec, ctx)
@@ -324,3 +325,51 @@ if os.fork() == 0:
         assert ei.value.reason == "socket" and "also held by pid" in ei.value.detail
         child = int(ei.value.detail.split("also held by pid ")[1].split()[0])
         os.kill(child, 9)
+
+
+def _without_net_raw(fn):
+    """fn() in a child whose effective capabilities lack CAP_NET_RAW: the
+    (reason, detail) of the Refusal it raises, or ("", repr) otherwise."""
+    import ctypes
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(r)
+            libc = ctypes.CDLL(None, use_errno=True)
+            hdr = (ctypes.c_uint32 * 2)(0x20080522, 0)            # _LINUX_CAPABILITY_VERSION_3
+            data = (ctypes.c_uint32 * 6)()
+            assert libc.capget(hdr, data) == 0
+            data[0] &= ~(1 << 13)                                  # effective: CAP_NET_RAW
+            assert libc.capset(hdr, data) == 0
+            try:
+                fn()
+                out = ["", "no refusal"]
+            except Refusal as e:
+                out = [e.reason, e.detail]
+            except BaseException as e:
+                out = ["", repr(e)]
+            os.write(w, json.dumps(out).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as f:
+        got = f.read()
+    os.waitpid(pid, 0)
+    return tuple(json.loads(got))
+
+
+def test_raw_icmp_socket_without_cap_net_raw_is_refused_at_dump_and_restore(tmp_path):
+    setup = """
+import socket
+r = socket.socket(socket.AF_INET6, socket.SOCK_RAW, 58)
+os.dup2(r.fileno(), 500); r.close()
+"""
+    with Target(tmp_path, setup) as t:
+        assert _without_net_raw(lambda: classify(t.pid, 500)) == (
+            "socket", "raw6 icmp: ckpt cannot open raw sockets (CAP_NET_RAW) to compare its options")
+        img = dump(t.pid, [500], str(tmp_path / "img"))
+
+    def rebuild():
+        restore(img).__exit__()
+    assert _without_net_raw(rebuild) == ("socket", "raw6 icmp: ckpt cannot open raw sockets here (no CAP_NET_RAW)")

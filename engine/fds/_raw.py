@@ -209,6 +209,7 @@ def validate(rec: dict, ctx) -> None:
     fam, opts, names, prog = rec.get("family"), rec.get("opts"), rec.get("set"), rec.get("filter")
     ok = fam in PROTO and rec.get("proto") == PROTO[fam] and isinstance(opts, dict) and \
         isinstance(names, list) and all(isinstance(n, str) and n in opts for n in names) and \
+        all(n in OWN or _sockopts._BY_NAME[n][5] != "refuse" for n in names if n in _sockopts._BY_NAME) and \
         all(n in _sockopts._BY_NAME and (v is None or isinstance(v, str)) for n, v in opts.items()) and \
         isinstance(prog, list) and len(prog) <= BPF_MAXINSNS and \
         all(isinstance(i, list) and len(i) == 4 and all(isinstance(x, int) and not isinstance(x, bool) for x in i)
