@@ -20,7 +20,7 @@ from fds_support import Target, classify, dump, restore
 # Read by the target about its own fds and by the test about the restored
 # ones: every option a raw ICMP socket has, and its filter program.
 PROBE = r'''
-import ctypes, socket
+import ctypes, socket, struct
 def probe(fd):
     libc = ctypes.CDLL(None, use_errno=True)
     s = socket.socket(fileno=os.dup(fd))
@@ -47,6 +47,14 @@ def probe(fd):
     if n.value:
         assert libc.getsockopt(fd, 1, 26, buf, ctypes.byref(m)) == 0
     out["filter"] = buf.raw[:8 * m.value].hex()
+    # joined on lo? (getsockopt MCAST_MSFILTER: its filter mode and count, or EADDRNOTAVAIL)
+    fam = s.family
+    grp = socket.inet_aton("239.1.2.3") if fam == socket.AF_INET else socket.inet_pton(fam, "ff12::1:2:3")
+    ss = (struct.pack("=H2x", fam) + (b"" if fam == socket.AF_INET else bytes(4)) + grp).ljust(128, b"\0")
+    gf = ctypes.create_string_buffer(struct.pack("=I4x", 1) + ss + struct.pack("=II", 0, 0) + bytes(128))
+    gl = ctypes.c_uint(len(gf.raw))
+    rc = libc.getsockopt(fd, 0 if fam == socket.AF_INET else 41, 48, gf, ctypes.byref(gl))
+    out["member"] = list(struct.unpack_from("=II", gf.raw, 136)) if rc == 0 else ctypes.get_errno()
     s.close()
     return out
 '''
@@ -78,6 +86,7 @@ r4.setsockopt(socket.IPPROTO_IP, 2, 33)                              # IP_TTL
 r4.setsockopt(socket.SOL_SOCKET, 36, 7)                              # SO_MARK
 r4.setsockopt(socket.IPPROTO_IP, 4, bytes([1, 1, 1, 0]))             # IP_OPTIONS: NOPs
 attach(r4, {_BPF4!r}, lock=True)
+r4.setsockopt(socket.IPPROTO_IP, 35, struct.pack("=4s4si", socket.inet_aton("239.1.2.3"), bytes(4), 1))  # on lo
 f6 = [0xFFFFFFFF] * 8; f6[129 >> 5] &= ~(1 << (129 & 31))            # ICMP6_FILTER: echo replies only
 r6 = socket.socket(socket.AF_INET6, socket.SOCK_RAW, 58)
 r6.setsockopt(58, 1, struct.pack("=8I", *f6))
@@ -88,6 +97,7 @@ r6.setsockopt(socket.IPPROTO_IPV6, 2, 1)                             # IPV6_2292
 r6.setsockopt(socket.IPPROTO_IPV6, 53, 1)                            # IPV6_RECVHOPOPTS
 r6.setsockopt(socket.IPPROTO_IPV6, 59, bytes([0, 0, 1, 4, 0, 0, 0, 0]))   # IPV6_DSTOPTS: PadN, sent with each
 attach(r6, {_BPF6!r})
+r6.setsockopt(socket.IPPROTO_IPV6, 20, socket.inet_pton(socket.AF_INET6, "ff12::1:2:3") + struct.pack("=I", 1))
 h = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
 h.setsockopt(socket.IPPROTO_IP, 3, 1)                                # IP_HDRINCL
 h.setsockopt(socket.SOL_SOCKET, 25, b"lo")                           # SO_BINDTODEVICE
@@ -133,9 +143,9 @@ def test_raw_icmp_sockets_restored_with_filters_options_and_answered(tmp_path):
     with Target(tmp_path, SETUP, CHECK) as t:
         before = t.check()
         assert "error" not in before, before
-        assert classify(t.pid, 500) == ("raw icmp, a 7-instruction socket filter, options SO_TIMESTAMP, "
+        assert classify(t.pid, 500) == ("raw icmp, a 7-instruction socket filter, multicast 239.1.2.3@if1, options SO_TIMESTAMP, "
                                         "SO_MARK, SO_LOCK_FILTER, IP_TTL, IP_RECVERR, ICMP_FILTER, IP_OPTIONS")
-        assert classify(t.pid, 501) == ("raw6 icmp, a 6-instruction socket filter, options SO_TIMESTAMP, "
+        assert classify(t.pid, 501) == ("raw6 icmp, a 6-instruction socket filter, multicast ff12::1:2:3@if1, options SO_TIMESTAMP, "
                                         "IPV6_UNICAST_HOPS, IPV6_RECVERR, ICMP6_FILTER, IPV6_2292PKTINFO, "
                                         "IPV6_RECVHOPOPTS, IPV6_DSTOPTS")
         assert classify(t.pid, 502) == "raw icmp 127.0.0.1->127.0.0.2, options SO_BINDTODEVICE, IP_HDRINCL"
@@ -222,6 +232,10 @@ def test_hostile_raw_records_are_image_invalid(tmp_path):
                dict(good, opts=dict(good["opts"], SO_NOPE="01000000")),
                dict(good, opts=dict(good["opts"], IP_TTL="zz")),
                dict(good, set=good["set"] + ["SO_DEBUG_X"]),
+               dict(good, mcast=[{"ifindex": 1, "group": "10.0.0.1", "mode": 0, "sources": []}]),
+               dict(good, mcast=[{"ifindex": 1, "group": "ff12::1", "mode": 0, "sources": []}]),
+               dict(good, mcast=[{"ifindex": 1, "group": "239.1.1.1", "mode": 7, "sources": []}]),
+               dict(good, mcast=None),
                dict(good, opts=dict(good["opts"], SO_PASSSEC="01000000"), set=good["set"] + ["SO_PASSSEC"])]
         for rec in bad:
             with pytest.raises(Refusal) as ei:

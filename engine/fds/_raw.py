@@ -11,7 +11,8 @@ its echo id), readable with SO_GET_FILTER, and the queue of received
 packets. So: the same address bound, the same peer connected, every option
 copied and read back, the same program attached (then SO_LOCK_FILTER if it
 was locked) and read back instruction by instruction, the device bound
-(SO_BINDTODEVICE: by name, reproduced here as it names the socket's route).
+(SO_BINDTODEVICE: by name, reproduced here as it names the socket's route),
+multicast memberships with their source filters (engine/fds/_mcast.py).
 
 The peer comes from /proc/PID/net/raw{,6}: connect() to port 0 (what
 ping(8) does) leaves getpeername answering ENOTCONN on a connected socket.
@@ -33,7 +34,7 @@ import select
 import socket as _socket
 
 from .. import netinfo
-from . import _sockopts
+from . import _mcast, _sockopts
 from ._sockbase import building, dup_of, inode_of, outside_holders, shut_for_reading
 from ._udp import _addr_tuple, _ep, _ep_text, _v, rmem
 from ._util import refuse, refuse_rec, with_status_flags
@@ -165,6 +166,10 @@ def classify(info, ctx, q: dict) -> dict:
             raise refuse(info, "socket", f"{head}: an eBPF socket filter (SO_ATTACH_BPF) is attached; it "
                          "cannot be read back")
         prog = read_filter(mine)
+        try:
+            groups = _mcast.memberships(info.pid, mine, fam)
+        except OSError as e:
+            raise refuse(info, "socket", f"{head}: its multicast memberships cannot be read ({e.strerror})") from e
         queued = rmem(mine)
         p = select.poll()
         p.register(mine, select.POLLIN)
@@ -176,7 +181,8 @@ def classify(info, ctx, q: dict) -> dict:
     if err:
         raise refuse(info, "socket", f"{head}: an error is pending (SO_ERROR or the error queue)")
     rec = {"sock": "raw", "family": fam, "proto": proto, "inode": ino, "addr": _ep(name) if name else None,
-           "peer": peer, "opts": opts, "set": _sockopts.differing(opts, fresh), "filter": prog}
+           "peer": peer, "opts": opts, "set": _sockopts.differing(opts, fresh), "filter": prog,
+           "mcast": groups}
     ctx.shared[key] = rec
     return rec
 
@@ -185,6 +191,8 @@ def text(rec: dict) -> str:
     s = _head(rec["family"], rec["addr"], rec["peer"])
     if rec["filter"]:
         s += f", a {len(rec['filter'])}-instruction socket filter"
+    if rec["mcast"]:
+        s += ", multicast " + " ".join(_mcast.text(m) for m in rec["mcast"])
     shown = [n for n in rec["set"] if n != "SO_GET_FILTER"]       # the filter, named above
     if shown:
         s += ", options " + ", ".join(shown)
@@ -205,6 +213,26 @@ def _bad_ep(fam: int, a) -> bool:
     return False
 
 
+def _good_groups(fam: int, groups) -> bool:
+    if not isinstance(groups, list):
+        return False
+    for m in groups:
+        if not isinstance(m, dict) or not isinstance(m.get("ifindex"), int) or not 0 < m["ifindex"] < 1 << 31 or \
+                m.get("mode") not in (_mcast.MCAST_EXCLUDE, _mcast.MCAST_INCLUDE) or \
+                not isinstance(m.get("sources"), list) or len(m["sources"]) > _mcast._MAXSRC or \
+                not all(isinstance(a, str) for a in [m.get("group")] + m["sources"]):
+            return False
+        try:
+            if not ipaddress.ip_address(m["group"]).is_multicast or \
+                    any(ipaddress.ip_address(a).version != ipaddress.ip_address(m["group"]).version
+                        for a in m["sources"]) or \
+                    ipaddress.ip_address(m["group"]).version != (4 if fam == _socket.AF_INET else 6):
+                return False
+        except ValueError:
+            return False
+    return True
+
+
 def validate(rec: dict, ctx) -> None:
     fam, opts, names, prog = rec.get("family"), rec.get("opts"), rec.get("set"), rec.get("filter")
     ok = fam in PROTO and rec.get("proto") == PROTO[fam] and isinstance(opts, dict) and \
@@ -214,7 +242,8 @@ def validate(rec: dict, ctx) -> None:
         isinstance(prog, list) and len(prog) <= BPF_MAXINSNS and \
         all(isinstance(i, list) and len(i) == 4 and all(isinstance(x, int) and not isinstance(x, bool) for x in i)
             and 0 <= i[0] < 1 << 16 and 0 <= i[1] < 256 and 0 <= i[2] < 256 and 0 <= i[3] < 1 << 32
-            for i in prog) and not _bad_ep(fam, rec.get("addr")) and not _bad_ep(fam, rec.get("peer"))
+            for i in prog) and not _bad_ep(fam, rec.get("addr")) and not _bad_ep(fam, rec.get("peer")) and \
+        _good_groups(fam, rec.get("mcast"))
     if ok:
         try:
             for v in opts.values():
@@ -239,6 +268,12 @@ def restore(rec: dict, ctx) -> int:
     opts, names = rec["opts"], rec["set"]
     with building(s, rec, ctx, f"recreating {what}"):
         _sockopts.apply(s, opts, [n for n in names if n not in OWN])
+        for m in rec["mcast"]:
+            try:
+                _mcast.join(s, fam, m)
+            except OSError as e:
+                raise refuse_rec(rec, ctx, "socket", f"{what}: cannot join {_mcast.text(m)} here "
+                                 f"({e.strerror})") from None
         if "SO_BINDTODEVICE" in names:
             dev = bytes.fromhex(opts["SO_BINDTODEVICE"] or "")
             try:
@@ -271,6 +306,10 @@ def restore(rec: dict, ctx) -> int:
             raise refuse_rec(rec, ctx, "socket", f"{what}: the socket filter reads back differently here")
         if _table_peer(fam, s) != (ipaddress.ip_address(rec["peer"][0]) if rec["peer"] else None):
             raise refuse_rec(rec, ctx, "socket", f"{what}: its peer reads back differently here")
+        try:
+            _mcast.check(s, os.getpid(), fam, rec["mcast"])
+        except OSError as e:
+            raise refuse_rec(rec, ctx, "socket", f"{what}: {e.strerror}") from None
         if addr and s.getsockname()[0] != addr[0]:
             raise refuse_rec(rec, ctx, "socket", f"{what}: reads back bound to {s.getsockname()[0]}")
         fd = s.detach()
