@@ -1172,6 +1172,8 @@ JAILED_EDITS = {"lose-chroot": {"root"}, "lose-syscall-dispatch": {"sud"}, "lead
 
 
 @pytest.mark.skipif(os.uname().machine != "x86_64", reason="eintr-not-restart edits x86_64 registers")
+@pytest.mark.skipif(tuple(int(x) for x in re.findall(r"\d+", os.uname().release)[:2]) < (6, 4),
+                    reason="syscall user dispatch is carried from Linux 6.4 (PTRACE_GET_SYSCALL_USER_DISPATCH_CONFIG)")
 def test_root_dispatch_and_leader_eintr_mutants_break_exactly_one_thing(procs, tmp_path):
     def in_wait(pid):      # the main thread inside rt_sigtimedwait: the call the freeze interrupts
         return open(f"/proc/{pid}/syscall").read().split()[0] == "128"
