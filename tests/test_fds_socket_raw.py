@@ -245,6 +245,17 @@ def test_hostile_raw_records_are_image_invalid(tmp_path):
         reader.close()
 
 
+PROTO = {socket.AF_INET: socket.IPPROTO_ICMP, socket.AF_INET6: 58}
+
+
+def _ping_filter(pid: int, fd: int) -> list:
+    """The classic BPF program on `pid`'s socket `fd` (read on a duplicate)."""
+    from engine import pidfd
+    from engine.fds._raw import read_filter
+    with pidfd.target_fd(pid, fd) as dup:
+        return read_filter(dup)
+
+
 @pytest.mark.parametrize("family", [["-4", "127.0.0.1"], ["-6", "::1"]], ids=["ipv4", "ipv6"])
 def test_real_ping_on_raw_sockets_is_restored_and_goes_on_counting_replies(tmp_path, family):
     """ping(8) as root where ping_group_range lets gid 0 no ping socket: its
@@ -281,6 +292,23 @@ def test_real_ping_on_raw_sockets_is_restored_and_goes_on_counting_replies(tmp_p
                 with open(f"/proc/{p.pid}/net/{table}") as f:
                     raw |= {int(l.split()[9]) for l in list(f)[1:]}
             assert socks and socks <= raw, (socks, raw)          # SOCK_RAW, not ping sockets
+            # ping attaches its BPF filter (its ident) once a packet not its own
+            # reached it: send it an echo reply of another ident
+            fd = next(int(n) for n in os.listdir(f"/proc/{p.pid}/fd")
+                      if os.readlink(f"/proc/{p.pid}/fd/{n}").startswith("socket:"))
+            fam = socket.AF_INET if family[0] == "-4" else socket.AF_INET6
+            with socket.socket(fam, socket.SOCK_RAW, PROTO[fam]) as tx:
+                body = struct.pack(">BBHHH", 0 if fam == socket.AF_INET else 129, 0, 0, (p.pid + 1) & 0xFFFF, 1)
+                if fam == socket.AF_INET:
+                    c = sum(struct.unpack(">4H", body))
+                    c = (c >> 16) + (c & 0xFFFF)
+                    body = body[:2] + struct.pack(">H", ~(c + (c >> 16)) & 0xFFFF) + body[4:]
+                deadline = time.monotonic() + 10
+                while _ping_filter(p.pid, fd) == [] and time.monotonic() < deadline:
+                    tx.sendto(body, (family[1], 0))
+                    time.sleep(0.2)
+            prog = _ping_filter(p.pid, fd)
+            assert prog, "ping attached no filter"
             for attempt in range(20):     # a freeze that meets a packet still queued is refused: again
                 try:
                     full_dump(p.pid, str(tmp_path / "img"), Options())
@@ -293,6 +321,7 @@ def test_real_ping_on_raw_sockets_is_restored_and_goes_on_counting_replies(tmp_p
             p.wait()
             n = max(seqs())
             full_restore(str(tmp_path / "img"), Options())
+            assert _ping_filter(p.pid, fd) == prog
             deadline = time.monotonic() + 10
             while max(seqs()) < n + 4 and time.monotonic() < deadline:
                 time.sleep(0.1)

@@ -7,7 +7,8 @@ A raw socket has no port: the kernel keeps its bound address, its peer,
 options - ICMP_FILTER / ICMP6_FILTER, IPV6_CHECKSUM, IP_HDRINCL among the
 usual ones, all readable (engine/fds/_sockopts.py, scope "raw4"/"raw6") -
 a classic BPF program (SO_ATTACH_FILTER: ping(8) attaches one matching
-its echo id), readable with SO_GET_FILTER, and the queue of received
+its echo id once a packet not its own reached the socket), readable with
+SO_GET_FILTER, and the queue of received
 packets. So: the same address bound, the same peer connected, every option
 copied and read back, the same program attached (then SO_LOCK_FILTER if it
 was locked) and read back instruction by instruction, the device bound
