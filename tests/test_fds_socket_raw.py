@@ -416,3 +416,44 @@ os.dup2(r.fileno(), 500); r.close()
     def rebuild():
         restore(img).__exit__()
     assert _without_net_raw(rebuild) == ("socket", "raw6 icmp: ckpt cannot open raw sockets here (no CAP_NET_RAW)")
+
+
+def test_raw_icmp_sockets_bound_and_connected_both_ways_restored(tmp_path):
+    """The peer read from getpeername (connected with a port) and from the
+    raw6 table (port 0: getpeername says ENOTCONN); both bound. A request
+    sent with send() (no address: the peer) is answered."""
+    # filtered: whatever else goes from loopback to loopback would queue
+    setup = SETUP.split("r4 = ")[0] + f"""
+a = socket.socket(socket.AF_INET6, socket.SOCK_RAW, 58)
+attach(a, {_BPF6!r})
+a.bind(("::1", 0)); a.connect(("::1", 0))
+b = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+b.setsockopt(255, 1, struct.pack("=I", 0xFFFFFFFF))                  # ICMP_FILTER: nothing
+b.bind(("127.0.0.2", 0)); b.connect(("127.0.0.1", 5))               # not the source connect would pick
+os.dup2(a.fileno(), 500); os.dup2(b.fileno(), 501); a.close(); b.close()
+"""
+    check = PROBE + "report.update({str(fd): probe(fd) for fd in (500, 501)})"
+    with Target(tmp_path, setup, check) as t:
+        before = t.check()
+        assert "error" not in before, before
+        assert classify(t.pid, 500) == "raw6 icmp ::1->::1, a 6-instruction socket filter"
+        assert classify(t.pid, 501) == "raw icmp 127.0.0.2->127.0.0.1, options ICMP_FILTER"
+        assert before["500"]["table"][0][2] == "01" and before["501"]["table"][0][2] == "01"    # established
+        img = dump(t.pid, [500, 501], str(tmp_path / "img"))
+        t.close()
+        with restore(img):
+            probe = _local_probe()
+            assert {str(fd): probe(fd) for fd in (500, 501)} == before
+            s = socket.socket(fileno=os.dup(500))
+            try:
+                s.send(struct.pack(">BBHHH", 128, 0, 0, IDENT, 9) + b"crucible")
+                s.settimeout(5)
+                deadline = time.monotonic() + 5
+                while time.monotonic() < deadline:
+                    icmp = s.recv(2000)
+                    if icmp[0] == 129 and struct.unpack(">HH", icmp[4:8]) == (IDENT, 9):
+                        break
+                else:
+                    raise AssertionError("no echo reply")
+            finally:
+                s.close()
