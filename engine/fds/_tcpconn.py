@@ -513,61 +513,102 @@ def _check_local(s: _socket.socket, rec: dict, ctx) -> None:
                          f"{_ep_text(rec['remote'])}: its source address would be {_ep_text(got)} here")
 
 
-def _build(rec: dict, ctx) -> tuple:
-    """A socket in repair mode with everything but its unsent bytes;
-    returns (socket, unsent bytes)."""
-    fam = rec["family"]
+def _build(ends: List[dict], ctx) -> list:
+    """[(rec, socket in repair mode with everything but its unsent bytes,
+    unsent bytes)] for one connection's ends held by the process (one, or
+    both of a loopback pair), built side by side in phases: every end
+    exists (bound, connected, its sequence numbers and options) before any
+    is given a queue, and every receive queue is in before any send queue.
+    A send queue written in repair mode arms the retransmission timer; on a
+    slow machine it fires while the restore goes on, and a segment the
+    other end is not there for yet is answered with a RST (the restore
+    failed: ECONNRESET), one it is there for but has not its receive queue
+    yet would land in it out of order. Once both ends have their receive
+    queues, a retransmission is what TCP would do: the other end takes
+    what it lacks, or acknowledges what it has. Closes what it made if a
+    step fails."""
+    built = []
+    try:
+        for rec in ends:
+            s = _socket.socket(rec["family"], _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC, _socket.IPPROTO_TCP)
+            built.append((rec, s, None))
+            with building(s, rec, ctx, _what(rec)):
+                _start(s, rec, ctx)
+        queues = []
+        for rec, s, _ in built:
+            r = rec["repair"]
+            data = ctx.image.read_bytes(rec["data"])
+            rq, sq = data[:r["inq_len"]], data[r["inq_len"]:]
+            queues.append((rq, sq[:r["outq_len"] - r["unsq_len"]], sq[r["outq_len"] - r["unsq_len"]:]))
+        for (rec, s, _), (rq, _, _) in zip(built, queues):
+            if rq:
+                with building(s, rec, ctx, _what(rec)):
+                    _setint(s, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE)
+                    _send_all(s, rq)
+        for (rec, s, _), (_, sent, _) in zip(built, queues):
+            if sent:
+                with building(s, rec, ctx, _what(rec)):
+                    _setint(s, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)
+                    _send_all(s, sent)
+        for rec, s, _ in built:
+            with building(s, rec, ctx, _what(rec)):
+                _setint(s, TCP_REPAIR_QUEUE, TCP_NO_QUEUE)
+                _window(s, rec)
+        return [(rec, s, unsent) for (rec, s, _), (_, _, unsent) in zip(built, queues)]
+    except BaseException:
+        for _, s, _ in built:
+            s.close()
+        raise
+
+
+def _what(rec: dict) -> str:
+    return f"rebuilding tcp connection {_ep_text(rec['local'])}->{_ep_text(rec['remote'])}"
+
+
+def _start(s: _socket.socket, rec: dict, ctx) -> None:
+    """Repair mode, options, address, sequence numbers, connected (no
+    handshake), TCP options and timestamp: the end exists, no queue yet."""
     r = rec["repair"]
-    data = ctx.image.read_bytes(rec["data"])
-    rq, sq = data[:r["inq_len"]], data[r["inq_len"]:]
-    sent, unsent = sq[:r["outq_len"] - r["unsq_len"]], sq[r["outq_len"] - r["unsq_len"]:]
-    s = _socket.socket(fam, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC, _socket.IPPROTO_TCP)
-    what = f"rebuilding tcp connection {_ep_text(rec['local'])}->{_ep_text(rec['remote'])}"
-    with building(s, rec, ctx, what):
-        _setint(s, TCP_REPAIR, TCP_REPAIR_ON)
-        # Not SO_REUSEADDR: repair mode forces reuse (sk_reuse =
-        # SK_FORCE_REUSE), which lets the connection bind beside a listener
-        # on its port (a server's accepted connection), and setting
-        # SO_REUSEADDR would overwrite it; finish() sets it as recorded.
-        _sockopts.apply(s, rec["opts"], [n for n in rec["set"] if n != "SO_REUSEADDR"])
-        _bind(s, rec, ctx)
-        # A FIN takes a sequence number: the half-closed pair is rebuilt
-        # established, before the FIN, and the FIN sent again (finish()).
-        fin_in = 1 if rec.get("state") == CLOSE_WAIT else 0
-        fin_out = 1 if rec.get("state") == FIN_WAIT2 else 0
-        _setint(s, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE)
-        s.setsockopt(SOL_TCP, TCP_QUEUE_SEQ, struct.pack("I", (r["inq_seq"] - fin_in - r["inq_len"]) & 0xFFFFFFFF))
-        _setint(s, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)
-        s.setsockopt(SOL_TCP, TCP_QUEUE_SEQ, struct.pack("I", (r["outq_seq"] - fin_out - r["outq_len"]) &
-                                                          0xFFFFFFFF))
-        s.connect(tuple(rec["remote"]))
-        _check_local(s, rec, ctx)
-        opts = []
-        if r["opt_mask"] & TCPI_OPT_SACK:
-            opts.append((TCPOPT_SACK_PERM, 0))
-        if r["opt_mask"] & TCPI_OPT_WSCALE:
-            opts.append((TCPOPT_WINDOW, r["snd_wscale"] + (r["rcv_wscale"] << 16)))
-        if r["opt_mask"] & TCPI_OPT_TIMESTAMPS:
-            opts.append((TCPOPT_TIMESTAMP, 0))
-        opts.append((TCPOPT_MAXSEG, r["mss"]))
-        s.setsockopt(SOL_TCP, TCP_REPAIR_OPTIONS, b"".join(struct.pack("II", c, v) for c, v in opts))
-        if r["timestamp"] is not None:
-            s.setsockopt(SOL_TCP, TCP_TIMESTAMP, struct.pack("I", r["timestamp"]))
-        if rq:
-            _setint(s, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE)
-            _send_all(s, rq)
-        if sent:
-            _setint(s, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)
-            _send_all(s, sent)
-        _setint(s, TCP_REPAIR_QUEUE, TCP_NO_QUEUE)
-        w = dict(r["window"])
-        if fin_in and w["rcv_wup"] == r["inq_seq"]:
-            # The last window update was sent past the FIN (soccr does the same).
-            w["rcv_wup"] = (w["rcv_wup"] - 1) & 0xFFFFFFFF
-            w["rcv_wnd"] += 1
-        s.setsockopt(SOL_TCP, TCP_REPAIR_WINDOW, struct.pack("5I", w["snd_wl1"], w["snd_wnd"], w["max_window"],
-                                                             w["rcv_wnd"], w["rcv_wup"]))
-    return s, unsent
+    _setint(s, TCP_REPAIR, TCP_REPAIR_ON)
+    # Not SO_REUSEADDR: repair mode forces reuse (sk_reuse =
+    # SK_FORCE_REUSE), which lets the connection bind beside a listener
+    # on its port (a server's accepted connection), and setting
+    # SO_REUSEADDR would overwrite it; finish() sets it as recorded.
+    _sockopts.apply(s, rec["opts"], [n for n in rec["set"] if n != "SO_REUSEADDR"])
+    _bind(s, rec, ctx)
+    # A FIN takes a sequence number: the half-closed pair is rebuilt
+    # established, before the FIN, and the FIN sent again (finish()).
+    fin_in = 1 if rec.get("state") == CLOSE_WAIT else 0
+    fin_out = 1 if rec.get("state") == FIN_WAIT2 else 0
+    _setint(s, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE)
+    s.setsockopt(SOL_TCP, TCP_QUEUE_SEQ, struct.pack("I", (r["inq_seq"] - fin_in - r["inq_len"]) & 0xFFFFFFFF))
+    _setint(s, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)
+    s.setsockopt(SOL_TCP, TCP_QUEUE_SEQ, struct.pack("I", (r["outq_seq"] - fin_out - r["outq_len"]) &
+                                                      0xFFFFFFFF))
+    s.connect(tuple(rec["remote"]))
+    _check_local(s, rec, ctx)
+    opts = []
+    if r["opt_mask"] & TCPI_OPT_SACK:
+        opts.append((TCPOPT_SACK_PERM, 0))
+    if r["opt_mask"] & TCPI_OPT_WSCALE:
+        opts.append((TCPOPT_WINDOW, r["snd_wscale"] + (r["rcv_wscale"] << 16)))
+    if r["opt_mask"] & TCPI_OPT_TIMESTAMPS:
+        opts.append((TCPOPT_TIMESTAMP, 0))
+    opts.append((TCPOPT_MAXSEG, r["mss"]))
+    s.setsockopt(SOL_TCP, TCP_REPAIR_OPTIONS, b"".join(struct.pack("II", c, v) for c, v in opts))
+    if r["timestamp"] is not None:
+        s.setsockopt(SOL_TCP, TCP_TIMESTAMP, struct.pack("I", r["timestamp"]))
+
+
+def _window(s: _socket.socket, rec: dict) -> None:
+    r = rec["repair"]
+    w = dict(r["window"])
+    if rec.get("state") == CLOSE_WAIT and w["rcv_wup"] == r["inq_seq"]:
+        # The last window update was sent past the FIN (soccr does the same).
+        w["rcv_wup"] = (w["rcv_wup"] - 1) & 0xFFFFFFFF
+        w["rcv_wnd"] += 1
+    s.setsockopt(SOL_TCP, TCP_REPAIR_WINDOW, struct.pack("5I", w["snd_wl1"], w["snd_wnd"], w["max_window"],
+                                                         w["rcv_wnd"], w["rcv_wup"]))
 
 
 def _check_built(s: _socket.socket, rec: dict, ctx) -> None:
@@ -640,11 +681,10 @@ def restore(rec: dict, ctx) -> int:
             if rec["peer"] == "dump":
                 ends.append(next(x for x in ctx.records if x.get("sock") == "tcp-conn"
                                  and x.get("inode") == rec["peer_inode"]))
-            built = []
+            made = _build(ends, ctx)
+            built = [(e, sk) for e, sk, _ in made]
             try:
-                for e in ends:
-                    sk, unsent = _build(e, ctx)
-                    built.append((e, sk))
+                for e, sk, unsent in made:
                     _check_built(sk, e, ctx)
                     ctx.shared[f"tcp-conn-unsent:{e['inode']}"] = unsent
             except BaseException:
