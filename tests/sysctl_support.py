@@ -20,9 +20,12 @@ LOCK = "/run/crucible-test-sysctl.lock"
 
 
 @contextlib.contextmanager
-def sysctl_held(path: str, ok, value: str):
+def sysctl_held(path: str, ok, value: str, exclusive: bool = False):
     """`path` (a /proc/sys file) is `value` during the block unless its
-    current value already satisfies ok(text)."""
+    current value already satisfies ok(text). `exclusive`: the opposite
+    need of other holders (ping sockets excluded where others need them
+    allowed): the exclusive lock is kept for the whole block, so the two
+    never overlap (each waits for the other)."""
     state = LOCK + "." + path.strip("/").replace("/", ".")
     fd = os.open(LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
@@ -35,7 +38,8 @@ def sysctl_held(path: str, ok, value: str):
                     f.write(cur)
             with open(path, "w") as f:
                 f.write(value)
-        fcntl.flock(fd, fcntl.LOCK_SH)
+        if not exclusive:
+            fcntl.flock(fd, fcntl.LOCK_SH)
         yield
     finally:
         fcntl.flock(fd, fcntl.LOCK_EX)      # once no other test holds it
@@ -61,39 +65,8 @@ def ping_sockets_allowed():
     return sysctl_held("/proc/sys/net/ipv4/ping_group_range", _ping_allows_root, "0 0")
 
 
-@contextlib.contextmanager
-def sysctl_exclusive(path: str, ok, value: str):
-    """`path` is `value` during the block unless its current value already
-    satisfies ok(text) - the opposite need of some sysctl_held holder
-    (e.g. ping sockets excluded): the exclusive lock is kept for the whole
-    block, so the two never overlap (each waits for the other), and the
-    original goes back through the same STATE file."""
-    state = LOCK + "." + path.strip("/").replace("/", ".")
-    fd = os.open(LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        with open(path) as f:
-            cur = f.read().strip()
-        if not ok(cur):
-            if not os.path.exists(state):
-                with open(state, "w") as f:
-                    f.write(cur)
-            with open(path, "w") as f:
-                f.write(value)
-        yield
-    finally:
-        try:
-            with open(state) as f:
-                orig = f.read()
-            with open(path, "w") as f:
-                f.write(orig)
-            os.unlink(state)
-        except FileNotFoundError:
-            pass
-        os.close(fd)        # and with it the exclusive lock
-
-
 def ping_sockets_excluded():
     """No ICMP datagram socket for gid 0 (the kernel's default "1 0"):
     ping(8) as root falls back to raw ICMP sockets."""
-    return sysctl_exclusive("/proc/sys/net/ipv4/ping_group_range", lambda t: not _ping_allows_root(t), "1 0")
+    return sysctl_held("/proc/sys/net/ipv4/ping_group_range", lambda t: not _ping_allows_root(t), "1 0",
+                       exclusive=True)
