@@ -349,3 +349,105 @@ def test_real_ping_is_restored_and_goes_on_counting_replies(tmp_path, ping_allow
             p.wait(timeout=5)
         except Exception:
             pass
+
+
+def test_ping4_socket_ip_options_and_multicast_membership_restored(tmp_path, ping_allowed):
+    """IP options and a group joined (ping sockets can join one): both were
+    lost by a restore. Read back on the restored socket: the same options;
+    the membership is its own (left once, a second leave finds none)."""
+    import struct
+    rr = bytes([7, 7, 4, 0, 0, 0, 0, 0])
+    setup = f"""
+import socket, struct
+p = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)
+p.setsockopt(socket.IPPROTO_IP, 4, {rr!r})                     # IP_OPTIONS (record route)
+p.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP,
+             struct.pack("=4s4si", socket.inet_aton("239.1.2.4"), b"\\0" * 4, 1))
+os.dup2(p.fileno(), 500); p.close()
+"""
+    with Target(tmp_path, setup) as t:
+        t.check()
+        desc = classify(t.pid, 500)
+        assert "multicast 239.1.2.4@if1" in desc and "IP_OPTIONS" in desc, desc
+        img = dump(t.pid, [500], str(tmp_path / "img"))
+        t.close()
+        with restore(img):
+            s = socket.socket(fileno=os.dup(500))
+            try:
+                assert s.getsockopt(socket.IPPROTO_IP, 4, 40) == rr
+                mreq = struct.pack("=4s4si", socket.inet_aton("239.1.2.4"), b"\0" * 4, 1)
+                s.setsockopt(socket.IPPROTO_IP, socket.IP_DROP_MEMBERSHIP, mreq)
+                with pytest.raises(OSError):
+                    s.setsockopt(socket.IPPROTO_IP, socket.IP_DROP_MEMBERSHIP, mreq)
+            finally:
+                s.close()
+
+
+def test_ping6_socket_sticky_headers_rfc2292_flags_and_membership_restored(tmp_path, ping_allowed):
+    import struct
+    padn = bytes([0, 0, 1, 4, 0, 0, 0, 0])
+    setup = f"""
+import socket, struct
+p = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM, 58)
+p.setsockopt(41, 59, {padn!r})       # IPV6_DSTOPTS
+p.setsockopt(41, 55, {padn!r})       # IPV6_RTHDRDSTOPTS
+p.setsockopt(41, 2, 1)               # IPV6_2292PKTINFO
+p.setsockopt(41, 4, 1)               # IPV6_2292DSTOPTS
+p.setsockopt(41, 20, socket.inet_pton(socket.AF_INET6, "ff15::4") + struct.pack("=I", 1))   # IPV6_JOIN_GROUP
+os.dup2(p.fileno(), 500); p.close()
+"""
+    with Target(tmp_path, setup) as t:
+        t.check()
+        desc = classify(t.pid, 500)
+        assert "ff15::4@if1" in desc, desc
+        for name in ("IPV6_DSTOPTS", "IPV6_RTHDRDSTOPTS", "IPV6_2292PKTINFO", "IPV6_2292DSTOPTS"):
+            assert name in desc, desc
+        img = dump(t.pid, [500], str(tmp_path / "img"))
+        t.close()
+        with restore(img):
+            s = socket.socket(fileno=os.dup(500))
+            try:
+                assert s.getsockopt(41, 59, 64) == padn and s.getsockopt(41, 55, 64) == padn
+                assert s.getsockopt(41, 2) == 1 and s.getsockopt(41, 4) == 1
+                mreq = socket.inet_pton(socket.AF_INET6, "ff15::4") + struct.pack("=I", 1)
+                s.setsockopt(41, 21, mreq)               # IPV6_LEAVE_GROUP
+                with pytest.raises(OSError):
+                    s.setsockopt(41, 21, mreq)
+            finally:
+                s.close()
+
+
+def test_hostile_ping_records_are_image_invalid(tmp_path, ping_allowed):
+    from engine.context import Options, RestoreContext
+    from engine.fds import handler
+    from engine.image import ImageReader
+    setup = """
+import socket, struct
+p = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)
+p.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP,
+             struct.pack("=4s4si", socket.inet_aton("239.1.2.5"), b"\\0" * 4, 1))
+os.dup2(p.fileno(), 500); p.close()
+"""
+    with Target(tmp_path, setup) as t:
+        img = dump(t.pid, [500], str(tmp_path / "img"))
+    reader = ImageReader(img)
+    try:
+        recs = reader.read_json("fds.json")
+        ctx = RestoreContext(options=Options(), image=reader, same_node=True, records=recs, pid=None)
+        good = recs[0]
+        handler("socket").validate(good, ctx)
+        bad = [dict(good, mcast=None),
+               {k: v for k, v in good.items() if k != "mcast"},
+               dict(good, mcast=[{"ifindex": 1, "group": "10.0.0.1", "mode": 0, "sources": []}]),
+               dict(good, mcast=[{"ifindex": 1, "group": "ff12::1", "mode": 0, "sources": []}]),
+               dict(good, mcast=[{"ifindex": 1, "group": "239.1.1.1", "mode": 7, "sources": []}]),
+               dict(good, opts=dict(good["opts"], IP_OPTIONS="00" * 41)),
+               dict(good, opts=dict(good["opts"], UDP_CORK="00000000")),          # not a ping option
+               dict(good, set=good["set"] + ["SO_DEBUG_X"]),
+               dict(good, addr=["not an address", 1])]
+        for rec in bad:
+            with pytest.raises(Refusal) as ei:
+                handler("socket").validate(rec, ctx)
+            assert ei.value.reason == "image-invalid", rec
+    finally:
+        reader.close()

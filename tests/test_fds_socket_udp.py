@@ -284,3 +284,106 @@ os.dup2(u.fileno(), 500)
         with pytest.raises(Refusal) as ei:
             classify(t.pid, 500)
         assert ei.value.reason == "socket" and "while unbound" in ei.value.detail
+
+
+# IP options (a record-route option, 8 bytes) and an IPv6 destination /
+# hop-by-hop options header (PadN, 8 bytes): state the socket keeps and
+# puts on every datagram it sends; lost by a restore before.
+RR = bytes([7, 7, 4, 0, 0, 0, 0, 0])
+PADN = bytes([0, 0, 1, 4, 0, 0, 0, 0])
+
+
+def test_udp4_ip_options_restored(tmp_path):
+    setup = f"""
+import socket
+r = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+r.setsockopt(socket.IPPROTO_IP, 4, {RR!r})        # IP_OPTIONS
+r.bind(("127.0.0.1", 0))
+os.dup2(r.fileno(), 500); r.close()
+"""
+    with Target(tmp_path, setup) as t:
+        t.check()
+        assert "IP_OPTIONS" in classify(t.pid, 500)
+        img = dump(t.pid, [500], str(tmp_path / "img"))
+    with restore(img):
+        s = sock(500)
+        try:
+            assert s.getsockopt(socket.IPPROTO_IP, 4, 40) == RR
+        finally:
+            s.close()
+
+
+def test_udp6_sticky_headers_and_rfc2292_flags_restored(tmp_path):
+    setup = f"""
+import socket
+r = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+r.setsockopt(41, 59, {PADN!r})       # IPV6_DSTOPTS
+r.setsockopt(41, 54, {PADN!r})       # IPV6_HOPOPTS (CAP_NET_RAW)
+r.setsockopt(41, 2, 1)               # IPV6_2292PKTINFO
+r.setsockopt(41, 8, 1)               # IPV6_2292HOPLIMIT
+r.setsockopt(41, 53, 1)              # IPV6_RECVHOPOPTS
+r.bind(("::1", 0))
+os.dup2(r.fileno(), 500); r.close()
+"""
+    with Target(tmp_path, setup) as t:
+        t.check()
+        desc = classify(t.pid, 500)
+        for name in ("IPV6_DSTOPTS", "IPV6_HOPOPTS", "IPV6_2292PKTINFO", "IPV6_2292HOPLIMIT", "IPV6_RECVHOPOPTS"):
+            assert name in desc, desc
+        img = dump(t.pid, [500], str(tmp_path / "img"))
+    with restore(img):
+        s = sock(500)
+        try:
+            assert s.getsockopt(41, 59, 64) == PADN and s.getsockopt(41, 54, 64) == PADN
+            assert [s.getsockopt(41, o) for o in (2, 8, 53)] == [1, 1, 1]
+        finally:
+            s.close()
+
+
+def test_tcp_ip_options_refused(tmp_path):
+    """Not carried for TCP (per connection): refused, not lost."""
+    setup = f"""
+import socket
+r = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+r.setsockopt(socket.IPPROTO_IP, 4, {RR!r})        # IP_OPTIONS
+r.bind(("127.0.0.1", 0)); r.listen(1)
+os.dup2(r.fileno(), 500); r.close()
+"""
+    with Target(tmp_path, setup) as t:
+        t.check()
+        with pytest.raises(Refusal) as ei:
+            classify(t.pid, 500)
+        assert ei.value.reason == "socket" and "IP_OPTIONS(tcp)=0x" + RR.hex() in ei.value.detail, ei.value.detail
+
+
+def test_hostile_udp_option_records_are_image_invalid(tmp_path):
+    from engine.context import Options, RestoreContext
+    from engine.fds import handler
+    from engine.image import ImageReader
+    setup = f"""
+import socket
+r = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+r.setsockopt(socket.IPPROTO_IP, 4, {RR!r})
+os.dup2(r.fileno(), 500); r.close()
+"""
+    with Target(tmp_path, setup) as t:
+        img = dump(t.pid, [500], str(tmp_path / "img"))
+    reader = ImageReader(img)
+    try:
+        recs = reader.read_json("fds.json")
+        ctx = RestoreContext(options=Options(), image=reader, same_node=True, records=recs, pid=None)
+        good = recs[0]
+        handler("socket").validate(good, ctx)
+        bad = [dict(good, opts=dict(good["opts"], IP_OPTIONS="00" * 41)),          # beyond 40 bytes
+               dict(good, opts=dict(good["opts"], IP_OPTIONS="zz")),
+               dict(good, opts=dict(good["opts"], IPV6_HOPOPTS="")),                # not an IPv4 option
+               dict(good, opts=dict(good["opts"], SO_NOPE="01000000")),
+               dict(good, set=good["set"] + ["SO_DEBUG_X"]),
+               dict(good, opts=dict(good["opts"], SO_PASSSEC="01000000"), set=good["set"] + ["SO_PASSSEC"]),
+               dict(good, opts=None)]
+        for rec in bad:
+            with pytest.raises(Refusal) as ei:
+                handler("socket").validate(rec, ctx)
+            assert ei.value.reason == "image-invalid", rec
+    finally:
+        reader.close()

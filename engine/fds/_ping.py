@@ -8,7 +8,9 @@ the socket by it, net/ipv4/ping.c ping_lookup), its address and peer, and
 options - all readable - and the queue of echo replies, which ping reads as
 soon as one arrives. So: the same ident bound explicitly (as for UDP, a
 kernel-chosen one comes back bound: a disconnect keeps it), the peer,
-every option (engine/fds/_sockopts.py: set ones copied, all read back).
+every option (engine/fds/_sockopts.py: set ones copied, all read back,
+IP options and IPv6 sticky headers included), multicast memberships
+(engine/fds/_mcast.py, as UDP: a ping socket can join groups).
 Nothing waits to be sent: ping_v4_sendmsg/ping_v6_sendmsg push each
 message at once (no corking; SIOCOUTQ is not even answered).
 Refused: replies queued (not refilled: a reply would have to come from
@@ -20,11 +22,13 @@ ping sockets are not allowed to ckpt's group (ping_group_range).
 from __future__ import annotations
 
 import errno as _errno
+import os
 import socket as _socket
 
-from . import _sockopts
+from . import _mcast, _sockopts
 from ._sockbase import (building, check_options, dup_of, fresh_options, inode_of, options, outside_holders,
                         shut_for_reading)
+from ._raw import _bad_ep, _good_groups
 from ._udp import _addr_tuple, _ep, _ep_text, _v, rmem
 from ._util import refuse, refuse_rec, with_status_flags
 
@@ -57,6 +61,10 @@ def classify(info, ctx, q: dict) -> dict:
             setnames = check_options(info, opts, fresh)
         except Exception as e:      # Refusal: its detail, under this socket's name
             raise refuse(info, "socket", f"{head}: {getattr(e, 'detail', e)}") from None
+        try:
+            groups = _mcast.memberships(info.pid, mine, fam)
+        except OSError as e:
+            raise refuse(info, "socket", f"{head}: its multicast memberships cannot be read ({e.strerror})") from e
         queued = rmem(mine)
         if shut_for_reading(mine):
             # sock_diag lists no ping socket: its writing side cannot be read
@@ -64,7 +72,8 @@ def classify(info, ctx, q: dict) -> dict:
     if queued:
         raise refuse(info, "socket", f"{head}: {queued} bytes of echo replies queued to be read")
     rec = {"sock": "ping", "family": fam, "proto": proto, "inode": ino, "addr": _ep(name) if name else None,
-           "peer": _ep(q["peer"]) if q["peer"] is not None else None, "opts": opts, "set": setnames}
+           "peer": _ep(q["peer"]) if q["peer"] is not None else None, "opts": opts, "set": setnames,
+           "mcast": groups}
     ctx.shared[key] = rec
     return rec
 
@@ -74,6 +83,8 @@ def text(rec: dict) -> str:
     s = f"ping{_v(rec['family'])} {'ident ' + str(addr[1]) if addr and addr[1] else 'unbound'}"
     if rec["peer"]:
         s += f"->{_ep_text(rec['peer'])}"
+    if rec.get("mcast"):
+        s += ", multicast " + " ".join(_mcast.text(m) for m in rec["mcast"])
     if rec["set"]:
         s += ", options " + ", ".join(rec["set"])
     return s
@@ -81,7 +92,9 @@ def text(rec: dict) -> str:
 
 def validate(rec: dict, ctx) -> None:
     fam = rec.get("family")
-    if fam not in PROTO or rec.get("proto") != PROTO[fam] or not isinstance(rec.get("opts"), dict):
+    if fam not in PROTO or rec.get("proto") != PROTO[fam] or \
+            not _sockopts.valid_record(rec.get("opts"), rec.get("set"), fam, "ping") or \
+            _bad_ep(fam, rec.get("addr")) or _bad_ep(fam, rec.get("peer")) or not _good_groups(fam, rec.get("mcast")):
         raise refuse_rec(rec, ctx, "image-invalid", "ping socket record malformed")
 
 
@@ -99,6 +112,12 @@ def restore(rec: dict, ctx) -> int:
         raise
     with building(s, rec, ctx, f"recreating {what}"):
         _sockopts.apply(s, rec["opts"], rec["set"])
+        for m in rec["mcast"]:
+            try:
+                _mcast.join(s, fam, m)
+            except OSError as e:
+                raise refuse_rec(rec, ctx, "socket", f"{what}: cannot join {_mcast.text(m)} here "
+                                 f"({e.strerror})") from None
         addr = rec["addr"]
         if addr and (addr[1] or addr[0] not in ("0.0.0.0", "::")):
             try:
@@ -111,8 +130,12 @@ def restore(rec: dict, ctx) -> int:
         if rec["peer"]:
             s.connect(_addr_tuple(fam, rec["peer"]))
         _sockopts.apply_late(s, rec["opts"], rec["set"])
-        _sockopts.verify(s, fam, False, rec["opts"])
+        _sockopts.verify(s, fam, "ping", rec["opts"])
         if addr and _ep(s.getsockname())[:2] != list(addr[:2]):
             raise refuse_rec(rec, ctx, "socket", f"{what}: reads back as {_ep_text(_ep(s.getsockname()))}")
+        try:
+            _mcast.check(s, os.getpid(), fam, rec["mcast"])
+        except OSError as e:
+            raise refuse_rec(rec, ctx, "socket", f"{what}: {e.strerror}") from None
         fd = s.detach()
     return with_status_flags(rec, ctx, fd)

@@ -43,9 +43,13 @@ def is_udp(family: int, typ: int, proto: int) -> bool:
 
 def proto_key(family: int, typ: int, proto: int):
     """What _sockopts calls `proto_tcp`: True for TCP, "udp" for UDP
-    (their protocol-level options), False otherwise."""
+    (their protocol-level options), "ping" for ICMP datagram sockets,
+    False otherwise."""
     if is_tcp(family, typ, proto):
         return True
+    if typ == _socket.SOCK_DGRAM and (family, proto) in ((_socket.AF_INET, _socket.IPPROTO_ICMP),
+                                                         (_socket.AF_INET6, 58)):
+        return "ping"
     return "udp" if is_udp(family, typ, proto) else False
 
 

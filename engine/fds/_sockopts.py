@@ -40,7 +40,8 @@ SOL_NETLINK = 270
 SOL_RAW = 255
 
 # (name, level, optname, size, applies to, policy)
-# applies to: "all", "inet" (v4 and v6), "ip4", "ip6", "tcp", "udp", "netlink", "raw4", "raw6"
+# applies to: "all", "inet" (v4 and v6), "ip4", "ip6", "tcp", "udp", "netlink", "raw4", "raw6",
+# "dgram4"/"dgram6" (raw ICMP, UDP and ping sockets), "tcp4"/"tcp6"
 # Numbers: include/uapi/asm-generic/socket.h, include/uapi/linux/tcp.h,
 # include/uapi/linux/in.h, include/uapi/linux/in6.h (x86_64 and aarch64
 # share the asm-generic socket numbers).
@@ -147,25 +148,32 @@ TABLE: List[Tuple[str, int, int, int, str, str]] = [
     ("IPV6_CHECKSUM", SOL_RAW, 7, 4, "raw6", "copy"),     # SOL_RAW: ICMPv6 refuses it at SOL_IPV6
     ("IPV6_HDRINCL", IPV6, 36, 4, "raw6", "copy"),
     ("ICMP6_FILTER", 58, 1, 32, "raw6", "copy"),           # SOL_ICMPV6
-    # Readable on every inet socket, read for raw ICMP ones only so far.
-    # Variable length (read up to the size given; b"" when unset): IP
-    # options and the IPv6 sticky extension headers (at most 2048 bytes).
-    ("IP_OPTIONS", IP, 4, 40, "raw4", "copy"),
-    ("IPV6_2292PKTINFO", IPV6, 2, 4, "raw6", "copy"),
-    ("IPV6_2292HOPOPTS", IPV6, 3, 4, "raw6", "copy"),
-    ("IPV6_2292DSTOPTS", IPV6, 4, 4, "raw6", "copy"),
-    ("IPV6_2292RTHDR", IPV6, 5, 4, "raw6", "copy"),
-    ("IPV6_2292HOPLIMIT", IPV6, 8, 4, "raw6", "copy"),
-    ("IPV6_FLOWINFO", IPV6, 11, 4, "raw6", "copy"),
-    ("IPV6_FLOWINFO_SEND", IPV6, 33, 4, "raw6", "copy"),
-    ("IPV6_RECVHOPOPTS", IPV6, 53, 4, "raw6", "copy"),
-    ("IPV6_RECVRTHDR", IPV6, 56, 4, "raw6", "copy"),
-    ("IPV6_RECVDSTOPTS", IPV6, 58, 4, "raw6", "copy"),
-    ("IPV6_ADDR_PREFERENCES", IPV6, 72, 4, "raw6", "copy"),
-    ("IPV6_HOPOPTS", IPV6, 54, 2048, "raw6", "copy"),
-    ("IPV6_RTHDRDSTOPTS", IPV6, 55, 2048, "raw6", "copy"),
-    ("IPV6_RTHDR", IPV6, 57, 2048, "raw6", "copy"),
-    ("IPV6_DSTOPTS", IPV6, 59, 2048, "raw6", "copy"),
+    # Datagram sockets (raw ICMP, UDP, ping): IP options and the IPv6
+    # sticky extension headers are variable length (read up to the size
+    # given; b"" when unset; the headers at most 2048 bytes).
+    ("IP_OPTIONS", IP, 4, 40, "dgram4", "copy"),
+    ("IPV6_2292PKTINFO", IPV6, 2, 4, "dgram6", "copy"),
+    ("IPV6_2292HOPOPTS", IPV6, 3, 4, "dgram6", "copy"),
+    ("IPV6_2292DSTOPTS", IPV6, 4, 4, "dgram6", "copy"),
+    ("IPV6_2292RTHDR", IPV6, 5, 4, "dgram6", "copy"),
+    ("IPV6_2292HOPLIMIT", IPV6, 8, 4, "dgram6", "copy"),
+    ("IPV6_FLOWINFO", IPV6, 11, 4, "dgram6", "copy"),
+    ("IPV6_FLOWINFO_SEND", IPV6, 33, 4, "dgram6", "copy"),
+    ("IPV6_RECVHOPOPTS", IPV6, 53, 4, "dgram6", "copy"),
+    ("IPV6_RECVRTHDR", IPV6, 56, 4, "dgram6", "copy"),
+    ("IPV6_RECVDSTOPTS", IPV6, 58, 4, "dgram6", "copy"),
+    ("IPV6_ADDR_PREFERENCES", IPV6, 72, 4, "dgram6", "copy"),
+    ("IPV6_HOPOPTS", IPV6, 54, 2048, "dgram6", "copy"),
+    ("IPV6_RTHDRDSTOPTS", IPV6, 55, 2048, "dgram6", "copy"),
+    ("IPV6_RTHDR", IPV6, 57, 2048, "dgram6", "copy"),
+    ("IPV6_DSTOPTS", IPV6, 59, 2048, "dgram6", "copy"),
+    # TCP: the same state, kept per connection (an accepted one inherits the
+    # SYN's reversed IP options) and not carried: refused when set.
+    ("IP_OPTIONS(tcp)", IP, 4, 40, "tcp4", "refuse"),
+    ("IPV6_HOPOPTS(tcp)", IPV6, 54, 2048, "tcp6", "refuse"),
+    ("IPV6_RTHDRDSTOPTS(tcp)", IPV6, 55, 2048, "tcp6", "refuse"),
+    ("IPV6_RTHDR(tcp)", IPV6, 57, 2048, "tcp6", "refuse"),
+    ("IPV6_DSTOPTS(tcp)", IPV6, 59, 2048, "tcp6", "refuse"),
     ("TCP_NODELAY", TCP, 1, 4, "tcp", "copy"),
     ("TCP_MAXSEG", TCP, 2, 4, "tcp", "copy"),
     ("TCP_CORK", TCP, 3, 4, "tcp", "copy"),
@@ -218,6 +226,10 @@ def _applies(where: str, family: int, proto_tcp: bool) -> bool:
         return proto_tcp == "udp"      # callers pass "udp" for UDP sockets
     if where in ("raw4", "raw6"):
         return proto_tcp == "raw" and family == (_socket.AF_INET if where == "raw4" else _socket.AF_INET6)
+    if where in ("dgram4", "dgram6"):
+        return proto_tcp in ("raw", "udp", "ping") and family == (_socket.AF_INET if where == "dgram4" else _socket.AF_INET6)
+    if where in ("tcp4", "tcp6"):
+        return proto_tcp is True and family == (_socket.AF_INET if where == "tcp4" else _socket.AF_INET6)
     if where == "netlink":
         return family == getattr(_socket, "AF_NETLINK", 16)
     return False
@@ -269,6 +281,23 @@ def _filter_len(fd: int) -> int:
             return -1
         raise OSError(e, os.strerror(e))
     return optlen.value
+
+
+def valid_record(opts, names, family: int, proto_tcp) -> bool:
+    """Whether a record's options are ones this kind reads, as hex of at
+    most the option's size, and its set ones reproducible (not refused)."""
+    if not isinstance(opts, dict) or not isinstance(names, list):
+        return False
+    rows = {r[0]: r for r in rows_for(family, proto_tcp)}
+    for n, v in opts.items():
+        if n not in rows or not (v is None or isinstance(v, str)):
+            return False
+        try:
+            if v is not None and len(bytes.fromhex(v)) > rows[n][3]:
+                return False
+        except ValueError:
+            return False
+    return all(isinstance(n, str) and n in opts and rows[n][5] != "refuse" for n in names)
 
 
 def as_int(hexval: Optional[str]) -> int:

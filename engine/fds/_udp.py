@@ -325,7 +325,8 @@ def replica_charge(family: int, msgs: List[dict], rcvbuf: int) -> int:
 def validate(rec: dict, ctx) -> None:
     fam = rec.get("family")
     if fam not in (_socket.AF_INET, _socket.AF_INET6) or not isinstance(rec.get("msgs"), list) or \
-            not isinstance(rec.get("mcast"), list) or rec.get("shutdown", 0) not in (0, 1, 2, 3):
+            not isinstance(rec.get("mcast"), list) or rec.get("shutdown", 0) not in (0, 1, 2, 3) or \
+            not _sockopts.valid_record(rec.get("opts"), rec.get("set"), fam, "udp"):
         raise refuse_rec(rec, ctx, "image-invalid", "udp socket record malformed")
     if sum(m["len"] for m in rec["msgs"]) != (len(ctx.image.read_bytes(rec["data"])) if rec.get("data") else 0):
         raise refuse_rec(rec, ctx, "image-invalid", "udp queue lengths do not add up")
