@@ -387,3 +387,34 @@ os.dup2(r.fileno(), 500); r.close()
             assert ei.value.reason == "image-invalid", rec
     finally:
         reader.close()
+
+
+def test_udp6_with_a_flow_label_lease_held_refused(tmp_path):
+    """A lease (IPV6_FLOWLABEL_MGR) cannot be read back per socket: refused
+    while the namespace lists one, not dropped."""
+    setup = """
+import socket, struct
+r = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+# struct in6_flowlabel_req: dst, label, action GET, share PROCESS (owned by
+# this pid: tests running beside this one, other pids, are not refused by
+# it), flags CREATE
+r.setsockopt(41, 32, socket.inet_pton(socket.AF_INET6, "::1") + struct.pack("!I", 0xbeef)
+             + struct.pack("=BBHHHI", 0, 2, 1, 0, 0, 0))
+os.dup2(r.fileno(), 500); r.close()
+"""
+    with Target(tmp_path, setup) as t:
+        t.check()
+        with pytest.raises(Refusal) as ei:
+            classify(t.pid, 500)
+        assert ei.value.reason == "socket" and "flow label" in ei.value.detail and "BEEF" in ei.value.detail.upper()
+
+
+def test_flow_label_list_parsing():
+    from engine.fds._flowlabel import parse
+    text = ("Label S Owner  Users  Linger Expires  Dst                              Opt\n"
+            "E35F6 1 0      1      6      6        00000000000000000000000000000001 0\n"     # exclusive: whose?
+            "00011 2 4242   1      6      6        00000000000000000000000000000001 0\n"     # another pid's
+            "00012 2 77     1      6      6        00000000000000000000000000000001 0\n"     # ours
+            "00013 1 0      0      6      6        00000000000000000000000000000001 0\n")    # lingering, unused
+    assert parse(text, 77) == ["E35F6", "00012"]
+    assert parse(text.splitlines()[0], 77) == []
