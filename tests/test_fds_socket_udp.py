@@ -393,20 +393,21 @@ def test_udp6_with_a_flow_label_lease_held_refused(tmp_path):
     """A lease (IPV6_FLOWLABEL_MGR) cannot be read back per socket: refused
     while the namespace lists one, not dropped."""
     setup = """
-import socket, struct
+import random, socket, struct
+label = random.randrange(1, 1 << 20)     # a label released lingers a while (EPERM to take it again)
 r = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
 # struct in6_flowlabel_req: dst, label, action GET, share PROCESS (owned by
 # this pid: tests running beside this one, other pids, are not refused by
 # it), flags CREATE
-r.setsockopt(41, 32, socket.inet_pton(socket.AF_INET6, "::1") + struct.pack("!I", 0xbeef)
+r.setsockopt(41, 32, socket.inet_pton(socket.AF_INET6, "::1") + struct.pack("!I", label)
              + struct.pack("=BBHHHI", 0, 2, 1, 0, 0, 0))
 os.dup2(r.fileno(), 500); r.close()
 """
-    with Target(tmp_path, setup) as t:
-        t.check()
+    with Target(tmp_path, setup, "report['label'] = label") as t:
+        label = t.check()["label"]
         with pytest.raises(Refusal) as ei:
             classify(t.pid, 500)
-        assert ei.value.reason == "socket" and "flow label" in ei.value.detail and "BEEF" in ei.value.detail.upper()
+        assert ei.value.reason == "socket" and "flow label" in ei.value.detail and f"{label:05X}" in ei.value.detail
 
 
 def test_flow_label_list_parsing():
