@@ -419,3 +419,34 @@ def test_flow_label_list_parsing():
             "00013 1 0      0      6      6        00000000000000000000000000000001 0\n")    # lingering, unused
     assert parse(text, 77) == ["E35F6", "00012"]
     assert parse(text.splitlines()[0], 77) == []
+
+
+def test_tcp6_sticky_header_and_flow_label_lease_refused(tmp_path):
+    """TCP: an IPv6 destination options header set on a connection is
+    refused (not carried per connection); a connection whose process holds
+    a flow label lease too."""
+    setup = f"""
+import random, socket, struct
+l = socket.socket(socket.AF_INET6); l.bind(("::1", 0)); l.listen(1)
+c = socket.create_connection(l.getsockname()[:2]); a, _ = l.accept(); l.close()
+c.setsockopt(41, 59, {PADN!r})       # IPV6_DSTOPTS
+label = random.randrange(1, 1 << 20)
+os.dup2(c.fileno(), 500); os.dup2(a.fileno(), 501); c.close(); a.close()
+"""
+    lease = """
+s = socket.socket(fileno=501)
+s.setsockopt(41, 32, socket.inet_pton(socket.AF_INET6, "::1") + struct.pack("!I", label)
+             + struct.pack("=BBHHHI", 0, 2, 1, 0, 0, 0))      # a lease, this pid's (IPV6_FL_S_PROCESS)
+s.detach()
+"""
+    (tmp_path / "a").mkdir(); (tmp_path / "b").mkdir()
+    with Target(tmp_path / "a", setup) as t:
+        t.check()
+        with pytest.raises(Refusal) as ei:
+            classify(t.pid, 500)
+        assert ei.value.reason == "socket" and "IPV6_DSTOPTS(tcp)=0x" + PADN.hex() in ei.value.detail, ei.value.detail
+    with Target(tmp_path / "b", setup + lease, "report['label'] = label") as t:
+        label = t.check()["label"]
+        with pytest.raises(Refusal) as ei:
+            classify(t.pid, 501)
+        assert ei.value.reason == "socket" and f"{label:05X}" in ei.value.detail, ei.value.detail

@@ -15,6 +15,9 @@ another pid. Leases are rare (nothing in the usual stack takes one).
 
 from __future__ import annotations
 
+import socket as _socket
+
+from ._util import refuse
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import List
@@ -52,3 +55,14 @@ def leases(ctx, pid: int) -> List[str]:
             text = ""
         ctx.shared[key] = parse(text, pid)
     return ctx.shared[key]
+
+
+def check(info, ctx, family: int) -> None:
+    """Raises the `socket` refusal for an IPv6 socket of `info` while its
+    namespace lists a lease that may be the target's."""
+    if family != _socket.AF_INET6:
+        return
+    held = leases(ctx, info.pid)
+    if held:
+        raise refuse(info, "socket", f"IPv6 flow label leases ({', '.join(held[:4])}) are held in its network "
+                     "namespace (IPV6_FLOWLABEL_MGR): which socket holds them cannot be read")

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 from .. import netdiag, pidfd
 from ..errors import Refusal
-from . import _peers, _sockopts
+from . import _flowlabel, _peers, _sockopts
 from ._util import failed, refuse, refuse_rec
 
 KIND_KEY = "sock"          # restore records carry rec["sock"]: the sub-kind
@@ -122,12 +122,7 @@ def options(info, ctx, family: int, typ: int, proto: int, dup: int) -> Dict[str,
     """Every known option of the target's socket (read on `dup`). Raises
     the `socket` refusal for an IPv6 socket whose namespace holds flow
     label leases (_flowlabel: not readable per socket)."""
-    if family == _socket.AF_INET6:
-        from ._flowlabel import leases
-        held = leases(ctx, info.pid)
-        if held:
-            raise refuse(info, "socket", f"IPv6 flow label leases ({', '.join(held[:4])}) are held in its network "
-                         "namespace (IPV6_FLOWLABEL_MGR): which socket holds them cannot be read")
+    _flowlabel.check(info, ctx, family)
     s = _socket.socket(fileno=os.dup(dup))
     try:
         return _sockopts.read_all(s, family, proto_key(family, typ, proto))

@@ -64,7 +64,7 @@ if TYPE_CHECKING:
 
 from .. import netinfo, netlock
 from ..errors import EngineError, Refusal
-from . import _sockopts
+from . import _flowlabel, _sockopts
 from ._sockbase import building, check_options, dup_of, fresh_options, held_here, inode_of, outside_holders
 from ._util import failed, refuse, refuse_rec, with_status_flags
 
@@ -209,6 +209,7 @@ def classify(info, ctx, q: dict) -> dict:
     moved = {n: opts[n] for n in _KERNEL_MOVED if n in opts}
     compare = {n: v for n, v in opts.items() if n not in _KERNEL_MOVED}
     try:
+        _flowlabel.check(info, ctx, fam)
         setnames = check_options(info, compare, fresh)
     except Refusal as e:
         raise refuse(info, "socket", f"{head}: {e.detail}") from None
