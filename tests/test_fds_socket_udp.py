@@ -450,3 +450,30 @@ s.detach()
         with pytest.raises(Refusal) as ei:
             classify(t.pid, 501)
         assert ei.value.reason == "socket" and f"{label:05X}" in ei.value.detail, ei.value.detail
+
+
+def test_udp6_ipv4_level_options_restored(tmp_path):
+    """An IPv6 socket takes IPv4-level options (for v4-mapped traffic):
+    IP_TOS, IP_TTL and IP options set on one were not read, lost."""
+    setup = f"""
+import socket
+r = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+r.setsockopt(socket.IPPROTO_IP, 1, 0x20)          # IP_TOS
+r.setsockopt(socket.IPPROTO_IP, 2, 9)             # IP_TTL
+r.setsockopt(socket.IPPROTO_IP, 4, {RR!r})        # IP_OPTIONS
+r.bind(("::", 0))
+os.dup2(r.fileno(), 500); r.close()
+"""
+    with Target(tmp_path, setup) as t:
+        t.check()
+        desc = classify(t.pid, 500)
+        assert "IP_TOS" in desc and "IP_TTL" in desc and "IP_OPTIONS" in desc, desc
+        img = dump(t.pid, [500], str(tmp_path / "img"))
+    with restore(img):
+        s = sock(500)
+        try:
+            assert s.family == socket.AF_INET6
+            assert s.getsockopt(socket.IPPROTO_IP, 1) == 0x20 and s.getsockopt(socket.IPPROTO_IP, 2) == 9
+            assert s.getsockopt(socket.IPPROTO_IP, 4, 40) == RR
+        finally:
+            s.close()

@@ -217,7 +217,9 @@ def _applies(where: str, family: int, proto_tcp: bool) -> bool:
     if where == "all":
         return True
     if where == "ip4":
-        return family == _socket.AF_INET
+        # An IPv6 TCP/UDP/ping socket takes IPv4-level options too (for
+        # v4-mapped traffic: ipv6_setsockopt hands SOL_IP on), so reads them.
+        return family == _socket.AF_INET or (family == _socket.AF_INET6 and proto_tcp in (True, "udp", "ping"))
     if where == "ip6":
         return family == _socket.AF_INET6
     if where == "tcp":
@@ -226,10 +228,15 @@ def _applies(where: str, family: int, proto_tcp: bool) -> bool:
         return proto_tcp == "udp"      # callers pass "udp" for UDP sockets
     if where in ("raw4", "raw6"):
         return proto_tcp == "raw" and family == (_socket.AF_INET if where == "raw4" else _socket.AF_INET6)
-    if where in ("dgram4", "dgram6"):
-        return proto_tcp in ("raw", "udp", "ping") and family == (_socket.AF_INET if where == "dgram4" else _socket.AF_INET6)
-    if where in ("tcp4", "tcp6"):
-        return proto_tcp is True and family == (_socket.AF_INET if where == "tcp4" else _socket.AF_INET6)
+    if where == "dgram4":
+        return proto_tcp in ("raw", "udp", "ping") and family == _socket.AF_INET or \
+            proto_tcp in ("udp", "ping") and family == _socket.AF_INET6
+    if where == "dgram6":
+        return proto_tcp in ("raw", "udp", "ping") and family == _socket.AF_INET6
+    if where == "tcp4":
+        return proto_tcp is True and family in (_socket.AF_INET, _socket.AF_INET6)
+    if where == "tcp6":
+        return proto_tcp is True and family == _socket.AF_INET6
     if where == "netlink":
         return family == getattr(_socket, "AF_NETLINK", 16)
     return False
