@@ -41,7 +41,8 @@ SOL_RAW = 255
 
 # (name, level, optname, size, applies to, policy)
 # applies to: "all", "inet" (v4 and v6), "ip4", "ip6", "tcp", "udp", "netlink", "raw4", "raw6",
-# "dgram4"/"dgram6" (raw ICMP, UDP and ping sockets), "tcp4"/"tcp6"
+# "dgram4"/"dgram6" (raw ICMP, UDP and ping sockets), "tcp4"/"tcp6"; the IPv4 ones ("ip4", "dgram4",
+# "tcp4") also on IPv6 TCP/UDP/ping sockets, which take SOL_IP options for v4-mapped traffic
 # Numbers: include/uapi/asm-generic/socket.h, include/uapi/linux/tcp.h,
 # include/uapi/linux/in.h, include/uapi/linux/in6.h (x86_64 and aarch64
 # share the asm-generic socket numbers).
