@@ -424,3 +424,29 @@ os.dup2(l.fileno(), 500); l.close()
             pass
     assert ei.value.reason == "socket" and "not a socket" in ei.value.detail
     assert open(now).read() == "mine" and not os.path.exists(bound)
+
+
+def test_tcp6_listener_rfc2292_and_receive_flags_restored(tmp_path):
+    """IPv6 flags read for datagram sockets only before (IPV6_2292PKTINFO,
+    IPV6_RECVHOPOPTS, IPV6_FLOWINFO_SEND, ...): set on a TCP socket they
+    were lost."""
+    setup = """
+import socket
+l = socket.socket(socket.AF_INET6)
+for opt in (2, 8, 53, 33):     # IPV6_2292PKTINFO, IPV6_2292HOPLIMIT, IPV6_RECVHOPOPTS, IPV6_FLOWINFO_SEND
+    l.setsockopt(41, opt, 1)
+l.bind(("::1", 0)); l.listen(3)
+os.dup2(l.fileno(), 500); l.close()
+"""
+    with Target(tmp_path, setup) as t:
+        t.check()
+        desc = classify(t.pid, 500)
+        for name in ("IPV6_2292PKTINFO", "IPV6_2292HOPLIMIT", "IPV6_RECVHOPOPTS", "IPV6_FLOWINFO_SEND"):
+            assert name in desc, desc
+        img = dump(t.pid, [500], str(tmp_path / "img"))
+    with restore(img):
+        s = sock(500)
+        try:
+            assert [s.getsockopt(41, o) for o in (2, 8, 53, 33)] == [1, 1, 1, 1]
+        finally:
+            s.close()

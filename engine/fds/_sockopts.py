@@ -149,21 +149,22 @@ TABLE: List[Tuple[str, int, int, int, str, str]] = [
     ("IPV6_CHECKSUM", SOL_RAW, 7, 4, "raw6", "copy"),     # SOL_RAW: ICMPv6 refuses it at SOL_IPV6
     ("IPV6_HDRINCL", IPV6, 36, 4, "raw6", "copy"),
     ("ICMP6_FILTER", 58, 1, 32, "raw6", "copy"),           # SOL_ICMPV6
-    # Datagram sockets (raw ICMP, UDP, ping): IP options and the IPv6
+    # Flags (ip6): every IPv6 socket. Datagram sockets (raw ICMP, UDP,
+    # ping): IP options and the IPv6
     # sticky extension headers are variable length (read up to the size
     # given; b"" when unset; the headers at most 2048 bytes).
     ("IP_OPTIONS", IP, 4, 40, "dgram4", "copy"),
-    ("IPV6_2292PKTINFO", IPV6, 2, 4, "dgram6", "copy"),
-    ("IPV6_2292HOPOPTS", IPV6, 3, 4, "dgram6", "copy"),
-    ("IPV6_2292DSTOPTS", IPV6, 4, 4, "dgram6", "copy"),
-    ("IPV6_2292RTHDR", IPV6, 5, 4, "dgram6", "copy"),
-    ("IPV6_2292HOPLIMIT", IPV6, 8, 4, "dgram6", "copy"),
-    ("IPV6_FLOWINFO", IPV6, 11, 4, "dgram6", "copy"),
-    ("IPV6_FLOWINFO_SEND", IPV6, 33, 4, "dgram6", "copy"),
-    ("IPV6_RECVHOPOPTS", IPV6, 53, 4, "dgram6", "copy"),
-    ("IPV6_RECVRTHDR", IPV6, 56, 4, "dgram6", "copy"),
-    ("IPV6_RECVDSTOPTS", IPV6, 58, 4, "dgram6", "copy"),
-    ("IPV6_ADDR_PREFERENCES", IPV6, 72, 4, "dgram6", "copy"),
+    ("IPV6_2292PKTINFO", IPV6, 2, 4, "ip6", "copy"),
+    ("IPV6_2292HOPOPTS", IPV6, 3, 4, "ip6", "copy"),
+    ("IPV6_2292DSTOPTS", IPV6, 4, 4, "ip6", "copy"),
+    ("IPV6_2292RTHDR", IPV6, 5, 4, "ip6", "copy"),
+    ("IPV6_2292HOPLIMIT", IPV6, 8, 4, "ip6", "copy"),
+    ("IPV6_FLOWINFO", IPV6, 11, 4, "ip6", "copy"),
+    ("IPV6_FLOWINFO_SEND", IPV6, 33, 4, "ip6", "copy"),
+    ("IPV6_RECVHOPOPTS", IPV6, 53, 4, "ip6", "copy"),
+    ("IPV6_RECVRTHDR", IPV6, 56, 4, "ip6", "copy"),
+    ("IPV6_RECVDSTOPTS", IPV6, 58, 4, "ip6", "copy"),
+    ("IPV6_ADDR_PREFERENCES", IPV6, 72, 4, "ip6", "copy"),
     ("IPV6_HOPOPTS", IPV6, 54, 2048, "dgram6", "copy"),
     ("IPV6_RTHDRDSTOPTS", IPV6, 55, 2048, "dgram6", "copy"),
     ("IPV6_RTHDR", IPV6, 57, 2048, "dgram6", "copy"),
