@@ -457,3 +457,22 @@ os.dup2(a.fileno(), 500); os.dup2(b.fileno(), 501); a.close(); b.close()
                     raise AssertionError("no echo reply")
             finally:
                 s.close()
+
+
+def test_raw_icmp6_socket_with_a_flow_label_lease_held_refused(tmp_path):
+    """As for every other IPv6 socket (engine/fds/_flowlabel.py): a lease
+    cannot be tied to its socket, so a raw socket is refused while its
+    namespace lists one that may be the target's."""
+    setup = """
+import random, socket, struct
+label = random.randrange(1, 1 << 20)
+r = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
+r.setsockopt(41, 32, socket.inet_pton(socket.AF_INET6, "::1") + struct.pack("!I", label)
+             + struct.pack("=BBHHHI", 0, 2, 1, 0, 0, 0))     # GET, share PROCESS, CREATE
+os.dup2(r.fileno(), 500); r.close()
+"""
+    with Target(tmp_path, setup, "report['label'] = label") as t:
+        label = t.check()["label"]
+        with pytest.raises(Refusal) as ei:
+            classify(t.pid, 500)
+        assert ei.value.reason == "socket" and "flow label" in ei.value.detail and f"{label:05X}" in ei.value.detail

@@ -35,7 +35,7 @@ import select
 import socket as _socket
 
 from .. import netinfo
-from . import _mcast, _sockopts
+from . import _flowlabel, _mcast, _sockopts
 from ._sockbase import building, dup_of, inode_of, outside_holders, shut_for_reading
 from ._udp import _addr_tuple, _ep, _ep_text, _v, rmem
 from ._util import refuse, refuse_rec, with_status_flags
@@ -146,6 +146,7 @@ def classify(info, ctx, q: dict) -> dict:
     out = outside_holders(info, ctx, ino)
     if out:
         raise refuse(info, "socket", f"{head}: also held by pid {out[0][0]} (fd {out[0][1]})")
+    _flowlabel.check(info, ctx, fam)      # a lease cannot be tied to its socket
     try:
         fresh = _fresh(ctx, fam, proto)
     except PermissionError:
