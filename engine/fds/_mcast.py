@@ -149,6 +149,17 @@ def join(sock: _socket.socket, family: int, m: dict) -> None:
         sock.setsockopt(_level(family), MCAST_MSFILTER, head + (body or b"\0" * _SS))
 
 
+def join_all(sock: _socket.socket, rec: dict, ctx, what: str) -> None:
+    """Every membership of the record joined on the rebuilt socket; one the
+    kernel will not give here raises the `socket` refusal."""
+    from ._util import refuse_rec
+    for m in rec["mcast"]:
+        try:
+            join(sock, rec["family"], m)
+        except OSError as e:
+            raise refuse_rec(rec, ctx, "socket", f"{what}: cannot join {text(m)} here ({e.strerror})") from None
+
+
 def check(sock: _socket.socket, pid: int, family: int, want: List[dict]) -> None:
     """Raises OSError unless the rebuilt socket's memberships are `want`."""
     got = memberships(pid, sock.fileno(), family)

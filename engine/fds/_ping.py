@@ -112,12 +112,7 @@ def restore(rec: dict, ctx) -> int:
         raise
     with building(s, rec, ctx, f"recreating {what}"):
         _sockopts.apply(s, rec["opts"], rec["set"])
-        for m in rec["mcast"]:
-            try:
-                _mcast.join(s, fam, m)
-            except OSError as e:
-                raise refuse_rec(rec, ctx, "socket", f"{what}: cannot join {_mcast.text(m)} here "
-                                 f"({e.strerror})") from None
+        _mcast.join_all(s, rec, ctx, what)
         addr = rec["addr"]
         if addr and (addr[1] or addr[0] not in ("0.0.0.0", "::")):
             try:

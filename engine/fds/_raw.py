@@ -270,12 +270,7 @@ def restore(rec: dict, ctx) -> int:
     opts, names = rec["opts"], rec["set"]
     with building(s, rec, ctx, f"recreating {what}"):
         _sockopts.apply(s, opts, [n for n in names if n not in OWN])
-        for m in rec["mcast"]:
-            try:
-                _mcast.join(s, fam, m)
-            except OSError as e:
-                raise refuse_rec(rec, ctx, "socket", f"{what}: cannot join {_mcast.text(m)} here "
-                                 f"({e.strerror})") from None
+        _mcast.join_all(s, rec, ctx, what)
         if "SO_BINDTODEVICE" in names:
             dev = bytes.fromhex(opts["SO_BINDTODEVICE"] or "")
             try:

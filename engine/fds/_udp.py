@@ -354,12 +354,7 @@ def restore(rec: dict, ctx) -> int:
     s = _socket.socket(fam, _socket.SOCK_DGRAM | _socket.SOCK_CLOEXEC, _socket.IPPROTO_UDP)
     with building(s, rec, ctx, f"recreating {text_}"):
         _sockopts.apply(s, rec["opts"], rec["set"])
-        for m in rec["mcast"]:
-            try:
-                _mcast.join(s, fam, m)
-            except OSError as e:
-                raise refuse_rec(rec, ctx, "socket", f"{text_}: cannot join {_mcast.text(m)} here "
-                                 f"({e.strerror})") from None
+        _mcast.join_all(s, rec, ctx, text_)
         addr = rec["addr"]
         if addr and addr[1]:
             try:
