@@ -348,3 +348,62 @@ def _members_gone(image_dir: str, timeout: float = 10.0) -> None:
             return
         time.sleep(0.01)
     raise AssertionError(f"tree members still there after the dump: {[p for p in pids if os.path.exists(f'/proc/{p}')]}")
+
+
+# -- ping(8), for the ping-socket and raw-socket tests ---------------------------
+
+import contextlib  # noqa: E402
+
+
+@contextlib.contextmanager
+def real_ping(tmp_path, args: List[str]):
+    """ping -n -i 0.3 ARGS running with three replies counted: yields
+    (Popen, seqs()), seqs() being the icmp_seq numbers printed so far;
+    killed and reaped after."""
+    import re
+    out = tmp_path / "ping.out"
+    with open(out, "w") as f:
+        p = subprocess.Popen(["ping", "-n", "-i", "0.3"] + args, stdin=subprocess.DEVNULL, stdout=f,
+                             stderr=subprocess.STDOUT, close_fds=True, start_new_session=True)
+    try:
+        def seqs() -> List[int]:
+            return [int(m) for m in re.findall(r"icmp_seq=(\d+)", out.read_text())]
+        deadline = time.monotonic() + 10
+        while len(seqs()) < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        yield p, seqs
+    finally:
+        try:
+            os.kill(p.pid, 9)
+        except OSError:
+            pass
+        try:
+            p.wait(timeout=5)
+        except Exception:
+            pass
+
+
+def dump_between_packets(pid: int, image_dir: str, queued: str, attempts: int) -> None:
+    """A full dump of a process whose socket may hold a packet at the
+    freeze (refused, the detail naming `queued`): again until one freeze
+    meets none."""
+    from engine.dump import dump as full_dump
+    from engine.errors import Refusal, Refusals
+    for _ in range(attempts):
+        try:
+            full_dump(pid, image_dir, Options())
+            return
+        except (Refusal, Refusals) as e:
+            assert queued in str(e), e
+            time.sleep(0.1)
+    raise AssertionError(f"every freeze met {queued}")
+
+
+def ping_counts_on(seqs, n: int) -> None:
+    """The restored ping's sequence numbers go on from n, every request
+    answered (no number missing or repeated)."""
+    deadline = time.monotonic() + 10
+    while max(seqs()) < n + 4 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    got = seqs()
+    assert max(got) >= n + 4 and got == list(range(1, len(got) + 1)), got

@@ -304,51 +304,19 @@ def test_real_ping_is_restored_and_goes_on_counting_replies(tmp_path, ping_allow
     sequence numbers go on from where they were, every request answered.
     (Where ping_group_range lets root's group no ping sockets, ping(8) uses
     raw ICMP sockets instead: tests/test_fds_socket_raw.py.)"""
-    import re
     import shutil
-    import subprocess
-    import time
     from engine.context import Options
-    from engine.dump import dump as full_dump
-    from engine.errors import Refusal as R, Refusals
     from engine.restore import restore as full_restore
+    from fds_support import dump_between_packets, ping_counts_on, real_ping
     if not shutil.which("ping"):
         pytest.skip("no ping (iputils-ping)")
-    out = tmp_path / "ping.out"
-    with open(out, "w") as f:
-        p = subprocess.Popen(["ping", "-n", "-i", "0.3", "127.0.0.1"], stdin=subprocess.DEVNULL, stdout=f,
-                             stderr=subprocess.STDOUT, close_fds=True, start_new_session=True)
-    try:
-        seqs = lambda: [int(m) for m in re.findall(r"icmp_seq=(\d+)", out.read_text())]
-        deadline = time.monotonic() + 10
-        while len(seqs()) < 3 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        for attempt in range(6):      # a freeze that meets a reply still queued is refused: again
-            try:
-                full_dump(p.pid, str(tmp_path / "img"), Options())
-                break
-            except (R, Refusals) as e:
-                assert "echo replies queued" in str(e), e
-                time.sleep(0.1)
-        else:
-            raise AssertionError("every freeze met a reply queued")
+    with real_ping(tmp_path, ["127.0.0.1"]) as (p, seqs):
+        # a freeze that meets a reply still queued is refused: again
+        dump_between_packets(p.pid, str(tmp_path / "img"), "echo replies queued", 6)
         p.wait()
         n = max(seqs())
         full_restore(str(tmp_path / "img"), Options())
-        deadline = time.monotonic() + 10
-        while max(seqs()) < n + 4 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        got = seqs()
-        assert max(got) >= n + 4 and got == list(range(1, len(got) + 1)), got
-    finally:
-        try:
-            os.kill(p.pid, 9)
-        except OSError:
-            pass
-        try:
-            p.wait(timeout=5)
-        except Exception:
-            pass
+        ping_counts_on(seqs, n)
 
 
 def test_ping4_socket_ip_options_and_multicast_membership_restored(tmp_path, ping_allowed):

@@ -265,77 +265,45 @@ def test_real_ping_on_raw_sockets_is_restored_and_goes_on_counting_replies(tmp_p
     without them ping opens both families and never reads the other
     socket, whose queue then holds every ICMP packet of that family on the
     machine - such a dump is refused, packets queued.)"""
-    import re
     import shutil
-    import subprocess
     from engine.context import Options
-    from engine.dump import dump as full_dump
-    from engine.errors import Refusals
     from engine.restore import restore as full_restore
+    from fds_support import dump_between_packets, ping_counts_on, real_ping
     from sysctl_support import ping_sockets_excluded
     if not shutil.which("ping"):
         pytest.skip("no ping (iputils-ping)")
-    out = tmp_path / "ping.out"
-    with ping_sockets_excluded():
-        with open(out, "w") as f:
-            p = subprocess.Popen(["ping", "-n", "-i", "0.3"] + family, stdin=subprocess.DEVNULL, stdout=f,
-                                 stderr=subprocess.STDOUT, close_fds=True, start_new_session=True)
-        try:
-            seqs = lambda: [int(m) for m in re.findall(r"icmp_seq=(\d+)", out.read_text())]
+    with ping_sockets_excluded(), real_ping(tmp_path, family) as (p, seqs):
+        socks = {int(os.readlink(f"/proc/{p.pid}/fd/{fd}")[8:-1]) for fd in os.listdir(f"/proc/{p.pid}/fd")
+                 if os.readlink(f"/proc/{p.pid}/fd/{fd}").startswith("socket:")}
+        raw = set()
+        for table in ("raw", "raw6"):
+            with open(f"/proc/{p.pid}/net/{table}") as f:
+                raw |= {int(l.split()[9]) for l in list(f)[1:]}
+        assert socks and socks <= raw, (socks, raw)          # SOCK_RAW, not ping sockets
+        # ping attaches its BPF filter (its ident) once a packet not its own
+        # reached it: send it an echo reply of another ident
+        fd = next(int(n) for n in os.listdir(f"/proc/{p.pid}/fd")
+                  if os.readlink(f"/proc/{p.pid}/fd/{n}").startswith("socket:"))
+        fam = socket.AF_INET if family[0] == "-4" else socket.AF_INET6
+        with socket.socket(fam, socket.SOCK_RAW, PROTO[fam]) as tx:
+            body = struct.pack(">BBHHH", 0 if fam == socket.AF_INET else 129, 0, 0, (p.pid + 1) & 0xFFFF, 1)
+            if fam == socket.AF_INET:
+                c = sum(struct.unpack(">4H", body))
+                c = (c >> 16) + (c & 0xFFFF)
+                body = body[:2] + struct.pack(">H", ~(c + (c >> 16)) & 0xFFFF) + body[4:]
             deadline = time.monotonic() + 10
-            while len(seqs()) < 3 and time.monotonic() < deadline:
-                time.sleep(0.1)
-            socks = {int(os.readlink(f"/proc/{p.pid}/fd/{fd}")[8:-1]) for fd in os.listdir(f"/proc/{p.pid}/fd")
-                     if os.readlink(f"/proc/{p.pid}/fd/{fd}").startswith("socket:")}
-            raw = set()
-            for table in ("raw", "raw6"):
-                with open(f"/proc/{p.pid}/net/{table}") as f:
-                    raw |= {int(l.split()[9]) for l in list(f)[1:]}
-            assert socks and socks <= raw, (socks, raw)          # SOCK_RAW, not ping sockets
-            # ping attaches its BPF filter (its ident) once a packet not its own
-            # reached it: send it an echo reply of another ident
-            fd = next(int(n) for n in os.listdir(f"/proc/{p.pid}/fd")
-                      if os.readlink(f"/proc/{p.pid}/fd/{n}").startswith("socket:"))
-            fam = socket.AF_INET if family[0] == "-4" else socket.AF_INET6
-            with socket.socket(fam, socket.SOCK_RAW, PROTO[fam]) as tx:
-                body = struct.pack(">BBHHH", 0 if fam == socket.AF_INET else 129, 0, 0, (p.pid + 1) & 0xFFFF, 1)
-                if fam == socket.AF_INET:
-                    c = sum(struct.unpack(">4H", body))
-                    c = (c >> 16) + (c & 0xFFFF)
-                    body = body[:2] + struct.pack(">H", ~(c + (c >> 16)) & 0xFFFF) + body[4:]
-                deadline = time.monotonic() + 10
-                while _ping_filter(p.pid, fd) == [] and time.monotonic() < deadline:
-                    tx.sendto(body, (family[1], 0))
-                    time.sleep(0.2)
-            prog = _ping_filter(p.pid, fd)
-            assert prog, "ping attached no filter"
-            for attempt in range(20):     # a freeze that meets a packet still queued is refused: again
-                try:
-                    full_dump(p.pid, str(tmp_path / "img"), Options())
-                    break
-                except (Refusal, Refusals) as e:
-                    assert "ICMP packets queued" in str(e), e
-                    time.sleep(0.1)
-            else:
-                raise AssertionError("every freeze met a packet queued")
-            p.wait()
-            n = max(seqs())
-            full_restore(str(tmp_path / "img"), Options())
-            assert _ping_filter(p.pid, fd) == prog
-            deadline = time.monotonic() + 10
-            while max(seqs()) < n + 4 and time.monotonic() < deadline:
-                time.sleep(0.1)
-            got = seqs()
-            assert max(got) >= n + 4 and got == list(range(1, len(got) + 1)), got
-        finally:
-            try:
-                os.kill(p.pid, 9)
-            except OSError:
-                pass
-            try:
-                p.wait(timeout=5)
-            except Exception:
-                pass
+            while _ping_filter(p.pid, fd) == [] and time.monotonic() < deadline:
+                tx.sendto(body, (family[1], 0))
+                time.sleep(0.2)
+        prog = _ping_filter(p.pid, fd)
+        assert prog, "ping attached no filter"
+        # a freeze that meets a packet still queued is refused: again
+        dump_between_packets(p.pid, str(tmp_path / "img"), "ICMP packets queued", 20)
+        p.wait()
+        n = max(seqs())
+        full_restore(str(tmp_path / "img"), Options())
+        assert _ping_filter(p.pid, fd) == prog
+        ping_counts_on(seqs, n)
 
 
 def test_raw_icmp_socket_with_an_ebpf_filter_or_held_outside_is_refused(tmp_path):
