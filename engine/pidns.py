@@ -97,6 +97,25 @@ def init_problem(ckpt_pid: int, what: str) -> "Optional[str]":
             "namespace when ckpt exits; run ckpt under the namespace's init")
 
 
+_initial = None
+
+
+def in_initial() -> bool:
+    """Whether ckpt runs in the initial pid namespace (by its fixed inode;
+    not NSpid: a /proc mounted inside a child namespace lists only the
+    levels from there down). A kernel without pid namespaces: yes; a
+    /proc that cannot say: no."""
+    global _initial
+    if _initial is None:
+        try:
+            _initial = os.stat("/proc/self/ns/pid").st_ino == INIT_INO["pid"]
+        except FileNotFoundError:
+            _initial = True
+        except OSError:
+            _initial = False
+    return _initial
+
+
 def record() -> "Dict[str, int]":
     """ckpt's namespaces, kind -> inode (the dump's record: the target's are
     the same ones, or it is refused)."""

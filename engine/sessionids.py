@@ -19,29 +19,16 @@ session and group outside, and two zeros need not be the same one: refused.
 
 from __future__ import annotations
 
-import os
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Callable, Optional
 
-_initial = None
-
-
-PROC_PID_INIT_INO = 0xEFFFFFFC     # the initial pid namespace's fixed inode (include/linux/proc_ns.h)
-
-
 def zero_is_one() -> bool:
     """Whether an id of 0 names a single session/group: ckpt runs in the
-    initial pid namespace. (Not NSpid: a /proc mounted inside a child
-    namespace lists only the levels from there down.)"""
-    global _initial
-    if _initial is None:
-        try:
-            _initial = os.stat("/proc/self/ns/pid").st_ino == PROC_PID_INIT_INO
-        except FileNotFoundError:
-            _initial = True     # a kernel without pid namespaces
-    return _initial
+    initial pid namespace."""
+    from .pidns import in_initial
+    return in_initial()
 
 
 def _outside(sid: int) -> str:

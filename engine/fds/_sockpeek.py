@@ -174,15 +174,9 @@ def peek_ancillary(dup: int, typ: int, max_msgs: int, held: List[int], fault=Non
 _CREDS = getattr(_socket, "SCM_CREDENTIALS", 2)
 
 
-_INIT_PID_NS = 0xEFFFFFFC      # PROC_PID_INIT_INO: the initial pid namespace's inode
-
-
-@functools.lru_cache(maxsize=1)
 def _initial_pidns() -> bool:
-    try:
-        return os.stat("/proc/self/ns/pid").st_ino == _INIT_PID_NS
-    except OSError:
-        return False
+    from ..pidns import in_initial
+    return in_initial()
 
 
 @functools.lru_cache(maxsize=1)
