@@ -1450,6 +1450,67 @@ def m_leader_eintr_not_restart(img: Image) -> str:
     return f"the leader's call {nr} returns EINTR instead of restarting"
 
 
+def _sysv_attaches(img: Image) -> List[Tuple[str, dict]]:
+    """(mm.json name, mapping) of every System V attach in the image, in
+    member order (engine/sysvshm.py: each carries its segment's record)."""
+    out = []
+    for d in [""] + [m["dir"] for m in _members(img)[1:] if m.get("dir") and not m.get("zombie")]:
+        name = d + "mm.json"
+        if name in img.manifest["files"]:
+            out += [(name, v) for v in img.json(name)["vmas"] if v.get("sysv")]
+    return out
+
+
+def m_corrupt_sysv_shm_byte(img: Image) -> str:
+    """One byte of a System V segment's contents changes (a segment made
+    again but filled wrongly, or from the wrong pages): the first non-zero
+    byte of the first segment whose pages hold one, flipped."""
+    files = _page_files(img)
+    for _, v in _sysv_attaches(img):
+        for addr, n, fi, off in v["pages"]:
+            data = img.read(files[fi])[off: off + n * PAGE]
+            at = next((i for i, b in enumerate(data) if b), None)
+            if at is not None:
+                img.pwrite(files[fi], bytes([data[at] ^ 0xFF]), off + at)
+                return f"System V segment {v['sysv']['shmid']}: byte {addr - v['start'] + at:#x} flipped"
+    raise NoTarget("no System V segment with a non-zero byte")
+
+
+def m_keep_sysv_shm(img: Image) -> str:
+    """A removed System V segment (IPC_RMID while attached: it lives on
+    only while attached) comes back not removed: it outlives the process
+    and stays in the namespace, visible and attachable by key or id."""
+    from engine.sysvshm import SHM_DEST
+    hits = [(name, v) for name, v in _sysv_attaches(img) if v["sysv"]["mode"] & SHM_DEST]
+    if not hits:
+        raise NoTarget("no removed System V segment")
+    shmid = hits[0][1]["sysv"]["shmid"]
+    for name, v in hits:
+        if v["sysv"]["shmid"] == shmid:
+            v["sysv"]["mode"] &= ~SHM_DEST
+            img.put_json(name)
+    return f"System V segment {shmid}: SHM_DEST dropped (not removed again)"
+
+
+def m_shift_sysv_shmid(img: Image) -> str:
+    """A System V segment comes back under another id (the next index):
+    an engine that makes segments again but lets the kernel pick their ids,
+    so the id a process saved (and passes to shmctl) names another one."""
+    hits = _sysv_attaches(img)
+    if not hits:
+        raise NoTarget("no System V segment")
+    shmid = hits[0][1]["sysv"]["shmid"]
+    taken = {v["sysv"]["shmid"] for _, v in hits}
+    new = shmid + 1
+    while new in taken:
+        new += 1
+    for name, v in hits:
+        if v["sysv"]["shmid"] == shmid:
+            v["sysv"]["shmid"] = v["inode"] = new
+            img.put_json(name)
+    return f"System V segment {shmid} -> id {new}"
+
+
 def m_drop_fd(img: Image) -> str:
     """The highest-numbered fd is not restored (a kind an engine skips)."""
     fds = img.json("fds.json")
@@ -1524,6 +1585,9 @@ EDITS: Dict[str, Tuple[Callable[[Image], str], str]] = {
     "resession-tree-child": (m_resession_tree_child, "a tree child comes back leading a session of its own"),
     "tree-exit-signal": (m_tree_exit_signal, "a tree child comes back with SIGURG as its exit signal"),
     "drop-fd": (m_drop_fd, "the highest-numbered fd is not restored"),
+    "corrupt-sysv-shm-byte": (m_corrupt_sysv_shm_byte, "one byte of a System V shared memory segment changes"),
+    "keep-sysv-shm": (m_keep_sysv_shm, "a removed System V segment comes back not removed (it outlives the process)"),
+    "shift-sysv-shmid": (m_shift_sysv_shmid, "a System V segment comes back under another id"),
     "drop-madvise": (m_drop_madvise, "one mapping loses one madvise advice (VmFlags dc, dd, wf, hg, nh)"),
     "drop-capability": (m_drop_capability, "one capability is left out of the effective set"),
     "reset-cgroup": (m_reset_cgroup, "the process comes back in the root cgroup of every hierarchy"),
@@ -1912,6 +1976,11 @@ CAUGHT_BY: Dict[str, str] = {
                              "SIGSYS, one with it at ALLOW must run (process/syscall-dispatch)",
     "leader-eintr-not-restart": "the main thread waits in raw rt_sigtimedwait(2) calls (ctypes: CPython's own "
                                 "retry an EINTR) and counts those that fail EINTR (process/main-eintr)",
+    "corrupt-sysv-shm-byte": "each segment's bytes compared by the workload (mmap/sysv-shm)",
+    "keep-sysv-shm": "each segment's IPC_STAT read back by the workload: key, mode with SHM_DEST, size, attaches "
+                     "(mmap/sysv-shm)",
+    "shift-sysv-shmid": "each segment's id compared with the one the workload saved (the mapping's inode number: "
+                        "mmap/sysv-shm)",
 }
 
 

@@ -223,7 +223,7 @@ TIMED_EDITS = {"disarm-posix-timer": {"posix timer"}, "reset-itimers": {"itimer"
 def test_every_mutant_is_listed_and_tested():
     assert len(mutants.names()) >= 22
     assert set(EXPECTED) | TREE_EDITS | set(THREAD_EDITS) | MEMORY_EDITS | SOCKET_EDITS \
-        | set(TIMED_EDITS) | set(REGS_EDITS) | set(KNOB_EDITS) | set(PTY_EDITS) | set(JAILED_EDITS) \
+        | set(TIMED_EDITS) | set(REGS_EDITS) | set(KNOB_EDITS) | set(PTY_EDITS) | set(JAILED_EDITS) | set(SYSV_EDITS) \
         == set(mutants.EDITS)
     assert set(mutants.CAUGHT_BY) == set(mutants.names())
     for name in mutants.names():
@@ -1201,6 +1201,80 @@ def test_root_dispatch_and_leader_eintr_mutants_break_exactly_one_thing(procs, t
         ImageReader(mine).verify()
         got = restored(mine)
         differ = {k for k in want if got[k] != want[k]}
+        assert differ == changed, f"{name} ({what}): {got} vs {want}"
+
+
+# -- System V shared memory ----------------------------------------------------------
+
+# Two removed IPC_PRIVATE segments (harness/sysapi.py, as the workload's
+# `sysv` mappings), each filled with its own bytes.
+SYSV = r"""
+import json, signal
+from harness import sysapi
+segs = []
+for n, length in ((1, 65536), (2, 12288)):
+    shmid, addr = sysapi.shm_attach(length)
+    sysapi.poke(addr, bytes((i * 7 + n) % 251 + 1 for i in range(length)))
+    sysapi.shm_remove(shmid)
+    segs.append([shmid, addr, length])
+with open("segs", "w") as f:
+    json.dump(segs, f)
+open("ready", "w").close()
+signal.pause()
+"""
+SYSV_EDITS = {"corrupt-sysv-shm-byte": {"bytes"}, "keep-sysv-shm": {"mode"}, "shift-sysv-shmid": {"id"}}
+
+
+def _sysv_facts(pid: int, segs: list) -> dict:
+    """Each segment, seen from outside: the id its mapping names (inode),
+    its mode from /proc/sysvipc/shm (SHM_DEST included), and the digest of
+    its bytes read through /proc/PID/mem."""
+    maps = {}
+    for ln in open(f"/proc/{pid}/maps"):
+        parts = ln.split()
+        maps[int(parts[0].split("-")[0], 16)] = int(parts[4])
+    table = {}
+    for ln in open("/proc/sysvipc/shm").readlines()[1:]:
+        cols = ln.split()
+        table[int(cols[1])] = int(cols[2], 8)
+    out = {"id": [], "mode": [], "bytes": []}
+    with open(f"/proc/{pid}/mem", "rb") as mem:
+        for _, addr, length in segs:
+            shmid = maps.get(addr)
+            out["id"].append(shmid)
+            out["mode"].append(table.get(shmid))
+            mem.seek(addr)
+            out["bytes"].append(hashlib.sha256(mem.read(length)).hexdigest())
+    return out
+
+
+def _sysv_gone(ids) -> None:
+    """Remove segments a mutant left behind (keep-sysv-shm's outlive the process)."""
+    for shmid in ids:
+        st = sysapi.shm_stat(shmid) if shmid is not None else None
+        if st is not None and not st["mode"] & sysapi.SHM_DEST:
+            sysapi.shm_remove(shmid)
+
+
+def test_sysv_mutants_break_exactly_one_thing(procs, tmp_path):
+    p, work, img = _python_target_dumped(procs, tmp_path, SYSV, "the System V target")
+    segs = json.loads((work / "segs").read_text())
+
+    def restored(d):
+        got = _restored_facts(procs, p.pid, d, lambda: _sysv_facts(p.pid, segs))
+        _sysv_gone(got["id"])
+        return got
+    want = restored(img)
+    assert want["id"] == [s[0] for s in segs] and want["mode"] == [0o1600, 0o1600], want
+    for name, changed in sorted(SYSV_EDITS.items()):
+        mine = str(tmp_path / f"img-{name}")
+        shutil.copytree(img, mine)
+        what = mutants.apply_edit(name, mine)
+        ImageReader(mine).verify()
+        got = restored(mine)
+        differ = {k for k in want if got[k] != want[k]}
+        # a segment under another id is another row of /proc/sysvipc/shm: the mode read there
+        # follows it; what the mutant changed is the id (the bytes and the mode are the segment's)
         assert differ == changed, f"{name} ({what}): {got} vs {want}"
 
 
