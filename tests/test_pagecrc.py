@@ -239,3 +239,46 @@ def test_a_dump_written_by_two_threads_in_pieces_verifies_and_holds_the_memory(t
         os.kill(child, signal.SIGKILL)
         os.waitpid(child, 0)
         os.close(r)
+
+
+def _blockcrc(data, pieces) -> str:
+    h = pagecrc.BlockCRC()
+    view, pos, i = memoryview(data), 0, 0
+    while pos < len(data):
+        k = pieces[i % len(pieces)]
+        h.update(view[pos:pos + k])
+        pos, i = pos + k, i + 1
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("pieces", [(3 * B + 1,), (B,), (pagecrc.FAST_MIN - 1, B + 4096, 5), (pagecrc.FAST_MIN,)],
+                         ids=["whole", "blocks", "straddling", "fast-min"])
+def test_libdeflate_gives_zlibs_crcs_and_is_the_one_used(monkeypatch, pieces):
+    """libdeflate's CRC-32 (when installed) must be zlib's, chained across
+    pieces and blocks; and for a writable buffer it is the one called."""
+    if pagecrc.fast_crc32() is None:
+        pytest.skip("no libdeflate.so.0 here")
+    data = bytearray(os.urandom(3 * B + 12345))
+    want = "".join(f"{zlib.crc32(data[i:i + B]):08x}" for i in range(0, len(data), B))
+    calls = []
+    real = pagecrc.fast_crc32()
+    monkeypatch.setattr(pagecrc, "_fast", lambda *a: calls.append(a[2]) or real(*a))
+    assert _blockcrc(data, pieces) == want
+    assert calls and sum(calls) > len(data) // 2
+    monkeypatch.setattr(pagecrc, "_fast", False)        # zlib alone: the same
+    assert _blockcrc(data, pieces) == want
+    assert _blockcrc(bytes(data), pieces) == want        # read-only: zlib
+
+
+def test_without_libdeflate_a_flipped_byte_is_still_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(pagecrc, "_fast", False)
+    d = _write(tmp_path)
+    r = ImageReader(d)
+    r.verify()
+    r.close()
+    fd = os.open(os.path.join(d, PAGES), os.O_RDWR)
+    os.pwrite(fd, bytes([os.pread(fd, 1, B + 7)[0] ^ 1]), B + 7)
+    os.close(fd)
+    with pytest.raises(Refusal) as ei:
+        ImageReader(d).verify()
+    assert f"{PAGES} does not match its crc32 at block 1 " in ei.value.message
