@@ -12,7 +12,12 @@ the wall time of the tool's command, its own start-up included (ckpt is a
 Python program: interpreter start and imports are part of its cost, as
 criu's exec is of criu's). After each restore the process must be running
 and 64 sampled words of its memory must hold what memhog wrote, else the
-run fails - a fast wrong restore must not look like a win.
+run fails - a fast wrong restore must not look like a win. Each row also
+gives the frozen time each tool reports (ckpt's frozen_ms, criu's
+frozen_time) and ckpt's durable_ms (start to the committed image fsync'd);
+with --leave-running the memhogs are dumped left running, so the frozen
+time is the time until the target runs again (ckpt's never waits for the
+fsyncs then: it commits after the release).
 
 Many tasks (issue 11): with --swarm (tests/targets/swarm.c), a tree of N
 small processes and one process with N threads, dumped and restored the
@@ -26,7 +31,7 @@ crash never leaves a torn image), criu does not; the row says so, and
 also gives criu's dump plus an fsync of its image (criu_dump_durable_s,
 dump_durable_speed_ckpt_over_criu): the same durability, compared.
 
-usage: compare.py --memhog PATH [--sizes 1,64] [--dirs /dev/shm,/var/tmp]
+usage: compare.py --memhog PATH [--sizes 1,64] [--dirs /dev/shm,/var/tmp] [--leave-running]
                   [--swarm PATH] [--swarm-cases tree:50,threads:50]
                   [--rounds 3] [--ckpt "ckpt"] [--ckpt-base CMD] [--criu "criu"] [--out FILE]
 
@@ -163,9 +168,15 @@ def _injected(tool: str, out: str) -> dict:
     return {"restore_round_trips": inj.get("round_trips"), "restore_batched_calls": inj.get("batched_calls")}
 
 
-def one(tool: str, cmd, memhog: str, mib: int, where: str, work: str) -> dict:
-    """Dump and restore one fresh memhog with `tool`; wall/CPU seconds."""
+def one(tool: str, cmd, memhog: str, mib: int, where: str, work: str, leave_running: bool = False) -> dict:
+    """Dump and restore one fresh memhog with `tool`; wall/CPU seconds, the
+    frozen time the tool reports (ckpt's frozen_ms; criu's frozen_time:
+    freeze to kill, or to the release of a target left running) and ckpt's
+    durable_ms (from its start until the committed image is fsync'd).
+    `leave_running`: dumped with --leave-running (frozen time is then the
+    time until the target runs again), killed here before the restore."""
     p = _start(memhog, mib, work)
+    lr = ["--leave-running"] if leave_running else []
     img = tempfile.mkdtemp(prefix=f"cmp-{tool}-", dir=where)
     pidfile = os.path.join(work, f"{tool}.pid")
     restored = None
@@ -175,10 +186,17 @@ def one(tool: str, cmd, memhog: str, mib: int, where: str, work: str) -> dict:
         os.sync()
         if tool.startswith("ckpt"):
             os.rmdir(img)           # ckpt makes the directory itself (it must not exist)
-            d = _timed(cmd + ["dump", "-t", str(p.pid), "-D", img], "ckpt dump")
+            d = _timed(cmd + ["dump", "-t", str(p.pid), "-D", img, "--json"] + lr, "ckpt dump")
+            res = json.loads(d[2])["result"]
+            frozen, durable = res.get("frozen_ms"), res.get("durable_ms")
         else:
-            d = _timed(cmd + ["dump", "-t", str(p.pid), "-D", img, "-o", "dump.log"], "criu dump")
-        p.wait(timeout=60)          # both kill the dumped process
+            d = _timed(cmd + ["dump", "-t", str(p.pid), "-D", img, "-o", "dump.log"] + lr, "criu dump")
+            frozen, durable = _criu_frozen_ms(img), None
+        if leave_running:
+            if p.poll() is not None:
+                raise RuntimeError(f"{tool} dump --leave-running: the target died")
+            p.kill()
+        p.wait(timeout=60)          # both kill the dumped process (unless left running)
         synced = None if tool.startswith("ckpt") else _sync_tree(img)
         if tool.startswith("ckpt"):
             r = _timed(cmd + ["restore", "-D", img, "--pidfile", pidfile, "--json"], "ckpt restore")
@@ -189,7 +207,7 @@ def one(tool: str, cmd, memhog: str, mib: int, where: str, work: str) -> dict:
             restored = int(f.read().split()[0])
         _sample(restored, mib, p.region)
         out = {"dump_s": d[0], "dump_cpu_s": d[1], "restore_s": r[0], "restore_cpu_s": r[1],
-               **_injected(tool, r[2])}
+               "frozen_ms": frozen, "durable_ms": durable, **_injected(tool, r[2])}
         if synced is not None:
             out["dump_durable_s"] = d[0] + synced
         return out
@@ -355,7 +373,7 @@ def _row(got: dict, rounds: int, cmds: dict, **what) -> dict:
     row = dict(what, rounds=rounds)
     for tool, runs in got.items():
         for k in ("dump_s", "restore_s", "dump_cpu_s", "restore_cpu_s", "frozen_ms", "restore_round_trips",
-                  "restore_batched_calls", "dump_durable_s"):
+                  "restore_batched_calls", "dump_durable_s", "durable_ms"):
             vals = [r[k] for r in runs if r.get(k) is not None]
             if vals:
                 row[f"{tool}_{k}"] = round(statistics.median(vals), 4)
@@ -403,7 +421,7 @@ def run_swarm(swarm: str, cases, where: str, rounds: int, cmds: dict) -> list:
     return rows
 
 
-def run(memhog: str, sizes, dirs, rounds: int, cmds: dict) -> list:
+def run(memhog: str, sizes, dirs, rounds: int, cmds: dict, leave_running: bool = False) -> list:
     rows = []
     work = tempfile.mkdtemp(prefix="cmp-work-")
     try:
@@ -413,8 +431,10 @@ def run(memhog: str, sizes, dirs, rounds: int, cmds: dict) -> list:
                 for i in range(rounds):
                     order = list(cmds) if i % 2 == 0 else list(reversed(list(cmds)))
                     for tool in order:
-                        got[tool].append(one(tool, cmds[tool], memhog, mib, where, work))
+                        got[tool].append(one(tool, cmds[tool], memhog, mib, where, work, leave_running))
                 row = _row(got, rounds, cmds, touched_mib=mib, image_on=where)
+                if leave_running:
+                    row["leave_running"] = True
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
     finally:
@@ -442,6 +462,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ckpt", default="ckpt", help="the ckpt command (split like a shell would)")
     ap.add_argument("--ckpt-base", default="", help="an older ckpt command, measured as ckpt_base")
     ap.add_argument("--criu", default="criu", help="the criu command; empty: ckpt only")
+    ap.add_argument("--leave-running", action="store_true",
+                    help="dump the memhogs with --leave-running (frozen: until the target runs again)")
     ap.add_argument("--out", help="write the JSON here (default: stdout)")
     args = ap.parse_args(argv)
     _subreaper()
@@ -456,7 +478,7 @@ def main(argv=None) -> int:
            "note": "wall time of each command incl. its start-up; median of rounds, tools alternating; "
                    "ckpt fsyncs its image before commit, criu does not",
            "rows": run(args.memhog, [int(x) for x in args.sizes.split(",")] if args.sizes else [],
-                       args.dirs.split(","), args.rounds, cmds)}
+                       args.dirs.split(","), args.rounds, cmds, args.leave_running)}
     if args.swarm:
         cases = [(c.split(":")[0], int(c.split(":")[1])) for c in args.swarm_cases.split(",") if c]
         doc["swarm_rows"] = run_swarm(args.swarm, cases, args.swarm_dir, args.rounds, cmds)

@@ -108,7 +108,10 @@ def compare_rows(res: dict):
                 ratio = r.get("frozen_speed_ckpt_over_criu")
                 frozen = [None if r.get(f"{t}_frozen_ms") is None else r[f"{t}_frozen_ms"] / 1000
                           for t in ("ckpt", "criu")]
-                yield (what, "frozen", _ms(frozen[0]), _ms(frozen[1]), "-" if ratio is None else f"{ratio:.2f}x")
+                yield (what, "frozen" + (" (left running: until it runs again)" if r.get("leave_running") else ""),
+                       _ms(frozen[0]), _ms(frozen[1]), "-" if ratio is None else f"{ratio:.2f}x")
+            if r.get("ckpt_durable_ms") is not None:
+                yield (what, "ckpt: image durable (fsync'd) after", _ms(r["ckpt_durable_ms"] / 1000), "-", "-")
 
 
 def _print(table) -> None:
