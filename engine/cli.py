@@ -272,9 +272,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command == "check" and not res.get("ok", True):
         return 3
     if args.command == "restore" and res.get("foreground"):
-        # a shell job that was in the foreground: ckpt stays its parent and
-        # the foreground job until it exits or stops (engine/fds/tty.py)
+        # a shell job that was in the foreground: ckpt stays its parent until
+        # its group is gone (engine/fds/tty.py). The result is out first: a
+        # caller that is not a shell learns the pid without waiting.
         from .fds.tty import wait_foreground
         sys.stdout.flush()
-        wait_foreground(res["pid"], res["foreground"])
+        wait_foreground(res["foreground"]["pgid"], res["foreground"]["tty"])
     return EXIT_OK

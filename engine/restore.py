@@ -643,6 +643,8 @@ def restore(directory: str, options: Options, pidfile: Optional[str] = None) -> 
     for k in ("cow_shared_bytes", "cow_rewritten_pages"):     # a tree's (engine/cow.py)
         if k in out:
             res[k] = out[k]
+    if "foreground" in out:     # a foreground shell job: the CLI waits for it (engine/fds/tty.py)
+        res["foreground"] = out["foreground"]
     return res
 
 
@@ -705,7 +707,7 @@ def _restore(reader: ImageReader, options: Options, t0: float) -> dict:
                 made.undo()
             raise
         if foreground:
-            out["foreground"] = foreground
+            out["foreground"] = {"tty": foreground, "pgid": out["pid"]}     # its own group (build.py setpgid)
         # The process is back: what handlers hold until then (a TCP
         # connection's network lock) can go.
         for hook in ctx.shared.pop("_after_restore", []):
@@ -735,9 +737,10 @@ def _with_more(check, more: List[Refusal]) -> None:
 
 def _foreground_job(fdrecs: List[dict], options: Options) -> Optional[str]:
     """A shell job that was its terminal's foreground group, restored with
-    --tty: ckpt becomes the child subreaper first, so the process is its
-    child once the restorer exits (its group is not orphaned: job control
-    works), and the --tty terminal is returned (engine/fds/tty.py)."""
+    --tty: ckpt becomes the child subreaper first, so the process (a
+    tree's members) is its child once the restorer exits (its group is not
+    orphaned: job control works), and the --tty terminal is returned: ckpt
+    waits for the job (engine/fds/tty.py wait_foreground)."""
     if not options.tty or not any(r.get("kind") == "tty" and r.get("outside") and r.get("fg_own") for r in fdrecs):
         return None
     import ctypes

@@ -258,6 +258,9 @@ def restore_tree(reader, options, pidfile: Optional[str], t0: float) -> dict:
         if segs:
             with single._system_errors_as_engine_errors("System V segments"):
                 made = sysvshm.materialize(segs, {pid: j.pages for pid, j in jobs.items()})
+        # a shell job's foreground group (restore --tty): ckpt its subreaper
+        # first, so it can wait for the group as the job's parent
+        foreground = single._foreground_job([r for *_, fdrecs, _, _ in loaded for r in fdrecs], options)
         try:
             out = single._run_restorer(TreeJob(members, jobs, ttys), build_tree)
         except BaseException:
@@ -277,11 +280,20 @@ def restore_tree(reader, options, pidfile: Optional[str], t0: float) -> dict:
     if pidfile:
         single.write_pidfile(pidfile, out["pid"])
     cow_stats = out.get("cow") or {}
-    return {"pid": out["pid"], "members": len(members), "restore_ms": round((time.monotonic() - t0) * 1000, 2),
-            "injected": out.get("injected"),
-            # pages shared copy-on-write kept shared (engine/cow.py); those marked that differed: written
-            "cow_shared_bytes": cow_stats.get("shared_pages", 0) * PAGE,
-            "cow_rewritten_pages": cow_stats.get("rewritten_pages", 0)}
+    res = {"pid": out["pid"], "members": len(members), "restore_ms": round((time.monotonic() - t0) * 1000, 2),
+           "injected": out.get("injected"),
+           # pages shared copy-on-write kept shared (engine/cow.py); those marked that differed: written
+           "cow_shared_bytes": cow_stats.get("shared_pages", 0) * PAGE,
+           "cow_rewritten_pages": cow_stats.get("rewritten_pages", 0)}
+    if foreground:
+        # the group of the members that were their terminal's foreground job
+        pid = next(m["pid"] for m, *_, fdrecs, _, _ in loaded
+                   if any(r.get("kind") == "tty" and r.get("outside") and r.get("fg_own") for r in fdrecs))
+        try:
+            res["foreground"] = {"tty": foreground, "pgid": os.getpgid(pid)}
+        except ProcessLookupError:      # it is gone already (reaped by ckpt's wait)
+            res["foreground"] = {"tty": foreground, "pgid": next(m["pgid"] for m in members if m["pid"] == pid)}
+    return res
 
 
 # -- in the restorer ---------------------------------------------------------------

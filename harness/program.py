@@ -211,7 +211,11 @@ def _keeper_spawn(req: dict, tty: int) -> dict:
 
 def _keeper_run(req: dict, tty: int, master: int, out: int, ctldir: str) -> dict:
     """A command (the engine's restore) run in the keeper's session, with the
-    terminal as its stdin, as a shell would run it; the screen is copied on."""
+    terminal as its stdin, as a shell would run it; the screen is copied on.
+    A `ckpt restore --tty` of a foreground job stays the job's parent until
+    the job ends (engine/fds/tty.py wait_foreground), as a shell's `fg`:
+    its answer is the JSON it prints first, and the keeper, like the shell,
+    leaves it running and reaps it when it exits (keeper's loop)."""
     files = [os.path.join(ctldir, f"insession.{n}") for n in ("out", "err")]
     pid = os.fork()
     if pid == 0:  # pragma: no cover - child
@@ -234,6 +238,12 @@ def _keeper_run(req: dict, tty: int, master: int, out: int, ctldir: str) -> dict
         if done:
             status = st
             break
+        if _waits_for_job(files[0]):
+            texts = []
+            for name in files:
+                with open(name, errors="replace") as f:
+                    texts.append(f.read())
+            return {"ok": True, "rc": 0, "stdout": texts[0], "stderr": texts[1], "waiting": pid}
         r, _, _ = select.select([master], [], [], 0.05)
         if r:
             try:
@@ -248,6 +258,24 @@ def _keeper_run(req: dict, tty: int, master: int, out: int, ctldir: str) -> dict
         with open(name, errors="replace") as f:
             texts.append(f.read())
     return {"ok": True, "rc": os.waitstatus_to_exitcode(status), "stdout": texts[0], "stderr": texts[1]}
+
+
+def _waits_for_job(path: str) -> bool:
+    """The command printed its whole --json result (one line, flushed before
+    it waits) and it is a restore that waits for its foreground job."""
+    try:
+        with open(path, errors="replace") as f:
+            line = f.readline()
+    except OSError:
+        return False
+    if not line.endswith("\n"):
+        return False
+    try:
+        doc = json.loads(line)
+    except ValueError:
+        return False
+    return isinstance(doc, dict) and doc.get("ok") is True and isinstance(doc.get("result"), dict) \
+        and bool(doc["result"].get("foreground"))
 
 
 def keeper(spec_path: str, master: int = -1, tty_path: str = "") -> int:

@@ -326,8 +326,9 @@ for n in (0, 1, 2):
 os.closerange(3, 1024)
 r = subprocess.run([sys.executable, "-m", "engine", "restore", "-D", img, "--tty", "inherit"], cwd=repo,
                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-with open(os.path.join(out, "restore-rc"), "w") as f:
+with open(os.path.join(out, "restore-rc.tmp"), "w") as f:
     f.write(f"{r.returncode} {r.stdout.decode(errors='replace')}")
+os.rename(os.path.join(out, "restore-rc.tmp"), os.path.join(out, "restore-rc"))      # whole when seen
 time.sleep(600)
 '''
 
@@ -372,17 +373,14 @@ def test_shell_job_moves_to_the_restoring_shells_session_and_terminal(procs, tmp
         assert (int(rest[3]), int(rest[2])) == (s2.pid, job)          # session: the restoring shell's; own group
         assert int(rest[4]) == (os.major(dev) << 8) | os.minor(dev)   # controlling terminal: pty 2
         assert int(rest[5]) == job                                     # the foreground job there, as it was
-        waited = not (tmp_path / "restore-rc").exists() and _parent(_parent(job)) == s2.pid
+        # ckpt restore stays the job's parent and has not returned (README);
+        # the restorer, its parent until then, reports and exits
+        wait_for(lambda: _parent(_parent(job)) == s2.pid or (tmp_path / "restore-rc").exists(), timeout=10,
+                 what="ckpt restore to be the job's parent")
+        assert _parent(_parent(job)) == s2.pid and not (tmp_path / "restore-rc").exists()
         os.kill(job, 9)
         wait_for(lambda: (tmp_path / "restore-rc").exists(), timeout=30, what="ckpt restore to return")
         assert (tmp_path / "restore-rc").read_text().startswith("0 ckpt: restored pid")
-        if not waited:
-            # Known bug (README says ckpt restore returns when the job exits):
-            # restore() drops the "foreground" result the CLI waits on, so it
-            # returns at once and the job is left to whoever reaps orphans.
-            # Fixing it needs the harness's shell-job restores (programs/
-            # vim-shell-job) to stop waiting for ckpt restore to exit.
-            pytest.xfail("ckpt restore --tty of a foreground shell job returns at once instead of waiting for it")
     finally:
         for s in shells:
             s.kill()
@@ -394,6 +392,164 @@ def test_shell_job_moves_to_the_restoring_shells_session_and_terminal(procs, tmp
 JOB_SHELL = SHELL1.replace(
     'path, worker, out = sys.argv[1], sys.argv[2], sys.argv[3]', 'path, out, argv = sys.argv[1], sys.argv[2], sys.argv[3:]'
 ).replace('os.execv(sys.executable, [sys.executable, worker, out])', 'os.execv(argv[0], argv)')
+
+JOBCTL_SHELL = r'''
+import os, signal, sys, time
+# a job-control shell on pty 2: `ckpt restore --tty inherit` is its job (its
+# own group, in the foreground); when the job stops the shell takes the
+# terminal back and notes it, and runs `fg` once the file "fg" appears
+path, repo, img, out = sys.argv[1:5]
+fd = os.open(path, os.O_RDWR)
+for n in (0, 1, 2):
+    os.dup2(fd, n)
+os.closerange(3, 1024)
+signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+r, w = os.pipe()
+child = os.fork()
+if child == 0:
+    os.setpgid(0, 0)
+    os.tcsetpgrp(0, os.getpid())
+    signal.signal(signal.SIGTTOU, signal.SIG_DFL)
+    os.dup2(w, 1)
+    os.dup2(w, 2)
+    os.chdir(repo)
+    os.execv(sys.executable, [sys.executable, "-m", "engine", "restore", "-D", img, "--tty", "inherit"])
+os.close(w)
+try:
+    os.setpgid(child, child)                     # (both sides, as a shell does)
+except PermissionError:
+    pass                                         # it did, and ran ckpt already
+os.tcsetpgrp(0, child)
+with open(os.path.join(out, "ckpt-pid.tmp"), "w") as f:
+    f.write(str(child))
+os.rename(os.path.join(out, "ckpt-pid.tmp"), os.path.join(out, "ckpt-pid"))
+stops = 0
+while True:
+    _, st = os.waitpid(child, os.WUNTRACED)
+    if not os.WIFSTOPPED(st):
+        break
+    os.tcsetpgrp(0, os.getpgrp())
+    stops += 1
+    open(os.path.join(out, f"stopped-{stops}"), "w").close()
+    while not os.path.exists(os.path.join(out, "fg")):
+        time.sleep(0.05)
+    os.unlink(os.path.join(out, "fg"))
+    os.tcsetpgrp(0, child)
+    os.killpg(child, signal.SIGCONT)
+said = os.read(r, 65536).decode(errors="replace")
+with open(os.path.join(out, "restore-rc.tmp"), "w") as f:
+    f.write(f"{os.waitstatus_to_exitcode(st)} {said}")
+os.rename(os.path.join(out, "restore-rc.tmp"), os.path.join(out, "restore-rc"))
+time.sleep(600)
+'''
+
+
+def test_shell_pipeline_in_the_foreground_is_waited_for_as_a_whole_and_follows_job_control(procs, tmp_path):
+    """A job that is a tree (`sh -c 'cat | sort'`: one group of three),
+    dumped with --shell-job from one shell and restored by a job-control
+    shell on another terminal with --tty inherit: ckpt restore stands for
+    the job there, as `fg` would. It returns only once the whole group is
+    gone (sort prints what cat read, after ^D); ^Z stops the job and ckpt
+    with it (the shell gets the terminal back and sees a stopped job), and
+    the shell's fg gives the terminal back to the job and continues it."""
+    import subprocess
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    m1, path1 = _new_pty()
+    m2, path2 = _new_pty()
+    shells = []
+    try:
+        (tmp_path / "shell1.py").write_text(JOB_SHELL)
+        (tmp_path / "shell2.py").write_text(JOBCTL_SHELL)
+        s1 = subprocess.Popen([python_exe(), str(tmp_path / "shell1.py"), path1, str(tmp_path), "/bin/sh", "-c",
+                               "cat | sort"], close_fds=True, start_new_session=True)
+        shells.append(s1)
+        wait_for(lambda: (tmp_path / "job-pid").exists(), what="the job")
+        job = int((tmp_path / "job-pid").read_text())
+
+        def kids():
+            with open(f"/proc/{job}/task/{job}/children") as f:
+                return [int(k) for k in f.read().split()]
+        wait_for(lambda: sorted(_comm(k) for k in kids()) == ["cat", "sort"]
+                 and all(_stat(k)[0] == "S" for k in kids()), what="cat | sort")
+        members = [job] + kids()
+        dump(job, str(tmp_path / "img"), Options(shell_job=True))
+        wait_for(lambda: not any(os.path.exists(f"/proc/{p}") for p in members), what="the dumped job to go")
+        s2 = subprocess.Popen([python_exe(), str(tmp_path / "shell2.py"), path2, repo, str(tmp_path / "img"),
+                               str(tmp_path)], close_fds=True, start_new_session=True)
+        shells.append(s2)
+        wait_for(lambda: all(_in_session(p, s2.pid) for p in members) or (tmp_path / "restore-rc").exists(),
+                 timeout=60, what="the restore")
+        for p in members:
+            procs.adopt(p)
+        ckpt = int((tmp_path / "ckpt-pid").read_text())
+        assert {_stat(p)[2] for p in members} == {job}                 # one group, the terminal's foreground
+        wait_for(lambda: _stat(s2.pid)[5] == job, what="the job in the foreground")
+        os.write(m2, b"pear\napple\n")
+        assert b"apple" in _read_until(m2, b"apple\r\n", 10)
+        s2fd = os.open(path2, os.O_RDWR | os.O_NOCTTY)
+        try:
+            # read by cat (a ^Z flushes what the terminal still holds: isig)
+            wait_for(lambda: _inq(s2fd) == 0, what="cat to read the lines")
+        finally:
+            os.close(s2fd)
+        # ckpt restore, the job's parent, waits for it
+        # (the restorer, the members' parent until then, reports and exits)
+        wait_for(lambda: _parent(job) == ckpt or (tmp_path / "restore-rc").exists(), timeout=10,
+                 what="ckpt restore to be the job's parent")
+        assert _parent(job) == ckpt and not (tmp_path / "restore-rc").exists()
+        os.write(m2, b"\x1a")                                       # ^Z: the job stops, and ckpt with it
+        wait_for(lambda: (tmp_path / "stopped-1").exists() or (tmp_path / "restore-rc").exists(), timeout=20,
+                 what="ckpt restore to stop")
+        assert (tmp_path / "stopped-1").exists(), (tmp_path / "restore-rc").read_text()
+        assert all(_stat(p)[0] == "T" for p in members)
+        assert _stat(s2.pid)[5] == s2.pid                              # the shell has its terminal back
+        (tmp_path / "fg").touch()                                      # fg: the job continues, in the foreground
+        wait_for(lambda: all(_stat(p)[0] == "S" for p in members) and _stat(s2.pid)[5] == job, timeout=20,
+                 what="the job to continue in the foreground")
+        assert _stat(ckpt)[0] != "T" and not (tmp_path / "restore-rc").exists()
+        os.write(m2, b"\x04")                                       # ^D: cat ends, sort prints, sh exits
+        wait_for(lambda: (tmp_path / "restore-rc").exists(), timeout=20, what="the job to end")
+        shown = _read_until(m2, b"pear\r\n", 2)
+        assert b"apple\r\npear\r\n" in shown, shown
+        assert (tmp_path / "restore-rc").read_text().startswith(f"0 ckpt: restored pid {job}")
+        assert not any(_live(p) for p in members)                     # the whole job is gone
+        assert _stat(s2.pid)[5] == ckpt                                # the terminal: ckpt's group took it back
+    finally:
+        for s in shells:
+            s.kill()
+            s.wait()
+        os.close(m1)
+        os.close(m2)
+
+
+def _live(pid: int) -> bool:
+    try:
+        return _stat(pid)[0] not in "ZX"
+    except OSError:
+        return False
+
+
+def _inq(fd: int) -> int:
+    import fcntl
+    import struct
+    import termios
+    return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0" * 4))[0]
+
+
+def _stat(pid: int) -> list:
+    """/proc/PID/stat after the command: [state, ppid, pgrp, session, tty_nr, tpgid]."""
+    with open(f"/proc/{pid}/stat") as f:
+        rest = f.read().rsplit(")", 1)[1].split()
+    return [rest[0]] + [int(x) for x in rest[1:6]]
+
+
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
 
 def _in_session(pid: int, sid: int) -> bool:
     try:

@@ -48,7 +48,7 @@ def run(target, name: str, engine: str = "ckpt", verify: float = 0) -> runner.Re
 
 
 @pytest.mark.parametrize("name", ["cthreads.yaml", "python-pool.yaml", "shell-loop.yaml", "pipeline.yaml",
-                                  "sqlite-transaction.yaml", "less-shell-job.yaml",
+                                  "sqlite-transaction.yaml", "less-shell-job.yaml", "vim-shell-job.yaml",
                                   "less-pty.yaml"])
 def test_program_restored_and_proved(target, name):
     res = run(target, name)

@@ -537,31 +537,124 @@ def tty_path(option: str) -> str:
     return _inherit_path() if option == "inherit" else option
 
 
-def wait_foreground(pid: int, path: str) -> None:
-    """ckpt restore of a foreground shell job: wait, as its parent, until
-    it exits or stops, then take the terminal back for ckpt's group (the
-    shell that ran ckpt takes it from there)."""
+def wait_foreground(pgid: int, path: str) -> None:
+    """ckpt restore of a foreground shell job (one process, or a tree's
+    foreground group: a pipeline, a program and its children): wait, as
+    its parent (the child subreaper: members orphaned on the way come to
+    ckpt), until no process of group `pgid` is left, as a shell's `fg`
+    waits for the whole job; then take the terminal `path` back for ckpt's
+    group (the shell that ran ckpt takes it from there).
+
+    When every process of the group is stopped (^Z), ckpt takes the
+    terminal back and stops itself (SIGTSTP), so the shell that ran it
+    sees a stopped job, as sudo(8) does: its `fg` (SIGCONT, the terminal
+    given to ckpt's group) gives the terminal to the job again and
+    continues it; `bg` continues it in the background. ckpt returning
+    instead would orphan the stopped group, and the kernel would send it
+    SIGHUP and SIGCONT (kill_orphaned_pgrp): most programs die of that.
+    With no job-control shell above ckpt (its own group orphaned: the
+    kernel drops a SIGTSTP sent there) ckpt keeps waiting, the job stopped
+    in the foreground until something continues it."""
     import signal as _signal
+    old = _signal.pthread_sigmask(_signal.SIG_BLOCK, {_signal.SIGCHLD, _signal.SIGTTOU})
+    try:
+        while True:
+            _reap_children()
+            procs = _proc_table()
+            group = [p for p, (_, pg, _, state) in procs.items() if pg == pgid and state not in "ZX"]
+            if not group:
+                break
+            if all(procs[p][3] == "T" for p in group) and not _orphaned(os.getpgrp(), procs):
+                _suspend(pgid, path)
+                continue
+            # Every member ckpt's child: each exit or stop sends ckpt a
+            # SIGCHLD. A member's child (in the group too) only tells its
+            # parent: looked at again every 0.2 s.
+            mine = all(procs[p][0] == os.getpid() for p in group)
+            _signal.sigtimedwait({_signal.SIGCHLD}, 3600 if mine else 0.2)
+        _take_back(path, pgid)
+    finally:
+        _signal.pthread_sigmask(_signal.SIG_SETMASK, old)
+
+
+def _reap_children() -> None:
     while True:
         try:
-            _, status = os.waitpid(pid, os.WUNTRACED)
+            if os.waitpid(-1, os.WNOHANG)[0] <= 0:
+                return
         except ChildProcessError:
-            break
-        except InterruptedError:
+            return
+
+
+def _proc_table() -> Dict[int, tuple]:
+    """{pid: (ppid, pgrp, session, state)} of every process /proc shows."""
+    out: Dict[int, tuple] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
             continue
-        if os.WIFEXITED(status) or os.WIFSIGNALED(status) or os.WIFSTOPPED(status):
-            break
-    old = _signal.pthread_sigmask(_signal.SIG_BLOCK, {_signal.SIGTTOU})
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                rest = f.read().rsplit(b")", 1)[1].split()
+            out[int(name)] = (int(rest[1]), int(rest[2]), int(rest[3]), rest[0].decode())
+        except (OSError, IndexError, ValueError):
+            continue
+    return out
+
+
+def _orphaned(pgrp: int, procs: Dict[int, tuple]) -> bool:
+    """No process of group `pgrp` has its parent in another group of the
+    same session (the kernel's orphaned process group: no shell there to
+    continue it, and a SIGTSTP sent there is dropped)."""
+    for ppid, pg, sid, state in procs.values():
+        parent = procs.get(ppid)
+        if pg == pgrp and state not in "ZX" and parent is not None and parent[1] != pgrp and parent[2] == sid:
+            return False
+    return True
+
+
+def _suspend(pgid: int, path: str) -> None:
+    """The job stopped: ckpt stops too, for the shell that ran it; once
+    continued, the job is continued, in the foreground if ckpt is."""
+    import signal as _signal
     try:
         fd = os.open(path, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
-        try:
-            os.tcsetpgrp(fd, os.getpgrp())
-        finally:
-            os.close(fd)
+    except OSError:
+        return
+    try:
+        os.tcsetpgrp(fd, os.getpgrp())            # SIGTTOU blocked (wait_foreground)
+        os.kill(os.getpid(), _signal.SIGTSTP)     # stopped here until the shell's fg or bg
+        if os.tcgetpgrp(fd) == os.getpgrp():      # fg: the shell gave ckpt the terminal
+            os.tcsetpgrp(fd, pgid)
+        os.killpg(pgid, _signal.SIGCONT)
     except OSError:
         pass
     finally:
-        _signal.pthread_sigmask(_signal.SIG_SETMASK, old)
+        os.close(fd)
+
+
+def _take_back(path: str, pgid: int) -> None:
+    """The terminal back to ckpt's group once the job is gone, unless a
+    live group other than the job's holds it (ckpt continued in the
+    background: the shell's own group has it)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        held = os.tcgetpgrp(fd)
+        if held != pgid and held != os.getpgrp():
+            try:
+                os.killpg(held, 0)
+                return
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                return
+        os.tcsetpgrp(fd, os.getpgrp())
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _inherit_path() -> str:
@@ -697,10 +790,11 @@ def finish(rec: dict, ctx, task) -> None:
     if rec.get("outside"):
         if rec.get("fg_own") and not ctx.shared.get("tty:foreground-set"):
             # it was its terminal's foreground job: so it is on the new one
-            # (the restorer is in ckpt's group, the foreground one, so may)
+            # (the restorer is in ckpt's group, the foreground one, so may);
+            # its group: in a tree, a member other than the group's leader may come first
             fd = os.open(tty_path(ctx.options.tty), os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
             try:
-                os.tcsetpgrp(fd, task.pid)
+                os.tcsetpgrp(fd, os.getpgid(task.pid))
             finally:
                 os.close(fd)
             ctx.shared["tty:foreground-set"] = True
