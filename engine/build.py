@@ -338,9 +338,20 @@ class Builder:
             from .tree_restore import map_shared     # a tree's only (its import costs a restore ~25 ms under TCG)
             for v, flags in shared_later:
                 total += map_shared(self, v, flags)
-        for v, force, prot, final in later:
-            if v["pages"] and v["start"] not in self.in_place and v["kind"] != "sysvshm":
-                total += self._write_pages(v["pages"], force)
+        writes = [(v, force) for v, force, _, _ in later
+                  if v["pages"] and v["start"] not in self.in_place and v["kind"] != "sysvshm"]
+        from .uffdfill import AnonFill     # private anonymous memory by UFFDIO_COPY, when worth it
+        fill = AnonFill.open(self, [v for v, force in writes if not force])
+        leftover = []
+        try:
+            for v, force in writes:
+                mine = fill is not None and not force and fill.covers(v["start"], v["end"] - v["start"])
+                total += self._write_pages(v["pages"], force, fill if mine else None)
+        finally:
+            if fill is not None:
+                leftover = fill.close()
+        if leftover:
+            total += self.job.pages.write_runs(self.pid, leftover)
         for v, force, prot, final in later:
             start, size = v["start"], v["end"] - v["start"]
             for f in v["flags"]:
@@ -350,17 +361,17 @@ class Builder:
                 self.pending.add("mprotect", start, size, final)
         self.page_bytes = total
 
-    def _write_pages(self, runs: list, force: bool) -> int:
-        """Pages into the new process. Large regions are split between two
-        threads: most of the cost is the kernel allocating and zeroing the
-        new pages, which then happens on two CPUs (process_vm_writev runs
-        without the GIL)."""
+    def _write_pages(self, runs: list, force: bool, fill=None) -> int:
+        """Pages into the new process (`fill`: by UFFDIO_COPY, engine/uffdfill.py).
+        Large regions are split between two threads: most of the cost is
+        the kernel allocating (and for process_vm_writev zeroing) the new
+        pages, which then happens on two CPUs (both run without the GIL)."""
         pages = self.job.pages
         if force:
             return pages.write_runs(self.pid, runs, self.task.mem_fd())
         nbytes = sum(r[1] for r in runs) * PAGE
         if nbytes < PARALLEL_MIN or len(runs) < 2:
-            return pages.write_runs(self.pid, runs)
+            return pages.write_runs(self.pid, runs, fill=fill)
         half, acc = len(runs), 0
         for i, r in enumerate(runs):
             acc += r[1] * PAGE
@@ -370,7 +381,8 @@ class Builder:
         from concurrent.futures import ThreadPoolExecutor
         from .placement import spread
         with spread(), ThreadPoolExecutor(max_workers=2) as pool:
-            parts = [pool.submit(pages.write_runs, self.pid, part) for part in (runs[:half], runs[half:]) if part]
+            parts = [pool.submit(pages.write_runs, self.pid, part, None, fill)
+                     for part in (runs[:half], runs[half:]) if part]
             return sum(f.result() for f in parts)
 
     def process_state(self) -> None:

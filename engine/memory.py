@@ -294,14 +294,26 @@ class PageSource:
             if isinstance(buf, mmap.mmap) and self.leases[fi] is None:     # a mapped file frees nothing
                 buf.madvise(mmap.MADV_DONTNEED, off, n * PAGE)
 
-    def write_runs(self, pid: int, runs: Sequence[Sequence[int]], mem_fd: Optional[int] = None) -> int:
+    def write_runs(self, pid: int, runs: Sequence[Sequence[int]], mem_fd: Optional[int] = None, fill=None) -> int:
         """Write runs into process `pid` (process_vm_writev, batched);
         returns bytes written. Raises EngineError on a short write. The
-        buffer pages written are freed (_release): each run is written once."""
+        buffer pages written are freed (_release): each run is written once.
+        `fill` (engine/uffdfill.py AnonFill, whose ranges hold the runs):
+        copied by UFFDIO_COPY instead; what it could not copy is left in
+        fill.leftover, for this method once fill is closed."""
         faults.point("restore.pages")
         if self.dropped:
             raise EngineError("the page data was dropped by this process (it is the restorer's)")
         total = 0
+        if fill is not None:
+            for r in runs:
+                _, n, fi, off = r
+                done = fill.copy(r, self.addrs[fi] + off)
+                total += done
+                self._check_leases([r])
+                if done:
+                    self._release([[r[0], done // PAGE, fi, off]])
+            return total
         if mem_fd is not None:
             # Non-writable private mappings: /proc/PID/mem writes with
             # FOLL_FORCE, copy-on-writing the page as a debugger's would.

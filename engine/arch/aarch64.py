@@ -143,7 +143,7 @@ SYS: Dict[str, int] = {
     "capset": 91, "setfsuid": 151, "setfsgid": 152,   # engine/creds.py
     "chroot": 51,   # engine/fsroot.py
     "mbind": 235, "get_mempolicy": 236, "set_mempolicy": 237,   # engine/mempolicy.py
-    "prlimit64": 261, "rseq": 293, "clone3": 435, "close_range": 436,
+    "prlimit64": 261, "rseq": 293, "clone3": 435, "close_range": 436, "userfaultfd": 282,
     "timer_create": 107, "timer_gettime": 108, "timer_getoverrun": 109, "timer_settime": 110,
     "timer_delete": 111, "sched_setaffinity": 122, "sched_getaffinity": 123,
     "ioprio_set": 30, "ioprio_get": 31, "sched_setattr": 274, "sched_getattr": 275, "seccomp": 277,

@@ -106,7 +106,7 @@ SYS: Dict[str, int] = {
     "setresgid": 119, "getpgid": 121, "getsid": 124, "sigaltstack": 131,
     "personality": 135, "prctl": 157, "gettid": 186, "set_tid_address": 218,
     "exit": 60, "exit_group": 231, "set_robust_list": 273, "get_robust_list": 274,
-    "dup3": 292, "prlimit64": 302, "rseq": 334, "clone3": 435, "close_range": 436,
+    "dup3": 292, "prlimit64": 302, "rseq": 334, "clone3": 435, "close_range": 436, "userfaultfd": 323,
     "timer_create": 222, "timer_settime": 223, "timer_gettime": 224, "timer_getoverrun": 225,
     "timer_delete": 226, "sched_setaffinity": 203, "sched_getaffinity": 204,
     "ioprio_set": 251, "ioprio_get": 252, "sched_setattr": 314, "sched_getattr": 315, "seccomp": 317,
