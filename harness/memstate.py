@@ -15,7 +15,9 @@ What may still legitimately change, and is left out of the digest:
     retried, setting errno), and the kernel writes the current CPU into the
     rseq area whenever the thread returns to user space on another CPU;
   * the stack below the stack pointer (minus the red zone): dead bytes
-    that the retry of the interrupted call writes again.
+    that the retry of the interrupted call writes again;
+  * droppable mappings (MAP_DROPPABLE, Linux 6.11; glibc >= 2.41's vDSO
+    getrandom state): the kernel may zero them at any moment.
 The retry also leaves its locals in the live frames above the stack
 pointer. So before digesting, the harness *nudges* the process once
 (PTRACE_SEIZE, PTRACE_INTERRUPT, detach): the same interruption the freeze
@@ -38,6 +40,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import time
 from typing import Dict, List, Optional, Tuple
 
@@ -109,13 +112,34 @@ def _regions(pid: int) -> List[Tuple[int, int, bool]]:
     hi, anonymous): a page of an anonymous one that is in neither memory
     nor swap holds zeros, a file's holds the file's bytes."""
     out = []
+    droppable = _droppable(pid)
     for line in (_read(f"/proc/{pid}/maps") or "").splitlines():
         parts = line.split(None, 5)
         perms, name = parts[1], (parts[5].strip() if len(parts) > 5 else "")
         if perms[0] == "r" and perms[2] != "x" and perms[3] == "p" \
                 and not (name.startswith("[") and name not in ("[heap]", "[stack]")):
             lo, hi = (int(x, 16) for x in parts[0].split("-"))
-            out.append((lo, hi, name in ("", "[heap]", "[stack]")))
+            if lo not in droppable:
+                out.append((lo, hi, name in ("", "[heap]", "[stack]")))
+    return out
+
+
+def _droppable(pid: int) -> set:
+    """The starts of the process's droppable mappings (VmFlags "dp",
+    mmap MAP_DROPPABLE, Linux 6.11): the kernel may zero their pages at any
+    moment, so their bytes are not the process's to keep, and an exact
+    restore leaves them out (glibc >= 2.41 keeps its vDSO getrandom state in
+    one: a copy would hand two processes the same random bytes; engine/dump.py).
+    Read from smaps, which only kernels that have such mappings need."""
+    if tuple(int(x) for x in re.findall(r"\d+", os.uname().release)[:2]) < (6, 11):
+        return set()
+    out, start = set(), None
+    for line in (_read(f"/proc/{pid}/smaps") or "").splitlines():
+        head = line.split(None, 1)[0]
+        if "-" in head and not head.endswith(":"):
+            start = int(head.split("-")[0], 16)
+        elif head == "VmFlags:" and start is not None and "dp" in line.split()[1:]:
+            out.add(start)
     return out
 
 

@@ -189,7 +189,7 @@ class ScenarioItem(pytest.Item):
             self.user_properties.append(("crucible", row))
             crucible.failed = True
             raise
-        expect = schema.effective_expect(self.scenario, target.kernel)
+        expect = schema.effective_expect(self.scenario, target.kernel, crucible.distro)
         row["expected"] = runner.expected_text(expect)
         row["kernel"] = target.kernel
         self.expect = expect
@@ -219,7 +219,7 @@ class ScenarioItem(pytest.Item):
         target = crucible.primary()
         res = runner.run_scenario(sc, sid, engine, target, other=crucible.other if crucible.can_migrate else None,
                                   scale=self.config.getoption("guest_timeout_scale"))
-        return res, runner.judge(schema.effective_expect(sc, target.kernel), res, strict=engine.strict)
+        return res, runner.judge(schema.effective_expect(sc, target.kernel, crucible.distro), res, strict=engine.strict)
 
     def repr_failure(self, excinfo, style=None):
         e = excinfo.value

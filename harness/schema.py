@@ -522,6 +522,11 @@ SCENARIO = Map({
     # where the kernel does not expose the state (say `why`).
     "older_kernels": Map({"below": KernelVersion(), "expect": _expect(), "why": Str()},
                          required=("below", "expect", "why")),
+    # What the only exact answer is in guests of one distro, where its own
+    # programs differ (say `why`): trixie's xz sandboxes itself with Landlock.
+    # It wins over older_kernels.
+    "distros": Map({d: Map({"expect": _expect(), "why": Str()}, required=("expect", "why"))
+                    for d in ("bookworm", "trixie")}),
     # Kernels older than `version` cannot run the scenario at all (skipped,
     # saying `why`): state no engine can read there, and no refusal possible
     # because nothing shows it is in use (README "Known limits").
@@ -543,8 +548,11 @@ def below_min_kernel(sc: dict, kernel_release: str) -> str:
     return ""
 
 
-def effective_expect(sc: dict, kernel_release: str) -> dict:
-    """The scenario's ``expect``, or ``older_kernels.expect`` on an older kernel."""
+def effective_expect(sc: dict, kernel_release: str, distro: str = "") -> dict:
+    """The scenario's ``expect``; ``distros.<distro>.expect`` in that distro;
+    else ``older_kernels.expect`` on an older kernel."""
+    if distro in (sc.get("distros") or {}):
+        return sc["distros"][distro]["expect"]
     old = sc.get("older_kernels")
     if old and kernel_release and kernel_tuple(kernel_release) < kernel_tuple(old["below"]):
         return old["expect"]
@@ -561,6 +569,15 @@ def fd_numbers(entry: dict) -> List[int]:
 def ipaddress_of(seg: dict, key: str):
     import ipaddress
     return ipaddress.ip_interface(seg[key]).ip
+
+
+def _expectations(data: dict):
+    """(key, expectation) of every expectation a scenario states."""
+    yield "expect", data.get("expect", {})
+    if "older_kernels" in data:
+        yield "older_kernels", data["older_kernels"].get("expect", {})
+    for d, alt in sorted((data.get("distros") or {}).items()):
+        yield "distros", alt.get("expect", {})
 
 
 def _cross_checks(c: _Ctx, root: yaml.MappingNode, data: dict) -> None:
@@ -584,8 +601,8 @@ def _cross_checks(c: _Ctx, root: yaml.MappingNode, data: dict) -> None:
         if data.get("restore_on") == "other":
             raise c.fail(node_of("restore_on"), "restore_on", "a program workload is restored on the same guest")
         _program_checks(c, node_of, prog)
-        for key in ("expect", "older_kernels"):
-            ref = (data.get(key, {}) if key == "expect" else data.get(key, {}).get("expect", {})).get("refused")
+        for key, exp in _expectations(data):
+            ref = exp.get("refused")
             if ref is not None:
                 if "fd" in ref:
                     raise c.fail(node_of(key), f"{key}.refused.fd",
@@ -632,8 +649,7 @@ def _cross_checks(c: _Ctx, root: yaml.MappingNode, data: dict) -> None:
             if want != [e["bind"], e.get("peer_bind")]:
                 raise c.fail(node_of("workload", "fds", i), f"workload.fds[{i}].bind",
                              "bind and peer_bind are the segment's moves and stays addresses (without prefix)")
-    for key in ("expect", "older_kernels"):
-        exp = data.get(key, {}) if key == "expect" else data.get(key, {}).get("expect", {})
+    for key, exp in _expectations(data):
         ref = exp.get("refused")
         if ref and "also" in ref:
             raise c.fail(node_of(key), f"{key}.refused.also", "only a program workload refuses with a set of reasons")

@@ -194,6 +194,27 @@ def test_older_kernels_expectation_applies_below_the_version():
     assert error(GOOD + "older_kernels: {below: '6.6', expect: restored}\n").key == "older_kernels.why"
 
 
+def test_a_distros_expectation_applies_in_that_distro_only_and_wins():
+    sc = load(GOOD + textwrap.dedent("""\
+        older_kernels: {below: "6.6", why: old, expect: restored}
+        distros:
+          trixie:
+            why: its xz sandboxes itself
+            expect: {refused: {reason: unsupported-state, at: dump}}
+        """))
+    refused = {"refused": {"reason": "unsupported-state", "at": "dump"}}
+    assert schema.effective_expect(sc, "6.12.0", "trixie") == refused
+    assert schema.effective_expect(sc, "6.1.0", "trixie") == refused         # wins over older_kernels
+    assert schema.effective_expect(sc, "6.12.0", "bookworm") == sc["expect"]
+    assert schema.effective_expect(sc, "6.1.0", "bookworm") == {"restored": True}
+    assert schema.effective_expect(sc, "6.12.0") == sc["expect"]
+    e = error(GOOD + "distros: {sid: {why: x, expect: restored}}\n")
+    assert e.key == "distros.sid" and e.line == len(GOOD.splitlines()) + 1
+    assert error(GOOD + "distros: {trixie: {expect: restored}}\n").key == "distros.trixie.why"
+    assert error(GOOD + "distros: {trixie: {why: x, expect: {refused: {reason: nonsense, at: dump}}}}\n").key \
+        == "distros.trixie.expect.refused.reason"
+
+
 @pytest.mark.parametrize("entry,key,words", [
     ("{fd: 3, socket: unix-pair, peer_fd: 4, carry: [file, fifo]}", "workload.fds[0].carry[1]", "one of"),
     ("{fd: 3, socket: tcp-listen, carry: [file]}", "workload.fds[0].carry", "only a unix-pair"),
