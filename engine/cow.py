@@ -71,16 +71,29 @@ def key(v: dict) -> tuple:
 
 # -- dump ------------------------------------------------------------------------
 
-def _entries(pid: int, v: dict) -> Optional[bytes]:
+def _entries(pid: int, v: dict, fds: Optional[Dict[int, Optional[int]]] = None) -> Optional[bytes]:
+    """The raw pagemap entries of v's pages. fds: {pid: its pagemap fd,
+    or None where it would not open}, kept open by the caller for the
+    next mapping (a tree's members: ~16 mappings each, compared with
+    both a parent's and a child's)."""
     n = (v["end"] - v["start"]) // PAGE
-    try:
-        fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
+    fd = fds.get(pid, -1) if fds is not None else -1
+    if fd is None:
         return None
+    if fd < 0:
+        try:
+            fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            if fds is not None:
+                fds[pid] = None
+            return None
+        if fds is not None:
+            fds[pid] = fd
     try:
         raw = os.pread(fd, n * 8, v["start"] // PAGE * 8)
     finally:
-        os.close(fd)
+        if fds is None:
+            os.close(fd)
     return raw if len(raw) == n * 8 else None
 
 
@@ -150,23 +163,29 @@ def find(members: List[Tuple[int, int, List[dict]]]) -> Dict[int, Dict[int, List
     out: Dict[int, Dict[int, List[List[int]]]] = {}
     if not pfns_visible():
         return out
-    for pid, ppid, vmas in members:
-        theirs = by_pid.get(ppid)
-        if not theirs:
-            continue
-        index = {key(w): w for w in theirs if _eligible(w)}
-        for v in vmas:
-            faults.point("dump.tree.cow")
-            w = index.get(key(v)) if _eligible(v) else None
-            if w is None:
+    fds: Dict[int, Optional[int]] = {}
+    try:
+        for pid, ppid, vmas in members:
+            theirs = by_pid.get(ppid)
+            if not theirs:
                 continue
-            both = {"start": v["start"], "end": min(v["end"], w["end"])}
-            a, b = _entries(pid, both), _entries(ppid, both)
-            if a is None or b is None:
-                continue
-            runs = shared_runs(a, b, v["start"], v["kind"] == "file")
-            if runs:
-                out.setdefault(pid, {})[v["start"]] = runs
+            index = {key(w): w for w in theirs if _eligible(w)}
+            for v in vmas:
+                faults.point("dump.tree.cow")
+                w = index.get(key(v)) if _eligible(v) else None
+                if w is None:
+                    continue
+                both = {"start": v["start"], "end": min(v["end"], w["end"])}
+                a, b = _entries(pid, both, fds), _entries(ppid, both, fds)
+                if a is None or b is None:
+                    continue
+                runs = shared_runs(a, b, v["start"], v["kind"] == "file")
+                if runs:
+                    out.setdefault(pid, {})[v["start"]] = runs
+    finally:
+        for fd in fds.values():
+            if fd is not None:
+                os.close(fd)
     return out
 
 
