@@ -353,8 +353,11 @@ def sameness_problems(pid: int, tid: int, lead: Optional[dict] = None) -> List[s
     return out
 
 
-def thread_state(task: Task, leader: Task, vmas: List[dict]) -> dict:
-    """One non-leader thread's record (its xstate is written separately)."""
+def thread_state(task: Task, leader: Task, vmas: List[dict], seccomp_mode: Optional[int] = None) -> dict:
+    """One non-leader thread's record (its xstate is written separately).
+    seccomp_mode: the thread's mode as survey() read it, frozen (only the
+    thread itself, or a TSYNC of another of its frozen threads, changes
+    it): not read from its status again."""
     from .dump import SCRATCH, _rseq, _scratch, refuse_pdeath_signal, robust_list, task_sigmask
     tid, pid = task.pid, task.tgid
     faults.point("dump.thread")
@@ -363,7 +366,7 @@ def thread_state(task: Task, leader: Task, vmas: List[dict]) -> dict:
     comm = read_all(f"/proc/{pid}/task/{tid}/comm").decode().rstrip("\n")
     rec = {"tid": tid, "comm": comm, "regs": task.image_regs.to_dict(), "sigmask": task_sigmask(task),
            "rseq": _rseq(task), "robust_list": robust_list(tid), "sched": sched.dump(tid), "sud": task.sud,
-           "seccomp": seccomp.dump(tid, seccomp.thread_mode(pid, tid))}
+           "seccomp": seccomp.dump(tid, seccomp.thread_mode(pid, tid) if seccomp_mode is None else seccomp_mode)}
     pre = getattr(task, "prefetched_thread", None)
     if pre is not None:
         pre = dict(pre)
@@ -551,7 +554,7 @@ def survey(s, leader: Task, others: List[Task], state: Optional[dict]) -> List[d
             s.refuse("interrupted syscall", "process", Refusal("unsupported-state", f"thread {t.pid}: {t.restart_problem}"))
             continue
         try:
-            rec = thread_state(t, leader, s.vmas)
+            rec = thread_state(t, leader, s.vmas, modes[t.pid])
             procattrs.same_as_leader(rec, (state or {}).get("attrs"), t.pid)
         except Refusal as r:
             s.refuse(what, "process", Refusal(r.reason, f"thread {t.pid}: {r.detail}"))
