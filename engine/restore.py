@@ -486,6 +486,9 @@ def _run_restorer(job, builder=None) -> dict:
             guard.become_worker(parent)     # stops (killing the new process) if ckpt dies
             from .placement import pin
             pin()       # the restorer and what it builds on one CPU (engine/placement.py)
+            for one in (getattr(job, "jobs", None) or {0: job}).values():
+                if getattr(one, "pages", None) is not None:
+                    one.pages.keep_from_children()      # not copied into the new process's clone
             from .task import INJECTED
             INJECTED.update(round_trips=0, batched_calls=0)     # this restore's only
             from .profiling import run as profiled

@@ -76,3 +76,27 @@ def test_writes_are_cut_so_each_freed_piece_is_small():
     assert all(sum(r[1] for r in b) * PAGE <= WRITE_STEP for b in batches if len(b) > 1)
     assert batches[-1] == [runs[-1]]        # a run bigger than a step is written alone
     assert len(batches) == 4
+
+
+def test_children_of_the_restorer_get_no_page_mappings():
+    """keep_from_children: the new process, a clone of the restorer, does
+    not get (copy, then unmap) the page buffers; the restorer keeps them."""
+    buf, src = _source()
+    addr = src.addrs[0]
+    src.keep_from_children()
+    r, w = os.pipe()
+    child = os.fork()
+    if child == 0:      # pragma: no cover - the child
+        try:
+            maps = open("/proc/self/maps").read()
+            os.write(w, b"mapped" if f"{addr:x}-" in maps else b"absent")
+        finally:
+            os._exit(0)
+    os.close(w)
+    try:
+        assert os.read(r, 16) == b"absent"
+    finally:
+        os.close(r)
+        os.waitpid(child, 0)
+    assert buf[:PAGE] == b"\x11" * PAGE
+    src.close()
