@@ -378,12 +378,18 @@ class Builder:
             if acc >= nbytes // 2:
                 half = i + 1
                 break
-        from concurrent.futures import ThreadPoolExecutor
+        # engine/parallel.py, not concurrent.futures: its import (logging...)
+        # cost a restore ~7-14 ms
+        from . import parallel
         from .placement import spread
-        with spread(), ThreadPoolExecutor(max_workers=2) as pool:
-            parts = [pool.submit(pages.write_runs, self.pid, part, None, fill)
-                     for part in (runs[:half], runs[half:]) if part]
-            return sum(f.result() for f in parts)
+        parts = [part for part in (runs[:half], runs[half:]) if part]
+        got = [0] * len(parts)
+
+        def job(i: int, _) -> None:
+            got[i] = pages.write_runs(self.pid, parts[i], None, fill)
+        with spread():
+            parallel.run(len(parts), job, 2)
+        return sum(got)
 
     def process_state(self) -> None:
         """Queued (one batch with map_all's madvise/mprotect calls,

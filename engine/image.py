@@ -564,14 +564,17 @@ class ImageReader:
                 return e
 
         # A second file of at least PARALLEL_MIN bytes is worth a thread;
-        # a small image is read here (concurrent.futures alone imports
-        # logging: more than hashing a small process's pages).
+        # a small image is read here. engine/parallel.py, not
+        # concurrent.futures: its import (logging...) cost ~7-14 ms.
         if threads <= 1 or len(names) < 2 or self.files[names[1]]["size"] < PARALLEL_MIN:
             results = [guarded(n) for n in names]
         else:
-            from concurrent.futures import ThreadPoolExecutor
-            with ThreadPoolExecutor(max_workers=threads) as pool:
-                results = list(pool.map(guarded, names))
+            from . import parallel
+            results = [None] * len(names)
+
+            def job(i: int, _) -> None:
+                results[i] = guarded(names[i])
+            parallel.run(len(names), job, threads)
         for res in results:
             if isinstance(res, Refusal):
                 failed = failed or res
