@@ -310,8 +310,9 @@ if child == 0:
 os.setpgid(child, child)                         # a job: its own group, the shell's session
 os.tcsetpgrp(0, child)                           # in the foreground, as a shell runs it
 os.write(go_w, b"x")
-with open(os.path.join(out, "job-pid"), "w") as f:
+with open(os.path.join(out, "job-pid.tmp"), "w") as f:
     f.write(str(child))
+os.rename(os.path.join(out, "job-pid.tmp"), os.path.join(out, "job-pid"))      # whole when seen
 os.waitpid(child, 0)                             # reaps it once dumped
 time.sleep(600)
 '''
@@ -473,6 +474,8 @@ def test_shell_pipeline_in_the_foreground_is_waited_for_as_a_whole_and_follows_j
                  and all(_stat(k)[0] == "S" for k in kids()), what="cat | sort")
         members = [job] + kids()
         dump(job, str(tmp_path / "img"), Options(shell_job=True))
+        for p in members:       # sh: shell1 reaps it; cat and sort may come to this test (a subreaper) to reap
+            procs.reap(p, timeout=10)
         wait_for(lambda: not any(os.path.exists(f"/proc/{p}") for p in members), what="the dumped job to go")
         s2 = subprocess.Popen([python_exe(), str(tmp_path / "shell2.py"), path2, repo, str(tmp_path / "img"),
                                str(tmp_path)], close_fds=True, start_new_session=True)
