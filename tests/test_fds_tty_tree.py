@@ -263,3 +263,12 @@ def test_session_terminal_records_are_checked_before_any_process_exists():
         with pytest.raises(Refusal) as ei:
             session_terminals(members, {10: [bad], 11: recs, 12: []})
         assert ei.value.reason == "image-invalid"
+
+
+def test_tree_restore_names_the_pty_kind():
+    """A tree restore looks for controlling terminals (fds/tty.py) only when
+    some fd record is of the pty kind, which it names without importing
+    fds/tty: the same name."""
+    from engine import tree_restore
+    from engine.fds import tty
+    assert tree_restore.TTY_KIND == tty.KIND
