@@ -186,13 +186,21 @@ def _human(command: str, res: dict) -> str:
     return render(res)
 
 
+#: New container objects between the cyclic collector's young passes.
+YOUNG = 100_000
+
+
 def quiet_collector() -> None:
     """A ckpt run holds ~7k objects and frees its garbage by reference
     counting; at the default threshold (700) the cyclic collector still
     runs ~8 young-generation passes a run: ~2 ms on the host, ~25 ms under
-    TCG (issue 15). It stays on, for cycles, past 20,000 new objects."""
+    TCG (issue 15). It stays on, for cycles, past YOUNG new objects. Not
+    fewer: a 50-process tree's dump and restore each made one pass at
+    20,000, ~2.3 ms of CPU each (a pass costs ~0.1 us for every young
+    object, and a tree's records live to the end), which found 14 to 41
+    objects in cycles."""
     import gc
-    gc.set_threshold(20_000, 10, 10)
+    gc.set_threshold(YOUNG, 10, 10)
 
 
 def leave(code) -> None:
