@@ -19,7 +19,9 @@ How: the new process, stopped and traced and before any of its dumped fds
 exist, makes the userfaultfd (an injected syscall); the restorer takes a
 duplicate of it (pidfd_getfd) and the process closes its own at once, so
 its fd table holds nothing of it (not made at all when the table is full:
-the new fd would have grown it). Each eligible mapping is registered
+the new fd would have grown it; nor under a seccomp filter, inherited
+from the restorer, which might kill it for the call). Each eligible
+mapping is registered
 (missing-page mode), filled, and unregistered. Whatever was not copied (a
 page already there, EEXIST; any error) is left over, and written by
 process_vm_writev once every range is unregistered: in a registered range
@@ -114,7 +116,7 @@ class AnonFill:
         want = [(v["start"], v["end"]) for v in vmas if v["pages"] and eligible(v)]
         if sum(r[1] for v in vmas if v["pages"] and eligible(v) for r in v["pages"]) * PAGE < MIN_BYTES:
             return None
-        if "userfaultfd" not in b.task.arch.SYS or _table_full(b.pid) or thp_on_fault():
+        if "userfaultfd" not in b.task.arch.SYS or _unfit(b.pid) or thp_on_fault():
             return None
         fd = _take_userfaultfd(b)
         if fd is None:
@@ -180,13 +182,18 @@ class AnonFill:
         return sorted(self.leftover)
 
 
-def _table_full(pid: int) -> bool:
-    """Every slot of the fd table taken (a new fd would grow it)."""
+def _unfit(pid: int) -> bool:
+    """The process runs under a seccomp filter (the restorer's, inherited:
+    one that kills on userfaultfd, as a systemd SystemCallFilter without an
+    errno does, would kill it), or every slot of its fd table is taken (a
+    new fd would grow it)."""
+    from .procfs import read_status_fields
     try:
-        with open(f"/proc/{pid}/status") as f:
-            size = next(int(ln.split()[1]) for ln in f if ln.startswith("FDSize:"))
-        return len(os.listdir(f"/proc/{pid}/fd")) >= size
-    except (OSError, StopIteration, ValueError, IndexError):
+        st = read_status_fields(f"/proc/{pid}/status", ("Seccomp", "FDSize"))
+        if st.get("Seccomp", "0").strip() != "0":
+            return True
+        return len(os.listdir(f"/proc/{pid}/fd")) >= int(st["FDSize"])
+    except (OSError, KeyError, ValueError):
         return True
 
 

@@ -28,6 +28,8 @@ FLAGS = (1 << 63) | (1 << 62) | (1 << 61) | (1 << 56) | (1 << 55)  # present, sw
 def _need_uffd():
     if uffdfill.thp_on_fault():
         pytest.skip("THP on fault here: restore keeps process_vm_writev")
+    if uffdfill._unfit(os.getpid()):
+        pytest.skip("under a seccomp filter (or a full fd table): restore keeps process_vm_writev")
 
 
 def _pagemap(pid: int, start: int, n: int) -> list:
@@ -143,3 +145,29 @@ def test_huge_pages_on_fault_keep_the_writev_path(tmp_path, monkeypatch, top, si
     (tmp_path / "hugepages-64kB" / "enabled").write_text(size + "\n")
     monkeypatch.setattr(uffdfill, "THP", str(tmp_path))
     assert uffdfill.thp_on_fault() is want
+
+
+def test_a_process_under_a_seccomp_filter_is_not_asked():
+    """A filter the new process inherits from the restorer might kill it
+    for the injected userfaultfd (systemd's SystemCallFilter without an
+    errno): then no userfaultfd at all. (A filter that allows everything
+    shows as one too.)"""
+    import sys
+    prog = (
+        "import ctypes, struct, time\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "assert libc.prctl(38, 1, 0, 0, 0) == 0\n"                                   # PR_SET_NO_NEW_PRIVS
+        "insn = ctypes.create_string_buffer(struct.pack('<HBBI', 0x06, 0, 0, 0x7fff0000))\n"  # RET ALLOW
+        "prog = ctypes.create_string_buffer(struct.pack('<H6xQ', 1, ctypes.addressof(insn)))\n"
+        "assert libc.prctl(22, 2, ctypes.c_void_p(ctypes.addressof(prog)), 0, 0) == 0\n"  # SECCOMP_MODE_FILTER
+        "print('ready', flush=True)\n"
+        "time.sleep(60)\n")
+    p = subprocess.Popen([sys.executable, "-c", prog], stdout=subprocess.PIPE, close_fds=True)
+    try:
+        assert p.stdout.readline().strip() == b"ready"
+        assert uffdfill._unfit(p.pid)
+        if "Seccomp:\t0" in open("/proc/self/status").read():
+            assert not uffdfill._unfit(os.getpid())
+    finally:
+        p.kill()
+        p.wait()
