@@ -824,6 +824,20 @@ def _restored_facts(procs, pid: int, image: str, facts):
         procs.kill(pid)
 
 
+def _each_edit_changes_only(edits: dict, img: str, tmp_path, restored, want: dict) -> None:
+    """Each mutant of `edits` ({name: the facts it must change}) applied to
+    a copy of `img`, re-sealed, restored: restored(copy) differs from `want`
+    in exactly those facts."""
+    for name, changed in sorted(edits.items()):
+        mine = str(tmp_path / f"img-{name}")
+        shutil.copytree(img, mine)
+        what = mutants.apply_edit(name, mine)
+        ImageReader(mine).verify()
+        got = restored(mine)
+        differ = {k for k in want if got[k] != want[k]}
+        assert differ == changed, f"{name} ({what}): {got} vs {want}"
+
+
 def test_timed_mutants_break_exactly_one_thing(procs, tmp_path):
     p, work, img = _python_target_dumped(procs, tmp_path, TIMED, "the timed target")
 
@@ -833,14 +847,7 @@ def test_timed_mutants_break_exactly_one_thing(procs, tmp_path):
     assert want.pop("brk") and want.pop("robust") and want.pop("altstack")[2] == 65536
     assert want == {"itimer": 1000.0, "posix timer": 500.0, "pending": 1, "lock": p.pid}
     want = restored(img)
-    for name, changed in sorted(TIMED_EDITS.items()):
-        mine = str(tmp_path / f"img-{name}")
-        shutil.copytree(img, mine)
-        what = mutants.apply_edit(name, mine)
-        ImageReader(mine).verify()
-        got = restored(mine)
-        differ = {k for k in want if got[k] != want[k]}
-        assert differ == changed, f"{name} ({what}): {got} vs {want}"
+    _each_edit_changes_only(TIMED_EDITS, img, tmp_path, restored, want)
 
 
 ZOMBIE_PARENT = r"""
@@ -985,14 +992,7 @@ def test_register_mutants_break_exactly_one_thing(procs, tmp_path):
     want = restored(img)
     assert want == {"seen": [0x1111, 0x2222, 0x3333, 0x4444, 0x5555, 0x6666], "bad": 0,
                     "xmm": (0x7777).to_bytes(8, "little").hex() + (0x8888).to_bytes(8, "little").hex()}
-    for name, changed in sorted(REGS_EDITS.items()):
-        mine = str(tmp_path / f"img-{name}")
-        shutil.copytree(img, mine)
-        what = mutants.apply_edit(name, mine)
-        ImageReader(mine).verify()
-        got = restored(mine)
-        differ = {k for k in want if got[k] != want[k]}
-        assert differ == changed, f"{name} ({what}): {got} vs {want}"
+    _each_edit_changes_only(REGS_EDITS, img, tmp_path, restored, want)
     assert p.pid == int(pid)
 
 
@@ -1194,14 +1194,7 @@ def test_root_dispatch_and_leader_eintr_mutants_break_exactly_one_thing(procs, t
         return _restored_facts(procs, p.pid, d, facts)
     want = restored(img)
     assert want == {"root": [str(work / "jail"), True], "sud": [True, True, True], "eintr": 0}, want
-    for name, changed in sorted(JAILED_EDITS.items()):
-        mine = str(tmp_path / f"img-{name}")
-        shutil.copytree(img, mine)
-        what = mutants.apply_edit(name, mine)
-        ImageReader(mine).verify()
-        got = restored(mine)
-        differ = {k for k in want if got[k] != want[k]}
-        assert differ == changed, f"{name} ({what}): {got} vs {want}"
+    _each_edit_changes_only(JAILED_EDITS, img, tmp_path, restored, want)
 
 
 # -- System V shared memory ----------------------------------------------------------
@@ -1266,16 +1259,8 @@ def test_sysv_mutants_break_exactly_one_thing(procs, tmp_path):
         return got
     want = restored(img)
     assert want["id"] == [s[0] for s in segs] and want["mode"] == [0o1600, 0o1600], want
-    for name, changed in sorted(SYSV_EDITS.items()):
-        mine = str(tmp_path / f"img-{name}")
-        shutil.copytree(img, mine)
-        what = mutants.apply_edit(name, mine)
-        ImageReader(mine).verify()
-        got = restored(mine)
-        differ = {k for k in want if got[k] != want[k]}
-        # a segment under another id is another row of /proc/sysvipc/shm: the mode read there
-        # follows it; what the mutant changed is the id (the bytes and the mode are the segment's)
-        assert differ == changed, f"{name} ({what}): {got} vs {want}"
+    # (a segment under another id is another row of /proc/sysvipc/shm: its mode, read there, is unchanged)
+    _each_edit_changes_only(SYSV_EDITS, img, tmp_path, restored, want)
 
 
 # -- the README's two mutant tables ------------------------------------------------------
