@@ -111,7 +111,11 @@ def summarize_rows(rows: Path, agent: Optional[bool] = None, skip_first: bool = 
     steps: Dict[str, List[float]] = {}
     starts: Dict[str, int] = {}
     workload_starts: Dict[str, int] = {}
+    cpu: Dict[str, List[float]] = {}
     for r in use:
+        for k, v in (r.get("cpu") or {}).items():
+            if isinstance(v, (int, float)):
+                cpu.setdefault(k, []).append(v)
         ws = str(r.get("workload_start") or "")
         if ws:
             key = "exec" if ws.startswith("exec") else ws
@@ -127,6 +131,12 @@ def summarize_rows(rows: Path, agent: Optional[bool] = None, skip_first: bool = 
            "step_median_s": {k: round(statistics.median(v), 3) for k, v in sorted(steps.items())},
            "engine_start": starts,
            "workload_start": workload_starts,
+           # where the time went on the host (harness/cpuclock.py): per
+           # scenario, its QEMUs on a CPU and waiting for one, the harness,
+           # how busy the host was (other jobs too); the QEMU CPU total is
+           # the figure least moved by the machine's load
+           "cpu_median_s": {k: round(statistics.median(v), 3) for k, v in sorted(cpu.items())},
+           "qemu_cpu_total_s": round(sum(cpu.get("qemu", [])), 1) if cpu else None,
            "outcomes": {o: sum(1 for r in got if r.get("outcome") == o) for o in sorted({r.get("outcome") for r in got})},
            "load_avg_1m": round(os.getloadavg()[0], 2)}
     if agent is not None:
@@ -157,6 +167,8 @@ def measure_corpus(workers: int, extra: List[str]) -> Dict:
     return {"workers": workers, "wall_s": round(wall, 1), "scenario_runs": n,
             "scenarios_per_minute": round(n / wall * 60, 2) if n else 0.0,
             "median_s": rows["median_s"], "max_s": rows["max_s"], "step_median_s": rows["step_median_s"],
+            "cpu_median_s": rows["cpu_median_s"], "qemu_cpu_total_s": rows["qemu_cpu_total_s"],
+            "load_avg_1m_end": rows["load_avg_1m"],
             "engine_start": rows["engine_start"], "workload_start": rows["workload_start"], "warm_ckpt": os.environ.get("CRUCIBLE_WARM_CKPT", "1") != "0",
             "pytest_exit": p.returncode, "totals": doc.get("totals", {}),
             "summary": (p.stdout.strip().splitlines() or [""])[-1]}

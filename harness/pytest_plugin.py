@@ -19,7 +19,7 @@ from typing import Dict, List, Optional
 
 import pytest
 
-from harness import engines, goldencache, lifeguard, runner, schema
+from harness import cpuclock, engines, goldencache, lifeguard, runner, schema
 from harness import report as report_mod
 from harness.errors import HarnessError
 from harness.targets import REPO, GuestTarget, LocalTarget, Target
@@ -164,7 +164,7 @@ class ScenarioItem(pytest.Item):
         engine = engines.make(self.engine_name)
         row = {"scenario": self.scenario_key, "engine": self.engine_name,
                "expected": runner.expected_text(self.scenario["expect"]), "name": self.scenario["name"],
-               "distro": crucible.distro}
+               "distro": crucible.distro, "worker": crucible.worker, "began": round(time.time(), 2)}
         if self.scenario.get("restore_on") == "other" and not crucible.can_migrate:
             pytest.skip("restore_on: other needs a second guest; --target local has only this host")
         if "program" in self.scenario["workload"] and not crucible.can_migrate:
@@ -173,6 +173,7 @@ class ScenarioItem(pytest.Item):
             if why:
                 pytest.skip(why)
         t0 = time.monotonic()
+        clock = crucible.cpu_begin()
         try:
             target = crucible.primary()
             if schema.below_min_kernel(self.scenario, target.kernel):
@@ -183,7 +184,7 @@ class ScenarioItem(pytest.Item):
                                       scale=self.config.getoption("guest_timeout_scale"))
         except HarnessError as e:
             row.update(outcome="error", got=f"harness error at {e.step}", passed=False, note=e.message,
-                       duration=round(time.monotonic() - t0, 2))
+                       duration=round(time.monotonic() - t0, 2), cpu=crucible.cpu_end(clock))
             if crucible._prep:
                 row["guest_prep"] = crucible.take_prep()
             self.user_properties.append(("crucible", row))
@@ -197,7 +198,8 @@ class ScenarioItem(pytest.Item):
         if revert_s is not None:    # part of the scenario's duration no step holds
             res.timings["revert"] = revert_s
         row.update(outcome=res.outcome, got=runner.outcome_text(res), passed=verdict.passed, note=verdict.note,
-                   duration=round(time.monotonic() - t0, 2), timings=res.timings, detail=res.detail,
+                   duration=round(time.monotonic() - t0, 2), cpu=crucible.cpu_end(clock), timings=res.timings,
+                   detail=res.detail,
                    engine_start=sorted(set(res.engine_start) - {""}), workload_start=res.workload_start,
                    failed_checks=res.failed_checks()[:20], refusals=res.refusals,
                    engine_notes=[ln.strip() for ln in res.engine_stderr.splitlines()
@@ -560,6 +562,28 @@ class Crucible:
                            "agent": round(time.monotonic() - t1, 2), "digests_seeded": t.digests_seeded,
                            "launch_steps": {k: round(v, 2) for k, v in guest.timings.items()}})
         return t
+
+    def cpu_begin(self) -> tuple:
+        """A scenario's start for :meth:`cpu_end` (harness/cpuclock.py)."""
+        return cpuclock.take(self._qemu_pids() + [os.getpid()]), cpuclock.host_stat()
+
+    def cpu_end(self, begun: tuple) -> Dict[str, float]:
+        """Where the scenario's wall time went on the host (seconds): this
+        worker's QEMUs on a CPU (``qemu``) and runnable but waiting for one
+        (``qemu_wait``), the same for this worker process (``harness``,
+        ``harness_wait``), and how busy the whole host was (``host_busy``:
+        the share of all CPUs' time not idle, other jobs included)."""
+        before, stat = begun
+        pids = self._qemu_pids()
+        after = cpuclock.take(pids + [os.getpid()])
+        me = os.getpid()
+        q = cpuclock.spent(before, {p: v for p, v in after.items() if p != me})
+        h = cpuclock.spent(before, {p: v for p, v in after.items() if p == me})
+        return {"qemu": q[0], "qemu_wait": q[1], "harness": h[0], "harness_wait": h[1],
+                "host_busy": cpuclock.busy(stat, cpuclock.host_stat())}
+
+    def _qemu_pids(self) -> List[int]:
+        return [p for p in (getattr(g, "pid", lambda: None)() for g in self._guests) if p]
 
     def take_prep(self) -> List[Dict]:
         """The preparations of the guests booted since the last call."""

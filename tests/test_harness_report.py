@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 from harness import engines, report, runner
 from harness.targets import RunResult
@@ -159,6 +160,57 @@ def test_bench_rows_summary_counts_warm_and_exec_ckpt(tmp_path):
     assert s["engine_start"] == {"warm": 2, "exec": 1} and s["workload_start"] == {"warm": 1, "exec": 1}
     assert s["outcomes"] == {"refused": 1, "restored": 2}
     assert bench.summarize_rows(rows, skip_first=False)["median_s"] == 4.0
+    assert s["cpu_median_s"] == {} and s["qemu_cpu_total_s"] is None     # rows from before the cpu figures
+
+
+def test_bench_rows_summary_has_where_the_host_time_went(tmp_path):
+    """Each row's cpu figures (harness/cpuclock.py): their medians, and
+    the QEMU CPU total of the rows counted."""
+    from harness import bench
+    rows = tmp_path / "rows.jsonl"
+    got = [{"duration": 9.0, "outcome": "restored", "cpu": {"qemu": 8.0, "qemu_wait": 1.0, "host_busy": 0.5}},
+           {"duration": 2.0, "outcome": "restored", "cpu": {"qemu": 1.5, "qemu_wait": 0.25, "host_busy": None}},
+           {"duration": 3.0, "outcome": "restored", "cpu": {"qemu": 2.5, "qemu_wait": 0.75, "host_busy": 1.0}}]
+    rows.write_text("".join(json.dumps(r) + "\n" for r in got))
+    s = bench.summarize_rows(rows)
+    assert s["cpu_median_s"] == {"qemu": 2.0, "qemu_wait": 0.5, "host_busy": 1.0}
+    assert s["qemu_cpu_total_s"] == 4.0
+    assert bench.summarize_rows(rows, skip_first=False)["qemu_cpu_total_s"] == 12.0
+
+
+def test_cpuclock_counts_a_busy_process_and_a_child_started_since(tmp_path):
+    """harness/cpuclock.py: a process that spins for 0.3 s is counted as
+    long on a CPU as its own CPU clock says; a process first seen in the second sample counts
+    from its start; a gone one is not there; the host share is in [0, 1]."""
+    import subprocess
+    import sys
+    import time
+    from harness import cpuclock
+    me = os.getpid()
+    stat0 = cpuclock.host_stat()
+    before = cpuclock.take([me])
+    t0 = time.process_time()
+    while time.process_time() - t0 < 0.3:
+        pass
+    mine = cpuclock.take([me])
+    used = time.process_time() - t0
+    p = subprocess.Popen([sys.executable, "-c", "import time\nt=time.process_time()\n"
+                          "while time.process_time()-t<0.2: pass\nimport sys; sys.stdin.read()"],
+                         stdin=subprocess.PIPE, close_fds=True)
+    try:
+        deadline = time.monotonic() + 30
+        while (cpuclock.sample(p.pid) or (0, 0))[0] < 0.2e9 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        after = cpuclock.take([me, p.pid])
+    finally:
+        p.communicate(b"")
+    run, wait = cpuclock.spent(before, mine)
+    assert abs(run - used) < 0.05 and wait >= 0     # the scheduler's count is the process's CPU time
+    assert cpuclock.spent(before, {me: after[me]})[0] >= run
+    assert cpuclock.spent({}, {p.pid: after[p.pid]})[0] >= 0.2
+    assert cpuclock.sample(p.pid) is None and cpuclock.take([p.pid]) == {}
+    share = cpuclock.busy(stat0, cpuclock.host_stat())
+    assert share is not None and 0 <= share <= 1
 
 
 def test_bench_keeps_the_cells_other_figures(tmp_path):
