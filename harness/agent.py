@@ -354,8 +354,25 @@ def serve(fd: int, eof_ends: bool = False) -> None:
 
 #: where large request bytes are read (:func:`_receive`); made and touched
 #: before the golden snapshot (:func:`main`), so resident in every revert
-RECV = bytearray(0)
+RECV: Any = bytearray(0)
 RECV_SIZE = 16 << 20
+
+
+def recv_area(size: int):
+    """:data:`RECV`: an anonymous mapping of ``size`` bytes, touched (its
+    pages are the process's) with zeros (the golden snapshot stores a page
+    of zeros as a flag, not 4 KiB to load back at every revert), and left
+    out of every fork (MADV_DONTFORK): only this process reads into it, and
+    each of the agent's forks (every step, every warm ckpt) copied its 4096
+    page-table entries and dropped them again at exit (~4 ms a fork and
+    exit under TCG, several forks a scenario). A fork that touched it would
+    fault: none does (scripts, the warm engine and exec'd commands only)."""
+    import mmap
+    area = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    area[::4096] = bytes(len(range(0, size, 4096)))
+    if hasattr(area, "madvise") and hasattr(mmap, "MADV_DONTFORK"):
+        area.madvise(mmap.MADV_DONTFORK)
+    return area
 
 
 def _receive(fd: int, head: bytes, need: int, eof_ends: bool = False):
@@ -420,11 +437,7 @@ def main(argv: List[str]) -> int:
     fd = 0 if argv[0] == "--stdin" else os.open(find_port(argv[0]), os.O_RDWR)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     global RECV
-    RECV = bytearray(RECV_SIZE)
-    # touched (its pages are the process's), with zeros: the golden
-    # snapshot stores a page of zeros as a flag, not 4 KiB to load back at
-    # every revert
-    RECV[::4096] = bytes(len(range(0, RECV_SIZE, 4096)))
+    RECV = recv_area(RECV_SIZE)
     preload()
     serve(fd, eof_ends=fd == 0)
     return 0

@@ -207,3 +207,35 @@ def test_the_agent_imports_what_its_scripts_import_on_first_use():
     assert r.returncode == 0, r.stderr[-2000:]
     assert {"procstate", "warmfork"} <= set(workload.PRELOAD)
     assert r.stdout.split() == ["none"]
+
+
+def _mapped(addr: int, maps: str) -> bool:
+    for line in maps.splitlines():
+        lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+        if lo <= addr < hi:
+            return True
+    return False
+
+
+def test_the_receive_area_is_left_out_of_the_agents_forks():
+    """Every step and every warm ckpt is a fork of the agent: its 16 MiB
+    receive area (harness/agent.py recv_area) is the agent's alone
+    (MADV_DONTFORK), so no fork copies and drops its page tables; the
+    agent itself has it, touched, zeros."""
+    import ctypes
+    from harness import agent as agent_mod
+    area = agent_mod.recv_area(1 << 20)
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(area))
+    assert _mapped(addr, Path("/proc/self/maps").read_text())
+    assert area[:4096] == bytes(4096) and area[-1:] == b"\0"
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        os.close(r)
+        os.write(w, b"1" if _mapped(addr, Path("/proc/self/maps").read_text()) else b"0")
+        os._exit(0)
+    os.close(w)
+    got = os.read(r, 1)
+    os.close(r)
+    os.waitpid(pid, 0)
+    assert got == b"0", "the receive area was inherited by a fork of the agent"
