@@ -9,9 +9,10 @@ Runs in the guest (stdlib only, Python >= 3.9), as a script::
     python3 workload.py signal PID VERDICT SECONDS [--snap PROOF] [--phases P,..]
                                        # (snapshot from outside,) SIGUSR1, wait for the verdict
     python3 workload.py snap PID PROOF # everything /proc shows of PID, and its proof (JSON)
-    python3 workload.py pidstate PID [--gone-within SECONDS]
+    python3 workload.py pidstate PID [--gone-within SECONDS [--unlink PATH]]
                                        # does PID run, and what is it (after
-                                       # waiting up to SECONDS for it to exit)
+                                       # waiting up to SECONDS for it to exit;
+                                       # PATH removed first, if there)
     python3 workload.py kill PID...    # SIGKILL workloads (and only workloads)
 
 ``run`` opens every fd at the number the scenario gives, writes a *ready*
@@ -869,7 +870,15 @@ def main(argv: List[str]) -> int:
     if cmd == "pidstate" and len(argv) == 2:
         print(json.dumps(pidstate(int(argv[1]))))
         return 0
-    if cmd == "pidstate" and len(argv) == 4 and argv[2] == "--gone-within":
+    if cmd == "pidstate" and len(argv) in (4, 6) and argv[2] == "--gone-within" and argv[4:5] in ([], ["--unlink"]):
+        if len(argv) == 6:
+            # the original's verdict, read already: gone before the restored
+            # process writes its own (one request: an exec'd rm was ~0.1 s
+            # under TCG, the first exec after a revert translating ld.so and libc)
+            try:
+                os.unlink(argv[5])
+            except FileNotFoundError:
+                pass
         print(json.dumps(pidstate_after_exit(int(argv[1]), float(argv[3]))))
         return 0
     if cmd == "kill":

@@ -255,6 +255,35 @@ def test_pidstate_gone_within_waits_for_a_process_on_its_way_out():
             p.wait()
 
 
+def test_pidstate_gone_within_unlinks_the_original_verdict_first(tmp_path):
+    """--unlink: the original's verdict is gone before the look (the
+    restored process writes its own there); a missing one is no error."""
+    verdict = tmp_path / "verdict.json"
+    verdict.write_text("{}")
+    gone = subprocess.Popen(["true"], close_fds=True)
+    gone.wait()
+    for _ in range(2):
+        r = subprocess.run([sys.executable, os.path.join(SCRIPTS, "workload.py"), "pidstate", str(gone.pid),
+                            "--gone-within", "5", "--unlink", str(verdict)], capture_output=True, close_fds=True,
+                           timeout=60, text=True)
+        assert r.returncode == 0 and json.loads(r.stdout)["exists"] is False, r.stderr
+        assert not verdict.exists()
+
+
+def test_world_exists_prints_the_paths_that_are_there(tmp_path):
+    """world.py exists: the paths there, one a line (a dangling symlink
+    too), as `ls -d` printed them for the refused-dump check; none: empty."""
+    (tmp_path / "img").mkdir()
+    os.symlink(str(tmp_path / "nowhere"), str(tmp_path / "link"))
+    world_py = os.path.join(SCRIPTS, "world.py")
+    r = subprocess.run([sys.executable, world_py, "exists", str(tmp_path / "img"), str(tmp_path / "img.partial"),
+                        str(tmp_path / "link")], capture_output=True, close_fds=True, timeout=60, text=True)
+    assert r.returncode == 0 and r.stdout.splitlines() == [str(tmp_path / "img"), str(tmp_path / "link")]
+    r = subprocess.run([sys.executable, world_py, "exists", str(tmp_path / "none")], capture_output=True,
+                       close_fds=True, timeout=60, text=True)
+    assert r.returncode == 0 and r.stdout == ""
+
+
 def test_script_usage_error():
     r = subprocess.run([sys.executable, os.path.join(SCRIPTS, "workload.py"), "bogus"], capture_output=True,
                        close_fds=True, timeout=30)
