@@ -322,10 +322,14 @@ e = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
 e.setsockopt(socket.SOL_SOCKET, 50, prog)                    # SO_ATTACH_BPF
 o = socket.socket(socket.AF_INET6, socket.SOCK_RAW, 58)
 os.dup2(e.fileno(), 500); os.dup2(o.fileno(), 501)
+r, w = os.pipe()
 if os.fork() == 0:
     libc.prctl(1, 9)                                         # PR_SET_PDEATHSIG: goes with the target
     e.close(); os.close(500)
+    os.write(w, b"x")
     signal.pause()                                           # holds the IPv6 one too
+os.read(r, 1)           # ready only once the child let go of the eBPF one (else it is "also held" too)
+os.close(r); os.close(w)
 """
     with Target(tmp_path, setup) as t:
         with pytest.raises(Refusal) as ei:
