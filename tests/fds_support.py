@@ -264,6 +264,65 @@ def restore(image_dir: str, pid: Optional[int] = None, same_node: bool = True,
     return done
 
 
+def assert_hostile_records_invalid(image_dir: str, edits) -> None:
+    """The image's first fd record validates; each record edits(good)
+    returns (a list) is refused as image-invalid by its handler."""
+    from engine.fds import handler
+    reader = ImageReader(image_dir)
+    try:
+        recs = reader.read_json("fds.json")
+        ctx = RestoreContext(options=Options(), image=reader, same_node=True, records=recs, pid=None)
+        good = recs[0]
+        handler(good["kind"]).validate(good, ctx)
+        from engine.errors import Refusal
+        for rec in edits(good):
+            try:
+                handler(good["kind"]).validate(rec, ctx)
+            except Refusal as e:
+                assert e.reason == "image-invalid", (rec, e)
+            else:
+                raise AssertionError(f"not refused: {rec}")
+    finally:
+        reader.close()
+
+
+def assert_flow_label_lease_refused(tmp_path, make_socket: str) -> None:
+    """A target whose IPv6 socket (`make_socket`, Python that binds r)
+    takes a flow label lease (IPV6_FLOWLABEL_MGR): refused (`socket`,
+    naming the label) while the namespace lists it, not dropped
+    (engine/fds/_flowlabel.py: a lease cannot be tied to its socket)."""
+    import pytest
+    from engine.errors import Refusal
+    setup = f"""
+import random, socket, struct
+label = random.randrange(1, 1 << 20)     # a label released lingers a while (EPERM to take it again)
+r = {make_socket}
+# struct in6_flowlabel_req: dst, label, action GET, share PROCESS (owned by
+# this pid: tests running beside this one, other pids, are not refused by
+# it), flags CREATE
+r.setsockopt(41, 32, socket.inet_pton(socket.AF_INET6, "::1") + struct.pack("!I", label)
+             + struct.pack("=BBHHHI", 0, 2, 1, 0, 0, 0))
+os.dup2(r.fileno(), 500); r.close()
+"""
+    with Target(tmp_path, setup, "report['label'] = label") as t:
+        label = t.check()["label"]
+        with pytest.raises(Refusal) as ei:
+            classify(t.pid, 500)
+        assert ei.value.reason == "socket" and "flow label" in ei.value.detail and f"{label:05X}" in ei.value.detail
+
+
+def kill_and_reap(p) -> None:
+    """SIGKILL a Popen the test started and reap it; gone already is fine."""
+    try:
+        os.kill(p.pid, 9)
+    except OSError:
+        pass
+    try:
+        p.wait(timeout=5)
+    except Exception:
+        pass
+
+
 def read_available(fd: int, chunk: int = 1 << 16) -> bytes:
     """Every byte readable on `fd` now: read in `chunk`-sized reads until
     EOF or, on a non-blocking fd, EAGAIN."""
@@ -373,14 +432,7 @@ def real_ping(tmp_path, args: List[str]):
             time.sleep(0.1)
         yield p, seqs
     finally:
-        try:
-            os.kill(p.pid, 9)
-        except OSError:
-            pass
-        try:
-            p.wait(timeout=5)
-        except Exception:
-            pass
+        kill_and_reap(p)
 
 
 def dump_between_packets(pid: int, image_dir: str, queued: str, attempts: int) -> None:

@@ -15,7 +15,7 @@ import pytest
 
 from engine.errors import Refusal
 
-from fds_support import Target, classify, dump, restore
+from fds_support import Target, assert_flow_label_lease_refused, assert_hostile_records_invalid, classify, dump, restore
 
 # Read by the target about its own fds and by the test about the restored
 # ones: every option a raw ICMP socket has, and its filter program.
@@ -210,39 +210,26 @@ os.dup2(r.fileno(), 500); r.close()
 
 
 def test_hostile_raw_records_are_image_invalid(tmp_path):
-    from engine.context import Options, RestoreContext
-    from engine.fds import handler
-    from engine.image import ImageReader
     with Target(tmp_path, SETUP) as t:
         img = dump(t.pid, [500, 501, 502], str(tmp_path / "img"))
-    reader = ImageReader(img)
-    try:
-        recs = reader.read_json("fds.json")
-        ctx = RestoreContext(options=Options(), image=reader, same_node=True, records=recs, pid=None)
-        good = recs[0]
-        handler("socket").validate(good, ctx)
-        bad = [dict(good, filter=good["filter"][:-1]),                         # count differs from SO_GET_FILTER
-               dict(good, filter=[[0x06, 0, 0, 1 << 32]] * len(good["filter"])),
-               dict(good, filter=[[0x06, 0, 0, "x"]] * len(good["filter"])),
-               dict(good, filter=None),
-               dict(good, proto=58),
-               dict(good, family=socket.AF_INET6),
-               dict(good, addr=["not an address", 1]),
-               dict(good, peer=["127.0.0.1"]),
-               dict(good, opts=dict(good["opts"], SO_NOPE="01000000")),
-               dict(good, opts=dict(good["opts"], IP_TTL="zz")),
-               dict(good, set=good["set"] + ["SO_DEBUG_X"]),
-               dict(good, mcast=[{"ifindex": 1, "group": "10.0.0.1", "mode": 0, "sources": []}]),
-               dict(good, mcast=[{"ifindex": 1, "group": "ff12::1", "mode": 0, "sources": []}]),
-               dict(good, mcast=[{"ifindex": 1, "group": "239.1.1.1", "mode": 7, "sources": []}]),
-               dict(good, mcast=None),
-               dict(good, opts=dict(good["opts"], SO_PASSSEC="01000000"), set=good["set"] + ["SO_PASSSEC"])]
-        for rec in bad:
-            with pytest.raises(Refusal) as ei:
-                handler("socket").validate(rec, ctx)
-            assert ei.value.reason == "image-invalid", rec
-    finally:
-        reader.close()
+    def edits(good):
+        return [dict(good, filter=good["filter"][:-1]),                         # count differs from SO_GET_FILTER
+                dict(good, filter=[[0x06, 0, 0, 1 << 32]] * len(good["filter"])),
+                dict(good, filter=[[0x06, 0, 0, "x"]] * len(good["filter"])),
+                dict(good, filter=None),
+                dict(good, proto=58),
+                dict(good, family=socket.AF_INET6),
+                dict(good, addr=["not an address", 1]),
+                dict(good, peer=["127.0.0.1"]),
+                dict(good, opts=dict(good["opts"], SO_NOPE="01000000")),
+                dict(good, opts=dict(good["opts"], IP_TTL="zz")),
+                dict(good, set=good["set"] + ["SO_DEBUG_X"]),
+                dict(good, mcast=[{"ifindex": 1, "group": "10.0.0.1", "mode": 0, "sources": []}]),
+                dict(good, mcast=[{"ifindex": 1, "group": "ff12::1", "mode": 0, "sources": []}]),
+                dict(good, mcast=[{"ifindex": 1, "group": "239.1.1.1", "mode": 7, "sources": []}]),
+                dict(good, mcast=None),
+                dict(good, opts=dict(good["opts"], SO_PASSSEC="01000000"), set=good["set"] + ["SO_PASSSEC"])]
+    assert_hostile_records_invalid(img, edits)
 
 
 PROTO = {socket.AF_INET: socket.IPPROTO_ICMP, socket.AF_INET6: 58}
@@ -435,16 +422,4 @@ def test_raw_icmp6_socket_with_a_flow_label_lease_held_refused(tmp_path):
     """As for every other IPv6 socket (engine/fds/_flowlabel.py): a lease
     cannot be tied to its socket, so a raw socket is refused while its
     namespace lists one that may be the target's."""
-    setup = """
-import random, socket, struct
-label = random.randrange(1, 1 << 20)
-r = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
-r.setsockopt(41, 32, socket.inet_pton(socket.AF_INET6, "::1") + struct.pack("!I", label)
-             + struct.pack("=BBHHHI", 0, 2, 1, 0, 0, 0))     # GET, share PROCESS, CREATE
-os.dup2(r.fileno(), 500); r.close()
-"""
-    with Target(tmp_path, setup, "report['label'] = label") as t:
-        label = t.check()["label"]
-        with pytest.raises(Refusal) as ei:
-            classify(t.pid, 500)
-        assert ei.value.reason == "socket" and "flow label" in ei.value.detail and f"{label:05X}" in ei.value.detail
+    assert_flow_label_lease_refused(tmp_path, "socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)")

@@ -13,7 +13,7 @@ import pytest
 
 from engine.errors import Refusal
 
-from fds_support import Target, classify, dump, restore
+from fds_support import Target, assert_flow_label_lease_refused, assert_hostile_records_invalid, classify, dump, restore
 
 
 def sock(fd: int) -> socket.socket:
@@ -357,9 +357,6 @@ os.dup2(r.fileno(), 500); r.close()
 
 
 def test_hostile_udp_option_records_are_image_invalid(tmp_path):
-    from engine.context import Options, RestoreContext
-    from engine.fds import handler
-    from engine.image import ImageReader
     setup = f"""
 import socket
 r = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -368,46 +365,21 @@ os.dup2(r.fileno(), 500); r.close()
 """
     with Target(tmp_path, setup) as t:
         img = dump(t.pid, [500], str(tmp_path / "img"))
-    reader = ImageReader(img)
-    try:
-        recs = reader.read_json("fds.json")
-        ctx = RestoreContext(options=Options(), image=reader, same_node=True, records=recs, pid=None)
-        good = recs[0]
-        handler("socket").validate(good, ctx)
-        bad = [dict(good, opts=dict(good["opts"], IP_OPTIONS="00" * 41)),          # beyond 40 bytes
-               dict(good, opts=dict(good["opts"], IP_OPTIONS="zz")),
-               dict(good, opts=dict(good["opts"], IPV6_HOPOPTS="")),                # not an IPv4 option
-               dict(good, opts=dict(good["opts"], SO_NOPE="01000000")),
-               dict(good, set=good["set"] + ["SO_DEBUG_X"]),
-               dict(good, opts=dict(good["opts"], SO_PASSSEC="01000000"), set=good["set"] + ["SO_PASSSEC"]),
-               dict(good, opts=None)]
-        for rec in bad:
-            with pytest.raises(Refusal) as ei:
-                handler("socket").validate(rec, ctx)
-            assert ei.value.reason == "image-invalid", rec
-    finally:
-        reader.close()
+    def edits(good):
+        return [dict(good, opts=dict(good["opts"], IP_OPTIONS="00" * 41)),          # beyond 40 bytes
+                dict(good, opts=dict(good["opts"], IP_OPTIONS="zz")),
+                dict(good, opts=dict(good["opts"], IPV6_HOPOPTS="")),                # not an IPv4 option
+                dict(good, opts=dict(good["opts"], SO_NOPE="01000000")),
+                dict(good, set=good["set"] + ["SO_DEBUG_X"]),
+                dict(good, opts=dict(good["opts"], SO_PASSSEC="01000000"), set=good["set"] + ["SO_PASSSEC"]),
+                dict(good, opts=None)]
+    assert_hostile_records_invalid(img, edits)
 
 
 def test_udp6_with_a_flow_label_lease_held_refused(tmp_path):
     """A lease (IPV6_FLOWLABEL_MGR) cannot be read back per socket: refused
     while the namespace lists one, not dropped."""
-    setup = """
-import random, socket, struct
-label = random.randrange(1, 1 << 20)     # a label released lingers a while (EPERM to take it again)
-r = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-# struct in6_flowlabel_req: dst, label, action GET, share PROCESS (owned by
-# this pid: tests running beside this one, other pids, are not refused by
-# it), flags CREATE
-r.setsockopt(41, 32, socket.inet_pton(socket.AF_INET6, "::1") + struct.pack("!I", label)
-             + struct.pack("=BBHHHI", 0, 2, 1, 0, 0, 0))
-os.dup2(r.fileno(), 500); r.close()
-"""
-    with Target(tmp_path, setup, "report['label'] = label") as t:
-        label = t.check()["label"]
-        with pytest.raises(Refusal) as ei:
-            classify(t.pid, 500)
-        assert ei.value.reason == "socket" and "flow label" in ei.value.detail and f"{label:05X}" in ei.value.detail
+    assert_flow_label_lease_refused(tmp_path, "socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)")
 
 
 def test_flow_label_list_parsing():
