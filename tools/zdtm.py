@@ -44,7 +44,14 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LISTS = ("TST_NOFILE", "TST_FILE", "TST_DIR", "TST_DIR_FILE")
+# Tests that share something machine-wide run one at a time, in a lane of
+# their own: the socket tests bind fixed ports (8880-8886), and the cgroup
+# tests make and remove cgroups in the one named v1 hierarchy "zdtmtst"
+# (cgroup00 and cgroup_yard both use subcg00/subsubcg there)
+# (two at once: one's cleanup removed the other's cgroup between its dump
+# and its restore, which ckpt rightly refused as gone).
 NET = re.compile(r"sock|tcp|udp|sk-|net|packet|icmp")
+CGROUP = re.compile(r"^cgroup")
 SETTLE = 0.1          # seconds a test runs on before a step (after it said it is ready)
 WAIT = 20.0           # seconds for a test to get ready, or to answer SIGTERM
 
@@ -512,8 +519,8 @@ def main(argv=None) -> int:
     os.environ["PYTHONPATH"] = env_root + (":" + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")
     ckpt = shlex.split(args.ckpt)
     results = []
-    # Socket tests bind fixed ports (8880-8886): they run one at a time in a
-    # lane of their own, so that two of them never take each other's.
+    # Socket tests and cgroup tests run one at a time in a lane of their own
+    # (NET, CGROUP above).
     # Worker processes, not threads: each is the subreaper of the tests it
     # runs, one at a time, so its waitpid(-1) for their orphans never takes
     # another test's ckpt (subprocess then reads a child reaped elsewhere as
@@ -521,7 +528,7 @@ def main(argv=None) -> int:
     ctx = multiprocessing.get_context("fork")
     with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=ctx, initializer=_subreaper) as pool, \
             concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx, initializer=_subreaper) as net:
-        futs = {(net if NET.search(n) else pool).submit(run_one, n, kinds[n], static, special, work, ckpt,
+        futs = {(net if NET.search(n) or CGROUP.search(n) else pool).submit(run_one, n, kinds[n], static, special, work, ckpt,
                                                                 not args.no_baseline): n
                 for n in names}
         for i, f in enumerate(concurrent.futures.as_completed(futs), 1):
