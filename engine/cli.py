@@ -282,8 +282,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command == "restore" and res.get("foreground"):
         # a shell job that was in the foreground: ckpt stays its parent until
         # its group is gone (engine/fds/tty.py). The result is out first: a
-        # caller that is not a shell learns the pid without waiting.
+        # caller that is not a shell learns the pid without waiting. ckpt's
+        # exit status is then the job's, as sudo's is its command's.
         from .fds.tty import wait_foreground
         sys.stdout.flush()
-        wait_foreground(res["foreground"]["pgid"], res["foreground"]["tty"])
+        return wait_foreground(res["foreground"]["pgid"], res["foreground"]["tty"], int(res.get("pid") or 0))
     return EXIT_OK

@@ -282,6 +282,7 @@ class Run:
         res = self.res
         chaos.scenario_begins()
         try:
+            self.t.scenario_begins()
             self._execute()
         except StepTimeout as e:
             res.outcome, res.step, res.detail = "hung", e.step or "", e.message

@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 # and the packages it imports (copied as directories next to them).
 GUEST_FILES = ("records.py", "jsonio.py", "seeded.py", "sysapi.py", "world.py", "procstate.py", "memstate.py",
                "workload.py",
-               "workload_run.py", "mutants.py", "program.py", "warmfork.py", "zygote.py")
+               "workload_run.py", "mutants.py", "program.py", "warmfork.py", "zygote.py", "hostsysctl.py")
 GUEST_PACKAGES = ("kinds",)
 
 
@@ -92,6 +92,9 @@ class Target:
     def reset(self) -> None:
         """Back to a clean state before a scenario."""
 
+    def scenario_begins(self) -> None:
+        """A scenario starts using this target (its cleanup() ends it)."""
+
     def settle(self, pids: Sequence[int]) -> None:
         """Let dead PIDs become free (reap them where this target must)."""
 
@@ -128,6 +131,12 @@ class LocalTarget(Target):
         # vm/programs/*.c built for this host (tests/test_programs_local.py)
         self.programs_dir = os.environ.get("CRUCIBLE_PROGRAMS_DIR", "")
         self.kernel = os.uname().release
+        self._held = -1     # a scenario's hold on the host settings it may widen (hostsysctl.py)
+
+    def scenario_begins(self) -> None:
+        from . import hostsysctl
+        if self._held < 0:
+            self._held = hostsysctl.hold()
 
     def run(self, argv: Sequence[str], timeout: float, step: str = "") -> RunResult:
         t0 = time.monotonic()
@@ -178,8 +187,16 @@ class LocalTarget(Target):
         from . import program
         pids += program.kill_programs(self.base)    # a program and its tree (by their environment)
         self.settle(pids)
+        if self._held >= 0:     # the workload is gone: what it widened goes back (the last holder)
+            from . import hostsysctl
+            fd, self._held = self._held, -1
+            hostsysctl.release(fd)
 
     def close(self) -> None:
+        if self._held >= 0:
+            from . import hostsysctl
+            fd, self._held = self._held, -1
+            hostsysctl.release(fd)
         if self._tmp:
             shutil.rmtree(self._tmp, ignore_errors=True)
 

@@ -224,7 +224,7 @@ def test_real_dbus_daemon_with_its_audit_socket_is_restored_and_answers(tmp_path
 
 @pytest.fixture
 def ping_allowed():
-    from sysctl_support import ping_sockets_allowed
+    from harness.hostsysctl import ping_sockets_allowed
     with ping_sockets_allowed():
         yield
 

@@ -256,7 +256,7 @@ def test_real_ping_on_raw_sockets_is_restored_and_goes_on_counting_replies(tmp_p
     from engine.context import Options
     from engine.restore import restore as full_restore
     from fds_support import dump_between_packets, ping_counts_on, real_ping
-    from sysctl_support import ping_sockets_excluded
+    from harness.hostsysctl import ping_sockets_excluded
     if not shutil.which("ping"):
         pytest.skip("no ping (iputils-ping)")
     with ping_sockets_excluded(), real_ping(tmp_path, family) as (p, seqs):

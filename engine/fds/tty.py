@@ -537,7 +537,7 @@ def tty_path(option: str) -> str:
     return _inherit_path() if option == "inherit" else option
 
 
-def wait_foreground(pgid: int, path: str) -> None:
+def wait_foreground(pgid: int, path: str, root: int = 0) -> int:
     """ckpt restore of a foreground shell job (one process, or a tree's
     foreground group: a pipeline, a program and its children): wait, as
     its parent (the child subreaper: members orphaned on the way come to
@@ -554,12 +554,18 @@ def wait_foreground(pgid: int, path: str) -> None:
     SIGHUP and SIGCONT (kill_orphaned_pgrp): most programs die of that.
     With no job-control shell above ckpt (its own group orphaned: the
     kernel drops a SIGTSTP sent there) ckpt keeps waiting, the job stopped
-    in the foreground until something continues it."""
+    in the foreground until something continues it.
+
+    Returns the job's exit status as a shell gives it (sudo(8) does the
+    same): the restored process `root`'s exit code, or 128 + the signal
+    that killed it; 0 when ckpt did not reap it (it was never ckpt's child
+    or was waited for elsewhere)."""
     import signal as _signal
     old = _signal.pthread_sigmask(_signal.SIG_BLOCK, {_signal.SIGCHLD, _signal.SIGTTOU})
+    status = {}
     try:
         while True:
-            _reap_children()
+            _reap_children(status)
             procs = _proc_table()
             group = [p for p, (_, pg, _, state) in procs.items() if pg == pgid and state not in "ZX"]
             if not group:
@@ -575,15 +581,28 @@ def wait_foreground(pgid: int, path: str) -> None:
         _take_back(path, pgid)
     finally:
         _signal.pthread_sigmask(_signal.SIG_SETMASK, old)
+    return _shell_status(status.get(root))
 
 
-def _reap_children() -> None:
+def _reap_children(status: Dict[int, int]) -> None:
+    """Every exited child of ckpt reaped (members orphaned on the way come
+    to ckpt, the subreaper), its wait status kept in `status`."""
     while True:
         try:
-            if os.waitpid(-1, os.WNOHANG)[0] <= 0:
-                return
+            pid, st = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
             return
+        if pid <= 0:
+            return
+        status[pid] = st
+
+
+def _shell_status(st) -> int:
+    if st is None:
+        return 0
+    if os.WIFSIGNALED(st):
+        return 128 + os.WTERMSIG(st)
+    return os.WEXITSTATUS(st) if os.WIFEXITED(st) else 0
 
 
 def _proc_table() -> Dict[int, tuple]:

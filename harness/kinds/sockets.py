@@ -266,9 +266,14 @@ def opener(e: dict, ctx: Ctx) -> List[Opened]:
             s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)
         except PermissionError:
             # the kernel's default range "1 0" lets no group (a guest without
-            # systemd's sysctl.d, which allows every group): let root's alone
-            with open("/proc/sys/net/ipv4/ping_group_range", "w") as f:
-                f.write("0 0")
+            # systemd's sysctl.d, which allows every group): let root's alone,
+            # the original recorded (a host has no snapshot to revert it:
+            # the local target's last holder puts it back, hostsysctl.py)
+            try:
+                from .. import hostsysctl
+            except ImportError:     # in the guest, next to the kinds package
+                import hostsysctl  # type: ignore[no-redef]
+            hostsysctl.widen(hostsysctl.PING_RANGE, hostsysctl.ping_allows_root, "0 0")
             s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)
         s.bind(("127.0.0.1", 0))        # the kernel picks its ident (the echo id)
         return [Opened(s.detach(), int(e["fd"]), "sock")]
