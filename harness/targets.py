@@ -187,6 +187,7 @@ class LocalTarget(Target):
         from . import program
         pids += program.kill_programs(self.base)    # a program and its tree (by their environment)
         self.settle(pids)
+        _remove_left_segments(pids)
         if self._held >= 0:     # the workload is gone: what it widened goes back (the last holder)
             from . import hostsysctl
             fd, self._held = self._held, -1
@@ -221,6 +222,31 @@ class LocalTarget(Target):
                         os.waitpid(pid, os.WNOHANG)
                     except ChildProcessError:
                         pass
+
+
+def _remove_left_segments(pids: Sequence[int]) -> None:
+    """System V shared memory segments a scenario's processes left behind
+    on the host: attached by none, last attached or detached by one of
+    `pids`. A guest's go with its snapshot; the host's would outlive the
+    run (a workload's segment it never removed, or one an engine brought
+    back without its IPC_RMID: the keep-sysv-shm mutant)."""
+    mine = set(pids)
+    if not mine:
+        return
+    try:
+        with open("/proc/sysvipc/shm") as f:
+            rows = f.read().splitlines()[1:]
+    except OSError:
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    for row in rows:
+        cols = row.split()
+        try:
+            shmid, lpid, nattch = int(cols[1]), int(cols[5]), int(cols[6])
+        except (IndexError, ValueError):
+            continue
+        if nattch == 0 and lpid in mine:
+            libc.shmctl(shmid, 0, None)         # IPC_RMID: gone now, none attached
 
 
 def _state(pid: int) -> Optional[str]:
