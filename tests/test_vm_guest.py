@@ -272,6 +272,32 @@ def test_no_qemu_outlives_an_interrupted_or_killed_harness(tmp_path: Path, sig):
             os.kill(qemu_pid, signal.SIGKILL)
 
 
+def test_a_dead_workers_segment_sockets_are_swept(tmp_path):
+    """A worker killed mid-run leaves its segment socket: the next launch's
+    sweep removes it, and leaves a live worker's alone."""
+    import socket as socketmod
+    import tempfile
+    from vm.guest import sweep_stale_dirs
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)          # a pid nobody has now
+    dead = Path(tempfile.gettempdir()) / f"crucible-seg-{pid}-gw9a"
+    live = Path(tempfile.gettempdir()) / f"crucible-seg-{os.getpid()}-gw9a"
+    made = []
+    try:
+        for path in (dead, live):
+            s = socketmod.socket(socketmod.AF_UNIX, socketmod.SOCK_DGRAM)
+            s.bind(str(path))
+            s.close()
+            made.append(path)
+        sweep_stale_dirs()
+        assert not dead.exists() and live.exists()
+    finally:
+        for path in made:
+            path.unlink(missing_ok=True)
+
+
 def test_a_guests_segment_socket_is_removed_when_it_stops(tmp_path):
     """QEMU binds the guest's end of the L2 segment (-netdev dgram) and
     never unlinks it: every scenario worker left two sockets in /tmp

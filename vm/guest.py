@@ -16,6 +16,7 @@ import os
 import shlex
 import shutil
 import signal
+import stat
 import socket
 import subprocess
 import tarfile
@@ -96,6 +97,18 @@ def sweep_stale_dirs() -> None:
             shutil.rmtree(d, ignore_errors=True)
         except PermissionError:
             pass  # alive, someone else's
+    # A worker's L2 segment sockets (harness/pytest_plugin.py:
+    # crucible-seg-<its pid>-<worker><guest>): QEMU binds them and never
+    # removes them, and a worker killed mid-run cannot.
+    for sock in Path(tempfile.gettempdir()).glob("crucible-seg-*-*"):
+        try:
+            pid = int(sock.name.split("-")[2])
+            if not stat.S_ISSOCK(sock.lstat().st_mode):
+                continue
+            os.kill(pid, 0)
+        except (ValueError, IndexError, OSError) as e:
+            if isinstance(e, ProcessLookupError):
+                sock.unlink(missing_ok=True)
 
 
 class Guest:
