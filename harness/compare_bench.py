@@ -7,7 +7,8 @@ into bench/results.json under ``compare`` / <cell>. With ``--host`` it also
 runs on this machine, with Debian 13's criu 4.1 from a private prefix
 (harness/hostcriu.py: Debian 12's 3.17 fails ``criu check`` on newer
 kernels; fetched into ~/.cache/crucible/criu on first use) or, failing
-that, the host's own when its ``criu check`` passes.
+that, the host's own when its ``criu check`` passes; ckpt there runs on
+the distribution's python3, as in the guests (:func:`engine_python`).
 
 Many tasks (issue 11): a tree of 50 small processes and a process with
 50 threads (tests/targets/swarm.c, static), dump/restore/frozen time for
@@ -101,6 +102,24 @@ def in_guest(arch: str, accel: str, kernel: Optional[str], distro: Optional[str]
     return doc
 
 
+def engine_python() -> str:
+    """The interpreter the host compare runs ckpt on: the distribution's
+    /usr/bin/python3, the one the engine runs on in guests and on users'
+    machines, when it is there and runs; else this one. The harness's own
+    interpreter may be another build (a pyenv one here starts ~8 ms slower
+    per ckpt run), which would charge ckpt for an interpreter it does not
+    ship with."""
+    system = "/usr/bin/python3"
+    if os.path.realpath(system) != os.path.realpath(sys.executable) and os.access(system, os.X_OK):
+        try:
+            subprocess.run([system, "-S", "-c", "import ctypes"], check=True, timeout=30, close_fds=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            return system
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return sys.executable
+
+
 def on_host(sizes: str, rounds: int, swarm_cases: str = "", base_engine_dir: Optional[str] = None,
             ensure_criu: bool = True) -> Optional[Dict]:
     """The same comparison on this machine, with the first criu whose
@@ -116,20 +135,22 @@ def on_host(sizes: str, rounds: int, swarm_cases: str = "", base_engine_dir: Opt
     criu = shlex.join(chosen[1]) if chosen else ""
     if why:
         print(f"compare: {why}; ckpt alone", file=sys.stderr)
+    python = engine_python()
     with tempfile.TemporaryDirectory(prefix="crucible-compare-") as tmp:
         exe = _static_memhog(Path(tmp))
         out = Path(tmp) / "compare.json"
         extra = ["--swarm", str(_static_swarm(Path(tmp))), "--swarm-cases", swarm_cases] if swarm_cases else []
         if base_engine_dir:
             parent = str(Path(base_engine_dir).resolve().parent)
-            extra += ["--ckpt-base", command_line(sys.executable, parent)]
+            extra += ["--ckpt-base", command_line(python, parent)]
         # as the guests' wrapper runs it (harness/zygote.py CODE): -S, no runpy, the root first on sys.path
         subprocess.run([sys.executable, str(SCRIPT), "--memhog", str(exe), "--sizes", sizes, "--rounds", str(rounds),
-                        "--ckpt", command_line(sys.executable, str(REPO)), "--criu", criu,
+                        "--ckpt", command_line(python, str(REPO)), "--criu", criu,
                         "--out", str(out)] + extra,
                        check=True, cwd=str(REPO), close_fds=True)
         doc = json.loads(out.read_text())
     doc["where"] = "host"
+    doc["ckpt_python"] = python
     if why:
         doc["criu_unavailable"] = why
     else:
@@ -175,11 +196,13 @@ def main(argv: Optional[List[str]] = None) -> int:
                                               "(tool ckpt_base: before/after in one run)")
     ap.add_argument("--cell", help="the name of the result entry (default: from arch, distro, kernel)")
     args = ap.parse_args(argv)
-    # bytecode and bundle for the host runs (the guest makes its own at install)
+    # bytecode and bundle for the host runs, for the interpreter that runs ckpt
+    # there (the guest makes its own at install)
+    python = engine_python() if args.host else sys.executable
     for root in [REPO] + ([Path(args.base_engine_dir).resolve().parent] if args.base_engine_dir else []):
-        subprocess.run([sys.executable, "-m", "compileall", "-q", str(root / "engine")], stdout=subprocess.DEVNULL,
+        subprocess.run([python, "-m", "compileall", "-q", str(root / "engine")], stdout=subprocess.DEVNULL,
                        close_fds=True)
-        subprocess.run(["sh", "-c", bundle_line(shlex.quote(sys.executable), str(root))], close_fds=True)
+        subprocess.run(["sh", "-c", bundle_line(shlex.quote(python), str(root))], close_fds=True)
     if not args.no_guest:
         t0 = time.monotonic()
         doc = in_guest(args.arch, args.accel, args.kernel, args.distro, args.sizes, args.rounds, args.timeout,
