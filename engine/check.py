@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from typing import Any, Dict, List, Optional
 
 from . import fds as fdkinds
-from . import autogroup, fstype, lsm, pidfd, pidns, posixtimers, procfs, sysvsem, unlinked, vdsoblock
+from . import autogroup, fstype, lsm, pidfd, pidns, posixtimers, procattrs, procfs, sysvsem, unlinked, vdsoblock
 from .context import DumpContext
 from .errors import EngineError, Refusal, UsageError
 
@@ -256,6 +256,10 @@ def _check_restore_env(s: Survey, tree_member: bool = False, shell_job: bool = F
     * a session that is neither the target's own nor ckpt's: the restored
       process could join neither."""
     eff = int(procfs.self_status().get("CapEff", "0"), 16)
+    if not (eff >> CAP_SYS_RESOURCE) & 1 and s.stat.get("flags", 0) & procattrs.PF_IO_FLUSHER == procattrs.PF_IO_FLUSHER:
+        s.refuse("I/O flusher", "process", Refusal(
+            "capability", "the process is an I/O flusher (PR_SET_IO_FLUSHER): restoring it needs "
+            "CAP_SYS_RESOURCE, which ckpt lacks"))
     if not (eff >> CAP_SYS_RESOURCE) & 1:
         from . import libc
         try:

@@ -1,6 +1,6 @@
 """Per-process attributes a program can read back, that no other record
 carries: dumpable, child subreaper, keep-caps, THP disable, the machine-check
-kill policy and the core dump filter; where the kernel has them, rdtsc
+kill policy, the core dump filter and PR_SET_IO_FLUSHER; where the kernel has them, rdtsc
 faulting, KSM merge-any and memory-deny-write-execute (OPTIONAL; CPUID
 faulting, which this engine does not set back, is refused).
 
@@ -27,6 +27,7 @@ read, see README "Known limits").
 
 from __future__ import annotations
 
+import os
 import struct
 
 from . import autogroup
@@ -50,6 +51,15 @@ SPEC_KEYS = ("spec_store_bypass", "spec_indirect_branch", "spec_l1d_flush")   # 
 # x86 (Linux 5.16): dynamically enabled xstate features (AMX tile data, 18)
 # a process must request before its first use; per process, inherited by fork
 ARCH_GET_XCOMP_SUPP, ARCH_GET_XCOMP_PERM, ARCH_REQ_XCOMP_PERM = 0x1021, 0x1022, 0x1023
+PR_SET_IO_FLUSHER = 57
+# PR_SET_IO_FLUSHER sets both task flags (include/linux/sched.h PR_IO_FLUSHER,
+# Linux 5.6): a userspace block or filesystem daemon (nbd, tcmu-runner, FUSE
+# servers) that must not recurse into its own I/O under memory pressure. Read
+# from /proc/TID/stat's flags, not PR_GET_IO_FLUSHER: that needs
+# CAP_SYS_RESOURCE in the target, which most such processes do not keep.
+PF_MEMALLOC_NOIO, PF_LOCAL_THROTTLE = 0x00080000, 0x00100000
+PF_IO_FLUSHER = PF_MEMALLOC_NOIO | PF_LOCAL_THROTTLE
+CAP_SYS_RESOURCE = 24
 MDWE_FLAGS = 3          # PR_MDWE_REFUSE_EXEC_GAIN, PR_MDWE_NO_INHERIT
 SECBIT_KEEP_CAPS = 1 << 4
 DEFAULT_COREDUMP_FILTER = 0x33      # what a process without a setting of its own has (fs/exec.c)
@@ -153,6 +163,50 @@ def same_as_leader(rec: dict, lead, tid: int) -> None:
 _READ = object()
 
 
+def _task_flags(pid: int) -> dict:
+    """{tid: /proc/PID/task/TID/stat flags} of every thread."""
+    from .procfs import parse_stat
+    out = {}
+    for name in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{name}/stat") as f:
+                out[int(name)] = parse_stat(f.read())["flags"]
+        except (FileNotFoundError, ProcessLookupError):
+            pass        # exited meanwhile: the thread survey says so
+    return out
+
+
+def io_flusher(pid: int) -> int:
+    """1 when the process is an I/O flusher (PR_SET_IO_FLUSHER), else 0.
+    The flag is each thread's own and a clone copies it (kernel/fork.c keeps
+    it in the new task's flags): the restore sets the leader's before the
+    threads are cloned, so a thread whose flag differs would come back with
+    the leader's. Refused (`threads`). Raises Refusal."""
+    flags = _task_flags(pid)
+    lead = int(flags.get(pid, 0) & PF_IO_FLUSHER == PF_IO_FLUSHER)
+    differ = sorted(t for t, f in flags.items() if int(f & PF_IO_FLUSHER == PF_IO_FLUSHER) != lead)
+    if differ:
+        raise Refusal("threads", f"thread {differ[0]} is {'not ' if lead else ''}an I/O flusher "
+                      f"(PR_SET_IO_FLUSHER) and the leader is{'' if lead else ' not'}: restored with the "
+                      "leader's", pid=pid)
+    return lead
+
+
+def own_io_flusher() -> int:
+    """ckpt's own (what a clone of it has)."""
+    if "io_flusher" not in _OWN:
+        from .procfs import parse_stat
+        with open(f"/proc/self/task/{os.getpid()}/stat") as f:
+            _OWN["io_flusher"] = int(parse_stat(f.read())["flags"] & PF_IO_FLUSHER == PF_IO_FLUSHER)
+    return _OWN["io_flusher"]
+
+
+def can_set_io_flusher() -> bool:
+    """ckpt may call PR_SET_IO_FLUSHER (CAP_SYS_RESOURCE in its effective set)."""
+    from .procfs import self_status
+    return bool(int(self_status().get("CapEff", "0"), 16) >> CAP_SYS_RESOURCE & 1)
+
+
 def dump(pid: int, got: dict, autogroup_nice=_READ) -> dict:
     """The record, from the injected reads in `got` (their keys are
     removed) and /proc. Raises Refusal(unsupported-state). `autogroup_nice`:
@@ -178,6 +232,7 @@ def dump(pid: int, got: dict, autogroup_nice=_READ) -> dict:
             "memory_merge": vals["memory_merge"],
             "autogroup_nice": autogroup.read(pid) if autogroup_nice is _READ else autogroup_nice,
             "xcomp_perm": vals["xcomp_perm"], "mlock_future": got.pop("mlock_future", 0),
+            "io_flusher": io_flusher(pid),
             **{k: vals[k] for k in SPEC_KEYS}}
 
 
@@ -194,6 +249,8 @@ def describe(rec: dict) -> str:
             out.append(text)
     if rec.get("xcomp_perm"):
         out.append(f"xstate permission {rec['xcomp_perm']:#x}")
+    if rec.get("io_flusher"):
+        out.append("I/O flusher (PR_SET_IO_FLUSHER)")
     if rec.get("mlock_future"):
         out.append("mlockall(MCL_FUTURE" + (" | MCL_ONFAULT)" if rec["mlock_future"] & 4 else ")"))
     return ", ".join(out)
@@ -214,7 +271,8 @@ def check_record(rec) -> bool:
             and rec["thp_disable"] in (0, 1) and rec["mce_kill"] in (0, 1, 2)
         ok = ok and rec["tsc"] in (1, 2) and rec["mdwe"] in (0, 1, 3) and rec["memory_merge"] in (0, 1)
         cdf = rec["coredump_filter"]
-        ok = ok and rec.get("mlock_future", 0) in (0, 2, 6)      # MCL_FUTURE [| MCL_ONFAULT]; absent before
+        ok = ok and rec.get("mlock_future", 0) in (0, 2, 6)
+        ok = ok and rec.get("io_flusher", 0) in (0, 1)      # absent before it was carried      # MCL_FUTURE [| MCL_ONFAULT]; absent before
         ok = ok and all(isinstance(rec.get(k, 0), int) and 0 <= rec.get(k, 0) < 64 for k in SPEC_KEYS)
         xp = rec.get("xcomp_perm", 0)        # absent before it was carried
         ok = ok and isinstance(xp, int) and not isinstance(xp, bool) and 0 <= xp < 1 << 64
@@ -250,6 +308,8 @@ def queue(b, rec: dict) -> None:
         q("arch_prctl", ARCH_REQ_XCOMP_PERM, bit)
     for which, value in _spec_changes(rec):     # before the threads are cloned: they inherit it
         q("prctl", PR_SET_SPECULATION_CTRL, which, value, 0, 0)
+    if rec.get("io_flusher", 0) != own_io_flusher():    # before the threads (they inherit it) and the
+        q("prctl", PR_SET_IO_FLUSHER, rec.get("io_flusher", 0), 0, 0, 0)   # credentials (CAP_SYS_RESOURCE)
 
 
 def queue_thread(tb, rec: dict) -> None:
@@ -349,6 +409,9 @@ def validate(rec: dict, creds_plan: str) -> list:
     if missing and [b for b in missing if not _xcomp(ARCH_GET_XCOMP_SUPP) >> b & 1]:
         out.append(Refusal("cpu-mismatch", f"the process was permitted xstate features {missing} "
                            "(ARCH_REQ_XCOMP_PERM: AMX) that this CPU or kernel does not support"))
+    if rec.get("io_flusher", 0) != own_io_flusher() and not can_set_io_flusher():
+        out.append(Refusal("capability", "the process is an I/O flusher (PR_SET_IO_FLUSHER): setting it "
+                           "needs CAP_SYS_RESOURCE, which ckpt lacks here"))
     return out + _validate_dumpable(rec, creds_plan)
 
 

@@ -411,7 +411,7 @@ def m_reset_process_attrs(img: Image) -> str:
     restorer would have (engine/procattrs.py, sched.py "ioprio", mempolicy.py)."""
     core = img.json("core.json")
     default = {"dumpable": 1, "child_subreaper": 0, "keep_caps": 0, "thp_disable": 0, "mce_kill": 2,
-               "coredump_filter": 0x33}
+               "coredump_filter": 0x33, "io_flusher": 0}
     attrs = core.get("attrs") or {}
     diff = [f"{k} {attrs[k]} -> {v}" for k, v in default.items() if k in attrs and attrs[k] != v]
     for where, rec in [("", core)] + [(f"thread {t['tid']} ", t) for t in core.get("threads", [])]:
@@ -1886,7 +1886,8 @@ CAUGHT_BY: Dict[str, str] = {
     "lose-sigaction": "every signal action compared",
     "change-mprotect": "the /proc maps diff (perms of every mapping)",
     "lose-cwd": "the cwd compared",
-    "reset-process-attrs": "workload.process.attrs read back by the process (scenarios/process/attrs.yaml); "
+    "reset-process-attrs": "workload.process.attrs read back by the process (scenarios/process/attrs.yaml, "
+                           "io-flusher.yaml: every thread's task flags); "
                            "I/O priority, coredump_filter, THP_enabled and numa_maps compared from outside",
     "unshare-tree-memory": "tree children write to a MAP_SHARED page after the restore; the parent must see it, and they its",
     "drop-cow-page": "a quiet workload's whole private memory digested from outside (harness/memstate.py, "

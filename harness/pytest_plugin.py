@@ -167,6 +167,10 @@ class ScenarioItem(pytest.Item):
                "distro": crucible.distro, "worker": crucible.worker, "began": round(time.time(), 2)}
         if self.scenario.get("restore_on") == "other" and not crucible.can_migrate:
             pytest.skip("restore_on: other needs a second guest; --target local has only this host")
+        if not crucible.can_migrate:
+            from .kinds.process import local_unmet
+            if local_unmet(self.scenario):
+                pytest.skip(local_unmet(self.scenario))
         if "program" in self.scenario["workload"] and not crucible.can_migrate:
             from .programrun import missing_here
             why = missing_here(self.scenario, os.environ.get("CRUCIBLE_PROGRAMS_DIR", ""))

@@ -345,7 +345,8 @@ def unshare(flags: int) -> None:
 PR = {"get_dumpable": 3, "set_dumpable": 4, "get_keepcaps": 7, "set_keepcaps": 8, "mce_kill": 33,
       "mce_kill_get": 34, "set_child_subreaper": 36, "get_child_subreaper": 37, "set_thp_disable": 41,
       "get_thp_disable": 42, "set_timerslack": 29, "get_timerslack": 30, "set_no_new_privs": 38,
-      "get_no_new_privs": 39, "get_tid_address": 40}
+      "get_no_new_privs": 39, "get_tid_address": 40,
+      "set_io_flusher": 57}
 IOPRIO_NR = {"x86_64": (251, 252), "aarch64": (30, 31)}     # (ioprio_set, ioprio_get)
 IOPRIO_CLASSES = {"none": 0, "realtime": 1, "best-effort": 2, "idle": 3}
 

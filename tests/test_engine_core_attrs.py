@@ -14,6 +14,7 @@ import os
 import re
 import signal
 import subprocess
+import types
 
 import pytest
 
@@ -520,3 +521,57 @@ def test_membarrier_registrations_restored(procs, attrs_bin, tmp_path, monkeypat
     assert "mb=-1:-1 " in report(q.pid, out2)[0]
     dump_restore(q, str(tmp_path / "img2"), procs)
     assert "mb=-1:-1 " in report(q.pid, out2)[0]
+
+
+def test_io_flusher_read_per_thread_refused_when_mixed_and_queued_before_the_threads(monkeypatch):
+    """PR_SET_IO_FLUSHER is each thread's task flags (this host's root cannot
+    set it: no CAP_SYS_RESOURCE; scenarios/process/io-flusher.yaml restores
+    one in the guests): read from every thread's stat, a thread unlike the
+    leader refused, set in the process before its threads are cloned, and
+    refused before anything is made where ckpt could not set it."""
+    from engine import procattrs
+    pid, other = os.getpid(), os.getpid() + 1
+    both, noio = procattrs.PF_IO_FLUSHER, procattrs.PF_MEMALLOC_NOIO
+    for flags, want in (({pid: both | 0x40, other: both}, 1), ({pid: 0x40, other: noio}, 0)):
+        monkeypatch.setattr(procattrs, "_task_flags", lambda p, f=flags: f)
+        assert procattrs.io_flusher(pid) == want
+    monkeypatch.setattr(procattrs, "_task_flags", lambda p: {pid: both, other: noio})
+    with pytest.raises(Refusal) as e:
+        procattrs.io_flusher(pid)
+    assert e.value.reason == "threads" and f"thread {other} is not an I/O flusher" in e.value.message
+
+    monkeypatch.setattr(procattrs, "own_io_flusher", lambda: 0)
+    rec = {"thp_disable": 0, "child_subreaper": 0, "mce_kill": 2, "tsc": 1, "memory_merge": 0, "dumpable": 1,
+           "io_flusher": 1}
+    monkeypatch.setattr(procattrs, "_own", lambda key: rec[key])
+    calls = []
+    procattrs.queue(types.SimpleNamespace(pending=types.SimpleNamespace(add=lambda *a: calls.append(a))), rec)
+    assert calls == [("prctl", procattrs.PR_SET_IO_FLUSHER, 1, 0, 0, 0)]
+    calls.clear()
+    procattrs.queue(types.SimpleNamespace(pending=types.SimpleNamespace(add=lambda *a: calls.append(a))),
+                    dict(rec, io_flusher=0))
+    assert calls == []
+    for can, refused in ((True, False), (False, True)):
+        monkeypatch.setattr(procattrs, "can_set_io_flusher", lambda c=can: c)
+        got = [r for r in procattrs.validate(rec, "") if "I/O flusher" in r.message]
+        assert bool(got) == refused and all(r.reason == "capability" for r in got)
+    assert not procattrs.validate(dict(rec, io_flusher=0), "")
+
+
+def test_io_flusher_refused_at_the_dump_where_the_restore_could_not_set_it(monkeypatch):
+    """The dump's pre-flight refuses it while the target is unharmed when
+    ckpt lacks CAP_SYS_RESOURCE (a restore by this ckpt would refuse)."""
+    from engine import check, procattrs, procfs
+    got = []
+    s = types.SimpleNamespace(stat={"flags": procattrs.PF_IO_FLUSHER, "session": None}, memo={}, pid=os.getpid(),
+                              proc=procfs.Proc(os.getpid()), refuse=lambda what, area, r: got.append(r))
+    for eff, refused in (("0", True), (f"{1 << 24:x}", False)):
+        monkeypatch.setattr(procfs, "self_status", lambda e=eff: {"CapEff": e})
+        got.clear()
+        check._check_restore_env(s)
+        assert [r.reason for r in got if "I/O flusher" in r.message] == (["capability"] if refused else [])
+    s.stat["flags"] = procattrs.PF_MEMALLOC_NOIO       # memalloc_noio_save alone is not the flag
+    monkeypatch.setattr(procfs, "self_status", lambda: {"CapEff": "0"})
+    got.clear()
+    check._check_restore_env(s)
+    assert not [r for r in got if "I/O flusher" in r.message]

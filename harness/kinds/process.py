@@ -137,7 +137,9 @@ def fields(s) -> dict:
                         "resuid": s.List_(s.Int(0, 2 ** 31 - 1)), "resgid": s.List_(s.Int(0, 2 ** 31 - 1)),
                         # the nice of the session's scheduling autogroup (/proc/self/autogroup)
                         "autogroup_nice": s.Int(0, 19),
-                        "seccomp_filter": s.Bool()}),
+                        "seccomp_filter": s.Bool(),
+                        # PR_SET_IO_FLUSHER (needs CAP_SYS_RESOURCE), as nbd-client or a FUSE server runs
+                        "io_flusher": s.Bool()}),
         "children": s.List_(s.Map({"blocked_in": s.Enum(CHILD_IN, "what a child does:"),
                                    "exit": s.Int(0, 255), "group": s.Enum(CHILD_GROUPS),
                                    "share": s.List_(s.Enum(tuple(CHILD_SHARE), "what a child can share:"))},
@@ -663,6 +665,19 @@ def _ioprio_value(name: str) -> int:
     return sysapi.IOPRIO_CLASSES[cls] << 13 | int(level or 0)
 
 
+def local_unmet(sc: dict) -> str:
+    """Why this host cannot set up the scenario's process ("" when it can):
+    the guests' root has every capability, a host's root may not (this one
+    lacks CAP_SYS_RESOURCE)."""
+    a = ((sc.get("workload") or {}).get("process") or {}).get("attrs") or {}
+    if a.get("io_flusher"):
+        with open("/proc/self/status") as f:
+            eff = int(next(l for l in f if l.startswith("CapEff:")).split()[1], 16)
+        if not eff >> 24 & 1:
+            return "io_flusher: PR_SET_IO_FLUSHER needs CAP_SYS_RESOURCE, which this host's root lacks"
+    return ""
+
+
 def _apply_attrs(a: dict) -> None:
     if "ioprio" in a:
         sysapi.ioprio_set(_ioprio_value(a["ioprio"]))
@@ -675,6 +690,8 @@ def _apply_attrs(a: dict) -> None:
             sysapi.prctl(option, int(a[key]))
     if "mce_kill" in a:
         sysapi.prctl("mce_kill", 1, MCE_KILL[a["mce_kill"]])    # PR_MCE_KILL_SET
+    if "io_flusher" in a:      # before the threads: they inherit it
+        sysapi.prctl("set_io_flusher", int(a["io_flusher"]))
     if a.get("membarrier"):     # registered for private expedited barriers, as liburcu is
         if sysapi.membarrier_private_expedited(register=True):
             raise OSError("membarrier registration failed")
@@ -729,7 +746,26 @@ def _attrs_now() -> dict:
             "no_new_privs": sysapi.prctl("get_no_new_privs"), "oom_score_adj": oom,
             "groups": sorted(os.getgroups()), "autogroup_nice": _autogroup_nice(), "resuid": list(os.getresuid()), "resgid": list(os.getresgid()),
             "sched_batch": int(os.sched_getscheduler(0) == os.SCHED_BATCH),
-            "seccomp_filter": int(status().get("Seccomp") == "2")}
+            "seccomp_filter": int(status().get("Seccomp") == "2"), "io_flusher": _io_flusher()}
+
+
+PF_IO_FLUSHER = 0x00080000 | 0x00100000     # PF_MEMALLOC_NOIO | PF_LOCAL_THROTTLE (include/linux/sched.h)
+
+
+def _io_flusher() -> str:
+    """"all", "none" or "mixed": which of the process's threads are I/O
+    flushers (PR_SET_IO_FLUSHER sets both task flags; a thread's own, copied
+    by clone). From /proc/self/task/*/stat (PR_GET_IO_FLUSHER would need
+    CAP_SYS_RESOURCE and tells only the calling thread's)."""
+    seen = set()
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                flags = int(f.read().rsplit(")", 1)[1].split()[6])
+        except FileNotFoundError:
+            continue
+        seen.add(flags & PF_IO_FLUSHER == PF_IO_FLUSHER)
+    return "mixed" if len(seen) > 1 else "all" if True in seen else "none"
 
 
 def _libm():
@@ -752,7 +788,8 @@ def _attrs_wanted(a: dict) -> dict:
     conv = {"ioprio": _ioprio_value, "mce_kill": MCE_KILL.get, "personality": PERSONALITY.get,
             "groups": lambda g: sorted(int(x) for x in g),
             "resuid": lambda ids: [int(x) for x in ids], "resgid": lambda ids: [int(x) for x in ids],
-            "mempolicy": lambda m: f"{sysapi.MPOL[m]}:{0 if m == 'local' else 1:x}"}
+            "mempolicy": lambda m: f"{sysapi.MPOL[m]}:{0 if m == 'local' else 1:x}",
+            "io_flusher": lambda v: "all" if v else "none"}
     return {k: conv[k](v) if k in conv else int(v) for k, v in a.items()}
 
 
