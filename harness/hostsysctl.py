@@ -101,12 +101,7 @@ def sysctl_held(path: str, ok, value: str, exclusive: bool = False):
     fd = os.open(LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        with open(path) as f:
-            cur = f.read().strip()
-        if not ok(cur):
-            _record(path, cur)
-            with open(path, "w") as f:
-                f.write(value)
+        widen(path, ok, value)
         if not exclusive:
             fcntl.flock(fd, fcntl.LOCK_SH)
         yield
