@@ -192,6 +192,40 @@ def io_flusher(pid: int) -> int:
     return lead
 
 
+PR_SCHED_CORE, PR_SCHED_CORE_GET = 62, 0
+PIDTYPE_PID = 0
+
+
+def core_sched_cookie(tids) -> int:
+    """The first of `tids` (threads of one process) that has a core
+    scheduling cookie (PR_SCHED_CORE, Linux 5.14, SMT machines: which tasks
+    may share a core, a guard against SMT side channels), else 0. Nothing
+    gives a new task a cookie of its own or shares one the way the
+    original's were, so such a process is refused (`unsupported-state`):
+    restored without it, its threads would share cores with anything. Read
+    from outside (PR_SCHED_CORE_GET of another task needs ptrace read
+    access, which the tracer has); where the kernel has no core scheduling
+    or the machine no SMT the call fails and no task can have one."""
+    import ctypes
+    from . import arch, libc
+    nr = arch.current().SYS["prctl"]
+    cookie = ctypes.c_uint64(0)
+    for tid in tids:
+        try:
+            libc.syscall(nr, PR_SCHED_CORE, PR_SCHED_CORE_GET, tid, PIDTYPE_PID, ctypes.addressof(cookie))
+        except libc.SysError:
+            return 0        # EINVAL: no CONFIG_SCHED_CORE; ENODEV: no SMT (ESRCH: gone, the survey says so)
+        if cookie.value:
+            return tid
+    return 0
+
+
+def _core_cookie_why(pid: int) -> str:
+    tid = core_sched_cookie(sorted(int(t) for t in os.listdir(f"/proc/{pid}/task")))
+    return (f"thread {tid} has a core scheduling cookie (PR_SCHED_CORE): which tasks may share an SMT "
+            "core is not restored") if tid else ""
+
+
 def own_io_flusher() -> int:
     """ckpt's own (what a clone of it has)."""
     if "io_flusher" not in _OWN:
@@ -222,6 +256,7 @@ def dump(pid: int, got: dict, autogroup_nice=_READ) -> dict:
         why.append("CPUID faulting (ARCH_SET_CPUID 0), which is not restored")
     if vals["tsc"] not in (1, 2) or vals["mdwe"] & ~MDWE_FLAGS or vals["memory_merge"] not in (0, 1):
         why.append(f"TSC mode {vals['tsc']}, MDWE flags {vals['mdwe']:#x}, memory merge {vals['memory_merge']}")
+    why += [w for w in (_core_cookie_why(pid),) if w]
     if why:
         raise Refusal("unsupported-state", "; ".join(why), pid=pid)
     with open(f"/proc/{pid}/coredump_filter") as f:

@@ -575,3 +575,25 @@ def test_io_flusher_refused_at_the_dump_where_the_restore_could_not_set_it(monke
     got.clear()
     check._check_restore_env(s)
     assert not [r for r in got if "I/O flusher" in r.message]
+
+
+def test_a_core_scheduling_cookie_is_refused(monkeypatch):
+    """No kernel here has core scheduling on SMT (PR_SCHED_CORE_GET fails:
+    no task can have a cookie); where one does, a thread with a cookie is
+    refused rather than restored sharing cores with anything."""
+    from engine import libc, procattrs
+    got = {"dumpable": 1, "child_subreaper": 0, "securebits": 0, "thp_disable": 0, "mce_kill": 2, "cpuid": 1}
+    assert procattrs.core_sched_cookie([os.getpid()]) == 0
+    procattrs.dump(os.getpid(), dict(got))
+    calls = []
+
+    def fake(nr, option, cmd, tid, typ, addr):
+        calls.append((option, cmd, tid, typ))
+        ctypes.c_uint64.from_address(addr).value = 0x5eed if tid == os.getpid() else 0
+        return 0
+    monkeypatch.setattr(libc, "syscall", fake)
+    with pytest.raises(Refusal) as e:
+        procattrs.dump(os.getpid(), dict(got))
+    assert e.value.reason == "unsupported-state" and f"thread {os.getpid()} has a core scheduling cookie" \
+        in e.value.message
+    assert (procattrs.PR_SCHED_CORE, 0, os.getpid(), 0) in calls
