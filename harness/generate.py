@@ -4,7 +4,8 @@ derived from one table of rules.
 ``pytest scenarios/ --generate N --seed S`` composes N scenarios (the same
 seed gives the same cases, case ``i`` depends only on ``(S, i)``): fds of
 every kind with their states (offsets, flags, queued data, watches, holes,
-links), several in one process, anonymous and file mappings, world
+links), several in one process, anonymous and file mappings, process
+attributes and threads blocked in calls beside them, world
 perturbations before the dump and between dump and restore, sometimes
 ``leave_running`` or ``restore_on: other`` (guests only).
 
@@ -680,7 +681,24 @@ def draw(rng: random.Random, migrate: bool = False) -> dict:
     # Last, so that every earlier draw of a seed stays what it was.
     if rng.random() < 0.15:
         sc["workload"].setdefault("process", {})["attrs"] = _attrs(rng)
+    # (after the attrs: the same rule) Threads beside whatever the process
+    # holds: one process's fds, memory and attributes shared by threads
+    # blocked in calls (scenarios/threads/blocked.yaml restores each); a
+    # thread changes no fd's outcome, so the derived expectation stands
+    if rng.random() < 0.2:
+        sc["workload"].setdefault("process", {})["threads"] = _threads(rng)
     return sc
+
+
+def _threads(rng) -> list:
+    """1-3 workload.process.threads, each blocked in one call, some with a nice of their own."""
+    out = []
+    for _ in range(rng.choice((1, 1, 2, 3))):
+        t = {"blocked_in": rng.choice(("sleep", "read", "lock", "cond", "join"))}
+        if rng.random() < 0.3:
+            t["nice"] = rng.randrange(1, 20)
+        out.append(t)
+    return out
 
 
 def _attrs(rng) -> dict:

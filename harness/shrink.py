@@ -75,6 +75,16 @@ def candidates(sc: dict) -> Iterator[Tuple[str, dict]]:
         c = copy.deepcopy(sc)
         del c["workload"]["process"]
         yield "drop workload.process", c
+        for key in sorted(wl["process"]):
+            if len(wl["process"]) > 1:
+                c = copy.deepcopy(sc)
+                del c["workload"]["process"][key]
+                yield f"drop workload.process.{key}", c
+        for i in range(len(wl["process"].get("threads") or [])):
+            if len(wl["process"]["threads"]) > 1:
+                c = copy.deepcopy(sc)
+                del c["workload"]["process"]["threads"][i]
+                yield f"drop workload.process.threads[{i}]", c
     for key in ("leave_running", "ghost_limit", "file_validation"):
         if key in (sc.get("dump") or {}):
             c = copy.deepcopy(sc)

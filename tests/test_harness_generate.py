@@ -73,6 +73,8 @@ def test_generation_covers_the_vocabulary():
     assert any(sc.get("mmaps") or sc["workload"].get("mmaps") for sc in cases)
     assert any((sc.get("dump") or {}).get("leave_running") for sc in cases)
     assert any((sc["workload"].get("process") or {}).get("attrs") for sc in cases)
+    blocked = {t["blocked_in"] for sc in cases for t in (sc["workload"].get("process") or {}).get("threads", [])}
+    assert blocked == {"sleep", "read", "lock", "cond", "join"}
 
 
 def test_restore_on_other_only_with_guests():
