@@ -308,13 +308,26 @@ def _content_refusals(fdrecs: List[dict], vmas: List[dict], core: dict, ctx, ref
     hashes each once.) Opened read-only, regular files only; nothing else."""
     import stat
     done = {r.fd for r in refusals if r.fd is not None} | {r.path for r in refusals if r.path}
-    idents = [(rec["file"], rec["fd"]) for rec in fdrecs if rec.get("kind") == "regular" and
-              isinstance(rec.get("file"), dict) and "dup_of" not in rec and "ofd_of" not in rec]
-    idents += [(v["file"]["file"], None) for v in vmas if v.get("kind") == "file" and
-               isinstance(v.get("file"), dict) and isinstance(v["file"].get("file"), dict)]
+    fd_idents = [(rec["file"], rec["fd"]) for rec in fdrecs if rec.get("kind") == "regular" and
+                 isinstance(rec.get("file"), dict) and "dup_of" not in rec and "ofd_of" not in rec]
+
+    def name_every_fd():
+        # a file changed or gone is so for every fd the process opened it by
+        # (each its own open), each named: the pre-flight names every fd it
+        # refuses, the content check below each file once
+        by_path = {r.path: r for r in refusals if r.path and r.reason in ("file-changed", "file-missing")}
+        for ident, fd in fd_idents:
+            r = by_path.get(ident.get("path"))
+            if r is not None and fd not in done:
+                done.add(fd)
+                add(Refusal(r.reason, r.detail, pid=core["pid"], fd=fd, path=r.path))
+
+    name_every_fd()
+    checked = fd_idents + [(v["file"]["file"], None) for v in vmas if v.get("kind") == "file" and
+                           isinstance(v.get("file"), dict) and isinstance(v["file"].get("file"), dict)]
     if isinstance(core.get("exe"), dict) and isinstance(core["exe"].get("file"), dict):
-        idents.append((core["exe"]["file"], None))
-    for ident, fd in idents:
+        checked.append((core["exe"]["file"], None))
+    for ident, fd in checked:
         path = ident.get("path")
         if fd in done or path in done or not isinstance(path, str) or not ident.get("sha256") or \
                 not isinstance(ident.get("mode"), int) or not stat.S_ISREG(ident["mode"]):
@@ -327,9 +340,11 @@ def _content_refusals(fdrecs: List[dict], vmas: List[dict], core: dict, ctx, ref
         try:
             files.check_identity(ident, ctx, fd=fd, pid=core["pid"], opened=opened)
         except Refusal as r:
+            done.add(fd)
             add(r)
         finally:
             os.close(opened)
+    name_every_fd()
 
 
 ZOMBIE_WAIT = 3.0   # seconds
@@ -462,6 +477,17 @@ def prepare(core: dict, vmas: List[dict], fdrecs: List[dict], ctx: RestoreContex
             fd = os.open(core["cwd"]["path"], os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             p.cwd_fd = p.keep(fd)
             os.close(fd)
+    except Refusal as e:
+        p.close()
+        if e.reason not in ("file-changed", "file-missing"):
+            raise
+        # a file's content is first checked here, on the fd opened for the
+        # process, and the first changed one stops the restore: name them all
+        found = [e]
+        _content_refusals(fdrecs, vmas, core, ctx, found, found.append)
+        if len(found) == 1:
+            raise
+        raise Refusals(found) from e
     except BaseException:
         p.close()
         raise

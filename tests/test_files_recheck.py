@@ -161,3 +161,29 @@ def test_a_refused_restore_names_every_changed_file_not_only_the_first_stage(pro
     assert by_fd[500].reason == "file-changed" and "renamed-over" in by_fd[500].detail
     assert by_fd[501].reason == "file-changed" and "content differs" in by_fd[501].detail
     assert not alive(p.pid)
+
+
+def test_a_content_change_names_every_fd_on_every_changed_file(procs, tmp_path, data):
+    """Found only by their content (same size, same mtime), so only when
+    the restore opens the fds: one file opened twice (two open files) and
+    another rewritten too. The refusal names all three fds, not the first
+    the restore happened to open (found by the generator: gen-s77-0154)."""
+    other = tmp_path / "other"
+    other.write_bytes(bytes(range(256)) * 32)
+    setup = (f"a = os.open({str(data)!r}, os.O_RDONLY); os.dup2(a, 500); os.close(a)\n"
+             f"a = os.open({str(data)!r}, os.O_RDONLY); os.dup2(a, 501); os.close(a)\n"
+             f"b = os.open({str(other)!r}, os.O_RDWR); os.dup2(b, 502); os.close(b)")
+    p = start_ready_script(procs, tmp_path, setup, tick=0.05)
+    image = str(tmp_path / "img")
+    engine_dump(p.pid, image, Options())
+    p.wait()
+    rewrite_keeping_mtime(data)
+    rewrite_keeping_mtime(other)
+    with pytest.raises(Exception) as e:
+        engine_restore.restore(image, Options())
+    if alive(p.pid):
+        procs.adopt(p.pid)
+    found = getattr(e.value, "refusals", [e.value])
+    assert sorted(r.fd for r in found) == [500, 501, 502], [str(r) for r in found]
+    assert all(r.reason == "file-changed" and "content differs" in r.detail for r in found)
+    assert not alive(p.pid)
