@@ -15,7 +15,7 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import pytest
 
@@ -263,6 +263,10 @@ class ScenarioItem(pytest.Item):
         return self.path, 0, f"scenario: {self.scenario['name']} [{self.engine_name}]"
 
 
+#: under the run's reports: which failure classes a case of this run was shrunk for
+SHRINK_CLAIMS = "shrink-claims"
+
+
 def failure_signature(res: runner.Result) -> str:
     """What kind of failure a result is, the same for the smaller cases the
     shrinker tries: the outcome, and for a refusal its reasons and phase
@@ -270,6 +274,19 @@ def failure_signature(res: runner.Result) -> str:
     if res.outcome == "refused":
         return f"refused {','.join(sorted({r.get('reason', '?') for r in res.refusals}))} at {res.at}"
     return res.outcome
+
+
+def failure_classes(res: runner.Result) -> List[str]:
+    """The kinds of failure in a result, finer than failure_signature: a
+    corruption is one class per failed check, its numbers (addresses, fds,
+    sizes) taken out ("corrupted: state: maps.#-#.advice"), so that the
+    same wrong thing seen in another case, another mapping or fd, is the
+    same class. For the shrinker's once-per-run claims (shrink.claim)."""
+    if res.outcome != "corrupted":
+        return [failure_signature(res)]
+    out = {"corrupted: " + re.sub(r"\b(0x)?[0-9a-f]*\d[0-9a-f]*\b", "#", str(c.get("what")))
+           for c in res.failed_checks()}
+    return sorted(out) or ["corrupted"]
 
 
 class GeneratedItem(ScenarioItem):
@@ -292,30 +309,44 @@ class GeneratedItem(ScenarioItem):
         try:
             super().runtest()
         except ScenarioFailure as e:
-            found = self._shrink(e.res, e.note)
-            if found:
-                e.note += f"\nshrunk to {found}"
-                for key, row in self.user_properties:
-                    if key == "crucible":
-                        row["found"] = found
+            found, why = self._shrink(e.res, e.note)
+            if found or why:
+                e.note += f"\nshrunk to {found}" if found else f"\n{why}"
+            for key, row in self.user_properties:
+                if key == "crucible":
+                    row["failure_classes"] = failure_classes(e.res)
+                    if found or why:
+                        row.update({"found": found} if found else {"not_shrunk": why})
             raise
 
-    def _shrink(self, res: runner.Result, note: str) -> Optional[str]:
+    def _shrink(self, res: runner.Result, note: str) -> Tuple[Optional[str], str]:
+        """(the shrunk case's file, "") or (None, why it was not shrunk)."""
         from harness import shrink
         budget = self.config.getoption("shrink_budget")
         if budget <= 0:
-            return None
+            return None, ""
+        fresh, others = shrink.claim(str(REPORTS_DIR / SHRINK_CLAIMS), failure_classes(res), self.case_id)
+        if not fresh:
+            return None, f"not shrunk: the same failure as {', '.join(others)}, shrunk there"
+        # the candidate must fail the same way and still show what was new
+        # in this case (else a smaller case would keep only a failure some
+        # other case was shrunk for)
+        signature = failure_signature(res) + ("" if fresh == [failure_signature(res)] else
+                                              " with " + "; ".join(fresh))
 
         def attempt(sc: dict, k: int):
             try:
                 r, verdict = self.run_candidate(sc, f"{self.sid}-shrink{k}")
             except HarnessError as e:
                 return False, "harness error", e.message
-            return not verdict.passed, failure_signature(r), verdict.note
-        shrunk = shrink.shrink(self.scenario, failure_signature(res), attempt, budget=budget, note=note,
+            sig = failure_signature(r)
+            if sig == failure_signature(res) and set(fresh) <= set(failure_classes(r)):
+                sig = signature
+            return not verdict.passed, sig, verdict.note
+        shrunk = shrink.shrink(self.scenario, signature, attempt, budget=budget, note=note,
                                seconds=scenario_deadline(self.scenario, self.config.getoption("guest_timeout_scale")))
         path = shrink.write_found(self.config.getoption("found_dir"), self.case_id, self.seed, self.scenario, shrunk)
-        return os.path.relpath(path)
+        return os.path.relpath(path), ""
 
     def reportinfo(self):
         return self.path, 0, f"generated scenario {self.case_id}: {self.scenario['name']} [{self.engine_name}]"
@@ -662,6 +693,8 @@ def pytest_sessionstart(session):
             os.unlink(REPORTS_DIR / "rows.jsonl")
         except OSError:
             pass
+        import shutil
+        shutil.rmtree(REPORTS_DIR / SHRINK_CLAIMS, ignore_errors=True)     # this run's claims only
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -84,8 +84,21 @@ def generated_summary(rows: List[Dict], seed: int) -> str:
         out.append(f"{engine}: seed {seed}, {len(mine)} cases; outcomes: "
                    + ", ".join(f"{k} {v}" for k, v in sorted(outcomes.items()))
                    + f"; met the derived expectation: {passed}, failed: {len(mine) - passed}")
-        for r in mine:
-            if not r["passed"]:
+        failed = [r for r in mine if not r["passed"]]
+        for r in failed:
+            if not r.get("not_shrunk"):
                 out.append(f"  {r['scenario']}: expected {r['expected']}, got {r['got']}"
                            + (f" -> shrunk: {r['found']}" if r.get("found") else ""))
+        same = [r for r in failed if r.get("not_shrunk")]
+        if same:
+            out.append(f"  and {len(same)} more failing only in ways a case above was shrunk for "
+                       f"(e.g. {', '.join(r['scenario'] for r in same[:3])})")
+        classes: Dict[str, List[str]] = {}
+        for r in failed:
+            for c in r.get("failure_classes") or [r["got"]]:
+                classes.setdefault(c, []).append(r["scenario"])
+        if classes:
+            out.append("  failure classes (cases showing each):")
+            for c, where in sorted(classes.items(), key=lambda kv: (-len(kv[1]), kv[0])):
+                out.append(f"    {len(where):4d}  {c}")
     return "\n".join(out)

@@ -222,3 +222,32 @@ def write_found(directory: str, case_id: str, seed: int, original: dict, shrunk:
     with open(path, "w", encoding="utf-8") as f:
         f.write(generate.to_yaml(sc, header=header))
     return path
+
+
+def claim(directory: str, classes, case_id: str) -> Tuple[List[str], List[str]]:
+    """Claim the failure classes (pytest_plugin.failure_classes) that no
+    case of this run claimed before, for `case_id` to be shrunk for, and
+    return (the ones claimed now, the cases that had claimed the others).
+    One file per class under `directory` (the run's reports: shared by the
+    xdist workers, emptied when a run starts), created exclusively: a class
+    is shrunk once per run, not once per case that shows it (one engine
+    that gets one thing wrong in every case, as criu loses every
+    MADV_WIPEONFORK, would spend the run shrinking that one thing)."""
+    import hashlib
+    os.makedirs(directory, exist_ok=True)
+    fresh, others = [], []
+    for c in sorted(classes):
+        path = os.path.join(directory, hashlib.sha1(c.encode()).hexdigest()[:16])
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            try:
+                with open(path, encoding="utf-8") as f:
+                    others.append(f.read().split("\n", 1)[0] or "?")
+            except OSError:
+                others.append("?")
+            continue
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(f"{case_id}\n{c}\n")
+        fresh.append(c)
+    return fresh, sorted(set(others))

@@ -290,6 +290,44 @@ def test_write_found(tmp_path):
     assert loaded["workload"] == out.scenario["workload"] and loaded["name"].startswith("found gen-s11-0042")
 
 
+def test_each_failure_class_is_shrunk_once_per_run(tmp_path):
+    """An engine wrong in the same way in many cases (criu loses every
+    MADV_WIPEONFORK) is shrunk for it once; a case that also shows
+    something new is shrunk for the new thing."""
+    from harness import runner
+    from harness.pytest_plugin import failure_classes
+
+    def corrupted(*whats):
+        return runner.Result("s", "criu", outcome="corrupted",
+                             verdict={"checks": [{"ok": False, "what": w, "fd": 3} for w in whats]})
+    a = corrupted("state: maps.7f338a0b0000-7f338a0b1000.advice")
+    b = corrupted("state: maps.7f3c75490000-7f3c75491000.advice", "fd 8: flags (F_GETFL)")
+    assert failure_classes(a) == ["corrupted: state: maps.#-#.advice"]
+    assert failure_classes(b) == ["corrupted: fd #: flags (F_GETFL)", "corrupted: state: maps.#-#.advice"]
+    assert failure_classes(runner.Result("s", "ckpt", outcome="refused", at="dump",
+                                         refusals=[{"reason": "fifo-missing"}])) == ["refused fifo-missing at dump"]
+    claims = str(tmp_path / "claims")
+    assert shrink.claim(claims, failure_classes(a), "gen-s1-0001") == (failure_classes(a), [])
+    assert shrink.claim(claims, failure_classes(a), "gen-s1-0002") == ([], ["gen-s1-0001"])
+    assert shrink.claim(claims, failure_classes(b), "gen-s1-0003") == (["corrupted: fd #: flags (F_GETFL)"],
+                                                                      ["gen-s1-0001"])
+
+
+def test_generated_summary_lists_failure_classes_and_folds_the_unshrunk():
+    from harness import report
+    rows = [{"engine": "criu", "scenario": f"generated/gen-s1-000{i}", "outcome": "corrupted", "passed": False,
+             "expected": "restored", "got": "corrupted", "failure_classes": ["corrupted: state: maps.#-#.advice"],
+             **({"found": "found/gen-s1-0000.yaml"} if i == 0 else {"not_shrunk": "same as gen-s1-0000"})}
+            for i in range(4)] + [{"engine": "criu", "scenario": "generated/gen-s1-0009", "outcome": "restored",
+                                   "passed": True, "expected": "restored", "got": "restored"}]
+    text = report.generated_summary(rows, 1)
+    assert "5 cases; outcomes: corrupted 4, restored 1; met the derived expectation: 1, failed: 4" in text
+    assert "gen-s1-0000: expected restored, got corrupted -> shrunk: found/gen-s1-0000.yaml" in text
+    assert "and 3 more failing only in ways a case above was shrunk for" in text
+    assert "       4  corrupted: state: maps.#-#.advice" in text
+    assert "gen-s1-0002: expected" not in text
+
+
 # -- the pytest options ------------------------------------------------------------------
 
 def test_generate_option_collects_deterministic_ids():
