@@ -75,6 +75,8 @@ RULES: Tuple[Rule, ...] = (
     R("unlink", "file-linked", "between", "file-missing", "restore", source="hardlink/link-removed-after-dump"),
     R("rename", "file", "before_dump", "restored", source="rename/renamed-before-dump"),
     R("rename-over", "file", "before_dump", "restored", source="rename/renamed-over-before-dump"),
+    R("rename-over", "file-over-ghost-limit", "before_dump", "unlinked-too-large", "dump",
+      source="rename/renamed-over-too-large"),
     R("append", "file", "before_dump", "restored", source="changed/appended-before-dump"),
     R("touch", "file", "before_dump", "restored", source="the world model knows the new mtime is unknown"),
     R("chmod", "file", "before_dump", "restored", source="unlink/ghost-attributes (chmod before the dump)"),
