@@ -17,7 +17,7 @@ TYPE_CHECKING = False   # annotations only: importing typing costs every run ~3 
 if TYPE_CHECKING:
     from typing import Dict, List, Optional
 
-from . import cgroups, cow, creds, faults, fsroot, pdeath, files, landlock, libc, pidns, membarrier, mlockfuture, mempolicy, posixtimers, procattrs, procfs, sched, seccomp, signals, threads, unlinked
+from . import cgroups, cow, creds, faults, fsroot, pdeath, files, landlock, libc, pidns, membarrier, mlockfuture, mempolicy, posixtimers, procattrs, procfs, sched, seccomp, signals, threads, timens, unlinked
 from .arch import current as current_arch
 from .check import Survey, preflight, require_features, target_checks
 from .context import DumpContext, Options, boot_id
@@ -682,7 +682,7 @@ def _dump_one(pid: int, directory: str, options: Options) -> dict:
                 rec["signals"] = threads.pending(t, rec, state)
             img.write_json("core.json", state)
             meta = {"pid": pid, "comm": state["comm"], "boot_id": ctx.boot_id, "pages_bytes": dumper.total,
-                    "namespaces": pidns.record()}
+                    "namespaces": pidns.record(), "clocks": timens.record()}
             faults.point("dump.release")
             if options.leave_running:
                 # Everything is read: let it go before the fsyncs of commit.

@@ -496,7 +496,20 @@ def prepare(core: dict, vmas: List[dict], fdrecs: List[dict], ctx: RestoreContex
 
 # -- the restorer process ------------------------------------------------------------
 
-def _run_restorer(job, builder=None) -> dict:
+def clock_offsets(meta, same_node: bool) -> dict:
+    """The time namespace offsets the restored process needs (engine/timens.py);
+    raises Refusal (image-invalid, or no namespace can be made here)."""
+    from . import timens
+    if isinstance(meta, dict) and not timens.check_record(meta.get("clocks")):
+        raise Refusal("image-invalid", "manifest meta: clocks is not {monotonic, boottime} in ns")
+    offs = timens.offsets(meta, same_node)
+    r = timens.refusal(offs)
+    if r is not None:
+        raise r
+    return offs
+
+
+def _run_restorer(job, builder=None, clocks=None) -> dict:
     """Fork the restorer, which creates and rebuilds the process (`builder`,
     default build.build; engine/tree_restore.py for a tree), reports on a
     pipe and exits. Returns its report; raises what it raised."""
@@ -515,6 +528,9 @@ def _run_restorer(job, builder=None) -> dict:
             for one in (getattr(job, "jobs", None) or {0: job}).values():
                 if getattr(one, "pages", None) is not None:
                     one.pages.keep_from_children()      # not copied into the new process's clone
+            if clocks:      # before any process is made: each is born in the namespace
+                from .timens import enter
+                enter(clocks)
             from .task import INJECTED
             INJECTED.update(round_trips=0, batched_calls=0)     # this restore's only
             from .profiling import run as profiled
@@ -701,6 +717,7 @@ def _restore(reader: ImageReader, options: Options, t0: float) -> dict:
     meta = reader.manifest.get("meta") or {}
     same_node = isinstance(meta, dict) and meta.get("boot_id") == boot_id()
     pidns.check_restore(meta, reader.manifest.get("format"), same_node)
+    clocks = clock_offsets(meta, same_node)
     pid = core["pid"]
     ctx = RestoreContext(options=options, image=reader, same_node=same_node, records=fdrecs, pid=pid)
     segs = None
@@ -730,7 +747,7 @@ def _restore(reader: ImageReader, options: Options, t0: float) -> dict:
             with _system_errors_as_engine_errors("System V segments"):
                 made = sysvshm.materialize(segs, {pid: pages})   # removed again if the restore fails
         try:
-            out = _run_restorer(job)
+            out = _run_restorer(job, clocks=clocks)
         except BaseException:
             if made is not None:
                 made.undo()

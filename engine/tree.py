@@ -55,7 +55,7 @@ TYPE_CHECKING = False   # annotations only: importing typing costs every run ~3 
 if TYPE_CHECKING:
     from typing import Dict, List, Optional
 
-from . import cow, faults, pidns, procfs, ptrace, sharing, threads
+from . import cow, faults, pidns, procfs, ptrace, sharing, threads, timens
 from .check import SHMEM_NAMES
 from .errors import EngineError, Refusal, Refusals
 from .libc import SysError
@@ -783,7 +783,8 @@ def dump(pid: int, directory: str, options) -> dict:
                 sub(img, m.dir).write_json("core.json", state)
             img.write_json(TREE_FILE, {"root": pid, "members": [m.record() for m in members]})
             meta = {"pid": pid, "comm": members[0].state["comm"], "boot_id": members[0].ctx.boot_id,
-                    "pages_bytes": total, "members": len(members), "namespaces": pidns.record()}
+                    "pages_bytes": total, "members": len(members), "namespaces": pidns.record(),
+                    "clocks": timens.record()}
             if options.leave_running:
                 _on_release(members, killed=False)
                 release(members)

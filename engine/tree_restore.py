@@ -151,6 +151,7 @@ def restore_tree(reader, options, pidfile: Optional[str], t0: float) -> dict:
     meta = reader.manifest.get("meta") or {}
     same_node = isinstance(meta, dict) and meta.get("boot_id") == boot_id()
     pidns.check_restore(meta, reader.manifest.get("format"), same_node)
+    clocks = single.clock_offsets(meta, same_node)
     shared: dict = {}
     loaded = []
     refusals: List[Refusal] = []
@@ -267,7 +268,7 @@ def restore_tree(reader, options, pidfile: Optional[str], t0: float) -> dict:
         # first, so it can wait for the group as the job's parent
         foreground = single._foreground_job([r for *_, fdrecs, _, _ in loaded for r in fdrecs], options)
         try:
-            out = single._run_restorer(TreeJob(members, jobs, ttys), build_tree)
+            out = single._run_restorer(TreeJob(members, jobs, ttys), build_tree, clocks=clocks)
         except BaseException:
             if made is not None:
                 made.undo()     # what the restore made, removed again
