@@ -176,13 +176,13 @@ def _task_flags(pid: int) -> dict:
     return out
 
 
-def io_flusher(pid: int) -> int:
+def io_flusher(pid: int, flags: dict) -> int:
     """1 when the process is an I/O flusher (PR_SET_IO_FLUSHER), else 0.
     The flag is each thread's own and a clone copies it (kernel/fork.c keeps
     it in the new task's flags): the restore sets the leader's before the
     threads are cloned, so a thread whose flag differs would come back with
-    the leader's. Refused (`threads`). Raises Refusal."""
-    flags = _task_flags(pid)
+    the leader's. Refused (`threads`). `flags`: _task_flags(pid). Raises
+    Refusal."""
     lead = int(flags.get(pid, 0) & PF_IO_FLUSHER == PF_IO_FLUSHER)
     differ = sorted(t for t, f in flags.items() if int(f & PF_IO_FLUSHER == PF_IO_FLUSHER) != lead)
     if differ:
@@ -220,8 +220,8 @@ def core_sched_cookie(tids) -> int:
     return 0
 
 
-def _core_cookie_why(pid: int) -> str:
-    tid = core_sched_cookie(sorted(int(t) for t in os.listdir(f"/proc/{pid}/task")))
+def _core_cookie_why(tids) -> str:
+    tid = core_sched_cookie(sorted(tids))
     return (f"thread {tid} has a core scheduling cookie (PR_SCHED_CORE): which tasks may share an SMT "
             "core is not restored") if tid else ""
 
@@ -256,7 +256,8 @@ def dump(pid: int, got: dict, autogroup_nice=_READ) -> dict:
         why.append("CPUID faulting (ARCH_SET_CPUID 0), which is not restored")
     if vals["tsc"] not in (1, 2) or vals["mdwe"] & ~MDWE_FLAGS or vals["memory_merge"] not in (0, 1):
         why.append(f"TSC mode {vals['tsc']}, MDWE flags {vals['mdwe']:#x}, memory merge {vals['memory_merge']}")
-    why += [w for w in (_core_cookie_why(pid),) if w]
+    flags = _task_flags(pid)       # every thread's, once: the I/O flusher mark and the cookies
+    why += [w for w in (_core_cookie_why(flags),) if w]
     if why:
         raise Refusal("unsupported-state", "; ".join(why), pid=pid)
     with open(f"/proc/{pid}/coredump_filter") as f:
@@ -267,7 +268,7 @@ def dump(pid: int, got: dict, autogroup_nice=_READ) -> dict:
             "memory_merge": vals["memory_merge"],
             "autogroup_nice": autogroup.read(pid) if autogroup_nice is _READ else autogroup_nice,
             "xcomp_perm": vals["xcomp_perm"], "mlock_future": got.pop("mlock_future", 0),
-            "io_flusher": io_flusher(pid),
+            "io_flusher": io_flusher(pid, flags),
             **{k: vals[k] for k in SPEC_KEYS}}
 
 

@@ -169,8 +169,9 @@ class ScenarioItem(pytest.Item):
             pytest.skip("restore_on: other needs a second guest; --target local has only this host")
         if not crucible.can_migrate:
             from .kinds.process import local_unmet
-            if local_unmet(self.scenario):
-                pytest.skip(local_unmet(self.scenario))
+            why = local_unmet(self.scenario)
+            if why:
+                pytest.skip(why)
         if "program" in self.scenario["workload"] and not crucible.can_migrate:
             from .programrun import missing_here
             why = missing_here(self.scenario, os.environ.get("CRUCIBLE_PROGRAMS_DIR", ""))

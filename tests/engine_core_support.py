@@ -329,3 +329,29 @@ def shmem_inode_masked(maps: str) -> str:
             parts[4] = "*"
         out.append(" ".join(parts))
     return "\n".join(out)
+
+
+def in_child(fn) -> str:
+    """fn() in a forked child (what only the restorer's process may do to
+    itself: pinning, entering a time namespace); repr of its return value,
+    or the exception's text."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        try:
+            out = repr(fn())
+        except BaseException as e:     # noqa: BLE001 - reported to the test
+            out = f"error {e!r}"
+        os.write(w, out.encode())
+        os._exit(0)
+    os.close(w)
+    got = b""
+    while True:
+        b = os.read(r, 4096)
+        if not b:
+            break
+        got += b
+    os.close(r)
+    os.waitpid(pid, 0)
+    return got.decode()

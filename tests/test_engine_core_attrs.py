@@ -533,11 +533,9 @@ def test_io_flusher_read_per_thread_refused_when_mixed_and_queued_before_the_thr
     pid, other = os.getpid(), os.getpid() + 1
     both, noio = procattrs.PF_IO_FLUSHER, procattrs.PF_MEMALLOC_NOIO
     for flags, want in (({pid: both | 0x40, other: both}, 1), ({pid: 0x40, other: noio}, 0)):
-        monkeypatch.setattr(procattrs, "_task_flags", lambda p, f=flags: f)
-        assert procattrs.io_flusher(pid) == want
-    monkeypatch.setattr(procattrs, "_task_flags", lambda p: {pid: both, other: noio})
+        assert procattrs.io_flusher(pid, flags) == want
     with pytest.raises(Refusal) as e:
-        procattrs.io_flusher(pid)
+        procattrs.io_flusher(pid, {pid: both, other: noio})
     assert e.value.reason == "threads" and f"thread {other} is not an I/O flusher" in e.value.message
 
     monkeypatch.setattr(procattrs, "own_io_flusher", lambda: 0)

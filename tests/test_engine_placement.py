@@ -10,33 +10,9 @@ import os
 import pytest
 
 from engine import placement
+from engine_core_support import in_child as _in_child
 
 pytestmark = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one CPU: nothing to pin")
-
-
-def _in_child(fn) -> str:
-    """fn() in a forked child (pinning is for the restorer's process); its
-    return value, or the exception's text."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(r)
-        try:
-            out = repr(fn())
-        except BaseException as e:     # noqa: BLE001 - reported to the test
-            out = f"error {e!r}"
-        os.write(w, out.encode())
-        os._exit(0)
-    os.close(w)
-    got = b""
-    while True:
-        b = os.read(r, 4096)
-        if not b:
-            break
-        got += b
-    os.close(r)
-    os.waitpid(pid, 0)
-    return got.decode()
 
 
 def test_pin_spread_and_give_back():

@@ -6,13 +6,14 @@ itself, on this kernel."""
 
 from __future__ import annotations
 
+import ast
 import os
-import time
 
 import pytest
 
 from engine import timens
 from engine.errors import Refusal
+from engine_core_support import in_child
 
 
 def test_offsets_only_on_another_boot_and_only_when_behind():
@@ -35,31 +36,20 @@ def test_a_process_born_in_the_namespace_reads_the_image_clocks_on():
     if timens.usable():
         pytest.skip(timens.usable())
     want = {k: v + 3600 * 10**9 for k, v in timens.record().items()}
-    r, w = os.pipe()
-    child = os.fork()
-    if child == 0:      # as the restorer: enter, then make a process
-        code = 1
-        try:
-            os.close(r)
-            timens.enter(timens.offsets({"clocks": want}, same_node=False))
-            grand = os.fork()
-            if grand == 0:
-                os.write(w, repr(timens.record()).encode())
-                os._exit(0)
-            os.waitpid(grand, 0)
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(w)
-    got = b""
-    while True:
-        b = os.read(r, 4096)
-        if not b:
-            break
-        got += b
-    os.close(r)
-    assert os.waitpid(child, 0)[1] == 0
-    seen = eval(got.decode())       # noqa: S307 - our own child's repr of a dict of ints
+
+    def restorer():     # as the restorer: enter, then make a process, which reports its clocks
+        timens.enter(timens.offsets({"clocks": want}, same_node=False))
+        r, w = os.pipe()
+        grand = os.fork()
+        if grand == 0:
+            os.write(w, repr(timens.record()).encode())
+            os._exit(0)
+        os.close(w)
+        got = os.read(r, 4096)
+        os.close(r)
+        os.waitpid(grand, 0)
+        return ast.literal_eval(got.decode())
+    seen = ast.literal_eval(in_child(restorer))
     for k in ("monotonic", "boottime"):
         assert want[k] <= seen[k] < want[k] + 60 * 10**9, (k, want[k], seen[k])
     assert timens.record()["monotonic"] < want["monotonic"]    # this process's clocks are untouched
