@@ -65,6 +65,7 @@ while True:                           # fill a's receive queue and c's send queu
     except BlockingIOError:
         break
 a.send(stream(b"a2c", 0, 1000))       # unread by c
+MSS = [sk.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG) for sk in (c, a)]
 os.dup2(c.fileno(), 500); os.dup2(a.fileno(), 501); c.close(); a.close()
 
 def check():
@@ -85,7 +86,12 @@ def check():
     c.sendall(b"after"); a.sendall(b"reply")
     out = {"sent": sent, "c2a": bytes(got) == stream(b"c2a", 0, sent), "a2c": bytes(back) == stream(b"a2c", 0, 1000),
            "after": a.recv(5) == b"after" and c.recv(5) == b"reply",
-           "nodelay": c.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1}
+           "nodelay": c.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1,
+           # The segment size the ends send with: a restore that left it at
+           # TCP's default (536) stalled loaded pairs; a restore may cap it
+           # at 32767 (the largest user MSS) less the header options.
+           "mss": all(sk.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG) >= min(was, 32767) - 40
+                      for sk, was in zip((c, a), MSS))}
     return out
 
 if sys.argv[3:] == ["tree"]:
@@ -165,7 +171,7 @@ def test_loopback_pair_in_a_process_tree_restored(procs, tmp_path):
     p = _pair_worker(procs, tmp_path, tree=True)
     dump_restore(procs, p, str(tmp_path / "img"))
     v = _verdict(p, tmp_path)
-    assert v == {"sent": v["sent"], "c2a": True, "a2c": True, "after": True, "nodelay": True}
+    assert v == {"sent": v["sent"], "c2a": True, "a2c": True, "after": True, "nodelay": True, "mss": True}
 
 
 @pytest.mark.parametrize("v", ["4", "6"])
@@ -178,7 +184,7 @@ def test_loopback_pair_restored_with_both_queues(procs, tmp_path, v):
     assert any(r["repair"]["outq_len"] > 0 for r in recs) and any(r["repair"]["inq_len"] > 0 for r in recs)
     v = _verdict(p, tmp_path)
     assert v["sent"] > 100000
-    assert v == {"sent": v["sent"], "c2a": True, "a2c": True, "after": True, "nodelay": True}
+    assert v == {"sent": v["sent"], "c2a": True, "a2c": True, "after": True, "nodelay": True, "mss": True}
 
 
 # The same pair with small locked buffers (CRIU's zdtm socket-tcpbuf*): the
@@ -215,7 +221,7 @@ def test_loopback_pair_with_full_locked_send_buffer_restored(procs, tmp_path, v)
     recs = [r for r in json.loads((tmp_path / "img" / "fds.json").read_text()) if r.get("sock") == "tcp-conn"]
     assert any(r["repair"]["unsq_len"] > 0 for r in recs)     # unsent bytes were queued
     v = _verdict(p, tmp_path)
-    assert v == {"sent": v["sent"], "c2a": True, "a2c": True, "after": True, "bufs": True, "nodelay": True}
+    assert v == {"sent": v["sent"], "c2a": True, "a2c": True, "after": True, "bufs": True, "nodelay": True, "mss": True}
 
 
 @pytest.mark.parametrize("tree", [False, True])
@@ -224,7 +230,7 @@ def test_loopback_pair_leave_running_changes_nothing(procs, tmp_path, tree):
     res = dump(p.pid, str(tmp_path / "img"), Options(leave_running=True))
     assert res["left_running"] and res.get("members", 1) == (2 if tree else 1)
     v = _verdict(p, tmp_path)
-    assert v == {"sent": v["sent"], "c2a": True, "a2c": True, "after": True, "nodelay": True}
+    assert v == {"sent": v["sent"], "c2a": True, "a2c": True, "after": True, "nodelay": True, "mss": True}
 
 
 def _start_server_and_peer(procs, tmp_path, n, *server_args):

@@ -93,6 +93,7 @@ _KERNEL_MOVED = ("SO_SNDBUF", "SO_RCVBUF", "TCP_WINDOW_CLAMP", "TCP_MAXSEG", "IP
                  "IPV6_MULTICAST_HOPS", "IPV6_MULTICAST_IF")
 SOCK_SNDBUF_LOCK, SOCK_RCVBUF_LOCK = 1, 2
 RCV_SHUTDOWN = 1
+TCP_MIN_MSS, MAX_USER_MSS = 88, 32767
 _STABLE_TRIES = 20
 
 
@@ -586,7 +587,21 @@ def _start(s: _socket.socket, rec: dict, ctx) -> None:
     _setint(s, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)
     s.setsockopt(SOL_TCP, TCP_QUEUE_SEQ, struct.pack("I", (r["outq_seq"] - fin_out - r["outq_len"]) &
                                                       0xFFFFFFFF))
+    # The segment size is computed once, at connect, from the MSS clamp then
+    # in force (tcp_connect_init, tcp_sync_mss); TCP_REPAIR_OPTIONS sets the
+    # clamp later without computing it again. Left alone, every restored
+    # connection sends 524-byte segments for good (TCP's default 536): on
+    # loopback each carries 2-3 times its size in buffer memory, a receive
+    # buffer full at the dump then drops what its window let in, and a
+    # loaded pair stalled (zdtm socket-tcpbuf-local). A user MSS (at most
+    # 32767, MAX_TCP_WINDOW) makes connect compute it from the recorded
+    # clamp, exactly below 32767 (every real network); it is cleared after.
+    user_mss = min(r["mss"], MAX_USER_MSS) if r["mss"] >= TCP_MIN_MSS else 0
+    if user_mss:
+        s.setsockopt(SOL_TCP, _socket.TCP_MAXSEG, user_mss)
     s.connect(tuple(rec["remote"]))
+    if user_mss:
+        s.setsockopt(SOL_TCP, _socket.TCP_MAXSEG, 0)
     _check_local(s, rec, ctx)
     opts = []
     if r["opt_mask"] & TCPI_OPT_SACK:

@@ -53,7 +53,7 @@ if TYPE_CHECKING:
     from typing import Any, List
 
 from . import outside
-from .core import MARKER, Ctx, Opened, bytes_check, check, drain, seeded_bytes, wait_readable
+from .core import MARKER, Ctx, Opened, bytes_check, check, drain, seeded_bytes, wait_readable, within
 
 KIND = "socket"
 TAGS = ("socket",)
@@ -510,6 +510,17 @@ def _getlink(seq: int) -> bytes:
 def extras(rec: dict) -> None:
     if rec["role"] == "sock":
         rec["extra"]["sockname"] = sockname_of(rec["fd"])
+        with _sock(rec["fd"]) as s:
+            if s.proto == socket.IPPROTO_TCP and s.type == socket.SOCK_STREAM and \
+                    not s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                rec["extra"]["mss"] = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG)
+
+
+# A restored connection may send smaller segments than the original only
+# down to the largest MSS a user may set (32767, less header options): a
+# restore that left TCP's default (536) made every segment cost 2-3 times
+# its size in the peer's receive buffer, and a loaded pair stalled for good.
+MSS_FLOOR_CAP = 32767 - 40
 
 
 def _sock(fd: int) -> socket.socket:
@@ -536,6 +547,10 @@ def checker(e: dict, recs: List[dict], ctx: Ctx, phase: str) -> List[dict]:
             for n, v in sorted((e.get("options") or {}).items()):
                 want = 2 * v if n == "SO_RCVBUF" else v      # the kernel doubles it (socket(7))
                 out.append(check(fd, f"socket option {n} as set", want, s.getsockopt(*OPTIONS[n])))
+            was = by_role["sock"]["extra"].get("mss")
+            if was and kind in ("tcp-established", "tcp-half-closed"):
+                out.append(within(fd, "segment size (TCP_MAXSEG) not below the original's", min(was, MSS_FLOOR_CAP),
+                                  65535, s.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG)))
             for r in recs:
                 if "peercred" in r["extra"]:
                     out.append(check(r["fd"], "SO_PEERCRED pid, uid, gid, groups", r["extra"]["peercred"],
