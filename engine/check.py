@@ -160,9 +160,21 @@ def _check_process(s: Survey, ctx: Optional[DumpContext] = None) -> None:
     r = autogroup.refusal(nice, st["session"], pid, st["session"] in tree)
     if r is not None:
         s.refuse("autogroup", "process", r)
-    # Namespaces: a restore recreates the process in the restorer's ones.
+    # Namespaces: a restore recreates the process in the restorer's ones,
+    # but a time namespace of its own, made again with its offsets.
     differ = []
+    from . import timens
+    try:
+        offs = s.memo["timens"] = timens.of(pid)
+        if offs is not None:
+            s.ok("time namespace", "process", f"its own, offsets {timens.describe(offs)}: made again at restore")
+    except Refusal as r:
+        differ.append(f"time ({r.detail})")
+    except OSError:
+        pass
     for ns in NS_KINDS:
+        if ns in ("time", "time_for_children"):
+            continue
         mine = _my_ns(ns)
         if mine is None:
             continue

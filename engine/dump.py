@@ -682,7 +682,7 @@ def _dump_one(pid: int, directory: str, options: Options) -> dict:
                 rec["signals"] = threads.pending(t, rec, state)
             img.write_json("core.json", state)
             meta = {"pid": pid, "comm": state["comm"], "boot_id": ctx.boot_id, "pages_bytes": dumper.total,
-                    "namespaces": pidns.record(), "clocks": timens.record()}
+                    "namespaces": pidns.record(), **timens.meta(s.memo.get("timens"))}
             faults.point("dump.release")
             if options.leave_running:
                 # Everything is read: let it go before the fsyncs of commit.

@@ -502,6 +502,8 @@ def clock_offsets(meta, same_node: bool) -> dict:
     from . import timens
     if isinstance(meta, dict) and not timens.check_record(meta.get("clocks")):
         raise Refusal("image-invalid", "manifest meta: clocks is not {monotonic, boottime} in ns")
+    if isinstance(meta, dict) and not timens.check_offsets(meta.get("timens")):
+        raise Refusal("image-invalid", "manifest meta: timens is not {monotonic, boottime} offsets in ns")
     offs = timens.offsets(meta, same_node)
     r = timens.refusal(offs)
     if r is not None:

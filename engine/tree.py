@@ -360,6 +360,13 @@ def tree_problems(members: List[Member]) -> List[tuple]:
             continue
     out.extend(shared_kernel_objects(members))
     out.extend(_shmem_outside(members))
+    # One time namespace is made at restore, for every member: each must
+    # read the clocks as the root does (engine/timens.py)
+    offs = root.survey.memo.get("timens") if root.survey is not None else None
+    for m in members[1:]:
+        if m.survey is not None and m.survey.memo.get("timens", offs) != offs:
+            out.append((m, "time namespace", Refusal("unsupported-state", "in a time namespace whose clock offsets are not "
+                        "the root's: a restore makes one for the whole tree")))
     if any(v.get("kind") == "sysvshm" for m in members if m.survey is not None for v in m.survey.vmas):
         from . import sysvshm      # SysV segments: attached outside the tree? whose mapping carries the pages
         out.extend(sysvshm.tree_problems(members))
@@ -784,7 +791,7 @@ def dump(pid: int, directory: str, options) -> dict:
             img.write_json(TREE_FILE, {"root": pid, "members": [m.record() for m in members]})
             meta = {"pid": pid, "comm": members[0].state["comm"], "boot_id": members[0].ctx.boot_id,
                     "pages_bytes": total, "members": len(members), "namespaces": pidns.record(),
-                    "clocks": timens.record()}
+                    **timens.meta(members[0].survey.memo.get("timens"))}
             if options.leave_running:
                 _on_release(members, killed=False)
                 release(members)
