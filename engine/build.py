@@ -33,7 +33,7 @@ import os
 import struct
 TYPE_CHECKING = False   # annotations only: importing typing costs every run ~3 ms
 if TYPE_CHECKING:
-    from typing import List, Optional
+    from typing import Dict, List, Optional
 
 from . import cgroups, creds, faults, fsroot, pdeath, libc, membarrier, mempolicy, posixtimers, procattrs, procfs, ptrace, sched, seccomp, signals, threads, vdsoblock
 from .arch import current as current_arch
@@ -305,6 +305,7 @@ class Builder:
         total = self.page_bytes_early
         later = []      # (mapping, force, prot, final)
         shared_later = []
+        apart = kept_apart(self.job.vmas, self.in_place)
         for v in self.job.vmas:
             kind = v["kind"]
             if kind == "special":
@@ -329,6 +330,8 @@ class Builder:
             if start not in self.in_place:
                 self.pending.add("mmap", start, size, prot, flags, fd, off,
                                  expect=(start, f"mapping {start:#x} landed at {{got:#x}}"))
+                if start in apart:
+                    self.pending.add("madvise", start, size, apart[start][0])
             if v["path"].startswith("[anon:"):
                 name = v["path"][len("[anon:"):-1].encode() + b"\0"
                 self.pending.add("prctl", PR_SET_VMA, PR_SET_VMA_ANON_NAME, start, size, Data(name))
@@ -354,6 +357,8 @@ class Builder:
             total += self.job.pages.write_runs(self.pid, leftover)
         for v, force, prot, final in later:
             start, size = v["start"], v["end"] - v["start"]
+            if start in apart:
+                self.pending.add("madvise", start, size, apart[start][1])
             for f in v["flags"]:
                 if f in MADVISE_FLAGS:
                     self.pending.add("madvise", start, size, MADVISE_FLAGS[f])
@@ -575,6 +580,43 @@ class Builder:
             if not any(struct.unpack("<qq", self.task.read_mem(self.scratch + 512 + 16, 16))):
                 return
         raise EngineError("the expired interval timer did not expire again", pid=self.pid)
+
+
+MADV_DONTFORK, MADV_DOFORK = 10, 11
+
+
+def kept_apart(vmas: List[dict], in_place=()) -> Dict[int, tuple]:
+    """{start: (madvise before its pages, madvise after)} of the mappings
+    the kernel would merge into the one before, though the original kept
+    them apart: private mappings alike in all but their anonymous memory's
+    anon_vma (a forked child's inherited mapping and one it made beside it:
+    mm/vma.c merges neither a new mapping nor a change into a mapping
+    cloned from a parent, nor two with different anon_vmas). Mapped one
+    after the other they merged (found by the generator in warm-forked
+    workloads). Each is set apart by a VM_DONTCOPY unlike its neighbour's
+    while its pages go in, so each gets an anon_vma of its own, then given
+    its flag back: the merge is then refused as in the original. Every
+    other one of a run, so that no two neighbours are set apart alike."""
+    out: Dict[int, tuple] = {}
+    prev = None
+    for v in vmas:
+        if prev is not None and prev["end"] == v["start"] and prev["start"] not in out and \
+                _alike(prev, v) and v["start"] not in in_place and prev["start"] not in in_place:
+            out[v["start"]] = (MADV_DOFORK, MADV_DONTFORK) if "dc" in v["flags"] else (MADV_DONTFORK, MADV_DOFORK)
+        prev = v
+    return out
+
+
+def _alike(a: dict, b: dict) -> bool:
+    """What the kernel's merge compares (mm/vma.c is_mergeable_vma), both
+    private and both with pages to write (what makes an anon_vma)."""
+    if a["kind"] != b["kind"] or a["kind"] not in ("anon", "file") or a["perms"] != b["perms"] or \
+            a["perms"][3] != "p" or sorted(a["flags"]) != sorted(b["flags"]) or a["path"] != b["path"] or \
+            not a.get("pages") or not b.get("pages") or a.get("tree_shared") or b.get("tree_shared"):
+        return False
+    if a["kind"] == "file":
+        return a.get("file") == b.get("file") and b["offset"] == a["offset"] + (a["end"] - a["start"])
+    return True
 
 
 def build(job) -> int:

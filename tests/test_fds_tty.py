@@ -687,3 +687,29 @@ def test_master_with_its_own_line_discipline_is_refused(procs, tmp_path):
     out = check(p.pid, Options())
     tty = [r for r in out["refusals"] if r["reason"] == "tty"]
     assert tty and all("master's line discipline is 27" in r["detail"] for r in tty), out["refusals"]
+
+
+def test_foreground_wait_gives_the_signal_of_a_job_that_died_between_its_reads():
+    """The job killed right after ckpt's last reap and before it read /proc
+    is a zombie there, left out of the group: its status must still be
+    reaped and given (ckpt restore --tty returned 0 for a SIGKILLed job,
+    1 CI run in ~5 under load). The race is made certain by skipping the
+    first reap."""
+    from engine_core_support import in_child
+
+    def run():
+        from engine.fds import tty
+        job = os.fork()
+        if job == 0:
+            os.setpgid(0, 0)
+            os.kill(os.getpid(), 9)
+        wait_for(lambda: open(f"/proc/{job}/stat").read().rsplit(")", 1)[1].split()[0] == "Z", what="the zombie")
+        real, calls = tty._reap_children, []
+
+        def late(status):
+            calls.append(1)
+            if len(calls) > 1:
+                real(status)
+        tty._reap_children = late
+        return tty.wait_foreground(job, "/nonexistent/tty", root=job)
+    assert in_child(run) == "137"
