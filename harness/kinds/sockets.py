@@ -521,6 +521,7 @@ def extras(rec: dict) -> None:
 # restore that left TCP's default (536) made every segment cost 2-3 times
 # its size in the peer's receive buffer, and a loaded pair stalled for good.
 MSS_FLOOR_CAP = 32767 - 40
+IP_MTU = 14          # a connected socket's path MTU (ip(7)); headers and options take at most 80 of it
 
 
 def _sock(fd: int) -> socket.socket:
@@ -549,8 +550,12 @@ def checker(e: dict, recs: List[dict], ctx: Ctx, phase: str) -> List[dict]:
                 out.append(check(fd, f"socket option {n} as set", want, s.getsockopt(*OPTIONS[n])))
             was = by_role["sock"]["extra"].get("mss")
             if was and kind in ("tcp-established", "tcp-half-closed"):
-                out.append(within(fd, "segment size (TCP_MAXSEG) not below the original's", min(was, MSS_FLOOR_CAP),
-                                  65535, s.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG)))
+                # nor above what the path takes now (a connection moved to
+                # another machine may cross a network: 1500-byte frames)
+                path = s.getsockopt(socket.IPPROTO_IP, IP_MTU) - 80
+                out.append(within(fd, "segment size (TCP_MAXSEG) not below the original's or the path's",
+                                  min(was, MSS_FLOOR_CAP, path), 65535,
+                                  s.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG)))
             for r in recs:
                 if "peercred" in r["extra"]:
                     out.append(check(r["fd"], "SO_PEERCRED pid, uid, gid, groups", r["extra"]["peercred"],
