@@ -111,20 +111,29 @@ def test_socket_options_compared_with_a_fresh_socket():
     s, fresh = socket.socket(), socket.socket()
     try:
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        s.setsockopt(socket.SOL_SOCKET, 25, b"lo")          # SO_BINDTODEVICE: refused by name
+        s.setsockopt(socket.SOL_SOCKET, 25, b"lo")          # SO_BINDTODEVICE: reproduced by name
+        s.setsockopt(socket.SOL_SOCKET, 44, 1)              # SO_LOCK_FILTER: refused by name
         v = _sockopts.read_all(s, socket.AF_INET, True)
         f = _sockopts.read_all(fresh, socket.AF_INET, True)
-        assert _sockopts.differing(v, f) == ["SO_BINDTODEVICE", "TCP_NODELAY"]
-        assert _sockopts.refused(v, f) == ["SO_BINDTODEVICE='lo'"]
-        # reproduced on a new socket, and read back identical
+        assert _sockopts.differing(v, f) == ["SO_BINDTODEVICE", "SO_LOCK_FILTER", "TCP_NODELAY"]
+        assert _sockopts.refused(v, f) == ["SO_LOCK_FILTER=1"]
+        # reproduced on a new socket, and read back identical; one left out is caught
         n = socket.socket()
         try:
             _sockopts.apply(n, v, ["TCP_NODELAY"])
             with pytest.raises(_sockopts.OptionError) as ei:
                 _sockopts.verify(n, socket.AF_INET, True, v)
             assert ei.value.name == "SO_BINDTODEVICE"
+            _sockopts.apply(n, v, ["SO_BINDTODEVICE"])
+            n.setsockopt(socket.SOL_SOCKET, 44, 1)
+            _sockopts.verify(n, socket.AF_INET, True, v)
         finally:
             n.close()
+        # a device not here: the setsockopt fails, naming the option
+        gone = dict(v, SO_BINDTODEVICE=b"no-such-dev0".ljust(16, b"\0").hex())
+        with socket.socket() as n, pytest.raises(_sockopts.OptionError) as ei:
+            _sockopts.apply(n, gone, ["SO_BINDTODEVICE"])
+        assert ei.value.name == "SO_BINDTODEVICE" and "no-such-dev0" in str(ei.value)
     finally:
         s.close()
         fresh.close()

@@ -6,8 +6,8 @@ duplicate - getsockopt changes nothing. The values are compared with those
 of a fresh socket of the same family/type/protocol made by the engine: an
 option that differs is "set" by the process. A set option marked ``copy``
 is reproduced at restore with setsockopt of the same bytes; one marked
-``refuse`` makes the socket refused by name (a BPF filter, a bound device,
-an upper-layer protocol: state the engine cannot carry).
+``refuse`` makes the socket refused by name (a BPF filter, an upper-layer
+protocol: state the engine cannot carry).
 
 At restore, after the socket is rebuilt, EVERY recorded option is read back
 and compared: any difference (a sysctl default that differs on this node, a
@@ -63,7 +63,9 @@ TABLE: List[Tuple[str, int, int, int, str, str]] = [
     ("SO_RCVLOWAT", SOL_SOCKET, 18, 4, "all", "copy"),
     ("SO_RCVTIMEO", SOL_SOCKET, 20, 16, "all", "copy"),
     ("SO_SNDTIMEO", SOL_SOCKET, 21, 16, "all", "copy"),
-    ("SO_BINDTODEVICE", SOL_SOCKET, 25, 16, "all", "refuse"),
+    # by name, as the process bound it: a device of that name must exist
+    # at restore (else the setsockopt fails: refused, naming it)
+    ("SO_BINDTODEVICE", SOL_SOCKET, 25, 16, "all", "copy"),
     ("SO_GET_FILTER", SOL_SOCKET, 26, 4, "all", "refuse"),   # read by _filter_len()
     ("SO_TIMESTAMP", SOL_SOCKET, 29, 4, "all", "copy"),
     ("SO_PASSSEC", SOL_SOCKET, 34, 4, "all", "refuse"),
