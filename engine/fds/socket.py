@@ -50,7 +50,7 @@ import socket as _socket
 
 from .. import netinfo, pidfd
 from ..errors import Refusal
-from . import _inetsock, _netlink, _ping, _raw, _tcpconn, _tcpunconn, _sys, _udp, _unixdgram, _unixlisten, _unixpair, _unixpending
+from . import _inetsock, _netlink, _ping, _raw, _sockfilter, _tcpconn, _tcpunconn, _sys, _udp, _unixdgram, _unixlisten, _unixpair, _unixpending
 from ._sockbase import UNIX_TYPES, is_tcp, is_udp, same_netns
 from ._util import check_async, refuse, refuse_rec
 
@@ -237,7 +237,9 @@ def classify(info, ctx) -> str:
     unsupported-state for O_ASYNC, EngineError when it cannot be inspected."""
     kind, q = _subkind(info, ctx)
     check, text = _CLASSIFY[kind]
-    return text(check(info, ctx, q))
+    out = text(check(info, ctx, q))
+    _sockfilter.check(info, kind)
+    return out
 
 
 def dump(info, ctx) -> dict:
@@ -245,13 +247,15 @@ def dump(info, ctx) -> dict:
     classify."""
     kind, q = _subkind(info, ctx)
     if kind == "unix-pair":
-        return _unixpair.pair_dump(info, ctx, q)
-    if kind == "udp":
-        return _udp.dump(info, ctx, q)
-    if kind == "tcp-conn":
-        return _tcpconn.dump(info, ctx, q)
-    rec = dict(_CLASSIFY[kind][0](info, ctx, q))
-    return rec
+        rec = _unixpair.pair_dump(info, ctx, q)
+    elif kind == "udp":
+        rec = _udp.dump(info, ctx, q)
+    elif kind == "tcp-conn":
+        rec = _tcpconn.dump(info, ctx, q)
+    else:
+        rec = dict(_CLASSIFY[kind][0](info, ctx, q))
+    _sockfilter.check(info, kind)
+    return _sockfilter.dump(info, rec, kind)
 
 
 def _sub(rec: dict, ctx):
@@ -265,6 +269,7 @@ def validate(rec: dict, ctx) -> None:
     """Restore pre-flight: raises socket (address in use, ...) or image-invalid."""
     try:
         _sub(rec, ctx)[0](rec, ctx)
+        _sockfilter.validate(rec, ctx)
     except (KeyError, TypeError, ValueError) as e:
         raise refuse_rec(rec, ctx, "image-invalid", f"socket record malformed: {e!r}") from None
 
@@ -274,7 +279,9 @@ def restore(rec: dict, ctx) -> int:
     address in use, a value that reads back differently) before the new
     process exists, or EngineError."""
     try:
-        return _sub(rec, ctx)[1](rec, ctx)
+        fd = _sub(rec, ctx)[1](rec, ctx)
+        _sockfilter.restore(rec, ctx, fd)
+        return fd
     except Refusal:
         raise
     except (KeyError, TypeError, ValueError) as e:
