@@ -387,6 +387,26 @@ def ask_verdict(pid: int, tmp_path, timeout: float = 30) -> dict:
     return json.loads(v.read_text())
 
 
+class NotOurChild:
+    """A target dump_restore can dump though this test did not start it (a
+    worker's child, a process restored earlier): its `wait` waits until
+    the dump's kill left it a zombie or gone, for its parent to reap."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+
+    def wait(self) -> None:
+        from engine_core_support import wait_for
+        wait_for(self._dead, what=f"pid {self.pid} killed by the dump")
+
+    def _dead(self) -> bool:
+        try:
+            with open(f"/proc/{self.pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+        except FileNotFoundError:
+            return True
+
+
 def _members_gone(image_dir: str, timeout: float = 10.0) -> None:
     """A tree's other members, killed by the dump, are orphans of this
     subreaper: reap them, so their PIDs are free for the restore (a zombie

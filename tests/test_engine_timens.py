@@ -97,14 +97,10 @@ while True:
 """
 
 
-def _host_clocks():
-    return timens.record()
-
-
 @pytest.mark.parametrize("again,tree", [(False, False), (True, False), (False, True)])
 def test_a_process_in_its_own_time_namespace_is_restored_in_one_with_its_offsets(procs, tmp_path, again, tree):
     from engine_core_support import python_exe
-    from fds_support import ask_verdict, dump_restore, start_worker
+    from fds_support import NotOurChild, ask_verdict, dump_restore, start_worker
     if timens.usable():
         pytest.skip(timens.usable())
     (tmp_path / "launch.py").write_text(LAUNCH)
@@ -117,9 +113,9 @@ def test_a_process_in_its_own_time_namespace_is_restored_in_one_with_its_offsets
     rounds = 2 if again else 1      # the restored process dumped and restored once more
     for i in range(rounds):
         dump_restore(procs, p, str(tmp_path / f"img{i}"))
-        p = _Adopted(p.pid)
+        p = NotOurChild(p.pid)
         assert (tmp_path / f"img{i}" / "tree.json").exists() == tree
-    host = _host_clocks()
+    host = timens.record()
     after = ask_verdict(p.pid, tmp_path)
     assert after["ns"] != os.readlink("/proc/self/ns/time")
     assert after["offsets"] == before["offsets"] == ["monotonic", "1000", "0", "boottime", "2000", "500"]
@@ -127,16 +123,3 @@ def test_a_process_in_its_own_time_namespace_is_restored_in_one_with_its_offsets
     assert 0 <= after["mono"] - (host["monotonic"] + 1000 * 10**9) < 30 * 10**9
     assert 0 <= after["boot"] - (host["boottime"] + 2000 * 10**9 + 500) < 30 * 10**9
     assert after["mono"] > before["mono"]
-
-
-class _Adopted:
-    """The restored process (same pid), dumped again: it is no child of
-    this test, so the dump helper's wait has nothing to reap."""
-
-    def __init__(self, pid):
-        self.pid = pid
-
-    def wait(self):
-        from engine_core_support import wait_for
-        wait_for(lambda: not os.path.exists(f"/proc/{self.pid}") or
-                 open(f"/proc/{self.pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z", what="the dumped process")

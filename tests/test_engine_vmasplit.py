@@ -9,10 +9,9 @@ were not."""
 
 from __future__ import annotations
 
-import json
 
 from engine_core_support import procs  # noqa: F401
-from fds_support import dump_restore, start_worker
+from fds_support import NotOurChild, dump_restore, start_worker
 
 PAGES = 16
 
@@ -57,28 +56,12 @@ while True:             # reaps the child the dump kills: its pid is free for th
 '''
 
 
-class _Child:
-    def __init__(self, pid):
-        self.pid = pid
-
-    def wait(self):
-        from engine_core_support import wait_for
-        wait_for(lambda: _gone(self.pid), what=f"pid {self.pid} killed by the dump")
-
-
-def _gone(pid: int) -> bool:
-    try:
-        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
-
-
 def test_adjacent_mappings_kept_apart_by_their_anon_vma_stay_apart(procs, tmp_path):
     from fds_support import ask_verdict
     _, ready = start_worker(procs, tmp_path, [str(PAGES)], WORKER)
     # the kernel kept the inherited one apart (B and C, both the child's, merged): the premise
     assert len(ready["maps"]) == 2, ready
-    child = _Child(ready["pid"])
+    child = NotOurChild(ready["pid"])
     procs.adopt(child.pid)
     dump_restore(procs, child, str(tmp_path / "img"))
     v = ask_verdict(child.pid, tmp_path)
