@@ -83,6 +83,13 @@ def read_filter(fd: int) -> list:
     return [[i.code, i.jt, i.jf, i.k] for i in buf]
 
 
+def valid_program(prog) -> bool:
+    """An image's classic BPF program: [[code, jt, jf, k], ...] in range."""
+    return isinstance(prog, list) and len(prog) <= BPF_MAXINSNS and all(
+        isinstance(i, list) and len(i) == 4 and all(isinstance(x, int) and not isinstance(x, bool) for x in i)
+        and 0 <= i[0] < 1 << 16 and 0 <= i[1] < 256 and 0 <= i[2] < 256 and 0 <= i[3] < 1 << 32 for i in prog)
+
+
 def attach_filter(fd: int, prog: list) -> None:
     arr = (_Insn * len(prog))(*[_Insn(*i) for i in prog])
     fp = _Fprog(len(prog), ctypes.cast(arr, ctypes.POINTER(_Insn)))
@@ -241,10 +248,7 @@ def validate(rec: dict, ctx) -> None:
         isinstance(names, list) and all(isinstance(n, str) and n in opts for n in names) and \
         all(n in OWN or _sockopts._BY_NAME[n][5] != "refuse" for n in names if n in _sockopts._BY_NAME) and \
         all(n in _sockopts._BY_NAME and (v is None or isinstance(v, str)) for n, v in opts.items()) and \
-        isinstance(prog, list) and len(prog) <= BPF_MAXINSNS and \
-        all(isinstance(i, list) and len(i) == 4 and all(isinstance(x, int) and not isinstance(x, bool) for x in i)
-            and 0 <= i[0] < 1 << 16 and 0 <= i[1] < 256 and 0 <= i[2] < 256 and 0 <= i[3] < 1 << 32
-            for i in prog) and not _bad_ep(fam, rec.get("addr")) and not _bad_ep(fam, rec.get("peer")) and \
+        valid_program(prog) and not _bad_ep(fam, rec.get("addr")) and not _bad_ep(fam, rec.get("peer")) and \
         _good_groups(fam, rec.get("mcast"))
     if ok:
         try:

@@ -20,11 +20,11 @@ import os
 import socket as _socket
 
 from . import _raw, _sockopts
+from ._raw import SO_LOCK_FILTER
 from ._sockbase import dup_of
 from ._util import refuse, refuse_rec
 
-SO_LOCK_FILTER = 44
-BPF_MAXINSNS = 4096
+EBPF = "an eBPF socket filter (SO_ATTACH_BPF) is attached: it cannot be read back"
 
 
 def check(info, kind: str) -> None:
@@ -34,7 +34,7 @@ def check(info, kind: str) -> None:
     with dup_of(info) as fd:
         n = _sockopts._filter_len(fd)
     if n < 0:
-        raise refuse(info, "socket", "an eBPF socket filter (SO_ATTACH_BPF) is attached: it cannot be read back")
+        raise refuse(info, "socket", EBPF)
 
 
 def dump(info, rec: dict, kind: str) -> dict:
@@ -42,6 +42,8 @@ def dump(info, rec: dict, kind: str) -> dict:
     if kind == "raw":
         return rec
     with dup_of(info) as fd:
+        if _sockopts._filter_len(fd) < 0:
+            raise refuse(info, "socket", EBPF)
         try:
             prog = _raw.read_filter(fd)
         except OSError as e:
@@ -60,11 +62,7 @@ def validate(rec: dict, ctx) -> None:
     f = rec.get("sock_filter")
     if f is None:
         return
-    prog = f.get("prog") if isinstance(f, dict) else None
-    ok = isinstance(prog, list) and len(prog) <= BPF_MAXINSNS and isinstance(f.get("locked"), bool) and all(
-        isinstance(i, list) and len(i) == 4 and all(isinstance(x, int) and not isinstance(x, bool) for x in i)
-        and 0 <= i[0] < 1 << 16 and 0 <= i[1] < 256 and 0 <= i[2] < 256 and 0 <= i[3] < 1 << 32 for i in prog)
-    if not ok:
+    if not (isinstance(f, dict) and _raw.valid_program(f.get("prog")) and isinstance(f.get("locked"), bool)):
         raise refuse_rec(rec, ctx, "image-invalid", "socket filter record malformed")
 
 

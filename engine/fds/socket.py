@@ -254,7 +254,6 @@ def dump(info, ctx) -> dict:
         rec = _tcpconn.dump(info, ctx, q)
     else:
         rec = dict(_CLASSIFY[kind][0](info, ctx, q))
-    _sockfilter.check(info, kind)
     return _sockfilter.dump(info, rec, kind)
 
 
