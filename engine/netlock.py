@@ -12,6 +12,10 @@ is dropped in both directions from before the queues are read until the
 restored socket exists. The peer sees silence, retransmits, and carries on
 once the lock is gone.
 
+One segment passes the input rule: one marked PASS_MARK, which only the
+restore sets, on the segment it forges from the peer to put a half-closed
+connection back in its state (engine/fds/_tcpforge.py).
+
 One nftables table per connection (``inet ckpt_lock_<hash>``), so a lock
 is taken and dropped atomically and the restore needs nothing but the
 4-tuple from the image. Driven through libnftables (ctypes), as Debian's
@@ -34,6 +38,11 @@ from typing import Optional, Tuple
 
 _lib = None
 _why: Optional[str] = None
+
+# A segment carrying this mark passes the lock's input rule: the one the
+# restore forges from the peer to settle a half-closed connection in its
+# state (engine/fds/_tcpforge.py), while the real peer is still held off.
+PASS_MARK = 0x636B7074      # "ckpt"
 
 Endpoint = Tuple[str, int]
 
@@ -118,7 +127,7 @@ def lock(local: Endpoint, remote: Endpoint) -> str:
     name = table_name(local, remote)
     cmd = (f"table inet {name} {{\n"
            f" chain in {{\n  type filter hook input priority -150; policy accept;\n"
-           f"  {_match(remote, local)} drop\n }}\n"
+           f"  {_match(remote, local)} meta mark != {PASS_MARK:#x} drop\n }}\n"
            f" chain out {{\n  type filter hook output priority -150; policy accept;\n"
            f"  {_match(local, remote)} drop\n }}\n}}\n")
     rc, err = _run(cmd)

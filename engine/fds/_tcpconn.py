@@ -36,16 +36,23 @@ it) and window, then leaves repair mode. Both ends of a pair are built
 before either leaves repair mode (a window probe to a missing socket would
 be answered with a RST).
 
-A half-closed pair held by the process (one end shut down writing and
-its FIN acknowledged: FIN_WAIT2; the other end got it: CLOSE_WAIT) is
-rebuilt established as it was before the FIN, and once both ends are out
-of repair mode the first one shuts down writing again: the FIN crosses
-loopback and both settle in their states (CRIU forges the FIN with a raw
-packet instead; with both ends here a real one does).
+A half-closed connection (one end shut down writing and its FIN
+acknowledged: FIN_WAIT2; the other end got it: CLOSE_WAIT) is rebuilt
+established as it was before the FIN, then:
+
+- both ends held by the process: once both are out of repair mode the
+  first one shuts down writing again; the FIN crosses loopback and both
+  settle in their states.
+- the peer outside: still in repair mode, behind the network lock, the
+  segment the peer sent is forged (engine/fds/_tcpforge.py, as CRIU's
+  soccr does): a FIN from the peer for a close-wait end; for a fin-wait2
+  end, its FIN queued again as sent (shutdown with the send queue under
+  repair) and the peer's acknowledgement of it. The peer, which got or
+  acknowledged that FIN long ago, sees nothing new.
 
 Refused (`socket`, state named): every other state (SYN_SENT, FIN_WAIT1,
-CLOSING, LAST_ACK, a half-closed connection whose other end is not the
-process's: the FIN in its queue is not rebuilt), urgent data, ECN or
+CLOSING, LAST_ACK: a FIN not acknowledged yet), a half-closed pair in the
+dump whose ends are not in fin-wait2 and close-wait, urgent data, ECN or
 microsecond timestamps negotiated, SO_PEEK_OFF set, several connections or
 bytes waiting in a listener's accept queue, a socket another process holds.
 """
@@ -64,7 +71,7 @@ if TYPE_CHECKING:
 
 from .. import netinfo, netlock
 from ..errors import EngineError, Refusal
-from . import _flowlabel, _sockopts
+from . import _flowlabel, _sockopts, _tcpforge
 from ._sockbase import building, check_options, dup_of, fresh_options, held_here, inode_of, outside_holders
 from ._util import failed, refuse, refuse_rec, with_status_flags
 
@@ -78,10 +85,15 @@ SIOCINQ, SIOCOUTQ, SIOCOUTQNSD, SIOCATMARK = 0x541B, 0x5411, 0x894B, 0x8905
 TCPOPT_MAXSEG, TCPOPT_WINDOW, TCPOPT_SACK_PERM, TCPOPT_TIMESTAMP = 2, 3, 4, 8
 TCPI_OPT_TIMESTAMPS, TCPI_OPT_SACK, TCPI_OPT_WSCALE, TCPI_OPT_ECN = 1, 2, 4, 8
 TCPI_OPT_ECN_SEEN, TCPI_OPT_USEC_TS = 16, 64
-ESTABLISHED, FIN_WAIT2, CLOSE_WAIT = 1, 5, 8
+ESTABLISHED, FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT, LAST_ACK = 1, 4, 5, 8, 9
 # A half-closed pair held by the process: one end shut down writing, its FIN
 # acknowledged (FIN_WAIT2), the other end got it (CLOSE_WAIT).
 HALF = {FIN_WAIT2: CLOSE_WAIT, CLOSE_WAIT: FIN_WAIT2}
+# With the peer outside, these too: our FIN not acknowledged yet (in the send
+# queue, counted by SIOCOUTQ) after our data (fin-wait1), or after the
+# peer's FIN (last-ack). The state each is rebuilt in, in repair mode.
+FIN_UNACKED = (FIN_WAIT1, LAST_ACK)
+OUTSIDE_STATES = {FIN_WAIT2: FIN_WAIT2, CLOSE_WAIT: CLOSE_WAIT, FIN_WAIT1: ESTABLISHED, LAST_ACK: CLOSE_WAIT}
 SEND_SHUTDOWN = 2
 # Options the kernel itself moves on a live connection (buffer autotuning,
 # the window clamp, the current MSS; an accepted socket's multicast TTL /
@@ -172,16 +184,23 @@ def classify(info, ctx, q: dict) -> dict:
         raise refuse(info, "socket", f"tcp{_v(fam)} socket inode {ino}: not in /proc/net/tcp{_v(fam)}")
     head = head_text(fam, row)
     state = row["state"]
-    if state != ESTABLISHED and state not in HALF:
-        raise refuse(info, "socket", f"{head}: only established connections are restored (a half-closed "
-                     "or opening connection carries state this engine does not rebuild)")
+    if state != ESTABLISHED and state not in HALF and state not in FIN_UNACKED:
+        raise refuse(info, "socket", f"{head}: only established and half-closed (fin-wait2, close-wait; "
+                     "with a peer outside the dump also fin-wait1, last-ack) connections are restored (an "
+                     "opening or closing connection carries state this engine does not rebuild)")
     out = outside_holders(info, ctx, ino)
     if out:
         raise refuse(info, "socket", f"{head}: also held by pid {out[0][0]} (fd {out[0][1]})")
     where, peer_ino = peer_of(info, ctx, fam, row)
-    if state in HALF and (where != "dump" or _row(info.pid, fam, peer_ino).get("state") != HALF[state]):
-        raise refuse(info, "socket", f"{head}: a half-closed connection is restored only with both ends "
-                     "held by the process, one in fin-wait2 (its FIN acknowledged), the other in close-wait")
+    if state in HALF and where == "dump" and _row(info.pid, fam, peer_ino).get("state") != HALF[state]:
+        raise refuse(info, "socket", f"{head}: a half-closed pair held by the process is restored only "
+                     "with one end in fin-wait2 (its FIN acknowledged), the other in close-wait")
+    if state in FIN_UNACKED and where != "outside":
+        raise refuse(info, "socket", f"{head}: its FIN is not acknowledged yet by an end held by the process "
+                     "(restored only with a peer outside the dump)")
+    if state in HALF and where == "accept":
+        raise refuse(info, "socket", f"{head}: half-closed while its peer waits in a listener's accept "
+                     "queue (the FIN is not made again by connecting anew)")
     listener = None
     if where == "accept":
         listener = _waiting_for(info, ctx, fam, row, head)
@@ -195,7 +214,7 @@ def classify(info, ctx, q: dict) -> dict:
         finally:
             s.close()
     shut = _shutdown_of(info, fam, ino, head, state)
-    if shut & SEND_SHUTDOWN and state != FIN_WAIT2:
+    if shut & SEND_SHUTDOWN and state not in (FIN_WAIT2, FIN_WAIT1, LAST_ACK):
         raise refuse(info, "socket", f"{head}: shut down for writing")
     tcpi_options = ti[5]
     if tcpi_options & (TCPI_OPT_ECN | TCPI_OPT_ECN_SEEN):
@@ -230,7 +249,7 @@ def classify(info, ctx, q: dict) -> dict:
            "opts": compare, "set": setnames, "moved": moved, "listener": listener,
            "state": state,
            # In close-wait, reads end at the FIN, which the restore sends again.
-           "shut_rd": bool(shut & RCV_SHUTDOWN) and state != CLOSE_WAIT}
+           "shut_rd": bool(shut & RCV_SHUTDOWN) and state not in (CLOSE_WAIT, LAST_ACK)}
     ctx.shared[key] = rec
     return rec
 
@@ -338,6 +357,12 @@ def read_repair(s: _socket.socket, state: int = ESTABLISHED) -> tuple:
     if ti[0] != state:
         raise ValueError(f"its state became {netinfo.TCP_STATES.get(ti[0], ti[0])}")
     inq, outq, unsq = _ioctl_int(fd, SIOCINQ), _ioctl_int(fd, SIOCOUTQ), _ioctl_int(fd, SIOCOUTQNSD)
+    if state in FIN_UNACKED:
+        # the counters take in our FIN (one sequence number, no byte): data only
+        # here; the restore sends the FIN again (finish)
+        if outq < 1:
+            raise ValueError(f"{netinfo.TCP_STATES.get(state)} with no FIN in its send queue")
+        outq, unsq = outq - 1, max(unsq - 1, 0)
     r = {"opt_mask": ti[5], "snd_wscale": ti[6] & 0xF, "rcv_wscale": ti[6] >> 4,
          "mss": _getint(s, _socket.TCP_MAXSEG), "inq_len": inq, "outq_len": outq, "unsq_len": unsq,
          "timestamp": None}
@@ -443,7 +468,10 @@ def validate(rec: dict, ctx) -> None:
         isinstance(rec.get("remote"), list) and isinstance(rec.get("data"), str)
     if ok:
         need = r["inq_len"] + r["outq_len"]
-        ok = len(ctx.image.read_bytes(rec["data"])) == need and 0 <= r["unsq_len"] <= r["outq_len"]
+        ok = len(ctx.image.read_bytes(rec["data"])) == need and 0 <= r["unsq_len"] <= r["outq_len"] and \
+            (rec.get("state", ESTABLISHED) == ESTABLISHED or rec.get("state") in OUTSIDE_STATES) and \
+            not (rec.get("state") == FIN_WAIT2 and r["outq_len"]) and \
+            not (rec.get("state") in FIN_UNACKED and rec.get("peer") != "outside")
     if not ok:
         raise refuse_rec(rec, ctx, "image-invalid", "tcp connection record malformed")
     if rec["peer"] == "dump" and not any(x.get("sock") == "tcp-conn" and x.get("inode") == rec.get("peer_inode")
@@ -556,6 +584,8 @@ def _build(ends: List[dict], ctx) -> list:
             with building(s, rec, ctx, _what(rec)):
                 _setint(s, TCP_REPAIR_QUEUE, TCP_NO_QUEUE)
                 _window(s, rec)
+                if rec["peer"] == "outside" and OUTSIDE_STATES.get(rec.get("state"), ESTABLISHED) != ESTABLISHED:
+                    _peer_closed(s, rec)
         return [(rec, s, unsent) for (rec, s, _), (_, _, unsent) in zip(built, queues)]
     except BaseException:
         for _, s, _ in built:
@@ -580,8 +610,8 @@ def _start(s: _socket.socket, rec: dict, ctx) -> None:
     _bind(s, rec, ctx)
     # A FIN takes a sequence number: the half-closed pair is rebuilt
     # established, before the FIN, and the FIN sent again (finish()).
-    fin_in = 1 if rec.get("state") == CLOSE_WAIT else 0
-    fin_out = 1 if rec.get("state") == FIN_WAIT2 else 0
+    fin_in = 1 if rec.get("state") in (CLOSE_WAIT, LAST_ACK) else 0
+    fin_out = 1 if rec.get("state") in (FIN_WAIT2, FIN_WAIT1, LAST_ACK) else 0
     _setint(s, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE)
     s.setsockopt(SOL_TCP, TCP_QUEUE_SEQ, struct.pack("I", (r["inq_seq"] - fin_in - r["inq_len"]) & 0xFFFFFFFF))
     _setint(s, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)
@@ -619,12 +649,45 @@ def _start(s: _socket.socket, rec: dict, ctx) -> None:
 def _window(s: _socket.socket, rec: dict) -> None:
     r = rec["repair"]
     w = dict(r["window"])
-    if rec.get("state") == CLOSE_WAIT and w["rcv_wup"] == r["inq_seq"]:
+    if rec.get("state") in (CLOSE_WAIT, LAST_ACK) and w["rcv_wup"] == r["inq_seq"]:
         # The last window update was sent past the FIN (soccr does the same).
         w["rcv_wup"] = (w["rcv_wup"] - 1) & 0xFFFFFFFF
         w["rcv_wnd"] += 1
     s.setsockopt(SOL_TCP, TCP_REPAIR_WINDOW, struct.pack("5I", w["snd_wl1"], w["snd_wnd"], w["max_window"],
                                                          w["rcv_wnd"], w["rcv_wup"]))
+
+
+def _peer_closed(s: _socket.socket, rec: dict) -> None:
+    """A half-closed end whose peer is outside, rebuilt established in
+    repair mode, is given the segment that closed it, forged from the peer
+    (module docstring), and waits until it reads back in its recorded state
+    (loopback delivers in softirq, as good as at once): fin-wait2 and
+    close-wait, and last-ack as close-wait (its own FIN goes in finish()).
+    Raises OSError."""
+    r = rec["repair"]
+    w = r["window"]
+    # the peer's advertised window, as it would put it in the segment
+    win = w["snd_wnd"] >> r["snd_wscale"] if r["opt_mask"] & TCPI_OPT_WSCALE else w["snd_wnd"]
+    if rec["state"] == FIN_WAIT2:
+        # sent, not sent again: a FIN queued under TCP_SEND_QUEUE counts as gone out
+        _setint(s, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)
+        s.shutdown(_socket.SHUT_WR)
+        _setint(s, TCP_REPAIR_QUEUE, TCP_NO_QUEUE)
+        _tcpforge.send(rec["remote"], rec["local"], r["inq_seq"], r["outq_seq"], _tcpforge.ACK, win)
+    else:
+        # acknowledging what the rebuilt end has sent (not its FIN of last-ack, not sent yet)
+        snd_una = r["outq_seq"] - (1 if rec["state"] in FIN_UNACKED else 0) - r["outq_len"]
+        _tcpforge.send(rec["remote"], rec["local"], r["inq_seq"] - 1, snd_una, _tcpforge.FIN | _tcpforge.ACK, win)
+    want = OUTSIDE_STATES[rec["state"]]
+    deadline = time.monotonic() + 5
+    while True:
+        now = s.getsockopt(SOL_TCP, TCP_INFO, 1)[0]
+        if now == want:
+            return
+        if time.monotonic() > deadline:
+            raise OSError(_errno.ETIMEDOUT, f"the forged segment from the peer left the connection in state "
+                          f"{netinfo.TCP_STATES.get(now, now)}, not {netinfo.TCP_STATES.get(want)}")
+        time.sleep(0.001)
 
 
 def _check_built(s: _socket.socket, rec: dict, ctx) -> None:
@@ -641,7 +704,8 @@ def _check_built(s: _socket.socket, rec: dict, ctx) -> None:
         ti = s.getsockopt(SOL_TCP, TCP_INFO, 8)
         inq = _ioctl_int(s.fileno(), SIOCINQ)
         outq = _ioctl_int(s.fileno(), SIOCOUTQ)
-    if ti[0] != ESTABLISHED or inq != r["inq_len"] or outq != r["outq_len"] - r["unsq_len"]:
+    state = OUTSIDE_STATES.get(rec.get("state"), ESTABLISHED) if rec["peer"] == "outside" else ESTABLISHED
+    if ti[0] != state or inq != r["inq_len"] or outq != r["outq_len"] - r["unsq_len"]:
         s.close()
         raise refuse_rec(rec, ctx, "socket", f"tcp connection {_ep_text(rec['local'])}->"
                          f"{_ep_text(rec['remote'])}: reads back as state {ti[0]}, {inq} bytes to read "
@@ -841,8 +905,18 @@ def finish(rec: dict, ctx, task) -> None:
             got = s.getsockopt(_socket.SOL_SOCKET, _sockopts.number(name), 4).hex()
             if got != value:
                 raise OSError(_errno.EINVAL, f"{name} does not read back ({got}, was {value})")
-        if rec.get("state") in HALF:
+        if rec.get("state") in HALF and rec["peer"] == "dump":
             _half_close(rec, ctx)
+        if rec.get("state") in FIN_UNACKED:
+            # Our FIN again, after every byte: the same sequence number as the
+            # original's. A peer that had it acknowledges it again, one that
+            # had not takes it; the lock holds it back until the process runs,
+            # then retransmission carries it.
+            s.shutdown(_socket.SHUT_WR)
+            now = s.getsockopt(SOL_TCP, TCP_INFO, 1)[0]
+            if now != rec["state"]:
+                raise OSError(_errno.EPROTO, f"shut down for writing again, it is in state "
+                              f"{netinfo.TCP_STATES.get(now, now)}, not {netinfo.TCP_STATES.get(rec['state'])}")
     except OSError as e:
         raise failed(rec, ctx, "leaving tcp repair mode", e) from e
     finally:

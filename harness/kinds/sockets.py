@@ -565,7 +565,9 @@ def checker(e: dict, recs: List[dict], ctx: Ctx, phase: str) -> List[dict]:
             eof = wait_readable(fd, 2) and os.read(fd, 1) == b""
             out.append(check(fd, "the peer's FIN: end of stream after the data", True, eof))
         elif phase == "mutate" and _outside_half(e):
-            pass                              # the holder reads nothing: no marker to prove
+            # the holder reads nothing, but this end's side is open: a reset
+            # or lost connection fails the write
+            out.append(check(fd, "a write is taken (this side is still open)", len(MARKER), os.write(fd, MARKER)))
         elif phase == "consume" and _outside_tcp(e):
             want = seeded_bytes(e.get("data"))
             out.append(bytes_check(fd, "queued stream bytes from the outside peer", want,
