@@ -331,7 +331,7 @@ stream = _here["stream"]
 HALF_OUT = STREAM + SERVE + r"""
 import json, os, socket, sys, time
 MODE, FAM, LO, PORT = sys.argv[2], *((socket.AF_INET6, "::1") if sys.argv[3] == "6" else (socket.AF_INET, "127.0.0.1")), int(sys.argv[4])
-WANT = {"fin-wait2": 5, "close-wait": 8, "fin-wait1": 4, "last-ack": 9}[MODE]
+WANT = {"fin-wait2": 5, "close-wait": 8, "fin-wait1": 4, "last-ack": 9, "closing": 11, "closing-sent": 11}[MODE]
 c = socket.socket(FAM)
 if MODE in ("fin-wait1", "last-ack"):
     # a small queue behind the peer's 4 KiB window: it drains in a few
@@ -363,6 +363,9 @@ if MODE in ("fin-wait1", "last-ack"):
         except BlockingIOError:
             break
     c.setblocking(True)
+if MODE.startswith("closing"):
+    while not os.path.exists("go"):     # the test drops what we send from now on
+        time.sleep(0.01)
 if MODE != "close-wait":
     c.shutdown(socket.SHUT_WR)
 until(WANT)
@@ -397,13 +400,16 @@ serve(check)
 
 
 @pytest.mark.skipif(netlock.available() is not None, reason=f"no network lock here: {netlock.available()}")
-@pytest.mark.parametrize("mode", ["close-wait", "fin-wait2", "fin-wait1", "last-ack"])
+@pytest.mark.parametrize("mode", ["close-wait", "fin-wait2", "fin-wait1", "last-ack", "closing", "closing-sent"])
 @pytest.mark.parametrize("v", ["4", "6"])
 def test_half_closed_connection_to_an_outside_peer_restored_in_its_state(procs, tmp_path, mode, v):
     """The peer (this test) closed its side (close-wait), acknowledged the
     target's FIN (fin-wait2), or reads nothing, so that the target's FIN
     waits behind a full window (fin-wait1; last-ack after the peer's own
-    FIN). A FIN the peer sent or acknowledged is not sent again: the
+    FIN), or never gets the target's FIN nor acknowledgement and sends its
+    own (closing: an nftables rule drops what the target sends until the
+    dump, on its way out: its FIN counts as not sent, or on its way in: as
+    sent). A FIN the peer sent or acknowledged is not sent again: the
     restore forges that segment (engine/fds/_tcpforge.py); the target's FIN
     not yet taken is sent again after its bytes. The connection is back in
     its state, with its bytes, EOF and EPIPE where they were, and the peer
@@ -433,16 +439,36 @@ def test_half_closed_connection_to_an_outside_peer_restored_in_its_state(procs, 
             t.shutdown(socket.SHUT_WR)
         if mode == "fin-wait2":
             read_to_eof()                                # the target's bytes, then its FIN
+        if mode.startswith("closing"):
+            while len(got) < 2000:
+                got.extend(t.recv(65536))
+            drop = _drop_from(t.getpeername(), t.getsockname(), "input" if mode == "closing-sent" else "output")
+            (tmp_path / "go").write_text("")
+            wait_for(lambda: _tcp_state(t.getpeername()[1]) == 4, what="the target's FIN, dropped")
+            t.sendall(stream(b"t2w", 0, 3000))
+            t.shutdown(socket.SHUT_WR)
         wait_for(lambda: (tmp_path / "ready").exists() or p.poll() is not None, what="the worker")
-        want = {"close-wait": 8, "fin-wait2": 5, "fin-wait1": 4, "last-ack": 9}[mode]
+        want = {"close-wait": 8, "fin-wait2": 5, "fin-wait1": 4, "last-ack": 9, "closing": 11, "closing-sent": 11}[mode]
         before = ask_verdict(p.pid, tmp_path)
         assert before["state"] == want
-        dump_restore(procs, p, str(tmp_path / "img"))
+        try:
+            from engine.context import Options as _O
+            res = dump(p.pid, str(tmp_path / "img"), _O())
+            assert not res["left_running"]
+        finally:
+            if mode.startswith("closing"):
+                netlock.unlock(drop)                     # the peer hears the target again from now on
+        p.wait()
+        out = restore(str(tmp_path / "img"), Options())
+        assert out["pid"] == p.pid
+        procs.adopt(p.pid)
         rec = [r for r in json.loads((tmp_path / "img" / "fds.json").read_text()) if r.get("sock") == "tcp-conn"]
         assert [(r["peer"], r["state"]) for r in rec] == [("outside", want)]
+        if mode.startswith("closing"):
+            assert rec[0]["repair"]["fin_sent"] == (mode == "closing-sent")
         assert not netlock.locked(rec[0]["lock"])
         assert ask_verdict(p.pid, tmp_path) == before            # first thing after the restore
-        if mode in ("fin-wait1", "last-ack"):
+        if mode in ("fin-wait1", "last-ack", "closing", "closing-sent"):
             read_to_eof()                                # every byte, then the FIN sent again
         if mode in ("fin-wait2", "fin-wait1"):
             t.sendall(stream(b"t2w", 0, 3000))
@@ -454,6 +480,28 @@ def test_half_closed_connection_to_an_outside_peer_restored_in_its_state(procs, 
     if mode in ("fin-wait1", "last-ack"):
         assert before["sent"] > 2000                     # the FIN waited behind bytes the peer had not taken
         _hostile_states_invalid(str(tmp_path / "img"), rec[0])
+
+
+def _tcp_state(port: int):
+    """The state of this machine's TCP socket bound to local `port`."""
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in open(name).read().splitlines()[1:]:
+            f = line.split()
+            if int(f[1].rsplit(":", 1)[1], 16) == port:
+                return int(f[3], 16)
+    return None
+
+
+def _drop_from(src, dst, hook: str) -> str:
+    """An nftables table dropping every segment src -> dst (not the other way):
+    the target's FIN and acknowledgements never reach the peer."""
+    name = "crucible_test_drop_" + str(os.getpid())
+    fam = "ip6" if ":" in src[0] else "ip"
+    rc, err = netlock._run(f"table inet {name} {{\n chain out {{\n  type filter hook {hook} priority -200; "
+                           f"policy accept;\n  {fam} saddr {src[0]} {fam} daddr {dst[0]} tcp sport {src[1]} "
+                           f"tcp dport {dst[1]} drop\n }}\n}}\n")
+    assert rc == 0, err
+    return name
 
 
 def _hostile_states_invalid(img: str, good: dict) -> None:

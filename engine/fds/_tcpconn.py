@@ -48,11 +48,16 @@ established as it was before the FIN, then:
   soccr does): a FIN from the peer for a close-wait end; for a fin-wait2
   end, its FIN queued again as sent (shutdown with the send queue under
   repair) and the peer's acknowledgement of it. The peer, which got or
-  acknowledged that FIN long ago, sees nothing new.
+  acknowledged that FIN long ago, sees nothing new. Our FIN not
+  acknowledged yet is sent again after our bytes once repair mode is left
+  (fin-wait1; last-ack after the forged FIN), or, in closing, queued again
+  in repair mode before the peer's forged FIN.
 
-Refused (`socket`, state named): every other state (SYN_SENT, FIN_WAIT1,
-CLOSING, LAST_ACK: a FIN not acknowledged yet), a half-closed pair in the
-dump whose ends are not in fin-wait2 and close-wait, urgent data, ECN or
+Refused (`socket`, state named): every other state (SYN_SENT, TIME_WAIT,
+closed), fin-wait1, last-ack and closing with both ends in the dump,
+closing with bytes not sent yet (they would go after its FIN), a
+half-closed pair in the dump whose ends are not in fin-wait2 and
+close-wait, urgent data, ECN or
 microsecond timestamps negotiated, SO_PEEK_OFF set, several connections or
 bytes waiting in a listener's accept queue, a socket another process holds.
 """
@@ -85,7 +90,7 @@ SIOCINQ, SIOCOUTQ, SIOCOUTQNSD, SIOCATMARK = 0x541B, 0x5411, 0x894B, 0x8905
 TCPOPT_MAXSEG, TCPOPT_WINDOW, TCPOPT_SACK_PERM, TCPOPT_TIMESTAMP = 2, 3, 4, 8
 TCPI_OPT_TIMESTAMPS, TCPI_OPT_SACK, TCPI_OPT_WSCALE, TCPI_OPT_ECN = 1, 2, 4, 8
 TCPI_OPT_ECN_SEEN, TCPI_OPT_USEC_TS = 16, 64
-ESTABLISHED, FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT, LAST_ACK = 1, 4, 5, 8, 9
+ESTABLISHED, FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT, LAST_ACK, CLOSING = 1, 4, 5, 8, 9, 11
 # A half-closed pair held by the process: one end shut down writing, its FIN
 # acknowledged (FIN_WAIT2), the other end got it (CLOSE_WAIT).
 HALF = {FIN_WAIT2: CLOSE_WAIT, CLOSE_WAIT: FIN_WAIT2}
@@ -93,7 +98,11 @@ HALF = {FIN_WAIT2: CLOSE_WAIT, CLOSE_WAIT: FIN_WAIT2}
 # queue, counted by SIOCOUTQ) after our data (fin-wait1), or after the
 # peer's FIN (last-ack). The state each is rebuilt in, in repair mode.
 FIN_UNACKED = (FIN_WAIT1, LAST_ACK)
-OUTSIDE_STATES = {FIN_WAIT2: FIN_WAIT2, CLOSE_WAIT: CLOSE_WAIT, FIN_WAIT1: ESTABLISHED, LAST_ACK: CLOSE_WAIT}
+# closing (both FINs sent, ours not acknowledged): our FIN is queued again
+# in repair mode as gone out, before the peer's forged one
+OUTSIDE_STATES = {FIN_WAIT2: FIN_WAIT2, CLOSE_WAIT: CLOSE_WAIT, FIN_WAIT1: ESTABLISHED, LAST_ACK: CLOSE_WAIT,
+                  CLOSING: CLOSING}
+FIN_IN_SENDQ = (FIN_WAIT1, LAST_ACK, CLOSING)     # counted by SIOCOUTQ: not acknowledged
 SEND_SHUTDOWN = 2
 # Options the kernel itself moves on a live connection (buffer autotuning,
 # the window clamp, the current MSS; an accepted socket's multicast TTL /
@@ -184,10 +193,10 @@ def classify(info, ctx, q: dict) -> dict:
         raise refuse(info, "socket", f"tcp{_v(fam)} socket inode {ino}: not in /proc/net/tcp{_v(fam)}")
     head = head_text(fam, row)
     state = row["state"]
-    if state != ESTABLISHED and state not in HALF and state not in FIN_UNACKED:
+    if state != ESTABLISHED and state not in OUTSIDE_STATES:
         raise refuse(info, "socket", f"{head}: only established and half-closed (fin-wait2, close-wait; "
-                     "with a peer outside the dump also fin-wait1, last-ack) connections are restored (an "
-                     "opening or closing connection carries state this engine does not rebuild)")
+                     "with a peer outside the dump also fin-wait1, last-ack, closing) connections are restored "
+                     "(an opening or closed connection carries state this engine does not rebuild)")
     out = outside_holders(info, ctx, ino)
     if out:
         raise refuse(info, "socket", f"{head}: also held by pid {out[0][0]} (fd {out[0][1]})")
@@ -195,7 +204,7 @@ def classify(info, ctx, q: dict) -> dict:
     if state in HALF and where == "dump" and _row(info.pid, fam, peer_ino).get("state") != HALF[state]:
         raise refuse(info, "socket", f"{head}: a half-closed pair held by the process is restored only "
                      "with one end in fin-wait2 (its FIN acknowledged), the other in close-wait")
-    if state in FIN_UNACKED and where != "outside":
+    if state in FIN_IN_SENDQ and where != "outside":
         raise refuse(info, "socket", f"{head}: its FIN is not acknowledged yet by an end held by the process "
                      "(restored only with a peer outside the dump)")
     if state in HALF and where == "accept":
@@ -214,7 +223,7 @@ def classify(info, ctx, q: dict) -> dict:
         finally:
             s.close()
     shut = _shutdown_of(info, fam, ino, head, state)
-    if shut & SEND_SHUTDOWN and state not in (FIN_WAIT2, FIN_WAIT1, LAST_ACK):
+    if shut & SEND_SHUTDOWN and state not in (FIN_WAIT2,) + FIN_IN_SENDQ:
         raise refuse(info, "socket", f"{head}: shut down for writing")
     tcpi_options = ti[5]
     if tcpi_options & (TCPI_OPT_ECN | TCPI_OPT_ECN_SEEN):
@@ -357,15 +366,20 @@ def read_repair(s: _socket.socket, state: int = ESTABLISHED) -> tuple:
     if ti[0] != state:
         raise ValueError(f"its state became {netinfo.TCP_STATES.get(ti[0], ti[0])}")
     inq, outq, unsq = _ioctl_int(fd, SIOCINQ), _ioctl_int(fd, SIOCOUTQ), _ioctl_int(fd, SIOCOUTQNSD)
-    if state in FIN_UNACKED:
+    if state in FIN_IN_SENDQ:
         # the counters take in our FIN (one sequence number, no byte): data only
-        # here; the restore sends the FIN again (finish)
+        # here; the restore queues or sends the FIN again
         if outq < 1:
             raise ValueError(f"{netinfo.TCP_STATES.get(state)} with no FIN in its send queue")
+        if state == CLOSING and unsq > 1:
+            raise ValueError("closing with bytes not sent yet (queued only after its FIN)")
+        fin_sent = unsq == 0
         outq, unsq = outq - 1, max(unsq - 1, 0)
     r = {"opt_mask": ti[5], "snd_wscale": ti[6] & 0xF, "rcv_wscale": ti[6] >> 4,
          "mss": _getint(s, _socket.TCP_MAXSEG), "inq_len": inq, "outq_len": outq, "unsq_len": unsq,
          "timestamp": None}
+    if state == CLOSING:
+        r["fin_sent"] = fin_sent
     if ti[5] & TCPI_OPT_TIMESTAMPS:
         r["timestamp"] = struct.unpack("I", s.getsockopt(SOL_TCP, TCP_TIMESTAMP, 4))[0]
     w = struct.unpack("5I", s.getsockopt(SOL_TCP, TCP_REPAIR_WINDOW, 20))
@@ -471,7 +485,8 @@ def validate(rec: dict, ctx) -> None:
         ok = len(ctx.image.read_bytes(rec["data"])) == need and 0 <= r["unsq_len"] <= r["outq_len"] and \
             (rec.get("state", ESTABLISHED) == ESTABLISHED or rec.get("state") in OUTSIDE_STATES) and \
             not (rec.get("state") == FIN_WAIT2 and r["outq_len"]) and \
-            not (rec.get("state") in FIN_UNACKED and rec.get("peer") != "outside")
+            not (rec.get("state") in FIN_IN_SENDQ and rec.get("peer") != "outside") and \
+            not (rec.get("state") == CLOSING and r["unsq_len"])
     if not ok:
         raise refuse_rec(rec, ctx, "image-invalid", "tcp connection record malformed")
     if rec["peer"] == "dump" and not any(x.get("sock") == "tcp-conn" and x.get("inode") == rec.get("peer_inode")
@@ -610,8 +625,8 @@ def _start(s: _socket.socket, rec: dict, ctx) -> None:
     _bind(s, rec, ctx)
     # A FIN takes a sequence number: the half-closed pair is rebuilt
     # established, before the FIN, and the FIN sent again (finish()).
-    fin_in = 1 if rec.get("state") in (CLOSE_WAIT, LAST_ACK) else 0
-    fin_out = 1 if rec.get("state") in (FIN_WAIT2, FIN_WAIT1, LAST_ACK) else 0
+    fin_in = 1 if rec.get("state") in (CLOSE_WAIT, LAST_ACK, CLOSING) else 0
+    fin_out = 1 if rec.get("state") in (FIN_WAIT2,) + FIN_IN_SENDQ else 0
     _setint(s, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE)
     s.setsockopt(SOL_TCP, TCP_QUEUE_SEQ, struct.pack("I", (r["inq_seq"] - fin_in - r["inq_len"]) & 0xFFFFFFFF))
     _setint(s, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)
@@ -649,7 +664,7 @@ def _start(s: _socket.socket, rec: dict, ctx) -> None:
 def _window(s: _socket.socket, rec: dict) -> None:
     r = rec["repair"]
     w = dict(r["window"])
-    if rec.get("state") in (CLOSE_WAIT, LAST_ACK) and w["rcv_wup"] == r["inq_seq"]:
+    if rec.get("state") in (CLOSE_WAIT, LAST_ACK, CLOSING) and w["rcv_wup"] == r["inq_seq"]:
         # The last window update was sent past the FIN (soccr does the same).
         w["rcv_wup"] = (w["rcv_wup"] - 1) & 0xFFFFFFFF
         w["rcv_wnd"] += 1
@@ -662,21 +677,26 @@ def _peer_closed(s: _socket.socket, rec: dict) -> None:
     repair mode, is given the segment that closed it, forged from the peer
     (module docstring), and waits until it reads back in its recorded state
     (loopback delivers in softirq, as good as at once): fin-wait2 and
-    close-wait, and last-ack as close-wait (its own FIN goes in finish()).
-    Raises OSError."""
+    close-wait, closing (our FIN queued first, as gone out), and last-ack
+    as close-wait (its own FIN goes in finish()). Raises OSError."""
     r = rec["repair"]
     w = r["window"]
     # the peer's advertised window, as it would put it in the segment
     win = w["snd_wnd"] >> r["snd_wscale"] if r["opt_mask"] & TCPI_OPT_WSCALE else w["snd_wnd"]
-    if rec["state"] == FIN_WAIT2:
-        # sent, not sent again: a FIN queued under TCP_SEND_QUEUE counts as gone out
-        _setint(s, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)
+    if rec["state"] in (FIN_WAIT2, CLOSING):
+        # sent, not sent again: a FIN queued under TCP_SEND_QUEUE counts as gone
+        # out (closing: its retransmission timer sends it again once repair mode
+        # is left). One the original had not sent yet (a full window, or
+        # dropped on its way out) is queued as not sent: sent when it can be.
+        sent = rec["state"] == FIN_WAIT2 or r.get("fin_sent", True)
+        _setint(s, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE if sent else TCP_NO_QUEUE)
         s.shutdown(_socket.SHUT_WR)
         _setint(s, TCP_REPAIR_QUEUE, TCP_NO_QUEUE)
+    if rec["state"] == FIN_WAIT2:
         _tcpforge.send(rec["remote"], rec["local"], r["inq_seq"], r["outq_seq"], _tcpforge.ACK, win)
     else:
-        # acknowledging what the rebuilt end has sent (not its FIN of last-ack, not sent yet)
-        snd_una = r["outq_seq"] - (1 if rec["state"] in FIN_UNACKED else 0) - r["outq_len"]
+        # acknowledging what the rebuilt end has sent but not its FIN
+        snd_una = r["outq_seq"] - (1 if rec["state"] in FIN_IN_SENDQ else 0) - r["outq_len"]
         _tcpforge.send(rec["remote"], rec["local"], r["inq_seq"] - 1, snd_una, _tcpforge.FIN | _tcpforge.ACK, win)
     want = OUTSIDE_STATES[rec["state"]]
     deadline = time.monotonic() + 5
@@ -705,7 +725,9 @@ def _check_built(s: _socket.socket, rec: dict, ctx) -> None:
         inq = _ioctl_int(s.fileno(), SIOCINQ)
         outq = _ioctl_int(s.fileno(), SIOCOUTQ)
     state = OUTSIDE_STATES.get(rec.get("state"), ESTABLISHED) if rec["peer"] == "outside" else ESTABLISHED
-    if ti[0] != state or inq != r["inq_len"] or outq != r["outq_len"] - r["unsq_len"]:
+    # closing: our FIN, queued again, is counted too
+    fin = 1 if rec.get("state") == CLOSING and rec["peer"] == "outside" else 0
+    if ti[0] != state or inq != r["inq_len"] or outq != r["outq_len"] - r["unsq_len"] + fin:
         s.close()
         raise refuse_rec(rec, ctx, "socket", f"tcp connection {_ep_text(rec['local'])}->"
                          f"{_ep_text(rec['remote'])}: reads back as state {ti[0]}, {inq} bytes to read "
