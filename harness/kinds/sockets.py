@@ -124,8 +124,10 @@ def validate(e: dict, fds: dict) -> List[tuple]:
         return [("path", f"a {sock} socket needs a path")]
     if e.get("creator", "self") != "self" and sock != "unix-pair":
         return [("creator", "only a unix-pair is made by another process")]
-    if ("bind" in e or "peer_bind" in e) and not (_outside_tcp(e) and "bind" in e and "peer_bind" in e):
-        return [("bind", "bind and peer_bind (both) are for a tcp-established socket with sender: outside")]
+    if ("bind" in e or "peer_bind" in e) and not ((_outside_tcp(e) or _outside_half(e)) and "bind" in e
+                                                  and "peer_bind" in e):
+        return [("bind", "bind and peer_bind (both) are for a tcp-established or tcp-half-closed socket with "
+                 "sender: outside")]
     if "port" in e and sock != "netlink-route":
         return [("port", "only a netlink-route socket is bound to a port id here")]
     if e.get("passcred_off") and not e.get("passcred"):
