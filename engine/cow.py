@@ -417,10 +417,11 @@ def before_fork(b, pl: Plan, inherited: Set[int], parent_vmas: Dict[int, dict]) 
     if keep or premap:
         # its pages are charged to the cgroup that faults them
         from . import cgroups
-        rec = b.job.core.get("cgroups")
-        cgroups.enter(b.pid, rec, b.cgroups_now)
-        if rec:
-            b.cgroups_now = cgroups.read(b.pid)     # its children are forked there
+        # its children are forked there: where it is now (read back after
+        # a move; without one, where it was already)
+        now = cgroups.enter(b.pid, b.job.core.get("cgroups"), b.cgroups_now)
+        if now is not None:
+            b.cgroups_now = now
     for s in sorted(inherited - keep):
         w = parent_vmas[s]
         b.pending.add("munmap", w["start"], w["end"] - w["start"])

@@ -320,3 +320,39 @@ def test_a_dump_leaves_the_original_tree_sharing(procs, cowtree, tmp_path):  # n
         _check_bytes(p.pid, addr, want, heap)
     finally:
         _kill_tree(sorted(pids, reverse=True))
+
+
+def test_a_member_already_in_its_cgroups_is_not_read_again_before_its_forks(monkeypatch):
+    # cow.before_fork: a member whose record is where it is now (its
+    # parent's cgroups, or ckpt's) is not moved, and what its children are
+    # forked into is that, known: /proc/PID/cgroup is not read again (it was
+    # for every member of a tree). After a move, enter's own read-back is it.
+    from engine import cgroups, cow
+    mine = cgroups.mine()       # ckpt's, read once per process (memo)
+    reads = []
+    real = cgroups.read
+    monkeypatch.setattr(cgroups, "read", lambda pid: (reads.append(pid), real(pid))[1])
+
+    class Pending:
+        def add(self, *a, **k):
+            pass
+
+    class Job:
+        vmas = [{"start": 0x10000, "end": 0x11000, "pages": []}]
+        core = {"cgroups": [list(x) for x in mine]}
+
+    class B:
+        pid, job, pending, cgroups_now = os.getpid(), Job(), Pending(), None
+
+        def mmap_args(self, v):
+            return 0, 0, 0, False, -1, 0
+
+        def flush(self):
+            pass
+
+    pl = cow.Plan()
+    pl.premap[os.getpid()] = {0x10000}
+    b = B()
+    cow.before_fork(b, pl, set(), {})
+    assert reads == [] and b.cgroups_now is None
+    assert cgroups.enter(os.getpid(), Job.core["cgroups"], mine) is None and reads == []
