@@ -221,6 +221,38 @@ def test_pages_shared_since_a_fork_come_back_shared(procs, cowtree, tmp_path):  
         _kill_tree(sorted(_members(root), reverse=True))
 
 
+def test_members_that_fork_none_make_their_layout_side_by_side(procs, cowtree, tmp_path, monkeypatch):  # noqa: F811
+    # Only a member with children does its copy-on-write work (before_fork)
+    # before its forks, one at a time; the others' calls are queued and run
+    # in one batch side by side after the forks, their pages written and
+    # read back after that: the pages come back shared and equal all the same.
+    from engine import cow
+    root, addr, (before, before_heap), want, pids, img, heap = _dumped(procs, cowtree, tmp_path)
+    kids = [x for x in pids if x != root]
+    child0 = kids[0]
+    log = tmp_path / "alone"
+    real = cow.before_fork
+
+    def recording(b, *a):       # in the restorer (a fork of this process)
+        with open(log, "a") as f:
+            f.write(f"{b.pid}\n")
+        return real(b, *a)
+    monkeypatch.setattr(cow, "before_fork", recording)
+    out = restore(img, Options())
+    procs.adopt(root)
+    try:
+        assert sorted(int(x) for x in log.read_text().split()) == sorted([root, child0])
+        assert out["cow_rewritten_pages"] == 0
+        assert sorted(_members(root)) == sorted(pids)
+        after = _sharing(root, addr)
+        for pid in kids[:3]:
+            assert after[pid] == before[pid], pid
+        assert _sharing(root, heap) == before_heap
+        _check_bytes(root, addr, want, heap)
+    finally:
+        _kill_tree(sorted(_members(root), reverse=True))
+
+
 def _pss_of_region(pid: int, addr: int) -> int:
     """Pss (kB) of the mappings inside the region [addr, addr + NPAGES pages)."""
     total, inside = 0, False
