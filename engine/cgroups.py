@@ -176,12 +176,14 @@ def validate(rec) -> List[Refusal]:
 def enter(pid: int, rec, here=None) -> None:
     """Move the new process into its cgroups, from outside; read back.
     here: where it is now when not where ckpt is (a tree member forked
-    by a parent that entered its own cgroups first: engine/cow.py)."""
+    by a parent that entered its own cgroups first: engine/cow.py).
+    Returns what was read back after a move (read()'s form), None when
+    it was where it belongs already (`here`, or ckpt's)."""
     if not rec:
-        return
+        return None
     moves = _moves(rec, mine() if here is None else here)
     if not moves:
-        return
+        return None
     table = mounts()
     for c, p in moves:
         d = directory(c, p, table)
@@ -193,7 +195,9 @@ def enter(pid: int, rec, here=None) -> None:
         except OSError as e:
             raise EngineError(f"cannot move the process into cgroup {p} ({c or 'v2'}): {e.strerror}",
                               pid=pid, errno=e.errno) from e
-    got = {c: q for c, q in read(pid)}
+    back = read(pid)
+    got = {c: q for c, q in back}
     for c, p in moves:
         if got.get(c) != p:
             raise EngineError(f"cgroup of {c or 'v2'} came back {got.get(c)}, not {p}", pid=pid)
+    return back

@@ -408,19 +408,33 @@ def before_fork(b, pl: Plan, inherited: Set[int], parent_vmas: Dict[int, dict]) 
     not keep unmapped, what it keeps made its own, what its children keep
     mapped and written. inherited: the starts of its parent's mappings in
     place at the fork (parent_vmas: the parent's mappings by start)."""
+    then = queue_before_fork(b, pl, inherited, parent_vmas)
+    if then is not None:
+        b.flush()
+        then()
+
+
+def queue_before_fork(b, pl: Plan, inherited: Set[int], parent_vmas: Dict[int, dict]):
+    """before_fork in two halves: its calls queued in b.pending (b moved
+    into its cgroups first), and returned, what must follow once they ran
+    (the pages written and read back from outside); None: nothing to do.
+    A member that forks no child runs its queue beside the others'
+    (engine/tree_restore.py: one batch side by side, not a round trip
+    each in a row)."""
     keep = pl.keep.get(b.pid, set())
     premap = pl.premap.get(b.pid, set()) - keep
     if not inherited and not premap:
-        return
+        return None
     faults.point("restore.tree.premap")
     vmas = {v["start"]: v for v in b.job.vmas}
     if keep or premap:
         # its pages are charged to the cgroup that faults them
         from . import cgroups
-        rec = b.job.core.get("cgroups")
-        cgroups.enter(b.pid, rec, b.cgroups_now)
-        if rec:
-            b.cgroups_now = cgroups.read(b.pid)     # its children are forked there
+        # its children are forked there: where it is now (read back after
+        # a move; without one, where it was already)
+        now = cgroups.enter(b.pid, b.job.core.get("cgroups"), b.cgroups_now)
+        if now is not None:
+            b.cgroups_now = now
     for s in sorted(inherited - keep):
         w = parent_vmas[s]
         b.pending.add("munmap", w["start"], w["end"] - w["start"])
@@ -441,17 +455,19 @@ def before_fork(b, pl: Plan, inherited: Set[int], parent_vmas: Dict[int, dict]) 
         b.pending.add("mmap", v["start"], v["end"] - v["start"], prot, flags, fd, off,
                       expect=(v["start"], f"mapping {v['start']:#x} landed at {{got:#x}}"))
         later.append((v, force))
-    b.flush()
-    for s in sorted(keep):
-        v = vmas[s]
-        force = b.mmap_args(v)[3]
-        own = subtract(v["pages"], v["cow"])
-        if own:
-            b.page_bytes_early += b._write_pages(own, force)
-        _verify(b, intersect(v["pages"], v["cow"]), force, pl)
-    for v, force in later:
-        if v["pages"]:
-            b.page_bytes_early += b._write_pages(v["pages"], force)
+
+    def then() -> None:
+        for s in sorted(keep):
+            v = vmas[s]
+            force = b.mmap_args(v)[3]
+            own = subtract(v["pages"], v["cow"])
+            if own:
+                b.page_bytes_early += b._write_pages(own, force)
+            _verify(b, intersect(v["pages"], v["cow"]), force, pl)
+        for v, force in later:
+            if v["pages"]:
+                b.page_bytes_early += b._write_pages(v["pages"], force)
+    return then
 
 
 def _verify(b, runs: List[List[int]], force: bool, pl: Plan) -> None:

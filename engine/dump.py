@@ -491,8 +491,11 @@ def _survey_frozen(pid: int, task: Task, ctx: DumpContext, proc: procfs.Proc):
     maps = None     # preflight's too: nothing is injected before it reads them
     try:
         maps = proc.maps()
-        # Before the fd handlers' classify(), which may inject syscalls.
-        task.syscall_ip = _syscall_in_vdso(task, maps)
+        # Before the fd handlers' classify(), which may inject syscalls
+        # (found already by a tree's prefetch_injected: the same frozen
+        # process, the same instruction; not searched for again).
+        if task.syscall_ip is None:
+            task.syscall_ip = _syscall_in_vdso(task, maps)
     except Refusal:
         pass    # refused again, with the other findings, by injected_state()
     suspend = None

@@ -558,13 +558,20 @@ def build_tree(tj: TreeJob) -> int:
         for m in members[1:]:
             kids.setdefault(m["ppid"], []).append(m)
         # 1. create, parents first: each member forks all its children in
-        # one batch, right after it was made (its session and group first)
+        # one batch, right after it was made (its session and group first).
+        # A member that forks none has its copy-on-write work (cow.py
+        # before_fork) queued, its batch run beside the others' below.
+        leaves = []
         for m in members:
             mb = builders[m["pid"]]
             if mb.job is not None:
                 pjob = tj.jobs.get(m["ppid"]) if m is not root else None
-                cow.before_fork(mb, cow_plan, cow_plan.in_place(m["ppid"]) if pjob else set(),
-                                {v["start"]: v for v in pjob.vmas} if pjob else {})
+                args = (mb, cow_plan, cow_plan.in_place(m["ppid"]) if pjob else set(),
+                        {v["start"]: v for v in pjob.vmas} if pjob else {})
+                if kids.get(m["pid"]):
+                    cow.before_fork(*args)
+                else:
+                    leaves.append(args)
                 mb.in_place = cow_plan.in_place(m["pid"])
             for mb in _fork_all(builders[m["pid"]], m, kids.get(m["pid"], []), tj):
                 builders[mb.pid] = mb
@@ -579,7 +586,11 @@ def build_tree(tj: TreeJob) -> int:
             if m["pgid"] != m["pid"] and m["pgid"] in tree_pids and m["sid"] != m["pid"] \
                     and os.getpgid(m["pid"]) != m["pgid"]:   # not in it already (a fork is in its parent's)
                 builders[m["pid"]].pending.add("setpgid", 0, m["pgid"])
+        then = [cow.queue_before_fork(*args) for args in leaves]
         run_each(order)
+        for t in then:
+            if t is not None:
+                t()     # the pages of what it keeps, once its layout is made
         _foreground(builders, tj)
         for mb in order:
             mb.files_shared = owners["files"].get(mb.pid, mb.pid) != mb.pid

@@ -221,6 +221,38 @@ def test_pages_shared_since_a_fork_come_back_shared(procs, cowtree, tmp_path):  
         _kill_tree(sorted(_members(root), reverse=True))
 
 
+def test_members_that_fork_none_make_their_layout_side_by_side(procs, cowtree, tmp_path, monkeypatch):  # noqa: F811
+    # Only a member with children does its copy-on-write work (before_fork)
+    # before its forks, one at a time; the others' calls are queued and run
+    # in one batch side by side after the forks, their pages written and
+    # read back after that: the pages come back shared and equal all the same.
+    from engine import cow
+    root, addr, (before, before_heap), want, pids, img, heap = _dumped(procs, cowtree, tmp_path)
+    kids = [x for x in pids if x != root]
+    child0 = kids[0]
+    log = tmp_path / "alone"
+    real = cow.before_fork
+
+    def recording(b, *a):       # in the restorer (a fork of this process)
+        with open(log, "a") as f:
+            f.write(f"{b.pid}\n")
+        return real(b, *a)
+    monkeypatch.setattr(cow, "before_fork", recording)
+    out = restore(img, Options())
+    procs.adopt(root)
+    try:
+        assert sorted(int(x) for x in log.read_text().split()) == sorted([root, child0])
+        assert out["cow_rewritten_pages"] == 0
+        assert sorted(_members(root)) == sorted(pids)
+        after = _sharing(root, addr)
+        for pid in kids[:3]:
+            assert after[pid] == before[pid], pid
+        assert _sharing(root, heap) == before_heap
+        _check_bytes(root, addr, want, heap)
+    finally:
+        _kill_tree(sorted(_members(root), reverse=True))
+
+
 def _pss_of_region(pid: int, addr: int) -> int:
     """Pss (kB) of the mappings inside the region [addr, addr + NPAGES pages)."""
     total, inside = 0, False
@@ -320,3 +352,39 @@ def test_a_dump_leaves_the_original_tree_sharing(procs, cowtree, tmp_path):  # n
         _check_bytes(p.pid, addr, want, heap)
     finally:
         _kill_tree(sorted(pids, reverse=True))
+
+
+def test_a_member_already_in_its_cgroups_is_not_read_again_before_its_forks(monkeypatch):
+    # cow.before_fork: a member whose record is where it is now (its
+    # parent's cgroups, or ckpt's) is not moved, and what its children are
+    # forked into is that, known: /proc/PID/cgroup is not read again (it was
+    # for every member of a tree). After a move, enter's own read-back is it.
+    from engine import cgroups, cow
+    mine = cgroups.mine()       # ckpt's, read once per process (memo)
+    reads = []
+    real = cgroups.read
+    monkeypatch.setattr(cgroups, "read", lambda pid: (reads.append(pid), real(pid))[1])
+
+    class Pending:
+        def add(self, *a, **k):
+            pass
+
+    class Job:
+        vmas = [{"start": 0x10000, "end": 0x11000, "pages": []}]
+        core = {"cgroups": [list(x) for x in mine]}
+
+    class B:
+        pid, job, pending, cgroups_now = os.getpid(), Job(), Pending(), None
+
+        def mmap_args(self, v):
+            return 0, 0, 0, False, -1, 0
+
+        def flush(self):
+            pass
+
+    pl = cow.Plan()
+    pl.premap[os.getpid()] = {0x10000}
+    b = B()
+    cow.before_fork(b, pl, set(), {})
+    assert reads == [] and b.cgroups_now is None
+    assert cgroups.enter(os.getpid(), Job.core["cgroups"], mine) is None and reads == []

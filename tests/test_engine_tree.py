@@ -634,3 +634,26 @@ while not os.path.exists('child-ready'): time.sleep(0.01)
     assert f"SysV semaphore {semid}#0" in str(ei.value)
     assert taken == [1]                             # one snapshot for the two members
     assert p.poll() is None and not os.path.exists(tmp_path / "img")
+
+
+def test_a_members_syscall_instruction_is_looked_for_once(procs, session_killer, tmp_path, monkeypatch):  # noqa: F811
+    """The tree's batched reads (prefetch_injected) find each member's
+    syscall instruction; the member's survey uses it, not searching its
+    [vdso] again (it was: twice a member)."""
+    import engine.dump as single
+    exe = str(tmp_path / "swarm")
+    subprocess.run(["gcc", "-O2", "-pthread", "-o", exe, os.path.join(TARGETS, "swarm.c")], check=True)
+    p = _start(procs, [exe, "tree", "3", str(tmp_path / "ready")], tmp_path)
+    session_killer.append(p.pid)
+    wait_for(lambda: (tmp_path / "ready").exists() or p.poll() is not None, what="the swarm")
+    pids = sorted([p.pid] + _descendants(p.pid))
+    looked = []
+    real = single._syscall_in_vdso
+    monkeypatch.setattr(single, "_syscall_in_vdso", lambda task, vmas: (looked.append(task.pid), real(task, vmas))[1])
+    res = check(p.pid, Options())
+    assert res["ok"], res["refusals"]
+    assert sorted(looked) == pids
+    monkeypatch.undo()
+    _dump_restore(p.pid, tmp_path / "img", procs)
+    assert sorted([p.pid] + _descendants(p.pid)) == pids
+    assert all(_stat(x)["state"] == "S" for x in pids)

@@ -126,6 +126,34 @@ def test_commit_flushes_every_file_and_dir_before_publishing(tmp_path, monkeypat
     assert os.stat(d).st_ino in synced
 
 
+def test_whole_files_are_fsynced_through_their_own_fds_up_to_the_cap(tmp_path, monkeypatch):
+    # write_bytes leaves a file open for sync_files (no open by path again,
+    # no stat of its directory for every file), up to KEEP_OPEN of them;
+    # the rest are closed and fsynced by path, as before. Every file is
+    # fsynced either way and the image reads back whole.
+    import engine.image as image
+    monkeypatch.setattr(image, "KEEP_OPEN", 3)
+    by_path, looked = [], []
+    real_fsync_path, real_isdir = image._fsync_path, image.os.path.isdir
+    monkeypatch.setattr(image, "_fsync_path", lambda p: (by_path.append(p), real_fsync_path(p))[1])
+    d = tmp_path / "img"
+    with ImageWriter(str(d)) as w:
+        monkeypatch.setattr(image.os.path, "isdir", lambda p: (looked.append(p), real_isdir(p))[1])
+        for i in range(5):
+            w.write_json(f"tree/1/f{i}.json", {"i": i})
+        w.sync_files()
+        for i in range(2):      # after a sync_files: kept open again
+            w.write_bytes(f"tree/2/g{i}.bin", bytes([i]) * 100)
+        w.commit()
+    monkeypatch.setattr(image.os.path, "isdir", real_isdir)
+    files = [p for p in by_path if not os.path.isdir(p.replace(".partial", ""))]
+    assert sorted(os.path.basename(p) for p in files) == ["f3.json", "f4.json"]
+    assert looked == []         # each directory made once, not looked for again for every file
+    r = ImageReader(str(d))
+    r.verify()
+    assert r.read_json("tree/1/f4.json") == {"i": 4} and r.read_bytes("tree/2/g1.bin") == b"\x01" * 100
+
+
 # -- trusted like a binary: who can write it, no symlinks, read once (engine/imagecheck.py) ----
 
 def _unsafe(d, match=None):
