@@ -337,6 +337,15 @@ class Builder:
                 self.pending.add("prctl", PR_SET_VMA, PR_SET_VMA_ANON_NAME, start, size, Data(name))
             later.append((v, force, prot, final))
         yield
+        bare = []
+        for v in bare_apart(self.job.vmas, apart, self.in_place):
+            # its anon_vma: one page written as it reads, dropped below (a
+            # file page past the file's end reads as nothing: left as it is)
+            try:
+                self.task.write_mem(v["start"], self.task.read_mem(v["start"], PAGE))
+            except (OSError, EngineError):
+                continue
+            bare.append(v)
         if shared_later:
             from .tree_restore import map_shared     # a tree's only (its import costs a restore ~25 ms under TCG)
             for v, flags in shared_later:
@@ -355,6 +364,8 @@ class Builder:
                 leftover = fill.close()
         if leftover:
             total += self.job.pages.write_runs(self.pid, leftover)
+        for v in bare:
+            self.pending.add("madvise", v["start"], PAGE, MADV_DONTNEED)
         for v, force, prot, final in later:
             start, size = v["start"], v["end"] - v["start"]
             if start in apart:
@@ -582,7 +593,7 @@ class Builder:
         raise EngineError("the expired interval timer did not expire again", pid=self.pid)
 
 
-MADV_DONTFORK, MADV_DOFORK = 10, 11
+MADV_DONTNEED, MADV_DONTFORK, MADV_DOFORK = 4, 10, 11
 
 
 def kept_apart(vmas: List[dict], in_place=()) -> Dict[int, tuple]:
@@ -596,7 +607,9 @@ def kept_apart(vmas: List[dict], in_place=()) -> Dict[int, tuple]:
     workloads). Each is set apart by a VM_DONTCOPY unlike its neighbour's
     while its pages go in, so each gets an anon_vma of its own, then given
     its flag back: the merge is then refused as in the original. Every
-    other one of a run, so that no two neighbours are set apart alike."""
+    other one of a run, so that no two neighbours are set apart alike.
+    One of the two may have no pages (one the child mapped and never
+    wrote): bare_apart gives it an anon_vma too."""
     out: Dict[int, tuple] = {}
     prev = None
     for v in vmas:
@@ -607,12 +620,30 @@ def kept_apart(vmas: List[dict], in_place=()) -> Dict[int, tuple]:
     return out
 
 
+def bare_apart(vmas: List[dict], apart: Dict[int, tuple], in_place=()) -> List[dict]:
+    """The mappings of the pairs kept_apart keeps apart that have no pages
+    to write: nothing would give them an anon_vma, and a mapping without
+    one merges into a neighbour that has one (mm/vma.c
+    is_mergeable_anon_vma) when its flag is given back: a forked child's
+    inherited mapping and one it mapped beside it but never wrote were two
+    mappings, restored as one. One page of each is written as it reads
+    while it is set apart (its own anon_vma) and dropped again
+    (MADV_DONTNEED: the anon_vma stays, the page goes)."""
+    out: List[dict] = []
+    for a, b in zip(vmas, vmas[1:]):
+        if a["end"] == b["start"] and (b["start"] in apart or a["start"] in apart) and _alike(a, b):
+            out += [v for v in (a, b) if not v.get("pages") and v["start"] not in in_place
+                    and all(v is not x for x in out)]
+    return out
+
+
 def _alike(a: dict, b: dict) -> bool:
     """What the kernel's merge compares (mm/vma.c is_mergeable_vma), both
-    private and both with pages to write (what makes an anon_vma)."""
+    private, one at least with pages to write (what makes an anon_vma: two
+    without were apart for another reason)."""
     if a["kind"] != b["kind"] or a["kind"] not in ("anon", "file") or a["perms"] != b["perms"] or \
             a["perms"][3] != "p" or sorted(a["flags"]) != sorted(b["flags"]) or a["path"] != b["path"] or \
-            not a.get("pages") or not b.get("pages") or a.get("tree_shared") or b.get("tree_shared"):
+            not (a.get("pages") or b.get("pages")) or a.get("tree_shared") or b.get("tree_shared"):
         return False
     if a["kind"] == "file":
         return a.get("file") == b.get("file") and b["offset"] == a["offset"] + (a["end"] - a["start"])
