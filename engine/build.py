@@ -306,6 +306,7 @@ class Builder:
         later = []      # (mapping, force, prot, final)
         shared_later = []
         apart = kept_apart(self.job.vmas, self.in_place)
+        ends_in_place = {e for v in self.job.vmas if v["start"] in self.in_place for e in (v["start"], v["end"])}
         for v in self.job.vmas:
             kind = v["kind"]
             if kind == "special":
@@ -328,10 +329,16 @@ class Builder:
                 shared_later.append((v, flags & ~MAP_ANONYMOUS))
                 continue
             if start not in self.in_place:
-                self.pending.add("mmap", start, size, prot, flags, fd, off,
+                # beside a mapping in place (its anon_vma made already), a
+                # mapping set apart is made inaccessible first: mapped alike,
+                # it would merge into that one at once and share its anon_vma
+                lone = start in apart and bool({start, v["end"]} & ends_in_place)
+                self.pending.add("mmap", start, size, 0 if lone else prot, flags, fd, off,
                                  expect=(start, f"mapping {start:#x} landed at {{got:#x}}"))
                 if start in apart:
                     self.pending.add("madvise", start, size, apart[start][0])
+                if lone:
+                    self.pending.add("mprotect", start, size, prot)
             if v["path"].startswith("[anon:"):
                 name = v["path"][len("[anon:"):-1].encode() + b"\0"
                 self.pending.add("prctl", PR_SET_VMA, PR_SET_VMA_ANON_NAME, start, size, Data(name))
@@ -609,15 +616,28 @@ def kept_apart(vmas: List[dict], in_place=()) -> Dict[int, tuple]:
     its flag back: the merge is then refused as in the original. Every
     other one of a run, so that no two neighbours are set apart alike.
     One of the two may have no pages (one the child mapped and never
-    wrote): bare_apart gives it an anon_vma too."""
+    wrote): bare_apart gives it an anon_vma too. A mapping in place already
+    (in_place: a tree member's, mapped before its forks or kept from its
+    parent, engine/cow.py) is not mapped here: its neighbour is set apart
+    instead (a parent's mapping its child shares, and one of its own it
+    mapped beside it after the fork); two in place were set apart when
+    they were mapped (cow.before_fork)."""
     out: Dict[int, tuple] = {}
-    prev = None
-    for v in vmas:
-        if prev is not None and prev["end"] == v["start"] and prev["start"] not in out and \
-                _alike(prev, v) and v["start"] not in in_place and prev["start"] not in in_place:
-            out[v["start"]] = (MADV_DOFORK, MADV_DONTFORK) if "dc" in v["flags"] else (MADV_DONTFORK, MADV_DOFORK)
-        prev = v
+    for i in range(1, len(vmas)):
+        prev, v = vmas[i - 1], vmas[i]
+        if prev["end"] != v["start"] or prev["start"] in out or not _alike(prev, v):
+            continue
+        if v["start"] not in in_place:
+            out[v["start"]] = _toggle(v)
+        elif prev["start"] not in in_place and not (
+                i >= 2 and vmas[i - 2]["start"] in out and vmas[i - 2]["end"] == prev["start"]
+                and _alike(vmas[i - 2], prev)):
+            out[prev["start"]] = _toggle(prev)
     return out
+
+
+def _toggle(v: dict) -> tuple:
+    return (MADV_DOFORK, MADV_DONTFORK) if "dc" in v["flags"] else (MADV_DONTFORK, MADV_DOFORK)
 
 
 def bare_apart(vmas: List[dict], apart: Dict[int, tuple], in_place=()) -> List[dict]:
