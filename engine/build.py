@@ -306,6 +306,7 @@ class Builder:
         later = []      # (mapping, force, prot, final)
         shared_later = []
         apart = kept_apart(self.job.vmas, self.in_place)
+        ends_in_place = {e for v in self.job.vmas if v["start"] in self.in_place for e in (v["start"], v["end"])}
         for v in self.job.vmas:
             kind = v["kind"]
             if kind == "special":
@@ -328,15 +329,30 @@ class Builder:
                 shared_later.append((v, flags & ~MAP_ANONYMOUS))
                 continue
             if start not in self.in_place:
-                self.pending.add("mmap", start, size, prot, flags, fd, off,
+                # beside a mapping in place (its anon_vma made already), a
+                # mapping set apart is made inaccessible first: mapped alike,
+                # it would merge into that one at once and share its anon_vma
+                lone = start in apart and bool({start, v["end"]} & ends_in_place)
+                self.pending.add("mmap", start, size, 0 if lone else prot, flags, fd, off,
                                  expect=(start, f"mapping {start:#x} landed at {{got:#x}}"))
                 if start in apart:
                     self.pending.add("madvise", start, size, apart[start][0])
+                if lone:
+                    self.pending.add("mprotect", start, size, prot)
             if v["path"].startswith("[anon:"):
                 name = v["path"][len("[anon:"):-1].encode() + b"\0"
                 self.pending.add("prctl", PR_SET_VMA, PR_SET_VMA_ANON_NAME, start, size, Data(name))
             later.append((v, force, prot, final))
         yield
+        bare = []
+        for v in bare_apart(self.job.vmas, apart, self.in_place):
+            # its anon_vma: one page written as it reads, dropped below (a
+            # file page past the file's end reads as nothing: left as it is)
+            try:
+                self.task.write_mem(v["start"], self.task.read_mem(v["start"], PAGE))
+            except (OSError, EngineError):
+                continue
+            bare.append(v)
         if shared_later:
             from .tree_restore import map_shared     # a tree's only (its import costs a restore ~25 ms under TCG)
             for v, flags in shared_later:
@@ -355,6 +371,8 @@ class Builder:
                 leftover = fill.close()
         if leftover:
             total += self.job.pages.write_runs(self.pid, leftover)
+        for v in bare:
+            self.pending.add("madvise", v["start"], PAGE, MADV_DONTNEED)
         for v, force, prot, final in later:
             start, size = v["start"], v["end"] - v["start"]
             if start in apart:
@@ -582,7 +600,7 @@ class Builder:
         raise EngineError("the expired interval timer did not expire again", pid=self.pid)
 
 
-MADV_DONTFORK, MADV_DOFORK = 10, 11
+MADV_DONTNEED, MADV_DONTFORK, MADV_DOFORK = 4, 10, 11
 
 
 def kept_apart(vmas: List[dict], in_place=()) -> Dict[int, tuple]:
@@ -596,23 +614,56 @@ def kept_apart(vmas: List[dict], in_place=()) -> Dict[int, tuple]:
     workloads). Each is set apart by a VM_DONTCOPY unlike its neighbour's
     while its pages go in, so each gets an anon_vma of its own, then given
     its flag back: the merge is then refused as in the original. Every
-    other one of a run, so that no two neighbours are set apart alike."""
+    other one of a run, so that no two neighbours are set apart alike.
+    One of the two may have no pages (one the child mapped and never
+    wrote): bare_apart gives it an anon_vma too. A mapping in place already
+    (in_place: a tree member's, mapped before its forks or kept from its
+    parent, engine/cow.py) is not mapped here: its neighbour is set apart
+    instead (a parent's mapping its child shares, and one of its own it
+    mapped beside it after the fork); two in place were set apart when
+    they were mapped (cow.before_fork)."""
     out: Dict[int, tuple] = {}
-    prev = None
-    for v in vmas:
-        if prev is not None and prev["end"] == v["start"] and prev["start"] not in out and \
-                _alike(prev, v) and v["start"] not in in_place and prev["start"] not in in_place:
-            out[v["start"]] = (MADV_DOFORK, MADV_DONTFORK) if "dc" in v["flags"] else (MADV_DONTFORK, MADV_DOFORK)
-        prev = v
+    for i in range(1, len(vmas)):
+        prev, v = vmas[i - 1], vmas[i]
+        if prev["end"] != v["start"] or prev["start"] in out or not _alike(prev, v):
+            continue
+        if v["start"] not in in_place:
+            out[v["start"]] = _toggle(v)
+        elif prev["start"] not in in_place and not (
+                i >= 2 and vmas[i - 2]["start"] in out and vmas[i - 2]["end"] == prev["start"]
+                and _alike(vmas[i - 2], prev)):
+            out[prev["start"]] = _toggle(prev)
+    return out
+
+
+def _toggle(v: dict) -> tuple:
+    return (MADV_DOFORK, MADV_DONTFORK) if "dc" in v["flags"] else (MADV_DONTFORK, MADV_DOFORK)
+
+
+def bare_apart(vmas: List[dict], apart: Dict[int, tuple], in_place=()) -> List[dict]:
+    """The mappings of the pairs kept_apart keeps apart that have no pages
+    to write: nothing would give them an anon_vma, and a mapping without
+    one merges into a neighbour that has one (mm/vma.c
+    is_mergeable_anon_vma) when its flag is given back: a forked child's
+    inherited mapping and one it mapped beside it but never wrote were two
+    mappings, restored as one. One page of each is written as it reads
+    while it is set apart (its own anon_vma) and dropped again
+    (MADV_DONTNEED: the anon_vma stays, the page goes)."""
+    out: List[dict] = []
+    for a, b in zip(vmas, vmas[1:]):
+        if a["end"] == b["start"] and (b["start"] in apart or a["start"] in apart) and _alike(a, b):
+            out += [v for v in (a, b) if not v.get("pages") and v["start"] not in in_place
+                    and all(v is not x for x in out)]
     return out
 
 
 def _alike(a: dict, b: dict) -> bool:
     """What the kernel's merge compares (mm/vma.c is_mergeable_vma), both
-    private and both with pages to write (what makes an anon_vma)."""
+    private, one at least with pages to write (what makes an anon_vma: two
+    without were apart for another reason)."""
     if a["kind"] != b["kind"] or a["kind"] not in ("anon", "file") or a["perms"] != b["perms"] or \
             a["perms"][3] != "p" or sorted(a["flags"]) != sorted(b["flags"]) or a["path"] != b["path"] or \
-            not a.get("pages") or not b.get("pages") or a.get("tree_shared") or b.get("tree_shared"):
+            not (a.get("pages") or b.get("pages")) or a.get("tree_shared") or b.get("tree_shared"):
         return False
     if a["kind"] == "file":
         return a.get("file") == b.get("file") and b["offset"] == a["offset"] + (a["end"] - a["start"])

@@ -53,7 +53,7 @@ PFN_MASK = (1 << 55) - 1
 # end (a heap grown or trimmed by brk since the fork is the same mapping
 # longer or shorter; the restore grows it in place with mremap, or trims it).
 KEY = ("start", "perms", "offset", "dev", "inode", "path", "flags", "kind")
-MADV_DONTNEED = 4
+MADV_DONTNEED, MADV_DONTDUMP, MADV_DODUMP = 4, 16, 17
 READ_STEP = 4 << 20       # bytes of shared pages read back and compared at a time
 
 
@@ -449,11 +449,20 @@ def queue_before_fork(b, pl: Plan, inherited: Set[int], parent_vmas: Dict[int, d
         for addr, size in _gaps(v["start"], v["end"], v["cow"]):
             b.pending.add("madvise", addr, size, MADV_DONTNEED)
     later = []
+    # Neighbours the original kept apart (build.kept_apart), both mapped
+    # here: set apart while their pages go in by a VM_DONTDUMP unlike the
+    # other's (not VM_DONTCOPY: the children must inherit them), given back
+    # once they have an anon_vma each.
+    from .build import kept_apart
+    apart = {s: (MADV_DODUMP, MADV_DONTDUMP) if "dd" in vmas[s]["flags"] else (MADV_DONTDUMP, MADV_DODUMP)
+             for s in kept_apart([vmas[s] for s in sorted(premap)])}
     for s in sorted(premap):
         v = vmas[s]
         flags, prot, final, force, fd, off = b.mmap_args(v)
         b.pending.add("mmap", v["start"], v["end"] - v["start"], prot, flags, fd, off,
                       expect=(v["start"], f"mapping {v['start']:#x} landed at {{got:#x}}"))
+        if s in apart:
+            b.pending.add("madvise", v["start"], v["end"] - v["start"], apart[s][0])
         later.append((v, force))
 
     def then() -> None:
@@ -467,6 +476,11 @@ def queue_before_fork(b, pl: Plan, inherited: Set[int], parent_vmas: Dict[int, d
         for v, force in later:
             if v["pages"]:
                 b.page_bytes_early += b._write_pages(v["pages"], force)
+        if apart:
+            # each has its anon_vma now: its own VM_DONTDUMP back
+            for s, (_, back) in sorted(apart.items()):
+                b.pending.add("madvise", s, vmas[s]["end"] - s, back)
+            b.flush()
     return then
 
 

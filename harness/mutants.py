@@ -1511,6 +1511,36 @@ def m_shift_sysv_shmid(img: Image) -> str:
     return f"System V segment {shmid} -> id {new}"
 
 
+def m_merge_split_mappings(img: Image) -> str:
+    """Two adjacent mappings the original kept apart come back as one: the
+    first pair alike in all but their anonymous memory's anon_vma (a forked
+    child's inherited mapping and one it made beside it, a region moved
+    beside another: engine/build.py kept_apart, which a restore must keep
+    apart) has its two records joined into one, so the restore maps them as
+    one mapping. The same bytes at the same addresses, but /proc/PID/maps
+    shows one mapping where there were two, and an mremap across the seam,
+    which failed (EFAULT), now succeeds."""
+    from engine.build import kept_apart
+    dirs = [""] + [m["dir"] for m in _members(img)[1:] if m.get("dir") and not m.get("zombie")]
+    for d in dirs:
+        name = d + "mm.json"
+        if name not in img.manifest["files"]:
+            continue
+        vmas = img.json(name)["vmas"]
+        apart = kept_apart(vmas)
+        for i in range(1, len(vmas)):
+            a, b = vmas[i - 1], vmas[i]
+            if b["start"] in apart and a["end"] == b["start"]:
+                a["end"] = b["end"]
+                a["pages"] = a["pages"] + b["pages"]
+                a["pages_bytes"] = a.get("pages_bytes", 0) + b.get("pages_bytes", 0)
+                del vmas[i]
+                img.put_json(name)
+                return f"{d or 'the process'}: mappings {a['start']:#x}-{b['start']:#x} and " \
+                       f"{b['start']:#x}-{b['end']:#x} ({b['kind']} {b['perms']}) mapped as one"
+    raise NoTarget("no adjacent mappings kept apart")
+
+
 def m_drop_fd(img: Image) -> str:
     """The highest-numbered fd is not restored (a kind an engine skips)."""
     fds = img.json("fds.json")
@@ -1585,6 +1615,8 @@ EDITS: Dict[str, Tuple[Callable[[Image], str], str]] = {
     "resession-tree-child": (m_resession_tree_child, "a tree child comes back leading a session of its own"),
     "tree-exit-signal": (m_tree_exit_signal, "a tree child comes back with SIGURG as its exit signal"),
     "drop-fd": (m_drop_fd, "the highest-numbered fd is not restored"),
+    "merge-split-mappings": (m_merge_split_mappings, "two adjacent mappings the original kept apart (their "
+                             "anon_vmas) come back merged into one"),
     "corrupt-sysv-shm-byte": (m_corrupt_sysv_shm_byte, "one byte of a System V shared memory segment changes"),
     "keep-sysv-shm": (m_keep_sysv_shm, "a removed System V segment comes back not removed (it outlives the process)"),
     "shift-sysv-shmid": (m_shift_sysv_shmid, "a System V segment comes back under another id"),
@@ -1845,6 +1877,37 @@ def _no_identity_check(name: str, argv: List[str]) -> int:
     return _ckpt(argv + ["--file-validation", "none"])
 
 
+def _default_mss(name: str, argv: List[str]) -> int:
+    """Restore with no segment size set for the repair connect, as ckpt did
+    before restored connections kept theirs: connect computes the MSS once,
+    from TCP's default clamp (536), and TCP_REPAIR_OPTIONS puts the recorded
+    clamp back later without computing it again, so every rebuilt
+    connection sends 524-byte segments for good (engine/fds/_tcpconn.py
+    _start). No image edit does this alone: the one recorded clamp is both
+    the user MSS set for the connect and the clamp set after it, and a
+    clamp below TCP's minimum (which skips the first) breaks the second too.
+    The user MSS cap is set to 0 for this restore: none is set."""
+    from engine.fds import _tcpconn
+    img = _opt(argv, "-D", "--images-dir")
+    n = 0
+    try:
+        with open(os.path.join(img, MANIFEST)) as f:
+            files = [k for k in json.load(f)["files"] if k == "fds.json" or k.endswith("/fds.json")]
+        for name_ in files:
+            with open(os.path.join(img, name_)) as f:
+                n += sum(1 for r in json.load(f) if r.get("sock") == "tcp-conn" and isinstance(r.get("repair"), dict)
+                         and r["repair"].get("mss", 0) >= _tcpconn.TCP_MIN_MSS)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    if n:
+        _tcpconn.MAX_USER_MSS = 0           # min(clamp, 0): no user MSS for the connect
+        say(name, f"applied: {n} tcp connection end(s) rebuilt at the kernel's default segment size "
+                  "(no TCP_MAXSEG before the repair connect)")
+    else:
+        say(name, "no target in image (no tcp connection rebuilt in repair mode)")
+    return _ckpt(argv)
+
+
 # name: (what it breaks, dump(name, argv) or None, restore(name, argv) or None)
 BEHAVIOURS: Dict[str, Tuple[str, Optional[Callable], Optional[Callable]]] = {
     "restart": ("dump kills the process; restore starts it afresh (new PID, same argv/cwd/env)",
@@ -1854,6 +1917,8 @@ BEHAVIOURS: Dict[str, Tuple[str, Optional[Callable], Optional[Callable]]] = {
     "older-image": ("restores an image taken 0.5 s before the dump", _older_dump, None),
     "lose-pending-signal": ("pending signals are neither refused nor saved", _no_pending_refusal, None),
     "reopen-replaced-file": ("the file-identity re-check is off at restore", None, _no_identity_check),
+    "default-mss": ("restored TCP connections come back at TCP's default segment size (536 less options)",
+                    None, _default_mss),
 }
 
 
@@ -1864,6 +1929,9 @@ CAUGHT_BY: Dict[str, str] = {
     "older-image": "a counter that advances while running, compared with its value at the dump",
     "lose-pending-signal": "a scenario with a pending signal (dump expected to refuse, or the signal delivered)",
     "reopen-replaced-file": "a scenario replacing a file with a same-size one (expects file-changed)",
+    "default-mss": "each connection's segment size (TCP_MAXSEG) read from outside after the restore, not below the "
+                   "original's or the path's (socket/tcp-established, tcp-half-closed, tcp-peer-outside, "
+                   "tcp-options)",
     "drop-offset": "the per-fd offset check on a file fd with a non-zero offset",
     "drop-append": "the O_APPEND flag / append-at-end check",
     "zero-page": "seeded memory compared page by page, a quiet workload's whole memory digested "
@@ -1939,6 +2007,9 @@ CAUGHT_BY: Dict[str, str] = {
     "resession-tree-child": "every child's session and group checked by its parent (tree/*)",
     "tree-exit-signal": "the parent's waitpid() collects every child's exit status (tree/*)",
     "drop-fd": "the open fds listed by the process and every fd compared from outside (every scenario)",
+    "merge-split-mappings": "each seam /proc/PID/maps showed between two alike neighbours before the dump must "
+                            "still be there after the restore (statediff.kept_apart: every scenario); the "
+                            "workload's own mremap across the seam must still fail EFAULT (mmap/kept-apart)",
     "merge-open-files": "each fd's offset; two opens of one file proved independent by moving one "
                         "(files/offsets, files/many-fds)",
     "drop-capability": "CapEff compared from outside, the process's and each thread's (every scenario: the "

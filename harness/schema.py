@@ -339,7 +339,9 @@ def _this():
 def _mmap() -> Check:
     # sysv: a System V segment (IPC_PRIVATE, attached read-write, seeded, then
     # IPC_RMID'd so nothing outlives the workload; engine/sysvshm.py)
-    return Map({"file": Path(), "anon": Bool(), "sysv": Bool(), "offset": Size(), "length": Size(),
+    # apart: an anonymous mapping made as two halves the kernel keeps apart
+    # (sysapi.mmap_apart: different anon_vmas), alike in all maps shows
+    return Map({"file": Path(), "anon": Bool(), "sysv": Bool(), "apart": Bool(), "offset": Size(), "length": Size(),
                 "prot": Enum(("r", "rw")),
                 "shared": Bool(), "seed": Int(0),
                 # madvise(2) advice the mapping keeps (smaps VmFlags)
@@ -643,6 +645,10 @@ def _cross_checks(c: _Ctx, root: yaml.MappingNode, data: dict) -> None:
         if ("file" in m) + bool(m.get("anon")) + bool(m.get("sysv")) != 1:
             raise c.fail(node_of("workload", "mmaps", i), f"workload.mmaps[{i}]",
                          "give one of file, anon: true or sysv: true")
+        if m.get("apart") and (not m.get("anon") or int(m["length"]) % (2 * 65536)):
+            raise c.fail(node_of("workload", "mmaps", i), f"workload.mmaps[{i}].apart",
+                         "two halves of anonymous memory: anon: true, a length that is a multiple of 128K "
+                         "(two halves of whole pages on every page size)")
     for i, e in enumerate(fds):
         if "bind" in e:
             want = [str(ipaddress_of(seg, k)) for k in ("moves", "stays")] if seg else None

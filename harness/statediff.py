@@ -132,7 +132,26 @@ def merge_neighbours(snap: Dict[str, str]) -> Dict[str, str]:
     can (a restore maps them afresh, so it can), and keeps them apart when
     their history differs (anon_vma, an mprotect since undone); a program
     sees the same memory either way. Named, special or differently
-    permitted mappings stay as they are."""
+    permitted mappings stay as they are. Where the pieces of a run were
+    apart before the dump, that they still are is judged by diff
+    (kept_apart): the merge itself is not what this forgives."""
+    return _merged(snap)[0]
+
+
+def kept_apart(snap: Dict[str, str]) -> Dict[str, List[int]]:
+    """{"maps.LO-HI" of a run merge_neighbours makes: the addresses where
+    its pieces meet}, for each run of more than one mapping. Two mappings
+    alike in everything /proc/PID/maps and smaps' advice show, side by
+    side, are two VMAs only because the kernel refused to merge them: their
+    anonymous memory has different anon_vmas (a forked child's inherited
+    mapping and one it made beside it; a region written elsewhere and moved
+    there with mremap), or a flag maps does not show differs. A program
+    sees that: an mremap(2) across the boundary fails EFAULT (it resizes
+    one VMA only), and /proc/PID/maps lists two."""
+    return _merged(snap)[1]
+
+
+def _merged(snap: Dict[str, str]) -> tuple:
     maps = []
     for key in snap:
         if key.startswith("maps.") and key.endswith(".perms"):
@@ -140,9 +159,10 @@ def merge_neighbours(snap: Dict[str, str]) -> Dict[str, str]:
             lo, hi = (int(x, 16) for x in rng.split("-"))
             maps.append((lo, hi, rng))
     if not maps:
-        return snap
+        return snap, {}
     out = {k: v for k, v in snap.items() if not k.startswith("maps.")}
-    run = None          # [lo, hi, first rng, perms, file identity or None, next file offset]
+    seams: Dict[str, List[int]] = {}
+    run = None          # [lo, hi, first rng, perms, file identity or None, next file offset, [seams]]
     for lo, hi, rng in sorted(maps):
         f = {a: snap.get(f"maps.{rng}.{a}") for a in MAP_FIELDS}
         anon = f["path"] == "" and f["inode"] == "0"
@@ -153,30 +173,42 @@ def merge_neighbours(snap: Dict[str, str]) -> Dict[str, str]:
         off = int(f["offset"] or "0", 16)
         if run and ident is not None and run[1] == lo and run[3] == f["perms"] and run[4] == ident \
                 and (anon or run[5] == off):
+            run[6].append(lo)
             run[1] = hi
             run[5] = off + (hi - lo)
             continue
         if run:
-            _put_map(out, snap, run)
-        run = [lo, hi, rng, f["perms"], ident, off + (hi - lo)]
+            _put_run(out, seams, snap, run)
+        run = [lo, hi, rng, f["perms"], ident, off + (hi - lo), []]
     if run:
-        _put_map(out, snap, run)
-    return out
+        _put_run(out, seams, snap, run)
+    return out, seams
 
 
-def _put_map(out: Dict[str, str], snap: Dict[str, str], run: list) -> None:
+def _put_run(out: Dict[str, str], seams: Dict[str, List[int]], snap: Dict[str, str], run: list) -> None:
+    key = _put_map(out, snap, run)
+    if run[6]:
+        seams[key] = run[6]
+
+
+def _put_map(out: Dict[str, str], snap: Dict[str, str], run: list) -> str:
     lo, hi, rng = run[0], run[1], run[2]
     width = len(rng.split("-")[0])
     key = f"maps.{lo:0{width}x}-{hi:0{width}x}"
     for a in MAP_FIELDS:
         if f"maps.{rng}.{a}" in snap or a != "advice":
             out[f"{key}.{a}"] = snap.get(f"maps.{rng}.{a}", "")
+    return key
 
 
 def diff(before: Dict[str, str], after: Dict[str, str], conds: set = frozenset()) -> List[Dict[str, str]]:
     """The differences that no row of EXPECTED allows, as ``{field, before, after}``
-    (adjacent anonymous mappings compared as one: merge_neighbours)."""
-    before, after = merge_neighbours(before), merge_neighbours(after)
+    (adjacent anonymous mappings compared as one: merge_neighbours). Where
+    the original kept such neighbours apart (kept_apart), they must still be
+    apart: ``maps.LO-HI.apart`` lists the seams before and those of them
+    still seams after. A restore that splits where the original had one
+    mapping is not judged here."""
+    before, after = _with_seams(before, after)
     if before.get("cgroup") is not None and after.get("cgroup") is not None:
         before, after = dict(before), dict(after)
         before["cgroup"], after["cgroup"] = common_hierarchies(before["cgroup"], after["cgroup"])
@@ -201,6 +233,27 @@ def diff(before: Dict[str, str], after: Dict[str, str], conds: set = frozenset()
         out.append({"field": field, "before": "(absent)" if b is None else b,
                     "after": "(absent)" if a is None else a})
     return out
+
+
+def _hexes(addrs) -> str:
+    return " ".join(f"{a:x}" for a in addrs)
+
+
+def _with_seams(before: Dict[str, str], after: Dict[str, str]) -> tuple:
+    """Both snapshots through merge_neighbours, each run of the original's
+    that was more than one mapping given ``.apart``: its seams before, and
+    after, which of them still divide two mappings."""
+    starts = set()
+    for key in after:
+        if key.startswith("maps.") and key.endswith(".perms"):
+            starts.add(int(key[len("maps."):].split("-", 1)[0], 16))
+    (b, seams), a = _merged(before), merge_neighbours(after)
+    if seams:
+        b, a = dict(b), dict(a)
+        for key, at in seams.items():
+            b[key + ".apart"] = _hexes(at)
+            a[key + ".apart"] = _hexes(x for x in at if x in starts) or "none: merged into one mapping"
+    return b, a
 
 
 def common_hierarchies(before: str, after: str) -> tuple:

@@ -161,6 +161,45 @@ def mmap(length: int, prot: int, flags: int, fd: int, offset: int) -> int:
     return addr
 
 
+_libc.mremap.restype = ctypes.c_void_p
+_libc.mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
+MREMAP_MAYMOVE, MREMAP_FIXED, MAP_FIXED = 1, 2, 0x10
+
+
+def mmap_apart(length: int) -> Tuple[int, int]:
+    """Private anonymous read-write memory of ``length`` bytes (an even
+    number of pages) as two halves the kernel keeps apart though they are
+    alike in all /proc/PID/maps shows: the second half is written elsewhere
+    first and moved (mremap) beside the first, so each has an anon_vma of
+    its own and mm/vma.c refuses to merge them (as it refuses a forked
+    child's inherited mapping and one the child makes beside it). An
+    inaccessible page on either side keeps other mappings off them, and
+    keeps an mremap growing them in place from succeeding. (address, length)."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    half = length // 2
+    if length <= 0 or length % (2 * page):
+        raise ValueError(f"{length} bytes do not make two halves of whole pages")
+    room = mmap(length + 2 * page, 0, 0x22, -1, 0)         # PROT_NONE, MAP_PRIVATE|MAP_ANONYMOUS
+    lo = room + page
+    got = _libc.mmap(lo, half, 3, 0x22 | MAP_FIXED, -1, 0)
+    if got != lo:
+        raise OSError(ctypes.get_errno(), f"mmap at {lo:#x}: {os.strerror(ctypes.get_errno())}")
+    ctypes.memset(lo, 0x5A, half)                           # its anon_vma
+    other = mmap(half, 3, 0x22, -1, 0)
+    ctypes.memset(other, 0xA5, half)                        # another anon_vma
+    got = _libc.mremap(other, half, half, MREMAP_MAYMOVE | MREMAP_FIXED, ctypes.c_void_p(lo + half))
+    if got != lo + half:
+        raise OSError(ctypes.get_errno(), f"mremap to {lo + half:#x}: {os.strerror(ctypes.get_errno())}")
+    return lo, length
+
+
+def mremap_errno(addr: int, old: int, new: int) -> int:
+    """mremap(2) of [addr, addr+old) to ``new`` bytes in place: 0 if it
+    succeeded, else its errno (EFAULT: the range is not one mapping)."""
+    got = _libc.mremap(addr, old, new, 0, None)
+    return ctypes.get_errno() if got in (None, MAP_FAILED) else 0
+
+
 # System V shared memory (a workload's `sysv` mapping; engine/sysvshm.py)
 IPC_PRIVATE, IPC_CREAT, IPC_RMID, IPC_STAT = 0, 0o1000, 0, 2
 SHM_DEST = 0o1000

@@ -37,6 +37,7 @@ from __future__ import annotations
 # its forks (:data:`PRELOAD`). tests/test_harness_kinds.py holds the list
 # of modules the run path must not import.
 import ctypes
+import errno
 import fcntl
 import gc
 import os
@@ -200,7 +201,13 @@ def map_all(spec: dict, model: world.Model) -> List[dict]:
     for m in spec.get("mmaps") or []:
         length = int(m["length"])
         if "anon" in m:
-            addr = sysapi.mmap(length, PROT["rw"], MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
+            if m.get("apart"):
+                # two halves alike in all /proc shows, two mappings all the same
+                addr, _ = sysapi.mmap_apart(length)
+                if sysapi.mremap_errno(addr, length, length + os.sysconf("SC_PAGE_SIZE")) != errno.EFAULT:
+                    raise RuntimeError(f"the kernel merged the two halves at {addr:#x}: no pair kept apart here")
+            else:
+                addr = sysapi.mmap(length, PROT["rw"], MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
             sysapi.poke(addr, seeded.data(int(m.get("seed", 0)), 0, length))
             for a in m.get("advise") or []:
                 sysapi.madvise(addr, length, sysapi.MADVISE[a])
@@ -458,6 +465,19 @@ def mmap_checks(spec: dict, ready: dict, model: world.Model) -> List[dict]:
     for m, rec in zip(spec.get("mmaps") or [], ready["mmaps"]):
         addr, length = rec["addr"], rec["length"]
         what = f"mmap {m.get('file', 'anon')} at {addr:#x}"
+        if m.get("apart"):
+            # each half one mapping, the seam between them still there: an
+            # mremap across it fails EFAULT (ENOMEM: one mapping, which the
+            # inaccessible page after it keeps from growing)
+            half = length // 2
+            halves = [next((x for x in maps if x[0] == a and x[1] == a + half), None) for a in (addr, addr + half)]
+            out.append(kinds.check(None, what + ": two mappings, one per half",
+                                   [f"{a:x}-{a + half:x}" for a in (addr, addr + half)],
+                                   [f"{h[0]:x}-{h[1]:x}" if h else "none" for h in halves]))
+            err = sysapi.mremap_errno(addr, length, length + os.sysconf("SC_PAGE_SIZE"))
+            out.append(kinds.check(None, what + ": an mremap across the seam of the halves fails",
+                                   "EFAULT", errno.errorcode.get(err, str(err))))
+            length = half           # the rest is checked on the first half, then the bytes of both
         hit = next((x for x in maps if x[0] <= addr and addr + length <= x[1]), None)
         if hit is None:
             out.append(kinds.check(None, what + ": mapped", True, False))
@@ -476,6 +496,7 @@ def mmap_checks(spec: dict, ready: dict, model: world.Model) -> List[dict]:
         perms = ("rw" if m.get("prot", "r") == "rw" or "anon" in m else "r-") + ("s" if m.get("shared") else "p")
         out.append(kinds.check(None, what + ": permissions", perms, hit[2][:2] + hit[2][3]))
         if "anon" in m:
+            length = rec["length"]
             expected = seeded.data(int(m.get("seed", 0)), 0, length)
         else:
             expected = bytearray(model.content(rec["ino"]).read(int(m.get("offset", 0)), length))

@@ -7,8 +7,8 @@ process restored from it must differ from the process restored from the
 unedited image in exactly the one fact the mutant names (facts read from
 /proc and from the fds' queues, by this test, not by the engine).
 The behaviour mutants (restart, restart-same-pid, older-image,
-lose-pending-signal, reopen-replaced-file) are run through their CLI
-against real processes. The table tool is checked on a synthetic report.
+lose-pending-signal, reopen-replaced-file, default-mss) are run through
+their CLI against real processes. The table tool is checked on a synthetic report.
 """
 
 from __future__ import annotations
@@ -224,7 +224,7 @@ def test_every_mutant_is_listed_and_tested():
     assert len(mutants.names()) >= 22
     assert set(EXPECTED) | TREE_EDITS | set(THREAD_EDITS) | MEMORY_EDITS | SOCKET_EDITS \
         | set(TIMED_EDITS) | set(REGS_EDITS) | set(KNOB_EDITS) | set(PTY_EDITS) | set(JAILED_EDITS) | set(SYSV_EDITS) \
-        == set(mutants.EDITS)
+        | set(APART_EDITS) == set(mutants.EDITS)
     assert set(mutants.CAUGHT_BY) == set(mutants.names())
     for name in mutants.names():
         e = engines.make(f"mutant:{name}")
@@ -400,6 +400,124 @@ def test_reopen_replaced_file_restores_what_ckpt_refuses(procs, sink_bin, tmp_pa
     pid = json.loads(r.stdout)["result"]["pid"]
     procs.adopt(pid)
     assert os.stat(f"/proc/{pid}/fd/3").st_ino == os.stat(data).st_ino
+
+
+# -- two mappings the kernel kept apart (their anon_vmas) -------------------------------
+
+# One anonymous region as two halves kept apart (sysapi.mmap_apart: the
+# second written elsewhere and moved beside the first), random bytes in
+# both; an ordinary anonymous mapping besides. An exec'd Python: no mapping
+# inherited through a fork, so the pair is the image's only one.
+APART = r"""
+import ctypes, hashlib, json, os, signal, time
+from harness import sysapi
+lo, n = sysapi.mmap_apart(1 << 17)
+ctypes.memmove(lo, os.urandom(n), n)
+other = sysapi.mmap(1 << 16, 3, 0x22, -1, 0)
+ctypes.memset(other, 7, 1 << 16)
+def report(*_):
+    with open("report.tmp", "w") as out:
+        json.dump({"seam": sysapi.mremap_errno(lo, n, n + 4096),
+                   "bytes": hashlib.sha256(ctypes.string_at(lo, n)).hexdigest()}, out)
+    os.rename("report.tmp", "report")
+signal.signal(signal.SIGUSR2, report)
+with open("ready.tmp", "w") as f:
+    f.write(str(lo))
+os.rename("ready.tmp", "ready")
+while True:
+    time.sleep(1)
+"""
+APART_EDITS = {"merge-split-mappings": {"maps", "seam"}}
+
+
+def _apart_facts(pid, work):
+    """The whole of /proc/PID/maps (range, perms, name), the seam as the
+    process sees it (an mremap across it: its errno) and the pair's bytes."""
+    report = work / "report"
+    if report.exists():
+        report.unlink()
+    with open(f"/proc/{pid}/maps") as f:
+        maps = [(m[0], m[1], m[5] if len(m) > 5 else "") for m in (ln.split() for ln in f)]
+    os.kill(pid, signal.SIGUSR2)
+    wait_for(report.exists, what="the kept-apart target's report")
+    return dict(json.loads(report.read_text()), maps=maps)
+
+
+def test_merge_split_mappings_merges_one_pair_kept_apart_and_nothing_else(procs, tmp_path):
+    import errno
+    p, work, img = _python_target_dumped(procs, tmp_path, APART, "the kept-apart target")
+    lo = int((work / "ready").read_text())
+
+    def restored(d):
+        return _restored_facts(procs, p.pid, d, lambda: _apart_facts(p.pid, work))
+    want = restored(img)
+    mine = [r for r in want["maps"] if lo <= int(r[0].split("-")[0], 16) < lo + (1 << 17)]
+    assert want["seam"] == errno.EFAULT and [r[1] for r in mine] == ["rw-p", "rw-p"], want   # ckpt keeps them apart
+    _each_edit_changes_only(APART_EDITS, img, tmp_path, restored, want)
+    got = restored(str(tmp_path / "img-merge-split-mappings"))        # the edited copy: how they differ
+    assert got["seam"] == errno.ENOMEM and got["bytes"] == want["bytes"], got
+    assert [r for r in got["maps"] if lo <= int(r[0].split("-")[0], 16) < lo + (1 << 17)] == \
+        [(f"{lo:x}-{lo + (1 << 17):x}", "rw-p", "")], got
+
+
+# -- a TCP connection's segment size (default-mss: a restore-time behaviour) ---------------
+
+TCP_PAIR = r"""
+import socket, time
+srv = socket.socket()
+srv.bind(("127.0.0.1", 0))
+srv.listen(1)
+a = socket.create_connection(srv.getsockname())
+b, _ = srv.accept()
+srv.close()
+a.sendall(b"x" * 3000)
+b.sendall(b"y" * 2000)
+time.sleep(0.2)          # queued at the other end before the dump
+open("ready", "w").close()
+while True:
+    time.sleep(1)
+"""
+
+
+def _tcp_facts(pid):
+    """Per TCP end, from outside: its segment size, addresses, state, receive
+    queue (peeked), options as procstate reads them."""
+    import socket
+    from harness import procstate
+    out = {"mss": [], "names": [], "state": [], "queued": [], "sockopts": {}}
+    for fd, i in sorted(all_fds(pid).items()):
+        if not i.link.startswith("socket:"):
+            continue
+        with pidfd.target_fd(pid, fd) as dup, socket.socket(fileno=os.dup(dup)) as s:
+            out["mss"].append(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG))
+            out["names"].append((s.getsockname(), s.getpeername()))
+            out["state"].append(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0])
+            out["queued"].append(hashlib.sha256(s.recv(1 << 16, socket.MSG_PEEK | socket.MSG_DONTWAIT)).hexdigest())
+    out["sockopts"] = {k: v for k, v in procstate.snapshot(pid).items() if ".sockopt." in k}
+    return out
+
+
+def test_default_mss_brings_connections_back_at_the_default_segment_size_only(procs, tmp_path):
+    """ckpt's restore gives each end its recorded segment size (capped at
+    32767 less options); the mutant's, TCP's default (536 less options), and
+    nothing else differs: addresses, state, queued bytes, every option."""
+    p, work, img = _python_target_dumped(procs, tmp_path, TCP_PAIR, "the tcp pair target")
+
+    def restored(engine):
+        rr = engine("restore", "-D", img, "--json")
+        assert rr.returncode == 0, rr.stderr
+        procs.adopt(p.pid)
+        try:
+            return rr, _tcp_facts(p.pid)
+        finally:
+            procs.kill(p.pid)
+    _, want = restored(ckpt)
+    rr, got = restored(lambda *a: mutant("default-mss", *a))
+    assert "mutant default-mss: applied: 2 tcp connection end(s)" in rr.stderr, rr.stderr
+    assert len(want["mss"]) == 2 and all(m >= 32767 - 40 for m in want["mss"]), want
+    assert all(m <= 536 for m in got["mss"]), got
+    differ = {k for k in want if got[k] != want[k]}
+    assert differ == {"mss"}, f"{got} vs {want}"
 
 
 # -- the table ------------------------------------------------------------------------------

@@ -63,7 +63,9 @@ def _maps(*rows):
 def test_adjacent_anonymous_mappings_compare_as_one():
     apart = _maps(("7f0000000000-7f0000001000", "rw-p", ""), ("7f0000001000-7f0000003000", "rw-p", ""))
     merged = _maps(("7f0000000000-7f0000003000", "rw-p", ""))
-    assert statediff.diff(apart, merged) == []
+    # a restore may split what was one mapping; the memory is the same
+    assert statediff.diff(merged, apart) == []
+    assert statediff.diff(apart, apart) == []
     # but not with other permissions, a gap, a name, or a missing piece
     assert statediff.diff(_maps(("7f0000000000-7f0000001000", "rw-p", ""),
                                 ("7f0000001000-7f0000003000", "r--p", "")), merged)
@@ -72,6 +74,34 @@ def test_adjacent_anonymous_mappings_compare_as_one():
     assert statediff.diff(_maps(("7f0000000000-7f0000001000", "rw-p", "[heap]"),
                                 ("7f0000001000-7f0000003000", "rw-p", "")), merged)
     assert statediff.diff(_maps(("7f0000000000-7f0000001000", "rw-p", "")), merged)
+
+
+def test_neighbours_the_original_kept_apart_must_stay_apart():
+    """Two mappings alike in all maps shows, side by side, were two VMAs for
+    a reason (their anon_vmas: an mremap across them fails EFAULT): merged
+    by a restore, the seam is named; kept, nothing differs. Only the seams
+    the original had: a third piece split off after is not judged."""
+    two = _maps(("7f0000000000-7f0000001000", "rw-p", ""), ("7f0000001000-7f0000003000", "rw-p", ""))
+    one = _maps(("7f0000000000-7f0000003000", "rw-p", ""))
+    assert statediff.diff(two, one) == [{"field": "maps.7f0000000000-7f0000003000.apart",
+                                         "before": "7f0000001000", "after": "none: merged into one mapping"}]
+    three = _maps(("7f0000000000-7f0000001000", "rw-p", ""), ("7f0000001000-7f0000002000", "rw-p", ""),
+                  ("7f0000002000-7f0000003000", "rw-p", ""))
+    assert statediff.diff(two, three) == []
+    assert statediff.diff(three, two) == [{"field": "maps.7f0000000000-7f0000003000.apart",
+                                           "before": "7f0000001000 7f0000002000", "after": "7f0000001000"}]
+    # a real pair: written apart, moved side by side (different anon_vmas)
+    import ctypes
+    import os
+    from harness import procstate, sysapi
+    lo, n = sysapi.mmap_apart(8 * 4096)
+    try:
+        snap = procstate.snapshot(os.getpid())
+        seams = statediff.kept_apart(snap)
+        assert any(lo + n // 2 in at for at in seams.values()), (hex(lo), seams)
+        assert sysapi.mremap_errno(lo, n, n + 4096) == 14          # EFAULT: two VMAs
+    finally:
+        ctypes.CDLL(None).munmap(ctypes.c_void_p(lo - 4096), ctypes.c_size_t(n + 2 * 4096))
 
 
 def test_madvise_advice_is_compared_per_mapping_and_keeps_neighbours_apart():
@@ -96,7 +126,8 @@ def test_madvise_advice_is_compared_per_mapping_and_keeps_neighbours_apart():
     assert "maps.7f0000000000-7f0000001000.advice" in fields and "maps.7f0000000000-7f0000003000.perms" in fields
     both = dict(merged, **{"maps.7f0000000000-7f0000003000.advice": "dd"})
     split = dict(half, **{"maps.7f0000001000-7f0000003000.advice": "dd"})
-    assert statediff.diff(split, both) == []
+    assert statediff.diff(both, split) == []
+    assert [d["field"] for d in statediff.diff(split, both)] == ["maps.7f0000000000-7f0000003000.apart"]
 
 
 def test_each_thread_is_in_the_snapshot_and_a_changed_thread_is_named(tmp_path):
@@ -138,7 +169,8 @@ def test_adjacent_pieces_of_one_file_at_contiguous_offsets_compare_as_one():
                 f"maps.{rng}.inode": "42", f"maps.{rng}.path": path}
     apart = {**m("7f0000000000-7f0000001000", "00021000"), **m("7f0000001000-7f0000002000", "00022000")}
     merged = m("7f0000000000-7f0000002000", "00021000")
-    assert statediff.diff(apart, merged) == []
+    assert statediff.diff(merged, apart) == []
+    assert [d["field"] for d in statediff.diff(apart, merged)] == ["maps.7f0000000000-7f0000002000.apart"]
     # not at a gap in the file, nor two files, nor a named mapping next to anonymous memory
     assert statediff.diff({**m("7f0000000000-7f0000001000", "00021000"),
                            **m("7f0000001000-7f0000002000", "00030000")}, merged)

@@ -35,7 +35,7 @@ PREFIX = "mutant:"
 # Mutants whose break acts only at restore (image edits made after a
 # successful dump, a restore-time check switched off): a row that failed at
 # the dump step failed for another reason (a flaky host), not because of them.
-RESTORE_ONLY = set(mutants.EDITS) | {"reopen-replaced-file"}
+RESTORE_ONLY = set(mutants.EDITS) | {"reopen-replaced-file", "default-mss"}
 
 
 def merge_reports(paths: List[str]) -> dict:
