@@ -103,6 +103,16 @@ def _start(procs, argv, cwd):  # noqa: F811
     return p
 
 
+def _swarm_tree(procs, tmp_path, session_killer, n: int):
+    """tests/targets/swarm.c as a tree of n, ready: (its Popen, every pid)."""
+    exe = str(tmp_path / "swarm")
+    subprocess.run(["gcc", "-O2", "-pthread", "-o", exe, os.path.join(TARGETS, "swarm.c")], check=True)
+    p = _start(procs, [exe, "tree", str(n), str(tmp_path / "ready")], tmp_path)
+    session_killer.append(p.pid)
+    wait_for(lambda: (tmp_path / "ready").exists() or p.poll() is not None, what="the swarm")
+    return p, sorted([p.pid] + _descendants(p.pid))
+
+
 def _ready(cwd, p):
     wait_for(lambda: os.path.exists(os.path.join(str(cwd), "ready")) or p.poll() is not None, what="the target")
     assert p.poll() is None
@@ -331,12 +341,7 @@ def test_fifty_members_under_the_default_fd_limit(procs, session_killer, tmp_pat
     member's files (exe, mappings, cwd, fds) above one base, not above a
     base that climbed ~70 fds a member (EMFILE before 50)."""
     import resource
-    exe = str(tmp_path / "swarm")
-    subprocess.run(["gcc", "-O2", "-pthread", "-o", exe, os.path.join(TARGETS, "swarm.c")], check=True)
-    p = _start(procs, [exe, "tree", "50", str(tmp_path / "ready")], tmp_path)
-    session_killer.append(p.pid)
-    wait_for(lambda: (tmp_path / "ready").exists() or p.poll() is not None, what="the swarm")
-    pids = sorted([p.pid] + _descendants(p.pid))
+    p, pids = _swarm_tree(procs, tmp_path, session_killer, 50)
     assert len(pids) == 50
     dump(p.pid, str(tmp_path / "img"), Options())
     _wait_killed(p.pid, tmp_path / "img", procs)
@@ -641,12 +646,7 @@ def test_a_members_syscall_instruction_is_looked_for_once(procs, session_killer,
     syscall instruction; the member's survey uses it, not searching its
     [vdso] again (it was: twice a member)."""
     import engine.dump as single
-    exe = str(tmp_path / "swarm")
-    subprocess.run(["gcc", "-O2", "-pthread", "-o", exe, os.path.join(TARGETS, "swarm.c")], check=True)
-    p = _start(procs, [exe, "tree", "3", str(tmp_path / "ready")], tmp_path)
-    session_killer.append(p.pid)
-    wait_for(lambda: (tmp_path / "ready").exists() or p.poll() is not None, what="the swarm")
-    pids = sorted([p.pid] + _descendants(p.pid))
+    p, pids = _swarm_tree(procs, tmp_path, session_killer, 3)
     looked = []
     real = single._syscall_in_vdso
     monkeypatch.setattr(single, "_syscall_in_vdso", lambda task, vmas: (looked.append(task.pid), real(task, vmas))[1])

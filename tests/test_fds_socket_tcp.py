@@ -33,6 +33,15 @@ def stream(seed, start, n):
         out += hashlib.sha256(b"%s:%d" % (seed, blk)).digest()
         blk += 1
     return bytes(out[start % 32:start % 32 + n])
+
+def to_eof(sk):
+    """Everything the socket gives until end of stream."""
+    got = bytearray()
+    while True:
+        b = sk.recv(65536)
+        if not b:
+            return bytes(got)
+        got += b
 '''
 
 # Every worker's tail: on SIGUSR1 it writes check()'s verdict to argv[1]
@@ -377,13 +386,7 @@ def check():
     if len(calls) <= 2:                 # before the dump, and first thing after the restore
         return {"state": state(), "sent": sent}
     c = socket.socket(fileno=os.dup(500)); c.settimeout(20)
-    got = bytearray()
-    while True:
-        b = c.recv(65536)
-        if not b:
-            break
-        got += b
-    out = {"t2w": bytes(got) == stream(b"t2w", 0, 3000)}
+    out = {"t2w": to_eof(c) == stream(b"t2w", 0, 3000)}
     if MODE == "close-wait":
         c.sendall(b"late")              # the close-wait end can still write, then closes
     else:
@@ -679,12 +682,7 @@ def check():
     c = socket.socket(fileno=os.dup(500)); a = socket.socket(fileno=os.dup(501))
     c.settimeout(5); a.settimeout(5)
     st = states()
-    got = bytearray()
-    while True:
-        b = c.recv(65536)
-        if not b:
-            break
-        got += b
+    got = to_eof(c)
     back = bytearray()
     while len(back) < 2000:
         back += a.recv(2000 - len(back))
