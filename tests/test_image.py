@@ -102,6 +102,18 @@ def test_full_disk_is_one_clear_error(tiny_fs):
     assert os.listdir(tiny_fs) == []
 
 
+def test_full_disk_in_a_whole_file_write_is_one_clear_error(tiny_fs):
+    """write_bytes keeps its file open for sync_files: a write that fills the
+    disk still ends as the one clear error, nothing left behind."""
+    from engine.errors import EngineError
+    d = tiny_fs / "img"
+    with pytest.raises(EngineError, match="no space left on device"):
+        with ImageWriter(str(d)) as w:
+            for i in range(100):
+                w.write_bytes(f"f{i}.bin", b"x" * 65536)
+    assert os.listdir(tiny_fs) == []
+
+
 def test_commit_flushes_every_file_and_dir_before_publishing(tmp_path, monkeypatch):
     # Files its writer already closed too: the rename must not publish pages
     # that only live in the page cache.
