@@ -180,7 +180,12 @@ def test_a_target_reading_its_pids_inside(tmp_path):
         p = start([sys.executable, "-S", {str(src)!r}, out])
         lines = lambda: open(out).read().splitlines() if os.path.exists(out) else []
         wait_for(lambda: len(lines()) > 10, what="output")
-        rc, msg = ckpt("dump", "-t", p.pid, "-D", img)
+        for attempt in range(8):    # caught with its own /proc file open mid-loop: refused by design, again
+            rc, msg = ckpt("dump", "-t", p.pid, "-D", img)
+            if rc == 0 or "its own files are reopened while the restore traces it" not in msg or \
+                    msg.count("refused") != 1:
+                break
+            time.sleep(0.05)
         assert rc == 0, msg
         p.wait()
         n = len(lines())
