@@ -143,6 +143,28 @@ def unlock(name: str) -> None:
     _run(f"delete table inet {name}")
 
 
+def held() -> set:
+    """The names of the locks this machine holds now (a connection dumped
+    and not restored yet, or never to be: its table stays until removed)."""
+    lib = _load()
+    if lib is None:
+        return set()
+    ctx = lib.nft_ctx_new(0)
+    if not ctx:
+        return set()
+    try:
+        lib.nft_ctx_buffer_output(ctx)
+        lib.nft_ctx_buffer_error(ctx)
+        lib.nft_ctx_get_output_buffer.restype = ctypes.c_char_p
+        lib.nft_ctx_get_output_buffer.argtypes = [ctypes.c_void_p]
+        if lib.nft_run_cmd_from_buffer(ctx, b"list tables inet") != 0:
+            return set()
+        out = (lib.nft_ctx_get_output_buffer(ctx) or b"").decode(errors="replace")
+    finally:
+        lib.nft_ctx_free(ctx)
+    return {w for line in out.splitlines() for w in line.split()[2:3] if w.startswith("ckpt_lock_")}
+
+
 def locked(name: str) -> bool:
     if _load() is None:
         return False

@@ -319,6 +319,19 @@ def test_outside_peer_leave_running_releases_the_lock_and_repair_mode(procs, tmp
     assert json.loads((tmp_path / "peer.json").read_text()) == {"ok": True, "sent": n, "got": n, "err": None}
 
 
+@pytest.mark.skipif(netlock.available() is not None, reason=f"no network lock here: {netlock.available()}")
+def test_held_names_the_locks_this_machine_holds():
+    """netlock.held(), which the host tier's conftest uses to take back the
+    locks its runs leave (a dump never restored keeps its lock on purpose)."""
+    ends = (("127.0.0.1", 1), ("127.0.0.1", 2))
+    name = netlock.lock(*ends)
+    try:
+        assert name in netlock.held()
+    finally:
+        netlock.unlock(name)
+    assert name not in netlock.held()
+
+
 def test_outside_peer_without_network_lock_is_refused(procs, tmp_path, monkeypatch):
     srv, peer = _start_server_and_peer(procs, tmp_path, 100_000)
     monkeypatch.setattr(netlock, "available", lambda: "libnftables.so.1 is not installed (test)")
@@ -470,7 +483,13 @@ def test_half_closed_connection_to_an_outside_peer_restored_in_its_state(procs, 
         if mode.startswith("closing"):
             assert rec[0]["repair"]["fin_sent"] == (mode == "closing-sent")
         assert not netlock.locked(rec[0]["lock"])
-        assert ask_verdict(p.pid, tmp_path) == before            # first thing after the restore
+        again = ask_verdict(p.pid, tmp_path)                      # first thing after the restore
+        # Our FIN not acknowledged at the dump goes out again as the restore
+        # ends, and the live peer may acknowledge it before this look: the
+        # state it moves on to then (the restore itself read back the state
+        # it rebuilt, or failed)
+        moved_on = {"fin-wait1": 5, "last-ack": None, "closing": None, "closing-sent": None}
+        assert again["sent"] == before["sent"] and again["state"] in (want, moved_on.get(mode, want)), again
         if mode in ("fin-wait1", "last-ack", "closing", "closing-sent"):
             read_to_eof()                                # every byte, then the FIN sent again
         if mode in ("fin-wait2", "fin-wait1"):
