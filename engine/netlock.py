@@ -63,6 +63,8 @@ def _load():
     lib.nft_ctx_buffer_error.argtypes = [ctypes.c_void_p]
     lib.nft_ctx_get_error_buffer.argtypes = [ctypes.c_void_p]
     lib.nft_ctx_get_error_buffer.restype = ctypes.c_char_p
+    lib.nft_ctx_get_output_buffer.argtypes = [ctypes.c_void_p]
+    lib.nft_ctx_get_output_buffer.restype = ctypes.c_char_p
     lib.nft_run_cmd_from_buffer.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
     _lib = lib
     return lib
@@ -72,7 +74,9 @@ class LockError(Exception):
     """The lock could not be taken; the message says why."""
 
 
-def _run(cmd: str) -> Tuple[int, str]:
+def _run(cmd: str, out: Optional[list] = None) -> Tuple[int, str]:
+    """(return code, error text) of an nftables command; its output appended
+    to `out` when given."""
     lib = _load()
     if lib is None:
         raise LockError(_why)
@@ -84,6 +88,8 @@ def _run(cmd: str) -> Tuple[int, str]:
         lib.nft_ctx_buffer_error(ctx)
         rc = lib.nft_run_cmd_from_buffer(ctx, cmd.encode())
         err = (lib.nft_ctx_get_error_buffer(ctx) or b"").decode(errors="replace").strip()
+        if out is not None:
+            out.append((lib.nft_ctx_get_output_buffer(ctx) or b"").decode(errors="replace"))
     finally:
         lib.nft_ctx_free(ctx)
     return rc, err
@@ -146,23 +152,12 @@ def unlock(name: str) -> None:
 def held() -> set:
     """The names of the locks this machine holds now (a connection dumped
     and not restored yet, or never to be: its table stays until removed)."""
-    lib = _load()
-    if lib is None:
+    if _load() is None:
         return set()
-    ctx = lib.nft_ctx_new(0)
-    if not ctx:
+    text: list = []
+    if _run("list tables inet", text)[0] != 0:
         return set()
-    try:
-        lib.nft_ctx_buffer_output(ctx)
-        lib.nft_ctx_buffer_error(ctx)
-        lib.nft_ctx_get_output_buffer.restype = ctypes.c_char_p
-        lib.nft_ctx_get_output_buffer.argtypes = [ctypes.c_void_p]
-        if lib.nft_run_cmd_from_buffer(ctx, b"list tables inet") != 0:
-            return set()
-        out = (lib.nft_ctx_get_output_buffer(ctx) or b"").decode(errors="replace")
-    finally:
-        lib.nft_ctx_free(ctx)
-    return {w for line in out.splitlines() for w in line.split()[2:3] if w.startswith("ckpt_lock_")}
+    return {w for line in text[0].splitlines() for w in line.split()[2:3] if w.startswith("ckpt_lock_")}
 
 
 def locked(name: str) -> bool:

@@ -103,6 +103,7 @@ FIN_UNACKED = (FIN_WAIT1, LAST_ACK)
 OUTSIDE_STATES = {FIN_WAIT2: FIN_WAIT2, CLOSE_WAIT: CLOSE_WAIT, FIN_WAIT1: ESTABLISHED, LAST_ACK: CLOSE_WAIT,
                   CLOSING: CLOSING}
 FIN_IN_SENDQ = (FIN_WAIT1, LAST_ACK, CLOSING)     # counted by SIOCOUTQ: not acknowledged
+FIN_RECEIVED = (CLOSE_WAIT, LAST_ACK, CLOSING)    # the peer's FIN took a sequence number
 SEND_SHUTDOWN = 2
 # Options the kernel itself moves on a live connection (buffer autotuning,
 # the window clamp, the current MSS; an accepted socket's multicast TTL /
@@ -625,7 +626,7 @@ def _start(s: _socket.socket, rec: dict, ctx) -> None:
     _bind(s, rec, ctx)
     # A FIN takes a sequence number: the half-closed pair is rebuilt
     # established, before the FIN, and the FIN sent again (finish()).
-    fin_in = 1 if rec.get("state") in (CLOSE_WAIT, LAST_ACK, CLOSING) else 0
+    fin_in = 1 if rec.get("state") in FIN_RECEIVED else 0
     fin_out = 1 if rec.get("state") in (FIN_WAIT2,) + FIN_IN_SENDQ else 0
     _setint(s, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE)
     s.setsockopt(SOL_TCP, TCP_QUEUE_SEQ, struct.pack("I", (r["inq_seq"] - fin_in - r["inq_len"]) & 0xFFFFFFFF))
@@ -664,7 +665,7 @@ def _start(s: _socket.socket, rec: dict, ctx) -> None:
 def _window(s: _socket.socket, rec: dict) -> None:
     r = rec["repair"]
     w = dict(r["window"])
-    if rec.get("state") in (CLOSE_WAIT, LAST_ACK, CLOSING) and w["rcv_wup"] == r["inq_seq"]:
+    if rec.get("state") in FIN_RECEIVED and w["rcv_wup"] == r["inq_seq"]:
         # The last window update was sent past the FIN (soccr does the same).
         w["rcv_wup"] = (w["rcv_wup"] - 1) & 0xFFFFFFFF
         w["rcv_wnd"] += 1
