@@ -623,9 +623,15 @@ class ImageReader:
 
     def _check_crcs(self, threads: int) -> Optional[Refusal]:
         """The block CRCs of every pages file loaded, SEG bytes a job on
-        `threads` threads (a mapped file's pages faulted in by each job for
-        its piece); then every mapped file's lease still held, so that what
-        was checked is what the file holds. The first mismatch, or None."""
+        `threads` threads (a mapped file's pages faulted in by each job's
+        CRC reads); then every mapped file's lease still held, so that what
+        was checked is what the file holds. The first mismatch, or None.
+
+        Not populated first (MADV_POPULATE_READ): that takes the missing
+        pages one at a time, where a read fault maps its neighbours too
+        (fault-around, or a whole large folio). Measured on the host, 1 GiB
+        restored, same image, engines alternating, 12 rounds: 1.21x faster
+        from tmpfs and 1.26x from ext4 without it."""
         from . import imagecheck, parallel
         units = [(name, off, min(SEG, meta["size"] - off)) for name, meta in sorted(self.files.items())
                  if pagecrc.KEY in meta for off in range(0, meta["size"], SEG)]
@@ -634,11 +640,6 @@ class ImageReader:
         def job(i: int, _) -> None:
             name, off, n = units[i]
             buf = self._data[name]
-            if name in self._leases:
-                try:
-                    buf.madvise(imagecheck.MADV_POPULATE_READ, off, n)
-                except OSError:
-                    pass    # before 5.14: the CRC faults the pages in
             h = pagecrc.BlockCRC()
             with memoryview(buf) as v:
                 h.update(v[off:off + n])
