@@ -4,21 +4,17 @@ address is put on two interfaces, so a restore that lost the scope would
 pick the wrong one or fail. ckpt carries the scope as the socket's bound
 device (SO_BINDTODEVICE, which binding to a scoped address sets, restored
 by name): the restored ends are bound to the same interface and the bytes
-queued before the dump arrive, then new ones. Runs in a network namespace
-of its own (unshare -n), with a veth pair made there."""
+queued before the dump arrive, then new ones. Runs in network and pid
+namespaces of its own (pidns_support.in_pidns, unshare --net), with a
+veth pair made there; everything in them dies with the script."""
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import subprocess
-import sys
-import textwrap
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from pidns_support import in_pidns, needs_unshare
 
 TARGET = r'''
 import json, os, socket, sys, time
@@ -32,9 +28,9 @@ a, _ = srv.accept()
 srv.close()
 c.sendall(b"hello")
 time.sleep(0.1)
-out, go = sys.argv[1], sys.argv[1] + ".go"
+out = sys.argv[1]
 open(out + ".ready", "w").close()
-while not os.path.exists(go):
+while not os.path.exists(out + ".go"):
     time.sleep(0.02)
 c.sendall(b"ping")
 got = b""
@@ -53,64 +49,42 @@ os.rename(out + ".tmp", out)
 time.sleep(60)
 '''
 
-# Inside the namespace: the interfaces, the target, dump, restore, the verdict.
-DRIVER = r'''
-import json, os, subprocess, sys, time
-work, repo = sys.argv[1], sys.argv[2]
-def sh(*cmd):
-    return subprocess.run(cmd, capture_output=True, text=True, close_fds=True)
-sh("ip", "link", "set", "lo", "up")
-if sh("ip", "link", "add", "cv0", "type", "veth", "peer", "name", "cv1").returncode:
-    print(json.dumps({"skip": "no veth here"})); sys.exit(0)
+SCRIPT = r'''
+def ip(*args):
+    return subprocess.run(["ip", *args], capture_output=True, text=True, close_fds=True)
+ip("link", "set", "lo", "up")
+if ip("link", "add", "cv0", "type", "veth", "peer", "name", "cv1").returncode:
+    done({"skip": "no veth here"}); sys.exit(0)
 for dev in ("cv0", "cv1"):
-    sh("ip", "link", "set", dev, "up")
-    r = sh("ip", "-6", "addr", "add", "fe80::1/64", "dev", dev, "nodad")
+    ip("link", "set", dev, "up")
+    r = ip("-6", "addr", "add", "fe80::1/64", "dev", dev, "nodad")
     if r.returncode:
-        print(json.dumps({"skip": "no IPv6 link-local address: " + r.stderr.strip()})); sys.exit(0)
+        done({"skip": "no IPv6 link-local address: " + r.stderr.strip()}); sys.exit(0)
 out = os.path.join(work, "verdict")
-p = subprocess.Popen([sys.executable, os.path.join(work, "target.py"), out], close_fds=True,
-                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                     start_new_session=True)
-deadline = time.monotonic() + 30
-while not os.path.exists(out + ".ready"):
-    if p.poll() is not None or time.monotonic() > deadline:
-        print(json.dumps({"error": "the target did not get ready"})); sys.exit(0)
-    time.sleep(0.02)
-ck = [sys.executable, "-S", "-c", "import sys; sys.path[0] = %r; import engine.__main__" % repo]
-img = os.path.join(work, "img")
-r = sh(*ck, "dump", "-t", str(p.pid), "-D", img)
+p = start([sys.executable, os.path.join(work, "target.py"), out])
+wait_for(lambda: os.path.exists(out + ".ready") or p.poll() is not None, timeout=30, what="the target")
+assert p.poll() is None, "the target died before it was ready"
+res = {"dump": ckpt("dump", "-t", p.pid, "-D", os.path.join(work, "img"))}
 p.wait()
-res = {"dump": [r.returncode, r.stderr]}
-r = sh(*ck, "restore", "-D", img, "--pidfile", os.path.join(work, "pid"))
-res["restore"] = [r.returncode, r.stderr]
-if r.returncode == 0:
-    pid = int(open(os.path.join(work, "pid")).read())
+res["restore"] = ckpt("restore", "-D", os.path.join(work, "img"))
+if res["restore"][0] == 0:
     open(out + ".go", "w").close()
-    while not os.path.exists(out) and time.monotonic() < deadline + 30:
-        time.sleep(0.02)
-    res["verdict"] = json.load(open(out)) if os.path.exists(out) else None
-    os.kill(pid, 9)
-print(json.dumps(res))
+    wait_for(lambda: os.path.exists(out), timeout=30, what="the restored target's report")
+    res["verdict"] = json.load(open(out))
+done(res)
 '''
 
 
-@pytest.mark.timeout(120)
+@needs_unshare
+@pytest.mark.skipif(not shutil.which("ip"), reason="needs ip(8)")
 def test_link_local_connection_keeps_its_interface(tmp_path):
-    if os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("ip"):
-        pytest.skip("needs root, unshare and ip")
-    (tmp_path / "target.py").write_text(textwrap.dedent(TARGET))
-    (tmp_path / "driver.py").write_text(DRIVER)
-    r = subprocess.run(["unshare", "-n", sys.executable, str(tmp_path / "driver.py"), str(tmp_path), REPO],
-                       capture_output=True, text=True, timeout=110, close_fds=True, stdin=subprocess.DEVNULL)
-    assert r.returncode == 0, r.stderr[-2000:]
-    res = json.loads(r.stdout.strip().splitlines()[-1])
+    (tmp_path / "target.py").write_text(TARGET)
+    res = in_pidns(f"work = {str(tmp_path)!r}\n" + SCRIPT, extra=["--net"], timeout=110)
     if "skip" in res:
         pytest.skip(res["skip"])
-    assert "error" not in res, res
     assert res["dump"][0] == 0, res["dump"]
     assert res["restore"][0] == 0, res["restore"]
     v = res["verdict"]
-    assert v is not None, "the restored target did not report"
     assert v["got"] == "helloping", v
     assert v["devs"] == ["cv0", "cv0"], v
     assert v["scopes"] == [v["idx"]] * 3, v
