@@ -493,9 +493,12 @@ class Builder:
         """Once the fds are in place: each handler's finish(), O_ASYNC owners."""
         if self.files_shared:
             return
-        for rec in self.job.fdrecs:
-            if "dup_of" in rec or "ofd_of" in rec:
-                continue
+        recs = [r for r in self.job.fdrecs if "dup_of" not in r and "ofd_of" not in r]
+        # A kind whose finish puts the file itself in place (a live
+        # process's pidfd) goes first: another's finish (an epoll instance
+        # registering its targets) must find the real file at that number.
+        recs.sort(key=lambda r: not getattr(fd_handler(r["kind"]), "FINISH_FIRST", False))
+        for rec in recs:
             mod = fd_handler(rec["kind"])
             fin = getattr(mod, "finish", None)
             if fin is not None:

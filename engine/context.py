@@ -62,3 +62,4 @@ class RestoreContext:
     records: Optional[list] = None    # every fd record, for peer lookups
     pid: Optional[int] = None         # the PID being restored
     tree_records: Optional[list] = None   # every member's fd records (engine/tree_restore.py)
+    tree_pids: frozenset = frozenset()    # every member's PID, zombies too (what a pidfd may name)

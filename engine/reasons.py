@@ -90,6 +90,8 @@ REASONS = {
     "pipe-peer-outside": ("another process holds the pipe (inode, its pid/fd and which end in the detail); or a "
                   "shared fifo has unread bytes that belong to both sides; or an unlinked fifo is held by another "
                   "process too; or at restore the fifo already holds someone else's bytes"),
+    "pidfd-outside": ("a pidfd names a live process outside the dump (its pid in the detail): a restore makes "
+                      "pidfds only of the processes it restores"),
     # notification
     "inotify-unresolvable": ("no path names a watched inode and the process holds no fd on it as a deleted "
                   "file (at dump), or at restore the path is gone, is another inode, or is a reused inode number"),
@@ -126,8 +128,10 @@ REASONS = {
                     "needs --shell-job and restore --tty PATH; or a session leader on such a terminal, or a --tty "
                     "that is not a terminal or not ckpt's controlling terminal where the process needs it so"),
     # everything else
-    "unsupported-fd": ("an fd of a kind with no handler (deny by default: pidfd, io_uring, perf, bpf, "
-                  "userfaultfd...), or a sub-case of a handled kind that cannot be exact: a timerfd with "
+    "unsupported-fd": ("an fd of a kind with no handler (deny by default: io_uring, perf, bpf, "
+                  "userfaultfd...), or a sub-case of a handled kind that cannot be exact: a thread's pidfd "
+                  "(PIDFD_THREAD), a pidfd of a process killed by a core-dumping signal or seen through another "
+                  "pid namespace, or one two members share from before a fork; a timerfd with "
                   "CANCEL_ON_SET, or with unread expirations on a kernel without TFD_IOC_SET_TICKS, an "
                   "epoll target that was closed or reused and whose file the process holds at no other fd "
                   "(or only as a regular file: re-adding it would close an fd of it, dropping POSIX locks), "

@@ -210,6 +210,7 @@ def restore_tree(reader, options, pidfile: Optional[str], t0: float) -> dict:
             r["_image"] = img     # where its data files are, for a peer restoring both ends (socketpairs)
     for m, img, core, vmas, fdrecs, npf, ctx in loaded:
         ctx.tree_records = every
+        ctx.tree_pids = frozenset(pids)
         try:
             with single._system_errors_as_engine_errors("restore pre-flight"), \
                     imagecheck.malformed_as_invalid("pre-flight"):

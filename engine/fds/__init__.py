@@ -66,6 +66,7 @@ KINDS: Dict[str, Optional[str]] = {
     "procfile": "procfile",
     "tty": "tty",
     "symlink": "symlink",
+    "pidfd": "pidfd",
     "unsupported": None,
 }
 
@@ -76,6 +77,7 @@ _ANON = {
     "anon_inode:[timerfd]": "timerfd",
     "anon_inode:[signalfd]": "signalfd",
     "anon_inode:[eventpoll]": "epoll",
+    "anon_inode:[pidfd]": "pidfd",      # pidfs too (6.9+) names it so
 }
 
 

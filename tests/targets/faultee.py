@@ -78,6 +78,12 @@ fds["eventfd"] = os.eventfd(7)
 fds["procfile"] = os.open("/proc/self/stat", os.O_RDONLY)    # not read yet: reopened (pread keeps f_pos 0)
 fds["procsys"] = os.open("/proc/loadavg", os.O_RDONLY)
 fds["timerfd"] = libc.timerfd_create(1, 0)   # CLOCK_MONOTONIC, unarmed
+fds["pidfd"] = os.pidfd_open(child or os.getpid())      # of the child in a tree (a member), or itself
+_dead = os.fork()
+if _dead == 0:
+    os._exit(3)
+fds["pidfd_dead"] = os.pidfd_open(_dead)     # while a zombie; reaped next: "Pid: -1"
+os.waitpid(_dead, 0)
 mask = ctypes.c_uint64(1 << (signal.SIGUSR2 - 1))
 signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR2])
 fds["signalfd"] = libc.signalfd(-1, ctypes.byref(mask), 0)
@@ -135,6 +141,8 @@ def check():
     expect("eventfd-count:                7" in fdinfo(fds["eventfd"])
            or "eventfd-count: 7" in " ".join(fdinfo(fds["eventfd"]).split()), "eventfd count")
     expect("clockid: 1" in fdinfo(fds["timerfd"]), "timerfd clock")
+    expect(f"Pid:\t{child or os.getpid()}\n" in fdinfo(fds["pidfd"]), "pidfd names the process it named")
+    expect("Pid:\t-1\n" in fdinfo(fds["pidfd_dead"]), "pidfd of a dead process")
     expect(os.pread(fds["procfile"], 64, 0).split()[:1] == [str(os.getpid()).encode()]
            and links["procfile"] == f"/proc/{os.getpid()}/stat", "own /proc file")
     expect(links["procsys"] == "/proc/loadavg" and len(os.pread(fds["procsys"], 64, 0).split()) == 5, "/proc/loadavg")
