@@ -272,6 +272,18 @@ def m_drop_eventfd_count(img: Image) -> str:
     return f"eventfd fd {r['fd']} count {old} -> 0"
 
 
+def m_revive_dead_pidfd(img: Image) -> str:
+    """A pidfd of a dead process comes back naming the process itself (a
+    restore that opens every pidfd on a live PID)."""
+    fds = img.json("fds.json")
+    r = _first(_leaders(fds), lambda r: r["kind"] == "pidfd" and r.get("pid") == -1, "no pidfd of a dead process")
+    r["pid"] = img.json("core.json")["pid"]
+    r.pop("dead", None)
+    r.pop("exit", None)
+    img.put_json("fds.json")
+    return f"pidfd fd {r['fd']} of a dead process -> of pid {r['pid']}"
+
+
 def m_shift_inotify_wd(img: Image) -> str:
     fds = img.json("fds.json")
     r = _first(_leaders(fds), lambda r: r["kind"] == "inotify" and r.get("watches"), "no inotify watch")
@@ -1572,6 +1584,7 @@ EDITS: Dict[str, Tuple[Callable[[Image], str], str]] = {
     "drop-tcp-byte": (m_drop_tcp_byte, "one byte of a TCP connection's receive queue dropped"),
     "shift-inotify-wd": (m_shift_inotify_wd, "an inotify watch comes back under another wd"),
     "drop-eventfd-count": (m_drop_eventfd_count, "an eventfd's count is lost"),
+    "revive-dead-pidfd": (m_revive_dead_pidfd, "a dead process's pidfd comes back naming a live one"),
     "lose-sigaction": (m_lose_sigaction, "one signal's action reset to SIG_DFL"),
     "change-mprotect": (m_change_mprotect, "a read-only mapping comes back writable"),
     "lose-cwd": (m_lose_cwd, "the working directory becomes /"),
@@ -1951,6 +1964,7 @@ CAUGHT_BY: Dict[str, str] = {
     "drop-tcp-byte": "both ends' TCP queues drained and compared byte for byte (socket/tcp-established)",
     "shift-inotify-wd": "inotify wds compared (fdinfo) or events carrying the old wd",
     "drop-eventfd-count": "the eventfd count read and compared",
+    "revive-dead-pidfd": "the PID each pidfd names (fdinfo Pid), a signal 0 sent through it (scenarios/anon/pidfd)",
     "lose-sigaction": "every signal action compared",
     "change-mprotect": "the /proc maps diff (perms of every mapping)",
     "lose-cwd": "the cwd compared",

@@ -235,3 +235,31 @@ def test_hostile_pidfd_records_are_image_invalid(procs, tmp_path, edit, why):  #
         assert e.value.reason == "image-invalid" and why in e.value.detail
     finally:
         reader.close()
+
+
+DEAD_AND_SELF = COMMON + r"""
+put(os.pidfd_open(os.getpid()), 40)
+a, b = dead("exit")
+put(a, 42)
+os.close(b)
+mark_ready({})
+signal.signal(signal.SIGUSR1, lambda *_: open("verdict.json", "w").write(
+    json.dumps({"named": {fd: named(fd) for fd in (40, 42)}})))
+while True:
+    time.sleep(1)
+"""
+
+
+def test_mutant_revive_dead_pidfd_changes_only_what_the_dead_pidfd_names(procs, tmp_path):  # noqa: F811
+    """harness/mutants.py revive-dead-pidfd: the image edit turns the dead
+    process's pidfd into one of the process itself, and nothing else."""
+    from engine.restore import restore
+    from harness import mutants
+    p, _ = start_worker(procs, tmp_path, [], DEAD_AND_SELF, what="the pidfd worker")
+    img = str(tmp_path / "img")
+    dump(p.pid, img, Options())
+    p.wait()
+    assert "pidfd fd 42 of a dead process" in mutants.apply_edit("revive-dead-pidfd", img)
+    out = restore(img, Options())
+    procs.adopt(out["pid"])
+    assert ask_verdict(p.pid, tmp_path)["named"] == {"40": p.pid, "42": p.pid}

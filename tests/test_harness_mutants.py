@@ -224,7 +224,7 @@ def test_every_mutant_is_listed_and_tested():
     assert len(mutants.names()) >= 22
     assert set(EXPECTED) | TREE_EDITS | set(THREAD_EDITS) | MEMORY_EDITS | SOCKET_EDITS \
         | set(TIMED_EDITS) | set(REGS_EDITS) | set(KNOB_EDITS) | set(PTY_EDITS) | set(JAILED_EDITS) | set(SYSV_EDITS) \
-        | set(APART_EDITS) == set(mutants.EDITS)
+        | set(APART_EDITS) | PIDFD_EDITS == set(mutants.EDITS)
     assert set(mutants.CAUGHT_BY) == set(mutants.names())
     for name in mutants.names():
         e = engines.make(f"mutant:{name}")
@@ -428,6 +428,8 @@ while True:
     time.sleep(1)
 """
 APART_EDITS = {"merge-split-mappings": {"maps", "seam"}}
+# tested in tests/test_fds_pidfd.py (a worker holding a dead process's pidfd)
+PIDFD_EDITS = {"revive-dead-pidfd"}
 
 
 def _apart_facts(pid, work):

@@ -53,7 +53,7 @@ from .core import Ctx, Opened, bytes_check, check  # noqa: F401 - the workload's
 _MODULE_OF = {"open": "openfile", "memfd": "memfd", "dir": "directory", "device": "device", "fifo": "fifo",
               "pipe": "pipe", "socket": "sockets", "inotify": "inotify", "dnotify": "dnotify",
               "fanotify": "fanotify", "eventfd": "eventfd", "timerfd": "timerfd", "signalfd": "signalfd",
-              "epoll": "epoll", "dup": "dup", "lock": "locks", "pty": "terminal"}
+              "epoll": "epoll", "dup": "dup", "lock": "locks", "pty": "terminal", "pidfd": "pidfd"}
 
 
 class _Kinds(Mapping):
