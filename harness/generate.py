@@ -129,6 +129,8 @@ STATIC: Dict[str, Static] = {s.variant: s for s in (
     Static("socket-unix-pair-made-outside", "peer-pid-in-use", "dump", fds="all",
            source="socket/unix-pair-peercred-outside"),
     Static("pty-outside", "tty-outside", "dump", source="tty/master-outside"),
+    Static("pidfd", "restored", source="anon/pidfd"),
+    Static("pidfd-outside", "pidfd-outside", "dump", source="anon/pidfd-outside"),
 )}
 
 
@@ -214,7 +216,7 @@ def holders_of(sc: dict) -> Dict[str, List[Tuple[str, dict]]]:
 DECIDED = {"open", "memfd", "dir", "device", "fifo", "pipe", "pipe-one-end", "inotify", "dnotify", "fanotify",
            "eventfd", "timerfd", "signalfd", "epoll", "dup", "socket-unix-pair", "socket-unix-listen",
            "socket-tcp-listen", "socket-tcp-established", "socket-udp", "socket-unix-pair-made-outside",
-           "pty-pair", "pty-outside", "lock-flock", "lock-posix", "lock-ofd", "lock-lease"}
+           "pty-pair", "pty-outside", "lock-flock", "lock-posix", "lock-ofd", "lock-lease", "pidfd", "pidfd-outside"}
 UNDECIDED_FIELDS = {"sender", "outside", "pending_status", "slave_outside"}
 #: ``held_outside`` (a process outside the dump holds the same open file):
 #: what the engine refuses it with, for the kinds a restore makes anew; an
@@ -232,6 +234,8 @@ def variant_of(e: dict) -> str:
         return f"socket-{e['socket']}" + ("-made-outside" if e.get("creator") == "outside" else "")
     if k == "pty":
         return f"pty-{e['pty']}"
+    if k == "pidfd":
+        return "pidfd-outside" if e["pidfd"]["of"] == "outside" else "pidfd"
     if k == "lock":
         # held by the process alone: restored (another holder or waiter, a
         # lease being broken - `outside` - is not derived)
@@ -407,7 +411,7 @@ SIGNALFD_SIGNALS = ("SIGUSR2", "SIGHUP", "SIGWINCH", "SIGRTMIN")
 # weights: kinds refused at the dump whatever else the process holds (dnotify,
 # fanotify) would hide the rest of the case, so they are rare
 FD_KINDS = ("open",) * 8 + ("fifo",) * 3 + ("pipe",) * 3 + ("memfd",) * 2 + ("socket",) * 2 + ("inotify",) * 3 + (
-    "dir", "device", "eventfd", "timerfd", "signalfd", "dnotify", "fanotify")
+    "dir", "device", "eventfd", "timerfd", "signalfd", "dnotify", "fanotify", "pidfd")
 # the world steps a generated case may apply to a held path, per holder kind
 PERTURB = {
     "open": ("rewrite-same-size", "append", "truncate", "touch", "chmod", "unlink", "rename", "rename-over"),
@@ -570,6 +574,18 @@ class _Gen:
         if r.random() < 0.5:
             spec["flags"] = ["SFD_NONBLOCK"]
         self.fds.append({"fd": self.fd(), "signalfd": spec})
+
+    def pidfd(self) -> None:
+        r = self.rng
+        spec: dict = {"of": r.choice(("self", "self", "dead", "dead", "dead", "outside"))}
+        if spec["of"] == "dead":
+            if r.random() < 0.5:
+                spec["exit"] = r.randrange(0, 256)
+            else:
+                spec["signal"] = r.choice(("SIGKILL", "SIGTERM", "SIGHUP", "SIGUSR1"))
+        if r.random() < 0.4:
+            spec["flags"] = ["PIDFD_NONBLOCK"]
+        self.fds.append({"fd": self.fd(), "pidfd": spec})
 
     def dnotify(self) -> None:
         path = self.name("d")

@@ -34,7 +34,8 @@ def _close_all_but(*keep: int) -> None:
 def spawn(body: Body, keep: Optional[int] = None, timeout: float = 10.0) -> int:
     """Run ``body(ready)`` in an outsider; when it returns, the outsider
     pauses until killed. With ``keep``, the outsider holds that fd and no
-    other. Its PID, once it said ready."""
+    other (``keep=-1``: none, a bare process to be named from outside).
+    Its PID, once it said ready."""
     r, w = os.pipe()
     child = os.fork()
     if child == 0:  # pragma: no cover - child

@@ -62,7 +62,7 @@ def opener(e: dict, ctx: Ctx) -> List[Opened]:
         return [Opened(os.pidfd_open(os.getpid(), flags), int(e["fd"]), "pidfd")]
     if spec["of"] == "outside":
         from . import outside
-        pid = outside.spawn(lambda ready: ready())
+        pid = outside.spawn(lambda ready: ready(), keep=-1)     # holding none of the workload's fds
         ctx.helpers.append(pid)
         return [Opened(os.pidfd_open(pid, flags), int(e["fd"]), "pidfd", {"outsider": pid})]
     r, w = os.pipe()
