@@ -263,3 +263,34 @@ def test_mutant_revive_dead_pidfd_changes_only_what_the_dead_pidfd_names(procs, 
     out = restore(img, Options())
     procs.adopt(out["pid"])
     assert ask_verdict(p.pid, tmp_path)["named"] == {"40": p.pid, "42": p.pid}
+
+
+ZOMBIE = COMMON + r"""
+kid = os.fork()
+if kid == 0:
+    os._exit(5)
+put(os.pidfd_open(kid), 40)
+while open(f"/proc/{kid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z":
+    time.sleep(0.01)
+mark_ready({"kid": kid})
+def verdict(*_):
+    v = {"named": named(40)}
+    r = os.waitid(os.P_PIDFD, 40, os.WEXITED)
+    v.update(pid=r.si_pid, status=r.si_status)
+    open("verdict.json", "w").write(json.dumps(v))
+signal.signal(signal.SIGUSR1, verdict)
+while True:
+    time.sleep(1)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "P_PIDFD"), reason="python without os.P_PIDFD")
+def test_pidfd_of_a_zombie_child_reaps_it_after_the_restore(procs, session_killer, tmp_path):  # noqa: F811
+    """A zombie member (a child not reaped yet) is made again; its parent's
+    pidfd names it, and waitid(P_PIDFD) through it reaps it with its status."""
+    p, ready = start_worker(procs, tmp_path, [], ZOMBIE, what="the pidfd worker")
+    session_killer.append(p.pid)
+    res, _ = _dump_restore(p.pid, tmp_path / "img", procs)
+    assert res["members"] == 2
+    v = ask_verdict(p.pid, tmp_path)
+    assert v == {"named": ready["kid"], "pid": ready["kid"], "status": 5}
