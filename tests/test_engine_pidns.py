@@ -360,18 +360,26 @@ def test_a_timer_notifying_a_thread_inside(tmp_path):
 
 
 @needs_unshare
-def test_a_pidfd_inside_is_refused(tmp_path):
-    """A pidfd names a process of the namespace: refused (`unsupported-fd`,
-    deny by default), the target left running."""
+def test_a_pidfd_inside_is_restored_naming_the_same_pid(tmp_path):
+    """A pidfd naming a process of the namespace, dumped and restored by a
+    ckpt inside it (fdinfo shows that namespace's PID, one level): the
+    restored pidfd names the same PID there (engine/fds/pidfd.py)."""
     got = in_pidns(f"""
-        p = start([sys.executable, "-S", "-c", "import os, time; fd = os.pidfd_open(os.getpid()); time.sleep(60)"])
-        wait_for(lambda: any(os.readlink(f"/proc/{{p.pid}}/fd/{{fd}}") == "anon_inode:[pidfd]"
-                             for fd in os.listdir(f"/proc/{{p.pid}}/fd")), what="the pidfd")
-        rc, msg = ckpt("dump", "-t", p.pid, "-D", {str(tmp_path / "img")!r})
-        done({{"rc": rc, "msg": msg, "alive": p.poll() is None}})
+        img = {str(tmp_path / "img")!r}
+        p = start([sys.executable, "-S", "-c",
+                   "import os, time; os.dup2(os.pidfd_open(os.getpid()), 9); time.sleep(60)"])
+        wait_for(lambda: os.path.exists(f"/proc/{{p.pid}}/fd/9"), what="the pidfd")
+        rc, msg = ckpt("dump", "-t", p.pid, "-D", img)
+        assert rc == 0, msg
+        p.wait()
+        gone([p.pid])
+        rc, msg = ckpt("restore", "-D", img)
+        assert rc == 0, msg
+        info = open(f"/proc/{{p.pid}}/fdinfo/9").read()
+        os.kill(p.pid, 9)
+        done({{"pid": p.pid, "info": info}})
     """)
-    assert got["rc"] == 3 and "unsupported-fd" in got["msg"] and "pidfd" in got["msg"], got
-    assert got["alive"]
+    assert f"Pid:\t{got['pid']}\n" in got["info"] and f"NSpid:\t{got['pid']}\n" in got["info"], got
 
 
 def test_check_restore_reads_the_record():
