@@ -353,13 +353,17 @@ def plan(members: List[dict], jobs: Dict[int, object], busy: List[Tuple[int, int
     the ordinary path (mapped after the vdso moved)."""
     p = Plan()
     exe = _restorer_exe()
+    # a parent's mappings by key, once per parent: a server's root has
+    # every worker as its child (a 50-process tree's root: 49 times ~23)
+    index: Dict[int, Tuple[dict, Set[int]]] = {}
     for m in members:
         job = jobs.get(m["pid"])
         parent = jobs.get(m["ppid"])
         if job is None or parent is None:
             continue
-        theirs = {key(w): w for w in parent.vmas if _eligible(w)}
-        starts = {w["start"] for w in parent.vmas}
+        if m["ppid"] not in index:
+            index[m["ppid"]] = ({key(w): w for w in parent.vmas if _eligible(w)}, {w["start"] for w in parent.vmas})
+        theirs, starts = index[m["ppid"]]
         for v in job.vmas:
             if "cow" not in v:
                 continue
