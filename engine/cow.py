@@ -486,13 +486,21 @@ def queue_before_fork(b, pl: Plan, inherited: Set[int], parent_vmas: Dict[int, d
         later.append((v, force))
 
     def then() -> None:
-        for s in sorted(keep):
-            v = vmas[s]
-            force = b.mmap_args(v)[3]
-            own = subtract(v["pages"], v["cow"])
-            if own:
-                b.page_bytes_early += b._write_pages(own, force)
-            _verify(b, intersect(v["pages"], v["cow"]), force, pl)
+        mem = None      # the member's /proc/PID/mem, opened once for all it keeps
+        try:
+            for s in sorted(keep):
+                v = vmas[s]
+                force = b.mmap_args(v)[3]
+                own = subtract(v["pages"], v["cow"])
+                if own:
+                    b.page_bytes_early += b._write_pages(own, force)
+                runs = intersect(v["pages"], v["cow"])
+                if runs and mem is None:
+                    mem = os.open(f"/proc/{b.pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+                _verify(b, runs, force, pl, mem)
+        finally:
+            if mem is not None:
+                os.close(mem)
         for v, force in later:
             if v["pages"]:
                 b.page_bytes_early += b._write_pages(v["pages"], force)
@@ -504,35 +512,32 @@ def queue_before_fork(b, pl: Plan, inherited: Set[int], parent_vmas: Dict[int, d
     return then
 
 
-def _verify(b, runs: List[List[int]], force: bool, pl: Plan) -> None:
-    """Every inherited page marked "cow" read back and compared with the
-    member's own image bytes; a page that differs is written."""
+def _verify(b, runs: List[List[int]], force: bool, pl: Plan, fd: int) -> None:
+    """Every inherited page marked "cow" read back (through fd, b's
+    /proc/PID/mem) and compared with the member's own image bytes; a page
+    that differs is written."""
     if not runs:
         return
     pages = b.job.pages
-    fd = os.open(f"/proc/{b.pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
     wrong: List[List[int]] = []
     buf = bytearray(min(READ_STEP, max(n for _, n, _, _ in runs) * PAGE))
-    try:
-        for addr, n, fi, off in runs:
-            for k in range(0, n * PAGE, READ_STEP):
-                size = min(READ_STEP, n * PAGE - k)
-                with memoryview(buf) as view:
-                    # /proc/PID/mem reads without pinning: the page stays shared
-                    if os.preadv(fd, [view[:size]], addr + k) != size:
-                        raise EngineError(f"cannot read back {size} bytes at {addr + k:#x}", pid=b.pid)
-                got = buf if size == len(buf) else buf[:size]
-                want = pages.maps[fi][off + k:off + k + size]      # bytes against bytes: a memcmp
-                if want == got:
-                    STATS["shared_pages"] += size // PAGE
-                    continue
-                for i in range(0, size, PAGE):
-                    if got[i:i + PAGE] != want[i:i + PAGE]:
-                        wrong.append([addr + k + i, 1, fi, off + k + i])
-                    else:
-                        STATS["shared_pages"] += 1
-    finally:
-        os.close(fd)
+    for addr, n, fi, off in runs:
+        for k in range(0, n * PAGE, READ_STEP):
+            size = min(READ_STEP, n * PAGE - k)
+            with memoryview(buf) as view:
+                # /proc/PID/mem reads without pinning: the page stays shared
+                if os.preadv(fd, [view[:size]], addr + k) != size:
+                    raise EngineError(f"cannot read back {size} bytes at {addr + k:#x}", pid=b.pid)
+            got = buf if size == len(buf) else buf[:size]
+            want = pages.maps[fi][off + k:off + k + size]      # bytes against bytes: a memcmp
+            if want == got:
+                STATS["shared_pages"] += size // PAGE
+                continue
+            for i in range(0, size, PAGE):
+                if got[i:i + PAGE] != want[i:i + PAGE]:
+                    wrong.append([addr + k + i, 1, fi, off + k + i])
+                else:
+                    STATS["shared_pages"] += 1
     pages._check_leases(runs)     # what was compared is what the image check verified
     right = subtract(runs, [[r[0], 1] for r in wrong])
     pages._release(right)         # each piece is used once: freed as a written one is
