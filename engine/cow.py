@@ -66,7 +66,9 @@ def _eligible(v: dict) -> bool:
 
 
 def key(v: dict) -> tuple:
-    return tuple(repr(v.get(k)) for k in KEY)
+    # map, not a generator expression: no Python frame per field (a tree's
+    # dump and restore key every mapping of every member, ~2,300 for 50)
+    return tuple(map(repr, map(v.get, KEY)))
 
 
 # -- dump ------------------------------------------------------------------------
@@ -164,19 +166,28 @@ def find(members: List[Tuple[int, int, List[dict]]]) -> Dict[int, Dict[int, List
     if not pfns_visible():
         return out
     fds: Dict[int, Optional[int]] = {}
+    indexes: Dict[int, dict] = {}       # a parent's mappings by key, once per parent (plan's reason)
+    parents: Dict[Tuple[int, int, int], Optional[bytes]] = {}
     try:
         for pid, ppid, vmas in members:
             theirs = by_pid.get(ppid)
             if not theirs:
                 continue
-            index = {key(w): w for w in theirs if _eligible(w)}
+            if ppid not in indexes:
+                indexes[ppid] = {key(w): w for w in theirs if _eligible(w)}
+            index = indexes[ppid]
             for v in vmas:
                 faults.point("dump.tree.cow")
                 w = index.get(key(v)) if _eligible(v) else None
                 if w is None:
                     continue
                 both = {"start": v["start"], "end": min(v["end"], w["end"])}
-                a, b = _entries(pid, both, fds), _entries(ppid, both, fds)
+                # the parent's entries once for all its children (frozen:
+                # they do not change), not a pagemap read per child
+                span = (ppid, both["start"], both["end"])
+                if span not in parents:
+                    parents[span] = _entries(ppid, both, fds)
+                a, b = _entries(pid, both, fds), parents[span]
                 if a is None or b is None:
                     continue
                 runs = shared_runs(a, b, v["start"], v["kind"] == "file")
@@ -312,19 +323,24 @@ def check(v: dict) -> None:
     """A mapping's "cow" record: sorted, disjoint runs inside the mapping,
     every page of them dumped. Raises Refusal(image-invalid)."""
     runs = v["cow"]
-    bad = Refusal("image-invalid", f"mm.json: mapping {v['start']:#x} cow {str(runs)[:80]}")
+    if not _runs_ok(v, runs):
+        # made only to be raised: its text (the runs shown) cost a tree's
+        # restore ~300 str() of every mapping's runs, twice
+        raise Refusal("image-invalid", f"mm.json: mapping {v['start']:#x} cow {str(runs)[:80]}")
+
+
+def _runs_ok(v: dict, runs) -> bool:
     if not isinstance(runs, list) or not runs:
-        raise bad
+        return False
     last = v["start"]
     for r in runs:
         if not (isinstance(r, list) and len(r) == 2 and all(isinstance(x, int) and not isinstance(x, bool)
                                                             for x in r)):
-            raise bad
+            return False
         if r[0] % PAGE or r[1] <= 0 or r[0] < last or r[0] + r[1] * PAGE > v["end"]:
-            raise bad
+            return False
         last = r[0] + r[1] * PAGE
-    if sum(n for _, n, _, _ in intersect(v["pages"], runs)) != sum(n for _, n in runs):
-        raise bad
+    return sum(n for _, n, _, _ in intersect(v["pages"], runs)) == sum(n for _, n in runs)
 
 
 # -- restore -----------------------------------------------------------------------
@@ -353,13 +369,17 @@ def plan(members: List[dict], jobs: Dict[int, object], busy: List[Tuple[int, int
     the ordinary path (mapped after the vdso moved)."""
     p = Plan()
     exe = _restorer_exe()
+    # a parent's mappings by key, once per parent: a server's root has
+    # every worker as its child (a 50-process tree's root: 49 times ~23)
+    index: Dict[int, Tuple[dict, Set[int]]] = {}
     for m in members:
         job = jobs.get(m["pid"])
         parent = jobs.get(m["ppid"])
         if job is None or parent is None:
             continue
-        theirs = {key(w): w for w in parent.vmas if _eligible(w)}
-        starts = {w["start"] for w in parent.vmas}
+        if m["ppid"] not in index:
+            index[m["ppid"]] = ({key(w): w for w in parent.vmas if _eligible(w)}, {w["start"] for w in parent.vmas})
+        theirs, starts = index[m["ppid"]]
         for v in job.vmas:
             if "cow" not in v:
                 continue
@@ -466,13 +486,21 @@ def queue_before_fork(b, pl: Plan, inherited: Set[int], parent_vmas: Dict[int, d
         later.append((v, force))
 
     def then() -> None:
-        for s in sorted(keep):
-            v = vmas[s]
-            force = b.mmap_args(v)[3]
-            own = subtract(v["pages"], v["cow"])
-            if own:
-                b.page_bytes_early += b._write_pages(own, force)
-            _verify(b, intersect(v["pages"], v["cow"]), force, pl)
+        mem = None      # the member's /proc/PID/mem, opened once for all it keeps
+        try:
+            for s in sorted(keep):
+                v = vmas[s]
+                force = b.mmap_args(v)[3]
+                own = subtract(v["pages"], v["cow"])
+                if own:
+                    b.page_bytes_early += b._write_pages(own, force)
+                runs = intersect(v["pages"], v["cow"])
+                if runs and mem is None:
+                    mem = os.open(f"/proc/{b.pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+                _verify(b, runs, force, pl, mem)
+        finally:
+            if mem is not None:
+                os.close(mem)
         for v, force in later:
             if v["pages"]:
                 b.page_bytes_early += b._write_pages(v["pages"], force)
@@ -484,35 +512,32 @@ def queue_before_fork(b, pl: Plan, inherited: Set[int], parent_vmas: Dict[int, d
     return then
 
 
-def _verify(b, runs: List[List[int]], force: bool, pl: Plan) -> None:
-    """Every inherited page marked "cow" read back and compared with the
-    member's own image bytes; a page that differs is written."""
+def _verify(b, runs: List[List[int]], force: bool, pl: Plan, fd: int) -> None:
+    """Every inherited page marked "cow" read back (through fd, b's
+    /proc/PID/mem) and compared with the member's own image bytes; a page
+    that differs is written."""
     if not runs:
         return
     pages = b.job.pages
-    fd = os.open(f"/proc/{b.pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
     wrong: List[List[int]] = []
     buf = bytearray(min(READ_STEP, max(n for _, n, _, _ in runs) * PAGE))
-    try:
-        for addr, n, fi, off in runs:
-            for k in range(0, n * PAGE, READ_STEP):
-                size = min(READ_STEP, n * PAGE - k)
-                with memoryview(buf) as view:
-                    # /proc/PID/mem reads without pinning: the page stays shared
-                    if os.preadv(fd, [view[:size]], addr + k) != size:
-                        raise EngineError(f"cannot read back {size} bytes at {addr + k:#x}", pid=b.pid)
-                got = buf if size == len(buf) else buf[:size]
-                want = pages.maps[fi][off + k:off + k + size]      # bytes against bytes: a memcmp
-                if want == got:
-                    STATS["shared_pages"] += size // PAGE
-                    continue
-                for i in range(0, size, PAGE):
-                    if got[i:i + PAGE] != want[i:i + PAGE]:
-                        wrong.append([addr + k + i, 1, fi, off + k + i])
-                    else:
-                        STATS["shared_pages"] += 1
-    finally:
-        os.close(fd)
+    for addr, n, fi, off in runs:
+        for k in range(0, n * PAGE, READ_STEP):
+            size = min(READ_STEP, n * PAGE - k)
+            with memoryview(buf) as view:
+                # /proc/PID/mem reads without pinning: the page stays shared
+                if os.preadv(fd, [view[:size]], addr + k) != size:
+                    raise EngineError(f"cannot read back {size} bytes at {addr + k:#x}", pid=b.pid)
+            got = buf if size == len(buf) else buf[:size]
+            want = pages.maps[fi][off + k:off + k + size]      # bytes against bytes: a memcmp
+            if want == got:
+                STATS["shared_pages"] += size // PAGE
+                continue
+            for i in range(0, size, PAGE):
+                if got[i:i + PAGE] != want[i:i + PAGE]:
+                    wrong.append([addr + k + i, 1, fi, off + k + i])
+                else:
+                    STATS["shared_pages"] += 1
     pages._check_leases(runs)     # what was compared is what the image check verified
     right = subtract(runs, [[r[0], 1] for r in wrong])
     pages._release(right)         # each piece is used once: freed as a written one is

@@ -141,12 +141,16 @@ def check_mm(mm, npage_files: int) -> List[dict]:
     vmas = _need(mm, "vmas", list, "mm.json")
     last = 0
     for v in vmas:
-        for k in ("start", "end", "offset", "inode"):
-            _need(v, k, int, "mm.json vma")
-        for k in ("perms", "path", "kind", "dev"):
-            _need(v, k, str, "mm.json vma")
-        _need(v, "flags", list, "mm.json vma")
-        _need(v, "pages", list, "mm.json vma")
+        # every field of the exact type the JSON scanner makes: what the
+        # _need calls below pass (a tree's restore made ~11,500 of them);
+        # anything else takes them, for their verdict and message
+        g = v.get if v.__class__ is dict else None
+        if g is None or not (g("start").__class__ is int and g("end").__class__ is int
+                             and g("offset").__class__ is int and g("inode").__class__ is int
+                             and g("perms").__class__ is str and g("path").__class__ is str
+                             and g("kind").__class__ is str and g("dev").__class__ is str
+                             and g("flags").__class__ is list and g("pages").__class__ is list):
+            _vma_fields(v)
         if v["start"] % 4096 or v["end"] % 4096 or v["end"] <= v["start"] or v["start"] < last:
             raise _bad(f"mm.json: mapping {v['start']:#x}-{v['end']:#x} out of order or unaligned")
         if len(v["perms"]) != 4 or v["kind"] not in ("anon", "shmem", "sysvshm", "file", "special"):
@@ -161,6 +165,15 @@ def check_mm(mm, npage_files: int) -> List[dict]:
                 raise _bad(f"mm.json: page run {run!r} outside mapping {v['start']:#x}-{v['end']:#x}")
         last = v["end"]
     return vmas
+
+
+def _vma_fields(v) -> None:
+    for k in ("start", "end", "offset", "inode"):
+        _need(v, k, int, "mm.json vma")
+    for k in ("perms", "path", "kind", "dev"):
+        _need(v, k, str, "mm.json vma")
+    _need(v, "flags", list, "mm.json vma")
+    _need(v, "pages", list, "mm.json vma")
 
 
 def check_fd_records(recs) -> None:
@@ -182,6 +195,13 @@ def check_fd_records(recs) -> None:
 # -- pre-flight --------------------------------------------------------------------
 
 MAP_VERDICTS = "_map_verdicts"      # ctx.shared: the pre-flight's verdict on each mapped file's record
+# ctx.shared: map_key -> an fd of a Prepared still open, a mapped file's
+# (not a ghost's: files.writer_file shares those) opened and its content
+# checked once per restore. A tree's members map the same libraries: each
+# member gets a dup of that open (its own number) instead of opening,
+# fstat'ing and hashing it again (~4 files x 50 members). One open file
+# under every member's mapping is what fork made of them too.
+MAP_OPENED = "_map_opened"
 
 
 def preflight(reader: ImageReader, core: dict, vmas: List[dict], fdrecs: List[dict],
@@ -274,12 +294,12 @@ def preflight(reader: ImageReader, core: dict, vmas: List[dict], fdrecs: List[di
     # Each mapped file's record (and the exe's) judged once per restore:
     # a tree's members map the same files (the same record, the same
     # verdict, given again to each member that has it). Only the
-    # pre-flight's checks: the content is checked on each fd opened for a
-    # member (files.map_open).
+    # pre-flight's checks: the content is checked on the fd opened for the
+    # members (files.map_open; once a restore: MAP_OPENED).
     verdicts = ctx.shared.setdefault(MAP_VERDICTS, {})
     seen = set()
     for rec, point in [(v["file"], True) for v in vmas if v["kind"] == "file"] + [(core["exe"], False)]:
-        key = fastjson.dumps(rec, sort_keys=True)
+        key = record_key(rec)
         if point:       # the exe is judged even when a mapping has its record (refused for each, as before)
             if key in seen:
                 continue
@@ -429,8 +449,17 @@ class Prepared:
         self._owned.clear()
 
 
+def record_key(rec) -> str:
+    """A file record as a key: equal keys, the very same record (repr tells
+    every JSON value and type apart: 1, 1.0, True, "1"), so one verdict
+    and one open serve both. A record equal but for the order of its keys
+    gets a key of its own (it is only judged or opened again): repr is half
+    the cost of a sorted JSON text, and a tree restore makes ~2,400 keys."""
+    return repr(rec)
+
+
 def map_key(rec: dict, writable: bool) -> str:
-    return fastjson.dumps(rec, sort_keys=True) + ("/rw" if writable else "/ro")
+    return record_key(rec) + ("/rw" if writable else "/ro")
 
 
 def prepare(core: dict, vmas: List[dict], fdrecs: List[dict], ctx: RestoreContext,
@@ -456,20 +485,32 @@ def prepare(core: dict, vmas: List[dict], fdrecs: List[dict], ctx: RestoreContex
         for rec in fdrecs:
             if "dup_of" in rec:
                 p.fd_of_rec[rec["fd"]] = p.fd_of_rec[rec["dup_of"]]
+        opened = ctx.shared.setdefault(MAP_OPENED, {})
         for v in vmas:
             if v["kind"] != "file":
                 continue
             writable = files.map_writable(v)
             key = map_key(v["file"], writable)
             if key not in p.map_fd:
+                if key in opened:
+                    p.map_fd[key] = p.keep(opened[key])
+                    continue
                 faults.point("restore.map_open")
                 fd = files.map_open(v["file"], ctx, writable)
                 p.map_fd[key] = p.keep(fd)
                 os.close(fd)
+                if "ghost" not in v["file"]:
+                    opened[key] = p.map_fd[key]
         faults.point("restore.exe_open")
-        fd = files.map_open(core["exe"], ctx, False)
-        p.exe_fd = p.keep(fd)
-        os.close(fd)
+        key = map_key(core["exe"], False)
+        if key in opened:
+            p.exe_fd = p.keep(opened[key])
+        else:
+            fd = files.map_open(core["exe"], ctx, False)
+            p.exe_fd = p.keep(fd)
+            os.close(fd)
+            if "ghost" not in core["exe"]:
+                opened[key] = p.exe_fd
         if isinstance(core["cwd"].get("removed"), dict):
             # shared with an fd on the same removed directory; closed by files.close_shared
             p.cwd_fd = p.keep(unlinked.restore_dir(core["cwd"]["removed"], ctx))

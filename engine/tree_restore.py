@@ -187,11 +187,6 @@ def restore_tree(reader, options, pidfile: Optional[str], t0: float) -> dict:
     imagecheck.check_all_used(reader, {TREE_FILE} | imagecheck.tree_used_files(
         [(m["dir"], core, vmas, fdrecs, npf) for m, _, core, vmas, fdrecs, npf, _ in loaded]))
     for m, img, core, vmas, fdrecs, npf, ctx in loaded:
-        for r in fdrecs:
-            if "ofd_of" in r:
-                o = r["ofd_of"]
-                if not (isinstance(o, list) and len(o) == 2 and o[0] in pids and o[0] != m["pid"]):
-                    raise _bad(f"member {m['pid']} fd {r['fd']}: ofd_of {o!r}")
         for v in vmas:
             if "tree_shared" in v and not (isinstance(v["tree_shared"], list) and len(v["tree_shared"]) == 3
                                            and v["tree_shared"][0] in pids and v["kind"] == "shmem"):
