@@ -563,10 +563,6 @@ def _item_bad(k, v) -> bool:
     return False
 
 
-_NUMBERS = frozenset((int, bool, float, type(None)))
-_STR = frozenset((str,))
-
-
 def _any_bad(obj, depth: int = 0) -> bool:
     """Whether _check_strings_and_paths would refuse `obj`: the same walk
     and rules without the path names of every item (which cost a restore
@@ -629,7 +625,7 @@ def _any_bad(obj, depth: int = 0) -> bool:
 # of them: a restore of a 50-process tree judged ~750 such records, a few
 # distinct. Exact types in the key: 1, 1.0 and True are equal in Python.
 _FLAT_VERDICTS: dict = {}
-_SCALARS = _NUMBERS | _STR
+_SCALARS = frozenset((int, bool, float, type(None), str))
 
 
 def _dict_bad(k, v: dict, depth: int) -> bool:

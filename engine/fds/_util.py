@@ -195,19 +195,34 @@ def reopen_in_process(rec: dict, ctx, task, path: str, flags: int, what: str) ->
         task.call("close", fd)
 
 
+TREE_FDS_KEY = "tree:fd-links"     # ctx.shared: one for the whole tree (engine/tree.py TREE_KEYS)
+
+
 def tree_fds(ctx, own: int):
     """(pid, fd, link) of every fd of the dump's other members (a dumped
-    tree's; none for a single process)."""
-    for pid in sorted(set(getattr(ctx, "tree_pids", ()) or ()) - {own}):
-        try:
-            names = os.listdir(f"/proc/{pid}/fd")
-        except OSError:
-            continue
-        for n in names:
+    tree's; none for a single process). Read from /proc once a dump: the
+    members are frozen, and each fd of a kind that asks (a pidfd, a /proc
+    file) would otherwise read every member's fds again."""
+    members = getattr(ctx, "tree_pids", ()) or ()
+    if not members:
+        return
+    every = ctx.shared.get(TREE_FDS_KEY)
+    if every is None:
+        every = []
+        for pid in sorted(members):
             try:
-                yield pid, int(n), os.readlink(f"/proc/{pid}/fd/{n}")
+                names = os.listdir(f"/proc/{pid}/fd")
             except OSError:
                 continue
+            for n in names:
+                try:
+                    every.append((pid, int(n), os.readlink(f"/proc/{pid}/fd/{n}")))
+                except OSError:
+                    continue
+        ctx.shared[TREE_FDS_KEY] = every
+    for item in every:
+        if item[0] != own:
+            yield item
 
 
 def check_held_outside(info, ctx, what: str) -> None:

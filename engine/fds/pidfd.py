@@ -36,6 +36,7 @@ import signal
 import struct
 
 from ..errors import EngineError
+from ..procfs import parse_fdinfo
 from . import fs_magic
 from ._util import check_async, check_held_outside, failed, refuse, refuse_rec, tree_fds
 
@@ -294,7 +295,6 @@ def finish(rec: dict, ctx, task) -> None:
             text = f.read()
     except OSError as e:
         raise EngineError(f"cannot read back pidfd {rec['fd']}: {e.strerror}", pid=holder, errno=e.errno) from e
-    kv = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-    if kv.get("Pid", "").strip() != str(rec["pid"]):
-        raise EngineError(f"pidfd {rec['fd']} restored naming pid {kv.get('Pid', '?').strip()}, "
-                          f"not {rec['pid']}", pid=holder)
+    named = parse_fdinfo(text).get("Pid", "?")
+    if named != str(rec["pid"]):
+        raise EngineError(f"pidfd {rec['fd']} restored naming pid {named}, not {rec['pid']}", pid=holder)
