@@ -431,6 +431,12 @@ def _check_vmas(s: Survey, ctx: Optional[DumpContext] = None) -> None:
         for _, v, r in sysvshm.outside([(s.pid, v) for v in s.vmas if v["kind"] == "sysvshm"],
                                        s.memo.get(sysvshm.REFUSED_KEY, ())):
             s.refuse(f"mapping {v['start']:x}-{v['end']:x} {v['perms']} {v['path']}", "mapping", r)
+    if (ctx is None or ctx.tree_root is None) and any(v["kind"] in ("shmem", "file") and v["perms"][3] == "s"
+                                                      for v in s.vmas):
+        # holders outside the process (a tree's: tree.tree_problems, all at once)
+        from . import shmem
+        for _, what, r in shmem.outside([(s.pid, s.vmas)]):
+            s.refuse(what, "mapping", r)
     # The restore can give back only a block made from its own by a move
     # and unmaps (engine/vdsoblock.py): judged here against ckpt's, on this
     # kernel, so that such a process is refused before the dump kills it.

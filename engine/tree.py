@@ -55,8 +55,7 @@ TYPE_CHECKING = False   # annotations only: importing typing costs every run ~3 
 if TYPE_CHECKING:
     from typing import Dict, List, Optional
 
-from . import cow, faults, pidns, procfs, ptrace, sharing, threads, timens
-from .check import SHMEM_NAMES
+from . import cow, faults, pidns, procfs, ptrace, sharing, shmem, threads, timens
 from .errors import EngineError, Refusal, Refusals
 from .libc import SysError
 from .pidfd import KCMP_FILE, kcmp
@@ -359,7 +358,8 @@ def tree_problems(members: List[Member]) -> List[tuple]:
                             f"{m.status & 0x7f} and dumped core: its exit status cannot be made again")))
             continue
     out.extend(shared_kernel_objects(members))
-    out.extend(_shmem_outside(members))
+    out.extend((by_pid[pid], what, r) for pid, what, r in
+               shmem.outside([(m.pid, m.survey.vmas) for m in members if m.survey is not None]))
     # One time namespace is made at restore, for every member: each must
     # read the clocks as the root does (engine/timens.py)
     offs = root.survey.memo.get("timens") if root.survey is not None else None
@@ -439,76 +439,6 @@ def _outside_sharers(live: List[Member], known: Optional[dict] = None) -> List[t
             for pid, kind, other in sharing.outside(list(by_pid), known=known)]
 
 
-def _shmem_key(v: dict):
-    return (v["dev"], v["inode"])
-
-
-def _recreated(v: dict) -> bool:
-    """A shared mapping a restore makes anew: shared anonymous memory, or a
-    memfd / deleted file (a ghost) mapped MAP_SHARED."""
-    if v.get("kind") == "shmem":
-        return True
-    return v.get("kind") == "file" and v["perms"][3] == "s" and (
-        v["path"].endswith(" (deleted)") or v["path"].startswith("/memfd:"))
-
-
-def _shmem_outside(members: List[Member]) -> List[tuple]:
-    """Shared memory the restore recreates (shared anonymous memory, a
-    shared mapping of a memfd or deleted file) also mapped or held open by
-    a process outside the tree: it would go on with the old object."""
-    ours = {}
-    for m in members:
-        if m.survey is None:
-            continue
-        for v in m.survey.vmas:
-            if _recreated(v):
-                ours.setdefault(_shmem_key(v), (m, v))
-    if not ours:
-        return []
-    by_path = {v["path"]: key for key, (_, v) in ours.items()}
-    pids = {m.pid for m in members}
-    out, seen = [], set()
-
-    def found(key, name: str, how: str) -> None:
-        if key in seen:
-            return
-        seen.add(key)
-        m, mine = ours[key]
-        what = "shared memory" if mine.get("kind") == "shmem" else "shared mapping of"
-        out.append((m, f"mapping {mine['start']:x}-{mine['end']:x}", Refusal(
-            "memory-peer-outside", f"{what} {mine['path']} (inode {mine['inode']}) is also {how} by pid {name} "
-            "outside the tree", path=mine["path"])))
-
-    for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) in pids or int(name) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{name}/maps") as f:
-                vmas = procfs.parse_maps(f.read())
-        except OSError:
-            continue
-        for v in vmas:
-            key = _shmem_key(v)
-            if key in ours and (ours[key][1].get("kind") != "shmem" or v["path"].startswith(SHMEM_NAMES)):
-                found(key, name, "mapped")
-        try:
-            fds = os.listdir(f"/proc/{name}/fd")
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                link = os.readlink(f"/proc/{name}/fd/{fd}")
-                key = by_path.get(link)
-                if key is None:
-                    continue
-                st = os.stat(f"/proc/{name}/fd/{fd}")
-            except OSError:
-                continue
-            if (f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}", st.st_ino) == key:
-                found(key, name, "held open")
-    return out
-
-
 def shared_ofds(members: List[Member]) -> Dict[int, Dict[int, list]]:
     """{member pid: {fd: [owner pid, owner fd]}} for each fd sharing an
     open file description with an earlier member's (kcmp KCMP_FILE; only
@@ -545,7 +475,7 @@ def shared_memory(members: List[Member]) -> Dict[int, Dict[int, list]]:
         for v in m.survey.vmas:
             if v.get("kind") != "shmem":
                 continue
-            key = _shmem_key(v)
+            key = shmem.key(v)
             if key in owners:
                 opid, ostart, oend = owners[key]
                 if oend - ostart != v["end"] - v["start"] or v["offset"]:

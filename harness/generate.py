@@ -257,6 +257,10 @@ def derive(sc: dict, old: bool = False) -> Tuple[dict, Dict[int, List[str]]]:
     refusals: List[Tuple[str, str, Optional[int]]] = []      # (reason, at, fd)
     pending: Dict[int, List[str]] = {}
     limit = (sc.get("dump") or {}).get("ghost_limit")
+    for mp in sc["workload"].get("mmaps") or []:
+        if mp.get("outside"):
+            # a restore would make the memory anew; the outsider keeps the old (engine/shmem.py)
+            refusals.append(("memory-peer-outside", "dump", None))
     for e in sc["workload"].get("fds") or []:
         if variant_of(e) not in DECIDED or set(e) & UNDECIDED_FIELDS:
             raise NotDerivable(f"no rule for {variant_of(e)} with {sorted(set(e) & UNDECIDED_FIELDS)}")
@@ -705,6 +709,14 @@ def draw(rng: random.Random, migrate: bool = False) -> dict:
     # thread changes no fd's outcome, so the derived expectation stands
     if rng.random() < 0.2:
         sc["workload"].setdefault("process", {})["threads"] = _threads(rng)
+    # (after the threads: the same rule) Anonymous memory made shared, and
+    # at times mapped by a process outside the dump too (memory-peer-outside)
+    anon = [mp for mp in sc["workload"].get("mmaps") or [] if mp.get("anon")]
+    if anon and rng.random() < 0.4:
+        mp = rng.choice(anon)
+        mp["shared"] = True
+        if rng.random() < 0.4:
+            mp["outside"] = True
     return sc
 
 

@@ -342,7 +342,10 @@ def _mmap() -> Check:
     # IPC_RMID'd so nothing outlives the workload; engine/sysvshm.py)
     # apart: an anonymous mapping made as two halves the kernel keeps apart
     # (sysapi.mmap_apart: different anon_vmas), alike in all maps shows
+    # shared (anon): MAP_SHARED|MAP_ANONYMOUS; outside: a process outside the
+    # dump maps that memory too (forked from the workload once it is made)
     return Map({"file": Path(), "anon": Bool(), "sysv": Bool(), "apart": Bool(), "offset": Size(), "length": Size(),
+                "outside": Bool(),
                 "prot": Enum(("r", "rw")),
                 "shared": Bool(), "seed": Int(0),
                 # madvise(2) advice the mapping keeps (smaps VmFlags)
@@ -650,6 +653,12 @@ def _cross_checks(c: _Ctx, root: yaml.MappingNode, data: dict) -> None:
             raise c.fail(node_of("workload", "mmaps", i), f"workload.mmaps[{i}].apart",
                          "two halves of anonymous memory: anon: true, a length that is a multiple of 128K "
                          "(two halves of whole pages on every page size)")
+        if m.get("outside") and not (m.get("anon") and m.get("shared")):
+            raise c.fail(node_of("workload", "mmaps", i), f"workload.mmaps[{i}].outside",
+                         "a process outside maps shared anonymous memory: anon: true, shared: true")
+        if m.get("anon") and m.get("shared") and m.get("apart"):
+            raise c.fail(node_of("workload", "mmaps", i), f"workload.mmaps[{i}].shared",
+                         "apart is private anonymous memory")
     for i, e in enumerate(fds):
         if "bind" in e:
             want = [str(ipaddress_of(seg, k)) for k in ("moves", "stays")] if seg else None

@@ -196,7 +196,8 @@ def open_all(spec: dict, ctx: kinds.Ctx) -> List[dict]:
     return recs
 
 
-def map_all(spec: dict, model: world.Model) -> List[dict]:
+def map_all(spec: dict, model: world.Model, helpers: Optional[List[int]] = None) -> List[dict]:
+    helpers = [] if helpers is None else helpers
     out = []
     for m in spec.get("mmaps") or []:
         length = int(m["length"])
@@ -207,8 +208,13 @@ def map_all(spec: dict, model: world.Model) -> List[dict]:
                 if sysapi.mremap_errno(addr, length, length + os.sysconf("SC_PAGE_SIZE")) != errno.EFAULT:
                     raise RuntimeError(f"the kernel merged the two halves at {addr:#x}: no pair kept apart here")
             else:
-                addr = sysapi.mmap(length, PROT["rw"], MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
+                addr = sysapi.mmap(length, PROT["rw"], (MAP_SHARED if m.get("shared") else MAP_PRIVATE) | MAP_ANONYMOUS,
+                                   -1, 0)
             sysapi.poke(addr, seeded.data(int(m.get("seed", 0)), 0, length))
+            if m.get("outside"):
+                # the same object in a process outside the dump (fork shares it), holding no fd
+                outside = __import__(kinds.__name__ + ".outside", fromlist=["spawn"])
+                helpers.append(outside.spawn(lambda ready: ready(), keep=-1))
             for a in m.get("advise") or []:
                 sysapi.madvise(addr, length, sysapi.MADVISE[a])
             out.append({"addr": addr, "length": length})
@@ -350,7 +356,7 @@ def run(spec_path: str) -> int:
         for r in recs:
             r["obs"] = observe(r["fd"])
         record_extras(recs)
-        maps = map_all(spec, ctx.model)
+        maps = map_all(spec, ctx.model, ctx.helpers)
         proc = spec.get("process") or {}
         kinds.PROCESS.apply(proc)      # after the fds: a low RLIMIT_NOFILE must not stop them
         ready = {"pid": os.getpid(), "recs": recs, "fds": own_fds(), "mmaps": maps,
