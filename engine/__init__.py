@@ -7,6 +7,9 @@ __version__ = "0.1.0"
 # Bumped whenever a record layout in the image changes; an image of another
 # format version is refused, never guessed at (image.READ_FORMATS: the
 # older formats read, each because it is known exactly what differs).
+# 13: mm.json shmem_size, a shared anonymous mapping's object size (engine/shmem.py): one object
+#     mapped in parts, at offsets, more than once; an older engine would make each part an object of
+#     its own; 12 images are read as before (each mapping its own object, at offset 0);
 # 12: manifest meta namespaces (engine/pidns.py): the namespaces the pids are numbers in; an
 #     older engine would restore in any; 11 images are restored only in the initial pid namespace;
 # 11: core.json cgroups (engine/cgroups.py), root (engine/fsroot.py), pdeath_signal
@@ -24,7 +27,7 @@ __version__ = "0.1.0"
 # 4: tree.json "share" (an older engine would give a CLONE_FILES member an empty fd table);
 # 3: core.json threads + threads-xstate.bin (an older engine would restore the leader alone);
 # 2: signals, sched, posix_timers, seccomp
-FORMAT_VERSION = 12
+FORMAT_VERSION = 13
 
 
 

@@ -307,6 +307,16 @@ class Builder:
         shared_later = []
         apart = kept_apart(self.job.vmas, self.in_place)
         ends_in_place = {e for v in self.job.vmas if v["start"] in self.in_place for e in (v["start"], v["end"])}
+        # Shared anonymous memory in parts (split, a part unmapped, mapped
+        # twice): one object made at its size, each part mapped from it
+        # once the other mappings exist (engine/shmem.py). Until then a
+        # placeholder holds each part's place.
+        parts = []
+        if any(v["kind"] == "shmem" for v in self.job.vmas):
+            from . import shmem
+            parts = [vs for vs in shmem.objects(v for v in self.job.vmas if not v.get("tree_shared")).values()
+                     if not shmem.whole(vs)]
+        placeheld = {v["start"] for vs in parts for v in vs}
         for v in self.job.vmas:
             kind = v["kind"]
             if kind == "special":
@@ -314,6 +324,11 @@ class Builder:
             faults.point("restore.map", kind)
             start, size = v["start"], v["end"] - v["start"]
             flags, prot, final, force, fd, off = self.mmap_args(v)
+            if start in placeheld:
+                self.pending.add("mmap", start, size, 0, MAP_FIXED_NOREPLACE | MAP_PRIVATE | MAP_ANONYMOUS, -1, 0,
+                                 expect=(start, f"mapping {start:#x} landed at {{got:#x}}"))
+                later.append((v, force, prot, final))
+                continue
             if kind == "sysvshm":
                 # A System V segment, made (or found intact) by ckpt with its
                 # pages before the process (engine/sysvshm.py): attached by id.
@@ -339,10 +354,14 @@ class Builder:
                     self.pending.add("madvise", start, size, apart[start][0])
                 if lone:
                     self.pending.add("mprotect", start, size, prot)
-            if v["path"].startswith("[anon:"):
-                name = v["path"][len("[anon:"):-1].encode() + b"\0"
-                self.pending.add("prctl", PR_SET_VMA, PR_SET_VMA_ANON_NAME, start, size, Data(name))
+            self._name(v)
             later.append((v, force, prot, final))
+        yield
+        for vs in parts:
+            self._map_parts(vs)
+        # A step of its own: a tree's members run each step side by side,
+        # so every member's parts exist before any member maps them from
+        # its owner (map_shared below), whatever order they are built in.
         yield
         bare = []
         for v in bare_apart(self.job.vmas, apart, self.in_place):
@@ -357,6 +376,10 @@ class Builder:
             from .tree_restore import map_shared     # a tree's only (its import costs a restore ~25 ms under TCG)
             for v, flags in shared_later:
                 total += map_shared(self, v, flags)
+                if v["pages"]:
+                    # a part of the object no earlier member's mapping carried
+                    total += self._write_pages(v["pages"], False)
+                    self.call("mprotect", v["start"], v["end"] - v["start"], prot_of(v["perms"]))
         writes = [(v, force) for v, force, _, _ in later
                   if v["pages"] and v["start"] not in self.in_place and v["kind"] != "sysvshm"]
         from .uffdfill import AnonFill     # private anonymous memory by UFFDIO_COPY, when worth it
@@ -383,6 +406,34 @@ class Builder:
             if prot != final:
                 self.pending.add("mprotect", start, size, final)
         self.page_bytes = total
+
+    def _name(self, v: dict) -> None:
+        """The name a mapping was given (PR_SET_VMA_ANON_NAME: "[anon:NAME]",
+        on shared anonymous memory "[anon_shmem:NAME]"), queued."""
+        for prefix in ("[anon:", "[anon_shmem:"):
+            if v["path"].startswith(prefix):
+                name = v["path"][len(prefix):-1].encode() + b"\0"
+                self.pending.add("prctl", PR_SET_VMA, PR_SET_VMA_ANON_NAME, v["start"], v["end"] - v["start"],
+                                 Data(name))
+
+    def _map_parts(self, vs: list) -> None:
+        """One shared anonymous object (made by mmap at its size, wherever
+        the kernel finds room: every other mapping and each part's
+        placeholder are in place), each part moved over its placeholder by
+        mremap(old_size 0): a second mapping of the same pages at the part's
+        offset, made as the original's was (the object's own vm_ops, not a
+        file mapping's). The object's own mapping goes."""
+        size = vs[0]["shmem_size"]
+        tmp = self.call("mmap", 0, size, 3, MAP_SHARED | MAP_ANONYMOUS, -1, 0)
+        try:
+            for v in vs:
+                start, n = v["start"], v["end"] - v["start"]
+                got = self.call("mremap", tmp + v["offset"], 0, n, MREMAP_MAYMOVE | MREMAP_FIXED, start)
+                if got != start:
+                    raise EngineError(f"shared memory part {start:#x} landed at {got:#x}", pid=self.pid)
+                self._name(v)
+        finally:
+            self.call("munmap", tmp, size)
 
     def _write_pages(self, runs: list, force: bool, fill=None) -> int:
         """Pages into the new process (`fill`: by UFFDIO_COPY, engine/uffdfill.py).

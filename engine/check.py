@@ -391,7 +391,6 @@ def _check_vmas(s: Survey, ctx: Optional[DumpContext] = None) -> None:
         known = ctx.shared.get(MAPFS_KEY)
         if known is None:
             known = ctx.shared[MAPFS_KEY] = {}
-    shmem_inodes: Dict[int, int] = {}
     sysv = None     # /proc/sysvipc/shm, read at the first SysV mapping (engine/sysvshm.py)
     for vma in (s.maps if s.maps is not None else s.proc.maps()):
         vma["flags"] = flags.get(vma["start"], [])
@@ -406,11 +405,6 @@ def _check_vmas(s: Survey, ctx: Optional[DumpContext] = None) -> None:
                 raise Refusal("unsupported-mapping", "VmFlags " + ", ".join(
                     FLAG_NAMES.get(f, f"protection key {f[4:]} (pkey_mprotect)" if f.startswith("pkey") else f)
                     for f in bad), path=vma["path"] or None)
-            if kind == "shmem":
-                if vma["inode"] in shmem_inodes:
-                    raise Refusal("unsupported-mapping", "shared anonymous memory mapped more than once "
-                                  "(or split by mprotect)", path=vma["path"])
-                shmem_inodes[vma["inode"]] = vma["start"]
             if kind == "sysvshm":
                 from . import sysvshm
                 if sysv is None:
@@ -431,6 +425,14 @@ def _check_vmas(s: Survey, ctx: Optional[DumpContext] = None) -> None:
         for _, v, r in sysvshm.outside([(s.pid, v) for v in s.vmas if v["kind"] == "sysvshm"],
                                        s.memo.get(sysvshm.REFUSED_KEY, ())):
             s.refuse(f"mapping {v['start']:x}-{v['end']:x} {v['perms']} {v['path']}", "mapping", r)
+    if any(v["kind"] == "shmem" for v in s.vmas):
+        # one object in several mappings, or in a part of one (engine/shmem.py)
+        from . import shmem
+        for v, r in shmem.survey(s.vmas):
+            s.refuse(f"mapping {v['start']:x}-{v['end']:x} {v['perms']} {v['path']}", "mapping", r)
+        if ctx is None or ctx.tree_root is None:
+            for _, what, r in shmem.uncovered([(s.pid, s.vmas)]):     # a tree's: tree.tree_problems
+                s.refuse(what, "mapping", r)
     if (ctx is None or ctx.tree_root is None) and any(v["kind"] in ("shmem", "file") and v["perms"][3] == "s"
                                                       for v in s.vmas):
         # holders outside the process (a tree's: tree.tree_problems, all at once)

@@ -389,8 +389,14 @@ def map_records(s: Survey, ctx: DumpContext) -> dict:
     return recs
 
 
-def dump_memory(pid: int, s: Survey, recs: dict, dumper: PageDumper) -> List[dict]:
+def dump_memory(pid: int, s: Survey, recs: dict, dumper: PageDumper, shm=None) -> List[dict]:
+    """The mappings' records, their pages queued in `dumper`. `shm`: a
+    tree's shmem.Pages (the object ranges earlier members carry)."""
     out = []
+    own_shm = None
+    if shm is None and any(v["kind"] == "shmem" for v in s.vmas):
+        from .shmem import Pages
+        shm = own_shm = Pages()
     pm = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
     try:
         for v in s.vmas:
@@ -407,7 +413,11 @@ def dump_memory(pid: int, s: Survey, recs: dict, dumper: PageDumper) -> List[dic
             if kind == "sysvshm":
                 # the segment's row (engine/sysvshm.py); its pages once, in the mapping marked "data"
                 rec["sysv"] = v["sysv"]
-            if kind == "shmem" or (kind == "sysvshm" and v["sysv"]["data"]):
+            if kind == "shmem":
+                # its data, once per object range in the dump (engine/shmem.py)
+                rec["shmem_size"] = v["shmem_size"]
+                runs = shm.runs(v, PAGE)
+            elif kind == "sysvshm" and v["sysv"]["data"]:
                 runs = [[v["start"], npages]]
             elif "dp" in v["flags"]:
                 # A droppable mapping's pages may vanish (read as zeros) at
@@ -438,6 +448,8 @@ def dump_memory(pid: int, s: Survey, recs: dict, dumper: PageDumper) -> List[dic
             out.append(rec)
     finally:
         os.close(pm)
+        if own_shm is not None:
+            own_shm.close()
     return out
 
 

@@ -31,7 +31,7 @@ MANIFEST = "manifest.json"
 # differs from 7 only by core.json "mempolicy" missing (the default policy),
 # 7 from 8 by attrs tsc, mdwe and memory_merge missing (their defaults), 8
 # from 9 by threads' "mempolicy" (the leader's), 9 from 10 by "membarrier" (0).
-READ_FORMATS = (5, 6, 7, 8, 9, 10, 11, FORMAT_VERSION)
+READ_FORMATS = (5, 6, 7, 8, 9, 10, 11, 12, FORMAT_VERSION)
 _CHUNK = 8 << 20
 
 

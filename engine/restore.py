@@ -140,6 +140,7 @@ def check_core(core) -> None:
 def check_mm(mm, npage_files: int) -> List[dict]:
     vmas = _need(mm, "vmas", list, "mm.json")
     last = 0
+    shmem_sizes: dict = {}      # shared anonymous object (dev, inode) -> its size: one per object
     for v in vmas:
         # every field of the exact type the JSON scanner makes: what the
         # _need calls below pass (a tree's restore made ~11,500 of them);
@@ -159,12 +160,33 @@ def check_mm(mm, npage_files: int) -> List[dict]:
             _need(v, "file", dict, "mm.json vma")
         if v["kind"] == "sysvshm":
             _need(v, "sysv", dict, "mm.json vma")     # its fields: imagecheck.check_records (engine/sysvshm.py)
+        if v["kind"] == "shmem":
+            _check_shmem(v, shmem_sizes)
         for run in v["pages"]:
             if (not isinstance(run, list) or len(run) != 4 or not all(isinstance(x, int) for x in run)
                     or run[0] < v["start"] or run[0] + run[1] * 4096 > v["end"] or run[2] >= npage_files):
                 raise _bad(f"mm.json: page run {run!r} outside mapping {v['start']:#x}-{v['end']:#x}")
         last = v["end"]
     return vmas
+
+
+def _check_shmem(v: dict, sizes: dict) -> None:
+    """A shared anonymous mapping's object (engine/shmem.py): its size, the
+    same for each of its mappings, each inside it at a page offset. An
+    image older than format 13 has no size: each mapping was its own
+    object, made at its size and offset 0, as that engine did (so one
+    object mapped twice is not such an image's)."""
+    n = v["end"] - v["start"]
+    k = (v["dev"], v["inode"])
+    if "shmem_size" not in v:
+        if k in sizes:
+            raise _bad(f"mm.json: shared memory inode {v['inode']} mapped twice in an image without object sizes")
+        v["shmem_size"], v["offset"] = n, 0
+    size = v["shmem_size"]
+    if (size.__class__ is not int or size <= 0 or size % 4096 or v["offset"] % 4096 or v["offset"] < 0
+            or v["offset"] + n > size or sizes.setdefault(k, size) != size):
+        raise _bad(f"mm.json: shared memory mapping {v['start']:#x} (offset {v['offset']:#x}, {n} bytes) "
+                   f"of an object of {size!r} bytes")
 
 
 def _vma_fields(v) -> None:

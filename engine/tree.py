@@ -360,6 +360,8 @@ def tree_problems(members: List[Member]) -> List[tuple]:
     out.extend(shared_kernel_objects(members))
     out.extend((by_pid[pid], what, r) for pid, what, r in
                shmem.outside([(m.pid, m.survey.vmas) for m in members if m.survey is not None]))
+    out.extend((by_pid[pid], what, r) for pid, what, r in
+               shmem.uncovered([(m.pid, m.survey.vmas) for m in members if m.survey is not None]))
     # One time namespace is made at restore, for every member: each must
     # read the clocks as the root does (engine/timens.py)
     offs = root.survey.memo.get("timens") if root.survey is not None else None
@@ -464,8 +466,9 @@ def shared_ofds(members: List[Member]) -> Dict[int, Dict[int, list]]:
 
 def shared_memory(members: List[Member]) -> Dict[int, Dict[int, list]]:
     """{member pid: {vma start: [owner pid, start, end]}} for shared
-    anonymous memory an earlier member maps too. Raises Refusal when the
-    two mappings differ in size (a part of the object: not rebuilt)."""
+    anonymous memory an earlier member maps too: the owner's first mapping
+    of the object, through which the restore maps it again (any part, at
+    its own offset: engine/tree_restore.py map_shared)."""
     owners: Dict[tuple, tuple] = {}
     out: Dict[int, Dict[int, list]] = {}
     for m in members:
@@ -475,15 +478,11 @@ def shared_memory(members: List[Member]) -> Dict[int, Dict[int, list]]:
         for v in m.survey.vmas:
             if v.get("kind") != "shmem":
                 continue
-            key = shmem.key(v)
-            if key in owners:
-                opid, ostart, oend = owners[key]
-                if oend - ostart != v["end"] - v["start"] or v["offset"]:
-                    raise Refusal("unsupported-mapping", f"shared memory {v['path']} mapped {oend - ostart} bytes by "
-                                  f"pid {opid} and {v['end'] - v['start']} here", pid=m.pid)
-                mine[v["start"]] = [opid, ostart, oend]
+            k = shmem.key(v)
+            if k in owners and owners[k][0] != m.pid:
+                mine[v["start"]] = list(owners[k])
             else:
-                owners[key] = (m.pid, v["start"], v["end"])
+                owners.setdefault(k, (m.pid, v["start"], v["end"]))
         out[m.pid] = mine
     return out
 
@@ -672,12 +671,14 @@ def dump(pid: int, directory: str, options) -> dict:
         members = freeze(pid)
         t_frozen = time.monotonic()
         dumpers = []
+        shm_pages = None
         try:
             refusals = _survey(members, options, img, boot_id())
             if refusals:
                 raise refusals[0] if len(refusals) == 1 else Refusals(refusals)
             ofds = shared_ofds(members)
             shm = shared_memory(members)
+            shm_pages = shmem.Pages()       # its fds closed below, or on the way out
             live = [m for m in members if not m.zombie]
             total = nfds = nvmas = 0
             mms = []
@@ -699,13 +700,14 @@ def dump(pid: int, directory: str, options) -> dict:
                 # A table several members hold is dumped once, by the
                 # first of them; the others' fds.json is empty.
                 fdrecs = single.dump_fds(s, ctx, ofds.get(m.pid, {}), "dump.tree.fd") if "files" in m.owns else []
-                vmas = _dump_memory(m, dumper, shm.get(m.pid, {}))
+                vmas = _dump_memory(m, dumper, shm.get(m.pid, {}), shm_pages)
                 dumper.run()
                 mms.append((m, simg, vmas, dumper.nfiles))
                 simg.write_json("fds.json", fdrecs)
                 total += dumper.total
                 nfds += len(fdrecs)
                 nvmas += len(vmas)
+            shm_pages.close()
             # The pages a member still shares with its parent since a fork
             # (engine/cow.py), recorded for the restore to keep them shared.
             for m, simg, vmas, nfiles in mms:
@@ -735,6 +737,8 @@ def dump(pid: int, directory: str, options) -> dict:
         except BaseException:
             for d in dumpers:
                 d.close()
+            if shm_pages is not None:
+                shm_pages.close()
             try:
                 _on_release(members, killed=False)
             finally:
@@ -748,20 +752,13 @@ def dump(pid: int, directory: str, options) -> dict:
             "total_ms": round((time.monotonic() - t0) * 1000, 2), "left_running": bool(options.leave_running)}
 
 
-def _dump_memory(m: Member, dumper, shared: Dict[int, list]) -> List[dict]:
-    """dump.dump_memory; shared memory an earlier member holds is dumped
-    there only."""
+def _dump_memory(m: Member, dumper, shared: Dict[int, list], shm) -> List[dict]:
+    """dump.dump_memory; shared memory is read once per object range in the
+    tree (`shm`, shmem.Pages: where an earlier member's mapping of it reads
+    it, this one's reads nothing)."""
     from .dump import dump_memory
-    s = m.survey
-    if shared:
-        class _View:
-            pass
-        view = _View()
-        view.vmas = [dict(v, kind="tree-shared") if v["start"] in shared else v for v in s.vmas]
-        s = view
-    vmas = dump_memory(m.pid, s, m.recs, dumper)
+    vmas = dump_memory(m.pid, m.survey, m.recs, dumper, shm)
     for v in vmas:
         if v["start"] in shared:
-            v["kind"] = "shmem"
             v["tree_shared"] = shared[v["start"]]
     return vmas

@@ -186,11 +186,21 @@ def restore_tree(reader, options, pidfile: Optional[str], t0: float) -> dict:
                           {m["pid"]: core for m, _, core, _, _, _, _ in loaded})
     imagecheck.check_all_used(reader, {TREE_FILE} | imagecheck.tree_used_files(
         [(m["dir"], core, vmas, fdrecs, npf) for m, _, core, vmas, fdrecs, npf, _ in loaded]))
+    # a tree_shared mapping names an earlier member's mapping of the same object
+    shmem_of = {}
+    order = {m["pid"]: i for i, (m, *_) in enumerate(loaded)}
+    for m, _, _, vmas, _, _, _ in loaded:
+        for v in vmas:
+            if v["kind"] == "shmem":
+                shmem_of[(m["pid"], v["start"], v["end"])] = (v["dev"], v["inode"], v["shmem_size"])
     for m, img, core, vmas, fdrecs, npf, ctx in loaded:
         for v in vmas:
-            if "tree_shared" in v and not (isinstance(v["tree_shared"], list) and len(v["tree_shared"]) == 3
-                                           and v["tree_shared"][0] in pids and v["kind"] == "shmem"):
-                raise _bad(f"member {m['pid']} mapping {v['start']:#x}: tree_shared")
+            ts = v.get("tree_shared")
+            if "tree_shared" in v and not (
+                    isinstance(ts, list) and len(ts) == 3 and all(x.__class__ is int for x in ts)
+                    and ts[0] in pids and v["kind"] == "shmem" and order.get(ts[0], 1 << 30) < order[m["pid"]]
+                    and shmem_of.get(tuple(ts)) == (v["dev"], v["inode"], v["shmem_size"])):
+                raise _bad(f"member {m['pid']} mapping {v['start']:#x}: tree_shared {ts!r}")
             if "cow" in v:
                 cow.check(v)
     # System V segments: one record agreed by every member attaching it (engine/sysvshm.py)
@@ -489,7 +499,10 @@ def _take_sigchld(b) -> None:
 def map_shared(b, v: dict, flags: int) -> int:
     """Build stage hook (Builder.map_all): map the shared memory an earlier
     member of the tree holds, through its /proc/PID/map_files entry: the
-    same object, one write seen by both."""
+    same object, one write seen by both, this part at its own offset
+    (engine/shmem.py). Writable while pages of its own are to go in (a
+    forced write into a read-only shared mapping fails); map_steps gives
+    it its protection once they are."""
     from .build import prot_of, MADVISE_FLAGS
     opid, ostart, oend = v["tree_shared"]
     path = f"/proc/{opid}/map_files/{ostart:x}-{oend:x}".encode() + b"\0"
@@ -499,9 +512,10 @@ def map_shared(b, v: dict, flags: int) -> int:
         raise SysError(f"open {path[:-1].decode()} (injected)", -fd, b.pid)
     try:
         start, size = v["start"], v["end"] - v["start"]
-        got = b.call("mmap", start, size, prot_of(v["perms"]), flags, fd, 0)
+        got = b.call("mmap", start, size, 3 if v["pages"] else prot_of(v["perms"]), flags, fd, v["offset"])
         if got != start:
             raise EngineError(f"shared mapping {start:#x} landed at {got:#x}", pid=b.pid)
+        b._name(v)
         for f in v["flags"]:
             if f in MADVISE_FLAGS:
                 b.call("madvise", start, size, MADVISE_FLAGS[f])

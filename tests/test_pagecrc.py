@@ -161,13 +161,13 @@ def test_format_5_has_no_crc_entries(tmp_path):
     _reject(d)
 
 
-@pytest.mark.parametrize("fmt", [4, 13, 5.0, "6", True])
+@pytest.mark.parametrize("fmt", [4, 14, 5.0, "6", True])
 def test_other_formats_are_refused_naming_those_read(tmp_path, fmt):
     d = _write(tmp_path)
     man = _manifest(d)
     man["format"] = fmt
     _put_manifest(d, man)
-    with pytest.raises(Refusal, match=r"this engine reads formats 5, 6, 7, 8, 9, 10, 11, 12") as ei:
+    with pytest.raises(Refusal, match=r"this engine reads formats 5, 6, 7, 8, 9, 10, 11, 12, 13") as ei:
         ImageReader(d)
     assert ei.value.reason == "image-invalid"
 
