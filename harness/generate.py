@@ -717,6 +717,10 @@ def draw(rng: random.Random, migrate: bool = False) -> dict:
         mp["shared"] = True
         if rng.random() < 0.4:
             mp["outside"] = True
+        if rng.random() < 0.3:
+            mp["twice"] = True          # one object in parts (engine/shmem.py)
+        if int(mp["length"]) >= 3 * 65536 and rng.random() < 0.5:
+            mp["split"] = True
     return sc
 
 

@@ -324,6 +324,14 @@ def _members(img: Image) -> List[dict]:
         return []
 
 
+def _mm_names(img: Image) -> List[str]:
+    """Every process's mm.json: a single process's, or each live tree member's."""
+    members = _members(img)
+    if not members:
+        return ["mm.json"]
+    return [m["dir"] + "mm.json" for m in members if not m.get("zombie")]
+
+
 def m_unshare_tree_memory(img: Image) -> str:
     """A MAP_SHARED mapping two tree members share comes back as two
     mappings with the same bytes: a write by one is no longer seen by the
@@ -369,6 +377,27 @@ def m_unshare_tree_memory(img: Image) -> str:
             return (f"member {m['pid']}'s mapping {v['start']:#x}-{v['end']:#x}, shared with {owner_pid}, "
                     "restored as a copy of its pages")
     raise NoTarget("no MAP_SHARED mapping shared by two members")
+
+
+def m_split_shmem_parts(img: Image) -> str:
+    """Two mappings of one shared anonymous object (split by mprotect,
+    mapped twice) come back as two objects: the second part's record gets
+    an inode of its own, so the restore makes it anew with only the pages
+    it carried (engine/shmem.py)."""
+    for name in _mm_names(img):
+        mm = img.json(name)
+        seen = {}
+        for v in mm["vmas"]:
+            if v.get("kind") != "shmem" or v.get("tree_shared"):
+                continue
+            k = (v["dev"], v["inode"])
+            if k in seen:
+                v["inode"] += 1 << 40
+                img.put_json(name)
+                return (f"{name}: mapping {v['start']:#x}-{v['end']:#x}, a part of the object at "
+                        f"{seen[k]:#x}, made an object of its own")
+            seen[k] = v["start"]
+    raise NoTarget("no shared anonymous object mapped in two parts")
 
 
 def m_lose_sigmask(img: Image) -> str:
@@ -1591,6 +1620,7 @@ EDITS: Dict[str, Tuple[Callable[[Image], str], str]] = {
     "reset-process-attrs": (m_reset_process_attrs, "the I/O priority and process attributes (core dump filter, "
                             "dumpable, subreaper, ...) reset to the restorer's"),
     "unshare-tree-memory": (m_unshare_tree_memory, "a MAP_SHARED mapping of two tree members becomes two copies"),
+    "split-shmem-parts": (m_split_shmem_parts, "two mappings of one shared anonymous object come back as two objects"),
     "drop-cow-page": (m_drop_cow_page, "a private file mapping's written page comes back as the file's bytes"),
     "reset-thread-sched": (m_reset_thread_sched, "every thread gets the leader's nice, policy and CPU affinity"),
     "swap-thread-tls": (m_swap_thread_tls, "two threads' thread pointers (TLS, pthread_self) swapped"),
@@ -1972,6 +2002,8 @@ CAUGHT_BY: Dict[str, str] = {
                            "io-flusher.yaml: every thread's task flags); "
                            "I/O priority, coredump_filter, THP_enabled and numa_maps compared from outside",
     "unshare-tree-memory": "tree children write to a MAP_SHARED page after the restore; the parent must see it, and they its",
+    "split-shmem-parts": "one inode under every part of an object, its bytes, and a write through one mapping read "
+                         "through the other (mmap/shared-anon-parts)",
     "drop-cow-page": "a quiet workload's whole private memory digested from outside (harness/memstate.py, "
                      "process/quiet-memory)",
     "reset-thread-sched": "per-thread nice/policy/priority from /proc/PID/task/TID/stat and the thread's own "

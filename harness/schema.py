@@ -343,9 +343,11 @@ def _mmap() -> Check:
     # apart: an anonymous mapping made as two halves the kernel keeps apart
     # (sysapi.mmap_apart: different anon_vmas), alike in all maps shows
     # shared (anon): MAP_SHARED|MAP_ANONYMOUS; outside: a process outside the
-    # dump maps that memory too (forked from the workload once it is made)
+    # dump maps that memory too (forked from the workload once it is made);
+    # split: its second page made read-only (three mappings, one object);
+    # twice: mapped a second time (mremap old_size 0: the same pages)
     return Map({"file": Path(), "anon": Bool(), "sysv": Bool(), "apart": Bool(), "offset": Size(), "length": Size(),
-                "outside": Bool(),
+                "outside": Bool(), "split": Bool(), "twice": Bool(),
                 "prot": Enum(("r", "rw")),
                 "shared": Bool(), "seed": Int(0),
                 # madvise(2) advice the mapping keeps (smaps VmFlags)
@@ -656,6 +658,13 @@ def _cross_checks(c: _Ctx, root: yaml.MappingNode, data: dict) -> None:
         if m.get("outside") and not (m.get("anon") and m.get("shared")):
             raise c.fail(node_of("workload", "mmaps", i), f"workload.mmaps[{i}].outside",
                          "a process outside maps shared anonymous memory: anon: true, shared: true")
+        for part in ("split", "twice"):
+            if m.get(part) and not (m.get("anon") and m.get("shared")):
+                raise c.fail(node_of("workload", "mmaps", i), f"workload.mmaps[{i}].{part}",
+                             "parts of one object are shared anonymous memory: anon: true, shared: true")
+        if m.get("split") and int(m["length"]) < 3 * 65536:
+            raise c.fail(node_of("workload", "mmaps", i), f"workload.mmaps[{i}].split",
+                         "a split mapping is at least 192K (three pieces of whole pages on every page size)")
         if m.get("anon") and m.get("shared") and m.get("apart"):
             raise c.fail(node_of("workload", "mmaps", i), f"workload.mmaps[{i}].shared",
                          "apart is private anonymous memory")

@@ -193,6 +193,20 @@ def mmap_apart(length: int) -> Tuple[int, int]:
     return lo, length
 
 
+def mprotect(addr: int, length: int, prot: int) -> None:
+    _check(_libc.mprotect(ctypes.c_void_p(addr), ctypes.c_size_t(length), ctypes.c_int(prot)))
+
+
+def mremap_twice(addr: int, length: int) -> int:
+    """mremap(addr, 0, length, MREMAP_MAYMOVE): the same shared pages mapped
+    a second time, wherever the kernel puts them; that address."""
+    got = _libc.mremap(addr, 0, length, MREMAP_MAYMOVE, None)
+    if got in (None, MAP_FAILED):
+        e = ctypes.get_errno()
+        raise OSError(e, f"mremap(old_size 0): {os.strerror(e)}")
+    return got
+
+
 def mremap_errno(addr: int, old: int, new: int) -> int:
     """mremap(2) of [addr, addr+old) to ``new`` bytes in place: 0 if it
     succeeded, else its errno (EFAULT: the range is not one mapping)."""

@@ -217,7 +217,15 @@ def map_all(spec: dict, model: world.Model, helpers: Optional[List[int]] = None)
                 helpers.append(outside.spawn(lambda ready: ready(), keep=-1))
             for a in m.get("advise") or []:
                 sysapi.madvise(addr, length, sysapi.MADVISE[a])
-            out.append({"addr": addr, "length": length})
+            rec = {"addr": addr, "length": length}
+            if m.get("split"):
+                # the middle third read-only: one object, three mappings (offsets 0, N, 2N)
+                third = length // 3 // 65536 * 65536
+                sysapi.mprotect(addr + third, third, PROT["r"])
+                rec["split"] = third
+            if m.get("twice"):
+                rec["twice"] = sysapi.mremap_twice(addr, length)
+            out.append(rec)
             continue
         if m.get("sysv"):
             shmid, addr = sysapi.shm_attach(length)
@@ -467,7 +475,7 @@ def mmap_checks(spec: dict, ready: dict, model: world.Model) -> List[dict]:
         for line in f:
             parts = line.split(None, 5)
             lo, hi = (int(x, 16) for x in parts[0].split("-"))
-            maps.append((lo, hi, parts[1], parts[5].strip() if len(parts) > 5 else "", parts[4]))
+            maps.append((lo, hi, parts[1], parts[5].strip() if len(parts) > 5 else "", parts[4], int(parts[2], 16)))
     for m, rec in zip(spec.get("mmaps") or [], ready["mmaps"]):
         addr, length = rec["addr"], rec["length"]
         what = f"mmap {m.get('file', 'anon')} at {addr:#x}"
@@ -484,6 +492,9 @@ def mmap_checks(spec: dict, ready: dict, model: world.Model) -> List[dict]:
             out.append(kinds.check(None, what + ": an mremap across the seam of the halves fails",
                                    "EFAULT", errno.errorcode.get(err, str(err))))
             length = half           # the rest is checked on the first half, then the bytes of both
+        if rec.get("split") or rec.get("twice"):
+            out.extend(_check_parts(what, m, rec, maps))
+            continue
         hit = next((x for x in maps if x[0] <= addr and addr + length <= x[1]), None)
         if hit is None:
             out.append(kinds.check(None, what + ": mapped", True, False))
@@ -513,6 +524,42 @@ def mmap_checks(spec: dict, ready: dict, model: world.Model) -> List[dict]:
             out.append(kinds.check(None, what + ": file deleted", model.nlink(rec["ino"]) == 0,
                                      hit[3].endswith(" (deleted)")))
         out.append(kinds.bytes_check(None, what + ": contents", bytes(expected), sysapi.peek(addr, length)))
+    return out
+
+
+def _check_parts(what: str, m: dict, rec: dict, maps: list) -> List[dict]:
+    """Shared anonymous memory in parts, one object: each part where it was
+    with its protection and offset, the same inode under every part, its
+    bytes; a write through one mapping of a page read through the other."""
+    addr, length = rec["addr"], rec["length"]
+    want = []       # (start, end, perms, offset)
+    if rec.get("split"):
+        n = rec["split"]
+        want += [(addr, addr + n, "rw-s", 0), (addr + n, addr + 2 * n, "r--s", n),
+                 (addr + 2 * n, addr + length, "rw-s", 2 * n)]
+    else:
+        want.append((addr, addr + length, "rw-s", 0))
+    if rec.get("twice"):
+        want.append((rec["twice"], rec["twice"] + length, "rw-s", 0))
+    by_start = {x[0]: x for x in maps}
+    got = [by_start.get(a) for a, _, _, _ in want]
+    out = [kinds.check(None, what + ": its parts (start, end, perms, offset)",
+                       [f"{a:x}-{b:x} {p} {o:x}" for a, b, p, o in want],
+                       [f"{x[0]:x}-{x[1]:x} {x[2]} {x[5]:x}" if x else "none" for x in got])]
+    inodes = {x[4] for x in got if x}
+    out.append(kinds.check(None, what + ": one object under every part", 1, len(inodes)))
+    expected = bytes(seeded.data(int(m.get("seed", 0)), 0, length))
+    out.append(kinds.bytes_check(None, what + ": contents", expected, sysapi.peek(addr, length)))
+    if rec.get("twice"):
+        dup = rec["twice"]
+        out.append(kinds.bytes_check(None, what + ": contents of its second mapping", expected,
+                                     sysapi.peek(dup, length)))
+        old = sysapi.peek(addr, 8)
+        sysapi.poke(addr, b"\xa5" * 8)
+        seen = sysapi.peek(dup, 8)
+        sysapi.poke(addr, old)
+        out.append(kinds.check(None, what + ": a write through the first mapping is read through the second",
+                               (b"\xa5" * 8).hex(), seen.hex()))
     return out
 
 

@@ -224,7 +224,7 @@ def test_every_mutant_is_listed_and_tested():
     assert len(mutants.names()) >= 22
     assert set(EXPECTED) | TREE_EDITS | set(THREAD_EDITS) | MEMORY_EDITS | SOCKET_EDITS \
         | set(TIMED_EDITS) | set(REGS_EDITS) | set(KNOB_EDITS) | set(PTY_EDITS) | set(JAILED_EDITS) | set(SYSV_EDITS) \
-        | set(APART_EDITS) | PIDFD_EDITS == set(mutants.EDITS)
+        | set(APART_EDITS) | PIDFD_EDITS | set(SHMEM_EDITS) == set(mutants.EDITS)
     assert set(mutants.CAUGHT_BY) == set(mutants.names())
     for name in mutants.names():
         e = engines.make(f"mutant:{name}")
@@ -1386,6 +1386,47 @@ def test_sysv_mutants_break_exactly_one_thing(procs, tmp_path):
     assert want["id"] == [s[0] for s in segs] and want["mode"] == [0o1600, 0o1600], want
     # (a segment under another id is another row of /proc/sysvipc/shm: its mode, read there, is unchanged)
     _each_edit_changes_only(SYSV_EDITS, img, tmp_path, restored, want)
+
+
+SHMEM = """
+import json, signal
+from harness import sysapi
+n = 3 * 4096
+a = sysapi.mmap(n, 3, 0x21, -1, 0)                  # MAP_SHARED|MAP_ANONYMOUS
+sysapi.poke(a, bytes((i * 5) % 251 + 1 for i in range(n)))
+sysapi.mprotect(a + 4096, 4096, 1)                  # three parts of one object
+with open("parts", "w") as f:
+    json.dump([a, a + 4096, a + 8192], f)
+open("ready", "w").close()
+signal.pause()
+"""
+SHMEM_EDITS = {"split-shmem-parts": {"one object"}}
+
+
+def _shmem_facts(pid: int, parts: list) -> dict:
+    """The parts seen from outside: whether one inode lies under them all,
+    their ranges and protections, and the digest of their bytes."""
+    maps = {}
+    for ln in open(f"/proc/{pid}/maps"):
+        cols = ln.split()
+        maps[int(cols[0].split("-")[0], 16)] = (cols[0], cols[1], cols[2], int(cols[4]))
+    got = [maps.get(a) for a in parts]
+    with open(f"/proc/{pid}/mem", "rb") as mem:
+        mem.seek(parts[0])
+        digest = hashlib.sha256(mem.read(3 * 4096)).hexdigest()
+    return {"one object": len({g[3] for g in got if g}) == 1,
+            "parts": [g[:3] if g else None for g in got], "bytes": digest}
+
+
+def test_shmem_mutant_breaks_exactly_one_thing(procs, tmp_path):
+    p, work, img = _python_target_dumped(procs, tmp_path, SHMEM, "the shared memory target")
+    parts = json.loads((work / "parts").read_text())
+
+    def restored(d):
+        return _restored_facts(procs, p.pid, d, lambda: _shmem_facts(p.pid, parts))
+    want = restored(img)
+    assert want["one object"] and [g[1] for g in want["parts"]] == ["rw-s", "r--s", "rw-s"], want
+    _each_edit_changes_only(SHMEM_EDITS, img, tmp_path, restored, want)
 
 
 # -- the README's two mutant tables ------------------------------------------------------
