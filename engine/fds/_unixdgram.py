@@ -159,6 +159,11 @@ def validate(rec: dict, ctx) -> None:
 
 def restore(rec: dict, ctx) -> int:
     """The rebuilt unconnected socket; raises `socket` or EngineError."""
+    from ._unixnamed import built_key, restored_key
+    early = ctx.shared.pop(built_key(rec["inode"]), None)
+    if early is not None:
+        return early            # built already for a socket connected to it (_unixnamed)
+    ctx.shared[restored_key(rec["inode"])] = True
     validate(rec, ctx)
     name = bytes.fromhex(rec["name"])
     what = text(rec)

@@ -226,6 +226,8 @@ def listener_restore(rec: dict, ctx) -> int:
     built = ctx.shared.get(_unixpending.build_key(rec["inode"]))
     if built is not None and "listener_fd" in built:
         return built.pop("listener_fd")       # built for a connecting end's record already
+    from . import _unixnamed
+    _unixnamed.prebuild(rec["name"], rec["type"], ctx)    # its accepted connections, while the name is free
     listener_validate(rec, ctx)        # again: the world may have moved since the pre-flight
     name = bytes.fromhex(rec["name"])
     text = _name_text(name)
