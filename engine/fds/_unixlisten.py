@@ -155,7 +155,12 @@ def _in_use(name: bytes, path: Optional[str]) -> bool:
         except FileNotFoundError:
             return False
         return bool(netdiag.unix_bound_to(st.st_dev, st.st_ino))
-    return any(s["name"] == name for s in netdiag.unix_sockets())
+    # An end accept() gave back carries its listener's name without
+    # holding it (connected, not datagram): only sockets that bound the
+    # name themselves count. A client that bound the name and connected is
+    # not told from one: its bind's EADDRINUSE says it then.
+    return any(s["name"] == name and (s["state"] == 10 or not s["peer"] or s["type"] == _socket.SOCK_DGRAM)
+               for s in netdiag.unix_sockets())
 
 
 def listener_validate(rec: dict, ctx) -> None:

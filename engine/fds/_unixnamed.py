@@ -65,6 +65,7 @@ from ._util import failed, refuse, refuse_rec, with_status_flags
 
 LISTEN = 10           # TCP_LISTEN, as sock_diag reports a listening unix socket's state
 RCV, SEND = netdiag.RCV_SHUTDOWN, netdiag.SEND_SHUTDOWN
+_FS_DENIED = (_errno.EACCES, _errno.EPERM, _errno.EROFS, _errno.ENOSPC, _errno.EDQUOT)
 
 
 def _mirror(bits: int) -> int:
@@ -249,6 +250,7 @@ def _check_path(rec: dict, ctx, f: dict, name: bytes, own: bool) -> None:
 
 
 def _check_abstract(rec: dict, ctx, name: bytes) -> None:
+    # (bind's EADDRINUSE, at the build, is the last word)
     try:
         busy = _in_use(name, None)
     except OSError as e:
@@ -325,6 +327,9 @@ def _own_bind(s: _socket.socket, rec: dict, ctx, name: bytes, f: Optional[dict])
     except OSError as e:
         if e.errno == _errno.EADDRINUSE:
             raise refuse_rec(rec, ctx, "socket", f"{_what(rec)}: address {_name_text(name)} in use") from None
+        if e.errno in _FS_DENIED:
+            raise refuse_rec(rec, ctx, "socket", f"{_what(rec)}: cannot bind {_name_text(name)} "
+                             f"({e.strerror})") from None
         raise
     if f is not None:
         os.chown(f["path"], f["uid"], f["gid"], follow_symlinks=False)
@@ -370,15 +375,18 @@ def _build_stream(acc: dict, cli: dict, ctx):
             shut_down(c, pre)
         t = _socket.socket(_socket.AF_UNIX, typ | _socket.SOCK_CLOEXEC)
         try:
-            if lf is not None and os.path.lexists(lf["path"]):
-                aside = _aside(lf["path"])
-                os.rename(lf["path"], aside)
             try:
+                if lf is not None and os.path.lexists(lf["path"]):
+                    aside = _aside(lf["path"])
+                    os.rename(lf["path"], aside)
                 _bind(t, lname, lf)
             except OSError as e:
                 if e.errno == _errno.EADDRINUSE:
                     raise refuse_rec(acc, ctx, "socket", f"{_what(acc)}: the name {_name_text(lname)} is "
                                      "taken now") from None
+                if e.errno in _FS_DENIED:
+                    raise refuse_rec(acc, ctx, "socket", f"{_what(acc)}: cannot make a temporary socket file at "
+                                     f"{lf['path'] if lf else _name_text(lname)} ({e.strerror})") from None
                 raise
             ccred, acred = cli.get("cred"), acc.get("cred")
             if lf is not None:
