@@ -7,7 +7,9 @@ path is not ours to use."""
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import socket
 import stat
 
@@ -17,7 +19,9 @@ from engine import netdiag
 from engine.errors import Refusal
 from engine.fds import _unixpair
 
+from engine_core_support import procs, python_exe, wait_for  # noqa: F401
 from fds_support import Target, classify, dump, restore
+from test_engine_tree import _dump_restore, _ready, _start, session_killer  # noqa: F401
 
 
 def sock(fd: int) -> socket.socket:
@@ -414,3 +418,65 @@ for x, fd in ((rs, 500), (ss, 501)):
             classify(t.pid, 501)
         assert ei.value.reason == "socket"
         assert "messages queued in a datagram socket whose peer is not connected back" in ei.value.detail
+
+
+# -- a process tree: the server the parent, the client its child ---------------
+
+TREE_SRC = r"""
+import json, os, signal, socket, sys, time
+path, typ = sys.argv[1], getattr(socket, sys.argv[2])
+l = socket.socket(socket.AF_UNIX, typ); l.bind(path); l.listen(1)
+
+def serve(s, who):
+    def on_usr1(*_):
+        s.setblocking(False)
+        got = []
+        try:
+            while True:
+                got.append(s.recv(100).decode())
+        except BlockingIOError:
+            pass
+        peer = s.getpeername()
+        with open(f"got-{who}.tmp", "w") as f:
+            json.dump({"got": got, "name": s.getsockname(), "peer": peer}, f)
+        os.rename(f"got-{who}.tmp", f"got-{who}")
+    signal.signal(signal.SIGUSR1, on_usr1)
+    while True:
+        time.sleep(1)
+
+kid = os.fork()
+if kid == 0:
+    l.close()
+    c = socket.socket(socket.AF_UNIX, typ); c.connect(path)
+    c.send(b"from the child"); c.send(b"again")
+    serve(c, "child")
+a, _ = l.accept()
+a.send(b"from the parent")
+time.sleep(0.2)        # the child's two sends are queued
+with open("ready.tmp", "w") as f:
+    json.dump({"kid": kid}, f)
+os.rename("ready.tmp", "ready")
+serve(a, "parent")
+"""
+
+
+@pytest.mark.parametrize("typ", ["SOCK_STREAM", "SOCK_SEQPACKET"])
+def test_server_parent_client_child_restored(procs, session_killer, tmp_path, typ):  # noqa: F811
+    path = str(tmp_path / "srv.sock")
+    p = _start(procs, [python_exe(), "-c", TREE_SRC, path, typ], tmp_path)
+    session_killer.append(p.pid)
+    kid = _ready(tmp_path, p)["kid"]
+    _dump_restore(p.pid, tmp_path / "img", procs)
+    assert stat.S_ISSOCK(os.lstat(path).st_mode)
+    assert {n for n in os.listdir(tmp_path) if n.endswith(".sock")} == {"srv.sock"}
+    for pid in (p.pid, kid):
+        os.kill(pid, signal.SIGUSR1)
+    out = {}
+    for who in ("parent", "child"):
+        f = tmp_path / f"got-{who}"
+        wait_for(f.exists, what=f"the {who}'s report")
+        out[who] = json.loads(f.read_text())
+    want_child = ["from the child", "again"] if typ == "SOCK_SEQPACKET" else ["from the childagain"]
+    assert out["parent"] == {"got": want_child, "name": path, "peer": ""}
+    assert out["child"] == {"got": ["from the parent"], "name": "", "peer": path}
+
