@@ -271,6 +271,63 @@ for x, fd in ((rs, 500), (s, 501), (ps, 502), (qs, 503), (m, 504)):
                 ss.close(); ps.close(); qs.close(); m.close()
 
 
+def test_bound_datagram_queue_from_its_one_connected_sender(tmp_path):
+    """zdtm socket_dgram_data: two sockets connected to a bound one, the
+    first has sent (an empty datagram among them); the queue comes back in
+    order, from the same sender (its name), the other sender's too."""
+    r, s1 = str(tmp_path / "r"), str(tmp_path / "s1")
+    setup = f"""
+import socket
+D = socket.SOCK_DGRAM
+rs = socket.socket(socket.AF_UNIX, D); rs.bind({r!r})
+a = socket.socket(socket.AF_UNIX, D); a.bind({s1!r}); a.connect({r!r})
+b = socket.socket(socket.AF_UNIX, D); b.connect({r!r})
+a.send(b"first"); a.send(b""); a.send(b"third" * 100)
+for x, fd in ((rs, 500), (a, 501), (b, 502)):
+    os.dup2(x.fileno(), fd); x.close()
+"""
+    with Target(tmp_path, setup) as t:
+        # (no classify first: its walk marks the empty datagram peeked, and
+        # a second walk at an offset skips it - then refused, not lost)
+        img = dump(t.pid, [500, 501, 502], str(tmp_path / "img"))
+        t.close()
+        with restore(img):
+            rs, b = sock(500), sock(502)
+            try:
+                rs.setblocking(False)
+                got = [rs.recvfrom(1000) for _ in range(3)]
+                assert got == [(b"first", s1), (b"", s1), (b"third" * 100, s1)]
+                with pytest.raises(BlockingIOError):
+                    rs.recv(10)
+                b.send(b"b")
+                assert rs.recvfrom(10) == (b"b", None)
+                assert names(501) == (z(s1), z(r)) and names(502) == (b"", z(r))
+            finally:
+                rs.close(); b.close()
+
+
+def test_bound_datagram_queue_with_a_sender_outside_refused(tmp_path):
+    r = str(tmp_path / "r")
+    setup = f"""
+import socket
+rs = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM); rs.bind({r!r})
+a = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM); a.connect({r!r}); a.send(b"in")
+for x, fd in ((rs, 500), (a, 501)):
+    os.dup2(x.fileno(), fd); x.close()
+"""
+    with Target(tmp_path, setup) as t:
+        out = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            out.sendto(b"from outside", r)
+            with pytest.raises(Refusal) as ei:
+                classify(t.pid, 500)
+            assert ei.value.reason == "socket"
+            assert "not all from one socket of the dump connected to it (2 unix sockets have messages " \
+                "charged to them)" in ei.value.detail
+        finally:
+            out.close()
+
+
 # -- refused ------------------------------------------------------------------
 
 def test_peer_outside_the_dump_refused(tmp_path):

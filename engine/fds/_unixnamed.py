@@ -56,7 +56,7 @@ if TYPE_CHECKING:
     from typing import Dict, List, Optional
 
 from .. import netdiag, pidfd
-from ..errors import EngineError
+from ..errors import EngineError, Refusal
 from . import _peercred, _sockopts, _unixpair
 from ._sockbase import (UNIX_TYPES as TYPES, held_here, inode_of, option_refusal, outside_holders, same_root,
                         unix_diag as _diag)
@@ -90,15 +90,23 @@ def _holder(info, ctx, ino: int, what: str):
     return pid, fds[0]
 
 
-def _path_file(info, name: bytes, vfs, head: str, own: bool) -> Optional[dict]:
+def _path_file(info, name: bytes, vfs, head: str, own: bool, holder: int = 0,
+               whose: str = "its own") -> Optional[dict]:
     """Where a path name lives: {path, base} (+ mode, uid, gid: `own`, a
     socket bound by itself, whose file must still be its bound inode).
-    None for an abstract or no name. Raises `socket`."""
+    A relative name is resolved from the cwd of `holder` (default: the
+    process at `info`). None for an abstract or no name. Raises `socket`."""
     if not name or name[:1] == b"\0":
         return None
-    if not same_root(info.pid):
+    holder = holder or info.pid
+    if not same_root(holder):
         raise refuse(info, "socket", f"{head}: the process has another root directory")
-    path, base = absolute_bound_path(info, name.split(b"\0", 1)[0], head)
+    from types import SimpleNamespace
+    try:
+        path, base = absolute_bound_path(SimpleNamespace(pid=holder, fd=info.fd, link=info.link),
+                                         name.split(b"\0", 1)[0], head)
+    except Refusal as e:
+        raise refuse(info, e.reason, e.detail) from None
     f = {"path": os.fsdecode(path), "base": base}
     if own:
         try:
@@ -106,7 +114,7 @@ def _path_file(info, name: bytes, vfs, head: str, own: bool) -> Optional[dict]:
         except OSError:
             st = None
         if st is None or not stat.S_ISSOCK(st.st_mode) or vfs != (st.st_dev, st.st_ino):
-            raise refuse(info, "socket", f"{head}: its own socket file {os.fsdecode(path)} was removed or "
+            raise refuse(info, "socket", f"{head}: {whose} socket file {os.fsdecode(path)} was removed or "
                          "replaced since bind")
         f.update(mode=stat.S_IMODE(st.st_mode), uid=st.st_uid, gid=st.st_gid)
     return f
@@ -162,7 +170,8 @@ def classify(info, ctx, q: dict) -> dict:
         # The accepted end's name is its listener's: a temporary name at
         # restore. A client's is its own bind: its file is put back.
         f = _path_file(info, name, d["vfs"], head, own=not accepted)
-        _path_file(info, pname, pd["vfs"], head, own=accepted)     # the peer's own checks, early
+        _path_file(info, pname, pd["vfs"], head, own=accepted, holder=peer_pid,
+                   whose="the peer's")     # the peer's own checks, early
         rec_extra.update(role=role, file=f)
         rec = _unixpair.end_state(info, ctx, q, ino, d, peer, peer_pid, peer_fd, head, named=True)
     else:
@@ -170,7 +179,7 @@ def classify(info, ctx, q: dict) -> dict:
         if not pname:
             raise refuse(info, "socket", f"{head}: connected to an unnamed datagram socket")
         f = _path_file(info, name, d["vfs"], head, own=True)
-        _path_file(info, pname, pd["vfs"], head, own=True)
+        _path_file(info, pname, pd["vfs"], head, own=True, holder=peer_pid, whose="the peer's")
         if mutual:
             role = "self" if peer == ino else "dgram"
             rec = _unixpair.end_state(info, ctx, q, ino, d, peer, peer_pid, peer_fd, head, named=True)
@@ -311,6 +320,8 @@ def validate(rec: dict, ctx) -> None:
 
 
 def _key(rec: dict) -> str:
+    if rec["role"] in ("sender", "self"):
+        return f"unix-named-built:{rec['inode']}"      # one end: its peer may have other senders
     return f"unix-named-built:{min(rec['inode'], rec['peer'])}"
 
 
@@ -485,10 +496,11 @@ def _build_dgram(a_rec: dict, b_rec: dict, ctx):
     return a, b
 
 
-def _build_one(rec: dict, ctx) -> _socket.socket:
+def _build_one(rec: dict, ctx, fill: Optional[tuple] = None) -> _socket.socket:
     """A datagram socket connected to itself, or to a bound socket not
-    connected back (built first, kept for its own record: built_key)."""
-    from . import _unixdgram
+    connected back (that one bound already: _build). `fill`: (the bound
+    socket, its record) whose queue this socket's messages make up, sent
+    once connected and read back."""
     s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM | _socket.SOCK_CLOEXEC)
     try:
         _sockopts.apply(s, rec["opts"], rec["set"])
@@ -498,11 +510,26 @@ def _build_one(rec: dict, ctx) -> _socket.socket:
             _connect(s, name, rec.get("file"))
         else:
             peer = _rec_of(ctx, rec["peer"], ("unix-dgram",))
-            key = built_key(peer["inode"])
-            if key not in ctx.shared and not ctx.shared.get(restored_key(peer["inode"])):
-                ctx.shared[key] = _unixdgram.restore(peer, ctx)
             _connect(s, bytes.fromhex(peer["name"]), peer.get("file"))
-        _sockopts.apply_late(s, rec["opts"], rec["set"])
+        names = list(rec["set"])
+        if fill is not None:
+            r_sock, r_rec = fill
+            msgs = _unixpair._messages(r_rec, ctx)
+            # charged to the sender (as _unixpair.fill_pair): room for them,
+            # the recorded size (and SO_BUF_LOCK) put back afterwards
+            need = 2 * r_rec["data_len"] + 2048 * (len(msgs) + 1) + (1 << 17)
+            if _unixpair._buf(s, "SO_SNDBUF") < need:
+                _sockopts.set_buffer(s, "SO_SNDBUF", need)
+                from . import _inflight
+                _inflight.fill(s, _socket.SOCK_DGRAM, msgs, r_rec.get("anc"), ctx)
+                _sockopts.set_buffer(s, "SO_SNDBUF", _sockopts.as_int(rec["opts"]["SO_SNDBUF"]))
+                if rec["opts"].get("SO_BUF_LOCK") is not None:
+                    names.append("SO_BUF_LOCK")
+            else:
+                from . import _inflight
+                _inflight.fill(s, _socket.SOCK_DGRAM, msgs, r_rec.get("anc"), ctx)
+            _unixpair._check_end(r_sock, dict(r_rec, cred=None, shutdown=0), ctx)    # (its shutdown comes after)
+        _sockopts.apply_late(s, rec["opts"], names)
         from ._sockbase import shut_down
         shut_down(s, rec["shutdown"])
         _unixpair._check_end(s, rec, ctx)
@@ -511,6 +538,20 @@ def _build_one(rec: dict, ctx) -> _socket.socket:
         s.close()
         raise
     return s
+
+
+def fill_bound(r_sock: _socket.socket, r_rec: dict, ctx) -> None:
+    """The queue of a bound datagram socket (just bound: _unixdgram) made
+    up again by the one sender connected to it (its record's
+    "queue_from"), which is built here and kept for its own record.
+    Raises as restore."""
+    srec = _rec_of(ctx, r_rec["queue_from"], ("unix-named",))
+    try:
+        ctx.shared[_key(srec)] = {srec["inode"]: _build_one(srec, ctx, fill=(r_sock, r_rec))}
+    except _sockopts.OptionError as e:
+        raise option_refusal(srec, ctx, e) from None
+    except OSError as e:
+        raise failed(srec, ctx, f"rebuilding {_what(srec)} and its peer's queue", e) from e
 
 
 def built_key(ino: int) -> str:
@@ -528,6 +569,15 @@ def _build(rec: dict, ctx) -> None:
     key = _key(rec)
     if key in ctx.shared:
         return
+    if rec["role"] == "sender":
+        from . import _unixdgram
+        peer = _rec_of(ctx, rec["peer"], ("unix-dgram",))
+        if built_key(peer["inode"]) not in ctx.shared and not ctx.shared.get(restored_key(peer["inode"])):
+            # bound first, kept for its own record; when its queue came
+            # from this socket, that builds this one too (fill_bound)
+            ctx.shared[built_key(peer["inode"])] = _unixdgram.restore(peer, ctx)
+        if key in ctx.shared:
+            return
     if rec["role"] in ("self", "sender"):
         ctx.shared[key] = {rec["inode"]: _build_one(rec, ctx)}
         return

@@ -255,6 +255,8 @@ def dump(info, ctx) -> dict:
         rec = _unixpair.pair_dump(info, ctx, q)
     elif kind == "unix-named":
         rec = _unixnamed.dump(info, ctx, q)
+    elif kind == "unix-dgram" and "_data" in _unixdgram.classify(info, ctx, q):
+        rec = _unixpair.store(_unixdgram.classify(info, ctx, q), ctx)     # a queue (_unixdgram._queued)
     elif kind == "udp":
         rec = _udp.dump(info, ctx, q)
     elif kind == "tcp-conn":
