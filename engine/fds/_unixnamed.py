@@ -362,6 +362,22 @@ def _aside(path: str) -> str:
     return os.path.join(os.path.dirname(path), f".ckpt-aside-{os.getpid()}-{secrets.token_hex(6)}")
 
 
+def _put_back(aside: str, path: str) -> None:
+    """The file moved aside back at `path`, never over something that
+    appeared there meanwhile (link fails EEXIST; rename only where the
+    file system has no hard links, after a check). Raises OSError."""
+    try:
+        os.link(aside, path)
+    except OSError as e:
+        if e.errno not in (_errno.EPERM, _errno.EOPNOTSUPP, _errno.EMLINK):
+            raise
+        if os.path.lexists(path):
+            raise
+        os.rename(aside, path)
+        return
+    os.unlink(aside)
+
+
 def _build_stream(acc: dict, cli: dict, ctx):
     """(accepted end, client) connected through a temporary listener bound
     to the accepted end's name. Raises Refusal, OSError, OptionError."""
@@ -401,7 +417,7 @@ def _build_stream(acc: dict, cli: dict, ctx):
                 raise
             ccred, acred = cli.get("cred"), acc.get("cred")
             if lf is not None:
-                made = os.lstat(lf["path"])
+                made = netdiag.unix_socket(os.fstat(t.fileno()).st_ino)["vfs"]     # the file bind made
                 if acred and acred["pid"] > 0:
                     # connect(2) by the recorded caller needs write access to
                     # the file: only it (and root) get it, for this moment.
@@ -412,9 +428,16 @@ def _build_stream(acc: dict, cli: dict, ctx):
                 # sun_path. The connected ends keep the listener's bound
                 # name whatever address connect(2) was given.
                 opath = os.open(lf["path"], os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+                st = os.fstat(opath)
+                if (st.st_dev, st.st_ino) != tuple(made):
+                    os.close(opath)
+                    raise refuse_rec(acc, ctx, "socket", f"{_what(acc)}: {lf['path']} was replaced during "
+                                     "the restore")
                 target = f"/proc/self/fd/{opath}"
             else:
                 target = lname
+            # never waits: a queue some outside connect filled is an error
+            c.setblocking(False)
             try:
                 if ccred and ccred["pid"] > 0:
                     _peercred.run_as(ccred, lambda: [t.listen(1)] and [])   # the client reports listen()'s caller
@@ -430,6 +453,7 @@ def _build_stream(acc: dict, cli: dict, ctx):
             t.setblocking(False)
             a, _ = t.accept()
             a.setblocking(True)
+            c.setblocking(True)
             if netdiag.unix_socket(os.fstat(a.fileno()).st_ino)["peer"] != os.fstat(c.fileno()).st_ino:
                 # another process connected to the temporary listener first
                 raise refuse_rec(acc, ctx, "socket", f"{_what(acc)}: a process outside the dump connected to "
@@ -437,13 +461,14 @@ def _build_stream(acc: dict, cli: dict, ctx):
         finally:
             t.close()
             if made is not None:
-                st = os.lstat(lf["path"])
-                if (st.st_dev, st.st_ino) == (made.st_dev, made.st_ino):
+                try:
+                    st = os.lstat(lf["path"])
+                except FileNotFoundError:
+                    st = None
+                if st is not None and (st.st_dev, st.st_ino) == tuple(made):
                     os.unlink(lf["path"])
             if aside is not None:
-                # put back, never over something that appeared meanwhile
-                os.link(aside, lf["path"])
-                os.unlink(aside)
+                _put_back(aside, lf["path"])
                 aside = None
         _sockopts.apply(a, acc["opts"], acc["set"])
         _unixpair.fill_pair(a, c, acc, cli, ctx, shutdowns=(acc["shutdown"], 0))
@@ -457,8 +482,7 @@ def _build_stream(acc: dict, cli: dict, ctx):
     finally:
         if aside is not None:
             try:
-                os.link(aside, lf["path"])
-                os.unlink(aside)
+                _put_back(aside, lf["path"])
             except OSError as e:
                 raise EngineError(f"could not put back the socket file {lf['path']} (left at {aside}): "
                                   f"{e.strerror}") from e
