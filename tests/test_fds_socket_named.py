@@ -328,6 +328,49 @@ for x, fd in ((rs, 500), (a, 501)):
             out.close()
 
 
+def test_files_in_flight_and_credentials_through_a_named_connection(tmp_path):
+    """SCM_RIGHTS and SCM_CREDENTIALS queued in the accepted end, as for
+    socketpairs (_inflight): the file comes back with its offset, the
+    message with its sender's credentials."""
+    path, data = str(tmp_path / "l.sock"), str(tmp_path / "data")
+    with open(data, "w") as f:
+        f.write("in flight")
+    setup = f"""
+import socket, array
+l = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET); l.bind({path!r}); l.listen(1)
+c = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET); c.connect({path!r})
+a, _ = l.accept(); l.close()
+a.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+f = os.open({data!r}, os.O_RDONLY); os.lseek(f, 3, 0)
+c.sendmsg([b"with a file"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [f]).tobytes())])
+os.close(f)
+c.send(b"plain")
+for x, fd in ((a, 500), (c, 501)):
+    os.dup2(x.fileno(), fd); x.close()
+"""
+    with Target(tmp_path, setup) as t:
+        img = dump(t.pid, [500, 501], str(tmp_path / "img"))
+        pid = t.pid
+        t.close()
+        with restore(img):
+            a = sock(500)
+            try:
+                import array
+                msg, anc, _, _ = a.recvmsg(100, 4096)
+                fds = [x for lvl, typ, raw in anc if typ == socket.SCM_RIGHTS
+                       for x in array.array("i", raw[:len(raw) - len(raw) % 4])]
+                assert msg == b"with a file" and len(fds) == 1
+                assert os.read(fds[0], 100) == b"flight"
+                os.close(fds[0])
+                m, anc, _, _ = a.recvmsg(100, socket.CMSG_SPACE(12))
+                import struct
+                assert m == b"plain"
+                assert [struct.unpack("iII", raw[:12])[0] for lvl, typ, raw in anc
+                        if typ == socket.SCM_CREDENTIALS] == [pid]
+            finally:
+                a.close()
+
+
 # -- refused ------------------------------------------------------------------
 
 def test_peer_outside_the_dump_refused(tmp_path):
@@ -537,3 +580,45 @@ def test_server_parent_client_child_restored(procs, session_killer, tmp_path, ty
     assert out["parent"] == {"got": want_child, "name": path, "peer": ""}
     assert out["child"] == {"got": ["from the parent"], "name": "", "peer": path}
 
+
+
+def test_both_ends_named_with_no_listener_left_refused(tmp_path):
+    path, cpath = str(tmp_path / "l.sock"), str(tmp_path / "c.sock")
+    setup = f"""
+import socket
+l = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM); l.bind({path!r}); l.listen(1)
+c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM); c.bind({cpath!r}); c.connect({path!r})
+a, _ = l.accept(); l.close()
+for x, fd in ((a, 500), (c, 501)):
+    os.dup2(x.fileno(), fd); x.close()
+"""
+    with Target(tmp_path, setup) as t:
+        with pytest.raises(Refusal) as ei:
+            classify(t.pid, 500)
+        assert ei.value.reason == "socket"
+        assert "both ends are named and no listener in the dump tells which one connected" in ei.value.detail
+
+
+def test_abstract_name_taken_by_a_live_listener_at_restore_refused(tmp_path):
+    tag = f"ckpt-named-taken-{os.getpid()}"
+    setup = f"""
+import socket
+l = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM); l.bind(b"\\0{tag}"); l.listen(1)
+c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM); c.connect(b"\\0{tag}")
+a, _ = l.accept(); l.close()
+for x, fd in ((a, 500), (c, 501)):
+    os.dup2(x.fileno(), fd); x.close()
+"""
+    with Target(tmp_path, setup) as t:
+        img = dump(t.pid, [500, 501], str(tmp_path / "img"))
+        t.close()
+        other = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            other.bind(f"\0{tag}".encode())
+            other.listen(1)
+            with pytest.raises(Refusal) as ei:
+                restore(img)
+            assert ei.value.reason == "socket"
+            assert f"the abstract name @{tag} is held by a live socket now" in ei.value.detail
+        finally:
+            other.close()
