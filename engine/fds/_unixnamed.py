@@ -378,6 +378,33 @@ def _put_back(aside: str, path: str) -> None:
     os.unlink(aside)
 
 
+def bind_ghost(s: _socket.socket, name: bytes, rec: dict, ctx) -> None:
+    """Bind `s` to a path name whose file was unlinked or replaced since
+    bind (a ghost listener): whatever socket file is at the path now is
+    moved aside for the moment (checked: a socket no live socket is bound
+    to), the new file unlinked, the other put back. Raises OSError or
+    `socket`."""
+    path = rec["file"]["path"]
+    aside = None
+    made = None
+    try:
+        if os.path.lexists(path):
+            aside = _aside(path)
+            os.rename(path, aside)
+        _bind(s, name, rec["file"])
+        made = netdiag.unix_socket(os.fstat(s.fileno()).st_ino)["vfs"]
+    finally:
+        if made is not None:
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                st = None
+            if st is not None and (st.st_dev, st.st_ino) == tuple(made):
+                os.unlink(path)
+        if aside is not None:
+            _put_back(aside, path)
+
+
 def _build_stream(acc: dict, cli: dict, ctx):
     """(accepted end, client) connected through a temporary listener bound
     to the accepted end's name. Raises Refusal, OSError, OptionError."""
