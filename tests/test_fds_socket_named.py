@@ -322,8 +322,8 @@ for x, fd in ((rs, 500), (a, 501)):
             with pytest.raises(Refusal) as ei:
                 classify(t.pid, 500)
             assert ei.value.reason == "socket"
-            assert "not all from one socket of the dump connected to it (2 unix sockets have messages " \
-                "charged to them)" in ei.value.detail
+            assert "not all from one socket of the dump connected to it (2 unix datagram sockets of this " \
+                "network namespace have messages charged to them)" in ei.value.detail
         finally:
             out.close()
 
@@ -369,6 +369,38 @@ for x, fd in ((a, 500), (c, 501)):
                         if typ == socket.SCM_CREDENTIALS] == [pid]
             finally:
                 a.close()
+
+
+def test_senders_connected_to_a_ghost_datagram_socket(tmp_path):
+    """zdtm sk-unix-dgram-ghost: the bound socket's file was unlinked after
+    its senders connected: they are connected again while the restore has
+    the path bound, then it is unlinked; nothing is left there."""
+    r = str(tmp_path / "ghost")
+    setup = f"""
+import socket
+D = socket.SOCK_DGRAM
+rs = socket.socket(socket.AF_UNIX, D); rs.bind({r!r})
+a = socket.socket(socket.AF_UNIX, D); a.connect({r!r})
+b = socket.socket(socket.AF_UNIX, D); b.connect({r!r})
+os.unlink({r!r})
+for x, fd in ((a, 500), (rs, 501), (b, 502)):
+    os.dup2(x.fileno(), fd); x.close()
+"""
+    with Target(tmp_path, setup) as t:
+        img = dump(t.pid, [500, 501, 502], str(tmp_path / "img"))
+        t.close()
+        before = listing(tmp_path)
+        with restore(img):
+            a, rs, b = sock(500), sock(501), sock(502)
+            try:
+                assert listing(tmp_path) == before and not os.path.lexists(r)
+                assert names(500) == (b"", z(r)) and names(502) == (b"", z(r)) and names(501)[0] == z(r)
+                a.send(b"a")
+                b.send(b"b")
+                rs.settimeout(5)
+                assert (rs.recv(5), rs.recv(5)) == (b"a", b"b")
+            finally:
+                a.close(); rs.close(); b.close()
 
 
 # -- refused ------------------------------------------------------------------

@@ -144,7 +144,8 @@ def _queued(info, ctx, ino: int, d: dict, name: bytes, head: str, mine: int) -> 
         raise refuse(info, "socket", f"{why}: sock_diag cannot list the senders ({e.strerror})") from e
     if len(charged) != 1 or charged[0]["peer"] != ino or charged[0]["inode"] == ino:
         raise refuse(info, "socket", f"{why}: not all from one socket of the dump connected to it "
-                     f"({len(charged)} unix sockets have messages charged to them)")
+                     f"({len(charged)} unix datagram sockets of this network namespace have messages "
+                     "charged to them)")
     sender = charged[0]["inode"]
     if not held_here(ctx, sender) and not _unixpair._in_tree(ctx, sender)[1]:
         raise refuse(info, "socket", f"{why}: their sender (socket inode {sender}) is not held by the dump")
@@ -244,7 +245,11 @@ def restore(rec: dict, ctx) -> int:
             raise
         if path is not None:
             if rec["ghost"]:
-                os.unlink(path)
+                from ._unixnamed import connect_senders
+                try:
+                    connect_senders(rec, ctx)       # while the path leads to it
+                finally:
+                    os.unlink(path)
             else:
                 os.chown(path, f["uid"], f["gid"], follow_symlinks=False)
                 os.chmod(path, f["mode"])

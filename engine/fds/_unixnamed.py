@@ -179,7 +179,10 @@ def classify(info, ctx, q: dict) -> dict:
         if not pname:
             raise refuse(info, "socket", f"{head}: connected to an unnamed datagram socket")
         f = _path_file(info, name, d["vfs"], head, own=True)
-        _path_file(info, pname, pd["vfs"], head, own=True, holder=peer_pid, whose="the peer's")
+        if mutual:
+            _path_file(info, pname, pd["vfs"], head, own=True, holder=peer_pid, whose="the peer's")
+        # (a sender's peer is its own record: bound, or a ghost, which
+        # connects its senders before it unlinks its file again)
         if mutual:
             role = "self" if peer == ino else "dgram"
             rec = _unixpair.end_state(info, ctx, q, ino, d, peer, peer_pid, peer_fd, head, named=True)
@@ -292,7 +295,7 @@ def validate(rec: dict, ctx) -> None:
         raise refuse_rec(rec, ctx, "image-invalid", "named unix connection record: file malformed")
     if role == "sender":
         peer = _rec_of(ctx, rec["peer"], ("unix-dgram",))
-        if peer is None or peer.get("ghost") or bytes.fromhex(peer["name"]) != pname:
+        if peer is None or bytes.fromhex(peer["name"]) != pname:
             raise refuse_rec(rec, ctx, "image-invalid", f"the record of the bound peer {rec['peer']} is missing")
     elif role == "self":
         if rec["peer"] != rec["inode"] or name != pname or not name:
@@ -589,6 +592,21 @@ def _build_one(rec: dict, ctx, fill: Optional[tuple] = None) -> _socket.socket:
         s.close()
         raise
     return s
+
+
+def connect_senders(r_rec: dict, ctx) -> None:
+    """Every sender of the dump connected to the bound datagram socket of
+    `r_rec` (bound just now, a ghost whose file is unlinked next), built and
+    kept for its own record, while the path still leads to it."""
+    for srec in _all(ctx):
+        if srec.get("sock") == "unix-named" and srec.get("role") == "sender" and \
+                srec.get("peer") == r_rec["inode"] and _key(srec) not in ctx.shared:
+            try:
+                ctx.shared[_key(srec)] = {srec["inode"]: _build_one(srec, ctx)}
+            except _sockopts.OptionError as e:
+                raise option_refusal(srec, ctx, e) from None
+            except OSError as e:
+                raise failed(srec, ctx, f"rebuilding {_what(srec)}", e) from e
 
 
 def fill_bound(r_sock: _socket.socket, r_rec: dict, ctx) -> None:
