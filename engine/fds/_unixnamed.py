@@ -30,18 +30,24 @@ connected back, built early and kept for its own record), then the
 sender binds its own name if any and connects. Queues are restored both
 ways only when the two are connected to each other (each queue proven
 complete against the other's charge); a sender connected to a socket not
-connected back must have an empty queue (anybody may have sent to it).
+connected back must have an empty queue (anybody may have sent to it),
+and that socket's queue is its own record's (_unixdgram._queued: when one
+sender of the dump is all that can have sent it, that sender is built by
+the receiver's restore and sends it again: fill_bound). A receiver whose
+file was unlinked since (a ghost) connects its senders while the restore
+has its path bound, before unlinking it again (connect_senders). A
+listener's ghost is bound the same way (bind_ghost).
 
 Which end of a stream connection is the accepted one: the one with a name
 when the other has none; when both are named, the one whose name and file
 are a live listener's in the dump; otherwise refused (a closed listener
 leaves nothing to tell a bound client from an accepted end).
 
-Refused (`socket`): a path name whose file was unlinked or replaced (for
-an end bound by itself: a ghost client; the deleted cases are left to
-later work), either end held outside the dump, at restore a path that now
-names a non-socket or a socket some live process is bound to (nothing is
-moved or removed then), an abstract name some live socket holds.
+Refused (`socket`): an end bound by itself (a client, a datagram socket
+connected both ways) whose file was unlinked or replaced since bind,
+either end held outside the dump, at restore a path that now names a
+non-socket or a socket some live process is bound to (nothing is moved or
+removed then), an abstract name some live socket holds.
 """
 
 from __future__ import annotations
