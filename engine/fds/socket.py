@@ -10,12 +10,16 @@ Restored (one module each):
   process only, queued data both ways, shutdown state and options
   (_unixpair), files in flight in SCM_RIGHTS messages and SCM_CREDENTIALS
   (_inflight);
-- unix stream/seqpacket listeners, path-bound or abstract, with an empty
-  accept queue (_unixlisten);
+- unix stream/seqpacket listeners, path-bound (also a ghost, its file
+  unlinked since) or abstract, with an empty accept queue (_unixlisten);
 - connections waiting in such a listener's accept queue, whose connecting
   ends the process holds (_unixpending);
+- unix sockets connected through a name with both ends in the dump: a
+  client and the end its listener accepted, datagram sockets connected to
+  bound ones, names, peers, queues both ways (_unixnamed);
 - unix datagram sockets bound to a path (also a ghost: unlinked since) or
-  an abstract name, unconnected, with an empty queue, and every other unix
+  an abstract name, unconnected, with an empty queue or one that a single
+  connected sender of the dump made, and every other unix
   socket neither connected nor listening (stream, seqpacket, an unbound
   datagram one), bound or not, with its shutdown bits (_unixdgram);
 - TCP sockets that never connected (socket(), options, perhaps bound):
