@@ -89,7 +89,7 @@ def listener_classify(info, ctx, q: dict) -> dict:
         renamed = None
         if st is None or not stat.S_ISSOCK(st.st_mode) or d["vfs"] != (st.st_dev, st.st_ino):
             renamed = _renamed(path, d["vfs"]) if base is None else None
-            if renamed is None and base is None and not waiting and \
+            if renamed is None and base is None and not waiting and path == name.split(b"\0", 1)[0] and \
                     os.path.isdir(os.path.dirname(path) or b"/"):
                 # unlinked or replaced since bind (zdtm del_standalone_un):
                 # a ghost, bound at restore and unlinked at once (_unixnamed.bind_ghost)
@@ -188,6 +188,10 @@ def listener_validate(rec: dict, ctx) -> None:
     name = bytes.fromhex(rec["name"])
     path = rec["file"]["path"] if rec.get("file") else None
     text = _name_text(name)
+    if (rec.get("file") or {}).get("ghost") and (rec["file"].get("base") is not None or rec["file"].get("renamed")
+                                                  or os.fsencode(path) != name.split(b"\0", 1)[0]
+                                                  or rec.get("pending")):
+        raise refuse_rec(rec, ctx, "image-invalid", f"unix listener {text}: a ghost's record is inconsistent")
     renamed = _renamed_path(rec, ctx, text)
     for at in [path, renamed] if path is not None else []:
         if at is None:
