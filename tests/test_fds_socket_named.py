@@ -654,3 +654,20 @@ for x, fd in ((a, 500), (c, 501)):
             assert f"the abstract name @{tag} is held by a live socket now" in ei.value.detail
         finally:
             other.close()
+
+
+def test_hostile_records_are_image_invalid(tmp_path):
+    from fds_support import assert_hostile_records_invalid
+    path = str(tmp_path / "h.sock")
+    with Target(tmp_path, _pair_setup(path)) as t:
+        img = dump(t.pid, [500, 501], str(tmp_path / "img"))
+        t.close()
+
+        def edits(good):
+            assert good["sock"] == "unix-named" and good["role"] == "accepted"
+            return [dict(good, role="listener"), dict(good, role="client"), dict(good, peer=good["inode"]),
+                    dict(good, name="00"), dict(good, peer_name="2f78"),
+                    dict(good, file=dict(good["file"], path="rel/h.sock")),
+                    dict(good, file=dict(good["file"], path=path + "\0x")),
+                    dict(good, lengths=[1], data_len=2), dict(good, type=99), dict(good, name=None)]
+        assert_hostile_records_invalid(img, edits)
