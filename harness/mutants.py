@@ -233,7 +233,7 @@ def m_drop_pipe_byte(img: Image) -> str:
 
 def m_drop_unix_message(img: Image) -> str:
     fds = img.json("fds.json")
-    r = _first(_leaders(fds), lambda r: r.get("sock") == "unix-pair" and r.get("lengths") and r.get("data"),
+    r = _first(_leaders(fds), lambda r: r.get("sock") in ("unix-pair", "unix-named") and r.get("lengths") and r.get("data"),
                "no unix socket with queued data")
     n = r["lengths"].pop()
     data = img.read(r["data"])

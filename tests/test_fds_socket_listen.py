@@ -279,7 +279,7 @@ os.dup2(l.fileno(), 500); os.dup2(m.fileno(), 501); l.close(); m.close()
         assert os.path.exists(path)
 
 
-def test_unix_listener_with_pending_connection_or_unlinked_file_refused(tmp_path):
+def test_unix_listener_with_pending_connection_or_unlinked_file_classified(tmp_path):
     path = str(tmp_path / "a.sock")
     gone = str(tmp_path / "gone.sock")
     setup = f"""
@@ -293,7 +293,58 @@ os.dup2(l.fileno(), 500); os.dup2(g.fileno(), 501)
         # the waiting connection's end is the process's own: restored waiting
         # (tests/test_fds_socket_unixpending.py)
         assert classify(t.pid, 500) == f"unix stream listening {path}, backlog 1, 1 connection(s) waiting"
-        assert refusal(t.pid, 501) == f"unix stream listening {gone}: the socket file was removed or replaced since bind"
+        # unlinked since bind: a ghost, bound again and unlinked at restore
+        assert classify(t.pid, 501) == f"unix stream listening {gone}, backlog 1"
+
+
+@pytest.mark.parametrize("ghost_fd", [500, 502])
+def test_unix_listeners_one_unlinked_by_the_other_restored(tmp_path, ghost_fd):
+    """zdtm del_standalone_un: two listeners bound to one path, the first's
+    file renamed back over the second's: the second is a ghost. Both come
+    back with the name; the path is the first's file again, nothing else
+    is left in the directory; each accepts."""
+    path, temp = str(tmp_path / "sock"), str(tmp_path / "temp")
+    setup = f"""
+import socket
+a = socket.socket(socket.AF_UNIX); a.bind({path!r}); a.listen(1)
+os.rename({path!r}, {temp!r})
+b = socket.socket(socket.AF_UNIX); b.bind({path!r}); b.listen(1)
+os.rename({temp!r}, {path!r})
+os.dup2(b.fileno(), {ghost_fd}); os.dup2(a.fileno(), 501)     # the ghost restored first, or last
+a.close(); b.close()
+"""
+    with Target(tmp_path, setup) as t:
+        img = dump(t.pid, [ghost_fd, 501], str(tmp_path / "img"))
+        t.close()
+        before = set(os.listdir(tmp_path))
+        with restore(img):
+            ghost, live = (netdiag.unix_socket(os.fstat(fd).st_ino) for fd in (ghost_fd, 501))
+            assert ghost["name"] == live["name"] == path.encode() + b"\0"
+            st = os.lstat(path)
+            assert live["vfs"] == (st.st_dev, st.st_ino) and ghost["vfs"] != live["vfs"]
+            assert set(os.listdir(tmp_path)) == before
+            c = socket.socket(socket.AF_UNIX)
+            try:
+                c.connect(path)
+                l = socket.socket(fileno=os.dup(501))
+                l.settimeout(5)
+                l.accept()[0].close()
+                l.close()
+            finally:
+                c.close()
+
+
+def test_unix_ghost_listener_with_a_connection_waiting_refused(tmp_path):
+    gone = str(tmp_path / "gone.sock")
+    setup = f"""
+import socket
+g = socket.socket(socket.AF_UNIX); g.bind({gone!r}); g.listen(1)
+c = socket.socket(socket.AF_UNIX); c.connect({gone!r}); os.unlink({gone!r})
+os.dup2(g.fileno(), 500); os.dup2(c.fileno(), 501)
+"""
+    with Target(tmp_path, setup) as t:
+        assert refusal(t.pid, 500) == (f"unix stream listening {gone}: the socket file was removed or replaced "
+                                       "since bind, with connections waiting (they connect by the path)")
 
 
 def test_listener_shared_with_another_process_refused(tmp_path):

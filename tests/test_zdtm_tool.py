@@ -92,3 +92,10 @@ def test_expectations_and_matching():
     assert zdtm.matches("refused: socket (address in use)", passed)
     assert not zdtm.matches("refused: socket", passed)     # an improvement is a change to write down
     assert not zdtm.matches("refused: socket", failed)
+    # a bound datagram socket's queue with another test's datagrams charged beside
+    charged = {"test": "w", "outcome": "refused", "reasons": ["socket"],
+               "detail": "not all from one socket of the dump connected to it (2 unix datagram sockets of "
+                         "this network namespace have messages charged to them)"}
+    assert zdtm.matches("pass", charged) and zdtm.outcome_text(charged) == \
+        "refused: socket (messages charged to them)"
+    assert zdtm.matches("refused: socket (messages charged to them)", passed)

@@ -21,9 +21,15 @@ the file's mode and owner are put back; everything read back.
 The shutdown bits (UNIX_DIAG_SHUTDOWN; unix_shutdown sets them on an
 unconnected socket too) are set again after the bind and read back.
 
-Refused (`socket`): messages queued on a datagram socket (each datagram's
-sender is a socket whose address and charge cannot be reproduced exactly:
-a message hidden from peeking could not even be counted).
+Messages queued on a bound datagram socket are restored when they all came
+from one socket of the dump connected to it (zdtm socket_dgram_data): it
+is then the only unix socket of the namespace with anything charged to it
+and its charge is exactly what the peeked messages cost (_queued); the
+sender, built once this socket is bound, sends them again
+(_unixnamed.fill_bound). Refused (`socket`): every other queue (a
+datagram's sender may be a socket whose address and charge cannot be
+reproduced exactly: a message hidden from peeking could not even be
+counted).
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ if TYPE_CHECKING:
 
 from .. import netdiag
 from ..errors import Refusal
-from . import _sockopts
+from . import _sockopts, _sys
 from ._sockbase import (UNIX_TYPES, building, check_options, dup_of, fresh_options, inode_of, options,
                         outside_holders, same_root, shut_down, unix_diag as _diag)
 from ._unixlisten import _bind, _in_use, _name_text, absolute_bound_path
@@ -75,10 +81,10 @@ def classify(info, ctx, q: dict) -> dict:
     out = outside_holders(info, ctx, ino)
     if out:
         raise refuse(info, "socket", f"{head}: also held by pid {out[0][0]} (fd {out[0][1]})")
+    queue = None
     with dup_of(info) as mine:
         if typ == _socket.SOCK_DGRAM and not _queue_empty(mine):
-            raise refuse(info, "socket", f"{head}: messages queued (their senders' addresses and charges "
-                         "cannot be reproduced exactly)")
+            queue = _queued(info, ctx, ino, d, name, head, mine)
         opts = options(info, ctx, _socket.AF_UNIX, typ, 0, mine)
     rec: dict = {"sock": "unix-dgram" if typ == _socket.SOCK_DGRAM and name else "unix-unconn", "type": typ,
                  "inode": ino, "name": name.hex(), "abstract": name[:1] == b"\0",
@@ -110,8 +116,52 @@ def classify(info, ctx, q: dict) -> dict:
     except Refusal as e:
         raise refuse(info, "socket", f"{head}: {e.detail}") from None
     rec["opts"] = opts
+    if queue is not None:
+        if rec["ghost"]:
+            raise refuse(info, "socket", f"{head}: messages queued in a ghost socket")
+        rec.update(queue)
     ctx.shared[key] = rec
     return rec
+
+
+def _queued(info, ctx, ino: int, d: dict, name: bytes, head: str, mine: int) -> dict:
+    """The queue of a bound datagram socket whose messages all came from one
+    socket of the dump connected to it: the only unix socket of the
+    namespace with anything charged to it (each queued message is charged
+    to its sender until read: a message from any other sender, even one
+    closed since, would show as a charge elsewhere or as a queue the
+    sender's charge does not account for). Raises `socket`."""
+    from . import _unixpair
+    from ._sockbase import held_here
+    why = f"{head}: messages queued (their senders' addresses and charges cannot be reproduced exactly)"
+    if not name:
+        raise refuse(info, "socket", why)
+    try:
+        # (a datagram can only come from a datagram socket: unix_find_other
+        # matches the type)
+        charged = [s for s in netdiag.unix_sockets() if s["wqueue"] and s["type"] == _socket.SOCK_DGRAM]
+    except OSError as e:
+        raise refuse(info, "socket", f"{why}: sock_diag cannot list the senders ({e.strerror})") from e
+    if not charged:
+        raise refuse(info, "socket", f"{why}: no open socket is charged for them (their sender closed)")
+    if len(charged) > 1:
+        # (what else runs decides this one: tools/zdtm.py CHARGED)
+        raise refuse(info, "socket", f"{why}: not all from one socket of the dump connected to it "
+                     f"({len(charged)} unix datagram sockets of this network namespace have messages "
+                     "charged to them)")
+    if charged[0]["peer"] != ino or charged[0]["inode"] == ino:
+        raise refuse(info, "socket", f"{why}: the one socket charged for them (inode {charged[0]['inode']}) "
+                     "is not a socket connected to it")
+    sender = charged[0]["inode"]
+    if not held_here(ctx, sender) and not _unixpair._in_tree(ctx, sender)[1]:
+        raise refuse(info, "socket", f"{why}: their sender (socket inode {sender}) is not held by the dump")
+    msgs, anc = _unixpair._peek_queue(info, ctx, mine, _socket.SOCK_DGRAM, charged[0]["wqueue"],
+                                      _sys.fionread(mine), head)
+    out = {"queue_from": sender, "lengths": [len(m) for m in msgs], "fionread": _sys.fionread(mine),
+           "data_len": sum(len(m) for m in msgs), "_data": b"".join(msgs)}
+    if anc and any(anc):
+        out["anc"] = anc
+    return out
 
 
 def _head(typ: int, name: bytes) -> str:
@@ -122,6 +172,8 @@ def text(rec: dict) -> str:
     s = _head(rec.get("type", _socket.SOCK_DGRAM), bytes.fromhex(rec["name"]))
     if rec.get("shutdown"):
         s += ", shut down for " + {1: "reading", 2: "writing", 3: "reading and writing"}[rec["shutdown"]]
+    if rec.get("queue_from") is not None:
+        s += f", {len(rec['lengths'])} messages ({rec['data_len']} bytes) queued from socket inode {rec['queue_from']}"
     return s + (" (unlinked since: a ghost socket)" if rec["ghost"] else "")
 
 
@@ -134,6 +186,8 @@ def validate(rec: dict, ctx) -> None:
     name = bytes.fromhex(rec["name"])
     if not name:
         return
+    if rec.get("queue_from") is not None:
+        _validate_queue(rec, ctx)
     what = text(rec)
     path = rec["file"]["path"] if rec.get("file") else None
     if path is not None:
@@ -157,8 +211,26 @@ def validate(rec: dict, ctx) -> None:
         raise refuse_rec(rec, ctx, "socket", f"{what}: address in use")
 
 
+def _validate_queue(rec: dict, ctx) -> None:
+    from . import _inflight
+    from ._unixnamed import _rec_of
+    srec = _rec_of(ctx, rec["queue_from"], ("unix-named",))
+    if srec is None or srec.get("role") != "sender" or srec.get("peer") != rec["inode"] or rec.get("ghost") or \
+            sum(rec["lengths"]) != rec["data_len"] or not rec["lengths"]:
+        raise refuse_rec(rec, ctx, "image-invalid", "a bound datagram socket's queue: the record of its "
+                         "sender is missing, or its lengths do not add up")
+    if rec.get("data"):
+        (rec.get("_image") or ctx.image).path(rec["data"])
+    _inflight.validate(rec, ctx)
+
+
 def restore(rec: dict, ctx) -> int:
     """The rebuilt unconnected socket; raises `socket` or EngineError."""
+    from ._unixnamed import built_key, restored_key
+    early = ctx.shared.pop(built_key(rec["inode"]), None)
+    if early is not None:
+        return early            # built already for a socket connected to it (_unixnamed)
+    ctx.shared[restored_key(rec["inode"])] = True
     validate(rec, ctx)
     name = bytes.fromhex(rec["name"])
     what = text(rec)
@@ -179,11 +251,18 @@ def restore(rec: dict, ctx) -> int:
             raise
         if path is not None:
             if rec["ghost"]:
-                os.unlink(path)
+                from ._unixnamed import connect_senders
+                try:
+                    connect_senders(rec, ctx)       # while the path leads to it
+                finally:
+                    os.unlink(path)
             else:
                 os.chown(path, f["uid"], f["gid"], follow_symlinks=False)
                 os.chmod(path, f["mode"])
         _sockopts.apply_late(s, rec["opts"], rec["set"])
+        if rec.get("queue_from") is not None:
+            from ._unixnamed import fill_bound
+            fill_bound(s, rec, ctx)          # its sender, connected, sends the queue again
         shut_down(s, rec.get("shutdown", 0))
         _sockopts.verify(s, _socket.AF_UNIX, False, rec["opts"])
         d = netdiag.unix_socket(os.fstat(s.fileno()).st_ino)

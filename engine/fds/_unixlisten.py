@@ -11,6 +11,13 @@ the bound inode (UNIX_DIAG_VFS), found through the path (relative names
 through the process's cwd), or the one socket file of that inode in the
 path's directory when it was renamed after bind (the JVM's attach
 listener): the restore binds the name and renames the file the same way.
+A listener bound by an absolute path whose file was unlinked or replaced
+since (zdtm del_standalone_un: another listener's file renamed over it)
+is a ghost: bound at restore with whatever socket file is at the path now
+moved aside for the moment, its own file unlinked at once (it was
+unreachable), before any other listener of that name binds the path for
+good (_ghosts_first; _unixnamed.bind_ghost). One with connections waiting
+is refused: they connect by the path.
 
 At restore: a stale socket file left at the path (nobody unlinks it when
 the old process dies) is removed only if it is a socket file no live
@@ -82,13 +89,23 @@ def listener_classify(info, ctx, q: dict) -> dict:
         renamed = None
         if st is None or not stat.S_ISSOCK(st.st_mode) or d["vfs"] != (st.st_dev, st.st_ino):
             renamed = _renamed(path, d["vfs"]) if base is None else None
-            if renamed is None:
+            if renamed is None and base is None and not waiting and path == name.split(b"\0", 1)[0] and \
+                    os.path.isdir(os.path.dirname(path) or b"/"):
+                # unlinked or replaced since bind (zdtm del_standalone_un):
+                # a ghost, bound at restore and unlinked at once (_unixnamed.bind_ghost)
+                rec["file"] = {"path": os.fsdecode(path), "base": None, "ghost": True}
+                st = None
+            elif renamed is None:
                 why = "the socket file was removed or replaced since bind" if base is None else \
                     "bound to a relative path that the working directory no longer leads to"
+                if base is None and waiting:
+                    why += ", with connections waiting (they connect by the path)"
                 raise refuse(info, "socket", f"{head}: {why}")
-            renamed, st = renamed
-        rec["file"] = {"path": os.fsdecode(path), "base": base, "mode": stat.S_IMODE(st.st_mode),
-                       "uid": st.st_uid, "gid": st.st_gid}
+            else:
+                renamed, st = renamed
+        if st is not None:
+            rec["file"] = {"path": os.fsdecode(path), "base": base, "mode": stat.S_IMODE(st.st_mode),
+                           "uid": st.st_uid, "gid": st.st_gid}
         if renamed is not None:
             rec["file"]["renamed"] = os.fsdecode(renamed)
     fresh = fresh_options(ctx, _socket.AF_UNIX, typ, 0)
@@ -155,7 +172,12 @@ def _in_use(name: bytes, path: Optional[str]) -> bool:
         except FileNotFoundError:
             return False
         return bool(netdiag.unix_bound_to(st.st_dev, st.st_ino))
-    return any(s["name"] == name for s in netdiag.unix_sockets())
+    # An end accept() gave back carries its listener's name without
+    # holding it (connected, not datagram): only sockets that bound the
+    # name themselves count. A client that bound the name and connected is
+    # not told from one: its bind's EADDRINUSE says it then.
+    return any(s["name"] == name and (s["state"] == 10 or not s["peer"] or s["type"] == _socket.SOCK_DGRAM)
+               for s in netdiag.unix_sockets())
 
 
 def listener_validate(rec: dict, ctx) -> None:
@@ -166,6 +188,10 @@ def listener_validate(rec: dict, ctx) -> None:
     name = bytes.fromhex(rec["name"])
     path = rec["file"]["path"] if rec.get("file") else None
     text = _name_text(name)
+    if (rec.get("file") or {}).get("ghost") and (rec["file"].get("base") is not None or rec["file"].get("renamed")
+                                                  or os.fsencode(path) != name.split(b"\0", 1)[0]
+                                                  or rec.get("pending")):
+        raise refuse_rec(rec, ctx, "image-invalid", f"unix listener {text}: a ghost's record is inconsistent")
     renamed = _renamed_path(rec, ctx, text)
     for at in [path, renamed] if path is not None else []:
         if at is None:
@@ -226,6 +252,11 @@ def listener_restore(rec: dict, ctx) -> int:
     built = ctx.shared.get(_unixpending.build_key(rec["inode"]))
     if built is not None and "listener_fd" in built:
         return built.pop("listener_fd")       # built for a connecting end's record already
+    from . import _unixnamed
+    _unixnamed.prebuild(rec["name"], rec["type"], ctx)    # its accepted connections, while the name is free
+    ghost = bool((rec.get("file") or {}).get("ghost"))
+    if not ghost:
+        _ghosts_first(rec, ctx)
     listener_validate(rec, ctx)        # again: the world may have moved since the pre-flight
     name = bytes.fromhex(rec["name"])
     text = _name_text(name)
@@ -233,17 +264,20 @@ def listener_restore(rec: dict, ctx) -> int:
     s = _socket.socket(_socket.AF_UNIX, rec["type"] | _socket.SOCK_CLOEXEC)
     with building(s, rec, ctx, f"recreating unix listener {text}"):
         _sockopts.apply(s, rec["opts"], rec["set"])
-        if path is not None and os.path.lexists(path):
+        if path is not None and os.path.lexists(path) and not ghost:
             # A stale socket file (checked just above: a socket nobody is
             # bound to). bind(2) would fail EADDRINUSE on it.
             os.unlink(path)
         try:
-            _bind(s, name, rec.get("file"))
+            if ghost:
+                _unixnamed.bind_ghost(s, name, rec, ctx)
+            else:
+                _bind(s, name, rec.get("file"))
         except OSError as e:
             if e.errno == 98:      # EADDRINUSE
                 raise refuse_rec(rec, ctx, "socket", f"unix listener {text}: address in use") from None
             raise
-        if path is not None:
+        if path is not None and not ghost:
             f = rec["file"]
             os.chown(path, f["uid"], f["gid"], follow_symlinks=False)
             os.chmod(path, f["mode"])
@@ -269,6 +303,21 @@ def listener_restore(rec: dict, ctx) -> int:
             os.rename(path, renamed)
         fd = s.detach()
     return with_status_flags(rec, ctx, fd)
+
+
+def _ghosts_first(rec: dict, ctx) -> None:
+    """Listeners whose file was unlinked or replaced since bind, under this
+    listener's name, are bound (and their file unlinked) before this one
+    binds the path for good; each is kept for its own record."""
+    for r in getattr(ctx, "tree_records", None) or ctx.records or []:
+        if r is rec or r.get("sock") != "unix-listen" or r.get("name") != rec["name"] or \
+                not (r.get("file") or {}).get("ghost"):
+            continue
+        key = _unixpending.build_key(r["inode"])
+        if key in ctx.shared:
+            continue
+        fd = listener_restore(r, ctx)
+        ctx.shared[key]["listener_fd"] = fd
 
 
 def absolute_bound_path(info, path: bytes, head: str):

@@ -90,41 +90,65 @@ def pair_classify(info, ctx, q: dict) -> dict:
     pd = _diag(info, peer)
     if d["name"] or pd["name"]:
         raise refuse(info, "socket", f"unix {tname} socketpair with a bound end")
+    rec = end_state(info, ctx, q, ino, d, peer, peer_pid, mine_peer[0], f"unix {tname} socketpair")
+    ctx.shared[key] = rec
+    return rec
+
+
+def end_state(info, ctx, q: dict, ino: int, d: dict, peer: int, peer_pid: int, peer_fd: int, what: str,
+              named: bool = False, peer_charge: bool = True) -> dict:
+    """The record of one end of a connected pair whose peer (socket `peer`)
+    is held by `peer_pid` at `peer_fd`: options, peer credentials (the
+    same on both ends of a socketpair; per end, `named`, for ends joined by
+    connect), shutdown bits, the receive queue peeked (proven complete
+    against the peer's charge; without `peer_charge` - a datagram socket
+    connected to one that is not connected back, whose charge may lie in
+    other queues - the caller has proven the queue empty). Raises the
+    `socket` refusal."""
+    typ = q["type"]
+    tname = TYPES[typ]
     fresh = fresh_options(ctx, _socket.AF_UNIX, typ, 0)
-    with dup_of(info) as mine, pidfd.target_fd(peer_pid, mine_peer[0]) as theirs:
+    with dup_of(info) as mine, pidfd.target_fd(peer_pid, peer_fd) as theirs:
         opts = options(info, ctx, _socket.AF_UNIX, typ, 0, mine)
         peer_opts = options(info, ctx, _socket.AF_UNIX, typ, 0, theirs)
         cred, peer_cred = _peercred.read(mine), _peercred.read(theirs)
-        if cred != peer_cred:
+        if not named and cred != peer_cred:
             raise refuse(info, "socket", f"unix {tname} socketpair whose ends report different peer credentials "
                          f"({_peercred.text(cred)}; {_peercred.text(peer_cred)})")
-        why = _peercred.dump_problem(cred, info.pid, getattr(ctx, "tree_pids", ()) or ())
+        if named and typ == _socket.SOCK_DGRAM:
+            # connect(2) of a datagram socket sets no peer credentials
+            # (only socketpair and a stream connect do): none to restore.
+            if cred["pid"] or cred["groups"] is not None:
+                raise refuse(info, "socket", f"{what}: a connected datagram socket reporting peer "
+                             f"credentials ({_peercred.text(cred)}): not made by connect(2)")
+            cred = None
+        why = _peercred.dump_problem(cred, info.pid, getattr(ctx, "tree_pids", ()) or ()) if cred else None
         if why:
-            raise refuse(info, "peer-pid-in-use", f"unix {tname} socketpair: {why}")
+            raise refuse(info, "peer-pid-in-use", f"{what}: {why}")
         setnames = check_options(info, opts, fresh)
-        charge = _sockpeek.outq(theirs)
+        charge = _sockpeek.outq(theirs) if peer_charge else 0
         queued = _sys.fionread(mine)
         msgs: List[bytes] = []
         anc: Optional[list] = None
         if charge or queued:
             if d["shutdown"] & netdiag.RCV_SHUTDOWN and typ != _socket.SOCK_STREAM:
-                raise refuse(info, "socket", f"unix {tname} socketpair end shut down for reading "
+                raise refuse(info, "socket", f"{what}: end shut down for reading "
                              "with messages queued")
-            msgs, anc = _peek_queue(info, ctx, mine, typ, charge, queued, f"unix {tname} socketpair")
+            msgs, anc = _peek_queue(info, ctx, mine, typ, charge, queued, what)
         if typ != _socket.SOCK_STREAM and _sockopts.as_int(opts.get("SO_PEEK_OFF")) >= 0 and \
                 any(not m for m in msgs):
             # The process peeks at offsets itself: which empty datagrams it
             # already saw (skb->peeked) decides what its next peek returns,
             # and fresh messages at restore would all be unseen.
-            raise refuse(info, "socket", f"unix {tname} socketpair: empty datagrams queued while the "
+            raise refuse(info, "socket", f"{what}: empty datagrams queued while the "
                          "process uses SO_PEEK_OFF")
     total = sum(len(m) for m in msgs)
-    rec = {"sock": "unix-pair", "type": typ, "inode": ino, "peer": peer, "opts": opts, "set": setnames, "cred": cred,
+    rec = {"sock": "unix-named" if named else "unix-pair", "type": typ, "inode": ino, "peer": peer, "opts": opts,
+           "set": setnames, "cred": cred,
            "shutdown": d["shutdown"], "lengths": [len(m) for m in msgs], "fionread": queued,
            "data_len": total, "_data": b"".join(msgs)}
     if anc and any(anc):
         rec["anc"] = anc
-    ctx.shared[key] = rec
     return rec
 
 
@@ -252,7 +276,13 @@ def pair_text(rec: dict) -> str:
 
 
 def pair_dump(info, ctx, q: dict) -> dict:
-    rec = dict(pair_classify(info, ctx, q))
+    return store(pair_classify(info, ctx, q), ctx)
+
+
+def store(rec: dict, ctx) -> dict:
+    """The restore record of a classified end: its queue's bytes written to
+    the image (fds/sock-INODE)."""
+    rec = dict(rec)
     data = rec.pop("_data")
     rec["data"] = None
     if data:
@@ -350,45 +380,56 @@ def _build_pair(a_rec: dict, b_rec: dict, ctx, check: bool = True) -> Tuple[_soc
     else:
         a, b = _socket.socketpair(_socket.AF_UNIX, typ | _socket.SOCK_CLOEXEC)
     try:
-        ends = ((a, a_rec), (b, b_rec))
-        for s, r in ends:
+        for s, r in ((a, a_rec), (b, b_rec)):
             _sockopts.apply(s, r["opts"], r["set"])
-        late_extra = set()
-        for (recv, rrec), (send, srec) in ((ends[0], ends[1]), (ends[1], ends[0])):
-            msgs = _messages(rrec, ctx)
-            if not msgs:
-                continue
-            # The queued bytes are charged to the sender (its sk_wmem_alloc
-            # against sk_sndbuf, net/unix/af_unix.c): make room for them,
-            # put the recorded size back afterwards.
-            need = 2 * rrec["data_len"] + 2048 * (len(msgs) + 1) + (1 << 17)
-            if _buf(send, "SO_SNDBUF") < need:
-                _sockopts.set_buffer(send, "SO_SNDBUF", need)
-                late_extra.add((id(send), "SO_SNDBUF"))
-            _inflight.fill(send, typ, msgs, rrec.get("anc"), ctx)
-        for s, r in ends:
-            for name in _BUFS:
-                if (id(s), name) in late_extra:
-                    _sockopts.set_buffer(s, name, _sockopts.as_int(r["opts"][name]))
-            names = list(r["set"]) + (["SO_BUF_LOCK"] if any(k[0] == id(s) for k in late_extra)
-                                      and r["opts"].get("SO_BUF_LOCK") is not None else [])
-            _sockopts.apply_late(s, r["opts"], names)
-        for s, r in ends:
-            if r.get("widowed"):
-                continue            # closing the other end shuts it down (_build_widowed)
-            if r["shutdown"] & netdiag.RCV_SHUTDOWN and r["shutdown"] & netdiag.SEND_SHUTDOWN:
-                s.shutdown(_socket.SHUT_RDWR)
-            elif r["shutdown"] & netdiag.RCV_SHUTDOWN:
-                s.shutdown(_socket.SHUT_RD)
-            elif r["shutdown"] & netdiag.SEND_SHUTDOWN:
-                s.shutdown(_socket.SHUT_WR)
-        for s, r in ends if check else ():
-            _check_end(s, r, ctx)
+        fill_pair(a, b, a_rec, b_rec, ctx, check)
     except BaseException:
         a.close()
         b.close()
         raise
     return a, b
+
+
+def fill_pair(a: _socket.socket, b: _socket.socket, a_rec: dict, b_rec: dict, ctx, check: bool = True,
+              shutdowns: Optional[Tuple[int, int]] = None) -> None:
+    """Connected ends `a` and `b`, made with their early options, given
+    their queues, late options and shutdown bits (the records' own, or
+    `shutdowns`: what is left to do once connected), then (`check`) read back
+    against their records. Raises OSError, OptionError or the `socket`
+    refusal; closes nothing."""
+    typ = a_rec["type"]
+    ends = ((a, a_rec), (b, b_rec))
+    late_extra = set()
+    for (recv, rrec), (send, srec) in ((ends[0], ends[1]), (ends[1], ends[0])):
+        msgs = _messages(rrec, ctx)
+        if not msgs:
+            continue
+        # The queued bytes are charged to the sender (its sk_wmem_alloc
+        # against sk_sndbuf, net/unix/af_unix.c): make room for them,
+        # put the recorded size back afterwards.
+        need = 2 * rrec["data_len"] + 2048 * (len(msgs) + 1) + (1 << 17)
+        if _buf(send, "SO_SNDBUF") < need:
+            _sockopts.set_buffer(send, "SO_SNDBUF", need)
+            late_extra.add((id(send), "SO_SNDBUF"))
+        _inflight.fill(send, typ, msgs, rrec.get("anc"), ctx)
+    for s, r in ends:
+        for name in _BUFS:
+            if (id(s), name) in late_extra:
+                _sockopts.set_buffer(s, name, _sockopts.as_int(r["opts"][name]))
+        names = list(r["set"]) + (["SO_BUF_LOCK"] if any(k[0] == id(s) for k in late_extra)
+                                  and r["opts"].get("SO_BUF_LOCK") is not None else [])
+        _sockopts.apply_late(s, r["opts"], names)
+    for (s, r), bits in zip(ends, shutdowns or (a_rec["shutdown"], b_rec["shutdown"])):
+        if r.get("widowed"):
+            continue            # closing the other end shuts it down (_build_widowed)
+        if bits & netdiag.RCV_SHUTDOWN and bits & netdiag.SEND_SHUTDOWN:
+            s.shutdown(_socket.SHUT_RDWR)
+        elif bits & netdiag.RCV_SHUTDOWN:
+            s.shutdown(_socket.SHUT_RD)
+        elif bits & netdiag.SEND_SHUTDOWN:
+            s.shutdown(_socket.SHUT_WR)
+    for s, r in ends if check else ():
+        _check_end(s, r, ctx)
 
 
 def _check_end(s: _socket.socket, r: dict, ctx) -> None:

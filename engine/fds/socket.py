@@ -10,12 +10,16 @@ Restored (one module each):
   process only, queued data both ways, shutdown state and options
   (_unixpair), files in flight in SCM_RIGHTS messages and SCM_CREDENTIALS
   (_inflight);
-- unix stream/seqpacket listeners, path-bound or abstract, with an empty
-  accept queue (_unixlisten);
+- unix stream/seqpacket listeners, path-bound (also a ghost, its file
+  unlinked since) or abstract, with an empty accept queue (_unixlisten);
 - connections waiting in such a listener's accept queue, whose connecting
   ends the process holds (_unixpending);
+- unix sockets connected through a name with both ends in the dump: a
+  client and the end its listener accepted, datagram sockets connected to
+  bound ones, names, peers, queues both ways (_unixnamed);
 - unix datagram sockets bound to a path (also a ghost: unlinked since) or
-  an abstract name, unconnected, with an empty queue, and every other unix
+  an abstract name, unconnected, with an empty queue or one that a single
+  connected sender of the dump made, and every other unix
   socket neither connected nor listening (stream, seqpacket, an unbound
   datagram one), bound or not, with its shutdown bits (_unixdgram);
 - TCP sockets that never connected (socket(), options, perhaps bound):
@@ -50,7 +54,8 @@ import socket as _socket
 
 from .. import netinfo, pidfd
 from ..errors import Refusal
-from . import _inetsock, _netlink, _ping, _raw, _sockfilter, _tcpconn, _tcpunconn, _sys, _udp, _unixdgram, _unixlisten, _unixpair, _unixpending
+from . import (_inetsock, _netlink, _ping, _raw, _sockfilter, _tcpconn, _tcpunconn, _sys, _udp, _unixdgram,
+               _unixlisten, _unixnamed, _unixpair, _unixpending)
 from ._sockbase import UNIX_TYPES, is_tcp, is_udp, same_netns
 from ._util import check_async, refuse, refuse_rec
 
@@ -183,6 +188,8 @@ def _subkind(info, ctx=None):
         elif typ != _socket.SOCK_DGRAM and q["peer"] is not None and _unix_name(q["peer"]) and \
                 not _unix_name(q["name"]) and _waiting(info):
             kind = "unix-pending"
+        elif q["peer"] is not None:
+            kind = "unix-named"       # connected through a name, both ends in the dump (_unixnamed)
     elif is_tcp(fam, typ, q["proto"]) and q["listening"]:
         kind = "tcp-listen"
     elif is_tcp(fam, typ, q["proto"]) and q["peer"] is not None:
@@ -216,7 +223,8 @@ _CLASSIFY = {"unix-pair": (_unixpair.pair_classify, _unixpair.pair_text),
              "netlink": (_netlink.classify, _netlink.text),
              "unix-dgram": (_unixdgram.classify, _unixdgram.text),
              "unix-unconn": (_unixdgram.classify, _unixdgram.text),
-             "unix-pending": (_unixpending.client_classify, _unixpending.client_text)}
+             "unix-pending": (_unixpending.client_classify, _unixpending.client_text),
+             "unix-named": (_unixnamed.classify, _unixnamed.text)}
 _RESTORE = {"unix-pair": (_unixpair.pair_validate, _unixpair.pair_restore),
             "unix-listen": (_unixlisten.listener_validate, _unixlisten.listener_restore),
             "tcp-listen": (_inetsock.listener_validate, _inetsock.listener_restore),
@@ -228,7 +236,8 @@ _RESTORE = {"unix-pair": (_unixpair.pair_validate, _unixpair.pair_restore),
             "netlink": (_netlink.validate, _netlink.restore),
             "unix-dgram": (_unixdgram.validate, _unixdgram.restore),
             "unix-unconn": (_unixdgram.validate, _unixdgram.restore),
-            "unix-pending": (_unixpending.client_validate, _unixpending.client_restore)}
+            "unix-pending": (_unixpending.client_validate, _unixpending.client_restore),
+            "unix-named": (_unixnamed.validate, _unixnamed.restore)}
 
 
 def classify(info, ctx) -> str:
@@ -248,6 +257,10 @@ def dump(info, ctx) -> dict:
     kind, q = _subkind(info, ctx)
     if kind == "unix-pair":
         rec = _unixpair.pair_dump(info, ctx, q)
+    elif kind == "unix-named":
+        rec = _unixnamed.dump(info, ctx, q)
+    elif kind == "unix-dgram" and "_data" in _unixdgram.classify(info, ctx, q):
+        rec = _unixpair.store(_unixdgram.classify(info, ctx, q), ctx)     # a queue (_unixdgram._queued)
     elif kind == "udp":
         rec = _udp.dump(info, ctx, q)
     elif kind == "tcp-conn":

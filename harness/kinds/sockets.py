@@ -1,5 +1,6 @@
-"""``socket``: unix-pair, unix-listen, unix-pending, unix-dgram, tcp-listen,
-tcp-pending, tcp-established, udp, udp6, netlink-route, packet, ping.
+"""``socket``: unix-pair, unix-named, unix-listen, unix-pending, unix-dgram,
+tcp-listen, tcp-pending, tcp-established, udp, udp6, netlink-route, packet,
+ping.
 
 Queued bytes are seeded in BOTH directions of a connected pair (``data``
 waits on ``fd``, ``peer_data`` on ``peer_fd``); the checker drains both
@@ -22,6 +23,14 @@ credentials that has exited; ``outside``: by a live process outside the
 dump). A netlink-route socket keeps its port id and answers a request on it (``data``: a reply is left queued
 before the dump; ``port``: bound to that port id, not the kernel's pick). A ping socket (ICMP datagram, bound
 to 127.0.0.1) keeps its ident and gets the reply to an echo request. A packet socket is refused by name.
+
+A unix-named connection is a client (``peer_fd``) connected to a listener
+bound to ``path`` and the end that listener accepted (``fd``): the accepted
+end's name is the listener's path, the client's peer name too. The
+listener stays in the dump at ``listener_fd`` or, without it, was closed
+and its file left behind. The checker compares each end's own name and
+its peer's, the file at the path (a socket file either way; with the
+listener, the listener's: a connection to the path reaches it).
 
 A tcp-half-closed connection is a tcp-established one whose peer end
 has shut down writing (``fd`` in CLOSE_WAIT, ``peer_fd`` in FIN_WAIT2, or
@@ -57,10 +66,10 @@ from .core import MARKER, Ctx, Opened, bytes_check, check, drain, seeded_bytes, 
 
 KIND = "socket"
 TAGS = ("socket",)
-SOCKETS = ("unix-pair", "unix-listen", "unix-pending", "unix-dgram", "tcp-listen", "tcp-pending", "tcp-established",
+SOCKETS = ("unix-pair", "unix-named", "unix-listen", "unix-pending", "unix-dgram", "tcp-listen", "tcp-pending", "tcp-established",
            "tcp-half-closed", "udp", "udp6", "netlink-route", "packet", "ping")
 _NETLINK_ROUTE, _RTM_GETLINK, _NLM_F_REQUEST = 0, 18, 1
-PAIRS = ("unix-pair", "tcp-established", "tcp-half-closed")
+PAIRS = ("unix-pair", "unix-named", "tcp-established", "tcp-half-closed")
 
 
 CARRY = ("file", "memfd", "eventfd", "pipe", "socket")
@@ -72,7 +81,7 @@ def fields(s) -> dict:
             "creator": s.Enum(("self", "exited-child", "outside")),
             "carry": s.List_(s.Enum(CARRY)), "passcred": s.Bool(), "passcred_off": s.Bool(), "bind": s.Str(), "peer_bind": s.Str(),
             "options": s.Map({name: s.Int(0, 2**31 - 1) for name in OPTIONS}),
-            "port": s.Int(1, 2**31 - 1)}
+            "port": s.Int(1, 2**31 - 1), "listener_fd": s.FdNum()}
 
 
 # Options a scenario can set on ``fd`` (setsockopt, int-valued): (level, option)
@@ -99,7 +108,8 @@ def _sock_set(fd: int, name: str, value: int) -> None:
 
 
 def fd_numbers(e: dict) -> List[int]:
-    return [e["fd"]] + ([e["peer_fd"]] if "peer_fd" in e else [])
+    return [e["fd"]] + ([e["peer_fd"]] if "peer_fd" in e else []) + \
+        ([e["listener_fd"]] if "listener_fd" in e else [])
 
 
 def _outside_tcp(e: dict) -> bool:
@@ -120,7 +130,9 @@ def validate(e: dict, fds: dict) -> List[tuple]:
         return [("peer_fd", f"a {sock} listener needs peer_fd (its connecting end), or sender: outside")]
     if sock not in PAIRS and "peer_data" in e:
         return [("peer_data", f"a {sock} socket has no peer")]
-    if sock in ("unix-listen", "unix-pending", "unix-dgram") and "path" not in e:
+    if "listener_fd" in e and sock != "unix-named":
+        return [("listener_fd", "only a unix-named connection has a listener")]
+    if sock in ("unix-listen", "unix-pending", "unix-dgram", "unix-named") and "path" not in e:
         return [("path", f"a {sock} socket needs a path")]
     if e.get("creator", "self") != "self" and sock != "unix-pair":
         return [("creator", "only a unix-pair is made by another process")]
@@ -168,6 +180,23 @@ def opener(e: dict, ctx: Ctx) -> List[Opened]:
             a.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 0)
         return [Opened(a.detach(), int(e["fd"]), "sock", extra),
                 Opened(b.detach(), int(e["peer_fd"]), "peer", {"peercred": cred})]
+    if kind == "unix-named":
+        lst = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        lst.bind(e["path"])
+        lst.listen(8)
+        c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        c.connect(e["path"])
+        a, _ = lst.accept()
+        c.sendall(payload)
+        a.sendall(back)
+        # both ends report this process: the listen() and the connect() caller
+        out = [Opened(a.detach(), int(e["fd"]), "sock", dict(me)),
+               Opened(c.detach(), int(e["peer_fd"]), "peer", dict(me))]
+        if "listener_fd" in e:
+            out.append(Opened(lst.detach(), int(e["listener_fd"]), "listener"))
+        else:
+            lst.close()          # its file stays behind, as a closed listener's does
+        return out
     if kind == "unix-listen":
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.bind(e["path"])
@@ -510,6 +539,10 @@ def _getlink(seq: int) -> bytes:
 
 
 def extras(rec: dict) -> None:
+    if rec["role"] in ("sock", "peer") and rec["kind"] == KIND:
+        with _sock(rec["fd"]) as s:
+            if s.family == socket.AF_UNIX:
+                rec["extra"]["names"] = _unix_names(rec["fd"])
     if rec["role"] == "sock":
         rec["extra"]["sockname"] = sockname_of(rec["fd"])
         with _sock(rec["fd"]) as s:
@@ -524,6 +557,17 @@ def extras(rec: dict) -> None:
 # its size in the peer's receive buffer, and a loaded pair stalled for good.
 MSS_FLOOR_CAP = 32767 - 40
 IP_MTU = 14          # a connected socket's path MTU (ip(7)); headers and options take at most 80 of it
+
+
+def _unix_names(fd: int) -> list:
+    """[own name, peer's name] of a unix socket (None: no peer)."""
+    with _sock(fd) as s:
+        try:
+            peer = _name(s.getpeername())
+        except OSError:
+            peer = None
+        own = _name(s.getsockname())
+    return [x.hex() if isinstance(x, bytes) else x for x in (own, peer)]
 
 
 def _sock(fd: int) -> socket.socket:
@@ -558,6 +602,15 @@ def checker(e: dict, recs: List[dict], ctx: Ctx, phase: str) -> List[dict]:
                 out.append(within(fd, "segment size (TCP_MAXSEG) not below the original's or the path's",
                                   min(was, MSS_FLOOR_CAP, path), 65535,
                                   s.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG)))
+            if kind == "unix-named":
+                for r in recs:
+                    if "names" in r["extra"]:
+                        out.append(check(r["fd"], "own name and peer's name (getsockname, getpeername)",
+                                         r["extra"]["names"], _unix_names(r["fd"])))
+                import stat as _stat
+                st = os.lstat(e["path"]) if os.path.lexists(e["path"]) else None
+                out.append(check(fd, f"{e['path']} is a socket file", True,
+                                 st is not None and _stat.S_ISSOCK(st.st_mode)))
             for r in recs:
                 if "peercred" in r["extra"]:
                     out.append(check(r["fd"], "SO_PEERCRED pid, uid, gid, groups", r["extra"]["peercred"],
@@ -635,6 +688,19 @@ def checker(e: dict, recs: List[dict], ctx: Ctx, phase: str) -> List[dict]:
         elif phase == "mutate" and kind in PAIRS:
             out.append(_marker(fd, peer, "peer's write arrives"))
             out.append(_marker(peer, fd, "write arrives at the peer"))
+            if kind == "unix-named" and "listener" in by_role:
+                lfd = by_role["listener"]["fd"]
+                c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                try:
+                    c.settimeout(2)
+                    c.connect(e["path"])
+                    ok = wait_readable(lfd, 2)
+                    if ok:
+                        with _sock(lfd) as ls:
+                            ls.accept()[0].close()
+                    out.append(check(lfd, "the listener accepts a connection to its path", True, ok))
+                finally:
+                    c.close()
         elif phase == "mutate" and kind == "unix-dgram":
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as tx:
                 tx.sendto(MARKER, s.getsockname())
